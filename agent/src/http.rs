@@ -1,0 +1,297 @@
+//! The pod-facing HTTP server and the health server.
+//!
+//! [`MetadataService::handle`] answers one request given the TCP peer's IP — the only thing
+//! that identifies a pod; no header is ever trusted for it. [`Refused::response`] is the one
+//! place that turns a failure into an HTTP answer: each cause has its own status and a
+//! one-line message, with no secret and no node detail in it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use podiam_proto::Reason;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::imds;
+use crate::routes::{Route, route};
+use crate::token::{TokenError, TokenKey, parse_ttl};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// The IMDSv2 token header.
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// The IMDSv2 token TTL header, echoed on the token response (the Rust SDK requires it).
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+/// A client has this long to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long in-flight connections get to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request was not answered with what it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("not found")]
+    Denied,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("missing or invalid {TTL_HEADER} header (1-21600)")]
+    BadTtl,
+    #[error("token requests through a proxy (X-Forwarded-For) are refused")]
+    Forwarded,
+    #[error("an IMDSv2 token is required")]
+    TokenRequired,
+    #[error("invalid IMDSv2 token: {0}")]
+    BadToken(TokenError),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+}
+
+impl Refused {
+    /// The one mapping from failures to HTTP statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refused::Denied => StatusCode::NOT_FOUND,
+            Refused::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refused::BadTtl => StatusCode::BAD_REQUEST,
+            Refused::Forwarded => StatusCode::FORBIDDEN,
+            Refused::TokenRequired | Refused::BadToken(_) => StatusCode::UNAUTHORIZED,
+            Refused::Upstream(UpstreamError::Refused { reason, .. }) => match reason {
+                // EC2 answers 404 when an instance has no role, or for another role's name.
+                Reason::UnknownPod | Reason::NoRole | Reason::WrongRole => StatusCode::NOT_FOUND,
+                Reason::AmbiguousPod
+                | Reason::RoleNotPermitted
+                | Reason::InvalidRole
+                | Reason::StsRefused => StatusCode::FORBIDDEN,
+                Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
+                Reason::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Refused::Upstream(UpstreamError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::Upstream(UpstreamError::Other(_)) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The answer to the pod: the status and a one-line message naming the cause.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let message = match self {
+            Refused::Upstream(UpstreamError::Refused { reason, message }) => {
+                format!("podiam: {reason}: {message}\n")
+            }
+            // Transport details (addresses, TLS errors) are for the agent's log only.
+            Refused::Upstream(UpstreamError::Unavailable(_)) => {
+                "podiam: server-unavailable: no podiam server answered; retry shortly\n".to_string()
+            }
+            Refused::Upstream(UpstreamError::Other(_)) => {
+                "podiam: server-error: the podiam server failed; see the agent's log\n".to_string()
+            }
+            other => format!("podiam: {other}\n"),
+        };
+        text(self.status(), message)
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+    response
+}
+
+/// The metadata service pods talk to.
+#[derive(Debug)]
+pub struct MetadataService {
+    upstream: Arc<Upstream>,
+    tokens: TokenKey,
+    require_token: bool,
+}
+
+impl MetadataService {
+    pub fn new(upstream: Arc<Upstream>, tokens: TokenKey, require_token: bool) -> Self {
+        MetadataService {
+            upstream,
+            tokens,
+            require_token,
+        }
+    }
+
+    /// Answers one request from the pod at `peer`.
+    pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Full<Bytes>> {
+        let route = route(request.method(), request.uri().path());
+        let head = request.method() == Method::HEAD;
+        let started = std::time::Instant::now();
+        let mut response = match self.answer(peer, &route, &request).await {
+            Ok(response) => response,
+            Err(refused) => {
+                if let Refused::Upstream(UpstreamError::Unavailable(e) | UpstreamError::Other(e)) =
+                    &refused
+                {
+                    tracing::warn!(%peer, error = %e, "server call failed");
+                }
+                refused.response()
+            }
+        };
+        tracing::debug!(
+            %peer,
+            method = %request.method(),
+            path = request.uri().path(),
+            status = response.status().as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        if head {
+            *response.body_mut() = Full::new(Bytes::new());
+        }
+        response
+    }
+
+    async fn answer<B>(
+        &self,
+        peer: IpAddr,
+        route: &Route,
+        request: &Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Refused> {
+        let headers = request.headers();
+        let now = now_unix();
+        if *route == Route::Token {
+            if headers.contains_key("x-forwarded-for") {
+                return Err(Refused::Forwarded);
+            }
+            let ttl = parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok()))
+                .ok_or(Refused::BadTtl)?;
+            let mut response = text(StatusCode::OK, self.tokens.issue(peer, now, ttl));
+            response
+                .headers_mut()
+                .insert(TTL_HEADER, HeaderValue::from(ttl));
+            return Ok(response);
+        }
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => {
+                let token = token
+                    .to_str()
+                    .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
+                self.tokens
+                    .validate(token, peer, now)
+                    .map_err(Refused::BadToken)?;
+            }
+            None if self.require_token => return Err(Refused::TokenRequired),
+            None => {}
+        }
+        match route {
+            Route::Token => Err(Refused::Denied),
+            Route::Denied => Err(Refused::Denied),
+            Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
+            Route::ListRoles => {
+                let role = self.upstream.pod_role(peer).await?;
+                Ok(text(StatusCode::OK, role.role_name))
+            }
+            Route::Info => {
+                let role = self.upstream.pod_role(peer).await?;
+                Ok(text(
+                    StatusCode::OK,
+                    imds::info_document(&role.role_arn, now),
+                ))
+            }
+            Route::Credentials(role) => {
+                let answer = self.upstream.credentials(peer, role).await?;
+                let creds = answer
+                    .credentials
+                    .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
+                Ok(text(
+                    StatusCode::OK,
+                    imds::credentials_document(
+                        &creds.access_key_id,
+                        &creds.secret_access_key,
+                        &creds.session_token,
+                        creds.issued_unix,
+                        creds.expiration_unix,
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`, then lets
+/// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
+pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = handler(peer, request);
+                async move { Ok::<_, Infallible>(response.await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+}
+
+/// The health server's handler: `/live` always, `/ready` when a server answers.
+pub fn health(upstream: &Upstream, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/live" => text(StatusCode::OK, "ok\n"),
+        "/ready" if upstream.ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no podiam server answers\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

@@ -1,0 +1,271 @@
+//! The agent's iptables rules: its own nat chain, and a jump to it from PREROUTING for each
+//! pod interface pattern.
+//!
+//! ```text
+//! PREROUTING -i cali+ -d 169.254.169.254/32 -p tcp --dport 80 -j PODIAM   (one per pattern)
+//! PODIAM     -d 169.254.169.254/32 -p tcp --dport 80 -j DNAT --to-destination HOST:PORT
+//! ```
+//!
+//! Fail closed: the rules stay in place when the agent stops, so while it is down pods'
+//! metadata requests are DNATed to a closed port and refused — they never fall through to
+//! the node's own metadata service. Only the explicit `uninstall` removes them.
+//!
+//! Installing is idempotent and never leaves the chain empty, even for an instant: a changed
+//! DNAT target is inserted first and the old rule deleted after. Every command uses `-w` to
+//! wait for the xtables lock instead of failing when another program holds it.
+
+use std::net::SocketAddr;
+
+use tokio::process::Command;
+
+/// The agent's own chain in the nat table.
+pub const CHAIN: &str = "PODIAM";
+/// The instance metadata address pods are intercepted on.
+pub const METADATA_IP: &str = "169.254.169.254";
+
+/// Why an iptables command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("running {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("interface pattern {0:?} is not a valid interface name or prefix (like cali+)")]
+    BadInterface(String),
+}
+
+/// Checks an interface pattern: a name of up to 15 characters, optionally ending in `+`.
+pub fn valid_interface(pattern: &str) -> bool {
+    let name = pattern.strip_suffix('+').unwrap_or(pattern);
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+}
+
+/// The match every rule shares: TCP to the metadata address, port 80.
+fn metadata_match() -> Vec<String> {
+    [
+        "-d",
+        &format!("{METADATA_IP}/32"),
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--dport",
+        "80",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The PREROUTING rule that jumps to our chain for one interface pattern.
+pub fn jump_rule(interface: &str) -> Vec<String> {
+    let mut rule = vec!["-i".to_string(), interface.to_string()];
+    rule.extend(metadata_match());
+    rule.extend(["-j".to_string(), CHAIN.to_string()]);
+    rule
+}
+
+/// The DNAT rule inside our chain.
+pub fn dnat_rule(target: SocketAddr) -> Vec<String> {
+    let mut rule = metadata_match();
+    rule.extend([
+        "-j".to_string(),
+        "DNAT".to_string(),
+        "--to-destination".to_string(),
+        target.to_string(),
+    ]);
+    rule
+}
+
+/// Runs iptables commands in the nat table.
+#[derive(Clone, Debug)]
+pub struct Iptables {
+    program: String,
+}
+
+impl Iptables {
+    pub fn new(program: impl Into<String>) -> Iptables {
+        Iptables {
+            program: program.into(),
+        }
+    }
+
+    /// Runs `iptables -w -t nat ARGS…`; Ok(false) when it exits 1 (a `-C` check that did not
+    /// match, a chain that does not exist).
+    async fn run(&self, args: &[String]) -> Result<bool, IptablesError> {
+        let output = Command::new(&self.program)
+            .args(["-w", "-t", "nat"])
+            .args(args)
+            .output()
+            .await
+            .map_err(|source| IptablesError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        match output.status.code() {
+            Some(0) => Ok(true),
+            Some(1)
+                if args
+                    .first()
+                    .is_some_and(|a| a == "-C" || a == "-S" || a == "-N") =>
+            {
+                Ok(false)
+            }
+            _ => Err(IptablesError::Failed {
+                command: format!("{} -w -t nat {}", self.program, args.join(" ")),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            }),
+        }
+    }
+
+    async fn rules(&self, chain: &str) -> Result<Option<Vec<String>>, IptablesError> {
+        let output = Command::new(&self.program)
+            .args(["-w", "-t", "nat", "-S", chain])
+            .output()
+            .await
+            .map_err(|source| IptablesError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Ok(None);
+        }
+        let prefix = format!("-A {chain} ");
+        Ok(Some(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter(|l| l.starts_with(&prefix))
+                .map(str::to_string)
+                .collect(),
+        ))
+    }
+
+    fn with(op: &str, chain: &str, rule: &[String]) -> Vec<String> {
+        let mut args = vec![op.to_string(), chain.to_string()];
+        args.extend_from_slice(rule);
+        args
+    }
+
+    /// Installs (or repairs) the chain, its DNAT rule to `target`, and the jumps for each
+    /// interface pattern. Idempotent.
+    pub async fn install(
+        &self,
+        target: SocketAddr,
+        interfaces: &[String],
+    ) -> Result<(), IptablesError> {
+        if let Some(bad) = interfaces.iter().find(|i| !valid_interface(i)) {
+            return Err(IptablesError::BadInterface(bad.clone()));
+        }
+        // 1. Our chain, holding exactly the DNAT rule, before anything jumps to it.
+        let dnat = dnat_rule(target);
+        let existing = match self.rules(CHAIN).await? {
+            Some(rules) => rules,
+            None => {
+                self.run(&["-N".to_string(), CHAIN.to_string()]).await?;
+                Vec::new()
+            }
+        };
+        let in_place = self.run(&Self::with("-C", CHAIN, &dnat)).await?;
+        if !(in_place && existing.len() == 1) {
+            // Insert the right rule first, then delete everything after it: never empty.
+            self.run(&Self::with(
+                "-I",
+                CHAIN,
+                &[&["1".to_string()][..], &dnat].concat(),
+            ))
+            .await?;
+            for _ in 1..=existing.len() {
+                self.run(&["-D".to_string(), CHAIN.to_string(), "2".to_string()])
+                    .await?;
+            }
+        }
+        // 2. The jumps, first in PREROUTING so no other DNAT wins.
+        for interface in interfaces {
+            let jump = jump_rule(interface);
+            if !self.run(&Self::with("-C", "PREROUTING", &jump)).await? {
+                self.run(&Self::with(
+                    "-I",
+                    "PREROUTING",
+                    &[&["1".to_string()][..], &jump].concat(),
+                ))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every jump to our chain (whatever its interface) and the chain itself.
+    /// The explicit uninstall action; idempotent.
+    pub async fn uninstall(&self) -> Result<(), IptablesError> {
+        let jumps: Vec<String> = self
+            .rules("PREROUTING")
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|rule| rule.ends_with(&format!(" -j {CHAIN}")))
+            .collect();
+        for rule in jumps {
+            let args: Vec<String> = rule
+                .split_whitespace()
+                .enumerate()
+                .map(|(i, word)| {
+                    if i == 0 {
+                        "-D".to_string()
+                    } else {
+                        word.to_string()
+                    }
+                })
+                .collect();
+            self.run(&args).await?;
+        }
+        if self.rules(CHAIN).await?.is_some() {
+            self.run(&["-F".to_string(), CHAIN.to_string()]).await?;
+            self.run(&["-X".to_string(), CHAIN.to_string()]).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_patterns() {
+        for ok in ["cali+", "eni+", "cni0", "weave", "podv+", "eth0.100"] {
+            assert!(valid_interface(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "+",
+            "a b",
+            "verylonginterface0",
+            "cali+ -j ACCEPT",
+            "x;y",
+        ] {
+            assert!(!valid_interface(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rules_are_what_iptables_prints_back() {
+        // `iptables -S` prints rules in this canonical order, so the uninstall's parsing and
+        // the install's checks agree.
+        assert_eq!(
+            jump_rule("cali+").join(" "),
+            "-i cali+ -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j PODIAM"
+        );
+        assert_eq!(
+            dnat_rule("10.0.0.1:8181".parse().expect("addr")).join(" "),
+            "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
+        );
+    }
+}

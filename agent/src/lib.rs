@@ -1,0 +1,106 @@
+//! podiam's per-node agent: the instance-metadata service pods see.
+//!
+//! - [`config`]: the `serve` and `uninstall` commands and their validation.
+//! - [`routes`]: path normalisation and routing (pure).
+//! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
+//! - [`imds`]: EC2's exact response documents (pure).
+//! - [`upstream`]: gRPC calls to the server, and readiness.
+//! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
+//! - [`iptables`]: the DNAT chain that sends pods' 169.254.169.254 traffic here.
+//!
+//! [`run`] wires them; `main.rs` only parses flags, sets up logging and calls it.
+
+pub mod config;
+pub mod http;
+pub mod imds;
+pub mod iptables;
+pub mod routes;
+pub mod token;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use podiam_proto::tls::TlsFiles;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeConfig;
+use crate::http::MetadataService;
+use crate::iptables::Iptables;
+use crate::token::TokenKey;
+use crate::upstream::Upstream;
+
+/// Runs the agent until `shutdown`. The iptables rules are installed before serving and
+/// deliberately left in place afterwards (see [`iptables`]).
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tls = TlsFiles {
+        ca: config.tls_ca.clone(),
+        cert: config.tls_cert.clone(),
+        key: config.tls_key.clone(),
+    }
+    .load()?;
+    let server_name = config
+        .server_name()
+        .context("--server has no host to check the certificate against")?;
+    let upstream = Arc::new(
+        Upstream::new(
+            &config.server,
+            tls.client_config(&server_name),
+            config.server_timeout,
+            config.node_name.clone(),
+        )
+        .context("configuring the server connection")?,
+    );
+    let tokens = TokenKey::generate().map_err(|_| anyhow::anyhow!("generating the token key"))?;
+    let service = Arc::new(MetadataService::new(
+        Arc::clone(&upstream),
+        tokens,
+        config.require_token,
+    ));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let health_listener = TcpListener::bind(config.health_listen)
+        .await
+        .with_context(|| format!("binding {}", config.health_listen))?;
+    if config.iptables {
+        let target = config.dnat_target().context("no DNAT target")?;
+        Iptables::new(&config.iptables_bin)
+            .install(target, &config.interfaces)
+            .await
+            .context("installing the iptables rules")?;
+        tracing::info!(%target, interfaces = ?config.interfaces, "iptables rules in place");
+    }
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        health = %health_listener.local_addr()?,
+        server = %config.server,
+        "serving pods' metadata requests"
+    );
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    {
+        let upstream = Arc::clone(&upstream);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { upstream.watch_health(shutdown).await });
+    }
+    {
+        let upstream = Arc::clone(&upstream);
+        let handler = move |_, request: ::http::Request<hyper::body::Incoming>| {
+            let response = http::health(&upstream, request.uri().path());
+            async move { response }
+        };
+        tasks.spawn(http::serve(health_listener, handler, shutdown.clone()));
+    }
+    let handler = move |peer: std::net::SocketAddr, request| {
+        let service = Arc::clone(&service);
+        async move { service.handle(peer.ip().to_canonical(), request).await }
+    };
+    http::serve(listener, handler, shutdown.clone()).await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! `podiam-agent`: parse flags, set up logging, then serve or uninstall.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use podiam_agent::config::{Cli, Command};
+use podiam_agent::iptables::Iptables;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Serve(config) = &cli.command {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            for problem in problems {
+                eprintln!("podiam-agent: {problem}");
+            }
+            return ExitCode::from(2);
+        }
+    }
+    podiam_proto::telemetry::init(cli.log_format, &cli.log_level);
+    podiam_proto::tls::install_crypto_provider();
+
+    let result = match cli.command {
+        Command::Serve(config) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
+            podiam_agent::run(config, shutdown).await
+        }
+        Command::Uninstall(config) => Iptables::new(config.iptables_bin)
+            .uninstall()
+            .await
+            .map(|()| tracing::info!("iptables rules removed"))
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

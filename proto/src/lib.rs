@@ -1,0 +1,163 @@
+//! The wire contract between podiam's agent and server, and the mutual-TLS plumbing both
+//! sides share.
+//!
+//! - [`v1`]: the gRPC service generated from `proto/podiam.proto` at build time.
+//! - [`Reason`]: why the server refused a request; carried in the `podiam-reason` metadata of
+//!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
+//! - [`telemetry`]: the logging set-up and duration flags both binaries share.
+//! - [`tls`]: loading the CA, certificate and key PEM files into tonic's TLS configuration;
+//!   the server demands a client certificate from the CA, the agent verifies the server name.
+
+pub mod telemetry;
+pub mod tls;
+
+/// The generated gRPC contract (`podiam.v1`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("podiam.v1");
+}
+
+use std::fmt;
+
+impl fmt::Debug for v1::Credentials {
+    /// Redacts the secret key and session token; the access key id is not a secret and helps
+    /// when correlating with CloudTrail.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration_unix", &self.expiration_unix)
+            .field("issued_unix", &self.issued_unix)
+            .field("role_arn", &self.role_arn)
+            .finish()
+    }
+}
+
+/// The metadata key of a refusal's [`Reason`] in a gRPC status.
+pub const REASON_METADATA_KEY: &str = "podiam-reason";
+
+/// Why the server refused to name a pod's role or hand out its credentials.
+///
+/// Each reason becomes its own HTTP status and message at the agent, so an operator reading a
+/// pod's error knows which step failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No live pod has this IP (yet): the start-up race, or a request from outside any pod.
+    UnknownPod,
+    /// Two live pods claim the IP, or it belongs to a host-network pod: nobody gets a role.
+    AmbiguousPod,
+    /// The pod has no `iam.amazonaws.com/role` annotation.
+    NoRole,
+    /// The pod's namespace does not permit the pod's role.
+    RoleNotPermitted,
+    /// The pod asked for a role other than its own.
+    WrongRole,
+    /// The role annotation is not a usable role name or ARN.
+    InvalidRole,
+    /// STS refused to assume the role (AccessDenied and the like).
+    StsRefused,
+    /// STS could not be reached or failed (throttling, 5xx, timeouts).
+    StsUnavailable,
+    /// The server is not ready (its caches have not synced yet).
+    NotReady,
+}
+
+impl Reason {
+    const ALL: [Reason; 9] = [
+        Reason::UnknownPod,
+        Reason::AmbiguousPod,
+        Reason::NoRole,
+        Reason::RoleNotPermitted,
+        Reason::WrongRole,
+        Reason::InvalidRole,
+        Reason::StsRefused,
+        Reason::StsUnavailable,
+        Reason::NotReady,
+    ];
+
+    /// The stable name carried on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::UnknownPod => "unknown-pod",
+            Reason::AmbiguousPod => "ambiguous-pod",
+            Reason::NoRole => "no-role",
+            Reason::RoleNotPermitted => "role-not-permitted",
+            Reason::WrongRole => "wrong-role",
+            Reason::InvalidRole => "invalid-role",
+            Reason::StsRefused => "sts-refused",
+            Reason::StsUnavailable => "sts-unavailable",
+            Reason::NotReady => "not-ready",
+        }
+    }
+
+    /// The gRPC code a refusal of this kind travels with.
+    pub fn code(self) -> tonic::Code {
+        match self {
+            Reason::UnknownPod => tonic::Code::NotFound,
+            Reason::AmbiguousPod | Reason::RoleNotPermitted | Reason::StsRefused => {
+                tonic::Code::PermissionDenied
+            }
+            Reason::NoRole | Reason::WrongRole | Reason::InvalidRole => {
+                tonic::Code::FailedPrecondition
+            }
+            Reason::StsUnavailable | Reason::NotReady => tonic::Code::Unavailable,
+        }
+    }
+
+    /// A gRPC status carrying this reason and a one-line message for the pod.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        let mut status = tonic::Status::new(self.code(), message);
+        status.metadata_mut().insert(
+            REASON_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static(self.as_str()),
+        );
+        status
+    }
+
+    /// The reason a status carries, if it came from a podiam server.
+    pub fn of(status: &tonic::Status) -> Option<Reason> {
+        let value = status.metadata().get(REASON_METADATA_KEY)?.to_str().ok()?;
+        Reason::ALL.into_iter().find(|r| r.as_str() == value)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_survives_a_status_round_trip() {
+        for reason in Reason::ALL {
+            let status = reason.status("why");
+            assert_eq!(Reason::of(&status), Some(reason));
+            assert_eq!(status.code(), reason.code());
+        }
+    }
+
+    #[test]
+    fn a_status_without_reason_has_none() {
+        assert_eq!(Reason::of(&tonic::Status::internal("boom")), None);
+    }
+
+    #[test]
+    fn credentials_debug_redacts_secrets() {
+        let creds = v1::Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "very-secret-key".into(),
+            session_token: "very-secret-token".into(),
+            expiration_unix: 1,
+            issued_unix: 0,
+            role_arn: "arn:aws:iam::123456789012:role/x".into(),
+        };
+        let shown = format!("{creds:?}");
+        assert!(shown.contains("ASIAEXAMPLE"));
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+}

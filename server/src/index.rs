@@ -1,0 +1,291 @@
+//! The server's view of the cluster: live pods by IP, and namespaces' permitted rules.
+//!
+//! One task per resource owns the writes (see `watch`); gRPC handlers only read. Records
+//! are slimmed to the fields decisions use; whole Pod objects are never kept.
+//!
+//! Fail-closed rules of the IP lookup:
+//! - only live pods are indexed: phase Pending or Running, an IP set, not host network;
+//! - an IP claimed by two live pods answers [`Lookup::Ambiguous`] — neither gets a role;
+//! - a pod that turns terminal (Succeeded/Failed) or is deleted leaves the index at once, so
+//!   a later pod reusing its IP is the only claimant.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::policy::{
+    EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Permitted, ROLE_ANNOTATION,
+    SESSION_NAME_ANNOTATION,
+};
+
+/// The fields of a pod that podiam's decisions use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRecord {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub ip: Option<String>,
+    pub phase: Option<String>,
+    pub host_network: bool,
+    pub node_name: Option<String>,
+    pub service_account: Option<String>,
+    pub role: Option<String>,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+    pub deleting: bool,
+}
+
+impl PodRecord {
+    /// Slims a Kubernetes Pod to the fields podiam uses; `None` if it has no UID or name.
+    pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodRecord> {
+        let meta = &pod.metadata;
+        let annotation = |key: &str| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        Some(PodRecord {
+            uid: meta.uid.clone()?,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone()?,
+            ip: status
+                .and_then(|s| s.pod_ip.clone())
+                .filter(|ip| !ip.is_empty()),
+            phase: status.and_then(|s| s.phase.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            node_name: spec.and_then(|s| s.node_name.clone()),
+            service_account: spec.and_then(|s| s.service_account_name.clone()),
+            role: annotation(ROLE_ANNOTATION),
+            external_id: annotation(EXTERNAL_ID_ANNOTATION),
+            session_name: annotation(SESSION_NAME_ANNOTATION),
+            deleting: meta.deletion_timestamp.is_some(),
+        })
+    }
+
+    /// Whether this pod may be found by its IP at all.
+    pub fn is_live(&self) -> bool {
+        self.ip.is_some()
+            && !self.host_network
+            && matches!(self.phase.as_deref(), Some("Pending") | Some("Running"))
+    }
+}
+
+/// What an IP lookup found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Arc<PodRecord>),
+    Unknown,
+    /// Several live pods claim the IP (namespace/name of each).
+    Ambiguous(Vec<String>),
+}
+
+/// Live pods indexed by IP, and by UID so that updates find the pod's previous IP.
+#[derive(Clone, Debug, Default)]
+pub struct PodIndex {
+    by_uid: HashMap<String, Arc<PodRecord>>,
+    by_ip: HashMap<String, Vec<String>>,
+}
+
+impl PodIndex {
+    /// Records the pod's current state: indexes it if live, forgets it otherwise.
+    pub fn apply(&mut self, pod: PodRecord) {
+        self.remove(&pod.uid);
+        if pod.is_live() {
+            if let Some(ip) = &pod.ip {
+                self.by_ip
+                    .entry(ip.clone())
+                    .or_default()
+                    .push(pod.uid.clone());
+            }
+            self.by_uid.insert(pod.uid.clone(), Arc::new(pod));
+        }
+    }
+
+    /// Forgets a pod (deleted).
+    pub fn remove(&mut self, uid: &str) {
+        let Some(old) = self.by_uid.remove(uid) else {
+            return;
+        };
+        if let Some(ip) = &old.ip
+            && let Some(uids) = self.by_ip.get_mut(ip)
+        {
+            uids.retain(|u| u != uid);
+            if uids.is_empty() {
+                self.by_ip.remove(ip);
+            }
+        }
+    }
+
+    /// The one live pod with this IP, if exactly one.
+    pub fn lookup(&self, ip: &str) -> Lookup {
+        let uids = self.by_ip.get(ip).map(Vec::as_slice).unwrap_or_default();
+        let pods: Vec<&Arc<PodRecord>> = uids.iter().filter_map(|u| self.by_uid.get(u)).collect();
+        match pods.as_slice() {
+            [] => Lookup::Unknown,
+            [pod] => Lookup::Found(Arc::clone(pod)),
+            many => {
+                let mut names: Vec<String> = many
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect();
+                names.sort();
+                Lookup::Ambiguous(names)
+            }
+        }
+    }
+
+    /// Number of live pods indexed.
+    pub fn len(&self) -> usize {
+        self.by_uid.len()
+    }
+
+    /// Whether no live pod is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.by_uid.is_empty()
+    }
+}
+
+/// Namespaces' permitted rules, compiled once per annotation value.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceIndex {
+    rules: HashMap<String, Arc<Permitted>>,
+}
+
+impl NamespaceIndex {
+    /// Records a namespace's annotations; recompiles only when the annotation changed.
+    pub fn apply(&mut self, ns: &k8s_openapi::api::core::v1::Namespace) {
+        let Some(name) = ns.metadata.name.clone() else {
+            return;
+        };
+        let value = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PERMITTED_ANNOTATION))
+            .map(String::as_str);
+        let unchanged = self.rules.get(&name).is_some_and(|rule| match &**rule {
+            Permitted::Nothing => value.is_none_or(|v| v.trim().is_empty()),
+            Permitted::Invalid { source, .. } | Permitted::Regex { source, .. } => {
+                value.map(str::trim) == Some(source.as_str())
+            }
+        });
+        if !unchanged {
+            self.rules.insert(name, Arc::new(Permitted::compile(value)));
+        }
+    }
+
+    /// Forgets a namespace.
+    pub fn remove(&mut self, name: &str) {
+        self.rules.remove(name);
+    }
+
+    /// The namespace's rule; an unknown namespace permits nothing.
+    pub fn rule(&self, name: &str) -> Arc<Permitted> {
+        self.rules
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Permitted::Nothing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, ip: Option<&str>, phase: &str) -> PodRecord {
+        PodRecord {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: format!("pod-{uid}"),
+            ip: ip.map(Into::into),
+            phase: Some(phase.into()),
+            host_network: false,
+            node_name: Some("node-1".into()),
+            service_account: None,
+            role: Some("app".into()),
+            external_id: None,
+            session_name: None,
+            deleting: false,
+        }
+    }
+
+    fn found_uid(index: &PodIndex, ip: &str) -> Option<String> {
+        match index.lookup(ip) {
+            Lookup::Found(p) => Some(p.uid.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn ip_index_transitions() {
+        let mut index = PodIndex::default();
+        // Created without an IP: not findable.
+        index.apply(pod("a", None, "Pending"));
+        assert_eq!(index.lookup("10.0.0.1"), Lookup::Unknown);
+        // IP assigned.
+        index.apply(pod("a", Some("10.0.0.1"), "Pending"));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("a"));
+        index.apply(pod("a", Some("10.0.0.1"), "Running"));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("a"));
+        // A second live pod on the same IP: nobody gets it.
+        index.apply(pod("b", Some("10.0.0.1"), "Running"));
+        assert!(matches!(index.lookup("10.0.0.1"), Lookup::Ambiguous(n) if n.len() == 2));
+        // The first turns terminal: the IP is b's alone.
+        index.apply(pod("a", Some("10.0.0.1"), "Succeeded"));
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("b"));
+        // b fails: nobody.
+        index.apply(pod("b", Some("10.0.0.1"), "Failed"));
+        assert_eq!(index.lookup("10.0.0.1"), Lookup::Unknown);
+        // IP reuse by a new pod after deletion of the old one.
+        index.apply(pod("c", Some("10.0.0.2"), "Running"));
+        index.remove("c");
+        index.apply(pod("d", Some("10.0.0.2"), "Running"));
+        assert_eq!(found_uid(&index, "10.0.0.2").as_deref(), Some("d"));
+        // A pod moving IP leaves no trace at the old one.
+        index.apply(pod("d", Some("10.0.0.3"), "Running"));
+        assert_eq!(index.lookup("10.0.0.2"), Lookup::Unknown);
+        assert_eq!(found_uid(&index, "10.0.0.3").as_deref(), Some("d"));
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn host_network_pods_are_never_indexed() {
+        let mut index = PodIndex::default();
+        let mut p = pod("h", Some("10.0.0.9"), "Running");
+        p.host_network = true;
+        index.apply(p);
+        assert_eq!(index.lookup("10.0.0.9"), Lookup::Unknown);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn namespace_rules_compile_on_change_only() {
+        let mut index = NamespaceIndex::default();
+        let ns = |value: Option<&str>| k8s_openapi::api::core::v1::Namespace {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("team".into()),
+                annotations: value
+                    .map(|v| [(PERMITTED_ANNOTATION.to_string(), v.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(matches!(*index.rule("team"), Permitted::Nothing));
+        index.apply(&ns(Some("app-.*")));
+        let first = index.rule("team");
+        index.apply(&ns(Some("app-.*")));
+        assert!(
+            Arc::ptr_eq(&first, &index.rule("team")),
+            "unchanged value is not recompiled"
+        );
+        index.apply(&ns(None));
+        assert!(matches!(*index.rule("team"), Permitted::Nothing));
+        index.apply(&ns(Some("(")));
+        assert!(matches!(*index.rule("team"), Permitted::Invalid { .. }));
+        index.remove("team");
+        assert!(matches!(*index.rule("team"), Permitted::Nothing));
+    }
+}

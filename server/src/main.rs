@@ -1,0 +1,31 @@
+//! `podiam-server`: parse flags, set up logging, run until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use podiam_server::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    let problems = config.problems();
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("podiam-server: {problem}");
+        }
+        return ExitCode::from(2);
+    }
+    podiam_proto::telemetry::init(config.log_format, &config.log_level);
+    podiam_proto::tls::install_crypto_provider();
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
+    match podiam_server::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Who may have which role: role resolution and the namespace's permitted regex.
+//!
+//! Pure functions over plain data, no I/O; every rule of PRODUCT.md is a table test below.
+//!
+//! - A pod's `iam.amazonaws.com/role` names a role by name (`app-reader`), by path and name
+//!   (`team/app-reader`) or by full ARN. Names and paths are placed under the base ARN
+//!   (`arn:aws:iam::ACCOUNT:role/`).
+//! - The namespace's `iam.amazonaws.com/permitted` is a regular expression that must match
+//!   the WHOLE role: it is compiled as `^(?:…)$` (kiam's `^…$` turns `a|b` into "starts with
+//!   a, or ends with b"). It is tried against the full ARN and, for roles under the base ARN,
+//!   against the path/name below it. No annotation, an empty one or an invalid one permits
+//!   nothing; an invalid one is reported as such.
+
+use regex::Regex;
+
+/// The annotation on a pod naming its role.
+pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+/// The optional annotation on a pod carrying the STS external ID.
+pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// The optional annotation on a pod naming its STS session.
+pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
+/// The annotation on a namespace holding the permitted-roles regex.
+pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
+
+/// A namespace's permitted-roles rule, compiled once per annotation value.
+#[derive(Clone, Debug)]
+pub enum Permitted {
+    /// No annotation, or an empty one: nothing is permitted.
+    Nothing,
+    /// The annotation does not compile: nothing is permitted, and we say why.
+    Invalid { source: String, error: String },
+    /// A compiled, whole-match regex and the text it came from.
+    Regex { source: String, regex: Regex },
+}
+
+impl Permitted {
+    /// Compiles the annotation value (or its absence) into a rule.
+    pub fn compile(annotation: Option<&str>) -> Permitted {
+        let source = match annotation.map(str::trim) {
+            None | Some("") => return Permitted::Nothing,
+            Some(s) => s,
+        };
+        match Regex::new(&format!("^(?:{source})$")) {
+            Ok(regex) => Permitted::Regex {
+                source: source.to_string(),
+                regex,
+            },
+            Err(e) => Permitted::Invalid {
+                source: source.to_string(),
+                // The regex crate's errors span several lines; one line is enough in a reply.
+                error: e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            },
+        }
+    }
+}
+
+/// A role resolved to its ARN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    /// `arn:aws:iam::ACCOUNT:role/PATH/NAME`.
+    pub arn: String,
+    /// The part after `role/` when the role lies under the base ARN (path and name).
+    pub under_base: Option<String>,
+    /// The role's name: the ARN's last segment, which EC2 lists under
+    /// `iam/security-credentials/`.
+    pub name: String,
+}
+
+/// Why a role annotation could not be resolved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RoleError {
+    #[error("role {0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME)")]
+    MalformedArn(String),
+    #[error("role {0:?} is not a valid role name or path/name")]
+    MalformedName(String),
+    #[error("role {0:?} is a name, but the server has no base role ARN to place it under")]
+    NoBaseArn(String),
+}
+
+/// Checks a base ARN: `arn:PARTITION:iam::ACCOUNT:role/` with an optional path, ending in `/`.
+pub fn valid_base_arn(base: &str) -> bool {
+    base.ends_with('/') && parse_role_arn(&format!("{base}x")).is_some()
+}
+
+/// Splits an IAM role ARN into (account prefix up to `role/`, path/name), if it is one.
+fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
+    let rest = arn.strip_prefix("arn:")?;
+    let mut parts = rest.splitn(5, ':');
+    let partition = parts.next()?;
+    let service = parts.next()?;
+    let region = parts.next()?;
+    let account = parts.next()?;
+    let resource = parts.next()?;
+    let path_name = resource.strip_prefix("role/")?;
+    let ok = !partition.is_empty()
+        && service == "iam"
+        && region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && valid_path_name(path_name);
+    ok.then(|| arn.split_at(arn.len() - path_name.len()))
+}
+
+/// Role names: `[\w+=,.@-]{1,64}`; paths: segments of the same characters.
+fn valid_path_name(path_name: &str) -> bool {
+    let segments: Vec<&str> = path_name.split('/').collect();
+    !path_name.is_empty()
+        && path_name.len() <= 512
+        && segments.iter().all(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+        })
+}
+
+/// Resolves a role annotation against an optional base ARN (`arn:aws:iam::123456789012:role/`).
+pub fn resolve_role(annotation: &str, base_arn: Option<&str>) -> Result<Role, RoleError> {
+    let annotation = annotation.trim();
+    if annotation.starts_with("arn:") {
+        let (_, path_name) =
+            parse_role_arn(annotation).ok_or_else(|| RoleError::MalformedArn(annotation.into()))?;
+        let under_base = base_arn
+            .and_then(|base| annotation.strip_prefix(base))
+            .map(str::to_string);
+        return Ok(Role {
+            arn: annotation.to_string(),
+            under_base,
+            name: last_segment(path_name),
+        });
+    }
+    let path_name = annotation.trim_start_matches('/');
+    if !valid_path_name(path_name) {
+        return Err(RoleError::MalformedName(annotation.into()));
+    }
+    let base = base_arn.ok_or_else(|| RoleError::NoBaseArn(annotation.into()))?;
+    Ok(Role {
+        arn: format!("{base}{path_name}"),
+        under_base: Some(path_name.to_string()),
+        name: last_segment(path_name),
+    })
+}
+
+fn last_segment(path_name: &str) -> String {
+    path_name
+        .rsplit('/')
+        .next()
+        .unwrap_or(path_name)
+        .to_string()
+}
+
+/// The outcome of checking a role against its namespace's rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Permitted,
+    /// The namespace has no (or an empty) permitted annotation.
+    NothingPermitted,
+    /// The namespace's regex does not compile.
+    InvalidRegex {
+        source: String,
+        error: String,
+    },
+    /// The regex does not match the role.
+    NotMatched {
+        source: String,
+    },
+}
+
+/// Whether `rule` permits `role`.
+pub fn check(rule: &Permitted, role: &Role) -> Verdict {
+    match rule {
+        Permitted::Nothing => Verdict::NothingPermitted,
+        Permitted::Invalid { source, error } => Verdict::InvalidRegex {
+            source: source.clone(),
+            error: error.clone(),
+        },
+        Permitted::Regex { source, regex } => {
+            let matched = regex.is_match(&role.arn)
+                || role
+                    .under_base
+                    .as_deref()
+                    .is_some_and(|p| regex.is_match(p));
+            if matched {
+                Verdict::Permitted
+            } else {
+                Verdict::NotMatched {
+                    source: source.clone(),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+    #[test]
+    fn resolves_names_paths_and_arns() {
+        let cases: &[(&str, Option<&str>, Result<(&str, Option<&str>, &str), ()>)] = &[
+            (
+                "app-reader",
+                Some(BASE),
+                Ok((
+                    "arn:aws:iam::123456789012:role/app-reader",
+                    Some("app-reader"),
+                    "app-reader",
+                )),
+            ),
+            (
+                "/app-reader",
+                Some(BASE),
+                Ok((
+                    "arn:aws:iam::123456789012:role/app-reader",
+                    Some("app-reader"),
+                    "app-reader",
+                )),
+            ),
+            (
+                "team/app",
+                Some(BASE),
+                Ok((
+                    "arn:aws:iam::123456789012:role/team/app",
+                    Some("team/app"),
+                    "app",
+                )),
+            ),
+            (
+                "arn:aws:iam::123456789012:role/team/app",
+                Some(BASE),
+                Ok((
+                    "arn:aws:iam::123456789012:role/team/app",
+                    Some("team/app"),
+                    "app",
+                )),
+            ),
+            (
+                "arn:aws:iam::999999999999:role/other",
+                Some(BASE),
+                Ok(("arn:aws:iam::999999999999:role/other", None, "other")),
+            ),
+            (
+                "arn:aws:iam::123456789012:role/x",
+                None,
+                Ok(("arn:aws:iam::123456789012:role/x", None, "x")),
+            ),
+            ("app-reader", None, Err(())),
+            ("arn:aws:s3:::bucket", Some(BASE), Err(())),
+            ("arn:aws:iam::123:role/x", Some(BASE), Err(())),
+            ("bad name", Some(BASE), Err(())),
+            ("a//b", Some(BASE), Err(())),
+            ("", Some(BASE), Err(())),
+        ];
+        for (annotation, base, want) in cases {
+            let got = resolve_role(annotation, *base);
+            match (got, want) {
+                (Ok(role), Ok((arn, under, name))) => {
+                    assert_eq!(role.arn, *arn, "{annotation}");
+                    assert_eq!(role.under_base.as_deref(), *under, "{annotation}");
+                    assert_eq!(role.name, *name, "{annotation}");
+                }
+                (Err(_), Err(())) => {}
+                (got, want) => panic!("{annotation:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn permitted_regex_matches_the_whole_role() {
+        let cases: &[(Option<&str>, &str, bool)] = &[
+            (Some("app-.*"), "app-reader", true),
+            (Some("app-.*"), "my-app-reader", false),
+            (Some("app"), "app-reader", false),
+            // kiam's ^a|b$ would let "a-anything" and "anything-b" through.
+            (Some("a|b"), "a", true),
+            (Some("a|b"), "b", true),
+            (Some("a|b"), "a-admin", false),
+            (Some("a|b"), "admin-b", false),
+            (Some(".*"), "anything", true),
+            (Some(""), "app-reader", false),
+            (Some("   "), "app-reader", false),
+            (None, "app-reader", false),
+            (Some("app-("), "app-reader", false),
+            (Some("team/.*"), "team/app", true),
+            (
+                Some("arn:aws:iam::123456789012:role/app-.*"),
+                "app-reader",
+                true,
+            ),
+            (
+                Some("arn:aws:iam::999999999999:role/.*"),
+                "arn:aws:iam::999999999999:role/x",
+                true,
+            ),
+            // A cross-account role is only matched by its full ARN, never by its name.
+            (Some("x"), "arn:aws:iam::999999999999:role/x", false),
+            (Some(".*"), "arn:aws:iam::999999999999:role/x", true),
+        ];
+        for (annotation, role, want) in cases {
+            let rule = Permitted::compile(*annotation);
+            let role = resolve_role(role, Some(BASE)).expect("test roles resolve");
+            let verdict = check(&rule, &role);
+            assert_eq!(
+                verdict == Verdict::Permitted,
+                *want,
+                "{annotation:?} vs {role:?}: {verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_invalid_regex_is_reported_as_such() {
+        let rule = Permitted::compile(Some("app-("));
+        let role = resolve_role("app-reader", Some(BASE)).expect("resolves");
+        match check(&rule, &role) {
+            Verdict::InvalidRegex { source, error } => {
+                assert_eq!(source, "app-(");
+                assert!(!error.is_empty() && !error.contains('\n'), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn base_arns_are_checked() {
+        assert!(valid_base_arn("arn:aws:iam::123456789012:role/"));
+        assert!(valid_base_arn("arn:aws:iam::123456789012:role/team/"));
+        assert!(!valid_base_arn("arn:aws:iam::123456789012:role"));
+        assert!(!valid_base_arn("arn:aws:iam::12345:role/"));
+        assert!(!valid_base_arn("nonsense/"));
+    }
+}

@@ -1,0 +1,143 @@
+//! Keeps the [`Cluster`] view current from the Kubernetes API.
+//!
+//! One task per resource (pods, namespaces) owns that index's writes. A (re)list is
+//! collected into a fresh index and swapped in whole when it completes, so lookups keep
+//! answering from the previous view during a relist instead of seeing a half-filled one.
+//! kube-rs's default backoff retries every failed list or watch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio_util::sync::CancellationToken;
+
+use crate::index::{NamespaceIndex, PodIndex, PodRecord};
+
+/// The server's cached view of the cluster, shared by all request handlers.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    pub pods: RwLock<PodIndex>,
+    pub namespaces: RwLock<NamespaceIndex>,
+    pods_synced: AtomicBool,
+    namespaces_synced: AtomicBool,
+}
+
+impl Cluster {
+    /// True once both pods and namespaces have been listed completely at least once.
+    pub fn synced(&self) -> bool {
+        self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
+    }
+}
+
+/// How a watched resource updates its index.
+trait Indexed:
+    kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static
+{
+    type Index: Default + Send + Sync;
+    const WHAT: &'static str;
+    fn apply(index: &mut Self::Index, object: &Self);
+    fn remove(index: &mut Self::Index, object: &Self);
+    fn slot(cluster: &Cluster) -> (&RwLock<Self::Index>, &AtomicBool);
+}
+
+impl Indexed for Pod {
+    type Index = PodIndex;
+    const WHAT: &'static str = "pods";
+    fn apply(index: &mut PodIndex, pod: &Pod) {
+        if let Some(record) = PodRecord::from_pod(pod) {
+            index.apply(record);
+        }
+    }
+    fn remove(index: &mut PodIndex, pod: &Pod) {
+        if let Some(uid) = &pod.metadata.uid {
+            index.remove(uid);
+        }
+    }
+    fn slot(cluster: &Cluster) -> (&RwLock<PodIndex>, &AtomicBool) {
+        (&cluster.pods, &cluster.pods_synced)
+    }
+}
+
+impl Indexed for Namespace {
+    type Index = NamespaceIndex;
+    const WHAT: &'static str = "namespaces";
+    fn apply(index: &mut NamespaceIndex, ns: &Namespace) {
+        index.apply(ns);
+    }
+    fn remove(index: &mut NamespaceIndex, ns: &Namespace) {
+        if let Some(name) = &ns.metadata.name {
+            index.remove(name);
+        }
+    }
+    fn slot(cluster: &Cluster) -> (&RwLock<NamespaceIndex>, &AtomicBool) {
+        (&cluster.namespaces, &cluster.namespaces_synced)
+    }
+}
+
+/// Watches pods and namespaces into `cluster` until `shutdown`.
+pub async fn run(client: kube::Client, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    tokio::join!(
+        watch::<Pod>(
+            Api::all(client.clone()),
+            Arc::clone(&cluster),
+            shutdown.clone()
+        ),
+        watch::<Namespace>(Api::all(client), cluster, shutdown),
+    );
+}
+
+async fn watch<K>(api: Api<K>, cluster: Arc<Cluster>, shutdown: CancellationToken)
+where
+    K: Indexed,
+    K::DynamicType: Default,
+{
+    let (index, synced) = K::slot(&cluster);
+    let stream = watcher(api);
+    let mut stream = std::pin::pin!(stream);
+    let mut relist: Option<K::Index> = None;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = stream.try_next() => event,
+        };
+        let write =
+            |f: &dyn Fn(&mut K::Index)| f(&mut index.write().unwrap_or_else(|e| e.into_inner()));
+        match event {
+            Ok(Some(Event::Init)) => relist = Some(K::Index::default()),
+            Ok(Some(Event::InitApply(object))) => {
+                if let Some(fresh) = relist.as_mut() {
+                    K::apply(fresh, &object);
+                }
+            }
+            Ok(Some(Event::InitDone)) => {
+                if let Some(fresh) = relist.take() {
+                    *index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                }
+                if !synced.swap(true, Ordering::AcqRel) {
+                    tracing::info!(resource = K::WHAT, "first sync complete");
+                }
+            }
+            Ok(Some(Event::Apply(object))) => write(&|i| K::apply(i, &object)),
+            Ok(Some(Event::Delete(object))) => write(&|i| K::remove(i, &object)),
+            Ok(None) => {
+                tracing::warn!(resource = K::WHAT, "watch stream ended");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(resource = K::WHAT, %error, "watch failed; retrying with backoff");
+            }
+        }
+    }
+}
+
+fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>>
+where
+    K: Indexed,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, watcher::Config::default()).default_backoff()
+}
