@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
     /// Serve pods' metadata requests (and, with --iptables, intercept them).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Remove the agent's iptables chain and jumps, then exit. Stopping `serve` never does
     /// this: while no agent runs, pods must reach no metadata service at all.
     Uninstall(UninstallConfig),
@@ -176,7 +176,7 @@ mod tests {
         ];
         args.extend_from_slice(extra);
         match Cli::try_parse_from(args).expect("parses").command {
-            Command::Serve(config) => config,
+            Command::Serve(config) => *config,
             Command::Uninstall(_) => panic!("serve expected"),
         }
     }

@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
         Command::Serve(config) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
-            podiam_agent::run(config, shutdown).await
+            podiam_agent::run(*config, shutdown).await
         }
         Command::Uninstall(config) => Iptables::new(config.iptables_bin)
             .uninstall()

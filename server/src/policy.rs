@@ -205,7 +205,13 @@ mod tests {
 
     #[test]
     fn resolves_names_paths_and_arns() {
-        let cases: &[(&str, Option<&str>, Result<(&str, Option<&str>, &str), ()>)] = &[
+        /// (annotation, base ARN, Ok((arn, path under base, name)) or Err(()) for "refused")
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Result<(&'a str, Option<&'a str>, &'a str), ()>,
+        );
+        let cases: &[Case] = &[
             (
                 "app-reader",
                 Some(BASE),
