@@ -1,0 +1,180 @@
+//! The emulator's error type and its one mapping to the apiserver's wire form: a
+//! `kind: Status` object with the matching HTTP status code.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+/// Everything that can go wrong in the emulator, both for in-process callers and on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    /// Binding the listening socket failed.
+    #[error("binding the emulator's listener")]
+    Bind(#[source] std::io::Error),
+    /// Writing the kubeconfig file failed.
+    #[error("writing the kubeconfig {}", path.display())]
+    WriteKubeconfig {
+        /// Where the kubeconfig was to be written.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The object (or the namespace it would live in) does not exist.
+    #[error("{resource} \"{name}\" not found")]
+    NotFound {
+        /// Plural resource name, e.g. `pods`.
+        resource: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// A create named an object that already exists.
+    #[error("{resource} \"{name}\" already exists")]
+    AlreadyExists {
+        /// Plural resource name.
+        resource: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// An optimistic-concurrency or precondition check failed.
+    #[error("Operation cannot be fulfilled on {resource} \"{name}\": {reason}")]
+    Conflict {
+        /// Plural resource name.
+        resource: &'static str,
+        /// Object name.
+        name: String,
+        /// Why, in the apiserver's words.
+        reason: String,
+    },
+    /// The object is not valid (including patches that cannot be applied).
+    #[error("{kind} \"{name}\" is invalid: {message}")]
+    Invalid {
+        /// The object's kind, e.g. `Pod`.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A resourceVersion or continue token is older than the retained history.
+    #[error("{0}")]
+    Expired(String),
+    /// The request's Content-Type is not one the emulator understands.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The path exists but does not support the method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The path does not name anything the emulator serves.
+    #[error("the server could not find the requested resource")]
+    UnknownPath,
+}
+
+impl EmulatorError {
+    /// The HTTP status code and `reason` of the apiserver's Status for this error.
+    pub fn code_and_reason(&self) -> (u16, &'static str) {
+        match self {
+            EmulatorError::NotFound { .. } | EmulatorError::UnknownPath => (404, "NotFound"),
+            EmulatorError::AlreadyExists { .. } => (409, "AlreadyExists"),
+            EmulatorError::Conflict { .. } => (409, "Conflict"),
+            EmulatorError::Invalid { .. } => (422, "Invalid"),
+            EmulatorError::BadRequest(_) => (400, "BadRequest"),
+            EmulatorError::Expired(_) => (410, "Expired"),
+            EmulatorError::UnsupportedMediaType(_) => (415, "UnsupportedMediaType"),
+            EmulatorError::MethodNotAllowed(_) => (405, "MethodNotAllowed"),
+            EmulatorError::Bind(_) | EmulatorError::WriteKubeconfig { .. } => {
+                (500, "InternalError")
+            }
+        }
+    }
+
+    /// The `kind: Status` object the apiserver would answer with.
+    pub fn to_status(&self) -> Value {
+        let (code, reason) = self.code_and_reason();
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.to_string(),
+            "reason": reason,
+            "code": code,
+        });
+        let details = match self {
+            EmulatorError::NotFound { resource, name }
+            | EmulatorError::AlreadyExists { resource, name }
+            | EmulatorError::Conflict { resource, name, .. } => {
+                Some(json!({"name": name, "kind": resource}))
+            }
+            EmulatorError::Invalid { kind, name, .. } => Some(json!({"name": name, "kind": kind})),
+            _ => None,
+        };
+        if let Some(details) = details {
+            status["details"] = details;
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_apiserver_statuses() {
+        let cases = [
+            (
+                EmulatorError::NotFound {
+                    resource: "pods",
+                    name: "web".into(),
+                },
+                404,
+                "NotFound",
+                "pods \"web\" not found",
+            ),
+            (
+                EmulatorError::AlreadyExists {
+                    resource: "namespaces",
+                    name: "a".into(),
+                },
+                409,
+                "AlreadyExists",
+                "namespaces \"a\" already exists",
+            ),
+            (
+                EmulatorError::Conflict {
+                    resource: "pods",
+                    name: "web".into(),
+                    reason: "the object has been modified".into(),
+                },
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled on pods \"web\": the object has been modified",
+            ),
+            (
+                EmulatorError::Expired("too old".into()),
+                410,
+                "Expired",
+                "too old",
+            ),
+            (
+                EmulatorError::BadRequest("bad".into()),
+                400,
+                "BadRequest",
+                "bad",
+            ),
+        ];
+        for (error, code, reason, message) in cases {
+            let status = error.to_status();
+            assert_eq!(status["code"], code);
+            assert_eq!(status["reason"], reason);
+            assert_eq!(status["message"], message);
+            assert_eq!(status["kind"], "Status");
+            assert_eq!(status["status"], "Failure");
+        }
+    }
+}

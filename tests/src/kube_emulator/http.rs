@@ -1,0 +1,562 @@
+//! The HTTP surface: the accept loop, one hyper HTTP/1.1 connection task per client, and
+//! the handlers that turn requests into store calls and store results into apiserver
+//! responses.
+//!
+//! [`dispatch`] is the only place that decides what a request means; [`error_response`] is
+//! the only place that turns an [`EmulatorError`] into a wire response (a `kind: Status`).
+//! Every request is logged at debug level and recorded in a bounded request log
+//! ([`RequestRecord`]) that tests read to see what kubectl actually sent.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::EmulatorOptions;
+use super::clock::now_unix;
+use super::error::EmulatorError;
+use super::paging::ContinueToken;
+use super::patch::{PatchType, apply_patch};
+use super::resource::{
+    Kind, api_group_document, api_group_list_document, api_resource_list_document,
+    api_versions_document, openapi_v3_document, openapi_v3_root, version_document,
+};
+use super::route::{Query, Representation, Route, negotiate, parse_route};
+use super::selector::{FieldSelector, LabelSelector};
+use super::store::{DeleteOptions, ListOptions, Store, UpdateScope, WatchFrom};
+use super::table::{IncludeObject, TableMeta, table};
+use super::watch::{WatchFilter, WatchOutput, WatchSettings, WatchStream, event_line};
+
+/// The response body type: whole JSON documents or a watch stream.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How many requests the request log keeps.
+const REQUEST_LOG_CAPACITY: usize = 10_000;
+
+/// One request as the emulator saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// HTTP method, e.g. `PATCH`.
+    pub method: String,
+    /// URL path.
+    pub path: String,
+    /// Raw query string ("" if none).
+    pub query: String,
+    /// `Content-Type` header, if any.
+    pub content_type: Option<String>,
+    /// `Accept` header, if any.
+    pub accept: Option<String>,
+    /// `User-Agent` header, if any.
+    pub user_agent: Option<String>,
+    /// The response status code.
+    pub status: u16,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The objects.
+    pub store: Store,
+    /// The emulator's options.
+    pub options: EmulatorOptions,
+    /// `host:port` the emulator listens on (for `/api`'s serverAddressByClientCIDRs).
+    pub server_address: String,
+    /// Cancelled when the emulator shuts down.
+    pub shutdown: CancellationToken,
+    /// The bounded request log.
+    pub requests: Mutex<VecDeque<RequestRecord>>,
+}
+
+impl Shared {
+    fn record(&self, record: RequestRecord) {
+        let mut log = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() >= REQUEST_LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(record);
+    }
+}
+
+/// Accepts connections until shutdown, serving each on its own tracked task.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tasks.spawn(serve_connection(stream, peer, Arc::clone(&shared)));
+            }
+            Err(error) => {
+                warn!(%error, "accepting a connection failed");
+                // Back off briefly so a persistent error (fd exhaustion) does not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let shutdown = shared.shutdown.clone();
+    let service = service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+    });
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                debug!(%peer, %error, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+fn header_text(request: &Request<Incoming>, name: header::HeaderName) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Handles one request, end to end.
+async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let raw_query = request.uri().query().unwrap_or_default().to_string();
+    let accept = header_text(&request, header::ACCEPT);
+    let content_type = header_text(&request, header::CONTENT_TYPE);
+    let user_agent = header_text(&request, header::USER_AGENT);
+    let body = match request.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => {
+            debug!(%error, "reading the request body failed");
+            Bytes::new()
+        }
+    };
+    let incoming = ParsedRequest {
+        method: &method,
+        path: &path,
+        query: Query::parse(Some(&raw_query)),
+        representation: negotiate(accept.as_deref()),
+        content_type: content_type.as_deref(),
+        body: &body,
+    };
+    let response = dispatch(shared, &incoming).unwrap_or_else(|error| error_response(&error));
+    debug!(
+        %method, %path, query = %raw_query, content_type = ?content_type,
+        status = response.status().as_u16(), "request"
+    );
+    shared.record(RequestRecord {
+        method: method.to_string(),
+        path,
+        query: raw_query,
+        content_type,
+        accept,
+        user_agent,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+/// A request, parsed as far as [`dispatch`] needs.
+struct ParsedRequest<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: Query,
+    representation: Representation,
+    content_type: Option<&'a str>,
+    body: &'a Bytes,
+}
+
+impl ParsedRequest<'_> {
+    fn dry_run(&self) -> bool {
+        self.query.get("dryRun") == Some("All")
+    }
+
+    fn json_body(&self) -> Result<Value, EmulatorError> {
+        serde_json::from_slice(self.body)
+            .map_err(|error| EmulatorError::BadRequest(format!("the body is not JSON: {error}")))
+    }
+
+    fn require_json_content(&self) -> Result<(), EmulatorError> {
+        match self.content_type {
+            Some(ct) if ct.starts_with("application/vnd.kubernetes.protobuf") => {
+                Err(EmulatorError::UnsupportedMediaType(
+                    "the emulator does not decode protobuf request bodies, which kubectl's typed \
+                     generators (kubectl create namespace, kubectl run) send; create the object \
+                     from a manifest (kubectl create -f / apply -f) instead"
+                        .into(),
+                ))
+            }
+            Some(ct) if !ct.starts_with("application/json") && !ct.starts_with("*/*") => {
+                Err(EmulatorError::UnsupportedMediaType(format!(
+                    "the body of the request was in an unknown format - accepted media types \
+                     include: application/json (got {ct})"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The one mapping from errors to responses.
+pub fn error_response(error: &EmulatorError) -> Response<Body> {
+    let (code, _) = error.code_and_reason();
+    if code >= 500 {
+        warn!(%error, "internal error");
+    }
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, &error.to_status())
+}
+
+/// Routes one request.
+fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Body>, EmulatorError> {
+    let route = parse_route(request.path).ok_or(EmulatorError::UnknownPath)?;
+    let method = request.method;
+    let ok = |value: Value| Ok(json_response(StatusCode::OK, &value));
+    match route {
+        Route::Version if method == Method::GET => ok(version_document()),
+        Route::CoreVersions if method == Method::GET => {
+            ok(api_versions_document(&shared.server_address))
+        }
+        Route::Groups if method == Method::GET => ok(api_group_list_document()),
+        Route::Group if method == Method::GET => ok(api_group_document()),
+        Route::Resources { group } if method == Method::GET => {
+            ok(api_resource_list_document(group))
+        }
+        Route::OpenApiV3Root if method == Method::GET => ok(openapi_v3_root()),
+        Route::OpenApiV3 { group } if method == Method::GET => ok(openapi_v3_document(group)),
+        Route::Collection {
+            kind,
+            namespace,
+            watch,
+        } => match method.clone() {
+            Method::GET if watch || request.query.flag("watch") => {
+                watch_response(shared, request, kind, namespace, None)
+            }
+            Method::GET => list_response(shared, request, kind, namespace.as_deref()),
+            Method::POST => {
+                request.require_json_content()?;
+                let created = shared.store.create(
+                    kind,
+                    namespace.as_deref(),
+                    request.json_body()?,
+                    request.dry_run(),
+                )?;
+                Ok(json_response(StatusCode::CREATED, &created))
+            }
+            other => Err(method_not_allowed(&other, request.path)),
+        },
+        Route::Object {
+            kind,
+            namespace,
+            name,
+            status,
+            watch,
+        } => {
+            let ns = namespace.as_deref();
+            let scope = if status {
+                UpdateScope::Status
+            } else {
+                UpdateScope::Main
+            };
+            match method.clone() {
+                Method::GET if watch || request.query.flag("watch") => {
+                    watch_response(shared, request, kind, namespace.clone(), Some(name))
+                }
+                Method::GET => {
+                    let object = shared.store.get(kind, ns, &name)?;
+                    Ok(single_object_response(request, kind, object, shared))
+                }
+                Method::PUT => {
+                    request.require_json_content()?;
+                    let body = request.json_body()?;
+                    let updated = shared.store.update_with(
+                        kind,
+                        ns,
+                        &name,
+                        scope,
+                        request.dry_run(),
+                        move |_| Ok(body),
+                    )?;
+                    ok(updated)
+                }
+                Method::PATCH => {
+                    let content_type = request.content_type.unwrap_or_default();
+                    let patch_type =
+                        PatchType::from_content_type(content_type).ok_or_else(|| {
+                            EmulatorError::UnsupportedMediaType(format!(
+                                "the body of the request was in an unknown format - accepted media \
+                             types include: application/json-patch+json, \
+                             application/merge-patch+json, \
+                             application/strategic-merge-patch+json (got {content_type:?})"
+                            ))
+                        })?;
+                    let patch = request.json_body()?;
+                    let patched = shared.store.update_with(
+                        kind,
+                        ns,
+                        &name,
+                        scope,
+                        request.dry_run(),
+                        |old| {
+                            apply_patch(patch_type, old, &patch).map_err(|error| {
+                                EmulatorError::Invalid {
+                                    kind: kind.kind_name(),
+                                    name: name.clone(),
+                                    message: error.to_string(),
+                                }
+                            })
+                        },
+                    )?;
+                    ok(patched)
+                }
+                Method::DELETE if !status => {
+                    let options = delete_options(request)?;
+                    ok(shared.store.delete(kind, ns, &name, &options)?)
+                }
+                other => Err(method_not_allowed(&other, request.path)),
+            }
+        }
+        _ => Err(method_not_allowed(method, request.path)),
+    }
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> EmulatorError {
+    EmulatorError::MethodNotAllowed(format!(
+        "the server does not allow this method on the requested resource ({method} {path})"
+    ))
+}
+
+/// DeleteOptions from the body (if any) and the query string.
+fn delete_options(request: &ParsedRequest<'_>) -> Result<DeleteOptions, EmulatorError> {
+    let body: Value = if request.body.is_empty() {
+        Value::Null
+    } else {
+        request.json_body()?
+    };
+    let query_grace = request
+        .query
+        .non_empty("gracePeriodSeconds")
+        .map(|g| {
+            g.parse::<i64>()
+                .map_err(|_| EmulatorError::BadRequest(format!("invalid gracePeriodSeconds {g:?}")))
+        })
+        .transpose()?;
+    let body_dry_run = body["dryRun"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|v| v == "All"));
+    Ok(DeleteOptions {
+        grace_period_seconds: query_grace.or_else(|| body["gracePeriodSeconds"].as_i64()),
+        uid: body["preconditions"]["uid"].as_str().map(str::to_string),
+        resource_version: body["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string),
+        dry_run: request.dry_run() || body_dry_run,
+    })
+}
+
+/// Label/field selectors from the query string.
+fn selectors(query: &Query) -> Result<ListOptions, EmulatorError> {
+    let bad = |error: super::selector::SelectorError| EmulatorError::BadRequest(error.to_string());
+    Ok(ListOptions {
+        label_selector: query
+            .non_empty("labelSelector")
+            .map(LabelSelector::parse)
+            .transpose()
+            .map_err(bad)?,
+        field_selector: query
+            .non_empty("fieldSelector")
+            .map(FieldSelector::parse)
+            .transpose()
+            .map_err(bad)?,
+        limit: None,
+        continue_token: None,
+    })
+}
+
+fn list_response(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    kind: Kind,
+    namespace: Option<&str>,
+) -> Result<Response<Body>, EmulatorError> {
+    let mut options = selectors(&request.query)?;
+    options.limit = request
+        .query
+        .non_empty("limit")
+        .map(|l| {
+            l.parse::<usize>()
+                .map_err(|_| EmulatorError::BadRequest(format!("invalid limit {l:?}")))
+        })
+        .transpose()?;
+    options.continue_token = request
+        .query
+        .non_empty("continue")
+        .map(ContinueToken::decode)
+        .transpose()
+        .map_err(|error| EmulatorError::BadRequest(error.to_string()))?;
+    let result = shared.store.list(kind, namespace, &options)?;
+    let body = match request.representation {
+        Representation::Json => {
+            let mut metadata = json!({"resourceVersion": result.resource_version.to_string()});
+            if let Some(token) = &result.continue_token {
+                metadata["continue"] = json!(token);
+            }
+            if let Some(count) = result.remaining_item_count {
+                metadata["remainingItemCount"] = json!(count);
+            }
+            json!({
+                "kind": kind.list_kind(),
+                "apiVersion": kind.api_version(),
+                "metadata": metadata,
+                "items": result.items,
+            })
+        }
+        Representation::Table(api_version) => {
+            let meta = TableMeta {
+                resource_version: result.resource_version.to_string(),
+                continue_token: result.continue_token.clone(),
+                remaining_item_count: result.remaining_item_count,
+            };
+            let include = IncludeObject::parse(request.query.get("includeObject"));
+            table(kind, &result.items, include, api_version, &meta, now_unix())
+        }
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn single_object_response(
+    request: &ParsedRequest<'_>,
+    kind: Kind,
+    object: Value,
+    shared: &Shared,
+) -> Response<Body> {
+    match request.representation {
+        Representation::Json => json_response(StatusCode::OK, &object),
+        Representation::Table(api_version) => {
+            let meta = TableMeta {
+                resource_version: shared.store.resource_version().to_string(),
+                ..TableMeta::default()
+            };
+            let include = IncludeObject::parse(request.query.get("includeObject"));
+            let rows = table(kind, &[object], include, api_version, &meta, now_unix());
+            json_response(StatusCode::OK, &rows)
+        }
+    }
+}
+
+fn watch_response(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+) -> Result<Response<Body>, EmulatorError> {
+    let query = &request.query;
+    let mut selectors = selectors(query)?;
+    if let Some(name) = name {
+        let by_name = format!("metadata.name={name}");
+        let combined = match query.non_empty("fieldSelector") {
+            Some(existing) => format!("{existing},{by_name}"),
+            None => by_name,
+        };
+        selectors.field_selector = Some(
+            FieldSelector::parse(&combined)
+                .map_err(|error| EmulatorError::BadRequest(error.to_string()))?,
+        );
+    }
+    let resource_version =
+        match query.non_empty("resourceVersion") {
+            None | Some("0") => None,
+            Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+                EmulatorError::BadRequest(format!("invalid resourceVersion {rv:?}"))
+            })?),
+        };
+    let from = WatchFrom {
+        resource_version,
+        send_initial_events: query.flag("sendInitialEvents"),
+    };
+    let output = match request.representation {
+        Representation::Json => WatchOutput::Json,
+        Representation::Table(api_version) => WatchOutput::Table(
+            api_version,
+            IncludeObject::parse(query.get("includeObject")),
+        ),
+    };
+    let timeout = query
+        .non_empty("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0)
+        .map(Duration::from_secs);
+    let settings = WatchSettings {
+        bookmark_interval: query
+            .flag("allowWatchBookmarks")
+            .then_some(shared.options.bookmark_interval),
+        timeout,
+        output,
+    };
+    let start = match shared.store.watch(kind, &from) {
+        Ok(start) => start,
+        Err(error @ EmulatorError::Expired(_)) => {
+            // The apiserver answers 200 and sends the 410 as a single ERROR event.
+            let line = event_line("ERROR", &error.to_status());
+            return Ok(streaming_response(futures::stream::once(
+                async move { line },
+            )));
+        }
+        Err(error) => return Err(error),
+    };
+    let filter = WatchFilter {
+        kind,
+        namespace,
+        selectors,
+    };
+    let stream = WatchStream::new(start, filter, settings, shared.shutdown.clone());
+    let chunks = futures::stream::unfold(stream, |mut stream| async move {
+        stream.next_chunk().await.map(|chunk| (chunk, stream))
+    });
+    Ok(streaming_response(chunks))
+}
+
+fn streaming_response(
+    chunks: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response<Body> {
+    use futures::StreamExt;
+    let body = StreamBody::new(chunks.map(|chunk| Ok::<_, Infallible>(Frame::data(chunk))));
+    let mut response = Response::new(BodyExt::boxed_unsync(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}

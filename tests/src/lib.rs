@@ -1,0 +1,16 @@
+//! podiam's end-to-end harness, shared by the test suites and the local demo.
+//!
+//! - [`kube_emulator`]: an in-process Kubernetes API (core/v1 pods, namespaces, events) that
+//!   speaks the real list/watch/patch protocol well enough for `kubectl` and kube-rs.
+//! - [`netns`]: network namespaces as nodes and pods (veth pairs, addresses, routes).
+//! - [`bridge`]: loopback forwarders from inside a namespace to the root namespace.
+//! - [`moto`]: moto's STS server on a free loopback port.
+//! - [`process`]: child processes that die with their owner, with their logs kept.
+//! - [`world`]: a whole podiam installation (emulator, moto, server, node, pods, agent).
+
+pub mod bridge;
+pub mod kube_emulator;
+pub mod moto;
+pub mod netns;
+pub mod process;
+pub mod world;

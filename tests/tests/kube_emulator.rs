@@ -1,0 +1,1209 @@
+//! Integration tests of the Kubernetes API emulator against the real clients that will use
+//! it: `kubectl` (the binary on the machine image) and kube-rs (`Client`, `Api`,
+//! `kube::runtime::watcher`), plus raw HTTP for protocol details the clients hide (410 as a
+//! watch ERROR event, bookmarks, strategic merge patches, Status errors).
+//!
+//! Every wait is a condition polled against a deadline; nothing sleeps and hopes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use podiam_tests::kube_emulator::{
+    EmulatorOptions, Kind, KubeEmulator, PodDeletion, namespace, pod,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::task::JoinHandle;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+/// Generous bound for anything that should take milliseconds, on a busy 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------
+
+/// A started emulator, a private HOME and a kubeconfig, removed on drop.
+struct Fixture {
+    emulator: KubeEmulator,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        Fixture::with_options(EmulatorOptions {
+            bookmark_interval: Duration::from_millis(100),
+            ..EmulatorOptions::default()
+        })
+        .await
+    }
+
+    async fn with_options(options: EmulatorOptions) -> Fixture {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "podiam-kube-emulator-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("creating the test directory");
+        let emulator = KubeEmulator::start("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .expect("starting the emulator");
+        let kubeconfig = dir.join("kubeconfig");
+        emulator
+            .write_kubeconfig(&kubeconfig)
+            .expect("writing the kubeconfig");
+        let http = HttpClient::builder(TokioExecutor::new()).build_http();
+        Fixture {
+            emulator,
+            dir,
+            kubeconfig,
+            http,
+        }
+    }
+
+    /// Runs kubectl against the emulator with a private HOME; returns (success, stdout, stderr).
+    async fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        assert!(
+            Path::new(KUBECTL).exists(),
+            "{KUBECTL} is missing: these tests need the real kubectl (it is on the machine image)"
+        );
+        let output = tokio::time::timeout(
+            DEADLINE,
+            tokio::process::Command::new(KUBECTL)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                .env("HOME", &self.dir)
+                .env_remove("KUBECONFIG")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {DEADLINE:?}"))
+        .expect("running kubectl");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Runs kubectl and requires success; returns stdout.
+    async fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.kubectl(args).await;
+        assert!(
+            ok,
+            "kubectl {args:?} failed:\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        stdout
+    }
+
+    async fn kube_client(&self) -> kube::Client {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("reading the kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("building a kube config");
+        kube::Client::try_from(config).expect("building a kube client")
+    }
+
+    /// One HTTP request; returns (status, parsed JSON body).
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.emulator.url()));
+        if let Some(content_type) = content_type {
+            builder = builder.header("content-type", content_type);
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let response = self
+            .http
+            .request(builder.body(Full::new(body)).unwrap())
+            .await
+            .expect("sending the request");
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    /// Opens a watch (GET with `?watch=1…`) and returns its line stream.
+    async fn watch(&self, path_and_query: &str) -> WatchLines {
+        let request = http::Request::get(format!("{}{path_and_query}", self.emulator.url()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.http.request(request).await.expect("opening the watch");
+        assert_eq!(response.status(), 200, "watch {path_and_query}");
+        WatchLines {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        }
+    }
+
+    fn setup_team_a(&self) {
+        self.emulator.create(namespace("team-a", &[])).unwrap();
+        self.emulator
+            .create(pod("team-a", "web", "10.1.0.5", &[]))
+            .unwrap();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Newline-delimited JSON events of a watch response.
+struct WatchLines {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+}
+
+impl WatchLines {
+    /// The next event, `None` at the end of the stream; panics after the deadline.
+    async fn next(&mut self) -> Option<Value> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                    return Some(serde_json::from_slice(&line).expect("a JSON watch event"));
+                }
+                match self.body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            self.buffer.extend_from_slice(&data);
+                        }
+                    }
+                    Some(Err(error)) => panic!("watch body failed: {error}"),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("no watch event within the deadline")
+    }
+
+    /// Skips events until one satisfies `want`.
+    async fn next_matching(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let event = self
+                .next()
+                .await
+                .expect("the watch ended before the expected event");
+            if want(&event) {
+                return event;
+            }
+        }
+    }
+}
+
+/// Polls `condition` until it holds or the deadline passes.
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn annotation(object: &Value, key: &str) -> Option<String> {
+    object["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_string)
+}
+
+// ---------------------------------------------------------------------------------------
+// kubectl
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_gets_namespaces_and_pods() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+
+    let namespaces = fx.kubectl_ok(&["get", "ns"]).await;
+    assert!(
+        namespaces.contains("NAME") && namespaces.contains("STATUS"),
+        "{namespaces}"
+    );
+    assert!(
+        namespaces
+            .lines()
+            .any(|l| l.starts_with("team-a") && l.contains("Active")),
+        "{namespaces}"
+    );
+
+    let pods = fx.kubectl_ok(&["get", "pods", "-n", "team-a"]).await;
+    let row = pods
+        .lines()
+        .find(|l| l.starts_with("web"))
+        .unwrap_or_else(|| panic!("{pods}"));
+    assert!(row.contains("1/1") && row.contains("Running"), "{pods}");
+    assert!(!pods.contains("10.1.0.5"), "IP is a wide column: {pods}");
+
+    let wide = fx
+        .kubectl_ok(&["get", "pods", "-n", "team-a", "-o", "wide"])
+        .await;
+    assert!(
+        wide.contains("10.1.0.5") && wide.contains("node-1"),
+        "{wide}"
+    );
+
+    let all = fx.kubectl_ok(&["get", "pods", "-A"]).await;
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("team-a") && l.contains("web")),
+        "{all}"
+    );
+
+    let ip = fx
+        .kubectl_ok(&[
+            "get",
+            "pod",
+            "web",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])
+        .await;
+    assert_eq!(ip, "10.1.0.5");
+
+    let json_out = fx
+        .kubectl_ok(&["get", "pod", "web", "-n", "team-a", "-o", "json"])
+        .await;
+    let object: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(object["kind"], "Pod");
+    assert_eq!(object["spec"]["hostNetwork"], false);
+
+    let (ok, _, stderr) = fx.kubectl(&["get", "pod", "nope", "-n", "team-a"]).await;
+    assert!(
+        !ok && stderr.contains("pods \"nope\" not found"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_annotates_pods_and_namespaces() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let role = "iam.amazonaws.com/role";
+    let role_path = "jsonpath={.metadata.annotations.iam\\.amazonaws\\.com/role}";
+
+    fx.kubectl_ok(&[
+        "annotate",
+        "pod",
+        "web",
+        "-n",
+        "team-a",
+        "iam.amazonaws.com/role=app-reader",
+    ])
+    .await;
+    let stored = fx.emulator.get(Kind::Pod, Some("team-a"), "web").unwrap();
+    assert_eq!(annotation(&stored, role).as_deref(), Some("app-reader"));
+    let shown = fx
+        .kubectl_ok(&["get", "pod", "web", "-n", "team-a", "-o", role_path])
+        .await;
+    assert_eq!(shown, "app-reader");
+
+    // Without --overwrite kubectl refuses to change an existing value; with it, it does.
+    let (ok, _, _) = fx
+        .kubectl(&[
+            "annotate",
+            "pod",
+            "web",
+            "-n",
+            "team-a",
+            "iam.amazonaws.com/role=other",
+        ])
+        .await;
+    assert!(
+        !ok,
+        "annotating an existing key without --overwrite must fail"
+    );
+    fx.kubectl_ok(&[
+        "annotate",
+        "pod",
+        "web",
+        "-n",
+        "team-a",
+        "--overwrite",
+        "iam.amazonaws.com/role=other",
+    ])
+    .await;
+    let stored = fx.emulator.get(Kind::Pod, Some("team-a"), "web").unwrap();
+    assert_eq!(annotation(&stored, role).as_deref(), Some("other"));
+
+    fx.kubectl_ok(&[
+        "annotate",
+        "pod",
+        "web",
+        "-n",
+        "team-a",
+        "iam.amazonaws.com/role-",
+    ])
+    .await;
+    let stored = fx.emulator.get(Kind::Pod, Some("team-a"), "web").unwrap();
+    assert_eq!(annotation(&stored, role), None);
+    let shown = fx
+        .kubectl_ok(&["get", "pod", "web", "-n", "team-a", "-o", role_path])
+        .await;
+    assert_eq!(shown, "");
+
+    fx.kubectl_ok(&[
+        "annotate",
+        "namespace",
+        "team-a",
+        "iam.amazonaws.com/permitted=app-.*",
+    ])
+    .await;
+    let ns = fx.emulator.get(Kind::Namespace, None, "team-a").unwrap();
+    assert_eq!(
+        annotation(&ns, "iam.amazonaws.com/permitted").as_deref(),
+        Some("app-.*")
+    );
+
+    // What kubectl actually sent: JSON merge patches.
+    let patches: Vec<_> = fx
+        .emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 4, "{patches:#?}");
+    for patch in &patches {
+        assert_eq!(
+            patch.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_deletes_a_pod_without_hanging() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let mut watch = fx.watch("/api/v1/namespaces/team-a/pods?watch=true").await;
+    watch.next_matching(|e| e["type"] == "ADDED").await;
+
+    let out = fx
+        .kubectl_ok(&["delete", "pod", "web", "-n", "team-a"])
+        .await;
+    assert!(out.contains("pod \"web\" deleted"), "{out}");
+    assert!(fx.emulator.get(Kind::Pod, Some("team-a"), "web").is_err());
+    let deleted = watch.next_matching(|e| e["type"] == "DELETED").await;
+    assert_eq!(deleted["object"]["metadata"]["name"], "web");
+
+    // Deleting the namespace takes its pods with it.
+    fx.emulator
+        .create(pod("team-a", "api", "10.1.0.6", &[]))
+        .unwrap();
+    fx.kubectl_ok(&["delete", "namespace", "team-a"]).await;
+    assert!(
+        fx.emulator
+            .list(Kind::Pod, Some("team-a"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(fx.emulator.get(Kind::Namespace, None, "team-a").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_creates_from_manifests_and_watches_tables() {
+    let fx = Fixture::start().await;
+    // A multi-document manifest (a `kind: List` needs OpenAPI v2 schemas, not emulated).
+    let manifest = fx.dir.join("objects.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-b\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: job\n  namespace: team-b\n\
+         spec:\n  containers:\n  - name: c\n    image: busybox\n",
+    )
+    .unwrap();
+    let out = fx
+        .kubectl_ok(&["create", "-f", manifest.to_str().unwrap()])
+        .await;
+    assert!(
+        out.contains("namespace/team-b created") && out.contains("pod/job created"),
+        "{out}"
+    );
+    let job = fx.emulator.get(Kind::Pod, Some("team-b"), "job").unwrap();
+    assert_eq!(job["status"]["phase"], "Pending");
+
+    // `kubectl get -w` watches with Table output; it ends by --request-timeout.
+    let (_, watched, stderr) = fx
+        .kubectl(&["get", "pods", "-n", "team-b", "-w", "--request-timeout=2s"])
+        .await;
+    assert!(
+        watched.lines().any(|l| l.starts_with("job")),
+        "{watched}\n{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Patches and errors over raw HTTP
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patches_of_every_flavour() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let path = "/api/v1/namespaces/team-a/pods/web";
+
+    let (status, patched) = fx
+        .request(
+            "PATCH",
+            path,
+            Some("application/strategic-merge-patch+json"),
+            Some(json!({
+                "metadata": {"annotations": {"iam.amazonaws.com/role": "app-reader"}},
+                "spec": {"containers": [{"name": "app", "image": "app:2"}]}
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        annotation(&patched, "iam.amazonaws.com/role").as_deref(),
+        Some("app-reader")
+    );
+    assert_eq!(
+        patched["spec"]["containers"][0]["name"], "app",
+        "merged by name"
+    );
+    assert_eq!(patched["spec"]["containers"][0]["image"], "app:2");
+
+    let (status, patched) = fx
+        .request(
+            "PATCH",
+            path,
+            Some("application/merge-patch+json"),
+            Some(json!({"metadata": {"annotations": {"iam.amazonaws.com/role": null}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(annotation(&patched, "iam.amazonaws.com/role"), None);
+
+    let (status, patched) = fx
+        .request(
+            "PATCH",
+            path,
+            Some("application/json-patch+json"),
+            Some(json!([
+                {"op": "test", "path": "/metadata/name", "value": "web"},
+                {"op": "add", "path": "/metadata/labels/tier", "value": "front"}
+            ])),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched["metadata"]["labels"]["tier"], "front");
+
+    // Status subresource: only status changes.
+    let (status, patched) = fx
+        .request(
+            "PATCH",
+            &format!("{path}/status"),
+            Some("application/merge-patch+json"),
+            Some(json!({"status": {"podIP": "10.1.0.9"}, "metadata": {"labels": {"x": "y"}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched["status"]["podIP"], "10.1.0.9");
+    assert!(patched["metadata"]["labels"].get("x").is_none());
+
+    // Identity cannot be patched away; stale resourceVersions conflict; dry runs write nothing.
+    let cases = [
+        (json!({"metadata": {"name": "other"}}), 400, "BadRequest"),
+        (
+            json!({"metadata": {"namespace": "other"}}),
+            400,
+            "BadRequest",
+        ),
+        (json!({"metadata": {"uid": "other"}}), 409, "Conflict"),
+        (
+            json!({"metadata": {"resourceVersion": "1"}}),
+            409,
+            "Conflict",
+        ),
+    ];
+    for (patch, code, reason) in cases {
+        let (status, body) = fx
+            .request(
+                "PATCH",
+                path,
+                Some("application/merge-patch+json"),
+                Some(patch.clone()),
+            )
+            .await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (code, Some(reason)),
+            "{patch}"
+        );
+    }
+    let before = fx.emulator.resource_version();
+    let (status, _) = fx
+        .request(
+            "PATCH",
+            &format!("{path}?dryRun=All"),
+            Some("application/merge-patch+json"),
+            Some(json!({"metadata": {"labels": {"dry": "run"}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(fx.emulator.resource_version(), before);
+
+    let (status, body) = fx
+        .request(
+            "PATCH",
+            path,
+            Some("application/apply-patch+yaml"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let (status, body) = fx
+        .request(
+            "PATCH",
+            "/api/v1/namespaces/team-a/pods/nope",
+            Some("application/merge-patch+json"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (404, Some("pods \"nope\" not found"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_status_objects() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let web = fx.emulator.get(Kind::Pod, Some("team-a"), "web").unwrap();
+
+    let mut stale = web.clone();
+    stale["metadata"]["resourceVersion"] = json!("1");
+    let cases = [
+        (
+            "GET",
+            "/api/v1/namespaces/team-a/pods/nope",
+            None,
+            404,
+            "NotFound",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/team-a/pods",
+            Some(pod("team-a", "web", "1.1.1.1", &[])),
+            409,
+            "AlreadyExists",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/missing/pods",
+            Some(pod("missing", "x", "1.1.1.1", &[])),
+            404,
+            "NotFound",
+        ),
+        (
+            "PUT",
+            "/api/v1/namespaces/team-a/pods/web",
+            Some(stale),
+            409,
+            "Conflict",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/team-a/pods/web",
+            Some(json!({})),
+            405,
+            "MethodNotAllowed",
+        ),
+        (
+            "GET",
+            "/api/v1/pods?labelSelector=a%20in%20b",
+            None,
+            400,
+            "BadRequest",
+        ),
+        (
+            "GET",
+            "/api/v1/pods?limit=1&continue=garbage",
+            None,
+            400,
+            "BadRequest",
+        ),
+        ("GET", "/api/v1/services", None, 404, "NotFound"),
+    ];
+    for (method, path, body, code, reason) in cases {
+        let content_type = body.as_ref().map(|_| "application/json");
+        let (status, status_object) = fx.request(method, path, content_type, body).await;
+        assert_eq!(status, code, "{method} {path}: {status_object}");
+        assert_eq!(status_object["kind"], "Status", "{method} {path}");
+        assert_eq!(status_object["apiVersion"], "v1");
+        assert_eq!(status_object["status"], "Failure");
+        assert_eq!(status_object["reason"], reason, "{method} {path}");
+        assert_eq!(status_object["code"], code);
+    }
+    let (_, not_found) = fx
+        .request("GET", "/api/v1/namespaces/team-a/pods/nope", None, None)
+        .await;
+    assert_eq!(not_found["message"], "pods \"nope\" not found");
+    assert_eq!(
+        not_found["details"],
+        json!({"name": "nope", "kind": "pods"})
+    );
+
+    // A PUT with the current resourceVersion succeeds and bumps it.
+    let mut fresh = web.clone();
+    fresh["metadata"]["labels"]["v"] = json!("2");
+    let (status, updated) = fx
+        .request(
+            "PUT",
+            "/api/v1/namespaces/team-a/pods/web",
+            Some("application/json"),
+            Some(fresh),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_ne!(
+        updated["metadata"]["resourceVersion"],
+        web["metadata"]["resourceVersion"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selectors_filter_lists_and_watches() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    fx.emulator
+        .create(pod("team-a", "db", "10.1.0.7", &[]))
+        .unwrap();
+    let mut host = pod("team-a", "host", "192.0.2.1", &[]);
+    host["spec"]["hostNetwork"] = json!(true);
+    fx.emulator.create(host).unwrap();
+
+    let names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let cases = [
+        ("labelSelector=app%3Dweb", vec!["web"]),
+        ("labelSelector=app%20in%20(web%2Cdb)", vec!["db", "web"]),
+        ("labelSelector=app!%3Dweb", vec!["db", "host"]),
+        ("fieldSelector=status.podIP%3D10.1.0.7", vec!["db"]),
+        ("fieldSelector=spec.hostNetwork%3Dfalse", vec!["db", "web"]),
+        (
+            "fieldSelector=metadata.name%3Dweb%2Cspec.nodeName%3Dnode-1",
+            vec!["web"],
+        ),
+        ("fieldSelector=metadata.namespace!%3Dteam-a", vec![]),
+    ];
+    for (query, want) in cases {
+        let (status, list) = fx
+            .request("GET", &format!("/api/v1/pods?{query}"), None, None)
+            .await;
+        assert_eq!(status, 200, "{query}");
+        assert_eq!(list["kind"], "PodList");
+        assert_eq!(names(&list), want, "{query}");
+    }
+
+    // A pod that stops matching a watch's selector is sent as DELETED, then ADDED again.
+    let mut watch = fx
+        .watch("/api/v1/namespaces/team-a/pods?watch=1&labelSelector=app%3Dweb")
+        .await;
+    let added = watch.next().await.unwrap();
+    assert_eq!(
+        (
+            added["type"].as_str(),
+            added["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("web"))
+    );
+    fx.emulator
+        .merge_patch(
+            Kind::Pod,
+            Some("team-a"),
+            "web",
+            json!({"metadata": {"labels": {"app": "other"}}}),
+        )
+        .unwrap();
+    fx.emulator
+        .merge_patch(
+            Kind::Pod,
+            Some("team-a"),
+            "db",
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )
+        .unwrap();
+    let gone = watch.next().await.unwrap();
+    assert_eq!(gone["type"], "DELETED");
+    assert_eq!(gone["object"]["metadata"]["name"], "web");
+    let came = watch.next().await.unwrap();
+    assert_eq!(
+        (
+            came["type"].as_str(),
+            came["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("db"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Watch protocol over raw HTTP
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watches_resume_replay_bookmark_and_time_out() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let rv = fx.emulator.resource_version();
+    fx.emulator
+        .create(pod("team-a", "later", "10.1.0.8", &[]))
+        .unwrap();
+
+    // From a specific resourceVersion: replay of what came after it, then bookmarks.
+    let mut watch = fx
+        .watch(&format!(
+            "/api/v1/pods?watch=true&resourceVersion={rv}&allowWatchBookmarks=true"
+        ))
+        .await;
+    let replayed = watch.next().await.unwrap();
+    assert_eq!(replayed["type"], "ADDED");
+    assert_eq!(replayed["object"]["metadata"]["name"], "later");
+    let bookmark = watch.next_matching(|e| e["type"] == "BOOKMARK").await;
+    assert_eq!(bookmark["object"]["kind"], "Pod");
+    assert_eq!(bookmark["object"]["apiVersion"], "v1");
+    let bookmark_rv: u64 = bookmark["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(bookmark_rv, fx.emulator.resource_version());
+
+    // Streaming list: ADDED for everything, then the initial-events-end bookmark.
+    let mut streaming = fx
+        .watch("/api/v1/pods?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true")
+        .await;
+    let mut initial = BTreeSet::new();
+    let end = loop {
+        let event = streaming.next().await.unwrap();
+        match event["type"].as_str() {
+            Some("ADDED") => {
+                initial.insert(
+                    event["object"]["metadata"]["name"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+            Some("BOOKMARK") => break event,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        initial,
+        BTreeSet::from(["later".to_string(), "web".to_string()])
+    );
+    assert_eq!(
+        end["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+
+    // timeoutSeconds ends the stream.
+    let mut short = fx
+        .watch("/api/v1/pods?watch=1&timeoutSeconds=1&resourceVersion=0")
+        .await;
+    while short.next().await.is_some() {}
+
+    // Shutting the watches down ends them too.
+    let mut closed = fx
+        .watch(&format!("/api/v1/pods?watch=1&resourceVersion={rv}"))
+        .await;
+    closed.next().await.unwrap();
+    fx.emulator.close_watches();
+    assert!(closed.next().await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_expires_old_resource_versions() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    fx.emulator
+        .create(pod("team-a", "x", "10.1.0.9", &[]))
+        .unwrap();
+    let old_rv = fx.emulator.resource_version();
+    let (_, first_page) = fx.request("GET", "/api/v1/pods?limit=1", None, None).await;
+    let token = first_page["metadata"]["continue"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fx.emulator.compact();
+
+    // The apiserver answers 200 and sends 410 as a single ERROR event, then ends the stream.
+    let mut watch = fx
+        .watch(&format!("/api/v1/pods?watch=1&resourceVersion={old_rv}"))
+        .await;
+    let error = watch.next().await.unwrap();
+    assert_eq!(error["type"], "ERROR");
+    assert_eq!(error["object"]["kind"], "Status");
+    assert_eq!(error["object"]["code"], 410);
+    assert_eq!(error["object"]["reason"], "Expired");
+    assert!(watch.next().await.is_none());
+
+    let (status, body) = fx
+        .request(
+            "GET",
+            &format!("/api/v1/pods?limit=1&continue={token}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((status, body["reason"].as_str()), (410, Some("Expired")));
+
+    // A fresh list's resourceVersion can be watched from.
+    let (_, list) = fx.request("GET", "/api/v1/pods", None, None).await;
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap();
+    let mut fresh = fx
+        .watch(&format!("/api/v1/pods?watch=1&resourceVersion={rv}"))
+        .await;
+    fx.emulator.delete(Kind::Pod, Some("team-a"), "x").unwrap();
+    assert_eq!(fresh.next().await.unwrap()["type"], "DELETED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_watchers_do_not_block_writers() {
+    let fx = Fixture::with_options(EmulatorOptions {
+        watch_buffer: 8,
+        ..EmulatorOptions::default()
+    })
+    .await;
+    fx.setup_team_a();
+    // Opened and never read.
+    let _unread = fx.watch("/api/v1/pods?watch=1").await;
+    let big = "x".repeat(4096);
+    let writes = tokio::time::timeout(DEADLINE, async {
+        for i in 0..500 {
+            fx.emulator
+                .create(pod(
+                    "team-a",
+                    &format!("p{i}"),
+                    "10.2.0.1",
+                    &[("big", &big)],
+                ))
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+    });
+    writes.await.expect("writes must not wait for watchers");
+    let (status, list) = fx
+        .request("GET", "/api/v1/namespaces/team-a/pods?limit=1", None, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["metadata"]["remainingItemCount"], 500);
+}
+
+// ---------------------------------------------------------------------------------------
+// kube-rs
+// ---------------------------------------------------------------------------------------
+
+/// Runs a kube-rs reflector over all pods; returns its reader and the task.
+fn reflect_pods(
+    client: kube::Client,
+    config: watcher::Config,
+) -> (
+    reflector::Store<Pod>,
+    JoinHandle<()>,
+    std::sync::Arc<AtomicUsize>,
+) {
+    let (reader, writer) = reflector::store();
+    let gone_errors = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&gone_errors);
+    let stream = reflector(writer, watcher(Api::<Pod>::all(client), config))
+        .default_backoff()
+        .inspect_err(move |error| {
+            if let watcher::Error::WatchError(status) = error
+                && status.code == 410
+            {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    let task = tokio::spawn(async move {
+        stream.for_each(|_| async {}).await;
+    });
+    (reader, task, gone_errors)
+}
+
+fn pod_names(reader: &reflector::Store<Pod>) -> BTreeSet<String> {
+    reader
+        .state()
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_watcher_sees_initial_list_and_changes() {
+    for streaming in [false, true] {
+        let fx = Fixture::start().await;
+        fx.setup_team_a();
+        fx.emulator
+            .create(pod("team-a", "api", "10.1.0.6", &[]))
+            .unwrap();
+        let config = if streaming {
+            watcher::Config::default().streaming_lists()
+        } else {
+            watcher::Config::default()
+        };
+        let (reader, task, _) = reflect_pods(fx.kube_client().await, config);
+        tokio::time::timeout(DEADLINE, reader.wait_until_ready())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            pod_names(&reader),
+            set(&["api", "web"]),
+            "streaming={streaming}"
+        );
+
+        fx.emulator
+            .create(pod("team-a", "new", "10.1.0.7", &[]))
+            .unwrap();
+        wait_until("the new pod is seen", || async {
+            pod_names(&reader).contains("new")
+        })
+        .await;
+
+        fx.emulator
+            .merge_patch(
+                Kind::Pod,
+                Some("team-a"),
+                "web",
+                json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "app-reader"}}}),
+            )
+            .unwrap();
+        wait_until("the annotation is seen", || async {
+            reader.state().iter().any(|p| {
+                p.metadata.name.as_deref() == Some("web")
+                    && p.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("iam.amazonaws.com/role"))
+                        == Some(&"app-reader".to_string())
+            })
+        })
+        .await;
+
+        fx.emulator
+            .delete(Kind::Pod, Some("team-a"), "api")
+            .unwrap();
+        wait_until("the deleted pod is gone", || async {
+            pod_names(&reader) == set(&["new", "web"])
+        })
+        .await;
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_watcher_relists_after_410() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let (reader, task, gone_errors) =
+        reflect_pods(fx.kube_client().await, watcher::Config::default());
+    tokio::time::timeout(DEADLINE, reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let lists_before = fx
+        .emulator
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/v1/pods" && !r.query.contains("watch"))
+        .count();
+
+    // Compact, then end the watch: the watcher resumes from a resourceVersion that is gone,
+    // gets 410, and relists.
+    fx.emulator.compact();
+    fx.emulator.close_watches();
+    wait_until("the watcher saw 410 Gone", || async {
+        gone_errors.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    wait_until("the watcher relisted", || async {
+        fx.emulator
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/api/v1/pods" && !r.query.contains("watch"))
+            .count()
+            > lists_before
+    })
+    .await;
+
+    fx.emulator
+        .create(pod("team-a", "after", "10.1.0.8", &[]))
+        .unwrap();
+    fx.emulator
+        .delete(Kind::Pod, Some("team-a"), "web")
+        .unwrap();
+    wait_until("the watcher converged", || async {
+        pod_names(&reader) == set(&["after"])
+    })
+    .await;
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kube_lists_in_pages() {
+    let fx = Fixture::start().await;
+    fx.emulator.create(namespace("team-a", &[])).unwrap();
+    for i in 0..5 {
+        fx.emulator
+            .create(pod("team-a", &format!("p{i}"), &format!("10.3.0.{i}"), &[]))
+            .unwrap();
+    }
+    let api = Api::<Pod>::all(fx.kube_client().await);
+    let mut names = Vec::new();
+    let mut pages = 0;
+    let mut params = ListParams::default().limit(2);
+    loop {
+        let page = api.list(&params).await.unwrap();
+        pages += 1;
+        if pages == 1 {
+            assert_eq!(page.metadata.remaining_item_count, Some(3));
+        }
+        names.extend(page.items.iter().filter_map(|p| p.metadata.name.clone()));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names, ["p0", "p1", "p2", "p3", "p4"]);
+
+    // A continue token from before a compaction is Expired.
+    let first = api.list(&ListParams::default().limit(2)).await.unwrap();
+    fx.emulator.compact();
+    let token = first.metadata.continue_.unwrap();
+    match api
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 410),
+        other => panic!("expected 410, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_pod_deletion_marks_then_removes() {
+    let fx = Fixture::with_options(EmulatorOptions {
+        pod_deletion: PodDeletion::Graceful,
+        ..EmulatorOptions::default()
+    })
+    .await;
+    fx.setup_team_a();
+    let marked = fx
+        .emulator
+        .delete(Kind::Pod, Some("team-a"), "web")
+        .unwrap();
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    let shown = fx.kubectl_ok(&["get", "pods", "-n", "team-a"]).await;
+    assert!(shown.contains("Terminating"), "{shown}");
+    fx.emulator
+        .force_delete(Kind::Pod, Some("team-a"), "web")
+        .unwrap();
+    assert!(fx.emulator.get(Kind::Pod, Some("team-a"), "web").is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_prints_its_address_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("podiam-kube-emulator-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_podiam-kube-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .env("PODIAM_EMULATOR_BOOKMARK_INTERVAL_MS", "200")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the emulator binary");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+
+    let output = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["get", "ns", "-o", "name"])
+        .env("HOME", &dir)
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains("namespace/default"));
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
