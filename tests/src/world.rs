@@ -1,0 +1,657 @@
+//! A whole podiam installation on this machine, for the end-to-end tests and the demo.
+//!
+//! [`World::start`] brings up, in order: certificates; the Kubernetes API emulator with the
+//! namespaces and pods asked for; moto as STS; `podiam-server` (root namespace, loopback);
+//! a node namespace with one pod namespace per pod (each pod's IP is its `status.podIP`);
+//! and, unless told not to, `podiam-agent serve --iptables` inside the node namespace.
+//!
+//! Two kinds of loopback bridge stand in for the cluster network: node → server (the agent's
+//! gRPC) and pod → moto (so the AWS CLI in a pod can call STS with what it was given).
+//!
+//! Everything is torn down when the `World` drops — processes first, then namespaces (and
+//! with them every veth and iptables rule) — whether the test passed or panicked.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::bridge::Bridge;
+use crate::kube_emulator::{EmulatorOptions, KubeEmulator};
+use crate::moto::Moto;
+use crate::netns::{self, HttpReply, Node, POD_INTERFACE_PATTERN, PodNet};
+use crate::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
+
+/// Role names are placed under this base ARN (moto's account).
+pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
+/// The node name the pods are scheduled on and the agent reports.
+pub const NODE_NAME: &str = "node-1";
+/// The agent's pod-facing port inside the node namespace.
+pub const AGENT_PORT: u16 = 8181;
+/// The agent's health port inside the node namespace.
+pub const AGENT_HEALTH_PORT: u16 = 8182;
+/// How long start-up steps may take before the harness gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for one in-pod HTTP request (the SDKs' own budget is 1 s per attempt).
+pub const POD_HTTP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A namespace to create: name and optional `iam.amazonaws.com/permitted` regex.
+#[derive(Clone, Debug)]
+pub struct NamespaceSpec {
+    pub name: String,
+    pub permitted: Option<String>,
+}
+
+/// A pod to create: its Kubernetes name and namespace, and optional role annotation.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub role: Option<String>,
+}
+
+/// What to build.
+#[derive(Clone, Debug, Default)]
+pub struct WorldConfig {
+    pub namespaces: Vec<NamespaceSpec>,
+    pub pods: Vec<PodSpec>,
+    /// Start the agent in [`World::start`] (otherwise call [`World::start_agent`]).
+    pub start_agent: bool,
+    /// Extra `podiam-agent serve` flags (e.g. `--require-token`).
+    pub agent_args: Vec<String>,
+    /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
+    pub fake_node_metadata: bool,
+}
+
+impl WorldConfig {
+    pub fn namespace(mut self, name: &str, permitted: Option<&str>) -> Self {
+        self.namespaces.push(NamespaceSpec {
+            name: name.into(),
+            permitted: permitted.map(Into::into),
+        });
+        self
+    }
+
+    pub fn pod(mut self, namespace: &str, name: &str, role: Option<&str>) -> Self {
+        self.pods.push(PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            role: role.map(Into::into),
+        });
+        self
+    }
+}
+
+/// A pod of the world: its spec, its network namespace, and its bridge to moto.
+#[derive(Debug)]
+pub struct WorldPod {
+    pub spec: PodSpec,
+    // Drop order: the bridge's listener lives in the pod namespace.
+    moto_bridge: Bridge,
+    pub net: PodNet,
+}
+
+impl WorldPod {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.net.ip
+    }
+
+    /// The STS endpoint as seen from inside this pod.
+    pub fn sts_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.moto_bridge.port())
+    }
+}
+
+/// The directory holding the project's built binaries (`target/debug`): `PODIAM_BIN_DIR`,
+/// else derived from the running executable (a test in `target/debug/deps`, or a binary in
+/// `target/debug`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PODIAM_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("finding the running executable")?;
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// The path of one of the project's binaries, checked to exist.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running podiam installation. Field order is teardown order.
+pub struct World {
+    agent: Option<ChildGuard>,
+    server: ChildGuard,
+    agent_bridge: Bridge,
+    pods: BTreeMap<String, WorldPod>,
+    node: Node,
+    moto: Moto,
+    emulator: KubeEmulator,
+    client: kube::Client,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    certs: podiam_certs::WrittenFiles,
+    server_addr: SocketAddr,
+    agent_args: Vec<String>,
+}
+
+impl World {
+    /// Builds the world described by `config`. Needs root.
+    pub async fn start(config: WorldConfig) -> anyhow::Result<World> {
+        netns::require_root();
+        podiam_proto::tls::install_crypto_provider();
+        netns::sweep_stale().context("sweeping namespaces left by crashed runs")?;
+        let dir = scratch_dir("world")?;
+
+        let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())?
+            .write_to(&dir.join("certs"), false)?;
+
+        let emulator = KubeEmulator::start("127.0.0.1:0".parse()?, EmulatorOptions::default())
+            .await
+            .context("starting the Kubernetes API emulator")?;
+        let kubeconfig = dir.join("kubeconfig");
+        emulator.write_kubeconfig(&kubeconfig)?;
+        let client = kube_client(&kubeconfig).await?;
+        for ns in &config.namespaces {
+            create_namespace(&client, ns).await?;
+        }
+
+        let moto = Moto::start().await.context("starting moto")?;
+        let node = Node::create()?;
+        let mut pods = BTreeMap::new();
+        for spec in &config.pods {
+            let net = node.add_pod()?;
+            create_pod(&client, spec, net.ip).await?;
+            let moto_bridge = Bridge::start(net.netns.name(), 0, moto.addr())?;
+            pods.insert(
+                spec.name.clone(),
+                WorldPod {
+                    spec: spec.clone(),
+                    moto_bridge,
+                    net,
+                },
+            );
+        }
+
+        let (server, server_addr) = start_server(&certs, &kubeconfig, &moto).await?;
+        let agent_bridge = Bridge::start(node.name(), 0, server_addr)?;
+        let mut world = World {
+            agent: None,
+            server,
+            agent_bridge,
+            pods,
+            node,
+            moto,
+            emulator,
+            client,
+            dir,
+            kubeconfig,
+            certs,
+            server_addr,
+            agent_args: config.agent_args.clone(),
+        };
+        if config.fake_node_metadata {
+            world.node.serve_fake_node_metadata().await?;
+        }
+        if config.start_agent {
+            world.start_agent().await?;
+        }
+        Ok(world)
+    }
+
+    /// Starts `podiam-agent serve --iptables` in the node namespace and waits until it is
+    /// ready (its server answers).
+    pub async fn start_agent(&mut self) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let mut command = self
+            .node
+            .netns()
+            .command(binary("podiam-agent")?.to_str().context("path")?);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
+            .args(["--health-listen", &format!("127.0.0.1:{AGENT_HEALTH_PORT}")])
+            .args([
+                "--server",
+                &format!("https://127.0.0.1:{}", self.agent_bridge.port()),
+            ])
+            .args(["--server-name", "localhost"])
+            .args(["--tls-ca", path_str(&self.certs.ca_cert)?])
+            .args(["--tls-cert", path_str(&self.certs.agent_cert)?])
+            .args(["--tls-key", path_str(&self.certs.agent_key)?])
+            .args(["--node-name", NODE_NAME])
+            .arg("--iptables")
+            .args(["--host-ip", &self.node.ip().to_string()])
+            .args(["--interface", POD_INTERFACE_PATTERN])
+            .args(&self.agent_args)
+            .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
+        let agent = ChildGuard::spawn("podiam-agent", command)?;
+        self.agent = Some(agent);
+        let node = self.node.netns();
+        let ready = wait_until(START_TIMEOUT, "the agent to report ready", || async {
+            node.http_get(
+                &format!("http://127.0.0.1:{AGENT_HEALTH_PORT}/ready"),
+                Duration::from_secs(1),
+            )
+            .await
+            .is_ok_and(|reply| reply.status == 200)
+        })
+        .await;
+        if let Err(error) = ready {
+            bail!("{error}; agent log:\n{}", self.agent_log());
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM (a plain stop: its iptables rules stay).
+    pub async fn stop_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        agent.signal(Signal::SIGTERM)?;
+        let status = agent.wait_exit(Duration::from_secs(10)).await?;
+        if !status.success() {
+            bail!(
+                "the agent exited with {status}; log:\n{}",
+                agent.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up).
+    pub async fn uninstall_agent_rules(&self) -> anyhow::Result<Output> {
+        let output = self
+            .node
+            .netns()
+            .command(binary("podiam-agent")?.to_str().context("path")?)
+            .arg("uninstall")
+            .output()
+            .await?;
+        Ok(output)
+    }
+
+    /// The node namespace's nat table, as `iptables -S` prints it.
+    pub async fn node_nat_rules(&self) -> anyhow::Result<String> {
+        let output = self
+            .node
+            .netns()
+            .command("iptables")
+            .args(["-w", "-t", "nat", "-S"])
+            .output()
+            .await?;
+        if !output.status.success() {
+            bail!(
+                "iptables -S failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn pod(&self, name: &str) -> &WorldPod {
+        match self.pods.get(name) {
+            Some(pod) => pod,
+            None => panic!("the world has no pod {name:?}"),
+        }
+    }
+
+    /// A command run inside `pod`'s namespace with a clean AWS environment: no credentials,
+    /// no config files, so the SDKs must use the instance-metadata chain.
+    pub fn pod_command(&self, pod: &str, program: &str) -> tokio::process::Command {
+        let mut command = self.pod(pod).net.netns.command(program);
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_EC2_METADATA_DISABLED",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ROLE_ARN",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+        ] {
+            command.env_remove(var);
+        }
+        let home = self.dir.join("home");
+        command
+            .env("HOME", &home)
+            .env("AWS_CONFIG_FILE", home.join("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("NO_PROXY", "*")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `aws sts get-caller-identity` in `pod`: the caller's ARN, or the CLI's error text.
+    pub async fn aws_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        let output = self
+            .pod_command(pod, "aws")
+            .args([
+                "sts",
+                "get-caller-identity",
+                "--query",
+                "Arn",
+                "--output",
+                "text",
+            ])
+            .args(["--endpoint-url", &self.pod(pod).sts_endpoint()])
+            .output()
+            .await
+            .context("running the AWS CLI")?;
+        Ok(outcome(output))
+    }
+
+    /// boto3 in `pod`, with IMDSv1 disabled (token PUT first): the caller's ARN, or the error.
+    pub async fn boto3_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        const SCRIPT: &str = r#"
+import sys, boto3
+session = boto3.Session()
+creds = session.get_credentials()
+if creds is None:
+    sys.exit("boto3 found no credentials")
+if creds.method != "iam-role":
+    sys.exit("credentials came from %s, not instance metadata" % creds.method)
+sts = session.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1")
+print(sts.get_caller_identity()["Arn"])
+"#;
+        let output = self
+            .pod_command(pod, "python3")
+            .args(["-c", SCRIPT, &self.pod(pod).sts_endpoint()])
+            .env("AWS_EC2_METADATA_V1_DISABLED", "true")
+            .output()
+            .await
+            .context("running boto3")?;
+        Ok(outcome(output))
+    }
+
+    /// The Rust SDK's IMDS credentials provider in `pod`: the caller's ARN, or the error.
+    pub async fn rust_sdk_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        let client = binary("podiam-sdk-client")?;
+        let output = self
+            .pod_command(pod, client.to_str().context("path")?)
+            .args(["--sts-endpoint", &self.pod(pod).sts_endpoint()])
+            .output()
+            .await
+            .context("running the Rust SDK client")?;
+        Ok(outcome(output))
+    }
+
+    /// One HTTP request from inside `pod` to `http://169.254.169.254{path}`.
+    pub async fn metadata_request(
+        &self,
+        pod: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpReply> {
+        let url = format!("http://{}{path}", netns::METADATA_IP);
+        Ok(self
+            .pod(pod)
+            .net
+            .netns
+            .http_request(method, &url, headers, POD_HTTP_TIMEOUT)
+            .await?)
+    }
+
+    /// The real `kubectl`, against the emulator.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let output = tokio::process::Command::new(kubectl_program())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", self.dir.join("home"))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running kubectl")?;
+        Ok(output)
+    }
+
+    /// Like [`World::kubectl`], failing with kubectl's stderr unless it succeeds.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.kubectl(args).await?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn kube_client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    pub fn emulator(&self) -> &KubeEmulator {
+        &self.emulator
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn moto(&self) -> &Moto {
+        &self.moto
+    }
+
+    pub fn certs(&self) -> &podiam_certs::WrittenFiles {
+        &self.certs
+    }
+
+    /// The server's gRPC address (root namespace, loopback).
+    pub fn server_addr(&self) -> SocketAddr {
+        self.server_addr
+    }
+
+    /// A scratch directory owned by this world.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The agent's recent log lines (for failure messages).
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map_or_else(|| "(agent not running)".to_string(), |a| a.log_tail(60))
+    }
+
+    /// The server's recent log lines (for failure messages).
+    pub fn server_log(&self) -> String {
+        self.server.log_tail(60)
+    }
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("dir", &self.dir)
+            .field("server_addr", &self.server_addr)
+            .field("node", &self.node.name())
+            .field("pods", &self.pods.keys().collect::<Vec<_>>())
+            .field("agent_running", &self.agent.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn kubectl_program() -> String {
+    std::env::var("PODIAM_KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
+}
+
+fn path_str(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// A client's outcome: its trimmed stdout on success, its stderr (and stdout) otherwise.
+fn outcome(output: Output) -> Result<String, String> {
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{} {stdout}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn create_namespace(client: &kube::Client, spec: &NamespaceSpec) -> anyhow::Result<()> {
+    let mut annotations = serde_json::Map::new();
+    if let Some(permitted) = &spec.permitted {
+        annotations.insert("iam.amazonaws.com/permitted".into(), json!(permitted));
+    }
+    let ns: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": spec.name, "annotations": annotations },
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating namespace {}", spec.name))?;
+    Ok(())
+}
+
+/// Creates a Running pod on [`NODE_NAME`] with `ip` as its `status.podIP`.
+pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let mut annotations = serde_json::Map::new();
+    if let Some(role) = &spec.role {
+        annotations.insert("iam.amazonaws.com/role".into(), json!(role));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": spec.name, "namespace": spec.namespace, "annotations": annotations },
+        "spec": {
+            "nodeName": NODE_NAME,
+            "containers": [{ "name": "app", "image": "example.invalid/app:1" }],
+        },
+    }))?;
+    let api = Api::<Pod>::namespaced(client.clone(), &spec.namespace);
+    api.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
+    let status = json!({ "status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{ "ip": ip.to_string() }],
+        "hostIP": "10.77.255.1",
+        "conditions": [{ "type": "Ready", "status": "True" }],
+        "containerStatuses": [{
+            "name": "app", "ready": true, "restartCount": 0, "started": true,
+            "image": "example.invalid/app:1", "imageID": "",
+            "state": { "running": {} },
+        }],
+    }});
+    api.patch_status(&spec.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("setting pod {}/{}'s status", spec.namespace, spec.name))?;
+    Ok(())
+}
+
+/// Starts `podiam-server` on a free loopback port and waits until it has synced.
+async fn start_server(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    moto: &Moto,
+) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+    let program = binary("podiam-server")?;
+    let mut last_error = None;
+    // The free port may be taken before the server binds it: try a few.
+    for _ in 0..4 {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .args(["--listen", &addr.to_string()])
+            .args(["--tls-ca", path_str(&certs.ca_cert)?])
+            .args(["--tls-cert", path_str(&certs.server_cert)?])
+            .args(["--tls-key", path_str(&certs.server_key)?])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--base-role-arn", BASE_ROLE_ARN])
+            .args(["--sts-endpoint", &moto.endpoint()])
+            .args(["--region", "us-east-1"])
+            .envs(Moto::client_env())
+            .env("PODIAM_LOG_LEVEL", "info,podiam_server=debug");
+        let mut server = ChildGuard::spawn("podiam-server", command)?;
+        let material = podiam_proto::tls::TlsFiles {
+            ca: certs.ca_cert.clone(),
+            cert: certs.agent_cert.clone(),
+            key: certs.agent_key.clone(),
+        }
+        .load()?;
+        let synced = wait_until(START_TIMEOUT, "podiam-server to sync", || {
+            let material = material.clone();
+            async move { health_synced(addr, &material).await }
+        })
+        .await;
+        match synced {
+            Ok(()) => return Ok((server, addr)),
+            Err(error) => {
+                let exited = server.try_status()?.is_some();
+                last_error = Some(anyhow::anyhow!(
+                    "{error}; server log:\n{}",
+                    server.log_tail(40)
+                ));
+                if !exited {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("podiam-server did not start")))
+}
+
+/// Whether the server at `addr` answers Health with synced caches, over mutual TLS.
+pub async fn health_synced(addr: SocketAddr, material: &podiam_proto::tls::TlsMaterial) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
+        return false;
+    };
+    let Ok(endpoint) = endpoint.tls_config(material.client_config("localhost")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let mut client = podiam_proto::v1::podiam_client::PodiamClient::new(channel);
+    client
+        .health(podiam_proto::v1::HealthRequest {})
+        .await
+        .is_ok_and(|r| r.get_ref().synced)
+}
