@@ -98,10 +98,9 @@ impl Iptables {
         }
     }
 
-    /// Runs `iptables -w -t nat ARGS…`; Ok(false) when it exits 1 (a `-C` check that did not
-    /// match, a chain that does not exist).
-    async fn run(&self, args: &[String]) -> Result<bool, IptablesError> {
-        let output = Command::new(&self.program)
+    /// Runs `iptables -w -t nat ARGS…` and returns its output, whatever its exit status.
+    async fn output(&self, args: &[&str]) -> Result<std::process::Output, IptablesError> {
+        Command::new(&self.program)
             .args(["-w", "-t", "nat"])
             .args(args)
             .output()
@@ -109,7 +108,14 @@ impl Iptables {
             .map_err(|source| IptablesError::Spawn {
                 program: self.program.clone(),
                 source,
-            })?;
+            })
+    }
+
+    /// Runs `iptables -w -t nat ARGS…`; Ok(false) when it exits 1 (a `-C` check that did not
+    /// match, a chain that does not exist).
+    async fn run(&self, args: &[String]) -> Result<bool, IptablesError> {
+        let args_str: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = self.output(&args_str).await?;
         match output.status.code() {
             Some(0) => Ok(true),
             Some(1)
@@ -127,14 +133,7 @@ impl Iptables {
     }
 
     async fn rules(&self, chain: &str) -> Result<Option<Vec<String>>, IptablesError> {
-        let output = Command::new(&self.program)
-            .args(["-w", "-t", "nat", "-S", chain])
-            .output()
-            .await
-            .map_err(|source| IptablesError::Spawn {
-                program: self.program.clone(),
-                source,
-            })?;
+        let output = self.output(&["-S", chain]).await?;
         if !output.status.success() {
             return Ok(None);
         }
