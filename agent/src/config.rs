@@ -97,6 +97,34 @@ pub struct ServeConfig {
     /// Deadline for one call to the server (SDKs give the metadata service about 1 s).
     #[arg(long, env = "PODIAM_SERVER_TIMEOUT", default_value = "900ms", value_parser = parse_duration)]
     pub server_timeout: Duration,
+    /// Every pod request is answered within this time (504 otherwise).
+    #[arg(long, env = "PODIAM_REQUEST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Pass paths matching this regex (against the whole normalised path, e.g.
+    /// `/latest/meta-data/placement/.*`) to the node's metadata service. User-data, the node's
+    /// credentials, identity-credentials and signed identity documents stay blocked regardless.
+    #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP")]
+    pub allow_route_regexp: Option<String>,
+    /// The node's metadata service, for allow-listed paths.
+    #[arg(
+        long,
+        env = "PODIAM_METADATA_UPSTREAM",
+        default_value = "http://169.254.169.254"
+    )]
+    pub metadata_upstream: String,
+    /// Pod connections served at once.
+    #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// A client must send a whole request head within this time; idle connections close.
+    #[arg(long, env = "PODIAM_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// How often the iptables rules are checked and repaired (with --iptables).
+    #[arg(long, env = "PODIAM_IPTABLES_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub iptables_sync_interval: Duration,
+    /// At start, delete conntrack entries toward 169.254.169.254:80 (needs the `conntrack`
+    /// tool), so connections opened before the rule existed cannot bypass it.
+    #[arg(long, env = "PODIAM_FLUSH_CONNTRACK")]
+    pub flush_conntrack: bool,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -147,13 +175,40 @@ impl ServeConfig {
                 "--interface {bad:?} is not an interface name or prefix like cali+"
             ));
         }
-        if self.listen == self.health_listen {
+        // Port 0 asks the kernel for a free port: two such listeners never collide.
+        if self.listen == self.health_listen && self.listen.port() != 0 {
             problems.push(
                 "--health-listen must differ from --listen (health is never pod-facing)".into(),
             );
         }
-        if self.server_timeout.is_zero() {
-            problems.push("--server-timeout must be more than zero".into());
+        for (flag, value) in [
+            ("--server-timeout", self.server_timeout),
+            ("--request-timeout", self.request_timeout),
+            ("--header-timeout", self.header_timeout),
+            ("--iptables-sync-interval", self.iptables_sync_interval),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("{flag} must be more than zero"));
+            }
+        }
+        if self.max_connections == 0 {
+            problems.push("--max-connections must be at least 1".into());
+        }
+        if let Some(source) = &self.allow_route_regexp
+            && let Err(error) = crate::routes::allow_list(source)
+        {
+            let error = error.to_string();
+            let last = error.lines().last().unwrap_or_default().trim().to_string();
+            problems.push(format!(
+                "--allow-route-regexp {source:?} does not compile: {last}"
+            ));
+        }
+        match self.metadata_upstream.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            _ => problems.push(format!(
+                "--metadata-upstream {:?} must be an http:// URL",
+                self.metadata_upstream
+            )),
         }
         problems
     }
@@ -223,7 +278,11 @@ mod tests {
             "bad iface",
             "--health-listen",
             "0.0.0.0:8181",
+            "--allow-route-regexp",
+            "(",
+            "--request-timeout",
+            "0s",
         ]);
-        assert_eq!(config.problems().len(), 3, "{:#?}", config.problems());
+        assert_eq!(config.problems().len(), 5, "{:#?}", config.problems());
     }
 }

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::imds;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels, ServerErrorLabels};
+use crate::node_metadata::{NodeMetadata, UpstreamMetadataError};
 use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
@@ -30,10 +32,25 @@ use crate::upstream::{Upstream, UpstreamError};
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// The IMDSv2 token TTL header, echoed on the token response (the Rust SDK requires it).
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-/// A client has this long to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight connections get to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers) read; SDKs send well under 1 KiB.
+/// hyper's floor for this buffer is 8 KiB.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Most headers in one request; SDKs send fewer than 10.
+const MAX_HEADERS: usize = 32;
+/// Largest request body accepted: no metadata request carries one.
+const MAX_BODY_BYTES: u64 = 1024;
+
+/// Limits on the connections one listener serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A client must send a whole request head within this time (slow clients, idle
+    /// keep-alive connections).
+    pub header_read_timeout: Duration,
+}
 
 /// Why a request was not answered with what it asked for.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +67,12 @@ pub enum Refused {
     TokenRequired,
     #[error("invalid IMDSv2 token: {0}")]
     BadToken(TokenError),
+    #[error("request bodies are not accepted")]
+    Body,
+    #[error("no answer within the request deadline")]
+    Deadline,
+    #[error("{0}")]
+    NodeMetadata(#[from] UpstreamMetadataError),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
 }
@@ -63,6 +86,9 @@ impl Refused {
             Refused::BadTtl => StatusCode::BAD_REQUEST,
             Refused::Forwarded => StatusCode::FORBIDDEN,
             Refused::TokenRequired | Refused::BadToken(_) => StatusCode::UNAUTHORIZED,
+            Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
+            Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
+            Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::Upstream(UpstreamError::Refused { reason, .. }) => match reason {
                 // EC2 answers 404 when an instance has no role, or for another role's name.
                 Reason::UnknownPod | Reason::NoRole | Reason::WrongRole => StatusCode::NOT_FOUND,
@@ -91,6 +117,10 @@ impl Refused {
             Refused::Upstream(UpstreamError::Other(_)) => {
                 "podiam: server-error: the podiam server failed; see the agent's log\n".to_string()
             }
+            Refused::NodeMetadata(_) => {
+                "podiam: node-metadata-unavailable: the node's metadata service did not answer\n"
+                    .to_string()
+            }
             other => format!("podiam: {other}\n"),
         };
         text(self.status(), message)
@@ -106,39 +136,84 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// How the metadata service behaves (from the agent's flags).
+#[derive(Debug)]
+pub struct ServiceOptions {
+    /// Refuse requests without an IMDSv2 token.
+    pub require_token: bool,
+    /// Paths passed to the node's metadata service (whole-path regex), and that service.
+    pub allow: Option<(regex::Regex, NodeMetadata)>,
+    /// Every request is answered within this time.
+    pub request_timeout: Duration,
+}
+
 /// The metadata service pods talk to.
 #[derive(Debug)]
 pub struct MetadataService {
     upstream: Arc<Upstream>,
     tokens: TokenKey,
-    require_token: bool,
+    options: ServiceOptions,
+    metrics: Arc<Metrics>,
 }
 
 impl MetadataService {
-    pub fn new(upstream: Arc<Upstream>, tokens: TokenKey, require_token: bool) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        tokens: TokenKey,
+        options: ServiceOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         MetadataService {
             upstream,
             tokens,
-            require_token,
+            options,
+            metrics,
         }
     }
 
     /// Answers one request from the pod at `peer`.
     pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Full<Bytes>> {
-        let route = route(request.method(), request.uri().path());
+        let allow = self.options.allow.as_ref().map(|(regex, _)| regex);
+        let route = route(request.method(), request.uri().path(), allow);
         let head = request.method() == Method::HEAD;
         let started = std::time::Instant::now();
-        let mut response = match self.answer(peer, &route, &request).await {
+        let answer = tokio::time::timeout(
+            self.options.request_timeout,
+            self.answer(peer, &route, &request),
+        );
+        let result = answer.await.unwrap_or(Err(Refused::Deadline));
+        let mut response = match result {
             Ok(response) => response,
             Err(refused) => {
-                if let Refused::Upstream(UpstreamError::Unavailable(e) | UpstreamError::Other(e)) =
-                    &refused
-                {
-                    tracing::warn!(%peer, error = %e, "server call failed");
+                let kind = match &refused {
+                    Refused::Upstream(UpstreamError::Unavailable(e)) => Some(("unavailable", e)),
+                    Refused::Upstream(UpstreamError::Other(e)) => Some(("other", e)),
+                    _ => None,
+                };
+                if let Some((kind, error)) = kind {
+                    tracing::warn!(%peer, %error, "server call failed");
+                    self.metrics
+                        .server_errors
+                        .get_or_create(&ServerErrorLabels { kind })
+                        .inc();
+                }
+                if let Refused::NodeMetadata(error) = &refused {
+                    tracing::warn!(%peer, %error, "node metadata call failed");
                 }
                 refused.response()
             }
         };
+        let labels = RequestLabels {
+            route: route.label(),
+            status: response.status().as_u16(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .latency
+            .get_or_create(&RouteLabels {
+                route: route.label(),
+            })
+            .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             %peer,
             method = %request.method(),
@@ -160,6 +235,15 @@ impl MetadataService {
         request: &Request<B>,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         let headers = request.headers();
+        let content_length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if headers.contains_key(header::TRANSFER_ENCODING)
+            || content_length.is_some_and(|n| n > MAX_BODY_BYTES)
+        {
+            return Err(Refused::Body);
+        }
         let now = now_unix();
         if *route == Route::Token {
             if headers.contains_key("x-forwarded-for") {
@@ -182,12 +266,20 @@ impl MetadataService {
                     .validate(token, peer, now)
                     .map_err(Refused::BadToken)?;
             }
-            None if self.require_token => return Err(Refused::TokenRequired),
+            None if self.options.require_token => return Err(Refused::TokenRequired),
             None => {}
         }
         match route {
+            // Answered above; kept for exhaustiveness.
             Route::Token => Err(Refused::Denied),
             Route::Denied => Err(Refused::Denied),
+            Route::Proxy(path) => {
+                let Some((_, node)) = &self.options.allow else {
+                    return Err(Refused::Denied);
+                };
+                let (status, body) = node.get(path).await?;
+                Ok(text(status, body))
+            }
             Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
             Route::ListRoles => {
                 let role = self.upstream.pod_role(peer).await?;
@@ -229,13 +321,26 @@ fn now_unix() -> i64 {
 
 /// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`, then lets
 /// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    shutdown: CancellationToken,
+) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let connections = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // At the limit, stop accepting until a connection ends; the kernel queues the rest.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -251,6 +356,7 @@ where
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let response = handler(peer, request);
                 async move { Ok::<_, Infallible>(response.await) }
@@ -258,7 +364,9 @@ where
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_headers(MAX_HEADERS);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
@@ -283,15 +391,87 @@ where
     }
 }
 
-/// The health server's handler: `/live` always, `/ready` when a server answers.
-pub fn health(upstream: &Upstream, path: &str) -> Response<Full<Bytes>> {
+/// The health server's handler: `/live` always, `/ready` when a server answers, and
+/// `/metrics`.
+pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "ok\n"),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, metrics.encode());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
         "/ready" if upstream.ready() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no podiam server answers\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(reason: Reason) -> Refused {
+        Refused::Upstream(UpstreamError::Refused {
+            reason,
+            message: "why".into(),
+        })
+    }
+
+    #[test]
+    fn every_failure_has_its_status() {
+        let cases: Vec<(Refused, u16, &str)> = vec![
+            (Refused::Denied, 404, "not found"),
+            (Refused::MethodNotAllowed, 405, "method not allowed"),
+            (Refused::BadTtl, 400, "ttl"),
+            (Refused::Forwarded, 403, "X-Forwarded-For"),
+            (Refused::TokenRequired, 401, "token is required"),
+            (Refused::BadToken(TokenError::Expired), 401, "expired"),
+            (
+                Refused::BadToken(TokenError::WrongAddress),
+                401,
+                "another address",
+            ),
+            (Refused::Body, 413, "bodies"),
+            (Refused::Deadline, 504, "deadline"),
+            (refused(Reason::UnknownPod), 404, "unknown-pod"),
+            (refused(Reason::NoRole), 404, "no-role"),
+            (refused(Reason::WrongRole), 404, "wrong-role"),
+            (refused(Reason::AmbiguousPod), 403, "ambiguous-pod"),
+            (refused(Reason::RoleNotPermitted), 403, "role-not-permitted"),
+            (refused(Reason::InvalidRole), 403, "invalid-role"),
+            (refused(Reason::StsRefused), 403, "sts-refused"),
+            (refused(Reason::StsUnavailable), 502, "sts-unavailable"),
+            (refused(Reason::NotReady), 503, "not-ready"),
+            (
+                Refused::Upstream(UpstreamError::Unavailable("dial tcp 10.1.2.3:8443".into())),
+                503,
+                "server-unavailable",
+            ),
+            (
+                Refused::Upstream(UpstreamError::Other("Internal: secret detail".into())),
+                502,
+                "server-error",
+            ),
+        ];
+        for (failure, status, words) in cases {
+            let response = failure.response();
+            assert_eq!(response.status().as_u16(), status, "{failure:?}");
+            let body = format!("{:?}", response.body());
+            assert!(body.contains(words), "{failure:?}: {body}");
+            // Transport and internal details stay in the agent's log.
+            assert!(
+                !body.contains("10.1.2.3") && !body.contains("secret detail"),
+                "{body}"
+            );
+        }
     }
 }

@@ -159,7 +159,8 @@ impl Iptables {
         &self,
         target: SocketAddr,
         interfaces: &[String],
-    ) -> Result<(), IptablesError> {
+    ) -> Result<bool, IptablesError> {
+        let mut changed = false;
         if let Some(bad) = interfaces.iter().find(|i| !valid_interface(i)) {
             return Err(IptablesError::BadInterface(bad.clone()));
         }
@@ -169,11 +170,13 @@ impl Iptables {
             Some(rules) => rules,
             None => {
                 self.run(&["-N".to_string(), CHAIN.to_string()]).await?;
+                changed = true;
                 Vec::new()
             }
         };
         let in_place = self.run(&Self::with("-C", CHAIN, &dnat)).await?;
         if !(in_place && existing.len() == 1) {
+            changed = true;
             // Insert the right rule first, then delete everything after it: never empty.
             self.run(&Self::with(
                 "-I",
@@ -190,6 +193,7 @@ impl Iptables {
         for interface in interfaces {
             let jump = jump_rule(interface);
             if !self.run(&Self::with("-C", "PREROUTING", &jump)).await? {
+                changed = true;
                 self.run(&Self::with(
                     "-I",
                     "PREROUTING",
@@ -198,7 +202,7 @@ impl Iptables {
                 .await?;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Removes every jump to our chain (whatever its interface) and the chain itself.
@@ -231,6 +235,37 @@ impl Iptables {
         }
         Ok(())
     }
+}
+
+/// Deletes conntrack entries of TCP connections toward 169.254.169.254:80, so that a
+/// connection a pod opened before the rule existed cannot go on bypassing it. Finding none
+/// is not an error.
+pub async fn flush_conntrack(program: &str) -> Result<(), IptablesError> {
+    let args = [
+        "-D",
+        "-p",
+        "tcp",
+        "--orig-dst",
+        METADATA_IP,
+        "--dport",
+        "80",
+    ];
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| IptablesError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() || stderr.contains("0 flow entries") {
+        return Ok(());
+    }
+    Err(IptablesError::Failed {
+        command: format!("{program} {}", args.join(" ")),
+        stderr: stderr.trim().to_string(),
+    })
 }
 
 #[cfg(test)]

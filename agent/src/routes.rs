@@ -3,10 +3,14 @@
 //!
 //! The path is percent-decoded first (so `%2e%2e` and `%2F` are dot segments and slashes
 //! like any other), then empty and `.` segments are dropped and `..` pops a segment, all
-//! before any decision. Only the routes AWS SDKs need for credentials are answered;
-//! everything else is denied.
+//! before any decision. Only the routes AWS SDKs need for credentials are answered by the
+//! agent; a path matching the operator's allow-list (`--allow-route-regexp`) is passed to the
+//! node's metadata service unless it is on the hard-block list, which nothing can open:
+//! user-data, anything under `meta-data/iam/` (the node's own credentials),
+//! `identity-credentials/`, and the signed identity documents. Everything else is denied.
 
 use percent_encoding::percent_decode_str;
+use regex::Regex;
 
 /// A request the agent answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,10 +23,44 @@ pub enum Route {
     Credentials(String),
     /// `GET …/meta-data/iam/info`: the instance-profile view of the pod's role.
     Info,
+    /// An allow-listed path, passed to the node's metadata service (the normalised path).
+    Proxy(String),
     /// Anything else: denied.
     Denied,
     /// A known path with the wrong method.
     MethodNotAllowed,
+}
+
+impl Route {
+    /// A short name for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::ListRoles => "list-roles",
+            Route::Credentials(_) => "credentials",
+            Route::Info => "info",
+            Route::Proxy(_) => "proxy",
+            Route::Denied => "denied",
+            Route::MethodNotAllowed => "method-not-allowed",
+        }
+    }
+}
+
+/// Compiles an allow-list regex so that it must match the WHOLE normalised path.
+pub fn allow_list(source: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{source})$"))
+}
+
+/// Paths the allow-list can never open (segments after the version prefix).
+pub fn hard_blocked(rest: &[&str]) -> bool {
+    match rest {
+        ["user-data", ..] | ["api", ..] => true,
+        ["meta-data", "iam", ..] | ["meta-data", "identity-credentials", ..] => true,
+        ["dynamic", "instance-identity", doc, ..] => {
+            matches!(*doc, "pkcs7" | "signature" | "rsa2048")
+        }
+        _ => false,
+    }
 }
 
 /// Normalises a raw request path into its segments.
@@ -54,8 +92,8 @@ fn is_version(segment: &str) -> bool {
             }))
 }
 
-/// Routes a request by method and raw path.
-pub fn route(method: &http::Method, raw_path: &str) -> Route {
+/// Routes a request by method and raw path; `allow` is the compiled allow-list, if any.
+pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Route {
     let segments = normalise(raw_path);
     let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
     let Some((version, rest)) = parts.split_first() else {
@@ -71,7 +109,19 @@ pub fn route(method: &http::Method, raw_path: &str) -> Route {
             (Route::Credentials((*role).to_string()), false)
         }
         ["meta-data", "iam", "info"] => (Route::Info, false),
-        _ => return Route::Denied,
+        _ => {
+            let path = format!("/{}", parts.join("/"));
+            return match allow {
+                Some(allow) if !hard_blocked(rest) && allow.is_match(&path) => {
+                    if method == http::Method::GET || method == http::Method::HEAD {
+                        Route::Proxy(path)
+                    } else {
+                        Route::MethodNotAllowed
+                    }
+                }
+                _ => Route::Denied,
+            };
+        }
     };
     let method_ok = if wants_put {
         method == http::Method::PUT
@@ -90,9 +140,12 @@ mod tests {
     use super::*;
     use http::Method;
 
+    fn creds(role: &str) -> Route {
+        Route::Credentials(role.to_string())
+    }
+
     #[test]
     fn routes() {
-        let creds = |r: &str| Route::Credentials(r.to_string());
         let cases: &[(Method, &str, Route)] = &[
             (Method::PUT, "/latest/api/token", Route::Token),
             (Method::GET, "/latest/api/token", Route::MethodNotAllowed),
@@ -172,7 +225,154 @@ mod tests {
             ),
         ];
         for (method, path, want) in cases {
-            assert_eq!(&route(method, path), want, "{method} {path}");
+            assert_eq!(&route(method, path, None), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn the_allow_list_never_opens_the_hard_block_list() {
+        // An operator allowing everything still gets none of the node's secrets.
+        let everything = allow_list(".*").expect("compiles");
+        let narrow = allow_list("/latest/meta-data/(placement/.*|instance-id)").expect("compiles");
+        let proxy = |p: &str| Route::Proxy(p.to_string());
+        let cases: &[(&Regex, Method, &str, Route)] = &[
+            (
+                &narrow,
+                Method::GET,
+                "/latest/meta-data/instance-id",
+                proxy("/latest/meta-data/instance-id"),
+            ),
+            (
+                &narrow,
+                Method::GET,
+                "/latest/meta-data/placement/region",
+                proxy("/latest/meta-data/placement/region"),
+            ),
+            (
+                &narrow,
+                Method::GET,
+                "/latest//meta-data/./instance-id",
+                proxy("/latest/meta-data/instance-id"),
+            ),
+            (
+                &narrow,
+                Method::PUT,
+                "/latest/meta-data/instance-id",
+                Route::MethodNotAllowed,
+            ),
+            // Whole-path match: a prefix is not enough.
+            (
+                &narrow,
+                Method::GET,
+                "/latest/meta-data/instance-id-x",
+                Route::Denied,
+            ),
+            (
+                &narrow,
+                Method::GET,
+                "/latest/meta-data/ami-id",
+                Route::Denied,
+            ),
+            (
+                &narrow,
+                Method::GET,
+                "/latest/meta-data/placement/../../user-data",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/ami-id",
+                proxy("/latest/meta-data/ami-id"),
+            ),
+            (&everything, Method::GET, "/latest/user-data", Route::Denied),
+            (
+                &everything,
+                Method::GET,
+                "/latest/user-data/",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/%75ser-data",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/x/..%2F..%2Fuser-data",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/2021-01-03/user-data",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/node-role",
+                creds("node-role"),
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/a/b",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/iam/anything",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/dynamic/instance-identity/pkcs7",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/dynamic/instance-identity/signature",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/dynamic/instance-identity/rsa2048",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/dynamic/instance-identity/document",
+                proxy("/latest/dynamic/instance-identity/document"),
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/latest/api/token",
+                Route::MethodNotAllowed,
+            ),
+            (
+                &everything,
+                Method::GET,
+                "/not-a-version/meta-data/ami-id",
+                Route::Denied,
+            ),
+        ];
+        for (allow, method, path, want) in cases {
+            assert_eq!(&route(method, path, Some(allow)), want, "{method} {path}");
         }
     }
 }

@@ -464,6 +464,21 @@ impl Node {
     /// Adds 169.254.169.254/32 to the node's `lo` and serves [`NODE_METADATA_BODY`] on
     /// 169.254.169.254:80 inside the node namespace (python's http.server), owned by this
     /// node. Returns once the server accepts connections.
+    /// The client addresses of every HTTP request the fake node metadata service answered
+    /// (read from its request log); empty when it is not running.
+    pub fn fake_node_metadata_clients(&self) -> Vec<String> {
+        let Some(server) = &self.fake_metadata else {
+            return Vec::new();
+        };
+        let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+        // http.server logs `ADDRESS - - [date] "METHOD PATH HTTP/1.1" STATUS -` per request.
+        log.lines()
+            .filter(|line| line.contains(" - - ["))
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub async fn serve_fake_node_metadata(&mut self) -> Result<(), NetnsError> {
         const SCRIPT: &str = r#"
 import http.server

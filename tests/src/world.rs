@@ -69,6 +69,9 @@ pub struct WorldConfig {
     pub agent_args: Vec<String>,
     /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
     pub fake_node_metadata: bool,
+    /// The iptables program the agent and the checks use (default `iptables`, the nft back
+    /// end on Debian; `iptables-legacy` for the other).
+    pub iptables_bin: Option<String>,
 }
 
 impl WorldConfig {
@@ -87,6 +90,50 @@ impl WorldConfig {
             role: role.map(Into::into),
         });
         self
+    }
+}
+
+/// How boto3 talks to the metadata service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boto3Mode {
+    /// botocore's default: a token first, IMDSv1 if the token PUT fails.
+    Default,
+    /// No token is ever requested.
+    V1,
+    /// `AWS_EC2_METADATA_V1_DISABLED=true`: tokens only.
+    V2Only,
+}
+
+impl Boto3Mode {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Boto3Mode::Default => "default",
+            Boto3Mode::V1 => "v1",
+            Boto3Mode::V2Only => "v2",
+        }
+    }
+}
+
+/// What a client in a pod saw: its ARN, and its credentials' remaining life in seconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub arn: String,
+    pub remaining_secs: i64,
+}
+
+impl Identity {
+    /// Parses a client's two output lines: ARN, then remaining seconds.
+    fn parse(output: &str) -> Result<Identity, String> {
+        let mut lines = output.lines().map(str::trim).filter(|l| !l.is_empty());
+        let arn = lines.next().ok_or("no ARN printed")?.to_string();
+        let remaining_secs = lines
+            .next()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| format!("no remaining seconds after {arn}"))?;
+        Ok(Identity {
+            arn,
+            remaining_secs,
+        })
     }
 }
 
@@ -155,6 +202,7 @@ pub struct World {
     certs: podiam_certs::WrittenFiles,
     server_addr: SocketAddr,
     agent_args: Vec<String>,
+    iptables_bin: String,
 }
 
 impl World {
@@ -211,6 +259,10 @@ impl World {
             certs,
             server_addr,
             agent_args: config.agent_args.clone(),
+            iptables_bin: config
+                .iptables_bin
+                .clone()
+                .unwrap_or_else(|| "iptables".into()),
         };
         if config.fake_node_metadata {
             world.node.serve_fake_node_metadata().await?;
@@ -247,6 +299,7 @@ impl World {
             .arg("--iptables")
             .args(["--host-ip", &self.node.ip().to_string()])
             .args(["--interface", POD_INTERFACE_PATTERN])
+            .args(["--iptables-bin", &self.iptables_bin])
             .args(&self.agent_args)
             .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
         let agent = ChildGuard::spawn("podiam-agent", command)?;
@@ -281,6 +334,25 @@ impl World {
         Ok(())
     }
 
+    /// Kills the agent with SIGKILL (a crash: nothing of it runs on the way out).
+    pub async fn kill_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        agent.signal(Signal::SIGKILL)?;
+        agent.wait_exit(Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    /// Runs the node's iptables program with `args` in the node namespace.
+    pub async fn node_iptables(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self
+            .node
+            .netns()
+            .command(&self.iptables_bin)
+            .args(args)
+            .output()
+            .await?)
+    }
+
     /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up).
     pub async fn uninstall_agent_rules(&self) -> anyhow::Result<Output> {
         let output = self
@@ -288,6 +360,7 @@ impl World {
             .netns()
             .command(binary("podiam-agent")?.to_str().context("path")?)
             .arg("uninstall")
+            .args(["--iptables-bin", &self.iptables_bin])
             .output()
             .await?;
         Ok(output)
@@ -298,7 +371,7 @@ impl World {
         let output = self
             .node
             .netns()
-            .command("iptables")
+            .command(&self.iptables_bin)
             .args(["-w", "-t", "nat", "-S"])
             .output()
             .await?;
@@ -369,31 +442,52 @@ impl World {
         Ok(outcome(output))
     }
 
-    /// boto3 in `pod`, with IMDSv1 disabled (token PUT first): the caller's ARN, or the error.
+    /// boto3 in `pod` in the given mode: the caller's ARN, or the error.
     pub async fn boto3_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        Ok(self
+            .boto3_identity(pod, Boto3Mode::V2Only)
+            .await?
+            .map(|id| id.arn))
+    }
+
+    /// boto3 in `pod`: who it is and how long its credentials have left, or the error.
+    pub async fn boto3_identity(
+        &self,
+        pod: &str,
+        mode: Boto3Mode,
+    ) -> anyhow::Result<Result<Identity, String>> {
         const SCRIPT: &str = r#"
-import sys, boto3
+import sys, time, boto3, botocore.utils
+if sys.argv[2] == "v1":
+    # IMDSv1: never ask for a token, as an SDK facing an IMDSv1-only service ends up doing.
+    botocore.utils.IMDSFetcher._fetch_metadata_token = lambda self: None
 session = boto3.Session()
 creds = session.get_credentials()
 if creds is None:
     sys.exit("boto3 found no credentials")
 if creds.method != "iam-role":
     sys.exit("credentials came from %s, not instance metadata" % creds.method)
+remaining = int(creds._expiry_time.timestamp() - time.time())
 sts = session.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1")
 print(sts.get_caller_identity()["Arn"])
+print(remaining)
 "#;
-        let output = self
-            .pod_command(pod, "python3")
-            .args(["-c", SCRIPT, &self.pod(pod).sts_endpoint()])
-            .env("AWS_EC2_METADATA_V1_DISABLED", "true")
-            .output()
-            .await
-            .context("running boto3")?;
-        Ok(outcome(output))
+        let mut command = self.pod_command(pod, "python3");
+        command.args(["-c", SCRIPT, &self.pod(pod).sts_endpoint(), mode.as_arg()]);
+        if mode == Boto3Mode::V2Only {
+            command.env("AWS_EC2_METADATA_V1_DISABLED", "true");
+        }
+        let output = command.output().await.context("running boto3")?;
+        Ok(outcome(output).and_then(|out| Identity::parse(&out)))
     }
 
     /// The Rust SDK's IMDS credentials provider in `pod`: the caller's ARN, or the error.
     pub async fn rust_sdk_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        Ok(self.rust_sdk_identity(pod).await?.map(|id| id.arn))
+    }
+
+    /// The Rust SDK in `pod`: who it is and how long its credentials have left, or the error.
+    pub async fn rust_sdk_identity(&self, pod: &str) -> anyhow::Result<Result<Identity, String>> {
         let client = binary("podiam-sdk-client")?;
         let output = self
             .pod_command(pod, client.to_str().context("path")?)
@@ -401,7 +495,23 @@ print(sts.get_caller_identity()["Arn"])
             .output()
             .await
             .context("running the Rust SDK client")?;
-        Ok(outcome(output))
+        Ok(outcome(output).and_then(|out| Identity::parse(&out)))
+    }
+
+    /// The agent's `/metrics` text, read inside the node namespace.
+    pub async fn agent_metrics(&self) -> anyhow::Result<String> {
+        let reply = self
+            .node
+            .netns()
+            .http_get(
+                &format!("http://127.0.0.1:{AGENT_HEALTH_PORT}/metrics"),
+                Duration::from_secs(2),
+            )
+            .await?;
+        if reply.status != 200 {
+            bail!("/metrics answered {}", reply.status);
+        }
+        Ok(reply.body)
     }
 
     /// One HTTP request from inside `pod` to `http://169.254.169.254{path}`.

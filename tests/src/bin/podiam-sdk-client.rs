@@ -2,7 +2,8 @@
 //!
 //! It fetches credentials with aws-config's instance-metadata credentials provider, unmodified
 //! and with its default endpoint (http://169.254.169.254, IMDSv2 tokens), then calls STS
-//! GetCallerIdentity with them and prints the caller's ARN. Run it inside a pod namespace.
+//! GetCallerIdentity with them and prints the caller's ARN, then on a second line how many
+//! seconds the credentials have left. Run it inside a pod namespace.
 
 use std::process::ExitCode;
 
@@ -35,6 +36,10 @@ async fn main() -> ExitCode {
         }
     };
     eprintln!("access key id: {}", credentials.access_key_id());
+    let remaining = credentials
+        .expiry()
+        .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+        .map_or(0, |d| d.as_secs());
     let config = aws_sdk_sts::Config::builder()
         .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
         .region(aws_sdk_sts::config::Region::new(args.region))
@@ -48,6 +53,7 @@ async fn main() -> ExitCode {
     {
         Ok(identity) => {
             println!("{}", identity.arn().unwrap_or_default());
+            println!("{remaining}");
             ExitCode::SUCCESS
         }
         Err(error) => {

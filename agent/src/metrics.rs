@@ -1,0 +1,133 @@
+//! The agent's Prometheus metrics, served on the health listener's `/metrics` only.
+//!
+//! One registry is created in [`crate::run`] and handed down; every metric is prefixed
+//! `podiam_agent_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a served request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+/// Labels of a request's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+/// Labels of a failed server call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerErrorLabels {
+    pub kind: &'static str,
+}
+
+/// Latency buckets from 100 µs to about 1.6 s: a local answer is sub-millisecond, and SDKs
+/// give the whole answer 1 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub server_errors: Family<ServerErrorLabels, Counter>,
+    pub ready: Gauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let server_errors = Family::<ServerErrorLabels, Counter>::default();
+        let ready = Gauge::default();
+        let mut registry = Registry::with_prefix("podiam_agent");
+        registry.register(
+            "requests",
+            "Pod-facing requests answered, by route and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a pod-facing request, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "server_errors",
+            "Calls to the podiam server that failed (unavailable: no answer in time; other: an undefined error)",
+            server_errors.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when a synced server answers, else 0",
+            ready.clone(),
+        );
+        Metrics {
+            requests,
+            latency,
+            server_errors,
+            ready,
+            registry,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_exported_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: "credentials",
+                status: 200,
+            })
+            .inc();
+        metrics
+            .latency
+            .get_or_create(&RouteLabels {
+                route: "credentials",
+            })
+            .observe(0.0004);
+        let text = metrics.encode();
+        assert!(
+            text.contains("podiam_agent_requests_total{route=\"credentials\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_agent_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("podiam_agent_ready 0"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,117 @@
+//! The node's own metadata service, for allow-listed paths only (see [`crate::routes`]).
+//!
+//! The agent holds its own IMDSv2 token for the upstream (pods' tokens are the agent's and mean
+//! nothing there) and renews it before it expires; an upstream that refuses tokens is used
+//! without one. Answers are passed through with their status, capped in size.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Mutex;
+
+/// The TTL of the agent's own upstream token: the most EC2 allows.
+const UPSTREAM_TOKEN_TTL: Duration = Duration::from_secs(21600);
+/// Renew the upstream token this long before it expires.
+const UPSTREAM_TOKEN_MARGIN: Duration = Duration::from_secs(300);
+/// Largest upstream answer passed on (metadata documents are a few KiB).
+const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+
+/// Why the node's metadata service gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamMetadataError {
+    #[error("building the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("the node's metadata service did not answer: {0}")]
+    Unreachable(#[from] hyper_util::client::legacy::Error),
+    #[error("reading the node's metadata answer: {0}")]
+    Body(String),
+}
+
+/// A client of the node's metadata service.
+#[derive(Debug)]
+pub struct NodeMetadata {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    base: String,
+    token: Mutex<Option<(String, Instant)>>,
+}
+
+impl NodeMetadata {
+    /// `base` is the upstream's URL, e.g. `http://169.254.169.254`.
+    pub fn new(base: &str) -> NodeMetadata {
+        NodeMetadata {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: base.trim_end_matches('/').to_string(),
+            token: Mutex::new(None),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> Result<(StatusCode, Bytes), UpstreamMetadataError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let response = self.client.request(request.body(Empty::new())?).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_UPSTREAM_BODY)
+            .collect()
+            .await
+            .map_err(|e| UpstreamMetadataError::Body(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// The agent's upstream token, fetched or renewed as needed; `None` if the upstream
+    /// does not issue tokens (IMDSv1 only).
+    async fn token(&self) -> Result<Option<String>, UpstreamMetadataError> {
+        let mut slot = self.token.lock().await;
+        if let Some((token, renew_at)) = slot.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(Some(token.clone()));
+        }
+        let ttl = UPSTREAM_TOKEN_TTL.as_secs().to_string();
+        let (status, body) = self
+            .send(
+                Method::PUT,
+                "/latest/api/token",
+                Some(("x-aws-ec2-metadata-token-ttl-seconds", &ttl)),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            return Ok(None);
+        }
+        let token = String::from_utf8_lossy(&body).trim().to_string();
+        *slot = Some((
+            token.clone(),
+            Instant::now() + UPSTREAM_TOKEN_TTL - UPSTREAM_TOKEN_MARGIN,
+        ));
+        Ok(Some(token))
+    }
+
+    /// GETs `path` (already normalised and allowed) from the node's metadata service.
+    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamMetadataError> {
+        let token = self.token().await?;
+        let header = token.as_deref().map(|t| ("x-aws-ec2-metadata-token", t));
+        let (status, body) = self.send(Method::GET, path, header).await?;
+        if status == StatusCode::UNAUTHORIZED && token.is_some() {
+            // The upstream forgot our token (it restarted): fetch a new one, once.
+            *self.token.lock().await = None;
+            let token = self.token().await?;
+            let header = token.as_deref().map(|t| ("x-aws-ec2-metadata-token", t));
+            return self.send(Method::GET, path, header).await;
+        }
+        Ok((status, body))
+    }
+}

@@ -1,0 +1,572 @@
+//! The agent's surface against real clients: the SDK matrix, revocation, the iptables chain
+//! across restarts and a crash (both iptables back ends), and a table of adversarial
+//! requests. Needs root; each test builds its own [`World`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use podiam_tests::process::{wait_for, wait_until};
+use podiam_tests::world::{Boto3Mode, World, WorldConfig};
+use serde_json::json;
+
+const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
+const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
+/// What SDKs need: botocore treats credentials with under ~25 minutes as stale.
+const MIN_REMAINING_SECS: i64 = 30 * 60;
+const NODE_BODY: &str = podiam_tests::netns::NODE_METADATA_BODY;
+
+fn team_a() -> WorldConfig {
+    WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+    }
+    .namespace("team-a", Some("app-.*"))
+    .pod("team-a", "web", Some("app-reader"))
+    .pod("team-a", "plain", None)
+    .pod("team-a", "greedy", Some("admin"))
+}
+
+/// The counter `podiam_agent_requests_total{route=ROUTE,status=STATUS}` (0 when absent).
+fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
+    let key = format!("podiam_agent_requests_total{{route=\"{route}\",status=\"{status}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn seconds_until(expiration: &str) -> i64 {
+    let at: jiff::Timestamp = expiration.parse().expect("an RFC 3339 expiration");
+    at.as_second() - jiff::Timestamp::now().as_second()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_matrix_gets_credentials_with_thirty_minutes_left() {
+    let world = World::start(team_a()).await.expect("world starts");
+    let fail = |who: &str, error: String| -> ! {
+        panic!("{who}: {error}\nagent log:\n{}", world.agent_log())
+    };
+
+    // AWS CLI: it prints no expiry, so the document it was served is checked too.
+    let arn = world.aws_caller_arn("web").await.expect("runs");
+    let arn = arn.unwrap_or_else(|e| fail("aws cli", e));
+    assert!(
+        arn.starts_with(&format!("{ROLE_ARN_PREFIX}app-reader/")),
+        "{arn}"
+    );
+    let doc = world
+        .metadata_request("web", "GET", &format!("{CREDS_PATH}app-reader"), &[])
+        .await
+        .expect("answers");
+    let doc: serde_json::Value = serde_json::from_str(&doc.body).expect("JSON");
+    let left = seconds_until(doc["Expiration"].as_str().expect("Expiration"));
+    assert!(
+        left >= MIN_REMAINING_SECS,
+        "served credentials have only {left}s left"
+    );
+
+    // boto3 in each IMDS mode; IMDSv1 must really use no token.
+    let tokens_before =
+        requests_counted(&world.agent_metrics().await.expect("metrics"), "token", 200);
+    let v1 = world
+        .boto3_identity("web", Boto3Mode::V1)
+        .await
+        .expect("runs");
+    let v1 = v1.unwrap_or_else(|e| fail("boto3 IMDSv1", e));
+    let tokens_after =
+        requests_counted(&world.agent_metrics().await.expect("metrics"), "token", 200);
+    assert_eq!(
+        tokens_before, tokens_after,
+        "the IMDSv1 client asked for a token"
+    );
+    for (who, identity) in [
+        ("boto3 IMDSv1", Ok(v1)),
+        (
+            "boto3 default (IMDSv2)",
+            world
+                .boto3_identity("web", Boto3Mode::Default)
+                .await
+                .expect("runs"),
+        ),
+        (
+            "boto3 AWS_EC2_METADATA_V1_DISABLED",
+            world
+                .boto3_identity("web", Boto3Mode::V2Only)
+                .await
+                .expect("runs"),
+        ),
+        (
+            "Rust SDK",
+            world.rust_sdk_identity("web").await.expect("runs"),
+        ),
+    ] {
+        let identity = identity.unwrap_or_else(|e| fail(who, e));
+        assert!(
+            identity
+                .arn
+                .starts_with(&format!("{ROLE_ARN_PREFIX}app-reader/")),
+            "{who}: {identity:?}"
+        );
+        assert!(
+            identity.remaining_secs >= MIN_REMAINING_SECS,
+            "{who}: only {}s left",
+            identity.remaining_secs
+        );
+    }
+    let tokens_final =
+        requests_counted(&world.agent_metrics().await.expect("metrics"), "token", 200);
+    assert!(
+        tokens_final > tokens_after,
+        "the IMDSv2 clients fetched tokens"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_refuses_the_pods_next_request_within_a_second() {
+    let world = World::start(team_a()).await.expect("world starts");
+    let creds = format!("{CREDS_PATH}app-reader");
+    let before = world
+        .metadata_request("web", "GET", &creds, &[])
+        .await
+        .expect("answers");
+    assert_eq!(before.status, 200, "{}", before.body);
+
+    world
+        .kubectl_ok(&[
+            "annotate",
+            "pod",
+            "web",
+            "-n",
+            "team-a",
+            "iam.amazonaws.com/role-",
+        ])
+        .await
+        .expect("kubectl annotate");
+    let refused = wait_for(
+        Duration::from_secs(1),
+        "the revocation to refuse pod web",
+        || async {
+            let reply = world
+                .metadata_request("web", "GET", &creds, &[])
+                .await
+                .ok()?;
+            (reply.status != 200).then_some(reply)
+        },
+    )
+    .await
+    .expect("refused within 1 s");
+    assert_eq!(refused.status, 404, "{}", refused.body);
+    assert!(
+        refused.body.contains("no-role") && !refused.body.contains("SecretAccessKey"),
+        "{}",
+        refused.body
+    );
+}
+
+/// With the agent down, nothing at 169.254.169.254 answers the pod.
+async fn assert_no_metadata_service(world: &World) {
+    for path in [
+        CREDS_PATH,
+        "/latest/user-data",
+        "/latest/meta-data/instance-id",
+    ] {
+        let reply = world.metadata_request("web", "GET", path, &[]).await;
+        assert!(reply.is_err(), "with no agent, {path} answered: {reply:?}");
+    }
+}
+
+async fn restarts_and_a_crash(iptables_bin: &str) {
+    let mut config = team_a();
+    config.fake_node_metadata = true;
+    config.iptables_bin = Some(iptables_bin.to_string());
+    let mut world = World::start(config).await.expect("world starts");
+    let pod_ips: Vec<String> = ["web", "plain", "greedy"]
+        .iter()
+        .map(|p| world.pod(p).ip().to_string())
+        .collect();
+
+    for _ in 0..3 {
+        world.stop_agent().await.expect("stops");
+        assert_no_metadata_service(&world).await;
+        world.start_agent().await.expect("starts");
+    }
+    world.kill_agent().await.expect("kill -9");
+    assert_no_metadata_service(&world).await;
+    world.start_agent().await.expect("starts after the crash");
+
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert_eq!(rules.matches("-N PODIAM").count(), 1, "{rules}");
+    assert_eq!(
+        rules.matches("-j PODIAM").count(),
+        1,
+        "one jump per interface:\n{rules}"
+    );
+    assert_eq!(rules.matches("-j DNAT").count(), 1, "{rules}");
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+
+    let seen = world.node().fake_node_metadata_clients();
+    assert!(
+        seen.iter().all(|client| !pod_ips.contains(client)),
+        "the node's metadata service saw a pod: {seen:?}"
+    );
+
+    world.stop_agent().await.expect("stops");
+    let out = world.uninstall_agent_rules().await.expect("uninstall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert!(
+        !rules.contains("PODIAM") && !rules.contains("DNAT"),
+        "{rules}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_nft() {
+    restarts_and_a_crash("iptables-nft").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_legacy() {
+    restarts_and_a_crash("iptables-legacy").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
+    let mut config = team_a();
+    config.agent_args = vec![
+        "--iptables-sync-interval".into(),
+        "200ms".into(),
+        "--flush-conntrack".into(),
+    ];
+    let world = World::start(config).await.expect("world starts");
+    let rules = world.node_nat_rules().await.expect("rules");
+    let jump = rules
+        .lines()
+        .find(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j PODIAM"))
+        .expect("a jump")
+        .replacen("-A", "-D", 1);
+    let args: Vec<&str> = ["-w", "-t", "nat"]
+        .into_iter()
+        .chain(jump.split_whitespace())
+        .collect();
+    let out = world.node_iptables(&args).await.expect("iptables runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to put its jump back",
+        || async {
+            world
+                .node_nat_rules()
+                .await
+                .is_ok_and(|r| r.matches("-j PODIAM").count() == 1)
+        },
+    )
+    .await
+    .expect("repaired");
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!(reply.status, 200);
+}
+
+/// Sends raw HTTP requests from inside a pod and reports, per request, the status (or
+/// "closed"/"timeout") and the body.
+const RAW_CLIENT: &str = r#"
+import base64, json, socket, sys, time
+results = []
+for case in json.loads(sys.argv[1]):
+    raw = base64.b64decode(case["raw"])
+    s = socket.create_connection(("169.254.169.254", 80), timeout=5)
+    s.settimeout(case.get("wait", 5))
+    try:
+        s.sendall(raw)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        results.append({"status": "timeout", "body": data.decode("utf-8", "replace")})
+        continue
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    if not data:
+        results.append({"status": "closed", "body": ""})
+        continue
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].split(b" ")[1].decode()
+    results.append({"status": status, "body": body.decode("utf-8", "replace")})
+print(json.dumps(results))
+"#;
+
+#[derive(Debug)]
+struct Case {
+    name: &'static str,
+    pod: &'static str,
+    raw: String,
+    want: &'static str,
+    /// May the body carry credentials (the pod's own), or the node's metadata?
+    may_carry: Carry,
+    wait_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carry {
+    Nothing,
+    Credentials,
+    NodeMetadata,
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Connection: close\r\n\r\n")
+}
+
+fn request(method: &str, path: &str, extra: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
+    let mut config = team_a();
+    config.fake_node_metadata = true;
+    config.agent_args = vec![
+        "--allow-route-regexp".into(),
+        "/latest/meta-data/(placement/.*|instance-id)".into(),
+        "--header-timeout".into(),
+        "1s".into(),
+    ];
+    let world = World::start(config).await.expect("world starts");
+    let token = world
+        .metadata_request(
+            "web",
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "300")],
+        )
+        .await
+        .expect("token");
+    assert_eq!(token.status, 200);
+    let token = token.body;
+    let web_ip = world.pod("web").ip().to_string();
+    let creds = |role: &str| format!("{CREDS_PATH}{role}");
+    let big = "x".repeat(10 * 1024);
+    let flood: String = (0..100).map(|i| format!("X-Flood-{i}: y\r\n")).collect();
+    use Carry::*;
+    let c = |name, pod, raw: String, want, may_carry| Case {
+        name,
+        pod,
+        raw,
+        want,
+        may_carry,
+        wait_secs: 5,
+    };
+    let cases = vec![
+        // The routes SDKs use.
+        c("listing", "web", get(CREDS_PATH, ""), "200", Nothing),
+        c("listing without slash", "web", get("/latest/meta-data/iam/security-credentials", ""), "200", Nothing),
+        c("dated listing", "web", get("/2016-09-02/meta-data/iam/security-credentials/", ""), "200", Nothing),
+        c("credentials", "web", get(&creds("app-reader"), ""), "200", Credentials),
+        c("dated credentials", "web", get("/2021-01-03/meta-data/iam/security-credentials/app-reader", ""), "200", Credentials),
+        c("iam info", "web", get("/latest/meta-data/iam/info", ""), "200", Nothing),
+        c("double slashes", "web", get("//latest//meta-data//iam//security-credentials//app-reader", ""), "200", Credentials),
+        c("dot segments", "web", get("/latest/meta-data/./iam/./security-credentials/app-reader", ""), "200", Credentials),
+        c("dot-dot inside", "web", get("/latest/meta-data/x/../iam/security-credentials/app-reader", ""), "200", Credentials),
+        c("encoded letters", "web", get("/latest/meta-data/%69am/security-credentials/app-reader", ""), "200", Credentials),
+        c("HEAD listing", "web", format!("HEAD {CREDS_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), "200", Nothing),
+        // Path tricks toward what must stay closed.
+        c("user-data", "web", get("/latest/user-data", ""), "404", Nothing),
+        c("user-data slash", "web", get("/latest/user-data/", ""), "404", Nothing),
+        c("dot-dot to user-data", "web", get("/latest/meta-data/../user-data", ""), "404", Nothing),
+        c("encoded dot-dot", "web", get("/latest/meta-data/%2e%2e/user-data", ""), "404", Nothing),
+        c("encoded slash dot-dot", "web", get("/latest/meta-data/..%2fuser-data", ""), "404", Nothing),
+        c("encoded slashes", "web", get("/latest/meta-data%2f..%2fuser-data", ""), "404", Nothing),
+        c("double-encoded dot-dot", "web", get("/latest/meta-data/%252e%252e/user-data", ""), "404", Nothing),
+        c("traversal through creds", "web", get("/latest/meta-data/iam/security-credentials/..%2f..%2f..%2fuser-data", ""), "404", Nothing),
+        c("traversal through allowed", "web", get("/latest/meta-data/instance-id/../../user-data", ""), "404", Nothing),
+        c("pkcs7", "web", get("/latest/dynamic/instance-identity/pkcs7", ""), "404", Nothing),
+        c("signature", "web", get("/latest/dynamic/instance-identity/signature", ""), "404", Nothing),
+        c("rsa2048", "web", get("/latest/dynamic/instance-identity/rsa2048", ""), "404", Nothing),
+        c("identity-credentials", "web", get("/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance", ""), "404", Nothing),
+        c("meta-data index", "web", get("/latest/meta-data/", ""), "404", Nothing),
+        c("root", "web", get("/", ""), "404", Nothing),
+        c("not allow-listed", "web", get("/latest/meta-data/ami-id", ""), "404", Nothing),
+        c("allow-list prefix only", "web", get("/latest/meta-data/instance-id-x", ""), "404", Nothing),
+        c("allowed instance-id", "web", get("/latest/meta-data/instance-id", ""), "200", NodeMetadata),
+        c("allowed placement", "web", get("/latest/meta-data/placement/region", ""), "200", NodeMetadata),
+        // Other roles.
+        c("another role by name", "web", get(&creds("app-writer"), ""), "404", Nothing),
+        c("the node's role by name", "web", get(&creds("node-role"), ""), "404", Nothing),
+        c("no role asks for one", "plain", get(&creds("app-reader"), ""), "404", Nothing),
+        c("role not permitted", "greedy", get(&creds("admin"), ""), "403", Nothing),
+        c("not permitted, listing", "greedy", get(CREDS_PATH, ""), "403", Nothing),
+        // Other methods.
+        c("POST listing", "web", request("POST", CREDS_PATH, ""), "405", Nothing),
+        c("DELETE credentials", "web", request("DELETE", &creds("app-reader"), ""), "405", Nothing),
+        c("PUT credentials", "web", request("PUT", &creds("app-reader"), ""), "405", Nothing),
+        c("GET token", "web", get("/latest/api/token", ""), "405", Nothing),
+        c("PATCH token", "web", request("PATCH", "/latest/api/token", ""), "405", Nothing),
+        // Tokens.
+        c("token without TTL", "web", request("PUT", "/latest/api/token", ""), "400", Nothing),
+        c("token TTL 0", "web", request("PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 0\r\n"), "400", Nothing),
+        c("token TTL too long", "web", request("PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 21601\r\n"), "400", Nothing),
+        c("token TTL not a number", "web", request("PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: abc\r\n"), "400", Nothing),
+        c("token through a proxy", "web", request("PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 10.0.0.1\r\n"), "403", Nothing),
+        c("token", "web", request("PUT", "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 60\r\n"), "200", Nothing),
+        c("garbage token", "web", get(CREDS_PATH, "X-aws-ec2-metadata-token: garbage\r\n"), "401", Nothing),
+        c("own token", "web", get(&creds("app-reader"), &format!("X-aws-ec2-metadata-token: {token}\r\n")), "200", Credentials),
+        c("token replayed in another pod", "plain", get(&creds("app-reader"), &format!("X-aws-ec2-metadata-token: {token}\r\n")), "401", Nothing),
+        // Identity comes from the peer address only.
+        c("forged X-Forwarded-For", "plain", get(&creds("app-reader"), &format!("X-Forwarded-For: {web_ip}\r\n")), "404", Nothing),
+        c("forged Forwarded", "plain", get(&creds("app-reader"), &format!("Forwarded: for={web_ip}\r\n")), "404", Nothing),
+        c("forged X-Real-IP", "greedy", get(&creds("admin"), &format!("X-Real-IP: {web_ip}\r\n")), "403", Nothing),
+        // Malformed and oversized requests.
+        c("oversized header", "web", get(CREDS_PATH, &format!("X-Big: {big}\r\n")), "431", Nothing),
+        c("header flood", "web", get(CREDS_PATH, &flood), "431", Nothing),
+        c("large body", "web", format!("PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n{}", "b".repeat(5000)), "413", Nothing),
+        c("chunked body", "web", "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into(), "413", Nothing),
+        c("garbage request line", "web", "HELLO\r\n\r\n".into(), "400", Nothing),
+        c("metrics not on the pod port", "web", get("/metrics", ""), "404", Nothing),
+        c("readiness not on the pod port", "web", get("/ready", ""), "404", Nothing),
+        Case {
+            name: "slow client",
+            pod: "web",
+            raw: format!("GET {CREDS_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\n"),
+            want: "closed",
+            may_carry: Nothing,
+            wait_secs: 4,
+        },
+    ];
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+
+    // Run each pod's cases in one client process.
+    let mut by_pod: BTreeMap<&str, Vec<&Case>> = BTreeMap::new();
+    for case in &cases {
+        by_pod.entry(case.pod).or_default().push(case);
+    }
+    let secret_marker = "SecretAccessKey";
+    let mut failures = Vec::new();
+    for (pod, cases) in by_pod {
+        let spec: Vec<_> = cases
+            .iter()
+            .map(|c| json!({ "raw": base64::engine::general_purpose::STANDARD.encode(&c.raw), "wait": c.wait_secs }))
+            .collect();
+        let output = world
+            .pod_command(pod, "python3")
+            .args([
+                "-c",
+                RAW_CLIENT,
+                &serde_json::to_string(&spec).expect("json"),
+            ])
+            .output()
+            .await
+            .expect("raw client runs");
+        assert!(
+            output.status.success(),
+            "raw client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let results: Vec<serde_json::Value> =
+            serde_json::from_slice(&output.stdout).expect("results");
+        for (case, result) in cases.iter().zip(results) {
+            let status = result["status"].as_str().unwrap_or_default().to_string();
+            let body = result["body"].as_str().unwrap_or_default().to_string();
+            if status != case.want {
+                failures.push(format!(
+                    "{} ({}): got {status}, want {}: {body:.200}",
+                    case.name, case.pod, case.want
+                ));
+            }
+            if case.may_carry != Carry::Credentials && body.contains(secret_marker) {
+                failures.push(format!("{}: credentials leaked: {body:.200}", case.name));
+            }
+            if case.may_carry != Carry::NodeMetadata && body.contains(NODE_BODY) {
+                failures.push(format!(
+                    "{}: the node's metadata leaked: {body:.200}",
+                    case.name
+                ));
+            }
+            if case.may_carry == Carry::Credentials
+                && case.want == "200"
+                && !body.contains(secret_marker)
+            {
+                failures.push(format!(
+                    "{}: expected the pod's credentials: {body:.200}",
+                    case.name
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}\nagent log:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n"),
+        world.agent_log()
+    );
+    // The node's metadata service only ever heard from the agent, never from a pod.
+    let pod_ips: Vec<String> = ["web", "plain", "greedy"]
+        .iter()
+        .map(|p| world.pod(p).ip().to_string())
+        .collect();
+    let seen = world.node().fake_node_metadata_clients();
+    assert!(
+        !seen.is_empty(),
+        "the allowed paths reached the node's service"
+    );
+    assert!(seen.iter().all(|c| !pod_ips.contains(c)), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_metrics_live_on_their_own_port() {
+    let world = World::start(team_a()).await.expect("world starts");
+    let _ = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    let metrics = world.agent_metrics().await.expect("metrics");
+    assert!(
+        requests_counted(&metrics, "list-roles", 200) >= 1,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("podiam_agent_request_duration_seconds_bucket{"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("podiam_agent_ready 1"), "{metrics}");
+    for (path, status) in [("/live", 200), ("/ready", 200), ("/nothing", 404)] {
+        let reply = world
+            .node()
+            .netns()
+            .http_get(
+                &format!(
+                    "http://127.0.0.1:{}{path}",
+                    podiam_tests::world::AGENT_HEALTH_PORT
+                ),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("answers");
+        assert_eq!(reply.status, status, "{path}");
+    }
+}
