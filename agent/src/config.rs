@@ -97,6 +97,10 @@ pub struct ServeConfig {
     /// Deadline for one call to the server (SDKs give the metadata service about 1 s).
     #[arg(long, env = "PODIAM_SERVER_TIMEOUT", default_value = "900ms", value_parser = parse_duration)]
     pub server_timeout: Duration,
+    /// Cached credentials are served while they have at least this much life left; keep it
+    /// equal to the server's --min-remaining.
+    #[arg(long, env = "PODIAM_MIN_REMAINING", default_value = "30m", value_parser = parse_duration)]
+    pub min_remaining: Duration,
     /// Every pod request is answered within this time (504 otherwise).
     #[arg(long, env = "PODIAM_REQUEST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub request_timeout: Duration,

@@ -21,12 +21,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{CredentialCache, Source};
 use crate::imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, ServerErrorLabels};
 use crate::node_metadata::{NodeMetadata, UpstreamMetadataError};
+use crate::pods::{Known, PodTable};
 use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
+use podiam_proto::v1::{Credentials, PodState};
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -151,6 +154,8 @@ pub struct ServiceOptions {
 #[derive(Debug)]
 pub struct MetadataService {
     upstream: Arc<Upstream>,
+    table: Arc<PodTable>,
+    cache: Arc<CredentialCache>,
     tokens: TokenKey,
     options: ServiceOptions,
     metrics: Arc<Metrics>,
@@ -159,12 +164,16 @@ pub struct MetadataService {
 impl MetadataService {
     pub fn new(
         upstream: Arc<Upstream>,
+        table: Arc<PodTable>,
+        cache: Arc<CredentialCache>,
         tokens: TokenKey,
         options: ServiceOptions,
         metrics: Arc<Metrics>,
     ) -> Self {
         MetadataService {
             upstream,
+            table,
+            cache,
             tokens,
             options,
             metrics,
@@ -251,7 +260,11 @@ impl MetadataService {
             }
             let ttl = parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok()))
                 .ok_or(Refused::BadTtl)?;
-            let mut response = text(StatusCode::OK, self.tokens.issue(peer, now, ttl));
+            let uid = match self.resolve(peer).await? {
+                Resolved::Pod(state) => pod_uid(&state).to_string(),
+                Resolved::Unsynced => String::new(),
+            };
+            let mut response = text(StatusCode::OK, self.tokens.issue(peer, &uid, now, ttl));
             response
                 .headers_mut()
                 .insert(TTL_HEADER, HeaderValue::from(ttl));
@@ -262,8 +275,12 @@ impl MetadataService {
                 let token = token
                     .to_str()
                     .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
+                let current = match self.table.known(peer) {
+                    Known::Pod(state) => Some(pod_uid(&state).to_string()),
+                    Known::Nobody | Known::Unsynced => None,
+                };
                 self.tokens
-                    .validate(token, peer, now)
+                    .validate(token, peer, current.as_deref(), now)
                     .map_err(Refused::BadToken)?;
             }
             None if self.options.require_token => return Err(Refused::TokenRequired),
@@ -282,21 +299,31 @@ impl MetadataService {
             }
             Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
             Route::ListRoles => {
-                let role = self.upstream.pod_role(peer).await?;
-                Ok(text(StatusCode::OK, role.role_name))
+                let role_name = match self.resolve(peer).await? {
+                    Resolved::Pod(state) => permitted(&state)?.role_name.clone(),
+                    Resolved::Unsynced => self.upstream.pod_role(peer).await?.role_name,
+                };
+                Ok(text(StatusCode::OK, role_name))
             }
             Route::Info => {
-                let role = self.upstream.pod_role(peer).await?;
-                Ok(text(
-                    StatusCode::OK,
-                    imds::info_document(&role.role_arn, now),
-                ))
+                let role_arn = match self.resolve(peer).await? {
+                    Resolved::Pod(state) => permitted(&state)?.role_arn.clone(),
+                    Resolved::Unsynced => self.upstream.pod_role(peer).await?.role_arn,
+                };
+                Ok(text(StatusCode::OK, imds::info_document(&role_arn, now)))
             }
             Route::Credentials(role) => {
-                let answer = self.upstream.credentials(peer, role).await?;
-                let creds = answer
-                    .credentials
-                    .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
+                let creds = match self.resolve(peer).await? {
+                    Resolved::Pod(state) => {
+                        self.cached_credentials(peer, &state, role, now).await?
+                    }
+                    Resolved::Unsynced => self
+                        .upstream
+                        .credentials(peer, role)
+                        .await?
+                        .credentials
+                        .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?,
+                };
                 Ok(text(
                     StatusCode::OK,
                     imds::credentials_document(
@@ -310,6 +337,93 @@ impl MetadataService {
             }
         }
     }
+
+    /// The pod at `peer`, waiting briefly for one to appear (the start-up race).
+    async fn resolve(&self, peer: IpAddr) -> Result<Resolved, Refused> {
+        match self.table.wait_known(peer, UNKNOWN_POD_WAIT).await {
+            Known::Pod(state) => Ok(Resolved::Pod(state)),
+            Known::Unsynced => Ok(Resolved::Unsynced),
+            Known::Nobody => Err(refusal(
+                Reason::UnknownPod,
+                format!("no pod known with IP {peer}"),
+            )),
+        }
+    }
+
+    /// The pod's credentials for `role`: from the cache, or from the server.
+    async fn cached_credentials(
+        &self,
+        peer: IpAddr,
+        state: &PodState,
+        role: &str,
+        now: i64,
+    ) -> Result<Credentials, Refused> {
+        let state = permitted(state)?;
+        let pod = state.pod.clone().unwrap_or_default();
+        if role != state.role_name {
+            return Err(refusal(
+                Reason::WrongRole,
+                format!(
+                    "pod {}/{} has role {}, not {role}",
+                    pod.namespace, pod.name, state.role_name
+                ),
+            ));
+        }
+        let fetch = async {
+            let answer = self.upstream.credentials(peer, role).await?;
+            // The server decided on what it sees now; cache only if it is the same pod.
+            if answer.pod.as_ref().map(|p| p.uid.as_str()) != Some(pod.uid.as_str()) {
+                return Err(refusal(
+                    Reason::UnknownPod,
+                    "the pod at this address changed; retry",
+                ));
+            }
+            answer.credentials.ok_or_else(|| {
+                Refused::from(UpstreamError::Other("answer without credentials".into()))
+            })
+        };
+        let (creds, source) = self
+            .cache
+            .get(&pod.uid, &state.role_arn, now, fetch)
+            .await?;
+        match source {
+            Source::Cache => self.metrics.cache_hits.inc(),
+            Source::Server => self.metrics.cache_misses.inc(),
+        };
+        Ok(creds)
+    }
+}
+
+/// How long a request from an unknown address waits for its pod to appear: half of the
+/// SDKs' 1 s budget, leaving the rest for fetching credentials.
+const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
+
+/// Who is asking, as far as the pod table knows.
+enum Resolved {
+    Pod(Arc<PodState>),
+    /// No pod table (yet): ask the server.
+    Unsynced,
+}
+
+fn pod_uid(state: &PodState) -> &str {
+    state.pod.as_ref().map_or("", |p| p.uid.as_str())
+}
+
+fn refusal(reason: Reason, message: impl Into<String>) -> Refused {
+    Refused::Upstream(UpstreamError::Refused {
+        reason,
+        message: message.into(),
+    })
+}
+
+/// The state itself if the pod may have its role, else its refusal.
+fn permitted(state: &PodState) -> Result<&PodState, Refused> {
+    if state.refusal_reason.is_empty() && !state.role_name.is_empty() {
+        return Ok(state);
+    }
+    // An unknown reason from a newer server still refuses.
+    let reason = Reason::from_name(&state.refusal_reason).unwrap_or(Reason::RoleNotPermitted);
+    Err(refusal(reason, state.refusal_message.clone()))
 }
 
 fn now_unix() -> i64 {

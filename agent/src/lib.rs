@@ -4,7 +4,9 @@
 //! - [`routes`]: path normalisation and routing (pure).
 //! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
 //! - [`imds`]: EC2's exact response documents (pure).
-//! - [`upstream`]: gRPC calls to the server, and readiness.
+//! - [`upstream`]: gRPC calls to the server, readiness, and the node stream.
+//! - [`pods`]: this node's pods and their decisions, from the server's node stream.
+//! - [`cache`]: each pod's credentials, so that a hit needs no server call.
 //! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
 //! - [`iptables`]: the DNAT chain that sends pods' 169.254.169.254 traffic here.
 //! - [`node_metadata`]: the node's own metadata service, for allow-listed paths only.
@@ -12,12 +14,14 @@
 //!
 //! [`run`] wires them; `main.rs` only parses flags, sets up logging and calls it.
 
+pub mod cache;
 pub mod config;
 pub mod http;
 pub mod imds;
 pub mod iptables;
 pub mod metrics;
 pub mod node_metadata;
+pub mod pods;
 pub mod routes;
 pub mod token;
 pub mod upstream;
@@ -72,8 +76,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         allow,
         request_timeout: config.request_timeout,
     };
+    let table = Arc::new(pods::PodTable::default());
+    let cache = Arc::new(cache::CredentialCache::new(config.min_remaining));
     let service = Arc::new(MetadataService::new(
         Arc::clone(&upstream),
+        Arc::clone(&table),
+        Arc::clone(&cache),
         tokens,
         options,
         Arc::clone(&metrics),
@@ -123,6 +131,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         let upstream = Arc::clone(&upstream);
         let shutdown = shutdown.clone();
         tasks.spawn(async move { upstream.watch_health(shutdown).await });
+    }
+    {
+        let upstream = Arc::clone(&upstream);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { upstream.follow_node(&table, &cache, shutdown).await });
     }
     {
         let upstream = Arc::clone(&upstream);

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub server_errors: Family<ServerErrorLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
     pub ready: Gauge,
     registry: Registry,
 }
@@ -52,6 +54,8 @@ impl Metrics {
             latency_histogram,
         );
         let server_errors = Family::<ServerErrorLabels, Counter>::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
         let ready = Gauge::default();
         let mut registry = Registry::with_prefix("podiam_agent");
         registry.register(
@@ -70,6 +74,16 @@ impl Metrics {
             server_errors.clone(),
         );
         registry.register(
+            "credential_cache_hits",
+            "Credential requests answered from the agent's cache, with no server call",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "credential_cache_misses",
+            "Credential requests that needed a call to the server",
+            cache_misses.clone(),
+        );
+        registry.register(
             "ready",
             "1 when a synced server answers, else 0",
             ready.clone(),
@@ -78,6 +92,8 @@ impl Metrics {
             requests,
             latency,
             server_errors,
+            cache_hits,
+            cache_misses,
             ready,
             registry,
         }
@@ -128,6 +144,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("podiam_agent_ready 0"), "{text}");
+        assert!(
+            text.contains("podiam_agent_credential_cache_hits_total 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_agent_credential_cache_misses_total 0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

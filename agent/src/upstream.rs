@@ -12,13 +12,20 @@ use podiam_proto::Reason;
 use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{
     GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
-    HealthRequest,
+    HealthRequest, WatchNodeRequest, node_event,
 };
+
+use crate::cache::CredentialCache;
+use crate::pods::PodTable;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How often readiness is re-checked against the server.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// First wait before re-opening a broken node stream; doubles up to the maximum.
+const STREAM_RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest wait between attempts to re-open the node stream.
+const STREAM_RETRY_MAX: Duration = Duration::from_secs(5);
 /// TCP + TLS connect deadline: well inside an SDK's 1 s budget.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -137,6 +144,92 @@ impl Upstream {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(HEALTH_INTERVAL) => {}
             }
+        }
+    }
+}
+
+impl Upstream {
+    /// Follows the server's stream of this node's pods into `table` until `shutdown`,
+    /// dropping cached credentials of every pod whose decision changes. A broken stream marks
+    /// the table unsynced (requests then ask the server directly) and is re-opened with
+    /// backoff; each new stream starts with a full snapshot that replaces the table.
+    pub async fn follow_node(
+        &self,
+        table: &PodTable,
+        cache: &CredentialCache,
+        shutdown: CancellationToken,
+    ) {
+        let mut retry = STREAM_RETRY_MIN;
+        loop {
+            let request = WatchNodeRequest {
+                node_name: self.node_name.clone(),
+            };
+            let mut client = self.client.clone();
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => return,
+                opened = client.watch_node(request) => opened,
+            };
+            match opened {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    let mut snapshot = Some(Vec::new());
+                    loop {
+                        let message = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            message = stream.message() => message,
+                        };
+                        let event = match message {
+                            Ok(Some(message)) => message.event,
+                            Ok(None) => {
+                                tracing::warn!(
+                                    "node stream ended; answering from the server until it is back"
+                                );
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::warn!(error = %UpstreamError::from(status), "node stream broke; answering from the server until it is back");
+                                break;
+                            }
+                        };
+                        match (event, snapshot.as_mut()) {
+                            (Some(node_event::Event::Upsert(state)), Some(pods)) => {
+                                pods.push(state)
+                            }
+                            (Some(node_event::Event::Upsert(state)), None) => {
+                                if let Some(uid) = table.update(|t| t.upsert(state)) {
+                                    cache.forget(&uid);
+                                }
+                            }
+                            (Some(node_event::Event::DeleteUid(uid)), Some(pods)) => {
+                                pods.retain(|p| p.pod.as_ref().is_none_or(|r| r.uid != uid));
+                            }
+                            (Some(node_event::Event::DeleteUid(uid)), None) => {
+                                table.update(|t| t.remove(&uid));
+                                cache.forget(&uid);
+                            }
+                            (Some(node_event::Event::Synced(_)), Some(_)) => {
+                                let pods = snapshot.take().unwrap_or_default();
+                                let count = pods.len();
+                                for uid in table.update(|t| t.replace(pods)) {
+                                    cache.forget(&uid);
+                                }
+                                retry = STREAM_RETRY_MIN;
+                                tracing::info!(pods = count, "node stream synced");
+                            }
+                            (Some(node_event::Event::Synced(_)), None) | (None, _) => {}
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(error = %UpstreamError::from(status), "cannot open the node stream yet");
+                }
+            }
+            table.update(|t| t.unsync());
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(STREAM_RETRY_MAX);
         }
     }
 }

@@ -115,10 +115,15 @@ impl Reason {
         status
     }
 
+    /// The reason named `name` on the wire, if any.
+    pub fn from_name(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// The reason a status carries, if it came from a podiam server.
     pub fn of(status: &tonic::Status) -> Option<Reason> {
         let value = status.metadata().get(REASON_METADATA_KEY)?.to_str().ok()?;
-        Reason::ALL.into_iter().find(|r| r.as_str() == value)
+        Reason::from_name(value)
     }
 }
 

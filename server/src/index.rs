@@ -9,7 +9,7 @@
 //! - a pod that turns terminal (Succeeded/Failed) or is deleted leaves the index at once, so
 //!   a later pod reusing its IP is the only claimant.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::policy::{
@@ -82,11 +82,13 @@ pub enum Lookup {
     Ambiguous(Vec<String>),
 }
 
-/// Live pods indexed by IP, and by UID so that updates find the pod's previous IP.
+/// Live pods indexed by IP, by node (for agents' node streams), and by UID so that
+/// updates find the pod's previous IP and node.
 #[derive(Clone, Debug, Default)]
 pub struct PodIndex {
     by_uid: HashMap<String, Arc<PodRecord>>,
     by_ip: HashMap<String, Vec<String>>,
+    by_node: HashMap<String, HashSet<String>>,
 }
 
 impl PodIndex {
@@ -100,6 +102,10 @@ impl PodIndex {
                     .or_default()
                     .push(pod.uid.clone());
             }
+            self.by_node
+                .entry(pod.node_name.clone().unwrap_or_default())
+                .or_default()
+                .insert(pod.uid.clone());
             self.by_uid.insert(pod.uid.clone(), Arc::new(pod));
         }
     }
@@ -117,6 +123,26 @@ impl PodIndex {
                 self.by_ip.remove(ip);
             }
         }
+        let node = old.node_name.clone().unwrap_or_default();
+        if let Some(uids) = self.by_node.get_mut(&node) {
+            uids.remove(uid);
+            if uids.is_empty() {
+                self.by_node.remove(&node);
+            }
+        }
+    }
+
+    /// The live pods scheduled on `node`; every live pod when `node` is empty.
+    pub fn on_node(&self, node: &str) -> Vec<Arc<PodRecord>> {
+        if node.is_empty() {
+            return self.by_uid.values().cloned().collect();
+        }
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.by_uid.get(uid).cloned())
+            .collect()
     }
 
     /// The one live pod with this IP, if exactly one.
@@ -249,6 +275,14 @@ mod tests {
         assert_eq!(index.lookup("10.0.0.2"), Lookup::Unknown);
         assert_eq!(found_uid(&index, "10.0.0.3").as_deref(), Some("d"));
         assert_eq!(index.len(), 1);
+        fn on(index: &PodIndex, node: &str) -> Vec<String> {
+            index.on_node(node).iter().map(|p| p.uid.clone()).collect()
+        }
+        assert_eq!(on(&index, "node-1"), vec!["d"]);
+        assert_eq!(on(&index, ""), vec!["d"]);
+        assert!(on(&index, "node-2").is_empty());
+        index.remove("d");
+        assert!(on(&index, "node-1").is_empty());
     }
 
     #[test]

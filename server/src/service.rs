@@ -5,14 +5,18 @@
 //! the pods' business, logged at debug; credentials issued get one audit line each, never the
 //! secret.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use podiam_proto::Reason;
 use podiam_proto::v1::{
     Credentials, GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest,
-    GetPodRoleResponse, HealthRequest, HealthResponse, PodRef, podiam_server::Podiam,
+    GetPodRoleResponse, HealthRequest, HealthResponse, NodeEvent, PodRef, PodState,
+    WatchNodeRequest, node_event, podiam_server::Podiam,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::index::{Lookup, PodRecord};
@@ -88,7 +92,7 @@ pub struct ServiceSettings {
 }
 
 /// The podiam gRPC service.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PodiamService {
     cluster: Arc<Cluster>,
     cache: Arc<CredentialCache>,
@@ -123,11 +127,15 @@ impl PodiamService {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .lookup(&ip);
-        let pod = match lookup {
-            Lookup::Found(pod) => pod,
-            Lookup::Unknown => return Err(Refusal::UnknownPod(ip)),
-            Lookup::Ambiguous(pods) => return Err(Refusal::AmbiguousPod { ip, pods }),
-        };
+        match lookup {
+            Lookup::Found(pod) => self.decide_pod(pod),
+            Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
+            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod { ip, pods }),
+        }
+    }
+
+    /// The role `pod` may have (its IP already resolved to it alone).
+    fn decide_pod(&self, pod: Arc<PodRecord>) -> Result<Decision, Refusal> {
         let pod_name = format!("{}/{}", pod.namespace, pod.name);
         let annotation = pod
             .role
@@ -211,6 +219,85 @@ impl PodiamService {
     }
 }
 
+impl PodiamService {
+    /// The state the agent on `pod`'s node needs: its decision, or why it is refused.
+    fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
+        let ip = pod.ip.clone().unwrap_or_default();
+        // A pod sharing its IP with another live pod is refused like its IP would be.
+        let lookup = self
+            .cluster
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(&ip);
+        let decision = match lookup {
+            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod {
+                ip: ip.clone(),
+                pods,
+            }),
+            _ => self.decide_pod(Arc::clone(pod)),
+        };
+        let mut state = PodState {
+            pod: Some(pod_ref(pod)),
+            ip,
+            ..PodState::default()
+        };
+        match decision {
+            Ok(Decision { role, .. }) => {
+                state.role_name = role.name;
+                state.role_arn = role.arn;
+            }
+            Err(refusal) => {
+                let status = refusal.status();
+                state.refusal_reason = Reason::of(&status)
+                    .map(|r| r.as_str().to_string())
+                    .unwrap_or_default();
+                state.refusal_message = status.message().to_string();
+            }
+        }
+        state
+    }
+
+    /// The current states of the pods on `node`, by UID.
+    fn node_states(&self, node: &str) -> HashMap<String, PodState> {
+        let pods = self
+            .cluster
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_node(node);
+        pods.iter()
+            .map(|pod| (pod.uid.clone(), self.pod_state(pod)))
+            .collect()
+    }
+}
+
+/// Sends every change between the pod states last sent and the current ones.
+async fn send_changes(
+    tx: &mpsc::Sender<Result<NodeEvent, Status>>,
+    sent: &HashMap<String, PodState>,
+    current: &HashMap<String, PodState>,
+) -> Result<(), mpsc::error::SendError<Result<NodeEvent, Status>>> {
+    for (uid, state) in current {
+        if sent.get(uid) != Some(state) {
+            tx.send(Ok(NodeEvent {
+                event: Some(node_event::Event::Upsert(state.clone())),
+            }))
+            .await?;
+        }
+    }
+    for uid in sent.keys().filter(|uid| !current.contains_key(*uid)) {
+        tx.send(Ok(NodeEvent {
+            event: Some(node_event::Event::DeleteUid(uid.clone())),
+        }))
+        .await?;
+    }
+    Ok(())
+}
+
+/// How many node events may wait for a slow agent before the stream's task waits too.
+const NODE_STREAM_BUFFER: usize = 256;
+
 fn pod_ref(pod: &PodRecord) -> PodRef {
     PodRef {
         namespace: pod.namespace.clone(),
@@ -250,6 +337,54 @@ impl Podiam for PodiamService {
             .await
             .map(Response::new)
             .map_err(refuse)
+    }
+
+    type WatchNodeStream = ReceiverStream<Result<NodeEvent, Status>>;
+
+    async fn watch_node(
+        &self,
+        request: Request<WatchNodeRequest>,
+    ) -> Result<Response<Self::WatchNodeStream>, Status> {
+        let node = request.into_inner().node_name;
+        let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
+        // The service's parts are shared handles. The task ends when the stream closes: the
+        // agent went away, or the server shut down and dropped its connections.
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut changes = service.cluster.subscribe();
+            // The first snapshot waits for the caches' first sync.
+            while !service.cluster.synced() {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+            let mut sent = HashMap::new();
+            let mut snapshot_done = false;
+            loop {
+                changes.mark_unchanged();
+                let current = service.node_states(&node);
+                if send_changes(&tx, &sent, &current).await.is_err() {
+                    return;
+                }
+                sent = current;
+                if !snapshot_done {
+                    snapshot_done = true;
+                    let synced = NodeEvent {
+                        event: Some(node_event::Event::Synced(true)),
+                    };
+                    if tx.send(Ok(synced)).await.is_err() {
+                        return;
+                    }
+                    tracing::info!(node = %node, pods = sent.len(), "agent's node stream synced");
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

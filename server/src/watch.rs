@@ -18,15 +18,39 @@ use tokio_util::sync::CancellationToken;
 use crate::index::{NamespaceIndex, PodIndex, PodRecord};
 
 /// The server's cached view of the cluster, shared by all request handlers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cluster {
     pub pods: RwLock<PodIndex>,
     pub namespaces: RwLock<NamespaceIndex>,
     pods_synced: AtomicBool,
     namespaces_synced: AtomicBool,
+    /// Bumped after every change to either index (and at first sync); agents' node streams
+    /// wait on it.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            pods: RwLock::default(),
+            namespaces: RwLock::default(),
+            pods_synced: AtomicBool::new(false),
+            namespaces_synced: AtomicBool::new(false),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Cluster {
+    /// A receiver that wakes after each change to the cluster view.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
     /// True once both pods and namespaces have been listed completely at least once.
     pub fn synced(&self) -> bool {
         self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
@@ -120,9 +144,16 @@ where
                 if !synced.swap(true, Ordering::AcqRel) {
                     tracing::info!(resource = K::WHAT, "first sync complete");
                 }
+                cluster.changed();
             }
-            Ok(Some(Event::Apply(object))) => write(&|i| K::apply(i, &object)),
-            Ok(Some(Event::Delete(object))) => write(&|i| K::remove(i, &object)),
+            Ok(Some(Event::Apply(object))) => {
+                write(&|i| K::apply(i, &object));
+                cluster.changed();
+            }
+            Ok(Some(Event::Delete(object))) => {
+                write(&|i| K::remove(i, &object));
+                cluster.changed();
+            }
             Ok(None) => {
                 tracing::warn!(resource = K::WHAT, "watch stream ended");
                 return;

@@ -56,6 +56,10 @@ pub struct PodSpec {
     pub name: String,
     pub namespace: String,
     pub role: Option<String>,
+    /// Create the Pod object at start (otherwise only its network namespace exists until
+    /// [`World::register_pod`]: the start-up race, where a pod talks before the API knows
+    /// its IP).
+    pub registered: bool,
 }
 
 /// What to build.
@@ -88,6 +92,19 @@ impl WorldConfig {
             name: name.into(),
             namespace: namespace.into(),
             role: role.map(Into::into),
+            registered: true,
+        });
+        self
+    }
+
+    /// A pod whose network exists but whose Pod object is created later, by
+    /// [`World::register_pod`].
+    pub fn unregistered_pod(mut self, namespace: &str, name: &str, role: Option<&str>) -> Self {
+        self.pods.push(PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            role: role.map(Into::into),
+            registered: false,
         });
         self
     }
@@ -231,7 +248,9 @@ impl World {
         let mut pods = BTreeMap::new();
         for spec in &config.pods {
             let net = node.add_pod()?;
-            create_pod(&client, spec, net.ip).await?;
+            if spec.registered {
+                create_pod(&client, spec, net.ip).await?;
+            }
             let moto_bridge = Bridge::start(net.netns.name(), 0, moto.addr())?;
             pods.insert(
                 spec.name.clone(),
@@ -529,6 +548,28 @@ print(remaining)
             .netns
             .http_request(method, &url, headers, POD_HTTP_TIMEOUT)
             .await?)
+    }
+
+    /// Creates the Pod object of `pod` (Running, with its namespace's IP).
+    pub async fn register_pod(&self, pod: &str) -> anyhow::Result<()> {
+        let pod = self.pod(pod);
+        create_pod(&self.client, &pod.spec, pod.ip()).await
+    }
+
+    /// Deletes the Pod object of `pod` and creates it again: same name and IP, new UID
+    /// (a new pod reusing the IP).
+    pub async fn recreate_pod(&self, pod: &str) -> anyhow::Result<()> {
+        let spec = &self.pod(pod).spec;
+        Api::<Pod>::namespaced(self.client.clone(), &spec.namespace)
+            .delete(&spec.name, &Default::default())
+            .await
+            .with_context(|| format!("deleting pod {}", spec.name))?;
+        self.register_pod(pod).await
+    }
+
+    /// The server's whole log so far.
+    pub fn server_log_text(&self) -> String {
+        std::fs::read_to_string(self.server.log_path()).unwrap_or_default()
     }
 
     /// The real `kubectl`, against the emulator.

@@ -570,3 +570,118 @@ async fn health_and_metrics_live_on_their_own_port() {
         assert_eq!(reply.status, status, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
+    let world = World::start(team_a()).await.expect("world starts");
+    let ttl = [("X-aws-ec2-metadata-token-ttl-seconds", "300")];
+    let token = world
+        .metadata_request("web", "PUT", "/latest/api/token", &ttl)
+        .await
+        .expect("token");
+    assert_eq!(token.status, 200);
+    let with_token = [("X-aws-ec2-metadata-token", token.body.as_str())];
+    let ok = world
+        .metadata_request("web", "GET", CREDS_PATH, &with_token)
+        .await
+        .expect("answers");
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    // The pod is replaced by a new one (new UID) on the same IP: the old token is dead.
+    world.recreate_pod("web").await.expect("recreated");
+    let stale = wait_for(
+        Duration::from_secs(5),
+        "the old token to be refused",
+        || async {
+            let reply = world
+                .metadata_request("web", "GET", CREDS_PATH, &with_token)
+                .await
+                .ok()?;
+            (reply.status == 401).then_some(reply)
+        },
+    )
+    .await
+    .expect("refused");
+    assert!(stale.body.contains("another pod"), "{}", stale.body);
+    // A fresh token for the new pod works.
+    let token = world
+        .metadata_request("web", "PUT", "/latest/api/token", &ttl)
+        .await
+        .expect("token");
+    let fresh = [("X-aws-ec2-metadata-token", token.body.as_str())];
+    let ok = world
+        .metadata_request("web", "GET", CREDS_PATH, &fresh)
+        .await
+        .expect("answers");
+    assert_eq!((ok.status, ok.body.as_str()), (200, "app-reader"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
+    let config = team_a()
+        .unregistered_pod("team-a", "early", Some("app-reader"))
+        .unregistered_pod("team-a", "stranger", None);
+    let world = World::start(config).await.expect("world starts");
+
+    // Never registered: refused as unknown, within the SDKs' 1 s budget.
+    let started = std::time::Instant::now();
+    let reply = world
+        .metadata_request("stranger", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    let took = started.elapsed();
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert!(reply.body.contains("unknown-pod"), "{}", reply.body);
+    // The in-pod client is a Python process: its own start-up is counted too.
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+
+    // Registered while its first request waits: answered with its role.
+    let request = world.metadata_request("early", "GET", CREDS_PATH, &[]);
+    let register = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        world.register_pod("early").await
+    };
+    let (reply, registered) = tokio::join!(request, register);
+    registered.expect("registered");
+    let reply = reply.expect("answers");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "app-reader"),
+        "the request that raced its pod's registration"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_credentials_are_served_without_asking_the_server() {
+    let world = World::start(team_a()).await.expect("world starts");
+    let creds = format!("{CREDS_PATH}app-reader");
+    let first = world
+        .metadata_request("web", "GET", &creds, &[])
+        .await
+        .expect("answers");
+    assert_eq!(first.status, 200);
+    for _ in 0..5 {
+        let again = world
+            .metadata_request("web", "GET", &creds, &[])
+            .await
+            .expect("answers");
+        assert_eq!(
+            again.body, first.body,
+            "the same credentials from the cache"
+        );
+    }
+    let issued = world
+        .server_log_text()
+        .matches("credentials issued")
+        .count();
+    assert_eq!(issued, 1, "only the first request reached the server");
+    let metrics = world.agent_metrics().await.expect("metrics");
+    assert!(
+        metrics.contains("podiam_agent_credential_cache_hits_total 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("podiam_agent_credential_cache_misses_total 1"),
+        "{metrics}"
+    );
+}
