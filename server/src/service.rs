@@ -121,12 +121,7 @@ impl PodiamService {
         if !self.cluster.synced() {
             return Err(Refusal::NotReady);
         }
-        let lookup = self
-            .cluster
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .lookup(&ip);
+        let lookup = self.cluster.pods().lookup(&ip);
         match lookup {
             Lookup::Found(pod) => self.decide_pod(pod),
             Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
@@ -147,12 +142,7 @@ impl PodiamService {
                 error,
             },
         )?;
-        let rule = self
-            .cluster
-            .namespaces
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .rule(&pod.namespace);
+        let rule = self.cluster.namespaces().rule(&pod.namespace);
         let why = match policy::check(&rule, &role) {
             Verdict::Permitted => return Ok(Decision { pod, role }),
             Verdict::NothingPermitted => {
@@ -224,12 +214,7 @@ impl PodiamService {
     fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
         let ip = pod.ip.clone().unwrap_or_default();
         // A pod sharing its IP with another live pod is refused like its IP would be.
-        let lookup = self
-            .cluster
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .lookup(&ip);
+        let lookup = self.cluster.pods().lookup(&ip);
         let decision = match lookup {
             Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod {
                 ip: ip.clone(),
@@ -260,12 +245,7 @@ impl PodiamService {
 
     /// The current states of the pods on `node`, by UID.
     fn node_states(&self, node: &str) -> HashMap<String, PodState> {
-        let pods = self
-            .cluster
-            .pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .on_node(node);
+        let pods = self.cluster.pods().on_node(node);
         pods.iter()
             .map(|pod| (pod.uid.clone(), self.pod_state(pod)))
             .collect()

@@ -42,6 +42,16 @@ impl Default for Cluster {
 }
 
 impl Cluster {
+    /// The pod index, for reading (a poisoned lock still holds a usable index).
+    pub fn pods(&self) -> std::sync::RwLockReadGuard<'_, PodIndex> {
+        self.pods.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The namespace index, for reading.
+    pub fn namespaces(&self) -> std::sync::RwLockReadGuard<'_, NamespaceIndex> {
+        self.namespaces.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A receiver that wakes after each change to the cluster view.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
