@@ -145,7 +145,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             let response = http::health(&upstream, &metrics, request.uri().path());
             async move { response }
         };
-        tasks.spawn(http::serve(
+        tasks.spawn(podiam_proto::serve::serve_http(
             health_listener,
             limits,
             handler,
@@ -156,7 +156,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         let service = Arc::clone(&service);
         async move { service.handle(peer.ip().to_canonical(), request).await }
     };
-    http::serve(listener, limits, handler, shutdown.clone()).await;
+    podiam_proto::serve::serve_http(listener, limits, handler, shutdown.clone()).await;
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;

@@ -4,10 +4,12 @@
 //! - [`v1`]: the gRPC service generated from `proto/podiam.proto` at build time.
 //! - [`Reason`]: why the server refused a request; carried in the `podiam-reason` metadata of
 //!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
+//! - [`serve`]: the HTTP/1 accept loop with limits that every podiam listener shares.
 //! - [`telemetry`]: the logging set-up and duration flags both binaries share.
 //! - [`tls`]: loading the CA, certificate and key PEM files into tonic's TLS configuration;
 //!   the server demands a client certificate from the CA, the agent verifies the server name.
 
+pub mod serve;
 pub mod telemetry;
 pub mod tls;
 

@@ -54,6 +54,9 @@ pub struct Config {
     /// Role session name used when a pod has no iam.amazonaws.com/session-name annotation.
     #[arg(long, env = "PODIAM_SESSION_NAME", default_value = "podiam")]
     pub session_name: String,
+    /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
+    #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
+    pub health_listen: SocketAddr,
     /// Log format.
     #[arg(long, env = "PODIAM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -85,6 +88,9 @@ impl Config {
                 self.min_remaining.as_secs(),
                 self.session_duration.as_secs()
             ));
+        }
+        if self.listen == self.health_listen && self.listen.port() != 0 {
+            problems.push("--health-listen must differ from --listen".to_string());
         }
         let name = &self.session_name;
         if name.len() < 2

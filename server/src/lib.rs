@@ -5,11 +5,13 @@
 //! - [`policy`]: role resolution and the namespace's permitted regex (pure functions).
 //! - [`sts`]: the AssumeRole call and the single-flight credential cache.
 //! - [`service`]: the gRPC service agents call, and its one refusal → status mapping.
+//! - [`metrics`]: Prometheus metrics and `/live`, `/ready` on the health listener.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags, sets up logging and calls it.
 
 pub mod config;
 pub mod index;
+pub mod metrics;
 pub mod policy;
 pub mod service;
 pub mod sts;
@@ -24,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::service::{PodiamService, ServiceSettings};
-use crate::sts::{CredentialCache, SdkAssumeRole};
+use crate::sts::{CachePolicy, CredentialCache, SdkAssumeRole, SystemClock};
 use crate::watch::Cluster;
 
 /// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster/default configuration.
@@ -55,10 +57,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .server_config();
     let client = kube_client(&config).await?;
     let sts = SdkAssumeRole::new(config.region.clone(), config.sts_endpoint.clone()).await;
+    let metrics = metrics::Metrics::new();
     let cache = Arc::new(CredentialCache::new(
         Arc::new(sts),
-        config.session_duration,
-        config.min_remaining,
+        Arc::new(SystemClock),
+        CachePolicy::new(config.session_duration, config.min_remaining),
+        metrics.sts_calls.clone(),
     ));
     let cluster = Arc::new(Cluster::default());
     let service = PodiamService::new(
@@ -74,7 +78,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving gRPC with mutual TLS");
 
-    let watching = tokio::spawn(watch::run(client, cluster, shutdown.clone()));
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(watch::run(client, Arc::clone(&cluster), shutdown.clone()));
+    tasks.spawn(maintain_credentials(
+        service.clone(),
+        Arc::clone(&cluster),
+        Arc::clone(&cache),
+        shutdown.clone(),
+    ));
+    {
+        let addr = config.health_listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /live, /ready and /metrics");
+        let metrics = Arc::new(metrics);
+        let cluster = Arc::clone(&cluster);
+        let handler = move |_, request: http::Request<hyper::body::Incoming>| {
+            let response = metrics::health(&cluster, &metrics, request.uri().path());
+            async move { response }
+        };
+        tasks.spawn(podiam_proto::serve::serve_http(
+            listener,
+            podiam_proto::serve::Limits::default(),
+            handler,
+            shutdown.clone(),
+        ));
+    }
     let served = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
@@ -85,7 +115,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )
         .await;
     shutdown.cancel();
-    let _ = watching.await;
+    tasks.close();
+    tasks.wait().await;
     cache.drain().await;
     served.context("serving gRPC")
+}
+
+/// How often credential upkeep runs when nothing in the cluster changes: often enough that a
+/// refresh due at half-life (30 minutes into a 1 h session) is never late by much.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps the credential cache in step with the cluster: prefetch for pods that appear,
+/// refresh at half-life, drop keys no pod needs. Runs after every cluster change (so a new
+/// pod's credentials are fetched before it asks) and every [`MAINTENANCE_INTERVAL`].
+async fn maintain_credentials(
+    service: PodiamService,
+    cluster: Arc<Cluster>,
+    cache: Arc<CredentialCache>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = cluster.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+        }
+        changes.mark_unchanged();
+        if cluster.synced() {
+            cache.maintain(&service.needed_keys()).await;
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! the pods' business, logged at debug; credentials issued get one audit line each, never the
 //! secret.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -175,14 +175,7 @@ impl PodiamService {
                 actual: role.name,
             });
         }
-        let key = CacheKey {
-            role_arn: role.arn.clone(),
-            external_id: pod.external_id.clone(),
-            session_name: pod
-                .session_name
-                .clone()
-                .unwrap_or_else(|| self.settings.default_session_name.clone()),
-        };
+        let key = self.cache_key(&pod, &role);
         let issued = self.cache.get(key.clone()).await?;
         tracing::info!(
             target: "podiam::audit",
@@ -241,6 +234,28 @@ impl PodiamService {
             }
         }
         state
+    }
+
+    /// The credential keys the live, permitted pods need now (for prefetch and upkeep).
+    pub fn needed_keys(&self) -> HashSet<CacheKey> {
+        let pods = self.cluster.pods().on_node("");
+        pods.into_iter()
+            .filter_map(|pod| {
+                let Decision { pod, role } = self.decide_pod(pod).ok()?;
+                Some(self.cache_key(&pod, &role))
+            })
+            .collect()
+    }
+
+    fn cache_key(&self, pod: &PodRecord, role: &Role) -> CacheKey {
+        CacheKey {
+            role_arn: role.arn.clone(),
+            external_id: pod.external_id.clone(),
+            session_name: pod
+                .session_name
+                .clone()
+                .unwrap_or_else(|| self.settings.default_session_name.clone()),
+        }
     }
 
     /// The current states of the pods on `node`, by UID.

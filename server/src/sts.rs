@@ -6,10 +6,15 @@
 //! - [`CredentialCache`] keys credentials by (role ARN, external ID, session name). Concurrent
 //!   misses on one key collapse into one STS call, and that call runs in a task of its own:
 //!   a caller that gives up (its pod hung up) never cancels the call the other callers are
-//!   waiting for. Credentials are served only while they have at least `min_remaining` left;
-//!   after that the next caller refreshes them.
+//!   waiting for (kiam failed them all). Credentials are served while they have at least
+//!   `min_remaining` left; [`CredentialCache::maintain`] refreshes them in the background at
+//!   half-life, prefetches keys that live pods need, and drops keys no pod needs.
+//! - Failures: a refusal (AccessDenied…) is passed on and remembered briefly, so a denied pod
+//!   cannot hammer STS; an outage or throttling backs off exponentially with jitter while
+//!   still-valid credentials keep being served, and recovery needs nothing but time.
+//! - Time comes from a [`Clock`], so tests run an outage of minutes in microseconds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,13 +52,6 @@ impl fmt::Debug for Issued {
             .field("expiration_unix", &self.expiration_unix)
             .field("issued_unix", &self.issued_unix)
             .finish()
-    }
-}
-
-impl Issued {
-    /// Whether these credentials still have at least `min_remaining` of life at `now_unix`.
-    pub fn servable(&self, now_unix: i64, min_remaining: Duration) -> bool {
-        self.expiration_unix - now_unix >= min_remaining.as_secs() as i64
     }
 }
 
@@ -168,22 +166,128 @@ pub fn now_unix() -> i64 {
         .unwrap_or_default()
 }
 
-type Slot = Arc<AsyncMutex<Option<Issued>>>;
+/// Where the cache reads the time: milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default()
+    }
+}
+
+/// How the cache treats time and failure.
+#[derive(Clone, Debug)]
+pub struct CachePolicy {
+    /// Session length asked of STS.
+    pub session_duration: Duration,
+    /// Credentials are served while they have at least this much left.
+    pub min_remaining: Duration,
+    /// While STS is failing, credentials with at least this much left are still served
+    /// (better than nothing: SDKs will ask again soon).
+    pub outage_floor: Duration,
+    /// How long a refusal is remembered before STS is asked again.
+    pub refusal_memory: Duration,
+    /// First wait after a failed call; doubles per failure up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// STS calls made at once by prefetch and background refresh.
+    pub maintenance_concurrency: usize,
+}
+
+impl CachePolicy {
+    /// The defaults, with the given session length and served-life floor.
+    pub fn new(session_duration: Duration, min_remaining: Duration) -> CachePolicy {
+        CachePolicy {
+            session_duration,
+            min_remaining,
+            // SDKs treat credentials with under 15 minutes as expiring and ask again; five
+            // minutes still lets a pending call finish.
+            outage_floor: Duration::from_secs(5 * 60),
+            // Long enough to absorb a crash-looping pod's retries, short enough that a fixed
+            // trust policy is picked up quickly.
+            refusal_memory: Duration::from_secs(30),
+            // client-go's and the AWS SDKs' retry bases are of this order; STS throttling
+            // recovers within seconds to a minute.
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            // STS's default AssumeRole rate is far higher; this only bounds a burst of
+            // prefetches when many roles appear at once.
+            maintenance_concurrency: 8,
+        }
+    }
+}
+
+/// What the cache knows about one key.
+#[derive(Debug, Default)]
+struct Entry {
+    current: Option<Issued>,
+    /// A remembered refusal and when to ask again (ms).
+    refused: Option<(StsError, i64)>,
+    failures: u32,
+    /// No call before this time (ms) after a failure.
+    retry_at_ms: i64,
+    last_error: Option<StsError>,
+}
+
+impl Entry {
+    fn servable(&self, now_ms: i64, floor: Duration) -> Option<&Issued> {
+        self.current
+            .as_ref()
+            .filter(|c| c.expiration_unix * 1000 - now_ms >= floor.as_millis() as i64)
+    }
+
+    /// Whether the credentials are past half their life (or there are none).
+    fn refresh_due(&self, now_ms: i64) -> bool {
+        match &self.current {
+            None => true,
+            Some(c) => {
+                let half = (c.issued_unix + (c.expiration_unix - c.issued_unix) / 2) * 1000;
+                now_ms >= half
+            }
+        }
+    }
+
+    fn blocked(&self, now_ms: i64) -> bool {
+        self.refused
+            .as_ref()
+            .is_some_and(|(_, until)| now_ms < *until)
+            || now_ms < self.retry_at_ms
+    }
+}
+
+type Slot = Arc<AsyncMutex<Entry>>;
 
 /// Credentials per (role, external ID, session name), fetched once however many ask.
 pub struct CredentialCache {
     sts: Arc<dyn AssumeRole>,
+    clock: Arc<dyn Clock>,
+    policy: CachePolicy,
     slots: Mutex<HashMap<CacheKey, Slot>>,
     tasks: TaskTracker,
-    session_duration: Duration,
-    min_remaining: Duration,
+    calls: StsCallCounters,
+}
+
+/// STS calls made, by outcome (exported as `podiam_server_sts_calls_total`).
+#[derive(Clone, Debug, Default)]
+pub struct StsCallCounters {
+    pub ok: prometheus_client::metrics::counter::Counter,
+    pub refused: prometheus_client::metrics::counter::Counter,
+    pub unavailable: prometheus_client::metrics::counter::Counter,
 }
 
 impl fmt::Debug for CredentialCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CredentialCache")
-            .field("session_duration", &self.session_duration)
-            .field("min_remaining", &self.min_remaining)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -191,46 +295,158 @@ impl fmt::Debug for CredentialCache {
 impl CredentialCache {
     pub fn new(
         sts: Arc<dyn AssumeRole>,
-        session_duration: Duration,
-        min_remaining: Duration,
+        clock: Arc<dyn Clock>,
+        policy: CachePolicy,
+        calls: StsCallCounters,
     ) -> Self {
         CredentialCache {
             sts,
+            clock,
+            policy,
             slots: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
-            session_duration,
-            min_remaining,
+            calls,
         }
     }
 
-    /// Credentials for `key` with at least `min_remaining` left, from the cache or from STS.
+    fn slot(&self, key: &CacheKey) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(key.clone()).or_default())
+    }
+
+    /// Credentials for `key` with at least `min_remaining` left: from the cache, from STS,
+    /// or — while STS is failing — the still-valid ones we have.
     pub async fn get(&self, key: CacheKey) -> Result<Issued, StsError> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(slots.entry(key.clone()).or_default())
-        };
-        let mut guard = slot.lock_owned().await;
-        if let Some(issued) = guard.as_ref()
-            && issued.servable(now_unix(), self.min_remaining)
-        {
+        let entry = self.slot(&key).lock_owned().await;
+        let now = self.clock.now_ms();
+        if let Some(issued) = entry.servable(now, self.policy.min_remaining) {
             return Ok(issued.clone());
         }
+        if let Some((refusal, until)) = &entry.refused
+            && now < *until
+        {
+            return Err(refusal.clone());
+        }
+        if now < entry.retry_at_ms {
+            return self.fallback(&entry, now);
+        }
+        self.call(key, entry).await
+    }
+
+    /// What a failed or backed-off key can still serve.
+    fn fallback(&self, entry: &Entry, now_ms: i64) -> Result<Issued, StsError> {
+        if let Some(issued) = entry.servable(now_ms, self.policy.outage_floor) {
+            return Ok(issued.clone());
+        }
+        Err(entry
+            .last_error
+            .clone()
+            .unwrap_or_else(|| StsError::Unavailable("STS is backing off after failures".into())))
+    }
+
+    /// Calls STS for `key` in a detached task holding the entry's lock, records the outcome.
+    async fn call(
+        &self,
+        key: CacheKey,
+        mut entry: tokio::sync::OwnedMutexGuard<Entry>,
+    ) -> Result<Issued, StsError> {
         let sts = Arc::clone(&self.sts);
+        let clock = Arc::clone(&self.clock);
+        let policy = self.policy.clone();
+        let calls = self.calls.clone();
         let request = AssumeRequest {
             key,
-            duration: self.session_duration,
+            duration: policy.session_duration,
         };
-        // The call and the store run detached, holding the slot's lock, so a caller that is
-        // dropped mid-call neither cancels it nor lets a second call start.
-        let call = self.tasks.spawn(async move {
+        let handle = self.tasks.spawn(async move {
             let result = sts.assume_role(request).await;
-            if let Ok(issued) = &result {
-                *guard = Some(issued.clone());
+            let now = clock.now_ms();
+            match result {
+                Ok(issued) => {
+                    calls.ok.inc();
+                    *entry = Entry {
+                        current: Some(issued.clone()),
+                        ..Entry::default()
+                    };
+                    Ok(issued)
+                }
+                Err(refusal @ StsError::Refused { .. }) => {
+                    calls.refused.inc();
+                    // The role's trust no longer lets us in: stop serving what we had.
+                    entry.current = None;
+                    entry.refused = Some((
+                        refusal.clone(),
+                        now + policy.refusal_memory.as_millis() as i64,
+                    ));
+                    Err(refusal)
+                }
+                Err(error @ StsError::Unavailable(_)) => {
+                    calls.unavailable.inc();
+                    entry.failures = entry.failures.saturating_add(1);
+                    entry.retry_at_ms = now + backoff(&policy, entry.failures).as_millis() as i64;
+                    entry.last_error = Some(error.clone());
+                    match entry.servable(now, policy.outage_floor) {
+                        Some(issued) => Ok(issued.clone()),
+                        None => Err(error),
+                    }
+                }
             }
-            result
         });
-        call.await
+        handle
+            .await
             .unwrap_or_else(|e| Err(StsError::Unavailable(format!("STS call task failed: {e}"))))
+    }
+
+    /// Background upkeep, given the keys live pods need now: drops every other key,
+    /// prefetches needed keys not yet fetched, and refreshes credentials past half their
+    /// life — at most `maintenance_concurrency` calls at once, none for keys in backoff or
+    /// with a remembered refusal, none for keys a request is already fetching.
+    pub async fn maintain(&self, needed: &HashSet<CacheKey>) {
+        let due: Vec<(CacheKey, Slot)> = {
+            let now = self.clock.now_ms();
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            // Keep what a request is using, and failure memory until it runs out: dropping it
+            // would let the next request call STS at once.
+            slots.retain(|key, slot| {
+                needed.contains(key) || slot.try_lock().map_or(true, |entry| entry.blocked(now))
+            });
+            for key in needed {
+                slots.entry(key.clone()).or_default();
+            }
+            slots
+                .iter()
+                .map(|(k, s)| (k.clone(), Arc::clone(s)))
+                .collect()
+        };
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.policy.maintenance_concurrency.max(1),
+        ));
+        let refreshes = due.into_iter().map(|(key, slot)| {
+            let limit = Arc::clone(&limit);
+            async move {
+                let Ok(entry) = slot.try_lock_owned() else {
+                    return; // a request is fetching it right now
+                };
+                let now = self.clock.now_ms();
+                if !entry.refresh_due(now) || entry.blocked(now) {
+                    return;
+                }
+                let Ok(_permit) = limit.acquire().await else {
+                    return;
+                };
+                let _ = self.call(key, entry).await;
+            }
+        });
+        futures::future::join_all(refreshes).await;
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits for detached STS calls to finish (at shutdown).
@@ -240,16 +456,47 @@ impl CredentialCache {
     }
 }
 
+/// The wait after the `failures`-th failure in a row: base × 2^(n-1), capped, with
+/// "equal jitter" (half fixed, half random) so agents' retries do not synchronise.
+fn backoff(policy: &CachePolicy, failures: u32) -> Duration {
+    let exp = policy
+        .backoff_base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(policy.backoff_max);
+    let half = exp / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
+    /// A clock the test moves by hand.
+    #[derive(Default)]
+    struct ManualClock(AtomicI64);
+
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl ManualClock {
+        fn advance(&self, by: Duration) {
+            self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+        }
+    }
+
+    /// An STS that issues credentials for `lifetime` from the manual clock's now, can be held
+    /// at a gate, and can be made to fail.
     struct FakeSts {
+        clock: Arc<ManualClock>,
         calls: AtomicUsize,
-        lifetime: i64,
+        lifetime: Duration,
         gate: tokio::sync::Semaphore,
-        refuse: bool,
+        down: AtomicBool,
+        refuse: AtomicBool,
     }
 
     impl AssumeRole for Arc<FakeSts> {
@@ -265,20 +512,59 @@ mod tests {
                     .acquire()
                     .await
                     .map_err(|e| StsError::Unavailable(e.to_string()))?;
-                if me.refuse {
+                if me.down.load(Ordering::SeqCst) {
+                    return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
+                }
+                if me.refuse.load(Ordering::SeqCst) {
                     return Err(StsError::Refused {
                         code: "AccessDenied".into(),
                         message: format!("not {}", request.key.role_arn),
                     });
                 }
+                let now = me.clock.now_ms() / 1000;
                 Ok(Issued {
                     access_key_id: format!("ASIA{n}"),
                     secret_access_key: "secret".into(),
                     session_token: "token".into(),
-                    expiration_unix: now_unix() + me.lifetime,
-                    issued_unix: now_unix(),
+                    expiration_unix: now + me.lifetime.as_secs() as i64,
+                    issued_unix: now,
                 })
             })
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const HALF: Duration = Duration::from_secs(1800);
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    struct Rig {
+        clock: Arc<ManualClock>,
+        sts: Arc<FakeSts>,
+        cache: Arc<CredentialCache>,
+    }
+
+    fn rig(lifetime: Duration, open: bool) -> Rig {
+        let clock = Arc::new(ManualClock(AtomicI64::new(1_800_000_000_000)));
+        let sts = Arc::new(FakeSts {
+            clock: Arc::clone(&clock),
+            calls: AtomicUsize::new(0),
+            lifetime,
+            gate: tokio::sync::Semaphore::new(if open { 100_000 } else { 0 }),
+            down: AtomicBool::new(false),
+            refuse: AtomicBool::new(false),
+        });
+        let cache = Arc::new(CredentialCache::new(
+            Arc::new(Arc::clone(&sts)),
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            CachePolicy::new(HOUR, HALF),
+            StsCallCounters::default(),
+        ));
+        Rig { clock, sts, cache }
+    }
+
+    impl Rig {
+        fn calls(&self) -> usize {
+            self.sts.calls.load(Ordering::SeqCst)
         }
     }
 
@@ -290,89 +576,165 @@ mod tests {
         }
     }
 
-    fn fake(lifetime: i64, open: bool, refuse: bool) -> Arc<FakeSts> {
-        Arc::new(FakeSts {
-            calls: AtomicUsize::new(0),
-            lifetime,
-            gate: tokio::sync::Semaphore::new(if open { 1000 } else { 0 }),
-            refuse,
-        })
-    }
-
-    const HOUR: Duration = Duration::from_secs(3600);
-    const HALF: Duration = Duration::from_secs(1800);
-
     #[tokio::test]
     async fn concurrent_misses_make_one_call_and_hits_make_none() {
-        let sts = fake(3600, false, false);
-        let cache = Arc::new(CredentialCache::new(Arc::new(Arc::clone(&sts)), HOUR, HALF));
-        let waiters: Vec<_> = (0..8)
+        let r = rig(HOUR, false);
+        let waiters: Vec<_> = (0..50)
             .map(|_| {
-                let cache = Arc::clone(&cache);
+                let cache = Arc::clone(&r.cache);
                 tokio::spawn(async move { cache.get(key("a")).await })
             })
             .collect();
-        sts.gate.add_permits(1000);
+        r.sts.gate.add_permits(100_000);
         for w in waiters {
             assert_eq!(
                 w.await.expect("joins").expect("creds").access_key_id,
                 "ASIA0"
             );
         }
-        cache.get(key("a")).await.expect("hit");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
-        cache.get(key("b")).await.expect("other key");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
+        r.cache.get(key("a")).await.expect("hit");
+        assert_eq!(r.calls(), 1);
+        r.cache.get(key("b")).await.expect("other key");
+        assert_eq!(r.calls(), 2);
+        assert_eq!(r.cache.calls.ok.get(), 2);
     }
 
     #[tokio::test]
     async fn a_cancelled_caller_does_not_fail_the_others() {
-        let sts = fake(3600, false, false);
-        let cache = Arc::new(CredentialCache::new(Arc::new(Arc::clone(&sts)), HOUR, HALF));
+        let r = rig(HOUR, false);
         let first = {
-            let cache = Arc::clone(&cache);
+            let cache = Arc::clone(&r.cache);
             tokio::spawn(async move { cache.get(key("a")).await })
         };
-        // Wait until the first caller's STS call is under way, then cancel that caller.
-        while sts.calls.load(Ordering::SeqCst) == 0 {
+        while r.calls() == 0 {
             tokio::task::yield_now().await;
         }
         let second = {
-            let cache = Arc::clone(&cache);
+            let cache = Arc::clone(&r.cache);
             tokio::spawn(async move { cache.get(key("a")).await })
         };
         first.abort();
-        sts.gate.add_permits(1000);
+        r.sts.gate.add_permits(100_000);
         let creds = second
             .await
             .expect("joins")
             .expect("the second caller gets credentials");
         assert_eq!(creds.access_key_id, "ASIA0");
-        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(r.calls(), 1);
     }
 
     #[tokio::test]
-    async fn credentials_near_expiry_are_refreshed_not_served() {
+    async fn credentials_below_the_floor_are_refreshed_not_served() {
         // STS hands out credentials that already have less than the floor left.
-        let sts = fake(600, true, false);
-        let cache = CredentialCache::new(Arc::new(Arc::clone(&sts)), HOUR, HALF);
-        cache.get(key("a")).await.expect("first");
-        cache.get(key("a")).await.expect("second");
-        assert_eq!(
-            sts.calls.load(Ordering::SeqCst),
-            2,
-            "stale credentials are never reused"
-        );
+        let r = rig(Duration::from_secs(600), true);
+        r.cache.get(key("a")).await.expect("first");
+        r.cache.get(key("a")).await.expect("second");
+        assert_eq!(r.calls(), 2, "stale credentials are never reused");
     }
 
     #[tokio::test]
-    async fn refusals_pass_through() {
-        let sts = fake(3600, true, true);
-        let cache = CredentialCache::new(Arc::new(Arc::clone(&sts)), HOUR, HALF);
-        assert!(matches!(
-            cache.get(key("a")).await,
-            Err(StsError::Refused { .. })
-        ));
+    async fn maintenance_prefetches_refreshes_at_half_life_and_drops_unneeded_keys() {
+        let r = rig(HOUR, true);
+        let needed: HashSet<CacheKey> = [key("a"), key("b")].into();
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 2, "both keys prefetched");
+        r.cache.get(key("a")).await.expect("hit");
+        assert_eq!(r.calls(), 2, "a prefetched key is a hit");
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 2, "nothing due yet");
+        r.clock.advance(31 * MINUTE);
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 4, "past half-life: refreshed in the background");
+        let creds = r.cache.get(key("a")).await.expect("hit");
+        assert!(
+            creds.expiration_unix * 1000 - r.clock.now_ms() > 55 * 60 * 1000,
+            "fresh credentials served"
+        );
+        r.cache.maintain(&[key("a")].into()).await;
+        assert_eq!(r.cache.len(), 1, "b is no longer needed");
+    }
+
+    #[tokio::test]
+    async fn a_five_minute_sts_outage_is_absorbed_and_recovers_by_itself() {
+        let r = rig(HOUR, true);
+        r.cache.maintain(&[key("cached")].into()).await;
+        // A new pod with a new role appears just as STS goes down.
+        let needed: HashSet<CacheKey> = [key("cached"), key("new-pod-role")].into();
+        r.clock.advance(31 * MINUTE); // past half-life: refreshes will be attempted
+        r.sts.down.store(true, Ordering::SeqCst);
+        let calls_at_start = r.calls();
+        // Five minutes of outage, in ten-second steps of maintenance and pod requests.
+        for _ in 0..30 {
+            r.cache.maintain(&needed).await;
+            let cached = r.cache.get(key("cached")).await;
+            assert!(
+                cached.is_ok(),
+                "a pod with cached credentials keeps getting them: {cached:?}"
+            );
+            let fresh = r.cache.get(key("new-pod-role")).await;
+            assert!(
+                matches!(&fresh, Err(StsError::Unavailable(m)) if m.contains("Throttling")),
+                "a new role gets a clear STS-unavailable answer: {fresh:?}"
+            );
+            r.clock.advance(Duration::from_secs(10));
+        }
+        // Without backoff: two keys, a maintenance pass and a request every 10 s → 120 calls.
+        // With it (waits 0.5-1 s doubling to a 30-60 s cap, polled every 10 s) at most 15 per key.
+        let during = r.calls() - calls_at_start;
+        assert!(
+            during <= 30,
+            "backoff keeps STS from being hammered: {during} calls in 5 minutes"
+        );
+        r.sts.down.store(false, Ordering::SeqCst);
+        // Recovery: within one maximum backoff, maintenance and requests succeed again.
+        r.clock.advance(CachePolicy::new(HOUR, HALF).backoff_max);
+        r.cache.maintain(&needed).await;
+        let creds = r
+            .cache
+            .get(key("cached"))
+            .await
+            .expect("refreshed after recovery");
+        assert!(creds.expiration_unix * 1000 - r.clock.now_ms() > 55 * 60 * 1000);
+        r.cache
+            .get(key("new-pod-role"))
+            .await
+            .expect("the new role works after recovery");
+    }
+
+    #[tokio::test]
+    async fn refusals_pass_through_and_are_remembered_briefly() {
+        let r = rig(HOUR, true);
+        r.sts.refuse.store(true, Ordering::SeqCst);
+        for _ in 0..10 {
+            assert!(matches!(
+                r.cache.get(key("a")).await,
+                Err(StsError::Refused { .. })
+            ));
+        }
+        assert_eq!(r.calls(), 1, "a denied pod cannot hammer STS");
+        r.sts.refuse.store(false, Ordering::SeqCst);
+        r.clock.advance(Duration::from_secs(31));
+        r.cache
+            .get(key("a"))
+            .await
+            .expect("asked again after the memory");
+        assert_eq!(r.calls(), 2);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let policy = CachePolicy::new(HOUR, HALF);
+        for failures in 1..20 {
+            let cap = policy
+                .backoff_base
+                .saturating_mul(1u32 << (failures - 1).min(16))
+                .min(policy.backoff_max);
+            let wait = backoff(&policy, failures);
+            assert!(
+                wait >= cap / 2 && wait <= cap,
+                "{failures}: {wait:?} vs {cap:?}"
+            );
+        }
     }
 
     #[test]

@@ -218,6 +218,7 @@ pub struct World {
     kubeconfig: PathBuf,
     certs: podiam_certs::WrittenFiles,
     server_addr: SocketAddr,
+    server_health: SocketAddr,
     agent_args: Vec<String>,
     iptables_bin: String,
 }
@@ -262,7 +263,7 @@ impl World {
             );
         }
 
-        let (server, server_addr) = start_server(&certs, &kubeconfig, &moto).await?;
+        let (server, server_addr, server_health) = start_server(&certs, &kubeconfig, &moto).await?;
         let agent_bridge = Bridge::start(node.name(), 0, server_addr)?;
         let mut world = World {
             agent: None,
@@ -277,6 +278,7 @@ impl World {
             kubeconfig,
             certs,
             server_addr,
+            server_health,
             agent_args: config.agent_args.clone(),
             iptables_bin: config
                 .iptables_bin
@@ -567,6 +569,40 @@ print(remaining)
         self.register_pod(pod).await
     }
 
+    /// A gRPC client of the server with the agent's certificate (a test acting as an agent).
+    pub async fn server_client(
+        &self,
+    ) -> anyhow::Result<podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>>
+    {
+        let material = podiam_proto::tls::TlsFiles {
+            ca: self.certs.ca_cert.clone(),
+            cert: self.certs.agent_cert.clone(),
+            key: self.certs.agent_key.clone(),
+        }
+        .load()?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", self.server_addr))?
+                .tls_config(material.client_config("localhost"))?
+                .connect()
+                .await?;
+        Ok(podiam_proto::v1::podiam_client::PodiamClient::new(channel))
+    }
+
+    /// The server's `/metrics` text.
+    pub async fn server_metrics(&self) -> anyhow::Result<String> {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{}/metrics", self.server_health).parse()?;
+        let response = client.get(uri).await?;
+        if !response.status().is_success() {
+            bail!("/metrics answered {}", response.status());
+        }
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// The server's whole log so far.
     pub fn server_log_text(&self) -> String {
         std::fs::read_to_string(self.server.log_path()).unwrap_or_default()
@@ -741,15 +777,17 @@ async fn start_server(
     certs: &podiam_certs::WrittenFiles,
     kubeconfig: &Path,
     moto: &Moto,
-) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let program = binary("podiam-server")?;
     let mut last_error = None;
     // The free port may be taken before the server binds it: try a few.
     for _ in 0..4 {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let mut command = tokio::process::Command::new(&program);
         command
             .args(["--listen", &addr.to_string()])
+            .args(["--health-listen", &health.to_string()])
             .args(["--tls-ca", path_str(&certs.ca_cert)?])
             .args(["--tls-cert", path_str(&certs.server_cert)?])
             .args(["--tls-key", path_str(&certs.server_key)?])
@@ -773,7 +811,7 @@ async fn start_server(
         })
         .await;
         match synced {
-            Ok(()) => return Ok((server, addr)),
+            Ok(()) => return Ok((server, addr, health)),
             Err(error) => {
                 let exited = server.try_status()?.is_some();
                 last_error = Some(anyhow::anyhow!(

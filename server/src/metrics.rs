@@ -1,0 +1,132 @@
+//! The server's Prometheus metrics and its health endpoints, on the health listener only
+//! (`--health-listen`): `/live`, `/ready` (the pod and namespace caches have synced) and
+//! `/metrics`. Every metric is prefixed `podiam_server_`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::sts::StsCallCounters;
+use crate::watch::Cluster;
+
+/// Labels of an STS call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StsLabels {
+    result: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// STS AssumeRole calls by outcome (ok, refused, unavailable).
+    pub sts_calls: StsCallCounters,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let family = Family::<StsLabels, prometheus_client::metrics::counter::Counter>::default();
+        // The counters the cache increments are the family's members. Each guard returned by
+        // get_or_create must be dropped before the next call (they share one lock).
+        let ok = family.get_or_create(&StsLabels { result: "ok" }).clone();
+        let refused = family
+            .get_or_create(&StsLabels { result: "refused" })
+            .clone();
+        let unavailable = family
+            .get_or_create(&StsLabels {
+                result: "unavailable",
+            })
+            .clone();
+        let sts_calls = StsCallCounters {
+            ok,
+            refused,
+            unavailable,
+        };
+        let mut registry = Registry::with_prefix("podiam_server");
+        registry.register(
+            "sts_calls",
+            "STS AssumeRole calls, by result (ok, refused, unavailable)",
+            family,
+        );
+        Metrics {
+            sts_calls,
+            registry,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The health listener's answers.
+pub fn health(cluster: &Cluster, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain";
+    match path {
+        "/live" => text(StatusCode::OK, "ok\n", PLAIN),
+        "/ready" if cluster.synced() => text(StatusCode::OK, "ready\n", PLAIN),
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: caches not synced\n",
+            PLAIN,
+        ),
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sts_calls_are_exported_by_result() {
+        let metrics = Metrics::new();
+        metrics.sts_calls.ok.inc();
+        metrics.sts_calls.ok.inc();
+        metrics.sts_calls.unavailable.inc();
+        let text = metrics.encode();
+        assert!(
+            text.contains("podiam_server_sts_calls_total{result=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_server_sts_calls_total{result=\"unavailable\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_server_sts_calls_total{result=\"refused\"} 0"),
+            "{text}"
+        );
+    }
+}
