@@ -132,6 +132,14 @@ impl PodIndex {
         }
     }
 
+    /// The live pod `namespace/name`, if any (a scan: for operators' questions only).
+    pub fn by_name(&self, namespace: &str, name: &str) -> Option<Arc<PodRecord>> {
+        self.by_uid
+            .values()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .cloned()
+    }
+
     /// The live pods scheduled on `node`; every live pod when `node` is empty.
     pub fn on_node(&self, node: &str) -> Vec<Arc<PodRecord>> {
         if node.is_empty() {

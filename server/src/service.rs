@@ -15,12 +15,13 @@ use podiam_proto::v1::{
     GetPodRoleResponse, HealthRequest, HealthResponse, NodeEvent, PodRef, PodState,
     WatchNodeRequest, node_event, podiam_server::Podiam,
 };
+use podiam_proto::v1::{ExplainRequest, ExplainResponse, explain_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::index::{Lookup, PodRecord};
-use crate::policy::{self, Role, Verdict};
+use crate::policy::{self, Permitted, Role, Verdict};
 use crate::sts::{CacheKey, CredentialCache, StsError};
 use crate::watch::Cluster;
 
@@ -33,6 +34,10 @@ pub enum Refusal {
     NotReady,
     #[error("no pod known with IP {0}")]
     UnknownPod(String),
+    #[error(
+        "pod {0} is not a live pod with an IP (not found, not yet scheduled, finished, or on the host network)"
+    )]
+    NotLive(String),
     #[error("IP {ip} is claimed by several live pods ({}); refusing all", pods.join(", "))]
     AmbiguousPod { ip: String, pods: Vec<String> },
     #[error("pod {0} has no {role} annotation", role = policy::ROLE_ANNOTATION)]
@@ -64,7 +69,7 @@ impl Refusal {
         let reason = match self {
             Refusal::BadIp(_) => return Status::invalid_argument(self.to_string()),
             Refusal::NotReady => Reason::NotReady,
-            Refusal::UnknownPod(_) => Reason::UnknownPod,
+            Refusal::UnknownPod(_) | Refusal::NotLive(_) => Reason::UnknownPod,
             Refusal::AmbiguousPod { .. } => Reason::AmbiguousPod,
             Refusal::NoRole(_) => Reason::NoRole,
             Refusal::InvalidRole { .. } => Reason::InvalidRole,
@@ -236,6 +241,79 @@ impl PodiamService {
         state
     }
 
+    /// Explains the decision for an IP or a named pod.
+    pub fn explain(&self, request: ExplainRequest) -> Result<ExplainResponse, Status> {
+        let mut answer = ExplainResponse::default();
+        let pod = match request.target {
+            Some(explain_request::Target::Ip(ip)) => {
+                let parsed = ip
+                    .parse::<IpAddr>()
+                    .map_err(|_| Refusal::BadIp(ip.clone()).status())?
+                    .to_string();
+                answer.ip = parsed.clone();
+                let lookup = self.cluster.pods().lookup(&parsed);
+                match lookup {
+                    Lookup::Found(pod) => pod,
+                    Lookup::Unknown => {
+                        return Ok(refused(answer, &Refusal::UnknownPod(parsed)));
+                    }
+                    Lookup::Ambiguous(pods) => {
+                        answer.pods = pods
+                            .iter()
+                            .map(|p| {
+                                let (namespace, name) = p.split_once('/').unwrap_or(("", p));
+                                PodRef {
+                                    namespace: namespace.into(),
+                                    name: name.into(),
+                                    uid: String::new(),
+                                }
+                            })
+                            .collect();
+                        return Ok(refused(answer, &Refusal::AmbiguousPod { ip: parsed, pods }));
+                    }
+                }
+            }
+            Some(explain_request::Target::Pod(target)) => {
+                let found = self.cluster.pods().by_name(&target.namespace, &target.name);
+                match found {
+                    Some(pod) => pod,
+                    None => {
+                        let name = format!("{}/{}", target.namespace, target.name);
+                        answer.namespace = target.namespace;
+                        return Ok(refused(answer, &Refusal::NotLive(name)));
+                    }
+                }
+            }
+            None => return Err(Status::invalid_argument("explain needs an ip or a pod")),
+        };
+        answer.pods = vec![pod_ref(&pod)];
+        answer.ip = pod.ip.clone().unwrap_or_default();
+        answer.namespace = pod.namespace.clone();
+        answer.role_annotation = pod.role.clone().unwrap_or_default();
+        answer.permitted_regex = match &*self.cluster.namespaces().rule(&pod.namespace) {
+            Permitted::Nothing => String::new(),
+            Permitted::Invalid { source, .. } | Permitted::Regex { source, .. } => source.clone(),
+        };
+        // A named pod whose IP another live pod claims is refused like its IP would be.
+        if let Lookup::Ambiguous(pods) = self.cluster.pods().lookup(&answer.ip) {
+            let ip = answer.ip.clone();
+            return Ok(refused(answer, &Refusal::AmbiguousPod { ip, pods }));
+        }
+        match self.decide_pod(pod) {
+            Ok(Decision { role, .. }) => {
+                answer.role_arn = role.arn;
+                answer.allowed = true;
+                Ok(answer)
+            }
+            Err(refusal) => {
+                if let Refusal::NotPermitted { role, .. } = &refusal {
+                    answer.role_arn = role.clone();
+                }
+                Ok(refused(answer, &refusal))
+            }
+        }
+    }
+
     /// The credential keys the live, permitted pods need now (for prefetch and upkeep).
     pub fn needed_keys(&self) -> HashSet<CacheKey> {
         let pods = self.cluster.pods().on_node("");
@@ -292,6 +370,17 @@ async fn send_changes(
 
 /// How many node events may wait for a slow agent before the stream's task waits too.
 const NODE_STREAM_BUFFER: usize = 256;
+
+/// An explanation that ends in a refusal.
+fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
+    let status = refusal.status();
+    answer.allowed = false;
+    answer.reason = Reason::of(&status)
+        .map(|r| r.as_str().to_string())
+        .unwrap_or_default();
+    answer.message = status.message().to_string();
+    answer
+}
 
 fn pod_ref(pod: &PodRecord) -> PodRef {
     PodRef {
@@ -380,6 +469,13 @@ impl Podiam for PodiamService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        PodiamService::explain(self, request.into_inner()).map(Response::new)
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

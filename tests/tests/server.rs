@@ -123,3 +123,146 @@ async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collaps
         "one more AssumeRole for the new role"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_says_why_for_each_kind_of_decision() {
+    use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request::Target};
+    let world = World::start(
+        WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .namespace("team-bad", Some("app-("))
+            .namespace("team-none", None),
+    )
+    .await
+    .expect("world starts");
+    let client = world.kube_client();
+    let pods: &[(&str, &str, Option<&str>, usize)] = &[
+        ("team-a", "allowed", Some("app-reader"), 1),
+        ("team-a", "plain", None, 2),
+        ("team-a", "greedy", Some("admin"), 3),
+        ("team-bad", "broken", Some("app-reader"), 4),
+        ("team-none", "lonely", Some("app-reader"), 5),
+        ("team-a", "twin-1", Some("app-reader"), 6),
+        ("team-a", "twin-2", Some("app-reader"), 6),
+    ];
+    for (namespace, name, role, n) in pods {
+        let spec = PodSpec {
+            name: (*name).into(),
+            namespace: (*namespace).into(),
+            role: role.map(Into::into),
+            registered: true,
+        };
+        create_pod(&client, &spec, ip(1000 + n))
+            .await
+            .expect("pod created");
+    }
+    let server = world.server_client().await.expect("client");
+    let explain = |target: Target| {
+        let mut server = server.clone();
+        async move {
+            server
+                .explain(ExplainRequest {
+                    target: Some(target),
+                })
+                .await
+                .expect("explains")
+                .into_inner()
+        }
+    };
+    let by_ip = |n: usize| Target::Ip(ip(1000 + n).to_string());
+    // Wait until the server has seen every pod (the last one makes the twins' IP ambiguous).
+    wait_until(
+        Duration::from_secs(10),
+        "the server to see all pods",
+        || async {
+            explain(by_ip(6)).await.pods.len() == 2 && explain(by_ip(5)).await.pods.len() == 1
+        },
+    )
+    .await
+    .expect("synced");
+
+    let check = |answer: ExplainResponse, allowed: bool, reason: &str, words: &[&str]| {
+        assert_eq!(answer.allowed, allowed, "{answer:?}");
+        assert_eq!(answer.reason, reason, "{answer:?}");
+        for word in words {
+            assert!(
+                answer.message.contains(word) || answer.permitted_regex.contains(word),
+                "{word:?} in {answer:?}"
+            );
+        }
+        answer
+    };
+    let allowed = check(explain(by_ip(1)).await, true, "", &[]);
+    assert_eq!(
+        allowed.role_arn,
+        "arn:aws:iam::123456789012:role/app-reader"
+    );
+    assert_eq!(
+        (allowed.namespace.as_str(), allowed.permitted_regex.as_str()),
+        ("team-a", "app-.*")
+    );
+    assert_eq!(allowed.pods[0].name, "allowed");
+    // The same by name.
+    let named = explain(Target::Pod(PodRef {
+        namespace: "team-a".into(),
+        name: "allowed".into(),
+        uid: String::new(),
+    }))
+    .await;
+    assert!(named.allowed, "{named:?}");
+
+    check(
+        explain(by_ip(2)).await,
+        false,
+        "no-role",
+        &["iam.amazonaws.com/role"],
+    );
+    let greedy = check(
+        explain(by_ip(3)).await,
+        false,
+        "role-not-permitted",
+        &["app-.*", "does not match"],
+    );
+    assert_eq!(greedy.role_arn, "arn:aws:iam::123456789012:role/admin");
+    check(
+        explain(by_ip(4)).await,
+        false,
+        "role-not-permitted",
+        &["invalid", "app-("],
+    );
+    check(
+        explain(by_ip(5)).await,
+        false,
+        "role-not-permitted",
+        &["no iam.amazonaws.com/permitted annotation"],
+    );
+    let unknown = check(
+        explain(by_ip(999)).await,
+        false,
+        "unknown-pod",
+        &["no pod known"],
+    );
+    assert!(unknown.pods.is_empty());
+    let twins = check(
+        explain(by_ip(6)).await,
+        false,
+        "ambiguous-pod",
+        &["twin-1", "twin-2"],
+    );
+    assert_eq!(twins.pods.len(), 2);
+    // Each twin, asked by name, is refused the same way.
+    let twin = explain(Target::Pod(PodRef {
+        namespace: "team-a".into(),
+        name: "twin-1".into(),
+        uid: String::new(),
+    }))
+    .await;
+    assert_eq!(twin.reason, "ambiguous-pod", "{twin:?}");
+    let gone = explain(Target::Pod(PodRef {
+        namespace: "team-a".into(),
+        name: "nobody".into(),
+        uid: String::new(),
+    }))
+    .await;
+    assert_eq!(gone.reason, "unknown-pod", "{gone:?}");
+}
