@@ -778,6 +778,17 @@ async fn start_server(
     kubeconfig: &Path,
     moto: &Moto,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    start_server_within(certs, kubeconfig, moto, START_TIMEOUT).await
+}
+
+/// Starts `podiam-server` (gRPC and health on free loopback ports) and waits up to `within`
+/// for its first sync: the server, its gRPC address and its health address.
+pub async fn start_server_within(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    moto: &Moto,
+    within: Duration,
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let program = binary("podiam-server")?;
     let mut last_error = None;
     // The free port may be taken before the server binds it: try a few.
@@ -805,7 +816,7 @@ async fn start_server(
             key: certs.agent_key.clone(),
         }
         .load()?;
-        let synced = wait_until(START_TIMEOUT, "podiam-server to sync", || {
+        let synced = wait_until(within, "podiam-server to sync", || {
             let material = material.clone();
             async move { health_synced(addr, &material).await }
         })
