@@ -590,17 +590,7 @@ print(remaining)
 
     /// The server's `/metrics` text.
     pub async fn server_metrics(&self) -> anyhow::Result<String> {
-        use http_body_util::BodyExt;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let uri: http::Uri = format!("http://{}/metrics", self.server_health).parse()?;
-        let response = client.get(uri).await?;
-        if !response.status().is_success() {
-            bail!("/metrics answered {}", response.status());
-        }
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        http_get_text(&format!("http://{}/metrics", self.server_health)).await
     }
 
     /// The server's whole log so far.
@@ -688,6 +678,30 @@ impl std::fmt::Debug for World {
             .field("agent_running", &self.agent.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// GETs a URL from this (root) namespace — loopback only — and returns the body of a 2xx.
+pub async fn http_get_text(url: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(url.parse::<http::Uri>()?).await?;
+    if !response.status().is_success() {
+        bail!("{url} answered {}", response.status());
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of one sample in a Prometheus text exposition, named with its labels exactly
+/// as exported (`podiam_server_sts_calls_total{result="ok"}`); 0 when absent.
+pub fn metric_value(exposition: &str, sample: &str) -> u64 {
+    let prefix = format!("{sample} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn kubectl_program() -> String {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use podiam_tests::process::{wait_for, wait_until};
-use podiam_tests::world::{Boto3Mode, World, WorldConfig};
+use podiam_tests::world::{Boto3Mode, World, WorldConfig, metric_value};
 use serde_json::json;
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
@@ -29,12 +29,8 @@ fn team_a() -> WorldConfig {
 
 /// The counter `podiam_agent_requests_total{route=ROUTE,status=STATUS}` (0 when absent).
 fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
-    let key = format!("podiam_agent_requests_total{{route=\"{route}\",status=\"{status}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let sample = format!("podiam_agent_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+    metric_value(metrics, &sample)
 }
 
 fn seconds_until(expiration: &str) -> i64 {
@@ -676,12 +672,14 @@ async fn cached_credentials_are_served_without_asking_the_server() {
         .count();
     assert_eq!(issued, 1, "only the first request reached the server");
     let metrics = world.agent_metrics().await.expect("metrics");
-    assert!(
-        metrics.contains("podiam_agent_credential_cache_hits_total 5"),
+    assert_eq!(
+        metric_value(&metrics, "podiam_agent_credential_cache_hits_total"),
+        5,
         "{metrics}"
     );
-    assert!(
-        metrics.contains("podiam_agent_credential_cache_misses_total 1"),
+    assert_eq!(
+        metric_value(&metrics, "podiam_agent_credential_cache_misses_total"),
+        1,
         "{metrics}"
     );
 }

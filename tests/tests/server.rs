@@ -7,15 +7,11 @@ use std::time::Duration;
 
 use podiam_proto::v1::GetCredentialsRequest;
 use podiam_tests::process::wait_until;
-use podiam_tests::world::{PodSpec, World, WorldConfig, create_pod};
+use podiam_tests::world::{PodSpec, World, WorldConfig, create_pod, metric_value};
 
 /// `podiam_server_sts_calls_total{result="ok"}`.
 fn sts_ok(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("podiam_server_sts_calls_total{result=\"ok\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    metric_value(metrics, r#"podiam_server_sts_calls_total{result="ok"}"#)
 }
 
 fn ip(i: usize) -> Ipv4Addr {

@@ -13,7 +13,7 @@ use clap::Parser;
 use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator, namespace, pod};
 use podiam_tests::moto::Moto;
 use podiam_tests::process::scratch_dir;
-use podiam_tests::world::start_server_within;
+use podiam_tests::world::{http_get_text, metric_value, start_server_within};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -36,24 +36,12 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// STS calls the server has completed successfully (0 while it does not answer).
 async fn sts_ok(health: std::net::SocketAddr) -> u64 {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let Ok(uri) = format!("http://{health}/metrics").parse::<http::Uri>() else {
-        return 0;
-    };
-    let Ok(response) = client.get(uri).await else {
-        return 0;
-    };
-    let Ok(body) = response.into_body().collect().await else {
-        return 0;
-    };
-    String::from_utf8_lossy(&body.to_bytes())
-        .lines()
-        .find_map(|l| l.strip_prefix("podiam_server_sts_calls_total{result=\"ok\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let metrics = http_get_text(&format!("http://{health}/metrics")).await;
+    metrics.map_or(0, |m| {
+        metric_value(&m, r#"podiam_server_sts_calls_total{result="ok"}"#)
+    })
 }
 
 #[tokio::main]
