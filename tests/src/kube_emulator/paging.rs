@@ -81,37 +81,41 @@ pub struct Page<T> {
 
 /// Cuts the page that follows `after` (exclusive) from `items`, which must be sorted by
 /// key. `limit` of `None` or 0 means no limit. `list_rv` is stamped into the next token.
-pub fn paginate<T>(
-    items: Vec<((String, String), T)>,
+///
+/// `items` is consumed lazily: only the page's items are kept (the caller can pass borrowed
+/// objects and clone just those), and the items after the page are only counted when
+/// `count_rest` is set, so walking a long list page by page stays linear.
+pub fn paginate<'k, T>(
+    items: impl IntoIterator<Item = (&'k (String, String), T)>,
     after: Option<&ContinueToken>,
     limit: Option<usize>,
     list_rv: u64,
+    count_rest: bool,
 ) -> Page<T> {
-    let mut rest: Vec<((String, String), T)> = match after {
-        Some(token) => {
-            let last = (token.namespace.clone(), token.name.clone());
-            items.into_iter().filter(|(key, _)| *key > last).collect()
-        }
-        None => items,
-    };
+    let last = after.map(|token| (token.namespace.clone(), token.name.clone()));
+    let mut rest = items
+        .into_iter()
+        .filter(|(key, _)| last.as_ref().is_none_or(|last| *key > last));
     let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
-    if rest.len() <= limit {
+    let mut page: Vec<(&(String, String), T)> = rest.by_ref().take(limit).collect();
+    let Some(first_after) = rest.next() else {
         return Page {
-            items: rest.into_iter().map(|(_, item)| item).collect(),
+            items: page.into_iter().map(|(_, item)| item).collect(),
             continue_token: None,
             remaining: 0,
         };
-    }
-    let tail = rest.split_off(limit);
-    let continue_token = rest.last().map(|((namespace, name), _)| ContinueToken {
+    };
+    drop(first_after);
+    let remaining = if count_rest { 1 + rest.count() } else { 1 };
+    let continue_token = page.last().map(|((namespace, name), _)| ContinueToken {
         resource_version: list_rv,
         namespace: namespace.clone(),
         name: name.clone(),
     });
     Page {
-        items: rest.into_iter().map(|(_, item)| item).collect(),
+        items: page.drain(..).map(|(_, item)| item).collect(),
         continue_token,
-        remaining: tail.len(),
+        remaining,
     }
 }
 
@@ -151,7 +155,13 @@ mod tests {
             let mut seen = Vec::new();
             let mut token = None;
             loop {
-                let page = paginate(items(n), token.as_ref(), limit, 7);
+                let page = paginate(
+                    items(n).iter().map(|(k, v)| (k, *v)),
+                    token.as_ref(),
+                    limit,
+                    7,
+                    true,
+                );
                 sizes.push(page.items.len());
                 seen.extend(page.items.iter().copied());
                 assert_eq!(page.remaining, n - seen.len());
@@ -170,7 +180,13 @@ mod tests {
 
     #[test]
     fn limit_zero_means_unlimited() {
-        let page = paginate(items(3), None, Some(0), 1);
+        let page = paginate(
+            items(3).iter().map(|(k, v)| (k, *v)),
+            None,
+            Some(0),
+            1,
+            true,
+        );
         assert_eq!(page.items, vec![0, 1, 2]);
         assert_eq!(page.continue_token, None);
     }

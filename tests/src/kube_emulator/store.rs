@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value, json};
@@ -609,31 +610,36 @@ impl Store {
                     .into(),
             ));
         }
-        let matching: Vec<(ObjectKey, Value)> = state
-            .objects
-            .get(&kind)
-            .into_iter()
-            .flatten()
-            .filter(|((ns, _), object)| {
-                namespace.is_none_or(|n| n == ns) && options.selects(object)
-            })
-            .map(|(key, object)| (key.clone(), object.clone()))
-            .collect();
         let list_rv = options
             .continue_token
             .as_ref()
             .map_or(state.resource_version, |t| t.resource_version);
+        let start = match &options.continue_token {
+            Some(token) => Bound::Excluded((token.namespace.clone(), token.name.clone())),
+            None => Bound::Unbounded,
+        };
+        let empty = BTreeMap::new();
+        let matching = state
+            .objects
+            .get(&kind)
+            .unwrap_or(&empty)
+            .range((start, Bound::Unbounded))
+            .filter(|((ns, _), object)| {
+                namespace.is_none_or(|n| n == ns) && options.selects(object)
+            });
+        let filtered = options.label_selector.is_some() || options.field_selector.is_some();
         let page = paginate(
             matching,
             options.continue_token.as_ref(),
             options.limit,
             list_rv,
+            !filtered,
         );
-        let filtered = options.label_selector.is_some() || options.field_selector.is_some();
         let remaining_item_count =
             (page.continue_token.is_some() && !filtered).then_some(page.remaining);
+        let page_items: Vec<Value> = page.items.into_iter().cloned().collect();
         Ok(ListResult {
-            items: page.items,
+            items: page_items,
             resource_version: list_rv,
             continue_token: page.continue_token.map(|t| t.encode()),
             remaining_item_count,
