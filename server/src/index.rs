@@ -182,10 +182,17 @@ impl PodIndex {
     }
 }
 
+/// How many distinct permitted-regex values are kept compiled for reuse. Namespaces sharing
+/// a value share one compiled rule; past this many distinct values, rules no namespace uses
+/// any more are evicted, and beyond that new values are compiled without being cached.
+pub const COMPILED_RULES_LIMIT: usize = 4096;
+
 /// Namespaces' permitted rules, compiled once per annotation value.
 #[derive(Clone, Debug, Default)]
 pub struct NamespaceIndex {
     rules: HashMap<String, Arc<Permitted>>,
+    /// Compiled rules by annotation value (trimmed), at most [`COMPILED_RULES_LIMIT`].
+    compiled: HashMap<String, Arc<Permitted>>,
 }
 
 impl NamespaceIndex {
@@ -207,8 +214,35 @@ impl NamespaceIndex {
             }
         });
         if !unchanged {
-            self.rules.insert(name, Arc::new(Permitted::compile(value)));
+            let rule = self.compiled_rule(value);
+            self.rules.insert(name, rule);
         }
+    }
+
+    /// The compiled rule for an annotation value, compiling it only if no namespace's
+    /// value was the same.
+    fn compiled_rule(&mut self, value: Option<&str>) -> Arc<Permitted> {
+        let source = match value.map(str::trim) {
+            None | Some("") => return Arc::new(Permitted::Nothing),
+            Some(source) => source,
+        };
+        if let Some(rule) = self.compiled.get(source) {
+            return Arc::clone(rule);
+        }
+        let rule = Arc::new(Permitted::compile(Some(source)));
+        if self.compiled.len() >= COMPILED_RULES_LIMIT {
+            // Only the cache holds these: no namespace uses them now.
+            self.compiled.retain(|_, rule| Arc::strong_count(rule) > 1);
+        }
+        if self.compiled.len() < COMPILED_RULES_LIMIT {
+            self.compiled.insert(source.to_string(), Arc::clone(&rule));
+        }
+        rule
+    }
+
+    /// Number of distinct compiled rules held for reuse.
+    pub fn compiled_len(&self) -> usize {
+        self.compiled.len()
     }
 
     /// Forgets a namespace.
@@ -303,18 +337,47 @@ mod tests {
         assert!(index.is_empty());
     }
 
-    #[test]
-    fn namespace_rules_compile_on_change_only() {
-        let mut index = NamespaceIndex::default();
-        let ns = |value: Option<&str>| k8s_openapi::api::core::v1::Namespace {
+    fn named_ns(name: &str, value: Option<&str>) -> k8s_openapi::api::core::v1::Namespace {
+        k8s_openapi::api::core::v1::Namespace {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some("team".into()),
+                name: Some(name.into()),
                 annotations: value
                     .map(|v| [(PERMITTED_ANNOTATION.to_string(), v.to_string())].into()),
                 ..Default::default()
             },
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn namespaces_share_compiled_rules_and_the_cache_is_bounded() {
+        let mut index = NamespaceIndex::default();
+        index.apply(&named_ns("a", Some("app-.*")));
+        index.apply(&named_ns("b", Some(" app-.* ")));
+        assert!(Arc::ptr_eq(&index.rule("a"), &index.rule("b")));
+        assert_eq!(index.compiled_len(), 1);
+        // Every namespace with a regex of its own, past the limit.
+        let n = COMPILED_RULES_LIMIT + 10;
+        for i in 0..n {
+            index.apply(&named_ns(&format!("ns-{i}"), Some(&format!("role-{i}"))));
+        }
+        assert!(index.compiled_len() <= COMPILED_RULES_LIMIT);
+        let last = format!("ns-{}", n - 1);
+        assert!(
+            matches!(&*index.rule(&last), Permitted::Regex { source, .. } if *source == format!("role-{}", n - 1))
+        );
+        // Rules nobody uses any more make room again.
+        for i in 0..n {
+            index.remove(&format!("ns-{i}"));
+        }
+        index.apply(&named_ns("c", Some("fresh")));
+        assert!(index.compiled_len() <= 2, "{}", index.compiled_len());
+    }
+
+    #[test]
+    fn namespace_rules_compile_on_change_only() {
+        let mut index = NamespaceIndex::default();
+        let ns = |value: Option<&str>| named_ns("team", value);
         assert!(matches!(*index.rule("team"), Permitted::Nothing));
         index.apply(&ns(Some("app-.*")));
         let first = index.rule("team");

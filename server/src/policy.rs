@@ -22,6 +22,11 @@ pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 /// The annotation on a namespace holding the permitted-roles regex.
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 
+/// The longest permitted-roles regex accepted, in bytes.
+pub const MAX_REGEX_LEN: usize = 4096;
+/// The most memory one compiled permitted-roles regex may take, in bytes.
+pub const MAX_COMPILED_REGEX: usize = 1 << 20;
+
 /// A namespace's permitted-roles rule, compiled once per annotation value.
 #[derive(Clone, Debug)]
 pub enum Permitted {
@@ -34,13 +39,28 @@ pub enum Permitted {
 }
 
 impl Permitted {
-    /// Compiles the annotation value (or its absence) into a rule.
+    /// Compiles the annotation value (or its absence) into a rule. A regex longer than
+    /// [`MAX_REGEX_LEN`] or compiling to more than [`MAX_COMPILED_REGEX`] bytes is invalid:
+    /// one namespace's annotation must not be able to exhaust the server's memory.
     pub fn compile(annotation: Option<&str>) -> Permitted {
         let source = match annotation.map(str::trim) {
             None | Some("") => return Permitted::Nothing,
             Some(s) => s,
         };
-        match Regex::new(&format!("^(?:{source})$")) {
+        if source.len() > MAX_REGEX_LEN {
+            return Permitted::Invalid {
+                source: source.to_string(),
+                error: format!(
+                    "{} characters long; at most {MAX_REGEX_LEN} are accepted",
+                    source.len()
+                ),
+            };
+        }
+        let built = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(MAX_COMPILED_REGEX)
+            .dfa_size_limit(MAX_COMPILED_REGEX)
+            .build();
+        match built {
             Ok(regex) => Permitted::Regex {
                 source: source.to_string(),
                 regex,
@@ -333,6 +353,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn oversized_regexes_permit_nothing() {
+        let long = "a".repeat(MAX_REGEX_LEN + 1);
+        assert!(matches!(
+            Permitted::compile(Some(&long)),
+            Permitted::Invalid { error, .. } if error.contains("at most")
+        ));
+        // Short to write, huge to compile: a counted repetition of a Unicode class.
+        let explosive = r"(\w{100}){100}";
+        assert!(matches!(
+            Permitted::compile(Some(explosive)),
+            Permitted::Invalid { .. }
+        ));
     }
 
     #[test]
