@@ -5,11 +5,13 @@
 //! - [`policy`]: role resolution and the namespace's permitted regex (pure functions).
 //! - [`sts`]: the AssumeRole call and the single-flight credential cache.
 //! - [`service`]: the gRPC service agents call, and its one refusal → status mapping.
+//! - [`events`]: Kubernetes Events on refused pods, throttled.
 //! - [`metrics`]: Prometheus metrics and `/live`, `/ready` on the health listener.
 //!
 //! [`run`] wires them together; `main.rs` only parses flags, sets up logging and calls it.
 
 pub mod config;
+pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod policy;
@@ -25,6 +27,7 @@ use podiam_proto::v1::podiam_server::PodiamServer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::events::{EventLimits, Events};
 use crate::service::{PodiamService, ServiceSettings};
 use crate::sts::{CachePolicy, CredentialCache, SdkAssumeRole, SystemClock};
 use crate::watch::Cluster;
@@ -65,6 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.sts_calls.clone(),
     ));
     let cluster = Arc::new(Cluster::default());
+    let (events, event_queue) = Events::new(EventLimits::default(), metrics.events.clone());
     let service = PodiamService::new(
         Arc::clone(&cluster),
         Arc::clone(&cache),
@@ -72,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             base_arn: config.base_role_arn.clone(),
             default_session_name: config.session_name.clone(),
         },
+        Arc::new(events),
     );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -79,11 +84,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(addr = %listener.local_addr()?, "serving gRPC with mutual TLS");
 
     let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(events::deliver(
+        client.clone(),
+        std::env::var("POD_NAME").ok(),
+        event_queue,
+        metrics.events.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(watch::run(client, Arc::clone(&cluster), shutdown.clone()));
     tasks.spawn(maintain_credentials(
         service.clone(),
         Arc::clone(&cluster),
         Arc::clone(&cache),
+        metrics.duplicate_ip_pods.clone(),
         shutdown.clone(),
     ));
     {
@@ -132,6 +145,7 @@ async fn maintain_credentials(
     service: PodiamService,
     cluster: Arc<Cluster>,
     cache: Arc<CredentialCache>,
+    duplicate_ip_pods: prometheus_client::metrics::gauge::Gauge,
     shutdown: CancellationToken,
 ) {
     let mut changes = cluster.subscribe();
@@ -143,7 +157,9 @@ async fn maintain_credentials(
         }
         changes.mark_unchanged();
         if cluster.synced() {
-            cache.maintain(&service.needed_keys()).await;
+            let survey = service.survey();
+            duplicate_ip_pods.set(survey.duplicate_ip_pods as i64);
+            cache.maintain(&survey.needed).await;
         }
     }
 }

@@ -9,6 +9,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::events::EventCounters;
 use crate::sts::StsCallCounters;
 use crate::watch::Cluster;
 
@@ -18,17 +22,27 @@ struct StsLabels {
     result: &'static str,
 }
 
+/// Labels of a Kubernetes Event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    result: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
     /// STS AssumeRole calls by outcome (ok, refused, unavailable).
     pub sts_calls: StsCallCounters,
+    /// Kubernetes Events by outcome (sent, dropped, failed).
+    pub events: EventCounters,
+    /// Live pods sharing their IP with another live pod.
+    pub duplicate_ip_pods: Gauge,
     registry: Registry,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let family = Family::<StsLabels, prometheus_client::metrics::counter::Counter>::default();
+        let family = Family::<StsLabels, Counter>::default();
         // The counters the cache increments are the family's members. Each guard returned by
         // get_or_create must be dropped before the next call (they share one lock).
         let ok = family.get_or_create(&StsLabels { result: "ok" }).clone();
@@ -45,7 +59,34 @@ impl Metrics {
             refused,
             unavailable,
         };
+        let event_family = Family::<EventLabels, Counter>::default();
+        let sent = event_family
+            .get_or_create(&EventLabels { result: "sent" })
+            .clone();
+        let dropped = event_family
+            .get_or_create(&EventLabels { result: "dropped" })
+            .clone();
+        let failed = event_family
+            .get_or_create(&EventLabels { result: "failed" })
+            .clone();
+        let events = EventCounters {
+            sent,
+            dropped,
+            failed,
+        };
+        let duplicate_ip_pods = Gauge::default();
         let mut registry = Registry::with_prefix("podiam_server");
+        registry.register(
+            "events",
+            "Kubernetes Events about refused pods, by result (sent; dropped by the rate limit \
+             or a full queue; failed at the API)",
+            event_family,
+        );
+        registry.register(
+            "duplicate_ip_pods",
+            "Live pods whose IP another live pod also claims (all of them are refused)",
+            duplicate_ip_pods.clone(),
+        );
         registry.register(
             "sts_calls",
             "STS AssumeRole calls, by result (ok, refused, unavailable)",
@@ -53,6 +94,8 @@ impl Metrics {
         );
         Metrics {
             sts_calls,
+            events,
+            duplicate_ip_pods,
             registry,
         }
     }

@@ -20,9 +20,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::events::{Events, Notice};
 use crate::index::{Lookup, PodRecord};
 use crate::policy::{self, Permitted, Role, Verdict};
-use crate::sts::{CacheKey, CredentialCache, StsError};
+use crate::sts::{CacheKey, CredentialCache, KeyHealth, StsError};
 use crate::watch::Cluster;
 
 /// Every way a request is refused.
@@ -102,6 +103,16 @@ pub struct PodiamService {
     cluster: Arc<Cluster>,
     cache: Arc<CredentialCache>,
     settings: ServiceSettings,
+    events: Arc<Events>,
+}
+
+/// What credential upkeep learns from one pass over every live pod.
+#[derive(Debug, Default)]
+pub struct Survey {
+    /// The credential keys live, permitted pods need.
+    pub needed: HashSet<CacheKey>,
+    /// Live pods sharing their IP with another live pod (all of them refused).
+    pub duplicate_ip_pods: usize,
 }
 
 impl PodiamService {
@@ -109,11 +120,13 @@ impl PodiamService {
         cluster: Arc<Cluster>,
         cache: Arc<CredentialCache>,
         settings: ServiceSettings,
+        events: Arc<Events>,
     ) -> Self {
         PodiamService {
             cluster,
             cache,
             settings,
+            events,
         }
     }
 
@@ -181,7 +194,14 @@ impl PodiamService {
             });
         }
         let key = self.cache_key(&pod, &role);
-        let issued = self.cache.get(key.clone()).await?;
+        let issued = match self.cache.get(key.clone()).await {
+            Ok(issued) => issued,
+            Err(error) => {
+                let refusal = Refusal::Sts(error);
+                self.events.report(notice(&pod, &refusal));
+                return Err(refusal);
+            }
+        };
         tracing::info!(
             target: "podiam::audit",
             pod = %pod.name,
@@ -208,18 +228,21 @@ impl PodiamService {
 }
 
 impl PodiamService {
+    /// The decision for a live pod as a request from its IP would get it: refused when
+    /// another live pod claims the same IP.
+    fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
+        let ip = pod.ip.clone().unwrap_or_default();
+        let lookup = self.cluster.pods().lookup(&ip);
+        match lookup {
+            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod { ip, pods }),
+            _ => self.decide_pod(Arc::clone(pod)),
+        }
+    }
+
     /// The state the agent on `pod`'s node needs: its decision, or why it is refused.
     fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
         let ip = pod.ip.clone().unwrap_or_default();
-        // A pod sharing its IP with another live pod is refused like its IP would be.
-        let lookup = self.cluster.pods().lookup(&ip);
-        let decision = match lookup {
-            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod {
-                ip: ip.clone(),
-                pods,
-            }),
-            _ => self.decide_pod(Arc::clone(pod)),
-        };
+        let decision = self.decide_live(pod);
         let mut state = PodState {
             pod: Some(pod_ref(pod)),
             ip,
@@ -314,15 +337,65 @@ impl PodiamService {
         }
     }
 
-    /// The credential keys the live, permitted pods need now (for prefetch and upkeep).
-    pub fn needed_keys(&self) -> HashSet<CacheKey> {
+    /// One pass over every live pod: the credential keys permitted pods need (for prefetch
+    /// and upkeep), and an Event for each pod refused for a reason its owners can fix — a
+    /// role not permitted or invalid, an IP shared with another pod, STS refusing or failing
+    /// its role. Pods without a role annotation are not refused in any way worth telling.
+    pub fn survey(&self) -> Survey {
         let pods = self.cluster.pods().on_node("");
-        pods.into_iter()
-            .filter_map(|pod| {
-                let Decision { pod, role } = self.decide_pod(pod).ok()?;
-                Some(self.cache_key(&pod, &role))
-            })
-            .collect()
+        let mut survey = Survey::default();
+        let mut notices = Vec::new();
+        let mut permitted = Vec::new();
+        for pod in pods {
+            match self.decide_live(&pod) {
+                Ok(Decision { pod, role }) => {
+                    let key = self.cache_key(&pod, &role);
+                    survey.needed.insert(key.clone());
+                    permitted.push((pod, key));
+                }
+                Err(refusal) => {
+                    if matches!(refusal, Refusal::AmbiguousPod { .. }) {
+                        survey.duplicate_ip_pods += 1;
+                    }
+                    if matches!(
+                        refusal,
+                        Refusal::AmbiguousPod { .. }
+                            | Refusal::NotPermitted { .. }
+                            | Refusal::InvalidRole { .. }
+                    ) {
+                        notices.push(notice(&pod, &refusal));
+                    }
+                }
+            }
+        }
+        // A key being fetched right now keeps its pods' memory of what they were told.
+        let mut busy = HashSet::new();
+        let mut failing = HashMap::new();
+        for key in &survey.needed {
+            match self.cache.health(key) {
+                KeyHealth::Fine => {}
+                KeyHealth::Busy => {
+                    busy.insert(key);
+                }
+                KeyHealth::Failing(error) => {
+                    failing.insert(key, Refusal::Sts(error));
+                }
+            }
+        }
+        let mut keep: HashSet<&str> = HashSet::new();
+        for (pod, key) in &permitted {
+            if let Some(refusal) = failing.get(key) {
+                notices.push(notice(pod, refusal));
+            } else if busy.contains(key) {
+                keep.insert(&pod.uid);
+            }
+        }
+        keep.extend(notices.iter().map(|n| n.uid.as_str()));
+        self.events.retain(&keep);
+        for notice in notices {
+            self.events.report(notice);
+        }
+        survey
     }
 
     fn cache_key(&self, pod: &PodRecord, role: &Role) -> CacheKey {
@@ -380,6 +453,18 @@ fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
         .unwrap_or_default();
     answer.message = status.message().to_string();
     answer
+}
+
+/// The Event to tell about a refused pod.
+fn notice(pod: &PodRecord, refusal: &Refusal) -> Notice {
+    let status = refusal.status();
+    Notice {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        reason: Reason::of(&status).unwrap_or(Reason::NoRole),
+        note: status.message().to_string(),
+    }
 }
 
 fn pod_ref(pod: &PodRecord) -> PodRef {

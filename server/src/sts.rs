@@ -266,6 +266,17 @@ impl Entry {
 
 type Slot = Arc<AsyncMutex<Entry>>;
 
+/// How a key's STS calls are going.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyHealth {
+    /// Never asked, or the last call succeeded.
+    Fine,
+    /// A call is in flight.
+    Busy,
+    /// The last call failed (a refusal still remembered, or an outage).
+    Failing(StsError),
+}
+
 /// Credentials per (role, external ID, session name), fetched once however many ask.
 pub struct CredentialCache {
     sts: Arc<dyn AssumeRole>,
@@ -438,6 +449,30 @@ impl CredentialCache {
             }
         });
         futures::future::join_all(refreshes).await;
+    }
+
+    /// Whether `key`'s last STS call failed, without waiting for a call in flight.
+    pub fn health(&self, key: &CacheKey) -> KeyHealth {
+        let slot = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.get(key) {
+                Some(slot) => Arc::clone(slot),
+                None => return KeyHealth::Fine,
+            }
+        };
+        let Ok(entry) = slot.try_lock() else {
+            return KeyHealth::Busy;
+        };
+        let now = self.clock.now_ms();
+        if let Some((refusal, until)) = &entry.refused
+            && now < *until
+        {
+            return KeyHealth::Failing(refusal.clone());
+        }
+        match &entry.last_error {
+            Some(error) if entry.failures > 0 => KeyHealth::Failing(error.clone()),
+            _ => KeyHealth::Fine,
+        }
     }
 
     /// Number of keys held.

@@ -261,4 +261,105 @@ async fn explain_says_why_for_each_kind_of_decision() {
     }))
     .await;
     assert_eq!(gone.reason, "unknown-pod", "{gone:?}");
+
+    // The pods refused for a reason their owners can fix get a Warning Event (read back with
+    // the real kubectl); the pod without a role and the allowed pod get none.
+    let reasons = || async {
+        let listed = world
+            .kubectl_ok(&["get", "events.events.k8s.io", "-A", "-o", "json"])
+            .await
+            .expect("kubectl lists events");
+        let list: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+        let mut found: Vec<(String, String, String)> = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|e| {
+                assert_eq!(e["type"], "Warning", "{e}");
+                assert_eq!(e["reportingController"], "podiam-server", "{e}");
+                assert_eq!(e["regarding"]["kind"], "Pod", "{e}");
+                (
+                    e["regarding"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    e["reason"].as_str().unwrap_or_default().to_string(),
+                    e["note"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let expected = ["broken", "greedy", "lonely", "twin-1", "twin-2"];
+    wait_until(
+        Duration::from_secs(20),
+        "an event per refused pod",
+        || async { reasons().await.len() >= expected.len() },
+    )
+    .await
+    .expect("events written");
+    let found = reasons().await;
+    let names: Vec<&str> = found.iter().map(|(name, _, _)| name.as_str()).collect();
+    assert_eq!(names, expected, "{found:#?}");
+    for (name, reason, note) in &found {
+        let want = if name.starts_with("twin") {
+            "DuplicatePodIP"
+        } else {
+            "RoleNotPermitted"
+        };
+        assert_eq!(reason, want, "{name}: {note}");
+        assert!(!note.is_empty() && !note.contains('\n'), "{name}: {note:?}");
+    }
+    let metrics = world.server_metrics().await.expect("metrics");
+    assert_eq!(metric_value(&metrics, "podiam_server_duplicate_ip_pods"), 2);
+    assert_eq!(
+        metric_value(&metrics, r#"podiam_server_events_total{result="sent"}"#),
+        5,
+        "one event per refused pod, not one per upkeep pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_down_answers_unavailable_and_tells_the_pod() {
+    let world = World::start(WorldConfig::default().namespace("team-a", Some("app-.*")))
+        .await
+        .expect("world starts");
+    // STS goes away for good before any pod needs it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(world.moto().process().pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("moto killed");
+    create_pods(&world, 0, 1, "app-writer").await;
+    let mut client = world.server_client().await.expect("client");
+    let refused = client
+        .get_credentials(GetCredentialsRequest {
+            ip: ip(0).to_string(),
+            role_name: "app-writer".into(),
+            node_name: String::new(),
+        })
+        .await
+        .expect_err("no STS, no credentials");
+    assert_eq!(
+        podiam_proto::Reason::of(&refused),
+        Some(podiam_proto::Reason::StsUnavailable),
+        "{refused:?}"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "an STSUnavailable event",
+        || async {
+            world
+                .emulator()
+                .list(podiam_tests::kube_emulator::Kind::EventV1, Some("team-a"))
+                .is_ok_and(|events| {
+                    events.iter().any(|e| {
+                        e["reason"] == "STSUnavailable" && e["regarding"]["name"] == "app-writer-0"
+                    })
+                })
+        },
+    )
+    .await
+    .expect("event written");
 }
