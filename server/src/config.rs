@@ -8,12 +8,15 @@ use std::time::Duration;
 use clap::Parser;
 use podiam_proto::telemetry::{LogFormat, parse_duration};
 
-use crate::policy::valid_base_arn;
+use crate::policy::{valid_base_arn, valid_role_arn};
+use crate::session::SessionNaming;
 
 /// STS accepts role sessions from 15 minutes…
 const STS_MIN_SESSION: Duration = Duration::from_secs(15 * 60);
 /// …to 12 hours (the role's own maximum may be lower; STS then refuses the call).
 const STS_MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
+/// Sessions assumed with credentials of an assumed role (role chaining) last at most 1 hour.
+const CHAINED_MAX_SESSION: Duration = Duration::from_secs(3600);
 
 /// podiam-server: decides which pod gets which IAM role and fetches its credentials from STS.
 #[derive(Clone, Debug, Parser)]
@@ -38,12 +41,31 @@ pub struct Config {
     /// Base ARN that role names are placed under, e.g. `arn:aws:iam::123456789012:role/`.
     #[arg(long, env = "PODIAM_BASE_ROLE_ARN")]
     pub base_role_arn: Option<String>,
+    /// Find the base ARN at start from the node's instance profile (the metadata service's
+    /// iam/info): the account the server runs in. Instead of --base-role-arn.
+    #[arg(long, env = "PODIAM_BASE_ROLE_ARN_AUTODETECT")]
+    pub base_role_arn_autodetect: bool,
+    /// Metadata service asked by --base-role-arn-autodetect.
+    #[arg(
+        long,
+        env = "PODIAM_METADATA_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
+    pub metadata_endpoint: String,
+    /// A role the server assumes first; pods' roles are then assumed from its session (role
+    /// chaining; STS limits chained sessions to 1 hour).
+    #[arg(long, env = "PODIAM_ASSUME_ROLE_ARN")]
+    pub assume_role_arn: Option<String>,
     /// AWS region of the STS endpoint.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub region: String,
-    /// STS endpoint URL to use instead of the region's (a VPC endpoint, or moto in tests).
+    /// STS endpoint URL to use instead of the region's regional endpoint (a VPC endpoint, or
+    /// moto in tests). It must be reachable when the server starts.
     #[arg(long, env = "PODIAM_STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
+    /// Time limit of one STS call attempt (connect and answer); a call makes up to three.
+    #[arg(long, env = "PODIAM_STS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub sts_timeout: Duration,
     /// Length of the role sessions requested from STS.
     #[arg(long, env = "PODIAM_SESSION_DURATION", default_value = "1h", value_parser = parse_duration)]
     pub session_duration: Duration,
@@ -51,9 +73,20 @@ pub struct Config {
     /// (botocore treats credentials with under ~25 min as stale).
     #[arg(long, env = "PODIAM_MIN_REMAINING", default_value = "30m", value_parser = parse_duration)]
     pub min_remaining: Duration,
-    /// Role session name used when a pod has no iam.amazonaws.com/session-name annotation.
+    /// When credentials are refreshed in the background, counted from their issue (default:
+    /// half their life). Must leave them at least --min-remaining.
+    #[arg(long, env = "PODIAM_REFRESH_AFTER", value_parser = parse_duration)]
+    pub refresh_after: Option<Duration>,
+    /// Role session name when a pod has no iam.amazonaws.com/session-name annotation: a
+    /// literal (pods sharing a role share its session) or a template with {namespace}, {pod},
+    /// {uid} and {service-account} (one session per pod, named in CloudTrail).
     #[arg(long, env = "PODIAM_SESSION_NAME", default_value = "podiam")]
     pub session_name: String,
+    /// Tag each session with the pod's kubernetes-namespace, kubernetes-pod-name,
+    /// kubernetes-pod-uid and kubernetes-service-account (one session per pod; the role's
+    /// trust policy must allow sts:TagSession).
+    #[arg(long, env = "PODIAM_SESSION_TAGS")]
+    pub session_tags: bool,
     /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
     #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
     pub health_listen: SocketAddr,
@@ -92,15 +125,58 @@ impl Config {
         if self.listen == self.health_listen && self.listen.port() != 0 {
             problems.push("--health-listen must differ from --listen".to_string());
         }
-        let name = &self.session_name;
-        if name.len() < 2
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+        if let Err(why) = SessionNaming::new(&self.session_name, self.session_tags) {
+            problems.push(format!("--session-name {why}"));
+        }
+        if let Some(after) = self.refresh_after {
+            let floor_at = self.session_duration.saturating_sub(self.min_remaining);
+            if after >= self.session_duration {
+                problems.push(format!(
+                    "--refresh-after {}s is beyond the session length (--session-duration {}s)",
+                    after.as_secs(),
+                    self.session_duration.as_secs()
+                ));
+            } else if after > floor_at {
+                problems.push(format!(
+                    "--refresh-after {}s leaves credentials less than --min-remaining {}s: refresh at most {}s after issue",
+                    after.as_secs(),
+                    self.min_remaining.as_secs(),
+                    floor_at.as_secs()
+                ));
+            } else if after.is_zero() {
+                problems.push("--refresh-after must be more than 0s".to_string());
+            }
+        }
+        if self.base_role_arn.is_some() && self.base_role_arn_autodetect {
+            problems.push(
+                "--base-role-arn and --base-role-arn-autodetect exclude each other".to_string(),
+            );
+        }
+        if let Some(via) = &self.assume_role_arn {
+            if !valid_role_arn(via) {
+                problems.push(format!(
+                    "--assume-role-arn {via:?} is not a role ARN like arn:aws:iam::123456789012:role/NAME"
+                ));
+            }
+            if self.session_duration > CHAINED_MAX_SESSION {
+                problems.push(format!(
+                    "--session-duration {}s is longer than the 3600s STS allows for sessions assumed through --assume-role-arn",
+                    self.session_duration.as_secs()
+                ));
+            }
+        }
+        if self.sts_timeout.is_zero() || self.sts_timeout > Duration::from_secs(60) {
+            problems.push(format!(
+                "--sts-timeout {}ms is outside 1ms to 60s",
+                self.sts_timeout.as_millis()
+            ));
+        }
+        if !(self.metadata_endpoint.starts_with("http://")
+            || self.metadata_endpoint.starts_with("https://"))
         {
             problems.push(format!(
-                "--session-name {name:?} is not a valid STS session name (2-64 of [A-Za-z0-9_+=,.@-])"
+                "--metadata-endpoint {:?} is not an http(s) URL",
+                self.metadata_endpoint
             ));
         }
         if let Some(endpoint) = &self.sts_endpoint
@@ -148,9 +224,50 @@ mod tests {
             "bad name",
             "--sts-endpoint",
             "localhost:5000",
+            "--base-role-arn-autodetect",
+            "--assume-role-arn",
+            "arn:aws:iam::123456789012:user/x",
+            "--sts-timeout",
+            "0s",
+            "--metadata-endpoint",
+            "169.254.169.254",
         ]);
         let problems = config.problems();
-        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert_eq!(problems.len(), 9, "{problems:#?}");
         assert!(problems.iter().all(|p| !p.contains('\n')));
+    }
+
+    #[test]
+    fn refresh_points_and_chained_sessions_are_checked() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--refresh-after", "2h"], "beyond the session length"),
+            (&["--refresh-after", "45m"], "refresh at most 1800s"),
+            (&["--refresh-after", "0s"], "more than 0s"),
+            (
+                &[
+                    "--assume-role-arn",
+                    "arn:aws:iam::123456789012:role/hop",
+                    "--session-duration",
+                    "2h",
+                ],
+                "3600s STS allows",
+            ),
+            (&["--session-name", "{name}"], "unknown placeholder"),
+        ];
+        for (flags, want) in cases {
+            let problems = parse(flags).problems();
+            assert_eq!(problems.len(), 1, "{flags:?}: {problems:#?}");
+            assert!(problems[0].contains(want), "{flags:?}: {problems:#?}");
+        }
+        assert_eq!(
+            parse(&[
+                "--refresh-after",
+                "20m",
+                "--session-name",
+                "{namespace}.{pod}"
+            ])
+            .problems(),
+            Vec::<String>::new()
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! - [`config`]: flags and their validation.
 //! - [`watch`]: pods and namespaces from the Kubernetes API into the [`index`]es.
 //! - [`policy`]: role resolution and the namespace's permitted regex (pure functions).
+//! - [`preflight`]: start-up checks that need the network (base ARN detection, STS reachable).
+//! - [`session`]: session names and tags per pod.
 //! - [`sts`]: the AssumeRole call and the single-flight credential cache.
 //! - [`service`]: the gRPC service agents call, and its one refusal → status mapping.
 //! - [`events`]: Kubernetes Events on refused pods, throttled.
@@ -15,7 +17,9 @@ pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod policy;
+pub mod preflight;
 pub mod service;
+pub mod session;
 pub mod sts;
 pub mod watch;
 
@@ -29,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::events::{EventLimits, Events};
 use crate::service::{PodiamService, ServiceSettings};
-use crate::sts::{CachePolicy, CredentialCache, SdkAssumeRole, SystemClock};
+use crate::session::SessionNaming;
+use crate::sts::{CachePolicy, CredentialCache, SdkAssumeRole, StsOptions, SystemClock};
 use crate::watch::Cluster;
 
 /// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster/default configuration.
@@ -59,12 +64,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .load()?
     .server_config();
     let client = kube_client(&config).await?;
-    let sts = SdkAssumeRole::new(config.region.clone(), config.sts_endpoint.clone()).await;
+    let sessions = SessionNaming::new(&config.session_name, config.session_tags)
+        .map_err(|why| anyhow::anyhow!("--session-name {why}"))?;
+    let sts = SdkAssumeRole::new(StsOptions {
+        region: config.region.clone(),
+        endpoint: config.sts_endpoint.clone(),
+        via_role: config.assume_role_arn.clone(),
+        attempt_timeout: config.sts_timeout,
+    })
+    .await;
     let metrics = metrics::Metrics::new();
     let cache = Arc::new(CredentialCache::new(
         Arc::new(sts),
         Arc::new(SystemClock),
-        CachePolicy::new(config.session_duration, config.min_remaining),
+        CachePolicy {
+            refresh_after: config.refresh_after,
+            ..CachePolicy::new(config.session_duration, config.min_remaining)
+        },
         metrics.sts_calls.clone(),
     ));
     let cluster = Arc::new(Cluster::default());
@@ -74,7 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::clone(&cache),
         ServiceSettings {
             base_arn: config.base_role_arn.clone(),
-            default_session_name: config.session_name.clone(),
+            sessions,
         },
         Arc::new(events),
     );

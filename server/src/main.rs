@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     let problems = config.problems();
     if !problems.is_empty() {
         for problem in problems {
@@ -18,6 +18,13 @@ async fn main() -> ExitCode {
     }
     podiam_proto::telemetry::init(config.log_format, &config.log_level);
     podiam_proto::tls::install_crypto_provider();
+    let problems = podiam_server::preflight::preflight(&mut config).await;
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("podiam-server: {problem}");
+        }
+        return ExitCode::from(2);
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));

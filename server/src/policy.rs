@@ -108,6 +108,33 @@ pub fn valid_base_arn(base: &str) -> bool {
     base.ends_with('/') && parse_role_arn(&format!("{base}x")).is_some()
 }
 
+/// Checks a full role ARN: `arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME`.
+pub fn valid_role_arn(arn: &str) -> bool {
+    parse_role_arn(arn).is_some()
+}
+
+/// The base ARN (`arn:PARTITION:iam::ACCOUNT:role/`) of the account an instance profile
+/// (`arn:PARTITION:iam::ACCOUNT:instance-profile/[PATH/]NAME`) belongs to.
+pub fn base_arn_of_instance_profile(profile_arn: &str) -> Option<String> {
+    let rest = profile_arn.strip_prefix("arn:")?;
+    let mut parts = rest.splitn(5, ':');
+    let (partition, service, region, account, resource) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    let base = format!("arn:{partition}:iam::{account}:role/");
+    let ok = service == "iam"
+        && region.is_empty()
+        && resource
+            .strip_prefix("instance-profile/")
+            .is_some_and(valid_path_name)
+        && valid_base_arn(&base);
+    ok.then_some(base)
+}
+
 /// Splits an IAM role ARN into (account prefix up to `role/`, path/name), if it is one.
 fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
     let rest = arn.strip_prefix("arn:")?;
@@ -368,6 +395,31 @@ mod tests {
             Permitted::compile(Some(explosive)),
             Permitted::Invalid { .. }
         ));
+    }
+
+    #[test]
+    fn base_arns_come_from_instance_profiles() {
+        let cases = [
+            (
+                "arn:aws:iam::123456789012:instance-profile/nodes.k8s.local",
+                Some("arn:aws:iam::123456789012:role/"),
+            ),
+            (
+                "arn:aws-cn:iam::123456789012:instance-profile/team/nodes",
+                Some("arn:aws-cn:iam::123456789012:role/"),
+            ),
+            ("arn:aws:iam::123456789012:role/nodes", None),
+            ("arn:aws:iam::1234:instance-profile/nodes", None),
+            ("arn:aws:iam::123456789012:instance-profile/", None),
+            ("nonsense", None),
+        ];
+        for (profile, want) in cases {
+            assert_eq!(
+                base_arn_of_instance_profile(profile).as_deref(),
+                want,
+                "{profile}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 use crate::events::{Events, Notice};
 use crate::index::{Lookup, PodRecord};
 use crate::policy::{self, Permitted, Role, Verdict};
+use crate::session::SessionNaming;
 use crate::sts::{CacheKey, CredentialCache, KeyHealth, StsError};
 use crate::watch::Cluster;
 
@@ -94,7 +95,7 @@ struct Decision {
 #[derive(Clone, Debug)]
 pub struct ServiceSettings {
     pub base_arn: Option<String>,
-    pub default_session_name: String,
+    pub sessions: SessionNaming,
 }
 
 /// The podiam gRPC service.
@@ -402,10 +403,8 @@ impl PodiamService {
         CacheKey {
             role_arn: role.arn.clone(),
             external_id: pod.external_id.clone(),
-            session_name: pod
-                .session_name
-                .clone()
-                .unwrap_or_else(|| self.settings.default_session_name.clone()),
+            session_name: self.settings.sessions.name_for(pod),
+            tags: self.settings.sessions.tags_for(pod),
         }
     }
 

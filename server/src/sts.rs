@@ -29,6 +29,8 @@ pub struct CacheKey {
     pub role_arn: String,
     pub external_id: Option<String>,
     pub session_name: String,
+    /// Session tags (empty unless `--session-tags`; then each pod has its own key).
+    pub tags: Vec<(String, String)>,
 }
 
 /// Temporary credentials for one role session.
@@ -84,19 +86,55 @@ pub struct SdkAssumeRole {
     client: aws_sdk_sts::Client,
 }
 
+/// How the server reaches STS.
+#[derive(Clone, Debug)]
+pub struct StsOptions {
+    /// Region of the (regional) STS endpoint.
+    pub region: String,
+    /// Endpoint URL instead of the region's.
+    pub endpoint: Option<String>,
+    /// A role assumed first, with the server's own credentials; pods' roles are then
+    /// assumed with its credentials (role chaining; STS caps chained sessions at 1 hour).
+    pub via_role: Option<String>,
+    /// Time limit of one attempt (connect and answer); a call makes up to three.
+    pub attempt_timeout: Duration,
+}
+
+/// The session name of the server's own session on `--assume-role-arn`.
+pub const INTERMEDIATE_SESSION_NAME: &str = "podiam-server";
+
 impl SdkAssumeRole {
     /// Builds an STS client from the default credential chain (env, web identity, the node's
-    /// instance profile…) for `region`, at `endpoint` if given.
-    pub async fn new(region: String, endpoint: Option<String>) -> SdkAssumeRole {
+    /// instance profile…), through the intermediate role if one is given.
+    pub async fn new(options: StsOptions) -> SdkAssumeRole {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(options.attempt_timeout.min(Duration::from_secs(3)))
+            .operation_attempt_timeout(options.attempt_timeout)
+            .operation_timeout(options.attempt_timeout.saturating_mul(3))
+            .build();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(region));
-        if let Some(endpoint) = endpoint {
+            .region(aws_config::Region::new(options.region))
+            .timeout_config(timeouts);
+        if let Some(endpoint) = options.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
         let config = loader.load().await;
-        SdkAssumeRole {
-            client: aws_sdk_sts::Client::new(&config),
-        }
+        let client = match options.via_role {
+            None => aws_sdk_sts::Client::new(&config),
+            Some(via_role) => {
+                // The provider refreshes the intermediate session itself before it expires.
+                let provider = aws_config::sts::AssumeRoleProvider::builder(via_role)
+                    .session_name(INTERMEDIATE_SESSION_NAME)
+                    .configure(&config)
+                    .build()
+                    .await;
+                let chained = aws_sdk_sts::config::Builder::from(&config)
+                    .credentials_provider(provider)
+                    .build();
+                aws_sdk_sts::Client::from_conf(chained)
+            }
+        };
+        SdkAssumeRole { client }
     }
 }
 
@@ -120,11 +158,24 @@ impl AssumeRole for SdkAssumeRole {
         Box::pin(async move {
             use aws_sdk_sts::error::ProvideErrorMetadata;
             let duration = i32::try_from(request.duration.as_secs()).unwrap_or(i32::MAX);
+            let tags = request
+                .key
+                .tags
+                .iter()
+                .map(|(key, value)| {
+                    aws_sdk_sts::types::Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build()
+                        .map_err(|e| StsError::Unavailable(format!("building a session tag: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let result = client
                 .assume_role()
                 .role_arn(&request.key.role_arn)
                 .role_session_name(&request.key.session_name)
                 .set_external_id(request.key.external_id.clone())
+                .set_tags((!tags.is_empty()).then_some(tags))
                 .duration_seconds(duration)
                 .send()
                 .await;
@@ -191,6 +242,9 @@ pub struct CachePolicy {
     pub session_duration: Duration,
     /// Credentials are served while they have at least this much left.
     pub min_remaining: Duration,
+    /// Credentials are refreshed this long after they were issued (half their life when
+    /// unset), and in any case before they fall below `min_remaining`.
+    pub refresh_after: Option<Duration>,
     /// While STS is failing, credentials with at least this much left are still served
     /// (better than nothing: SDKs will ask again soon).
     pub outage_floor: Duration,
@@ -209,6 +263,7 @@ impl CachePolicy {
         CachePolicy {
             session_duration,
             min_remaining,
+            refresh_after: None,
             // SDKs treat credentials with under 15 minutes as expiring and ask again; five
             // minutes still lets a pending call finish.
             outage_floor: Duration::from_secs(5 * 60),
@@ -245,13 +300,19 @@ impl Entry {
             .filter(|c| c.expiration_unix * 1000 - now_ms >= floor.as_millis() as i64)
     }
 
-    /// Whether the credentials are past half their life (or there are none).
-    fn refresh_due(&self, now_ms: i64) -> bool {
+    /// Whether the credentials are due for refresh (or there are none): past the refresh
+    /// point (half their life by default), or about to fall below the served-life floor.
+    fn refresh_due(&self, now_ms: i64, policy: &CachePolicy) -> bool {
         match &self.current {
             None => true,
             Some(c) => {
-                let half = (c.issued_unix + (c.expiration_unix - c.issued_unix) / 2) * 1000;
-                now_ms >= half
+                let after_s = match policy.refresh_after {
+                    Some(after) => after.as_secs() as i64,
+                    None => (c.expiration_unix - c.issued_unix) / 2,
+                };
+                let due_s = (c.issued_unix + after_s)
+                    .min(c.expiration_unix - policy.min_remaining.as_secs() as i64);
+                now_ms >= due_s * 1000
             }
         }
     }
@@ -439,7 +500,7 @@ impl CredentialCache {
                     return; // a request is fetching it right now
                 };
                 let now = self.clock.now_ms();
-                if !entry.refresh_due(now) || entry.blocked(now) {
+                if !entry.refresh_due(now, &self.policy) || entry.blocked(now) {
                     return;
                 }
                 let Ok(_permit) = limit.acquire().await else {
@@ -579,6 +640,10 @@ mod tests {
     }
 
     fn rig(lifetime: Duration, open: bool) -> Rig {
+        rig_with(lifetime, open, CachePolicy::new(HOUR, HALF))
+    }
+
+    fn rig_with(lifetime: Duration, open: bool, policy: CachePolicy) -> Rig {
         let clock = Arc::new(ManualClock(AtomicI64::new(1_800_000_000_000)));
         let sts = Arc::new(FakeSts {
             clock: Arc::clone(&clock),
@@ -591,7 +656,7 @@ mod tests {
         let cache = Arc::new(CredentialCache::new(
             Arc::new(Arc::clone(&sts)),
             Arc::clone(&clock) as Arc<dyn Clock>,
-            CachePolicy::new(HOUR, HALF),
+            policy,
             StsCallCounters::default(),
         ));
         Rig { clock, sts, cache }
@@ -608,6 +673,7 @@ mod tests {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
             external_id: None,
             session_name: "podiam".into(),
+            tags: Vec::new(),
         }
     }
 
@@ -687,6 +753,34 @@ mod tests {
         );
         r.cache.maintain(&[key("a")].into()).await;
         assert_eq!(r.cache.len(), 1, "b is no longer needed");
+    }
+
+    #[tokio::test]
+    async fn a_configured_refresh_point_is_kept_and_never_passes_the_floor() {
+        let policy = CachePolicy {
+            refresh_after: Some(10 * MINUTE),
+            ..CachePolicy::new(HOUR, HALF)
+        };
+        let r = rig_with(HOUR, true, policy);
+        let needed: HashSet<CacheKey> = [key("a")].into();
+        r.cache.maintain(&needed).await;
+        r.clock.advance(9 * MINUTE);
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 1, "before the refresh point");
+        r.clock.advance(2 * MINUTE);
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 2, "refreshed 10 minutes after issue");
+
+        // A refresh point past the floor is pulled in to the floor.
+        let late = CachePolicy {
+            refresh_after: Some(50 * MINUTE),
+            ..CachePolicy::new(HOUR, HALF)
+        };
+        let r = rig_with(HOUR, true, late);
+        r.cache.maintain(&needed).await;
+        r.clock.advance(30 * MINUTE);
+        r.cache.maintain(&needed).await;
+        assert_eq!(r.calls(), 2, "refreshed when 30 minutes were left");
     }
 
     #[tokio::test]

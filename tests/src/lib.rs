@@ -5,6 +5,7 @@
 //! - [`netns`]: network namespaces as nodes and pods (veth pairs, addresses, routes).
 //! - [`bridge`]: loopback forwarders from inside a namespace to the root namespace.
 //! - [`moto`]: moto's STS server on a free loopback port.
+//! - [`sts_proxy`]: a recording, fault-injecting proxy between the server and moto.
 //! - [`process`]: child processes that die with their owner, with their logs kept.
 //! - [`world`]: a whole podiam installation (emulator, moto, server, node, pods, agent).
 
@@ -13,4 +14,5 @@ pub mod kube_emulator;
 pub mod moto;
 pub mod netns;
 pub mod process;
+pub mod sts_proxy;
 pub mod world;

@@ -29,6 +29,7 @@ use crate::kube_emulator::{EmulatorOptions, KubeEmulator};
 use crate::moto::Moto;
 use crate::netns::{self, HttpReply, Node, POD_INTERFACE_PATTERN, PodNet};
 use crate::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
+use crate::sts_proxy::StsProxy;
 
 /// Role names are placed under this base ARN (moto's account).
 pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
@@ -71,6 +72,10 @@ pub struct WorldConfig {
     pub start_agent: bool,
     /// Extra `podiam-agent serve` flags (e.g. `--require-token`).
     pub agent_args: Vec<String>,
+    /// Extra `podiam-server` flags (e.g. `--session-tags`).
+    pub server_args: Vec<String>,
+    /// Put a recording, fault-injecting [`StsProxy`] between the server and moto.
+    pub sts_proxy: bool,
     /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
     pub fake_node_metadata: bool,
     /// The iptables program the agent and the checks use (default `iptables`, the nft back
@@ -211,6 +216,7 @@ pub struct World {
     agent_bridge: Bridge,
     pods: BTreeMap<String, WorldPod>,
     node: Node,
+    sts_proxy: Option<StsProxy>,
     moto: Moto,
     emulator: KubeEmulator,
     client: kube::Client,
@@ -263,7 +269,22 @@ impl World {
             );
         }
 
-        let (server, server_addr, server_health) = start_server(&certs, &kubeconfig, &moto).await?;
+        let sts_proxy = if config.sts_proxy {
+            Some(StsProxy::start(moto.addr()).await?)
+        } else {
+            None
+        };
+        let sts_endpoint = sts_proxy
+            .as_ref()
+            .map_or_else(|| moto.endpoint(), StsProxy::endpoint);
+        let (server, server_addr, server_health) = start_server_within(
+            &certs,
+            &kubeconfig,
+            &sts_endpoint,
+            &config.server_args,
+            START_TIMEOUT,
+        )
+        .await?;
         let agent_bridge = Bridge::start(node.name(), 0, server_addr)?;
         let mut world = World {
             agent: None,
@@ -271,6 +292,7 @@ impl World {
             agent_bridge,
             pods,
             node,
+            sts_proxy,
             moto,
             emulator,
             client,
@@ -637,6 +659,13 @@ print(remaining)
         &self.node
     }
 
+    /// The STS proxy, when the world was started with one.
+    pub fn sts_proxy(&self) -> &StsProxy {
+        self.sts_proxy
+            .as_ref()
+            .unwrap_or_else(|| panic!("the world was started without sts_proxy"))
+    }
+
     pub fn moto(&self) -> &Moto {
         &self.moto
     }
@@ -786,21 +815,13 @@ pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> 
     Ok(())
 }
 
-/// Starts `podiam-server` on a free loopback port and waits until it has synced.
-async fn start_server(
-    certs: &podiam_certs::WrittenFiles,
-    kubeconfig: &Path,
-    moto: &Moto,
-) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
-    start_server_within(certs, kubeconfig, moto, START_TIMEOUT).await
-}
-
 /// Starts `podiam-server` (gRPC and health on free loopback ports) and waits up to `within`
 /// for its first sync: the server, its gRPC address and its health address.
 pub async fn start_server_within(
     certs: &podiam_certs::WrittenFiles,
     kubeconfig: &Path,
-    moto: &Moto,
+    sts_endpoint: &str,
+    extra_args: &[String],
     within: Duration,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let program = binary("podiam-server")?;
@@ -819,8 +840,9 @@ pub async fn start_server_within(
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--base-role-arn", BASE_ROLE_ARN])
-            .args(["--sts-endpoint", &moto.endpoint()])
+            .args(["--sts-endpoint", sts_endpoint])
             .args(["--region", "us-east-1"])
+            .args(extra_args)
             .envs(Moto::client_env())
             .env("PODIAM_LOG_LEVEL", "info,podiam_server=debug");
         let mut server = ChildGuard::spawn("podiam-server", command)?;

@@ -35,6 +35,29 @@ async fn create_pods(world: &World, from: usize, count: usize, role: &str) {
     }
 }
 
+/// Whether the server's Explain allows every pod with an IP numbered in `range`.
+async fn all_allowed(
+    client: &podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>,
+    range: std::ops::Range<usize>,
+) -> bool {
+    use podiam_proto::v1::{ExplainRequest, explain_request::Target};
+    let asks = range.map(|i| {
+        let mut client = client.clone();
+        async move {
+            client
+                .explain(ExplainRequest {
+                    target: Some(Target::Ip(ip(i).to_string())),
+                })
+                .await
+                .is_ok_and(|answer| answer.into_inner().allowed)
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .all(|ok| ok)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collapse() {
     let world = World::start(WorldConfig::default().namespace("team-a", Some("app-.*")))
@@ -51,6 +74,14 @@ async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collaps
     .await
     .expect("prefetched");
     let client = world.server_client().await.expect("client");
+    // The API has all 200 pods; wait until the server's watch has delivered them all too.
+    wait_until(
+        Duration::from_secs(20),
+        "the server to know all 200 pods",
+        || all_allowed(&client, 0..200),
+    )
+    .await
+    .expect("all pods known");
     let asks = (0..200).map(|i| {
         let mut client = client.clone();
         async move {
@@ -321,24 +352,24 @@ async fn explain_says_why_for_each_kind_of_decision() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sts_down_answers_unavailable_and_tells_the_pod() {
-    let world = World::start(WorldConfig::default().namespace("team-a", Some("app-.*")))
-        .await
-        .expect("world starts");
-    // STS goes away for good before any pod needs it.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(world.moto().process().pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("moto killed");
+async fn sts_failing_answers_unavailable_tells_the_pod_and_recovers_by_itself() {
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    // STS fails (503 at the proxy) before any pod needs it.
+    world.sts_proxy().set_failing(true);
     create_pods(&world, 0, 1, "app-writer").await;
     let mut client = world.server_client().await.expect("client");
+    let request = GetCredentialsRequest {
+        ip: ip(0).to_string(),
+        role_name: "app-writer".into(),
+        node_name: String::new(),
+    };
     let refused = client
-        .get_credentials(GetCredentialsRequest {
-            ip: ip(0).to_string(),
-            role_name: "app-writer".into(),
-            node_name: String::new(),
-        })
+        .get_credentials(request.clone())
         .await
         .expect_err("no STS, no credentials");
     assert_eq!(
@@ -362,4 +393,196 @@ async fn sts_down_answers_unavailable_and_tells_the_pod() {
     )
     .await
     .expect("event written");
+
+    // STS comes back: the pod gets its credentials without anyone doing anything.
+    world.sts_proxy().set_failing(false);
+    wait_until(
+        Duration::from_secs(90),
+        "credentials after STS recovers",
+        || {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.get_credentials(request).await.is_ok() }
+        },
+    )
+    .await
+    .expect("recovered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_are_chained_named_per_pod_and_tagged_as_configured() {
+    let hop = "arn:aws:iam::123456789012:role/podiam-hop";
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        server_args: [
+            "--assume-role-arn",
+            hop,
+            "--session-name",
+            "{namespace}.{pod}",
+            "--session-tags",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    create_pods(&world, 0, 2, "app-reader").await;
+    let proxy = world.sts_proxy();
+    wait_until(
+        Duration::from_secs(20),
+        "both pods' sessions prefetched",
+        || async {
+            proxy
+                .assume_role_calls()
+                .iter()
+                .filter(|c| c.status == 200)
+                .count()
+                >= 3
+        },
+    )
+    .await
+    .expect("prefetched");
+    let calls = proxy.assume_role_calls();
+    let (hops, apps): (Vec<_>, Vec<_>) =
+        calls.iter().partition(|c| c.param("RoleArn") == Some(hop));
+    assert_eq!(
+        hops.len(),
+        1,
+        "the intermediate session is made once: {calls:#?}"
+    );
+    let hop_call = hops[0];
+    let server_key = podiam_tests::moto::Moto::client_env()
+        .into_iter()
+        .find(|(k, _)| *k == "AWS_ACCESS_KEY_ID")
+        .map(|(_, v)| v)
+        .expect("moto's key");
+    assert_eq!(
+        hop_call.signed_by, server_key,
+        "the hop is assumed with the server's own key"
+    );
+    assert_eq!(hop_call.param("RoleSessionName"), Some("podiam-server"));
+    let hop_key = hop_call.issued_key.clone().expect("the hop's session key");
+
+    assert_eq!(apps.len(), 2, "one session per pod: {calls:#?}");
+    let mut names = Vec::new();
+    for call in &apps {
+        assert_eq!(
+            call.signed_by, hop_key,
+            "pods' roles are assumed from the hop's session"
+        );
+        assert_eq!(
+            call.param("RoleArn"),
+            Some("arn:aws:iam::123456789012:role/app-reader")
+        );
+        let name = call
+            .param("RoleSessionName")
+            .expect("session name")
+            .to_string();
+        let tags = call.tags();
+        let tag = |key: &str| {
+            tags.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(tag("kubernetes-namespace"), "team-a", "{tags:?}");
+        assert_eq!(
+            format!("team-a.{}", tag("kubernetes-pod-name")),
+            name,
+            "{tags:?}"
+        );
+        assert!(!tag("kubernetes-pod-uid").is_empty(), "{tags:?}");
+        assert_eq!(tag("kubernetes-service-account"), "default", "{tags:?}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(names, ["team-a.app-reader-0", "team-a.app-reader-1"]);
+
+    // What a pod is handed is its own session's credentials.
+    let mut client = world.server_client().await.expect("client");
+    let creds = client
+        .get_credentials(GetCredentialsRequest {
+            ip: ip(0).to_string(),
+            role_name: "app-reader".into(),
+            node_name: String::new(),
+        })
+        .await
+        .expect("credentials")
+        .into_inner()
+        .credentials
+        .expect("creds");
+    let own = apps
+        .iter()
+        .find(|c| c.param("RoleSessionName") == Some("team-a.app-reader-0"))
+        .and_then(|c| c.issued_key.clone());
+    assert_eq!(Some(creds.access_key_id), own);
+}
+
+/// `podiam-server` with `args` (plus TLS paths it does not get to read): its exit code and
+/// standard error.
+async fn server_refuses(args: &[&str]) -> (Option<i32>, String) {
+    let output =
+        tokio::process::Command::new(podiam_tests::world::binary("podiam-server").expect("built"))
+            .args([
+                "--tls-ca",
+                "/nonexistent/ca",
+                "--tls-cert",
+                "/nonexistent/c",
+                "--tls-key",
+                "/nonexistent/k",
+            ])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .await
+            .expect("runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn bad_configuration_is_refused_at_start_one_line_per_mistake() {
+    let (code, stderr) = server_refuses(&[
+        "--refresh-after",
+        "2h",
+        "--base-role-arn",
+        "arn:aws:iam::123:role",
+        "--session-duration",
+        "20m",
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    for want in [
+        "--refresh-after 7200s is beyond the session length",
+        "--base-role-arn",
+        "--min-remaining 1800s must be shorter than --session-duration 1200s",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(want)),
+            "{want:?} in {stderr}"
+        );
+    }
+
+    // Flags fine, but nothing listens at the STS endpoint.
+    let closed = podiam_tests::process::free_loopback_port().expect("port");
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let (code, stderr) =
+        server_refuses(&["--sts-endpoint", &endpoint, "--sts-timeout", "2s"]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("podiam-server:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!(
+            "the STS endpoint {endpoint} (from --sts-endpoint) is unreachable"
+        )),
+        "{stderr}"
+    );
 }

@@ -83,8 +83,14 @@ async fn main() -> anyhow::Result<()> {
 
     let moto = Moto::start().await?;
     let started = Instant::now();
-    let (server, _addr, health) =
-        start_server_within(&certs, &kubeconfig, &moto, Duration::from_secs(300)).await?;
+    let (server, _addr, health) = start_server_within(
+        &certs,
+        &kubeconfig,
+        &moto.endpoint(),
+        &[],
+        Duration::from_secs(300),
+    )
+    .await?;
     let sync = started.elapsed();
     println!(
         "server first full sync: {sync:.2?} (from process start, includes TLS and kube client set-up)"

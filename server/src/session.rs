@@ -1,0 +1,183 @@
+//! What a pod's STS session is called and tagged with.
+//!
+//! The session name comes from the pod's `iam.amazonaws.com/session-name` annotation or
+//! else from `--session-name`, a literal (the default `podiam`: pods sharing a role share one
+//! session and one AssumeRole) or a template with `{namespace}`, `{pod}`, `{uid}` and
+//! `{service-account}` placeholders (per-pod names, so CloudTrail names the pod — at the
+//! price of one AssumeRole per pod). Names are made valid for STS (2–64 of `[\w+=,.@-]`):
+//! other characters become `-` and long names are cut. `--session-tags` adds the pod's
+//! identity as session tags, which also makes every session a pod's own.
+
+use crate::index::PodRecord;
+
+/// The placeholders a session-name template may use.
+const PLACEHOLDERS: [&str; 4] = ["{namespace}", "{pod}", "{uid}", "{service-account}"];
+
+/// The longest role session name STS accepts.
+const MAX_SESSION_NAME: usize = 64;
+
+/// How sessions are named and tagged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionNaming {
+    template: String,
+    tags: bool,
+}
+
+impl SessionNaming {
+    /// Checks the template: only known placeholders, and literal text STS accepts.
+    pub fn new(template: &str, tags: bool) -> Result<SessionNaming, String> {
+        let mut literal = template.to_string();
+        for placeholder in PLACEHOLDERS {
+            literal = literal.replace(placeholder, "");
+        }
+        if literal.contains(['{', '}']) {
+            return Err(format!(
+                "{template:?} has an unknown placeholder; known: {}",
+                PLACEHOLDERS.join(" ")
+            ));
+        }
+        if let Some(bad) = literal.chars().find(|c| !valid_char(*c)) {
+            return Err(format!(
+                "{template:?} contains {bad:?}; session names allow [A-Za-z0-9_+=,.@-]"
+            ));
+        }
+        if template.len() < 2 || (literal == template && template.len() > MAX_SESSION_NAME) {
+            return Err(format!(
+                "{template:?} is not 2 to {MAX_SESSION_NAME} characters long"
+            ));
+        }
+        Ok(SessionNaming {
+            template: template.to_string(),
+            tags,
+        })
+    }
+
+    /// The session name for `pod`: its annotation, or the template filled in.
+    pub fn name_for(&self, pod: &PodRecord) -> String {
+        let raw = match &pod.session_name {
+            Some(annotated) if !annotated.trim().is_empty() => annotated.trim().to_string(),
+            _ => self
+                .template
+                .replace("{namespace}", &pod.namespace)
+                .replace("{pod}", &pod.name)
+                .replace("{uid}", &pod.uid)
+                .replace(
+                    "{service-account}",
+                    pod.service_account.as_deref().unwrap_or("default"),
+                ),
+        };
+        sanitise(&raw)
+    }
+
+    /// The session tags for `pod` (none unless `--session-tags`).
+    pub fn tags_for(&self, pod: &PodRecord) -> Vec<(String, String)> {
+        if !self.tags {
+            return Vec::new();
+        }
+        vec![
+            ("kubernetes-namespace".into(), pod.namespace.clone()),
+            ("kubernetes-pod-name".into(), pod.name.clone()),
+            ("kubernetes-pod-uid".into(), pod.uid.clone()),
+            (
+                "kubernetes-service-account".into(),
+                pod.service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+            ),
+        ]
+    }
+}
+
+fn valid_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)
+}
+
+/// A valid STS session name made from `raw`.
+fn sanitise(raw: &str) -> String {
+    let mut name: String = raw
+        .chars()
+        .map(|c| if valid_char(c) { c } else { '-' })
+        .take(MAX_SESSION_NAME)
+        .collect();
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(session_name: Option<&str>) -> PodRecord {
+        PodRecord {
+            uid: "0b5e-11".into(),
+            namespace: "team-a".into(),
+            name: "web-7f9c".into(),
+            ip: Some("10.0.0.1".into()),
+            phase: Some("Running".into()),
+            host_network: false,
+            node_name: Some("node-1".into()),
+            service_account: Some("web".into()),
+            role: Some("app".into()),
+            external_id: None,
+            session_name: session_name.map(Into::into),
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn names_come_from_the_annotation_or_the_template() {
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("podiam", None, "podiam"),
+            ("podiam", Some("batch-42"), "batch-42"),
+            ("{namespace}.{pod}", None, "team-a.web-7f9c"),
+            ("{service-account}@{namespace}", None, "web@team-a"),
+            ("pod-{uid}", None, "pod-0b5e-11"),
+            // Annotations are made valid too.
+            ("podiam", Some("my session/1"), "my-session-1"),
+            ("podiam", Some("x"), "x-"),
+            ("podiam", Some("   "), "podiam"),
+        ];
+        for (template, annotation, want) in cases {
+            let naming = SessionNaming::new(template, false).expect("valid template");
+            assert_eq!(
+                naming.name_for(&pod(*annotation)),
+                *want,
+                "{template} {annotation:?}"
+            );
+        }
+        let long = SessionNaming::new("{pod}-{pod}-{pod}-{pod}-{pod}-{pod}-{pod}-{pod}", false)
+            .expect("valid");
+        assert_eq!(long.name_for(&pod(None)).len(), 64);
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for bad in ["{name}", "a b", "x", "{pod", &"a".repeat(65)] {
+            assert!(SessionNaming::new(bad, false).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tags_only_when_asked() {
+        assert!(
+            SessionNaming::new("podiam", false)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .tags_for(&pod(None))
+                .is_empty()
+        );
+        let tags = SessionNaming::new("podiam", true)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .tags_for(&pod(None));
+        assert_eq!(
+            tags,
+            [
+                ("kubernetes-namespace".to_string(), "team-a".to_string()),
+                ("kubernetes-pod-name".into(), "web-7f9c".into()),
+                ("kubernetes-pod-uid".into(), "0b5e-11".into()),
+                ("kubernetes-service-account".into(), "web".into()),
+            ]
+        );
+    }
+}
