@@ -356,6 +356,38 @@ mod tests {
             // A cross-account role is only matched by its full ARN, never by its name.
             (Some("x"), "arn:aws:iam::999999999999:role/x", false),
             (Some(".*"), "arn:aws:iam::999999999999:role/x", true),
+            // The user's own anchors are harmless inside ^(?:…)$.
+            (Some("^app-.*$"), "app-reader", true),
+            (Some("^app-.*$"), "xapp-reader", false),
+            // Case matters (IAM role names are case-insensitive for uniqueness, but the
+            // annotation is taken literally); the regex can opt out.
+            (Some("app-.*"), "App-reader", false),
+            (Some("(?i)app-.*"), "App-reader", true),
+            // An unescaped dot matches any character; an escaped one only a dot.
+            (Some(r"app\.reader"), "app.reader", true),
+            (Some(r"app\.reader"), "app-reader", false),
+            // Paths: the regex sees path/name under the base ARN.
+            (Some("team/.*"), "other/app", false),
+            (Some("app-.*"), "team/app-reader", false),
+            (Some("(team/)?app-.*"), "team/app-reader", true),
+            // A full ARN annotation under the base ARN is matched by its path/name too.
+            (
+                Some("app-.*"),
+                "arn:aws:iam::123456789012:role/app-reader",
+                true,
+            ),
+            // A prefix of the account is not the account.
+            (
+                Some("arn:aws:iam::12345678901.*"),
+                "arn:aws:iam::999999999999:role/x",
+                false,
+            ),
+            // Alternation of full ARNs, each whole.
+            (
+                Some("arn:aws:iam::999999999999:role/x|app-.*"),
+                "arn:aws:iam::999999999999:role/x-admin",
+                false,
+            ),
         ];
         for (annotation, role, want) in cases {
             let rule = Permitted::compile(*annotation);
