@@ -320,10 +320,34 @@ impl MetadataService {
         match self.table.wait_known(peer, UNKNOWN_POD_WAIT).await {
             Known::Pod(state) => Ok(Resolved::Pod(state)),
             Known::Unsynced => Ok(Resolved::Unsynced),
-            Known::Nobody => Err(refusal(
-                Reason::UnknownPod,
-                format!("no pod known with IP {peer}"),
-            )),
+            Known::Nobody => Err(refusal(Reason::UnknownPod, self.unknown(peer).await)),
+        }
+    }
+
+    /// Why no pod of this node has `peer`, as far as the server's Explain can tell within
+    /// [`EXPLAIN_WAIT`]: most usefully, a pod the server places on another node (the agent's
+    /// node name is wrong, or the pod's traffic reached the wrong node).
+    async fn unknown(&self, peer: IpAddr) -> String {
+        let plain = format!(
+            "no pod known with IP {peer} on node {}",
+            self.upstream.node_name()
+        );
+        let explained = tokio::time::timeout(EXPLAIN_WAIT, self.upstream.explain_ip(peer)).await;
+        match explained {
+            Ok(Ok(answer))
+                if answer.pods.len() == 1 && answer.node_name != self.upstream.node_name() =>
+            {
+                let pod = &answer.pods[0];
+                format!(
+                    "IP {peer} belongs to pod {}/{}, which the server has on node {:?}, not on this node {:?} (is the agent's node name right?)",
+                    pod.namespace,
+                    pod.name,
+                    answer.node_name,
+                    self.upstream.node_name()
+                )
+            }
+            Ok(Ok(answer)) if !answer.message.is_empty() => answer.message,
+            _ => plain,
         }
     }
 
@@ -374,6 +398,9 @@ impl MetadataService {
 /// How long a request from an unknown address waits for its pod to appear: half of the
 /// SDKs' 1 s budget, leaving the rest for fetching credentials.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
+
+/// How long an unknown pod's refusal waits for the server's explanation of the address.
+const EXPLAIN_WAIT: Duration = Duration::from_millis(200);
 
 /// Who is asking, as far as the pod table knows.
 enum Resolved {

@@ -11,8 +11,9 @@ use std::time::Duration;
 use podiam_proto::Reason;
 use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{
-    GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
-    HealthRequest, WatchNodeRequest, node_event,
+    ExplainRequest, ExplainResponse, GetCredentialsRequest, GetCredentialsResponse,
+    GetPodRoleRequest, GetPodRoleResponse, HealthRequest, WatchNodeRequest, explain_request,
+    node_event,
 };
 
 use crate::cache::CredentialCache;
@@ -118,6 +119,19 @@ impl Upstream {
             .get_credentials(request)
             .await?
             .into_inner())
+    }
+
+    /// The server's explanation of what it knows about `ip`.
+    pub async fn explain_ip(&self, ip: IpAddr) -> Result<ExplainResponse, UpstreamError> {
+        let request = ExplainRequest {
+            target: Some(explain_request::Target::Ip(ip.to_string())),
+        };
+        Ok(self.client.clone().explain(request).await?.into_inner())
+    }
+
+    /// The node this agent serves.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
     }
 
     /// Whether the last health check found a synced server.

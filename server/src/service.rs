@@ -311,6 +311,7 @@ impl PodiamService {
             None => return Err(Status::invalid_argument("explain needs an ip or a pod")),
         };
         answer.pods = vec![pod_ref(&pod)];
+        answer.node_name = pod.node_name.clone().unwrap_or_default();
         answer.ip = pod.ip.clone().unwrap_or_default();
         answer.namespace = pod.namespace.clone();
         answer.role_annotation = pod.role.clone().unwrap_or_default();

@@ -616,7 +616,8 @@ async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
 async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
     let config = team_a()
         .unregistered_pod("team-a", "early", Some("app-reader"))
-        .unregistered_pod("team-a", "stranger", None);
+        .unregistered_pod("team-a", "stranger", None)
+        .unregistered_pod("team-a", "misplaced", Some("app-reader"));
     let world = World::start(config).await.expect("world starts");
 
     // Never registered: refused as unknown, within the SDKs' 1 s budget.
@@ -630,6 +631,43 @@ async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
     assert!(reply.body.contains("unknown-pod"), "{}", reply.body);
     // The in-pod client is a Python process: its own start-up is counted too.
     assert!(took < Duration::from_secs(2), "answered after {took:?}");
+
+    // A pod the API places on another node: the agent's refusal says so (from the server's
+    // Explain), so a wrong --node-name is found at once.
+    let mut misplaced = podiam_tests::kube_emulator::pod(
+        "team-a",
+        "misplaced",
+        &world.pod("misplaced").ip().to_string(),
+        &[("iam.amazonaws.com/role", "app-reader")],
+    );
+    misplaced["spec"]["nodeName"] = "node-2".into();
+    world.emulator().create(misplaced).expect("created");
+    let client = world.server_client().await.expect("client");
+    let misplaced_ip = world.pod("misplaced").ip().to_string();
+    podiam_tests::process::wait_until(Duration::from_secs(10), "the server to see it", || {
+        let mut client = client.clone();
+        let ip = misplaced_ip.clone();
+        async move {
+            client
+                .explain(podiam_proto::v1::ExplainRequest {
+                    target: Some(podiam_proto::v1::explain_request::Target::Ip(ip)),
+                })
+                .await
+                .is_ok_and(|a| a.into_inner().allowed)
+        }
+    })
+    .await
+    .expect("known to the server");
+    let reply = world
+        .metadata_request("misplaced", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert!(
+        reply.body.contains("team-a/misplaced") && reply.body.contains("\"node-2\""),
+        "{}",
+        reply.body
+    );
 
     // Registered while its first request waits: answered with its role.
     let request = world.metadata_request("early", "GET", CREDS_PATH, &[]);
