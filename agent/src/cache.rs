@@ -5,22 +5,53 @@
 //! left — the same floor the server serves with — so the agent asks again exactly when the
 //! server would refresh. Misses on one key collapse into one server call. The pod table
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
+//!
+//! An entry keeps the credentials document as served, rendered once: a hit is a lookup by
+//! borrowed keys and a reference-count increment, nothing copied or formatted.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use podiam_proto::v1::Credentials;
 use tokio::sync::Mutex as AsyncMutex;
 
-type Key = (String, String);
-type Slot = Arc<AsyncMutex<Option<Credentials>>>;
+use crate::imds;
+
+/// Cached credentials and the document served for them.
+#[derive(Debug, PartialEq)]
+pub struct Entry {
+    pub credentials: Credentials,
+    /// The EC2-format credentials document.
+    pub document: Bytes,
+}
+
+impl Entry {
+    fn new(credentials: Credentials) -> Entry {
+        let document = imds::credentials_document(
+            &credentials.access_key_id,
+            &credentials.secret_access_key,
+            &credentials.session_token,
+            credentials.issued_unix,
+            credentials.expiration_unix,
+        )
+        .into();
+        Entry {
+            credentials,
+            document,
+        }
+    }
+}
+
+type Slot = Arc<AsyncMutex<Option<Arc<Entry>>>>;
 
 /// Credentials per (pod UID, role ARN).
 #[derive(Debug)]
 pub struct CredentialCache {
-    slots: Mutex<HashMap<Key, Slot>>,
+    /// Pod UID → role ARN → slot.
+    slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
     min_remaining: Duration,
 }
 
@@ -47,24 +78,35 @@ impl CredentialCache {
         role_arn: &str,
         now_unix: i64,
         fetch: F,
-    ) -> Result<(Credentials, Source), E>
+    ) -> Result<(Arc<Entry>, Source), E>
     where
         F: Future<Output = Result<Credentials, E>>,
     {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let key = (uid.to_string(), role_arn.to_string());
-            Arc::clone(slots.entry(key).or_default())
+            let existing = slots
+                .get(uid)
+                .and_then(|roles| roles.get(role_arn))
+                .cloned();
+            existing.unwrap_or_else(|| {
+                Arc::clone(
+                    slots
+                        .entry(uid.to_string())
+                        .or_default()
+                        .entry(role_arn.to_string())
+                        .or_default(),
+                )
+            })
         };
         let mut entry = slot.lock().await;
-        if let Some(credentials) = entry.as_ref()
-            && credentials.expiration_unix - now_unix >= self.min_remaining.as_secs() as i64
+        if let Some(cached) = entry.as_ref()
+            && cached.credentials.expiration_unix - now_unix >= self.min_remaining.as_secs() as i64
         {
-            return Ok((credentials.clone(), Source::Cache));
+            return Ok((Arc::clone(cached), Source::Cache));
         }
-        let credentials = fetch.await?;
-        *entry = Some(credentials.clone());
-        Ok((credentials, Source::Server))
+        let fetched = Arc::new(Entry::new(fetch.await?));
+        *entry = Some(Arc::clone(&fetched));
+        Ok((fetched, Source::Server))
     }
 
     /// Drops every entry of the pod with `uid`.
@@ -72,12 +114,17 @@ impl CredentialCache {
         self.slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(owner, _), _| owner != uid);
+            .remove(uid);
     }
 
     /// Number of cached keys.
     pub fn len(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(HashMap::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,18 +150,26 @@ mod tests {
     async fn hits_need_no_fetch_until_the_floor() {
         let cache = CredentialCache::new(FLOOR);
         let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        let got = |r: Result<(Arc<Entry>, Source), ()>| {
+            r.map(|(entry, source)| (entry.credentials.access_key_id.clone(), source))
+        };
         assert_eq!(
-            cache.get("a", "r", 0, fetch("1")).await,
-            Ok((creds("1", 3600), Source::Server))
+            got(cache.get("a", "r", 0, fetch("1")).await),
+            Ok(("1".to_string(), Source::Server))
         );
+        let (hit, source) = cache.get("a", "r", 1800, fetch("2")).await.expect("cached");
         assert_eq!(
-            cache.get("a", "r", 1800, fetch("2")).await,
-            Ok((creds("1", 3600), Source::Cache))
+            (hit.credentials.access_key_id.as_str(), source),
+            ("1", Source::Cache)
+        );
+        assert!(
+            String::from_utf8_lossy(&hit.document).contains("\"AccessKeyId\" : \"1\""),
+            "the served document is rendered once, with the entry"
         );
         // Below the floor: fetched again.
         assert_eq!(
-            cache.get("a", "r", 1801, fetch("3")).await,
-            Ok((creds("3", 3600), Source::Server))
+            got(cache.get("a", "r", 1801, fetch("3")).await),
+            Ok(("3".to_string(), Source::Server))
         );
         // Another pod, another role: separate entries.
         assert_eq!(

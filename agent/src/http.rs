@@ -14,7 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
 
-use crate::cache::{CredentialCache, Source};
+use crate::cache::{CredentialCache, Entry, Source};
 use crate::imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, ServerErrorLabels};
 use crate::node_metadata::{NodeMetadata, UpstreamMetadataError};
@@ -23,7 +23,7 @@ use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
 pub use podiam_proto::serve::Limits;
-use podiam_proto::v1::{Credentials, PodState};
+use podiam_proto::v1::{PodRef, PodState};
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -289,29 +289,30 @@ impl MetadataService {
                 };
                 Ok(text(StatusCode::OK, imds::info_document(&role_arn, now)))
             }
-            Route::Credentials(role) => {
-                let creds = match self.resolve(peer).await? {
-                    Resolved::Pod(state) => {
-                        self.cached_credentials(peer, &state, role, now).await?
-                    }
-                    Resolved::Unsynced => self
+            Route::Credentials(role) => match self.resolve(peer).await? {
+                Resolved::Pod(state) => {
+                    let entry = self.cached_credentials(peer, &state, role, now).await?;
+                    Ok(text(StatusCode::OK, entry.document.clone()))
+                }
+                Resolved::Unsynced => {
+                    let creds = self
                         .upstream
                         .credentials(peer, role)
                         .await?
                         .credentials
-                        .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?,
-                };
-                Ok(text(
-                    StatusCode::OK,
-                    imds::credentials_document(
-                        &creds.access_key_id,
-                        &creds.secret_access_key,
-                        &creds.session_token,
-                        creds.issued_unix,
-                        creds.expiration_unix,
-                    ),
-                ))
-            }
+                        .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
+                    Ok(text(
+                        StatusCode::OK,
+                        imds::credentials_document(
+                            &creds.access_key_id,
+                            &creds.secret_access_key,
+                            &creds.session_token,
+                            creds.issued_unix,
+                            creds.expiration_unix,
+                        ),
+                    ))
+                }
+            },
         }
     }
 
@@ -358,9 +359,10 @@ impl MetadataService {
         state: &PodState,
         role: &str,
         now: i64,
-    ) -> Result<Credentials, Refused> {
+    ) -> Result<Arc<Entry>, Refused> {
         let state = permitted(state)?;
-        let pod = state.pod.clone().unwrap_or_default();
+        let no_pod = PodRef::default();
+        let pod = state.pod.as_ref().unwrap_or(&no_pod);
         if role != state.role_name {
             return Err(refusal(
                 Reason::WrongRole,
@@ -383,7 +385,7 @@ impl MetadataService {
                 Refused::from(UpstreamError::Other("answer without credentials".into()))
             })
         };
-        let (creds, source) = self
+        let (entry, source) = self
             .cache
             .get(&pod.uid, &state.role_arn, now, fetch)
             .await?;
@@ -391,7 +393,7 @@ impl MetadataService {
             Source::Cache => self.metrics.cache_hits.inc(),
             Source::Server => self.metrics.cache_misses.inc(),
         };
-        Ok(creds)
+        Ok(entry)
     }
 }
 

@@ -418,27 +418,43 @@ impl PodiamService {
     }
 }
 
-/// Sends every change between the pod states last sent and the current ones.
+/// A digest of a pod state: what a node stream remembers of each state it sent (a whole
+/// copy per pod per stream would cost tens of MiB at 100k pods).
+fn digest(state: &PodState) -> u64 {
+    use prost::Message;
+    use std::hash::Hasher;
+    // 64 bits of SipHash over the encoded state: a collision (a change not sent) is as
+    // likely as a 1 in 2^64 draw per change.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(&state.encode_to_vec());
+    hasher.finish()
+}
+
+/// Sends every change between the pod states last sent (as digests) and the current ones;
+/// returns the digests of what was sent.
 async fn send_changes(
     tx: &mpsc::Sender<Result<NodeEvent, Status>>,
-    sent: &HashMap<String, PodState>,
-    current: &HashMap<String, PodState>,
-) -> Result<(), mpsc::error::SendError<Result<NodeEvent, Status>>> {
-    for (uid, state) in current {
-        if sent.get(uid) != Some(state) {
-            tx.send(Ok(NodeEvent {
-                event: Some(node_event::Event::Upsert(state.clone())),
-            }))
-            .await?;
-        }
-    }
+    sent: &HashMap<String, u64>,
+    current: HashMap<String, PodState>,
+) -> Result<HashMap<String, u64>, mpsc::error::SendError<Result<NodeEvent, Status>>> {
     for uid in sent.keys().filter(|uid| !current.contains_key(*uid)) {
         tx.send(Ok(NodeEvent {
             event: Some(node_event::Event::DeleteUid(uid.clone())),
         }))
         .await?;
     }
-    Ok(())
+    let mut now_sent = HashMap::with_capacity(current.len());
+    for (uid, state) in current {
+        let digest = digest(&state);
+        if sent.get(&uid) != Some(&digest) {
+            tx.send(Ok(NodeEvent {
+                event: Some(node_event::Event::Upsert(state)),
+            }))
+            .await?;
+        }
+        now_sent.insert(uid, digest);
+    }
+    Ok(now_sent)
 }
 
 /// How many node events may wait for a slow agent before the stream's task waits too.
@@ -533,10 +549,10 @@ impl Podiam for PodiamService {
             loop {
                 changes.mark_unchanged();
                 let current = service.node_states(&node);
-                if send_changes(&tx, &sent, &current).await.is_err() {
-                    return;
+                match send_changes(&tx, &sent, current).await {
+                    Ok(now_sent) => sent = now_sent,
+                    Err(_) => return,
                 }
-                sent = current;
                 if !snapshot_done {
                     snapshot_done = true;
                     let synced = NodeEvent {

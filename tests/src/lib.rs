@@ -1,5 +1,6 @@
 //! podiam's end-to-end harness, shared by the test suites and the local demo.
 //!
+//! - [`bench`]: the benchmark's load generator, baselines and process figures.
 //! - [`kube_emulator`]: an in-process Kubernetes API (core/v1 pods, namespaces, events) that
 //!   speaks the real list/watch/patch protocol well enough for `kubectl` and kube-rs.
 //! - [`netns`]: network namespaces as nodes and pods (veth pairs, addresses, routes).
@@ -9,6 +10,7 @@
 //! - [`process`]: child processes that die with their owner, with their logs kept.
 //! - [`world`]: a whole podiam installation (emulator, moto, server, node, pods, agent).
 
+pub mod bench;
 pub mod bridge;
 pub mod kube_emulator;
 pub mod moto;

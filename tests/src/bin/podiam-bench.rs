@@ -1,0 +1,866 @@
+//! `podiam-bench`: podiam's performance as figures and ratios, in one run on this machine.
+//!
+//! Sections (all by default; `--only warm,cold,revocation,scale`):
+//! - **warm**: credentials through the agent at 1/16/128 clients, keep-alive, a new connection
+//!   per request, and IMDSv2 token + GET, side by side with a minimal Rust server and nginx
+//!   returning the same bytes; agent RSS idle and at its peak.
+//! - **cold**: a new pod → its first credentials (role already cached; role never seen), and
+//!   moto's own AssumeRole time measured in the same run.
+//! - **revocation**: role annotation removed → the pod's first refusal.
+//! - **scale**: the server with N pods in 1k namespaces and 200 simulated agents (gRPC node
+//!   streams and GetCredentials): sync time, RSS, CPU seconds, gRPC p99.
+//!
+//! Everything runs on loopback: pods are 127.x addresses the load generator binds its
+//! sockets to, so no root and no network namespace is needed. It prints a table and writes
+//! JSON (`--out`); it asserts nothing. `--quick` is a smoke run of every section (under a
+//! minute, figures meaningless).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use podiam_proto::v1::podiam_client::PodiamClient;
+use podiam_proto::v1::{GetCredentialsRequest, WatchNodeRequest, node_event};
+use podiam_tests::bench::load::{self, LoadResult, LoadSpec, Mode, quantile};
+use podiam_tests::bench::{baseline, proc_stats};
+use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
+use podiam_tests::moto::Moto;
+use podiam_tests::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
+use podiam_tests::world::{binary, http_get_text, metric_value, start_server_within};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(about = "podiam's benchmark: figures and ratios to baselines, in one run")]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A smoke run of every section: short, small, figures meaningless (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these sections.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Pod counts for the scale section.
+    #[arg(long, value_delimiter = ',')]
+    scale_pods: Option<Vec<usize>>,
+    /// Where the results go, as JSON.
+    #[arg(long, default_value = "bench/results.json")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The minimal baseline server (started by the benchmark itself).
+    MinimalServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        body_file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Warm,
+    Cold,
+    Revocation,
+    Scale,
+}
+
+/// How long and how big, full or quick.
+struct Plan {
+    warm_duration: Duration,
+    concurrency: Vec<usize>,
+    cold_trials: usize,
+    revocation_trials: usize,
+    scale_pods: Vec<usize>,
+    scale_namespaces: usize,
+    scale_agents: usize,
+    scale_load: Duration,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Plan {
+        let mut plan = if args.quick {
+            Plan {
+                warm_duration: Duration::from_millis(250),
+                concurrency: vec![1, 16, 128],
+                cold_trials: 3,
+                revocation_trials: 5,
+                scale_pods: vec![2_000],
+                scale_namespaces: 50,
+                scale_agents: 20,
+                scale_load: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                warm_duration: Duration::from_secs(3),
+                concurrency: vec![1, 16, 128],
+                cold_trials: 20,
+                revocation_trials: 50,
+                scale_pods: vec![10_000, 50_000, 100_000],
+                scale_namespaces: 1_000,
+                scale_agents: 200,
+                scale_load: Duration::from_secs(5),
+            }
+        };
+        if let Some(pods) = &args.scale_pods {
+            plan.scale_pods = pods.clone();
+        }
+        plan
+    }
+}
+
+const NODE: &str = "node-1";
+const NAMESPACE: &str = "bench";
+const ROLE: &str = "app-reader";
+const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/app-reader";
+
+fn pod_ip(block: u8, n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, block, (n / 250) as u8, (n % 250 + 1) as u8)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Command::MinimalServer { listen, body_file }) = &args.command {
+        let body = std::fs::read(body_file)?;
+        return baseline::serve_minimal(*listen, Bytes::from(body)).await;
+    }
+    podiam_proto::tls::install_crypto_provider();
+    let plan = Plan::new(&args);
+    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let began = Instant::now();
+    let mut results = json!({
+        "machine": machine(),
+        "quick": args.quick,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    });
+    let mut targets: Vec<Target> = Vec::new();
+
+    if wanted(Section::Warm) || wanted(Section::Cold) || wanted(Section::Revocation) {
+        let rig = Rig::start().await?;
+        if wanted(Section::Warm) {
+            results["warm"] = warm(&rig, &plan, &mut targets).await?;
+        }
+        if wanted(Section::Cold) {
+            results["cold"] = cold(&rig, &plan, &mut targets).await?;
+        }
+        if wanted(Section::Revocation) {
+            results["revocation"] = revocation(&rig, &plan, &mut targets).await?;
+        }
+    }
+    if wanted(Section::Scale) {
+        results["scale"] = scale(&plan, &mut targets).await?;
+    }
+
+    println!("\n== targets");
+    for t in &targets {
+        println!(
+            "{:<60} {:>14} {:>12}  {}",
+            t.name,
+            t.value,
+            t.goal,
+            if t.met { "met" } else { "NOT MET" }
+        );
+    }
+    results["targets"] = serde_json::to_value(
+        targets
+            .iter()
+            .map(|t| json!({"name": t.name, "value": t.value, "goal": t.goal, "met": t.met}))
+            .collect::<Vec<_>>(),
+    )?;
+    results["seconds"] = json!(began.elapsed().as_secs_f64());
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!(
+        "\nwrote {} ({:.0} s in all)",
+        args.out.display(),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A target the benchmark reports as met or not.
+struct Target {
+    name: String,
+    value: String,
+    goal: String,
+    met: bool,
+}
+
+fn target(targets: &mut Vec<Target>, name: &str, value: String, goal: &str, met: bool) {
+    targets.push(Target {
+        name: name.into(),
+        value,
+        goal: goal.into(),
+        met,
+    });
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": (memory_gib * 10.0).round() / 10.0,
+    })
+}
+
+/// Emulator, moto, server and agent on loopback, with the bench namespace.
+struct Rig {
+    agent: ChildGuard,
+    agent_addr: SocketAddr,
+    _server: ChildGuard,
+    server_health: SocketAddr,
+    moto: Moto,
+    emulator: KubeEmulator,
+    dir: PathBuf,
+}
+
+impl Rig {
+    async fn start() -> anyhow::Result<Rig> {
+        let dir = scratch_dir("bench")?;
+        let emulator =
+            KubeEmulator::start("127.0.0.1:0".parse()?, EmulatorOptions::default()).await?;
+        let kubeconfig = dir.join("kubeconfig");
+        emulator.write_kubeconfig(&kubeconfig)?;
+        emulator.create(namespace(
+            NAMESPACE,
+            &[("iam.amazonaws.com/permitted", "app-.*")],
+        ))?;
+        let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())?
+            .write_to(&dir.join("certs"), false)?;
+        let moto = Moto::start().await?;
+        let (server, server_addr, server_health) = start_server_within(
+            &certs,
+            &kubeconfig,
+            &moto.endpoint(),
+            &[],
+            Duration::from_secs(60),
+        )
+        .await?;
+        let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let mut command = std::process::Command::new(binary("podiam-agent")?);
+        command
+            .arg("serve")
+            .args(["--listen", &agent_addr.to_string()])
+            .args(["--health-listen", &health.to_string()])
+            .args(["--server", &format!("https://{server_addr}")])
+            .args(["--server-name", "localhost"])
+            .args(["--tls-ca", &path(&certs.ca_cert)])
+            .args(["--tls-cert", &path(&certs.agent_cert)])
+            .args(["--tls-key", &path(&certs.agent_key)])
+            .args(["--node-name", NODE]);
+        let agent = ChildGuard::spawn("podiam-agent", command)?;
+        wait_until(Duration::from_secs(20), "the agent to be ready", || async {
+            http_get_text(&format!("http://{health}/ready"))
+                .await
+                .is_ok()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; agent log:\n{}", agent.log_tail(20)))?;
+        Ok(Rig {
+            agent,
+            agent_addr,
+            _server: server,
+            server_health,
+            moto,
+            emulator,
+            dir,
+        })
+    }
+
+    fn create_pod(&self, name: &str, ip: Ipv4Addr, role: &str) -> anyhow::Result<()> {
+        self.emulator.create(pod(
+            NAMESPACE,
+            name,
+            &ip.to_string(),
+            &[("iam.amazonaws.com/role", role)],
+        ))?;
+        Ok(())
+    }
+
+    /// One GET from `source` on a new connection: status and body.
+    async fn get(&self, source: Ipv4Addr, path: &str) -> anyhow::Result<(u16, Bytes)> {
+        one_get(self.agent_addr, source.into(), path).await
+    }
+}
+
+/// One GET on a new connection from `source`, with a 2 s bound.
+async fn one_get(target: SocketAddr, source: IpAddr, path: &str) -> anyhow::Result<(u16, Bytes)> {
+    use http_body_util::BodyExt;
+    let attempt = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(target).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, "169.254.169.254")
+            .body(http_body_util::Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .context("no answer within 2 s")?
+}
+
+fn ms(us: u32) -> String {
+    format!("{:.3}", f64::from(us) / 1000.0)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "n/a".into()
+    }
+}
+
+async fn warm(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> {
+    println!("== warm credentials (agent vs minimal Rust server vs nginx, same bytes)");
+    let sources: Vec<IpAddr> = (0..16).map(|i| pod_ip(1, i).into()).collect();
+    for (i, source) in sources.iter().enumerate() {
+        let IpAddr::V4(ip) = source else { continue };
+        rig.create_pod(&format!("warm-{i}"), *ip, ROLE)?;
+    }
+    // Every pod answered once (and the body every answer must equal).
+    let mut body = Bytes::new();
+    for source in &sources {
+        let IpAddr::V4(ip) = source else { continue };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match rig.get(*ip, CREDS_PATH).await {
+                Ok((200, answer)) => {
+                    body = answer;
+                    break;
+                }
+                other if Instant::now() > deadline => {
+                    bail!("pod {ip} never got credentials: {other:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+    let body_file = rig.dir.join("credentials.json");
+    std::fs::write(&body_file, &body)?;
+    let agent_idle = proc_stats::rss_mib(rig.agent.pid())?;
+
+    let minimal_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+    let _minimal = baseline::start_minimal(minimal_addr, &body_file).await?;
+    let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+    let nginx =
+        baseline::start_nginx(&rig.dir.join("nginx"), nginx_addr, CREDS_PATH, &body).await?;
+    if nginx.is_none() {
+        println!("(nginx is not installed: its baseline is left out; scripts/bench installs it)");
+    }
+
+    println!(
+        "{:<16} {:>7}  {:>10} {:>8} {:>8} {:>9}  {:>11} {:>8}  {:>9} {:>8}  {:>8} {:>7}",
+        "mode",
+        "clients",
+        "agent rps",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "minimal rps",
+        "p99 ms",
+        "nginx rps",
+        "p99 ms",
+        "÷minimal",
+        "÷nginx"
+    );
+    let mut rows = Vec::new();
+    let mut agent_cpu = 0.0;
+    for mode in Mode::ALL {
+        for &concurrency in &plan.concurrency {
+            let spec = |target| LoadSpec {
+                target,
+                sources: sources.clone(),
+                path: CREDS_PATH.into(),
+                concurrency,
+                duration: plan.warm_duration,
+                mode,
+                expect: body.clone(),
+            };
+            let cpu_before = proc_stats::cpu_seconds(rig.agent.pid())?;
+            let agent = load::run(&spec(rig.agent_addr)).await;
+            agent_cpu += proc_stats::cpu_seconds(rig.agent.pid())? - cpu_before;
+            let minimal = load::run(&spec(minimal_addr)).await;
+            let nginx_result = match (&nginx, mode) {
+                (Some(_), Mode::KeepAlive | Mode::NewConnection) => {
+                    Some(load::run(&spec(nginx_addr)).await)
+                }
+                _ => None,
+            };
+            println!(
+                "{:<16} {:>7}  {:>10.0} {:>8} {:>8} {:>9}  {:>11.0} {:>8}  {:>9} {:>8}  {:>8} {:>7}{}",
+                mode.label(),
+                concurrency,
+                agent.per_second,
+                ms(agent.p50_us),
+                ms(agent.p99_us),
+                ms(agent.p999_us),
+                minimal.per_second,
+                ms(minimal.p99_us),
+                nginx_result
+                    .as_ref()
+                    .map_or("n/a".into(), |n| format!("{:.0}", n.per_second)),
+                nginx_result.as_ref().map_or("n/a".into(), |n| ms(n.p99_us)),
+                ratio(agent.per_second, minimal.per_second),
+                nginx_result
+                    .as_ref()
+                    .map_or("n/a".into(), |n| ratio(agent.per_second, n.per_second)),
+                errors_note(&[&agent, &minimal]),
+            );
+            if mode == Mode::KeepAlive && concurrency == 16 {
+                target(
+                    targets,
+                    "warm p99 through the agent, 16 keep-alive clients",
+                    format!("{} ms", ms(agent.p99_us)),
+                    "<= 1 ms",
+                    agent.p99_us <= 1000 && agent.errors == 0,
+                );
+                target(
+                    targets,
+                    "agent throughput / minimal server, 16 keep-alive clients",
+                    ratio(agent.per_second, minimal.per_second),
+                    ">= 0.50",
+                    agent.per_second >= 0.5 * minimal.per_second,
+                );
+            }
+            rows.push(json!({
+                "mode": mode, "clients": concurrency,
+                "agent": agent, "minimal": minimal, "nginx": nginx_result,
+                "agent_over_minimal": agent.per_second / minimal.per_second.max(1e-9),
+                "agent_over_nginx": nginx_result.as_ref().map(|n| agent.per_second / n.per_second.max(1e-9)),
+            }));
+        }
+    }
+    let agent_peak = proc_stats::peak_rss_mib(rig.agent.pid())?;
+    println!(
+        "agent RSS: idle {agent_idle:.1} MiB, peak under load {agent_peak:.1} MiB; agent CPU during its runs {agent_cpu:.1} s"
+    );
+    target(
+        targets,
+        "agent RSS under load (peak)",
+        format!("{agent_peak:.1} MiB"),
+        "<= 20 MiB",
+        agent_peak <= 20.0,
+    );
+    Ok(json!({
+        "body_bytes": body.len(),
+        "seconds_per_run": plan.warm_duration.as_secs_f64(),
+        "runs": rows,
+        "agent_rss_idle_mib": agent_idle,
+        "agent_rss_peak_mib": agent_peak,
+    }))
+}
+
+fn errors_note(results: &[&LoadResult]) -> String {
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    if errors == 0 {
+        return String::new();
+    }
+    let first = results
+        .iter()
+        .find_map(|r| r.first_error.clone())
+        .unwrap_or_default();
+    format!("  ({errors} errors, first: {first})")
+}
+
+/// p50 and p99 of durations, in milliseconds.
+fn summary(samples: &[Duration]) -> (f64, f64) {
+    let mut us: Vec<u32> = samples
+        .iter()
+        .map(|d| d.as_micros().min(u32::MAX as u128) as u32)
+        .collect();
+    us.sort_unstable();
+    (
+        f64::from(quantile(&us, 0.5)) / 1000.0,
+        f64::from(quantile(&us, 0.99)) / 1000.0,
+    )
+}
+
+/// Time from `start` until `source` gets credentials for `role` (asking on new connections).
+async fn until_credentials(
+    rig: &Rig,
+    source: Ipv4Addr,
+    role: &str,
+    start: Instant,
+) -> anyhow::Result<Duration> {
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    let deadline = start + Duration::from_secs(20);
+    loop {
+        if let Ok((200, _)) = rig.get(source, &path).await {
+            return Ok(start.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{source} got no credentials for {role} within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn cold(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> {
+    println!("\n== cold path ({} trials each)", plan.cold_trials);
+    let mut known_role = Vec::new();
+    let mut new_role = Vec::new();
+    for t in 0..plan.cold_trials {
+        let ip = pod_ip(2, t);
+        let started = Instant::now();
+        rig.create_pod(&format!("cold-known-{t}"), ip, ROLE)?;
+        known_role.push(until_credentials(rig, ip, ROLE, started).await?);
+
+        let ip = pod_ip(3, t);
+        let role = format!("app-new-{t}");
+        let started = Instant::now();
+        rig.create_pod(&format!("cold-new-{t}"), ip, &role)?;
+        new_role.push(until_credentials(rig, ip, &role, started).await?);
+    }
+    let moto_times = moto_assume_role_times(&rig.moto, plan.cold_trials).await?;
+    let (known50, known99) = summary(&known_role);
+    let (new50, new99) = summary(&new_role);
+    let (moto50, moto99) = summary(&moto_times);
+    println!("{:<58} {:>9} {:>9}", "", "p50 ms", "p99 ms");
+    println!(
+        "{:<58} {known50:>9.1} {known99:>9.1}",
+        "pod appears → first credentials (role already cached)"
+    );
+    println!(
+        "{:<58} {new50:>9.1} {new99:>9.1}",
+        "pod appears with a role never seen → first credentials"
+    );
+    println!(
+        "{:<58} {moto50:>9.1} {moto99:>9.1}",
+        "moto's own AssumeRole (SDK client, same run)"
+    );
+    println!(
+        "{:<58} {:>9.1}",
+        "overhead beyond moto's AssumeRole (p50)",
+        new50 - moto50
+    );
+    let _ = rig.server_health;
+    target(
+        targets,
+        "pod appears → credentials ready (p99, new role)",
+        format!("{new99:.0} ms"),
+        "<= 1000 ms",
+        new99 <= 1000.0,
+    );
+    Ok(json!({
+        "trials": plan.cold_trials,
+        "known_role_ms": {"p50": known50, "p99": known99},
+        "new_role_ms": {"p50": new50, "p99": new99},
+        "moto_assume_role_ms": {"p50": moto50, "p99": moto99},
+        "overhead_beyond_moto_p50_ms": new50 - moto50,
+    }))
+}
+
+/// `n` AssumeRole calls straight at moto, each timed.
+async fn moto_assume_role_times(moto: &Moto, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(moto.endpoint())
+        .credentials_provider(aws_sdk_sts::config::Credentials::new(
+            "testing", "testing", None, None, "static",
+        ))
+        .load()
+        .await;
+    let client = aws_sdk_sts::Client::new(&config);
+    let mut times = Vec::new();
+    for i in 0..n {
+        let started = Instant::now();
+        client
+            .assume_role()
+            .role_arn(format!("arn:aws:iam::123456789012:role/baseline-{i}"))
+            .role_session_name("baseline")
+            .send()
+            .await?;
+        times.push(started.elapsed());
+    }
+    Ok(times)
+}
+
+async fn revocation(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> {
+    println!(
+        "\n== revocation: annotation removed → the pod's first refusal ({} trials)",
+        plan.revocation_trials
+    );
+    let ip = pod_ip(4, 0);
+    rig.create_pod("revoked", ip, ROLE)?;
+    let mut times = Vec::new();
+    let set_role = |role: Value| {
+        rig.emulator.merge_patch(
+            Kind::Pod,
+            Some(NAMESPACE),
+            "revoked",
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/role": role}}}),
+        )
+    };
+    for _ in 0..plan.revocation_trials {
+        until_credentials(rig, ip, ROLE, Instant::now()).await?;
+        let started = Instant::now();
+        set_role(Value::Null)?;
+        let deadline = started + Duration::from_secs(20);
+        loop {
+            match rig.get(ip, CREDS_PATH).await {
+                Ok((200, _)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok((200, _)) => bail!("still served 20 s after revocation"),
+                _ => break,
+            }
+        }
+        times.push(started.elapsed());
+        set_role(json!(ROLE))?;
+    }
+    let (p50, p99) = summary(&times);
+    println!("p50 {p50:.1} ms, p99 {p99:.1} ms");
+    target(
+        targets,
+        "revocation → first refusal at the pod (p99)",
+        format!("{p99:.0} ms"),
+        "<= 1000 ms",
+        p99 <= 1000.0,
+    );
+    Ok(json!({"trials": plan.revocation_trials, "p50_ms": p50, "p99_ms": p99}))
+}
+
+async fn scale(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> {
+    println!(
+        "\n== scale: the server with N pods in {} namespaces, {} simulated agents",
+        plan.scale_namespaces, plan.scale_agents
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "pods",
+        "sync s",
+        "RSS MiB",
+        "CPU s sync",
+        "streams s",
+        "gRPC rps",
+        "p50 ms",
+        "p99 ms",
+        "CPU s load"
+    );
+    let mut rows = Vec::new();
+    for &pods in &plan.scale_pods {
+        let row = scale_one(plan, pods).await?;
+        if pods == 100_000 {
+            let rss = row["rss_mib"].as_f64().unwrap_or(f64::MAX);
+            target(
+                targets,
+                "server RSS with 100k pods",
+                format!("{rss:.0} MiB"),
+                "<= 200 MiB",
+                rss <= 200.0,
+            );
+        }
+        rows.push(row);
+    }
+    Ok(Value::Array(rows))
+}
+
+async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
+    let dir = scratch_dir("bench-scale")?;
+    let emulator = KubeEmulator::start("127.0.0.1:0".parse()?, EmulatorOptions::default()).await?;
+    let kubeconfig = dir.join("kubeconfig");
+    emulator.write_kubeconfig(&kubeconfig)?;
+    let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())?
+        .write_to(&dir.join("certs"), false)?;
+    const ROLES: usize = 20;
+    for n in 0..plan.scale_namespaces {
+        emulator.create(namespace(
+            &format!("ns-{n}"),
+            &[("iam.amazonaws.com/permitted", "app-.*")],
+        ))?;
+    }
+    // Pods spread over one node per simulated agent.
+    let mut by_node: HashMap<usize, Vec<(String, String)>> = HashMap::new();
+    for i in 0..pods {
+        let ip = format!("10.{}.{}.{}", 100 + i / 65_536, (i / 256) % 256, i % 256);
+        let role = format!("app-{}", i % ROLES);
+        let node = i % plan.scale_agents;
+        let mut object = pod(
+            &format!("ns-{}", i % plan.scale_namespaces),
+            &format!("pod-{i}"),
+            &ip,
+            &[("iam.amazonaws.com/role", &role)],
+        );
+        object["spec"]["nodeName"] = json!(format!("node-{node}"));
+        emulator.create(object)?;
+        by_node.entry(node).or_default().push((ip, role));
+    }
+    let moto = Moto::start().await?;
+    let started = Instant::now();
+    let (server, addr, health) = start_server_within(
+        &certs,
+        &kubeconfig,
+        &moto.endpoint(),
+        &[],
+        Duration::from_secs(300),
+    )
+    .await?;
+    let sync = started.elapsed().as_secs_f64();
+    let rss = proc_stats::rss_mib(server.pid())?;
+    let cpu_sync = proc_stats::cpu_seconds(server.pid())?;
+    // The roles' prefetch done before the agents come.
+    wait_until(
+        Duration::from_secs(60),
+        "the roles to be prefetched",
+        || async {
+            http_get_text(&format!("http://{health}/metrics"))
+                .await
+                .is_ok_and(|m| {
+                    metric_value(&m, r#"podiam_server_sts_calls_total{result="ok"}"#)
+                        >= ROLES as u64
+                })
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // The simulated agents: each its own mTLS connection and node stream.
+    let material = podiam_proto::tls::TlsFiles {
+        ca: certs.ca_cert.clone(),
+        cert: certs.agent_cert.clone(),
+        key: certs.agent_key.clone(),
+    }
+    .load()?;
+    let streams_started = Instant::now();
+    let agents = (0..plan.scale_agents).map(|node| {
+        let material = material.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(material.client_config("localhost"))?
+                .connect()
+                .await?;
+            let mut client = PodiamClient::new(channel);
+            let mut stream = client
+                .watch_node(WatchNodeRequest {
+                    node_name: format!("node-{node}"),
+                })
+                .await?
+                .into_inner();
+            let mut seen = 0usize;
+            while let Some(event) = stream.message().await? {
+                match event.event {
+                    Some(node_event::Event::Synced(_)) => break,
+                    Some(node_event::Event::Upsert(_)) => seen += 1,
+                    _ => {}
+                }
+            }
+            // Keep the stream open for the load, like an agent.
+            anyhow::Ok((client, stream, seen))
+        }
+    });
+    let agents: Vec<(PodiamClient<Channel>, _, usize)> =
+        futures::future::try_join_all(agents).await?;
+    let streams = streams_started.elapsed().as_secs_f64();
+
+    // Each agent asks for credentials of its pods at 10 requests a second (200 agents: 2000/s).
+    let cpu_before = proc_stats::cpu_seconds(server.pid())?;
+    let load_started = Instant::now();
+    let deadline = load_started + plan.scale_load;
+    let askers = agents.iter().enumerate().map(|(node, (client, _, _))| {
+        let mut client = client.clone();
+        let pods = by_node.get(&node).cloned().unwrap_or_default();
+        let agents = plan.scale_agents.max(1) as u64;
+        async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            // Agents are not synchronised: each starts at its own point of the 100 ms period.
+            tokio::time::sleep(Duration::from_micros(node as u64 * 100_000 / agents)).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut k = 0usize;
+            while Instant::now() < deadline && !pods.is_empty() {
+                tick.tick().await;
+                let (ip, role) = &pods[k % pods.len()];
+                k += 1;
+                let began = Instant::now();
+                let answer = client
+                    .get_credentials(GetCredentialsRequest {
+                        ip: ip.clone(),
+                        role_name: role.clone(),
+                        node_name: format!("node-{node}"),
+                    })
+                    .await;
+                match answer {
+                    Ok(_) => latencies.push(began.elapsed().as_micros() as u32),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }
+    });
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for (l, e) in futures::future::join_all(askers).await {
+        latencies.extend(l);
+        errors += e;
+    }
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    let cpu_load = proc_stats::cpu_seconds(server.pid())? - cpu_before;
+    latencies.sort_unstable();
+    let rps = latencies.len() as f64 / load_seconds;
+    let (p50, p99) = (quantile(&latencies, 0.5), quantile(&latencies, 0.99));
+    let rss_after = proc_stats::rss_mib(server.pid())?;
+    println!(
+        "{:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.2} {:>12.0} {:>10} {:>10} {:>10.2}{}",
+        pods,
+        sync,
+        rss.max(rss_after),
+        cpu_sync,
+        streams,
+        rps,
+        ms(p50),
+        ms(p99),
+        cpu_load,
+        if errors > 0 {
+            format!("  ({errors} errors)")
+        } else {
+            String::new()
+        }
+    );
+    drop(agents);
+    drop(server);
+    emulator.shutdown().await;
+    Ok(json!({
+        "pods": pods, "namespaces": plan.scale_namespaces, "agents": plan.scale_agents,
+        "sync_seconds": sync, "rss_mib": rss.max(rss_after), "rss_after_sync_mib": rss,
+        "cpu_seconds_sync": cpu_sync, "node_streams_synced_seconds": streams,
+        "grpc_requests_per_second": rps, "grpc_p50_ms": f64::from(p50) / 1000.0,
+        "grpc_p99_ms": f64::from(p99) / 1000.0, "grpc_errors": errors,
+        "cpu_seconds_load": cpu_load,
+    }))
+}
