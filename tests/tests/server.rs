@@ -35,6 +35,21 @@ async fn create_pods(world: &World, from: usize, count: usize, role: &str) {
     }
 }
 
+/// Whether the server's Explain names a pod for the IP numbered `i`.
+async fn known(
+    client: &podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>,
+    i: usize,
+) -> bool {
+    use podiam_proto::v1::{ExplainRequest, explain_request::Target};
+    client
+        .clone()
+        .explain(ExplainRequest {
+            target: Some(Target::Ip(ip(i).to_string())),
+        })
+        .await
+        .is_ok_and(|answer| !answer.into_inner().pods.is_empty())
+}
+
 /// Whether the server's Explain allows every pod with an IP numbered in `range`.
 async fn all_allowed(
     client: &podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>,
@@ -363,6 +378,13 @@ async fn sts_failing_answers_unavailable_tells_the_pod_and_recovers_by_itself() 
     world.sts_proxy().set_failing(true);
     create_pods(&world, 0, 1, "app-writer").await;
     let mut client = world.server_client().await.expect("client");
+    // The pod must be in the server's view before its refusal can be about STS.
+    wait_until(Duration::from_secs(10), "the server to see the pod", || {
+        let client = client.clone();
+        async move { known(&client, 0).await }
+    })
+    .await
+    .expect("pod seen");
     let request = GetCredentialsRequest {
         ip: ip(0).to_string(),
         role_name: "app-writer".into(),
