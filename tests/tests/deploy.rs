@@ -1,0 +1,1371 @@
+//! deploy/ rendered and checked, the way an operator would apply it.
+//!
+//! Every kustomization is rendered with `kubectl kustomize`: the base (`deploy/`), each
+//! overlay under `deploy/overlays/`, all components of `deploy/components/` together (they
+//! must compose), and `deploy/uninstall/`. Then:
+//!
+//! - **Schema**: every built-in object is validated by `kubernetes-validate --strict` (a PyPI
+//!   package that bundles the Kubernetes JSON schemas and works offline) against the oldest
+//!   and newest Kubernetes versions in [`KUBERNETES_VERSIONS`]. Strict means a field the API
+//!   does not have fails, at any depth; [`the_validators_reject_misspelled_fields`] proves
+//!   it on every run. cert-manager's objects have no bundled schema: [`cert_manager_problems`]
+//!   checks their apiVersion, kind, required and known fields, and the references between
+//!   them, and is proved the same way.
+//! - **Properties**: what the issue asks of the base (two replicas, PodDisruptionBudget,
+//!   anti-affinity, non-root, read-only root, RuntimeDefault seccomp, control-plane
+//!   scheduling, headless Service, RBAC verbs exactly, host-network agent with NET_ADMIN only,
+//!   Secrets mounted as directories) and what each overlay changes.
+//! - **The binaries agree**: every `--flag` and every environment variable (including the
+//!   keys of the ConfigMaps a container loads with `envFrom`) given to a podiam binary exists
+//!   in that binary's `--help`; the rendered server and agent configurations pass the
+//!   binaries' own start-up checks (the only complaint allowed is the base role ARN
+//!   placeholder); the Secrets are the ones `podiam-certs --secrets` writes, with the keys
+//!   the TLS flags name; the Dockerfile puts the binaries where the manifests run them.
+//!
+//! Needs `kubectl` with kustomize v5 and `python3 -m pip install 'kubernetes-validate==1.37.0'`
+//! (scripts/setup installs both); fails with that message when either is missing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use podiam_tests::process::scratch_dir;
+use podiam_tests::world::binary;
+use serde_json::{Value, json};
+
+/// Kubernetes versions the built-in objects are validated against: an old one still in use
+/// and the newest the pinned validator bundles.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+/// What scripts/setup installs; named in failure messages.
+const VALIDATOR_REQUIREMENT: &str = "kubernetes-validate==1.37.0";
+/// The namespace everything of the base lives in.
+const NAMESPACE: &str = "podiam";
+const SERVER_SECRET: &str = "podiam-server-tls";
+const AGENT_SECRET: &str = "podiam-agent-tls";
+/// Labels that mark control-plane nodes: current and pre-1.24 (kops).
+const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// One rendered kustomization.
+#[derive(Debug)]
+struct Rendering {
+    /// Its directory relative to deploy/ ("." for the base).
+    name: String,
+    /// The rendered YAML stream, as written to disk for the validator.
+    file: PathBuf,
+    objects: Vec<Value>,
+}
+
+impl Rendering {
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.name))
+    }
+
+    /// A ConfigMap by the name it was generated from (kustomize appends a content hash).
+    fn config_map(&self, generated_from: &str) -> &Value {
+        let found: Vec<&Value> = self
+            .all("ConfigMap")
+            .into_iter()
+            .filter(|o| config_map_base_name(str_at(o, "/metadata/name")) == generated_from)
+            .collect();
+        assert_eq!(found.len(), 1, "{}: ConfigMap {generated_from}", self.name);
+        found[0]
+    }
+
+    fn server(&self) -> &Value {
+        self.get("Deployment", "podiam-server")
+    }
+
+    fn agent(&self) -> &Value {
+        self.get("DaemonSet", "podiam-agent")
+    }
+}
+
+/// `podiam-server-79h98khhhb` → `podiam-server`.
+fn config_map_base_name(name: &str) -> &str {
+    name.rsplit_once('-').map_or(name, |(base, _)| base)
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {pointer} in {value}"))
+}
+
+/// Runs a command to completion; panics with its output when it cannot start or fails.
+fn run(command: &mut Command, hint: &str) -> Output {
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}. {hint}"));
+    assert!(
+        output.status.success(),
+        "{shown} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn require_tools() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let version = run(
+            Command::new("kubectl").args(["version", "--client"]),
+            "kubectl (with kustomize v5) is needed: scripts/setup installs it",
+        );
+        let version = String::from_utf8_lossy(&version.stdout);
+        assert!(
+            version.contains("Kustomize Version: v5"),
+            "kubectl's built-in kustomize must be v5 or later (components, labels); this kubectl says:\n{version}"
+        );
+        run(
+            Command::new("python3").args(["-c", "import kubernetes_validate, yaml"]),
+            &python_module_missing_hint(),
+        );
+    });
+}
+
+fn python_module_missing_hint() -> String {
+    format!(
+        "install the validator: python3 -m pip install '{VALIDATOR_REQUIREMENT}' (scripts/setup does)"
+    )
+}
+
+/// YAML stream → JSON objects, with PyYAML (a dependency of kubernetes-validate).
+fn yaml_to_json(file: &Path) -> Vec<Value> {
+    const SCRIPT: &str = "import json, sys, yaml\n\
+        docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+        json.dump(docs, sys.stdout)\n";
+    let output = run(
+        Command::new("python3").args(["-c", SCRIPT]).arg(file),
+        &python_module_missing_hint(),
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn render(dir: &Path, name: &str, out: &Path) -> Rendering {
+    let output = run(
+        Command::new("kubectl").arg("kustomize").arg(dir),
+        "kubectl is needed: scripts/setup installs it",
+    );
+    let file = out.join(format!("{}.yaml", name.replace(['/', '.'], "_")));
+    std::fs::write(&file, &output.stdout).unwrap();
+    let objects = yaml_to_json(&file);
+    assert!(!objects.is_empty(), "{name} rendered nothing");
+    Rendering {
+        name: name.to_string(),
+        file,
+        objects,
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().join("kustomization.yaml").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A path from `from` to `to` made of `..` steps (kustomize refuses absolute paths).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let ups = from.components().count() - 1;
+    let mut path = PathBuf::new();
+    for _ in 0..ups {
+        path.push("..");
+    }
+    path.join(to.strip_prefix("/").unwrap())
+}
+
+/// Every kustomization of deploy/, rendered once per test process.
+fn renderings() -> &'static [Rendering] {
+    static ALL: OnceLock<Vec<Rendering>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        require_tools();
+        let deploy = repo().join("deploy");
+        let out = scratch_dir("deploy-render").unwrap();
+        let mut all = vec![render(&deploy, ".", &out)];
+        for overlay in subdirs(&deploy.join("overlays")) {
+            let name = format!("overlays/{overlay}");
+            all.push(render(&deploy.join(&name), &name, &out));
+        }
+        // All components at once: they must compose (an EKS cluster on old nodes may need
+        // ordinary-nodes, cert-manager and iptables-legacy together).
+        let combined = out.join("all-components");
+        std::fs::create_dir_all(&combined).unwrap();
+        let components: Vec<String> = subdirs(&deploy.join("components"))
+            .iter()
+            .map(|c| {
+                let path = relative(&combined, &deploy.join("components").join(c));
+                format!("  - {}\n", path.display())
+            })
+            .collect();
+        let kustomization = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n{}",
+            relative(&combined, &deploy.join("base")).display(),
+            components.concat()
+        );
+        std::fs::write(combined.join("kustomization.yaml"), kustomization).unwrap();
+        all.push(render(&combined, "all-components", &out));
+        all.push(render(&deploy.join("uninstall"), "uninstall", &out));
+        all
+    })
+}
+
+fn rendering(name: &str) -> &'static Rendering {
+    renderings()
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no rendering {name}"))
+}
+
+fn base() -> &'static Rendering {
+    rendering(".")
+}
+
+// ---------------------------------------------------------------------------------------
+// Schema validation
+
+fn is_cert_manager(object: &Value) -> bool {
+    object["apiVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("cert-manager.io/"))
+}
+
+/// Runs kubernetes-validate --strict on `files` for every version in
+/// [`KUBERNETES_VERSIONS`]; returns the problems found (empty when all passed).
+/// `expected_passes` is how many built-in objects the files hold: each must be reported
+/// as passed, so that an object the validator silently skipped is noticed too.
+fn schema_problems(files: &[&Path], expected_passes: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    for version in KUBERNETES_VERSIONS {
+        let output = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+            .args(files)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("python3: {e}; {}", python_module_missing_hint()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            !text.contains("No module named kubernetes_validate"),
+            "{}",
+            python_module_missing_hint()
+        );
+        let passes = text.lines().filter(|l| l.contains(" passed for ")).count();
+        for line in text.lines() {
+            let schemaless = line.contains("Couldn't find schema");
+            if line.starts_with("ERROR") || (schemaless && !line.contains("cert-manager.io/")) {
+                problems.push(format!("{version}: {line}"));
+            }
+        }
+        if !output.status.success() && problems.is_empty() {
+            problems.push(format!("{version}: validator failed: {text}"));
+        }
+        if problems.is_empty() && passes != expected_passes {
+            problems.push(format!(
+                "{version}: {passes} objects passed, {expected_passes} expected:\n{text}"
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn every_kustomization_renders_and_its_objects_validate() {
+    let all = renderings();
+    let files: Vec<&Path> = all.iter().map(|r| r.file.as_path()).collect();
+    let built_in = all
+        .iter()
+        .flat_map(|r| &r.objects)
+        .filter(|o| !is_cert_manager(o))
+        .count();
+    let problems = schema_problems(&files, built_in);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    for r in all {
+        let problems = cert_manager_problems(r);
+        assert!(problems.is_empty(), "{}: {}", r.name, problems.join("\n"));
+    }
+}
+
+#[test]
+fn the_validators_reject_misspelled_fields() {
+    require_tools();
+    let out = scratch_dir("deploy-misspelled").unwrap();
+    let text = std::fs::read_to_string(&base().file).unwrap();
+    // One misspelling deep in a pod template, one at the top of a Service's spec.
+    for (right, wrong) in [
+        ("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+        ("clusterIP", "clusterIp"),
+    ] {
+        assert!(text.contains(right));
+        let file = out.join(format!("{wrong}.yaml"));
+        std::fs::write(&file, text.replace(right, wrong)).unwrap();
+        let problems = schema_problems(&[&file], usize::MAX);
+        assert!(
+            problems.iter().any(|p| p.contains(wrong)),
+            "{wrong} was not rejected: {problems:?}"
+        );
+    }
+    let mut manager = rendering("overlays/cert-manager").objects.clone();
+    let server_cert = manager
+        .iter_mut()
+        .find(|o| o["kind"] == "Certificate" && o["metadata"]["name"] == "podiam-server")
+        .unwrap();
+    let names = server_cert["spec"]["dnsNames"].take();
+    server_cert["spec"]["dnsName"] = names;
+    let mutated = Rendering {
+        name: "misspelled".into(),
+        file: PathBuf::new(),
+        objects: manager,
+    };
+    let problems = cert_manager_problems(&mutated);
+    assert!(
+        problems.iter().any(|p| p.contains("dnsName")),
+        "{problems:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// cert-manager
+
+/// Fields of cert-manager.io/v1 specs (cert-manager 1.x), for the strict check.
+const CERTIFICATE_FIELDS: &[&str] = &[
+    "additionalOutputFormats",
+    "commonName",
+    "dnsNames",
+    "duration",
+    "emailAddresses",
+    "encodeUsagesInRequest",
+    "ipAddresses",
+    "isCA",
+    "issuerRef",
+    "keystores",
+    "literalSubject",
+    "nameConstraints",
+    "otherNames",
+    "privateKey",
+    "renewBefore",
+    "renewBeforePercentage",
+    "revisionHistoryLimit",
+    "secretName",
+    "secretTemplate",
+    "signatureAlgorithm",
+    "subject",
+    "uris",
+    "usages",
+];
+const ISSUER_TYPES: &[&str] = &["acme", "ca", "selfSigned", "vault", "venafi"];
+const KEY_USAGES: &[&str] = &[
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
+];
+
+fn unknown_fields(object: &Value, allowed: &[&str], what: &str, problems: &mut Vec<String>) {
+    match object.as_object() {
+        Some(map) => {
+            for key in map.keys().filter(|k| !allowed.contains(&k.as_str())) {
+                problems.push(format!("{what}: unknown field {key}"));
+            }
+        }
+        None => problems.push(format!("{what}: not an object")),
+    }
+}
+
+/// A Go duration as cert-manager parses it, in hours/minutes/seconds ("2160h", "90m").
+fn is_duration(text: &str) -> bool {
+    let mut rest = text;
+    let mut any = false;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        let unit = rest[digits..].chars().next();
+        if digits == 0 || !matches!(unit, Some('h' | 'm' | 's')) {
+            return false;
+        }
+        rest = &rest[digits + 1..];
+        any = true;
+    }
+    any
+}
+
+/// The structural check of cert-manager objects: apiVersion, kinds, known and required
+/// fields, enumerations, and that every reference (issuerRef, a CA issuer's Secret) resolves
+/// within the rendering.
+fn cert_manager_problems(r: &Rendering) -> Vec<String> {
+    let mut problems = Vec::new();
+    let objects: Vec<&Value> = r.objects.iter().filter(|o| is_cert_manager(o)).collect();
+    let issuers: BTreeMap<&str, &Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Issuer")
+        .map(|o| (o["metadata"]["name"].as_str().unwrap_or_default(), *o))
+        .collect();
+    let ca_secrets: BTreeSet<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Certificate" && o["spec"]["isCA"] == true)
+        .filter_map(|o| o["spec"]["secretName"].as_str())
+        .collect();
+    for o in &objects {
+        let name = o["metadata"]["name"].as_str().unwrap_or("<unnamed>");
+        let what = format!("{} {name}", o["kind"]);
+        if o["apiVersion"] != "cert-manager.io/v1" {
+            problems.push(format!("{what}: apiVersion {}", o["apiVersion"]));
+        }
+        if o["metadata"]["namespace"] != NAMESPACE {
+            problems.push(format!("{what}: not in namespace {NAMESPACE}"));
+        }
+        unknown_fields(
+            &o["metadata"],
+            &["name", "namespace", "labels", "annotations"],
+            &what,
+            &mut problems,
+        );
+        let spec = &o["spec"];
+        match o["kind"].as_str() {
+            Some("Issuer") => {
+                unknown_fields(spec, ISSUER_TYPES, &what, &mut problems);
+                let types = spec.as_object().map_or(0, |m| m.len());
+                if types != 1 {
+                    problems.push(format!("{what}: {types} issuer types, exactly one needed"));
+                }
+                if let Some(ca) = spec.get("ca") {
+                    unknown_fields(
+                        ca,
+                        &[
+                            "secretName",
+                            "crlDistributionPoints",
+                            "ocspServers",
+                            "issuingCertificateURLs",
+                        ],
+                        &what,
+                        &mut problems,
+                    );
+                    match ca["secretName"].as_str() {
+                        Some(secret) if ca_secrets.contains(secret) => {}
+                        other => problems.push(format!(
+                            "{what}: ca.secretName {other:?} is no CA Certificate's Secret"
+                        )),
+                    }
+                }
+                if let Some(selfsigned) = spec.get("selfSigned") {
+                    unknown_fields(selfsigned, &["crlDistributionPoints"], &what, &mut problems);
+                }
+            }
+            Some("Certificate") => {
+                unknown_fields(spec, CERTIFICATE_FIELDS, &what, &mut problems);
+                if spec["secretName"].as_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{what}: spec.secretName is required"));
+                }
+                let issuer_ref = &spec["issuerRef"];
+                unknown_fields(issuer_ref, &["name", "kind", "group"], &what, &mut problems);
+                let kind_ok = issuer_ref.get("kind").is_none_or(|k| k == "Issuer");
+                let group_ok = issuer_ref
+                    .get("group")
+                    .is_none_or(|g| g == "cert-manager.io");
+                match issuer_ref["name"].as_str() {
+                    Some(issuer) if kind_ok && group_ok && issuers.contains_key(issuer) => {}
+                    _ => problems.push(format!(
+                        "{what}: issuerRef {issuer_ref} names no Issuer of this rendering"
+                    )),
+                }
+                for field in ["duration", "renewBefore"] {
+                    if let Some(d) = spec.get(field)
+                        && !d.as_str().is_some_and(is_duration)
+                    {
+                        problems.push(format!("{what}: {field} {d} is not a duration"));
+                    }
+                }
+                if let Some(key) = spec.get("privateKey") {
+                    unknown_fields(
+                        key,
+                        &["algorithm", "encoding", "rotationPolicy", "size"],
+                        &what,
+                        &mut problems,
+                    );
+                    let algorithm = key["algorithm"].as_str().unwrap_or("RSA");
+                    if !["RSA", "ECDSA", "Ed25519"].contains(&algorithm) {
+                        problems.push(format!("{what}: privateKey.algorithm {algorithm}"));
+                    }
+                    if algorithm == "ECDSA"
+                        && !key["size"]
+                            .as_u64()
+                            .is_some_and(|s| [256, 384, 521].contains(&s))
+                    {
+                        problems.push(format!("{what}: ECDSA size {}", key["size"]));
+                    }
+                    if let Some(policy) = key.get("rotationPolicy")
+                        && policy != "Never"
+                        && policy != "Always"
+                    {
+                        problems.push(format!("{what}: rotationPolicy {policy}"));
+                    }
+                }
+                for usage in spec["usages"].as_array().into_iter().flatten() {
+                    if !usage.as_str().is_some_and(|u| KEY_USAGES.contains(&u)) {
+                        problems.push(format!("{what}: usage {usage}"));
+                    }
+                }
+                if let Some(template) = spec.get("secretTemplate") {
+                    unknown_fields(template, &["annotations", "labels"], &what, &mut problems);
+                }
+            }
+            other => problems.push(format!("{what}: unexpected kind {other:?}")),
+        }
+    }
+    problems
+}
+
+#[test]
+fn cert_manager_overlay_issues_the_secrets_the_pods_mount() {
+    let r = rendering("overlays/cert-manager");
+    let ca = r.get("Certificate", "podiam-ca");
+    assert_eq!(ca["spec"]["isCA"], true);
+    let ca_issuer_of = |cert: &Value| {
+        let issuer = r.get("Issuer", str_at(cert, "/spec/issuerRef/name"));
+        issuer["spec"].clone()
+    };
+    // The CA is self-signed; the leaves are signed by the CA issuer.
+    assert!(ca_issuer_of(ca).get("selfSigned").is_some());
+    let ca_secret = str_at(ca, "/spec/secretName");
+    let server_cert = r.get("Certificate", "podiam-server");
+    let agent_cert = r.get("Certificate", "podiam-agent");
+    for (cert, secret, usage) in [
+        (server_cert, SERVER_SECRET, "server auth"),
+        (agent_cert, AGENT_SECRET, "client auth"),
+    ] {
+        assert_eq!(str_at(cert, "/spec/secretName"), secret);
+        assert_eq!(ca_issuer_of(cert)["ca"]["secretName"], ca_secret);
+        assert_ne!(cert["spec"]["isCA"], true);
+        let usages: Vec<&str> = cert["spec"]["usages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert!(usages.contains(&usage), "{secret}: {usages:?}");
+    }
+    let names: Vec<&str> = server_cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for expected in [
+        "podiam-server",
+        "podiam-server.podiam.svc",
+        "podiam-server.podiam.svc.cluster.local",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+    // The name the agents check the server's certificate against is one of them.
+    let server_url = flag_value(container(r.agent(), "agent"), "--server").unwrap();
+    let host = server_url
+        .strip_prefix("https://")
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    assert!(names.contains(&host), "{host} not in {names:?}");
+    assert_eq!(str_at(agent_cert, "/spec/commonName"), "podiam-agent");
+    // Nothing else of the base changed.
+    let rest = |r: &Rendering| -> Vec<Value> {
+        r.objects
+            .iter()
+            .filter(|o| !is_cert_manager(o))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rest(r), rest(base()));
+}
+
+// ---------------------------------------------------------------------------------------
+// The pods
+
+fn pod_spec(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]
+}
+
+fn containers(workload: &Value) -> Vec<&Value> {
+    let spec = pod_spec(workload);
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_array().into_iter().flatten())
+        .collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    containers(workload)
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn args(container: &Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
+/// The value of `--flag=value` in a container's args.
+fn flag_value<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
+    args(container)
+        .into_iter()
+        .find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
+}
+
+fn port_of(address: &str) -> u64 {
+    address.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn string_set(value: &Value) -> BTreeSet<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    let wanted = selector["matchLabels"].as_object().unwrap();
+    !wanted.is_empty() && wanted.iter().all(|(k, v)| labels[k] == *v)
+}
+
+/// Probes are on the health listener's port, at /live and /ready.
+fn assert_probes(c: &Value) {
+    let health_port = port_of(flag_value(c, "--health-listen").unwrap());
+    for (probe, path) in [("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], health_port, "{probe}");
+    }
+}
+
+/// The workload's TLS Secret is mounted read-only as a directory (never subPath, so
+/// rotated certificates reach the pod) and the TLS flags name its files.
+fn assert_tls_mount(workload: &Value, c: &Value, secret: &str) {
+    let volumes = pod_spec(workload)["volumes"].as_array().unwrap();
+    let volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret)
+        .unwrap_or_else(|| panic!("no volume of Secret {secret}"));
+    let mounts: Vec<&Value> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == volume["name"])
+        .collect();
+    assert_eq!(mounts.len(), 1, "{secret}");
+    let mount = mounts[0];
+    assert_eq!(mount["readOnly"], true, "{secret}");
+    assert!(mount.get("subPath").is_none() && mount.get("subPathExpr").is_none());
+    assert!(volume["secret"].get("items").is_none(), "items hide keys");
+    let dir = str_at(mount, "/mountPath");
+    for (flag, key) in [
+        ("--tls-ca", "ca.crt"),
+        ("--tls-cert", "tls.crt"),
+        ("--tls-key", "tls.key"),
+    ] {
+        assert_eq!(
+            flag_value(c, flag),
+            Some(format!("{dir}/{key}").as_str()),
+            "{flag}"
+        );
+    }
+    // No Secret is mounted anywhere with subPath, in any container.
+    for c in containers(workload) {
+        for m in c["volumeMounts"].as_array().into_iter().flatten() {
+            assert!(m.get("subPath").is_none(), "{m}");
+        }
+    }
+}
+
+fn capabilities(c: &Value) -> (BTreeSet<&str>, BTreeSet<&str>) {
+    let caps = &c["securityContext"]["capabilities"];
+    (string_set(&caps["add"]), string_set(&caps["drop"]))
+}
+
+#[test]
+fn base_server_is_replicated_hardened_and_on_the_control_plane() {
+    let r = base();
+    let server = r.server();
+    assert_eq!(server["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(server["spec"]["replicas"], 2);
+    let spec = pod_spec(server);
+    let pod_labels = &server["spec"]["template"]["metadata"]["labels"];
+    assert!(labels_match(&server["spec"]["selector"], pod_labels));
+
+    // One replica per node.
+    let anti =
+        spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .unwrap();
+    assert!(anti.iter().any(|term| {
+        term["topologyKey"] == "kubernetes.io/hostname"
+            && labels_match(&term["labelSelector"], pod_labels)
+    }));
+
+    // A disruption budget that leaves a replica.
+    let pdbs: Vec<&Value> = r
+        .all("PodDisruptionBudget")
+        .into_iter()
+        .filter(|p| labels_match(&p["spec"]["selector"], pod_labels))
+        .collect();
+    assert_eq!(pdbs.len(), 1);
+    assert_eq!(pdbs[0]["spec"]["maxUnavailable"], 1);
+
+    // Control-plane nodes, current and older labels: node affinity and tolerations.
+    let terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    for label in CONTROL_PLANE_LABELS {
+        assert!(
+            terms
+                .iter()
+                .any(|t| t["matchExpressions"] == json!([{"key": label, "operator": "Exists"}])),
+            "{label}: {terms:?}"
+        );
+        assert!(
+            spec["tolerations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["key"] == label && t["operator"] == "Exists"),
+            "{label}"
+        );
+    }
+
+    // Hardened.
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert!(spec["securityContext"]["runAsUser"].as_u64().unwrap() > 0);
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = container(server, "server");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    let (add, drop) = capabilities(c);
+    assert!(add.is_empty(), "{add:?}");
+    assert_eq!(drop, BTreeSet::from(["ALL"]));
+    for resource in ["cpu", "memory"] {
+        assert!(
+            c["resources"]["requests"][resource].is_string(),
+            "{resource}"
+        );
+    }
+    assert!(c["resources"]["limits"]["memory"].is_string());
+
+    // Host network (its AWS credentials are the node's), with cluster DNS.
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_probes(c);
+    assert_tls_mount(server, c, SERVER_SECRET);
+    assert_eq!(spec["serviceAccountName"], "podiam-server");
+}
+
+#[test]
+fn base_service_is_headless_and_reaches_the_grpc_port() {
+    let r = base();
+    let service = r.get("Service", "podiam-server");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    let server = r.server();
+    assert!(labels_match(
+        &json!({"matchLabels": service["spec"]["selector"]}),
+        &server["spec"]["template"]["metadata"]["labels"]
+    ));
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["port"], 8443);
+    let c = container(server, "server");
+    let target = ports[0]["targetPort"].as_str().unwrap();
+    let container_port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == target)
+        .unwrap();
+    let listen = port_of(flag_value(c, "--listen").unwrap());
+    assert_eq!(container_port["containerPort"], listen);
+    // The agents' --server is this Service, in this namespace, on this port.
+    let url = flag_value(container(r.agent(), "agent"), "--server").unwrap();
+    assert_eq!(
+        url,
+        format!(
+            "https://{}.{}.svc:{}",
+            str_at(service, "/metadata/name"),
+            str_at(service, "/metadata/namespace"),
+            ports[0]["port"]
+        )
+    );
+}
+
+/// The RBAC rules of a rendering as (API group, resource, verb) triples.
+fn rbac_triples(role: &Value) -> BTreeSet<(String, String, String)> {
+    let mut triples = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in string_set(&rule["apiGroups"]) {
+            for resource in string_set(&rule["resources"]) {
+                for verb in string_set(&rule["verbs"]) {
+                    triples.insert((group.into(), resource.into(), verb.into()));
+                }
+            }
+        }
+        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
+    }
+    triples
+}
+
+#[test]
+fn base_rbac_grants_exactly_what_the_server_needs_and_nothing_to_the_agent() {
+    let r = base();
+    assert!(r.all("Role").is_empty() && r.all("RoleBinding").is_empty());
+    let roles = r.all("ClusterRole");
+    assert_eq!(roles.len(), 1);
+    let mut expected = BTreeSet::new();
+    for resource in ["pods", "namespaces"] {
+        for verb in ["get", "list", "watch"] {
+            expected.insert((String::new(), resource.to_string(), verb.to_string()));
+        }
+    }
+    for verb in ["create", "patch"] {
+        expected.insert(("events.k8s.io".into(), "events".into(), verb.into()));
+    }
+    assert_eq!(rbac_triples(roles[0]), expected);
+
+    let bindings = r.all("ClusterRoleBinding");
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(bindings[0]["roleRef"]["name"], roles[0]["metadata"]["name"]);
+    assert_eq!(
+        bindings[0]["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "podiam-server", "namespace": NAMESPACE}])
+    );
+    // The agent's account exists, is bound to nothing, and has no token mounted.
+    let agent_sa = r.get("ServiceAccount", "podiam-agent");
+    assert_eq!(agent_sa["automountServiceAccountToken"], false);
+    assert_eq!(pod_spec(r.agent())["serviceAccountName"], "podiam-agent");
+    assert_eq!(pod_spec(r.agent())["automountServiceAccountToken"], false);
+}
+
+#[test]
+fn base_agent_runs_on_every_node_with_only_net_admin() {
+    let r = base();
+    let agent = r.agent();
+    let spec = pod_spec(agent);
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert!(
+        spec["tolerations"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"operator": "Exists"}))
+    );
+    assert!(spec.get("nodeSelector").is_none() && spec.get("affinity").is_none());
+    assert_eq!(
+        agent["spec"]["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let all = containers(agent);
+    assert_eq!(all.len(), 1);
+    let c = all[0];
+    let (add, drop) = capabilities(c);
+    assert_eq!(add, BTreeSet::from(["NET_ADMIN"]));
+    assert_eq!(drop, BTreeSet::from(["ALL"]));
+    assert_eq!(c["securityContext"]["runAsUser"], 0);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_ne!(c["securityContext"]["privileged"], true);
+    // Declared ports on the host network are host ports: the surge pod could not be
+    // scheduled beside the old one.
+    assert!(c.get("ports").is_none(), "the agent must declare no ports");
+    // Stopping leaves the iptables rules: no hook may remove them.
+    assert!(c.get("lifecycle").is_none());
+    let a = args(c);
+    assert_eq!(a[0], "serve");
+    assert!(a.contains(&"--iptables"));
+    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("HOST_IP", "status.hostIP")] {
+        let var = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
+    assert_eq!(
+        r.config_map("podiam-agent")["data"]["PODIAM_INTERFACES"],
+        "cali+"
+    );
+    assert_probes(c);
+    assert_tls_mount(agent, c, AGENT_SECRET);
+    let lock = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/run/xtables.lock")
+        .unwrap();
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == lock["name"])
+        .unwrap();
+    assert_eq!(volume["hostPath"]["path"], "/run/xtables.lock");
+}
+
+#[test]
+fn base_namespace_admits_the_agent_and_everything_is_in_it() {
+    let r = base();
+    let ns = r.get("Namespace", NAMESPACE);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    for o in &r.objects {
+        if !cluster_scoped.contains(&o["kind"].as_str().unwrap()) {
+            assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{}", o["metadata"]);
+        }
+    }
+}
+
+#[test]
+fn ordinary_nodes_overlay_only_lifts_control_plane_scheduling() {
+    let r = rendering("overlays/ordinary-nodes");
+    let spec = pod_spec(r.server());
+    assert!(spec.get("tolerations").is_none());
+    assert!(spec["affinity"].get("nodeAffinity").is_none());
+    assert!(spec["affinity"].get("podAntiAffinity").is_some());
+    let mut expected = base().server().clone();
+    let template = &mut expected["spec"]["template"]["spec"];
+    template.as_object_mut().unwrap().remove("tolerations");
+    template["affinity"]
+        .as_object_mut()
+        .unwrap()
+        .remove("nodeAffinity");
+    assert_eq!(*r.server(), expected);
+    assert_eq!(r.agent(), base().agent());
+    // And the base does tolerate the control plane (asserted in detail above).
+    assert!(pod_spec(base().server()).get("tolerations").is_some());
+}
+
+#[test]
+fn iptables_legacy_overlay_adds_net_raw_and_the_legacy_back_end() {
+    let r = rendering("overlays/iptables-legacy");
+    let (add, _) = capabilities(container(r.agent(), "agent"));
+    assert_eq!(add, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(
+        r.config_map("podiam-agent")["data"]["PODIAM_IPTABLES_BIN"],
+        "iptables-legacy"
+    );
+    assert_eq!(r.server(), base().server());
+}
+
+#[test]
+fn all_components_compose() {
+    let r = rendering("all-components");
+    assert!(pod_spec(r.server()).get("tolerations").is_none());
+    let (add, _) = capabilities(container(r.agent(), "agent"));
+    assert!(add.contains("NET_RAW"));
+    assert_eq!(r.all("Certificate").len(), 3);
+}
+
+#[test]
+fn uninstall_removes_the_rules_of_both_back_ends_on_every_node() {
+    let r = rendering("uninstall");
+    let daemonsets = r.all("DaemonSet");
+    assert_eq!(daemonsets.len(), 1);
+    let ds = daemonsets[0];
+    let spec = pod_spec(ds);
+    assert_eq!(spec["hostNetwork"], true);
+    assert!(
+        spec["tolerations"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"operator": "Exists"}))
+    );
+    let namespace = str_at(ds, "/metadata/namespace");
+    let ns = r.get("Namespace", namespace);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    let mut back_ends = BTreeSet::new();
+    for c in spec["initContainers"].as_array().unwrap() {
+        assert_eq!(c["command"], json!(["/usr/local/bin/podiam-agent"]));
+        assert_eq!(args(c)[0], "uninstall");
+        back_ends.insert(flag_value(c, "--iptables-bin").unwrap());
+        let (add, drop) = capabilities(c);
+        assert_eq!(add, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+        assert_eq!(drop, BTreeSet::from(["ALL"]));
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == "/run/xtables.lock")
+        );
+    }
+    assert_eq!(
+        back_ends,
+        BTreeSet::from(["iptables-legacy", "iptables-nft"])
+    );
+    // Nothing in it serves: a running agent would put the rules back.
+    for c in containers(ds) {
+        assert_ne!(args(c).first(), Some(&"serve"));
+    }
+    // Same agent image as the base, so one `images:` change covers both.
+    assert_eq!(
+        container(ds, "remove-nft-rules")["image"],
+        container(base().agent(), "agent")["image"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The binaries agree with the manifests
+
+/// Flags and environment variables one command accepts, read off its `--help`.
+#[derive(Debug, Default)]
+struct Help {
+    flags: BTreeSet<String>,
+    envs: BTreeSet<String>,
+}
+
+/// Parses clap's help: a flag is defined on a line indented at most 6 columns
+/// (`  -h, --help`, `      --listen <LISTEN>`), never in a description (indented 10, or
+/// after the flag on the same line); environment variables are clap's `[env: NAME=]`.
+fn parse_help(text: &str) -> Help {
+    let mut help = Help::default();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if line.len() - trimmed.len() <= 6 {
+            let definition = match trimmed.split_once(", ") {
+                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
+                _ => trimmed,
+            };
+            if let Some(rest) = definition.strip_prefix("--") {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                help.flags.insert(format!("--{name}"));
+            }
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("[env: ") {
+            rest = &rest[at + 6..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            help.envs.insert(name);
+        }
+    }
+    help
+}
+
+/// `BINARY [SUBCOMMAND] --help`, parsed.
+fn help(binary_name: &str, subcommand: Option<&str>) -> Help {
+    let mut command = Command::new(binary(binary_name).unwrap());
+    command.args(subcommand).arg("--help");
+    let output = run(
+        &mut command,
+        "build the binaries: cargo build --workspace --bins",
+    );
+    let help = parse_help(&String::from_utf8_lossy(&output.stdout));
+    assert!(help.flags.len() > 3, "{binary_name}: {help:?}");
+    help
+}
+
+/// A podiam container's binary and subcommand, from its command and args.
+fn podiam_command(c: &Value) -> Option<(String, Option<String>)> {
+    let program = c["command"][0].as_str()?;
+    let name = program.rsplit('/').next()?;
+    if !name.starts_with("podiam-") {
+        return None;
+    }
+    let subcommand = (name == "podiam-agent").then(|| args(c)[0].to_string());
+    Some((name.to_string(), subcommand))
+}
+
+/// The environment a podiam container gets: its env (downward-API values stand in as
+/// fixed ones) and the keys of the ConfigMaps it loads.
+fn container_env(r: &Rendering, c: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for from in c["envFrom"].as_array().into_iter().flatten() {
+        let name = str_at(from, "/configMapRef/name");
+        let map = r
+            .all("ConfigMap")
+            .into_iter()
+            .find(|m| m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{}: ConfigMap {name} is not rendered", r.name));
+        for (key, value) in map["data"].as_object().unwrap() {
+            env.insert(key.clone(), value.as_str().unwrap().to_string());
+        }
+    }
+    for var in c["env"].as_array().into_iter().flatten() {
+        let value = match var.get("value") {
+            Some(v) => v.as_str().unwrap().to_string(),
+            None => match str_at(var, "/valueFrom/fieldRef/fieldPath") {
+                "spec.nodeName" => "node-1".to_string(),
+                "status.hostIP" => "10.0.0.10".to_string(),
+                other => panic!("unexpected fieldRef {other}"),
+            },
+        };
+        env.insert(str_at(var, "/name").to_string(), value);
+    }
+    env
+}
+
+#[test]
+fn every_flag_and_variable_given_to_a_binary_exists_in_its_help() {
+    let mut checked = 0;
+    for r in renderings() {
+        for workload in r.all("Deployment").into_iter().chain(r.all("DaemonSet")) {
+            for c in containers(workload) {
+                let Some((program, subcommand)) = podiam_command(c) else {
+                    continue;
+                };
+                let help = help(&program, subcommand.as_deref());
+                let where_ = format!("{}: {} {}", r.name, program, c["name"]);
+                for arg in args(c).iter().filter(|a| a.starts_with("--")) {
+                    let flag = arg.split('=').next().unwrap();
+                    assert!(
+                        help.flags.contains(flag),
+                        "{where_}: {flag} is not in --help"
+                    );
+                    checked += 1;
+                }
+                for name in container_env(r, c).keys() {
+                    assert!(
+                        help.envs.contains(name),
+                        "{where_}: environment variable {name} is read by no flag"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} flags and variables checked");
+}
+
+/// Runs a binary with a container's args and environment (nothing else inherited) until it
+/// exits, for at most 10 s; returns its exit code and stderr.
+fn run_like_a_container(program: &str, c: &Value, env: &BTreeMap<String, String>) -> (i32, String) {
+    let mut child = Command::new(binary(program).unwrap())
+        .args(args(c))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let output = child.wait_with_output().unwrap();
+            return (
+                status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{program} did not stop at its configuration checks: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_rendered_configurations_pass_the_binaries_own_checks() {
+    let r = base();
+    // The server: every value parses, and the one complaint is the placeholder account,
+    // which must stop it (exit 2, before it touches anything) until an operator sets it.
+    let c = container(r.server(), "server");
+    let env = container_env(r, c);
+    assert!(env["PODIAM_BASE_ROLE_ARN"].contains("ACCOUNT_ID"));
+    let (code, stderr) = run_like_a_container("podiam-server", c, &env);
+    assert_eq!(code, 2, "{stderr}");
+    let complaints: Vec<&str> = stderr.lines().collect();
+    assert_eq!(complaints.len(), 1, "{stderr}");
+    assert!(complaints[0].contains("--base-role-arn"), "{stderr}");
+
+    // The agent: one deliberate mistake is added so that it stops at its checks (it never
+    // reaches its TLS files, sockets or iptables); that must be the only complaint.
+    let c = container(r.agent(), "agent");
+    let mut with_mistake = c.clone();
+    with_mistake["args"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("--max-connections=0"));
+    let env = container_env(r, c);
+    let (code, stderr) = run_like_a_container("podiam-agent", &with_mistake, &env);
+    assert_eq!(code, 2, "{stderr}");
+    let complaints: Vec<&str> = stderr.lines().collect();
+    assert_eq!(complaints.len(), 1, "{stderr}");
+    assert!(complaints[0].contains("--max-connections"), "{stderr}");
+}
+
+#[test]
+fn the_mounted_secrets_are_the_ones_podiam_certs_writes() {
+    let out = scratch_dir("deploy-certs").unwrap();
+    let secrets = out.join("secrets.yaml");
+    run(
+        Command::new(binary("podiam-certs").unwrap())
+            .arg("--out")
+            .arg(out.join("pem"))
+            .arg("--secrets")
+            .arg(&secrets),
+        "",
+    );
+    let written = yaml_to_json(&secrets);
+    let names: BTreeSet<&str> = written
+        .iter()
+        .map(|s| str_at(s, "/metadata/name"))
+        .collect();
+    assert_eq!(names, BTreeSet::from([SERVER_SECRET, AGENT_SECRET]));
+    for secret in &written {
+        assert_eq!(secret["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(secret["type"], "kubernetes.io/tls");
+        let keys: BTreeSet<&str> = secret["data"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        // The files the TLS flags name (checked per workload in assert_tls_mount).
+        assert_eq!(keys, BTreeSet::from(["ca.crt", "tls.crt", "tls.key"]));
+    }
+    // The base mounts exactly these.
+    let mut mounted = BTreeSet::new();
+    for workload in [base().server(), base().agent()] {
+        for v in pod_spec(workload)["volumes"].as_array().unwrap() {
+            if let Some(name) = v["secret"]["secretName"].as_str() {
+                mounted.insert(name);
+            }
+        }
+    }
+    assert_eq!(mounted, names);
+}
+
+/// `registry.example.com/podiam/podiam-agent:0.1.0` → `agent`: images are named after the
+/// Dockerfile target they are built from.
+fn image_target(image: &str) -> &str {
+    let name = image.rsplit('/').next().unwrap().split(':').next().unwrap();
+    name.strip_prefix("podiam-").unwrap()
+}
+
+#[test]
+fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    // stage name → the files COPYed into it.
+    let mut stages: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut current = String::new();
+    for line in dockerfile.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["FROM", .., "AS", name] => {
+                current = name.to_string();
+                stages.entry(current.clone()).or_default();
+            }
+            ["COPY", from, .., destination] if from.starts_with("--from=") => {
+                stages
+                    .entry(current.clone())
+                    .or_default()
+                    .push(destination.to_string());
+            }
+            _ => {}
+        }
+    }
+    for target in ["server", "agent", "certs"] {
+        assert!(
+            stages.contains_key(target),
+            "no target {target}: {stages:?}"
+        );
+    }
+    for r in renderings() {
+        for workload in r.all("Deployment").into_iter().chain(r.all("DaemonSet")) {
+            for c in containers(workload) {
+                let program = c["command"][0].as_str().unwrap();
+                if podiam_command(c).is_none() {
+                    continue;
+                }
+                let target = image_target(c["image"].as_str().unwrap());
+                assert!(
+                    stages[target].iter().any(|d| d == program),
+                    "{}: {program} is not copied into the {target} image",
+                    r.name
+                );
+            }
+        }
+    }
+    // The agent's image carries the tools it runs.
+    assert!(dockerfile.contains("iptables conntrack"));
+}
