@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use podiam_proto::telemetry::{LogFormat, parse_duration};
 
 use crate::iptables::valid_interface;
+use crate::replicas::Target;
 
 /// podiam-agent: answers pods' instance-metadata requests with their own role's credentials.
 #[derive(Clone, Debug, Parser)]
@@ -52,16 +53,27 @@ pub struct ServeConfig {
         default_value = "0.0.0.0:8182"
     )]
     pub health_listen: SocketAddr,
-    /// The server's gRPC URL.
+    /// The servers' gRPC URL: a name that resolves to every replica (a headless Service),
+    /// re-resolved every --server-resolve-interval. Repeat (or comma-separate) to list
+    /// replicas one by one.
     #[arg(
         long,
         env = "PODIAM_SERVER",
+        value_delimiter = ',',
         default_value = "https://podiam-server.podiam.svc:8443"
     )]
-    pub server: String,
-    /// The name the server's certificate must carry, when it differs from the URL's host.
+    pub server: Vec<String>,
+    /// The name the servers' certificates must carry, when it differs from the URLs' host.
     #[arg(long, env = "PODIAM_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// How often the --server names are resolved again, so replicas that come and go are
+    /// followed (CoreDNS caches a headless Service's answer for 30 s by default).
+    #[arg(long, env = "PODIAM_SERVER_RESOLVE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub server_resolve_interval: Duration,
+    /// How often the TLS files are re-read; changed files that check out are used for new
+    /// connections without a restart.
+    #[arg(long, env = "PODIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
     /// CA certificate (PEM) the server's certificate must chain to.
     #[arg(long, env = "PODIAM_TLS_CA")]
     pub tls_ca: PathBuf,
@@ -94,7 +106,8 @@ pub struct ServeConfig {
     /// Refuse requests without an IMDSv2 token (IMDSv2-only).
     #[arg(long, env = "PODIAM_REQUIRE_TOKEN")]
     pub require_token: bool,
-    /// Deadline for one call to the server (SDKs give the metadata service about 1 s).
+    /// Deadline for one call to one server replica (SDKs give the metadata service about
+    /// 1 s; a replica that has not answered after 300 ms is joined by a second one).
     #[arg(long, env = "PODIAM_SERVER_TIMEOUT", default_value = "900ms", value_parser = parse_duration)]
     pub server_timeout: Duration,
     /// Cached credentials are served while they have at least this much life left; keep it
@@ -147,23 +160,35 @@ impl ServeConfig {
         Some(SocketAddr::new(ip, self.listen.port()))
     }
 
-    /// The name the server's certificate is checked against.
-    pub fn server_name(&self) -> Option<String> {
-        self.server_name.clone().or_else(|| {
-            let uri: http::Uri = self.server.parse().ok()?;
-            uri.host().map(|h| h.trim_matches(['[', ']']).to_string())
-        })
+    /// The servers to resolve, each with the name its certificate must carry.
+    pub fn targets(&self) -> Vec<(Target, String)> {
+        self.server
+            .iter()
+            .filter_map(|url| Target::parse(url))
+            .map(|target| {
+                let name = self
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| target.host.clone());
+                (target, name)
+            })
+            .collect()
     }
 
     /// Every mistake in the configuration, one line each.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        match self.server.parse::<http::Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
-            _ => problems.push(format!(
-                "--server {:?} must be an https:// URL (the server speaks mutual TLS only)",
-                self.server
-            )),
+        if self.server.is_empty() {
+            problems.push("--server: at least one server URL is needed".into());
+        }
+        for url in self
+            .server
+            .iter()
+            .filter(|url| Target::parse(url).is_none())
+        {
+            problems.push(format!(
+                "--server {url:?} must be an https:// URL (the server speaks mutual TLS only)"
+            ));
         }
         if self.iptables && self.dnat_target().is_none() {
             problems.push(
@@ -187,6 +212,8 @@ impl ServeConfig {
         }
         for (flag, value) in [
             ("--server-timeout", self.server_timeout),
+            ("--server-resolve-interval", self.server_resolve_interval),
+            ("--tls-reload-interval", self.tls_reload_interval),
             ("--request-timeout", self.request_timeout),
             ("--header-timeout", self.header_timeout),
             ("--iptables-sync-interval", self.iptables_sync_interval),
@@ -244,10 +271,28 @@ mod tests {
     fn defaults_are_valid() {
         let config = serve(&[]);
         assert_eq!(config.problems(), Vec::<String>::new());
-        assert_eq!(
-            config.server_name().as_deref(),
-            Some("podiam-server.podiam.svc")
-        );
+        let targets = config.targets();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].0.host, "podiam-server.podiam.svc");
+        assert_eq!(targets[0].0.port, 8443);
+        assert_eq!(targets[0].1, "podiam-server.podiam.svc");
+    }
+
+    #[test]
+    fn several_servers_share_one_certificate_name_when_given() {
+        let config = serve(&[
+            "--server",
+            "https://127.0.0.1:9001,https://127.0.0.1:9002",
+            "--server",
+            "https://[::1]:9003",
+            "--server-name",
+            "localhost",
+        ]);
+        assert_eq!(config.problems(), Vec::<String>::new());
+        let targets = config.targets();
+        assert_eq!(targets.len(), 3);
+        assert!(targets.iter().all(|(_, name)| name == "localhost"));
+        assert_eq!(targets[2].0.host, "::1");
     }
 
     #[test]

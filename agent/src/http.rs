@@ -23,7 +23,7 @@ use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
 pub use podiam_proto::serve::Limits;
-use podiam_proto::v1::{PodRef, PodState};
+use podiam_proto::v1::{ExplainResponse, PodRef, PodState};
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -316,26 +316,65 @@ impl MetadataService {
         }
     }
 
-    /// The pod at `peer`, waiting briefly for one to appear (the start-up race).
+    /// The pod at `peer`. An address this node's table does not know is the start-up race
+    /// (the pod's IP not yet in the API), a node stream lagging behind its replica, or no pod
+    /// at all: the table is watched for up to [`UNKNOWN_POD_WAIT`] while the server is asked
+    /// at once, and if the server has the pod on this node, the request is answered by
+    /// asking the server directly.
     async fn resolve(&self, peer: IpAddr) -> Result<Resolved, Refused> {
-        match self.table.wait_known(peer, UNKNOWN_POD_WAIT).await {
-            Known::Pod(state) => Ok(Resolved::Pod(state)),
-            Known::Unsynced => Ok(Resolved::Unsynced),
-            Known::Nobody => Err(refusal(Reason::UnknownPod, self.unknown(peer).await)),
+        match self.table.known(peer) {
+            Known::Pod(state) => return Ok(Resolved::Pod(state)),
+            Known::Unsynced => return Ok(Resolved::Unsynced),
+            Known::Nobody => {}
         }
+        let table = self.table.wait_known(peer, UNKNOWN_POD_WAIT);
+        let asked = self.explain(peer);
+        let mut table = std::pin::pin!(table);
+        let mut asked = std::pin::pin!(asked);
+        let mut answered = false;
+        loop {
+            tokio::select! {
+                known = table.as_mut() => match known {
+                    Known::Pod(state) => return Ok(Resolved::Pod(state)),
+                    Known::Unsynced => return Ok(Resolved::Unsynced),
+                    Known::Nobody => break,
+                },
+                answer = asked.as_mut(), if !answered => {
+                    answered = true;
+                    if self.on_this_node(answer.as_ref()) {
+                        return Ok(Resolved::Unsynced);
+                    }
+                }
+            }
+        }
+        // Still unknown after the wait: the server's latest word decides, and explains.
+        let answer = self.explain(peer).await;
+        if self.on_this_node(answer.as_ref()) {
+            return Ok(Resolved::Unsynced);
+        }
+        Err(refusal(Reason::UnknownPod, self.unknown(peer, answer)))
     }
 
-    /// Why no pod of this node has `peer`, as far as the server's Explain can tell within
-    /// [`EXPLAIN_WAIT`]: most usefully, a pod the server places on another node (the agent's
-    /// node name is wrong, or the pod's traffic reached the wrong node).
-    async fn unknown(&self, peer: IpAddr) -> String {
-        let plain = format!(
-            "no pod known with IP {peer} on node {}",
-            self.upstream.node_name()
-        );
-        let explained = tokio::time::timeout(EXPLAIN_WAIT, self.upstream.explain_ip(peer)).await;
-        match explained {
-            Ok(Ok(answer))
+    /// The server's explanation of `peer`, if one comes within [`EXPLAIN_WAIT`].
+    async fn explain(&self, peer: IpAddr) -> Option<ExplainResponse> {
+        tokio::time::timeout(EXPLAIN_WAIT, self.upstream.explain_ip(peer))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// Whether the server has exactly one pod at the address, on this agent's node.
+    fn on_this_node(&self, answer: Option<&ExplainResponse>) -> bool {
+        let node = self.upstream.node_name();
+        answer.is_some_and(|a| a.pods.len() == 1 && (node.is_empty() || a.node_name == node))
+    }
+
+    /// Why no pod of this node has `peer`, as far as the server's explanation tells: most
+    /// usefully, a pod the server places on another node (the agent's node name is wrong, or
+    /// the pod's traffic reached the wrong node).
+    fn unknown(&self, peer: IpAddr, answer: Option<ExplainResponse>) -> String {
+        match answer {
+            Some(answer)
                 if answer.pods.len() == 1 && answer.node_name != self.upstream.node_name() =>
             {
                 let pod = &answer.pods[0];
@@ -347,8 +386,11 @@ impl MetadataService {
                     self.upstream.node_name()
                 )
             }
-            Ok(Ok(answer)) if !answer.message.is_empty() => answer.message,
-            _ => plain,
+            Some(answer) if !answer.message.is_empty() => answer.message,
+            _ => format!(
+                "no pod known with IP {peer} on node {}",
+                self.upstream.node_name()
+            ),
         }
     }
 
@@ -401,8 +443,9 @@ impl MetadataService {
 /// SDKs' 1 s budget, leaving the rest for fetching credentials.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
 
-/// How long an unknown pod's refusal waits for the server's explanation of the address.
-const EXPLAIN_WAIT: Duration = Duration::from_millis(200);
+/// How long an unknown address waits for the server's explanation of it: room for a second
+/// replica to be asked after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER).
+const EXPLAIN_WAIT: Duration = Duration::from_millis(400);
 
 /// Who is asking, as far as the pod table knows.
 enum Resolved {

@@ -4,7 +4,8 @@
 //! - [`routes`]: path normalisation and routing (pure).
 //! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
 //! - [`imds`]: EC2's exact response documents (pure).
-//! - [`upstream`]: gRPC calls to the server, readiness, and the node stream.
+//! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
+//! - [`upstream`]: gRPC calls to the servers, readiness, and the node stream.
 //! - [`pods`]: this node's pods and their decisions, from the server's node stream.
 //! - [`cache`]: each pod's credentials, so that a hit needs no server call.
 //! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
@@ -22,6 +23,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod node_metadata;
 pub mod pods;
+pub mod replicas;
 pub mod routes;
 pub mod token;
 pub mod upstream;
@@ -29,6 +31,7 @@ pub mod upstream;
 use std::sync::Arc;
 
 use anyhow::Context;
+use podiam_proto::rotate::Rotating;
 use podiam_proto::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,32 +41,42 @@ use crate::http::{Limits, MetadataService, ServiceOptions};
 use crate::iptables::Iptables;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
+use crate::replicas::ServerSet;
 use crate::token::TokenKey;
 use crate::upstream::Upstream;
 
-/// Runs the agent until `shutdown`. The iptables rules are installed before serving and
-/// deliberately left in place afterwards (see [`iptables`]).
+/// Runs the agent until `shutdown` (SIGTERM), then: reports not ready, stops accepting pods'
+/// connections (a successor bound beside it with SO_REUSEPORT takes them), lets open ones
+/// finish, and exits. The iptables rules are installed before serving and deliberately left
+/// in place afterwards, also on a stop (see [`iptables`]): only `podiam-agent uninstall`
+/// removes them.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = TlsFiles {
-        ca: config.tls_ca.clone(),
-        cert: config.tls_cert.clone(),
-        key: config.tls_key.clone(),
-    }
-    .load()?;
-    let server_name = config
-        .server_name()
-        .context("--server has no host to check the certificate against")?;
-    let upstream = Arc::new(
-        Upstream::new(
-            &config.server,
-            tls.client_config(&server_name),
-            config.server_timeout,
-            config.node_name.clone(),
+    let tls = Arc::new(
+        Rotating::load(
+            TlsFiles {
+                ca: config.tls_ca.clone(),
+                cert: config.tls_cert.clone(),
+                key: config.tls_key.clone(),
+            },
+            podiam_proto::tls::client_config,
         )
-        .context("configuring the server connection")?,
+        .context("loading the agent's TLS files")?,
     );
-    let tokens = TokenKey::generate().map_err(|_| anyhow::anyhow!("generating the token key"))?;
     let metrics = Arc::new(Metrics::new());
+    let servers = Arc::new(ServerSet::new(
+        config.targets(),
+        Arc::clone(&tls),
+        config.server_timeout,
+        metrics.failovers.clone(),
+    ));
+    if let Err(error) = servers.resolve().await {
+        tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
+    }
+    let upstream = Arc::new(Upstream::new(
+        Arc::clone(&servers),
+        config.node_name.clone(),
+    ));
+    let tokens = TokenKey::generate().map_err(|_| anyhow::anyhow!("generating the token key"))?;
     let allow = match &config.allow_route_regexp {
         Some(source) => Some((
             routes::allow_list(source).context("--allow-route-regexp")?,
@@ -91,12 +104,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         header_read_timeout: config.header_timeout,
     };
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = podiam_proto::serve::bind_reuseport(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let health_listener = TcpListener::bind(config.health_listen)
         .await
         .with_context(|| format!("binding {}", config.health_listen))?;
+    // Background work runs until the pod-facing server has drained.
+    let stop = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     if config.iptables {
         let target = config.dnat_target().context("no DNAT target")?;
@@ -117,31 +131,40 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             target,
             config.interfaces.clone(),
             config.iptables_sync_interval,
-            shutdown.clone(),
+            stop.clone(),
         ));
     }
     tracing::info!(
         listen = %listener.local_addr()?,
         health = %health_listener.local_addr()?,
-        server = %config.server,
+        servers = ?config.server,
         "serving pods' metadata requests"
     );
 
     {
-        let upstream = Arc::clone(&upstream);
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { upstream.watch_health(shutdown).await });
+        let servers = Arc::clone(&servers);
+        let (interval, stop) = (config.server_resolve_interval, stop.clone());
+        tasks.spawn(async move { servers.follow_dns(interval, stop).await });
+    }
+    {
+        let servers = Arc::clone(&servers);
+        let stop = stop.clone();
+        tasks.spawn(async move { servers.follow_health(stop).await });
     }
     {
         let upstream = Arc::clone(&upstream);
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { upstream.follow_node(&table, &cache, shutdown).await });
+        let stop = stop.clone();
+        tasks.spawn(async move { upstream.follow_node(&table, &cache, stop).await });
     }
+    tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
     {
         let upstream = Arc::clone(&upstream);
         let metrics = Arc::clone(&metrics);
+        let tls = Arc::clone(&tls);
         let handler = move |_, request: ::http::Request<hyper::body::Incoming>| {
             metrics.ready.set(i64::from(upstream.ready()));
+            metrics.tls_expiry.set(tls.not_after());
+            metrics.observe_replicas(upstream.servers());
             let response = http::health(&upstream, &metrics, request.uri().path());
             async move { response }
         };
@@ -149,17 +172,30 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             health_listener,
             limits,
             handler,
-            shutdown.clone(),
+            stop.clone(),
         ));
     }
     let handler = move |peer: std::net::SocketAddr, request| {
         let service = Arc::clone(&service);
         async move { service.handle(peer.ip().to_canonical(), request).await }
     };
+    {
+        // Readiness goes first on a stop.
+        let upstream = Arc::clone(&upstream);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            upstream.stop();
+            tracing::info!("stopping: not ready, no new connections; open ones finish");
+        });
+    }
     podiam_proto::serve::serve_http(listener, limits, handler, shutdown.clone()).await;
-    shutdown.cancel();
+    stop.cancel();
     tasks.close();
     tasks.wait().await;
+    if config.iptables {
+        tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
+    }
     Ok(())
 }
 

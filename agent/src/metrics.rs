@@ -35,6 +35,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
 }
 
+/// Labels of the server replicas gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub state: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,6 +50,12 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub ready: Gauge,
+    /// Server calls sent to a second replica (the first failed or was slow).
+    pub failovers: Counter,
+    /// Server replicas known, by state (ready, not_ready).
+    pub replicas: Family<ReplicaLabels, Gauge>,
+    /// When the agent's client certificate in use expires (Unix seconds).
+    pub tls_expiry: Gauge,
     registry: Registry,
 }
 
@@ -85,8 +97,29 @@ impl Metrics {
         );
         registry.register(
             "ready",
-            "1 when a synced server answers, else 0",
+            "1 when a synced server replica answers and the agent is not stopping, else 0",
             ready.clone(),
+        );
+        let failovers = Counter::default();
+        registry.register(
+            "server_failovers",
+            "Server calls also sent to a second replica because the first failed or had not \
+             answered within 300 ms",
+            failovers.clone(),
+        );
+        let replicas = Family::<ReplicaLabels, Gauge>::default();
+        registry.register(
+            "server_replicas",
+            "Server replicas known (from --server), by state: ready (synced, not draining) \
+             or not_ready",
+            replicas.clone(),
+        );
+        let tls_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the agent's client certificate in use expires, in Unix seconds (rotated \
+             files are picked up without a restart)",
+            tls_expiry.clone(),
         );
         Metrics {
             requests,
@@ -95,8 +128,23 @@ impl Metrics {
             cache_hits,
             cache_misses,
             ready,
+            failovers,
+            replicas,
+            tls_expiry,
             registry,
         }
+    }
+
+    /// Sets the replicas gauge from what `servers` knows now.
+    pub fn observe_replicas(&self, servers: &crate::replicas::ServerSet) {
+        let replicas = servers.replicas();
+        let ready = replicas.iter().filter(|r| r.ready()).count();
+        self.replicas
+            .get_or_create(&ReplicaLabels { state: "ready" })
+            .set(ready as i64);
+        self.replicas
+            .get_or_create(&ReplicaLabels { state: "not_ready" })
+            .set((replicas.len() - ready) as i64);
     }
 
     /// The OpenMetrics text exposition.

@@ -1,34 +1,34 @@
-//! The agent's side of the gRPC contract: calls to the server, with a deadline each, and the
-//! readiness they imply.
+//! The agent's side of the gRPC contract: calls to the servers (through the failover of
+//! [`crate::replicas`]), the node stream, and the readiness they imply.
 //!
-//! The channel connects lazily, so an unreachable server never stops the agent from
+//! Connections are made lazily, so an unreachable server never stops the agent from
 //! starting: it serves (answering 503), reports not-ready, and keeps retrying.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use podiam_proto::Reason;
-use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{
     ExplainRequest, ExplainResponse, GetCredentialsRequest, GetCredentialsResponse,
-    GetPodRoleRequest, GetPodRoleResponse, HealthRequest, WatchNodeRequest, explain_request,
+    GetPodRoleRequest, GetPodRoleResponse, NodeEvent, PodState, WatchNodeRequest, explain_request,
     node_event,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::cache::CredentialCache;
 use crate::pods::PodTable;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use crate::replicas::ServerSet;
 
-/// How often readiness is re-checked against the server.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
-/// First wait before re-opening a broken node stream; doubles up to the maximum.
+/// Wait before re-opening a node stream that failed twice in a row (the first retry, on
+/// another replica, is immediate); doubles up to the maximum.
 const STREAM_RETRY_MIN: Duration = Duration::from_millis(200);
 /// Longest wait between attempts to re-open the node stream.
 const STREAM_RETRY_MAX: Duration = Duration::from_secs(5);
-/// TCP + TLS connect deadline: well inside an SDK's 1 s budget.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A stream that carried heartbeats and then is silent this long is broken: three of the
+/// server's heartbeats (one a second) missed.
+const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
 
 /// Why the server gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -61,33 +61,28 @@ impl From<tonic::Status> for UpstreamError {
     }
 }
 
-/// A lazily connected client of the podiam server.
+/// The agent's client of the podiam servers: every call goes through the [`ServerSet`]'s
+/// failover.
 #[derive(Debug)]
 pub struct Upstream {
-    client: PodiamClient<Channel>,
+    servers: Arc<ServerSet>,
     node_name: String,
-    ready: AtomicBool,
+    /// Set when the agent is shutting down: it reports not ready from then on.
+    stopping: AtomicBool,
 }
 
 impl Upstream {
-    /// Prepares the channel; nothing is dialled until the first call.
-    pub fn new(
-        url: &str,
-        tls: ClientTlsConfig,
-        timeout: Duration,
-        node_name: String,
-    ) -> Result<Upstream, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(url.to_string())?
-            .tls_config(tls)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy();
-        Ok(Upstream {
-            client: PodiamClient::new(channel),
+    pub fn new(servers: Arc<ServerSet>, node_name: String) -> Upstream {
+        Upstream {
+            servers,
             node_name,
-            ready: AtomicBool::new(false),
-        })
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The replicas and their failover.
+    pub fn servers(&self) -> &ServerSet {
+        &self.servers
     }
 
     pub async fn pod_role(&self, ip: IpAddr) -> Result<GetPodRoleResponse, UpstreamError> {
@@ -95,12 +90,12 @@ impl Upstream {
             ip: ip.to_string(),
             node_name: self.node_name.clone(),
         };
-        Ok(self
-            .client
-            .clone()
-            .get_pod_role(request)
-            .await?
-            .into_inner())
+        self.servers
+            .call(|mut client| {
+                let request = request.clone();
+                async move { client.get_pod_role(request).await }
+            })
+            .await
     }
 
     pub async fn credentials(
@@ -113,12 +108,12 @@ impl Upstream {
             role_name: role_name.to_string(),
             node_name: self.node_name.clone(),
         };
-        Ok(self
-            .client
-            .clone()
-            .get_credentials(request)
-            .await?
-            .into_inner())
+        self.servers
+            .call(|mut client| {
+                let request = request.clone();
+                async move { client.get_credentials(request).await }
+            })
+            .await
     }
 
     /// The server's explanation of what it knows about `ip`.
@@ -126,7 +121,12 @@ impl Upstream {
         let request = ExplainRequest {
             target: Some(explain_request::Target::Ip(ip.to_string())),
         };
-        Ok(self.client.clone().explain(request).await?.into_inner())
+        self.servers
+            .call(|mut client| {
+                let request = request.clone();
+                async move { client.explain(request).await }
+            })
+            .await
     }
 
     /// The node this agent serves.
@@ -134,116 +134,159 @@ impl Upstream {
         &self.node_name
     }
 
-    /// Whether the last health check found a synced server.
+    /// Ready: some server replica is ready, and the agent is not shutting down.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        !self.stopping.load(Ordering::Acquire) && self.servers.any_ready()
     }
 
-    /// Checks the server's health every few seconds until `shutdown`, logging changes.
-    pub async fn watch_health(&self, shutdown: CancellationToken) {
-        loop {
-            let healthy = match self.client.clone().health(HealthRequest {}).await {
-                Ok(response) if response.get_ref().synced => Ok(()),
-                Ok(_) => Err("server has not synced its caches yet".to_string()),
-                Err(status) => Err(UpstreamError::from(status).to_string()),
-            };
-            let was = self.ready.swap(healthy.is_ok(), Ordering::AcqRel);
-            match (&healthy, was) {
-                (Ok(()), false) => tracing::info!("server reachable: ready"),
-                (Err(why), true) => tracing::warn!(%why, "server unreachable: not ready"),
-                (Err(why), false) => tracing::debug!(%why, "server still unreachable"),
-                (Ok(()), true) => {}
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            }
-        }
+    /// The agent is shutting down: report not ready from now on.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 }
 
 impl Upstream {
-    /// Follows the server's stream of this node's pods into `table` until `shutdown`,
-    /// dropping cached credentials of every pod whose decision changes. A broken stream marks
-    /// the table unsynced (requests then ask the server directly) and is re-opened with
-    /// backoff; each new stream starts with a full snapshot that replaces the table.
+    /// Follows a server replica's stream of this node's pods into `table` until `shutdown`,
+    /// dropping cached credentials of every pod whose decision changes. A broken stream —
+    /// ended, failed, or silent for [`STREAM_SILENCE_LIMIT`] after heartbeats were seen —
+    /// marks the table unsynced (requests then ask the servers directly) and is re-opened on
+    /// another replica at once, then with backoff; each new stream starts with a full
+    /// snapshot that replaces the table.
     pub async fn follow_node(
         &self,
         table: &PodTable,
         cache: &CredentialCache,
         shutdown: CancellationToken,
     ) {
-        let mut retry = STREAM_RETRY_MIN;
+        let mut retry = Duration::ZERO;
+        let mut last: Option<SocketAddr> = None;
         loop {
+            let Some(replica) = self.servers.pick(last) else {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(STREAM_RETRY_MIN) => {}
+                }
+                continue;
+            };
+            last = Some(replica.addr);
             let request = WatchNodeRequest {
                 node_name: self.node_name.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let mut client = self.client.clone();
+            let mut client = replica.client();
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return,
                 opened = client.watch_node(request) => opened,
             };
-            match opened {
+            let ended = match opened {
                 Ok(response) => {
-                    let mut stream = response.into_inner();
-                    let mut snapshot = Some(Vec::new());
-                    loop {
-                        let message = tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            message = stream.message() => message,
-                        };
-                        let event = match message {
-                            Ok(Some(message)) => message.event,
-                            Ok(None) => {
-                                tracing::warn!(
-                                    "node stream ended; answering from the server until it is back"
-                                );
-                                break;
-                            }
-                            Err(status) => {
-                                tracing::warn!(error = %UpstreamError::from(status), "node stream broke; answering from the server until it is back");
-                                break;
-                            }
-                        };
-                        match (event, snapshot.as_mut()) {
-                            (Some(node_event::Event::Upsert(state)), Some(pods)) => {
-                                pods.push(state)
-                            }
-                            (Some(node_event::Event::Upsert(state)), None) => {
-                                if let Some(uid) = table.update(|t| t.upsert(state)) {
-                                    cache.forget(&uid);
-                                }
-                            }
-                            (Some(node_event::Event::DeleteUid(uid)), Some(pods)) => {
-                                pods.retain(|p| p.pod.as_ref().is_none_or(|r| r.uid != uid));
-                            }
-                            (Some(node_event::Event::DeleteUid(uid)), None) => {
-                                table.update(|t| t.remove(&uid));
-                                cache.forget(&uid);
-                            }
-                            (Some(node_event::Event::Synced(_)), Some(_)) => {
-                                let pods = snapshot.take().unwrap_or_default();
-                                let count = pods.len();
-                                for uid in table.update(|t| t.replace(pods)) {
-                                    cache.forget(&uid);
-                                }
-                                retry = STREAM_RETRY_MIN;
-                                tracing::info!(pods = count, "node stream synced");
-                            }
-                            (Some(node_event::Event::Synced(_)), None) | (None, _) => {}
-                        }
+                    let ended = follow_stream(response.into_inner(), table, cache, &shutdown).await;
+                    if let StreamEnded::Synced(why) = &ended {
+                        retry = Duration::ZERO;
+                        tracing::warn!(replica = %replica.addr, %why, "node stream broke; answering from the servers until it is back");
                     }
+                    ended
                 }
-                Err(status) => {
-                    tracing::debug!(error = %UpstreamError::from(status), "cannot open the node stream yet");
+                Err(status) => StreamEnded::NotOpened(UpstreamError::from(status).to_string()),
+            };
+            match &ended {
+                StreamEnded::Shutdown => return,
+                StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
+                    if why.contains("shutting down") {
+                        replica.mark_not_ready();
+                    } else {
+                        replica.mark_suspect();
+                    }
+                    if let StreamEnded::NotOpened(why) = &ended {
+                        tracing::debug!(replica = %replica.addr, %why, "cannot open the node stream there");
+                    }
                 }
             }
             table.update(|t| t.unsync());
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(retry) => {}
+            if !retry.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(retry) => {}
+                }
             }
-            retry = (retry * 2).min(STREAM_RETRY_MAX);
+            retry = (retry * 2).clamp(STREAM_RETRY_MIN, STREAM_RETRY_MAX);
+        }
+    }
+}
+
+/// How one node stream ended.
+enum StreamEnded {
+    /// The agent is stopping.
+    Shutdown,
+    /// The stream had synced and then broke, for this reason.
+    Synced(String),
+    /// The stream could not be opened or broke before its snapshot was complete.
+    NotOpened(String),
+}
+
+/// Applies one stream's events to `table` until it ends.
+async fn follow_stream(
+    mut stream: tonic::Streaming<NodeEvent>,
+    table: &PodTable,
+    cache: &CredentialCache,
+    shutdown: &CancellationToken,
+) -> StreamEnded {
+    let mut snapshot = Some(Vec::new());
+    let mut heartbeats = false;
+    let ended = |why: String, snapshot: &Option<Vec<PodState>>| {
+        if snapshot.is_none() {
+            StreamEnded::Synced(why)
+        } else {
+            StreamEnded::NotOpened(why)
+        }
+    };
+    loop {
+        let silence = if heartbeats {
+            STREAM_SILENCE_LIMIT
+        } else {
+            // A server that sends no heartbeats (an older one) is trusted while the stream
+            // lasts, as before.
+            Duration::from_secs(86_400)
+        };
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return StreamEnded::Shutdown,
+            message = tokio::time::timeout(silence, stream.message()) => message,
+        };
+        let event = match message {
+            Ok(Ok(Some(message))) => message.event,
+            Ok(Ok(None)) => return ended("the server ended it".into(), &snapshot),
+            Ok(Err(status)) => return ended(UpstreamError::from(status).to_string(), &snapshot),
+            Err(_) => {
+                return ended(
+                    format!("no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs"),
+                    &snapshot,
+                );
+            }
+        };
+        match (event, snapshot.as_mut()) {
+            (Some(node_event::Event::Upsert(state)), Some(pods)) => pods.push(state),
+            (Some(node_event::Event::Upsert(state)), None) => {
+                if let Some(uid) = table.update(|t| t.upsert(state)) {
+                    cache.forget(&uid);
+                }
+            }
+            (Some(node_event::Event::DeleteUid(uid)), Some(pods)) => {
+                pods.retain(|p| p.pod.as_ref().is_none_or(|r| r.uid != uid));
+            }
+            (Some(node_event::Event::DeleteUid(uid)), None) => {
+                table.update(|t| t.remove(&uid));
+                cache.forget(&uid);
+            }
+            (Some(node_event::Event::Synced(_)), Some(_)) => {
+                let pods = snapshot.take().unwrap_or_default();
+                let count = pods.len();
+                for uid in table.update(|t| t.replace(pods)) {
+                    cache.forget(&uid);
+                }
+                tracing::info!(pods = count, "node stream synced");
+            }
+            (Some(node_event::Event::Heartbeat(_)), _) => heartbeats = true,
+            (Some(node_event::Event::Synced(_)), None) | (None, _) => {}
         }
     }
 }

@@ -23,6 +23,13 @@ pub struct Args {
     #[arg(long, env = "PODIAM_CERTS_FORCE")]
     pub force: bool,
 
+    /// Keep the CA in --out (ca.pem, ca-key.pem) and issue new server and agent
+    /// certificates from it, replacing the old ones (certificate rotation: the daemons pick
+    /// the new files up without a restart). With --secrets, the Secret manifests are
+    /// rewritten too.
+    #[arg(long, env = "PODIAM_CERTS_RENEW")]
+    pub renew: bool,
+
     /// Namespace of the server's Service and of the Secrets.
     #[arg(long, env = "PODIAM_CERTS_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,

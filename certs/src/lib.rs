@@ -8,6 +8,9 @@
 //! Secrets the deployment mounts. [`cli`] holds the `podiam-certs` flags; `main.rs` only
 //! parses, generates, writes and reports.
 //!
+//! [`renew`] issues new server and agent certificates from an existing CA (rotating the
+//! leaves; [`CertBundle::replace_leaves_in`] swaps the files in place).
+//!
 //! Keys are ECDSA P-256 made by aws-lc-rs (rcgen's `aws_lc_rs` feature): the workspace compiles
 //! exactly one TLS crypto provider. Calling [`generate`] twice gives two unrelated CAs, which
 //! is how tests get a bundle the server must refuse.
@@ -100,6 +103,9 @@ pub enum CertsError {
         #[source]
         source: rcgen::Error,
     },
+    /// The existing CA certificate or key could not be used to sign.
+    #[error("reading the existing CA certificate and key")]
+    ReadCa(#[source] rcgen::Error),
     /// A target file exists and `force` was not given.
     #[error("refusing to overwrite {} (use --force to replace existing files)", .0.display())]
     AlreadyExists(PathBuf),
@@ -281,6 +287,30 @@ impl CertBundle {
         Ok(paths)
     }
 
+    /// Replaces the server and agent certificates and keys in `dir`, each file through a
+    /// rename so that a daemon re-reading them never sees half a file; the CA files are left
+    /// as they are (see [`renew`]).
+    pub fn replace_leaves_in(&self, dir: &Path) -> Result<WrittenFiles, CertsError> {
+        let paths = WrittenFiles::in_dir(dir);
+        let files = [
+            (&paths.server_cert, &self.server_cert, CERT_FILE_MODE),
+            (&paths.server_key, &self.server_key, KEY_FILE_MODE),
+            (&paths.agent_cert, &self.agent_cert, CERT_FILE_MODE),
+            (&paths.agent_key, &self.agent_key, KEY_FILE_MODE),
+        ];
+        for (path, contents, mode) in files {
+            let mut staging = path.as_os_str().to_owned();
+            staging.push(".new");
+            let staging = PathBuf::from(staging);
+            write_file(&staging, contents, mode, true)?;
+            fs::rename(&staging, path).map_err(|source| CertsError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(paths)
+    }
+
     /// Kubernetes Secret manifests (`kubernetes.io/tls`, keys `tls.crt`, `tls.key`,
     /// `ca.crt`) named [`SERVER_SECRET_NAME`] and [`AGENT_SECRET_NAME`], as one YAML stream.
     pub fn secret_manifests(&self, namespace: &str) -> String {
@@ -396,8 +426,6 @@ pub fn generate(opts: &CertOptions) -> Result<CertBundle, CertsError> {
     opts.validate()?;
     let now = OffsetDateTime::now_utc();
     let not_before = now - CLOCK_SKEW_ALLOWANCE;
-    let days = |n: u32| now + Duration::days(i64::from(n));
-
     let ca_key = new_key("CA")?;
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
@@ -414,7 +442,7 @@ pub fn generate(opts: &CertOptions) -> Result<CertBundle, CertsError> {
         KeyUsagePurpose::DigitalSignature,
     ];
     ca_params.not_before = not_before;
-    ca_params.not_after = days(opts.ca_validity_days);
+    ca_params.not_after = now + Duration::days(i64::from(opts.ca_validity_days));
     let ca_cert = ca_params
         .self_signed(&ca_key)
         .map_err(|source| CertsError::Sign {
@@ -423,8 +451,33 @@ pub fn generate(opts: &CertOptions) -> Result<CertBundle, CertsError> {
         })?;
     let ca_cert_pem = ca_cert.pem();
     let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca_params, ca_key);
+    issue(
+        ca_cert_pem,
+        ca_key_pem,
+        &Issuer::new(ca_params, ca_key),
+        opts,
+    )
+}
 
+/// New server and agent certificates (and keys) from an existing CA: the rotation of the
+/// leaves, which peers accept without any change since they trust the same CA.
+pub fn renew(ca_cert: &str, ca_key: &str, opts: &CertOptions) -> Result<CertBundle, CertsError> {
+    opts.validate()?;
+    let key = KeyPair::from_pem(ca_key).map_err(CertsError::ReadCa)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert, key).map_err(CertsError::ReadCa)?;
+    issue(ca_cert.to_string(), ca_key.to_string(), &issuer, opts)
+}
+
+/// The server and agent certificates `issuer` signs, in a bundle with the CA's PEM.
+fn issue(
+    ca_cert: String,
+    ca_key: String,
+    issuer: &Issuer<'_, KeyPair>,
+    opts: &CertOptions,
+) -> Result<CertBundle, CertsError> {
+    let now = OffsetDateTime::now_utc();
+    let not_before = now - CLOCK_SKEW_ALLOWANCE;
+    let not_after = now + Duration::days(i64::from(opts.validity_days));
     let mut sans = Vec::new();
     for name in opts.server_dns_names() {
         let dns = name
@@ -439,11 +492,11 @@ pub fn generate(opts: &CertOptions) -> Result<CertBundle, CertsError> {
         sans,
         ExtendedKeyUsagePurpose::ServerAuth,
         not_before,
-        days(opts.validity_days),
+        not_after,
     );
     let server_key = new_key("server")?;
     let server_cert = server_params
-        .signed_by(&server_key, &issuer)
+        .signed_by(&server_key, issuer)
         .map_err(|source| CertsError::Sign {
             which: "server",
             source,
@@ -454,19 +507,19 @@ pub fn generate(opts: &CertOptions) -> Result<CertBundle, CertsError> {
         Vec::new(),
         ExtendedKeyUsagePurpose::ClientAuth,
         not_before,
-        days(opts.validity_days),
+        not_after,
     );
     let agent_key = new_key("agent")?;
     let agent_cert = agent_params
-        .signed_by(&agent_key, &issuer)
+        .signed_by(&agent_key, issuer)
         .map_err(|source| CertsError::Sign {
             which: "agent",
             source,
         })?;
 
     Ok(CertBundle {
-        ca_cert: ca_cert_pem,
-        ca_key: ca_key_pem,
+        ca_cert,
+        ca_key,
         server_cert: server_cert.pem(),
         server_key: server_key.serialize_pem(),
         agent_cert: agent_cert.pem(),

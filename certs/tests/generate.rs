@@ -350,3 +350,59 @@ fn binary_writes_files_and_refuses_second_run() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("refusing to overwrite"), "{stderr}");
 }
+
+#[test]
+fn renewal_keeps_the_ca_and_issues_new_leaves_from_it() {
+    let first = bundle();
+    let renewed =
+        podiam_certs::renew(&first.ca_cert, &first.ca_key, &CertOptions::default()).unwrap();
+    assert_eq!(renewed.ca_cert, first.ca_cert);
+    assert_ne!(renewed.server_cert, first.server_cert);
+    assert_ne!(renewed.agent_key, first.agent_key);
+    let (_, ca) = X509Certificate::from_der(&der_of(&first.ca_cert))
+        .map(|(rest, ca)| (rest.to_vec(), ca.subject().to_string()))
+        .unwrap();
+    for leaf in [&renewed.server_cert, &renewed.agent_cert] {
+        with_cert(leaf, |cert| assert_eq!(cert.issuer().to_string(), ca));
+    }
+    let garbage = podiam_certs::renew("not a certificate", &first.ca_key, &CertOptions::default());
+    assert!(matches!(garbage, Err(CertsError::ReadCa(_))), "{garbage:?}");
+}
+
+#[test]
+fn binary_renews_the_leaves_and_keeps_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_podiam-certs"))
+            .env_clear()
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&[]).status.success());
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    let (ca, server) = (read("ca.pem"), read("server.pem"));
+    let renewed = run(&["--renew"]);
+    assert!(renewed.status.success(), "{renewed:?}");
+    assert_eq!(read("ca.pem"), ca);
+    assert_ne!(read("server.pem"), server);
+    let mode = std::fs::metadata(out.join("server-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!out.join("server.pem.new").exists());
+
+    let empty = dir.path().join("empty");
+    let refused = Command::new(env!("CARGO_BIN_EXE_podiam-certs"))
+        .env_clear()
+        .args(["--out", empty.to_str().unwrap(), "--renew"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--renew needs the CA"), "{stderr}");
+}

@@ -6,9 +6,15 @@
 //!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
 //! - [`serve`]: the HTTP/1 accept loop with limits that every podiam listener shares.
 //! - [`telemetry`]: the logging set-up and duration flags both binaries share.
-//! - [`tls`]: loading the CA, certificate and key PEM files into tonic's TLS configuration;
-//!   the server demands a client certificate from the CA, the agent verifies the server name.
+//! - [`tls`]: loading and checking the CA, certificate and key PEM files, and the rustls
+//!   configurations built from them: the server demands a client certificate from the CA,
+//!   the agent verifies the server name.
+//! - [`rotate`]: those configurations kept current as the files change on disk.
+//! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler.
 
+pub mod accept;
+pub mod connect;
+pub mod rotate;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

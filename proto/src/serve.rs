@@ -18,6 +18,28 @@ use tokio_util::task::TaskTracker;
 
 /// How long in-flight connections get to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// At shutdown, how long an open keep-alive connection is still served (each answer then
+/// says `Connection: close`) before an idle one is closed. Closing an idle connection at once
+/// races a client that is just sending its next request on it; an SDK's token, role and
+/// credentials requests follow each other within milliseconds.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Pending connections a listener queues (the kernel caps it at net.core.somaxconn).
+const BACKLOG: u32 = 1024;
+
+/// Binds `addr` with SO_REUSEPORT, so that a new process can listen beside this one during a
+/// handover (the agent's rolling update) and the kernel spreads connections over both until
+/// the old one stops accepting.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 /// Largest request head (request line and headers) read; SDKs send well under 1 KiB.
 /// hyper's floor for this buffer is 8 KiB.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -43,8 +65,10 @@ impl Default for Limits {
     }
 }
 
-/// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`, then lets
-/// in-flight requests finish (bounded by [`DRAIN_TIMEOUT`]).
+/// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`; then stops
+/// accepting (the listener closes), answers what still arrives on open connections for
+/// [`CLOSE_GRACE`] with `Connection: close`, and lets requests under way finish (bounded by
+/// [`DRAIN_TIMEOUT`]).
 pub async fn serve_http<H, F>(
     listener: TcpListener,
     limits: Limits,
@@ -81,9 +105,20 @@ pub async fn serve_http<H, F>(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let _slot = slot;
+            let closing = shutdown.clone();
             let service = hyper::service::service_fn(move |request| {
                 let response = handler(peer, request);
-                async move { Ok::<_, Infallible>(response.await) }
+                let closing = closing.clone();
+                async move {
+                    let mut response = response.await;
+                    if closing.is_cancelled() {
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -100,12 +135,16 @@ pub async fn serve_http<H, F>(
                     }
                 }
                 () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    let ended = tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await;
+                    if ended.is_err() {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
                 }
             }
         });
     }
+    drop(listener);
     connections.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
         .await

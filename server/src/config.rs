@@ -87,6 +87,19 @@ pub struct Config {
     /// trust policy must allow sts:TagSession).
     #[arg(long, env = "PODIAM_SESSION_TAGS")]
     pub session_tags: bool,
+    /// How often the TLS files are re-read; changed files that check out are used for new
+    /// connections without a restart (a Secret update reaches the pod within about a minute).
+    #[arg(long, env = "PODIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+    /// On SIGTERM, how long the server keeps answering after it turned not-ready (agents
+    /// move their streams at once and stop choosing it within their health interval) before it
+    /// stops accepting connections.
+    #[arg(long, env = "PODIAM_SHUTDOWN_DELAY", default_value = "3s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// On SIGTERM, after --shutdown-delay, how long requests under way get to finish before
+    /// the server exits regardless. Keep the two under the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "PODIAM_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
     /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
     #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
     pub health_listen: SocketAddr,
@@ -183,6 +196,12 @@ impl Config {
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
         {
             problems.push(format!("--sts-endpoint {endpoint:?} is not an http(s) URL"));
+        }
+        if self.tls_reload_interval.is_zero() {
+            problems.push("--tls-reload-interval must be more than zero".to_string());
+        }
+        if self.shutdown_timeout.is_zero() {
+            problems.push("--shutdown-timeout must be more than zero".to_string());
         }
         problems
     }

@@ -26,6 +26,7 @@ pub mod watch;
 use std::sync::Arc;
 
 use anyhow::Context;
+use podiam_proto::rotate::Rotating;
 use podiam_proto::tls::TlsFiles;
 use podiam_proto::v1::podiam_server::PodiamServer;
 use tokio_util::sync::CancellationToken;
@@ -54,15 +55,25 @@ async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kube_config).context("building the Kubernetes client")
 }
 
-/// Runs the server until `shutdown` is cancelled.
+/// Runs the server until `shutdown` is cancelled (SIGTERM), then drains:
+///
+/// 1. at once: `/ready` and the gRPC Health turn not-ready (draining) and every agent's node
+///    stream is ended, so agents move to other replicas;
+/// 2. for `--shutdown-delay`: requests still arriving are answered (agents that have not yet
+///    noticed, Kubernetes removing the endpoint);
+/// 3. then: no new connections; requests under way get `--shutdown-timeout` to finish.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = TlsFiles {
-        ca: config.tls_ca.clone(),
-        cert: config.tls_cert.clone(),
-        key: config.tls_key.clone(),
-    }
-    .load()?
-    .server_config();
+    let tls = Arc::new(
+        Rotating::load(
+            TlsFiles {
+                ca: config.tls_ca.clone(),
+                cert: config.tls_cert.clone(),
+                key: config.tls_key.clone(),
+            },
+            podiam_proto::tls::server_config,
+        )
+        .context("loading the server's TLS files")?,
+    );
     let client = kube_client(&config).await?;
     let sessions = SessionNaming::new(&config.session_name, config.session_tags)
         .map_err(|why| anyhow::anyhow!("--session-name {why}"))?;
@@ -73,7 +84,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         attempt_timeout: config.sts_timeout,
     })
     .await;
-    let metrics = metrics::Metrics::new();
+    let metrics = Arc::new(metrics::Metrics::new());
     let cache = Arc::new(CredentialCache::new(
         Arc::new(sts),
         Arc::new(SystemClock),
@@ -85,6 +96,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     let cluster = Arc::new(Cluster::default());
     let (events, event_queue) = Events::new(EventLimits::default(), metrics.events.clone());
+    let draining = CancellationToken::new();
     let service = PodiamService::new(
         Arc::clone(&cluster),
         Arc::clone(&cache),
@@ -93,72 +105,136 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             sessions,
         },
         Arc::new(events),
-    );
+    )
+    .with_lifecycle(draining.clone(), metrics.node_streams.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving gRPC with mutual TLS");
 
+    // Background work stops with `stop`, after the drain; the health listener goes on
+    // answering (not ready) during the drain.
+    let stop = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(events::deliver(
         client.clone(),
         std::env::var("POD_NAME").ok(),
         event_queue,
         metrics.events.clone(),
-        shutdown.clone(),
+        stop.clone(),
     ));
-    tasks.spawn(watch::run(client, Arc::clone(&cluster), shutdown.clone()));
+    tasks.spawn(watch::run(
+        client,
+        Arc::clone(&cluster),
+        metrics.relists.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(maintain_credentials(
         service.clone(),
         Arc::clone(&cluster),
         Arc::clone(&cache),
         metrics.duplicate_ip_pods.clone(),
-        shutdown.clone(),
+        stop.clone(),
     ));
+    tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
     {
         let addr = config.health_listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "serving /live, /ready and /metrics");
-        let metrics = Arc::new(metrics);
+        let metrics = Arc::clone(&metrics);
         let cluster = Arc::clone(&cluster);
+        let tls = Arc::clone(&tls);
+        let draining = draining.clone();
         let handler = move |_, request: http::Request<hyper::body::Incoming>| {
-            let response = metrics::health(&cluster, &metrics, request.uri().path());
+            metrics.tls_expiry.set(tls.not_after());
+            let response = metrics::health(
+                &cluster,
+                draining.is_cancelled(),
+                &metrics,
+                request.uri().path(),
+            );
             async move { response }
         };
         tasks.spawn(podiam_proto::serve::serve_http(
             listener,
             podiam_proto::serve::Limits::default(),
             handler,
-            shutdown.clone(),
+            stop.clone(),
         ));
     }
-    let served = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("configuring TLS")?
+
+    // Accepting ends when the drain's delay is over; the gRPC server then finishes what is
+    // under way.
+    let accepting = CancellationToken::new();
+    let refused = {
+        let counter = metrics.tls_refused.clone();
+        Arc::new(move || {
+            counter.inc();
+        })
+    };
+    let incoming = podiam_proto::accept::accept_tls(
+        listener,
+        Arc::clone(&tls),
+        accepting.clone(),
+        &tasks,
+        refused,
+    );
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(PodiamServer::new(service))
-        .serve_with_incoming_shutdown(no_delay(listener), shutdown.clone().cancelled_owned())
-        .await;
-    shutdown.cancel();
+        .serve_with_incoming_shutdown(incoming, accepting.clone().cancelled_owned());
+    let mut grpc = std::pin::pin!(grpc);
+
+    let served = tokio::select! {
+        served = grpc.as_mut() => Some(served),
+        () = shutdown.cancelled() => None,
+    };
+    let served = match served {
+        // The gRPC server ended on its own: an error, nothing to drain.
+        Some(served) => served.context("serving gRPC"),
+        None => {
+            tracing::info!(
+                delay = ?config.shutdown_delay,
+                "draining: not ready, node streams ended; still answering"
+            );
+            draining.cancel();
+            let delayed = tokio::time::timeout(config.shutdown_delay, grpc.as_mut()).await;
+            accepting.cancel();
+            let result = match delayed {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::info!(timeout = ?config.shutdown_timeout, "no longer accepting; finishing requests under way");
+                    match tokio::time::timeout(config.shutdown_timeout, grpc.as_mut()).await {
+                        Ok(served) => served,
+                        Err(_) => {
+                            tracing::warn!(
+                                "requests still under way after the shutdown timeout; exiting"
+                            );
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            result.context("serving gRPC")
+        }
+    };
+    draining.cancel();
+    accepting.cancel();
+    stop.cancel();
     tasks.close();
     tasks.wait().await;
     cache.drain().await;
-    served.context("serving gRPC")
+    tracing::info!("stopped");
+    served
 }
 
-/// Accepted connections with Nagle's algorithm off: a small gRPC answer waiting for the
-/// client's delayed ACK costs ~40 ms (tonic sets this only on listeners it binds itself).
-fn no_delay(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
+/// HTTP/2 pings to each agent's connection: a vanished agent's streams are closed within
+/// interval + timeout instead of lingering until TCP gives up (minutes).
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often credential upkeep runs when nothing in the cluster changes: often enough that a
 /// refresh due at half-life (30 minutes into a 1 h session) is never late by much.

@@ -28,6 +28,12 @@ struct EventLabels {
     result: &'static str,
 }
 
+/// Labels of a watched resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -37,6 +43,14 @@ pub struct Metrics {
     pub events: EventCounters,
     /// Live pods sharing their IP with another live pod.
     pub duplicate_ip_pods: Gauge,
+    /// Agents' node streams open on this replica.
+    pub node_streams: Gauge,
+    /// Complete (re)lists of each watched resource.
+    pub relists: Family<ResourceLabels, Counter>,
+    /// TLS handshakes refused (no client certificate, another CA, expired…).
+    pub tls_refused: Counter,
+    /// When the server's certificate in use expires (Unix seconds).
+    pub tls_expiry: Gauge,
     registry: Registry,
 }
 
@@ -75,7 +89,34 @@ impl Metrics {
             failed,
         };
         let duplicate_ip_pods = Gauge::default();
+        let node_streams = Gauge::default();
+        let relists = Family::<ResourceLabels, Counter>::default();
+        let tls_refused = Counter::default();
+        let tls_expiry = Gauge::default();
         let mut registry = Registry::with_prefix("podiam_server");
+        registry.register(
+            "node_streams",
+            "Agents' node streams (WatchNode) open on this replica",
+            node_streams.clone(),
+        );
+        registry.register(
+            "watch_relists",
+            "Complete lists of a watched resource (pods, namespaces): the first sync, and every \
+             relist after a watch expired (410 Gone) or the API server was unreachable",
+            relists.clone(),
+        );
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused on the gRPC port (no client certificate, one from another \
+             CA, expired or not yet valid, or no handshake in time)",
+            tls_refused.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the server certificate in use expires, in Unix seconds (rotated files are \
+             picked up without a restart)",
+            tls_expiry.clone(),
+        );
         registry.register(
             "events",
             "Kubernetes Events about refused pods, by result (sent; dropped by the rate limit \
@@ -96,6 +137,10 @@ impl Metrics {
             sts_calls,
             events,
             duplicate_ip_pods,
+            node_streams,
+            relists,
+            tls_refused,
+            tls_expiry,
             registry,
         }
     }
@@ -128,11 +173,21 @@ fn text(
     response
 }
 
-/// The health listener's answers.
-pub fn health(cluster: &Cluster, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+/// The health listener's answers. A draining server (shutting down) is not ready.
+pub fn health(
+    cluster: &Cluster,
+    draining: bool,
+    metrics: &Metrics,
+    path: &str,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain";
     match path {
         "/live" => text(StatusCode::OK, "ok\n", PLAIN),
+        "/ready" if draining => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+            PLAIN,
+        ),
         "/ready" if cluster.synced() => text(StatusCode::OK, "ready\n", PLAIN),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -16,8 +16,10 @@ use podiam_proto::v1::{
     WatchNodeRequest, node_event, podiam_server::Podiam,
 };
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, explain_request};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::events::{Events, Notice};
@@ -105,7 +107,16 @@ pub struct PodiamService {
     cache: Arc<CredentialCache>,
     settings: ServiceSettings,
     events: Arc<Events>,
+    /// Cancelled when the replica starts shutting down: Health says draining and node
+    /// streams end, so agents move elsewhere.
+    draining: CancellationToken,
+    /// Node streams open on this replica.
+    node_streams: Gauge,
 }
+
+/// How often a node stream with no change carries a heartbeat. Agents treat three missed
+/// heartbeats as a hung replica, so a stopped or frozen replica is left within a few seconds.
+pub const NODE_STREAM_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What credential upkeep learns from one pass over every live pod.
 #[derive(Debug, Default)]
@@ -128,7 +139,17 @@ impl PodiamService {
             cache,
             settings,
             events,
+            draining: CancellationToken::new(),
+            node_streams: Gauge::default(),
         }
+    }
+
+    /// Ties the service to the server's shutdown (`draining`) and counts its node streams in
+    /// `node_streams`.
+    pub fn with_lifecycle(mut self, draining: CancellationToken, node_streams: Gauge) -> Self {
+        self.draining = draining;
+        self.node_streams = node_streams;
+        self
     }
 
     /// The pod behind `ip` and its permitted role.
@@ -400,6 +421,63 @@ impl PodiamService {
         survey
     }
 
+    /// Streams `node`'s pod states into `tx`: a snapshot once the caches have synced, then
+    /// every change, with a heartbeat when nothing changes.
+    async fn follow_node(
+        &self,
+        node: &str,
+        tx: &mpsc::Sender<Result<NodeEvent, Status>>,
+    ) -> StreamEnd {
+        let mut changes = self.cluster.subscribe();
+        // The first snapshot waits for the caches' first sync.
+        while !self.cluster.synced() {
+            tokio::select! {
+                () = tx.closed() => return StreamEnd::AgentGone,
+                () = self.draining.cancelled() => return StreamEnd::Draining,
+                changed = changes.changed() => if changed.is_err() { return StreamEnd::AgentGone },
+            }
+        }
+        let mut sent = HashMap::new();
+        let mut snapshot_done = false;
+        let heartbeat = NodeEvent {
+            event: Some(node_event::Event::Heartbeat(true)),
+        };
+        loop {
+            changes.mark_unchanged();
+            let current = self.node_states(node);
+            match send_changes(tx, &sent, current).await {
+                Ok(now_sent) => sent = now_sent,
+                Err(_) => return StreamEnd::AgentGone,
+            }
+            if !snapshot_done {
+                snapshot_done = true;
+                let synced = NodeEvent {
+                    event: Some(node_event::Event::Synced(true)),
+                };
+                if tx.send(Ok(synced)).await.is_err() {
+                    return StreamEnd::AgentGone;
+                }
+                tracing::debug!(node = %node, pods = sent.len(), "agent's node stream synced");
+            }
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return StreamEnd::AgentGone,
+                    () = self.draining.cancelled() => return StreamEnd::Draining,
+                    changed = changes.changed() => {
+                        if changed.is_err() { return StreamEnd::AgentGone }
+                        break;
+                    }
+                    () = tokio::time::sleep(NODE_STREAM_HEARTBEAT) => {
+                        // A full buffer means the agent is behind: it will hear soon enough.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(heartbeat.clone())) {
+                            return StreamEnd::AgentGone;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn cache_key(&self, pod: &PodRecord, role: &Role) -> CacheKey {
         CacheKey {
             role_arn: role.arn.clone(),
@@ -455,6 +533,15 @@ async fn send_changes(
         now_sent.insert(uid, digest);
     }
     Ok(now_sent)
+}
+
+/// Why a node stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// The agent closed it (or its connection died).
+    AgentGone,
+    /// This replica is shutting down; the agent is told so.
+    Draining,
 }
 
 /// How many node events may wait for a slow agent before the stream's task waits too.
@@ -530,44 +617,26 @@ impl Podiam for PodiamService {
         &self,
         request: Request<WatchNodeRequest>,
     ) -> Result<Response<Self::WatchNodeStream>, Status> {
-        let node = request.into_inner().node_name;
+        if self.draining.is_cancelled() {
+            return Err(Status::unavailable("server shutting down"));
+        }
+        let request = request.into_inner();
+        let node = request.node_name;
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
-        // The service's parts are shared handles. The task ends when the stream closes: the
-        // agent went away, or the server shut down and dropped its connections.
+        // The service's parts are shared handles. The task ends when the stream closes (the
+        // agent went away) or the replica starts draining.
         let service = self.clone();
         tokio::spawn(async move {
-            let mut changes = service.cluster.subscribe();
-            // The first snapshot waits for the caches' first sync.
-            while !service.cluster.synced() {
-                tokio::select! {
-                    () = tx.closed() => return,
-                    changed = changes.changed() => if changed.is_err() { return },
-                }
+            service.node_streams.inc();
+            tracing::info!(node = %node, agent_version = %request.agent_version, "agent's node stream opened");
+            let ended = service.follow_node(&node, &tx).await;
+            service.node_streams.dec();
+            if ended == StreamEnd::Draining {
+                let _ = tx
+                    .send(Err(Status::unavailable("server shutting down")))
+                    .await;
             }
-            let mut sent = HashMap::new();
-            let mut snapshot_done = false;
-            loop {
-                changes.mark_unchanged();
-                let current = service.node_states(&node);
-                match send_changes(&tx, &sent, current).await {
-                    Ok(now_sent) => sent = now_sent,
-                    Err(_) => return,
-                }
-                if !snapshot_done {
-                    snapshot_done = true;
-                    let synced = NodeEvent {
-                        event: Some(node_event::Event::Synced(true)),
-                    };
-                    if tx.send(Ok(synced)).await.is_err() {
-                        return;
-                    }
-                    tracing::info!(node = %node, pods = sent.len(), "agent's node stream synced");
-                }
-                tokio::select! {
-                    () = tx.closed() => return,
-                    changed = changes.changed() => if changed.is_err() { return },
-                }
-            }
+            tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -583,6 +652,7 @@ impl Podiam for PodiamService {
         Ok(Response::new(HealthResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             synced: self.cluster.synced(),
+            draining: self.draining.is_cancelled(),
         }))
     }
 }

@@ -2,18 +2,26 @@
 //!
 //! One task per resource (pods, namespaces) owns that index's writes. A (re)list is
 //! collected into a fresh index and swapped in whole when it completes, so lookups keep
-//! answering from the previous view during a relist instead of seeing a half-filled one.
-//! kube-rs's default backoff retries every failed list or watch.
+//! answering from the previous view during a relist — after a 410 Gone, an API server that
+//! was away, a list that broke half-way — instead of seeing a half-filled one: no pod is
+//! ever "unknown" because the server happened to be relisting. Every failed list or watch
+//! is retried with [`WatchBackoff`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::ResourceLabels;
 
 use crate::index::{NamespaceIndex, PodIndex, PodRecord};
 
@@ -112,20 +120,31 @@ impl Indexed for Namespace {
     }
 }
 
-/// Watches pods and namespaces into `cluster` until `shutdown`.
-pub async fn run(client: kube::Client, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+/// Watches pods and namespaces into `cluster` until `shutdown`, counting complete lists in
+/// `relists`.
+pub async fn run(
+    client: kube::Client,
+    cluster: Arc<Cluster>,
+    relists: Family<ResourceLabels, Counter>,
+    shutdown: CancellationToken,
+) {
     tokio::join!(
         watch::<Pod>(
             Api::all(client.clone()),
             Arc::clone(&cluster),
+            relists.clone(),
             shutdown.clone()
         ),
-        watch::<Namespace>(Api::all(client), cluster, shutdown),
+        watch::<Namespace>(Api::all(client), cluster, relists, shutdown),
     );
 }
 
-async fn watch<K>(api: Api<K>, cluster: Arc<Cluster>, shutdown: CancellationToken)
-where
+async fn watch<K>(
+    api: Api<K>,
+    cluster: Arc<Cluster>,
+    relists: Family<ResourceLabels, Counter>,
+    shutdown: CancellationToken,
+) where
     K: Indexed,
     K::DynamicType: Default,
 {
@@ -151,6 +170,9 @@ where
                 if let Some(fresh) = relist.take() {
                     *index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
                 }
+                relists
+                    .get_or_create(&ResourceLabels { resource: K::WHAT })
+                    .inc();
                 if !synced.swap(true, Ordering::AcqRel) {
                     tracing::info!(resource = K::WHAT, "first sync complete");
                 }
@@ -180,5 +202,68 @@ where
     K: Indexed,
     K::DynamicType: Default,
 {
-    watcher::watcher(api, watcher::Config::default()).default_backoff()
+    watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::default())
+}
+
+/// First wait after a failed list or watch. client-go's reflectors start at 800 ms; a
+/// podiam server is one of two or three clients of this kind, and the sooner its view is
+/// current again the sooner a revocation made meanwhile applies.
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between attempts (client-go: 30 s). An API server back after an outage is
+/// seen within this time.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Exponential backoff with equal jitter between [`WATCH_RETRY_MIN`] and
+/// [`WATCH_RETRY_MAX`]; reset by every successful watch event.
+#[derive(Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: WATCH_RETRY_MIN,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let step = self.next;
+        self.next = (step * 2).min(WATCH_RETRY_MAX);
+        // Equal jitter: half fixed, half random, so replicas do not retry in step.
+        let half = step / 2;
+        Some(half + half.mul_f64(fastrand::f64()))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_RETRY_MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut backoff = WatchBackoff::default();
+        let waits: Vec<Duration> = (&mut backoff).take(8).collect();
+        let mut step = WATCH_RETRY_MIN;
+        for wait in &waits {
+            assert!(
+                *wait >= step / 2 && *wait <= step,
+                "{wait:?} for step {step:?}"
+            );
+            step = (step * 2).min(WATCH_RETRY_MAX);
+        }
+        assert!(waits[7] >= WATCH_RETRY_MAX / 2);
+        backoff.reset();
+        assert!(backoff.next().expect("a wait") <= WATCH_RETRY_MIN);
+    }
 }

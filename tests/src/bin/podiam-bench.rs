@@ -769,6 +769,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
             let mut stream = client
                 .watch_node(WatchNodeRequest {
                     node_name: format!("node-{node}"),
+                    agent_version: "bench".into(),
                 })
                 .await?
                 .into_inner();

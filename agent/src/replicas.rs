@@ -1,0 +1,463 @@
+//! The podiam server replicas this agent asks, and calls that survive one of them dying or
+//! hanging.
+//!
+//! - **Which replicas.** Every `--server` URL is resolved every `--server-resolve-interval`;
+//!   each address found is a replica (a headless Service's name resolves to every ready
+//!   server pod). A failed resolution keeps the replicas known so far.
+//! - **Which is healthy.** Each replica is asked `Health` every [`HEALTH_INTERVAL`] with a
+//!   short deadline; it is *ready* when it answers synced and not draining. A call that
+//!   fails on a replica's transport marks it *suspect* for [`SUSPECT_FOR`] (or until its
+//!   next good health check), so the next requests go elsewhere at once.
+//! - **Spreading and failing over.** [`ServerSet::call`] starts on the next ready replica in
+//!   turn. If it fails on transport, or has not answered after [`HEDGE_AFTER`], the same call
+//!   is made on another replica and the first good answer wins — one retry, inside the SDKs'
+//!   1-second budget. A replica that answers with a refusal (a decision about the pod) is
+//!   believed, except "not ready", which another replica may not share.
+//!
+//! Every replica has its own HTTP/2 connection with keep-alive pings, so a replica that
+//! vanishes without closing its connections is noticed within the ping timeout.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use podiam_proto::Reason;
+use podiam_proto::connect::TlsConnector;
+use podiam_proto::rotate::Rotating;
+use podiam_proto::v1::HealthRequest;
+use podiam_proto::v1::podiam_client::PodiamClient;
+use prometheus_client::metrics::counter::Counter;
+use rustls::ClientConfig;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::upstream::UpstreamError;
+
+/// How often each replica's health is checked.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Deadline of one health check: a replica slower than this is not one to send pods to.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a call waits for one replica before asking another as well. A warm answer takes
+/// about a millisecond and a first AssumeRole some tens; this leaves room for the second
+/// replica inside the SDKs' 1 s budget (botocore: 1 s timeout, 1 attempt).
+pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
+/// How long a replica whose transport failed is passed over (unless its health check
+/// succeeds first).
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// TCP + TLS connect deadline: a dead replica's address must fail fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// HTTP/2 ping interval and timeout on each replica's connection: a replica that hangs or
+/// vanishes without a FIN is dropped within about 3 seconds.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One `--server` URL: what to resolve, and the port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// Parses an `https://HOST:PORT` URL (the port defaults to 443).
+    pub fn parse(url: &str) -> Option<Target> {
+        let uri: http::Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("https") {
+            return None;
+        }
+        let host = uri.host()?.trim_matches(['[', ']']).to_string();
+        Some(Target {
+            host,
+            port: uri.port_u16().unwrap_or(443),
+        })
+    }
+}
+
+/// One server replica at one address.
+#[derive(Debug)]
+pub struct Replica {
+    pub addr: SocketAddr,
+    client: PodiamClient<Channel>,
+    ready: AtomicBool,
+    suspect_until: Mutex<Option<Instant>>,
+}
+
+impl Replica {
+    fn new(
+        addr: SocketAddr,
+        connector: TlsConnector,
+        call_timeout: Duration,
+    ) -> Result<Replica, tonic::transport::Error> {
+        // The scheme only keeps tonic from adding TLS of its own; the connector does it.
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(call_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect_with_connector_lazy(connector);
+        Ok(Replica {
+            addr,
+            client: PodiamClient::new(channel),
+            ready: AtomicBool::new(false),
+            suspect_until: Mutex::new(None),
+        })
+    }
+
+    /// A client of this replica (cheap: the connection is shared).
+    pub fn client(&self) -> PodiamClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Whether the last health check found it synced and not draining.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn suspect(&self) -> bool {
+        let until = *self.suspect_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Passes this replica over for a while: its transport just failed.
+    pub fn mark_suspect(&self) {
+        *self.suspect_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + SUSPECT_FOR);
+    }
+
+    /// The replica said it is shutting down (or not synced): not ready until its health says
+    /// otherwise.
+    pub fn mark_not_ready(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    fn preferred(&self) -> bool {
+        self.ready() && !self.suspect()
+    }
+
+    async fn check_health(&self) -> Result<(), String> {
+        let answer =
+            tokio::time::timeout(HEALTH_TIMEOUT, self.client().health(HealthRequest {})).await;
+        let result = match answer {
+            Ok(Ok(response)) => {
+                let health = response.into_inner();
+                if health.draining {
+                    Err("shutting down".to_string())
+                } else if !health.synced {
+                    Err("caches not synced yet".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+            Ok(Err(status)) => Err(UpstreamError::from(status).to_string()),
+            Err(_) => Err(format!("no health answer within {HEALTH_TIMEOUT:?}")),
+        };
+        let was = self.ready.swap(result.is_ok(), Ordering::AcqRel);
+        if result.is_ok() {
+            *self.suspect_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        match (&result, was) {
+            (Ok(()), false) => tracing::info!(replica = %self.addr, "server replica ready"),
+            (Err(why), true) => {
+                tracing::warn!(replica = %self.addr, %why, "server replica not ready")
+            }
+            _ => {}
+        }
+        result
+    }
+}
+
+/// The replicas, how to reach them, and which to ask next.
+#[derive(Debug)]
+pub struct ServerSet {
+    /// What to resolve, each with the name its certificates must carry.
+    targets: Vec<(Target, String)>,
+    tls: Arc<Rotating<ClientConfig>>,
+    call_timeout: Duration,
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    next: AtomicUsize,
+    /// Calls sent to a second replica because the first failed or was slow.
+    failovers: Counter,
+}
+
+/// How a call on one replica ended, for the failover decision.
+enum Attempt<T> {
+    Done(Result<T, UpstreamError>),
+    /// Worth asking another replica (transport failure, deadline, not ready).
+    Retry(UpstreamError),
+}
+
+fn classify<T>(result: Result<T, tonic::Status>, replica: &Replica) -> Attempt<T> {
+    match result {
+        Ok(value) => Attempt::Done(Ok(value)),
+        Err(status) => match Reason::of(&status) {
+            Some(Reason::NotReady) => {
+                replica.mark_not_ready();
+                Attempt::Retry(UpstreamError::from(status))
+            }
+            Some(_) => Attempt::Done(Err(UpstreamError::from(status))),
+            None => {
+                let error = UpstreamError::from(status);
+                match error {
+                    UpstreamError::Unavailable(_) => {
+                        replica.mark_suspect();
+                        Attempt::Retry(error)
+                    }
+                    other => Attempt::Done(Err(other)),
+                }
+            }
+        },
+    }
+}
+
+impl ServerSet {
+    /// A set for `targets` (nothing resolved yet; see [`ServerSet::resolve`]), each with the
+    /// name its replicas' certificates must carry, each call bounded by `call_timeout`.
+    pub fn new(
+        targets: Vec<(Target, String)>,
+        tls: Arc<Rotating<ClientConfig>>,
+        call_timeout: Duration,
+        failovers: Counter,
+    ) -> ServerSet {
+        ServerSet {
+            targets,
+            tls,
+            call_timeout,
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            failovers,
+        }
+    }
+
+    /// The replicas known now.
+    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+        Arc::clone(&self.replicas.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether any replica is ready.
+    pub fn any_ready(&self) -> bool {
+        self.replicas().iter().any(|r| r.ready())
+    }
+
+    /// Makes the replicas exactly `addrs` (each with its certificate's name): known ones are
+    /// kept (with their connections and health), new ones added, vanished ones dropped once
+    /// their calls end.
+    pub fn set_addresses(&self, addrs: Vec<(SocketAddr, String)>) {
+        let addrs: BTreeMap<SocketAddr, String> = addrs.into_iter().collect();
+        let current = self.replicas();
+        if current.iter().map(|r| r.addr).eq(addrs.keys().copied()) {
+            return;
+        }
+        let known: BTreeMap<SocketAddr, Arc<Replica>> =
+            current.iter().map(|r| (r.addr, Arc::clone(r))).collect();
+        let mut fresh = Vec::with_capacity(addrs.len());
+        for (addr, name) in addrs {
+            if let Some(replica) = known.get(&addr) {
+                fresh.push(Arc::clone(replica));
+                continue;
+            }
+            let replica = TlsConnector::new(addr, &name, Arc::clone(&self.tls))
+                .map_err(|e| e.to_string())
+                .and_then(|connector| {
+                    Replica::new(addr, connector, self.call_timeout).map_err(|e| e.to_string())
+                });
+            match replica {
+                Ok(replica) => fresh.push(Arc::new(replica)),
+                Err(error) => tracing::error!(%addr, %error, "cannot use this server address"),
+            }
+        }
+        tracing::info!(
+            replicas = ?fresh.iter().map(|r| r.addr).collect::<Vec<_>>(),
+            "server replicas"
+        );
+        *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+    }
+
+    /// Resolves every target once. An error only when nothing resolved at all.
+    pub async fn resolve(&self) -> Result<(), String> {
+        let mut addrs = Vec::new();
+        let mut errors = Vec::new();
+        for (target, name) in &self.targets {
+            match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                Ok(found) => addrs.extend(found.map(|addr| (addr, name.clone()))),
+                Err(error) => errors.push(format!("{}: {error}", target.host)),
+            }
+        }
+        if addrs.is_empty() {
+            return Err(if errors.is_empty() {
+                "no address found".to_string()
+            } else {
+                errors.join("; ")
+            });
+        }
+        for error in errors {
+            tracing::warn!(%error, "a server name did not resolve; using the others");
+        }
+        self.set_addresses(addrs);
+        Ok(())
+    }
+
+    /// Re-resolves the targets every `interval` (every second while nothing is known) until
+    /// `shutdown`.
+    pub async fn follow_dns(&self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            if let Err(error) = self.resolve().await {
+                if self.replicas().is_empty() {
+                    tracing::warn!(%error, "no server replica resolved yet; retrying");
+                } else {
+                    tracing::warn!(%error, "resolving the servers failed; keeping the replicas known");
+                }
+            }
+            let wait = if self.replicas().is_empty() {
+                Duration::from_secs(1).min(interval)
+            } else {
+                interval
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Checks every replica's health every [`HEALTH_INTERVAL`] until `shutdown`.
+    pub async fn follow_health(&self, shutdown: CancellationToken) {
+        loop {
+            let replicas = self.replicas();
+            futures::future::join_all(replicas.iter().map(|r| r.check_health())).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// The replica to ask next: the next preferred one in turn, else the next one not
+    /// `except`.
+    pub fn pick(&self, except: Option<SocketAddr>) -> Option<Arc<Replica>> {
+        let replicas = self.replicas();
+        let n = replicas.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let candidates = (0..n)
+            .map(|i| &replicas[(start + i) % n])
+            .filter(|r| Some(r.addr) != except);
+        let mut fallback = None;
+        for replica in candidates {
+            if replica.preferred() {
+                return Some(Arc::clone(replica));
+            }
+            if fallback.is_none() {
+                fallback = Some(Arc::clone(replica));
+            }
+        }
+        fallback
+    }
+
+    /// Makes one call, failing over to a second replica as described in the module docs.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, UpstreamError>
+    where
+        F: Fn(PodiamClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let Some(first) = self.pick(None) else {
+            return Err(UpstreamError::Unavailable(
+                "no podiam server replica is known (yet)".into(),
+            ));
+        };
+        let attempt = |replica: Arc<Replica>| {
+            let call = call(replica.client());
+            async move { classify(call.await.map(tonic::Response::into_inner), &replica) }
+        };
+        let a = attempt(Arc::clone(&first));
+        let mut a = std::pin::pin!(a);
+        let first_failed = tokio::select! {
+            outcome = a.as_mut() => match outcome {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(error) => Some(error),
+            },
+            () = tokio::time::sleep(HEDGE_AFTER) => None,
+        };
+        let Some(second) = self.pick(Some(first.addr)) else {
+            // Nobody else to ask: the first answer is all there is.
+            return match first_failed {
+                Some(error) => Err(error),
+                None => match a.await {
+                    Attempt::Done(result) => result,
+                    Attempt::Retry(error) => Err(error),
+                },
+            };
+        };
+        self.failovers.inc();
+        tracing::debug!(
+            from = %first.addr,
+            to = %second.addr,
+            why = if first_failed.is_some() { "failed" } else { "slow" },
+            "asking another server replica"
+        );
+        let b = attempt(second);
+        let mut b = std::pin::pin!(b);
+        if let Some(error) = first_failed {
+            return match b.await {
+                Attempt::Done(result) => result,
+                Attempt::Retry(_) => Err(error),
+            };
+        }
+        // Both under way: the first good answer wins; a retryable failure of one waits for
+        // the other.
+        tokio::select! {
+            outcome = a.as_mut() => match outcome {
+                Attempt::Done(result) => result,
+                Attempt::Retry(error) => match b.await {
+                    Attempt::Done(result) => result,
+                    Attempt::Retry(_) => Err(error),
+                },
+            },
+            outcome = b.as_mut() => match outcome {
+                Attempt::Done(result) => {
+                    // The first replica is slower than a second one asked 300 ms later: pass
+                    // it over until its health check vouches for it again.
+                    first.mark_suspect();
+                    result
+                }
+                Attempt::Retry(error) => match a.await {
+                    Attempt::Done(result) => result,
+                    Attempt::Retry(_) => Err(error),
+                },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_from_https_urls() {
+        assert_eq!(
+            Target::parse("https://podiam-server.podiam.svc:8443"),
+            Some(Target {
+                host: "podiam-server.podiam.svc".into(),
+                port: 8443
+            })
+        );
+        assert_eq!(
+            Target::parse("https://[::1]:9"),
+            Some(Target {
+                host: "::1".into(),
+                port: 9
+            })
+        );
+        assert_eq!(Target::parse("https://server").map(|t| t.port), Some(443));
+        assert_eq!(Target::parse("http://server:80"), None);
+        assert_eq!(Target::parse("server:80"), None);
+    }
+}

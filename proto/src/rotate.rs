@@ -1,0 +1,186 @@
+//! Certificates that rotate on disk without a restart.
+//!
+//! Kubernetes updates a mounted Secret by swapping a symlink, so all three files change at
+//! once, about a minute after the Secret does. [`Rotating`] keeps the TLS configuration
+//! built from the files current: [`Rotating::follow`] re-reads them every interval and,
+//! when their bytes changed and the new material checks out ([`TlsFiles::load_checked`]),
+//! swaps in a configuration built from it. Connections opened from then on use the new
+//! certificates; connections already open keep theirs until they end.
+//!
+//! New files that do not check out (expired, not yet valid, a key that does not match, a
+//! half-written file) are refused with one clear log line and the current configuration is
+//! kept, so a bad Secret update never takes a working daemon down. The certificate in use
+//! expiring is logged too, once, and its expiry is exported as a metric by each daemon.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::tls::{Checked, TlsError, TlsFiles, unix_seconds, utc};
+
+/// How often the files are re-read by default: a Secret update takes the kubelet about a
+/// minute to project, so ten seconds adds little to that and costs three small reads.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A TLS configuration of type `C`, rebuilt from its files when they change.
+pub struct Rotating<C> {
+    files: TlsFiles,
+    build: fn(&Checked) -> Result<C, TlsError>,
+    current: RwLock<Arc<C>>,
+    /// The bytes the current configuration was built from, and the last refused bytes (so a
+    /// refusal is logged once, not every interval).
+    seen: Mutex<Seen>,
+    not_after: AtomicI64,
+    warned_expired: AtomicBool,
+}
+
+#[derive(Default)]
+struct Seen {
+    loaded: [Vec<u8>; 3],
+    refused: Option<[Vec<u8>; 3]>,
+}
+
+impl<C> std::fmt::Debug for Rotating<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotating")
+            .field("files", &self.files)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one look at the files found.
+#[derive(Debug)]
+pub enum Reload {
+    /// The files are as they were.
+    Unchanged,
+    /// New material is in use.
+    Rotated {
+        subject: String,
+        serial: String,
+        not_after: i64,
+    },
+    /// The files changed but were refused; the current configuration stays.
+    Refused(TlsError),
+    /// The same refused files as last time (already logged).
+    StillRefused,
+}
+
+impl<C> Rotating<C> {
+    /// Loads and checks the files now; any problem is an error (a daemon must not start with
+    /// certificates it cannot use).
+    pub fn load(
+        files: TlsFiles,
+        build: fn(&Checked) -> Result<C, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let checked = files.load_checked(SystemTime::now())?;
+        let config = build(&checked)?;
+        tracing::info!(
+            cert = %files.cert.display(),
+            subject = %checked.subject,
+            serial = %checked.serial,
+            not_after = %utc(checked.not_after),
+            "TLS certificate loaded"
+        );
+        Ok(Rotating {
+            build,
+            current: RwLock::new(Arc::new(config)),
+            not_after: AtomicI64::new(checked.not_after),
+            seen: Mutex::new(Seen {
+                loaded: checked.source,
+                refused: None,
+            }),
+            files,
+            warned_expired: AtomicBool::new(false),
+        })
+    }
+
+    /// The configuration new connections use.
+    pub fn current(&self) -> Arc<C> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// When the certificate in use expires, seconds since the Unix epoch.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the files and swaps in new material if they changed and check out at `now`.
+    pub fn reload(&self, now: SystemTime) -> Reload {
+        let read = |path: &std::path::Path| std::fs::read(path).unwrap_or_default();
+        let bytes = [
+            read(&self.files.ca),
+            read(&self.files.cert),
+            read(&self.files.key),
+        ];
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes == seen.loaded {
+            seen.refused = None;
+            return Reload::Unchanged;
+        }
+        if seen.refused.as_ref() == Some(&bytes) {
+            return Reload::StillRefused;
+        }
+        let built = self
+            .files
+            .check(bytes.clone(), now)
+            .and_then(|checked| Ok(((self.build)(&checked)?, checked)));
+        match built {
+            Ok((config, checked)) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                self.not_after.store(checked.not_after, Ordering::Relaxed);
+                self.warned_expired.store(false, Ordering::Relaxed);
+                seen.loaded = bytes;
+                seen.refused = None;
+                Reload::Rotated {
+                    subject: checked.subject,
+                    serial: checked.serial,
+                    not_after: checked.not_after,
+                }
+            }
+            Err(error) => {
+                seen.refused = Some(bytes);
+                Reload::Refused(error)
+            }
+        }
+    }
+
+    /// Re-reads the files every `interval` until `shutdown`, logging what changed.
+    pub async fn follow(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let now = SystemTime::now();
+            match self.reload(now) {
+                Reload::Unchanged | Reload::StillRefused => {}
+                Reload::Rotated {
+                    subject,
+                    serial,
+                    not_after,
+                } => tracing::info!(
+                    cert = %self.files.cert.display(),
+                    %subject,
+                    %serial,
+                    not_after = %utc(not_after),
+                    "TLS certificate rotated: new connections use it, open ones keep theirs"
+                ),
+                Reload::Refused(error) => tracing::error!(
+                    %error,
+                    "new TLS files refused; still using the certificate loaded before"
+                ),
+            }
+            let not_after = self.not_after();
+            if unix_seconds(now) > not_after && !self.warned_expired.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    cert = %self.files.cert.display(),
+                    not_after = %utc(not_after),
+                    "the TLS certificate in use has expired and no valid replacement is on disk: peers will refuse new connections"
+                );
+            }
+        }
+    }
+}
