@@ -444,8 +444,7 @@ impl PodiamService {
         };
         loop {
             changes.mark_unchanged();
-            let current = self.node_states(node);
-            match send_changes(tx, &sent, current).await {
+            match self.send_changes(node, tx, &sent).await {
                 Ok(now_sent) => sent = now_sent,
                 Err(_) => return StreamEnd::AgentGone,
             }
@@ -487,12 +486,36 @@ impl PodiamService {
         }
     }
 
-    /// The current states of the pods on `node`, by UID.
-    fn node_states(&self, node: &str) -> HashMap<String, PodState> {
+    /// Sends `node`'s pod states that differ from the digests `sent` remembers, and deletes
+    /// for the pods gone; returns the digests of the states now current. States are made
+    /// and sent one at a time: 200 agents' snapshots at once must not each hold a copy of
+    /// every state of their node.
+    async fn send_changes(
+        &self,
+        node: &str,
+        tx: &mpsc::Sender<Result<NodeEvent, Status>>,
+        sent: &HashMap<String, u64>,
+    ) -> Result<HashMap<String, u64>, mpsc::error::SendError<Result<NodeEvent, Status>>> {
         let pods = self.cluster.pods().on_node(node);
-        pods.iter()
-            .map(|pod| (pod.uid.clone(), self.pod_state(pod)))
-            .collect()
+        let mut now_sent = HashMap::with_capacity(pods.len());
+        for pod in pods {
+            let state = self.pod_state(&pod);
+            let digest = digest(&state);
+            if sent.get(&pod.uid) != Some(&digest) {
+                tx.send(Ok(NodeEvent {
+                    event: Some(node_event::Event::Upsert(state)),
+                }))
+                .await?;
+            }
+            now_sent.insert(pod.uid.clone(), digest);
+        }
+        for uid in sent.keys().filter(|uid| !now_sent.contains_key(*uid)) {
+            tx.send(Ok(NodeEvent {
+                event: Some(node_event::Event::DeleteUid(uid.clone())),
+            }))
+            .await?;
+        }
+        Ok(now_sent)
     }
 }
 
@@ -506,33 +529,6 @@ fn digest(state: &PodState) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     hasher.write(&state.encode_to_vec());
     hasher.finish()
-}
-
-/// Sends every change between the pod states last sent (as digests) and the current ones;
-/// returns the digests of what was sent.
-async fn send_changes(
-    tx: &mpsc::Sender<Result<NodeEvent, Status>>,
-    sent: &HashMap<String, u64>,
-    current: HashMap<String, PodState>,
-) -> Result<HashMap<String, u64>, mpsc::error::SendError<Result<NodeEvent, Status>>> {
-    for uid in sent.keys().filter(|uid| !current.contains_key(*uid)) {
-        tx.send(Ok(NodeEvent {
-            event: Some(node_event::Event::DeleteUid(uid.clone())),
-        }))
-        .await?;
-    }
-    let mut now_sent = HashMap::with_capacity(current.len());
-    for (uid, state) in current {
-        let digest = digest(&state);
-        if sent.get(&uid) != Some(&digest) {
-            tx.send(Ok(NodeEvent {
-                event: Some(node_event::Event::Upsert(state)),
-            }))
-            .await?;
-        }
-        now_sent.insert(uid, digest);
-    }
-    Ok(now_sent)
 }
 
 /// Why a node stream ended.
