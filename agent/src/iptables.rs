@@ -132,10 +132,21 @@ impl Iptables {
         }
     }
 
+    /// The rules of `chain` as `iptables -S` prints them; `None` when the chain does not
+    /// exist (exit status 1). Any other failure — no permission (3 or 4), no table — is an
+    /// error: taking it for "no chain" would let `uninstall` report success having removed
+    /// nothing.
     async fn rules(&self, chain: &str) -> Result<Option<Vec<String>>, IptablesError> {
         let output = self.output(&["-S", chain]).await?;
-        if !output.status.success() {
-            return Ok(None);
+        match output.status.code() {
+            Some(0) => {}
+            Some(1) => return Ok(None),
+            _ => {
+                return Err(IptablesError::Failed {
+                    command: format!("{} -w -t nat -S {chain}", self.program),
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                });
+            }
         }
         let prefix = format!("-A {chain} ");
         Ok(Some(
@@ -206,12 +217,16 @@ impl Iptables {
     }
 
     /// Removes every jump to our chain (whatever its interface) and the chain itself.
-    /// The explicit uninstall action; idempotent.
+    /// The explicit uninstall action; idempotent. Fails unless PREROUTING could be read.
     pub async fn uninstall(&self) -> Result<(), IptablesError> {
-        let jumps: Vec<String> = self
+        let prerouting = self
             .rules("PREROUTING")
             .await?
-            .unwrap_or_default()
+            .ok_or_else(|| IptablesError::Failed {
+                command: format!("{} -w -t nat -S PREROUTING", self.program),
+                stderr: "the nat table has no PREROUTING chain".to_string(),
+            })?;
+        let jumps: Vec<String> = prerouting
             .into_iter()
             .filter(|rule| rule.ends_with(&format!(" -j {CHAIN}")))
             .collect();

@@ -359,6 +359,31 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
     }
     assert!(world.aws_caller_arn("web").await.expect("runs").is_err());
 
+    // An uninstall that cannot read the rules (no capabilities) says so and fails; it never
+    // reports a removal it did not make.
+    let agent = podiam_tests::world::binary("podiam-agent").expect("agent binary");
+    let unprivileged = world
+        .node()
+        .netns()
+        .command("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(agent)
+        .arg("uninstall")
+        .output()
+        .await
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&unprivileged.stderr);
+    assert!(!unprivileged.status.success(), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert!(
+        world
+            .node_nat_rules()
+            .await
+            .expect("rules")
+            .contains("-j PODIAM"),
+        "the rules are still there"
+    );
+
     let out = world.uninstall_agent_rules().await.expect("uninstall runs");
     assert!(
         out.status.success(),
