@@ -33,7 +33,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use podiam_proto::rotate::Rotating;
 use podiam_proto::tls::TlsFiles;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
@@ -104,10 +103,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         header_read_timeout: config.header_timeout,
     };
 
+    // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
+    // agent binds beside the old one; the kernel spreads connections over both until the old
+    // one stops accepting. The kubelet's probes may meanwhile reach either agent, which is
+    // harmless: both serve.
     let listener = podiam_proto::serve::bind_reuseport(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
-    let health_listener = TcpListener::bind(config.health_listen)
-        .await
+    let health_listener = podiam_proto::serve::bind_reuseport(config.health_listen)
         .with_context(|| format!("binding {}", config.health_listen))?;
     // Background work runs until the pod-facing server has drained.
     let stop = CancellationToken::new();

@@ -227,7 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tasks.close();
     tasks.wait().await;
     cache.drain().await;
-    tracing::info!("stopped");
+    tracing::info!("server stopped");
     served
 }
 

@@ -8,7 +8,9 @@
 //! - [`moto`]: moto's STS server on a free loopback port.
 //! - [`sts_proxy`]: a recording, fault-injecting proxy between the server and moto.
 //! - [`process`]: child processes that die with their owner, with their logs kept.
-//! - [`world`]: a whole podiam installation (emulator, moto, server, node, pods, agent).
+//! - [`sdk_load`]: steady load from botocore clients in pods, counting what they saw.
+//! - [`world`]: a whole podiam installation (emulator, moto, server replicas, node, pods,
+//!   agent) and the faults a test can inflict on it.
 
 pub mod bench;
 pub mod bridge;
@@ -16,5 +18,6 @@ pub mod kube_emulator;
 pub mod moto;
 pub mod netns;
 pub mod process;
+pub mod sdk_load;
 pub mod sts_proxy;
 pub mod world;

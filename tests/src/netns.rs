@@ -70,6 +70,15 @@ pub enum NetnsError {
         #[source]
         source: std::io::Error,
     },
+    /// Setting a sysctl inside a namespace failed.
+    #[error("setting {name}")]
+    Sysctl {
+        /// The sysctl.
+        name: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An `ip` command failed.
     #[error("`{command}` failed: {stderr}")]
     Command {
@@ -401,6 +410,15 @@ impl Node {
         let [a, b, c] = NODE_IP_BASE;
         let ip = Ipv4Addr::new(a, b, c, u8::try_from(n).unwrap_or(1));
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        // As the install guide recommends for nodes: connections queued on a listener that
+        // closes move to another listener of its SO_REUSEPORT group (the agent's rolling
+        // update) instead of being reset. Per network namespace; this one is ours.
+        netns
+            .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?
+            .map_err(|source| NetnsError::Sysctl {
+                name: "net.ipv4.tcp_migrate_req",
+                source,
+            })?;
         Ok(Self {
             fake_metadata: None,
             netns,

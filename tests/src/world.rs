@@ -74,6 +74,8 @@ pub struct WorldConfig {
     pub agent_args: Vec<String>,
     /// Extra `podiam-server` flags (e.g. `--session-tags`).
     pub server_args: Vec<String>,
+    /// Server replicas to run (0 means 1); the agent is given every one of them.
+    pub servers: usize,
     /// Put a recording, fault-injecting [`StsProxy`] between the server and moto.
     pub sts_proxy: bool,
     /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
@@ -209,11 +211,41 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// One `podiam-server` replica: its process (none while killed), its loopback addresses,
+/// and the bridge the agent's node namespace reaches it through.
+#[derive(Debug)]
+pub struct ServerReplica {
+    process: Option<ChildGuard>,
+    /// The gRPC address (root namespace, loopback).
+    pub addr: SocketAddr,
+    /// The health and metrics address.
+    pub health: SocketAddr,
+    bridge: Bridge,
+    /// Logs of processes that ran before a restart.
+    earlier_logs: Vec<PathBuf>,
+}
+
+impl ServerReplica {
+    fn process(&self) -> anyhow::Result<&ChildGuard> {
+        self.process
+            .as_ref()
+            .with_context(|| format!("the server replica at {} is not running", self.addr))
+    }
+
+    fn process_mut(&mut self) -> anyhow::Result<&mut ChildGuard> {
+        let addr = self.addr;
+        self.process
+            .as_mut()
+            .with_context(|| format!("the server replica at {addr} is not running"))
+    }
+}
+
 /// A running podiam installation. Field order is teardown order.
 pub struct World {
     agent: Option<ChildGuard>,
-    server: ChildGuard,
-    agent_bridge: Bridge,
+    /// Agents that ran before (their logs, for failure messages).
+    earlier_agent_logs: Vec<PathBuf>,
+    servers: Vec<ServerReplica>,
     pods: BTreeMap<String, WorldPod>,
     node: Node,
     sts_proxy: Option<StsProxy>,
@@ -223,8 +255,8 @@ pub struct World {
     dir: PathBuf,
     kubeconfig: PathBuf,
     certs: podiam_certs::WrittenFiles,
-    server_addr: SocketAddr,
-    server_health: SocketAddr,
+    sts_endpoint: String,
+    server_args: Vec<String>,
     agent_args: Vec<String>,
     iptables_bin: String,
 }
@@ -277,19 +309,28 @@ impl World {
         let sts_endpoint = sts_proxy
             .as_ref()
             .map_or_else(|| moto.endpoint(), StsProxy::endpoint);
-        let (server, server_addr, server_health) = start_server_within(
-            &certs,
-            &kubeconfig,
-            &sts_endpoint,
-            &config.server_args,
-            START_TIMEOUT,
-        )
-        .await?;
-        let agent_bridge = Bridge::start(node.name(), 0, server_addr)?;
+        let mut servers = Vec::new();
+        for _ in 0..config.servers.max(1) {
+            let (process, addr, health) = start_server_within(
+                &certs,
+                &kubeconfig,
+                &sts_endpoint,
+                &config.server_args,
+                START_TIMEOUT,
+            )
+            .await?;
+            servers.push(ServerReplica {
+                process: Some(process),
+                addr,
+                health,
+                bridge: Bridge::start(node.name(), 0, addr)?,
+                earlier_logs: Vec::new(),
+            });
+        }
         let mut world = World {
             agent: None,
-            server,
-            agent_bridge,
+            earlier_agent_logs: Vec::new(),
+            servers,
             pods,
             node,
             sts_proxy,
@@ -299,8 +340,8 @@ impl World {
             dir,
             kubeconfig,
             certs,
-            server_addr,
-            server_health,
+            sts_endpoint,
+            server_args: config.server_args.clone(),
             agent_args: config.agent_args.clone(),
             iptables_bin: config
                 .iptables_bin
@@ -322,31 +363,7 @@ impl World {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let mut command = self
-            .node
-            .netns()
-            .command(binary("podiam-agent")?.to_str().context("path")?);
-        command
-            .arg("serve")
-            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
-            .args(["--health-listen", &format!("127.0.0.1:{AGENT_HEALTH_PORT}")])
-            .args([
-                "--server",
-                &format!("https://127.0.0.1:{}", self.agent_bridge.port()),
-            ])
-            .args(["--server-name", "localhost"])
-            .args(["--tls-ca", path_str(&self.certs.ca_cert)?])
-            .args(["--tls-cert", path_str(&self.certs.agent_cert)?])
-            .args(["--tls-key", path_str(&self.certs.agent_key)?])
-            .args(["--node-name", NODE_NAME])
-            .arg("--iptables")
-            .args(["--host-ip", &self.node.ip().to_string()])
-            .args(["--interface", POD_INTERFACE_PATTERN])
-            .args(["--iptables-bin", &self.iptables_bin])
-            .args(&self.agent_args)
-            .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
-        let agent = ChildGuard::spawn("podiam-agent", command)?;
-        self.agent = Some(agent);
+        self.agent = Some(self.spawn_agent()?);
         let node = self.node.netns();
         let ready = wait_until(START_TIMEOUT, "the agent to report ready", || async {
             node.http_get(
@@ -359,6 +376,63 @@ impl World {
         .await;
         if let Err(error) = ready {
             bail!("{error}; agent log:\n{}", self.agent_log());
+        }
+        Ok(())
+    }
+
+    /// A new `podiam-agent serve` process in the node namespace, with every server replica.
+    fn spawn_agent(&self) -> anyhow::Result<ChildGuard> {
+        let mut command = self
+            .node
+            .netns()
+            .command(binary("podiam-agent")?.to_str().context("path")?);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
+            .args(["--health-listen", &format!("127.0.0.1:{AGENT_HEALTH_PORT}")]);
+        for server in &self.servers {
+            command.args([
+                "--server",
+                &format!("https://127.0.0.1:{}", server.bridge.port()),
+            ]);
+        }
+        command
+            .args(["--server-name", "localhost"])
+            .args(["--tls-ca", path_str(&self.certs.ca_cert)?])
+            .args(["--tls-cert", path_str(&self.certs.agent_cert)?])
+            .args(["--tls-key", path_str(&self.certs.agent_key)?])
+            .args(["--node-name", NODE_NAME])
+            .arg("--iptables")
+            .args(["--host-ip", &self.node.ip().to_string()])
+            .args(["--interface", POD_INTERFACE_PATTERN])
+            .args(["--iptables-bin", &self.iptables_bin])
+            .args(&self.agent_args)
+            .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
+        Ok(ChildGuard::spawn("podiam-agent", command)?)
+    }
+
+    /// A rolling update of the agent, as a DaemonSet with maxSurge does it: a new agent
+    /// starts beside the running one (both bind the pod port with SO_REUSEPORT), and once
+    /// its node stream has synced the old one gets SIGTERM and must exit cleanly.
+    pub async fn roll_agent(&mut self) -> anyhow::Result<()> {
+        let mut old = self.agent.take().context("the agent is not running")?;
+        let new = self.spawn_agent()?;
+        let new_log = new.log_path().to_path_buf();
+        self.agent = Some(new);
+        wait_until(START_TIMEOUT, "the new agent's node stream to sync", || {
+            let log = std::fs::read_to_string(&new_log).unwrap_or_default();
+            async move { log.contains("node stream synced") }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; new agent's log:\n{}", self.agent_log()))?;
+        old.signal(Signal::SIGTERM)?;
+        let status = old.wait_exit(Duration::from_secs(15)).await?;
+        self.earlier_agent_logs.push(old.log_path().to_path_buf());
+        if !status.success() {
+            bail!(
+                "the old agent exited with {status}; log:\n{}",
+                old.log_tail(40)
+            );
         }
         Ok(())
     }
@@ -591,7 +665,8 @@ print(remaining)
         self.register_pod(pod).await
     }
 
-    /// A gRPC client of the server with the agent's certificate (a test acting as an agent).
+    /// A gRPC client of the (first) server with the agent's certificate (a test acting as
+    /// an agent).
     pub async fn server_client(
         &self,
     ) -> anyhow::Result<podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>>
@@ -603,21 +678,140 @@ print(remaining)
         }
         .load()?;
         let channel =
-            tonic::transport::Endpoint::from_shared(format!("https://{}", self.server_addr))?
+            tonic::transport::Endpoint::from_shared(format!("https://{}", self.server_addr()))?
                 .tls_config(material.client_config("localhost"))?
                 .connect()
                 .await?;
         Ok(podiam_proto::v1::podiam_client::PodiamClient::new(channel))
     }
 
-    /// The server's `/metrics` text.
+    /// The (first) server's `/metrics` text.
     pub async fn server_metrics(&self) -> anyhow::Result<String> {
-        http_get_text(&format!("http://{}/metrics", self.server_health)).await
+        self.server_metrics_of(0).await
     }
 
-    /// The server's whole log so far.
+    /// Server replica `i`'s `/metrics` text (an error after 2 s: a stopped replica).
+    pub async fn server_metrics_of(&self, i: usize) -> anyhow::Result<String> {
+        let url = format!("http://{}/metrics", self.replica(i).health);
+        tokio::time::timeout(Duration::from_secs(2), http_get_text(&url))
+            .await
+            .with_context(|| format!("{url} did not answer"))?
+    }
+
+    /// The (first) server's whole log so far.
     pub fn server_log_text(&self) -> String {
-        std::fs::read_to_string(self.server.log_path()).unwrap_or_default()
+        self.server_log_text_of(0)
+    }
+
+    /// Server replica `i`'s whole log so far, across restarts.
+    pub fn server_log_text_of(&self, i: usize) -> String {
+        let replica = self.replica(i);
+        replica
+            .earlier_logs
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(replica.process.as_ref().map(ChildGuard::log_path))
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .collect()
+    }
+
+    /// The server replicas.
+    pub fn replicas(&self) -> &[ServerReplica] {
+        &self.servers
+    }
+
+    fn replica(&self, i: usize) -> &ServerReplica {
+        match self.servers.get(i) {
+            Some(replica) => replica,
+            None => panic!("the world has no server replica {i}"),
+        }
+    }
+
+    fn replica_mut(&mut self, i: usize) -> &mut ServerReplica {
+        match self.servers.get_mut(i) {
+            Some(replica) => replica,
+            None => panic!("the world has no server replica {i}"),
+        }
+    }
+
+    /// Sends `signal` to server replica `i` (SIGSTOP / SIGCONT: a replica that hangs).
+    pub fn signal_server(&mut self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        Ok(self.replica_mut(i).process_mut()?.signal(signal)?)
+    }
+
+    /// Kills server replica `i` (SIGKILL: a crash, nothing of it runs on the way out).
+    pub async fn kill_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let replica = self.replica_mut(i);
+        let mut process = replica.process.take().context("not running")?;
+        process.signal(Signal::SIGKILL)?;
+        process.wait_exit(Duration::from_secs(10)).await?;
+        replica.earlier_logs.push(process.log_path().to_path_buf());
+        Ok(())
+    }
+
+    /// Stops server replica `i` with SIGTERM and waits for it to drain and exit; returns
+    /// how long it took.
+    pub async fn stop_server(&mut self, i: usize) -> anyhow::Result<Duration> {
+        let replica = self.replica_mut(i);
+        let mut process = replica.process.take().context("not running")?;
+        let started = std::time::Instant::now();
+        process.signal(Signal::SIGTERM)?;
+        let status = process.wait_exit(Duration::from_secs(30)).await?;
+        replica.earlier_logs.push(process.log_path().to_path_buf());
+        if !status.success() {
+            bail!(
+                "server replica {i} exited with {status}; log:\n{}",
+                process.log_tail(40)
+            );
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Starts server replica `i` again on its old addresses and waits for its first sync.
+    pub async fn restart_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let (addr, health) = (self.replica(i).addr, self.replica(i).health);
+        if self.replica(i).process.is_some() {
+            bail!("server replica {i} is running");
+        }
+        let process = spawn_server(
+            &self.certs,
+            &self.kubeconfig,
+            &self.sts_endpoint,
+            &self.server_args,
+            addr,
+            health,
+        )?;
+        self.replica_mut(i).process = Some(process);
+        let material = podiam_proto::tls::TlsFiles {
+            ca: self.certs.ca_cert.clone(),
+            cert: self.certs.agent_cert.clone(),
+            key: self.certs.agent_key.clone(),
+        }
+        .load()?;
+        let synced = wait_until(START_TIMEOUT, "the restarted server to sync", || {
+            let material = material.clone();
+            async move { health_synced(addr, &material).await }
+        })
+        .await;
+        if let Err(error) = synced {
+            bail!("{error}; log:\n{}", self.replica(i).process()?.log_tail(40));
+        }
+        Ok(())
+    }
+
+    /// Which server replica holds the agent's node stream (by its node-stream gauge).
+    pub async fn stream_holder(&self) -> Option<usize> {
+        for i in 0..self.servers.len() {
+            if self.servers[i].process.is_none() {
+                continue;
+            }
+            if let Ok(metrics) = self.server_metrics_of(i).await
+                && metric_value(&metrics, "podiam_server_node_streams") > 0
+            {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// The real `kubectl`, against the emulator.
@@ -674,9 +868,14 @@ print(remaining)
         &self.certs
     }
 
-    /// The server's gRPC address (root namespace, loopback).
+    /// The (first) server's gRPC address (root namespace, loopback).
     pub fn server_addr(&self) -> SocketAddr {
-        self.server_addr
+        self.replica(0).addr
+    }
+
+    /// The kubeconfig pointing at the emulator.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
     }
 
     /// A scratch directory owned by this world.
@@ -691,9 +890,22 @@ print(remaining)
             .map_or_else(|| "(agent not running)".to_string(), |a| a.log_tail(60))
     }
 
-    /// The server's recent log lines (for failure messages).
+    /// Every agent's whole log so far, oldest first.
+    pub fn agent_log_text(&self) -> String {
+        self.earlier_agent_logs
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(self.agent.as_ref().map(ChildGuard::log_path))
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .collect()
+    }
+
+    /// The (first) server's recent log lines (for failure messages).
     pub fn server_log(&self) -> String {
-        self.server.log_tail(60)
+        self.replica(0)
+            .process
+            .as_ref()
+            .map_or_else(|| "(server not running)".to_string(), |s| s.log_tail(60))
     }
 }
 
@@ -701,7 +913,10 @@ impl std::fmt::Debug for World {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("World")
             .field("dir", &self.dir)
-            .field("server_addr", &self.server_addr)
+            .field(
+                "servers",
+                &self.servers.iter().map(|s| s.addr).collect::<Vec<_>>(),
+            )
             .field("node", &self.node.name())
             .field("pods", &self.pods.keys().collect::<Vec<_>>())
             .field("agent_running", &self.agent.is_some())
@@ -824,28 +1039,12 @@ pub async fn start_server_within(
     extra_args: &[String],
     within: Duration,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
-    let program = binary("podiam-server")?;
     let mut last_error = None;
     // The free port may be taken before the server binds it: try a few.
     for _ in 0..4 {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-        let mut command = tokio::process::Command::new(&program);
-        command
-            .args(["--listen", &addr.to_string()])
-            .args(["--health-listen", &health.to_string()])
-            .args(["--tls-ca", path_str(&certs.ca_cert)?])
-            .args(["--tls-cert", path_str(&certs.server_cert)?])
-            .args(["--tls-key", path_str(&certs.server_key)?])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--base-role-arn", BASE_ROLE_ARN])
-            .args(["--sts-endpoint", sts_endpoint])
-            .args(["--region", "us-east-1"])
-            .args(extra_args)
-            .envs(Moto::client_env())
-            .env("PODIAM_LOG_LEVEL", "info,podiam_server=debug");
-        let mut server = ChildGuard::spawn("podiam-server", command)?;
+        let mut server = spawn_server(certs, kubeconfig, sts_endpoint, extra_args, addr, health)?;
         let material = podiam_proto::tls::TlsFiles {
             ca: certs.ca_cert.clone(),
             cert: certs.agent_cert.clone(),
@@ -872,6 +1071,37 @@ pub async fn start_server_within(
         }
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("podiam-server did not start")))
+}
+
+/// Spawns `podiam-server` on `addr` (gRPC) and `health`, with the world's certificates,
+/// kubeconfig and STS endpoint; does not wait for it.
+pub fn spawn_server(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    addr: SocketAddr,
+    health: SocketAddr,
+) -> anyhow::Result<ChildGuard> {
+    let mut command = tokio::process::Command::new(binary("podiam-server")?);
+    command
+        .args(["--listen", &addr.to_string()])
+        .args(["--health-listen", &health.to_string()])
+        .args(["--tls-ca", path_str(&certs.ca_cert)?])
+        .args(["--tls-cert", path_str(&certs.server_cert)?])
+        .args(["--tls-key", path_str(&certs.server_key)?])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--base-role-arn", BASE_ROLE_ARN])
+        .args(["--sts-endpoint", sts_endpoint])
+        .args(["--region", "us-east-1"])
+        .args(extra_args)
+        .envs(Moto::client_env())
+        .env(
+            "PODIAM_LOG_LEVEL",
+            "info,podiam_server=debug,podiam_proto=debug",
+        );
+    Ok(ChildGuard::spawn("podiam-server", command)?)
 }
 
 /// Whether the server at `addr` answers Health with synced caches, over mutual TLS.

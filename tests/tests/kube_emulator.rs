@@ -1207,3 +1207,43 @@ async fn binary_prints_its_address_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_refuses_connections_and_ends_watches_then_service_resumes() {
+    let fx = Fixture::start().await;
+    fx.setup_team_a();
+    let (reader, task, _) = reflect_pods(fx.kube_client().await, watcher::Config::default());
+    tokio::time::timeout(DEADLINE, reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+
+    fx.emulator.go_down();
+    let (ok, _, stderr) = fx.kubectl(&["get", "pods", "-A"]).await;
+    assert!(!ok, "kubectl worked during the outage");
+    assert!(stderr.contains("refused"), "{stderr}");
+    // Changed while away: no watcher can see it yet.
+    fx.emulator
+        .create(pod("team-a", "while-away", "10.1.0.9", &[]))
+        .unwrap();
+    assert!(!pod_names(&reader).contains("while-away"));
+
+    fx.emulator.come_back().await.expect("listening again");
+    let listed = fx
+        .kubectl_ok(&["get", "pods", "-n", "team-a", "-o", "name"])
+        .await;
+    assert!(listed.contains("pod/while-away"), "{listed}");
+    wait_until(
+        "the watcher to see the change made during the outage",
+        || async { pod_names(&reader).contains("while-away") },
+    )
+    .await;
+
+    // A slow API server: each list waits, watches do not.
+    fx.emulator.set_list_delay(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    fx.kubectl_ok(&["get", "pods", "-n", "team-a"]).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    fx.emulator.set_list_delay(Duration::ZERO);
+    task.abort();
+}

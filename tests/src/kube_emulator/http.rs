@@ -79,6 +79,9 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The bounded request log.
     pub requests: Mutex<VecDeque<RequestRecord>>,
+    /// How long each list (not watch) request waits before it is answered: a slow API
+    /// server, so that a client's relist takes a while.
+    pub list_delay: Mutex<Duration>,
 }
 
 impl Shared {
@@ -91,16 +94,27 @@ impl Shared {
     }
 }
 
-/// Accepts connections until shutdown, serving each on its own tracked task.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracker) {
+/// Accepts connections until `stop` (the emulator's shutdown, or an outage), serving each
+/// on its own tracked task; every connection ends with `stop` too.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                tasks.spawn(serve_connection(stream, peer, Arc::clone(&shared)));
+                tasks.spawn(serve_connection(
+                    stream,
+                    peer,
+                    Arc::clone(&shared),
+                    stop.clone(),
+                ));
             }
             Err(error) => {
                 warn!(%error, "accepting a connection failed");
@@ -111,8 +125,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tasks: TaskTracke
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let shutdown = shared.shutdown.clone();
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(handle(&shared, request).await) }
@@ -125,7 +143,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
                 debug!(%peer, %error, "connection ended with an error");
             }
         }
-        _ = shutdown.cancelled() => {}
+        _ = stop.cancelled() => {}
     }
 }
 
@@ -160,6 +178,10 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
         content_type: content_type.as_deref(),
         body: &body,
     };
+    let delay = *shared.list_delay.lock().unwrap_or_else(|p| p.into_inner());
+    if method == Method::GET && !delay.is_zero() && !incoming.query.flag("watch") {
+        tokio::time::sleep(delay).await;
+    }
     let response = dispatch(shared, &incoming).unwrap_or_else(|error| error_response(&error));
     debug!(
         %method, %path, query = %raw_query, content_type = ?content_type,

@@ -111,6 +111,8 @@ pub struct KubeEmulator {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The current listener's life: cancelled by [`KubeEmulator::go_down`].
+    serving: Mutex<CancellationToken>,
 }
 
 impl KubeEmulator {
@@ -137,15 +139,57 @@ impl KubeEmulator {
             server_address: addr.to_string(),
             shutdown: shutdown.clone(),
             requests: Mutex::new(VecDeque::new()),
+            list_delay: Mutex::new(Duration::ZERO),
         });
         let tasks = TaskTracker::new();
-        tasks.spawn(http::serve(listener, Arc::clone(&shared), tasks.clone()));
+        let serving = shutdown.child_token();
+        tasks.spawn(http::serve(
+            listener,
+            Arc::clone(&shared),
+            tasks.clone(),
+            serving.clone(),
+        ));
         Ok(KubeEmulator {
             addr,
             shared,
             shutdown,
             tasks,
+            serving: Mutex::new(serving),
         })
+    }
+
+    /// An API server outage: stops listening (connections are refused) and ends every open
+    /// connection and watch. The objects stay, and can still be changed directly.
+    pub fn go_down(&self) {
+        self.serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+    }
+
+    /// The end of an outage: listens on the same address again.
+    pub async fn come_back(&self) -> Result<(), EmulatorError> {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .map_err(EmulatorError::Bind)?;
+        let serving = self.shutdown.child_token();
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = serving.clone();
+        self.tasks.spawn(http::serve(
+            listener,
+            Arc::clone(&self.shared),
+            self.tasks.clone(),
+            serving,
+        ));
+        Ok(())
+    }
+
+    /// Makes every list request wait `delay` before its answer (zero: answer at once).
+    pub fn set_list_delay(&self, delay: Duration) {
+        *self
+            .shared
+            .list_delay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = delay;
     }
 
     /// The bound address.

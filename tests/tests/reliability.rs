@@ -1,0 +1,514 @@
+//! Faults under load: a pod's SDK must never notice a server replica dying or hanging, the
+//! API server blinking, certificates rotating, the agent being updated, or STS being down.
+//!
+//! Each scenario runs 3 server replicas and 12 pods, each pod with a botocore client fetching
+//! credentials in a loop with botocore's defaults (1 s timeout, one attempt: the strictest
+//! SDK). It inflicts one fault and asserts that no fetch failed, and that fetches kept
+//! succeeding while the fault lasted (so the load really ran through it). The scenarios run
+//! one at a time: each is a whole cluster on 2 cores. Needs root.
+//!
+//! Also here: no false "unknown pod" during a forced, slow relist of 2,000 pods.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use podiam_proto::Reason;
+use podiam_proto::v1::GetPodRoleRequest;
+use podiam_tests::kube_emulator::Kind;
+use podiam_tests::process::wait_until;
+use podiam_tests::sdk_load::{ClientSpec, LoadReport, SdkLoad, now};
+use podiam_tests::world::{World, WorldConfig, metric_value};
+use serde_json::json;
+
+/// One scenario at a time (a tokio mutex: it is held across awaits and never poisoned).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PODS: usize = 12;
+const REPLICAS: usize = 3;
+
+fn pod_name(i: usize) -> String {
+    format!("app-{i}")
+}
+
+fn role_of(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "app-reader"
+    } else {
+        "app-writer"
+    }
+}
+
+/// 3 replicas, 12 pods with roles in `team-a` (which permits `app-.*`), the agent running;
+/// plus `late`, a pod whose Pod object is created during the fault.
+fn fleet(server_args: &[&str], agent_args: &[&str]) -> WorldConfig {
+    let mut config = WorldConfig {
+        servers: REPLICAS,
+        start_agent: true,
+        server_args: server_args.iter().map(|a| a.to_string()).collect(),
+        agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    };
+    for i in 0..PODS {
+        config = config.pod("team-a", &pod_name(i), Some(role_of(i)));
+    }
+    config.unregistered_pod("team-a", "late", Some("app-reader"))
+}
+
+fn clients() -> Vec<ClientSpec> {
+    (0..PODS)
+        .map(|i| ClientSpec::new(&pod_name(i), &[role_of(i)]))
+        .collect()
+}
+
+/// Asserts no client saw a failure, and that every client kept fetching during
+/// `[from, to)`: at least `per_client` successes each.
+fn assert_unnoticed(report: &LoadReport, from: f64, to: f64, per_client: usize, world: &World) {
+    let failures = report.failures();
+    assert!(
+        failures.is_empty(),
+        "{}\nagent log:\n{}",
+        report.summary(),
+        world.agent_log()
+    );
+    for client in &report.clients {
+        assert!(
+            client.ok_between(from, to) >= per_client,
+            "{} fetched only {} times during the fault ({:.1}s): {}",
+            client.pod,
+            client.ok_between(from, to),
+            to - from,
+            report.summary()
+        );
+    }
+    println!("{}", report.summary());
+}
+
+/// The late pod appears during the fault and must get its credentials within the fault too.
+async fn late_pod_appears(world: &World) -> SdkLoad {
+    world.register_pod("late").await.expect("late pod created");
+    SdkLoad::start(world, &[ClientSpec::new("late", &["app-reader"])]).expect("late client")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_a_replica_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+    let victim = world
+        .stream_holder()
+        .await
+        .expect("a replica holds the stream");
+
+    let from = now();
+    world.kill_server(victim).await.expect("killed");
+    let late = late_pod_appears(&world).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the node stream on another replica",
+        || async { world.stream_holder().await.is_some_and(|i| i != victim) },
+    )
+    .await
+    .expect("stream moved");
+    load.wait_each_ok(5, from, Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    late.wait_each_ok(3, from, Duration::from_secs(30))
+        .await
+        .expect("the late pod is served");
+    let to = now();
+
+    let report = load.stop().await.expect("report");
+    assert_unnoticed(&report, from, to, 5, &world);
+    assert_unnoticed(
+        &late.stop().await.expect("late report"),
+        from,
+        to,
+        3,
+        &world,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_stopped_by_a_rolling_update_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut world = World::start(fleet(&["--shutdown-delay", "2s"], &[]))
+        .await
+        .expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+    let victim = world
+        .stream_holder()
+        .await
+        .expect("a replica holds the stream");
+
+    let from = now();
+    let took = world.stop_server(victim).await.expect("drained and exited");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "a drain keeps answering for --shutdown-delay, then ends promptly: took {took:?}"
+    );
+    let log = world.server_log_text_of(victim);
+    let draining = log.find("draining: not ready").expect("draining logged");
+    let stopped = log.find("server stopped").expect("stop logged");
+    assert!(draining < stopped, "{log}");
+    world.restart_server(victim).await.expect("back");
+    load.wait_each_ok(5, from, Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+    assert_unnoticed(&load.stop().await.expect("report"), from, to, 5, &world);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+    let victim = world
+        .stream_holder()
+        .await
+        .expect("a replica holds the stream");
+
+    let from = now();
+    world
+        .signal_server(victim, Signal::SIGSTOP)
+        .expect("stopped");
+    // The fault: 20 s of a replica that accepts connections and answers nothing. A pod is
+    // created meanwhile; the hung replica's stream cannot tell the agent about it.
+    let late = late_pod_appears(&world).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let hung_until = now();
+    world
+        .signal_server(victim, Signal::SIGCONT)
+        .expect("resumed");
+    load.wait_each_ok(2, hung_until, Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+
+    let report = load.stop().await.expect("report");
+    // At least one fetch a second per client (they make about four) all through the hang.
+    assert_unnoticed(&report, from, hung_until, 20, &world);
+    assert_unnoticed(
+        &late.stop().await.expect("late report"),
+        from,
+        to,
+        10,
+        &world,
+    );
+    let metrics = world.agent_metrics().await.expect("agent metrics");
+    assert!(
+        world.agent_log_text().contains("the replica hangs"),
+        "the agent noticed the silent stream:\n{}\n{metrics}",
+        world.agent_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let world = World::start(fleet(&[], &[])).await.expect("world starts");
+    let mut specs = clients();
+    // app-0's role changes while the API server is away: either role is right until the
+    // servers can know.
+    specs[0] = ClientSpec::new(&pod_name(0), &["app-reader", "app-writer"]);
+    let load = SdkLoad::start(&world, &specs).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+
+    let from = now();
+    world.emulator().go_down();
+    world
+        .emulator()
+        .merge_patch(
+            Kind::Pod,
+            Some("team-a"),
+            &pod_name(0),
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "app-writer"}}}),
+        )
+        .expect("changed while away");
+    // The replicas keep answering from what they know, and still say they are ready.
+    for i in 0..REPLICAS {
+        let url = format!("http://{}/ready", world.replicas()[i].health);
+        let ready = podiam_tests::world::http_get_text(&url).await;
+        assert!(
+            ready.is_ok(),
+            "replica {i} not ready during the outage: {ready:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let away_until = now();
+    world.emulator().come_back().await.expect("back");
+    wait_until(
+        Duration::from_secs(20),
+        "app-0 to get the role it was given while the API server was away",
+        || {
+            let report = load.report();
+            async move { report.clients[0].last_role() == Some("app-writer") }
+        },
+    )
+    .await
+    .expect("the change arrived");
+    let to = now();
+
+    let report = load.stop().await.expect("report");
+    assert_unnoticed(&report, from, away_until, 30, &world);
+    let writer_from = report.clients[0].fetches.iter().find_map(|f| match f {
+        podiam_tests::sdk_load::Fetch::Ok { at, role, .. } if role == "app-writer" => Some(*at),
+        _ => None,
+    });
+    assert!(
+        writer_from.is_some_and(|at| at >= away_until),
+        "app-0 got the new role at {writer_from:?}, before the API server was back at {away_until} (away from {from})"
+    );
+    assert!(report.ok_between(away_until, to) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_rotated_mid_load_are_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut world = World::start(fleet(
+        &["--tls-reload-interval", "1s"],
+        &["--tls-reload-interval", "1s"],
+    ))
+    .await
+    .expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+
+    let from = now();
+    // New server and agent certificates from the same CA, as cert-manager renews them.
+    let certs = world.certs().clone();
+    let ca_cert = std::fs::read_to_string(&certs.ca_cert).expect("ca");
+    let ca_key = std::fs::read_to_string(&certs.ca_key).expect("ca key");
+    let renewed = podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
+        .expect("renewed");
+    renewed
+        .replace_leaves_in(certs.ca_cert.parent().expect("certs dir"))
+        .expect("files replaced");
+    wait_until(
+        Duration::from_secs(10),
+        "every daemon to rotate",
+        || async {
+            (0..REPLICAS).all(|i| {
+                world
+                    .server_log_text_of(i)
+                    .contains("TLS certificate rotated")
+            }) && world.agent_log_text().contains("TLS certificate rotated")
+        },
+    )
+    .await
+    .expect("rotated");
+    // New connections: a replica restarts, and the agent dials it with its new certificate.
+    let victim = world.stream_holder().await.expect("stream holder");
+    world.kill_server(victim).await.expect("killed");
+    world.restart_server(victim).await.expect("restarted");
+    let new_serial = serial_of(&renewed.agent_cert);
+    wait_until(
+        Duration::from_secs(15),
+        "the agent to connect with its new certificate",
+        || async {
+            world
+                .server_log_text_of(victim)
+                .lines()
+                .any(|l| l.contains("TLS client connected") && l.contains(&new_serial))
+        },
+    )
+    .await
+    .expect("new certificate in use");
+    load.wait_each_ok(3, now(), Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+    assert_unnoticed(&load.stop().await.expect("report"), from, to, 5, &world);
+}
+
+/// A certificate's serial as x509-parser prints it (`raw_serial_as_string`).
+fn serial_of(pem: &str) -> String {
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+    let cert = der.parse_x509().expect("certificate");
+    cert.raw_serial_as_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_rolling_update_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+
+    let from = now();
+    world
+        .roll_agent()
+        .await
+        .expect("new agent in, old agent out");
+    load.wait_each_ok(5, now(), Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+    assert_unnoticed(&load.stop().await.expect("report"), from, to, 5, &world);
+    // The old agent left its rules as they were: one jump, one chain.
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert_eq!(rules.matches("-j PODIAM").count(), 1, "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_down_for_a_minute_is_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Short sessions refreshed every minute, so that STS is really called — and fails —
+    // during the outage; credentials with 5 minutes left are still served.
+    let server = [
+        "--session-duration",
+        "15m",
+        "--min-remaining",
+        "5m",
+        "--refresh-after",
+        "30s",
+    ];
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        ..fleet(&server, &["--min-remaining", "5m"])
+    })
+    .await
+    .expect("world starts");
+    let specs: Vec<ClientSpec> = clients()
+        .into_iter()
+        .map(|spec| ClientSpec {
+            min_left: Duration::from_secs(5 * 60),
+            ..spec
+        })
+        .collect();
+    let load = SdkLoad::start(&world, &specs).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+
+    let from = now();
+    world.sts_proxy().set_failing(true);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    world.sts_proxy().set_failing(false);
+    let down_until = now();
+    load.wait_each_ok(2, down_until, Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+
+    let report = load.stop().await.expect("report");
+    assert_unnoticed(&report, from, down_until, 60, &world);
+    assert!(report.ok_between(down_until, to) > 0);
+    let failed_calls = world
+        .sts_proxy()
+        .assume_role_calls()
+        .iter()
+        .filter(|c| c.status == 503)
+        .count();
+    assert!(
+        failed_calls > 0,
+        "the servers tried STS during the outage (refreshes) and were refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let world = World::start(WorldConfig::default().namespace("team-a", Some("app-.*")))
+        .await
+        .expect("world starts");
+    const N: usize = 2000;
+    let ip = |i: usize| format!("10.90.{}.{}", i / 250, i % 250 + 1);
+    for i in 0..N {
+        let mut pod = podiam_tests::kube_emulator::pod(
+            "team-a",
+            &format!("many-{i}"),
+            &ip(i),
+            &[("iam.amazonaws.com/role", "app-reader")],
+        );
+        pod["spec"]["nodeName"] = json!(podiam_tests::world::NODE_NAME);
+        world.emulator().create(pod).expect("pod created");
+    }
+    let client = world.server_client().await.expect("client");
+    let ask_all = || {
+        let client = client.clone();
+        async move {
+            let asks = (0..N).map(|i| {
+                let mut client = client.clone();
+                let request = GetPodRoleRequest {
+                    ip: ip(i),
+                    node_name: String::new(),
+                };
+                async move { client.get_pod_role(request).await }
+            });
+            futures::future::join_all(asks).await
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the server to know all 2000 pods",
+        || async { ask_all().await.iter().all(Result::is_ok) },
+    )
+    .await
+    .expect("all known");
+    let relists = |metrics: &str| {
+        metric_value(
+            metrics,
+            r#"podiam_server_watch_relists_total{resource="pods"}"#,
+        )
+    };
+    let before = relists(&world.server_metrics().await.expect("metrics"));
+
+    // The relist: old resourceVersions expire and every watch ends, so the server's watcher
+    // must list again — page by page (500 a page), each page 400 ms late.
+    world.emulator().set_list_delay(Duration::from_millis(400));
+    world.emulator().compact();
+    world.emulator().close_watches();
+    let mut rounds = 0;
+    let mut unknown = Vec::new();
+    let mut other_errors = Vec::new();
+    loop {
+        for (i, answer) in ask_all().await.into_iter().enumerate() {
+            match answer {
+                Ok(_) => {}
+                Err(status) if Reason::of(&status) == Some(Reason::UnknownPod) => {
+                    unknown.push(ip(i))
+                }
+                Err(status) => other_errors.push(format!("{}: {status:?}", ip(i))),
+            }
+        }
+        rounds += 1;
+        let metrics = world.server_metrics().await.expect("metrics");
+        if relists(&metrics) > before {
+            break;
+        }
+        assert!(rounds < 200, "no relist happened:\n{}", world.server_log());
+    }
+    world.emulator().set_list_delay(Duration::ZERO);
+    assert!(
+        rounds >= 3,
+        "the relist was too quick to be observed ({rounds} rounds of 2000 asks)"
+    );
+    assert!(
+        unknown.is_empty(),
+        "{} false unknown-pod answers",
+        unknown.len()
+    );
+    assert!(other_errors.is_empty(), "{other_errors:?}");
+    // And the server stayed ready all along (its view was never half-filled).
+    assert!(
+        podiam_tests::world::http_get_text(&format!("http://{}/ready", world.replicas()[0].health))
+            .await
+            .is_ok()
+    );
+}
