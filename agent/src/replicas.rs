@@ -460,4 +460,105 @@ mod tests {
         assert_eq!(Target::parse("http://server:80"), None);
         assert_eq!(Target::parse("server:80"), None);
     }
+
+    fn set(targets: Vec<(Target, String)>) -> (tempfile::TempDir, ServerSet) {
+        podiam_proto::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
+            .expect("certificates")
+            .write_to(dir.path(), false)
+            .expect("written");
+        let tls = Rotating::load(
+            podiam_proto::tls::TlsFiles {
+                ca: files.ca_cert,
+                cert: files.agent_cert,
+                key: files.agent_key,
+            },
+            podiam_proto::tls::client_config,
+        )
+        .expect("tls");
+        let set = ServerSet::new(
+            targets,
+            Arc::new(tls),
+            Duration::from_millis(900),
+            Counter::default(),
+        );
+        (dir, set)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[tokio::test]
+    async fn replicas_follow_what_the_names_resolve_to() {
+        let localhost = Target {
+            host: "localhost".into(),
+            port: 9,
+        };
+        let (_dir, set) = set(vec![(localhost, "localhost".into())]);
+        assert!(set.pick(None).is_none(), "nothing resolved yet");
+        set.resolve().await.expect("localhost resolves");
+        let found: Vec<SocketAddr> = set.replicas().iter().map(|r| r.addr).collect();
+        assert!(found.contains(&addr("127.0.0.1:9")), "{found:?}");
+
+        // Replicas that stay keep their connection and health; gone ones go; new ones come.
+        let name = || "localhost".to_string();
+        set.set_addresses(vec![
+            (addr("10.0.0.1:8443"), name()),
+            (addr("10.0.0.2:8443"), name()),
+        ]);
+        let first = set.replicas();
+        set.set_addresses(vec![
+            (addr("10.0.0.2:8443"), name()),
+            (addr("10.0.0.3:8443"), name()),
+        ]);
+        let second = set.replicas();
+        assert_eq!(
+            second.iter().map(|r| r.addr).collect::<Vec<_>>(),
+            vec![addr("10.0.0.2:8443"), addr("10.0.0.3:8443")]
+        );
+        assert!(
+            Arc::ptr_eq(&first[1], &second[0]),
+            "the replica that stayed is the same"
+        );
+    }
+
+    #[tokio::test]
+    async fn picks_go_round_ready_replicas_and_avoid_suspect_ones() {
+        let (_dir, set) = set(Vec::new());
+        let name = || "localhost".to_string();
+        set.set_addresses(vec![
+            (addr("10.0.0.1:8443"), name()),
+            (addr("10.0.0.2:8443"), name()),
+            (addr("10.0.0.3:8443"), name()),
+        ]);
+        let replicas = set.replicas();
+        for replica in replicas.iter() {
+            replica.ready.store(true, Ordering::Release);
+        }
+        let picked: std::collections::BTreeSet<SocketAddr> = (0..6)
+            .filter_map(|_| set.pick(None))
+            .map(|r| r.addr)
+            .collect();
+        assert_eq!(picked.len(), 3, "requests spread over every ready replica");
+
+        replicas[0].mark_suspect();
+        replicas[1].mark_not_ready();
+        for _ in 0..6 {
+            assert_eq!(set.pick(None).map(|r| r.addr), Some(addr("10.0.0.3:8443")));
+        }
+        // The second attempt never goes back to the first one's replica…
+        assert_eq!(
+            set.pick(Some(addr("10.0.0.3:8443")))
+                .map(|r| r.addr)
+                .filter(|a| *a == addr("10.0.0.3:8443")),
+            None
+        );
+        // …and with nobody preferred, anyone is better than no one.
+        replicas[0].mark_not_ready();
+        replicas[2].mark_not_ready();
+        assert!(set.pick(None).is_some());
+        assert!(!set.any_ready());
+    }
 }
