@@ -240,6 +240,16 @@ impl NamespaceIndex {
         rule
     }
 
+    /// Number of namespaces known.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether no namespace is known.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// Number of distinct compiled rules held for reuse.
     pub fn compiled_len(&self) -> usize {
         self.compiled.len()

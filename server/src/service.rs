@@ -7,15 +7,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use podiam_proto::Reason;
+use podiam_proto::v1::{
+    AgentStatus, ExplainRequest, ExplainResponse, StatusRequest, StatusResponse, explain_request,
+};
 use podiam_proto::v1::{
     Credentials, GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest,
     GetPodRoleResponse, HealthRequest, HealthResponse, NodeEvent, PodRef, PodState,
     WatchNodeRequest, node_event, podiam_server::Podiam,
 };
-use podiam_proto::v1::{ExplainRequest, ExplainResponse, explain_request};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,7 +115,12 @@ pub struct PodiamService {
     draining: CancellationToken,
     /// Node streams open on this replica.
     node_streams: Gauge,
+    /// The agents those streams serve, by stream.
+    agents: Arc<Mutex<HashMap<u64, AgentStatus>>>,
 }
+
+/// Numbers the node streams (for the agents' registry).
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 
 /// How often a node stream with no change carries a heartbeat. Agents treat three missed
 /// heartbeats as a hung replica, so a stopped or frozen replica is left within a few seconds.
@@ -141,6 +149,7 @@ impl PodiamService {
             events,
             draining: CancellationToken::new(),
             node_streams: Gauge::default(),
+            agents: Arc::default(),
         }
     }
 
@@ -421,6 +430,11 @@ impl PodiamService {
         survey
     }
 
+    /// The agents' registry (a poisoned lock still holds a usable map).
+    fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AgentStatus>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Streams `node`'s pod states into `tx`: a snapshot once the caches have synced, then
     /// every change, with a heartbeat when nothing changes.
     async fn follow_node(
@@ -624,8 +638,18 @@ impl Podiam for PodiamService {
         let service = self.clone();
         tokio::spawn(async move {
             service.node_streams.inc();
+            let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+            service.agents().insert(
+                id,
+                AgentStatus {
+                    node_name: node.clone(),
+                    agent_version: request.agent_version.clone(),
+                    connected_unix: unix_now(),
+                },
+            );
             tracing::info!(node = %node, agent_version = %request.agent_version, "agent's node stream opened");
             let ended = service.follow_node(&node, &tx).await;
+            service.agents().remove(&id);
             service.node_streams.dec();
             if ended == StreamEnd::Draining {
                 let _ = tx
@@ -644,6 +668,19 @@ impl Podiam for PodiamService {
         PodiamService::explain(self, request.into_inner()).map(Response::new)
     }
 
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let mut agents: Vec<AgentStatus> = self.agents().values().cloned().collect();
+        agents.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+        Ok(Response::new(StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            synced: self.cluster.synced(),
+            draining: self.draining.is_cancelled(),
+            agents,
+            pods: self.cluster.pods().len() as u64,
+            namespaces: self.cluster.namespaces().len() as u64,
+        }))
+    }
+
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -651,4 +688,11 @@ impl Podiam for PodiamService {
             draining: self.draining.is_cancelled(),
         }))
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }

@@ -608,3 +608,43 @@ async fn bad_configuration_is_refused_at_start_one_line_per_mistake() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_names_the_replica_and_the_agents_it_serves() {
+    let world = World::start(WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader"))
+    })
+    .await
+    .expect("world starts");
+    let client = world.server_client().await.expect("client");
+    let status = podiam_tests::process::wait_for(
+        Duration::from_secs(10),
+        "the agent's node stream on the replica",
+        || {
+            let mut client = client.clone();
+            async move {
+                let status = client
+                    .status(podiam_proto::v1::StatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!status.agents.is_empty()).then_some(status)
+            }
+        },
+    )
+    .await
+    .expect("status");
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert!(status.synced && !status.draining, "{status:?}");
+    assert_eq!(status.agents.len(), 1, "{status:?}");
+    let agent = &status.agents[0];
+    assert_eq!(agent.node_name, podiam_tests::world::NODE_NAME);
+    assert_eq!(agent.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(agent.connected_unix > 1_700_000_000, "{agent:?}");
+    assert_eq!(status.pods, 1);
+    // default, kube-system, team-a
+    assert_eq!(status.namespaces, 3);
+}
