@@ -161,7 +161,9 @@ impl Upstream {
         let mut retry = Duration::ZERO;
         let mut last: Option<SocketAddr> = None;
         loop {
-            let Some(replica) = self.servers.pick(last) else {
+            // Another replica than the one whose stream just broke, if there is one.
+            let picked = self.servers.pick(last).or_else(|| self.servers.pick(None));
+            let Some(replica) = picked else {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(STREAM_RETRY_MIN) => {}

@@ -512,3 +512,31 @@ async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
             .is_ok()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
+    let mut world = World::start(WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader"))
+    })
+    .await
+    .expect("world starts");
+    assert_eq!(world.stream_holder().await, Some(0));
+    world.kill_server(0).await.expect("killed");
+    world.restart_server(0).await.expect("restarted");
+    wait_until(
+        Duration::from_secs(15),
+        "the agent's node stream back on the only replica",
+        || async { world.stream_holder().await == Some(0) },
+    )
+    .await
+    .expect("stream back");
+    assert_eq!(
+        world.agent_log_text().matches("node stream synced").count(),
+        2,
+        "{}",
+        world.agent_log()
+    );
+}
