@@ -274,3 +274,43 @@ fn expired_client_certificate(ca_cert: &str, ca_key: &str) -> (String, String) {
     let cert = params.signed_by(&key, &issuer).expect("signed");
     (cert.pem(), key.serialize_pem())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_an_expired_certificate_does_not_start_and_says_why() {
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        ..WorldConfig::default()
+    })
+    .await
+    .expect("world starts");
+    let files = world.certs();
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).expect("read");
+    let (cert, key) = expired_client_certificate(&read(&files.ca_cert), &read(&files.ca_key));
+    let dir = world.dir().join("expired");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut expired = files.clone();
+    expired.server_cert = dir.join("server.pem");
+    expired.server_key = dir.join("server-key.pem");
+    std::fs::write(&expired.server_cert, cert).expect("cert");
+    std::fs::write(&expired.server_key, key).expect("key");
+    let port = || podiam_tests::process::free_loopback_port().expect("port");
+    let mut server = podiam_tests::world::spawn_server(
+        &expired,
+        world.kubeconfig(),
+        &world.sts_proxy().endpoint(),
+        &[],
+        std::net::SocketAddr::from(([127, 0, 0, 1], port())),
+        std::net::SocketAddr::from(([127, 0, 0, 1], port())),
+    )
+    .expect("spawned");
+    let status = server
+        .wait_exit(std::time::Duration::from_secs(20))
+        .await
+        .expect("exits");
+    assert!(!status.success());
+    let log = server.log_tail(20);
+    assert!(
+        log.contains("server.pem expired at 2020-01-31T00:00:00Z"),
+        "one line naming the file and the date:\n{log}"
+    );
+}
