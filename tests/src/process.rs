@@ -87,6 +87,16 @@ pub enum ProcessError {
         #[source]
         source: io::Error,
     },
+    /// A child stopped with SIGTERM exited with a failure.
+    #[error("{name} exited with {status}; log:\n{log}")]
+    Unclean {
+        /// The guard's name.
+        name: String,
+        /// How it exited.
+        status: ExitStatus,
+        /// The end of its log.
+        log: String,
+    },
     /// A deadline passed.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout {
@@ -299,6 +309,21 @@ impl ChildGuard {
             })?;
         }
         Ok(self.status)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit (status 0); an unclean one is
+    /// an error carrying the end of the child's log.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<(), ProcessError> {
+        self.signal(Signal::SIGTERM)?;
+        let status = self.wait_exit(timeout).await?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(ProcessError::Unclean {
+            name: self.name.clone(),
+            status,
+            log: self.log_tail(40),
+        })
     }
 
     /// Waits up to `timeout` for the child to exit on its own.

@@ -425,30 +425,15 @@ impl World {
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}; new agent's log:\n{}", self.agent_log()))?;
-        old.signal(Signal::SIGTERM)?;
-        let status = old.wait_exit(Duration::from_secs(15)).await?;
         self.earlier_agent_logs.push(old.log_path().to_path_buf());
-        if !status.success() {
-            bail!(
-                "the old agent exited with {status}; log:\n{}",
-                old.log_tail(40)
-            );
-        }
-        Ok(())
+        Ok(old.terminate(Duration::from_secs(15)).await?)
     }
 
     /// Stops the agent with SIGTERM (a plain stop: its iptables rules stay).
     pub async fn stop_agent(&mut self) -> anyhow::Result<()> {
         let mut agent = self.agent.take().context("the agent is not running")?;
-        agent.signal(Signal::SIGTERM)?;
-        let status = agent.wait_exit(Duration::from_secs(10)).await?;
-        if !status.success() {
-            bail!(
-                "the agent exited with {status}; log:\n{}",
-                agent.log_tail(40)
-            );
-        }
-        Ok(())
+        self.earlier_agent_logs.push(agent.log_path().to_path_buf());
+        Ok(agent.terminate(Duration::from_secs(10)).await?)
     }
 
     /// Kills the agent with SIGKILL (a crash: nothing of it runs on the way out).
@@ -671,12 +656,7 @@ print(remaining)
         &self,
     ) -> anyhow::Result<podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>>
     {
-        let material = podiam_proto::tls::TlsFiles {
-            ca: self.certs.ca_cert.clone(),
-            cert: self.certs.agent_cert.clone(),
-            key: self.certs.agent_key.clone(),
-        }
-        .load()?;
+        let material = agent_material(&self.certs)?;
         let channel =
             tonic::transport::Endpoint::from_shared(format!("https://{}", self.server_addr()))?
                 .tls_config(material.client_config("localhost"))?
@@ -755,15 +735,8 @@ print(remaining)
         let replica = self.replica_mut(i);
         let mut process = replica.process.take().context("not running")?;
         let started = std::time::Instant::now();
-        process.signal(Signal::SIGTERM)?;
-        let status = process.wait_exit(Duration::from_secs(30)).await?;
         replica.earlier_logs.push(process.log_path().to_path_buf());
-        if !status.success() {
-            bail!(
-                "server replica {i} exited with {status}; log:\n{}",
-                process.log_tail(40)
-            );
-        }
+        process.terminate(Duration::from_secs(30)).await?;
         Ok(started.elapsed())
     }
 
@@ -782,12 +755,7 @@ print(remaining)
             health,
         )?;
         self.replica_mut(i).process = Some(process);
-        let material = podiam_proto::tls::TlsFiles {
-            ca: self.certs.ca_cert.clone(),
-            cert: self.certs.agent_cert.clone(),
-            key: self.certs.agent_key.clone(),
-        }
-        .load()?;
+        let material = agent_material(&self.certs)?;
         let synced = wait_until(START_TIMEOUT, "the restarted server to sync", || {
             let material = material.clone();
             async move { health_synced(addr, &material).await }
@@ -1045,12 +1013,7 @@ pub async fn start_server_within(
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let mut server = spawn_server(certs, kubeconfig, sts_endpoint, extra_args, addr, health)?;
-        let material = podiam_proto::tls::TlsFiles {
-            ca: certs.ca_cert.clone(),
-            cert: certs.agent_cert.clone(),
-            key: certs.agent_key.clone(),
-        }
-        .load()?;
+        let material = agent_material(certs)?;
         let synced = wait_until(within, "podiam-server to sync", || {
             let material = material.clone();
             async move { health_synced(addr, &material).await }
@@ -1071,6 +1034,18 @@ pub async fn start_server_within(
         }
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("podiam-server did not start")))
+}
+
+/// The agent's TLS files, read: what a test acting as an agent dials the server with.
+pub fn agent_material(
+    certs: &podiam_certs::WrittenFiles,
+) -> anyhow::Result<podiam_proto::tls::TlsMaterial> {
+    Ok(podiam_proto::tls::TlsFiles {
+        ca: certs.ca_cert.clone(),
+        cert: certs.agent_cert.clone(),
+        key: certs.agent_key.clone(),
+    }
+    .load()?)
 }
 
 /// Spawns `podiam-server` on `addr` (gRPC) and `health`, with the world's certificates,

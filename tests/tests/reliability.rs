@@ -54,6 +54,17 @@ fn fleet(server_args: &[&str], agent_args: &[&str]) -> WorldConfig {
     config.unregistered_pod("team-a", "late", Some("app-reader"))
 }
 
+/// The fleet of `config` started, its 12 clients fetching, each with 3 good fetches behind
+/// it.
+async fn under_load(config: WorldConfig, specs: Vec<ClientSpec>) -> (World, SdkLoad) {
+    let world = World::start(config).await.expect("world starts");
+    let load = SdkLoad::start(&world, &specs).expect("load");
+    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
+        .await
+        .expect("warm");
+    (world, load)
+}
+
 fn clients() -> Vec<ClientSpec> {
     (0..PODS)
         .map(|i| ClientSpec::new(&pod_name(i), &[role_of(i)]))
@@ -92,11 +103,7 @@ async fn late_pod_appears(world: &World) -> SdkLoad {
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_a_replica_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
-    let load = SdkLoad::start(&world, &clients()).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (mut world, load) = under_load(fleet(&[], &[]), clients()).await;
     let victim = world
         .stream_holder()
         .await
@@ -134,13 +141,7 @@ async fn killing_a_replica_is_not_noticed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_stopped_by_a_rolling_update_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut world = World::start(fleet(&["--shutdown-delay", "2s"], &[]))
-        .await
-        .expect("world starts");
-    let load = SdkLoad::start(&world, &clients()).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (mut world, load) = under_load(fleet(&["--shutdown-delay", "2s"], &[]), clients()).await;
     let victim = world
         .stream_holder()
         .await
@@ -167,11 +168,7 @@ async fn a_replica_stopped_by_a_rolling_update_is_not_noticed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
-    let load = SdkLoad::start(&world, &clients()).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (mut world, load) = under_load(fleet(&[], &[]), clients()).await;
     let victim = world
         .stream_holder()
         .await
@@ -215,15 +212,11 @@ async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let world = World::start(fleet(&[], &[])).await.expect("world starts");
     let mut specs = clients();
     // app-0's role changes while the API server is away: either role is right until the
     // servers can know.
     specs[0] = ClientSpec::new(&pod_name(0), &["app-reader", "app-writer"]);
-    let load = SdkLoad::start(&world, &specs).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (world, load) = under_load(fleet(&[], &[]), specs).await;
 
     let from = now();
     world.emulator().go_down();
@@ -276,16 +269,14 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn certificates_rotated_mid_load_are_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut world = World::start(fleet(
-        &["--tls-reload-interval", "1s"],
-        &["--tls-reload-interval", "1s"],
-    ))
-    .await
-    .expect("world starts");
-    let load = SdkLoad::start(&world, &clients()).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (mut world, load) = under_load(
+        fleet(
+            &["--tls-reload-interval", "1s"],
+            &["--tls-reload-interval", "1s"],
+        ),
+        clients(),
+    )
+    .await;
 
     let from = now();
     // New server and agent certificates from the same CA, as cert-manager renews them.
@@ -344,11 +335,7 @@ fn serial_of(pem: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_rolling_update_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut world = World::start(fleet(&[], &[])).await.expect("world starts");
-    let load = SdkLoad::start(&world, &clients()).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let (mut world, load) = under_load(fleet(&[], &[]), clients()).await;
 
     let from = now();
     world
@@ -378,12 +365,6 @@ async fn sts_down_for_a_minute_is_not_noticed() {
         "--refresh-after",
         "30s",
     ];
-    let world = World::start(WorldConfig {
-        sts_proxy: true,
-        ..fleet(&server, &["--min-remaining", "5m"])
-    })
-    .await
-    .expect("world starts");
     let specs: Vec<ClientSpec> = clients()
         .into_iter()
         .map(|spec| ClientSpec {
@@ -391,10 +372,11 @@ async fn sts_down_for_a_minute_is_not_noticed() {
             ..spec
         })
         .collect();
-    let load = SdkLoad::start(&world, &specs).expect("load");
-    load.wait_each_ok(3, 0.0, Duration::from_secs(30))
-        .await
-        .expect("warm");
+    let config = WorldConfig {
+        sts_proxy: true,
+        ..fleet(&server, &["--min-remaining", "5m"])
+    };
+    let (world, load) = under_load(config, specs).await;
 
     let from = now();
     world.sts_proxy().set_failing(true);

@@ -751,12 +751,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // The simulated agents: each its own mTLS connection and node stream.
-    let material = podiam_proto::tls::TlsFiles {
-        ca: certs.ca_cert.clone(),
-        cert: certs.agent_cert.clone(),
-        key: certs.agent_key.clone(),
-    }
-    .load()?;
+    let material = podiam_tests::world::agent_material(&certs)?;
     let streams_started = Instant::now();
     let agents = (0..plan.scale_agents).map(|node| {
         let material = material.clone();
