@@ -66,6 +66,11 @@ impl Metrics {
             latency_histogram,
         );
         let server_errors = Family::<ServerErrorLabels, Counter>::default();
+        // Both kinds exported from the start (at 0), so that rates and alerts over them need
+        // no `or vector(0)`.
+        for kind in ["unavailable", "other"] {
+            server_errors.get_or_create(&ServerErrorLabels { kind });
+        }
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let ready = Gauge::default();
