@@ -69,7 +69,7 @@ impl Metrics {
         // Both kinds exported from the start (at 0), so that rates and alerts over them need
         // no `or vector(0)`.
         for kind in ["unavailable", "other"] {
-            server_errors.get_or_create(&ServerErrorLabels { kind });
+            let _ = server_errors.get_or_create(&ServerErrorLabels { kind });
         }
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
