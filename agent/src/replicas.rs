@@ -8,11 +8,15 @@
 //!   short deadline; it is *ready* when it answers synced and not draining. A call that
 //!   fails on a replica's transport marks it *suspect* for [`SUSPECT_FOR`] (or until its
 //!   next good health check), so the next requests go elsewhere at once.
-//! - **Spreading and failing over.** [`ServerSet::call`] starts on the next ready replica in
-//!   turn. If it fails on transport, or has not answered after [`HEDGE_AFTER`], the same call
-//!   is made on another replica and the first good answer wins — one retry, inside the SDKs'
-//!   1-second budget. A replica that answers with a refusal (a decision about the pod) is
-//!   believed, except "not ready", which another replica may not share.
+//! - **Spreading and failing over.** Each agent starts its turns at a random replica, so
+//!   agents' node streams spread over the replicas. [`ServerSet::call`] starts on the
+//!   replica of the agent's node stream when it is ready — its answers agree with the
+//!   decisions the agent holds, even while replicas' views of the cluster differ (for a few
+//!   seconds after an API server outage) — else on the next ready replica in turn. If it
+//!   fails on transport, or has not answered after [`HEDGE_AFTER`], the same call is made on
+//!   another replica and the first good answer wins — one retry, inside the SDKs' 1-second
+//!   budget. A replica that answers with a refusal (a decision about the pod) is believed,
+//!   except "not ready", which another replica may not share.
 //!
 //! Every replica has its own HTTP/2 connection with keep-alive pings, so a replica that
 //! vanishes without closing its connections is noticed within the ping timeout.
@@ -229,7 +233,9 @@ impl ServerSet {
             tls,
             call_timeout,
             replicas: RwLock::new(Arc::new(Vec::new())),
-            next: AtomicUsize::new(0),
+            // Each agent starts its turns at its own replica, so that agents' node streams
+            // (each agent's first pick) spread over the replicas.
+            next: AtomicUsize::new(fastrand::usize(..)),
             failovers,
         }
     }
@@ -361,13 +367,29 @@ impl ServerSet {
         fallback
     }
 
+    /// `prefer` when it is known and preferred itself, else [`ServerSet::pick`].
+    fn pick_first(&self, prefer: Option<SocketAddr>) -> Option<Arc<Replica>> {
+        prefer
+            .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
+            .filter(|replica| replica.preferred())
+            .or_else(|| self.pick(None))
+    }
+
     /// Makes one call, failing over to a second replica as described in the module docs.
-    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, UpstreamError>
+    /// The call goes first to `prefer` when it is given and ready: the replica whose node
+    /// stream the agent follows, so that the answer agrees with the decisions the agent
+    /// holds (replicas' views of the cluster can differ for a few seconds, after an API
+    /// server outage for one).
+    pub async fn call<T, F, Fut>(
+        &self,
+        prefer: Option<SocketAddr>,
+        call: F,
+    ) -> Result<T, UpstreamError>
     where
         F: Fn(PodiamClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let Some(first) = self.pick(None) else {
+        let Some(first) = self.pick_first(prefer) else {
             return Err(UpstreamError::Unavailable(
                 "no podiam server replica is known (yet)".into(),
             ));

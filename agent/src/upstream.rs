@@ -5,8 +5,8 @@
 //! starting: it serves (answering 503), reports not-ready, and keeps retrying.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use podiam_proto::Reason;
@@ -69,6 +69,8 @@ pub struct Upstream {
     node_name: String,
     /// Set when the agent is shutting down: it reports not ready from then on.
     stopping: AtomicBool,
+    /// The replica whose node stream is synced now: calls go there first.
+    stream_replica: Mutex<Option<SocketAddr>>,
 }
 
 impl Upstream {
@@ -77,7 +79,22 @@ impl Upstream {
             servers,
             node_name,
             stopping: AtomicBool::new(false),
+            stream_replica: Mutex::new(None),
         }
+    }
+
+    fn stream_replica(&self) -> Option<SocketAddr> {
+        *self
+            .stream_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_stream_replica(&self, replica: Option<SocketAddr>) {
+        *self
+            .stream_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = replica;
     }
 
     /// The replicas and their failover.
@@ -91,7 +108,7 @@ impl Upstream {
             node_name: self.node_name.clone(),
         };
         self.servers
-            .call(|mut client| {
+            .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_pod_role(request).await }
             })
@@ -109,7 +126,7 @@ impl Upstream {
             node_name: self.node_name.clone(),
         };
         self.servers
-            .call(|mut client| {
+            .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_credentials(request).await }
             })
@@ -122,7 +139,7 @@ impl Upstream {
             target: Some(explain_request::Target::Ip(ip.to_string())),
         };
         self.servers
-            .call(|mut client| {
+            .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.explain(request).await }
             })
@@ -182,7 +199,10 @@ impl Upstream {
             };
             let ended = match opened {
                 Ok(response) => {
-                    let ended = follow_stream(response.into_inner(), table, cache, &shutdown).await;
+                    let synced = || self.set_stream_replica(Some(replica.addr));
+                    let ended =
+                        follow_stream(response.into_inner(), table, cache, &shutdown, synced).await;
+                    self.set_stream_replica(None);
                     if let StreamEnded::Synced(why) = &ended {
                         retry = Duration::ZERO;
                         tracing::warn!(replica = %replica.addr, %why, "node stream broke; answering from the servers until it is back");
@@ -226,12 +246,14 @@ enum StreamEnded {
     NotOpened(String),
 }
 
-/// Applies one stream's events to `table` until it ends.
+/// Applies one stream's events to `table` until it ends; calls `synced` once its snapshot
+/// is in.
 async fn follow_stream(
     mut stream: tonic::Streaming<NodeEvent>,
     table: &PodTable,
     cache: &CredentialCache,
     shutdown: &CancellationToken,
+    synced: impl Fn(),
 ) -> StreamEnded {
     let mut snapshot = Some(Vec::new());
     let mut heartbeats = false;
@@ -285,6 +307,7 @@ async fn follow_stream(
                 for uid in table.update(|t| t.replace(pods)) {
                     cache.forget(&uid);
                 }
+                synced();
                 tracing::info!(pods = count, "node stream synced");
             }
             (Some(node_event::Event::Heartbeat(_)), _) => heartbeats = true,

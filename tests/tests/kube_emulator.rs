@@ -1218,7 +1218,7 @@ async fn an_outage_refuses_connections_and_ends_watches_then_service_resumes() {
         .unwrap()
         .unwrap();
 
-    fx.emulator.go_down();
+    fx.emulator.go_down().await;
     let (ok, _, stderr) = fx.kubectl(&["get", "pods", "-A"]).await;
     assert!(!ok, "kubectl worked during the outage");
     assert!(stderr.contains("refused"), "{stderr}");

@@ -219,7 +219,7 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     let (world, load) = under_load(fleet(&[], &[]), specs).await;
 
     let from = now();
-    world.emulator().go_down();
+    world.emulator().go_down().await;
     world
         .emulator()
         .merge_patch(

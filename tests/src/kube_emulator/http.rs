@@ -95,12 +95,13 @@ impl Shared {
 }
 
 /// Accepts connections until `stop` (the emulator's shutdown, or an outage), serving each
-/// on its own tracked task; every connection ends with `stop` too.
+/// on its own task, tracked by `tasks` and by `connections`; every connection ends with
+/// `stop` too.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     tasks: TaskTracker,
-    stop: CancellationToken,
+    (stop, connections): (CancellationToken, TaskTracker),
 ) {
     loop {
         let accepted = tokio::select! {
@@ -109,12 +110,12 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tasks.spawn(serve_connection(
+                tasks.spawn(connections.track_future(serve_connection(
                     stream,
                     peer,
                     Arc::clone(&shared),
                     stop.clone(),
-                ));
+                )));
             }
             Err(error) => {
                 warn!(%error, "accepting a connection failed");
@@ -138,12 +139,14 @@ async fn serve_connection(
     let connection =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::select! {
+        // An outage or shutdown ends the connection before anything more is written.
+        biased;
+        _ = stop.cancelled() => {}
         result = connection => {
             if let Err(error) = result {
                 debug!(%peer, %error, "connection ended with an error");
             }
         }
-        _ = stop.cancelled() => {}
     }
 }
 

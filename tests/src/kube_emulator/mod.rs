@@ -111,8 +111,9 @@ pub struct KubeEmulator {
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    /// The current listener's life: cancelled by [`KubeEmulator::go_down`].
-    serving: Mutex<CancellationToken>,
+    /// The current listener's life (cancelled by [`KubeEmulator::go_down`]) and its
+    /// connections.
+    serving: Mutex<(CancellationToken, TaskTracker)>,
 }
 
 impl KubeEmulator {
@@ -142,7 +143,7 @@ impl KubeEmulator {
             list_delay: Mutex::new(Duration::ZERO),
         });
         let tasks = TaskTracker::new();
-        let serving = shutdown.child_token();
+        let serving = (shutdown.child_token(), TaskTracker::new());
         tasks.spawn(http::serve(
             listener,
             Arc::clone(&shared),
@@ -159,12 +160,17 @@ impl KubeEmulator {
     }
 
     /// An API server outage: stops listening (connections are refused) and ends every open
-    /// connection and watch. The objects stay, and can still be changed directly.
-    pub fn go_down(&self) {
-        self.serving
+    /// connection and watch; returns once they have all ended, so that nothing changed from
+    /// then on reaches a client. The objects stay, and can still be changed directly.
+    pub async fn go_down(&self) {
+        let (stop, connections) = self
+            .serving
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .cancel();
+            .clone();
+        stop.cancel();
+        connections.close();
+        connections.wait().await;
     }
 
     /// The end of an outage: listens on the same address again.
@@ -172,7 +178,7 @@ impl KubeEmulator {
         let listener = TcpListener::bind(self.addr)
             .await
             .map_err(EmulatorError::Bind)?;
-        let serving = self.shutdown.child_token();
+        let serving = (self.shutdown.child_token(), TaskTracker::new());
         *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = serving.clone();
         self.tasks.spawn(http::serve(
             listener,
