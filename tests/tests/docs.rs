@@ -2,6 +2,8 @@
 //!
 //! - **Flags.** Every `--flag` the docs name for `podiam-server`, `podiam-agent` or
 //!   `podiam-certs` exists in that binary's `--help`; so does every `PODIAM_…` variable.
+//!   Every `kubectl iam COMMAND` the docs show is a command of the plugin `kubectl-iam`,
+//!   and its flags are in that command's `--help`.
 //!   Files: `docs/*.md`, `README.md`, `ARCHITECTURE.md`, `deploy/README.md`, and the
 //!   manifests and settings files under `deploy/` (whose container args `deploy.rs` checks
 //!   per container as well).
@@ -23,6 +25,9 @@
 //! - after the word `podiam-server`, `podiam-certs` or `podiam-agent` (also as the last part
 //!   of a path), flags belong to that binary; for `podiam-agent`, a following `serve` or
 //!   `uninstall` selects that subcommand's help;
+//! - after `kubectl iam` (kubectl running the plugin) or `kubectl-iam`, flags belong to the
+//!   plugin, and the next word, if it looks like a command (lowercase letters and `-`), is
+//!   one of its commands, which must exist and whose help then holds the flags that follow;
 //! - after the name of another program ([`OTHER_PROGRAMS`]: kubectl, kiam, kube2iam, aws,
 //!   iptables, docker…), flags are that program's and are not checked;
 //! - a flag before any program word is a bare mention. It must exist in at least one podiam
@@ -49,6 +54,8 @@ use podiam_tests::world::{binary, start_server_within};
 use serde_json::Value;
 
 const BINARIES: [&str; 3] = ["podiam-server", "podiam-agent", "podiam-certs"];
+/// The kubectl plugin: `kubectl iam …` runs it.
+const PLUGIN: &str = "kubectl-iam";
 const AGENT_SUBCOMMANDS: [&str; 2] = ["serve", "uninstall"];
 /// Programs whose flags the docs may name and that are not podiam's.
 const OTHER_PROGRAMS: &[&str] = &[
@@ -181,7 +188,38 @@ fn helps() -> BTreeMap<String, Help> {
         };
         all.insert(key, help);
     }
+    // The plugin and each command its help lists.
+    let help_of = |command: Option<&str>| {
+        let output = Command::new(binary(PLUGIN).unwrap())
+            .args(command)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{PLUGIN} {command:?} --help");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let top = help_of(None);
+    let commands = plugin_commands(&top);
+    assert!(commands.len() >= 5, "{PLUGIN} commands: {commands:?}");
+    all.insert(PLUGIN.to_string(), parse_help(&top));
+    for command in commands {
+        let help = parse_help(&help_of(Some(&command)));
+        assert!(help.flags.len() > 3, "{PLUGIN} {command}: {help:?}");
+        all.insert(format!("{PLUGIN} {command}"), help);
+    }
     all
+}
+
+/// The commands a clap `--help` lists under `Commands:` (but `help`).
+fn plugin_commands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,7 +236,8 @@ enum Owner {
     Other,
 }
 
-/// A flag named somewhere, and whose it is.
+/// A flag named somewhere, and whose it is. An empty `flag` names no flag: it says that
+/// the owner's command itself must exist (`kubectl iam COMMAND`).
 #[derive(Debug)]
 struct Mention {
     flag: String,
@@ -230,10 +269,15 @@ fn flag_word(word: &str) -> Option<String> {
 fn attribute(unit: &str, bare: &Owner, place: &str, out: &mut Vec<Mention>) {
     let mut owner = bare.clone();
     let mut agent_pending = false;
+    // After `kubectl`, `iam` runs the plugin; after the plugin, a command may follow.
+    let mut kubectl_pending = false;
+    let mut plugin_pending = false;
     for word in unit.split_whitespace() {
         if matches!(word, "|" | "||" | "&&" | ";") {
             owner = bare.clone();
             agent_pending = false;
+            kubectl_pending = false;
+            plugin_pending = false;
             continue;
         }
         if let Some(flag) = flag_word(word) {
@@ -242,10 +286,33 @@ fn attribute(unit: &str, bare: &Owner, place: &str, out: &mut Vec<Mention>) {
                 owner: owner.clone(),
                 place: place.to_string(),
             });
+            kubectl_pending = false;
+            plugin_pending = false;
             continue;
         }
         let program = program_word(word);
-        if agent_pending && AGENT_SUBCOMMANDS.contains(&program) {
+        if std::mem::take(&mut kubectl_pending) && program == "iam" {
+            owner = Owner::Command(PLUGIN.to_string());
+            plugin_pending = true;
+            continue;
+        }
+        let command = program.trim_end_matches([',', '.', ':', ')']);
+        let command_like = command.starts_with(|c: char| c.is_ascii_lowercase())
+            && command.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+        if std::mem::take(&mut plugin_pending) && command_like {
+            owner = Owner::Command(format!("{PLUGIN} {command}"));
+            out.push(Mention {
+                flag: String::new(),
+                owner: owner.clone(),
+                place: place.to_string(),
+            });
+            continue;
+        }
+        if program == PLUGIN {
+            owner = Owner::Command(PLUGIN.to_string());
+            plugin_pending = true;
+            agent_pending = false;
+        } else if agent_pending && AGENT_SUBCOMMANDS.contains(&program) {
             owner = Owner::Command(format!("podiam-agent {program}"));
             agent_pending = false;
         } else if BINARIES.contains(&program) {
@@ -254,10 +321,13 @@ fn attribute(unit: &str, bare: &Owner, place: &str, out: &mut Vec<Mention>) {
         } else if OTHER_PROGRAMS.contains(&program) {
             owner = Owner::Other;
             agent_pending = false;
+            kubectl_pending = program == "kubectl";
         }
         if word.ends_with(';') {
             owner = bare.clone();
             agent_pending = false;
+            kubectl_pending = false;
+            plugin_pending = false;
         }
     }
 }
@@ -391,7 +461,14 @@ fn every_flag_the_docs_name_exists_in_its_binary() {
     for m in &mentions {
         let ok = match &m.owner {
             Owner::Other => continue,
-            Owner::Command(command) => helps[command].flags.contains(&m.flag),
+            Owner::Command(command) => match helps.get(command) {
+                Some(help) => m.flag.is_empty() || help.flags.contains(&m.flag),
+                None => {
+                    checked += 1;
+                    problems.push(format!("{}: no command `{command}`", m.place));
+                    continue;
+                }
+            },
             Owner::AnyPodiam => helps.values().any(|h| h.flags.contains(&m.flag)),
         };
         checked += 1;
@@ -413,13 +490,33 @@ fn every_flag_the_docs_name_exists_in_its_binary() {
         "probe",
         &mut probe,
     );
+    attribute(
+        "kubectl iam explain POD --server-timeout 2s && kubectl get pods --all-namespaces",
+        &Owner::AnyPodiam,
+        "probe",
+        &mut probe,
+    );
+    attribute(
+        "kubectl iam --context c; path/to/kubectl-iam status -o json; kubectl iam …; \
+         install kubectl-iam /usr/local/bin/ --mode",
+        &Owner::AnyPodiam,
+        "probe",
+        &mut probe,
+    );
     let owners: Vec<(&str, &Owner)> = probe.iter().map(|m| (m.flag.as_str(), &m.owner)).collect();
+    let plugin = |command: &str| Owner::Command(format!("{PLUGIN}{command}"));
     assert_eq!(
         owners,
         [
             ("--iptables", &Owner::Command("podiam-agent serve".into())),
             ("--count", &Owner::Other),
             ("--no-iptables-remove", &Owner::Other),
+            ("", &plugin(" explain")),
+            ("--server-timeout", &plugin(" explain")),
+            ("--all-namespaces", &Owner::Other),
+            ("--context", &plugin("")),
+            ("", &plugin(" status")),
+            ("--mode", &plugin("")),
         ]
     );
 }

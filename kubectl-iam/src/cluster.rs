@@ -1,0 +1,213 @@
+//! The Kubernetes API as the plugin uses it: a client chosen the way kubectl chooses one,
+//! and the few reads and merge patches the commands need, each failing with an error that
+//! names the object.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use serde_json::json;
+
+use crate::cli::KubeArgs;
+use crate::error::{Error, api_error};
+
+/// How long one API request may take. kubectl waits forever by default; a command-line tool
+/// that hangs on an API server that accepted the connection and never answered helps no one,
+/// and every request here is a single small object or a selective list.
+const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client of the cluster, and the namespace pods are looked up in.
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    /// `-n`, else the context's namespace, else `default`.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client configuration: `--kubeconfig`, else `$KUBECONFIG` (a list of files, merged),
+/// else `~/.kube/config`; with none of them and no `--context`, the in-cluster service
+/// account (as kubectl does inside a pod).
+async fn config(args: &KubeArgs) -> Result<Config, Error> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let (kubeconfig, path) = match &args.kubeconfig {
+        Some(path) => (
+            Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+                path: Some(path.clone()),
+                source,
+            })?,
+            Some(path.clone()),
+        ),
+        None => match Kubeconfig::read() {
+            Ok(kubeconfig) => (kubeconfig, None),
+            Err(source) => {
+                if args.context.is_none()
+                    && let Ok(config) = Config::incluster()
+                {
+                    return Ok(config);
+                }
+                return Err(Error::Kubeconfig { path: None, source });
+            }
+        },
+    };
+    Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|source| Error::Kubeconfig { path, source })
+}
+
+impl Cluster {
+    /// Connects as `args` say (no request is made yet).
+    pub async fn connect(args: &KubeArgs) -> Result<Cluster, Error> {
+        let mut config = config(args).await?;
+        config.read_timeout = Some(API_REQUEST_TIMEOUT);
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).map_err(Error::Client)?;
+        Ok(Cluster { client, namespace })
+    }
+
+    fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// The pod, or `None` when it does not exist.
+    pub async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
+        self.pods(namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error(format!("reading pod {namespace}/{name}"), e))
+    }
+
+    /// The namespace, or `None` when it does not exist.
+    pub async fn namespace(&self, name: &str) -> Result<Option<Namespace>, Error> {
+        Api::<Namespace>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error(format!("reading namespace {name}"), e))
+    }
+
+    /// The ConfigMap, or `None` when it does not exist.
+    pub async fn config_map(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ConfigMap>, Error> {
+        Api::<ConfigMap>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error(format!("reading ConfigMap {namespace}/{name}"), e))
+    }
+
+    /// Pods in `namespace` (every namespace when `None`) matching the selectors.
+    pub async fn list_pods(
+        &self,
+        namespace: Option<&str>,
+        labels: Option<&str>,
+        fields: Option<&str>,
+    ) -> Result<Vec<Pod>, Error> {
+        let api = match namespace {
+            Some(namespace) => self.pods(namespace),
+            None => Api::all(self.client.clone()),
+        };
+        let mut params = ListParams::default();
+        if let Some(labels) = labels {
+            params = params.labels(labels);
+        }
+        if let Some(fields) = fields {
+            params = params.fields(fields);
+        }
+        let what = format!(
+            "listing pods{}{}{}",
+            namespace
+                .map(|n| format!(" in {n}"))
+                .unwrap_or_else(|| " in every namespace".into()),
+            labels.map(|l| format!(" labelled {l}")).unwrap_or_default(),
+            fields.map(|f| format!(" with {f}")).unwrap_or_default(),
+        );
+        api.list(&params)
+            .await
+            .map(|list| list.items)
+            .map_err(|e| api_error(what, e))
+    }
+
+    /// Sets (`Some`) or removes (`None`) one annotation of a pod with a JSON merge patch, as
+    /// `kubectl annotate` does; returns the pod as stored.
+    pub async fn annotate_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Pod, Error> {
+        self.pods(namespace)
+            .patch(name, &PatchParams::default(), &annotation_patch(key, value))
+            .await
+            .map_err(|e| api_error(format!("pod {namespace}/{name}"), e))
+    }
+
+    /// Sets (`Some`) or removes (`None`) one annotation of a namespace.
+    pub async fn annotate_namespace(
+        &self,
+        name: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Namespace, Error> {
+        Api::<Namespace>::all(self.client.clone())
+            .patch(name, &PatchParams::default(), &annotation_patch(key, value))
+            .await
+            .map_err(|e| api_error(format!("namespace {name}"), e))
+    }
+}
+
+/// A JSON merge patch that sets or (with `null`) removes one annotation.
+fn annotation_patch(key: &str, value: Option<&str>) -> Patch<serde_json::Value> {
+    Patch::Merge(json!({ "metadata": { "annotations": { key: value } } }))
+}
+
+/// One annotation of an object's metadata.
+pub fn annotation<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_set_or_remove_one_annotation() {
+        let Patch::Merge(set) = annotation_patch("iam.amazonaws.com/role", Some("app")) else {
+            panic!("a merge patch")
+        };
+        assert_eq!(
+            set,
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "app"}}})
+        );
+        let Patch::Merge(remove) = annotation_patch("iam.amazonaws.com/role", None) else {
+            panic!("a merge patch")
+        };
+        assert_eq!(
+            remove,
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/role": null}}})
+        );
+    }
+}

@@ -1,0 +1,479 @@
+//! `kubectl iam explain POD`: why a pod gets its role, or does not.
+//!
+//! With `--server`, the first ready replica's `Explain` answers. When no server is given or
+//! none answers within `--server-timeout`, the plugin computes the answer itself, from the
+//! Kubernetes API, with the server crate's own decision code: the pod, its namespace and
+//! every pod claiming the same IP go through the same slimming ([`PodRecord::from_pod`]) into
+//! the same indexes ([`podiam_server::index`]) a server's watches fill, and the answer is
+//! [`PodiamService::explain`] over them — the very function behind the gRPC `Explain`. So a
+//! local answer can differ from a server's only where the inputs differ:
+//!
+//! - the servers' base role ARN, which the plugin reads from the server pods' settings or
+//!   `--base-role-arn` (see [`crate::base_arn`]; a note says when it was unknown);
+//! - a server's view lags the API by the watch's delay (milliseconds), and a server that has
+//!   not synced yet knows no pod — such replicas are never asked;
+//! - the state of a pod's credentials at STS is in no answer: `Explain` decides whether the
+//!   pod may have the role, not whether STS agrees.
+//!
+//! The answer says which way it was made.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
+use podiam_server::events::Events;
+use podiam_server::index::PodRecord;
+use podiam_server::policy::{PERMITTED_ANNOTATION, ROLE_ANNOTATION, valid_base_arn};
+use podiam_server::service::{PodiamService, ServiceSettings};
+use podiam_server::session::SessionNaming;
+use podiam_server::sts::{
+    AssumeRequest, AssumeRole, CachePolicy, CredentialCache, Issued, StsCallCounters, StsError,
+    SystemClock,
+};
+use serde::Serialize;
+
+use crate::base_arn::{self, BaseArn};
+use crate::cli::{ExplainArgs, Output, POD_KINDS, object_name};
+use crate::cluster::Cluster;
+use crate::error::Error;
+use crate::servers::Servers;
+
+/// An explanation, whichever way it was made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    /// The pod asked about, `namespace/name`.
+    pub pod: String,
+    /// `server` or `local`.
+    pub source: &'static str,
+    /// Which replica answered, or why the answer was computed locally.
+    pub answered_by: String,
+    /// The pods concerned (several when they share an IP).
+    pub pods: Vec<String>,
+    pub node: String,
+    pub ip: String,
+    pub namespace: String,
+    /// The pod's role annotation as written, and the ARN it resolves to.
+    pub role_annotation: String,
+    pub role_arn: String,
+    /// The namespace's permitted regex as written ("" when none).
+    pub permitted_regex: String,
+    pub allowed: bool,
+    /// When refused: the reason's wire name and the message a pod would get.
+    pub reason: String,
+    pub message: String,
+    /// What the answer could not take into account.
+    pub notes: Vec<String>,
+}
+
+impl Explanation {
+    fn new(
+        pod: String,
+        source: &'static str,
+        answered_by: String,
+        answer: ExplainResponse,
+        notes: Vec<String>,
+    ) -> Explanation {
+        Explanation {
+            pod,
+            source,
+            answered_by,
+            pods: answer
+                .pods
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect(),
+            node: answer.node_name,
+            ip: answer.ip,
+            namespace: answer.namespace,
+            role_annotation: answer.role_annotation,
+            role_arn: answer.role_arn,
+            permitted_regex: answer.permitted_regex,
+            allowed: answer.allowed,
+            reason: answer.reason,
+            message: answer.message,
+            notes,
+        }
+    }
+
+    /// The explanation for people.
+    pub fn render(&self) -> String {
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let mut lines = Vec::new();
+        let mut field = |name: &str, value: String| lines.push(format!("{name:<12} {value}"));
+        field("pod:", self.pod.clone());
+        if self.pods.len() > 1 {
+            field("same IP:", self.pods.join(", "));
+        }
+        // No pod found: nothing about a role or a namespace was looked at.
+        let found = !self.pods.is_empty();
+        if found {
+            field("node:", or_dash(&self.node));
+            field("ip:", or_dash(&self.ip));
+        }
+        let role = match (self.role_annotation.as_str(), self.role_arn.as_str()) {
+            ("", _) => format!("none (no {ROLE_ANNOTATION} annotation)"),
+            (annotation, "") => annotation.to_string(),
+            (annotation, arn) if annotation == arn => arn.to_string(),
+            (annotation, arn) => format!("{annotation} ({arn})"),
+        };
+        let namespace = or_dash(&self.namespace);
+        let permitted = if self.permitted_regex.is_empty() {
+            format!("nothing in namespace {namespace} (no {PERMITTED_ANNOTATION} annotation)")
+        } else {
+            format!(
+                "{:?} in namespace {namespace} (the whole role must match)",
+                self.permitted_regex
+            )
+        };
+        if found {
+            field("role:", role);
+            field("permitted:", permitted);
+        }
+        if self.allowed {
+            field("decision:", "allowed".into());
+        } else {
+            field("decision:", format!("refused ({})", or_dash(&self.reason)));
+            field("", self.message.clone());
+        }
+        field("answered by:", self.answered_by.clone());
+        for note in &self.notes {
+            lines.push(format!("note: {note}"));
+        }
+        lines.join("\n") + "\n"
+    }
+}
+
+/// STS for a service that only explains: never called (`Explain` hands out no credentials).
+struct NoSts;
+
+impl AssumeRole for NoSts {
+    fn assume_role(&self, _: AssumeRequest) -> BoxFuture<'static, Result<Issued, StsError>> {
+        Box::pin(async { Err(StsError::Unavailable("kubectl iam never calls STS".into())) })
+    }
+}
+
+/// What the API says about a pod: the pod, its namespace, and every pod with its IP.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub pod: Option<Pod>,
+    pub namespace: Option<Namespace>,
+    pub same_ip: Vec<Pod>,
+    /// What could not be read (not fatal).
+    pub notes: Vec<String>,
+}
+
+/// Reads the facts about `namespace/name`.
+pub async fn facts(cluster: &Cluster, namespace: &str, name: &str) -> Result<Facts, Error> {
+    let (pod, ns) = tokio::join!(cluster.pod(namespace, name), cluster.namespace(namespace));
+    let mut facts = Facts {
+        pod: pod?,
+        namespace: ns?,
+        ..Facts::default()
+    };
+    let ip = facts
+        .pod
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .and_then(|s| s.pod_ip.clone())
+        .filter(|ip| !ip.is_empty());
+    if let Some(ip) = ip {
+        match cluster
+            .list_pods(None, None, Some(&format!("status.podIP={ip}")))
+            .await
+        {
+            Ok(pods) => facts.same_ip = pods,
+            Err(error) => facts.notes.push(format!(
+                "whether another pod claims IP {ip} is unknown ({})",
+                error.one_line()
+            )),
+        }
+    }
+    Ok(facts)
+}
+
+/// The servers' decision over `facts`, made by the servers' own code: the facts go into the
+/// indexes a server's watches fill, and [`PodiamService::explain`] answers.
+pub fn decide(
+    facts: &Facts,
+    namespace: &str,
+    name: &str,
+    base_arn: &str,
+) -> Result<ExplainResponse, Error> {
+    let view = podiam_server::watch::Cluster::default();
+    {
+        let mut pods = view.pods.write().unwrap_or_else(|e| e.into_inner());
+        for pod in facts.pod.iter().chain(&facts.same_ip) {
+            if let Some(record) = PodRecord::from_pod(pod) {
+                pods.apply(record);
+            }
+        }
+        let mut namespaces = view.namespaces.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(ns) = &facts.namespace {
+            namespaces.apply(ns);
+        }
+    }
+    let sessions = SessionNaming::new("podiam", false).map_err(Error::Refused)?;
+    let cache = CredentialCache::new(
+        Arc::new(NoSts),
+        Arc::new(SystemClock),
+        CachePolicy::new(Duration::from_secs(3600), Duration::from_secs(1800)),
+        StsCallCounters::default(),
+    );
+    let service = PodiamService::new(
+        Arc::new(view),
+        Arc::new(cache),
+        ServiceSettings {
+            base_arn: Some(base_arn.to_string()),
+            sessions,
+        },
+        Arc::new(Events::disabled()),
+    );
+    service
+        .explain(request(namespace, name))
+        .map_err(|status| Error::Refused(status.message().to_string()))
+}
+
+fn request(namespace: &str, name: &str) -> ExplainRequest {
+    ExplainRequest {
+        target: Some(explain_request::Target::Pod(PodRef {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: String::new(),
+        })),
+    }
+}
+
+/// The explanation for `namespace/name`: a server's, else computed locally.
+pub async fn explain(
+    cluster: &Cluster,
+    podiam_namespace: &str,
+    args: &ExplainArgs,
+) -> Result<Explanation, Error> {
+    let name = object_name(&args.pod, POD_KINDS).map_err(Error::Usage)?;
+    let namespace = cluster.namespace.as_str();
+    let pod = format!("{namespace}/{name}");
+    if let Some(flag) = &args.base.base_role_arn
+        && !valid_base_arn(flag)
+    {
+        return Err(Error::Usage(format!(
+            "--base-role-arn {flag:?} is not a base role ARN (arn:aws:iam::ACCOUNT:role/)"
+        )));
+    }
+    let why_local = match Servers::from_args(&args.servers)? {
+        None => "no --server given".to_string(),
+        Some(servers) => match servers.explain(request(namespace, name)).await {
+            Ok((addr, answer)) => {
+                let by = format!("podiam server replica {addr}");
+                return Ok(Explanation::new(pod, "server", by, answer, Vec::new()));
+            }
+            Err(problems) => format!(
+                "no server at {} answered: {}",
+                servers.urls(),
+                problems.join("; ")
+            ),
+        },
+    };
+    let (base, facts) = tokio::join!(
+        base_arn::discover(
+            cluster,
+            podiam_namespace,
+            args.base.base_role_arn.as_deref()
+        ),
+        facts(cluster, namespace, name),
+    );
+    let (base, facts) = (base?, facts?);
+    let answer = decide(&facts, namespace, name, base.for_deciding())?;
+    let mut notes = facts.notes.clone();
+    notes.extend(base.note_for(&answer.role_annotation));
+    if let BaseArn::Known { from, .. } = &base
+        && !answer.role_annotation.is_empty()
+        && !answer.role_annotation.starts_with("arn:")
+    {
+        notes.push(format!("the servers' base role ARN came from {from}"));
+    }
+    let by = format!(
+        "computed locally from the Kubernetes API with podiam's decision code, without a \
+         server ({why_local})"
+    );
+    Ok(Explanation::new(pod, "local", by, answer, notes))
+}
+
+/// Runs `explain` and prints the answer.
+pub async fn run(
+    cluster: &Cluster,
+    podiam_namespace: &str,
+    args: &ExplainArgs,
+) -> Result<(), Error> {
+    let explanation = explain(cluster, podiam_namespace, args).await?;
+    match args.output {
+        Output::Text => print!("{}", explanation.render()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&explanation).map_err(Error::Json)?
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+    fn pod(namespace: &str, name: &str, ip: &str, role: Option<&str>) -> Pod {
+        let annotations = role
+            .map(|r| json!({ ROLE_ANNOTATION: r }))
+            .unwrap_or(json!({}));
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                         "annotations": annotations},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .expect("a pod")
+    }
+
+    fn namespace(name: &str, permitted: Option<&str>) -> Namespace {
+        let annotations = permitted
+            .map(|p| json!({ PERMITTED_ANNOTATION: p }))
+            .unwrap_or(json!({}));
+        serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}}))
+            .expect("a namespace")
+    }
+
+    fn facts(pod: Option<Pod>, ns: Option<Namespace>, same_ip: Vec<Pod>) -> Facts {
+        Facts {
+            pod,
+            namespace: ns,
+            same_ip,
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_servers_code_decides_each_kind_of_case() {
+        let web = |role| Some(pod("team-a", "web", "10.0.0.1", role));
+        let team = |permitted| Some(namespace("team-a", permitted));
+        // (facts, allowed, reason, role ARN)
+        let cases = [
+            (
+                facts(web(Some("app-reader")), team(Some("app-.*")), vec![]),
+                true,
+                "",
+                "arn:aws:iam::123456789012:role/app-reader",
+            ),
+            (
+                facts(web(Some("db-admin")), team(Some("app-.*")), vec![]),
+                false,
+                "role-not-permitted",
+                "arn:aws:iam::123456789012:role/db-admin",
+            ),
+            (
+                facts(web(Some("app-reader")), team(None), vec![]),
+                false,
+                "role-not-permitted",
+                "arn:aws:iam::123456789012:role/app-reader",
+            ),
+            (
+                facts(web(Some("app-reader")), team(Some("app-(")), vec![]),
+                false,
+                "role-not-permitted",
+                "arn:aws:iam::123456789012:role/app-reader",
+            ),
+            (
+                facts(web(None), team(Some("app-.*")), vec![]),
+                false,
+                "no-role",
+                "",
+            ),
+            (
+                facts(web(Some("bad name")), team(Some(".*")), vec![]),
+                false,
+                "invalid-role",
+                "",
+            ),
+            (
+                facts(None, team(Some(".*")), vec![]),
+                false,
+                "unknown-pod",
+                "",
+            ),
+            (
+                facts(
+                    web(Some("app-reader")),
+                    team(Some("app-.*")),
+                    vec![pod("team-b", "other", "10.0.0.1", None)],
+                ),
+                false,
+                "ambiguous-pod",
+                "",
+            ),
+        ];
+        for (facts, allowed, reason, arn) in cases {
+            let answer = decide(&facts, "team-a", "web", BASE).expect("explained");
+            let case = format!("{:?}", facts.pod.as_ref().map(|p| &p.metadata.annotations));
+            assert_eq!(answer.allowed, allowed, "{case}: {answer:?}");
+            assert_eq!(answer.reason, reason, "{case}: {answer:?}");
+            assert_eq!(answer.role_arn, arn, "{case}");
+            assert_eq!(answer.allowed, answer.message.is_empty(), "{case}");
+        }
+    }
+
+    #[test]
+    fn the_rendering_says_where_the_answer_came_from() {
+        let answer = decide(
+            &facts(
+                Some(pod("team-a", "web", "10.0.0.1", Some("db-admin"))),
+                Some(namespace("team-a", Some("app-.*"))),
+                vec![],
+            ),
+            "team-a",
+            "web",
+            BASE,
+        )
+        .expect("explained");
+        let text = Explanation::new(
+            "team-a/web".into(),
+            "local",
+            "computed locally (no --server given)".into(),
+            answer,
+            vec!["something unknown".into()],
+        )
+        .render();
+        for want in [
+            "pod:         team-a/web\n",
+            "node:        node-1\n",
+            "ip:          10.0.0.1\n",
+            "role:        db-admin (arn:aws:iam::123456789012:role/db-admin)\n",
+            "permitted:   \"app-.*\" in namespace team-a",
+            "decision:    refused (role-not-permitted)\n",
+            "does not match \"app-.*\"",
+            "answered by: computed locally (no --server given)\n",
+            "note: something unknown\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+        // No pod: only what was looked at.
+        let answer = decide(&facts(None, None, vec![]), "team-a", "gone", BASE).expect("explained");
+        let text =
+            Explanation::new("team-a/gone".into(), "local", "x".into(), answer, vec![]).render();
+        assert!(
+            !text.contains("role:") && !text.contains("permitted:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("decision:    refused (unknown-pod)\n"),
+            "{text}"
+        );
+    }
+}
