@@ -220,6 +220,8 @@ pub fn decide(
             namespaces.apply(ns);
         }
     }
+    // What was read is all there is to know: the server's explain answers from it.
+    view.mark_synced();
     let sessions = SessionNaming::new("podiam", false).map_err(Error::Refused)?;
     let cache = CredentialCache::new(
         Arc::new(NoSts),

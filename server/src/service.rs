@@ -295,8 +295,12 @@ impl PodiamService {
         state
     }
 
-    /// Explains the decision for an IP or a named pod.
+    /// Explains the decision for an IP or a named pod. A replica that has not synced yet
+    /// says so rather than call every pod unknown.
     pub fn explain(&self, request: ExplainRequest) -> Result<ExplainResponse, Status> {
+        if !self.cluster.synced() {
+            return Err(Refusal::NotReady.status());
+        }
         let mut answer = ExplainResponse::default();
         let pod = match request.target {
             Some(explain_request::Target::Ip(ip)) => {

@@ -73,6 +73,14 @@ impl Cluster {
     pub fn synced(&self) -> bool {
         self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
     }
+
+    /// Declares the view complete as it is: for a view filled by other means than the watches
+    /// (`kubectl iam explain` computing a decision from what it read itself).
+    pub fn mark_synced(&self) {
+        self.pods_synced.store(true, Ordering::Release);
+        self.namespaces_synced.store(true, Ordering::Release);
+        self.changed();
+    }
 }
 
 /// How a watched resource updates its index.
