@@ -71,13 +71,14 @@ impl CredentialCache {
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at
-    /// `now_unix`, else the result of `fetch` (stored when it succeeds).
+    /// `now_unix`, else the result of the future `fetch` makes (stored when it succeeds); the
+    /// future is only made on a miss.
     pub async fn get<E, F>(
         &self,
         uid: &str,
         role_arn: &str,
         now_unix: i64,
-        fetch: F,
+        fetch: impl FnOnce() -> F,
     ) -> Result<(Arc<Entry>, Source), E>
     where
         F: Future<Output = Result<Credentials, E>>,
@@ -104,7 +105,7 @@ impl CredentialCache {
         {
             return Ok((Arc::clone(cached), Source::Cache));
         }
-        let fetched = Arc::new(Entry::new(fetch.await?));
+        let fetched = Arc::new(Entry::new(fetch().await?));
         *entry = Some(Arc::clone(&fetched));
         Ok((fetched, Source::Server))
     }
@@ -154,10 +155,13 @@ mod tests {
             r.map(|(entry, source)| (entry.credentials.access_key_id.clone(), source))
         };
         assert_eq!(
-            got(cache.get("a", "r", 0, fetch("1")).await),
+            got(cache.get("a", "r", 0, || fetch("1")).await),
             Ok(("1".to_string(), Source::Server))
         );
-        let (hit, source) = cache.get("a", "r", 1800, fetch("2")).await.expect("cached");
+        let (hit, source) = cache
+            .get("a", "r", 1800, || fetch("2"))
+            .await
+            .expect("cached");
         assert_eq!(
             (hit.credentials.access_key_id.as_str(), source),
             ("1", Source::Cache)
@@ -168,16 +172,16 @@ mod tests {
         );
         // Below the floor: fetched again.
         assert_eq!(
-            got(cache.get("a", "r", 1801, fetch("3")).await),
+            got(cache.get("a", "r", 1801, || fetch("3")).await),
             Ok(("3".to_string(), Source::Server))
         );
         // Another pod, another role: separate entries.
         assert_eq!(
-            cache.get("b", "r", 0, fetch("4")).await.map(|r| r.1),
+            cache.get("b", "r", 0, || fetch("4")).await.map(|r| r.1),
             Ok(Source::Server)
         );
         assert_eq!(
-            cache.get("a", "r2", 0, fetch("5")).await.map(|r| r.1),
+            cache.get("a", "r2", 0, || fetch("5")).await.map(|r| r.1),
             Ok(Source::Server)
         );
         assert_eq!(cache.len(), 3);
@@ -187,13 +191,22 @@ mod tests {
     async fn forgetting_a_pod_drops_its_entries_only() {
         let cache = CredentialCache::new(FLOOR);
         let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
-        cache.get("a", "r", 0, fetch("1")).await.expect("fetched");
-        cache.get("a", "r2", 0, fetch("2")).await.expect("fetched");
-        cache.get("b", "r", 0, fetch("3")).await.expect("fetched");
+        cache
+            .get("a", "r", 0, || fetch("1"))
+            .await
+            .expect("fetched");
+        cache
+            .get("a", "r2", 0, || fetch("2"))
+            .await
+            .expect("fetched");
+        cache
+            .get("b", "r", 0, || fetch("3"))
+            .await
+            .expect("fetched");
         cache.forget("a");
         assert_eq!(cache.len(), 1);
         assert_eq!(
-            cache.get("a", "r", 0, fetch("4")).await.map(|r| r.1),
+            cache.get("a", "r", 0, || fetch("4")).await.map(|r| r.1),
             Ok(Source::Server)
         );
     }
@@ -203,12 +216,12 @@ mod tests {
         let cache = CredentialCache::new(FLOOR);
         assert_eq!(
             cache
-                .get("a", "r", 0, async { Err::<Credentials, _>("down") })
+                .get("a", "r", 0, || async { Err::<Credentials, _>("down") })
                 .await,
             Err("down")
         );
         let ok = cache
-            .get("a", "r", 0, async { Ok::<_, &str>(creds("1", 3600)) })
+            .get("a", "r", 0, || async { Ok::<_, &str>(creds("1", 3600)) })
             .await;
         assert_eq!(ok.map(|r| r.1), Ok(Source::Server));
     }

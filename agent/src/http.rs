@@ -271,21 +271,21 @@ impl MetadataService {
                 let Some((_, node)) = &self.options.allow else {
                     return Err(Refused::Denied);
                 };
-                let (status, body) = node.get(path).await?;
+                let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
             Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
             Route::ListRoles => {
                 let role_name = match self.resolve(peer).await? {
                     Resolved::Pod(state) => permitted(&state)?.role_name.clone(),
-                    Resolved::Unsynced => self.upstream.pod_role(peer).await?.role_name,
+                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_name,
                 };
                 Ok(text(StatusCode::OK, role_name))
             }
             Route::Info => {
                 let role_arn = match self.resolve(peer).await? {
                     Resolved::Pod(state) => permitted(&state)?.role_arn.clone(),
-                    Resolved::Unsynced => self.upstream.pod_role(peer).await?.role_arn,
+                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_arn,
                 };
                 Ok(text(StatusCode::OK, imds::info_document(&role_arn, now)))
             }
@@ -295,9 +295,7 @@ impl MetadataService {
                     Ok(text(StatusCode::OK, entry.document.clone()))
                 }
                 Resolved::Unsynced => {
-                    let creds = self
-                        .upstream
-                        .credentials(peer, role)
+                    let creds = Box::pin(self.upstream.credentials(peer, role))
                         .await?
                         .credentials
                         .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
@@ -323,10 +321,15 @@ impl MetadataService {
     /// asking the server directly.
     async fn resolve(&self, peer: IpAddr) -> Result<Resolved, Refused> {
         match self.table.known(peer) {
-            Known::Pod(state) => return Ok(Resolved::Pod(state)),
-            Known::Unsynced => return Ok(Resolved::Unsynced),
-            Known::Nobody => {}
+            Known::Pod(state) => Ok(Resolved::Pod(state)),
+            Known::Unsynced => Ok(Resolved::Unsynced),
+            // The slow path is boxed so that its server calls do not size every request.
+            Known::Nobody => Box::pin(self.resolve_unknown(peer)).await,
         }
+    }
+
+    /// [`MetadataService::resolve`] for an address the table does not know.
+    async fn resolve_unknown(&self, peer: IpAddr) -> Result<Resolved, Refused> {
         let table = self.table.wait_known(peer, UNKNOWN_POD_WAIT);
         let asked = self.explain(peer);
         let mut table = std::pin::pin!(table);
@@ -414,17 +417,22 @@ impl MetadataService {
                 ),
             ));
         }
-        let fetch = async {
-            let answer = self.upstream.credentials(peer, role).await?;
-            // The server decided on what it sees now; cache only if it is the same pod.
-            if answer.pod.as_ref().map(|p| p.uid.as_str()) != Some(pod.uid.as_str()) {
-                return Err(refusal(
-                    Reason::UnknownPod,
-                    "the pod at this address changed; retry",
-                ));
-            }
-            answer.credentials.ok_or_else(|| {
-                Refused::from(UpstreamError::Other("answer without credentials".into()))
+        // Boxed, like every server call here: a call's future is several KiB, and an unboxed
+        // one would make every connection's request future (allocated with the connection and
+        // kept while it is open) that large, for the cache hits too.
+        let fetch = || {
+            Box::pin(async {
+                let answer = self.upstream.credentials(peer, role).await?;
+                // The server decided on what it sees now; cache only if it is the same pod.
+                if answer.pod.as_ref().map(|p| p.uid.as_str()) != Some(pod.uid.as_str()) {
+                    return Err(refusal(
+                        Reason::UnknownPod,
+                        "the pod at this address changed; retry",
+                    ));
+                }
+                answer.credentials.ok_or_else(|| {
+                    Refused::from(UpstreamError::Other("answer without credentials".into()))
+                })
             })
         };
         let (entry, source) = self
@@ -509,6 +517,33 @@ pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Fu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_future_stays_small() {
+        // hyper keeps one request future's worth of memory per open connection, sized by the
+        // future's type: server calls (several KiB each) must stay boxed behind the fast path.
+        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
+        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let service = MetadataService::new(
+            upstream,
+            Arc::default(),
+            Arc::new(CredentialCache::new(Duration::from_secs(1800))),
+            TokenKey::generate().expect("token key"),
+            ServiceOptions {
+                require_token: false,
+                allow: None,
+                request_timeout: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new()),
+        );
+        let request = Request::builder()
+            .uri("/latest/meta-data/iam/security-credentials/app")
+            .body(())
+            .expect("request");
+        let future = service.handle("10.0.0.1".parse().expect("ip"), request);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2048, "a request future takes {size} bytes");
+    }
 
     fn refused(reason: Reason) -> Refused {
         Refused::Upstream(UpstreamError::Refused {

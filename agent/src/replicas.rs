@@ -459,7 +459,7 @@ impl ServerSet {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -483,7 +483,9 @@ mod tests {
         assert_eq!(Target::parse("server:80"), None);
     }
 
-    fn set(targets: Vec<(Target, String)>) -> (tempfile::TempDir, ServerSet) {
+    /// A set of `targets` with freshly made agent certificates (kept in the returned
+    /// directory).
+    pub(crate) fn set(targets: Vec<(Target, String)>) -> (tempfile::TempDir, ServerSet) {
         podiam_proto::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
