@@ -5,6 +5,7 @@
 //!   speaks the real list/watch/patch protocol well enough for `kubectl` and kube-rs.
 //! - [`netns`]: network namespaces as nodes and pods (veth pairs, addresses, routes).
 //! - [`bridge`]: loopback forwarders from inside a namespace to the root namespace.
+//! - [`help`]: the flags and environment variables a command's `--help` lists.
 //! - [`moto`]: moto's STS server on a free loopback port.
 //! - [`sts_proxy`]: a recording, fault-injecting proxy between the server and moto.
 //! - [`process`]: child processes that die with their owner, with their logs kept.
@@ -14,6 +15,7 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod help;
 pub mod kube_emulator;
 pub mod moto;
 pub mod netns;

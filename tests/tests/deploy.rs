@@ -33,6 +33,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use podiam_tests::help::{Help, parse_help};
 use podiam_tests::process::scratch_dir;
 use podiam_tests::world::binary;
 use serde_json::{Value, json};
@@ -1083,46 +1084,6 @@ fn uninstall_removes_the_rules_of_both_back_ends_on_every_node() {
 
 // ---------------------------------------------------------------------------------------
 // The binaries agree with the manifests
-
-/// Flags and environment variables one command accepts, read off its `--help`.
-#[derive(Debug, Default)]
-struct Help {
-    flags: BTreeSet<String>,
-    envs: BTreeSet<String>,
-}
-
-/// Parses clap's help: a flag is defined on a line indented at most 6 columns
-/// (`  -h, --help`, `      --listen <LISTEN>`), never in a description (indented 10, or
-/// after the flag on the same line); environment variables are clap's `[env: NAME=]`.
-fn parse_help(text: &str) -> Help {
-    let mut help = Help::default();
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        if line.len() - trimmed.len() <= 6 {
-            let definition = match trimmed.split_once(", ") {
-                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
-                _ => trimmed,
-            };
-            if let Some(rest) = definition.strip_prefix("--") {
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .collect();
-                help.flags.insert(format!("--{name}"));
-            }
-        }
-        let mut rest = line;
-        while let Some(at) = rest.find("[env: ") {
-            rest = &rest[at + 6..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            help.envs.insert(name);
-        }
-    }
-    help
-}
 
 /// `BINARY [SUBCOMMAND] --help`, parsed.
 fn help(binary_name: &str, subcommand: Option<&str>) -> Help {

@@ -47,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use podiam_tests::help::{Help, parse_help};
 use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator};
 use podiam_tests::moto::Moto;
 use podiam_tests::process::{ChildGuard, free_loopback_port, scratch_dir};
@@ -122,46 +123,6 @@ fn docs() -> Vec<PathBuf> {
 
 // ---------------------------------------------------------------------------------------
 // Help
-
-/// Flags and environment variables one command accepts, read off its `--help`.
-#[derive(Debug, Default)]
-struct Help {
-    flags: BTreeSet<String>,
-    envs: BTreeSet<String>,
-}
-
-/// Parses clap's help: a flag is defined on a line indented at most 6 columns
-/// (`  -h, --help`, `      --listen <LISTEN>`), never in a description; environment
-/// variables are clap's `[env: NAME=]`. (The same parser as deploy.rs's.)
-fn parse_help(text: &str) -> Help {
-    let mut help = Help::default();
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        if line.len() - trimmed.len() <= 6 {
-            let definition = match trimmed.split_once(", ") {
-                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
-                _ => trimmed,
-            };
-            if let Some(rest) = definition.strip_prefix("--") {
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .collect();
-                help.flags.insert(format!("--{name}"));
-            }
-        }
-        let mut rest = line;
-        while let Some(at) = rest.find("[env: ") {
-            rest = &rest[at + 6..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            help.envs.insert(name);
-        }
-    }
-    help
-}
 
 /// Every command's help, keyed `podiam-server`, `podiam-agent`, `podiam-agent serve`…
 fn helps() -> BTreeMap<String, Help> {
