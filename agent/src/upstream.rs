@@ -209,12 +209,20 @@ impl Upstream {
                     }
                     ended
                 }
-                Err(status) => StreamEnded::NotOpened(UpstreamError::from(status).to_string()),
+                Err(status) => StreamEnded::NotOpened(UpstreamError::from(status)),
             };
             match &ended {
                 StreamEnded::Shutdown => return,
                 StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
-                    if why.contains("shutting down") {
+                    // A draining (or not yet synced) replica says so: skip it until its
+                    // health says otherwise; any other end makes it suspect.
+                    if matches!(
+                        why,
+                        UpstreamError::Refused {
+                            reason: Reason::NotReady,
+                            ..
+                        }
+                    ) {
                         replica.mark_not_ready();
                     } else {
                         replica.mark_suspect();
@@ -241,9 +249,9 @@ enum StreamEnded {
     /// The agent is stopping.
     Shutdown,
     /// The stream had synced and then broke, for this reason.
-    Synced(String),
+    Synced(UpstreamError),
     /// The stream could not be opened or broke before its snapshot was complete.
-    NotOpened(String),
+    NotOpened(UpstreamError),
 }
 
 /// Applies one stream's events to `table` until it ends; calls `synced` once its snapshot
@@ -257,7 +265,7 @@ async fn follow_stream(
 ) -> StreamEnded {
     let mut snapshot = Some(Vec::new());
     let mut heartbeats = false;
-    let ended = |why: String, snapshot: &Option<Vec<PodState>>| {
+    let ended = |why: UpstreamError, snapshot: &Option<Vec<PodState>>| {
         if snapshot.is_none() {
             StreamEnded::Synced(why)
         } else {
@@ -278,11 +286,18 @@ async fn follow_stream(
         };
         let event = match message {
             Ok(Ok(Some(message))) => message.event,
-            Ok(Ok(None)) => return ended("the server ended it".into(), &snapshot),
-            Ok(Err(status)) => return ended(UpstreamError::from(status).to_string(), &snapshot),
+            Ok(Ok(None)) => {
+                return ended(
+                    UpstreamError::Unavailable("the server ended it".into()),
+                    &snapshot,
+                );
+            }
+            Ok(Err(status)) => return ended(UpstreamError::from(status), &snapshot),
             Err(_) => {
                 return ended(
-                    format!("no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs"),
+                    UpstreamError::Unavailable(format!(
+                        "no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs"
+                    )),
                     &snapshot,
                 );
             }

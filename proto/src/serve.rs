@@ -65,6 +65,20 @@ impl Default for Limits {
     }
 }
 
+/// The next connection on `listener`. A failed accept (out of file descriptors and the like)
+/// is logged and retried after a pause instead of spinning.
+pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`; then stops
 /// accepting (the listener closes), answers what still arrives on open connections for
 /// [`CLOSE_GRACE`] with `Connection: close`, and lets requests under way finish (bounded by
@@ -91,15 +105,7 @@ pub async fn serve_http<H, F>(
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener) => accepted,
         };
         let handler = handler.clone();
         let shutdown = shutdown.clone();

@@ -632,7 +632,7 @@ impl Podiam for PodiamService {
         request: Request<WatchNodeRequest>,
     ) -> Result<Response<Self::WatchNodeStream>, Status> {
         if self.draining.is_cancelled() {
-            return Err(Status::unavailable("server shutting down"));
+            return Err(Reason::NotReady.status("server shutting down"));
         }
         let request = request.into_inner();
         let node = request.node_name;
@@ -657,7 +657,7 @@ impl Podiam for PodiamService {
             service.node_streams.dec();
             if ended == StreamEnd::Draining {
                 let _ = tx
-                    .send(Err(Status::unavailable("server shutting down")))
+                    .send(Err(Reason::NotReady.status("server shutting down")))
                     .await;
             }
             tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
