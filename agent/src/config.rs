@@ -83,9 +83,19 @@ pub struct ServeConfig {
     /// The agent's private key (PEM).
     #[arg(long, env = "PODIAM_TLS_KEY")]
     pub tls_key: PathBuf,
-    /// This node's name (from the downward API's spec.nodeName).
+    /// This node's name (from the downward API's spec.nodeName). Required: the servers
+    /// answer an agent only about the node its token proves, and this must be that node.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
+    /// The agent's projected ServiceAccount token (audience `podiam`), re-read as the
+    /// kubelet rotates it and sent with every call: the servers check it with a TokenReview
+    /// and learn from it which node this agent runs on.
+    #[arg(
+        long,
+        env = "PODIAM_TOKEN_FILE",
+        default_value = "/var/run/secrets/podiam/token"
+    )]
+    pub token_file: PathBuf,
     /// Install the iptables DNAT rule for pod interfaces at start.
     #[arg(long, env = "PODIAM_IPTABLES")]
     pub iptables: bool,
@@ -180,6 +190,12 @@ impl ServeConfig {
         let mut problems = Vec::new();
         if self.server.is_empty() {
             problems.push("--server: at least one server URL is needed".into());
+        }
+        if self.node_name.trim().is_empty() {
+            problems.push(
+                "--node-name (NODE_NAME) is required: set it from the downward API's spec.nodeName"
+                    .into(),
+            );
         }
         for url in self
             .server

@@ -23,7 +23,7 @@ use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
 pub use podiam_proto::serve::Limits;
-use podiam_proto::v1::{ExplainResponse, PodRef, PodState};
+use podiam_proto::v1::{PodRef, PodState};
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -71,13 +71,17 @@ impl Refused {
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::Upstream(UpstreamError::Refused { reason, .. }) => match reason {
                 // EC2 answers 404 when an instance has no role, or for another role's name.
-                Reason::UnknownPod | Reason::NoRole | Reason::WrongRole => StatusCode::NOT_FOUND,
+                Reason::UnknownPod | Reason::NoRole | Reason::WrongRole | Reason::OtherNode => {
+                    StatusCode::NOT_FOUND
+                }
                 Reason::AmbiguousPod
                 | Reason::RoleNotPermitted
                 | Reason::InvalidRole
                 | Reason::StsRefused => StatusCode::FORBIDDEN,
                 Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
-                Reason::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+                Reason::NotReady
+                | Reason::AgentUnauthenticated
+                | Reason::IdentityUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
             Refused::Upstream(UpstreamError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Refused::Upstream(UpstreamError::Other(_)) => StatusCode::BAD_GATEWAY,
@@ -331,7 +335,7 @@ impl MetadataService {
     /// [`MetadataService::resolve`] for an address the table does not know.
     async fn resolve_unknown(&self, peer: IpAddr) -> Result<Resolved, Refused> {
         let table = self.table.wait_known(peer, UNKNOWN_POD_WAIT);
-        let asked = self.explain(peer);
+        let asked = self.ask(peer);
         let mut table = std::pin::pin!(table);
         let mut asked = std::pin::pin!(asked);
         let mut answered = false;
@@ -344,52 +348,40 @@ impl MetadataService {
                 },
                 answer = asked.as_mut(), if !answered => {
                     answered = true;
-                    if self.on_this_node(answer.as_ref()) {
+                    if on_this_node(&answer) {
                         return Ok(Resolved::Unsynced);
                     }
                 }
             }
         }
-        // Still unknown after the wait: the server's latest word decides, and explains.
-        let answer = self.explain(peer).await;
-        if self.on_this_node(answer.as_ref()) {
+        // Still unknown after the wait: the server's latest word decides.
+        let answer = self.ask(peer).await;
+        if on_this_node(&answer) {
             return Ok(Resolved::Unsynced);
         }
         Err(refusal(Reason::UnknownPod, self.unknown(peer, answer)))
     }
 
-    /// The server's explanation of `peer`, if one comes within [`EXPLAIN_WAIT`].
-    async fn explain(&self, peer: IpAddr) -> Option<ExplainResponse> {
-        tokio::time::timeout(EXPLAIN_WAIT, self.upstream.explain_ip(peer))
+    /// What the server says of `peer` (within [`ASK_WAIT`]): its pod's role, or why not.
+    /// The server answers only about this agent's node.
+    async fn ask(&self, peer: IpAddr) -> Option<Result<(), UpstreamError>> {
+        tokio::time::timeout(ASK_WAIT, self.upstream.pod_role(peer))
             .await
             .ok()
-            .and_then(Result::ok)
+            .map(|answer| answer.map(|_| ()))
     }
 
-    /// Whether the server has exactly one pod at the address, on this agent's node.
-    fn on_this_node(&self, answer: Option<&ExplainResponse>) -> bool {
-        let node = self.upstream.node_name();
-        answer.is_some_and(|a| a.pods.len() == 1 && (node.is_empty() || a.node_name == node))
-    }
-
-    /// Why no pod of this node has `peer`, as far as the server's explanation tells: most
-    /// usefully, a pod the server places on another node (the agent's node name is wrong, or
-    /// the pod's traffic reached the wrong node).
-    fn unknown(&self, peer: IpAddr, answer: Option<ExplainResponse>) -> String {
+    /// Why no pod of this node has `peer`, as far as the server tells.
+    fn unknown(&self, peer: IpAddr, answer: Option<Result<(), UpstreamError>>) -> String {
         match answer {
-            Some(answer)
-                if answer.pods.len() == 1 && answer.node_name != self.upstream.node_name() =>
-            {
-                let pod = &answer.pods[0];
-                format!(
-                    "IP {peer} belongs to pod {}/{}, which the server has on node {:?}, not on this node {:?} (is the agent's node name right?)",
-                    pod.namespace,
-                    pod.name,
-                    answer.node_name,
-                    self.upstream.node_name()
-                )
-            }
-            Some(answer) if !answer.message.is_empty() => answer.message,
+            Some(Err(UpstreamError::Refused {
+                reason: Reason::OtherNode,
+                ..
+            })) => format!(
+                "no pod on this node ({}) has IP {peer}; the server places it on another node",
+                self.upstream.node_name()
+            ),
+            Some(Err(UpstreamError::Refused { message, .. })) if !message.is_empty() => message,
             _ => format!(
                 "no pod known with IP {peer} on node {}",
                 self.upstream.node_name()
@@ -453,7 +445,7 @@ const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
 
 /// How long an unknown address waits for the server's explanation of it: room for a second
 /// replica to be asked after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER).
-const EXPLAIN_WAIT: Duration = Duration::from_millis(400);
+const ASK_WAIT: Duration = Duration::from_millis(400);
 
 /// Who is asking, as far as the pod table knows.
 enum Resolved {
@@ -464,6 +456,23 @@ enum Resolved {
 
 fn pod_uid(state: &PodState) -> &str {
     state.pod.as_ref().map_or("", |p| p.uid.as_str())
+}
+
+/// Whether the server's answer about an address places its pod on this agent's node: a
+/// role, or a refusal it could only make about a pod it found there.
+fn on_this_node(answer: &Option<Result<(), UpstreamError>>) -> bool {
+    match answer {
+        Some(Ok(())) => true,
+        Some(Err(UpstreamError::Refused { reason, .. })) => matches!(
+            reason,
+            Reason::NoRole
+                | Reason::RoleNotPermitted
+                | Reason::InvalidRole
+                | Reason::AmbiguousPod
+                | Reason::WrongRole
+        ),
+        _ => false,
+    }
 }
 
 fn refusal(reason: Reason, message: impl Into<String>) -> Refused {

@@ -4,6 +4,7 @@
 //! - [`routes`]: path normalisation and routing (pure).
 //! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
 //! - [`imds`]: EC2's exact response documents (pure).
+//! - [`identity`]: the agent's projected token, re-read and put on every server call.
 //! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
 //! - [`upstream`]: gRPC calls to the servers, readiness, and the node stream.
 //! - [`pods`]: this node's pods and their decisions, from the server's node stream.
@@ -18,6 +19,7 @@
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod imds;
 pub mod iptables;
 pub mod metrics;
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
 use crate::http::{Limits, MetadataService, ServiceOptions};
+use crate::identity::AgentToken;
 use crate::iptables::Iptables;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
@@ -62,11 +65,16 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         .context("loading the agent's TLS files")?,
     );
     let metrics = Arc::new(Metrics::new());
+    let token = Arc::new(AgentToken::from_file(&config.token_file));
+    if let Err(error) = token.reload() {
+        tracing::error!(%error, "no agent token yet; the servers refuse this agent until it can be read");
+    }
     let servers = Arc::new(ServerSet::new(
         config.targets(),
         Arc::clone(&tls),
         config.server_timeout,
         metrics.failovers.clone(),
+        Arc::clone(&token),
     ));
     if let Err(error) = servers.resolve().await {
         tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
@@ -159,6 +167,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tasks.spawn(async move { upstream.follow_node(&table, &cache, stop).await });
     }
     tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
+    tasks.spawn(Arc::clone(&token).follow(stop.clone()));
     {
         let upstream = Arc::clone(&upstream);
         let metrics = Arc::clone(&metrics);

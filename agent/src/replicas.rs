@@ -37,7 +37,13 @@ use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::identity::{AgentToken, Authorize};
+
+/// A client of one replica whose every call carries the agent's token.
+pub type Client = PodiamClient<InterceptedService<Channel, Authorize>>;
 
 use crate::upstream::UpstreamError;
 
@@ -85,7 +91,7 @@ impl Target {
 #[derive(Debug)]
 pub struct Replica {
     pub addr: SocketAddr,
-    client: PodiamClient<Channel>,
+    client: Client,
     ready: AtomicBool,
     suspect_until: Mutex<Option<Instant>>,
 }
@@ -95,6 +101,7 @@ impl Replica {
         addr: SocketAddr,
         connector: TlsConnector,
         call_timeout: Duration,
+        token: Arc<AgentToken>,
     ) -> Result<Replica, tonic::transport::Error> {
         // The scheme only keeps tonic from adding TLS of its own; the connector does it.
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
@@ -107,14 +114,14 @@ impl Replica {
             .connect_with_connector_lazy(connector);
         Ok(Replica {
             addr,
-            client: PodiamClient::new(channel),
+            client: PodiamClient::with_interceptor(channel, Authorize(token)),
             ready: AtomicBool::new(false),
             suspect_until: Mutex::new(None),
         })
     }
 
     /// A client of this replica (cheap: the connection is shared).
-    pub fn client(&self) -> PodiamClient<Channel> {
+    pub fn client(&self) -> Client {
         self.client.clone()
     }
 
@@ -182,6 +189,8 @@ pub struct ServerSet {
     /// What to resolve, each with the name its certificates must carry.
     targets: Vec<(Target, String)>,
     tls: Arc<Rotating<ClientConfig>>,
+    /// The agent's token, put on every call.
+    token: Arc<AgentToken>,
     call_timeout: Duration,
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     next: AtomicUsize,
@@ -227,10 +236,12 @@ impl ServerSet {
         tls: Arc<Rotating<ClientConfig>>,
         call_timeout: Duration,
         failovers: Counter,
+        token: Arc<AgentToken>,
     ) -> ServerSet {
         ServerSet {
             targets,
             tls,
+            token,
             call_timeout,
             replicas: RwLock::new(Arc::new(Vec::new())),
             // Each agent starts its turns at its own replica, so that agents' node streams
@@ -270,7 +281,8 @@ impl ServerSet {
             let replica = TlsConnector::new(addr, &name, Arc::clone(&self.tls))
                 .map_err(|e| e.to_string())
                 .and_then(|connector| {
-                    Replica::new(addr, connector, self.call_timeout).map_err(|e| e.to_string())
+                    Replica::new(addr, connector, self.call_timeout, Arc::clone(&self.token))
+                        .map_err(|e| e.to_string())
                 });
             match replica {
                 Ok(replica) => fresh.push(Arc::new(replica)),
@@ -386,7 +398,7 @@ impl ServerSet {
         call: F,
     ) -> Result<T, UpstreamError>
     where
-        F: Fn(PodiamClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let Some(first) = self.pick_first(prefer) else {
@@ -506,6 +518,7 @@ pub(crate) mod tests {
             Arc::new(tls),
             Duration::from_millis(900),
             Counter::default(),
+            Arc::new(AgentToken::none()),
         );
         (dir, set)
     }

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use podiam_proto::Reason;
 use podiam_proto::v1::{
-    ExplainRequest, ExplainResponse, GetCredentialsRequest, GetCredentialsResponse,
-    GetPodRoleRequest, GetPodRoleResponse, NodeEvent, PodState, WatchNodeRequest, explain_request,
-    node_event,
+    GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
+    NodeEvent, PodState, WatchNodeRequest, node_event,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +68,9 @@ pub struct Upstream {
     node_name: String,
     /// Set when the agent is shutting down: it reports not ready from then on.
     stopping: AtomicBool,
+    /// Set while the servers refuse this agent's identity (its token): it reports not
+    /// ready, since every pod would be refused.
+    refused_identity: AtomicBool,
     /// The replica whose node stream is synced now: calls go there first.
     stream_replica: Mutex<Option<SocketAddr>>,
 }
@@ -79,6 +81,7 @@ impl Upstream {
             servers,
             node_name,
             stopping: AtomicBool::new(false),
+            refused_identity: AtomicBool::new(false),
             stream_replica: Mutex::new(None),
         }
     }
@@ -133,27 +136,17 @@ impl Upstream {
             .await
     }
 
-    /// The server's explanation of what it knows about `ip`.
-    pub async fn explain_ip(&self, ip: IpAddr) -> Result<ExplainResponse, UpstreamError> {
-        let request = ExplainRequest {
-            target: Some(explain_request::Target::Ip(ip.to_string())),
-        };
-        self.servers
-            .call(self.stream_replica(), |mut client| {
-                let request = request.clone();
-                async move { client.explain(request).await }
-            })
-            .await
-    }
-
     /// The node this agent serves.
     pub fn node_name(&self) -> &str {
         &self.node_name
     }
 
-    /// Ready: some server replica is ready, and the agent is not shutting down.
+    /// Ready: some server replica is ready, the servers accept this agent's token, and the
+    /// agent is not shutting down.
     pub fn ready(&self) -> bool {
-        !self.stopping.load(Ordering::Acquire) && self.servers.any_ready()
+        !self.stopping.load(Ordering::Acquire)
+            && !self.refused_identity.load(Ordering::Acquire)
+            && self.servers.any_ready()
     }
 
     /// The agent is shutting down: report not ready from now on.
@@ -199,7 +192,12 @@ impl Upstream {
             };
             let ended = match opened {
                 Ok(response) => {
-                    let synced = || self.set_stream_replica(Some(replica.addr));
+                    let synced = || {
+                        self.set_stream_replica(Some(replica.addr));
+                        if self.refused_identity.swap(false, Ordering::AcqRel) {
+                            tracing::info!("the servers accept this agent's token again");
+                        }
+                    };
                     let ended =
                         follow_stream(response.into_inner(), table, cache, &shutdown, synced).await;
                     self.set_stream_replica(None);
@@ -213,6 +211,15 @@ impl Upstream {
             };
             match &ended {
                 StreamEnded::Shutdown => return,
+                StreamEnded::Synced(why) | StreamEnded::NotOpened(why)
+                    if refuses_identity(why) =>
+                {
+                    // The agent's own fault, not the replica's: every replica would say the
+                    // same. Not ready until a stream opens; said once per spell.
+                    if !self.refused_identity.swap(true, Ordering::AcqRel) {
+                        tracing::error!(replica = %replica.addr, %why, "the server refuses this agent's identity (its projected token, or its node name); not ready");
+                    }
+                }
                 StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
                     // A draining (or not yet synced) replica says so: skip it until its
                     // health says otherwise; any other end makes it suspect.
@@ -242,6 +249,18 @@ impl Upstream {
             retry = (retry * 2).clamp(STREAM_RETRY_MIN, STREAM_RETRY_MAX);
         }
     }
+}
+
+/// Whether the server refused the agent itself rather than failed: its token is missing,
+/// not accepted or not an agent's, or its node name is not the node its token proves.
+fn refuses_identity(why: &UpstreamError) -> bool {
+    matches!(
+        why,
+        UpstreamError::Refused {
+            reason: Reason::AgentUnauthenticated | Reason::OtherNode,
+            ..
+        }
+    )
 }
 
 /// How one node stream ended.

@@ -69,10 +69,17 @@ pub enum Reason {
     StsUnavailable,
     /// The server is not ready (its caches have not synced yet).
     NotReady,
+    /// The address is no pod of the asking agent's node (node binding).
+    OtherNode,
+    /// The asking agent did not prove which node it runs on: no token, a token the API
+    /// does not accept, or one that is not an agent's.
+    AgentUnauthenticated,
+    /// The agent's token could not be checked now (the API's TokenReview is unavailable).
+    IdentityUnavailable,
 }
 
 impl Reason {
-    const ALL: [Reason; 9] = [
+    const ALL: [Reason; 12] = [
         Reason::UnknownPod,
         Reason::AmbiguousPod,
         Reason::NoRole,
@@ -82,6 +89,9 @@ impl Reason {
         Reason::StsRefused,
         Reason::StsUnavailable,
         Reason::NotReady,
+        Reason::OtherNode,
+        Reason::AgentUnauthenticated,
+        Reason::IdentityUnavailable,
     ];
 
     /// The stable name carried on the wire.
@@ -96,6 +106,9 @@ impl Reason {
             Reason::StsRefused => "sts-refused",
             Reason::StsUnavailable => "sts-unavailable",
             Reason::NotReady => "not-ready",
+            Reason::OtherNode => "other-node",
+            Reason::AgentUnauthenticated => "agent-unauthenticated",
+            Reason::IdentityUnavailable => "identity-unavailable",
         }
     }
 
@@ -103,13 +116,19 @@ impl Reason {
     pub fn code(self) -> tonic::Code {
         match self {
             Reason::UnknownPod => tonic::Code::NotFound,
-            Reason::AmbiguousPod | Reason::RoleNotPermitted | Reason::StsRefused => {
+            Reason::AmbiguousPod
+            | Reason::RoleNotPermitted
+            | Reason::StsRefused
+            | Reason::OtherNode => {
                 tonic::Code::PermissionDenied
             }
             Reason::NoRole | Reason::WrongRole | Reason::InvalidRole => {
                 tonic::Code::FailedPrecondition
             }
-            Reason::StsUnavailable | Reason::NotReady => tonic::Code::Unavailable,
+            Reason::StsUnavailable | Reason::NotReady | Reason::IdentityUnavailable => {
+                tonic::Code::Unavailable
+            }
+            Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
         }
     }
 

@@ -9,7 +9,9 @@ use clap::Parser;
 use podiam_proto::telemetry::{LogFormat, parse_duration};
 
 use crate::policy::{valid_base_arn, valid_role_arn};
+use crate::service::BindingMode;
 use crate::session::SessionNaming;
+use podiam_policy::decision::AgentAccount;
 
 /// STS accepts role sessions from 15 minutes…
 const STS_MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -103,6 +105,19 @@ pub struct Config {
     /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
     #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
     pub health_listen: SocketAddr,
+    /// What to do with an agent call whose node its token does not prove (no token, a token
+    /// the API refuses, not an agent's, or a pod on another node): `enforce` refuses it;
+    /// `warn` logs and counts it (podiam_server_node_binding_refusals_total) and answers, for
+    /// migrating a live cluster to agents with tokens.
+    #[arg(long, env = "PODIAM_NODE_BINDING", value_enum, default_value = "enforce")]
+    pub node_binding: BindingMode,
+    /// The ServiceAccount agents run as, NAMESPACE/NAME: only tokens of its pods prove a node.
+    #[arg(long, env = "PODIAM_AGENT_SERVICE_ACCOUNT", default_value = "podiam/podiam-agent")]
+    pub agent_service_account: String,
+    /// The audience of the agents' projected ServiceAccount tokens (the DaemonSet's
+    /// serviceAccountToken volume must ask for the same).
+    #[arg(long, env = "PODIAM_AGENT_TOKEN_AUDIENCE", default_value = "podiam")]
+    pub agent_token_audience: String,
     /// Log format.
     #[arg(long, env = "PODIAM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -137,6 +152,15 @@ impl Config {
         }
         if self.listen == self.health_listen && self.listen.port() != 0 {
             problems.push("--health-listen must differ from --listen".to_string());
+        }
+        if AgentAccount::parse(&self.agent_service_account).is_none() {
+            problems.push(format!(
+                "--agent-service-account {:?} is not NAMESPACE/NAME",
+                self.agent_service_account
+            ));
+        }
+        if self.agent_token_audience.trim().is_empty() {
+            problems.push("--agent-token-audience must not be empty".to_string());
         }
         if let Err(why) = SessionNaming::new(&self.session_name, self.session_tags) {
             problems.push(format!("--session-name {why}"));

@@ -1,12 +1,15 @@
 //! podiam's server: the only part of podiam allowed to call `sts:AssumeRole`.
 //!
 //! - [`config`]: flags and their validation.
-//! - [`watch`]: pods and namespaces from the Kubernetes API into the [`index`]es.
-//! - [`policy`]: role resolution and the namespace's permitted regex (pure functions).
+//! - [`watch`]: pods and namespaces from the Kubernetes API into the view
+//!   ([`podiam_policy::index`]) that the decisions ([`podiam_policy::decision`]) read.
+//! - [`identity`]: agents proven by their projected token (TokenReview), operators
+//!   authorised by SubjectAccessReview; reviews cached and bounded.
 //! - [`preflight`]: start-up checks that need the network (base ARN detection, STS reachable).
 //! - [`session`]: session names and tags per pod.
 //! - [`sts`]: the AssumeRole call and the single-flight credential cache.
-//! - [`service`]: the gRPC service agents call, and its one refusal → status mapping.
+//! - [`service`]: the gRPC service (a thin adapter over the decisions), and its one
+//!   failure → status mapping.
 //! - [`events`]: Kubernetes Events on refused pods, throttled.
 //! - [`metrics`]: Prometheus metrics and `/live`, `/ready` on the health listener.
 //!
@@ -14,14 +17,16 @@
 
 pub mod config;
 pub mod events;
-pub mod index;
+pub mod identity;
 pub mod metrics;
-pub mod policy;
 pub mod preflight;
 pub mod service;
 pub mod session;
 pub mod sts;
 pub mod watch;
+
+/// The decision crate's modules, where the server's code has always found them.
+pub use podiam_policy::{index, policy};
 
 use std::sync::Arc;
 
@@ -97,14 +102,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let cluster = Arc::new(Cluster::default());
     let (events, event_queue) = Events::new(EventLimits::default(), metrics.events.clone());
     let draining = CancellationToken::new();
+    let account = podiam_policy::decision::AgentAccount::parse(&config.agent_service_account)
+        .context("--agent-service-account")?;
+    let identities = Arc::new(identity::Identities::new(
+        Arc::new(identity::KubeReviewer::new(client.clone())),
+        metrics.identity.clone(),
+    ));
+    match config.node_binding {
+        service::BindingMode::Enforce => tracing::info!(
+            agents = %account,
+            audience = %config.agent_token_audience,
+            "node binding enforced: agents answered only about their own node's pods"
+        ),
+        service::BindingMode::Warn => tracing::warn!(
+            agents = %account,
+            audience = %config.agent_token_audience,
+            "node binding in WARN mode: agent calls that prove no node, or ask about another \
+             node's pods, are logged and counted but ANSWERED; use --node-binding enforce \
+             once podiam_server_node_binding_refusals_total stays at 0"
+        ),
+    }
     let service = PodiamService::new(
         Arc::clone(&cluster),
         Arc::clone(&cache),
         ServiceSettings {
             base_arn: config.base_role_arn.clone(),
             sessions,
+            binding: service::Binding {
+                mode: config.node_binding,
+                account,
+                audience: config.agent_token_audience.clone(),
+            },
         },
         Arc::new(events),
+        identities,
     )
     .with_lifecycle(draining.clone(), metrics.node_streams.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::events::EventCounters;
+use crate::identity::IdentityCounters;
 use crate::sts::StsCallCounters;
 use crate::watch::Cluster;
 
@@ -51,6 +52,8 @@ pub struct Metrics {
     pub tls_refused: Counter,
     /// When the server's certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
+    /// TokenReviews and node-binding refusals.
+    pub identity: IdentityCounters,
     registry: Registry,
 }
 
@@ -93,7 +96,21 @@ impl Metrics {
         let relists = Family::<ResourceLabels, Counter>::default();
         let tls_refused = Counter::default();
         let tls_expiry = Gauge::default();
+        let identity = IdentityCounters::new();
         let mut registry = Registry::with_prefix("podiam_server");
+        registry.register(
+            "token_reviews",
+            "TokenReviews asked of the Kubernetes API (agents' tokens and operators'), by \
+             result: authenticated, unauthenticated, error (the API did not answer)",
+            identity.token_reviews.clone(),
+        );
+        registry.register(
+            "node_binding_refusals",
+            "Agent calls refused by node binding (with --node-binding warn: only counted), \
+             by reason: other-node, no-token, bad-token, not-agent, no-certificate, \
+             review-unavailable",
+            identity.binding_refusals.clone(),
+        );
         registry.register(
             "node_streams",
             "Agents' node streams (WatchNode) open on this replica",
@@ -141,6 +158,7 @@ impl Metrics {
             relists,
             tls_refused,
             tls_expiry,
+            identity,
             registry,
         }
     }

@@ -1,23 +1,30 @@
-//! The gRPC service: find the pod behind an IP, decide its role, hand out credentials.
+//! The gRPC service: a thin adapter between the wire and the decisions.
 //!
-//! [`Refusal`] lists every way a request is refused, and [`Refusal::status`] is the one place
-//! that turns a refusal into a gRPC status (with its [`Reason`] for the agent). Refusals are
-//! the pods' business, logged at debug; credentials issued get one audit line each, never the
-//! secret.
+//! Each call first learns who calls ([`crate::identity`]): an agent proven by its token, or
+//! an operator authorised by a SubjectAccessReview. The decisions themselves are
+//! [`podiam_policy::decision`]'s, over the view the watches keep. [`Failure`] lists every way
+//! a call fails, and [`Failure::status`] is the one place that turns one into a gRPC status
+//! (with its [`Reason`] for the agent). Refusals are the pods' business, logged at debug;
+//! node-binding refusals are logged as warnings with the caller's proven node, agent pod
+//! and peer address; credentials issued get one audit line each, never the secret.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use podiam_policy::decision::{
+    AgentAccount, BindingRefusal, Decision, ExplainTarget, ProvenAgent, Refusal, ReviewedUser,
+    Scope, View, bind_agent, pod_ref,
+};
+use podiam_policy::index::PodRecord;
+use podiam_policy::policy::Role;
 use podiam_proto::Reason;
 use podiam_proto::v1::{
-    AgentStatus, ExplainRequest, ExplainResponse, StatusRequest, StatusResponse, explain_request,
-};
-use podiam_proto::v1::{
-    Credentials, GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest,
-    GetPodRoleResponse, HealthRequest, HealthResponse, NodeEvent, PodRef, PodState,
-    WatchNodeRequest, node_event, podiam_server::Podiam,
+    AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
+    GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest,
+    HealthResponse, NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request,
+    node_event, podiam_server::Podiam,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -26,74 +33,168 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::events::{Events, Notice};
-use crate::index::{Lookup, PodRecord};
-use crate::policy::{self, Permitted, Role, Verdict};
+use crate::identity::{Access, Identities, Review, bearer};
 use crate::session::SessionNaming;
 use crate::sts::{CacheKey, CredentialCache, KeyHealth, StsError};
 use crate::watch::Cluster;
 
-/// Every way a request is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    #[error("{0:?} is not an IP address")]
-    BadIp(String),
-    #[error("server not ready: the pod and namespace caches have not synced yet")]
-    NotReady,
-    #[error("no pod known with IP {0}")]
-    UnknownPod(String),
-    #[error(
-        "pod {0} is not a live pod with an IP (not found, not yet scheduled, finished, or on the host network)"
-    )]
-    NotLive(String),
-    #[error("IP {ip} is claimed by several live pods ({}); refusing all", pods.join(", "))]
-    AmbiguousPod { ip: String, pods: Vec<String> },
-    #[error("pod {0} has no {role} annotation", role = policy::ROLE_ANNOTATION)]
-    NoRole(String),
-    #[error("pod {pod}: {error}")]
-    InvalidRole {
-        pod: String,
-        error: policy::RoleError,
-    },
-    #[error("role {role} is not permitted in namespace {namespace}: {why}")]
-    NotPermitted {
-        role: String,
-        namespace: String,
-        why: String,
-    },
-    #[error("pod {pod} has role {actual}, not {asked}")]
-    WrongRole {
-        pod: String,
-        asked: String,
-        actual: String,
-    },
-    #[error("{0}")]
-    Sts(#[from] StsError),
+/// What node binding does with an agent call it cannot prove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BindingMode {
+    /// Refuse it (the default).
+    Enforce,
+    /// Log and count it, and answer as if it were proven (for migrating a live cluster:
+    /// roll out agents with tokens, watch the refusals metric fall to zero, then enforce).
+    Warn,
 }
 
-impl Refusal {
-    /// The one mapping from refusals to gRPC statuses.
-    pub fn status(&self) -> Status {
-        let reason = match self {
-            Refusal::BadIp(_) => return Status::invalid_argument(self.to_string()),
-            Refusal::NotReady => Reason::NotReady,
-            Refusal::UnknownPod(_) | Refusal::NotLive(_) => Reason::UnknownPod,
-            Refusal::AmbiguousPod { .. } => Reason::AmbiguousPod,
-            Refusal::NoRole(_) => Reason::NoRole,
-            Refusal::InvalidRole { .. } => Reason::InvalidRole,
-            Refusal::NotPermitted { .. } => Reason::RoleNotPermitted,
-            Refusal::WrongRole { .. } => Reason::WrongRole,
-            Refusal::Sts(StsError::Refused { .. }) => Reason::StsRefused,
-            Refusal::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
-        };
-        reason.status(self.to_string())
+/// How agents prove their node.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub mode: BindingMode,
+    /// The ServiceAccount agents run as.
+    pub account: AgentAccount,
+    /// The audience of agents' projected tokens.
+    pub audience: String,
+}
+
+/// Every way a call fails.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Sts(#[from] StsError),
+    #[error("{0}")]
+    Binding(BindingFailure),
+    #[error("{0}")]
+    Operator(OperatorFailure),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Why an agent call proves no node.
+#[derive(Debug, thiserror::Error)]
+pub enum BindingFailure {
+    #[error("agent calls need the podiam CA's client certificate")]
+    NoCertificate,
+    #[error("agent calls need the agent's projected service account token (authorization metadata)")]
+    NoToken,
+    #[error("the agent's token is not accepted: {0}")]
+    BadToken(String),
+    #[error("the token proves no agent: {0}")]
+    NotAgent(BindingRefusal),
+    #[error("the agent's token cannot be checked now: {0}")]
+    Unavailable(String),
+    #[error("this agent runs on node {proven}; it may not follow node {asked:?}")]
+    OtherNodeStream { proven: String, asked: String },
+    #[error("the agent's pod {0} is gone")]
+    AgentGone(String),
+}
+
+impl BindingFailure {
+    /// The metric label.
+    fn label(&self) -> &'static str {
+        match self {
+            BindingFailure::NoCertificate => "no-certificate",
+            BindingFailure::NoToken => "no-token",
+            BindingFailure::BadToken(_) => "bad-token",
+            BindingFailure::NotAgent(_) | BindingFailure::AgentGone(_) => "not-agent",
+            BindingFailure::Unavailable(_) => "review-unavailable",
+            BindingFailure::OtherNodeStream { .. } => "other-node",
+        }
     }
 }
 
-/// A pod and the role it may have.
-#[derive(Debug)]
-struct Decision {
-    pod: Arc<PodRecord>,
-    role: Role,
+/// Why an operator call is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorFailure {
+    #[error(
+        "explain and status need your Kubernetes credentials: a bearer token (kubeconfig token, tokenFile or exec plugin)"
+    )]
+    NoToken,
+    #[error("the Kubernetes API does not accept your token: {0}")]
+    BadToken(String),
+    #[error("agent tokens may not call explain or status")]
+    AgentToken,
+    #[error("{user:?} may not {access}, which this needs (give it the podiam-operator ClusterRole){}", why_suffix(.why))]
+    Forbidden {
+        user: String,
+        access: Access,
+        why: String,
+    },
+    #[error("your permissions cannot be checked now: {0}")]
+    Unavailable(String),
+}
+
+fn why_suffix(why: &str) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(": {why}")
+    }
+}
+
+impl Failure {
+    /// The one mapping from failures to gRPC statuses.
+    pub fn status(&self) -> Status {
+        let message = self.to_string();
+        let reason = match self {
+            Failure::BadRequest(_) | Failure::Refused(Refusal::BadIp(_)) => {
+                return Status::invalid_argument(message);
+            }
+            Failure::Refused(refusal) => refusal.reason().unwrap_or(Reason::UnknownPod),
+            Failure::Sts(StsError::Refused { .. }) => Reason::StsRefused,
+            Failure::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
+            Failure::Binding(BindingFailure::Unavailable(_)) => Reason::IdentityUnavailable,
+            Failure::Binding(BindingFailure::OtherNodeStream { .. }) => Reason::OtherNode,
+            Failure::Binding(_) => Reason::AgentUnauthenticated,
+            Failure::Operator(failure) => {
+                return match failure {
+                    OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
+                        Status::unauthenticated(message)
+                    }
+                    OperatorFailure::AgentToken | OperatorFailure::Forbidden { .. } => {
+                        Status::permission_denied(message)
+                    }
+                    OperatorFailure::Unavailable(_) => Status::unavailable(message),
+                };
+            }
+        };
+        reason.status(message)
+    }
+}
+
+/// Who an agent call comes from.
+#[derive(Clone, Debug)]
+enum Caller {
+    /// Proven by its token.
+    Agent(ProvenAgent),
+    /// Not proven, answered anyway (`--node-binding warn`).
+    Unproven,
+}
+
+impl Caller {
+    fn scope(&self) -> Scope<'_> {
+        match self {
+            Caller::Agent(agent) => Scope::Node(&agent.node),
+            Caller::Unproven => Scope::Cluster,
+        }
+    }
+
+    fn node(&self) -> &str {
+        match self {
+            Caller::Agent(agent) => &agent.node,
+            Caller::Unproven => "",
+        }
+    }
+
+    fn pod(&self) -> &str {
+        match self {
+            Caller::Agent(agent) => &agent.pod,
+            Caller::Unproven => "",
+        }
+    }
 }
 
 /// Settings the service needs besides the cluster view and the cache.
@@ -101,6 +202,7 @@ struct Decision {
 pub struct ServiceSettings {
     pub base_arn: Option<String>,
     pub sessions: SessionNaming,
+    pub binding: Binding,
 }
 
 /// The podiam gRPC service.
@@ -110,6 +212,7 @@ pub struct PodiamService {
     cache: Arc<CredentialCache>,
     settings: ServiceSettings,
     events: Arc<Events>,
+    identities: Arc<Identities>,
     /// Cancelled when the replica starts shutting down: Health says draining and node
     /// streams end, so agents move elsewhere.
     draining: CancellationToken,
@@ -126,6 +229,9 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 /// heartbeats as a hung replica, so a stopped or frozen replica is left within a few seconds.
 pub const NODE_STREAM_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Longest agent version kept for the status view; longer ones are cut.
+const MAX_AGENT_VERSION: usize = 64;
+
 /// What credential upkeep learns from one pass over every live pod.
 #[derive(Debug, Default)]
 pub struct Survey {
@@ -135,18 +241,35 @@ pub struct Survey {
     pub duplicate_ip_pods: usize,
 }
 
+/// Whether `name` is a valid Kubernetes node name (a DNS-1123 subdomain).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 impl PodiamService {
     pub fn new(
         cluster: Arc<Cluster>,
         cache: Arc<CredentialCache>,
         settings: ServiceSettings,
         events: Arc<Events>,
+        identities: Arc<Identities>,
     ) -> Self {
         PodiamService {
             cluster,
             cache,
             settings,
             events,
+            identities,
             draining: CancellationToken::new(),
             node_streams: Gauge::default(),
             agents: Arc::default(),
@@ -161,76 +284,125 @@ impl PodiamService {
         self
     }
 
-    /// The pod behind `ip` and its permitted role.
-    fn decide(&self, ip: &str) -> Result<Decision, Refusal> {
-        let ip = ip
-            .parse::<IpAddr>()
-            .map_err(|_| Refusal::BadIp(ip.to_string()))?
-            .to_string();
-        if !self.cluster.synced() {
-            return Err(Refusal::NotReady);
-        }
-        let lookup = self.cluster.pods().lookup(&ip);
-        match lookup {
-            Lookup::Found(pod) => self.decide_pod(pod),
-            Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
-            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod { ip, pods }),
+    /// Runs `f` over the current view of the cluster.
+    fn with_view<R>(&self, f: impl FnOnce(View<'_>) -> R) -> R {
+        let pods = self.cluster.pods();
+        let namespaces = self.cluster.namespaces();
+        f(View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: self.cluster.synced(),
+            base_arn: self.settings.base_arn.as_deref(),
+        })
+    }
+
+    /// Who an agent call comes from: its client certificate, then its token, then the pod
+    /// the token is bound to in this server's view. With `--node-binding warn`, a call that
+    /// proves nothing is logged, counted and answered.
+    async fn agent<T>(&self, request: &Request<T>, call: &'static str) -> Result<Caller, Status> {
+        let peer = request.remote_addr();
+        // The TLS layer checked any certificate presented; agent calls must present one.
+        let certified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        let proven = if certified {
+            self.prove(request.metadata()).await
+        } else {
+            Err(BindingFailure::NoCertificate)
+        };
+        match proven {
+            Ok(agent) => Ok(Caller::Agent(agent)),
+            Err(failure) => {
+                self.identities.counters().refused(failure.label());
+                let warn_only = self.settings.binding.mode == BindingMode::Warn
+                    && !matches!(failure, BindingFailure::NoCertificate);
+                tracing::warn!(
+                    call,
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    why = %failure,
+                    answered = warn_only,
+                    "agent call not proven by node binding"
+                );
+                if warn_only {
+                    Ok(Caller::Unproven)
+                } else {
+                    Err(Failure::Binding(failure).status())
+                }
+            }
         }
     }
 
-    /// The role `pod` may have (its IP already resolved to it alone).
-    fn decide_pod(&self, pod: Arc<PodRecord>) -> Result<Decision, Refusal> {
-        let pod_name = format!("{}/{}", pod.namespace, pod.name);
-        let annotation = pod
-            .role
-            .as_deref()
-            .ok_or_else(|| Refusal::NoRole(pod_name.clone()))?;
-        let role = policy::resolve_role(annotation, self.settings.base_arn.as_deref()).map_err(
-            |error| Refusal::InvalidRole {
-                pod: pod_name,
-                error,
-            },
-        )?;
-        let rule = self.cluster.namespaces().rule(&pod.namespace);
-        let why = match policy::check(&rule, &role) {
-            Verdict::Permitted => return Ok(Decision { pod, role }),
-            Verdict::NothingPermitted => {
-                format!(
-                    "the namespace has no {} annotation",
-                    policy::PERMITTED_ANNOTATION
-                )
-            }
-            Verdict::InvalidRegex { source, error } => {
-                format!("its permitted regex {source:?} is invalid ({error})")
-            }
-            Verdict::NotMatched { source } => format!("it does not match {source:?}"),
+    /// The agent the request's token proves.
+    async fn prove(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<ProvenAgent, BindingFailure> {
+        let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
+        let audiences = [self.settings.binding.audience.clone()];
+        let user = match self.identities.review(token, &audiences).await {
+            Ok(Review::Authenticated(user)) => user,
+            Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
+            Err(error) => return Err(BindingFailure::Unavailable(error.0)),
         };
-        Err(Refusal::NotPermitted {
-            role: role.arn,
-            namespace: pod.namespace.clone(),
-            why,
-        })
+        let pods = self.cluster.pods();
+        bind_agent(&pods, &self.settings.binding.account, &user).map_err(BindingFailure::NotAgent)
+    }
+
+    /// The decision for `ip` as `caller` may have it. A pod on another node is refused (and
+    /// counted and logged with the caller's proven identity); with `--node-binding warn` it
+    /// is counted and logged, then answered.
+    fn decide(
+        &self,
+        ip: IpAddr,
+        caller: &Caller,
+        peer: Option<SocketAddr>,
+        call: &'static str,
+    ) -> Result<Decision, Refusal> {
+        let decided = self.with_view(|view| view.decide(ip, caller.scope()));
+        match decided {
+            Err(refusal @ Refusal::OtherNode { .. }) => {
+                self.identities.counters().refused("other-node");
+                let warn_only = self.settings.binding.mode == BindingMode::Warn;
+                tracing::warn!(
+                    call,
+                    %ip,
+                    agent_node = %caller.node(),
+                    agent_pod = %caller.pod(),
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    answered = warn_only,
+                    "agent asked about a pod on another node"
+                );
+                if warn_only {
+                    self.with_view(|view| view.decide(ip, Scope::Cluster))
+                } else {
+                    Err(refusal)
+                }
+            }
+            other => other,
+        }
     }
 
     async fn credentials(
         &self,
+        caller: &Caller,
+        peer: Option<SocketAddr>,
         request: GetCredentialsRequest,
-    ) -> Result<GetCredentialsResponse, Refusal> {
-        let Decision { pod, role } = self.decide(&request.ip)?;
+    ) -> Result<GetCredentialsResponse, Failure> {
+        let ip = parse_ip(&request.ip)?;
+        let Decision { pod, role } = self.decide(ip, caller, peer, "GetCredentials")?;
         if request.role_name != role.name {
             return Err(Refusal::WrongRole {
                 pod: format!("{}/{}", pod.namespace, pod.name),
                 asked: request.role_name,
                 actual: role.name,
-            });
+            }
+            .into());
         }
         let key = self.cache_key(&pod, &role);
         let issued = match self.cache.get(key.clone()).await {
             Ok(issued) => issued,
             Err(error) => {
-                let refusal = Refusal::Sts(error);
-                self.events.report(notice(&pod, &refusal));
-                return Err(refusal);
+                let failure = Failure::Sts(error);
+                self.events.report(notice(&pod, &failure));
+                return Err(failure);
             }
         };
         tracing::info!(
@@ -241,7 +413,9 @@ impl PodiamService {
             session = %key.session_name,
             access_key_id = %issued.access_key_id,
             expiration = issued.expiration_unix,
-            node = %request.node_name,
+            agent_node = %caller.node(),
+            agent_pod = %caller.pod(),
+            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
             "credentials issued"
         );
         Ok(GetCredentialsResponse {
@@ -256,121 +430,74 @@ impl PodiamService {
             }),
         })
     }
-}
 
-impl PodiamService {
-    /// The decision for a live pod as a request from its IP would get it: refused when
-    /// another live pod claims the same IP.
-    fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
-        let ip = pod.ip.clone().unwrap_or_default();
-        let lookup = self.cluster.pods().lookup(&ip);
-        match lookup {
-            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod { ip, pods }),
-            _ => self.decide_pod(Arc::clone(pod)),
+    /// The user an operator call comes from, if the API accepts their token and they may
+    /// do `access`.
+    async fn operator(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<ReviewedUser, OperatorFailure> {
+        let token = bearer(metadata).ok_or(OperatorFailure::NoToken)?;
+        // No audience: the API server's own, which users' credentials are for. Agents'
+        // tokens are for another audience and are not accepted here.
+        let user = match self.identities.review(token, &[]).await {
+            Ok(Review::Authenticated(user)) => user,
+            Ok(Review::Unauthenticated(why)) => return Err(OperatorFailure::BadToken(why)),
+            Err(error) => return Err(OperatorFailure::Unavailable(error.0)),
+        };
+        if user.username == self.settings.binding.account.username() {
+            return Err(OperatorFailure::AgentToken);
+        }
+        Ok(user)
+    }
+
+    async fn authorize(&self, user: &ReviewedUser, access: Access) -> Result<(), OperatorFailure> {
+        match self.identities.may(user, &access).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(OperatorFailure::Forbidden {
+                user: user.username.clone(),
+                access,
+                why,
+            }),
+            Err(error) => Err(OperatorFailure::Unavailable(error.0)),
         }
     }
 
-    /// The state the agent on `pod`'s node needs: its decision, or why it is refused.
-    fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
-        let ip = pod.ip.clone().unwrap_or_default();
-        let decision = self.decide_live(pod);
-        let mut state = PodState {
-            pod: Some(pod_ref(pod)),
-            ip,
-            ..PodState::default()
+    /// Explains the decision for an IP or a named pod, for an operator who may see it: `get
+    /// pods` in the pod's namespace, or `list pods` cluster-wide when no single pod is
+    /// concerned.
+    async fn explain_for(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: ExplainRequest,
+    ) -> Result<ExplainResponse, Failure> {
+        let user = self.operator(metadata).await.map_err(Failure::Operator)?;
+        let target = match request.target {
+            Some(explain_request::Target::Ip(ip)) => ExplainTarget::Ip(parse_ip(&ip)?),
+            Some(explain_request::Target::Pod(pod)) => ExplainTarget::Pod {
+                namespace: pod.namespace,
+                name: pod.name,
+            },
+            None => return Err(Failure::BadRequest("explain needs an ip or a pod".into())),
         };
-        match decision {
-            Ok(Decision { role, .. }) => {
-                state.role_name = role.name;
-                state.role_arn = role.arn;
-            }
-            Err(refusal) => {
-                let status = refusal.status();
-                state.refusal_reason = Reason::of(&status)
-                    .map(|r| r.as_str().to_string())
-                    .unwrap_or_default();
-                state.refusal_message = status.message().to_string();
-            }
-        }
-        state
-    }
-
-    /// Explains the decision for an IP or a named pod. A replica that has not synced yet
-    /// says so rather than call every pod unknown.
-    pub fn explain(&self, request: ExplainRequest) -> Result<ExplainResponse, Status> {
-        if !self.cluster.synced() {
-            return Err(Refusal::NotReady.status());
-        }
-        let mut answer = ExplainResponse::default();
-        let pod = match request.target {
-            Some(explain_request::Target::Ip(ip)) => {
-                let parsed = ip
-                    .parse::<IpAddr>()
-                    .map_err(|_| Refusal::BadIp(ip.clone()).status())?
-                    .to_string();
-                answer.ip = parsed.clone();
-                let lookup = self.cluster.pods().lookup(&parsed);
-                match lookup {
-                    Lookup::Found(pod) => pod,
-                    Lookup::Unknown => {
-                        return Ok(refused(answer, &Refusal::UnknownPod(parsed)));
-                    }
-                    Lookup::Ambiguous(pods) => {
-                        answer.pods = pods
-                            .iter()
-                            .map(|p| {
-                                let (namespace, name) = p.split_once('/').unwrap_or(("", p));
-                                PodRef {
-                                    namespace: namespace.into(),
-                                    name: name.into(),
-                                    uid: String::new(),
-                                }
-                            })
-                            .collect();
-                        return Ok(refused(answer, &Refusal::AmbiguousPod { ip: parsed, pods }));
-                    }
-                }
-            }
-            Some(explain_request::Target::Pod(target)) => {
-                let found = self.cluster.pods().by_name(&target.namespace, &target.name);
-                match found {
-                    Some(pod) => pod,
-                    None => {
-                        let name = format!("{}/{}", target.namespace, target.name);
-                        answer.namespace = target.namespace;
-                        return Ok(refused(answer, &Refusal::NotLive(name)));
-                    }
-                }
-            }
-            None => return Err(Status::invalid_argument("explain needs an ip or a pod")),
+        let access = match &target {
+            ExplainTarget::Pod { namespace, name } => Access {
+                verb: "get",
+                resource: "pods",
+                namespace: Some(namespace.clone()),
+                name: Some(name.clone()),
+            },
+            ExplainTarget::Ip(_) => Access {
+                verb: "list",
+                resource: "pods",
+                namespace: None,
+                name: None,
+            },
         };
-        answer.pods = vec![pod_ref(&pod)];
-        answer.node_name = pod.node_name.clone().unwrap_or_default();
-        answer.ip = pod.ip.clone().unwrap_or_default();
-        answer.namespace = pod.namespace.clone();
-        answer.role_annotation = pod.role.clone().unwrap_or_default();
-        answer.permitted_regex = match &*self.cluster.namespaces().rule(&pod.namespace) {
-            Permitted::Nothing => String::new(),
-            Permitted::Invalid { source, .. } | Permitted::Regex { source, .. } => source.clone(),
-        };
-        // A named pod whose IP another live pod claims is refused like its IP would be.
-        if let Lookup::Ambiguous(pods) = self.cluster.pods().lookup(&answer.ip) {
-            let ip = answer.ip.clone();
-            return Ok(refused(answer, &Refusal::AmbiguousPod { ip, pods }));
-        }
-        match self.decide_pod(pod) {
-            Ok(Decision { role, .. }) => {
-                answer.role_arn = role.arn;
-                answer.allowed = true;
-                Ok(answer)
-            }
-            Err(refusal) => {
-                if let Refusal::NotPermitted { role, .. } = &refusal {
-                    answer.role_arn = role.clone();
-                }
-                Ok(refused(answer, &refusal))
-            }
-        }
+        self.authorize(&user, access)
+            .await
+            .map_err(Failure::Operator)?;
+        Ok(self.with_view(|view| view.explain(&target))?)
     }
 
     /// One pass over every live pod: the credential keys permitted pods need (for prefetch
@@ -378,32 +505,33 @@ impl PodiamService {
     /// role not permitted or invalid, an IP shared with another pod, STS refusing or failing
     /// its role. Pods without a role annotation are not refused in any way worth telling.
     pub fn survey(&self) -> Survey {
-        let pods = self.cluster.pods().on_node("");
         let mut survey = Survey::default();
         let mut notices = Vec::new();
         let mut permitted = Vec::new();
-        for pod in pods {
-            match self.decide_live(&pod) {
-                Ok(Decision { pod, role }) => {
-                    let key = self.cache_key(&pod, &role);
-                    survey.needed.insert(key.clone());
-                    permitted.push((pod, key));
-                }
-                Err(refusal) => {
-                    if matches!(refusal, Refusal::AmbiguousPod { .. }) {
-                        survey.duplicate_ip_pods += 1;
+        self.with_view(|view| {
+            for pod in view.pods.on_node("") {
+                match view.decide_live(&pod) {
+                    Ok(Decision { pod, role }) => {
+                        let key = self.cache_key(&pod, &role);
+                        survey.needed.insert(key.clone());
+                        permitted.push((pod, key));
                     }
-                    if matches!(
-                        refusal,
-                        Refusal::AmbiguousPod { .. }
-                            | Refusal::NotPermitted { .. }
-                            | Refusal::InvalidRole { .. }
-                    ) {
-                        notices.push(notice(&pod, &refusal));
+                    Err(refusal) => {
+                        if matches!(refusal, Refusal::AmbiguousPod { .. }) {
+                            survey.duplicate_ip_pods += 1;
+                        }
+                        if matches!(
+                            refusal,
+                            Refusal::AmbiguousPod { .. }
+                                | Refusal::NotPermitted { .. }
+                                | Refusal::InvalidRole { .. }
+                        ) {
+                            notices.push(notice(&pod, &Failure::Refused(refusal)));
+                        }
                     }
                 }
             }
-        }
+        });
         // A key being fetched right now keeps its pods' memory of what they were told.
         let mut busy = HashSet::new();
         let mut failing = HashMap::new();
@@ -414,14 +542,14 @@ impl PodiamService {
                     busy.insert(key);
                 }
                 KeyHealth::Failing(error) => {
-                    failing.insert(key, Refusal::Sts(error));
+                    failing.insert(key, Failure::Sts(error));
                 }
             }
         }
         let mut keep: HashSet<&str> = HashSet::new();
         for (pod, key) in &permitted {
-            if let Some(refusal) = failing.get(key) {
-                notices.push(notice(pod, refusal));
+            if let Some(failure) = failing.get(key) {
+                notices.push(notice(pod, failure));
             } else if busy.contains(key) {
                 keep.insert(&pod.uid);
             }
@@ -439,11 +567,21 @@ impl PodiamService {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the proven agent's pod still runs on its node in this server's view.
+    fn still_there(&self, agent: &ProvenAgent) -> bool {
+        self.cluster
+            .pods()
+            .by_uid(&agent.pod_uid)
+            .is_some_and(|pod| pod.node_name.as_deref() == Some(agent.node.as_str()))
+    }
+
     /// Streams `node`'s pod states into `tx`: a snapshot once the caches have synced, then
-    /// every change, with a heartbeat when nothing changes.
+    /// every change, with a heartbeat when nothing changes. A proven agent's stream ends
+    /// once its pod is gone from the view.
     async fn follow_node(
         &self,
         node: &str,
+        agent: Option<&ProvenAgent>,
         tx: &mpsc::Sender<Result<NodeEvent, Status>>,
     ) -> StreamEnd {
         let mut changes = self.cluster.subscribe();
@@ -462,6 +600,9 @@ impl PodiamService {
         };
         loop {
             changes.mark_unchanged();
+            if agent.is_some_and(|agent| !self.still_there(agent)) {
+                return StreamEnd::AgentUnbound;
+            }
             match self.send_changes(node, tx, &sent).await {
                 Ok(now_sent) => sent = now_sent,
                 Err(_) => return StreamEnd::AgentGone,
@@ -517,7 +658,7 @@ impl PodiamService {
         let pods = self.cluster.pods().on_node(node);
         let mut now_sent = HashMap::with_capacity(pods.len());
         for pod in pods {
-            let state = self.pod_state(&pod);
+            let state = self.with_view(|view| view.pod_state(&pod));
             let digest = digest(&state);
             if sent.get(&pod.uid) != Some(&digest) {
                 tx.send(Ok(NodeEvent {
@@ -537,9 +678,15 @@ impl PodiamService {
     }
 }
 
+/// Parses the IP of a request.
+fn parse_ip(ip: &str) -> Result<IpAddr, Refusal> {
+    ip.parse::<IpAddr>()
+        .map_err(|_| Refusal::BadIp(ip.chars().take(64).collect()))
+}
+
 /// A digest of a pod state: what a node stream remembers of each state it sent (a whole
 /// copy per pod per stream would cost tens of MiB at 100k pods).
-fn digest(state: &PodState) -> u64 {
+fn digest(state: &podiam_proto::v1::PodState) -> u64 {
     use prost::Message;
     use std::hash::Hasher;
     // 64 bits of SipHash over the encoded state: a collision (a change not sent) is as
@@ -554,6 +701,8 @@ fn digest(state: &PodState) -> u64 {
 enum StreamEnd {
     /// The agent closed it (or its connection died).
     AgentGone,
+    /// The proven agent's pod left this server's view (deleted, finished, moved).
+    AgentUnbound,
     /// This replica is shutting down; the agent is told so.
     Draining,
 }
@@ -561,20 +710,9 @@ enum StreamEnd {
 /// How many node events may wait for a slow agent before the stream's task waits too.
 const NODE_STREAM_BUFFER: usize = 256;
 
-/// An explanation that ends in a refusal.
-fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
-    let status = refusal.status();
-    answer.allowed = false;
-    answer.reason = Reason::of(&status)
-        .map(|r| r.as_str().to_string())
-        .unwrap_or_default();
-    answer.message = status.message().to_string();
-    answer
-}
-
 /// The Event to tell about a refused pod.
-fn notice(pod: &PodRecord, refusal: &Refusal) -> Notice {
-    let status = refusal.status();
+fn notice(pod: &PodRecord, failure: &Failure) -> Notice {
+    let status = failure.status();
     Notice {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
@@ -584,20 +722,12 @@ fn notice(pod: &PodRecord, refusal: &Refusal) -> Notice {
     }
 }
 
-fn pod_ref(pod: &PodRecord) -> PodRef {
-    PodRef {
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        uid: pod.uid.clone(),
+fn refuse(failure: Failure) -> Status {
+    match &failure {
+        Failure::Sts(StsError::Unavailable(_)) => tracing::warn!(%failure, "refused"),
+        _ => tracing::debug!(%failure, "refused"),
     }
-}
-
-fn refuse(refusal: Refusal) -> Status {
-    match &refusal {
-        Refusal::Sts(StsError::Unavailable(_)) => tracing::warn!(%refusal, "refused"),
-        _ => tracing::debug!(%refusal, "refused"),
-    }
-    refusal.status()
+    failure.status()
 }
 
 #[tonic::async_trait]
@@ -606,8 +736,13 @@ impl Podiam for PodiamService {
         &self,
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<GetPodRoleResponse>, Status> {
+        let caller = self.agent(&request, "GetPodRole").await?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
-        let Decision { pod, role } = self.decide(&request.ip).map_err(refuse)?;
+        let ip = parse_ip(&request.ip).map_err(|r| refuse(r.into()))?;
+        let Decision { pod, role } = self
+            .decide(ip, &caller, peer, "GetPodRole")
+            .map_err(|r| refuse(r.into()))?;
         Ok(Response::new(GetPodRoleResponse {
             pod: Some(pod_ref(&pod)),
             role_name: role.name,
@@ -619,7 +754,9 @@ impl Podiam for PodiamService {
         &self,
         request: Request<GetCredentialsRequest>,
     ) -> Result<Response<GetCredentialsResponse>, Status> {
-        self.credentials(request.into_inner())
+        let caller = self.agent(&request, "GetCredentials").await?;
+        let peer = request.remote_addr();
+        self.credentials(&caller, peer, request.into_inner())
             .await
             .map(Response::new)
             .map_err(refuse)
@@ -634,31 +771,76 @@ impl Podiam for PodiamService {
         if self.draining.is_cancelled() {
             return Err(Reason::NotReady.status("server shutting down"));
         }
+        let caller = self.agent(&request, "WatchNode").await?;
+        let peer = request.remote_addr();
         let request = request.into_inner();
-        let node = request.node_name;
+        if !request.node_name.is_empty() && !valid_node_name(&request.node_name) {
+            return Err(Status::invalid_argument(
+                "node_name is not a Kubernetes node name",
+            ));
+        }
+        let mut agent_version = request.agent_version;
+        agent_version.truncate(
+            agent_version
+                .char_indices()
+                .nth(MAX_AGENT_VERSION)
+                .map_or(agent_version.len(), |(i, _)| i),
+        );
+        let (node, agent) = match caller {
+            Caller::Agent(agent) if agent.node == request.node_name => (agent.node.clone(), Some(agent)),
+            Caller::Agent(agent) => {
+                let failure = BindingFailure::OtherNodeStream {
+                    proven: agent.node.clone(),
+                    asked: request.node_name.clone(),
+                };
+                self.identities.counters().refused(failure.label());
+                tracing::warn!(
+                    agent_node = %agent.node,
+                    agent_pod = %agent.pod,
+                    asked = %request.node_name,
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    answered = self.settings.binding.mode == BindingMode::Warn,
+                    "agent asked for another node's stream"
+                );
+                if self.settings.binding.mode == BindingMode::Enforce {
+                    return Err(Failure::Binding(failure).status());
+                }
+                (request.node_name.clone(), None)
+            }
+            Caller::Unproven => (request.node_name.clone(), None),
+        };
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
         // The service's parts are shared handles. The task ends when the stream closes (the
-        // agent went away) or the replica starts draining.
+        // agent went away), the agent's pod goes, or the replica starts draining.
         let service = self.clone();
         tokio::spawn(async move {
             service.node_streams.inc();
             let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+            let agent_pod = agent.as_ref().map(|a| a.pod.clone()).unwrap_or_default();
             service.agents().insert(
                 id,
                 AgentStatus {
                     node_name: node.clone(),
-                    agent_version: request.agent_version.clone(),
+                    agent_version: agent_version.clone(),
                     connected_unix: unix_now(),
+                    agent_pod: agent_pod.clone(),
                 },
             );
-            tracing::info!(node = %node, agent_version = %request.agent_version, "agent's node stream opened");
-            let ended = service.follow_node(&node, &tx).await;
+            tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
+            let ended = service.follow_node(&node, agent.as_ref(), &tx).await;
             service.agents().remove(&id);
             service.node_streams.dec();
-            if ended == StreamEnd::Draining {
-                let _ = tx
-                    .send(Err(Reason::NotReady.status("server shutting down")))
-                    .await;
+            match ended {
+                StreamEnd::Draining => {
+                    let _ = tx
+                        .send(Err(Reason::NotReady.status("server shutting down")))
+                        .await;
+                }
+                StreamEnd::AgentUnbound => {
+                    let failure = Failure::Binding(BindingFailure::AgentGone(agent_pod.clone()));
+                    let _ = tx.send(Err(failure.status())).await;
+                }
+                StreamEnd::AgentGone => {}
             }
             tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
         });
@@ -669,10 +851,30 @@ impl Podiam for PodiamService {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
-        PodiamService::explain(self, request.into_inner()).map(Response::new)
+        let (metadata, _, request) = request.into_parts();
+        self.explain_for(&metadata, request)
+            .await
+            .map(Response::new)
+            .map_err(refuse)
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let user = self
+            .operator(request.metadata())
+            .await
+            .map_err(|f| refuse(Failure::Operator(f)))?;
+        let access = Access {
+            verb: "list",
+            resource: "pods",
+            namespace: None,
+            name: None,
+        };
+        self.authorize(&user, access)
+            .await
+            .map_err(|f| refuse(Failure::Operator(f)))?;
         let mut agents: Vec<AgentStatus> = self.agents().values().cloned().collect();
         agents.sort_by(|a, b| a.node_name.cmp(&b.node_name));
         Ok(Response::new(StatusResponse {
@@ -699,4 +901,31 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_dns_subdomains() {
+        for good in ["node-a", "ip-10-0-0-1.ec2.internal", "a", &"a".repeat(63)] {
+            assert!(valid_node_name(good), "{good}");
+        }
+        let long = format!("{}.{}", "a".repeat(63), "b".repeat(200));
+        for bad in [
+            "",
+            "Node",
+            "a..b",
+            "-a",
+            "a-",
+            "a b",
+            "a\r\nb",
+            "é",
+            &"a".repeat(64),
+            &long,
+        ] {
+            assert!(!valid_node_name(bad), "{bad:?}");
+        }
+    }
 }

@@ -51,9 +51,12 @@ impl PodRecord {
             uid: meta.uid.clone()?,
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone()?,
+            // Kept in one canonical spelling, the one requests are looked up by (IPv6
+            // addresses have several); an IP that does not parse is no IP.
             ip: status
-                .and_then(|s| s.pod_ip.clone())
-                .filter(|ip| !ip.is_empty()),
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                .map(|ip| ip.to_string()),
             phase: status.and_then(|s| s.phase.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             node_name: spec.and_then(|s| s.node_name.clone()),
@@ -63,6 +66,14 @@ impl PodRecord {
             session_name: annotation(SESSION_NAME_ANNOTATION),
             deleting: meta.deletion_timestamp.is_some(),
         })
+    }
+
+    /// Whether this is a host-network pod that runs (or is starting) on a node: how agent
+    /// pods look. Such pods are never found by IP (they share their node's).
+    pub fn is_running_on_host(&self) -> bool {
+        self.host_network
+            && self.node_name.as_deref().is_some_and(|n| !n.is_empty())
+            && matches!(self.phase.as_deref(), Some("Pending") | Some("Running"))
     }
 
     /// Whether this pod may be found by its IP at all.
@@ -78,15 +89,18 @@ impl PodRecord {
 pub enum Lookup {
     Found(Arc<PodRecord>),
     Unknown,
-    /// Several live pods claim the IP (namespace/name of each).
-    Ambiguous(Vec<String>),
+    /// Several live pods claim the IP (each of them, sorted by namespace and name).
+    Ambiguous(Vec<Arc<PodRecord>>),
 }
 
 /// Live pods indexed by IP, by node (for agents' node streams), and by UID so that
-/// updates find the pod's previous IP and node.
+/// updates find the pod's previous IP and node; and the host-network pods that run (agents
+/// among them), by UID, so that an agent's bound pod can be found.
 #[derive(Clone, Debug, Default)]
 pub struct PodIndex {
     by_uid: HashMap<String, Arc<PodRecord>>,
+    /// Host-network pods that are Pending or Running on a node: never found by IP.
+    host: HashMap<String, Arc<PodRecord>>,
     by_ip: HashMap<String, Vec<String>>,
     by_node: HashMap<String, HashSet<String>>,
 }
@@ -95,7 +109,9 @@ impl PodIndex {
     /// Records the pod's current state: indexes it if live, forgets it otherwise.
     pub fn apply(&mut self, pod: PodRecord) {
         self.remove(&pod.uid);
-        if pod.is_live() {
+        if pod.is_running_on_host() {
+            self.host.insert(pod.uid.clone(), Arc::new(pod));
+        } else if pod.is_live() {
             if let Some(ip) = &pod.ip {
                 self.by_ip
                     .entry(ip.clone())
@@ -112,6 +128,7 @@ impl PodIndex {
 
     /// Forgets a pod (deleted).
     pub fn remove(&mut self, uid: &str) {
+        self.host.remove(uid);
         let Some(old) = self.by_uid.remove(uid) else {
             return;
         };
@@ -140,6 +157,11 @@ impl PodIndex {
             .cloned()
     }
 
+    /// The pod with this UID if it is live, or runs on a node's host network (an agent).
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<PodRecord>> {
+        self.by_uid.get(uid).or_else(|| self.host.get(uid)).cloned()
+    }
+
     /// The live pods scheduled on `node`; every live pod when `node` is empty.
     pub fn on_node(&self, node: &str) -> Vec<Arc<PodRecord>> {
         if node.is_empty() {
@@ -161,12 +183,9 @@ impl PodIndex {
             [] => Lookup::Unknown,
             [pod] => Lookup::Found(Arc::clone(pod)),
             many => {
-                let mut names: Vec<String> = many
-                    .iter()
-                    .map(|p| format!("{}/{}", p.namespace, p.name))
-                    .collect();
-                names.sort();
-                Lookup::Ambiguous(names)
+                let mut pods: Vec<Arc<PodRecord>> = many.iter().map(|p| Arc::clone(p)).collect();
+                pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                Lookup::Ambiguous(pods)
             }
         }
     }

@@ -1,0 +1,700 @@
+//! Who is calling: agents proven by their projected ServiceAccount token, operators by their
+//! own Kubernetes credentials.
+//!
+//! - [`Identities::agent`]: an agent call carries `authorization: Bearer TOKEN` (its
+//!   projected token, audience `--agent-token-audience`). The token is checked with a
+//!   TokenReview; the pod it is bound to is looked up in the server's own view, and that
+//!   pod's `spec.nodeName` is the agent's node ([`podiam_policy::decision::bind_agent`]).
+//! - [`Identities::operator`]: Explain and Status carry the user's own bearer token, checked
+//!   with a TokenReview for the API's audience, and each call is authorised with a
+//!   SubjectAccessReview.
+//!
+//! Reviews are cached by a digest of the token (never the token itself) until the token
+//! expires ([`REVIEW_CACHE_MAX`] at most), so an agent's calls cost no API request after the
+//! first; refused tokens are remembered for [`NEGATIVE_REVIEW_TTL`]. Concurrent reviews of
+//! one token share one request, and at most [`REVIEWS_IN_FLIGHT`] run at once. While the
+//! API cannot answer, cached reviews keep working and new tokens are refused as
+//! unavailable: fail closed, recover by themselves.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use podiam_policy::decision::ReviewedUser;
+
+/// Longest a review is trusted without asking again, whatever the token's own expiry: the
+/// kubelet rotates projected tokens at 80% of their life (48 min for the 1 h the DaemonSet
+/// asks), so an agent costs about one review per rotation.
+pub const REVIEW_CACHE_MAX: Duration = Duration::from_secs(3600);
+/// How long a review is trusted when the token's expiry cannot be read from it.
+pub const REVIEW_CACHE_DEFAULT: Duration = Duration::from_secs(300);
+/// How long a refused token stays refused without asking again: a caller repeating a bad
+/// token costs the API one review per this interval, not one per call.
+pub const NEGATIVE_REVIEW_TTL: Duration = Duration::from_secs(10);
+/// Most reviews (Token and SubjectAccess) waiting on the API at once; callers beyond this
+/// wait their turn. A flood of made-up tokens cannot turn into a flood of API requests.
+pub const REVIEWS_IN_FLIGHT: usize = 16;
+/// Most reviews remembered; past it, expired ones go first, then the ones expiring soonest.
+/// Far above one token per agent per node of any cluster.
+pub const REVIEW_CACHE_ENTRIES: usize = 16_384;
+/// Time limit of one review request to the API: an agent's call must fail over or answer
+/// within the SDKs' 1 s per attempt budget... after the first call; the first review of a
+/// token may take this long while the API is slow.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a TokenReview answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Review {
+    Authenticated(ReviewedUser),
+    /// The API does not accept the token (unknown, expired, another audience, its pod
+    /// gone…), with the API's reason.
+    Unauthenticated(String),
+}
+
+/// The API could not answer a review.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ReviewUnavailable(pub String);
+
+/// A resource access to authorise, as a SubjectAccessReview's resourceAttributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub verb: &'static str,
+    pub resource: &'static str,
+    /// `None`: cluster-wide.
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)?;
+        match &self.namespace {
+            Some(namespace) => write!(f, " in namespace {namespace}"),
+            None => f.write_str(" cluster-wide"),
+        }
+    }
+}
+
+/// The Kubernetes API's TokenReview and SubjectAccessReview, as the server uses them.
+pub trait Reviewer: Send + Sync + std::fmt::Debug {
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>>;
+
+    /// Whether `user` may do `access`; `Ok(Err(reason))` when the API says no.
+    fn review_access<'a>(
+        &'a self,
+        user: &'a ReviewedUser,
+        access: &'a Access,
+    ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>>;
+}
+
+/// [`Reviewer`] over a kube client.
+#[derive(Clone)]
+pub struct KubeReviewer {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeReviewer").finish_non_exhaustive()
+    }
+}
+
+impl KubeReviewer {
+    pub fn new(client: kube::Client) -> KubeReviewer {
+        KubeReviewer { client }
+    }
+}
+
+/// One extra value of a TokenReview's user, if exactly one.
+fn extra(
+    extra: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    key: &str,
+) -> Option<String> {
+    match extra?.get(key)?.as_slice() {
+        [one] if !one.is_empty() => Some(one.clone()),
+        _ => None,
+    }
+}
+
+async fn bounded<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, ReviewUnavailable> {
+    match tokio::time::timeout(REVIEW_TIMEOUT, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(ReviewUnavailable(format!("{what} failed: {error}"))),
+        Err(_) => Err(ReviewUnavailable(format!(
+            "{what} not answered within {REVIEW_TIMEOUT:?}"
+        ))),
+    }
+}
+
+impl Reviewer for KubeReviewer {
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
+        Box::pin(async move {
+            let api = kube::Api::<TokenReview>::all(self.client.clone());
+            let request = TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_string()),
+                    audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
+                },
+                ..TokenReview::default()
+            };
+            let answer = bounded(
+                "TokenReview",
+                api.create(&kube::api::PostParams::default(), &request),
+            )
+            .await?;
+            let status = answer.status.unwrap_or_default();
+            if status.authenticated != Some(true) {
+                let why = status
+                    .error
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "the token is not authenticated".into());
+                return Ok(Review::Unauthenticated(why));
+            }
+            let user = status.user.unwrap_or_default();
+            let extras = user.extra.as_ref();
+            Ok(Review::Authenticated(ReviewedUser {
+                username: user.username.clone().unwrap_or_default(),
+                uid: user.uid.clone().unwrap_or_default(),
+                groups: user.groups.clone().unwrap_or_default(),
+                pod_name: extra(extras, "authentication.kubernetes.io/pod-name"),
+                pod_uid: extra(extras, "authentication.kubernetes.io/pod-uid"),
+                node_name: extra(extras, "authentication.kubernetes.io/node-name"),
+            }))
+        })
+    }
+
+    fn review_access<'a>(
+        &'a self,
+        user: &'a ReviewedUser,
+        access: &'a Access,
+    ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
+        Box::pin(async move {
+            let api = kube::Api::<SubjectAccessReview>::all(self.client.clone());
+            let request = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user.username.clone()),
+                    uid: (!user.uid.is_empty()).then(|| user.uid.clone()),
+                    groups: Some(user.groups.clone()),
+                    resource_attributes: Some(ResourceAttributes {
+                        verb: Some(access.verb.to_string()),
+                        resource: Some(access.resource.to_string()),
+                        group: Some(String::new()),
+                        version: Some("v1".into()),
+                        namespace: access.namespace.clone(),
+                        name: access.name.clone(),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SubjectAccessReviewSpec::default()
+                },
+                ..SubjectAccessReview::default()
+            };
+            let answer = bounded(
+                "SubjectAccessReview",
+                api.create(&kube::api::PostParams::default(), &request),
+            )
+            .await?;
+            let status = answer.status.unwrap_or_default();
+            if status.allowed {
+                Ok(Ok(()))
+            } else {
+                Ok(Err(status.reason.unwrap_or_default()))
+            }
+        })
+    }
+}
+
+/// Labels of a TokenReview's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    pub result: &'static str,
+}
+
+/// Labels of a refused agent call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BindingLabels {
+    pub reason: &'static str,
+}
+
+/// Counters the identity checks keep.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityCounters {
+    /// TokenReviews sent to the API, by result (authenticated, unauthenticated, error).
+    pub token_reviews: Family<ReviewLabels, Counter>,
+    /// Agent calls refused (or, with `--node-binding warn`, only counted) by node binding.
+    pub binding_refusals: Family<BindingLabels, Counter>,
+}
+
+impl IdentityCounters {
+    /// Counters with every label value present from the start, at 0.
+    pub fn new() -> IdentityCounters {
+        let counters = IdentityCounters::default();
+        for result in ["authenticated", "unauthenticated", "error"] {
+            counters
+                .token_reviews
+                .get_or_create(&ReviewLabels { result })
+                .inc_by(0);
+        }
+        for reason in BINDING_REASONS {
+            counters
+                .binding_refusals
+                .get_or_create(&BindingLabels { reason })
+                .inc_by(0);
+        }
+        counters
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.binding_refusals
+            .get_or_create(&BindingLabels { reason })
+            .inc();
+    }
+}
+
+/// The reasons an agent call is refused by node binding, as the metric labels them.
+pub const BINDING_REASONS: [&str; 6] = [
+    "other-node",
+    "no-token",
+    "bad-token",
+    "not-agent",
+    "no-certificate",
+    "review-unavailable",
+];
+
+type ReviewFuture = Shared<Pin<Box<dyn Future<Output = Result<Review, ReviewUnavailable>> + Send>>>;
+
+/// A remembered review.
+#[derive(Clone, Debug)]
+struct Cached {
+    review: Review,
+    /// Unix seconds after which it is asked again.
+    until: u64,
+}
+
+/// Reviews by a digest of (audiences, token), with their in-flight requests.
+#[derive(Default)]
+struct Cache {
+    done: HashMap<[u8; 32], Cached>,
+    pending: HashMap<[u8; 32], ReviewFuture>,
+}
+
+/// Token and access reviews, cached and bounded.
+pub struct Identities {
+    reviewer: Arc<dyn Reviewer>,
+    cache: Mutex<Cache>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    counters: IdentityCounters,
+    now: Clock,
+}
+
+/// Unix seconds now; injected in tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities")
+            .field("reviewer", &self.reviewer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The `exp` claim of a JWT-shaped token, read without checking anything: only to know how
+/// long a review the API has just made may be trusted.
+pub fn token_expiry(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("exp")?.as_u64()
+}
+
+/// Until when (Unix seconds) a review made at `now` may be trusted.
+pub fn trust_until(review: &Review, token: &str, now: u64) -> u64 {
+    match review {
+        Review::Unauthenticated(_) => now + NEGATIVE_REVIEW_TTL.as_secs(),
+        Review::Authenticated(_) => {
+            let cap = now + REVIEW_CACHE_MAX.as_secs();
+            match token_expiry(token) {
+                Some(exp) => exp.min(cap),
+                None => now + REVIEW_CACHE_DEFAULT.as_secs(),
+            }
+        }
+    }
+}
+
+fn digest(token: &str, audiences: &[String]) -> [u8; 32] {
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for audience in audiences {
+        context.update(audience.as_bytes());
+        context.update(&[0]);
+    }
+    context.update(&[1]);
+    context.update(token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    out
+}
+
+impl Identities {
+    pub fn new(reviewer: Arc<dyn Reviewer>, counters: IdentityCounters) -> Identities {
+        Identities::with_clock(reviewer, counters, Arc::new(unix_now))
+    }
+
+    /// With an injected clock (Unix seconds), for tests.
+    pub fn with_clock(
+        reviewer: Arc<dyn Reviewer>,
+        counters: IdentityCounters,
+        now: Clock,
+    ) -> Identities {
+        Identities {
+            reviewer,
+            cache: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
+            counters,
+            now,
+        }
+    }
+
+    pub fn counters(&self) -> &IdentityCounters {
+        &self.counters
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The review of `token` for `audiences` (empty: the API's own): remembered, or asked.
+    pub async fn review(
+        &self,
+        token: &str,
+        audiences: &[String],
+    ) -> Result<Review, ReviewUnavailable> {
+        let key = digest(token, audiences);
+        let now = (self.now)();
+        let pending = {
+            let mut cache = self.cache();
+            if let Some(cached) = cache.done.get(&key) {
+                if cached.until > now {
+                    return Ok(cached.review.clone());
+                }
+                cache.done.remove(&key);
+            }
+            match cache.pending.get(&key) {
+                Some(pending) => pending.clone(),
+                None => {
+                    let reviewer = Arc::clone(&self.reviewer);
+                    let permits = Arc::clone(&self.in_flight);
+                    let token = token.to_string();
+                    let audiences = audiences.to_vec();
+                    let counters = self.counters.clone();
+                    let future: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                        let _permit = permits.acquire_owned().await.map_err(|_| {
+                            ReviewUnavailable("the server is shutting down".into())
+                        })?;
+                        let answer = reviewer.review_token(&token, &audiences).await;
+                        let result = match &answer {
+                            Ok(Review::Authenticated(_)) => "authenticated",
+                            Ok(Review::Unauthenticated(_)) => "unauthenticated",
+                            Err(_) => "error",
+                        };
+                        counters
+                            .token_reviews
+                            .get_or_create(&ReviewLabels { result })
+                            .inc();
+                        answer
+                    });
+                    let shared = future.shared();
+                    cache.pending.insert(key, shared.clone());
+                    shared
+                }
+            }
+        };
+        let answer = pending.await;
+        let mut cache = self.cache();
+        cache.pending.remove(&key);
+        if let Ok(review) = &answer {
+            let now = (self.now)();
+            let until = trust_until(review, token, now);
+            if until > now {
+                if cache.done.len() >= REVIEW_CACHE_ENTRIES {
+                    evict(&mut cache.done, now);
+                }
+                cache.done.insert(
+                    key,
+                    Cached {
+                        review: review.clone(),
+                        until,
+                    },
+                );
+            }
+        }
+        answer
+    }
+
+    /// Whether `user` may do `access`, asked of the API each time (operators' calls are
+    /// few, and a revoked permission must apply at once).
+    pub async fn may(
+        &self,
+        user: &ReviewedUser,
+        access: &Access,
+    ) -> Result<Result<(), String>, ReviewUnavailable> {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| ReviewUnavailable("the server is shutting down".into()))?;
+        self.reviewer.review_access(user, access).await
+    }
+
+    /// Reviews remembered now (for tests and metrics).
+    pub fn cached(&self) -> usize {
+        self.cache().done.len()
+    }
+}
+
+/// Makes room in a full cache: expired reviews go, then the soonest to expire.
+fn evict(done: &mut HashMap<[u8; 32], Cached>, now: u64) {
+    done.retain(|_, cached| cached.until > now);
+    while done.len() >= REVIEW_CACHE_ENTRIES {
+        let Some(soonest) = done
+            .iter()
+            .min_by_key(|(_, cached)| cached.until)
+            .map(|(key, _)| *key)
+        else {
+            return;
+        };
+        done.remove(&soonest);
+    }
+}
+
+/// The bearer token of a request's `authorization` metadata, if any.
+pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    /// A clock of a test's own, and the handle that moves it.
+    fn clock() -> (Arc<AtomicU64>, Clock) {
+        let time = Arc::new(AtomicU64::new(1_000_000));
+        let read = Arc::clone(&time);
+        (time, Arc::new(move || read.load(Ordering::SeqCst)))
+    }
+
+    /// A reviewer that knows one good token and counts its calls; it can be made to fail.
+    #[derive(Debug, Default)]
+    struct Fake {
+        calls: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Reviewer for Fake {
+        fn review_token<'a>(
+            &'a self,
+            token: &'a str,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(ReviewUnavailable("down".into()));
+                }
+                if token.starts_with("good") {
+                    Ok(Review::Authenticated(ReviewedUser {
+                        username: "u".into(),
+                        ..ReviewedUser::default()
+                    }))
+                } else {
+                    Ok(Review::Unauthenticated("no".into()))
+                }
+            })
+        }
+
+        fn review_access<'a>(
+            &'a self,
+            _: &'a ReviewedUser,
+            _: &'a Access,
+        ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
+            Box::pin(async { Ok(Ok(())) })
+        }
+    }
+
+    /// A JWT-shaped token expiring at `exp`.
+    fn jwt(prefix: &str, exp: u64) -> String {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{{\"exp\":{exp},\"sub\":\"x\"}}"));
+        format!("{prefix}.{claims}.sig")
+    }
+
+    #[test]
+    fn expiry_is_read_from_the_payload_and_capped() {
+        let now = 1000;
+        let good = Review::Authenticated(ReviewedUser::default());
+        assert_eq!(token_expiry(&jwt("h", 1600)), Some(1600));
+        assert_eq!(token_expiry("not-a-jwt"), None);
+        assert_eq!(token_expiry("a.!!!.c"), None);
+        assert_eq!(trust_until(&good, &jwt("h", 1600), now), 1600);
+        assert_eq!(
+            trust_until(&good, &jwt("h", now + 999_999), now),
+            now + REVIEW_CACHE_MAX.as_secs()
+        );
+        assert_eq!(
+            trust_until(&good, "opaque", now),
+            now + REVIEW_CACHE_DEFAULT.as_secs()
+        );
+        assert_eq!(
+            trust_until(&Review::Unauthenticated("x".into()), &jwt("h", 1600), now),
+            now + NEGATIVE_REVIEW_TTL.as_secs()
+        );
+        // An expired token is not remembered at all.
+        assert!(trust_until(&good, &jwt("h", 10), now) <= now);
+    }
+
+    #[tokio::test]
+    async fn reviews_are_remembered_for_the_tokens_life_and_survive_an_outage() {
+        let fake = Arc::new(Fake::default());
+        let (time, now) = clock();
+        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), now.clone());
+        let token = jwt("good", now() + 600);
+        for _ in 0..5 {
+            assert!(matches!(
+                ids.review(&token, &[]).await,
+                Ok(Review::Authenticated(_))
+            ));
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        // The API goes away: the remembered review still answers, a new token cannot be
+        // checked.
+        fake.down.store(true, Ordering::SeqCst);
+        assert!(ids.review(&token, &[]).await.is_ok());
+        let other = jwt("good-2", now() + 600);
+        assert!(ids.review(&other, &[]).await.is_err());
+        // Errors are not remembered: once the API is back, the same token passes.
+        fake.down.store(false, Ordering::SeqCst);
+        assert!(ids.review(&other, &[]).await.is_ok());
+        // Past the token's expiry, it is asked again.
+        let calls = fake.calls.load(Ordering::SeqCst);
+        time.fetch_add(601, Ordering::SeqCst);
+        let _ = ids.review(&token, &[]).await;
+        assert_eq!(fake.calls.load(Ordering::SeqCst), calls + 1);
+    }
+
+    #[tokio::test]
+    async fn a_bad_token_is_refused_without_asking_for_each_call() {
+        let fake = Arc::new(Fake::default());
+        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), clock().1);
+        for _ in 0..10 {
+            assert!(matches!(
+                ids.review("bad", &[]).await,
+                Ok(Review::Unauthenticated(_))
+            ));
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_reviews_of_one_token_share_one_request() {
+        let fake = Arc::new(Fake::default());
+        let (_, now) = clock();
+        let ids = Arc::new(Identities::with_clock(
+            fake.clone(),
+            IdentityCounters::new(),
+            now.clone(),
+        ));
+        let token = jwt("good", now() + 600);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let ids = Arc::clone(&ids);
+                let token = token.clone();
+                tokio::spawn(async move { ids.review(&token, &[]).await })
+            })
+            .collect();
+        for call in calls {
+            assert!(call.await.expect("task").is_ok());
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn audiences_and_tokens_make_distinct_keys() {
+        assert_ne!(digest("t", &[]), digest("t", &["podiam".into()]));
+        assert_ne!(digest("t", &["a".into()]), digest("u", &["a".into()]));
+        assert_ne!(
+            digest("t", &["ab".into()]),
+            digest("t", &["a".into(), "b".into()])
+        );
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_then_soonest() {
+        let mut done = HashMap::new();
+        for i in 0..REVIEW_CACHE_ENTRIES as u64 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_le_bytes());
+            done.insert(
+                key,
+                Cached {
+                    review: Review::Unauthenticated(String::new()),
+                    until: 100 + i,
+                },
+            );
+        }
+        evict(&mut done, 150);
+        assert_eq!(done.len(), REVIEW_CACHE_ENTRIES - 51);
+        assert!(done.values().all(|c| c.until > 150));
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_metadata() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(bearer(&metadata), None);
+        metadata.insert("authorization", "Bearer abc".parse().expect("ascii"));
+        assert_eq!(bearer(&metadata), Some("abc"));
+        metadata.insert("authorization", "bearer  abc ".parse().expect("ascii"));
+        assert_eq!(bearer(&metadata), Some("abc"));
+        metadata.insert("authorization", "Basic abc".parse().expect("ascii"));
+        assert_eq!(bearer(&metadata), None);
+        metadata.insert("authorization", "Bearer ".parse().expect("ascii"));
+        assert_eq!(bearer(&metadata), None);
+    }
+}
