@@ -275,6 +275,8 @@ mod tests {
             "b",
             "--tls-key",
             "c",
+            "--node-name",
+            "node-a",
         ];
         args.extend_from_slice(extra);
         match Cli::try_parse_from(args).expect("parses").command {
@@ -349,5 +351,16 @@ mod tests {
             "0s",
         ]);
         assert_eq!(config.problems().len(), 5, "{:#?}", config.problems());
+    }
+
+    #[test]
+    fn an_agent_without_a_node_name_refuses_to_start() {
+        for empty in ["", "  "] {
+            let mut config = serve(&[]);
+            config.node_name = empty.into();
+            let problems = config.problems();
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert!(problems[0].starts_with("--node-name"), "{problems:#?}");
+        }
     }
 }

@@ -79,9 +79,9 @@ impl Refused {
                 | Reason::InvalidRole
                 | Reason::StsRefused => StatusCode::FORBIDDEN,
                 Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
-                Reason::NotReady
-                | Reason::AgentUnauthenticated
-                | Reason::IdentityUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                Reason::NotReady | Reason::AgentUnauthenticated | Reason::IdentityUnavailable => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
             },
             Refused::Upstream(UpstreamError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Refused::Upstream(UpstreamError::Other(_)) => StatusCode::BAD_GATEWAY,

@@ -10,8 +10,8 @@
 //! The token is a secret: it is never logged, and [`AgentToken`]'s `Debug` hides it.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -119,7 +119,8 @@ impl AgentToken {
         if text.trim().is_empty() {
             return Err(TokenFileError::Empty { path: path.clone() });
         }
-        let value = header(&text).ok_or_else(|| TokenFileError::Malformed { path: path.clone() })?;
+        let value =
+            header(&text).ok_or_else(|| TokenFileError::Malformed { path: path.clone() })?;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let changed = current.as_ref() != Some(&value);
         *current = Some(value);
@@ -158,7 +159,10 @@ impl AgentToken {
 pub struct Authorize(pub Arc<AgentToken>);
 
 impl tonic::service::Interceptor for Authorize {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = self.0.value() {
             request.metadata_mut().insert("authorization", value);
         }
@@ -201,14 +205,18 @@ mod tests {
         std::fs::write(&path, "").expect("write");
         assert!(matches!(token.reload(), Err(TokenFileError::Empty { .. })));
         std::fs::write(&path, "two words").expect("write");
-        assert!(matches!(token.reload(), Err(TokenFileError::Malformed { .. })));
+        assert!(matches!(
+            token.reload(),
+            Err(TokenFileError::Malformed { .. })
+        ));
         assert_eq!(authorization(&token).as_deref(), Some("Bearer second"));
     }
 
     #[test]
     fn debug_never_shows_the_token() {
-        let token = AgentToken::fixed("very-secret-token");
-        let shown = format!("{token:?} {:?}", Authorize(Arc::new(token)));
+        let token = Arc::new(AgentToken::fixed("very-secret-token"));
+        assert!(token.loaded());
+        let shown = format!("{token:?} {:?}", Authorize(Arc::clone(&token)));
         assert!(!shown.contains("very-secret"), "{shown}");
     }
 }

@@ -211,9 +211,7 @@ impl Upstream {
             };
             match &ended {
                 StreamEnded::Shutdown => return,
-                StreamEnded::Synced(why) | StreamEnded::NotOpened(why)
-                    if refuses_identity(why) =>
-                {
+                StreamEnded::Synced(why) | StreamEnded::NotOpened(why) if refuses_identity(why) => {
                     // The agent's own fault, not the replica's: every replica would say the
                     // same. Not ready until a stream opens; said once per spell.
                     if !self.refused_identity.swap(true, Ordering::AcqRel) {

@@ -62,7 +62,10 @@ pub enum Refusal {
         "pod {0} is not a live pod with an IP (not found, not yet scheduled, finished, or on the host network)"
     )]
     NotLive(String),
-    #[error("IP {ip} is claimed by several live pods ({}); refusing all", names(pods))]
+    #[error(
+        "IP {ip} is claimed by several live pods ({}); refusing all",
+        names(pods)
+    )]
     AmbiguousPod {
         ip: IpAddr,
         pods: Vec<Arc<PodRecord>>,
@@ -432,4 +435,334 @@ pub fn bind_agent(
         pod: format!("{}/{}", pod.namespace, pod.name),
         pod_uid: pod.uid.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+    fn pod(uid: &str, ns: &str, node: &str, ip: &str, role: Option<&str>) -> PodRecord {
+        PodRecord {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: format!("pod-{uid}"),
+            ip: Some(ip.into()),
+            phase: Some("Running".into()),
+            host_network: false,
+            node_name: Some(node.into()),
+            service_account: Some("default".into()),
+            role: role.map(Into::into),
+            external_id: None,
+            session_name: None,
+            deleting: false,
+        }
+    }
+
+    fn agent_pod(uid: &str, node: &str, sa: &str, phase: &str) -> PodRecord {
+        PodRecord {
+            uid: uid.into(),
+            namespace: "podiam".into(),
+            name: format!("agent-{uid}"),
+            ip: Some("192.168.0.1".into()),
+            phase: Some(phase.into()),
+            host_network: true,
+            node_name: Some(node.into()),
+            service_account: Some(sa.into()),
+            role: None,
+            external_id: None,
+            session_name: None,
+            deleting: false,
+        }
+    }
+
+    fn namespaces() -> NamespaceIndex {
+        let mut index = NamespaceIndex::default();
+        for (name, permitted) in [("team-a", "app-.*"), ("team-b", "b-.*")] {
+            let ns = k8s_openapi::api::core::v1::Namespace {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(name.into()),
+                    annotations: Some(
+                        [(
+                            policy::PERMITTED_ANNOTATION.to_string(),
+                            permitted.to_string(),
+                        )]
+                        .into(),
+                    ),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            index.apply(&ns);
+        }
+        index
+    }
+
+    /// Two nodes: a and b, a pod with a role on each, one without, a shared IP across nodes.
+    fn cluster() -> PodIndex {
+        let mut pods = PodIndex::default();
+        for record in [
+            pod("a1", "team-a", "node-a", "10.0.0.1", Some("app-reader")),
+            pod("a2", "team-a", "node-a", "10.0.0.2", None),
+            pod("b1", "team-b", "node-b", "10.0.1.1", Some("b-writer")),
+            pod("b2", "team-b", "node-b", "10.0.1.2", Some("app-reader")),
+            // 10.0.9.9 is claimed on both nodes; 10.0.8.8 twice on node b.
+            pod("x1", "team-a", "node-a", "10.0.9.9", Some("app-reader")),
+            pod("x2", "team-b", "node-b", "10.0.9.9", Some("b-writer")),
+            pod("y1", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
+            pod("y2", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
+            agent_pod("ag-a", "node-a", "podiam-agent", "Running"),
+            agent_pod("ag-b", "node-b", "podiam-agent", "Running"),
+            agent_pod("ag-pending", "node-c", "podiam-agent", "Pending"),
+            agent_pod("ag-done", "node-d", "podiam-agent", "Succeeded"),
+            agent_pod("impostor", "node-a", "default", "Running"),
+        ] {
+            pods.apply(record);
+        }
+        pods
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn node_binding_table() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let a = Scope::Node("node-a");
+        let b = Scope::Node("node-b");
+        // (asking scope, address, Ok(pod uid) or the refusal's reason)
+        let table: &[(Scope, &str, Result<&str, Reason>)] = &[
+            (a, "10.0.0.1", Ok("a1")),
+            (a, "10.0.0.2", Err(Reason::NoRole)),
+            (a, "10.0.1.1", Err(Reason::OtherNode)),
+            (a, "10.0.1.2", Err(Reason::OtherNode)),
+            (b, "10.0.1.1", Ok("b1")),
+            (b, "10.0.1.2", Err(Reason::RoleNotPermitted)),
+            (b, "10.0.0.1", Err(Reason::OtherNode)),
+            (a, "10.9.9.9", Err(Reason::UnknownPod)),
+            // Shared across nodes: refused for both agents as ambiguous (it is theirs too).
+            (a, "10.0.9.9", Err(Reason::AmbiguousPod)),
+            (b, "10.0.9.9", Err(Reason::AmbiguousPod)),
+            // Shared on node b only: node a learns nothing of it.
+            (a, "10.0.8.8", Err(Reason::OtherNode)),
+            (b, "10.0.8.8", Err(Reason::AmbiguousPod)),
+            // A node with no pods, and the empty node name an old agent sent.
+            (Scope::Node("node-z"), "10.0.0.1", Err(Reason::OtherNode)),
+            (Scope::Node(""), "10.0.0.1", Err(Reason::OtherNode)),
+            // Agents' host-network pods are never found by IP.
+            (a, "192.168.0.1", Err(Reason::UnknownPod)),
+            (Scope::Cluster, "10.0.1.1", Ok("b1")),
+            (Scope::Cluster, "10.0.0.1", Ok("a1")),
+        ];
+        for (scope, address, want) in table {
+            let got = view
+                .decide(ip(address), *scope)
+                .map(|d| d.pod.uid.clone())
+                .map_err(|r| r.reason().expect("a reason"));
+            assert_eq!(
+                got.as_ref().map(String::as_str).map_err(|r| *r),
+                *want,
+                "{scope:?} asking about {address}"
+            );
+        }
+        // An other-node refusal names nothing of the pod elsewhere.
+        let refusal = view.decide(ip("10.0.1.1"), a).expect_err("refused");
+        let message = refusal.to_string();
+        assert!(
+            !message.contains("team-b") && !message.contains("pod-b1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_unsynced_view_decides_nothing() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: false,
+            base_arn: Some(BASE),
+        };
+        assert!(matches!(
+            view.decide(ip("10.0.0.1"), Scope::Cluster),
+            Err(Refusal::NotReady)
+        ));
+        let target = ExplainTarget::Ip(ip("10.0.0.1"));
+        assert!(matches!(view.explain(&target), Err(Refusal::NotReady)));
+    }
+
+    fn user(sa: &str, pod: Option<(&str, &str)>, node: Option<&str>) -> ReviewedUser {
+        ReviewedUser {
+            username: format!("system:serviceaccount:podiam:{sa}"),
+            uid: "sa-uid".into(),
+            groups: vec!["system:serviceaccounts".into()],
+            pod_name: pod.map(|(name, _)| name.to_string()),
+            pod_uid: pod.map(|(_, uid)| uid.to_string()),
+            node_name: node.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn agent_binding_table() {
+        let pods = cluster();
+        let account = AgentAccount::parse("podiam/podiam-agent").expect("account");
+        type Want = Result<&'static str, fn(&BindingRefusal) -> bool>;
+        let table: Vec<(&str, ReviewedUser, Want)> = vec![
+            (
+                "agent a's token",
+                user("podiam-agent", Some(("agent-ag-a", "ag-a")), Some("node-a")),
+                Ok("node-a"),
+            ),
+            (
+                "agent b's token, without the node extra (older API servers)",
+                user("podiam-agent", Some(("agent-ag-b", "ag-b")), None),
+                Ok("node-b"),
+            ),
+            (
+                "a pending agent pod on its node",
+                user(
+                    "podiam-agent",
+                    Some(("agent-ag-pending", "ag-pending")),
+                    None,
+                ),
+                Ok("node-c"),
+            ),
+            (
+                "a finished agent pod",
+                user("podiam-agent", Some(("agent-ag-done", "ag-done")), None),
+                Err(|r| matches!(r, BindingRefusal::UnknownPod { .. })),
+            ),
+            (
+                "another service account",
+                user("default", Some(("agent-ag-a", "ag-a")), None),
+                Err(|r| matches!(r, BindingRefusal::NotAgentAccount { .. })),
+            ),
+            (
+                "a token not bound to a pod (a legacy or TokenRequest without a pod)",
+                user("podiam-agent", None, None),
+                Err(|r| matches!(r, BindingRefusal::NotBound)),
+            ),
+            (
+                "a deleted agent pod",
+                user("podiam-agent", Some(("agent-gone", "gone")), None),
+                Err(|r| matches!(r, BindingRefusal::UnknownPod { .. })),
+            ),
+            (
+                "a pod name that does not match its uid",
+                user("podiam-agent", Some(("agent-ag-b", "ag-a")), None),
+                Err(|r| matches!(r, BindingRefusal::UnknownPod { .. })),
+            ),
+            (
+                "a pod of the agents' account name but running as another account",
+                user("podiam-agent", Some(("agent-impostor", "impostor")), None),
+                Err(|r| matches!(r, BindingRefusal::PodNotAgent { .. })),
+            ),
+            (
+                "the token's node disagrees with the pod's",
+                user("podiam-agent", Some(("agent-ag-a", "ag-a")), Some("node-b")),
+                Err(|r| matches!(r, BindingRefusal::NodeMismatch { .. })),
+            ),
+            (
+                "an ordinary pod's uid",
+                user("podiam-agent", Some(("pod-a1", "a1")), None),
+                Err(|r| matches!(r, BindingRefusal::UnknownPod { .. })),
+            ),
+        ];
+        for (what, reviewed, want) in table {
+            let got = bind_agent(&pods, &account, &reviewed);
+            match (&got, want) {
+                (Ok(agent), Ok(node)) => assert_eq!(agent.node, node, "{what}"),
+                (Err(refusal), Err(check)) => assert!(check(refusal), "{what}: {refusal:?}"),
+                _ => panic!("{what}: got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn agent_accounts_parse() {
+        assert_eq!(
+            AgentAccount::parse("podiam/podiam-agent").map(|a| a.username()),
+            Some("system:serviceaccount:podiam:podiam-agent".to_string())
+        );
+        for bad in ["", "podiam", "/x", "x/", "a/b/c", "A/b", "a b/c"] {
+            assert_eq!(AgentAccount::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn explain_table() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let by_ip = |s: &str| ExplainTarget::Ip(ip(s));
+        let by_name = |ns: &str, name: &str| ExplainTarget::Pod {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        // (target, allowed, reason, pods named, node)
+        let table = [
+            (by_ip("10.0.0.1"), true, "", 1, "node-a"),
+            (by_name("team-a", "pod-a1"), true, "", 1, "node-a"),
+            (by_name("team-a", "pod-a2"), false, "no-role", 1, "node-a"),
+            (
+                by_name("team-b", "pod-b2"),
+                false,
+                "role-not-permitted",
+                1,
+                "node-b",
+            ),
+            (by_ip("10.0.9.9"), false, "ambiguous-pod", 2, ""),
+            (
+                by_name("team-a", "pod-x1"),
+                false,
+                "ambiguous-pod",
+                1,
+                "node-a",
+            ),
+            (by_ip("10.9.9.9"), false, "unknown-pod", 0, ""),
+            (by_name("team-a", "nope"), false, "unknown-pod", 0, ""),
+        ];
+        for (target, allowed, reason, named, node) in table {
+            let answer = view.explain(&target).expect("synced");
+            assert_eq!(answer.allowed, allowed, "{target:?}");
+            assert_eq!(answer.reason, reason, "{target:?}");
+            assert_eq!(answer.pods.len(), named, "{target:?}");
+            assert_eq!(answer.node_name, node, "{target:?}");
+        }
+        let answer = view.explain(&by_name("team-b", "pod-b2")).expect("synced");
+        assert_eq!(answer.role_arn, format!("{BASE}app-reader"));
+        assert_eq!(answer.permitted_regex, "b-.*");
+    }
+
+    #[test]
+    fn pod_states_carry_role_or_reason() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
+        assert_eq!(state("a1").role_name, "app-reader");
+        assert_eq!(state("a2").refusal_reason, "no-role");
+        assert_eq!(state("y1").refusal_reason, "ambiguous-pod");
+        assert_eq!(state("b2").refusal_reason, "role-not-permitted");
+    }
 }

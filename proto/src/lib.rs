@@ -119,9 +119,7 @@ impl Reason {
             Reason::AmbiguousPod
             | Reason::RoleNotPermitted
             | Reason::StsRefused
-            | Reason::OtherNode => {
-                tonic::Code::PermissionDenied
-            }
+            | Reason::OtherNode => tonic::Code::PermissionDenied,
             Reason::NoRole | Reason::WrongRole | Reason::InvalidRole => {
                 tonic::Code::FailedPrecondition
             }

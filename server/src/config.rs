@@ -109,10 +109,19 @@ pub struct Config {
     /// the API refuses, not an agent's, or a pod on another node): `enforce` refuses it;
     /// `warn` logs and counts it (podiam_server_node_binding_refusals_total) and answers, for
     /// migrating a live cluster to agents with tokens.
-    #[arg(long, env = "PODIAM_NODE_BINDING", value_enum, default_value = "enforce")]
+    #[arg(
+        long,
+        env = "PODIAM_NODE_BINDING",
+        value_enum,
+        default_value = "enforce"
+    )]
     pub node_binding: BindingMode,
     /// The ServiceAccount agents run as, NAMESPACE/NAME: only tokens of its pods prove a node.
-    #[arg(long, env = "PODIAM_AGENT_SERVICE_ACCOUNT", default_value = "podiam/podiam-agent")]
+    #[arg(
+        long,
+        env = "PODIAM_AGENT_SERVICE_ACCOUNT",
+        default_value = "podiam/podiam-agent"
+    )]
     pub agent_service_account: String,
     /// The audience of the agents' projected ServiceAccount tokens (the DaemonSet's
     /// serviceAccountToken volume must ask for the same).

@@ -421,9 +421,10 @@ impl Identities {
                     let audiences = audiences.to_vec();
                     let counters = self.counters.clone();
                     let future: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
-                        let _permit = permits.acquire_owned().await.map_err(|_| {
-                            ReviewUnavailable("the server is shutting down".into())
-                        })?;
+                        let _permit = permits
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| ReviewUnavailable("the server is shutting down".into()))?;
                         let answer = reviewer.review_token(&token, &audiences).await;
                         let result = match &answer {
                             Ok(Review::Authenticated(_)) => "authenticated",

@@ -48,7 +48,7 @@ pub struct Metrics {
     pub node_streams: Gauge,
     /// Complete (re)lists of each watched resource.
     pub relists: Family<ResourceLabels, Counter>,
-    /// TLS handshakes refused (no client certificate, another CA, expired…).
+    /// TLS handshakes refused (a certificate from another CA, expired…).
     pub tls_refused: Counter,
     /// When the server's certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
@@ -124,7 +124,7 @@ impl Metrics {
         );
         registry.register(
             "tls_handshakes_refused",
-            "TLS handshakes refused on the gRPC port (no client certificate, one from another \
+            "TLS handshakes refused on the gRPC port (a client certificate from another \
              CA, expired or not yet valid, or no handshake in time)",
             tls_refused.clone(),
         );

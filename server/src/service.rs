@@ -22,9 +22,9 @@ use podiam_policy::policy::Role;
 use podiam_proto::Reason;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
-    GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest,
-    HealthResponse, NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request,
-    node_event, podiam_server::Podiam,
+    GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
+    NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request, node_event,
+    podiam_server::Podiam,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -78,7 +78,9 @@ pub enum Failure {
 pub enum BindingFailure {
     #[error("agent calls need the podiam CA's client certificate")]
     NoCertificate,
-    #[error("agent calls need the agent's projected service account token (authorization metadata)")]
+    #[error(
+        "agent calls need the agent's projected service account token (authorization metadata)"
+    )]
     NoToken,
     #[error("the agent's token is not accepted: {0}")]
     BadToken(String),
@@ -787,7 +789,9 @@ impl Podiam for PodiamService {
                 .map_or(agent_version.len(), |(i, _)| i),
         );
         let (node, agent) = match caller {
-            Caller::Agent(agent) if agent.node == request.node_name => (agent.node.clone(), Some(agent)),
+            Caller::Agent(agent) if agent.node == request.node_name => {
+                (agent.node.clone(), Some(agent))
+            }
             Caller::Agent(agent) => {
                 let failure = BindingFailure::OtherNodeStream {
                     proven: agent.node.clone(),

@@ -25,6 +25,7 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::bridge::Bridge;
+use crate::identity;
 use crate::kube_emulator::{EmulatorOptions, KubeEmulator};
 use crate::moto::Moto;
 use crate::netns::{self, HttpReply, Node, POD_INTERFACE_PATTERN, PodNet};
@@ -254,6 +255,8 @@ pub struct World {
     client: kube::Client,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    /// The agent's projected token, as the kubelet writes it.
+    agent_token_file: PathBuf,
     certs: podiam_certs::WrittenFiles,
     sts_endpoint: String,
     server_args: Vec<String>,
@@ -281,6 +284,11 @@ impl World {
         for ns in &config.namespaces {
             create_namespace(&client, ns).await?;
         }
+        // The agent's identity, as the DaemonSet gives it: its pod on the node and a
+        // projected token bound to that pod.
+        identity::install_podiam_identity(&emulator)?;
+        let agent_token_file = dir.join("agent-token");
+        identity::write_agent_token(&emulator, NODE_NAME, &agent_token_file)?;
 
         let moto = Moto::start().await.context("starting moto")?;
         let node = Node::create()?;
@@ -339,6 +347,7 @@ impl World {
             client,
             dir,
             kubeconfig,
+            agent_token_file,
             certs,
             sts_endpoint,
             server_args: config.server_args.clone(),
@@ -402,6 +411,8 @@ impl World {
             .args(["--tls-cert", path_str(&self.certs.agent_cert)?])
             .args(["--tls-key", path_str(&self.certs.agent_key)?])
             .args(["--node-name", NODE_NAME])
+            .arg("--token-file")
+            .arg(&self.agent_token_file)
             .arg("--iptables")
             .args(["--host-ip", &self.node.ip().to_string()])
             .args(["--interface", POD_INTERFACE_PATTERN])
@@ -650,19 +661,39 @@ print(remaining)
         self.register_pod(pod).await
     }
 
-    /// A gRPC client of the (first) server with the agent's certificate (a test acting as
-    /// an agent).
-    pub async fn server_client(
+    /// A gRPC client of the (first) server with the agent's certificate and token (a test
+    /// acting as this world's agent).
+    pub async fn server_client(&self) -> anyhow::Result<identity::Client> {
+        let token = std::fs::read_to_string(&self.agent_token_file)?;
+        self.agent_client(self.server_addr(), Some(&token)).await
+    }
+
+    /// A gRPC client of the server at `addr` with the agent's certificate and `token`.
+    pub async fn agent_client(
         &self,
-    ) -> anyhow::Result<podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>>
-    {
+        addr: SocketAddr,
+        token: Option<&str>,
+    ) -> anyhow::Result<identity::Client> {
         let material = agent_material(&self.certs)?;
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("https://{}", self.server_addr()))?
-                .tls_config(material.client_config("localhost"))?
-                .connect()
-                .await?;
-        Ok(podiam_proto::v1::podiam_client::PodiamClient::new(channel))
+        let ca = std::fs::read(&self.certs.ca_cert)?;
+        identity::client(addr, &ca, Some(&material), token).await
+    }
+
+    /// A gRPC client of the (first) server as an operator: no podiam key, `token` (a user's
+    /// own Kubernetes token) on every call.
+    pub async fn operator_client(&self, token: Option<&str>) -> anyhow::Result<identity::Client> {
+        let ca = std::fs::read(&self.certs.ca_cert)?;
+        identity::client(self.server_addr(), &ca, None, token).await
+    }
+
+    /// A gRPC client of the (first) server as an operator allowed everything.
+    pub async fn admin_client(&self) -> anyhow::Result<identity::Client> {
+        self.operator_client(Some(identity::ADMIN_TOKEN)).await
+    }
+
+    /// The agent's token file (what the kubelet keeps current).
+    pub fn agent_token_file(&self) -> &Path {
+        &self.agent_token_file
     }
 
     /// The (first) server's `/metrics` text.

@@ -1,5 +1,6 @@
 //! The server's mutual TLS, against the real `podiam-server`: a client certificate from the
-//! project's CA is accepted; one from another CA, or none at all, is refused. Needs root
+//! project's CA is accepted; one from another CA is refused; none at all passes the
+//! handshake (for operators) but no agent call. Needs root
 //! (the server runs inside a full [`World`]). Also: certificates rotated on disk are used
 //! for new connections without a restart, and expired ones are refused.
 
@@ -55,14 +56,32 @@ async fn the_server_refuses_agents_without_a_certificate_from_its_ca() {
         "a foreign client certificate was accepted: {refused:?}"
     );
 
-    // No client certificate at all.
+    // No client certificate at all: the handshake is allowed (operators' explain and status
+    // authenticate with their Kubernetes token instead), Health answers, and agent calls
+    // are refused, even with the agent's token.
     let anonymous = ClientTlsConfig::new()
         .ca_certificate(server_ca)
         .domain_name("localhost");
-    let refused = health(&world, anonymous).await;
+    assert_eq!(health(&world, anonymous).await, Ok(true));
+    let token = std::fs::read_to_string(world.agent_token_file()).expect("agent token");
+    let refused = world
+        .operator_client(Some(&token))
+        .await
+        .expect("client")
+        .get_pod_role(podiam_proto::v1::GetPodRoleRequest {
+            ip: "10.0.0.1".into(),
+            node_name: podiam_tests::world::NODE_NAME.into(),
+        })
+        .await
+        .expect_err("an agent call without the agent's certificate");
+    assert_eq!(
+        podiam_proto::Reason::of(&refused),
+        Some(podiam_proto::Reason::AgentUnauthenticated),
+        "{refused:?}"
+    );
     assert!(
-        refused.is_err(),
-        "a client without a certificate was accepted: {refused:?}"
+        refused.message().contains("client certificate"),
+        "{refused:?}"
     );
 
     // And the agent refuses a server whose name does not match.

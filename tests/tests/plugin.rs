@@ -109,7 +109,7 @@ fn with<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
 
 /// The server's own Explain of `namespace/name`.
 async fn server_explain(
-    client: &PodiamClient<Channel>,
+    client: &podiam_tests::identity::Client,
     namespace: &str,
     name: &str,
 ) -> ExplainResponse {
@@ -128,7 +128,12 @@ async fn server_explain(
 }
 
 /// Waits until the server's decision for `namespace/name` has `reason` ("" = allowed).
-async fn server_decides(client: &PodiamClient<Channel>, namespace: &str, name: &str, reason: &str) {
+async fn server_decides(
+    client: &podiam_tests::identity::Client,
+    namespace: &str,
+    name: &str,
+    reason: &str,
+) {
     let decided = wait_until(
         SEEN_WITHIN,
         &format!("{namespace}/{name}: {reason:?}"),
@@ -183,7 +188,7 @@ async fn grant_revoke_and_permit_change_the_objects_and_the_servers_decision() {
     emulator
         .create(pod("default", "plain", "10.99.0.2", &[]))
         .expect("pod");
-    let client = world.server_client().await.expect("client");
+    let client = world.admin_client().await.expect("admin client");
     let kubeconfig = world.kubeconfig();
     let read_pod = |ns: &str, name: &str| emulator.get(Kind::Pod, Some(ns), name).expect("pod");
     let read_ns = |name: &str| emulator.get(Kind::Namespace, None, name).expect("ns");
@@ -422,7 +427,7 @@ async fn explain_through_a_server_and_locally_gives_the_same_decision() {
         ("team-a", "by-path", "role-not-permitted"),
         ("team-a", "missing", "unknown-pod"),
     ];
-    let client = world.server_client().await.expect("client");
+    let client = world.admin_client().await.expect("admin client");
     for (ns, name, reason) in cases {
         server_decides(&client, ns, name, reason).await;
     }

@@ -36,10 +36,7 @@ async fn create_pods(world: &World, from: usize, count: usize, role: &str) {
 }
 
 /// Whether the server's Explain names a pod for the IP numbered `i`.
-async fn known(
-    client: &podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>,
-    i: usize,
-) -> bool {
+async fn known(client: &podiam_tests::identity::Client, i: usize) -> bool {
     use podiam_proto::v1::{ExplainRequest, explain_request::Target};
     client
         .clone()
@@ -52,7 +49,7 @@ async fn known(
 
 /// Whether the server's Explain allows every pod with an IP numbered in `range`.
 async fn all_allowed(
-    client: &podiam_proto::v1::podiam_client::PodiamClient<tonic::transport::Channel>,
+    client: &podiam_tests::identity::Client,
     range: std::ops::Range<usize>,
 ) -> bool {
     use podiam_proto::v1::{ExplainRequest, explain_request::Target};
@@ -89,11 +86,12 @@ async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collaps
     .await
     .expect("prefetched");
     let client = world.server_client().await.expect("client");
+    let admin = world.admin_client().await.expect("admin client");
     // The API has all 200 pods; wait until the server's watch has delivered them all too.
     wait_until(
         Duration::from_secs(20),
         "the server to know all 200 pods",
-        || all_allowed(&client, 0..200),
+        || all_allowed(&admin, 0..200),
     )
     .await
     .expect("all pods known");
@@ -198,7 +196,7 @@ async fn explain_says_why_for_each_kind_of_decision() {
             .await
             .expect("pod created");
     }
-    let server = world.server_client().await.expect("client");
+    let server = world.admin_client().await.expect("admin client");
     let explain = |target: Target| {
         let mut server = server.clone();
         async move {
@@ -378,10 +376,11 @@ async fn sts_failing_answers_unavailable_tells_the_pod_and_recovers_by_itself() 
     world.sts_proxy().set_failing(true);
     create_pods(&world, 0, 1, "app-writer").await;
     let mut client = world.server_client().await.expect("client");
+    let admin = world.admin_client().await.expect("admin client");
     // The pod must be in the server's view before its refusal can be about STS.
     wait_until(Duration::from_secs(10), "the server to see the pod", || {
-        let client = client.clone();
-        async move { known(&client, 0).await }
+        let admin = admin.clone();
+        async move { known(&admin, 0).await }
     })
     .await
     .expect("pod seen");
@@ -619,7 +618,7 @@ async fn status_names_the_replica_and_the_agents_it_serves() {
     })
     .await
     .expect("world starts");
-    let client = world.server_client().await.expect("client");
+    let client = world.admin_client().await.expect("admin client");
     let status = podiam_tests::process::wait_for(
         Duration::from_secs(10),
         "the agent's node stream on the replica",

@@ -23,16 +23,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{GetCredentialsRequest, WatchNodeRequest, node_event};
 use podiam_tests::bench::load::{self, LoadResult, LoadSpec, Mode, quantile};
 use podiam_tests::bench::{baseline, proc_stats};
+use podiam_tests::identity;
 use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
 use podiam_tests::moto::Moto;
 use podiam_tests::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
 use podiam_tests::world::{binary, http_get_text, metric_value, start_server_within};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
 #[command(about = "podiam's benchmark: figures and ratios to baselines, in one run")]
@@ -253,6 +252,10 @@ impl Rig {
         ))?;
         let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())?
             .write_to(&dir.join("certs"), false)?;
+        // The agent's projected token, bound to its pod on the node.
+        identity::install_podiam_identity(&emulator)?;
+        let token_file = dir.join("agent-token");
+        identity::write_agent_token(&emulator, NODE, &token_file)?;
         let moto = Moto::start().await?;
         let (server, server_addr, server_health) = start_server_within(
             &certs,
@@ -275,7 +278,8 @@ impl Rig {
             .args(["--tls-ca", &path(&certs.ca_cert)])
             .args(["--tls-cert", &path(&certs.agent_cert)])
             .args(["--tls-key", &path(&certs.agent_key)])
-            .args(["--node-name", NODE]);
+            .args(["--node-name", NODE])
+            .args(["--token-file", &path(&token_file)]);
         let agent = ChildGuard::spawn("podiam-agent", command)?;
         wait_until(Duration::from_secs(20), "the agent to be ready", || async {
             http_get_text(&format!("http://{health}/ready"))
@@ -698,6 +702,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     emulator.write_kubeconfig(&kubeconfig)?;
     let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())?
         .write_to(&dir.join("certs"), false)?;
+    identity::install_podiam_identity(&emulator)?;
     const ROLES: usize = 20;
     for n in 0..plan.scale_namespaces {
         emulator.create(namespace(
@@ -750,17 +755,27 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    // The simulated agents: each its own mTLS connection and node stream.
+    // The simulated agents: each its own mTLS connection, projected token (its pod on its
+    // node) and node stream.
     let material = podiam_tests::world::agent_material(&certs)?;
+    let ca = std::fs::read(&certs.ca_cert)?;
+    let mut tokens = Vec::with_capacity(plan.scale_agents);
+    for node in 0..plan.scale_agents {
+        let (token, _) = identity::agent_token(
+            &emulator,
+            &format!("node-{node}"),
+            identity::AGENT_AUDIENCE,
+            std::time::SystemTime::now() + identity::AGENT_TOKEN_LIFE,
+        )?;
+        tokens.push(token);
+    }
     let streams_started = Instant::now();
     let agents = (0..plan.scale_agents).map(|node| {
         let material = material.clone();
+        let ca = ca.clone();
+        let token = tokens[node].clone();
         async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-                .tls_config(material.client_config("localhost"))?
-                .connect()
-                .await?;
-            let mut client = PodiamClient::new(channel);
+            let mut client = identity::client(addr, &ca, Some(&material), Some(&token)).await?;
             let mut stream = client
                 .watch_node(WatchNodeRequest {
                     node_name: format!("node-{node}"),
@@ -780,8 +795,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
             anyhow::Ok((client, stream, seen))
         }
     });
-    let agents: Vec<(PodiamClient<Channel>, _, usize)> =
-        futures::future::try_join_all(agents).await?;
+    let agents: Vec<(identity::Client, _, usize)> = futures::future::try_join_all(agents).await?;
     let streams = streams_started.elapsed().as_secs_f64();
 
     // Each agent asks for credentials of its pods at 10 requests a second (200 agents: 2000/s).

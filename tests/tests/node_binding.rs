@@ -1,0 +1,571 @@
+//! Node binding against the real server: a stolen agent key opens one node, not the cluster.
+//!
+//! Two nodes: `node-1` runs this world's real agent; `node-2` has an agent pod in the API
+//! whose token a test client presents, as agent B. Every call here is made with a gRPC
+//! client of the test's own (the project's generated stubs, not the agent), holding the
+//! agent's client certificate, so what is refused is refused by the server itself. Operator
+//! calls (Explain, Status) use users' own bearer tokens and RBAC. Needs root (the World's
+//! node namespace).
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use podiam_proto::Reason;
+use podiam_proto::v1::{
+    ExplainRequest, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, PodRef, StatusRequest,
+    WatchNodeRequest, explain_request, node_event,
+};
+use podiam_tests::identity::{self, AGENT_AUDIENCE, Client};
+use podiam_tests::kube_emulator::{Kind, pod};
+use podiam_tests::process::{wait_for, wait_until};
+use podiam_tests::world::{NODE_NAME, World, WorldConfig, metric_value};
+use serde_json::json;
+
+const REMOTE_NODE: &str = "node-2";
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 66, 0, 9);
+const WAIT: Duration = Duration::from_secs(15);
+
+fn in_an_hour() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(3600)
+}
+
+/// A world with pod `web` on node-1 (the real agent's) and pod `remote` on node-2, both
+/// with a permitted role.
+async fn two_nodes() -> World {
+    let world = World::start(
+        WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader")),
+    )
+    .await
+    .expect("world starts");
+    let mut remote = pod(
+        "team-a",
+        "remote",
+        &REMOTE_IP.to_string(),
+        &[("iam.amazonaws.com/role", "app-reader")],
+    );
+    remote["spec"]["nodeName"] = REMOTE_NODE.into();
+    world.emulator().create(remote).expect("remote pod");
+    world
+}
+
+/// Agent B's token (its pod on node-2, created on first use).
+fn token_of(world: &World, node: &str) -> String {
+    identity::agent_token(world.emulator(), node, AGENT_AUDIENCE, in_an_hour())
+        .expect("token")
+        .0
+}
+
+fn agent_a_token(world: &World) -> String {
+    std::fs::read_to_string(world.agent_token_file()).expect("agent A's token")
+}
+
+async fn credentials(client: &Client, ip: &str) -> Result<String, tonic::Status> {
+    client
+        .clone()
+        .get_credentials(GetCredentialsRequest {
+            ip: ip.into(),
+            role_name: "app-reader".into(),
+            node_name: String::new(),
+        })
+        .await
+        .map(|answer| {
+            let pod = answer.into_inner().pod.unwrap_or_default();
+            format!("{}/{}", pod.namespace, pod.name)
+        })
+}
+
+async fn pod_role(client: &Client, ip: &str) -> Result<String, tonic::Status> {
+    client
+        .clone()
+        .get_pod_role(GetPodRoleRequest {
+            ip: ip.into(),
+            node_name: String::new(),
+        })
+        .await
+        .map(|answer| answer.into_inner().role_name)
+}
+
+/// The pods a node stream for `node` carries until its snapshot is complete, or why it was
+/// refused.
+async fn node_stream(client: &Client, node: &str) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = client
+        .clone()
+        .watch_node(WatchNodeRequest {
+            node_name: node.into(),
+            agent_version: "test".into(),
+        })
+        .await?
+        .into_inner();
+    let mut pods = Vec::new();
+    loop {
+        let event: Option<NodeEvent> = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no snapshot"))??;
+        match event.and_then(|e| e.event) {
+            Some(node_event::Event::Upsert(state)) => {
+                let pod = state.pod.unwrap_or_default();
+                pods.push(format!("{}/{}", pod.namespace, pod.name));
+            }
+            Some(node_event::Event::Synced(_)) | None => break,
+            _ => {}
+        }
+    }
+    pods.sort();
+    Ok(pods)
+}
+
+fn reason(status: &tonic::Status) -> Option<Reason> {
+    Reason::of(status)
+}
+
+fn refusals(metrics: &str, why: &str) -> u64 {
+    metric_value(
+        metrics,
+        &format!("podiam_server_node_binding_refusals_total{{reason=\"{why}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_is_answered_only_about_its_own_node() {
+    let world = two_nodes().await;
+    let web_ip = world.pod("web").ip().to_string();
+    let remote_ip = REMOTE_IP.to_string();
+    let agent_a = world.server_client().await.expect("agent A");
+    let agent_b = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
+        .await
+        .expect("agent B");
+
+    // Each agent gets its own node's pod once the server has seen both.
+    wait_until(WAIT, "agent B to get its pod's credentials", || {
+        let agent_b = agent_b.clone();
+        let ip = remote_ip.clone();
+        async move { credentials(&agent_b, &ip).await.is_ok() }
+    })
+    .await
+    .expect("agent B served");
+    assert_eq!(
+        credentials(&agent_a, &web_ip).await.expect("A's own pod"),
+        "team-a/web"
+    );
+    let before = world.server_metrics().await.expect("metrics");
+
+    // Agent A, with a valid certificate and token, asks about node-2's pod in every way.
+    let refused = credentials(&agent_a, &remote_ip)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode), "{refused:?}");
+    assert!(
+        !refused.message().contains("remote"),
+        "the refusal names nothing of the other node's pod: {}",
+        refused.message()
+    );
+    let refused = pod_role(&agent_a, &remote_ip).await.expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode), "{refused:?}");
+    for node in [REMOTE_NODE, "", "made-up-node"] {
+        let refused = node_stream(&agent_a, node).await.expect_err("refused");
+        assert_eq!(
+            reason(&refused),
+            Some(Reason::OtherNode),
+            "{node:?}: {refused:?}"
+        );
+    }
+    // Its own node's stream carries its own node's pods only.
+    assert_eq!(
+        node_stream(&agent_a, NODE_NAME).await.expect("own stream"),
+        vec!["team-a/web".to_string()]
+    );
+    // And B likewise the other way round.
+    let refused = credentials(&agent_b, &web_ip).await.expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode), "{refused:?}");
+    assert_eq!(
+        node_stream(&agent_b, REMOTE_NODE)
+            .await
+            .expect("own stream"),
+        vec!["team-a/remote".to_string()]
+    );
+
+    // Counted, and audited with A's proven node and pod and its peer address.
+    let after = world.server_metrics().await.expect("metrics");
+    assert!(
+        refusals(&after, "other-node") >= refusals(&before, "other-node") + 6,
+        "{after}"
+    );
+    let log = world.server_log_text();
+    let audit = log
+        .lines()
+        .find(|l| l.contains("agent asked about a pod on another node") && l.contains(&remote_ip))
+        .unwrap_or_else(|| panic!("no audit line in:\n{log}"));
+    assert!(
+        audit.contains(&format!("agent_node={NODE_NAME}"))
+            && audit.contains(&format!("podiam/{}", identity::agent_pod_name(NODE_NAME)))
+            && audit.contains("peer=127.0.0.1:"),
+        "{audit}"
+    );
+
+    // A's token presented by B's process (same certificate: there is one per cluster)
+    // binds to node-1, whatever it claims.
+    let a_token_b_process = world
+        .agent_client(world.server_addr(), Some(&agent_a_token(&world)))
+        .await
+        .expect("client");
+    let refused = node_stream(&a_token_b_process, REMOTE_NODE)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode));
+    let refused = credentials(&a_token_b_process, &remote_ip)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode));
+    assert_eq!(
+        node_stream(&a_token_b_process, NODE_NAME)
+            .await
+            .expect("node-1's stream"),
+        vec!["team-a/web".to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_that_prove_no_agent_get_nothing() {
+    let world = two_nodes().await;
+    let remote_ip = REMOTE_IP.to_string();
+    let emulator = world.emulator();
+    let past = SystemTime::now() - Duration::from_secs(60);
+    let (expired, _) =
+        identity::agent_token(emulator, REMOTE_NODE, AGENT_AUDIENCE, past).expect("token");
+    let (wrong_audience, _) =
+        identity::agent_token(emulator, REMOTE_NODE, "not-podiam", in_an_hour()).expect("token");
+    let user_token = "a-user-token";
+    emulator.add_user_token(user_token, "alice", &["developers"]);
+    // A token of another ServiceAccount bound to a pod of its own on node-2.
+    emulator
+        .create(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "intruder", "namespace": "team-a"}}))
+        .expect("service account");
+    let mut intruder_pod = pod("team-a", "intruder", "10.66.0.10", &[]);
+    intruder_pod["spec"]["nodeName"] = REMOTE_NODE.into();
+    intruder_pod["spec"]["serviceAccountName"] = "intruder".into();
+    let intruder_pod = emulator.create(intruder_pod).expect("pod");
+    let intruder = emulator
+        .mint_token(
+            "team-a",
+            "intruder",
+            &[AGENT_AUDIENCE],
+            in_an_hour(),
+            Some((
+                "intruder",
+                intruder_pod["metadata"]["uid"].as_str().expect("uid"),
+            )),
+        )
+        .expect("token");
+    let mut forged = token_of(&world, REMOTE_NODE);
+    forged.pop();
+    forged.push('A');
+
+    let cases: [(&str, Option<&str>); 6] = [
+        ("no token", None),
+        ("an expired token", Some(&expired)),
+        ("a token for another audience", Some(&wrong_audience)),
+        ("a user's token", Some(user_token)),
+        ("another ServiceAccount's pod token", Some(&intruder)),
+        ("a forged token", Some(&forged)),
+    ];
+    for (what, token) in cases {
+        let client = world
+            .agent_client(world.server_addr(), token)
+            .await
+            .expect("client");
+        let refused = credentials(&client, &remote_ip).await.expect_err(what);
+        assert_eq!(
+            reason(&refused),
+            Some(Reason::AgentUnauthenticated),
+            "{what}: {refused:?}"
+        );
+        let refused = pod_role(&client, &remote_ip).await.expect_err(what);
+        assert_eq!(
+            reason(&refused),
+            Some(Reason::AgentUnauthenticated),
+            "{what}"
+        );
+        let refused = node_stream(&client, REMOTE_NODE).await.expect_err(what);
+        assert_eq!(
+            reason(&refused),
+            Some(Reason::AgentUnauthenticated),
+            "{what}"
+        );
+    }
+
+    // A valid agent token without the agent's client certificate: refused too.
+    let no_cert = world
+        .operator_client(Some(&token_of(&world, REMOTE_NODE)))
+        .await
+        .expect("client");
+    let refused = credentials(&no_cert, &remote_ip)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&refused), Some(Reason::AgentUnauthenticated));
+    let metrics = world.server_metrics().await.expect("metrics");
+    for why in ["no-token", "bad-token", "not-agent", "no-certificate"] {
+        assert!(refusals(&metrics, why) >= 1, "{why}: {metrics}");
+    }
+
+    // A deleted agent pod's token stops working at once, although its review is cached:
+    // the server finds the pod gone from its own view.
+    let node_3 = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, "node-3")))
+        .await
+        .expect("client");
+    let refused = credentials(&node_3, &remote_ip)
+        .await
+        .expect_err("other node");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode), "proven first");
+    emulator
+        .delete(
+            Kind::Pod,
+            Some(identity::PODIAM_NAMESPACE),
+            &identity::agent_pod_name("node-3"),
+        )
+        .expect("deleted");
+    wait_until(WAIT, "the deleted agent's token to be refused", || {
+        let node_3 = node_3.clone();
+        let ip = remote_ip.clone();
+        async move {
+            credentials(&node_3, &ip)
+                .await
+                .is_err_and(|s| reason(&s) == Some(Reason::AgentUnauthenticated))
+        }
+    })
+    .await
+    .expect("refused once gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_review_down_keeps_known_agents_and_refuses_new_ones_until_it_is_back() {
+    let world = two_nodes().await;
+    let remote_ip = REMOTE_IP.to_string();
+    let agent_b = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
+        .await
+        .expect("agent B");
+    wait_until(WAIT, "agent B to be served", || {
+        let agent_b = agent_b.clone();
+        let ip = remote_ip.clone();
+        async move { credentials(&agent_b, &ip).await.is_ok() }
+    })
+    .await
+    .expect("served");
+    // A new agent, on a new node: its token has never been reviewed.
+    let newcomer = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, "node-5")))
+        .await
+        .expect("a new agent");
+
+    world.emulator().set_token_review_down(true);
+    let reviews = world.emulator().token_reviews();
+    for _ in 0..5 {
+        assert_eq!(
+            credentials(&agent_b, &remote_ip)
+                .await
+                .expect("cached review"),
+            "team-a/remote"
+        );
+    }
+    let refused = credentials(&newcomer, &remote_ip)
+        .await
+        .expect_err("unavailable");
+    assert_eq!(
+        reason(&refused),
+        Some(Reason::IdentityUnavailable),
+        "{refused:?}"
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        world.emulator().token_reviews() > reviews,
+        "the newcomer was reviewed"
+    );
+    let metrics = world.server_metrics().await.expect("metrics");
+    assert!(refusals(&metrics, "review-unavailable") >= 1, "{metrics}");
+    assert!(
+        metric_value(
+            &metrics,
+            r#"podiam_server_token_reviews_total{result="error"}"#
+        ) >= 1,
+        "{metrics}"
+    );
+
+    // Back: the newcomer is proven (it is node-5's agent, so node-2's pod is another
+    // node's) without anything restarted.
+    world.emulator().set_token_review_down(false);
+    wait_until(WAIT, "the newcomer to be proven", || {
+        let newcomer = newcomer.clone();
+        let ip = remote_ip.clone();
+        async move {
+            credentials(&newcomer, &ip)
+                .await
+                .is_err_and(|s| reason(&s) == Some(Reason::OtherNode))
+        }
+    })
+    .await
+    .expect("recovered");
+}
+
+fn explain_pod(namespace: &str, name: &str) -> ExplainRequest {
+    ExplainRequest {
+        target: Some(explain_request::Target::Pod(PodRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: String::new(),
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_and_status_are_for_operators_with_rbac() {
+    let world = two_nodes().await;
+    let emulator = world.emulator();
+    // alice may get pods in team-a; bob may do nothing; carol may list pods everywhere.
+    emulator.add_user_token("alice-token", "alice", &["developers"]);
+    emulator.add_user_token("bob-token", "bob", &[]);
+    emulator.add_user_token("carol-token", "carol", &["sre"]);
+    emulator
+        .create(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "podiam-operator"},
+            "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+                       "verbs": ["get", "list"]}]}),
+        )
+        .expect("cluster role");
+    emulator
+        .create(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "alice-operates", "namespace": "team-a"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "podiam-operator"},
+            "subjects": [{"kind": "User", "name": "alice",
+                          "apiGroup": "rbac.authorization.k8s.io"}]}),
+        )
+        .expect("role binding");
+    emulator
+        .create(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "sre-operates"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "podiam-operator"},
+            "subjects": [{"kind": "Group", "name": "sre",
+                          "apiGroup": "rbac.authorization.k8s.io"}]}),
+        )
+        .expect("cluster role binding");
+
+    let alice = world
+        .operator_client(Some("alice-token"))
+        .await
+        .expect("alice");
+    let answer = wait_for(WAIT, "alice's explanation", || {
+        let mut alice = alice.clone();
+        async move {
+            alice
+                .explain(explain_pod("team-a", "web"))
+                .await
+                .ok()
+                .map(|a| a.into_inner())
+                .filter(|a| a.allowed)
+        }
+    })
+    .await
+    .expect("alice explains web");
+    assert_eq!(answer.node_name, NODE_NAME);
+
+    let bob = world.operator_client(Some("bob-token")).await.expect("bob");
+    let refused = bob
+        .clone()
+        .explain(explain_pod("team-a", "web"))
+        .await
+        .expect_err("bob may not");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("get pods in namespace team-a"),
+        "names the missing permission: {}",
+        refused.message()
+    );
+    // Alice may not look into another namespace, nor list every agent.
+    let refused = alice
+        .clone()
+        .explain(explain_pod("default", "web"))
+        .await
+        .expect_err("not her namespace");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let refused = alice
+        .clone()
+        .status(StatusRequest {})
+        .await
+        .expect_err("status needs list pods cluster-wide");
+    assert!(
+        refused.message().contains("list pods cluster-wide"),
+        "{}",
+        refused.message()
+    );
+    let carol = world
+        .operator_client(Some("carol-token"))
+        .await
+        .expect("carol");
+    let status = wait_for(WAIT, "the agent's stream in the status", || {
+        let mut carol = carol.clone();
+        async move {
+            let status = carol.status(StatusRequest {}).await.ok()?.into_inner();
+            (!status.agents.is_empty()).then_some(status)
+        }
+    })
+    .await
+    .expect("carol sees the status");
+    assert_eq!(status.agents[0].node_name, NODE_NAME);
+    assert_eq!(
+        status.agents[0].agent_pod,
+        format!("podiam/{}", identity::agent_pod_name(NODE_NAME))
+    );
+
+    // No token, and agents' tokens, get nothing from Explain or Status.
+    let anonymous = world.operator_client(None).await.expect("anonymous");
+    let refused = anonymous
+        .clone()
+        .explain(explain_pod("team-a", "web"))
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    for client in [
+        world
+            .server_client()
+            .await
+            .expect("agent A with its certificate"),
+        world
+            .operator_client(Some(&agent_a_token(&world)))
+            .await
+            .expect("agent A's token alone"),
+    ] {
+        let refused = client
+            .clone()
+            .explain(explain_pod("team-a", "web"))
+            .await
+            .expect_err("agent token");
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{refused:?}"
+        );
+        let refused = client
+            .clone()
+            .status(StatusRequest {})
+            .await
+            .expect_err("agent token");
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{refused:?}"
+        );
+    }
+}
