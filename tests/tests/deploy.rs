@@ -14,7 +14,10 @@
 //! - **Properties**: what the issue asks of the base (two replicas, PodDisruptionBudget,
 //!   anti-affinity, non-root, read-only root, RuntimeDefault seccomp, control-plane
 //!   scheduling, headless Service, RBAC verbs exactly, host-network agent with NET_ADMIN only,
-//!   Secrets mounted as directories) and what each overlay changes.
+//!   Secrets mounted as directories), node binding (the agent's projected ServiceAccount
+//!   token, audience `podiam`, where `--token-file` reads it; the server's TokenReview and
+//!   SubjectAccessReview rights and its agent settings matching the agent), the
+//!   `podiam-operator` roles, and what each overlay changes.
 //! - **The binaries agree**: every `--flag` and every environment variable (including the
 //!   keys of the ConfigMaps a container loads with `envFrom`) given to a podiam binary exists
 //!   in that binary's `--help`; the rendered server and agent configurations pass the
@@ -872,35 +875,209 @@ fn rbac_triples(role: &Value) -> BTreeSet<(String, String, String)> {
     triples
 }
 
+/// (API group, resource, verb) triples from `(group, resources, verbs)` rows.
+fn triples(rows: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, String)> {
+    let mut triples = BTreeSet::new();
+    for (group, resources, verbs) in rows {
+        for resource in *resources {
+            for verb in *verbs {
+                triples.insert((group.to_string(), resource.to_string(), verb.to_string()));
+            }
+        }
+    }
+    triples
+}
+
+fn names(objects: &[&Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| str_at(o, "/metadata/name").to_string())
+        .collect()
+}
+
 #[test]
 fn base_rbac_grants_exactly_what_the_server_needs_and_nothing_to_the_agent() {
     let r = base();
-    assert!(r.all("Role").is_empty() && r.all("RoleBinding").is_empty());
-    let roles = r.all("ClusterRole");
-    assert_eq!(roles.len(), 1);
-    let mut expected = BTreeSet::new();
-    for resource in ["pods", "namespaces"] {
-        for verb in ["get", "list", "watch"] {
-            expected.insert((String::new(), resource.to_string(), verb.to_string()));
-        }
-    }
-    for verb in ["create", "patch"] {
-        expected.insert(("events.k8s.io".into(), "events".into(), verb.into()));
-    }
-    assert_eq!(rbac_triples(roles[0]), expected);
+    assert_eq!(
+        names(&r.all("ClusterRole")),
+        BTreeSet::from(["podiam-operator".into(), "podiam-server".into()])
+    );
+    assert_eq!(
+        names(&r.all("Role")),
+        BTreeSet::from(["podiam-operator-port-forward".into()])
+    );
+    // The server: its watches and events, and the reviews that tell it who calls (an
+    // agent's projected token, an operator's own token) and what an operator may see.
+    let expected = triples(&[
+        ("", &["pods", "namespaces"], &["get", "list", "watch"]),
+        ("events.k8s.io", &["events"], &["create", "patch"]),
+        ("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        (
+            "authorization.k8s.io",
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
+    ]);
+    assert_eq!(
+        rbac_triples(r.get("ClusterRole", "podiam-server")),
+        expected
+    );
 
+    // Only the server is bound: operators' bindings name the cluster's own users and
+    // groups, and are theirs to write (docs/install.md).
+    assert!(r.all("RoleBinding").is_empty());
     let bindings = r.all("ClusterRoleBinding");
     assert_eq!(bindings.len(), 1);
-    assert_eq!(bindings[0]["roleRef"]["name"], roles[0]["metadata"]["name"]);
+    assert_eq!(
+        bindings[0]["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "podiam-server"})
+    );
     assert_eq!(
         bindings[0]["subjects"],
         json!([{"kind": "ServiceAccount", "name": "podiam-server", "namespace": NAMESPACE}])
     );
-    // The agent's account exists, is bound to nothing, and has no token mounted.
+    // The agent's account exists, is bound to nothing, and has no API token mounted (its
+    // projected podiam token is checked in base_agent_proves_its_node_with_a_projected_token).
     let agent_sa = r.get("ServiceAccount", "podiam-agent");
     assert_eq!(agent_sa["automountServiceAccountToken"], false);
     assert_eq!(pod_spec(r.agent())["serviceAccountName"], "podiam-agent");
     assert_eq!(pod_spec(r.agent())["automountServiceAccountToken"], false);
+}
+
+#[test]
+fn base_operator_roles_allow_explain_status_and_the_port_forward_only() {
+    let r = base();
+    // Explain and status, with or without a server: read pods and namespaces.
+    assert_eq!(
+        rbac_triples(r.get("ClusterRole", "podiam-operator")),
+        triples(&[("", &["pods", "namespaces"], &["get", "list"])])
+    );
+    // `kubectl -n podiam port-forward deploy/podiam-server 8443`, the servers' settings and
+    // the published CA certificate: in namespace podiam, and nothing more.
+    let role = r.get("Role", "podiam-operator-port-forward");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        rbac_triples(role),
+        triples(&[
+            ("apps", &["deployments"], &["get"]),
+            ("", &["pods"], &["get", "list"]),
+            ("", &["pods/portforward"], &["create"]),
+            ("", &["configmaps"], &["get"]),
+        ])
+    );
+    // The Deployment it names exists in that namespace.
+    assert_eq!(r.server()["metadata"]["namespace"], NAMESPACE);
+}
+
+/// A setting of a podiam container: its `--flag=value`, else its environment variable
+/// (ConfigMaps included).
+fn setting(r: &Rendering, c: &Value, flag: &str, variable: &str) -> Option<String> {
+    flag_value(c, flag)
+        .map(str::to_string)
+        .or_else(|| container_env(r, c).get(variable).cloned())
+}
+
+#[test]
+fn base_agent_proves_its_node_with_a_projected_token() {
+    // In every rendering that has the agent: no overlay may lose the token or move it.
+    let mut checked = 0;
+    for r in renderings() {
+        let Some(agent) = r
+            .all("DaemonSet")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == "podiam-agent")
+        else {
+            continue;
+        };
+        let spec = pod_spec(agent);
+        let c = container(agent, "agent");
+        // Exactly one projected ServiceAccount token, for the servers' audience.
+        let tokens: Vec<(&Value, &Value)> = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|v| {
+                v["projected"]["sources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.get("serviceAccountToken"))
+                    .map(move |t| (v, t))
+            })
+            .collect();
+        assert_eq!(tokens.len(), 1, "{}: {tokens:?}", r.name);
+        let (volume, token) = tokens[0];
+        assert_eq!(token["audience"], "podiam", "{}", r.name);
+        // Short-lived (the API server's floor is 600 s); the kubelet rotates it and the
+        // agent re-reads it.
+        let lifetime = token["expirationSeconds"].as_u64().unwrap();
+        assert!((600..=3600).contains(&lifetime), "{}: {lifetime}", r.name);
+        // Mounted read-only as a directory (a subPath would never see the rotated token),
+        // where the agent reads it.
+        let mounts: Vec<&Value> = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["name"] == volume["name"])
+            .collect();
+        assert_eq!(mounts.len(), 1, "{}", r.name);
+        assert_eq!(mounts[0]["readOnly"], true);
+        assert!(mounts[0].get("subPath").is_none());
+        let path = format!(
+            "{}/{}",
+            str_at(mounts[0], "/mountPath"),
+            str_at(token, "/path")
+        );
+        let token_file = setting(r, c, "--token-file", "PODIAM_TOKEN_FILE")
+            .unwrap_or_else(|| "/var/run/secrets/podiam/token".to_string());
+        assert_eq!(token_file, path, "{}: the agent reads another file", r.name);
+        // The token is the agent pod's own, of its own ServiceAccount; the API token is
+        // not mounted at all.
+        assert_eq!(spec["serviceAccountName"], "podiam-agent");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        // The node name the agent claims comes from its pod (and is required).
+        let node = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "NODE_NAME")
+            .unwrap_or_else(|| panic!("{}: no NODE_NAME", r.name));
+        assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+
+        // The servers check what the agents present: this audience, this ServiceAccount,
+        // and node binding enforced.
+        let server = container(r.server(), "server");
+        let audience = setting(
+            r,
+            server,
+            "--agent-token-audience",
+            "PODIAM_AGENT_TOKEN_AUDIENCE",
+        )
+        .unwrap_or_else(|| "podiam".to_string());
+        assert_eq!(json!(audience), token["audience"], "{}", r.name);
+        let account = setting(
+            r,
+            server,
+            "--agent-service-account",
+            "PODIAM_AGENT_SERVICE_ACCOUNT",
+        )
+        .unwrap_or_else(|| "podiam/podiam-agent".to_string());
+        assert_eq!(
+            account,
+            format!(
+                "{}/{}",
+                str_at(agent, "/metadata/namespace"),
+                str_at(spec, "/serviceAccountName")
+            ),
+            "{}",
+            r.name
+        );
+        let binding = setting(r, server, "--node-binding", "PODIAM_NODE_BINDING")
+            .unwrap_or_else(|| "enforce".to_string());
+        assert_eq!(binding, "enforce", "{}", r.name);
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} renderings have the agent");
 }
 
 #[test]
