@@ -16,6 +16,9 @@
 //! - [`watch`]: one watch response stream (initial events, replay, live, bookmarks).
 //! - [`route`], [`selector`], [`patch`], [`paging`], [`table`], [`clock`]: pure logic with
 //!   table-driven unit tests.
+//! - [`attributes`], [`rbac`], [`token`], [`protobuf`]: pure logic for authentication and
+//!   authorisation (request → attributes, RBAC evaluation, service account token claims
+//!   and review, kubectl's protobuf bodies), not yet served.
 //! - [`resource`]: the served kinds and the discovery documents.
 //! - [`error`]: the error type, [`EmulatorError`], and its `Status` form.
 //!
@@ -31,16 +34,20 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attributes;
 pub mod clock;
 pub mod error;
 pub mod http;
 pub mod paging;
 pub mod patch;
+pub mod protobuf;
+pub mod rbac;
 pub mod resource;
 pub mod route;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod token;
 pub mod watch;
 
 use std::collections::VecDeque;
