@@ -71,6 +71,28 @@ pub enum EmulatorError {
     /// The path does not name anything the emulator serves.
     #[error("the server could not find the requested resource")]
     UnknownPath,
+    /// The request's credentials are not valid (unknown or expired token).
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// RBAC denied the request. `message` is the whole apiserver message
+    /// (`pods is forbidden: User "alice" cannot list resource "pods" …`).
+    #[error("{message}")]
+    Forbidden {
+        /// The message.
+        message: String,
+        /// The object's name ("" for collections).
+        name: String,
+        /// The API group.
+        group: String,
+        /// The resource (plural) or "" for non-resource paths.
+        resource: String,
+    },
+    /// A part of the server is (made) unavailable.
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    /// Setting up the emulator's TLS certificate or configuration failed.
+    #[error("setting up TLS: {0}")]
+    Tls(String),
 }
 
 impl EmulatorError {
@@ -85,9 +107,12 @@ impl EmulatorError {
             EmulatorError::Expired(_) => (410, "Expired"),
             EmulatorError::UnsupportedMediaType(_) => (415, "UnsupportedMediaType"),
             EmulatorError::MethodNotAllowed(_) => (405, "MethodNotAllowed"),
-            EmulatorError::Bind(_) | EmulatorError::WriteKubeconfig { .. } => {
-                (500, "InternalError")
-            }
+            EmulatorError::Unauthorized => (401, "Unauthorized"),
+            EmulatorError::Forbidden { .. } => (403, "Forbidden"),
+            EmulatorError::ServiceUnavailable(_) => (503, "ServiceUnavailable"),
+            EmulatorError::Bind(_)
+            | EmulatorError::WriteKubeconfig { .. }
+            | EmulatorError::Tls(_) => (500, "InternalError"),
         }
     }
 
@@ -110,6 +135,20 @@ impl EmulatorError {
                 Some(json!({"name": name, "kind": resource}))
             }
             EmulatorError::Invalid { kind, name, .. } => Some(json!({"name": name, "kind": kind})),
+            EmulatorError::Forbidden {
+                name,
+                group,
+                resource,
+                ..
+            } => {
+                let mut details = serde_json::Map::new();
+                for (key, value) in [("name", name), ("group", group), ("kind", resource)] {
+                    if !value.is_empty() {
+                        details.insert(key.into(), json!(value));
+                    }
+                }
+                Some(Value::Object(details))
+            }
             _ => None,
         };
         if let Some(details) = details {
@@ -166,6 +205,30 @@ mod tests {
                 400,
                 "BadRequest",
                 "bad",
+            ),
+            (
+                EmulatorError::Unauthorized,
+                401,
+                "Unauthorized",
+                "Unauthorized",
+            ),
+            (
+                EmulatorError::Forbidden {
+                    message: "pods is forbidden: User \"alice\" cannot list resource \"pods\""
+                        .into(),
+                    name: String::new(),
+                    group: String::new(),
+                    resource: "pods".into(),
+                },
+                403,
+                "Forbidden",
+                "pods is forbidden: User \"alice\" cannot list resource \"pods\"",
+            ),
+            (
+                EmulatorError::ServiceUnavailable("down".into()),
+                503,
+                "ServiceUnavailable",
+                "down",
             ),
         ];
         for (error, code, reason, message) in cases {

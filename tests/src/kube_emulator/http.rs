@@ -2,6 +2,11 @@
 //! the handlers that turn requests into store calls and store results into apiserver
 //! responses.
 //!
+//! Each connection is plain HTTP or TLS, told apart by its first byte (see [`super::tls`]).
+//! Every request is first authenticated ([`Authority::authenticate`]: no credentials means
+//! the cluster admin) and, unless the user is in `system:masters`, authorised with RBAC
+//! ([`request_attributes`] → [`authorize`]), both before routing, as the apiserver does.
+//!
 //! [`dispatch`] is the only place that decides what a request means; [`error_response`] is
 //! the only place that turns an [`EmulatorError`] into a wire response (a `kind: Status`).
 //! Every request is logged at debug level and recorded in a bounded request log
@@ -21,24 +26,31 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::EmulatorOptions;
+use super::attributes::{Attributes, UserInfo, request_attributes};
+use super::auth::{Authority, policy};
 use super::clock::now_unix;
 use super::error::EmulatorError;
 use super::paging::ContinueToken;
 use super::patch::{PatchType, apply_patch};
+use super::protobuf::{self, ProtobufError};
+use super::rbac::{authorize, forbidden};
 use super::resource::{
-    Kind, api_group_document, api_group_list_document, api_resource_list_document,
+    Kind, Review, api_group_document, api_group_list_document, api_resource_list_document,
     api_versions_document, openapi_v3_document, openapi_v3_root, version_document,
 };
 use super::route::{Query, Representation, Route, negotiate, parse_route};
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{DeleteOptions, ListOptions, Store, UpdateScope, WatchFrom};
 use super::table::{IncludeObject, TableMeta, table};
+use super::tls::{TLS_HANDSHAKE_RECORD, TlsIdentity};
+use super::token::{parse_token_request, token_request_response};
 use super::watch::{WatchFilter, WatchOutput, WatchSettings, WatchStream, event_line};
 
 /// The response body type: whole JSON documents or a watch stream.
@@ -62,6 +74,11 @@ pub struct RequestRecord {
     pub accept: Option<String>,
     /// `User-Agent` header, if any.
     pub user_agent: Option<String>,
+    /// Who made the request (`system:admin` without credentials); `None` if its
+    /// credentials were refused.
+    pub user: Option<String>,
+    /// Whether the request came over TLS.
+    pub tls: bool,
     /// The response status code.
     pub status: u16,
 }
@@ -82,6 +99,10 @@ pub struct Shared {
     /// How long each list (not watch) request waits before it is answered: a slow API
     /// server, so that a client's relist takes a while.
     pub list_delay: Mutex<Duration>,
+    /// Tokens, static users, the TokenReview fault and the review counters.
+    pub authority: Authority,
+    /// The certificate for TLS connections.
+    pub tls: TlsIdentity,
 }
 
 impl Shared {
@@ -110,7 +131,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tasks.spawn(connections.track_future(serve_connection(
+                tasks.spawn(connections.track_future(accept_connection(
                     stream,
                     peer,
                     Arc::clone(&shared),
@@ -126,18 +147,50 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(
+/// Serves one connection over TLS if it opens with a TLS handshake, else as plain HTTP.
+async fn accept_connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        _ = stop.cancelled() => return,
+        peeked = stream.peek(&mut first) => peeked,
+    };
+    match peeked {
+        Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => {
+            let acceptor = shared.tls.acceptor.clone();
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = acceptor.accept(stream) => accepted,
+            };
+            match accepted {
+                Ok(tls) => serve_connection(tls, true, peer, shared, stop).await,
+                Err(error) => debug!(%peer, %error, "TLS handshake failed"),
+            }
+        }
+        Ok(_) => serve_connection(stream, false, peer, shared, stop).await,
+        Err(error) => debug!(%peer, %error, "reading from a new connection failed"),
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    tls: bool,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, request, tls).await) }
     });
     let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::select! {
         // An outage or shutdown ends the connection before anything more is written.
         biased;
@@ -159,13 +212,14 @@ fn header_text(request: &Request<Incoming>, name: header::HeaderName) -> Option<
 }
 
 /// Handles one request, end to end.
-async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Shared, request: Request<Incoming>, tls: bool) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let raw_query = request.uri().query().unwrap_or_default().to_string();
     let accept = header_text(&request, header::ACCEPT);
     let content_type = header_text(&request, header::CONTENT_TYPE);
     let user_agent = header_text(&request, header::USER_AGENT);
+    let authorization = header_text(&request, header::AUTHORIZATION);
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
@@ -181,13 +235,30 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
         content_type: content_type.as_deref(),
         body: &body,
     };
+    let route = parse_route(&path);
+    match route {
+        Some(Route::Review(Review::TokenReview)) => shared.authority.count_token_review(),
+        Some(Route::Review(Review::SubjectAccessReview)) => {
+            shared.authority.count_subject_access_review();
+        }
+        _ => {}
+    }
     let delay = *shared.list_delay.lock().unwrap_or_else(|p| p.into_inner());
     if method == Method::GET && !delay.is_zero() && !incoming.query.flag("watch") {
         tokio::time::sleep(delay).await;
     }
-    let response = dispatch(shared, &incoming).unwrap_or_else(|error| error_response(&error));
+    let user = shared
+        .authority
+        .authenticate(&shared.store, authorization.as_deref(), now_unix());
+    let response = match &user {
+        Ok(user) => admit(shared, &incoming, user)
+            .and_then(|()| dispatch(shared, &incoming, route, user))
+            .unwrap_or_else(|error| error_response(&error)),
+        Err(error) => error_response(error),
+    };
+    let user = user.ok().map(|u| u.username);
     debug!(
-        %method, %path, query = %raw_query, content_type = ?content_type,
+        %method, %path, query = %raw_query, content_type = ?content_type, user = ?user,
         status = response.status().as_u16(), "request"
     );
     shared.record(RequestRecord {
@@ -197,9 +268,28 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
         content_type,
         accept,
         user_agent,
+        user,
+        tls,
         status: response.status().as_u16(),
     });
     response
+}
+
+/// RBAC for everyone but `system:masters`.
+fn admit(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    user: &UserInfo,
+) -> Result<(), EmulatorError> {
+    if user.is_privileged() {
+        return Ok(());
+    }
+    let attributes = request_attributes(request.method.as_str(), request.path, &request.query);
+    if authorize(&policy(&shared.store)?, user, &attributes).allowed {
+        Ok(())
+    } else {
+        Err(forbidden(&user.username, &attributes))
+    }
 }
 
 /// A request, parsed as far as [`dispatch`] needs.
@@ -222,16 +312,23 @@ impl ParsedRequest<'_> {
             .map_err(|error| EmulatorError::BadRequest(format!("the body is not JSON: {error}")))
     }
 
+    /// The body of a create, replace or review: JSON, or the protobuf kubectl's typed
+    /// clients send (for the types [`protobuf`] knows; others are 415).
+    fn object_body(&self) -> Result<Value, EmulatorError> {
+        if protobuf::is_protobuf(self.content_type) {
+            return protobuf::decode_object(self.body).map_err(|error| match error {
+                ProtobufError::UnknownType { .. } => {
+                    EmulatorError::UnsupportedMediaType(error.to_string())
+                }
+                _ => EmulatorError::BadRequest(error.to_string()),
+            });
+        }
+        self.require_json_content()?;
+        self.json_body()
+    }
+
     fn require_json_content(&self) -> Result<(), EmulatorError> {
         match self.content_type {
-            Some(ct) if ct.starts_with("application/vnd.kubernetes.protobuf") => {
-                Err(EmulatorError::UnsupportedMediaType(
-                    "the emulator does not decode protobuf request bodies, which kubectl's typed \
-                     generators (kubectl create namespace, kubectl run) send; create the object \
-                     from a manifest (kubectl create -f / apply -f) instead"
-                        .into(),
-                ))
-            }
             Some(ct) if !ct.starts_with("application/json") && !ct.starts_with("*/*") => {
                 Err(EmulatorError::UnsupportedMediaType(format!(
                     "the body of the request was in an unknown format - accepted media types \
@@ -263,9 +360,14 @@ pub fn error_response(error: &EmulatorError) -> Response<Body> {
     json_response(status, &error.to_status())
 }
 
-/// Routes one request.
-fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Body>, EmulatorError> {
-    let route = parse_route(request.path).ok_or(EmulatorError::UnknownPath)?;
+/// Routes one request from `user`.
+fn dispatch(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    route: Option<Route>,
+    user: &UserInfo,
+) -> Result<Response<Body>, EmulatorError> {
+    let route = route.ok_or(EmulatorError::UnknownPath)?;
     let method = request.method;
     let ok = |value: Value| Ok(json_response(StatusCode::OK, &value));
     match route {
@@ -274,7 +376,7 @@ fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Bod
             ok(api_versions_document(&shared.server_address))
         }
         Route::Groups if method == Method::GET => ok(api_group_list_document()),
-        Route::Group if method == Method::GET => ok(api_group_document()),
+        Route::Group { group } if method == Method::GET => ok(api_group_document(group)),
         Route::Resources { group } if method == Method::GET => {
             ok(api_resource_list_document(group))
         }
@@ -290,11 +392,10 @@ fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Bod
             }
             Method::GET => list_response(shared, request, kind, namespace.as_deref()),
             Method::POST => {
-                request.require_json_content()?;
                 let created = shared.store.create(
                     kind,
                     namespace.as_deref(),
-                    request.json_body()?,
+                    request.object_body()?,
                     request.dry_run(),
                 )?;
                 Ok(json_response(StatusCode::CREATED, &created))
@@ -323,8 +424,7 @@ fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Bod
                     Ok(single_object_response(request, kind, object, shared))
                 }
                 Method::PUT => {
-                    request.require_json_content()?;
-                    let body = request.json_body()?;
+                    let body = request.object_body()?;
                     let updated = shared.store.update_with(
                         kind,
                         ns,
@@ -372,7 +472,117 @@ fn dispatch(shared: &Shared, request: &ParsedRequest<'_>) -> Result<Response<Bod
                 other => Err(method_not_allowed(&other, request.path)),
             }
         }
+        Route::TokenRequest { namespace, name } if method == Method::POST => {
+            let spec = parse_token_request(&request.object_body()?, &name)?;
+            let now = now_unix();
+            let (token, claims) = shared.authority.issue(
+                &shared.store,
+                &namespace,
+                &name,
+                spec.audiences.clone(),
+                (now, now + spec.expiration_seconds),
+                spec.bound.as_ref(),
+            )?;
+            let answer = token_request_response(&namespace, &name, &spec, &token, &claims);
+            Ok(json_response(StatusCode::CREATED, &answer))
+        }
+        Route::Review(review) if method == Method::POST => {
+            if review == Review::TokenReview && shared.authority.token_review_down() {
+                return Err(EmulatorError::ServiceUnavailable(
+                    "the token review service is unavailable (an emulated fault)".into(),
+                ));
+            }
+            let mut body = request.object_body()?;
+            if body["kind"]
+                .as_str()
+                .is_some_and(|k| k != review.kind_name())
+            {
+                return Err(EmulatorError::BadRequest(format!(
+                    "the body is a {}, not a {}",
+                    body["kind"],
+                    review.kind_name()
+                )));
+            }
+            let status = review_status(shared, review, &body["spec"], user)?;
+            body["apiVersion"] = json!(review.api_version());
+            body["kind"] = json!(review.kind_name());
+            if !body["metadata"].is_object() {
+                body["metadata"] = json!({});
+            }
+            body["metadata"]["creationTimestamp"] = Value::Null;
+            body["status"] = status;
+            Ok(json_response(StatusCode::CREATED, &body))
+        }
         _ => Err(method_not_allowed(method, request.path)),
+    }
+}
+
+/// The `status` of a review's answer.
+fn review_status(
+    shared: &Shared,
+    review: Review,
+    spec: &Value,
+    requester: &UserInfo,
+) -> Result<Value, EmulatorError> {
+    let invalid = |message: String| EmulatorError::Invalid {
+        kind: review.kind_name(),
+        name: String::new(),
+        message,
+    };
+    let access = |user: &UserInfo| -> Result<Value, EmulatorError> {
+        let attributes = Attributes::from_review_spec(spec).map_err(invalid)?;
+        let decision = authorize(&policy(&shared.store)?, user, &attributes);
+        let mut status = json!({"allowed": decision.allowed, "denied": false});
+        if !decision.reason.is_empty() {
+            status["reason"] = json!(decision.reason);
+        }
+        Ok(status)
+    };
+    match review {
+        Review::TokenReview => {
+            let token = spec["token"].as_str().unwrap_or_default();
+            if token.is_empty() {
+                return Err(EmulatorError::BadRequest(
+                    "spec.token: Required value: a TokenReview needs a token".into(),
+                ));
+            }
+            let audiences: Vec<String> = spec["audiences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            Ok(
+                match shared
+                    .authority
+                    .review_token(&shared.store, token, &audiences, now_unix())
+                {
+                    Ok((user, audiences)) => json!({
+                        "authenticated": true,
+                        "user": user.to_json(),
+                        "audiences": audiences,
+                    }),
+                    Err(error) => json!({
+                        "authenticated": false,
+                        "user": {},
+                        "error": error,
+                    }),
+                },
+            )
+        }
+        Review::SelfSubjectReview => Ok(json!({"userInfo": requester.to_json()})),
+        Review::SubjectAccessReview => {
+            let subject = UserInfo::from_review_spec(spec);
+            if subject.username.is_empty() && subject.groups.is_empty() {
+                return Err(invalid(
+                    "spec.user: Invalid value: \"\": at least one of user or groups must be set"
+                        .into(),
+                ));
+            }
+            access(&subject)
+        }
+        Review::SelfSubjectAccessReview => access(requester),
     }
 }
 

@@ -1,22 +1,43 @@
-//! An in-memory Kubernetes API server (core/v1 pods, namespaces and events, plus
-//! events.k8s.io/v1 events) that speaks the real protocol well enough for the real `kubectl`
-//! and kube-rs' `watcher`: discovery, list with pagination and selectors, watch with
-//! resourceVersion resumption, bookmarks, 410 Expired and streaming lists, create / replace
-//! / merge, strategic-merge and JSON patches / delete, and server-side Tables for
-//! `kubectl get`.
+//! An in-memory Kubernetes API server that speaks the real protocol well enough for the
+//! real `kubectl` and kube-rs: core/v1 pods, namespaces, events and service accounts,
+//! events.k8s.io/v1 events, and rbac.authorization.k8s.io/v1 roles, cluster roles and their
+//! bindings, with discovery, list with pagination and selectors, watch with resourceVersion
+//! resumption, bookmarks, 410 Expired and streaming lists, create / replace / merge,
+//! strategic-merge and JSON patches / delete, and server-side Tables for `kubectl get`.
 //!
-//! It runs in-process over plain HTTP on loopback ([`KubeEmulator::start`]); tests and the
-//! e2e harness also read and write objects directly ([`KubeEmulator::create`],
-//! [`KubeEmulator::merge_patch`], …) without going through HTTP. Every write, whichever way
-//! it arrives, bumps the one global resourceVersion and reaches every watch.
+//! It also authenticates and authorises like an apiserver: TokenRequest
+//! (`serviceaccounts/{name}/token`, `kubectl create token`) issues JWT-shaped service
+//! account tokens, optionally bound to a pod; TokenReview checks them (audiences, expiry,
+//! the service account and bound pod still existing) and static user tokens
+//! ([`KubeEmulator::add_user_token`]); requests with `Authorization: Bearer` act as that
+//! user and are authorised with RBAC (403 with the apiserver's message when denied), while
+//! requests without credentials act as a cluster admin (`system:masters`), so clients that
+//! do not care about identity need nothing; SubjectAccessReview and
+//! SelfSubjectAccessReview (`kubectl auth can-i`) answer from the same RBAC evaluation, and
+//! SelfSubjectReview answers `kubectl auth whoami`. A fresh emulator holds the default
+//! cluster roles a real cluster has for discovery and self-reviews (see
+//! [`DEFAULT_CLUSTER_ROLES`]).
+//!
+//! It runs in-process on loopback ([`KubeEmulator::start`]), plain HTTP and TLS on the same
+//! port (kubectl sends tokens only over TLS); tests and the e2e harness also read and write
+//! objects directly ([`KubeEmulator::create`], [`KubeEmulator::merge_patch`], …) and mint
+//! tokens ([`KubeEmulator::mint_token`]) without going through HTTP. Every write, whichever
+//! way it arrives, bumps the one global resourceVersion and reaches every watch.
 //!
 //! How the files fit:
-//! - [`store`]: objects, resourceVersion, watch history, broadcast (the only mutable state).
-//! - [`http`]: accept loop, routing to handlers, the one error → `Status` mapping.
+//! - [`store`]: objects, resourceVersion, watch history, broadcast (the only mutable state
+//!   besides the token table).
+//! - [`auth`]: the token authority (issued tokens, static users, TokenReview fault and
+//!   counters) and the RBAC policy read from the store.
+//! - [`http`]: accept loop (plain or TLS), authentication and authorisation of every
+//!   request, routing to handlers, the one error → `Status` mapping.
 //! - [`watch`]: one watch response stream (initial events, replay, live, bookmarks).
-//! - [`route`], [`selector`], [`patch`], [`paging`], [`table`], [`clock`]: pure logic with
-//!   table-driven unit tests.
-//! - [`resource`]: the served kinds and the discovery documents.
+//! - [`route`], [`attributes`], [`rbac`], [`token`], [`protobuf`], [`selector`], [`patch`],
+//!   [`paging`], [`table`], [`clock`]: pure logic with table-driven unit tests (request
+//!   routing; request → authorization attributes; RBAC evaluation and 403 messages; token
+//!   claims, TokenRequest validation and review; kubectl's protobuf bodies → JSON; …).
+//! - [`resource`]: the served kinds and review resources, and the discovery documents.
+//! - [`tls`]: the throwaway CA and server certificate.
 //! - [`error`]: the error type, [`EmulatorError`], and its `Status` form.
 //!
 //! ```no_run
@@ -31,24 +52,32 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attributes;
+pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod http;
 pub mod paging;
 pub mod patch;
+pub mod protobuf;
+pub mod rbac;
 pub mod resource;
 pub mod route;
 pub mod selector;
 pub mod store;
 pub mod table;
+pub mod tls;
+pub mod token;
 pub mod watch;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +88,7 @@ pub use http::RequestRecord;
 pub use patch::PatchType;
 pub use resource::Kind;
 pub use store::PodDeletion;
+pub use token::{API_AUDIENCE, EXPIRY_LEEWAY_SECONDS};
 
 use http::Shared;
 use store::{DeleteOptions, ListOptions, Store, StoreConfig, UpdateScope};
@@ -78,6 +108,20 @@ pub const DEFAULT_WATCH_BUFFER: usize = 1024;
 
 /// Namespaces every emulator starts with, like a fresh cluster.
 pub const DEFAULT_NAMESPACES: [&str; 2] = ["default", "kube-system"];
+
+/// ClusterRoles (each with a ClusterRoleBinding of the same name) every emulator starts
+/// with, as a fresh cluster's RBAC bootstrap creates them: `cluster-admin` for
+/// `system:masters`; `system:discovery`, `system:basic-user` and `system:public-info-viewer`
+/// for every authenticated user (discovery, version and OpenAPI paths; self reviews); and
+/// `system:auth-delegator` (TokenReview and SubjectAccessReview), unbound, for servers that
+/// delegate authentication and authorisation, as podiam's does.
+pub const DEFAULT_CLUSTER_ROLES: [&str; 5] = [
+    "cluster-admin",
+    "system:discovery",
+    "system:basic-user",
+    "system:public-info-viewer",
+    "system:auth-delegator",
+];
 
 /// How the emulator behaves.
 #[derive(Debug, Clone)]
@@ -133,6 +177,14 @@ impl KubeEmulator {
         for name in DEFAULT_NAMESPACES {
             store.create(Kind::Namespace, None, namespace(name, &[]), false)?;
         }
+        for object in default_rbac() {
+            let kind = Kind::from_type_meta(
+                object["apiVersion"].as_str().unwrap_or_default(),
+                object["kind"].as_str().unwrap_or_default(),
+            )
+            .ok_or_else(|| EmulatorError::BadRequest("a default RBAC object".into()))?;
+            store.create(kind, None, object, false)?;
+        }
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             store,
@@ -141,6 +193,8 @@ impl KubeEmulator {
             shutdown: shutdown.clone(),
             requests: Mutex::new(VecDeque::new()),
             list_delay: Mutex::new(Duration::ZERO),
+            authority: auth::Authority::new(),
+            tls: tls::generate()?,
         });
         let tasks = TaskTracker::new();
         let serving = (shutdown.child_token(), TaskTracker::new());
@@ -208,6 +262,16 @@ impl KubeEmulator {
         format!("http://{}", self.addr)
     }
 
+    /// `https://127.0.0.1:PORT`: the same server over TLS (trust [`KubeEmulator::ca_pem`]).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The PEM certificate of the CA that signed the emulator's TLS certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.shared.tls.ca_pem
+    }
+
     /// A kubeconfig with one cluster, context and user (no credentials), pointing at this
     /// emulator over plain HTTP, default namespace `default`.
     pub fn kubeconfig_yaml(&self) -> String {
@@ -229,13 +293,99 @@ impl KubeEmulator {
 
     /// Writes [`KubeEmulator::kubeconfig_yaml`] to `path`.
     pub fn write_kubeconfig(&self, path: impl AsRef<Path>) -> Result<(), EmulatorError> {
-        let path = path.as_ref();
-        std::fs::write(path, self.kubeconfig_yaml()).map_err(|source| {
-            EmulatorError::WriteKubeconfig {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+        write_file(path.as_ref(), &self.kubeconfig_yaml())
+    }
+
+    /// A kubeconfig whose user presents `token` (a service account token or a static user
+    /// token). It points at the emulator over TLS (`https://`, with the emulator's CA),
+    /// because kubectl sends a kubeconfig's credentials only to TLS servers; kube-rs works
+    /// with it too. Default namespace `default`.
+    pub fn kubeconfig_yaml_for_token(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: podiam-emulator\n  cluster:\n    server: {url}\n    \
+             certificate-authority-data: {ca}\n\
+             contexts:\n\
+             - name: podiam-emulator\n  context:\n    cluster: podiam-emulator\n    \
+             user: token-user\n    namespace: default\n\
+             current-context: podiam-emulator\n\
+             preferences: {{}}\n\
+             users:\n\
+             - name: token-user\n  user:\n    token: {token}\n",
+            url = self.https_url(),
+            ca = BASE64.encode(self.ca_pem()),
+            token = serde_json::Value::String(token.to_string()),
+        )
+    }
+
+    /// Writes [`KubeEmulator::kubeconfig_yaml_for_token`] to `path`.
+    pub fn write_kubeconfig_for_token(
+        &self,
+        path: impl AsRef<Path>,
+        token: &str,
+    ) -> Result<(), EmulatorError> {
+        write_file(path.as_ref(), &self.kubeconfig_yaml_for_token(token))
+    }
+
+    /// Issues a service account token as TokenRequest does (the service account must exist;
+    /// a bound pod `(name, uid)` must exist with that uid and run as this service account),
+    /// but with any expiry, also one already past. No audiences means the API server's
+    /// ([`API_AUDIENCE`]). `iat`/`nbf` are now, or ten minutes before `expires_at` if that is
+    /// earlier. Note that TokenReview, like the apiserver, allows
+    /// [`EXPIRY_LEEWAY_SECONDS`] of clock skew: a token reviews as expired only once
+    /// `expires_at` is more than a minute past.
+    pub fn mint_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+        expires_at: SystemTime,
+        bound_pod: Option<(&str, &str)>,
+    ) -> Result<String, EmulatorError> {
+        let expires_at = unix_seconds(expires_at);
+        let issued_at = clock::now_unix().min(expires_at - token::MIN_EXPIRATION_SECONDS);
+        let bound = bound_pod.map(|(name, uid)| token::BoundObject {
+            name: name.to_string(),
+            uid: Some(uid.to_string()),
+        });
+        let (token, _) = self.shared.authority.issue(
+            &self.shared.store,
+            namespace,
+            service_account,
+            audiences.iter().map(|a| a.to_string()).collect(),
+            (issued_at, expires_at),
+            bound.as_ref(),
+        )?;
+        Ok(token)
+    }
+
+    /// Registers a static user token, like a line of kube-apiserver's token file: requests
+    /// with `Authorization: Bearer {token}` act as `username` in `groups` (plus
+    /// `system:authenticated`), and TokenReview accepts it for the API server's audience
+    /// only (a review for audience `podiam` says unauthenticated).
+    pub fn add_user_token(&self, token: &str, username: &str, groups: &[&str]) {
+        self.shared
+            .authority
+            .add_user_token(token, username, groups);
+    }
+
+    /// While `down`, every TokenReview request is answered 503 ServiceUnavailable (other
+    /// requests are unaffected); counted by [`KubeEmulator::token_reviews`] all the same.
+    pub fn set_token_review_down(&self, down: bool) {
+        self.shared.authority.set_token_review_down(down);
+    }
+
+    /// TokenReview requests received so far, failed ones included.
+    pub fn token_reviews(&self) -> u64 {
+        self.shared.authority.token_reviews()
+    }
+
+    /// SubjectAccessReview requests received so far, failed ones included
+    /// (SelfSubjectAccessReviews are not counted).
+    pub fn subject_access_reviews(&self) -> u64 {
+        self.shared.authority.subject_access_reviews()
     }
 
     /// Stops serving and waits for every connection task to end.
@@ -246,8 +396,10 @@ impl KubeEmulator {
     }
 
     /// Creates an object; its kind comes from its `apiVersion` and `kind` (`v1` `Pod`,
-    /// `Namespace`, `Event`; `events.k8s.io/v1` `Event`), its namespace from
-    /// `metadata.namespace` (default `default`). Returns the stored object.
+    /// `Namespace`, `Event`, `ServiceAccount`; `events.k8s.io/v1` `Event`;
+    /// `rbac.authorization.k8s.io/v1` `Role`, `RoleBinding`, `ClusterRole`,
+    /// `ClusterRoleBinding`), its namespace from `metadata.namespace` (default `default`).
+    /// Returns the stored object.
     pub fn create(&self, object: Value) -> Result<Value, EmulatorError> {
         let api_version = object["apiVersion"].as_str().unwrap_or("v1");
         let kind_name = object["kind"].as_str().unwrap_or_default();
@@ -415,6 +567,98 @@ impl Drop for KubeEmulator {
     }
 }
 
+fn write_file(path: &Path, contents: &str) -> Result<(), EmulatorError> {
+    std::fs::write(path, contents).map_err(|source| EmulatorError::WriteKubeconfig {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Unix seconds of `at` (negative before the epoch).
+fn unix_seconds(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Binding subjects as `(kind, name)`.
+type Subjects<'a> = &'a [(&'a str, &'a str)];
+
+/// The objects of [`DEFAULT_CLUSTER_ROLES`] and their bindings.
+fn default_rbac() -> Vec<Value> {
+    let authenticated = [("Group", "system:authenticated")];
+    let read = |paths: &[&str]| json!([{"verbs": ["get"], "nonResourceURLs": paths}]);
+    let self_reviews = |group: &str, resources: &[&str]| json!({"verbs": ["create"], "apiGroups": [group], "resources": resources});
+    let roles: [(&str, Value, Subjects<'_>); 5] = [
+        (
+            "cluster-admin",
+            json!([
+                {"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]},
+                {"verbs": ["*"], "nonResourceURLs": ["*"]},
+            ]),
+            &[("Group", "system:masters")],
+        ),
+        (
+            "system:discovery",
+            read(&[
+                "/api",
+                "/api/*",
+                "/apis",
+                "/apis/*",
+                "/healthz",
+                "/livez",
+                "/openapi",
+                "/openapi/*",
+                "/readyz",
+                "/version",
+                "/version/",
+            ]),
+            &authenticated,
+        ),
+        (
+            "system:basic-user",
+            json!([
+                self_reviews(
+                    "authorization.k8s.io",
+                    &["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+                ),
+                self_reviews("authentication.k8s.io", &["selfsubjectreviews"]),
+            ]),
+            &authenticated,
+        ),
+        (
+            "system:public-info-viewer",
+            read(&["/healthz", "/livez", "/readyz", "/version", "/version/"]),
+            &[
+                ("Group", "system:authenticated"),
+                ("Group", "system:unauthenticated"),
+            ],
+        ),
+        (
+            "system:auth-delegator",
+            json!([
+                self_reviews("authentication.k8s.io", &["tokenreviews"]),
+                self_reviews("authorization.k8s.io", &["subjectaccessreviews"]),
+            ]),
+            &[],
+        ),
+    ];
+    let labels = [("kubernetes.io/bootstrapping", "rbac-defaults")];
+    let mut objects = Vec::new();
+    for (name, rules, subjects) in roles {
+        let mut role = cluster_role(name, rules);
+        role["metadata"]["labels"] = json!(annotation_map(&labels));
+        objects.push(role);
+        if !subjects.is_empty() {
+            let mut binding = cluster_role_binding(name, name, subjects);
+            binding["metadata"]["labels"] = json!(annotation_map(&labels));
+            objects.push(binding);
+        }
+    }
+    objects
+}
+
 fn annotation_map(annotations: &[(&str, &str)]) -> Map<String, Value> {
     annotations
         .iter()
@@ -464,5 +708,120 @@ pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Value {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": name, "annotations": annotation_map(annotations)},
+    })
+}
+
+/// A service account.
+pub fn service_account(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace},
+    })
+}
+
+/// A Running host-network pod on `node` that runs as `service_account`, like a podiam
+/// agent of a DaemonSet: `spec.hostNetwork: true`, `status.podIP` = `hostIP` = a node
+/// address derived from the node's name, label `app: podiam-agent`.
+pub fn agent_pod(namespace: &str, name: &str, node: &str, service_account: &str) -> Value {
+    let node_ip = format!("192.0.2.{}", node_octet(node));
+    let mut object = pod(namespace, name, &node_ip, &[]);
+    object["metadata"]["labels"] = json!({"app": "podiam-agent"});
+    object["spec"]["nodeName"] = json!(node);
+    object["spec"]["hostNetwork"] = json!(true);
+    object["spec"]["serviceAccountName"] = json!(service_account);
+    object["status"]["hostIP"] = json!(node_ip);
+    object["status"]["hostIPs"] = json!([{"ip": node_ip}]);
+    object
+}
+
+/// A stable host octet (1..=254) for a node name: the number at its end if it has one
+/// (`node-7` → 7), else a hash of the name.
+fn node_octet(node: &str) -> u8 {
+    let digits: String = node
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let number = digits.parse::<u32>().unwrap_or_else(|_| {
+        node.bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+    });
+    u8::try_from(number % 254 + 1).unwrap_or(1)
+}
+
+fn subjects(subjects: &[(&str, &str)]) -> Value {
+    subjects
+        .iter()
+        .map(|(kind, name)| {
+            if *kind == "ServiceAccount" {
+                let (namespace, name) = name.split_once(':').unwrap_or(("", name));
+                json!({"kind": "ServiceAccount", "name": name, "namespace": namespace})
+            } else {
+                json!({"kind": kind, "apiGroup": resource::RBAC_GROUP, "name": name})
+            }
+        })
+        .collect()
+}
+
+/// A ClusterRole with `rules` (a JSON array of PolicyRules).
+pub fn cluster_role(name: &str, rules: Value) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": rules,
+    })
+}
+
+/// A Role in `namespace` with `rules` (a JSON array of PolicyRules).
+pub fn role(namespace: &str, name: &str, rules: Value) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": rules,
+    })
+}
+
+/// A ClusterRoleBinding of the ClusterRole `role` to `subjects`, each `(kind, name)`:
+/// `("User", "alice")`, `("Group", "devs")`, `("ServiceAccount", "podiam:agent")`
+/// (namespace:name).
+pub fn cluster_role_binding(name: &str, role: &str, subjects_: &[(&str, &str)]) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": resource::RBAC_GROUP, "kind": "ClusterRole", "name": role},
+        "subjects": subjects(subjects_),
+    })
+}
+
+/// A RoleBinding in `namespace` of `role_ref` — `("Role", name)` or `("ClusterRole", name)`
+/// — to `subjects`, as for [`cluster_role_binding`] (a `ServiceAccount` subject without
+/// `ns:` means one in `namespace`).
+pub fn role_binding(
+    namespace: &str,
+    name: &str,
+    role_ref: (&str, &str),
+    subjects_: &[(&str, &str)],
+) -> Value {
+    let mut subjects = subjects(subjects_);
+    if let Value::Array(items) = &mut subjects {
+        for subject in items {
+            if subject["namespace"] == "" {
+                subject["namespace"] = json!(namespace);
+            }
+        }
+    }
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace},
+        "roleRef": {"apiGroup": resource::RBAC_GROUP, "kind": role_ref.0, "name": role_ref.1},
+        "subjects": subjects,
     })
 }

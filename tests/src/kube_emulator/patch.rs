@@ -114,8 +114,8 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// The merge key of a list field in the core/v1 pod and event types, if the list merges
-/// element-wise under a strategic merge patch.
+/// The merge key of a list field in the core/v1 pod, event and service account types, if
+/// the list merges element-wise under a strategic merge patch.
 pub fn merge_key_for(field: &str) -> Option<&'static str> {
     match field {
         "containers"
@@ -124,6 +124,7 @@ pub fn merge_key_for(field: &str) -> Option<&'static str> {
         | "volumes"
         | "env"
         | "imagePullSecrets"
+        | "secrets"
         | "resourceClaims" => Some("name"),
         "volumeMounts" => Some("mountPath"),
         "volumeDevices" => Some("devicePath"),

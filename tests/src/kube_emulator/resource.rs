@@ -1,8 +1,9 @@
 //! The resource types the emulator serves and the discovery documents that describe them.
 //!
-//! Everything here is static data: which kinds exist, their plural names, group/version,
-//! whether they are namespaced, and the `/version`, `/api`, `/api/v1`, `/apis` and
-//! `/apis/events.k8s.io/v1` documents built from that table.
+//! Everything here is static data: which kinds are stored, their plural names,
+//! group/version, whether they are namespaced; which create-only review resources exist
+//! ([`Review`]); and the `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}` and
+//! `/apis/{group}/v1` documents built from those tables.
 //!
 //! Discovery is served in the legacy (non-aggregated) form with `Content-Type:
 //! application/json`. kubectl 1.32 asks for aggregated discovery
@@ -26,14 +27,67 @@ pub enum Kind {
     /// kube-rs' `kube::runtime::events::Recorder` writes. Stored separately from core/v1 events
     /// (the real apiserver converts between the two; the emulator does not).
     EventV1,
+    /// core/v1 `ServiceAccount` (namespaced, `serviceaccounts`), with the `token`
+    /// subresource (TokenRequest).
+    ServiceAccount,
+    /// rbac.authorization.k8s.io/v1 `Role` (namespaced, `roles`).
+    Role,
+    /// rbac.authorization.k8s.io/v1 `RoleBinding` (namespaced, `rolebindings`).
+    RoleBinding,
+    /// rbac.authorization.k8s.io/v1 `ClusterRole` (cluster-scoped, `clusterroles`).
+    ClusterRole,
+    /// rbac.authorization.k8s.io/v1 `ClusterRoleBinding` (cluster-scoped,
+    /// `clusterrolebindings`).
+    ClusterRoleBinding,
 }
 
 /// The API group `events.k8s.io`.
 pub const EVENTS_GROUP: &str = "events.k8s.io";
+/// The API group `rbac.authorization.k8s.io`.
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+/// The API group `authentication.k8s.io` (TokenReview, TokenRequest, SelfSubjectReview).
+pub const AUTHENTICATION_GROUP: &str = "authentication.k8s.io";
+/// The API group `authorization.k8s.io` (SubjectAccessReview, SelfSubjectAccessReview).
+pub const AUTHORIZATION_GROUP: &str = "authorization.k8s.io";
+
+/// The named groups (everything but core), in discovery order. Each serves only `v1`.
+pub const NAMED_GROUPS: [&str; 4] = [
+    EVENTS_GROUP,
+    RBAC_GROUP,
+    AUTHENTICATION_GROUP,
+    AUTHORIZATION_GROUP,
+];
+
+/// The groups with stored kinds (and so with OpenAPI documents), core ("") first.
+pub const STORED_GROUPS: [&str; 3] = ["", EVENTS_GROUP, RBAC_GROUP];
+
+/// The `&'static` spelling of a named group, if the emulator serves it.
+pub fn named_group(group: &str) -> Option<&'static str> {
+    NAMED_GROUPS.into_iter().find(|g| *g == group)
+}
+
+/// The `apiVersion` of objects in `group` (which serves only `v1`).
+pub fn group_version(group: &str) -> String {
+    if group.is_empty() {
+        "v1".to_string()
+    } else {
+        format!("{group}/v1")
+    }
+}
 
 impl Kind {
     /// Every kind, in discovery order.
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::Event, Kind::EventV1];
+    pub const ALL: [Kind; 9] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::Event,
+        Kind::EventV1,
+        Kind::ServiceAccount,
+        Kind::Role,
+        Kind::RoleBinding,
+        Kind::ClusterRole,
+        Kind::ClusterRoleBinding,
+    ];
 
     /// The `kind` field of an object of this type.
     pub fn kind_name(self) -> &'static str {
@@ -41,6 +95,11 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::Event | Kind::EventV1 => "Event",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::Role => "Role",
+            Kind::RoleBinding => "RoleBinding",
+            Kind::ClusterRole => "ClusterRole",
+            Kind::ClusterRoleBinding => "ClusterRoleBinding",
         }
     }
 
@@ -50,6 +109,11 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
             Kind::Event | Kind::EventV1 => "events",
+            Kind::ServiceAccount => "serviceaccounts",
+            Kind::Role => "roles",
+            Kind::RoleBinding => "rolebindings",
+            Kind::ClusterRole => "clusterroles",
+            Kind::ClusterRoleBinding => "clusterrolebindings",
         }
     }
 
@@ -59,6 +123,11 @@ impl Kind {
             Kind::Pod => "pod",
             Kind::Namespace => "namespace",
             Kind::Event | Kind::EventV1 => "event",
+            Kind::ServiceAccount => "serviceaccount",
+            Kind::Role => "role",
+            Kind::RoleBinding => "rolebinding",
+            Kind::ClusterRole => "clusterrole",
+            Kind::ClusterRoleBinding => "clusterrolebinding",
         }
     }
 
@@ -66,21 +135,28 @@ impl Kind {
     pub fn group(self) -> &'static str {
         match self {
             Kind::EventV1 => EVENTS_GROUP,
-            _ => "",
+            Kind::Role | Kind::RoleBinding | Kind::ClusterRole | Kind::ClusterRoleBinding => {
+                RBAC_GROUP
+            }
+            Kind::Pod | Kind::Namespace | Kind::Event | Kind::ServiceAccount => "",
         }
     }
 
     /// The `apiVersion` field of an object of this type.
     pub fn api_version(self) -> &'static str {
-        match self {
-            Kind::EventV1 => "events.k8s.io/v1",
+        match self.group() {
+            EVENTS_GROUP => "events.k8s.io/v1",
+            RBAC_GROUP => "rbac.authorization.k8s.io/v1",
             _ => "v1",
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace)
+        !matches!(
+            self,
+            Kind::Namespace | Kind::ClusterRole | Kind::ClusterRoleBinding
+        )
     }
 
     /// Short names accepted by kubectl.
@@ -89,7 +165,12 @@ impl Kind {
             Kind::Pod => &["po"],
             Kind::Namespace => &["ns"],
             Kind::Event => &["ev"],
-            Kind::EventV1 => &[],
+            Kind::ServiceAccount => &["sa"],
+            Kind::EventV1
+            | Kind::Role
+            | Kind::RoleBinding
+            | Kind::ClusterRole
+            | Kind::ClusterRoleBinding => &[],
         }
     }
 
@@ -115,6 +196,72 @@ impl Kind {
         Kind::ALL
             .into_iter()
             .find(|k| k.group() == group && k.plural() == plural)
+    }
+}
+
+/// A create-only, cluster-scoped resource that stores nothing: the answer is computed from
+/// the request (the review APIs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Review {
+    /// authentication.k8s.io/v1 `TokenReview` (`tokenreviews`).
+    TokenReview,
+    /// authentication.k8s.io/v1 `SelfSubjectReview` (`selfsubjectreviews`, what
+    /// `kubectl auth whoami` asks).
+    SelfSubjectReview,
+    /// authorization.k8s.io/v1 `SubjectAccessReview` (`subjectaccessreviews`).
+    SubjectAccessReview,
+    /// authorization.k8s.io/v1 `SelfSubjectAccessReview` (`selfsubjectaccessreviews`, what
+    /// `kubectl auth can-i` asks).
+    SelfSubjectAccessReview,
+}
+
+impl Review {
+    /// Every review resource, in discovery order.
+    pub const ALL: [Review; 4] = [
+        Review::TokenReview,
+        Review::SelfSubjectReview,
+        Review::SubjectAccessReview,
+        Review::SelfSubjectAccessReview,
+    ];
+
+    /// The `kind` of the request and response objects.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Review::TokenReview => "TokenReview",
+            Review::SelfSubjectReview => "SelfSubjectReview",
+            Review::SubjectAccessReview => "SubjectAccessReview",
+            Review::SelfSubjectAccessReview => "SelfSubjectAccessReview",
+        }
+    }
+
+    /// The resource's plural name.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Review::TokenReview => "tokenreviews",
+            Review::SelfSubjectReview => "selfsubjectreviews",
+            Review::SubjectAccessReview => "subjectaccessreviews",
+            Review::SelfSubjectAccessReview => "selfsubjectaccessreviews",
+        }
+    }
+
+    /// The API group.
+    pub fn group(self) -> &'static str {
+        match self {
+            Review::TokenReview | Review::SelfSubjectReview => AUTHENTICATION_GROUP,
+            Review::SubjectAccessReview | Review::SelfSubjectAccessReview => AUTHORIZATION_GROUP,
+        }
+    }
+
+    /// The `apiVersion` of the request and response objects.
+    pub fn api_version(self) -> String {
+        group_version(self.group())
+    }
+
+    /// The review resource named `plural` in `group`.
+    pub fn from_plural(group: &str, plural: &str) -> Option<Review> {
+        Review::ALL
+            .into_iter()
+            .find(|r| r.group() == group && r.plural() == plural)
     }
 }
 
@@ -144,38 +291,39 @@ pub fn api_versions_document(server_address: &str) -> Value {
     })
 }
 
-/// `/apis`: the named groups (only `events.k8s.io`).
+/// `/apis`: the named groups.
 pub fn api_group_list_document() -> Value {
-    let version = json!({"groupVersion": "events.k8s.io/v1", "version": "v1"});
+    let groups: Vec<Value> = NAMED_GROUPS.into_iter().map(group_entry).collect();
     json!({
         "kind": "APIGroupList",
         "apiVersion": "v1",
-        "groups": [{
-            "name": EVENTS_GROUP,
-            "versions": [version.clone()],
-            "preferredVersion": version,
-        }],
+        "groups": groups,
     })
 }
 
-/// `/apis/events.k8s.io`: one group.
-pub fn api_group_document() -> Value {
-    let version = json!({"groupVersion": "events.k8s.io/v1", "version": "v1"});
+fn group_entry(group: &str) -> Value {
+    let version = json!({"groupVersion": group_version(group), "version": "v1"});
     json!({
-        "kind": "APIGroup",
-        "apiVersion": "v1",
-        "name": EVENTS_GROUP,
+        "name": group,
         "versions": [version.clone()],
         "preferredVersion": version,
     })
 }
 
-/// The verbs every emulated resource supports.
+/// `/apis/{group}`: one named group.
+pub fn api_group_document(group: &str) -> Value {
+    let mut document = group_entry(group);
+    document["kind"] = json!("APIGroup");
+    document["apiVersion"] = json!("v1");
+    document
+}
+
+/// The verbs every stored resource supports.
 const VERBS: [&str; 7] = [
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
-/// `/api/v1` (group "") or `/apis/events.k8s.io/v1`: the resources of one group-version.
+/// `/api/v1` (group "") or `/apis/{group}/v1`: the resources of one group-version.
 pub fn api_resource_list_document(group: &str) -> Value {
     let mut resources = Vec::new();
     for kind in Kind::ALL.into_iter().filter(|k| k.group() == group) {
@@ -203,16 +351,33 @@ pub fn api_resource_list_document(group: &str) -> Value {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if kind == Kind::ServiceAccount {
+            // A subresource in another group's type: TokenRequest lives in
+            // authentication.k8s.io, so the entry names its group and version.
+            resources.push(json!({
+                "name": "serviceaccounts/token",
+                "singularName": "",
+                "namespaced": true,
+                "group": AUTHENTICATION_GROUP,
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
     }
-    let group_version = if group.is_empty() {
-        "v1".to_string()
-    } else {
-        format!("{group}/v1")
-    };
+    for review in Review::ALL.into_iter().filter(|r| r.group() == group) {
+        resources.push(json!({
+            "name": review.plural(),
+            "singularName": review.kind_name().to_ascii_lowercase(),
+            "namespaced": false,
+            "kind": review.kind_name(),
+            "verbs": ["create"],
+        }));
+    }
     json!({
         "kind": "APIResourceList",
         "apiVersion": "v1",
-        "groupVersion": group_version,
+        "groupVersion": group_version(group),
         "resources": resources,
     })
 }
@@ -226,10 +391,10 @@ pub fn openapi_v3_key(group: &str) -> String {
     }
 }
 
-/// `/openapi/v3`: the index of per-group-version documents.
+/// `/openapi/v3`: the index of per-group-version documents (groups with stored kinds).
 pub fn openapi_v3_root() -> Value {
     let mut paths = serde_json::Map::new();
-    for group in ["", EVENTS_GROUP] {
+    for group in STORED_GROUPS {
         let key = openapi_v3_key(group);
         paths.insert(
             key.clone(),
@@ -239,7 +404,7 @@ pub fn openapi_v3_root() -> Value {
     json!({"paths": paths})
 }
 
-/// `/openapi/v3/api/v1` and `/openapi/v3/apis/events.k8s.io/v1`: a minimal OpenAPI document.
+/// `/openapi/v3/api/v1`, `/openapi/v3/apis/{group}/v1`: a minimal OpenAPI document.
 ///
 /// It carries no schemas, only one operation per verb kubectl inspects: `kubectl create -f`
 /// and `apply` look for a PATCH operation tagged with the kind's
@@ -308,6 +473,12 @@ mod tests {
             assert_eq!(Kind::from_plural(kind.group(), kind.plural()), Some(kind));
         }
         assert_eq!(Kind::from_plural("", "deployments"), None);
+        for review in Review::ALL {
+            assert_eq!(
+                Review::from_plural(review.group(), review.plural()),
+                Some(review)
+            );
+        }
     }
 
     #[test]
@@ -326,7 +497,9 @@ mod tests {
                 "pods/status",
                 "namespaces",
                 "namespaces/status",
-                "events"
+                "events",
+                "serviceaccounts",
+                "serviceaccounts/token",
             ]
         );
         assert_eq!(doc["resources"][0]["shortNames"], json!(["po"]));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use percent_encoding::percent_decode_str;
 
-use super::resource::{EVENTS_GROUP, Kind};
+use super::resource::{Kind, Review, STORED_GROUPS, named_group};
 
 /// What a request path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,16 +16,19 @@ pub enum Route {
     CoreVersions,
     /// `/apis`
     Groups,
-    /// `/apis/events.k8s.io`
-    Group,
-    /// `/api/v1` (group "") or `/apis/events.k8s.io/v1`.
+    /// `/apis/{group}` for a named group the emulator serves.
+    Group {
+        /// The API group.
+        group: &'static str,
+    },
+    /// `/api/v1` (group "") or `/apis/{group}/v1`.
     Resources {
         /// The API group ("" for core).
         group: &'static str,
     },
     /// `/openapi/v3`: the index of OpenAPI v3 documents.
     OpenApiV3Root,
-    /// `/openapi/v3/api/v1` or `/openapi/v3/apis/events.k8s.io/v1`.
+    /// `/openapi/v3/api/v1` or `/openapi/v3/apis/{group}/v1` (groups with stored kinds).
     OpenApiV3 {
         /// The API group ("" for core).
         group: &'static str,
@@ -52,6 +55,15 @@ pub enum Route {
         /// A legacy `/watch/` path.
         watch: bool,
     },
+    /// `/api/v1/namespaces/{ns}/serviceaccounts/{name}/token`: TokenRequest.
+    TokenRequest {
+        /// The service account's namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+    },
+    /// `/apis/authentication.k8s.io/v1/tokenreviews` and the other review resources.
+    Review(Review),
 }
 
 fn decode(segment: &str) -> String {
@@ -66,20 +78,23 @@ pub fn parse_route(path: &str) -> Option<Route> {
         .map(decode)
         .collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let stored_group = |group: &str| STORED_GROUPS.into_iter().find(|g| *g == group);
     let (group, rest): (&'static str, &[&str]) = match segments.as_slice() {
         ["version"] => return Some(Route::Version),
         ["api"] => return Some(Route::CoreVersions),
         ["apis"] => return Some(Route::Groups),
-        ["apis", group] if *group == EVENTS_GROUP => return Some(Route::Group),
+        ["apis", group] => {
+            return named_group(group).map(|group| Route::Group { group });
+        }
         ["openapi", "v3"] => return Some(Route::OpenApiV3Root),
         ["openapi", "v3", "api", "v1"] => return Some(Route::OpenApiV3 { group: "" }),
-        ["openapi", "v3", "apis", group, "v1"] if *group == EVENTS_GROUP => {
-            return Some(Route::OpenApiV3 {
-                group: EVENTS_GROUP,
-            });
+        ["openapi", "v3", "apis", group, "v1"] => {
+            return stored_group(group)
+                .filter(|g| !g.is_empty())
+                .map(|group| Route::OpenApiV3 { group });
         }
         ["api", "v1", rest @ ..] => ("", rest),
-        ["apis", group, "v1", rest @ ..] if *group == EVENTS_GROUP => (EVENTS_GROUP, rest),
+        ["apis", group, "v1", rest @ ..] => (named_group(group)?, rest),
         _ => return None,
     };
     let (watch, rest) = match rest {
@@ -122,17 +137,33 @@ pub fn parse_route(path: &str) -> Option<Route> {
             name,
             false,
         ),
+        ["namespaces", ns, "serviceaccounts", name, "token"] if namespaces(group) && !watch => {
+            Some(Route::TokenRequest {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            })
+        }
         ["namespaces", ns, plural, name, "status"] => object(
             resource(plural).filter(|k| k.namespaced())?,
             Some(ns),
             name,
             true,
         ),
-        [plural] => Some(Route::Collection {
-            kind: resource(plural)?,
-            namespace: None,
-            watch,
-        }),
+        [plural] => match Review::from_plural(group, plural) {
+            Some(review) if !watch => Some(Route::Review(review)),
+            Some(_) => None,
+            None => Some(Route::Collection {
+                kind: resource(plural)?,
+                namespace: None,
+                watch,
+            }),
+        },
+        [plural, name] => object(
+            resource(plural).filter(|k| !k.namespaced())?,
+            None,
+            name,
+            false,
+        ),
         _ => None,
     }
 }
@@ -210,6 +241,7 @@ pub fn negotiate(accept: Option<&str>) -> Representation {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::kube_emulator::resource::{AUTHENTICATION_GROUP, EVENTS_GROUP, RBAC_GROUP};
 
     fn collection(kind: Kind, namespace: Option<&str>) -> Option<Route> {
         Some(Route::Collection {
@@ -236,7 +268,17 @@ mod tests {
             ("/version/", Some(Route::Version)),
             ("/api", Some(Route::CoreVersions)),
             ("/apis", Some(Route::Groups)),
-            ("/apis/events.k8s.io", Some(Route::Group)),
+            (
+                "/apis/events.k8s.io",
+                Some(Route::Group {
+                    group: EVENTS_GROUP,
+                }),
+            ),
+            (
+                "/apis/rbac.authorization.k8s.io",
+                Some(Route::Group { group: RBAC_GROUP }),
+            ),
+            ("/apis/apps", None),
             ("/api/v1", Some(Route::Resources { group: "" })),
             (
                 "/apis/events.k8s.io/v1",
@@ -286,6 +328,51 @@ mod tests {
                     watch: true,
                 }),
             ),
+            (
+                "/api/v1/namespaces/a/serviceaccounts",
+                collection(Kind::ServiceAccount, Some("a")),
+            ),
+            (
+                "/api/v1/namespaces/a/serviceaccounts/agent/token",
+                Some(Route::TokenRequest {
+                    namespace: "a".into(),
+                    name: "agent".into(),
+                }),
+            ),
+            (
+                "/apis/rbac.authorization.k8s.io/v1/clusterroles/view",
+                object(Kind::ClusterRole, None, "view", false),
+            ),
+            (
+                "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+                collection(Kind::ClusterRoleBinding, None),
+            ),
+            (
+                "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings/rb",
+                object(Kind::RoleBinding, Some("a"), "rb", false),
+            ),
+            (
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                Some(Route::Review(Review::TokenReview)),
+            ),
+            (
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                Some(Route::Review(Review::SelfSubjectAccessReview)),
+            ),
+            (
+                "/apis/authentication.k8s.io/v1",
+                Some(Route::Resources {
+                    group: AUTHENTICATION_GROUP,
+                }),
+            ),
+            (
+                "/openapi/v3/apis/rbac.authorization.k8s.io/v1",
+                Some(Route::OpenApiV3 { group: RBAC_GROUP }),
+            ),
+            ("/openapi/v3/apis/authentication.k8s.io/v1", None),
+            ("/api/v1/namespaces/a/pods/web/token", None),
+            ("/api/v1/pods/web", None),
+            ("/apis/rbac.authorization.k8s.io/v1/roles/r", None),
             ("/api/v1/namespaces/a/events/e1/status", None),
             ("/api/v1/namespaces/a/namespaces", None),
             ("/api/v1/services", None),

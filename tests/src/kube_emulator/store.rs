@@ -455,6 +455,7 @@ impl Store {
         });
         apply_defaults(kind, &mut object);
         normalize(&mut object);
+        validate(kind, &object, None)?;
         if dry_run {
             return Ok(object);
         }
@@ -817,8 +818,55 @@ fn apply_defaults(kind: Kind, object: &mut Value) {
                 set_path(object, &["status", "phase"], json!("Pending"));
             }
         }
-        Kind::Event | Kind::EventV1 => {}
+        Kind::RoleBinding | Kind::ClusterRoleBinding => {
+            // User and Group subjects belong to the RBAC group unless they say otherwise.
+            if let Some(subjects) = object.get_mut("subjects").and_then(Value::as_array_mut) {
+                for subject in subjects {
+                    let person = matches!(subject["kind"].as_str(), Some("User" | "Group"));
+                    if person && subject.get("apiGroup").is_none_or(Value::is_null) {
+                        set_path(subject, &["apiGroup"], json!(super::resource::RBAC_GROUP));
+                    }
+                }
+            }
+        }
+        Kind::Event | Kind::EventV1 | Kind::ServiceAccount | Kind::Role | Kind::ClusterRole => {}
     }
+}
+
+/// The apiserver's validation of the fields the emulator interprets: a binding's
+/// `roleRef` must name a ClusterRole (or, in a RoleBinding, a Role) and, on update, stay
+/// the same.
+fn validate(kind: Kind, object: &Value, old: Option<&Value>) -> Result<(), EmulatorError> {
+    if !matches!(kind, Kind::RoleBinding | Kind::ClusterRoleBinding) {
+        return Ok(());
+    }
+    let invalid = |message: String| EmulatorError::Invalid {
+        kind: kind.kind_name(),
+        name: meta_str(object, "name").unwrap_or_default().to_string(),
+        message,
+    };
+    let role_ref = &object["roleRef"];
+    let role_kind = role_ref["kind"].as_str().unwrap_or_default();
+    let allowed = match kind {
+        Kind::RoleBinding => &["Role", "ClusterRole"][..],
+        _ => &["ClusterRole"][..],
+    };
+    if !allowed.contains(&role_kind) {
+        return Err(invalid(format!(
+            "roleRef.kind: Unsupported value: {role_kind:?}: supported values: {allowed:?}"
+        )));
+    }
+    if role_ref["name"].as_str().unwrap_or_default().is_empty() {
+        return Err(invalid("roleRef.name: Required value".into()));
+    }
+    if let Some(old) = old
+        && old["roleRef"] != *role_ref
+    {
+        return Err(invalid(
+            "roleRef: Invalid value: the role a binding refers to cannot be changed".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Turns a proposed update into the object to store, enforcing what an update may change.
@@ -927,6 +975,7 @@ fn reconcile_update(
         }
     });
     normalize(&mut result);
+    validate(kind, &result, Some(old))?;
     Ok(result)
 }
 
@@ -1094,6 +1143,43 @@ mod tests {
                 )
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn bindings_need_a_role_ref_that_never_changes() {
+        let store = store(100);
+        let binding = |kind: &str, name: &str| {
+            json!({"metadata": {"name": "b"}, "roleRef": {"kind": kind, "name": name},
+                   "subjects": [{"kind": "User", "name": "alice"}]})
+        };
+        type Check = fn(&Result<Value, EmulatorError>) -> bool;
+        let invalid: Check = |r| matches!(r, Err(EmulatorError::Invalid { .. }));
+        let cases: [(Kind, Value, Check); 4] = [
+            (Kind::ClusterRoleBinding, binding("Role", "r"), invalid),
+            (Kind::RoleBinding, binding("Pod", "r"), invalid),
+            (Kind::RoleBinding, binding("Role", ""), invalid),
+            (Kind::RoleBinding, binding("ClusterRole", "view"), |r| {
+                r.as_ref()
+                    .is_ok_and(|b| b["subjects"][0]["apiGroup"] == "rbac.authorization.k8s.io")
+            }),
+        ];
+        for (kind, object, check) in cases {
+            let result = store.create(kind, Some("a"), object.clone(), false);
+            assert!(check(&result), "{kind:?} {object}: {result:?}");
+        }
+        let changed = store.update_with(
+            Kind::RoleBinding,
+            Some("a"),
+            "b",
+            UpdateScope::Main,
+            false,
+            |old| {
+                let mut new = old.clone();
+                new["roleRef"]["name"] = json!("edit");
+                Ok(new)
+            },
+        );
+        assert!(invalid(&changed), "{changed:?}");
     }
 
     #[test]

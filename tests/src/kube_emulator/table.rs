@@ -4,7 +4,10 @@
 //!
 //! Columns follow the apiserver's printers: pods `Name, Ready, Status, Restarts, Age` and,
 //! at priority 1 (shown by `-o wide`), `IP, Node, Nominated Node, Readiness Gates`;
-//! namespaces `Name, Status, Age`; events `Last Seen, Type, Reason, Object, Message`.
+//! namespaces `Name, Status, Age`; events `Last Seen, Type, Reason, Object, Message`;
+//! service accounts `Name, Secrets, Age`; roles and cluster roles `Name, Created At`;
+//! role bindings and cluster role bindings `Name, Role, Age` and, at priority 1, `Users,
+//! Groups, ServiceAccounts`.
 //! Each row carries the object as `PartialObjectMetadata` (default, `includeObject=Metadata`),
 //! the full object (`includeObject=Object`) or nothing (`includeObject=None`).
 
@@ -129,7 +132,60 @@ pub fn columns(kind: Kind) -> Vec<Value> {
             column("Object", "string", "", 0, "The object this event is about."),
             column("Message", "string", "", 0, "A description of the event."),
         ],
+        Kind::ServiceAccount => vec![
+            column("Name", "string", "name", 0, NAME_DESCRIPTION),
+            column(
+                "Secrets",
+                "string",
+                "",
+                0,
+                "Secrets the service account's pods may use.",
+            ),
+            column("Age", "string", "", 0, AGE_DESCRIPTION),
+        ],
+        Kind::Role | Kind::ClusterRole => vec![
+            column("Name", "string", "name", 0, NAME_DESCRIPTION),
+            column("Created At", "date", "", 0, AGE_DESCRIPTION),
+        ],
+        Kind::RoleBinding | Kind::ClusterRoleBinding => vec![
+            column("Name", "string", "name", 0, NAME_DESCRIPTION),
+            column("Role", "string", "", 0, "The role the binding grants."),
+            column("Age", "string", "", 0, AGE_DESCRIPTION),
+            column("Users", "string", "", 1, "Users the binding applies to."),
+            column("Groups", "string", "", 1, "Groups the binding applies to."),
+            column(
+                "ServiceAccounts",
+                "string",
+                "",
+                1,
+                "Service accounts the binding applies to.",
+            ),
+        ],
     }
+}
+
+/// The names of a binding's subjects of `kind`, comma-separated (service accounts as
+/// `namespace/name`).
+fn subject_names(binding: &Value, kind: &str) -> String {
+    binding["subjects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["kind"] == kind)
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or_default();
+            if kind == "ServiceAccount" {
+                let namespace = s["namespace"]
+                    .as_str()
+                    .or_else(|| binding["metadata"]["namespace"].as_str())
+                    .unwrap_or_default();
+                format!("{namespace}/{name}")
+            } else {
+                name.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn text_or_none(value: &Value) -> String {
@@ -220,6 +276,27 @@ pub fn cells(kind: Kind, object: &Value, now: i64) -> Vec<Value> {
                 ),
             ]
         }
+        Kind::ServiceAccount => vec![
+            name,
+            json!(object["secrets"].as_array().map_or(0, Vec::len)),
+            json!(age(&metadata["creationTimestamp"], now)),
+        ],
+        Kind::Role | Kind::ClusterRole => vec![
+            name,
+            json!(metadata["creationTimestamp"].as_str().unwrap_or_default()),
+        ],
+        Kind::RoleBinding | Kind::ClusterRoleBinding => vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                object["roleRef"]["kind"].as_str().unwrap_or_default(),
+                object["roleRef"]["name"].as_str().unwrap_or_default()
+            )),
+            json!(age(&metadata["creationTimestamp"], now)),
+            json!(subject_names(object, "User")),
+            json!(subject_names(object, "Group")),
+            json!(subject_names(object, "ServiceAccount")),
+        ],
     }
 }
 
@@ -331,6 +408,50 @@ mod tests {
         assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(table["rows"][0]["object"]["metadata"]["name"], "team-a");
         assert_eq!(table["metadata"]["resourceVersion"], "7");
+    }
+
+    #[test]
+    fn rbac_and_service_account_cells() {
+        let created = format_rfc3339(NOW - 90);
+        let binding = json!({
+            "metadata": {"name": "readers", "namespace": "team-a", "creationTimestamp": created},
+            "roleRef": {"kind": "ClusterRole", "name": "view"},
+            "subjects": [
+                {"kind": "User", "name": "alice"}, {"kind": "User", "name": "bob"},
+                {"kind": "Group", "name": "devs"},
+                {"kind": "ServiceAccount", "name": "agent"},
+                {"kind": "ServiceAccount", "name": "x", "namespace": "podiam"},
+            ],
+        });
+        let cases = [
+            (
+                Kind::RoleBinding,
+                binding,
+                json!([
+                    "readers",
+                    "ClusterRole/view",
+                    "90s",
+                    "alice, bob",
+                    "devs",
+                    "team-a/agent, podiam/x"
+                ]),
+            ),
+            (
+                Kind::ClusterRole,
+                json!({"metadata": {"name": "view", "creationTimestamp": created}}),
+                json!(["view", created]),
+            ),
+            (
+                Kind::ServiceAccount,
+                json!({"metadata": {"name": "agent", "creationTimestamp": created},
+                       "secrets": [{"name": "s"}]}),
+                json!(["agent", 1, "90s"]),
+            ),
+        ];
+        for (kind, object, want) in cases {
+            assert_eq!(json!(cells(kind, &object, NOW)), want, "{kind:?}");
+            assert_eq!(columns(kind).len(), cells(kind, &object, NOW).len());
+        }
     }
 
     #[test]
