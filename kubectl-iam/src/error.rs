@@ -34,6 +34,10 @@ pub enum Error {
     /// The `--tls-*` files cannot be used.
     #[error("loading the TLS files")]
     Tls(#[source] podiam_proto::tls::TlsError),
+    /// The user's Kubernetes credentials give no bearer token for the servers (or none could
+    /// be had). Says what to do; never holds the token.
+    #[error("{0}")]
+    Credentials(crate::credentials::CredentialError),
     /// A request the plugin will not carry out (an invalid regex, a malformed role): nothing
     /// was written.
     #[error("{0}")]

@@ -6,6 +6,8 @@
 //!
 //! - [`cli`]: the command line (clap; Kubernetes flags are global, as kubectl users expect).
 //! - [`cluster`]: the Kubernetes client, chosen as kubectl chooses it, and its few calls.
+//! - [`credentials`]: the user's own bearer token from the same kubeconfig (token,
+//!   tokenFile, exec plugin), for the servers' operator calls; redacted everywhere.
 //! - [`annotate`]: `grant`, `revoke`, `permit`, with the servers' own checks first.
 //! - [`servers`]: podiam's servers over mutual TLS, resolved as the agent resolves them.
 //! - [`explain`]: a server's `Explain`, or the same computed from the API with the server
@@ -21,6 +23,7 @@ pub mod annotate;
 pub mod base_arn;
 pub mod cli;
 pub mod cluster;
+pub mod credentials;
 pub mod error;
 pub mod explain;
 pub mod servers;
