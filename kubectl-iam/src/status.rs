@@ -4,8 +4,10 @@
 //!   `app.kubernetes.io/name` labels): node, phase, Ready condition, IP, image.
 //! - From every server replica behind `--server`: its `Status` (version, synced, draining,
 //!   the pods and namespaces in its view, and the agents whose node streams it serves, with
-//!   their node, version and since when). A replica is matched to its pod by IP (servers run
-//!   on the host network, so a replica dialled directly has its pod's IP).
+//!   their node, version and since when), asked with the
+//!   user's own token (`Status` needs `list pods` cluster-wide). A replica is matched to its
+//!   pod by IP (servers run on the host network, so a replica dialled directly has its pod's
+//!   IP).
 //!
 //! Agents are shown per node, joining the agent pod on that node with the node stream some
 //! replica serves for it: an agent pod that is Running but has no stream is one the servers
@@ -13,7 +15,8 @@
 //!
 //! The exit code is for scripts: 0 when at least one server replica is ready — by its own
 //! `Status` when `--server` is given, else by its pod's Ready condition (the readiness probe
-//! is the server's `/ready`) — and 1 otherwise, with the reason ([`verdict`]).
+//! is the server's `/ready`) — and 1 otherwise, with the reason ([`verdict`]). When every
+//! replica refused the caller (no permission), the error is their refusal, as worded.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +27,7 @@ use serde::Serialize;
 use crate::cli::{Output, StatusArgs};
 use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::servers::{Answer, Servers};
+use crate::servers::{Answer, Asked, Servers};
 use crate::table::table;
 use crate::{AGENT_LABEL, SERVER_LABEL};
 
@@ -95,6 +98,9 @@ pub struct ReplicaReport {
     /// Why it could not be asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// It refused the caller (`error` is its refusal, naming the permission missing).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
     pub version: String,
     pub synced: bool,
     pub draining: bool,
@@ -183,6 +189,7 @@ fn servers_report(
                     pod,
                     ready: status.synced && !status.draining,
                     error: None,
+                    refused: false,
                     version: status.version,
                     synced: status.synced,
                     draining: status.draining,
@@ -195,7 +202,8 @@ fn servers_report(
                 address: addr.to_string(),
                 pod,
                 ready: false,
-                error: Some(error),
+                refused: matches!(error, Asked::Refused(_)),
+                error: Some(error.to_string()),
                 version: String::new(),
                 synced: false,
                 draining: false,
@@ -234,6 +242,9 @@ pub fn verdict(
                         servers.replicas.len()
                     ),
                 );
+            }
+            if let Some(refusal) = refusal(servers) {
+                return (false, refusal);
             }
             let why = match &servers.error {
                 Some(error) => error.clone(),
@@ -277,6 +288,15 @@ pub fn verdict(
             )
         }
     }
+}
+
+/// The replicas' refusal of the caller, when every replica refused: the first one's words
+/// (they check alike, and name the permission missing).
+pub fn refusal(servers: &ServersReport) -> Option<String> {
+    if servers.replicas.is_empty() || !servers.replicas.iter().all(|r| r.refused) {
+        return None;
+    }
+    servers.replicas.first().and_then(|r| r.error.clone())
 }
 
 /// A replica's state in a word or a sentence.
@@ -450,18 +470,17 @@ impl StatusReport {
     }
 }
 
-/// Gathers the report.
+/// Gathers the report, asking `servers` when given.
 pub async fn status(
     cluster: &Cluster,
     podiam_namespace: &str,
-    args: &StatusArgs,
+    servers: Option<&Servers>,
 ) -> Result<StatusReport, Error> {
-    let servers = Servers::from_args(&args.servers)?;
     let (server_pods, agent_pods, answers) = tokio::join!(
         cluster.list_pods(Some(podiam_namespace), Some(SERVER_LABEL), None),
         cluster.list_pods(Some(podiam_namespace), Some(AGENT_LABEL), None),
         async {
-            match &servers {
+            match servers {
                 Some(servers) => Some((servers.urls(), servers.statuses().await)),
                 None => None,
             }
@@ -480,13 +499,15 @@ pub async fn status(
     })
 }
 
-/// Runs `status`, prints the report, and fails when no server replica is ready.
+/// Runs `status`, prints the report, and fails when no server replica is ready (with the
+/// replicas' refusal when they all refused the caller).
 pub async fn run(
     cluster: &Cluster,
     podiam_namespace: &str,
     args: &StatusArgs,
+    servers: Option<&Servers>,
 ) -> Result<(), Error> {
-    let report = status(cluster, podiam_namespace, args).await?;
+    let report = status(cluster, podiam_namespace, servers).await?;
     match args.output {
         Output::Text => {
             let now = podiam_proto::tls::unix_seconds(std::time::SystemTime::now());
@@ -499,6 +520,8 @@ pub async fn run(
     }
     if report.ready {
         Ok(())
+    } else if let Some(refusal) = report.servers.as_ref().and_then(refusal) {
+        Err(Error::ServerRefused(refusal))
     } else {
         Err(Error::NotReady(report.summary))
     }
@@ -536,6 +559,7 @@ mod tests {
                     node_name: node.to_string(),
                     agent_version: version.to_string(),
                     connected_unix: 1_000,
+                    agent_pod: String::new(),
                 })
                 .collect(),
             pods: 12,
@@ -564,7 +588,7 @@ mod tests {
                 (addr("10.0.0.2:8443"), Ok(answer(false, false, &[]))),
                 (
                     addr("10.0.0.3:8443"),
-                    Err("server unavailable: refused".into()),
+                    Err(Asked::Failed("server unavailable: refused".into())),
                 ),
             ]),
             &pods,
@@ -659,5 +683,55 @@ mod tests {
         assert!(line("node-3").starts_with("node-3 - - - - 0.0.9 10.0.0.1:8443"));
         assert!(text.contains("10.0.0.1:8443  server-a  0.1.0"), "{text}");
         assert!(text.ends_with("\n1 of 1 server replicas ready\n"), "{text}");
+    }
+
+    #[test]
+    fn replicas_refusing_the_caller_say_so_in_their_words() {
+        let pods = listing_of(vec![summary("server-a", "cp-1", true, "10.0.0.1")]);
+        let denied = "\"alice\" may not list pods cluster-wide, which this needs (give it the \
+                      podiam-operator ClusterRole)";
+        let refused = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![
+                (addr("10.0.0.1:8443"), Err(Asked::Refused(denied.into()))),
+                (addr("10.0.0.2:8443"), Err(Asked::Refused(denied.into()))),
+            ]),
+            &pods,
+        );
+        assert!(refused.replicas.iter().all(|r| r.refused && !r.ready));
+        let (ready, line) = verdict("podiam", &pods, Some(&refused));
+        assert!(!ready);
+        assert_eq!(line, denied);
+        assert_eq!(refusal(&refused).as_deref(), Some(denied));
+        let json = serde_json::to_value(&refused).expect("json");
+        assert_eq!(json["replicas"][0]["refused"], true);
+        assert_eq!(json["replicas"][0]["error"], denied);
+
+        // One replica unreachable: not a refusal of the caller by every replica.
+        let mixed = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![
+                (addr("10.0.0.1:8443"), Err(Asked::Refused(denied.into()))),
+                (
+                    addr("10.0.0.2:8443"),
+                    Err(Asked::Failed("server unavailable: refused".into())),
+                ),
+            ]),
+            &pods,
+        );
+        assert_eq!(refusal(&mixed), None);
+        let (_, line) = verdict("podiam", &pods, Some(&mixed));
+        assert!(
+            line.contains(denied) && line.contains("10.0.0.2:8443"),
+            "{line}"
+        );
+        // A replica that answered is not flagged.
+        let fine = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![(addr("10.0.0.1:8443"), Ok(answer(true, false, &[])))]),
+            &pods,
+        );
+        let json = serde_json::to_value(&fine).expect("json");
+        assert!(json["replicas"][0].get("refused").is_none(), "{json}");
     }
 }
