@@ -7,7 +7,7 @@
 //! - `permit` refuses a regex the servers would treat as invalid, by compiling it exactly as
 //!   they do ([`Permitted::compile`]: `^(?:…)$`, with their size limits).
 
-use podiam_server::policy::{
+use podiam_policy::policy::{
     self, PERMITTED_ANNOTATION, Permitted, ROLE_ANNOTATION, Role, Verdict,
 };
 

@@ -17,7 +17,7 @@
 //! [`setting`] is the pure part (a pod's spec in, where the value lives out).
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use podiam_server::policy::valid_base_arn;
+use podiam_policy::policy::valid_base_arn;
 
 use crate::SERVER_LABEL;
 use crate::cluster::Cluster;

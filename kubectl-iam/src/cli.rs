@@ -3,6 +3,8 @@
 //! kubectl hands a plugin every word after its name, so the Kubernetes flags
 //! (`--kubeconfig`, `--context`, `-n`) are global: they work before or after the command.
 //! The flags of one command (how to reach the servers, `-o`) belong to that command.
+//! Reaching the servers takes no podiam key: their CA to verify them (`--tls-ca`), and the
+//! user's own Kubernetes credentials from the kubeconfig, which must give a bearer token.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +17,10 @@ use podiam_proto::telemetry::parse_duration;
 /// Installed as `kubectl-iam` on the PATH, it runs as `kubectl iam`. grant, revoke and permit
 /// set podiam's annotations (what `kubectl annotate` would, checked first); explain and
 /// status ask podiam's servers when --server is given, and the Kubernetes API otherwise.
+///
+/// Calls to the servers carry your own Kubernetes token (from the kubeconfig: a token, a
+/// tokenFile or an exec credential plugin such as `aws eks get-token`), and the servers answer
+/// only what your RBAC lets you read (the podiam-operator ClusterRole grants it).
 #[derive(Debug, Parser)]
 #[command(name = "kubectl-iam", bin_name = "kubectl iam", version)]
 pub struct Cli {
@@ -55,11 +61,13 @@ pub enum Command {
     /// Permit roles in a namespace: set its iam.amazonaws.com/permitted regex, which must
     /// match the whole role. Refuses a regex the servers would treat as invalid.
     Permit(PermitArgs),
-    /// Why a pod gets its role, or does not: asks a podiam server, or works it out from the
-    /// Kubernetes API with the servers' own decision code when no server answers.
+    /// Why a pod gets its role, or does not: asks a podiam server (as you: you need `get
+    /// pods` in the pod's namespace), or works it out from the Kubernetes API with the
+    /// servers' own decision code when no server is given or none answers.
     Explain(ExplainArgs),
     /// podiam's servers and agents: their pods, and what each server replica that answers
-    /// says (version, sync, the agents it serves). Exits 1 when no server replica is ready.
+    /// says (version, sync, the agents it serves and the pods they proved; as you: you need
+    /// `list pods` cluster-wide). Exits 1 when no server replica is ready.
     Status(StatusArgs),
 }
 
@@ -110,7 +118,8 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-/// How to reach podiam's servers (mutual TLS: the agent's certificate works).
+/// How to reach podiam's servers: TLS verified against their CA, and your own Kubernetes
+/// token on every call (no client certificate).
 #[derive(Clone, Debug, Args)]
 pub struct ServerArgs {
     /// A podiam server's gRPC URL, https://HOST:PORT: a name that resolves to every replica
@@ -122,17 +131,13 @@ pub struct ServerArgs {
     /// (podiam-server.podiam.svc when dialling a replica by its IP).
     #[arg(long, env = "PODIAM_SERVER_NAME", value_name = "NAME", help_heading = SERVERS)]
     pub server_name: Option<String>,
-    /// CA certificate (PEM) the servers' certificates must chain to.
+    /// CA certificate (PEM) the servers' certificates must chain to (ca.crt of Secret
+    /// podiam-server-tls). Nothing else is needed from podiam: calls carry your own
+    /// Kubernetes token from the kubeconfig.
     #[arg(long, env = "PODIAM_TLS_CA", value_name = "PATH", help_heading = SERVERS)]
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) the servers accept: the agent's (Secret podiam-agent-tls).
-    #[arg(long, env = "PODIAM_TLS_CERT", value_name = "PATH", help_heading = SERVERS)]
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "PODIAM_TLS_KEY", value_name = "PATH", help_heading = SERVERS)]
-    pub tls_key: Option<PathBuf>,
-    /// How long the servers get to answer (connecting included); explain then works it out
-    /// from the API instead.
+    /// How long the servers get to answer, resolving and connecting included (one deadline
+    /// for the whole command); explain then works it out from the API instead.
     #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "DURATION", help_heading = SERVERS)]
     pub server_timeout: Duration,
 }
@@ -178,7 +183,7 @@ pub fn object_name<'a>(arg: &'a str, kinds: &[&str]) -> Result<&'a str, String> 
 /// The help heading of the flags that choose the cluster.
 const CLUSTER: &str = "Cluster options";
 /// The help heading of the flags that reach podiam's servers.
-const SERVERS: &str = "Server options (mutual TLS)";
+const SERVERS: &str = "Server options (TLS; calls carry your Kubernetes token)";
 
 /// The kinds a pod argument may be written as.
 pub const POD_KINDS: &[&str] = &["pod", "pods", "po"];

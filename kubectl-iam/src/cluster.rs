@@ -1,4 +1,5 @@
-//! The Kubernetes API as the plugin uses it: a client chosen the way kubectl chooses one,
+//! The Kubernetes API as the plugin uses it: a client chosen the way kubectl chooses one
+//! (and, for calls to podiam's servers, the user's bearer token from the same credentials),
 //! and the few reads and merge patches the commands need, each failing with an error that
 //! names the object.
 
@@ -11,6 +12,7 @@ use kube::{Api, Client, Config};
 use serde_json::json;
 
 use crate::cli::KubeArgs;
+use crate::credentials::{self, BearerToken, CredentialError};
 use crate::error::{Error, api_error};
 
 /// How long one API request may take. kubectl waits forever by default; a command-line tool
@@ -70,13 +72,35 @@ async fn config(args: &KubeArgs) -> Result<Config, Error> {
 impl Cluster {
     /// Connects as `args` say (no request is made yet).
     pub async fn connect(args: &KubeArgs) -> Result<Cluster, Error> {
+        Cluster::from_config(config(args).await?, args)
+    }
+
+    /// Connects as `args` say, and gets the user's bearer token for the servers' operator
+    /// calls: the very token this client sends the API server, obtained once (a credential
+    /// plugin runs once per command, as with kubectl). A user without a bearer token is one
+    /// clear error ([`credentials`]).
+    pub async fn connect_with_token(args: &KubeArgs) -> Result<(Cluster, BearerToken), Error> {
         let mut config = config(args).await?;
+        let token = credentials::bearer_token(&config)
+            .await
+            .map_err(Error::Credentials)?;
+        credentials::pin(&mut config.auth_info, &token);
+        Ok((Cluster::from_config(config, args)?, token))
+    }
+
+    fn from_config(mut config: Config, args: &KubeArgs) -> Result<Cluster, Error> {
         config.read_timeout = Some(API_REQUEST_TIMEOUT);
         let namespace = args
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let client = Client::try_from(config).map_err(Error::Client)?;
+        let client = Client::try_from(config).map_err(|error| match error {
+            // A credential plugin's failure, in the words that never quote its stdout.
+            kube::Error::Auth(auth) => {
+                Error::Credentials(CredentialError::Failed(credentials::describe(&auth)))
+            }
+            other => Error::Client(other),
+        })?;
         Ok(Cluster { client, namespace })
     }
 

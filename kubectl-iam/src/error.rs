@@ -31,9 +31,17 @@ pub enum Error {
     /// A named object does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// The `--tls-*` files cannot be used.
-    #[error("loading the TLS files")]
+    /// The `--tls-ca` file cannot be used.
+    #[error("loading the servers' CA (--tls-ca)")]
     Tls(#[source] podiam_proto::tls::TlsError),
+    /// The user's Kubernetes credentials give no bearer token for the servers (or none could
+    /// be had). Says what to do; never holds the token.
+    #[error("{0}")]
+    Credentials(crate::credentials::CredentialError),
+    /// A server refused the caller (gRPC `Unauthenticated` or `PermissionDenied`): its
+    /// message, as is — it names the permission missing.
+    #[error("{0}")]
+    ServerRefused(String),
     /// A request the plugin will not carry out (an invalid regex, a malformed role): nothing
     /// was written.
     #[error("{0}")]
@@ -106,7 +114,7 @@ mod tests {
         let error = Error::Tls(podiam_proto::tls::TlsError::Config("bad\nkey".into()));
         assert_eq!(
             error.one_line(),
-            "loading the TLS files: building the TLS configuration: bad key"
+            "loading the servers' CA (--tls-ca): building the TLS configuration: bad key"
         );
     }
 

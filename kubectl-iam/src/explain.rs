@@ -1,12 +1,15 @@
 //! `kubectl iam explain POD`: why a pod gets its role, or does not.
 //!
-//! With `--server`, the first ready replica's `Explain` answers. When no server is given or
-//! none answers within `--server-timeout`, the plugin computes the answer itself, from the
-//! Kubernetes API, with the server crate's own decision code: the pod, its namespace and
-//! every pod claiming the same IP go through the same slimming ([`PodRecord::from_pod`]) into
-//! the same indexes ([`podiam_server::index`]) a server's watches fill, and the answer is
-//! [`PodiamService::explain`] over them — the very function behind the gRPC `Explain`. So a
-//! local answer can differ from a server's only where the inputs differ:
+//! With `--server`, the first ready replica's `Explain` answers, asked with the user's own
+//! Kubernetes token: the server answers only users who may `get` the pod. Its refusal of the
+//! caller (no or bad token, a missing permission) is the command's error, as the server words
+//! it. When no server is given or none answers within `--server-timeout`, the plugin computes
+//! the answer itself, from the Kubernetes API, with the servers' own decision code
+//! (`podiam-policy`): the pod, its namespace and every pod claiming the same IP go through the
+//! same slimming ([`PodRecord::from_pod`]) into the same indexes ([`PodIndex`],
+//! [`NamespaceIndex`]) a server's watches fill, and the answer is [`View::explain`] over them
+//! — the very function behind the gRPC `Explain`. So a local answer can differ from a
+//! server's only where the inputs differ:
 //!
 //! - the servers' base role ARN, which the plugin reads from the server pods' settings or
 //!   `--base-role-arn` (see [`crate::base_arn`]; a note says when it was unknown);
@@ -17,28 +20,18 @@
 //!
 //! The answer says which way it was made.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use podiam_policy::decision::{ExplainTarget, View};
+use podiam_policy::index::{NamespaceIndex, PodIndex, PodRecord};
+use podiam_policy::policy::{PERMITTED_ANNOTATION, ROLE_ANNOTATION, valid_base_arn};
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
-use podiam_server::events::Events;
-use podiam_server::index::PodRecord;
-use podiam_server::policy::{PERMITTED_ANNOTATION, ROLE_ANNOTATION, valid_base_arn};
-use podiam_server::service::{PodiamService, ServiceSettings};
-use podiam_server::session::SessionNaming;
-use podiam_server::sts::{
-    AssumeRequest, AssumeRole, CachePolicy, CredentialCache, Issued, StsCallCounters, StsError,
-    SystemClock,
-};
 use serde::Serialize;
 
 use crate::base_arn::{self, BaseArn};
 use crate::cli::{ExplainArgs, Output, POD_KINDS, object_name};
 use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::servers::Servers;
+use crate::servers::{NoExplanation, Servers};
 
 /// An explanation, whichever way it was made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -151,15 +144,6 @@ impl Explanation {
     }
 }
 
-/// STS for a service that only explains: never called (`Explain` hands out no credentials).
-struct NoSts;
-
-impl AssumeRole for NoSts {
-    fn assume_role(&self, _: AssumeRequest) -> BoxFuture<'static, Result<Issued, StsError>> {
-        Box::pin(async { Err(StsError::Unavailable("kubectl iam never calls STS".into())) })
-    }
-}
-
 /// What the API says about a pod: the pod, its namespace, and every pod with its IP.
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
@@ -200,47 +184,35 @@ pub async fn facts(cluster: &Cluster, namespace: &str, name: &str) -> Result<Fac
 }
 
 /// The servers' decision over `facts`, made by the servers' own code: the facts go into the
-/// indexes a server's watches fill, and [`PodiamService::explain`] answers.
+/// indexes a server's watches fill, and [`View::explain`] answers from them. What was read is
+/// all there is to know, so the view counts as synced.
 pub fn decide(
     facts: &Facts,
     namespace: &str,
     name: &str,
     base_arn: &str,
 ) -> Result<ExplainResponse, Error> {
-    let view = podiam_server::watch::Cluster::default();
-    {
-        let mut pods = view.pods.write().unwrap_or_else(|e| e.into_inner());
-        for pod in facts.pod.iter().chain(&facts.same_ip) {
-            if let Some(record) = PodRecord::from_pod(pod) {
-                pods.apply(record);
-            }
-        }
-        let mut namespaces = view.namespaces.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(ns) = &facts.namespace {
-            namespaces.apply(ns);
+    let mut pods = PodIndex::default();
+    for pod in facts.pod.iter().chain(&facts.same_ip) {
+        if let Some(record) = PodRecord::from_pod(pod) {
+            pods.apply(record);
         }
     }
-    // What was read is all there is to know: the server's explain answers from it.
-    view.mark_synced();
-    let sessions = SessionNaming::new("podiam", false).map_err(Error::Refused)?;
-    let cache = CredentialCache::new(
-        Arc::new(NoSts),
-        Arc::new(SystemClock),
-        CachePolicy::new(Duration::from_secs(3600), Duration::from_secs(1800)),
-        StsCallCounters::default(),
-    );
-    let service = PodiamService::new(
-        Arc::new(view),
-        Arc::new(cache),
-        ServiceSettings {
-            base_arn: Some(base_arn.to_string()),
-            sessions,
-        },
-        Arc::new(Events::disabled()),
-    );
-    service
-        .explain(request(namespace, name))
-        .map_err(|status| Error::Refused(status.message().to_string()))
+    let mut namespaces = NamespaceIndex::default();
+    if let Some(ns) = &facts.namespace {
+        namespaces.apply(ns);
+    }
+    let view = View {
+        pods: &pods,
+        namespaces: &namespaces,
+        synced: true,
+        base_arn: Some(base_arn),
+    };
+    view.explain(&ExplainTarget::Pod {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+    .map_err(|refusal| Error::Refused(refusal.to_string()))
 }
 
 fn request(namespace: &str, name: &str) -> ExplainRequest {
@@ -253,15 +225,10 @@ fn request(namespace: &str, name: &str) -> ExplainRequest {
     }
 }
 
-/// The explanation for `namespace/name`: a server's, else computed locally.
-pub async fn explain(
-    cluster: &Cluster,
-    podiam_namespace: &str,
-    args: &ExplainArgs,
-) -> Result<Explanation, Error> {
-    let name = object_name(&args.pod, POD_KINDS).map_err(Error::Usage)?;
-    let namespace = cluster.namespace.as_str();
-    let pod = format!("{namespace}/{name}");
+/// The usage mistakes of `args` that clap cannot see (a malformed pod or base ARN), checked
+/// before anything is read or asked.
+pub fn check(args: &ExplainArgs) -> Result<(), Error> {
+    object_name(&args.pod, POD_KINDS).map_err(Error::Usage)?;
     if let Some(flag) = &args.base.base_role_arn
         && !valid_base_arn(flag)
     {
@@ -269,14 +236,31 @@ pub async fn explain(
             "--base-role-arn {flag:?} is not a base role ARN (arn:aws:iam::ACCOUNT:role/)"
         )));
     }
-    let why_local = match Servers::from_args(&args.servers)? {
+    Ok(())
+}
+
+/// The explanation for `namespace/name`: a server's when `servers` are given and one
+/// answers, else computed locally. A server's refusal of the caller is an error.
+pub async fn explain(
+    cluster: &Cluster,
+    podiam_namespace: &str,
+    args: &ExplainArgs,
+    servers: Option<&Servers>,
+) -> Result<Explanation, Error> {
+    check(args)?;
+    let name = object_name(&args.pod, POD_KINDS).map_err(Error::Usage)?;
+    let namespace = cluster.namespace.as_str();
+    let pod = format!("{namespace}/{name}");
+    let why_local = match servers {
         None => "no --server given".to_string(),
         Some(servers) => match servers.explain(request(namespace, name)).await {
             Ok((addr, answer)) => {
                 let by = format!("podiam server replica {addr}");
                 return Ok(Explanation::new(pod, "server", by, answer, Vec::new()));
             }
-            Err(problems) => format!(
+            // Every replica checks the caller the same way: no other would answer.
+            Err(NoExplanation::Refused(message)) => return Err(Error::ServerRefused(message)),
+            Err(NoExplanation::Unanswered(problems)) => format!(
                 "no server at {} answered: {}",
                 servers.urls(),
                 problems.join("; ")
@@ -313,8 +297,9 @@ pub async fn run(
     cluster: &Cluster,
     podiam_namespace: &str,
     args: &ExplainArgs,
+    servers: Option<&Servers>,
 ) -> Result<(), Error> {
-    let explanation = explain(cluster, podiam_namespace, args).await?;
+    let explanation = explain(cluster, podiam_namespace, args, servers).await?;
     match args.output {
         Output::Text => print!("{}", explanation.render()),
         Output::Json => println!(
@@ -363,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn the_servers_code_decides_each_kind_of_case() {
+    fn the_servers_decision_code_decides_each_kind_of_case() {
         let web = |role| Some(pod("team-a", "web", "10.0.0.1", role));
         let team = |permitted| Some(namespace("team-a", permitted));
         // (facts, allowed, reason, role ARN)

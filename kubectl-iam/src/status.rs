@@ -4,16 +4,20 @@
 //!   `app.kubernetes.io/name` labels): node, phase, Ready condition, IP, image.
 //! - From every server replica behind `--server`: its `Status` (version, synced, draining,
 //!   the pods and namespaces in its view, and the agents whose node streams it serves, with
-//!   their node, version and since when). A replica is matched to its pod by IP (servers run
-//!   on the host network, so a replica dialled directly has its pod's IP).
+//!   their node, the agent pod its token proved, version and since when), asked with the
+//!   user's own token (`Status` needs `list pods` cluster-wide). A replica is matched to its
+//!   pod by IP (servers run on the host network, so a replica dialled directly has its pod's
+//!   IP).
 //!
-//! Agents are shown per node, joining the agent pod on that node with the node stream some
-//! replica serves for it: an agent pod that is Running but has no stream is one the servers
-//! do not hear from.
+//! Agents are shown per node, joining the agent pods on that node with the node streams
+//! replicas serve for it (a stream goes with the pod it proved, else in turn): an agent pod
+//! that is Running but has no stream is one the servers do not hear from, and a stream whose
+//! pod is `unproven` is one a server answers without proof (node binding in warn mode).
 //!
 //! The exit code is for scripts: 0 when at least one server replica is ready — by its own
 //! `Status` when `--server` is given, else by its pod's Ready condition (the readiness probe
-//! is the server's `/ready`) — and 1 otherwise, with the reason ([`verdict`]).
+//! is the server's `/ready`) — and 1 otherwise, with the reason ([`verdict`]). When every
+//! replica refused the caller (no permission), the error is their refusal, as worded.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +28,7 @@ use serde::Serialize;
 use crate::cli::{Output, StatusArgs};
 use crate::cluster::Cluster;
 use crate::error::Error;
-use crate::servers::{Answer, Servers};
+use crate::servers::{Answer, Asked, Servers};
 use crate::table::table;
 use crate::{AGENT_LABEL, SERVER_LABEL};
 
@@ -77,6 +81,9 @@ pub struct Listing {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StreamReport {
     pub node: String,
+    /// The agent's pod, `namespace/name`, as its token proved it to the replica; "" when the
+    /// replica answers it unproven.
+    pub agent_pod: String,
     pub agent_version: String,
     /// The replica serving it.
     pub server: String,
@@ -95,6 +102,9 @@ pub struct ReplicaReport {
     /// Why it could not be asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// It refused the caller (`error` is its refusal, naming the permission missing).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
     pub version: String,
     pub synced: bool,
     pub draining: bool,
@@ -174,6 +184,7 @@ fn servers_report(
                     .streams
                     .extend(status.agents.iter().map(|agent| StreamReport {
                         node: agent.node_name.clone(),
+                        agent_pod: agent.agent_pod.clone(),
                         agent_version: agent.agent_version.clone(),
                         server: addr.to_string(),
                         since_unix: agent.connected_unix,
@@ -183,6 +194,7 @@ fn servers_report(
                     pod,
                     ready: status.synced && !status.draining,
                     error: None,
+                    refused: false,
                     version: status.version,
                     synced: status.synced,
                     draining: status.draining,
@@ -195,7 +207,8 @@ fn servers_report(
                 address: addr.to_string(),
                 pod,
                 ready: false,
-                error: Some(error),
+                refused: matches!(error, Asked::Refused(_)),
+                error: Some(error.to_string()),
                 version: String::new(),
                 synced: false,
                 draining: false,
@@ -234,6 +247,9 @@ pub fn verdict(
                         servers.replicas.len()
                     ),
                 );
+            }
+            if let Some(refusal) = refusal(servers) {
+                return (false, refusal);
             }
             let why = match &servers.error {
                 Some(error) => error.clone(),
@@ -277,6 +293,15 @@ pub fn verdict(
             )
         }
     }
+}
+
+/// The replicas' refusal of the caller, when every replica refused: the first one's words
+/// (they check alike, and name the permission missing).
+pub fn refusal(servers: &ServersReport) -> Option<String> {
+    if servers.replicas.is_empty() || !servers.replicas.iter().all(|r| r.refused) {
+        return None;
+    }
+    servers.replicas.first().and_then(|r| r.error.clone())
 }
 
 /// A replica's state in a word or a sentence.
@@ -414,11 +439,8 @@ impl StatusReport {
         let unknown = if asked { "none" } else { "?" };
         let mut rows = Vec::new();
         for (node, (pods, streams)) in by_node {
-            let count = pods.len().max(streams.len());
-            for i in 0..count {
-                let pod = pods.get(i);
-                let stream = streams.get(i);
-                let pod_field = |f: fn(&PodSummary) -> String| pod.map_or("-".into(), |p| f(p));
+            for (pod, stream) in pair(&self.podiam_namespace, &pods, &streams) {
+                let pod_field = |f: fn(&PodSummary) -> String| pod.map_or("-".into(), f);
                 rows.push(vec![
                     or_dash(node),
                     pod_field(|p| p.name.clone()),
@@ -427,6 +449,13 @@ impl StatusReport {
                     pod_field(|p| or_dash(&p.images.join(","))),
                     stream.map_or(unknown.into(), |s| or_dash(&s.agent_version)),
                     stream.map_or(unknown.into(), |s| s.server.clone()),
+                    stream.map_or(unknown.into(), |s| {
+                        if s.agent_pod.is_empty() {
+                            "unproven".into()
+                        } else {
+                            s.agent_pod.clone()
+                        }
+                    }),
                     stream.map_or("-".into(), |s| {
                         format!(
                             "{} ({} ago)",
@@ -439,7 +468,7 @@ impl StatusReport {
         }
         out += &table(
             &[
-                "NODE", "POD", "PHASE", "READY", "IMAGE", "VERSION", "STREAM", "SINCE",
+                "NODE", "POD", "PHASE", "READY", "IMAGE", "VERSION", "STREAM", "PROVEN", "SINCE",
             ],
             rows,
         );
@@ -450,18 +479,43 @@ impl StatusReport {
     }
 }
 
-/// Gathers the report.
+/// One node's agent pods and node streams, in rows, in the pods' order: each pod with the
+/// stream that proved it (`podiam_namespace/name`), else with the next stream no pod claims;
+/// streams left over get rows without a pod.
+fn pair<'a>(
+    podiam_namespace: &str,
+    pods: &[&'a PodSummary],
+    streams: &[&'a StreamReport],
+) -> Vec<(Option<&'a PodSummary>, Option<&'a StreamReport>)> {
+    let mut rest: Vec<&StreamReport> = streams.to_vec();
+    let mut proven: Vec<Option<&StreamReport>> = pods
+        .iter()
+        .map(|pod| {
+            let name = format!("{podiam_namespace}/{}", pod.name);
+            let at = rest.iter().position(|s| s.agent_pod == name)?;
+            Some(rest.remove(at))
+        })
+        .collect();
+    let mut rest = rest.into_iter();
+    for slot in proven.iter_mut().filter(|slot| slot.is_none()) {
+        *slot = rest.next();
+    }
+    let mut rows: Vec<_> = pods.iter().map(|&pod| Some(pod)).zip(proven).collect();
+    rows.extend(rest.map(|stream| (None, Some(stream))));
+    rows
+}
+
+/// Gathers the report, asking `servers` when given.
 pub async fn status(
     cluster: &Cluster,
     podiam_namespace: &str,
-    args: &StatusArgs,
+    servers: Option<&Servers>,
 ) -> Result<StatusReport, Error> {
-    let servers = Servers::from_args(&args.servers)?;
     let (server_pods, agent_pods, answers) = tokio::join!(
         cluster.list_pods(Some(podiam_namespace), Some(SERVER_LABEL), None),
         cluster.list_pods(Some(podiam_namespace), Some(AGENT_LABEL), None),
         async {
-            match &servers {
+            match servers {
                 Some(servers) => Some((servers.urls(), servers.statuses().await)),
                 None => None,
             }
@@ -480,13 +534,15 @@ pub async fn status(
     })
 }
 
-/// Runs `status`, prints the report, and fails when no server replica is ready.
+/// Runs `status`, prints the report, and fails when no server replica is ready (with the
+/// replicas' refusal when they all refused the caller).
 pub async fn run(
     cluster: &Cluster,
     podiam_namespace: &str,
     args: &StatusArgs,
+    servers: Option<&Servers>,
 ) -> Result<(), Error> {
-    let report = status(cluster, podiam_namespace, args).await?;
+    let report = status(cluster, podiam_namespace, servers).await?;
     match args.output {
         Output::Text => {
             let now = podiam_proto::tls::unix_seconds(std::time::SystemTime::now());
@@ -499,6 +555,8 @@ pub async fn run(
     }
     if report.ready {
         Ok(())
+    } else if let Some(refusal) = report.servers.as_ref().and_then(refusal) {
+        Err(Error::ServerRefused(refusal))
     } else {
         Err(Error::NotReady(report.summary))
     }
@@ -525,17 +583,19 @@ mod tests {
         Listing { pods, error: None }
     }
 
-    fn answer(synced: bool, draining: bool, agents: &[(&str, &str)]) -> StatusResponse {
+    /// A replica's answer; agents as (node, version, proven pod).
+    fn answer(synced: bool, draining: bool, agents: &[(&str, &str, &str)]) -> StatusResponse {
         StatusResponse {
             version: "0.1.0".into(),
             synced,
             draining,
             agents: agents
                 .iter()
-                .map(|(node, version)| AgentStatus {
+                .map(|(node, version, pod)| AgentStatus {
                     node_name: node.to_string(),
                     agent_version: version.to_string(),
                     connected_unix: 1_000,
+                    agent_pod: pod.to_string(),
                 })
                 .collect(),
             pods: 12,
@@ -559,12 +619,12 @@ mod tests {
             Ok(vec![
                 (
                     addr("10.0.0.1:8443"),
-                    Ok(answer(true, false, &[("n1", "0.1.0")])),
+                    Ok(answer(true, false, &[("n1", "0.1.0", "podiam/agent-n1")])),
                 ),
                 (addr("10.0.0.2:8443"), Ok(answer(false, false, &[]))),
                 (
                     addr("10.0.0.3:8443"),
-                    Err("server unavailable: refused".into()),
+                    Err(Asked::Failed("server unavailable: refused".into())),
                 ),
             ]),
             &pods,
@@ -621,7 +681,10 @@ mod tests {
                 Ok(answer(
                     true,
                     false,
-                    &[("node-1", "0.1.0"), ("node-3", "0.0.9")],
+                    &[
+                        ("node-1", "0.1.0", "podiam/agent-1"),
+                        ("node-3", "0.0.9", ""),
+                    ],
                 )),
             )]),
             &server_pods,
@@ -649,15 +712,104 @@ mod tests {
         };
         assert_eq!(
             line("node-1"),
-            "node-1 agent-1 Running yes podiam:0.1.0 0.1.0 10.0.0.1:8443 1970-01-01T00:16:40Z (1m 5s ago)"
+            "node-1 agent-1 Running yes podiam:0.1.0 0.1.0 10.0.0.1:8443 podiam/agent-1 1970-01-01T00:16:40Z (1m 5s ago)"
         );
-        // A running agent no server hears from, and a stream from a node without an agent pod.
+        // A running agent no server hears from, and an unproven stream from a node without
+        // an agent pod.
         assert_eq!(
             line("node-2"),
-            "node-2 agent-2 Running yes podiam:0.1.0 none none -"
+            "node-2 agent-2 Running yes podiam:0.1.0 none none none -"
         );
-        assert!(line("node-3").starts_with("node-3 - - - - 0.0.9 10.0.0.1:8443"));
+        assert!(line("node-3").starts_with("node-3 - - - - 0.0.9 10.0.0.1:8443 unproven"));
+        assert!(text.contains("PROVEN"), "{text}");
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["servers"]["streams"][0]["agent_pod"], "podiam/agent-1");
+        assert_eq!(json["servers"]["streams"][1]["agent_pod"], "");
         assert!(text.contains("10.0.0.1:8443  server-a  0.1.0"), "{text}");
         assert!(text.ends_with("\n1 of 1 server replicas ready\n"), "{text}");
+    }
+
+    #[test]
+    fn streams_go_with_the_pods_they_proved() {
+        let pods = [
+            summary("agent-a", "n1", true, "10.1.0.1"),
+            summary("agent-b", "n1", false, "10.1.0.2"),
+        ];
+        let stream = |pod: &str, server: &str| StreamReport {
+            node: "n1".into(),
+            agent_pod: pod.into(),
+            agent_version: "0.1.0".into(),
+            server: server.into(),
+            since_unix: 0,
+        };
+        let streams = [
+            stream("podiam/agent-b", "s1"),
+            stream("", "s2"),
+            stream("", "s3"),
+        ];
+        let pod_refs: Vec<&PodSummary> = pods.iter().collect();
+        let stream_refs: Vec<&StreamReport> = streams.iter().collect();
+        let rows: Vec<(Option<&str>, Option<&str>)> = pair("podiam", &pod_refs, &stream_refs)
+            .into_iter()
+            .map(|(p, s)| (p.map(|p| p.name.as_str()), s.map(|s| s.server.as_str())))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (Some("agent-a"), Some("s2")),
+                (Some("agent-b"), Some("s1")),
+                (None, Some("s3")),
+            ]
+        );
+    }
+
+    #[test]
+    fn replicas_refusing_the_caller_say_so_in_their_words() {
+        let pods = listing_of(vec![summary("server-a", "cp-1", true, "10.0.0.1")]);
+        let denied = "\"alice\" may not list pods cluster-wide, which this needs (give it the \
+                      podiam-operator ClusterRole)";
+        let refused = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![
+                (addr("10.0.0.1:8443"), Err(Asked::Refused(denied.into()))),
+                (addr("10.0.0.2:8443"), Err(Asked::Refused(denied.into()))),
+            ]),
+            &pods,
+        );
+        assert!(refused.replicas.iter().all(|r| r.refused && !r.ready));
+        let (ready, line) = verdict("podiam", &pods, Some(&refused));
+        assert!(!ready);
+        assert_eq!(line, denied);
+        assert_eq!(refusal(&refused).as_deref(), Some(denied));
+        let json = serde_json::to_value(&refused).expect("json");
+        assert_eq!(json["replicas"][0]["refused"], true);
+        assert_eq!(json["replicas"][0]["error"], denied);
+
+        // One replica unreachable: not a refusal of the caller by every replica.
+        let mixed = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![
+                (addr("10.0.0.1:8443"), Err(Asked::Refused(denied.into()))),
+                (
+                    addr("10.0.0.2:8443"),
+                    Err(Asked::Failed("server unavailable: refused".into())),
+                ),
+            ]),
+            &pods,
+        );
+        assert_eq!(refusal(&mixed), None);
+        let (_, line) = verdict("podiam", &pods, Some(&mixed));
+        assert!(
+            line.contains(denied) && line.contains("10.0.0.2:8443"),
+            "{line}"
+        );
+        // A replica that answered is not flagged.
+        let fine = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![(addr("10.0.0.1:8443"), Ok(answer(true, false, &[])))]),
+            &pods,
+        );
+        let json = serde_json::to_value(&fine).expect("json");
+        assert!(json["replicas"][0].get("refused").is_none(), "{json}");
     }
 }

@@ -305,6 +305,28 @@ pub fn client_config(checked: &Checked) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// An operator tool's side (`kubectl iam`): trust only the CA(s) in the PEM file `ca`,
+/// present no certificate. The caller proves who it is inside the calls instead (its
+/// Kubernetes token), and checks the server's name per connection as the agent does. Same
+/// provider, protocol versions and ALPN as [`client_config`]; a CA file that is missing or
+/// does not parse is an error naming it.
+pub fn ca_only_client_config(ca: &Path) -> Result<ClientConfig, TlsError> {
+    let bytes = read_pem("CA certificate", ca)?;
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("CA certificate", ca, &bytes)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Config(format!("CA certificate {}: {e}", ca.display())))?;
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
 impl TlsMaterial {
     /// Builds material from PEM bytes already in memory (tests, generated bundles).
     pub fn from_pem(
