@@ -175,3 +175,40 @@ pub fn write_agent_token(emulator: &KubeEmulator, node: &str, path: &Path) -> an
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// Gives `user` the `podiam-operator` ClusterRole (get and list pods and namespaces): in
+/// `namespace` through a RoleBinding, or cluster-wide through a ClusterRoleBinding.
+pub fn grant_operator(
+    emulator: &KubeEmulator,
+    user: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
+    if emulator
+        .get(crate::kube_emulator::Kind::ClusterRole, None, "podiam-operator")
+        .is_err()
+    {
+        emulator.create(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "podiam-operator"},
+            "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+                       "verbs": ["get", "list"]}],
+        }))?;
+    }
+    let role_ref = json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                          "name": "podiam-operator"});
+    let subjects = json!([{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]);
+    let binding = match namespace {
+        Some(namespace) => json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{user}-operates"), "namespace": namespace},
+            "roleRef": role_ref, "subjects": subjects,
+        }),
+        None => json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": format!("{user}-operates")},
+            "roleRef": role_ref, "subjects": subjects,
+        }),
+    };
+    emulator.create(binding)?;
+    Ok(())
+}

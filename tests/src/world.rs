@@ -691,6 +691,26 @@ print(remaining)
         self.operator_client(Some(identity::ADMIN_TOKEN)).await
     }
 
+    /// A kubeconfig for the user with `token` (over TLS: kubectl sends credentials to TLS
+    /// servers only), written once under the world's directory.
+    pub fn user_kubeconfig(&self, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!(
+            "kubeconfig-{}",
+            token
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(24)
+                .collect::<String>()
+        ));
+        self.emulator.write_kubeconfig_for_token(&path, token)?;
+        Ok(path)
+    }
+
+    /// A kubeconfig for an operator allowed everything, with a bearer token.
+    pub fn admin_kubeconfig(&self) -> anyhow::Result<PathBuf> {
+        self.user_kubeconfig(identity::ADMIN_TOKEN)
+    }
+
     /// The agent's token file (what the kubelet keeps current).
     pub fn agent_token_file(&self) -> &Path {
         &self.agent_token_file

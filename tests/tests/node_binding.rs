@@ -29,14 +29,15 @@ fn in_an_hour() -> SystemTime {
     SystemTime::now() + Duration::from_secs(3600)
 }
 
-/// A world with pod `web` on node-1 (the real agent's) and pod `remote` on node-2, both
-/// with a permitted role.
-async fn two_nodes() -> World {
-    let world = World::start(
-        WorldConfig::default()
+/// A world with pod `web` on node-1 (the real agent's, running when `agent`) and pod
+/// `remote` on node-2, both with a permitted role.
+async fn two_nodes(agent: bool) -> World {
+    let world = World::start(WorldConfig {
+        start_agent: agent,
+        ..WorldConfig::default()
             .namespace("team-a", Some("app-.*"))
-            .pod("team-a", "web", Some("app-reader")),
-    )
+            .pod("team-a", "web", Some("app-reader"))
+    })
     .await
     .expect("world starts");
     let mut remote = pod(
@@ -129,7 +130,7 @@ fn refusals(metrics: &str, why: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_is_answered_only_about_its_own_node() {
-    let world = two_nodes().await;
+    let world = two_nodes(false).await;
     let web_ip = world.pod("web").ip().to_string();
     let remote_ip = REMOTE_IP.to_string();
     let agent_a = world.server_client().await.expect("agent A");
@@ -229,10 +230,11 @@ async fn an_agent_is_answered_only_about_its_own_node() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_that_prove_no_agent_get_nothing() {
-    let world = two_nodes().await;
+    let world = two_nodes(false).await;
     let remote_ip = REMOTE_IP.to_string();
     let emulator = world.emulator();
-    let past = SystemTime::now() - Duration::from_secs(60);
+    // Well past the minute of clock skew API servers allow.
+    let past = SystemTime::now() - Duration::from_secs(3600);
     let (expired, _) =
         identity::agent_token(emulator, REMOTE_NODE, AGENT_AUDIENCE, past).expect("token");
     let (wrong_audience, _) =
@@ -343,7 +345,7 @@ async fn tokens_that_prove_no_agent_get_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_review_down_keeps_known_agents_and_refuses_new_ones_until_it_is_back() {
-    let world = two_nodes().await;
+    let world = two_nodes(false).await;
     let remote_ip = REMOTE_IP.to_string();
     let agent_b = world
         .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
@@ -423,7 +425,7 @@ fn explain_pod(namespace: &str, name: &str) -> ExplainRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn explain_and_status_are_for_operators_with_rbac() {
-    let world = two_nodes().await;
+    let world = two_nodes(true).await;
     let emulator = world.emulator();
     // alice may get pods in team-a; bob may do nothing; carol may list pods everywhere.
     emulator.add_user_token("alice-token", "alice", &["developers"]);

@@ -14,13 +14,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
 use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
 use podiam_tests::process::{scratch_dir, wait_for, wait_until};
 use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, binary};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 const ROLE: &str = "iam.amazonaws.com/role";
 const PERMITTED: &str = "iam.amazonaws.com/permitted";
@@ -82,20 +80,15 @@ async fn iam(kubeconfig: &Path, args: &[&str]) -> Run {
     run_program(&plugin(), args, kubeconfig, None).await
 }
 
-/// The flags that reach the world's server replicas with the agent's certificate.
+/// The flags that reach the world's server replicas: the CA only, no podiam key (the
+/// user's own token comes from the kubeconfig).
 fn server_flags(world: &World) -> Vec<String> {
     let mut flags = Vec::new();
     for replica in world.replicas() {
         flags.extend(["--server".to_string(), format!("https://{}", replica.addr)]);
     }
     let certs = world.certs();
-    for (flag, path) in [
-        ("--tls-ca", &certs.ca_cert),
-        ("--tls-cert", &certs.agent_cert),
-        ("--tls-key", &certs.agent_key),
-    ] {
-        flags.extend([flag.to_string(), path.display().to_string()]);
-    }
+    flags.extend(["--tls-ca".to_string(), certs.ca_cert.display().to_string()]);
     flags.extend(["--server-name".to_string(), "localhost".to_string()]);
     flags
 }
@@ -189,7 +182,8 @@ async fn grant_revoke_and_permit_change_the_objects_and_the_servers_decision() {
         .create(pod("default", "plain", "10.99.0.2", &[]))
         .expect("pod");
     let client = world.admin_client().await.expect("admin client");
-    let kubeconfig = world.kubeconfig();
+    let admin_kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let kubeconfig = admin_kubeconfig.as_path();
     let read_pod = |ns: &str, name: &str| emulator.get(Kind::Pod, Some(ns), name).expect("pod");
     let read_ns = |name: &str| emulator.get(Kind::Namespace, None, name).expect("ns");
     server_decides(&client, "team-a", "web", "no-role").await;
@@ -431,7 +425,8 @@ async fn explain_through_a_server_and_locally_gives_the_same_decision() {
     for (ns, name, reason) in cases {
         server_decides(&client, ns, name, reason).await;
     }
-    let kubeconfig = world.kubeconfig();
+    let admin_kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let kubeconfig = admin_kubeconfig.as_path();
     let servers = server_flags(&world);
     for (ns, name, reason) in cases {
         let by_server = iam(
@@ -488,10 +483,6 @@ async fn explain_through_a_server_and_locally_gives_the_same_decision() {
             "2s",
             "--tls-ca",
             &world.certs().ca_cert.display().to_string(),
-            "--tls-cert",
-            &world.certs().agent_cert.display().to_string(),
-            "--tls-key",
-            &world.certs().agent_key.display().to_string(),
         ],
     )
     .await
@@ -656,7 +647,8 @@ async fn status_shows_replicas_agents_and_podiams_pods() {
     ] {
         emulator.create(object).expect("podiam pod");
     }
-    let kubeconfig = world.kubeconfig();
+    let admin_kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let kubeconfig = admin_kubeconfig.as_path();
     let servers = server_flags(&world);
     let version = env!("CARGO_PKG_VERSION");
 
@@ -769,10 +761,6 @@ async fn status_shows_replicas_agents_and_podiams_pods() {
             "2s",
             "--tls-ca",
             &certs.ca_cert.display().to_string(),
-            "--tls-cert",
-            &certs.agent_cert.display().to_string(),
-            "--tls-key",
-            &certs.agent_key.display().to_string(),
         ],
     )
     .await;
@@ -799,6 +787,57 @@ async fn status_shows_replicas_agents_and_podiams_pods() {
 }
 
 /// An emulator alone (no root needed) and a kubeconfig for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_through_a_server_is_authorised_with_the_users_own_rbac() {
+    let world = World::start(
+        WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader")),
+    )
+    .await
+    .expect("world starts");
+    let emulator = world.emulator();
+    emulator.add_user_token("alice-token", "alice", &["developers"]);
+    emulator.add_user_token("bob-token", "bob", &["developers"]);
+    podiam_tests::identity::grant_operator(emulator, "alice", Some("team-a")).expect("rbac");
+    let alice = world.user_kubeconfig("alice-token").expect("kubeconfig");
+    let bob = world.user_kubeconfig("bob-token").expect("kubeconfig");
+    let servers = server_flags(&world);
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        ["explain", "web", "-n", "team-a", "-o", "json"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .chain(servers.iter().cloned())
+            .collect()
+    };
+    let alice_args = args(&[]);
+    let alice_args: Vec<&str> = alice_args.iter().map(String::as_str).collect();
+    // No podiam key anywhere: only the CA and alice's own token.
+    let answer = wait_for(Duration::from_secs(15), "alice's explanation", || {
+        let alice = alice.clone();
+        let alice_args = alice_args.clone();
+        async move {
+            let run = iam(&alice, &alice_args).await;
+            (run.code == 0 && run.stdout.contains("\"allowed\": true")).then_some(run)
+        }
+    })
+    .await
+    .expect("alice, who may get pods in team-a, gets the server's explanation");
+    assert!(answer.stdout.contains(NODE_NAME), "{answer:?}");
+
+    let bob_args = args(&[]);
+    let bob_args: Vec<&str> = bob_args.iter().map(String::as_str).collect();
+    let refused = iam(&bob, &bob_args).await;
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains("get")
+            && refused.stderr.contains("pods")
+            && refused.stderr.contains("team-a"),
+        "the refusal names the missing permission: {refused:?}"
+    );
+}
+
 async fn emulator_only(label: &str) -> (KubeEmulator, PathBuf) {
     let emulator = KubeEmulator::start(
         "127.0.0.1:0".parse().expect("addr"),
