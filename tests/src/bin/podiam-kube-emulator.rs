@@ -16,7 +16,8 @@ use podiam_tests::kube_emulator::{
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// An in-memory Kubernetes API (pods, namespaces, events) for podiam's tests.
+/// An in-memory Kubernetes API (pods, namespaces, events, service accounts, RBAC, token
+/// requests and reviews) for podiam's tests.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {

@@ -272,3 +272,101 @@ pub fn policy(store: &Store) -> Result<Policy, EmulatorError> {
         &all(Kind::RoleBinding)?,
     ))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::kube_emulator::store::{PodDeletion, StoreConfig};
+
+    fn store() -> Store {
+        let store = Store::new(StoreConfig {
+            history: 100,
+            watch_buffer: 16,
+            pod_deletion: PodDeletion::Immediate,
+        });
+        store
+            .create(
+                Kind::Namespace,
+                None,
+                json!({"metadata": {"name": "a"}}),
+                false,
+            )
+            .unwrap();
+        store
+            .create(
+                Kind::ServiceAccount,
+                Some("a"),
+                json!({"metadata": {"name": "agent"}}),
+                false,
+            )
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let store = store();
+        let authority = Authority::new();
+        authority.add_user_token("static-secret", "alice", &[]);
+        let (token, _) = authority
+            .issue(&store, "a", "agent", vec![], (100, 1000), None)
+            .unwrap();
+        let shown = format!("{authority:?}");
+        assert!(
+            !shown.contains(&token) && !shown.contains("static-secret"),
+            "{shown}"
+        );
+        assert!(shown.contains("issued_tokens: 1"), "{shown}");
+    }
+
+    #[test]
+    fn requests_authenticate_by_bearer_token_or_as_admin() {
+        let store = store();
+        let authority = Authority::new();
+        authority.add_user_token("alice-token", "alice", &["devs"]);
+        let now = 1_000;
+        let (api_token, _) = authority
+            .issue(&store, "a", "agent", vec![], (now, now + 600), None)
+            .unwrap();
+        let (podiam_token, _) = authority
+            .issue(
+                &store,
+                "a",
+                "agent",
+                vec!["podiam".into()],
+                (now, now + 600),
+                None,
+            )
+            .unwrap();
+        let bearer = |token: &str| format!("Bearer {token}");
+        let cases = [
+            (None, Some("system:admin")),
+            (Some(bearer("alice-token")), Some("alice")),
+            (
+                Some(bearer(&api_token)),
+                Some("system:serviceaccount:a:agent"),
+            ),
+            (
+                Some(format!("bearer  {api_token}")),
+                Some("system:serviceaccount:a:agent"),
+            ),
+            (Some(bearer(&podiam_token)), None),
+            (Some(bearer("unknown")), None),
+            (Some("Bearer ".to_string()), None),
+            (Some("Basic YWxpY2U6cHc=".to_string()), None),
+        ];
+        for (header, want) in cases {
+            let got = authority.authenticate(&store, header.as_deref(), now);
+            match want {
+                Some(name) => assert_eq!(got.unwrap().username, name, "{header:?}"),
+                None => assert!(
+                    matches!(got, Err(EmulatorError::Unauthorized)),
+                    "{header:?}: {got:?}"
+                ),
+            }
+        }
+    }
+}

@@ -134,7 +134,11 @@ impl EmulatorError {
             | EmulatorError::Conflict { resource, name, .. } => {
                 Some(json!({"name": name, "kind": resource}))
             }
-            EmulatorError::Invalid { kind, name, .. } => Some(json!({"name": name, "kind": kind})),
+            EmulatorError::Invalid {
+                kind,
+                name,
+                message,
+            } => Some(json!({"name": name, "kind": kind, "causes": [invalid_cause(message)]})),
             EmulatorError::Forbidden {
                 name,
                 group,
@@ -155,6 +159,18 @@ impl EmulatorError {
             status["details"] = details;
         }
         status
+    }
+}
+
+/// A `StatusCause` for an Invalid message: `field.path: what is wrong` becomes
+/// `{field, message}` (kubectl prints `The Kind "name" is invalid: field: message` from
+/// the causes, not from the message); other messages are a cause without a field.
+fn invalid_cause(message: &str) -> Value {
+    match message.split_once(": ") {
+        Some((field, rest)) if !field.is_empty() && !field.contains(' ') => {
+            json!({"reason": "FieldValueInvalid", "field": field, "message": rest})
+        }
+        _ => json!({"message": message}),
     }
 }
 
@@ -231,6 +247,16 @@ mod tests {
                 "down",
             ),
         ];
+        let invalid = EmulatorError::Invalid {
+            kind: "RoleBinding",
+            name: "b".into(),
+            message: "roleRef: Invalid value: cannot be changed".into(),
+        };
+        assert_eq!(
+            invalid.to_status()["details"]["causes"],
+            json!([{"reason": "FieldValueInvalid", "field": "roleRef",
+                    "message": "Invalid value: cannot be changed"}])
+        );
         for (error, code, reason, message) in cases {
             let status = error.to_status();
             assert_eq!(status["code"], code);

@@ -505,4 +505,53 @@ mod tests {
         assert_eq!(doc["resources"][0]["shortNames"], json!(["po"]));
         assert_eq!(doc["resources"][2]["namespaced"], json!(false));
     }
+
+    #[test]
+    fn named_groups_list_rbac_kinds_and_reviews() {
+        let names = |group: &str| -> Vec<String> {
+            api_resource_list_document(group)["resources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["name"].as_str().map(str::to_string))
+                .collect()
+        };
+        let cases = [
+            (
+                RBAC_GROUP,
+                vec![
+                    "roles",
+                    "rolebindings",
+                    "clusterroles",
+                    "clusterrolebindings",
+                ],
+            ),
+            (
+                AUTHENTICATION_GROUP,
+                vec!["tokenreviews", "selfsubjectreviews"],
+            ),
+            (
+                AUTHORIZATION_GROUP,
+                vec!["subjectaccessreviews", "selfsubjectaccessreviews"],
+            ),
+            (EVENTS_GROUP, vec!["events"]),
+        ];
+        for (group, want) in cases {
+            assert_eq!(names(group), want, "{group}");
+            assert_eq!(
+                api_resource_list_document(group)["groupVersion"],
+                format!("{group}/v1")
+            );
+        }
+        let groups = api_group_list_document();
+        assert_eq!(groups["groups"].as_array().map(Vec::len), Some(4));
+        assert_eq!(api_group_document(RBAC_GROUP)["name"], RBAC_GROUP);
+        let openapi = openapi_v3_document(RBAC_GROUP);
+        assert!(
+            openapi["paths"]
+                ["/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/{name}"]
+                ["patch"]
+                .is_object()
+        );
+    }
 }
