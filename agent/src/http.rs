@@ -587,8 +587,16 @@ mod tests {
             (refused(Reason::StsUnavailable), 502, "sts-unavailable"),
             (refused(Reason::NotReady), 503, "not-ready"),
             (refused(Reason::OtherNode), 404, "other-node"),
-            (refused(Reason::AgentUnauthenticated), 503, "agent-unauthenticated"),
-            (refused(Reason::IdentityUnavailable), 503, "identity-unavailable"),
+            (
+                refused(Reason::AgentUnauthenticated),
+                503,
+                "agent-unauthenticated",
+            ),
+            (
+                refused(Reason::IdentityUnavailable),
+                503,
+                "identity-unavailable",
+            ),
             (
                 Refused::Upstream(UpstreamError::Unavailable("dial tcp 10.1.2.3:8443".into())),
                 503,

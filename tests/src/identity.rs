@@ -184,7 +184,11 @@ pub fn grant_operator(
     namespace: Option<&str>,
 ) -> anyhow::Result<()> {
     if emulator
-        .get(crate::kube_emulator::Kind::ClusterRole, None, "podiam-operator")
+        .get(
+            crate::kube_emulator::Kind::ClusterRole,
+            None,
+            "podiam-operator",
+        )
         .is_err()
     {
         emulator.create(json!({

@@ -696,14 +696,15 @@ async fn status_shows_replicas_agents_and_podiams_pods() {
         names(&report["server_pods"]),
         ["podiam-server-a", "podiam-server-b"]
     );
+    // The world's own agent pod (its token is bound to it) and the two made here.
     assert_eq!(
         names(&report["agent_pods"]),
-        ["podiam-agent-x1", "podiam-agent-x2"]
+        ["podiam-agent-node-1", "podiam-agent-x1", "podiam-agent-x2"]
     );
-    assert_eq!(report["agent_pods"]["pods"][0]["node"], NODE_NAME);
-    assert_eq!(report["agent_pods"]["pods"][0]["ready"], true);
+    assert_eq!(report["agent_pods"]["pods"][1]["node"], NODE_NAME);
+    assert_eq!(report["agent_pods"]["pods"][1]["ready"], true);
     assert_eq!(
-        report["agent_pods"]["pods"][0]["images"][0],
+        report["agent_pods"]["pods"][1]["images"][0],
         "registry.invalid/podiam-agent:0.1.0"
     );
 
@@ -724,10 +725,11 @@ async fn status_shows_replicas_agents_and_podiams_pods() {
         "{text}"
     );
     assert!(row(&first.to_string()).ends_with(" ready"), "{text}");
-    let node_1 = row(&format!("{NODE_NAME} podiam-agent-x1"));
+    // The node's stream is shown beside the agent pod its token proved.
+    let node_1 = row(&format!("{NODE_NAME} podiam-agent-node-1"));
     assert!(
         node_1.starts_with(&format!(
-            "{NODE_NAME} podiam-agent-x1 Running yes registry.invalid/podiam-agent:0.1.0 {version} 127.0.0.1:"
+            "{NODE_NAME} podiam-agent-node-1 Running yes registry.invalid/podiam-agent:test {version} 127.0.0.1:"
         )),
         "{text}"
     );

@@ -641,9 +641,17 @@ async fn status_names_the_replica_and_the_agents_it_serves() {
     assert_eq!(status.agents.len(), 1, "{status:?}");
     let agent = &status.agents[0];
     assert_eq!(agent.node_name, podiam_tests::world::NODE_NAME);
+    // The node as its token proves it, and the pod that token is bound to.
+    assert_eq!(
+        agent.agent_pod,
+        format!(
+            "podiam/{}",
+            podiam_tests::identity::agent_pod_name(podiam_tests::world::NODE_NAME)
+        )
+    );
     assert_eq!(agent.agent_version, env!("CARGO_PKG_VERSION"));
     assert!(agent.connected_unix > 1_700_000_000, "{agent:?}");
     assert_eq!(status.pods, 1);
-    // default, kube-system, team-a
-    assert_eq!(status.namespaces, 3);
+    // default, kube-system, team-a, podiam
+    assert_eq!(status.namespaces, 4);
 }
