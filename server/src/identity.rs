@@ -79,6 +79,17 @@ pub struct Access {
     pub name: Option<String>,
 }
 
+impl Access {
+    /// `list pods` cluster-wide: what explaining an address (it may be any namespace's pod)
+    /// and the status of every agent need.
+    pub const LIST_PODS: Access = Access {
+        verb: "list",
+        resource: "pods",
+        namespace: None,
+        name: None,
+    };
+}
+
 impl std::fmt::Display for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.verb, self.resource)?;

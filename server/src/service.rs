@@ -489,12 +489,7 @@ impl PodiamService {
                 namespace: Some(namespace.clone()),
                 name: Some(name.clone()),
             },
-            ExplainTarget::Ip(_) => Access {
-                verb: "list",
-                resource: "pods",
-                namespace: None,
-                name: None,
-            },
+            ExplainTarget::Ip(_) => Access::LIST_PODS,
         };
         self.authorize(&user, access)
             .await
@@ -870,13 +865,7 @@ impl Podiam for PodiamService {
             .operator(request.metadata())
             .await
             .map_err(|f| refuse(Failure::Operator(f)))?;
-        let access = Access {
-            verb: "list",
-            resource: "pods",
-            namespace: None,
-            name: None,
-        };
-        self.authorize(&user, access)
+        self.authorize(&user, Access::LIST_PODS)
             .await
             .map_err(|f| refuse(Failure::Operator(f)))?;
         let mut agents: Vec<AgentStatus> = self.agents().values().cloned().collect();

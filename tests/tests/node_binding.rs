@@ -117,6 +117,40 @@ async fn node_stream(client: &Client, node: &str) -> Result<Vec<String>, tonic::
     Ok(pods)
 }
 
+/// Agent B (node-2's agent, with its own token), once the server gives it its pod's
+/// credentials: the server has seen the pod and proven the agent.
+async fn agent_b_served(world: &World) -> Client {
+    let agent_b = world
+        .agent_client(world.server_addr(), Some(&token_of(world, REMOTE_NODE)))
+        .await
+        .expect("agent B");
+    wait_until(WAIT, "agent B to get its pod's credentials", || {
+        let agent_b = agent_b.clone();
+        async move { credentials(&agent_b, &REMOTE_IP.to_string()).await.is_ok() }
+    })
+    .await
+    .expect("agent B served");
+    agent_b
+}
+
+/// `token` with one character in the middle of its signature changed (a character there
+/// carries six whole bits: the signature's bytes change).
+fn with_signature_changed(token: &str) -> String {
+    let (head, signature) = token.rsplit_once('.').expect("a JWT");
+    let mut signature: Vec<char> = signature.chars().collect();
+    let middle = signature.len() / 2;
+    signature[middle] = if signature[middle] == 'A' { 'B' } else { 'A' };
+    format!("{head}.{}", signature.into_iter().collect::<String>())
+}
+
+/// `signed`'s header and signature around `claims`' payload: another agent's claims under
+/// this one's signature.
+fn with_claims_of(signed: &str, claims: &str) -> String {
+    let parts: Vec<&str> = signed.split('.').collect();
+    let payload = claims.split('.').nth(1).expect("a JWT");
+    format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
 fn reason(status: &tonic::Status) -> Option<Reason> {
     Reason::of(status)
 }
@@ -134,19 +168,8 @@ async fn an_agent_is_answered_only_about_its_own_node() {
     let web_ip = world.pod("web").ip().to_string();
     let remote_ip = REMOTE_IP.to_string();
     let agent_a = world.server_client().await.expect("agent A");
-    let agent_b = world
-        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
-        .await
-        .expect("agent B");
-
     // Each agent gets its own node's pod once the server has seen both.
-    wait_until(WAIT, "agent B to get its pod's credentials", || {
-        let agent_b = agent_b.clone();
-        let ip = remote_ip.clone();
-        async move { credentials(&agent_b, &ip).await.is_ok() }
-    })
-    .await
-    .expect("agent B served");
+    let agent_b = agent_b_served(&world).await;
     assert_eq!(
         credentials(&agent_a, &web_ip).await.expect("A's own pod"),
         "team-a/web"
@@ -262,17 +285,20 @@ async fn tokens_that_prove_no_agent_get_nothing() {
             )),
         )
         .expect("token");
-    let mut forged = token_of(&world, REMOTE_NODE);
-    forged.pop();
-    forged.push('A');
+    let forged_signature = with_signature_changed(&token_of(&world, REMOTE_NODE));
+    let forged_claims = with_claims_of(&agent_a_token(&world), &token_of(&world, REMOTE_NODE));
 
-    let cases: [(&str, Option<&str>); 6] = [
+    let cases: [(&str, Option<&str>); 7] = [
         ("no token", None),
         ("an expired token", Some(&expired)),
         ("a token for another audience", Some(&wrong_audience)),
         ("a user's token", Some(user_token)),
         ("another ServiceAccount's pod token", Some(&intruder)),
-        ("a forged token", Some(&forged)),
+        ("a token with a changed signature", Some(&forged_signature)),
+        (
+            "node-2's claims under node-1's signature",
+            Some(&forged_claims),
+        ),
     ];
     for (what, token) in cases {
         let client = world
@@ -347,17 +373,7 @@ async fn tokens_that_prove_no_agent_get_nothing() {
 async fn token_review_down_keeps_known_agents_and_refuses_new_ones_until_it_is_back() {
     let world = two_nodes(false).await;
     let remote_ip = REMOTE_IP.to_string();
-    let agent_b = world
-        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
-        .await
-        .expect("agent B");
-    wait_until(WAIT, "agent B to be served", || {
-        let agent_b = agent_b.clone();
-        let ip = remote_ip.clone();
-        async move { credentials(&agent_b, &ip).await.is_ok() }
-    })
-    .await
-    .expect("served");
+    let agent_b = agent_b_served(&world).await;
     // A new agent, on a new node: its token has never been reviewed.
     let newcomer = world
         .agent_client(world.server_addr(), Some(&token_of(&world, "node-5")))
@@ -570,4 +586,67 @@ async fn explain_and_status_are_for_operators_with_rbac() {
             "{refused:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warn_mode_answers_unproven_agents_and_counts_them() {
+    let world = World::start(WorldConfig {
+        server_args: vec!["--node-binding".into(), "warn".into()],
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    let mut remote = pod(
+        "team-a",
+        "remote",
+        &REMOTE_IP.to_string(),
+        &[("iam.amazonaws.com/role", "app-reader")],
+    );
+    remote["spec"]["nodeName"] = REMOTE_NODE.into();
+    world.emulator().create(remote).expect("remote pod");
+    assert!(
+        world
+            .server_log_text()
+            .contains("node binding in WARN mode"),
+        "the server says at start that it does not enforce"
+    );
+    // An agent of the old kind (certificate, no token), and node-1's agent asking about
+    // node-2: both answered, both counted and logged.
+    let tokenless = world
+        .agent_client(world.server_addr(), None)
+        .await
+        .expect("client");
+    let answered = wait_for(WAIT, "the tokenless agent to be answered", || {
+        let tokenless = tokenless.clone();
+        async move { credentials(&tokenless, &REMOTE_IP.to_string()).await.ok() }
+    })
+    .await
+    .expect("answered in warn mode");
+    assert_eq!(answered, "team-a/remote");
+    let agent_a = world.server_client().await.expect("agent A");
+    assert_eq!(
+        credentials(&agent_a, &REMOTE_IP.to_string())
+            .await
+            .expect("answered in warn mode"),
+        "team-a/remote"
+    );
+    let metrics = world.server_metrics().await.expect("metrics");
+    assert!(refusals(&metrics, "no-token") >= 1, "{metrics}");
+    assert!(refusals(&metrics, "other-node") >= 1, "{metrics}");
+    let log = world.server_log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("agent asked about a pod on another node")
+                && l.contains("answered=true")),
+        "{log}"
+    );
+    // Without a client certificate, nothing is answered even in warn mode.
+    let no_cert = world
+        .operator_client(Some(&agent_a_token(&world)))
+        .await
+        .expect("client");
+    let refused = credentials(&no_cert, &REMOTE_IP.to_string())
+        .await
+        .expect_err("a client certificate is always required");
+    assert_eq!(reason(&refused), Some(Reason::AgentUnauthenticated));
 }

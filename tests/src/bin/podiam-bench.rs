@@ -666,7 +666,7 @@ async fn scale(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> 
         plan.scale_namespaces, plan.scale_agents
     );
     println!(
-        "{:>8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "{:>8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "pods",
         "sync s",
         "RSS MiB",
@@ -675,7 +675,8 @@ async fn scale(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> 
         "gRPC rps",
         "p50 ms",
         "p99 ms",
-        "CPU s load"
+        "CPU s load",
+        "reviews"
     );
     let mut rows = Vec::new();
     for &pods in &plan.scale_pods {
@@ -845,8 +846,11 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     let rps = latencies.len() as f64 / load_seconds;
     let (p50, p99) = (quantile(&latencies, 0.5), quantile(&latencies, 0.99));
     let rss_after = proc_stats::rss_mib(server.pid())?;
+    // Every call carried its agent's token: with reviews cached for the token's life, the
+    // server asks the API once per agent, however many calls it answers.
+    let reviews = emulator.token_reviews();
     println!(
-        "{:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.2} {:>12.0} {:>10} {:>10} {:>10.2}{}",
+        "{:>8} {:>10.1} {:>10.1} {:>10.1} {:>12.2} {:>12.0} {:>10} {:>10} {:>10.2} {:>10}{}",
         pods,
         sync,
         rss.max(rss_after),
@@ -856,6 +860,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
         ms(p50),
         ms(p99),
         cpu_load,
+        reviews,
         if errors > 0 {
             format!("  ({errors} errors)")
         } else {
@@ -871,6 +876,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
         "cpu_seconds_sync": cpu_sync, "node_streams_synced_seconds": streams,
         "grpc_requests_per_second": rps, "grpc_p50_ms": f64::from(p50) / 1000.0,
         "grpc_p99_ms": f64::from(p99) / 1000.0, "grpc_errors": errors,
-        "cpu_seconds_load": cpu_load,
+        "cpu_seconds_load": cpu_load, "token_reviews": reviews,
+        "grpc_requests": latencies.len() as u64 + errors,
     }))
 }
