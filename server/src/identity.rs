@@ -47,6 +47,13 @@ pub const NEGATIVE_REVIEW_TTL: Duration = Duration::from_secs(10);
 /// Most reviews (Token and SubjectAccess) waiting on the API at once; callers beyond this
 /// wait their turn. A flood of made-up tokens cannot turn into a flood of API requests.
 pub const REVIEWS_IN_FLIGHT: usize = 16;
+/// New operator tokens (never reviewed, or no longer remembered) reviewed per second, and
+/// the burst allowed: operator calls need no client certificate, so anyone who reaches the
+/// port could otherwise turn made-up tokens into TokenReviews at will. People run a few
+/// commands a minute; each asks every replica once.
+pub const OPERATOR_REVIEWS_PER_SECOND: f64 = 5.0;
+pub const OPERATOR_REVIEWS_BURST: f64 = 20.0;
+
 /// Most reviews remembered; past it, expired ones go first, then the ones expiring soonest.
 /// Far above one token per agent per node of any cluster.
 pub const REVIEW_CACHE_ENTRIES: usize = 16_384;
@@ -320,6 +327,8 @@ pub struct Identities {
     in_flight: Arc<tokio::sync::Semaphore>,
     counters: IdentityCounters,
     now: Clock,
+    /// What is left of the operators' review budget, and when it was last topped up.
+    operator_budget: Mutex<(f64, tokio::time::Instant)>,
 }
 
 /// Unix seconds now; injected in tests.
@@ -396,6 +405,7 @@ impl Identities {
             in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
             counters,
             now,
+            operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
         }
     }
 
@@ -405,6 +415,45 @@ impl Identities {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `token` has a remembered, still trusted review for `audiences`.
+    fn remembered(&self, token: &str, audiences: &[String]) -> bool {
+        let now = (self.now)();
+        self.cache()
+            .done
+            .get(&digest(token, audiences))
+            .is_some_and(|cached| cached.until > now)
+    }
+
+    /// Takes one review from the operators' budget, if any is left.
+    fn operator_budget_allows(&self) -> bool {
+        let mut budget = self
+            .operator_budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(budget.1).as_secs_f64() * OPERATOR_REVIEWS_PER_SECOND;
+        budget.0 = (budget.0 + refill).min(OPERATOR_REVIEWS_BURST);
+        budget.1 = now;
+        if budget.0 >= 1.0 {
+            budget.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// An operator's token reviewed for the API's own audience: as [`Identities::review`],
+    /// but a token not remembered is reviewed only within the operators' budget
+    /// ([`OPERATOR_REVIEWS_PER_SECOND`]).
+    pub async fn review_operator(&self, token: &str) -> Result<Review, ReviewUnavailable> {
+        if !self.remembered(token, &[]) && !self.operator_budget_allows() {
+            return Err(ReviewUnavailable(
+                "too many operator requests with new tokens; retry in a few seconds".into(),
+            ));
+        }
+        self.review(token, &[]).await
     }
 
     /// The review of `token` for `audiences` (empty: the API's own): remembered, or asked.
@@ -665,6 +714,32 @@ mod tests {
             assert!(call.await.expect("task").is_ok());
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_operator_tokens_are_reviewed_within_a_budget() {
+        let fake = Arc::new(Fake::default());
+        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), clock().1);
+        let burst = OPERATOR_REVIEWS_BURST as usize;
+        for i in 0..burst {
+            assert!(
+                ids.review_operator(&format!("bad-{i}")).await.is_ok(),
+                "{i}"
+            );
+        }
+        assert!(ids.review_operator("bad-one-too-many").await.is_err());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), burst);
+        // A token already reviewed needs no budget.
+        assert!(ids.review_operator("bad-0").await.is_ok());
+        // The budget comes back with time.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for i in 0..OPERATOR_REVIEWS_PER_SECOND as usize {
+            assert!(
+                ids.review_operator(&format!("later-{i}")).await.is_ok(),
+                "{i}"
+            );
+        }
+        assert!(ids.review_operator("later-too-many").await.is_err());
     }
 
     #[test]

@@ -231,6 +231,12 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 /// heartbeats as a hung replica, so a stopped or frozen replica is left within a few seconds.
 pub const NODE_STREAM_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long an agent call whose token names a pod this server has not seen yet waits for
+/// the watch to bring it: a new agent pod calls within moments of starting, and the API's
+/// watch delivers the pod within a fraction of a second. Under the agent's 900 ms call
+/// deadline (`--server-timeout`), so the agent hears the refusal rather than a time-out.
+const AGENT_POD_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// Longest agent version kept for the status view; longer ones are cut.
 const MAX_AGENT_VERSION: usize = 64;
 
@@ -344,8 +350,22 @@ impl PodiamService {
             Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
             Err(error) => return Err(BindingFailure::Unavailable(error.0)),
         };
-        let pods = self.cluster.pods();
-        bind_agent(&pods, &self.settings.binding.account, &user).map_err(BindingFailure::NotAgent)
+        // A new agent's first calls can come before this server's watch has seen its pod:
+        // the view is given a moment to catch up before the agent is refused.
+        let account = &self.settings.binding.account;
+        let deadline = tokio::time::Instant::now() + AGENT_POD_WAIT;
+        let mut changes = self.cluster.subscribe();
+        loop {
+            changes.mark_unchanged();
+            let bound = bind_agent(&self.cluster.pods(), account, &user);
+            match bound {
+                Err(BindingRefusal::UnknownPod { .. })
+                    if tokio::time::timeout_at(deadline, changes.changed())
+                        .await
+                        .is_ok_and(|changed| changed.is_ok()) => {}
+                other => return other.map_err(BindingFailure::NotAgent),
+            }
+        }
     }
 
     /// The decision for `ip` as `caller` may have it. A pod on another node is refused (and
@@ -442,7 +462,7 @@ impl PodiamService {
         let token = bearer(metadata).ok_or(OperatorFailure::NoToken)?;
         // No audience: the API server's own, which users' credentials are for. Agents'
         // tokens are for another audience and are not accepted here.
-        let user = match self.identities.review(token, &[]).await {
+        let user = match self.identities.review_operator(token).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => return Err(OperatorFailure::BadToken(why)),
             Err(error) => return Err(OperatorFailure::Unavailable(error.0)),

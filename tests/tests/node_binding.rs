@@ -543,6 +543,27 @@ async fn explain_and_status_are_for_operators_with_rbac() {
         format!("podiam/{}", identity::agent_pod_name(NODE_NAME))
     );
 
+    // No secret of anyone's reached a log line.
+    let agent_token = agent_a_token(&world);
+    for (log, whose) in [
+        (world.server_log_text(), "the server's"),
+        (world.agent_log_text(), "the agent's"),
+    ] {
+        for secret in [
+            agent_token.as_str(),
+            "alice-token",
+            "bob-token",
+            "carol-token",
+        ] {
+            assert!(!log.contains(secret), "{whose} log shows a token");
+        }
+        let signature = agent_token.rsplit('.').next().expect("a JWT");
+        assert!(
+            !log.contains(signature),
+            "{whose} log shows a token's signature"
+        );
+    }
+
     // No token, and agents' tokens, get nothing from Explain or Status.
     let anonymous = world.operator_client(None).await.expect("anonymous");
     let refused = anonymous

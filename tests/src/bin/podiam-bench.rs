@@ -727,6 +727,18 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
         emulator.create(object)?;
         by_node.entry(node).or_default().push((ip, role));
     }
+    // Each simulated agent's pod on its node, and its projected token, as the DaemonSet
+    // makes them before the agents start.
+    let mut tokens = Vec::with_capacity(plan.scale_agents);
+    for node in 0..plan.scale_agents {
+        let (token, _) = identity::agent_token(
+            &emulator,
+            &format!("node-{node}"),
+            identity::AGENT_AUDIENCE,
+            std::time::SystemTime::now() + identity::AGENT_TOKEN_LIFE,
+        )?;
+        tokens.push(token);
+    }
     let moto = Moto::start().await?;
     let started = Instant::now();
     let (server, addr, health) = start_server_within(
@@ -760,16 +772,6 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     // node) and node stream.
     let material = podiam_tests::world::agent_material(&certs)?;
     let ca = std::fs::read(&certs.ca_cert)?;
-    let mut tokens = Vec::with_capacity(plan.scale_agents);
-    for node in 0..plan.scale_agents {
-        let (token, _) = identity::agent_token(
-            &emulator,
-            &format!("node-{node}"),
-            identity::AGENT_AUDIENCE,
-            std::time::SystemTime::now() + identity::AGENT_TOKEN_LIFE,
-        )?;
-        tokens.push(token);
-    }
     let streams_started = Instant::now();
     let agents = (0..plan.scale_agents).map(|node| {
         let material = material.clone();
