@@ -345,6 +345,8 @@ async fn tokens_that_prove_no_agent_get_nothing() {
         .agent_client(world.server_addr(), Some(&token_of(&world, "node-3")))
         .await
         .expect("client");
+    // Its pod was created a moment ago: the server waits for its watch to bring the pod
+    // rather than refuse a new agent's first call.
     let refused = credentials(&node_3, &remote_ip)
         .await
         .expect_err("other node");
