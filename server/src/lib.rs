@@ -215,6 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .add_service(PodiamServer::new(service))
         .serve_with_incoming_shutdown(incoming, accepting.clone().cancelled_owned());
     let mut grpc = std::pin::pin!(grpc);
@@ -266,6 +267,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// interval + timeout instead of lingering until TCP gives up (minutes).
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most HTTP/2 streams (calls) at once on one connection. An agent's one connection carries
+/// its node stream and a call per pod cache miss; 1000 streams opened by one caller on one
+/// connection must not be served.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// How often credential upkeep runs when nothing in the cluster changes: often enough that a
 /// refresh due at half-life (30 minutes into a 1 h session) is never late by much.

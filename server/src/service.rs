@@ -222,6 +222,54 @@ pub struct PodiamService {
     node_streams: Gauge,
     /// The agents those streams serve, by stream.
     agents: Arc<Mutex<HashMap<u64, AgentStatus>>>,
+    /// Node streams open, per caller and in all, within their caps.
+    slots: Arc<Mutex<StreamSlots>>,
+}
+
+/// Most node streams one agent may hold on one replica. An agent needs one; a restarted
+/// agent's old stream lingers until HTTP/2 keep-alive notices (15 s), a rolling update runs
+/// two agents (two pods) side by side.
+pub const MAX_STREAMS_PER_AGENT: usize = 4;
+/// Most node streams one replica serves in all: two per node of a 5000-node cluster whose
+/// other replicas are down.
+pub const MAX_NODE_STREAMS: usize = 10_000;
+/// Most agents a Status answer lists (sorted by node); `agents_total` says how many there
+/// are. Keeps the answer well under gRPC's 4 MiB message limit.
+pub const MAX_STATUS_AGENTS: usize = 5_000;
+
+/// Node streams open per caller (a proven agent's pod UID, or an unproven caller's address)
+/// and in all.
+#[derive(Debug, Default)]
+pub struct StreamSlots {
+    by_caller: HashMap<String, usize>,
+    total: usize,
+}
+
+impl StreamSlots {
+    /// Takes a slot for `caller`, or says which cap is reached.
+    pub fn take(&mut self, caller: &str) -> Result<(), &'static str> {
+        if self.total >= MAX_NODE_STREAMS {
+            return Err("this replica serves as many node streams as it may");
+        }
+        let held = self.by_caller.entry(caller.to_string()).or_default();
+        if *held >= MAX_STREAMS_PER_AGENT {
+            return Err("this agent holds as many node streams as it may");
+        }
+        *held += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// Gives `caller`'s slot back.
+    pub fn give_back(&mut self, caller: &str) {
+        if let Some(held) = self.by_caller.get_mut(caller) {
+            *held -= 1;
+            if *held == 0 {
+                self.by_caller.remove(caller);
+            }
+            self.total -= 1;
+        }
+    }
 }
 
 /// Numbers the node streams (for the agents' registry).
@@ -281,6 +329,7 @@ impl PodiamService {
             draining: CancellationToken::new(),
             node_streams: Gauge::default(),
             agents: Arc::default(),
+            slots: Arc::default(),
         }
     }
 
@@ -828,6 +877,22 @@ impl Podiam for PodiamService {
             }
             Caller::Unproven => (request.node_name.clone(), None),
         };
+        let caller = match &agent {
+            Some(agent) => agent.pod_uid.clone(),
+            None => format!(
+                "peer {}",
+                peer.map(|p| p.ip().to_string()).unwrap_or_default()
+            ),
+        };
+        let taken = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(&caller);
+        if let Err(why) = taken {
+            tracing::warn!(node = %node, caller = %caller, why, "node stream refused");
+            return Err(Status::resource_exhausted(why));
+        }
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
         // The service's parts are shared handles. The task ends when the stream closes (the
         // agent went away), the agent's pod goes, or the replica starts draining.
@@ -848,6 +913,11 @@ impl Podiam for PodiamService {
             tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
             let ended = service.follow_node(&node, agent.as_ref(), &tx).await;
             service.agents().remove(&id);
+            service
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .give_back(&caller);
             service.node_streams.dec();
             match ended {
                 StreamEnd::Draining => {
@@ -890,6 +960,8 @@ impl Podiam for PodiamService {
             .map_err(|f| refuse(Failure::Operator(f)))?;
         let mut agents: Vec<AgentStatus> = self.agents().values().cloned().collect();
         agents.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+        let agents_total = agents.len() as u64;
+        agents.truncate(MAX_STATUS_AGENTS);
         Ok(Response::new(StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             synced: self.cluster.synced(),
@@ -897,6 +969,7 @@ impl Podiam for PodiamService {
             agents,
             pods: self.cluster.pods().len() as u64,
             namespaces: self.cluster.namespaces().len() as u64,
+            agents_total,
         }))
     }
 
@@ -919,6 +992,31 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_streams_are_capped_per_agent_and_in_all() {
+        let mut slots = StreamSlots::default();
+        for _ in 0..MAX_STREAMS_PER_AGENT {
+            assert!(slots.take("agent-a").is_ok());
+        }
+        assert!(slots.take("agent-a").is_err(), "one agent past its cap");
+        assert!(
+            slots.take("agent-b").is_ok(),
+            "another agent is not affected"
+        );
+        slots.give_back("agent-a");
+        assert!(
+            slots.take("agent-a").is_ok(),
+            "a slot given back is free again"
+        );
+        slots.give_back("nobody");
+        assert_eq!(slots.total, MAX_STREAMS_PER_AGENT + 1);
+        let mut full = StreamSlots {
+            total: MAX_NODE_STREAMS,
+            ..StreamSlots::default()
+        };
+        assert!(full.take("agent-c").is_err(), "the replica's cap");
+    }
 
     #[test]
     fn node_names_are_dns_subdomains() {

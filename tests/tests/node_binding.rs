@@ -673,3 +673,60 @@ async fn warn_mode_answers_unproven_agents_and_counts_them() {
         .expect_err("a client certificate is always required");
     assert_eq!(reason(&refused), Some(Reason::AgentUnauthenticated));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_agent_cannot_hold_more_than_a_few_node_streams() {
+    let world = two_nodes(false).await;
+    let agent_a = world.server_client().await.expect("agent A");
+    // Streams held open, as a hostile holder of one node's key and token would.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let stream = agent_a
+            .clone()
+            .watch_node(WatchNodeRequest {
+                node_name: NODE_NAME.into(),
+                agent_version: "test".into(),
+            })
+            .await
+            .expect("a stream within the cap")
+            .into_inner();
+        held.push(stream);
+    }
+    let refused = agent_a
+        .clone()
+        .watch_node(WatchNodeRequest {
+            node_name: NODE_NAME.into(),
+            agent_version: "x".repeat(100_000),
+        })
+        .await
+        .expect_err("past the cap");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // Another node's agent is not affected, and a stream given back frees its slot.
+    let agent_b = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
+        .await
+        .expect("agent B");
+    assert!(node_stream(&agent_b, REMOTE_NODE).await.is_ok());
+    drop(held.pop());
+    wait_until(WAIT, "the slot to come back", || {
+        let agent_a = agent_a.clone();
+        async move { node_stream(&agent_a, NODE_NAME).await.is_ok() }
+    })
+    .await
+    .expect("a slot again");
+    // Status lists the streams with the agent version cut to size.
+    let status = world
+        .admin_client()
+        .await
+        .expect("admin")
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.agents_total >= 3, "{status:?}");
+    assert!(status.agents.iter().all(|a| a.agent_version.len() <= 64));
+}
