@@ -600,6 +600,7 @@ mod tests {
                 .collect(),
             pods: 12,
             namespaces: 3,
+            agents_total: agents.len() as u64,
         }
     }
 
