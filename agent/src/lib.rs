@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the `serve` and `uninstall` commands and their validation.
 //! - [`routes`]: path normalisation and routing (pure).
-//! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
+//! - [`token`]: IMDSv2 tokens, bound to the asking pod's address and UID (pure), and their
+//!   keys, kept on the node and rotated, so that tokens outlive the agent process.
 //! - [`imds`]: EC2's exact response documents (pure).
 //! - [`identity`]: the agent's projected token, re-read and put on every server call.
 //! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
@@ -44,7 +45,7 @@ use crate::iptables::Iptables;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
 use crate::replicas::ServerSet;
-use crate::token::TokenKey;
+use crate::token::KeyKeeper;
 use crate::upstream::Upstream;
 
 /// Runs the agent until `shutdown` (SIGTERM), then: reports not ready, stops accepting pods'
@@ -83,7 +84,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         Arc::clone(&servers),
         config.node_name.clone(),
     ));
-    let tokens = TokenKey::generate().map_err(|_| anyhow::anyhow!("generating the token key"))?;
+    let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
+        .context("no IMDSv2 token key")?;
     let allow = match &config.allow_route_regexp {
         Some(source) => Some((
             routes::allow_list(source).context("--allow-route-regexp")?,
@@ -168,6 +170,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
     tasks.spawn(Arc::clone(&token).follow(stop.clone()));
+    tasks.spawn(key_keeper.follow(stop.clone()));
     {
         let upstream = Arc::clone(&upstream);
         let metrics = Arc::clone(&metrics);
