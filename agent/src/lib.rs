@@ -189,9 +189,17 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             stop.clone(),
         ));
     }
+    let keep_alive = keep_alive_header(config.header_timeout);
     let handler = move |peer: std::net::SocketAddr, request| {
         let service = Arc::clone(&service);
-        async move { service.handle(peer.ip().to_canonical(), request).await }
+        let keep_alive = keep_alive.clone();
+        async move {
+            let mut response = service.handle(peer.ip().to_canonical(), request).await;
+            if let Some(value) = keep_alive {
+                response.headers_mut().insert(KEEP_ALIVE, value);
+            }
+            response
+        }
     };
     {
         // Readiness goes first on a stop.
@@ -211,6 +219,24 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     Ok(())
+}
+
+/// The `Keep-Alive` response header.
+const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-alive");
+
+/// `Keep-Alive: timeout=N` for an idle keep-alive connection closed after `idle`
+/// (`--header-timeout`: the accept loop's header-read timeout also runs while a connection
+/// waits for its next request). Clients that honour it stop reusing a connection before the
+/// agent closes it, instead of racing the close: Node's HTTP agent (under the JavaScript SDK)
+/// retires an idle socket one second before the announced timeout, and otherwise after its
+/// own 5 s — the agent's default, so both closed at once and a request sent at 5.0 s met a
+/// closing connection. `None` under a second (nothing to announce).
+fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
+    let seconds = idle.as_secs();
+    if seconds == 0 {
+        return None;
+    }
+    ::http::HeaderValue::from_str(&format!("timeout={seconds}")).ok()
 }
 
 /// Checks the iptables rules every `interval` and repairs them if someone removed them.

@@ -261,3 +261,94 @@ async fn after_a_sigkill_every_sdk_succeeds_on_its_first_request_once_the_agent_
         world.agent_log()
     );
 }
+
+/// Node's HTTP agent, as the JavaScript SDK's metadata provider uses it (the global agent:
+/// keep-alive, idle sockets retired after 5 s, or 1 s before a `Keep-Alive: timeout=N` the
+/// server announces), next to a bare connection that waits for the agent to close it.
+/// Prints `pooled WHO MS` (who closed the pooled connection, after how long idle) and
+/// `bare MS KEEP-ALIVE` (when the agent closed an idle connection, what it announced).
+const NODE_IDLE: &str = r#"
+const http = require("http");
+const net = require("net");
+const ttl = { "x-aws-ec2-metadata-token-ttl-seconds": "60" };
+const hold = setTimeout(() => {}, 60000);
+let lines = 0;
+const done = (line) => { console.log(line); if (++lines === 2) clearTimeout(hold); };
+const req = http.request({ host: "169.254.169.254", path: "/latest/api/token", method: "PUT", headers: ttl }, (res) => {
+  res.resume();
+  res.on("end", () => {
+    const socket = req.socket;
+    const idle = Date.now();
+    let who = "";
+    socket.on("end", () => { who = who || "agent"; });
+    socket.on("timeout", () => { who = who || "client"; });
+    socket.on("close", () => done(`pooled ${who || "unknown"} ${Date.now() - idle}`));
+  });
+});
+req.end();
+const bare = net.connect(80, "169.254.169.254", () => {
+  bare.write("PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nx-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n");
+});
+let head = "";
+let answered = 0;
+bare.on("data", (chunk) => {
+  head += chunk.toString();
+  if (!answered && head.includes("\r\n\r\n")) answered = Date.now();
+});
+bare.on("end", () => {
+  const announced = (/^keep-alive: *(.*)$/im.exec(head) || [])[1] || "none";
+  done(`bare ${Date.now() - answered} ${announced.trim()}`);
+});
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_retires_an_idle_connection_before_the_agent_closes_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let config = WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "app-0", Some("app-reader"))
+    };
+    let world = World::start(config).await.expect("world starts");
+    let output = world
+        .pod_command("app-0", "node")
+        .args(["-e", NODE_IDLE])
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{stdout}");
+    let line = |prefix: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {stdout}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // The agent announces how long it keeps an idle connection, and keeps it that long.
+    let bare = line("bare ");
+    let closed_after: u64 = bare[0].parse().expect("ms");
+    let announced: u64 = bare
+        .get(1)
+        .and_then(|a| a.strip_prefix("timeout="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no Keep-Alive timeout announced: {stdout}"));
+    assert!(
+        closed_after + 500 >= announced * 1000,
+        "announced {announced}s, closed after {closed_after}ms"
+    );
+    // Node retires its idle socket first (a second before the announced time), so a request
+    // never meets a connection the agent is closing.
+    let pooled = line("pooled ");
+    assert_eq!(pooled[0], "client", "{stdout}");
+    let idle: u64 = pooled[1].parse().expect("ms");
+    assert!(idle + 500 < closed_after, "{stdout}");
+}
