@@ -96,6 +96,16 @@ pub struct ServeConfig {
         default_value = "/var/run/secrets/podiam/token"
     )]
     pub token_file: PathBuf,
+    /// The keys that sign pods' IMDSv2 tokens, kept on the node so that the tokens SDKs hold
+    /// survive agent restarts and rolling updates: created (mode 0600) if absent, read by
+    /// every agent of the node, rotated every 6 hours. A file that cannot be used is logged and
+    /// the agent signs with keys of its own process instead.
+    #[arg(
+        long,
+        env = "PODIAM_TOKEN_KEY_FILE",
+        default_value = "/var/lib/podiam/imds-token-keys"
+    )]
+    pub token_key_file: PathBuf,
     /// Install the iptables DNAT rule for pod interfaces at start.
     #[arg(long, env = "PODIAM_IPTABLES")]
     pub iptables: bool,
@@ -210,6 +220,12 @@ impl ServeConfig {
             problems.push(
                 "--iptables needs --host-ip (or a specific --listen address) as the DNAT target"
                     .to_string(),
+            );
+        }
+        if self.token_key_file.as_os_str().is_empty() || self.token_key_file.ends_with("..") {
+            problems.push(
+                "--token-key-file must name a file (on a node directory only the agent reads)"
+                    .into(),
             );
         }
         if self.interfaces.is_empty() {
@@ -351,6 +367,26 @@ mod tests {
             "0s",
         ]);
         assert_eq!(config.problems().len(), 5, "{:#?}", config.problems());
+    }
+
+    #[test]
+    fn the_token_key_file_is_a_file_on_the_node() {
+        assert_eq!(
+            serve(&[]).token_key_file,
+            PathBuf::from("/var/lib/podiam/imds-token-keys")
+        );
+        let problems = serve(&["--token-key-file", "/var/lib/.."]).problems();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].starts_with("--token-key-file"), "{problems:#?}");
+        let empty = Cli::try_parse_from([
+            "podiam-agent",
+            "serve",
+            "--tls-ca=a",
+            "--tls-cert=b",
+            "--tls-key=c",
+            "--token-key-file=",
+        ]);
+        assert!(empty.is_err(), "an empty path is refused while parsing");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the `serve` and `uninstall` commands and their validation.
 //! - [`routes`]: path normalisation and routing (pure).
-//! - [`token`]: IMDSv2 tokens, bound to the asking pod's address (pure).
+//! - [`token`]: IMDSv2 tokens, bound to the asking pod's address and UID (pure), and their
+//!   keys, kept on the node and rotated, so that tokens outlive the agent process.
 //! - [`imds`]: EC2's exact response documents (pure).
 //! - [`identity`]: the agent's projected token, re-read and put on every server call.
 //! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
@@ -44,7 +45,7 @@ use crate::iptables::Iptables;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
 use crate::replicas::ServerSet;
-use crate::token::TokenKey;
+use crate::token::KeyKeeper;
 use crate::upstream::Upstream;
 
 /// Runs the agent until `shutdown` (SIGTERM), then: reports not ready, stops accepting pods'
@@ -83,7 +84,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         Arc::clone(&servers),
         config.node_name.clone(),
     ));
-    let tokens = TokenKey::generate().map_err(|_| anyhow::anyhow!("generating the token key"))?;
+    let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
+        .context("no IMDSv2 token key")?;
     let allow = match &config.allow_route_regexp {
         Some(source) => Some((
             routes::allow_list(source).context("--allow-route-regexp")?,
@@ -168,6 +170,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
     tasks.spawn(Arc::clone(&token).follow(stop.clone()));
+    tasks.spawn(key_keeper.follow(stop.clone()));
     {
         let upstream = Arc::clone(&upstream);
         let metrics = Arc::clone(&metrics);
@@ -186,9 +189,17 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             stop.clone(),
         ));
     }
+    let keep_alive = keep_alive_header(config.header_timeout);
     let handler = move |peer: std::net::SocketAddr, request| {
         let service = Arc::clone(&service);
-        async move { service.handle(peer.ip().to_canonical(), request).await }
+        let keep_alive = keep_alive.clone();
+        async move {
+            let mut response = service.handle(peer.ip().to_canonical(), request).await;
+            if let Some(value) = keep_alive {
+                response.headers_mut().insert(KEEP_ALIVE, value);
+            }
+            response
+        }
     };
     {
         // Readiness goes first on a stop.
@@ -208,6 +219,24 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     Ok(())
+}
+
+/// The `Keep-Alive` response header.
+const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-alive");
+
+/// `Keep-Alive: timeout=N` for an idle keep-alive connection closed after `idle`
+/// (`--header-timeout`: the accept loop's header-read timeout also runs while a connection
+/// waits for its next request). Clients that honour it stop reusing a connection before the
+/// agent closes it, instead of racing the close: Node's HTTP agent (under the JavaScript SDK)
+/// retires an idle socket one second before the announced timeout, and otherwise after its
+/// own 5 s — the agent's default, so both closed at once and a request sent at 5.0 s met a
+/// closing connection. `None` under a second (nothing to announce).
+fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
+    let seconds = idle.as_secs();
+    if seconds == 0 {
+        return None;
+    }
+    ::http::HeaderValue::from_str(&format!("timeout={seconds}")).ok()
 }
 
 /// Checks the iptables rules every `interval` and repairs them if someone removed them.

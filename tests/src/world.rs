@@ -413,6 +413,8 @@ impl World {
             .args(["--node-name", NODE_NAME])
             .arg("--token-file")
             .arg(&self.agent_token_file)
+            .arg("--token-key-file")
+            .arg(self.agent_token_key_file())
             .arg("--iptables")
             .args(["--host-ip", &self.node.ip().to_string()])
             .args(["--interface", POD_INTERFACE_PATTERN])
@@ -709,6 +711,14 @@ print(remaining)
     /// A kubeconfig for an operator allowed everything, with a bearer token.
     pub fn admin_kubeconfig(&self) -> anyhow::Result<PathBuf> {
         self.user_kubeconfig(identity::ADMIN_TOKEN)
+    }
+
+    /// The node's IMDSv2 token keys, shared by every agent of the world as the DaemonSet's
+    /// node directory shares them.
+    pub fn agent_token_key_file(&self) -> PathBuf {
+        self.dir
+            .join("node-1-var-lib-podiam")
+            .join("imds-token-keys")
     }
 
     /// The agent's token file (what the kubelet keeps current).

@@ -1,0 +1,354 @@
+//! The agent restarted or updated under SDKs that live long, as applications hold them.
+//!
+//! Four pods each run four clients for the whole test: the AWS SDK for JavaScript v3 (one
+//! `fromInstanceMetadata` provider, default retries), the Rust SDK (one aws-config IMDS
+//! client with its default 6-hour token, and one `ImdsCredentialsProvider`) and botocore (one
+//! `InstanceMetadataFetcher`), each fetching credentials in a loop (`podiam_tests::sdk_load`).
+//!
+//! - Through rolling updates of the agent (a new agent beside the old one, then SIGTERM to
+//!   the old one) no fetch may fail: the tokens the SDKs hold, issued by the old agent, must
+//!   be accepted by the new one.
+//! - After a SIGKILL, while no agent runs, fetches fail (the metadata address is closed, never
+//!   the node's own service: fail closed). Once the restarted agent is ready, the first fetch
+//!   of every client must succeed; the time the agent was down is the only gap.
+//!
+//! Needs root, the built binaries and the JavaScript SDK (`scripts/setup`). The two tests run
+//! one at a time: each is a whole cluster and sixteen SDK processes on 2 cores.
+
+use std::time::Duration;
+
+use podiam_tests::process::wait_until;
+use podiam_tests::sdk_load::{ClientReport, ClientSpec, LoadReport, Sdk, SdkLoad, now};
+use podiam_tests::world::{World, WorldConfig};
+
+/// One test at a time (a tokio mutex: held across awaits, never poisoned).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PODS: usize = 4;
+/// Rolling updates in a row (the drill that found the problem made three).
+const ROLLS: usize = 3;
+/// Every client fetches at least this often after a fault before the next step.
+const FETCHES_AFTER_EACH_STEP: usize = 5;
+/// How long a step may take to show its effect in every client.
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
+
+fn pod_name(i: usize) -> String {
+    format!("app-{i}")
+}
+
+fn role_of(i: usize) -> &'static str {
+    if i.is_multiple_of(2) {
+        "app-reader"
+    } else {
+        "app-writer"
+    }
+}
+
+/// 2 server replicas, the agent, and `PODS` pods with roles in team-a.
+fn cluster() -> WorldConfig {
+    let mut config = WorldConfig {
+        servers: 2,
+        start_agent: true,
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    };
+    for i in 0..PODS {
+        config = config.pod("team-a", &pod_name(i), Some(role_of(i)));
+    }
+    config
+}
+
+/// Every long-lived SDK in every pod.
+fn clients() -> Vec<ClientSpec> {
+    (0..PODS)
+        .flat_map(|i| {
+            Sdk::LONG_LIVED
+                .into_iter()
+                .map(move |sdk| ClientSpec::new(&pod_name(i), &[role_of(i)]).with_sdk(sdk))
+        })
+        .collect()
+}
+
+/// The cluster with every client fetching, each with 3 good fetches behind it.
+async fn under_load() -> (World, SdkLoad) {
+    let world = World::start(cluster()).await.expect("world starts");
+    let load = SdkLoad::start(&world, &clients()).expect("clients start");
+    load.wait_each_ok(3, 0.0, STEP_DEADLINE)
+        .await
+        .expect("every client fetches before the fault");
+    (world, load)
+}
+
+/// Failed fetches per client that began in `[from, to)`, as `label: n` lines (clients
+/// without failures left out).
+fn failures_between(report: &LoadReport, from: f64, to: f64) -> Vec<String> {
+    report
+        .clients
+        .iter()
+        .filter_map(|c| {
+            let failed: Vec<_> = c
+                .failures()
+                .into_iter()
+                .filter(|f| f.at() >= from && f.at() < to)
+                .collect();
+            (!failed.is_empty()).then(|| {
+                let first = failed.first().map(|f| format!("{f:?}")).unwrap_or_default();
+                format!("{}: {} failed, first {first}", c.label(), failed.len())
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolling_updates_of_the_agent_are_invisible_to_every_sdk() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut world, load) = under_load().await;
+
+    let mut rolls = Vec::new();
+    for _ in 0..ROLLS {
+        let from = now();
+        world
+            .roll_agent()
+            .await
+            .expect("new agent in, old agent out");
+        if let Err(error) = load
+            .wait_each_ok(FETCHES_AFTER_EACH_STEP, now(), STEP_DEADLINE)
+            .await
+        {
+            panic!(
+                "after roll {}: {error}
+failed fetches per client since the roll:
+{}",
+                rolls.len() + 1,
+                failures_between(&load.report(), from, f64::MAX).join("\n")
+            );
+        }
+        rolls.push((from, now()));
+    }
+
+    let report = load.stop().await.expect("report");
+    for (i, (from, to)) in rolls.iter().enumerate() {
+        println!(
+            "roll {}: {:?}",
+            i + 1,
+            failures_between(&report, *from, *to)
+        );
+    }
+    println!("{}", report.summary());
+    let failures = report.failures();
+    assert!(
+        failures.is_empty(),
+        "{} failed fetches through {ROLLS} rolling updates:\n{}\nagent logs:\n{}",
+        failures.len(),
+        report.summary(),
+        world.agent_log()
+    );
+    // Each client fetched through every roll (the load really ran through them).
+    for client in &report.clients {
+        for (from, to) in &rolls {
+            assert!(
+                client.ok_between(*from, *to) >= FETCHES_AFTER_EACH_STEP,
+                "{} fetched too little during a roll: {}",
+                client.label(),
+                report.summary()
+            );
+        }
+    }
+}
+
+/// How long a client went without credentials because of the kill: from the start of its
+/// last good fetch before its first failure after `killed`, to the start of its first good
+/// fetch after that failure.
+fn gap(client: &ClientReport, killed: f64) -> Option<f64> {
+    let failed = client
+        .fetches
+        .iter()
+        .find(|f| !f.is_ok() && f.at() >= killed)?
+        .at();
+    let last_before = client
+        .fetches
+        .iter()
+        .filter(|f| f.is_ok() && f.at() < failed)
+        .map(|f| f.at())
+        .reduce(f64::max)?;
+    let first_after = client
+        .fetches
+        .iter()
+        .find(|f| f.is_ok() && f.at() > failed)?
+        .at();
+    Some(first_after - last_before)
+}
+
+/// A client may begin its first fetch after the agent is back this late: its pause between
+/// fetches (0.2 s) after a fetch that was under way while the agent started (at most the
+/// SDKs' 1 s timeout), with room for a loaded machine.
+const FIRST_FETCH_SLACK: f64 = 2.0;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_sigkill_every_sdk_succeeds_on_its_first_request_once_the_agent_is_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut world, load) = under_load().await;
+
+    let killed = now();
+    world.kill_agent().await.expect("agent killed");
+    // Every client meets the closed address (fail closed) before the agent comes back: the
+    // outage really happened for each of them.
+    wait_until(STEP_DEADLINE, "every client to see the agent gone", || {
+        let report = load.report();
+        async move {
+            report
+                .clients
+                .iter()
+                .all(|c| c.failures().iter().any(|f| f.at() >= killed))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", load.report().summary()));
+    world.start_agent().await.expect("agent back");
+    let back = now();
+    load.wait_each_ok(FETCHES_AFTER_EACH_STEP, back, STEP_DEADLINE)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nfailed fetches per client since the agent was back:\n{}\nagent log:\n{}",
+                failures_between(&load.report(), back, f64::MAX).join("\n"),
+                world.agent_log()
+            )
+        });
+
+    let report = load.stop().await.expect("report");
+    let down = back - killed;
+    println!("the agent was down for {down:.2}s (SIGKILL until ready again)");
+    let mut problems = Vec::new();
+    for client in &report.clients {
+        let gap = gap(client, killed);
+        println!(
+            "{}: no credentials for {}",
+            client.label(),
+            gap.map_or("ever".to_string(), |g| format!("{g:.2}s"))
+        );
+        if gap.is_none_or(|g| g > down + FIRST_FETCH_SLACK) {
+            problems.push(format!(
+                "{}: without credentials for {gap:?}s, the agent down for {down:.2}s",
+                client.label()
+            ));
+        }
+        match client.first_from(back) {
+            Some(first) if first.is_ok() => {}
+            first => problems.push(format!(
+                "{}: the first fetch once the agent was back: {first:?}",
+                client.label()
+            )),
+        }
+        let later: Vec<_> = client
+            .failures()
+            .into_iter()
+            .filter(|f| f.at() >= back)
+            .collect();
+        if !later.is_empty() {
+            problems.push(format!(
+                "{}: {} failed after the agent was back, first {:?}",
+                client.label(),
+                later.len(),
+                later[0]
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\n{}\nagent log:\n{}",
+        problems.join("\n"),
+        report.summary(),
+        world.agent_log()
+    );
+}
+
+/// Node's HTTP agent, as the JavaScript SDK's metadata provider uses it (the global agent:
+/// keep-alive, idle sockets retired after 5 s, or 1 s before a `Keep-Alive: timeout=N` the
+/// server announces), next to a bare connection that waits for the agent to close it.
+/// Prints `pooled WHO MS` (who closed the pooled connection, after how long idle) and
+/// `bare MS KEEP-ALIVE` (when the agent closed an idle connection, what it announced).
+const NODE_IDLE: &str = r#"
+const http = require("http");
+const net = require("net");
+const ttl = { "x-aws-ec2-metadata-token-ttl-seconds": "60" };
+const hold = setTimeout(() => {}, 60000);
+let lines = 0;
+const done = (line) => { console.log(line); if (++lines === 2) clearTimeout(hold); };
+const req = http.request({ host: "169.254.169.254", path: "/latest/api/token", method: "PUT", headers: ttl }, (res) => {
+  res.resume();
+  res.on("end", () => {
+    const socket = req.socket;
+    const idle = Date.now();
+    let who = "";
+    socket.on("end", () => { who = who || "agent"; });
+    socket.on("timeout", () => { who = who || "client"; });
+    socket.on("close", () => done(`pooled ${who || "unknown"} ${Date.now() - idle}`));
+  });
+});
+req.end();
+const bare = net.connect(80, "169.254.169.254", () => {
+  bare.write("PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nx-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n");
+});
+let head = "";
+let answered = 0;
+bare.on("data", (chunk) => {
+  head += chunk.toString();
+  if (!answered && head.includes("\r\n\r\n")) answered = Date.now();
+});
+bare.on("end", () => {
+  const announced = (/^keep-alive: *(.*)$/im.exec(head) || [])[1] || "none";
+  done(`bare ${Date.now() - answered} ${announced.trim()}`);
+});
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_retires_an_idle_connection_before_the_agent_closes_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let config = WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "app-0", Some("app-reader"))
+    };
+    let world = World::start(config).await.expect("world starts");
+    let output = world
+        .pod_command("app-0", "node")
+        .args(["-e", NODE_IDLE])
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{stdout}");
+    let line = |prefix: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {stdout}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // The agent announces how long it keeps an idle connection, and keeps it that long.
+    let bare = line("bare ");
+    let closed_after: u64 = bare[0].parse().expect("ms");
+    let announced: u64 = bare
+        .get(1)
+        .and_then(|a| a.strip_prefix("timeout="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no Keep-Alive timeout announced: {stdout}"));
+    assert!(
+        closed_after + 500 >= announced * 1000,
+        "announced {announced}s, closed after {closed_after}ms"
+    );
+    // Node retires its idle socket first (a second before the announced time), so a request
+    // never meets a connection the agent is closing.
+    let pooled = line("pooled ");
+    assert_eq!(pooled[0], "client", "{stdout}");
+    let idle: u64 = pooled[1].parse().expect("ms");
+    assert!(idle + 500 < closed_after, "{stdout}");
+}
