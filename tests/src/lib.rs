@@ -9,7 +9,8 @@
 //! - [`moto`]: moto's STS server on a free loopback port.
 //! - [`sts_proxy`]: a recording, fault-injecting proxy between the server and moto.
 //! - [`process`]: child processes that die with their owner, with their logs kept.
-//! - [`sdk_load`]: steady load from botocore clients in pods, counting what they saw.
+//! - [`sdk_load`]: steady load from long-lived SDK clients (botocore, the JS and Rust SDKs) in
+//!   pods, counting what they saw.
 //! - [`world`]: a whole podiam installation (emulator, moto, server replicas, node, pods,
 //!   agent) and the faults a test can inflict on it.
 

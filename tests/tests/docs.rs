@@ -594,7 +594,10 @@ async fn agent_metric_types(certs: &podiam_certs::WrittenFiles) -> BTreeMap<Stri
         .arg("--tls-cert")
         .arg(&certs.agent_cert)
         .arg("--tls-key")
-        .arg(&certs.agent_key);
+        .arg(&certs.agent_key)
+        // Its IMDSv2 token keys in the test's own directory, never the machine's /var/lib.
+        .arg("--token-key-file")
+        .arg(certs.ca_cert.with_file_name("imds-token-keys"));
     let agent = ChildGuard::spawn("docs-agent", command).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(listen).is_err() || TcpStream::connect(health).is_err() {

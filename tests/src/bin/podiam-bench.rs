@@ -279,7 +279,8 @@ impl Rig {
             .args(["--tls-cert", &path(&certs.agent_cert)])
             .args(["--tls-key", &path(&certs.agent_key)])
             .args(["--node-name", NODE])
-            .args(["--token-file", &path(&token_file)]);
+            .args(["--token-file", &path(&token_file)])
+            .args(["--token-key-file", &path(&dir.join("imds-token-keys"))]);
         let agent = ChildGuard::spawn("podiam-agent", command)?;
         wait_until(Duration::from_secs(20), "the agent to be ready", || async {
             http_get_text(&format!("http://{health}/ready"))
