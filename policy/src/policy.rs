@@ -4,7 +4,9 @@
 //!
 //! - A pod's `iam.amazonaws.com/role` names a role by name (`app-reader`), by path and name
 //!   (`team/app-reader`) or by full ARN. Names and paths are placed under the base ARN
-//!   (`arn:aws:iam::ACCOUNT:role/`).
+//!   (`arn:aws:iam::ACCOUNT:role/`). Names and path segments are held to IAM's name
+//!   characters and lengths, and a `.`, `..` or empty segment is refused: `team-b/../admin`
+//!   is no role under `team-b/` (nor `admin`), whatever STS would make of it.
 //! - The namespace's `iam.amazonaws.com/permitted` is a regular expression that must match
 //!   the WHOLE role: it is compiled as `^(?:…)$` (kiam's `^…$` turns `a|b` into "starts with
 //!   a, or ends with b"). It is tried against the full ARN and, for roles under the base ARN,
@@ -95,13 +97,24 @@ pub struct Role {
 /// Why a role annotation could not be resolved.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RoleError {
-    #[error("role {0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME)")]
+    #[error(
+        "role {0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME, where the path and name follow IAM's rules)"
+    )]
     MalformedArn(String),
-    #[error("role {0:?} is not a valid role name or path/name")]
+    #[error(
+        "role {0:?} is not a valid role name or path/name (a name is 1 to 64 of A-Z a-z 0-9 + = , . @ _ -; path segments are the same, never empty, `.` or `..`)"
+    )]
     MalformedName(String),
     #[error("role {0:?} is a name, but the server has no base role ARN to place it under")]
     NoBaseArn(String),
 }
+
+/// IAM's longest role name.
+const MAX_ROLE_NAME: usize = 64;
+/// IAM's longest instance profile name.
+const MAX_INSTANCE_PROFILE_NAME: usize = 128;
+/// IAM's longest path, its leading and trailing slashes included.
+const MAX_PATH: usize = 512;
 
 /// Checks a base ARN: `arn:PARTITION:iam::ACCOUNT:role/` with an optional path, ending in `/`.
 pub fn valid_base_arn(base: &str) -> bool {
@@ -130,7 +143,7 @@ pub fn base_arn_of_instance_profile(profile_arn: &str) -> Option<String> {
         && region.is_empty()
         && resource
             .strip_prefix("instance-profile/")
-            .is_some_and(valid_path_name)
+            .is_some_and(|p| valid_path_name(p, MAX_INSTANCE_PROFILE_NAME))
         && valid_base_arn(&base);
     ok.then_some(base)
 }
@@ -145,26 +158,52 @@ fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
     let account = parts.next()?;
     let resource = parts.next()?;
     let path_name = resource.strip_prefix("role/")?;
-    let ok = !partition.is_empty()
+    let ok = valid_partition(partition)
         && service == "iam"
         && region.is_empty()
         && account.len() == 12
         && account.bytes().all(|b| b.is_ascii_digit())
-        && valid_path_name(path_name);
+        && valid_path_name(path_name, MAX_ROLE_NAME);
     ok.then(|| arn.split_at(arn.len() - path_name.len()))
 }
 
-/// Role names: `[\w+=,.@-]{1,64}`; paths: segments of the same characters.
-fn valid_path_name(path_name: &str) -> bool {
-    let segments: Vec<&str> = path_name.split('/').collect();
-    !path_name.is_empty()
-        && path_name.len() <= 512
-        && segments.iter().all(|s| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+/// AWS partitions: `aws`, and `aws-` with lowercase letters, digits and dashes (`aws-cn`,
+/// `aws-us-gov`, `aws-iso-b`…).
+fn valid_partition(partition: &str) -> bool {
+    partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
+}
+
+/// A character of IAM names, `[\w+=,.@-]` in ASCII.
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b)
+}
+
+/// One segment of a path or a name: IAM's name characters, and never empty, `.` or `..`,
+/// whatever IAM itself would accept in a path. A dot segment is how `team-b/../admin`
+/// would pass a `team-b/.*` rule and name a role outside `team-b/`; an empty one makes a
+/// different ARN of the same words.
+fn valid_segment(segment: &str) -> bool {
+    !segment.is_empty() && segment != "." && segment != ".." && segment.bytes().all(name_byte)
+}
+
+/// What follows `role/` (or `instance-profile/`) in an ARN: `[PATH/]NAME`, the name at most
+/// `max_name` characters, the path (with its leading and trailing slashes) at most
+/// [`MAX_PATH`]. Path segments are held to the name's characters, stricter than IAM's
+/// printable ASCII.
+fn valid_path_name(path_name: &str, max_name: usize) -> bool {
+    let (path, name) = match path_name.rsplit_once('/') {
+        Some((path, name)) => (Some(path), name),
+        None => (None, path_name),
+    };
+    let path_ok =
+        path.is_none_or(|path| path.len() + 2 <= MAX_PATH && path.split('/').all(valid_segment));
+    path_ok && name.len() <= max_name && valid_segment(name)
 }
 
 /// Resolves a role annotation against an optional base ARN (`arn:aws:iam::123456789012:role/`).
@@ -182,8 +221,9 @@ pub fn resolve_role(annotation: &str, base_arn: Option<&str>) -> Result<Role, Ro
             name: last_segment(path_name),
         });
     }
-    let path_name = annotation.trim_start_matches('/');
-    if !valid_path_name(path_name) {
+    // `/team/app` spells the path with IAM's leading slash; one slash, not several.
+    let path_name = annotation.strip_prefix('/').unwrap_or(annotation);
+    if !valid_path_name(path_name, MAX_ROLE_NAME) {
         return Err(RoleError::MalformedName(annotation.into()));
     }
     let base = base_arn.ok_or_else(|| RoleError::NoBaseArn(annotation.into()))?;
@@ -250,6 +290,45 @@ mod tests {
 
     const BASE: &str = "arn:aws:iam::123456789012:role/";
 
+    /// A role name one character over IAM's 64.
+    static NAME_65: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "n".repeat(65));
+    /// A path one character over IAM's 512 (slashes included), then a name.
+    static PATH_513: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{}/{}/app", "p".repeat(255), "q".repeat(255)));
+
+    #[test]
+    fn names_and_paths_at_iams_limits_resolve() {
+        let name = "n".repeat(64);
+        let role = resolve_role(&name, Some(BASE)).expect("64 characters");
+        assert_eq!(role.name, name);
+        // "/" + 255 + "/" + 254 + "/" is 512.
+        let path_name = format!("{}/{}/app", "p".repeat(255), "q".repeat(254));
+        let role = resolve_role(&path_name, Some(BASE)).expect("a 512-character path");
+        assert_eq!(role.under_base.as_deref(), Some(path_name.as_str()));
+        for fine in ["a.b", "..a", "a..", ".a", "a_b+c=d,e@f-g", "team-b/app.v2"] {
+            assert!(resolve_role(fine, Some(BASE)).is_ok(), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_never_escape_a_permitted_path() {
+        let rule = Permitted::compile(Some("team-b/.*"));
+        for annotation in [
+            "team-b/../admin",
+            "team-b/./admin",
+            "team-b/../../admin",
+            "/team-b/../admin",
+            "arn:aws:iam::123456789012:role/team-b/../admin",
+        ] {
+            assert!(
+                resolve_role(annotation, Some(BASE)).is_err(),
+                "{annotation:?} must not resolve"
+            );
+        }
+        let fine = resolve_role("team-b/app", Some(BASE)).expect("resolves");
+        assert_eq!(check(&rule, &fine), Verdict::Permitted);
+    }
+
     #[test]
     fn resolves_names_paths_and_arns() {
         /// (annotation, base ARN, Ok((arn, path under base, name)) or Err(()) for "refused")
@@ -311,6 +390,57 @@ mod tests {
             ("bad name", Some(BASE), Err(())),
             ("a//b", Some(BASE), Err(())),
             ("", Some(BASE), Err(())),
+            // Dot segments never reach an ARN: `team-b/../admin` is not `admin`, nor a role
+            // under `team-b/`.
+            ("team-b/../admin", Some(BASE), Err(())),
+            ("team-b/./admin", Some(BASE), Err(())),
+            ("../admin", Some(BASE), Err(())),
+            ("./admin", Some(BASE), Err(())),
+            ("team-b/..", Some(BASE), Err(())),
+            ("team-b/.", Some(BASE), Err(())),
+            ("..", Some(BASE), Err(())),
+            (".", Some(BASE), Err(())),
+            (
+                "arn:aws:iam::123456789012:role/team-b/../admin",
+                Some(BASE),
+                Err(()),
+            ),
+            (
+                "arn:aws:iam::123456789012:role/team-b/./admin",
+                Some(BASE),
+                Err(()),
+            ),
+            ("arn:aws:iam::123456789012:role/..", Some(BASE), Err(())),
+            // Empty segments: a trailing slash, a doubled one, a path with no name.
+            ("team-b/", Some(BASE), Err(())),
+            ("/team-b//admin", Some(BASE), Err(())),
+            ("//admin", Some(BASE), Err(())),
+            ("/", Some(BASE), Err(())),
+            ("arn:aws:iam::123456789012:role/", Some(BASE), Err(())),
+            ("arn:aws:iam::123456789012:role//admin", Some(BASE), Err(())),
+            (
+                "arn:aws:iam::123456789012:role/team-b/",
+                Some(BASE),
+                Err(()),
+            ),
+            // Characters IAM names cannot hold (non-ASCII, invisible, encoded, blanks).
+            ("t\u{e9}am/app", Some(BASE), Err(())),
+            ("app\u{200b}", Some(BASE), Err(())),
+            ("app%2e%2e", Some(BASE), Err(())),
+            ("team b/app", Some(BASE), Err(())),
+            ("team\tb/app", Some(BASE), Err(())),
+            ("team\\b/app", Some(BASE), Err(())),
+            // Names are 1 to 64 characters; a path is at most 512 with its slashes.
+            (NAME_65.as_str(), Some(BASE), Err(())),
+            (PATH_513.as_str(), Some(BASE), Err(())),
+            // Partitions are aws or aws-something, lowercase.
+            ("arn:AWS:iam::123456789012:role/x", Some(BASE), Err(())),
+            ("arn:a/ws:iam::123456789012:role/x", Some(BASE), Err(())),
+            (
+                "arn:aws-\u{e9}:iam::123456789012:role/x",
+                Some(BASE),
+                Err(()),
+            ),
         ];
         for (annotation, base, want) in cases {
             let got = resolve_role(annotation, *base);
