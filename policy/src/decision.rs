@@ -62,6 +62,10 @@ pub enum Refusal {
         "pod {0} is not a live pod with an IP (not found, not yet scheduled, finished, or on the host network)"
     )]
     NotLive(String),
+    /// The pod is terminating and a pod that is not has been given its address: the address,
+    /// and whatever a request from it may get, is the new pod's.
+    #[error("pod {pod} is terminating and its IP {ip} is now another pod's")]
+    AddressTaken { pod: String, ip: IpAddr },
     #[error(
         "IP {ip} is claimed by several live pods ({}); refusing all",
         names(pods)
@@ -102,7 +106,9 @@ impl Refusal {
         Some(match self {
             Refusal::BadIp(_) => return None,
             Refusal::NotReady => Reason::NotReady,
-            Refusal::UnknownPod(_) | Refusal::NotLive(_) => Reason::UnknownPod,
+            Refusal::UnknownPod(_) | Refusal::NotLive(_) | Refusal::AddressTaken { .. } => {
+                Reason::UnknownPod
+            }
             Refusal::AmbiguousPod { .. } => Reason::AmbiguousPod,
             Refusal::NoRole(_) => Reason::NoRole,
             Refusal::InvalidRole { .. } => Reason::InvalidRole,
@@ -199,13 +205,23 @@ impl View<'_> {
     }
 
     /// The decision for a live pod as a request from its IP would get it: refused when
-    /// another live pod claims the same IP.
+    /// another live pod claims the same IP, or when the pod is terminating and a pod that is
+    /// not has its IP now.
     pub fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
         let ip = pod.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
-        if let Some(ip) = ip
-            && let Lookup::Ambiguous(pods) = self.pods.lookup(&ip.to_string())
-        {
-            return Err(Refusal::AmbiguousPod { ip, pods });
+        if let Some(ip) = ip {
+            let taken = || Refusal::AddressTaken {
+                pod: pod_name(pod),
+                ip,
+            };
+            match self.pods.lookup(&ip.to_string()) {
+                Lookup::Found(holder) if holder.uid != pod.uid => return Err(taken()),
+                Lookup::Ambiguous(pods) if pods.iter().any(|p| p.uid == pod.uid) => {
+                    return Err(Refusal::AmbiguousPod { ip, pods });
+                }
+                Lookup::Ambiguous(_) => return Err(taken()),
+                Lookup::Found(_) | Lookup::Unknown => {}
+            }
         }
         self.decide_pod(Arc::clone(pod))
     }
@@ -460,6 +476,14 @@ mod tests {
         }
     }
 
+    /// `pod`, being deleted (its `deletionTimestamp` set; still Running).
+    fn terminating(pod: PodRecord) -> PodRecord {
+        PodRecord {
+            deleting: true,
+            ..pod
+        }
+    }
+
     fn agent_pod(uid: &str, node: &str, sa: &str, phase: &str) -> PodRecord {
         PodRecord {
             uid: uid.into(),
@@ -512,6 +536,20 @@ mod tests {
             pod("x2", "team-b", "node-b", "10.0.9.9", Some("b-writer")),
             pod("y1", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
             pod("y2", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
+            // 10.0.7.7: a terminating pod with a role, and the new pod given its address
+            // (with a role of its own); 10.0.7.8 the same, the new pod without a role;
+            // 10.0.6.6: a terminating pod alone.
+            terminating(pod("t1", "team-a", "node-a", "10.0.7.7", Some("app-admin"))),
+            pod("n1", "team-a", "node-a", "10.0.7.7", Some("app-reader")),
+            terminating(pod("t2", "team-a", "node-a", "10.0.7.8", Some("app-admin"))),
+            pod("n2", "team-a", "node-a", "10.0.7.8", None),
+            terminating(pod(
+                "t3",
+                "team-a",
+                "node-a",
+                "10.0.6.6",
+                Some("app-reader"),
+            )),
             agent_pod("ag-a", "node-a", "podiam-agent", "Running"),
             agent_pod("ag-b", "node-b", "podiam-agent", "Running"),
             agent_pod("ag-pending", "node-c", "podiam-agent", "Pending"),
@@ -562,6 +600,13 @@ mod tests {
             (a, "192.168.0.1", Err(Reason::UnknownPod)),
             (Scope::Cluster, "10.0.1.1", Ok("b1")),
             (Scope::Cluster, "10.0.0.1", Ok("a1")),
+            // A terminating pod's address given to a new pod is the new pod's: its own role,
+            // or none, never the old pod's.
+            (a, "10.0.7.7", Ok("n1")),
+            (Scope::Cluster, "10.0.7.7", Ok("n1")),
+            (a, "10.0.7.8", Err(Reason::NoRole)),
+            // A terminating pod alone at its address keeps its role while it shuts down.
+            (a, "10.0.6.6", Ok("t3")),
         ];
         for (scope, address, want) in table {
             let got = view
@@ -581,6 +626,54 @@ mod tests {
             !message.contains("team-b") && !message.contains("pod-b1"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_terminating_pod_that_lost_its_address_has_no_role() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let a = Scope::Node("node-a");
+        let role = |address: &str| {
+            view.decide(ip(address), a)
+                .map(|d| d.role.name)
+                .unwrap_or_default()
+        };
+        assert_eq!(role("10.0.7.7"), "app-reader");
+        assert_eq!(role("10.0.7.8"), "");
+        // The old pods are refused, and their node's stream no longer carries them at the
+        // address (an agent keeps one pod per address: the new one).
+        for old in ["t1", "t2"] {
+            let pod = pods.by_uid(old).expect("still known");
+            let refusal = view.decide_live(&pod).expect_err("refused");
+            assert_eq!(refusal.reason(), Some(Reason::UnknownPod), "{refusal}");
+            assert!(refusal.to_string().contains("terminating"), "{refusal}");
+            let state = view.pod_state(&pod);
+            assert!(state.role_arn.is_empty(), "{state:?}");
+            assert_eq!(state.refusal_reason, "unknown-pod", "{state:?}");
+            let streamed: Vec<String> = pods
+                .on_node("node-a")
+                .iter()
+                .map(|p| p.uid.clone())
+                .collect();
+            assert!(!streamed.contains(&old.to_string()), "{streamed:?}");
+            let explained = view
+                .explain(&ExplainTarget::Pod {
+                    namespace: "team-a".into(),
+                    name: format!("pod-{old}"),
+                })
+                .expect("synced");
+            assert!(!explained.allowed, "{explained:?}");
+            assert_eq!(explained.reason, "unknown-pod", "{explained:?}");
+        }
+        // Alone, a terminating pod is still streamed with its role.
+        let t3 = pods.by_uid("t3").expect("known");
+        assert_eq!(view.pod_state(&t3).role_name, "app-reader");
     }
 
     #[test]

@@ -7,7 +7,13 @@
 //! - only live pods are indexed: phase Pending or Running, an IP set, not host network;
 //! - an IP claimed by two live pods answers [`Lookup::Ambiguous`] — neither gets a role;
 //! - a pod that turns terminal (Succeeded/Failed) or is deleted leaves the index at once, so
-//!   a later pod reusing its IP is the only claimant.
+//!   a later pod reusing its IP is the only claimant;
+//! - a terminating pod (its `deletionTimestamp` set) holds its IP only while no pod that is
+//!   not terminating claims it too. Alone it keeps its role through its graceful shutdown;
+//!   once a new pod has the address, the new pod is the one found (never ambiguous, so the
+//!   new pod is not blocked for the old one's grace period), the old one is refused, and
+//!   agents' node streams no longer carry it ([`PodIndex::on_node`]), so no agent can
+//!   answer the address as the old pod.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -162,23 +168,53 @@ impl PodIndex {
         self.by_uid.get(uid).or_else(|| self.host.get(uid)).cloned()
     }
 
-    /// The live pods scheduled on `node`; every live pod when `node` is empty.
+    /// The live pods scheduled on `node` that hold their IP (every one of them when `node`
+    /// is empty): what agents' node streams carry, and what the server surveys. A
+    /// terminating pod whose IP another pod has taken is left out.
     pub fn on_node(&self, node: &str) -> Vec<Arc<PodRecord>> {
-        if node.is_empty() {
-            return self.by_uid.values().cloned().collect();
-        }
-        self.by_node
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter_map(|uid| self.by_uid.get(uid).cloned())
-            .collect()
+        let pods: Box<dyn Iterator<Item = &Arc<PodRecord>>> = if node.is_empty() {
+            Box::new(self.by_uid.values())
+        } else {
+            Box::new(
+                self.by_node
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|uid| self.by_uid.get(uid)),
+            )
+        };
+        pods.filter(|pod| self.holds_ip(pod)).cloned().collect()
     }
 
-    /// The one live pod with this IP, if exactly one.
+    /// Whether `pod` still holds its IP: it is not terminating, or no pod that is not
+    /// terminating claims the IP too.
+    pub fn holds_ip(&self, pod: &PodRecord) -> bool {
+        !pod.deleting
+            || self
+                .claimants(pod.ip.as_deref().unwrap_or_default())
+                .1
+                .is_empty()
+    }
+
+    /// The live pods claiming `ip`: (terminating ones, the others).
+    fn claimants(&self, ip: &str) -> (Vec<&Arc<PodRecord>>, Vec<&Arc<PodRecord>>) {
+        self.by_ip
+            .get(ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.by_uid.get(uid))
+            .partition(|pod| pod.deleting)
+    }
+
+    /// The one live pod holding this IP, if exactly one: the one pod claiming it that is not
+    /// terminating, or, when every claimant is terminating, the only one.
     pub fn lookup(&self, ip: &str) -> Lookup {
-        let uids = self.by_ip.get(ip).map(Vec::as_slice).unwrap_or_default();
-        let pods: Vec<&Arc<PodRecord>> = uids.iter().filter_map(|u| self.by_uid.get(u)).collect();
+        let (terminating, others) = self.claimants(ip);
+        let pods = if others.is_empty() {
+            terminating
+        } else {
+            others
+        };
         match pods.as_slice() {
             [] => Lookup::Unknown,
             [pod] => Lookup::Found(Arc::clone(pod)),
@@ -354,6 +390,107 @@ mod tests {
         assert!(on(&index, "node-2").is_empty());
         index.remove("d");
         assert!(on(&index, "node-1").is_empty());
+    }
+
+    #[test]
+    fn a_terminating_pod_yields_its_ip_to_a_live_claimant() {
+        let live = |uid: &str, phase: &str| pod(uid, Some("10.0.0.1"), phase);
+        let terminating = |uid: &str| PodRecord {
+            deleting: true,
+            ..pod(uid, Some("10.0.0.1"), "Running")
+        };
+        /// What a lookup of 10.0.0.1 should find.
+        #[derive(Debug)]
+        enum Want {
+            Found(&'static str),
+            Ambiguous(&'static [&'static str]),
+        }
+        // (what: pods applied in this order, the lookup, the pods node-1's stream carries)
+        let table: Vec<(&str, Vec<PodRecord>, Want, &[&str])> = vec![
+            (
+                "alone while it terminates, a pod keeps its address (and its role)",
+                vec![terminating("old")],
+                Want::Found("old"),
+                &["old"],
+            ),
+            (
+                "a new pod given the address of a terminating one is the one found",
+                vec![terminating("old"), live("new", "Running")],
+                Want::Found("new"),
+                &["new"],
+            ),
+            (
+                "in either order of events",
+                vec![live("new", "Running"), terminating("old")],
+                Want::Found("new"),
+                &["new"],
+            ),
+            (
+                "a new pod still starting claims the address too",
+                vec![terminating("old"), live("new", "Pending")],
+                Want::Found("new"),
+                &["new"],
+            ),
+            (
+                "the old pod marked terminating after the new one took the address",
+                vec![
+                    live("old", "Running"),
+                    live("new", "Running"),
+                    terminating("old"),
+                ],
+                Want::Found("new"),
+                &["new"],
+            ),
+            (
+                "two live pods: nobody, as ever",
+                vec![live("a", "Running"), live("b", "Running")],
+                Want::Ambiguous(&["a", "b"]),
+                &["a", "b"],
+            ),
+            (
+                "two live pods beside a terminating one: nobody, and the terminating one is out",
+                vec![
+                    terminating("old"),
+                    live("a", "Running"),
+                    live("b", "Running"),
+                ],
+                Want::Ambiguous(&["a", "b"]),
+                &["a", "b"],
+            ),
+            (
+                "two terminating pods and nobody else: nobody",
+                vec![terminating("a"), terminating("b")],
+                Want::Ambiguous(&["a", "b"]),
+                &["a", "b"],
+            ),
+        ];
+        for (what, pods, want, streamed) in table {
+            let mut index = PodIndex::default();
+            for p in pods {
+                index.apply(p);
+            }
+            match (index.lookup("10.0.0.1"), &want) {
+                (Lookup::Found(p), Want::Found(uid)) => assert_eq!(p.uid, *uid, "{what}"),
+                (Lookup::Ambiguous(pods), Want::Ambiguous(uids)) => {
+                    let got: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+                    assert_eq!(got, *uids, "{what}");
+                }
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+            for node in ["node-1", ""] {
+                let mut on: Vec<String> =
+                    index.on_node(node).iter().map(|p| p.uid.clone()).collect();
+                on.sort();
+                assert_eq!(on, streamed, "{what}: the pods of node {node:?}");
+            }
+        }
+        // The new pod goes before the old one is gone: the old one has the address again
+        // (it is still the only pod there), as a relist would find it.
+        let mut index = PodIndex::default();
+        index.apply(terminating("old"));
+        index.apply(live("new", "Running"));
+        index.remove("new");
+        assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("old"));
     }
 
     #[test]
