@@ -327,8 +327,9 @@ impl View<'_> {
                 }
             },
         };
-        // A pod asked by name (`get pods` in its namespace) is told what its own pods would
-        // be: other namespaces' claimants of its address are counted, not named.
+        // Asked by name (`get pods` in the pod's namespace only), the answer carries the
+        // pod's own message: other namespaces' claimants of its address are counted, not
+        // named.
         answer.pods = vec![pod_ref(&pod)];
         answer.node_name = pod.node_name.clone().unwrap_or_default();
         answer.ip = pod.ip.clone().unwrap_or_default();
