@@ -62,13 +62,24 @@ pub enum Refusal {
         "pod {0} is not a live pod with an IP (not found, not yet scheduled, finished, or on the host network)"
     )]
     NotLive(String),
+    /// The pod is terminating and a pod that is not has been given its address: the address,
+    /// and whatever a request from it may get, is the new pod's.
+    #[error("pod {pod} is terminating and its IP {ip} is now another pod's")]
+    AddressTaken { pod: String, ip: IpAddr },
+    /// Several live pods claim the address. The message goes to a pod (its answer, its
+    /// node stream's state, the Event on it), so it names only pods of `namespace`, the
+    /// namespace of the pod it is for, whose users may see them anyway; asked by address
+    /// (`namespace` unknown, any of the pods may be asking) it names none. Operators get
+    /// every claimant from [`Refusal::detail`], through explain.
     #[error(
-        "IP {ip} is claimed by several live pods ({}); refusing all",
-        names(pods)
+        "IP {ip} is claimed by {} live pods{}; refusing all",
+        pods.len(),
+        claimants_seen_from(pods, namespace.as_deref())
     )]
     AmbiguousPod {
         ip: IpAddr,
         pods: Vec<Arc<PodRecord>>,
+        namespace: Option<String>,
     },
     #[error("pod {0} has no {role} annotation", role = policy::ROLE_ANNOTATION)]
     NoRole(String),
@@ -102,7 +113,9 @@ impl Refusal {
         Some(match self {
             Refusal::BadIp(_) => return None,
             Refusal::NotReady => Reason::NotReady,
-            Refusal::UnknownPod(_) | Refusal::NotLive(_) => Reason::UnknownPod,
+            Refusal::UnknownPod(_) | Refusal::NotLive(_) | Refusal::AddressTaken { .. } => {
+                Reason::UnknownPod
+            }
             Refusal::AmbiguousPod { .. } => Reason::AmbiguousPod,
             Refusal::NoRole(_) => Reason::NoRole,
             Refusal::InvalidRole { .. } => Reason::InvalidRole,
@@ -111,13 +124,39 @@ impl Refusal {
             Refusal::OtherNode { .. } => Reason::OtherNode,
         })
     }
+
+    /// The refusal as an operator may read it: every pod claiming an ambiguous address
+    /// named, whatever its namespace. Never for pods, agents or Events: see
+    /// [`Refusal::AmbiguousPod`].
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::AmbiguousPod { ip, pods, .. } => format!(
+                "IP {ip} is claimed by {} live pods ({}); refusing all",
+                pods.len(),
+                pods.iter()
+                    .map(|p| pod_name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            other => other.to_string(),
+        }
+    }
 }
 
-fn names(pods: &[Arc<PodRecord>]) -> String {
-    pods.iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The claimants of an address as a pod of `namespace` may see them: those of its own
+/// namespace by name, the others counted; nothing without a namespace.
+fn claimants_seen_from(pods: &[Arc<PodRecord>], namespace: Option<&str>) -> String {
+    let Some(namespace) = namespace else {
+        return String::new();
+    };
+    let (own, others): (Vec<_>, Vec<_>) = pods.iter().partition(|p| p.namespace == namespace);
+    let mut parts: Vec<String> = own.iter().map(|p| pod_name(p)).collect();
+    match others.len() {
+        0 => {}
+        1 => parts.push("1 in another namespace".into()),
+        n => parts.push(format!("{n} in other namespaces")),
+    }
+    format!(" ({})", parts.join(", "))
 }
 
 fn on_node(pod: &PodRecord, node: &str) -> bool {
@@ -160,7 +199,11 @@ impl View<'_> {
                         node: node.to_string(),
                     })
                 }
-                _ => Err(Refusal::AmbiguousPod { ip, pods }),
+                _ => Err(Refusal::AmbiguousPod {
+                    ip,
+                    pods,
+                    namespace: None,
+                }),
             },
         }
     }
@@ -199,13 +242,27 @@ impl View<'_> {
     }
 
     /// The decision for a live pod as a request from its IP would get it: refused when
-    /// another live pod claims the same IP.
+    /// another live pod claims the same IP, or when the pod is terminating and a pod that is
+    /// not has its IP now.
     pub fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
         let ip = pod.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
-        if let Some(ip) = ip
-            && let Lookup::Ambiguous(pods) = self.pods.lookup(&ip.to_string())
-        {
-            return Err(Refusal::AmbiguousPod { ip, pods });
+        if let Some(ip) = ip {
+            let taken = || Refusal::AddressTaken {
+                pod: pod_name(pod),
+                ip,
+            };
+            match self.pods.lookup(&ip.to_string()) {
+                Lookup::Found(holder) if holder.uid != pod.uid => return Err(taken()),
+                Lookup::Ambiguous(pods) if pods.iter().any(|p| p.uid == pod.uid) => {
+                    return Err(Refusal::AmbiguousPod {
+                        ip,
+                        pods,
+                        namespace: Some(pod.namespace.clone()),
+                    });
+                }
+                Lookup::Ambiguous(_) => return Err(taken()),
+                Lookup::Found(_) | Lookup::Unknown => {}
+            }
         }
         self.decide_pod(Arc::clone(pod))
     }
@@ -247,9 +304,17 @@ impl View<'_> {
                     Lookup::Found(pod) => pod,
                     Lookup::Unknown => return Ok(refused(answer, &Refusal::UnknownPod(*ip))),
                     Lookup::Ambiguous(pods) => {
+                        // Asked by address, with `list pods` in every namespace: every
+                        // claimant is named.
                         answer.pods = pods.iter().map(|p| pod_ref(p)).collect();
-                        let refusal = Refusal::AmbiguousPod { ip: *ip, pods };
-                        return Ok(refused(answer, &refusal));
+                        let refusal = Refusal::AmbiguousPod {
+                            ip: *ip,
+                            pods,
+                            namespace: None,
+                        };
+                        let mut answer = refused(answer, &refusal);
+                        answer.message = refusal.detail();
+                        return Ok(answer);
                     }
                 }
             }
@@ -262,6 +327,9 @@ impl View<'_> {
                 }
             },
         };
+        // Asked by name (`get pods` in the pod's namespace only), the answer carries the
+        // pod's own message: other namespaces' claimants of its address are counted, not
+        // named.
         answer.pods = vec![pod_ref(&pod)];
         answer.node_name = pod.node_name.clone().unwrap_or_default();
         answer.ip = pod.ip.clone().unwrap_or_default();
@@ -460,6 +528,14 @@ mod tests {
         }
     }
 
+    /// `pod`, being deleted (its `deletionTimestamp` set; still Running).
+    fn terminating(pod: PodRecord) -> PodRecord {
+        PodRecord {
+            deleting: true,
+            ..pod
+        }
+    }
+
     fn agent_pod(uid: &str, node: &str, sa: &str, phase: &str) -> PodRecord {
         PodRecord {
             uid: uid.into(),
@@ -512,6 +588,20 @@ mod tests {
             pod("x2", "team-b", "node-b", "10.0.9.9", Some("b-writer")),
             pod("y1", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
             pod("y2", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
+            // 10.0.7.7: a terminating pod with a role, and the new pod given its address
+            // (with a role of its own); 10.0.7.8 the same, the new pod without a role;
+            // 10.0.6.6: a terminating pod alone.
+            terminating(pod("t1", "team-a", "node-a", "10.0.7.7", Some("app-admin"))),
+            pod("n1", "team-a", "node-a", "10.0.7.7", Some("app-reader")),
+            terminating(pod("t2", "team-a", "node-a", "10.0.7.8", Some("app-admin"))),
+            pod("n2", "team-a", "node-a", "10.0.7.8", None),
+            terminating(pod(
+                "t3",
+                "team-a",
+                "node-a",
+                "10.0.6.6",
+                Some("app-reader"),
+            )),
             agent_pod("ag-a", "node-a", "podiam-agent", "Running"),
             agent_pod("ag-b", "node-b", "podiam-agent", "Running"),
             agent_pod("ag-pending", "node-c", "podiam-agent", "Pending"),
@@ -562,6 +652,13 @@ mod tests {
             (a, "192.168.0.1", Err(Reason::UnknownPod)),
             (Scope::Cluster, "10.0.1.1", Ok("b1")),
             (Scope::Cluster, "10.0.0.1", Ok("a1")),
+            // A terminating pod's address given to a new pod is the new pod's: its own role,
+            // or none, never the old pod's.
+            (a, "10.0.7.7", Ok("n1")),
+            (Scope::Cluster, "10.0.7.7", Ok("n1")),
+            (a, "10.0.7.8", Err(Reason::NoRole)),
+            // A terminating pod alone at its address keeps its role while it shuts down.
+            (a, "10.0.6.6", Ok("t3")),
         ];
         for (scope, address, want) in table {
             let got = view
@@ -580,6 +677,123 @@ mod tests {
         assert!(
             !message.contains("team-b") && !message.contains("pod-b1"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_terminating_pod_that_lost_its_address_has_no_role() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let a = Scope::Node("node-a");
+        let role = |address: &str| {
+            view.decide(ip(address), a)
+                .map(|d| d.role.name)
+                .unwrap_or_default()
+        };
+        assert_eq!(role("10.0.7.7"), "app-reader");
+        assert_eq!(role("10.0.7.8"), "");
+        // The old pods are refused, and their node's stream no longer carries them at the
+        // address (an agent keeps one pod per address: the new one).
+        for old in ["t1", "t2"] {
+            let pod = pods.by_uid(old).expect("still known");
+            let refusal = view.decide_live(&pod).expect_err("refused");
+            assert_eq!(refusal.reason(), Some(Reason::UnknownPod), "{refusal}");
+            assert!(refusal.to_string().contains("terminating"), "{refusal}");
+            let state = view.pod_state(&pod);
+            assert!(state.role_arn.is_empty(), "{state:?}");
+            assert_eq!(state.refusal_reason, "unknown-pod", "{state:?}");
+            let streamed: Vec<String> = pods
+                .on_node("node-a")
+                .iter()
+                .map(|p| p.uid.clone())
+                .collect();
+            assert!(!streamed.contains(&old.to_string()), "{streamed:?}");
+            let explained = view
+                .explain(&ExplainTarget::Pod {
+                    namespace: "team-a".into(),
+                    name: format!("pod-{old}"),
+                })
+                .expect("synced");
+            assert!(!explained.allowed, "{explained:?}");
+            assert_eq!(explained.reason, "unknown-pod", "{explained:?}");
+        }
+        // Alone, a terminating pod is still streamed with its role.
+        let t3 = pods.by_uid("t3").expect("known");
+        assert_eq!(view.pod_state(&t3).role_name, "app-reader");
+    }
+
+    #[test]
+    fn a_pods_refusal_names_nothing_outside_its_namespace() {
+        let pods = cluster();
+        let namespaces = namespaces();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        // 10.0.9.9 is claimed by team-a/pod-x1 (node a) and team-b/pod-x2 (node b).
+        let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
+        for (uid, own, other) in [("x1", "team-a", "team-b"), ("x2", "team-b", "team-a")] {
+            let told = state(uid);
+            assert_eq!(told.refusal_reason, "ambiguous-pod", "{told:?}");
+            let other_pod = if uid == "x1" { "pod-x2" } else { "pod-x1" };
+            for secret in [other, other_pod] {
+                assert!(
+                    !told.refusal_message.contains(secret),
+                    "{own}'s pod is told about {secret}: {:?}",
+                    told.refusal_message
+                );
+            }
+            // The same words become the Event on the pod (the server's survey).
+            let pod = pods.by_uid(uid).expect("pod");
+            let event = view.decide_live(&pod).expect_err("refused").to_string();
+            assert!(
+                !event.contains(other) && !event.contains(other_pod),
+                "{event}"
+            );
+        }
+        // Asked by address, the answer goes to whichever pod is there: it names nobody.
+        for scope in [Scope::Node("node-a"), Scope::Node("node-b"), Scope::Cluster] {
+            let refusal = view.decide(ip("10.0.9.9"), scope).expect_err("refused");
+            let message = refusal.to_string();
+            assert!(
+                !["team-a", "team-b", "pod-x1", "pod-x2"]
+                    .iter()
+                    .any(|s| message.contains(s)),
+                "{scope:?}: {message}"
+            );
+        }
+        // Pods of the same namespace may be named to each other: their owners can see them.
+        let y1 = state("y1");
+        assert!(y1.refusal_message.contains("pod-y2"), "{y1:?}");
+        // Operators get every claimant: by address (cluster-wide `list pods`) in the message
+        // and the pods…
+        let by_ip = view
+            .explain(&ExplainTarget::Ip(ip("10.0.9.9")))
+            .expect("synced");
+        assert!(
+            by_ip.message.contains("team-b/pod-x2") && by_ip.message.contains("team-a/pod-x1"),
+            "{by_ip:?}"
+        );
+        assert_eq!(by_ip.pods.len(), 2);
+        // …and by name (`get pods` in one namespace) only what that namespace holds.
+        let by_name = view
+            .explain(&ExplainTarget::Pod {
+                namespace: "team-a".into(),
+                name: "pod-x1".into(),
+            })
+            .expect("synced");
+        assert_eq!(by_name.reason, "ambiguous-pod");
+        assert!(
+            !by_name.message.contains("team-b") && !by_name.message.contains("pod-x2"),
+            "{by_name:?}"
         );
     }
 

@@ -4,14 +4,26 @@
 //!
 //! - A pod's `iam.amazonaws.com/role` names a role by name (`app-reader`), by path and name
 //!   (`team/app-reader`) or by full ARN. Names and paths are placed under the base ARN
-//!   (`arn:aws:iam::ACCOUNT:role/`).
+//!   (`arn:aws:iam::ACCOUNT:role/`). Names and path segments are held to IAM's name
+//!   characters and lengths, and a `.`, `..` or empty segment is refused: `team-b/../admin`
+//!   is no role under `team-b/` (nor `admin`), whatever STS would make of it.
 //! - The namespace's `iam.amazonaws.com/permitted` is a regular expression that must match
 //!   the WHOLE role: it is compiled as `^(?:…)$` (kiam's `^…$` turns `a|b` into "starts with
 //!   a, or ends with b"). It is tried against the full ARN and, for roles under the base ARN,
 //!   against the path/name below it. No annotation, an empty one or an invalid one permits
 //!   nothing; an invalid one is reported as such.
+//! - Rules are compiled ASCII-only, since ARNs are ASCII (role resolution refuses anything
+//!   else): `\w` is `[0-9A-Za-z_]`, `\d` `[0-9]`, `\s` ASCII blanks, `(?i)` folds ASCII case,
+//!   `.` any byte but a newline, so every rule decides every role as Unicode matching would.
+//!   Compiled with Unicode classes, `\w{20}|n1` took 1.1 MiB (and as much again of match
+//!   cache per thread); ASCII-only it takes 7 KiB. A pattern with non-ASCII text, or that asks
+//!   for Unicode classes back with `(?u)`, is invalid. A rule compiling to more than
+//!   [`MAX_COMPILED_RULE`] is invalid too, and all rules together share a budget kept by the
+//!   namespace index (`index::COMPILED_RULES_BUDGET`).
 
-use regex::Regex;
+use regex_automata::meta;
+use regex_automata::nfa::thompson::WhichCaptures;
+use regex_syntax::hir::{Class, Hir, HirKind, Look};
 
 /// The annotation on a pod naming its role.
 pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
@@ -24,59 +36,156 @@ pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 
 /// The longest permitted-roles regex accepted, in bytes.
 pub const MAX_REGEX_LEN: usize = 4096;
-/// The most memory one compiled permitted-roles regex may take, in bytes.
-pub const MAX_COMPILED_REGEX: usize = 1 << 20;
+/// The most memory one compiled rule may take (its automata, as the regex engine counts
+/// them): 128 KiB. The longest plain rule, 4096 characters listing some 80 full role ARNs,
+/// compiles to 80 KiB; `(app|web|db)-[a-z0-9-]{1,40}` to 20 KiB; `\w{20}|n1` to 7 KiB. What
+/// goes over is a counted repetition of a repetition (`(\w{100}){100}`: 1.1 MiB).
+pub const MAX_COMPILED_RULE: usize = 128 << 10;
+/// What one compiled rule holds besides its automata, as measured: 1000 rules of 7 KiB
+/// reported took 15 KiB each of resident memory (the regex's shared parts, its cache pool,
+/// allocator rounding). The budget counts it per rule.
+const RULE_OVERHEAD: usize = 8 << 10;
+/// The most a rule's lazy DFA may cache per matching thread. An ARN is at most 2048 bytes and
+/// an ASCII rule's states are small, so a match rarely needs more than a few KiB; a full
+/// cache is cleared and reused (regex's default, 2 MiB per rule per thread, is what made
+/// Unicode rules cost as much again once matched).
+const RULE_MATCH_CACHE: usize = 64 << 10;
+/// How large the automata of one rule may grow while it is being compiled, before it is
+/// given up: building an NFA goes through larger intermediate forms than the one it keeps
+/// (the 4096-character list of ARNs passes 128 KiB on the way to its 80), and the limit
+/// also bounds the time a hostile pattern can cost.
+const COMPILING_LIMIT: usize = 4 * MAX_COMPILED_RULE;
 
 /// A namespace's permitted-roles rule, compiled once per annotation value.
 #[derive(Clone, Debug)]
 pub enum Permitted {
     /// No annotation, or an empty one: nothing is permitted.
     Nothing,
-    /// The annotation does not compile: nothing is permitted, and we say why.
+    /// The annotation does not compile, or is over a limit: nothing is permitted, and we say
+    /// why.
     Invalid { source: String, error: String },
     /// A compiled, whole-match regex and the text it came from.
-    Regex { source: String, regex: Regex },
+    Regex { source: String, regex: meta::Regex },
 }
 
 impl Permitted {
     /// Compiles the annotation value (or its absence) into a rule. A regex longer than
-    /// [`MAX_REGEX_LEN`] or compiling to more than [`MAX_COMPILED_REGEX`] bytes is invalid:
-    /// one namespace's annotation must not be able to exhaust the server's memory.
+    /// [`MAX_REGEX_LEN`], with non-ASCII text or Unicode classes, or compiling to more than
+    /// [`MAX_COMPILED_RULE`] is invalid: one namespace's annotation must not be able to
+    /// exhaust the server's memory.
     pub fn compile(annotation: Option<&str>) -> Permitted {
         let source = match annotation.map(str::trim) {
             None | Some("") => return Permitted::Nothing,
             Some(s) => s,
         };
-        if source.len() > MAX_REGEX_LEN {
-            return Permitted::Invalid {
-                source: source.to_string(),
-                error: format!(
-                    "{} characters long; at most {MAX_REGEX_LEN} are accepted",
-                    source.len()
-                ),
-            };
-        }
-        let built = regex::RegexBuilder::new(&format!("^(?:{source})$"))
-            .size_limit(MAX_COMPILED_REGEX)
-            .dfa_size_limit(MAX_COMPILED_REGEX)
-            .build();
-        match built {
+        match compile_rule(source) {
             Ok(regex) => Permitted::Regex {
                 source: source.to_string(),
                 regex,
             },
-            Err(e) => Permitted::Invalid {
+            Err(error) => Permitted::Invalid {
                 source: source.to_string(),
-                // The regex crate's errors span several lines; one line is enough in a reply.
-                error: e
-                    .to_string()
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
+                error,
             },
         }
+    }
+
+    /// The memory this rule holds, as the namespace index's budget counts it: a compiled
+    /// regex's automata, its text and [`RULE_OVERHEAD`]; nothing for the others.
+    pub fn cost(&self) -> usize {
+        match self {
+            Permitted::Regex { source, regex } => {
+                regex.memory_usage() + source.len() + RULE_OVERHEAD
+            }
+            Permitted::Nothing | Permitted::Invalid { .. } => 0,
+        }
+    }
+}
+
+/// The regex crate's errors span several lines; one line is enough in a reply.
+fn one_line(error: impl std::fmt::Display) -> String {
+    error
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `source` compiled to match whole ASCII haystacks, within [`MAX_COMPILED_RULE`].
+fn compile_rule(source: &str) -> Result<meta::Regex, String> {
+    if source.len() > MAX_REGEX_LEN {
+        return Err(format!(
+            "{} characters long; at most {MAX_REGEX_LEN} are accepted",
+            source.len()
+        ));
+    }
+    if !source.is_ascii() {
+        return Err("it contains non-ASCII characters, which no role ARN has".into());
+    }
+    // Without Unicode, and matching bytes (`.` is then any byte but a newline, which a
+    // Unicode-less `Regex` over `str` would refuse); ARNs are ASCII, so nothing differs.
+    let hir = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(source)
+        .map_err(one_line)?;
+    if uses_unicode(&hir) {
+        return Err("(?u) asks for Unicode classes, which no role ARN needs".into());
+    }
+    // The whole haystack, whatever `source` says: `^(?:…)$` built from the parsed pattern,
+    // not from text, so an unbalanced `a)|(b` cannot turn it into "starts with a".
+    let whole = Hir::concat(vec![Hir::look(Look::Start), hir, Hir::look(Look::End)]);
+    let config = meta::Config::new()
+        .which_captures(WhichCaptures::None)
+        .nfa_size_limit(Some(COMPILING_LIMIT))
+        .onepass_size_limit(Some(MAX_COMPILED_RULE))
+        .dfa_size_limit(Some(MAX_COMPILED_RULE))
+        .hybrid_cache_capacity(RULE_MATCH_CACHE);
+    let regex = meta::Builder::new()
+        .configure(config)
+        .build_from_hir(&whole)
+        .map_err(|e| {
+            if e.size_limit().is_some() {
+                format!(
+                    "it compiles to more than {} KiB; at most that is accepted",
+                    MAX_COMPILED_RULE >> 10
+                )
+            } else {
+                one_line(e)
+            }
+        })?;
+    if regex.memory_usage() > MAX_COMPILED_RULE {
+        return Err(format!(
+            "it compiles to {} KiB; at most {} KiB are accepted",
+            regex.memory_usage().div_ceil(1024),
+            MAX_COMPILED_RULE >> 10
+        ));
+    }
+    Ok(regex)
+}
+
+/// Whether a parsed pattern has classes with non-ASCII members, or Unicode word boundaries:
+/// what only `(?u)` brings back. (Classes of ASCII characters may come out as Unicode
+/// classes: `a|b` is made `[ab]`.)
+fn uses_unicode(hir: &Hir) -> bool {
+    match hir.kind() {
+        HirKind::Class(Class::Unicode(class)) => class.ranges().iter().any(|r| !r.end().is_ascii()),
+        HirKind::Look(look) => matches!(
+            look,
+            Look::WordUnicode
+                | Look::WordUnicodeNegate
+                | Look::WordStartUnicode
+                | Look::WordEndUnicode
+                | Look::WordStartHalfUnicode
+                | Look::WordEndHalfUnicode
+        ),
+        HirKind::Repetition(repetition) => uses_unicode(&repetition.sub),
+        HirKind::Capture(capture) => uses_unicode(&capture.sub),
+        HirKind::Concat(all) | HirKind::Alternation(all) => all.iter().any(uses_unicode),
+        HirKind::Empty | HirKind::Literal(_) | HirKind::Class(Class::Bytes(_)) => false,
     }
 }
 
@@ -95,13 +204,24 @@ pub struct Role {
 /// Why a role annotation could not be resolved.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RoleError {
-    #[error("role {0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME)")]
+    #[error(
+        "role {0:?} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME, where the path and name follow IAM's rules)"
+    )]
     MalformedArn(String),
-    #[error("role {0:?} is not a valid role name or path/name")]
+    #[error(
+        "role {0:?} is not a valid role name or path/name (a name is 1 to 64 of A-Z a-z 0-9 + = , . @ _ -; path segments are the same, never empty, `.` or `..`)"
+    )]
     MalformedName(String),
     #[error("role {0:?} is a name, but the server has no base role ARN to place it under")]
     NoBaseArn(String),
 }
+
+/// IAM's longest role name.
+const MAX_ROLE_NAME: usize = 64;
+/// IAM's longest instance profile name.
+const MAX_INSTANCE_PROFILE_NAME: usize = 128;
+/// IAM's longest path, its leading and trailing slashes included.
+const MAX_PATH: usize = 512;
 
 /// Checks a base ARN: `arn:PARTITION:iam::ACCOUNT:role/` with an optional path, ending in `/`.
 pub fn valid_base_arn(base: &str) -> bool {
@@ -130,7 +250,7 @@ pub fn base_arn_of_instance_profile(profile_arn: &str) -> Option<String> {
         && region.is_empty()
         && resource
             .strip_prefix("instance-profile/")
-            .is_some_and(valid_path_name)
+            .is_some_and(|p| valid_path_name(p, MAX_INSTANCE_PROFILE_NAME))
         && valid_base_arn(&base);
     ok.then_some(base)
 }
@@ -145,26 +265,52 @@ fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
     let account = parts.next()?;
     let resource = parts.next()?;
     let path_name = resource.strip_prefix("role/")?;
-    let ok = !partition.is_empty()
+    let ok = valid_partition(partition)
         && service == "iam"
         && region.is_empty()
         && account.len() == 12
         && account.bytes().all(|b| b.is_ascii_digit())
-        && valid_path_name(path_name);
+        && valid_path_name(path_name, MAX_ROLE_NAME);
     ok.then(|| arn.split_at(arn.len() - path_name.len()))
 }
 
-/// Role names: `[\w+=,.@-]{1,64}`; paths: segments of the same characters.
-fn valid_path_name(path_name: &str) -> bool {
-    let segments: Vec<&str> = path_name.split('/').collect();
-    !path_name.is_empty()
-        && path_name.len() <= 512
-        && segments.iter().all(|s| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
+/// AWS partitions: `aws`, and `aws-` with lowercase letters, digits and dashes (`aws-cn`,
+/// `aws-us-gov`, `aws-iso-b`…).
+fn valid_partition(partition: &str) -> bool {
+    partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
+}
+
+/// A character of IAM names, `[\w+=,.@-]` in ASCII.
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b)
+}
+
+/// One segment of a path or a name: IAM's name characters, and never empty, `.` or `..`,
+/// whatever IAM itself would accept in a path. A dot segment is how `team-b/../admin`
+/// would pass a `team-b/.*` rule and name a role outside `team-b/`; an empty one makes a
+/// different ARN of the same words.
+fn valid_segment(segment: &str) -> bool {
+    !segment.is_empty() && segment != "." && segment != ".." && segment.bytes().all(name_byte)
+}
+
+/// What follows `role/` (or `instance-profile/`) in an ARN: `[PATH/]NAME`, the name at most
+/// `max_name` characters, the path (with its leading and trailing slashes) at most
+/// [`MAX_PATH`]. Path segments are held to the name's characters, stricter than IAM's
+/// printable ASCII.
+fn valid_path_name(path_name: &str, max_name: usize) -> bool {
+    let (path, name) = match path_name.rsplit_once('/') {
+        Some((path, name)) => (Some(path), name),
+        None => (None, path_name),
+    };
+    let path_ok =
+        path.is_none_or(|path| path.len() + 2 <= MAX_PATH && path.split('/').all(valid_segment));
+    path_ok && name.len() <= max_name && valid_segment(name)
 }
 
 /// Resolves a role annotation against an optional base ARN (`arn:aws:iam::123456789012:role/`).
@@ -182,8 +328,9 @@ pub fn resolve_role(annotation: &str, base_arn: Option<&str>) -> Result<Role, Ro
             name: last_segment(path_name),
         });
     }
-    let path_name = annotation.trim_start_matches('/');
-    if !valid_path_name(path_name) {
+    // `/team/app` spells the path with IAM's leading slash; one slash, not several.
+    let path_name = annotation.strip_prefix('/').unwrap_or(annotation);
+    if !valid_path_name(path_name, MAX_ROLE_NAME) {
         return Err(RoleError::MalformedName(annotation.into()));
     }
     let base = base_arn.ok_or_else(|| RoleError::NoBaseArn(annotation.into()))?;
@@ -250,6 +397,45 @@ mod tests {
 
     const BASE: &str = "arn:aws:iam::123456789012:role/";
 
+    /// A role name one character over IAM's 64.
+    static NAME_65: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "n".repeat(65));
+    /// A path one character over IAM's 512 (slashes included), then a name.
+    static PATH_513: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{}/{}/app", "p".repeat(255), "q".repeat(255)));
+
+    #[test]
+    fn names_and_paths_at_iams_limits_resolve() {
+        let name = "n".repeat(64);
+        let role = resolve_role(&name, Some(BASE)).expect("64 characters");
+        assert_eq!(role.name, name);
+        // "/" + 255 + "/" + 254 + "/" is 512.
+        let path_name = format!("{}/{}/app", "p".repeat(255), "q".repeat(254));
+        let role = resolve_role(&path_name, Some(BASE)).expect("a 512-character path");
+        assert_eq!(role.under_base.as_deref(), Some(path_name.as_str()));
+        for fine in ["a.b", "..a", "a..", ".a", "a_b+c=d,e@f-g", "team-b/app.v2"] {
+            assert!(resolve_role(fine, Some(BASE)).is_ok(), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_never_escape_a_permitted_path() {
+        let rule = Permitted::compile(Some("team-b/.*"));
+        for annotation in [
+            "team-b/../admin",
+            "team-b/./admin",
+            "team-b/../../admin",
+            "/team-b/../admin",
+            "arn:aws:iam::123456789012:role/team-b/../admin",
+        ] {
+            assert!(
+                resolve_role(annotation, Some(BASE)).is_err(),
+                "{annotation:?} must not resolve"
+            );
+        }
+        let fine = resolve_role("team-b/app", Some(BASE)).expect("resolves");
+        assert_eq!(check(&rule, &fine), Verdict::Permitted);
+    }
+
     #[test]
     fn resolves_names_paths_and_arns() {
         /// (annotation, base ARN, Ok((arn, path under base, name)) or Err(()) for "refused")
@@ -311,6 +497,57 @@ mod tests {
             ("bad name", Some(BASE), Err(())),
             ("a//b", Some(BASE), Err(())),
             ("", Some(BASE), Err(())),
+            // Dot segments never reach an ARN: `team-b/../admin` is not `admin`, nor a role
+            // under `team-b/`.
+            ("team-b/../admin", Some(BASE), Err(())),
+            ("team-b/./admin", Some(BASE), Err(())),
+            ("../admin", Some(BASE), Err(())),
+            ("./admin", Some(BASE), Err(())),
+            ("team-b/..", Some(BASE), Err(())),
+            ("team-b/.", Some(BASE), Err(())),
+            ("..", Some(BASE), Err(())),
+            (".", Some(BASE), Err(())),
+            (
+                "arn:aws:iam::123456789012:role/team-b/../admin",
+                Some(BASE),
+                Err(()),
+            ),
+            (
+                "arn:aws:iam::123456789012:role/team-b/./admin",
+                Some(BASE),
+                Err(()),
+            ),
+            ("arn:aws:iam::123456789012:role/..", Some(BASE), Err(())),
+            // Empty segments: a trailing slash, a doubled one, a path with no name.
+            ("team-b/", Some(BASE), Err(())),
+            ("/team-b//admin", Some(BASE), Err(())),
+            ("//admin", Some(BASE), Err(())),
+            ("/", Some(BASE), Err(())),
+            ("arn:aws:iam::123456789012:role/", Some(BASE), Err(())),
+            ("arn:aws:iam::123456789012:role//admin", Some(BASE), Err(())),
+            (
+                "arn:aws:iam::123456789012:role/team-b/",
+                Some(BASE),
+                Err(()),
+            ),
+            // Characters IAM names cannot hold (non-ASCII, invisible, encoded, blanks).
+            ("t\u{e9}am/app", Some(BASE), Err(())),
+            ("app\u{200b}", Some(BASE), Err(())),
+            ("app%2e%2e", Some(BASE), Err(())),
+            ("team b/app", Some(BASE), Err(())),
+            ("team\tb/app", Some(BASE), Err(())),
+            ("team\\b/app", Some(BASE), Err(())),
+            // Names are 1 to 64 characters; a path is at most 512 with its slashes.
+            (NAME_65.as_str(), Some(BASE), Err(())),
+            (PATH_513.as_str(), Some(BASE), Err(())),
+            // Partitions are aws or aws-something, lowercase.
+            ("arn:AWS:iam::123456789012:role/x", Some(BASE), Err(())),
+            ("arn:a/ws:iam::123456789012:role/x", Some(BASE), Err(())),
+            (
+                "arn:aws-\u{e9}:iam::123456789012:role/x",
+                Some(BASE),
+                Err(()),
+            ),
         ];
         for (annotation, base, want) in cases {
             let got = resolve_role(annotation, *base);
@@ -421,12 +658,89 @@ mod tests {
             Permitted::compile(Some(&long)),
             Permitted::Invalid { error, .. } if error.contains("at most")
         ));
-        // Short to write, huge to compile: a counted repetition of a Unicode class.
-        let explosive = r"(\w{100}){100}";
-        assert!(matches!(
-            Permitted::compile(Some(explosive)),
-            Permitted::Invalid { .. }
-        ));
+        // Short to write, huge to compile: counted repetitions of a counted repetition.
+        for explosive in [r"(\w{100}){100}", r"(.{1,64}){64}"] {
+            assert!(
+                matches!(
+                    Permitted::compile(Some(explosive)),
+                    Permitted::Invalid { ref error, .. } if error.contains("KiB")
+                ),
+                "{explosive}"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_are_ascii_only_and_small() {
+        // (pattern, valid, the role it is tried on, permitted)
+        let cases: &[(&str, bool, &str, bool)] = &[
+            // ASCII classes decide ASCII roles as Unicode ones would.
+            (r"\w{20}|n1", true, "n1", true),
+            (r"\w{20}|n1", true, "abcdefghijklmnopqrst", true),
+            (r"\w{20}|n1", true, "abcdefghijklmnopqrs-", false),
+            (r"app-\d+", true, "app-42", true),
+            (r"(?i)APP-.*", true, "app-reader", true),
+            (r"team/.+", true, "team/app", true),
+            (r"[^/]+", true, "team/app", false),
+            (r"\bapp\b.*", true, "app-reader", true),
+            // (?u) over ASCII only changes nothing, and is accepted.
+            (r"(?u)[a-z]+-reader", true, "app-reader", true),
+            // Unicode asked back, or non-ASCII text: invalid.
+            (r"(?u:\w{20})|n1", false, "n1", false),
+            (r"(?u)\w+", false, "app", false),
+            (r"(?u)\bapp.*", false, "app-reader", false),
+            (r"(?u:\pL)+", false, "app", false),
+            (r"(?ui)k8s-.*", false, "k8s-app", false),
+            (r"\pL+", false, "app", false),
+            ("caf\u{e9}-.*", false, "app", false),
+            ("app-\u{200b}.*", false, "app-reader", false),
+            // A byte that is not ASCII compiles, and matches no ARN.
+            (r"app-\xE9|app-reader", true, "app-reader", true),
+            // The whole role, even for a pattern that would close the group itself.
+            (r"app)|(.*", false, "anything", false),
+            (r"app-.*)|(?:x", false, "app-reader", false),
+        ];
+        for (pattern, valid, role, permitted) in cases {
+            let rule = Permitted::compile(Some(pattern));
+            assert_eq!(
+                matches!(rule, Permitted::Regex { .. }),
+                *valid,
+                "{pattern:?}: {rule:?}"
+            );
+            let role = resolve_role(role, Some(BASE)).expect("test roles resolve");
+            assert_eq!(
+                check(&rule, &role) == Verdict::Permitted,
+                *permitted,
+                "{pattern:?} vs {role:?}"
+            );
+        }
+        let error = |pattern: &str| match Permitted::compile(Some(pattern)) {
+            Permitted::Invalid { error, .. } => error,
+            other => panic!("{pattern:?}: {other:?}"),
+        };
+        assert!(error(r"(?u)\w").contains("Unicode"), "{}", error(r"(?u)\w"));
+        assert!(error("caf\u{e9}").contains("non-ASCII"));
+
+        // What issue 13 measured at 1.2 MiB a rule.
+        let small = Permitted::compile(Some(r"\w{20}|n1"));
+        assert!(small.cost() < 24 << 10, "{}", small.cost());
+        // The longest plain rule there is: 4096 characters of full ARNs.
+        let mut arns = String::new();
+        for i in 0.. {
+            let arn = format!("arn:aws:iam::123456789012:role/team-{i}/app-reader");
+            if arns.len() + arn.len() + 1 > MAX_REGEX_LEN {
+                break;
+            }
+            if !arns.is_empty() {
+                arns.push('|');
+            }
+            arns.push_str(&arn);
+        }
+        let long = Permitted::compile(Some(&arns));
+        assert!(matches!(long, Permitted::Regex { .. }), "{long:?}");
+        assert!(long.cost() < MAX_COMPILED_RULE + RULE_OVERHEAD + MAX_REGEX_LEN);
+        let role = resolve_role("team-3/app-reader", Some(BASE)).expect("resolves");
+        assert_eq!(check(&long, &role), Verdict::Permitted);
     }
 
     #[test]

@@ -79,9 +79,10 @@ pub struct Config {
     /// half their life). Must leave them at least --min-remaining.
     #[arg(long, env = "PODIAM_REFRESH_AFTER", value_parser = parse_duration)]
     pub refresh_after: Option<Duration>,
-    /// Role session name when a pod has no iam.amazonaws.com/session-name annotation: a
-    /// literal (pods sharing a role share its session) or a template with {namespace}, {pod},
-    /// {uid} and {service-account} (one session per pod, named in CloudTrail).
+    /// Role session name: a literal (pods sharing a role share its session; a pod's
+    /// iam.amazonaws.com/session-name annotation replaces it) or a template with {namespace},
+    /// {pod}, {uid} and {service-account} (one session per pod, named in CloudTrail; pods'
+    /// session-name annotations are then ignored, so no pod can take another's name).
     #[arg(long, env = "PODIAM_SESSION_NAME", default_value = "podiam")]
     pub session_name: String,
     /// Tag each session with the pod's kubernetes-namespace, kubernetes-pod-name,

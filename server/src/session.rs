@@ -1,12 +1,20 @@
 //! What a pod's STS session is called and tagged with.
 //!
-//! The session name comes from the pod's `iam.amazonaws.com/session-name` annotation or
-//! else from `--session-name`, a literal (the default `podiam`: pods sharing a role share one
-//! session and one AssumeRole) or a template with `{namespace}`, `{pod}`, `{uid}` and
-//! `{service-account}` placeholders (per-pod names, so CloudTrail names the pod — at the
-//! price of one AssumeRole per pod). Names are made valid for STS (2–64 of `[\w+=,.@-]`):
-//! other characters become `-` and long names are cut. `--session-tags` adds the pod's
-//! identity as session tags, which also makes every session a pod's own.
+//! The session name comes from `--session-name`: a literal (the default `podiam`: pods
+//! sharing a role share one session and one AssumeRole), or a template with `{namespace}`,
+//! `{pod}`, `{uid}` and `{service-account}` placeholders (per-pod names, so CloudTrail names
+//! the pod — at the price of one AssumeRole per pod).
+//!
+//! A pod's `iam.amazonaws.com/session-name` annotation names its session only under a
+//! literal, where names identify no pod anyway (kube2iam's behaviour). Under a template it
+//! is ignored: the operator chose names that say which pod acted, and a pod must not be able
+//! to act under another pod's name (`team-b.pod-c` from team-a's pod). Forcing the
+//! annotation under the namespace would still let a pod take a neighbour's name in its own
+//! namespace, so it is not used at all.
+//!
+//! Names are made valid for STS (2–64 of `[\w+=,.@-]`): other characters become `-` and
+//! long names are cut. `--session-tags` adds the pod's identity as session tags, which also
+//! makes every session a pod's own.
 
 use crate::index::PodRecord;
 
@@ -20,6 +28,8 @@ const MAX_SESSION_NAME: usize = 64;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionNaming {
     template: String,
+    /// Whether the template has a placeholder: names are then the template's alone.
+    per_pod: bool,
     tags: bool,
 }
 
@@ -48,15 +58,22 @@ impl SessionNaming {
         }
         Ok(SessionNaming {
             template: template.to_string(),
+            per_pod: literal != template,
             tags,
         })
     }
 
-    /// The session name for `pod`: its annotation, or the template filled in.
+    /// The session name for `pod`: the template filled in; under a literal, the pod's
+    /// annotation if it has one.
     pub fn name_for(&self, pod: &PodRecord) -> String {
-        let raw = match &pod.session_name {
-            Some(annotated) if !annotated.trim().is_empty() => annotated.trim().to_string(),
-            _ => self
+        let annotated = pod
+            .session_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|name| !name.is_empty() && !self.per_pod);
+        let raw = match annotated {
+            Some(annotated) => annotated.to_string(),
+            None => self
                 .template
                 .replace("{namespace}", &pod.namespace)
                 .replace("{pod}", &pod.name)
@@ -138,6 +155,18 @@ mod tests {
             ("podiam", Some("my session/1"), "my-session-1"),
             ("podiam", Some("x"), "x-"),
             ("podiam", Some("   "), "podiam"),
+            // With a per-pod template the operator decides what CloudTrail shows: a pod's
+            // annotation cannot name it after another pod, in its namespace or any other.
+            ("{namespace}.{pod}", Some("team-b.pod-c"), "team-a.web-7f9c"),
+            ("{namespace}.{pod}", Some("team-a.db-0"), "team-a.web-7f9c"),
+            ("{namespace}.{pod}", Some("batch-42"), "team-a.web-7f9c"),
+            ("pod-{uid}", Some("pod-0b5e-12"), "pod-0b5e-11"),
+            (
+                "{service-account}@{namespace}",
+                Some("admin@team-b"),
+                "web@team-a",
+            ),
+            ("x-{pod}", Some("x-web-7f9c"), "x-web-7f9c"),
         ];
         for (template, annotation, want) in cases {
             let naming = SessionNaming::new(template, false).expect("valid template");

@@ -6,6 +6,11 @@
 //! was away, a list that broke half-way — instead of seeing a half-filled one: no pod is
 //! ever "unknown" because the server happened to be relisting. Every failed list or watch
 //! is retried with [`WatchBackoff`].
+//!
+//! A namespace relist starts from the current index's compiled rules
+//! ([`NamespaceIndex::for_relist`]), so unchanged rules are not compiled again and count
+//! once against the rules' memory budget while both indexes exist. A namespace whose rule
+//! is refused (invalid, or over the budget) is logged as a warning when its rule changes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -24,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::ResourceLabels;
 
 use crate::index::{NamespaceIndex, PodIndex, PodRecord};
+use crate::policy::Permitted;
 
 /// The server's cached view of the cluster, shared by all request handlers.
 #[derive(Debug)]
@@ -89,6 +95,12 @@ trait Indexed:
 {
     type Index: Default + Send + Sync;
     const WHAT: &'static str;
+    /// The index a relist fills, given the current one.
+    fn relist_from(_current: &Self::Index) -> Self::Index {
+        Self::Index::default()
+    }
+    /// A relist into `fresh` is complete.
+    fn relisted(_fresh: &mut Self::Index) {}
     fn apply(index: &mut Self::Index, object: &Self);
     fn remove(index: &mut Self::Index, object: &Self);
     fn slot(cluster: &Cluster) -> (&RwLock<Self::Index>, &AtomicBool);
@@ -115,8 +127,27 @@ impl Indexed for Pod {
 impl Indexed for Namespace {
     type Index = NamespaceIndex;
     const WHAT: &'static str = "namespaces";
+    fn relist_from(current: &NamespaceIndex) -> NamespaceIndex {
+        current.for_relist()
+    }
+    fn relisted(fresh: &mut NamespaceIndex) {
+        fresh.relisted();
+    }
     fn apply(index: &mut NamespaceIndex, ns: &Namespace) {
-        index.apply(ns);
+        let Some(name) = ns.metadata.name.as_deref() else {
+            return;
+        };
+        if index.apply(ns)
+            && let Permitted::Invalid { error, .. } = &*index.rule(name)
+        {
+            tracing::warn!(
+                namespace = %name,
+                %error,
+                compiled_rules = index.compiled_len(),
+                compiled_bytes = index.compiled_bytes(),
+                "the namespace's permitted rule is refused: nothing is permitted in it"
+            );
+        }
     }
     fn remove(index: &mut NamespaceIndex, ns: &Namespace) {
         if let Some(name) = &ns.metadata.name {
@@ -168,14 +199,18 @@ async fn watch<K>(
         let write =
             |f: &dyn Fn(&mut K::Index)| f(&mut index.write().unwrap_or_else(|e| e.into_inner()));
         match event {
-            Ok(Some(Event::Init)) => relist = Some(K::Index::default()),
+            Ok(Some(Event::Init)) => {
+                let current = index.read().unwrap_or_else(|e| e.into_inner());
+                relist = Some(K::relist_from(&current));
+            }
             Ok(Some(Event::InitApply(object))) => {
                 if let Some(fresh) = relist.as_mut() {
                     K::apply(fresh, &object);
                 }
             }
             Ok(Some(Event::InitDone)) => {
-                if let Some(fresh) = relist.take() {
+                if let Some(mut fresh) = relist.take() {
+                    K::relisted(&mut fresh);
                     *index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
                 }
                 relists
