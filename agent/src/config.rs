@@ -129,7 +129,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Pass paths matching this regex (against the whole normalised path, e.g.
     /// `/latest/meta-data/placement/.*`) to the node's metadata service. User-data, the node's
-    /// credentials, identity-credentials and signed identity documents stay blocked regardless.
+    /// credentials, identity-credentials and signed identity documents stay blocked regardless,
+    /// and so does any path with a byte other than ASCII letters, digits and `-_.:+=,@~`.
     #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP")]
     pub allow_route_regexp: Option<String>,
     /// The node's metadata service, for allow-listed paths.
