@@ -8,6 +8,10 @@
 //!
 //! An entry keeps the credentials document as served, rendered once: a hit is a lookup by
 //! borrowed keys and a reference-count increment, nothing copied or formatted.
+//!
+//! Entries hold secrets (the secret key and session token, twice: as fields and in the
+//! document), so neither type here derives `Debug`: theirs are written by hand and show the
+//! access key id, expiry and counts only.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +25,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::imds;
 
 /// Cached credentials and the document served for them.
-#[derive(Debug, PartialEq)]
+#[derive(PartialEq)]
 pub struct Entry {
     pub credentials: Credentials,
     /// The EC2-format credentials document.
@@ -45,14 +49,34 @@ impl Entry {
     }
 }
 
+impl std::fmt::Debug for Entry {
+    /// The credentials' own `Debug` redacts their secrets; the document, which holds them in
+    /// the clear, is shown by its length only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("credentials", &self.credentials)
+            .field("document_bytes", &self.document.len())
+            .finish()
+    }
+}
+
 type Slot = Arc<AsyncMutex<Option<Arc<Entry>>>>;
 
 /// Credentials per (pod UID, role ARN).
-#[derive(Debug)]
 pub struct CredentialCache {
     /// Pod UID → role ARN → slot.
     slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
     min_remaining: Duration,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    /// Counts only: the entries hold secrets (see [`Entry`]'s `Debug`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCache")
+            .field("entries", &self.len())
+            .field("min_remaining", &self.min_remaining)
+            .finish()
+    }
 }
 
 /// Where an answer came from.
@@ -209,6 +233,45 @@ mod tests {
             cache.get("a", "r", 0, || fetch("4")).await.map(|r| r.1),
             Ok(Source::Server)
         );
+    }
+
+    fn secret_creds() -> Credentials {
+        Credentials {
+            access_key_id: "ASIAVISIBLE".into(),
+            secret_access_key: "secret-access-key-xyz".into(),
+            session_token: "session-token-xyz".into(),
+            expiration_unix: 3600,
+            issued_unix: 0,
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+        }
+    }
+
+    /// The secrets a Debug output must never show, with the rendered document's spelling.
+    fn assert_no_secret(shown: &str) {
+        for secret in ["secret-access-key-xyz", "session-token-xyz"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_output_shows_no_secret() {
+        let cache = CredentialCache::new(FLOOR);
+        let (entry, _) = cache
+            .get("a", "r", 0, || async { Ok::<_, ()>(secret_creds()) })
+            .await
+            .expect("fetched");
+        assert!(
+            String::from_utf8_lossy(&entry.document).contains("secret-access-key-xyz"),
+            "the served document does hold the secret"
+        );
+        let shown = format!("{entry:?}");
+        assert_no_secret(&shown);
+        assert!(shown.contains("ASIAVISIBLE"), "{shown}");
+        assert_no_secret(&format!("{entry:#?}"));
+        let shown = format!("{cache:?}");
+        assert_no_secret(&shown);
+        assert!(shown.contains("entries: 1"), "{shown}");
+        assert_no_secret(&format!("{cache:#?}"));
     }
 
     #[tokio::test]

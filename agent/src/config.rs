@@ -41,10 +41,27 @@ pub enum Command {
     Uninstall(UninstallConfig),
 }
 
+/// The default pod-facing port, and so the DNAT target's: 254, like the last byte of
+/// 169.254.169.254, and below 1024 on purpose. While no agent listens (stopped, crashed,
+/// between two), the DNAT rule stays and points at this port; a privileged port cannot be
+/// bound by an unprivileged process on the node to answer pods with keys of its own (binding
+/// it needs root or `CAP_NET_BIND_SERVICE`). No common node daemon uses it (IANA leaves
+/// 249-255 unassigned).
+pub const DEFAULT_POD_PORT: u16 = 254;
+
+/// Where the node's kernel says unprivileged ports begin (`net.ipv4.ip_unprivileged_port_start`,
+/// per network namespace; 1024 unless changed). `None` when it cannot be read.
+pub fn unprivileged_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
 #[derive(Clone, Debug, Args)]
 pub struct ServeConfig {
-    /// Pod-facing address (the DNAT target's port).
-    #[arg(long, env = "PODIAM_AGENT_LISTEN", default_value = "0.0.0.0:8181")]
+    /// Pod-facing address (the DNAT target's port). Keep the port below 1024: while no agent
+    /// runs, no unprivileged process can bind it and answer pods (docs/security.md).
+    #[arg(long, env = "PODIAM_AGENT_LISTEN", default_value = "0.0.0.0:254")]
     pub listen: SocketAddr,
     /// Address for /live and /ready; never the pod-facing one.
     #[arg(
@@ -139,7 +156,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Pass paths matching this regex (against the whole normalised path, e.g.
     /// `/latest/meta-data/placement/.*`) to the node's metadata service. User-data, the node's
-    /// credentials, identity-credentials and signed identity documents stay blocked regardless.
+    /// credentials, identity-credentials and signed identity documents stay blocked regardless,
+    /// and so does any path with a byte other than ASCII letters, digits and `-_.:+=,@~`.
     #[arg(long, env = "PODIAM_ALLOW_ROUTE_REGEXP")]
     pub allow_route_regexp: Option<String>,
     /// The node's metadata service, for allow-listed paths.
@@ -178,6 +196,21 @@ impl ServeConfig {
             .host_ip
             .or_else(|| (!self.listen.ip().is_unspecified()).then(|| self.listen.ip()))?;
         Some(SocketAddr::new(ip, self.listen.port()))
+    }
+
+    /// A warning when pods' DNAT target is a port that processes without privileges could
+    /// bind on this node while no agent listens: at or above `unprivileged_start` (the
+    /// node's `net.ipv4.ip_unprivileged_port_start`, 1024 when unknown).
+    pub fn pod_port_warning(&self, unprivileged_start: Option<u16>) -> Option<String> {
+        let start = unprivileged_start.unwrap_or(1024);
+        let port = self.listen.port();
+        (self.iptables && port >= start).then(|| {
+            format!(
+                "the pods' port {port} is not privileged on this node \
+                 (net.ipv4.ip_unprivileged_port_start={start}): while no agent listens, any \
+                 process on the node could bind it and answer pods; use a port below {start}"
+            )
+        })
     }
 
     /// The servers to resolve, each with the name its certificate must carry.
@@ -342,7 +375,7 @@ mod tests {
         assert_eq!(config.problems(), Vec::<String>::new());
         assert_eq!(
             config.dnat_target(),
-            Some("10.0.0.5:8181".parse().expect("addr"))
+            Some(SocketAddr::from(([10, 0, 0, 5], DEFAULT_POD_PORT)))
         );
         assert_eq!(config.interfaces, vec!["cali+", "eni+"]);
         let config = serve(&["--listen", "10.0.0.6:9000"]);
@@ -353,6 +386,38 @@ mod tests {
     }
 
     #[test]
+    fn the_default_dnat_target_is_a_privileged_port() {
+        // While no agent listens (stopped, crashed, between two), the DNAT target must not be
+        // a port any unprivileged process on the node could bind and answer pods from.
+        let config = serve(&["--iptables", "--host-ip", "10.0.0.5"]);
+        assert_eq!(config.problems(), Vec::<String>::new());
+        assert!(config.listen.port() < 1024, "{}", config.listen);
+        let target = config.dnat_target().expect("a target");
+        assert!(target.port() < 1024, "{target}");
+        assert_ne!(config.health_listen.port(), config.listen.port());
+        assert_eq!(config.pod_port_warning(Some(1024)), None);
+        assert_eq!(config.pod_port_warning(None), None);
+    }
+
+    #[test]
+    fn a_pod_port_others_could_bind_is_warned_about() {
+        let config = serve(&["--iptables", "--listen", "0.0.0.0:8181"]);
+        let warning = config.pod_port_warning(Some(1024)).expect("a warning");
+        assert!(
+            warning.contains("8181") && warning.contains("1024"),
+            "{warning}"
+        );
+        // A node that lowered the start makes the default port unprivileged too.
+        let config = serve(&["--iptables"]);
+        assert!(config.pod_port_warning(Some(0)).is_some());
+        assert!(config.pod_port_warning(Some(80)).is_some());
+        assert_eq!(config.pod_port_warning(Some(255)), None);
+        // Without --iptables no pod is sent to the port.
+        let config = serve(&["--listen", "0.0.0.0:8181"]);
+        assert_eq!(config.pod_port_warning(Some(1024)), None);
+    }
+
+    #[test]
     fn mistakes_are_each_reported() {
         let config = serve(&[
             "--server",
@@ -360,7 +425,7 @@ mod tests {
             "--interface",
             "bad iface",
             "--health-listen",
-            "0.0.0.0:8181",
+            "0.0.0.0:254",
             "--allow-route-regexp",
             "(",
             "--request-timeout",

@@ -121,7 +121,6 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 /// How the metadata service behaves (from the agent's flags).
-#[derive(Debug)]
 pub struct ServiceOptions {
     /// Refuse requests without an IMDSv2 token.
     pub require_token: bool,
@@ -131,8 +130,25 @@ pub struct ServiceOptions {
     pub request_timeout: Duration,
 }
 
+impl std::fmt::Debug for ServiceOptions {
+    /// The allow-list by its source; the node's metadata client holds the agent's own token
+    /// for that service and shows only whether it has one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceOptions")
+            .field("require_token", &self.require_token)
+            .field(
+                "allow",
+                &self
+                    .allow
+                    .as_ref()
+                    .map(|(regex, node)| (regex.as_str(), node)),
+            )
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
 /// The metadata service pods talk to.
-#[derive(Debug)]
 pub struct MetadataService {
     upstream: Arc<Upstream>,
     table: Arc<PodTable>,
@@ -140,6 +156,19 @@ pub struct MetadataService {
     tokens: TokenKey,
     options: ServiceOptions,
     metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for MetadataService {
+    /// Written by hand, like every `Debug` over a secret: the cache (credentials), the token
+    /// key and the node's metadata token show nothing of them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataService")
+            .field("node", &self.upstream.node_name())
+            .field("cache", &self.cache)
+            .field("tokens", &self.tokens)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MetadataService {
@@ -552,6 +581,52 @@ mod tests {
         let future = service.handle("10.0.0.1".parse().expect("ip"), request);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 2048, "a request future takes {size} bytes");
+    }
+
+    #[tokio::test]
+    async fn debug_output_shows_no_secret() {
+        // Everything the service holds, with a secret in each place one can be: cached
+        // credentials and the document served for them, the token key, and the agent's own
+        // token for the node's metadata service.
+        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
+        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let cache = Arc::new(CredentialCache::new(Duration::from_secs(1800)));
+        let secret = podiam_proto::v1::Credentials {
+            access_key_id: "ASIAVISIBLE".into(),
+            secret_access_key: "secret-access-key-xyz".into(),
+            session_token: "session-token-xyz".into(),
+            expiration_unix: 3600,
+            issued_unix: 0,
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+        };
+        cache
+            .get("uid", "arn", 0, || async { Ok::<_, ()>(secret) })
+            .await
+            .expect("cached");
+        let node = NodeMetadata::new("http://169.254.169.254");
+        node.remember_token("node-imds-token-xyz").await;
+        let service = MetadataService::new(
+            upstream,
+            Arc::default(),
+            cache,
+            TokenKey::generate().expect("token key"),
+            ServiceOptions {
+                require_token: false,
+                allow: Some((crate::routes::allow_list(".*").expect("regex"), node)),
+                request_timeout: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new()),
+        );
+        for shown in [format!("{service:?}"), format!("{service:#?}")] {
+            for secret in [
+                "secret-access-key-xyz",
+                "session-token-xyz",
+                "node-imds-token-xyz",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("MetadataService"), "{shown}");
+        }
     }
 
     fn refused(reason: Reason) -> Refused {

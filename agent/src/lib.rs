@@ -124,6 +124,9 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     // Background work runs until the pod-facing server has drained.
     let stop = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
+    if let Some(warning) = config.pod_port_warning(config::unprivileged_port_start()) {
+        tracing::warn!("{warning}");
+    }
     if config.iptables {
         let target = config.dnat_target().context("no DNAT target")?;
         let iptables = Iptables::new(&config.iptables_bin);

@@ -33,11 +33,26 @@ pub enum UpstreamMetadataError {
 }
 
 /// A client of the node's metadata service.
-#[derive(Debug)]
 pub struct NodeMetadata {
     client: Client<HttpConnector, Empty<Bytes>>,
     base: String,
     token: Mutex<Option<(String, Instant)>>,
+}
+
+impl std::fmt::Debug for NodeMetadata {
+    /// The agent's token for the node's metadata service is a secret: only whether there is
+    /// one is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = match self.token.try_lock() {
+            Ok(slot) if slot.is_some() => "<redacted>",
+            Ok(_) => "none",
+            Err(_) => "<in use>",
+        };
+        f.debug_struct("NodeMetadata")
+            .field("base", &self.base)
+            .field("token", &token)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeMetadata {
@@ -70,6 +85,12 @@ impl NodeMetadata {
             .map_err(|e| UpstreamMetadataError::Body(e.to_string()))?
             .to_bytes();
         Ok((status, body))
+    }
+
+    /// Keeps `token` as the agent's upstream token (as a fetch does), for tests.
+    #[cfg(test)]
+    pub(crate) async fn remember_token(&self, token: &str) {
+        *self.token.lock().await = Some((token.to_string(), Instant::now() + UPSTREAM_TOKEN_TTL));
     }
 
     /// The agent's upstream token, fetched or renewed as needed; `None` if the upstream

@@ -7,7 +7,16 @@
 //! agent; a path matching the operator's allow-list (`--allow-route-regexp`) is passed to the
 //! node's metadata service unless it is on the hard-block list, which nothing can open:
 //! user-data, anything under `meta-data/iam/` (the node's own credentials),
-//! `identity-credentials/`, and the signed identity documents. Everything else is denied.
+//! `identity-credentials/`, and the signed identity documents (compared without regard to
+//! letter case). Everything else is denied.
+//!
+//! The allow-list and the hard-block list judge exactly the bytes the node's service will
+//! receive. A decoded segment could otherwise carry a delimiter that changes the path once it
+//! is put in the upstream URI: `user-data%23` decodes to `user-data#`, which is not on the
+//! hard-block list, and the `#` then starts a fragment, so the node would be asked for
+//! `user-data`. A path is therefore passed upstream only when every segment is made of
+//! [`segment_byte`]s alone, which need no escaping in a URI path and mean the same to any
+//! server: no `?`, `#`, `%`, `;`, space, control or non-ASCII byte ever leaves the agent.
 
 use percent_encoding::percent_decode_str;
 use regex::Regex;
@@ -23,7 +32,8 @@ pub enum Route {
     Credentials(String),
     /// `GET …/meta-data/iam/info`: the instance-profile view of the pod's role.
     Info,
-    /// An allow-listed path, passed to the node's metadata service (the normalised path).
+    /// An allow-listed path, passed to the node's metadata service: the normalised path,
+    /// exactly the bytes the node receives (only [`segment_byte`]s and `/`).
     Proxy(String),
     /// Anything else: denied.
     Denied,
@@ -51,9 +61,21 @@ pub fn allow_list(source: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{source})$"))
 }
 
-/// Paths the allow-list can never open (segments after the version prefix).
+/// Whether `byte` may appear in a path segment sent to the node's metadata service: ASCII
+/// letters and digits, and the punctuation instance metadata paths are made of — `-`, `_`,
+/// `.` and `:` (MAC addresses under `network/interfaces/macs/`), plus `+`, `=`, `,` and `@`,
+/// which EC2 allows in the instance tag keys it publishes under `tags/instance/` — and `~`.
+/// All are RFC 3986 path characters that need no escaping and delimit nothing.
+pub fn segment_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-_.:+=,@~".contains(&byte)
+}
+
+/// Paths the allow-list can never open (segments after the version prefix, compared in
+/// ASCII lower case: the list holds no upper-case letter).
 pub fn hard_blocked(rest: &[&str]) -> bool {
-    match rest {
+    let lower: Vec<String> = rest.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let rest: Vec<&str> = lower.iter().map(String::as_str).collect();
+    match rest.as_slice() {
         ["user-data", ..] | ["api", ..] => true,
         ["meta-data", "iam", ..] | ["meta-data", "identity-credentials", ..] => true,
         ["dynamic", "instance-identity", doc, ..] => {
@@ -110,6 +132,11 @@ pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Ro
         }
         ["meta-data", "iam", "info"] => (Route::Info, false),
         _ => {
+            // Checked before anything else: a segment with any other byte could mean
+            // another path once it is in the upstream URI.
+            if !parts.iter().all(|part| part.bytes().all(segment_byte)) {
+                return Route::Denied;
+            }
             let path = format!("/{}", parts.join("/"));
             return match allow {
                 Some(allow) if !hard_blocked(rest) && allow.is_match(&path) => {
@@ -374,5 +401,146 @@ mod tests {
         for (allow, method, path, want) in cases {
             assert_eq!(&route(method, path, Some(allow)), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn encoded_delimiters_never_reach_the_node_as_a_blocked_path() {
+        // Under the most permissive allow-lists, a decoded `?` or `#` would end the path
+        // when the upstream URI is built: `user-data%23` would be sent as `user-data`.
+        // Segments with such bytes are refused, whatever the allow-list says.
+        let everything = allow_list(".*").expect("compiles");
+        let identity = allow_list("/latest/dynamic/instance-identity/.*").expect("compiles");
+        let proxy = |p: &str| Route::Proxy(p.to_string());
+        let cases: &[(&Regex, &str, Route)] = &[
+            // The reported paths.
+            (&everything, "/latest/user-data%23", Route::Denied),
+            (&everything, "/latest/user-data%3F", Route::Denied),
+            (&everything, "/latest/user-data%3f", Route::Denied),
+            (
+                &identity,
+                "/latest/dynamic/instance-identity/pkcs7%3F",
+                Route::Denied,
+            ),
+            (
+                &identity,
+                "/latest/dynamic/instance-identity/signature%23",
+                Route::Denied,
+            ),
+            (
+                &identity,
+                "/latest/dynamic/instance-identity/rsa2048%3Fx",
+                Route::Denied,
+            ),
+            (&everything, "/latest/meta-data/iam%3F", Route::Denied),
+            (&everything, "/latest/meta-data/iam%23/info", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%3F", Route::Denied),
+            (
+                &everything,
+                "/latest/meta-data/ami-id%23frag",
+                Route::Denied,
+            ),
+            // `%25` decodes (once) to a literal `%`: the node would decode it again.
+            (&everything, "/latest/user-data%25", Route::Denied),
+            (&everything, "/latest/user-data%2523", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%2523", Route::Denied),
+            (&everything, "/latest/%2575ser-data", Route::Denied),
+            // Control bytes: NUL, CR/LF (a second request line), tab.
+            (&everything, "/latest/user-data%00", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%00", Route::Denied),
+            (
+                &everything,
+                "/latest/meta-data/ami-id%0D%0AX:%20y",
+                Route::Denied,
+            ),
+            (&everything, "/latest/meta-data/ami-id%09", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%7F", Route::Denied),
+            // Not ASCII, or not UTF-8 at all.
+            (&everything, "/latest/meta-data/ami-id%C3%A9", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%FF", Route::Denied),
+            // Nothing else outside what instance metadata paths are made of.
+            (&everything, "/latest/meta-data/ami-id%20", Route::Denied),
+            (&everything, "/latest/user-data;x", Route::Denied),
+            (&everything, "/latest/meta-data/ami-id%22", Route::Denied),
+            // `%2F` is a slash like any other: normalised first, then checked.
+            (&everything, "/latest%2Fuser-data", Route::Denied),
+            (
+                &everything,
+                "/latest/meta-data%2F..%2F..%2Flatest%2Fuser-data",
+                Route::Denied,
+            ),
+            (
+                &identity,
+                "/latest/dynamic%2Finstance-identity%2Fpkcs7",
+                Route::Denied,
+            ),
+            (
+                &everything,
+                "/latest/meta-data%2Fami-id",
+                proxy("/latest/meta-data/ami-id"),
+            ),
+            (
+                &identity,
+                "/latest/dynamic/instance-identity%2Fdocument",
+                proxy("/latest/dynamic/instance-identity/document"),
+            ),
+            // The hard-block list does not depend on letter case.
+            (&everything, "/latest/User-Data", Route::Denied),
+            (&everything, "/latest/META-DATA/iam/info", Route::Denied),
+            (
+                &identity,
+                "/latest/dynamic/instance-identity/PKCS7",
+                Route::Denied,
+            ),
+            // What instance metadata paths really look like still passes.
+            (
+                &everything,
+                "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/subnet-id",
+                proxy("/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/subnet-id"),
+            ),
+            (
+                &everything,
+                "/latest/meta-data/tags/instance/team@a+b=c,d_e.f-g",
+                proxy("/latest/meta-data/tags/instance/team@a+b=c,d_e.f-g"),
+            ),
+            (
+                &everything,
+                "/latest/meta-data/placement/availability-zone",
+                proxy("/latest/meta-data/placement/availability-zone"),
+            ),
+        ];
+        for (allow, path, want) in cases {
+            assert_eq!(&route(&Method::GET, path, Some(allow)), want, "GET {path}");
+        }
+    }
+
+    #[test]
+    fn a_proxied_path_is_exactly_what_the_node_receives() {
+        // The allow-list and the hard-block list judge the path the agent sends: parsed as
+        // the upstream URI, it must come back whole, with no query and nothing dropped.
+        let everything = allow_list(".*").expect("compiles");
+        let mut tried = 0;
+        for byte in 0u8..=255 {
+            for template in [
+                "/latest/meta-data/ami-id%{:02X}",
+                "/latest/meta-data/a%{:02X}b",
+            ] {
+                let raw = template.replace("{:02X}", &format!("{byte:02X}"));
+                tried += 1;
+                let Route::Proxy(path) = route(&Method::GET, &raw, Some(&everything)) else {
+                    continue;
+                };
+                let uri: http::Uri = format!("http://169.254.169.254{path}")
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{raw} → {path}: not a URI: {e}"));
+                assert_eq!(uri.path(), path, "{raw}");
+                assert_eq!(uri.query(), None, "{raw}");
+                assert!(
+                    path.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"/-._~:@+=,".contains(&b)),
+                    "{raw} → {path}"
+                );
+            }
+        }
+        assert_eq!(tried, 512);
     }
 }

@@ -409,6 +409,10 @@ async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
         c("allow-list prefix only", "web", get("/latest/meta-data/instance-id-x", ""), "404", Nothing),
         c("allowed instance-id", "web", get("/latest/meta-data/instance-id", ""), "200", NodeMetadata),
         c("allowed placement", "web", get("/latest/meta-data/placement/region", ""), "200", NodeMetadata),
+        // A decoded `?` or `#` would be cut off in the node's URI: refused, never passed on.
+        c("allowed path with encoded ?", "web", get("/latest/meta-data/placement/region%3F", ""), "404", Nothing),
+        c("allowed path with encoded #", "web", get("/latest/meta-data/placement/x%23/../../../user-data", ""), "404", Nothing),
+        c("allowed path with encoded %", "web", get("/latest/meta-data/placement/region%2525", ""), "404", Nothing),
         // Other roles.
         c("another role by name", "web", get(&creds("app-writer"), ""), "404", Nothing),
         c("the node's role by name", "web", get(&creds("node-role"), ""), "404", Nothing),

@@ -13,7 +13,8 @@
 //!   them, and is proved the same way.
 //! - **Properties**: what the issue asks of the base (two replicas, PodDisruptionBudget,
 //!   anti-affinity, non-root, read-only root, RuntimeDefault seccomp, control-plane
-//!   scheduling, headless Service, RBAC verbs exactly, host-network agent with NET_ADMIN only,
+//!   scheduling, headless Service, RBAC verbs exactly, host-network agent with NET_ADMIN and
+//!   NET_BIND_SERVICE only (its pods' port is privileged),
 //!   Secrets mounted as directories), node binding (the agent's projected ServiceAccount
 //!   token, audience `podiam`, where `--token-file` reads it; the server's TokenReview and
 //!   SubjectAccessReview rights and its agent settings matching the agent), the
@@ -1081,7 +1082,7 @@ fn base_agent_proves_its_node_with_a_projected_token() {
 }
 
 #[test]
-fn base_agent_runs_on_every_node_with_only_net_admin() {
+fn base_agent_runs_on_every_node_with_only_net_admin_and_a_privileged_port() {
     let r = base();
     let agent = r.agent();
     let spec = pod_spec(agent);
@@ -1107,8 +1108,14 @@ fn base_agent_runs_on_every_node_with_only_net_admin() {
     assert_eq!(all.len(), 1);
     let c = all[0];
     let (add, drop) = capabilities(c);
-    assert_eq!(add, BTreeSet::from(["NET_ADMIN"]));
+    // NET_BIND_SERVICE for the pods' port, below 1024 so that no unprivileged process on the
+    // node can take it while no agent listens.
+    assert_eq!(add, BTreeSet::from(["NET_ADMIN", "NET_BIND_SERVICE"]));
     assert_eq!(drop, BTreeSet::from(["ALL"]));
+    let listen = r.config_map("podiam-agent")["data"]["PODIAM_AGENT_LISTEN"]
+        .as_str()
+        .expect("PODIAM_AGENT_LISTEN");
+    assert!(port_of(listen) < 1024, "{listen}");
     assert_eq!(c["securityContext"]["runAsUser"], 0);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
@@ -1191,7 +1198,10 @@ fn ordinary_nodes_overlay_only_lifts_control_plane_scheduling() {
 fn iptables_legacy_overlay_adds_net_raw_and_the_legacy_back_end() {
     let r = rendering("overlays/iptables-legacy");
     let (add, _) = capabilities(container(r.agent(), "agent"));
-    assert_eq!(add, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(
+        add,
+        BTreeSet::from(["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"])
+    );
     assert_eq!(
         r.config_map("podiam-agent")["data"]["PODIAM_IPTABLES_BIN"],
         "iptables-legacy"
