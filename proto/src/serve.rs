@@ -83,9 +83,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// sends a request on a connection the server is closing at that instant. The longest are
 /// 90 s: hyper-util's pool (`pool_idle_timeout`, which the Rust SDK's client leaves at its
 /// default) and Go's `net/http` `DefaultTransport` (`IdleConnTimeout`, the Go SDK's). Node's
-/// global agent, which the JavaScript SDK's metadata client uses, drops idle sockets after
-/// 5 s, which is exactly when a 5 s server limit closed them too; urllib3 (botocore) has no
-/// limit and checks that a pooled connection is still open before reusing it.
+/// global agent drops idle sockets after 5 s, exactly when a 5 s server limit closed them too
+/// (the JavaScript SDK's metadata client itself closes its socket after each answer);
+/// urllib3 (botocore) has no limit and checks that a pooled connection is still open before
+/// reusing it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Requests one connection may carry by default: nginx's `keepalive_requests` default. Real
 /// clients honour the `Connection: close` of the last answer and open a new connection.
