@@ -49,6 +49,13 @@ pub enum Command {
 /// 249-255 unassigned).
 pub const DEFAULT_POD_PORT: u16 = 254;
 
+/// Connections one pod may hold by default. An SDK client uses one connection at a time and
+/// the agent answers in milliseconds, so 16 lets 16 processes of one pod ask at the same
+/// instant; idle connections beyond it make room for new ones. 64 pods at this limit fill the
+/// default `--max-connections` (1024); a node runs at most 110 pods by default (the kubelet's
+/// `--max-pods`), of which only a flooding few ever reach it.
+pub const MAX_CONNECTIONS_PER_POD: usize = 16;
+
 /// Where the node's kernel says unprivileged ports begin (`net.ipv4.ip_unprivileged_port_start`,
 /// per network namespace; 1024 unless changed). `None` when it cannot be read.
 pub fn unprivileged_port_start() -> Option<u16> {
@@ -167,12 +174,28 @@ pub struct ServeConfig {
         default_value = "http://169.254.169.254"
     )]
     pub metadata_upstream: String,
-    /// Pod connections served at once.
-    #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// Pod connections served at once, all pods together; more wait in the kernel's queue.
+    #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = podiam_proto::serve::MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// A client must send a whole request head within this time; idle connections close.
+    /// Connections one pod (one source address) may hold at once. At the limit a new
+    /// connection takes the place of that pod's longest-idle one, or is refused when none is
+    /// idle: one pod cannot take the connections the others need.
+    #[arg(long, env = "PODIAM_MAX_CONNECTIONS_PER_POD", default_value_t = MAX_CONNECTIONS_PER_POD)]
+    pub max_connections_per_pod: usize,
+    /// A request head must arrive whole within this time, counted from the connection's
+    /// accept (its first request) or from the head's first byte (later ones); bytes trickling
+    /// in do not extend it.
     #[arg(long, env = "PODIAM_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// A keep-alive connection with no request under way is closed after this long. Keep it
+    /// longer than clients keep idle pooled connections (90 s in the Go and Rust SDKs' HTTP
+    /// clients), so that a client never reuses a connection just as the agent closes it.
+    #[arg(long, env = "PODIAM_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Requests one connection may carry; the last answer says `Connection: close` and the
+    /// client opens a new connection.
+    #[arg(long, env = "PODIAM_MAX_REQUESTS_PER_CONNECTION", default_value_t = podiam_proto::serve::MAX_REQUESTS_PER_CONNECTION)]
+    pub max_requests_per_connection: usize,
     /// How often the iptables rules are checked and repaired (with --iptables).
     #[arg(long, env = "PODIAM_IPTABLES_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub iptables_sync_interval: Duration,
@@ -211,6 +234,17 @@ impl ServeConfig {
                  process on the node could bind it and answer pods; use a port below {start}"
             )
         })
+    }
+
+    /// The pod-facing listener's connection limits.
+    pub fn limits(&self) -> podiam_proto::serve::Limits {
+        podiam_proto::serve::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_pod,
+            header_read_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            max_requests_per_connection: self.max_requests_per_connection,
+        }
     }
 
     /// The servers to resolve, each with the name its certificate must carry.
@@ -281,6 +315,7 @@ impl ServeConfig {
             ("--tls-reload-interval", self.tls_reload_interval),
             ("--request-timeout", self.request_timeout),
             ("--header-timeout", self.header_timeout),
+            ("--idle-timeout", self.idle_timeout),
             ("--iptables-sync-interval", self.iptables_sync_interval),
         ] {
             if value.is_zero() {
@@ -289,6 +324,14 @@ impl ServeConfig {
         }
         if self.max_connections == 0 {
             problems.push("--max-connections must be at least 1".into());
+        }
+        if self.max_connections_per_pod == 0 {
+            problems.push("--max-connections-per-pod must be at least 1".into());
+        } else if self.max_connections > 0 && self.max_connections_per_pod > self.max_connections {
+            problems.push("--max-connections-per-pod must be at most --max-connections".into());
+        }
+        if self.max_requests_per_connection == 0 {
+            problems.push("--max-requests-per-connection must be at least 1".into());
         }
         if let Some(source) = &self.allow_route_regexp
             && let Err(error) = crate::routes::allow_list(source)
@@ -415,6 +458,46 @@ mod tests {
         // Without --iptables no pod is sent to the port.
         let config = serve(&["--listen", "0.0.0.0:8181"]);
         assert_eq!(config.pod_port_warning(Some(1024)), None);
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_flags() {
+        let limits = serve(&[]).limits();
+        assert_eq!(limits.max_connections, 1024);
+        assert_eq!(limits.max_connections_per_peer, MAX_CONNECTIONS_PER_POD);
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(5));
+        // Longer than the longest idle time of SDKs' pooled connections (90 s).
+        assert!(limits.idle_timeout > Duration::from_secs(90));
+        assert_eq!(limits.max_requests_per_connection, 1000);
+        let config = serve(&[
+            "--max-connections",
+            "100",
+            "--max-connections-per-pod",
+            "4",
+            "--idle-timeout",
+            "3m",
+            "--max-requests-per-connection",
+            "7",
+        ]);
+        assert_eq!(config.problems(), Vec::<String>::new());
+        let limits = config.limits();
+        assert_eq!(
+            (
+                limits.max_connections,
+                limits.max_connections_per_peer,
+                limits.idle_timeout,
+                limits.max_requests_per_connection
+            ),
+            (100, 4, Duration::from_secs(180), 7)
+        );
+        for wrong in [
+            &["--max-connections-per-pod", "0"][..],
+            &["--max-connections", "8", "--max-connections-per-pod", "9"],
+            &["--idle-timeout", "0s"],
+            &["--max-requests-per-connection", "0"],
+        ] {
+            assert_eq!(serve(wrong).problems().len(), 1, "{wrong:?}");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ use podiam_proto::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
-use crate::http::{Limits, MetadataService, ServiceOptions};
+use crate::http::{MetadataService, ServiceOptions};
 use crate::identity::AgentToken;
 use crate::iptables::Iptables;
 use crate::metrics::Metrics;
@@ -108,10 +108,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         options,
         Arc::clone(&metrics),
     ));
-    let limits = Limits {
-        max_connections: config.max_connections,
-        header_read_timeout: config.header_timeout,
-    };
+    let limits = config.limits();
 
     // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
     // agent binds beside the old one; the kernel spreads connections over both until the old
@@ -214,7 +211,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             tracing::info!("stopping: not ready, no new connections; open ones finish");
         });
     }
-    podiam_proto::serve::serve_http(listener, limits, handler, shutdown.clone()).await;
+    podiam_proto::serve::serve_http_observed(
+        listener,
+        limits,
+        Arc::clone(&metrics) as Arc<dyn podiam_proto::serve::ConnectionObserver>,
+        handler,
+        shutdown.clone(),
+    )
+    .await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;

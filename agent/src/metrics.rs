@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use podiam_proto::serve::{Closed, ConnectionObserver};
+
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -35,6 +37,23 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
 }
 
+/// Labels of connections the agent closed on its own.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub reason: &'static str,
+}
+
+/// The `reason` label of a connection closed for `why` (the peers of the pod port are pods).
+fn closed_reason(why: Closed) -> &'static str {
+    match why {
+        Closed::PeerLimitRefused => "pod-limit-refused",
+        Closed::PeerLimitEvicted => "pod-limit-evicted",
+        Closed::HeaderTimeout => "header-timeout",
+        Closed::IdleTimeout => "idle-timeout",
+        Closed::RequestLimit => "request-limit",
+    }
+}
+
 /// Labels of the server replicas gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplicaLabels {
@@ -56,6 +75,10 @@ pub struct Metrics {
     pub replicas: Family<ReplicaLabels, Gauge>,
     /// When the agent's client certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
+    /// Pod-facing connections open.
+    pub connections: Gauge,
+    /// Pod-facing connections the agent closed or refused on its own, by reason.
+    pub connections_closed: Family<ClosedLabels, Counter>,
     registry: Registry,
 }
 
@@ -126,6 +149,24 @@ impl Metrics {
              files are picked up without a restart)",
             tls_expiry.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Pod-facing connections open",
+            connections.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        for why in Closed::ALL {
+            let _ = connections_closed.get_or_create(&ClosedLabels {
+                reason: closed_reason(why),
+            });
+        }
+        registry.register(
+            "connections_closed",
+            "Pod-facing connections the agent closed or refused on its own, by reason \
+             (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit)",
+            connections_closed.clone(),
+        );
         Metrics {
             requests,
             latency,
@@ -136,6 +177,8 @@ impl Metrics {
             failovers,
             replicas,
             tls_expiry,
+            connections,
+            connections_closed,
             registry,
         }
     }
@@ -158,6 +201,24 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+impl ConnectionObserver for Metrics {
+    fn opened(&self) {
+        self.connections.inc();
+    }
+
+    fn ended(&self) {
+        self.connections.dec();
+    }
+
+    fn closed(&self, why: Closed) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels {
+                reason: closed_reason(why),
+            })
+            .inc();
     }
 }
 
@@ -203,6 +264,18 @@ mod tests {
         );
         assert!(
             text.contains("podiam_agent_credential_cache_misses_total 0"),
+            "{text}"
+        );
+        metrics.opened();
+        metrics.closed(Closed::PeerLimitEvicted);
+        let text = metrics.encode();
+        assert!(text.contains("podiam_agent_connections 1"), "{text}");
+        assert!(
+            text.contains("podiam_agent_connections_closed_total{reason=\"pod-limit-evicted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_agent_connections_closed_total{reason=\"header-timeout\"} 0"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

@@ -1,10 +1,34 @@
 //! Serving HTTP/1 with the limits every podiam listener needs: the agent's pod-facing and
 //! health ports and the server's health port share this accept loop.
+//!
+//! One client must not be able to take the connections every other client needs (issue 13:
+//! one pod holding 1100 keep-alive connections starved every other pod of its node). So:
+//!
+//! - **Per peer address** (a pod, on the agent's port) at most
+//!   [`Limits::max_connections_per_peer`] connections. A new connection beyond that takes the
+//!   place of the same address's longest-idle one, which is closed; if none is idle the new
+//!   one is refused (closed at once). A flood only ever competes with itself.
+//! - **Deadlines a trickle cannot extend.** A request head must arrive whole within
+//!   [`Limits::header_read_timeout`], counted from accept for a connection's first request and
+//!   from the first byte of each later one; bytes arriving meanwhile do not move it. Between
+//!   requests a connection may stay idle for [`Limits::idle_timeout`], deliberately longer
+//!   than clients keep pooled connections (see [`IDLE_TIMEOUT`]), so that the client, not the
+//!   server, is the one to close an idle connection and never loses a request to the race.
+//! - **Requests per connection** at most [`Limits::max_requests_per_connection`]; the last
+//!   answer says `Connection: close`.
+//!
+//! Each connection's phase (waiting for a head, answering, idle) is kept by the connection's
+//! own reads ([`Watched`]) and its service; a small watchdog beside the hyper connection
+//! closes it when its phase's deadline passes.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,11 +36,15 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long in-flight connections get to finish at shutdown.
+/// How long in-flight connections get to finish at shutdown, and how long a connection being
+/// closed (idle, or giving its place to a newer one) may take to finish an answer under way.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// At shutdown, how long an open keep-alive connection is still served (each answer then
 /// says `Connection: close`) before an idle one is closed. Closing an idle connection at once
@@ -46,22 +74,305 @@ const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most headers in one request; SDKs send fewer than 10.
 const MAX_HEADERS: usize = 32;
 
+/// Connections served at once by default.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a whole request head may take by default: SDKs send theirs in one packet.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a keep-alive connection may stay idle by default: longer than any AWS SDK's HTTP
+/// client keeps an idle pooled connection, so that the client always drops it first and never
+/// sends a request on a connection the server is closing at that instant. The longest are
+/// 90 s: hyper-util's pool (`pool_idle_timeout`, which the Rust SDK's client leaves at its
+/// default) and Go's `net/http` `DefaultTransport` (`IdleConnTimeout`, the Go SDK's). Node's
+/// global agent drops idle sockets after 5 s, exactly when a 5 s server limit closed them too
+/// (the JavaScript SDK's metadata client itself closes its socket after each answer);
+/// urllib3 (botocore) has no limit and checks that a pooled connection is still open before
+/// reusing it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Requests one connection may carry by default: nginx's `keepalive_requests` default. Real
+/// clients honour the `Connection: close` of the last answer and open a new connection.
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
+
 /// Limits on the connections one listener serves.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// A client must send a whole request head within this time (slow clients, idle
-    /// keep-alive connections).
+    /// Connections served at once from one peer address. At the limit a new connection
+    /// replaces the address's longest-idle one, or is refused when none is idle. The default
+    /// is `max_connections` (no separate limit): a listener whose clients are pods sets it.
+    pub max_connections_per_peer: usize,
+    /// A request head must arrive whole within this time: from accept for a connection's
+    /// first request, from its first byte for each later one. Trickled bytes do not extend it.
     pub header_read_timeout: Duration,
+    /// A connection with no request under way is closed after this long.
+    pub idle_timeout: Duration,
+    /// Requests answered on one connection; the last answer says `Connection: close`.
+    pub max_requests_per_connection: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 1024,
-            header_read_timeout: Duration::from_secs(5),
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_peer: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_requests_per_connection: MAX_REQUESTS_PER_CONNECTION,
         }
+    }
+}
+
+/// Why the server closed (or refused) a connection on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Closed {
+    /// Its peer address was at its limit with no idle connection to give up.
+    PeerLimitRefused,
+    /// It was its peer address's longest-idle connection, closed for a new one.
+    PeerLimitEvicted,
+    /// Its request head did not arrive whole in time.
+    HeaderTimeout,
+    /// It stayed idle for the idle limit.
+    IdleTimeout,
+    /// It carried the most requests one connection may.
+    RequestLimit,
+}
+
+impl Closed {
+    pub const ALL: [Closed; 5] = [
+        Closed::PeerLimitRefused,
+        Closed::PeerLimitEvicted,
+        Closed::HeaderTimeout,
+        Closed::IdleTimeout,
+        Closed::RequestLimit,
+    ];
+
+    /// A short name for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Closed::PeerLimitRefused => "peer-limit-refused",
+            Closed::PeerLimitEvicted => "peer-limit-evicted",
+            Closed::HeaderTimeout => "header-timeout",
+            Closed::IdleTimeout => "idle-timeout",
+            Closed::RequestLimit => "request-limit",
+        }
+    }
+}
+
+/// Told what a listener's connections do, for metrics. Calls are made on the connections'
+/// tasks: keep them cheap.
+pub trait ConnectionObserver: Send + Sync {
+    /// A connection was admitted; it is open until the matching [`ConnectionObserver::ended`].
+    fn opened(&self) {}
+    /// An admitted connection ended, for whatever reason.
+    fn ended(&self) {}
+    /// The server closed or refused a connection on its own, for `why`.
+    fn closed(&self, why: Closed) {
+        let _ = why;
+    }
+}
+
+/// The observer of listeners nobody watches.
+#[derive(Debug)]
+struct Unobserved;
+
+impl ConnectionObserver for Unobserved {}
+
+/// Where a connection is in its life; each phase but answering has a deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a whole request head since `since` (accept, or the head's first byte).
+    Head { since: Instant },
+    /// A request is being answered; `more`: bytes arrived meanwhile (a pipelined request).
+    Answering { more: bool },
+    /// No request under way since `since`.
+    Idle { since: Instant },
+}
+
+/// One connection's state, shared by its reads, its service and its watchdog.
+#[derive(Debug)]
+struct Conn {
+    phase: Mutex<Phase>,
+    /// Woken when the phase's deadline may have moved earlier.
+    changed: Notify,
+    /// Cancelled when a newer connection of the same peer takes this one's place.
+    evicted: CancellationToken,
+    requests: AtomicUsize,
+}
+
+impl Conn {
+    fn new(now: Instant) -> Conn {
+        Conn {
+            phase: Mutex::new(Phase::Head { since: now }),
+            changed: Notify::new(),
+            evicted: CancellationToken::new(),
+            requests: AtomicUsize::new(0),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    /// Bytes were read from the client.
+    fn bytes_arrived(&self) {
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        match *phase {
+            Phase::Idle { .. } => {
+                *phase = Phase::Head {
+                    since: Instant::now(),
+                };
+                drop(phase);
+                self.changed.notify_one();
+            }
+            Phase::Answering { .. } => *phase = Phase::Answering { more: true },
+            Phase::Head { .. } => {}
+        }
+    }
+
+    /// A request head was read whole; returns how many requests this connection has carried.
+    fn request_started(&self) -> usize {
+        self.set(Phase::Answering { more: false });
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The answer is ready.
+    fn request_done(&self) {
+        let now = Instant::now();
+        {
+            let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            *phase = match *phase {
+                Phase::Answering { more: true } => Phase::Head { since: now },
+                _ => Phase::Idle { since: now },
+            };
+        }
+        self.changed.notify_one();
+    }
+
+    /// When this connection must be closed if nothing happens, and why.
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
+        match self.phase() {
+            Phase::Head { since } => {
+                Some((since + limits.header_read_timeout, Closed::HeaderTimeout))
+            }
+            Phase::Idle { since } => Some((since + limits.idle_timeout, Closed::IdleTimeout)),
+            Phase::Answering { .. } => None,
+        }
+    }
+}
+
+/// The connections open per peer address.
+#[derive(Debug)]
+struct Peers {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, Vec<Arc<Conn>>>>,
+}
+
+/// Whether a new connection may be served.
+enum Admission {
+    /// Yes; `evicted`: the peer's longest-idle connection was told to close for it.
+    Admitted { conn: Arc<Conn>, evicted: bool },
+    /// No: the peer is at its limit and every one of its connections is busy.
+    Refused,
+}
+
+impl Peers {
+    fn new(limit: usize) -> Peers {
+        Peers {
+            limit: limit.max(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn admit(&self, peer: IpAddr) -> Admission {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = open.entry(peer).or_default();
+        let mut evicted = false;
+        if conns.len() >= self.limit {
+            let longest_idle = conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, conn)| match conn.phase() {
+                    Phase::Idle { since } => Some((i, since)),
+                    _ => None,
+                })
+                .min_by_key(|(_, since)| *since);
+            let Some((i, _)) = longest_idle else {
+                return Admission::Refused;
+            };
+            conns.swap_remove(i).evicted.cancel();
+            evicted = true;
+        }
+        let conn = Arc::new(Conn::new(Instant::now()));
+        conns.push(Arc::clone(&conn));
+        Admission::Admitted { conn, evicted }
+    }
+
+    /// `conn` of `peer` ended (nothing happens if it was evicted: it is gone already).
+    fn leave(&self, peer: IpAddr, conn: &Arc<Conn>) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = open.get_mut(&peer) {
+            conns.retain(|c| !Arc::ptr_eq(c, conn));
+            if conns.is_empty() {
+                open.remove(&peer);
+            }
+        }
+    }
+}
+
+/// A client stream whose reads move its connection's phase: the first byte after an answer
+/// starts the next head's deadline.
+#[derive(Debug)]
+struct Watched<T> {
+    io: T,
+    conn: Arc<Conn>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.conn.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -92,8 +403,23 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_http_observed(listener, limits, Arc::new(Unobserved), handler, shutdown).await;
+}
+
+/// [`serve_http`], telling `observer` what the connections do.
+pub async fn serve_http_observed<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    observer: Arc<dyn ConnectionObserver>,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let connections = TaskTracker::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let peers = Arc::new(Peers::new(limits.max_connections_per_peer));
     loop {
         // At the limit, stop accepting until a connection ends; the kernel queues the rest.
         let slot = tokio::select! {
@@ -107,47 +433,31 @@ pub async fn serve_http<H, F>(
             () = shutdown.cancelled() => break,
             accepted = accept(&listener) => accepted,
         };
+        let address = peer.ip().to_canonical();
+        let conn = match peers.admit(address) {
+            Admission::Admitted { conn, evicted } => {
+                if evicted {
+                    tracing::debug!(%peer, "connection limit of this address: its longest-idle connection closes");
+                    observer.closed(Closed::PeerLimitEvicted);
+                }
+                conn
+            }
+            Admission::Refused => {
+                tracing::debug!(%peer, "connection limit of this address, none idle: refused");
+                observer.closed(Closed::PeerLimitRefused);
+                continue;
+            }
+        };
+        observer.opened();
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let observer = Arc::clone(&observer);
+        let peers = Arc::clone(&peers);
         connections.spawn(async move {
             let _slot = slot;
-            let closing = shutdown.clone();
-            let service = hyper::service::service_fn(move |request| {
-                let response = handler(peer, request);
-                let closing = closing.clone();
-                async move {
-                    let mut response = response.await;
-                    if closing.is_cancelled() {
-                        response.headers_mut().insert(
-                            http::header::CONNECTION,
-                            http::HeaderValue::from_static("close"),
-                        );
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .max_headers(MAX_HEADERS);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "connection ended with an error");
-                    }
-                }
-                () = shutdown.cancelled() => {
-                    let ended = tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await;
-                    if ended.is_err() {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
-                    }
-                }
-            }
+            serve_connection(stream, peer, &conn, limits, &*observer, handler, shutdown).await;
+            peers.leave(address, &conn);
+            observer.ended();
         });
     }
     drop(listener);
@@ -157,5 +467,419 @@ pub async fn serve_http<H, F>(
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+}
+
+/// Serves one connection until it ends, the watchdog closes it, or shutdown has drained it.
+async fn serve_connection<H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: &Arc<Conn>,
+    limits: Limits,
+    observer: &dyn ConnectionObserver,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let closing = shutdown.clone();
+    let service = {
+        let conn = Arc::clone(conn);
+        hyper::service::service_fn(move |request| {
+            let served = conn.request_started();
+            let response = handler(peer, request);
+            let closing = closing.clone();
+            let conn = Arc::clone(&conn);
+            async move {
+                let mut response = response.await;
+                let last = served >= limits.max_requests_per_connection;
+                if closing.is_cancelled() || last {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                conn.request_done();
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper's own header timer is replaced by the watchdog below: it starts when hyper begins
+    // to read a head, which is right after an answer, so it would close idle connections too.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    let io = Watched {
+        io: stream,
+        conn: Arc::clone(conn),
+    };
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    // Set once the connection has been told to finish (graceful shutdown): it may then take
+    // until this instant to do so.
+    let mut finishing: Option<Instant> = None;
+    let mut drained = false;
+    loop {
+        let deadline = match finishing {
+            Some(until) => Some(until),
+            None => conn.deadline(&limits).map(|(at, _)| at),
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                if conn.requests.load(Ordering::Relaxed) >= limits.max_requests_per_connection {
+                    observer.closed(Closed::RequestLimit);
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !drained => {
+                drained = true;
+                // Answers say `Connection: close` now; a client gets CLOSE_GRACE to send what
+                // it was about to, then the connection is told to finish.
+                let ended = tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await;
+                if ended.is_ok() {
+                    return;
+                }
+                connection.as_mut().graceful_shutdown();
+                finishing = Some(Instant::now() + DRAIN_TIMEOUT);
+            }
+            () = conn.evicted.cancelled(), if finishing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                finishing = Some(Instant::now() + DRAIN_TIMEOUT);
+            }
+            () = conn.changed.notified() => {}
+            () = sleep_until(deadline) => {
+                if finishing.is_some() {
+                    // Told to finish and did not in time: dropped.
+                    return;
+                }
+                // Taken again: a request may have begun, or bytes arrived, meanwhile.
+                match conn.deadline(&limits) {
+                    Some((at, Closed::HeaderTimeout)) if at <= Instant::now() => {
+                        // Half a head is not worth an answer: dropped.
+                        tracing::debug!(%peer, "request head not received in time; closing");
+                        observer.closed(Closed::HeaderTimeout);
+                        return;
+                    }
+                    Some((at, why)) if at <= Instant::now() => {
+                        observer.closed(why);
+                        connection.as_mut().graceful_shutdown();
+                        finishing = Some(Instant::now() + DRAIN_TIMEOUT);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+
+    /// A listener on 127.0.0.1 serving `limits` with a handler that answers "ok"; stops when
+    /// the token is cancelled.
+    async fn serving(limits: Limits) -> (SocketAddr, CancellationToken) {
+        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let handler = |_, _| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
+        tokio::spawn(serve_http(listener, limits, handler, stop.clone()));
+        (addr, stop)
+    }
+
+    /// Reads one whole response (bodies here are "ok", two bytes); `None` if the connection
+    /// ended first.
+    async fn response(stream: &mut TcpStream) -> Option<String> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n")
+                && body.len() >= 2
+            {
+                return Some(format!("{head}\r\n\r\n{body}"));
+            }
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Waits for the server to close `stream`; how long that took from `since`.
+    async fn closed(stream: &mut TcpStream, since: Instant) -> Duration {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return since.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("still open after {:?}", since.elapsed()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_outlives_the_header_deadline() {
+        // SDKs' pools keep a connection and reuse it seconds later: the header deadline
+        // must not close a connection between requests (that is the idle limit's job).
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (addr, _stop) = serving(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        stream.write_all(GET).await.expect("sends");
+        assert!(response(&mut stream).await.is_some(), "first answer");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stream.write_all(GET).await.expect("sends");
+        let second = response(&mut stream).await;
+        assert!(
+            second
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "the idle connection was closed: {second:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trickled_head_is_cut_at_its_deadline_from_accept() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let (addr, _stop) = serving(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        let since = Instant::now();
+        // One byte every 50 ms: each would restart a per-read timer.
+        let (mut reader, mut writer) = stream.split();
+        let trickle = async {
+            for byte in GET.iter().take(GET.len() - 1).cycle().take(40) {
+                if writer.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let mut buf = [0u8; 64];
+        let read = async {
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => return since.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let took = tokio::select! {
+            took = read => took,
+            () = trickle => panic!("still open after the whole trickle: {:?}", since.elapsed()),
+        };
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_millis(1200),
+            "closed after {took:?}"
+        );
+    }
+
+    /// Counts what [`serve_http_observed`] reports.
+    #[derive(Debug, Default)]
+    struct Counts {
+        open: std::sync::atomic::AtomicI64,
+        closed: Mutex<HashMap<Closed, u32>>,
+    }
+
+    impl ConnectionObserver for Counts {
+        fn opened(&self) {
+            self.open.fetch_add(1, Ordering::SeqCst);
+        }
+        fn ended(&self) {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        fn closed(&self, why: Closed) {
+            *self.closed.lock().expect("lock").entry(why).or_default() += 1;
+        }
+    }
+
+    impl Counts {
+        fn closed(&self, why: Closed) -> u32 {
+            self.closed
+                .lock()
+                .expect("lock")
+                .get(&why)
+                .copied()
+                .unwrap_or_default()
+        }
+    }
+
+    async fn observed(limits: Limits) -> (SocketAddr, Arc<Counts>, CancellationToken) {
+        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let counts = Arc::new(Counts::default());
+        let handler = |_, _| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
+        tokio::spawn(serve_http_observed(
+            listener,
+            limits,
+            Arc::clone(&counts) as Arc<dyn ConnectionObserver>,
+            handler,
+            stop.clone(),
+        ));
+        (addr, counts, stop)
+    }
+
+    /// A connection from `source` (any 127/8 address is local on Linux).
+    async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .expect("binds the source");
+        socket.connect(addr).await.expect("connects")
+    }
+
+    /// Sends one request on `stream` and checks it is answered.
+    async fn answered(stream: &mut TcpStream) {
+        stream.write_all(GET).await.expect("sends");
+        let answer = response(stream).await;
+        assert!(
+            answer
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "{answer:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_at_its_limit_gives_up_its_longest_idle_connection() {
+        let limits = Limits {
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let mut oldest = connect_from([127, 0, 0, 1], addr).await;
+        answered(&mut oldest).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut newer = connect_from([127, 0, 0, 1], addr).await;
+        answered(&mut newer).await;
+        // A third connection of the address: the oldest idle one makes room for it.
+        let mut third = connect_from([127, 0, 0, 1], addr).await;
+        answered(&mut third).await;
+        let took = closed(&mut oldest, Instant::now()).await;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        answered(&mut newer).await;
+        assert_eq!(counts.closed(Closed::PeerLimitEvicted), 1);
+        assert_eq!(counts.closed(Closed::PeerLimitRefused), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_no_idle_connection_is_refused_and_others_are_served() {
+        let limits = Limits {
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        // Two connections that never finish a head: not idle, so not given up.
+        let mut busy = Vec::new();
+        for _ in 0..2 {
+            let mut stream = connect_from([127, 0, 0, 1], addr).await;
+            stream.write_all(b"GET /").await.expect("sends");
+            busy.push(stream);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut refused = connect_from([127, 0, 0, 1], addr).await;
+        let took = closed(&mut refused, Instant::now()).await;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(counts.closed(Closed::PeerLimitRefused), 1);
+        // Another address is served all along.
+        let mut other = connect_from([127, 0, 0, 2], addr).await;
+        answered(&mut other).await;
+        assert_eq!(counts.open.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_after_the_idle_limit() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        answered(&mut stream).await;
+        let took = closed(&mut stream, Instant::now()).await;
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_millis(1500),
+            "closed after {took:?}"
+        );
+        assert_eq!(counts.closed(Closed::IdleTimeout), 1);
+        assert_eq!(counts.closed(Closed::HeaderTimeout), 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counts.open.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_last_request_a_connection_may_carry_says_close() {
+        let limits = Limits {
+            max_requests_per_connection: 3,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        for _ in 0..2 {
+            stream.write_all(GET).await.expect("sends");
+            let answer = response(&mut stream).await.expect("answered");
+            assert!(
+                !answer.to_ascii_lowercase().contains("connection: close"),
+                "{answer}"
+            );
+        }
+        stream.write_all(GET).await.expect("sends");
+        let last = response(&mut stream).await.expect("answered");
+        assert!(
+            last.to_ascii_lowercase().contains("connection: close"),
+            "{last}"
+        );
+        closed(&mut stream, Instant::now()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counts.closed(Closed::RequestLimit), 1);
+    }
+
+    #[tokio::test]
+    async fn a_head_started_after_an_answer_has_its_own_deadline() {
+        // Idle for longer than the header deadline, then a trickled head: cut at the
+        // header deadline counted from its first byte, not at the idle limit.
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_secs(10),
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        answered(&mut stream).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stream.write_all(b"GET /x HT").await.expect("sends");
+        let took = closed(&mut stream, Instant::now()).await;
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+            "closed after {took:?}"
+        );
+        assert_eq!(counts.closed(Closed::HeaderTimeout), 1);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use podiam_tests::world::{World, WorldConfig};
+use podiam_tests::world::{World, WorldConfig, metric_value};
 use serde_json::json;
 
 const NODE_BODY: &str = podiam_tests::netns::NODE_METADATA_BODY;
@@ -128,4 +128,172 @@ async fn encoded_delimiters_never_reach_the_node_metadata_service() {
     )
     .await
     .expect("heard");
+}
+
+/// A pod that tries to take every connection the agent has: `KEEP` keep-alive connections,
+/// each sending a whole request every 2 s (a pace that kept an idle limit from ever closing
+/// them), and `TRICKLE` connections sending a request head one byte every 300 ms. A
+/// connection the agent closes is opened again a second later. Runs until its stdin closes
+/// or for `SECONDS` at most; prints `ready` once every connection has been opened, and at
+/// the end a JSON line of what it saw.
+const FLOOD: &str = r#"
+import errno, json, select, socket, sys, time
+keep, trickle, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+REQUEST = b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+stop_at = time.time() + seconds
+stats = {"opened": 0, "closed_by_agent": 0, "answers": 0}
+
+def open_one(kind):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("169.254.169.254", 80))
+    stats["opened"] += 1
+    return {"sock": s, "kind": kind, "next": time.time() + 0.2, "sent": 0, "reopen": None}
+
+# Interleaved, so that trickles are among the first connections of every wave of reopening.
+kinds = ["keep"] * keep
+for i in range(trickle):
+    kinds.insert(i * (keep + trickle) // max(trickle, 1), "trickle")
+conns = [open_one(kind) for kind in kinds]
+print("ready", flush=True)
+while time.time() < stop_at:
+    if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.readline():
+        break
+    now = time.time()
+    for c in conns:
+        if c["reopen"] is not None:
+            if now >= c["reopen"]:
+                c.update(open_one(c["kind"]))
+            continue
+        s = c["sock"]
+        try:
+            data = s.recv(65536)
+            if data:
+                stats["answers"] += data.count(b"HTTP/1.1 ")
+            else:
+                raise ConnectionResetError()
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if getattr(e, "errno", None) in (errno.ENOTCONN, errno.EINPROGRESS):
+                continue
+            stats["closed_by_agent"] += 1
+            s.close()
+            c["reopen"] = now + 1.0
+            continue
+        if now < c["next"]:
+            continue
+        try:
+            if c["kind"] == "keep":
+                s.send(REQUEST)
+                c["next"] = now + 2.0
+            else:
+                s.send(REQUEST[c["sent"] % len(REQUEST):][:1])
+                c["sent"] += 1
+                c["next"] = now + 0.3
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            stats["closed_by_agent"] += 1
+            s.close()
+            c["reopen"] = now + 1.0
+    time.sleep(0.05)
+print(json.dumps(stats), flush=True)
+"#;
+
+/// Row b: one pod holds many keep-alive connections busy and trickles others, and another
+/// pod's botocore still gets every fetch answered. The node-wide pool is made small here
+/// (`--max-connections 200`) so that a bounded flood (300 + 40 connections, 40 s at most)
+/// could fill it; the per-pod limit is the default.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_pod_flooding_the_agent_does_not_starve_another() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let mut config = team_a();
+    config.agent_args = vec!["--max-connections".into(), "200".into()];
+    let world = World::start(config).await.expect("world starts");
+    assert!(
+        world.boto3_caller_arn("web").await.expect("runs").is_ok(),
+        "before the flood"
+    );
+
+    let mut flood = world
+        .pod_command("greedy", "python3")
+        .args(["-c", FLOOD, "300", "40", "40"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the flood starts");
+    let mut lines = BufReader::new(flood.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the flood opens its connections within 10 s")
+        .expect("reads");
+    assert_eq!(ready.as_deref(), Some("ready"));
+    // Every flood connection has sent its first request (0.2 s after opening) and the
+    // trickles have started.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The other pod: botocore as boto3 users run it (a 1 s timeout, one attempt), one new
+    // process after another, for as long as the flood's requests keep coming.
+    let mut fetches = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        let began = std::time::Instant::now();
+        let fetched = world.boto3_caller_arn("web").await.expect("runs");
+        fetches.push((began.elapsed(), fetched));
+    }
+    drop(flood.stdin.take());
+    let stats = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut last = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            last = Some(line);
+        }
+        last
+    })
+    .await
+    .expect("the flood ends")
+    .unwrap_or_default();
+    let _ = flood.wait().await;
+
+    let failed: Vec<String> = fetches
+        .iter()
+        .filter(|(_, fetched)| fetched.is_err())
+        .map(|(took, fetched)| {
+            let why = fetched
+                .as_ref()
+                .err()
+                .map_or("", |e| e.lines().last().unwrap_or(""));
+            format!("after {took:?}: {why}")
+        })
+        .collect();
+    assert!(
+        fetches.len() >= 3 && failed.is_empty(),
+        "{} of {} fetches of pod web failed during the flood ({stats}):\n{}\nagent log:\n{}",
+        failed.len(),
+        fetches.len(),
+        failed.join("\n"),
+        world.agent_log()
+    );
+    // The flood was answered too, within its fair share: the pod's connections beyond its
+    // limit gave way to one another, and its trickles were cut at the header deadline.
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("the flood's stats");
+    assert!(stats["answers"].as_u64() > Some(0), "{stats}");
+    let metrics = world.agent_metrics().await.expect("metrics");
+    let closed = |reason: &str| {
+        metric_value(
+            &metrics,
+            &format!("podiam_agent_connections_closed_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(
+        closed("pod-limit-evicted") + closed("pod-limit-refused") > 0,
+        "{metrics}"
+    );
+    assert!(closed("header-timeout") > 0, "{metrics}");
+    eprintln!(
+        "flood: {stats}; web: {} fetches, slowest {:?}",
+        fetches.len(),
+        fetches.iter().map(|(took, _)| *took).max()
+    );
 }
