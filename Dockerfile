@@ -59,8 +59,8 @@ RUN apt-get update \
         iptables conntrack \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/podiam-agent /usr/local/bin/podiam-agent
-# 8181: pods' metadata requests (DNATed from 169.254.169.254:80); 8182: /live, /ready,
+# 254: pods' metadata requests (DNATed from 169.254.169.254:80); 8182: /live, /ready,
 # /metrics. On the host network in a cluster.
-EXPOSE 8181 8182
+EXPOSE 254 8182
 ENTRYPOINT ["/usr/local/bin/podiam-agent"]
 CMD ["serve", "--help"]

@@ -142,21 +142,28 @@ async fn client(
                 match sender {
                     Ok(mut sender) => {
                         let result = get(&mut sender, &spec.path, None, &spec.expect).await;
-                        if result.is_ok() {
+                        // A server that said `Connection: close` (the agent does after its
+                        // per-connection request cap) gets a new connection next time, as
+                        // every HTTP client does.
+                        if result == Ok(Reuse::Yes) {
                             kept = Some(sender);
                         }
-                        result
+                        result.map(|_| ())
                     }
                     Err(e) => Err(e),
                 }
             }
             Mode::NewConnection => match connect(spec.target, source).await {
-                Ok(mut sender) => get(&mut sender, &spec.path, None, &spec.expect).await,
+                Ok(mut sender) => get(&mut sender, &spec.path, None, &spec.expect)
+                    .await
+                    .map(|_| ()),
                 Err(e) => Err(e),
             },
             Mode::Token => match connect(spec.target, source).await {
                 Ok(mut sender) => match token(&mut sender).await {
-                    Ok(token) => get(&mut sender, &spec.path, Some(&token), &spec.expect).await,
+                    Ok(token) => get(&mut sender, &spec.path, Some(&token), &spec.expect)
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
@@ -199,12 +206,20 @@ async fn connect(target: SocketAddr, source: IpAddr) -> Result<Sender, String> {
     Ok(sender)
 }
 
+/// Whether a connection may carry another request after an answer.
+#[derive(Debug, PartialEq, Eq)]
+enum Reuse {
+    Yes,
+    /// The answer said `Connection: close`.
+    No,
+}
+
 async fn get(
     sender: &mut Sender,
     path: &str,
     token: Option<&str>,
     expect: &Bytes,
-) -> Result<(), String> {
+) -> Result<Reuse, String> {
     let mut request = http::Request::get(path).header(http::header::HOST, "169.254.169.254");
     if let Some(token) = token {
         request = request.header("X-aws-ec2-metadata-token", token);
@@ -217,6 +232,10 @@ async fn get(
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
+    let closing = response
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let body = response
         .into_body()
         .collect()
@@ -229,7 +248,7 @@ async fn get(
             String::from_utf8_lossy(&body[..body.len().min(200)])
         ));
     }
-    Ok(())
+    Ok(if closing { Reuse::No } else { Reuse::Yes })
 }
 
 async fn token(sender: &mut Sender) -> Result<String, String> {
