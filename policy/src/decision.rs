@@ -613,6 +613,16 @@ mod tests {
         pods
     }
 
+    /// A synced view of `pods` and `namespaces` under [`BASE`].
+    fn synced_view<'a>(pods: &'a PodIndex, namespaces: &'a NamespaceIndex) -> View<'a> {
+        View {
+            pods,
+            namespaces,
+            synced: true,
+            base_arn: Some(BASE),
+        }
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
@@ -621,12 +631,7 @@ mod tests {
     fn node_binding_table() {
         let pods = cluster();
         let namespaces = namespaces();
-        let view = View {
-            pods: &pods,
-            namespaces: &namespaces,
-            synced: true,
-            base_arn: Some(BASE),
-        };
+        let view = synced_view(&pods, &namespaces);
         let a = Scope::Node("node-a");
         let b = Scope::Node("node-b");
         // (asking scope, address, Ok(pod uid) or the refusal's reason)
@@ -684,12 +689,7 @@ mod tests {
     fn a_terminating_pod_that_lost_its_address_has_no_role() {
         let pods = cluster();
         let namespaces = namespaces();
-        let view = View {
-            pods: &pods,
-            namespaces: &namespaces,
-            synced: true,
-            base_arn: Some(BASE),
-        };
+        let view = synced_view(&pods, &namespaces);
         let a = Scope::Node("node-a");
         let role = |address: &str| {
             view.decide(ip(address), a)
@@ -732,12 +732,7 @@ mod tests {
     fn a_pods_refusal_names_nothing_outside_its_namespace() {
         let pods = cluster();
         let namespaces = namespaces();
-        let view = View {
-            pods: &pods,
-            namespaces: &namespaces,
-            synced: true,
-            base_arn: Some(BASE),
-        };
+        let view = synced_view(&pods, &namespaces);
         // 10.0.9.9 is claimed by team-a/pod-x1 (node a) and team-b/pod-x2 (node b).
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
         for (uid, own, other) in [("x1", "team-a", "team-b"), ("x2", "team-b", "team-a")] {
@@ -917,12 +912,7 @@ mod tests {
     fn explain_table() {
         let pods = cluster();
         let namespaces = namespaces();
-        let view = View {
-            pods: &pods,
-            namespaces: &namespaces,
-            synced: true,
-            base_arn: Some(BASE),
-        };
+        let view = synced_view(&pods, &namespaces);
         let by_ip = |s: &str| ExplainTarget::Ip(ip(s));
         let by_name = |ns: &str, name: &str| ExplainTarget::Pod {
             namespace: ns.into(),
@@ -967,12 +957,7 @@ mod tests {
     fn pod_states_carry_role_or_reason() {
         let pods = cluster();
         let namespaces = namespaces();
-        let view = View {
-            pods: &pods,
-            namespaces: &namespaces,
-            synced: true,
-            base_arn: Some(BASE),
-        };
+        let view = synced_view(&pods, &namespaces);
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
         assert_eq!(state("a1").role_name, "app-reader");
         assert_eq!(state("a2").refusal_reason, "no-role");
