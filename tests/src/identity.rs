@@ -28,13 +28,28 @@ pub const AGENT_TOKEN_LIFE: Duration = Duration::from_secs(3600);
 /// An operator who may do anything (group `system:masters`).
 pub const ADMIN_TOKEN: &str = "podiam-test-admin-token";
 
-/// Puts a bearer token (or nothing) on every call.
-#[derive(Clone, Debug)]
+/// Puts a bearer token (or nothing) on every call. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = if self.0.is_some() {
+            "<redacted>"
+        } else {
+            "none"
+        };
+        f.debug_tuple("Bearer").field(&shown).finish()
+    }
+}
 
 impl Bearer {
     pub fn new(token: Option<&str>) -> Bearer {
-        Bearer(token.and_then(|t| format!("Bearer {t}").parse().ok()))
+        Bearer(token.and_then(|t| {
+            let mut value: MetadataValue<Ascii> = format!("Bearer {t}").parse().ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        }))
     }
 }
 

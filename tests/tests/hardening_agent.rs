@@ -134,8 +134,9 @@ async fn encoded_delimiters_never_reach_the_node_metadata_service() {
 /// each sending a whole request every 2 s (a pace that kept an idle limit from ever closing
 /// them), and `TRICKLE` connections sending a request head one byte every 300 ms. A
 /// connection the agent closes is opened again a second later. Runs until its stdin closes
-/// or for `SECONDS` at most; prints `ready` once every connection has been opened, and at
-/// the end a JSON line of what it saw.
+/// or for `SECONDS` at most; prints `ready` once every connection has been opened,
+/// `flooding` once every one has sent its first bytes, and at the end a JSON line of what it
+/// saw.
 const FLOOD: &str = r#"
 import errno, json, select, socket, sys, time
 keep, trickle, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -148,7 +149,7 @@ def open_one(kind):
     s.setblocking(False)
     s.connect_ex(("169.254.169.254", 80))
     stats["opened"] += 1
-    return {"sock": s, "kind": kind, "next": time.time() + 0.2, "sent": 0, "reopen": None}
+    return {"sock": s, "kind": kind, "next": time.time() + 0.2, "sent": 0, "reopen": None, "started": False}
 
 # Interleaved, so that trickles are among the first connections of every wave of reopening.
 kinds = ["keep"] * keep
@@ -156,6 +157,7 @@ for i in range(trickle):
     kinds.insert(i * (keep + trickle) // max(trickle, 1), "trickle")
 conns = [open_one(kind) for kind in kinds]
 print("ready", flush=True)
+flooding = False
 while time.time() < stop_at:
     if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.readline():
         break
@@ -184,6 +186,7 @@ while time.time() < stop_at:
         if now < c["next"]:
             continue
         try:
+            c["started"] = True
             if c["kind"] == "keep":
                 s.send(REQUEST)
                 c["next"] = now + 2.0
@@ -197,6 +200,9 @@ while time.time() < stop_at:
             stats["closed_by_agent"] += 1
             s.close()
             c["reopen"] = now + 1.0
+    if not flooding and all(c["started"] or c["reopen"] is not None for c in conns):
+        flooding = True
+        print("flooding", flush=True)
     time.sleep(0.05)
 print(json.dumps(stats), flush=True)
 "#;
@@ -230,9 +236,12 @@ async fn one_pod_flooding_the_agent_does_not_starve_another() {
         .expect("the flood opens its connections within 10 s")
         .expect("reads");
     assert_eq!(ready.as_deref(), Some("ready"));
-    // Every flood connection has sent its first request (0.2 s after opening) and the
-    // trickles have started.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every flood connection has sent its first request and the trickles have started.
+    let flooding = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("every flood connection sends within 10 s")
+        .expect("reads");
+    assert_eq!(flooding.as_deref(), Some("flooding"));
 
     // The other pod: botocore as boto3 users run it (a 1 s timeout, one attempt), one new
     // process after another, for as long as the flood's requests keep coming.
