@@ -40,6 +40,12 @@ async fn two_nodes(agent: bool) -> World {
     })
     .await
     .expect("world starts");
+    add_remote_pod(&world);
+    world
+}
+
+/// Pod `remote` on node-2, with a permitted role.
+fn add_remote_pod(world: &World) {
     let mut remote = pod(
         "team-a",
         "remote",
@@ -48,7 +54,6 @@ async fn two_nodes(agent: bool) -> World {
     );
     remote["spec"]["nodeName"] = REMOTE_NODE.into();
     world.emulator().create(remote).expect("remote pod");
-    world
 }
 
 /// Agent B's token (its pod on node-2, created on first use).
@@ -149,6 +154,20 @@ fn with_claims_of(signed: &str, claims: &str) -> String {
     let parts: Vec<&str> = signed.split('.').collect();
     let payload = claims.split('.').nth(1).expect("a JWT");
     format!("{}.{payload}.{}", parts[0], parts[2])
+}
+
+/// Waits until `client`'s credentials for node-2's pod are refused for `why`.
+async fn until_refused(client: &Client, why: Reason, what: &str) {
+    wait_until(WAIT, &format!("{what} to be refused {why}"), || {
+        let client = client.clone();
+        async move {
+            credentials(&client, &REMOTE_IP.to_string())
+                .await
+                .is_err_and(|s| reason(&s) == Some(why))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn reason(status: &tonic::Status) -> Option<Reason> {
@@ -358,17 +377,12 @@ async fn tokens_that_prove_no_agent_get_nothing() {
             &identity::agent_pod_name("node-3"),
         )
         .expect("deleted");
-    wait_until(WAIT, "the deleted agent's token to be refused", || {
-        let node_3 = node_3.clone();
-        let ip = remote_ip.clone();
-        async move {
-            credentials(&node_3, &ip)
-                .await
-                .is_err_and(|s| reason(&s) == Some(Reason::AgentUnauthenticated))
-        }
-    })
-    .await
-    .expect("refused once gone");
+    until_refused(
+        &node_3,
+        Reason::AgentUnauthenticated,
+        "the deleted agent's token",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -418,17 +432,7 @@ async fn token_review_down_keeps_known_agents_and_refuses_new_ones_until_it_is_b
     // Back: the newcomer is proven (it is node-5's agent, so node-2's pod is another
     // node's) without anything restarted.
     world.emulator().set_token_review_down(false);
-    wait_until(WAIT, "the newcomer to be proven", || {
-        let newcomer = newcomer.clone();
-        let ip = remote_ip.clone();
-        async move {
-            credentials(&newcomer, &ip)
-                .await
-                .is_err_and(|s| reason(&s) == Some(Reason::OtherNode))
-        }
-    })
-    .await
-    .expect("recovered");
+    until_refused(&newcomer, Reason::OtherNode, "the newcomer, proven").await;
 }
 
 fn explain_pod(namespace: &str, name: &str) -> ExplainRequest {
@@ -619,14 +623,7 @@ async fn warn_mode_answers_unproven_agents_and_counts_them() {
     })
     .await
     .expect("world starts");
-    let mut remote = pod(
-        "team-a",
-        "remote",
-        &REMOTE_IP.to_string(),
-        &[("iam.amazonaws.com/role", "app-reader")],
-    );
-    remote["spec"]["nodeName"] = REMOTE_NODE.into();
-    world.emulator().create(remote).expect("remote pod");
+    add_remote_pod(&world);
     assert!(
         world
             .server_log_text()
