@@ -189,7 +189,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             stop.clone(),
         ));
     }
-    let keep_alive = keep_alive_header(config.header_timeout);
+    let keep_alive = keep_alive_header(config.idle_timeout);
     let handler = move |peer: std::net::SocketAddr, request| {
         let service = Arc::clone(&service);
         let keep_alive = keep_alive.clone();
@@ -232,12 +232,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
 const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-alive");
 
 /// `Keep-Alive: timeout=N` for an idle keep-alive connection closed after `idle`
-/// (`--header-timeout`: the accept loop's header-read timeout also runs while a connection
-/// waits for its next request). Clients that honour it stop reusing a connection before the
-/// agent closes it, instead of racing the close: Node's HTTP agent (under the JavaScript SDK)
-/// retires an idle socket one second before the announced timeout, and otherwise after its
-/// own 5 s — the agent's default, so both closed at once and a request sent at 5.0 s met a
-/// closing connection. `None` under a second (nothing to announce).
+/// (`--idle-timeout`). Clients that honour it stop reusing a connection before the agent
+/// closes it, instead of racing the close: Node's HTTP agent retires an idle socket one second
+/// before the announced timeout when that is sooner than its own 5 s. (The idle limit itself
+/// is longer than the SDKs' pools keep connections, see `podiam_proto::serve::IDLE_TIMEOUT`;
+/// it was once the 5 s header timeout, Node's own, and a request sent at 5.0 s met a closing
+/// connection.) `None` under a second (nothing to announce).
 fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
     let seconds = idle.as_secs();
     if seconds == 0 {
