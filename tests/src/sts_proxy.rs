@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
 /// One request the proxy saw.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct StsCall {
     /// The access key ID in the request's SigV4 `Authorization` header.
     pub signed_by: String,
@@ -23,6 +23,22 @@ pub struct StsCall {
     pub status: u16,
     /// The `AccessKeyId` in the answer, if any.
     pub issued_key: Option<String>,
+    /// The `SecretAccessKey` and `SessionToken` in the answer, if any: what a test looks for
+    /// where no secret may be (logs).
+    pub issued_secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for StsCall {
+    /// Counts the issued secrets and shows none of them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StsCall")
+            .field("signed_by", &self.signed_by)
+            .field("params", &self.params)
+            .field("status", &self.status)
+            .field("issued_key", &self.issued_key)
+            .field("issued_secrets", &self.issued_secrets.len())
+            .finish()
+    }
 }
 
 impl StsCall {
@@ -180,6 +196,13 @@ async fn forward(
         .unwrap_or_default();
     call.status = status;
     call.issued_key = between(&body, "<AccessKeyId>", "</AccessKeyId>");
+    call.issued_secrets = [
+        ("<SecretAccessKey>", "</SecretAccessKey>"),
+        ("<SessionToken>", "</SessionToken>"),
+    ]
+    .into_iter()
+    .filter_map(|(open, close)| between(&body, open, close))
+    .collect();
     (call, respond(status, body))
 }
 

@@ -84,6 +84,10 @@ pub struct WorldConfig {
     /// The iptables program the agent and the checks use (default `iptables`, the nft back
     /// end on Debian; `iptables-legacy` for the other).
     pub iptables_bin: Option<String>,
+    /// The log filter of the agent and of every server replica (`trace`, or any `RUST_LOG`
+    /// directive), given to them as `RUST_LOG` so that it also wins over the test runner's
+    /// own; otherwise the harness's levels (info, podiam's crates at debug).
+    pub log_level: Option<String>,
 }
 
 impl WorldConfig {
@@ -262,6 +266,7 @@ pub struct World {
     server_args: Vec<String>,
     agent_args: Vec<String>,
     iptables_bin: String,
+    log_level: Option<String>,
 }
 
 impl World {
@@ -319,11 +324,12 @@ impl World {
             .map_or_else(|| moto.endpoint(), StsProxy::endpoint);
         let mut servers = Vec::new();
         for _ in 0..config.servers.max(1) {
-            let (process, addr, health) = start_server_within(
+            let (process, addr, health) = start_server_at_level(
                 &certs,
                 &kubeconfig,
                 &sts_endpoint,
                 &config.server_args,
+                config.log_level.as_deref(),
                 START_TIMEOUT,
             )
             .await?;
@@ -356,6 +362,7 @@ impl World {
                 .iptables_bin
                 .clone()
                 .unwrap_or_else(|| "iptables".into()),
+            log_level: config.log_level.clone(),
         };
         if config.fake_node_metadata {
             world.node.serve_fake_node_metadata().await?;
@@ -421,6 +428,9 @@ impl World {
             .args(["--iptables-bin", &self.iptables_bin])
             .args(&self.agent_args)
             .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
+        if let Some(level) = &self.log_level {
+            command.env("RUST_LOG", level);
+        }
         Ok(ChildGuard::spawn("podiam-agent", command)?)
     }
 
@@ -807,11 +817,12 @@ print(remaining)
         if self.replica(i).process.is_some() {
             bail!("server replica {i} is running");
         }
-        let process = spawn_server(
+        let process = spawn_server_at_level(
             &self.certs,
             &self.kubeconfig,
             &self.sts_endpoint,
             &self.server_args,
+            self.log_level.as_deref(),
             addr,
             health,
         )?;
@@ -1068,12 +1079,33 @@ pub async fn start_server_within(
     extra_args: &[String],
     within: Duration,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    start_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None, within).await
+}
+
+/// [`start_server_within`] with `log_level` as the server's `RUST_LOG` (see
+/// [`WorldConfig::log_level`]).
+async fn start_server_at_level(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    log_level: Option<&str>,
+    within: Duration,
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
     let mut last_error = None;
     // The free port may be taken before the server binds it: try a few.
     for _ in 0..4 {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-        let mut server = spawn_server(certs, kubeconfig, sts_endpoint, extra_args, addr, health)?;
+        let mut server = spawn_server_at_level(
+            certs,
+            kubeconfig,
+            sts_endpoint,
+            extra_args,
+            log_level,
+            addr,
+            health,
+        )?;
         let material = agent_material(certs)?;
         let synced = wait_until(within, "podiam-server to sync", || {
             let material = material.clone();
@@ -1119,6 +1151,28 @@ pub fn spawn_server(
     addr: SocketAddr,
     health: SocketAddr,
 ) -> anyhow::Result<ChildGuard> {
+    spawn_server_at_level(
+        certs,
+        kubeconfig,
+        sts_endpoint,
+        extra_args,
+        None,
+        addr,
+        health,
+    )
+}
+
+/// [`spawn_server`] with `log_level` as the server's `RUST_LOG` (see
+/// [`WorldConfig::log_level`]).
+fn spawn_server_at_level(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    log_level: Option<&str>,
+    addr: SocketAddr,
+    health: SocketAddr,
+) -> anyhow::Result<ChildGuard> {
     let mut command = tokio::process::Command::new(binary("podiam-server")?);
     command
         .args(["--listen", &addr.to_string()])
@@ -1137,6 +1191,9 @@ pub fn spawn_server(
             "PODIAM_LOG_LEVEL",
             "info,podiam_server=debug,podiam_proto=debug",
         );
+    if let Some(level) = log_level {
+        command.env("RUST_LOG", level);
+    }
     Ok(ChildGuard::spawn("podiam-server", command)?)
 }
 
