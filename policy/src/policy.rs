@@ -407,6 +407,7 @@ mod tests {
     fn names_and_paths_at_iams_limits_resolve() {
         let name = "n".repeat(64);
         let role = resolve_role(&name, Some(BASE)).expect("64 characters");
+        assert!(podiam_proto::valid_role_name(&role.name));
         assert_eq!(role.name, name);
         // "/" + 255 + "/" + 254 + "/" is 512.
         let path_name = format!("{}/{}/app", "p".repeat(255), "q".repeat(254));
@@ -556,6 +557,8 @@ mod tests {
                     assert_eq!(role.arn, *arn, "{annotation}");
                     assert_eq!(role.under_base.as_deref(), *under, "{annotation}");
                     assert_eq!(role.name, *name, "{annotation}");
+                    // What the agent and the server accept as a role name on the wire.
+                    assert!(podiam_proto::valid_role_name(&role.name), "{annotation}");
                 }
                 (Err(_), Err(())) => {}
                 (got, want) => panic!("{annotation:?}: got {got:?}, want {want:?}"),

@@ -42,6 +42,24 @@ impl fmt::Debug for v1::Credentials {
     }
 }
 
+/// IAM's longest role name.
+pub const MAX_ROLE_NAME: usize = 64;
+
+/// Whether `name` can be a role's name — the last segment of its ARN, what EC2 lists under
+/// `iam/security-credentials/` and what `GetCredentialsRequest.role_name` carries: 1 to
+/// [`MAX_ROLE_NAME`] of IAM's name characters `A-Z a-z 0-9 + = , . @ _ -`, and not `.` or
+/// `..` (`podiam_policy` refuses those in any segment of a role). A pod asking for anything
+/// else is asking for no role at all, and neither side passes it on or logs it.
+pub fn valid_role_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ROLE_NAME
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+}
+
 /// The metadata key of a refusal's [`Reason`] in a gRPC status.
 pub const REASON_METADATA_KEY: &str = "podiam-reason";
 
@@ -168,6 +186,27 @@ mod tests {
             let status = reason.status("why");
             assert_eq!(Reason::of(&status), Some(reason));
             assert_eq!(status.code(), reason.code());
+        }
+    }
+
+    #[test]
+    fn role_names_follow_iam() {
+        for good in ["app-reader", "a", "A.b@c,d=e+f_g-h", &"r".repeat(64), "..a"] {
+            assert!(valid_role_name(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            &"r".repeat(65),
+            "team/app",
+            "app reader",
+            "app\r\nreader",
+            "app\u{1b}",
+            "app:reader",
+            "appé",
+        ] {
+            assert!(!valid_role_name(bad), "{bad:?}");
         }
     }
 

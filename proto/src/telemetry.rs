@@ -1,4 +1,14 @@
-//! Logging set-up both binaries share: a level filter and a text or JSON format.
+//! Logging set-up both binaries share: a level filter and a text or JSON format, and
+//! [`Escaped`] for text that callers chose.
+//!
+//! In the text format a field written with `%` (Display) goes out as it is, so a caller's
+//! string with a CR or LF in it would end the line and forge the next one. Fields written
+//! with `?` (Debug) and `&str` fields are quoted and escaped by the formatter, and the JSON
+//! format escapes everything. What a caller sent, or a message that may quote it (a refusal
+//! naming the role a pod asked for, a status message from the other side), is logged either
+//! after its shape was checked or as `%Escaped(..)`.
+
+use std::fmt::{self, Write as _};
 
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +36,45 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// A `Display` value written with every character that could break or disguise a log line
+/// escaped as Rust writes it (`\n`, `\r`, `\u{1b}`): control characters (C0, DEL, C1), the
+/// Unicode line and paragraph separators, and the bidirectional formatting characters. The
+/// rest — quotes, backslashes, other Unicode — is written as it is, so a message reads as
+/// before: one event is always one line.
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<T>(pub T);
+
+/// Whether `c` is written escaped by [`Escaped`].
+fn breaks_lines(c: char) -> bool {
+    // Line and paragraph separators; bidirectional marks, embeddings, overrides, isolates.
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Escapes on the way through, so nothing is formatted twice or kept.
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, text: &str) -> fmt::Result {
+                for part in text.split_inclusive(breaks_lines) {
+                    let mut chars = part.chars();
+                    match chars.next_back() {
+                        Some(last) if breaks_lines(last) => {
+                            self.0.write_str(chars.as_str())?;
+                            write!(self.0, "{}", last.escape_default())?;
+                        }
+                        _ => self.0.write_str(part)?,
+                    }
+                }
+                Ok(())
+            }
+        }
+        write!(Escaping(f), "{}", self.0)
+    }
 }
 
 /// Parses a duration flag: `90s`, `30m`, `1h`, `1h30m`, or plain seconds (`3600`).
@@ -58,8 +107,68 @@ pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{Escaped, parse_duration};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
+
+    #[test]
+    fn escaped_text_cannot_break_or_disguise_a_line() {
+        let cases = [
+            ("app-reader", "app-reader"),
+            ("a\r\nb", "a\\r\\nb"),
+            ("\n", "\\n"),
+            ("x\u{1b}[31my", "x\\u{1b}[31my"),
+            ("x\u{85}y\u{2028}z", "x\\u{85}y\\u{2028}z"),
+            ("evil\u{202e}txt", "evil\\u{202e}txt"),
+            ("a\tb\0", "a\\tb\\u{0}"),
+            // Printable text is left as it is.
+            ("role \"app\" \\ é ✓", "role \"app\" \\ é ✓"),
+        ];
+        for (text, written) in cases {
+            assert_eq!(Escaped(text).to_string(), written, "{text:?}");
+        }
+    }
+
+    /// What the text format writes for the events `log` makes.
+    fn logged(log: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[test]
+    fn an_escaped_field_with_cr_lf_stays_on_its_line() {
+        let forged = "x\r\n2026-01-01T00:00:00Z  INFO podiam_server: credentials issued";
+        // Written as it is (`%`), the field ends the line and forges a second one.
+        let raw = logged(|| tracing::info!(why = %forged, "refused"));
+        assert_eq!(raw.lines().count(), 2, "{raw}");
+        let escaped = logged(|| tracing::info!(why = %Escaped(forged), "refused"));
+        assert_eq!(escaped.lines().count(), 1, "{escaped}");
+        assert!(
+            escaped.contains(r"why=x\r\n2026-01-01T00:00:00Z  INFO"),
+            "{escaped}"
+        );
+    }
 
     #[test]
     fn durations_parse() {
