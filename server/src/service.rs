@@ -7,6 +7,12 @@
 //! (with its [`Reason`] for the agent). Refusals are the pods' business, logged at debug;
 //! node-binding refusals are logged as warnings with the caller's proven node, agent pod
 //! and peer address; credentials issued get one audit line each, never the secret.
+//!
+//! What callers send is checked for its shape before it is used or logged: addresses parse,
+//! role names are IAM's, namespaces and pod names are Kubernetes names, node names too; a
+//! request that fails is refused `invalid-argument` without quoting it. Refusal messages,
+//! which may quote what STS or the API said about a caller's input, are logged
+//! [`Escaped`]: no caller can end a log line and forge the next.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -19,13 +25,14 @@ use podiam_policy::decision::{
 };
 use podiam_policy::index::PodRecord;
 use podiam_policy::policy::Role;
-use podiam_proto::Reason;
+use podiam_proto::telemetry::Escaped;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
     GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
     NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request, node_event,
     podiam_server::Podiam,
 };
+use podiam_proto::{Reason, valid_role_name};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -288,6 +295,15 @@ const AGENT_POD_WAIT: std::time::Duration = std::time::Duration::from_millis(800
 /// Longest agent version kept for the status view; longer ones are cut.
 const MAX_AGENT_VERSION: usize = 64;
 
+/// An agent's version as the status view keeps it: printable characters only (operators'
+/// terminals show it), at most [`MAX_AGENT_VERSION`] of them.
+fn agent_version(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_AGENT_VERSION)
+        .collect()
+}
+
 /// What credential upkeep learns from one pass over every live pod.
 #[derive(Debug, Default)]
 pub struct Survey {
@@ -299,17 +315,51 @@ pub struct Survey {
 
 /// Whether `name` is a valid Kubernetes node name (a DNS-1123 subdomain).
 pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    dns_subdomain(name)
+}
+
+/// A DNS-1123 subdomain: what Kubernetes requires of node and pod names.
+fn dns_subdomain(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(dns_label)
+}
+
+/// A DNS-1123 label: what Kubernetes requires of namespace names.
+fn dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// What an Explain asks about, its names checked: a namespace is a DNS-1123 label and a pod
+/// name a DNS-1123 subdomain, as Kubernetes has them. Otherwise why the request is malformed,
+/// without quoting it (an address is quoted escaped).
+fn explain_target(request: ExplainRequest) -> Result<ExplainTarget, String> {
+    match request.target {
+        Some(explain_request::Target::Ip(ip)) => parse_ip(&ip)
+            .map(ExplainTarget::Ip)
+            .map_err(|refusal| refusal.to_string()),
+        Some(explain_request::Target::Pod(pod)) => {
+            if !dns_label(&pod.namespace) {
+                return Err(
+                    "the namespace is not a Kubernetes namespace name (a DNS-1123 label)".into(),
+                );
+            }
+            if !dns_subdomain(&pod.name) {
+                return Err(
+                    "the pod name is not a Kubernetes pod name (a DNS-1123 subdomain)".into(),
+                );
+            }
+            Ok(ExplainTarget::Pod {
+                namespace: pod.namespace,
+                name: pod.name,
+            })
+        }
+        None => Err("explain needs an ip or a pod".into()),
+    }
 }
 
 impl PodiamService {
@@ -374,7 +424,7 @@ impl PodiamService {
                 tracing::warn!(
                     call,
                     peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    why = %failure,
+                    why = %Escaped(&failure),
                     answered = warn_only,
                     "agent call not proven by node binding"
                 );
@@ -458,6 +508,11 @@ impl PodiamService {
         request: GetCredentialsRequest,
     ) -> Result<GetCredentialsResponse, Failure> {
         let ip = parse_ip(&request.ip)?;
+        if !valid_role_name(&request.role_name) {
+            return Err(Failure::BadRequest(
+                "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
+            ));
+        }
         let Decision { pod, role } = self.decide(ip, caller, peer, "GetCredentials")?;
         if request.role_name != role.name {
             return Err(Refusal::WrongRole {
@@ -543,14 +598,7 @@ impl PodiamService {
         request: ExplainRequest,
     ) -> Result<ExplainResponse, Failure> {
         let user = self.operator(metadata).await.map_err(Failure::Operator)?;
-        let target = match request.target {
-            Some(explain_request::Target::Ip(ip)) => ExplainTarget::Ip(parse_ip(&ip)?),
-            Some(explain_request::Target::Pod(pod)) => ExplainTarget::Pod {
-                namespace: pod.namespace,
-                name: pod.name,
-            },
-            None => return Err(Failure::BadRequest("explain needs an ip or a pod".into())),
-        };
+        let target = explain_target(request).map_err(Failure::BadRequest)?;
         let access = match &target {
             ExplainTarget::Pod { namespace, name } => Access {
                 verb: "get",
@@ -789,9 +837,11 @@ fn notice(pod: &PodRecord, failure: &Failure) -> Notice {
 }
 
 fn refuse(failure: Failure) -> Status {
+    // A refusal may quote what STS or the API said about a caller's input.
+    let logged = Escaped(&failure);
     match &failure {
-        Failure::Sts(StsError::Unavailable(_)) => tracing::warn!(%failure, "refused"),
-        _ => tracing::debug!(%failure, "refused"),
+        Failure::Sts(StsError::Unavailable(_)) => tracing::warn!(failure = %logged, "refused"),
+        _ => tracing::debug!(failure = %logged, "refused"),
     }
     failure.status()
 }
@@ -845,13 +895,7 @@ impl Podiam for PodiamService {
                 "node_name is not a Kubernetes node name",
             ));
         }
-        let mut agent_version = request.agent_version;
-        agent_version.truncate(
-            agent_version
-                .char_indices()
-                .nth(MAX_AGENT_VERSION)
-                .map_or(agent_version.len(), |(i, _)| i),
-        );
+        let agent_version = agent_version(&request.agent_version);
         let (node, agent) = match caller {
             Caller::Agent(agent) if agent.node == request.node_name => {
                 (agent.node.clone(), Some(agent))
@@ -992,6 +1036,118 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podiam_proto::v1::PodRef;
+
+    /// What the text log format writes for the events `log` makes, at every level.
+    fn logged(log: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    const FORGED: &str = "\r\n2026-01-01T00:00:00.000000Z  INFO podiam::audit: credentials issued";
+
+    #[test]
+    fn a_refusal_quoting_a_caller_is_one_log_line() {
+        let refusals = [
+            Failure::Refused(Refusal::WrongRole {
+                pod: "team-a/web".into(),
+                asked: format!("app-reader{FORGED}"),
+                actual: "app-reader".into(),
+            }),
+            Failure::Refused(Refusal::NotLive(format!("team-a/web{FORGED}"))),
+            Failure::Sts(StsError::Unavailable(format!("throttled{FORGED}"))),
+            Failure::Operator(OperatorFailure::Forbidden {
+                user: "someone".into(),
+                access: Access {
+                    verb: "get",
+                    resource: "pods",
+                    namespace: Some(format!("team-a{FORGED}")),
+                    name: Some("web".into()),
+                },
+                why: String::new(),
+            }),
+        ];
+        for failure in refusals {
+            let text = failure.to_string();
+            let lines = logged(|| {
+                refuse(failure);
+            });
+            assert_eq!(lines.lines().count(), 1, "{text:?}:\n{lines}");
+            assert!(lines.contains(r"\r\n2026-01-01"), "{lines}");
+        }
+    }
+
+    #[test]
+    fn explain_names_must_be_kubernetes_names() {
+        let pod = |namespace: &str, name: &str| ExplainRequest {
+            target: Some(explain_request::Target::Pod(PodRef {
+                namespace: namespace.into(),
+                name: name.into(),
+                uid: String::new(),
+            })),
+        };
+        assert_eq!(
+            explain_target(pod("team-a", "web-0.api")).ok(),
+            Some(ExplainTarget::Pod {
+                namespace: "team-a".into(),
+                name: "web-0.api".into()
+            })
+        );
+        let forged = format!("team-a{FORGED}");
+        for request in [
+            pod(&forged, "web"),
+            pod("team-a", &forged),
+            pod("Team-A", "web"),
+            pod("team.a", "web"),
+            pod("", "web"),
+            pod("team-a", ""),
+            pod(&"a".repeat(64), "web"),
+            pod("team-a", &format!("{}.b", "a".repeat(253))),
+            ExplainRequest {
+                target: Some(explain_request::Target::Ip(format!("10.0.0.1{FORGED}"))),
+            },
+            ExplainRequest { target: None },
+        ] {
+            let status = match explain_target(request.clone()) {
+                Ok(target) => panic!("{request:?} gave {target:?}"),
+                Err(why) => Failure::BadRequest(why).status(),
+            };
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{request:?}");
+            assert!(!status.message().contains(['\r', '\n']), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn agent_versions_are_printable_and_short() {
+        assert_eq!(agent_version("0.1.0"), "0.1.0");
+        assert_eq!(agent_version("0.1.0\r\n\u{1b}[2Jx"), "0.1.0[2Jx");
+        assert_eq!(
+            agent_version(&"é".repeat(100)).chars().count(),
+            MAX_AGENT_VERSION
+        );
+    }
 
     #[test]
     fn node_streams_are_capped_per_agent_and_in_all() {
