@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
+use podiam_proto::telemetry::Escaped;
 
 use crate::cache::{CredentialCache, Entry, Source};
 use crate::imds;
@@ -210,14 +211,15 @@ impl MetadataService {
                     _ => None,
                 };
                 if let Some((kind, error)) = kind {
-                    tracing::warn!(%peer, %error, "server call failed");
+                    // A server's message may quote what the pod asked.
+                    tracing::warn!(%peer, error = %Escaped(error), "server call failed");
                     self.metrics
                         .server_errors
                         .get_or_create(&ServerErrorLabels { kind })
                         .inc();
                 }
                 if let Refused::NodeMetadata(error) = &refused {
-                    tracing::warn!(%peer, %error, "node metadata call failed");
+                    tracing::warn!(%peer, error = %Escaped(error), "node metadata call failed");
                 }
                 refused.response()
             }

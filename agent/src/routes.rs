@@ -8,7 +8,9 @@
 //! node's metadata service unless it is on the hard-block list, which nothing can open:
 //! user-data, anything under `meta-data/iam/` (the node's own credentials),
 //! `identity-credentials/`, and the signed identity documents (compared without regard to
-//! letter case). Everything else is denied.
+//! letter case). Everything else is denied — also credentials for a name no IAM role can
+//! have ([`podiam_proto::valid_role_name`]; `app%0D%0Areader` is no role), which is never
+//! compared, passed to a server or logged.
 //!
 //! The allow-list and the hard-block list judge exactly the bytes the node's service will
 //! receive. A decoded segment could otherwise carry a delimiter that changes the path once it
@@ -28,7 +30,8 @@ pub enum Route {
     Token,
     /// `GET …/meta-data/iam/security-credentials[/]`: the pod's role name.
     ListRoles,
-    /// `GET …/meta-data/iam/security-credentials/<role>`: that role's credentials.
+    /// `GET …/meta-data/iam/security-credentials/<role>`: that role's credentials; `role` is
+    /// a name IAM allows.
     Credentials(String),
     /// `GET …/meta-data/iam/info`: the instance-profile view of the pod's role.
     Info,
@@ -128,6 +131,9 @@ pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Ro
         ["api", "token"] => (Route::Token, true),
         ["meta-data", "iam", "security-credentials"] => (Route::ListRoles, false),
         ["meta-data", "iam", "security-credentials", role] => {
+            if !podiam_proto::valid_role_name(role) {
+                return Route::Denied;
+            }
             (Route::Credentials((*role).to_string()), false)
         }
         ["meta-data", "iam", "info"] => (Route::Info, false),
@@ -244,11 +250,47 @@ mod tests {
                 "/latest/meta-data/iam/security-credentials/a/b",
                 Route::Denied,
             ),
-            // Decoded once only: %252e stays a literal "%2e" segment, not "..".
+            // Decoded once only: %252e stays a literal "%2e" segment, not a ".." that would
+            // pop "app" and list the roles.
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/app/%252e%252e",
+                Route::Denied,
+            ),
+            // Only names IAM allows are roles: anything else is never compared, passed on
+            // or logged (a CR LF could forge a log line).
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/app.v2@team",
+                creds("app.v2@team"),
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/app%0D%0Areader",
+                Route::Denied,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/app%1B%5B2J",
+                Route::Denied,
+            ),
             (
                 Method::GET,
                 "/latest/meta-data/iam/security-credentials/%252e%252e",
-                creds("%2e%2e"),
+                Route::Denied,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials/app%20reader",
+                Route::Denied,
+            ),
+            (
+                Method::GET,
+                &format!(
+                    "/latest/meta-data/iam/security-credentials/{}",
+                    "r".repeat(65)
+                ),
+                Route::Denied,
             ),
         ];
         for (method, path, want) in cases {

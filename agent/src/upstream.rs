@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use podiam_proto::Reason;
+use podiam_proto::telemetry::Escaped;
 use podiam_proto::v1::{
     GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
     NodeEvent, PodState, WatchNodeRequest, node_event,
@@ -203,7 +204,7 @@ impl Upstream {
                     self.set_stream_replica(None);
                     if let StreamEnded::Synced(why) = &ended {
                         retry = Duration::ZERO;
-                        tracing::warn!(replica = %replica.addr, %why, "node stream broke; answering from the servers until it is back");
+                        tracing::warn!(replica = %replica.addr, why = %Escaped(why), "node stream broke; answering from the servers until it is back");
                     }
                     ended
                 }
@@ -215,7 +216,7 @@ impl Upstream {
                     // The agent's own fault, not the replica's: every replica would say the
                     // same. Not ready until a stream opens; said once per spell.
                     if !self.refused_identity.swap(true, Ordering::AcqRel) {
-                        tracing::error!(replica = %replica.addr, %why, "the server refuses this agent's identity (its projected token, or its node name); not ready");
+                        tracing::error!(replica = %replica.addr, why = %Escaped(why), "the server refuses this agent's identity (its projected token, or its node name); not ready");
                     }
                 }
                 StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
@@ -233,7 +234,7 @@ impl Upstream {
                         replica.mark_suspect();
                     }
                     if let StreamEnded::NotOpened(why) = &ended {
-                        tracing::debug!(replica = %replica.addr, %why, "cannot open the node stream there");
+                        tracing::debug!(replica = %replica.addr, why = %Escaped(why), "cannot open the node stream there");
                     }
                 }
             }
