@@ -1,3 +1,5 @@
+//! What reaches the daemons' logs: never a secret, and never a line a caller forged.
+//!
 //! No secret in any log line: both daemons run at `RUST_LOG=trace` — every crate, so that
 //! tonic, h2, rustls, kube and the AWS SDK log what they log about headers and bodies —
 //! through an issue, an operator's explain, a refresh, failures and a revocation; then every
@@ -11,14 +13,23 @@
 //! written and percent-encoded.
 //!
 //! The logs are checked to be really at trace (h2's TRACE lines in each), so the test cannot
-//! pass because logging was off. Needs root (the World's network namespaces).
+//! pass because logging was off.
+//!
+//! No forged line: a CR LF in every string a caller sends (a role name from a pod and from
+//! an agent, an explained namespace and pod name, an agent's version) is refused or
+//! escaped, so no log line starts where the caller wanted one to.
+//!
+//! Needs root (the World's network namespaces).
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use podiam_proto::v1::{ExplainRequest, PodRef, explain_request};
+use podiam_proto::v1::{
+    ExplainRequest, GetCredentialsRequest, PodRef, StatusRequest, WatchNodeRequest, explain_request,
+};
+use podiam_tests::identity::ADMIN_TOKEN;
 use podiam_tests::process::{wait_for, wait_until};
-use podiam_tests::world::{BASE_ROLE_ARN, World, WorldConfig, metric_value};
+use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, metric_value};
 
 /// Deadline for each step: a refresh is due 5 s after an issue and upkeep runs every 10 s.
 const WAIT: Duration = Duration::from_secs(60);
@@ -229,7 +240,7 @@ async fn no_secret_reaches_any_log_line_at_trace() {
         .expect("explain")
         .into_inner();
     assert!(explained.allowed, "{explained:?}");
-    secrets.add("the operator's token", podiam_tests::identity::ADMIN_TOKEN);
+    secrets.add("the operator's token", ADMIN_TOKEN);
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("clock")
@@ -428,5 +439,142 @@ async fn no_secret_reaches_any_log_line_at_trace() {
         "{} secrets, none in {lines} log lines ({} bytes)",
         forms.len() / 2,
         logs.iter().map(|(_, log)| log.len()).sum::<usize>()
+    );
+}
+
+/// The start of the line a caller tries to forge with a CR LF.
+const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO podiam::audit: forged";
+
+/// `text` with a CR LF and a forged line after it.
+fn injected(text: &str) -> String {
+    format!("{text}\r\n{FORGED}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_caller_string_forges_a_log_line() {
+    let world = World::start(WorldConfig {
+        start_agent: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader"))
+    })
+    .await
+    .expect("world starts");
+    let invalid = |status: tonic::Status| {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(!status.message().contains(FORGED), "{status:?}");
+    };
+
+    // An agent's call naming a role with a CR LF in it (a pod's request passed on).
+    let agent = world.server_client().await.expect("agent client");
+    let refused = agent
+        .clone()
+        .get_credentials(GetCredentialsRequest {
+            ip: world.pod("web").ip().to_string(),
+            role_name: injected("app-reader"),
+            node_name: NODE_NAME.into(),
+        })
+        .await
+        .expect_err("not a role name");
+    invalid(refused);
+
+    // Explain of such a namespace, by an operator the API lets explain nothing (the refusal
+    // would name the namespace), and of such a pod, by one allowed everything.
+    let nobody = "token-of-an-operator-with-no-rights";
+    world.emulator().add_user_token(nobody, "nobody", &[]);
+    for (token, namespace, name) in [
+        (nobody, injected("team-a"), "web".to_string()),
+        (ADMIN_TOKEN, "team-a".to_string(), injected("web")),
+    ] {
+        let refused = world
+            .operator_client(Some(token))
+            .await
+            .expect("operator client")
+            .explain(ExplainRequest {
+                target: Some(explain_request::Target::Pod(PodRef {
+                    namespace,
+                    name,
+                    uid: String::new(),
+                })),
+            })
+            .await
+            .expect_err("not Kubernetes names");
+        invalid(refused);
+    }
+
+    // A node stream whose agent says its version has a CR LF and a terminal escape in it:
+    // operators see the version printable.
+    let _stream = agent
+        .clone()
+        .watch_node(WatchNodeRequest {
+            node_name: NODE_NAME.into(),
+            agent_version: injected("0.1.0\u{1b}[2J"),
+        })
+        .await
+        .expect("node stream");
+    let status = world
+        .admin_client()
+        .await
+        .expect("admin client")
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let versions: Vec<&str> = status
+        .agents
+        .iter()
+        .map(|a| a.agent_version.as_str())
+        .collect();
+    assert!(
+        versions.iter().any(|v| v.contains("forged")),
+        "{versions:?}"
+    );
+    assert!(
+        versions
+            .iter()
+            .all(|v| !v.contains(|c: char| c.is_control())),
+        "{versions:?}"
+    );
+
+    // A pod asking for such a role.
+    let reply = world
+        .metadata_request(
+            "web",
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app-reader%0D%0A2026-01-01T00:00:00Z%20INFO",
+            &[],
+        )
+        .await
+        .expect("request");
+    assert_eq!(reply.status, 404, "{}", reply.body);
+
+    // The pod's own role still works, and every line of every log starts where a line does.
+    let reply = world
+        .metadata_request(
+            "web",
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app-reader",
+            &[],
+        )
+        .await
+        .expect("request");
+    assert_eq!(reply.status, 200);
+    let mut logs = vec![("the agent".to_string(), world.agent_log_text())];
+    for i in 0..world.replicas().len() {
+        logs.push((format!("server replica {i}"), world.server_log_text_of(i)));
+    }
+    for (whose, log) in &logs {
+        let forged: Vec<&str> = log
+            .lines()
+            .filter(|line| line.starts_with(FORGED) || line.starts_with("2026-01-01T00:00:00Z"))
+            .collect();
+        assert!(
+            forged.is_empty(),
+            "{whose}'s log has forged lines: {forged:?}"
+        );
+    }
+    assert!(
+        logs[1].1.contains("role_name is not an IAM role name"),
+        "the server logged the refusal (at debug)"
     );
 }
