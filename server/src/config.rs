@@ -241,9 +241,39 @@ impl Config {
     }
 }
 
+/// The AWS SDK's switch that logs the bodies of answers marked sensitive — STS's
+/// AssumeRole answers, the credentials the server hands out — at trace level.
+pub const SDK_SENSITIVE_BODIES: &str = "LOG_SENSITIVE_BODIES";
+
+/// What in the environment (`var` looks a variable up) would break the server's promises:
+/// [`SDK_SENSITIVE_BODIES`] set to `true` would put every secret key and session token STS
+/// issues in the log, once the log level reaches trace.
+pub fn environment_problems(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    match var(SDK_SENSITIVE_BODIES) {
+        Some(value) if value.trim().eq_ignore_ascii_case("true") => vec![format!(
+            "{SDK_SENSITIVE_BODIES}=true makes the AWS SDK log the credentials STS issues; unset it"
+        )],
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sdk_may_not_log_sensitive_bodies() {
+        let with = |value: Option<&str>| {
+            environment_problems(|name| {
+                assert_eq!(name, SDK_SENSITIVE_BODIES);
+                value.map(str::to_string)
+            })
+        };
+        assert_eq!(with(None).len(), 0);
+        assert_eq!(with(Some("false")).len(), 0);
+        assert_eq!(with(Some("true")).len(), 1);
+        assert_eq!(with(Some("TRUE")).len(), 1);
+    }
 
     fn parse(extra: &[&str]) -> Config {
         let mut args = vec![

@@ -9,7 +9,10 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut config = Config::parse();
-    let problems = config.problems();
+    let mut problems = config.problems();
+    problems.extend(podiam_server::config::environment_problems(|name| {
+        std::env::var(name).ok()
+    }));
     if !problems.is_empty() {
         for problem in problems {
             eprintln!("podiam-server: {problem}");
