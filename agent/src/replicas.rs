@@ -256,6 +256,18 @@ impl ServerSet {
         Arc::clone(&self.replicas.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Another replica to use instead of `replica` when its last health check failed and
+    /// that one's passed; `None` while `replica` is ready, or no other one is better.
+    pub fn instead_of(&self, replica: &Replica) -> Option<SocketAddr> {
+        if replica.ready() {
+            return None;
+        }
+        self.replicas()
+            .iter()
+            .find(|other| other.addr != replica.addr && other.preferred())
+            .map(|other| other.addr)
+    }
+
     /// Whether any replica is ready.
     pub fn any_ready(&self) -> bool {
         self.replicas().iter().any(|r| r.ready())
@@ -597,5 +609,33 @@ pub(crate) mod tests {
         replicas[2].mark_not_ready();
         assert!(set.pick(None).is_some());
         assert!(!set.any_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stream_leaves_a_replica_only_for_a_better_one() {
+        let (_dir, set) = set(Vec::new());
+        let name = || "localhost".to_string();
+        set.set_addresses(vec![
+            (addr("10.0.0.1:8443"), name()),
+            (addr("10.0.0.2:8443"), name()),
+        ]);
+        let replicas = set.replicas();
+        for replica in replicas.iter() {
+            replica.ready.store(true, Ordering::Release);
+        }
+        let (held, other) = (&replicas[0], &replicas[1]);
+        assert_eq!(
+            set.instead_of(held),
+            None,
+            "a ready replica keeps its stream"
+        );
+        held.mark_not_ready();
+        assert_eq!(set.instead_of(held), Some(other.addr));
+        // Not for one that is no better: suspect, or not ready itself.
+        other.mark_suspect();
+        assert_eq!(set.instead_of(held), None);
+        *other.suspect_until.lock().expect("not poisoned") = None;
+        other.mark_not_ready();
+        assert_eq!(set.instead_of(held), None);
     }
 }

@@ -780,6 +780,13 @@ print(remaining)
         Ok(self.replica_mut(i).process_mut()?.signal(signal)?)
     }
 
+    /// Slows server replica `i` as the agent sees it: everything it sends the node arrives
+    /// `latency` later (zero: back to normal). Its health answers then miss the agent's
+    /// deadline while it keeps working, heartbeats included.
+    pub fn slow_server(&self, i: usize, latency: Duration) {
+        self.replica(i).bridge.set_latency(latency);
+    }
+
     /// Kills server replica `i` (SIGKILL: a crash, nothing of it runs on the way out).
     pub async fn kill_server(&mut self, i: usize) -> anyhow::Result<()> {
         let replica = self.replica_mut(i);

@@ -210,6 +210,39 @@ async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_node_stream_moves_off_a_slow_replica() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (world, load) = under_load(fleet(&[], &[]), clients()).await;
+    let victim = world
+        .stream_holder()
+        .await
+        .expect("a replica holds the stream");
+
+    // The fault: the replica still answers everything, heartbeats included, 800 ms late —
+    // past the agent's health-check deadline, so the agent marks it not ready. Every grant
+    // and revocation on its stream would reach the agent 800 ms late too.
+    let from = now();
+    world.slow_server(victim, Duration::from_millis(800));
+    wait_until(
+        Duration::from_secs(15),
+        "the node stream on another replica",
+        || async { world.stream_holder().await.is_some_and(|i| i != victim) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", world.agent_log()));
+    load.wait_each_ok(3, from, Duration::from_secs(30))
+        .await
+        .expect("fetching on");
+    let to = now();
+    assert_unnoticed(&load.stop().await.expect("report"), from, to, 3, &world);
+    assert!(
+        world.agent_log_text().contains("health checks fail while"),
+        "{}",
+        world.agent_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut specs = clients();
