@@ -210,6 +210,10 @@ pub struct UninstallConfig {
     /// The iptables program (iptables, iptables-nft, iptables-legacy).
     #[arg(long, env = "PODIAM_IPTABLES_BIN", default_value = "iptables")]
     pub iptables_bin: String,
+    /// Also delete the node's IMDSv2 token key file (the agent's --token-key-file), so that
+    /// nothing of podiam stays on the node. Not given: the file is left alone.
+    #[arg(long)]
+    pub token_key_file: Option<PathBuf>,
 }
 
 impl ServeConfig {

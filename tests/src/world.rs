@@ -468,14 +468,18 @@ impl World {
             .await?)
     }
 
-    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up).
+    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up), as the
+    /// uninstall DaemonSet does: the rules and the token key file.
     pub async fn uninstall_agent_rules(&self) -> anyhow::Result<Output> {
+        let key_file = self.agent_token_key_file();
         let output = self
             .node
             .netns()
             .command(binary("podiam-agent")?.to_str().context("path")?)
             .arg("uninstall")
             .args(["--iptables-bin", &self.iptables_bin])
+            .arg("--token-key-file")
+            .arg(&key_file)
             .output()
             .await?;
         Ok(output)

@@ -1258,6 +1258,30 @@ fn uninstall_removes_the_rules_of_both_back_ends_on_every_node() {
         back_ends,
         BTreeSet::from(["iptables-legacy", "iptables-nft"])
     );
+    // One of them deletes the token key file the agent keeps on the node, where the
+    // agent keeps it.
+    let agent_key_file = flag_value(container(base().agent(), "agent"), "--token-key-file")
+        .expect("the agent's key file");
+    let deleting: Vec<_> = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| flag_value(c, "--token-key-file") == Some(agent_key_file))
+        .collect();
+    assert_eq!(deleting.len(), 1, "{spec:#}");
+    let mount = deleting[0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/podiam")
+        .expect("the key directory mounted");
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], "/var/lib/podiam");
     // Nothing in it serves: a running agent would put the rules back.
     for c in containers(ds) {
         assert_ne!(args(c).first(), Some(&"serve"));

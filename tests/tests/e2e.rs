@@ -384,6 +384,10 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
         "the rules are still there"
     );
 
+    assert!(
+        world.agent_token_key_file().exists(),
+        "the agent kept its token keys on the node"
+    );
     let out = world.uninstall_agent_rules().await.expect("uninstall runs");
     assert!(
         out.status.success(),
@@ -394,6 +398,10 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
     assert!(
         !rules.contains("PODIAM"),
         "uninstall leaves nothing of ours:\n{rules}"
+    );
+    assert!(
+        !world.agent_token_key_file().exists(),
+        "uninstall removed the token key file"
     );
     // Proof that the stopped agent's rule was what kept the pod from the node's own service.
     let reply = world
