@@ -22,8 +22,8 @@ use crate::pods::{Known, PodTable};
 use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
-pub use podiam_proto::serve::Limits;
 use podiam_proto::v1::{PodRef, PodState};
+pub use podiam_runtime::serve::Limits;
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";

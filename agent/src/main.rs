@@ -19,13 +19,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    podiam_proto::telemetry::init(cli.log_format, &cli.log_level);
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::telemetry::init(cli.log_format, &cli.log_level);
+    podiam_runtime::tls::install_crypto_provider();
 
     let result = match cli.command {
         Command::Serve(config) => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
+            tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
+                shutdown.clone(),
+            ));
             podiam_agent::run(*config, shutdown).await
         }
         Command::Uninstall(config) => uninstall(config).await,

@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use podiam_proto::Reason;
-use podiam_proto::connect::TlsConnector;
-use podiam_proto::rotate::Rotating;
 use podiam_proto::v1::HealthRequest;
 use podiam_proto::v1::podiam_client::PodiamClient;
+use podiam_runtime::connect::TlsConnector;
+use podiam_runtime::rotate::Rotating;
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 use tokio::time::Instant;
@@ -510,19 +510,19 @@ pub(crate) mod tests {
     /// A set of `targets` with freshly made agent certificates (kept in the returned
     /// directory).
     pub(crate) fn set(targets: Vec<(Target, String)>) -> (tempfile::TempDir, ServerSet) {
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
         let tls = Rotating::load(
-            podiam_proto::tls::TlsFiles {
+            podiam_runtime::tls::TlsFiles {
                 ca: files.ca_cert,
                 cert: files.agent_cert,
                 key: files.agent_key,
             },
-            podiam_proto::tls::client_config,
+            podiam_runtime::tls::client_config,
         )
         .expect("tls");
         let set = ServerSet::new(

@@ -268,7 +268,7 @@ impl World {
     /// Builds the world described by `config`. Needs root.
     pub async fn start(config: WorldConfig) -> anyhow::Result<World> {
         netns::require_root();
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         netns::sweep_stale().context("sweeping namespaces left by crashed runs")?;
         let dir = scratch_dir("world")?;
 
@@ -1111,8 +1111,8 @@ pub async fn start_server_within(
 /// The agent's TLS files, read: what a test acting as an agent dials the server with.
 pub fn agent_material(
     certs: &podiam_certs::WrittenFiles,
-) -> anyhow::Result<podiam_proto::tls::TlsMaterial> {
-    Ok(podiam_proto::tls::TlsFiles {
+) -> anyhow::Result<podiam_runtime::tls::TlsMaterial> {
+    Ok(podiam_runtime::tls::TlsFiles {
         ca: certs.ca_cert.clone(),
         cert: certs.agent_cert.clone(),
         key: certs.agent_key.clone(),
@@ -1146,13 +1146,13 @@ pub fn spawn_server(
         .envs(Moto::client_env())
         .env(
             "PODIAM_LOG_LEVEL",
-            "info,podiam_server=debug,podiam_proto=debug",
+            "info,podiam_server=debug,podiam_proto=debug,podiam_runtime=debug",
         );
     Ok(ChildGuard::spawn("podiam-server", command)?)
 }
 
 /// Whether the server at `addr` answers Health with synced caches, over mutual TLS.
-pub async fn health_synced(addr: SocketAddr, material: &podiam_proto::tls::TlsMaterial) -> bool {
+pub async fn health_synced(addr: SocketAddr, material: &podiam_runtime::tls::TlsMaterial) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
         return false;
     };

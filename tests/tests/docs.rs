@@ -668,7 +668,7 @@ fn metric_words(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_exported_metric_is_documented_and_the_dashboard_uses_only_those() {
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     let dir = scratch_dir("docs-metrics").unwrap();
     let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())
         .unwrap()
