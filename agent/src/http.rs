@@ -561,7 +561,11 @@ mod tests {
         // hyper keeps one request future's worth of memory per open connection, sized by the
         // future's type: server calls (several KiB each) must stay boxed behind the fast path.
         let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let upstream = Arc::new(Upstream::new(
+            Arc::new(servers),
+            "node".into(),
+            Default::default(),
+        ));
         let service = MetadataService::new(
             upstream,
             Arc::default(),
@@ -589,7 +593,11 @@ mod tests {
         // credentials and the document served for them, the token key, and the agent's own
         // token for the node's metadata service.
         let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let upstream = Arc::new(Upstream::new(
+            Arc::new(servers),
+            "node".into(),
+            Default::default(),
+        ));
         let cache = Arc::new(CredentialCache::new(Duration::from_secs(1800)));
         let secret = podiam_proto::v1::Credentials {
             access_key_id: "ASIAVISIBLE".into(),

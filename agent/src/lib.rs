@@ -83,6 +83,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let upstream = Arc::new(Upstream::new(
         Arc::clone(&servers),
         config.node_name.clone(),
+        metrics.node_stream.clone(),
     ));
     let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
         .context("no IMDSv2 token key")?;

@@ -60,6 +60,13 @@ pub struct ReplicaLabels {
     pub state: &'static str,
 }
 
+/// The node stream's state, kept by [`crate::upstream::Upstream`].
+#[derive(Clone, Debug, Default)]
+pub struct NodeStreamMetrics {
+    pub synced: Gauge,
+    pub syncs: Counter,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -77,6 +84,8 @@ pub struct Metrics {
     pub tls_expiry: Gauge,
     /// Pod-facing connections open.
     pub connections: Gauge,
+    /// The node stream: whether one is synced now, and how many snapshots it has taken.
+    pub node_stream: NodeStreamMetrics,
     /// Pod-facing connections the agent closed or refused on its own, by reason.
     pub connections_closed: Family<ClosedLabels, Counter>,
     registry: Registry,
@@ -167,7 +176,21 @@ impl Metrics {
              (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit)",
             connections_closed.clone(),
         );
+        let node_stream = NodeStreamMetrics::default();
+        registry.register(
+            "node_stream_synced",
+            "1 while the agent follows a synced node stream from a server replica, else 0 \
+             (requests are then checked with the servers one by one)",
+            node_stream.synced.clone(),
+        );
+        registry.register(
+            "node_stream_syncs",
+            "Node stream snapshots taken: one per stream opened and synced (the first, then \
+             one after each broken stream)",
+            node_stream.syncs.clone(),
+        );
         Metrics {
+            node_stream,
             requests,
             latency,
             server_errors,

@@ -17,6 +17,7 @@ use podiam_proto::v1::{
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CredentialCache;
+use crate::metrics::NodeStreamMetrics;
 use crate::pods::PodTable;
 use crate::replicas::{HEALTH_INTERVAL, ServerSet};
 
@@ -76,16 +77,22 @@ pub struct Upstream {
     refused_identity: AtomicBool,
     /// The replica whose node stream is synced now: calls go there first.
     stream_replica: Mutex<Option<SocketAddr>>,
+    stream_metrics: NodeStreamMetrics,
 }
 
 impl Upstream {
-    pub fn new(servers: Arc<ServerSet>, node_name: String) -> Upstream {
+    pub fn new(
+        servers: Arc<ServerSet>,
+        node_name: String,
+        stream_metrics: NodeStreamMetrics,
+    ) -> Upstream {
         Upstream {
             servers,
             node_name,
             stopping: AtomicBool::new(false),
             refused_identity: AtomicBool::new(false),
             stream_replica: Mutex::new(None),
+            stream_metrics,
         }
     }
 
@@ -96,11 +103,16 @@ impl Upstream {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The replica whose stream has just synced (`None`: the stream broke).
     fn set_stream_replica(&self, replica: Option<SocketAddr>) {
         *self
             .stream_replica
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = replica;
+        self.stream_metrics.synced.set(i64::from(replica.is_some()));
+        if replica.is_some() {
+            self.stream_metrics.syncs.inc();
+        }
     }
 
     /// The replicas and their failover.

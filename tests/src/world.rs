@@ -978,14 +978,41 @@ pub async fn http_get_text(url: &str) -> anyhow::Result<String> {
 }
 
 /// The value of one sample in a Prometheus text exposition, named with its labels exactly
-/// as exported (`podiam_server_sts_calls_total{result="ok"}`); 0 when absent.
+/// as exported (`podiam_server_sts_calls_total{result="ok"}`). 0 when the metric is declared
+/// (`# TYPE`) but has no sample with these labels yet (a counter not yet counted); panics
+/// when the metric is not in the exposition at all (renamed, or never registered), so that
+/// an "is 0" assertion cannot pass on a metric that does not exist.
 pub fn metric_value(exposition: &str, sample: &str) -> u64 {
     let prefix = format!("{sample} ");
-    exposition
+    if let Some(value) = exposition
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0)
+    {
+        return value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("sample {sample} is not a whole number: {value:?}"));
+    }
+    let name = sample.split('{').next().unwrap_or(sample);
+    let family = ["_total", "_bucket", "_count", "_sum", "_created"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    let declared = exposition.lines().any(|line| {
+        line.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|declared| declared == name || declared == family)
+    });
+    assert!(
+        declared,
+        "no metric {name} in the exposition (renamed?); it has:\n{}",
+        exposition
+            .lines()
+            .filter(|line| line.starts_with("# TYPE "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    0
 }
 
 fn kubectl_program() -> String {
@@ -1167,4 +1194,28 @@ pub async fn health_synced(addr: SocketAddr, material: &podiam_runtime::tls::Tls
         .health(podiam_proto::v1::HealthRequest {})
         .await
         .is_ok_and(|r| r.get_ref().synced)
+}
+
+#[cfg(test)]
+mod metric_value_tests {
+    use super::metric_value;
+
+    const EXPOSITION: &str = "# HELP x_calls Calls.\n# TYPE x_calls counter\n\
+        x_calls_total{result=\"ok\"} 3\n# TYPE x_streams gauge\nx_streams 2\n# EOF\n";
+
+    #[test]
+    fn a_sample_is_read_and_a_declared_one_without_it_is_zero() {
+        assert_eq!(metric_value(EXPOSITION, r#"x_calls_total{result="ok"}"#), 3);
+        assert_eq!(metric_value(EXPOSITION, "x_streams"), 2);
+        assert_eq!(
+            metric_value(EXPOSITION, r#"x_calls_total{result="error"}"#),
+            0
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "no metric x_renamed")]
+    fn a_metric_not_in_the_exposition_fails_loudly() {
+        metric_value(EXPOSITION, "x_renamed");
+    }
 }

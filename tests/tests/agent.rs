@@ -675,10 +675,27 @@ async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
         reply.body
     );
 
-    // Registered while its first request waits: answered with its role.
+    // Registered while its first request waits: answered with its role. The pod is
+    // registered once the agent holds the request's connection (the only pod-facing one).
+    let connections = || async {
+        let metrics = world.agent_metrics().await.expect("agent metrics");
+        metric_value(&metrics, "podiam_agent_connections")
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "no pod-facing connection",
+        || async { connections().await == 0 },
+    )
+    .await
+    .expect("the earlier requests' connections closed");
     let request = world.metadata_request("early", "GET", CREDS_PATH, &[]);
     let register = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        wait_until(
+            Duration::from_secs(5),
+            "the request at the agent",
+            || async { connections().await > 0 },
+        )
+        .await?;
         world.register_pod("early").await
     };
     let (reply, registered) = tokio::join!(request, register);
