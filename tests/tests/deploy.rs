@@ -37,6 +37,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use podiam_tests::fixtures::repo_root;
 use podiam_tests::help::{Help, parse_help};
 use podiam_tests::process::scratch_dir;
 use podiam_tests::world::binary;
@@ -59,13 +60,6 @@ const CONTROL_PLANE_LABELS: [&str; 2] = [
 
 // ---------------------------------------------------------------------------------------
 // Rendering
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// One rendered kustomization.
 #[derive(Debug)]
@@ -216,7 +210,7 @@ fn renderings() -> &'static [Rendering] {
     static ALL: OnceLock<Vec<Rendering>> = OnceLock::new();
     ALL.get_or_init(|| {
         require_tools();
-        let deploy = repo().join("deploy");
+        let deploy = repo_root().join("deploy");
         let out = scratch_dir("deploy-render").unwrap();
         let mut all = vec![render(&deploy, ".", &out)];
         for overlay in subdirs(&deploy.join("overlays")) {
@@ -1496,7 +1490,7 @@ fn image_target(image: &str) -> &str {
 
 #[test]
 fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     // stage name → the files COPYed into it.
     let mut stages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current = String::new();
