@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use podiam_proto::telemetry::{LogFormat, parse_duration};
+use podiam_runtime::telemetry::{LogFormat, parse_duration};
 
 use crate::iptables::valid_interface;
 use crate::replicas::Target;
@@ -175,7 +175,7 @@ pub struct ServeConfig {
     )]
     pub metadata_upstream: String,
     /// Pod connections served at once, all pods together; more wait in the kernel's queue.
-    #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = podiam_proto::serve::MAX_CONNECTIONS)]
+    #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = podiam_runtime::serve::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Connections one pod (one source address) may hold at once. At the limit a new
     /// connection takes the place of that pod's longest-idle one, or is refused when none is
@@ -194,7 +194,7 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// Requests one connection may carry; the last answer says `Connection: close` and the
     /// client opens a new connection.
-    #[arg(long, env = "PODIAM_MAX_REQUESTS_PER_CONNECTION", default_value_t = podiam_proto::serve::MAX_REQUESTS_PER_CONNECTION)]
+    #[arg(long, env = "PODIAM_MAX_REQUESTS_PER_CONNECTION", default_value_t = podiam_runtime::serve::MAX_REQUESTS_PER_CONNECTION)]
     pub max_requests_per_connection: usize,
     /// How often the iptables rules are checked and repaired (with --iptables).
     #[arg(long, env = "PODIAM_IPTABLES_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -210,6 +210,10 @@ pub struct UninstallConfig {
     /// The iptables program (iptables, iptables-nft, iptables-legacy).
     #[arg(long, env = "PODIAM_IPTABLES_BIN", default_value = "iptables")]
     pub iptables_bin: String,
+    /// Also delete the node's IMDSv2 token key file (the agent's --token-key-file), so that
+    /// nothing of podiam stays on the node. Not given: the file is left alone.
+    #[arg(long)]
+    pub token_key_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -237,8 +241,8 @@ impl ServeConfig {
     }
 
     /// The pod-facing listener's connection limits.
-    pub fn limits(&self) -> podiam_proto::serve::Limits {
-        podiam_proto::serve::Limits {
+    pub fn limits(&self) -> podiam_runtime::serve::Limits {
+        podiam_runtime::serve::Limits {
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_pod,
             header_read_timeout: self.header_timeout,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
-use podiam_proto::telemetry::Escaped;
+use podiam_runtime::telemetry::Escaped;
 
 use crate::cache::{CredentialCache, Entry, Source};
 use crate::imds;
@@ -23,8 +23,8 @@ use crate::pods::{Known, PodTable};
 use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
-pub use podiam_proto::serve::Limits;
 use podiam_proto::v1::{PodRef, PodState};
+pub use podiam_runtime::serve::Limits;
 
 /// The IMDSv2 token header.
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -563,7 +563,11 @@ mod tests {
         // hyper keeps one request future's worth of memory per open connection, sized by the
         // future's type: server calls (several KiB each) must stay boxed behind the fast path.
         let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let upstream = Arc::new(Upstream::new(
+            Arc::new(servers),
+            "node".into(),
+            Default::default(),
+        ));
         let service = MetadataService::new(
             upstream,
             Arc::default(),
@@ -591,7 +595,11 @@ mod tests {
         // credentials and the document served for them, the token key, and the agent's own
         // token for the node's metadata service.
         let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(Arc::new(servers), "node".into()));
+        let upstream = Arc::new(Upstream::new(
+            Arc::new(servers),
+            "node".into(),
+            Default::default(),
+        ));
         let cache = Arc::new(CredentialCache::new(Duration::from_secs(1800)));
         let secret = podiam_proto::v1::Credentials {
             access_key_id: "ASIAVISIBLE".into(),

@@ -34,8 +34,8 @@ pub mod upstream;
 use std::sync::Arc;
 
 use anyhow::Context;
-use podiam_proto::rotate::Rotating;
-use podiam_proto::tls::TlsFiles;
+use podiam_runtime::rotate::Rotating;
+use podiam_runtime::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
@@ -61,7 +61,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
                 cert: config.tls_cert.clone(),
                 key: config.tls_key.clone(),
             },
-            podiam_proto::tls::client_config,
+            podiam_runtime::tls::client_config,
         )
         .context("loading the agent's TLS files")?,
     );
@@ -83,6 +83,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let upstream = Arc::new(Upstream::new(
         Arc::clone(&servers),
         config.node_name.clone(),
+        metrics.node_stream.clone(),
     ));
     let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
         .context("no IMDSv2 token key")?;
@@ -114,9 +115,9 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     // agent binds beside the old one; the kernel spreads connections over both until the old
     // one stops accepting. The kubelet's probes may meanwhile reach either agent, which is
     // harmless: both serve.
-    let listener = podiam_proto::serve::bind_reuseport(config.listen)
+    let listener = podiam_runtime::serve::bind_reuseport(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
-    let health_listener = podiam_proto::serve::bind_reuseport(config.health_listen)
+    let health_listener = podiam_runtime::serve::bind_reuseport(config.health_listen)
         .with_context(|| format!("binding {}", config.health_listen))?;
     // Background work runs until the pod-facing server has drained.
     let stop = CancellationToken::new();
@@ -182,7 +183,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             let response = http::health(&upstream, &metrics, request.uri().path());
             async move { response }
         };
-        tasks.spawn(podiam_proto::serve::serve_http(
+        tasks.spawn(podiam_runtime::serve::serve_http(
             health_listener,
             limits,
             handler,
@@ -211,10 +212,10 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
             tracing::info!("stopping: not ready, no new connections; open ones finish");
         });
     }
-    podiam_proto::serve::serve_http_observed(
+    podiam_runtime::serve::serve_http_observed(
         listener,
         limits,
-        Arc::clone(&metrics) as Arc<dyn podiam_proto::serve::ConnectionObserver>,
+        Arc::clone(&metrics) as Arc<dyn podiam_runtime::serve::ConnectionObserver>,
         handler,
         shutdown.clone(),
     )
@@ -235,7 +236,7 @@ const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-ali
 /// (`--idle-timeout`). Clients that honour it stop reusing a connection before the agent
 /// closes it, instead of racing the close: Node's HTTP agent retires an idle socket one second
 /// before the announced timeout when that is sooner than its own 5 s. (The idle limit itself
-/// is longer than the SDKs' pools keep connections, see `podiam_proto::serve::IDLE_TIMEOUT`;
+/// is longer than the SDKs' pools keep connections, see `podiam_runtime::serve::IDLE_TIMEOUT`;
 /// it was once the 5 s header timeout, Node's own, and a request sent at 5.0 s met a closing
 /// connection.) `None` under a second (nothing to announce).
 fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {

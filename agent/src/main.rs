@@ -19,20 +19,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    podiam_proto::telemetry::init(cli.log_format, &cli.log_level);
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::telemetry::init(cli.log_format, &cli.log_level);
+    podiam_runtime::tls::install_crypto_provider();
 
     let result = match cli.command {
         Command::Serve(config) => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
+            tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
+                shutdown.clone(),
+            ));
             podiam_agent::run(*config, shutdown).await
         }
-        Command::Uninstall(config) => Iptables::new(config.iptables_bin)
-            .uninstall()
-            .await
-            .map(|()| tracing::info!("iptables rules removed"))
-            .map_err(Into::into),
+        Command::Uninstall(config) => uninstall(config).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,4 +39,24 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Removes the iptables rules and, when asked, the token key file. Either missing is fine:
+/// uninstalling twice succeeds.
+async fn uninstall(config: podiam_agent::config::UninstallConfig) -> anyhow::Result<()> {
+    Iptables::new(config.iptables_bin).uninstall().await?;
+    tracing::info!("iptables rules removed");
+    if let Some(path) = config.token_key_file {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "token key file removed"),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(path = %path.display(), "no token key file to remove");
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("removing the token key file {}", path.display())));
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use podiam_proto::serve::{Closed, ConnectionObserver};
+use podiam_runtime::serve::{Closed, ConnectionObserver};
 
 /// Labels of a served request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +60,13 @@ pub struct ReplicaLabels {
     pub state: &'static str,
 }
 
+/// The node stream's state, kept by [`crate::upstream::Upstream`].
+#[derive(Clone, Debug, Default)]
+pub struct NodeStreamMetrics {
+    pub synced: Gauge,
+    pub syncs: Counter,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -77,6 +84,8 @@ pub struct Metrics {
     pub tls_expiry: Gauge,
     /// Pod-facing connections open.
     pub connections: Gauge,
+    /// The node stream: whether one is synced now, and how many snapshots it has taken.
+    pub node_stream: NodeStreamMetrics,
     /// Pod-facing connections the agent closed or refused on its own, by reason.
     pub connections_closed: Family<ClosedLabels, Counter>,
     registry: Registry,
@@ -84,103 +93,117 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
-        let server_errors = Family::<ServerErrorLabels, Counter>::default();
-        // Both kinds exported from the start (at 0), so that rates and alerts over them need
-        // no `or vector(0)`.
+        let mut metrics = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            server_errors: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            ready: Gauge::default(),
+            failovers: Counter::default(),
+            replicas: Family::default(),
+            tls_expiry: Gauge::default(),
+            connections: Gauge::default(),
+            node_stream: NodeStreamMetrics::default(),
+            connections_closed: Family::default(),
+            registry: Registry::with_prefix("podiam_agent"),
+        };
+        // Every label value exported from the start (at 0), so that rates and alerts over
+        // them need no `or vector(0)`.
         for kind in ["unavailable", "other"] {
-            let _ = server_errors.get_or_create(&ServerErrorLabels { kind });
+            let _ = metrics
+                .server_errors
+                .get_or_create(&ServerErrorLabels { kind });
         }
-        let cache_hits = Counter::default();
-        let cache_misses = Counter::default();
-        let ready = Gauge::default();
-        let mut registry = Registry::with_prefix("podiam_agent");
+        for why in Closed::ALL {
+            let _ = metrics.connections_closed.get_or_create(&ClosedLabels {
+                reason: closed_reason(why),
+            });
+        }
+        metrics.register_pod_facing();
+        metrics.register_server_side();
+        metrics
+    }
+
+    /// What pods see: requests, their latency, connections.
+    fn register_pod_facing(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "requests",
             "Pod-facing requests answered, by route and HTTP status",
-            requests.clone(),
+            self.requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
             "Time to answer a pod-facing request, by route",
-            latency.clone(),
+            self.latency.clone(),
         );
-        registry.register(
-            "server_errors",
-            "Calls to the podiam server that failed (unavailable: no answer in time; other: an undefined error)",
-            server_errors.clone(),
-        );
-        registry.register(
-            "credential_cache_hits",
-            "Credential requests answered from the agent's cache, with no server call",
-            cache_hits.clone(),
-        );
-        registry.register(
-            "credential_cache_misses",
-            "Credential requests that needed a call to the server",
-            cache_misses.clone(),
-        );
-        registry.register(
-            "ready",
-            "1 when a synced server replica answers and the agent is not stopping, else 0",
-            ready.clone(),
-        );
-        let failovers = Counter::default();
-        registry.register(
-            "server_failovers",
-            "Server calls also sent to a second replica because the first failed or had not \
-             answered within 300 ms",
-            failovers.clone(),
-        );
-        let replicas = Family::<ReplicaLabels, Gauge>::default();
-        registry.register(
-            "server_replicas",
-            "Server replicas known (from --server), by state: ready (synced, not draining) \
-             or not_ready",
-            replicas.clone(),
-        );
-        let tls_expiry = Gauge::default();
-        registry.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the agent's client certificate in use expires, in Unix seconds (rotated \
-             files are picked up without a restart)",
-            tls_expiry.clone(),
-        );
-        let connections = Gauge::default();
         registry.register(
             "connections",
             "Pod-facing connections open",
-            connections.clone(),
+            self.connections.clone(),
         );
-        let connections_closed = Family::<ClosedLabels, Counter>::default();
-        for why in Closed::ALL {
-            let _ = connections_closed.get_or_create(&ClosedLabels {
-                reason: closed_reason(why),
-            });
-        }
         registry.register(
             "connections_closed",
             "Pod-facing connections the agent closed or refused on its own, by reason \
              (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit)",
-            connections_closed.clone(),
+            self.connections_closed.clone(),
         );
-        Metrics {
-            requests,
-            latency,
-            server_errors,
-            cache_hits,
-            cache_misses,
-            ready,
-            failovers,
-            replicas,
-            tls_expiry,
-            connections,
-            connections_closed,
-            registry,
-        }
+        registry.register(
+            "credential_cache_hits",
+            "Credential requests answered from the agent's cache, with no server call",
+            self.cache_hits.clone(),
+        );
+        registry.register(
+            "credential_cache_misses",
+            "Credential requests that needed a call to the server",
+            self.cache_misses.clone(),
+        );
+    }
+
+    /// The agent's side of the servers: readiness, replicas, failovers, the node stream.
+    fn register_server_side(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "server_errors",
+            "Calls to the podiam server that failed (unavailable: no answer in time; other: an undefined error)",
+            self.server_errors.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when a synced server replica answers and the agent is not stopping, else 0",
+            self.ready.clone(),
+        );
+        registry.register(
+            "server_failovers",
+            "Server calls also sent to a second replica because the first failed or had not \
+             answered within 300 ms",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "server_replicas",
+            "Server replicas known (from --server), by state: ready (synced, not draining) \
+             or not_ready",
+            self.replicas.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the agent's client certificate in use expires, in Unix seconds (rotated \
+             files are picked up without a restart)",
+            self.tls_expiry.clone(),
+        );
+        registry.register(
+            "node_stream_synced",
+            "1 while the agent follows a synced node stream from a server replica, else 0 \
+             (requests are then checked with the servers one by one)",
+            self.node_stream.synced.clone(),
+        );
+        registry.register(
+            "node_stream_syncs",
+            "Node stream snapshots taken: one per stream opened and synced (the first, then \
+             one after each broken stream)",
+            self.node_stream.syncs.clone(),
+        );
     }
 
     /// Sets the replicas gauge from what `servers` knows now.

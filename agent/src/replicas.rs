@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use podiam_proto::Reason;
-use podiam_proto::connect::TlsConnector;
-use podiam_proto::rotate::Rotating;
 use podiam_proto::v1::HealthRequest;
 use podiam_proto::v1::podiam_client::PodiamClient;
+use podiam_runtime::connect::TlsConnector;
+use podiam_runtime::rotate::Rotating;
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 use tokio::time::Instant;
@@ -254,6 +254,18 @@ impl ServerSet {
     /// The replicas known now.
     pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
         Arc::clone(&self.replicas.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Another replica to use instead of `replica` when its last health check failed and
+    /// that one's passed; `None` while `replica` is ready, or no other one is better.
+    pub fn instead_of(&self, replica: &Replica) -> Option<SocketAddr> {
+        if replica.ready() {
+            return None;
+        }
+        self.replicas()
+            .iter()
+            .find(|other| other.addr != replica.addr && other.preferred())
+            .map(|other| other.addr)
     }
 
     /// Whether any replica is ready.
@@ -498,19 +510,19 @@ pub(crate) mod tests {
     /// A set of `targets` with freshly made agent certificates (kept in the returned
     /// directory).
     pub(crate) fn set(targets: Vec<(Target, String)>) -> (tempfile::TempDir, ServerSet) {
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
         let tls = Rotating::load(
-            podiam_proto::tls::TlsFiles {
+            podiam_runtime::tls::TlsFiles {
                 ca: files.ca_cert,
                 cert: files.agent_cert,
                 key: files.agent_key,
             },
-            podiam_proto::tls::client_config,
+            podiam_runtime::tls::client_config,
         )
         .expect("tls");
         let set = ServerSet::new(
@@ -597,5 +609,33 @@ pub(crate) mod tests {
         replicas[2].mark_not_ready();
         assert!(set.pick(None).is_some());
         assert!(!set.any_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stream_leaves_a_replica_only_for_a_better_one() {
+        let (_dir, set) = set(Vec::new());
+        let name = || "localhost".to_string();
+        set.set_addresses(vec![
+            (addr("10.0.0.1:8443"), name()),
+            (addr("10.0.0.2:8443"), name()),
+        ]);
+        let replicas = set.replicas();
+        for replica in replicas.iter() {
+            replica.ready.store(true, Ordering::Release);
+        }
+        let (held, other) = (&replicas[0], &replicas[1]);
+        assert_eq!(
+            set.instead_of(held),
+            None,
+            "a ready replica keeps its stream"
+        );
+        held.mark_not_ready();
+        assert_eq!(set.instead_of(held), Some(other.addr));
+        // Not for one that is no better: suspect, or not ready itself.
+        other.mark_suspect();
+        assert_eq!(set.instead_of(held), None);
+        *other.suspect_until.lock().expect("not poisoned") = None;
+        other.mark_not_ready();
+        assert_eq!(set.instead_of(held), None);
     }
 }

@@ -10,16 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use podiam_proto::Reason;
-use podiam_proto::telemetry::Escaped;
 use podiam_proto::v1::{
     GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
     NodeEvent, PodState, WatchNodeRequest, node_event,
 };
+use podiam_runtime::telemetry::Escaped;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CredentialCache;
+use crate::metrics::NodeStreamMetrics;
 use crate::pods::PodTable;
-use crate::replicas::ServerSet;
+use crate::replicas::{HEALTH_INTERVAL, ServerSet};
 
 /// Wait before re-opening a node stream that failed twice in a row (the first retry, on
 /// another replica, is immediate); doubles up to the maximum.
@@ -29,6 +30,9 @@ const STREAM_RETRY_MAX: Duration = Duration::from_secs(5);
 /// A stream that carried heartbeats and then is silent this long is broken: three of the
 /// server's heartbeats (one a second) missed.
 const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
+/// Health checks of the stream's replica that must fail in a row, while another replica's
+/// pass, before the stream moves: one late answer on a busy machine is not enough.
+const LEAVE_AFTER_CHECKS: u32 = 2;
 
 /// Why the server gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +78,22 @@ pub struct Upstream {
     refused_identity: AtomicBool,
     /// The replica whose node stream is synced now: calls go there first.
     stream_replica: Mutex<Option<SocketAddr>>,
+    stream_metrics: NodeStreamMetrics,
 }
 
 impl Upstream {
-    pub fn new(servers: Arc<ServerSet>, node_name: String) -> Upstream {
+    pub fn new(
+        servers: Arc<ServerSet>,
+        node_name: String,
+        stream_metrics: NodeStreamMetrics,
+    ) -> Upstream {
         Upstream {
             servers,
             node_name,
             stopping: AtomicBool::new(false),
             refused_identity: AtomicBool::new(false),
             stream_replica: Mutex::new(None),
+            stream_metrics,
         }
     }
 
@@ -94,11 +104,16 @@ impl Upstream {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The replica whose stream has just synced (`None`: the stream broke).
     fn set_stream_replica(&self, replica: Option<SocketAddr>) {
         *self
             .stream_replica
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = replica;
+        self.stream_metrics.synced.set(i64::from(replica.is_some()));
+        if replica.is_some() {
+            self.stream_metrics.syncs.inc();
+        }
     }
 
     /// The replicas and their failover.
@@ -199,8 +214,18 @@ impl Upstream {
                             tracing::info!("the servers accept this agent's token again");
                         }
                     };
-                    let ended =
-                        follow_stream(response.into_inner(), table, cache, &shutdown, synced).await;
+                    let elsewhere = || self.servers.instead_of(&replica);
+                    let ended = follow_stream(
+                        response.into_inner(),
+                        Follow {
+                            table,
+                            cache,
+                            shutdown: &shutdown,
+                            synced,
+                            elsewhere,
+                        },
+                    )
+                    .await;
                     self.set_stream_replica(None);
                     if let StreamEnded::Synced(why) = &ended {
                         retry = Duration::ZERO;
@@ -272,15 +297,36 @@ enum StreamEnded {
     NotOpened(UpstreamError),
 }
 
-/// Applies one stream's events to `table` until it ends; calls `synced` once its snapshot
-/// is in.
-async fn follow_stream(
+/// What one followed stream works with.
+struct Follow<'a, S, E> {
+    table: &'a PodTable,
+    cache: &'a CredentialCache,
+    shutdown: &'a CancellationToken,
+    /// Called once the stream's snapshot is in.
+    synced: S,
+    /// Another replica to follow instead, when this one's health checks fail.
+    elsewhere: E,
+}
+
+/// Applies one stream's events to the table until it ends, or until its replica has failed
+/// [`LEAVE_AFTER_CHECKS`] health checks in a row while another replica passes them: a
+/// replica too slow to answer its health checks in time is late with every grant and
+/// revocation too, so the stream moves as it does off a silent one.
+async fn follow_stream<S, E>(
     mut stream: tonic::Streaming<NodeEvent>,
-    table: &PodTable,
-    cache: &CredentialCache,
-    shutdown: &CancellationToken,
-    synced: impl Fn(),
-) -> StreamEnded {
+    follow: Follow<'_, S, E>,
+) -> StreamEnded
+where
+    S: Fn(),
+    E: Fn() -> Option<SocketAddr>,
+{
+    let Follow {
+        table,
+        cache,
+        shutdown,
+        synced,
+        elsewhere,
+    } = follow;
     let mut snapshot = Some(Vec::new());
     let mut heartbeats = false;
     let ended = |why: UpstreamError, snapshot: &Option<Vec<PodState>>| {
@@ -290,6 +336,12 @@ async fn follow_stream(
             StreamEnded::NotOpened(why)
         }
     };
+    let mut checks = tokio::time::interval_at(
+        tokio::time::Instant::now() + HEALTH_INTERVAL,
+        HEALTH_INTERVAL,
+    );
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_checks = 0;
     loop {
         let silence = if heartbeats {
             STREAM_SILENCE_LIMIT
@@ -301,6 +353,21 @@ async fn follow_stream(
         let message = tokio::select! {
             () = shutdown.cancelled() => return StreamEnded::Shutdown,
             message = tokio::time::timeout(silence, stream.message()) => message,
+            _ = checks.tick() => {
+                let other = elsewhere();
+                failed_checks = if other.is_some() { failed_checks + 1 } else { 0 };
+                if let Some(other) = other
+                    && failed_checks >= LEAVE_AFTER_CHECKS
+                {
+                    return ended(
+                        UpstreamError::Unavailable(format!(
+                            "its health checks fail while {other}'s pass"
+                        )),
+                        &snapshot,
+                    );
+                }
+                continue;
+            }
         };
         let event = match message {
             Ok(Ok(Some(message))) => message.event,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use podiam_proto::telemetry::parse_duration;
+use podiam_runtime::telemetry::parse_duration;
 
 /// Give pods AWS IAM roles with podiam, and find out why a pod gets its role or not.
 ///

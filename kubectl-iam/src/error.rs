@@ -33,7 +33,7 @@ pub enum Error {
     NotFound(String),
     /// The `--tls-ca` file cannot be used.
     #[error("loading the servers' CA (--tls-ca)")]
-    Tls(#[source] podiam_proto::tls::TlsError),
+    Tls(#[source] podiam_runtime::tls::TlsError),
     /// The user's Kubernetes credentials give no bearer token for the servers (or none could
     /// be had). Says what to do; never holds the token.
     #[error("{0}")]
@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn one_line_lists_each_cause_once() {
-        let error = Error::Tls(podiam_proto::tls::TlsError::Config("bad\nkey".into()));
+        let error = Error::Tls(podiam_runtime::tls::TlsError::Config("bad\nkey".into()));
         assert_eq!(
             error.one_line(),
             "loading the servers' CA (--tls-ca): building the TLS configuration: bad key"

@@ -7,10 +7,10 @@ use kubectl_iam::cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     let cli = Cli::parse();
     if cli.verbose {
-        podiam_proto::telemetry::init(podiam_proto::telemetry::LogFormat::Text, "info");
+        podiam_runtime::telemetry::init(podiam_runtime::telemetry::LogFormat::Text, "info");
     }
     match kubectl_iam::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 //! - **Which replicas.** Each `--server` URL (`https://HOST:PORT`) is resolved once per
 //!   command, and every address found is a replica: the headless Service's name gives every
 //!   ready server pod, as it does to the agent.
-//! - **TLS.** Each replica is dialled with [`podiam_proto::tls::ca_only_client_config`]: the
+//! - **TLS.** Each replica is dialled with [`podiam_runtime::tls::ca_only_client_config`]: the
 //!   server's certificate must chain to `--tls-ca` and name `--server-name` (else the URL's
 //!   host); the plugin presents no certificate. The CA file is read and checked before
 //!   anything is dialled, so a bad one is one clear error.
@@ -201,7 +201,7 @@ impl Servers {
                     .into(),
             ));
         };
-        let tls = podiam_proto::tls::ca_only_client_config(ca).map_err(Error::Tls)?;
+        let tls = podiam_runtime::tls::ca_only_client_config(ca).map_err(Error::Tls)?;
         Ok(Some(Servers {
             targets,
             tls: Arc::new(tls),
@@ -534,7 +534,7 @@ mod tests {
         pub async fn serve(
             files: &podiam_certs::WrittenFiles,
         ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-            let tls = podiam_proto::tls::TlsMaterial::from_pem(
+            let tls = podiam_runtime::tls::TlsMaterial::from_pem(
                 std::fs::read(&files.ca_cert).expect("ca"),
                 std::fs::read(&files.server_cert).expect("cert"),
                 std::fs::read(&files.server_key).expect("key"),
@@ -565,7 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn replicas_are_verified_by_the_ca_and_get_the_token() {
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")

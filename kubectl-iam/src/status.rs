@@ -459,7 +459,7 @@ impl StatusReport {
                     stream.map_or("-".into(), |s| {
                         format!(
                             "{} ({} ago)",
-                            podiam_proto::tls::utc(s.since_unix),
+                            podiam_runtime::tls::utc(s.since_unix),
                             age(now_unix, s.since_unix)
                         )
                     }),
@@ -545,7 +545,7 @@ pub async fn run(
     let report = status(cluster, podiam_namespace, servers).await?;
     match args.output {
         Output::Text => {
-            let now = podiam_proto::tls::unix_seconds(std::time::SystemTime::now());
+            let now = podiam_runtime::tls::unix_seconds(std::time::SystemTime::now());
             print!("{}", report.render(now));
         }
         Output::Json => println!(

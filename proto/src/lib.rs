@@ -1,23 +1,12 @@
-//! The wire contract between podiam's agent and server, and the mutual-TLS plumbing both
-//! sides share.
+//! The wire contract between podiam's agent and server.
 //!
 //! - [`v1`]: the gRPC service generated from `proto/podiam.proto` at build time.
 //! - [`Reason`]: why the server refused a request; carried in the `podiam-reason` metadata of
 //!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
-//! - [`serve`]: the HTTP/1 accept loop with limits that every podiam listener shares.
-//! - [`telemetry`]: the logging set-up and duration flags both binaries share.
-//! - [`tls`]: loading and checking the CA, certificate and key PEM files, and the rustls
-//!   configurations built from them: the server demands a client certificate from the CA,
-//!   the agent verifies the server name.
-//! - [`rotate`]: those configurations kept current as the files change on disk.
-//! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler.
-
-pub mod accept;
-pub mod connect;
-pub mod rotate;
-pub mod serve;
-pub mod telemetry;
-pub mod tls;
+//! - [`valid_role_name`]: the shape of a role name on the wire (the agent's routes and the
+//!   server's GetCredentials both check it).
+//!
+//! What the daemons run on (TLS, the accept loops, logging) is `podiam-runtime`.
 
 /// The generated gRPC contract (`podiam.v1`).
 #[allow(missing_debug_implementations, clippy::all)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use podiam_proto::telemetry::{LogFormat, parse_duration};
+use podiam_runtime::telemetry::{LogFormat, parse_duration};
 
 use crate::policy::{valid_base_arn, valid_role_arn};
 use crate::service::BindingMode;

@@ -31,9 +31,9 @@ pub use podiam_policy::{index, policy};
 use std::sync::Arc;
 
 use anyhow::Context;
-use podiam_proto::rotate::Rotating;
-use podiam_proto::tls::TlsFiles;
 use podiam_proto::v1::podiam_server::PodiamServer;
+use podiam_runtime::rotate::Rotating;
+use podiam_runtime::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -75,7 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 cert: config.tls_cert.clone(),
                 key: config.tls_key.clone(),
             },
-            podiam_proto::tls::server_config,
+            podiam_runtime::tls::server_config,
         )
         .context("loading the server's TLS files")?,
     );
@@ -188,9 +188,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             );
             async move { response }
         };
-        tasks.spawn(podiam_proto::serve::serve_http(
+        tasks.spawn(podiam_runtime::serve::serve_http(
             listener,
-            podiam_proto::serve::Limits::default(),
+            podiam_runtime::serve::Limits::default(),
             handler,
             stop.clone(),
         ));
@@ -205,7 +205,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             counter.inc();
         })
     };
-    let incoming = podiam_proto::accept::accept_tls(
+    let incoming = podiam_runtime::accept::accept_tls(
         listener,
         Arc::clone(&tls),
         accepting.clone(),

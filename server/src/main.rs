@@ -19,8 +19,8 @@ async fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    podiam_proto::telemetry::init(config.log_format, &config.log_level);
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::telemetry::init(config.log_format, &config.log_level);
+    podiam_runtime::tls::install_crypto_provider();
     let problems = podiam_server::preflight::preflight(&mut config).await;
     if !problems.is_empty() {
         for problem in problems {
@@ -30,7 +30,9 @@ async fn main() -> ExitCode {
     }
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(podiam_proto::telemetry::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
+        shutdown.clone(),
+    ));
     match podiam_server::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

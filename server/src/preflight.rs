@@ -130,9 +130,9 @@ mod tests {
             }
             async move { response }
         };
-        tokio::spawn(podiam_proto::serve::serve_http(
+        tokio::spawn(podiam_runtime::serve::serve_http(
             listener,
-            podiam_proto::serve::Limits::default(),
+            podiam_runtime::serve::Limits::default(),
             handler,
             stop.clone(),
         ));

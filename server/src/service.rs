@@ -25,7 +25,6 @@ use podiam_policy::decision::{
 };
 use podiam_policy::index::PodRecord;
 use podiam_policy::policy::Role;
-use podiam_proto::telemetry::Escaped;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
     GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
@@ -33,6 +32,7 @@ use podiam_proto::v1::{
     podiam_server::Podiam,
 };
 use podiam_proto::{Reason, valid_role_name};
+use podiam_runtime::telemetry::Escaped;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -6,11 +6,21 @@
 //! target address dialled from the root namespace. Uses: the agent in a node namespace
 //! reaching the server on root loopback, a pod reaching moto. Dropping the bridge stops the
 //! accept task and every open connection with it.
+//!
+//! A bridge can also play a slow network: [`Bridge::set_latency`] holds every byte coming
+//! back from the target for that long before it is passed on (the answers of a replica
+//! slowed down, with their order and throughput kept), on open connections too.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::netns::{NetnsError, in_netns};
 
@@ -48,6 +58,8 @@ pub struct Bridge {
     netns: String,
     listen: SocketAddr,
     target: SocketAddr,
+    /// Added latency of the target's answers, in microseconds.
+    latency: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -83,13 +95,22 @@ impl Bridge {
         std_listener.set_nonblocking(true).map_err(register)?;
         let listener = TcpListener::from_std(std_listener).map_err(register)?;
         let label = netns.to_owned();
-        let task = tokio::spawn(accept_loop(listener, target, label));
+        let latency = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(listener, target, label, Arc::clone(&latency)));
         Ok(Self {
             netns: netns.to_owned(),
             listen,
             target,
+            latency,
             task,
         })
+    }
+
+    /// From now on, every byte the target sends back reaches the namespace's side `latency`
+    /// later (zero: at once), on connections already open as on new ones.
+    pub fn set_latency(&self, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency.store(micros, Ordering::Release);
     }
 
     /// The port listened on inside the namespace.
@@ -120,13 +141,18 @@ impl Drop for Bridge {
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: SocketAddr, netns: String) {
+async fn accept_loop(
+    listener: TcpListener,
+    target: SocketAddr,
+    netns: String,
+    latency: Arc<AtomicU64>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((inbound, _)) => {
-                    connections.spawn(splice(inbound, target, netns.clone()));
+                    connections.spawn(splice(inbound, target, netns.clone(), Arc::clone(&latency)));
                 }
                 Err(err) => {
                     tracing::warn!(%netns, error = %err, "bridge accept failed");
@@ -139,8 +165,8 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, netns: String) {
     }
 }
 
-async fn splice(mut inbound: TcpStream, target: SocketAddr, netns: String) {
-    let mut outbound = match TcpStream::connect(target).await {
+async fn splice(inbound: TcpStream, target: SocketAddr, netns: String, latency: Arc<AtomicU64>) {
+    let outbound = match TcpStream::connect(target).await {
         Ok(stream) => stream,
         Err(err) => {
             tracing::debug!(%netns, %target, error = %err, "bridge target unreachable");
@@ -149,7 +175,45 @@ async fn splice(mut inbound: TcpStream, target: SocketAddr, netns: String) {
     };
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
-    if let Err(err) = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await {
-        tracing::debug!(%netns, %target, error = %err, "bridge connection ended with an error");
-    }
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    // Requests go straight through; answers pass a delay line: each chunk is stamped when
+    // read and written once the latency in force then has passed since its stamp.
+    let requests = async {
+        let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+        let _ = out_write.shutdown().await;
+    };
+    let (line, mut delayed) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let read_answers = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match out_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if line
+                        .send((Instant::now(), buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write_answers = async {
+        while let Some((read_at, chunk)) = delayed.recv().await {
+            let micros = latency.load(Ordering::Acquire);
+            if micros > 0 {
+                tokio::time::sleep_until(read_at + Duration::from_micros(micros)).await;
+            }
+            if in_write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = in_write.shutdown().await;
+    };
+    let answers = async { tokio::join!(read_answers, write_answers) };
+    tokio::join!(requests, answers);
+    tracing::trace!(%netns, %target, "bridge connection ended");
 }

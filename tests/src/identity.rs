@@ -76,7 +76,7 @@ pub type Client = PodiamClient<InterceptedService<Channel, Bearer>>;
 pub async fn client(
     addr: std::net::SocketAddr,
     ca: &[u8],
-    agent_material: Option<&podiam_proto::tls::TlsMaterial>,
+    agent_material: Option<&podiam_runtime::tls::TlsMaterial>,
     token: Option<&str>,
 ) -> anyhow::Result<Client> {
     let tls = match agent_material {

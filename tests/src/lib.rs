@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod fixtures;
 pub mod help;
 pub mod identity;
 pub mod kube_emulator;

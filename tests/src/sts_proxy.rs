@@ -102,9 +102,9 @@ impl StsProxy {
                 }
             }
         };
-        tokio::spawn(podiam_proto::serve::serve_http(
+        tokio::spawn(podiam_runtime::serve::serve_http(
             listener,
-            podiam_proto::serve::Limits::default(),
+            podiam_runtime::serve::Limits::default(),
             handler,
             stop.clone(),
         ));

@@ -273,7 +273,7 @@ impl World {
     /// Builds the world described by `config`. Needs root.
     pub async fn start(config: WorldConfig) -> anyhow::Result<World> {
         netns::require_root();
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         netns::sweep_stale().context("sweeping namespaces left by crashed runs")?;
         let dir = scratch_dir("world")?;
 
@@ -478,14 +478,18 @@ impl World {
             .await?)
     }
 
-    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up).
+    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up), as the
+    /// uninstall DaemonSet does: the rules and the token key file.
     pub async fn uninstall_agent_rules(&self) -> anyhow::Result<Output> {
+        let key_file = self.agent_token_key_file();
         let output = self
             .node
             .netns()
             .command(binary("podiam-agent")?.to_str().context("path")?)
             .arg("uninstall")
             .args(["--iptables-bin", &self.iptables_bin])
+            .arg("--token-key-file")
+            .arg(&key_file)
             .output()
             .await?;
         Ok(output)
@@ -790,6 +794,13 @@ print(remaining)
         Ok(self.replica_mut(i).process_mut()?.signal(signal)?)
     }
 
+    /// Slows server replica `i` as the agent sees it: everything it sends the node arrives
+    /// `latency` later (zero: back to normal). Its health answers then miss the agent's
+    /// deadline while it keeps working, heartbeats included.
+    pub fn slow_server(&self, i: usize, latency: Duration) {
+        self.replica(i).bridge.set_latency(latency);
+    }
+
     /// Kills server replica `i` (SIGKILL: a crash, nothing of it runs on the way out).
     pub async fn kill_server(&mut self, i: usize) -> anyhow::Result<()> {
         let replica = self.replica_mut(i);
@@ -978,14 +989,41 @@ pub async fn http_get_text(url: &str) -> anyhow::Result<String> {
 }
 
 /// The value of one sample in a Prometheus text exposition, named with its labels exactly
-/// as exported (`podiam_server_sts_calls_total{result="ok"}`); 0 when absent.
+/// as exported (`podiam_server_sts_calls_total{result="ok"}`). 0 when the metric is declared
+/// (`# TYPE`) but has no sample with these labels yet (a counter not yet counted); panics
+/// when the metric is not in the exposition at all (renamed, or never registered), so that
+/// an "is 0" assertion cannot pass on a metric that does not exist.
 pub fn metric_value(exposition: &str, sample: &str) -> u64 {
     let prefix = format!("{sample} ");
-    exposition
+    if let Some(value) = exposition
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0)
+    {
+        return value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("sample {sample} is not a whole number: {value:?}"));
+    }
+    let name = sample.split('{').next().unwrap_or(sample);
+    let family = ["_total", "_bucket", "_count", "_sum", "_created"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    let declared = exposition.lines().any(|line| {
+        line.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|declared| declared == name || declared == family)
+    });
+    assert!(
+        declared,
+        "no metric {name} in the exposition (renamed?); it has:\n{}",
+        exposition
+            .lines()
+            .filter(|line| line.starts_with("# TYPE "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    0
 }
 
 fn kubectl_program() -> String {
@@ -1132,8 +1170,8 @@ async fn start_server_at_level(
 /// The agent's TLS files, read: what a test acting as an agent dials the server with.
 pub fn agent_material(
     certs: &podiam_certs::WrittenFiles,
-) -> anyhow::Result<podiam_proto::tls::TlsMaterial> {
-    Ok(podiam_proto::tls::TlsFiles {
+) -> anyhow::Result<podiam_runtime::tls::TlsMaterial> {
+    Ok(podiam_runtime::tls::TlsFiles {
         ca: certs.ca_cert.clone(),
         cert: certs.agent_cert.clone(),
         key: certs.agent_key.clone(),
@@ -1189,7 +1227,7 @@ fn spawn_server_at_level(
         .envs(Moto::client_env())
         .env(
             "PODIAM_LOG_LEVEL",
-            "info,podiam_server=debug,podiam_proto=debug",
+            "info,podiam_server=debug,podiam_proto=debug,podiam_runtime=debug",
         );
     if let Some(level) = log_level {
         command.env("RUST_LOG", level);
@@ -1198,7 +1236,7 @@ fn spawn_server_at_level(
 }
 
 /// Whether the server at `addr` answers Health with synced caches, over mutual TLS.
-pub async fn health_synced(addr: SocketAddr, material: &podiam_proto::tls::TlsMaterial) -> bool {
+pub async fn health_synced(addr: SocketAddr, material: &podiam_runtime::tls::TlsMaterial) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
         return false;
     };
@@ -1213,4 +1251,28 @@ pub async fn health_synced(addr: SocketAddr, material: &podiam_proto::tls::TlsMa
         .health(podiam_proto::v1::HealthRequest {})
         .await
         .is_ok_and(|r| r.get_ref().synced)
+}
+
+#[cfg(test)]
+mod metric_value_tests {
+    use super::metric_value;
+
+    const EXPOSITION: &str = "# HELP x_calls Calls.\n# TYPE x_calls counter\n\
+        x_calls_total{result=\"ok\"} 3\n# TYPE x_streams gauge\nx_streams 2\n# EOF\n";
+
+    #[test]
+    fn a_sample_is_read_and_a_declared_one_without_it_is_zero() {
+        assert_eq!(metric_value(EXPOSITION, r#"x_calls_total{result="ok"}"#), 3);
+        assert_eq!(metric_value(EXPOSITION, "x_streams"), 2);
+        assert_eq!(
+            metric_value(EXPOSITION, r#"x_calls_total{result="error"}"#),
+            0
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "no metric x_renamed")]
+    fn a_metric_not_in_the_exposition_fails_loudly() {
+        metric_value(EXPOSITION, "x_renamed");
+    }
 }

@@ -6,26 +6,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
+use podiam_tests::fixtures::{CREDS_PATH, set_pod_role, team_a_with_agent};
 use podiam_tests::process::{wait_for, wait_until};
-use podiam_tests::world::{Boto3Mode, World, WorldConfig, metric_value};
+use podiam_tests::world::{Boto3Mode, World, metric_value};
 use serde_json::json;
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
-const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
 /// What SDKs need: botocore treats credentials with under ~25 minutes as stale.
 const MIN_REMAINING_SECS: i64 = 30 * 60;
 const NODE_BODY: &str = podiam_tests::netns::NODE_METADATA_BODY;
-
-fn team_a() -> WorldConfig {
-    WorldConfig {
-        start_agent: true,
-        ..WorldConfig::default()
-    }
-    .namespace("team-a", Some("app-.*"))
-    .pod("team-a", "web", Some("app-reader"))
-    .pod("team-a", "plain", None)
-    .pod("team-a", "greedy", Some("admin"))
-}
 
 /// The counter `podiam_agent_requests_total{route=ROUTE,status=STATUS}` (0 when absent).
 fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
@@ -40,7 +29,9 @@ fn seconds_until(expiration: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_matrix_gets_credentials_with_thirty_minutes_left() {
-    let world = World::start(team_a()).await.expect("world starts");
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
     let fail = |who: &str, error: String| -> ! {
         panic!("{who}: {error}\nagent log:\n{}", world.agent_log())
     };
@@ -121,7 +112,9 @@ async fn sdk_matrix_gets_credentials_with_thirty_minutes_left() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn revocation_refuses_the_pods_next_request_within_a_second() {
-    let world = World::start(team_a()).await.expect("world starts");
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
     let creds = format!("{CREDS_PATH}app-reader");
     let before = world
         .metadata_request("web", "GET", &creds, &[])
@@ -129,15 +122,7 @@ async fn revocation_refuses_the_pods_next_request_within_a_second() {
         .expect("answers");
     assert_eq!(before.status, 200, "{}", before.body);
 
-    world
-        .kubectl_ok(&[
-            "annotate",
-            "pod",
-            "web",
-            "-n",
-            "team-a",
-            "iam.amazonaws.com/role-",
-        ])
+    set_pod_role(&world, "team-a", "web", None)
         .await
         .expect("kubectl annotate");
     let refused = wait_for(
@@ -174,7 +159,7 @@ async fn assert_no_metadata_service(world: &World) {
 }
 
 async fn restarts_and_a_crash(iptables_bin: &str) {
-    let mut config = team_a();
+    let mut config = team_a_with_agent();
     config.fake_node_metadata = true;
     config.iptables_bin = Some(iptables_bin.to_string());
     let mut world = World::start(config).await.expect("world starts");
@@ -238,7 +223,7 @@ async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_le
 
 #[tokio::test(flavor = "multi_thread")]
 async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
-    let mut config = team_a();
+    let mut config = team_a_with_agent();
     config.agent_args = vec![
         "--iptables-sync-interval".into(),
         "200ms".into(),
@@ -343,7 +328,7 @@ fn request(method: &str, path: &str, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
-    let mut config = team_a();
+    let mut config = team_a_with_agent();
     config.fake_node_metadata = true;
     config.agent_args = vec![
         "--allow-route-regexp".into(),
@@ -539,7 +524,9 @@ async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_metrics_live_on_their_own_port() {
-    let world = World::start(team_a()).await.expect("world starts");
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
     let _ = world
         .metadata_request("web", "GET", CREDS_PATH, &[])
         .await
@@ -573,7 +560,9 @@ async fn health_and_metrics_live_on_their_own_port() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
-    let world = World::start(team_a()).await.expect("world starts");
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
     let ttl = [("X-aws-ec2-metadata-token-ttl-seconds", "300")];
     let token = world
         .metadata_request("web", "PUT", "/latest/api/token", &ttl)
@@ -618,7 +607,7 @@ async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
-    let config = team_a()
+    let config = team_a_with_agent()
         .unregistered_pod("team-a", "early", Some("app-reader"))
         .unregistered_pod("team-a", "stranger", None)
         .unregistered_pod("team-a", "misplaced", Some("app-reader"));
@@ -675,10 +664,27 @@ async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
         reply.body
     );
 
-    // Registered while its first request waits: answered with its role.
+    // Registered while its first request waits: answered with its role. The pod is
+    // registered once the agent holds the request's connection (the only pod-facing one).
+    let connections = || async {
+        let metrics = world.agent_metrics().await.expect("agent metrics");
+        metric_value(&metrics, "podiam_agent_connections")
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "no pod-facing connection",
+        || async { connections().await == 0 },
+    )
+    .await
+    .expect("the earlier requests' connections closed");
     let request = world.metadata_request("early", "GET", CREDS_PATH, &[]);
     let register = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        wait_until(
+            Duration::from_secs(5),
+            "the request at the agent",
+            || async { connections().await > 0 },
+        )
+        .await?;
         world.register_pod("early").await
     };
     let (reply, registered) = tokio::join!(request, register);
@@ -693,7 +699,9 @@ async fn a_pod_unknown_at_first_is_waited_for_briefly_then_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cached_credentials_are_served_without_asking_the_server() {
-    let world = World::start(team_a()).await.expect("world starts");
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
     let creds = format!("{CREDS_PATH}app-reader");
     let first = world
         .metadata_request("web", "GET", &creds, &[])

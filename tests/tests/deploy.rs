@@ -37,6 +37,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use podiam_tests::fixtures::repo_root;
 use podiam_tests::help::{Help, parse_help};
 use podiam_tests::process::scratch_dir;
 use podiam_tests::world::binary;
@@ -59,13 +60,6 @@ const CONTROL_PLANE_LABELS: [&str; 2] = [
 
 // ---------------------------------------------------------------------------------------
 // Rendering
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// One rendered kustomization.
 #[derive(Debug)]
@@ -216,7 +210,7 @@ fn renderings() -> &'static [Rendering] {
     static ALL: OnceLock<Vec<Rendering>> = OnceLock::new();
     ALL.get_or_init(|| {
         require_tools();
-        let deploy = repo().join("deploy");
+        let deploy = repo_root().join("deploy");
         let out = scratch_dir("deploy-render").unwrap();
         let mut all = vec![render(&deploy, ".", &out)];
         for overlay in subdirs(&deploy.join("overlays")) {
@@ -1258,6 +1252,30 @@ fn uninstall_removes_the_rules_of_both_back_ends_on_every_node() {
         back_ends,
         BTreeSet::from(["iptables-legacy", "iptables-nft"])
     );
+    // One of them deletes the token key file the agent keeps on the node, where the
+    // agent keeps it.
+    let agent_key_file = flag_value(container(base().agent(), "agent"), "--token-key-file")
+        .expect("the agent's key file");
+    let deleting: Vec<_> = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| flag_value(c, "--token-key-file") == Some(agent_key_file))
+        .collect();
+    assert_eq!(deleting.len(), 1, "{spec:#}");
+    let mount = deleting[0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/podiam")
+        .expect("the key directory mounted");
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], "/var/lib/podiam");
     // Nothing in it serves: a running agent would put the rules back.
     for c in containers(ds) {
         assert_ne!(args(c).first(), Some(&"serve"));
@@ -1472,7 +1490,7 @@ fn image_target(image: &str) -> &str {
 
 #[test]
 fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     // stage name → the files COPYed into it.
     let mut stages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current = String::new();

@@ -47,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use podiam_tests::fixtures::repo_root;
 use podiam_tests::help::{Help, parse_help};
 use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator};
 use podiam_tests::moto::Moto;
@@ -88,19 +89,12 @@ const OTHER_PROGRAMS: &[&str] = &[
 /// Table columns headed by these words hold another tool's flags.
 const OTHER_TOOL_COLUMNS: &[&str] = &["kiam", "kube2iam"];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn docs() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("docs"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "md"))
@@ -321,7 +315,11 @@ fn cells(row: &str) -> Vec<String> {
 /// Every flag mentioned in a Markdown file.
 fn markdown_mentions(path: &Path) -> Vec<Mention> {
     let text = read(path);
-    let name = path.strip_prefix(repo()).unwrap().display().to_string();
+    let name = path
+        .strip_prefix(repo_root())
+        .unwrap()
+        .display()
+        .to_string();
     let mut out = Vec::new();
     let mut in_block = false;
     let mut logical = String::new();
@@ -378,7 +376,7 @@ fn markdown_mentions(path: &Path) -> Vec<Mention> {
 /// Every flag mentioned in the manifests and settings under deploy/ (one unit per line).
 fn deploy_mentions() -> Vec<Mention> {
     let mut out = Vec::new();
-    let mut stack = vec![repo().join("deploy")];
+    let mut stack = vec![repo_root().join("deploy")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -390,7 +388,11 @@ fn deploy_mentions() -> Vec<Mention> {
             if !matches!(ext, "yaml" | "env") {
                 continue;
             }
-            let name = path.strip_prefix(repo()).unwrap().display().to_string();
+            let name = path
+                .strip_prefix(repo_root())
+                .unwrap()
+                .display()
+                .to_string();
             for (i, line) in read(&path).lines().enumerate() {
                 for unit in spans(line) {
                     attribute(
@@ -413,7 +415,7 @@ fn every_flag_the_docs_name_exists_in_its_binary() {
     files.extend(
         ["README.md", "ARCHITECTURE.md", "deploy/README.md"]
             .iter()
-            .map(|f| repo().join(f)),
+            .map(|f| repo_root().join(f)),
     );
     let mut mentions: Vec<Mention> = files.iter().flat_map(|f| markdown_mentions(f)).collect();
     mentions.extend(deploy_mentions());
@@ -487,9 +489,9 @@ fn every_podiam_variable_the_docs_name_exists() {
     let helps = helps();
     let known: BTreeSet<&String> = helps.values().flat_map(|h| &h.envs).collect();
     let mut files = docs();
-    files.push(repo().join("deploy/README.md"));
+    files.push(repo_root().join("deploy/README.md"));
     for dir in ["deploy/base", "deploy/components/iptables-legacy"] {
-        for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
+        for entry in std::fs::read_dir(repo_root().join(dir)).unwrap() {
             files.push(entry.unwrap().path());
         }
     }
@@ -518,7 +520,7 @@ fn every_podiam_variable_the_docs_name_exists() {
 fn registered_metrics() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for file in ["agent/src/metrics.rs", "server/src/metrics.rs"] {
-        let text = read(&repo().join(file));
+        let text = read(&repo_root().join(file));
         let prefix = text
             .split("Registry::with_prefix(\"")
             .nth(1)
@@ -668,7 +670,7 @@ fn metric_words(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_exported_metric_is_documented_and_the_dashboard_uses_only_those() {
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     let dir = scratch_dir("docs-metrics").unwrap();
     let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())
         .unwrap()
@@ -697,7 +699,7 @@ async fn every_exported_metric_is_documented_and_the_dashboard_uses_only_those()
         }
     }
 
-    let documented = metric_words(&read(&repo().join("docs/metrics.md")));
+    let documented = metric_words(&read(&repo_root().join("docs/metrics.md")));
     let mut problems = Vec::new();
     for name in &expected {
         match name.strip_suffix('?') {
@@ -731,7 +733,7 @@ async fn every_exported_metric_is_documented_and_the_dashboard_uses_only_those()
     );
 
     // The dashboard: importable, and over documented metrics only.
-    let path = repo().join("deploy/grafana/podiam-dashboard.json");
+    let path = repo_root().join("deploy/grafana/podiam-dashboard.json");
     let dashboard: Value = serde_json::from_str(&read(&path)).unwrap();
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 30);
     assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
@@ -780,7 +782,7 @@ async fn every_exported_metric_is_documented_and_the_dashboard_uses_only_those()
 /// (reason, HTTP status) pairs from the agent's table test `every_failure_has_its_status`
 /// in agent/src/http.rs: each `"slug"` there follows its status.
 fn agent_statuses() -> Vec<(String, u16)> {
-    let text = read(&repo().join("agent/src/http.rs"));
+    let text = read(&repo_root().join("agent/src/http.rs"));
     let table = text
         .split("fn every_failure_has_its_status")
         .nth(1)
@@ -807,7 +809,7 @@ fn agent_statuses() -> Vec<(String, u16)> {
 
 /// The reason names of the wire contract (proto/src/lib.rs `Reason::as_str`).
 fn reasons() -> Vec<String> {
-    let text = read(&repo().join("proto/src/lib.rs"));
+    let text = read(&repo_root().join("proto/src/lib.rs"));
     let body = text
         .split("pub fn as_str(self)")
         .nth(1)
@@ -826,7 +828,7 @@ fn reasons() -> Vec<String> {
 
 #[test]
 fn troubleshooting_explains_every_refusal_with_its_status() {
-    let text = read(&repo().join("docs/troubleshooting.md"));
+    let text = read(&repo_root().join("docs/troubleshooting.md"));
     let statuses = agent_statuses();
     for reason in reasons() {
         assert!(
@@ -877,7 +879,7 @@ fn anchors(path: &Path) -> BTreeSet<String> {
 #[test]
 fn links_between_the_docs_resolve() {
     let mut files = docs();
-    files.push(repo().join("deploy/README.md"));
+    files.push(repo_root().join("deploy/README.md"));
     let mut problems = Vec::new();
     let mut checked = 0;
     for file in &files {

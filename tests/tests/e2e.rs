@@ -7,24 +7,14 @@
 
 use std::time::Duration;
 
+use podiam_tests::fixtures::{CREDS_PATH, set_pod_role, team_a};
 use podiam_tests::netns::NODE_METADATA_BODY;
 use podiam_tests::process::wait_for;
-use podiam_tests::world::{World, WorldConfig};
+use podiam_tests::world::World;
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
 /// Revocation must hold within a second; allow polling slack on a loaded 2-core machine.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
-const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
-
-/// team-a permits `app-.*`; pod `web` has `app-reader`, pod `plain` has no role,
-/// pod `greedy` asks for `admin` (not permitted).
-fn team_a() -> WorldConfig {
-    WorldConfig::default()
-        .namespace("team-a", Some("app-.*"))
-        .pod("team-a", "web", Some("app-reader"))
-        .pod("team-a", "plain", None)
-        .pod("team-a", "greedy", Some("admin"))
-}
 
 fn expect_assumed(result: Result<String, String>, role: &str, world: &World) {
     match result {
@@ -277,15 +267,7 @@ async fn kubectl_annotate_grants_and_revokes() {
         "{granted}"
     );
 
-    world
-        .kubectl_ok(&[
-            "annotate",
-            "pod",
-            "web",
-            "-n",
-            "team-a",
-            "iam.amazonaws.com/role-",
-        ])
+    set_pod_role(&world, "team-a", "web", None)
         .await
         .expect("kubectl annotate role-");
     wait_for(
@@ -384,6 +366,10 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
         "the rules are still there"
     );
 
+    assert!(
+        world.agent_token_key_file().exists(),
+        "the agent kept its token keys on the node"
+    );
     let out = world.uninstall_agent_rules().await.expect("uninstall runs");
     assert!(
         out.status.success(),
@@ -394,6 +380,10 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
     assert!(
         !rules.contains("PODIAM"),
         "uninstall leaves nothing of ours:\n{rules}"
+    );
+    assert!(
+        !world.agent_token_key_file().exists(),
+        "uninstall removed the token key file"
     );
     // Proof that the stopped agent's rule was what kept the pod from the node's own service.
     let reply = world

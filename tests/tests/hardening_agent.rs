@@ -4,20 +4,11 @@
 
 use std::time::Duration;
 
-use podiam_tests::world::{World, WorldConfig, metric_value};
+use podiam_tests::fixtures::team_a_with_agent;
+use podiam_tests::world::{World, metric_value};
 use serde_json::json;
 
 const NODE_BODY: &str = podiam_tests::netns::NODE_METADATA_BODY;
-
-fn team_a() -> WorldConfig {
-    WorldConfig {
-        start_agent: true,
-        ..WorldConfig::default()
-    }
-    .namespace("team-a", Some("app-.*"))
-    .pod("team-a", "web", Some("app-reader"))
-    .pod("team-a", "greedy", Some("admin"))
-}
 
 /// Sends each path, byte for byte, as `GET PATH HTTP/1.1` on a connection of its own from
 /// inside a pod, and prints one `[status, body]` per path (status "closed" or "timeout" when
@@ -71,7 +62,7 @@ async fn raw_gets(world: &World, pod: &str, paths: &[&str]) -> Vec<(String, Stri
 /// service hears nothing at all while they are tried.
 #[tokio::test(flavor = "multi_thread")]
 async fn encoded_delimiters_never_reach_the_node_metadata_service() {
-    let mut config = team_a();
+    let mut config = team_a_with_agent();
     config.fake_node_metadata = true;
     config.agent_args = vec!["--allow-route-regexp".into(), ".*".into()];
     let world = World::start(config).await.expect("world starts");
@@ -215,7 +206,7 @@ print(json.dumps(stats), flush=True)
 async fn one_pod_flooding_the_agent_does_not_starve_another() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    let mut config = team_a();
+    let mut config = team_a_with_agent();
     config.agent_args = vec!["--max-connections".into(), "200".into()];
     let world = World::start(config).await.expect("world starts");
     assert!(

@@ -42,7 +42,7 @@ struct Setup {
 
 impl Setup {
     async fn start(deletion: PodDeletion, server_args: &[&str]) -> Setup {
-        podiam_proto::tls::install_crypto_provider();
+        podiam_runtime::tls::install_crypto_provider();
         let dir = scratch_dir("hardening-policy").expect("scratch directory");
         let certs = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")

@@ -8,11 +8,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -26,6 +25,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use podiam_tests::kube_emulator::{
     EmulatorOptions, Kind, KubeEmulator, PodDeletion, namespace, pod,
 };
+use podiam_tests::process::wait_until;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
@@ -221,19 +221,6 @@ impl WatchLines {
                 return event;
             }
         }
-    }
-}
-
-/// Polls `condition` until it holds or the deadline passes.
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !condition().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1011,10 +998,11 @@ async fn kube_watcher_sees_initial_list_and_changes() {
         fx.emulator
             .create(pod("team-a", "new", "10.1.0.7", &[]))
             .unwrap();
-        wait_until("the new pod is seen", || async {
+        wait_until(DEADLINE, "the new pod is seen", || async {
             pod_names(&reader).contains("new")
         })
-        .await;
+        .await
+        .expect("the condition within the deadline");
 
         fx.emulator
             .merge_patch(
@@ -1024,7 +1012,7 @@ async fn kube_watcher_sees_initial_list_and_changes() {
                 json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "app-reader"}}}),
             )
             .unwrap();
-        wait_until("the annotation is seen", || async {
+        wait_until(DEADLINE, "the annotation is seen", || async {
             reader.state().iter().any(|p| {
                 p.metadata.name.as_deref() == Some("web")
                     && p.metadata
@@ -1034,15 +1022,17 @@ async fn kube_watcher_sees_initial_list_and_changes() {
                         == Some(&"app-reader".to_string())
             })
         })
-        .await;
+        .await
+        .expect("the condition within the deadline");
 
         fx.emulator
             .delete(Kind::Pod, Some("team-a"), "api")
             .unwrap();
-        wait_until("the deleted pod is gone", || async {
+        wait_until(DEADLINE, "the deleted pod is gone", || async {
             pod_names(&reader) == set(&["new", "web"])
         })
-        .await;
+        .await
+        .expect("the condition within the deadline");
         task.abort();
     }
 }
@@ -1068,11 +1058,12 @@ async fn kube_watcher_relists_after_410() {
     // gets 410, and relists.
     fx.emulator.compact();
     fx.emulator.close_watches();
-    wait_until("the watcher saw 410 Gone", || async {
+    wait_until(DEADLINE, "the watcher saw 410 Gone", || async {
         gone_errors.load(Ordering::SeqCst) > 0
     })
-    .await;
-    wait_until("the watcher relisted", || async {
+    .await
+    .expect("the condition within the deadline");
+    wait_until(DEADLINE, "the watcher relisted", || async {
         fx.emulator
             .requests()
             .iter()
@@ -1080,7 +1071,8 @@ async fn kube_watcher_relists_after_410() {
             .count()
             > lists_before
     })
-    .await;
+    .await
+    .expect("the condition within the deadline");
 
     fx.emulator
         .create(pod("team-a", "after", "10.1.0.8", &[]))
@@ -1088,10 +1080,11 @@ async fn kube_watcher_relists_after_410() {
     fx.emulator
         .delete(Kind::Pod, Some("team-a"), "web")
         .unwrap();
-    wait_until("the watcher converged", || async {
+    wait_until(DEADLINE, "the watcher converged", || async {
         pod_names(&reader) == set(&["after"])
     })
-    .await;
+    .await
+    .expect("the condition within the deadline");
     task.abort();
 }
 
@@ -1234,10 +1227,12 @@ async fn an_outage_refuses_connections_and_ends_watches_then_service_resumes() {
         .await;
     assert!(listed.contains("pod/while-away"), "{listed}");
     wait_until(
+        DEADLINE,
         "the watcher to see the change made during the outage",
         || async { pod_names(&reader).contains("while-away") },
     )
-    .await;
+    .await
+    .expect("the condition within the deadline");
 
     // A slow API server: each list waits, watches do not.
     fx.emulator.set_list_delay(Duration::from_millis(300));

@@ -4,9 +4,9 @@
 //! (the server runs inside a full [`World`]). Also: certificates rotated on disk are used
 //! for new connections without a restart, and expired ones are refused.
 
-use podiam_proto::tls::TlsMaterial;
 use podiam_proto::v1::HealthRequest;
 use podiam_proto::v1::podiam_client::PodiamClient;
+use podiam_runtime::tls::TlsMaterial;
 use podiam_tests::world::{World, WorldConfig};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -96,14 +96,14 @@ async fn the_server_refuses_agents_without_a_certificate_from_its_ca() {
 /// agent's files.
 async fn served_certificate(world: &World) -> Result<Vec<u8>, String> {
     let files = world.certs();
-    let checked = podiam_proto::tls::TlsFiles {
+    let checked = podiam_runtime::tls::TlsFiles {
         ca: files.ca_cert.clone(),
         cert: files.agent_cert.clone(),
         key: files.agent_key.clone(),
     }
     .load_checked(std::time::SystemTime::now())
     .map_err(|e| e.to_string())?;
-    let config = podiam_proto::tls::client_config(&checked).map_err(|e| e.to_string())?;
+    let config = podiam_runtime::tls::client_config(&checked).map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect(world.server_addr())
         .await
         .map_err(|e| e.to_string())?;

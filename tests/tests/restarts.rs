@@ -304,8 +304,11 @@ bare.on("end", () => {
 #[tokio::test(flavor = "multi_thread")]
 async fn node_retires_an_idle_connection_before_the_agent_closes_it() {
     let _one = ONE_AT_A_TIME.lock().await;
+    // A 10 s idle limit instead of the default 120 s, so the bare connection's close is seen
+    // soon; Node's own 5 s is still the shorter of the two.
     let config = WorldConfig {
         start_agent: true,
+        agent_args: vec!["--idle-timeout".into(), "10s".into()],
         ..WorldConfig::default()
             .namespace("team-a", Some("app-.*"))
             .pod("team-a", "app-0", Some("app-reader"))

@@ -41,9 +41,9 @@ pub async fn serve_minimal(listen: SocketAddr, body: Bytes) -> anyhow::Result<()
             response
         }
     };
-    podiam_proto::serve::serve_http(
+    podiam_runtime::serve::serve_http(
         listener,
-        podiam_proto::serve::Limits::default(),
+        podiam_runtime::serve::Limits::default(),
         handler,
         tokio_util::sync::CancellationToken::new(),
     )

@@ -131,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         let body = std::fs::read(body_file)?;
         return baseline::serve_minimal(*listen, Bytes::from(body)).await;
     }
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     let plan = Plan::new(&args);
     let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let began = Instant::now();

@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
     // One shutdown source: Ctrl-C or SIGTERM ends the demo wherever it is; the world drops
     // on the way out and takes every namespace, rule and process with it.
     let interrupted = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(podiam_proto::telemetry::cancel_on_signal(
+    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
         interrupted.clone(),
     ));
     let outcome = tokio::select! {
@@ -118,7 +118,7 @@ fn expect_nothing(result: &Result<String, String>, pod: &str) -> anyhow::Result<
 }
 
 async fn demo(hold: bool, interrupted: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     step(
         1,
         "starting: Kubernetes API emulator, moto (STS), podiam-server, a node running podiam-agent, two pods",

@@ -80,7 +80,7 @@ enum Api {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    podiam_proto::tls::install_crypto_provider();
+    podiam_runtime::tls::install_crypto_provider();
     let args = Args::parse();
     match args.command {
         Some(Command::Load(load)) => run_load(load).await,

@@ -483,40 +483,12 @@ async fn serve_connection<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let closing = shutdown.clone();
-    let service = {
-        let conn = Arc::clone(conn);
-        hyper::service::service_fn(move |request| {
-            let served = conn.request_started();
-            let response = handler(peer, request);
-            let closing = closing.clone();
-            let conn = Arc::clone(&conn);
-            async move {
-                let mut response = response.await;
-                let last = served >= limits.max_requests_per_connection;
-                if closing.is_cancelled() || last {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                conn.request_done();
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // hyper's own header timer is replaced by the watchdog below: it starts when hyper begins
-    // to read a head, which is right after an answer, so it would close idle connections too.
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
+    let service = counted_service(peer, conn, limits, handler, shutdown.clone());
     let io = Watched {
         io: stream,
         conn: Arc::clone(conn),
     };
+    let builder = http1_builder();
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     // Set once the connection has been told to finish (graceful shutdown): it may then take
@@ -577,6 +549,59 @@ async fn serve_connection<H, F>(
             }
         }
     }
+}
+
+/// HTTP/1 with bounded heads. hyper's own header timer is off: the connection's watchdog
+/// replaces it, since hyper's starts when it begins to read a head, which is right after an
+/// answer, so it would close idle connections too.
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+}
+
+/// `handler` as the connection's service: each request counted on `conn`, and its answer
+/// saying `Connection: close` once the agent is shutting down (`closing`) or the connection
+/// has carried its last request.
+fn counted_service<H, F>(
+    peer: SocketAddr,
+    conn: &Arc<Conn>,
+    limits: Limits,
+    handler: H,
+    closing: CancellationToken,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + use<H, F>
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let conn = Arc::clone(conn);
+    hyper::service::service_fn(move |request| {
+        let served = conn.request_started();
+        let response = handler(peer, request);
+        let closing = closing.clone();
+        let conn = Arc::clone(&conn);
+        async move {
+            let mut response = response.await;
+            let last = served >= limits.max_requests_per_connection;
+            if closing.is_cancelled() || last {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            conn.request_done();
+            Ok::<_, Infallible>(response)
+        }
+    })
 }
 
 /// Sleeps until `at`, or forever.

@@ -1,0 +1,17 @@
+//! What podiam's daemons run on, apart from the wire contract (`podiam-proto`).
+//!
+//! - [`serve`]: the HTTP/1 accept loop with limits that every podiam listener shares.
+//! - [`telemetry`]: the logging set-up, duration flags and signal handling both binaries
+//!   share, and `Escaped` for logging text a caller chose.
+//! - [`tls`]: loading and checking the CA, certificate and key PEM files, and the rustls
+//!   configurations built from them: the server asks for a client certificate from the CA,
+//!   the agent verifies the server name.
+//! - [`rotate`]: those configurations kept current as the files change on disk.
+//! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler.
+
+pub mod accept;
+pub mod connect;
+pub mod rotate;
+pub mod serve;
+pub mod telemetry;
+pub mod tls;
