@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::events::EventCounters;
 use crate::identity::IdentityCounters;
 use crate::sts::StsCallCounters;
-use crate::watch::Cluster;
+use crate::watch::{Cluster, ResourceLabels};
 
 /// Labels of an STS call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,12 +27,6 @@ struct StsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     result: &'static str,
-}
-
-/// Labels of a watched resource.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResourceLabels {
-    pub resource: &'static str,
 }
 
 /// Every metric the server exports.
