@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics, served on the health listener's `/metrics` only.
 //!
-//! One registry is created in [`crate::run`] and handed down; every metric is prefixed
-//! `podiam_agent_`.
+//! One registry is created with the agent ([`crate::Agent::build`]) and handed down; every
+//! metric is prefixed `podiam_agent_`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -84,103 +84,98 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
         let server_errors = Family::<ServerErrorLabels, Counter>::default();
         // Both kinds exported from the start (at 0), so that rates and alerts over them need
         // no `or vector(0)`.
         for kind in ["unavailable", "other"] {
             let _ = server_errors.get_or_create(&ServerErrorLabels { kind });
         }
-        let cache_hits = Counter::default();
-        let cache_misses = Counter::default();
-        let ready = Gauge::default();
-        let mut registry = Registry::with_prefix("podiam_agent");
-        registry.register(
-            "requests",
-            "Pod-facing requests answered, by route and HTTP status",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time to answer a pod-facing request, by route",
-            latency.clone(),
-        );
-        registry.register(
-            "server_errors",
-            "Calls to the podiam server that failed (unavailable: no answer in time; other: an undefined error)",
-            server_errors.clone(),
-        );
-        registry.register(
-            "credential_cache_hits",
-            "Credential requests answered from the agent's cache, with no server call",
-            cache_hits.clone(),
-        );
-        registry.register(
-            "credential_cache_misses",
-            "Credential requests that needed a call to the server",
-            cache_misses.clone(),
-        );
-        registry.register(
-            "ready",
-            "1 when a synced server replica answers and the agent is not stopping, else 0",
-            ready.clone(),
-        );
-        let failovers = Counter::default();
-        registry.register(
-            "server_failovers",
-            "Server calls also sent to a second replica because the first failed or had not \
-             answered within 300 ms",
-            failovers.clone(),
-        );
-        let replicas = Family::<ReplicaLabels, Gauge>::default();
-        registry.register(
-            "server_replicas",
-            "Server replicas known (from --server), by state: ready (synced, not draining) \
-             or not_ready",
-            replicas.clone(),
-        );
-        let tls_expiry = Gauge::default();
-        registry.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the agent's client certificate in use expires, in Unix seconds (rotated \
-             files are picked up without a restart)",
-            tls_expiry.clone(),
-        );
-        let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "Pod-facing connections open",
-            connections.clone(),
-        );
         let connections_closed = Family::<ClosedLabels, Counter>::default();
         for why in Closed::ALL {
             let _ = connections_closed.get_or_create(&ClosedLabels {
                 reason: closed_reason(why),
             });
         }
+        let mut metrics = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            server_errors,
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            ready: Gauge::default(),
+            failovers: Counter::default(),
+            replicas: Family::default(),
+            tls_expiry: Gauge::default(),
+            connections: Gauge::default(),
+            connections_closed,
+            registry: Registry::with_prefix("podiam_agent"),
+        };
+        metrics.register();
+        metrics
+    }
+
+    /// Registers every metric, with its help text, in the registry `/metrics` encodes.
+    fn register(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "requests",
+            "Pod-facing requests answered, by route and HTTP status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a pod-facing request, by route",
+            self.latency.clone(),
+        );
+        registry.register(
+            "server_errors",
+            "Calls to the podiam server that failed (unavailable: no answer in time; other: an undefined error)",
+            self.server_errors.clone(),
+        );
+        registry.register(
+            "credential_cache_hits",
+            "Credential requests answered from the agent's cache, with no server call",
+            self.cache_hits.clone(),
+        );
+        registry.register(
+            "credential_cache_misses",
+            "Credential requests that needed a call to the server",
+            self.cache_misses.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when a synced server replica answers and the agent is not stopping, else 0",
+            self.ready.clone(),
+        );
+        registry.register(
+            "server_failovers",
+            "Server calls also sent to a second replica because the first failed or had not \
+             answered within 300 ms",
+            self.failovers.clone(),
+        );
+        registry.register(
+            "server_replicas",
+            "Server replicas known (from --server), by state: ready (synced, not draining) \
+             or not_ready",
+            self.replicas.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the agent's client certificate in use expires, in Unix seconds (rotated \
+             files are picked up without a restart)",
+            self.tls_expiry.clone(),
+        );
+        registry.register(
+            "connections",
+            "Pod-facing connections open",
+            self.connections.clone(),
+        );
         registry.register(
             "connections_closed",
             "Pod-facing connections the agent closed or refused on its own, by reason \
              (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit)",
-            connections_closed.clone(),
+            self.connections_closed.clone(),
         );
-        Metrics {
-            requests,
-            latency,
-            server_errors,
-            cache_hits,
-            cache_misses,
-            ready,
-            failovers,
-            replicas,
-            tls_expiry,
-            connections,
-            connections_closed,
-            registry,
-        }
     }
 
     /// Sets the replicas gauge from what `servers` knows now.
