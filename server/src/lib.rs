@@ -23,6 +23,8 @@
 pub mod config;
 pub mod events;
 pub mod identity;
+#[cfg(test)]
+mod in_process_tests;
 pub mod metrics;
 pub mod preflight;
 pub mod service;
