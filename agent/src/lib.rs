@@ -27,6 +27,8 @@ pub mod config;
 pub mod http;
 pub mod identity;
 pub mod imds;
+#[cfg(test)]
+mod in_process_tests;
 pub mod iptables;
 pub mod metrics;
 pub mod node_metadata;
