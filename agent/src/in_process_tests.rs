@@ -69,6 +69,9 @@ fn pod(name: &str, ip: Ipv4Addr) -> PodState {
 struct Replica {
     /// The pods it knows (all on [`NODE`]), by IP.
     pods: Mutex<BTreeMap<String, PodState>>,
+    /// Addresses of pods it places on another node (node binding: refused `other-node`,
+    /// naming nothing of the pod).
+    elsewhere: Mutex<Vec<String>>,
     /// How long GetCredentials takes.
     credentials_delay: Mutex<Duration>,
     /// Its node streams send a heartbeat every second while this is set.
@@ -124,6 +127,9 @@ impl Podiam for Fake {
     ) -> Result<Response<GetPodRoleResponse>, Status> {
         self.0.pod_role_calls.fetch_add(1, Ordering::SeqCst);
         let ip = request.into_inner().ip;
+        if self.0.elsewhere.lock().expect("not poisoned").contains(&ip) {
+            return Err(Reason::OtherNode.status(format!("{ip} is no pod of node {NODE}")));
+        }
         let state = self.0.pod_at(&ip).ok_or_else(|| {
             Reason::UnknownPod.status(format!("no pod known with IP {ip} on node {NODE}"))
         })?;
@@ -456,7 +462,7 @@ async fn a_node_stream_that_never_sent_heartbeats_is_trusted() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_unknown_address_is_waited_for_500_ms_then_refused() {
+async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
     let rig = Rig::start(&[pod("web", WEB)]).await;
     let holder = rig.stream_synced(WEB).await;
 
@@ -470,6 +476,26 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused() {
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown-pod"), "{body}");
     assert_eq!(rig.pod_role_calls() - calls, 2);
+
+    // A pod the servers place on another node: refused after the same wait, saying so
+    // (a wrong --node-name is found at once), and naming nothing of that pod.
+    let misplaced = Ipv4Addr::new(10, 1, 0, 8);
+    for replica in &rig.replicas {
+        replica
+            .elsewhere
+            .lock()
+            .expect("not poisoned")
+            .push(misplaced.to_string());
+    }
+    let began = Instant::now();
+    let (status, body) = rig.get(misplaced, ROLES).await;
+    assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains(&format!("no pod on this node ({NODE}) has IP {misplaced}"))
+            && body.contains("another node"),
+        "{body}"
+    );
 
     // A pod whose IP reaches the node stream 150 ms into its first request's wait: answered
     // from the table the moment it does.
