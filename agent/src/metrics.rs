@@ -110,12 +110,12 @@ impl Metrics {
             connections_closed,
             registry: Registry::with_prefix("podiam_agent"),
         };
-        metrics.register();
+        metrics.register_all();
         metrics
     }
 
     /// Registers every metric, with its help text, in the registry `/metrics` encodes.
-    fn register(&mut self) {
+    fn register_all(&mut self) {
         let registry = &mut self.registry;
         registry.register(
             "requests",

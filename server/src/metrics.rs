@@ -94,13 +94,13 @@ impl Metrics {
             identity: IdentityCounters::new(),
             registry: Registry::with_prefix("podiam_server"),
         };
-        metrics.register(family, event_family);
+        metrics.register_all(family, event_family);
         metrics
     }
 
     /// Registers every metric, with its help text, in the registry `/metrics` encodes; the
     /// STS and Event families are registered whole, their members being the counters above.
-    fn register(
+    fn register_all(
         &mut self,
         sts_calls: Family<StsLabels, Counter>,
         events: Family<EventLabels, Counter>,
