@@ -1,6 +1,7 @@
 //! The agent's timing, in process on paused time ([`tokio::time::pause`]): hedging a slow
 //! replica after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER), leaving a node stream
-//! silent for 3 s, and waiting at most 500 ms for an address the node's pods do not have.
+//! silent for 3 s or whose replica fails two health checks in a row, and waiting at most
+//! 500 ms for an address the node's pods do not have.
 //!
 //! A whole agent ([`Agent::build_over`], [`Agent::serve`]) runs against two fake server
 //! replicas, each a tonic server over mutual TLS whose answers the test scripts; pods are
@@ -74,6 +75,8 @@ struct Replica {
     elsewhere: Mutex<Vec<String>>,
     /// How long GetCredentials takes.
     credentials_delay: Mutex<Duration>,
+    /// How long Health takes.
+    health_delay: Mutex<Duration>,
     /// Its node streams send a heartbeat every second while this is set.
     heartbeats: AtomicBool,
     credentials_calls: AtomicUsize,
@@ -167,6 +170,8 @@ impl Podiam for Fake {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let delay = *self.0.health_delay.lock().expect("not poisoned");
+        tokio::time::sleep(delay).await;
         Ok(Response::new(HealthResponse {
             version: "test".into(),
             synced: true,
@@ -445,6 +450,38 @@ async fn a_node_stream_silent_for_three_seconds_moves_to_another_replica() {
     }
     assert_eq!(other.streams()[0] - last, Duration::from_secs(3));
     assert_eq!(silent.streams().len(), 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stream_moves_off_a_replica_failing_two_health_checks_in_a_row() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    let holder = rig.stream_synced(WEB).await;
+    let (slow, other) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
+    // Heartbeats keep coming, but health answers come after the agent's 500 ms deadline.
+    *slow.health_delay.lock().expect("not poisoned") = Duration::from_millis(600);
+    let slowed = Instant::now();
+    let deadline = slowed + PATIENCE;
+    while other.streams().is_empty() {
+        assert!(Instant::now() < deadline, "the stream never moved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The first check to miss its deadline ends within 1.5 s (a check a second, 500 ms
+    // each); the stream leaves at the second of its own once-a-second ticks after that.
+    let moved = other.streams()[0] - slowed;
+    assert!(
+        moved > Duration::from_secs(1) && moved <= Duration::from_millis(3500),
+        "moved {moved:?} after the replica slowed"
+    );
+    let last = slow
+        .last_heartbeat
+        .lock()
+        .expect("not poisoned")
+        .expect("heartbeats");
+    assert!(
+        other.streams()[0] - last < Duration::from_secs(3),
+        "not for silence"
+    );
     rig.stop().await;
 }
 
