@@ -10,6 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,7 +36,7 @@ impl Listener for TcpListener {
     type Io = TcpStream;
 
     fn accept(&self) -> impl Future<Output = (TcpStream, SocketAddr)> + Send {
-        crate::serve::accept(self)
+        accept(self)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -44,6 +45,20 @@ impl Listener for TcpListener {
 
     fn set_nodelay(io: &TcpStream) -> io::Result<()> {
         io.set_nodelay(true)
+    }
+}
+
+/// The next connection on `listener`. A failed accept (out of file descriptors and the like)
+/// is logged and retried after a pause instead of spinning.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

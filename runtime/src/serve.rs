@@ -378,20 +378,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
-/// The next connection on `listener`. A failed accept (out of file descriptors and the like)
-/// is logged and retried after a pause instead of spinning.
-pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 /// Serves HTTP/1 on `listener` (TCP, or in tests an in-memory one: see
 /// [`crate::net::Listener`]) with `handler(peer, request)` until `shutdown`; then stops
 /// accepting (the listener closes), answers what still arrives on open connections for
