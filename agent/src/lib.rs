@@ -160,11 +160,6 @@ impl Agent {
         })
     }
 
-    /// The agent's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Serves pods and health on `listeners` until `shutdown` (SIGTERM), then: reports not
     /// ready, stops accepting pods' connections (a successor bound beside it with
     /// SO_REUSEPORT takes them), lets open ones finish, and returns. The iptables rules are

@@ -209,11 +209,6 @@ impl Server {
         &self.cluster
     }
 
-    /// The server's metrics.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Serves on `listeners` until `shutdown` is cancelled (SIGTERM), then drains:
     ///
     /// 1. at once: `/ready` and the gRPC Health turn not-ready (draining) and every agent's
