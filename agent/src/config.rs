@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use podiam_runtime::telemetry::{LogFormat, parse_duration};
+use podiam_runtime::tls::TlsFiles;
 
 use crate::iptables::valid_interface;
 use crate::replicas::Target;
@@ -77,6 +78,12 @@ pub struct ServeConfig {
         default_value = "0.0.0.0:8182"
     )]
     pub health_listen: SocketAddr,
+    /// Once both listeners are bound (and the iptables rules installed), write their
+    /// addresses to this file (`listen ADDRESS` and `health-listen ADDRESS`, one a line;
+    /// replaced atomically): with port 0 in --listen or --health-listen, this is how a
+    /// supervisor learns the ports.
+    #[arg(long, env = "PODIAM_AGENT_LISTEN_ADDRESS_FILE")]
+    pub listen_address_file: Option<PathBuf>,
     /// The servers' gRPC URL: a name that resolves to every replica (a headless Service),
     /// re-resolved every --server-resolve-interval. Repeat (or comma-separate) to list
     /// replicas one by one.
@@ -225,21 +232,6 @@ impl ServeConfig {
         Some(SocketAddr::new(ip, self.listen.port()))
     }
 
-    /// A warning when pods' DNAT target is a port that processes without privileges could
-    /// bind on this node while no agent listens: at or above `unprivileged_start` (the
-    /// node's `net.ipv4.ip_unprivileged_port_start`, 1024 when unknown).
-    pub fn pod_port_warning(&self, unprivileged_start: Option<u16>) -> Option<String> {
-        let start = unprivileged_start.unwrap_or(1024);
-        let port = self.listen.port();
-        (self.iptables && port >= start).then(|| {
-            format!(
-                "the pods' port {port} is not privileged on this node \
-                 (net.ipv4.ip_unprivileged_port_start={start}): while no agent listens, any \
-                 process on the node could bind it and answer pods; use a port below {start}"
-            )
-        })
-    }
-
     /// The pod-facing listener's connection limits.
     pub fn limits(&self) -> podiam_runtime::serve::Limits {
         podiam_runtime::serve::Limits {
@@ -266,8 +258,79 @@ impl ServeConfig {
             .collect()
     }
 
-    /// Every mistake in the configuration, one line each.
-    pub fn problems(&self) -> Vec<String> {
+    /// Checks every flag and parses each once: the configuration the agent serves with, or
+    /// every mistake, one line each.
+    pub fn validate(self) -> Result<ValidConfig, Vec<String>> {
+        let mut problems = self.server_problems();
+        problems.extend(self.node_problems());
+        problems.extend(self.limit_problems());
+        let allow = match &self.allow_route_regexp {
+            Some(source) => match crate::routes::allow_list(source) {
+                Ok(regex) => Some(regex),
+                Err(error) => {
+                    let error = error.to_string();
+                    let last = error.lines().last().unwrap_or_default().trim().to_string();
+                    problems.push(format!(
+                        "--allow-route-regexp {source:?} does not compile: {last}"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        match self.metadata_upstream.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            _ => problems.push(format!(
+                "--metadata-upstream {:?} must be an http:// URL",
+                self.metadata_upstream
+            )),
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(self.into_valid(allow))
+    }
+
+    /// The checked values, assembled.
+    fn into_valid(self, allow: Option<regex::Regex>) -> ValidConfig {
+        let iptables = self
+            .dnat_target()
+            .filter(|_| self.iptables)
+            .map(|target| Interception {
+                target,
+                interfaces: self.interfaces.clone(),
+                program: self.iptables_bin.clone(),
+                sync_interval: self.iptables_sync_interval,
+                flush_conntrack: self.flush_conntrack,
+            });
+        ValidConfig {
+            servers: self.targets(),
+            limits: self.limits(),
+            iptables,
+            listen: self.listen,
+            health_listen: self.health_listen,
+            listen_address_file: self.listen_address_file,
+            server_urls: self.server,
+            server_resolve_interval: self.server_resolve_interval,
+            server_timeout: self.server_timeout,
+            tls: TlsFiles {
+                ca: self.tls_ca,
+                cert: self.tls_cert,
+                key: self.tls_key,
+            },
+            tls_reload_interval: self.tls_reload_interval,
+            node_name: self.node_name,
+            token_file: self.token_file,
+            token_key_file: self.token_key_file,
+            require_token: self.require_token,
+            min_remaining: self.min_remaining,
+            request_timeout: self.request_timeout,
+            allow: allow.map(|regex| (regex, self.metadata_upstream)),
+        }
+    }
+
+    /// The servers and this node's name.
+    fn server_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.server.is_empty() {
             problems.push("--server: at least one server URL is needed".into());
@@ -287,6 +350,12 @@ impl ServeConfig {
                 "--server {url:?} must be an https:// URL (the server speaks mutual TLS only)"
             ));
         }
+        problems
+    }
+
+    /// The DNAT target, the token key file, pod interfaces and the two listeners.
+    fn node_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.iptables && self.dnat_target().is_none() {
             problems.push(
                 "--iptables needs --host-ip (or a specific --listen address) as the DNAT target"
@@ -313,6 +382,12 @@ impl ServeConfig {
                 "--health-listen must differ from --listen (health is never pod-facing)".into(),
             );
         }
+        problems
+    }
+
+    /// Durations that must not be zero, and the connection limits.
+    fn limit_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (flag, value) in [
             ("--server-timeout", self.server_timeout),
             ("--server-resolve-interval", self.server_resolve_interval),
@@ -337,23 +412,73 @@ impl ServeConfig {
         if self.max_requests_per_connection == 0 {
             problems.push("--max-requests-per-connection must be at least 1".into());
         }
-        if let Some(source) = &self.allow_route_regexp
-            && let Err(error) = crate::routes::allow_list(source)
-        {
-            let error = error.to_string();
-            let last = error.lines().last().unwrap_or_default().trim().to_string();
-            problems.push(format!(
-                "--allow-route-regexp {source:?} does not compile: {last}"
-            ));
-        }
-        match self.metadata_upstream.parse::<http::Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
-            _ => problems.push(format!(
-                "--metadata-upstream {:?} must be an http:// URL",
-                self.metadata_upstream
-            )),
-        }
         problems
+    }
+}
+
+/// `serve`'s configuration, checked: every flag parsed once into the value that uses it
+/// ([`ServeConfig::validate`]). [`crate::Agent::build`] takes nothing else.
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    /// The pod-facing address (bound by `main`).
+    pub listen: SocketAddr,
+    /// The health address (bound by `main`).
+    pub health_listen: SocketAddr,
+    /// Where `main` writes the bound addresses once it serves.
+    pub listen_address_file: Option<PathBuf>,
+    /// The servers to resolve, each with the name its certificates must carry.
+    pub servers: Vec<(Target, String)>,
+    /// The `--server` URLs as given, for the log.
+    pub server_urls: Vec<String>,
+    pub server_resolve_interval: Duration,
+    /// Deadline of one call to one replica.
+    pub server_timeout: Duration,
+    pub tls: TlsFiles,
+    pub tls_reload_interval: Duration,
+    pub node_name: String,
+    pub token_file: PathBuf,
+    pub token_key_file: PathBuf,
+    /// The DNAT rule `main` installs and keeps (`--iptables`).
+    pub iptables: Option<Interception>,
+    pub require_token: bool,
+    /// Cached credentials are served while they have this much life left.
+    pub min_remaining: Duration,
+    pub request_timeout: Duration,
+    /// Paths passed to the node's metadata service (compiled whole-path regex), and its URL.
+    pub allow: Option<(regex::Regex, String)>,
+    /// The pod-facing listener's connection limits.
+    pub limits: podiam_runtime::serve::Limits,
+}
+
+/// Pods' metadata traffic sent to the agent (see [`crate::iptables`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interception {
+    /// Where the DNAT rule sends pods' metadata requests.
+    pub target: SocketAddr,
+    /// Pod interface patterns.
+    pub interfaces: Vec<String>,
+    /// The iptables program.
+    pub program: String,
+    /// How often the rules are checked and repaired.
+    pub sync_interval: Duration,
+    /// Delete conntrack entries toward 169.254.169.254:80 at start.
+    pub flush_conntrack: bool,
+}
+
+impl ValidConfig {
+    /// A warning when pods' DNAT target is a port that processes without privileges could
+    /// bind on this node while no agent listens: at or above `unprivileged_start` (the
+    /// node's `net.ipv4.ip_unprivileged_port_start`, 1024 when unknown).
+    pub fn pod_port_warning(&self, unprivileged_start: Option<u16>) -> Option<String> {
+        let start = unprivileged_start.unwrap_or(1024);
+        let port = self.listen.port();
+        (self.iptables.is_some() && port >= start).then(|| {
+            format!(
+                "the pods' port {port} is not privileged on this node \
+                 (net.ipv4.ip_unprivileged_port_start={start}): while no agent listens, any \
+                 process on the node could bind it and answer pods; use a port below {start}"
+            )
+        })
     }
 }
 
@@ -381,11 +506,21 @@ mod tests {
         }
     }
 
+    /// Every mistake `validate` finds (none when it succeeds).
+    fn problems(config: ServeConfig) -> Vec<String> {
+        config.validate().err().unwrap_or_default()
+    }
+
+    fn valid(extra: &[&str]) -> ValidConfig {
+        serve(extra).validate().expect("valid")
+    }
+
     #[test]
     fn defaults_are_valid() {
-        let config = serve(&[]);
-        assert_eq!(config.problems(), Vec::<String>::new());
-        let targets = config.targets();
+        let config = valid(&[]);
+        assert_eq!(config.iptables, None);
+        assert!(config.allow.is_none());
+        let targets = config.servers;
         assert_eq!(targets.len(), 1);
         assert_eq!(targets[0].0.host, "podiam-server.podiam.svc");
         assert_eq!(targets[0].0.port, 8443);
@@ -402,8 +537,7 @@ mod tests {
             "--server-name",
             "localhost",
         ]);
-        assert_eq!(config.problems(), Vec::<String>::new());
-        let targets = config.targets();
+        let targets = config.validate().expect("valid").servers;
         assert_eq!(targets.len(), 3);
         assert!(targets.iter().all(|(_, name)| name == "localhost"));
         assert_eq!(targets[2].0.host, "::1");
@@ -411,20 +545,20 @@ mod tests {
 
     #[test]
     fn dnat_target_comes_from_host_ip_or_listen() {
-        assert_eq!(serve(&["--iptables"]).problems().len(), 1);
-        let config = serve(&[
+        assert_eq!(problems(serve(&["--iptables"])).len(), 1);
+        let config = valid(&[
             "--iptables",
             "--host-ip",
             "10.0.0.5",
             "--interface",
             "cali+,eni+",
         ]);
-        assert_eq!(config.problems(), Vec::<String>::new());
+        let iptables = config.iptables.expect("intercepting");
         assert_eq!(
-            config.dnat_target(),
-            Some(SocketAddr::from(([10, 0, 0, 5], DEFAULT_POD_PORT)))
+            iptables.target,
+            SocketAddr::from(([10, 0, 0, 5], DEFAULT_POD_PORT))
         );
-        assert_eq!(config.interfaces, vec!["cali+", "eni+"]);
+        assert_eq!(iptables.interfaces, vec!["cali+", "eni+"]);
         let config = serve(&["--listen", "10.0.0.6:9000"]);
         assert_eq!(
             config.dnat_target(),
@@ -436,10 +570,9 @@ mod tests {
     fn the_default_dnat_target_is_a_privileged_port() {
         // While no agent listens (stopped, crashed, between two), the DNAT target must not be
         // a port any unprivileged process on the node could bind and answer pods from.
-        let config = serve(&["--iptables", "--host-ip", "10.0.0.5"]);
-        assert_eq!(config.problems(), Vec::<String>::new());
+        let config = valid(&["--iptables", "--host-ip", "10.0.0.5"]);
         assert!(config.listen.port() < 1024, "{}", config.listen);
-        let target = config.dnat_target().expect("a target");
+        let target = config.iptables.as_ref().expect("a target").target;
         assert!(target.port() < 1024, "{target}");
         assert_ne!(config.health_listen.port(), config.listen.port());
         assert_eq!(config.pod_port_warning(Some(1024)), None);
@@ -448,32 +581,38 @@ mod tests {
 
     #[test]
     fn a_pod_port_others_could_bind_is_warned_about() {
-        let config = serve(&["--iptables", "--listen", "0.0.0.0:8181"]);
+        let config = valid(&[
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+            "--listen",
+            "0.0.0.0:8181",
+        ]);
         let warning = config.pod_port_warning(Some(1024)).expect("a warning");
         assert!(
             warning.contains("8181") && warning.contains("1024"),
             "{warning}"
         );
         // A node that lowered the start makes the default port unprivileged too.
-        let config = serve(&["--iptables"]);
+        let config = valid(&["--iptables", "--host-ip", "10.0.0.5"]);
         assert!(config.pod_port_warning(Some(0)).is_some());
         assert!(config.pod_port_warning(Some(80)).is_some());
         assert_eq!(config.pod_port_warning(Some(255)), None);
         // Without --iptables no pod is sent to the port.
-        let config = serve(&["--listen", "0.0.0.0:8181"]);
+        let config = valid(&["--listen", "0.0.0.0:8181"]);
         assert_eq!(config.pod_port_warning(Some(1024)), None);
     }
 
     #[test]
     fn connection_limits_come_from_the_flags() {
-        let limits = serve(&[]).limits();
+        let limits = valid(&[]).limits;
         assert_eq!(limits.max_connections, 1024);
         assert_eq!(limits.max_connections_per_peer, MAX_CONNECTIONS_PER_POD);
         assert_eq!(limits.header_read_timeout, Duration::from_secs(5));
         // Longer than the longest idle time of SDKs' pooled connections (90 s).
         assert!(limits.idle_timeout > Duration::from_secs(90));
         assert_eq!(limits.max_requests_per_connection, 1000);
-        let config = serve(&[
+        let limits = valid(&[
             "--max-connections",
             "100",
             "--max-connections-per-pod",
@@ -482,9 +621,8 @@ mod tests {
             "3m",
             "--max-requests-per-connection",
             "7",
-        ]);
-        assert_eq!(config.problems(), Vec::<String>::new());
-        let limits = config.limits();
+        ])
+        .limits;
         assert_eq!(
             (
                 limits.max_connections,
@@ -500,7 +638,7 @@ mod tests {
             &["--idle-timeout", "0s"],
             &["--max-requests-per-connection", "0"],
         ] {
-            assert_eq!(serve(wrong).problems().len(), 1, "{wrong:?}");
+            assert_eq!(problems(serve(wrong)).len(), 1, "{wrong:?}");
         }
     }
 
@@ -518,7 +656,8 @@ mod tests {
             "--request-timeout",
             "0s",
         ]);
-        assert_eq!(config.problems().len(), 5, "{:#?}", config.problems());
+        let problems = problems(config);
+        assert_eq!(problems.len(), 5, "{problems:#?}");
     }
 
     #[test]
@@ -527,7 +666,7 @@ mod tests {
             serve(&[]).token_key_file,
             PathBuf::from("/var/lib/podiam/imds-token-keys")
         );
-        let problems = serve(&["--token-key-file", "/var/lib/.."]).problems();
+        let problems = problems(serve(&["--token-key-file", "/var/lib/.."]));
         assert_eq!(problems.len(), 1, "{problems:#?}");
         assert!(problems[0].starts_with("--token-key-file"), "{problems:#?}");
         let empty = Cli::try_parse_from([
@@ -546,7 +685,7 @@ mod tests {
         for empty in ["", "  "] {
             let mut config = serve(&[]);
             config.node_name = empty.into();
-            let problems = config.problems();
+            let problems = problems(config);
             assert_eq!(problems.len(), 1, "{problems:#?}");
             assert!(problems[0].starts_with("--node-name"), "{problems:#?}");
         }

@@ -15,8 +15,10 @@
 //! wait for the xtables lock instead of failing when another program holds it.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 /// The agent's own chain in the nat table.
 pub const CHAIN: &str = "PODIAM";
@@ -214,6 +216,28 @@ impl Iptables {
             }
         }
         Ok(changed)
+    }
+
+    /// Checks the rules every `interval` until `shutdown`, and repairs them if someone
+    /// removed or changed them.
+    pub async fn keep(
+        &self,
+        target: SocketAddr,
+        interfaces: &[String],
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            match self.install(target, interfaces).await {
+                Ok(true) => tracing::warn!("iptables rules were changed by someone else; repaired"),
+                Ok(false) => {}
+                Err(error) => tracing::error!(%error, "checking the iptables rules failed"),
+            }
+        }
     }
 
     /// Removes every jump to our chain (whatever its interface) and the chain itself.

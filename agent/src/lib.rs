@@ -15,13 +15,20 @@
 //! - [`node_metadata`]: the node's own metadata service, for allow-listed paths only.
 //! - [`metrics`]: the Prometheus metrics on the health listener.
 //!
-//! [`run`] wires them; `main.rs` only parses flags, sets up logging and calls it.
+//! [`Agent`] is the whole agent as a value: [`Agent::build`] makes it from a checked
+//! configuration ([`config::ValidConfig`]), [`Agent::serve`] serves it on listeners it is
+//! given until a shutdown it is given. `main.rs` checks the flags, sets up logging, builds,
+//! binds the listeners (SO_REUSEPORT), installs and keeps the iptables rules, handles
+//! signals, and says where it listens (`--listen-address-file`). In-process tests dial the
+//! servers and serve pods over an in-memory network ([`Agent::build_over`]).
 
 pub mod cache;
 pub mod config;
 pub mod http;
 pub mod identity;
 pub mod imds;
+#[cfg(test)]
+mod in_process_tests;
 pub mod iptables;
 pub mod metrics;
 pub mod node_metadata;
@@ -34,199 +41,237 @@ pub mod upstream;
 use std::sync::Arc;
 
 use anyhow::Context;
+use podiam_runtime::net::{Dialer, Listener, Tcp};
 use podiam_runtime::rotate::Rotating;
-use podiam_runtime::tls::TlsFiles;
+use podiam_runtime::serve::Limits;
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::ServeConfig;
+use crate::config::ValidConfig;
 use crate::http::{MetadataService, ServiceOptions};
 use crate::identity::AgentToken;
-use crate::iptables::Iptables;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
 use crate::replicas::ServerSet;
 use crate::token::KeyKeeper;
 use crate::upstream::Upstream;
 
-/// Runs the agent until `shutdown` (SIGTERM), then: reports not ready, stops accepting pods'
-/// connections (a successor bound beside it with SO_REUSEPORT takes them), lets open ones
-/// finish, and exits. The iptables rules are installed before serving and deliberately left
-/// in place afterwards, also on a stop (see [`iptables`]): only `podiam-agent uninstall`
-/// removes them.
-pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = Arc::new(
-        Rotating::load(
-            TlsFiles {
-                ca: config.tls_ca.clone(),
-                cert: config.tls_cert.clone(),
-                key: config.tls_key.clone(),
-            },
-            podiam_runtime::tls::client_config,
-        )
-        .context("loading the agent's TLS files")?,
-    );
-    let metrics = Arc::new(Metrics::new());
-    let token = Arc::new(AgentToken::from_file(&config.token_file));
-    if let Err(error) = token.reload() {
-        tracing::error!(%error, "no agent token yet; the servers refuse this agent until it can be read");
-    }
-    let servers = Arc::new(ServerSet::new(
-        config.targets(),
-        Arc::clone(&tls),
-        config.server_timeout,
-        metrics.failovers.clone(),
-        Arc::clone(&token),
-    ));
-    if let Err(error) = servers.resolve().await {
-        tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
-    }
-    let upstream = Arc::new(Upstream::new(
-        Arc::clone(&servers),
-        config.node_name.clone(),
-        metrics.node_stream.clone(),
-    ));
-    let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
-        .context("no IMDSv2 token key")?;
-    let allow = match &config.allow_route_regexp {
-        Some(source) => Some((
-            routes::allow_list(source).context("--allow-route-regexp")?,
-            NodeMetadata::new(&config.metadata_upstream),
-        )),
-        None => None,
-    };
-    let options = ServiceOptions {
-        require_token: config.require_token,
-        allow,
-        request_timeout: config.request_timeout,
-    };
-    let table = Arc::new(pods::PodTable::default());
-    let cache = Arc::new(cache::CredentialCache::new(config.min_remaining));
-    let service = Arc::new(MetadataService::new(
-        Arc::clone(&upstream),
-        Arc::clone(&table),
-        Arc::clone(&cache),
-        tokens,
-        options,
-        Arc::clone(&metrics),
-    ));
-    let limits = config.limits();
+/// The listeners the agent is served on, bound by its caller: the pod-facing port and the
+/// health port (TCP, or in tests in-memory ones).
+#[derive(Debug)]
+pub struct Listeners<P = TcpListener, H = TcpListener> {
+    pub pods: P,
+    pub health: H,
+}
 
-    // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
-    // agent binds beside the old one; the kernel spreads connections over both until the old
-    // one stops accepting. The kubelet's probes may meanwhile reach either agent, which is
-    // harmless: both serve.
-    let listener = podiam_runtime::serve::bind_reuseport(config.listen)
-        .with_context(|| format!("binding {}", config.listen))?;
-    let health_listener = podiam_runtime::serve::bind_reuseport(config.health_listen)
-        .with_context(|| format!("binding {}", config.health_listen))?;
-    // Background work runs until the pod-facing server has drained.
-    let stop = CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
-    if let Some(warning) = config.pod_port_warning(config::unprivileged_port_start()) {
-        tracing::warn!("{warning}");
+/// A whole agent, built and not yet serving.
+#[derive(Debug)]
+pub struct Agent {
+    tls: Arc<Rotating<ClientConfig>>,
+    tls_reload_interval: std::time::Duration,
+    token: Arc<AgentToken>,
+    servers: Arc<ServerSet>,
+    server_urls: Vec<String>,
+    server_resolve_interval: std::time::Duration,
+    upstream: Arc<Upstream>,
+    /// Taken by the task that keeps the IMDSv2 token keys once serving starts.
+    key_keeper: Option<KeyKeeper>,
+    table: Arc<pods::PodTable>,
+    cache: Arc<cache::CredentialCache>,
+    service: Arc<MetadataService>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    keep_alive: Option<::http::HeaderValue>,
+}
+
+impl Agent {
+    /// The agent `config` describes, dialling the servers over TCP: its TLS files and token
+    /// loaded, its token keys opened, the servers resolved once (a failure is only logged:
+    /// it serves anyway and retries). Nothing is bound or served yet.
+    pub async fn build(config: ValidConfig) -> anyhow::Result<Agent> {
+        Agent::build_over(config, Arc::new(Tcp)).await
     }
-    if config.iptables {
-        let target = config.dnat_target().context("no DNAT target")?;
-        let iptables = Iptables::new(&config.iptables_bin);
-        iptables
-            .install(target, &config.interfaces)
-            .await
-            .context("installing the iptables rules")?;
-        tracing::info!(%target, interfaces = ?config.interfaces, "iptables rules in place");
-        if config.flush_conntrack {
-            iptables::flush_conntrack("conntrack")
-                .await
-                .context("flushing conntrack entries toward 169.254.169.254")?;
-            tracing::info!("stale conntrack entries toward 169.254.169.254 flushed");
+
+    /// [`Agent::build`], dialling the servers with `dialer` (in-process tests: an in-memory
+    /// network).
+    pub async fn build_over(config: ValidConfig, dialer: Arc<dyn Dialer>) -> anyhow::Result<Agent> {
+        let tls = Arc::new(
+            Rotating::load(config.tls.clone(), podiam_runtime::tls::client_config)
+                .context("loading the agent's TLS files")?,
+        );
+        let metrics = Arc::new(Metrics::new());
+        let token = Arc::new(AgentToken::from_file(&config.token_file));
+        if let Err(error) = token.reload() {
+            tracing::error!(%error, "no agent token yet; the servers refuse this agent until it can be read");
         }
-        tasks.spawn(keep_rules(
-            iptables,
-            target,
-            config.interfaces.clone(),
-            config.iptables_sync_interval,
+        let servers = Arc::new(
+            ServerSet::new(
+                config.servers.clone(),
+                Arc::clone(&tls),
+                config.server_timeout,
+                metrics.failovers.clone(),
+                Arc::clone(&token),
+            )
+            .over(dialer),
+        );
+        if let Err(error) = servers.resolve().await {
+            tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
+        }
+        let upstream = Arc::new(Upstream::new(
+            Arc::clone(&servers),
+            config.node_name.clone(),
+            metrics.node_stream.clone(),
+        ));
+        let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
+            .context("no IMDSv2 token key")?;
+        let options = ServiceOptions {
+            require_token: config.require_token,
+            allow: config
+                .allow
+                .map(|(regex, upstream)| (regex, NodeMetadata::new(&upstream))),
+            request_timeout: config.request_timeout,
+        };
+        let table = Arc::new(pods::PodTable::default());
+        let cache = Arc::new(cache::CredentialCache::new(config.min_remaining));
+        let service = Arc::new(MetadataService::new(
+            Arc::clone(&upstream),
+            Arc::clone(&table),
+            Arc::clone(&cache),
+            tokens,
+            options,
+            Arc::clone(&metrics),
+        ));
+        Ok(Agent {
+            tls,
+            tls_reload_interval: config.tls_reload_interval,
+            token,
+            servers,
+            server_urls: config.server_urls,
+            server_resolve_interval: config.server_resolve_interval,
+            upstream,
+            key_keeper: Some(key_keeper),
+            table,
+            cache,
+            service,
+            metrics,
+            limits: config.limits,
+            keep_alive: keep_alive_header(config.limits.idle_timeout),
+        })
+    }
+
+    /// Serves pods and health on `listeners` until `shutdown` (SIGTERM), then: reports not
+    /// ready, stops accepting pods' connections (a successor bound beside it with
+    /// SO_REUSEPORT takes them), lets open ones finish, and returns. The iptables rules are
+    /// its caller's: installed before serving and deliberately left in place afterwards,
+    /// also on a stop (see [`iptables`]); only `podiam-agent uninstall` removes them.
+    pub async fn serve<P: Listener, H: Listener>(
+        mut self,
+        listeners: Listeners<P, H>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        tracing::info!(
+            listen = %listeners.pods.local_addr()?,
+            health = %listeners.health.local_addr()?,
+            servers = ?self.server_urls,
+            "serving pods' metadata requests"
+        );
+        // Background work runs until the pod-facing server has drained.
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        self.spawn_background(&tasks, &stop);
+        tasks.spawn(podiam_runtime::serve::serve_http(
+            listeners.health,
+            self.limits,
+            self.health_handler(),
             stop.clone(),
         ));
+        {
+            // Readiness goes first on a stop.
+            let upstream = Arc::clone(&self.upstream);
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                upstream.stop();
+                tracing::info!("stopping: not ready, no new connections; open ones finish");
+            });
+        }
+        // The peer's address is the pod's only identity.
+        let service = Arc::clone(&self.service);
+        let keep_alive = self.keep_alive.clone();
+        let handler = move |peer: std::net::SocketAddr, request| {
+            let service = Arc::clone(&service);
+            let keep_alive = keep_alive.clone();
+            async move {
+                let mut response = service.handle(peer.ip().to_canonical(), request).await;
+                if let Some(value) = keep_alive {
+                    response.headers_mut().insert(KEEP_ALIVE, value);
+                }
+                response
+            }
+        };
+        podiam_runtime::serve::serve_http_observed(
+            listeners.pods,
+            self.limits,
+            Arc::clone(&self.metrics) as Arc<dyn podiam_runtime::serve::ConnectionObserver>,
+            handler,
+            shutdown.clone(),
+        )
+        .await;
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
     }
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        health = %health_listener.local_addr()?,
-        servers = ?config.server,
-        "serving pods' metadata requests"
-    );
 
-    {
-        let servers = Arc::clone(&servers);
-        let (interval, stop) = (config.server_resolve_interval, stop.clone());
-        tasks.spawn(async move { servers.follow_dns(interval, stop).await });
+    /// Following the servers' names, their health and this node's stream; reloading the
+    /// TLS files, the agent's token and the IMDSv2 token keys: on `tasks` until `stop`.
+    fn spawn_background(&mut self, tasks: &TaskTracker, stop: &CancellationToken) {
+        {
+            let servers = Arc::clone(&self.servers);
+            let (interval, stop) = (self.server_resolve_interval, stop.clone());
+            tasks.spawn(async move { servers.follow_dns(interval, stop).await });
+        }
+        {
+            let servers = Arc::clone(&self.servers);
+            let stop = stop.clone();
+            tasks.spawn(async move { servers.follow_health(stop).await });
+        }
+        {
+            let upstream = Arc::clone(&self.upstream);
+            let (table, cache) = (Arc::clone(&self.table), Arc::clone(&self.cache));
+            let stop = stop.clone();
+            tasks.spawn(async move { upstream.follow_node(&table, &cache, stop).await });
+        }
+        tasks.spawn(Arc::clone(&self.tls).follow(self.tls_reload_interval, stop.clone()));
+        tasks.spawn(Arc::clone(&self.token).follow(stop.clone()));
+        if let Some(key_keeper) = self.key_keeper.take() {
+            tasks.spawn(key_keeper.follow(stop.clone()));
+        }
     }
-    {
-        let servers = Arc::clone(&servers);
-        let stop = stop.clone();
-        tasks.spawn(async move { servers.follow_health(stop).await });
-    }
-    {
-        let upstream = Arc::clone(&upstream);
-        let stop = stop.clone();
-        tasks.spawn(async move { upstream.follow_node(&table, &cache, stop).await });
-    }
-    tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
-    tasks.spawn(Arc::clone(&token).follow(stop.clone()));
-    tasks.spawn(key_keeper.follow(stop.clone()));
-    {
-        let upstream = Arc::clone(&upstream);
-        let metrics = Arc::clone(&metrics);
-        let tls = Arc::clone(&tls);
-        let handler = move |_, request: ::http::Request<hyper::body::Incoming>| {
+
+    /// The health listener's handler: `/live`, `/ready` (a server answers), `/metrics`.
+    fn health_handler(
+        &self,
+    ) -> impl Fn(
+        std::net::SocketAddr,
+        ::http::Request<hyper::body::Incoming>,
+    ) -> std::future::Ready<::http::Response<http_body_util::Full<bytes::Bytes>>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let upstream = Arc::clone(&self.upstream);
+        let metrics = Arc::clone(&self.metrics);
+        let tls = Arc::clone(&self.tls);
+        move |_, request: ::http::Request<hyper::body::Incoming>| {
             metrics.ready.set(i64::from(upstream.ready()));
             metrics.tls_expiry.set(tls.not_after());
             metrics.observe_replicas(upstream.servers());
-            let response = http::health(&upstream, &metrics, request.uri().path());
-            async move { response }
-        };
-        tasks.spawn(podiam_runtime::serve::serve_http(
-            health_listener,
-            limits,
-            handler,
-            stop.clone(),
-        ));
-    }
-    let keep_alive = keep_alive_header(config.idle_timeout);
-    let handler = move |peer: std::net::SocketAddr, request| {
-        let service = Arc::clone(&service);
-        let keep_alive = keep_alive.clone();
-        async move {
-            let mut response = service.handle(peer.ip().to_canonical(), request).await;
-            if let Some(value) = keep_alive {
-                response.headers_mut().insert(KEEP_ALIVE, value);
-            }
-            response
+            std::future::ready(http::health(&upstream, &metrics, request.uri().path()))
         }
-    };
-    {
-        // Readiness goes first on a stop.
-        let upstream = Arc::clone(&upstream);
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            shutdown.cancelled().await;
-            upstream.stop();
-            tracing::info!("stopping: not ready, no new connections; open ones finish");
-        });
     }
-    podiam_runtime::serve::serve_http_observed(
-        listener,
-        limits,
-        Arc::clone(&metrics) as Arc<dyn podiam_runtime::serve::ConnectionObserver>,
-        handler,
-        shutdown.clone(),
-    )
-    .await;
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    if config.iptables {
-        tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
-    }
-    Ok(())
 }
 
 /// The `Keep-Alive` response header.
@@ -245,25 +290,4 @@ fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
         return None;
     }
     ::http::HeaderValue::from_str(&format!("timeout={seconds}")).ok()
-}
-
-/// Checks the iptables rules every `interval` and repairs them if someone removed them.
-async fn keep_rules(
-    iptables: Iptables,
-    target: std::net::SocketAddr,
-    interfaces: Vec<String>,
-    interval: std::time::Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        match iptables.install(target, &interfaces).await {
-            Ok(true) => tracing::warn!("iptables rules were changed by someone else; repaired"),
-            Ok(false) => {}
-            Err(error) => tracing::error!(%error, "checking the iptables rules failed"),
-        }
-    }
 }

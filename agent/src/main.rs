@@ -1,36 +1,35 @@
-//! `podiam-agent`: parse flags, set up logging, then serve or uninstall.
+//! `podiam-agent`: check the flags, set up logging, then serve or uninstall. Serving: build
+//! the agent, bind its listeners, install the iptables rules, serve until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use podiam_agent::config::{Cli, Command};
+use podiam_agent::config::{Cli, Command, Interception, ServeConfig, ValidConfig};
 use podiam_agent::iptables::Iptables;
+use podiam_agent::{Agent, Listeners};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Serve(config) = &cli.command {
-        let problems = config.problems();
-        if !problems.is_empty() {
-            for problem in problems {
-                eprintln!("podiam-agent: {problem}");
+    let command = match cli.command {
+        Command::Serve(config) => match ServeConfig::validate(*config) {
+            Ok(config) => Ok(config),
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("podiam-agent: {problem}");
+                }
+                return ExitCode::from(2);
             }
-            return ExitCode::from(2);
-        }
-    }
+        },
+        Command::Uninstall(config) => Err(config),
+    };
     podiam_runtime::telemetry::init(cli.log_format, &cli.log_level);
     podiam_runtime::tls::install_crypto_provider();
-
-    let result = match cli.command {
-        Command::Serve(config) => {
-            let shutdown = CancellationToken::new();
-            tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
-                shutdown.clone(),
-            ));
-            podiam_agent::run(*config, shutdown).await
-        }
-        Command::Uninstall(config) => uninstall(config).await,
+    let result = match command {
+        Ok(config) => serve(config).await,
+        Err(config) => uninstall(config).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,6 +38,76 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(config: ValidConfig) -> anyhow::Result<()> {
+    let agent = Agent::build(config.clone()).await?;
+    // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
+    // agent binds beside the old one; the kernel spreads connections over both until the old
+    // one stops accepting. The kubelet's probes may meanwhile reach either agent, which is
+    // harmless: both serve.
+    let bind = |addr| {
+        podiam_runtime::serve::bind_reuseport(addr).with_context(|| format!("binding {addr}"))
+    };
+    let listeners = Listeners {
+        pods: bind(config.listen)?,
+        health: bind(config.health_listen)?,
+    };
+    if let Some(warning) = config.pod_port_warning(podiam_agent::config::unprivileged_port_start())
+    {
+        tracing::warn!("{warning}");
+    }
+    let rules = match &config.iptables {
+        Some(interception) => Some((intercept(interception).await?, interception)),
+        None => None,
+    };
+    if let Some(path) = &config.listen_address_file {
+        podiam_runtime::net::write_address_file(
+            path,
+            &[
+                ("listen", listeners.pods.local_addr()?),
+                ("health-listen", listeners.health.local_addr()?),
+            ],
+        )
+        .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
+        shutdown.clone(),
+    ));
+    // The rules are kept until the pod-facing port has drained.
+    let stop = CancellationToken::new();
+    let keeping = rules.map(|(iptables, interception)| {
+        let (target, interfaces) = (interception.target, interception.interfaces.clone());
+        let (interval, stop) = (interception.sync_interval, stop.clone());
+        tokio::spawn(async move { iptables.keep(target, &interfaces, interval, stop).await })
+    });
+    let served = agent.serve(listeners, shutdown).await;
+    stop.cancel();
+    if let Some(keeping) = keeping {
+        let _ = keeping.await;
+        tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
+    }
+    served
+}
+
+/// Installs the DNAT rule and its jumps (and flushes conntrack entries that bypass them when
+/// asked): pods' metadata traffic comes here from now on, and keeps coming here (refused
+/// while no agent listens) until `uninstall`.
+async fn intercept(interception: &Interception) -> anyhow::Result<Iptables> {
+    let iptables = Iptables::new(&interception.program);
+    iptables
+        .install(interception.target, &interception.interfaces)
+        .await
+        .context("installing the iptables rules")?;
+    tracing::info!(target = %interception.target, interfaces = ?interception.interfaces, "iptables rules in place");
+    if interception.flush_conntrack {
+        podiam_agent::iptables::flush_conntrack("conntrack")
+            .await
+            .context("flushing conntrack entries toward 169.254.169.254")?;
+        tracing::info!("stale conntrack entries toward 169.254.169.254 flushed");
+    }
+    Ok(iptables)
 }
 
 /// Removes the iptables rules and, when asked, the token key file. Either missing is fine:

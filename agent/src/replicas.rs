@@ -32,6 +32,7 @@ use podiam_proto::Reason;
 use podiam_proto::v1::HealthRequest;
 use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_runtime::connect::TlsConnector;
+use podiam_runtime::net::{Dialer, Tcp};
 use podiam_runtime::rotate::Rotating;
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
@@ -189,6 +190,8 @@ pub struct ServerSet {
     /// What to resolve, each with the name its certificates must carry.
     targets: Vec<(Target, String)>,
     tls: Arc<Rotating<ClientConfig>>,
+    /// How connections to replicas are opened (TCP; in-process tests, in memory).
+    dialer: Arc<dyn Dialer>,
     /// The agent's token, put on every call.
     token: Arc<AgentToken>,
     call_timeout: Duration,
@@ -241,6 +244,7 @@ impl ServerSet {
         ServerSet {
             targets,
             tls,
+            dialer: Arc::new(Tcp),
             token,
             call_timeout,
             replicas: RwLock::new(Arc::new(Vec::new())),
@@ -249,6 +253,11 @@ impl ServerSet {
             next: AtomicUsize::new(fastrand::usize(..)),
             failovers,
         }
+    }
+
+    /// The same set, opening its connections with `dialer` instead of TCP.
+    pub fn over(self, dialer: Arc<dyn Dialer>) -> ServerSet {
+        ServerSet { dialer, ..self }
     }
 
     /// The replicas known now.
@@ -291,6 +300,7 @@ impl ServerSet {
                 continue;
             }
             let replica = TlsConnector::new(addr, &name, Arc::clone(&self.tls))
+                .map(|connector| connector.over(Arc::clone(&self.dialer)))
                 .map_err(|e| e.to_string())
                 .and_then(|connector| {
                     Replica::new(addr, connector, self.call_timeout, Arc::clone(&self.token))

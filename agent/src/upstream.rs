@@ -342,6 +342,8 @@ where
     );
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed_checks = 0;
+    // Silence is counted from the last message, across the health checks' ticks.
+    let mut last_message = tokio::time::Instant::now();
     loop {
         let silence = if heartbeats {
             STREAM_SILENCE_LIMIT
@@ -352,7 +354,7 @@ where
         };
         let message = tokio::select! {
             () = shutdown.cancelled() => return StreamEnded::Shutdown,
-            message = tokio::time::timeout(silence, stream.message()) => message,
+            message = tokio::time::timeout_at(last_message + silence, stream.message()) => message,
             _ = checks.tick() => {
                 let other = elsewhere();
                 failed_checks = if other.is_some() { failed_checks + 1 } else { 0 };
@@ -369,6 +371,7 @@ where
                 continue;
             }
         };
+        last_message = tokio::time::Instant::now();
         let event = match message {
             Ok(Ok(Some(message))) => message.event,
             Ok(Ok(None)) => {

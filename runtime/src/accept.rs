@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::net::Listener;
 use crate::rotate::Rotating;
 
 /// Longest a client may take to complete its TLS handshake: a healthy agent needs a few
@@ -31,26 +32,31 @@ const ACCEPTED_BUFFER: usize = 64;
 /// ends once `stop` is cancelled and the handshakes under way have finished. The accept loop
 /// runs on `tasks`. Each refused handshake calls `on_refused` (a metric) as well as being
 /// logged.
-pub fn accept_tls(
-    listener: TcpListener,
+pub fn accept_tls<L: Listener>(
+    listener: L,
     tls: Arc<Rotating<ServerConfig>>,
     stop: CancellationToken,
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+) -> ReceiverStream<std::io::Result<TlsStream<L::Io>>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BUFFER);
     tasks.spawn(async move {
         let handshakes = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {
                 () = stop.cancelled() => break,
-                accepted = crate::serve::accept(&listener) => accepted,
+                accepted = listener.accept() => accepted,
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             let on_refused = on_refused.clone();
+            let nodelay = L::set_nodelay(&stream);
             handshakes.spawn(async move {
-                match handshake(acceptor, stream, peer).await {
+                let handshaken = match nodelay {
+                    Ok(()) => handshake(acceptor, stream, peer).await,
+                    Err(error) => Err(error.to_string()),
+                };
+                match handshaken {
                     Ok(stream) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
@@ -69,13 +75,11 @@ pub fn accept_tls(
     ReceiverStream::new(rx)
 }
 
-async fn handshake(
+async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
     acceptor: tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
+    stream: T,
     peer: SocketAddr,
-) -> Result<TlsStream<TcpStream>, String> {
-    // A small gRPC answer waiting for the client's delayed ACK costs ~40 ms.
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+) -> Result<TlsStream<T>, String> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))?

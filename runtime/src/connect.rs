@@ -15,17 +15,19 @@ use std::task::{Context, Poll};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::net::{Dialer, Io, Tcp};
 use crate::rotate::Rotating;
 
-/// Dials one server address with mutual TLS.
+/// Dials one server address with mutual TLS, over TCP unless told otherwise
+/// ([`TlsConnector::over`]).
 #[derive(Clone)]
 pub struct TlsConnector {
     addr: SocketAddr,
     server_name: ServerName<'static>,
     tls: Arc<Rotating<ClientConfig>>,
+    dialer: Arc<dyn Dialer>,
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -33,6 +35,7 @@ impl std::fmt::Debug for TlsConnector {
         f.debug_struct("TlsConnector")
             .field("addr", &self.addr)
             .field("server_name", &self.server_name)
+            .field("dialer", &self.dialer)
             .finish_non_exhaustive()
     }
 }
@@ -55,12 +58,19 @@ impl TlsConnector {
             addr,
             server_name,
             tls,
+            dialer: Arc::new(Tcp),
         })
+    }
+
+    /// The same connector, opening its connections with `dialer` instead of TCP (an
+    /// in-process test's in-memory network).
+    pub fn over(self, dialer: Arc<dyn Dialer>) -> TlsConnector {
+        TlsConnector { dialer, ..self }
     }
 }
 
 impl tonic::codegen::Service<http::Uri> for TlsConnector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TokioIo<TlsStream<Box<dyn Io>>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -69,13 +79,12 @@ impl tonic::codegen::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let addr = self.addr;
         let server_name = self.server_name.clone();
         let connector = tokio_rustls::TlsConnector::from(self.tls.current());
+        let dialing = self.dialer.dial(self.addr);
         Box::pin(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            let io = dialing.await?;
+            let tls = connector.connect(server_name, io).await?;
             Ok(TokioIo::new(tls))
         })
     }

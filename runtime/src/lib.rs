@@ -8,9 +8,15 @@
 //!   the agent verifies the server name.
 //! - [`rotate`]: those configurations kept current as the files change on disk.
 //! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler.
+//! - [`net`]: where connections come from ([`net::Listener`]) and go to ([`net::Dialer`]):
+//!   TCP for the daemons, and with the feature `test-util`, [`memory`]: an in-memory
+//!   network for in-process tests on paused time.
 
 pub mod accept;
 pub mod connect;
+#[cfg(any(test, feature = "test-util"))]
+pub mod memory;
+pub mod net;
 pub mod rotate;
 pub mod serve;
 pub mod telemetry;

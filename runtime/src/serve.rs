@@ -37,11 +37,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::net::Listener;
 
 /// How long in-flight connections get to finish at shutdown, and how long a connection being
 /// closed (idle, or giving its place to a newer one) may take to finish an answer under way.
@@ -376,30 +378,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
-/// The next connection on `listener`. A failed accept (out of file descriptors and the like)
-/// is logged and retried after a pause instead of spinning.
-pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Serves HTTP/1 on `listener` with `handler(peer, request)` until `shutdown`; then stops
+/// Serves HTTP/1 on `listener` (TCP, or in tests an in-memory one: see
+/// [`crate::net::Listener`]) with `handler(peer, request)` until `shutdown`; then stops
 /// accepting (the listener closes), answers what still arrives on open connections for
 /// [`CLOSE_GRACE`] with `Connection: close`, and lets requests under way finish (bounded by
 /// [`DRAIN_TIMEOUT`]).
-pub async fn serve_http<H, F>(
-    listener: TcpListener,
+pub async fn serve_http<L, H, F>(
+    listener: L,
     limits: Limits,
     handler: H,
     shutdown: CancellationToken,
 ) where
+    L: Listener,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -407,13 +397,14 @@ pub async fn serve_http<H, F>(
 }
 
 /// [`serve_http`], telling `observer` what the connections do.
-pub async fn serve_http_observed<H, F>(
-    listener: TcpListener,
+pub async fn serve_http_observed<L, H, F>(
+    listener: L,
     limits: Limits,
     observer: Arc<dyn ConnectionObserver>,
     handler: H,
     shutdown: CancellationToken,
 ) where
+    L: Listener,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -431,7 +422,7 @@ pub async fn serve_http_observed<H, F>(
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = accept(&listener) => accepted,
+            accepted = listener.accept() => accepted,
         };
         let address = peer.ip().to_canonical();
         let conn = match peers.admit(address) {
@@ -471,8 +462,8 @@ pub async fn serve_http_observed<H, F>(
 }
 
 /// Serves one connection until it ends, the watchdog closes it, or shutdown has drained it.
-async fn serve_connection<H, F>(
-    stream: TcpStream,
+async fn serve_connection<S, H, F>(
+    stream: S,
     peer: SocketAddr,
     conn: &Arc<Conn>,
     limits: Limits,
@@ -480,6 +471,7 @@ async fn serve_connection<H, F>(
     handler: H,
     shutdown: CancellationToken,
 ) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {

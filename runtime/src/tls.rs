@@ -369,7 +369,6 @@ pub fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rotate::{Reload, Rotating};
     use std::time::Duration;
 
     /// A fresh CA with server and agent certificates, written to a temporary directory.
@@ -462,51 +461,5 @@ mod tests {
         .load_checked(SystemTime::now())
         .expect_err("not pem");
         assert!(matches!(error, TlsError::NotPem { .. }), "{error}");
-    }
-
-    #[test]
-    fn rotation_swaps_in_good_files_and_keeps_the_old_on_bad_ones() {
-        let (dir, files) = written();
-        let rotating = Rotating::load(server_files(&files), server_config).expect("loads at start");
-        let before = rotating.current();
-        let now = SystemTime::now();
-        assert!(matches!(rotating.reload(now), Reload::Unchanged));
-
-        // A half-written certificate: refused once, then quietly until it changes.
-        std::fs::write(&files.server_cert, "-----BEGIN CERTIFICATE-----\n").expect("write");
-        assert!(matches!(rotating.reload(now), Reload::Refused(_)));
-        assert!(matches!(rotating.reload(now), Reload::StillRefused));
-        assert!(Arc::ptr_eq(&before, &rotating.current()), "old config kept");
-
-        // Renewed leaves from the same CA: swapped in.
-        let ca_cert = std::fs::read_to_string(&files.ca_cert).expect("ca");
-        let ca_key = std::fs::read_to_string(&files.ca_key).expect("ca key");
-        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
-            .expect("renewed")
-            .replace_leaves_in(dir.path())
-            .expect("replaced");
-        match rotating.reload(now) {
-            Reload::Rotated { subject, .. } => assert!(subject.contains("podiam-server")),
-            other => panic!("expected a rotation, got {other:?}"),
-        }
-        assert!(
-            !Arc::ptr_eq(&before, &rotating.current()),
-            "new config in use"
-        );
-        assert!(matches!(rotating.reload(now), Reload::Unchanged));
-
-        // The same files, checked at a time they have expired: refused, the current kept.
-        let current = rotating.current();
-        std::fs::write(
-            &files.ca_cert,
-            format!("{}{}", ca_cert, ca_cert), // a bundle: different bytes, same CA
-        )
-        .expect("write");
-        let later = now + Duration::from_secs(3 * 365 * 86_400);
-        assert!(matches!(
-            rotating.reload(later),
-            Reload::Refused(TlsError::Expired { .. })
-        ));
-        assert!(Arc::ptr_eq(&current, &rotating.current()));
     }
 }

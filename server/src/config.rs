@@ -8,10 +8,13 @@ use std::time::Duration;
 use clap::Parser;
 use podiam_runtime::telemetry::{LogFormat, parse_duration};
 
-use crate::policy::{valid_base_arn, valid_role_arn};
-use crate::service::BindingMode;
-use crate::session::SessionNaming;
 use podiam_policy::decision::AgentAccount;
+use podiam_runtime::tls::TlsFiles;
+
+use crate::policy::{valid_base_arn, valid_role_arn};
+use crate::service::{Binding, BindingMode};
+use crate::session::SessionNaming;
+use crate::sts::{CachePolicy, StsOptions};
 
 /// STS accepts role sessions from 15 minutes…
 const STS_MIN_SESSION: Duration = Duration::from_secs(15 * 60);
@@ -106,6 +109,11 @@ pub struct Config {
     /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
     #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
     pub health_listen: SocketAddr,
+    /// Once both listeners are bound, write their addresses to this file (`listen ADDRESS`
+    /// and `health-listen ADDRESS`, one a line; replaced atomically): with port 0 in
+    /// --listen or --health-listen, this is how a supervisor learns the ports.
+    #[arg(long, env = "PODIAM_LISTEN_ADDRESS_FILE")]
+    pub listen_address_file: Option<PathBuf>,
     /// What to do with an agent call whose node its token does not prove (no token, a token
     /// the API refuses, not an agent's, or a pod on another node): `enforce` refuses it;
     /// `warn` logs and counts it (podiam_server_node_binding_refusals_total) and answers, for
@@ -136,9 +144,118 @@ pub struct Config {
     pub log_level: String,
 }
 
+/// The server's configuration, checked: every flag parsed once into the value that uses it
+/// ([`Config::validate`]). [`crate::Server::build`] takes nothing else.
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    /// Where the gRPC service listens (bound by `main`).
+    pub listen: SocketAddr,
+    /// Where /live, /ready and /metrics are served (bound by `main`).
+    pub health_listen: SocketAddr,
+    /// Where `main` writes the bound addresses once both are bound.
+    pub listen_address_file: Option<PathBuf>,
+    pub tls: TlsFiles,
+    pub tls_reload_interval: Duration,
+    pub kubeconfig: Option<PathBuf>,
+    /// The base ARN role names are placed under; filled in by [`crate::preflight`] when
+    /// detected.
+    pub base_role_arn: Option<String>,
+    /// The metadata service to detect the base ARN from (`--base-role-arn-autodetect`).
+    pub detect_base_arn_from: Option<String>,
+    pub sts: StsOptions,
+    /// Session length, served-life floor and refresh point of the credential cache.
+    pub cache: CachePolicy,
+    pub sessions: SessionNaming,
+    pub binding: Binding,
+    pub drain: Drain,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// How the server drains on SIGTERM (see [`crate::Server::serve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drain {
+    /// `--shutdown-delay`: still answering, not ready.
+    pub delay: Duration,
+    /// `--shutdown-timeout`: no longer accepting; requests under way may finish.
+    pub timeout: Duration,
+}
+
 impl Config {
-    /// Every mistake in the configuration, one line each.
-    pub fn problems(&self) -> Vec<String> {
+    /// Checks every flag and parses each once: the configuration the server runs with, or
+    /// every mistake, one line each.
+    pub fn validate(self) -> Result<ValidConfig, Vec<String>> {
+        let mut problems = self.session_problems();
+        if self.listen == self.health_listen && self.listen.port() != 0 {
+            problems.push("--health-listen must differ from --listen".to_string());
+        }
+        let account = AgentAccount::parse(&self.agent_service_account);
+        if account.is_none() {
+            problems.push(format!(
+                "--agent-service-account {:?} is not NAMESPACE/NAME",
+                self.agent_service_account
+            ));
+        }
+        if self.agent_token_audience.trim().is_empty() {
+            problems.push("--agent-token-audience must not be empty".to_string());
+        }
+        let sessions = SessionNaming::new(&self.session_name, self.session_tags)
+            .map_err(|why| problems.push(format!("--session-name {why}")))
+            .ok();
+        problems.extend(self.sts_problems());
+        problems.extend(self.endpoint_and_interval_problems());
+        match (account, sessions) {
+            (Some(account), Some(sessions)) if problems.is_empty() => {
+                Ok(self.into_valid(account, sessions))
+            }
+            _ => Err(problems),
+        }
+    }
+
+    /// The checked values, assembled.
+    fn into_valid(self, account: AgentAccount, sessions: SessionNaming) -> ValidConfig {
+        ValidConfig {
+            listen: self.listen,
+            health_listen: self.health_listen,
+            listen_address_file: self.listen_address_file,
+            tls: TlsFiles {
+                ca: self.tls_ca,
+                cert: self.tls_cert,
+                key: self.tls_key,
+            },
+            tls_reload_interval: self.tls_reload_interval,
+            kubeconfig: self.kubeconfig,
+            base_role_arn: self.base_role_arn,
+            detect_base_arn_from: self
+                .base_role_arn_autodetect
+                .then_some(self.metadata_endpoint),
+            sts: StsOptions {
+                region: self.region,
+                endpoint: self.sts_endpoint,
+                via_role: self.assume_role_arn,
+                attempt_timeout: self.sts_timeout,
+            },
+            cache: CachePolicy {
+                refresh_after: self.refresh_after,
+                ..CachePolicy::new(self.session_duration, self.min_remaining)
+            },
+            sessions,
+            binding: Binding {
+                mode: self.node_binding,
+                account,
+                audience: self.agent_token_audience,
+            },
+            drain: Drain {
+                delay: self.shutdown_delay,
+                timeout: self.shutdown_timeout,
+            },
+            log_format: self.log_format,
+            log_level: self.log_level,
+        }
+    }
+
+    /// The base ARN and the session's length and served-life floor.
+    fn session_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Some(base) = &self.base_role_arn
             && !valid_base_arn(base)
@@ -160,21 +277,12 @@ impl Config {
                 self.session_duration.as_secs()
             ));
         }
-        if self.listen == self.health_listen && self.listen.port() != 0 {
-            problems.push("--health-listen must differ from --listen".to_string());
-        }
-        if AgentAccount::parse(&self.agent_service_account).is_none() {
-            problems.push(format!(
-                "--agent-service-account {:?} is not NAMESPACE/NAME",
-                self.agent_service_account
-            ));
-        }
-        if self.agent_token_audience.trim().is_empty() {
-            problems.push("--agent-token-audience must not be empty".to_string());
-        }
-        if let Err(why) = SessionNaming::new(&self.session_name, self.session_tags) {
-            problems.push(format!("--session-name {why}"));
-        }
+        problems
+    }
+
+    /// The refresh point, the base ARN's source, and role chaining.
+    fn sts_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if let Some(after) = self.refresh_after {
             let floor_at = self.session_duration.saturating_sub(self.min_remaining);
             if after >= self.session_duration {
@@ -212,6 +320,12 @@ impl Config {
                 ));
             }
         }
+        problems
+    }
+
+    /// URLs, the STS attempt limit, and the intervals that must not be zero.
+    fn endpoint_and_interval_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.sts_timeout.is_zero() || self.sts_timeout > Duration::from_secs(60) {
             problems.push(format!(
                 "--sts-timeout {}ms is outside 1ms to 60s",
@@ -289,9 +403,25 @@ mod tests {
         Config::try_parse_from(args).expect("parses")
     }
 
+    /// Every mistake `validate` finds (none when it succeeds).
+    fn problems(config: Config) -> Vec<String> {
+        config.validate().err().unwrap_or_default()
+    }
+
     #[test]
     fn defaults_are_valid() {
-        assert_eq!(parse(&[]).problems(), Vec::<String>::new());
+        let valid = parse(&[]).validate().expect("valid");
+        assert_eq!(valid.cache.session_duration, Duration::from_secs(3600));
+        assert_eq!(valid.cache.refresh_after, None);
+        assert_eq!(valid.binding.account.to_string(), "podiam/podiam-agent");
+        assert_eq!(valid.detect_base_arn_from, None);
+        assert_eq!(
+            valid.drain,
+            Drain {
+                delay: Duration::from_secs(3),
+                timeout: Duration::from_secs(10)
+            }
+        );
     }
 
     #[test]
@@ -315,7 +445,7 @@ mod tests {
             "--metadata-endpoint",
             "169.254.169.254",
         ]);
-        let problems = config.problems();
+        let problems = problems(config);
         assert_eq!(problems.len(), 9, "{problems:#?}");
         assert!(problems.iter().all(|p| !p.contains('\n')));
     }
@@ -338,19 +468,18 @@ mod tests {
             (&["--session-name", "{name}"], "unknown placeholder"),
         ];
         for (flags, want) in cases {
-            let problems = parse(flags).problems();
+            let problems = problems(parse(flags));
             assert_eq!(problems.len(), 1, "{flags:?}: {problems:#?}");
             assert!(problems[0].contains(want), "{flags:?}: {problems:#?}");
         }
-        assert_eq!(
-            parse(&[
-                "--refresh-after",
-                "20m",
-                "--session-name",
-                "{namespace}.{pod}"
-            ])
-            .problems(),
-            Vec::<String>::new()
-        );
+        let valid = parse(&[
+            "--refresh-after",
+            "20m",
+            "--session-name",
+            "{namespace}.{pod}",
+        ])
+        .validate()
+        .expect("valid");
+        assert_eq!(valid.cache.refresh_after, Some(Duration::from_secs(1200)));
     }
 }

@@ -13,11 +13,18 @@
 //! - [`events`]: Kubernetes Events on refused pods, throttled.
 //! - [`metrics`]: Prometheus metrics and `/live`, `/ready` on the health listener.
 //!
-//! [`run`] wires them together; `main.rs` only parses flags, sets up logging and calls it.
+//! [`Server`] is the whole server as a value: [`Server::build`] makes it from a checked
+//! configuration ([`config::ValidConfig`]), [`Server::serve`] serves it on listeners it is
+//! given until a shutdown it is given, then drains. `main.rs` checks the flags, sets up
+//! logging, makes the start-up checks, binds the listeners, handles signals, and says where
+//! it listens (`--listen-address-file`). In-process tests assemble a server from fakes
+//! ([`Server::assemble`], [`Backends`]) and serve it on an in-memory network.
 
 pub mod config;
 pub mod events;
 pub mod identity;
+#[cfg(test)]
+mod in_process_tests;
 pub mod metrics;
 pub mod preflight;
 pub mod service;
@@ -28,24 +35,31 @@ pub mod watch;
 /// The decision crate's modules, where the server's code has always found them.
 pub use podiam_policy::{index, policy};
 
+use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
 use podiam_proto::v1::podiam_server::PodiamServer;
+use podiam_runtime::net::Listener;
 use podiam_runtime::rotate::Rotating;
 use podiam_runtime::tls::TlsFiles;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Connected;
 
-use crate::config::Config;
+use crate::config::{Drain, ValidConfig};
 use crate::events::{EventLimits, Events};
+use crate::identity::{Identities, KubeReviewer, Reviewer};
+use crate::metrics::Metrics;
 use crate::service::{PodiamService, ServiceSettings};
-use crate::session::SessionNaming;
-use crate::sts::{CachePolicy, CredentialCache, SdkAssumeRole, StsOptions, SystemClock};
+use crate::sts::{AssumeRole, Clock, CredentialCache, SdkAssumeRole, SystemClock};
 use crate::watch::Cluster;
 
 /// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster/default configuration.
-async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
-    let kube_config = match &config.kubeconfig {
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let kube_config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -60,207 +74,322 @@ async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kube_config).context("building the Kubernetes client")
 }
 
-/// Runs the server until `shutdown` is cancelled (SIGTERM), then drains:
-///
-/// 1. at once: `/ready` and the gRPC Health turn not-ready (draining) and every agent's node
-///    stream is ended, so agents move to other replicas;
-/// 2. for `--shutdown-delay`: requests still arriving are answered (agents that have not yet
-///    noticed, Kubernetes removing the endpoint);
-/// 3. then: no new connections; requests under way get `--shutdown-timeout` to finish.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = Arc::new(
-        Rotating::load(
-            TlsFiles {
-                ca: config.tls_ca.clone(),
-                cert: config.tls_cert.clone(),
-                key: config.tls_key.clone(),
+/// The server's certificate, key and client CA, kept current as the files change.
+pub fn load_tls(files: &TlsFiles) -> anyhow::Result<Arc<Rotating<ServerConfig>>> {
+    let tls = Rotating::load(files.clone(), podiam_runtime::tls::server_config)
+        .context("loading the server's TLS files")?;
+    Ok(Arc::new(tls))
+}
+
+/// What the server talks to outside itself. [`Server::build`] makes the real ones; in-process
+/// tests give fakes.
+pub struct Backends {
+    /// The Kubernetes API, for the pod and namespace watches and for Events. `None`: nothing
+    /// but the caller fills the view ([`Server::cluster`]), and no Event is written.
+    pub kube: Option<kube::Client>,
+    /// TokenReviews and SubjectAccessReviews.
+    pub reviewer: Arc<dyn Reviewer>,
+    /// STS.
+    pub sts: Arc<dyn AssumeRole>,
+    /// The credential cache's time.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("kube", &self.kube.is_some())
+            .field("reviewer", &self.reviewer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The listeners the server is served on, bound by its caller: the gRPC port (TCP, or in
+/// tests an in-memory one) and the health port.
+#[derive(Debug)]
+pub struct Listeners<G = TcpListener, H = TcpListener> {
+    pub grpc: G,
+    pub health: H,
+}
+
+/// A whole server, built and not yet serving.
+pub struct Server {
+    tls: Arc<Rotating<ServerConfig>>,
+    tls_reload_interval: std::time::Duration,
+    drain: Drain,
+    service: PodiamService,
+    cluster: Arc<Cluster>,
+    cache: Arc<CredentialCache>,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the drain begins: not ready, node streams end.
+    draining: CancellationToken,
+    /// The Kubernetes API and the Events queue it delivers, when there is an API.
+    kube: Option<(kube::Client, tokio::sync::mpsc::Receiver<events::Notice>)>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("drain", &self.drain)
+            .field("cache", &self.cache)
+            .field("watching", &self.kube.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// The server `config` describes, with its TLS files loaded and its Kubernetes and STS
+    /// clients made. Nothing is bound or served yet.
+    pub async fn build(config: ValidConfig) -> anyhow::Result<Server> {
+        let tls = load_tls(&config.tls)?;
+        let client = kube_client(config.kubeconfig.as_deref()).await?;
+        let sts = SdkAssumeRole::new(config.sts.clone()).await;
+        let backends = Backends {
+            kube: Some(client.clone()),
+            reviewer: Arc::new(KubeReviewer::new(client)),
+            sts: Arc::new(sts),
+            clock: Arc::new(SystemClock),
+        };
+        Ok(Server::assemble(config, tls, backends))
+    }
+
+    /// The server from its parts: what [`Server::build`] does once it has reached outside,
+    /// and what in-process tests do with fakes.
+    pub fn assemble(
+        config: ValidConfig,
+        tls: Arc<Rotating<ServerConfig>>,
+        backends: Backends,
+    ) -> Server {
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(CredentialCache::new(
+            backends.sts,
+            backends.clock,
+            config.cache,
+            metrics.sts_calls.clone(),
+        ));
+        let cluster = Arc::new(Cluster::default());
+        let (events, kube) = match backends.kube {
+            Some(client) => {
+                let (events, queue) = Events::new(EventLimits::default(), metrics.events.clone());
+                (events, Some((client, queue)))
+            }
+            None => (Events::disabled(), None),
+        };
+        let identities = Arc::new(Identities::new(backends.reviewer, metrics.identity.clone()));
+        log_binding(&config.binding);
+        let draining = CancellationToken::new();
+        let service = PodiamService::new(
+            Arc::clone(&cluster),
+            Arc::clone(&cache),
+            ServiceSettings {
+                base_arn: config.base_role_arn,
+                sessions: config.sessions,
+                binding: config.binding,
             },
-            podiam_runtime::tls::server_config,
+            Arc::new(events),
+            identities,
         )
-        .context("loading the server's TLS files")?,
-    );
-    let client = kube_client(&config).await?;
-    let sessions = SessionNaming::new(&config.session_name, config.session_tags)
-        .map_err(|why| anyhow::anyhow!("--session-name {why}"))?;
-    let sts = SdkAssumeRole::new(StsOptions {
-        region: config.region.clone(),
-        endpoint: config.sts_endpoint.clone(),
-        via_role: config.assume_role_arn.clone(),
-        attempt_timeout: config.sts_timeout,
-    })
-    .await;
-    let metrics = Arc::new(metrics::Metrics::new());
-    let cache = Arc::new(CredentialCache::new(
-        Arc::new(sts),
-        Arc::new(SystemClock),
-        CachePolicy {
-            refresh_after: config.refresh_after,
-            ..CachePolicy::new(config.session_duration, config.min_remaining)
-        },
-        metrics.sts_calls.clone(),
-    ));
-    let cluster = Arc::new(Cluster::default());
-    let (events, event_queue) = Events::new(EventLimits::default(), metrics.events.clone());
-    let draining = CancellationToken::new();
-    let account = podiam_policy::decision::AgentAccount::parse(&config.agent_service_account)
-        .context("--agent-service-account")?;
-    let identities = Arc::new(identity::Identities::new(
-        Arc::new(identity::KubeReviewer::new(client.clone())),
-        metrics.identity.clone(),
-    ));
-    match config.node_binding {
+        .with_lifecycle(draining.clone(), metrics.node_streams.clone());
+        Server {
+            tls,
+            tls_reload_interval: config.tls_reload_interval,
+            drain: config.drain,
+            service,
+            cluster,
+            cache,
+            metrics,
+            draining,
+            kube,
+        }
+    }
+
+    /// The view of the cluster the decisions read: kept by the watches, or filled by an
+    /// in-process test that has no Kubernetes API.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Serves on `listeners` until `shutdown` is cancelled (SIGTERM), then drains:
+    ///
+    /// 1. at once: `/ready` and the gRPC Health turn not-ready (draining) and every agent's
+    ///    node stream is ended, so agents move to other replicas;
+    /// 2. for `--shutdown-delay`: requests still arriving are answered (agents that have
+    ///    not yet noticed, Kubernetes removing the endpoint);
+    /// 3. then: no new connections; requests under way get `--shutdown-timeout` to finish.
+    ///
+    /// Background work (watches, Events, credential upkeep, certificate reloads) stops after
+    /// the drain, and the STS calls under way are waited for.
+    pub async fn serve<G, H>(
+        mut self,
+        listeners: Listeners<G, H>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()>
+    where
+        G: Listener,
+        G::Io: Connected,
+        H: Listener,
+    {
+        tracing::info!(addr = %listeners.grpc.local_addr()?, "serving gRPC with mutual TLS");
+        // Background work stops with `stop`, after the drain; the health listener goes on
+        // answering (not ready) during the drain.
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        self.spawn_background(&tasks, &stop);
+        tracing::info!(addr = %listeners.health.local_addr()?, "serving /live, /ready and /metrics");
+        tasks.spawn(podiam_runtime::serve::serve_http(
+            listeners.health,
+            podiam_runtime::serve::Limits::default(),
+            self.health_handler(),
+            stop.clone(),
+        ));
+        // Accepting ends when the drain's delay is over; the gRPC server then finishes what
+        // is under way.
+        let accepting = CancellationToken::new();
+        let refused = {
+            let counter = self.metrics.tls_refused.clone();
+            Arc::new(move || {
+                counter.inc();
+            })
+        };
+        let incoming = podiam_runtime::accept::accept_tls(
+            listeners.grpc,
+            Arc::clone(&self.tls),
+            accepting.clone(),
+            &tasks,
+            refused,
+        );
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+            .add_service(PodiamServer::new(self.service.clone()))
+            .serve_with_incoming_shutdown(incoming, accepting.clone().cancelled_owned());
+        let served = drain(grpc, &shutdown, &self.draining, &accepting, self.drain).await;
+        self.draining.cancel();
+        accepting.cancel();
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        self.cache.drain().await;
+        tracing::info!("server stopped");
+        served
+    }
+
+    /// The watches and Events (with a Kubernetes API), credential upkeep and certificate
+    /// reloads, on `tasks` until `stop`.
+    fn spawn_background(&mut self, tasks: &TaskTracker, stop: &CancellationToken) {
+        if let Some((client, queue)) = self.kube.take() {
+            tasks.spawn(events::deliver(
+                client.clone(),
+                std::env::var("POD_NAME").ok(),
+                queue,
+                self.metrics.events.clone(),
+                stop.clone(),
+            ));
+            tasks.spawn(watch::run(
+                client,
+                Arc::clone(&self.cluster),
+                self.metrics.relists.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(maintain_credentials(
+            self.service.clone(),
+            Arc::clone(&self.cluster),
+            Arc::clone(&self.cache),
+            self.metrics.duplicate_ip_pods.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(Arc::clone(&self.tls).follow(self.tls_reload_interval, stop.clone()));
+    }
+
+    /// The health listener's handler: `/live`, `/ready` (synced and not draining),
+    /// `/metrics`.
+    fn health_handler(
+        &self,
+    ) -> impl Fn(
+        std::net::SocketAddr,
+        http::Request<hyper::body::Incoming>,
+    ) -> std::future::Ready<http::Response<http_body_util::Full<bytes::Bytes>>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let metrics = Arc::clone(&self.metrics);
+        let cluster = Arc::clone(&self.cluster);
+        let tls = Arc::clone(&self.tls);
+        let draining = self.draining.clone();
+        move |_, request: http::Request<hyper::body::Incoming>| {
+            metrics.tls_expiry.set(tls.not_after());
+            std::future::ready(metrics::health(
+                &cluster,
+                draining.is_cancelled(),
+                &metrics,
+                request.uri().path(),
+            ))
+        }
+    }
+}
+
+/// Says at start how node binding treats agents.
+fn log_binding(binding: &service::Binding) {
+    match binding.mode {
         service::BindingMode::Enforce => tracing::info!(
-            agents = %account,
-            audience = %config.agent_token_audience,
+            agents = %binding.account,
+            audience = %binding.audience,
             "node binding enforced: agents answered only about their own node's pods"
         ),
         service::BindingMode::Warn => tracing::warn!(
-            agents = %account,
-            audience = %config.agent_token_audience,
+            agents = %binding.account,
+            audience = %binding.audience,
             "node binding in WARN mode: agent calls that prove no node, or ask about another \
              node's pods, are logged and counted but ANSWERED; use --node-binding enforce \
              once podiam_server_node_binding_refusals_total stays at 0"
         ),
     }
-    let service = PodiamService::new(
-        Arc::clone(&cluster),
-        Arc::clone(&cache),
-        ServiceSettings {
-            base_arn: config.base_role_arn.clone(),
-            sessions,
-            binding: service::Binding {
-                mode: config.node_binding,
-                account,
-                audience: config.agent_token_audience.clone(),
-            },
-        },
-        Arc::new(events),
-        identities,
-    )
-    .with_lifecycle(draining.clone(), metrics.node_streams.clone());
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving gRPC with mutual TLS");
+}
 
-    // Background work stops with `stop`, after the drain; the health listener goes on
-    // answering (not ready) during the drain.
-    let stop = CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(events::deliver(
-        client.clone(),
-        std::env::var("POD_NAME").ok(),
-        event_queue,
-        metrics.events.clone(),
-        stop.clone(),
-    ));
-    tasks.spawn(watch::run(
-        client,
-        Arc::clone(&cluster),
-        metrics.relists.clone(),
-        stop.clone(),
-    ));
-    tasks.spawn(maintain_credentials(
-        service.clone(),
-        Arc::clone(&cluster),
-        Arc::clone(&cache),
-        metrics.duplicate_ip_pods.clone(),
-        stop.clone(),
-    ));
-    tasks.spawn(Arc::clone(&tls).follow(config.tls_reload_interval, stop.clone()));
-    {
-        let addr = config.health_listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "serving /live, /ready and /metrics");
-        let metrics = Arc::clone(&metrics);
-        let cluster = Arc::clone(&cluster);
-        let tls = Arc::clone(&tls);
-        let draining = draining.clone();
-        let handler = move |_, request: http::Request<hyper::body::Incoming>| {
-            metrics.tls_expiry.set(tls.not_after());
-            let response = metrics::health(
-                &cluster,
-                draining.is_cancelled(),
-                &metrics,
-                request.uri().path(),
-            );
-            async move { response }
-        };
-        tasks.spawn(podiam_runtime::serve::serve_http(
-            listener,
-            podiam_runtime::serve::Limits::default(),
-            handler,
-            stop.clone(),
-        ));
-    }
-
-    // Accepting ends when the drain's delay is over; the gRPC server then finishes what is
-    // under way.
-    let accepting = CancellationToken::new();
-    let refused = {
-        let counter = metrics.tls_refused.clone();
-        Arc::new(move || {
-            counter.inc();
-        })
-    };
-    let incoming = podiam_runtime::accept::accept_tls(
-        listener,
-        Arc::clone(&tls),
-        accepting.clone(),
-        &tasks,
-        refused,
-    );
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-        .add_service(PodiamServer::new(service))
-        .serve_with_incoming_shutdown(incoming, accepting.clone().cancelled_owned());
+/// Runs `grpc` until `shutdown`, then drains it as [`Server::serve`] describes; its result.
+async fn drain<F>(
+    grpc: F,
+    shutdown: &CancellationToken,
+    draining: &CancellationToken,
+    accepting: &CancellationToken,
+    drain: Drain,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
     let mut grpc = std::pin::pin!(grpc);
-
     let served = tokio::select! {
         served = grpc.as_mut() => Some(served),
         () = shutdown.cancelled() => None,
     };
-    let served = match served {
-        // The gRPC server ended on its own: an error, nothing to drain.
-        Some(served) => served.context("serving gRPC"),
-        None => {
-            tracing::info!(
-                delay = ?config.shutdown_delay,
-                "draining: not ready, node streams ended; still answering"
-            );
-            draining.cancel();
-            let delayed = tokio::time::timeout(config.shutdown_delay, grpc.as_mut()).await;
-            accepting.cancel();
-            let result = match delayed {
+    // The gRPC server ended on its own: an error, nothing to drain.
+    if let Some(served) = served {
+        return served.context("serving gRPC");
+    }
+    tracing::info!(
+        delay = ?drain.delay,
+        "draining: not ready, node streams ended; still answering"
+    );
+    draining.cancel();
+    let delayed = tokio::time::timeout(drain.delay, grpc.as_mut()).await;
+    accepting.cancel();
+    let served = match delayed {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::info!(timeout = ?drain.timeout, "no longer accepting; finishing requests under way");
+            match tokio::time::timeout(drain.timeout, grpc.as_mut()).await {
                 Ok(served) => served,
                 Err(_) => {
-                    tracing::info!(timeout = ?config.shutdown_timeout, "no longer accepting; finishing requests under way");
-                    match tokio::time::timeout(config.shutdown_timeout, grpc.as_mut()).await {
-                        Ok(served) => served,
-                        Err(_) => {
-                            tracing::warn!(
-                                "requests still under way after the shutdown timeout; exiting"
-                            );
-                            Ok(())
-                        }
-                    }
+                    tracing::warn!("requests still under way after the shutdown timeout; exiting");
+                    Ok(())
                 }
-            };
-            result.context("serving gRPC")
+            }
         }
     };
-    draining.cancel();
-    accepting.cancel();
-    stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    cache.drain().await;
-    tracing::info!("server stopped");
-    served
+    served.context("serving gRPC")
 }
 
 /// HTTP/2 pings to each agent's connection: a vanished agent's streams are closed within

@@ -1,43 +1,77 @@
-//! `podiam-server`: parse flags, set up logging, run until SIGTERM/SIGINT.
+//! `podiam-server`: check the flags, set up logging, make the start-up checks, bind the
+//! listeners, and serve until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use podiam_server::config::Config;
+use podiam_server::config::{Config, ValidConfig};
+use podiam_server::{Listeners, Server};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut config = Config::parse();
-    let mut problems = config.problems();
-    problems.extend(podiam_server::config::environment_problems(|name| {
-        std::env::var(name).ok()
-    }));
-    if !problems.is_empty() {
-        for problem in problems {
-            eprintln!("podiam-server: {problem}");
+    let environment =
+        podiam_server::config::environment_problems(|name| std::env::var(name).ok());
+    let mut config = match Config::parse().validate() {
+        Ok(config) if environment.is_empty() => config,
+        Ok(_) => return refuse(environment),
+        Err(mut problems) => {
+            problems.extend(environment);
+            return refuse(problems);
         }
-        return ExitCode::from(2);
-    }
+    };
     podiam_runtime::telemetry::init(config.log_format, &config.log_level);
     podiam_runtime::tls::install_crypto_provider();
     let problems = podiam_server::preflight::preflight(&mut config).await;
     if !problems.is_empty() {
-        for problem in problems {
-            eprintln!("podiam-server: {problem}");
-        }
-        return ExitCode::from(2);
+        return refuse(problems);
     }
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
-        shutdown.clone(),
-    ));
-    match podiam_server::run(config, shutdown).await {
+    match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints every problem, one line each, and exits 2.
+fn refuse(problems: Vec<String>) -> ExitCode {
+    for problem in problems {
+        eprintln!("podiam-server: {problem}");
+    }
+    ExitCode::from(2)
+}
+
+async fn run(config: ValidConfig) -> anyhow::Result<()> {
+    let address_file = config.listen_address_file.clone();
+    let (listen, health_listen) = (config.listen, config.health_listen);
+    let server = Server::build(config).await?;
+    let listeners = Listeners {
+        grpc: bind(listen).await?,
+        health: bind(health_listen).await?,
+    };
+    if let Some(path) = &address_file {
+        podiam_runtime::net::write_address_file(
+            path,
+            &[
+                ("listen", listeners.grpc.local_addr()?),
+                ("health-listen", listeners.health.local_addr()?),
+            ],
+        )
+        .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
+        shutdown.clone(),
+    ));
+    server.serve(listeners, shutdown).await
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
 }

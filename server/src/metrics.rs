@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::events::EventCounters;
 use crate::identity::IdentityCounters;
 use crate::sts::StsCallCounters;
-use crate::watch::Cluster;
+use crate::watch::{Cluster, ResourceLabels};
 
 /// Labels of an STS call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,12 +27,6 @@ struct StsLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     result: &'static str,
-}
-
-/// Labels of a watched resource.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResourceLabels {
-    pub resource: &'static str,
 }
 
 /// Every metric the server exports.
@@ -71,11 +65,6 @@ impl Metrics {
                 result: "unavailable",
             })
             .clone();
-        let sts_calls = StsCallCounters {
-            ok,
-            refused,
-            unavailable,
-        };
         let event_family = Family::<EventLabels, Counter>::default();
         let sent = event_family
             .get_or_create(&EventLabels { result: "sent" })
@@ -86,81 +75,89 @@ impl Metrics {
         let failed = event_family
             .get_or_create(&EventLabels { result: "failed" })
             .clone();
-        let events = EventCounters {
-            sent,
-            dropped,
-            failed,
+        let mut metrics = Metrics {
+            sts_calls: StsCallCounters {
+                ok,
+                refused,
+                unavailable,
+            },
+            events: EventCounters {
+                sent,
+                dropped,
+                failed,
+            },
+            duplicate_ip_pods: Gauge::default(),
+            node_streams: Gauge::default(),
+            relists: Family::default(),
+            tls_refused: Counter::default(),
+            tls_expiry: Gauge::default(),
+            identity: IdentityCounters::new(),
+            registry: Registry::with_prefix("podiam_server"),
         };
-        let duplicate_ip_pods = Gauge::default();
-        let node_streams = Gauge::default();
-        let relists = Family::<ResourceLabels, Counter>::default();
-        let tls_refused = Counter::default();
-        let tls_expiry = Gauge::default();
-        let identity = IdentityCounters::new();
-        let mut registry = Registry::with_prefix("podiam_server");
+        metrics.register_all(family, event_family);
+        metrics
+    }
+
+    /// Registers every metric, with its help text, in the registry `/metrics` encodes; the
+    /// STS and Event families are registered whole, their members being the counters above.
+    fn register_all(
+        &mut self,
+        sts_calls: Family<StsLabels, Counter>,
+        events: Family<EventLabels, Counter>,
+    ) {
+        let registry = &mut self.registry;
         registry.register(
             "token_reviews",
             "TokenReviews asked of the Kubernetes API (agents' tokens and operators'), by \
              result: authenticated, unauthenticated, error (the API did not answer)",
-            identity.token_reviews.clone(),
+            self.identity.token_reviews.clone(),
         );
         registry.register(
             "node_binding_refusals",
             "Agent calls refused by node binding (with --node-binding warn: only counted), \
              by reason: other-node, no-token, bad-token, not-agent, no-certificate, \
              review-unavailable",
-            identity.binding_refusals.clone(),
+            self.identity.binding_refusals.clone(),
         );
         registry.register(
             "node_streams",
             "Agents' node streams (WatchNode) open on this replica",
-            node_streams.clone(),
+            self.node_streams.clone(),
         );
         registry.register(
             "watch_relists",
             "Complete lists of a watched resource (pods, namespaces): the first sync, and every \
              relist after a watch expired (410 Gone) or the API server was unreachable",
-            relists.clone(),
+            self.relists.clone(),
         );
         registry.register(
             "tls_handshakes_refused",
             "TLS handshakes refused on the gRPC port (a client certificate from another \
              CA, expired or not yet valid, or no handshake in time)",
-            tls_refused.clone(),
+            self.tls_refused.clone(),
         );
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
             "When the server certificate in use expires, in Unix seconds (rotated files are \
              picked up without a restart)",
-            tls_expiry.clone(),
+            self.tls_expiry.clone(),
         );
         registry.register(
             "events",
             "Kubernetes Events about refused pods, by result (sent; dropped by the rate limit \
              or a full queue; failed at the API)",
-            event_family,
+            events,
         );
         registry.register(
             "duplicate_ip_pods",
             "Live pods whose IP another live pod also claims (all of them are refused)",
-            duplicate_ip_pods.clone(),
+            self.duplicate_ip_pods.clone(),
         );
         registry.register(
             "sts_calls",
             "STS AssumeRole calls, by result (ok, refused, unavailable)",
-            family,
-        );
-        Metrics {
             sts_calls,
-            events,
-            duplicate_ip_pods,
-            node_streams,
-            relists,
-            tls_refused,
-            tls_expiry,
-            identity,
-            registry,
-        }
+        );
     }
 
     /// The OpenMetrics text exposition.

@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::ValidConfig;
 use crate::policy::base_arn_of_instance_profile;
 
 /// Completes `config` (the detected base ARN) and returns every problem found.
-pub async fn preflight(config: &mut Config) -> Vec<String> {
+pub async fn preflight(config: &mut ValidConfig) -> Vec<String> {
     let mut problems = Vec::new();
-    if config.base_role_arn_autodetect {
-        match detect_base_arn(&config.metadata_endpoint, config.sts_timeout).await {
+    let timeout = config.sts.attempt_timeout;
+    if let Some(metadata_endpoint) = &config.detect_base_arn_from {
+        match detect_base_arn(metadata_endpoint, timeout).await {
             Ok(base) => {
                 tracing::info!(base_role_arn = %base, "base role ARN detected from the instance profile");
                 config.base_role_arn = Some(base);
@@ -21,11 +22,11 @@ pub async fn preflight(config: &mut Config) -> Vec<String> {
             )),
         }
     }
-    let (endpoint, from) = match &config.sts_endpoint {
+    let (endpoint, from) = match &config.sts.endpoint {
         Some(endpoint) => (endpoint.clone(), "--sts-endpoint"),
-        None => (regional_sts_endpoint(&config.region), "--region"),
+        None => (regional_sts_endpoint(&config.sts.region), "--region"),
     };
-    if let Err(why) = reachable(&endpoint, config.sts_timeout).await {
+    if let Err(why) = reachable(&endpoint, timeout).await {
         problems.push(format!(
             "the STS endpoint {endpoint} (from {from}) is unreachable: {why}"
         ));

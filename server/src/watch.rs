@@ -22,14 +22,20 @@ use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::ResourceLabels;
-
 use crate::index::{NamespaceIndex, PodIndex, PodRecord};
 use crate::policy::Permitted;
+
+/// Labels of a watched resource's relists (`podiam_server_watch_relists_total`; registered
+/// by [`crate::metrics`], which reads this module and is not read by it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
 
 /// The server's cached view of the cluster, shared by all request handlers.
 #[derive(Debug)]

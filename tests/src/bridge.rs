@@ -7,13 +7,15 @@
 //! reaching the server on root loopback, a pod reaching moto. Dropping the bridge stops the
 //! accept task and every open connection with it.
 //!
-//! A bridge can also play a slow network: [`Bridge::set_latency`] holds every byte coming
+//! A bridge's target can change ([`Bridge::set_target`]: a server replica restarted on new
+//! ports); connections opened from then on go to the new one. It can also play a slow
+//! network: [`Bridge::set_latency`] holds every byte coming
 //! back from the target for that long before it is passed on (the answers of a replica
 //! slowed down, with their order and throughput kept), on open connections too.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,7 +59,7 @@ pub enum BridgeError {
 pub struct Bridge {
     netns: String,
     listen: SocketAddr,
-    target: SocketAddr,
+    target: Arc<RwLock<SocketAddr>>,
     /// Added latency of the target's answers, in microseconds.
     latency: Arc<AtomicU64>,
     task: JoinHandle<()>,
@@ -96,7 +98,13 @@ impl Bridge {
         let listener = TcpListener::from_std(std_listener).map_err(register)?;
         let label = netns.to_owned();
         let latency = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(accept_loop(listener, target, label, Arc::clone(&latency)));
+        let target = Arc::new(RwLock::new(target));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&target),
+            label,
+            Arc::clone(&latency),
+        ));
         Ok(Self {
             netns: netns.to_owned(),
             listen,
@@ -125,7 +133,12 @@ impl Bridge {
 
     /// The root-namespace address connections go to.
     pub fn target(&self) -> SocketAddr {
-        self.target
+        *self.target.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends connections opened from now on to `target` (open ones stay where they go).
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.write().unwrap_or_else(|e| e.into_inner()) = target;
     }
 
     /// The namespace listened in.
@@ -143,7 +156,7 @@ impl Drop for Bridge {
 
 async fn accept_loop(
     listener: TcpListener,
-    target: SocketAddr,
+    target: Arc<RwLock<SocketAddr>>,
     netns: String,
     latency: Arc<AtomicU64>,
 ) {
@@ -152,6 +165,7 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((inbound, _)) => {
+                    let target = *target.read().unwrap_or_else(|e| e.into_inner());
                     connections.spawn(splice(inbound, target, netns.clone(), Arc::clone(&latency)));
                 }
                 Err(err) => {

@@ -1,8 +1,10 @@
-//! moto's STS (and every other AWS service it emulates) on a free loopback port.
+//! moto's STS (and every other AWS service it emulates) on a loopback port.
 //!
-//! [`Moto::start`] runs `moto_server -H 127.0.0.1 -p PORT` under a [`ChildGuard`], retrying
-//! with another port when the chosen one turns out taken, and returns once moto answers its
-//! own `/moto-api/data.json`. Facts the suites rely on (proved in `tests/harness.rs`):
+//! [`Moto::start`] runs `moto_server -H 127.0.0.1 -p 0` under a [`ChildGuard`]: the kernel
+//! picks the port and moto's server (werkzeug) says which in its start-up line
+//! ` * Running on http://127.0.0.1:PORT`, so no port is guessed and none can be taken by
+//! another process in between. It returns once moto answers its own
+//! `/moto-api/data.json` there. Facts the suites rely on (proved in `tests/harness.rs`):
 //! - any role ARN can be assumed, the role need not exist in moto's IAM, any account id
 //!   in the ARN is accepted;
 //! - `get-caller-identity` with the returned credentials prints
@@ -18,7 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::process::{ChildGuard, ProcessError, free_loopback_port, wait_until};
+use crate::process::{ChildGuard, ProcessError, wait_for, wait_until};
 
 /// The account moto uses for its own identities and as the default.
 pub const MOTO_ACCOUNT_ID: &str = "123456789012";
@@ -27,8 +29,8 @@ pub const MOTO_SERVER: &str = "moto_server";
 /// moto imports its whole service catalogue lazily but Flask start-up still takes one to
 /// three seconds on two cores; the bound only catches a broken install.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Tries with fresh ports when the one chosen was taken in the meantime.
-const START_ATTEMPTS: usize = 4;
+/// What werkzeug's start-up line says before the address it listens on.
+const RUNNING_ON: &str = "Running on http://127.0.0.1:";
 /// A readiness probe's own bound.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -38,12 +40,12 @@ pub enum MotoError {
     /// Spawning or awaiting failed.
     #[error(transparent)]
     Process(#[from] ProcessError),
-    /// moto exited or never answered, on every attempt.
-    #[error("moto_server did not start after {attempts} attempts; last log:\n{log}")]
+    /// moto exited, or never said where it listens or answered there.
+    #[error("moto_server did not start: {why}; log:\n{log}")]
     NotStarted {
-        /// Attempts made.
-        attempts: usize,
-        /// The last attempt's log tail.
+        /// What went wrong.
+        why: String,
+        /// Its log's tail.
         log: String,
     },
 }
@@ -56,30 +58,39 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts moto on a free loopback port and waits until it answers HTTP.
+    /// Starts moto on a loopback port of the kernel's choosing and waits until it answers
+    /// HTTP there.
     pub async fn start() -> Result<Self, MotoError> {
-        let mut last_log = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let port = free_loopback_port()?;
-            let mut cmd = Command::new(MOTO_SERVER);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-            let mut guard = ChildGuard::spawn("moto", cmd)?;
-            let ready = wait_until(START_TIMEOUT, "moto_server to answer HTTP", || {
-                let exited = !matches!(guard.try_status(), Ok(None));
-                async move { exited || answers_as_moto(port).await }
-            })
-            .await;
-            // Exited (e.g. the port was taken): try another port.
-            if guard.try_status()?.is_none() {
-                ready?;
-                return Ok(Self { guard, port });
+        let mut cmd = Command::new(MOTO_SERVER);
+        cmd.args(["-H", "127.0.0.1", "-p", "0"]);
+        let mut guard = ChildGuard::spawn("moto", cmd)?;
+        let not_started = |guard: &ChildGuard, why: String| MotoError::NotStarted {
+            why,
+            log: guard.log_tail(20),
+        };
+        let log = guard.log_path().to_path_buf();
+        let port = wait_for(START_TIMEOUT, "moto_server to say its port", || {
+            let exited = !matches!(guard.try_status(), Ok(None));
+            let port = std::fs::read_to_string(&log)
+                .ok()
+                .and_then(|text| listening_port(&text));
+            async move {
+                match port {
+                    Some(port) => Some(Some(port)),
+                    None if exited => Some(None),
+                    None => None,
+                }
             }
-            last_log = guard.log_tail(20);
-        }
-        Err(MotoError::NotStarted {
-            attempts: START_ATTEMPTS,
-            log: last_log,
         })
+        .await
+        .map_err(|e| not_started(&guard, e.to_string()))?
+        .ok_or_else(|| not_started(&guard, "it exited".into()))?;
+        wait_until(START_TIMEOUT, "moto_server to answer HTTP", || {
+            answers_as_moto(port)
+        })
+        .await
+        .map_err(|e| not_started(&guard, e.to_string()))?;
+        Ok(Self { guard, port })
     }
 
     /// `http://127.0.0.1:PORT`, for `--endpoint-url` / `AWS_ENDPOINT_URL_STS`.
@@ -114,6 +125,13 @@ impl Moto {
     }
 }
 
+/// The port of werkzeug's start-up line in moto's log, once the line is there whole.
+fn listening_port(log: &str) -> Option<u16> {
+    let (_, rest) = log.split_once(RUNNING_ON)?;
+    let (line, _) = rest.split_once('\n')?;
+    line.trim_end().parse().ok().filter(|port| *port != 0)
+}
+
 /// True when something on `port` answers `/moto-api/data.json` like moto (200, JSON).
 async fn answers_as_moto(port: u16) -> bool {
     let probe = async {
@@ -136,4 +154,25 @@ async fn answers_as_moto(port: u16) -> bool {
         tokio::time::timeout(PROBE_TIMEOUT, probe).await,
         Ok(Some(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_port;
+
+    #[test]
+    fn the_port_is_read_from_werkzeugs_start_up_line() {
+        let log = "WARNING: This is a development server.\n * Running on http://127.0.0.1:40827\nPress CTRL+C to quit\n";
+        assert_eq!(listening_port(log), Some(40827));
+        assert_eq!(
+            listening_port(" * Running on http://127.0.0.1:4\r\n"),
+            Some(4)
+        );
+        // Half-written: not yet.
+        assert_eq!(listening_port(" * Running on http://127.0.0.1:4"), None);
+        assert_eq!(
+            listening_port("WARNING: This is a development server.\n"),
+            None
+        );
+    }
 }

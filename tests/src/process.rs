@@ -6,12 +6,17 @@
 //!   it started go too.
 //! - [`wait_until`] / [`wait_for`]: poll a condition every [`POLL_INTERVAL`] until a
 //!   deadline; the error names what was awaited. Tests wait on conditions, never on sleeps.
-//! - [`free_loopback_port`], [`run_dir`]: a port to hand a child, a place for its files.
+//! - [`listen_addresses`]: where a podiam daemon started with port 0 listens, from its
+//!   `--listen-address-file`; [`ClosedPort`]: a loopback port held, where nothing listens.
+//!   No port is ever picked by binding, closing and handing it on: another process could
+//!   take it in between.
+//! - [`run_dir`], [`scratch_dir`]: a place for a child's files.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -105,9 +110,9 @@ pub enum ProcessError {
         /// How long it was awaited.
         after: Duration,
     },
-    /// Finding a free port failed.
-    #[error("finding a free loopback port")]
-    FreePort(#[source] io::Error),
+    /// Holding a port failed.
+    #[error("holding a loopback port")]
+    Reserve(#[source] io::Error),
 }
 
 static RUN_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
@@ -149,15 +154,60 @@ pub fn scratch_dir(label: &str) -> Result<PathBuf, ProcessError> {
     Ok(dir)
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released). Another
-/// process may take it before the child binds it; callers that start servers retry.
-pub fn free_loopback_port() -> Result<u16, ProcessError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ProcessError::FreePort)?;
-    let port = listener
-        .local_addr()
-        .map_err(ProcessError::FreePort)?
-        .port();
-    Ok(port)
+/// A loopback port where nothing listens, held by a socket that is bound and never
+/// listens for as long as this lives: connections to it are refused, and no other process
+/// can bind it meanwhile.
+#[derive(Debug)]
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn bind() -> Result<ClosedPort, ProcessError> {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(ProcessError::Reserve)?;
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(ProcessError::Reserve)?;
+        let addr = socket.local_addr().map_err(ProcessError::Reserve)?;
+        Ok(ClosedPort {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Waits up to `within` until the podiam daemon `child` has written its
+/// `--listen-address-file` at `path`: the addresses it listens on, by flag name (`listen`,
+/// `health-listen`). The daemon writes the file once every listener is bound, atomically.
+pub async fn listen_addresses(
+    child: &mut ChildGuard,
+    path: &Path,
+    within: Duration,
+) -> Result<BTreeMap<String, SocketAddr>, ProcessError> {
+    let name = child.name().to_owned();
+    let what = format!("{name} to write its addresses to {}", path.display());
+    let found = wait_for(within, &what, || {
+        let exited = !matches!(child.try_status(), Ok(None));
+        let written = std::fs::read_to_string(path)
+            .ok()
+            .map(|text| podiam_runtime::net::read_address_file(&text))
+            .filter(|addresses| !addresses.is_empty());
+        async move {
+            match written {
+                Some(addresses) => Some(Some(addresses)),
+                None if exited => Some(None),
+                None => None,
+            }
+        }
+    })
+    .await?;
+    found.ok_or(ProcessError::Exited { name })
 }
 
 /// Polls `condition` every [`POLL_INTERVAL`] until it is true, or fails after `within`

@@ -29,7 +29,7 @@ use crate::identity;
 use crate::kube_emulator::{EmulatorOptions, KubeEmulator};
 use crate::moto::Moto;
 use crate::netns::{self, HttpReply, Node, POD_INTERFACE_PATTERN, PodNet};
-use crate::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
+use crate::process::{ChildGuard, listen_addresses, scratch_dir, wait_until};
 use crate::sts_proxy::StsProxy;
 
 /// Role names are placed under this base ARN (moto's account).
@@ -231,12 +231,6 @@ pub struct ServerReplica {
 }
 
 impl ServerReplica {
-    fn process(&self) -> anyhow::Result<&ChildGuard> {
-        self.process
-            .as_ref()
-            .with_context(|| format!("the server replica at {} is not running", self.addr))
-    }
-
     fn process_mut(&mut self) -> anyhow::Result<&mut ChildGuard> {
         let addr = self.addr;
         self.process
@@ -822,31 +816,26 @@ print(remaining)
         Ok(started.elapsed())
     }
 
-    /// Starts server replica `i` again on its old addresses and waits for its first sync.
+    /// Starts server replica `i` again (on new ports: its bridge, which the agent dials,
+    /// follows) and waits for its first sync.
     pub async fn restart_server(&mut self, i: usize) -> anyhow::Result<()> {
-        let (addr, health) = (self.replica(i).addr, self.replica(i).health);
         if self.replica(i).process.is_some() {
             bail!("server replica {i} is running");
         }
-        let process = spawn_server_at_level(
+        let (process, addr, health) = start_server_at_level(
             &self.certs,
             &self.kubeconfig,
             &self.sts_endpoint,
             &self.server_args,
             self.log_level.as_deref(),
-            addr,
-            health,
-        )?;
-        self.replica_mut(i).process = Some(process);
-        let material = agent_material(&self.certs)?;
-        let synced = wait_until(START_TIMEOUT, "the restarted server to sync", || {
-            let material = material.clone();
-            async move { health_synced(addr, &material).await }
-        })
-        .await;
-        if let Err(error) = synced {
-            bail!("{error}; log:\n{}", self.replica(i).process()?.log_tail(40));
-        }
+            START_TIMEOUT,
+        )
+        .await?;
+        let replica = self.replica_mut(i);
+        replica.bridge.set_target(addr);
+        replica.process = Some(process);
+        replica.addr = addr;
+        replica.health = health;
         Ok(())
     }
 
@@ -1108,8 +1097,9 @@ pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> 
     Ok(())
 }
 
-/// Starts `podiam-server` (gRPC and health on free loopback ports) and waits up to `within`
-/// for its first sync: the server, its gRPC address and its health address.
+/// Starts `podiam-server` (gRPC and health on loopback ports the kernel picks, which it
+/// writes to its `--listen-address-file`) and waits up to `within` for its first sync: the
+/// server, its gRPC address and its health address.
 pub async fn start_server_within(
     certs: &podiam_certs::WrittenFiles,
     kubeconfig: &Path,
@@ -1130,41 +1120,28 @@ async fn start_server_at_level(
     log_level: Option<&str>,
     within: Duration,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
-    let mut last_error = None;
-    // The free port may be taken before the server binds it: try a few.
-    for _ in 0..4 {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-        let mut server = spawn_server_at_level(
-            certs,
-            kubeconfig,
-            sts_endpoint,
-            extra_args,
-            log_level,
-            addr,
-            health,
-        )?;
-        let material = agent_material(certs)?;
-        let synced = wait_until(within, "podiam-server to sync", || {
-            let material = material.clone();
-            async move { health_synced(addr, &material).await }
-        })
-        .await;
-        match synced {
-            Ok(()) => return Ok((server, addr, health)),
-            Err(error) => {
-                let exited = server.try_status()?.is_some();
-                last_error = Some(anyhow::anyhow!(
-                    "{error}; server log:\n{}",
-                    server.log_tail(40)
-                ));
-                if !exited {
-                    break;
-                }
-            }
-        }
+    let (mut server, address_file) =
+        spawn_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, log_level)?;
+    let addresses = listen_addresses(&mut server, &address_file, within)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}; server log:\n{}", server.log_tail(40)))?;
+    let (Some(&addr), Some(&health)) = (addresses.get("listen"), addresses.get("health-listen"))
+    else {
+        bail!(
+            "{} names no listen and health-listen addresses",
+            address_file.display()
+        );
+    };
+    let material = agent_material(certs)?;
+    let synced = wait_until(within, "podiam-server to sync", || {
+        let material = material.clone();
+        async move { health_synced(addr, &material).await }
+    })
+    .await;
+    if let Err(error) = synced {
+        bail!("{error}; server log:\n{}", server.log_tail(40));
     }
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("podiam-server did not start")))
+    Ok((server, addr, health))
 }
 
 /// The agent's TLS files, read: what a test acting as an agent dials the server with.
@@ -1179,25 +1156,16 @@ pub fn agent_material(
     .load()?)
 }
 
-/// Spawns `podiam-server` on `addr` (gRPC) and `health`, with the world's certificates,
-/// kubeconfig and STS endpoint; does not wait for it.
+/// Spawns `podiam-server` on loopback ports the kernel picks, with the world's certificates,
+/// kubeconfig and STS endpoint; does not wait for it. Returns the server and the file it
+/// writes its addresses to once bound (see [`listen_addresses`]).
 pub fn spawn_server(
     certs: &podiam_certs::WrittenFiles,
     kubeconfig: &Path,
     sts_endpoint: &str,
     extra_args: &[String],
-    addr: SocketAddr,
-    health: SocketAddr,
-) -> anyhow::Result<ChildGuard> {
-    spawn_server_at_level(
-        certs,
-        kubeconfig,
-        sts_endpoint,
-        extra_args,
-        None,
-        addr,
-        health,
-    )
+) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    spawn_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None)
 }
 
 /// [`spawn_server`] with `log_level` as the server's `RUST_LOG` (see
@@ -1208,13 +1176,14 @@ fn spawn_server_at_level(
     sts_endpoint: &str,
     extra_args: &[String],
     log_level: Option<&str>,
-    addr: SocketAddr,
-    health: SocketAddr,
-) -> anyhow::Result<ChildGuard> {
+) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    let address_file = scratch_dir("server")?.join("addresses");
     let mut command = tokio::process::Command::new(binary("podiam-server")?);
     command
-        .args(["--listen", &addr.to_string()])
-        .args(["--health-listen", &health.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .arg("--listen-address-file")
+        .arg(&address_file)
         .args(["--tls-ca", path_str(&certs.ca_cert)?])
         .args(["--tls-cert", path_str(&certs.server_cert)?])
         .args(["--tls-key", path_str(&certs.server_key)?])
@@ -1232,7 +1201,7 @@ fn spawn_server_at_level(
     if let Some(level) = log_level {
         command.env("RUST_LOG", level);
     }
-    Ok(ChildGuard::spawn("podiam-server", command)?)
+    Ok((ChildGuard::spawn("podiam-server", command)?, address_file))
 }
 
 /// Whether the server at `addr` answers Health with synced caches, over mutual TLS.

@@ -42,16 +42,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use podiam_tests::fixtures::repo_root;
 use podiam_tests::help::{Help, parse_help};
 use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator};
 use podiam_tests::moto::Moto;
-use podiam_tests::process::{ChildGuard, free_loopback_port, scratch_dir};
+use podiam_tests::process::{ChildGuard, listen_addresses, scratch_dir};
 use podiam_tests::world::{binary, start_server_within};
 use serde_json::Value;
 
@@ -578,17 +578,18 @@ fn get_metrics(health: SocketAddr) -> String {
     http(health, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
 }
 
-/// Starts an agent (no iptables, no server to talk to) on free loopback ports, makes it
-/// answer a token request and a credentials request (which fails: no server), and returns
-/// its metric types.
+/// Starts an agent (no iptables, no server to talk to) on loopback ports the kernel picks,
+/// makes it answer a token request and a credentials request (which fails: no server), and
+/// returns its metric types.
 async fn agent_metric_types(certs: &podiam_certs::WrittenFiles) -> BTreeMap<String, String> {
-    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port().unwrap()));
-    let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port().unwrap()));
+    let address_file = certs.ca_cert.with_file_name("agent-addresses");
     let mut command = tokio::process::Command::new(binary("podiam-agent").unwrap());
     command
         .arg("serve")
-        .args(["--listen", &listen.to_string()])
-        .args(["--health-listen", &health.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .arg("--listen-address-file")
+        .arg(&address_file)
         .args(["--server", "https://127.0.0.1:1"])
         .args(["--node-name", "node-1"])
         .arg("--tls-ca")
@@ -600,12 +601,11 @@ async fn agent_metric_types(certs: &podiam_certs::WrittenFiles) -> BTreeMap<Stri
         // Its IMDSv2 token keys in the test's own directory, never the machine's /var/lib.
         .arg("--token-key-file")
         .arg(certs.ca_cert.with_file_name("imds-token-keys"));
-    let agent = ChildGuard::spawn("docs-agent", command).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(listen).is_err() || TcpStream::connect(health).is_err() {
-        assert!(Instant::now() < deadline, "agent: {}", agent.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut agent = ChildGuard::spawn("docs-agent", command).unwrap();
+    let addresses = listen_addresses(&mut agent, &address_file, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent: {}", agent.log_tail(20)));
+    let (listen, health) = (addresses["listen"], addresses["health-listen"]);
     let token =
         "PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n";
     let credentials = "GET /latest/meta-data/iam/security-credentials/ HTTP/1.0\r\n\r\n";

@@ -312,14 +312,11 @@ async fn a_server_with_an_expired_certificate_does_not_start_and_says_why() {
     expired.server_key = dir.join("server-key.pem");
     std::fs::write(&expired.server_cert, cert).expect("cert");
     std::fs::write(&expired.server_key, key).expect("key");
-    let port = || podiam_tests::process::free_loopback_port().expect("port");
-    let mut server = podiam_tests::world::spawn_server(
+    let (mut server, _) = podiam_tests::world::spawn_server(
         &expired,
         world.kubeconfig(),
         &world.sts_proxy().endpoint(),
         &[],
-        std::net::SocketAddr::from(([127, 0, 0, 1], port())),
-        std::net::SocketAddr::from(([127, 0, 0, 1], port())),
     )
     .expect("spawned");
     let status = server

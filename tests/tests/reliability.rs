@@ -201,10 +201,14 @@ async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
         10,
         &world,
     );
+    // The agent left the hung replica's stream, by whichever notice came first: 3 s without
+    // a heartbeat, or two failed health checks while another replica passes them (each is
+    // timed exactly by the agent's in-process tests).
     let metrics = world.agent_metrics().await.expect("agent metrics");
+    let log = world.agent_log_text();
     assert!(
-        world.agent_log_text().contains("the replica hangs"),
-        "the agent noticed the silent stream:\n{}\n{metrics}",
+        log.contains("the replica hangs") || log.contains("health checks fail while"),
+        "the agent noticed the hung replica:\n{}\n{metrics}",
         world.agent_log()
     );
 }

@@ -589,9 +589,9 @@ async fn bad_configuration_is_refused_at_start_one_line_per_mistake() {
         );
     }
 
-    // Flags fine, but nothing listens at the STS endpoint.
-    let closed = podiam_tests::process::free_loopback_port().expect("port");
-    let endpoint = format!("http://127.0.0.1:{closed}");
+    // Flags fine, but nothing listens at the STS endpoint (a port held, never listening).
+    let closed = podiam_tests::process::ClosedPort::bind().expect("port");
+    let endpoint = format!("http://{}", closed.addr());
     let (code, stderr) =
         server_refuses(&["--sts-endpoint", &endpoint, "--sts-timeout", "2s"]).await;
     assert_eq!(code, Some(2), "{stderr}");

@@ -9,7 +9,8 @@
 //! Both run as child processes, like the agent, so the load generator never shares a process
 //! with what it measures.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -18,14 +19,21 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use crate::process::{ChildGuard, wait_until};
+use crate::process::{ChildGuard, listen_addresses, wait_until};
 
 /// The token the minimal server hands out.
 pub const MINIMAL_TOKEN: &str = "baseline-token";
 
-/// Serves `body` on `listen` until killed (the `podiam-bench minimal-server` subcommand).
-pub async fn serve_minimal(listen: SocketAddr, body: Bytes) -> anyhow::Result<()> {
+/// Serves `body` on `listen` until killed (the `podiam-bench minimal-server` subcommand),
+/// having written the address bound to `address_file` (as the daemons'
+/// `--listen-address-file` does).
+pub async fn serve_minimal(
+    listen: SocketAddr,
+    address_file: &Path,
+    body: Bytes,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    podiam_runtime::net::write_address_file(address_file, &[("listen", listener.local_addr()?)])?;
     let handler = move |_, request: http::Request<hyper::body::Incoming>| {
         let body = if request.method() == http::Method::PUT {
             Bytes::from_static(MINIMAL_TOKEN.as_bytes())
@@ -51,42 +59,54 @@ pub async fn serve_minimal(listen: SocketAddr, body: Bytes) -> anyhow::Result<()
     Ok(())
 }
 
-/// Waits until something accepts connections on `addr`.
-pub async fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
-    wait_until(Duration::from_secs(10), what, || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// Starts the minimal server (this same program, re-executed) on `addr`.
-pub async fn start_minimal(addr: SocketAddr, body_file: &Path) -> anyhow::Result<ChildGuard> {
+/// Starts the minimal server (this same program, re-executed) on a loopback port of the
+/// kernel's choosing, its files in `dir`; the server and its address.
+pub async fn start_minimal(
+    dir: &Path,
+    body_file: &Path,
+) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+    let address_file = dir.join("minimal-addresses");
     let mut command = Command::new(std::env::current_exe()?);
     command
         .arg("minimal-server")
-        .args(["--listen", &addr.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--body-file")
-        .arg(body_file);
-    let guard = ChildGuard::spawn("minimal-server", command)?;
-    wait_listening(addr, "the minimal server to listen").await?;
-    Ok(guard)
+        .arg(body_file)
+        .arg("--listen-address-file")
+        .arg(&address_file);
+    let mut guard = ChildGuard::spawn("minimal-server", command)?;
+    let addresses = listen_addresses(&mut guard, &address_file, Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", guard.log_tail(20)))?;
+    let addr = *addresses
+        .get("listen")
+        .context("the minimal server wrote no address")?;
+    Ok((guard, addr))
 }
 
-/// Starts nginx serving `body` at `path` on `addr`, with everything under `dir`; `None` when
-/// nginx is not installed.
+/// Starts nginx serving `body` at `path` on a loopback port, with everything under `dir`:
+/// nginx and its address, or `None` when nginx is not installed. nginx cannot be told to
+/// pick a port and say which, so it is handed a socket already listening on a port the
+/// kernel picked: nginx takes over the listening sockets its `NGINX` variable names (as in
+/// its binary upgrade), and no other process can take the port in between.
 pub async fn start_nginx(
     dir: &Path,
-    addr: SocketAddr,
     path: &str,
     body: &[u8],
-) -> anyhow::Result<Option<ChildGuard>> {
+) -> anyhow::Result<Option<(ChildGuard, SocketAddr)>> {
     let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
     else {
         return Ok(None);
     };
+    let listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let addr = listener.local_addr()?;
+    // Inherited by nginx (std opens sockets close-on-exec); nothing else is started meanwhile.
+    nix::fcntl::fcntl(
+        &listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
     let root = dir.join("root");
     let file = root.join(path.trim_start_matches('/'));
     std::fs::create_dir_all(file.parent().context("path has a parent")?)?;
@@ -130,8 +150,18 @@ http {{
         .arg(dir)
         .arg("-c")
         .arg(&conf_path)
-        .args(["-g", "daemon off;"]);
-    let guard = ChildGuard::spawn("nginx", command)?;
-    wait_listening(addr, "nginx to listen").await?;
-    Ok(Some(guard))
+        .args(["-g", "daemon off;"])
+        .env("NGINX", format!("{};", listener.as_raw_fd()));
+    let guard = ChildGuard::spawn("nginx", command);
+    // nginx has its own copy now (or failed to start).
+    drop(listener);
+    let guard = guard?;
+    // The socket listens from the start: nginx is up once it answers.
+    let url = format!("http://{addr}{path}");
+    wait_until(Duration::from_secs(10), "nginx to answer", || async {
+        crate::world::http_get_text(&url).await.is_ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", guard.log_tail(20)))?;
+    Ok(Some((guard, addr)))
 }

@@ -29,7 +29,7 @@ use podiam_tests::bench::{baseline, proc_stats};
 use podiam_tests::identity;
 use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
 use podiam_tests::moto::Moto;
-use podiam_tests::process::{ChildGuard, free_loopback_port, scratch_dir, wait_until};
+use podiam_tests::process::{ChildGuard, listen_addresses, scratch_dir, wait_until};
 use podiam_tests::world::{binary, http_get_text, metric_value, start_server_within};
 use serde_json::{Value, json};
 
@@ -60,6 +60,9 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         body_file: PathBuf,
+        /// Where to write the address listened on (port 0 in --listen: the kernel's pick).
+        #[arg(long)]
+        listen_address_file: PathBuf,
     },
 }
 
@@ -127,9 +130,14 @@ fn pod_ip(block: u8, n: usize) -> Ipv4Addr {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::MinimalServer { listen, body_file }) = &args.command {
+    if let Some(Command::MinimalServer {
+        listen,
+        body_file,
+        listen_address_file,
+    }) = &args.command
+    {
         let body = std::fs::read(body_file)?;
-        return baseline::serve_minimal(*listen, Bytes::from(body)).await;
+        return baseline::serve_minimal(*listen, listen_address_file, Bytes::from(body)).await;
     }
     podiam_runtime::tls::install_crypto_provider();
     let plan = Plan::new(&args);
@@ -265,14 +273,14 @@ impl Rig {
             Duration::from_secs(60),
         )
         .await?;
-        let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let address_file = dir.join("agent-addresses");
         let mut command = std::process::Command::new(binary("podiam-agent")?);
         command
             .arg("serve")
-            .args(["--listen", &agent_addr.to_string()])
-            .args(["--health-listen", &health.to_string()])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--health-listen", "127.0.0.1:0"])
+            .args(["--listen-address-file", &path(&address_file)])
             .args(["--server", &format!("https://{server_addr}")])
             .args(["--server-name", "localhost"])
             .args(["--tls-ca", &path(&certs.ca_cert)])
@@ -281,7 +289,11 @@ impl Rig {
             .args(["--node-name", NODE])
             .args(["--token-file", &path(&token_file)])
             .args(["--token-key-file", &path(&dir.join("imds-token-keys"))]);
-        let agent = ChildGuard::spawn("podiam-agent", command)?;
+        let mut agent = ChildGuard::spawn("podiam-agent", command)?;
+        let addresses = listen_addresses(&mut agent, &address_file, Duration::from_secs(20))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; agent log:\n{}", agent.log_tail(20)))?;
+        let (agent_addr, health) = (addresses["listen"], addresses["health-listen"]);
         wait_until(Duration::from_secs(20), "the agent to be ready", || async {
             http_get_text(&format!("http://{health}/ready"))
                 .await
@@ -380,11 +392,8 @@ async fn warm(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Resu
     std::fs::write(&body_file, &body)?;
     let agent_idle = proc_stats::rss_mib(rig.agent.pid())?;
 
-    let minimal_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-    let _minimal = baseline::start_minimal(minimal_addr, &body_file).await?;
-    let nginx_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
-    let nginx =
-        baseline::start_nginx(&rig.dir.join("nginx"), nginx_addr, CREDS_PATH, &body).await?;
+    let (_minimal, minimal_addr) = baseline::start_minimal(&rig.dir, &body_file).await?;
+    let nginx = baseline::start_nginx(&rig.dir.join("nginx"), CREDS_PATH, &body).await?;
     if nginx.is_none() {
         println!("(nginx is not installed: its baseline is left out; scripts/bench installs it)");
     }
@@ -422,8 +431,8 @@ async fn warm(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Resu
             agent_cpu += proc_stats::cpu_seconds(rig.agent.pid())? - cpu_before;
             let minimal = load::run(&spec(minimal_addr)).await;
             let nginx_result = match (&nginx, mode) {
-                (Some(_), Mode::KeepAlive | Mode::NewConnection) => {
-                    Some(load::run(&spec(nginx_addr)).await)
+                (Some((_, nginx_addr)), Mode::KeepAlive | Mode::NewConnection) => {
+                    Some(load::run(&spec(*nginx_addr)).await)
                 }
                 _ => None,
             };

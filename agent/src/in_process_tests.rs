@@ -1,0 +1,549 @@
+//! The agent's timing, in process on paused time ([`tokio::time::pause`]): hedging a slow
+//! replica after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER), leaving a node stream
+//! silent for 3 s or whose replica fails two health checks in a row, and waiting at most
+//! 500 ms for an address the node's pods do not have.
+//!
+//! A whole agent ([`Agent::build_over`], [`Agent::serve`]) runs against two fake server
+//! replicas, each a tonic server over mutual TLS whose answers the test scripts; pods are
+//! connections from their own addresses. Everything travels on an in-memory network
+//! ([`MemoryNetwork`]): no byte waits for the kernel, so the paused clock only moves when
+//! every task waits for a timer, and every duration measured below is exact.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures::Stream;
+use http_body_util::{BodyExt, Empty};
+use podiam_proto::Reason;
+use podiam_proto::v1::podiam_server::{Podiam, PodiamServer};
+use podiam_proto::v1::{
+    Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest, GetCredentialsResponse,
+    GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse, NodeEvent, PodRef,
+    PodState, StatusRequest, StatusResponse, WatchNodeRequest, node_event,
+};
+use podiam_runtime::memory::MemoryNetwork;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::config::{Cli, Command};
+use crate::{Agent, Listeners};
+
+const AGENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 254);
+const AGENT_HEALTH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 8182);
+const REPLICAS: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8443),
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 8443),
+];
+const NODE: &str = "node-1";
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const API: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
+const ROLES: &str = "/latest/meta-data/iam/security-credentials/";
+/// How long a test waits for a condition, in paused time: far beyond anything awaited.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// A running pod of `team-a` on [`NODE`] with role `app-reader`.
+fn pod(name: &str, ip: Ipv4Addr) -> PodState {
+    PodState {
+        pod: Some(PodRef {
+            namespace: "team-a".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }),
+        ip: ip.to_string(),
+        role_name: "app-reader".into(),
+        role_arn: "arn:aws:iam::123456789012:role/app-reader".into(),
+        ..PodState::default()
+    }
+}
+
+/// One fake replica: what it answers, and what it saw.
+#[derive(Debug, Default)]
+struct Replica {
+    /// The pods it knows (all on [`NODE`]), by IP.
+    pods: Mutex<BTreeMap<String, PodState>>,
+    /// Addresses of pods it places on another node (node binding: refused `other-node`,
+    /// naming nothing of the pod).
+    elsewhere: Mutex<Vec<String>>,
+    /// How long GetCredentials takes.
+    credentials_delay: Mutex<Duration>,
+    /// How long Health takes.
+    health_delay: Mutex<Duration>,
+    /// Its node streams send a heartbeat every second while this is set.
+    heartbeats: AtomicBool,
+    credentials_calls: AtomicUsize,
+    pod_role_calls: AtomicUsize,
+    /// When each node stream was opened.
+    streams: Mutex<Vec<Instant>>,
+    /// When its last heartbeat was sent.
+    last_heartbeat: Mutex<Option<Instant>>,
+    /// Events pushed into its latest node stream.
+    push: Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>,
+}
+
+impl Replica {
+    fn streams(&self) -> Vec<Instant> {
+        self.streams.lock().expect("not poisoned").clone()
+    }
+
+    fn set_credentials_delay(&self, delay: Duration) {
+        *self.credentials_delay.lock().expect("not poisoned") = delay;
+    }
+
+    /// Adds a pod, telling the node stream open on this replica, if any.
+    fn add_pod(&self, state: PodState) {
+        self.pods
+            .lock()
+            .expect("not poisoned")
+            .insert(state.ip.clone(), state.clone());
+        if let Some(push) = self.push.lock().expect("not poisoned").as_ref() {
+            let _ = push.send(NodeEvent {
+                event: Some(node_event::Event::Upsert(state)),
+            });
+        }
+    }
+
+    fn pod_at(&self, ip: &str) -> Option<PodState> {
+        self.pods.lock().expect("not poisoned").get(ip).cloned()
+    }
+}
+
+/// The gRPC face of a [`Replica`].
+#[derive(Clone, Debug)]
+struct Fake(Arc<Replica>);
+
+type Events = Pin<Box<dyn Stream<Item = Result<NodeEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Podiam for Fake {
+    async fn get_pod_role(
+        &self,
+        request: Request<GetPodRoleRequest>,
+    ) -> Result<Response<GetPodRoleResponse>, Status> {
+        self.0.pod_role_calls.fetch_add(1, Ordering::SeqCst);
+        let ip = request.into_inner().ip;
+        if self.0.elsewhere.lock().expect("not poisoned").contains(&ip) {
+            return Err(Reason::OtherNode.status(format!("{ip} is no pod of node {NODE}")));
+        }
+        let state = self.0.pod_at(&ip).ok_or_else(|| {
+            Reason::UnknownPod.status(format!("no pod known with IP {ip} on node {NODE}"))
+        })?;
+        Ok(Response::new(GetPodRoleResponse {
+            pod: state.pod,
+            role_name: state.role_name,
+            role_arn: state.role_arn,
+        }))
+    }
+
+    async fn get_credentials(
+        &self,
+        request: Request<GetCredentialsRequest>,
+    ) -> Result<Response<GetCredentialsResponse>, Status> {
+        self.0.credentials_calls.fetch_add(1, Ordering::SeqCst);
+        let delay = *self.0.credentials_delay.lock().expect("not poisoned");
+        tokio::time::sleep(delay).await;
+        let ip = request.into_inner().ip;
+        let state = self
+            .0
+            .pod_at(&ip)
+            .ok_or_else(|| Reason::UnknownPod.status("no such pod"))?;
+        let now = crate::token::now_unix();
+        Ok(Response::new(GetCredentialsResponse {
+            pod: state.pod,
+            credentials: Some(Credentials {
+                access_key_id: "ASIATEST".into(),
+                secret_access_key: "secret".into(),
+                session_token: "token".into(),
+                expiration_unix: now + 3600,
+                issued_unix: now,
+                role_arn: state.role_arn,
+            }),
+        }))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let delay = *self.0.health_delay.lock().expect("not poisoned");
+        tokio::time::sleep(delay).await;
+        Ok(Response::new(HealthResponse {
+            version: "test".into(),
+            synced: true,
+            draining: false,
+        }))
+    }
+
+    type WatchNodeStream = Events;
+
+    /// A snapshot of the pods, then what the test pushes, and a heartbeat every second
+    /// while heartbeats are on; it never ends by itself.
+    async fn watch_node(&self, _: Request<WatchNodeRequest>) -> Result<Response<Events>, Status> {
+        self.0
+            .streams
+            .lock()
+            .expect("not poisoned")
+            .push(Instant::now());
+        let (push, pushed) = mpsc::unbounded_channel();
+        for state in self.0.pods.lock().expect("not poisoned").values() {
+            let _ = push.send(NodeEvent {
+                event: Some(node_event::Event::Upsert(state.clone())),
+            });
+        }
+        let _ = push.send(NodeEvent {
+            event: Some(node_event::Event::Synced(true)),
+        });
+        *self.0.push.lock().expect("not poisoned") = Some(push);
+        let beats = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let events = futures::stream::unfold(
+            (pushed, beats, Arc::clone(&self.0)),
+            |(mut pushed, mut beats, replica)| async move {
+                loop {
+                    tokio::select! {
+                        event = pushed.recv() => {
+                            return event.map(|event| (Ok(event), (pushed, beats, replica)));
+                        }
+                        _ = beats.tick() => {
+                            if replica.heartbeats.load(Ordering::SeqCst) {
+                                *replica.last_heartbeat.lock().expect("not poisoned") =
+                                    Some(Instant::now());
+                                let beat = NodeEvent {
+                                    event: Some(node_event::Event::Heartbeat(true)),
+                                };
+                                return Some((Ok(beat), (pushed, beats, replica)));
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn explain(
+        &self,
+        _: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// Two fake replicas and an agent, on an in-memory network.
+struct Rig {
+    _dir: tempfile::TempDir,
+    network: MemoryNetwork,
+    replicas: [Arc<Replica>; 2],
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Rig {
+    /// Both replicas knowing `pods`, with heartbeats on, and the agent serving.
+    async fn start(pods: &[PodState]) -> Rig {
+        podiam_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
+            .expect("certificates")
+            .write_to(dir.path(), false)
+            .expect("written");
+        let network = MemoryNetwork::new();
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let server_tls = Arc::new(
+            podiam_runtime::rotate::Rotating::load(
+                podiam_runtime::tls::TlsFiles {
+                    ca: files.ca_cert.clone(),
+                    cert: files.server_cert.clone(),
+                    key: files.server_key.clone(),
+                },
+                podiam_runtime::tls::server_config,
+            )
+            .expect("server TLS"),
+        );
+        let replicas = [Arc::new(Replica::default()), Arc::new(Replica::default())];
+        for (replica, addr) in replicas.iter().zip(REPLICAS) {
+            for state in pods {
+                replica.add_pod(state.clone());
+            }
+            replica.heartbeats.store(true, Ordering::SeqCst);
+            let incoming = podiam_runtime::accept::accept_tls(
+                network.listen(addr),
+                Arc::clone(&server_tls),
+                stop.clone(),
+                &tasks,
+                Arc::new(|| {}),
+            );
+            let server = tonic::transport::Server::builder()
+                .add_service(PodiamServer::new(Fake(Arc::clone(replica))))
+                .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+            tasks.spawn(server);
+        }
+        let path = |p: &std::path::Path| p.display().to_string();
+        let args = [
+            "podiam-agent".to_string(),
+            "serve".to_string(),
+            format!("--tls-ca={}", path(&files.ca_cert)),
+            format!("--tls-cert={}", path(&files.agent_cert)),
+            format!("--tls-key={}", path(&files.agent_key)),
+            format!("--node-name={NODE}"),
+            format!("--server=https://{},https://{}", REPLICAS[0], REPLICAS[1]),
+            "--server-name=localhost".to_string(),
+            format!("--token-file={}", path(&dir.path().join("no-token"))),
+            format!("--token-key-file={}", path(&dir.path().join("keys"))),
+        ];
+        let Command::Serve(config) = Cli::try_parse_from(args).expect("flags parse").command else {
+            panic!("serve expected");
+        };
+        let config = config.validate().expect("valid");
+        let agent = Agent::build_over(config, network.dialer(AGENT.ip()))
+            .await
+            .expect("built");
+        let listeners = Listeners {
+            pods: network.listen(AGENT),
+            health: network.listen(AGENT_HEALTH),
+        };
+        tasks.spawn(agent.serve(listeners, stop.clone()));
+        Rig {
+            _dir: dir,
+            network,
+            replicas,
+            tasks,
+            stop,
+        }
+    }
+
+    /// One GET from `from` on a new connection to `to`: status and body.
+    async fn get_from(&self, from: Ipv4Addr, to: SocketAddr, path: &str) -> (u16, String) {
+        let stream = self.network.connect(from.into(), to).expect("connects");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        let request = ::http::Request::get(path)
+            .header(::http::header::HOST, "169.254.169.254")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let exchange = async move {
+            let response = sender.send_request(request).await.expect("answered");
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.expect("body");
+            (
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            )
+        };
+        let (answer, _) = tokio::join!(exchange, connection);
+        answer
+    }
+
+    /// A pod's GET of the metadata service.
+    async fn get(&self, pod: Ipv4Addr, path: &str) -> (u16, String) {
+        self.get_from(pod, AGENT, path).await
+    }
+
+    /// The agent's metric `name`, 0 when absent.
+    async fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self
+            .get_from(Ipv4Addr::LOCALHOST, AGENT_HEALTH, "/metrics")
+            .await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the agent holds a synced node stream, and returns the index of the
+    /// replica it comes from: the pod `probe` is then answered from the agent's table,
+    /// with no server call.
+    async fn stream_synced(&self, probe: Ipv4Addr) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let calls = self.pod_role_calls();
+            let holders: Vec<usize> = (0..2)
+                .filter(|i| !self.replicas[*i].streams().is_empty())
+                .collect();
+            let (status, _) = self.get(probe, ROLES).await;
+            if status == 200 && self.pod_role_calls() == calls && holders.len() == 1 {
+                return holders[0];
+            }
+            assert!(Instant::now() < deadline, "no node stream synced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn pod_role_calls(&self) -> usize {
+        self.replicas
+            .iter()
+            .map(|r| r.pod_role_calls.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_has_not_answered_after_300_ms_is_joined_by_another() {
+    let rig = Rig::start(&[pod("web", WEB), pod("api", API)]).await;
+    let holder = rig.stream_synced(WEB).await;
+    let (slow, other) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
+    let credentials = format!("{ROLES}app-reader");
+
+    // The stream's replica (asked first) takes 2 s: the other one is asked at 300 ms and
+    // its answer wins.
+    slow.set_credentials_delay(Duration::from_secs(2));
+    let began = Instant::now();
+    let (status, body) = rig.get(WEB, &credentials).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(began.elapsed(), crate::replicas::HEDGE_AFTER);
+    assert_eq!(slow.credentials_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(other.credentials_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 1);
+
+    // One that answers within 300 ms is the only one asked (the slow one was passed over
+    // until its next good health check).
+    tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;
+    slow.set_credentials_delay(Duration::from_millis(250));
+    let began = Instant::now();
+    let (status, body) = rig.get(API, &credentials).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(began.elapsed(), Duration::from_millis(250));
+    assert_eq!(slow.credentials_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(other.credentials_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stream_silent_for_three_seconds_moves_to_another_replica() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    let holder = rig.stream_synced(WEB).await;
+    let (silent, other) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
+    // Heartbeats flow, then stop: the replica hangs with its stream open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    silent.heartbeats.store(false, Ordering::SeqCst);
+    let last = silent
+        .last_heartbeat
+        .lock()
+        .expect("not poisoned")
+        .expect("heartbeats were sent");
+
+    let deadline = Instant::now() + PATIENCE;
+    while other.streams().is_empty() {
+        assert!(Instant::now() < deadline, "the stream never moved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(other.streams()[0] - last, Duration::from_secs(3));
+    assert_eq!(silent.streams().len(), 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stream_moves_off_a_replica_failing_two_health_checks_in_a_row() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    let holder = rig.stream_synced(WEB).await;
+    let (slow, other) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
+    // Heartbeats keep coming, but health answers come after the agent's 500 ms deadline.
+    *slow.health_delay.lock().expect("not poisoned") = Duration::from_millis(600);
+    let slowed = Instant::now();
+    let deadline = slowed + PATIENCE;
+    while other.streams().is_empty() {
+        assert!(Instant::now() < deadline, "the stream never moved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The first check to miss its deadline ends within 1.5 s (a check a second, 500 ms
+    // each); the stream leaves at the second of its own once-a-second ticks after that.
+    let moved = other.streams()[0] - slowed;
+    assert!(
+        moved > Duration::from_secs(1) && moved <= Duration::from_millis(3500),
+        "moved {moved:?} after the replica slowed"
+    );
+    let last = slow
+        .last_heartbeat
+        .lock()
+        .expect("not poisoned")
+        .expect("heartbeats");
+    assert!(
+        other.streams()[0] - last < Duration::from_secs(3),
+        "not for silence"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stream_that_never_sent_heartbeats_is_trusted() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    for replica in &rig.replicas {
+        replica.heartbeats.store(false, Ordering::SeqCst);
+    }
+    let holder = rig.stream_synced(WEB).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(rig.replicas[holder].streams().len(), 1);
+    assert!(rig.replicas[1 - holder].streams().is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    let holder = rig.stream_synced(WEB).await;
+
+    // Never a pod: refused as unknown after the wait, the server asked at once and again
+    // at the end.
+    let stranger = Ipv4Addr::new(10, 1, 0, 9);
+    let calls = rig.pod_role_calls();
+    let began = Instant::now();
+    let (status, body) = rig.get(stranger, ROLES).await;
+    assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown-pod"), "{body}");
+    assert_eq!(rig.pod_role_calls() - calls, 2);
+
+    // A pod the servers place on another node: refused after the same wait, saying so
+    // (a wrong --node-name is found at once), and naming nothing of that pod.
+    let misplaced = Ipv4Addr::new(10, 1, 0, 8);
+    for replica in &rig.replicas {
+        replica
+            .elsewhere
+            .lock()
+            .expect("not poisoned")
+            .push(misplaced.to_string());
+    }
+    let began = Instant::now();
+    let (status, body) = rig.get(misplaced, ROLES).await;
+    assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains(&format!("no pod on this node ({NODE}) has IP {misplaced}"))
+            && body.contains("another node"),
+        "{body}"
+    );
+
+    // A pod whose IP reaches the node stream 150 ms into its first request's wait: answered
+    // from the table the moment it does.
+    let early = Ipv4Addr::new(10, 1, 0, 7);
+    let stream_replica = Arc::clone(&rig.replicas[holder]);
+    let began = Instant::now();
+    let (answer, ()) = tokio::join!(rig.get(early, ROLES), async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream_replica.add_pod(pod("early", early));
+    });
+    assert_eq!(began.elapsed(), Duration::from_millis(150));
+    assert_eq!(answer, (200, "app-reader".to_string()));
+    rig.stop().await;
+}

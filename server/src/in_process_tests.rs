@@ -1,0 +1,462 @@
+//! The server's timing, in process on paused time ([`tokio::time::pause`]): the drain on
+//! SIGTERM (`--shutdown-delay`, then `--shutdown-timeout`) and the credential engine's
+//! upkeep loop (prefetch when a pod appears, refresh at half-life, backoff while STS fails).
+//!
+//! The server is assembled from fakes ([`Backends`]): no Kubernetes API (the test fills the
+//! view), an STS and a clock on tokio's paused time, a reviewer that accepts no token (agent
+//! calls are answered under `--node-binding warn`). It is served on an in-memory network
+//! ([`MemoryNetwork`]) and called there over mutual TLS with the agent's certificate, so no
+//! byte waits for the kernel and the clock only moves when everything waits for a timer:
+//! every duration below is exact, and a test of minutes runs in milliseconds.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use podiam_proto::Reason;
+use podiam_proto::v1::podiam_client::PodiamClient;
+use podiam_proto::v1::{
+    GetCredentialsRequest, GetPodRoleRequest, HealthRequest, WatchNodeRequest, node_event,
+};
+use podiam_runtime::connect::TlsConnector;
+use podiam_runtime::memory::MemoryNetwork;
+use podiam_runtime::rotate::Rotating;
+use podiam_runtime::tls::TlsFiles;
+use rustls::ClientConfig;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use clap::Parser;
+
+use crate::config::Config;
+use crate::identity::{Access, Review, ReviewUnavailable, Reviewer};
+use crate::index::PodRecord;
+use crate::sts::{AssumeRequest, AssumeRole, Clock, Issued, StsError};
+use crate::watch::Cluster;
+use crate::{Backends, Listeners, Server, load_tls};
+
+const GRPC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8443);
+const HEALTH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9090);
+/// Where the test's calls come from (an agent's node).
+const CALLER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1));
+const NODE: &str = "node-1";
+const WEB_IP: &str = "10.1.0.5";
+/// How long a test waits for a condition, in paused time: far beyond anything awaited.
+const PATIENCE: Duration = Duration::from_secs(3 * 3600);
+
+/// The credential cache's clock on tokio's paused time.
+#[derive(Debug)]
+struct PausedClock {
+    start: Instant,
+    /// Milliseconds since the Unix epoch at `start`.
+    epoch_ms: i64,
+}
+
+impl Clock for PausedClock {
+    fn now_ms(&self) -> i64 {
+        self.epoch_ms + i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// An STS on the paused clock: 1-hour credentials after `latency`, or a failure while
+/// `down`. Counts calls made and credentials issued.
+#[derive(Clone)]
+struct FakeSts {
+    clock: Arc<PausedClock>,
+    latency: Arc<Mutex<Duration>>,
+    down: Arc<AtomicBool>,
+    calls: Arc<watch::Sender<usize>>,
+    issued: Arc<watch::Sender<usize>>,
+}
+
+impl AssumeRole for FakeSts {
+    fn assume_role(&self, _: AssumeRequest) -> BoxFuture<'static, Result<Issued, StsError>> {
+        let sts = self.clone();
+        Box::pin(async move {
+            sts.calls.send_modify(|n| *n += 1);
+            let latency = *sts.latency.lock().expect("not poisoned");
+            tokio::time::sleep(latency).await;
+            if sts.down.load(Ordering::SeqCst) {
+                return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
+            }
+            sts.issued.send_modify(|n| *n += 1);
+            let now = sts.clock.now_ms() / 1000;
+            Ok(Issued {
+                access_key_id: format!("ASIA{}", *sts.issued.borrow()),
+                secret_access_key: "secret".into(),
+                session_token: "token".into(),
+                expiration_unix: now + 3600,
+                issued_unix: now,
+            })
+        })
+    }
+}
+
+/// A Kubernetes API that accepts no token; reviewing a token starting with "slow" takes an
+/// hour (a call stuck in the API). Counts its reviews.
+#[derive(Debug)]
+struct NoReviews {
+    reviews: watch::Sender<usize>,
+}
+
+impl Reviewer for NoReviews {
+    fn review_token<'a>(
+        &'a self,
+        token: &'a str,
+        _: &'a [String],
+    ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
+        Box::pin(async move {
+            self.reviews.send_modify(|n| *n += 1);
+            if token.starts_with("slow") {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Ok(Review::Unauthenticated("not a token of this test".into()))
+        })
+    }
+
+    fn review_access<'a>(
+        &'a self,
+        _: &'a podiam_policy::decision::ReviewedUser,
+        _: &'a Access,
+    ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
+        Box::pin(async { Ok(Err("no operator in this test".to_string())) })
+    }
+}
+
+/// A server built from fakes, not yet serving, and what the test needs to call it.
+struct Rig {
+    _dir: tempfile::TempDir,
+    network: MemoryNetwork,
+    agent_tls: Arc<Rotating<ClientConfig>>,
+    sts: FakeSts,
+    reviews: watch::Receiver<usize>,
+    cluster: Arc<Cluster>,
+    server: Option<Server>,
+}
+
+impl Rig {
+    /// A server with `flags` (besides its certificates, a base ARN and `--node-binding
+    /// warn`) and an empty, synced view of the cluster but for the namespace `team-a`
+    /// permitting `app-.*`.
+    fn new(flags: &[&str]) -> Rig {
+        podiam_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
+            .expect("certificates")
+            .write_to(dir.path(), false)
+            .expect("written");
+        let path = |p: &std::path::Path| p.display().to_string();
+        let mut args = vec![
+            "podiam-server".to_string(),
+            format!("--tls-ca={}", path(&files.ca_cert)),
+            format!("--tls-cert={}", path(&files.server_cert)),
+            format!("--tls-key={}", path(&files.server_key)),
+            "--base-role-arn=arn:aws:iam::123456789012:role/".to_string(),
+            "--node-binding=warn".to_string(),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let config = Config::try_parse_from(args)
+            .expect("flags parse")
+            .validate()
+            .expect("valid");
+        let clock = Arc::new(PausedClock {
+            start: Instant::now(),
+            epoch_ms: 1_800_000_000_000,
+        });
+        let sts = FakeSts {
+            clock: Arc::clone(&clock),
+            latency: Arc::default(),
+            down: Arc::default(),
+            calls: Arc::new(watch::Sender::new(0)),
+            issued: Arc::new(watch::Sender::new(0)),
+        };
+        let reviewer = NoReviews {
+            reviews: watch::Sender::new(0),
+        };
+        let reviews = reviewer.reviews.subscribe();
+        let tls = load_tls(&config.tls).expect("server TLS");
+        let server = Server::assemble(
+            config,
+            tls,
+            Backends {
+                kube: None,
+                reviewer: Arc::new(reviewer),
+                sts: Arc::new(sts.clone()),
+                clock,
+            },
+        );
+        let namespace: Namespace = serde_json::from_value(json!({
+            "metadata": {
+                "name": "team-a",
+                "annotations": { "iam.amazonaws.com/permitted": "app-.*" },
+            },
+        }))
+        .expect("namespace");
+        let cluster = Arc::clone(server.cluster());
+        cluster
+            .namespaces
+            .write()
+            .expect("not poisoned")
+            .apply(&namespace);
+        cluster.mark_synced();
+        let agent_tls = Rotating::load(
+            TlsFiles {
+                ca: files.ca_cert,
+                cert: files.agent_cert,
+                key: files.agent_key,
+            },
+            podiam_runtime::tls::client_config,
+        )
+        .expect("agent TLS");
+        Rig {
+            _dir: dir,
+            network: MemoryNetwork::new(),
+            agent_tls: Arc::new(agent_tls),
+            sts,
+            reviews,
+            cluster,
+            server: Some(server),
+        }
+    }
+
+    /// Puts the running pod `name` of `team-a` at `ip` on [`NODE`], with `role`, into the
+    /// server's view (as its watch would).
+    fn add_pod(&self, name: &str, ip: &str, role: &str) {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "namespace": "team-a",
+                "uid": format!("uid-{name}"),
+                "annotations": { "iam.amazonaws.com/role": role },
+            },
+            "spec": { "nodeName": NODE, "containers": [] },
+            "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
+        }))
+        .expect("pod");
+        let record = PodRecord::from_pod(&pod).expect("a pod record");
+        self.cluster
+            .pods
+            .write()
+            .expect("not poisoned")
+            .apply(record);
+        // Tells everyone who follows the view (the credential upkeep, node streams).
+        self.cluster.mark_synced();
+    }
+
+    /// Serves the server on the in-memory network until `shutdown`; what `serve` returned,
+    /// and when.
+    fn serve(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> tokio::task::JoinHandle<(anyhow::Result<()>, Instant)> {
+        let server = self.server.take().expect("served once");
+        let listeners = Listeners {
+            grpc: self.network.listen(GRPC),
+            health: self.network.listen(HEALTH),
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let served = server.serve(listeners, shutdown).await;
+            (served, Instant::now())
+        })
+    }
+
+    /// A new connection to the server, as the agent makes it.
+    async fn connect(&self) -> Result<PodiamClient<Channel>, tonic::transport::Error> {
+        let connector = TlsConnector::new(GRPC, "localhost", Arc::clone(&self.agent_tls))
+            .expect("a server name")
+            .over(self.network.dialer(CALLER));
+        let channel = Endpoint::from_static("http://10.0.0.1:8443")
+            .connect_with_connector(connector)
+            .await?;
+        Ok(PodiamClient::new(channel))
+    }
+}
+
+/// Waits until the count `counter` reaches `n`.
+async fn count_reaches(counter: &watch::Sender<usize>, n: usize, what: &str) {
+    let mut seen = counter.subscribe();
+    tokio::time::timeout(PATIENCE, seen.wait_for(|count| *count >= n))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: {} after {PATIENCE:?}", *counter.borrow()))
+        .expect("the counter lives");
+}
+
+fn credentials_of_web() -> GetCredentialsRequest {
+    GetCredentialsRequest {
+        ip: WEB_IP.into(),
+        role_name: "app-reader".into(),
+        node_name: NODE.into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_ends_node_streams_at_once_then_answers_until_its_delay_is_over() {
+    let mut rig = Rig::new(&["--shutdown-delay=3s", "--shutdown-timeout=10s"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let health = client.health(HealthRequest {}).await.expect("health");
+    assert!(health.get_ref().synced && !health.get_ref().draining);
+    let mut stream = client
+        .watch_node(WatchNodeRequest {
+            node_name: NODE.into(),
+            agent_version: "test".into(),
+        })
+        .await
+        .expect("a node stream")
+        .into_inner();
+    loop {
+        let event = stream.message().await.expect("an event").expect("open");
+        if matches!(event.event, Some(node_event::Event::Synced(_))) {
+            break;
+        }
+    }
+    // A call under way when the drain begins, whose STS call takes 5 s: within the delay
+    // and the timeout together.
+    *rig.sts.latency.lock().expect("not poisoned") = Duration::from_secs(5);
+    let slow = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.get_credentials(credentials_of_web()).await })
+    };
+    count_reaches(&rig.sts.calls, 1, "the slow call reaching STS").await;
+
+    let began = Instant::now();
+    shutdown.cancel();
+    // At once: the node stream ends saying not-ready, and Health says draining.
+    let ended = stream.message().await.expect_err("the stream ends");
+    assert_eq!(Reason::of(&ended), Some(Reason::NotReady), "{ended:?}");
+    assert_eq!(began.elapsed(), Duration::ZERO);
+    let health = client.health(HealthRequest {}).await.expect("health");
+    assert!(health.get_ref().draining);
+    // During the delay a new connection is still taken and answered…
+    tokio::time::sleep_until(began + Duration::from_millis(2999)).await;
+    let mut late = rig.connect().await.expect("accepted during the delay");
+    let health = late.health(HealthRequest {}).await.expect("answered");
+    assert!(health.get_ref().draining);
+    // …and none once it is over.
+    tokio::time::sleep_until(began + Duration::from_millis(3001)).await;
+    assert!(rig.connect().await.is_err(), "a connection after the delay");
+    // The call under way is answered, and the server stops as soon as nothing is under way.
+    let answered = slow.await.expect("joins").expect("answered");
+    assert!(answered.get_ref().credentials.is_some());
+    let (served, stopped) = serving.await.expect("joins");
+    served.expect("a clean stop");
+    assert_eq!(stopped - began, Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_gives_requests_under_way_the_timeout_and_no_more() {
+    let mut rig = Rig::new(&["--shutdown-delay=1s", "--shutdown-timeout=2s"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let client = rig.connect().await.expect("connects");
+    // A call stuck in a TokenReview for an hour.
+    let _stuck = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let mut request = tonic::Request::new(GetPodRoleRequest {
+                ip: WEB_IP.into(),
+                node_name: NODE.into(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", "Bearer slow".parse().expect("ascii"));
+            client.get_pod_role(request).await
+        })
+    };
+    let mut reviews = rig.reviews.clone();
+    reviews
+        .wait_for(|n| *n >= 1)
+        .await
+        .expect("the stuck call is reviewed");
+
+    let began = Instant::now();
+    shutdown.cancel();
+    let (served, stopped) = serving.await.expect("joins");
+    served.expect("a clean stop");
+    assert_eq!(stopped - began, Duration::from_secs(1 + 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_prefetched_refreshed_at_half_life_and_retried_with_backoff() {
+    let mut rig = Rig::new(&[]);
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+
+    // A pod appears: its role's credentials are fetched at once, before it asks…
+    let began = Instant::now();
+    rig.add_pod("web", WEB_IP, "app-reader");
+    count_reaches(&rig.sts.issued, 1, "prefetch").await;
+    assert_eq!(began.elapsed(), Duration::ZERO);
+    // …so its first request needs no STS call.
+    let first = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect("credentials")
+        .into_inner()
+        .credentials
+        .expect("credentials");
+    assert_eq!(*rig.sts.calls.borrow(), 1);
+
+    // Refreshed in the background at half their hour, by the upkeep that runs every 10 s.
+    count_reaches(&rig.sts.issued, 2, "refresh").await;
+    let refreshed_at = began.elapsed();
+    assert!(
+        refreshed_at >= Duration::from_secs(1800) && refreshed_at <= Duration::from_secs(1810),
+        "refreshed {refreshed_at:?} after issue"
+    );
+    let second = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect("credentials")
+        .into_inner()
+        .credentials
+        .expect("credentials");
+    assert_ne!(second.access_key_id, first.access_key_id);
+
+    // STS fails from the next refresh on (half an hour later), for five minutes.
+    rig.sts.down.store(true, Ordering::SeqCst);
+    let calls = *rig.sts.calls.borrow();
+    count_reaches(&rig.sts.calls, calls + 1, "the refresh that fails").await;
+    let outage = Instant::now();
+    tokio::time::sleep_until(outage + Duration::from_secs(300)).await;
+    let during = *rig.sts.calls.borrow() - calls;
+    // Backoff (1 s doubling to 60 s, with equal jitter) on the 10 s upkeep: 10 to 15 calls
+    // (the most with the least jitter), not one per upkeep pass (30).
+    assert!(
+        (8..=15).contains(&during),
+        "{during} STS calls in a 5-minute outage"
+    );
+    // Meanwhile the pod is still served what the cache holds.
+    let served = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect("still served during the outage")
+        .into_inner()
+        .credentials
+        .expect("credentials");
+    assert_eq!(served.access_key_id, second.access_key_id);
+
+    // Back: fresh credentials within one longest backoff and one upkeep interval.
+    rig.sts.down.store(false, Ordering::SeqCst);
+    let recovered = Instant::now();
+    count_reaches(&rig.sts.issued, 3, "the refresh after the outage").await;
+    assert!(
+        recovered.elapsed() <= Duration::from_secs(60 + 10),
+        "refreshed {:?} after STS came back",
+        recovered.elapsed()
+    );
+    shutdown.cancel();
+    let (served, _) = serving.await.expect("joins");
+    served.expect("a clean stop");
+}
