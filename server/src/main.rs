@@ -12,8 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let environment =
-        podiam_server::config::environment_problems(|name| std::env::var(name).ok());
+    let environment = podiam_server::config::environment_problems(|name| std::env::var(name).ok());
     let mut config = match Config::parse().validate() {
         Ok(config) if environment.is_empty() => config,
         Ok(_) => return refuse(environment),
