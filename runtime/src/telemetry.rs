@@ -105,10 +105,40 @@ pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
     shutdown.cancel();
 }
 
+/// What the text log format writes for the events `log` makes, at every level: for tests
+/// that a logged field cannot forge a line.
+#[cfg(any(test, feature = "test-util"))]
+pub fn logged_text(log: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, log);
+    let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8(bytes).expect("utf-8")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Escaped, parse_duration};
-    use std::sync::{Arc, Mutex};
+    use super::{Escaped, logged_text, parse_duration};
     use std::time::Duration;
 
     #[test]
@@ -129,40 +159,13 @@ mod tests {
         }
     }
 
-    /// What the text format writes for the events `log` makes.
-    fn logged(log: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log);
-        let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        String::from_utf8(bytes).expect("utf-8")
-    }
-
     #[test]
     fn an_escaped_field_with_cr_lf_stays_on_its_line() {
         let forged = "x\r\n2026-01-01T00:00:00Z  INFO podiam_server: credentials issued";
         // Written as it is (`%`), the field ends the line and forges a second one.
-        let raw = logged(|| tracing::info!(why = %forged, "refused"));
+        let raw = logged_text(|| tracing::info!(why = %forged, "refused"));
         assert_eq!(raw.lines().count(), 2, "{raw}");
-        let escaped = logged(|| tracing::info!(why = %Escaped(forged), "refused"));
+        let escaped = logged_text(|| tracing::info!(why = %Escaped(forged), "refused"));
         assert_eq!(escaped.lines().count(), 1, "{escaped}");
         assert!(
             escaped.contains(r"why=x\r\n2026-01-01T00:00:00Z  INFO"),

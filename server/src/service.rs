@@ -1038,34 +1038,6 @@ mod tests {
     use super::*;
     use podiam_proto::v1::PodRef;
 
-    /// What the text log format writes for the events `log` makes, at every level.
-    fn logged(log: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log);
-        let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        String::from_utf8(bytes).expect("utf-8")
-    }
-
     const FORGED: &str = "\r\n2026-01-01T00:00:00.000000Z  INFO podiam::audit: credentials issued";
 
     #[test]
@@ -1091,7 +1063,7 @@ mod tests {
         ];
         for failure in refusals {
             let text = failure.to_string();
-            let lines = logged(|| {
+            let lines = podiam_runtime::telemetry::logged_text(|| {
                 refuse(failure);
             });
             assert_eq!(lines.lines().count(), 1, "{text:?}:\n{lines}");
