@@ -28,7 +28,7 @@ fn uid(state: &PodState) -> &str {
 impl Table {
     /// Records a pod's new state; returns the UID if its decision changed (or it is new).
     pub fn upsert(&mut self, state: PodState) -> Option<String> {
-        let Ok(ip) = state.ip.parse::<IpAddr>() else {
+        let Ok(ip) = podiam_proto::parse_ip(&state.ip) else {
             return None;
         };
         let uid = uid(&state).to_string();

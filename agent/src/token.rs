@@ -412,7 +412,8 @@ impl TokenKey {
         else {
             return Err(TokenError::Malformed);
         };
-        if owner != ip.to_string() {
+        let owner: IpAddr = owner.parse().map_err(|_| TokenError::Malformed)?;
+        if owner != ip {
             return Err(TokenError::WrongAddress);
         }
         if let Some(uid) = uid

@@ -52,8 +52,6 @@ pub struct Decision {
 /// Every way a decision refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("{0:?} is not an IP address")]
-    BadIp(String),
     #[error("server not ready: the pod and namespace caches have not synced yet")]
     NotReady,
     #[error("no pod known with IP {0}")]
@@ -107,11 +105,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The reason carried on the wire; `None` for a malformed request (not a refusal a pod
-    /// could get).
-    pub fn reason(&self) -> Option<Reason> {
-        Some(match self {
-            Refusal::BadIp(_) => return None,
+    /// Why, as the wire and the pod's answer name it.
+    pub fn reason(&self) -> Reason {
+        match self {
             Refusal::NotReady => Reason::NotReady,
             Refusal::UnknownPod(_) | Refusal::NotLive(_) | Refusal::AddressTaken { .. } => {
                 Reason::UnknownPod
@@ -122,7 +118,7 @@ impl Refusal {
             Refusal::NotPermitted { .. } => Reason::RoleNotPermitted,
             Refusal::WrongRole { .. } => Reason::WrongRole,
             Refusal::OtherNode { .. } => Reason::OtherNode,
-        })
+        }
     }
 
     /// The refusal as an operator may read it: every pod claiming an ambiguous address
@@ -183,7 +179,7 @@ impl View<'_> {
         if !self.synced {
             return Err(Refusal::NotReady);
         }
-        match self.pods.lookup(&ip.to_string()) {
+        match self.pods.lookup(ip) {
             Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
             Lookup::Found(pod) => match scope {
                 Scope::Node(node) if !on_node(&pod, node) => Err(Refusal::OtherNode {
@@ -245,13 +241,12 @@ impl View<'_> {
     /// another live pod claims the same IP, or when the pod is terminating and a pod that is
     /// not has its IP now.
     pub fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
-        let ip = pod.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
-        if let Some(ip) = ip {
+        if let Some(ip) = pod.ip {
             let taken = || Refusal::AddressTaken {
                 pod: pod_name(pod),
                 ip,
             };
-            match self.pods.lookup(&ip.to_string()) {
+            match self.pods.lookup(ip) {
                 Lookup::Found(holder) if holder.uid != pod.uid => return Err(taken()),
                 Lookup::Ambiguous(pods) if pods.iter().any(|p| p.uid == pod.uid) => {
                     return Err(Refusal::AmbiguousPod {
@@ -271,7 +266,7 @@ impl View<'_> {
     pub fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
         let mut state = PodState {
             pod: Some(pod_ref(pod)),
-            ip: pod.ip.clone().unwrap_or_default(),
+            ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             ..PodState::default()
         };
         match self.decide_live(pod) {
@@ -280,10 +275,7 @@ impl View<'_> {
                 state.role_arn = role.arn;
             }
             Err(refusal) => {
-                state.refusal_reason = refusal
-                    .reason()
-                    .map(|r| r.as_str().to_string())
-                    .unwrap_or_default();
+                state.refusal_reason = refusal.reason().as_str().to_string();
                 state.refusal_message = refusal.to_string();
             }
         }
@@ -300,7 +292,7 @@ impl View<'_> {
         let pod = match target {
             ExplainTarget::Ip(ip) => {
                 answer.ip = ip.to_string();
-                match self.pods.lookup(&ip.to_string()) {
+                match self.pods.lookup(*ip) {
                     Lookup::Found(pod) => pod,
                     Lookup::Unknown => return Ok(refused(answer, &Refusal::UnknownPod(*ip))),
                     Lookup::Ambiguous(pods) => {
@@ -332,7 +324,7 @@ impl View<'_> {
         // named.
         answer.pods = vec![pod_ref(&pod)];
         answer.node_name = pod.node_name.clone().unwrap_or_default();
-        answer.ip = pod.ip.clone().unwrap_or_default();
+        answer.ip = pod.ip.map(|ip| ip.to_string()).unwrap_or_default();
         answer.namespace = pod.namespace.clone();
         answer.role_annotation = pod.role.clone().unwrap_or_default();
         answer.permitted_regex = match &*self.namespaces.rule(&pod.namespace) {
@@ -365,10 +357,7 @@ pub enum ExplainTarget {
 /// An explanation that ends in a refusal.
 fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
     answer.allowed = false;
-    answer.reason = refusal
-        .reason()
-        .map(|r| r.as_str().to_string())
-        .unwrap_or_default();
+    answer.reason = refusal.reason().as_str().to_string();
     answer.message = refusal.to_string();
     answer
 }
@@ -516,7 +505,7 @@ mod tests {
             uid: uid.into(),
             namespace: ns.into(),
             name: format!("pod-{uid}"),
-            ip: Some(ip.into()),
+            ip: Some(ip.parse().expect("ip")),
             phase: Some("Running".into()),
             host_network: false,
             node_name: Some(node.into()),
@@ -541,7 +530,7 @@ mod tests {
             uid: uid.into(),
             namespace: "podiam".into(),
             name: format!("agent-{uid}"),
-            ip: Some("192.168.0.1".into()),
+            ip: Some("192.168.0.1".parse().expect("ip")),
             phase: Some(phase.into()),
             host_network: true,
             node_name: Some(node.into()),
@@ -669,7 +658,7 @@ mod tests {
             let got = view
                 .decide(ip(address), *scope)
                 .map(|d| d.pod.uid.clone())
-                .map_err(|r| r.reason().expect("a reason"));
+                .map_err(|r| r.reason());
             assert_eq!(
                 got.as_ref().map(String::as_str).map_err(|r| *r),
                 *want,
@@ -703,7 +692,7 @@ mod tests {
         for old in ["t1", "t2"] {
             let pod = pods.by_uid(old).expect("still known");
             let refusal = view.decide_live(&pod).expect_err("refused");
-            assert_eq!(refusal.reason(), Some(Reason::UnknownPod), "{refusal}");
+            assert_eq!(refusal.reason(), Reason::UnknownPod, "{refusal}");
             assert!(refusal.to_string().contains("terminating"), "{refusal}");
             let state = view.pod_state(&pod);
             assert!(state.role_arn.is_empty(), "{state:?}");

@@ -5,6 +5,7 @@
 //!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
 //! - [`valid_role_name`]: the shape of a role name on the wire (the agent's routes and the
 //!   server's GetCredentials both check it).
+//! - [`parse_ip`]: the one way an address on the wire becomes an [`IpAddr`].
 //!
 //! What the daemons run on (TLS, the accept loops, logging) is `podiam-runtime`.
 
@@ -15,6 +16,7 @@ pub mod v1 {
 }
 
 use std::fmt;
+use std::net::IpAddr;
 
 impl fmt::Debug for v1::Credentials {
     /// Redacts the secret key and session token; the access key id is not a secret and helps
@@ -165,6 +167,33 @@ impl fmt::Display for Reason {
     }
 }
 
+/// An address on the wire that is not one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidIp {
+    /// The text, cut to 64 characters.
+    pub text: String,
+}
+
+impl fmt::Display for InvalidIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not an IP address", self.text)
+    }
+}
+
+impl std::error::Error for InvalidIp {}
+
+/// A pod's address as text (a request's `ip`, a node stream's, a pod's `status.podIP`)
+/// parsed into the one form every comparison uses: an [`IpAddr`] (so IPv6's several
+/// spellings are one address), canonical (an IPv4-mapped IPv6 address is its IPv4 address,
+/// as the agent sees a peer). Every edge parses with this, once.
+pub fn parse_ip(text: &str) -> Result<IpAddr, InvalidIp> {
+    text.parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| InvalidIp {
+            text: text.chars().take(64).collect(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +231,29 @@ mod tests {
     #[test]
     fn a_status_without_reason_has_none() {
         assert_eq!(Reason::of(&tonic::Status::internal("boom")), None);
+    }
+
+    #[test]
+    fn addresses_parse_once_into_one_form() {
+        let ip = |s: &str| parse_ip(s).expect(s);
+        assert_eq!(ip("10.0.0.1"), IpAddr::from([10, 0, 0, 1]));
+        // IPv6's spellings are one address, and an IPv4-mapped one is its IPv4 address.
+        assert_eq!(ip("fd00::1"), ip("fd00:0:0:0:0:0:0:1"));
+        assert_eq!(ip("FD00::0001"), ip("fd00::1"));
+        assert_eq!(ip("::ffff:10.0.0.1"), ip("10.0.0.1"));
+        for bad in [
+            "",
+            "10.0.0",
+            "10.0.0.1:80",
+            " 10.0.0.1",
+            "pod",
+            "10.0.0.256",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad:?}");
+        }
+        let long = "x".repeat(1000);
+        let error = parse_ip(&long).expect_err("not an address");
+        assert_eq!(error.text.len(), 64, "what is kept of a bad one is bounded");
     }
 
     #[test]

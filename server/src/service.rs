@@ -31,7 +31,7 @@ use podiam_proto::v1::{
     NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request, node_event,
     podiam_server::Podiam,
 };
-use podiam_proto::{Reason, valid_role_name};
+use podiam_proto::{InvalidIp, Reason, valid_role_name};
 use podiam_runtime::telemetry::Escaped;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -76,6 +76,9 @@ pub enum Failure {
     Binding(BindingFailure),
     #[error("{0}")]
     Operator(OperatorFailure),
+    /// A request's address is not one: the caller's mistake, not a refusal.
+    #[error("{0}")]
+    BadIp(#[from] InvalidIp),
     #[error("{0}")]
     BadRequest(String),
 }
@@ -149,10 +152,10 @@ impl Failure {
     pub fn status(&self) -> Status {
         let message = self.to_string();
         let reason = match self {
-            Failure::BadRequest(_) | Failure::Refused(Refusal::BadIp(_)) => {
+            Failure::BadRequest(_) | Failure::BadIp(_) => {
                 return Status::invalid_argument(message);
             }
-            Failure::Refused(refusal) => refusal.reason().unwrap_or(Reason::UnknownPod),
+            Failure::Refused(refusal) => refusal.reason(),
             Failure::Sts(StsError::Refused { .. }) => Reason::StsRefused,
             Failure::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
             Failure::Binding(BindingFailure::Unavailable(_)) => Reason::IdentityUnavailable,
@@ -339,9 +342,9 @@ fn dns_label(label: &str) -> bool {
 /// without quoting it (an address is quoted escaped).
 fn explain_target(request: ExplainRequest) -> Result<ExplainTarget, String> {
     match request.target {
-        Some(explain_request::Target::Ip(ip)) => parse_ip(&ip)
+        Some(explain_request::Target::Ip(ip)) => podiam_proto::parse_ip(&ip)
             .map(ExplainTarget::Ip)
-            .map_err(|refusal| refusal.to_string()),
+            .map_err(|error| error.to_string()),
         Some(explain_request::Target::Pod(pod)) => {
             if !dns_label(&pod.namespace) {
                 return Err(
@@ -507,7 +510,7 @@ impl PodiamService {
         peer: Option<SocketAddr>,
         request: GetCredentialsRequest,
     ) -> Result<GetCredentialsResponse, Failure> {
-        let ip = parse_ip(&request.ip)?;
+        let ip = podiam_proto::parse_ip(&request.ip)?;
         if !valid_role_name(&request.role_name) {
             return Err(Failure::BadRequest(
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
@@ -792,12 +795,6 @@ impl PodiamService {
     }
 }
 
-/// Parses the IP of a request.
-fn parse_ip(ip: &str) -> Result<IpAddr, Refusal> {
-    ip.parse::<IpAddr>()
-        .map_err(|_| Refusal::BadIp(ip.chars().take(64).collect()))
-}
-
 /// A digest of a pod state: what a node stream remembers of each state it sent (a whole
 /// copy per pod per stream would cost tens of MiB at 100k pods).
 fn digest(state: &podiam_proto::v1::PodState) -> u64 {
@@ -855,7 +852,7 @@ impl Podiam for PodiamService {
         let caller = self.agent(&request, "GetPodRole").await?;
         let peer = request.remote_addr();
         let request = request.into_inner();
-        let ip = parse_ip(&request.ip).map_err(|r| refuse(r.into()))?;
+        let ip = podiam_proto::parse_ip(&request.ip).map_err(|e| refuse(e.into()))?;
         let Decision { pod, role } = self
             .decide(ip, &caller, peer, "GetPodRole")
             .map_err(|r| refuse(r.into()))?;
@@ -1172,6 +1169,22 @@ mod tests {
             ..StreamSlots::default()
         };
         assert!(full.take("agent-c").is_err(), "the replica's cap");
+    }
+
+    #[test]
+    fn a_bad_address_is_the_callers_mistake_not_a_refusal() {
+        for bad in ["10.0.0", "", "10.0.0.1:80", "pod-a"] {
+            let error = podiam_proto::parse_ip(bad).expect_err("not an address");
+            let status = Failure::from(error).status();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert_eq!(Reason::of(&status), None, "{bad:?}: no refusal reason");
+            assert!(
+                status
+                    .message()
+                    .contains(&format!("{bad:?} is not an IP address")),
+                "{status:?}"
+            );
+        }
     }
 
     #[test]
