@@ -515,11 +515,12 @@ fn refusal(reason: Reason, message: impl Into<String>) -> Refused {
 
 /// The state itself if the pod may have its role, else its refusal.
 fn permitted(state: &PodState) -> Result<&PodState, Refused> {
-    if state.refusal_reason.is_empty() && !state.role_name.is_empty() {
+    let no_reason = i32::from(podiam_proto::v1::Reason::Unspecified);
+    if state.refusal_reason == no_reason && !state.role_name.is_empty() {
         return Ok(state);
     }
-    // An unknown reason from a newer server still refuses.
-    let reason = Reason::from_name(&state.refusal_reason).unwrap_or(Reason::RoleNotPermitted);
+    // An unknown reason from a newer server, or none, still refuses.
+    let reason = Reason::from_wire(state.refusal_reason).unwrap_or(Reason::RoleNotPermitted);
     Err(refusal(reason, state.refusal_message.clone()))
 }
 

@@ -199,11 +199,11 @@ mod tests {
         assert_eq!(table.upsert(state("a", "10.0.0.1", "app")), None);
         // A revoked role is a change.
         let mut revoked = state("a", "10.0.0.1", "");
-        revoked.refusal_reason = "no-role".into();
+        revoked.refusal_reason = podiam_proto::Reason::NoRole.to_wire().into();
         assert_eq!(table.upsert(revoked), Some("a".into()));
         assert_eq!(
             table.lookup(ip("10.0.0.1")).expect("known").refusal_reason,
-            "no-role"
+            i32::from(podiam_proto::Reason::NoRole.to_wire())
         );
         // Deleted.
         assert!(table.remove("a").is_some());

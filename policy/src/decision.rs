@@ -275,8 +275,13 @@ impl View<'_> {
                 state.role_arn = role.arn;
             }
             Err(refusal) => {
-                state.refusal_reason = refusal.reason().as_str().to_string();
+                let reason = refusal.reason();
+                state.refusal_reason = reason.to_wire().into();
                 state.refusal_message = refusal.to_string();
+                #[allow(deprecated)]
+                {
+                    state.legacy_refusal_reason = reason.as_str().to_string();
+                }
             }
         }
         state
@@ -356,9 +361,14 @@ pub enum ExplainTarget {
 
 /// An explanation that ends in a refusal.
 fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
+    let reason = refusal.reason();
     answer.allowed = false;
-    answer.reason = refusal.reason().as_str().to_string();
+    answer.reason = reason.to_wire().into();
     answer.message = refusal.to_string();
+    #[allow(deprecated)]
+    {
+        answer.legacy_reason = reason.as_str().to_string();
+    }
     answer
 }
 
@@ -616,6 +626,11 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    /// The reason a wire enum field names.
+    fn wire(value: i32) -> Option<Reason> {
+        Reason::from_wire(value)
+    }
+
     #[test]
     fn node_binding_table() {
         let pods = cluster();
@@ -696,7 +711,11 @@ mod tests {
             assert!(refusal.to_string().contains("terminating"), "{refusal}");
             let state = view.pod_state(&pod);
             assert!(state.role_arn.is_empty(), "{state:?}");
-            assert_eq!(state.refusal_reason, "unknown-pod", "{state:?}");
+            assert_eq!(
+                wire(state.refusal_reason),
+                Some(Reason::UnknownPod),
+                "{state:?}"
+            );
             let streamed: Vec<String> = pods
                 .on_node("node-a")
                 .iter()
@@ -710,7 +729,11 @@ mod tests {
                 })
                 .expect("synced");
             assert!(!explained.allowed, "{explained:?}");
-            assert_eq!(explained.reason, "unknown-pod", "{explained:?}");
+            assert_eq!(
+                wire(explained.reason),
+                Some(Reason::UnknownPod),
+                "{explained:?}"
+            );
         }
         // Alone, a terminating pod is still streamed with its role.
         let t3 = pods.by_uid("t3").expect("known");
@@ -726,7 +749,11 @@ mod tests {
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
         for (uid, own, other) in [("x1", "team-a", "team-b"), ("x2", "team-b", "team-a")] {
             let told = state(uid);
-            assert_eq!(told.refusal_reason, "ambiguous-pod", "{told:?}");
+            assert_eq!(
+                wire(told.refusal_reason),
+                Some(Reason::AmbiguousPod),
+                "{told:?}"
+            );
             let other_pod = if uid == "x1" { "pod-x2" } else { "pod-x1" };
             for secret in [other, other_pod] {
                 assert!(
@@ -774,7 +801,7 @@ mod tests {
                 name: "pod-x1".into(),
             })
             .expect("synced");
-        assert_eq!(by_name.reason, "ambiguous-pod");
+        assert_eq!(wire(by_name.reason), Some(Reason::AmbiguousPod));
         assert!(
             !by_name.message.contains("team-b") && !by_name.message.contains("pod-x2"),
             "{by_name:?}"
@@ -909,31 +936,43 @@ mod tests {
         };
         // (target, allowed, reason, pods named, node)
         let table = [
-            (by_ip("10.0.0.1"), true, "", 1, "node-a"),
-            (by_name("team-a", "pod-a1"), true, "", 1, "node-a"),
-            (by_name("team-a", "pod-a2"), false, "no-role", 1, "node-a"),
+            (by_ip("10.0.0.1"), true, None, 1, "node-a"),
+            (by_name("team-a", "pod-a1"), true, None, 1, "node-a"),
             (
-                by_name("team-b", "pod-b2"),
+                by_name("team-a", "pod-a2"),
                 false,
-                "role-not-permitted",
-                1,
-                "node-b",
-            ),
-            (by_ip("10.0.9.9"), false, "ambiguous-pod", 2, ""),
-            (
-                by_name("team-a", "pod-x1"),
-                false,
-                "ambiguous-pod",
+                Some(Reason::NoRole),
                 1,
                 "node-a",
             ),
-            (by_ip("10.9.9.9"), false, "unknown-pod", 0, ""),
-            (by_name("team-a", "nope"), false, "unknown-pod", 0, ""),
+            (
+                by_name("team-b", "pod-b2"),
+                false,
+                Some(Reason::RoleNotPermitted),
+                1,
+                "node-b",
+            ),
+            (by_ip("10.0.9.9"), false, Some(Reason::AmbiguousPod), 2, ""),
+            (
+                by_name("team-a", "pod-x1"),
+                false,
+                Some(Reason::AmbiguousPod),
+                1,
+                "node-a",
+            ),
+            (by_ip("10.9.9.9"), false, Some(Reason::UnknownPod), 0, ""),
+            (
+                by_name("team-a", "nope"),
+                false,
+                Some(Reason::UnknownPod),
+                0,
+                "",
+            ),
         ];
         for (target, allowed, reason, named, node) in table {
             let answer = view.explain(&target).expect("synced");
             assert_eq!(answer.allowed, allowed, "{target:?}");
-            assert_eq!(answer.reason, reason, "{target:?}");
+            assert_eq!(wire(answer.reason), reason, "{target:?}");
             assert_eq!(answer.pods.len(), named, "{target:?}");
             assert_eq!(answer.node_name, node, "{target:?}");
         }
@@ -948,9 +987,18 @@ mod tests {
         let namespaces = namespaces();
         let view = synced_view(&pods, &namespaces);
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
-        assert_eq!(state("a1").role_name, "app-reader");
-        assert_eq!(state("a2").refusal_reason, "no-role");
-        assert_eq!(state("y1").refusal_reason, "ambiguous-pod");
-        assert_eq!(state("b2").refusal_reason, "role-not-permitted");
+        let a1 = state("a1");
+        assert_eq!(a1.role_name, "app-reader");
+        assert_eq!(wire(a1.refusal_reason), None, "{a1:?}");
+        assert_eq!(wire(state("a2").refusal_reason), Some(Reason::NoRole));
+        assert_eq!(wire(state("y1").refusal_reason), Some(Reason::AmbiguousPod));
+        assert_eq!(
+            wire(state("b2").refusal_reason),
+            Some(Reason::RoleNotPermitted)
+        );
+        // Agents of the previous release read the reason's name, while a cluster upgrades.
+        #[allow(deprecated)]
+        let legacy = state("b2").legacy_refusal_reason;
+        assert_eq!(legacy, "role-not-permitted");
     }
 }

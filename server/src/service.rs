@@ -151,29 +151,35 @@ impl Failure {
     /// The one mapping from failures to gRPC statuses.
     pub fn status(&self) -> Status {
         let message = self.to_string();
-        let reason = match self {
-            Failure::BadRequest(_) | Failure::BadIp(_) => {
-                return Status::invalid_argument(message);
+        match self {
+            Failure::BadRequest(_) | Failure::BadIp(_) => Status::invalid_argument(message),
+            Failure::Refused(refusal) => refusal.reason().status(message),
+            Failure::Sts(error) => sts_reason(error).status(message),
+            Failure::Binding(BindingFailure::Unavailable(_)) => {
+                Reason::IdentityUnavailable.status(message)
             }
-            Failure::Refused(refusal) => refusal.reason(),
-            Failure::Sts(StsError::Refused { .. }) => Reason::StsRefused,
-            Failure::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
-            Failure::Binding(BindingFailure::Unavailable(_)) => Reason::IdentityUnavailable,
-            Failure::Binding(BindingFailure::OtherNodeStream { .. }) => Reason::OtherNode,
-            Failure::Binding(_) => Reason::AgentUnauthenticated,
-            Failure::Operator(failure) => {
-                return match failure {
-                    OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
-                        Status::unauthenticated(message)
-                    }
-                    OperatorFailure::AgentToken | OperatorFailure::Forbidden { .. } => {
-                        Status::permission_denied(message)
-                    }
-                    OperatorFailure::Unavailable(_) => Status::unavailable(message),
-                };
+            Failure::Binding(BindingFailure::OtherNodeStream { .. }) => {
+                Reason::OtherNode.status(message)
             }
-        };
-        reason.status(message)
+            Failure::Binding(_) => Reason::AgentUnauthenticated.status(message),
+            Failure::Operator(failure) => match failure {
+                OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
+                    Status::unauthenticated(message)
+                }
+                OperatorFailure::AgentToken | OperatorFailure::Forbidden { .. } => {
+                    Status::permission_denied(message)
+                }
+                OperatorFailure::Unavailable(_) => Status::unavailable(message),
+            },
+        }
+    }
+}
+
+/// The reason an STS failure is refused for.
+fn sts_reason(error: &StsError) -> Reason {
+    match error {
+        StsError::Refused { .. } => Reason::StsRefused,
+        StsError::Unavailable(_) => Reason::StsUnavailable,
     }
 }
 
@@ -529,9 +535,9 @@ impl PodiamService {
         let issued = match self.cache.get(key.clone()).await {
             Ok(issued) => issued,
             Err(error) => {
-                let failure = Failure::Sts(error);
-                self.events.report(notice(&pod, &failure));
-                return Err(failure);
+                self.events
+                    .report(notice(&pod, sts_reason(&error), error.to_string()));
+                return Err(Failure::Sts(error));
             }
         };
         tracing::info!(
@@ -643,7 +649,7 @@ impl PodiamService {
                                 | Refusal::NotPermitted { .. }
                                 | Refusal::InvalidRole { .. }
                         ) {
-                            notices.push(notice(&pod, &Failure::Refused(refusal)));
+                            notices.push(notice(&pod, refusal.reason(), refusal.to_string()));
                         }
                     }
                 }
@@ -659,14 +665,14 @@ impl PodiamService {
                     busy.insert(key);
                 }
                 KeyHealth::Failing(error) => {
-                    failing.insert(key, Failure::Sts(error));
+                    failing.insert(key, error);
                 }
             }
         }
         let mut keep: HashSet<&str> = HashSet::new();
         for (pod, key) in &permitted {
-            if let Some(failure) = failing.get(key) {
-                notices.push(notice(pod, failure));
+            if let Some(error) = failing.get(key) {
+                notices.push(notice(pod, sts_reason(error), error.to_string()));
             } else if busy.contains(key) {
                 keep.insert(&pod.uid);
             }
@@ -821,15 +827,14 @@ enum StreamEnd {
 /// How many node events may wait for a slow agent before the stream's task waits too.
 const NODE_STREAM_BUFFER: usize = 256;
 
-/// The Event to tell about a refused pod.
-fn notice(pod: &PodRecord, failure: &Failure) -> Notice {
-    let status = failure.status();
+/// The Event to tell about a pod refused for `reason`, saying `note`.
+fn notice(pod: &PodRecord, reason: Reason, note: String) -> Notice {
     Notice {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         uid: pod.uid.clone(),
-        reason: Reason::of(&status).unwrap_or(Reason::NoRole),
-        note: status.message().to_string(),
+        reason,
+        note,
     }
 }
 
@@ -1184,6 +1189,50 @@ mod tests {
                     .contains(&format!("{bad:?} is not an IP address")),
                 "{status:?}"
             );
+        }
+    }
+
+    #[test]
+    fn every_refusal_travels_with_its_own_reason() {
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let cases: Vec<(Failure, Reason)> = vec![
+            (Refusal::NotReady.into(), Reason::NotReady),
+            (Refusal::UnknownPod(ip).into(), Reason::UnknownPod),
+            (Refusal::NoRole("ns/pod".into()).into(), Reason::NoRole),
+            (
+                Refusal::OtherNode {
+                    ip,
+                    node: "node-a".into(),
+                }
+                .into(),
+                Reason::OtherNode,
+            ),
+            (
+                StsError::Refused {
+                    code: "AccessDenied".into(),
+                    message: "no".into(),
+                }
+                .into(),
+                Reason::StsRefused,
+            ),
+            (
+                StsError::Unavailable("throttled".into()).into(),
+                Reason::StsUnavailable,
+            ),
+            (
+                Failure::Binding(BindingFailure::NoToken),
+                Reason::AgentUnauthenticated,
+            ),
+            (
+                Failure::Binding(BindingFailure::Unavailable("api down".into())),
+                Reason::IdentityUnavailable,
+            ),
+        ];
+        for (failure, reason) in cases {
+            let status = failure.status();
+            assert_eq!(Reason::of(&status), Some(reason), "{failure}");
+            assert_eq!(status.code(), reason.code(), "{failure}");
+            assert_eq!(status.message(), failure.to_string());
         }
     }
 
