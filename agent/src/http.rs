@@ -24,6 +24,7 @@ use crate::routes::{Route, route};
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use crate::upstream::{Upstream, UpstreamError};
 use podiam_proto::v1::{PodRef, PodState};
+use podiam_runtime::clock::now_unix;
 pub use podiam_runtime::serve::Limits;
 
 /// The IMDSv2 token header.
@@ -522,13 +523,6 @@ fn permitted(state: &PodState) -> Result<&PodState, Refused> {
     // An unknown reason from a newer server, or none, still refuses.
     let reason = Reason::from_wire(state.refusal_reason).unwrap_or(Reason::RoleNotPermitted);
     Err(refusal(reason, state.refusal_message.clone()))
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 /// The health server's handler: `/live` always, `/ready` when a server answers, and

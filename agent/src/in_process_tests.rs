@@ -155,7 +155,7 @@ impl Podiam for Fake {
             .0
             .pod_at(&ip)
             .ok_or_else(|| Reason::UnknownPod.status("no such pod"))?;
-        let now = crate::token::now_unix();
+        let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
             pod: state.pod,
             credentials: Some(Credentials {

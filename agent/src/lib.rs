@@ -124,8 +124,9 @@ impl Agent {
             config.node_name.clone(),
             metrics.node_stream.clone(),
         ));
-        let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
-            .context("no IMDSv2 token key")?;
+        let (tokens, key_keeper) =
+            KeyKeeper::open(&config.token_key_file, podiam_runtime::clock::now_unix())
+                .context("no IMDSv2 token key")?;
         let options = ServiceOptions {
             require_token: config.require_token,
             allow: config

@@ -32,6 +32,7 @@ use podiam_proto::v1::{
     podiam_server::Podiam,
 };
 use podiam_proto::{InvalidIp, Reason, valid_role_name};
+use podiam_runtime::clock::now_unix;
 use podiam_runtime::telemetry::Escaped;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -952,7 +953,7 @@ impl Podiam for PodiamService {
                 AgentStatus {
                     node_name: node.clone(),
                     agent_version: agent_version.clone(),
-                    connected_unix: unix_now(),
+                    connected_unix: now_unix(),
                     agent_pod: agent_pod.clone(),
                 },
             );
@@ -1026,13 +1027,6 @@ impl Podiam for PodiamService {
             draining: self.draining.is_cancelled(),
         }))
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
