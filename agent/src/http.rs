@@ -16,13 +16,14 @@ use podiam_proto::Reason;
 use podiam_runtime::telemetry::Escaped;
 
 use crate::cache::{CredentialCache, Entry, Source};
+use crate::decision::ServerError;
 use crate::imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, ServerErrorLabels};
-use crate::node_metadata::{NodeMetadata, UpstreamMetadataError};
+use crate::node_metadata::{NodeMetadata, NodeMetadataError};
 use crate::pods::{Known, PodTable};
 use crate::routes::{Route, route};
+use crate::servers::Servers;
 use crate::token::{TokenError, TokenKey, parse_ttl};
-use crate::upstream::{Upstream, UpstreamError};
 use podiam_proto::v1::{PodRef, PodState};
 use podiam_runtime::clock::now_unix;
 pub use podiam_runtime::serve::Limits;
@@ -54,9 +55,9 @@ pub enum Refused {
     #[error("no answer within the request deadline")]
     Deadline,
     #[error("{0}")]
-    NodeMetadata(#[from] UpstreamMetadataError),
+    NodeMetadata(#[from] NodeMetadataError),
     #[error("{0}")]
-    Upstream(#[from] UpstreamError),
+    Server(#[from] ServerError),
 }
 
 impl Refused {
@@ -71,7 +72,7 @@ impl Refused {
             Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
-            Refused::Upstream(UpstreamError::Refused { reason, .. }) => match reason {
+            Refused::Server(ServerError::Refused { reason, .. }) => match reason {
                 // EC2 answers 404 when an instance has no role, or for another role's name.
                 Reason::UnknownPod | Reason::NoRole | Reason::WrongRole | Reason::OtherNode => {
                     StatusCode::NOT_FOUND
@@ -85,22 +86,22 @@ impl Refused {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             },
-            Refused::Upstream(UpstreamError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Refused::Upstream(UpstreamError::Other(_)) => StatusCode::BAD_GATEWAY,
+            Refused::Server(ServerError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::Server(ServerError::Other(_)) => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// The answer to the pod: the status and a one-line message naming the cause.
     pub fn response(&self) -> Response<Full<Bytes>> {
         let message = match self {
-            Refused::Upstream(UpstreamError::Refused { reason, message }) => {
+            Refused::Server(ServerError::Refused { reason, message }) => {
                 format!("podiam: {reason}: {message}\n")
             }
             // Transport details (addresses, TLS errors) are for the agent's log only.
-            Refused::Upstream(UpstreamError::Unavailable(_)) => {
+            Refused::Server(ServerError::Unavailable(_)) => {
                 "podiam: server-unavailable: no podiam server answered; retry shortly\n".to_string()
             }
-            Refused::Upstream(UpstreamError::Other(_)) => {
+            Refused::Server(ServerError::Other(_)) => {
                 "podiam: server-error: the podiam server failed; see the agent's log\n".to_string()
             }
             Refused::NodeMetadata(_) => {
@@ -152,7 +153,7 @@ impl std::fmt::Debug for ServiceOptions {
 
 /// The metadata service pods talk to.
 pub struct MetadataService {
-    upstream: Arc<Upstream>,
+    servers: Arc<Servers>,
     table: Arc<PodTable>,
     cache: Arc<CredentialCache>,
     tokens: TokenKey,
@@ -165,7 +166,7 @@ impl std::fmt::Debug for MetadataService {
     /// key and the node's metadata token show nothing of them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetadataService")
-            .field("node", &self.upstream.node_name())
+            .field("node", &self.servers.node_name())
             .field("cache", &self.cache)
             .field("tokens", &self.tokens)
             .field("options", &self.options)
@@ -175,7 +176,7 @@ impl std::fmt::Debug for MetadataService {
 
 impl MetadataService {
     pub fn new(
-        upstream: Arc<Upstream>,
+        servers: Arc<Servers>,
         table: Arc<PodTable>,
         cache: Arc<CredentialCache>,
         tokens: TokenKey,
@@ -183,7 +184,7 @@ impl MetadataService {
         metrics: Arc<Metrics>,
     ) -> Self {
         MetadataService {
-            upstream,
+            servers,
             table,
             cache,
             tokens,
@@ -207,8 +208,8 @@ impl MetadataService {
             Ok(response) => response,
             Err(refused) => {
                 let kind = match &refused {
-                    Refused::Upstream(UpstreamError::Unavailable(e)) => Some(("unavailable", e)),
-                    Refused::Upstream(UpstreamError::Other(e)) => Some(("other", e)),
+                    Refused::Server(ServerError::Unavailable(e)) => Some(("unavailable", e)),
+                    Refused::Server(ServerError::Other(e)) => Some(("other", e)),
                     _ => None,
                 };
                 if let Some((kind, error)) = kind {
@@ -314,14 +315,14 @@ impl MetadataService {
             Route::ListRoles => {
                 let role_name = match self.resolve(peer).await? {
                     Resolved::Pod(state) => permitted(&state)?.role_name.clone(),
-                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_name,
+                    Resolved::Unsynced => Box::pin(self.servers.pod_role(peer)).await?.role_name,
                 };
                 Ok(text(StatusCode::OK, role_name))
             }
             Route::Info => {
                 let role_arn = match self.resolve(peer).await? {
                     Resolved::Pod(state) => permitted(&state)?.role_arn.clone(),
-                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_arn,
+                    Resolved::Unsynced => Box::pin(self.servers.pod_role(peer)).await?.role_arn,
                 };
                 Ok(text(StatusCode::OK, imds::info_document(&role_arn, now)))
             }
@@ -331,10 +332,10 @@ impl MetadataService {
                     Ok(text(StatusCode::OK, entry.document.clone()))
                 }
                 Resolved::Unsynced => {
-                    let creds = Box::pin(self.upstream.credentials(peer, role))
+                    let creds = Box::pin(self.servers.credentials(peer, role))
                         .await?
                         .credentials
-                        .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
+                        .ok_or_else(|| ServerError::Other("answer without credentials".into()))?;
                     Ok(text(
                         StatusCode::OK,
                         imds::credentials_document(
@@ -396,27 +397,27 @@ impl MetadataService {
 
     /// What the server says of `peer` (within [`ASK_WAIT`]): its pod's role, or why not.
     /// The server answers only about this agent's node.
-    async fn ask(&self, peer: IpAddr) -> Option<Result<(), UpstreamError>> {
-        tokio::time::timeout(ASK_WAIT, self.upstream.pod_role(peer))
+    async fn ask(&self, peer: IpAddr) -> Option<Result<(), ServerError>> {
+        tokio::time::timeout(ASK_WAIT, self.servers.pod_role(peer))
             .await
             .ok()
             .map(|answer| answer.map(|_| ()))
     }
 
     /// Why no pod of this node has `peer`, as far as the server tells.
-    fn unknown(&self, peer: IpAddr, answer: Option<Result<(), UpstreamError>>) -> String {
+    fn unknown(&self, peer: IpAddr, answer: Option<Result<(), ServerError>>) -> String {
         match answer {
-            Some(Err(UpstreamError::Refused {
+            Some(Err(ServerError::Refused {
                 reason: Reason::OtherNode,
                 ..
             })) => format!(
                 "no pod on this node ({}) has IP {peer}; the server places it on another node",
-                self.upstream.node_name()
+                self.servers.node_name()
             ),
-            Some(Err(UpstreamError::Refused { message, .. })) if !message.is_empty() => message,
+            Some(Err(ServerError::Refused { message, .. })) if !message.is_empty() => message,
             _ => format!(
                 "no pod known with IP {peer} on node {}",
-                self.upstream.node_name()
+                self.servers.node_name()
             ),
         }
     }
@@ -446,7 +447,7 @@ impl MetadataService {
         // kept while it is open) that large, for the cache hits too.
         let fetch = || {
             Box::pin(async {
-                let answer = self.upstream.credentials(peer, role).await?;
+                let answer = self.servers.credentials(peer, role).await?;
                 // The server decided on what it sees now; cache only if it is the same pod.
                 if answer.pod.as_ref().map(|p| p.uid.as_str()) != Some(pod.uid.as_str()) {
                     return Err(refusal(
@@ -455,7 +456,7 @@ impl MetadataService {
                     ));
                 }
                 answer.credentials.ok_or_else(|| {
-                    Refused::from(UpstreamError::Other("answer without credentials".into()))
+                    Refused::from(ServerError::Other("answer without credentials".into()))
                 })
             })
         };
@@ -492,10 +493,10 @@ fn pod_uid(state: &PodState) -> &str {
 
 /// Whether the server's answer about an address places its pod on this agent's node: a
 /// role, or a refusal it could only make about a pod it found there.
-fn on_this_node(answer: &Option<Result<(), UpstreamError>>) -> bool {
+fn on_this_node(answer: &Option<Result<(), ServerError>>) -> bool {
     match answer {
         Some(Ok(())) => true,
-        Some(Err(UpstreamError::Refused { reason, .. })) => matches!(
+        Some(Err(ServerError::Refused { reason, .. })) => matches!(
             reason,
             Reason::NoRole
                 | Reason::RoleNotPermitted
@@ -508,7 +509,7 @@ fn on_this_node(answer: &Option<Result<(), UpstreamError>>) -> bool {
 }
 
 fn refusal(reason: Reason, message: impl Into<String>) -> Refused {
-    Refused::Upstream(UpstreamError::Refused {
+    Refused::Server(ServerError::Refused {
         reason,
         message: message.into(),
     })
@@ -527,7 +528,7 @@ fn permitted(state: &PodState) -> Result<&PodState, Refused> {
 
 /// The health server's handler: `/live` always, `/ready` when a server answers, and
 /// `/metrics`.
-pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+pub fn health(servers: &Servers, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "ok\n"),
         "/metrics" => {
@@ -540,7 +541,7 @@ pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Fu
             );
             response
         }
-        "/ready" if upstream.ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" if servers.ready() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no podiam server answers\n",
@@ -557,14 +558,14 @@ mod tests {
     async fn a_request_future_stays_small() {
         // hyper keeps one request future's worth of memory per open connection, sized by the
         // future's type: server calls (several KiB each) must stay boxed behind the fast path.
-        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(
-            Arc::new(servers),
+        let (_dir, replicas) = crate::replicas::tests::set(Vec::new());
+        let servers = Arc::new(Servers::new(
+            Arc::new(replicas),
             "node".into(),
             Default::default(),
         ));
         let service = MetadataService::new(
-            upstream,
+            servers,
             Arc::default(),
             Arc::new(CredentialCache::new(Duration::from_secs(1800))),
             TokenKey::generate().expect("token key"),
@@ -589,9 +590,9 @@ mod tests {
         // Everything the service holds, with a secret in each place one can be: cached
         // credentials and the document served for them, the token key, and the agent's own
         // token for the node's metadata service.
-        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(
-            Arc::new(servers),
+        let (_dir, replicas) = crate::replicas::tests::set(Vec::new());
+        let servers = Arc::new(Servers::new(
+            Arc::new(replicas),
             "node".into(),
             Default::default(),
         ));
@@ -611,7 +612,7 @@ mod tests {
         let node = NodeMetadata::new("http://169.254.169.254");
         node.remember_token("node-imds-token-xyz").await;
         let service = MetadataService::new(
-            upstream,
+            servers,
             Arc::default(),
             cache,
             TokenKey::generate().expect("token key"),
@@ -635,7 +636,7 @@ mod tests {
     }
 
     fn refused(reason: Reason) -> Refused {
-        Refused::Upstream(UpstreamError::Refused {
+        Refused::Server(ServerError::Refused {
             reason,
             message: "why".into(),
         })
@@ -678,12 +679,12 @@ mod tests {
                 "identity-unavailable",
             ),
             (
-                Refused::Upstream(UpstreamError::Unavailable("dial tcp 10.1.2.3:8443".into())),
+                Refused::Server(ServerError::Unavailable("dial tcp 10.1.2.3:8443".into())),
                 503,
                 "server-unavailable",
             ),
             (
-                Refused::Upstream(UpstreamError::Other("Internal: secret detail".into())),
+                Refused::Server(ServerError::Other("Internal: secret detail".into())),
                 502,
                 "server-error",
             ),

@@ -1,5 +1,6 @@
 //! The agent's side of the gRPC contract: calls to the servers (through the failover of
-//! [`crate::replicas`]), the node stream, and the readiness they imply.
+//! [`crate::replicas`]), the node stream, and the readiness they imply. A failed call is a
+//! [`ServerError`] ([`crate::decision`]).
 //!
 //! Connections are made lazily, so an unreachable server never stops the agent from
 //! starting: it serves (answering 503), reports not-ready, and keeps retrying.
@@ -18,6 +19,7 @@ use podiam_runtime::telemetry::Escaped;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CredentialCache;
+use crate::decision::ServerError;
 use crate::metrics::NodeStreamMetrics;
 use crate::pods::PodTable;
 use crate::replicas::{HEALTH_INTERVAL, ServerSet};
@@ -34,42 +36,11 @@ const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
 /// pass, before the stream moves: one late answer on a busy machine is not enough.
 const LEAVE_AFTER_CHECKS: u32 = 2;
 
-/// Why the server gave no answer.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The server refused, saying why.
-    #[error("{message}")]
-    Refused { reason: Reason, message: String },
-    /// The server could not be reached or did not answer in time.
-    #[error("server unavailable: {0}")]
-    Unavailable(String),
-    /// The server answered with an error podiam does not define.
-    #[error("server error: {0}")]
-    Other(String),
-}
-
-impl From<tonic::Status> for UpstreamError {
-    fn from(status: tonic::Status) -> Self {
-        if let Some(reason) = Reason::of(&status) {
-            return UpstreamError::Refused {
-                reason,
-                message: status.message().to_string(),
-            };
-        }
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                UpstreamError::Unavailable(status.message().to_string())
-            }
-            _ => UpstreamError::Other(format!("{:?}: {}", status.code(), status.message())),
-        }
-    }
-}
-
-/// The agent's client of the podiam servers: every call goes through the [`ServerSet`]'s
-/// failover.
+/// The podiam servers as this agent talks to them: every call goes through the
+/// [`ServerSet`]'s failover.
 #[derive(Debug)]
-pub struct Upstream {
-    servers: Arc<ServerSet>,
+pub struct Servers {
+    replicas: Arc<ServerSet>,
     node_name: String,
     /// Set when the agent is shutting down: it reports not ready from then on.
     stopping: AtomicBool,
@@ -81,14 +52,14 @@ pub struct Upstream {
     stream_metrics: NodeStreamMetrics,
 }
 
-impl Upstream {
+impl Servers {
     pub fn new(
-        servers: Arc<ServerSet>,
+        replicas: Arc<ServerSet>,
         node_name: String,
         stream_metrics: NodeStreamMetrics,
-    ) -> Upstream {
-        Upstream {
-            servers,
+    ) -> Servers {
+        Servers {
+            replicas,
             node_name,
             stopping: AtomicBool::new(false),
             refused_identity: AtomicBool::new(false),
@@ -117,16 +88,16 @@ impl Upstream {
     }
 
     /// The replicas and their failover.
-    pub fn servers(&self) -> &ServerSet {
-        &self.servers
+    pub fn replicas(&self) -> &ServerSet {
+        &self.replicas
     }
 
-    pub async fn pod_role(&self, ip: IpAddr) -> Result<GetPodRoleResponse, UpstreamError> {
+    pub async fn pod_role(&self, ip: IpAddr) -> Result<GetPodRoleResponse, ServerError> {
         let request = GetPodRoleRequest {
             ip: ip.to_string(),
             node_name: self.node_name.clone(),
         };
-        self.servers
+        self.replicas
             .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_pod_role(request).await }
@@ -138,13 +109,13 @@ impl Upstream {
         &self,
         ip: IpAddr,
         role_name: &str,
-    ) -> Result<GetCredentialsResponse, UpstreamError> {
+    ) -> Result<GetCredentialsResponse, ServerError> {
         let request = GetCredentialsRequest {
             ip: ip.to_string(),
             role_name: role_name.to_string(),
             node_name: self.node_name.clone(),
         };
-        self.servers
+        self.replicas
             .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_credentials(request).await }
@@ -162,7 +133,7 @@ impl Upstream {
     pub fn ready(&self) -> bool {
         !self.stopping.load(Ordering::Acquire)
             && !self.refused_identity.load(Ordering::Acquire)
-            && self.servers.any_ready()
+            && self.replicas.any_ready()
     }
 
     /// The agent is shutting down: report not ready from now on.
@@ -171,7 +142,7 @@ impl Upstream {
     }
 }
 
-impl Upstream {
+impl Servers {
     /// Follows a server replica's stream of this node's pods into `table` until `shutdown`,
     /// dropping cached credentials of every pod whose decision changes. A broken stream —
     /// ended, failed, or silent for [`STREAM_SILENCE_LIMIT`] after heartbeats were seen —
@@ -188,7 +159,10 @@ impl Upstream {
         let mut last: Option<SocketAddr> = None;
         loop {
             // Another replica than the one whose stream just broke, if there is one.
-            let picked = self.servers.pick(last).or_else(|| self.servers.pick(None));
+            let picked = self
+                .replicas
+                .pick(last)
+                .or_else(|| self.replicas.pick(None));
             let Some(replica) = picked else {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -214,7 +188,7 @@ impl Upstream {
                             tracing::info!("the servers accept this agent's token again");
                         }
                     };
-                    let elsewhere = || self.servers.instead_of(&replica);
+                    let elsewhere = || self.replicas.instead_of(&replica);
                     let ended = follow_stream(
                         response.into_inner(),
                         Follow {
@@ -233,7 +207,7 @@ impl Upstream {
                     }
                     ended
                 }
-                Err(status) => StreamEnded::NotOpened(UpstreamError::from(status)),
+                Err(status) => StreamEnded::NotOpened(ServerError::from(status)),
             };
             match &ended {
                 StreamEnded::Shutdown => return,
@@ -249,7 +223,7 @@ impl Upstream {
                     // health says otherwise; any other end makes it suspect.
                     if matches!(
                         why,
-                        UpstreamError::Refused {
+                        ServerError::Refused {
                             reason: Reason::NotReady,
                             ..
                         }
@@ -277,10 +251,10 @@ impl Upstream {
 
 /// Whether the server refused the agent itself rather than failed: its token is missing,
 /// not accepted or not an agent's, or its node name is not the node its token proves.
-fn refuses_identity(why: &UpstreamError) -> bool {
+fn refuses_identity(why: &ServerError) -> bool {
     matches!(
         why,
-        UpstreamError::Refused {
+        ServerError::Refused {
             reason: Reason::AgentUnauthenticated | Reason::OtherNode,
             ..
         }
@@ -292,9 +266,9 @@ enum StreamEnded {
     /// The agent is stopping.
     Shutdown,
     /// The stream had synced and then broke, for this reason.
-    Synced(UpstreamError),
+    Synced(ServerError),
     /// The stream could not be opened or broke before its snapshot was complete.
-    NotOpened(UpstreamError),
+    NotOpened(ServerError),
 }
 
 /// What one followed stream works with.
@@ -329,7 +303,7 @@ where
     } = follow;
     let mut snapshot = Some(Vec::new());
     let mut heartbeats = false;
-    let ended = |why: UpstreamError, snapshot: &Option<Vec<PodState>>| {
+    let ended = |why: ServerError, snapshot: &Option<Vec<PodState>>| {
         if snapshot.is_none() {
             StreamEnded::Synced(why)
         } else {
@@ -362,7 +336,7 @@ where
                     && failed_checks >= LEAVE_AFTER_CHECKS
                 {
                     return ended(
-                        UpstreamError::Unavailable(format!(
+                        ServerError::Unavailable(format!(
                             "its health checks fail while {other}'s pass"
                         )),
                         &snapshot,
@@ -376,14 +350,14 @@ where
             Ok(Ok(Some(message))) => message.event,
             Ok(Ok(None)) => {
                 return ended(
-                    UpstreamError::Unavailable("the server ended it".into()),
+                    ServerError::Unavailable("the server ended it".into()),
                     &snapshot,
                 );
             }
-            Ok(Err(status)) => return ended(UpstreamError::from(status), &snapshot),
+            Ok(Err(status)) => return ended(ServerError::from(status), &snapshot),
             Err(_) => {
                 return ended(
-                    UpstreamError::Unavailable(format!(
+                    ServerError::Unavailable(format!(
                         "no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs"
                     )),
                     &snapshot,
