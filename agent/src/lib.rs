@@ -6,11 +6,11 @@
 //!   keys, kept on the node and rotated, so that tokens outlive the agent process.
 //! - [`imds`]: EC2's exact response documents (pure).
 //! - [`identity`]: the agent's projected token, re-read and put on every server call.
-//! - [`decision`]: what the servers say, in the agent's own types, converted from the wire
-//!   once.
+//! - [`decision`]: what the servers say, in the agent's own types (a pod's decision, a
+//!   call's failure), converted from the wire once.
 //! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
 //! - [`servers`]: gRPC calls to the servers, readiness, and the node stream.
-//! - [`pods`]: this node's pods and their decisions, from the server's node stream.
+//! - [`pods`]: the pod table: this node's pods and their decisions, from the node stream.
 //! - [`cache`]: each pod's credentials, so that a hit needs no server call.
 //! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
 //! - [`iptables`]: the DNAT chain that sends pods' 169.254.169.254 traffic here.

@@ -1,6 +1,6 @@
 //! The agent's side of the gRPC contract: calls to the servers (through the failover of
-//! [`crate::replicas`]), the node stream, and the readiness they imply. A failed call is a
-//! [`ServerError`] ([`crate::decision`]).
+//! [`crate::replicas`]), the node stream, and the readiness they imply. Answers leave here
+//! in the agent's own types ([`crate::decision`]).
 //!
 //! Connections are made lazily, so an unreachable server never stops the agent from
 //! starting: it serves (answering 503), reports not-ready, and keeps retrying.
@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use podiam_proto::Reason;
 use podiam_proto::v1::{
-    GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse,
-    NodeEvent, PodState, WatchNodeRequest, node_event,
+    Credentials, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, WatchNodeRequest, node_event,
 };
 use podiam_runtime::telemetry::Escaped;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CredentialCache;
-use crate::decision::ServerError;
+use crate::decision::{PodDecision, Refusal, Role, ServerError};
 use crate::metrics::NodeStreamMetrics;
 use crate::pods::PodTable;
 use crate::replicas::{HEALTH_INTERVAL, ServerSet};
@@ -35,6 +34,14 @@ const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
 /// Health checks of the stream's replica that must fail in a row, while another replica's
 /// pass, before the stream moves: one late answer on a busy machine is not enough.
 const LEAVE_AFTER_CHECKS: u32 = 2;
+
+/// Credentials the servers issued, and the pod they issued them for.
+#[derive(Debug)]
+pub struct Issued {
+    /// The UID of the pod the servers found at the address.
+    pub pod_uid: String,
+    pub credentials: Credentials,
+}
 
 /// The podiam servers as this agent talks to them: every call goes through the
 /// [`ServerSet`]'s failover.
@@ -92,35 +99,46 @@ impl Servers {
         &self.replicas
     }
 
-    pub async fn pod_role(&self, ip: IpAddr) -> Result<GetPodRoleResponse, ServerError> {
+    /// The role of the pod at `ip`, as the servers decide it now.
+    pub async fn pod_role(&self, ip: IpAddr) -> Result<Role, ServerError> {
         let request = GetPodRoleRequest {
             ip: ip.to_string(),
             node_name: self.node_name.clone(),
         };
-        self.replicas
+        let answer = self
+            .replicas
             .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_pod_role(request).await }
             })
-            .await
+            .await?;
+        Ok(Role {
+            name: answer.role_name,
+            arn: answer.role_arn,
+        })
     }
 
-    pub async fn credentials(
-        &self,
-        ip: IpAddr,
-        role_name: &str,
-    ) -> Result<GetCredentialsResponse, ServerError> {
+    /// Credentials for the pod at `ip`, if `role_name` is its role.
+    pub async fn credentials(&self, ip: IpAddr, role_name: &str) -> Result<Issued, ServerError> {
         let request = GetCredentialsRequest {
             ip: ip.to_string(),
             role_name: role_name.to_string(),
             node_name: self.node_name.clone(),
         };
-        self.replicas
+        let answer = self
+            .replicas
             .call(self.stream_replica(), |mut client| {
                 let request = request.clone();
                 async move { client.get_credentials(request).await }
             })
-            .await
+            .await?;
+        let credentials = answer
+            .credentials
+            .ok_or_else(|| ServerError::Other("answer without credentials".into()))?;
+        Ok(Issued {
+            pod_uid: answer.pod.map(|p| p.uid).unwrap_or_default(),
+            credentials,
+        })
     }
 
     /// The node this agent serves.
@@ -223,10 +241,10 @@ impl Servers {
                     // health says otherwise; any other end makes it suspect.
                     if matches!(
                         why,
-                        ServerError::Refused {
+                        ServerError::Refused(Refusal {
                             reason: Reason::NotReady,
                             ..
-                        }
+                        })
                     ) {
                         replica.mark_not_ready();
                     } else {
@@ -237,7 +255,7 @@ impl Servers {
                     }
                 }
             }
-            table.update(|t| t.unsync());
+            table.unsync();
             if !retry.is_zero() {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -254,10 +272,10 @@ impl Servers {
 fn refuses_identity(why: &ServerError) -> bool {
     matches!(
         why,
-        ServerError::Refused {
+        ServerError::Refused(Refusal {
             reason: Reason::AgentUnauthenticated | Reason::OtherNode,
             ..
-        }
+        })
     )
 }
 
@@ -303,7 +321,7 @@ where
     } = follow;
     let mut snapshot = Some(Vec::new());
     let mut heartbeats = false;
-    let ended = |why: ServerError, snapshot: &Option<Vec<PodState>>| {
+    let ended = |why: ServerError, snapshot: &Option<Vec<(IpAddr, PodDecision)>>| {
         if snapshot.is_none() {
             StreamEnded::Synced(why)
         } else {
@@ -365,23 +383,37 @@ where
             }
         };
         match (event, snapshot.as_mut()) {
-            (Some(node_event::Event::Upsert(state)), Some(pods)) => pods.push(state),
-            (Some(node_event::Event::Upsert(state)), None) => {
-                if let Some(uid) = table.update(|t| t.upsert(state)) {
-                    cache.forget(&uid);
+            (Some(node_event::Event::Upsert(state)), pods) => {
+                // Converted once, here; a state the agent cannot read is left out, as if
+                // the pod were not there (its requests are then refused or asked about).
+                let (ip, decision) = match PodDecision::from_state(state) {
+                    Ok(pod) => pod,
+                    Err(error) => {
+                        // The names in it are the server's, but escaped like every server text.
+                        tracing::warn!(error = %Escaped(&error), "a node stream's pod state left out");
+                        continue;
+                    }
+                };
+                match pods {
+                    Some(pods) => pods.push((ip, decision)),
+                    None => {
+                        if let Some(uid) = table.upsert(ip, decision) {
+                            cache.forget(&uid);
+                        }
+                    }
                 }
             }
             (Some(node_event::Event::DeleteUid(uid)), Some(pods)) => {
-                pods.retain(|p| p.pod.as_ref().is_none_or(|r| r.uid != uid));
+                pods.retain(|(_, decision)| decision.pod.uid != uid);
             }
             (Some(node_event::Event::DeleteUid(uid)), None) => {
-                table.update(|t| t.remove(&uid));
+                table.remove(&uid);
                 cache.forget(&uid);
             }
             (Some(node_event::Event::Synced(_)), Some(_)) => {
                 let pods = snapshot.take().unwrap_or_default();
                 let count = pods.len();
-                for uid in table.update(|t| t.replace(pods)) {
+                for uid in table.replace(pods) {
                     cache.forget(&uid);
                 }
                 synced();
