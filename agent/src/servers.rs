@@ -21,7 +21,7 @@ use crate::cache::CredentialCache;
 use crate::decision::{PodDecision, Refusal, Role, ServerError};
 use crate::metrics::NodeStreamMetrics;
 use crate::pods::PodTable;
-use crate::replicas::{HEALTH_INTERVAL, ServerSet};
+use crate::replicas::{HEALTH_INTERVAL, Replica, ServerSet};
 
 /// Wait before re-opening a node stream that failed twice in a row (the first retry, on
 /// another replica, is immediate); doubles up to the maximum.
@@ -189,71 +189,12 @@ impl Servers {
                 continue;
             };
             last = Some(replica.addr);
-            let request = WatchNodeRequest {
-                node_name: self.node_name.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            };
-            let mut client = replica.client();
-            let opened = tokio::select! {
-                () = shutdown.cancelled() => return,
-                opened = client.watch_node(request) => opened,
-            };
-            let ended = match opened {
-                Ok(response) => {
-                    let synced = || {
-                        self.set_stream_replica(Some(replica.addr));
-                        if self.refused_identity.swap(false, Ordering::AcqRel) {
-                            tracing::info!("the servers accept this agent's token again");
-                        }
-                    };
-                    let elsewhere = || self.replicas.instead_of(&replica);
-                    let ended = follow_stream(
-                        response.into_inner(),
-                        Follow {
-                            table,
-                            cache,
-                            shutdown: &shutdown,
-                            synced,
-                            elsewhere,
-                        },
-                    )
-                    .await;
-                    self.set_stream_replica(None);
-                    if let StreamEnded::Synced(why) = &ended {
-                        retry = Duration::ZERO;
-                        tracing::warn!(replica = %replica.addr, why = %Escaped(why), "node stream broke; answering from the servers until it is back");
-                    }
-                    ended
-                }
-                Err(status) => StreamEnded::NotOpened(ServerError::from(status)),
-            };
-            match &ended {
-                StreamEnded::Shutdown => return,
-                StreamEnded::Synced(why) | StreamEnded::NotOpened(why) if refuses_identity(why) => {
-                    // The agent's own fault, not the replica's: every replica would say the
-                    // same. Not ready until a stream opens; said once per spell.
-                    if !self.refused_identity.swap(true, Ordering::AcqRel) {
-                        tracing::error!(replica = %replica.addr, why = %Escaped(why), "the server refuses this agent's identity (its projected token, or its node name); not ready");
-                    }
-                }
-                StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
-                    // A draining (or not yet synced) replica says so: skip it until its
-                    // health says otherwise; any other end makes it suspect.
-                    if matches!(
-                        why,
-                        ServerError::Refused(Refusal {
-                            reason: Reason::NotReady,
-                            ..
-                        })
-                    ) {
-                        replica.mark_not_ready();
-                    } else {
-                        replica.mark_suspect();
-                    }
-                    if let StreamEnded::NotOpened(why) = &ended {
-                        tracing::debug!(replica = %replica.addr, why = %Escaped(why), "cannot open the node stream there");
-                    }
-                }
+            let ended = self.follow_replica(&replica, table, cache, &shutdown).await;
+            if let StreamEnded::Synced(_) = &ended {
+                retry = Duration::ZERO;
+            }
+            if !self.judge(&replica, &ended) {
+                return;
             }
             table.unsync();
             if !retry.is_zero() {
@@ -264,6 +205,81 @@ impl Servers {
             }
             retry = (retry * 2).clamp(STREAM_RETRY_MIN, STREAM_RETRY_MAX);
         }
+    }
+
+    /// Opens `replica`'s node stream and follows it into `table` until it ends.
+    async fn follow_replica(
+        &self,
+        replica: &Replica,
+        table: &PodTable,
+        cache: &CredentialCache,
+        shutdown: &CancellationToken,
+    ) -> StreamEnded {
+        let request = WatchNodeRequest {
+            node_name: self.node_name.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut client = replica.client();
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return StreamEnded::Shutdown,
+            opened = client.watch_node(request) => opened,
+        };
+        let response = match opened {
+            Ok(response) => response,
+            Err(status) => return StreamEnded::NotOpened(ServerError::from(status)),
+        };
+        let synced = || {
+            self.set_stream_replica(Some(replica.addr));
+            if self.refused_identity.swap(false, Ordering::AcqRel) {
+                tracing::info!("the servers accept this agent's token again");
+            }
+        };
+        let elsewhere = || self.replicas.instead_of(replica);
+        let follow = Follow {
+            shutdown,
+            synced,
+            elsewhere,
+        };
+        let ended = follow_stream(response.into_inner(), Applier::new(table, cache), follow).await;
+        self.set_stream_replica(None);
+        if let StreamEnded::Synced(why) = &ended {
+            tracing::warn!(replica = %replica.addr, why = %Escaped(why), "node stream broke; answering from the servers until it is back");
+        }
+        ended
+    }
+
+    /// What a stream's end says of `replica` (and of this agent); false when the agent is
+    /// stopping.
+    fn judge(&self, replica: &Replica, ended: &StreamEnded) -> bool {
+        match ended {
+            StreamEnded::Shutdown => return false,
+            StreamEnded::Synced(why) | StreamEnded::NotOpened(why) if refuses_identity(why) => {
+                // The agent's own fault, not the replica's: every replica would say the
+                // same. Not ready until a stream opens; said once per spell.
+                if !self.refused_identity.swap(true, Ordering::AcqRel) {
+                    tracing::error!(replica = %replica.addr, why = %Escaped(why), "the server refuses this agent's identity (its projected token, or its node name); not ready");
+                }
+            }
+            StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
+                // A draining (or not yet synced) replica says so: skip it until its health
+                // says otherwise; any other end makes it suspect.
+                if matches!(
+                    why,
+                    ServerError::Refused(Refusal {
+                        reason: Reason::NotReady,
+                        ..
+                    })
+                ) {
+                    replica.mark_not_ready();
+                } else {
+                    replica.mark_suspect();
+                }
+                if let StreamEnded::NotOpened(why) = ended {
+                    tracing::debug!(replica = %replica.addr, why = %Escaped(why), "cannot open the node stream there");
+                }
+            }
+        }
+        true
     }
 }
 
@@ -289,10 +305,8 @@ enum StreamEnded {
     NotOpened(ServerError),
 }
 
-/// What one followed stream works with.
+/// What one followed stream reports to, besides the table.
 struct Follow<'a, S, E> {
-    table: &'a PodTable,
-    cache: &'a CredentialCache,
     shutdown: &'a CancellationToken,
     /// Called once the stream's snapshot is in.
     synced: S,
@@ -300,34 +314,106 @@ struct Follow<'a, S, E> {
     elsewhere: E,
 }
 
-/// Applies one stream's events to the table until it ends, or until its replica has failed
+/// One stream's events, applied: gathered into a snapshot until it is complete, then each
+/// applied to the table, dropping the cached credentials of every pod whose decision
+/// changed.
+struct Applier<'a> {
+    table: &'a PodTable,
+    cache: &'a CredentialCache,
+    /// The snapshot so far; `None` once it is in the table.
+    snapshot: Option<Vec<(IpAddr, PodDecision)>>,
+    /// Whether the stream has sent a heartbeat.
+    heartbeats: bool,
+}
+
+impl<'a> Applier<'a> {
+    fn new(table: &'a PodTable, cache: &'a CredentialCache) -> Applier<'a> {
+        Applier {
+            table,
+            cache,
+            snapshot: Some(Vec::new()),
+            heartbeats: false,
+        }
+    }
+
+    /// How the stream ended, for `why`: after its snapshot was in, or before.
+    fn ended(&self, why: ServerError) -> StreamEnded {
+        match self.snapshot {
+            None => StreamEnded::Synced(why),
+            Some(_) => StreamEnded::NotOpened(why),
+        }
+    }
+
+    /// Applies one event; true when it completed the snapshot.
+    fn apply(&mut self, event: node_event::Event) -> bool {
+        match (event, self.snapshot.as_mut()) {
+            (node_event::Event::Upsert(state), pods) => {
+                // Converted once, here; a state the agent cannot read is left out, as if
+                // the pod were not there (its requests are then refused or asked about).
+                let (ip, decision) = match PodDecision::from_state(state) {
+                    Ok(pod) => pod,
+                    Err(error) => {
+                        // The names in it are the server's, escaped like every server text.
+                        tracing::warn!(error = %Escaped(&error), "a node stream's pod state left out");
+                        return false;
+                    }
+                };
+                match pods {
+                    Some(pods) => pods.push((ip, decision)),
+                    None => {
+                        if let Some(uid) = self.table.upsert(ip, decision) {
+                            self.cache.forget(&uid);
+                        }
+                    }
+                }
+            }
+            (node_event::Event::DeleteUid(uid), Some(pods)) => {
+                pods.retain(|(_, decision)| decision.pod.uid != uid);
+            }
+            (node_event::Event::DeleteUid(uid), None) => {
+                self.table.remove(&uid);
+                self.cache.forget(&uid);
+            }
+            (node_event::Event::Synced(_), Some(_)) => {
+                let pods = self.snapshot.take().unwrap_or_default();
+                let count = pods.len();
+                for uid in self.table.replace(pods) {
+                    self.cache.forget(&uid);
+                }
+                tracing::info!(pods = count, "node stream synced");
+                return true;
+            }
+            (node_event::Event::Heartbeat(_), _) => self.heartbeats = true,
+            (node_event::Event::Synced(_), None) => {}
+        }
+        false
+    }
+
+    /// How long the stream may be silent: [`STREAM_SILENCE_LIMIT`] once it has sent a
+    /// heartbeat; a server that sends none (an older one) is trusted while the stream
+    /// lasts, as before.
+    fn silence(&self) -> Duration {
+        if self.heartbeats {
+            STREAM_SILENCE_LIMIT
+        } else {
+            Duration::from_secs(86_400)
+        }
+    }
+}
+
+/// Follows one stream into `applier` until it ends, or until its replica has failed
 /// [`LEAVE_AFTER_CHECKS`] health checks in a row while another replica passes them: a
 /// replica too slow to answer its health checks in time is late with every grant and
 /// revocation too, so the stream moves as it does off a silent one.
 async fn follow_stream<S, E>(
     mut stream: tonic::Streaming<NodeEvent>,
+    mut applier: Applier<'_>,
     follow: Follow<'_, S, E>,
 ) -> StreamEnded
 where
     S: Fn(),
     E: Fn() -> Option<SocketAddr>,
 {
-    let Follow {
-        table,
-        cache,
-        shutdown,
-        synced,
-        elsewhere,
-    } = follow;
-    let mut snapshot = Some(Vec::new());
-    let mut heartbeats = false;
-    let ended = |why: ServerError, snapshot: &Option<Vec<(IpAddr, PodDecision)>>| {
-        if snapshot.is_none() {
-            StreamEnded::Synced(why)
-        } else {
-            StreamEnded::NotOpened(why)
-        }
-    };
     let mut checks = tokio::time::interval_at(
         tokio::time::Instant::now() + HEALTH_INTERVAL,
         HEALTH_INTERVAL,
@@ -337,28 +423,18 @@ where
     // Silence is counted from the last message, across the health checks' ticks.
     let mut last_message = tokio::time::Instant::now();
     loop {
-        let silence = if heartbeats {
-            STREAM_SILENCE_LIMIT
-        } else {
-            // A server that sends no heartbeats (an older one) is trusted while the stream
-            // lasts, as before.
-            Duration::from_secs(86_400)
-        };
+        let silent_until = last_message + applier.silence();
         let message = tokio::select! {
-            () = shutdown.cancelled() => return StreamEnded::Shutdown,
-            message = tokio::time::timeout_at(last_message + silence, stream.message()) => message,
+            () = follow.shutdown.cancelled() => return StreamEnded::Shutdown,
+            message = tokio::time::timeout_at(silent_until, stream.message()) => message,
             _ = checks.tick() => {
-                let other = elsewhere();
+                let other = (follow.elsewhere)();
                 failed_checks = if other.is_some() { failed_checks + 1 } else { 0 };
                 if let Some(other) = other
                     && failed_checks >= LEAVE_AFTER_CHECKS
                 {
-                    return ended(
-                        ServerError::Unavailable(format!(
-                            "its health checks fail while {other}'s pass"
-                        )),
-                        &snapshot,
-                    );
+                    let why = format!("its health checks fail while {other}'s pass");
+                    return applier.ended(ServerError::Unavailable(why));
                 }
                 continue;
             }
@@ -367,60 +443,18 @@ where
         let event = match message {
             Ok(Ok(Some(message))) => message.event,
             Ok(Ok(None)) => {
-                return ended(
-                    ServerError::Unavailable("the server ended it".into()),
-                    &snapshot,
-                );
+                return applier.ended(ServerError::Unavailable("the server ended it".into()));
             }
-            Ok(Err(status)) => return ended(ServerError::from(status), &snapshot),
+            Ok(Err(status)) => return applier.ended(ServerError::from(status)),
             Err(_) => {
-                return ended(
-                    ServerError::Unavailable(format!(
-                        "no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs"
-                    )),
-                    &snapshot,
-                );
+                let why = format!("no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs");
+                return applier.ended(ServerError::Unavailable(why));
             }
         };
-        match (event, snapshot.as_mut()) {
-            (Some(node_event::Event::Upsert(state)), pods) => {
-                // Converted once, here; a state the agent cannot read is left out, as if
-                // the pod were not there (its requests are then refused or asked about).
-                let (ip, decision) = match PodDecision::from_state(state) {
-                    Ok(pod) => pod,
-                    Err(error) => {
-                        // The names in it are the server's, but escaped like every server text.
-                        tracing::warn!(error = %Escaped(&error), "a node stream's pod state left out");
-                        continue;
-                    }
-                };
-                match pods {
-                    Some(pods) => pods.push((ip, decision)),
-                    None => {
-                        if let Some(uid) = table.upsert(ip, decision) {
-                            cache.forget(&uid);
-                        }
-                    }
-                }
-            }
-            (Some(node_event::Event::DeleteUid(uid)), Some(pods)) => {
-                pods.retain(|(_, decision)| decision.pod.uid != uid);
-            }
-            (Some(node_event::Event::DeleteUid(uid)), None) => {
-                table.remove(&uid);
-                cache.forget(&uid);
-            }
-            (Some(node_event::Event::Synced(_)), Some(_)) => {
-                let pods = snapshot.take().unwrap_or_default();
-                let count = pods.len();
-                for uid in table.replace(pods) {
-                    cache.forget(&uid);
-                }
-                synced();
-                tracing::info!(pods = count, "node stream synced");
-            }
-            (Some(node_event::Event::Heartbeat(_)), _) => heartbeats = true,
-            (Some(node_event::Event::Synced(_)), None) | (None, _) => {}
+        if let Some(event) = event
+            && applier.apply(event)
+        {
+            (follow.synced)();
         }
     }
 }
