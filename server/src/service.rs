@@ -686,6 +686,89 @@ impl PodiamService {
         survey
     }
 
+    /// The node whose stream `caller` may follow, asking for `asked`, and the agent it is
+    /// proven to be: its own node, or (with `--node-binding warn`, or unproven) the node it
+    /// asks for. Another node's stream is refused to a proven agent, counted and logged.
+    fn stream_node(
+        &self,
+        caller: Caller,
+        asked: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<(String, Option<ProvenAgent>), Status> {
+        match caller {
+            Caller::Agent(agent) if agent.node == asked => Ok((agent.node.clone(), Some(agent))),
+            Caller::Agent(agent) => {
+                let failure = BindingFailure::OtherNodeStream {
+                    proven: agent.node.clone(),
+                    asked: asked.to_string(),
+                };
+                self.identities.counters().refused(failure.label());
+                tracing::warn!(
+                    agent_node = %agent.node,
+                    agent_pod = %agent.pod,
+                    asked = %asked,
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    answered = self.settings.binding.mode == BindingMode::Warn,
+                    "agent asked for another node's stream"
+                );
+                if self.settings.binding.mode == BindingMode::Enforce {
+                    return Err(Failure::Binding(failure).status());
+                }
+                Ok((asked.to_string(), None))
+            }
+            Caller::Unproven => Ok((asked.to_string(), None)),
+        }
+    }
+
+    /// Serves one node stream into `tx` until it ends, registered among the agents (for
+    /// Status) and holding its caller's slot meanwhile; tells the agent why it ended when
+    /// that is the replica's doing.
+    async fn serve_node_stream(
+        self,
+        stream: NodeStream,
+        tx: mpsc::Sender<Result<NodeEvent, Status>>,
+    ) {
+        let NodeStream {
+            node,
+            agent,
+            agent_version,
+            caller,
+        } = stream;
+        self.node_streams.inc();
+        let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let agent_pod = agent.as_ref().map(|a| a.pod.clone()).unwrap_or_default();
+        self.agents().insert(
+            id,
+            AgentStatus {
+                node_name: node.clone(),
+                agent_version: agent_version.clone(),
+                connected_unix: now_unix(),
+                agent_pod: agent_pod.clone(),
+            },
+        );
+        tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
+        let ended = self.follow_node(&node, agent.as_ref(), &tx).await;
+        self.agents().remove(&id);
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .give_back(&caller);
+        self.node_streams.dec();
+        match ended {
+            StreamEnd::Draining => {
+                let _ = tx
+                    .send(Err(Reason::NotReady.status("server shutting down")))
+                    .await;
+            }
+            StreamEnd::AgentUnbound => {
+                let failure = Failure::Binding(BindingFailure::AgentGone(agent_pod.clone()));
+                let _ = tx.send(Err(failure.status())).await;
+            }
+            StreamEnd::AgentGone => {}
+        }
+        tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
+    }
+
     /// The agents' registry (a poisoned lock still holds a usable map).
     fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AgentStatus>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
@@ -814,6 +897,18 @@ fn digest(state: &podiam_proto::v1::PodState) -> u64 {
     hasher.finish()
 }
 
+/// One node stream, as [`PodiamService::serve_node_stream`] serves it.
+#[derive(Debug)]
+struct NodeStream {
+    /// The node whose pods it carries.
+    node: String,
+    /// The agent it is proven to serve, if any.
+    agent: Option<ProvenAgent>,
+    agent_version: String,
+    /// Whose slot it holds (see [`StreamSlots`]).
+    caller: String,
+}
+
 /// Why a node stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamEnd {
@@ -899,31 +994,7 @@ impl Podiam for PodiamService {
             ));
         }
         let agent_version = agent_version(&request.agent_version);
-        let (node, agent) = match caller {
-            Caller::Agent(agent) if agent.node == request.node_name => {
-                (agent.node.clone(), Some(agent))
-            }
-            Caller::Agent(agent) => {
-                let failure = BindingFailure::OtherNodeStream {
-                    proven: agent.node.clone(),
-                    asked: request.node_name.clone(),
-                };
-                self.identities.counters().refused(failure.label());
-                tracing::warn!(
-                    agent_node = %agent.node,
-                    agent_pod = %agent.pod,
-                    asked = %request.node_name,
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    answered = self.settings.binding.mode == BindingMode::Warn,
-                    "agent asked for another node's stream"
-                );
-                if self.settings.binding.mode == BindingMode::Enforce {
-                    return Err(Failure::Binding(failure).status());
-                }
-                (request.node_name.clone(), None)
-            }
-            Caller::Unproven => (request.node_name.clone(), None),
-        };
+        let (node, agent) = self.stream_node(caller, &request.node_name, peer)?;
         let caller = match &agent {
             Some(agent) => agent.pod_uid.clone(),
             None => format!(
@@ -943,43 +1014,13 @@ impl Podiam for PodiamService {
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
         // The service's parts are shared handles. The task ends when the stream closes (the
         // agent went away), the agent's pod goes, or the replica starts draining.
-        let service = self.clone();
-        tokio::spawn(async move {
-            service.node_streams.inc();
-            let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
-            let agent_pod = agent.as_ref().map(|a| a.pod.clone()).unwrap_or_default();
-            service.agents().insert(
-                id,
-                AgentStatus {
-                    node_name: node.clone(),
-                    agent_version: agent_version.clone(),
-                    connected_unix: now_unix(),
-                    agent_pod: agent_pod.clone(),
-                },
-            );
-            tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
-            let ended = service.follow_node(&node, agent.as_ref(), &tx).await;
-            service.agents().remove(&id);
-            service
-                .slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .give_back(&caller);
-            service.node_streams.dec();
-            match ended {
-                StreamEnd::Draining => {
-                    let _ = tx
-                        .send(Err(Reason::NotReady.status("server shutting down")))
-                        .await;
-                }
-                StreamEnd::AgentUnbound => {
-                    let failure = Failure::Binding(BindingFailure::AgentGone(agent_pod.clone()));
-                    let _ = tx.send(Err(failure.status())).await;
-                }
-                StreamEnd::AgentGone => {}
-            }
-            tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
-        });
+        let stream = NodeStream {
+            node,
+            agent,
+            agent_version,
+            caller,
+        };
+        tokio::spawn(self.clone().serve_node_stream(stream, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
