@@ -95,13 +95,13 @@ impl CredentialCache {
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at
-    /// `now_unix`, else the result of the future `fetch` makes (stored when it succeeds); the
+    /// `now`, else the result of the future `fetch` makes (stored when it succeeds); the
     /// future is only made on a miss.
     pub async fn get<E, F>(
         &self,
         uid: &str,
         role_arn: &str,
-        now_unix: i64,
+        now: i64,
         fetch: impl FnOnce() -> F,
     ) -> Result<(Arc<Entry>, Source), E>
     where
@@ -125,7 +125,7 @@ impl CredentialCache {
         };
         let mut entry = slot.lock().await;
         if let Some(cached) = entry.as_ref()
-            && cached.credentials.expiration_unix - now_unix >= self.min_remaining.as_secs() as i64
+            && cached.credentials.expiration_unix - now >= self.min_remaining.as_secs() as i64
         {
             return Ok((Arc::clone(cached), Source::Cache));
         }

@@ -1,29 +1,34 @@
 //! The pod-facing HTTP server and the health server.
 //!
 //! [`MetadataService::handle`] answers one request given the TCP peer's IP — the only thing
-//! that identifies a pod; no header is ever trusted for it. [`Refused::response`] is the one
+//! that identifies a pod; no header is ever trusted for it. A request reads top to bottom:
+//! what the pod table knows of the peer, the IMDSv2 token checked against it, then the
+//! answer — from the table's decision, or from one server call when the table cannot say
+//! (`MetadataService::resolve`, then `MetadataService::ask`). [`Refused::response`] is the one
 //! place that turns a failure into an HTTP answer: each cause has its own status and a
 //! one-line message, with no secret and no node detail in it.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
 use podiam_runtime::telemetry::Escaped;
 
-use crate::cache::{CredentialCache, Entry, Source};
+use crate::cache::{CredentialCache, Source};
+use crate::decision::{PodDecision, PodId, Refusal, Role, ServerError};
 use crate::imds;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, ServerErrorLabels};
-use crate::node_metadata::{NodeMetadata, UpstreamMetadataError};
+use crate::node_metadata::{NodeMetadata, NodeMetadataError};
 use crate::pods::{Known, PodTable};
 use crate::routes::{Route, route};
+use crate::servers::Servers;
 use crate::token::{TokenError, TokenKey, parse_ttl};
-use crate::upstream::{Upstream, UpstreamError};
-use podiam_proto::v1::{PodRef, PodState};
+use podiam_runtime::clock::now_unix;
 pub use podiam_runtime::serve::Limits;
 
 /// The IMDSv2 token header.
@@ -53,9 +58,76 @@ pub enum Refused {
     #[error("no answer within the request deadline")]
     Deadline,
     #[error("{0}")]
-    NodeMetadata(#[from] UpstreamMetadataError),
+    NodeMetadata(#[from] NodeMetadataError),
+    /// The servers refuse the pod: their decision, from the node stream or a call.
     #[error("{0}")]
-    Upstream(#[from] UpstreamError),
+    ByServers(Refusal),
+    /// The agent refuses the pod itself.
+    #[error("{0}")]
+    ByAgent(AgentRefusal),
+    /// No server answered.
+    #[error("server unavailable: {0}")]
+    ServersUnavailable(String),
+    /// A server answered with an error podiam does not define.
+    #[error("server error: {0}")]
+    ServerFailed(String),
+}
+
+impl From<ServerError> for Refused {
+    fn from(error: ServerError) -> Refused {
+        match error {
+            ServerError::Refused(refusal) => Refused::ByServers(refusal),
+            ServerError::Unavailable(why) => Refused::ServersUnavailable(why),
+            ServerError::Other(why) => Refused::ServerFailed(why),
+        }
+    }
+}
+
+/// Why the agent refuses a pod on its own word, not the servers'.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentRefusal {
+    /// No pod of this node has the address: the table does not know it after the wait, and
+    /// the servers do not place it here. The message says what they said.
+    #[error("{0}")]
+    UnknownPod(String),
+    /// The pod asked for a role that is not its own (as the pod table has it).
+    #[error("pod {pod} has role {actual}, not {asked}")]
+    WrongRole {
+        pod: PodId,
+        asked: String,
+        actual: String,
+    },
+    /// The servers answered for another pod than the table's at this address.
+    #[error("the pod at this address changed; retry")]
+    PodChanged,
+}
+
+impl AgentRefusal {
+    /// The reason it is answered with, as the servers' refusals are.
+    pub fn reason(&self) -> Reason {
+        match self {
+            AgentRefusal::UnknownPod(_) | AgentRefusal::PodChanged => Reason::UnknownPod,
+            AgentRefusal::WrongRole { .. } => Reason::WrongRole,
+        }
+    }
+}
+
+/// The HTTP status a refusal for `reason` gets.
+fn reason_status(reason: Reason) -> StatusCode {
+    match reason {
+        // EC2 answers 404 when an instance has no role, or for another role's name.
+        Reason::UnknownPod | Reason::NoRole | Reason::WrongRole | Reason::OtherNode => {
+            StatusCode::NOT_FOUND
+        }
+        Reason::AmbiguousPod
+        | Reason::RoleNotPermitted
+        | Reason::InvalidRole
+        | Reason::StsRefused => StatusCode::FORBIDDEN,
+        Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
+        Reason::NotReady | Reason::AgentUnauthenticated | Reason::IdentityUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
 }
 
 impl Refused {
@@ -70,36 +142,25 @@ impl Refused {
             Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
-            Refused::Upstream(UpstreamError::Refused { reason, .. }) => match reason {
-                // EC2 answers 404 when an instance has no role, or for another role's name.
-                Reason::UnknownPod | Reason::NoRole | Reason::WrongRole | Reason::OtherNode => {
-                    StatusCode::NOT_FOUND
-                }
-                Reason::AmbiguousPod
-                | Reason::RoleNotPermitted
-                | Reason::InvalidRole
-                | Reason::StsRefused => StatusCode::FORBIDDEN,
-                Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
-                Reason::NotReady | Reason::AgentUnauthenticated | Reason::IdentityUnavailable => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-            },
-            Refused::Upstream(UpstreamError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            Refused::Upstream(UpstreamError::Other(_)) => StatusCode::BAD_GATEWAY,
+            Refused::ByServers(refusal) => reason_status(refusal.reason),
+            Refused::ByAgent(refusal) => reason_status(refusal.reason()),
+            Refused::ServersUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::ServerFailed(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// The answer to the pod: the status and a one-line message naming the cause.
     pub fn response(&self) -> Response<Full<Bytes>> {
         let message = match self {
-            Refused::Upstream(UpstreamError::Refused { reason, message }) => {
-                format!("podiam: {reason}: {message}\n")
+            Refused::ByServers(refusal) => {
+                format!("podiam: {}: {}\n", refusal.reason, refusal.message)
             }
+            Refused::ByAgent(refusal) => format!("podiam: {}: {refusal}\n", refusal.reason()),
             // Transport details (addresses, TLS errors) are for the agent's log only.
-            Refused::Upstream(UpstreamError::Unavailable(_)) => {
+            Refused::ServersUnavailable(_) => {
                 "podiam: server-unavailable: no podiam server answered; retry shortly\n".to_string()
             }
-            Refused::Upstream(UpstreamError::Other(_)) => {
+            Refused::ServerFailed(_) => {
                 "podiam: server-error: the podiam server failed; see the agent's log\n".to_string()
             }
             Refused::NodeMetadata(_) => {
@@ -151,7 +212,7 @@ impl std::fmt::Debug for ServiceOptions {
 
 /// The metadata service pods talk to.
 pub struct MetadataService {
-    upstream: Arc<Upstream>,
+    servers: Arc<Servers>,
     table: Arc<PodTable>,
     cache: Arc<CredentialCache>,
     tokens: TokenKey,
@@ -164,7 +225,7 @@ impl std::fmt::Debug for MetadataService {
     /// key and the node's metadata token show nothing of them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetadataService")
-            .field("node", &self.upstream.node_name())
+            .field("node", &self.servers.node_name())
             .field("cache", &self.cache)
             .field("tokens", &self.tokens)
             .field("options", &self.options)
@@ -174,7 +235,7 @@ impl std::fmt::Debug for MetadataService {
 
 impl MetadataService {
     pub fn new(
-        upstream: Arc<Upstream>,
+        servers: Arc<Servers>,
         table: Arc<PodTable>,
         cache: Arc<CredentialCache>,
         tokens: TokenKey,
@@ -182,7 +243,7 @@ impl MetadataService {
         metrics: Arc<Metrics>,
     ) -> Self {
         MetadataService {
-            upstream,
+            servers,
             table,
             cache,
             tokens,
@@ -206,8 +267,8 @@ impl MetadataService {
             Ok(response) => response,
             Err(refused) => {
                 let kind = match &refused {
-                    Refused::Upstream(UpstreamError::Unavailable(e)) => Some(("unavailable", e)),
-                    Refused::Upstream(UpstreamError::Other(e)) => Some(("other", e)),
+                    Refused::ServersUnavailable(e) => Some(("unavailable", e)),
+                    Refused::ServerFailed(e) => Some(("other", e)),
                     _ => None,
                 };
                 if let Some((kind, error)) = kind {
@@ -249,6 +310,8 @@ impl MetadataService {
         response
     }
 
+    /// The request's answer: what the pod table knows of `peer`, the IMDSv2 token checked
+    /// against it (before anything waits or calls), then the route's answer.
     async fn answer<B>(
         &self,
         peer: IpAddr,
@@ -256,52 +319,17 @@ impl MetadataService {
         request: &Request<B>,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         let headers = request.headers();
-        let content_length = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if headers.contains_key(header::TRANSFER_ENCODING)
-            || content_length.is_some_and(|n| n > MAX_BODY_BYTES)
-        {
-            return Err(Refused::Body);
-        }
+        refuse_bodies(headers)?;
         let now = now_unix();
+        let known = self.table.known(peer);
         if *route == Route::Token {
-            if headers.contains_key("x-forwarded-for") {
-                return Err(Refused::Forwarded);
-            }
-            let ttl = parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok()))
-                .ok_or(Refused::BadTtl)?;
-            let uid = match self.resolve(peer).await? {
-                Resolved::Pod(state) => pod_uid(&state).to_string(),
-                Resolved::Unsynced => String::new(),
-            };
-            let mut response = text(StatusCode::OK, self.tokens.issue(peer, &uid, now, ttl));
-            response
-                .headers_mut()
-                .insert(TTL_HEADER, HeaderValue::from(ttl));
-            return Ok(response);
+            return Box::pin(self.issue_token(peer, known, headers, now)).await;
         }
-        match headers.get(TOKEN_HEADER) {
-            Some(token) => {
-                let token = token
-                    .to_str()
-                    .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
-                let current = match self.table.known(peer) {
-                    Known::Pod(state) => Some(pod_uid(&state).to_string()),
-                    Known::Nobody | Known::Unsynced => None,
-                };
-                self.tokens
-                    .validate(token, peer, current.as_deref(), now)
-                    .map_err(Refused::BadToken)?;
-            }
-            None if self.options.require_token => return Err(Refused::TokenRequired),
-            None => {}
-        }
+        self.check_token(peer, &known, headers, now)?;
         match route {
             // Answered above; kept for exhaustiveness.
-            Route::Token => Err(Refused::Denied),
-            Route::Denied => Err(Refused::Denied),
+            Route::Token | Route::Denied => Err(Refused::Denied),
+            Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
             Route::Proxy(path) => {
                 let Some((_, node)) = &self.options.allow else {
                     return Err(Refused::Denied);
@@ -309,230 +337,256 @@ impl MetadataService {
                 let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
-            Route::MethodNotAllowed => Err(Refused::MethodNotAllowed),
             Route::ListRoles => {
-                let role_name = match self.resolve(peer).await? {
-                    Resolved::Pod(state) => permitted(&state)?.role_name.clone(),
-                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_name,
-                };
-                Ok(text(StatusCode::OK, role_name))
+                let role = Box::pin(self.role(peer, known)).await?;
+                Ok(text(StatusCode::OK, role.name))
             }
             Route::Info => {
-                let role_arn = match self.resolve(peer).await? {
-                    Resolved::Pod(state) => permitted(&state)?.role_arn.clone(),
-                    Resolved::Unsynced => Box::pin(self.upstream.pod_role(peer)).await?.role_arn,
-                };
-                Ok(text(StatusCode::OK, imds::info_document(&role_arn, now)))
+                let role = Box::pin(self.role(peer, known)).await?;
+                Ok(text(StatusCode::OK, imds::info_document(&role.arn, now)))
             }
-            Route::Credentials(role) => match self.resolve(peer).await? {
-                Resolved::Pod(state) => {
-                    let entry = self.cached_credentials(peer, &state, role, now).await?;
-                    Ok(text(StatusCode::OK, entry.document.clone()))
-                }
-                Resolved::Unsynced => {
-                    let creds = Box::pin(self.upstream.credentials(peer, role))
-                        .await?
-                        .credentials
-                        .ok_or_else(|| UpstreamError::Other("answer without credentials".into()))?;
-                    Ok(text(
-                        StatusCode::OK,
-                        imds::credentials_document(
-                            &creds.access_key_id,
-                            &creds.secret_access_key,
-                            &creds.session_token,
-                            creds.issued_unix,
-                            creds.expiration_unix,
-                        ),
-                    ))
-                }
-            },
-        }
-    }
-
-    /// The pod at `peer`. An address this node's table does not know is the start-up race
-    /// (the pod's IP not yet in the API), a node stream lagging behind its replica, or no pod
-    /// at all: the table is watched for up to [`UNKNOWN_POD_WAIT`] while the server is asked
-    /// at once, and if the server has the pod on this node, the request is answered by
-    /// asking the server directly.
-    async fn resolve(&self, peer: IpAddr) -> Result<Resolved, Refused> {
-        match self.table.known(peer) {
-            Known::Pod(state) => Ok(Resolved::Pod(state)),
-            Known::Unsynced => Ok(Resolved::Unsynced),
-            // The slow path is boxed so that its server calls do not size every request.
-            Known::Nobody => Box::pin(self.resolve_unknown(peer)).await,
-        }
-    }
-
-    /// [`MetadataService::resolve`] for an address the table does not know.
-    async fn resolve_unknown(&self, peer: IpAddr) -> Result<Resolved, Refused> {
-        let table = self.table.wait_known(peer, UNKNOWN_POD_WAIT);
-        let asked = self.ask(peer);
-        let mut table = std::pin::pin!(table);
-        let mut asked = std::pin::pin!(asked);
-        let mut answered = false;
-        loop {
-            tokio::select! {
-                known = table.as_mut() => match known {
-                    Known::Pod(state) => return Ok(Resolved::Pod(state)),
-                    Known::Unsynced => return Ok(Resolved::Unsynced),
-                    Known::Nobody => break,
-                },
-                answer = asked.as_mut(), if !answered => {
-                    answered = true;
-                    if on_this_node(&answer) {
-                        return Ok(Resolved::Unsynced);
-                    }
-                }
+            Route::Credentials(role) => {
+                let document = self.credentials(peer, known, role, now).await?;
+                Ok(text(StatusCode::OK, document))
             }
         }
-        // Still unknown after the wait: the server's latest word decides.
-        let answer = self.ask(peer).await;
-        if on_this_node(&answer) {
-            return Ok(Resolved::Unsynced);
-        }
-        Err(refusal(Reason::UnknownPod, self.unknown(peer, answer)))
     }
 
-    /// What the server says of `peer` (within [`ASK_WAIT`]): its pod's role, or why not.
-    /// The server answers only about this agent's node.
-    async fn ask(&self, peer: IpAddr) -> Option<Result<(), UpstreamError>> {
-        tokio::time::timeout(ASK_WAIT, self.upstream.pod_role(peer))
-            .await
-            .ok()
-            .map(|answer| answer.map(|_| ()))
-    }
-
-    /// Why no pod of this node has `peer`, as far as the server tells.
-    fn unknown(&self, peer: IpAddr, answer: Option<Result<(), UpstreamError>>) -> String {
-        match answer {
-            Some(Err(UpstreamError::Refused {
-                reason: Reason::OtherNode,
-                ..
-            })) => format!(
-                "no pod on this node ({}) has IP {peer}; the server places it on another node",
-                self.upstream.node_name()
-            ),
-            Some(Err(UpstreamError::Refused { message, .. })) if !message.is_empty() => message,
-            _ => format!(
-                "no pod known with IP {peer} on node {}",
-                self.upstream.node_name()
-            ),
-        }
-    }
-
-    /// The pod's credentials for `role`: from the cache, or from the server.
-    async fn cached_credentials(
+    /// A new IMDSv2 token for the pod at `peer`, bound to its UID when the pod table knows
+    /// it, else to the address alone. An address the synced table does not know even after
+    /// the wait gets a token only if the servers place a pod there on this node.
+    async fn issue_token(
         &self,
         peer: IpAddr,
-        state: &PodState,
-        role: &str,
+        known: Known,
+        headers: &HeaderMap,
         now: i64,
-    ) -> Result<Arc<Entry>, Refused> {
-        let state = permitted(state)?;
-        let no_pod = PodRef::default();
-        let pod = state.pod.as_ref().unwrap_or(&no_pod);
-        if role != state.role_name {
-            return Err(refusal(
-                Reason::WrongRole,
-                format!(
-                    "pod {}/{} has role {}, not {role}",
-                    pod.namespace, pod.name, state.role_name
-                ),
-            ));
+    ) -> Result<Response<Full<Bytes>>, Refused> {
+        if headers.contains_key("x-forwarded-for") {
+            return Err(Refused::Forwarded);
         }
+        let ttl = parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok()))
+            .ok_or(Refused::BadTtl)?;
+        let uid = match self.resolve(peer, known).await {
+            Known::Pod(decision) => decision.pod.uid.clone(),
+            // No table: bound to the address alone, without asking anyone.
+            Known::Unsynced => String::new(),
+            unlisted @ Known::Nobody => {
+                match self.ask(peer, &unlisted, self.servers.pod_role(peer)).await {
+                    // The pod is here, with its role or refused one: its token is its own
+                    // business.
+                    Ok(_) | Err(Refused::ByServers(_)) => String::new(),
+                    Err(refused) => return Err(refused),
+                }
+            }
+        };
+        let mut response = text(StatusCode::OK, self.tokens.issue(peer, &uid, now, ttl));
+        response
+            .headers_mut()
+            .insert(TTL_HEADER, HeaderValue::from(ttl));
+        Ok(response)
+    }
+
+    /// Checks the request's IMDSv2 token, if it has one (and that it has one, if required),
+    /// against `peer` and the UID of the pod the table has there.
+    fn check_token(
+        &self,
+        peer: IpAddr,
+        known: &Known,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> Result<(), Refused> {
+        let Some(token) = headers.get(TOKEN_HEADER) else {
+            if self.options.require_token {
+                return Err(Refused::TokenRequired);
+            }
+            return Ok(());
+        };
+        let token = token
+            .to_str()
+            .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
+        let uid = match known {
+            Known::Pod(decision) => Some(decision.pod.uid.as_str()),
+            Known::Nobody | Known::Unsynced => None,
+        };
+        self.tokens
+            .validate(token, peer, uid, now)
+            .map_err(Refused::BadToken)
+    }
+
+    /// What can be known of `peer` without a server call: the table's word, waited for up
+    /// to [`UNKNOWN_POD_WAIT`] when the synced table does not know the address yet (the
+    /// start-up race: the pod's IP not yet in the API, or a node stream a moment behind its
+    /// replica).
+    async fn resolve(&self, peer: IpAddr, known: Known) -> Known {
+        match known {
+            Known::Nobody => Box::pin(self.table.wait_known(peer, UNKNOWN_POD_WAIT)).await,
+            known => known,
+        }
+    }
+
+    /// The one server call for a pod the table cannot answer for (`unlisted` is what
+    /// [`MetadataService::resolve`] found: unsynced, or nobody). With no table, the servers'
+    /// answer is the answer. For an address the synced table still does not know, the
+    /// servers are given [`ASK_WAIT`], and their answer stands only if it places the pod on
+    /// this node (its role or credentials, or a refusal only a pod found here gets);
+    /// anything else is unknown-pod, saying what the servers said.
+    async fn ask<T>(
+        &self,
+        peer: IpAddr,
+        unlisted: &Known,
+        call: impl Future<Output = Result<T, ServerError>>,
+    ) -> Result<T, Refused> {
         // Boxed, like every server call here: a call's future is several KiB, and an unboxed
         // one would make every connection's request future (allocated with the connection and
         // kept while it is open) that large, for the cache hits too.
+        let call = Box::pin(call);
+        if *unlisted != Known::Nobody {
+            return call.await.map_err(Refused::from);
+        }
+        let answer = tokio::time::timeout(ASK_WAIT, call).await;
+        let why = match answer {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(ServerError::Refused(refusal))) if places_pod_here(refusal.reason) => {
+                return Err(Refused::ByServers(refusal));
+            }
+            Ok(Err(ServerError::Refused(Refusal {
+                reason: Reason::OtherNode,
+                ..
+            }))) => format!(
+                "no pod on this node ({}) has IP {peer}; the server places it on another node",
+                self.servers.node_name()
+            ),
+            Ok(Err(ServerError::Refused(Refusal { message, .. }))) if !message.is_empty() => {
+                message
+            }
+            Ok(Err(_)) | Err(_) => format!(
+                "no pod known with IP {peer} on node {}",
+                self.servers.node_name()
+            ),
+        };
+        Err(Refused::ByAgent(AgentRefusal::UnknownPod(why)))
+    }
+
+    /// The role of the pod at `peer`: the table's decision, or the servers' answer to one
+    /// call.
+    async fn role(&self, peer: IpAddr, known: Known) -> Result<Role, Refused> {
+        match self.resolve(peer, known).await {
+            Known::Pod(decision) => decision
+                .role()
+                .cloned()
+                .map_err(|refusal| Refused::ByServers(refusal.clone())),
+            unlisted => self.ask(peer, &unlisted, self.servers.pod_role(peer)).await,
+        }
+    }
+
+    /// The credentials document for the pod at `peer` and `role`: from the cache (filled by
+    /// one call on a miss) for a pod in the table, else from one call.
+    async fn credentials(
+        &self,
+        peer: IpAddr,
+        known: Known,
+        role: &str,
+        now: i64,
+    ) -> Result<Bytes, Refused> {
+        match self.resolve(peer, known).await {
+            Known::Pod(decision) => self.cached_credentials(peer, &decision, role, now).await,
+            unlisted => {
+                let call = self.servers.credentials(peer, role);
+                let creds = Box::pin(self.ask(peer, &unlisted, call)).await?.credentials;
+                Ok(imds::credentials_document(
+                    &creds.access_key_id,
+                    &creds.secret_access_key,
+                    &creds.session_token,
+                    creds.issued_unix,
+                    creds.expiration_unix,
+                )
+                .into())
+            }
+        }
+    }
+
+    /// The credentials document of the pod `decision` is about, for `role`: from the cache,
+    /// or from the servers.
+    async fn cached_credentials(
+        &self,
+        peer: IpAddr,
+        decision: &PodDecision,
+        role: &str,
+        now: i64,
+    ) -> Result<Bytes, Refused> {
+        let own = decision
+            .role()
+            .map_err(|refusal| Refused::ByServers(refusal.clone()))?;
+        let pod = &decision.pod;
+        if role != own.name {
+            return Err(Refused::ByAgent(AgentRefusal::WrongRole {
+                pod: pod.clone(),
+                asked: role.to_string(),
+                actual: own.name.clone(),
+            }));
+        }
+        // Boxed: see [`MetadataService::ask`].
         let fetch = || {
             Box::pin(async {
-                let answer = self.upstream.credentials(peer, role).await?;
+                let issued = self.servers.credentials(peer, role).await?;
                 // The server decided on what it sees now; cache only if it is the same pod.
-                if answer.pod.as_ref().map(|p| p.uid.as_str()) != Some(pod.uid.as_str()) {
-                    return Err(refusal(
-                        Reason::UnknownPod,
-                        "the pod at this address changed; retry",
-                    ));
+                if issued.pod_uid != pod.uid {
+                    return Err(Refused::ByAgent(AgentRefusal::PodChanged));
                 }
-                answer.credentials.ok_or_else(|| {
-                    Refused::from(UpstreamError::Other("answer without credentials".into()))
-                })
+                Ok(issued.credentials)
             })
         };
-        let (entry, source) = self
-            .cache
-            .get(&pod.uid, &state.role_arn, now, fetch)
-            .await?;
+        let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
         match source {
             Source::Cache => self.metrics.cache_hits.inc(),
             Source::Server => self.metrics.cache_misses.inc(),
         };
-        Ok(entry)
+        Ok(entry.document.clone())
     }
 }
 
 /// How long a request from an unknown address waits for its pod to appear: half of the
-/// SDKs' 1 s budget, leaving the rest for fetching credentials.
+/// SDKs' 1 s budget, leaving the rest for the one server call.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
 
-/// How long an unknown address waits for the server's explanation of it: room for a second
-/// replica to be asked after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER).
+/// How long the servers are given to answer about an address the table did not know even
+/// after [`UNKNOWN_POD_WAIT`]: room for a second replica to be asked after
+/// [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER), and the whole answer within the SDKs' 1 s.
 const ASK_WAIT: Duration = Duration::from_millis(400);
 
-/// Who is asking, as far as the pod table knows.
-enum Resolved {
-    Pod(Arc<PodState>),
-    /// No pod table (yet): ask the server.
-    Unsynced,
-}
-
-fn pod_uid(state: &PodState) -> &str {
-    state.pod.as_ref().map_or("", |p| p.uid.as_str())
-}
-
-/// Whether the server's answer about an address places its pod on this agent's node: a
-/// role, or a refusal it could only make about a pod it found there.
-fn on_this_node(answer: &Option<Result<(), UpstreamError>>) -> bool {
-    match answer {
-        Some(Ok(())) => true,
-        Some(Err(UpstreamError::Refused { reason, .. })) => matches!(
-            reason,
-            Reason::NoRole
-                | Reason::RoleNotPermitted
-                | Reason::InvalidRole
-                | Reason::AmbiguousPod
-                | Reason::WrongRole
-        ),
-        _ => false,
-    }
-}
-
-fn refusal(reason: Reason, message: impl Into<String>) -> Refused {
-    Refused::Upstream(UpstreamError::Refused {
+/// Whether a refusal is one the servers make only about a pod they found on this agent's
+/// node (so the pod is here, merely refused).
+fn places_pod_here(reason: Reason) -> bool {
+    matches!(
         reason,
-        message: message.into(),
-    })
+        Reason::NoRole
+            | Reason::RoleNotPermitted
+            | Reason::InvalidRole
+            | Reason::AmbiguousPod
+            | Reason::WrongRole
+            | Reason::StsRefused
+            | Reason::StsUnavailable
+    )
 }
 
-/// The state itself if the pod may have its role, else its refusal.
-fn permitted(state: &PodState) -> Result<&PodState, Refused> {
-    if state.refusal_reason.is_empty() && !state.role_name.is_empty() {
-        return Ok(state);
+/// Refuses requests with a body: none of the metadata service's requests carries one.
+fn refuse_bodies(headers: &HeaderMap) -> Result<(), Refused> {
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || content_length.is_some_and(|n| n > MAX_BODY_BYTES)
+    {
+        return Err(Refused::Body);
     }
-    // An unknown reason from a newer server still refuses.
-    let reason = Reason::from_name(&state.refusal_reason).unwrap_or(Reason::RoleNotPermitted);
-    Err(refusal(reason, state.refusal_message.clone()))
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+    Ok(())
 }
 
 /// The health server's handler: `/live` always, `/ready` when a server answers, and
 /// `/metrics`.
-pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+pub fn health(servers: &Servers, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "ok\n"),
         "/metrics" => {
@@ -545,7 +599,7 @@ pub fn health(upstream: &Upstream, metrics: &Metrics, path: &str) -> Response<Fu
             );
             response
         }
-        "/ready" if upstream.ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" if servers.ready() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no podiam server answers\n",
@@ -562,14 +616,14 @@ mod tests {
     async fn a_request_future_stays_small() {
         // hyper keeps one request future's worth of memory per open connection, sized by the
         // future's type: server calls (several KiB each) must stay boxed behind the fast path.
-        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(
-            Arc::new(servers),
+        let (_dir, replicas) = crate::replicas::tests::set(Vec::new());
+        let servers = Arc::new(Servers::new(
+            Arc::new(replicas),
             "node".into(),
             Default::default(),
         ));
         let service = MetadataService::new(
-            upstream,
+            servers,
             Arc::default(),
             Arc::new(CredentialCache::new(Duration::from_secs(1800))),
             TokenKey::generate().expect("token key"),
@@ -594,9 +648,9 @@ mod tests {
         // Everything the service holds, with a secret in each place one can be: cached
         // credentials and the document served for them, the token key, and the agent's own
         // token for the node's metadata service.
-        let (_dir, servers) = crate::replicas::tests::set(Vec::new());
-        let upstream = Arc::new(Upstream::new(
-            Arc::new(servers),
+        let (_dir, replicas) = crate::replicas::tests::set(Vec::new());
+        let servers = Arc::new(Servers::new(
+            Arc::new(replicas),
             "node".into(),
             Default::default(),
         ));
@@ -616,7 +670,7 @@ mod tests {
         let node = NodeMetadata::new("http://169.254.169.254");
         node.remember_token("node-imds-token-xyz").await;
         let service = MetadataService::new(
-            upstream,
+            servers,
             Arc::default(),
             cache,
             TokenKey::generate().expect("token key"),
@@ -640,9 +694,21 @@ mod tests {
     }
 
     fn refused(reason: Reason) -> Refused {
-        Refused::Upstream(UpstreamError::Refused {
+        Refused::ByServers(Refusal {
             reason,
             message: "why".into(),
+        })
+    }
+
+    fn wrong_role() -> Refused {
+        Refused::ByAgent(AgentRefusal::WrongRole {
+            pod: PodId {
+                namespace: "ns".into(),
+                name: "web".into(),
+                uid: "u".into(),
+            },
+            asked: "admin".into(),
+            actual: "app".into(),
         })
     }
 
@@ -683,15 +749,27 @@ mod tests {
                 "identity-unavailable",
             ),
             (
-                Refused::Upstream(UpstreamError::Unavailable("dial tcp 10.1.2.3:8443".into())),
+                Refused::ServersUnavailable("dial tcp 10.1.2.3:8443".into()),
                 503,
                 "server-unavailable",
             ),
             (
-                Refused::Upstream(UpstreamError::Other("Internal: secret detail".into())),
+                Refused::ServerFailed("Internal: secret detail".into()),
                 502,
                 "server-error",
             ),
+            // The agent's own refusals read as the servers' would.
+            (
+                Refused::ByAgent(AgentRefusal::UnknownPod("nobody here".into())),
+                404,
+                "unknown-pod",
+            ),
+            (
+                Refused::ByAgent(AgentRefusal::PodChanged),
+                404,
+                "unknown-pod",
+            ),
+            (wrong_role(), 404, "wrong-role"),
         ];
         for (failure, status, words) in cases {
             let response = failure.response();
@@ -704,5 +782,31 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn every_server_error_becomes_its_refusal() {
+        let refusal = Refusal {
+            reason: Reason::NoRole,
+            message: "why".into(),
+        };
+        assert!(matches!(
+            Refused::from(ServerError::Refused(refusal.clone())),
+            Refused::ByServers(r) if r == refusal
+        ));
+        assert!(matches!(
+            Refused::from(ServerError::Unavailable("x".into())),
+            Refused::ServersUnavailable(_)
+        ));
+        assert!(matches!(
+            Refused::from(ServerError::Other("x".into())),
+            Refused::ServerFailed(_)
+        ));
+        // The agent's refusal of a role says whose role it is, and which was asked.
+        let body = format!("{:?}", wrong_role().response().body());
+        assert!(
+            body.contains("podiam: wrong-role: pod ns/web has role app, not admin"),
+            "{body}"
+        );
     }
 }

@@ -47,6 +47,7 @@ const NODE: &str = "node-1";
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const API: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 6);
 const ROLES: &str = "/latest/meta-data/iam/security-credentials/";
+const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
 /// How long a test waits for a condition, in paused time: far beyond anything awaited.
 const PATIENCE: Duration = Duration::from_secs(600);
 
@@ -155,7 +156,7 @@ impl Podiam for Fake {
             .0
             .pod_at(&ip)
             .ok_or_else(|| Reason::UnknownPod.status("no such pod"))?;
-        let now = crate::token::now_unix();
+        let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
             pod: state.pod,
             credentials: Some(Credentials {
@@ -390,6 +391,13 @@ impl Rig {
             .sum()
     }
 
+    fn credentials_calls(&self) -> usize {
+        self.replicas
+            .iter()
+            .map(|r| r.credentials_calls.load(Ordering::SeqCst))
+            .sum()
+    }
+
     async fn stop(self) {
         self.stop.cancel();
         self.tasks.close();
@@ -503,16 +511,26 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
     let rig = Rig::start(&[pod("web", WEB)]).await;
     let holder = rig.stream_synced(WEB).await;
 
-    // Never a pod: refused as unknown after the wait, the server asked at once and again
-    // at the end.
+    // Never a pod: refused as unknown after the wait, with one server call once it is over
+    // — the call the answer needs: GetPodRole for the role's name, GetCredentials (and
+    // nothing else) for credentials.
     let stranger = Ipv4Addr::new(10, 1, 0, 9);
-    let calls = rig.pod_role_calls();
-    let began = Instant::now();
-    let (status, body) = rig.get(stranger, ROLES).await;
-    assert_eq!(began.elapsed(), Duration::from_millis(500));
-    assert_eq!(status, 404, "{body}");
-    assert!(body.contains("unknown-pod"), "{body}");
-    assert_eq!(rig.pod_role_calls() - calls, 2);
+    for (path, role_calls, credentials_calls) in [(ROLES, 1, 0), (CREDENTIALS, 0, 1)] {
+        let calls = (rig.pod_role_calls(), rig.credentials_calls());
+        let began = Instant::now();
+        let (status, body) = rig.get(stranger, path).await;
+        assert_eq!(began.elapsed(), Duration::from_millis(500), "{path}");
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("unknown-pod"), "{path}: {body}");
+        assert_eq!(
+            (
+                rig.pod_role_calls() - calls.0,
+                rig.credentials_calls() - calls.1
+            ),
+            (role_calls, credentials_calls),
+            "{path}: (GetPodRole, GetCredentials) calls"
+        );
+    }
 
     // A pod the servers place on another node: refused after the same wait, saying so
     // (a wrong --node-name is found at once), and naming nothing of that pod.
@@ -524,9 +542,11 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
             .expect("not poisoned")
             .push(misplaced.to_string());
     }
+    let calls = rig.pod_role_calls();
     let began = Instant::now();
     let (status, body) = rig.get(misplaced, ROLES).await;
     assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(rig.pod_role_calls() - calls, 1);
     assert_eq!(status, 404, "{body}");
     assert!(
         body.contains(&format!("no pod on this node ({NODE}) has IP {misplaced}"))

@@ -6,9 +6,11 @@
 //!   keys, kept on the node and rotated, so that tokens outlive the agent process.
 //! - [`imds`]: EC2's exact response documents (pure).
 //! - [`identity`]: the agent's projected token, re-read and put on every server call.
+//! - [`decision`]: what the servers say, in the agent's own types (a pod's decision, a
+//!   call's failure), converted from the wire once.
 //! - [`replicas`]: the server replicas, their health, and calls that fail over between them.
-//! - [`upstream`]: gRPC calls to the servers, readiness, and the node stream.
-//! - [`pods`]: this node's pods and their decisions, from the server's node stream.
+//! - [`servers`]: gRPC calls to the servers, readiness, and the node stream.
+//! - [`pods`]: the pod table: this node's pods and their decisions, from the node stream.
 //! - [`cache`]: each pod's credentials, so that a hit needs no server call.
 //! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
 //! - [`iptables`]: the DNAT chain that sends pods' 169.254.169.254 traffic here.
@@ -24,6 +26,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod decision;
 pub mod http;
 pub mod identity;
 pub mod imds;
@@ -35,8 +38,8 @@ pub mod node_metadata;
 pub mod pods;
 pub mod replicas;
 pub mod routes;
+pub mod servers;
 pub mod token;
-pub mod upstream;
 
 use std::sync::Arc;
 
@@ -55,8 +58,8 @@ use crate::identity::AgentToken;
 use crate::metrics::Metrics;
 use crate::node_metadata::NodeMetadata;
 use crate::replicas::ServerSet;
+use crate::servers::Servers;
 use crate::token::KeyKeeper;
-use crate::upstream::Upstream;
 
 /// The listeners the agent is served on, bound by its caller: the pod-facing port and the
 /// health port (TCP, or in tests in-memory ones).
@@ -75,7 +78,7 @@ pub struct Agent {
     servers: Arc<ServerSet>,
     server_urls: Vec<String>,
     server_resolve_interval: std::time::Duration,
-    upstream: Arc<Upstream>,
+    upstream: Arc<Servers>,
     /// Taken by the task that keeps the IMDSv2 token keys once serving starts.
     key_keeper: Option<KeyKeeper>,
     table: Arc<pods::PodTable>,
@@ -119,13 +122,14 @@ impl Agent {
         if let Err(error) = servers.resolve().await {
             tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
         }
-        let upstream = Arc::new(Upstream::new(
+        let upstream = Arc::new(Servers::new(
             Arc::clone(&servers),
             config.node_name.clone(),
             metrics.node_stream.clone(),
         ));
-        let (tokens, key_keeper) = KeyKeeper::open(&config.token_key_file, token::now_unix())
-            .context("no IMDSv2 token key")?;
+        let (tokens, key_keeper) =
+            KeyKeeper::open(&config.token_key_file, podiam_runtime::clock::now_unix())
+                .context("no IMDSv2 token key")?;
         let options = ServiceOptions {
             require_token: config.require_token,
             allow: config
@@ -268,7 +272,7 @@ impl Agent {
         move |_, request: ::http::Request<hyper::body::Incoming>| {
             metrics.ready.set(i64::from(upstream.ready()));
             metrics.tls_expiry.set(tls.not_after());
-            metrics.observe_replicas(upstream.servers());
+            metrics.observe_replicas(upstream.replicas());
             std::future::ready(http::health(&upstream, &metrics, request.uri().path()))
         }
     }

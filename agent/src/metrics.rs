@@ -60,7 +60,7 @@ pub struct ReplicaLabels {
     pub state: &'static str,
 }
 
-/// The node stream's state, kept by [`crate::upstream::Upstream`].
+/// The node stream's state, kept by [`crate::servers::Servers`].
 #[derive(Clone, Debug, Default)]
 pub struct NodeStreamMetrics {
     pub synced: Gauge,

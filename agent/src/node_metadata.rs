@@ -23,7 +23,7 @@ const MAX_UPSTREAM_BODY: usize = 64 * 1024;
 
 /// Why the node's metadata service gave no answer.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamMetadataError {
+pub enum NodeMetadataError {
     #[error("building the request: {0}")]
     Request(#[from] http::Error),
     #[error("the node's metadata service did not answer: {0}")]
@@ -70,7 +70,7 @@ impl NodeMetadata {
         method: Method,
         path: &str,
         header: Option<(&str, &str)>,
-    ) -> Result<(StatusCode, Bytes), UpstreamMetadataError> {
+    ) -> Result<(StatusCode, Bytes), NodeMetadataError> {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
@@ -82,7 +82,7 @@ impl NodeMetadata {
         let body = Limited::new(response.into_body(), MAX_UPSTREAM_BODY)
             .collect()
             .await
-            .map_err(|e| UpstreamMetadataError::Body(e.to_string()))?
+            .map_err(|e| NodeMetadataError::Body(e.to_string()))?
             .to_bytes();
         Ok((status, body))
     }
@@ -95,7 +95,7 @@ impl NodeMetadata {
 
     /// The agent's upstream token, fetched or renewed as needed; `None` if the upstream
     /// does not issue tokens (IMDSv1 only).
-    async fn token(&self) -> Result<Option<String>, UpstreamMetadataError> {
+    async fn token(&self) -> Result<Option<String>, NodeMetadataError> {
         let mut slot = self.token.lock().await;
         if let Some((token, renew_at)) = slot.as_ref()
             && Instant::now() < *renew_at
@@ -122,7 +122,7 @@ impl NodeMetadata {
     }
 
     /// GETs `path` (already normalised and allowed) from the node's metadata service.
-    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamMetadataError> {
+    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), NodeMetadataError> {
         let token = self.token().await?;
         let header = token.as_deref().map(|t| ("x-aws-ec2-metadata-token", t));
         let (status, body) = self.send(Method::GET, path, header).await?;

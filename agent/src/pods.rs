@@ -1,146 +1,84 @@
-//! The pods on this node and their decisions, as the server streams them (`WatchNode`).
+//! The pod table: this node's pods and their decisions, as the server streams them
+//! (`WatchNode`), by address.
 //!
 //! With the table synced, the agent answers role listings, binds tokens to pod UIDs and
 //! refuses revoked pods without a server call. Every change reports the UIDs whose
 //! decision changed, so the credential cache drops them at once (revocation within the
 //! stream's latency, milliseconds). Until the table is synced — at start, or after the
-//! stream broke — the agent falls back to asking the server per request.
+//! stream broke — the agent falls back to asking the servers per request.
+//!
+//! [`PodTable`] is shared between the stream that writes it and the requests that read it;
+//! the rules for applying changes are the pure `Entries` inside, tested on their own.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use podiam_proto::v1::PodState;
+use crate::decision::PodDecision;
 
-/// The pure part: pods by IP, with the rules for applying changes.
-#[derive(Debug, Default)]
-pub struct Table {
-    by_ip: HashMap<IpAddr, Arc<PodState>>,
-    ip_of: HashMap<String, IpAddr>,
-    synced: bool,
-}
-
-fn uid(state: &PodState) -> &str {
-    state.pod.as_ref().map_or("", |p| p.uid.as_str())
-}
-
-impl Table {
-    /// Records a pod's new state; returns the UID if its decision changed (or it is new).
-    pub fn upsert(&mut self, state: PodState) -> Option<String> {
-        let Ok(ip) = state.ip.parse::<IpAddr>() else {
-            return None;
-        };
-        let uid = uid(&state).to_string();
-        let previous = self.remove(&uid);
-        // Another pod listed at this IP is replaced: the server has judged the newer state.
-        if let Some(other) = self.by_ip.get(&ip).map(|s| uid_owned(s))
-            && other != uid
-        {
-            self.ip_of.remove(&other);
-        }
-        let changed = previous.as_deref() != Some(&state);
-        self.ip_of.insert(uid.clone(), ip);
-        self.by_ip.insert(ip, Arc::new(state));
-        changed.then_some(uid)
-    }
-
-    /// Forgets the pod with `uid`, returning its last state.
-    pub fn remove(&mut self, uid: &str) -> Option<Arc<PodState>> {
-        let ip = self.ip_of.remove(uid)?;
-        match self.by_ip.get(&ip) {
-            Some(state) if self::uid(state) == uid => self.by_ip.remove(&ip),
-            _ => None,
-        }
-    }
-
-    /// Replaces the whole table with a fresh snapshot and marks it synced; returns the UIDs
-    /// whose decision changed or that are gone.
-    pub fn replace(&mut self, snapshot: Vec<PodState>) -> Vec<String> {
-        let old = std::mem::take(self);
-        for state in snapshot {
-            self.upsert(state);
-        }
-        self.synced = true;
-        let mut changed: Vec<String> = old
-            .by_ip
-            .values()
-            .filter(|state| {
-                let fresh = self
-                    .ip_of
-                    .get(self::uid(state))
-                    .and_then(|ip| self.by_ip.get(ip));
-                fresh.map(|f| f.as_ref()) != Some(state.as_ref())
-            })
-            .map(|state| uid_owned(state))
-            .collect();
-        changed.extend(
-            self.by_ip
-                .values()
-                .filter(|s| !old.ip_of.contains_key(self::uid(s)))
-                .map(|s| uid_owned(s)),
-        );
-        changed
-    }
-
-    pub fn lookup(&self, ip: IpAddr) -> Option<Arc<PodState>> {
-        self.by_ip.get(&ip).cloned()
-    }
-
-    pub fn synced(&self) -> bool {
-        self.synced
-    }
-
-    /// The stream broke: the table may go stale, so stop answering from it.
-    pub fn unsync(&mut self) {
-        self.synced = false;
-    }
-}
-
-fn uid_owned(state: &PodState) -> String {
-    uid(state).to_string()
-}
-
-/// What the table knows about an address.
+/// What the table knows of an address.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Known {
     /// The table is synced and a pod has this IP.
-    Pod(Arc<PodState>),
+    Pod(Arc<PodDecision>),
     /// The table is synced and no pod has this IP (yet).
     Nobody,
-    /// The table is not synced: ask the server.
+    /// The table is not synced: only the servers can say.
     Unsynced,
 }
 
-/// The shared table, with a signal for those waiting on a pod to appear.
+/// This node's pods by address, with a signal for those waiting on a pod to appear.
 #[derive(Debug)]
 pub struct PodTable {
-    table: RwLock<Table>,
+    entries: RwLock<Entries>,
     changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for PodTable {
     fn default() -> Self {
         PodTable {
-            table: RwLock::default(),
+            entries: RwLock::default(),
             changes: tokio::sync::watch::Sender::new(0),
         }
     }
 }
 
 impl PodTable {
-    /// Applies `f` to the table and wakes waiters.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Table) -> T) -> T {
-        let result = f(&mut self.table.write().unwrap_or_else(|e| e.into_inner()));
+    /// Applies `f` to the entries and wakes waiters.
+    fn update<T>(&self, f: impl FnOnce(&mut Entries) -> T) -> T {
+        let result = f(&mut self.entries.write().unwrap_or_else(|e| e.into_inner()));
         self.changes.send_modify(|generation| *generation += 1);
         result
     }
 
+    /// Records the pod at `ip`; returns its UID if its decision changed (or it is new).
+    pub fn upsert(&self, ip: IpAddr, decision: PodDecision) -> Option<String> {
+        self.update(|e| e.upsert(ip, decision))
+    }
+
+    /// Forgets the pod with `uid`.
+    pub fn remove(&self, uid: &str) {
+        self.update(|e| e.remove(uid));
+    }
+
+    /// Replaces every pod with a fresh snapshot and marks the table synced; returns the UIDs
+    /// whose decision changed or that are gone.
+    pub fn replace(&self, snapshot: Vec<(IpAddr, PodDecision)>) -> Vec<String> {
+        self.update(|e| e.replace(snapshot))
+    }
+
+    /// The stream broke: the table may go stale, so stop answering from it.
+    pub fn unsync(&self) {
+        self.update(|e| e.synced = false);
+    }
+
+    /// What the table knows of `ip` now.
     pub fn known(&self, ip: IpAddr) -> Known {
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        match (table.synced(), table.lookup(ip)) {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        match (entries.synced, entries.lookup(ip)) {
             (false, _) => Known::Unsynced,
-            (true, Some(state)) => Known::Pod(state),
+            (true, Some(decision)) => Known::Pod(Arc::clone(decision)),
             (true, None) => Known::Nobody,
         }
     }
@@ -164,88 +102,178 @@ impl PodTable {
     }
 }
 
+/// The pure part: pods by address, with the rules for applying changes.
+#[derive(Debug, Default)]
+struct Entries {
+    by_ip: HashMap<IpAddr, Arc<PodDecision>>,
+    ip_of: HashMap<String, IpAddr>,
+    synced: bool,
+}
+
+impl Entries {
+    /// Records the pod at `ip`; returns the UID if its decision or address changed (or it
+    /// is new).
+    fn upsert(&mut self, ip: IpAddr, decision: PodDecision) -> Option<String> {
+        let uid = decision.pod.uid.clone();
+        let previous = self.remove(&uid);
+        // Another pod listed at this IP is replaced: the server has judged the newer state.
+        if let Some(other) = self.by_ip.get(&ip).map(|d| d.pod.uid.clone())
+            && other != uid
+        {
+            self.ip_of.remove(&other);
+        }
+        let changed = previous.as_ref().map(|(ip, d)| (*ip, d.as_ref())) != Some((ip, &decision));
+        self.ip_of.insert(uid.clone(), ip);
+        self.by_ip.insert(ip, Arc::new(decision));
+        changed.then_some(uid)
+    }
+
+    /// Forgets the pod with `uid`, returning its address and decision.
+    fn remove(&mut self, uid: &str) -> Option<(IpAddr, Arc<PodDecision>)> {
+        let ip = self.ip_of.remove(uid)?;
+        match self.by_ip.get(&ip) {
+            Some(decision) if decision.pod.uid == uid => {
+                self.by_ip.remove(&ip).map(|decision| (ip, decision))
+            }
+            _ => None,
+        }
+    }
+
+    /// Replaces every pod with `snapshot` and marks the table synced; returns the UIDs whose
+    /// decision or address changed, that are new, or that are gone.
+    fn replace(&mut self, snapshot: Vec<(IpAddr, PodDecision)>) -> Vec<String> {
+        let old = std::mem::take(self);
+        for (ip, decision) in snapshot {
+            self.upsert(ip, decision);
+        }
+        self.synced = true;
+        let now = |uid: &str| {
+            let ip = self.ip_of.get(uid)?;
+            Some((*ip, self.by_ip.get(ip)?.as_ref()))
+        };
+        let mut changed: Vec<String> = old
+            .by_ip
+            .iter()
+            .filter(|(ip, decision)| now(&decision.pod.uid) != Some((**ip, decision.as_ref())))
+            .map(|(_, decision)| decision.pod.uid.clone())
+            .collect();
+        changed.extend(
+            self.by_ip
+                .values()
+                .filter(|d| !old.ip_of.contains_key(&d.pod.uid))
+                .map(|d| d.pod.uid.clone()),
+        );
+        changed
+    }
+
+    /// The pod at `ip`, whether or not the table is synced.
+    fn lookup(&self, ip: IpAddr) -> Option<&Arc<PodDecision>> {
+        self.by_ip.get(&ip)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podiam_proto::v1::PodRef;
+    use crate::decision::{PodId, Refusal, Role};
+    use podiam_proto::Reason;
 
-    fn state(uid: &str, ip: &str, role: &str) -> PodState {
-        PodState {
-            pod: Some(PodRef {
+    fn pod(uid: &str, ip: &str, role: &str) -> (IpAddr, PodDecision) {
+        let decision = PodDecision {
+            pod: PodId {
                 namespace: "ns".into(),
                 name: format!("pod-{uid}"),
                 uid: uid.into(),
+            },
+            verdict: Ok(Role {
+                name: role.into(),
+                arn: format!("arn:aws:iam::123456789012:role/{role}"),
             }),
-            ip: ip.into(),
-            role_name: role.into(),
-            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
-            ..PodState::default()
-        }
+        };
+        (self::ip(ip), decision)
     }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
+    fn upsert(entries: &mut Entries, (ip, decision): (IpAddr, PodDecision)) -> Option<String> {
+        entries.upsert(ip, decision)
+    }
+
+    fn uid_at(entries: &Entries, address: &str) -> Option<String> {
+        entries.lookup(ip(address)).map(|d| d.pod.uid.clone())
+    }
+
     #[test]
     fn changes_report_the_uids_whose_decision_changed() {
-        let mut table = Table::default();
+        let mut entries = Entries::default();
         assert_eq!(
-            table.replace(vec![state("a", "10.0.0.1", "app")]),
+            entries.replace(vec![pod("a", "10.0.0.1", "app")]),
             vec!["a"]
         );
-        assert!(table.synced());
-        // The same state again changes nothing.
-        assert_eq!(table.upsert(state("a", "10.0.0.1", "app")), None);
+        assert!(entries.synced);
+        // The same decision again changes nothing.
+        assert_eq!(upsert(&mut entries, pod("a", "10.0.0.1", "app")), None);
         // A revoked role is a change.
-        let mut revoked = state("a", "10.0.0.1", "");
-        revoked.refusal_reason = "no-role".into();
-        assert_eq!(table.upsert(revoked), Some("a".into()));
+        let (address, mut revoked) = pod("a", "10.0.0.1", "");
+        revoked.verdict = Err(Refusal {
+            reason: Reason::NoRole,
+            message: "no role".into(),
+        });
+        assert_eq!(entries.upsert(address, revoked), Some("a".into()));
         assert_eq!(
-            table.lookup(ip("10.0.0.1")).expect("known").refusal_reason,
-            "no-role"
+            entries
+                .lookup(ip("10.0.0.1"))
+                .expect("known")
+                .role()
+                .map_err(|r| r.reason),
+            Err(Reason::NoRole)
         );
         // Deleted.
-        assert!(table.remove("a").is_some());
-        assert!(table.lookup(ip("10.0.0.1")).is_none());
+        assert!(entries.remove("a").is_some());
+        assert_eq!(uid_at(&entries, "10.0.0.1"), None);
         // IP reused by a new pod.
-        table.upsert(state("b", "10.0.0.1", "app"));
-        assert_eq!(uid(&table.lookup(ip("10.0.0.1")).expect("b")), "b");
-        // A pod moving IP leaves nothing behind.
-        table.upsert(state("b", "10.0.0.2", "app"));
-        assert!(table.lookup(ip("10.0.0.1")).is_none());
+        upsert(&mut entries, pod("b", "10.0.0.1", "app"));
+        assert_eq!(uid_at(&entries, "10.0.0.1").as_deref(), Some("b"));
+        // A pod moving IP is a change, and leaves nothing behind.
+        assert_eq!(
+            upsert(&mut entries, pod("b", "10.0.0.2", "app")),
+            Some("b".into())
+        );
+        assert_eq!(uid_at(&entries, "10.0.0.1"), None);
     }
 
     #[test]
     fn a_new_snapshot_reports_what_differs_from_the_old_table() {
-        let mut table = Table::default();
-        table.replace(vec![
-            state("a", "10.0.0.1", "app"),
-            state("b", "10.0.0.2", "app"),
+        let mut entries = Entries::default();
+        entries.replace(vec![
+            pod("a", "10.0.0.1", "app"),
+            pod("b", "10.0.0.2", "app"),
         ]);
-        table.unsync();
-        let mut changed = table.replace(vec![
-            state("a", "10.0.0.1", "app"),
-            state("b", "10.0.0.2", "other"),
-            state("c", "10.0.0.3", "app"),
+        entries.synced = false;
+        let mut changed = entries.replace(vec![
+            pod("a", "10.0.0.1", "app"),
+            pod("b", "10.0.0.2", "other"),
+            pod("c", "10.0.0.3", "app"),
         ]);
         changed.sort();
         assert_eq!(changed, vec!["b", "c"]);
-        let mut changed = table.replace(vec![state("c", "10.0.0.3", "app")]);
+        let mut changed = entries.replace(vec![pod("c", "10.0.0.3", "app")]);
         changed.sort();
         assert_eq!(
             changed,
             vec!["a", "b"],
             "pods gone from the snapshot are dropped"
         );
-        assert!(table.lookup(ip("10.0.0.1")).is_none());
+        assert_eq!(uid_at(&entries, "10.0.0.1"), None);
     }
 
     #[tokio::test]
     async fn waiting_for_an_unknown_pod_ends_when_it_appears_or_at_the_deadline() {
         let table = Arc::new(PodTable::default());
         assert_eq!(table.known(ip("10.0.0.1")), Known::Unsynced);
-        table.update(|t| t.replace(Vec::new()));
+        table.replace(Vec::new());
         let waiter = {
             let table = Arc::clone(&table);
             tokio::spawn(async move {
@@ -255,11 +283,14 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        table.update(|t| t.upsert(state("a", "10.0.0.1", "app")));
+        let (address, decision) = pod("a", "10.0.0.1", "app");
+        table.upsert(address, decision);
         assert!(matches!(waiter.await.expect("joins"), Known::Pod(_)));
         let nobody = table
             .wait_known(ip("10.0.0.9"), Duration::from_millis(50))
             .await;
         assert_eq!(nobody, Known::Nobody);
+        table.unsync();
+        assert_eq!(table.known(ip("10.0.0.1")), Known::Unsynced);
     }
 }

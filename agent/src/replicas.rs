@@ -41,12 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::decision::ServerError;
 use crate::identity::{AgentToken, Authorize};
 
 /// A client of one replica whose every call carries the agent's token.
 pub type Client = PodiamClient<InterceptedService<Channel, Authorize>>;
-
-use crate::upstream::UpstreamError;
 
 /// How often each replica's health is checked.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -166,7 +165,7 @@ impl Replica {
                     Ok(())
                 }
             }
-            Ok(Err(status)) => Err(UpstreamError::from(status).to_string()),
+            Ok(Err(status)) => Err(ServerError::from(status).to_string()),
             Err(_) => Err(format!("no health answer within {HEALTH_TIMEOUT:?}")),
         };
         let was = self.ready.swap(result.is_ok(), Ordering::AcqRel);
@@ -203,9 +202,9 @@ pub struct ServerSet {
 
 /// How a call on one replica ended, for the failover decision.
 enum Attempt<T> {
-    Done(Result<T, UpstreamError>),
+    Done(Result<T, ServerError>),
     /// Worth asking another replica (transport failure, deadline, not ready).
-    Retry(UpstreamError),
+    Retry(ServerError),
 }
 
 fn classify<T>(result: Result<T, tonic::Status>, replica: &Replica) -> Attempt<T> {
@@ -214,13 +213,13 @@ fn classify<T>(result: Result<T, tonic::Status>, replica: &Replica) -> Attempt<T
         Err(status) => match Reason::of(&status) {
             Some(Reason::NotReady) => {
                 replica.mark_not_ready();
-                Attempt::Retry(UpstreamError::from(status))
+                Attempt::Retry(ServerError::from(status))
             }
-            Some(_) => Attempt::Done(Err(UpstreamError::from(status))),
+            Some(_) => Attempt::Done(Err(ServerError::from(status))),
             None => {
-                let error = UpstreamError::from(status);
+                let error = ServerError::from(status);
                 match error {
-                    UpstreamError::Unavailable(_) => {
+                    ServerError::Unavailable(_) => {
                         replica.mark_suspect();
                         Attempt::Retry(error)
                     }
@@ -418,13 +417,13 @@ impl ServerSet {
         &self,
         prefer: Option<SocketAddr>,
         call: F,
-    ) -> Result<T, UpstreamError>
+    ) -> Result<T, ServerError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let Some(first) = self.pick_first(prefer) else {
-            return Err(UpstreamError::Unavailable(
+            return Err(ServerError::Unavailable(
                 "no podiam server replica is known (yet)".into(),
             ));
         };

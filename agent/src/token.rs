@@ -369,11 +369,11 @@ impl TokenKey {
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
     }
 
-    /// A token for the pod `uid` at `ip`, valid until `now_unix + ttl_secs`, signed with the
-    /// key that signs at `now_unix`.
-    pub fn issue(&self, ip: IpAddr, uid: &str, now_unix: i64, ttl_secs: u64) -> String {
-        let claim = format!("{ip}|{uid}|{}", now_unix.saturating_add(ttl_secs as i64));
-        let tag = hmac::sign(&self.ring().signing(now_unix).hmac, claim.as_bytes());
+    /// A token for the pod `uid` at `ip`, valid until `now + ttl_secs`, signed with the
+    /// key that signs at `now`.
+    pub fn issue(&self, ip: IpAddr, uid: &str, now: i64, ttl_secs: u64) -> String {
+        let claim = format!("{ip}|{uid}|{}", now.saturating_add(ttl_secs as i64));
+        let tag = hmac::sign(&self.ring().signing(now).hmac, claim.as_bytes());
         format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(claim.as_bytes()),
@@ -381,14 +381,14 @@ impl TokenKey {
         )
     }
 
-    /// Checks that `token` was signed by a key that still verifies at `now_unix`, issued to
+    /// Checks that `token` was signed by a key that still verifies at `now`, issued to
     /// `ip` and — when both are known — to the pod `uid`, and that it has not expired.
     pub fn validate(
         &self,
         token: &str,
         ip: IpAddr,
         uid: Option<&str>,
-        now_unix: i64,
+        now: i64,
     ) -> Result<(), TokenError> {
         let (claim, tag) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
         let claim = URL_SAFE_NO_PAD
@@ -399,7 +399,7 @@ impl TokenKey {
             .map_err(|_| TokenError::Malformed)?;
         let ring = self.ring();
         if !ring
-            .verifying(now_unix)
+            .verifying(now)
             .into_iter()
             .any(|key| hmac::verify(&key.hmac, &claim, &tag).is_ok())
         {
@@ -412,7 +412,8 @@ impl TokenKey {
         else {
             return Err(TokenError::Malformed);
         };
-        if owner != ip.to_string() {
+        let owner: IpAddr = owner.parse().map_err(|_| TokenError::Malformed)?;
+        if owner != ip {
             return Err(TokenError::WrongAddress);
         }
         if let Some(uid) = uid
@@ -422,7 +423,7 @@ impl TokenKey {
             return Err(TokenError::WrongPod);
         }
         let expiry: i64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
-        if now_unix >= expiry {
+        if now >= expiry {
             return Err(TokenError::Expired);
         }
         Ok(())
@@ -735,7 +736,7 @@ impl KeyKeeper {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(KEY_RELOAD_INTERVAL) => {}
             }
-            self.refresh(now_unix());
+            self.refresh(podiam_runtime::clock::now_unix());
         }
     }
 }
@@ -767,14 +768,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// The wall clock, in Unix seconds.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 /// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header value.

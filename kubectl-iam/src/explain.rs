@@ -53,7 +53,7 @@ pub struct Explanation {
     /// The namespace's permitted regex as written ("" when none).
     pub permitted_regex: String,
     pub allowed: bool,
-    /// When refused: the reason's wire name and the message a pod would get.
+    /// When refused: the reason's name and the message a pod would get.
     pub reason: String,
     pub message: String,
     /// What the answer could not take into account.
@@ -84,7 +84,7 @@ impl Explanation {
             role_arn: answer.role_arn,
             permitted_regex: answer.permitted_regex,
             allowed: answer.allowed,
-            reason: answer.reason,
+            reason: reason_name(answer.reason),
             message: answer.message,
             notes,
         }
@@ -141,6 +141,16 @@ impl Explanation {
             lines.push(format!("note: {note}"));
         }
         lines.join("\n") + "\n"
+    }
+}
+
+/// A refusal's reason by the name pods read ("" when there is none); a reason this plugin
+/// does not know (a newer server's) by its number.
+fn reason_name(wire: i32) -> String {
+    match podiam_proto::Reason::from_wire(wire) {
+        Some(reason) => reason.as_str().to_string(),
+        None if wire == 0 => String::new(),
+        None => format!("reason {wire}, unknown to this plugin"),
     }
 }
 
@@ -410,10 +420,19 @@ mod tests {
             let answer = decide(&facts, "team-a", "web", BASE).expect("explained");
             let case = format!("{:?}", facts.pod.as_ref().map(|p| &p.metadata.annotations));
             assert_eq!(answer.allowed, allowed, "{case}: {answer:?}");
-            assert_eq!(answer.reason, reason, "{case}: {answer:?}");
+            assert_eq!(reason_name(answer.reason), reason, "{case}: {answer:?}");
             assert_eq!(answer.role_arn, arn, "{case}");
             assert_eq!(answer.allowed, answer.message.is_empty(), "{case}");
         }
+    }
+
+    #[test]
+    fn reasons_are_shown_by_name_and_a_newer_servers_by_number() {
+        assert_eq!(reason_name(0), "");
+        for reason in podiam_proto::Reason::ALL {
+            assert_eq!(reason_name(reason.to_wire().into()), reason.as_str());
+        }
+        assert_eq!(reason_name(9999), "reason 9999, unknown to this plugin");
     }
 
     #[test]

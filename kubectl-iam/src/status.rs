@@ -545,7 +545,7 @@ pub async fn run(
     let report = status(cluster, podiam_namespace, servers).await?;
     match args.output {
         Output::Text => {
-            let now = podiam_runtime::tls::unix_seconds(std::time::SystemTime::now());
+            let now = podiam_runtime::clock::now_unix();
             print!("{}", report.render(now));
         }
         Output::Json => println!(

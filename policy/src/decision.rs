@@ -52,8 +52,6 @@ pub struct Decision {
 /// Every way a decision refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("{0:?} is not an IP address")]
-    BadIp(String),
     #[error("server not ready: the pod and namespace caches have not synced yet")]
     NotReady,
     #[error("no pod known with IP {0}")]
@@ -107,11 +105,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The reason carried on the wire; `None` for a malformed request (not a refusal a pod
-    /// could get).
-    pub fn reason(&self) -> Option<Reason> {
-        Some(match self {
-            Refusal::BadIp(_) => return None,
+    /// Why, as the wire and the pod's answer name it.
+    pub fn reason(&self) -> Reason {
+        match self {
             Refusal::NotReady => Reason::NotReady,
             Refusal::UnknownPod(_) | Refusal::NotLive(_) | Refusal::AddressTaken { .. } => {
                 Reason::UnknownPod
@@ -122,7 +118,7 @@ impl Refusal {
             Refusal::NotPermitted { .. } => Reason::RoleNotPermitted,
             Refusal::WrongRole { .. } => Reason::WrongRole,
             Refusal::OtherNode { .. } => Reason::OtherNode,
-        })
+        }
     }
 
     /// The refusal as an operator may read it: every pod claiming an ambiguous address
@@ -183,7 +179,7 @@ impl View<'_> {
         if !self.synced {
             return Err(Refusal::NotReady);
         }
-        match self.pods.lookup(&ip.to_string()) {
+        match self.pods.lookup(ip) {
             Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
             Lookup::Found(pod) => match scope {
                 Scope::Node(node) if !on_node(&pod, node) => Err(Refusal::OtherNode {
@@ -245,13 +241,12 @@ impl View<'_> {
     /// another live pod claims the same IP, or when the pod is terminating and a pod that is
     /// not has its IP now.
     pub fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
-        let ip = pod.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
-        if let Some(ip) = ip {
+        if let Some(ip) = pod.ip {
             let taken = || Refusal::AddressTaken {
                 pod: pod_name(pod),
                 ip,
             };
-            match self.pods.lookup(&ip.to_string()) {
+            match self.pods.lookup(ip) {
                 Lookup::Found(holder) if holder.uid != pod.uid => return Err(taken()),
                 Lookup::Ambiguous(pods) if pods.iter().any(|p| p.uid == pod.uid) => {
                     return Err(Refusal::AmbiguousPod {
@@ -271,7 +266,7 @@ impl View<'_> {
     pub fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
         let mut state = PodState {
             pod: Some(pod_ref(pod)),
-            ip: pod.ip.clone().unwrap_or_default(),
+            ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             ..PodState::default()
         };
         match self.decide_live(pod) {
@@ -280,11 +275,13 @@ impl View<'_> {
                 state.role_arn = role.arn;
             }
             Err(refusal) => {
-                state.refusal_reason = refusal
-                    .reason()
-                    .map(|r| r.as_str().to_string())
-                    .unwrap_or_default();
+                let reason = refusal.reason();
+                state.refusal_reason = reason.to_wire().into();
                 state.refusal_message = refusal.to_string();
+                #[allow(deprecated)]
+                {
+                    state.legacy_refusal_reason = reason.as_str().to_string();
+                }
             }
         }
         state
@@ -300,7 +297,7 @@ impl View<'_> {
         let pod = match target {
             ExplainTarget::Ip(ip) => {
                 answer.ip = ip.to_string();
-                match self.pods.lookup(&ip.to_string()) {
+                match self.pods.lookup(*ip) {
                     Lookup::Found(pod) => pod,
                     Lookup::Unknown => return Ok(refused(answer, &Refusal::UnknownPod(*ip))),
                     Lookup::Ambiguous(pods) => {
@@ -332,7 +329,7 @@ impl View<'_> {
         // named.
         answer.pods = vec![pod_ref(&pod)];
         answer.node_name = pod.node_name.clone().unwrap_or_default();
-        answer.ip = pod.ip.clone().unwrap_or_default();
+        answer.ip = pod.ip.map(|ip| ip.to_string()).unwrap_or_default();
         answer.namespace = pod.namespace.clone();
         answer.role_annotation = pod.role.clone().unwrap_or_default();
         answer.permitted_regex = match &*self.namespaces.rule(&pod.namespace) {
@@ -364,12 +361,14 @@ pub enum ExplainTarget {
 
 /// An explanation that ends in a refusal.
 fn refused(mut answer: ExplainResponse, refusal: &Refusal) -> ExplainResponse {
+    let reason = refusal.reason();
     answer.allowed = false;
-    answer.reason = refusal
-        .reason()
-        .map(|r| r.as_str().to_string())
-        .unwrap_or_default();
+    answer.reason = reason.to_wire().into();
     answer.message = refusal.to_string();
+    #[allow(deprecated)]
+    {
+        answer.legacy_reason = reason.as_str().to_string();
+    }
     answer
 }
 
@@ -516,7 +515,7 @@ mod tests {
             uid: uid.into(),
             namespace: ns.into(),
             name: format!("pod-{uid}"),
-            ip: Some(ip.into()),
+            ip: Some(ip.parse().expect("ip")),
             phase: Some("Running".into()),
             host_network: false,
             node_name: Some(node.into()),
@@ -541,7 +540,7 @@ mod tests {
             uid: uid.into(),
             namespace: "podiam".into(),
             name: format!("agent-{uid}"),
-            ip: Some("192.168.0.1".into()),
+            ip: Some("192.168.0.1".parse().expect("ip")),
             phase: Some(phase.into()),
             host_network: true,
             node_name: Some(node.into()),
@@ -627,6 +626,11 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    /// The reason a wire enum field names.
+    fn wire(value: i32) -> Option<Reason> {
+        Reason::from_wire(value)
+    }
+
     #[test]
     fn node_binding_table() {
         let pods = cluster();
@@ -669,7 +673,7 @@ mod tests {
             let got = view
                 .decide(ip(address), *scope)
                 .map(|d| d.pod.uid.clone())
-                .map_err(|r| r.reason().expect("a reason"));
+                .map_err(|r| r.reason());
             assert_eq!(
                 got.as_ref().map(String::as_str).map_err(|r| *r),
                 *want,
@@ -703,11 +707,15 @@ mod tests {
         for old in ["t1", "t2"] {
             let pod = pods.by_uid(old).expect("still known");
             let refusal = view.decide_live(&pod).expect_err("refused");
-            assert_eq!(refusal.reason(), Some(Reason::UnknownPod), "{refusal}");
+            assert_eq!(refusal.reason(), Reason::UnknownPod, "{refusal}");
             assert!(refusal.to_string().contains("terminating"), "{refusal}");
             let state = view.pod_state(&pod);
             assert!(state.role_arn.is_empty(), "{state:?}");
-            assert_eq!(state.refusal_reason, "unknown-pod", "{state:?}");
+            assert_eq!(
+                wire(state.refusal_reason),
+                Some(Reason::UnknownPod),
+                "{state:?}"
+            );
             let streamed: Vec<String> = pods
                 .on_node("node-a")
                 .iter()
@@ -721,7 +729,11 @@ mod tests {
                 })
                 .expect("synced");
             assert!(!explained.allowed, "{explained:?}");
-            assert_eq!(explained.reason, "unknown-pod", "{explained:?}");
+            assert_eq!(
+                wire(explained.reason),
+                Some(Reason::UnknownPod),
+                "{explained:?}"
+            );
         }
         // Alone, a terminating pod is still streamed with its role.
         let t3 = pods.by_uid("t3").expect("known");
@@ -737,7 +749,11 @@ mod tests {
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
         for (uid, own, other) in [("x1", "team-a", "team-b"), ("x2", "team-b", "team-a")] {
             let told = state(uid);
-            assert_eq!(told.refusal_reason, "ambiguous-pod", "{told:?}");
+            assert_eq!(
+                wire(told.refusal_reason),
+                Some(Reason::AmbiguousPod),
+                "{told:?}"
+            );
             let other_pod = if uid == "x1" { "pod-x2" } else { "pod-x1" };
             for secret in [other, other_pod] {
                 assert!(
@@ -785,7 +801,7 @@ mod tests {
                 name: "pod-x1".into(),
             })
             .expect("synced");
-        assert_eq!(by_name.reason, "ambiguous-pod");
+        assert_eq!(wire(by_name.reason), Some(Reason::AmbiguousPod));
         assert!(
             !by_name.message.contains("team-b") && !by_name.message.contains("pod-x2"),
             "{by_name:?}"
@@ -920,31 +936,43 @@ mod tests {
         };
         // (target, allowed, reason, pods named, node)
         let table = [
-            (by_ip("10.0.0.1"), true, "", 1, "node-a"),
-            (by_name("team-a", "pod-a1"), true, "", 1, "node-a"),
-            (by_name("team-a", "pod-a2"), false, "no-role", 1, "node-a"),
+            (by_ip("10.0.0.1"), true, None, 1, "node-a"),
+            (by_name("team-a", "pod-a1"), true, None, 1, "node-a"),
             (
-                by_name("team-b", "pod-b2"),
+                by_name("team-a", "pod-a2"),
                 false,
-                "role-not-permitted",
-                1,
-                "node-b",
-            ),
-            (by_ip("10.0.9.9"), false, "ambiguous-pod", 2, ""),
-            (
-                by_name("team-a", "pod-x1"),
-                false,
-                "ambiguous-pod",
+                Some(Reason::NoRole),
                 1,
                 "node-a",
             ),
-            (by_ip("10.9.9.9"), false, "unknown-pod", 0, ""),
-            (by_name("team-a", "nope"), false, "unknown-pod", 0, ""),
+            (
+                by_name("team-b", "pod-b2"),
+                false,
+                Some(Reason::RoleNotPermitted),
+                1,
+                "node-b",
+            ),
+            (by_ip("10.0.9.9"), false, Some(Reason::AmbiguousPod), 2, ""),
+            (
+                by_name("team-a", "pod-x1"),
+                false,
+                Some(Reason::AmbiguousPod),
+                1,
+                "node-a",
+            ),
+            (by_ip("10.9.9.9"), false, Some(Reason::UnknownPod), 0, ""),
+            (
+                by_name("team-a", "nope"),
+                false,
+                Some(Reason::UnknownPod),
+                0,
+                "",
+            ),
         ];
         for (target, allowed, reason, named, node) in table {
             let answer = view.explain(&target).expect("synced");
             assert_eq!(answer.allowed, allowed, "{target:?}");
-            assert_eq!(answer.reason, reason, "{target:?}");
+            assert_eq!(wire(answer.reason), reason, "{target:?}");
             assert_eq!(answer.pods.len(), named, "{target:?}");
             assert_eq!(answer.node_name, node, "{target:?}");
         }
@@ -959,9 +987,18 @@ mod tests {
         let namespaces = namespaces();
         let view = synced_view(&pods, &namespaces);
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
-        assert_eq!(state("a1").role_name, "app-reader");
-        assert_eq!(state("a2").refusal_reason, "no-role");
-        assert_eq!(state("y1").refusal_reason, "ambiguous-pod");
-        assert_eq!(state("b2").refusal_reason, "role-not-permitted");
+        let a1 = state("a1");
+        assert_eq!(a1.role_name, "app-reader");
+        assert_eq!(wire(a1.refusal_reason), None, "{a1:?}");
+        assert_eq!(wire(state("a2").refusal_reason), Some(Reason::NoRole));
+        assert_eq!(wire(state("y1").refusal_reason), Some(Reason::AmbiguousPod));
+        assert_eq!(
+            wire(state("b2").refusal_reason),
+            Some(Reason::RoleNotPermitted)
+        );
+        // Agents of the previous release read the reason's name, while a cluster upgrades.
+        #[allow(deprecated)]
+        let legacy = state("b2").legacy_refusal_reason;
+        assert_eq!(legacy, "role-not-permitted");
     }
 }

@@ -16,6 +16,7 @@
 //!   answer the address as the old pod.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::policy::{
@@ -29,7 +30,9 @@ pub struct PodRecord {
     pub uid: String,
     pub namespace: String,
     pub name: String,
-    pub ip: Option<String>,
+    /// `status.podIP`, parsed once here ([`podiam_proto::parse_ip`]): every lookup compares
+    /// addresses, never spellings.
+    pub ip: Option<IpAddr>,
     pub phase: Option<String>,
     pub host_network: bool,
     pub node_name: Option<String>,
@@ -57,12 +60,10 @@ impl PodRecord {
             uid: meta.uid.clone()?,
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone()?,
-            // Kept in one canonical spelling, the one requests are looked up by (IPv6
-            // addresses have several); an IP that does not parse is no IP.
+            // An IP that does not parse is no IP: the pod cannot be found by one.
             ip: status
                 .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
-                .map(|ip| ip.to_string()),
+                .and_then(|ip| podiam_proto::parse_ip(ip).ok()),
             phase: status.and_then(|s| s.phase.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             node_name: spec.and_then(|s| s.node_name.clone()),
@@ -107,7 +108,7 @@ pub struct PodIndex {
     by_uid: HashMap<String, Arc<PodRecord>>,
     /// Host-network pods that are Pending or Running on a node: never found by IP.
     host: HashMap<String, Arc<PodRecord>>,
-    by_ip: HashMap<String, Vec<String>>,
+    by_ip: HashMap<IpAddr, Vec<String>>,
     by_node: HashMap<String, HashSet<String>>,
 }
 
@@ -118,11 +119,8 @@ impl PodIndex {
         if pod.is_running_on_host() {
             self.host.insert(pod.uid.clone(), Arc::new(pod));
         } else if pod.is_live() {
-            if let Some(ip) = &pod.ip {
-                self.by_ip
-                    .entry(ip.clone())
-                    .or_default()
-                    .push(pod.uid.clone());
+            if let Some(ip) = pod.ip {
+                self.by_ip.entry(ip).or_default().push(pod.uid.clone());
             }
             self.by_node
                 .entry(pod.node_name.clone().unwrap_or_default())
@@ -138,12 +136,12 @@ impl PodIndex {
         let Some(old) = self.by_uid.remove(uid) else {
             return;
         };
-        if let Some(ip) = &old.ip
-            && let Some(uids) = self.by_ip.get_mut(ip)
+        if let Some(ip) = old.ip
+            && let Some(uids) = self.by_ip.get_mut(&ip)
         {
             uids.retain(|u| u != uid);
             if uids.is_empty() {
-                self.by_ip.remove(ip);
+                self.by_ip.remove(&ip);
             }
         }
         let node = old.node_name.clone().unwrap_or_default();
@@ -189,17 +187,13 @@ impl PodIndex {
     /// Whether `pod` still holds its IP: it is not terminating, or no pod that is not
     /// terminating claims the IP too.
     pub fn holds_ip(&self, pod: &PodRecord) -> bool {
-        !pod.deleting
-            || self
-                .claimants(pod.ip.as_deref().unwrap_or_default())
-                .1
-                .is_empty()
+        !pod.deleting || pod.ip.is_none_or(|ip| self.claimants(ip).1.is_empty())
     }
 
     /// The live pods claiming `ip`: (terminating ones, the others).
-    fn claimants(&self, ip: &str) -> (Vec<&Arc<PodRecord>>, Vec<&Arc<PodRecord>>) {
+    fn claimants(&self, ip: IpAddr) -> (Vec<&Arc<PodRecord>>, Vec<&Arc<PodRecord>>) {
         self.by_ip
-            .get(ip)
+            .get(&ip)
             .into_iter()
             .flatten()
             .filter_map(|uid| self.by_uid.get(uid))
@@ -208,7 +202,7 @@ impl PodIndex {
 
     /// The one live pod holding this IP, if exactly one: the one pod claiming it that is not
     /// terminating, or, when every claimant is terminating, the only one.
-    pub fn lookup(&self, ip: &str) -> Lookup {
+    pub fn lookup(&self, ip: IpAddr) -> Lookup {
         let (terminating, others) = self.claimants(ip);
         let pods = if others.is_empty() {
             terminating
@@ -502,7 +496,7 @@ mod tests {
             uid: uid.into(),
             namespace: "ns".into(),
             name: format!("pod-{uid}"),
-            ip: ip.map(Into::into),
+            ip: ip.map(|ip| ip.parse().expect("ip")),
             phase: Some(phase.into()),
             host_network: false,
             node_name: Some("node-1".into()),
@@ -514,8 +508,12 @@ mod tests {
         }
     }
 
-    fn found_uid(index: &PodIndex, ip: &str) -> Option<String> {
-        match index.lookup(ip) {
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("ip")
+    }
+
+    fn found_uid(index: &PodIndex, address: &str) -> Option<String> {
+        match index.lookup(ip(address)) {
             Lookup::Found(p) => Some(p.uid.clone()),
             _ => None,
         }
@@ -526,7 +524,7 @@ mod tests {
         let mut index = PodIndex::default();
         // Created without an IP: not findable.
         index.apply(pod("a", None, "Pending"));
-        assert_eq!(index.lookup("10.0.0.1"), Lookup::Unknown);
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Unknown);
         // IP assigned.
         index.apply(pod("a", Some("10.0.0.1"), "Pending"));
         assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("a"));
@@ -534,13 +532,13 @@ mod tests {
         assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("a"));
         // A second live pod on the same IP: nobody gets it.
         index.apply(pod("b", Some("10.0.0.1"), "Running"));
-        assert!(matches!(index.lookup("10.0.0.1"), Lookup::Ambiguous(n) if n.len() == 2));
+        assert!(matches!(index.lookup(ip("10.0.0.1")), Lookup::Ambiguous(n) if n.len() == 2));
         // The first turns terminal: the IP is b's alone.
         index.apply(pod("a", Some("10.0.0.1"), "Succeeded"));
         assert_eq!(found_uid(&index, "10.0.0.1").as_deref(), Some("b"));
         // b fails: nobody.
         index.apply(pod("b", Some("10.0.0.1"), "Failed"));
-        assert_eq!(index.lookup("10.0.0.1"), Lookup::Unknown);
+        assert_eq!(index.lookup(ip("10.0.0.1")), Lookup::Unknown);
         // IP reuse by a new pod after deletion of the old one.
         index.apply(pod("c", Some("10.0.0.2"), "Running"));
         index.remove("c");
@@ -548,7 +546,7 @@ mod tests {
         assert_eq!(found_uid(&index, "10.0.0.2").as_deref(), Some("d"));
         // A pod moving IP leaves no trace at the old one.
         index.apply(pod("d", Some("10.0.0.3"), "Running"));
-        assert_eq!(index.lookup("10.0.0.2"), Lookup::Unknown);
+        assert_eq!(index.lookup(ip("10.0.0.2")), Lookup::Unknown);
         assert_eq!(found_uid(&index, "10.0.0.3").as_deref(), Some("d"));
         assert_eq!(index.len(), 1);
         fn on(index: &PodIndex, node: &str) -> Vec<String> {
@@ -638,7 +636,7 @@ mod tests {
             for p in pods {
                 index.apply(p);
             }
-            match (index.lookup("10.0.0.1"), &want) {
+            match (index.lookup(ip("10.0.0.1")), &want) {
                 (Lookup::Found(p), Want::Found(uid)) => assert_eq!(p.uid, *uid, "{what}"),
                 (Lookup::Ambiguous(pods), Want::Ambiguous(uids)) => {
                     let got: Vec<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -663,12 +661,43 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_address_is_parsed_once_where_its_record_is_made() {
+        let k8s_pod = |address: &str| k8s_openapi::api::core::v1::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some("v6".into()),
+                name: Some("pod-v6".into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some(address.into()),
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // However the API spells it, a request's address finds the pod.
+        let record = PodRecord::from_pod(&k8s_pod("FD00:0:0::0001")).expect("a record");
+        assert_eq!(record.ip, Some(ip("fd00::1")));
+        let mut index = PodIndex::default();
+        index.apply(record);
+        assert_eq!(found_uid(&index, "fd00:0000::1").as_deref(), Some("v6"));
+        // An IPv4-mapped spelling is the IPv4 address, as the agent sees its peers.
+        let record = PodRecord::from_pod(&k8s_pod("::ffff:10.0.0.7")).expect("a record");
+        assert_eq!(record.ip, Some(ip("10.0.0.7")));
+        // No address at all: never found by one.
+        let record = PodRecord::from_pod(&k8s_pod("not-an-ip")).expect("a record");
+        assert_eq!(record.ip, None);
+        assert!(!record.is_live());
+    }
+
+    #[test]
     fn host_network_pods_are_never_indexed() {
         let mut index = PodIndex::default();
         let mut p = pod("h", Some("10.0.0.9"), "Running");
         p.host_network = true;
         index.apply(p);
-        assert_eq!(index.lookup("10.0.0.9"), Lookup::Unknown);
+        assert_eq!(index.lookup(ip("10.0.0.9")), Lookup::Unknown);
         assert!(index.is_empty());
     }
 

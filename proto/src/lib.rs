@@ -1,10 +1,13 @@
 //! The wire contract between podiam's agent and server.
 //!
 //! - [`v1`]: the gRPC service generated from `proto/podiam.proto` at build time.
-//! - [`Reason`]: why the server refused a request; carried in the `podiam-reason` metadata of
-//!   a gRPC status so that the agent maps refusals to HTTP answers without parsing text.
+//! - [`Reason`]: why the server refused a request or a pod, and its one conversion to and
+//!   from the wire's [`v1::Reason`]: a [`v1::Refusal`] in a gRPC status's details, an enum
+//!   field in node streams and explanations. The agent maps refusals to HTTP answers without
+//!   parsing text.
 //! - [`valid_role_name`]: the shape of a role name on the wire (the agent's routes and the
 //!   server's GetCredentials both check it).
+//! - [`parse_ip`]: the one way an address on the wire becomes an [`IpAddr`].
 //!
 //! What the daemons run on (TLS, the accept loops, logging) is `podiam-runtime`.
 
@@ -15,6 +18,9 @@ pub mod v1 {
 }
 
 use std::fmt;
+use std::net::IpAddr;
+
+use prost::Message;
 
 impl fmt::Debug for v1::Credentials {
     /// Redacts the secret key and session token; the access key id is not a secret and helps
@@ -49,14 +55,17 @@ pub fn valid_role_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
 }
 
-/// The metadata key of a refusal's [`Reason`] in a gRPC status.
-pub const REASON_METADATA_KEY: &str = "podiam-reason";
+/// The metadata key under which servers also write a refusal's [`Reason`] name, for agents
+/// of the previous release while a cluster is upgraded. Nothing reads it; to be removed in
+/// the release after this one.
+pub const LEGACY_REASON_METADATA_KEY: &str = "podiam-reason";
 
 /// Why the server refused to name a pod's role or hand out its credentials.
 ///
 /// Each reason becomes its own HTTP status and message at the agent, so an operator reading a
-/// pod's error knows which step failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// pod's error knows which step failed. On the wire it is [`v1::Reason`], converted here and
+/// nowhere else: [`Reason::to_wire`], [`Reason::from_wire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// No live pod has this IP (yet): the start-up race, or a request from outside any pod.
     UnknownPod,
@@ -86,7 +95,8 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 12] = [
+    /// Every reason.
+    pub const ALL: [Reason; 12] = [
         Reason::UnknownPod,
         Reason::AmbiguousPod,
         Reason::NoRole,
@@ -101,7 +111,8 @@ impl Reason {
         Reason::IdentityUnavailable,
     ];
 
-    /// The stable name carried on the wire.
+    /// The stable name pods and operators read: in the agent's answers, Events and
+    /// explanations.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownPod => "unknown-pod",
@@ -117,6 +128,45 @@ impl Reason {
             Reason::AgentUnauthenticated => "agent-unauthenticated",
             Reason::IdentityUnavailable => "identity-unavailable",
         }
+    }
+
+    /// The reason as the wire carries it.
+    pub fn to_wire(self) -> v1::Reason {
+        match self {
+            Reason::UnknownPod => v1::Reason::UnknownPod,
+            Reason::AmbiguousPod => v1::Reason::AmbiguousPod,
+            Reason::NoRole => v1::Reason::NoRole,
+            Reason::RoleNotPermitted => v1::Reason::RoleNotPermitted,
+            Reason::WrongRole => v1::Reason::WrongRole,
+            Reason::InvalidRole => v1::Reason::InvalidRole,
+            Reason::StsRefused => v1::Reason::StsRefused,
+            Reason::StsUnavailable => v1::Reason::StsUnavailable,
+            Reason::NotReady => v1::Reason::NotReady,
+            Reason::OtherNode => v1::Reason::OtherNode,
+            Reason::AgentUnauthenticated => v1::Reason::AgentUnauthenticated,
+            Reason::IdentityUnavailable => v1::Reason::IdentityUnavailable,
+        }
+    }
+
+    /// The reason a wire value (an enum field as decoded) names; `None` for
+    /// `REASON_UNSPECIFIED` and for a value this build does not know (a newer writer's):
+    /// the reader decides how such a refusal fails closed.
+    pub fn from_wire(value: i32) -> Option<Reason> {
+        Some(match v1::Reason::try_from(value).ok()? {
+            v1::Reason::Unspecified => return None,
+            v1::Reason::UnknownPod => Reason::UnknownPod,
+            v1::Reason::AmbiguousPod => Reason::AmbiguousPod,
+            v1::Reason::NoRole => Reason::NoRole,
+            v1::Reason::RoleNotPermitted => Reason::RoleNotPermitted,
+            v1::Reason::WrongRole => Reason::WrongRole,
+            v1::Reason::InvalidRole => Reason::InvalidRole,
+            v1::Reason::StsRefused => Reason::StsRefused,
+            v1::Reason::StsUnavailable => Reason::StsUnavailable,
+            v1::Reason::NotReady => Reason::NotReady,
+            v1::Reason::OtherNode => Reason::OtherNode,
+            v1::Reason::AgentUnauthenticated => Reason::AgentUnauthenticated,
+            v1::Reason::IdentityUnavailable => Reason::IdentityUnavailable,
+        })
     }
 
     /// The gRPC code a refusal of this kind travels with.
@@ -137,25 +187,29 @@ impl Reason {
         }
     }
 
-    /// A gRPC status carrying this reason and a one-line message for the pod.
+    /// A gRPC status carrying this reason (as a [`v1::Refusal`] in its details) and a
+    /// one-line message for the pod.
     pub fn status(self, message: impl Into<String>) -> tonic::Status {
-        let mut status = tonic::Status::new(self.code(), message);
+        let details = v1::Refusal {
+            reason: self.to_wire().into(),
+        };
+        let mut status =
+            tonic::Status::with_details(self.code(), message, details.encode_to_vec().into());
         status.metadata_mut().insert(
-            REASON_METADATA_KEY,
+            LEGACY_REASON_METADATA_KEY,
             tonic::metadata::MetadataValue::from_static(self.as_str()),
         );
         status
     }
 
-    /// The reason named `name` on the wire, if any.
-    pub fn from_name(name: &str) -> Option<Reason> {
-        Reason::ALL.into_iter().find(|r| r.as_str() == name)
-    }
-
-    /// The reason a status carries, if it came from a podiam server.
+    /// The reason a status carries, if it came from a podiam server and names a reason this
+    /// build knows; `None` otherwise (the status is then judged by its code).
     pub fn of(status: &tonic::Status) -> Option<Reason> {
-        let value = status.metadata().get(REASON_METADATA_KEY)?.to_str().ok()?;
-        Reason::from_name(value)
+        if status.details().is_empty() {
+            return None;
+        }
+        let refusal = v1::Refusal::decode(status.details()).ok()?;
+        Reason::from_wire(refusal.reason)
     }
 }
 
@@ -165,16 +219,63 @@ impl fmt::Display for Reason {
     }
 }
 
+/// An address on the wire that is not one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidIp {
+    /// The text, cut to 64 characters.
+    pub text: String,
+}
+
+impl fmt::Display for InvalidIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not an IP address", self.text)
+    }
+}
+
+impl std::error::Error for InvalidIp {}
+
+/// A pod's address as text (a request's `ip`, a node stream's, a pod's `status.podIP`)
+/// parsed into the one form every comparison uses: an [`IpAddr`] (so IPv6's several
+/// spellings are one address), canonical (an IPv4-mapped IPv6 address is its IPv4 address,
+/// as the agent sees a peer). Every edge parses with this, once.
+pub fn parse_ip(text: &str) -> Result<IpAddr, InvalidIp> {
+    text.parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| InvalidIp {
+            text: text.chars().take(64).collect(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_reason_survives_a_status_round_trip() {
+    fn every_reason_survives_the_wire_enum_and_a_status() {
         for reason in Reason::ALL {
+            let wire = i32::from(reason.to_wire());
+            assert_eq!(Reason::from_wire(wire), Some(reason), "{reason}");
             let status = reason.status("why");
-            assert_eq!(Reason::of(&status), Some(reason));
+            assert_eq!(Reason::of(&status), Some(reason), "{reason}");
             assert_eq!(status.code(), reason.code());
+            assert_eq!(status.message(), "why");
+        }
+        // Every wire value but the unspecified one is some reason: none is left out.
+        let named: std::collections::HashSet<i32> =
+            Reason::ALL.iter().map(|r| i32::from(r.to_wire())).collect();
+        assert_eq!(named.len(), Reason::ALL.len());
+        assert!(!named.contains(&i32::from(v1::Reason::Unspecified)));
+    }
+
+    #[test]
+    fn a_status_survives_the_transport() {
+        // What a client decodes from the trailers a server sends.
+        for reason in Reason::ALL {
+            let sent = reason.status("why");
+            let mut headers = http::HeaderMap::new();
+            sent.add_header(&mut headers).expect("encodes");
+            let received = tonic::Status::from_header_map(&headers).expect("a status");
+            assert_eq!(Reason::of(&received), Some(reason), "{reason}");
         }
     }
 
@@ -200,8 +301,44 @@ mod tests {
     }
 
     #[test]
-    fn a_status_without_reason_has_none() {
+    fn an_unknown_or_missing_reason_is_none() {
         assert_eq!(Reason::of(&tonic::Status::internal("boom")), None);
+        assert_eq!(Reason::from_wire(0), None, "unspecified");
+        // A newer server's reason: the reader cannot act on it and must fail closed.
+        assert_eq!(Reason::from_wire(9999), None);
+        let newer = v1::Refusal { reason: 9999 };
+        let status = tonic::Status::with_details(
+            tonic::Code::PermissionDenied,
+            "a reason from the future",
+            newer.encode_to_vec().into(),
+        );
+        assert_eq!(Reason::of(&status), None);
+        let garbage =
+            tonic::Status::with_details(tonic::Code::NotFound, "x", vec![0xff, 0xff].into());
+        assert_eq!(Reason::of(&garbage), None);
+    }
+
+    #[test]
+    fn addresses_parse_once_into_one_form() {
+        let ip = |s: &str| parse_ip(s).expect(s);
+        assert_eq!(ip("10.0.0.1"), IpAddr::from([10, 0, 0, 1]));
+        // IPv6's spellings are one address, and an IPv4-mapped one is its IPv4 address.
+        assert_eq!(ip("fd00::1"), ip("fd00:0:0:0:0:0:0:1"));
+        assert_eq!(ip("FD00::0001"), ip("fd00::1"));
+        assert_eq!(ip("::ffff:10.0.0.1"), ip("10.0.0.1"));
+        for bad in [
+            "",
+            "10.0.0",
+            "10.0.0.1:80",
+            " 10.0.0.1",
+            "pod",
+            "10.0.0.256",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad:?}");
+        }
+        let long = "x".repeat(1000);
+        let error = parse_ip(&long).expect_err("not an address");
+        assert_eq!(error.text.len(), 64, "what is kept of a bad one is bounded");
     }
 
     #[test]

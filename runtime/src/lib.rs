@@ -11,8 +11,10 @@
 //! - [`net`]: where connections come from ([`net::Listener`]) and go to ([`net::Dialer`]):
 //!   TCP for the daemons, and with the feature `test-util`, [`memory`]: an in-memory
 //!   network for in-process tests on paused time.
+//! - [`clock`]: the wall clock's one reading, [`clock::now_unix`].
 
 pub mod accept;
+pub mod clock;
 pub mod connect;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use futures::FutureExt;
@@ -342,14 +342,6 @@ impl std::fmt::Debug for Identities {
     }
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
 /// The `exp` claim of a JWT-shaped token, read without checking anything: only to know how
 /// long a review the API has just made may be trusted.
 pub fn token_expiry(token: &str) -> Option<u64> {
@@ -390,7 +382,11 @@ fn digest(token: &str, audiences: &[String]) -> [u8; 32] {
 
 impl Identities {
     pub fn new(reviewer: Arc<dyn Reviewer>, counters: IdentityCounters) -> Identities {
-        Identities::with_clock(reviewer, counters, Arc::new(unix_now))
+        Identities::with_clock(
+            reviewer,
+            counters,
+            Arc::new(|| u64::try_from(podiam_runtime::clock::now_unix()).unwrap_or_default()),
+        )
     }
 
     /// With an injected clock (Unix seconds), for tests.

@@ -31,7 +31,8 @@ use podiam_proto::v1::{
     NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request, node_event,
     podiam_server::Podiam,
 };
-use podiam_proto::{Reason, valid_role_name};
+use podiam_proto::{InvalidIp, Reason, valid_role_name};
+use podiam_runtime::clock::now_unix;
 use podiam_runtime::telemetry::Escaped;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -76,6 +77,9 @@ pub enum Failure {
     Binding(BindingFailure),
     #[error("{0}")]
     Operator(OperatorFailure),
+    /// A request's address is not one: the caller's mistake, not a refusal.
+    #[error("{0}")]
+    BadIp(#[from] InvalidIp),
     #[error("{0}")]
     BadRequest(String),
 }
@@ -148,29 +152,35 @@ impl Failure {
     /// The one mapping from failures to gRPC statuses.
     pub fn status(&self) -> Status {
         let message = self.to_string();
-        let reason = match self {
-            Failure::BadRequest(_) | Failure::Refused(Refusal::BadIp(_)) => {
-                return Status::invalid_argument(message);
+        match self {
+            Failure::BadRequest(_) | Failure::BadIp(_) => Status::invalid_argument(message),
+            Failure::Refused(refusal) => refusal.reason().status(message),
+            Failure::Sts(error) => sts_reason(error).status(message),
+            Failure::Binding(BindingFailure::Unavailable(_)) => {
+                Reason::IdentityUnavailable.status(message)
             }
-            Failure::Refused(refusal) => refusal.reason().unwrap_or(Reason::UnknownPod),
-            Failure::Sts(StsError::Refused { .. }) => Reason::StsRefused,
-            Failure::Sts(StsError::Unavailable(_)) => Reason::StsUnavailable,
-            Failure::Binding(BindingFailure::Unavailable(_)) => Reason::IdentityUnavailable,
-            Failure::Binding(BindingFailure::OtherNodeStream { .. }) => Reason::OtherNode,
-            Failure::Binding(_) => Reason::AgentUnauthenticated,
-            Failure::Operator(failure) => {
-                return match failure {
-                    OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
-                        Status::unauthenticated(message)
-                    }
-                    OperatorFailure::AgentToken | OperatorFailure::Forbidden { .. } => {
-                        Status::permission_denied(message)
-                    }
-                    OperatorFailure::Unavailable(_) => Status::unavailable(message),
-                };
+            Failure::Binding(BindingFailure::OtherNodeStream { .. }) => {
+                Reason::OtherNode.status(message)
             }
-        };
-        reason.status(message)
+            Failure::Binding(_) => Reason::AgentUnauthenticated.status(message),
+            Failure::Operator(failure) => match failure {
+                OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
+                    Status::unauthenticated(message)
+                }
+                OperatorFailure::AgentToken | OperatorFailure::Forbidden { .. } => {
+                    Status::permission_denied(message)
+                }
+                OperatorFailure::Unavailable(_) => Status::unavailable(message),
+            },
+        }
+    }
+}
+
+/// The reason an STS failure is refused for.
+fn sts_reason(error: &StsError) -> Reason {
+    match error {
+        StsError::Refused { .. } => Reason::StsRefused,
+        StsError::Unavailable(_) => Reason::StsUnavailable,
     }
 }
 
@@ -339,9 +349,9 @@ fn dns_label(label: &str) -> bool {
 /// without quoting it (an address is quoted escaped).
 fn explain_target(request: ExplainRequest) -> Result<ExplainTarget, String> {
     match request.target {
-        Some(explain_request::Target::Ip(ip)) => parse_ip(&ip)
+        Some(explain_request::Target::Ip(ip)) => podiam_proto::parse_ip(&ip)
             .map(ExplainTarget::Ip)
-            .map_err(|refusal| refusal.to_string()),
+            .map_err(|error| error.to_string()),
         Some(explain_request::Target::Pod(pod)) => {
             if !dns_label(&pod.namespace) {
                 return Err(
@@ -507,7 +517,7 @@ impl PodiamService {
         peer: Option<SocketAddr>,
         request: GetCredentialsRequest,
     ) -> Result<GetCredentialsResponse, Failure> {
-        let ip = parse_ip(&request.ip)?;
+        let ip = podiam_proto::parse_ip(&request.ip)?;
         if !valid_role_name(&request.role_name) {
             return Err(Failure::BadRequest(
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
@@ -526,9 +536,9 @@ impl PodiamService {
         let issued = match self.cache.get(key.clone()).await {
             Ok(issued) => issued,
             Err(error) => {
-                let failure = Failure::Sts(error);
-                self.events.report(notice(&pod, &failure));
-                return Err(failure);
+                self.events
+                    .report(notice(&pod, sts_reason(&error), error.to_string()));
+                return Err(Failure::Sts(error));
             }
         };
         tracing::info!(
@@ -640,7 +650,7 @@ impl PodiamService {
                                 | Refusal::NotPermitted { .. }
                                 | Refusal::InvalidRole { .. }
                         ) {
-                            notices.push(notice(&pod, &Failure::Refused(refusal)));
+                            notices.push(notice(&pod, refusal.reason(), refusal.to_string()));
                         }
                     }
                 }
@@ -656,14 +666,14 @@ impl PodiamService {
                     busy.insert(key);
                 }
                 KeyHealth::Failing(error) => {
-                    failing.insert(key, Failure::Sts(error));
+                    failing.insert(key, error);
                 }
             }
         }
         let mut keep: HashSet<&str> = HashSet::new();
         for (pod, key) in &permitted {
-            if let Some(failure) = failing.get(key) {
-                notices.push(notice(pod, failure));
+            if let Some(error) = failing.get(key) {
+                notices.push(notice(pod, sts_reason(error), error.to_string()));
             } else if busy.contains(key) {
                 keep.insert(&pod.uid);
             }
@@ -674,6 +684,89 @@ impl PodiamService {
             self.events.report(notice);
         }
         survey
+    }
+
+    /// The node whose stream `caller` may follow, asking for `asked`, and the agent it is
+    /// proven to be: its own node, or (with `--node-binding warn`, or unproven) the node it
+    /// asks for. Another node's stream is refused to a proven agent, counted and logged.
+    fn stream_node(
+        &self,
+        caller: Caller,
+        asked: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<(String, Option<ProvenAgent>), Status> {
+        match caller {
+            Caller::Agent(agent) if agent.node == asked => Ok((agent.node.clone(), Some(agent))),
+            Caller::Agent(agent) => {
+                let failure = BindingFailure::OtherNodeStream {
+                    proven: agent.node.clone(),
+                    asked: asked.to_string(),
+                };
+                self.identities.counters().refused(failure.label());
+                tracing::warn!(
+                    agent_node = %agent.node,
+                    agent_pod = %agent.pod,
+                    asked = %asked,
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    answered = self.settings.binding.mode == BindingMode::Warn,
+                    "agent asked for another node's stream"
+                );
+                if self.settings.binding.mode == BindingMode::Enforce {
+                    return Err(Failure::Binding(failure).status());
+                }
+                Ok((asked.to_string(), None))
+            }
+            Caller::Unproven => Ok((asked.to_string(), None)),
+        }
+    }
+
+    /// Serves one node stream into `tx` until it ends, registered among the agents (for
+    /// Status) and holding its caller's slot meanwhile; tells the agent why it ended when
+    /// that is the replica's doing.
+    async fn serve_node_stream(
+        self,
+        stream: NodeStream,
+        tx: mpsc::Sender<Result<NodeEvent, Status>>,
+    ) {
+        let NodeStream {
+            node,
+            agent,
+            agent_version,
+            caller,
+        } = stream;
+        self.node_streams.inc();
+        let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let agent_pod = agent.as_ref().map(|a| a.pod.clone()).unwrap_or_default();
+        self.agents().insert(
+            id,
+            AgentStatus {
+                node_name: node.clone(),
+                agent_version: agent_version.clone(),
+                connected_unix: now_unix(),
+                agent_pod: agent_pod.clone(),
+            },
+        );
+        tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
+        let ended = self.follow_node(&node, agent.as_ref(), &tx).await;
+        self.agents().remove(&id);
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .give_back(&caller);
+        self.node_streams.dec();
+        match ended {
+            StreamEnd::Draining => {
+                let _ = tx
+                    .send(Err(Reason::NotReady.status("server shutting down")))
+                    .await;
+            }
+            StreamEnd::AgentUnbound => {
+                let failure = Failure::Binding(BindingFailure::AgentGone(agent_pod.clone()));
+                let _ = tx.send(Err(failure.status())).await;
+            }
+            StreamEnd::AgentGone => {}
+        }
+        tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
     }
 
     /// The agents' registry (a poisoned lock still holds a usable map).
@@ -792,12 +885,6 @@ impl PodiamService {
     }
 }
 
-/// Parses the IP of a request.
-fn parse_ip(ip: &str) -> Result<IpAddr, Refusal> {
-    ip.parse::<IpAddr>()
-        .map_err(|_| Refusal::BadIp(ip.chars().take(64).collect()))
-}
-
 /// A digest of a pod state: what a node stream remembers of each state it sent (a whole
 /// copy per pod per stream would cost tens of MiB at 100k pods).
 fn digest(state: &podiam_proto::v1::PodState) -> u64 {
@@ -808,6 +895,18 @@ fn digest(state: &podiam_proto::v1::PodState) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     hasher.write(&state.encode_to_vec());
     hasher.finish()
+}
+
+/// One node stream, as [`PodiamService::serve_node_stream`] serves it.
+#[derive(Debug)]
+struct NodeStream {
+    /// The node whose pods it carries.
+    node: String,
+    /// The agent it is proven to serve, if any.
+    agent: Option<ProvenAgent>,
+    agent_version: String,
+    /// Whose slot it holds (see [`StreamSlots`]).
+    caller: String,
 }
 
 /// Why a node stream ended.
@@ -824,15 +923,14 @@ enum StreamEnd {
 /// How many node events may wait for a slow agent before the stream's task waits too.
 const NODE_STREAM_BUFFER: usize = 256;
 
-/// The Event to tell about a refused pod.
-fn notice(pod: &PodRecord, failure: &Failure) -> Notice {
-    let status = failure.status();
+/// The Event to tell about a pod refused for `reason`, saying `note`.
+fn notice(pod: &PodRecord, reason: Reason, note: String) -> Notice {
     Notice {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         uid: pod.uid.clone(),
-        reason: Reason::of(&status).unwrap_or(Reason::NoRole),
-        note: status.message().to_string(),
+        reason,
+        note,
     }
 }
 
@@ -855,7 +953,7 @@ impl Podiam for PodiamService {
         let caller = self.agent(&request, "GetPodRole").await?;
         let peer = request.remote_addr();
         let request = request.into_inner();
-        let ip = parse_ip(&request.ip).map_err(|r| refuse(r.into()))?;
+        let ip = podiam_proto::parse_ip(&request.ip).map_err(|e| refuse(e.into()))?;
         let Decision { pod, role } = self
             .decide(ip, &caller, peer, "GetPodRole")
             .map_err(|r| refuse(r.into()))?;
@@ -896,31 +994,7 @@ impl Podiam for PodiamService {
             ));
         }
         let agent_version = agent_version(&request.agent_version);
-        let (node, agent) = match caller {
-            Caller::Agent(agent) if agent.node == request.node_name => {
-                (agent.node.clone(), Some(agent))
-            }
-            Caller::Agent(agent) => {
-                let failure = BindingFailure::OtherNodeStream {
-                    proven: agent.node.clone(),
-                    asked: request.node_name.clone(),
-                };
-                self.identities.counters().refused(failure.label());
-                tracing::warn!(
-                    agent_node = %agent.node,
-                    agent_pod = %agent.pod,
-                    asked = %request.node_name,
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    answered = self.settings.binding.mode == BindingMode::Warn,
-                    "agent asked for another node's stream"
-                );
-                if self.settings.binding.mode == BindingMode::Enforce {
-                    return Err(Failure::Binding(failure).status());
-                }
-                (request.node_name.clone(), None)
-            }
-            Caller::Unproven => (request.node_name.clone(), None),
-        };
+        let (node, agent) = self.stream_node(caller, &request.node_name, peer)?;
         let caller = match &agent {
             Some(agent) => agent.pod_uid.clone(),
             None => format!(
@@ -940,43 +1014,13 @@ impl Podiam for PodiamService {
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
         // The service's parts are shared handles. The task ends when the stream closes (the
         // agent went away), the agent's pod goes, or the replica starts draining.
-        let service = self.clone();
-        tokio::spawn(async move {
-            service.node_streams.inc();
-            let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
-            let agent_pod = agent.as_ref().map(|a| a.pod.clone()).unwrap_or_default();
-            service.agents().insert(
-                id,
-                AgentStatus {
-                    node_name: node.clone(),
-                    agent_version: agent_version.clone(),
-                    connected_unix: unix_now(),
-                    agent_pod: agent_pod.clone(),
-                },
-            );
-            tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
-            let ended = service.follow_node(&node, agent.as_ref(), &tx).await;
-            service.agents().remove(&id);
-            service
-                .slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .give_back(&caller);
-            service.node_streams.dec();
-            match ended {
-                StreamEnd::Draining => {
-                    let _ = tx
-                        .send(Err(Reason::NotReady.status("server shutting down")))
-                        .await;
-                }
-                StreamEnd::AgentUnbound => {
-                    let failure = Failure::Binding(BindingFailure::AgentGone(agent_pod.clone()));
-                    let _ = tx.send(Err(failure.status())).await;
-                }
-                StreamEnd::AgentGone => {}
-            }
-            tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
-        });
+        let stream = NodeStream {
+            node,
+            agent,
+            agent_version,
+            caller,
+        };
+        tokio::spawn(self.clone().serve_node_stream(stream, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -1024,13 +1068,6 @@ impl Podiam for PodiamService {
             draining: self.draining.is_cancelled(),
         }))
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1144,6 +1181,66 @@ mod tests {
             ..StreamSlots::default()
         };
         assert!(full.take("agent-c").is_err(), "the replica's cap");
+    }
+
+    #[test]
+    fn a_bad_address_is_the_callers_mistake_not_a_refusal() {
+        for bad in ["10.0.0", "", "10.0.0.1:80", "pod-a"] {
+            let error = podiam_proto::parse_ip(bad).expect_err("not an address");
+            let status = Failure::from(error).status();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert_eq!(Reason::of(&status), None, "{bad:?}: no refusal reason");
+            assert!(
+                status
+                    .message()
+                    .contains(&format!("{bad:?} is not an IP address")),
+                "{status:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_refusal_travels_with_its_own_reason() {
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let cases: Vec<(Failure, Reason)> = vec![
+            (Refusal::NotReady.into(), Reason::NotReady),
+            (Refusal::UnknownPod(ip).into(), Reason::UnknownPod),
+            (Refusal::NoRole("ns/pod".into()).into(), Reason::NoRole),
+            (
+                Refusal::OtherNode {
+                    ip,
+                    node: "node-a".into(),
+                }
+                .into(),
+                Reason::OtherNode,
+            ),
+            (
+                StsError::Refused {
+                    code: "AccessDenied".into(),
+                    message: "no".into(),
+                }
+                .into(),
+                Reason::StsRefused,
+            ),
+            (
+                StsError::Unavailable("throttled".into()).into(),
+                Reason::StsUnavailable,
+            ),
+            (
+                Failure::Binding(BindingFailure::NoToken),
+                Reason::AgentUnauthenticated,
+            ),
+            (
+                Failure::Binding(BindingFailure::Unavailable("api down".into())),
+                Reason::IdentityUnavailable,
+            ),
+        ];
+        for (failure, reason) in cases {
+            let status = failure.status();
+            assert_eq!(Reason::of(&status), Some(reason), "{failure}");
+            assert_eq!(status.code(), reason.code(), "{failure}");
+            assert_eq!(status.message(), failure.to_string());
+        }
     }
 
     #[test]

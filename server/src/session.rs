@@ -131,7 +131,7 @@ mod tests {
             uid: "0b5e-11".into(),
             namespace: "team-a".into(),
             name: "web-7f9c".into(),
-            ip: Some("10.0.0.1".into()),
+            ip: Some([10, 0, 0, 1].into()),
             phase: Some("Running".into()),
             host_network: false,
             node_name: Some("node-1".into()),

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
+use podiam_runtime::clock::now_unix;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::task::TaskTracker;
 
@@ -207,14 +208,6 @@ impl AssumeRole for SdkAssumeRole {
             })
         })
     }
-}
-
-/// Seconds since the Unix epoch, now.
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 /// Where the cache reads the time: milliseconds since the Unix epoch.

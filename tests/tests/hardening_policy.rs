@@ -422,7 +422,11 @@ async fn a_pods_refusal_names_nothing_of_another_namespace() {
         } else {
             "team-a"
         };
-        assert_eq!(state.refusal_reason, "ambiguous-pod", "{state:?}");
+        assert_eq!(
+            Reason::from_wire(state.refusal_reason),
+            Some(Reason::AmbiguousPod),
+            "{state:?}"
+        );
         for secret in secrets(other) {
             assert!(!state.refusal_message.contains(&secret), "{state:?}");
         }

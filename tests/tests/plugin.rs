@@ -132,7 +132,7 @@ async fn server_decides(
         &format!("{namespace}/{name}: {reason:?}"),
         || async {
             let answer = server_explain(client, namespace, name).await;
-            answer.reason == reason && answer.allowed == reason.is_empty()
+            reason_name(answer.reason) == reason && answer.allowed == reason.is_empty()
         },
     )
     .await;
@@ -933,4 +933,9 @@ fn tempfile_kubeconfig(kubeconfig: &Path, server: &str) -> PathBuf {
     let path = kubeconfig.with_file_name("dead-kubeconfig");
     std::fs::write(&path, rewritten).expect("written");
     path
+}
+
+/// A wire reason by the name pods read ("" for none).
+fn reason_name(wire: i32) -> &'static str {
+    podiam_proto::Reason::from_wire(wire).map_or("", podiam_proto::Reason::as_str)
 }

@@ -1,0 +1,460 @@
+//! The agent's side of the gRPC contract: calls to the servers (through the failover of
+//! [`crate::replicas`]), the node stream, and the readiness they imply. Answers leave here
+//! in the agent's own types ([`crate::decision`]).
+//!
+//! Connections are made lazily, so an unreachable server never stops the agent from
+//! starting: it serves (answering 503), reports not-ready, and keeps retrying.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use podiam_proto::Reason;
+use podiam_proto::v1::{
+    Credentials, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, WatchNodeRequest, node_event,
+};
+use podiam_runtime::telemetry::Escaped;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::CredentialCache;
+use crate::decision::{PodDecision, Refusal, Role, ServerError};
+use crate::metrics::NodeStreamMetrics;
+use crate::pods::PodTable;
+use crate::replicas::{HEALTH_INTERVAL, Replica, ServerSet};
+
+/// Wait before re-opening a node stream that failed twice in a row (the first retry, on
+/// another replica, is immediate); doubles up to the maximum.
+const STREAM_RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest wait between attempts to re-open the node stream.
+const STREAM_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A stream that carried heartbeats and then is silent this long is broken: three of the
+/// server's heartbeats (one a second) missed.
+const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
+/// Health checks of the stream's replica that must fail in a row, while another replica's
+/// pass, before the stream moves: one late answer on a busy machine is not enough.
+const LEAVE_AFTER_CHECKS: u32 = 2;
+
+/// Credentials the servers issued, and the pod they issued them for.
+#[derive(Debug)]
+pub struct Issued {
+    /// The UID of the pod the servers found at the address.
+    pub pod_uid: String,
+    pub credentials: Credentials,
+}
+
+/// The podiam servers as this agent talks to them: every call goes through the
+/// [`ServerSet`]'s failover.
+#[derive(Debug)]
+pub struct Servers {
+    replicas: Arc<ServerSet>,
+    node_name: String,
+    /// Set when the agent is shutting down: it reports not ready from then on.
+    stopping: AtomicBool,
+    /// Set while the servers refuse this agent's identity (its token): it reports not
+    /// ready, since every pod would be refused.
+    refused_identity: AtomicBool,
+    /// The replica whose node stream is synced now: calls go there first.
+    stream_replica: Mutex<Option<SocketAddr>>,
+    stream_metrics: NodeStreamMetrics,
+}
+
+impl Servers {
+    pub fn new(
+        replicas: Arc<ServerSet>,
+        node_name: String,
+        stream_metrics: NodeStreamMetrics,
+    ) -> Servers {
+        Servers {
+            replicas,
+            node_name,
+            stopping: AtomicBool::new(false),
+            refused_identity: AtomicBool::new(false),
+            stream_replica: Mutex::new(None),
+            stream_metrics,
+        }
+    }
+
+    fn stream_replica(&self) -> Option<SocketAddr> {
+        *self
+            .stream_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The replica whose stream has just synced (`None`: the stream broke).
+    fn set_stream_replica(&self, replica: Option<SocketAddr>) {
+        *self
+            .stream_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = replica;
+        self.stream_metrics.synced.set(i64::from(replica.is_some()));
+        if replica.is_some() {
+            self.stream_metrics.syncs.inc();
+        }
+    }
+
+    /// The replicas and their failover.
+    pub fn replicas(&self) -> &ServerSet {
+        &self.replicas
+    }
+
+    /// The role of the pod at `ip`, as the servers decide it now.
+    pub async fn pod_role(&self, ip: IpAddr) -> Result<Role, ServerError> {
+        let request = GetPodRoleRequest {
+            ip: ip.to_string(),
+            node_name: self.node_name.clone(),
+        };
+        let answer = self
+            .replicas
+            .call(self.stream_replica(), |mut client| {
+                let request = request.clone();
+                async move { client.get_pod_role(request).await }
+            })
+            .await?;
+        Ok(Role {
+            name: answer.role_name,
+            arn: answer.role_arn,
+        })
+    }
+
+    /// Credentials for the pod at `ip`, if `role_name` is its role.
+    pub async fn credentials(&self, ip: IpAddr, role_name: &str) -> Result<Issued, ServerError> {
+        let request = GetCredentialsRequest {
+            ip: ip.to_string(),
+            role_name: role_name.to_string(),
+            node_name: self.node_name.clone(),
+        };
+        let answer = self
+            .replicas
+            .call(self.stream_replica(), |mut client| {
+                let request = request.clone();
+                async move { client.get_credentials(request).await }
+            })
+            .await?;
+        let credentials = answer
+            .credentials
+            .ok_or_else(|| ServerError::Other("answer without credentials".into()))?;
+        Ok(Issued {
+            pod_uid: answer.pod.map(|p| p.uid).unwrap_or_default(),
+            credentials,
+        })
+    }
+
+    /// The node this agent serves.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// Ready: some server replica is ready, the servers accept this agent's token, and the
+    /// agent is not shutting down.
+    pub fn ready(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire)
+            && !self.refused_identity.load(Ordering::Acquire)
+            && self.replicas.any_ready()
+    }
+
+    /// The agent is shutting down: report not ready from now on.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+impl Servers {
+    /// Follows a server replica's stream of this node's pods into `table` until `shutdown`,
+    /// dropping cached credentials of every pod whose decision changes. A broken stream —
+    /// ended, failed, or silent for [`STREAM_SILENCE_LIMIT`] after heartbeats were seen —
+    /// marks the table unsynced (requests then ask the servers directly) and is re-opened on
+    /// another replica at once, then with backoff; each new stream starts with a full
+    /// snapshot that replaces the table.
+    pub async fn follow_node(
+        &self,
+        table: &PodTable,
+        cache: &CredentialCache,
+        shutdown: CancellationToken,
+    ) {
+        let mut retry = Duration::ZERO;
+        let mut last: Option<SocketAddr> = None;
+        loop {
+            // Another replica than the one whose stream just broke, if there is one.
+            let picked = self
+                .replicas
+                .pick(last)
+                .or_else(|| self.replicas.pick(None));
+            let Some(replica) = picked else {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(STREAM_RETRY_MIN) => {}
+                }
+                continue;
+            };
+            last = Some(replica.addr);
+            let ended = self.follow_replica(&replica, table, cache, &shutdown).await;
+            if let StreamEnded::Synced(_) = &ended {
+                retry = Duration::ZERO;
+            }
+            if !self.judge(&replica, &ended) {
+                return;
+            }
+            table.unsync();
+            if !retry.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(retry) => {}
+                }
+            }
+            retry = (retry * 2).clamp(STREAM_RETRY_MIN, STREAM_RETRY_MAX);
+        }
+    }
+
+    /// Opens `replica`'s node stream and follows it into `table` until it ends.
+    async fn follow_replica(
+        &self,
+        replica: &Replica,
+        table: &PodTable,
+        cache: &CredentialCache,
+        shutdown: &CancellationToken,
+    ) -> StreamEnded {
+        let request = WatchNodeRequest {
+            node_name: self.node_name.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut client = replica.client();
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return StreamEnded::Shutdown,
+            opened = client.watch_node(request) => opened,
+        };
+        let response = match opened {
+            Ok(response) => response,
+            Err(status) => return StreamEnded::NotOpened(ServerError::from(status)),
+        };
+        let synced = || {
+            self.set_stream_replica(Some(replica.addr));
+            if self.refused_identity.swap(false, Ordering::AcqRel) {
+                tracing::info!("the servers accept this agent's token again");
+            }
+        };
+        let elsewhere = || self.replicas.instead_of(replica);
+        let follow = Follow {
+            shutdown,
+            synced,
+            elsewhere,
+        };
+        let ended = follow_stream(response.into_inner(), Applier::new(table, cache), follow).await;
+        self.set_stream_replica(None);
+        if let StreamEnded::Synced(why) = &ended {
+            tracing::warn!(replica = %replica.addr, why = %Escaped(why), "node stream broke; answering from the servers until it is back");
+        }
+        ended
+    }
+
+    /// What a stream's end says of `replica` (and of this agent); false when the agent is
+    /// stopping.
+    fn judge(&self, replica: &Replica, ended: &StreamEnded) -> bool {
+        match ended {
+            StreamEnded::Shutdown => return false,
+            StreamEnded::Synced(why) | StreamEnded::NotOpened(why) if refuses_identity(why) => {
+                // The agent's own fault, not the replica's: every replica would say the
+                // same. Not ready until a stream opens; said once per spell.
+                if !self.refused_identity.swap(true, Ordering::AcqRel) {
+                    tracing::error!(replica = %replica.addr, why = %Escaped(why), "the server refuses this agent's identity (its projected token, or its node name); not ready");
+                }
+            }
+            StreamEnded::Synced(why) | StreamEnded::NotOpened(why) => {
+                // A draining (or not yet synced) replica says so: skip it until its health
+                // says otherwise; any other end makes it suspect.
+                if matches!(
+                    why,
+                    ServerError::Refused(Refusal {
+                        reason: Reason::NotReady,
+                        ..
+                    })
+                ) {
+                    replica.mark_not_ready();
+                } else {
+                    replica.mark_suspect();
+                }
+                if let StreamEnded::NotOpened(why) = ended {
+                    tracing::debug!(replica = %replica.addr, why = %Escaped(why), "cannot open the node stream there");
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Whether the server refused the agent itself rather than failed: its token is missing,
+/// not accepted or not an agent's, or its node name is not the node its token proves.
+fn refuses_identity(why: &ServerError) -> bool {
+    matches!(
+        why,
+        ServerError::Refused(Refusal {
+            reason: Reason::AgentUnauthenticated | Reason::OtherNode,
+            ..
+        })
+    )
+}
+
+/// How one node stream ended.
+enum StreamEnded {
+    /// The agent is stopping.
+    Shutdown,
+    /// The stream had synced and then broke, for this reason.
+    Synced(ServerError),
+    /// The stream could not be opened or broke before its snapshot was complete.
+    NotOpened(ServerError),
+}
+
+/// What one followed stream reports to, besides the table.
+struct Follow<'a, S, E> {
+    shutdown: &'a CancellationToken,
+    /// Called once the stream's snapshot is in.
+    synced: S,
+    /// Another replica to follow instead, when this one's health checks fail.
+    elsewhere: E,
+}
+
+/// One stream's events, applied: gathered into a snapshot until it is complete, then each
+/// applied to the table, dropping the cached credentials of every pod whose decision
+/// changed.
+struct Applier<'a> {
+    table: &'a PodTable,
+    cache: &'a CredentialCache,
+    /// The snapshot so far; `None` once it is in the table.
+    snapshot: Option<Vec<(IpAddr, PodDecision)>>,
+    /// Whether the stream has sent a heartbeat.
+    heartbeats: bool,
+}
+
+impl<'a> Applier<'a> {
+    fn new(table: &'a PodTable, cache: &'a CredentialCache) -> Applier<'a> {
+        Applier {
+            table,
+            cache,
+            snapshot: Some(Vec::new()),
+            heartbeats: false,
+        }
+    }
+
+    /// How the stream ended, for `why`: after its snapshot was in, or before.
+    fn ended(&self, why: ServerError) -> StreamEnded {
+        match self.snapshot {
+            None => StreamEnded::Synced(why),
+            Some(_) => StreamEnded::NotOpened(why),
+        }
+    }
+
+    /// Applies one event; true when it completed the snapshot.
+    fn apply(&mut self, event: node_event::Event) -> bool {
+        match (event, self.snapshot.as_mut()) {
+            (node_event::Event::Upsert(state), pods) => {
+                // Converted once, here; a state the agent cannot read is left out, as if
+                // the pod were not there (its requests are then refused or asked about).
+                let (ip, decision) = match PodDecision::from_state(state) {
+                    Ok(pod) => pod,
+                    Err(error) => {
+                        // The names in it are the server's, escaped like every server text.
+                        tracing::warn!(error = %Escaped(&error), "a node stream's pod state left out");
+                        return false;
+                    }
+                };
+                match pods {
+                    Some(pods) => pods.push((ip, decision)),
+                    None => {
+                        if let Some(uid) = self.table.upsert(ip, decision) {
+                            self.cache.forget(&uid);
+                        }
+                    }
+                }
+            }
+            (node_event::Event::DeleteUid(uid), Some(pods)) => {
+                pods.retain(|(_, decision)| decision.pod.uid != uid);
+            }
+            (node_event::Event::DeleteUid(uid), None) => {
+                self.table.remove(&uid);
+                self.cache.forget(&uid);
+            }
+            (node_event::Event::Synced(_), Some(_)) => {
+                let pods = self.snapshot.take().unwrap_or_default();
+                let count = pods.len();
+                for uid in self.table.replace(pods) {
+                    self.cache.forget(&uid);
+                }
+                tracing::info!(pods = count, "node stream synced");
+                return true;
+            }
+            (node_event::Event::Heartbeat(_), _) => self.heartbeats = true,
+            (node_event::Event::Synced(_), None) => {}
+        }
+        false
+    }
+
+    /// How long the stream may be silent: [`STREAM_SILENCE_LIMIT`] once it has sent a
+    /// heartbeat; a server that sends none (an older one) is trusted while the stream
+    /// lasts, as before.
+    fn silence(&self) -> Duration {
+        if self.heartbeats {
+            STREAM_SILENCE_LIMIT
+        } else {
+            Duration::from_secs(86_400)
+        }
+    }
+}
+
+/// Follows one stream into `applier` until it ends, or until its replica has failed
+/// [`LEAVE_AFTER_CHECKS`] health checks in a row while another replica passes them: a
+/// replica too slow to answer its health checks in time is late with every grant and
+/// revocation too, so the stream moves as it does off a silent one.
+async fn follow_stream<S, E>(
+    mut stream: tonic::Streaming<NodeEvent>,
+    mut applier: Applier<'_>,
+    follow: Follow<'_, S, E>,
+) -> StreamEnded
+where
+    S: Fn(),
+    E: Fn() -> Option<SocketAddr>,
+{
+    let mut checks = tokio::time::interval_at(
+        tokio::time::Instant::now() + HEALTH_INTERVAL,
+        HEALTH_INTERVAL,
+    );
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_checks = 0;
+    // Silence is counted from the last message, across the health checks' ticks.
+    let mut last_message = tokio::time::Instant::now();
+    loop {
+        let silent_until = last_message + applier.silence();
+        let message = tokio::select! {
+            () = follow.shutdown.cancelled() => return StreamEnded::Shutdown,
+            message = tokio::time::timeout_at(silent_until, stream.message()) => message,
+            _ = checks.tick() => {
+                let other = (follow.elsewhere)();
+                failed_checks = if other.is_some() { failed_checks + 1 } else { 0 };
+                if let Some(other) = other
+                    && failed_checks >= LEAVE_AFTER_CHECKS
+                {
+                    let why = format!("its health checks fail while {other}'s pass");
+                    return applier.ended(ServerError::Unavailable(why));
+                }
+                continue;
+            }
+        };
+        last_message = tokio::time::Instant::now();
+        let event = match message {
+            Ok(Ok(Some(message))) => message.event,
+            Ok(Ok(None)) => {
+                return applier.ended(ServerError::Unavailable("the server ended it".into()));
+            }
+            Ok(Err(status)) => return applier.ended(ServerError::from(status)),
+            Err(_) => {
+                let why = format!("no heartbeat for {STREAM_SILENCE_LIMIT:?}: the replica hangs");
+                return applier.ended(ServerError::Unavailable(why));
+            }
+        };
+        if let Some(event) = event
+            && applier.apply(event)
+        {
+            (follow.synced)();
+        }
+    }
+}
