@@ -102,6 +102,10 @@ pub async fn start_nginx(
     };
     let listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     let addr = listener.local_addr()?;
+    // nginx takes an inherited socket as it finds it and its workers wait for connections in
+    // epoll: a blocking socket would leave a worker asleep in accept() while the other holds
+    // a connection with a request unread, and a load run waiting on that request forever.
+    listener.set_nonblocking(true)?;
     // Inherited by nginx (std opens sockets close-on-exec); nothing else is started meanwhile.
     nix::fcntl::fcntl(
         &listener,

@@ -121,6 +121,10 @@ pub async fn run(spec: &LoadSpec) -> LoadResult {
 
 type Sender = SendRequest<Empty<Bytes>>;
 
+/// How long one request may take before it counts as an error (and its connection is
+/// dropped): a target that never answers is a figure in the table, not a run that hangs.
+const REQUEST_BOUND: Duration = Duration::from_secs(5);
+
 /// One client's loop: its latencies, its error count and its first error.
 async fn client(
     spec: &LoadSpec,
@@ -133,42 +137,14 @@ async fn client(
     let mut kept: Option<Sender> = None;
     while Instant::now() < deadline {
         let began = Instant::now();
-        let outcome = match spec.mode {
-            Mode::KeepAlive => {
-                let sender = match kept.take() {
-                    Some(sender) => Ok(sender),
-                    None => connect(spec.target, source).await,
-                };
-                match sender {
-                    Ok(mut sender) => {
-                        let result = get(&mut sender, &spec.path, None, &spec.expect).await;
-                        // A server that said `Connection: close` (the agent does after its
-                        // per-connection request cap) gets a new connection next time, as
-                        // every HTTP client does.
-                        if result == Ok(Reuse::Yes) {
-                            kept = Some(sender);
-                        }
-                        result.map(|_| ())
-                    }
-                    Err(e) => Err(e),
+        let outcome =
+            match tokio::time::timeout(REQUEST_BOUND, attempt(spec, source, &mut kept)).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    kept = None;
+                    Err(format!("no answer within {REQUEST_BOUND:?}"))
                 }
-            }
-            Mode::NewConnection => match connect(spec.target, source).await {
-                Ok(mut sender) => get(&mut sender, &spec.path, None, &spec.expect)
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            },
-            Mode::Token => match connect(spec.target, source).await {
-                Ok(mut sender) => match token(&mut sender).await {
-                    Ok(token) => get(&mut sender, &spec.path, Some(&token), &spec.expect)
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            },
-        };
+            };
         match outcome {
             Ok(()) => samples.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32),
             Err(e) => {
@@ -180,6 +156,36 @@ async fn client(
         }
     }
     (samples, errors, first_error)
+}
+
+/// One request in the spec's mode; a keep-alive connection is taken from and put back in `kept`.
+async fn attempt(spec: &LoadSpec, source: IpAddr, kept: &mut Option<Sender>) -> Result<(), String> {
+    match spec.mode {
+        Mode::KeepAlive => {
+            let mut sender = match kept.take() {
+                Some(sender) => sender,
+                None => connect(spec.target, source).await?,
+            };
+            let reuse = get(&mut sender, &spec.path, None, &spec.expect).await?;
+            // A server that said `Connection: close` (the agent does after its per-connection
+            // request cap) gets a new connection next time, as every HTTP client does.
+            if reuse == Reuse::Yes {
+                *kept = Some(sender);
+            }
+            Ok(())
+        }
+        Mode::NewConnection => {
+            let mut sender = connect(spec.target, source).await?;
+            get(&mut sender, &spec.path, None, &spec.expect).await?;
+            Ok(())
+        }
+        Mode::Token => {
+            let mut sender = connect(spec.target, source).await?;
+            let token = token(&mut sender).await?;
+            get(&mut sender, &spec.path, Some(&token), &spec.expect).await?;
+            Ok(())
+        }
+    }
 }
 
 /// Opens an HTTP/1.1 connection from `source`.
