@@ -270,6 +270,7 @@ impl Server {
         stop.cancel();
         tasks.close();
         tasks.wait().await;
+        self.service.streams_ended().await;
         self.cache.drain().await;
         tracing::info!("server stopped");
         served

@@ -38,6 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::events::{Events, Notice};
@@ -241,6 +242,9 @@ pub struct PodiamService {
     agents: Arc<Mutex<HashMap<u64, AgentStatus>>>,
     /// Node streams open, per caller and in all, within their caps.
     slots: Arc<Mutex<StreamSlots>>,
+    /// The tasks serving node streams, so that the server waits for them (they end when
+    /// draining starts) before it says it has stopped.
+    streams: TaskTracker,
 }
 
 /// Most node streams one agent may hold on one replica. An agent needs one; a restarted
@@ -390,7 +394,14 @@ impl PodiamService {
             node_streams: Gauge::default(),
             agents: Arc::default(),
             slots: Arc::default(),
+            streams: TaskTracker::new(),
         }
+    }
+
+    /// Waits until every node stream's task has ended (after draining started, they do).
+    pub async fn streams_ended(&self) {
+        self.streams.close();
+        self.streams.wait().await;
     }
 
     /// Ties the service to the server's shutdown (`draining`) and counts its node streams in
@@ -1020,7 +1031,8 @@ impl Podiam for PodiamService {
             agent_version,
             caller,
         };
-        tokio::spawn(self.clone().serve_node_stream(stream, tx));
+        self.streams
+            .spawn(self.clone().serve_node_stream(stream, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
