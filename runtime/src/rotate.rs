@@ -190,23 +190,7 @@ mod tests {
     use super::*;
     use crate::tls::server_config;
 
-    /// A fresh CA with server and agent certificates, written to a temporary directory.
-    fn written() -> (tempfile::TempDir, podiam_certs::WrittenFiles) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
-            .expect("certificates")
-            .write_to(dir.path(), false)
-            .expect("written");
-        (dir, files)
-    }
-
-    fn server_files(files: &podiam_certs::WrittenFiles) -> TlsFiles {
-        TlsFiles {
-            ca: files.ca_cert.clone(),
-            cert: files.server_cert.clone(),
-            key: files.server_key.clone(),
-        }
-    }
+    use crate::tls::test_files::{server_files, written};
 
     #[test]
     fn rotation_swaps_in_good_files_and_keeps_the_old_on_bad_ones() {

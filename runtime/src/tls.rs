@@ -366,13 +366,13 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// Certificates on disk for the tests of this crate (TLS loading and rotation).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
+pub(crate) mod test_files {
+    use super::TlsFiles;
 
     /// A fresh CA with server and agent certificates, written to a temporary directory.
-    fn written() -> (tempfile::TempDir, podiam_certs::WrittenFiles) {
+    pub(crate) fn written() -> (tempfile::TempDir, podiam_certs::WrittenFiles) {
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")
@@ -381,13 +381,22 @@ mod tests {
         (dir, files)
     }
 
-    fn server_files(files: &podiam_certs::WrittenFiles) -> TlsFiles {
+    /// The server's files of `files`.
+    pub(crate) fn server_files(files: &podiam_certs::WrittenFiles) -> TlsFiles {
         TlsFiles {
             ca: files.ca_cert.clone(),
             cert: files.server_cert.clone(),
             key: files.server_key.clone(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use test_files::{server_files, written};
 
     #[test]
     fn good_files_load_and_build_both_configs() {

@@ -156,6 +156,32 @@ async fn answers_as_moto(port: u16) -> bool {
     )
 }
 
+/// Runs the AWS CLI `command` against moto with `creds` (environment variables) and no
+/// config or credentials file, and returns its JSON output; panics if it fails.
+pub async fn aws_cli_json(
+    command: &mut tokio::process::Command,
+    creds: &[(&str, &str)],
+) -> serde_json::Value {
+    for (key, value) in Moto::client_env() {
+        command.env(key, value);
+    }
+    command
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    for (key, value) in creds {
+        command.env(key, value);
+    }
+    let output = command
+        .args(["--output", "json"])
+        .output()
+        .await
+        .expect("the AWS CLI runs");
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("the AWS CLI printed JSON")
+}
+
 #[cfg(test)]
 mod tests {
     use super::listening_port;

@@ -9,17 +9,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::authorization::v1::{
     NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -27,13 +20,13 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
+use podiam_tests::fixtures::ApiFixture;
 use podiam_tests::kube_emulator::{
-    API_AUDIENCE, EmulatorOptions, Kind, KubeEmulator, agent_pod, cluster_role,
-    cluster_role_binding, namespace, pod, role, role_binding, service_account,
+    API_AUDIENCE, EmulatorOptions, Kind, agent_pod, cluster_role, cluster_role_binding, namespace,
+    pod, role, role_binding, service_account,
 };
 use serde_json::{Value, json};
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 /// Generous bound for anything that should take milliseconds, on a busy 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(30);
 const TEN_MINUTES: Duration = Duration::from_secs(600);
@@ -42,41 +35,19 @@ const TEN_MINUTES: Duration = Duration::from_secs(600);
 // Fixture
 // ---------------------------------------------------------------------------------------
 
-/// A started emulator, a private HOME and the admin kubeconfig, removed on drop.
-struct Fixture {
-    emulator: KubeEmulator,
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
-}
+/// The shared API fixture, with this suite's helpers.
+struct Fixture(ApiFixture);
 
-struct Kubectl {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+impl std::ops::Deref for Fixture {
+    type Target = ApiFixture;
+    fn deref(&self) -> &ApiFixture {
+        &self.0
+    }
 }
 
 impl Fixture {
     async fn start() -> Fixture {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "podiam-kube-auth-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating the test directory");
-        let emulator =
-            KubeEmulator::start("127.0.0.1:0".parse().unwrap(), EmulatorOptions::default())
-                .await
-                .expect("starting the emulator");
-        let kubeconfig = dir.join("admin.yaml");
-        emulator.write_kubeconfig(&kubeconfig).unwrap();
-        Fixture {
-            emulator,
-            dir,
-            kubeconfig,
-            http: HttpClient::builder(TokioExecutor::new()).build_http(),
-        }
+        Fixture(ApiFixture::start("kube-auth", EmulatorOptions::default()).await)
     }
 
     /// A kubeconfig file for `token` (over TLS).
@@ -86,34 +57,6 @@ impl Fixture {
             .write_kubeconfig_for_token(&path, token)
             .unwrap();
         path
-    }
-
-    /// Runs kubectl with `kubeconfig` and a private HOME.
-    async fn kubectl_with(&self, kubeconfig: &Path, args: &[&str]) -> Kubectl {
-        assert!(
-            Path::new(KUBECTL).exists(),
-            "{KUBECTL} is missing: these tests need the real kubectl (it is on the machine image)"
-        );
-        let output = tokio::time::timeout(
-            DEADLINE,
-            tokio::process::Command::new(KUBECTL)
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .args(args)
-                .env("HOME", &self.dir)
-                .env_remove("KUBECONFIG")
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {DEADLINE:?}"))
-        .expect("running kubectl");
-        Kubectl {
-            ok: output.status.success(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
     }
 
     /// Runs kubectl as the admin and requires success; returns stdout.
@@ -142,15 +85,6 @@ impl Fixture {
         out.stderr
     }
 
-    async fn client_for(&self, kubeconfig: &Path) -> kube::Client {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
-    }
-
     async fn admin_client(&self) -> kube::Client {
         self.client_for(&self.kubeconfig).await
     }
@@ -163,25 +97,11 @@ impl Fixture {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut builder = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.emulator.url()))
-            .header("content-type", "application/json");
+        let mut headers = vec![("content-type", "application/json".to_string())];
         if let Some(token) = token {
-            builder = builder.header("authorization", format!("Bearer {token}"));
+            headers.push(("authorization", format!("Bearer {token}")));
         }
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let response = self
-            .http
-            .request(builder.body(Full::new(body)).unwrap())
-            .await
-            .expect("sending the request");
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        self.0.request(method, path, &headers, body).await
     }
 
     /// Namespace `podiam` with service account `agent` and its pod `agent-x` on `node-3`;
@@ -213,12 +133,6 @@ impl Fixture {
             .expect("a TokenReview")
             .status
             .expect("a TokenReview status")
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

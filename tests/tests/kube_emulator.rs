@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,21 +15,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use podiam_tests::kube_emulator::{
-    EmulatorOptions, Kind, KubeEmulator, PodDeletion, namespace, pod,
-};
+use podiam_tests::fixtures::{ApiFixture, KUBECTL};
+use podiam_tests::kube_emulator::{EmulatorOptions, Kind, PodDeletion, namespace, pod};
 use podiam_tests::process::wait_until;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 /// Generous bound for anything that should take milliseconds, on a busy 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -38,12 +32,14 @@ const DEADLINE: Duration = Duration::from_secs(30);
 // Fixture
 // ---------------------------------------------------------------------------------------
 
-/// A started emulator, a private HOME and a kubeconfig, removed on drop.
-struct Fixture {
-    emulator: KubeEmulator,
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
+/// The shared API fixture, with this suite's helpers.
+struct Fixture(ApiFixture);
+
+impl std::ops::Deref for Fixture {
+    type Target = ApiFixture;
+    fn deref(&self) -> &ApiFixture {
+        &self.0
+    }
 }
 
 impl Fixture {
@@ -56,55 +52,13 @@ impl Fixture {
     }
 
     async fn with_options(options: EmulatorOptions) -> Fixture {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "podiam-kube-emulator-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating the test directory");
-        let emulator = KubeEmulator::start("127.0.0.1:0".parse().unwrap(), options)
-            .await
-            .expect("starting the emulator");
-        let kubeconfig = dir.join("kubeconfig");
-        emulator
-            .write_kubeconfig(&kubeconfig)
-            .expect("writing the kubeconfig");
-        let http = HttpClient::builder(TokioExecutor::new()).build_http();
-        Fixture {
-            emulator,
-            dir,
-            kubeconfig,
-            http,
-        }
+        Fixture(ApiFixture::start("kube-emulator", options).await)
     }
 
     /// Runs kubectl against the emulator with a private HOME; returns (success, stdout, stderr).
     async fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
-        assert!(
-            Path::new(KUBECTL).exists(),
-            "{KUBECTL} is missing: these tests need the real kubectl (it is on the machine image)"
-        );
-        let output = tokio::time::timeout(
-            DEADLINE,
-            tokio::process::Command::new(KUBECTL)
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .args(args)
-                .env("HOME", &self.dir)
-                .env_remove("KUBECONFIG")
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {DEADLINE:?}"))
-        .expect("running kubectl");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        let run = self.kubectl_with(&self.kubeconfig, args).await;
+        (run.ok, run.stdout, run.stderr)
     }
 
     /// Runs kubectl and requires success; returns stdout.
@@ -118,13 +72,7 @@ impl Fixture {
     }
 
     async fn kube_client(&self) -> kube::Client {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let kubeconfig =
-            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("reading the kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .expect("building a kube config");
-        kube::Client::try_from(config).expect("building a kube client")
+        self.client_for(&self.kubeconfig).await
     }
 
     /// One HTTP request; returns (status, parsed JSON body).
@@ -135,22 +83,11 @@ impl Fixture {
         content_type: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut builder = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.emulator.url()));
-        if let Some(content_type) = content_type {
-            builder = builder.header("content-type", content_type);
-        }
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let response = self
-            .http
-            .request(builder.body(Full::new(body)).unwrap())
-            .await
-            .expect("sending the request");
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
+        let headers: Vec<(&str, String)> = content_type
+            .map(|c| ("content-type", c.to_string()))
+            .into_iter()
+            .collect();
+        self.0.request(method, path, &headers, body).await
     }
 
     /// Opens a watch (GET with `?watch=1…`) and returns its line stream.
@@ -171,12 +108,6 @@ impl Fixture {
         self.emulator
             .create(pod("team-a", "web", "10.1.0.5", &[]))
             .unwrap();
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use podiam_proto::Reason;
 use podiam_proto::v1::GetPodRoleRequest;
+use podiam_tests::fixtures::{pod_name, role_of};
 use podiam_tests::kube_emulator::Kind;
 use podiam_tests::process::wait_until;
 use podiam_tests::sdk_load::{ClientSpec, LoadReport, SdkLoad, now};
@@ -25,18 +26,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 const PODS: usize = 12;
 const REPLICAS: usize = 3;
-
-fn pod_name(i: usize) -> String {
-    format!("app-{i}")
-}
-
-fn role_of(i: usize) -> &'static str {
-    if i.is_multiple_of(2) {
-        "app-reader"
-    } else {
-        "app-writer"
-    }
-}
 
 /// 3 replicas, 12 pods with roles in `team-a` (which permits `app-.*`), the agent running;
 /// plus `late`, a pod whose Pod object is created during the fault.
@@ -534,14 +523,9 @@ async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
-    let mut world = World::start(WorldConfig {
-        start_agent: true,
-        ..WorldConfig::default()
-            .namespace("team-a", Some("app-.*"))
-            .pod("team-a", "web", Some("app-reader"))
-    })
-    .await
-    .expect("world starts");
+    let mut world = World::start(podiam_tests::fixtures::web_with_agent())
+        .await
+        .expect("world starts");
     assert_eq!(world.stream_holder().await, Some(0));
     async fn syncs(world: &World) -> (u64, u64) {
         let metrics = world.agent_metrics().await.expect("agent metrics");

@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use podiam_tests::fixtures::{pod_name, role_of};
 use podiam_tests::process::wait_until;
 use podiam_tests::sdk_load::{ClientReport, ClientSpec, LoadReport, Sdk, SdkLoad, now};
 use podiam_tests::world::{World, WorldConfig};
@@ -31,18 +32,6 @@ const ROLLS: usize = 3;
 const FETCHES_AFTER_EACH_STEP: usize = 5;
 /// How long a step may take to show its effect in every client.
 const STEP_DEADLINE: Duration = Duration::from_secs(60);
-
-fn pod_name(i: usize) -> String {
-    format!("app-{i}")
-}
-
-fn role_of(i: usize) -> &'static str {
-    if i.is_multiple_of(2) {
-        "app-reader"
-    } else {
-        "app-writer"
-    }
-}
 
 /// 2 server replicas, the agent, and `PODS` pods with roles in team-a.
 fn cluster() -> WorldConfig {

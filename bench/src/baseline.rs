@@ -19,7 +19,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use crate::process::{ChildGuard, listen_addresses, wait_until};
+use podiam_tests::process::{ChildGuard, listen_addresses, wait_until};
 
 /// The token the minimal server hands out.
 pub const MINIMAL_TOKEN: &str = "baseline-token";
@@ -163,7 +163,7 @@ http {{
     // The socket listens from the start: nginx is up once it answers.
     let url = format!("http://{addr}{path}");
     wait_until(Duration::from_secs(10), "nginx to answer", || async {
-        crate::world::http_get_text(&url).await.is_ok()
+        podiam_tests::world::http_get_text(&url).await.is_ok()
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", guard.log_tail(20)))?;

@@ -14,6 +14,16 @@
 //! sockets to, so no root and no network namespace is needed. It prints a table and writes
 //! JSON (`--out`); it asserts nothing. `--quick` is a smoke run of every section (under a
 //! minute, figures meaningless).
+//!
+//! Its parts: [`load`] (the HTTP load generator: keep-alive, a new connection per request,
+//! IMDSv2 token + GET, clients bound to pod source addresses on loopback), [`baseline`] (the
+//! minimal Rust server and nginx, returning the agent's exact bytes) and [`proc_stats`]
+//! (resident memory and CPU time of a process, from `/proc`). The cluster it measures is the
+//! test harness's (`podiam-tests`).
+
+mod baseline;
+mod load;
+mod proc_stats;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,9 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use load::{LoadResult, LoadSpec, Mode, quantile};
 use podiam_proto::v1::{GetCredentialsRequest, WatchNodeRequest, node_event};
-use podiam_tests::bench::load::{self, LoadResult, LoadSpec, Mode, quantile};
-use podiam_tests::bench::{baseline, proc_stats};
 use podiam_tests::identity;
 use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
 use podiam_tests::moto::Moto;

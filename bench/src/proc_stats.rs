@@ -1,0 +1,62 @@
+//! Resident memory and CPU time of a process, from `/proc`.
+
+use anyhow::Context;
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} for process {pid}"))
+}
+
+/// Resident memory now, in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    Ok(status_kib(pid, "VmRSS:")? / 1024.0)
+}
+
+/// The most resident memory the process has had, in MiB.
+pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    Ok(status_kib(pid, "VmHWM:")? / 1024.0)
+}
+
+/// User plus system CPU time the process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short stat")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok(ticks / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_memory_and_cpu() {
+        let me = std::process::id();
+        assert!(rss_mib(me).expect("rss") > 0.0);
+        assert!(peak_rss_mib(me).expect("hwm") >= rss_mib(me).expect("rss") * 0.5);
+        // Burn a little CPU so the figure cannot be zero.
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(30) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(cpu_seconds(me).expect("cpu") > 0.0, "{x}");
+    }
+}

@@ -1,0 +1,342 @@
+//! The fleet: the Kubernetes API (the emulator, the real `kubectl`), moto, and the server
+//! replicas with the faults a test can inflict on them (kill, stop, pause, slow, restart).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::PostParams;
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use super::{BASE_ROLE_ARN, NamespaceSpec, START_TIMEOUT, World, binary, metric_value, path_str};
+use crate::bridge::Bridge;
+use crate::kube_emulator::KubeEmulator;
+use crate::moto::Moto;
+use crate::process::{ChildGuard, listen_addresses, scratch_dir, wait_until};
+use crate::sts_proxy::StsProxy;
+
+/// One `podiam-server` replica: its process (none while killed), its loopback addresses,
+/// and the bridge the agent's node namespace reaches it through.
+#[derive(Debug)]
+pub struct ServerReplica {
+    pub(super) process: Option<ChildGuard>,
+    /// The gRPC address (root namespace, loopback).
+    pub addr: SocketAddr,
+    /// The health and metrics address.
+    pub health: SocketAddr,
+    pub(super) bridge: Bridge,
+    /// Logs of processes that ran before a restart.
+    pub(super) earlier_logs: Vec<PathBuf>,
+}
+
+impl ServerReplica {
+    fn process_mut(&mut self) -> anyhow::Result<&mut ChildGuard> {
+        let addr = self.addr;
+        self.process
+            .as_mut()
+            .with_context(|| format!("the server replica at {addr} is not running"))
+    }
+}
+
+impl World {
+    /// The server replicas.
+    pub fn replicas(&self) -> &[ServerReplica] {
+        &self.servers
+    }
+
+    pub(super) fn replica(&self, i: usize) -> &ServerReplica {
+        match self.servers.get(i) {
+            Some(replica) => replica,
+            None => panic!("the world has no server replica {i}"),
+        }
+    }
+
+    pub(super) fn replica_mut(&mut self, i: usize) -> &mut ServerReplica {
+        match self.servers.get_mut(i) {
+            Some(replica) => replica,
+            None => panic!("the world has no server replica {i}"),
+        }
+    }
+
+    /// The (first) server's gRPC address (root namespace, loopback).
+    pub fn server_addr(&self) -> SocketAddr {
+        self.replica(0).addr
+    }
+
+    /// Sends `signal` to server replica `i` (SIGSTOP / SIGCONT: a replica that hangs).
+    pub fn signal_server(&mut self, i: usize, signal: Signal) -> anyhow::Result<()> {
+        Ok(self.replica_mut(i).process_mut()?.signal(signal)?)
+    }
+
+    /// Slows server replica `i` as the agent sees it: everything it sends the node arrives
+    /// `latency` later (zero: back to normal). Its health answers then miss the agent's
+    /// deadline while it keeps working, heartbeats included.
+    pub fn slow_server(&self, i: usize, latency: Duration) {
+        self.replica(i).bridge.set_latency(latency);
+    }
+
+    /// Kills server replica `i` (SIGKILL: a crash, nothing of it runs on the way out).
+    pub async fn kill_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let replica = self.replica_mut(i);
+        let mut process = replica.process.take().context("not running")?;
+        process.signal(Signal::SIGKILL)?;
+        process.wait_exit(Duration::from_secs(10)).await?;
+        replica.earlier_logs.push(process.log_path().to_path_buf());
+        Ok(())
+    }
+
+    /// Stops server replica `i` with SIGTERM and waits for it to drain and exit; returns
+    /// how long it took.
+    pub async fn stop_server(&mut self, i: usize) -> anyhow::Result<Duration> {
+        let replica = self.replica_mut(i);
+        let mut process = replica.process.take().context("not running")?;
+        let started = std::time::Instant::now();
+        replica.earlier_logs.push(process.log_path().to_path_buf());
+        process.terminate(Duration::from_secs(30)).await?;
+        Ok(started.elapsed())
+    }
+
+    /// Starts server replica `i` again (on new ports: its bridge, which the agent dials,
+    /// follows) and waits for its first sync.
+    pub async fn restart_server(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.replica(i).process.is_some() {
+            bail!("server replica {i} is running");
+        }
+        let (process, addr, health) = start_server_at_level(
+            &self.certs,
+            &self.kubeconfig,
+            &self.sts_endpoint,
+            &self.server_args,
+            self.log_level.as_deref(),
+            START_TIMEOUT,
+        )
+        .await?;
+        let replica = self.replica_mut(i);
+        replica.bridge.set_target(addr);
+        replica.process = Some(process);
+        replica.addr = addr;
+        replica.health = health;
+        Ok(())
+    }
+
+    /// Which server replica holds the agent's node stream (by its node-stream gauge).
+    pub async fn stream_holder(&self) -> Option<usize> {
+        for i in 0..self.servers.len() {
+            if self.servers[i].process.is_none() {
+                continue;
+            }
+            if let Ok(metrics) = self.server_metrics_of(i).await
+                && metric_value(&metrics, "podiam_server_node_streams") > 0
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The real `kubectl`, against the emulator.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let output = tokio::process::Command::new(kubectl_program())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .env("HOME", self.dir.join("home"))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running kubectl")?;
+        Ok(output)
+    }
+
+    /// Like [`World::kubectl`], failing with kubectl's stderr unless it succeeds.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.kubectl(args).await?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn kube_client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    pub fn emulator(&self) -> &KubeEmulator {
+        &self.emulator
+    }
+
+    /// The STS proxy, when the world was started with one.
+    pub fn sts_proxy(&self) -> &StsProxy {
+        self.sts_proxy
+            .as_ref()
+            .unwrap_or_else(|| panic!("the world was started without sts_proxy"))
+    }
+
+    pub fn moto(&self) -> &Moto {
+        &self.moto
+    }
+}
+
+pub(super) async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+pub(super) async fn create_namespace(
+    client: &kube::Client,
+    spec: &NamespaceSpec,
+) -> anyhow::Result<()> {
+    let mut annotations = serde_json::Map::new();
+    if let Some(permitted) = &spec.permitted {
+        annotations.insert("iam.amazonaws.com/permitted".into(), json!(permitted));
+    }
+    let ns: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": spec.name, "annotations": annotations },
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating namespace {}", spec.name))?;
+    Ok(())
+}
+
+fn kubectl_program() -> String {
+    std::env::var("PODIAM_KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
+}
+
+/// Starts `podiam-server` (gRPC and health on loopback ports the kernel picks, which it
+/// writes to its `--listen-address-file`) and waits up to `within` for its first sync: the
+/// server, its gRPC address and its health address.
+pub async fn start_server_within(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    within: Duration,
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    start_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None, within).await
+}
+
+/// [`start_server_within`] with `log_level` as the server's `RUST_LOG` (see
+/// [`WorldConfig::log_level`]).
+pub(super) async fn start_server_at_level(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    log_level: Option<&str>,
+    within: Duration,
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    let (mut server, address_file) =
+        spawn_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, log_level)?;
+    let addresses = listen_addresses(&mut server, &address_file, within)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}; server log:\n{}", server.log_tail(40)))?;
+    let (Some(&addr), Some(&health)) = (addresses.get("listen"), addresses.get("health-listen"))
+    else {
+        bail!(
+            "{} names no listen and health-listen addresses",
+            address_file.display()
+        );
+    };
+    let material = agent_material(certs)?;
+    let synced = wait_until(within, "podiam-server to sync", || {
+        let material = material.clone();
+        async move { health_synced(addr, &material).await }
+    })
+    .await;
+    if let Err(error) = synced {
+        bail!("{error}; server log:\n{}", server.log_tail(40));
+    }
+    Ok((server, addr, health))
+}
+
+/// Spawns `podiam-server` on loopback ports the kernel picks, with the world's certificates,
+/// kubeconfig and STS endpoint; does not wait for it. Returns the server and the file it
+/// writes its addresses to once bound (see [`listen_addresses`]).
+pub fn spawn_server(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    spawn_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None)
+}
+
+/// [`spawn_server`] with `log_level` as the server's `RUST_LOG` (see
+/// [`WorldConfig::log_level`]).
+fn spawn_server_at_level(
+    certs: &podiam_certs::WrittenFiles,
+    kubeconfig: &Path,
+    sts_endpoint: &str,
+    extra_args: &[String],
+    log_level: Option<&str>,
+) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    let address_file = scratch_dir("server")?.join("addresses");
+    let mut command = tokio::process::Command::new(binary("podiam-server")?);
+    command
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .arg("--listen-address-file")
+        .arg(&address_file)
+        .args(["--tls-ca", path_str(&certs.ca_cert)?])
+        .args(["--tls-cert", path_str(&certs.server_cert)?])
+        .args(["--tls-key", path_str(&certs.server_key)?])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--base-role-arn", BASE_ROLE_ARN])
+        .args(["--sts-endpoint", sts_endpoint])
+        .args(["--region", "us-east-1"])
+        .args(extra_args)
+        .envs(Moto::client_env())
+        .env(
+            "PODIAM_LOG_LEVEL",
+            "info,podiam_server=debug,podiam_proto=debug,podiam_runtime=debug",
+        );
+    if let Some(level) = log_level {
+        command.env("RUST_LOG", level);
+    }
+    Ok((ChildGuard::spawn("podiam-server", command)?, address_file))
+}
+
+/// The agent's TLS files, read: what a test acting as an agent dials the server with.
+pub fn agent_material(
+    certs: &podiam_certs::WrittenFiles,
+) -> anyhow::Result<podiam_runtime::tls::TlsMaterial> {
+    Ok(podiam_runtime::tls::TlsFiles {
+        ca: certs.ca_cert.clone(),
+        cert: certs.agent_cert.clone(),
+        key: certs.agent_key.clone(),
+    }
+    .load()?)
+}
+
+/// Whether the server at `addr` answers Health with synced caches, over mutual TLS.
+pub async fn health_synced(addr: SocketAddr, material: &podiam_runtime::tls::TlsMaterial) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("https://{addr}")) else {
+        return false;
+    };
+    let Ok(endpoint) = endpoint.tls_config(material.client_config("localhost")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let mut client = podiam_proto::v1::podiam_client::PodiamClient::new(channel);
+    client
+        .health(podiam_proto::v1::HealthRequest {})
+        .await
+        .is_ok_and(|r| r.get_ref().synced)
+}

@@ -1,0 +1,261 @@
+//! The node and its pods: the agent in the node namespace (start, roll, stop, crash,
+//! uninstall, its iptables rules), pods as network namespaces and their Pod objects.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use super::{
+    AGENT_HEALTH_PORT, AGENT_PORT, NODE_NAME, PodSpec, START_TIMEOUT, World, binary, path_str,
+};
+use crate::bridge::Bridge;
+use crate::netns::{Node, POD_INTERFACE_PATTERN, PodNet};
+use crate::process::{ChildGuard, wait_until};
+
+/// A pod of the world: its spec, its network namespace, and its bridge to moto.
+#[derive(Debug)]
+pub struct WorldPod {
+    pub spec: PodSpec,
+    // Drop order: the bridge's listener lives in the pod namespace.
+    pub(super) moto_bridge: Bridge,
+    pub net: PodNet,
+}
+
+impl WorldPod {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.net.ip
+    }
+
+    /// The STS endpoint as seen from inside this pod.
+    pub fn sts_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.moto_bridge.port())
+    }
+}
+
+impl World {
+    /// Starts `podiam-agent serve --iptables` in the node namespace and waits until it is
+    /// ready (its server answers).
+    pub async fn start_agent(&mut self) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        self.agent = Some(self.spawn_agent()?);
+        let node = self.node.netns();
+        let ready = wait_until(START_TIMEOUT, "the agent to report ready", || async {
+            node.http_get(
+                &format!("http://127.0.0.1:{AGENT_HEALTH_PORT}/ready"),
+                Duration::from_secs(1),
+            )
+            .await
+            .is_ok_and(|reply| reply.status == 200)
+        })
+        .await;
+        if let Err(error) = ready {
+            bail!("{error}; agent log:\n{}", self.agent_log());
+        }
+        Ok(())
+    }
+
+    /// A new `podiam-agent serve` process in the node namespace, with every server replica.
+    fn spawn_agent(&self) -> anyhow::Result<ChildGuard> {
+        let mut command = self
+            .node
+            .netns()
+            .command(binary("podiam-agent")?.to_str().context("path")?);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
+            .args(["--health-listen", &format!("127.0.0.1:{AGENT_HEALTH_PORT}")]);
+        for server in &self.servers {
+            command.args([
+                "--server",
+                &format!("https://127.0.0.1:{}", server.bridge.port()),
+            ]);
+        }
+        command
+            .args(["--server-name", "localhost"])
+            .args(["--tls-ca", path_str(&self.certs.ca_cert)?])
+            .args(["--tls-cert", path_str(&self.certs.agent_cert)?])
+            .args(["--tls-key", path_str(&self.certs.agent_key)?])
+            .args(["--node-name", NODE_NAME])
+            .arg("--token-file")
+            .arg(&self.agent_token_file)
+            .arg("--token-key-file")
+            .arg(self.agent_token_key_file())
+            .arg("--iptables")
+            .args(["--host-ip", &self.node.ip().to_string()])
+            .args(["--interface", POD_INTERFACE_PATTERN])
+            .args(["--iptables-bin", &self.iptables_bin])
+            .args(&self.agent_args)
+            .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
+        if let Some(level) = &self.log_level {
+            command.env("RUST_LOG", level);
+        }
+        Ok(ChildGuard::spawn("podiam-agent", command)?)
+    }
+
+    /// A rolling update of the agent, as a DaemonSet with maxSurge does it: a new agent
+    /// starts beside the running one (both bind the pod port with SO_REUSEPORT), and once
+    /// its node stream has synced the old one gets SIGTERM and must exit cleanly.
+    pub async fn roll_agent(&mut self) -> anyhow::Result<()> {
+        let mut old = self.agent.take().context("the agent is not running")?;
+        let new = self.spawn_agent()?;
+        let new_log = new.log_path().to_path_buf();
+        self.agent = Some(new);
+        wait_until(START_TIMEOUT, "the new agent's node stream to sync", || {
+            let log = std::fs::read_to_string(&new_log).unwrap_or_default();
+            async move { log.contains("node stream synced") }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; new agent's log:\n{}", self.agent_log()))?;
+        self.earlier_agent_logs.push(old.log_path().to_path_buf());
+        Ok(old.terminate(Duration::from_secs(15)).await?)
+    }
+
+    /// Stops the agent with SIGTERM (a plain stop: its iptables rules stay).
+    pub async fn stop_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        self.earlier_agent_logs.push(agent.log_path().to_path_buf());
+        Ok(agent.terminate(Duration::from_secs(10)).await?)
+    }
+
+    /// Kills the agent with SIGKILL (a crash: nothing of it runs on the way out).
+    pub async fn kill_agent(&mut self) -> anyhow::Result<()> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        agent.signal(Signal::SIGKILL)?;
+        agent.wait_exit(Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    /// Runs the node's iptables program with `args` in the node namespace.
+    pub async fn node_iptables(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self
+            .node
+            .netns()
+            .command(&self.iptables_bin)
+            .args(args)
+            .output()
+            .await?)
+    }
+
+    /// Runs `podiam-agent uninstall` in the node namespace (the explicit clean-up), as the
+    /// uninstall DaemonSet does: the rules and the token key file.
+    pub async fn uninstall_agent_rules(&self) -> anyhow::Result<Output> {
+        let key_file = self.agent_token_key_file();
+        let output = self
+            .node
+            .netns()
+            .command(binary("podiam-agent")?.to_str().context("path")?)
+            .arg("uninstall")
+            .args(["--iptables-bin", &self.iptables_bin])
+            .arg("--token-key-file")
+            .arg(&key_file)
+            .output()
+            .await?;
+        Ok(output)
+    }
+
+    /// The node namespace's nat table, as `iptables -S` prints it.
+    pub async fn node_nat_rules(&self) -> anyhow::Result<String> {
+        let output = self
+            .node
+            .netns()
+            .command(&self.iptables_bin)
+            .args(["-w", "-t", "nat", "-S"])
+            .output()
+            .await?;
+        if !output.status.success() {
+            bail!(
+                "iptables -S failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn pod(&self, name: &str) -> &WorldPod {
+        match self.pods.get(name) {
+            Some(pod) => pod,
+            None => panic!("the world has no pod {name:?}"),
+        }
+    }
+
+    /// Creates the Pod object of `pod` (Running, with its namespace's IP).
+    pub async fn register_pod(&self, pod: &str) -> anyhow::Result<()> {
+        let pod = self.pod(pod);
+        create_pod(&self.client, &pod.spec, pod.ip()).await
+    }
+
+    /// Deletes the Pod object of `pod` and creates it again: same name and IP, new UID
+    /// (a new pod reusing the IP).
+    pub async fn recreate_pod(&self, pod: &str) -> anyhow::Result<()> {
+        let spec = &self.pod(pod).spec;
+        Api::<Pod>::namespaced(self.client.clone(), &spec.namespace)
+            .delete(&spec.name, &Default::default())
+            .await
+            .with_context(|| format!("deleting pod {}", spec.name))?;
+        self.register_pod(pod).await
+    }
+
+    /// The node's IMDSv2 token keys, shared by every agent of the world as the DaemonSet's
+    /// node directory shares them.
+    pub fn agent_token_key_file(&self) -> PathBuf {
+        self.dir
+            .join("node-1-var-lib-podiam")
+            .join("imds-token-keys")
+    }
+
+    /// The agent's token file (what the kubelet keeps current).
+    pub fn agent_token_file(&self) -> &Path {
+        &self.agent_token_file
+    }
+}
+
+/// Creates a Running pod on [`NODE_NAME`] with `ip` as its `status.podIP`.
+pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let mut annotations = serde_json::Map::new();
+    if let Some(role) = &spec.role {
+        annotations.insert("iam.amazonaws.com/role".into(), json!(role));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": spec.name, "namespace": spec.namespace, "annotations": annotations },
+        "spec": {
+            "nodeName": NODE_NAME,
+            "containers": [{ "name": "app", "image": "example.invalid/app:1" }],
+        },
+    }))?;
+    let api = Api::<Pod>::namespaced(client.clone(), &spec.namespace);
+    api.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
+    let status = json!({ "status": {
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{ "ip": ip.to_string() }],
+        "hostIP": "10.77.255.1",
+        "conditions": [{ "type": "Ready", "status": "True" }],
+        "containerStatuses": [{
+            "name": "app", "ready": true, "restartCount": 0, "started": true,
+            "image": "example.invalid/app:1", "imageID": "",
+            "state": { "running": {} },
+        }],
+    }});
+    api.patch_status(&spec.name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("setting pod {}/{}'s status", spec.namespace, spec.name))?;
+    Ok(())
+}
