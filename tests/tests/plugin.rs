@@ -8,77 +8,24 @@
 //! - status: replicas' versions, the agent's node stream, podiam's pods from the API; the
 //!   exit code scripts rely on.
 //!
-//! Tests with a [`World`] need root (its node namespace); the others need only the emulator.
+//! Needs root (the [`World`]'s node namespace); `plugin_usage.rs` holds what needs only the
+//! emulator.
 //! Build the binaries first (`cargo build --workspace --bins`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
-use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace, pod};
-use podiam_tests::process::{scratch_dir, wait_for, wait_until};
-use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, binary};
+use podiam_tests::kube_emulator::{Kind, pod};
+use podiam_tests::plugin::{iam, plugin, run_program};
+use podiam_tests::process::{wait_for, wait_until};
+use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig};
 use serde_json::{Value, json};
 
 const ROLE: &str = "iam.amazonaws.com/role";
 const PERMITTED: &str = "iam.amazonaws.com/permitted";
 /// How long the server may take to see a change (its watch); polled, not slept.
 const SEEN_WITHIN: Duration = Duration::from_secs(15);
-/// One plugin run, however slow the machine.
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What one run printed and how it exited.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "{self:?}");
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {self:?}"))
-    }
-}
-
-/// Runs `program args…` with `--kubeconfig` appended (`PATH` extended when asked).
-async fn run_program(program: &Path, args: &[&str], kubeconfig: &Path, path: Option<&str>) -> Run {
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .env_remove("KUBECONFIG")
-        .env_remove("PODIAM_SERVER")
-        .env_remove("PODIAM_BASE_ROLE_ARN")
-        .kill_on_drop(true);
-    if let Some(path) = path {
-        command.env("PATH", path);
-    }
-    let output = tokio::time::timeout(RUN_TIMEOUT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{} {args:?} did not finish", program.display()))
-        .expect("runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn plugin() -> PathBuf {
-    binary("kubectl-iam").expect("kubectl-iam is built")
-}
-
-/// `kubectl-iam args… --kubeconfig K`.
-async fn iam(kubeconfig: &Path, args: &[&str]) -> Run {
-    run_program(&plugin(), args, kubeconfig, None).await
-}
 
 /// The flags that reach the world's server replicas: the CA only, no podiam key (the
 /// user's own token comes from the kubeconfig).
@@ -838,101 +785,6 @@ async fn explain_through_a_server_is_authorised_with_the_users_own_rbac() {
             && refused.stderr.contains("team-a"),
         "the refusal names the missing permission: {refused:?}"
     );
-}
-
-async fn emulator_only(label: &str) -> (KubeEmulator, PathBuf) {
-    let emulator = KubeEmulator::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        EmulatorOptions::default(),
-    )
-    .await
-    .expect("emulator");
-    let kubeconfig = scratch_dir(label).expect("dir").join("kubeconfig");
-    emulator.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    (emulator, kubeconfig)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn status_fails_when_there_is_no_server() {
-    let (emulator, kubeconfig) = emulator_only("plugin-status").await;
-    let run = iam(&kubeconfig, &["status", "-o", "json"]).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert_eq!(
-        run.stderr,
-        "kubectl-iam: no podiam server replica is ready: no pod labelled \
-         app.kubernetes.io/name=podiam-server in namespace podiam\n"
-    );
-    let report = run.json();
-    assert_eq!(report["ready"], false);
-    assert_eq!(report["servers"], Value::Null);
-    emulator
-        .create(namespace("podiam", &[]))
-        .expect("namespace");
-    let text = iam(&kubeconfig, &["status"]).await;
-    assert_eq!(text.code, 1);
-    assert!(
-        text.stdout
-            .contains("none labelled app.kubernetes.io/name=podiam-server in namespace podiam"),
-        "{text:?}"
-    );
-    emulator.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn usage_mistakes_exit_2_and_every_command_has_help() {
-    let (emulator, kubeconfig) = emulator_only("plugin-usage").await;
-    for args in [
-        &[][..],
-        &["bogus"][..],
-        &["grant", "web"][..],
-        &["explain"][..],
-        &["explain", "deployment/web"][..],
-        &["explain", "web", "--server", "http://podiam:8443"][..],
-        &["explain", "web", "--server", "https://podiam:8443"][..],
-        &["status", "-o", "yaml"][..],
-    ] {
-        let run = iam(&kubeconfig, args).await;
-        assert_eq!(run.code, 2, "{args:?}: {run:?}");
-        assert!(!run.stderr.is_empty(), "{args:?}");
-    }
-    for command in ["grant", "revoke", "permit", "explain", "status"] {
-        let help = iam(&kubeconfig, &[command, "--help"]).await.ok();
-        assert!(
-            help.stdout
-                .contains(&format!("Usage: kubectl iam {command}")),
-            "{help:?}"
-        );
-        assert!(help.stdout.contains("--kubeconfig"), "{command}");
-    }
-    // An API that does not answer is a failure, not a usage mistake.
-    let dead = tempfile_kubeconfig(&kubeconfig, "http://127.0.0.1:1");
-    let run = iam(&dead, &["revoke", "web"]).await;
-    assert_eq!(run.code, 1, "{run:?}");
-    assert!(
-        run.stderr
-            .starts_with("kubectl-iam: reading pod default/web"),
-        "{run:?}"
-    );
-    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
-    emulator.shutdown().await;
-}
-
-/// A copy of `kubeconfig` pointing at `server`.
-fn tempfile_kubeconfig(kubeconfig: &Path, server: &str) -> PathBuf {
-    let text = std::fs::read_to_string(kubeconfig).expect("kubeconfig");
-    let rewritten: String = text
-        .lines()
-        .map(|line| {
-            if line.trim_start().starts_with("server:") {
-                format!("    server: {server}\n")
-            } else {
-                format!("{line}\n")
-            }
-        })
-        .collect();
-    let path = kubeconfig.with_file_name("dead-kubeconfig");
-    std::fs::write(&path, rewritten).expect("written");
-    path
 }
 
 /// A wire reason by the name pods read ("" for none).

@@ -14,7 +14,7 @@
 //!
 //! The logs are checked to be really at trace (h2's TRACE lines in each), so the test cannot
 //! pass because logging was off. The one way known to put secrets there, the AWS SDK's
-//! `LOG_SENSITIVE_BODIES=true`, stops the server from starting.
+//! `LOG_SENSITIVE_BODIES=true`, stops the server from starting (`refused_at_start.rs`).
 //!
 //! No forged line: a CR LF in every string a caller sends (a role name from a pod and from
 //! an agent, an explained namespace and pod name, an agent's version) is refused or
@@ -30,7 +30,7 @@ use podiam_proto::v1::{
 };
 use podiam_tests::identity::ADMIN_TOKEN;
 use podiam_tests::process::{wait_for, wait_until};
-use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, binary, metric_value};
+use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, metric_value};
 
 /// Deadline for each step: a refresh is due 5 s after an issue and upkeep runs every 10 s.
 const WAIT: Duration = Duration::from_secs(60);
@@ -453,14 +453,9 @@ fn injected(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_caller_string_forges_a_log_line() {
-    let world = World::start(WorldConfig {
-        start_agent: true,
-        ..WorldConfig::default()
-            .namespace("team-a", Some("app-.*"))
-            .pod("team-a", "web", Some("app-reader"))
-    })
-    .await
-    .expect("world starts");
+    let world = World::start(podiam_tests::fixtures::web_with_agent())
+        .await
+        .expect("world starts");
     let invalid = |status: tonic::Status| {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(!status.message().contains(FORGED), "{status:?}");
@@ -577,27 +572,5 @@ async fn no_caller_string_forges_a_log_line() {
     assert!(
         logs[1].1.contains("role_name is not an IAM role name"),
         "the server logged the refusal (at debug)"
-    );
-}
-
-#[tokio::test]
-async fn a_server_told_to_log_sensitive_sdk_bodies_refuses_to_start() {
-    let output = tokio::process::Command::new(binary("podiam-server").expect("built"))
-        .args([
-            "--tls-ca",
-            "/nonexistent/ca",
-            "--tls-cert",
-            "/nonexistent/c",
-        ])
-        .args(["--tls-key", "/nonexistent/k"])
-        .env("LOG_SENSITIVE_BODIES", "true")
-        .output()
-        .await
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("LOG_SENSITIVE_BODIES=true makes the AWS SDK log the credentials"),
-        "{stderr}"
     );
 }

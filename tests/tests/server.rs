@@ -540,84 +540,11 @@ async fn sessions_are_chained_named_per_pod_and_tagged_as_configured() {
     assert_eq!(Some(creds.access_key_id), own);
 }
 
-/// `podiam-server` with `args` (plus TLS paths it does not get to read): its exit code and
-/// standard error.
-async fn server_refuses(args: &[&str]) -> (Option<i32>, String) {
-    let output =
-        tokio::process::Command::new(podiam_tests::world::binary("podiam-server").expect("built"))
-            .args([
-                "--tls-ca",
-                "/nonexistent/ca",
-                "--tls-cert",
-                "/nonexistent/c",
-                "--tls-key",
-                "/nonexistent/k",
-            ])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .await
-            .expect("runs");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-#[tokio::test]
-async fn bad_configuration_is_refused_at_start_one_line_per_mistake() {
-    let (code, stderr) = server_refuses(&[
-        "--refresh-after",
-        "2h",
-        "--base-role-arn",
-        "arn:aws:iam::123:role",
-        "--session-duration",
-        "20m",
-    ])
-    .await;
-    assert_eq!(code, Some(2), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 3, "{stderr}");
-    for want in [
-        "--refresh-after 7200s is beyond the session length",
-        "--base-role-arn",
-        "--min-remaining 1800s must be shorter than --session-duration 1200s",
-    ] {
-        assert!(
-            lines.iter().any(|l| l.contains(want)),
-            "{want:?} in {stderr}"
-        );
-    }
-
-    // Flags fine, but nothing listens at the STS endpoint (a port held, never listening).
-    let closed = podiam_tests::process::ClosedPort::bind().expect("port");
-    let endpoint = format!("http://{}", closed.addr());
-    let (code, stderr) =
-        server_refuses(&["--sts-endpoint", &endpoint, "--sts-timeout", "2s"]).await;
-    assert_eq!(code, Some(2), "{stderr}");
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("podiam-server:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(
-        lines[0].contains(&format!(
-            "the STS endpoint {endpoint} (from --sts-endpoint) is unreachable"
-        )),
-        "{stderr}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn status_names_the_replica_and_the_agents_it_serves() {
-    let world = World::start(WorldConfig {
-        start_agent: true,
-        ..WorldConfig::default()
-            .namespace("team-a", Some("app-.*"))
-            .pod("team-a", "web", Some("app-reader"))
-    })
-    .await
-    .expect("world starts");
+    let world = World::start(podiam_tests::fixtures::web_with_agent())
+        .await
+        .expect("world starts");
     let client = world.admin_client().await.expect("admin client");
     let status = podiam_tests::process::wait_for(
         Duration::from_secs(10),

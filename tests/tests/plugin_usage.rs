@@ -1,0 +1,106 @@
+//! `kubectl iam` without a server: usage mistakes, help, and `status` when no replica
+//! exists, against the Kubernetes API emulator alone. No root needed (the suites with
+//! servers and an agent are in `plugin.rs`). Build the binaries first
+//! (`cargo build --workspace --bins`).
+
+use std::path::{Path, PathBuf};
+
+use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator, namespace};
+use podiam_tests::plugin::iam;
+use podiam_tests::process::scratch_dir;
+use serde_json::Value;
+
+async fn emulator_only(label: &str) -> (KubeEmulator, PathBuf) {
+    let emulator = KubeEmulator::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        EmulatorOptions::default(),
+    )
+    .await
+    .expect("emulator");
+    let kubeconfig = scratch_dir(label).expect("dir").join("kubeconfig");
+    emulator.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    (emulator, kubeconfig)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_fails_when_there_is_no_server() {
+    let (emulator, kubeconfig) = emulator_only("plugin-status").await;
+    let run = iam(&kubeconfig, &["status", "-o", "json"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "kubectl-iam: no podiam server replica is ready: no pod labelled \
+         app.kubernetes.io/name=podiam-server in namespace podiam\n"
+    );
+    let report = run.json();
+    assert_eq!(report["ready"], false);
+    assert_eq!(report["servers"], Value::Null);
+    emulator
+        .create(namespace("podiam", &[]))
+        .expect("namespace");
+    let text = iam(&kubeconfig, &["status"]).await;
+    assert_eq!(text.code, 1);
+    assert!(
+        text.stdout
+            .contains("none labelled app.kubernetes.io/name=podiam-server in namespace podiam"),
+        "{text:?}"
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_mistakes_exit_2_and_every_command_has_help() {
+    let (emulator, kubeconfig) = emulator_only("plugin-usage").await;
+    for args in [
+        &[][..],
+        &["bogus"][..],
+        &["grant", "web"][..],
+        &["explain"][..],
+        &["explain", "deployment/web"][..],
+        &["explain", "web", "--server", "http://podiam:8443"][..],
+        &["explain", "web", "--server", "https://podiam:8443"][..],
+        &["status", "-o", "yaml"][..],
+    ] {
+        let run = iam(&kubeconfig, args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(!run.stderr.is_empty(), "{args:?}");
+    }
+    for command in ["grant", "revoke", "permit", "explain", "status"] {
+        let help = iam(&kubeconfig, &[command, "--help"]).await.ok();
+        assert!(
+            help.stdout
+                .contains(&format!("Usage: kubectl iam {command}")),
+            "{help:?}"
+        );
+        assert!(help.stdout.contains("--kubeconfig"), "{command}");
+    }
+    // An API that does not answer is a failure, not a usage mistake.
+    let dead = tempfile_kubeconfig(&kubeconfig, "http://127.0.0.1:1");
+    let run = iam(&dead, &["revoke", "web"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with("kubectl-iam: reading pod default/web"),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    emulator.shutdown().await;
+}
+
+/// A copy of `kubeconfig` pointing at `server`.
+fn tempfile_kubeconfig(kubeconfig: &Path, server: &str) -> PathBuf {
+    let text = std::fs::read_to_string(kubeconfig).expect("kubeconfig");
+    let rewritten: String = text
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("server:") {
+                format!("    server: {server}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    let path = kubeconfig.with_file_name("dead-kubeconfig");
+    std::fs::write(&path, rewritten).expect("written");
+    path
+}
