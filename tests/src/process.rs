@@ -119,8 +119,9 @@ static RUN_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
 static LOG_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// This test process's own directory, created on first use:
-/// `$TMPDIR/podiam-tests/run-PID-UNIXSECS`. Kept after the run so logs can be read after a
-/// failure.
+/// `$TMPDIR/podiam-tests/run-PID-UNIXSECS` for root, `$TMPDIR/podiam-tests-UID/…` for
+/// another user (so that a root run's directory never stops a user's run). Kept after the
+/// run so logs can be read after a failure.
 pub fn run_dir() -> Result<PathBuf, ProcessError> {
     let mut slot = RUN_DIR
         .lock()
@@ -132,8 +133,14 @@ pub fn run_dir() -> Result<PathBuf, ProcessError> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let uid = nix::unistd::geteuid();
+    let parent = if uid.is_root() {
+        "podiam-tests".to_string()
+    } else {
+        format!("podiam-tests-{uid}")
+    };
     let dir = std::env::temp_dir()
-        .join("podiam-tests")
+        .join(parent)
         .join(format!("run-{}-{secs}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| ProcessError::RunDir {
         path: dir.clone(),
