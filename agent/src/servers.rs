@@ -36,11 +36,22 @@ const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
 const LEAVE_AFTER_CHECKS: u32 = 2;
 
 /// Credentials the servers issued, and the pod they issued them for.
-#[derive(Debug)]
 pub struct Issued {
     /// The UID of the pod the servers found at the address.
     pub pod_uid: String,
     pub credentials: Credentials,
+}
+
+impl std::fmt::Debug for Issued {
+    /// Written by hand: the generated `Debug` of [`Credentials`] prints the secret key and
+    /// the session token. Only the key id and the expiry are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("pod_uid", &self.pod_uid)
+            .field("access_key_id", &self.credentials.access_key_id)
+            .field("expiration_unix", &self.credentials.expiration_unix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The podiam servers as this agent talks to them: every call goes through the
