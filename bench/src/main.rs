@@ -845,6 +845,7 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
                         ip: ip.clone(),
                         role_name: role.clone(),
                         node_name: format!("node-{node}"),
+                        pod_token: String::new(),
                     })
                     .await;
                 match answer {

@@ -504,6 +504,62 @@ pub fn bind_agent(
     })
 }
 
+/// Why a pod's own token (the container-credentials endpoint's proof) does not prove the
+/// pod at the request's address. The message goes back to that pod: it names only what the
+/// token itself says and the pod's own name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PodTokenRefusal {
+    /// The API does not accept the token for podiam's audience (unknown, expired, another
+    /// audience, its pod gone), with the API's reason.
+    #[error("the pod's token is not accepted: {0}")]
+    NotAccepted(String),
+    #[error("the pod's token is not bound to a pod (use a projected service account token)")]
+    NotBound,
+    #[error(
+        "the token is bound to pod {token_pod} (uid {token_uid}), not to pod {pod} at this address"
+    )]
+    OtherPod {
+        token_pod: String,
+        token_uid: String,
+        pod: String,
+    },
+    #[error("the token authenticates {user}, not pod {pod}'s service account {expected}")]
+    OtherAccount {
+        user: String,
+        pod: String,
+        expected: String,
+    },
+}
+
+/// Whether a pod's reviewed token proves `pod`, the pod the server's view has at the
+/// request's address: the token must be bound to that very pod (its name and UID: a pod
+/// recreated under the same name has another) and authenticate its ServiceAccount. Two
+/// proofs that do not lean on each other: the network's (the address) and the API's (the
+/// token).
+pub fn prove_pod(pod: &PodRecord, user: &ReviewedUser) -> Result<(), PodTokenRefusal> {
+    let shown = format!("{}/{}", pod.namespace, pod.name);
+    let (Some(name), Some(uid)) = (&user.pod_name, &user.pod_uid) else {
+        return Err(PodTokenRefusal::NotBound);
+    };
+    let account = pod.service_account.as_deref().unwrap_or("default");
+    let expected = format!("system:serviceaccount:{}:{account}", pod.namespace);
+    if user.username != expected {
+        return Err(PodTokenRefusal::OtherAccount {
+            user: user.username.clone(),
+            pod: shown,
+            expected,
+        });
+    }
+    if name != &pod.name || uid != &pod.uid {
+        return Err(PodTokenRefusal::OtherPod {
+            token_pod: format!("{}/{name}", pod.namespace),
+            token_uid: uid.clone(),
+            pod: shown,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,5 +1056,74 @@ mod tests {
         #[allow(deprecated)]
         let legacy = state("b2").legacy_refusal_reason;
         assert_eq!(legacy, "role-not-permitted");
+    }
+
+    #[test]
+    fn pod_token_table() {
+        let web = PodRecord {
+            service_account: Some("web".into()),
+            ..pod("w1", "team-a", "node-a", "10.0.0.5", Some("app-reader"))
+        };
+        let defaulted = PodRecord {
+            service_account: None,
+            ..pod("d1", "team-a", "node-a", "10.0.0.6", Some("app-reader"))
+        };
+        let token = |ns: &str, sa: &str, bound: Option<(&str, &str)>| ReviewedUser {
+            username: format!("system:serviceaccount:{ns}:{sa}"),
+            uid: "sa-uid".into(),
+            groups: vec!["system:serviceaccounts".into()],
+            pod_name: bound.map(|(name, _)| name.to_string()),
+            pod_uid: bound.map(|(_, uid)| uid.to_string()),
+            node_name: Some("node-a".into()),
+        };
+        type Want = fn(&Result<(), PodTokenRefusal>) -> bool;
+        let table: Vec<(&str, &PodRecord, ReviewedUser, Want)> = vec![
+            (
+                "the pod's own bound token",
+                &web,
+                token("team-a", "web", Some(("pod-w1", "w1"))),
+                |r| r.is_ok(),
+            ),
+            (
+                "no service account on the pod means default",
+                &defaulted,
+                token("team-a", "default", Some(("pod-d1", "d1"))),
+                |r| r.is_ok(),
+            ),
+            (
+                "another pod's token, same account",
+                &web,
+                token("team-a", "web", Some(("pod-w2", "w2"))),
+                |r| matches!(r, Err(PodTokenRefusal::OtherPod { .. })),
+            ),
+            (
+                "the same name recreated (another uid)",
+                &web,
+                token("team-a", "web", Some(("pod-w1", "w1-old"))),
+                |r| matches!(r, Err(PodTokenRefusal::OtherPod { .. })),
+            ),
+            (
+                "another account of the namespace",
+                &web,
+                token("team-a", "default", Some(("pod-w1", "w1"))),
+                |r| matches!(r, Err(PodTokenRefusal::OtherAccount { .. })),
+            ),
+            (
+                "the same account name in another namespace",
+                &web,
+                token("team-b", "web", Some(("pod-w1", "w1"))),
+                |r| matches!(r, Err(PodTokenRefusal::OtherAccount { .. })),
+            ),
+            (
+                "a token bound to no pod (a secret-based or unbound token)",
+                &web,
+                token("team-a", "web", None),
+                |r| matches!(r, Err(PodTokenRefusal::NotBound)),
+            ),
+        ];
+        for (what, pod, user, want) in table {
+            let got = prove_pod(pod, &user);
+            assert!(want(&got), "{what}: {got:?}");
+        }
     }
 }

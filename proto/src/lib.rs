@@ -92,11 +92,15 @@ pub enum Reason {
     AgentUnauthenticated,
     /// The agent's token could not be checked now (the API's TokenReview is unavailable).
     IdentityUnavailable,
+    /// The pod's own token (container-credentials endpoint) does not prove the pod at the
+    /// address: not accepted by the API for podiam's audience, bound to no pod, or bound to
+    /// another pod.
+    PodTokenRefused,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::UnknownPod,
         Reason::AmbiguousPod,
         Reason::NoRole,
@@ -109,6 +113,7 @@ impl Reason {
         Reason::OtherNode,
         Reason::AgentUnauthenticated,
         Reason::IdentityUnavailable,
+        Reason::PodTokenRefused,
     ];
 
     /// The stable name pods and operators read: in the agent's answers, Events and
@@ -127,6 +132,7 @@ impl Reason {
             Reason::OtherNode => "other-node",
             Reason::AgentUnauthenticated => "agent-unauthenticated",
             Reason::IdentityUnavailable => "identity-unavailable",
+            Reason::PodTokenRefused => "pod-token-refused",
         }
     }
 
@@ -145,6 +151,7 @@ impl Reason {
             Reason::OtherNode => v1::Reason::OtherNode,
             Reason::AgentUnauthenticated => v1::Reason::AgentUnauthenticated,
             Reason::IdentityUnavailable => v1::Reason::IdentityUnavailable,
+            Reason::PodTokenRefused => v1::Reason::PodTokenRefused,
         }
     }
 
@@ -166,6 +173,7 @@ impl Reason {
             v1::Reason::OtherNode => Reason::OtherNode,
             v1::Reason::AgentUnauthenticated => Reason::AgentUnauthenticated,
             v1::Reason::IdentityUnavailable => Reason::IdentityUnavailable,
+            v1::Reason::PodTokenRefused => Reason::PodTokenRefused,
         })
     }
 
@@ -183,7 +191,7 @@ impl Reason {
             Reason::StsUnavailable | Reason::NotReady | Reason::IdentityUnavailable => {
                 tonic::Code::Unavailable
             }
-            Reason::AgentUnauthenticated => tonic::Code::Unauthenticated,
+            Reason::AgentUnauthenticated | Reason::PodTokenRefused => tonic::Code::Unauthenticated,
         }
     }
 

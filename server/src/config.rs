@@ -136,6 +136,10 @@ pub struct Config {
     /// serviceAccountToken volume must ask for the same).
     #[arg(long, env = "PODIAM_AGENT_TOKEN_AUDIENCE", default_value = "podiam")]
     pub agent_token_audience: String,
+    /// The audience of the projected ServiceAccount tokens pods present at the
+    /// container-credentials endpoint (the webhook's token volume asks for the same).
+    #[arg(long, env = "PODIAM_POD_TOKEN_AUDIENCE", default_value = "podiam")]
+    pub pod_token_audience: String,
     /// Log format.
     #[arg(long, env = "PODIAM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -199,6 +203,9 @@ impl Config {
         if self.agent_token_audience.trim().is_empty() {
             problems.push("--agent-token-audience must not be empty".to_string());
         }
+        if self.pod_token_audience.trim().is_empty() {
+            problems.push("--pod-token-audience must not be empty".to_string());
+        }
         let sessions = SessionNaming::new(&self.session_name, self.session_tags)
             .map_err(|why| problems.push(format!("--session-name {why}")))
             .ok();
@@ -244,6 +251,7 @@ impl Config {
                 mode: self.node_binding,
                 account,
                 audience: self.agent_token_audience,
+                pod_audience: self.pod_token_audience,
             },
             drain: Drain {
                 delay: self.shutdown_delay,

@@ -98,8 +98,10 @@ impl AssumeRole for FakeSts {
     }
 }
 
-/// A Kubernetes API that accepts no token; reviewing a token starting with "slow" takes an
-/// hour (a call stuck in the API). Counts its reviews.
+/// A Kubernetes API that accepts no token but pods' own: `pod-token:NAME`, for the audience
+/// `podiam`, is a projected token of `team-a`'s default ServiceAccount bound to pod NAME
+/// (uid `uid-NAME`). Reviewing a token starting with "slow" takes an hour (a call stuck in
+/// the API). Counts its reviews.
 #[derive(Debug)]
 struct NoReviews {
     reviews: watch::Sender<usize>,
@@ -109,14 +111,29 @@ impl Reviewer for NoReviews {
     fn review_token<'a>(
         &'a self,
         token: &'a str,
-        _: &'a [String],
+        audiences: &'a [String],
     ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
         Box::pin(async move {
             self.reviews.send_modify(|n| *n += 1);
             if token.starts_with("slow") {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
-            Ok(Review::Unauthenticated("not a token of this test".into()))
+            match token.strip_prefix("pod-token:") {
+                Some(pod) if audiences == ["podiam".to_string()] => Ok(Review::Authenticated(
+                    podiam_policy::decision::ReviewedUser {
+                        username: "system:serviceaccount:team-a:default".into(),
+                        uid: "sa-uid".into(),
+                        groups: vec!["system:serviceaccounts".into()],
+                        pod_name: Some(pod.into()),
+                        pod_uid: Some(format!("uid-{pod}")),
+                        node_name: Some(NODE.into()),
+                    },
+                )),
+                Some(_) => Ok(Review::Unauthenticated(
+                    "token audiences are invalid".into(),
+                )),
+                None => Ok(Review::Unauthenticated("not a token of this test".into())),
+            }
         })
     }
 
@@ -293,6 +310,7 @@ fn credentials_of_web() -> GetCredentialsRequest {
         ip: WEB_IP.into(),
         role_name: "app-reader".into(),
         node_name: NODE.into(),
+        pod_token: String::new(),
     }
 }
 
@@ -459,4 +477,49 @@ async fn credentials_are_prefetched_refreshed_at_half_life_and_retried_with_back
     shutdown.cancel();
     let (served, _) = serving.await.expect("joins");
     served.expect("a clean stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pods_token_proves_only_the_pod_at_the_address() {
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    rig.add_pod("other", "10.1.0.6", "app-reader");
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let with_token = |token: &str| GetCredentialsRequest {
+        pod_token: token.into(),
+        ..credentials_of_web()
+    };
+    let issued = client
+        .get_credentials(with_token("pod-token:web"))
+        .await
+        .expect("web's own token, from web's address")
+        .into_inner();
+    assert_eq!(issued.pod.expect("a pod").name, "web");
+    for (token, says) in [
+        ("pod-token:other", "bound to pod team-a/other"),
+        ("a-stolen-jwt", "not accepted"),
+    ] {
+        let refused = client
+            .get_credentials(with_token(token))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            Reason::of(&refused),
+            Some(Reason::PodTokenRefused),
+            "{token}"
+        );
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{token}");
+        assert!(refused.message().contains(says), "{token}: {refused:?}");
+    }
+    let oversized = client
+        .get_credentials(with_token(
+            &"x".repeat(crate::service::MAX_POD_TOKEN_BYTES + 1),
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
+    shutdown.cancel();
+    serving.await.expect("joined").0.expect("served");
 }

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use podiam_policy::decision::{
-    AgentAccount, BindingRefusal, Decision, ExplainTarget, ProvenAgent, Refusal, ReviewedUser,
-    Scope, View, bind_agent, pod_ref,
+    AgentAccount, BindingRefusal, Decision, ExplainTarget, PodTokenRefusal, ProvenAgent, Refusal,
+    ReviewedUser, Scope, View, bind_agent, pod_ref, prove_pod,
 };
 use podiam_policy::index::PodRecord;
 use podiam_policy::policy::Role;
@@ -65,6 +65,8 @@ pub struct Binding {
     pub account: AgentAccount,
     /// The audience of agents' projected tokens.
     pub audience: String,
+    /// The audience of the tokens pods present at the container-credentials endpoint.
+    pub pod_audience: String,
 }
 
 /// Every way a call fails.
@@ -83,6 +85,12 @@ pub enum Failure {
     BadIp(#[from] InvalidIp),
     #[error("{0}")]
     BadRequest(String),
+    /// The pod's own token does not prove the pod at the address.
+    #[error("{0}")]
+    PodToken(#[from] PodTokenRefusal),
+    /// The pod's own token could not be checked now.
+    #[error("the pod's token cannot be checked now: {0}")]
+    PodTokenUnavailable(String),
 }
 
 /// Why an agent call proves no node.
@@ -164,6 +172,8 @@ impl Failure {
                 Reason::OtherNode.status(message)
             }
             Failure::Binding(_) => Reason::AgentUnauthenticated.status(message),
+            Failure::PodToken(_) => Reason::PodTokenRefused.status(message),
+            Failure::PodTokenUnavailable(_) => Reason::IdentityUnavailable.status(message),
             Failure::Operator(failure) => match failure {
                 OperatorFailure::NoToken | OperatorFailure::BadToken(_) => {
                     Status::unauthenticated(message)
@@ -246,6 +256,10 @@ pub struct PodiamService {
     /// draining starts) before it says it has stopped.
     streams: TaskTracker,
 }
+
+/// Longest pod token accepted: projected tokens are about 1 KiB; this bounds what one call
+/// can make the server hash and send to the API.
+pub const MAX_POD_TOKEN_BYTES: usize = 16 * 1024;
 
 /// Most node streams one agent may hold on one replica. An agent needs one; a restarted
 /// agent's old stream lingers until HTTP/2 keep-alive notices (15 s), a rolling update runs
@@ -543,6 +557,12 @@ impl PodiamService {
             }
             .into());
         }
+        let identity = if request.pod_token.is_empty() {
+            "address"
+        } else {
+            self.prove_pod_token(&pod, &request.pod_token).await?;
+            "address and token"
+        };
         let key = self.cache_key(&pod, &role);
         let issued = match self.cache.get(key.clone()).await {
             Ok(issued) => issued,
@@ -563,6 +583,7 @@ impl PodiamService {
             agent_node = %caller.node(),
             agent_pod = %caller.pod(),
             peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+            identity,
             "credentials issued"
         );
         Ok(GetCredentialsResponse {
@@ -576,6 +597,27 @@ impl PodiamService {
                 role_arn: role.arn,
             }),
         })
+    }
+
+    /// Whether `token`, presented by the pod at the request's address, proves `pod`: the API
+    /// accepts it for the pods' audience (a review remembered for the token's life), and it
+    /// is bound to that very pod ([`prove_pod`]). A token of a deleted pod stops at once: the
+    /// pod is no longer the one at the address.
+    async fn prove_pod_token(&self, pod: &PodRecord, token: &str) -> Result<(), Failure> {
+        if token.len() > MAX_POD_TOKEN_BYTES {
+            return Err(Failure::BadRequest(format!(
+                "pod_token is over {MAX_POD_TOKEN_BYTES} bytes"
+            )));
+        }
+        let audiences = [self.settings.binding.pod_audience.clone()];
+        let user = match self.identities.review(token, &audiences).await {
+            Ok(Review::Authenticated(user)) => user,
+            Ok(Review::Unauthenticated(why)) => {
+                return Err(PodTokenRefusal::NotAccepted(why).into());
+            }
+            Err(error) => return Err(Failure::PodTokenUnavailable(error.0)),
+        };
+        Ok(prove_pod(pod, &user)?)
     }
 
     /// The user an operator call comes from, if the API accepts their token and they may
@@ -1244,6 +1286,11 @@ mod tests {
             ),
             (
                 Failure::Binding(BindingFailure::Unavailable("api down".into())),
+                Reason::IdentityUnavailable,
+            ),
+            (PodTokenRefusal::NotBound.into(), Reason::PodTokenRefused),
+            (
+                Failure::PodTokenUnavailable("api down".into()),
                 Reason::IdentityUnavailable,
             ),
         ];

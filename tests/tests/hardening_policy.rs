@@ -226,6 +226,7 @@ async fn a_role_path_cannot_climb_out_of_the_permitted_path() {
                 ip: ip.to_string(),
                 role_name: "admin".into(),
                 node_name: NODE_NAME.into(),
+                pod_token: String::new(),
             })
             .await;
         assert!(credentials.is_err(), "{name} ({role}) got credentials");
@@ -265,6 +266,7 @@ async fn a_pod_cannot_rename_its_session_under_a_template() {
             ip: ip.to_string(),
             role_name: "app".into(),
             node_name: NODE_NAME.into(),
+            pod_token: String::new(),
         })
         .await
         .expect("credentials");

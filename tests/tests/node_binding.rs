@@ -74,6 +74,7 @@ async fn credentials(client: &Client, ip: &str) -> Result<String, tonic::Status>
             ip: ip.into(),
             role_name: "app-reader".into(),
             node_name: String::new(),
+            pod_token: String::new(),
         })
         .await
         .map(|answer| {

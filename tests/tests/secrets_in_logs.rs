@@ -469,6 +469,7 @@ async fn no_caller_string_forges_a_log_line() {
             ip: world.pod("web").ip().to_string(),
             role_name: injected("app-reader"),
             node_name: NODE_NAME.into(),
+            pod_token: String::new(),
         })
         .await
         .expect_err("not a role name");

@@ -103,6 +103,7 @@ async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collaps
                     ip: ip(i).to_string(),
                     role_name: "app-reader".into(),
                     node_name: String::new(),
+                    pod_token: String::new(),
                 })
                 .await
         }
@@ -139,6 +140,7 @@ async fn pods_sharing_a_role_cause_one_assume_role_and_concurrent_misses_collaps
                         ip: ip(i).to_string(),
                         role_name: "app-writer".into(),
                         node_name: String::new(),
+                        pod_token: String::new(),
                     })
                     .await;
                 match answer {
@@ -388,6 +390,7 @@ async fn sts_failing_answers_unavailable_tells_the_pod_and_recovers_by_itself() 
         ip: ip(0).to_string(),
         role_name: "app-writer".into(),
         node_name: String::new(),
+        pod_token: String::new(),
     };
     let refused = client
         .get_credentials(request.clone())
@@ -527,6 +530,7 @@ async fn sessions_are_chained_named_per_pod_and_tagged_as_configured() {
             ip: ip(0).to_string(),
             role_name: "app-reader".into(),
             node_name: String::new(),
+            pod_token: String::new(),
         })
         .await
         .expect("credentials")
