@@ -6,8 +6,13 @@
 //! server would refresh. Misses on one key collapse into one server call. The pod table
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
 //!
-//! An entry keeps the credentials document as served, rendered once: a hit is a lookup by
-//! borrowed keys and a reference-count increment, nothing copied or formatted.
+//! An entry keeps the credentials documents as served, rendered once (EC2's, and the
+//! container-credentials endpoint's): a hit is a lookup by borrowed keys and a
+//! reference-count increment, nothing copied or formatted.
+//!
+//! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
+//! the container-credentials endpoint, each until the token expires, so that a pod proves
+//! itself once per token, not once per request. They go with the pod's entries.
 //!
 //! Entries hold secrets (the secret key and session token, twice: as fields and in the
 //! document), so neither type here derives `Debug`: theirs are written by hand and show the
@@ -22,14 +27,17 @@ use bytes::Bytes;
 use podiam_proto::v1::Credentials;
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::container::TokenDigest;
 use crate::imds;
 
-/// Cached credentials and the document served for them.
+/// Cached credentials and the documents served for them.
 #[derive(PartialEq)]
 pub struct Entry {
     pub credentials: Credentials,
     /// The EC2-format credentials document.
     pub document: Bytes,
+    /// The container-credentials endpoint's document.
+    pub container_document: Bytes,
 }
 
 impl Entry {
@@ -42,20 +50,23 @@ impl Entry {
             credentials.expiration_unix,
         )
         .into();
+        let container_document = crate::container::credentials_json(&credentials).into();
         Entry {
             credentials,
             document,
+            container_document,
         }
     }
 }
 
 impl std::fmt::Debug for Entry {
-    /// The credentials' own `Debug` redacts their secrets; the document, which holds them in
-    /// the clear, is shown by its length only.
+    /// The credentials' own `Debug` redacts their secrets; the documents, which hold them in
+    /// the clear, are shown by their lengths only.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
             .field("credentials", &self.credentials)
             .field("document_bytes", &self.document.len())
+            .field("container_document_bytes", &self.container_document.len())
             .finish()
     }
 }
@@ -66,8 +77,14 @@ type Slot = Arc<AsyncMutex<Option<Arc<Entry>>>>;
 pub struct CredentialCache {
     /// Pod UID → role ARN → slot.
     slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
+    /// Pod UID → the pod tokens the servers accepted for it, with their expiry.
+    proven: Mutex<HashMap<String, Vec<(TokenDigest, i64)>>>,
     min_remaining: Duration,
 }
+
+/// Most tokens remembered per pod: one per container that reads its own projected token,
+/// and the kubelet's rotation overlapping; an older one is proven again when used.
+const PROVEN_PER_POD: usize = 8;
 
 impl std::fmt::Debug for CredentialCache {
     /// Counts only: the entries hold secrets (see [`Entry`]'s `Debug`).
@@ -90,6 +107,7 @@ impl CredentialCache {
     pub fn new(min_remaining: Duration) -> CredentialCache {
         CredentialCache {
             slots: Mutex::new(HashMap::new()),
+            proven: Mutex::new(HashMap::new()),
             min_remaining,
         }
     }
@@ -134,9 +152,57 @@ impl CredentialCache {
         Ok((fetched, Source::Server))
     }
 
-    /// Drops every entry of the pod with `uid`.
+    /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
+    /// there, and returns the new entry.
+    pub async fn put(&self, uid: &str, role_arn: &str, credentials: Credentials) -> Arc<Entry> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(
+                slots
+                    .entry(uid.to_string())
+                    .or_default()
+                    .entry(role_arn.to_string())
+                    .or_default(),
+            )
+        };
+        let entry = Arc::new(Entry::new(credentials));
+        *slot.lock().await = Some(Arc::clone(&entry));
+        entry
+    }
+
+    /// Whether the servers accepted the token with `digest` for the pod with `uid`, and it
+    /// has not expired at `now`.
+    pub fn proven(&self, uid: &str, digest: &TokenDigest, now: i64) -> bool {
+        self.proven
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .is_some_and(|tokens| tokens.iter().any(|(d, until)| d == digest && *until > now))
+    }
+
+    /// Remembers that the servers accepted the token with `digest` for the pod with `uid`,
+    /// until `until` (the token's expiry). Only pods in the pod table are remembered, and
+    /// [`CredentialCache::forget`] drops them with the pod.
+    pub fn prove(&self, uid: &str, digest: TokenDigest, until: i64, now: i64) {
+        let mut proven = self.proven.lock().unwrap_or_else(|e| e.into_inner());
+        let tokens = proven.entry(uid.to_string()).or_default();
+        tokens.retain(|(d, until)| *d != digest && *until > now);
+        if tokens.len() >= PROVEN_PER_POD {
+            // The one expiring first goes.
+            if let Some(first) = (0..tokens.len()).min_by_key(|&i| tokens[i].1) {
+                tokens.swap_remove(first);
+            }
+        }
+        tokens.push((digest, until));
+    }
+
+    /// Drops every entry of the pod with `uid`, and the tokens it proved itself with.
     pub fn forget(&self, uid: &str) {
         self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+        self.proven
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
@@ -227,8 +293,12 @@ mod tests {
             .get("b", "r", 0, || fetch("3"))
             .await
             .expect("fetched");
+        cache.prove("a", [1; 32], 100, 0);
+        cache.prove("b", [2; 32], 100, 0);
         cache.forget("a");
         assert_eq!(cache.len(), 1);
+        assert!(!cache.proven("a", &[1; 32], 0), "a's tokens go with it");
+        assert!(cache.proven("b", &[2; 32], 0));
         assert_eq!(
             cache.get("a", "r", 0, || fetch("4")).await.map(|r| r.1),
             Ok(Source::Server)
@@ -264,6 +334,10 @@ mod tests {
             String::from_utf8_lossy(&entry.document).contains("secret-access-key-xyz"),
             "the served document does hold the secret"
         );
+        assert!(
+            String::from_utf8_lossy(&entry.container_document).contains("session-token-xyz"),
+            "the container document does hold the secret"
+        );
         let shown = format!("{entry:?}");
         assert_no_secret(&shown);
         assert!(shown.contains("ASIAVISIBLE"), "{shown}");
@@ -272,6 +346,44 @@ mod tests {
         assert_no_secret(&shown);
         assert!(shown.contains("entries: 1"), "{shown}");
         assert_no_secret(&format!("{cache:#?}"));
+    }
+
+    #[test]
+    fn proven_tokens_expire_are_per_pod_and_bounded() {
+        let cache = CredentialCache::new(FLOOR);
+        cache.prove("a", [1; 32], 100, 0);
+        assert!(cache.proven("a", &[1; 32], 99));
+        assert!(!cache.proven("a", &[1; 32], 100), "expired with the token");
+        assert!(
+            !cache.proven("b", &[1; 32], 0),
+            "another pod's proof is not b's"
+        );
+        assert!(!cache.proven("a", &[9; 32], 0));
+        for i in 0..20u8 {
+            cache.prove("a", [i + 10; 32], 1000 + i64::from(i), 0);
+        }
+        let kept = (0..20u8)
+            .filter(|i| cache.proven("a", &[i + 10; 32], 0))
+            .count();
+        assert_eq!(kept, PROVEN_PER_POD);
+        assert!(cache.proven("a", &[29; 32], 0), "the latest is kept");
+    }
+
+    #[tokio::test]
+    async fn put_replaces_the_entry() {
+        let cache = CredentialCache::new(FLOOR);
+        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        cache
+            .get("a", "r", 0, || fetch("1"))
+            .await
+            .expect("fetched");
+        let put = cache.put("a", "r", creds("2", 3600)).await;
+        assert_eq!(put.credentials.access_key_id, "2");
+        let (hit, source) = cache.get("a", "r", 0, || fetch("3")).await.expect("hit");
+        assert_eq!(
+            (hit.credentials.access_key_id.as_str(), source),
+            ("2", Source::Cache)
+        );
     }
 
     #[tokio::test]

@@ -50,6 +50,10 @@ pub enum Command {
 /// 249-255 unassigned).
 pub const DEFAULT_POD_PORT: u16 = 254;
 
+/// The default container-credentials port (the DNAT target for 169.254.170.23:80): privileged
+/// for the same reason as [`DEFAULT_POD_PORT`], and as unassigned.
+pub const DEFAULT_CONTAINER_PORT: u16 = 253;
+
 /// Connections one pod may hold by default. An SDK client uses one connection at a time and
 /// the agent answers in milliseconds, so 16 lets 16 processes of one pod ask at the same
 /// instant; idle connections beyond it make room for new ones. 64 pods at this limit fill the
@@ -71,6 +75,25 @@ pub struct ServeConfig {
     /// runs, no unprivileged process can bind it and answer pods (docs/security.md).
     #[arg(long, env = "PODIAM_AGENT_LISTEN", default_value = "0.0.0.0:254")]
     pub listen: SocketAddr,
+    /// The container-credentials endpoint's address (the DNAT target's port for
+    /// 169.254.170.23:80): pods that present their projected ServiceAccount token get their
+    /// role's credentials there. Keep the port below 1024, as --listen's.
+    #[arg(
+        long,
+        env = "PODIAM_AGENT_CONTAINER_LISTEN",
+        default_value = "0.0.0.0:253"
+    )]
+    pub container_listen: SocketAddr,
+    /// Serve the container-credentials endpoint (and, with --iptables, intercept
+    /// 169.254.170.23). `false` leaves that address alone, for nodes where the EKS Pod
+    /// Identity Agent answers it.
+    #[arg(
+        long,
+        env = "PODIAM_CONTAINER_ENDPOINT",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub container_endpoint: bool,
     /// Address for /live and /ready; never the pod-facing one.
     #[arg(
         long,
@@ -78,10 +101,10 @@ pub struct ServeConfig {
         default_value = "0.0.0.0:8182"
     )]
     pub health_listen: SocketAddr,
-    /// Once both listeners are bound (and the iptables rules installed), write their
-    /// addresses to this file (`listen ADDRESS` and `health-listen ADDRESS`, one a line;
-    /// replaced atomically): with port 0 in --listen or --health-listen, this is how a
-    /// supervisor learns the ports.
+    /// Once the listeners are bound (and the iptables rules installed), write their
+    /// addresses to this file (`listen ADDRESS`, `container-listen ADDRESS` when that
+    /// endpoint is on, and `health-listen ADDRESS`, one a line; replaced atomically): with
+    /// port 0 in a listen address, this is how a supervisor learns the ports.
     #[arg(long, env = "PODIAM_AGENT_LISTEN_ADDRESS_FILE")]
     pub listen_address_file: Option<PathBuf>,
     /// The servers' gRPC URL: a name that resolves to every replica (a headless Service),
@@ -232,6 +255,19 @@ impl ServeConfig {
         Some(SocketAddr::new(ip, self.listen.port()))
     }
 
+    /// Where the DNAT rule sends pods' container-credentials requests, when that endpoint
+    /// is on.
+    pub fn container_target(&self) -> Option<SocketAddr> {
+        if !self.container_endpoint {
+            return None;
+        }
+        let listen = self.container_listen;
+        let ip = self
+            .host_ip
+            .or_else(|| (!listen.ip().is_unspecified()).then(|| listen.ip()))?;
+        Some(SocketAddr::new(ip, listen.port()))
+    }
+
     /// The pod-facing listener's connection limits.
     pub fn limits(&self) -> podiam_runtime::serve::Limits {
         podiam_runtime::serve::Limits {
@@ -298,6 +334,7 @@ impl ServeConfig {
             .filter(|_| self.iptables)
             .map(|target| Interception {
                 target,
+                container_target: self.container_target(),
                 interfaces: self.interfaces.clone(),
                 program: self.iptables_bin.clone(),
                 sync_interval: self.iptables_sync_interval,
@@ -308,6 +345,7 @@ impl ServeConfig {
             limits: self.limits(),
             iptables,
             listen: self.listen,
+            container_listen: self.container_endpoint.then_some(self.container_listen),
             health_listen: self.health_listen,
             listen_address_file: self.listen_address_file,
             server_urls: self.server,
@@ -362,6 +400,18 @@ impl ServeConfig {
                     .to_string(),
             );
         }
+        // (One problem at a time: --host-ip answers both.)
+        if self.iptables
+            && self.container_endpoint
+            && self.dnat_target().is_some()
+            && self.container_target().is_none()
+        {
+            problems.push(
+                "--iptables needs --host-ip (or a specific --container-listen address) as the \
+                 container endpoint's DNAT target"
+                    .to_string(),
+            );
+        }
         if self.token_key_file.as_os_str().is_empty() || self.token_key_file.ends_with("..") {
             problems.push(
                 "--token-key-file must name a file (on a node directory only the agent reads)"
@@ -381,6 +431,16 @@ impl ServeConfig {
             problems.push(
                 "--health-listen must differ from --listen (health is never pod-facing)".into(),
             );
+        }
+        if self.container_endpoint && self.container_listen.port() != 0 {
+            for (flag, other) in [
+                ("--listen", self.listen),
+                ("--health-listen", self.health_listen),
+            ] {
+                if other == self.container_listen {
+                    problems.push(format!("--container-listen must differ from {flag}"));
+                }
+            }
         }
         problems
     }
@@ -422,6 +482,8 @@ impl ServeConfig {
 pub struct ValidConfig {
     /// The pod-facing address (bound by `main`).
     pub listen: SocketAddr,
+    /// The container-credentials endpoint's address, when it is on (bound by `main`).
+    pub container_listen: Option<SocketAddr>,
     /// The health address (bound by `main`).
     pub health_listen: SocketAddr,
     /// Where `main` writes the bound addresses once it serves.
@@ -455,6 +517,9 @@ pub struct ValidConfig {
 pub struct Interception {
     /// Where the DNAT rule sends pods' metadata requests.
     pub target: SocketAddr,
+    /// Where the DNAT rule sends pods' container-credentials requests (169.254.170.23), when
+    /// that endpoint is on.
+    pub container_target: Option<SocketAddr>,
     /// Pod interface patterns.
     pub interfaces: Vec<String>,
     /// The iptables program.
@@ -465,14 +530,33 @@ pub struct Interception {
     pub flush_conntrack: bool,
 }
 
+impl Interception {
+    /// The DNAT rules: the metadata address, then the container-credentials address.
+    pub fn dnats(&self) -> Vec<crate::iptables::Dnat> {
+        use crate::iptables::{CONTAINER_IP, Dnat, METADATA_IP};
+        let metadata = Dnat {
+            address: METADATA_IP,
+            target: self.target,
+        };
+        let container = self.container_target.map(|target| Dnat {
+            address: CONTAINER_IP,
+            target,
+        });
+        std::iter::once(metadata).chain(container).collect()
+    }
+}
+
 impl ValidConfig {
     /// A warning when pods' DNAT target is a port that processes without privileges could
     /// bind on this node while no agent listens: at or above `unprivileged_start` (the
     /// node's `net.ipv4.ip_unprivileged_port_start`, 1024 when unknown).
     pub fn pod_port_warning(&self, unprivileged_start: Option<u16>) -> Option<String> {
         let start = unprivileged_start.unwrap_or(1024);
-        let port = self.listen.port();
-        (self.iptables.is_some() && port >= start).then(|| {
+        let port = std::iter::once(self.listen)
+            .chain(self.container_listen)
+            .map(|address| address.port())
+            .find(|port| *port >= start)?;
+        self.iptables.is_some().then(|| {
             format!(
                 "the pods' port {port} is not privileged on this node \
                  (net.ipv4.ip_unprivileged_port_start={start}): while no agent listens, any \
@@ -558,12 +642,42 @@ mod tests {
             iptables.target,
             SocketAddr::from(([10, 0, 0, 5], DEFAULT_POD_PORT))
         );
+        assert_eq!(
+            iptables.container_target,
+            Some(SocketAddr::from(([10, 0, 0, 5], DEFAULT_CONTAINER_PORT)))
+        );
         assert_eq!(iptables.interfaces, vec!["cali+", "eni+"]);
         let config = serve(&["--listen", "10.0.0.6:9000"]);
         assert_eq!(
             config.dnat_target(),
             Some("10.0.0.6:9000".parse().expect("addr"))
         );
+        // A specific --listen without a specific --container-listen is half a target.
+        let half = problems(serve(&["--iptables", "--listen", "10.0.0.6:9000"]));
+        assert_eq!(half.len(), 1, "{half:?}");
+        assert!(half[0].contains("--container-listen"), "{half:?}");
+        let both = valid(&[
+            "--iptables",
+            "--listen",
+            "10.0.0.6:9000",
+            "--container-listen",
+            "10.0.0.6:9001",
+        ]);
+        let dnats = both.iptables.expect("intercepting").dnats();
+        assert_eq!(dnats.len(), 2);
+        assert_eq!(dnats[1].address, crate::iptables::CONTAINER_IP);
+        assert_eq!(dnats[1].target, "10.0.0.6:9001".parse().expect("addr"));
+        // The endpoint off: no listener, no rule for its address.
+        let off = valid(&[
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+            "--container-endpoint",
+            "false",
+        ]);
+        assert_eq!(off.container_listen, None);
+        assert_eq!(off.iptables.expect("intercepting").dnats().len(), 1);
+        assert!(!problems(serve(&["--container-listen", "0.0.0.0:254"])).is_empty());
     }
 
     #[test]

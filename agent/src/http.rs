@@ -55,6 +55,9 @@ pub enum Refused {
     BadToken(TokenError),
     #[error("request bodies are not accepted")]
     Body,
+    /// The container-credentials endpoint's token is missing or cannot be one.
+    #[error("{0}")]
+    PodToken(crate::container::TokenProblem),
     #[error("no answer within the request deadline")]
     Deadline,
     #[error("{0}")]
@@ -124,6 +127,8 @@ fn reason_status(reason: Reason) -> StatusCode {
         | Reason::InvalidRole
         | Reason::StsRefused => StatusCode::FORBIDDEN,
         Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
+        // The container endpoint only; EKS Auth answers 400 for a token it does not accept.
+        Reason::PodTokenRefused => StatusCode::BAD_REQUEST,
         Reason::NotReady | Reason::AgentUnauthenticated | Reason::IdentityUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
@@ -140,6 +145,7 @@ impl Refused {
             Refused::Forwarded => StatusCode::FORBIDDEN,
             Refused::TokenRequired | Refused::BadToken(_) => StatusCode::UNAUTHORIZED,
             Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
+            Refused::PodToken(_) => StatusCode::BAD_REQUEST,
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
@@ -212,12 +218,12 @@ impl std::fmt::Debug for ServiceOptions {
 
 /// The metadata service pods talk to.
 pub struct MetadataService {
-    servers: Arc<Servers>,
-    table: Arc<PodTable>,
-    cache: Arc<CredentialCache>,
+    pub(crate) servers: Arc<Servers>,
+    pub(crate) table: Arc<PodTable>,
+    pub(crate) cache: Arc<CredentialCache>,
     tokens: TokenKey,
-    options: ServiceOptions,
-    metrics: Arc<Metrics>,
+    pub(crate) options: ServiceOptions,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for MetadataService {
@@ -256,13 +262,26 @@ impl MetadataService {
     pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Full<Bytes>> {
         let allow = self.options.allow.as_ref().map(|(regex, _)| regex);
         let route = route(request.method(), request.uri().path(), allow);
-        let head = request.method() == Method::HEAD;
         let started = std::time::Instant::now();
         let answer = tokio::time::timeout(
             self.options.request_timeout,
             self.answer(peer, &route, &request),
         );
         let result = answer.await.unwrap_or(Err(Refused::Deadline));
+        self.finish(peer, route.label(), started, &request, result)
+    }
+
+    /// The response for `result`, the answer to `request` from `peer` started at `started`:
+    /// a refusal turned into its HTTP answer (a server's failure logged and counted), the
+    /// request counted and timed under `label`, a HEAD's body dropped.
+    pub(crate) fn finish<B>(
+        &self,
+        peer: IpAddr,
+        label: &'static str,
+        started: std::time::Instant,
+        request: &Request<B>,
+        result: Result<Response<Full<Bytes>>, Refused>,
+    ) -> Response<Full<Bytes>> {
         let mut response = match result {
             Ok(response) => response,
             Err(refused) => {
@@ -286,15 +305,13 @@ impl MetadataService {
             }
         };
         let labels = RequestLabels {
-            route: route.label(),
+            route: label,
             status: response.status().as_u16(),
         };
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics
             .latency
-            .get_or_create(&RouteLabels {
-                route: route.label(),
-            })
+            .get_or_create(&RouteLabels { route: label })
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             %peer,
@@ -304,7 +321,7 @@ impl MetadataService {
             elapsed_us = started.elapsed().as_micros() as u64,
             "request"
         );
-        if head {
+        if request.method() == Method::HEAD {
             *response.body_mut() = Full::new(Bytes::new());
         }
         response
@@ -418,7 +435,7 @@ impl MetadataService {
     /// to [`UNKNOWN_POD_WAIT`] when the synced table does not know the address yet (the
     /// start-up race: the pod's IP not yet in the API, or a node stream a moment behind its
     /// replica).
-    async fn resolve(&self, peer: IpAddr, known: Known) -> Known {
+    pub(crate) async fn resolve(&self, peer: IpAddr, known: Known) -> Known {
         match known {
             Known::Nobody => Box::pin(self.table.wait_known(peer, UNKNOWN_POD_WAIT)).await,
             known => known,
@@ -431,7 +448,7 @@ impl MetadataService {
     /// servers are given [`ASK_WAIT`], and their answer stands only if it places the pod on
     /// this node (its role or credentials, or a refusal only a pod found here gets);
     /// anything else is unknown-pod, saying what the servers said.
-    async fn ask<T>(
+    pub(crate) async fn ask<T>(
         &self,
         peer: IpAddr,
         unlisted: &Known,
@@ -492,7 +509,7 @@ impl MetadataService {
         match self.resolve(peer, known).await {
             Known::Pod(decision) => self.cached_credentials(peer, &decision, role, now).await,
             unlisted => {
-                let call = self.servers.credentials(peer, role);
+                let call = self.servers.credentials(peer, role, "");
                 let creds = Box::pin(self.ask(peer, &unlisted, call)).await?.credentials;
                 Ok(imds::credentials_document(
                     &creds.access_key_id,
@@ -529,7 +546,7 @@ impl MetadataService {
         // Boxed: see [`MetadataService::ask`].
         let fetch = || {
             Box::pin(async {
-                let issued = self.servers.credentials(peer, role).await?;
+                let issued = self.servers.credentials(peer, role, "").await?;
                 // The server decided on what it sees now; cache only if it is the same pod.
                 if issued.pod_uid != pod.uid {
                     return Err(Refused::ByAgent(AgentRefusal::PodChanged));
@@ -567,11 +584,12 @@ fn places_pod_here(reason: Reason) -> bool {
             | Reason::WrongRole
             | Reason::StsRefused
             | Reason::StsUnavailable
+            | Reason::PodTokenRefused
     )
 }
 
 /// Refuses requests with a body: none of the metadata service's requests carries one.
-fn refuse_bodies(headers: &HeaderMap) -> Result<(), Refused> {
+pub(crate) fn refuse_bodies(headers: &HeaderMap) -> Result<(), Refused> {
     let content_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -747,6 +765,17 @@ mod tests {
                 refused(Reason::IdentityUnavailable),
                 503,
                 "identity-unavailable",
+            ),
+            (refused(Reason::PodTokenRefused), 400, "pod-token-refused"),
+            (
+                Refused::PodToken(crate::container::TokenProblem::Missing),
+                400,
+                "no pod token",
+            ),
+            (
+                Refused::PodToken(crate::container::TokenProblem::Expired),
+                400,
+                "expired",
             ),
             (
                 Refused::ServersUnavailable("dial tcp 10.1.2.3:8443".into()),

@@ -313,6 +313,7 @@ impl Rig {
             .expect("built");
         let listeners = Listeners {
             pods: network.listen(AGENT),
+            container: None,
             health: network.listen(AGENT_HEALTH),
         };
         tasks.spawn(agent.serve(listeners, stop.clone()));

@@ -1,9 +1,12 @@
 //! The agent's iptables rules: its own nat chain, and a jump to it from PREROUTING for each
-//! pod interface pattern.
+//! pod interface pattern and intercepted address — the instance metadata address, and the
+//! container-credentials address when that endpoint is on.
 //!
 //! ```text
-//! PREROUTING -i cali+ -d 169.254.169.254/32 -p tcp --dport 80 -j PODIAM   (one per pattern)
-//! PODIAM     -d 169.254.169.254/32 -p tcp --dport 80 -j DNAT --to-destination HOST:PORT
+//! PREROUTING -i cali+ -d 169.254.169.254/32 -p tcp --dport 80 -j PODIAM   (per pattern)
+//! PREROUTING -i cali+ -d 169.254.170.23/32 -p tcp --dport 80 -j PODIAM    (per pattern)
+//! PODIAM     -d 169.254.169.254/32 -p tcp --dport 80 -j DNAT --to-destination HOST:254
+//! PODIAM     -d 169.254.170.23/32 -p tcp --dport 80 -j DNAT --to-destination HOST:253
 //! ```
 //!
 //! Fail closed: the rules stay in place when the agent stops, so while it is down pods'
@@ -24,6 +27,15 @@ use tokio_util::sync::CancellationToken;
 pub const CHAIN: &str = "PODIAM";
 /// The instance metadata address pods are intercepted on.
 pub const METADATA_IP: &str = "169.254.169.254";
+/// The container-credentials address (EKS Pod Identity's) pods are intercepted on.
+pub const CONTAINER_IP: &str = "169.254.170.23";
+
+/// One intercepted address (port 80) and where its DNAT rule sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dnat {
+    pub address: &'static str,
+    pub target: SocketAddr,
+}
 
 /// Why an iptables command failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +62,11 @@ pub fn valid_interface(pattern: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
 }
 
-/// The match every rule shares: TCP to the metadata address, port 80.
-fn metadata_match() -> Vec<String> {
+/// The match of an intercepted address's rules: TCP to `address`, port 80.
+fn address_match(address: &str) -> Vec<String> {
     [
         "-d",
-        &format!("{METADATA_IP}/32"),
+        &format!("{address}/32"),
         "-p",
         "tcp",
         "-m",
@@ -67,22 +79,22 @@ fn metadata_match() -> Vec<String> {
     .collect()
 }
 
-/// The PREROUTING rule that jumps to our chain for one interface pattern.
-pub fn jump_rule(interface: &str) -> Vec<String> {
+/// The PREROUTING rule that jumps to our chain for one interface pattern and address.
+pub fn jump_rule(interface: &str, address: &str) -> Vec<String> {
     let mut rule = vec!["-i".to_string(), interface.to_string()];
-    rule.extend(metadata_match());
+    rule.extend(address_match(address));
     rule.extend(["-j".to_string(), CHAIN.to_string()]);
     rule
 }
 
-/// The DNAT rule inside our chain.
-pub fn dnat_rule(target: SocketAddr) -> Vec<String> {
-    let mut rule = metadata_match();
+/// A DNAT rule inside our chain.
+pub fn dnat_rule(dnat: Dnat) -> Vec<String> {
+    let mut rule = address_match(dnat.address);
     rule.extend([
         "-j".to_string(),
         "DNAT".to_string(),
         "--to-destination".to_string(),
-        target.to_string(),
+        dnat.target.to_string(),
     ]);
     rule
 }
@@ -166,19 +178,18 @@ impl Iptables {
         args
     }
 
-    /// Installs (or repairs) the chain, its DNAT rule to `target`, and the jumps for each
-    /// interface pattern. Idempotent.
+    /// Installs (or repairs) the chain, its DNAT rules (`dnats`, in order), and the jumps
+    /// for each interface pattern and address. Idempotent.
     pub async fn install(
         &self,
-        target: SocketAddr,
+        dnats: &[Dnat],
         interfaces: &[String],
     ) -> Result<bool, IptablesError> {
         let mut changed = false;
         if let Some(bad) = interfaces.iter().find(|i| !valid_interface(i)) {
             return Err(IptablesError::BadInterface(bad.clone()));
         }
-        // 1. Our chain, holding exactly the DNAT rule, before anything jumps to it.
-        let dnat = dnat_rule(target);
+        // 1. Our chain, holding exactly the DNAT rules, before anything jumps to it.
         let existing = match self.rules(CHAIN).await? {
             Some(rules) => rules,
             None => {
@@ -187,24 +198,36 @@ impl Iptables {
                 Vec::new()
             }
         };
-        let in_place = self.run(&Self::with("-C", CHAIN, &dnat)).await?;
-        if !(in_place && existing.len() == 1) {
+        let mut wanted = Vec::new();
+        for dnat in dnats {
+            wanted.push(dnat_rule(*dnat));
+        }
+        let mut in_place = existing.len() == wanted.len();
+        for rule in &wanted {
+            in_place = in_place && self.run(&Self::with("-C", CHAIN, rule)).await?;
+        }
+        if !in_place {
             changed = true;
-            // Insert the right rule first, then delete everything after it: never empty.
-            self.run(&Self::with(
-                "-I",
-                CHAIN,
-                &[&["1".to_string()][..], &dnat].concat(),
-            ))
-            .await?;
+            // Insert the right rules first, then delete everything after them: never empty.
+            for (at, rule) in wanted.iter().enumerate() {
+                let position = (at + 1).to_string();
+                self.run(&Self::with("-I", CHAIN, &[&[position][..], rule].concat()))
+                    .await?;
+            }
+            let after = (wanted.len() + 1).to_string();
             for _ in 1..=existing.len() {
-                self.run(&["-D".to_string(), CHAIN.to_string(), "2".to_string()])
+                self.run(&["-D".to_string(), CHAIN.to_string(), after.clone()])
                     .await?;
             }
         }
         // 2. The jumps, first in PREROUTING so no other DNAT wins.
+        let mut jumps = Vec::new();
         for interface in interfaces {
-            let jump = jump_rule(interface);
+            for dnat in dnats {
+                jumps.push(jump_rule(interface, dnat.address));
+            }
+        }
+        for jump in jumps {
             if !self.run(&Self::with("-C", "PREROUTING", &jump)).await? {
                 changed = true;
                 self.run(&Self::with(
@@ -222,7 +245,7 @@ impl Iptables {
     /// removed or changed them.
     pub async fn keep(
         &self,
-        target: SocketAddr,
+        dnats: &[Dnat],
         interfaces: &[String],
         interval: Duration,
         shutdown: CancellationToken,
@@ -232,7 +255,7 @@ impl Iptables {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            match self.install(target, interfaces).await {
+            match self.install(dnats, interfaces).await {
                 Ok(true) => tracing::warn!("iptables rules were changed by someone else; repaired"),
                 Ok(false) => {}
                 Err(error) => tracing::error!(%error, "checking the iptables rules failed"),
@@ -276,19 +299,11 @@ impl Iptables {
     }
 }
 
-/// Deletes conntrack entries of TCP connections toward 169.254.169.254:80, so that a
-/// connection a pod opened before the rule existed cannot go on bypassing it. Finding none
-/// is not an error.
-pub async fn flush_conntrack(program: &str) -> Result<(), IptablesError> {
-    let args = [
-        "-D",
-        "-p",
-        "tcp",
-        "--orig-dst",
-        METADATA_IP,
-        "--dport",
-        "80",
-    ];
+/// Deletes conntrack entries of TCP connections toward `address`:80, so that a connection a
+/// pod opened before the rule existed cannot go on bypassing it. Finding none is not an
+/// error.
+pub async fn flush_conntrack(program: &str, address: &str) -> Result<(), IptablesError> {
+    let args = ["-D", "-p", "tcp", "--orig-dst", address, "--dport", "80"];
     let output = Command::new(program)
         .args(args)
         .output()
@@ -333,11 +348,19 @@ mod tests {
         // `iptables -S` prints rules in this canonical order, so the uninstall's parsing and
         // the install's checks agree.
         assert_eq!(
-            jump_rule("cali+").join(" "),
+            jump_rule("cali+", METADATA_IP).join(" "),
             "-i cali+ -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j PODIAM"
         );
         assert_eq!(
-            dnat_rule("10.0.0.1:8181".parse().expect("addr")).join(" "),
+            jump_rule("eni+", CONTAINER_IP).join(" "),
+            "-i eni+ -d 169.254.170.23/32 -p tcp -m tcp --dport 80 -j PODIAM"
+        );
+        let dnat = Dnat {
+            address: METADATA_IP,
+            target: "10.0.0.1:8181".parse().expect("addr"),
+        };
+        assert_eq!(
+            dnat_rule(dnat).join(" "),
             "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
         );
     }

@@ -13,6 +13,9 @@
 //! - [`pods`]: the pod table: this node's pods and their decisions, from the node stream.
 //! - [`cache`]: each pod's credentials, so that a hit needs no server call.
 //! - [`http`]: the pod-facing server, the health server, and the one failure → HTTP mapping.
+//! - [`container`]: the container-credentials endpoint (169.254.170.23), where a pod proves
+//!   itself with its projected ServiceAccount token as well as its address: its token checks
+//!   and its document (pure); `container_service` answers its requests.
 //! - [`iptables`]: the DNAT chain that sends pods' 169.254.169.254 traffic here.
 //! - [`node_metadata`]: the node's own metadata service, for allow-listed paths only.
 //! - [`metrics`]: the Prometheus metrics on the health listener.
@@ -26,6 +29,8 @@
 
 pub mod cache;
 pub mod config;
+pub mod container;
+mod container_service;
 pub mod decision;
 pub mod http;
 pub mod identity;
@@ -61,11 +66,13 @@ use crate::replicas::ServerSet;
 use crate::servers::Servers;
 use crate::token::KeyKeeper;
 
-/// The listeners the agent is served on, bound by its caller: the pod-facing port and the
-/// health port (TCP, or in tests in-memory ones).
+/// The listeners the agent is served on, bound by its caller: the pod-facing metadata port,
+/// the container-credentials port when that endpoint is on, and the health port (TCP, or in
+/// tests in-memory ones).
 #[derive(Debug)]
 pub struct Listeners<P = TcpListener, H = TcpListener> {
     pub pods: P,
+    pub container: Option<P>,
     pub health: H,
 }
 
@@ -201,14 +208,37 @@ impl Agent {
                 tracing::info!("stopping: not ready, no new connections; open ones finish");
             });
         }
-        // The peer's address is the pod's only identity.
+        if let Some(container) = listeners.container {
+            tracing::info!(listen = %container.local_addr()?, "serving the container-credentials endpoint");
+            tasks.spawn(self.pod_server(container, Endpoint::Container, shutdown.clone()));
+        }
+        self.pod_server(listeners.pods, Endpoint::Metadata, shutdown.clone())
+            .await;
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+
+    /// Serves `endpoint` to pods on `listener` until `shutdown`, then lets open connections
+    /// finish. The TCP peer's address is how a pod is known; no header is trusted for it.
+    fn pod_server<P: Listener>(
+        &self,
+        listener: P,
+        endpoint: Endpoint,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let service = Arc::clone(&self.service);
         let keep_alive = self.keep_alive.clone();
         let handler = move |peer: std::net::SocketAddr, request| {
             let service = Arc::clone(&service);
             let keep_alive = keep_alive.clone();
             async move {
-                let mut response = service.handle(peer.ip().to_canonical(), request).await;
+                let peer = peer.ip().to_canonical();
+                let mut response = match endpoint {
+                    Endpoint::Metadata => service.handle(peer, request).await,
+                    Endpoint::Container => service.handle_container(peer, request).await,
+                };
                 if let Some(value) = keep_alive {
                     response.headers_mut().insert(KEEP_ALIVE, value);
                 }
@@ -216,17 +246,12 @@ impl Agent {
             }
         };
         podiam_runtime::serve::serve_http_observed(
-            listeners.pods,
+            listener,
             self.limits,
             Arc::clone(&self.metrics) as Arc<dyn podiam_runtime::serve::ConnectionObserver>,
             handler,
-            shutdown.clone(),
+            shutdown,
         )
-        .await;
-        stop.cancel();
-        tasks.close();
-        tasks.wait().await;
-        Ok(())
     }
 
     /// Following the servers' names, their health and this node's stream; reloading the
@@ -276,6 +301,15 @@ impl Agent {
             std::future::ready(http::health(&upstream, &metrics, request.uri().path()))
         }
     }
+}
+
+/// Which pod-facing endpoint a listener serves.
+#[derive(Clone, Copy, Debug)]
+enum Endpoint {
+    /// EC2's instance metadata (169.254.169.254).
+    Metadata,
+    /// The container-credentials endpoint (169.254.170.23).
+    Container,
 }
 
 /// The `Keep-Alive` response header.

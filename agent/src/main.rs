@@ -51,6 +51,7 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     };
     let listeners = Listeners {
         pods: bind(config.listen)?,
+        container: config.container_listen.map(bind).transpose()?,
         health: bind(config.health_listen)?,
     };
     if let Some(warning) = config.pod_port_warning(podiam_agent::config::unprivileged_port_start())
@@ -62,14 +63,13 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(path) = &config.listen_address_file {
-        podiam_runtime::net::write_address_file(
-            path,
-            &[
-                ("listen", listeners.pods.local_addr()?),
-                ("health-listen", listeners.health.local_addr()?),
-            ],
-        )
-        .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
+        let mut addresses = vec![("listen", listeners.pods.local_addr()?)];
+        if let Some(container) = &listeners.container {
+            addresses.push(("container-listen", container.local_addr()?));
+        }
+        addresses.push(("health-listen", listeners.health.local_addr()?));
+        podiam_runtime::net::write_address_file(path, &addresses)
+            .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
@@ -78,9 +78,9 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     // The rules are kept until the pod-facing port has drained.
     let stop = CancellationToken::new();
     let keeping = rules.map(|(iptables, interception)| {
-        let (target, interfaces) = (interception.target, interception.interfaces.clone());
+        let (dnats, interfaces) = (interception.dnats(), interception.interfaces.clone());
         let (interval, stop) = (interception.sync_interval, stop.clone());
-        tokio::spawn(async move { iptables.keep(target, &interfaces, interval, stop).await })
+        tokio::spawn(async move { iptables.keep(&dnats, &interfaces, interval, stop).await })
     });
     let served = agent.serve(listeners, shutdown).await;
     stop.cancel();
@@ -91,21 +91,29 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     served
 }
 
-/// Installs the DNAT rule and its jumps (and flushes conntrack entries that bypass them when
-/// asked): pods' metadata traffic comes here from now on, and keeps coming here (refused
-/// while no agent listens) until `uninstall`.
+/// Installs the DNAT rules and their jumps (and flushes conntrack entries that bypass them
+/// when asked): pods' metadata (and container-credentials) traffic comes here from now on,
+/// and keeps coming here (refused while no agent listens) until `uninstall`.
 async fn intercept(interception: &Interception) -> anyhow::Result<Iptables> {
     let iptables = Iptables::new(&interception.program);
+    let dnats = interception.dnats();
     iptables
-        .install(interception.target, &interception.interfaces)
+        .install(&dnats, &interception.interfaces)
         .await
         .context("installing the iptables rules")?;
-    tracing::info!(target = %interception.target, interfaces = ?interception.interfaces, "iptables rules in place");
+    tracing::info!(
+        target = %interception.target,
+        container_target = ?interception.container_target,
+        interfaces = ?interception.interfaces,
+        "iptables rules in place"
+    );
     if interception.flush_conntrack {
-        podiam_agent::iptables::flush_conntrack("conntrack")
-            .await
-            .context("flushing conntrack entries toward 169.254.169.254")?;
-        tracing::info!("stale conntrack entries toward 169.254.169.254 flushed");
+        for dnat in &dnats {
+            podiam_agent::iptables::flush_conntrack("conntrack", dnat.address)
+                .await
+                .with_context(|| format!("flushing conntrack entries toward {}", dnat.address))?;
+        }
+        tracing::info!("stale conntrack entries toward the intercepted addresses flushed");
     }
     Ok(iptables)
 }

@@ -129,12 +129,20 @@ impl Servers {
         })
     }
 
-    /// Credentials for the pod at `ip`, if `role_name` is its role.
-    pub async fn credentials(&self, ip: IpAddr, role_name: &str) -> Result<Issued, ServerError> {
+    /// Credentials for the pod at `ip`, if `role_name` is its role (empty with a
+    /// `pod_token`: whatever its role is). A non-empty `pod_token` is the pod's own token,
+    /// which must prove the pod at `ip` too.
+    pub async fn credentials(
+        &self,
+        ip: IpAddr,
+        role_name: &str,
+        pod_token: &str,
+    ) -> Result<Issued, ServerError> {
         let request = GetCredentialsRequest {
             ip: ip.to_string(),
             role_name: role_name.to_string(),
             node_name: self.node_name.clone(),
+            pod_token: pod_token.to_string(),
         };
         let answer = self
             .replicas

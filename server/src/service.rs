@@ -543,13 +543,15 @@ impl PodiamService {
         request: GetCredentialsRequest,
     ) -> Result<GetCredentialsResponse, Failure> {
         let ip = podiam_proto::parse_ip(&request.ip)?;
-        if !valid_role_name(&request.role_name) {
+        // A pod proving itself with its token asks for its own role, whatever it is.
+        let own_role = request.role_name.is_empty() && !request.pod_token.is_empty();
+        if !own_role && !valid_role_name(&request.role_name) {
             return Err(Failure::BadRequest(
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
             ));
         }
         let Decision { pod, role } = self.decide(ip, caller, peer, "GetCredentials")?;
-        if request.role_name != role.name {
+        if !own_role && request.role_name != role.name {
             return Err(Refusal::WrongRole {
                 pod: format!("{}/{}", pod.namespace, pod.name),
                 asked: request.role_name,

@@ -46,6 +46,8 @@ pub const POD_INTERFACE_PATTERN: &str = "podv+";
 pub const NODE_IP_BASE: [u8; 3] = [10, 77, 255];
 /// The link-local metadata address pods ask.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The container-credentials address (EKS Pod Identity's), intercepted like the metadata one.
+pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// What the fake node metadata service answers to every request.
 pub const NODE_METADATA_BODY: &str = "NODE-METADATA-SERVICE";
 /// Pod subnets are /30s in 10.77.0.0 – 10.77.254.255: 16320 pods per test process.

@@ -15,6 +15,9 @@ const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
 /// What SDKs need: botocore treats credentials with under ~25 minutes as stale.
 const MIN_REMAINING_SECS: i64 = 30 * 60;
 const NODE_BODY: &str = podiam_tests::netns::NODE_METADATA_BODY;
+/// The addresses the agent intercepts (instance metadata, container credentials): one DNAT
+/// rule each, and one jump each per interface pattern.
+const INTERCEPTED_ADDRESSES: usize = 2;
 
 /// The counter `podiam_agent_requests_total{route=ROUTE,status=STATUS}` (0 when absent).
 fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
@@ -181,10 +184,14 @@ async fn restarts_and_a_crash(iptables_bin: &str) {
     assert_eq!(rules.matches("-N PODIAM").count(), 1, "{rules}");
     assert_eq!(
         rules.matches("-j PODIAM").count(),
-        1,
-        "one jump per interface:\n{rules}"
+        INTERCEPTED_ADDRESSES,
+        "one jump per interface and intercepted address:\n{rules}"
     );
-    assert_eq!(rules.matches("-j DNAT").count(), 1, "{rules}");
+    assert_eq!(
+        rules.matches("-j DNAT").count(),
+        INTERCEPTED_ADDRESSES,
+        "{rules}"
+    );
     let reply = world
         .metadata_request("web", "GET", CREDS_PATH, &[])
         .await
@@ -253,7 +260,7 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
             world
                 .node_nat_rules()
                 .await
-                .is_ok_and(|r| r.matches("-j PODIAM").count() == 1)
+                .is_ok_and(|r| r.matches("-j PODIAM").count() == INTERCEPTED_ADDRESSES)
         },
     )
     .await

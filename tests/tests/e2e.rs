@@ -410,8 +410,9 @@ async fn restarting_the_agent_does_not_duplicate_its_rules() {
     world.start_agent().await.expect("starts again");
     let second = world.node_nat_rules().await.expect("rules");
     assert_eq!(first, second, "a restart re-installs nothing twice");
-    assert_eq!(second.matches("-j PODIAM").count(), 1, "{second}");
-    assert_eq!(second.matches("-j DNAT").count(), 1, "{second}");
+    // One jump and one DNAT rule per intercepted address (metadata, container credentials).
+    assert_eq!(second.matches("-j PODIAM").count(), 2, "{second}");
+    assert_eq!(second.matches("-j DNAT").count(), 2, "{second}");
     expect_assumed(
         world.aws_caller_arn("web").await.expect("runs"),
         "app-reader",

@@ -373,9 +373,10 @@ async fn an_agent_rolling_update_is_not_noticed() {
         .expect("fetching on");
     let to = now();
     assert_unnoticed(&load.stop().await.expect("report"), from, to, 5, &world);
-    // The old agent left its rules as they were: one jump, one chain.
+    // The old agent left its rules as they were: one chain, one jump per intercepted address.
     let rules = world.node_nat_rules().await.expect("rules");
-    assert_eq!(rules.matches("-j PODIAM").count(), 1, "{rules}");
+    assert_eq!(rules.matches("-N PODIAM").count(), 1, "{rules}");
+    assert_eq!(rules.matches("-j PODIAM").count(), 2, "{rules}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,8 @@
 //! The secrets: every `SecretAccessKey` and `SessionToken` STS issued (read off the wire by
 //! the STS proxy, so refreshes no pod fetched count too) and every one a client was served;
 //! the IMDSv2 tokens the clients got (a real botocore's and the test's own); the agent's
-//! projected token; the operators' bearer tokens (a good one and a refused one); the agent's
+//! projected token; a pod's projected token sent to the container-credentials endpoint
+//! (whole, and its signature); the operators' bearer tokens (a good one and a refused one); the agent's
 //! IMDSv2 token keys; the private keys of the mutual-TLS certificates. Each is looked for as
 //! written and percent-encoded.
 //!
@@ -30,7 +31,9 @@ use podiam_proto::v1::{
 };
 use podiam_tests::identity::ADMIN_TOKEN;
 use podiam_tests::process::{wait_for, wait_until};
-use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig, metric_value};
+use podiam_tests::world::{
+    BASE_ROLE_ARN, NODE_NAME, POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, World, WorldConfig, metric_value,
+};
 
 /// Deadline for each step: a refresh is due 5 s after an issue and upkeep runs every 10 s.
 const WAIT: Duration = Duration::from_secs(60);
@@ -264,6 +267,33 @@ async fn no_secret_reaches_any_log_line_at_trace() {
         .await
         .expect_err("another pod's token");
     assert_eq!(status, 401);
+
+    // The container-credentials endpoint: web's own pod token accepted, then replayed from
+    // db and refused.
+    let pod_token = world
+        .mint_pod_token("team-a", "web", POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE)
+        .expect("web's pod token");
+    secrets.add("web's pod token", &pod_token);
+    let signature = pod_token.rsplit('.').next().expect("a JWT");
+    secrets.add("the signature of web's pod token", signature);
+    let auth = [("Authorization", pod_token.as_str())];
+    let reply = world
+        .container_request("web", "GET", "/v1/credentials", &auth)
+        .await
+        .expect("the endpoint answers");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let document: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+    for field in ["SecretAccessKey", "Token"] {
+        secrets.add(
+            format!("the {field} of web's container document"),
+            document[field].as_str().expect("secret fields"),
+        );
+    }
+    let replayed = world
+        .container_request("db", "GET", "/v1/credentials", &auth)
+        .await
+        .expect("the endpoint answers");
+    assert_eq!(replayed.status, 400, "{}", replayed.body);
 
     // A refresh: STS is asked again for web's role, and web is served the new credentials.
     let web_arn = format!("{BASE_ROLE_ARN}app-reader");

@@ -2,8 +2,10 @@
 //!
 //! Without a subcommand it fetches credentials once with aws-config's instance-metadata
 //! credentials provider, unmodified and with its default endpoint (http://169.254.169.254,
-//! IMDSv2 tokens), then calls STS GetCallerIdentity with them and prints the caller's ARN,
-//! then on a second line how many seconds the credentials have left.
+//! IMDSv2 tokens) — or with `--provider container` its ECS (container) provider, unmodified,
+//! configured by the environment as the SDK documents — then calls STS GetCallerIdentity
+//! with them and prints the caller's ARN, then on a second line how many seconds the
+//! credentials have left.
 //!
 //! `load` is an application that lives long: it builds ONE aws-config object when it starts
 //! and fetches credentials with it in a loop until a stop file appears, printing one line per
@@ -43,6 +45,20 @@ struct Args {
     sts_endpoint: Option<String>,
     #[arg(long, default_value = "us-east-1")]
     region: String,
+    /// Which credentials provider the one fetch uses.
+    #[arg(long, value_enum, default_value = "imds")]
+    provider: Provider,
+}
+
+/// aws-config's providers a pod may use, unmodified.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Provider {
+    /// `ImdsCredentialsProvider` (169.254.169.254, IMDSv2 tokens).
+    Imds,
+    /// `EcsCredentialsProvider`: the container-credentials endpoint named by
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`, with the token of
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    Container,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,7 +101,7 @@ async fn main() -> ExitCode {
     match args.command {
         Some(Command::Load(load)) => run_load(load).await,
         None => match args.sts_endpoint {
-            Some(endpoint) => once(endpoint, args.region).await,
+            Some(endpoint) => once(endpoint, args.region, args.provider).await,
             None => {
                 eprintln!("--sts-endpoint is required without a subcommand");
                 ExitCode::from(2)
@@ -95,13 +111,26 @@ async fn main() -> ExitCode {
 }
 
 /// One fetch with a fresh provider, then GetCallerIdentity with what it gave.
-async fn once(sts_endpoint: String, region: String) -> ExitCode {
-    let provider = ImdsCredentialsProvider::builder().build();
-    let credentials = match provider.provide_credentials().await {
+async fn once(sts_endpoint: String, region: String, provider: Provider) -> ExitCode {
+    let fetched = match provider {
+        Provider::Imds => {
+            ImdsCredentialsProvider::builder()
+                .build()
+                .provide_credentials()
+                .await
+        }
+        Provider::Container => {
+            aws_config::ecs::EcsCredentialsProvider::builder()
+                .build()
+                .provide_credentials()
+                .await
+        }
+    };
+    let credentials = match fetched {
         Ok(credentials) => credentials,
         Err(error) => {
             eprintln!(
-                "no credentials from instance metadata: {}",
+                "no credentials from {provider:?}: {}",
                 aws_sdk_sts::error::DisplayErrorContext(&error)
             );
             return ExitCode::FAILURE;

@@ -33,6 +33,19 @@ impl Boto3Mode {
     }
 }
 
+/// Where an SDK in a pod gets its credentials from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The instance metadata chain (169.254.169.254), the SDKs' last resort.
+    Metadata,
+    /// The container-credentials endpoint: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` set, with the pod's projected token.
+    Container,
+}
+
+/// The container-credentials endpoint's URL, as pods are told it.
+pub const CONTAINER_CREDENTIALS_URL: &str = "http://169.254.170.23/v1/credentials";
+
 /// What a client in a pod saw: its ARN, and its credentials' remaining life in seconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -89,10 +102,50 @@ impl World {
         command
     }
 
+    /// A [`World::pod_command`] whose SDKs take credentials `via` the given endpoint: for
+    /// the container endpoint, the pod's token written and the two variables set.
+    pub fn pod_command_via(
+        &self,
+        pod: &str,
+        program: &str,
+        via: Via,
+    ) -> anyhow::Result<tokio::process::Command> {
+        let mut command = self.pod_command(pod, program);
+        if via == Via::Container {
+            command.envs(self.container_env(pod)?);
+        }
+        Ok(command)
+    }
+
+    /// The environment a container of `pod` needs for the container-credentials endpoint:
+    /// its token file (written now) and the endpoint's URL.
+    pub fn container_env(&self, pod: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let token_file = self.write_pod_token(pod)?;
+        Ok(vec![
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI".into(),
+                CONTAINER_CREDENTIALS_URL.into(),
+            ),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".into(),
+                token_file.to_string_lossy().into_owned(),
+            ),
+        ])
+    }
+
     /// `aws sts get-caller-identity` in `pod`: the caller's ARN, or the CLI's error text.
     pub async fn aws_caller_arn(&self, pod: &str) -> anyhow::Result<Result<String, String>> {
+        self.aws_caller_arn_via(pod, Via::Metadata).await
+    }
+
+    /// `aws sts get-caller-identity` in `pod` with credentials `via` an endpoint.
+    pub async fn aws_caller_arn_via(
+        &self,
+        pod: &str,
+        via: Via,
+    ) -> anyhow::Result<Result<String, String>> {
         let output = self
-            .pod_command(pod, "aws")
+            .pod_command_via(pod, "aws", via)?
             .args([
                 "sts",
                 "get-caller-identity",
@@ -122,6 +175,17 @@ impl World {
         pod: &str,
         mode: Boto3Mode,
     ) -> anyhow::Result<Result<Identity, String>> {
+        self.boto3_identity_via(pod, mode, Via::Metadata).await
+    }
+
+    /// boto3 in `pod` with credentials `via` an endpoint (botocore's container provider
+    /// for the container endpoint; `mode` is then moot).
+    pub async fn boto3_identity_via(
+        &self,
+        pod: &str,
+        mode: Boto3Mode,
+        via: Via,
+    ) -> anyhow::Result<Result<Identity, String>> {
         const SCRIPT: &str = r#"
 import sys, time, boto3, botocore.utils
 if sys.argv[2] == "v1":
@@ -131,15 +195,20 @@ session = boto3.Session()
 creds = session.get_credentials()
 if creds is None:
     sys.exit("boto3 found no credentials")
-if creds.method != "iam-role":
-    sys.exit("credentials came from %s, not instance metadata" % creds.method)
+if creds.method != sys.argv[3]:
+    sys.exit("credentials came from %s, not %s" % (creds.method, sys.argv[3]))
 remaining = int(creds._expiry_time.timestamp() - time.time())
 sts = session.client("sts", endpoint_url=sys.argv[1], region_name="us-east-1")
 print(sts.get_caller_identity()["Arn"])
 print(remaining)
 "#;
-        let mut command = self.pod_command(pod, "python3");
-        command.args(["-c", SCRIPT, &self.pod(pod).sts_endpoint(), mode.as_arg()]);
+        let method = match via {
+            Via::Metadata => "iam-role",
+            Via::Container => "container-role",
+        };
+        let mut command = self.pod_command_via(pod, "python3", via)?;
+        let sts = self.pod(pod).sts_endpoint();
+        command.args(["-c", SCRIPT, &sts, mode.as_arg(), method]);
         if mode == Boto3Mode::V2Only {
             command.env("AWS_EC2_METADATA_V1_DISABLED", "true");
         }
@@ -154,14 +223,47 @@ print(remaining)
 
     /// The Rust SDK in `pod`: who it is and how long its credentials have left, or the error.
     pub async fn rust_sdk_identity(&self, pod: &str) -> anyhow::Result<Result<Identity, String>> {
+        self.rust_sdk_identity_via(pod, Via::Metadata).await
+    }
+
+    /// The Rust SDK in `pod` with credentials `via` an endpoint: aws-config's IMDS
+    /// provider, or its ECS (container) provider.
+    pub async fn rust_sdk_identity_via(
+        &self,
+        pod: &str,
+        via: Via,
+    ) -> anyhow::Result<Result<Identity, String>> {
         let client = binary("podiam-sdk-client")?;
+        let provider = match via {
+            Via::Metadata => "imds",
+            Via::Container => "container",
+        };
         let output = self
-            .pod_command(pod, client.to_str().context("path")?)
+            .pod_command_via(pod, client.to_str().context("path")?, via)?
             .args(["--sts-endpoint", &self.pod(pod).sts_endpoint()])
+            .args(["--provider", provider])
             .output()
             .await
             .context("running the Rust SDK client")?;
         Ok(outcome(output).and_then(|out| Identity::parse(&out)))
+    }
+
+    /// One HTTP request from inside `pod` to the container-credentials endpoint,
+    /// `http://169.254.170.23{path}`.
+    pub async fn container_request(
+        &self,
+        pod: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpReply> {
+        let url = format!("http://{}{path}", netns::CONTAINER_IP);
+        Ok(self
+            .pod(pod)
+            .net
+            .netns
+            .http_request(method, &url, headers, POD_HTTP_TIMEOUT)
+            .await?)
     }
 
     /// One HTTP request from inside `pod` to `http://169.254.169.254{path}`.

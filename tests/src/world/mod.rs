@@ -34,10 +34,10 @@ use crate::netns::{self, Node};
 use crate::process::{ChildGuard, scratch_dir};
 use crate::sts_proxy::StsProxy;
 
-pub use clients::{Boto3Mode, Identity};
+pub use clients::{Boto3Mode, CONTAINER_CREDENTIALS_URL, Identity, Via};
 pub use fleet::{ServerReplica, agent_material, health_synced, spawn_server, start_server_within};
 use fleet::{create_namespace, kube_client, start_server_at_level};
-pub use node::{WorldPod, create_pod};
+pub use node::{POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, WorldPod, create_pod};
 pub use observe::{http_get_text, metric_value};
 
 /// Role names are placed under this base ARN (moto's account).

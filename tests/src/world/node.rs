@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Pod;
@@ -17,6 +17,7 @@ use super::{
     AGENT_HEALTH_PORT, AGENT_PORT, NODE_NAME, PodSpec, START_TIMEOUT, World, binary, path_str,
 };
 use crate::bridge::Bridge;
+use crate::kube_emulator::{self, Kind};
 use crate::netns::{Node, POD_INTERFACE_PATTERN, PodNet};
 use crate::process::{ChildGuard, wait_until};
 
@@ -221,7 +222,70 @@ impl World {
     pub fn agent_token_file(&self) -> &Path {
         &self.agent_token_file
     }
+
+    /// A projected ServiceAccount token of the Pod object `namespace/name` as the kubelet
+    /// gets one: for its service account (`default` when it names none, created if the
+    /// namespace lacks it, as the API's controller would have), audience `audience`, bound
+    /// to the pod's name and current UID, expiring in `life`.
+    pub fn mint_pod_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+        life: Duration,
+    ) -> anyhow::Result<String> {
+        let emulator = self.emulator();
+        let pod = emulator
+            .get(Kind::Pod, Some(namespace), name)
+            .with_context(|| format!("pod {namespace}/{name}"))?;
+        let account = pod["spec"]["serviceAccountName"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        if emulator
+            .get(Kind::ServiceAccount, Some(namespace), &account)
+            .is_err()
+        {
+            emulator.create(kube_emulator::service_account(namespace, &account))?;
+        }
+        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
+        Ok(emulator.mint_token(
+            namespace,
+            &account,
+            &[audience],
+            SystemTime::now() + life,
+            Some((name, uid)),
+        )?)
+    }
+
+    /// Writes `pod`'s projected token for the container-credentials endpoint (audience
+    /// `podiam`, an hour) where its containers read it, as the kubelet keeps the file of a
+    /// projected volume; returns the file's path.
+    pub fn write_pod_token(&self, pod: &str) -> anyhow::Result<PathBuf> {
+        let spec = &self.pod(pod).spec;
+        let token = self.mint_pod_token(
+            &spec.namespace,
+            &spec.name,
+            POD_TOKEN_AUDIENCE,
+            POD_TOKEN_LIFE,
+        )?;
+        let dir = self.dir.join("pods").join(&spec.name);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("token");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, token)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
 }
+
+/// The audience of pods' tokens for the container-credentials endpoint (the server's
+/// default `--pod-token-audience`).
+pub const POD_TOKEN_AUDIENCE: &str = "podiam";
+
+/// How long a pod token the world writes lives: the kubelet's default for projected tokens.
+pub const POD_TOKEN_LIFE: Duration = Duration::from_secs(3600);
 
 /// Creates a Running pod on [`NODE_NAME`] with `ip` as its `status.podIP`.
 pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> anyhow::Result<()> {

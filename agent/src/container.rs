@@ -1,0 +1,290 @@
+//! The container-credentials endpoint: `GET http://169.254.170.23/v1/credentials`, the
+//! address and path AWS SDKs' container credential provider asks when
+//! `AWS_CONTAINER_CREDENTIALS_FULL_URI` names it (EKS Pod Identity's address).
+//!
+//! The pod proves itself twice: by the address it connects from (the pod table's pod, as on
+//! the metadata endpoint) and by its projected ServiceAccount token, sent raw in
+//! `Authorization` (the SDKs read it from `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`). The
+//! servers check the token with a TokenReview and give the role only if it is bound to the
+//! very pod at the address. The agent checks first what it can without asking anyone (a
+//! token at all, its size, its shape, its expiry), and remembers each token the servers
+//! accepted for a pod until the token expires, so that a pod proves itself once per token
+//! (see [`crate::cache`]).
+//!
+//! Answers are those of the EKS Pod Identity Agent, which every SDK handles: the JSON
+//! document below on success, a one-line `text/plain` error otherwise — 400 for a token that
+//! proves nothing, 404 for a pod without a role, 403 for a role the namespace does not
+//! permit, 503 while no server answers.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{HeaderMap, header};
+use podiam_proto::v1::Credentials;
+
+use crate::imds::utc_timestamp;
+
+/// A pod token's SHA-256: what the agent keeps of it.
+pub type TokenDigest = [u8; 32];
+
+/// The one path served.
+pub const PATH: &str = "/v1/credentials";
+
+/// Longest token accepted: projected tokens are about 1 KiB (the servers accept 16 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// How far in the future a token's `nbf` may be: the API server's clock and the node's may
+/// differ a little.
+const NOT_BEFORE_LEEWAY: i64 = 60;
+
+/// The success document, in the EKS Pod Identity Agent's key order:
+/// `AccessKeyId`, `SecretAccessKey`, `Token`, `AccountId` (when the role's ARN names an
+/// account), `Expiration` (RFC 3339 in UTC ending in `Z`: the JS and Rust SDKs accept no
+/// other offset).
+pub fn credentials_json(credentials: &Credentials) -> String {
+    let string = |value: &str| serde_json::Value::from(value).to_string();
+    let account = account_of(&credentials.role_arn)
+        .map(|account| format!(",\"AccountId\":{}", string(account)))
+        .unwrap_or_default();
+    format!(
+        "{{\"AccessKeyId\":{},\"SecretAccessKey\":{},\"Token\":{}{account},\"Expiration\":{}}}",
+        string(&credentials.access_key_id),
+        string(&credentials.secret_access_key),
+        string(&credentials.session_token),
+        string(&utc_timestamp(credentials.expiration_unix)),
+    )
+}
+
+/// The account of a role ARN (`arn:PARTITION:iam::ACCOUNT:role/NAME`): twelve digits.
+pub fn account_of(role_arn: &str) -> Option<&str> {
+    let account = role_arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
+}
+
+/// A pod token as presented, checked for what can be checked without its signature.
+pub struct PodToken {
+    /// The token itself, sent on to the servers.
+    pub text: String,
+    /// Its SHA-256: what the agent remembers of it.
+    pub digest: TokenDigest,
+    /// Its `exp`, seconds since the Unix epoch.
+    pub expires: i64,
+}
+
+impl std::fmt::Debug for PodToken {
+    /// The token is a credential: shown by its expiry only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodToken")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request's `Authorization` is not a pod token worth asking the servers about.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenProblem {
+    #[error(
+        "no pod token: send the pod's projected service account token in Authorization \
+         (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)"
+    )]
+    Missing,
+    #[error("the pod token is over {MAX_TOKEN_BYTES} bytes")]
+    TooLong,
+    #[error("the pod token is not a JWT: {0}")]
+    Malformed(&'static str),
+    #[error("the pod token has expired")]
+    Expired,
+    #[error("the pod token is not valid yet")]
+    NotYetValid,
+}
+
+impl PodToken {
+    /// The token in `headers`' `Authorization`, as the SDKs send it: the JWT itself, with no
+    /// scheme, checked for size, shape and time at `now`.
+    pub fn from_headers(headers: &HeaderMap, now: i64) -> Result<PodToken, TokenProblem> {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let value = match (values.next(), values.next()) {
+            (None, _) => return Err(TokenProblem::Missing),
+            (Some(_), Some(_)) => {
+                return Err(TokenProblem::Malformed(
+                    "more than one Authorization header",
+                ));
+            }
+            (Some(value), None) => value,
+        };
+        if value.is_empty() {
+            return Err(TokenProblem::Missing);
+        }
+        if value.len() > MAX_TOKEN_BYTES {
+            return Err(TokenProblem::TooLong);
+        }
+        let text = value
+            .to_str()
+            .map_err(|_| TokenProblem::Malformed("not printable ASCII"))?;
+        if text.starts_with("Bearer ") || text.starts_with("bearer ") {
+            return Err(TokenProblem::Malformed(
+                "send the token itself, without a Bearer scheme",
+            ));
+        }
+        let (expires, not_before) = times(text)?;
+        if expires <= now {
+            return Err(TokenProblem::Expired);
+        }
+        if not_before.is_some_and(|nbf| nbf > now + NOT_BEFORE_LEEWAY) {
+            return Err(TokenProblem::NotYetValid);
+        }
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+        let mut bytes = [0; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        Ok(PodToken {
+            text: text.to_string(),
+            digest: bytes,
+            expires,
+        })
+    }
+}
+
+/// A JWT's `exp` (required) and `nbf` (optional), read without checking its signature: the
+/// API server checks that.
+fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenProblem::Malformed("not three dot-separated parts"));
+    };
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenProblem::Malformed("the payload is not base64url"))?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload)
+        .map_err(|_| TokenProblem::Malformed("the payload is not JSON"))?;
+    let expires = claims
+        .get("exp")
+        .and_then(serde_json::Value::as_i64)
+        .ok_or(TokenProblem::Malformed("no exp claim"))?;
+    let not_before = claims.get("nbf").and_then(serde_json::Value::as_i64);
+    Ok((expires, not_before))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        format!(
+            "eyJhbGciOiJSUzI1NiJ9.{}.c2lnbmF0dXJl",
+            URL_SAFE_NO_PAD.encode(claims)
+        )
+    }
+
+    fn with_authorization(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(
+                header::AUTHORIZATION,
+                http::HeaderValue::from_str(value).expect("header"),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn tokens_checked_before_anyone_is_asked() {
+        let good = jwt(r#"{"exp":2000,"nbf":900,"sub":"system:serviceaccount:a:b"}"#);
+        let token = PodToken::from_headers(&with_authorization(&[&good]), 1000).expect("good");
+        assert_eq!(token.expires, 2000);
+        assert_eq!(token.text, good);
+        let same = PodToken::from_headers(&with_authorization(&[&good]), 1500).expect("good");
+        assert_eq!(token.digest, same.digest);
+        let bearer = format!("Bearer {good}");
+        let long = jwt(&format!(
+            r#"{{"exp":2000,"x":"{}"}}"#,
+            "a".repeat(MAX_TOKEN_BYTES)
+        ));
+        let cases: Vec<(&str, HeaderMap, TokenProblem)> = vec![
+            ("no header", HeaderMap::new(), TokenProblem::Missing),
+            ("empty", with_authorization(&[""]), TokenProblem::Missing),
+            (
+                "oversized",
+                with_authorization(&[&long]),
+                TokenProblem::TooLong,
+            ),
+            (
+                "a Bearer scheme",
+                with_authorization(&[&bearer]),
+                TokenProblem::Malformed("send the token itself, without a Bearer scheme"),
+            ),
+            (
+                "two headers",
+                with_authorization(&[&good, &good]),
+                TokenProblem::Malformed("more than one Authorization header"),
+            ),
+            (
+                "not a JWT",
+                with_authorization(&["opaque-secret"]),
+                TokenProblem::Malformed("not three dot-separated parts"),
+            ),
+            (
+                "payload not base64url",
+                with_authorization(&["a.b*c.d"]),
+                TokenProblem::Malformed("the payload is not base64url"),
+            ),
+            (
+                "no exp",
+                with_authorization(&[&jwt(r#"{"sub":"x"}"#)]),
+                TokenProblem::Malformed("no exp claim"),
+            ),
+            (
+                "expired",
+                with_authorization(&[&jwt(r#"{"exp":1000}"#)]),
+                TokenProblem::Expired,
+            ),
+            (
+                "not valid for another minute and more",
+                with_authorization(&[&jwt(r#"{"exp":5000,"nbf":1061}"#)]),
+                TokenProblem::NotYetValid,
+            ),
+        ];
+        for (what, headers, want) in cases {
+            let got = PodToken::from_headers(&headers, 1000).map(|t| t.expires);
+            assert_eq!(got, Err(want), "{what}");
+        }
+        // Within the clock leeway.
+        let soon = jwt(r#"{"exp":5000,"nbf":1060}"#);
+        assert!(PodToken::from_headers(&with_authorization(&[&soon]), 1000).is_ok());
+    }
+
+    #[test]
+    fn a_tokens_debug_shows_no_token() {
+        let good = jwt(r#"{"exp":2000}"#);
+        let token = PodToken::from_headers(&with_authorization(&[&good]), 1000).expect("good");
+        let shown = format!("{token:?} {token:#?}");
+        assert!(!shown.contains(&good[10..30]), "{shown}");
+        assert!(shown.contains("2000"), "{shown}");
+    }
+
+    #[test]
+    fn the_document_sdks_parse() {
+        let credentials = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "se\"cret".into(),
+            session_token: "tok".into(),
+            expiration_unix: 1_700_000_000,
+            issued_unix: 1_699_996_400,
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+        };
+        assert_eq!(
+            credentials_json(&credentials),
+            r#"{"AccessKeyId":"ASIAEXAMPLE","SecretAccessKey":"se\"cret","Token":"tok","AccountId":"123456789012","Expiration":"2023-11-14T22:13:20Z"}"#
+        );
+        let elsewhere = Credentials {
+            role_arn: "arn:aws-cn:iam::12345:role/app".into(),
+            ..credentials
+        };
+        assert!(!credentials_json(&elsewhere).contains("AccountId"));
+        assert_eq!(
+            account_of("arn:aws-us-gov:iam::000000000001:role/x/y"),
+            Some("000000000001")
+        );
+        assert_eq!(account_of("not-an-arn"), None);
+    }
+}

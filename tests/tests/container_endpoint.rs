@@ -1,0 +1,337 @@
+//! The container-credentials endpoint end to end: pods send their projected ServiceAccount
+//! token to `http://169.254.170.23/v1/credentials` through the agent's DNAT rule, and the
+//! real AWS CLI, boto3 (botocore's container provider) and the Rust SDK (aws-config's ECS
+//! provider, unmodified) get the pod's role with it; tokens that do not prove the pod at the
+//! address get no credentials. Needs root.
+//!
+//! Tokens are minted by the Kubernetes API emulator as the kubelet gets them (TokenRequest
+//! bound to the pod, audience `podiam`), and checked by the servers with TokenReview.
+
+use std::time::Duration;
+
+use podiam_tests::fixtures::{set_pod_role, team_a_with_agent};
+use podiam_tests::kube_emulator::{self, Kind};
+use podiam_tests::process::wait_until;
+use podiam_tests::world::{
+    POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, Via, World, WorldConfig, metric_value,
+};
+
+const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
+/// Changes hold within a second; allow polling slack on a loaded 2-core machine.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
+/// What the SDK matrix requires of the credentials it gets.
+const MIN_LIFE_SECS: i64 = 30 * 60;
+
+/// team-a with the agent, and a second pod with a permitted role of its own.
+fn world_config() -> WorldConfig {
+    team_a_with_agent().pod("team-a", "worker", Some("app-writer"))
+}
+
+fn expect_role(result: Result<String, String>, role: &str, what: &str, world: &World) {
+    match result {
+        Ok(arn) => assert!(
+            arn.starts_with(&format!("{ROLE_ARN_PREFIX}{role}/")),
+            "{what}: expected an assumed-role ARN for {role}, got {arn:?}"
+        ),
+        Err(error) => panic!(
+            "{what}: expected credentials for {role}, got: {error}\nagent log:\n{}\nserver log:\n{}",
+            world.agent_log(),
+            world.server_log()
+        ),
+    }
+}
+
+/// `GET /v1/credentials` from `pod` with `token` as its `Authorization` (none: no header).
+async fn fetch(world: &World, pod: &str, token: Option<&str>) -> podiam_tests::netns::HttpReply {
+    let headers: Vec<(&str, &str)> = token.map(|t| ("Authorization", t)).into_iter().collect();
+    world
+        .container_request(pod, "GET", "/v1/credentials", &headers)
+        .await
+        .expect("the endpoint answers")
+}
+
+fn pod_token(world: &World, pod: &str) -> String {
+    world
+        .mint_pod_token("team-a", pod, POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE)
+        .expect("token")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdks_get_the_pods_role_with_its_token() {
+    let world = World::start(world_config()).await.expect("world starts");
+
+    expect_role(
+        world
+            .aws_caller_arn_via("web", Via::Container)
+            .await
+            .expect("runs"),
+        "app-reader",
+        "AWS CLI",
+        &world,
+    );
+    let boto3 = world
+        .boto3_identity_via(
+            "web",
+            podiam_tests::world::Boto3Mode::Default,
+            Via::Container,
+        )
+        .await
+        .expect("runs");
+    let rust = world
+        .rust_sdk_identity_via("worker", Via::Container)
+        .await
+        .expect("runs");
+    for (what, identity, role) in [
+        ("boto3", boto3, "app-reader"),
+        ("Rust SDK", rust, "app-writer"),
+    ] {
+        let identity = identity
+            .unwrap_or_else(|error| panic!("{what}: {error}\nagent log:\n{}", world.agent_log()));
+        expect_role(Ok(identity.arn.clone()), role, what, &world);
+        assert!(
+            identity.remaining_secs >= MIN_LIFE_SECS,
+            "{what}: only {} s left",
+            identity.remaining_secs
+        );
+    }
+
+    // Each SDK asked the container endpoint, none fell back to instance metadata.
+    let metrics = world.agent_metrics().await.expect("metrics");
+    let counted = |route: &str, status: u16| {
+        let sample =
+            format!("podiam_agent_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+        metric_value(&metrics, &sample)
+    };
+    assert!(counted("container-credentials", 200) >= 3, "{metrics}");
+    assert_eq!(counted("credentials", 200), 0, "{metrics}");
+
+    // The document itself: the EKS Pod Identity Agent's keys, JSON, UTC times ending in Z.
+    let reply = fetch(&world, "web", Some(&pod_token(&world, "web"))).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let content_type = reply
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.as_str());
+    assert_eq!(content_type, Some("application/json"));
+    let document: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+    let keys: Vec<&str> = document
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in [
+        "AccessKeyId",
+        "SecretAccessKey",
+        "Token",
+        "AccountId",
+        "Expiration",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+    assert_eq!(document["AccountId"], "123456789012");
+    let expiration = document["Expiration"].as_str().expect("a string");
+    assert!(
+        expiration.ends_with('Z') && expiration.parse::<jiff::Timestamp>().is_ok(),
+        "{expiration}"
+    );
+
+    // Anything but GET or HEAD of the one path is not served.
+    let token = pod_token(&world, "web");
+    let auth = [("Authorization", token.as_str())];
+    let head = world
+        .container_request("web", "HEAD", "/v1/credentials", &auth)
+        .await
+        .expect("answers");
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    for (method, path, status) in [
+        ("POST", "/v1/credentials", 405),
+        ("GET", "/v1/credentials/", 404),
+        ("GET", "/latest/meta-data/iam/security-credentials/", 404),
+        ("GET", "/", 404),
+    ] {
+        let reply = world
+            .container_request("web", method, path, &auth)
+            .await
+            .expect("answers");
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.body);
+        assert!(!reply.body.contains("SecretAccessKey"), "{method} {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_that_do_not_prove_the_pod_get_nothing() {
+    let world = World::start(world_config()).await.expect("world starts");
+    // A pod of the same namespace and role on another node: its token is genuine.
+    let mut remote = kube_emulator::pod(
+        "team-a",
+        "remote",
+        "10.200.0.9",
+        &[("iam.amazonaws.com/role", "app-reader")],
+    );
+    remote["spec"]["nodeName"] = serde_json::json!("node-2");
+    world.emulator().create(remote).expect("remote pod");
+
+    let web_token = pod_token(&world, "web");
+    let expired = world
+        .emulator()
+        .mint_token(
+            "team-a",
+            "default",
+            &[POD_TOKEN_AUDIENCE],
+            std::time::SystemTime::now() - Duration::from_secs(3600),
+            None,
+        )
+        .expect("an expired token");
+    let cases: Vec<(&str, &str, Option<String>, u16, &str)> = vec![
+        ("no token", "web", None, 400, "no pod token"),
+        (
+            "an empty token",
+            "web",
+            Some(String::new()),
+            400,
+            "no pod token",
+        ),
+        (
+            "not a token",
+            "web",
+            Some("stolen-secret".into()),
+            400,
+            "not a JWT",
+        ),
+        (
+            "a Bearer scheme",
+            "web",
+            Some(format!("Bearer {web_token}")),
+            400,
+            "without a Bearer scheme",
+        ),
+        ("an expired token", "web", Some(expired), 400, "expired"),
+        (
+            "another pod's token, from a pod with a role of its own",
+            "worker",
+            Some(web_token.clone()),
+            400,
+            "pod-token-refused",
+        ),
+        (
+            "a token for another audience",
+            "web",
+            Some(
+                world
+                    .mint_pod_token("team-a", "web", "sts.amazonaws.com", POD_TOKEN_LIFE)
+                    .expect("token"),
+            ),
+            400,
+            "pod-token-refused",
+        ),
+        (
+            "a token of a pod on another node",
+            "web",
+            Some(pod_token(&world, "remote")),
+            400,
+            "pod-token-refused",
+        ),
+        (
+            "its own token, from a pod without a role",
+            "plain",
+            Some(pod_token(&world, "plain")),
+            404,
+            "no-role",
+        ),
+        (
+            "its own token, for a role the namespace does not permit",
+            "greedy",
+            Some(pod_token(&world, "greedy")),
+            403,
+            "role-not-permitted",
+        ),
+    ];
+    for (what, pod, token, status, says) in cases {
+        let reply = fetch(&world, pod, token.as_deref()).await;
+        assert_eq!(reply.status, status, "{what}: {}", reply.body);
+        assert!(reply.body.contains(says), "{what}: {}", reply.body);
+        assert!(!reply.body.contains("SecretAccessKey"), "{what}");
+    }
+    // The agent's log names no token.
+    let log = world.agent_log();
+    assert!(
+        !log.contains(&web_token[web_token.len() - 40..]),
+        "a token in the agent's log"
+    );
+    // The pods' own tokens still work.
+    assert_eq!(fetch(&world, "web", Some(&web_token)).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proven_token_stops_with_its_pod_and_its_role() {
+    let mut world = World::start(world_config()).await.expect("world starts");
+    let token = pod_token(&world, "web");
+    assert_eq!(fetch(&world, "web", Some(&token)).await.status, 200);
+    // Proven once, served from the agent's cache since.
+    assert_eq!(fetch(&world, "web", Some(&token)).await.status, 200);
+
+    // The pod deleted and created again under its name and address: a new UID. The old
+    // pod's token, proven and cached a moment ago, gets nothing.
+    world.recreate_pod("web").await.expect("recreated");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the old pod's token to be refused",
+        || async { fetch(&world, "web", Some(&token)).await.status == 400 },
+    )
+    .await
+    .expect("refused");
+    let fresh = pod_token(&world, "web");
+    assert_eq!(fetch(&world, "web", Some(&fresh)).await.status, 200);
+    assert_eq!(
+        fetch(&world, "web", Some(&token)).await.status,
+        400,
+        "still refused"
+    );
+
+    // Revoked with kubectl annotate: refused however proven the token is.
+    set_pod_role(&world, "team-a", "web", None)
+        .await
+        .expect("annotate");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the revocation to reach the endpoint",
+        || async { fetch(&world, "web", Some(&fresh)).await.status == 404 },
+    )
+    .await
+    .expect("revoked");
+
+    // Deleted outright, its token still unexpired: nobody is at the address any more.
+    let worker_token = pod_token(&world, "worker");
+    assert_eq!(
+        fetch(&world, "worker", Some(&worker_token)).await.status,
+        200
+    );
+    world
+        .emulator()
+        .delete(Kind::Pod, Some("team-a"), "worker")
+        .expect("deleted");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the deleted pod's token to be refused",
+        || async { fetch(&world, "worker", Some(&worker_token)).await.status == 404 },
+    )
+    .await
+    .expect("refused");
+
+    // Fail closed: with the agent stopped nothing answers at 169.254.170.23.
+    world.stop_agent().await.expect("stops");
+    assert!(
+        world
+            .container_request(
+                "web",
+                "GET",
+                "/v1/credentials",
+                &[("Authorization", &fresh)]
+            )
+            .await
+            .is_err(),
+        "something answered with the agent stopped"
+    );
+}
