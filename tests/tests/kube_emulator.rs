@@ -8,19 +8,26 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use podiam_tests::fixtures::{ApiFixture, KUBECTL};
-use podiam_tests::kube_emulator::{EmulatorOptions, Kind, PodDeletion, namespace, pod};
-use podiam_tests::process::wait_until;
+use podiam_tests::fixtures::{ApiFixture, KUBECTL, Kubectl};
+use podiam_tests::kube_emulator::{
+    EmulatorOptions, Kind, PodDeletion, WebhookOutcome, namespace, pod,
+};
+use podiam_tests::process::{ClosedPort, wait_until};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
@@ -1172,4 +1179,559 @@ async fn an_outage_refuses_connections_and_ends_watches_then_service_resumes() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     fx.emulator.set_list_delay(Duration::ZERO);
     task.abort();
+}
+
+// ---------------------------------------------------------------------------------------
+// Mutating admission webhooks
+// ---------------------------------------------------------------------------------------
+
+/// A throwaway CA: its PEM and an issuer of leaf certificates.
+fn test_ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let pem = params.self_signed(&key).unwrap().pem();
+    (pem, rcgen::Issuer::new(params, key))
+}
+
+/// What the test webhook saw: each review (with the path it came to), and how many slow
+/// calls were abandoned by their caller before the webhook answered.
+#[derive(Default)]
+struct HookLog {
+    reviews: Mutex<Vec<(String, Value)>>,
+    abandoned: AtomicUsize,
+}
+
+/// A tiny HTTPS admission webhook, its certificate for `localhost`, `127.0.0.1` and
+/// `hook.ns.svc`. Paths: `/label` adds the label `podiam.test/labelled: "true"`; `/mutate`
+/// adds the env var `INJECTED=yes` to the first container and the volume `injected`;
+/// `/deny` denies with 403; `/slow` holds its answer until the caller goes or 5 s pass.
+struct TestWebhook {
+    addr: SocketAddr,
+    /// `caBundle`: base64 of the CA's PEM.
+    ca_bundle: String,
+    log: Arc<HookLog>,
+}
+
+impl TestWebhook {
+    async fn start() -> TestWebhook {
+        podiam_runtime::tls::install_crypto_provider();
+        let (ca_pem, issuer) = test_ca("test webhook CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "hook.ns.svc".into()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(HookLog::default());
+        tokio::spawn(serve_webhook(listener, acceptor, Arc::clone(&log)));
+        TestWebhook {
+            addr,
+            ca_bundle: BASE64.encode(ca_pem),
+            log,
+        }
+    }
+
+    /// The reviews received so far, with their paths.
+    fn reviews(&self) -> Vec<(String, Value)> {
+        self.log.reviews.lock().unwrap().clone()
+    }
+}
+
+async fn serve_webhook(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    log: Arc<HookLog>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+        tokio::spawn(async move {
+            // A caller that does not trust the certificate ends the handshake.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service =
+                hyper::service::service_fn(move |request| answer_review(Arc::clone(&log), request));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+/// Counts a slow call as abandoned unless it was answered (dropped with its connection).
+struct Holding(Arc<HookLog>, bool);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn answer_review(
+    log: Arc<HookLog>,
+    request: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
+    let path = request.uri().path().to_string();
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    log.reviews
+        .lock()
+        .unwrap()
+        .push((path.clone(), review.clone()));
+    let uid = review["request"]["uid"].clone();
+    let pod = &review["request"]["object"];
+    let patch = |operations: Value| {
+        json!({"uid": uid, "allowed": true, "patchType": "JSONPatch",
+               "patch": BASE64.encode(operations.to_string())})
+    };
+    let response = match path.as_str() {
+        "/label" => patch(
+            json!([{"op": "add", "path": "/metadata/labels/podiam.test~1labelled",
+                                   "value": "true"}]),
+        ),
+        "/mutate" => patch(injection(pod)),
+        "/deny" => json!({"uid": uid, "allowed": false, "status": {
+            "code": 403, "reason": "Forbidden", "message": "pods in team-a need an owner"}}),
+        "/slow" => {
+            let mut holding = Holding(Arc::clone(&log), false);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            holding.1 = true;
+            json!({"uid": uid, "allowed": true})
+        }
+        _ => json!({"uid": uid, "allowed": true}),
+    };
+    let answer = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": response});
+    let mut reply = http::Response::new(Full::new(Bytes::from(answer.to_string())));
+    reply.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(reply)
+}
+
+/// The JSON patch of `/mutate`: an env var in the first container and a volume.
+fn injection(pod: &Value) -> Value {
+    let env = json!({"name": "INJECTED", "value": "yes"});
+    let volume = json!({"name": "injected", "emptyDir": {}});
+    // Append to a list the pod has, else add the list (a JSON patch cannot do both).
+    let append = |path: &str, item: Value| {
+        if pod.pointer(path).is_some_and(Value::is_array) {
+            json!({"op": "add", "path": format!("{path}/-"), "value": item})
+        } else {
+            json!({"op": "add", "path": path, "value": [item]})
+        }
+    };
+    let operations = vec![
+        append("/spec/containers/0/env", env),
+        append("/spec/volumes", volume),
+    ];
+    Value::Array(operations)
+}
+
+/// One `webhooks[]` entry for pod creations, with `extra` fields set over it.
+fn pod_webhook(name: &str, client_config: Value, extra: Value) -> Value {
+    let mut webhook = json!({
+        "name": name,
+        "clientConfig": client_config,
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"]}],
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+    });
+    for (field, value) in extra.as_object().into_iter().flatten() {
+        webhook[field] = value.clone();
+    }
+    webhook
+}
+
+impl Fixture {
+    /// `kubectl apply -f` of a MutatingWebhookConfiguration; returns kubectl's output.
+    async fn apply_webhooks(&self, name: &str, webhooks: &[Value]) -> String {
+        let path = self.dir.join(format!("{name}.json"));
+        let configuration = json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": webhooks,
+        });
+        std::fs::write(&path, configuration.to_string()).unwrap();
+        self.kubectl_ok(&["apply", "-f", path.to_str().unwrap()])
+            .await
+    }
+
+    /// `kubectl create -f` of a pod `name` in `namespace` with kubeconfig `kubeconfig`.
+    async fn kubectl_create_pod(&self, kubeconfig: &Path, namespace: &str, name: &str) -> Kubectl {
+        let path = self.dir.join(format!("pod-{namespace}-{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+                 labels:\n    app: {name}\nspec:\n  containers:\n  - name: app\n    \
+                 image: registry.invalid/app:latest\n"
+            ),
+        )
+        .unwrap();
+        self.kubectl_with(kubeconfig, &["create", "-f", path.to_str().unwrap()])
+            .await
+    }
+
+    fn stored_pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.emulator.get(Kind::Pod, Some(namespace), name).ok()
+    }
+}
+
+fn injected(pod: &Value) -> bool {
+    pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .is_some_and(|env| {
+            env.iter()
+                .any(|e| e["name"] == "INJECTED" && e["value"] == "yes")
+        })
+        && pod["spec"]["volumes"]
+            .as_array()
+            .is_some_and(|volumes| volumes.iter().any(|v| v["name"] == "injected"))
+}
+
+/// What the two webhooks of `mutating_webhooks_patch_pods_that_kubectl_creates` were sent
+/// about alice's pod `web`, and the calls the emulator logged.
+fn check_reviews_and_calls_of_web(fx: &Fixture, hook: &TestWebhook) {
+    let reviews = hook.reviews();
+    let paths: Vec<&str> = reviews.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(paths, ["/label", "/mutate"]);
+    let (first, second) = (&reviews[0].1["request"], &reviews[1].1["request"]);
+    assert_eq!(reviews[0].1["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(first["operation"], "CREATE");
+    assert_eq!(first["namespace"], "team-a");
+    assert_eq!(first["name"], "web");
+    assert_eq!(
+        first["kind"],
+        json!({"group": "", "version": "v1", "kind": "Pod"})
+    );
+    assert_eq!(
+        first["resource"],
+        json!({"group": "", "version": "v1", "resource": "pods"})
+    );
+    assert_eq!(first["userInfo"]["username"], "alice");
+    assert!(
+        first["userInfo"]["groups"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("devs"))
+    );
+    assert_eq!(first["oldObject"], Value::Null);
+    assert_eq!(first["dryRun"], false);
+    assert_eq!(first["options"]["kind"], "CreateOptions");
+    assert_eq!(first["object"]["spec"]["containers"][0]["name"], "app");
+    assert!(
+        first["object"]["metadata"]["labels"]
+            .get("podiam.test/labelled")
+            .is_none()
+    );
+    assert_eq!(
+        second["object"]["metadata"]["labels"]["podiam.test/labelled"],
+        "true"
+    );
+    assert!(!first["uid"].as_str().unwrap().is_empty());
+    assert_ne!(first["uid"], second["uid"]);
+    let calls = fx.emulator.webhook_calls();
+    let outcomes: Vec<(&str, &WebhookOutcome)> = calls
+        .iter()
+        .map(|c| (c.webhook.as_str(), &c.outcome))
+        .collect();
+    let patched = WebhookOutcome::Allowed { patched: true };
+    assert_eq!(
+        outcomes,
+        [
+            ("label.podiam.test", &patched),
+            ("inject.podiam.test", &patched)
+        ]
+    );
+    assert_eq!(
+        (calls[0].configuration.as_str(), calls[0].pod.as_str()),
+        ("inject", "web")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutating_webhooks_patch_pods_that_kubectl_creates() {
+    let fx = Fixture::start().await;
+    let hook = TestWebhook::start().await;
+    for name in ["team-a", "team-b"] {
+        fx.emulator.create(namespace(name, &[])).unwrap();
+    }
+    fx.emulator.route_service("ns", "hook", 443, hook.addr);
+    let service = |path: &str| {
+        json!({"service": {"namespace": "ns", "name": "hook", "path": path},
+               "caBundle": hook.ca_bundle})
+    };
+    // Only team-a, by the label every namespace carries; the second webhook only sees pods
+    // the first one labelled: it gets the pod as the first left it.
+    let team_a = json!({"namespaceSelector": {"matchExpressions": [{
+        "key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a"]}]}});
+    let mut inject = team_a.clone();
+    inject["objectSelector"] = json!({"matchLabels": {"podiam.test/labelled": "true"}});
+    let out = fx
+        .apply_webhooks(
+            "inject",
+            &[
+                pod_webhook("label.podiam.test", service("/label"), team_a),
+                pod_webhook("inject.podiam.test", service("/mutate"), inject),
+            ],
+        )
+        .await;
+    assert!(
+        out.contains("mutatingwebhookconfiguration.admissionregistration.k8s.io/inject created"),
+        "{out}"
+    );
+    let listed = fx
+        .kubectl_ok(&["get", "mutatingwebhookconfigurations"])
+        .await;
+    assert!(
+        listed.contains("WEBHOOKS")
+            && listed
+                .lines()
+                .any(|l| l.starts_with("inject ") && l.contains(" 2 ")),
+        "{listed}"
+    );
+
+    // A user the emulator knows by token creates the pod with kubectl.
+    fx.emulator
+        .add_user_token("alice-token", "alice", &["system:masters", "devs"]);
+    let alice = fx.dir.join("alice.kubeconfig");
+    fx.emulator
+        .write_kubeconfig_for_token(&alice, "alice-token")
+        .unwrap();
+    let created = fx.kubectl_create_pod(&alice, "team-a", "web").await;
+    assert!(created.ok, "{created:?}");
+    let web = fx.stored_pod("team-a", "web").unwrap();
+    assert!(injected(&web), "{web:#}");
+    assert_eq!(web["metadata"]["labels"]["podiam.test/labelled"], "true");
+
+    check_reviews_and_calls_of_web(&fx, &hook);
+
+    // Another namespace: no call, no mutation.
+    let created = fx.kubectl_create_pod(&fx.kubeconfig, "team-b", "web").await;
+    assert!(created.ok, "{created:?}");
+    assert!(!injected(&fx.stored_pod("team-b", "web").unwrap()));
+    assert_eq!(hook.reviews().len(), 2);
+    assert_eq!(fx.emulator.webhook_calls().len(), 2);
+
+    // Once the configuration is deleted, team-a's pods are created as sent.
+    let deleted = fx
+        .kubectl_ok(&["delete", "mutatingwebhookconfiguration", "inject"])
+        .await;
+    assert!(deleted.contains("deleted"), "{deleted}");
+    let created = fx
+        .kubectl_create_pod(&fx.kubeconfig, "team-a", "plain")
+        .await;
+    assert!(created.ok, "{created:?}");
+    assert!(!injected(&fx.stored_pod("team-a", "plain").unwrap()));
+    assert_eq!(hook.reviews().len(), 2);
+}
+
+/// Creates pod `name` in team-a with kubectl and requires the creation to fail with
+/// `failed calling webhook "WEBHOOK": …` containing `why`; returns kubectl's error.
+async fn creation_fails(fx: &Fixture, name: &str, webhook: &str, why: &str) -> String {
+    let created = fx.kubectl_create_pod(&fx.kubeconfig, "team-a", name).await;
+    assert!(!created.ok, "{created:?}");
+    let expected = format!(
+        "Error from server (InternalError): error when creating \"{}\": Internal error \
+         occurred: failed calling webhook \"{webhook}\": ",
+        fx.dir.join(format!("pod-team-a-{name}.yaml")).display()
+    );
+    assert!(created.stderr.contains(&expected), "{created:?}");
+    assert!(created.stderr.contains(why), "{created:?} lacks {why:?}");
+    assert!(fx.stored_pod("team-a", name).is_none());
+    let last = fx.emulator.webhook_calls().pop().unwrap();
+    assert!(
+        matches!(&last.outcome, WebhookOutcome::Failed { ignored: false, .. }),
+        "{last:?}"
+    );
+    created.stderr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_webhooks_follow_their_failure_policy() {
+    let fx = Fixture::start().await;
+    let hook = TestWebhook::start().await;
+    fx.emulator.create(namespace("team-a", &[])).unwrap();
+    let closed = ClosedPort::bind().unwrap();
+    let unreachable = json!({"url": format!("https://127.0.0.1:{}/mutate", closed.addr().port()),
+                             "caBundle": hook.ca_bundle});
+    fx.apply_webhooks(
+        "broken",
+        &[pod_webhook(
+            "unreachable.podiam.test",
+            unreachable.clone(),
+            json!({}),
+        )],
+    )
+    .await;
+    creation_fails(&fx, "refused", "unreachable.podiam.test", "refused").await;
+    // The Status on the wire, as the apiserver's.
+    let body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "raw"},
+                      "spec": {"containers": [{"name": "app", "image": "busybox"}]}});
+    let (code, status) = fx
+        .request(
+            "POST",
+            "/api/v1/namespaces/team-a/pods",
+            Some("application/json"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (code, &status["reason"]),
+        (500, &json!("InternalError")),
+        "{status}"
+    );
+    assert!(
+        status["message"].as_str().unwrap().starts_with(
+            "Internal error occurred: failed calling webhook \"unreachable.podiam.test\": "
+        ),
+        "{status}"
+    );
+
+    // Ignore: the pod is created as sent.
+    let ignore = json!({"failurePolicy": "Ignore"});
+    let out = fx
+        .apply_webhooks(
+            "broken",
+            &[pod_webhook("unreachable.podiam.test", unreachable, ignore)],
+        )
+        .await;
+    assert!(out.contains("configured"), "{out}");
+    let created = fx
+        .kubectl_create_pod(&fx.kubeconfig, "team-a", "ignored")
+        .await;
+    assert!(created.ok, "{created:?}");
+    assert!(!injected(&fx.stored_pod("team-a", "ignored").unwrap()));
+    let last = fx.emulator.webhook_calls().pop().unwrap();
+    assert!(
+        matches!(&last.outcome, WebhookOutcome::Failed { ignored: true, error } if error.contains("refused")),
+        "{last:?}"
+    );
+    assert!(hook.reviews().is_empty());
+    fx.kubectl_ok(&["delete", "mutatingwebhookconfiguration", "broken"])
+        .await;
+
+    // A certificate the caBundle does not vouch for.
+    fx.emulator.route_service("ns", "hook", 443, hook.addr);
+    let (other_ca, _) = test_ca("another CA");
+    let untrusted = json!({"service": {"namespace": "ns", "name": "hook", "path": "/mutate"},
+                           "caBundle": BASE64.encode(other_ca)});
+    fx.apply_webhooks(
+        "untrusted",
+        &[pod_webhook("untrusted.podiam.test", untrusted, json!({}))],
+    )
+    .await;
+    creation_fails(&fx, "untrusted", "untrusted.podiam.test", "certificate").await;
+    assert!(hook.reviews().is_empty());
+    fx.kubectl_ok(&["delete", "mutatingwebhookconfiguration", "untrusted"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_slower_than_their_timeout_fail() {
+    let fx = Fixture::start().await;
+    let hook = TestWebhook::start().await;
+    fx.emulator.create(namespace("team-a", &[])).unwrap();
+    let slow = json!({"url": format!("https://localhost:{}/slow", hook.addr.port()),
+                      "caBundle": hook.ca_bundle});
+    fx.apply_webhooks(
+        "slow",
+        &[pod_webhook(
+            "slow.podiam.test",
+            slow,
+            json!({"timeoutSeconds": 1}),
+        )],
+    )
+    .await;
+    creation_fails(&fx, "late", "slow.podiam.test", "context deadline exceeded").await;
+    assert_eq!(hook.reviews().len(), 1);
+    assert!(hook.reviews()[0].1["request"]["uid"].is_string());
+    // The emulator hung up: the webhook sees its caller go long before its 5 s are up.
+    wait_until(
+        DEADLINE,
+        "the slow webhook to see its caller go",
+        || async { hook.log.abandoned.load(Ordering::SeqCst) == 1 },
+    )
+    .await
+    .expect("the condition within the deadline");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn denying_webhooks_reject_pods_with_their_message() {
+    let fx = Fixture::start().await;
+    let hook = TestWebhook::start().await;
+    fx.emulator.create(namespace("team-a", &[])).unwrap();
+    fx.emulator.route_service("ns", "hook", 8443, hook.addr);
+    let deny = json!({"service": {"namespace": "ns", "name": "hook", "port": 8443,
+                                  "path": "/deny"},
+                      "caBundle": hook.ca_bundle});
+    fx.apply_webhooks("deny", &[pod_webhook("deny.podiam.test", deny, json!({}))])
+        .await;
+    let created = fx.kubectl_create_pod(&fx.kubeconfig, "team-a", "web").await;
+    assert!(!created.ok, "{created:?}");
+    assert!(
+        created.stderr.contains(
+            "admission webhook \"deny.podiam.test\" denied the request: pods in team-a need an owner"
+        ),
+        "{created:?}"
+    );
+    assert!(fx.stored_pod("team-a", "web").is_none());
+    let body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "raw"},
+                      "spec": {"containers": [{"name": "app", "image": "busybox"}]}});
+    let (code, status) = fx
+        .request(
+            "POST",
+            "/api/v1/namespaces/team-a/pods",
+            Some("application/json"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (code, &status["reason"]),
+        (403, &json!("Forbidden")),
+        "{status}"
+    );
+    let calls = fx.emulator.webhook_calls();
+    assert_eq!(calls.len(), 2);
+    assert!(
+        matches!(&calls[1].outcome, WebhookOutcome::Denied { code: 403, message }
+                 if message.ends_with("need an owner")),
+        "{calls:?}"
+    );
+    // Pods created in process skip admission.
+    fx.emulator
+        .create(pod("team-a", "in-process", "10.1.0.7", &[]))
+        .unwrap();
+    assert_eq!(fx.emulator.webhook_calls().len(), 2);
 }

@@ -93,6 +93,21 @@ pub enum EmulatorError {
     /// Setting up the emulator's TLS certificate or configuration failed.
     #[error("setting up TLS: {0}")]
     Tls(String),
+    /// Something failed inside the server, e.g. calling an admission webhook
+    /// (`failed calling webhook "NAME": why`); the apiserver's `NewInternalError`.
+    #[error("Internal error occurred: {0}")]
+    Internal(String),
+    /// An admission webhook denied the request: its own status code (at least 400), reason
+    /// (may be empty) and message (`admission webhook "NAME" denied the request: …`).
+    #[error("{message}")]
+    Denied {
+        /// The HTTP status code.
+        code: u16,
+        /// The Status `reason` the webhook gave ("" for none).
+        reason: String,
+        /// The whole message.
+        message: String,
+    },
 }
 
 impl EmulatorError {
@@ -110,9 +125,12 @@ impl EmulatorError {
             EmulatorError::Unauthorized => (401, "Unauthorized"),
             EmulatorError::Forbidden { .. } => (403, "Forbidden"),
             EmulatorError::ServiceUnavailable(_) => (503, "ServiceUnavailable"),
+            // The webhook's own reason replaces this one in the Status.
+            EmulatorError::Denied { code, .. } => (*code, ""),
             EmulatorError::Bind(_)
             | EmulatorError::WriteKubeconfig { .. }
-            | EmulatorError::Tls(_) => (500, "InternalError"),
+            | EmulatorError::Tls(_)
+            | EmulatorError::Internal(_) => (500, "InternalError"),
         }
     }
 
@@ -153,8 +171,18 @@ impl EmulatorError {
                 }
                 Some(Value::Object(details))
             }
+            EmulatorError::Internal(cause) => Some(json!({"causes": [{"message": cause}]})),
             _ => None,
         };
+        if let EmulatorError::Denied { reason, .. } = self {
+            // The webhook's reason, or none at all (`omitempty`), as the apiserver sends it.
+            status["reason"] = json!(reason);
+            if reason.is_empty()
+                && let Some(fields) = status.as_object_mut()
+            {
+                fields.remove("reason");
+            }
+        }
         if let Some(details) = details {
             status["details"] = details;
         }
@@ -265,5 +293,41 @@ mod tests {
             assert_eq!(status["kind"], "Status");
             assert_eq!(status["status"], "Failure");
         }
+    }
+
+    #[test]
+    fn webhook_errors_map_to_apiserver_statuses() {
+        let internal =
+            EmulatorError::Internal("failed calling webhook \"w.x.y\": refused".into()).to_status();
+        assert_eq!(internal["code"], 500);
+        assert_eq!(internal["reason"], "InternalError");
+        assert_eq!(
+            internal["message"],
+            "Internal error occurred: failed calling webhook \"w.x.y\": refused"
+        );
+        assert_eq!(
+            internal["details"]["causes"],
+            json!([{"message": "failed calling webhook \"w.x.y\": refused"}])
+        );
+        let denied = EmulatorError::Denied {
+            code: 403,
+            reason: "Forbidden".into(),
+            message: "admission webhook \"w.x.y\" denied the request: no".into(),
+        }
+        .to_status();
+        assert_eq!(denied["code"], 403);
+        assert_eq!(denied["reason"], "Forbidden");
+        assert_eq!(
+            denied["message"],
+            "admission webhook \"w.x.y\" denied the request: no"
+        );
+        let unexplained = EmulatorError::Denied {
+            code: 400,
+            reason: String::new(),
+            message: "admission webhook \"w.x.y\" denied the request without explanation".into(),
+        }
+        .to_status();
+        assert_eq!(unexplained["code"], 400);
+        assert!(unexplained.get("reason").is_none(), "{unexplained}");
     }
 }

@@ -7,6 +7,9 @@
 //! the cluster admin) and, unless the user is in `system:masters`, authorised with RBAC
 //! ([`request_attributes`] → [`authorize`]), both before routing, as the apiserver does.
 //!
+//! A pod creation goes through the mutating admission webhooks ([`create_pod`], the one
+//! async step, with no store lock held) before it is stored.
+//!
 //! [`dispatch`] is the only place that decides what a request means; [`error_response`] is
 //! the only place that turns an [`EmulatorError`] into a wire response (a `kind: Status`).
 //! Every request is logged at debug level and recorded in a bounded request log
@@ -52,6 +55,7 @@ use super::table::{IncludeObject, TableMeta, table};
 use super::tls::{TLS_HANDSHAKE_RECORD, TlsIdentity};
 use super::token::{parse_token_request, token_request_response};
 use super::watch::{WatchFilter, WatchOutput, WatchSettings, WatchStream, event_line};
+use super::webhook::Webhooks;
 
 /// The response body type: whole JSON documents or a watch stream.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -103,6 +107,8 @@ pub struct Shared {
     pub authority: Authority,
     /// The certificate for TLS connections.
     pub tls: TlsIdentity,
+    /// Mutating admission webhooks: service routes and the call log.
+    pub webhooks: Webhooks,
 }
 
 impl Shared {
@@ -251,9 +257,10 @@ async fn handle(shared: &Shared, request: Request<Incoming>, tls: bool) -> Respo
         .authority
         .authenticate(&shared.store, authorization.as_deref(), now_unix());
     let response = match &user {
-        Ok(user) => admit(shared, &incoming, user)
-            .and_then(|()| dispatch(shared, &incoming, route, user))
-            .unwrap_or_else(|error| error_response(&error)),
+        Ok(user) => match admit(shared, &incoming, user) {
+            Ok(()) => respond(shared, &incoming, route, user).await,
+            Err(error) => error_response(&error),
+        },
         Err(error) => error_response(error),
     };
     let user = user.ok().map(|u| u.username);
@@ -290,6 +297,63 @@ fn admit(
     } else {
         Err(forbidden(&user.username, &attributes))
     }
+}
+
+/// Answers an admitted request: pod creations through [`create_pod`], the rest through
+/// [`dispatch`].
+async fn respond(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    route: Option<Route>,
+    user: &UserInfo,
+) -> Response<Body> {
+    let result = match route {
+        Some(Route::Collection {
+            kind: Kind::Pod,
+            namespace,
+            watch: false,
+        }) if *request.method == Method::POST => {
+            create_pod(shared, request, namespace.as_deref(), user).await
+        }
+        route => dispatch(shared, request, route, user),
+    };
+    result.unwrap_or_else(|error| error_response(&error))
+}
+
+/// POST of a pod: the mutating admission webhooks, then the store. A body the store would
+/// refuse before admission (not an object, another type, another namespace than the URL's)
+/// goes straight to the store, which refuses it; so does a namespace that does not exist.
+async fn create_pod(
+    shared: &Shared,
+    request: &ParsedRequest<'_>,
+    url_namespace: Option<&str>,
+    user: &UserInfo,
+) -> Result<Response<Body>, EmulatorError> {
+    let mut pod = request.object_body()?;
+    let own_namespace = pod["metadata"]["namespace"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    let namespace = url_namespace
+        .map(str::to_string)
+        .or_else(|| own_namespace.clone())
+        .unwrap_or_else(|| "default".to_string());
+    let admissible = pod.is_object()
+        && (pod["metadata"].is_object() || pod["metadata"].is_null())
+        && pod["apiVersion"].as_str().is_none_or(|v| v == "v1")
+        && pod["kind"].as_str().is_none_or(|k| k == "Pod")
+        && own_namespace.as_ref().is_none_or(|own| *own == namespace);
+    if admissible {
+        pod["metadata"]["namespace"] = json!(namespace);
+        pod = shared
+            .webhooks
+            .admit_pod_create(&shared.store, user, &namespace, pod, request.dry_run())
+            .await?;
+    }
+    let created = shared
+        .store
+        .create(Kind::Pod, url_namespace, pod, request.dry_run())?;
+    Ok(json_response(StatusCode::CREATED, &created))
 }
 
 /// A request, parsed as far as [`dispatch`] needs.

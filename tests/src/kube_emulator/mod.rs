@@ -1,7 +1,8 @@
 //! An in-memory Kubernetes API server that speaks the real protocol well enough for the
 //! real `kubectl` and kube-rs: core/v1 pods, namespaces, events and service accounts,
-//! events.k8s.io/v1 events, and rbac.authorization.k8s.io/v1 roles, cluster roles and their
-//! bindings, with discovery, list with pagination and selectors, watch with resourceVersion
+//! events.k8s.io/v1 events, rbac.authorization.k8s.io/v1 roles, cluster roles and their
+//! bindings, and admissionregistration.k8s.io/v1 mutating webhook configurations, with
+//! discovery, list with pagination and selectors, watch with resourceVersion
 //! resumption, bookmarks, 410 Expired and streaming lists, create / replace / merge,
 //! strategic-merge and JSON patches / delete, and server-side Tables for `kubectl get`.
 //!
@@ -18,6 +19,13 @@
 //! cluster roles a real cluster has for discovery and self-reviews (see
 //! [`DEFAULT_CLUSTER_ROLES`]).
 //!
+//! Pods created over HTTP go through mutating admission webhooks first, as on a real
+//! cluster: every `MutatingWebhookConfiguration` whose rules and selectors match gets an
+//! `AdmissionReview` over TLS (trusting only its `caBundle`) and may patch the pod, deny it,
+//! or fail (see [`webhook`]). Services named in `clientConfig.service` are reached through
+//! [`KubeEmulator::route_service`]; calls are logged in [`KubeEmulator::webhook_calls`].
+//! Namespaces carry the label `kubernetes.io/metadata.name` as on a real cluster.
+//!
 //! It runs in-process on loopback ([`KubeEmulator::start`]), plain HTTP and TLS on the same
 //! port (kubectl sends tokens only over TLS); tests and the e2e harness also read and write
 //! objects directly ([`KubeEmulator::create`], [`KubeEmulator::merge_patch`], …) and mint
@@ -32,10 +40,13 @@
 //! - [`http`]: accept loop (plain or TLS), authentication and authorisation of every
 //!   request, routing to handlers, the one error → `Status` mapping.
 //! - [`watch`]: one watch response stream (initial events, replay, live, bookmarks).
+//! - [`webhook`]: calling mutating admission webhooks on pod creation (TLS, timeouts,
+//!   failure policies, service routes, the call log).
 //! - [`route`], [`attributes`], [`rbac`], [`token`], [`protobuf`], [`selector`], [`patch`],
-//!   [`paging`], [`table`], [`clock`]: pure logic with table-driven unit tests (request
-//!   routing; request → authorization attributes; RBAC evaluation and 403 messages; token
-//!   claims, TokenRequest validation and review; kubectl's protobuf bodies → JSON; …).
+//!   [`paging`], [`table`], [`clock`], [`admission`]: pure logic with table-driven unit tests
+//!   (request routing; request → authorization attributes; RBAC evaluation and 403 messages;
+//!   token claims, TokenRequest validation and review; kubectl's protobuf bodies → JSON;
+//!   which webhooks a pod creation goes to and what their answers mean; …).
 //! - [`resource`]: the served kinds and review resources, and the discovery documents.
 //! - [`tls`]: the throwaway CA and server certificate.
 //! - [`error`]: the error type, [`EmulatorError`], and its `Status` form.
@@ -52,6 +63,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod attributes;
 pub mod auth;
 pub mod clock;
@@ -69,6 +81,7 @@ pub mod table;
 pub mod tls;
 pub mod token;
 pub mod watch;
+pub mod webhook;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -89,6 +102,7 @@ pub use patch::PatchType;
 pub use resource::Kind;
 pub use store::PodDeletion;
 pub use token::{API_AUDIENCE, EXPIRY_LEEWAY_SECONDS};
+pub use webhook::{WebhookCall, WebhookOutcome};
 
 use http::Shared;
 use store::{DeleteOptions, ListOptions, Store, StoreConfig, UpdateScope};
@@ -195,6 +209,7 @@ impl KubeEmulator {
             list_delay: Mutex::new(Duration::ZERO),
             authority: auth::Authority::new(),
             tls: tls::generate()?,
+            webhooks: webhook::Webhooks::default(),
         });
         let tasks = TaskTracker::new();
         let serving = (shutdown.child_token(), TaskTracker::new());
@@ -398,8 +413,10 @@ impl KubeEmulator {
     /// Creates an object; its kind comes from its `apiVersion` and `kind` (`v1` `Pod`,
     /// `Namespace`, `Event`, `ServiceAccount`; `events.k8s.io/v1` `Event`;
     /// `rbac.authorization.k8s.io/v1` `Role`, `RoleBinding`, `ClusterRole`,
-    /// `ClusterRoleBinding`), its namespace from `metadata.namespace` (default `default`).
-    /// Returns the stored object.
+    /// `ClusterRoleBinding`; `admissionregistration.k8s.io/v1`
+    /// `MutatingWebhookConfiguration`), its namespace from `metadata.namespace` (default
+    /// `default`). Returns the stored object. Pods created this way do not go through the
+    /// mutating admission webhooks (only creations over HTTP do).
     pub fn create(&self, object: Value) -> Result<Value, EmulatorError> {
         let api_version = object["apiVersion"].as_str().unwrap_or("v1");
         let kind_name = object["kind"].as_str().unwrap_or_default();
@@ -547,6 +564,22 @@ impl KubeEmulator {
     /// their last resourceVersion.
     pub fn close_watches(&self) {
         self.shared.store.close_watches();
+    }
+
+    /// Routes calls to the Service `namespace/name`, port `port`, of a webhook's
+    /// `clientConfig.service` to `addr` (the emulator resolves no cluster DNS). The webhook's
+    /// certificate must name `NAME.NAMESPACE.svc`. A webhook whose service is not routed
+    /// fails its calls. Routing the same service again replaces the address.
+    pub fn route_service(&self, namespace: &str, name: &str, port: u16, addr: SocketAddr) {
+        self.shared
+            .webhooks
+            .route_service(namespace, name, port, addr);
+    }
+
+    /// The mutating admission webhook calls made so far (the most recent 10 000), oldest
+    /// first: which webhook, for which pod, and what came of it.
+    pub fn webhook_calls(&self) -> Vec<WebhookCall> {
+        self.shared.webhooks.calls()
     }
 
     /// The requests served so far (the most recent 10 000), oldest first.

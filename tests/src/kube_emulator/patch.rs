@@ -114,11 +114,13 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// The merge key of a list field in the core/v1 pod, event and service account types, if
-/// the list merges element-wise under a strategic merge patch.
+/// The merge key of a list field in the core/v1 pod, event and service account types (and
+/// a webhook configuration's `webhooks`), if the list merges element-wise under a strategic
+/// merge patch.
 pub fn merge_key_for(field: &str) -> Option<&'static str> {
     match field {
-        "containers"
+        "webhooks"
+        | "containers"
         | "initContainers"
         | "ephemeralContainers"
         | "volumes"

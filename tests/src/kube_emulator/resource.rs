@@ -39,6 +39,10 @@ pub enum Kind {
     /// rbac.authorization.k8s.io/v1 `ClusterRoleBinding` (cluster-scoped,
     /// `clusterrolebindings`).
     ClusterRoleBinding,
+    /// admissionregistration.k8s.io/v1 `MutatingWebhookConfiguration` (cluster-scoped,
+    /// `mutatingwebhookconfigurations`): the webhooks pod creations over HTTP are sent to
+    /// (see [`super::webhook`]).
+    MutatingWebhookConfiguration,
 }
 
 /// The API group `events.k8s.io`.
@@ -49,17 +53,20 @@ pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 pub const AUTHENTICATION_GROUP: &str = "authentication.k8s.io";
 /// The API group `authorization.k8s.io` (SubjectAccessReview, SelfSubjectAccessReview).
 pub const AUTHORIZATION_GROUP: &str = "authorization.k8s.io";
+/// The API group `admissionregistration.k8s.io` (MutatingWebhookConfiguration).
+pub const ADMISSION_REGISTRATION_GROUP: &str = "admissionregistration.k8s.io";
 
 /// The named groups (everything but core), in discovery order. Each serves only `v1`.
-pub const NAMED_GROUPS: [&str; 4] = [
+pub const NAMED_GROUPS: [&str; 5] = [
     EVENTS_GROUP,
     RBAC_GROUP,
     AUTHENTICATION_GROUP,
     AUTHORIZATION_GROUP,
+    ADMISSION_REGISTRATION_GROUP,
 ];
 
 /// The groups with stored kinds (and so with OpenAPI documents), core ("") first.
-pub const STORED_GROUPS: [&str; 3] = ["", EVENTS_GROUP, RBAC_GROUP];
+pub const STORED_GROUPS: [&str; 4] = ["", EVENTS_GROUP, RBAC_GROUP, ADMISSION_REGISTRATION_GROUP];
 
 /// The `&'static` spelling of a named group, if the emulator serves it.
 pub fn named_group(group: &str) -> Option<&'static str> {
@@ -77,7 +84,7 @@ pub fn group_version(group: &str) -> String {
 
 impl Kind {
     /// Every kind, in discovery order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Pod,
         Kind::Namespace,
         Kind::Event,
@@ -87,6 +94,7 @@ impl Kind {
         Kind::RoleBinding,
         Kind::ClusterRole,
         Kind::ClusterRoleBinding,
+        Kind::MutatingWebhookConfiguration,
     ];
 
     /// The `kind` field of an object of this type.
@@ -100,6 +108,7 @@ impl Kind {
             Kind::RoleBinding => "RoleBinding",
             Kind::ClusterRole => "ClusterRole",
             Kind::ClusterRoleBinding => "ClusterRoleBinding",
+            Kind::MutatingWebhookConfiguration => "MutatingWebhookConfiguration",
         }
     }
 
@@ -114,6 +123,7 @@ impl Kind {
             Kind::RoleBinding => "rolebindings",
             Kind::ClusterRole => "clusterroles",
             Kind::ClusterRoleBinding => "clusterrolebindings",
+            Kind::MutatingWebhookConfiguration => "mutatingwebhookconfigurations",
         }
     }
 
@@ -128,6 +138,7 @@ impl Kind {
             Kind::RoleBinding => "rolebinding",
             Kind::ClusterRole => "clusterrole",
             Kind::ClusterRoleBinding => "clusterrolebinding",
+            Kind::MutatingWebhookConfiguration => "mutatingwebhookconfiguration",
         }
     }
 
@@ -138,6 +149,7 @@ impl Kind {
             Kind::Role | Kind::RoleBinding | Kind::ClusterRole | Kind::ClusterRoleBinding => {
                 RBAC_GROUP
             }
+            Kind::MutatingWebhookConfiguration => ADMISSION_REGISTRATION_GROUP,
             Kind::Pod | Kind::Namespace | Kind::Event | Kind::ServiceAccount => "",
         }
     }
@@ -147,6 +159,7 @@ impl Kind {
         match self.group() {
             EVENTS_GROUP => "events.k8s.io/v1",
             RBAC_GROUP => "rbac.authorization.k8s.io/v1",
+            ADMISSION_REGISTRATION_GROUP => "admissionregistration.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -155,7 +168,10 @@ impl Kind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Kind::Namespace | Kind::ClusterRole | Kind::ClusterRoleBinding
+            Kind::Namespace
+                | Kind::ClusterRole
+                | Kind::ClusterRoleBinding
+                | Kind::MutatingWebhookConfiguration
         )
     }
 
@@ -170,7 +186,8 @@ impl Kind {
             | Kind::Role
             | Kind::RoleBinding
             | Kind::ClusterRole
-            | Kind::ClusterRoleBinding => &[],
+            | Kind::ClusterRoleBinding
+            | Kind::MutatingWebhookConfiguration => &[],
         }
     }
 
@@ -535,6 +552,10 @@ mod tests {
                 vec!["subjectaccessreviews", "selfsubjectaccessreviews"],
             ),
             (EVENTS_GROUP, vec!["events"]),
+            (
+                ADMISSION_REGISTRATION_GROUP,
+                vec!["mutatingwebhookconfigurations"],
+            ),
         ];
         for (group, want) in cases {
             assert_eq!(names(group), want, "{group}");
@@ -544,7 +565,7 @@ mod tests {
             );
         }
         let groups = api_group_list_document();
-        assert_eq!(groups["groups"].as_array().map(Vec::len), Some(4));
+        assert_eq!(groups["groups"].as_array().map(Vec::len), Some(5));
         assert_eq!(api_group_document(RBAC_GROUP)["name"], RBAC_GROUP);
         let openapi = openapi_v3_document(RBAC_GROUP);
         assert!(

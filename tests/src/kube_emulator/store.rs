@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::admission;
 use super::clock::{format_rfc3339, now_unix};
 use super::error::EmulatorError;
 use super::paging::{ContinueToken, paginate};
@@ -829,14 +830,54 @@ fn apply_defaults(kind: Kind, object: &mut Value) {
                 }
             }
         }
-        Kind::Event | Kind::EventV1 | Kind::ServiceAccount | Kind::Role | Kind::ClusterRole => {}
+        Kind::Event
+        | Kind::EventV1
+        | Kind::ServiceAccount
+        | Kind::Role
+        | Kind::ClusterRole
+        | Kind::MutatingWebhookConfiguration => {}
+    }
+    apply_write_defaults(kind, object);
+}
+
+/// The label every namespace carries, naming it (set by the apiserver on every write).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The apiserver's defaults on every write, creations and updates alike: a namespace's
+/// [`NAMESPACE_NAME_LABEL`], a webhook configuration's defaulted fields.
+fn apply_write_defaults(kind: Kind, object: &mut Value) {
+    match kind {
+        Kind::Namespace => {
+            let name = meta_str(object, "name").unwrap_or_default().to_string();
+            with_metadata(object, |metadata| {
+                let labels = metadata
+                    .entry("labels")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !labels.is_object() {
+                    *labels = Value::Object(Map::new());
+                }
+                labels[NAMESPACE_NAME_LABEL] = json!(name);
+            });
+        }
+        Kind::MutatingWebhookConfiguration => admission::apply_defaults(object),
+        _ => {}
     }
 }
 
-/// The apiserver's validation of the fields the emulator interprets: a binding's
+/// The apiserver's validation of the fields the emulator interprets: a webhook
+/// configuration (see [`admission::validate_configuration`]); a binding's
 /// `roleRef` must name a ClusterRole (or, in a RoleBinding, a Role) and, on update, stay
 /// the same.
 fn validate(kind: Kind, object: &Value, old: Option<&Value>) -> Result<(), EmulatorError> {
+    if kind == Kind::MutatingWebhookConfiguration {
+        return admission::validate_configuration(object).map_err(|message| {
+            EmulatorError::Invalid {
+                kind: kind.kind_name(),
+                name: meta_str(object, "name").unwrap_or_default().to_string(),
+                message,
+            }
+        });
+    }
     if !matches!(kind, Kind::RoleBinding | Kind::ClusterRoleBinding) {
         return Ok(());
     }
@@ -974,6 +1015,7 @@ fn reconcile_update(
             };
         }
     });
+    apply_write_defaults(kind, &mut result);
     normalize(&mut result);
     validate(kind, &result, Some(old))?;
     Ok(result)
@@ -1199,5 +1241,61 @@ mod tests {
                 .items
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn namespaces_are_labelled_with_their_name_on_every_write() {
+        let store = store(100);
+        let name_label = |store: &Store| {
+            store.get(Kind::Namespace, None, "a").unwrap()["metadata"]["labels"]
+                [NAMESPACE_NAME_LABEL]
+                .clone()
+        };
+        assert_eq!(name_label(&store), "a");
+        store
+            .update_with(
+                Kind::Namespace,
+                None,
+                "a",
+                UpdateScope::Main,
+                false,
+                |old| {
+                    let mut new = old.clone();
+                    new["metadata"]["labels"] = json!({"team": "a"});
+                    Ok(new)
+                },
+            )
+            .unwrap();
+        assert_eq!(name_label(&store), "a");
+        let labels = &store.get(Kind::Namespace, None, "a").unwrap()["metadata"]["labels"];
+        assert_eq!(labels["team"], "a");
+    }
+
+    #[test]
+    fn webhook_configurations_are_defaulted_and_validated() {
+        let store = store(100);
+        let configuration = |side_effects: &str| {
+            json!({"metadata": {"name": "inject"}, "webhooks": [{
+                "name": "inject.podiam.test", "sideEffects": side_effects,
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": {"url": "https://localhost:8443/mutate"},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""],
+                           "apiVersions": ["v1"], "resources": ["pods"]}]}]})
+        };
+        let kind = Kind::MutatingWebhookConfiguration;
+        let refused = store.create(kind, None, configuration("Some"), false);
+        assert!(
+            matches!(&refused, Err(EmulatorError::Invalid { message, .. })
+                     if message.starts_with("webhooks[0].sideEffects: Unsupported value")),
+            "{refused:?}"
+        );
+        let created = store
+            .create(kind, None, configuration("None"), false)
+            .unwrap();
+        assert_eq!(created["apiVersion"], "admissionregistration.k8s.io/v1");
+        assert!(created["metadata"].get("namespace").is_none());
+        assert_eq!(created["webhooks"][0]["failurePolicy"], "Fail");
+        assert_eq!(created["webhooks"][0]["timeoutSeconds"], 10);
+        assert_eq!(created["webhooks"][0]["rules"][0]["scope"], "*");
     }
 }

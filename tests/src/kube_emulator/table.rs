@@ -7,7 +7,7 @@
 //! namespaces `Name, Status, Age`; events `Last Seen, Type, Reason, Object, Message`;
 //! service accounts `Name, Secrets, Age`; roles and cluster roles `Name, Created At`;
 //! role bindings and cluster role bindings `Name, Role, Age` and, at priority 1, `Users,
-//! Groups, ServiceAccounts`.
+//! Groups, ServiceAccounts`; mutating webhook configurations `Name, Webhooks, Age`.
 //! Each row carries the object as `PartialObjectMetadata` (default, `includeObject=Metadata`),
 //! the full object (`includeObject=Object`) or nothing (`includeObject=None`).
 
@@ -161,6 +161,17 @@ pub fn columns(kind: Kind) -> Vec<Value> {
                 "Service accounts the binding applies to.",
             ),
         ],
+        Kind::MutatingWebhookConfiguration => vec![
+            column("Name", "string", "name", 0, NAME_DESCRIPTION),
+            column(
+                "Webhooks",
+                "integer",
+                "",
+                0,
+                "Webhooks indicates the number of webhooks registered in this configuration.",
+            ),
+            column("Age", "string", "", 0, AGE_DESCRIPTION),
+        ],
     }
 }
 
@@ -296,6 +307,11 @@ pub fn cells(kind: Kind, object: &Value, now: i64) -> Vec<Value> {
             json!(subject_names(object, "User")),
             json!(subject_names(object, "Group")),
             json!(subject_names(object, "ServiceAccount")),
+        ],
+        Kind::MutatingWebhookConfiguration => vec![
+            name,
+            json!(object["webhooks"].as_array().map_or(0, Vec::len)),
+            json!(age(&metadata["creationTimestamp"], now)),
         ],
     }
 }
