@@ -69,6 +69,11 @@ pub struct Args {
     /// file (mode 0600: it holds private keys).
     #[arg(long, env = "PODIAM_CERTS_SECRETS")]
     pub secrets: Option<PathBuf>,
+
+    /// Also write a kustomize patch that gives the admission webhook
+    /// (deploy/components/pod-identity) the CA as its caBundle, to this file.
+    #[arg(long, env = "PODIAM_CERTS_WEBHOOK_CA_PATCH")]
+    pub webhook_ca_patch: Option<PathBuf>,
 }
 
 impl Args {

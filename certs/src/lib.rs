@@ -40,6 +40,10 @@ pub const CA_COMMON_NAME: &str = "podiam CA";
 pub const DEFAULT_NAMESPACE: &str = "podiam";
 /// Default name of the server's Service.
 pub const DEFAULT_SERVICE: &str = "podiam-server";
+/// The Service the API server calls the servers' admission webhook through
+/// (deploy/components/pod-identity): a ClusterIP Service, as webhooks need, beside the
+/// headless one agents resolve. Its names are in the server certificate too.
+pub const WEBHOOK_SERVICE: &str = "podiam-webhook";
 /// Default validity of the server and agent certificates.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Default validity of the CA: ten times the leaves', so leaves can be re-issued for years
@@ -161,8 +165,9 @@ impl Default for CertOptions {
 }
 
 impl CertOptions {
-    /// All DNS SANs of the server certificate: the Service's names first, then the extra
-    /// names, without duplicates.
+    /// All DNS SANs of the server certificate: the Service's names first, the webhook
+    /// Service's `NAME.NAMESPACE.svc` (the name the API server checks), then the extra names,
+    /// without duplicates.
     pub fn server_dns_names(&self) -> Vec<String> {
         let (s, ns) = (&self.service, &self.namespace);
         let mut names = vec![
@@ -170,6 +175,7 @@ impl CertOptions {
             format!("{s}.{ns}"),
             format!("{s}.{ns}.svc"),
             format!("{s}.{ns}.svc.cluster.local"),
+            format!("{WEBHOOK_SERVICE}.{ns}.svc"),
         ];
         for name in &self.extra_dns_names {
             if !names.contains(name) {
@@ -349,6 +355,26 @@ impl CertBundle {
             force,
         )
     }
+}
+
+/// The name of the MutatingWebhookConfiguration and its webhook in
+/// deploy/components/pod-identity.
+pub const WEBHOOK_CONFIGURATION: &str = "podiam";
+pub const WEBHOOK_NAME: &str = "pods.podiam.io";
+
+/// A kustomize patch giving deploy/components/pod-identity's webhook `ca_cert` (PEM) as its
+/// `caBundle`: the API server then trusts the servers' certificate. Public: no secret in it.
+pub fn webhook_ca_patch(ca_cert: &str) -> String {
+    use base64::Engine;
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_cert);
+    format!(
+        "# podiam's CA for the admission webhook (podiam-certs --webhook-ca-patch): list this\n\
+         # file under `patches:` in the kustomization that uses components/pod-identity.\n\
+         apiVersion: admissionregistration.k8s.io/v1\n\
+         kind: MutatingWebhookConfiguration\n\
+         metadata:\n  name: {WEBHOOK_CONFIGURATION}\n\
+         webhooks:\n  - name: {WEBHOOK_NAME}\n    clientConfig:\n      caBundle: {bundle}\n"
+    )
 }
 
 /// Fails with [`CertsError::AlreadyExists`] if any of the six files in `dir`, or `secrets`,

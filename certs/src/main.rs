@@ -63,5 +63,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .context("writing the Secret manifests")?;
         println!("wrote Secret manifests to {}", path.display());
     }
+    if let Some(path) = &args.webhook_ca_patch {
+        std::fs::write(path, podiam_certs::webhook_ca_patch(&bundle.ca_cert))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote the webhook's caBundle patch to {}", path.display());
+    }
     Ok(())
 }

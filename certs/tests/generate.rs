@@ -68,6 +68,7 @@ fn server_certificate_has_default_sans_and_server_auth() {
             "podiam-server.podiam",
             "podiam-server.podiam.svc",
             "podiam-server.podiam.svc.cluster.local",
+            "podiam-webhook.podiam.svc",
             "localhost",
         ] {
             assert!(dns.iter().any(|d| d == name), "{name} missing from {dns:?}");
@@ -100,6 +101,7 @@ fn configured_names_namespace_and_service() {
                 "iam.kube-system",
                 "iam.kube-system.svc",
                 "iam.kube-system.svc.cluster.local",
+                "podiam-webhook.kube-system.svc",
                 "iam.example.com"
             ]
         );

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -122,6 +122,18 @@ impl Cluster {
             .get_opt(name)
             .await
             .map_err(|e| api_error(format!("reading namespace {name}"), e))
+    }
+
+    /// The ServiceAccount, or `None` when it does not exist.
+    pub async fn service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<ServiceAccount>, Error> {
+        Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| api_error(format!("reading ServiceAccount {namespace}/{name}"), e))
     }
 
     /// The ConfigMap, or `None` when it does not exist.

@@ -20,10 +20,12 @@
 //!
 //! The answer says which way it was made.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use podiam_policy::decision::{ExplainTarget, View};
-use podiam_policy::index::{NamespaceIndex, PodIndex, PodRecord};
-use podiam_policy::policy::{PERMITTED_ANNOTATION, ROLE_ANNOTATION, valid_base_arn};
+use podiam_policy::index::{AccountIndex, NamespaceIndex, PodIndex, PodRecord};
+use podiam_policy::policy::{
+    DEFAULT_ROLE_ANNOTATION, PERMITTED_ANNOTATION, ROLE_ANNOTATION, valid_base_arn,
+};
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
 use serde::Serialize;
 
@@ -47,9 +49,16 @@ pub struct Explanation {
     pub node: String,
     pub ip: String,
     pub namespace: String,
-    /// The pod's role annotation as written, and the ARN it resolves to.
+    /// The role annotation that applies as written, and the ARN it resolves to.
     pub role_annotation: String,
     pub role_arn: String,
+    /// Where that annotation is: `pod`, `service-account`, `namespace-default` ("" when
+    /// none applies).
+    pub role_source: String,
+    /// The pod's ServiceAccount.
+    pub service_account: String,
+    /// How the pod proves itself: `address`, or `address and token`.
+    pub identity: String,
     /// The namespace's permitted regex as written ("" when none).
     pub permitted_regex: String,
     pub allowed: bool,
@@ -82,6 +91,9 @@ impl Explanation {
             namespace: answer.namespace,
             role_annotation: answer.role_annotation,
             role_arn: answer.role_arn,
+            role_source: answer.role_source,
+            service_account: answer.service_account,
+            identity: answer.identity,
             permitted_regex: answer.permitted_regex,
             allowed: answer.allowed,
             reason: reason_name(answer.reason),
@@ -112,10 +124,38 @@ impl Explanation {
             field("ip:", or_dash(&self.ip));
         }
         let role = match (self.role_annotation.as_str(), self.role_arn.as_str()) {
-            ("", _) => format!("none (no {ROLE_ANNOTATION} annotation)"),
+            ("", _) => format!(
+                "none (no {ROLE_ANNOTATION} annotation on the pod or its service account, \
+                 no {DEFAULT_ROLE_ANNOTATION} on its namespace)"
+            ),
             (annotation, "") => annotation.to_string(),
             (annotation, arn) if annotation == arn => arn.to_string(),
             (annotation, arn) => format!("{annotation} ({arn})"),
+        };
+        let from = match self.role_source.as_str() {
+            "pod" => Some("the pod's annotation".to_string()),
+            "service-account" => Some(format!(
+                "service account {}'s annotation",
+                or_dash(&self.service_account)
+            )),
+            "namespace-default" => Some(format!(
+                "namespace {}'s default-role",
+                or_dash(&self.namespace)
+            )),
+            "" => None,
+            other => Some(other.to_string()),
+        };
+        let role = match from {
+            Some(from) => format!("{role}, from {from}"),
+            None => role,
+        };
+        let identity = match self.identity.as_str() {
+            "address and token" => {
+                "its address and its service account token (container credentials, 169.254.170.23)"
+                    .to_string()
+            }
+            "address" => "its address (instance metadata, 169.254.169.254)".to_string(),
+            other => or_dash(other),
         };
         let namespace = or_dash(&self.namespace);
         let permitted = if self.permitted_regex.is_empty() {
@@ -129,6 +169,7 @@ impl Explanation {
         if found {
             field("role:", role);
             field("permitted:", permitted);
+            field("known by:", identity);
         }
         if self.allowed {
             field("decision:", "allowed".into());
@@ -159,6 +200,8 @@ fn reason_name(wire: i32) -> String {
 pub struct Facts {
     pub pod: Option<Pod>,
     pub namespace: Option<Namespace>,
+    /// The pod's ServiceAccount (a role of its own applies to the pod).
+    pub service_account: Option<ServiceAccount>,
     pub same_ip: Vec<Pod>,
     /// What could not be read (not fatal).
     pub notes: Vec<String>,
@@ -172,6 +215,22 @@ pub async fn facts(cluster: &Cluster, namespace: &str, name: &str) -> Result<Fac
         namespace: ns?,
         ..Facts::default()
     };
+    let account = facts
+        .pod
+        .as_ref()
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    if facts.pod.is_some() {
+        match cluster.service_account(namespace, &account).await {
+            Ok(found) => facts.service_account = found,
+            Err(error) => facts.notes.push(format!(
+                "whether ServiceAccount {account} gives the pod a role is unknown ({})",
+                error.one_line()
+            )),
+        }
+    }
     let ip = facts
         .pod
         .as_ref()
@@ -212,9 +271,14 @@ pub fn decide(
     if let Some(ns) = &facts.namespace {
         namespaces.apply(ns);
     }
+    let mut accounts = AccountIndex::default();
+    if let Some(account) = &facts.service_account {
+        accounts.apply(account);
+    }
     let view = View {
         pods: &pods,
         namespaces: &namespaces,
+        accounts: &accounts,
         synced: true,
         base_arn: Some(base_arn),
     };
@@ -352,6 +416,7 @@ mod tests {
         Facts {
             pod,
             namespace: ns,
+            service_account: None,
             same_ip,
             notes: Vec::new(),
         }
@@ -460,7 +525,8 @@ mod tests {
             "pod:         team-a/web\n",
             "node:        node-1\n",
             "ip:          10.0.0.1\n",
-            "role:        db-admin (arn:aws:iam::123456789012:role/db-admin)\n",
+            "role:        db-admin (arn:aws:iam::123456789012:role/db-admin), from the pod's annotation\n",
+            "known by:    its address (instance metadata, 169.254.169.254)\n",
             "permitted:   \"app-.*\" in namespace team-a",
             "decision:    refused (role-not-permitted)\n",
             "does not match \"app-.*\"",

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use podiam_proto::Reason;
 use podiam_proto::v1::{ExplainResponse, PodRef, PodState};
 
-use crate::index::{Lookup, NamespaceIndex, PodIndex, PodRecord};
+use crate::index::{AccountIndex, Lookup, NamespaceIndex, PodIndex, PodRecord};
 use crate::policy::{self, Permitted, Role, Verdict};
 
 /// A read-only view of the cluster as one server replica sees it.
@@ -27,6 +27,7 @@ use crate::policy::{self, Permitted, Role, Verdict};
 pub struct View<'a> {
     pub pods: &'a PodIndex,
     pub namespaces: &'a NamespaceIndex,
+    pub accounts: &'a AccountIndex,
     /// Whether both indexes have been listed completely at least once.
     pub synced: bool,
     /// Where role names are placed (`arn:aws:iam::ACCOUNT:role/`).
@@ -47,6 +48,29 @@ pub enum Scope<'a> {
 pub struct Decision {
     pub pod: Arc<PodRecord>,
     pub role: Role,
+    /// Where the role came from.
+    pub source: RoleSource,
+}
+
+/// Where a pod's role comes from, first found first: the pod's own
+/// `iam.amazonaws.com/role`, its ServiceAccount's, its namespace's
+/// `iam.amazonaws.com/default-role`. The namespace's `permitted` regex decides over each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleSource {
+    Pod,
+    ServiceAccount,
+    NamespaceDefault,
+}
+
+impl RoleSource {
+    /// The name explain shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleSource::Pod => "pod",
+            RoleSource::ServiceAccount => "service-account",
+            RoleSource::NamespaceDefault => "namespace-default",
+        }
+    }
 }
 
 /// Every way a decision refuses.
@@ -79,7 +103,11 @@ pub enum Refusal {
         pods: Vec<Arc<PodRecord>>,
         namespace: Option<String>,
     },
-    #[error("pod {0} has no {role} annotation", role = policy::ROLE_ANNOTATION)]
+    #[error(
+        "pod {0} has no {role} annotation, nor its service account, nor a {default} on its namespace",
+        role = policy::ROLE_ANNOTATION,
+        default = policy::DEFAULT_ROLE_ANNOTATION
+    )]
     NoRole(String),
     #[error("pod {pod}: {error}")]
     InvalidRole {
@@ -204,11 +232,40 @@ impl View<'_> {
         }
     }
 
+    /// The role annotation that applies to `pod` and where it is: the pod's own, its
+    /// ServiceAccount's, or its namespace's default.
+    pub fn role_annotation<'p>(&'p self, pod: &'p PodRecord) -> Option<(&'p str, RoleSource)> {
+        self.role_for(
+            &pod.namespace,
+            pod.service_account.as_deref(),
+            pod.role.as_deref(),
+        )
+    }
+
+    /// The role annotation that applies to a pod of `namespace` running as `account` (none:
+    /// `default`) with `own` as its own annotation, and where it is.
+    pub fn role_for<'p>(
+        &'p self,
+        namespace: &str,
+        account: Option<&str>,
+        own: Option<&'p str>,
+    ) -> Option<(&'p str, RoleSource)> {
+        if let Some(role) = own {
+            return Some((role, RoleSource::Pod));
+        }
+        let account = account.filter(|a| !a.is_empty()).unwrap_or("default");
+        if let Some(role) = self.accounts.role(namespace, account) {
+            return Some((role, RoleSource::ServiceAccount));
+        }
+        self.namespaces
+            .default_role(namespace)
+            .map(|role| (role, RoleSource::NamespaceDefault))
+    }
+
     /// The role `pod` may have, its IP already resolved to it alone.
     pub fn decide_pod(&self, pod: Arc<PodRecord>) -> Result<Decision, Refusal> {
-        let annotation = pod
-            .role
-            .as_deref()
+        let (annotation, source) = self
+            .role_annotation(&pod)
             .ok_or_else(|| Refusal::NoRole(pod_name(&pod)))?;
         let role = policy::resolve_role(annotation, self.base_arn).map_err(|error| {
             Refusal::InvalidRole {
@@ -218,7 +275,7 @@ impl View<'_> {
         })?;
         let rule = self.namespaces.rule(&pod.namespace);
         let why = match policy::check(&rule, &role) {
-            Verdict::Permitted => return Ok(Decision { pod, role }),
+            Verdict::Permitted => return Ok(Decision { pod, role, source }),
             Verdict::NothingPermitted => {
                 format!(
                     "the namespace has no {} annotation",
@@ -331,7 +388,20 @@ impl View<'_> {
         answer.node_name = pod.node_name.clone().unwrap_or_default();
         answer.ip = pod.ip.map(|ip| ip.to_string()).unwrap_or_default();
         answer.namespace = pod.namespace.clone();
-        answer.role_annotation = pod.role.clone().unwrap_or_default();
+        if let Some((annotation, source)) = self.role_annotation(&pod) {
+            answer.role_annotation = annotation.to_string();
+            answer.role_source = source.as_str().to_string();
+        }
+        answer.service_account = pod
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        answer.identity = if pod.container_endpoint {
+            "address and token"
+        } else {
+            "address"
+        }
+        .to_string();
         answer.permitted_regex = match &*self.namespaces.rule(&pod.namespace) {
             Permitted::Nothing => String::new(),
             Permitted::Invalid { source, .. } | Permitted::Regex { source, .. } => source.clone(),
@@ -580,6 +650,7 @@ mod tests {
             external_id: None,
             session_name: None,
             deleting: false,
+            container_endpoint: false,
         }
     }
 
@@ -605,7 +676,152 @@ mod tests {
             external_id: None,
             session_name: None,
             deleting: false,
+            container_endpoint: false,
         }
+    }
+
+    /// No ServiceAccount gives a role.
+    fn no_accounts() -> &'static AccountIndex {
+        static NONE: std::sync::OnceLock<AccountIndex> = std::sync::OnceLock::new();
+        NONE.get_or_init(AccountIndex::default)
+    }
+
+    /// An object's metadata with `annotations`.
+    fn meta(
+        namespace: Option<&str>,
+        name: &str,
+        annotations: &[(&str, &str)],
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            namespace: namespace.map(Into::into),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn where_a_role_comes_from() {
+        let mut namespaces = NamespaceIndex::default();
+        for (name, annotations) in [
+            (
+                "team-a",
+                &[
+                    (policy::PERMITTED_ANNOTATION, "app-.*"),
+                    (policy::DEFAULT_ROLE_ANNOTATION, "app-default"),
+                ][..],
+            ),
+            ("team-b", &[(policy::PERMITTED_ANNOTATION, "b-.*")][..]),
+        ] {
+            namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
+                metadata: meta(None, name, annotations),
+                ..Default::default()
+            });
+        }
+        let mut accounts = AccountIndex::default();
+        for (namespace, name, role) in [
+            ("team-a", "web", Some("app-web")),
+            ("team-a", "admin", Some("app-admin")),
+            ("team-a", "plain", None),
+            ("team-b", "default", Some("admin")),
+        ] {
+            let annotations: Vec<(&str, &str)> = role
+                .map(|role| (policy::ROLE_ANNOTATION, role))
+                .into_iter()
+                .collect();
+            accounts.apply(&k8s_openapi::api::core::v1::ServiceAccount {
+                metadata: meta(Some(namespace), name, &annotations),
+                ..Default::default()
+            });
+        }
+        assert_eq!(accounts.len(), 3);
+        let as_account = |record: PodRecord, account: Option<&str>| PodRecord {
+            service_account: account.map(Into::into),
+            ..record
+        };
+        let mut pods = PodIndex::default();
+        for record in [
+            as_account(
+                pod("p1", "team-a", "n", "10.1.0.1", Some("app-own")),
+                Some("web"),
+            ),
+            as_account(pod("p2", "team-a", "n", "10.1.0.2", None), Some("web")),
+            as_account(pod("p3", "team-a", "n", "10.1.0.3", None), Some("plain")),
+            as_account(pod("p4", "team-a", "n", "10.1.0.4", None), None),
+            as_account(pod("p5", "team-b", "n", "10.1.0.5", None), None),
+            as_account(pod("p6", "team-b", "n", "10.1.0.6", None), Some("other")),
+        ] {
+            pods.apply(record);
+        }
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            accounts: &accounts,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        // (address, the role and where it came from, or the refusal)
+        type Want = Result<(&'static str, RoleSource), Reason>;
+        let table: &[(&str, Want)] = &[
+            ("10.1.0.1", Ok(("app-own", RoleSource::Pod))),
+            ("10.1.0.2", Ok(("app-web", RoleSource::ServiceAccount))),
+            (
+                "10.1.0.3",
+                Ok(("app-default", RoleSource::NamespaceDefault)),
+            ),
+            // No serviceAccountName: the namespace's "default" account, which has none here.
+            (
+                "10.1.0.4",
+                Ok(("app-default", RoleSource::NamespaceDefault)),
+            ),
+            // The ServiceAccount's role is still the namespace's to permit.
+            ("10.1.0.5", Err(Reason::RoleNotPermitted)),
+            ("10.1.0.6", Err(Reason::NoRole)),
+        ];
+        for (address, want) in table {
+            let got = view
+                .decide(ip(address), Scope::Cluster)
+                .map(|d| (d.role.name.clone(), d.source))
+                .map_err(|r| r.reason());
+            let got = got.as_ref().map(|(n, s)| (n.as_str(), *s)).map_err(|r| *r);
+            assert_eq!(got, *want, "{address}");
+        }
+        let explained = view
+            .explain(&ExplainTarget::Pod {
+                namespace: "team-a".into(),
+                name: "pod-p2".into(),
+            })
+            .expect("synced");
+        assert_eq!(
+            (
+                explained.role_annotation.as_str(),
+                explained.role_source.as_str(),
+                explained.service_account.as_str(),
+                explained.identity.as_str()
+            ),
+            ("app-web", "service-account", "web", "address")
+        );
+        // The annotation removed from the ServiceAccount: the namespace default applies.
+        accounts.apply(&k8s_openapi::api::core::v1::ServiceAccount {
+            metadata: meta(Some("team-a"), "web", &[]),
+            ..Default::default()
+        });
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            accounts: &accounts,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let decided = view
+            .decide(ip("10.1.0.2"), Scope::Cluster)
+            .expect("allowed");
+        assert_eq!(decided.source, RoleSource::NamespaceDefault);
     }
 
     fn namespaces() -> NamespaceIndex {
@@ -673,6 +889,7 @@ mod tests {
         View {
             pods,
             namespaces,
+            accounts: no_accounts(),
             synced: true,
             base_arn: Some(BASE),
         }
@@ -871,6 +1088,7 @@ mod tests {
         let view = View {
             pods: &pods,
             namespaces: &namespaces,
+            accounts: no_accounts(),
             synced: false,
             base_arn: Some(BASE),
         };

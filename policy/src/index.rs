@@ -1,4 +1,5 @@
-//! The server's view of the cluster: live pods by IP, and namespaces' permitted rules.
+//! The server's view of the cluster: live pods by IP, namespaces' permitted rules and
+//! default roles, and the roles ServiceAccounts give their pods.
 //!
 //! One task per resource owns the writes (see `watch`); gRPC handlers only read. Records
 //! are slimmed to the fields decisions use; whole Pod objects are never kept.
@@ -20,8 +21,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::policy::{
-    EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Permitted, ROLE_ANNOTATION,
-    SESSION_NAME_ANNOTATION,
+    DEFAULT_ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Permitted,
+    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
 };
 
 /// The fields of a pod that podiam's decisions use.
@@ -41,6 +42,9 @@ pub struct PodRecord {
     pub external_id: Option<String>,
     pub session_name: Option<String>,
     pub deleting: bool,
+    /// Whether a container of the pod is set up for the container-credentials endpoint
+    /// (`AWS_CONTAINER_CREDENTIALS_FULL_URI` naming its address): explain says so.
+    pub container_endpoint: bool,
 }
 
 impl PodRecord {
@@ -72,6 +76,7 @@ impl PodRecord {
             external_id: annotation(EXTERNAL_ID_ANNOTATION),
             session_name: annotation(SESSION_NAME_ANNOTATION),
             deleting: meta.deletion_timestamp.is_some(),
+            container_endpoint: spec.is_some_and(uses_container_endpoint),
         })
     }
 
@@ -89,6 +94,20 @@ impl PodRecord {
             && !self.host_network
             && matches!(self.phase.as_deref(), Some("Pending") | Some("Running"))
     }
+}
+
+/// Whether any container of `spec` names the container-credentials endpoint in
+/// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+fn uses_container_endpoint(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    let init = spec.init_containers.iter().flatten();
+    init.chain(&spec.containers)
+        .flat_map(|container| container.env.iter().flatten())
+        .any(|var| {
+            var.name == "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+                && var.value.as_deref().is_some_and(|url| {
+                    url.contains("169.254.170.23") || url.contains("[fd00:ec2::23]")
+                })
+        })
 }
 
 /// What an IP lookup found.
@@ -258,6 +277,8 @@ struct Compiled {
 #[derive(Clone, Debug)]
 pub struct NamespaceIndex {
     rules: HashMap<String, Arc<Permitted>>,
+    /// Namespaces' `iam.amazonaws.com/default-role`, where set.
+    default_roles: HashMap<String, String>,
     /// Compiled rules by annotation value (trimmed).
     compiled: HashMap<String, Compiled>,
     compiled_bytes: usize,
@@ -277,6 +298,7 @@ impl NamespaceIndex {
     pub fn with_budget(budget: usize) -> NamespaceIndex {
         NamespaceIndex {
             rules: HashMap::new(),
+            default_roles: HashMap::new(),
             compiled: HashMap::new(),
             compiled_bytes: 0,
             budget,
@@ -319,13 +341,24 @@ impl NamespaceIndex {
         let Some(name) = ns.metadata.name.as_deref() else {
             return false;
         };
-        let value = ns
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(PERMITTED_ANNOTATION))
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty());
+        let annotation = |key: &str| {
+            ns.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        match annotation(DEFAULT_ROLE_ANNOTATION) {
+            Some(role) => {
+                self.default_roles
+                    .insert(name.to_string(), role.to_string());
+            }
+            None => {
+                self.default_roles.remove(name);
+            }
+        }
+        let value = annotation(PERMITTED_ANNOTATION);
         let unchanged = self
             .rules
             .get(name)
@@ -344,6 +377,7 @@ impl NamespaceIndex {
 
     /// Forgets a namespace.
     pub fn remove(&mut self, name: &str) {
+        self.default_roles.remove(name);
         if self.release(name) {
             self.retry_over_budget();
         }
@@ -477,6 +511,75 @@ impl NamespaceIndex {
             .cloned()
             .unwrap_or_else(|| Arc::new(Permitted::Nothing))
     }
+
+    /// The namespace's `iam.amazonaws.com/default-role`, if it has one.
+    pub fn default_role(&self, name: &str) -> Option<&str> {
+        self.default_roles.get(name).map(String::as_str)
+    }
+}
+
+/// The roles ServiceAccounts give their pods (`iam.amazonaws.com/role` on the
+/// ServiceAccount): only annotated accounts are kept, by namespace and name.
+#[derive(Debug, Default)]
+pub struct AccountIndex {
+    roles: HashMap<String, HashMap<String, String>>,
+}
+
+impl AccountIndex {
+    /// Records a ServiceAccount's role annotation (or its absence).
+    pub fn apply(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) {
+        let meta = &account.metadata;
+        let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+        else {
+            return;
+        };
+        let role = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROLE_ANNOTATION))
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty());
+        match role {
+            Some(role) => {
+                self.roles
+                    .entry(namespace.to_string())
+                    .or_default()
+                    .insert(name.to_string(), role.to_string());
+            }
+            None => self.forget(namespace, name),
+        }
+    }
+
+    /// Forgets a ServiceAccount.
+    pub fn remove(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) {
+        let meta = &account.metadata;
+        if let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) {
+            self.forget(namespace, name);
+        }
+    }
+
+    fn forget(&mut self, namespace: &str, name: &str) {
+        if let Some(accounts) = self.roles.get_mut(namespace) {
+            accounts.remove(name);
+            if accounts.is_empty() {
+                self.roles.remove(namespace);
+            }
+        }
+    }
+
+    /// The role ServiceAccount `namespace/name` gives its pods, if any.
+    pub fn role(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.roles.get(namespace)?.get(name).map(String::as_str)
+    }
+
+    /// How many ServiceAccounts give a role.
+    pub fn len(&self) -> usize {
+        self.roles.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty()
+    }
 }
 
 /// The annotation value a rule came from; `None` for no (or an empty) annotation.
@@ -505,6 +608,7 @@ mod tests {
             external_id: None,
             session_name: None,
             deleting: false,
+            container_endpoint: false,
         }
     }
 

@@ -33,6 +33,9 @@ pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
 pub const SESSION_NAME_ANNOTATION: &str = "iam.amazonaws.com/session-name";
 /// The annotation on a namespace holding the permitted-roles regex.
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
+/// The annotation on a namespace naming the role of its pods that have neither a role of
+/// their own nor one from their ServiceAccount.
+pub const DEFAULT_ROLE_ANNOTATION: &str = "iam.amazonaws.com/default-role";
 
 /// The longest permitted-roles regex accepted, in bytes.
 pub const MAX_REGEX_LEN: usize = 4096;

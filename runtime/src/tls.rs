@@ -292,6 +292,20 @@ pub fn server_config(checked: &Checked) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// An HTTPS server's side (the admission webhook the API server calls): present our
+/// certificate, ask for none (the API server presents no client certificate by default),
+/// speak HTTP/1.1.
+pub fn https_server_config(checked: &Checked) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(checked.chain.clone(), checked.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The agent's side: trust only the CA(s), present our certificate. The server's name is
 /// checked per connection (see [`crate::connect`]).
 pub fn client_config(checked: &Checked) -> Result<ClientConfig, TlsError> {

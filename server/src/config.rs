@@ -89,10 +89,17 @@ pub struct Config {
     #[arg(long, env = "PODIAM_SESSION_NAME", default_value = "podiam")]
     pub session_name: String,
     /// Tag each session with the pod's kubernetes-namespace, kubernetes-pod-name,
-    /// kubernetes-pod-uid and kubernetes-service-account (one session per pod; the role's
-    /// trust policy must allow sts:TagSession).
+    /// kubernetes-pod-uid and kubernetes-service-account, EKS Pod Identity's tags (one
+    /// session per pod; the role's trust policy must allow sts:TagSession).
     #[arg(long, env = "PODIAM_SESSION_TAGS")]
     pub session_tags: bool,
+    /// With --session-tags, also tag sessions with eks-cluster-name set to this name.
+    #[arg(long, env = "PODIAM_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// With --session-tags, make the tags transitive: they stay on sessions the pod's role
+    /// chains into (AssumeRole from the pod's credentials).
+    #[arg(long, env = "PODIAM_SESSION_TAGS_TRANSITIVE")]
+    pub session_tags_transitive: bool,
     /// How often the TLS files are re-read; changed files that check out are used for new
     /// connections without a restart (a Secret update reaches the pod within about a minute).
     #[arg(long, env = "PODIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -109,11 +116,22 @@ pub struct Config {
     /// Address for /live, /ready and /metrics (plain HTTP; never the gRPC port).
     #[arg(long, env = "PODIAM_HEALTH_LISTEN", default_value = "0.0.0.0:9090")]
     pub health_listen: SocketAddr,
-    /// Once both listeners are bound, write their addresses to this file (`listen ADDRESS`
-    /// and `health-listen ADDRESS`, one a line; replaced atomically): with port 0 in
-    /// --listen or --health-listen, this is how a supervisor learns the ports.
+    /// Once the listeners are bound, write their addresses to this file (`listen ADDRESS`,
+    /// `health-listen ADDRESS`, and `webhook-listen ADDRESS` when the webhook is on, one a
+    /// line; replaced atomically): with port 0 in a listen address, this is how a supervisor
+    /// learns the ports.
     #[arg(long, env = "PODIAM_LISTEN_ADDRESS_FILE")]
     pub listen_address_file: Option<PathBuf>,
+    /// Serve the mutating admission webhook (HTTPS with the server's certificate,
+    /// `POST /mutate-pods`) on this address: pods of namespaces that opt in get their
+    /// projected token and the container-credentials endpoint's variables
+    /// (docs/pod-identity.md). Not given: no webhook.
+    #[arg(long, env = "PODIAM_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The `expirationSeconds` of the token volume the webhook adds (at least 10m, as the API
+    /// server requires; the kubelet renews the token at 80 % of it).
+    #[arg(long, env = "PODIAM_WEBHOOK_TOKEN_EXPIRATION", default_value = "24h", value_parser = parse_duration)]
+    pub webhook_token_expiration: Duration,
     /// What to do with an agent call whose node its token does not prove (no token, a token
     /// the API refuses, not an agent's, or a pod on another node): `enforce` refuses it;
     /// `warn` logs and counts it (podiam_server_node_binding_refusals_total) and answers, for
@@ -158,6 +176,8 @@ pub struct ValidConfig {
     pub health_listen: SocketAddr,
     /// Where `main` writes the bound addresses once both are bound.
     pub listen_address_file: Option<PathBuf>,
+    /// The admission webhook, when on.
+    pub webhook: Option<WebhookConfig>,
     pub tls: TlsFiles,
     pub tls_reload_interval: Duration,
     pub kubeconfig: Option<PathBuf>,
@@ -174,6 +194,13 @@ pub struct ValidConfig {
     pub drain: Drain,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// The admission webhook's listener (bound by `main`) and what it injects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub listen: SocketAddr,
+    pub injection: crate::webhook::Injection,
 }
 
 /// How the server drains on SIGTERM (see [`crate::Server::serve`]).
@@ -206,7 +233,40 @@ impl Config {
         if self.pod_token_audience.trim().is_empty() {
             problems.push("--pod-token-audience must not be empty".to_string());
         }
+        if self.webhook_token_expiration < Duration::from_secs(600)
+            || self.webhook_token_expiration.as_secs() > 1 << 32
+        {
+            problems.push(
+                "--webhook-token-expiration must be at least 10m (the API server's minimum)"
+                    .to_string(),
+            );
+        }
+        if let Some(webhook) = self.webhook_listen
+            && webhook.port() != 0
+            && (webhook == self.listen || webhook == self.health_listen)
+        {
+            problems.push("--webhook-listen must differ from --listen and --health-listen".into());
+        }
+        if (self.cluster_name.is_some() || self.session_tags_transitive) && !self.session_tags {
+            problems.push(
+                "--cluster-name and --session-tags-transitive need --session-tags".to_string(),
+            );
+        }
+        if let Some(cluster) = &self.cluster_name
+            && (cluster.is_empty()
+                || cluster.len() > 256
+                || !cluster
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.:/=+-@ ".contains(c)))
+        {
+            problems.push(format!(
+                "--cluster-name {cluster:?} is not a session tag value (1-256 of letters, digits, spaces and _.:/=+-@)"
+            ));
+        }
         let sessions = SessionNaming::new(&self.session_name, self.session_tags)
+            .map(|naming| {
+                naming.with_tag_options(self.cluster_name.clone(), self.session_tags_transitive)
+            })
             .map_err(|why| problems.push(format!("--session-name {why}")))
             .ok();
         problems.extend(self.sts_problems());
@@ -225,6 +285,13 @@ impl Config {
             listen: self.listen,
             health_listen: self.health_listen,
             listen_address_file: self.listen_address_file,
+            webhook: self.webhook_listen.map(|listen| WebhookConfig {
+                listen,
+                injection: crate::webhook::Injection {
+                    audience: self.pod_token_audience.clone(),
+                    expiration_seconds: self.webhook_token_expiration.as_secs() as i64,
+                },
+            }),
             tls: TlsFiles {
                 ca: self.tls_ca,
                 cert: self.tls_cert,

@@ -276,6 +276,7 @@ impl Rig {
         let listeners = Listeners {
             grpc: self.network.listen(GRPC),
             health: self.network.listen(HEALTH),
+            webhook: None,
         };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

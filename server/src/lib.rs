@@ -31,6 +31,7 @@ pub mod service;
 pub mod session;
 pub mod sts;
 pub mod watch;
+pub mod webhook;
 
 /// The decision crate's modules, where the server's code has always found them.
 pub use podiam_policy::{index, policy};
@@ -105,11 +106,12 @@ impl std::fmt::Debug for Backends {
 }
 
 /// The listeners the server is served on, bound by its caller: the gRPC port (TCP, or in
-/// tests an in-memory one) and the health port.
+/// tests an in-memory one), the health port, and the admission webhook's when it is on.
 #[derive(Debug)]
 pub struct Listeners<G = TcpListener, H = TcpListener> {
     pub grpc: G,
     pub health: H,
+    pub webhook: Option<H>,
 }
 
 /// A whole server, built and not yet serving.
@@ -125,6 +127,8 @@ pub struct Server {
     draining: CancellationToken,
     /// The Kubernetes API and the Events queue it delivers, when there is an API.
     kube: Option<(kube::Client, tokio::sync::mpsc::Receiver<events::Notice>)>,
+    /// The admission webhook and its HTTPS configuration, when it is on.
+    webhook: Option<(Arc<webhook::Webhook>, Arc<Rotating<ServerConfig>>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -142,6 +146,13 @@ impl Server {
     /// clients made. Nothing is bound or served yet.
     pub async fn build(config: ValidConfig) -> anyhow::Result<Server> {
         let tls = load_tls(&config.tls)?;
+        let webhook_tls = match &config.webhook {
+            Some(_) => Some(Arc::new(
+                Rotating::load(config.tls.clone(), podiam_runtime::tls::https_server_config)
+                    .context("loading the server's TLS files for the webhook")?,
+            )),
+            None => None,
+        };
         let client = kube_client(config.kubeconfig.as_deref()).await?;
         let sts = SdkAssumeRole::new(config.sts.clone()).await;
         let backends = Backends {
@@ -150,7 +161,13 @@ impl Server {
             sts: Arc::new(sts),
             clock: Arc::new(SystemClock),
         };
-        Ok(Server::assemble(config, tls, backends))
+        let injection = config.webhook.as_ref().map(|w| w.injection.clone());
+        let mut server = Server::assemble(config, tls, backends);
+        if let (Some(injection), Some(webhook_tls)) = (injection, webhook_tls) {
+            let webhook = webhook::Webhook::new(Arc::clone(&server.cluster), injection);
+            server.webhook = Some((Arc::new(webhook), webhook_tls));
+        }
+        Ok(server)
     }
 
     /// The server from its parts: what [`Server::build`] does once it has reached outside,
@@ -200,6 +217,7 @@ impl Server {
             metrics,
             draining,
             kube,
+            webhook: None,
         }
     }
 
@@ -242,6 +260,18 @@ impl Server {
             self.health_handler(),
             stop.clone(),
         ));
+        if let (Some(listener), Some((webhook, tls))) = (listeners.webhook, self.webhook.take()) {
+            tracing::info!(addr = %listener.local_addr()?, path = webhook::PATH, "serving the admission webhook");
+            tasks.spawn(Arc::clone(&tls).follow(self.tls_reload_interval, stop.clone()));
+            webhook::serve(
+                listener,
+                tls,
+                webhook,
+                self.metrics.webhook_reviews.clone(),
+                stop.clone(),
+                &tasks,
+            );
+        }
         // Accepting ends when the drain's delay is over; the gRPC server then finishes what
         // is under way.
         let accepting = CancellationToken::new();

@@ -47,20 +47,27 @@ fn refuse(problems: Vec<String>) -> ExitCode {
 async fn run(config: ValidConfig) -> anyhow::Result<()> {
     let address_file = config.listen_address_file.clone();
     let (listen, health_listen) = (config.listen, config.health_listen);
+    let webhook_listen = config.webhook.as_ref().map(|webhook| webhook.listen);
     let server = Server::build(config).await?;
+    let webhook = match webhook_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let listeners = Listeners {
         grpc: bind(listen).await?,
         health: bind(health_listen).await?,
+        webhook,
     };
     if let Some(path) = &address_file {
-        podiam_runtime::net::write_address_file(
-            path,
-            &[
-                ("listen", listeners.grpc.local_addr()?),
-                ("health-listen", listeners.health.local_addr()?),
-            ],
-        )
-        .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
+        let mut addresses = vec![
+            ("listen", listeners.grpc.local_addr()?),
+            ("health-listen", listeners.health.local_addr()?),
+        ];
+        if let Some(webhook) = &listeners.webhook {
+            addresses.push(("webhook-listen", webhook.local_addr()?));
+        }
+        podiam_runtime::net::write_address_file(path, &addresses)
+            .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(

@@ -29,6 +29,12 @@ struct EventLabels {
     result: &'static str,
 }
 
+/// Labels of a counter by result alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +54,8 @@ pub struct Metrics {
     pub tls_expiry: Gauge,
     /// TokenReviews and node-binding refusals.
     pub identity: IdentityCounters,
+    /// Admission reviews the webhook answered, by result.
+    pub webhook_reviews: Family<ResultLabels, Counter>,
     registry: Registry,
 }
 
@@ -92,6 +100,7 @@ impl Metrics {
             tls_refused: Counter::default(),
             tls_expiry: Gauge::default(),
             identity: IdentityCounters::new(),
+            webhook_reviews: Family::default(),
             registry: Registry::with_prefix("podiam_server"),
         };
         metrics.register_all(family, event_family);
@@ -152,6 +161,13 @@ impl Metrics {
             "duplicate_ip_pods",
             "Live pods whose IP another live pod also claims (all of them are refused)",
             self.duplicate_ip_pods.clone(),
+        );
+        registry.register(
+            "webhook_reviews",
+            "Admission reviews of pod creations the webhook answered (--webhook-listen), by \
+             result: mutated (a role applies: given what it lacked), unchanged, error (not \
+             answered: a malformed review, or the view not synced yet)",
+            self.webhook_reviews.clone(),
         );
         registry.register(
             "sts_calls",

@@ -430,9 +430,11 @@ impl PodiamService {
     fn with_view<R>(&self, f: impl FnOnce(View<'_>) -> R) -> R {
         let pods = self.cluster.pods();
         let namespaces = self.cluster.namespaces();
+        let accounts = self.cluster.accounts();
         f(View {
             pods: &pods,
             namespaces: &namespaces,
+            accounts: &accounts,
             synced: self.cluster.synced(),
             base_arn: self.settings.base_arn.as_deref(),
         })
@@ -550,7 +552,7 @@ impl PodiamService {
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
             ));
         }
-        let Decision { pod, role } = self.decide(ip, caller, peer, "GetCredentials")?;
+        let Decision { pod, role, source } = self.decide(ip, caller, peer, "GetCredentials")?;
         if !own_role && request.role_name != role.name {
             return Err(Refusal::WrongRole {
                 pod: format!("{}/{}", pod.namespace, pod.name),
@@ -579,6 +581,7 @@ impl PodiamService {
             pod = %pod.name,
             namespace = %pod.namespace,
             role = %role.arn,
+            role_source = source.as_str(),
             session = %key.session_name,
             access_key_id = %issued.access_key_id,
             expiration = issued.expiration_unix,
@@ -690,7 +693,7 @@ impl PodiamService {
         self.with_view(|view| {
             for pod in view.pods.on_node("") {
                 match view.decide_live(&pod) {
-                    Ok(Decision { pod, role }) => {
+                    Ok(Decision { pod, role, .. }) => {
                         let key = self.cache_key(&pod, &role);
                         survey.needed.insert(key.clone());
                         permitted.push((pod, key));
@@ -904,6 +907,7 @@ impl PodiamService {
             external_id: pod.external_id.clone(),
             session_name: self.settings.sessions.name_for(pod),
             tags: self.settings.sessions.tags_for(pod),
+            transitive_tags: self.settings.sessions.transitive(),
         }
     }
 
@@ -1009,7 +1013,7 @@ impl Podiam for PodiamService {
         let peer = request.remote_addr();
         let request = request.into_inner();
         let ip = podiam_proto::parse_ip(&request.ip).map_err(|e| refuse(e.into()))?;
-        let Decision { pod, role } = self
+        let Decision { pod, role, .. } = self
             .decide(ip, &caller, peer, "GetPodRole")
             .map_err(|r| refuse(r.into()))?;
         Ok(Response::new(GetPodRoleResponse {

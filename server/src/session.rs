@@ -14,7 +14,11 @@
 //!
 //! Names are made valid for STS (2–64 of `[\w+=,.@-]`): other characters become `-` and
 //! long names are cut. `--session-tags` adds the pod's identity as session tags, which also
-//! makes every session a pod's own.
+//! makes every session a pod's own. The tags are EKS Pod Identity's, by the same names, so
+//! that policies written for it (`aws:PrincipalTag/kubernetes-namespace`…) hold:
+//! `kubernetes-namespace`, `kubernetes-service-account`, `kubernetes-pod-name`,
+//! `kubernetes-pod-uid`, and `eks-cluster-name` when `--cluster-name` is given.
+//! `--session-tags-transitive` makes them transitive (kept through role chaining).
 
 use crate::index::PodRecord;
 
@@ -31,6 +35,10 @@ pub struct SessionNaming {
     /// Whether the template has a placeholder: names are then the template's alone.
     per_pod: bool,
     tags: bool,
+    /// The cluster's name, tagged as `eks-cluster-name` (with tags).
+    cluster: Option<String>,
+    /// Tags are transitive.
+    transitive: bool,
 }
 
 impl SessionNaming {
@@ -60,7 +68,24 @@ impl SessionNaming {
             template: template.to_string(),
             per_pod: literal != template,
             tags,
+            cluster: None,
+            transitive: false,
         })
+    }
+
+    /// Tags also `eks-cluster-name` = `cluster` (when given), and makes the tags transitive
+    /// when `transitive`.
+    pub fn with_tag_options(self, cluster: Option<String>, transitive: bool) -> SessionNaming {
+        SessionNaming {
+            cluster,
+            transitive,
+            ..self
+        }
+    }
+
+    /// Whether the tags are to be transitive.
+    pub fn transitive(&self) -> bool {
+        self.tags && self.transitive
     }
 
     /// The session name for `pod`: the template filled in; under a literal, the pod's
@@ -91,7 +116,7 @@ impl SessionNaming {
         if !self.tags {
             return Vec::new();
         }
-        vec![
+        let mut tags = vec![
             ("kubernetes-namespace".into(), pod.namespace.clone()),
             ("kubernetes-pod-name".into(), pod.name.clone()),
             ("kubernetes-pod-uid".into(), pod.uid.clone()),
@@ -101,7 +126,11 @@ impl SessionNaming {
                     .clone()
                     .unwrap_or_else(|| "default".into()),
             ),
-        ]
+        ];
+        if let Some(cluster) = &self.cluster {
+            tags.push(("eks-cluster-name".into(), cluster.clone()));
+        }
+        tags
     }
 }
 
@@ -140,6 +169,7 @@ mod tests {
             external_id: None,
             session_name: session_name.map(Into::into),
             deleting: false,
+            container_endpoint: false,
         }
     }
 
@@ -208,5 +238,17 @@ mod tests {
                 ("kubernetes-service-account".into(), "web".into()),
             ]
         );
+        let naming = SessionNaming::new("podiam", true)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_tag_options(Some("prod-eu".into()), true);
+        let tags = naming.tags_for(&pod(None));
+        assert_eq!(tags.len(), 5);
+        assert_eq!(tags[4], ("eks-cluster-name".into(), "prod-eu".into()));
+        assert!(naming.transitive());
+        // Without tags, nothing is transitive.
+        let untagged = SessionNaming::new("podiam", false)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_tag_options(Some("prod-eu".into()), true);
+        assert!(untagged.tags_for(&pod(None)).is_empty() && !untagged.transitive());
     }
 }

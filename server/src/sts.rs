@@ -32,6 +32,8 @@ pub struct CacheKey {
     pub session_name: String,
     /// Session tags (empty unless `--session-tags`; then each pod has its own key).
     pub tags: Vec<(String, String)>,
+    /// The tags are transitive (`--session-tags-transitive`).
+    pub transitive_tags: bool,
 }
 
 /// Temporary credentials for one role session.
@@ -176,6 +178,16 @@ impl AssumeRole for SdkAssumeRole {
                 .role_arn(&request.key.role_arn)
                 .role_session_name(&request.key.session_name)
                 .set_external_id(request.key.external_id.clone())
+                .set_transitive_tag_keys((request.key.transitive_tags && !tags.is_empty()).then(
+                    || {
+                        request
+                            .key
+                            .tags
+                            .iter()
+                            .map(|(key, _)| key.clone())
+                            .collect()
+                    },
+                ))
                 .set_tags((!tags.is_empty()).then_some(tags))
                 .duration_seconds(duration)
                 .send()
@@ -667,6 +679,7 @@ mod tests {
             external_id: None,
             session_name: "podiam".into(),
             tags: Vec::new(),
+            transitive_tags: false,
         }
     }
 

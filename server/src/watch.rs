@@ -1,6 +1,6 @@
 //! Keeps the [`Cluster`] view current from the Kubernetes API.
 //!
-//! One task per resource (pods, namespaces) owns that index's writes. A (re)list is
+//! One task per resource (pods, namespaces, ServiceAccounts) owns that index's writes. A (re)list is
 //! collected into a fresh index and swapped in whole when it completes, so lookups keep
 //! answering from the previous view during a relist — after a 410 Gone, an API server that
 //! was away, a list that broke half-way — instead of seeing a half-filled one: no pod is
@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
@@ -27,7 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::{NamespaceIndex, PodIndex, PodRecord};
+use crate::index::{AccountIndex, NamespaceIndex, PodIndex, PodRecord};
 use crate::policy::Permitted;
 
 /// Labels of a watched resource's relists (`podiam_server_watch_relists_total`; registered
@@ -42,9 +42,12 @@ pub struct ResourceLabels {
 pub struct Cluster {
     pub pods: RwLock<PodIndex>,
     pub namespaces: RwLock<NamespaceIndex>,
+    /// The ServiceAccounts that give their pods a role.
+    pub accounts: RwLock<AccountIndex>,
     pods_synced: AtomicBool,
     namespaces_synced: AtomicBool,
-    /// Bumped after every change to either index (and at first sync); agents' node streams
+    accounts_synced: AtomicBool,
+    /// Bumped after every change to any index (and at first sync); agents' node streams
     /// wait on it.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -54,8 +57,10 @@ impl Default for Cluster {
         Cluster {
             pods: RwLock::default(),
             namespaces: RwLock::default(),
+            accounts: RwLock::default(),
             pods_synced: AtomicBool::new(false),
             namespaces_synced: AtomicBool::new(false),
+            accounts_synced: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -72,6 +77,11 @@ impl Cluster {
         self.namespaces.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The ServiceAccount index, for reading.
+    pub fn accounts(&self) -> std::sync::RwLockReadGuard<'_, AccountIndex> {
+        self.accounts.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A receiver that wakes after each change to the cluster view.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
@@ -81,9 +91,12 @@ impl Cluster {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
-    /// True once both pods and namespaces have been listed completely at least once.
+    /// True once pods, namespaces and ServiceAccounts have each been listed completely at
+    /// least once.
     pub fn synced(&self) -> bool {
-        self.pods_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
+        self.pods_synced.load(Ordering::Acquire)
+            && self.namespaces_synced.load(Ordering::Acquire)
+            && self.accounts_synced.load(Ordering::Acquire)
     }
 
     /// Declares the view complete as it is: for a view filled by other means than the watches
@@ -91,6 +104,7 @@ impl Cluster {
     pub fn mark_synced(&self) {
         self.pods_synced.store(true, Ordering::Release);
         self.namespaces_synced.store(true, Ordering::Release);
+        self.accounts_synced.store(true, Ordering::Release);
         self.changed();
     }
 }
@@ -165,8 +179,22 @@ impl Indexed for Namespace {
     }
 }
 
-/// Watches pods and namespaces into `cluster` until `shutdown`, counting complete lists in
-/// `relists`.
+impl Indexed for ServiceAccount {
+    type Index = AccountIndex;
+    const WHAT: &'static str = "serviceaccounts";
+    fn apply(index: &mut AccountIndex, account: &ServiceAccount) {
+        index.apply(account);
+    }
+    fn remove(index: &mut AccountIndex, account: &ServiceAccount) {
+        index.remove(account);
+    }
+    fn slot(cluster: &Cluster) -> (&RwLock<AccountIndex>, &AtomicBool) {
+        (&cluster.accounts, &cluster.accounts_synced)
+    }
+}
+
+/// Watches pods, namespaces and ServiceAccounts into `cluster` until `shutdown`, counting
+/// complete lists in `relists`.
 pub async fn run(
     client: kube::Client,
     cluster: Arc<Cluster>,
@@ -180,7 +208,13 @@ pub async fn run(
             relists.clone(),
             shutdown.clone()
         ),
-        watch::<Namespace>(Api::all(client), cluster, relists, shutdown),
+        watch::<Namespace>(
+            Api::all(client.clone()),
+            Arc::clone(&cluster),
+            relists.clone(),
+            shutdown.clone()
+        ),
+        watch::<ServiceAccount>(Api::all(client), cluster, relists, shutdown),
     );
 }
 

@@ -21,13 +21,7 @@ use crate::world::{World, WorldConfig};
 /// Where pods list their roles (the IMDS credentials path).
 pub const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/";
 
-/// The repository's root (the workspace).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives in the workspace")
-        .to_path_buf()
-}
+pub use crate::process::repo_root;
 
 /// team-a permits `app-.*`; pod `web` has `app-reader`, pod `plain` has no role, pod
 /// `greedy` asks for `admin` (not permitted). The agent is not started.

@@ -191,7 +191,8 @@ pub fn write_agent_token(emulator: &KubeEmulator, node: &str, path: &Path) -> an
     Ok(())
 }
 
-/// Gives `user` the `podiam-operator` ClusterRole (get and list pods and namespaces): in
+/// Gives `user` the `podiam-operator` ClusterRole (get and list pods, namespaces and
+/// ServiceAccounts): in
 /// `namespace` through a RoleBinding, or cluster-wide through a ClusterRoleBinding.
 pub fn grant_operator(
     emulator: &KubeEmulator,
@@ -209,7 +210,7 @@ pub fn grant_operator(
         emulator.create(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": "podiam-operator"},
-            "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"],
+            "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "serviceaccounts"],
                        "verbs": ["get", "list"]}],
         }))?;
     }

@@ -71,3 +71,16 @@ pub fn plugin() -> PathBuf {
 pub async fn iam(kubeconfig: &Path, args: &[&str]) -> Run {
     run_program(&plugin(), args, kubeconfig, None).await
 }
+
+/// The flags that reach `world`'s server replicas: the CA only, no podiam key (the user's
+/// own token comes from the kubeconfig).
+pub fn server_flags(world: &crate::world::World) -> Vec<String> {
+    let mut flags = Vec::new();
+    for replica in world.replicas() {
+        flags.extend(["--server".to_string(), format!("https://{}", replica.addr)]);
+    }
+    let certs = world.certs();
+    flags.extend(["--tls-ca".to_string(), certs.ca_cert.display().to_string()]);
+    flags.extend(["--server-name".to_string(), "localhost".to_string()]);
+    flags
+}

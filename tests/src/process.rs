@@ -465,3 +465,11 @@ pub fn log_tail(path: &Path, n: usize) -> String {
         Err(err) => format!("<cannot read {}: {err}>", path.display()),
     }
 }
+
+/// The repository's root (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_path_buf()
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use podiam_tests::fixtures::{set_pod_role, team_a_with_agent};
 use podiam_tests::kube_emulator::{self, Kind};
+use podiam_tests::plugin::{iam, server_flags};
 use podiam_tests::process::wait_until;
 use podiam_tests::world::{
     POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, Via, World, WorldConfig, metric_value,
@@ -22,9 +23,14 @@ const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 /// What the SDK matrix requires of the credentials it gets.
 const MIN_LIFE_SECS: i64 = 30 * 60;
 
-/// team-a with the agent, and a second pod with a permitted role of its own.
+/// team-a with the agent, and a second pod with a permitted role of its own; the servers'
+/// admission webhook configured and team-a opted in, so that pods with a role are set up
+/// for the container endpoint when created.
 fn world_config() -> WorldConfig {
-    team_a_with_agent().pod("team-a", "worker", Some("app-writer"))
+    WorldConfig {
+        pod_identity: true,
+        ..team_a_with_agent().pod("team-a", "worker", Some("app-writer"))
+    }
 }
 
 fn expect_role(result: Result<String, String>, role: &str, what: &str, world: &World) {
@@ -60,6 +66,37 @@ fn pod_token(world: &World, pod: &str) -> String {
 async fn sdks_get_the_pods_role_with_its_token() {
     let world = World::start(world_config()).await.expect("world starts");
 
+    // What the webhook put in the stored pods: the SDKs' two variables and the token
+    // volume for pods with a role; nothing for a pod without one.
+    let setup = world.container_setup("web").expect("web was set up");
+    assert_eq!(
+        setup.env,
+        [
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI".to_string(),
+                "http://169.254.170.23/v1/credentials".to_string()
+            ),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".to_string(),
+                "/var/run/secrets/podiam.io/serviceaccount/token".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        setup.mount_path,
+        "/var/run/secrets/podiam.io/serviceaccount"
+    );
+    assert!(world.container_setup("plain").is_err(), "plain has no role");
+    let server_metrics = world.server_metrics().await.expect("metrics");
+    for (result, count) in [("mutated", 3), ("unchanged", 1)] {
+        let sample = format!("podiam_server_webhook_reviews_total{{result=\"{result}\"}}");
+        assert_eq!(
+            metric_value(&server_metrics, &sample),
+            count,
+            "{server_metrics}"
+        );
+    }
+
     expect_role(
         world
             .aws_caller_arn_via("web", Via::Container)
@@ -94,6 +131,20 @@ async fn sdks_get_the_pods_role_with_its_token() {
             identity.remaining_secs
         );
     }
+
+    // Explain says how the pod is known now.
+    let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let mut args = vec!["explain", "web", "-n", "team-a"];
+    let servers = server_flags(&world);
+    args.extend(servers.iter().map(String::as_str));
+    let explained = iam(&kubeconfig, &args).await.ok();
+    assert!(
+        explained.stdout.contains(
+            "known by:    its address and its service account token (container credentials, 169.254.170.23)"
+        ),
+        "{}",
+        explained.stdout
+    );
 
     // Each SDK asked the container endpoint, none fell back to instance metadata.
     let metrics = world.agent_metrics().await.expect("metrics");

@@ -904,7 +904,11 @@ fn base_rbac_grants_exactly_what_the_server_needs_and_nothing_to_the_agent() {
     // The server: its watches and events, and the reviews that tell it who calls (an
     // agent's projected token, an operator's own token) and what an operator may see.
     let expected = triples(&[
-        ("", &["pods", "namespaces"], &["get", "list", "watch"]),
+        (
+            "",
+            &["pods", "namespaces", "serviceaccounts"],
+            &["get", "list", "watch"],
+        ),
         ("events.k8s.io", &["events"], &["create", "patch"]),
         ("authentication.k8s.io", &["tokenreviews"], &["create"]),
         (
@@ -942,10 +946,15 @@ fn base_rbac_grants_exactly_what_the_server_needs_and_nothing_to_the_agent() {
 #[test]
 fn base_operator_roles_allow_explain_status_and_the_port_forward_only() {
     let r = base();
-    // Explain and status, with or without a server: read pods and namespaces.
+    // Explain and status, with or without a server: read pods, namespaces and the pod's
+    // ServiceAccount.
     assert_eq!(
         rbac_triples(r.get("ClusterRole", "podiam-operator")),
-        triples(&[("", &["pods", "namespaces"], &["get", "list"])])
+        triples(&[(
+            "",
+            &["pods", "namespaces", "serviceaccounts"],
+            &["get", "list"]
+        )])
     );
     // `kubectl -n podiam port-forward deploy/podiam-server 8443`, the servers' settings and
     // the published CA certificate: in namespace podiam, and nothing more.
@@ -1534,4 +1543,74 @@ fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
     }
     // The agent's image carries the tools it runs.
     assert!(dockerfile.contains("iptables conntrack"));
+}
+
+#[test]
+fn pod_identity_component_serves_the_webhook_and_takes_the_ca_patch() {
+    require_tools();
+    let deploy = repo_root().join("deploy");
+    let out = scratch_dir("deploy-pod-identity").unwrap();
+    // As docs/pod-identity.md says: certificates and the CA patch from podiam-certs, the
+    // component, and the patch in the user's own kustomization.
+    let patch = out.join("webhook-ca.yaml");
+    let certs = out.join("certs");
+    let made = Command::new(binary("podiam-certs").unwrap())
+        .arg("--out")
+        .arg(&certs)
+        .arg("--webhook-ca-patch")
+        .arg(&patch)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n\
+         components:\n  - {}\npatches:\n  - path: webhook-ca.yaml\n",
+        relative(&out, &deploy.join("base")).display(),
+        relative(&out, &deploy.join("components/pod-identity")).display(),
+    );
+    std::fs::write(out.join("kustomization.yaml"), kustomization).unwrap();
+    let r = render(&out, "pod-identity", &out);
+    let problems = schema_problems(&[r.file.as_path()], r.objects.len());
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let server = container(r.server(), "server");
+    assert_eq!(flag_value(server, "--webhook-listen"), Some("0.0.0.0:9443"));
+    let service = r.get("Service", "podiam-webhook");
+    assert!(
+        service["spec"]["clusterIP"].is_null(),
+        "a ClusterIP Service: {service}"
+    );
+    assert_eq!(service["spec"]["ports"][0]["port"], 443);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhook");
+    let pod_labels = &r.server()["spec"]["template"]["metadata"]["labels"];
+    let selector = service["spec"]["selector"].as_object().unwrap();
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels[k] == *v),
+        "the Service selects the server pods: {selector:?}"
+    );
+    assert!(
+        server["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "webhook" && p["containerPort"] == 9443)
+    );
+
+    let configuration = r.get("MutatingWebhookConfiguration", "podiam");
+    let webhook = &configuration["webhooks"][0];
+    assert_eq!(webhook["name"], "pods.podiam.io");
+    assert_eq!(webhook["failurePolicy"], "Ignore");
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(
+        webhook["namespaceSelector"]["matchLabels"]["podiam.io/pod-identity"],
+        "enabled"
+    );
+    assert_eq!(webhook["clientConfig"]["service"]["name"], "podiam-webhook");
+    assert_eq!(webhook["clientConfig"]["service"]["path"], "/mutate-pods");
+    use base64::Engine;
+    let bundle = base64::engine::general_purpose::STANDARD
+        .decode(str_at(webhook, "/clientConfig/caBundle"))
+        .unwrap();
+    let ca = std::fs::read(certs.join(podiam_certs::CA_CERT_FILE)).unwrap();
+    assert_eq!(bundle, ca, "the caBundle is podiam's CA");
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use podiam_proto::v1::{ExplainRequest, ExplainResponse, PodRef, explain_request};
 use podiam_tests::kube_emulator::{Kind, pod};
-use podiam_tests::plugin::{iam, plugin, run_program};
+use podiam_tests::plugin::{iam, plugin, run_program, server_flags};
 use podiam_tests::process::{wait_for, wait_until};
 use podiam_tests::world::{BASE_ROLE_ARN, NODE_NAME, World, WorldConfig};
 use serde_json::{Value, json};
@@ -26,19 +26,6 @@ const ROLE: &str = "iam.amazonaws.com/role";
 const PERMITTED: &str = "iam.amazonaws.com/permitted";
 /// How long the server may take to see a change (its watch); polled, not slept.
 const SEEN_WITHIN: Duration = Duration::from_secs(15);
-
-/// The flags that reach the world's server replicas: the CA only, no podiam key (the
-/// user's own token comes from the kubeconfig).
-fn server_flags(world: &World) -> Vec<String> {
-    let mut flags = Vec::new();
-    for replica in world.replicas() {
-        flags.extend(["--server".to_string(), format!("https://{}", replica.addr)]);
-    }
-    let certs = world.certs();
-    flags.extend(["--tls-ca".to_string(), certs.ca_cert.display().to_string()]);
-    flags.extend(["--server-name".to_string(), "localhost".to_string()]);
-    flags
-}
 
 fn with<'a>(args: &[&'a str], more: &'a [String]) -> Vec<&'a str> {
     args.iter()
@@ -467,7 +454,7 @@ async fn explain_through_a_server_and_locally_gives_the_same_decision() {
         "pod:         team-a/forbidden\n",
         "node:        node-1\n",
         "ip:          10.99.1.2\n",
-        "role:        db-admin (arn:aws:iam::123456789012:role/db-admin)\n",
+        "role:        db-admin (arn:aws:iam::123456789012:role/db-admin), from the pod's annotation\n",
         "decision:    refused (role-not-permitted)\n",
         "computed locally from the Kubernetes API",
         "without a server (no --server given)",

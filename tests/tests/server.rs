@@ -27,6 +27,7 @@ async fn create_pods(world: &World, from: usize, count: usize, role: &str) {
             namespace: "team-a".into(),
             role: Some(role.into()),
             registered: true,
+            service_account: None,
         };
         async move { create_pod(&client, &spec, ip(i)).await }
     });
@@ -193,6 +194,7 @@ async fn explain_says_why_for_each_kind_of_decision() {
             namespace: (*namespace).into(),
             role: role.map(Into::into),
             registered: true,
+            service_account: None,
         };
         create_pod(&client, &spec, ip(1000 + n))
             .await
@@ -444,6 +446,9 @@ async fn sessions_are_chained_named_per_pod_and_tagged_as_configured() {
             "--session-name",
             "{namespace}.{pod}",
             "--session-tags",
+            "--cluster-name",
+            "prod-eu",
+            "--session-tags-transitive",
         ]
         .map(String::from)
         .to_vec(),
@@ -518,6 +523,13 @@ async fn sessions_are_chained_named_per_pod_and_tagged_as_configured() {
         );
         assert!(!tag("kubernetes-pod-uid").is_empty(), "{tags:?}");
         assert_eq!(tag("kubernetes-service-account"), "default", "{tags:?}");
+        assert_eq!(tag("eks-cluster-name"), "prod-eu", "{tags:?}");
+        // Every tag transitive, as asked.
+        let transitive: Vec<&str> = (1..)
+            .map_while(|n| call.param(&format!("TransitiveTagKeys.member.{n}")))
+            .collect();
+        let keys: Vec<&str> = tags.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(transitive, keys, "{call:?}");
         names.push(name);
     }
     names.sort();

@@ -39,12 +39,11 @@ pub enum Via {
     /// The instance metadata chain (169.254.169.254), the SDKs' last resort.
     Metadata,
     /// The container-credentials endpoint: `AWS_CONTAINER_CREDENTIALS_FULL_URI` and
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` set, with the pod's projected token.
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` as the admission webhook set them in the
+    /// stored pod, the pod's projected token where the webhook mounted it. The world needs
+    /// [`crate::world::WorldConfig::pod_identity`].
     Container,
 }
-
-/// The container-credentials endpoint's URL, as pods are told it.
-pub const CONTAINER_CREDENTIALS_URL: &str = "http://169.254.170.23/v1/credentials";
 
 /// What a client in a pod saw: its ARN, and its credentials' remaining life in seconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,34 +102,18 @@ impl World {
     }
 
     /// A [`World::pod_command`] whose SDKs take credentials `via` the given endpoint: for
-    /// the container endpoint, the pod's token written and the two variables set.
+    /// the container endpoint, run as the pod's container runs, with what the webhook put
+    /// in it (see [`World::container_command`]).
     pub fn pod_command_via(
         &self,
         pod: &str,
         program: &str,
         via: Via,
     ) -> anyhow::Result<tokio::process::Command> {
-        let mut command = self.pod_command(pod, program);
-        if via == Via::Container {
-            command.envs(self.container_env(pod)?);
+        match via {
+            Via::Metadata => Ok(self.pod_command(pod, program)),
+            Via::Container => self.container_command(pod, program),
         }
-        Ok(command)
-    }
-
-    /// The environment a container of `pod` needs for the container-credentials endpoint:
-    /// its token file (written now) and the endpoint's URL.
-    pub fn container_env(&self, pod: &str) -> anyhow::Result<Vec<(String, String)>> {
-        let token_file = self.write_pod_token(pod)?;
-        Ok(vec![
-            (
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI".into(),
-                CONTAINER_CREDENTIALS_URL.into(),
-            ),
-            (
-                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".into(),
-                token_file.to_string_lossy().into_owned(),
-            ),
-        ])
     }
 
     /// `aws sts get-caller-identity` in `pod`: the caller's ARN, or the CLI's error text.

@@ -29,6 +29,8 @@ pub struct ServerReplica {
     pub addr: SocketAddr,
     /// The health and metrics address.
     pub health: SocketAddr,
+    /// The admission webhook's address, when it serves one.
+    pub webhook: Option<SocketAddr>,
     pub(super) bridge: Bridge,
     /// Logs of processes that ran before a restart.
     pub(super) earlier_logs: Vec<PathBuf>,
@@ -107,7 +109,7 @@ impl World {
         if self.replica(i).process.is_some() {
             bail!("server replica {i} is running");
         }
-        let (process, addr, health) = start_server_at_level(
+        let started = start_server_at_level(
             &self.certs,
             &self.kubeconfig,
             &self.sts_endpoint,
@@ -117,10 +119,14 @@ impl World {
         )
         .await?;
         let replica = self.replica_mut(i);
-        replica.bridge.set_target(addr);
-        replica.process = Some(process);
-        replica.addr = addr;
-        replica.health = health;
+        replica.bridge.set_target(started.addr);
+        replica.process = Some(started.process);
+        replica.addr = started.addr;
+        replica.health = started.health;
+        replica.webhook = started.webhook;
+        if let Some(webhook) = started.webhook {
+            self.route_webhook(webhook);
+        }
         Ok(())
     }
 
@@ -226,7 +232,18 @@ pub async fn start_server_within(
     extra_args: &[String],
     within: Duration,
 ) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
-    start_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None, within).await
+    let started =
+        start_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, None, within).await?;
+    Ok((started.process, started.addr, started.health))
+}
+
+/// A server started and synced: the process and the addresses it bound.
+#[derive(Debug)]
+pub(super) struct Started {
+    pub process: ChildGuard,
+    pub addr: SocketAddr,
+    pub health: SocketAddr,
+    pub webhook: Option<SocketAddr>,
 }
 
 /// [`start_server_within`] with `log_level` as the server's `RUST_LOG` (see
@@ -238,7 +255,7 @@ pub(super) async fn start_server_at_level(
     extra_args: &[String],
     log_level: Option<&str>,
     within: Duration,
-) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+) -> anyhow::Result<Started> {
     let (mut server, address_file) =
         spawn_server_at_level(certs, kubeconfig, sts_endpoint, extra_args, log_level)?;
     let addresses = listen_addresses(&mut server, &address_file, within)
@@ -260,7 +277,12 @@ pub(super) async fn start_server_at_level(
     if let Err(error) = synced {
         bail!("{error}; server log:\n{}", server.log_tail(40));
     }
-    Ok((server, addr, health))
+    Ok(Started {
+        process: server,
+        addr,
+        health,
+        webhook: addresses.get("webhook-listen").copied(),
+    })
 }
 
 /// Spawns `podiam-server` on loopback ports the kernel picks, with the world's certificates,

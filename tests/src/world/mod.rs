@@ -19,6 +19,7 @@ mod clients;
 mod fleet;
 mod node;
 mod observe;
+mod pod_identity;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,11 +35,12 @@ use crate::netns::{self, Node};
 use crate::process::{ChildGuard, scratch_dir};
 use crate::sts_proxy::StsProxy;
 
-pub use clients::{Boto3Mode, CONTAINER_CREDENTIALS_URL, Identity, Via};
+pub use clients::{Boto3Mode, Identity, Via};
 pub use fleet::{ServerReplica, agent_material, health_synced, spawn_server, start_server_within};
 use fleet::{create_namespace, kube_client, start_server_at_level};
 pub use node::{POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, WorldPod, create_pod};
 pub use observe::{http_get_text, metric_value};
+pub use pod_identity::ContainerSetup;
 
 /// Role names are placed under this base ARN (moto's account).
 pub const BASE_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/";
@@ -75,6 +77,8 @@ pub struct PodSpec {
     /// [`World::register_pod`]: the start-up race, where a pod talks before the API knows
     /// its IP).
     pub registered: bool,
+    /// `spec.serviceAccountName` (none: the namespace's `default`).
+    pub service_account: Option<String>,
 }
 
 /// What to build.
@@ -94,6 +98,10 @@ pub struct WorldConfig {
     pub sts_proxy: bool,
     /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
     pub fake_node_metadata: bool,
+    /// The servers' admission webhook, configured as deploy/components/pod-identity and
+    /// `podiam-certs --webhook-ca-patch` configure it, every namespace opted in: registered
+    /// pods are created once it is (see [`World::configure_pod_identity`]).
+    pub pod_identity: bool,
     /// The iptables program the agent and the checks use (default `iptables`, the nft back
     /// end on Debian; `iptables-legacy` for the other).
     pub iptables_bin: Option<String>,
@@ -118,6 +126,19 @@ impl WorldConfig {
             namespace: namespace.into(),
             role: role.map(Into::into),
             registered: true,
+            service_account: None,
+        });
+        self
+    }
+
+    /// A pod without a role annotation of its own that runs as ServiceAccount `account`.
+    pub fn pod_as(mut self, namespace: &str, name: &str, account: &str) -> Self {
+        self.pods.push(PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            role: None,
+            registered: true,
+            service_account: Some(account.into()),
         });
         self
     }
@@ -130,6 +151,7 @@ impl WorldConfig {
             namespace: namespace.into(),
             role: role.map(Into::into),
             registered: false,
+            service_account: None,
         });
         self
     }
@@ -190,7 +212,8 @@ impl World {
         let mut pods = BTreeMap::new();
         for spec in &config.pods {
             let net = node.add_pod()?;
-            if spec.registered {
+            // With the webhook, pods are created once it is configured (below).
+            if spec.registered && !config.pod_identity {
                 create_pod(&client, spec, net.ip).await?;
             }
             let moto_bridge = Bridge::start(net.netns.name(), 0, moto.addr())?;
@@ -212,22 +235,27 @@ impl World {
         let sts_endpoint = sts_proxy
             .as_ref()
             .map_or_else(|| moto.endpoint(), StsProxy::endpoint);
+        let mut server_args = config.server_args.clone();
+        if config.pod_identity {
+            server_args.extend(["--webhook-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         let mut servers = Vec::new();
         for _ in 0..config.servers.max(1) {
-            let (process, addr, health) = start_server_at_level(
+            let started = start_server_at_level(
                 &certs,
                 &kubeconfig,
                 &sts_endpoint,
-                &config.server_args,
+                &server_args,
                 config.log_level.as_deref(),
                 START_TIMEOUT,
             )
             .await?;
             servers.push(ServerReplica {
-                process: Some(process),
-                addr,
-                health,
-                bridge: Bridge::start(node.name(), 0, addr)?,
+                process: Some(started.process),
+                addr: started.addr,
+                health: started.health,
+                webhook: started.webhook,
+                bridge: Bridge::start(node.name(), 0, started.addr)?,
                 earlier_logs: Vec::new(),
             });
         }
@@ -246,7 +274,7 @@ impl World {
             agent_token_file,
             certs,
             sts_endpoint,
-            server_args: config.server_args.clone(),
+            server_args,
             agent_args: config.agent_args.clone(),
             iptables_bin: config
                 .iptables_bin
@@ -254,6 +282,9 @@ impl World {
                 .unwrap_or_else(|| "iptables".into()),
             log_level: config.log_level.clone(),
         };
+        if config.pod_identity {
+            world.configure_pod_identity(&config).await?;
+        }
         if config.fake_node_metadata {
             world.node.serve_fake_node_metadata().await?;
         }

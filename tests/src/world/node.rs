@@ -258,33 +258,13 @@ impl World {
             Some((name, uid)),
         )?)
     }
-
-    /// Writes `pod`'s projected token for the container-credentials endpoint (audience
-    /// `podiam`, an hour) where its containers read it, as the kubelet keeps the file of a
-    /// projected volume; returns the file's path.
-    pub fn write_pod_token(&self, pod: &str) -> anyhow::Result<PathBuf> {
-        let spec = &self.pod(pod).spec;
-        let token = self.mint_pod_token(
-            &spec.namespace,
-            &spec.name,
-            POD_TOKEN_AUDIENCE,
-            POD_TOKEN_LIFE,
-        )?;
-        let dir = self.dir.join("pods").join(&spec.name);
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("token");
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, token)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(path)
-    }
 }
 
 /// The audience of pods' tokens for the container-credentials endpoint (the server's
 /// default `--pod-token-audience`).
 pub const POD_TOKEN_AUDIENCE: &str = "podiam";
 
-/// How long a pod token the world writes lives: the kubelet's default for projected tokens.
+/// How long a pod token a test mints lives: the kubelet's default for projected tokens.
 pub const POD_TOKEN_LIFE: Duration = Duration::from_secs(3600);
 
 /// Creates a Running pod on [`NODE_NAME`] with `ip` as its `status.podIP`.
@@ -299,6 +279,7 @@ pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> 
         "metadata": { "name": spec.name, "namespace": spec.namespace, "annotations": annotations },
         "spec": {
             "nodeName": NODE_NAME,
+            "serviceAccountName": spec.service_account,
             "containers": [{ "name": "app", "image": "example.invalid/app:1" }],
         },
     }))?;

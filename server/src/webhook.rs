@@ -1,0 +1,483 @@
+//! The mutating admission webhook that sets pods up for the container-credentials endpoint.
+//!
+//! The API server calls it (AdmissionReview v1 over HTTPS, `POST /mutate-pods`) when a pod is
+//! created in a namespace that opts in: the MutatingWebhookConfiguration's
+//! `namespaceSelector` (`podiam.io/pod-identity: enabled`) does the choosing. A pod that a
+//! role applies to — its own `iam.amazonaws.com/role`, its ServiceAccount's, its namespace's
+//! default, as the decisions read them — gets, idempotently:
+//!
+//! - a projected ServiceAccount token volume, [`VOLUME`], for the pods' audience
+//!   (`--pod-token-audience`) and `--webhook-token-expiration`;
+//! - in every container and init container: the volume mounted read-only at [`MOUNT_PATH`],
+//!   `AWS_CONTAINER_CREDENTIALS_FULL_URI` and `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+//!
+//! What the pod already has is left alone: a variable of either name (set by its owner), a
+//! volume or mount of that name, a mount at that path. The webhook never refuses a pod: it
+//! answers allowed, with or without a patch. While the server's view has not synced it
+//! cannot know who has a role and answers 503: the configuration's `failurePolicy: Ignore`
+//! then admits the pod unchanged, and it gets its credentials from the metadata path. No
+//! pod ever falls back to the node's role.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use podiam_policy::decision::View;
+use serde_json::{Value, json};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::ResultLabels;
+use crate::watch::Cluster;
+
+/// The one path served.
+pub const PATH: &str = "/mutate-pods";
+/// The name of the token volume the webhook adds.
+pub const VOLUME: &str = "podiam-pod-token";
+/// Where containers find it.
+pub const MOUNT_PATH: &str = "/var/run/secrets/podiam.io/serviceaccount";
+/// The token's file in the volume.
+pub const TOKEN_FILE: &str = "token";
+/// The container-credentials endpoint as pods are told it.
+pub const ENDPOINT_URL: &str = "http://169.254.170.23/v1/credentials";
+/// Largest AdmissionReview accepted: the API server's own limit on a request is 3 MiB.
+const MAX_REVIEW_BYTES: usize = 3 << 20;
+
+/// What the webhook puts in pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Injection {
+    /// The token's audience (the servers' `--pod-token-audience`).
+    pub audience: String,
+    /// The token's `expirationSeconds` (the kubelet renews it at 80 % of that).
+    pub expiration_seconds: i64,
+}
+
+/// The JSON patch (RFC 6902) that sets `pod` up for the container endpoint: only what it
+/// lacks, so that applying it to its own result adds nothing.
+pub fn patch_for(pod: &Value, injection: &Injection) -> Vec<Value> {
+    let mut patch = Vec::new();
+    let spec = &pod["spec"];
+    let volumes = spec["volumes"].as_array();
+    if volumes.is_none() {
+        patch.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
+    }
+    if !volumes.is_some_and(|v| v.iter().any(|volume| volume["name"] == VOLUME)) {
+        patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume(injection)}));
+    }
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec[list].as_array() else {
+            continue;
+        };
+        for (i, container) in containers.iter().enumerate() {
+            patch.extend(container_patch(&format!("/spec/{list}/{i}"), container));
+        }
+    }
+    patch
+}
+
+/// The projected token volume.
+fn volume(injection: &Injection) -> Value {
+    json!({
+        "name": VOLUME,
+        "projected": {
+            "sources": [{"serviceAccountToken": {
+                "audience": injection.audience,
+                "expirationSeconds": injection.expiration_seconds,
+                "path": TOKEN_FILE,
+            }}],
+        },
+    })
+}
+
+/// What one container at `at` lacks: the two variables and the mount.
+fn container_patch(at: &str, container: &Value) -> Vec<Value> {
+    let mut patch = Vec::new();
+    let env = container["env"].as_array();
+    if env.is_none() {
+        patch.push(json!({"op": "add", "path": format!("{at}/env"), "value": []}));
+    }
+    let token_file = format!("{MOUNT_PATH}/{TOKEN_FILE}");
+    for (name, value) in [
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", ENDPOINT_URL),
+        (
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            token_file.as_str(),
+        ),
+    ] {
+        if !env.is_some_and(|vars| vars.iter().any(|var| var["name"] == name)) {
+            patch.push(json!({"op": "add", "path": format!("{at}/env/-"),
+                              "value": {"name": name, "value": value}}));
+        }
+    }
+    let mounts = container["volumeMounts"].as_array();
+    let mounted = mounts.is_some_and(|mounts| {
+        mounts
+            .iter()
+            .any(|mount| mount["name"] == VOLUME || mount["mountPath"] == MOUNT_PATH)
+    });
+    if !mounted {
+        if mounts.is_none() {
+            patch.push(json!({"op": "add", "path": format!("{at}/volumeMounts"), "value": []}));
+        }
+        patch.push(json!({"op": "add", "path": format!("{at}/volumeMounts/-"),
+                          "value": {"name": VOLUME, "mountPath": MOUNT_PATH, "readOnly": true}}));
+    }
+    patch
+}
+
+/// How a review turned out, for the metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A role applies: the pod was given what it lacked (possibly nothing).
+    Mutated,
+    /// No role applies, or not a pod creation: admitted as it is.
+    Unchanged,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Mutated => "mutated",
+            Outcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// Why a review got no AdmissionReview answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("not an AdmissionReview v1 request: {0}")]
+    BadRequest(String),
+    #[error("the server's view of pods, namespaces and ServiceAccounts has not synced yet")]
+    NotSynced,
+}
+
+/// The webhook: the server's view, and what it injects.
+#[derive(Debug)]
+pub struct Webhook {
+    cluster: Arc<Cluster>,
+    injection: Injection,
+}
+
+impl Webhook {
+    pub fn new(cluster: Arc<Cluster>, injection: Injection) -> Webhook {
+        Webhook { cluster, injection }
+    }
+
+    /// The answer to one AdmissionReview.
+    pub fn review(&self, review: &Value) -> Result<(Value, Outcome), ReviewError> {
+        let request = &review["request"];
+        let uid = request["uid"]
+            .as_str()
+            .filter(|uid| !uid.is_empty())
+            .ok_or_else(|| ReviewError::BadRequest("no request.uid".into()))?;
+        let mut response = json!({"uid": uid, "allowed": true});
+        let is_pod_create = request["kind"]["kind"] == "Pod"
+            && request["kind"]["group"] == ""
+            && request["operation"] == "CREATE";
+        let outcome = if is_pod_create && self.applies(request)? {
+            let patch = patch_for(&request["object"], &self.injection);
+            if !patch.is_empty() {
+                let patch = serde_json::to_vec(&patch).unwrap_or_default();
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] = json!(BASE64.encode(patch));
+            }
+            Outcome::Mutated
+        } else {
+            Outcome::Unchanged
+        };
+        let answer = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": response,
+        });
+        Ok((answer, outcome))
+    }
+
+    /// Whether a role applies to the pod being created.
+    fn applies(&self, request: &Value) -> Result<bool, ReviewError> {
+        if !self.cluster.synced() {
+            return Err(ReviewError::NotSynced);
+        }
+        let pod = &request["object"];
+        let namespace = pod["metadata"]["namespace"]
+            .as_str()
+            .or_else(|| request["namespace"].as_str())
+            .unwrap_or_default();
+        let own = pod["metadata"]["annotations"][podiam_policy::policy::ROLE_ANNOTATION]
+            .as_str()
+            .map(str::trim)
+            .filter(|role| !role.is_empty());
+        let account = pod["spec"]["serviceAccountName"].as_str();
+        let pods = self.cluster.pods();
+        let namespaces = self.cluster.namespaces();
+        let accounts = self.cluster.accounts();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            accounts: &accounts,
+            synced: true,
+            base_arn: None,
+        };
+        Ok(view.role_for(namespace, account, own).is_some())
+    }
+
+    /// Answers one HTTP request: `POST /mutate-pods` with an AdmissionReview.
+    pub async fn handle(
+        &self,
+        request: Request<hyper::body::Incoming>,
+        counted: impl Fn(&'static str),
+    ) -> Response<Full<Bytes>> {
+        if request.uri().path() != PATH {
+            return plain(StatusCode::NOT_FOUND, "not found\n");
+        }
+        if request.method() != Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
+        }
+        let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                counted("error");
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "the review is too large\n");
+            }
+        };
+        let answer = serde_json::from_slice::<Value>(&body)
+            .map_err(|e| ReviewError::BadRequest(e.to_string()))
+            .and_then(|review| self.review(&review));
+        match answer {
+            Ok((answer, outcome)) => {
+                counted(outcome.label());
+                let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            Err(error) => {
+                counted("error");
+                tracing::warn!(%error, "admission review not answered");
+                let status = match error {
+                    ReviewError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                    ReviewError::NotSynced => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                plain(status, format!("{error}\n"))
+            }
+        }
+    }
+}
+
+/// Longest a connection may take to send a request's head: the API server sends at once.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `webhook` over HTTPS (`tls`, no client certificate) on `listener` until `stop`;
+/// connections and the accept loop run on `tasks`. Reviews are counted in `reviews` by
+/// outcome (mutated, unchanged, error).
+pub fn serve<L: podiam_runtime::net::Listener>(
+    listener: L,
+    tls: Arc<podiam_runtime::rotate::Rotating<rustls::ServerConfig>>,
+    webhook: Arc<Webhook>,
+    reviews: Family<ResultLabels, Counter>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) {
+    let refused = Arc::new(|| {});
+    let mut incoming =
+        podiam_runtime::accept::accept_tls(listener, tls, stop.clone(), tasks, refused);
+    let connections = tasks.clone();
+    tasks.spawn(async move {
+        use futures::StreamExt;
+        while let Some(accepted) = incoming.next().await {
+            let Ok(stream) = accepted else { continue };
+            let (webhook, reviews, stop) = (Arc::clone(&webhook), reviews.clone(), stop.clone());
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let (webhook, reviews) = (Arc::clone(&webhook), reviews.clone());
+                    async move {
+                        let count = |result: &'static str| {
+                            reviews.get_or_create(&ResultLabels { result }).inc();
+                        };
+                        Ok::<_, std::convert::Infallible>(webhook.handle(request, count).await)
+                    }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    () = stop.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn injection() -> Injection {
+        Injection {
+            audience: "podiam".into(),
+            expiration_seconds: 86400,
+        }
+    }
+
+    /// Applies `patch` as the API server would (only `add`, which is all the webhook uses).
+    fn apply(mut object: Value, patch: &[Value]) -> Value {
+        for op in patch {
+            assert_eq!(op["op"], "add", "{op}");
+            let path = op["path"].as_str().expect("path");
+            let (parent, last) = path.rsplit_once('/').expect("a parent");
+            let target = object.pointer_mut(parent).expect("the parent exists");
+            match (target, last) {
+                (Value::Array(items), "-") => items.push(op["value"].clone()),
+                (Value::Object(map), key) => {
+                    map.insert(key.to_string(), op["value"].clone());
+                }
+                (other, _) => panic!("cannot add at {path} to {other}"),
+            }
+        }
+        object
+    }
+
+    #[test]
+    fn a_pod_gets_the_volume_the_variables_and_the_mounts_once() {
+        let pod = json!({"spec": {
+            "initContainers": [{"name": "init", "image": "i"}],
+            "containers": [
+                {"name": "app", "image": "a", "env": [{"name": "KEEP", "value": "1"}]},
+                {"name": "side", "image": "s", "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }});
+        let mutated = apply(pod.clone(), &patch_for(&pod, &injection()));
+        let volumes = mutated["spec"]["volumes"].as_array().expect("volumes");
+        assert_eq!(volumes.len(), 2);
+        let source = &volumes[1]["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(source["audience"], "podiam");
+        assert_eq!(source["expirationSeconds"], 86400);
+        for container in ["initContainers", "containers"]
+            .iter()
+            .flat_map(|list| mutated["spec"][list].as_array().expect("containers"))
+        {
+            let env = &container["env"];
+            let var = |name: &str| {
+                env.as_array()
+                    .expect("env")
+                    .iter()
+                    .find(|v| v["name"] == name)
+                    .map(|v| v["value"].clone())
+            };
+            assert_eq!(
+                var("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+                Some(json!(ENDPOINT_URL))
+            );
+            assert_eq!(
+                var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+                Some(json!(format!("{MOUNT_PATH}/{TOKEN_FILE}")))
+            );
+            let mounts = container["volumeMounts"].as_array().expect("mounts");
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| m["name"] == VOLUME && m["readOnly"] == true)
+            );
+        }
+        assert_eq!(mutated["spec"]["containers"][0]["env"][0]["name"], "KEEP");
+        // Idempotent: the mutated pod lacks nothing.
+        assert_eq!(patch_for(&mutated, &injection()), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn what_the_pod_sets_itself_is_left_alone() {
+        let pod = json!({"spec": {"containers": [{"name": "app", "image": "a",
+            "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9/x"}],
+            "volumeMounts": [{"name": "mine", "mountPath": MOUNT_PATH}]}]}});
+        let mutated = apply(pod.clone(), &patch_for(&pod, &injection()));
+        let container = &mutated["spec"]["containers"][0];
+        assert_eq!(container["env"][0]["value"], "http://127.0.0.1:9/x");
+        assert_eq!(container["env"].as_array().expect("env").len(), 2);
+        assert_eq!(
+            container["volumeMounts"].as_array().expect("mounts").len(),
+            1
+        );
+    }
+
+    fn review(object: Value, operation: &str) -> Value {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": operation, "namespace": "team-a", "object": object}})
+    }
+
+    fn synced_cluster() -> Arc<Cluster> {
+        let cluster = Arc::new(Cluster::default());
+        cluster.mark_synced();
+        cluster
+    }
+
+    #[test]
+    fn only_pods_a_role_applies_to_are_changed() {
+        let webhook = Webhook::new(synced_cluster(), injection());
+        let with_role = json!({"metadata": {"namespace": "team-a",
+            "annotations": {"iam.amazonaws.com/role": "app-reader"}},
+            "spec": {"containers": [{"name": "app", "image": "a"}]}});
+        let (answer, outcome) = webhook
+            .review(&review(with_role.clone(), "CREATE"))
+            .expect("answered");
+        assert_eq!(outcome, Outcome::Mutated);
+        assert_eq!(answer["response"]["uid"], "u-1");
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let patch: Vec<Value> = serde_json::from_slice(
+            &BASE64
+                .decode(answer["response"]["patch"].as_str().expect("patch"))
+                .expect("base64"),
+        )
+        .expect("JSON");
+        assert_eq!(patch, patch_for(&with_role, &injection()));
+        let without = json!({"metadata": {"namespace": "team-a"},
+            "spec": {"containers": [{"name": "app", "image": "a"}]}});
+        for (object, operation) in [(without, "CREATE"), (with_role, "UPDATE")] {
+            let (answer, outcome) = webhook
+                .review(&review(object, operation))
+                .expect("answered");
+            assert_eq!(outcome, Outcome::Unchanged);
+            assert_eq!(answer["response"]["allowed"], true);
+            assert!(answer["response"].get("patch").is_none());
+        }
+        // Before the view has synced nobody can be told apart: no answer (failurePolicy).
+        let unsynced = Webhook::new(Arc::new(Cluster::default()), injection());
+        let pod = json!({"metadata": {"namespace": "team-a"}, "spec": {"containers": []}});
+        assert!(matches!(
+            unsynced.review(&review(pod, "CREATE")),
+            Err(ReviewError::NotSynced)
+        ));
+        assert!(matches!(
+            webhook.review(&json!({"request": {}})),
+            Err(ReviewError::BadRequest(_))
+        ));
+    }
+}
