@@ -58,6 +58,9 @@ pub enum Refused {
     /// The container-credentials endpoint's token is missing or cannot be one.
     #[error("{0}")]
     PodToken(crate::container::TokenProblem),
+    /// Too many tokens not yet proven from one address (each costs the servers a review).
+    #[error("too many new pod tokens from this address; retry in a few seconds")]
+    TooManyNewTokens,
     #[error("no answer within the request deadline")]
     Deadline,
     #[error("{0}")]
@@ -146,6 +149,7 @@ impl Refused {
             Refused::TokenRequired | Refused::BadToken(_) => StatusCode::UNAUTHORIZED,
             Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
             Refused::PodToken(_) => StatusCode::BAD_REQUEST,
+            Refused::TooManyNewTokens => StatusCode::TOO_MANY_REQUESTS,
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
@@ -224,6 +228,8 @@ pub struct MetadataService {
     tokens: TokenKey,
     pub(crate) options: ServiceOptions,
     pub(crate) metrics: Arc<Metrics>,
+    /// Calls with tokens not yet proven, limited per address.
+    pub(crate) new_tokens: crate::container_service::NewTokens,
 }
 
 impl std::fmt::Debug for MetadataService {
@@ -255,6 +261,7 @@ impl MetadataService {
             tokens,
             options,
             metrics,
+            new_tokens: Default::default(),
         }
     }
 
@@ -777,6 +784,7 @@ mod tests {
                 400,
                 "expired",
             ),
+            (Refused::TooManyNewTokens, 429, "too many new pod tokens"),
             (
                 Refused::ServersUnavailable("dial tcp 10.1.2.3:8443".into()),
                 503,

@@ -313,6 +313,47 @@ async fn tokens_that_do_not_prove_the_pod_get_nothing() {
     );
     // The pods' own tokens still work.
     assert_eq!(fetch(&world, "web", Some(&web_token)).await.status, 200);
+
+    // A flood of made-up tokens (well-formed, unexpired), from one process as fast as it
+    // can: each would cost a TokenReview, so an address gets a burst of 8 and then 2 a
+    // second; the rest are 429. Its proven token is not held back.
+    const FLOOD: &str = r#"
+import base64, json, sys, time, urllib.request, urllib.error
+exp = int(time.time()) + 3600
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+statuses = []
+for n in range(40):
+    claims = json.dumps({"exp": exp, "jti": "forged-%d" % n}).encode()
+    payload = base64.urlsafe_b64encode(claims).decode().rstrip("=")
+    request = urllib.request.Request("http://169.254.170.23/v1/credentials",
+        headers={"Authorization": "eyJhbGciOiJSUzI1NiJ9.%s.c2ln" % payload})
+    try:
+        statuses.append(opener.open(request, timeout=5).status)
+    except urllib.error.HTTPError as error:
+        statuses.append(error.code)
+print(json.dumps(statuses))
+"#;
+    let started = std::time::Instant::now();
+    let output = world
+        .pod_command("worker", "python3")
+        .args(["-c", FLOOD])
+        .output()
+        .await
+        .expect("python runs");
+    let elapsed = started.elapsed().as_secs_f64();
+    let statuses: Vec<u16> =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"));
+    let refused = statuses.iter().filter(|s| **s == 400).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(refused + limited, 40, "{statuses:?}");
+    // At most the burst and what refilled while the flood ran.
+    let allowed = 8 + (2.0 * elapsed).ceil() as usize;
+    assert!(
+        refused <= allowed,
+        "{refused} refused in {elapsed:.1} s: {statuses:?}"
+    );
+    assert!(limited > 0 || elapsed > 16.0, "{statuses:?}");
+    assert_eq!(fetch(&world, "web", Some(&web_token)).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
