@@ -84,17 +84,20 @@ impl PodDecision {
     /// The one conversion of a node stream's state: its address parsed
     /// ([`podiam_proto::parse_ip`]) and its decision read. A pod may have its role only
     /// when the state names one and no refusal; anything else refuses.
-    pub fn from_state(state: PodState) -> Result<(IpAddr, PodDecision), BadState> {
+    pub fn from_state(state: PodState) -> Result<(Vec<IpAddr>, PodDecision), BadState> {
         let pod = state.pod.ok_or(BadState::NoPod)?;
         let pod = PodId {
             namespace: pod.namespace,
             name: pod.name,
             uid: pod.uid,
         };
-        let ip = match podiam_proto::parse_ip(&state.ip) {
-            Ok(ip) => ip,
-            Err(error) => return Err(BadState::BadIp { pod, error }),
-        };
+        let mut ips = Vec::with_capacity(1 + state.more_ips.len());
+        for text in std::iter::once(&state.ip).chain(&state.more_ips) {
+            match podiam_proto::parse_ip(text) {
+                Ok(ip) => ips.push(ip),
+                Err(error) => return Err(BadState::BadIp { pod, error }),
+            }
+        }
         let permitted = state.refusal_reason == i32::from(podiam_proto::v1::Reason::Unspecified)
             && !state.role_name.is_empty();
         let verdict = if permitted {
@@ -108,7 +111,7 @@ impl PodDecision {
                 state.refusal_message,
             ))
         };
-        Ok((ip, PodDecision { pod, verdict }))
+        Ok((ips, PodDecision { pod, verdict }))
     }
 
     /// The pod's role, or the servers' refusal of it.
@@ -190,7 +193,7 @@ mod tests {
     #[test]
     fn a_pod_state_is_converted_once_into_a_decision() {
         let (ip, decision) = PodDecision::from_state(state("10.0.0.1", "app", 0)).expect("usable");
-        assert_eq!(ip, IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(ip, [IpAddr::from([10, 0, 0, 1])]);
         assert_eq!(decision.pod.to_string(), "ns/pod-a");
         assert_eq!(decision.role().map(|r| r.name.as_str()), Ok("app"));
         // Every reason the servers name reaches the agent as itself.
@@ -204,7 +207,25 @@ mod tests {
         }
         // IPv6 spellings are one address.
         let (ip, _) = PodDecision::from_state(state("FD00::0001", "app", 0)).expect("usable");
-        assert_eq!(ip, "fd00::1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(ip, ["fd00::1".parse::<IpAddr>().expect("ip")]);
+        // A dual-stack pod: every address, and one that does not parse refuses the state.
+        let dual = PodState {
+            more_ips: vec!["fd00:77::2".into()],
+            ..state("10.0.0.1", "app", 0)
+        };
+        let (ips, _) = PodDecision::from_state(dual.clone()).expect("usable");
+        assert_eq!(
+            ips,
+            [
+                IpAddr::from([10, 0, 0, 1]),
+                "fd00:77::2".parse().expect("ip")
+            ]
+        );
+        let bad = PodState {
+            more_ips: vec!["fd00::zz".into()],
+            ..dual
+        };
+        assert!(PodDecision::from_state(bad).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The pod table: this node's pods and their decisions, as the server streams them
-//! (`WatchNode`), by address.
+//! (`WatchNode`), by address: every address of a pod (both of a dual-stack pod's) finds it.
 //!
 //! With the table synced, the agent answers role listings, binds tokens to pod UIDs and
 //! refuses revoked pods without a server call. Every change reports the UIDs whose
@@ -52,9 +52,9 @@ impl PodTable {
         result
     }
 
-    /// Records the pod at `ip`; returns its UID if its decision changed (or it is new).
-    pub fn upsert(&self, ip: IpAddr, decision: PodDecision) -> Option<String> {
-        self.update(|e| e.upsert(ip, decision))
+    /// Records the pod at `ips`; returns its UID if its decision changed (or it is new).
+    pub fn upsert(&self, ips: Vec<IpAddr>, decision: PodDecision) -> Option<String> {
+        self.update(|e| e.upsert(ips, decision))
     }
 
     /// Forgets the pod with `uid`.
@@ -64,7 +64,7 @@ impl PodTable {
 
     /// Replaces every pod with a fresh snapshot and marks the table synced; returns the UIDs
     /// whose decision changed or that are gone.
-    pub fn replace(&self, snapshot: Vec<(IpAddr, PodDecision)>) -> Vec<String> {
+    pub fn replace(&self, snapshot: Vec<(Vec<IpAddr>, PodDecision)>) -> Vec<String> {
         self.update(|e| e.replace(snapshot))
     }
 
@@ -106,62 +106,79 @@ impl PodTable {
 #[derive(Debug, Default)]
 struct Entries {
     by_ip: HashMap<IpAddr, Arc<PodDecision>>,
-    ip_of: HashMap<String, IpAddr>,
+    ips_of: HashMap<String, Vec<IpAddr>>,
     synced: bool,
 }
 
 impl Entries {
-    /// Records the pod at `ip`; returns the UID if its decision or address changed (or it
-    /// is new).
-    fn upsert(&mut self, ip: IpAddr, decision: PodDecision) -> Option<String> {
+    /// Records the pod at `ips`; returns the UID if its decision or addresses changed (or
+    /// it is new).
+    fn upsert(&mut self, ips: Vec<IpAddr>, decision: PodDecision) -> Option<String> {
         let uid = decision.pod.uid.clone();
         let previous = self.remove(&uid);
-        // Another pod listed at this IP is replaced: the server has judged the newer state.
-        if let Some(other) = self.by_ip.get(&ip).map(|d| d.pod.uid.clone())
-            && other != uid
-        {
-            self.ip_of.remove(&other);
+        // Another pod listed at one of these IPs loses it: the server has judged the newer
+        // state.
+        for ip in &ips {
+            if let Some(other) = self.by_ip.get(ip).map(|d| d.pod.uid.clone())
+                && other != uid
+                && let Some(others) = self.ips_of.get_mut(&other)
+            {
+                others.retain(|o| o != ip);
+                if others.is_empty() {
+                    self.ips_of.remove(&other);
+                }
+            }
         }
-        let changed = previous.as_ref().map(|(ip, d)| (*ip, d.as_ref())) != Some((ip, &decision));
-        self.ip_of.insert(uid.clone(), ip);
-        self.by_ip.insert(ip, Arc::new(decision));
+        let changed = previous
+            .as_ref()
+            .map(|(ips, d)| (ips.as_slice(), d.as_ref()))
+            != Some((ips.as_slice(), &decision));
+        let decision = Arc::new(decision);
+        for ip in &ips {
+            self.by_ip.insert(*ip, Arc::clone(&decision));
+        }
+        self.ips_of.insert(uid.clone(), ips);
         changed.then_some(uid)
     }
 
-    /// Forgets the pod with `uid`, returning its address and decision.
-    fn remove(&mut self, uid: &str) -> Option<(IpAddr, Arc<PodDecision>)> {
-        let ip = self.ip_of.remove(uid)?;
-        match self.by_ip.get(&ip) {
-            Some(decision) if decision.pod.uid == uid => {
-                self.by_ip.remove(&ip).map(|decision| (ip, decision))
+    /// Forgets the pod with `uid`, returning its addresses and decision.
+    fn remove(&mut self, uid: &str) -> Option<(Vec<IpAddr>, Arc<PodDecision>)> {
+        let ips = self.ips_of.remove(uid)?;
+        let mut decision = None;
+        for ip in &ips {
+            if self.by_ip.get(ip).is_some_and(|d| d.pod.uid == uid) {
+                decision = self.by_ip.remove(ip);
             }
-            _ => None,
         }
+        decision.map(|decision| (ips, decision))
+    }
+
+    /// The addresses and decision of the pod with `uid`.
+    fn entry(&self, uid: &str) -> Option<(&[IpAddr], &PodDecision)> {
+        let ips = self.ips_of.get(uid)?;
+        let decision = self.by_ip.get(ips.first()?)?;
+        Some((ips.as_slice(), decision.as_ref()))
     }
 
     /// Replaces every pod with `snapshot` and marks the table synced; returns the UIDs whose
-    /// decision or address changed, that are new, or that are gone.
-    fn replace(&mut self, snapshot: Vec<(IpAddr, PodDecision)>) -> Vec<String> {
+    /// decision or addresses changed, that are new, or that are gone.
+    fn replace(&mut self, snapshot: Vec<(Vec<IpAddr>, PodDecision)>) -> Vec<String> {
         let old = std::mem::take(self);
-        for (ip, decision) in snapshot {
-            self.upsert(ip, decision);
+        for (ips, decision) in snapshot {
+            self.upsert(ips, decision);
         }
         self.synced = true;
-        let now = |uid: &str| {
-            let ip = self.ip_of.get(uid)?;
-            Some((*ip, self.by_ip.get(ip)?.as_ref()))
-        };
         let mut changed: Vec<String> = old
-            .by_ip
-            .iter()
-            .filter(|(ip, decision)| now(&decision.pod.uid) != Some((**ip, decision.as_ref())))
-            .map(|(_, decision)| decision.pod.uid.clone())
+            .ips_of
+            .keys()
+            .filter(|uid| old.entry(uid) != self.entry(uid))
+            .cloned()
             .collect();
         changed.extend(
-            self.by_ip
-                .values()
-                .filter(|d| !old.ip_of.contains_key(&d.pod.uid))
-                .map(|d| d.pod.uid.clone()),
+            self.ips_of
+                .keys()
+                .filter(|uid| !old.ips_of.contains_key(*uid))
+                .cloned(),
         );
         changed
     }
@@ -198,7 +215,11 @@ mod tests {
     }
 
     fn upsert(entries: &mut Entries, (ip, decision): (IpAddr, PodDecision)) -> Option<String> {
-        entries.upsert(ip, decision)
+        entries.upsert(vec![ip], decision)
+    }
+
+    fn one(pods: Vec<(IpAddr, PodDecision)>) -> Vec<(Vec<IpAddr>, PodDecision)> {
+        pods.into_iter().map(|(ip, d)| (vec![ip], d)).collect()
     }
 
     fn uid_at(entries: &Entries, address: &str) -> Option<String> {
@@ -209,7 +230,7 @@ mod tests {
     fn changes_report_the_uids_whose_decision_changed() {
         let mut entries = Entries::default();
         assert_eq!(
-            entries.replace(vec![pod("a", "10.0.0.1", "app")]),
+            entries.replace(one(vec![pod("a", "10.0.0.1", "app")])),
             vec!["a"]
         );
         assert!(entries.synced);
@@ -221,7 +242,7 @@ mod tests {
             reason: Reason::NoRole,
             message: "no role".into(),
         });
-        assert_eq!(entries.upsert(address, revoked), Some("a".into()));
+        assert_eq!(entries.upsert(vec![address], revoked), Some("a".into()));
         assert_eq!(
             entries
                 .lookup(ip("10.0.0.1"))
@@ -245,21 +266,44 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_pod_is_found_by_each_address() {
+        let mut entries = Entries::default();
+        let (v4, decision) = pod("a", "10.0.0.1", "app");
+        let v6 = ip("fd00:77::2");
+        assert_eq!(
+            entries.upsert(vec![v4, v6], decision.clone()),
+            Some("a".into())
+        );
+        assert_eq!(uid_at(&entries, "10.0.0.1").as_deref(), Some("a"));
+        assert_eq!(uid_at(&entries, "fd00:77::2").as_deref(), Some("a"));
+        assert_eq!(entries.upsert(vec![v4, v6], decision.clone()), None);
+        // Its v6 address given to another pod: that pod has it, a keeps its v4 one.
+        upsert(&mut entries, pod("b", "fd00:77::2", "app"));
+        assert_eq!(uid_at(&entries, "fd00:77::2").as_deref(), Some("b"));
+        assert_eq!(uid_at(&entries, "10.0.0.1").as_deref(), Some("a"));
+        // Gone: both addresses with it.
+        assert_eq!(entries.upsert(vec![v4, v6], decision), Some("a".into()));
+        assert!(entries.remove("a").is_some());
+        assert_eq!(uid_at(&entries, "10.0.0.1"), None);
+        assert_eq!(uid_at(&entries, "fd00:77::2"), None);
+    }
+
+    #[test]
     fn a_new_snapshot_reports_what_differs_from_the_old_table() {
         let mut entries = Entries::default();
-        entries.replace(vec![
+        entries.replace(one(vec![
             pod("a", "10.0.0.1", "app"),
             pod("b", "10.0.0.2", "app"),
-        ]);
+        ]));
         entries.synced = false;
-        let mut changed = entries.replace(vec![
+        let mut changed = entries.replace(one(vec![
             pod("a", "10.0.0.1", "app"),
             pod("b", "10.0.0.2", "other"),
             pod("c", "10.0.0.3", "app"),
-        ]);
+        ]));
         changed.sort();
         assert_eq!(changed, vec!["b", "c"]);
-        let mut changed = entries.replace(vec![pod("c", "10.0.0.3", "app")]);
+        let mut changed = entries.replace(one(vec![pod("c", "10.0.0.3", "app")]));
         changed.sort();
         assert_eq!(
             changed,
@@ -284,7 +328,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         let (address, decision) = pod("a", "10.0.0.1", "app");
-        table.upsert(address, decision);
+        table.upsert(vec![address], decision);
         assert!(matches!(waiter.await.expect("joins"), Known::Pod(_)));
         let nobody = table
             .wait_known(ip("10.0.0.9"), Duration::from_millis(50))

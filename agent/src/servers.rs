@@ -340,7 +340,7 @@ struct Applier<'a> {
     table: &'a PodTable,
     cache: &'a CredentialCache,
     /// The snapshot so far; `None` once it is in the table.
-    snapshot: Option<Vec<(IpAddr, PodDecision)>>,
+    snapshot: Option<Vec<(Vec<IpAddr>, PodDecision)>>,
     /// Whether the stream has sent a heartbeat.
     heartbeats: bool,
 }
@@ -369,7 +369,7 @@ impl<'a> Applier<'a> {
             (node_event::Event::Upsert(state), pods) => {
                 // Converted once, here; a state the agent cannot read is left out, as if
                 // the pod were not there (its requests are then refused or asked about).
-                let (ip, decision) = match PodDecision::from_state(state) {
+                let (ips, decision) = match PodDecision::from_state(state) {
                     Ok(pod) => pod,
                     Err(error) => {
                         // The names in it are the server's, escaped like every server text.
@@ -378,9 +378,9 @@ impl<'a> Applier<'a> {
                     }
                 };
                 match pods {
-                    Some(pods) => pods.push((ip, decision)),
+                    Some(pods) => pods.push((ips, decision)),
                     None => {
-                        if let Some(uid) = self.table.upsert(ip, decision) {
+                        if let Some(uid) = self.table.upsert(ips, decision) {
                             self.cache.forget(&uid);
                         }
                     }

@@ -298,7 +298,7 @@ impl View<'_> {
     /// another live pod claims the same IP, or when the pod is terminating and a pod that is
     /// not has its IP now.
     pub fn decide_live(&self, pod: &Arc<PodRecord>) -> Result<Decision, Refusal> {
-        if let Some(ip) = pod.ip {
+        for ip in pod.ips() {
             let taken = || Refusal::AddressTaken {
                 pod: pod_name(pod),
                 ip,
@@ -324,6 +324,7 @@ impl View<'_> {
         let mut state = PodState {
             pod: Some(pod_ref(pod)),
             ip: pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            more_ips: pod.more_ips.iter().map(IpAddr::to_string).collect(),
             ..PodState::default()
         };
         match self.decide_live(pod) {
@@ -642,6 +643,7 @@ mod tests {
             namespace: ns.into(),
             name: format!("pod-{uid}"),
             ip: Some(ip.parse().expect("ip")),
+            more_ips: Vec::new(),
             phase: Some("Running".into()),
             host_network: false,
             node_name: Some(node.into()),
@@ -668,6 +670,7 @@ mod tests {
             namespace: "podiam".into(),
             name: format!("agent-{uid}"),
             ip: Some("192.168.0.1".parse().expect("ip")),
+            more_ips: Vec::new(),
             phase: Some(phase.into()),
             host_network: true,
             node_name: Some(node.into()),

@@ -34,6 +34,9 @@ pub struct PodRecord {
     /// `status.podIP`, parsed once here ([`podiam_proto::parse_ip`]): every lookup compares
     /// addresses, never spellings.
     pub ip: Option<IpAddr>,
+    /// The pod's other addresses (`status.podIPs` beyond `podIP`: a dual-stack pod's other
+    /// family), parsed the same way; it is found by each.
+    pub more_ips: Vec<IpAddr>,
     pub phase: Option<String>,
     pub host_network: bool,
     pub node_name: Option<String>,
@@ -60,14 +63,31 @@ impl PodRecord {
         };
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
+        let primary = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| podiam_proto::parse_ip(ip).ok());
+        let mut more_ips: Vec<IpAddr> = Vec::new();
+        for ip in status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| podiam_proto::parse_ip(&ip.ip).ok())
+        {
+            if Some(ip) != primary && !more_ips.contains(&ip) {
+                more_ips.push(ip);
+            }
+        }
+        // Without a primary address the others are not trusted either.
+        if primary.is_none() {
+            more_ips.clear();
+        }
         Some(PodRecord {
             uid: meta.uid.clone()?,
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone()?,
             // An IP that does not parse is no IP: the pod cannot be found by one.
-            ip: status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| podiam_proto::parse_ip(ip).ok()),
+            ip: primary,
+            more_ips,
             phase: status.and_then(|s| s.phase.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             node_name: spec.and_then(|s| s.node_name.clone()),
@@ -86,6 +106,11 @@ impl PodRecord {
         self.host_network
             && self.node_name.as_deref().is_some_and(|n| !n.is_empty())
             && matches!(self.phase.as_deref(), Some("Pending") | Some("Running"))
+    }
+
+    /// Every address the pod is found by: `podIP` first, then the others.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip.into_iter().chain(self.more_ips.iter().copied())
     }
 
     /// Whether this pod may be found by its IP at all.
@@ -138,7 +163,7 @@ impl PodIndex {
         if pod.is_running_on_host() {
             self.host.insert(pod.uid.clone(), Arc::new(pod));
         } else if pod.is_live() {
-            if let Some(ip) = pod.ip {
+            for ip in pod.ips() {
                 self.by_ip.entry(ip).or_default().push(pod.uid.clone());
             }
             self.by_node
@@ -155,12 +180,12 @@ impl PodIndex {
         let Some(old) = self.by_uid.remove(uid) else {
             return;
         };
-        if let Some(ip) = old.ip
-            && let Some(uids) = self.by_ip.get_mut(&ip)
-        {
-            uids.retain(|u| u != uid);
-            if uids.is_empty() {
-                self.by_ip.remove(&ip);
+        for ip in old.ips() {
+            if let Some(uids) = self.by_ip.get_mut(&ip) {
+                uids.retain(|u| u != uid);
+                if uids.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
             }
         }
         let node = old.node_name.clone().unwrap_or_default();
@@ -203,10 +228,10 @@ impl PodIndex {
         pods.filter(|pod| self.holds_ip(pod)).cloned().collect()
     }
 
-    /// Whether `pod` still holds its IP: it is not terminating, or no pod that is not
-    /// terminating claims the IP too.
+    /// Whether `pod` still holds its IPs: it is not terminating, or no pod that is not
+    /// terminating claims any of them too.
     pub fn holds_ip(&self, pod: &PodRecord) -> bool {
-        !pod.deleting || pod.ip.is_none_or(|ip| self.claimants(ip).1.is_empty())
+        !pod.deleting || pod.ips().all(|ip| self.claimants(ip).1.is_empty())
     }
 
     /// The live pods claiming `ip`: (terminating ones, the others).
@@ -600,6 +625,7 @@ mod tests {
             namespace: "ns".into(),
             name: format!("pod-{uid}"),
             ip: ip.map(|ip| ip.parse().expect("ip")),
+            more_ips: Vec::new(),
             phase: Some(phase.into()),
             host_network: false,
             node_name: Some("node-1".into()),
@@ -793,6 +819,54 @@ mod tests {
         let record = PodRecord::from_pod(&k8s_pod("not-an-ip")).expect("a record");
         assert_eq!(record.ip, None);
         assert!(!record.is_live());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_found_by_both_addresses() {
+        let k8s_pod = |uid: &str, addresses: &[&str]| k8s_openapi::api::core::v1::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some(uid.into()),
+                name: Some(format!("pod-{uid}")),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: addresses.first().map(|a| a.to_string()),
+                pod_ips: Some(
+                    addresses
+                        .iter()
+                        .map(|a| k8s_openapi::api::core::v1::PodIP { ip: a.to_string() })
+                        .collect(),
+                ),
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let record =
+            PodRecord::from_pod(&k8s_pod("d", &["10.0.0.5", "FD00:77::5"])).expect("a record");
+        assert_eq!(record.ip, Some(ip("10.0.0.5")));
+        assert_eq!(record.more_ips, [ip("fd00:77::5")]);
+        let mut index = PodIndex::default();
+        index.apply(record);
+        assert_eq!(found_uid(&index, "10.0.0.5").as_deref(), Some("d"));
+        assert_eq!(found_uid(&index, "fd00:77::5").as_deref(), Some("d"));
+        // An IPv6-only pod, and one claiming d's IPv6 address: that address is ambiguous,
+        // d's IPv4 address is still d's alone.
+        let v6 = PodRecord::from_pod(&k8s_pod("six", &["fd00:77::6"])).expect("a record");
+        assert!(v6.is_live() && v6.more_ips.is_empty());
+        index.apply(v6);
+        assert_eq!(found_uid(&index, "fd00:77::6").as_deref(), Some("six"));
+        index.apply(PodRecord::from_pod(&k8s_pod("x", &["10.0.0.9", "fd00:77::5"])).expect("x"));
+        assert!(matches!(
+            index.lookup(ip("fd00:77::5")),
+            Lookup::Ambiguous(_)
+        ));
+        assert_eq!(found_uid(&index, "10.0.0.5").as_deref(), Some("d"));
+        // Gone: neither address finds it.
+        index.remove("d");
+        assert_eq!(found_uid(&index, "10.0.0.5"), None);
+        assert_eq!(found_uid(&index, "fd00:77::5").as_deref(), Some("x"));
     }
 
     #[test]

@@ -161,6 +161,7 @@ mod tests {
             namespace: "team-a".into(),
             name: "web-7f9c".into(),
             ip: Some([10, 0, 0, 1].into()),
+            more_ips: Vec::new(),
             phase: Some("Running".into()),
             host_network: false,
             node_name: Some("node-1".into()),
