@@ -166,6 +166,19 @@ pub struct ServeConfig {
     /// The node's IP: the DNAT target (required with --iptables when --listen is 0.0.0.0).
     #[arg(long, env = "HOST_IP")]
     pub host_ip: Option<IpAddr>,
+    /// The node's IPv6 address: with --iptables, pods' IPv6 requests to [fd00:ec2::254]:80
+    /// and [fd00:ec2::23]:80 are DNATed here (ip6tables), to the same ports as IPv4's, and
+    /// the agent listens on it too. Not given: nothing over IPv6 is intercepted.
+    #[arg(long, env = "HOST_IPV6")]
+    pub host_ipv6: Option<std::net::Ipv6Addr>,
+    /// The node's addresses (the downward API's status.hostIPs, comma-separated): without
+    /// --host-ipv6, its IPv6 address is taken from here, so dual-stack nodes intercept
+    /// IPv6 and IPv4-only nodes do not.
+    #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
+    pub host_ips: Vec<IpAddr>,
+    /// The ip6tables program (default: --iptables-bin's, ip6tables for iptables).
+    #[arg(long, env = "PODIAM_IP6TABLES_BIN")]
+    pub ip6tables_bin: Option<String>,
     /// Pod interface patterns to intercept (repeat, or comma-separate): cali+, eni+, cni0…
     #[arg(
         long = "interface",
@@ -240,6 +253,9 @@ pub struct UninstallConfig {
     /// The iptables program (iptables, iptables-nft, iptables-legacy).
     #[arg(long, env = "PODIAM_IPTABLES_BIN", default_value = "iptables")]
     pub iptables_bin: String,
+    /// The ip6tables program (default: --iptables-bin's, ip6tables for iptables).
+    #[arg(long, env = "PODIAM_IP6TABLES_BIN")]
+    pub ip6tables_bin: Option<String>,
     /// Also delete the node's IMDSv2 token key file (the agent's --token-key-file), so that
     /// nothing of podiam stays on the node. Not given: the file is left alone.
     #[arg(long)]
@@ -253,6 +269,17 @@ impl ServeConfig {
             .host_ip
             .or_else(|| (!self.listen.ip().is_unspecified()).then(|| self.listen.ip()))?;
         Some(SocketAddr::new(ip, self.listen.port()))
+    }
+
+    /// The node's IPv6 address to intercept IPv6 for: --host-ipv6, else the first IPv6
+    /// address of --host-ips.
+    pub fn node_ipv6(&self) -> Option<std::net::Ipv6Addr> {
+        self.host_ipv6.or_else(|| {
+            self.host_ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) if !v6.is_loopback() && !v6.is_unspecified() => Some(*v6),
+                _ => None,
+            })
+        })
     }
 
     /// Where the DNAT rule sends pods' container-credentials requests, when that endpoint
@@ -335,6 +362,13 @@ impl ServeConfig {
             .map(|target| Interception {
                 target,
                 container_target: self.container_target(),
+                v6: self.node_ipv6().map(|host| Interception6 {
+                    program: ip6tables_program(&self.iptables_bin, self.ip6tables_bin.as_deref()),
+                    target: SocketAddr::new(host.into(), self.listen.port()),
+                    container_target: self
+                        .container_endpoint
+                        .then(|| SocketAddr::new(host.into(), self.container_listen.port())),
+                }),
                 interfaces: self.interfaces.clone(),
                 program: self.iptables_bin.clone(),
                 sync_interval: self.iptables_sync_interval,
@@ -346,6 +380,13 @@ impl ServeConfig {
             iptables,
             listen: self.listen,
             container_listen: self.container_endpoint.then_some(self.container_listen),
+            listen6: self
+                .node_ipv6()
+                .map(|host| SocketAddr::new(host.into(), self.listen.port())),
+            container_listen6: self
+                .node_ipv6()
+                .filter(|_| self.container_endpoint)
+                .map(|host| SocketAddr::new(host.into(), self.container_listen.port())),
             health_listen: self.health_listen,
             listen_address_file: self.listen_address_file,
             server_urls: self.server,
@@ -484,6 +525,9 @@ pub struct ValidConfig {
     pub listen: SocketAddr,
     /// The container-credentials endpoint's address, when it is on (bound by `main`).
     pub container_listen: Option<SocketAddr>,
+    /// The IPv6 DNAT targets (`--host-ipv6`), bound by `main` beside the others.
+    pub listen6: Option<SocketAddr>,
+    pub container_listen6: Option<SocketAddr>,
     /// The health address (bound by `main`).
     pub health_listen: SocketAddr,
     /// Where `main` writes the bound addresses once it serves.
@@ -520,6 +564,8 @@ pub struct Interception {
     /// Where the DNAT rule sends pods' container-credentials requests (169.254.170.23), when
     /// that endpoint is on.
     pub container_target: Option<SocketAddr>,
+    /// The same over IPv6 (`--host-ipv6`).
+    pub v6: Option<Interception6>,
     /// Pod interface patterns.
     pub interfaces: Vec<String>,
     /// The iptables program.
@@ -528,6 +574,44 @@ pub struct Interception {
     pub sync_interval: Duration,
     /// Delete conntrack entries toward 169.254.169.254:80 at start.
     pub flush_conntrack: bool,
+}
+
+/// Pods' IPv6 metadata and container-credentials traffic sent to the agent (ip6tables).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interception6 {
+    pub program: String,
+    /// Where [fd00:ec2::254]:80 goes.
+    pub target: SocketAddr,
+    /// Where [fd00:ec2::23]:80 goes, when the container endpoint is on.
+    pub container_target: Option<SocketAddr>,
+}
+
+impl Interception6 {
+    /// The DNAT rules: the metadata address, then the container-credentials address.
+    pub fn dnats(&self) -> Vec<crate::iptables::Dnat> {
+        use crate::iptables::{CONTAINER_IP6, Dnat, METADATA_IP6};
+        let metadata = Dnat {
+            address: METADATA_IP6,
+            target: self.target,
+        };
+        let container = self.container_target.map(|target| Dnat {
+            address: CONTAINER_IP6,
+            target,
+        });
+        std::iter::once(metadata).chain(container).collect()
+    }
+}
+
+/// The ip6tables program beside `iptables` (`iptables-nft` → `ip6tables-nft`), unless
+/// `given`.
+pub fn ip6tables_program(iptables: &str, given: Option<&str>) -> String {
+    if let Some(given) = given {
+        return given.to_string();
+    }
+    match iptables.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/{}", name.replacen("iptables", "ip6tables", 1)),
+        None => iptables.replacen("iptables", "ip6tables", 1),
+    }
 }
 
 impl Interception {
@@ -678,6 +762,65 @@ mod tests {
         assert_eq!(off.container_listen, None);
         assert_eq!(off.iptables.expect("intercepting").dnats().len(), 1);
         assert!(!problems(serve(&["--container-listen", "0.0.0.0:254"])).is_empty());
+    }
+
+    #[test]
+    fn ipv6_interception_follows_host_ipv6() {
+        let config = valid(&[
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+            "--host-ipv6",
+            "fd00:77::5",
+        ]);
+        let v6 = config.iptables.expect("intercepting").v6.expect("IPv6 too");
+        assert_eq!(v6.program, "ip6tables");
+        let dnats = v6.dnats();
+        assert_eq!(dnats.len(), 2);
+        assert_eq!(dnats[0].address, crate::iptables::METADATA_IP6);
+        assert_eq!(dnats[0].target, "[fd00:77::5]:254".parse().expect("addr"));
+        assert_eq!(dnats[1].address, crate::iptables::CONTAINER_IP6);
+        assert_eq!(dnats[1].target, "[fd00:77::5]:253".parse().expect("addr"));
+        assert_eq!(
+            config.listen6,
+            Some("[fd00:77::5]:254".parse().expect("addr"))
+        );
+        assert_eq!(
+            config.container_listen6,
+            Some("[fd00:77::5]:253".parse().expect("addr"))
+        );
+        // From the downward API's list, as deploy/ passes it.
+        let listed = valid(&[
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+            "--host-ips",
+            "10.0.0.5,fd00:77::9",
+        ]);
+        assert_eq!(
+            listed.listen6,
+            Some("[fd00:77::9]:254".parse().expect("addr"))
+        );
+        let v4_only = valid(&[
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+            "--host-ips",
+            "10.0.0.5",
+        ]);
+        assert_eq!(v4_only.listen6, None);
+        let without = valid(&["--iptables", "--host-ip", "10.0.0.5"]);
+        assert!(without.iptables.expect("intercepting").v6.is_none());
+        assert_eq!(without.listen6, None);
+        for (iptables, want) in [
+            ("iptables", "ip6tables"),
+            ("iptables-nft", "ip6tables-nft"),
+            ("iptables-legacy", "ip6tables-legacy"),
+            ("/usr/sbin/iptables-legacy", "/usr/sbin/ip6tables-legacy"),
+        ] {
+            assert_eq!(ip6tables_program(iptables, None), want);
+        }
+        assert_eq!(ip6tables_program("iptables", Some("/opt/ip6")), "/opt/ip6");
     }
 
     #[test]

@@ -16,12 +16,59 @@
 //! proves nothing, 404 for a pod without a role, 403 for a role the namespace does not
 //! permit, 503 while no server answers.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, header};
 use podiam_proto::v1::Credentials;
 
 use crate::imds::utc_timestamp;
+
+/// Server calls with tokens not yet proven, per second, that one address may make: each
+/// costs the servers a TokenReview at the API server. A pod has one token per container,
+/// renewed about hourly by the kubelet; a flood of made-up tokens is what this stops.
+const NEW_TOKENS_PER_SECOND: f64 = 2.0;
+/// How many such calls one address may make at once.
+const NEW_TOKENS_BURST: f64 = 8.0;
+/// Addresses remembered by [`NewTokens`]: more than a node has pods.
+const NEW_TOKENS_ADDRESSES: usize = 4096;
+
+/// A token bucket per peer address for calls with tokens the agent has not seen proven.
+#[derive(Debug, Default)]
+pub struct NewTokens {
+    buckets: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
+}
+
+impl NewTokens {
+    /// Takes one call from `peer`'s bucket; false when it is empty.
+    pub fn allow(&self, peer: IpAddr) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= NEW_TOKENS_ADDRESSES && !buckets.contains_key(&peer) {
+            // Full buckets are the same as none.
+            buckets.retain(|_, (tokens, at)| *tokens + at_rate(now - *at) < NEW_TOKENS_BURST);
+            if buckets.len() >= NEW_TOKENS_ADDRESSES {
+                return false;
+            }
+        }
+        let (tokens, at) = buckets.entry(peer).or_insert((NEW_TOKENS_BURST, now));
+        *tokens = (*tokens + at_rate(now - *at)).min(NEW_TOKENS_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
+fn at_rate(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * NEW_TOKENS_PER_SECOND
+}
 
 /// A pod token's SHA-256: what the agent keeps of it.
 pub type TokenDigest = [u8; 32];
@@ -168,6 +215,22 @@ fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn new_tokens_are_limited_per_address() {
+        let limiter = NewTokens::default();
+        let (a, b): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let burst = (0..20).take_while(|_| limiter.allow(a)).count();
+        assert_eq!(burst as f64, NEW_TOKENS_BURST);
+        assert!(!limiter.allow(a), "empty");
+        assert!(limiter.allow(b), "another address has its own bucket");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(limiter.allow(a), "refilled at the rate");
+        assert!(!limiter.allow(a));
+    }
 
     fn jwt(claims: &str) -> String {
         format!(

@@ -229,7 +229,7 @@ pub struct MetadataService {
     pub(crate) options: ServiceOptions,
     pub(crate) metrics: Arc<Metrics>,
     /// Calls with tokens not yet proven, limited per address.
-    pub(crate) new_tokens: crate::container_service::NewTokens,
+    pub(crate) new_tokens: crate::container::NewTokens,
 }
 
 impl std::fmt::Debug for MetadataService {

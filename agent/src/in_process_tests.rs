@@ -314,6 +314,8 @@ impl Rig {
         let listeners = Listeners {
             pods: network.listen(AGENT),
             container: None,
+            pods6: None,
+            container6: None,
             health: network.listen(AGENT_HEALTH),
         };
         tasks.spawn(agent.serve(listeners, stop.clone()));

@@ -29,6 +29,10 @@ pub const CHAIN: &str = "PODIAM";
 pub const METADATA_IP: &str = "169.254.169.254";
 /// The container-credentials address (EKS Pod Identity's) pods are intercepted on.
 pub const CONTAINER_IP: &str = "169.254.170.23";
+/// The instance metadata service's IPv6 address (Nitro instances).
+pub const METADATA_IP6: &str = "fd00:ec2::254";
+/// The container-credentials endpoint's IPv6 address.
+pub const CONTAINER_IP6: &str = "fd00:ec2::23";
 
 /// One intercepted address (port 80) and where its DNAT rule sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,9 +68,10 @@ pub fn valid_interface(pattern: &str) -> bool {
 
 /// The match of an intercepted address's rules: TCP to `address`, port 80.
 fn address_match(address: &str) -> Vec<String> {
+    let bits = if address.contains(':') { 128 } else { 32 };
     [
         "-d",
-        &format!("{address}/32"),
+        &format!("{address}/{bits}"),
         "-p",
         "tcp",
         "-m",
@@ -303,7 +308,22 @@ impl Iptables {
 /// pod opened before the rule existed cannot go on bypassing it. Finding none is not an
 /// error.
 pub async fn flush_conntrack(program: &str, address: &str) -> Result<(), IptablesError> {
-    let args = ["-D", "-p", "tcp", "--orig-dst", address, "--dport", "80"];
+    let family = if address.contains(':') {
+        "ipv6"
+    } else {
+        "ipv4"
+    };
+    let args = [
+        "-D",
+        "-f",
+        family,
+        "-p",
+        "tcp",
+        "--orig-dst",
+        address,
+        "--dport",
+        "80",
+    ];
     let output = Command::new(program)
         .args(args)
         .output()
@@ -362,6 +382,18 @@ mod tests {
         assert_eq!(
             dnat_rule(dnat).join(" "),
             "-d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1:8181"
+        );
+        let dnat6 = Dnat {
+            address: METADATA_IP6,
+            target: "[fd00:77::1]:254".parse().expect("addr"),
+        };
+        assert_eq!(
+            dnat_rule(dnat6).join(" "),
+            "-d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd00:77::1]:254"
+        );
+        assert_eq!(
+            jump_rule("cali+", CONTAINER_IP6).join(" "),
+            "-i cali+ -d fd00:ec2::23/128 -p tcp -m tcp --dport 80 -j PODIAM"
         );
     }
 }

@@ -73,6 +73,9 @@ use crate::token::KeyKeeper;
 pub struct Listeners<P = TcpListener, H = TcpListener> {
     pub pods: P,
     pub container: Option<P>,
+    /// The IPv6 DNAT targets' listeners (the node's IPv6 address), with `--host-ipv6`.
+    pub pods6: Option<P>,
+    pub container6: Option<P>,
     pub health: H,
 }
 
@@ -208,9 +211,15 @@ impl Agent {
                 tracing::info!("stopping: not ready, no new connections; open ones finish");
             });
         }
-        if let Some(container) = listeners.container {
-            tracing::info!(listen = %container.local_addr()?, "serving the container-credentials endpoint");
-            tasks.spawn(self.pod_server(container, Endpoint::Container, shutdown.clone()));
+        for (listener, endpoint) in [
+            (listeners.container, Endpoint::Container),
+            (listeners.pods6, Endpoint::Metadata),
+            (listeners.container6, Endpoint::Container),
+        ] {
+            if let Some(listener) = listener {
+                tracing::info!(listen = %listener.local_addr()?, ?endpoint, "serving pods");
+                tasks.spawn(self.pod_server(listener, endpoint, shutdown.clone()));
+            }
         }
         self.pod_server(listeners.pods, Endpoint::Metadata, shutdown.clone())
             .await;

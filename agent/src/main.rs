@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use podiam_agent::config::{Cli, Command, Interception, ServeConfig, ValidConfig};
-use podiam_agent::iptables::Iptables;
+use podiam_agent::iptables::{Dnat, Iptables};
 use podiam_agent::{Agent, Listeners};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +52,8 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     let listeners = Listeners {
         pods: bind(config.listen)?,
         container: config.container_listen.map(bind).transpose()?,
+        pods6: config.listen6.map(bind).transpose()?,
+        container6: config.container_listen6.map(bind).transpose()?,
         health: bind(config.health_listen)?,
     };
     if let Some(warning) = config.pod_port_warning(podiam_agent::config::unprivileged_port_start())
@@ -64,8 +66,14 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     };
     if let Some(path) = &config.listen_address_file {
         let mut addresses = vec![("listen", listeners.pods.local_addr()?)];
-        if let Some(container) = &listeners.container {
-            addresses.push(("container-listen", container.local_addr()?));
+        for (name, listener) in [
+            ("container-listen", &listeners.container),
+            ("listen6", &listeners.pods6),
+            ("container-listen6", &listeners.container6),
+        ] {
+            if let Some(listener) = listener {
+                addresses.push((name, listener.local_addr()?));
+            }
         }
         addresses.push(("health-listen", listeners.health.local_addr()?));
         podiam_runtime::net::write_address_file(path, &addresses)
@@ -77,15 +85,25 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     ));
     // The rules are kept until the pod-facing port has drained.
     let stop = CancellationToken::new();
-    let keeping = rules.map(|(iptables, interception)| {
-        let (dnats, interfaces) = (interception.dnats(), interception.interfaces.clone());
-        let (interval, stop) = (interception.sync_interval, stop.clone());
-        tokio::spawn(async move { iptables.keep(&dnats, &interfaces, interval, stop).await })
-    });
+    let keeping: Vec<_> = rules
+        .into_iter()
+        .flat_map(|(families, interception)| {
+            families.into_iter().map(move |(iptables, dnats)| {
+                let interfaces = interception.interfaces.clone();
+                (iptables, dnats, interfaces, interception.sync_interval)
+            })
+        })
+        .map(|(iptables, dnats, interfaces, interval)| {
+            let stop = stop.clone();
+            tokio::spawn(async move { iptables.keep(&dnats, &interfaces, interval, stop).await })
+        })
+        .collect();
     let served = agent.serve(listeners, shutdown).await;
     stop.cancel();
-    if let Some(keeping) = keeping {
-        let _ = keeping.await;
+    if !keeping.is_empty() {
+        for kept in keeping {
+            let _ = kept.await;
+        }
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     served
@@ -94,35 +112,51 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
 /// Installs the DNAT rules and their jumps (and flushes conntrack entries that bypass them
 /// when asked): pods' metadata (and container-credentials) traffic comes here from now on,
 /// and keeps coming here (refused while no agent listens) until `uninstall`.
-async fn intercept(interception: &Interception) -> anyhow::Result<Iptables> {
-    let iptables = Iptables::new(&interception.program);
-    let dnats = interception.dnats();
-    iptables
-        .install(&dnats, &interception.interfaces)
-        .await
-        .context("installing the iptables rules")?;
+async fn intercept(interception: &Interception) -> anyhow::Result<Vec<(Iptables, Vec<Dnat>)>> {
+    let mut families = vec![(Iptables::new(&interception.program), interception.dnats())];
+    if let Some(v6) = &interception.v6 {
+        families.push((Iptables::new(&v6.program), v6.dnats()));
+    }
+    for (iptables, dnats) in &families {
+        iptables
+            .install(dnats, &interception.interfaces)
+            .await
+            .context("installing the iptables rules")?;
+        if interception.flush_conntrack {
+            for dnat in dnats {
+                podiam_agent::iptables::flush_conntrack("conntrack", dnat.address)
+                    .await
+                    .with_context(|| {
+                        format!("flushing conntrack entries toward {}", dnat.address)
+                    })?;
+            }
+        }
+    }
     tracing::info!(
         target = %interception.target,
         container_target = ?interception.container_target,
+        ipv6 = ?interception.v6,
         interfaces = ?interception.interfaces,
+        flushed_conntrack = interception.flush_conntrack,
         "iptables rules in place"
     );
-    if interception.flush_conntrack {
-        for dnat in &dnats {
-            podiam_agent::iptables::flush_conntrack("conntrack", dnat.address)
-                .await
-                .with_context(|| format!("flushing conntrack entries toward {}", dnat.address))?;
-        }
-        tracing::info!("stale conntrack entries toward the intercepted addresses flushed");
-    }
-    Ok(iptables)
+    Ok(families)
 }
 
 /// Removes the iptables rules and, when asked, the token key file. Either missing is fine:
 /// uninstalling twice succeeds.
 async fn uninstall(config: podiam_agent::config::UninstallConfig) -> anyhow::Result<()> {
+    let ip6tables = podiam_agent::config::ip6tables_program(
+        &config.iptables_bin,
+        config.ip6tables_bin.as_deref(),
+    );
     Iptables::new(config.iptables_bin).uninstall().await?;
     tracing::info!("iptables rules removed");
+    // A node without IPv6 (or without ip6tables) has no IPv6 rules of ours to remove.
+    match Iptables::new(&ip6tables).uninstall().await {
+        Ok(()) => tracing::info!("ip6tables rules removed"),
+        Err(error) => tracing::warn!(%error, "no ip6tables rules removed"),
+    }
     if let Some(path) = config.token_key_file {
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(path = %path.display(), "token key file removed"),

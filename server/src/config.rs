@@ -132,6 +132,15 @@ pub struct Config {
     /// server requires; the kubelet renews the token at 80 % of it).
     #[arg(long, env = "PODIAM_WEBHOOK_TOKEN_EXPIRATION", default_value = "24h", value_parser = parse_duration)]
     pub webhook_token_expiration: Duration,
+    /// The AWS_CONTAINER_CREDENTIALS_FULL_URI the webhook gives pods: the IPv4 address, or
+    /// http://[fd00:ec2::23]/v1/credentials for clusters whose pods have IPv6 only (the
+    /// SDKs accept no other http:// address there).
+    #[arg(
+        long,
+        env = "PODIAM_WEBHOOK_ENDPOINT_URL",
+        default_value = crate::webhook::ENDPOINT_URL
+    )]
+    pub webhook_endpoint_url: String,
     /// What to do with an agent call whose node its token does not prove (no token, a token
     /// the API refuses, not an agent's, or a pod on another node): `enforce` refuses it;
     /// `warn` logs and counts it (podiam_server_node_binding_refusals_total) and answers, for
@@ -241,6 +250,19 @@ impl Config {
                     .to_string(),
             );
         }
+        if ![
+            crate::webhook::ENDPOINT_URL,
+            crate::webhook::ENDPOINT_URL_IPV6,
+        ]
+        .contains(&self.webhook_endpoint_url.as_str())
+        {
+            problems.push(format!(
+                "--webhook-endpoint-url {:?} must be {} or {}",
+                self.webhook_endpoint_url,
+                crate::webhook::ENDPOINT_URL,
+                crate::webhook::ENDPOINT_URL_IPV6
+            ));
+        }
         if let Some(webhook) = self.webhook_listen
             && webhook.port() != 0
             && (webhook == self.listen || webhook == self.health_listen)
@@ -290,6 +312,7 @@ impl Config {
                 injection: crate::webhook::Injection {
                     audience: self.pod_token_audience.clone(),
                     expiration_seconds: self.webhook_token_expiration.as_secs() as i64,
+                    endpoint_url: self.webhook_endpoint_url.clone(),
                 },
             }),
             tls: TlsFiles {

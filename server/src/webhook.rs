@@ -42,8 +42,10 @@ pub const VOLUME: &str = "podiam-pod-token";
 pub const MOUNT_PATH: &str = "/var/run/secrets/podiam.io/serviceaccount";
 /// The token's file in the volume.
 pub const TOKEN_FILE: &str = "token";
-/// The container-credentials endpoint as pods are told it.
+/// The container-credentials endpoint as pods are told it: over IPv4 (the default), or
+/// over IPv6 for clusters whose pods have IPv6 only (`--webhook-endpoint-url`).
 pub const ENDPOINT_URL: &str = "http://169.254.170.23/v1/credentials";
+pub const ENDPOINT_URL_IPV6: &str = "http://[fd00:ec2::23]/v1/credentials";
 /// Largest AdmissionReview accepted: the API server's own limit on a request is 3 MiB.
 const MAX_REVIEW_BYTES: usize = 3 << 20;
 
@@ -54,6 +56,8 @@ pub struct Injection {
     pub audience: String,
     /// The token's `expirationSeconds` (the kubelet renews it at 80 % of that).
     pub expiration_seconds: i64,
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`: [`ENDPOINT_URL`] or [`ENDPOINT_URL_IPV6`].
+    pub endpoint_url: String,
 }
 
 /// The JSON patch (RFC 6902) that sets `pod` up for the container endpoint: only what it
@@ -73,7 +77,11 @@ pub fn patch_for(pod: &Value, injection: &Injection) -> Vec<Value> {
             continue;
         };
         for (i, container) in containers.iter().enumerate() {
-            patch.extend(container_patch(&format!("/spec/{list}/{i}"), container));
+            patch.extend(container_patch(
+                &format!("/spec/{list}/{i}"),
+                container,
+                &injection.endpoint_url,
+            ));
         }
     }
     patch
@@ -93,8 +101,9 @@ fn volume(injection: &Injection) -> Value {
     })
 }
 
-/// What one container at `at` lacks: the two variables and the mount.
-fn container_patch(at: &str, container: &Value) -> Vec<Value> {
+/// What one container at `at` lacks: the two variables (the endpoint's `url`) and the
+/// mount.
+fn container_patch(at: &str, container: &Value, url: &str) -> Vec<Value> {
     let mut patch = Vec::new();
     let env = container["env"].as_array();
     if env.is_none() {
@@ -102,7 +111,7 @@ fn container_patch(at: &str, container: &Value) -> Vec<Value> {
     }
     let token_file = format!("{MOUNT_PATH}/{TOKEN_FILE}");
     for (name, value) in [
-        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", ENDPOINT_URL),
+        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", url),
         (
             "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
             token_file.as_str(),
@@ -342,6 +351,7 @@ mod tests {
         Injection {
             audience: "podiam".into(),
             expiration_seconds: 86400,
+            endpoint_url: ENDPOINT_URL.into(),
         }
     }
 

@@ -22,7 +22,7 @@
 //! created; the host's root namespace interfaces and iptables are never touched.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command as StdCommand;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -46,6 +46,9 @@ pub const POD_INTERFACE_PATTERN: &str = "podv+";
 pub const NODE_IP_BASE: [u8; 3] = [10, 77, 255];
 /// The link-local metadata address pods ask.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The instance metadata service's IPv6 address (Nitro instances), which the fake node
+/// metadata service also answers on.
+pub const METADATA_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 /// The container-credentials address (EKS Pod Identity's), intercepted like the metadata one.
 pub const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
 /// What the fake node metadata service answers to every request.
@@ -387,8 +390,10 @@ impl HttpReply {
 pub struct PodNet {
     /// The pod's namespace (deleting it deletes both veth ends).
     pub netns: Netns,
-    /// The pod's IP (`eth0`).
+    /// The pod's IPv4 address (`eth0`; not configured for an IPv6-only pod).
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (`fd00:77:K::2/64` on `eth0`), unless IPv4-only.
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side interface, inside the node namespace (`podv<k>`).
     pub host_if: String,
     /// The node side's address, the pod's default gateway.
@@ -402,6 +407,16 @@ pub struct Node {
     fake_metadata: Option<ChildGuard>,
     netns: Netns,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+}
+
+/// Which address families a pod has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+    Dual,
 }
 
 impl Node {
@@ -412,6 +427,25 @@ impl Node {
         let [a, b, c] = NODE_IP_BASE;
         let ip = Ipv4Addr::new(a, b, c, u8::try_from(n).unwrap_or(1));
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        let ip6 = Ipv6Addr::new(
+            0xfd00,
+            0x77,
+            0xffff,
+            0,
+            0,
+            0,
+            0,
+            u16::try_from(n).unwrap_or(1),
+        );
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
         // As the install guide recommends for nodes: connections queued on a listener that
         // closes move to another listener of its SO_REUSEPORT group (the agent's rolling
         // update) instead of being reset. Per network namespace; this one is ours.
@@ -425,6 +459,7 @@ impl Node {
             fake_metadata: None,
             netns,
             ip,
+            ip6,
         })
     }
 
@@ -443,9 +478,21 @@ impl Node {
         self.ip
     }
 
+    /// The node's IPv6 address (on its `lo`), reachable from pods with IPv6.
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+    }
+
     /// Creates a pod namespace joined to this node: `podv<k>` here, `eth0` there, a /30
     /// between them, the pod's default route via the node side.
     pub fn add_pod(&self) -> Result<PodNet, NetnsError> {
+        self.add_pod_with(Family::V4)
+    }
+
+    /// [`Node::add_pod`] with the address families `family`: IPv6 is `fd00:77:K::2/64`,
+    /// the node side `fd00:77:K::1`, the pod's default IPv6 route via it; an IPv6-only pod
+    /// has no IPv4 address or route at all.
+    pub fn add_pod_with(&self, family: Family) -> Result<PodNet, NetnsError> {
         let k = POD_COUNTER.fetch_add(1, Ordering::Relaxed);
         if k >= MAX_PODS {
             return Err(NetnsError::OutOfPodSubnets);
@@ -469,13 +516,51 @@ impl Node {
         ])?;
         self.netns
             .ip(&["addr", "add", &format!("{gateway}/30"), "dev", &host_if])?;
+        let ip6 = (family != Family::V4).then(|| {
+            let k = u16::try_from(k).unwrap_or(u16::MAX);
+            (
+                Ipv6Addr::new(0xfd00, 0x77, k, 0, 0, 0, 0, 1),
+                Ipv6Addr::new(0xfd00, 0x77, k, 0, 0, 0, 0, 2),
+            )
+        });
+        if let Some((gateway6, _)) = ip6 {
+            let address = format!("{gateway6}/64");
+            self.netns
+                .ip(&["-6", "addr", "add", &address, "dev", &host_if, "nodad"])?;
+        }
         self.netns.ip(&["link", "set", &host_if, "up"])?;
-        pod.ip(&["addr", "add", &format!("{pod_ip}/30"), "dev", "eth0"])?;
+        if family != Family::V6 {
+            pod.ip(&["addr", "add", &format!("{pod_ip}/30"), "dev", "eth0"])?;
+        }
+        if let Some((_, pod_ip6)) = ip6 {
+            pod.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{pod_ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         pod.ip(&["link", "set", "eth0", "up"])?;
-        pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        if family != Family::V6 {
+            pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        }
+        if let Some((gateway6, _)) = ip6 {
+            pod.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ])?;
+        }
         Ok(PodNet {
             netns: pod,
             ip: pod_ip,
+            ip6: ip6.map(|(_, pod_ip6)| pod_ip6),
             host_if,
             gateway,
         })
@@ -501,7 +586,7 @@ impl Node {
 
     pub async fn serve_fake_node_metadata(&mut self) -> Result<(), NetnsError> {
         const SCRIPT: &str = r#"
-import http.server
+import http.server, socket, threading
 BODY = b"NODE-METADATA-SERVICE"
 class H(http.server.BaseHTTPRequestHandler):
     def answer(self):
@@ -512,6 +597,9 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(BODY)
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+class Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+threading.Thread(target=Server6(("fd00:ec2::254", 80), H).serve_forever, daemon=True).start()
 http.server.ThreadingHTTPServer(("169.254.169.254", 80), H).serve_forever()
 "#;
         if self.fake_metadata.is_some() {
@@ -519,13 +607,22 @@ http.server.ThreadingHTTPServer(("169.254.169.254", 80), H).serve_forever()
         }
         self.netns
             .ip(&["addr", "add", &format!("{METADATA_IP}/32"), "dev", "lo"])?;
+        self.netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{METADATA_IP6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
         let mut cmd = self.netns.std_command("python3");
         cmd.args(["-u", "-c", SCRIPT]);
         let mut guard = ChildGuard::spawn("fake-node-metadata", cmd)?;
         let name = self.netns.name().to_owned();
         let ready = wait_until(
             FAKE_METADATA_START_TIMEOUT,
-            "the fake node metadata service to accept on 169.254.169.254:80",
+            "the fake node metadata service to accept on 169.254.169.254:80 and [fd00:ec2::254]:80",
             || {
                 let name = name.clone();
                 let exited = !matches!(guard.try_status(), Ok(None));
@@ -533,6 +630,7 @@ http.server.ThreadingHTTPServer(("169.254.169.254", 80), H).serve_forever()
                     exited
                         || in_netns(&name, || {
                             std::net::TcpStream::connect((METADATA_IP, 80)).is_ok()
+                                && std::net::TcpStream::connect((METADATA_IP6, 80)).is_ok()
                         })
                         .unwrap_or(false)
                 }

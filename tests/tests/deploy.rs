@@ -1131,7 +1131,11 @@ fn base_agent_runs_on_every_node_with_only_net_admin_and_a_privileged_port() {
     let a = args(c);
     assert_eq!(a[0], "serve");
     assert!(a.contains(&"--iptables"));
-    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("HOST_IP", "status.hostIP")] {
+    for (name, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("HOST_IP", "status.hostIP"),
+        ("HOST_IPS", "status.hostIPs"),
+    ] {
         let var = c["env"]
             .as_array()
             .unwrap()
@@ -1344,6 +1348,7 @@ fn container_env(r: &Rendering, c: &Value) -> BTreeMap<String, String> {
             None => match str_at(var, "/valueFrom/fieldRef/fieldPath") {
                 "spec.nodeName" => "node-1".to_string(),
                 "status.hostIP" => "10.0.0.10".to_string(),
+                "status.hostIPs" => "10.0.0.10,fd00:10::10".to_string(),
                 other => panic!("unexpected fieldRef {other}"),
             },
         };

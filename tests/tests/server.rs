@@ -28,8 +28,9 @@ async fn create_pods(world: &World, from: usize, count: usize, role: &str) {
             role: Some(role.into()),
             registered: true,
             service_account: None,
+            family: Default::default(),
         };
-        async move { create_pod(&client, &spec, ip(i)).await }
+        async move { create_pod(&client, &spec, &[ip(i).into()]).await }
     });
     for created in futures::future::join_all(creates).await {
         created.expect("pod created");
@@ -195,8 +196,9 @@ async fn explain_says_why_for_each_kind_of_decision() {
             role: role.map(Into::into),
             registered: true,
             service_account: None,
+            family: Default::default(),
         };
-        create_pod(&client, &spec, ip(1000 + n))
+        create_pod(&client, &spec, &[ip(1000 + n).into()])
             .await
             .expect("pod created");
     }

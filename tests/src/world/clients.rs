@@ -249,6 +249,22 @@ print(remaining)
             .await?)
     }
 
+    /// One HTTP request from inside `pod` to `url`.
+    pub async fn pod_request(
+        &self,
+        pod: &str,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<HttpReply> {
+        Ok(self
+            .pod(pod)
+            .net
+            .netns
+            .http_request(method, url, headers, POD_HTTP_TIMEOUT)
+            .await?)
+    }
+
     /// One HTTP request from inside `pod` to `http://169.254.169.254{path}`.
     pub async fn metadata_request(
         &self,

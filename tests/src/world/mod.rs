@@ -79,6 +79,8 @@ pub struct PodSpec {
     pub registered: bool,
     /// `spec.serviceAccountName` (none: the namespace's `default`).
     pub service_account: Option<String>,
+    /// Its address families (`status.podIPs` says the same).
+    pub family: netns::Family,
 }
 
 /// What to build.
@@ -127,7 +129,23 @@ impl WorldConfig {
             role: role.map(Into::into),
             registered: true,
             service_account: None,
+            family: netns::Family::V4,
         });
+        self
+    }
+
+    /// A pod with `role` whose addresses are of `family` (an IPv6-only or dual-stack pod).
+    pub fn pod_of(
+        mut self,
+        family: netns::Family,
+        namespace: &str,
+        name: &str,
+        role: Option<&str>,
+    ) -> Self {
+        self = self.pod(namespace, name, role);
+        if let Some(spec) = self.pods.last_mut() {
+            spec.family = family;
+        }
         self
     }
 
@@ -139,6 +157,7 @@ impl WorldConfig {
             role: None,
             registered: true,
             service_account: Some(account.into()),
+            family: netns::Family::V4,
         });
         self
     }
@@ -152,6 +171,7 @@ impl WorldConfig {
             role: role.map(Into::into),
             registered: false,
             service_account: None,
+            family: netns::Family::V4,
         });
         self
     }
@@ -211,10 +231,11 @@ impl World {
         let node = Node::create()?;
         let mut pods = BTreeMap::new();
         for spec in &config.pods {
-            let net = node.add_pod()?;
+            let net = node.add_pod_with(spec.family)?;
             // With the webhook, pods are created once it is configured (below).
             if spec.registered && !config.pod_identity {
-                create_pod(&client, spec, net.ip).await?;
+                let pod_ips = node::addresses_of(spec.family, &net);
+                create_pod(&client, spec, &pod_ips).await?;
             }
             let moto_bridge = Bridge::start(net.netns.name(), 0, moto.addr())?;
             pods.insert(

@@ -1,7 +1,7 @@
 //! The node and its pods: the agent in the node namespace (start, roll, stop, crash,
 //! uninstall, its iptables rules), pods as network namespaces and their Pod objects.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, SystemTime};
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::bridge::Bridge;
 use crate::kube_emulator::{self, Kind};
-use crate::netns::{Node, POD_INTERFACE_PATTERN, PodNet};
+use crate::netns::{Family, Node, POD_INTERFACE_PATTERN, PodNet};
 use crate::process::{ChildGuard, wait_until};
 
 /// A pod of the world: its spec, its network namespace, and its bridge to moto.
@@ -33,6 +33,11 @@ pub struct WorldPod {
 impl WorldPod {
     pub fn ip(&self) -> Ipv4Addr {
         self.net.ip
+    }
+
+    /// The pod's addresses as its `status.podIPs` lists them: IPv4 first when it has one.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        addresses_of(self.spec.family, &self.net)
     }
 
     /// The STS endpoint as seen from inside this pod.
@@ -93,6 +98,7 @@ impl World {
             .arg(self.agent_token_key_file())
             .arg("--iptables")
             .args(["--host-ip", &self.node.ip().to_string()])
+            .args(["--host-ipv6", &self.node.ip6().to_string()])
             .args(["--interface", POD_INTERFACE_PATTERN])
             .args(["--iptables-bin", &self.iptables_bin])
             .args(&self.agent_args)
@@ -196,7 +202,7 @@ impl World {
     /// Creates the Pod object of `pod` (Running, with its namespace's IP).
     pub async fn register_pod(&self, pod: &str) -> anyhow::Result<()> {
         let pod = self.pod(pod);
-        create_pod(&self.client, &pod.spec, pod.ip()).await
+        create_pod(&self.client, &pod.spec, &pod.addresses()).await
     }
 
     /// Deletes the Pod object of `pod` and creates it again: same name and IP, new UID
@@ -267,8 +273,20 @@ pub const POD_TOKEN_AUDIENCE: &str = "podiam";
 /// How long a pod token a test mints lives: the kubelet's default for projected tokens.
 pub const POD_TOKEN_LIFE: Duration = Duration::from_secs(3600);
 
-/// Creates a Running pod on [`NODE_NAME`] with `ip` as its `status.podIP`.
-pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> anyhow::Result<()> {
+/// The addresses of a pod of `family` on `net`, as its `status.podIPs` lists them: IPv4
+/// first when it has one.
+pub(super) fn addresses_of(family: Family, net: &PodNet) -> Vec<IpAddr> {
+    let v4 = (family != Family::V6).then_some(IpAddr::V4(net.ip));
+    v4.into_iter().chain(net.ip6.map(IpAddr::V6)).collect()
+}
+
+/// Creates a Running pod on [`NODE_NAME`] with `addresses` as its `status.podIPs` (the
+/// first is its `status.podIP`).
+pub async fn create_pod(
+    client: &kube::Client,
+    spec: &PodSpec,
+    addresses: &[IpAddr],
+) -> anyhow::Result<()> {
     let mut annotations = serde_json::Map::new();
     if let Some(role) = &spec.role {
         annotations.insert("iam.amazonaws.com/role".into(), json!(role));
@@ -287,10 +305,15 @@ pub async fn create_pod(client: &kube::Client, spec: &PodSpec, ip: Ipv4Addr) -> 
     api.create(&PostParams::default(), &pod)
         .await
         .with_context(|| format!("creating pod {}/{}", spec.namespace, spec.name))?;
+    let ip = addresses.first().context("a pod needs an address")?;
+    let pod_ips: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|ip| json!({ "ip": ip.to_string() }))
+        .collect();
     let status = json!({ "status": {
         "phase": "Running",
         "podIP": ip.to_string(),
-        "podIPs": [{ "ip": ip.to_string() }],
+        "podIPs": pod_ips,
         "hostIP": "10.77.255.1",
         "conditions": [{ "type": "Ready", "status": "True" }],
         "containerStatuses": [{

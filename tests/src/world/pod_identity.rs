@@ -56,7 +56,7 @@ impl World {
             .await?;
         }
         for spec in config.pods.iter().filter(|spec| spec.registered) {
-            create_pod(&self.client, spec, self.pod(&spec.name).ip()).await?;
+            create_pod(&self.client, spec, &self.pod(&spec.name).addresses()).await?;
         }
         Ok(())
     }
