@@ -279,8 +279,7 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     .expect("the change arrived");
     let to = now();
 
-    let report = load.stop().await.expect("report");
-    assert_unnoticed(&report, from, away_until, 30, &world);
+    let mut report = load.stop().await.expect("report");
     let writer_from = report.clients[0].fetches.iter().find_map(|f| match f {
         podiam_tests::sdk_load::Fetch::Ok { at, role, .. } if role == "app-writer" => Some(*at),
         _ => None,
@@ -289,6 +288,23 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
         writer_from.is_some_and(|at| at >= away_until),
         "app-0 got the new role at {writer_from:?}, before the API server was back at {away_until} (away from {from})"
     );
+    // The metadata protocol names the role in one request (the listing) and asks for its
+    // credentials in the next. A change landing between the two refuses the second
+    // (`wrong-role`, as EC2 refuses the old name of a replaced instance profile), and the SDK
+    // gets the new role at its next fetch. That moment, and only it, may cost app-0 one
+    // fetch: one that began after the API server was back and before the new role was
+    // first served.
+    let writer_from = writer_from.unwrap_or(f64::MAX);
+    let at_the_change = |f: &podiam_tests::sdk_load::Fetch| {
+        !f.is_ok() && f.at() >= away_until && f.at() < writer_from
+    };
+    let changed = &mut report.clients[0].fetches;
+    assert!(
+        changed.iter().filter(|f| at_the_change(f)).count() <= 1,
+        "{changed:?}"
+    );
+    changed.retain(|f| !at_the_change(f));
+    assert_unnoticed(&report, from, away_until, 30, &world);
     assert!(report.ok_between(away_until, to) > 0);
 }
 
@@ -479,14 +495,14 @@ async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
     let before = relists(&world.server_metrics().await.expect("metrics"));
 
     // The relist: old resourceVersions expire and every watch ends, so the server's watcher
-    // must list again — page by page (500 a page), each page 400 ms late.
-    world.emulator().set_list_delay(Duration::from_millis(400));
+    // must list again, and the emulator holds that list until every pod has been asked
+    // about, three times over, while it is under way.
+    world.emulator().hold_lists();
     world.emulator().compact();
     world.emulator().close_watches();
-    let mut rounds = 0;
     let mut unknown = Vec::new();
     let mut other_errors = Vec::new();
-    loop {
+    let mut ask_and_sort = async || {
         for (i, answer) in ask_all().await.into_iter().enumerate() {
             match answer {
                 Ok(_) => {}
@@ -496,18 +512,37 @@ async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
                 Err(status) => other_errors.push(format!("{}: {status:?}", ip(i))),
             }
         }
-        rounds += 1;
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the server's relist of pods to begin",
+        || async {
+            world
+                .emulator()
+                .held_lists()
+                .iter()
+                .any(|path| path.ends_with("/pods"))
+        },
+    )
+    .await
+    .expect("the server relists");
+    for _ in 0..3 {
+        ask_and_sort().await;
+    }
+    // Then through the rest of the relist, until the server has it all.
+    world.emulator().release_lists();
+    for round in 0.. {
+        ask_and_sort().await;
         let metrics = world.server_metrics().await.expect("metrics");
         if relists(&metrics) > before {
             break;
         }
-        assert!(rounds < 200, "no relist happened:\n{}", world.server_log());
+        assert!(
+            round < 200,
+            "the relist never ended:\n{}",
+            world.server_log()
+        );
     }
-    world.emulator().set_list_delay(Duration::ZERO);
-    assert!(
-        rounds >= 3,
-        "the relist was too quick to be observed ({rounds} rounds of 2000 asks)"
-    );
     assert!(
         unknown.is_empty(),
         "{} false unknown-pod answers",

@@ -103,6 +103,11 @@ pub struct Shared {
     /// How long each list (not watch) request waits before it is answered: a slow API
     /// server, so that a client's relist takes a while.
     pub list_delay: Mutex<Duration>,
+    /// While true, list (not watch) requests wait until it is false again: a relist held
+    /// open for as long as a test needs.
+    pub list_hold: tokio::sync::watch::Sender<bool>,
+    /// The paths of the list requests waiting on [`Shared::list_hold`] now.
+    pub held_lists: Mutex<Vec<String>>,
     /// Tokens, static users, the TokenReview fault and the review counters.
     pub authority: Authority,
     /// The certificate for TLS connections.
@@ -252,6 +257,9 @@ async fn handle(shared: &Shared, request: Request<Incoming>, tls: bool) -> Respo
     let delay = *shared.list_delay.lock().unwrap_or_else(|p| p.into_inner());
     if method == Method::GET && !delay.is_zero() && !incoming.query.flag("watch") {
         tokio::time::sleep(delay).await;
+    }
+    if method == Method::GET && !incoming.query.flag("watch") {
+        hold_list(shared, &path).await;
     }
     let user = shared
         .authority
@@ -858,4 +866,24 @@ fn streaming_response(
         header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// Waits while lists are held ([`Shared::list_hold`]), listed meanwhile in
+/// [`Shared::held_lists`].
+async fn hold_list(shared: &Shared, path: &str) {
+    let mut hold = shared.list_hold.subscribe();
+    if !*hold.borrow_and_update() {
+        return;
+    }
+    let held = |f: &mut dyn FnMut(&mut Vec<String>)| {
+        f(&mut shared.held_lists.lock().unwrap_or_else(|p| p.into_inner()));
+    };
+    held(&mut |lists| lists.push(path.to_string()));
+    // An error means the sender is gone: the emulator is shutting down.
+    let _ = hold.wait_for(|held| !held).await;
+    held(&mut |lists| {
+        if let Some(i) = lists.iter().position(|p| p == path) {
+            lists.remove(i);
+        }
+    });
 }

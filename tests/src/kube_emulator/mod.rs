@@ -207,6 +207,8 @@ impl KubeEmulator {
             shutdown: shutdown.clone(),
             requests: Mutex::new(VecDeque::new()),
             list_delay: Mutex::new(Duration::ZERO),
+            list_hold: tokio::sync::watch::Sender::new(false),
+            held_lists: Mutex::new(Vec::new()),
             authority: auth::Authority::new(),
             tls: tls::generate()?,
             webhooks: webhook::Webhooks::default(),
@@ -265,6 +267,26 @@ impl KubeEmulator {
             .list_delay
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = delay;
+    }
+
+    /// Holds every list request (not watches) from now until [`KubeEmulator::release_lists`]:
+    /// a relist that stays under way for as long as a test needs.
+    pub fn hold_lists(&self) {
+        self.shared.list_hold.send_replace(true);
+    }
+
+    /// Lets held list requests, and every later one, through.
+    pub fn release_lists(&self) {
+        self.shared.list_hold.send_replace(false);
+    }
+
+    /// The paths of the list requests held now.
+    pub fn held_lists(&self) -> Vec<String> {
+        self.shared
+            .held_lists
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The bound address.
