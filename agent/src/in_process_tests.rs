@@ -82,6 +82,8 @@ struct Replica {
     heartbeats: AtomicBool,
     credentials_calls: AtomicUsize,
     pod_role_calls: AtomicUsize,
+    /// The nodes agents reported ready (NodeReady).
+    ready_reports: Mutex<Vec<String>>,
     /// When each node stream was opened.
     streams: Mutex<Vec<Instant>>,
     /// When its last heartbeat was sent.
@@ -238,6 +240,21 @@ impl Podiam for Fake {
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn node_ready(
+        &self,
+        request: Request<podiam_proto::v1::NodeReadyRequest>,
+    ) -> Result<Response<podiam_proto::v1::NodeReadyResponse>, Status> {
+        let node = request.into_inner().node_name;
+        self.0
+            .ready_reports
+            .lock()
+            .expect("not poisoned")
+            .push(node);
+        Ok(Response::new(podiam_proto::v1::NodeReadyResponse {
+            taint_removed: true,
+        }))
     }
 }
 

@@ -247,12 +247,13 @@ impl Iptables {
     }
 
     /// Checks the rules every `interval` until `shutdown`, and repairs them if someone
-    /// removed or changed them.
+    /// removed or changed them, counting each repair in `repairs`.
     pub async fn keep(
         &self,
         dnats: &[Dnat],
         interfaces: &[String],
         interval: Duration,
+        repairs: prometheus_client::metrics::counter::Counter,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -261,7 +262,13 @@ impl Iptables {
                 () = tokio::time::sleep(interval) => {}
             }
             match self.install(dnats, interfaces).await {
-                Ok(true) => tracing::warn!("iptables rules were changed by someone else; repaired"),
+                Ok(true) => {
+                    repairs.inc();
+                    tracing::warn!(
+                        program = %self.program,
+                        "iptables rules were changed by someone else; repaired"
+                    );
+                }
                 Ok(false) => {}
                 Err(error) => tracing::error!(%error, "checking the iptables rules failed"),
             }

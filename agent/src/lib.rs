@@ -175,6 +175,21 @@ impl Agent {
         })
     }
 
+    /// Reports this node's rules in place to the servers until one accepts it (see
+    /// [`Servers::report_node_ready`]): run it once the rules are installed.
+    pub fn report_node_ready(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let upstream = Arc::clone(&self.upstream);
+        async move { upstream.report_node_ready(shutdown).await }
+    }
+
+    /// The counter of iptables repairs (exported as `podiam_agent_iptables_repairs_total`).
+    pub fn iptables_repairs(&self) -> prometheus_client::metrics::counter::Counter {
+        self.metrics.iptables_repairs.clone()
+    }
+
     /// Serves pods and health on `listeners` until `shutdown` (SIGTERM), then: reports not
     /// ready, stops accepting pods' connections (a successor bound beside it with
     /// SO_REUSEPORT takes them), lets open ones finish, and returns. The iptables rules are

@@ -85,6 +85,7 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     ));
     // The rules are kept until the pod-facing port has drained.
     let stop = CancellationToken::new();
+    let intercepting = rules.is_some();
     let keeping: Vec<_> = rules
         .into_iter()
         .flat_map(|(families, interception)| {
@@ -95,11 +96,21 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         })
         .map(|(iptables, dnats, interfaces, interval)| {
             let stop = stop.clone();
-            tokio::spawn(async move { iptables.keep(&dnats, &interfaces, interval, stop).await })
+            let repairs = agent.iptables_repairs();
+            tokio::spawn(async move {
+                iptables
+                    .keep(&dnats, &interfaces, interval, repairs, stop)
+                    .await
+            })
         })
         .collect();
+    // With the rules in place, the servers may lift this node's agent-not-ready taint.
+    let reporting = intercepting.then(|| tokio::spawn(agent.report_node_ready(stop.clone())));
     let served = agent.serve(listeners, shutdown).await;
     stop.cancel();
+    if let Some(reporting) = reporting {
+        let _ = reporting.await;
+    }
     if !keeping.is_empty() {
         for kept in keeping {
             let _ = kept.await;

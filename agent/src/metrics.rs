@@ -88,6 +88,8 @@ pub struct Metrics {
     pub node_stream: NodeStreamMetrics,
     /// Pod-facing connections the agent closed or refused on its own, by reason.
     pub connections_closed: Family<ClosedLabels, Counter>,
+    /// Times the periodic check found the iptables rules changed and put them back.
+    pub iptables_repairs: Counter,
     registry: Registry,
 }
 
@@ -106,6 +108,7 @@ impl Metrics {
             connections: Gauge::default(),
             node_stream: NodeStreamMetrics::default(),
             connections_closed: Family::default(),
+            iptables_repairs: Counter::default(),
             registry: Registry::with_prefix("podiam_agent"),
         };
         // Every label value exported from the start (at 0), so that rates and alerts over
@@ -203,6 +206,12 @@ impl Metrics {
             "Node stream snapshots taken: one per stream opened and synced (the first, then \
              one after each broken stream)",
             self.node_stream.syncs.clone(),
+        );
+        registry.register(
+            "iptables_repairs",
+            "Times the periodic check found the iptables rules removed or changed by someone \
+             else and put them back",
+            self.iptables_repairs.clone(),
         );
     }
 

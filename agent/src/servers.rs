@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use podiam_proto::Reason;
 use podiam_proto::v1::{
-    Credentials, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, WatchNodeRequest, node_event,
+    Credentials, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, NodeReadyRequest,
+    WatchNodeRequest, node_event,
 };
 use podiam_runtime::telemetry::Escaped;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ use crate::replicas::{HEALTH_INTERVAL, Replica, ServerSet};
 const STREAM_RETRY_MIN: Duration = Duration::from_millis(200);
 /// Longest wait between attempts to re-open the node stream.
 const STREAM_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest wait between NodeReady reports that found no replica to accept them.
+const NODE_READY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// A stream that carried heartbeats and then is silent this long is broken: three of the
 /// server's heartbeats (one a second) missed.
 const STREAM_SILENCE_LIMIT: Duration = Duration::from_secs(3);
@@ -158,6 +161,45 @@ impl Servers {
             pod_uid: answer.pod.map(|p| p.uid).unwrap_or_default(),
             credentials,
         })
+    }
+
+    /// Tells a server replica that this node's interception rules are in place, so that it
+    /// lifts the node's agent-not-ready taint: whether there was one.
+    pub async fn node_ready(&self) -> Result<bool, ServerError> {
+        let request = NodeReadyRequest {
+            node_name: self.node_name.clone(),
+        };
+        let answer = self
+            .replicas
+            .call(self.stream_replica(), |mut client| {
+                let request = request.clone();
+                async move { client.node_ready(request).await }
+            })
+            .await?;
+        Ok(answer.taint_removed)
+    }
+
+    /// Reports the node ready ([`Servers::node_ready`]) until a replica accepts it, retrying
+    /// with backoff while none can (not reachable yet, or refusing this agent's token for
+    /// now); gives up at `shutdown`.
+    pub async fn report_node_ready(&self, shutdown: CancellationToken) {
+        let mut retry = STREAM_RETRY_MIN;
+        loop {
+            match self.node_ready().await {
+                Ok(taint_removed) => {
+                    tracing::info!(taint_removed, "reported this node's rules in place");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?retry, "could not report this node's rules in place");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).clamp(STREAM_RETRY_MIN, NODE_READY_RETRY_MAX);
+        }
     }
 
     /// The node this agent serves.

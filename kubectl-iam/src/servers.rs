@@ -519,6 +519,13 @@ mod tests {
                 Err(Status::unimplemented("not here"))
             }
 
+            async fn node_ready(
+                &self,
+                _: Request<podiam_proto::v1::NodeReadyRequest>,
+            ) -> Result<Response<podiam_proto::v1::NodeReadyResponse>, Status> {
+                Err(Status::unimplemented("not here"))
+            }
+
             async fn health(
                 &self,
                 _: Request<HealthRequest>,

@@ -167,6 +167,15 @@ pub struct Config {
     /// container-credentials endpoint (the webhook's token volume asks for the same).
     #[arg(long, env = "PODIAM_POD_TOKEN_AUDIENCE", default_value = "podiam")]
     pub pod_token_audience: String,
+    /// The NoSchedule taint nodes register with until their agent's iptables rules are in
+    /// place (kubelet --register-with-taints=KEY=true:NoSchedule): removed from a node once
+    /// its agent, proven by its token, reports its rules. Empty: no taint is removed.
+    #[arg(
+        long,
+        env = "PODIAM_AGENT_NOT_READY_TAINT",
+        default_value = "podiam.io/agent-not-ready"
+    )]
+    pub agent_not_ready_taint: String,
     /// Log format.
     #[arg(long, env = "PODIAM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -200,6 +209,8 @@ pub struct ValidConfig {
     pub cache: CachePolicy,
     pub sessions: SessionNaming,
     pub binding: Binding,
+    /// `--agent-not-ready-taint`, unless empty.
+    pub agent_not_ready_taint: Option<String>,
     pub drain: Drain,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -242,33 +253,15 @@ impl Config {
         if self.pod_token_audience.trim().is_empty() {
             problems.push("--pod-token-audience must not be empty".to_string());
         }
-        if self.webhook_token_expiration < Duration::from_secs(600)
-            || self.webhook_token_expiration.as_secs() > 1 << 32
-        {
-            problems.push(
-                "--webhook-token-expiration must be at least 10m (the API server's minimum)"
-                    .to_string(),
-            );
-        }
-        if ![
-            crate::webhook::ENDPOINT_URL,
-            crate::webhook::ENDPOINT_URL_IPV6,
-        ]
-        .contains(&self.webhook_endpoint_url.as_str())
+        if !self.agent_not_ready_taint.is_empty()
+            && !crate::service::valid_taint_key(&self.agent_not_ready_taint)
         {
             problems.push(format!(
-                "--webhook-endpoint-url {:?} must be {} or {}",
-                self.webhook_endpoint_url,
-                crate::webhook::ENDPOINT_URL,
-                crate::webhook::ENDPOINT_URL_IPV6
+                "--agent-not-ready-taint {:?} is not a taint key (like podiam.io/agent-not-ready), nor empty",
+                self.agent_not_ready_taint
             ));
         }
-        if let Some(webhook) = self.webhook_listen
-            && webhook.port() != 0
-            && (webhook == self.listen || webhook == self.health_listen)
-        {
-            problems.push("--webhook-listen must differ from --listen and --health-listen".into());
-        }
+        problems.extend(self.webhook_problems());
         if (self.cluster_name.is_some() || self.session_tags_transitive) && !self.session_tags {
             problems.push(
                 "--cluster-name and --session-tags-transitive need --session-tags".to_string(),
@@ -299,6 +292,39 @@ impl Config {
             }
             _ => Err(problems),
         }
+    }
+
+    /// The admission webhook's settings.
+    fn webhook_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.webhook_token_expiration < Duration::from_secs(600)
+            || self.webhook_token_expiration.as_secs() > 1 << 32
+        {
+            problems.push(
+                "--webhook-token-expiration must be at least 10m (the API server's minimum)"
+                    .to_string(),
+            );
+        }
+        if ![
+            crate::webhook::ENDPOINT_URL,
+            crate::webhook::ENDPOINT_URL_IPV6,
+        ]
+        .contains(&self.webhook_endpoint_url.as_str())
+        {
+            problems.push(format!(
+                "--webhook-endpoint-url {:?} must be {} or {}",
+                self.webhook_endpoint_url,
+                crate::webhook::ENDPOINT_URL,
+                crate::webhook::ENDPOINT_URL_IPV6
+            ));
+        }
+        if let Some(webhook) = self.webhook_listen
+            && webhook.port() != 0
+            && (webhook == self.listen || webhook == self.health_listen)
+        {
+            problems.push("--webhook-listen must differ from --listen and --health-listen".into());
+        }
+        problems
     }
 
     /// The checked values, assembled.
@@ -343,6 +369,8 @@ impl Config {
                 audience: self.agent_token_audience,
                 pod_audience: self.pod_token_audience,
             },
+            agent_not_ready_taint: (!self.agent_not_ready_taint.is_empty())
+                .then(|| self.agent_not_ready_taint.clone()),
             drain: Drain {
                 delay: self.shutdown_delay,
                 timeout: self.shutdown_timeout,

@@ -26,6 +26,7 @@ pub mod identity;
 #[cfg(test)]
 mod in_process_tests;
 pub mod metrics;
+pub mod nodes;
 pub mod preflight;
 pub mod service;
 pub mod session;
@@ -185,6 +186,9 @@ impl Server {
             metrics.sts_calls.clone(),
         ));
         let cluster = Arc::new(Cluster::default());
+        let node_taints = backends.kube.as_ref().map(|client| {
+            Arc::new(nodes::KubeNodeTaints::new(client.clone())) as Arc<dyn nodes::NodeTaints>
+        });
         let (events, kube) = match backends.kube {
             Some(client) => {
                 let (events, queue) = Events::new(EventLimits::default(), metrics.events.clone());
@@ -206,7 +210,12 @@ impl Server {
             Arc::new(events),
             identities,
         )
-        .with_lifecycle(draining.clone(), metrics.node_streams.clone());
+        .with_lifecycle(draining.clone(), metrics.node_streams.clone())
+        .with_node_readiness(nodes::NodeReadiness {
+            taint: config.agent_not_ready_taint,
+            nodes: node_taints,
+            removed: metrics.node_taints_removed.clone(),
+        });
         Server {
             tls,
             tls_reload_interval: config.tls_reload_interval,

@@ -38,7 +38,7 @@ pub struct ResultLabels {
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
-    /// STS AssumeRole calls by outcome (ok, refused, unavailable).
+    /// STS AssumeRole calls by outcome (ok, refused, unavailable, throttled).
     pub sts_calls: StsCallCounters,
     /// Kubernetes Events by outcome (sent, dropped, failed).
     pub events: EventCounters,
@@ -56,6 +56,8 @@ pub struct Metrics {
     pub identity: IdentityCounters,
     /// Admission reviews the webhook answered, by result.
     pub webhook_reviews: Family<ResultLabels, Counter>,
+    /// Nodes whose agent-not-ready taint this replica removed.
+    pub node_taints_removed: Counter,
     registry: Registry,
 }
 
@@ -73,6 +75,11 @@ impl Metrics {
                 result: "unavailable",
             })
             .clone();
+        let throttled = family
+            .get_or_create(&StsLabels {
+                result: "throttled",
+            })
+            .clone();
         let event_family = Family::<EventLabels, Counter>::default();
         let sent = event_family
             .get_or_create(&EventLabels { result: "sent" })
@@ -88,6 +95,7 @@ impl Metrics {
                 ok,
                 refused,
                 unavailable,
+                throttled,
             },
             events: EventCounters {
                 sent,
@@ -101,6 +109,7 @@ impl Metrics {
             tls_expiry: Gauge::default(),
             identity: IdentityCounters::new(),
             webhook_reviews: Family::default(),
+            node_taints_removed: Counter::default(),
             registry: Registry::with_prefix("podiam_server"),
         };
         metrics.register_all(family, event_family);
@@ -170,8 +179,14 @@ impl Metrics {
             self.webhook_reviews.clone(),
         );
         registry.register(
+            "node_taints_removed",
+            "Nodes whose agent-not-ready taint (--agent-not-ready-taint) this replica removed, \
+             once their agent reported its iptables rules in place",
+            self.node_taints_removed.clone(),
+        );
+        registry.register(
             "sts_calls",
-            "STS AssumeRole calls, by result (ok, refused, unavailable)",
+            "STS AssumeRole calls, by result (ok, refused, unavailable, throttled)",
             sts_calls,
         );
     }
@@ -255,6 +270,10 @@ mod tests {
         );
         assert!(
             text.contains("podiam_server_sts_calls_total{result=\"refused\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podiam_server_sts_calls_total{result=\"throttled\"} 0"),
             "{text}"
         );
     }

@@ -28,12 +28,13 @@ use podiam_policy::policy::Role;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
     GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
-    NodeEvent, StatusRequest, StatusResponse, WatchNodeRequest, explain_request, node_event,
-    podiam_server::Podiam,
+    NodeEvent, NodeReadyRequest, NodeReadyResponse, StatusRequest, StatusResponse,
+    WatchNodeRequest, explain_request, node_event, podiam_server::Podiam,
 };
 use podiam_proto::{InvalidIp, Reason, valid_role_name};
 use podiam_runtime::clock::now_unix;
 use podiam_runtime::telemetry::Escaped;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -191,7 +192,7 @@ impl Failure {
 fn sts_reason(error: &StsError) -> Reason {
     match error {
         StsError::Refused { .. } => Reason::StsRefused,
-        StsError::Unavailable(_) => Reason::StsUnavailable,
+        StsError::Unavailable(_) | StsError::Throttled(_) => Reason::StsUnavailable,
     }
 }
 
@@ -255,6 +256,8 @@ pub struct PodiamService {
     /// The tasks serving node streams, so that the server waits for them (they end when
     /// draining starts) before it says it has stopped.
     streams: TaskTracker,
+    /// Agents' NodeReady reports: the agent-not-ready taint they lift.
+    readiness: crate::nodes::NodeReadiness,
 }
 
 /// Longest pod token accepted: projected tokens are about 1 KiB; this bounds what one call
@@ -346,6 +349,24 @@ pub fn valid_node_name(name: &str) -> bool {
     dns_subdomain(name)
 }
 
+/// Whether `key` is a Kubernetes taint (or label) key: an optional DNS-subdomain prefix and
+/// `/`, then a name of at most 63 letters, digits, `-`, `_` and `.`, alphanumeric at both ends.
+pub fn valid_taint_key(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let alphanumeric = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    prefix.is_none_or(dns_subdomain)
+        && !name.is_empty()
+        && name.len() <= 63
+        && alphanumeric(name.bytes().next())
+        && alphanumeric(name.bytes().last())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// A DNS-1123 subdomain: what Kubernetes requires of node and pod names.
 fn dns_subdomain(name: &str) -> bool {
     !name.is_empty() && name.len() <= 253 && name.split('.').all(dns_label)
@@ -409,7 +430,18 @@ impl PodiamService {
             agents: Arc::default(),
             slots: Arc::default(),
             streams: TaskTracker::new(),
+            readiness: crate::nodes::NodeReadiness {
+                taint: None,
+                nodes: None,
+                removed: Counter::default(),
+            },
         }
+    }
+
+    /// Lifts nodes' agent-not-ready taint when their agents report their rules in place.
+    pub fn with_node_readiness(mut self, readiness: crate::nodes::NodeReadiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// Waits until every node stream's task has ended (after draining started, they do).
@@ -997,7 +1029,9 @@ fn refuse(failure: Failure) -> Status {
     // A refusal may quote what STS or the API said about a caller's input.
     let logged = Escaped(&failure);
     match &failure {
-        Failure::Sts(StsError::Unavailable(_)) => tracing::warn!(failure = %logged, "refused"),
+        Failure::Sts(StsError::Unavailable(_) | StsError::Throttled(_)) => {
+            tracing::warn!(failure = %logged, "refused")
+        }
         _ => tracing::debug!(failure = %logged, "refused"),
     }
     failure.status()
@@ -1119,6 +1153,47 @@ impl Podiam for PodiamService {
             namespaces: self.cluster.namespaces().len() as u64,
             agents_total,
         }))
+    }
+
+    async fn node_ready(
+        &self,
+        request: Request<NodeReadyRequest>,
+    ) -> Result<Response<NodeReadyResponse>, Status> {
+        let caller = self.agent(&request, "NodeReady").await?;
+        let peer = request.remote_addr();
+        let asked = request.into_inner().node_name;
+        // Only a node-bound agent lifts a taint, and only its own node's, whatever
+        // --node-binding says: an unproven caller opening nodes to pods would fail open.
+        let node = match caller {
+            Caller::Agent(agent) if agent.node == asked => agent.node,
+            Caller::Agent(agent) => {
+                let failure = BindingFailure::OtherNodeStream {
+                    proven: agent.node.clone(),
+                    asked: asked.clone(),
+                };
+                self.identities.counters().refused(failure.label());
+                tracing::warn!(
+                    agent_node = %agent.node,
+                    agent_pod = %agent.pod,
+                    asked = %Escaped(&asked),
+                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                    "agent reported another node ready"
+                );
+                return Err(Failure::Binding(failure).status());
+            }
+            Caller::Unproven => {
+                return Err(Status::permission_denied(
+                    "only an agent whose token proves its node may report it ready",
+                ));
+            }
+        };
+        match self.readiness.ready(&node).await {
+            Ok(taint_removed) => Ok(Response::new(NodeReadyResponse { taint_removed })),
+            Err(why) => {
+                tracing::warn!(node = %node, error = %why, "could not lift the agent-not-ready taint");
+                Err(Status::unavailable(why))
+            }
+        }
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

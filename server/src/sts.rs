@@ -66,9 +66,13 @@ pub enum StsError {
     /// STS answered and said no (AccessDenied, a malformed request…): retrying won't help.
     #[error("STS refused AssumeRole ({code}): {message}")]
     Refused { code: String, message: String },
-    /// STS could not be reached, throttled us or failed: retrying may help.
+    /// STS could not be reached or failed: retrying may help.
     #[error("STS unavailable: {0}")]
     Unavailable(String),
+    /// STS throttled the call (the account's AssumeRole rate is spent, shared with everything
+    /// else in it): retrying later helps, and so does calling less.
+    #[error("STS throttled AssumeRole: {0}")]
+    Throttled(String),
 }
 
 /// One AssumeRole request.
@@ -142,6 +146,25 @@ impl SdkAssumeRole {
 }
 
 /// Error codes that mean "retrying will not help".
+/// What an error code STS answered with means for the caller.
+fn classify(code: String, message: String) -> StsError {
+    if REFUSAL_CODES.contains(&code.as_str()) {
+        StsError::Refused { code, message }
+    } else if THROTTLING_CODES.contains(&code.as_str()) {
+        StsError::Throttled(format!("{code}: {message}"))
+    } else {
+        StsError::Unavailable(format!("{code}: {message}"))
+    }
+}
+
+/// Error codes with which STS (and AWS's other query APIs) say a caller is over its rate.
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+];
+
 const REFUSAL_CODES: &[&str] = &[
     "AccessDenied",
     "AccessDeniedException",
@@ -197,14 +220,12 @@ impl AssumeRole for SdkAssumeRole {
                 Err(err) => {
                     let code = err.code().unwrap_or_default().to_string();
                     let message = err.message().unwrap_or_default().to_string();
-                    return Err(if REFUSAL_CODES.contains(&code.as_str()) {
-                        StsError::Refused { code, message }
-                    } else if code.is_empty() {
+                    return Err(if code.is_empty() {
                         StsError::Unavailable(
                             aws_sdk_sts::error::DisplayErrorContext(&err).to_string(),
                         )
                     } else {
-                        StsError::Unavailable(format!("{code}: {message}"))
+                        classify(code, message)
                     });
                 }
             };
@@ -359,6 +380,7 @@ pub struct StsCallCounters {
     pub ok: prometheus_client::metrics::counter::Counter,
     pub refused: prometheus_client::metrics::counter::Counter,
     pub unavailable: prometheus_client::metrics::counter::Counter,
+    pub throttled: prometheus_client::metrics::counter::Counter,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -457,8 +479,12 @@ impl CredentialCache {
                     ));
                     Err(refusal)
                 }
-                Err(error @ StsError::Unavailable(_)) => {
-                    calls.unavailable.inc();
+                Err(error @ (StsError::Unavailable(_) | StsError::Throttled(_))) => {
+                    if matches!(error, StsError::Throttled(_)) {
+                        calls.throttled.inc();
+                    } else {
+                        calls.unavailable.inc();
+                    }
                     entry.failures = entry.failures.saturating_add(1);
                     entry.retry_at_ms = now + backoff(&policy, entry.failures).as_millis() as i64;
                     entry.last_error = Some(error.clone());
@@ -614,7 +640,7 @@ mod tests {
                     .await
                     .map_err(|e| StsError::Unavailable(e.to_string()))?;
                 if me.down.load(Ordering::SeqCst) {
-                    return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
+                    return Err(StsError::Throttled("Throttling: Rate exceeded".into()));
                 }
                 if me.refuse.load(Ordering::SeqCst) {
                     return Err(StsError::Refused {
@@ -808,7 +834,7 @@ mod tests {
             );
             let fresh = r.cache.get(key("new-pod-role")).await;
             assert!(
-                matches!(&fresh, Err(StsError::Unavailable(m)) if m.contains("Throttling")),
+                matches!(&fresh, Err(StsError::Throttled(m)) if m.contains("Throttling")),
                 "a new role gets a clear STS-unavailable answer: {fresh:?}"
             );
             r.clock.advance(Duration::from_secs(10));
@@ -885,6 +911,19 @@ mod tests {
         assert!(
             !shown.contains("s3cr3t") && !shown.contains("t0k3n"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn sts_error_codes_are_refusals_throttling_or_outages() {
+        let of = |code: &str| classify(code.to_string(), "m".to_string());
+        assert!(matches!(of("AccessDenied"), StsError::Refused { .. }));
+        for code in ["Throttling", "ThrottlingException", "RequestLimitExceeded"] {
+            assert_eq!(of(code), StsError::Throttled(format!("{code}: m")));
+        }
+        assert_eq!(
+            of("InternalFailure"),
+            StsError::Unavailable("InternalFailure: m".to_string())
         );
     }
 }

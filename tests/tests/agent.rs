@@ -237,6 +237,9 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
         "--flush-conntrack".into(),
     ];
     let world = World::start(config).await.expect("world starts");
+    let repairs = |n: u32| format!("podiam_agent_iptables_repairs_total {n}\n");
+    let metrics = world.agent_metrics().await.expect("metrics");
+    assert!(metrics.contains(&repairs(0)), "{metrics}");
     let rules = world.node_nat_rules().await.expect("rules");
     let jump = rules
         .lines()
@@ -253,18 +256,25 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The repair is counted once the rules are back.
     wait_until(
         Duration::from_secs(10),
-        "the agent to put its jump back",
+        "the agent to put its jump back and count the repair",
         || async {
             world
-                .node_nat_rules()
+                .agent_metrics()
                 .await
-                .is_ok_and(|r| r.matches("-j PODIAM").count() == INTERCEPTED_ADDRESSES)
+                .is_ok_and(|m| m.contains(&repairs(1)))
         },
     )
     .await
     .expect("repaired");
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert_eq!(
+        rules.matches("-j PODIAM").count(),
+        INTERCEPTED_ADDRESSES,
+        "{rules}"
+    );
     let reply = world
         .metadata_request("web", "GET", CREDS_PATH, &[])
         .await

@@ -26,8 +26,9 @@
 //!   placeholder); the Secrets are the ones `podiam-certs --secrets` writes, with the keys
 //!   the TLS flags name; the Dockerfile puts the binaries where the manifests run them.
 //!
-//! Needs `kubectl` with kustomize v5 and `python3 -m pip install 'kubernetes-validate==1.37.0'`
-//! (scripts/setup installs both); fails with that message when either is missing.
+//! Needs `kubectl` with kustomize v5 and `kubernetes-validate==1.37.0` for the `python3` on
+//! PATH (scripts/setup installs both, the validator into `.venv`, which scripts/test puts
+//! first on PATH); fails with that message when either is missing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -152,7 +153,7 @@ fn require_tools() {
 
 fn python_module_missing_hint() -> String {
     format!(
-        "install the validator: python3 -m pip install '{VALIDATOR_REQUIREMENT}' (scripts/setup does)"
+        "the python3 on PATH lacks the validator '{VALIDATOR_REQUIREMENT}': scripts/setup installs it into .venv; put .venv/bin first on PATH (scripts/test does)"
     )
 }
 
@@ -254,6 +255,14 @@ fn base() -> &'static Rendering {
 // ---------------------------------------------------------------------------------------
 // Schema validation
 
+/// Objects of the Prometheus Operator's CRDs (deploy/components/monitoring): no bundled
+/// schema either; [`monitoring_problems`] checks them.
+fn is_monitoring(object: &Value) -> bool {
+    object["apiVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+}
+
 fn is_cert_manager(object: &Value) -> bool {
     object["apiVersion"]
         .as_str()
@@ -286,7 +295,9 @@ fn schema_problems(files: &[&Path], expected_passes: usize) -> Vec<String> {
         let passes = text.lines().filter(|l| l.contains(" passed for ")).count();
         for line in text.lines() {
             let schemaless = line.contains("Couldn't find schema");
-            if line.starts_with("ERROR") || (schemaless && !line.contains("cert-manager.io/")) {
+            let custom =
+                line.contains("cert-manager.io/") || line.contains("monitoring.coreos.com/");
+            if line.starts_with("ERROR") || (schemaless && !custom) {
                 problems.push(format!("{version}: {line}"));
             }
         }
@@ -309,12 +320,13 @@ fn every_kustomization_renders_and_its_objects_validate() {
     let built_in = all
         .iter()
         .flat_map(|r| &r.objects)
-        .filter(|o| !is_cert_manager(o))
+        .filter(|o| !is_cert_manager(o) && !is_monitoring(o))
         .count();
     let problems = schema_problems(&files, built_in);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     for r in all {
-        let problems = cert_manager_problems(r);
+        let mut problems = cert_manager_problems(r);
+        problems.extend(monitoring_problems(r));
         assert!(problems.is_empty(), "{}: {}", r.name, problems.join("\n"));
     }
 }
@@ -909,6 +921,8 @@ fn base_rbac_grants_exactly_what_the_server_needs_and_nothing_to_the_agent() {
             &["pods", "namespaces", "serviceaccounts"],
             &["get", "list", "watch"],
         ),
+        // Lifting a node's agent-not-ready taint.
+        ("", &["nodes"], &["get", "patch"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
         ("authentication.k8s.io", &["tokenreviews"], &["create"]),
         (
@@ -1181,16 +1195,69 @@ fn base_namespace_admits_the_agent_and_everything_is_in_it() {
     }
 }
 
+/// The server's `--agent-not-ready-taint` default: nodes register with it until their agent
+/// has its rules in place.
+const NOT_READY_TAINT: &str = "podiam.io/agent-not-ready";
+
+fn not_ready_toleration() -> Value {
+    json!({"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+}
+
+/// Whether a pod with `tolerations` may be scheduled onto a node with `taint`, by the
+/// scheduler's rule: some toleration matches its key (or tolerates every key with
+/// `Exists`), its value (`Exists`, or `Equal` and the same value) and its effect (or all).
+fn tolerates(tolerations: &Value, taint: &Value) -> bool {
+    tolerations.as_array().into_iter().flatten().any(|t| {
+        let key = t["key"].as_str().unwrap_or_default();
+        let exists = t["operator"] == "Exists";
+        let key_ok = key == taint["key"] || (key.is_empty() && exists);
+        let value_ok = exists || t["value"] == taint["value"];
+        let effect_ok = t
+            .get("effect")
+            .is_none_or(|e| e == "" || *e == taint["effect"]);
+        key_ok && value_ok && effect_ok
+    })
+}
+
+#[test]
+fn a_node_tainted_at_boot_takes_agents_and_servers_and_nothing_else() {
+    let taint = json!({"key": NOT_READY_TAINT, "value": "true", "effect": "NoSchedule"});
+    let help = run(
+        Command::new(binary("podiam-server").unwrap()).arg("--help"),
+        "podiam-server --help",
+    );
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains(&format!("[default: {NOT_READY_TAINT}]")),
+        "the server lifts {NOT_READY_TAINT} by default"
+    );
+    for r in renderings().iter().filter(|r| r.name != "uninstall") {
+        for workload in [r.agent(), r.server()] {
+            assert!(
+                tolerates(&pod_spec(workload)["tolerations"], &taint),
+                "{}: {} must run on a node still tainted",
+                r.name,
+                str_at(workload, "/metadata/name")
+            );
+        }
+    }
+    // An ordinary pod (none of podiam's) waits for the agent.
+    assert!(!tolerates(&json!([]), &taint));
+    assert!(!tolerates(
+        &json!([{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]),
+        &taint
+    ));
+}
+
 #[test]
 fn ordinary_nodes_overlay_only_lifts_control_plane_scheduling() {
     let r = rendering("overlays/ordinary-nodes");
     let spec = pod_spec(r.server());
-    assert!(spec.get("tolerations").is_none());
+    assert_eq!(spec["tolerations"], json!([not_ready_toleration()]));
     assert!(spec["affinity"].get("nodeAffinity").is_none());
     assert!(spec["affinity"].get("podAntiAffinity").is_some());
     let mut expected = base().server().clone();
     let template = &mut expected["spec"]["template"]["spec"];
-    template.as_object_mut().unwrap().remove("tolerations");
+    template["tolerations"] = json!([not_ready_toleration()]);
     template["affinity"]
         .as_object_mut()
         .unwrap()
@@ -1199,6 +1266,38 @@ fn ordinary_nodes_overlay_only_lifts_control_plane_scheduling() {
     assert_eq!(r.agent(), base().agent());
     // And the base does tolerate the control plane (asserted in detail above).
     assert!(pod_spec(base().server()).get("tolerations").is_some());
+}
+
+/// How many server pods a drain may evict at once, as the disruption controller counts it,
+/// on a cluster with `nodes` nodes the server may run on: required anti-affinity puts at most
+/// one replica on each, and the rest stay Pending (unhealthy).
+fn disruptions_allowed(r: &Rendering, nodes: i64) -> i64 {
+    let replicas = r.server()["spec"]["replicas"].as_i64().unwrap();
+    let anti_affinity = &pod_spec(r.server())["affinity"]["podAntiAffinity"];
+    assert!(anti_affinity["requiredDuringSchedulingIgnoredDuringExecution"].is_array());
+    let healthy = replicas.min(nodes);
+    let budget = r.get("PodDisruptionBudget", "podiam-server");
+    let max_unavailable = budget["spec"]["maxUnavailable"].as_i64().unwrap();
+    (healthy - (replicas - max_unavailable)).max(0)
+}
+
+#[test]
+fn single_replica_overlay_lets_a_one_node_control_plane_drain() {
+    let r = rendering("overlays/single-replica");
+    // The hole it closes: the base on one control-plane node keeps its second replica
+    // Pending and its budget then allows no eviction, so no drain of that node finishes.
+    assert_eq!(disruptions_allowed(base(), 1), 0);
+    assert_eq!(disruptions_allowed(base(), 2), 1);
+    assert_eq!(disruptions_allowed(r, 1), 1);
+    // And it changes nothing else.
+    let mut expected = base().server().clone();
+    expected["spec"]["replicas"] = json!(1);
+    assert_eq!(*r.server(), expected);
+    assert_eq!(r.agent(), base().agent());
+    assert_eq!(
+        r.get("PodDisruptionBudget", "podiam-server"),
+        base().get("PodDisruptionBudget", "podiam-server")
+    );
 }
 
 #[test]
@@ -1219,7 +1318,12 @@ fn iptables_legacy_overlay_adds_net_raw_and_the_legacy_back_end() {
 #[test]
 fn all_components_compose() {
     let r = rendering("all-components");
-    assert!(pod_spec(r.server()).get("tolerations").is_none());
+    assert_eq!(
+        pod_spec(r.server())["tolerations"],
+        json!([not_ready_toleration()])
+    );
+    assert_eq!(r.server()["spec"]["replicas"], 1);
+    assert_eq!(r.all("PrometheusRule").len(), 1);
     let (add, _) = capabilities(container(r.agent(), "agent"));
     assert!(add.contains("NET_RAW"));
     assert_eq!(r.all("Certificate").len(), 3);
@@ -1618,4 +1722,408 @@ fn pod_identity_component_serves_the_webhook_and_takes_the_ca_patch() {
         .unwrap();
     let ca = std::fs::read(certs.join(podiam_certs::CA_CERT_FILE)).unwrap();
     assert_eq!(bundle, ca, "the caBundle is podiam's CA");
+}
+
+// ---------------------------------------------------------------------------------------
+// The kustomizations the docs tell people to write
+
+/// The docs that show an operator's own kustomization.
+const DOCUMENTED: [&str; 2] = ["docs/install.md", "deploy/README.md"];
+
+/// Every fenced YAML block of `markdown` that is a Kustomization, in order.
+fn documented_kustomizations(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```yaml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                if block.contains("kind: Kustomization") {
+                    blocks.push(std::mem::take(block));
+                }
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Renders `kustomization` from a directory beside `podiam` (a checkout of the repository,
+/// reached as `../podiam` the way the docs lay it out).
+fn render_beside(podiam: &Path, kustomization: &str, name: &str) -> (Rendering, Value) {
+    let dir = scratch_dir("deploy-documented").unwrap();
+    std::os::unix::fs::symlink(podiam, dir.join("podiam")).unwrap();
+    let mine = dir.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    let file = mine.join("kustomization.yaml");
+    std::fs::write(&file, kustomization).unwrap();
+    let parsed = yaml_to_json(&file).remove(0);
+    (render(&mine, name, &dir), parsed)
+}
+
+/// Images of the rendering's containers that its kustomization's `images:` did not ask for
+/// (`newName:newTag`), or every image when it asks for none.
+fn images_not_asked_for(r: &Rendering, kustomization: &Value) -> Vec<String> {
+    let asked: BTreeSet<String> = kustomization["images"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|i| format!("{}:{}", str_at(i, "/newName"), str_at(i, "/newTag")))
+        .collect();
+    let mut unexpected = Vec::new();
+    for workload in r.all("Deployment").into_iter().chain(r.all("DaemonSet")) {
+        let spec = pod_spec(workload);
+        for c in spec["containers"]
+            .as_array()
+            .into_iter()
+            .chain(spec["initContainers"].as_array())
+            .flatten()
+        {
+            let image = str_at(c, "/image").to_string();
+            if !asked.contains(&image) {
+                unexpected.push(format!("{} {}: {image}", r.name, str_at(c, "/name")));
+            }
+        }
+    }
+    unexpected
+}
+
+/// The blocks of every documented kustomization, with where they come from.
+fn every_documented_kustomization() -> Vec<(String, String)> {
+    let mut all = Vec::new();
+    for doc in DOCUMENTED {
+        let text = std::fs::read_to_string(repo_root().join(doc)).unwrap();
+        for (i, block) in documented_kustomizations(&text).into_iter().enumerate() {
+            all.push((format!("{doc} #{}", i + 1), block));
+        }
+    }
+    all
+}
+
+#[test]
+fn the_documented_kustomizations_deploy_the_users_images() {
+    require_tools();
+    let documented = every_documented_kustomization();
+    // install.md: the installation and the uninstall; deploy/README.md: the installation.
+    assert_eq!(documented.len(), 3, "{documented:#?}");
+    for (name, block) in &documented {
+        let (r, kustomization) = render_beside(&repo_root(), block, name);
+        assert!(
+            !r.all("DaemonSet").is_empty(),
+            "{name} renders no DaemonSet"
+        );
+        assert_eq!(
+            images_not_asked_for(&r, &kustomization),
+            Vec::<String>::new()
+        );
+    }
+}
+
+#[test]
+fn a_base_that_renames_its_images_itself_fails_the_documented_kustomizations() {
+    require_tools();
+    // The base as it was: its own `images:` rename the bare names, so that an operator's
+    // entries for `podiam-server` and `podiam-agent` match nothing and the placeholders stay.
+    let old = scratch_dir("deploy-old-spelling").unwrap();
+    let podiam = old.join("podiam");
+    std::fs::create_dir(&podiam).unwrap();
+    run(
+        Command::new("cp")
+            .arg("-r")
+            .arg(repo_root().join("deploy"))
+            .arg(&podiam),
+        "cp",
+    );
+    let renamed = |image: &str| {
+        format!(
+            "  - name: {image}\n    newName: registry.example.com/podiam/{image}\n    newTag: \"0.1.0\"\n"
+        )
+    };
+    for (dir, images) in [
+        ("base", vec!["podiam-server", "podiam-agent"]),
+        ("uninstall", vec!["podiam-agent"]),
+    ] {
+        let file = podiam.join("deploy").join(dir).join("kustomization.yaml");
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("images:\n");
+        for image in images {
+            text.push_str(&renamed(image));
+        }
+        std::fs::write(&file, text).unwrap();
+    }
+    for (name, block) in every_documented_kustomization() {
+        let (r, kustomization) = render_beside(&podiam, &block, &format!("old {name}"));
+        let unexpected = images_not_asked_for(&r, &kustomization);
+        assert!(
+            !unexpected.is_empty()
+                && unexpected
+                    .iter()
+                    .all(|u| u.contains("registry.example.com")),
+            "{name}: {unexpected:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Monitoring (components/monitoring)
+
+/// The structural check of the Prometheus Operator's objects: apiVersion, kinds, and the
+/// fields podiam uses (each known to the operator's v1 CRDs).
+fn monitoring_problems(r: &Rendering) -> Vec<String> {
+    const RELABEL: &[&str] = &[
+        "action",
+        "sourceLabels",
+        "separator",
+        "targetLabel",
+        "regex",
+        "modulus",
+        "replacement",
+    ];
+    const ENDPOINT: &[&str] = &[
+        "port",
+        "path",
+        "scheme",
+        "interval",
+        "scrapeTimeout",
+        "relabelings",
+        "metricRelabelings",
+    ];
+    const RULE: &[&str] = &["alert", "expr", "for", "labels", "annotations"];
+    let mut problems = Vec::new();
+    for object in r.objects.iter().filter(|o| is_monitoring(o)) {
+        let kind = str_at(object, "/kind");
+        let what = format!("{kind} {}", str_at(object, "/metadata/name"));
+        if object["apiVersion"] != "monitoring.coreos.com/v1" {
+            problems.push(format!("{what}: apiVersion {}", object["apiVersion"]));
+        }
+        unknown_fields(
+            object,
+            &["apiVersion", "kind", "metadata", "spec"],
+            &what,
+            &mut problems,
+        );
+        let spec = &object["spec"];
+        match kind {
+            "PodMonitor" | "ServiceMonitor" => {
+                let list = if kind == "PodMonitor" {
+                    "podMetricsEndpoints"
+                } else {
+                    "endpoints"
+                };
+                unknown_fields(
+                    spec,
+                    &["namespaceSelector", "selector", list],
+                    &what,
+                    &mut problems,
+                );
+                for endpoint in spec[list].as_array().into_iter().flatten() {
+                    unknown_fields(endpoint, ENDPOINT, &what, &mut problems);
+                    for relabel in endpoint["relabelings"].as_array().into_iter().flatten() {
+                        unknown_fields(relabel, RELABEL, &what, &mut problems);
+                    }
+                }
+            }
+            "PrometheusRule" => {
+                for group in spec["groups"].as_array().into_iter().flatten() {
+                    unknown_fields(group, &["name", "rules", "interval"], &what, &mut problems);
+                    for rule in group["rules"].as_array().into_iter().flatten() {
+                        unknown_fields(rule, RULE, &what, &mut problems);
+                        if rule.get("for").is_some_and(|f| !is_duration(str_at(f, ""))) {
+                            problems.push(format!("{what}: for {}", rule["for"]));
+                        }
+                    }
+                }
+            }
+            _ => problems.push(format!("{what}: a kind podiam does not ship")),
+        }
+    }
+    problems
+}
+
+/// Prometheus' relabelling, for the actions the shipped monitors use: the target's labels
+/// after `relabelings`, or `None` when it is dropped.
+fn relabel(
+    mut labels: BTreeMap<String, String>,
+    relabelings: &[Value],
+) -> Option<BTreeMap<String, String>> {
+    for rule in relabelings {
+        let sources: Vec<String> = rule["sourceLabels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| labels.get(s.as_str().unwrap()).cloned().unwrap_or_default())
+            .collect();
+        let value = sources.join(rule["separator"].as_str().unwrap_or(";"));
+        let pattern = rule["regex"].as_str().unwrap_or("(.*)");
+        let regex = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+        let captures = regex.captures(&value);
+        match rule["action"].as_str().unwrap_or("replace") {
+            "keep" if captures.is_none() => return None,
+            "drop" if captures.is_some() => return None,
+            "keep" | "drop" => {}
+            "replace" => {
+                if let Some(captures) = captures {
+                    let mut out = String::new();
+                    captures.expand(rule["replacement"].as_str().unwrap_or("$1"), &mut out);
+                    labels.insert(str_at(rule, "/targetLabel").to_string(), out);
+                }
+            }
+            other => panic!("relabel action {other} is not modelled"),
+        }
+    }
+    Some(labels)
+}
+
+/// `# alert: NAME, for 5m[: description]` blocks of the PromQL in docs/metrics.md:
+/// (name, `for`, expression with its lines joined).
+fn documented_alerts() -> Vec<(String, Option<String>, String)> {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    let mut alerts = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(head) = line.strip_prefix("# alert: ") else {
+            continue;
+        };
+        let head = head.split(": ").next().unwrap();
+        let (name, wait) = match head.split_once(", for ") {
+            Some((name, wait)) => (name, (wait != "0m").then(|| wait.to_string())),
+            None => (head, None),
+        };
+        let mut expr = Vec::new();
+        while let Some(next) = lines.peek() {
+            if next.starts_with('#') || next.starts_with("```") || next.is_empty() {
+                break;
+            }
+            expr.push(next.trim());
+            lines.next();
+        }
+        alerts.push((name.to_string(), wait, expr.join(" ")));
+    }
+    alerts
+}
+
+#[test]
+fn monitoring_scrapes_every_agent_and_server_and_ships_the_documented_alerts() {
+    let r = rendering("all-components");
+    // The agents: the PodMonitor selects their pods in their namespace...
+    let agent = r.agent();
+    let monitor = r.get("PodMonitor", "podiam-agent");
+    let template = &agent["spec"]["template"]["metadata"];
+    assert!(labels_match(
+        &monitor["spec"]["selector"],
+        &template["labels"]
+    ));
+    assert!(
+        string_set(&monitor["spec"]["namespaceSelector"]["matchNames"])
+            .contains(str_at(agent, "/metadata/namespace"))
+    );
+    // ...and, as Prometheus discovers a pod without declared ports (one target per
+    // container, addressed by the pod's IP alone), its relabelling keeps the agent container
+    // and addresses it at the agent's health port, IPv4 and IPv6.
+    assert!(
+        containers(agent).iter().all(|c| c.get("ports").is_none()),
+        "the agent declares no port, so the monitor must not select by one"
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    for field in ["port", "targetPort", "portNumber"] {
+        assert!(
+            endpoint.get(field).is_none(),
+            "{field} would select no agent target"
+        );
+    }
+    let health = port_of(flag_value(container(agent, "agent"), "--health-listen").unwrap());
+    assert_eq!(endpoint["path"], "/metrics");
+    for (pod_ip, address) in [
+        ("10.0.3.7", format!("10.0.3.7:{health}")),
+        ("fd00:1::7", format!("[fd00:1::7]:{health}")),
+    ] {
+        let mut scraped = Vec::new();
+        for c in containers(agent) {
+            let labels: BTreeMap<String, String> = [
+                ("__address__", pod_ip),
+                ("__meta_kubernetes_pod_ip", pod_ip),
+                ("__meta_kubernetes_pod_container_name", str_at(c, "/name")),
+                ("__meta_kubernetes_pod_container_init", "false"),
+                ("__meta_kubernetes_pod_node_name", "node-a"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let relabelings = endpoint["relabelings"].as_array().unwrap();
+            scraped.extend(relabel(labels, relabelings));
+        }
+        assert_eq!(scraped.len(), 1, "{scraped:?}");
+        assert_eq!(scraped[0]["__address__"], address);
+        assert_eq!(scraped[0]["node"], "node-a");
+    }
+    // A pod monitor by port, as docs/metrics.md once advised, keeps nothing.
+    let by_port = [
+        json!({"action": "keep", "sourceLabels": ["__meta_kubernetes_pod_container_port_number"], "regex": health.to_string()}),
+    ];
+    let labels = BTreeMap::from([("__address__".to_string(), "10.0.3.7".to_string())]);
+    assert_eq!(relabel(labels, &by_port), None);
+
+    // The servers: ServiceMonitor → Service → the server pods' health port.
+    let server = r.server();
+    let service = r.get("Service", "podiam-server-metrics");
+    let monitor = r.get("ServiceMonitor", "podiam-server");
+    assert!(labels_match(
+        &monitor["spec"]["selector"],
+        &service["metadata"]["labels"]
+    ));
+    let service_selector = json!({ "matchLabels": service["spec"]["selector"] });
+    assert!(labels_match(
+        &service_selector,
+        &server["spec"]["template"]["metadata"]["labels"]
+    ));
+    assert!(
+        string_set(&monitor["spec"]["namespaceSelector"]["matchNames"])
+            .contains(str_at(service, "/metadata/namespace"))
+    );
+    let port_name = str_at(&monitor["spec"]["endpoints"][0], "/port");
+    let service_port = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == port_name)
+        .expect("the endpoint's port is the Service's");
+    let target = str_at(service_port, "/targetPort");
+    let server_container = container(server, "server");
+    let declared = server_container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == target)
+        .expect("the Service's targetPort is a declared port");
+    let health = port_of(flag_value(server_container, "--health-listen").unwrap());
+    assert_eq!(declared["containerPort"].as_u64(), Some(health));
+
+    // The alerts are docs/metrics.md's, word for word.
+    let rules = r.get("PrometheusRule", "podiam");
+    let shipped: Vec<(String, Option<String>, String)> = rules["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            let expr: Vec<&str> = str_at(rule, "/expr").lines().map(str::trim).collect();
+            (
+                str_at(rule, "/alert").to_string(),
+                rule.get("for").map(|f| str_at(f, "").to_string()),
+                expr.join(" "),
+            )
+        })
+        .collect();
+    let documented = documented_alerts();
+    assert!(documented.len() >= 15, "{documented:?}");
+    assert_eq!(shipped, documented);
+    for rule in rules["spec"]["groups"][0]["rules"].as_array().unwrap() {
+        assert!(
+            rule["labels"]["severity"].is_string() && rule["annotations"]["summary"].is_string()
+        );
+    }
 }

@@ -12,12 +12,12 @@ use std::time::{Duration, SystemTime};
 
 use podiam_proto::Reason;
 use podiam_proto::v1::{
-    ExplainRequest, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, PodRef, StatusRequest,
-    WatchNodeRequest, explain_request, node_event,
+    ExplainRequest, GetCredentialsRequest, GetPodRoleRequest, NodeEvent, NodeReadyRequest, PodRef,
+    StatusRequest, WatchNodeRequest, explain_request, node_event,
 };
 use podiam_tests::identity::{self, AGENT_AUDIENCE, Client};
 use podiam_tests::kube_emulator::{Kind, pod};
-use podiam_tests::process::{wait_for, wait_until};
+use podiam_tests::process::{scratch_dir, wait_for, wait_until};
 use podiam_tests::world::{NODE_NAME, World, WorldConfig, metric_value};
 use serde_json::json;
 
@@ -727,4 +727,150 @@ async fn one_agent_cannot_hold_more_than_a_few_node_streams() {
         .into_inner();
     assert!(status.agents_total >= 3, "{status:?}");
     assert!(status.agents.iter().all(|a| a.agent_version.len() <= 64));
+}
+
+// ---------------------------------------------------------------------------------------
+// Fail closed from boot: the agent-not-ready taint
+
+/// The taint nodes register with until their agent's rules are in place (the server's
+/// default `--agent-not-ready-taint`).
+const NOT_READY_TAINT: &str = "podiam.io/agent-not-ready";
+
+/// A Node as the kubelet registers it with `--register-with-taints`.
+fn node_object(name: &str, taints: &[&str]) -> serde_json::Value {
+    let taints: Vec<serde_json::Value> = taints
+        .iter()
+        .map(|key| json!({"key": key, "value": "true", "effect": "NoSchedule"}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"taints": taints},
+    })
+}
+
+fn taint_keys(world: &World, node: &str) -> Vec<String> {
+    let node = world.emulator().get(Kind::Node, None, node).expect("node");
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t["key"].as_str().expect("a taint key").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_booting_node_is_untainted_by_its_own_agent_only_once_its_rules_are_in_place() {
+    // The node's iptables (and ip6tables, which the agent finds beside it), through
+    // wrappers that fail while `broken` exists.
+    let dir = scratch_dir("boot-taint").expect("dir");
+    let broken = dir.join("broken");
+    for program in ["iptables", "ip6tables"] {
+        let wrapper = dir.join(program);
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nif [ -e {} ]; then echo '{program}: broken for this test' >&2; exit 1; fi\nexec {program} \"$@\"\n",
+                broken.display()
+            ),
+        )
+        .expect("wrapper");
+        let mut permissions = std::fs::metadata(&wrapper).expect("wrapper").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(&wrapper, permissions).expect("chmod");
+    }
+    let wrapper = dir.join("iptables");
+    let mut world = World::start(WorldConfig {
+        start_agent: false,
+        iptables_bin: Some(wrapper.to_str().expect("a UTF-8 path").to_string()),
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod("team-a", "web", Some("app-reader"))
+    })
+    .await
+    .expect("world starts");
+    // Both nodes registered with the taint (node-1 with another of its own); node-1 has just
+    // booted: none of the agent's rules.
+    for (name, taints) in [
+        (NODE_NAME, &[NOT_READY_TAINT, "example.com/gpu"][..]),
+        (REMOTE_NODE, &[NOT_READY_TAINT][..]),
+    ] {
+        world
+            .emulator()
+            .create(node_object(name, taints))
+            .expect("node");
+    }
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert!(!rules.contains("PODIAM"), "{rules}");
+
+    // Nobody but node-1's agent lifts node-1's taint: not node-2's agent (its token proves
+    // node-2), not a caller with the agent key and no token.
+    let other = world
+        .agent_client(world.server_addr(), Some(&token_of(&world, REMOTE_NODE)))
+        .await
+        .expect("client");
+    let refused = other
+        .clone()
+        .node_ready(NodeReadyRequest {
+            node_name: NODE_NAME.into(),
+        })
+        .await
+        .expect_err("another node's agent is refused");
+    assert_eq!(reason(&refused), Some(Reason::OtherNode), "{refused:?}");
+    let tokenless = world
+        .agent_client(world.server_addr(), None)
+        .await
+        .expect("client");
+    tokenless
+        .clone()
+        .node_ready(NodeReadyRequest {
+            node_name: NODE_NAME.into(),
+        })
+        .await
+        .expect_err("no token, no node");
+
+    // An agent that cannot install its rules exits without a word to the servers.
+    std::fs::write(&broken, "").expect("break iptables");
+    let (status, log) = world
+        .run_failing_agent(WAIT)
+        .await
+        .expect("the agent exits");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("installing the iptables rules"), "{log}");
+    assert_eq!(
+        taint_keys(&world, NODE_NAME),
+        [NOT_READY_TAINT, "example.com/gpu"]
+    );
+
+    // With iptables working the agent installs its rules, then reports them: the taint is
+    // lifted, and by then the rules are there.
+    std::fs::remove_file(&broken).expect("mend iptables");
+    world.start_agent().await.expect("agent starts");
+    wait_until(WAIT, "node-1's taint to be lifted", || async {
+        !taint_keys(&world, NODE_NAME).contains(&NOT_READY_TAINT.to_string())
+    })
+    .await
+    .expect("untainted");
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert!(rules.contains("-j PODIAM"), "{rules}");
+    // Only that taint, only that node.
+    assert_eq!(taint_keys(&world, NODE_NAME), ["example.com/gpu"]);
+    assert_eq!(taint_keys(&world, REMOTE_NODE), [NOT_READY_TAINT]);
+    let metrics = world.server_metrics().await.expect("metrics");
+    assert_eq!(
+        metric_value(&metrics, "podiam_server_node_taints_removed_total"),
+        1
+    );
+    // And node-1's agent serves its pod.
+    let reply = world
+        .metadata_request(
+            "web",
+            "GET",
+            "/latest/meta-data/iam/security-credentials/app-reader",
+            &[],
+        )
+        .await
+        .expect("answers");
+    assert_eq!(reply.status, 200);
 }

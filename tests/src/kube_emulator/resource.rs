@@ -21,6 +21,9 @@ pub enum Kind {
     Pod,
     /// core/v1 `Namespace` (cluster-scoped, `namespaces`).
     Namespace,
+    /// core/v1 `Node` (cluster-scoped, `nodes`): registered by the test, as a kubelet would,
+    /// with the taints it starts with.
+    Node,
     /// core/v1 `Event` (namespaced, `events`).
     Event,
     /// events.k8s.io/v1 `Event` (namespaced, `events` in group `events.k8s.io`), the API that
@@ -84,9 +87,10 @@ pub fn group_version(group: &str) -> String {
 
 impl Kind {
     /// Every kind, in discovery order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Pod,
         Kind::Namespace,
+        Kind::Node,
         Kind::Event,
         Kind::EventV1,
         Kind::ServiceAccount,
@@ -102,6 +106,7 @@ impl Kind {
         match self {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
             Kind::Event | Kind::EventV1 => "Event",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::Role => "Role",
@@ -117,6 +122,7 @@ impl Kind {
         match self {
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
             Kind::Event | Kind::EventV1 => "events",
             Kind::ServiceAccount => "serviceaccounts",
             Kind::Role => "roles",
@@ -132,6 +138,7 @@ impl Kind {
         match self {
             Kind::Pod => "pod",
             Kind::Namespace => "namespace",
+            Kind::Node => "node",
             Kind::Event | Kind::EventV1 => "event",
             Kind::ServiceAccount => "serviceaccount",
             Kind::Role => "role",
@@ -150,7 +157,7 @@ impl Kind {
                 RBAC_GROUP
             }
             Kind::MutatingWebhookConfiguration => ADMISSION_REGISTRATION_GROUP,
-            Kind::Pod | Kind::Namespace | Kind::Event | Kind::ServiceAccount => "",
+            Kind::Pod | Kind::Namespace | Kind::Node | Kind::Event | Kind::ServiceAccount => "",
         }
     }
 
@@ -169,6 +176,7 @@ impl Kind {
         !matches!(
             self,
             Kind::Namespace
+                | Kind::Node
                 | Kind::ClusterRole
                 | Kind::ClusterRoleBinding
                 | Kind::MutatingWebhookConfiguration
@@ -180,6 +188,7 @@ impl Kind {
         match self {
             Kind::Pod => &["po"],
             Kind::Namespace => &["ns"],
+            Kind::Node => &["no"],
             Kind::Event => &["ev"],
             Kind::ServiceAccount => &["sa"],
             Kind::EventV1
@@ -514,6 +523,7 @@ mod tests {
                 "pods/status",
                 "namespaces",
                 "namespaces/status",
+                "nodes",
                 "events",
                 "serviceaccounts",
                 "serviceaccounts/token",

@@ -832,6 +832,7 @@ fn apply_defaults(kind: Kind, object: &mut Value) {
         }
         Kind::Event
         | Kind::EventV1
+        | Kind::Node
         | Kind::ServiceAccount
         | Kind::Role
         | Kind::ClusterRole

@@ -132,6 +132,17 @@ pub fn columns(kind: Kind) -> Vec<Value> {
             column("Object", "string", "", 0, "The object this event is about."),
             column("Message", "string", "", 0, "A description of the event."),
         ],
+        Kind::Node => vec![
+            column("Name", "string", "name", 0, NAME_DESCRIPTION),
+            column(
+                "Taints",
+                "string",
+                "",
+                0,
+                "The node's taints (key=value:effect).",
+            ),
+            column("Age", "string", "", 0, AGE_DESCRIPTION),
+        ],
         Kind::ServiceAccount => vec![
             column("Name", "string", "name", 0, NAME_DESCRIPTION),
             column(
@@ -285,6 +296,30 @@ pub fn cells(kind: Kind, object: &Value, now: i64) -> Vec<Value> {
                         .or_else(|| object["note"].as_str())
                         .unwrap_or_default()
                 ),
+            ]
+        }
+        Kind::Node => {
+            let taints: Vec<String> = object["spec"]["taints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let key = t["key"].as_str().unwrap_or_default();
+                    let effect = t["effect"].as_str().unwrap_or_default();
+                    match t["value"].as_str() {
+                        Some(value) => format!("{key}={value}:{effect}"),
+                        None => format!("{key}:{effect}"),
+                    }
+                })
+                .collect();
+            vec![
+                name,
+                json!(if taints.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    taints.join(",")
+                }),
+                json!(age(&metadata["creationTimestamp"], now)),
             ]
         }
         Kind::ServiceAccount => vec![

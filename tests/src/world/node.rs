@@ -70,6 +70,17 @@ impl World {
         Ok(())
     }
 
+    /// Runs `podiam-agent serve` as [`World::start_agent`] does, for an agent that cannot
+    /// start: waits for it to exit and returns its exit status and its log.
+    pub async fn run_failing_agent(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let mut agent = self.spawn_agent()?;
+        let status = agent.wait_exit(timeout).await?;
+        Ok((status, agent.log_tail(40)))
+    }
+
     /// A new `podiam-agent serve` process in the node namespace, with every server replica.
     fn spawn_agent(&self) -> anyhow::Result<ChildGuard> {
         let mut command = self
