@@ -179,7 +179,8 @@ pub struct ServeConfig {
     /// The ip6tables program (default: --iptables-bin's, ip6tables for iptables).
     #[arg(long, env = "PODIAM_IP6TABLES_BIN")]
     pub ip6tables_bin: Option<String>,
-    /// Pod interface patterns to intercept (repeat, or comma-separate): cali+, eni+, cni0…
+    /// Pod interface patterns to intercept (repeat, or comma-separate): cali+, eni+, cni0…;
+    /// or, alone, every interface but one: !eth0 (kiam's --host-interface=!eth0).
     #[arg(
         long = "interface",
         env = "PODIAM_INTERFACES",
@@ -464,7 +465,16 @@ impl ServeConfig {
         }
         for bad in self.interfaces.iter().filter(|i| !valid_interface(i)) {
             problems.push(format!(
-                "--interface {bad:?} is not an interface name or prefix like cali+"
+                "--interface {bad:?} is not an interface name or prefix like cali+ (or one \
+                 excluded, like !eth0)"
+            ));
+        }
+        // Jumps are alternatives: `!eth0` beside any other pattern would also match eth0
+        // (through the other), so an exclusion stands alone.
+        if self.interfaces.len() > 1 && self.interfaces.iter().any(|i| i.starts_with('!')) {
+            problems.push(format!(
+                "--interface {}: an excluded interface (!NAME) must be the only pattern",
+                self.interfaces.join(",")
             ));
         }
         // Port 0 asks the kernel for a free port: two such listeners never collide.
@@ -896,6 +906,32 @@ mod tests {
             &["--max-requests-per-connection", "0"],
         ] {
             assert_eq!(problems(serve(wrong)).len(), 1, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn an_excluded_interface_stands_alone() {
+        let base = [
+            "--server",
+            "https://podiam-server.podiam.svc:8443",
+            "--iptables",
+            "--host-ip",
+            "10.0.0.5",
+        ];
+        let with = |interfaces: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--interface", interfaces]);
+            serve(&args)
+        };
+        let config = with("!eth0").validate().expect("valid");
+        assert_eq!(config.iptables.expect("intercepting").interfaces, ["!eth0"]);
+        for mixed in ["!eth0,cali+", "!eth0,!eth1"] {
+            let problems = problems(with(mixed));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].contains("must be the only pattern"),
+                "{problems:?}"
+            );
         }
     }
 

@@ -58,6 +58,7 @@ pub enum IptablesError {
 
 /// Checks an interface pattern: a name of up to 15 characters, optionally ending in `+`.
 pub fn valid_interface(pattern: &str) -> bool {
+    let pattern = pattern.strip_prefix('!').unwrap_or(pattern);
     let name = pattern.strip_suffix('+').unwrap_or(pattern);
     !name.is_empty()
         && name.len() <= 15
@@ -84,10 +85,20 @@ fn address_match(address: &str) -> Vec<String> {
     .collect()
 }
 
-/// The PREROUTING rule that jumps to our chain for one interface pattern and address.
+/// The PREROUTING rule that jumps to our chain for one interface pattern and address; a
+/// pattern `!eth0` (kiam's spelling) matches every interface but that one (`! -i eth0`).
 pub fn jump_rule(interface: &str, address: &str) -> Vec<String> {
-    let mut rule = vec!["-i".to_string(), interface.to_string()];
-    rule.extend(address_match(address));
+    let mut rule = address_match(address);
+    // In the order `iptables -S` prints them: `-i` first, but `! -i` after `-d`.
+    match interface.strip_prefix('!') {
+        Some(excluded) => {
+            let negated = ["!", "-i", excluded].map(String::from);
+            rule.splice(2..2, negated);
+        }
+        None => {
+            rule.splice(0..0, ["-i", interface].map(String::from));
+        }
+    }
     rule.extend(["-j".to_string(), CHAIN.to_string()]);
     rule
 }
@@ -355,7 +366,9 @@ mod tests {
 
     #[test]
     fn interface_patterns() {
-        for ok in ["cali+", "eni+", "cni0", "weave", "podv+", "eth0.100"] {
+        for ok in [
+            "cali+", "eni+", "cni0", "weave", "podv+", "eth0.100", "!eth0", "!ens+",
+        ] {
             assert!(valid_interface(ok), "{ok}");
         }
         for bad in [
@@ -365,6 +378,10 @@ mod tests {
             "verylonginterface0",
             "cali+ -j ACCEPT",
             "x;y",
+            "!",
+            "!!eth0",
+            "! eth0",
+            "eth0!",
         ] {
             assert!(!valid_interface(bad), "{bad}");
         }
@@ -377,6 +394,10 @@ mod tests {
         assert_eq!(
             jump_rule("cali+", METADATA_IP).join(" "),
             "-i cali+ -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j PODIAM"
+        );
+        assert_eq!(
+            jump_rule("!eth0", METADATA_IP).join(" "),
+            "-d 169.254.169.254/32 ! -i eth0 -p tcp -m tcp --dport 80 -j PODIAM"
         );
         assert_eq!(
             jump_rule("eni+", CONTAINER_IP).join(" "),

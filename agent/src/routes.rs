@@ -585,4 +585,42 @@ mod tests {
         }
         assert_eq!(tried, 512);
     }
+
+    /// The allow-list docs/migrating.md recommends to kube2iam users passes what SDKs read
+    /// and still nothing the hard-block list keeps.
+    #[test]
+    fn the_documented_passthrough_list_passes_what_sdks_read_and_nothing_blocked() {
+        let doc = include_str!("../../docs/migrating.md");
+        let source = doc
+            .split("--allow-route-regexp='")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .expect("docs/migrating.md recommends an allow-list");
+        let allow = allow_list(source).expect("compiles");
+        for path in [
+            "/latest/meta-data/placement/region",
+            "/latest/meta-data/placement/availability-zone",
+            "/latest/meta-data/placement/availability-zone-id",
+            "/latest/dynamic/instance-identity/document",
+        ] {
+            assert_eq!(
+                route(&Method::GET, path, Some(&allow)),
+                Route::Proxy(path.to_string()),
+                "{path}"
+            );
+        }
+        for path in [
+            "/latest/user-data",
+            "/latest/meta-data/iam/security-credentials/node-role",
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/meta-data/placement/region/../../iam/info",
+            "/latest/meta-data/instance-id",
+        ] {
+            assert!(
+                !matches!(route(&Method::GET, path, Some(&allow)), Route::Proxy(_)),
+                "{path}"
+            );
+        }
+    }
 }

@@ -219,6 +219,38 @@ async fn restarts_and_a_crash(iptables_bin: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_excluded_interface_intercepts_every_other_one() {
+    // kiam's `--host-interface=!eth0` for the VPC CNI. This node's only interface that is no
+    // pod's is `lo`: `!lo` takes every pod's veth, whatever its name.
+    let mut config = team_a_with_agent();
+    config.interface = Some("!lo".into());
+    let mut world = World::start(config).await.expect("world starts");
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert_eq!(
+        rules
+            .matches(" ! -i lo -p tcp -m tcp --dport 80 -j PODIAM")
+            .count(),
+        INTERCEPTED_ADDRESSES,
+        "{rules}"
+    );
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Removed like any other jump.
+    world.stop_agent().await.expect("stops");
+    let out = world.uninstall_agent_rules().await.expect("uninstall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert!(!rules.contains("PODIAM"), "{rules}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_nft() {
     restarts_and_a_crash("iptables-nft").await;
 }

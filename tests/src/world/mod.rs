@@ -107,6 +107,8 @@ pub struct WorldConfig {
     /// The iptables program the agent and the checks use (default `iptables`, the nft back
     /// end on Debian; `iptables-legacy` for the other).
     pub iptables_bin: Option<String>,
+    /// The agent's `--interface` (default: [`netns::POD_INTERFACE_PATTERN`], every pod veth).
+    pub interface: Option<String>,
     /// The log filter of the agent and of every server replica (`trace`, or any `RUST_LOG`
     /// directive), given to them as `RUST_LOG` so that it also wins over the test runner's
     /// own; otherwise the harness's levels (info, podiam's crates at debug).
@@ -197,6 +199,8 @@ pub struct World {
     sts_endpoint: String,
     server_args: Vec<String>,
     agent_args: Vec<String>,
+    /// The agent's `--interface`.
+    interface: String,
     iptables_bin: String,
     log_level: Option<String>,
 }
@@ -297,6 +301,10 @@ impl World {
             sts_endpoint,
             server_args,
             agent_args: config.agent_args.clone(),
+            interface: config
+                .interface
+                .clone()
+                .unwrap_or_else(|| netns::POD_INTERFACE_PATTERN.to_string()),
             iptables_bin: config
                 .iptables_bin
                 .clone()

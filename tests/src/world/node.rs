@@ -18,7 +18,7 @@ use super::{
 };
 use crate::bridge::Bridge;
 use crate::kube_emulator::{self, Kind};
-use crate::netns::{Family, Node, POD_INTERFACE_PATTERN, PodNet};
+use crate::netns::{Family, Node, PodNet};
 use crate::process::{ChildGuard, wait_until};
 
 /// A pod of the world: its spec, its network namespace, and its bridge to moto.
@@ -110,7 +110,7 @@ impl World {
             .arg("--iptables")
             .args(["--host-ip", &self.node.ip().to_string()])
             .args(["--host-ipv6", &self.node.ip6().to_string()])
-            .args(["--interface", POD_INTERFACE_PATTERN])
+            .args(["--interface", &self.interface])
             .args(["--iptables-bin", &self.iptables_bin])
             .args(&self.agent_args)
             .env("PODIAM_LOG_LEVEL", "info,podiam_agent=debug");
