@@ -2127,3 +2127,99 @@ fn monitoring_scrapes_every_agent_and_server_and_ships_the_documented_alerts() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The policy scan
+
+/// checkov's findings over `files`, as (check, KIND/NAME) pairs.
+fn policy_findings(files: &[&Path]) -> BTreeSet<(String, String)> {
+    let dir = scratch_dir("deploy-scan").unwrap();
+    for (i, file) in files.iter().enumerate() {
+        std::fs::copy(file, dir.join(format!("{i}.yaml"))).unwrap();
+    }
+    let output = Command::new("checkov")
+        .args(["--framework", "kubernetes", "--skip-download", "--quiet", "--compact"])
+        .args(["--output", "json", "--directory"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("checkov: {e}; scripts/setup installs it into .venv-scan, which scripts/test puts on PATH")
+        });
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov's report: {e}\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let reports = match report {
+        Value::Array(reports) => reports,
+        one => vec![one],
+    };
+    let mut findings = BTreeSet::new();
+    for report in &reports {
+        for failed in report["results"]["failed_checks"].as_array().into_iter().flatten() {
+            // KIND.NAMESPACE.NAME, KIND.NAME (cluster-scoped), or for pods checked through
+            // their workload, Pod.NAMESPACE.NAME.LABELS...
+            let resource = str_at(failed, "/resource");
+            let parts: Vec<&str> = resource.split('.').collect();
+            let name = if parts.len() >= 3 { parts[2] } else { parts[1] };
+            findings.insert((
+                str_at(failed, "/check_id").to_string(),
+                format!("{}/{name}", parts[0]),
+            ));
+        }
+    }
+    findings
+}
+
+/// deploy/policy-waivers.yaml: (check, KIND/NAME) pairs, each entry with a reason.
+fn policy_waivers() -> BTreeSet<(String, String)> {
+    let entries = yaml_to_json(&repo_root().join("deploy/policy-waivers.yaml"));
+    let entries = entries[0].as_array().expect("a list of waivers");
+    let mut waived = BTreeSet::new();
+    for entry in entries {
+        let check = str_at(entry, "/check");
+        assert!(
+            str_at(entry, "/reason").len() > 20,
+            "{check}: every waiver says why"
+        );
+        for resource in entry["resources"].as_array().unwrap() {
+            waived.insert((check.to_string(), resource.as_str().unwrap().to_string()));
+        }
+    }
+    waived
+}
+
+#[test]
+fn the_policy_scan_finds_nothing_but_the_waived_and_catches_a_weakened_manifest() {
+    let files: Vec<&Path> = renderings().iter().map(|r| r.file.as_path()).collect();
+    let waived = policy_waivers();
+    let found = policy_findings(&files);
+    let unwaived: Vec<_> = found.difference(&waived).collect();
+    let stale: Vec<_> = waived.difference(&found).collect();
+    assert!(
+        unwaived.is_empty() && stale.is_empty(),
+        "findings without a waiver in deploy/policy-waivers.yaml: {unwaived:#?}\nwaivers no finding needs: {stale:#?}"
+    );
+    // The same scan over the base with the server allowed to escalate privileges, its root
+    // filesystem writable, and the agent given every capability: each is found.
+    let text = std::fs::read_to_string(&base().file).unwrap();
+    let weakened = text
+        .replacen("allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true", 1)
+        .replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false")
+        .replace("add: [\"NET_ADMIN\", \"NET_BIND_SERVICE\"]", "add: [\"ALL\"]");
+    assert_ne!(weakened, text);
+    let dir = scratch_dir("deploy-weakened").unwrap();
+    let file = dir.join("weakened.yaml");
+    std::fs::write(&file, weakened).unwrap();
+    let found = policy_findings(&[&file]);
+    let unwaived: BTreeSet<&str> = found
+        .difference(&waived)
+        .map(|(check, _)| check.as_str())
+        .collect();
+    for check in ["CKV_K8S_20", "CKV_K8S_22"] {
+        assert!(unwaived.contains(check), "{check} not found: {unwaived:?}");
+    }
+}
