@@ -7,7 +7,9 @@
 #   docker build --target certs  -t REGISTRY/podiam-certs:TAG .
 #
 # deploy/ runs the binaries by their absolute paths (/usr/local/bin/...), so an image of
-# your own only has to put them there.
+# your own only has to put them there. Without Docker, or without access to the base images'
+# registries, scripts/images builds the same three images with buildah on bases assembled
+# from Debian packages (tests/tests/images.rs keeps the two in step).
 
 # ---- build: all three binaries, once --------------------------------------------------
 # The Rust image carries gcc, which aws-lc-sys (the TLS crypto) builds with; protoc comes
@@ -59,8 +61,9 @@ RUN apt-get update \
         iptables conntrack \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/podiam-agent /usr/local/bin/podiam-agent
-# 254: pods' metadata requests (DNATed from 169.254.169.254:80); 8182: /live, /ready,
-# /metrics. On the host network in a cluster.
-EXPOSE 254 8182
+# 254: pods' metadata requests (DNATed from 169.254.169.254:80); 253: the
+# container-credentials endpoint (from 169.254.170.23:80); 8182: /live, /ready, /metrics.
+# On the host network in a cluster.
+EXPOSE 254 253 8182
 ENTRYPOINT ["/usr/local/bin/podiam-agent"]
 CMD ["serve", "--help"]

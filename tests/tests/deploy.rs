@@ -2159,7 +2159,11 @@ fn policy_findings(files: &[&Path]) -> BTreeSet<(String, String)> {
     };
     let mut findings = BTreeSet::new();
     for report in &reports {
-        for failed in report["results"]["failed_checks"].as_array().into_iter().flatten() {
+        for failed in report["results"]["failed_checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             // KIND.NAMESPACE.NAME, KIND.NAME (cluster-scoped), or for pods checked through
             // their workload, Pod.NAMESPACE.NAME.LABELS...
             let resource = str_at(failed, "/resource");
@@ -2207,9 +2211,19 @@ fn the_policy_scan_finds_nothing_but_the_waived_and_catches_a_weakened_manifest(
     // filesystem writable, and the agent given every capability: each is found.
     let text = std::fs::read_to_string(&base().file).unwrap();
     let weakened = text
-        .replacen("allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true", 1)
-        .replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false")
-        .replace("add: [\"NET_ADMIN\", \"NET_BIND_SERVICE\"]", "add: [\"ALL\"]");
+        .replacen(
+            "allowPrivilegeEscalation: false",
+            "allowPrivilegeEscalation: true",
+            1,
+        )
+        .replace(
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFilesystem: false",
+        )
+        .replace(
+            "add: [\"NET_ADMIN\", \"NET_BIND_SERVICE\"]",
+            "add: [\"ALL\"]",
+        );
     assert_ne!(weakened, text);
     let dir = scratch_dir("deploy-weakened").unwrap();
     let file = dir.join("weakened.yaml");

@@ -109,6 +109,9 @@ pub struct WorldConfig {
     pub iptables_bin: Option<String>,
     /// The agent's `--interface` (default: [`netns::POD_INTERFACE_PATTERN`], every pod veth).
     pub interface: Option<String>,
+    /// Run the agent from this container image with podman (scripts/images), instead of the
+    /// binary: its own iptables, root with NET_ADMIN only, a read-only root filesystem.
+    pub agent_image: Option<String>,
     /// The log filter of the agent and of every server replica (`trace`, or any `RUST_LOG`
     /// directive), given to them as `RUST_LOG` so that it also wins over the test runner's
     /// own; otherwise the harness's levels (info, podiam's crates at debug).
@@ -201,6 +204,8 @@ pub struct World {
     agent_args: Vec<String>,
     /// The agent's `--interface`.
     interface: String,
+    /// The agent's image, when it runs from one.
+    agent_image: Option<String>,
     iptables_bin: String,
     log_level: Option<String>,
 }
@@ -301,6 +306,7 @@ impl World {
             sts_endpoint,
             server_args,
             agent_args: config.agent_args.clone(),
+            agent_image: config.agent_image.clone(),
             interface: config
                 .interface
                 .clone()
@@ -328,6 +334,11 @@ impl World {
     }
 
     /// The kubeconfig pointing at the emulator.
+    /// The STS endpoint the servers call (moto, or the recording proxy before it).
+    pub fn sts_endpoint(&self) -> &str {
+        &self.sts_endpoint
+    }
+
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }

@@ -83,10 +83,13 @@ impl World {
 
     /// A new `podiam-agent serve` process in the node namespace, with every server replica.
     fn spawn_agent(&self) -> anyhow::Result<ChildGuard> {
-        let mut command = self
-            .node
-            .netns()
-            .command(binary("podiam-agent")?.to_str().context("path")?);
+        let mut command = match &self.agent_image {
+            None => self
+                .node
+                .netns()
+                .command(binary("podiam-agent")?.to_str().context("path")?),
+            Some(image) => self.agent_container(image)?,
+        };
         command
             .arg("serve")
             .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
@@ -118,6 +121,48 @@ impl World {
             command.env("RUST_LOG", level);
         }
         Ok(ChildGuard::spawn("podiam-agent", command)?)
+    }
+
+    /// `podman run` of the agent `image` in the node's network namespace, as deploy/ runs it:
+    /// root with only NET_ADMIN and NET_BIND_SERVICE (and NET_RAW for the legacy back end),
+    /// a read-only root with a tmpfs on /run (the xtables lock), no new privileges. The
+    /// world's directory is mounted at its own path, so the agent's flags name the same
+    /// files. Its iptables is the image's own.
+    fn agent_container(&self, image: &str) -> anyhow::Result<tokio::process::Command> {
+        let mut command = tokio::process::Command::new("podman");
+        let dir = path_str(&self.dir)?;
+        let mut caps = "NET_ADMIN,NET_BIND_SERVICE".to_string();
+        if self.iptables_bin.contains("legacy") {
+            caps.push_str(",NET_RAW");
+        }
+        command
+            .env(
+                "CONTAINERS_CONF",
+                crate::process::repo_root().join("scripts/containers.conf"),
+            )
+            .args(["run", "--rm", "--name", &self.agent_container_name()])
+            .arg(format!("--network=ns:/run/netns/{}", self.node.name()))
+            .args(["--cap-drop=all", &format!("--cap-add={caps}")])
+            .args([
+                "--read-only",
+                "--tmpfs=/run",
+                "--security-opt=no-new-privileges",
+            ])
+            .args(["--user=0:0", "-v", &format!("{dir}:{dir}")])
+            .args(["-e", "PODIAM_LOG_LEVEL=info,podiam_agent=debug"])
+            .arg(image);
+        Ok(command)
+    }
+
+    /// The name of the agent's container when it runs from an image (one per world).
+    pub fn agent_container_name(&self) -> String {
+        let id: String = self
+            .dir
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        format!("podiam-test-agent-{}", &id[id.len().saturating_sub(24)..])
     }
 
     /// A rolling update of the agent, as a DaemonSet with maxSurge does it: a new agent
