@@ -84,6 +84,8 @@ struct Replica {
     pod_role_calls: AtomicUsize,
     /// The nodes agents reported ready (NodeReady).
     ready_reports: Mutex<Vec<String>>,
+    /// NodeReady calls still to refuse (unavailable) before one is accepted.
+    ready_refusals: AtomicUsize,
     /// When each node stream was opened.
     streams: Mutex<Vec<Instant>>,
     /// When its last heartbeat was sent.
@@ -247,6 +249,14 @@ impl Podiam for Fake {
         request: Request<podiam_proto::v1::NodeReadyRequest>,
     ) -> Result<Response<podiam_proto::v1::NodeReadyResponse>, Status> {
         let node = request.into_inner().node_name;
+        let refuse = self
+            .0
+            .ready_refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refuse {
+            return Err(Status::unavailable("cannot patch the node now"));
+        }
         self.0
             .ready_reports
             .lock()
@@ -265,6 +275,8 @@ struct Rig {
     replicas: [Arc<Replica>; 2],
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// The agent's NodeReady report, not yet started ([`Rig::report_ready`]).
+    report: Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
 }
 
 impl Rig {
@@ -335,6 +347,7 @@ impl Rig {
             container6: None,
             health: network.listen(AGENT_HEALTH),
         };
+        let report = Box::pin(agent.report_node_ready(stop.clone()));
         tasks.spawn(agent.serve(listeners, stop.clone()));
         Rig {
             _dir: dir,
@@ -342,7 +355,22 @@ impl Rig {
             replicas,
             tasks,
             stop,
+            report: Mutex::new(Some(report)),
         }
+    }
+
+    /// Starts the agent's NodeReady report, as `main` does once the rules are in place.
+    fn report_ready(&self) {
+        let report = self.report.lock().expect("not poisoned").take();
+        self.tasks.spawn(report.expect("reported once"));
+    }
+
+    /// Every NodeReady report the replicas accepted.
+    fn ready_reports(&self) -> Vec<String> {
+        self.replicas
+            .iter()
+            .flat_map(|r| r.ready_reports.lock().expect("not poisoned").clone())
+            .collect()
     }
 
     /// One GET from `from` on a new connection to `to`: status and body.
@@ -454,6 +482,33 @@ async fn a_replica_that_has_not_answered_after_300_ms_is_joined_by_another() {
     assert_eq!(slow.credentials_calls.load(Ordering::SeqCst), 2);
     assert_eq!(other.credentials_calls.load(Ordering::SeqCst), 1);
     assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 1);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_node_is_reported_ready_once_and_refusals_are_retried_with_backoff() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    for replica in &rig.replicas {
+        replica.ready_refusals.store(2, Ordering::SeqCst);
+    }
+    let began = Instant::now();
+    rig.report_ready();
+    let deadline = Instant::now() + PATIENCE;
+    while rig.ready_reports().is_empty() {
+        assert!(Instant::now() < deadline, "never reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rig.ready_reports(), [NODE]);
+    // Each replica refused twice first: the agent kept trying, with backoff between the
+    // attempts (at least its first 200 ms step), not in a busy loop.
+    assert!(
+        began.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        began.elapsed()
+    );
+    // Accepted once, never again.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(rig.ready_reports(), [NODE]);
     rig.stop().await;
 }
 

@@ -481,6 +481,26 @@ async fn credentials_are_prefetched_refreshed_at_half_life_and_retried_with_back
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_unproven_caller_lifts_no_taint_even_when_binding_only_warns() {
+    // --node-binding warn answers unproven agents' questions; a node's taint is another
+    // matter: lifting it for an unproven caller would open the node to pods before its rules.
+    let mut rig = Rig::new(&[]);
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let refused = client
+        .node_ready(podiam_proto::v1::NodeReadyRequest {
+            node_name: NODE.to_string(),
+        })
+        .await
+        .expect_err("an agent without a token proves no node");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    shutdown.cancel();
+    let (served, _) = serving.await.expect("joined");
+    served.expect("served");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pods_token_proves_only_the_pod_at_the_address() {
     let mut rig = Rig::new(&[]);
     rig.add_pod("web", WEB_IP, "app-reader");
