@@ -276,6 +276,16 @@ impl View<'_> {
         let rule = self.namespaces.rule(&pod.namespace);
         let why = match policy::check(&rule, &role) {
             Verdict::Permitted => return Ok(Decision { pod, role, source }),
+            Verdict::NothingPermitted
+                if self.namespaces.has_kube2iam_allowed_roles(&pod.namespace) =>
+            {
+                format!(
+                    "the namespace has no {} annotation; its {} (kube2iam's) is not read: \
+                     write it as a {0} regex (docs/migrating.md)",
+                    policy::PERMITTED_ANNOTATION,
+                    policy::KUBE2IAM_ALLOWED_ROLES_ANNOTATION
+                )
+            }
             Verdict::NothingPermitted => {
                 format!(
                     "the namespace has no {} annotation",
@@ -706,6 +716,61 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_namespace_with_only_kube2iams_allowed_roles_is_told_what_to_write() {
+        let mut namespaces = NamespaceIndex::default();
+        let kube2iam = [(policy::KUBE2IAM_ALLOWED_ROLES_ANNOTATION, r#"["app-*"]"#)];
+        for (name, annotations) in [("old", &kube2iam[..]), ("bare", &[][..])] {
+            namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
+                metadata: meta(None, name, annotations),
+                ..Default::default()
+            });
+        }
+        let mut pods = PodIndex::default();
+        pods.apply(pod("p1", "old", "n", "10.1.0.1", Some("app-a")));
+        pods.apply(pod("p2", "bare", "n", "10.1.0.2", Some("app-a")));
+        let accounts = AccountIndex::default();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            accounts: &accounts,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        let refusal = |address| {
+            view.decide(ip(address), Scope::Cluster)
+                .expect_err("nothing permitted")
+                .to_string()
+        };
+        let old = refusal("10.1.0.1");
+        assert!(
+            old.contains("iam.amazonaws.com/allowed-roles (kube2iam's) is not read"),
+            "{old}"
+        );
+        let bare = refusal("10.1.0.2");
+        assert!(
+            bare.contains("has no iam.amazonaws.com/permitted annotation"),
+            "{bare}"
+        );
+        assert!(!bare.contains("allowed-roles"), "{bare}");
+        // Converted: the hint goes with the annotation.
+        let converted = [
+            (policy::PERMITTED_ANNOTATION, "app-.*"),
+            (policy::KUBE2IAM_ALLOWED_ROLES_ANNOTATION, r#"["app-*"]"#),
+        ];
+        assert!(namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
+            metadata: meta(None, "old", &converted),
+            ..Default::default()
+        }));
+        assert!(
+            namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
+                metadata: meta(None, "bare", &kube2iam),
+                ..Default::default()
+            }),
+            "the hint alone changes the namespace's refusals"
+        );
     }
 
     #[test]

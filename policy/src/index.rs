@@ -21,8 +21,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::policy::{
-    DEFAULT_ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION, PERMITTED_ANNOTATION, Permitted,
-    ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    DEFAULT_ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION, KUBE2IAM_ALLOWED_ROLES_ANNOTATION,
+    PERMITTED_ANNOTATION, Permitted, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
 };
 
 /// The fields of a pod that podiam's decisions use.
@@ -304,6 +304,9 @@ pub struct NamespaceIndex {
     rules: HashMap<String, Arc<Permitted>>,
     /// Namespaces' `iam.amazonaws.com/default-role`, where set.
     default_roles: HashMap<String, String>,
+    /// Namespaces with kube2iam's `iam.amazonaws.com/allowed-roles`, which podiam does not
+    /// read: named in their refusals, so that the migration step is not missed.
+    kube2iam_allowed: HashSet<String>,
     /// Compiled rules by annotation value (trimmed).
     compiled: HashMap<String, Compiled>,
     compiled_bytes: usize,
@@ -324,6 +327,7 @@ impl NamespaceIndex {
         NamespaceIndex {
             rules: HashMap::new(),
             default_roles: HashMap::new(),
+            kube2iam_allowed: HashSet::new(),
             compiled: HashMap::new(),
             compiled_bytes: 0,
             budget,
@@ -383,13 +387,18 @@ impl NamespaceIndex {
                 self.default_roles.remove(name);
             }
         }
+        let allowed_toggled = if annotation(KUBE2IAM_ALLOWED_ROLES_ANNOTATION).is_some() {
+            self.kube2iam_allowed.insert(name.to_string())
+        } else {
+            self.kube2iam_allowed.remove(name)
+        };
         let value = annotation(PERMITTED_ANNOTATION);
         let unchanged = self
             .rules
             .get(name)
             .is_some_and(|rule| source_of(rule) == value);
         if unchanged {
-            return false;
+            return allowed_toggled;
         }
         let freed = self.release(name);
         let rule = self.acquire(name, value);
@@ -403,6 +412,7 @@ impl NamespaceIndex {
     /// Forgets a namespace.
     pub fn remove(&mut self, name: &str) {
         self.default_roles.remove(name);
+        self.kube2iam_allowed.remove(name);
         if self.release(name) {
             self.retry_over_budget();
         }
@@ -540,6 +550,11 @@ impl NamespaceIndex {
     /// The namespace's `iam.amazonaws.com/default-role`, if it has one.
     pub fn default_role(&self, name: &str) -> Option<&str> {
         self.default_roles.get(name).map(String::as_str)
+    }
+
+    /// Whether the namespace carries kube2iam's `iam.amazonaws.com/allowed-roles`.
+    pub fn has_kube2iam_allowed_roles(&self, name: &str) -> bool {
+        self.kube2iam_allowed.contains(name)
     }
 }
 

@@ -37,6 +37,10 @@ pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 /// their own nor one from their ServiceAccount.
 pub const DEFAULT_ROLE_ANNOTATION: &str = "iam.amazonaws.com/default-role";
 
+/// kube2iam's namespace annotation (a JSON list of roles or globs). podiam does not read it;
+/// a namespace that has it and no [`PERMITTED_ANNOTATION`] is told so in its refusals.
+pub const KUBE2IAM_ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
+
 /// The longest permitted-roles regex accepted, in bytes.
 pub const MAX_REGEX_LEN: usize = 4096;
 /// The most memory one compiled rule may take (its automata, as the regex engine counts
