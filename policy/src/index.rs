@@ -53,6 +53,15 @@ pub struct PodRecord {
 impl PodRecord {
     /// Slims a Kubernetes Pod to the fields podiam uses; `None` if it has no UID or name.
     pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodRecord> {
+        PodRecord::from_pod_keyed(pod, ROLE_ANNOTATION)
+    }
+
+    /// [`PodRecord::from_pod`], the role read from the annotation `role_key` (podiam-server
+    /// --role-annotation: kube2iam's --iam-role-key).
+    pub fn from_pod_keyed(
+        pod: &k8s_openapi::api::core::v1::Pod,
+        role_key: &str,
+    ) -> Option<PodRecord> {
         let meta = &pod.metadata;
         let annotation = |key: &str| {
             meta.annotations
@@ -92,7 +101,7 @@ impl PodRecord {
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             node_name: spec.and_then(|s| s.node_name.clone()),
             service_account: spec.and_then(|s| s.service_account_name.clone()),
-            role: annotation(ROLE_ANNOTATION),
+            role: annotation(role_key),
             external_id: annotation(EXTERNAL_ID_ANNOTATION),
             session_name: annotation(SESSION_NAME_ANNOTATION),
             deleting: meta.deletion_timestamp.is_some(),
@@ -154,9 +163,31 @@ pub struct PodIndex {
     host: HashMap<String, Arc<PodRecord>>,
     by_ip: HashMap<IpAddr, Vec<String>>,
     by_node: HashMap<String, HashSet<String>>,
+    /// The pod annotation naming the role, when not [`ROLE_ANNOTATION`].
+    role_key: Option<Arc<str>>,
 }
 
 impl PodIndex {
+    /// An empty index that reads pods' roles from the annotation `role_key`.
+    pub fn keyed(role_key: &str) -> PodIndex {
+        PodIndex {
+            role_key: (role_key != ROLE_ANNOTATION).then(|| Arc::from(role_key)),
+            ..PodIndex::default()
+        }
+    }
+
+    /// The pod annotation this index reads roles from.
+    pub fn role_key(&self) -> &str {
+        self.role_key.as_deref().unwrap_or(ROLE_ANNOTATION)
+    }
+
+    /// Records a Kubernetes Pod, its role read from [`PodIndex::role_key`].
+    pub fn apply_pod(&mut self, pod: &k8s_openapi::api::core::v1::Pod) {
+        if let Some(record) = PodRecord::from_pod_keyed(pod, self.role_key()) {
+            self.apply(record);
+        }
+    }
+
     /// Records the pod's current state: indexes it if live, forgets it otherwise.
     pub fn apply(&mut self, pod: PodRecord) {
         self.remove(&pod.uid);
@@ -563,9 +594,24 @@ impl NamespaceIndex {
 #[derive(Debug, Default)]
 pub struct AccountIndex {
     roles: HashMap<String, HashMap<String, String>>,
+    /// The ServiceAccount annotation naming the role, when not [`ROLE_ANNOTATION`].
+    role_key: Option<Arc<str>>,
 }
 
 impl AccountIndex {
+    /// An empty index that reads ServiceAccounts' roles from the annotation `role_key`.
+    pub fn keyed(role_key: &str) -> AccountIndex {
+        AccountIndex {
+            role_key: (role_key != ROLE_ANNOTATION).then(|| Arc::from(role_key)),
+            ..AccountIndex::default()
+        }
+    }
+
+    /// The annotation this index reads roles from.
+    pub fn role_key(&self) -> &str {
+        self.role_key.as_deref().unwrap_or(ROLE_ANNOTATION)
+    }
+
     /// Records a ServiceAccount's role annotation (or its absence).
     pub fn apply(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) {
         let meta = &account.metadata;
@@ -576,7 +622,7 @@ impl AccountIndex {
         let role = meta
             .annotations
             .as_ref()
-            .and_then(|a| a.get(ROLE_ANNOTATION))
+            .and_then(|a| a.get(self.role_key()))
             .map(|v| v.trim())
             .filter(|v| !v.is_empty());
         match role {

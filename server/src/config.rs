@@ -167,6 +167,15 @@ pub struct Config {
     /// container-credentials endpoint (the webhook's token volume asks for the same).
     #[arg(long, env = "PODIAM_POD_TOKEN_AUDIENCE", default_value = "podiam")]
     pub pod_token_audience: String,
+    /// The annotation on pods (and ServiceAccounts) that names their role, for clusters whose
+    /// pods carry kube2iam's --iam-role-key. `kubectl iam` decides locally, and grants,
+    /// with iam.amazonaws.com/role: give it --server to ask the servers instead.
+    #[arg(
+        long,
+        env = "PODIAM_ROLE_ANNOTATION",
+        default_value = "iam.amazonaws.com/role"
+    )]
+    pub role_annotation: String,
     /// The NoSchedule taint nodes register with until their agent's iptables rules are in
     /// place (kubelet --register-with-taints=KEY=true:NoSchedule): removed from a node once
     /// its agent, proven by its token, reports its rules. Empty: no taint is removed.
@@ -211,6 +220,8 @@ pub struct ValidConfig {
     pub binding: Binding,
     /// `--agent-not-ready-taint`, unless empty.
     pub agent_not_ready_taint: Option<String>,
+    /// `--role-annotation`.
+    pub role_annotation: String,
     pub drain: Drain,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -253,8 +264,14 @@ impl Config {
         if self.pod_token_audience.trim().is_empty() {
             problems.push("--pod-token-audience must not be empty".to_string());
         }
+        if !crate::service::valid_qualified_key(&self.role_annotation) {
+            problems.push(format!(
+                "--role-annotation {:?} is not an annotation key (like iam.amazonaws.com/role)",
+                self.role_annotation
+            ));
+        }
         if !self.agent_not_ready_taint.is_empty()
-            && !crate::service::valid_taint_key(&self.agent_not_ready_taint)
+            && !crate::service::valid_qualified_key(&self.agent_not_ready_taint)
         {
             problems.push(format!(
                 "--agent-not-ready-taint {:?} is not a taint key (like podiam.io/agent-not-ready), nor empty",
@@ -371,6 +388,7 @@ impl Config {
             },
             agent_not_ready_taint: (!self.agent_not_ready_taint.is_empty())
                 .then(|| self.agent_not_ready_taint.clone()),
+            role_annotation: self.role_annotation.clone(),
             drain: Drain {
                 delay: self.shutdown_delay,
                 timeout: self.shutdown_timeout,
@@ -574,6 +592,28 @@ mod tests {
         let problems = problems(config);
         assert_eq!(problems.len(), 9, "{problems:#?}");
         assert!(problems.iter().all(|p| !p.contains('\n')));
+    }
+
+    #[test]
+    fn annotation_and_taint_keys_are_qualified_names() {
+        for (args, wanted) in [
+            (&["--role-annotation", "example.com/iam-role"][..], 0),
+            (&["--role-annotation", "iam-role"], 0),
+            (&["--role-annotation", ""], 1),
+            (&["--role-annotation", "a b/role"], 1),
+            (&["--role-annotation", "example.com/-role"], 1),
+            (&["--agent-not-ready-taint", ""], 0),
+            (&["--agent-not-ready-taint", "podiam.io/x"], 0),
+            (&["--agent-not-ready-taint", "podiam.io/x:NoSchedule"], 1),
+        ] {
+            let mut all = vec!["--base-role-arn", "arn:aws:iam::123456789012:role/"];
+            all.extend(args);
+            let found = match parse(&all).validate() {
+                Ok(_) => 0,
+                Err(problems) => problems.len(),
+            };
+            assert_eq!(found, wanted, "{args:?}");
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl Server {
             config.cache,
             metrics.sts_calls.clone(),
         ));
-        let cluster = Arc::new(Cluster::default());
+        let cluster = Arc::new(Cluster::with_role_key(&config.role_annotation));
         let node_taints = backends.kube.as_ref().map(|client| {
             Arc::new(nodes::KubeNodeTaints::new(client.clone())) as Arc<dyn nodes::NodeTaints>
         });

@@ -349,9 +349,10 @@ pub fn valid_node_name(name: &str) -> bool {
     dns_subdomain(name)
 }
 
-/// Whether `key` is a Kubernetes taint (or label) key: an optional DNS-subdomain prefix and
-/// `/`, then a name of at most 63 letters, digits, `-`, `_` and `.`, alphanumeric at both ends.
-pub fn valid_taint_key(key: &str) -> bool {
+/// Whether `key` is a Kubernetes qualified name, as taint, label and annotation keys are: an
+/// optional DNS-subdomain prefix and `/`, then a name of at most 63 letters, digits, `-`, `_`
+/// and `.`, alphanumeric at both ends.
+pub fn valid_qualified_key(key: &str) -> bool {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),

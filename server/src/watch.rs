@@ -27,7 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::{AccountIndex, NamespaceIndex, PodIndex, PodRecord};
+use crate::index::{AccountIndex, NamespaceIndex, PodIndex};
 use crate::policy::Permitted;
 
 /// Labels of a watched resource's relists (`podiam_server_watch_relists_total`; registered
@@ -67,6 +67,16 @@ impl Default for Cluster {
 }
 
 impl Cluster {
+    /// An empty view whose pods and ServiceAccounts name their role in the annotation
+    /// `role_key` (podiam-server --role-annotation).
+    pub fn with_role_key(role_key: &str) -> Cluster {
+        Cluster {
+            pods: RwLock::new(PodIndex::keyed(role_key)),
+            accounts: RwLock::new(AccountIndex::keyed(role_key)),
+            ..Cluster::default()
+        }
+    }
+
     /// The pod index, for reading (a poisoned lock still holds a usable index).
     pub fn pods(&self) -> std::sync::RwLockReadGuard<'_, PodIndex> {
         self.pods.read().unwrap_or_else(|e| e.into_inner())
@@ -129,10 +139,11 @@ trait Indexed:
 impl Indexed for Pod {
     type Index = PodIndex;
     const WHAT: &'static str = "pods";
+    fn relist_from(current: &PodIndex) -> PodIndex {
+        PodIndex::keyed(current.role_key())
+    }
     fn apply(index: &mut PodIndex, pod: &Pod) {
-        if let Some(record) = PodRecord::from_pod(pod) {
-            index.apply(record);
-        }
+        index.apply_pod(pod);
     }
     fn remove(index: &mut PodIndex, pod: &Pod) {
         if let Some(uid) = &pod.metadata.uid {
@@ -182,6 +193,9 @@ impl Indexed for Namespace {
 impl Indexed for ServiceAccount {
     type Index = AccountIndex;
     const WHAT: &'static str = "serviceaccounts";
+    fn relist_from(current: &AccountIndex) -> AccountIndex {
+        AccountIndex::keyed(current.role_key())
+    }
     fn apply(index: &mut AccountIndex, account: &ServiceAccount) {
         index.apply(account);
     }

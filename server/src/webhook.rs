@@ -217,12 +217,12 @@ impl Webhook {
             .as_str()
             .or_else(|| request["namespace"].as_str())
             .unwrap_or_default();
-        let own = pod["metadata"]["annotations"][podiam_policy::policy::ROLE_ANNOTATION]
+        let pods = self.cluster.pods();
+        let own = pod["metadata"]["annotations"][pods.role_key()]
             .as_str()
             .map(str::trim)
             .filter(|role| !role.is_empty());
         let account = pod["spec"]["serviceAccountName"].as_str();
-        let pods = self.cluster.pods();
         let namespaces = self.cluster.namespaces();
         let accounts = self.cluster.accounts();
         let view = View {

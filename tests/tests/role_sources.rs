@@ -221,3 +221,56 @@ async fn explain_names_where_the_role_comes_from_and_how_the_pod_is_known() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_role_annotation_names_the_role_of_pods_and_service_accounts() {
+    // kube2iam's --iam-role-key: a cluster whose pods carry their role under another key.
+    const KEY: &str = "example.com/iam-role";
+    let world = World::start(WorldConfig {
+        start_agent: true,
+        server_args: vec!["--role-annotation".into(), KEY.into()],
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .pod_as("team-a", "web", "web")
+            .pod("team-a", "plain", None)
+    })
+    .await
+    .expect("world starts");
+    kubectl(&world, &["create", "serviceaccount", "web", "-n", "team-a"]).await;
+    let annotate = |kind: &'static str, name: &'static str, value: String| {
+        let world = &world;
+        async move {
+            let args = [
+                "annotate",
+                kind,
+                name,
+                "--overwrite",
+                &value,
+                "-n",
+                "team-a",
+            ];
+            kubectl(world, &args).await;
+        }
+    };
+    // The usual key is not read: only the configured one names the role (the change under
+    // the configured key comes after, so seeing it means the first was seen too).
+    annotate("pod", "plain", "iam.amazonaws.com/role=app-reader".into()).await;
+    annotate("pod", "plain", format!("{KEY}=app-writer")).await;
+    wait_until(CHANGE_DEADLINE, "plain to list app-writer", || async {
+        let now = listed(&world, "plain").await;
+        assert_ne!(now, "app-reader", "the usual key was read");
+        now == "app-writer"
+    })
+    .await
+    .expect("plain's role");
+    // And on a ServiceAccount.
+    assert_eq!(listed(&world, "web").await, "404 no-role");
+    annotate("serviceaccount", "web", format!("{KEY}=app-web")).await;
+    wait_until(
+        CHANGE_DEADLINE,
+        "web to list its account's app-web",
+        || async { listed(&world, "web").await == "app-web" },
+    )
+    .await
+    .expect("web's role");
+}
