@@ -69,6 +69,34 @@ pub enum Command {
     /// says (version, sync, the agents it serves and the pods they proved; as you: you need
     /// `list pods` cluster-wide). Exits 1 when no server replica is ready.
     Status(StatusArgs),
+    /// What each namespace's kube2iam or kiam policy becomes under podiam: kube2iam's
+    /// iam.amazonaws.com/allowed-roles as one iam.amazonaws.com/permitted regex, and kiam
+    /// regexes whose top-level `|` kiam read differently. `--write` writes the converted
+    /// regexes of namespaces that have none yet, and nothing else.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Write iam.amazonaws.com/permitted on the namespaces that have kube2iam's list and no
+    /// permitted regex (checked with the servers' rules first).
+    #[arg(long)]
+    pub write: bool,
+    /// How kube2iam read the lists (its --namespace-restriction-format).
+    #[arg(long, value_enum, default_value = "glob")]
+    pub kube2iam_format: Kube2iamFormat,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// kube2iam's `--namespace-restriction-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kube2iamFormat {
+    /// Globs: `*` matches anything (kube2iam's default).
+    Glob,
+    /// Regular expressions matched anywhere in the role.
+    Regexp,
 }
 
 #[derive(Debug, Args)]

@@ -148,6 +148,15 @@ impl Cluster {
             .map_err(|e| api_error(format!("reading ConfigMap {namespace}/{name}"), e))
     }
 
+    /// Every namespace.
+    pub async fn list_namespaces(&self) -> Result<Vec<Namespace>, Error> {
+        Api::<Namespace>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map(|list| list.items)
+            .map_err(|e| api_error("listing namespaces".to_string(), e))
+    }
+
     /// Pods in `namespace` (every namespace when `None`) matching the selectors.
     pub async fn list_pods(
         &self,

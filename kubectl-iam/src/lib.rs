@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod credentials;
 pub mod error;
 pub mod explain;
+pub mod migrate;
 pub mod servers;
 pub mod status;
 pub mod table;
@@ -55,7 +56,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             Servers::from_args(&args.servers)?
         }
         Command::Status(args) => Servers::from_args(&args.servers)?,
-        Command::Grant(_) | Command::Revoke(_) | Command::Permit(_) => None,
+        Command::Grant(_) | Command::Revoke(_) | Command::Permit(_) | Command::Migrate(_) => None,
     };
     let (cluster, servers) = match servers {
         None => (Cluster::connect(&cli.kube).await?, None),
@@ -72,5 +73,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Permit(args) => annotate::permit(&cluster, args).await,
         Command::Explain(args) => explain::run(&cluster, podiam, args, servers).await,
         Command::Status(args) => status::run(&cluster, podiam, args, servers).await,
+        Command::Migrate(args) => migrate::run(&cluster, args).await,
     }
 }

@@ -104,3 +104,65 @@ fn tempfile_kubeconfig(kubeconfig: &Path, server: &str) -> PathBuf {
     std::fs::write(&path, rewritten).expect("written");
     path
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_converts_kube2iam_lists_and_reports_kiam_alternations() {
+    let (emulator, kubeconfig) = emulator_only("plugin-migrate").await;
+    for (name, annotations) in [
+        (
+            "from-kube2iam",
+            &[(
+                "iam.amazonaws.com/allowed-roles",
+                r#"["app-*", "db-reader"]"#,
+            )][..],
+        ),
+        (
+            "from-kiam",
+            &[("iam.amazonaws.com/permitted", "app-a|app-b")][..],
+        ),
+        ("fine", &[("iam.amazonaws.com/permitted", "app-.*")][..]),
+        ("untouched", &[][..]),
+    ] {
+        emulator
+            .create(namespace(name, annotations))
+            .expect("namespace");
+    }
+    let report = iam(&kubeconfig, &["migrate", "-o", "json"]).await;
+    assert_eq!(report.code, 0, "{report:?}");
+    let rows = report.json()["namespaces"].clone();
+    let row = |name: &str| {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["namespace"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {name}: {rows}"))
+    };
+    assert_eq!(row("from-kube2iam")["permitted"], "app-.*|db-reader");
+    assert_eq!(row("from-kube2iam")["written"], false);
+    assert!(
+        row("from-kiam")["note"]
+            .as_str()
+            .expect("note")
+            .contains("(?:app-a).*|.*(?:app-b)"),
+        "{rows}"
+    );
+    assert_eq!(row("fine")["note"], "the same under podiam");
+    assert_eq!(rows.as_array().expect("rows").len(), 3, "{rows}");
+    // Nothing written without --write.
+    let stored = |name: &str| {
+        emulator
+            .get(podiam_tests::kube_emulator::Kind::Namespace, None, name)
+            .expect("namespace")["metadata"]["annotations"]["iam.amazonaws.com/permitted"]
+            .clone()
+    };
+    assert_eq!(stored("from-kube2iam"), Value::Null);
+
+    let written = iam(&kubeconfig, &["migrate", "--write"]).await;
+    assert_eq!(written.code, 0, "{written:?}");
+    assert!(written.stdout.contains("written"), "{written:?}");
+    assert_eq!(stored("from-kube2iam"), "app-.*|db-reader");
+    // kiam's regex is left as it is: its reading is for people to decide.
+    assert_eq!(stored("from-kiam"), "app-a|app-b");
+    emulator.shutdown().await;
+}

@@ -1,0 +1,275 @@
+//! `kubectl iam migrate`: what each namespace's kube2iam or kiam policy becomes under podiam.
+//!
+//! - kube2iam's `iam.amazonaws.com/allowed-roles` is a JSON list of globs (its default,
+//!   `--namespace-restriction-format=glob`: `*` matches anything) or of regexes matched
+//!   anywhere in the role (`=regexp`). podiam reads only `iam.amazonaws.com/permitted`, one
+//!   regex that must match the whole role: the list becomes an alternation of the entries,
+//!   globs with `*` as `.*` and everything else literal, regexes as `.*(?:R).*`.
+//! - kiam's `iam.amazonaws.com/permitted` is the same annotation, but kiam compiled it as
+//!   `^REGEX$`, so a top-level `|` split it: `a|b` matched what starts with `a` or ends with
+//!   `b`. Such a regex is reported with what it meant to kiam; nothing is written for it, as
+//!   the whole-role reading is usually what its author meant.
+//!
+//! `--write` writes the converted `permitted` of namespaces that have `allowed-roles` and no
+//! `permitted` yet (the servers' own check first), and nothing else.
+
+use k8s_openapi::api::core::v1::Namespace;
+use podiam_policy::policy::{KUBE2IAM_ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTATION};
+use serde_json::json;
+
+use crate::annotate::check_regex;
+use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
+use crate::cluster::{Cluster, annotation};
+use crate::error::Error;
+
+/// What podiam makes of one namespace's old policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub namespace: String,
+    /// What the namespace has: the kube2iam list, or the kiam-era regex.
+    pub found: String,
+    /// The `permitted` regex podiam needs (or has).
+    pub permitted: String,
+    /// What to do, or why nothing.
+    pub note: String,
+    /// Whether `--write` writes `permitted` for it.
+    pub writable: bool,
+}
+
+/// `text` as a regex matching itself: the characters that mean something outside a class
+/// escaped, the rest (`-`, `/`, `:`) left readable.
+fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$#&~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A kube2iam glob as a regex: `*` is `.*`, everything else literal.
+fn glob_regex(glob: &str) -> String {
+    glob.split('*').map(literal).collect::<Vec<_>>().join(".*")
+}
+
+/// kube2iam's `allowed-roles` value as one podiam regex, or why it cannot be.
+pub fn from_kube2iam(value: &str, format: Kube2iamFormat) -> Result<String, String> {
+    let entries: Vec<String> = serde_json::from_str(value).map_err(|e| {
+        format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} is not a JSON list of strings ({e})")
+    })?;
+    let entries: Vec<String> = entries
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .map(|entry| match format {
+            Kube2iamFormat::Glob => glob_regex(entry),
+            Kube2iamFormat::Regexp => format!(".*(?:{entry}).*"),
+        })
+        .collect();
+    if entries.is_empty() {
+        return Err(format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} lists no role"));
+    }
+    let regex = entries.join("|");
+    check_regex(&regex)?;
+    Ok(regex)
+}
+
+/// The top-level alternatives of `regex` (split at `|` outside groups, classes and escapes).
+fn top_level_alternatives(regex: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut in_class, mut escaped, mut start) = (0usize, false, false, 0);
+    for (i, c) in regex.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' if !in_class => in_class = true,
+            ']' if in_class => in_class = false,
+            '(' if !in_class => depth += 1,
+            ')' if !in_class => depth = depth.saturating_sub(1),
+            '|' if !in_class && depth == 0 => {
+                parts.push(&regex[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&regex[start..]);
+    parts
+}
+
+/// What kiam's `^REGEX$` matched, as a whole-role regex: `None` when it is the same.
+pub fn kiam_meaning(regex: &str) -> Option<String> {
+    let parts = top_level_alternatives(regex.trim());
+    if parts.len() < 2 {
+        return None;
+    }
+    let last = parts.len() - 1;
+    let meaning: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| match i {
+            0 => format!("(?:{part}).*"),
+            i if i == last => format!(".*(?:{part})"),
+            _ => format!(".*(?:{part}).*"),
+        })
+        .collect();
+    Some(meaning.join("|"))
+}
+
+/// The plan for one namespace, if it has an old policy to look at.
+pub fn plan(namespace: &Namespace, format: Kube2iamFormat) -> Option<Plan> {
+    let name = namespace.metadata.name.clone()?;
+    let permitted = annotation(&namespace.metadata, PERMITTED_ANNOTATION).map(str::trim);
+    let allowed = annotation(&namespace.metadata, KUBE2IAM_ALLOWED_ROLES_ANNOTATION);
+    match (permitted, allowed) {
+        (Some(permitted), allowed) => {
+            let found = match allowed {
+                Some(list) => format!("{PERMITTED_ANNOTATION} {permitted:?} (and {list})"),
+                None => format!("{PERMITTED_ANNOTATION} {permitted:?}"),
+            };
+            let note = match kiam_meaning(permitted) {
+                Some(meaning) => format!(
+                    "kiam read it as ^{permitted}$, which is {meaning:?} here; podiam matches the whole role. Change it only if you meant kiam's reading"
+                ),
+                None => "the same under podiam".to_string(),
+            };
+            Some(Plan {
+                namespace: name,
+                found,
+                permitted: permitted.to_string(),
+                note,
+                writable: false,
+            })
+        }
+        (None, Some(list)) => Some(match from_kube2iam(list, format) {
+            Ok(regex) => Plan {
+                namespace: name,
+                found: format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} {list}"),
+                permitted: regex,
+                note: "write it with --write (nothing is permitted until then)".to_string(),
+                writable: true,
+            },
+            Err(why) => Plan {
+                namespace: name,
+                found: format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} {list}"),
+                permitted: String::new(),
+                note: format!("{why}: write {PERMITTED_ANNOTATION} yourself"),
+                writable: false,
+            },
+        }),
+        (None, None) => None,
+    }
+}
+
+/// `migrate [--write]`.
+pub async fn run(cluster: &Cluster, args: &MigrateArgs) -> Result<(), Error> {
+    let mut plans: Vec<Plan> = cluster
+        .list_namespaces()
+        .await?
+        .iter()
+        .filter_map(|ns| plan(ns, args.kube2iam_format))
+        .collect();
+    plans.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+    let mut written = Vec::new();
+    if args.write {
+        for plan in plans.iter().filter(|p| p.writable) {
+            cluster
+                .annotate_namespace(&plan.namespace, PERMITTED_ANNOTATION, Some(&plan.permitted))
+                .await?;
+            written.push(plan.namespace.clone());
+        }
+    }
+    match args.output {
+        Output::Json => {
+            let rows: Vec<_> = plans
+                .iter()
+                .map(|p| {
+                    json!({
+                        "namespace": p.namespace,
+                        "found": p.found,
+                        "permitted": p.permitted,
+                        "note": p.note,
+                        "written": written.contains(&p.namespace),
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "namespaces": rows }));
+        }
+        Output::Text => {
+            if plans.is_empty() {
+                println!(
+                    "no namespace has {PERMITTED_ANNOTATION} or {KUBE2IAM_ALLOWED_ROLES_ANNOTATION}"
+                );
+            }
+            for p in &plans {
+                let state = if written.contains(&p.namespace) {
+                    "written"
+                } else {
+                    &p.note
+                };
+                println!("{}:", p.namespace);
+                println!("  found:     {}", p.found);
+                println!("  permitted: {:?}", p.permitted);
+                println!("  {state}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(regex: &str, role: &str) -> bool {
+        regex::Regex::new(&format!("^(?:{regex})$"))
+            .expect("compiles")
+            .is_match(role)
+    }
+
+    #[test]
+    fn kube2iam_globs_and_regexes_become_one_whole_role_regex() {
+        let glob = from_kube2iam(
+            r#"["app-reader", "team-a/*", "arn:aws:iam::1:role/x.y"]"#,
+            Kube2iamFormat::Glob,
+        )
+        .expect("converts");
+        assert_eq!(glob, r"app-reader|team-a/.*|arn:aws:iam::1:role/x\.y");
+        for (role, permitted) in [
+            ("app-reader", true),
+            ("app-reader2", false),
+            ("team-a/anything/deep", true),
+            ("arn:aws:iam::1:role/x.y", true),
+            ("arn:aws:iam::1:role/xzy", false),
+        ] {
+            assert_eq!(matches(&glob, role), permitted, "{role}");
+        }
+        let regexp =
+            from_kube2iam(r#"["^app-", "reader$"]"#, Kube2iamFormat::Regexp).expect("converts");
+        assert!(matches(&regexp, "app-x") && matches(&regexp, "db-reader"));
+        assert!(!matches(&regexp, "db-writer"));
+        assert!(from_kube2iam("app-reader", Kube2iamFormat::Glob).is_err());
+        assert!(from_kube2iam("[]", Kube2iamFormat::Glob).is_err());
+        assert!(from_kube2iam(r#"["("]"#, Kube2iamFormat::Regexp).is_err());
+    }
+
+    #[test]
+    fn kiams_unparenthesised_alternations_are_shown_for_what_they_matched() {
+        assert_eq!(kiam_meaning("app-.*"), None);
+        assert_eq!(kiam_meaning("(a|b)-x"), None);
+        assert_eq!(kiam_meaning("[|]"), None);
+        assert_eq!(kiam_meaning(r"a\|b"), None);
+        let meaning = kiam_meaning("app-a|app-b").expect("differs");
+        // kiam: ^app-a|app-b$, anything starting with app-a or ending with app-b.
+        for (role, kiam) in [
+            ("app-a", true),
+            ("app-a-admin", true),
+            ("x-app-b", true),
+            ("app-c", false),
+        ] {
+            assert_eq!(matches(&meaning, role), kiam, "{role}");
+        }
+    }
+}
