@@ -789,26 +789,41 @@ impl PodiamService {
         match caller {
             Caller::Agent(agent) if agent.node == asked => Ok((agent.node.clone(), Some(agent))),
             Caller::Agent(agent) => {
-                let failure = BindingFailure::OtherNodeStream {
-                    proven: agent.node.clone(),
-                    asked: asked.to_string(),
-                };
-                self.identities.counters().refused(failure.label());
-                tracing::warn!(
-                    agent_node = %agent.node,
-                    agent_pod = %agent.pod,
-                    asked = %asked,
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    answered = self.settings.binding.mode == BindingMode::Warn,
-                    "agent asked for another node's stream"
-                );
-                if self.settings.binding.mode == BindingMode::Enforce {
+                let answered = self.settings.binding.mode == BindingMode::Warn;
+                let failure = self.other_node(&agent, asked, peer, "stream", answered);
+                if !answered {
                     return Err(Failure::Binding(failure).status());
                 }
                 Ok((asked.to_string(), None))
             }
             Caller::Unproven => Ok((asked.to_string(), None)),
         }
+    }
+
+    /// A proven agent asking about another node than its own (`what`: its stream, or its
+    /// readiness): counted and logged with the proven node, agent pod and peer address.
+    fn other_node(
+        &self,
+        agent: &ProvenAgent,
+        asked: &str,
+        peer: Option<SocketAddr>,
+        what: &str,
+        answered: bool,
+    ) -> BindingFailure {
+        let failure = BindingFailure::OtherNodeStream {
+            proven: agent.node.clone(),
+            asked: asked.to_string(),
+        };
+        self.identities.counters().refused(failure.label());
+        tracing::warn!(
+            agent_node = %agent.node,
+            agent_pod = %agent.pod,
+            asked = %Escaped(asked),
+            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+            answered,
+            "agent asked for another node's {what}"
+        );
+        failure
     }
 
     /// Serves one node stream into `tx` until it ends, registered among the agents (for
@@ -1168,18 +1183,7 @@ impl Podiam for PodiamService {
         let node = match caller {
             Caller::Agent(agent) if agent.node == asked => agent.node,
             Caller::Agent(agent) => {
-                let failure = BindingFailure::OtherNodeStream {
-                    proven: agent.node.clone(),
-                    asked: asked.clone(),
-                };
-                self.identities.counters().refused(failure.label());
-                tracing::warn!(
-                    agent_node = %agent.node,
-                    agent_pod = %agent.pod,
-                    asked = %Escaped(&asked),
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    "agent reported another node ready"
-                );
+                let failure = self.other_node(&agent, &asked, peer, "readiness", false);
                 return Err(Failure::Binding(failure).status());
             }
             Caller::Unproven => {

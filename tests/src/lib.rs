@@ -16,6 +16,7 @@
 //!   agent) and the faults a test can inflict on it.
 
 pub mod bridge;
+pub mod dockerfile;
 pub mod fixtures;
 pub mod help;
 pub mod identity;

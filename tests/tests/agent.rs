@@ -205,13 +205,10 @@ async fn restarts_and_a_crash(iptables_bin: &str) {
     );
 
     world.stop_agent().await.expect("stops");
-    let out = world.uninstall_agent_rules().await.expect("uninstall runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rules = world.node_nat_rules().await.expect("rules");
+    let rules = world
+        .uninstall_and_read_rules()
+        .await
+        .expect("uninstall cleans up");
     assert!(
         !rules.contains("PODIAM") && !rules.contains("DNAT"),
         "{rules}"
@@ -240,13 +237,10 @@ async fn an_excluded_interface_intercepts_every_other_one() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     // Removed like any other jump.
     world.stop_agent().await.expect("stops");
-    let out = world.uninstall_agent_rules().await.expect("uninstall runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rules = world.node_nat_rules().await.expect("rules");
+    let rules = world
+        .uninstall_and_read_rules()
+        .await
+        .expect("uninstall cleans up");
     assert!(!rules.contains("PODIAM"), "{rules}");
 }
 

@@ -1609,25 +1609,7 @@ fn image_target(image: &str) -> &str {
 #[test]
 fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
     let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
-    // stage name → the files COPYed into it.
-    let mut stages: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut current = String::new();
-    for line in dockerfile.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["FROM", .., "AS", name] => {
-                current = name.to_string();
-                stages.entry(current.clone()).or_default();
-            }
-            ["COPY", from, .., destination] if from.starts_with("--from=") => {
-                stages
-                    .entry(current.clone())
-                    .or_default()
-                    .push(destination.to_string());
-            }
-            _ => {}
-        }
-    }
+    let stages = podiam_tests::dockerfile::stages();
     for target in ["server", "agent", "certs"] {
         assert!(
             stages.contains_key(target),
@@ -1643,7 +1625,7 @@ fn the_dockerfile_puts_each_binary_where_the_manifests_run_it() {
                 }
                 let target = image_target(c["image"].as_str().unwrap());
                 assert!(
-                    stages[target].iter().any(|d| d == program),
+                    stages[target].copied.iter().any(|d| d == program),
                     "{}: {program} is not copied into the {target} image",
                     r.name
                 );

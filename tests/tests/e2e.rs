@@ -370,13 +370,10 @@ async fn a_plain_stop_fails_closed_and_only_uninstall_removes_the_rule() {
         world.agent_token_key_file().exists(),
         "the agent kept its token keys on the node"
     );
-    let out = world.uninstall_agent_rules().await.expect("uninstall runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rules = world.node_nat_rules().await.expect("rules");
+    let rules = world
+        .uninstall_and_read_rules()
+        .await
+        .expect("uninstall cleans up");
     assert!(
         !rules.contains("PODIAM"),
         "uninstall leaves nothing of ours:\n{rules}"

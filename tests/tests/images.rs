@@ -111,76 +111,10 @@ impl Drop for Mounted {
     }
 }
 
-/// What a Dockerfile stage says: its user, entrypoint, exposed ports and copied paths.
-#[derive(Debug, Default)]
-struct Stage {
-    user: Option<String>,
-    entrypoint: Vec<String>,
-    ports: Vec<String>,
-    copied: Vec<String>,
-    apt: Vec<String>,
-}
-
-fn dockerfile_stages() -> std::collections::BTreeMap<String, Stage> {
-    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
-    let mut stages = std::collections::BTreeMap::new();
-    let mut current = String::new();
-    let mut continued = String::new();
-    for raw in text.lines() {
-        let line = raw.trim();
-        if line.starts_with('#') {
-            continue;
-        }
-        if let Some(head) = line.strip_suffix('\\') {
-            continued.push_str(head);
-            continued.push(' ');
-            continue;
-        }
-        let line = format!("{continued}{line}");
-        continued.clear();
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["FROM", .., "AS", name] => {
-                current = name.to_string();
-                stages.insert(current.clone(), Stage::default());
-            }
-            ["USER", user] => {
-                stages.get_mut(&current).expect("stage").user = Some(user.to_string())
-            }
-            ["ENTRYPOINT", ..] => {
-                let json = line.trim_start_matches("ENTRYPOINT").trim();
-                stages.get_mut(&current).expect("stage").entrypoint =
-                    serde_json::from_str(json).expect("ENTRYPOINT as JSON");
-            }
-            ["EXPOSE", ports @ ..] => stages
-                .get_mut(&current)
-                .expect("stage")
-                .ports
-                .extend(ports.iter().map(|p| format!("{p}/tcp"))),
-            ["COPY", from, .., destination] if from.starts_with("--from=") => stages
-                .get_mut(&current)
-                .expect("stage")
-                .copied
-                .push(destination.to_string()),
-            ["RUN", ..] if line.contains("apt-get install") => {
-                let after = line.split("--no-install-recommends").nth(1).unwrap_or("");
-                let packages = after.split("&&").next().unwrap_or("");
-                stages
-                    .get_mut(&current)
-                    .expect("stage")
-                    .apt
-                    .extend(packages.split_whitespace().map(str::to_string));
-            }
-            _ => {}
-        }
-    }
-    stages
-}
-
 #[test]
 fn the_images_are_laid_out_as_the_dockerfile_targets() {
     let out = built();
-    let stages = dockerfile_stages();
+    let stages = podiam_tests::dockerfile::stages();
     for name in ["server", "certs", "agent"] {
         let stage = &stages[name];
         let config = config(name);

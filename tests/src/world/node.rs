@@ -155,7 +155,7 @@ impl World {
     }
 
     /// The name of the agent's container when it runs from an image (one per world).
-    pub fn agent_container_name(&self) -> String {
+    fn agent_container_name(&self) -> String {
         let id: String = self
             .dir
             .to_string_lossy()
@@ -224,6 +224,19 @@ impl World {
             .output()
             .await?;
         Ok(output)
+    }
+
+    /// [`World::uninstall_agent_rules`], which must succeed (its stderr in the error), then
+    /// the node's nat table as it leaves it.
+    pub async fn uninstall_and_read_rules(&self) -> anyhow::Result<String> {
+        let out = self.uninstall_agent_rules().await?;
+        if !out.status.success() {
+            bail!(
+                "podiam-agent uninstall failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.node_nat_rules().await
     }
 
     /// The node namespace's nat table, as `iptables -S` prints it.
