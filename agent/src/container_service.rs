@@ -68,7 +68,7 @@ impl MetadataService {
                 if !self.new_tokens.allow(peer) {
                     return Err(Refused::TooManyNewTokens);
                 }
-                let call = self.servers.credentials(peer, "", &token.text);
+                let call = self.servers.credentials(peer, "", &token.text, 0);
                 let issued = Box::pin(self.ask(peer, &unlisted, call)).await?;
                 Ok(credentials_json(&issued.credentials).into())
             }
@@ -94,7 +94,7 @@ impl MetadataService {
             Box::pin(async {
                 let issued = self
                     .servers
-                    .credentials(peer, &own.name, &token.text)
+                    .credentials(peer, &own.name, &token.text, own.credential_key)
                     .await?;
                 // The server decided on what it sees now; keep it only if it is the same pod.
                 if issued.pod_uid != pod.uid {

@@ -37,6 +37,9 @@ pub struct Role {
     pub name: String,
     /// The ARN the servers assume.
     pub arn: String,
+    /// The digest of the STS session its credentials come from
+    /// (`PodState.credential_key`): the replica that owns it is asked first. 0: unknown.
+    pub credential_key: u64,
 }
 
 /// The servers' refusal of a pod: why, and the one-line message the pod gets.
@@ -104,6 +107,7 @@ impl PodDecision {
             Ok(Role {
                 name: state.role_name,
                 arn: state.role_arn,
+                credential_key: state.credential_key,
             })
         } else {
             Err(Refusal::from_wire(

@@ -516,7 +516,7 @@ impl MetadataService {
         match self.resolve(peer, known).await {
             Known::Pod(decision) => self.cached_credentials(peer, &decision, role, now).await,
             unlisted => {
-                let call = self.servers.credentials(peer, role, "");
+                let call = self.servers.credentials(peer, role, "", 0);
                 let creds = Box::pin(self.ask(peer, &unlisted, call)).await?.credentials;
                 Ok(imds::credentials_document(
                     &creds.access_key_id,
@@ -553,7 +553,10 @@ impl MetadataService {
         // Boxed: see [`MetadataService::ask`].
         let fetch = || {
             Box::pin(async {
-                let issued = self.servers.credentials(peer, role, "").await?;
+                let issued = self
+                    .servers
+                    .credentials(peer, role, "", own.credential_key)
+                    .await?;
                 // The server decided on what it sees now; cache only if it is the same pod.
                 if issued.pod_uid != pod.uid {
                     return Err(Refused::ByAgent(AgentRefusal::PodChanged));

@@ -92,6 +92,8 @@ struct Replica {
     last_heartbeat: Mutex<Option<Instant>>,
     /// Events pushed into its latest node stream.
     push: Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>,
+    /// Its name in the replica set, given in Health answers.
+    name: Mutex<String>,
 }
 
 impl Replica {
@@ -181,6 +183,7 @@ impl Podiam for Fake {
             version: "test".into(),
             synced: true,
             draining: false,
+            replica: self.0.name.lock().expect("not poisoned").clone(),
         }))
     }
 
@@ -640,5 +643,45 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
     });
     assert_eq!(began.elapsed(), Duration::from_millis(150));
     assert_eq!(answer, (200, "app-reader".to_string()));
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
+    let names = ["s-0", "s-1"];
+    let key_of = |owner: &str| {
+        (1u64..)
+            .find(|k| podiam_proto::owner::owner(*k, names) == Some(owner))
+            .expect("a key")
+    };
+    let rig = Rig::start(&[
+        PodState {
+            credential_key: key_of("s-1"),
+            ..pod("web", WEB)
+        },
+        PodState {
+            credential_key: key_of("s-0"),
+            ..pod("api", API)
+        },
+    ])
+    .await;
+    for (replica, name) in rig.replicas.iter().zip(names) {
+        *replica.name.lock().expect("not poisoned") = name.to_string();
+    }
+    rig.stream_synced(WEB).await;
+    // The agent learns the names from the next health checks.
+    tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;
+    for pod in [WEB, API] {
+        let (status, body) = rig.get(pod, CREDENTIALS).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each pod's call went to its session's owner, wherever the node stream comes from.
+    let calls: Vec<usize> = rig
+        .replicas
+        .iter()
+        .map(|r| r.credentials_calls.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(calls, [1, 1]);
+    assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 0);
     rig.stop().await;
 }

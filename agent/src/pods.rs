@@ -205,6 +205,7 @@ mod tests {
             verdict: Ok(Role {
                 name: role.into(),
                 arn: format!("arn:aws:iam::123456789012:role/{role}"),
+                credential_key: 0,
             }),
         };
         (self::ip(ip), decision)

@@ -17,6 +17,13 @@
 //!   another replica and the first good answer wins — one retry, inside the SDKs' 1-second
 //!   budget. A replica that answers with a refusal (a decision about the pod) is believed,
 //!   except "not ready", which another replica may not share.
+//! - **Owners.** A pod's GetCredentials goes first to the replica that owns its credential
+//!   key ([`ServerSet::owner`]: `podiam_proto::owner` over the names replicas give in their
+//!   Health answers), which holds those credentials: one STS call per session for the whole
+//!   cluster. The replicas it is computed over are those with a good health answer in the
+//!   last [`OWNER_MEMORY`], not only those whose last check was in time: the servers count a
+//!   replica as long as its pod is Ready, and one late answer on a busy node must not send
+//!   calls to a replica that would have to call STS again.
 //!
 //! Every replica has its own HTTP/2 connection with keep-alive pings, so a replica that
 //! vanishes without closing its connections is noticed within the ping timeout.
@@ -58,6 +65,9 @@ pub const HEDGE_AFTER: Duration = Duration::from_millis(300);
 /// How long a replica whose transport failed is passed over (unless its health check
 /// succeeds first).
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
+
+/// How long a replica's last good health answer keeps it among the owners of keys.
+pub const OWNER_MEMORY: Duration = Duration::from_secs(5);
 /// TCP + TLS connect deadline: a dead replica's address must fail fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// HTTP/2 ping interval and timeout on each replica's connection: a replica that hangs or
@@ -94,6 +104,10 @@ pub struct Replica {
     client: Client,
     ready: AtomicBool,
     suspect_until: Mutex<Option<Instant>>,
+    /// Its name in the replica set, as its Health answers say (empty: none given).
+    name: Mutex<Arc<str>>,
+    /// When it last answered its health check synced and not draining.
+    last_good: Mutex<Option<Instant>>,
 }
 
 impl Replica {
@@ -117,12 +131,19 @@ impl Replica {
             client: PodiamClient::with_interceptor(channel, Authorize(token)),
             ready: AtomicBool::new(false),
             suspect_until: Mutex::new(None),
+            name: Mutex::new(Arc::from("")),
+            last_good: Mutex::new(None),
         })
     }
 
     /// A client of this replica (cheap: the connection is shared).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// Its name in the replica set, from its last Health answer (empty: none).
+    pub fn name(&self) -> Arc<str> {
+        Arc::clone(&self.name.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Whether the last health check found it synced and not draining.
@@ -142,9 +163,17 @@ impl Replica {
     }
 
     /// The replica said it is shutting down (or not synced): not ready until its health says
-    /// otherwise.
+    /// otherwise, and no owner of keys.
     pub fn mark_not_ready(&self) {
         self.ready.store(false, Ordering::Release);
+        *self.last_good.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether it counts among the owners of keys: a good health answer within
+    /// [`OWNER_MEMORY`], and a name.
+    fn owns_keys(&self) -> bool {
+        let last_good = *self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+        last_good.is_some_and(|at| at.elapsed() < OWNER_MEMORY) && !self.name().is_empty()
     }
 
     fn preferred(&self) -> bool {
@@ -154,9 +183,14 @@ impl Replica {
     async fn check_health(&self) -> Result<(), String> {
         let answer =
             tokio::time::timeout(HEALTH_TIMEOUT, self.client().health(HealthRequest {})).await;
+        let late = answer.is_err();
         let result = match answer {
             Ok(Ok(response)) => {
                 let health = response.into_inner();
+                if **self.name.lock().unwrap_or_else(|e| e.into_inner()) != *health.replica {
+                    *self.name.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Arc::from(health.replica.as_str());
+                }
                 if health.draining {
                     Err("shutting down".to_string())
                 } else if !health.synced {
@@ -169,8 +203,17 @@ impl Replica {
             Err(_) => Err(format!("no health answer within {HEALTH_TIMEOUT:?}")),
         };
         let was = self.ready.swap(result.is_ok(), Ordering::AcqRel);
-        if result.is_ok() {
-            *self.suspect_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match &result {
+            Ok(()) => {
+                *self.suspect_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.last_good.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+            // Shutting down, not synced, unreachable: no owner from now on. Late: still one,
+            // for a while.
+            Err(_) if !late => {
+                *self.last_good.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(_) => {}
         }
         match (&result, was) {
             (Ok(()), false) => tracing::info!(replica = %self.addr, "server replica ready"),
@@ -398,6 +441,25 @@ impl ServerSet {
             }
         }
         fallback
+    }
+
+    /// The replica that owns the credential key `key` (`podiam_proto::owner` over the names
+    /// of the replicas that count as owners: see the module's docs), if any.
+    pub fn owner(&self, key: u64) -> Option<SocketAddr> {
+        if key == 0 {
+            return None;
+        }
+        let replicas = self.replicas();
+        let named: Vec<(Arc<str>, SocketAddr)> = replicas
+            .iter()
+            .filter(|r| r.owns_keys())
+            .map(|r| (r.name(), r.addr))
+            .collect();
+        let owner = podiam_proto::owner::owner(key, named.iter().map(|(name, _)| &**name))?;
+        named
+            .iter()
+            .find(|(name, _)| &**name == owner)
+            .map(|(_, addr)| *addr)
     }
 
     /// `prefer` when it is known and preferred itself, else [`ServerSet::pick`].

@@ -129,17 +129,21 @@ impl Servers {
         Ok(Role {
             name: answer.role_name,
             arn: answer.role_arn,
+            credential_key: 0,
         })
     }
 
     /// Credentials for the pod at `ip`, if `role_name` is its role (empty with a
     /// `pod_token`: whatever its role is). A non-empty `pod_token` is the pod's own token,
-    /// which must prove the pod at `ip` too.
+    /// which must prove the pod at `ip` too. The call goes first to the ready replica that
+    /// owns `credential_key` (the one that keeps those credentials; 0: unknown), else to the
+    /// replica this node's stream comes from.
     pub async fn credentials(
         &self,
         ip: IpAddr,
         role_name: &str,
         pod_token: &str,
+        credential_key: u64,
     ) -> Result<Issued, ServerError> {
         let request = GetCredentialsRequest {
             ip: ip.to_string(),
@@ -149,10 +153,15 @@ impl Servers {
         };
         let answer = self
             .replicas
-            .call(self.stream_replica(), |mut client| {
-                let request = request.clone();
-                async move { client.get_credentials(request).await }
-            })
+            .call(
+                self.replicas
+                    .owner(credential_key)
+                    .or_else(|| self.stream_replica()),
+                |mut client| {
+                    let request = request.clone();
+                    async move { client.get_credentials(request).await }
+                },
+            )
             .await?;
         let credentials = answer
             .credentials

@@ -534,6 +534,7 @@ mod tests {
                     version: "test".into(),
                     synced: true,
                     draining: false,
+                    replica: String::new(),
                 }))
             }
         }

@@ -8,8 +8,12 @@
 //! - [`valid_role_name`]: the shape of a role name on the wire (the agent's routes and the
 //!   server's GetCredentials both check it).
 //! - [`parse_ip`]: the one way an address on the wire becomes an [`IpAddr`].
+//! - [`owner`]: which server replica owns which credential key (rendezvous hashing), computed
+//!   alike by agents and replicas.
 //!
 //! What the daemons run on (TLS, the accept loops, logging) is `podiam-runtime`.
+
+pub mod owner;
 
 /// The generated gRPC contract (`podiam.v1`).
 #[allow(missing_debug_implementations, clippy::all)]

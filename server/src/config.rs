@@ -185,6 +185,27 @@ pub struct Config {
         default_value = "podiam.io/agent-not-ready"
     )]
     pub agent_not_ready_taint: String,
+    /// At most this many STS AssumeRole calls start in any second on this replica: pods'
+    /// requests first, then refreshes, then prefetches. STS allows an account about 600 a
+    /// second in a region, shared with everything else in it. 0: no limit.
+    #[arg(long, env = "PODIAM_STS_RATE", default_value_t = 50)]
+    pub sts_rate: usize,
+    /// This replica's name: its pod's (the Deployment sets POD_NAME from metadata.name).
+    /// With --replica-namespace, each credential key is prefetched and refreshed by one
+    /// ready replica only, its owner; unset, this replica upkeeps every key.
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
+    /// The namespace of the server replicas' pods (POD_NAMESPACE from metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub replica_namespace: Option<String>,
+    /// The label selector of the server replicas' pods in --replica-namespace: the ready ones
+    /// share the credential keys. Empty: this replica upkeeps every key.
+    #[arg(
+        long,
+        env = "PODIAM_REPLICA_SELECTOR",
+        default_value = "app.kubernetes.io/name=podiam-server"
+    )]
+    pub replica_selector: String,
     /// Log format.
     #[arg(long, env = "PODIAM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -192,6 +213,9 @@ pub struct Config {
     #[arg(long, env = "PODIAM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }
+
+/// Attempts per STS call while STS is unavailable (`--sts-timeout` each).
+const STS_ATTEMPTS: u32 = 3;
 
 /// The server's configuration, checked: every flag parsed once into the value that uses it
 /// ([`Config::validate`]). [`crate::Server::build`] takes nothing else.
@@ -222,6 +246,9 @@ pub struct ValidConfig {
     pub agent_not_ready_taint: Option<String>,
     /// `--role-annotation`.
     pub role_annotation: String,
+    /// Where the replica set comes from, when this replica shares keys with others
+    /// (`--replica-name`, `--replica-namespace`, `--replica-selector`).
+    pub peers: Option<crate::peers::PeerSource>,
     pub drain: Drain,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -279,6 +306,16 @@ impl Config {
             ));
         }
         problems.extend(self.webhook_problems());
+        for (flag, value) in [
+            ("--replica-name", &self.replica_name),
+            ("--replica-namespace", &self.replica_namespace),
+        ] {
+            if let Some(value) = value
+                && !crate::service::valid_node_name(value)
+            {
+                problems.push(format!("{flag} {value:?} is not a pod or namespace name"));
+            }
+        }
         if (self.cluster_name.is_some() || self.session_tags_transitive) && !self.session_tags {
             problems.push(
                 "--cluster-name and --session-tags-transitive need --session-tags".to_string(),
@@ -377,6 +414,8 @@ impl Config {
             },
             cache: CachePolicy {
                 refresh_after: self.refresh_after,
+                sts_rate: self.sts_rate,
+                attempts: STS_ATTEMPTS,
                 ..CachePolicy::new(self.session_duration, self.min_remaining)
             },
             sessions,
@@ -389,6 +428,16 @@ impl Config {
             agent_not_ready_taint: (!self.agent_not_ready_taint.is_empty())
                 .then(|| self.agent_not_ready_taint.clone()),
             role_annotation: self.role_annotation.clone(),
+            peers: match (&self.replica_name, &self.replica_namespace) {
+                (Some(me), Some(namespace)) if !self.replica_selector.trim().is_empty() => {
+                    Some(crate::peers::PeerSource {
+                        me: Some(me.clone()),
+                        namespace: namespace.clone(),
+                        selector: self.replica_selector.clone(),
+                    })
+                }
+                _ => None,
+            },
             drain: Drain {
                 delay: self.shutdown_delay,
                 timeout: self.shutdown_timeout,

@@ -20,6 +20,7 @@
 //! it listens (`--listen-address-file`). In-process tests assemble a server from fakes
 //! ([`Server::assemble`], [`Backends`]) and serve it on an in-memory network.
 
+pub mod budget;
 pub mod config;
 pub mod events;
 pub mod identity;
@@ -27,6 +28,7 @@ pub mod identity;
 mod in_process_tests;
 pub mod metrics;
 pub mod nodes;
+pub mod peers;
 pub mod preflight;
 pub mod service;
 pub mod session;
@@ -130,6 +132,9 @@ pub struct Server {
     kube: Option<(kube::Client, tokio::sync::mpsc::Receiver<events::Notice>)>,
     /// The admission webhook and its HTTPS configuration, when it is on.
     webhook: Option<(Arc<webhook::Webhook>, Arc<Rotating<ServerConfig>>)>,
+    /// The replicas this one shares credential keys with, and what keeps that view.
+    peers: peers::Peers,
+    peer_follower: Option<peers::Follower>,
 }
 
 impl std::fmt::Debug for Server {
@@ -186,6 +191,14 @@ impl Server {
             metrics.sts_calls.clone(),
         ));
         let cluster = Arc::new(Cluster::with_role_key(&config.role_annotation));
+        let (peers, peer_follower) = match (&backends.kube, &config.peers) {
+            (Some(client), Some(source)) => {
+                let (peers, follower) =
+                    peers::follow(client.clone(), source, metrics.replicas_ready.clone());
+                (peers, Some(follower))
+            }
+            _ => (peers::Peers::alone(), None),
+        };
         let node_taints = backends.kube.as_ref().map(|client| {
             Arc::new(nodes::KubeNodeTaints::new(client.clone())) as Arc<dyn nodes::NodeTaints>
         });
@@ -215,7 +228,8 @@ impl Server {
             taint: config.agent_not_ready_taint,
             nodes: node_taints,
             removed: metrics.node_taints_removed.clone(),
-        });
+        })
+        .with_replica_name(peers.me());
         Server {
             tls,
             tls_reload_interval: config.tls_reload_interval,
@@ -227,6 +241,8 @@ impl Server {
             draining,
             kube,
             webhook: None,
+            peers,
+            peer_follower,
         }
     }
 
@@ -333,11 +349,15 @@ impl Server {
                 stop.clone(),
             ));
         }
+        if let Some(follower) = self.peer_follower.take() {
+            tasks.spawn(follower.run(stop.clone()));
+        }
         tasks.spawn(maintain_credentials(
             self.service.clone(),
             Arc::clone(&self.cluster),
             Arc::clone(&self.cache),
-            self.metrics.duplicate_ip_pods.clone(),
+            self.peers.clone(),
+            Arc::clone(&self.metrics),
             stop.clone(),
         ));
         tasks.spawn(Arc::clone(&self.tls).follow(self.tls_reload_interval, stop.clone()));
@@ -447,27 +467,48 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Keeps the credential cache in step with the cluster: prefetch for pods that appear,
-/// refresh at half-life, drop keys no pod needs. Runs after every cluster change (so a new
-/// pod's credentials are fetched before it asks) and every [`MAINTENANCE_INTERVAL`].
+/// refresh at half-life, drop keys no pod needs — upkeep of the keys this replica owns
+/// among `peers`. Runs after every cluster change (so a new pod's credentials are fetched
+/// before it asks), after every change of the replica set (a key whose owner left is
+/// fetched by its new owner) and every [`MAINTENANCE_INTERVAL`].
 async fn maintain_credentials(
     service: PodiamService,
     cluster: Arc<Cluster>,
     cache: Arc<CredentialCache>,
-    duplicate_ip_pods: prometheus_client::metrics::gauge::Gauge,
+    peers: peers::Peers,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut changes = cluster.subscribe();
+    let mut replicas = peers.subscribe();
+    // A replica alone has no replica set to follow: its channel is closed from the start.
+    let mut replicas_followed = replicas.has_changed().is_ok();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = changes.changed() => {}
+            followed = replicas.changed(), if replicas_followed => {
+                replicas_followed = followed.is_ok();
+            }
             () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
         }
         changes.mark_unchanged();
+        replicas.mark_unchanged();
         if cluster.synced() {
             let survey = service.survey();
-            duplicate_ip_pods.set(survey.duplicate_ip_pods as i64);
-            cache.maintain(&survey.needed).await;
+            metrics
+                .duplicate_ip_pods
+                .set(survey.duplicate_ip_pods as i64);
+            let owned = survey
+                .needed
+                .iter()
+                .filter(|key| peers.owns(key.digest()))
+                .count();
+            metrics.credential_keys.set(survey.needed.len() as i64);
+            metrics.credential_keys_owned.set(owned as i64);
+            cache
+                .maintain(&survey.needed, &|key| peers.owns(key.digest()))
+                .await;
         }
     }
 }

@@ -23,6 +23,12 @@ struct StsLabels {
     result: &'static str,
 }
 
+/// Labels of an STS budget wait.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: &'static str,
+}
+
 /// Labels of a Kubernetes Event.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
@@ -58,6 +64,11 @@ pub struct Metrics {
     pub webhook_reviews: Family<ResultLabels, Counter>,
     /// Nodes whose agent-not-ready taint this replica removed.
     pub node_taints_removed: Counter,
+    /// Server replicas seen ready (the set credential keys are shared over).
+    pub replicas_ready: Gauge,
+    /// Credential keys live pods need, and of those, the ones this replica upkeeps.
+    pub credential_keys: Gauge,
+    pub credential_keys_owned: Gauge,
     registry: Registry,
 }
 
@@ -96,6 +107,7 @@ impl Metrics {
                 refused,
                 unavailable,
                 throttled,
+                budget: crate::budget::BudgetCounters::default(),
             },
             events: EventCounters {
                 sent,
@@ -110,9 +122,13 @@ impl Metrics {
             identity: IdentityCounters::new(),
             webhook_reviews: Family::default(),
             node_taints_removed: Counter::default(),
+            replicas_ready: Gauge::default(),
+            credential_keys: Gauge::default(),
+            credential_keys_owned: Gauge::default(),
             registry: Registry::with_prefix("podiam_server"),
         };
         metrics.register_all(family, event_family);
+        metrics.register_upkeep();
         metrics
     }
 
@@ -186,8 +202,52 @@ impl Metrics {
         );
         registry.register(
             "sts_calls",
-            "STS AssumeRole calls, by result (ok, refused, unavailable, throttled)",
+            "STS AssumeRole calls (attempts), by result (ok, refused, unavailable, throttled)",
             sts_calls,
+        );
+    }
+
+    /// Registers the metrics of credential upkeep shared among replicas: the STS budget's
+    /// waits and pauses, the replica set, the keys needed and owned.
+    fn register_upkeep(&mut self) {
+        let registry = &mut self.registry;
+        let waits = Family::<PriorityLabels, Counter>::default();
+        for priority in crate::budget::Priority::ALL {
+            // The family's members are the budget's counters, as for the STS calls above.
+            let member = waits
+                .get_or_create(&PriorityLabels {
+                    priority: priority.as_str(),
+                })
+                .clone();
+            self.sts_calls.budget.waits[priority as usize] = member;
+        }
+        registry.register(
+            "sts_budget_waits",
+            "STS calls that waited for the --sts-rate budget, by priority (request, refresh, \
+             prefetch)",
+            waits,
+        );
+        registry.register(
+            "sts_budget_pauses",
+            "Pauses of prefetches and refreshes after STS throttled a call",
+            self.sts_calls.budget.pauses.clone(),
+        );
+        registry.register(
+            "replicas_ready",
+            "Server replicas seen ready, over which credential keys' upkeep is shared (0: \
+             this replica upkeeps every key)",
+            self.replicas_ready.clone(),
+        );
+        registry.register(
+            "credential_keys",
+            "STS sessions (role, session name, tags) that live pods need, as of the last \
+             credential upkeep",
+            self.credential_keys.clone(),
+        );
+        registry.register(
+            "credential_keys_owned",
+            "Of those, the sessions this replica owns: it prefetches and refreshes them",
+            self.credential_keys_owned.clone(),
         );
     }
 

@@ -24,7 +24,6 @@ use podiam_policy::decision::{
     ReviewedUser, Scope, View, bind_agent, pod_ref, prove_pod,
 };
 use podiam_policy::index::PodRecord;
-use podiam_policy::policy::Role;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
     GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
@@ -258,6 +257,8 @@ pub struct PodiamService {
     streams: TaskTracker,
     /// Agents' NodeReady reports: the agent-not-ready taint they lift.
     readiness: crate::nodes::NodeReadiness,
+    /// This replica's name in the replica set (Health tells agents), if it has one.
+    replica: Option<Arc<str>>,
 }
 
 /// Longest pod token accepted: projected tokens are about 1 KiB; this bounds what one call
@@ -436,7 +437,15 @@ impl PodiamService {
                 nodes: None,
                 removed: Counter::default(),
             },
+            replica: None,
         }
+    }
+
+    /// Names the replica in Health answers: agents send each pod's calls first to the
+    /// replica that owns its credential key ([`crate::peers`]).
+    pub fn with_replica_name(mut self, name: Option<&str>) -> Self {
+        self.replica = name.map(Arc::from);
+        self
     }
 
     /// Lifts nodes' agent-not-ready taint when their agents report their rules in place.
@@ -600,7 +609,7 @@ impl PodiamService {
             self.prove_pod_token(&pod, &request.pod_token).await?;
             "address and token"
         };
-        let key = self.cache_key(&pod, &role);
+        let key = self.cache_key(&pod, &role.arn);
         let issued = match self.cache.get(key.clone()).await {
             Ok(issued) => issued,
             Err(error) => {
@@ -727,7 +736,7 @@ impl PodiamService {
             for pod in view.pods.on_node("") {
                 match view.decide_live(&pod) {
                     Ok(Decision { pod, role, .. }) => {
-                        let key = self.cache_key(&pod, &role);
+                        let key = self.cache_key(&pod, &role.arn);
                         survey.needed.insert(key.clone());
                         permitted.push((pod, key));
                     }
@@ -949,9 +958,9 @@ impl PodiamService {
         }
     }
 
-    fn cache_key(&self, pod: &PodRecord, role: &Role) -> CacheKey {
+    fn cache_key(&self, pod: &PodRecord, role_arn: &str) -> CacheKey {
         CacheKey {
-            role_arn: role.arn.clone(),
+            role_arn: role_arn.to_string(),
             external_id: pod.external_id.clone(),
             session_name: self.settings.sessions.name_for(pod),
             tags: self.settings.sessions.tags_for(pod),
@@ -972,7 +981,11 @@ impl PodiamService {
         let pods = self.cluster.pods().on_node(node);
         let mut now_sent = HashMap::with_capacity(pods.len());
         for pod in pods {
-            let state = self.with_view(|view| view.pod_state(&pod));
+            let mut state = self.with_view(|view| view.pod_state(&pod));
+            if !state.role_arn.is_empty() {
+                // Which replica the agent asks first for this pod's credentials.
+                state.credential_key = self.cache_key(&pod, &state.role_arn).digest();
+            }
             let digest = digest(&state);
             if sent.get(&pod.uid) != Some(&digest) {
                 tx.send(Ok(NodeEvent {
@@ -1206,6 +1219,7 @@ impl Podiam for PodiamService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             synced: self.cluster.synced(),
             draining: self.draining.is_cancelled(),
+            replica: self.replica.as_deref().unwrap_or_default().to_string(),
         }))
     }
 }

@@ -8,7 +8,11 @@
 //!   a caller that gives up (its pod hung up) never cancels the call the other callers are
 //!   waiting for (kiam failed them all). Credentials are served while they have at least
 //!   `min_remaining` left; [`CredentialCache::maintain`] refreshes them in the background at
-//!   half-life, prefetches keys that live pods need, and drops keys no pod needs.
+//!   half-life, prefetches keys that live pods need, and drops keys no pod needs — of the
+//!   keys this replica owns (`podiam_proto::owner`); another replica's key is fetched only
+//!   when a pod asks for it here.
+//! - Every STS call waits for the [`Budget`]: a pod's request first, then refreshes, then
+//!   prefetches; a throttled call pauses upkeep.
 //! - Failures: a refusal (AccessDenied…) is passed on and remembered briefly, so a denied pod
 //!   cannot hammer STS; an outage or throttling backs off exponentially with jitter while
 //!   still-valid credentials keep being served, and recovery needs nothing but time.
@@ -24,6 +28,8 @@ use podiam_runtime::clock::now_unix;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{Budget, BudgetCounters, Priority};
+
 /// What a credential cache entry is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {
@@ -34,6 +40,20 @@ pub struct CacheKey {
     pub tags: Vec<(String, String)>,
     /// The tags are transitive (`--session-tags-transitive`).
     pub transitive_tags: bool,
+}
+
+impl CacheKey {
+    /// The key's digest on the wire (`PodState.credential_key`): what replicas and agents
+    /// agree on the key's owner by. Fixed across processes (`podiam_proto::owner`).
+    pub fn digest(&self) -> u64 {
+        podiam_proto::owner::credential_key(
+            &self.role_arn,
+            self.external_id.as_deref(),
+            &self.session_name,
+            &self.tags,
+            self.transitive_tags,
+        )
+    }
 }
 
 /// Temporary credentials for one role session.
@@ -103,7 +123,7 @@ pub struct StsOptions {
     /// A role assumed first, with the server's own credentials; pods' roles are then
     /// assumed with its credentials (role chaining; STS caps chained sessions at 1 hour).
     pub via_role: Option<String>,
-    /// Time limit of one attempt (connect and answer); a call makes up to three.
+    /// Time limit of one attempt (connect and answer); the cache makes up to three.
     pub attempt_timeout: Duration,
 }
 
@@ -117,11 +137,14 @@ impl SdkAssumeRole {
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(options.attempt_timeout.min(Duration::from_secs(3)))
             .operation_attempt_timeout(options.attempt_timeout)
-            .operation_timeout(options.attempt_timeout.saturating_mul(3))
+            .operation_timeout(options.attempt_timeout)
             .build();
+        // One attempt per call: the cache makes the further attempts, each within the STS
+        // budget, which the SDK's own retries would bypass.
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(options.region))
-            .timeout_config(timeouts);
+            .timeout_config(timeouts)
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1));
         if let Some(endpoint) = options.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
@@ -281,6 +304,11 @@ pub struct CachePolicy {
     pub backoff_max: Duration,
     /// STS calls made at once by prefetch and background refresh.
     pub maintenance_concurrency: usize,
+    /// At most this many STS calls start in any second (the [`Budget`]; 0: no limit).
+    pub sts_rate: usize,
+    /// Attempts per call when STS is unavailable (not when it refuses or throttles): the
+    /// SDK makes one attempt each, so that every attempt passes the budget.
+    pub attempts: u32,
 }
 
 impl CachePolicy {
@@ -303,6 +331,8 @@ impl CachePolicy {
             // STS's default AssumeRole rate is far higher; this only bounds a burst of
             // prefetches when many roles appear at once.
             maintenance_concurrency: 8,
+            sts_rate: 0,
+            attempts: 1,
         }
     }
 }
@@ -372,6 +402,7 @@ pub struct CredentialCache {
     slots: Mutex<HashMap<CacheKey, Slot>>,
     tasks: TaskTracker,
     calls: StsCallCounters,
+    budget: Arc<Budget>,
 }
 
 /// STS calls made, by outcome (exported as `podiam_server_sts_calls_total`).
@@ -381,6 +412,8 @@ pub struct StsCallCounters {
     pub refused: prometheus_client::metrics::counter::Counter,
     pub unavailable: prometheus_client::metrics::counter::Counter,
     pub throttled: prometheus_client::metrics::counter::Counter,
+    /// Calls that waited for the budget, and upkeep's pauses after throttling.
+    pub budget: BudgetCounters,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -398,6 +431,7 @@ impl CredentialCache {
         policy: CachePolicy,
         calls: StsCallCounters,
     ) -> Self {
+        let budget = Arc::new(Budget::new(policy.sts_rate, calls.budget.clone()));
         CredentialCache {
             sts,
             clock,
@@ -405,6 +439,7 @@ impl CredentialCache {
             slots: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             calls,
+            budget,
         }
     }
 
@@ -429,7 +464,7 @@ impl CredentialCache {
         if now < entry.retry_at_ms {
             return self.fallback(&entry, now);
         }
-        self.call(key, entry).await
+        self.call(key, entry, Started::No(Priority::Request)).await
     }
 
     /// What a failed or backed-off key can still serve.
@@ -443,26 +478,30 @@ impl CredentialCache {
             .unwrap_or_else(|| StsError::Unavailable("STS is backing off after failures".into())))
     }
 
-    /// Calls STS for `key` in a detached task holding the entry's lock, records the outcome.
+    /// Calls STS for `key` in a detached task holding the entry's lock, once the budget lets
+    /// the call start (again for each attempt), and records the outcome.
     async fn call(
         &self,
         key: CacheKey,
         mut entry: tokio::sync::OwnedMutexGuard<Entry>,
+        start: Started,
     ) -> Result<Issued, StsError> {
         let sts = Arc::clone(&self.sts);
         let clock = Arc::clone(&self.clock);
         let policy = self.policy.clone();
         let calls = self.calls.clone();
+        let budget = Arc::clone(&self.budget);
         let request = AssumeRequest {
             key,
             duration: policy.session_duration,
         };
         let handle = self.tasks.spawn(async move {
-            let result = sts.assume_role(request).await;
+            let result = attempts(&*sts, &budget, &calls, request, start, &policy).await;
             let now = clock.now_ms();
             match result {
                 Ok(issued) => {
                     calls.ok.inc();
+                    budget.succeeded();
                     *entry = Entry {
                         current: Some(issued.clone()),
                         ..Entry::default()
@@ -482,6 +521,7 @@ impl CredentialCache {
                 Err(error @ (StsError::Unavailable(_) | StsError::Throttled(_))) => {
                     if matches!(error, StsError::Throttled(_)) {
                         calls.throttled.inc();
+                        budget.throttled();
                     } else {
                         calls.unavailable.inc();
                     }
@@ -500,12 +540,19 @@ impl CredentialCache {
             .unwrap_or_else(|e| Err(StsError::Unavailable(format!("STS call task failed: {e}"))))
     }
 
-    /// Background upkeep, given the keys live pods need now: drops every other key,
-    /// prefetches needed keys not yet fetched, and refreshes credentials past half their
-    /// life — at most `maintenance_concurrency` calls at once, none for keys in backoff or
-    /// with a remembered refusal, none for keys a request is already fetching.
-    pub async fn maintain(&self, needed: &HashSet<CacheKey>) {
-        let due: Vec<(CacheKey, Slot)> = {
+    /// Background upkeep, given the keys live pods need now and which of them this replica
+    /// owns: drops every key not needed, prefetches owned keys not yet fetched, and refreshes
+    /// owned credentials past half their life — refreshes first, at most
+    /// `maintenance_concurrency` calls at once and within the budget, none for keys in
+    /// backoff or with a remembered refusal, none for keys a request is already fetching.
+    /// A key this replica does not own is kept while needed (a pod asked here for it), and
+    /// left to its owner's upkeep.
+    pub async fn maintain(
+        &self,
+        needed: &HashSet<CacheKey>,
+        owns: &(dyn Fn(&CacheKey) -> bool + Sync),
+    ) {
+        let mut due: Vec<(CacheKey, Slot, Priority)> = {
             let now = self.clock.now_ms();
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             // Keep what a request is using, and failure memory until it runs out: dropping it
@@ -518,26 +565,47 @@ impl CredentialCache {
             }
             slots
                 .iter()
-                .map(|(k, s)| (k.clone(), Arc::clone(s)))
+                .filter(|(key, _)| owns(key))
+                .filter_map(|(key, slot)| {
+                    let priority = match slot.try_lock() {
+                        Ok(entry) if entry.current.is_some() => Priority::Refresh,
+                        Ok(_) => Priority::Prefetch,
+                        Err(_) => return None, // a request is fetching it right now
+                    };
+                    Some((key.clone(), Arc::clone(slot), priority))
+                })
                 .collect()
         };
+        // The semaphore below is first come, first served: refreshes come first.
+        due.sort_by_key(|(_, _, priority)| *priority as u8);
         let limit = Arc::new(tokio::sync::Semaphore::new(
             self.policy.maintenance_concurrency.max(1),
         ));
-        let refreshes = due.into_iter().map(|(key, slot)| {
+        let refreshes = due.into_iter().map(|(key, slot, priority)| {
             let limit = Arc::clone(&limit);
             async move {
-                let Ok(entry) = slot.try_lock_owned() else {
-                    return; // a request is fetching it right now
-                };
-                let now = self.clock.now_ms();
-                if !entry.refresh_due(now, &self.policy) || entry.blocked(now) {
-                    return;
-                }
                 let Ok(_permit) = limit.acquire().await else {
                     return;
                 };
-                let _ = self.call(key, entry).await;
+                let due = |entry: &Entry| {
+                    let now = self.clock.now_ms();
+                    entry.refresh_due(now, &self.policy) && !entry.blocked(now)
+                };
+                // Asked again now: the replica set may have changed while this pass waited (a
+                // cluster start, where each replica owns everything until it sees the others).
+                if !owns(&key) || !slot.try_lock().is_ok_and(|entry| due(&entry)) {
+                    return;
+                }
+                // The budget first, the entry's lock after: a pod asking for this key while
+                // upkeep waits for the budget must not wait behind it.
+                self.budget.acquire(priority).await;
+                let Ok(entry) = slot.try_lock_owned() else {
+                    return; // a request is fetching it right now
+                };
+                if !due(&entry) {
+                    return; // a request fetched it meanwhile
+                }
+                let _ = self.call(key, entry, Started::Yes(priority)).await;
             }
         });
         futures::future::join_all(refreshes).await;
@@ -583,6 +651,51 @@ impl CredentialCache {
     }
 }
 
+/// Whether a call's first attempt already has its place in the budget.
+#[derive(Clone, Copy, Debug)]
+enum Started {
+    No(Priority),
+    Yes(Priority),
+}
+
+/// One call: up to `policy.attempts` attempts while STS is unavailable, each once the budget
+/// lets it start, a short jittered pause between them. Failed attempts before the last are
+/// counted here; the call's outcome is counted by the caller.
+async fn attempts(
+    sts: &dyn AssumeRole,
+    budget: &Budget,
+    calls: &StsCallCounters,
+    request: AssumeRequest,
+    start: Started,
+    policy: &CachePolicy,
+) -> Result<Issued, StsError> {
+    let (priority, mut acquired) = match start {
+        Started::No(priority) => (priority, false),
+        Started::Yes(priority) => (priority, true),
+    };
+    let mut attempt = 1;
+    loop {
+        if !acquired {
+            budget.acquire(priority).await;
+        }
+        acquired = false;
+        match sts.assume_role(request.clone()).await {
+            Err(StsError::Unavailable(why)) if attempt < policy.attempts => {
+                calls.unavailable.inc();
+                tracing::debug!(attempt, %why, "STS unavailable; trying again");
+                let pause = RETRY_PAUSE.saturating_mul(1 << (attempt - 1).min(4));
+                tokio::time::sleep(pause / 2 + (pause / 2).mul_f64(fastrand::f64())).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The pause before a call's second attempt (doubling for a third): of the order of the AWS
+/// SDKs' own, and short beside a pod's one-second metadata budget.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// The wait after the `failures`-th failure in a row: base × 2^(n-1), capped, with
 /// "equal jitter" (half fixed, half random) so agents' retries do not synchronise.
 fn backoff(policy: &CachePolicy, failures: u32) -> Duration {
@@ -623,6 +736,8 @@ mod tests {
         lifetime: Duration,
         gate: tokio::sync::Semaphore,
         down: AtomicBool,
+        /// Fails as an STS that cannot be reached.
+        unreachable: AtomicBool,
         refuse: AtomicBool,
     }
 
@@ -641,6 +756,9 @@ mod tests {
                     .map_err(|e| StsError::Unavailable(e.to_string()))?;
                 if me.down.load(Ordering::SeqCst) {
                     return Err(StsError::Throttled("Throttling: Rate exceeded".into()));
+                }
+                if me.unreachable.load(Ordering::SeqCst) {
+                    return Err(StsError::Unavailable("connection refused".into()));
                 }
                 if me.refuse.load(Ordering::SeqCst) {
                     return Err(StsError::Refused {
@@ -682,6 +800,7 @@ mod tests {
             lifetime,
             gate: tokio::sync::Semaphore::new(if open { 100_000 } else { 0 }),
             down: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
         });
         let cache = Arc::new(CredentialCache::new(
@@ -769,22 +888,66 @@ mod tests {
     async fn maintenance_prefetches_refreshes_at_half_life_and_drops_unneeded_keys() {
         let r = rig(HOUR, true);
         let needed: HashSet<CacheKey> = [key("a"), key("b")].into();
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "both keys prefetched");
         r.cache.get(key("a")).await.expect("hit");
         assert_eq!(r.calls(), 2, "a prefetched key is a hit");
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "nothing due yet");
         r.clock.advance(31 * MINUTE);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 4, "past half-life: refreshed in the background");
         let creds = r.cache.get(key("a")).await.expect("hit");
         assert!(
             creds.expiration_unix * 1000 - r.clock.now_ms() > 55 * 60 * 1000,
             "fresh credentials served"
         );
-        r.cache.maintain(&[key("a")].into()).await;
+        r.cache.maintain(&[key("a")].into(), &|_| true).await;
         assert_eq!(r.cache.len(), 1, "b is no longer needed");
+    }
+
+    #[tokio::test]
+    async fn upkeep_leaves_other_replicas_keys_alone_and_a_pod_asking_here_gets_them_once() {
+        let r = rig(HOUR, true);
+        let needed: HashSet<CacheKey> = [key("mine"), key("theirs")].into();
+        let mine = |k: &CacheKey| k.role_arn.ends_with("/mine");
+        r.cache.maintain(&needed, &mine).await;
+        assert_eq!(r.calls(), 1, "only the owned key prefetched");
+        // A pod asks this replica for the other key (its owner is away): fetched once…
+        r.cache.get(key("theirs")).await.expect("fetched on demand");
+        r.cache.get(key("theirs")).await.expect("then a hit");
+        assert_eq!(r.calls(), 2);
+        // …kept while needed, and left to its owner's refresh.
+        r.clock.advance(31 * MINUTE);
+        r.cache.maintain(&needed, &mine).await;
+        assert_eq!(r.calls(), 3, "only the owned key refreshed");
+        assert_eq!(r.cache.len(), 2);
+        // The other replica leaves: the key is this one's now, and refreshed.
+        r.cache.maintain(&needed, &|_| true).await;
+        assert_eq!(r.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_attempt_waits_for_the_budget_and_unavailable_calls_are_tried_three_times() {
+        let policy = CachePolicy {
+            sts_rate: 2,
+            attempts: 3,
+            ..CachePolicy::new(HOUR, HALF)
+        };
+        let r = rig_with(HOUR, true, policy);
+        r.sts.unreachable.store(true, Ordering::SeqCst);
+        let began = tokio::time::Instant::now();
+        let error = r.cache.get(key("a")).await.expect_err("STS is down");
+        assert!(matches!(error, StsError::Unavailable(_)), "{error:?}");
+        assert_eq!(r.calls(), 3, "three attempts");
+        // Two attempts in the first window, the third in the next.
+        assert!(
+            began.elapsed() >= crate::budget::WINDOW,
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(r.cache.calls.unavailable.get(), 3);
+        assert_eq!(r.cache.calls.budget.waits[0].get(), 1);
     }
 
     #[tokio::test]
@@ -795,12 +958,12 @@ mod tests {
         };
         let r = rig_with(HOUR, true, policy);
         let needed: HashSet<CacheKey> = [key("a")].into();
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         r.clock.advance(9 * MINUTE);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 1, "before the refresh point");
         r.clock.advance(2 * MINUTE);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "refreshed 10 minutes after issue");
 
         // A refresh point past the floor is pulled in to the floor.
@@ -809,16 +972,16 @@ mod tests {
             ..CachePolicy::new(HOUR, HALF)
         };
         let r = rig_with(HOUR, true, late);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         r.clock.advance(30 * MINUTE);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "refreshed when 30 minutes were left");
     }
 
     #[tokio::test]
     async fn a_five_minute_sts_outage_is_absorbed_and_recovers_by_itself() {
         let r = rig(HOUR, true);
-        r.cache.maintain(&[key("cached")].into()).await;
+        r.cache.maintain(&[key("cached")].into(), &|_| true).await;
         // A new pod with a new role appears just as STS goes down.
         let needed: HashSet<CacheKey> = [key("cached"), key("new-pod-role")].into();
         r.clock.advance(31 * MINUTE); // past half-life: refreshes will be attempted
@@ -826,7 +989,7 @@ mod tests {
         let calls_at_start = r.calls();
         // Five minutes of outage, in ten-second steps of maintenance and pod requests.
         for _ in 0..30 {
-            r.cache.maintain(&needed).await;
+            r.cache.maintain(&needed, &|_| true).await;
             let cached = r.cache.get(key("cached")).await;
             assert!(
                 cached.is_ok(),
@@ -849,7 +1012,7 @@ mod tests {
         r.sts.down.store(false, Ordering::SeqCst);
         // Recovery: within one maximum backoff, maintenance and requests succeed again.
         r.clock.advance(CachePolicy::new(HOUR, HALF).backoff_max);
-        r.cache.maintain(&needed).await;
+        r.cache.maintain(&needed, &|_| true).await;
         let creds = r
             .cache
             .get(key("cached"))

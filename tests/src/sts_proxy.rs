@@ -21,6 +21,8 @@ pub struct StsCall {
     pub params: Vec<(String, String)>,
     /// The status answered.
     pub status: u16,
+    /// When the request arrived (its body read).
+    pub received: Option<std::time::Instant>,
     /// The `AccessKeyId` in the answer, if any.
     pub issued_key: Option<String>,
     /// The `SecretAccessKey` and `SessionToken` in the answer, if any: what a test looks for
@@ -35,6 +37,7 @@ impl std::fmt::Debug for StsCall {
             .field("signed_by", &self.signed_by)
             .field("params", &self.params)
             .field("status", &self.status)
+            .field("received", &self.received)
             .field("issued_key", &self.issued_key)
             .field("issued_secrets", &self.issued_secrets.len())
             .finish()
@@ -158,6 +161,7 @@ async fn forward(
     let mut call = StsCall {
         signed_by: signing_key(&parts.headers),
         params: parse_form(&body),
+        received: Some(std::time::Instant::now()),
         ..StsCall::default()
     };
     let respond = |status: u16, body: Bytes| {

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::{BASE_ROLE_ARN, NamespaceSpec, START_TIMEOUT, World, binary, metric_value, path_str};
 use crate::bridge::Bridge;
-use crate::kube_emulator::KubeEmulator;
+use crate::kube_emulator::{Kind, KubeEmulator};
 use crate::moto::Moto;
 use crate::process::{ChildGuard, listen_addresses, scratch_dir, wait_until};
 use crate::sts_proxy::StsProxy;
@@ -34,6 +34,8 @@ pub struct ServerReplica {
     pub(super) bridge: Bridge,
     /// Logs of processes that ran before a restart.
     pub(super) earlier_logs: Vec<PathBuf>,
+    /// Its name in the replica set ([`super::WorldConfig::replica_set`]).
+    pub name: Option<String>,
 }
 
 impl ServerReplica {
@@ -83,13 +85,22 @@ impl World {
     }
 
     /// Kills server replica `i` (SIGKILL: a crash, nothing of it runs on the way out).
+    /// In a replica set, its pod then turns not Ready, as the kubelet's probe would say.
     pub async fn kill_server(&mut self, i: usize) -> anyhow::Result<()> {
         let replica = self.replica_mut(i);
         let mut process = replica.process.take().context("not running")?;
         process.signal(Signal::SIGKILL)?;
         process.wait_exit(Duration::from_secs(10)).await?;
         replica.earlier_logs.push(process.log_path().to_path_buf());
-        Ok(())
+        self.replica_not_ready(i)
+    }
+
+    /// Marks replica `i`'s pod not Ready, when the replicas run as a replica set.
+    fn replica_not_ready(&self, i: usize) -> anyhow::Result<()> {
+        match &self.replica(i).name {
+            Some(name) => set_replica_ready(&self.emulator, name, false),
+            None => Ok(()),
+        }
     }
 
     /// Stops server replica `i` with SIGTERM and waits for it to drain and exit; returns
@@ -100,7 +111,9 @@ impl World {
         let started = std::time::Instant::now();
         replica.earlier_logs.push(process.log_path().to_path_buf());
         process.terminate(Duration::from_secs(30)).await?;
-        Ok(started.elapsed())
+        let took = started.elapsed();
+        self.replica_not_ready(i)?;
+        Ok(took)
     }
 
     /// Starts server replica `i` again (on new ports: its bridge, which the agent dials,
@@ -109,15 +122,19 @@ impl World {
         if self.replica(i).process.is_some() {
             bail!("server replica {i} is running");
         }
+        let name = self.replica(i).name.clone();
         let started = start_server_at_level(
             &self.certs,
             &self.kubeconfig,
             &self.sts_endpoint,
-            &self.server_args,
+            &replica_args(&self.server_args, name.as_deref()),
             self.log_level.as_deref(),
             START_TIMEOUT,
         )
         .await?;
+        if let Some(name) = &name {
+            set_replica_ready(&self.emulator, name, true)?;
+        }
         let replica = self.replica_mut(i);
         replica.bridge.set_target(started.addr);
         replica.process = Some(started.process);
@@ -215,6 +232,49 @@ pub(super) async fn create_namespace(
         .create(&PostParams::default(), &ns)
         .await
         .with_context(|| format!("creating namespace {}", spec.name))?;
+    Ok(())
+}
+
+/// The name of server replica `i` in a replica set.
+pub(super) fn replica_name(i: usize) -> String {
+    format!("podiam-server-{i}")
+}
+
+/// The server flags of a replica named `name` (none: no replica set).
+pub(super) fn replica_args(args: &[String], name: Option<&str>) -> Vec<String> {
+    let mut args = args.to_vec();
+    if let Some(name) = name {
+        args.extend(["--replica-name", name, "--replica-namespace", "podiam"].map(String::from));
+    }
+    args
+}
+
+/// Creates or updates the pod of replica `name` as the Deployment's would be: Running,
+/// host network, and Ready or not.
+pub(super) fn set_replica_ready(
+    emulator: &KubeEmulator,
+    name: &str,
+    ready: bool,
+) -> anyhow::Result<()> {
+    let condition = json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+    if emulator.get(Kind::Pod, Some("podiam"), name).is_ok() {
+        emulator.merge_patch(
+            Kind::Pod,
+            Some("podiam"),
+            name,
+            json!({"status": {"conditions": condition}}),
+        )?;
+        return Ok(());
+    }
+    let mut pod = crate::kube_emulator::pod("podiam", name, "192.0.2.250", &[]);
+    pod["metadata"]["labels"] = json!({
+        "app.kubernetes.io/name": "podiam-server",
+        "app.kubernetes.io/component": "server",
+    });
+    pod["spec"]["hostNetwork"] = json!(true);
+    pod["spec"]["nodeName"] = json!("control-plane-1");
+    pod["status"]["conditions"] = condition;
+    emulator.create(pod)?;
     Ok(())
 }
 

@@ -98,6 +98,12 @@ pub struct WorldConfig {
     pub servers: usize,
     /// Put a recording, fault-injecting [`StsProxy`] between the server and moto.
     pub sts_proxy: bool,
+    /// Run the servers as the Deployment's replicas do: replica `i` is named
+    /// `podiam-server-i` (POD_NAME) and has a pod in namespace `podiam` labelled
+    /// `app.kubernetes.io/name=podiam-server`, Ready from its first sync on and not Ready
+    /// once killed or stopped (what the kubelet's readiness probe reports). The replicas then
+    /// share credential keys' upkeep. Otherwise each replica upkeeps every key.
+    pub replica_set: bool,
     /// Serve a stand-in for the node's own metadata service on 169.254.169.254 in the node.
     pub fake_node_metadata: bool,
     /// The servers' admission webhook, configured as deploy/components/pod-identity and
@@ -270,16 +276,20 @@ impl World {
             server_args.extend(["--webhook-listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         let mut servers = Vec::new();
-        for _ in 0..config.servers.max(1) {
+        for i in 0..config.servers.max(1) {
+            let name = config.replica_set.then(|| fleet::replica_name(i));
             let started = start_server_at_level(
                 &certs,
                 &kubeconfig,
                 &sts_endpoint,
-                &server_args,
+                &fleet::replica_args(&server_args, name.as_deref()),
                 config.log_level.as_deref(),
                 START_TIMEOUT,
             )
             .await?;
+            if let Some(name) = &name {
+                fleet::set_replica_ready(&emulator, name, true)?;
+            }
             servers.push(ServerReplica {
                 process: Some(started.process),
                 addr: started.addr,
@@ -287,6 +297,7 @@ impl World {
                 webhook: started.webhook,
                 bridge: Bridge::start(node.name(), 0, started.addr)?,
                 earlier_logs: Vec::new(),
+                name,
             });
         }
         let mut world = World {

@@ -1,0 +1,313 @@
+//! One STS call per session for the whole cluster: three server replicas run as the
+//! Deployment's (named, with Ready pods), moto behind the recording proxy, and the proxy's
+//! record as the judge.
+//!
+//! - Pods sharing a role share one session: the replicas make one AssumeRole for it in
+//!   all, and the agent's requests go to its owner, which holds it.
+//! - A replica killed mid-session hands its keys to the others: one call per moved key,
+//!   none for the keys that stayed.
+//! - `--sts-rate N`: no second sees more than N calls, and a pod's own request goes before
+//!   the prefetches queued ahead of it.
+//!
+//! Needs root (the World's node namespace).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use podiam_proto::v1::GetCredentialsRequest;
+use podiam_tests::process::wait_until;
+use podiam_tests::sts_proxy::StsCall;
+use podiam_tests::world::{PodSpec, World, WorldConfig, create_pod, metric_value};
+
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/app-reader";
+
+fn ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 89, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+async fn create_pods(world: &World, count: usize) {
+    let client = world.kube_client();
+    let creates = (0..count).map(|i| {
+        let client = client.clone();
+        let spec = PodSpec {
+            name: format!("app-{i}"),
+            namespace: "team-a".into(),
+            role: Some("app-reader".into()),
+            registered: true,
+            service_account: None,
+            family: Default::default(),
+        };
+        async move { create_pod(&client, &spec, &[ip(i).into()]).await }
+    });
+    for created in futures::future::join_all(creates).await {
+        created.expect("pod created");
+    }
+}
+
+/// A replica's gauge (or counter) `name`, 0 when it cannot be read (a killed replica).
+async fn gauge(world: &World, i: usize, name: &str) -> u64 {
+    match world.server_metrics_of(i).await {
+        Ok(metrics) => metric_value(&metrics, name),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until every replica in `replicas` sees `ready` ready replicas.
+async fn replica_set_seen(world: &World, replicas: &[usize], ready: u64) {
+    wait_until(
+        Duration::from_secs(30),
+        "every replica to see the replica set",
+        || async {
+            for &i in replicas {
+                if gauge(world, i, "podiam_server_replicas_ready").await != ready {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .expect("replica set seen");
+}
+
+/// Waits until the replicas in `replicas` each need `keys` keys and own them all between
+/// them: each has run its upkeep over the pods there are now.
+async fn keys_shared(world: &World, replicas: &[usize], keys: u64) {
+    wait_until(
+        Duration::from_secs(60),
+        "the replicas to share every key",
+        || async {
+            let mut owned = 0;
+            for &i in replicas {
+                if gauge(world, i, "podiam_server_credential_keys").await != keys {
+                    return false;
+                }
+                owned += gauge(world, i, "podiam_server_credential_keys_owned").await;
+            }
+            owned == keys
+        },
+    )
+    .await
+    .expect("keys shared");
+}
+
+/// The successful AssumeRole calls, by session name.
+fn sessions(calls: &[StsCall]) -> BTreeMap<String, usize> {
+    let mut by_session = BTreeMap::new();
+    for call in calls.iter().filter(|c| c.status == 200) {
+        let name = call
+            .param("RoleSessionName")
+            .unwrap_or_default()
+            .to_string();
+        *by_session.entry(name).or_default() += 1;
+    }
+    by_session
+}
+
+async fn proxy_ok_calls_reach(world: &World, n: usize, what: &str) {
+    let proxy = world.sts_proxy();
+    wait_until(Duration::from_secs(60), what, || async {
+        sessions(&proxy.assume_role_calls()).values().sum::<usize>() >= n
+    })
+    .await
+    .expect(what);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_make_one_assume_role_for_two_hundred_pods_sharing_a_role() {
+    let mut world = World::start(WorldConfig {
+        servers: 3,
+        replica_set: true,
+        sts_proxy: true,
+        ..WorldConfig::default()
+            .namespace("team-a", Some("app-.*"))
+            .unregistered_pod("team-a", "app", Some("app-reader"))
+    })
+    .await
+    .expect("world starts");
+    replica_set_seen(&world, &[0, 1, 2], 3).await;
+    world.start_agent().await.expect("agent starts");
+
+    create_pods(&world, 200).await;
+    world.register_pod("app").await.expect("pod registered");
+    keys_shared(&world, &[0, 1, 2], 1).await;
+    proxy_ok_calls_reach(&world, 1, "the shared session fetched").await;
+
+    // The pod's SDKs through the agent, several times: the agent asks the owner, which
+    // holds the session.
+    for _ in 0..2 {
+        let arn = world.rust_sdk_caller_arn("app").await.expect("runs");
+        assert!(
+            arn.as_ref().is_ok_and(|a| a.contains("app-reader")),
+            "{arn:?}"
+        );
+        let arn = world.boto3_caller_arn("app").await.expect("runs");
+        assert!(
+            arn.as_ref().is_ok_and(|a| a.contains("app-reader")),
+            "{arn:?}"
+        );
+    }
+    // Every replica has had its upkeep over all 201 pods (one key), and the agent's
+    // requests were answered: still one call in all.
+    keys_shared(&world, &[0, 1, 2], 1).await;
+    let calls = world.sts_proxy().assume_role_calls();
+    let per_replica: Vec<u64> = futures::future::join_all((0..3).map(|i| {
+        let world = &world;
+        async move { gauge(world, i, r#"podiam_server_sts_calls_total{result="ok"}"#).await }
+    }))
+    .await;
+    assert_eq!(
+        calls.len(),
+        1,
+        "per replica {per_replica:?}: {calls:#?}\nagent log:\n{}",
+        world.agent_log()
+    );
+    assert_eq!(calls[0].param("RoleArn"), Some(ROLE_ARN));
+    assert_eq!(per_replica.iter().sum::<u64>(), 1, "{per_replica:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_replica_hands_over_its_keys_with_one_call_each_and_no_other() {
+    const PODS: usize = 60;
+    let mut world = World::start(WorldConfig {
+        servers: 3,
+        replica_set: true,
+        sts_proxy: true,
+        server_args: ["--session-name", "{namespace}.{pod}"]
+            .map(String::from)
+            .to_vec(),
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    replica_set_seen(&world, &[0, 1, 2], 3).await;
+    create_pods(&world, PODS).await;
+    keys_shared(&world, &[0, 1, 2], PODS as u64).await;
+    proxy_ok_calls_reach(&world, PODS, "every pod's session fetched").await;
+    let before = sessions(&world.sts_proxy().assume_role_calls());
+    assert_eq!(before.len(), PODS, "{before:?}");
+    assert!(
+        before.values().all(|&n| n == 1),
+        "a session fetched twice: {before:?}"
+    );
+
+    // The keys replica 2 owns, by the rendezvous every replica and agent computes.
+    let names = ["podiam-server-0", "podiam-server-1", "podiam-server-2"];
+    let owned_by_2: BTreeSet<String> = before
+        .keys()
+        .filter(|session| {
+            let key = podiam_proto::owner::credential_key(ROLE_ARN, None, session, &[], false);
+            podiam_proto::owner::owner(key, names) == Some("podiam-server-2")
+        })
+        .cloned()
+        .collect();
+    let killed_fetched = gauge(&world, 2, r#"podiam_server_sts_calls_total{result="ok"}"#).await;
+    assert_eq!(killed_fetched as usize, owned_by_2.len(), "{owned_by_2:?}");
+    assert!(!owned_by_2.is_empty(), "replica 2 owned no key of {PODS}");
+
+    world.kill_server(2).await.expect("killed");
+    replica_set_seen(&world, &[0, 1], 2).await;
+    keys_shared(&world, &[0, 1], PODS as u64).await;
+    proxy_ok_calls_reach(&world, PODS + owned_by_2.len(), "the moved keys fetched").await;
+    let after = sessions(&world.sts_proxy().assume_role_calls());
+    let fetched_again: BTreeSet<String> = after
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(session, _)| session.clone())
+        .collect();
+    assert_eq!(
+        fetched_again, owned_by_2,
+        "the keys fetched again are not the moved ones"
+    );
+    assert!(after.values().all(|&n| n <= 2), "{after:?}");
+    assert_eq!(after.values().sum::<usize>(), PODS + owned_by_2.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_of_five_calls_a_second_is_never_exceeded_and_a_pods_request_goes_first() {
+    const PODS: usize = 50;
+    const RATE: usize = 5;
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        server_args: [
+            "--session-name",
+            "{namespace}.{pod}",
+            "--sts-rate",
+            &RATE.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    create_pods(&world, PODS).await;
+    // While the prefetches are still queued (50 at 5 a second take ten seconds), a new
+    // pod asks: its call goes before the queue's.
+    proxy_ok_calls_reach(&world, RATE, "the first prefetches").await;
+    let newcomer = PODS;
+    let client = world.kube_client();
+    let spec = PodSpec {
+        name: "newcomer".into(),
+        namespace: "team-a".into(),
+        role: Some("app-reader".into()),
+        registered: true,
+        service_account: None,
+        family: Default::default(),
+    };
+    create_pod(&client, &spec, &[ip(newcomer).into()])
+        .await
+        .expect("pod created");
+    let mut agent = world.server_client().await.expect("client");
+    let request = GetCredentialsRequest {
+        ip: ip(newcomer).to_string(),
+        role_name: "app-reader".into(),
+        node_name: String::new(),
+        pod_token: String::new(),
+    };
+    let answered = wait_until(
+        Duration::from_secs(30),
+        "the newcomer's credentials",
+        || {
+            let mut agent = agent.clone();
+            let request = request.clone();
+            async move { agent.get_credentials(request).await.is_ok() }
+        },
+    )
+    .await;
+    answered.expect("the newcomer is answered");
+    let _ = agent.get_credentials(request).await.expect("credentials");
+    proxy_ok_calls_reach(&world, PODS + 1, "every session fetched").await;
+
+    let calls = world.sts_proxy().assume_role_calls();
+    let times: Vec<Instant> = calls.iter().filter_map(|c| c.received).collect();
+    assert_eq!(times.len(), calls.len());
+    let most = (0..times.len())
+        .map(|i| {
+            times
+                .iter()
+                .filter(|&&t| t >= times[i] && t.duration_since(times[i]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(most <= RATE, "{most} AssumeRole calls within one second");
+    // The newcomer's session was not the last: it went before prefetches queued earlier.
+    let position = calls
+        .iter()
+        .position(|c| c.param("RoleSessionName") == Some("team-a.newcomer"))
+        .expect("the newcomer's call");
+    assert!(
+        position < calls.len() - RATE,
+        "the newcomer's call came {position}th of {}",
+        calls.len()
+    );
+    let metrics = world.server_metrics().await.expect("metrics");
+    assert!(
+        metric_value(
+            &metrics,
+            r#"podiam_server_sts_budget_waits_total{priority="prefetch"}"#
+        ) > 0
+    );
+}
