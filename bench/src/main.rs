@@ -1,6 +1,6 @@
 //! `podiam-bench`: podiam's performance as figures and ratios, in one run on this machine.
 //!
-//! Sections (all by default; `--only warm,cold,revocation,scale`):
+//! Sections (all by default; `--only warm,cold,revocation,scale,sts`):
 //! - **warm**: credentials through the agent at 1/16/128 clients, keep-alive, a new connection
 //!   per request, and IMDSv2 token + GET, side by side with a minimal Rust server and nginx
 //!   returning the same bytes; agent RSS idle and at its peak.
@@ -9,6 +9,10 @@
 //! - **revocation**: role annotation removed → the pod's first refusal.
 //! - **scale**: the server with N pods in 1k namespaces and 200 simulated agents (gRPC node
 //!   streams and GetCredentials): sync time, RSS, CPU seconds, gRPC p99.
+//! - **sts** ([`sts`]): AssumeRole calls three replicas make for 10k pods, replicas alone vs
+//!   as a replica set sharing the keys, shared and per-pod sessions; a cluster start under
+//!   the STS budget (time to every session fetched, calls per second, new pods' first
+//!   request).
 //!
 //! Everything runs on loopback: pods are 127.x addresses the load generator binds its
 //! sockets to, so no root and no network namespace is needed. It prints a table and writes
@@ -24,6 +28,7 @@
 mod baseline;
 mod load;
 mod proc_stats;
+mod sts;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -81,6 +86,7 @@ enum Section {
     Cold,
     Revocation,
     Scale,
+    Sts,
 }
 
 /// How long and how big, full or quick.
@@ -93,6 +99,7 @@ struct Plan {
     scale_namespaces: usize,
     scale_agents: usize,
     scale_load: Duration,
+    sts: sts::StsPlan,
 }
 
 impl Plan {
@@ -107,6 +114,12 @@ impl Plan {
                 scale_namespaces: 50,
                 scale_agents: 20,
                 scale_load: Duration::from_secs(1),
+                sts: sts::StsPlan {
+                    pods: 300,
+                    roles: 5,
+                    newcomers: 5,
+                    rate: 50,
+                },
             }
         } else {
             Plan {
@@ -118,6 +131,12 @@ impl Plan {
                 scale_namespaces: 1_000,
                 scale_agents: 200,
                 scale_load: Duration::from_secs(5),
+                sts: sts::StsPlan {
+                    pods: 10_000,
+                    roles: 20,
+                    newcomers: 20,
+                    rate: 50,
+                },
             }
         };
         if let Some(pods) = &args.scale_pods {
@@ -173,6 +192,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted(Section::Scale) {
         results["scale"] = scale(&plan, &mut targets).await?;
+    }
+    if wanted(Section::Sts) {
+        results["sts"] = sts::sts(&plan.sts, &mut targets).await?;
     }
 
     println!("\n== targets");

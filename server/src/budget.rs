@@ -8,7 +8,9 @@
 //!
 //! Callers wait in [`Priority`] order: a pod's own request first (never queued behind
 //! upkeep), then refreshes of credentials in use, then prefetches for pods that have not
-//! asked yet. When STS answers "throttled" anyway (the account's rate is spent elsewhere),
+//! asked yet. Upkeep may use only four fifths of the rate: the rest is kept for pods'
+//! requests, so that a pod asking in the middle of a burst of prefetches finds a place at
+//! once instead of waiting for the window to move. When STS answers "throttled" anyway (the account's rate is spent elsewhere),
 //! [`Budget::throttled`] pauses refreshes and prefetches for a jittered back-off; pods'
 //! requests still go, each key backing off on its own in the cache.
 //!
@@ -153,11 +155,17 @@ impl Budget {
         if state.waiting[..priority as usize].iter().any(|&n| n > 0) {
             return Turn::WaitForChange;
         }
+        // Upkeep leaves a fifth of the rate to pods' requests.
+        let cap = match priority {
+            Priority::Request => self.rate,
+            Priority::Refresh | Priority::Prefetch => self.rate - self.rate / 5,
+        };
         let mut at = now;
-        if state.starts.len() >= self.rate
-            && let Some(&oldest) = state.starts.front()
-        {
-            at = oldest + WINDOW;
+        if state.starts.len() >= cap {
+            // The start that must age out for one place to be free.
+            if let Some(&start) = state.starts.get(state.starts.len() - cap) {
+                at = start + WINDOW;
+            }
         }
         if priority != Priority::Request
             && let Some(until) = state.paused_until
@@ -272,22 +280,45 @@ mod tests {
         let budget = Arc::new(Budget::new(5, BudgetCounters::default()));
         let log = Arc::new(Mutex::new(Vec::new()));
         let started = Instant::now();
-        for handle in callers(&budget, Priority::Prefetch, 23, &log) {
+        for handle in callers(&budget, Priority::Request, 23, &log) {
             handle.await.expect("joins");
         }
-        let times: Vec<Instant> = log
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(_, t)| *t)
-            .collect();
+        let times = times_of(&log);
         assert_eq!(times.len(), 23);
         assert_eq!(most_in_a_second(&times), 5);
         // The first five at once; then five per window.
         assert_eq!(times.iter().filter(|&&t| t == started).count(), 5);
         let last = *times.iter().max().expect("calls");
         assert_eq!(last.duration_since(started), WINDOW * 4);
-        assert_eq!(budget.counters.waits[Priority::Prefetch as usize].get(), 18);
+        assert_eq!(budget.counters.waits[Priority::Request as usize].get(), 18);
+    }
+
+    fn times_of(log: &Mutex<Vec<(Priority, Instant)>>) -> Vec<Instant> {
+        log.lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upkeep_leaves_a_fifth_of_the_rate_to_pods_requests() {
+        let budget = Arc::new(Budget::new(10, BudgetCounters::default()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let prefetches = callers(&budget, Priority::Prefetch, 30, &log);
+        tokio::task::yield_now().await;
+        // Eight prefetches went at once; two requests still go at once after them.
+        budget.acquire(Priority::Request).await;
+        budget.acquire(Priority::Request).await;
+        assert_eq!(Instant::now(), started);
+        for handle in prefetches {
+            handle.await.expect("joins");
+        }
+        let times = times_of(&log);
+        assert_eq!(times.len(), 30);
+        assert_eq!(times.iter().filter(|&&t| t == started).count(), 8);
+        assert!(most_in_a_second(&times) <= 10);
     }
 
     #[tokio::test(start_paused = true)]
