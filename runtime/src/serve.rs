@@ -470,9 +470,8 @@ async fn serve_connection<S, H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    // The connection's own token, cancelled with the listener's: every look at it (each
-    // answer asks whether to say `Connection: close`, each poll whether to drain) takes
-    // this token's lock, not the one all the listener's connections would share.
+    // Its own token, cancelled with the listener's: each look at it (every answer, every
+    // poll) takes its own lock, not the one every connection of the listener would share.
     let shutdown = shutdown.child_token();
     let service = counted_service(peer, conn, limits, handler, shutdown.clone());
     let io = Watched {
@@ -507,15 +506,7 @@ async fn serve_connection<S, H, F>(
         })
         .await;
         match event {
-            Event::Ended(result) => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                if conn.requests.load(Ordering::Relaxed) >= limits.max_requests_per_connection {
-                    observer.closed(Closed::RequestLimit);
-                }
-                return;
-            }
+            Event::Ended(result) => return ended(result, conn, &limits, peer, observer),
             Event::Shutdown => {
                 drained = true;
                 // Answers say `Connection: close` now; a client gets CLOSE_GRACE to send what
@@ -531,32 +522,71 @@ async fn serve_connection<S, H, F>(
                 connection.as_mut().graceful_shutdown();
                 finishing = Some(Instant::now() + DRAIN_TIMEOUT);
             }
-            Event::Deadline => {
-                if let Some(until) = finishing {
-                    if until <= Instant::now() {
-                        // Told to finish and did not in time: dropped.
-                        return;
-                    }
-                    // The timer was set for an earlier deadline: it is set again.
-                    continue;
+            Event::Deadline => match due(conn, &limits, finishing, peer, observer) {
+                Due::Drop => return,
+                Due::Finish => {
+                    connection.as_mut().graceful_shutdown();
+                    finishing = Some(Instant::now() + DRAIN_TIMEOUT);
                 }
-                match conn.deadline(&limits) {
-                    Some((at, Closed::HeaderTimeout)) if at <= Instant::now() => {
-                        // Half a head is not worth an answer: dropped.
-                        tracing::debug!(%peer, "request head not received in time; closing");
-                        observer.closed(Closed::HeaderTimeout);
-                        return;
-                    }
-                    Some((at, why)) if at <= Instant::now() => {
-                        observer.closed(why);
-                        connection.as_mut().graceful_shutdown();
-                        finishing = Some(Instant::now() + DRAIN_TIMEOUT);
-                    }
-                    // The deadline moved on since the timer was set: it is set again.
-                    _ => {}
-                }
-            }
+                // The deadline moved on since the timer was set: it is set again.
+                Due::NotYet => {}
+            },
         }
+    }
+}
+
+/// The hyper connection finished with `result`: an error logged, the request limit counted.
+fn ended(
+    result: Result<(), hyper::Error>,
+    conn: &Conn,
+    limits: &Limits,
+    peer: SocketAddr,
+    observer: &dyn ConnectionObserver,
+) {
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+    if conn.requests.load(Ordering::Relaxed) >= limits.max_requests_per_connection {
+        observer.closed(Closed::RequestLimit);
+    }
+}
+
+/// What the watchdog's timer firing means for a connection.
+enum Due {
+    /// Drop it now.
+    Drop,
+    /// Tell it to finish (answer what is under way, then close).
+    Finish,
+    /// Nothing is due yet.
+    NotYet,
+}
+
+/// What is due for `conn` now that the timer fired; `finishing`: when it was told to finish
+/// by, if it was. A deadline passed is counted on `observer`.
+fn due(
+    conn: &Conn,
+    limits: &Limits,
+    finishing: Option<Instant>,
+    peer: SocketAddr,
+    observer: &dyn ConnectionObserver,
+) -> Due {
+    let now = Instant::now();
+    if let Some(until) = finishing {
+        // Told to finish and did not in time: dropped.
+        return if until <= now { Due::Drop } else { Due::NotYet };
+    }
+    match conn.deadline(limits) {
+        Some((at, Closed::HeaderTimeout)) if at <= now => {
+            // Half a head is not worth an answer: dropped.
+            tracing::debug!(%peer, "request head not received in time; closing");
+            observer.closed(Closed::HeaderTimeout);
+            Due::Drop
+        }
+        Some((at, why)) if at <= now => {
+            observer.closed(why);
+            Due::Finish
+        }
+        _ => Due::NotYet,
     }
 }
 
