@@ -7,8 +7,9 @@
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
 //!
 //! An entry keeps the credentials documents as served, rendered once (EC2's, and the
-//! container-credentials endpoint's): a hit is a lookup by borrowed keys and a
-//! reference-count increment, nothing copied or formatted.
+//! container-credentials endpoint's): a hit is a lookup by borrowed keys under read locks and
+//! a reference-count increment, nothing copied or formatted, and no waiting: only a miss
+//! takes the key's fill lock (issue 17: every request of a busy pod used to queue on it).
 //!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
 //! the container-credentials endpoint, each until the token expires, so that a pod proves
@@ -20,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -71,12 +72,34 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-type Slot = Arc<AsyncMutex<Option<Arc<Entry>>>>;
+/// One key's entry. Hits read `current` and never wait; a miss takes `fill`, so that misses
+/// on one key collapse into one server call, and looks again once it has it.
+#[derive(Default)]
+struct Slot {
+    current: RwLock<Option<Arc<Entry>>>,
+    fill: AsyncMutex<()>,
+}
+
+impl Slot {
+    /// The entry, if it has at least `min_remaining_secs` left at `now`.
+    fn fresh(&self, now: i64, min_remaining_secs: i64) -> Option<Arc<Entry>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|cached| cached.credentials.expiration_unix - now >= min_remaining_secs)
+            .cloned()
+    }
+
+    fn set(&self, entry: Arc<Entry>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(entry);
+    }
+}
 
 /// Credentials per (pod UID, role ARN).
 pub struct CredentialCache {
     /// Pod UID → role ARN → slot.
-    slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
+    slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
     /// Pod UID → the pod tokens the servers accepted for it, with their expiry.
     proven: Mutex<HashMap<String, Vec<(TokenDigest, i64)>>>,
     min_remaining: Duration,
@@ -106,7 +129,7 @@ pub enum Source {
 impl CredentialCache {
     pub fn new(min_remaining: Duration) -> CredentialCache {
         CredentialCache {
-            slots: Mutex::new(HashMap::new()),
+            slots: RwLock::new(HashMap::new()),
             proven: Mutex::new(HashMap::new()),
             min_remaining,
         }
@@ -125,38 +148,33 @@ impl CredentialCache {
     where
         F: Future<Output = Result<Credentials, E>>,
     {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let existing = slots
-                .get(uid)
-                .and_then(|roles| roles.get(role_arn))
-                .cloned();
-            existing.unwrap_or_else(|| {
-                Arc::clone(
-                    slots
-                        .entry(uid.to_string())
-                        .or_default()
-                        .entry(role_arn.to_string())
-                        .or_default(),
-                )
-            })
-        };
-        let mut entry = slot.lock().await;
-        if let Some(cached) = entry.as_ref()
-            && cached.credentials.expiration_unix - now >= self.min_remaining.as_secs() as i64
-        {
-            return Ok((Arc::clone(cached), Source::Cache));
+        let slot = self.slot(uid, role_arn);
+        let min_remaining = self.min_remaining.as_secs() as i64;
+        if let Some(cached) = slot.fresh(now, min_remaining) {
+            return Ok((cached, Source::Cache));
+        }
+        let _filling = slot.fill.lock().await;
+        // Another request may have filled it while this one waited.
+        if let Some(cached) = slot.fresh(now, min_remaining) {
+            return Ok((cached, Source::Cache));
         }
         let fetched = Arc::new(Entry::new(fetch().await?));
-        *entry = Some(Arc::clone(&fetched));
+        slot.set(Arc::clone(&fetched));
         Ok((fetched, Source::Server))
     }
 
-    /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
-    /// there, and returns the new entry.
-    pub async fn put(&self, uid: &str, role_arn: &str, credentials: Credentials) -> Arc<Entry> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+    /// The slot of (uid, role ARN), made empty if there is none: found under the read lock,
+    /// which is all a hit takes.
+    fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {
+        let existing = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .and_then(|roles| roles.get(role_arn))
+            .cloned();
+        existing.unwrap_or_else(|| {
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
             Arc::clone(
                 slots
                     .entry(uid.to_string())
@@ -164,9 +182,17 @@ impl CredentialCache {
                     .entry(role_arn.to_string())
                     .or_default(),
             )
-        };
+        })
+    }
+
+    /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
+    /// there, and returns the new entry.
+    pub async fn put(&self, uid: &str, role_arn: &str, credentials: Credentials) -> Arc<Entry> {
+        let slot = self.slot(uid, role_arn);
         let entry = Arc::new(Entry::new(credentials));
-        *slot.lock().await = Some(Arc::clone(&entry));
+        // After any fill under way, as before: what the servers just gave is the newest.
+        let _filling = slot.fill.lock().await;
+        slot.set(Arc::clone(&entry));
         entry
     }
 
@@ -199,7 +225,7 @@ impl CredentialCache {
     /// Drops every entry of the pod with `uid`, and the tokens it proved itself with.
     pub fn forget(&self, uid: &str) {
         self.slots
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
         self.proven
@@ -211,7 +237,7 @@ impl CredentialCache {
     /// Number of cached keys.
     pub fn len(&self) -> usize {
         self.slots
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .map(HashMap::len)
@@ -384,6 +410,65 @@ mod tests {
             (hit.credentials.access_key_id.as_str(), source),
             ("2", Source::Cache)
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_one_call_and_hits_never_wait() {
+        let cache = Arc::new(CredentialCache::new(FLOOR));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let released = Arc::new(AsyncMutex::new(Some(released)));
+        let mut waiters = Vec::new();
+        for _ in 0..8 {
+            let (cache, calls, released) = (cache.clone(), calls.clone(), released.clone());
+            waiters.push(tokio::spawn(async move {
+                let fetch = || async move {
+                    calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(gate) = released.lock().await.take() {
+                        let _ = gate.await;
+                    }
+                    Ok::<_, ()>(creds("1", 3600))
+                };
+                cache
+                    .get("a", "r", 0, fetch)
+                    .await
+                    .map(|(_, source)| source)
+            }));
+        }
+        tokio::task::yield_now().await;
+        let _ = release.send(());
+        let mut sources = Vec::new();
+        for waiter in waiters {
+            sources.push(waiter.await.expect("joins").expect("credentials"));
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            sources.iter().filter(|s| **s == Source::Server).count(),
+            1,
+            "{sources:?}"
+        );
+        // A hit while another key of the same pod is being fetched does not wait for it.
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let fetch = || async move {
+                    let _ = held.await;
+                    Ok::<_, ()>(creds("2", 3600))
+                };
+                cache.get("a", "other", 0, fetch).await.map(|_| ())
+            })
+        };
+        tokio::task::yield_now().await;
+        let hit = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.get("a", "r", 0, || async { Err::<Credentials, ()>(()) }),
+        )
+        .await
+        .expect("a hit does not wait")
+        .expect("cached");
+        assert_eq!(hit.1, Source::Cache);
+        slow.abort();
     }
 
     #[tokio::test]

@@ -20,6 +20,8 @@
 //! [`segment_byte`]s alone, which need no escaping in a URI path and mean the same to any
 //! server: no `?`, `#`, `%`, `;`, space, control or non-ASCII byte ever leaves the agent.
 
+use std::borrow::Cow;
+
 use percent_encoding::percent_decode_str;
 use regex::Regex;
 
@@ -88,18 +90,24 @@ pub fn hard_blocked(rest: &[&str]) -> bool {
     }
 }
 
-/// Normalises a raw request path into its segments.
-pub fn normalise(raw_path: &str) -> Vec<String> {
-    // Decoding twice would let `%252e` become `.`; decode exactly once.
-    let decoded = percent_decode_str(raw_path).decode_utf8_lossy();
-    let mut segments: Vec<String> = Vec::new();
+/// Decodes a raw request path, exactly once: decoding twice would let `%252e` become `.`.
+/// Borrowed when there is nothing to decode (every SDK's path).
+pub fn decode(raw_path: &str) -> Cow<'_, str> {
+    percent_decode_str(raw_path).decode_utf8_lossy()
+}
+
+/// A decoded path's segments, `.`, `..` and empty ones resolved; borrowed from `decoded`,
+/// so routing a request copies nothing.
+pub fn normalise(decoded: &str) -> Vec<&str> {
+    // SDKs' paths have at most five segments.
+    let mut segments: Vec<&str> = Vec::with_capacity(8);
     for segment in decoded.split(['/', '\\']) {
         match segment {
             "" | "." => {}
             ".." => {
                 segments.pop();
             }
-            other => segments.push(other.to_string()),
+            other => segments.push(other),
         }
     }
     segments
@@ -119,8 +127,8 @@ fn is_version(segment: &str) -> bool {
 
 /// Routes a request by method and raw path; `allow` is the compiled allow-list, if any.
 pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Route {
-    let segments = normalise(raw_path);
-    let parts: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let decoded = decode(raw_path);
+    let parts = normalise(&decoded);
     let Some((version, rest)) = parts.split_first() else {
         return Route::Denied;
     };

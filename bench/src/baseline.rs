@@ -19,6 +19,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 
+use podiam_tests::netns::Netns;
 use podiam_tests::process::{ChildGuard, listen_addresses, wait_until};
 
 /// The token the minimal server hands out.
@@ -65,11 +66,27 @@ pub async fn start_minimal(
     dir: &Path,
     body_file: &Path,
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
-    let address_file = dir.join("minimal-addresses");
-    let mut command = Command::new(std::env::current_exe()?);
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    start_minimal_at(dir, body_file, listen, None).await
+}
+
+/// Starts the minimal server on `listen` (port 0: the kernel's pick), inside network
+/// namespace `netns` when one is given, its files in `dir`; the server and its address.
+pub async fn start_minimal_at(
+    dir: &Path,
+    body_file: &Path,
+    listen: SocketAddr,
+    netns: Option<&Netns>,
+) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+    let address_file = dir.join(format!("minimal-addresses-{}", listen.ip()));
+    let exe = std::env::current_exe()?;
+    let mut command = match netns {
+        Some(netns) => netns.std_command(exe.to_str().context("the bench's path is not UTF-8")?),
+        None => Command::new(exe),
+    };
     command
         .arg("minimal-server")
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", &listen.to_string()])
         .arg("--body-file")
         .arg(body_file)
         .arg("--listen-address-file")
@@ -84,23 +101,52 @@ pub async fn start_minimal(
     Ok((guard, addr))
 }
 
+/// Where Debian installs nginx, if it is installed.
+pub fn nginx_binary() -> Option<&'static str> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
 /// Starts nginx serving `body` at `path` on a loopback port, with everything under `dir`:
-/// nginx and its address, or `None` when nginx is not installed. nginx cannot be told to
-/// pick a port and say which, so it is handed a socket already listening on a port the
-/// kernel picked: nginx takes over the listening sockets its `NGINX` variable names (as in
-/// its binary upgrade), and no other process can take the port in between.
+/// nginx and its address, or `None` when nginx is not installed.
 pub async fn start_nginx(
     dir: &Path,
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<Option<(ChildGuard, SocketAddr)>> {
-    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
+    if nginx_binary().is_none() {
         return Ok(None);
-    };
+    }
     let listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}{path}");
+    let probe = || {
+        let url = url.clone();
+        async move { podiam_tests::world::http_get_text(&url).await.is_ok() }
+    };
+    let guard = start_nginx_on(dir, path, body, listener, probe).await?;
+    Ok(Some((guard, addr)))
+}
+
+/// Starts nginx serving `body` at `path` on `listener`, with everything under `dir`, and
+/// waits until `answers` says it does. nginx cannot be told to pick a port and say which,
+/// so it is handed a socket already listening on a port the kernel picked: nginx takes over
+/// the listening sockets its `NGINX` variable names (as in its binary upgrade), and no other
+/// process can take the port in between. The socket may belong to another network namespace
+/// (the real path's node): nginx serves it where it was made.
+pub async fn start_nginx_on<F, Fut>(
+    dir: &Path,
+    path: &str,
+    body: &[u8],
+    listener: std::net::TcpListener,
+    answers: F,
+) -> anyhow::Result<ChildGuard>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let nginx = nginx_binary().context("nginx is not installed")?;
     let addr = listener.local_addr()?;
     // nginx takes an inherited socket as it finds it and its workers wait for connections in
     // epoll: a blocking socket would leave a worker asleep in accept() while the other holds
@@ -161,11 +207,8 @@ http {{
     drop(listener);
     let guard = guard?;
     // The socket listens from the start: nginx is up once it answers.
-    let url = format!("http://{addr}{path}");
-    wait_until(Duration::from_secs(10), "nginx to answer", || async {
-        podiam_tests::world::http_get_text(&url).await.is_ok()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", guard.log_tail(20)))?;
-    Ok(Some((guard, addr)))
+    wait_until(Duration::from_secs(10), "nginx to answer", answers)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; log:\n{}", guard.log_tail(20)))?;
+    Ok(guard)
 }

@@ -1,6 +1,11 @@
 //! `podiam-bench`: podiam's performance as figures and ratios, in one run on this machine.
 //!
-//! Sections (all by default; `--only warm,cold,revocation,scale,sts`):
+//! Sections (all by default; `--only real-path,warm,cold,revocation,scale,sts`):
+//! - **real-path**: credentials where pods really are: `wrk` inside a pod's network
+//!   namespace, through the veth and the agent's own DNAT rule, at 1/16/128 keep-alive
+//!   connections and for IMDSv2 token pairs, beside nginx and the minimal server on the same
+//!   path; agent÷nginx throughput and p99 with met / not met (goal: ≥ 0.9 and ≤ 1.2×).
+//!   Needs root; without it, it says so and is skipped ([`real_path`]).
 //! - **warm**: credentials through the agent at 1/16/128 clients, keep-alive, a new connection
 //!   per request, and IMDSv2 token + GET, side by side with a minimal Rust server and nginx
 //!   returning the same bytes; agent RSS idle and at its peak.
@@ -14,8 +19,8 @@
 //!   the STS budget (time to every session fetched, calls per second, new pods' first
 //!   request).
 //!
-//! Everything runs on loopback: pods are 127.x addresses the load generator binds its
-//! sockets to, so no root and no network namespace is needed. It prints a table and writes
+//! Every section but real-path runs on loopback: pods are 127.x addresses the load generator
+//! binds its sockets to, so no root and no network namespace is needed. It prints a table and writes
 //! JSON (`--out`); it asserts nothing. `--quick` is a smoke run of every section (under a
 //! minute, figures meaningless).
 //!
@@ -28,6 +33,7 @@
 mod baseline;
 mod load;
 mod proc_stats;
+mod real_path;
 mod sts;
 
 use std::collections::HashMap;
@@ -82,6 +88,7 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
+    RealPath,
     Warm,
     Cold,
     Revocation,
@@ -91,6 +98,9 @@ enum Section {
 
 /// How long and how big, full or quick.
 struct Plan {
+    /// One measured wrk run on the real path, and the warm-up before it.
+    real_duration: Duration,
+    real_warmup: Duration,
     warm_duration: Duration,
     concurrency: Vec<usize>,
     cold_trials: usize,
@@ -106,6 +116,8 @@ impl Plan {
     fn new(args: &Args) -> Plan {
         let mut plan = if args.quick {
             Plan {
+                real_duration: Duration::from_secs(1),
+                real_warmup: Duration::ZERO,
                 warm_duration: Duration::from_millis(250),
                 concurrency: vec![1, 16, 128],
                 cold_trials: 3,
@@ -123,6 +135,8 @@ impl Plan {
             }
         } else {
             Plan {
+                real_duration: Duration::from_secs(5),
+                real_warmup: Duration::from_secs(1),
                 warm_duration: Duration::from_secs(3),
                 concurrency: vec![1, 16, 128],
                 cold_trials: 20,
@@ -178,6 +192,15 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut targets: Vec<Target> = Vec::new();
 
+    if wanted(Section::RealPath) {
+        results["real_path"] = match real_path::cannot_run() {
+            None => real_path::real_path(&plan, &mut targets).await?,
+            Some(why) => {
+                println!("\n== real path: NOT RUN: {why}");
+                real_path::skipped(&why)
+            }
+        };
+    }
     if wanted(Section::Warm) || wanted(Section::Cold) || wanted(Section::Revocation) {
         let rig = Rig::start().await?;
         if wanted(Section::Warm) {
@@ -244,6 +267,10 @@ fn target(targets: &mut Vec<Target>, name: &str, value: String, goal: &str, met:
 }
 
 fn machine() -> Value {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -264,6 +291,7 @@ fn machine() -> Value {
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_gib": (memory_gib * 10.0).round() / 10.0,
+        "load_average_1m_at_start": load,
     })
 }
 
@@ -395,7 +423,9 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 async fn warm(rig: &Rig, plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> {
-    println!("== warm credentials (agent vs minimal Rust server vs nginx, same bytes)");
+    println!(
+        "\n== warm credentials on loopback (agent vs minimal Rust server vs nginx, same bytes)"
+    );
     let sources: Vec<IpAddr> = (0..16).map(|i| pod_ip(1, i).into()).collect();
     for (i, source) in sources.iter().enumerate() {
         let IpAddr::V4(ip) = source else { continue };

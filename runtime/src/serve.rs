@@ -19,7 +19,11 @@
 //!
 //! Each connection's phase (waiting for a head, answering, idle) is kept by the connection's
 //! own reads ([`Watched`]) and its service; a small watchdog beside the hyper connection
-//! closes it when its phase's deadline passes.
+//! closes it when its phase's deadline passes. Both run in the connection's one task, so a
+//! phase change needs no wake-up: after each poll of the connection the watchdog looks at the
+//! deadline and moves its one timer only when the deadline came earlier than the timer. A
+//! busy keep-alive connection's deadline only moves later, so its timer is set about once per
+//! header timeout, not twice per request (issue 17: the agent's answers on the real path).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -38,7 +42,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -194,8 +197,6 @@ enum Phase {
 #[derive(Debug)]
 struct Conn {
     phase: Mutex<Phase>,
-    /// Woken when the phase's deadline may have moved earlier.
-    changed: Notify,
     /// Cancelled when a newer connection of the same peer takes this one's place.
     evicted: CancellationToken,
     requests: AtomicUsize,
@@ -205,7 +206,6 @@ impl Conn {
     fn new(now: Instant) -> Conn {
         Conn {
             phase: Mutex::new(Phase::Head { since: now }),
-            changed: Notify::new(),
             evicted: CancellationToken::new(),
             requests: AtomicUsize::new(0),
         }
@@ -227,8 +227,6 @@ impl Conn {
                 *phase = Phase::Head {
                     since: Instant::now(),
                 };
-                drop(phase);
-                self.changed.notify_one();
             }
             Phase::Answering { .. } => *phase = Phase::Answering { more: true },
             Phase::Head { .. } => {}
@@ -244,14 +242,11 @@ impl Conn {
     /// The answer is ready.
     fn request_done(&self) {
         let now = Instant::now();
-        {
-            let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-            *phase = match *phase {
-                Phase::Answering { more: true } => Phase::Head { since: now },
-                _ => Phase::Idle { since: now },
-            };
-        }
-        self.changed.notify_one();
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        *phase = match *phase {
+            Phase::Answering { more: true } => Phase::Head { since: now },
+            _ => Phase::Idle { since: now },
+        };
     }
 
     /// When this connection must be closed if nothing happens, and why.
@@ -475,6 +470,9 @@ async fn serve_connection<S, H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    // Its own token, cancelled with the listener's: each look at it (every answer, every
+    // poll) takes its own lock, not the one every connection of the listener would share.
+    let shutdown = shutdown.child_token();
     let service = counted_service(peer, conn, limits, handler, shutdown.clone());
     let io = Watched {
         io: stream,
@@ -483,26 +481,33 @@ async fn serve_connection<S, H, F>(
     let builder = http1_builder();
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
+    let mut shutdown_wait = std::pin::pin!(shutdown.cancelled());
+    let mut evicted_wait = std::pin::pin!(conn.evicted.cancelled());
+    let mut watchdog = Watchdog::new();
     // Set once the connection has been told to finish (graceful shutdown): it may then take
     // until this instant to do so.
     let mut finishing: Option<Instant> = None;
     let mut drained = false;
     loop {
-        let deadline = match finishing {
-            Some(until) => Some(until),
-            None => conn.deadline(&limits).map(|(at, _)| at),
-        };
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                if conn.requests.load(Ordering::Relaxed) >= limits.max_requests_per_connection {
-                    observer.closed(Closed::RequestLimit);
-                }
-                return;
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result));
             }
-            () = shutdown.cancelled(), if !drained => {
+            if !drained && shutdown_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if finishing.is_none() && evicted_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Evicted);
+            }
+            // The connection's poll above is where its phase changes: look at the deadline
+            // now, every time.
+            let deadline = finishing.or_else(|| conn.deadline(&limits).map(|(at, _)| at));
+            watchdog.poll_deadline(cx, deadline)
+        })
+        .await;
+        match event {
+            Event::Ended(result) => return ended(result, conn, &limits, peer, observer),
+            Event::Shutdown => {
                 drained = true;
                 // Answers say `Connection: close` now; a client gets CLOSE_GRACE to send what
                 // it was about to, then the connection is told to finish.
@@ -513,32 +518,136 @@ async fn serve_connection<S, H, F>(
                 connection.as_mut().graceful_shutdown();
                 finishing = Some(Instant::now() + DRAIN_TIMEOUT);
             }
-            () = conn.evicted.cancelled(), if finishing.is_none() => {
+            Event::Evicted => {
                 connection.as_mut().graceful_shutdown();
                 finishing = Some(Instant::now() + DRAIN_TIMEOUT);
             }
-            () = conn.changed.notified() => {}
-            () = sleep_until(deadline) => {
-                if finishing.is_some() {
-                    // Told to finish and did not in time: dropped.
-                    return;
+            Event::Deadline => match due(conn, &limits, finishing, peer, observer) {
+                Due::Drop => return,
+                Due::Finish => {
+                    connection.as_mut().graceful_shutdown();
+                    finishing = Some(Instant::now() + DRAIN_TIMEOUT);
                 }
-                // Taken again: a request may have begun, or bytes arrived, meanwhile.
-                match conn.deadline(&limits) {
-                    Some((at, Closed::HeaderTimeout)) if at <= Instant::now() => {
-                        // Half a head is not worth an answer: dropped.
-                        tracing::debug!(%peer, "request head not received in time; closing");
-                        observer.closed(Closed::HeaderTimeout);
-                        return;
-                    }
-                    Some((at, why)) if at <= Instant::now() => {
-                        observer.closed(why);
-                        connection.as_mut().graceful_shutdown();
-                        finishing = Some(Instant::now() + DRAIN_TIMEOUT);
-                    }
-                    _ => {}
-                }
+                // The deadline moved on since the timer was set: it is set again.
+                Due::NotYet => {}
+            },
+        }
+    }
+}
+
+/// The hyper connection finished with `result`: an error logged, the request limit counted.
+fn ended(
+    result: Result<(), hyper::Error>,
+    conn: &Conn,
+    limits: &Limits,
+    peer: SocketAddr,
+    observer: &dyn ConnectionObserver,
+) {
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+    if conn.requests.load(Ordering::Relaxed) >= limits.max_requests_per_connection {
+        observer.closed(Closed::RequestLimit);
+    }
+}
+
+/// What the watchdog's timer firing means for a connection.
+enum Due {
+    /// Drop it now.
+    Drop,
+    /// Tell it to finish (answer what is under way, then close).
+    Finish,
+    /// Nothing is due yet.
+    NotYet,
+}
+
+/// What is due for `conn` now that the timer fired; `finishing`: when it was told to finish
+/// by, if it was. A deadline passed is counted on `observer`.
+fn due(
+    conn: &Conn,
+    limits: &Limits,
+    finishing: Option<Instant>,
+    peer: SocketAddr,
+    observer: &dyn ConnectionObserver,
+) -> Due {
+    let now = Instant::now();
+    if let Some(until) = finishing {
+        // Told to finish and did not in time: dropped.
+        return if until <= now { Due::Drop } else { Due::NotYet };
+    }
+    match conn.deadline(limits) {
+        Some((at, Closed::HeaderTimeout)) if at <= now => {
+            // Half a head is not worth an answer: dropped.
+            tracing::debug!(%peer, "request head not received in time; closing");
+            observer.closed(Closed::HeaderTimeout);
+            Due::Drop
+        }
+        Some((at, why)) if at <= now => {
+            observer.closed(why);
+            Due::Finish
+        }
+        _ => Due::NotYet,
+    }
+}
+
+/// What ended a wait of [`serve_connection`]'s loop.
+enum Event {
+    /// The hyper connection finished.
+    Ended(Result<(), hyper::Error>),
+    /// The listener is shutting down.
+    Shutdown,
+    /// A newer connection of the same peer takes this one's place.
+    Evicted,
+    /// The timer passed the deadline it was set to (which may have moved later since).
+    Deadline,
+}
+
+/// One connection's timer: set to a deadline, and moved only when a deadline comes earlier
+/// than it. A deadline that moved later is found when the timer fires early; the loop then
+/// sets it again. So a connection answering request after request sets it about once per
+/// head timeout, with no timer work per request.
+struct Watchdog {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Where the timer is set, if it is.
+    armed: Option<Instant>,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog {
+            // Boxed once per connection; set before its first use.
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            armed: None,
+        }
+    }
+
+    /// Polls the timer for `deadline` (none: nothing to wait for): ready once it passes the
+    /// instant it is set to, which is never later than `deadline`.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Option<Instant>) -> Poll<Event> {
+        match (deadline, self.armed) {
+            (Some(at), Some(armed)) if at < armed => {
+                self.timer.as_mut().reset(at);
+                self.armed = Some(at);
             }
+            (Some(at), None) => {
+                self.timer.as_mut().reset(at);
+                self.armed = Some(at);
+            }
+            // Later (or the same): the timer fires first and the loop looks again.
+            (Some(_), Some(_)) => {}
+            // No deadline (an answer under way): an armed timer may fire; the loop finds
+            // nothing due and it is not set again until there is a deadline.
+            (None, _) => {}
+        }
+        if self.armed.is_none() {
+            return Poll::Pending;
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = None;
+                Poll::Ready(Event::Deadline)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -594,14 +703,6 @@ where
             Ok::<_, Infallible>(response)
         }
     })
-}
-
-/// Sleeps until `at`, or forever.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

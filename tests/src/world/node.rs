@@ -261,6 +261,12 @@ impl World {
         &self.node
     }
 
+    /// The running agent's process id (for a benchmark's CPU and memory figures, or a
+    /// profiler), when it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(ChildGuard::pid)
+    }
+
     pub fn pod(&self, name: &str) -> &WorldPod {
         match self.pods.get(name) {
             Some(pod) => pod,
