@@ -13,7 +13,8 @@
 //!   moto's own AssumeRole time measured in the same run.
 //! - **revocation**: role annotation removed → the pod's first refusal.
 //! - **scale**: the server with N pods in 1k namespaces and 200 simulated agents (gRPC node
-//!   streams and GetCredentials): sync time, RSS, CPU seconds, gRPC p99.
+//!   streams and GetCredentials): sync time, RSS, CPU seconds, gRPC p99; then 10 forced
+//!   relists, with the peak RSS during each and RSS after it.
 //! - **sts** ([`sts`]): AssumeRole calls three replicas make for 10k pods, replicas alone vs
 //!   as a replica set sharing the keys, shared and per-pod sessions; a cluster start under
 //!   the STS budget (time to every session fetched, calls per second, new pods' first
@@ -758,13 +759,130 @@ async fn scale(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result<Value> 
                 targets,
                 "server RSS with 100k pods",
                 format!("{rss:.0} MiB"),
-                "<= 200 MiB",
-                rss <= 200.0,
+                "<= 100 MiB",
+                rss <= SCALE_RSS_GOAL_MIB,
             );
         }
         rows.push(row);
     }
+    scale_relists_table(&rows, targets);
     Ok(Value::Array(rows))
+}
+
+/// How many relists the scale section forces on the server at each pod count.
+const SCALE_RELISTS: usize = 10;
+/// The server's resident memory at 100k pods, after sync, under load and after each relist
+/// (issue 17).
+const SCALE_RSS_GOAL_MIB: f64 = 100.0;
+/// What "no growth" across the relists allows: RSS after the last relist at most this much
+/// above RSS before the first (page-granular noise of the allocator).
+const SCALE_RELIST_GROWTH_MIB: f64 = 2.0;
+
+/// The relists of every pod count, one line per relist, and the targets at 100k pods.
+fn scale_relists_table(rows: &[Value], targets: &mut Vec<Target>) {
+    println!(
+        "\n== scale: {SCALE_RELISTS} forced relists (watch history compacted, watches closed)"
+    );
+    println!(
+        "{:>8} {:>8} {:>10} {:>12} {:>12}",
+        "pods", "relist", "seconds", "peak MiB", "after MiB"
+    );
+    for row in rows {
+        let pods = row["pods"].as_u64().unwrap_or(0);
+        let before = row["rss_before_relists_mib"].as_f64().unwrap_or(0.0);
+        println!(
+            "{pods:>8} {:>8} {:>10} {:>12} {before:>12.1}",
+            "before", "", ""
+        );
+        let relists = row["relists"].as_array().cloned().unwrap_or_default();
+        for (n, relist) in relists.iter().enumerate() {
+            println!(
+                "{pods:>8} {:>8} {:>10.2} {:>12.1} {:>12.1}",
+                n + 1,
+                relist["seconds"].as_f64().unwrap_or(0.0),
+                relist["peak_rss_mib"].as_f64().unwrap_or(0.0),
+                relist["rss_after_mib"].as_f64().unwrap_or(0.0),
+            );
+        }
+        if pods != 100_000 {
+            continue;
+        }
+        let field = |name: &'static str| relists.iter().filter_map(move |r| r[name].as_f64());
+        let peak = field("peak_rss_mib").fold(0.0, f64::max);
+        let after = field("rss_after_mib").fold(0.0, f64::max);
+        let last = field("rss_after_mib").last().unwrap_or(f64::MAX);
+        target(
+            targets,
+            "server RSS with 100k pods after each relist (highest)",
+            format!("{after:.0} MiB"),
+            "<= 100 MiB",
+            after <= SCALE_RSS_GOAL_MIB,
+        );
+        target(
+            targets,
+            "server RSS growth over 10 relists at 100k pods",
+            format!("{:+.1} MiB", last - before),
+            "<= +2 MiB",
+            last - before <= SCALE_RELIST_GROWTH_MIB,
+        );
+        target(
+            targets,
+            "server peak RSS during a relist at 100k pods",
+            format!("{peak:.0} MiB"),
+            "—",
+            true,
+        );
+    }
+}
+
+/// Forces [`SCALE_RELISTS`] relists of every watched resource, one after another: each
+/// drops the emulator's watch history and closes every watch, so the server's watchers
+/// resume from a resourceVersion that has expired (410) and list again. For each: how long
+/// until all three resources had relisted, the highest RSS meanwhile (the kernel's
+/// high-water mark, reset before the relist) and RSS a second after.
+async fn scale_relists(
+    emulator: &KubeEmulator,
+    pid: u32,
+    health: SocketAddr,
+) -> anyhow::Result<Vec<Value>> {
+    const RESOURCES: [&str; 3] = ["pods", "namespaces", "serviceaccounts"];
+    let counts = || async {
+        let metrics = http_get_text(&format!("http://{health}/metrics")).await?;
+        anyhow::Ok(RESOURCES.map(|resource| {
+            metric_value(
+                &metrics,
+                &format!(r#"podiam_server_watch_relists_total{{resource="{resource}"}}"#),
+            )
+        }))
+    };
+    let mut relists = Vec::with_capacity(SCALE_RELISTS);
+    for _ in 0..SCALE_RELISTS {
+        let before = counts().await?;
+        proc_stats::reset_peak_rss(pid)?;
+        let started = Instant::now();
+        emulator.compact();
+        emulator.close_watches();
+        wait_until(
+            Duration::from_secs(300),
+            "the server to relist pods, namespaces and ServiceAccounts",
+            || async {
+                counts()
+                    .await
+                    .is_ok_and(|now| now.iter().zip(&before).all(|(n, b)| n > b))
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let peak = proc_stats::peak_rss_mib(pid)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        relists.push(json!({
+            "seconds": seconds,
+            "peak_rss_mib": peak,
+            "rss_after_mib": proc_stats::rss_mib(pid)?,
+        }));
+    }
+    Ok(relists)
 }
 
 async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
@@ -941,10 +1059,14 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
             String::new()
         }
     );
+    // Relists with the agents' node streams open, as in a cluster.
+    let rss_before_relists = proc_stats::rss_mib(server.pid())?;
+    let relists = scale_relists(&emulator, server.pid(), health).await?;
     drop(agents);
     drop(server);
     emulator.shutdown().await;
     Ok(json!({
+        "rss_before_relists_mib": rss_before_relists, "relists": relists,
         "pods": pods, "namespaces": plan.scale_namespaces, "agents": plan.scale_agents,
         "sync_seconds": sync, "rss_mib": rss.max(rss_after), "rss_after_sync_mib": rss,
         "cpu_seconds_sync": cpu_sync, "node_streams_synced_seconds": streams,

@@ -22,6 +22,14 @@ pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(status_kib(pid, "VmHWM:")? / 1024.0)
 }
 
+/// Resets the process's high-water mark of resident memory to its RSS now, so that
+/// [`peak_rss_mib`] then gives the peak from this moment (Linux 4.0 and later; the process
+/// must be this user's).
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid}"))
+}
+
 /// User plus system CPU time the process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -51,6 +59,11 @@ mod tests {
         let me = std::process::id();
         assert!(rss_mib(me).expect("rss") > 0.0);
         assert!(peak_rss_mib(me).expect("hwm") >= rss_mib(me).expect("rss") * 0.5);
+        // A peak well above RSS now, reset to it.
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
+        drop(block);
+        reset_peak_rss(me).expect("reset");
+        assert!(peak_rss_mib(me).expect("hwm") < rss_mib(me).expect("rss") + 32.0);
         // Burn a little CPU so the figure cannot be zero.
         let mut x = 0u64;
         let start = std::time::Instant::now();

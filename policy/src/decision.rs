@@ -396,7 +396,7 @@ impl View<'_> {
         // pod's own message: other namespaces' claimants of its address are counted, not
         // named.
         answer.pods = vec![pod_ref(&pod)];
-        answer.node_name = pod.node_name.clone().unwrap_or_default();
+        answer.node_name = pod.node_name.as_deref().unwrap_or_default().to_string();
         answer.ip = pod.ip.map(|ip| ip.to_string()).unwrap_or_default();
         answer.namespace = pod.namespace.clone();
         if let Some((annotation, source)) = self.role_annotation(&pod) {
@@ -405,8 +405,9 @@ impl View<'_> {
         }
         answer.service_account = pod
             .service_account
-            .clone()
-            .unwrap_or_else(|| "default".to_string());
+            .as_deref()
+            .unwrap_or("default")
+            .to_string();
         answer.identity = if pod.container_endpoint {
             "address and token"
         } else {
@@ -562,7 +563,7 @@ pub fn bind_agent(
         });
     }
     let running = matches!(pod.phase.as_deref(), Some("Pending") | Some("Running"));
-    let node = pod.node_name.clone().filter(|n| !n.is_empty());
+    let node = pod.node_name.as_deref().filter(|n| !n.is_empty());
     let Some(node) = node.filter(|_| running) else {
         return Err(BindingRefusal::UnknownPod {
             pod: shown,
@@ -570,16 +571,16 @@ pub fn bind_agent(
         });
     };
     if let Some(token_node) = &user.node_name
-        && token_node != &node
+        && token_node != node
     {
         return Err(BindingRefusal::NodeMismatch {
             pod: shown,
             token_node: token_node.clone(),
-            pod_node: node,
+            pod_node: node.to_string(),
         });
     }
     Ok(ProvenAgent {
-        node,
+        node: node.to_string(),
         pod: format!("{}/{}", pod.namespace, pod.name),
         pod_uid: pod.uid.clone(),
     })

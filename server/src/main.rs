@@ -10,6 +10,15 @@ use podiam_server::{Listeners, Server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's malloc. Every relist replaces the pod index and every
+/// cluster change has the service survey all pods (`service.rs`), tens of MiB of short-lived
+/// allocations at 100k pods; glibc returns freed memory to the kernel only from the top of
+/// a heap, so each relist left more of it resident (benchmark, 100k pods, RSS after each of
+/// ten relists: 148 rising to 170 MiB), while jemalloc purges freed pages wherever they lie
+/// (121 to 135 MiB, no trend). Built from source with the machine's C compiler.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let environment = podiam_server::config::environment_problems(|name| std::env::var(name).ok());

@@ -123,8 +123,9 @@ impl SessionNaming {
             (
                 "kubernetes-service-account".into(),
                 pod.service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
+                    .as_deref()
+                    .unwrap_or("default")
+                    .to_string(),
             ),
         ];
         if let Some(cluster) = &self.cluster {

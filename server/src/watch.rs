@@ -140,7 +140,10 @@ impl Indexed for Pod {
     type Index = PodIndex;
     const WHAT: &'static str = "pods";
     fn relist_from(current: &PodIndex) -> PodIndex {
-        PodIndex::keyed(current.role_key())
+        current.for_relist()
+    }
+    fn relisted(fresh: &mut PodIndex) {
+        fresh.relisted();
     }
     fn apply(index: &mut PodIndex, pod: &Pod) {
         index.apply_pod(pod);
