@@ -47,7 +47,7 @@ struct Cluster {
     emulator: KubeEmulator,
     kubeconfig: std::path::PathBuf,
     certs: podiam_certs::WrittenFiles,
-    _moto: Moto,
+    moto: Moto,
     proxy: StsProxy,
 }
 
@@ -75,7 +75,7 @@ impl Cluster {
             emulator,
             kubeconfig,
             certs,
-            _moto: moto,
+            moto,
             proxy,
         })
     }
@@ -318,6 +318,7 @@ async fn cluster_start(plan: &StsPlan, targets: &mut Vec<Target>) -> anyhow::Res
     let names: Vec<String> = (0..REPLICAS).map(replica_name).collect();
     let mut first_requests = Vec::new();
     let mut last_calls = Vec::new();
+    let mut moto_times = Vec::new();
     for n in 0..plan.newcomers {
         let i = plan.pods + n;
         cluster.emulator.create(app_pod(i, plan.roles))?;
@@ -361,6 +362,9 @@ async fn cluster_start(plan: &StsPlan, targets: &mut Vec<Target>) -> anyhow::Res
             }
         }
         first_requests.push(asked.elapsed());
+        // moto's own AssumeRole time in the same burst: what STS itself takes here.
+        let moto_time = crate::moto_assume_role_times(&cluster.moto, 1).await?;
+        moto_times.extend(moto_time);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let keys = plan.pods + plan.newcomers;
@@ -386,6 +390,8 @@ async fn cluster_start(plan: &StsPlan, targets: &mut Vec<Target>) -> anyhow::Res
     let (p50, p99) = crate::summary(&first_requests);
     last_calls.sort();
     let (call50, call99) = crate::summary(&last_calls);
+    moto_times.sort();
+    let (moto50, moto99) = crate::summary(&moto_times);
     println!(
         "\n== STS: a cluster start, {keys} per-pod sessions, {REPLICAS} replicas at --sts-rate {} each",
         plan.rate
@@ -415,6 +421,9 @@ async fn cluster_start(plan: &StsPlan, targets: &mut Vec<Target>) -> anyhow::Res
     println!(
         "  of which the answered call    p50 {call50:.1} ms  p99 {call99:.1} ms  (the rest: the replica learning of the pod)"
     );
+    println!(
+        "moto's own AssumeRole meanwhile p50 {moto50:.1} ms  p99 {moto99:.1} ms  (one straight call after each new pod's)"
+    );
     target(
         targets,
         "STS calls in any second, cluster start",
@@ -439,5 +448,6 @@ async fn cluster_start(plan: &StsPlan, targets: &mut Vec<Target>) -> anyhow::Res
         "most_calls_in_a_second": most_in_a_second,
         "new_pod_first_request_ms": {"p50": p50, "p99": p99, "n": first_requests.len()},
         "new_pod_answered_call_ms": {"p50": call50, "p99": call99},
+        "moto_assume_role_during_ms": {"p50": moto50, "p99": moto99},
     }))
 }
