@@ -810,7 +810,7 @@ fn scale_relists_table(rows: &[Value], targets: &mut Vec<Target>) {
         let field = |name: &'static str| relists.iter().filter_map(move |r| r[name].as_f64());
         let peak = field("peak_rss_mib").fold(0.0, f64::max);
         let after = field("rss_after_mib").fold(0.0, f64::max);
-        let last = field("rss_after_mib").last().unwrap_or(f64::MAX);
+        let last = field("rss_after_mib").next_back().unwrap_or(f64::MAX);
         target(
             targets,
             "server RSS with 100k pods after each relist (highest)",

@@ -1451,6 +1451,8 @@ fn container_env(r: &Rendering, c: &Value) -> BTreeMap<String, String> {
             Some(v) => v.as_str().unwrap().to_string(),
             None => match str_at(var, "/valueFrom/fieldRef/fieldPath") {
                 "spec.nodeName" => "node-1".to_string(),
+                "metadata.name" => "podiam-server-0".to_string(),
+                "metadata.namespace" => "podiam".to_string(),
                 "status.hostIP" => "10.0.0.10".to_string(),
                 "status.hostIPs" => "10.0.0.10,fd00:10::10".to_string(),
                 other => panic!("unexpected fieldRef {other}"),
