@@ -127,6 +127,17 @@ async fn three_replicas_make_one_assume_role_for_two_hundred_pods_sharing_a_role
     .await
     .expect("world starts");
     replica_set_seen(&world, &[0, 1, 2], 3).await;
+    // The node as the kubelet registers it, so that the agent's one NodeReady report
+    // succeeds: its failovers are then only its calls for pods.
+    world
+        .emulator()
+        .create(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-1"},
+            "spec": {},
+        }))
+        .expect("node created");
     world.start_agent().await.expect("agent starts");
 
     create_pods(&world, 200).await;
@@ -149,22 +160,32 @@ async fn three_replicas_make_one_assume_role_for_two_hundred_pods_sharing_a_role
         );
     }
     // Every replica has had its upkeep over all 201 pods (one key), and the agent's
-    // requests were answered: still one call in all.
+    // requests were answered: still one call in all — but for a call the agent also sent to
+    // a second replica because the owner had not answered within 300 ms (a busy machine):
+    // that replica holds nothing and fetches once. That is the fault path, and counted.
     keys_shared(&world, &[0, 1, 2], 1).await;
+    let failovers = metric_value(
+        &world.agent_metrics().await.expect("agent metrics"),
+        "podiam_agent_server_failovers_total",
+    ) as usize;
     let calls = world.sts_proxy().assume_role_calls();
     let per_replica: Vec<u64> = futures::future::join_all((0..3).map(|i| {
         let world = &world;
         async move { gauge(world, i, r#"podiam_server_sts_calls_total{result="ok"}"#).await }
     }))
     .await;
-    assert_eq!(
+    assert!(
+        !calls.is_empty() && calls.len() <= 1 + failovers,
+        "{} calls, {failovers} failovers, per replica {per_replica:?}: {calls:#?}\nagent log:\n{}",
         calls.len(),
-        1,
-        "per replica {per_replica:?}: {calls:#?}\nagent log:\n{}",
         world.agent_log()
     );
-    assert_eq!(calls[0].param("RoleArn"), Some(ROLE_ARN));
-    assert_eq!(per_replica.iter().sum::<u64>(), 1, "{per_replica:?}");
+    assert!(calls.iter().all(|c| c.param("RoleArn") == Some(ROLE_ARN)));
+    assert_eq!(
+        per_replica.iter().sum::<u64>() as usize,
+        calls.len(),
+        "{per_replica:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
