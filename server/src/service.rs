@@ -731,14 +731,25 @@ impl PodiamService {
     pub fn survey(&self) -> Survey {
         let mut survey = Survey::default();
         let mut notices = Vec::new();
-        let mut permitted = Vec::new();
+        // Each permitted pod with the number of its key: pods sharing a session hold no copy
+        // of its key each (100k pods, a few hundred keys).
+        let mut permitted: Vec<(Arc<PodRecord>, usize)> = Vec::new();
+        let mut keys: Vec<CacheKey> = Vec::new();
+        let mut numbers: HashMap<CacheKey, usize> = HashMap::new();
         self.with_view(|view| {
             for pod in view.pods.on_node("") {
                 match view.decide_live(&pod) {
                     Ok(Decision { pod, role, .. }) => {
                         let key = self.cache_key(&pod, &role.arn);
-                        survey.needed.insert(key.clone());
-                        permitted.push((pod, key));
+                        let n = match numbers.get(&key) {
+                            Some(&n) => n,
+                            None => {
+                                keys.push(key.clone());
+                                numbers.insert(key, keys.len() - 1);
+                                keys.len() - 1
+                            }
+                        };
+                        permitted.push((pod, n));
                     }
                     Err(refusal) => {
                         if matches!(refusal, Refusal::AmbiguousPod { .. }) {
@@ -756,28 +767,22 @@ impl PodiamService {
                 }
             }
         });
+        drop(numbers);
         // A key being fetched right now keeps its pods' memory of what they were told.
-        let mut busy = HashSet::new();
-        let mut failing = HashMap::new();
-        for key in &survey.needed {
-            match self.cache.health(key) {
+        let health: Vec<KeyHealth> = keys.iter().map(|key| self.cache.health(key)).collect();
+        let mut keep: HashSet<&str> = HashSet::new();
+        for (pod, n) in &permitted {
+            match &health[*n] {
                 KeyHealth::Fine => {}
                 KeyHealth::Busy => {
-                    busy.insert(key);
+                    keep.insert(&pod.uid);
                 }
                 KeyHealth::Failing(error) => {
-                    failing.insert(key, error);
+                    notices.push(notice(pod, sts_reason(error), error.to_string()));
                 }
             }
         }
-        let mut keep: HashSet<&str> = HashSet::new();
-        for (pod, key) in &permitted {
-            if let Some(error) = failing.get(key) {
-                notices.push(notice(pod, sts_reason(error), error.to_string()));
-            } else if busy.contains(key) {
-                keep.insert(&pod.uid);
-            }
-        }
+        survey.needed = keys.into_iter().collect();
         keep.extend(notices.iter().map(|n| n.uid.as_str()));
         self.events.retain(&keep);
         for notice in notices {
