@@ -484,7 +484,40 @@ impl ServerSet {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let Some(first) = self.pick_first(prefer) else {
+        self.call_from(self.pick_first(prefer), call).await
+    }
+
+    /// [`ServerSet::call`], first to the owner of the credential key `key` when there is one
+    /// ([`ServerSet::owner`]) — even while it is suspect after one slow answer: another
+    /// replica holds nothing for the key and would call STS again; the hedge after
+    /// [`HEDGE_AFTER`] still covers an owner that does not answer.
+    pub async fn call_owner_first<T, F, Fut>(
+        &self,
+        key: u64,
+        prefer: Option<SocketAddr>,
+        call: F,
+    ) -> Result<T, ServerError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let owner = self
+            .owner(key)
+            .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned());
+        self.call_from(owner.or_else(|| self.pick_first(prefer)), call)
+            .await
+    }
+
+    async fn call_from<T, F, Fut>(
+        &self,
+        first: Option<Arc<Replica>>,
+        call: F,
+    ) -> Result<T, ServerError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let Some(first) = first else {
             return Err(ServerError::Unavailable(
                 "no podiam server replica is known (yet)".into(),
             ));

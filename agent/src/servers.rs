@@ -153,15 +153,10 @@ impl Servers {
         };
         let answer = self
             .replicas
-            .call(
-                self.replicas
-                    .owner(credential_key)
-                    .or_else(|| self.stream_replica()),
-                |mut client| {
-                    let request = request.clone();
-                    async move { client.get_credentials(request).await }
-                },
-            )
+            .call_owner_first(credential_key, self.stream_replica(), |mut client| {
+                let request = request.clone();
+                async move { client.get_credentials(request).await }
+            })
             .await?;
         let credentials = answer
             .credentials
