@@ -784,24 +784,28 @@ fn scale_relists_table(rows: &[Value], targets: &mut Vec<Target>) {
         "\n== scale: {SCALE_RELISTS} forced relists (watch history compacted, watches closed)"
     );
     println!(
-        "{:>8} {:>8} {:>10} {:>12} {:>12}",
-        "pods", "relist", "seconds", "peak MiB", "after MiB"
+        "{:>8} {:>8} {:>10} {:>12} {:>12} {:>12}",
+        "pods", "relist", "seconds", "peak MiB", "after MiB", "heap MiB"
     );
     for row in rows {
         let pods = row["pods"].as_u64().unwrap_or(0);
         let before = row["rss_before_relists_mib"].as_f64().unwrap_or(0.0);
+        let heap = row["heap_allocated_before_relists_mib"]
+            .as_f64()
+            .unwrap_or(0.0);
         println!(
-            "{pods:>8} {:>8} {:>10} {:>12} {before:>12.1}",
+            "{pods:>8} {:>8} {:>10} {:>12} {before:>12.1} {heap:>12.1}",
             "before", "", ""
         );
         let relists = row["relists"].as_array().cloned().unwrap_or_default();
         for (n, relist) in relists.iter().enumerate() {
             println!(
-                "{pods:>8} {:>8} {:>10.2} {:>12.1} {:>12.1}",
+                "{pods:>8} {:>8} {:>10.2} {:>12.1} {:>12.1} {:>12.1}",
                 n + 1,
                 relist["seconds"].as_f64().unwrap_or(0.0),
                 relist["peak_rss_mib"].as_f64().unwrap_or(0.0),
                 relist["rss_after_mib"].as_f64().unwrap_or(0.0),
+                relist["heap_allocated_after_mib"].as_f64().unwrap_or(0.0),
             );
         }
         if pods != 100_000 {
@@ -833,6 +837,12 @@ fn scale_relists_table(rows: &[Value], targets: &mut Vec<Target>) {
             true,
         );
     }
+}
+
+/// The server's heap allocated and not freed, in MiB (its metric).
+async fn heap_allocated_mib(health: SocketAddr) -> anyhow::Result<f64> {
+    let metrics = http_get_text(&format!("http://{health}/metrics")).await?;
+    Ok(metric_value(&metrics, "podiam_server_heap_allocated_bytes") as f64 / (1024.0 * 1024.0))
 }
 
 /// Forces [`SCALE_RELISTS`] relists of every watched resource, one after another: each
@@ -880,6 +890,7 @@ async fn scale_relists(
             "seconds": seconds,
             "peak_rss_mib": peak,
             "rss_after_mib": proc_stats::rss_mib(pid)?,
+            "heap_allocated_after_mib": heap_allocated_mib(health).await?,
         }));
     }
     Ok(relists)
@@ -1061,12 +1072,14 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
     );
     // Relists with the agents' node streams open, as in a cluster.
     let rss_before_relists = proc_stats::rss_mib(server.pid())?;
+    let heap_before_relists = heap_allocated_mib(health).await?;
     let relists = scale_relists(&emulator, server.pid(), health).await?;
     drop(agents);
     drop(server);
     emulator.shutdown().await;
     Ok(json!({
         "rss_before_relists_mib": rss_before_relists, "relists": relists,
+        "heap_allocated_before_relists_mib": heap_before_relists,
         "pods": pods, "namespaces": plan.scale_namespaces, "agents": plan.scale_agents,
         "sync_seconds": sync, "rss_mib": rss.max(rss_after), "rss_after_sync_mib": rss,
         "cpu_seconds_sync": cpu_sync, "node_streams_synced_seconds": streams,

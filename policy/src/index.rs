@@ -184,10 +184,10 @@ pub struct PodIndex {
     role_key: Option<Arc<str>>,
 }
 
-/// A pod record in a set keyed by its UID (found by `&str`), so that no map holds a copy
-/// of the UID.
+/// A pod record in a set or map keyed by its UID (found by `&str`), so that no map holds a
+/// copy of the UID (the index's sets, and what each server's node stream remembers).
 #[derive(Clone, Debug)]
-struct ByUid(Arc<PodRecord>);
+pub struct ByUid(pub Arc<PodRecord>);
 
 impl std::hash::Hash for ByUid {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {

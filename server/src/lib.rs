@@ -23,6 +23,7 @@
 pub mod budget;
 pub mod config;
 pub mod events;
+pub mod heap;
 pub mod identity;
 #[cfg(test)]
 mod in_process_tests;

