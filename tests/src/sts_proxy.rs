@@ -23,6 +23,8 @@ pub struct StsCall {
     pub status: u16,
     /// When the request arrived (its body read).
     pub received: Option<std::time::Instant>,
+    /// When moto's answer had come back whole (none if it never reached moto).
+    pub answered: Option<std::time::Instant>,
     /// The `AccessKeyId` in the answer, if any.
     pub issued_key: Option<String>,
     /// The `SecretAccessKey` and `SessionToken` in the answer, if any: what a test looks for
@@ -38,6 +40,7 @@ impl std::fmt::Debug for StsCall {
             .field("params", &self.params)
             .field("status", &self.status)
             .field("received", &self.received)
+            .field("answered", &self.answered)
             .field("issued_key", &self.issued_key)
             .field("issued_secrets", &self.issued_secrets.len())
             .finish()
@@ -199,6 +202,7 @@ async fn forward(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     call.status = status;
+    call.answered = Some(std::time::Instant::now());
     call.issued_key = between(&body, "<AccessKeyId>", "</AccessKeyId>");
     call.issued_secrets = [
         ("<SecretAccessKey>", "</SecretAccessKey>"),
