@@ -15,9 +15,8 @@ use tokio_util::sync::CancellationToken;
 /// allocations at 100k pods; glibc returns freed memory to the kernel only from the top of
 /// a heap, so each relist left more of it resident (benchmark, 100k pods, RSS after each of
 /// ten relists: 148 rising to 170 MiB), while jemalloc purges freed pages wherever they lie
-/// (121 to 135 MiB a second after each, no trend; with `heap`'s purge after each relist and
-/// its background thread, back to where it was before). Built from source with the
-/// machine's C compiler.
+/// (121 to 135 MiB a second after each, no trend; 98.5 to 99.3 MiB since `heap` purges the
+/// replaced index's pages at each relist). Built from source with the machine's C compiler.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
