@@ -999,7 +999,7 @@ impl PodiamService {
                 .await?;
             }
             // The index's own record, not a copy of its UID: 200 streams remembering their
-            // nodes' pods at 100k pods held 11 MiB of UIDs.
+            // nodes' pods at 100k pods held about 8 MiB of UIDs (heap 77.6 -> 69.9 MiB).
             now_sent.insert(ByUid(pod), digest);
         }
         for ByUid(gone) in sent
