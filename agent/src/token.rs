@@ -84,6 +84,12 @@ pub const KEY_LEAD: i64 = 600;
 pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 /// HMAC-SHA256 key length: the hash's output length (RFC 2104, section 3).
 const KEY_BYTES: usize = 32;
+/// A token's claim (`IP|UID|expiry`) fits in this many bytes: an IPv6 address (at most 45),
+/// a pod's UID (36; 100 of room) and an expiry (at most 20), with the separators.
+const CLAIM_BYTES: usize = 192;
+/// An HMAC-SHA256 tag, and its length in unpadded base64.
+const TAG_BYTES: usize = 32;
+const TAG_BASE64_BYTES: usize = 43;
 /// The key file's first line.
 const FILE_HEADER: &str = "podiam imds-token-keys v1";
 /// More keys than this in a file means it was not written by an agent.
@@ -220,17 +226,22 @@ impl KeyRing {
             .map(|next| next.from.saturating_add(KEY_GRACE))
     }
 
+    /// The key at `index`, oldest first.
+    fn key(&self, index: usize) -> Option<&Key> {
+        match index {
+            0 => Some(&self.oldest),
+            i => self.newer.get(i - 1),
+        }
+    }
+
     /// Keys that verify at `now`, newest first: all but the retired ones. A key that signs
     /// only later verifies already, so an agent that switches a moment early is not refused.
-    fn verifying(&self, now: i64) -> Vec<&Key> {
-        let mut keys: Vec<&Key> = self
-            .keys()
-            .enumerate()
-            .filter(|(i, _)| self.retires_at(*i).is_none_or(|at| at > now))
-            .map(|(_, key)| key)
-            .collect();
-        keys.reverse();
-        keys
+    /// (An iterator: each request's token is checked here, with nothing allocated.)
+    fn verifying(&self, now: i64) -> impl Iterator<Item = &Key> {
+        (0..=self.newer.len())
+            .rev()
+            .filter(move |&i| self.retires_at(i).is_none_or(|at| at > now))
+            .filter_map(|i| self.key(i))
     }
 
     /// The ring as it should be at `now`, or `None` if it already is: retired keys dropped,
@@ -372,13 +383,17 @@ impl TokenKey {
     /// A token for the pod `uid` at `ip`, valid until `now + ttl_secs`, signed with the
     /// key that signs at `now`.
     pub fn issue(&self, ip: IpAddr, uid: &str, now: i64, ttl_secs: u64) -> String {
-        let claim = format!("{ip}|{uid}|{}", now.saturating_add(ttl_secs as i64));
+        use std::fmt::Write;
+        let mut claim = String::with_capacity(CLAIM_BYTES);
+        // Writing to a String cannot fail.
+        let _ = write!(claim, "{ip}|{uid}|{}", now.saturating_add(ttl_secs as i64));
         let tag = hmac::sign(&self.ring().signing(now).hmac, claim.as_bytes());
-        format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(claim.as_bytes()),
-            URL_SAFE_NO_PAD.encode(tag.as_ref())
-        )
+        // One allocation for the token: both parts encoded into it.
+        let mut token = String::with_capacity(claim.len() * 4 / 3 + 4 + 1 + TAG_BASE64_BYTES);
+        URL_SAFE_NO_PAD.encode_string(claim.as_bytes(), &mut token);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(tag.as_ref(), &mut token);
+        token
     }
 
     /// Checks that `token` was signed by a key that still verifies at `now`, issued to
@@ -391,21 +406,20 @@ impl TokenKey {
         now: i64,
     ) -> Result<(), TokenError> {
         let (claim, tag) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
-        let claim = URL_SAFE_NO_PAD
-            .decode(claim)
-            .map_err(|_| TokenError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD
-            .decode(tag)
-            .map_err(|_| TokenError::Malformed)?;
+        // Decoded on the stack: every request with a token comes here. Only a claim longer
+        // than any this agent issues (never valid, but it must be refused for the right
+        // reason) or a tag longer than a signature takes the heap.
+        let (mut claim_buf, mut tag_buf) = ([0u8; CLAIM_BYTES], [0u8; 2 * TAG_BYTES]);
+        let claim = decode_into(claim, &mut claim_buf)?;
+        let tag = decode_into(tag, &mut tag_buf)?;
         let ring = self.ring();
         if !ring
             .verifying(now)
-            .into_iter()
             .any(|key| hmac::verify(&key.hmac, &claim, &tag).is_ok())
         {
             return Err(TokenError::BadSignature);
         }
-        let claim = String::from_utf8(claim).map_err(|_| TokenError::Malformed)?;
+        let claim = std::str::from_utf8(&claim).map_err(|_| TokenError::Malformed)?;
         let mut parts = claim.splitn(3, '|');
         let (Some(owner), Some(owner_uid), Some(expiry)) =
             (parts.next(), parts.next(), parts.next())
@@ -427,6 +441,22 @@ impl TokenKey {
             return Err(TokenError::Expired);
         }
         Ok(())
+    }
+}
+
+/// `encoded` (unpadded URL-safe base64) decoded into `buf`, or onto the heap when it does
+/// not fit there; not base64 at all: malformed.
+fn decode_into<'a>(
+    encoded: &str,
+    buf: &'a mut [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>, TokenError> {
+    match URL_SAFE_NO_PAD.decode_slice(encoded, buf) {
+        Ok(n) => Ok(std::borrow::Cow::Borrowed(&buf[..n])),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => URL_SAFE_NO_PAD
+            .decode(encoded)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|_| TokenError::Malformed),
+        Err(base64::DecodeSliceError::DecodeError(_)) => Err(TokenError::Malformed),
     }
 }
 
@@ -848,6 +878,42 @@ mod tests {
             key.validate(&forged, a, Some("uid-a"), 1000),
             Err(TokenError::BadSignature)
         );
+    }
+
+    #[test]
+    fn tokens_of_any_size_are_judged_the_same_on_and_off_the_stack() {
+        let key = TokenKey::generate().expect("key");
+        let v6 = ip("fd00:1234:5678:9abc:def0:1234:5678:9abc");
+        // The longest claim the agent issues (an IPv6 address, a pod UID) decodes on the
+        // stack; a far longer one (a UID no API server gives) is still judged, on the heap.
+        for uid in [
+            "0b5f2c3e-8d7a-4c1b-9e6f-2a3b4c5d6e7f".to_string(),
+            "u".repeat(1000),
+        ] {
+            let token = key.issue(v6, &uid, 1000, 21600);
+            assert_eq!(key.validate(&token, v6, Some(&uid), 1000), Ok(()));
+            assert_eq!(
+                key.validate(&token, v6, Some("other"), 1000),
+                Err(TokenError::WrongPod)
+            );
+            // A tag longer than any signature is a bad signature, whatever its length.
+            let (claim, tag) = token.split_once('.').expect("dot");
+            for extra in [1, 200] {
+                let mut long_tag = URL_SAFE_NO_PAD.decode(tag).expect("tag");
+                long_tag.extend(std::iter::repeat_n(0u8, extra));
+                let long = format!("{claim}.{}", URL_SAFE_NO_PAD.encode(&long_tag));
+                assert_eq!(
+                    key.validate(&long, v6, Some(&uid), 1000),
+                    Err(TokenError::BadSignature)
+                );
+            }
+            // Not base64: malformed, short or long.
+            let bad = format!("{claim}!.{tag}");
+            assert_eq!(
+                key.validate(&bad, v6, Some(&uid), 1000),
+                Err(TokenError::Malformed)
+            );
+        }
     }
 
     #[test]
