@@ -22,22 +22,23 @@ use http_body_util::Full;
 use podiam_tests::netns::Netns;
 use podiam_tests::process::{ChildGuard, listen_addresses, wait_until};
 
-/// The token the minimal server hands out.
+/// The token the minimal server hands out when given none.
 pub const MINIMAL_TOKEN: &str = "baseline-token";
 
-/// Serves `body` on `listen` until killed (the `podiam-bench minimal-server` subcommand),
+/// Serves `body` to a GET and `token` to a PUT on `listen` until killed (the `podiam-bench minimal-server` subcommand),
 /// having written the address bound to `address_file` (as the daemons'
 /// `--listen-address-file` does).
 pub async fn serve_minimal(
     listen: SocketAddr,
     address_file: &Path,
     body: Bytes,
+    token: Bytes,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     podiam_runtime::net::write_address_file(address_file, &[("listen", listener.local_addr()?)])?;
     let handler = move |_, request: http::Request<hyper::body::Incoming>| {
         let body = if request.method() == http::Method::PUT {
-            Bytes::from_static(MINIMAL_TOKEN.as_bytes())
+            token.clone()
         } else {
             body.clone()
         };
@@ -67,14 +68,16 @@ pub async fn start_minimal(
     body_file: &Path,
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    start_minimal_at(dir, body_file, listen, None).await
+    start_minimal_at(dir, body_file, None, listen, None).await
 }
 
 /// Starts the minimal server on `listen` (port 0: the kernel's pick), inside network
-/// namespace `netns` when one is given, its files in `dir`; the server and its address.
+/// namespace `netns` when one is given, its files in `dir`, handing out the token in
+/// `token_file` when one is given; the server and its address.
 pub async fn start_minimal_at(
     dir: &Path,
     body_file: &Path,
+    token_file: Option<&Path>,
     listen: SocketAddr,
     netns: Option<&Netns>,
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
@@ -89,6 +92,11 @@ pub async fn start_minimal_at(
         .args(["--listen", &listen.to_string()])
         .arg("--body-file")
         .arg(body_file)
+        .args(token_file.map(|path| {
+            let mut arg = std::ffi::OsString::from("--token-file=");
+            arg.push(path);
+            arg
+        }))
         .arg("--listen-address-file")
         .arg(&address_file);
     let mut guard = ChildGuard::spawn("minimal-server", command)?;

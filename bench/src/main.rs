@@ -81,6 +81,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         body_file: PathBuf,
+        /// The IMDSv2 token to hand out, from this file (the real path gives it the agent's own
+        /// token, so that both carry the same bytes); without it a short fixed one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// Where to write the address listened on (port 0 in --listen: the kernel's pick).
         #[arg(long)]
         listen_address_file: PathBuf,
@@ -99,7 +103,9 @@ enum Section {
 
 /// How long and how big, full or quick.
 struct Plan {
-    /// One measured wrk run on the real path, and the warm-up before it.
+    /// The real path's rounds at each connection count (each target once per round, in turn),
+    /// one round's wrk run, and the warm-up of each target before the first round.
+    real_rounds: usize,
     real_duration: Duration,
     real_warmup: Duration,
     warm_duration: Duration,
@@ -117,6 +123,7 @@ impl Plan {
     fn new(args: &Args) -> Plan {
         let mut plan = if args.quick {
             Plan {
+                real_rounds: 1,
                 real_duration: Duration::from_secs(1),
                 real_warmup: Duration::ZERO,
                 warm_duration: Duration::from_millis(250),
@@ -136,7 +143,8 @@ impl Plan {
             }
         } else {
             Plan {
-                real_duration: Duration::from_secs(5),
+                real_rounds: 5,
+                real_duration: Duration::from_secs(2),
                 real_warmup: Duration::from_secs(1),
                 warm_duration: Duration::from_secs(3),
                 concurrency: vec![1, 16, 128],
@@ -176,11 +184,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::MinimalServer {
         listen,
         body_file,
+        token_file,
         listen_address_file,
     }) = &args.command
     {
         let body = std::fs::read(body_file)?;
-        return baseline::serve_minimal(*listen, listen_address_file, Bytes::from(body)).await;
+        let token = match token_file {
+            Some(path) => Bytes::from(std::fs::read(path)?),
+            None => Bytes::from_static(baseline::MINIMAL_TOKEN.as_bytes()),
+        };
+        return baseline::serve_minimal(*listen, listen_address_file, Bytes::from(body), token)
+            .await;
     }
     podiam_runtime::tls::install_crypto_provider();
     let plan = Plan::new(&args);
