@@ -332,12 +332,11 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
         .token_pairs(&servers, &plan.concurrency, &token.body, targets)
         .await?;
     println!(
-        "agent RSS peak {:.1} MiB; body {} bytes; wrk {}; {} s per run, {} rounds",
+        "agent RSS peak {:.1} MiB; body {} bytes; wrk {}; {} per server and count",
         proc_stats::peak_rss_mib(agent_pid)?,
         body.len(),
         wrk_version(),
-        plan.real_duration.as_secs_f64(),
-        plan.real_rounds,
+        ctx.plan_text(),
     );
     Ok(json!({
         "path": "pod netns → veth → DNAT 169.254.169.254:80 → agent in the node netns; nginx and the minimal server on the node's address over the same veth",
@@ -521,6 +520,16 @@ impl Compared {
 }
 
 impl Run<'_> {
+    /// "5 rounds of 2 s", "1 round of 1 s".
+    fn plan_text(&self) -> String {
+        let plural = if self.rounds == 1 { "" } else { "s" };
+        format!(
+            "{} round{plural} of {} s",
+            self.rounds,
+            self.duration.as_secs()
+        )
+    }
+
     /// Each target's warm-up (not counted), then `rounds` rounds, each running every target
     /// once, the order turned by one each round so that no target always runs first or last.
     async fn rounds(
@@ -573,9 +582,8 @@ impl Run<'_> {
         targets: &mut Vec<Target>,
     ) -> anyhow::Result<Vec<Value>> {
         println!(
-            "keep-alive GET of the credentials path ({} rounds of {} s; medians of the rounds)",
-            self.rounds,
-            self.duration.as_secs()
+            "keep-alive GET of the credentials path ({}; medians of the rounds)",
+            self.plan_text()
         );
         println!(
             "{:>5} {:<9} {:>10} {:>8} {:>8} {:>9} {:>10}",
@@ -655,9 +663,8 @@ impl Run<'_> {
         targets: &mut Vec<Target>,
     ) -> anyhow::Result<Vec<Value>> {
         println!(
-            "IMDSv2: PUT /latest/api/token and GET with the token, alternating ({} rounds of {} s)",
-            self.rounds,
-            self.duration.as_secs()
+            "IMDSv2: PUT /latest/api/token and GET with the token, alternating ({})",
+            self.plan_text()
         );
         let mut rows = Vec::new();
         for &connections in counts {
