@@ -25,9 +25,9 @@ use podiam_tests::process::{ChildGuard, listen_addresses, wait_until};
 /// The token the minimal server hands out when given none.
 pub const MINIMAL_TOKEN: &str = "baseline-token";
 
-/// Serves `body` to a GET and `token` to a PUT on `listen` until killed (the `podiam-bench minimal-server` subcommand),
-/// having written the address bound to `address_file` (as the daemons'
-/// `--listen-address-file` does).
+/// Serves `body` to a GET and `token` to a PUT on `listen` until killed (the `podiam-bench
+/// minimal-server` subcommand), having written the address bound to `address_file` (as the
+/// daemons' `--listen-address-file` does).
 pub async fn serve_minimal(
     listen: SocketAddr,
     address_file: &Path,
