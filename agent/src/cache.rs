@@ -163,6 +163,19 @@ impl CredentialCache {
         Ok((fetched, Source::Server))
     }
 
+    /// The cached credentials for (uid, role ARN) if they have enough life left at `now`:
+    /// what [`CredentialCache::get`] answers without waiting. Makes no slot on a miss.
+    pub fn fresh(&self, uid: &str, role_arn: &str, now: i64) -> Option<Arc<Entry>> {
+        let slot = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .and_then(|roles| roles.get(role_arn))
+            .cloned()?;
+        slot.fresh(now, self.min_remaining.as_secs() as i64)
+    }
+
     /// The slot of (uid, role ARN), made empty if there is none: found under the read lock,
     /// which is all a hit takes.
     fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {

@@ -259,9 +259,11 @@ impl Agent {
             let keep_alive = keep_alive.clone();
             async move {
                 let peer = peer.ip().to_canonical();
+                // The container endpoint's future is boxed: the metadata one, answered at
+                // once in most requests, sets the size of the future kept per connection.
                 let mut response = match endpoint {
                     Endpoint::Metadata => service.handle(peer, request).await,
-                    Endpoint::Container => service.handle_container(peer, request).await,
+                    Endpoint::Container => Box::pin(service.handle_container(peer, request)).await,
                 };
                 if let Some(value) = keep_alive {
                     response.headers_mut().insert(KEEP_ALIVE, value);

@@ -93,6 +93,11 @@ pub fn hard_blocked(rest: &[&str]) -> bool {
 /// Decodes a raw request path, exactly once: decoding twice would let `%252e` become `.`.
 /// Borrowed when there is nothing to decode (every SDK's path).
 pub fn decode(raw_path: &str) -> Cow<'_, str> {
+    // Without a `%` there is nothing to decode, and a `&str` is UTF-8 already: the answer
+    // below would be `raw_path` itself, found by scanning it twice.
+    if !raw_path.contains('%') {
+        return Cow::Borrowed(raw_path);
+    }
     percent_decode_str(raw_path).decode_utf8_lossy()
 }
 
@@ -450,6 +455,29 @@ mod tests {
         ];
         for (allow, method, path, want) in cases {
             assert_eq!(&route(method, path, Some(allow)), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn a_path_without_escapes_is_decoded_as_the_decoder_would() {
+        for path in [
+            "/latest/meta-data/iam/security-credentials/app",
+            "/latest/meta-data/é/ü",
+            "/latest/api/token",
+            "/a%2e%2E/b",
+            "/%ff%fe/x",
+            "%",
+            "",
+        ] {
+            let decoded = decode(path);
+            assert_eq!(
+                decoded,
+                percent_decode_str(path).decode_utf8_lossy(),
+                "{path}"
+            );
+            if !path.contains('%') {
+                assert!(matches!(decoded, Cow::Borrowed(_)), "{path}");
+            }
         }
     }
 
