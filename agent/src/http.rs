@@ -391,6 +391,8 @@ impl MetadataService {
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         match route {
+            // An address the synced table does not know even after the wait gets a token
+            // only if the servers place a pod there on this node; bound to the address alone.
             Route::Token => {
                 let ttl = token_ttl(headers)?;
                 let uid = match self.resolve(peer, known).await {
@@ -472,7 +474,7 @@ impl MetadataService {
         match route {
             Route::Credentials(role) => {
                 let call = self.servers.credentials(peer, role, "", 0);
-                let creds = Box::pin(self.ask(peer, unlisted, call)).await?.credentials;
+                let creds = self.ask(peer, unlisted, call).await?.credentials;
                 let document = imds::credentials_document(
                     &creds.access_key_id,
                     &creds.secret_access_key,
