@@ -166,26 +166,24 @@ impl CredentialCache {
     /// The cached credentials for (uid, role ARN) if they have enough life left at `now`:
     /// what [`CredentialCache::get`] answers without waiting. Makes no slot on a miss.
     pub fn fresh(&self, uid: &str, role_arn: &str, now: i64) -> Option<Arc<Entry>> {
-        let slot = self
-            .slots
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(uid)
-            .and_then(|roles| roles.get(role_arn))
-            .cloned()?;
-        slot.fresh(now, self.min_remaining.as_secs() as i64)
+        self.existing_slot(uid, role_arn)?
+            .fresh(now, self.min_remaining.as_secs() as i64)
     }
 
-    /// The slot of (uid, role ARN), made empty if there is none: found under the read lock,
-    /// which is all a hit takes.
-    fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {
-        let existing = self
-            .slots
+    /// The slot of (uid, role ARN), if there is one: found under the read lock, which is all
+    /// a hit takes.
+    fn existing_slot(&self, uid: &str, role_arn: &str) -> Option<Arc<Slot>> {
+        self.slots
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(uid)
             .and_then(|roles| roles.get(role_arn))
-            .cloned();
+            .cloned()
+    }
+
+    /// The slot of (uid, role ARN), made empty if there is none.
+    fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {
+        let existing = self.existing_slot(uid, role_arn);
         existing.unwrap_or_else(|| {
             let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
             Arc::clone(
