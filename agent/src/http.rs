@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
 use podiam_runtime::telemetry::Escaped;
@@ -32,10 +32,31 @@ use crate::token::{TokenError, TokenKey, parse_ttl};
 use podiam_runtime::clock::now_unix;
 pub use podiam_runtime::serve::Limits;
 
+/// A response, or the future of one.
+pub enum Answer {
+    /// Made at once.
+    Now(Response<Full<Bytes>>),
+    /// Needs a wait (the table, a server or the node), within the request's deadline.
+    Later(futures::future::BoxFuture<'static, Response<Full<Bytes>>>),
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The response may carry credentials: only its status is shown.
+        match self {
+            Answer::Now(response) => write!(f, "Answer::Now({})", response.status()),
+            Answer::Later(_) => f.write_str("Answer::Later"),
+        }
+    }
+}
+
+// Header names as constants: a name given as text is parsed and checked at every lookup.
 /// The IMDSv2 token header.
-const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const TOKEN_HEADER: HeaderName = HeaderName::from_static("x-aws-ec2-metadata-token");
 /// The IMDSv2 token TTL header, echoed on the token response (the Rust SDK requires it).
-const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TTL_HEADER: HeaderName = HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds");
+/// Set by proxies: a token request that carries it was relayed, and gets no token.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Largest request body accepted: no metadata request carries one.
 const MAX_BODY_BYTES: u64 = 1024;
 
@@ -266,26 +287,51 @@ impl MetadataService {
         }
     }
 
-    /// Answers one request from the pod at `peer`.
+    /// Answers one request from the pod at `peer`: at once when it can, else in a future.
     ///
     /// Most answers need no wait: a token for a pod in the table, a cached credentials
-    /// document, the role of a pod in the table, a refusal. Those are made at once, with no
-    /// deadline timer; only an answer that waits (for the table, a server or the node) is
-    /// given one, in a future boxed here, so that the request future hyper keeps per
-    /// connection (and moves for every request) stays small.
-    pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Full<Bytes>> {
+    /// document, the role of a pod in the table, a refusal. Those are made here, before any
+    /// future exists, and with no deadline timer; only an answer that waits (for the table, a
+    /// server or the node) is a future, boxed, with the request's deadline. hyper keeps the
+    /// handler's future per connection and moves it for every request, so the common answer
+    /// costs it no more than the response itself.
+    pub fn answer<B>(self: &Arc<Self>, peer: IpAddr, request: Request<B>) -> Answer
+    where
+        B: Send + Sync + 'static,
+    {
         let allow = self.options.allow.as_ref().map(|(regex, _)| regex);
         let route = route(request.method(), request.uri().path(), allow);
         let started = std::time::Instant::now();
-        let result = match self.answer_now(peer, &route, request.headers()) {
-            Now::Done(result) => result,
-            Now::Wait { known, now } => {
-                let later = self.answer_later(peer, &route, request.headers(), known, now);
-                let later = Box::pin(tokio::time::timeout(self.options.request_timeout, later));
-                later.await.unwrap_or(Err(Refused::Deadline))
+        match self.answer_now(peer, &route, request.headers()) {
+            Now::Done(result) => {
+                Answer::Now(self.finish(peer, route.label(), started, &request, result))
             }
-        };
-        self.finish(peer, route.label(), started, &request, result)
+            Now::Wait { known, now } => {
+                let service = Arc::clone(self);
+                Answer::Later(Box::pin(async move {
+                    let later = service.answer_later(peer, &route, request.headers(), known, now);
+                    let result = tokio::time::timeout(service.options.request_timeout, later)
+                        .await
+                        .unwrap_or(Err(Refused::Deadline));
+                    service.finish(peer, route.label(), started, &request, result)
+                }))
+            }
+        }
+    }
+
+    /// [`MetadataService::answer`], awaited.
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        request: Request<B>,
+    ) -> Response<Full<Bytes>>
+    where
+        B: Send + Sync + 'static,
+    {
+        match self.answer(peer, request) {
+            Answer::Now(response) => response,
+            Answer::Later(later) => later.await,
+        }
     }
 
     /// The response for `result`, the answer to `request` from `peer` started at `started`:
@@ -634,7 +680,7 @@ enum Now {
 /// The TTL an IMDSv2 token request asks for, or why it gets no token: a request relayed
 /// through a proxy, or no valid TTL header.
 fn token_ttl(headers: &HeaderMap) -> Result<u64, Refused> {
-    if headers.contains_key("x-forwarded-for") {
+    if headers.contains_key(X_FORWARDED_FOR) {
         return Err(Refused::Forwarded);
     }
     parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok())).ok_or(Refused::BadTtl)
@@ -708,17 +754,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_request_future_stays_small() {
-        // hyper keeps one request future's worth of memory per open connection, sized by the
-        // future's type, and moves it for every request: whatever waits (server calls are
-        // several KiB each) stays boxed behind the answers made at once.
+    async fn answers_made_at_once_are_no_future() {
+        // hyper keeps the handler's future per open connection, sized by its type, and moves
+        // it for every request (issue 17): an answer made at once is the response alone, and
+        // whatever waits (server calls are several KiB each) is boxed.
         let (_dir, replicas) = crate::replicas::tests::set(Vec::new());
         let servers = Arc::new(Servers::new(
             Arc::new(replicas),
             "node".into(),
             Default::default(),
         ));
-        let service = MetadataService::new(
+        let service = Arc::new(MetadataService::new(
             servers,
             Arc::default(),
             Arc::new(CredentialCache::new(Duration::from_secs(1800))),
@@ -729,16 +775,31 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
             },
             Arc::new(Metrics::new()),
-        );
-        let request = Request::builder()
-            .uri("/latest/meta-data/iam/security-credentials/app")
+        ));
+        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
+        // No table yet: a token is bound to the address alone, at once …
+        let put = Request::put("/latest/api/token")
+            .header(TTL_HEADER, "60")
             .body(())
             .expect("request");
-        let future = service.handle("10.0.0.1".parse().expect("ip"), request);
-        // 704 bytes on x86-64 now, 1288 when the answers that need no wait were awaited in
-        // the same future as those that do (issue 17: hyper moves it for every request).
-        let size = std::mem::size_of_val(&future);
-        assert!(size <= 1024, "a request future takes {size} bytes");
+        let Answer::Now(response) = service.answer(peer, put) else {
+            panic!("a token needs no wait");
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        // … and so is a refusal.
+        let denied = Request::get("/latest/user-data").body(()).expect("request");
+        assert!(
+            matches!(service.answer(peer, denied), Answer::Now(r) if r.status() == StatusCode::NOT_FOUND)
+        );
+        // Credentials with no table wait for it, within the deadline.
+        let get = Request::get("/latest/meta-data/iam/security-credentials/app")
+            .body(())
+            .expect("request");
+        assert!(matches!(service.answer(peer, get), Answer::Later(_)));
+        // 144 bytes on x86-64 (the response); the request future was 704 before, and 1288
+        // when every request was awaited under a deadline timer.
+        let size = std::mem::size_of::<Answer>();
+        assert!(size <= 192, "an answer takes {size} bytes");
     }
 
     #[tokio::test]

@@ -255,21 +255,24 @@ impl Agent {
         let service = Arc::clone(&self.service);
         let keep_alive = self.keep_alive.clone();
         let handler = move |peer: std::net::SocketAddr, request| {
-            let service = Arc::clone(&service);
-            let keep_alive = keep_alive.clone();
-            async move {
-                let peer = peer.ip().to_canonical();
-                // The container endpoint's future is boxed: the metadata one, answered at
-                // once in most requests, sets the size of the future kept per connection.
-                let mut response = match endpoint {
-                    Endpoint::Metadata => service.handle(peer, request).await,
-                    Endpoint::Container => Box::pin(service.handle_container(peer, request)).await,
-                };
-                if let Some(value) = keep_alive {
-                    response.headers_mut().insert(KEEP_ALIVE, value);
+            use futures::FutureExt;
+            let peer = peer.ip().to_canonical();
+            let finish = with_keep_alive(keep_alive.clone());
+            // An answer made at once is no future at all (see `MetadataService::answer`);
+            // the container endpoint's always is one, boxed.
+            let later = match endpoint {
+                Endpoint::Metadata => match service.answer(peer, request) {
+                    http::Answer::Now(response) => {
+                        return futures::future::Either::Left(std::future::ready(finish(response)));
+                    }
+                    http::Answer::Later(later) => later,
+                },
+                Endpoint::Container => {
+                    let service = Arc::clone(&service);
+                    async move { service.handle_container(peer, request).await }.boxed()
                 }
-                response
-            }
+            };
+            futures::future::Either::Right(later.map(finish))
         };
         podiam_runtime::serve::serve_http_observed(
             listener,
@@ -341,6 +344,20 @@ enum Endpoint {
 /// The `Keep-Alive` response header.
 const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-alive");
 
+/// The response with `keep_alive` as its `Keep-Alive` header, if there is one.
+fn with_keep_alive(
+    keep_alive: Option<::http::HeaderValue>,
+) -> impl FnOnce(
+    ::http::Response<http_body_util::Full<bytes::Bytes>>,
+) -> ::http::Response<http_body_util::Full<bytes::Bytes>> {
+    move |mut response| {
+        if let Some(value) = keep_alive {
+            response.headers_mut().insert(KEEP_ALIVE, value);
+        }
+        response
+    }
+}
+
 /// `Keep-Alive: timeout=N` for an idle keep-alive connection closed after `idle`
 /// (`--idle-timeout`). Clients that honour it stop reusing a connection before the agent
 /// closes it, instead of racing the close: Node's HTTP agent retires an idle socket one second
@@ -348,10 +365,15 @@ const KEEP_ALIVE: ::http::HeaderName = ::http::HeaderName::from_static("keep-ali
 /// is longer than the SDKs' pools keep connections, see `podiam_runtime::serve::IDLE_TIMEOUT`;
 /// it was once the 5 s header timeout, Node's own, and a request sent at 5.0 s met a closing
 /// connection.) `None` under a second (nothing to announce).
+///
+/// The text is made static (a few bytes, once per agent): every response carries a copy of
+/// the value, and a copy of static bytes touches no reference count that the runtime's
+/// threads would share.
 fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
     let seconds = idle.as_secs();
     if seconds == 0 {
         return None;
     }
-    ::http::HeaderValue::from_str(&format!("timeout={seconds}")).ok()
+    let text: &'static str = Box::leak(format!("timeout={seconds}").into_boxed_str());
+    Some(::http::HeaderValue::from_static(text))
 }
