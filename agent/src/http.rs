@@ -307,6 +307,8 @@ impl MetadataService {
                 Answer::Now(self.finish(peer, route.label(), started, &request, result))
             }
             Now::Wait { known, now } => {
+                // The route may borrow the request's path; the future owns both.
+                let route = route.into_owned();
                 let service = Arc::clone(self);
                 Answer::Later(Box::pin(async move {
                     let later = service.answer_later(peer, &route, request.headers(), known, now);
@@ -389,7 +391,7 @@ impl MetadataService {
     /// The request's answer, if it needs no wait: what the pod table knows of `peer`, the
     /// IMDSv2 token checked against it (before anything waits or calls), then the route's
     /// answer when the table (and the cache) can give it.
-    fn answer_now(&self, peer: IpAddr, route: &Route, headers: &HeaderMap) -> Now {
+    fn answer_now(&self, peer: IpAddr, route: &Route<'_>, headers: &HeaderMap) -> Now {
         if let Err(refused) = refuse_bodies(headers) {
             return Now::Done(Err(refused));
         }
@@ -431,7 +433,7 @@ impl MetadataService {
     async fn answer_later(
         &self,
         peer: IpAddr,
-        route: &Route,
+        route: &Route<'_>,
         headers: &HeaderMap,
         known: Known,
         now: i64,
@@ -482,7 +484,7 @@ impl MetadataService {
     fn for_pod(
         &self,
         decision: &PodDecision,
-        route: &Route,
+        route: &Route<'_>,
         now: i64,
     ) -> Option<Result<Response<Full<Bytes>>, Refused>> {
         let own = match decision.role() {
@@ -495,7 +497,7 @@ impl MetadataService {
             Route::Credentials(role) if *role != own.name => {
                 Some(Err(Refused::ByAgent(AgentRefusal::WrongRole {
                     pod: decision.pod.clone(),
-                    asked: role.clone(),
+                    asked: role.to_string(),
                     actual: own.name.clone(),
                 })))
             }
@@ -513,7 +515,7 @@ impl MetadataService {
     async fn ask_for(
         &self,
         peer: IpAddr,
-        route: &Route,
+        route: &Route<'_>,
         unlisted: &Known,
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {

@@ -25,16 +25,17 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 use regex::Regex;
 
-/// A request the agent answers.
+/// A request the agent answers; a role name borrowed from the request's path when it needed
+/// no decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// `PUT /latest/api/token`: an IMDSv2 session token.
     Token,
     /// `GET …/meta-data/iam/security-credentials[/]`: the pod's role name.
     ListRoles,
     /// `GET …/meta-data/iam/security-credentials/<role>`: that role's credentials; `role` is
     /// a name IAM allows.
-    Credentials(String),
+    Credentials(Cow<'a, str>),
     /// `GET …/meta-data/iam/info`: the instance-profile view of the pod's role.
     Info,
     /// An allow-listed path, passed to the node's metadata service: the normalised path,
@@ -46,7 +47,20 @@ pub enum Route {
     MethodNotAllowed,
 }
 
-impl Route {
+impl Route<'_> {
+    /// The same route, owning what it names.
+    pub fn into_owned(self) -> Route<'static> {
+        match self {
+            Route::Credentials(role) => Route::Credentials(Cow::Owned(role.into_owned())),
+            Route::Token => Route::Token,
+            Route::ListRoles => Route::ListRoles,
+            Route::Info => Route::Info,
+            Route::Proxy(path) => Route::Proxy(path),
+            Route::Denied => Route::Denied,
+            Route::MethodNotAllowed => Route::MethodNotAllowed,
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -103,19 +117,74 @@ pub fn decode(raw_path: &str) -> Cow<'_, str> {
 
 /// A decoded path's segments, `.`, `..` and empty ones resolved; borrowed from `decoded`,
 /// so routing a request copies nothing.
-pub fn normalise(decoded: &str) -> Vec<&str> {
-    // SDKs' paths have at most five segments.
-    let mut segments: Vec<&str> = Vec::with_capacity(8);
+pub fn normalise(decoded: &str) -> Segments<'_> {
+    let mut segments = Segments::default();
     for segment in decoded.split(['/', '\\']) {
         match segment {
             "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
+            ".." => segments.pop(),
             other => segments.push(other),
         }
     }
     segments
+}
+
+/// Segments kept on the stack: SDKs' paths have at most five, metadata paths at most eight.
+const INLINE_SEGMENTS: usize = 16;
+
+/// A path's segments: on the stack, or on the heap once a path has more than
+/// [`INLINE_SEGMENTS`] at a time (it is judged the same, only allocated).
+#[derive(Debug)]
+pub struct Segments<'a> {
+    inline: [&'a str; INLINE_SEGMENTS],
+    len: usize,
+    /// Every segment, once there were too many for `inline`.
+    spilled: Option<Vec<&'a str>>,
+}
+
+impl Default for Segments<'_> {
+    fn default() -> Self {
+        Segments {
+            inline: [""; INLINE_SEGMENTS],
+            len: 0,
+            spilled: None,
+        }
+    }
+}
+
+impl<'a> Segments<'a> {
+    fn push(&mut self, segment: &'a str) {
+        if let Some(spilled) = &mut self.spilled {
+            spilled.push(segment);
+        } else if self.len < INLINE_SEGMENTS {
+            self.inline[self.len] = segment;
+            self.len += 1;
+        } else {
+            let mut spilled = Vec::with_capacity(2 * INLINE_SEGMENTS);
+            spilled.extend_from_slice(&self.inline);
+            spilled.push(segment);
+            self.spilled = Some(spilled);
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(spilled) = &mut self.spilled {
+            spilled.pop();
+        } else {
+            self.len = self.len.saturating_sub(1);
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for Segments<'a> {
+    type Target = [&'a str];
+
+    fn deref(&self) -> &[&'a str] {
+        match &self.spilled {
+            Some(spilled) => spilled,
+            None => &self.inline[..self.len],
+        }
+    }
 }
 
 /// Whether a first segment is an API version prefix SDKs use: `latest`, `1.0` or a date.
@@ -131,9 +200,16 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// Routes a request by method and raw path; `allow` is the compiled allow-list, if any.
-pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Route {
-    let decoded = decode(raw_path);
-    let parts = normalise(&decoded);
+pub fn route<'a>(method: &http::Method, raw_path: &'a str, allow: Option<&Regex>) -> Route<'a> {
+    match decode(raw_path) {
+        Cow::Borrowed(path) => route_decoded(method, path, allow),
+        Cow::Owned(path) => route_decoded(method, &path, allow).into_owned(),
+    }
+}
+
+/// [`route`], the path decoded.
+fn route_decoded<'a>(method: &http::Method, decoded: &'a str, allow: Option<&Regex>) -> Route<'a> {
+    let parts = normalise(decoded);
     let Some((version, rest)) = parts.split_first() else {
         return Route::Denied;
     };
@@ -147,7 +223,7 @@ pub fn route(method: &http::Method, raw_path: &str, allow: Option<&Regex>) -> Ro
             if !podiam_proto::valid_role_name(role) {
                 return Route::Denied;
             }
-            (Route::Credentials((*role).to_string()), false)
+            (Route::Credentials(Cow::Borrowed(*role)), false)
         }
         ["meta-data", "iam", "info"] => (Route::Info, false),
         _ => {
@@ -186,8 +262,8 @@ mod tests {
     use super::*;
     use http::Method;
 
-    fn creds(role: &str) -> Route {
-        Route::Credentials(role.to_string())
+    fn creds(role: &str) -> Route<'static> {
+        Route::Credentials(Cow::Owned(role.to_string()))
     }
 
     #[test]
@@ -456,6 +532,40 @@ mod tests {
         for (allow, method, path, want) in cases {
             assert_eq!(&route(method, path, Some(allow)), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn long_paths_are_resolved_as_short_ones_and_roles_borrowed_when_not_escaped() {
+        // More segments at a time than are kept on the stack: the same resolution.
+        let deep =
+            |n: usize, tail: &str| format!("/latest{}{}{tail}", "/x".repeat(n), "/..".repeat(n));
+        for n in [0, 1, 15, 16, 17, 40] {
+            let path = deep(n, "/meta-data/iam/info");
+            assert_eq!(route(&Method::GET, &path, None), Route::Info, "{path}");
+            let path = deep(n, "/meta-data/iam/security-credentials/app");
+            assert_eq!(route(&Method::GET, &path, None), creds("app"), "{path}");
+            // Popping past the root stays at the root.
+            let path = format!("{}/latest/meta-data/iam/info", "/..".repeat(n + 20));
+            assert_eq!(route(&Method::GET, &path, None), Route::Info, "{path}");
+        }
+        let long = "/s".repeat(40);
+        let segments = normalise(&long);
+        assert_eq!(segments.len(), 40);
+        assert!(segments.iter().all(|s| *s == "s"));
+        // Only a decoded path makes the role owned.
+        let plain = route(
+            &Method::GET,
+            "/latest/meta-data/iam/security-credentials/app",
+            None,
+        );
+        assert!(matches!(plain, Route::Credentials(Cow::Borrowed("app"))));
+        let escaped = route(
+            &Method::GET,
+            "/latest/meta-data/iam/security-credentials/%61pp",
+            None,
+        );
+        assert!(matches!(&escaped, Route::Credentials(Cow::Owned(role)) if role == "app"));
+        assert_eq!(plain, escaped.clone().into_owned());
     }
 
     #[test]
