@@ -66,6 +66,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{KeyInit, Mac};
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroize;
 
 /// The TTLs EC2 accepts for a token, in seconds.
 pub const TTL_RANGE: std::ops::RangeInclusive<u64> = 1..=21600;
@@ -156,7 +157,8 @@ impl Key {
         let mut block = [0u8; 64];
         block[..KEY_BYTES].copy_from_slice(&secret);
         let mac = HmacSha256::new(&block.into());
-        block.fill(0);
+        // Wiped with writes the compiler keeps (a plain fill of a dead array may go).
+        block.zeroize();
         Key { from, secret, mac }
     }
 
