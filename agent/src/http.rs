@@ -1,6 +1,6 @@
 //! The pod-facing HTTP server and the health server.
 //!
-//! [`MetadataService::handle`] answers one request given the TCP peer's IP — the only thing
+//! [`MetadataService::answer`] answers one request given the TCP peer's IP — the only thing
 //! that identifies a pod; no header is ever trusted for it. A request reads top to bottom:
 //! what the pod table knows of the peer, the IMDSv2 token checked against it, then the
 //! answer — at once from the table's decision and the cache (`MetadataService::answer_now`),
@@ -318,21 +318,6 @@ impl MetadataService {
                     service.finish(peer, route.label(), started, &request, result)
                 }))
             }
-        }
-    }
-
-    /// [`MetadataService::answer`], awaited.
-    pub async fn handle<B>(
-        self: &Arc<Self>,
-        peer: IpAddr,
-        request: Request<B>,
-    ) -> Response<Full<Bytes>>
-    where
-        B: Send + Sync + 'static,
-    {
-        match self.answer(peer, request) {
-            Answer::Now(response) => response,
-            Answer::Later(later) => later.await,
         }
     }
 
