@@ -36,11 +36,21 @@ const NEW_TOKENS_PER_SECOND: f64 = 2.0;
 const NEW_TOKENS_BURST: f64 = 8.0;
 /// Addresses remembered by [`NewTokens`]: more than a node has pods.
 const NEW_TOKENS_ADDRESSES: usize = 4096;
+/// Tokens remembered as accepted per address ([`NewTokens::accept`]): a pod has one per
+/// container that asks.
+const ACCEPTED_PER_ADDRESS: usize = 16;
 
-/// A token bucket per peer address for calls with tokens the agent has not seen proven.
+/// A token bucket per peer address for calls with tokens the agent has not seen proven, and
+/// the tokens the servers accepted from each address while the pod table could not name
+/// its pod (no table yet, or a stream that broke): those are not new any more. Without that
+/// memory, every request of a pod whose table is unsynced would count as a new token, and
+/// a pod with more than a few processes asking would be refused 429 (which the Rust SDK
+/// does not retry).
 #[derive(Debug, Default)]
 pub struct NewTokens {
     buckets: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
+    /// By address: digests of accepted tokens and when each expires (Unix seconds).
+    accepted: Mutex<HashMap<IpAddr, Vec<(TokenDigest, i64)>>>,
 }
 
 impl NewTokens {
@@ -63,6 +73,43 @@ impl NewTokens {
         }
         *tokens -= 1.0;
         true
+    }
+
+    /// Whether the servers accepted the token with `digest` from `peer` (and it has not
+    /// expired at `now`): a call with it needs no room in the bucket. The servers still
+    /// check it on every call (their reviews are cached, so it costs the API nothing).
+    pub fn accepted(&self, peer: IpAddr, digest: &TokenDigest, now: i64) -> bool {
+        let accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        accepted.get(&peer).is_some_and(|tokens| {
+            tokens
+                .iter()
+                .any(|(d, expires)| d == digest && *expires > now)
+        })
+    }
+
+    /// Remembers that the servers accepted the token with `digest`, which expires at
+    /// `expires`, from `peer`. Bounded: per address the soonest to expire gives way, and
+    /// with every address slot taken by tokens still valid, nothing is remembered (the
+    /// token stays limited as a new one, as before).
+    pub fn accept(&self, peer: IpAddr, digest: TokenDigest, expires: i64, now: i64) {
+        let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        if accepted.len() >= NEW_TOKENS_ADDRESSES && !accepted.contains_key(&peer) {
+            accepted.retain(|_, tokens| {
+                tokens.retain(|(_, until)| *until > now);
+                !tokens.is_empty()
+            });
+            if accepted.len() >= NEW_TOKENS_ADDRESSES {
+                return;
+            }
+        }
+        let tokens = accepted.entry(peer).or_default();
+        tokens.retain(|(d, until)| *until > now && *d != digest);
+        if tokens.len() >= ACCEPTED_PER_ADDRESS
+            && let Some(soonest) = (0..tokens.len()).min_by_key(|i| tokens[*i].1)
+        {
+            tokens.swap_remove(soonest);
+        }
+        tokens.push((digest, expires));
     }
 }
 
@@ -230,6 +277,57 @@ mod tests {
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(limiter.allow(a), "refilled at the rate");
         assert!(!limiter.allow(a));
+    }
+
+    #[test]
+    fn accepted_tokens_are_per_address_until_they_expire_and_bounded() {
+        let tokens = NewTokens::default();
+        let (a, b): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let digest = |n: u8| [n; 32];
+        assert!(!tokens.accepted(a, &digest(1), 100), "nothing accepted yet");
+        tokens.accept(a, digest(1), 200, 100);
+        assert!(tokens.accepted(a, &digest(1), 100));
+        assert!(
+            !tokens.accepted(b, &digest(1), 100),
+            "accepted from another address"
+        );
+        assert!(!tokens.accepted(a, &digest(2), 100), "another token");
+        assert!(!tokens.accepted(a, &digest(1), 200), "expired");
+
+        // Per address: the soonest to expire gives way to a new one.
+        for n in 0..ACCEPTED_PER_ADDRESS as u8 {
+            tokens.accept(b, digest(n), 1000 + i64::from(n), 100);
+        }
+        tokens.accept(b, digest(99), 5000, 100);
+        assert!(
+            !tokens.accepted(b, &digest(0), 100),
+            "the soonest to expire went"
+        );
+        assert!(tokens.accepted(b, &digest(1), 100));
+        assert!(tokens.accepted(b, &digest(99), 100));
+        // Accepting the same token again keeps one entry, with the later expiry.
+        tokens.accept(b, digest(99), 6000, 100);
+        assert!(tokens.accepted(b, &digest(99), 5500));
+
+        // Addresses: with every slot held by a valid token, a new address is not
+        // remembered (its token stays limited as a new one); expired ones make room.
+        let tokens = NewTokens::default();
+        let address = |n: usize| IpAddr::from([10, 1, (n >> 8) as u8, n as u8]);
+        for n in 0..NEW_TOKENS_ADDRESSES {
+            tokens.accept(address(n), digest(1), if n == 0 { 150 } else { 1000 }, 100);
+        }
+        let newcomer = address(NEW_TOKENS_ADDRESSES);
+        tokens.accept(newcomer, digest(1), 1000, 100);
+        assert!(!tokens.accepted(newcomer, &digest(1), 100), "no room");
+        tokens.accept(newcomer, digest(1), 1000, 160);
+        assert!(
+            tokens.accepted(newcomer, &digest(1), 160),
+            "the expired one made room"
+        );
+        assert!(tokens.accepted(address(1), &digest(1), 160));
     }
 
     fn jwt(claims: &str) -> String {

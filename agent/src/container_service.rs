@@ -65,11 +65,16 @@ impl MetadataService {
             Known::Pod(decision) => self.proven_credentials(peer, &decision, &token, now).await,
             unlisted => {
                 // No pod in the table: the servers' answer, once, for the pod they see here.
-                if !self.new_tokens.allow(peer) {
+                // A token they accepted from this address before is not new.
+                if !self.new_tokens.accepted(peer, &token.digest, now)
+                    && !self.new_tokens.allow(peer)
+                {
                     return Err(Refused::TooManyNewTokens);
                 }
                 let call = self.servers.credentials(peer, "", &token.text, 0);
                 let issued = Box::pin(self.ask(peer, &unlisted, call)).await?;
+                self.new_tokens
+                    .accept(peer, token.digest, token.expires, now);
                 Ok(credentials_json(&issued.credentials).into())
             }
         }

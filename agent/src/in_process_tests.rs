@@ -38,6 +38,7 @@ use crate::config::{Cli, Command};
 use crate::{Agent, Listeners};
 
 const AGENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 254);
+const CONTAINER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 253);
 const AGENT_HEALTH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 8182);
 const REPLICAS: [SocketAddr; 2] = [
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8443),
@@ -94,6 +95,12 @@ struct Replica {
     push: Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>,
     /// Its name in the replica set, given in Health answers.
     name: Mutex<String>,
+    /// Node streams are refused (unavailable) while this is set: the agent's table stays
+    /// unsynced and every request is a server call.
+    streams_refused: AtomicBool,
+    /// The pod tokens it accepts (for the pod at the request's address, whichever it is);
+    /// any other is refused as the API server would.
+    pod_tokens: Mutex<Vec<String>>,
 }
 
 impl Replica {
@@ -157,7 +164,13 @@ impl Podiam for Fake {
         self.0.credentials_calls.fetch_add(1, Ordering::SeqCst);
         let delay = *self.0.credentials_delay.lock().expect("not poisoned");
         tokio::time::sleep(delay).await;
-        let ip = request.into_inner().ip;
+        let request = request.into_inner();
+        let accepted = self.0.pod_tokens.lock().expect("not poisoned");
+        if !request.pod_token.is_empty() && !accepted.contains(&request.pod_token) {
+            return Err(Reason::PodTokenRefused.status("the token is not accepted"));
+        }
+        drop(accepted);
+        let ip = request.ip;
         let state = self
             .0
             .pod_at(&ip)
@@ -192,6 +205,9 @@ impl Podiam for Fake {
     /// A snapshot of the pods, then what the test pushes, and a heartbeat every second
     /// while heartbeats are on; it never ends by itself.
     async fn watch_node(&self, _: Request<WatchNodeRequest>) -> Result<Response<Events>, Status> {
+        if self.0.streams_refused.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("node streams refused by the test"));
+        }
         self.0
             .streams
             .lock()
@@ -345,7 +361,7 @@ impl Rig {
             .expect("built");
         let listeners = Listeners {
             pods: network.listen(AGENT),
-            container: None,
+            container: Some(network.listen(CONTAINER)),
             pods6: None,
             container6: None,
             health: network.listen(AGENT_HEALTH),
@@ -378,15 +394,29 @@ impl Rig {
 
     /// One GET from `from` on a new connection to `to`: status and body.
     async fn get_from(&self, from: Ipv4Addr, to: SocketAddr, path: &str) -> (u16, String) {
+        self.get_with(from, to, path, None).await
+    }
+
+    /// One GET from `from` on a new connection to `to`, with `authorization` as its
+    /// `Authorization` header if given: status and body.
+    async fn get_with(
+        &self,
+        from: Ipv4Addr,
+        to: SocketAddr,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> (u16, String) {
         let stream = self.network.connect(from.into(), to).expect("connects");
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .expect("handshake");
-        let request = ::http::Request::get(path)
-            .header(::http::header::HOST, "169.254.169.254")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
+        let mut request =
+            ::http::Request::get(path).header(::http::header::HOST, "169.254.169.254");
+        if let Some(token) = authorization {
+            request = request.header(::http::header::AUTHORIZATION, token);
+        }
+        let request = request.body(Empty::<Bytes>::new()).expect("request");
         let exchange = async move {
             let response = sender.send_request(request).await.expect("answered");
             let status = response.status().as_u16();
@@ -683,5 +713,79 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
         .collect();
     assert_eq!(calls, [1, 1]);
     assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 0);
+    rig.stop().await;
+}
+
+/// A JWT's shape with `claims` as its payload (the agent reads `exp` and `nbf` only; the
+/// servers, here the fake, judge the rest).
+fn jwt(claims: &serde_json::Value) -> String {
+    use base64::Engine;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    format!(
+        "{}.{}.{}",
+        encode(br#"{"alg":"RS256"}"#),
+        encode(claims.to_string().as_bytes()),
+        encode(b"signature")
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
+    // No node stream: the table stays unsynced, so every container-credentials request is
+    // a server call that checks the token. Calls with tokens the servers have not accepted
+    // yet are limited per address (8 at once, then 2 a second: each may cost a
+    // TokenReview); a token they accepted is not new any more, however many processes of
+    // the pod present it (the Rust SDK does not retry a 429).
+    let rig = {
+        let rig = Rig::start(&[]).await;
+        for replica in &rig.replicas {
+            replica.streams_refused.store(true, Ordering::SeqCst);
+        }
+        rig
+    };
+    for replica in &rig.replicas {
+        replica.add_pod(pod("web", WEB));
+    }
+    let exp = podiam_runtime::clock::now_unix() + 3600;
+    let token = jwt(&serde_json::json!({"exp": exp, "sub": "web"}));
+    for replica in &rig.replicas {
+        replica
+            .pod_tokens
+            .lock()
+            .expect("not poisoned")
+            .push(token.clone());
+    }
+    let path = "/v1/credentials";
+    let calls = rig.credentials_calls();
+    for n in 0..30 {
+        let (status, body) = rig.get_with(WEB, CONTAINER, path, Some(&token)).await;
+        assert_eq!(status, 200, "request {n}: {body}");
+        assert!(
+            body.contains("\"AccessKeyId\":\"ASIATEST\""),
+            "request {n}: {body}"
+        );
+    }
+    // Each was asked of the servers: the table cannot say, and nothing is answered from a
+    // cache it cannot vouch for.
+    assert!(rig.credentials_calls() - calls >= 30);
+
+    // Made-up tokens from the same address are still new: what is left of the burst of 8
+    // (the pod's own token took one, before the servers had accepted it), then 429.
+    let mut statuses = Vec::new();
+    let began = Instant::now();
+    for n in 0..20 {
+        let forged = jwt(&serde_json::json!({"exp": exp, "jti": format!("forged-{n}")}));
+        statuses.push(rig.get_with(WEB, CONTAINER, path, Some(&forged)).await.0);
+    }
+    let refused = statuses.iter().filter(|s| **s == 400).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(refused + limited, 20, "{statuses:?}");
+    // That, and what refilled in the (paused) time the flood took.
+    let allowed = 7 + (2.0 * began.elapsed().as_secs_f64()).floor() as usize;
+    assert!(refused >= 7 && refused <= allowed, "{statuses:?}");
+    assert!(limited > 0, "{statuses:?}");
+    // The accepted token is not held back by them.
+    let (status, body) = rig.get_with(WEB, CONTAINER, path, Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
     rig.stop().await;
 }
