@@ -301,6 +301,12 @@ struct Rig {
 impl Rig {
     /// Both replicas knowing `pods`, with heartbeats on, and the agent serving.
     async fn start(pods: &[PodState]) -> Rig {
+        Rig::start_with(pods, false).await
+    }
+
+    /// [`Rig::start`], with every node stream refused from the start when `streams_refused`
+    /// (the agent's table then never syncs).
+    async fn start_with(pods: &[PodState], streams_refused: bool) -> Rig {
         podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
@@ -327,6 +333,9 @@ impl Rig {
                 replica.add_pod(state.clone());
             }
             replica.heartbeats.store(true, Ordering::SeqCst);
+            replica
+                .streams_refused
+                .store(streams_refused, Ordering::SeqCst);
             let incoming = podiam_runtime::accept::accept_tls(
                 network.listen(addr),
                 Arc::clone(&server_tls),
@@ -736,16 +745,7 @@ async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
     // yet are limited per address (8 at once, then 2 a second: each may cost a
     // TokenReview); a token they accepted is not new any more, however many processes of
     // the pod present it (the Rust SDK does not retry a 429).
-    let rig = {
-        let rig = Rig::start(&[]).await;
-        for replica in &rig.replicas {
-            replica.streams_refused.store(true, Ordering::SeqCst);
-        }
-        rig
-    };
-    for replica in &rig.replicas {
-        replica.add_pod(pod("web", WEB));
-    }
+    let rig = Rig::start_with(&[pod("web", WEB)], true).await;
     let exp = podiam_runtime::clock::now_unix() + 3600;
     let token = jwt(&serde_json::json!({"exp": exp, "sub": "web"}));
     for replica in &rig.replicas {
