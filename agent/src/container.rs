@@ -28,34 +28,96 @@ use podiam_proto::v1::Credentials;
 
 use crate::imds::utc_timestamp;
 
-/// Server calls with tokens not yet proven, per second, that one address may make: each
-/// costs the servers a TokenReview at the API server. A pod has one token per container,
-/// renewed about hourly by the kubelet; a flood of made-up tokens is what this stops.
+/// New tokens one address may present to the servers, per second: each costs the servers a
+/// TokenReview at the API server (one per token: concurrent reviews of a token share one
+/// request, and the answer is cached). A pod has one token per container, renewed about
+/// hourly by the kubelet; a flood of made-up tokens is what this stops.
 const NEW_TOKENS_PER_SECOND: f64 = 2.0;
-/// How many such calls one address may make at once.
+/// How many new tokens one address may present at once.
 const NEW_TOKENS_BURST: f64 = 8.0;
 /// Addresses remembered by [`NewTokens`]: more than a node has pods.
 const NEW_TOKENS_ADDRESSES: usize = 4096;
-/// Tokens remembered as accepted per address ([`NewTokens::accept`]): a pod has one per
-/// container that asks.
-const ACCEPTED_PER_ADDRESS: usize = 16;
+/// Tokens remembered per address ([`NewTokens::admit`]): a pod has one per container that
+/// asks.
+const TOKENS_PER_ADDRESS: usize = 16;
 
-/// A token bucket per peer address for calls with tokens the agent has not seen proven, and
-/// the tokens the servers accepted from each address while the pod table could not name
-/// its pod (no table yet, or a stream that broke): those are not new any more. Without that
-/// memory, every request of a pod whose table is unsynced would count as a new token, and
-/// a pod with more than a few processes asking would be refused 429 (which the Rust SDK
-/// does not retry).
+/// The limit on new tokens: a token bucket per peer address, charged once per token the
+/// address presents, not once per call. A token the address presented before (and the
+/// servers did not refuse) is not new: however many of the pod's processes present it at
+/// once, at its start or while the agent's pod table is not synced (every call then goes to
+/// the servers), none is refused 429 for it — which the Rust SDK does not retry.
 #[derive(Debug, Default)]
 pub struct NewTokens {
     buckets: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
-    /// By address: digests of accepted tokens and when each expires (Unix seconds).
-    accepted: Mutex<HashMap<IpAddr, Vec<(TokenDigest, i64)>>>,
+    admitted: Mutex<Admitted>,
+}
+
+/// By address: digests of the tokens admitted, and when each expires (Unix seconds).
+type Admitted = HashMap<IpAddr, Vec<(TokenDigest, i64)>>;
+
+/// Whether `peer`'s token `digest` is admitted and unexpired at `now`.
+fn holds(admitted: &Admitted, peer: IpAddr, digest: &TokenDigest, now: i64) -> bool {
+    admitted
+        .get(&peer)
+        .is_some_and(|tokens| tokens.iter().any(|(d, until)| d == digest && *until > now))
+}
+
+/// Remembers `peer`'s token `digest`, expiring at `expires`: per address the soonest to
+/// expire gives way; with every address slot held by unexpired tokens, nothing is.
+fn remember(admitted: &mut Admitted, peer: IpAddr, digest: TokenDigest, expires: i64, now: i64) {
+    if admitted.len() >= NEW_TOKENS_ADDRESSES && !admitted.contains_key(&peer) {
+        admitted.retain(|_, tokens| {
+            tokens.retain(|(_, until)| *until > now);
+            !tokens.is_empty()
+        });
+        if admitted.len() >= NEW_TOKENS_ADDRESSES {
+            return;
+        }
+    }
+    let tokens = admitted.entry(peer).or_default();
+    tokens.retain(|(d, until)| *until > now && *d != digest);
+    if tokens.len() >= TOKENS_PER_ADDRESS
+        && let Some(soonest) = (0..tokens.len()).min_by_key(|i| tokens[*i].1)
+    {
+        tokens.swap_remove(soonest);
+    }
+    tokens.push((digest, expires));
 }
 
 impl NewTokens {
-    /// Takes one call from `peer`'s bucket; false when it is empty.
-    pub fn allow(&self, peer: IpAddr) -> bool {
+    /// Whether a call from `peer` with the token `digest` (expiring at `expires`) may go to
+    /// the servers at `now`: at once if the address presented that token before; else if
+    /// its bucket has room, which the token takes, and it is remembered. Bounded: per
+    /// address the soonest to expire gives way, and with every address slot held by tokens
+    /// still valid, a new address's token is admitted but not remembered (its next call is
+    /// charged again).
+    pub fn admit(&self, peer: IpAddr, digest: &TokenDigest, expires: i64, now: i64) -> bool {
+        // One lock across the look, the charge and the remembering: calls racing with one
+        // new token charge the bucket once.
+        let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        if holds(&admitted, peer, digest, now) {
+            return true;
+        }
+        if !self.allow(peer) {
+            return false;
+        }
+        remember(&mut admitted, peer, *digest, expires, now);
+        true
+    }
+
+    /// The servers refused the token `digest` from `peer`: a call with it is new again.
+    pub fn forget(&self, peer: IpAddr, digest: &TokenDigest) {
+        let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tokens) = admitted.get_mut(&peer) {
+            tokens.retain(|(d, _)| d != digest);
+            if tokens.is_empty() {
+                admitted.remove(&peer);
+            }
+        }
+    }
+
+    /// Takes one from `peer`'s bucket; false when it is empty.
+    fn allow(&self, peer: IpAddr) -> bool {
         let now = tokio::time::Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= NEW_TOKENS_ADDRESSES && !buckets.contains_key(&peer) {
@@ -73,43 +135,6 @@ impl NewTokens {
         }
         *tokens -= 1.0;
         true
-    }
-
-    /// Whether the servers accepted the token with `digest` from `peer` (and it has not
-    /// expired at `now`): a call with it needs no room in the bucket. The servers still
-    /// check it on every call (their reviews are cached, so it costs the API nothing).
-    pub fn accepted(&self, peer: IpAddr, digest: &TokenDigest, now: i64) -> bool {
-        let accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
-        accepted.get(&peer).is_some_and(|tokens| {
-            tokens
-                .iter()
-                .any(|(d, expires)| d == digest && *expires > now)
-        })
-    }
-
-    /// Remembers that the servers accepted the token with `digest`, which expires at
-    /// `expires`, from `peer`. Bounded: per address the soonest to expire gives way, and
-    /// with every address slot taken by tokens still valid, nothing is remembered (the
-    /// token stays limited as a new one, as before).
-    pub fn accept(&self, peer: IpAddr, digest: TokenDigest, expires: i64, now: i64) {
-        let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
-        if accepted.len() >= NEW_TOKENS_ADDRESSES && !accepted.contains_key(&peer) {
-            accepted.retain(|_, tokens| {
-                tokens.retain(|(_, until)| *until > now);
-                !tokens.is_empty()
-            });
-            if accepted.len() >= NEW_TOKENS_ADDRESSES {
-                return;
-            }
-        }
-        let tokens = accepted.entry(peer).or_default();
-        tokens.retain(|(d, until)| *until > now && *d != digest);
-        if tokens.len() >= ACCEPTED_PER_ADDRESS
-            && let Some(soonest) = (0..tokens.len()).min_by_key(|i| tokens[*i].1)
-        {
-            tokens.swap_remove(soonest);
-        }
-        tokens.push((digest, expires));
     }
 }
 
@@ -279,55 +304,76 @@ mod tests {
         assert!(!limiter.allow(a));
     }
 
-    #[test]
-    fn accepted_tokens_are_per_address_until_they_expire_and_bounded() {
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_charged_once_per_address_until_it_expires_or_is_refused() {
         let tokens = NewTokens::default();
         let (a, b): (IpAddr, IpAddr) = (
             "10.0.0.1".parse().expect("ip"),
             "10.0.0.2".parse().expect("ip"),
         );
         let digest = |n: u8| [n; 32];
-        assert!(!tokens.accepted(a, &digest(1), 100), "nothing accepted yet");
-        tokens.accept(a, digest(1), 200, 100);
-        assert!(tokens.accepted(a, &digest(1), 100));
-        assert!(
-            !tokens.accepted(b, &digest(1), 100),
-            "accepted from another address"
-        );
-        assert!(!tokens.accepted(a, &digest(2), 100), "another token");
-        assert!(!tokens.accepted(a, &digest(1), 200), "expired");
-
-        // Per address: the soonest to expire gives way to a new one.
-        for n in 0..ACCEPTED_PER_ADDRESS as u8 {
-            tokens.accept(b, digest(n), 1000 + i64::from(n), 100);
+        // The first call with a token takes one from the burst; the next ones take none.
+        for _ in 0..20 {
+            assert!(tokens.admit(a, &digest(1), 200, 100));
         }
-        tokens.accept(b, digest(99), 5000, 100);
+        let left = (0..20).take_while(|_| tokens.allow(a)).count();
+        assert_eq!(left as f64, NEW_TOKENS_BURST - 1.0, "one charged");
+        // With the bucket empty: the admitted token still goes, a new one does not, and
+        // the same token from another address is new there.
+        assert!(tokens.admit(a, &digest(1), 200, 100));
+        assert!(!tokens.admit(a, &digest(2), 200, 100));
+        assert!(tokens.admit(b, &digest(1), 200, 100), "b's own bucket");
+        assert!(!tokens.admit(a, &digest(1), 200, 200), "expired: new again");
+        // b's first call with it took one; refused by the servers, it is charged at every
+        // call: the 7 left, then no more.
+        tokens.forget(b, &digest(1));
+        let calls = (0..20)
+            .take_while(|_| {
+                let admitted = tokens.admit(b, &digest(1), 200, 100);
+                tokens.forget(b, &digest(1));
+                admitted
+            })
+            .count();
+        assert_eq!(calls as f64, NEW_TOKENS_BURST - 1.0);
+    }
+
+    #[test]
+    fn the_tokens_remembered_are_bounded() {
+        let mut admitted = Admitted::default();
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let digest = |n: u8| [n; 32];
+        // Per address: the soonest to expire gives way to a new one; the same token again
+        // is one entry, with its new expiry.
+        for n in 0..TOKENS_PER_ADDRESS as u8 {
+            remember(&mut admitted, a, digest(n), 1000 + i64::from(n), 100);
+        }
+        remember(&mut admitted, a, digest(99), 5000, 100);
         assert!(
-            !tokens.accepted(b, &digest(0), 100),
+            !holds(&admitted, a, &digest(0), 100),
             "the soonest to expire went"
         );
-        assert!(tokens.accepted(b, &digest(1), 100));
-        assert!(tokens.accepted(b, &digest(99), 100));
-        // Accepting the same token again keeps one entry, with the later expiry.
-        tokens.accept(b, digest(99), 6000, 100);
-        assert!(tokens.accepted(b, &digest(99), 5500));
+        assert!(holds(&admitted, a, &digest(1), 100));
+        remember(&mut admitted, a, digest(99), 6000, 100);
+        assert_eq!(admitted[&a].len(), TOKENS_PER_ADDRESS);
+        assert!(holds(&admitted, a, &digest(99), 5500));
 
-        // Addresses: with every slot held by a valid token, a new address is not
-        // remembered (its token stays limited as a new one); expired ones make room.
-        let tokens = NewTokens::default();
+        // Addresses: with every slot held by an unexpired token, a new address's is not
+        // remembered; expired ones make room.
+        let mut admitted = Admitted::default();
         let address = |n: usize| IpAddr::from([10, 1, (n >> 8) as u8, n as u8]);
         for n in 0..NEW_TOKENS_ADDRESSES {
-            tokens.accept(address(n), digest(1), if n == 0 { 150 } else { 1000 }, 100);
+            let until = if n == 0 { 150 } else { 1000 };
+            remember(&mut admitted, address(n), digest(1), until, 100);
         }
         let newcomer = address(NEW_TOKENS_ADDRESSES);
-        tokens.accept(newcomer, digest(1), 1000, 100);
-        assert!(!tokens.accepted(newcomer, &digest(1), 100), "no room");
-        tokens.accept(newcomer, digest(1), 1000, 160);
+        remember(&mut admitted, newcomer, digest(1), 1000, 100);
+        assert!(!holds(&admitted, newcomer, &digest(1), 100), "no room");
+        remember(&mut admitted, newcomer, digest(1), 1000, 160);
         assert!(
-            tokens.accepted(newcomer, &digest(1), 160),
+            holds(&admitted, newcomer, &digest(1), 160),
             "the expired one made room"
         );
-        assert!(tokens.accepted(address(1), &digest(1), 160));
+        assert!(holds(&admitted, address(1), &digest(1), 160));
     }
 
     fn jwt(claims: &str) -> String {

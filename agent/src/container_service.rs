@@ -15,6 +15,7 @@ use crate::container::{PATH, PodToken, credentials_json};
 use crate::decision::PodDecision;
 use crate::http::{AgentRefusal, MetadataService, Refused};
 use crate::pods::Known;
+use podiam_proto::Reason;
 
 /// What the endpoint does with a request's method and path.
 fn allowed(method: &Method, path: &str) -> Result<(), Refused> {
@@ -65,16 +66,13 @@ impl MetadataService {
             Known::Pod(decision) => self.proven_credentials(peer, &decision, &token, now).await,
             unlisted => {
                 // No pod in the table: the servers' answer, once, for the pod they see here.
-                // A token they accepted from this address before is not new.
-                if !self.new_tokens.accepted(peer, &token.digest, now)
-                    && !self.new_tokens.allow(peer)
-                {
-                    return Err(Refused::TooManyNewTokens);
-                }
+                self.admit(peer, &token, now)?;
                 let call = self.servers.credentials(peer, "", &token.text, 0);
-                let issued = Box::pin(self.ask(peer, &unlisted, call)).await?;
-                self.new_tokens
-                    .accept(peer, token.digest, token.expires, now);
+                let issued = self.judged(
+                    peer,
+                    &token,
+                    Box::pin(self.ask(peer, &unlisted, call)).await,
+                )?;
                 Ok(credentials_json(&issued.credentials).into())
             }
         }
@@ -118,14 +116,41 @@ impl MetadataService {
         }
         // A token not proven yet for this pod: the servers check it on every such call,
         // whatever the cache holds.
-        if !self.new_tokens.allow(peer) {
-            return Err(Refused::TooManyNewTokens);
-        }
-        let credentials = fetch().await?;
+        self.admit(peer, token, now)?;
+        let credentials = self.judged(peer, token, fetch().await)?;
         self.cache.prove(&pod.uid, token.digest, token.expires, now);
         self.metrics.cache_misses.inc();
         let entry = self.cache.put(&pod.uid, &own.arn, credentials).await;
         Ok(entry.container_document.clone())
+    }
+
+    /// A call to the servers with `token`, not proven for its pod, from `peer` at `now`:
+    /// refused when the address presents too many new tokens.
+    fn admit(&self, peer: IpAddr, token: &PodToken, now: i64) -> Result<(), Refused> {
+        if self
+            .new_tokens
+            .admit(peer, &token.digest, token.expires, now)
+        {
+            Ok(())
+        } else {
+            Err(Refused::TooManyNewTokens)
+        }
+    }
+
+    /// `result`, the servers' answer to a call with `token` from `peer`; a token they
+    /// refused is new again (its next call is charged to the address).
+    fn judged<T>(
+        &self,
+        peer: IpAddr,
+        token: &PodToken,
+        result: Result<T, Refused>,
+    ) -> Result<T, Refused> {
+        if let Err(Refused::ByServers(refusal)) = &result
+            && refusal.reason == Reason::PodTokenRefused
+        {
+            self.new_tokens.forget(peer, &token.digest);
+        }
+        result
     }
 }
 
