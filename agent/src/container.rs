@@ -285,7 +285,7 @@ fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -376,7 +376,9 @@ mod tests {
         assert!(holds(&admitted, address(1), &digest(1), 160));
     }
 
-    fn jwt(claims: &str) -> String {
+    /// A JWT's shape with `claims` (JSON) as its payload: the agent reads `exp` and `nbf`
+    /// only; the API server (or a test's fake servers) judges the rest.
+    pub(crate) fn jwt(claims: &str) -> String {
         format!(
             "eyJhbGciOiJSUzI1NiJ9.{}.c2lnbmF0dXJl",
             URL_SAFE_NO_PAD.encode(claims)

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::config::{Cli, Command};
+use crate::container::PATH;
 use crate::{Agent, Listeners};
 
 const AGENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 0, 1)), 254);
@@ -165,11 +166,12 @@ impl Podiam for Fake {
         let delay = *self.0.credentials_delay.lock().expect("not poisoned");
         tokio::time::sleep(delay).await;
         let request = request.into_inner();
-        let accepted = self.0.pod_tokens.lock().expect("not poisoned");
-        if !request.pod_token.is_empty() && !accepted.contains(&request.pod_token) {
+        let tokens = self.0.pod_tokens.lock().expect("not poisoned");
+        let refused = !request.pod_token.is_empty() && !tokens.contains(&request.pod_token);
+        drop(tokens);
+        if refused {
             return Err(Reason::PodTokenRefused.status("the token is not accepted"));
         }
-        drop(accepted);
         let ip = request.ip;
         let state = self
             .0
@@ -725,23 +727,15 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
     rig.stop().await;
 }
 
-/// A JWT's shape with `claims` as its payload (the agent reads `exp` and `nbf` only; the
-/// servers, here the fake, judge the rest).
+/// A JWT's shape with `claims` as its payload.
 fn jwt(claims: &serde_json::Value) -> String {
-    use base64::Engine;
-    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    format!(
-        "{}.{}.{}",
-        encode(br#"{"alg":"RS256"}"#),
-        encode(claims.to_string().as_bytes()),
-        encode(b"signature")
-    )
+    crate::container::tests::jwt(&claims.to_string())
 }
 
 /// `n` GETs of the container endpoint from `from` at once, each on its own connection, with
 /// `token`: their statuses and bodies.
 async fn container_gets(rig: &Rig, from: Ipv4Addr, token: &str, n: usize) -> Vec<(u16, String)> {
-    let gets = (0..n).map(|_| rig.get_with(from, CONTAINER, "/v1/credentials", Some(token)));
+    let gets = (0..n).map(|_| rig.get_with(from, CONTAINER, PATH, Some(token)));
     futures::future::join_all(gets).await
 }
 
@@ -767,8 +761,7 @@ async fn made_up_tokens(rig: &Rig, from: Ipv4Addr, n: usize) -> (usize, usize, D
     let mut statuses = Vec::new();
     for i in 0..n {
         let forged = jwt(&serde_json::json!({"exp": exp, "jti": format!("forged-{i}")}));
-        let path = "/v1/credentials";
-        statuses.push(rig.get_with(from, CONTAINER, path, Some(&forged)).await.0);
+        statuses.push(rig.get_with(from, CONTAINER, PATH, Some(&forged)).await.0);
     }
     let refused = statuses.iter().filter(|s| **s == 400).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
@@ -812,9 +805,7 @@ async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
         assert_eq!(status, 200, "at once: {body}");
     }
     for n in 0..30 {
-        let (status, body) = rig
-            .get_with(WEB, CONTAINER, "/v1/credentials", Some(&token))
-            .await;
+        let (status, body) = rig.get_with(WEB, CONTAINER, PATH, Some(&token)).await;
         assert_eq!(status, 200, "request {n}: {body}");
         assert!(
             body.contains("\"AccessKeyId\":\"ASIATEST\""),
@@ -835,9 +826,7 @@ async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
         "{counts}"
     );
     // The pod's own token is not held back by them.
-    let (status, body) = rig
-        .get_with(WEB, CONTAINER, "/v1/credentials", Some(&token))
-        .await;
+    let (status, body) = rig.get_with(WEB, CONTAINER, PATH, Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     rig.stop().await;
 }
