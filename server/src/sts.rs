@@ -168,7 +168,6 @@ impl SdkAssumeRole {
     }
 }
 
-/// Error codes that mean "retrying will not help".
 /// What an error code STS answered with means for the caller.
 fn classify(code: String, message: String) -> StsError {
     if REFUSAL_CODES.contains(&code.as_str()) {
@@ -188,17 +187,20 @@ const THROTTLING_CODES: &[&str] = &[
     "TooManyRequestsException",
 ];
 
+/// Error codes about the role asked for or the request for it: the role's answer, which
+/// retrying will not change. Codes about the server's own credentials (`InvalidClientTokenId`,
+/// `SignatureDoesNotMatch` — also a clock off by minutes —, `ExpiredToken`) are not among them:
+/// they say nothing of the role, and the server's credentials may come right (a new instance
+/// profile session, the clock corrected), so they count as STS being unusable, and the
+/// credentials a key holds are served on while they last.
 const REFUSAL_CODES: &[&str] = &[
     "AccessDenied",
     "AccessDeniedException",
     "MalformedPolicyDocument",
     "PackedPolicyTooLarge",
     "RegionDisabledException",
-    "ExpiredTokenException",
     "ValidationError",
     "InvalidParameterValue",
-    "InvalidClientTokenId",
-    "SignatureDoesNotMatch",
 ];
 
 impl AssumeRole for SdkAssumeRole {
@@ -1084,9 +1086,16 @@ mod tests {
         for code in ["Throttling", "ThrottlingException", "RequestLimitExceeded"] {
             assert_eq!(of(code), StsError::Throttled(format!("{code}: m")));
         }
-        assert_eq!(
-            of("InternalFailure"),
-            StsError::Unavailable("InternalFailure: m".to_string())
-        );
+        // The server's own credentials (or its clock), not the role: not a refusal of the
+        // role, so what a key holds is served on.
+        for code in [
+            "InternalFailure",
+            "InvalidClientTokenId",
+            "SignatureDoesNotMatch",
+            "ExpiredToken",
+            "ExpiredTokenException",
+        ] {
+            assert_eq!(of(code), StsError::Unavailable(format!("{code}: m")));
+        }
     }
 }
