@@ -267,6 +267,21 @@ impl View<'_> {
         let (annotation, source) = self
             .role_annotation(&pod)
             .ok_or_else(|| Refusal::NoRole(pod_name(&pod)))?;
+        // A node's kubelet may create a static pod's mirror in any namespace, with any
+        // annotations and IP: a role for mirrors would let one node's credentials open every
+        // namespace's roles.
+        if pod.mirror {
+            return Err(Refusal::NotPermitted {
+                role: annotation.to_string(),
+                namespace: pod.namespace.clone(),
+                why: format!(
+                    "pod {} is a static pod (its {} annotation): a node can create those in any \
+                     namespace, so they are given no role",
+                    pod.name,
+                    crate::index::MIRROR_ANNOTATION
+                ),
+            });
+        }
         let role = policy::resolve_role(annotation, self.base_arn).map_err(|error| {
             Refusal::InvalidRole {
                 pod: pod_name(&pod),
@@ -664,6 +679,7 @@ mod tests {
             session_name: None,
             deleting: false,
             container_endpoint: false,
+            mirror: false,
         }
     }
 
@@ -691,6 +707,7 @@ mod tests {
             session_name: None,
             deleting: false,
             container_endpoint: false,
+            mirror: false,
         }
     }
 
@@ -824,6 +841,19 @@ mod tests {
             as_account(pod("p4", "team-a", "n", "10.1.0.4", None), None),
             as_account(pod("p5", "team-b", "n", "10.1.0.5", None), None),
             as_account(pod("p6", "team-b", "n", "10.1.0.6", None), Some("other")),
+            // Static pods' mirrors, which a node can create in any namespace.
+            PodRecord {
+                mirror: true,
+                ..pod("p7", "team-a", "n", "10.1.0.7", Some("app-own"))
+            },
+            PodRecord {
+                mirror: true,
+                ..as_account(pod("p8", "team-a", "n", "10.1.0.8", None), Some("web"))
+            },
+            PodRecord {
+                mirror: true,
+                ..pod("p9", "team-a", "n", "10.1.0.9", None)
+            },
         ] {
             pods.apply(record);
         }
@@ -851,6 +881,10 @@ mod tests {
             // The ServiceAccount's role is still the namespace's to permit.
             ("10.1.0.5", Err(Reason::RoleNotPermitted)),
             ("10.1.0.6", Err(Reason::NoRole)),
+            // A mirror gets no role from anywhere: its own, its account's, the namespace's.
+            ("10.1.0.7", Err(Reason::RoleNotPermitted)),
+            ("10.1.0.8", Err(Reason::RoleNotPermitted)),
+            ("10.1.0.9", Err(Reason::RoleNotPermitted)),
         ];
         for (address, want) in table {
             let got = view

@@ -50,7 +50,14 @@ pub struct PodRecord {
     /// Whether a container of the pod is set up for the container-credentials endpoint
     /// (`AWS_CONTAINER_CREDENTIALS_FULL_URI` naming its address): explain says so.
     pub container_endpoint: bool,
+    /// Whether the pod is a static pod's mirror (annotation [`MIRROR_ANNOTATION`]): made by
+    /// a kubelet, which may make one in any namespace with any annotations and set its IP.
+    /// Never given a role: see [`crate::decision::View::decide_pod`].
+    pub mirror: bool,
 }
+
+/// The annotation the kubelet puts on the mirror of each static pod.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 impl PodRecord {
     /// Slims a Kubernetes Pod to the fields podiam uses; `None` if it has no UID or name.
@@ -110,6 +117,11 @@ impl PodRecord {
             session_name: annotation(SESSION_NAME_ANNOTATION),
             deleting: meta.deletion_timestamp.is_some(),
             container_endpoint: spec.is_some_and(uses_container_endpoint),
+            // Present at all (its value is a hash of the static pod's file).
+            mirror: meta
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION)),
         })
     }
 
@@ -874,6 +886,7 @@ mod tests {
             session_name: None,
             deleting: false,
             container_endpoint: false,
+            mirror: false,
         }
     }
 
@@ -1086,6 +1099,35 @@ mod tests {
         let record = PodRecord::from_pod(&k8s_pod("not-an-ip")).expect("a record");
         assert_eq!(record.ip, None);
         assert!(!record.is_live());
+    }
+
+    #[test]
+    fn a_static_pods_mirror_is_marked_as_one() {
+        let k8s_pod = |annotations: &[(&str, &str)]| k8s_openapi::api::core::v1::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some("m".into()),
+                name: Some("etcd-node-1".into()),
+                namespace: Some("kube-system".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mirror = k8s_pod(&[(MIRROR_ANNOTATION, "4c3b2a"), (ROLE_ANNOTATION, "r")]);
+        assert!(PodRecord::from_pod(&mirror).expect("a record").mirror);
+        // Its value is a hash, and may be anything: present is what counts.
+        assert!(
+            PodRecord::from_pod(&k8s_pod(&[(MIRROR_ANNOTATION, "")]))
+                .expect("a record")
+                .mirror
+        );
+        let plain = k8s_pod(&[(ROLE_ANNOTATION, "r"), ("kubernetes.io/config.hash", "x")]);
+        assert!(!PodRecord::from_pod(&plain).expect("a record").mirror);
     }
 
     #[test]

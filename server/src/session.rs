@@ -172,6 +172,7 @@ mod tests {
             session_name: session_name.map(Into::into),
             deleting: false,
             container_endpoint: false,
+            mirror: false,
         }
     }
 
