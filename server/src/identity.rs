@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use base64::Engine;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -53,6 +54,18 @@ pub const REVIEWS_IN_FLIGHT: usize = 16;
 /// commands a minute; each asks every replica once.
 pub const OPERATOR_REVIEWS_PER_SECOND: f64 = 5.0;
 pub const OPERATOR_REVIEWS_BURST: f64 = 20.0;
+/// New agent tokens reviewed per second from one address, and the burst allowed. Agent
+/// calls need the agents' client certificate, which every node holds a copy of, and a token
+/// is reviewed before it can be refused: without a budget, root on one node could turn
+/// made-up tokens into TokenReviews at will and leave no review slot
+/// ([`REVIEWS_IN_FLIGHT`]) for the other agents' new tokens. An agent presents a new token
+/// to each replica at its start and about once an hour.
+pub const AGENT_REVIEWS_PER_SECOND: f64 = 1.0;
+pub const AGENT_REVIEWS_BURST: f64 = 10.0;
+/// Addresses whose agent budgets are kept; when full, those whose budgets are whole again
+/// are forgotten, and an address that still finds no room shares one budget with the
+/// others that found none.
+const AGENT_BUDGET_ADDRESSES: usize = 4096;
 
 /// Most reviews remembered; past it, expired ones go first, then the ones expiring soonest.
 /// Far above one token per agent per node of any cluster.
@@ -165,6 +178,36 @@ async fn bounded<T>(
     }
 }
 
+/// What a TokenReview's `status` says of a token reviewed for `audiences` (empty: the API
+/// server's own). Asked for audiences, the API must also name one of them back: an
+/// authenticator that ignores audiences authenticates the token with none, and that says
+/// only that the token is good for the API server, not that it was issued for podiam.
+fn judged(status: TokenReviewStatus, audiences: &[String]) -> Review {
+    if status.authenticated != Some(true) {
+        let why = status
+            .error
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "the token is not authenticated".into());
+        return Review::Unauthenticated(why);
+    }
+    let granted = status.audiences.unwrap_or_default();
+    if !audiences.is_empty() && !granted.iter().any(|a| audiences.contains(a)) {
+        return Review::Unauthenticated(format!(
+            "the API authenticated the token for audiences {granted:?}, not for {audiences:?}"
+        ));
+    }
+    let user = status.user.unwrap_or_default();
+    let extras = user.extra.as_ref();
+    Review::Authenticated(ReviewedUser {
+        username: user.username.clone().unwrap_or_default(),
+        uid: user.uid.clone().unwrap_or_default(),
+        groups: user.groups.clone().unwrap_or_default(),
+        pod_name: extra(extras, "authentication.kubernetes.io/pod-name"),
+        pod_uid: extra(extras, "authentication.kubernetes.io/pod-uid"),
+        node_name: extra(extras, "authentication.kubernetes.io/node-name"),
+    })
+}
+
 impl Reviewer for KubeReviewer {
     fn review_token<'a>(
         &'a self,
@@ -185,24 +228,7 @@ impl Reviewer for KubeReviewer {
                 api.create(&kube::api::PostParams::default(), &request),
             )
             .await?;
-            let status = answer.status.unwrap_or_default();
-            if status.authenticated != Some(true) {
-                let why = status
-                    .error
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| "the token is not authenticated".into());
-                return Ok(Review::Unauthenticated(why));
-            }
-            let user = status.user.unwrap_or_default();
-            let extras = user.extra.as_ref();
-            Ok(Review::Authenticated(ReviewedUser {
-                username: user.username.clone().unwrap_or_default(),
-                uid: user.uid.clone().unwrap_or_default(),
-                groups: user.groups.clone().unwrap_or_default(),
-                pod_name: extra(extras, "authentication.kubernetes.io/pod-name"),
-                pod_uid: extra(extras, "authentication.kubernetes.io/pod-uid"),
-                node_name: extra(extras, "authentication.kubernetes.io/node-name"),
-            }))
+            Ok(judged(answer.status.unwrap_or_default(), audiences))
         })
     }
 
@@ -323,12 +349,33 @@ struct Cache {
 /// Token and access reviews, cached and bounded.
 pub struct Identities {
     reviewer: Arc<dyn Reviewer>,
-    cache: Mutex<Cache>,
+    /// Shared with the reviews under way, which record their own answers.
+    cache: Arc<Mutex<Cache>>,
     in_flight: Arc<tokio::sync::Semaphore>,
     counters: IdentityCounters,
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
-    operator_budget: Mutex<(f64, tokio::time::Instant)>,
+    operator_budget: Mutex<Budget>,
+    /// The same for agents' new tokens, per address (`None`: the addresses that found no
+    /// room).
+    agent_budgets: Mutex<HashMap<Option<IpAddr>, Budget>>,
+}
+
+/// A token bucket: what is left of it, and when it was last topped up.
+type Budget = (f64, tokio::time::Instant);
+
+/// Tops `budget` up at `rate` a second to `burst`, then takes one from it if it can.
+fn take(budget: &mut Budget, rate: f64, burst: f64) -> bool {
+    let now = tokio::time::Instant::now();
+    let refill = now.duration_since(budget.1).as_secs_f64() * rate;
+    budget.0 = (budget.0 + refill).min(burst);
+    budget.1 = now;
+    if budget.0 >= 1.0 {
+        budget.0 -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 /// Unix seconds now; injected in tests.
@@ -397,11 +444,12 @@ impl Identities {
     ) -> Identities {
         Identities {
             reviewer,
-            cache: Mutex::default(),
+            cache: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
+            agent_budgets: Mutex::default(),
         }
     }
 
@@ -410,7 +458,7 @@ impl Identities {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.cache)
     }
 
     /// Whether `token` has a remembered, still trusted review for `audiences`.
@@ -422,22 +470,63 @@ impl Identities {
             .is_some_and(|cached| cached.until > now)
     }
 
+    /// Whether `token` has a review remembered or under way for `audiences`: asking for it
+    /// costs the API nothing more.
+    fn known(&self, token: &str, audiences: &[String]) -> bool {
+        let key = digest(token, audiences);
+        let now = (self.now)();
+        let cache = self.cache();
+        cache.pending.contains_key(&key) || cache.done.get(&key).is_some_and(|c| c.until > now)
+    }
+
     /// Takes one review from the operators' budget, if any is left.
     fn operator_budget_allows(&self) -> bool {
         let mut budget = self
             .operator_budget
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(budget.1).as_secs_f64() * OPERATOR_REVIEWS_PER_SECOND;
-        budget.0 = (budget.0 + refill).min(OPERATOR_REVIEWS_BURST);
-        budget.1 = now;
-        if budget.0 >= 1.0 {
-            budget.0 -= 1.0;
-            true
-        } else {
-            false
+        take(
+            &mut budget,
+            OPERATOR_REVIEWS_PER_SECOND,
+            OPERATOR_REVIEWS_BURST,
+        )
+    }
+
+    /// Takes one review from `peer`'s budget for new agent tokens, if any is left.
+    fn agent_budget_allows(&self, peer: Option<IpAddr>) -> bool {
+        let mut budgets = self.agent_budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = peer;
+        if !budgets.contains_key(&key) && budgets.len() >= AGENT_BUDGET_ADDRESSES {
+            // A budget untouched for this long is whole again: forgetting it changes nothing.
+            let whole_after =
+                Duration::from_secs_f64(AGENT_REVIEWS_BURST / AGENT_REVIEWS_PER_SECOND);
+            let now = tokio::time::Instant::now();
+            budgets.retain(|_, (_, at)| now.duration_since(*at) < whole_after);
+            if budgets.len() >= AGENT_BUDGET_ADDRESSES {
+                key = None;
+            }
         }
+        let budget = budgets
+            .entry(key)
+            .or_insert((AGENT_REVIEWS_BURST, tokio::time::Instant::now()));
+        take(budget, AGENT_REVIEWS_PER_SECOND, AGENT_REVIEWS_BURST)
+    }
+
+    /// An agent's token (from `peer`) reviewed for `audiences`: as [`Identities::review`],
+    /// but a token neither remembered nor under review is reviewed only within the
+    /// address's budget ([`AGENT_REVIEWS_PER_SECOND`]).
+    pub async fn review_agent(
+        &self,
+        token: &str,
+        audiences: &[String],
+        peer: Option<IpAddr>,
+    ) -> Result<Review, ReviewUnavailable> {
+        if !self.known(token, audiences) && !self.agent_budget_allows(peer) {
+            return Err(ReviewUnavailable(
+                "too many new agent tokens from this address; retry in a few seconds".into(),
+            ));
+        }
+        self.review(token, audiences).await
     }
 
     /// An operator's token reviewed for the API's own audience: as [`Identities::review`],
@@ -471,17 +560,22 @@ impl Identities {
             match cache.pending.get(&key) {
                 Some(pending) => pending.clone(),
                 None => {
+                    // The review is a task of its own, which records its answer and takes
+                    // itself off the pending list however its callers fare: a caller that
+                    // gives up (its deadline, a reset stream) cannot leave a review holding
+                    // one of the slots, or its token in memory, forever.
                     let reviewer = Arc::clone(&self.reviewer);
                     let permits = Arc::clone(&self.in_flight);
                     let token = token.to_string();
                     let audiences = audiences.to_vec();
                     let counters = self.counters.clone();
-                    let future: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
-                        let _permit = permits
-                            .acquire_owned()
-                            .await
-                            .map_err(|_| ReviewUnavailable("the server is shutting down".into()))?;
-                        let answer = reviewer.review_token(&token, &audiences).await;
+                    let shared_cache = Arc::clone(&self.cache);
+                    let clock = Arc::clone(&self.now);
+                    let task = tokio::spawn(async move {
+                        let answer = match permits.acquire_owned().await {
+                            Ok(_permit) => reviewer.review_token(&token, &audiences).await,
+                            Err(_) => Err(ReviewUnavailable("the server is shutting down".into())),
+                        };
                         let result = match &answer {
                             Ok(Review::Authenticated(_)) => "authenticated",
                             Ok(Review::Unauthenticated(_)) => "unauthenticated",
@@ -491,34 +585,22 @@ impl Identities {
                             .token_reviews
                             .get_or_create(&ReviewLabels { result })
                             .inc();
+                        record(&mut lock(&shared_cache), key, &token, &answer, clock());
                         answer
                     });
+                    let future: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                        task.await.unwrap_or_else(|_| {
+                            Err(ReviewUnavailable("the token review stopped".into()))
+                        })
+                    });
                     let shared = future.shared();
+                    // Inserted under the lock the task needs to take itself off: before it can.
                     cache.pending.insert(key, shared.clone());
                     shared
                 }
             }
         };
-        let answer = pending.await;
-        let mut cache = self.cache();
-        cache.pending.remove(&key);
-        if let Ok(review) = &answer {
-            let now = (self.now)();
-            let until = trust_until(review, token, now);
-            if until > now {
-                if cache.done.len() >= REVIEW_CACHE_ENTRIES {
-                    evict(&mut cache.done, now);
-                }
-                cache.done.insert(
-                    key,
-                    Cached {
-                        review: review.clone(),
-                        until,
-                    },
-                );
-            }
-        }
-        answer
+        pending.await
     }
 
     /// Whether `user` may do `access`, asked of the API each time (operators' calls are
@@ -539,6 +621,38 @@ impl Identities {
     /// Reviews remembered now (for tests and metrics).
     pub fn cached(&self) -> usize {
         self.cache().done.len()
+    }
+}
+
+/// The cache, also when a thread panicked holding it (every change to it is whole).
+fn lock(cache: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
+    cache.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A review's `answer` for `token` (under `key`), made at `now`: off the pending list, and
+/// remembered for as long as it may be trusted (errors are not).
+fn record(
+    cache: &mut Cache,
+    key: [u8; 32],
+    token: &str,
+    answer: &Result<Review, ReviewUnavailable>,
+    now: u64,
+) {
+    cache.pending.remove(&key);
+    if let Ok(review) = answer {
+        let until = trust_until(review, token, now);
+        if until > now {
+            if cache.done.len() >= REVIEW_CACHE_ENTRIES {
+                evict(&mut cache.done, now);
+            }
+            cache.done.insert(
+                key,
+                Cached {
+                    review: review.clone(),
+                    until,
+                },
+            );
+        }
     }
 }
 
@@ -621,6 +735,37 @@ mod tests {
         let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(format!("{{\"exp\":{exp},\"sub\":\"x\"}}"));
         format!("{prefix}.{claims}.sig")
+    }
+
+    #[test]
+    fn a_token_reviewed_for_audiences_must_be_granted_one_of_them() {
+        let status = |authenticated: bool, granted: Option<&[&str]>| TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: granted.map(|g| g.iter().map(|a| (*a).to_string()).collect()),
+            user: Some(k8s_openapi::api::authentication::v1::UserInfo {
+                username: Some("system:serviceaccount:podiam:podiam-agent".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let podiam = ["podiam".to_string()];
+        let ok = |review: &Review| matches!(review, Review::Authenticated(_));
+        assert!(ok(&judged(status(true, Some(&["podiam"])), &podiam)));
+        assert!(ok(&judged(
+            status(true, Some(&["other", "podiam"])),
+            &podiam
+        )));
+        // Authenticated, but with no audience named back (an authenticator that ignores
+        // them), or only others: not a token for podiam.
+        assert!(!ok(&judged(status(true, None), &podiam)));
+        assert!(!ok(&judged(status(true, Some(&[])), &podiam)));
+        assert!(!ok(&judged(
+            status(true, Some(&["https://kubernetes.default.svc"])),
+            &podiam
+        )));
+        assert!(!ok(&judged(status(false, Some(&["podiam"])), &podiam)));
+        // Reviewed for the API server's own audience (operators): none needs naming.
+        assert!(ok(&judged(status(true, None), &[])));
     }
 
     #[test]
@@ -710,6 +855,112 @@ mod tests {
             assert!(call.await.expect("task").is_ok());
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A reviewer whose answers (refusals) wait until the test opens its gate.
+    #[derive(Debug)]
+    struct Gated {
+        gate: tokio::sync::Semaphore,
+        started: AtomicUsize,
+    }
+
+    impl Reviewer for Gated {
+        fn review_token<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
+            Box::pin(async move {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                let _open = self.gate.acquire().await;
+                Ok(Review::Unauthenticated("no".into()))
+            })
+        }
+
+        fn review_access<'a>(
+            &'a self,
+            _: &'a ReviewedUser,
+            _: &'a Access,
+        ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
+            Box::pin(async { Ok(Ok(())) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_review_its_callers_gave_up_on_ends_and_gives_its_slot_back() {
+        let gated = Arc::new(Gated {
+            gate: tokio::sync::Semaphore::new(0),
+            started: AtomicUsize::new(0),
+        });
+        let ids = Identities::with_clock(gated.clone(), IdentityCounters::new(), clock().1);
+        // Every slot taken by a review of a made-up token whose caller gives up (a short
+        // gRPC deadline, a reset stream) while the API has not answered.
+        for i in 0..REVIEWS_IN_FLIGHT {
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(1), ids.review(&format!("x{i}"), &[]))
+                    .await;
+            assert!(
+                gave_up.is_err(),
+                "review {i} answered before the gate opened"
+            );
+        }
+        assert_eq!(gated.started.load(Ordering::SeqCst), REVIEWS_IN_FLIGHT);
+        // The API answers: the reviews end with nobody waiting for them, give their slots
+        // back, and are remembered; another token is then reviewed.
+        gated.gate.add_permits(REVIEWS_IN_FLIGHT + 1);
+        let next = tokio::time::timeout(Duration::from_secs(60), ids.review("next", &[])).await;
+        assert!(
+            matches!(next, Ok(Ok(Review::Unauthenticated(_)))),
+            "a new token's review waited for slots nobody gives back: {next:?}"
+        );
+        assert_eq!(gated.started.load(Ordering::SeqCst), REVIEWS_IN_FLIGHT + 1);
+        assert_eq!(ids.cached(), REVIEWS_IN_FLIGHT + 1);
+        assert!(ids.cache().pending.is_empty(), "reviews left pending");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_agent_tokens_are_reviewed_within_each_addresss_budget() {
+        let fake = Arc::new(Fake::default());
+        let (_, now) = clock();
+        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), now.clone());
+        let audiences = ["podiam".to_string()];
+        let node: Option<IpAddr> = Some("10.0.0.1".parse().expect("ip"));
+        let other: Option<IpAddr> = Some("10.0.0.2".parse().expect("ip"));
+        let burst = AGENT_REVIEWS_BURST as usize;
+        let good = jwt("good", now() + 3600);
+        assert!(ids.review_agent(&good, &audiences, node).await.is_ok());
+        // Made-up tokens from the same address: the rest of its burst, then refused without
+        // asking the API.
+        for i in 1..burst {
+            let review = ids
+                .review_agent(&format!("made-up-{i}"), &audiences, node)
+                .await;
+            assert!(
+                matches!(review, Ok(Review::Unauthenticated(_))),
+                "{i}: {review:?}"
+            );
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), burst);
+        let refused = ids.review_agent("made-up-x", &audiences, node).await;
+        assert!(refused.is_err(), "beyond the burst: {refused:?}");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), burst);
+        // The address's remembered token still answers, and another address has its own
+        // budget.
+        assert!(ids.review_agent(&good, &audiences, node).await.is_ok());
+        let theirs = jwt("good-2", now() + 3600);
+        assert!(ids.review_agent(&theirs, &audiences, other).await.is_ok());
+        // A second later the address may have one more reviewed.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let review = ids.review_agent("made-up-y", &audiences, node).await;
+        assert!(
+            matches!(review, Ok(Review::Unauthenticated(_))),
+            "{review:?}"
+        );
+        assert!(
+            ids.review_agent("made-up-z", &audiences, node)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(start_paused = true)]
