@@ -159,9 +159,16 @@ struct Rig {
 
 impl Rig {
     /// A server with `flags` (besides its certificates, a base ARN and `--node-binding
-    /// warn`) and an empty, synced view of the cluster but for the namespace `team-a`
+    /// warn` unless they say otherwise) and an empty, synced view of the cluster but for the namespace `team-a`
     /// permitting `app-.*`.
     fn new(flags: &[&str]) -> Rig {
+        let rig = Rig::unsynced(flags);
+        rig.cluster.mark_synced();
+        rig
+    }
+
+    /// As [`Rig::new`], its view not yet synced (a server before its first list).
+    fn unsynced(flags: &[&str]) -> Rig {
         podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
@@ -175,8 +182,10 @@ impl Rig {
             format!("--tls-cert={}", path(&files.server_cert)),
             format!("--tls-key={}", path(&files.server_key)),
             "--base-role-arn=arn:aws:iam::123456789012:role/".to_string(),
-            "--node-binding=warn".to_string(),
         ];
+        if !flags.iter().any(|f| f.starts_with("--node-binding")) {
+            args.push("--node-binding=warn".to_string());
+        }
         args.extend(flags.iter().map(|f| f.to_string()));
         let config = Config::try_parse_from(args)
             .expect("flags parse")
@@ -221,7 +230,6 @@ impl Rig {
             .write()
             .expect("not poisoned")
             .apply(&namespace);
-        cluster.mark_synced();
         let agent_tls = Rotating::load(
             TlsFiles {
                 ca: files.ca_cert,
@@ -479,6 +487,36 @@ async fn credentials_are_prefetched_refreshed_at_half_life_and_retried_with_back
     shutdown.cancel();
     let (served, _) = serving.await.expect("joins");
     served.expect("a clean stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn before_its_first_list_a_server_tells_agents_it_is_not_ready() {
+    // Enforced binding: before its first list the server knows no agent pod to bind a token
+    // to. That is the server not ready (the agent asks another replica), not the agent's
+    // identity refused (which would make the agent report itself not ready).
+    let mut rig = Rig::unsynced(&["--node-binding=enforce"]);
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let refused = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect_err("nothing is known yet");
+    assert_eq!(Reason::of(&refused), Some(Reason::NotReady), "{refused:?}");
+    // Synced, the same call (it carries no token) is the agent's identity refused.
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let refused = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect_err("no token");
+    assert_eq!(
+        Reason::of(&refused),
+        Some(Reason::AgentUnauthenticated),
+        "{refused:?}"
+    );
+    shutdown.cancel();
+    let (served, _) = serving.await.expect("joined");
+    served.expect("served");
 }
 
 #[tokio::test(start_paused = true)]

@@ -489,8 +489,14 @@ impl PodiamService {
         let peer = request.remote_addr();
         // The TLS layer checked any certificate presented; agent calls must present one.
         let certified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        // Before its first list, this server knows no agent pod to bind a token to: it is not
+        // ready (the agent asks another replica), which is not the agent's identity refused.
+        if certified && !self.cluster.synced() {
+            return Err(Reason::NotReady.status("the server has not yet listed the cluster"));
+        }
         let proven = if certified {
-            self.prove(request.metadata()).await
+            self.prove(request.metadata(), peer.map(|p| p.ip().to_canonical()))
+                .await
         } else {
             Err(BindingFailure::NoCertificate)
         };
@@ -516,14 +522,15 @@ impl PodiamService {
         }
     }
 
-    /// The agent the request's token proves.
+    /// The agent the request's token proves (the request from `peer`).
     async fn prove(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        peer: Option<IpAddr>,
     ) -> Result<ProvenAgent, BindingFailure> {
         let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
         let audiences = [self.settings.binding.audience.clone()];
-        let user = match self.identities.review(token, &audiences).await {
+        let user = match self.identities.review_agent(token, &audiences, peer).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
             Err(error) => return Err(BindingFailure::Unavailable(error.0)),
