@@ -446,6 +446,9 @@ impl MetadataService {
                 let Some((_, node)) = &self.options.allow else {
                     return Err(Refused::Denied);
                 };
+                // The node's own metadata is for the pods of this node only, not for any
+                // address that reaches the node's port.
+                self.pod_here(peer, known).await?;
                 let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
@@ -575,6 +578,22 @@ impl MetadataService {
         match known {
             Known::Nobody => Box::pin(self.table.wait_known(peer, UNKNOWN_POD_WAIT)).await,
             known => known,
+        }
+    }
+
+    /// Whether a pod of this node has `peer`'s address: the table's word (waited for as
+    /// [`MetadataService::resolve`] does), or else the servers' (a pod of theirs here, with
+    /// its role or refused one). Anything else is refused: unknown-pod, or the servers out
+    /// of reach — never answered as if it were a pod.
+    async fn pod_here(&self, peer: IpAddr, known: Known) -> Result<(), Refused> {
+        let unlisted = match self.resolve(peer, known).await {
+            Known::Pod(_) => return Ok(()),
+            unlisted => unlisted,
+        };
+        match self.ask(peer, &unlisted, self.servers.pod_role(peer)).await {
+            Ok(_) => Ok(()),
+            Err(Refused::ByServers(refusal)) if places_pod_here(refusal.reason) => Ok(()),
+            Err(refused) => Err(refused),
         }
     }
 

@@ -371,7 +371,8 @@ fn request(method: &str, path: &str, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
-    let mut config = team_a_with_agent();
+    // `ghost` has a network on the node but no Pod object: an address that is no pod's.
+    let mut config = team_a_with_agent().unregistered_pod("team-a", "ghost", None);
     config.fake_node_metadata = true;
     config.agent_args = vec![
         "--allow-route-regexp".into(),
@@ -437,6 +438,9 @@ async fn adversarial_requests_get_their_expected_status_and_leak_nothing() {
         c("allow-list prefix only", "web", get("/latest/meta-data/instance-id-x", ""), "404", Nothing),
         c("allowed instance-id", "web", get("/latest/meta-data/instance-id", ""), "200", NodeMetadata),
         c("allowed placement", "web", get("/latest/meta-data/placement/region", ""), "200", NodeMetadata),
+        // The node's metadata is for its pods only: unknown-pod for any other address.
+        c("allowed path from no pod", "ghost", get("/latest/meta-data/instance-id", ""), "404", Nothing),
+        c("allowed placement from no pod", "ghost", get("/latest/meta-data/placement/region", ""), "404", Nothing),
         // A decoded `?` or `#` would be cut off in the node's URI: refused, never passed on.
         c("allowed path with encoded ?", "web", get("/latest/meta-data/placement/region%3F", ""), "404", Nothing),
         c("allowed path with encoded #", "web", get("/latest/meta-data/placement/x%23/../../../user-data", ""), "404", Nothing),
