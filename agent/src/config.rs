@@ -61,6 +61,17 @@ pub const DEFAULT_CONTAINER_PORT: u16 = 253;
 /// `--max-pods`), of which only a flooding few ever reach it.
 pub const MAX_CONNECTIONS_PER_POD: usize = 16;
 
+/// The most runtime threads the agent starts with by default (`--worker-threads`).
+pub const DEFAULT_MAX_WORKER_THREADS: usize = 2;
+
+/// The default `--worker-threads`: the CPUs this process may use (its affinity and its
+/// cgroup's CPU limit counted), at most [`DEFAULT_MAX_WORKER_THREADS`].
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(DEFAULT_MAX_WORKER_THREADS)
+}
+
 /// Where the node's kernel says unprivileged ports begin (`net.ipv4.ip_unprivileged_port_start`,
 /// per network namespace; 1024 unless changed). `None` when it cannot be read.
 pub fn unprivileged_port_start() -> Option<u16> {
@@ -247,6 +258,10 @@ pub struct ServeConfig {
     /// tool), so connections opened before the rule existed cannot bypass it.
     #[arg(long, env = "PODIAM_FLUSH_CONNTRACK")]
     pub flush_conntrack: bool,
+    /// Threads of the agent's runtime (answering pods, talking to the servers). Default: the
+    /// CPUs the agent may use (its cgroup's CPU limit counted), at most 2.
+    #[arg(long, env = "PODIAM_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -378,6 +393,9 @@ impl ServeConfig {
         ValidConfig {
             servers: self.targets(),
             limits: self.limits(),
+            worker_threads: self
+                .worker_threads
+                .map_or_else(default_worker_threads, std::num::NonZeroUsize::get),
             iptables,
             listen: self.listen,
             container_listen: self.container_endpoint.then_some(self.container_listen),
@@ -564,6 +582,8 @@ pub struct ValidConfig {
     pub allow: Option<(regex::Regex, String)>,
     /// The pod-facing listener's connection limits.
     pub limits: podiam_runtime::serve::Limits,
+    /// Threads of the agent's runtime (built by `main`).
+    pub worker_threads: usize,
 }
 
 /// Pods' metadata traffic sent to the agent (see [`crate::iptables`]).

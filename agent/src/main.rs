@@ -10,8 +10,7 @@ use podiam_agent::iptables::{Dnat, Iptables};
 use podiam_agent::{Agent, Listeners};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Serve(config) => match ServeConfig::validate(*config) {
@@ -27,10 +26,27 @@ async fn main() -> ExitCode {
     };
     podiam_runtime::telemetry::init(cli.log_format, &cli.log_level);
     podiam_runtime::tls::install_crypto_provider();
-    let result = match command {
-        Ok(config) => serve(config).await,
-        Err(config) => uninstall(config).await,
+    let threads = match &command {
+        Ok(config) => config.worker_threads,
+        Err(_) => 1,
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "starting the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Ok(config) => serve(config).await,
+            Err(config) => uninstall(config).await,
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -41,6 +57,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: ValidConfig) -> anyhow::Result<()> {
+    tracing::info!(worker_threads = config.worker_threads, "starting");
     let agent = Agent::build(config.clone()).await?;
     // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
     // agent binds beside the old one; the kernel spreads connections over both until the old
