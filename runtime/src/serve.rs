@@ -980,6 +980,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_stops_reading_its_answers_is_closed_and_its_slot_freed() {
+        // Requests pipelined by a client that never reads: once the answers fill the
+        // socket's buffers, no answer can be written. hyper then takes no further request,
+        // so the connection is idle (not answering) and the idle limit closes it; the drain
+        // that would wait for the unwritten answer is bounded too. It must not stay open,
+        // holding a slot of its address and of the listener.
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(400),
+            // Not this limit's `Connection: close` first.
+            max_requests_per_connection: usize::MAX,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("a small buffer");
+        let stream = socket.connect(addr).await.expect("connects");
+        let (_reader, mut writer) = stream.into_split();
+        // Writes until the server stops reading too (its buffers full), never finishing.
+        let flood = tokio::spawn(async move {
+            let many = GET.repeat(64);
+            while writer.write_all(&many).await.is_ok() {}
+        });
+        let ended = async {
+            while counts.open.load(Ordering::SeqCst) != 0 || counts.closed(Closed::IdleTimeout) == 0
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), ended)
+            .await
+            .expect("the connection that stopped reading ends");
+        flood.abort();
+    }
+
+    #[tokio::test]
     async fn a_head_started_after_an_answer_has_its_own_deadline() {
         // Idle for longer than the header deadline, then a trickled head: cut at the
         // header deadline counted from its first byte, not at the idle limit.
