@@ -726,6 +726,31 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_are_at_most_two_by_default_and_as_given() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(
+            valid(&[]).worker_threads,
+            cpus.min(DEFAULT_MAX_WORKER_THREADS)
+        );
+        assert_eq!(valid(&["--worker-threads", "6"]).worker_threads, 6);
+        for bad in ["0", "-1", "two"] {
+            let args = [
+                "podiam-agent",
+                "serve",
+                "--tls-ca",
+                "a",
+                "--tls-cert",
+                "b",
+                "--tls-key",
+                "c",
+                "--worker-threads",
+                bad,
+            ];
+            assert!(Cli::try_parse_from(args).is_err(), "--worker-threads {bad}");
+        }
+    }
+
+    #[test]
     fn several_servers_share_one_certificate_name_when_given() {
         let config = serve(&[
             "--server",
