@@ -175,19 +175,7 @@ impl Rig {
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
-        let path = |p: &std::path::Path| p.display().to_string();
-        let mut args = vec![
-            "podiam-server".to_string(),
-            format!("--tls-ca={}", path(&files.ca_cert)),
-            format!("--tls-cert={}", path(&files.server_cert)),
-            format!("--tls-key={}", path(&files.server_key)),
-            "--base-role-arn=arn:aws:iam::123456789012:role/".to_string(),
-        ];
-        if !flags.iter().any(|f| f.starts_with("--node-binding")) {
-            args.push("--node-binding=warn".to_string());
-        }
-        args.extend(flags.iter().map(|f| f.to_string()));
-        let config = Config::try_parse_from(args)
+        let config = Config::try_parse_from(server_args(&files, flags))
             .expect("flags parse")
             .validate()
             .expect("valid");
@@ -303,6 +291,24 @@ impl Rig {
             .await?;
         Ok(PodiamClient::new(channel))
     }
+}
+
+/// The server's command line in a [`Rig`]: its certificates in `files`, a base ARN,
+/// `--node-binding warn` unless `flags` name a mode, then `flags`.
+fn server_args(files: &podiam_certs::WrittenFiles, flags: &[&str]) -> Vec<String> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut args = vec![
+        "podiam-server".to_string(),
+        format!("--tls-ca={}", path(&files.ca_cert)),
+        format!("--tls-cert={}", path(&files.server_cert)),
+        format!("--tls-key={}", path(&files.server_key)),
+        "--base-role-arn=arn:aws:iam::123456789012:role/".to_string(),
+    ];
+    if !flags.iter().any(|f| f.starts_with("--node-binding")) {
+        args.push("--node-binding=warn".to_string());
+    }
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args
 }
 
 /// Waits until the count `counter` reaches `n`.
