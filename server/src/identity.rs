@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,19 +53,6 @@ pub const REVIEWS_IN_FLIGHT: usize = 16;
 /// commands a minute; each asks every replica once.
 pub const OPERATOR_REVIEWS_PER_SECOND: f64 = 5.0;
 pub const OPERATOR_REVIEWS_BURST: f64 = 20.0;
-/// New agent tokens reviewed per second from one address, and the burst allowed. Agent
-/// calls need the agents' client certificate, which every node holds a copy of, and a token
-/// is reviewed before it can be refused: without a budget, root on one node could turn
-/// made-up tokens into TokenReviews at will and leave no review slot
-/// ([`REVIEWS_IN_FLIGHT`]) for the other agents' new tokens. An agent presents a new token
-/// to each replica at its start and about once an hour.
-pub const AGENT_REVIEWS_PER_SECOND: f64 = 1.0;
-pub const AGENT_REVIEWS_BURST: f64 = 10.0;
-/// Addresses whose agent budgets are kept; when full, those whose budgets are whole again
-/// are forgotten, and an address that still finds no room shares one budget with the
-/// others that found none.
-const AGENT_BUDGET_ADDRESSES: usize = 4096;
-
 /// Most reviews remembered; past it, expired ones go first, then the ones expiring soonest.
 /// Far above one token per agent per node of any cluster.
 pub const REVIEW_CACHE_ENTRIES: usize = 16_384;
@@ -356,9 +342,6 @@ pub struct Identities {
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
     operator_budget: Mutex<Budget>,
-    /// The same for agents' new tokens, per address (`None`: the addresses that found no
-    /// room).
-    agent_budgets: Mutex<HashMap<Option<IpAddr>, Budget>>,
 }
 
 /// A token bucket: what is left of it, and when it was last topped up.
@@ -449,7 +432,6 @@ impl Identities {
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
-            agent_budgets: Mutex::default(),
         }
     }
 
@@ -470,15 +452,6 @@ impl Identities {
             .is_some_and(|cached| cached.until > now)
     }
 
-    /// Whether `token` has a review remembered or under way for `audiences`: asking for it
-    /// costs the API nothing more.
-    fn known(&self, token: &str, audiences: &[String]) -> bool {
-        let key = digest(token, audiences);
-        let now = (self.now)();
-        let cache = self.cache();
-        cache.pending.contains_key(&key) || cache.done.get(&key).is_some_and(|c| c.until > now)
-    }
-
     /// Takes one review from the operators' budget, if any is left.
     fn operator_budget_allows(&self) -> bool {
         let mut budget = self
@@ -490,43 +463,6 @@ impl Identities {
             OPERATOR_REVIEWS_PER_SECOND,
             OPERATOR_REVIEWS_BURST,
         )
-    }
-
-    /// Takes one review from `peer`'s budget for new agent tokens, if any is left.
-    fn agent_budget_allows(&self, peer: Option<IpAddr>) -> bool {
-        let mut budgets = self.agent_budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let mut key = peer;
-        if !budgets.contains_key(&key) && budgets.len() >= AGENT_BUDGET_ADDRESSES {
-            // A budget untouched for this long is whole again: forgetting it changes nothing.
-            let whole_after =
-                Duration::from_secs_f64(AGENT_REVIEWS_BURST / AGENT_REVIEWS_PER_SECOND);
-            let now = tokio::time::Instant::now();
-            budgets.retain(|_, (_, at)| now.duration_since(*at) < whole_after);
-            if budgets.len() >= AGENT_BUDGET_ADDRESSES {
-                key = None;
-            }
-        }
-        let budget = budgets
-            .entry(key)
-            .or_insert((AGENT_REVIEWS_BURST, tokio::time::Instant::now()));
-        take(budget, AGENT_REVIEWS_PER_SECOND, AGENT_REVIEWS_BURST)
-    }
-
-    /// An agent's token (from `peer`) reviewed for `audiences`: as [`Identities::review`],
-    /// but a token neither remembered nor under review is reviewed only within the
-    /// address's budget ([`AGENT_REVIEWS_PER_SECOND`]).
-    pub async fn review_agent(
-        &self,
-        token: &str,
-        audiences: &[String],
-        peer: Option<IpAddr>,
-    ) -> Result<Review, ReviewUnavailable> {
-        if !self.known(token, audiences) && !self.agent_budget_allows(peer) {
-            return Err(ReviewUnavailable(
-                "too many new agent tokens from this address; retry in a few seconds".into(),
-            ));
-        }
-        self.review(token, audiences).await
     }
 
     /// An operator's token reviewed for the API's own audience: as [`Identities::review`],
@@ -916,51 +852,6 @@ mod tests {
         assert_eq!(gated.started.load(Ordering::SeqCst), REVIEWS_IN_FLIGHT + 1);
         assert_eq!(ids.cached(), REVIEWS_IN_FLIGHT + 1);
         assert!(ids.cache().pending.is_empty(), "reviews left pending");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn new_agent_tokens_are_reviewed_within_each_addresss_budget() {
-        let fake = Arc::new(Fake::default());
-        let (_, now) = clock();
-        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), now.clone());
-        let audiences = ["podiam".to_string()];
-        let node: Option<IpAddr> = Some("10.0.0.1".parse().expect("ip"));
-        let other: Option<IpAddr> = Some("10.0.0.2".parse().expect("ip"));
-        let burst = AGENT_REVIEWS_BURST as usize;
-        let good = jwt("good", now() + 3600);
-        assert!(ids.review_agent(&good, &audiences, node).await.is_ok());
-        // Made-up tokens from the same address: the rest of its burst, then refused without
-        // asking the API.
-        for i in 1..burst {
-            let review = ids
-                .review_agent(&format!("made-up-{i}"), &audiences, node)
-                .await;
-            assert!(
-                matches!(review, Ok(Review::Unauthenticated(_))),
-                "{i}: {review:?}"
-            );
-        }
-        assert_eq!(fake.calls.load(Ordering::SeqCst), burst);
-        let refused = ids.review_agent("made-up-x", &audiences, node).await;
-        assert!(refused.is_err(), "beyond the burst: {refused:?}");
-        assert_eq!(fake.calls.load(Ordering::SeqCst), burst);
-        // The address's remembered token still answers, and another address has its own
-        // budget.
-        assert!(ids.review_agent(&good, &audiences, node).await.is_ok());
-        let theirs = jwt("good-2", now() + 3600);
-        assert!(ids.review_agent(&theirs, &audiences, other).await.is_ok());
-        // A second later the address may have one more reviewed.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let review = ids.review_agent("made-up-y", &audiences, node).await;
-        assert!(
-            matches!(review, Ok(Review::Unauthenticated(_))),
-            "{review:?}"
-        );
-        assert!(
-            ids.review_agent("made-up-z", &audiences, node)
-                .await
-                .is_err()
-        );
     }
 
     #[tokio::test(start_paused = true)]

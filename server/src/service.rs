@@ -495,8 +495,7 @@ impl PodiamService {
             return Err(Reason::NotReady.status("the server has not yet listed the cluster"));
         }
         let proven = if certified {
-            self.prove(request.metadata(), peer.map(|p| p.ip().to_canonical()))
-                .await
+            self.prove(request.metadata()).await
         } else {
             Err(BindingFailure::NoCertificate)
         };
@@ -522,15 +521,14 @@ impl PodiamService {
         }
     }
 
-    /// The agent the request's token proves (the request from `peer`).
+    /// The agent the request's token proves.
     async fn prove(
         &self,
         metadata: &tonic::metadata::MetadataMap,
-        peer: Option<IpAddr>,
     ) -> Result<ProvenAgent, BindingFailure> {
         let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
         let audiences = [self.settings.binding.audience.clone()];
-        let user = match self.identities.review_agent(token, &audiences, peer).await {
+        let user = match self.identities.review(token, &audiences).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
             Err(error) => return Err(BindingFailure::Unavailable(error.0)),
