@@ -25,31 +25,68 @@ use podiam_tests::process::{ChildGuard, listen_addresses, wait_until};
 /// The token the minimal server hands out when given none.
 pub const MINIMAL_TOKEN: &str = "baseline-token";
 
-/// Serves `body` to a GET and `token` to a PUT on `listen` until killed (the `podiam-bench
-/// minimal-server` subcommand), having written the address bound to `address_file` (as the
-/// daemons' `--listen-address-file` does).
+/// What the minimal server answers: `body` to a GET and `token` to a PUT, each with its
+/// headers (besides those hyper writes itself: see [`header_lines`]).
+#[derive(Clone, Debug, Default)]
+pub struct MinimalAnswers {
+    pub body: Bytes,
+    pub get_headers: http::HeaderMap,
+    pub token: Bytes,
+    pub put_headers: http::HeaderMap,
+}
+
+/// Headers given as `name: value` on the command line.
+pub fn parse_headers(lines: &[String]) -> anyhow::Result<http::HeaderMap> {
+    let mut headers = http::HeaderMap::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("header {line:?} is not `name: value`"))?;
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes())?,
+            http::HeaderValue::from_str(value.trim())?,
+        );
+    }
+    Ok(headers)
+}
+
+/// `headers` as `name: value` lines for [`parse_headers`], without those hyper writes itself.
+pub fn header_lines(headers: &[(String, String)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(name, _)| !is_hypers(name))
+        .map(|(name, value)| format!("{}: {value}", name.to_ascii_lowercase()))
+        .collect()
+}
+
+/// Whether hyper writes the header `name` itself (on every answer, or, `connection`, as the
+/// connection's state and the request have it: urllib asks to close, wrk to keep alive).
+fn is_hypers(name: &str) -> bool {
+    ["date", "content-length", "connection", "transfer-encoding"]
+        .iter()
+        .any(|own| name.eq_ignore_ascii_case(own))
+}
+
+/// Serves `answers` on `listen` until killed (the `podiam-bench minimal-server` subcommand),
+/// having written the address bound to `address_file` (as the daemons'
+/// `--listen-address-file` does).
 pub async fn serve_minimal(
     listen: SocketAddr,
     address_file: &Path,
-    body: Bytes,
-    token: Bytes,
+    answers: MinimalAnswers,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     podiam_runtime::net::write_address_file(address_file, &[("listen", listener.local_addr()?)])?;
+    let answers = std::sync::Arc::new(answers);
     let handler = move |_, request: http::Request<hyper::body::Incoming>| {
-        let body = if request.method() == http::Method::PUT {
-            token.clone()
+        let (body, headers) = if request.method() == http::Method::PUT {
+            (&answers.token, &answers.put_headers)
         } else {
-            body.clone()
+            (&answers.body, &answers.get_headers)
         };
-        async move {
-            let mut response = http::Response::new(Full::new(body));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain"),
-            );
-            response
-        }
+        let mut response = http::Response::new(Full::new(body.clone()));
+        *response.headers_mut() = headers.clone();
+        std::future::ready(response)
     };
     podiam_runtime::serve::serve_http(
         listener,
@@ -68,18 +105,21 @@ pub async fn start_minimal(
     body_file: &Path,
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    start_minimal_at(dir, body_file, None, listen, None).await
+    start_minimal_at(dir, body_file, None, listen, None, &[]).await
 }
 
 /// Starts the minimal server on `listen` (port 0: the kernel's pick), inside network
 /// namespace `netns` when one is given, its files in `dir`, handing out the token in
-/// `token_file` when one is given; the server and its address.
+/// `token_file` when one is given, with `headers` (`name: value` lines for a GET's answer
+/// and a PUT's: see [`header_lines`]; none, a `text/plain` content type); the server and its
+/// address.
 pub async fn start_minimal_at(
     dir: &Path,
     body_file: &Path,
     token_file: Option<&Path>,
     listen: SocketAddr,
     netns: Option<&Netns>,
+    headers: &[(&str, Vec<String>)],
 ) -> anyhow::Result<(ChildGuard, SocketAddr)> {
     let address_file = dir.join(format!("minimal-addresses-{}", listen.ip()));
     let exe = std::env::current_exe()?;
@@ -99,6 +139,11 @@ pub async fn start_minimal_at(
         }))
         .arg("--listen-address-file")
         .arg(&address_file);
+    for (flag, lines) in headers {
+        for line in lines {
+            command.arg(format!("--{flag}={line}"));
+        }
+    }
     let mut guard = ChildGuard::spawn("minimal-server", command)?;
     let addresses = listen_addresses(&mut guard, &address_file, Duration::from_secs(10))
         .await

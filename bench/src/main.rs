@@ -88,6 +88,13 @@ enum Command {
         /// Where to write the address listened on (port 0 in --listen: the kernel's pick).
         #[arg(long)]
         listen_address_file: PathBuf,
+        /// A header of the answer to a GET, `name: value` (repeated); none: a `text/plain`
+        /// content type.
+        #[arg(long = "get-header")]
+        get_headers: Vec<String>,
+        /// A header of the answer to a PUT, as --get-header.
+        #[arg(long = "put-header")]
+        put_headers: Vec<String>,
     },
 }
 
@@ -186,15 +193,24 @@ async fn main() -> anyhow::Result<()> {
         body_file,
         token_file,
         listen_address_file,
+        get_headers,
+        put_headers,
     }) = &args.command
     {
-        let body = std::fs::read(body_file)?;
-        let token = match token_file {
-            Some(path) => Bytes::from(std::fs::read(path)?),
-            None => Bytes::from_static(baseline::MINIMAL_TOKEN.as_bytes()),
+        let headers = |lines: &[String]| match lines {
+            [] => baseline::parse_headers(&["content-type: text/plain".to_string()]),
+            lines => baseline::parse_headers(lines),
         };
-        return baseline::serve_minimal(*listen, listen_address_file, Bytes::from(body), token)
-            .await;
+        let answers = baseline::MinimalAnswers {
+            body: Bytes::from(std::fs::read(body_file)?),
+            get_headers: headers(get_headers)?,
+            token: match token_file {
+                Some(path) => Bytes::from(std::fs::read(path)?),
+                None => Bytes::from_static(baseline::MINIMAL_TOKEN.as_bytes()),
+            },
+            put_headers: headers(put_headers)?,
+        };
+        return baseline::serve_minimal(*listen, listen_address_file, answers).await;
     }
     podiam_runtime::tls::install_crypto_provider();
     let plan = Plan::new(&args);

@@ -4,9 +4,11 @@
 //!
 //! The cluster is the test harness's [`World`]: a node namespace running `podiam-agent serve
 //! --iptables`, one pod namespace with a role. Beside the agent, in the node namespace and
-//! reached over the same veth, nginx and the minimal Rust server serve the agent's exact
-//! credentials bytes on the node's address (the agent's DNAT target). At each connection count
-//! the targets take turns in rounds, keep-alive GETs of the credentials path, and the IMDSv2
+//! reached over the same veth through a DNAT rule each (as the agent is), nginx and the
+//! minimal Rust server serve the agent's exact credentials bytes; the minimal server gives
+//! the agent's headers too, checked before any run, so the pairs compare the same wire
+//! bytes. At each connection count the targets take turns in rounds, keep-alive GETs of the
+//! credentials path, and the IMDSv2
 //! pair (`PUT /latest/api/token`, then the GET with the token) against the minimal server
 //! (nginx has no token PUT). This machine kind is shared: the other tenants' load comes and
 //! goes within seconds, and one long run per target let it decide which target looked
@@ -29,7 +31,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use podiam_tests::netns::{METADATA_IP, Netns};
+use podiam_tests::netns::{HttpReply, METADATA_IP, Netns};
 use podiam_tests::process::ChildGuard;
 use podiam_tests::world::{World, WorldConfig};
 use serde::Serialize;
@@ -307,56 +309,29 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
     let node = world.node();
     let agent_url = format!("http://{METADATA_IP}{CREDS_PATH}");
 
-    // The pod's credentials once through the real path: the bytes every baseline serves.
-    let body = first_credentials(pod, &agent_url)
+    // The pod's credentials and a token once through the real path: the answers (bytes and
+    // headers) every baseline gives.
+    let first = first_credentials(pod, &agent_url)
         .await
         .map_err(|e| anyhow::anyhow!("{e}; agent log:\n{}", world.agent_log()))?;
+    let body = first.body.clone();
     let dir = world.dir().join("real-path");
     std::fs::create_dir_all(&dir)?;
-    let body_file = dir.join("credentials.json");
-    std::fs::write(&body_file, &body)?;
     let scripts = Scripts::write(&dir)?;
     let token = pod
         .http_request(
             "PUT",
             &format!("http://{METADATA_IP}/latest/api/token"),
-            &[("X-aws-ec2-metadata-token-ttl-seconds", "21600")],
+            &TOKEN_REQUEST_HEADERS,
             Duration::from_secs(3),
         )
         .await?;
     if token.status != 200 {
         bail!("the agent gave no IMDSv2 token: {token:?}");
     }
-    // The minimal server hands out the agent's own token: the pairs carry the same bytes.
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, &token.body)?;
-
-    let listen = SocketAddr::new(IpAddr::V4(node.ip()), 0);
-    let (minimal, minimal_addr) = baseline::start_minimal_at(
-        &dir,
-        &body_file,
-        Some(&token_file),
-        listen,
-        Some(node.netns()),
-    )
-    .await?;
-    let nginx = start_nginx_in_node(&dir, node.netns(), listen, body.as_bytes()).await?;
     let agent_pid = world.agent_pid().context("the agent is not running")?;
-    let servers = Targets {
-        agent: Server {
-            url: agent_url.clone(),
-            pids: vec![agent_pid],
-        },
-        nginx: nginx.as_ref().map(|(guard, addr)| Server {
-            url: format!("http://{addr}{CREDS_PATH}"),
-            // The master and its workers, started and answering by now.
-            pids: proc_stats::with_children(guard.pid()),
-        }),
-        minimal: Server {
-            url: format!("http://{minimal_addr}{CREDS_PATH}"),
-            pids: vec![minimal.pid()],
-        },
-    };
+    let (servers, _baselines) = start_baselines(node, &dir, &first, &token, agent_pid).await?;
+    same_answers(pod, &servers.minimal.url, &first, &token).await?;
     if servers.nginx.is_none() {
         println!("(nginx is not installed: its baseline is left out; scripts/bench installs it)");
     }
@@ -384,7 +359,7 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
         ctx.plan_text(),
     );
     Ok(json!({
-        "path": "pod netns → veth → DNAT 169.254.169.254:80 → agent in the node netns; nginx and the minimal server on the node's address over the same veth",
+        "path": "pod netns → veth → DNAT 169.254.169.254:80 → agent in the node netns; nginx and the minimal server in the node netns over the same veth, each through a DNAT rule of its own (169.254.171.2:80, 169.254.171.1:80)",
         "generator": wrk_version(),
         "body_bytes": body.len(),
         "seconds_per_run": plan.real_duration.as_secs_f64(),
@@ -397,14 +372,160 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
     }))
 }
 
+/// The IMDSv2 token request's headers.
+const TOKEN_REQUEST_HEADERS: [(&str, &str); 1] =
+    [("X-aws-ec2-metadata-token-ttl-seconds", "21600")];
+
+/// The baselines' processes, running until dropped.
+struct Baselines {
+    _minimal: ChildGuard,
+    _nginx: Option<ChildGuard>,
+}
+
+/// Starts nginx (when installed) and the minimal server in the node's namespace, each reached
+/// through a DNAT rule of its own, the minimal server giving the agent's `credentials` and
+/// `token` answers (bodies and headers); the three targets, and the baselines' processes.
+async fn start_baselines(
+    node: &podiam_tests::netns::Node,
+    dir: &Path,
+    credentials: &HttpReply,
+    token: &HttpReply,
+    agent_pid: u32,
+) -> anyhow::Result<(Targets, Baselines)> {
+    let body_file = dir.join("credentials.json");
+    std::fs::write(&body_file, &credentials.body)?;
+    // The minimal server hands out the agent's own token: the pairs carry the same bytes.
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, &token.body)?;
+    let listen = SocketAddr::new(IpAddr::V4(node.ip()), 0);
+    let headers = [
+        ("get-header", baseline::header_lines(&credentials.headers)),
+        ("put-header", baseline::header_lines(&token.headers)),
+    ];
+    let (minimal, minimal_addr) = baseline::start_minimal_at(
+        dir,
+        &body_file,
+        Some(&token_file),
+        listen,
+        Some(node.netns()),
+        &headers,
+    )
+    .await?;
+    let nginx = start_nginx_in_node(dir, node.netns(), listen, credentials.body.as_bytes()).await?;
+    // The baselines are reached as the agent is: by an address of their own that a DNAT rule
+    // in the node's namespace sends to them, so each pays the same translation per packet.
+    let minimal_url = dnat_url(node.netns(), MINIMAL_IP, minimal_addr).await?;
+    let nginx_url = match &nginx {
+        Some((_, addr)) => Some(dnat_url(node.netns(), NGINX_IP, *addr).await?),
+        None => None,
+    };
+    let targets = Targets {
+        agent: Server {
+            url: format!("http://{METADATA_IP}{CREDS_PATH}"),
+            pids: vec![agent_pid],
+        },
+        nginx: nginx
+            .as_ref()
+            .zip(nginx_url)
+            .map(|((guard, _), url)| Server {
+                url,
+                // The master and its workers, started and answering by now.
+                pids: proc_stats::with_children(guard.pid()),
+            }),
+        minimal: Server {
+            url: minimal_url,
+            pids: vec![minimal.pid()],
+        },
+    };
+    let baselines = Baselines {
+        _minimal: minimal,
+        _nginx: nginx.map(|(guard, _)| guard),
+    };
+    Ok((targets, baselines))
+}
+
+/// Checks that the minimal server at `url` answers `pod` as the agent did (`credentials`,
+/// `token`): the same status, body and headers but the date. The pairs' figures compare
+/// the agent's work with none only if the bytes on the wire are the same.
+async fn same_answers(
+    pod: &Netns,
+    url: &str,
+    credentials: &HttpReply,
+    token: &HttpReply,
+) -> anyhow::Result<()> {
+    let token_url = url.replace(CREDS_PATH, "/latest/api/token");
+    let timeout = Duration::from_secs(3);
+    let got_credentials = pod.http_get(url, timeout).await?;
+    let got_token = pod
+        .http_request("PUT", &token_url, &TOKEN_REQUEST_HEADERS, timeout)
+        .await?;
+    for (what, agent, minimal) in [
+        ("credentials", credentials, &got_credentials),
+        ("token", token, &got_token),
+    ] {
+        if comparable(agent) != comparable(minimal) {
+            bail!(
+                "the minimal server's {what} answer differs from the agent's:\n  agent: {:?}\n  minimal: {:?}",
+                comparable(agent),
+                comparable(minimal)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An answer without its date, headers by name.
+fn comparable(reply: &HttpReply) -> (u16, &str, std::collections::BTreeSet<(String, &str)>) {
+    let headers = reply
+        .headers
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("date"))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.as_str()))
+        .collect();
+    (reply.status, reply.body.as_str(), headers)
+}
+
+/// The address pods reach the minimal server by, and nginx by: link-local like the metadata
+/// address, each sent on by a DNAT rule like the agent's.
+const MINIMAL_IP: &str = "169.254.171.1";
+const NGINX_IP: &str = "169.254.171.2";
+
+/// Sends `ip`:80 to `target` with a DNAT rule in the node's namespace (`node`: deleted whole
+/// with the world, and the rule with it); the credentials URL by that address.
+async fn dnat_url(node: &Netns, ip: &str, target: SocketAddr) -> anyhow::Result<String> {
+    let output = node
+        .command("iptables")
+        .args([
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &format!("{ip}/32"),
+        ])
+        .args(["-p", "tcp", "--dport", "80", "-j", "DNAT"])
+        .args(["--to-destination", &target.to_string()])
+        .output()
+        .await
+        .context("running iptables in the node's namespace")?;
+    if !output.status.success() {
+        bail!(
+            "iptables refused the DNAT rule for {ip}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(format!("http://{ip}{CREDS_PATH}"))
+}
+
 /// The first credentials `pod` gets at `url`, asked until they come (STS behind the server,
 /// moto here, takes a moment the first time).
-async fn first_credentials(pod: &Netns, url: &str) -> anyhow::Result<String> {
+async fn first_credentials(pod: &Netns, url: &str) -> anyhow::Result<HttpReply> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let reply = pod.http_get(url, Duration::from_secs(3)).await;
         match reply {
-            Ok(reply) if reply.status == 200 => return Ok(reply.body),
+            Ok(reply) if reply.status == 200 => return Ok(reply),
             other if std::time::Instant::now() > deadline => {
                 bail!("the pod never got credentials: {other:?}")
             }
