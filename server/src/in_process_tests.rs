@@ -589,3 +589,73 @@ async fn a_pods_token_proves_only_the_pod_at_the_address() {
     shutdown.cancel();
     serving.await.expect("joined").0.expect("served");
 }
+
+/// Asks for web's credentials while STS takes 10 s to answer, and at 5 s (the request then
+/// waits for STS: on paused time nothing else is due before) lets `meanwhile` change the
+/// cluster; what the server answers.
+async fn asked_while(
+    meanwhile: impl FnOnce(&Rig),
+) -> Result<tonic::Response<podiam_proto::v1::GetCredentialsResponse>, tonic::Status> {
+    let mut rig = Rig::new(&[]);
+    *rig.sts.latency.lock().expect("not poisoned") = Duration::from_secs(10);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let asked = tokio::spawn(async move { client.get_credentials(credentials_of_web()).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(*rig.sts.calls.borrow(), 1, "the request waits for STS");
+    assert_eq!(*rig.sts.issued.borrow(), 0, "the request waits for STS");
+    meanwhile(&rig);
+    let answer = asked.await.expect("joins");
+    assert_eq!(*rig.sts.issued.borrow(), 1, "STS answered");
+    answer
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_grant_that_stands_are_handed_out() {
+    let answer = asked_while(|_| {}).await.expect("credentials");
+    assert!(answer.into_inner().credentials.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_role_revoked_meanwhile_are_not_handed_out() {
+    // The pod's role becomes one its namespace does not permit (`app-.*`).
+    let refused = asked_while(|rig| rig.add_pod("web", WEB_IP, "db-admin"))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        Reason::of(&refused),
+        Some(Reason::RoleNotPermitted),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_role_changed_meanwhile_are_not_handed_out() {
+    // Another permitted role: the credentials fetched are the old role's.
+    let refused = asked_while(|rig| rig.add_pod("web", WEB_IP, "app-writer"))
+        .await
+        .expect_err("refused");
+    assert_eq!(Reason::of(&refused), Some(Reason::WrongRole), "{refused:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_pod_replaced_meanwhile_are_not_handed_out() {
+    // The pod is deleted and its address given to another pod with the same role.
+    let refused = asked_while(|rig| {
+        rig.cluster
+            .pods
+            .write()
+            .expect("not poisoned")
+            .remove("uid-web");
+        rig.add_pod("web-2", WEB_IP, "app-reader");
+    })
+    .await
+    .expect_err("refused");
+    assert_eq!(
+        Reason::of(&refused),
+        Some(Reason::UnknownPod),
+        "{refused:?}"
+    );
+}

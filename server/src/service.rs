@@ -24,6 +24,7 @@ use podiam_policy::decision::{
     ReviewedUser, Scope, View, bind_agent, pod_ref, prove_pod,
 };
 use podiam_policy::index::{ByUid, PodRecord};
+use podiam_policy::policy::Role;
 use podiam_proto::v1::{
     AgentStatus, Credentials, ExplainRequest, ExplainResponse, GetCredentialsRequest,
     GetCredentialsResponse, GetPodRoleRequest, GetPodRoleResponse, HealthRequest, HealthResponse,
@@ -623,6 +624,7 @@ impl PodiamService {
                 return Err(Failure::Sts(error));
             }
         };
+        self.still_granted(ip, &pod, &role)?;
         tracing::info!(
             target: "podiam::audit",
             pod = %pod.name,
@@ -649,6 +651,32 @@ impl PodiamService {
                 role_arn: role.arn,
             }),
         })
+    }
+
+    /// Whether the grant decided for `pod` (`role`) still stands, decided again now that its
+    /// credentials are here: a TokenReview or an STS call may take seconds, and meanwhile the
+    /// role may have been revoked, the namespace's permission narrowed, or the pod deleted and
+    /// its address given to another. Credentials are handed out only if the same pod still
+    /// holds the address with the same role; otherwise the request gets what it would get if
+    /// it arrived now (the refusal, or the pod's role is not the one fetched). The caller's
+    /// node was checked before: a pod never moves to another node, so the same pod is still
+    /// on it.
+    fn still_granted(&self, ip: IpAddr, pod: &PodRecord, role: &Role) -> Result<(), Refusal> {
+        let now = self.with_view(|view| view.decide(ip, Scope::Cluster))?;
+        if now.pod.uid != pod.uid {
+            return Err(Refusal::AddressTaken {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                ip,
+            });
+        }
+        if now.role.arn != role.arn {
+            return Err(Refusal::WrongRole {
+                pod: format!("{}/{}", pod.namespace, pod.name),
+                asked: role.name.clone(),
+                actual: now.role.name,
+            });
+        }
+        Ok(())
     }
 
     /// Whether `token`, presented by the pod at the request's address, proves `pod`: the API
