@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,6 +48,16 @@ pub const NEGATIVE_REVIEW_TTL: Duration = Duration::from_secs(10);
 /// Most reviews (Token and SubjectAccess) waiting on the API at once; callers beyond this
 /// wait their turn. A flood of made-up tokens cannot turn into a flood of API requests.
 pub const REVIEWS_IN_FLIGHT: usize = 16;
+/// Of those, the most one caller's address may have running at once. Agent calls need the
+/// agents' client certificate, which every node holds, and a token is reviewed before it can
+/// be refused: root on one node could otherwise fill every slot with made-up tokens, and
+/// every other node's new agent and pod tokens would wait behind its flood.
+pub const REVIEWS_IN_FLIGHT_PER_ADDRESS: usize = 4;
+/// The most reviews one address may have waiting or running; a new token beyond it is
+/// refused at once as unavailable (the agent retries). Well above the new tokens an honest
+/// node presents at once (its agent's, and a pod token for each of its pods, at most 250),
+/// and a bound on what one address's flood keeps in memory.
+pub const REVIEWS_PENDING_PER_ADDRESS: usize = 256;
 /// New operator tokens (never reviewed, or no longer remembered) reviewed per second, and
 /// the burst allowed: operator calls need no client certificate, so anyone who reaches the
 /// port could otherwise turn made-up tokens into TokenReviews at will. People run a few
@@ -342,6 +353,33 @@ pub struct Identities {
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
     operator_budget: Mutex<Budget>,
+    /// The reviews each caller's address has waiting or running.
+    addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+}
+
+/// One address's reviews: how many are waiting or running, and its running slots.
+struct Queue {
+    pending: usize,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+/// A review's place in its address's queue, given back when it ends.
+struct Turn {
+    addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+    address: IpAddr,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut addresses = lock(&self.addresses);
+        if let Some(queue) = addresses.get_mut(&self.address) {
+            queue.pending -= 1;
+            if queue.pending == 0 {
+                addresses.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// A token bucket: what is left of it, and when it was last topped up.
@@ -432,6 +470,7 @@ impl Identities {
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
+            addresses: Arc::default(),
         }
     }
 
@@ -483,6 +522,39 @@ impl Identities {
         token: &str,
         audiences: &[String],
     ) -> Result<Review, ReviewUnavailable> {
+        self.review_from(token, audiences, None).await
+    }
+
+    /// A place in `address`'s queue of reviews, unless it has
+    /// [`REVIEWS_PENDING_PER_ADDRESS`] already.
+    fn turn(&self, address: IpAddr) -> Result<Turn, ReviewUnavailable> {
+        let mut addresses = lock(&self.addresses);
+        let queue = addresses.entry(address).or_insert_with(|| Queue {
+            pending: 0,
+            running: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT_PER_ADDRESS)),
+        });
+        if queue.pending >= REVIEWS_PENDING_PER_ADDRESS {
+            return Err(ReviewUnavailable(
+                "too many token reviews under way for this address; retry in a few seconds".into(),
+            ));
+        }
+        queue.pending += 1;
+        Ok(Turn {
+            addresses: Arc::clone(&self.addresses),
+            address,
+            running: Arc::clone(&queue.running),
+        })
+    }
+
+    /// As [`Identities::review`], for a caller at `address` (`None`: unattributed): a token
+    /// that has to be asked about is asked within the address's share of the slots
+    /// ([`REVIEWS_IN_FLIGHT_PER_ADDRESS`], [`REVIEWS_PENDING_PER_ADDRESS`]).
+    pub async fn review_from(
+        &self,
+        token: &str,
+        audiences: &[String],
+        address: Option<IpAddr>,
+    ) -> Result<Review, ReviewUnavailable> {
         let key = digest(token, audiences);
         let now = (self.now)();
         let pending = {
@@ -500,6 +572,7 @@ impl Identities {
                     // itself off the pending list however its callers fare: a caller that
                     // gives up (its deadline, a reset stream) cannot leave a review holding
                     // one of the slots, or its token in memory, forever.
+                    let turn = address.map(|address| self.turn(address)).transpose()?;
                     let reviewer = Arc::clone(&self.reviewer);
                     let permits = Arc::clone(&self.in_flight);
                     let token = token.to_string();
@@ -508,10 +581,21 @@ impl Identities {
                     let shared_cache = Arc::clone(&self.cache);
                     let clock = Arc::clone(&self.now);
                     let task = tokio::spawn(async move {
-                        let answer = match permits.acquire_owned().await {
-                            Ok(_permit) => reviewer.review_token(&token, &audiences).await,
-                            Err(_) => Err(ReviewUnavailable("the server is shutting down".into())),
+                        let answer = {
+                            // The address's own slot first, then one of all: an address's
+                            // reviews wait behind each other, not in front of the others'.
+                            let own = match &turn {
+                                Some(turn) => Some(Arc::clone(&turn.running).acquire_owned().await),
+                                None => None,
+                            };
+                            match (own.transpose(), permits.acquire_owned().await) {
+                                (Ok(_own), Ok(_permit)) => {
+                                    reviewer.review_token(&token, &audiences).await
+                                }
+                                _ => Err(ReviewUnavailable("the server is shutting down".into())),
+                            }
                         };
+                        drop(turn);
                         let result = match &answer {
                             Ok(Review::Authenticated(_)) => "authenticated",
                             Ok(Review::Unauthenticated(_)) => "unauthenticated",
@@ -561,8 +645,8 @@ impl Identities {
 }
 
 /// The cache, also when a thread panicked holding it (every change to it is whole).
-fn lock(cache: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
-    cache.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A review's `answer` for `token` (under `key`), made at `now`: off the pending list, and
@@ -851,6 +935,54 @@ mod tests {
         );
         assert_eq!(gated.started.load(Ordering::SeqCst), REVIEWS_IN_FLIGHT + 1);
         assert_eq!(ids.cached(), REVIEWS_IN_FLIGHT + 1);
+        assert!(ids.cache().pending.is_empty(), "reviews left pending");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_addresss_flood_of_new_tokens_takes_its_share_of_the_slots_and_no_more() {
+        let gated = Arc::new(Gated {
+            gate: tokio::sync::Semaphore::new(0),
+            started: AtomicUsize::new(0),
+        });
+        let ids = Identities::with_clock(gated.clone(), IdentityCounters::new(), clock().1);
+        let node: IpAddr = "10.0.0.1".parse().expect("ip");
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        let started = || gated.started.load(Ordering::SeqCst);
+        let ask = |token: String, from: IpAddr, within: Duration| {
+            let ids = &ids;
+            async move { tokio::time::timeout(within, ids.review_from(&token, &[], Some(from))).await }
+        };
+        // Root on one node: as many made-up tokens as one address may have under way, each
+        // caller giving up while the API has not answered.
+        for i in 0..REVIEWS_PENDING_PER_ADDRESS {
+            let gave_up = ask(format!("flood-{i}"), node, Duration::from_millis(1)).await;
+            assert!(
+                gave_up.is_err(),
+                "review {i} answered before the gate opened"
+            );
+        }
+        // Only the address's share of the slots reached the API.
+        assert_eq!(started(), REVIEWS_IN_FLIGHT_PER_ADDRESS);
+        // One more from it is refused at once, without asking the API.
+        let refused = ask("flood-more".into(), node, Duration::from_millis(1)).await;
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        assert_eq!(started(), REVIEWS_IN_FLIGHT_PER_ADDRESS);
+        // Another node's new token is asked about at once, not behind the flood.
+        let theirs = ask("theirs".into(), other, Duration::from_millis(1)).await;
+        assert!(theirs.is_err(), "answered before the gate opened");
+        assert_eq!(started(), REVIEWS_IN_FLIGHT_PER_ADDRESS + 1);
+        // The API answers: the flood drains, the address's queue goes, it may ask again.
+        gated.gate.add_permits(REVIEWS_PENDING_PER_ADDRESS + 2);
+        while !lock(&ids.addresses).is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(started(), REVIEWS_PENDING_PER_ADDRESS + 1);
+        let again = ask("again".into(), node, Duration::from_secs(60)).await;
+        assert!(
+            matches!(again, Ok(Ok(Review::Unauthenticated(_)))),
+            "{again:?}"
+        );
+        assert!(lock(&ids.addresses).is_empty(), "a queue left behind");
         assert!(ids.cache().pending.is_empty(), "reviews left pending");
     }
 

@@ -496,7 +496,8 @@ impl PodiamService {
             return Err(Reason::NotReady.status("the server has not yet listed the cluster"));
         }
         let proven = if certified {
-            self.prove(request.metadata()).await
+            self.prove(request.metadata(), peer.map(|p| p.ip().to_canonical()))
+                .await
         } else {
             Err(BindingFailure::NoCertificate)
         };
@@ -522,14 +523,15 @@ impl PodiamService {
         }
     }
 
-    /// The agent the request's token proves.
+    /// The agent the request's token (from `peer`) proves.
     async fn prove(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        peer: Option<IpAddr>,
     ) -> Result<ProvenAgent, BindingFailure> {
         let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
         let audiences = [self.settings.binding.audience.clone()];
-        let user = match self.identities.review(token, &audiences).await {
+        let user = match self.identities.review_from(token, &audiences, peer).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
             Err(error) => return Err(BindingFailure::Unavailable(error.0)),
@@ -612,7 +614,8 @@ impl PodiamService {
         let identity = if request.pod_token.is_empty() {
             "address"
         } else {
-            self.prove_pod_token(&pod, &request.pod_token).await?;
+            let from = peer.map(|p| p.ip().to_canonical());
+            self.prove_pod_token(&pod, &request.pod_token, from).await?;
             "address and token"
         };
         let key = self.cache_key(&pod, &role.arn);
@@ -682,15 +685,21 @@ impl PodiamService {
     /// Whether `token`, presented by the pod at the request's address, proves `pod`: the API
     /// accepts it for the pods' audience (a review remembered for the token's life), and it
     /// is bound to that very pod ([`prove_pod`]). A token of a deleted pod stops at once: the
-    /// pod is no longer the one at the address.
-    async fn prove_pod_token(&self, pod: &PodRecord, token: &str) -> Result<(), Failure> {
+    /// pod is no longer the one at the address. `from`: the agent's address, whose share of
+    /// the reviews a new token takes.
+    async fn prove_pod_token(
+        &self,
+        pod: &PodRecord,
+        token: &str,
+        from: Option<IpAddr>,
+    ) -> Result<(), Failure> {
         if token.len() > MAX_POD_TOKEN_BYTES {
             return Err(Failure::BadRequest(format!(
                 "pod_token is over {MAX_POD_TOKEN_BYTES} bytes"
             )));
         }
         let audiences = [self.settings.binding.pod_audience.clone()];
-        let user = match self.identities.review(token, &audiences).await {
+        let user = match self.identities.review_from(token, &audiences, from).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => {
                 return Err(PodTokenRefusal::NotAccepted(why).into());
