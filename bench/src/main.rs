@@ -212,6 +212,21 @@ async fn main() -> anyhow::Result<()> {
         };
         return baseline::serve_minimal(*listen, listen_address_file, answers).await;
     }
+    // Stopped by a signal, the run is dropped here, and with it everything it started: its
+    // processes are stopped and its network namespaces, veths and rules removed, as on an
+    // error. Otherwise a ^C would leave them behind.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(stop.clone()));
+    tokio::select! {
+        result = run(args) => result,
+        () = stop.cancelled() => {
+            bail!("stopped by a signal: what the benchmark had started is stopped and removed")
+        }
+    }
+}
+
+/// The benchmark's sections as `args` choose them, then the targets and the JSON file.
+async fn run(args: Args) -> anyhow::Result<()> {
     podiam_runtime::tls::install_crypto_provider();
     let plan = Plan::new(&args);
     let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
