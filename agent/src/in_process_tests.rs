@@ -830,3 +830,39 @@ async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
     assert_eq!(status, 200, "{body}");
     rig.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_pod_cannot_take_the_health_ports_connections() {
+    // A pod of the node reaches the health port too (it is on the node's address). Holding
+    // connections busy (heads begun, not finished), it gets 4 of them, not the 16 a pod may
+    // hold at the metadata port; the kubelet's probes, from the node's address, are served.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    let mut held = Vec::new();
+    for _ in 0..crate::HEALTH_CONNECTIONS_PER_PEER {
+        let mut stream = rig
+            .network
+            .connect(WEB.into(), AGENT_HEALTH)
+            .expect("connects");
+        stream
+            .write_all(b"GET /live HTTP/1.1\r\n")
+            .await
+            .expect("sends");
+        held.push(stream);
+    }
+    let mut one_more = rig
+        .network
+        .connect(WEB.into(), AGENT_HEALTH)
+        .expect("connects");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(1), one_more.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a fifth busy connection from one pod is closed at once: {read:?}"
+    );
+    let node = Ipv4Addr::new(10, 9, 0, 1);
+    let (status, body) = rig.get_from(node, AGENT_HEALTH, "/live").await;
+    assert_eq!(status, 200, "{body}");
+    drop(held);
+    rig.stop().await;
+}

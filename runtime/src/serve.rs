@@ -518,10 +518,11 @@ async fn serve_connection<S, H, F>(
                 connection.as_mut().graceful_shutdown();
                 finishing = Some(Instant::now() + DRAIN_TIMEOUT);
             }
-            Event::Evicted => {
-                connection.as_mut().graceful_shutdown();
-                finishing = Some(Instant::now() + DRAIN_TIMEOUT);
-            }
+            // Idle when it was chosen, it has nothing under way to finish; and it no longer
+            // counts against its address, so it must not keep a slot of the listener while a
+            // client that stopped reading leaves its last answer unflushed: a flood of such
+            // connections from one pod would fill every slot. Dropped at once.
+            Event::Evicted => return,
             Event::Deadline => match due(conn, &limits, finishing, peer, observer) {
                 Due::Drop => return,
                 Due::Finish => {
@@ -1012,6 +1013,56 @@ mod tests {
             .await
             .expect("the connection that stopped reading ends");
         flood.abort();
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_that_stopped_reading_gives_its_slot_back_at_once() {
+        // One address at its limit (2) of a listener with 3 slots, both its connections
+        // stuck: requests pipelined, answers (64 KiB each) never read. A third connection
+        // from it evicts one; the evicted one must not hold its slot while its unflushed
+        // answer waits for the drain timeout (5 s), or another address finds no slot.
+        let limits = Limits {
+            max_connections: 3,
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let counts = Arc::new(Counts::default());
+        let big = Bytes::from(vec![b'x'; 64 * 1024]);
+        let handler = move |_, _| {
+            let big = big.clone();
+            async move { Response::new(Full::new(big)) }
+        };
+        tokio::spawn(serve_http_observed(
+            listener,
+            limits,
+            Arc::clone(&counts) as Arc<dyn ConnectionObserver>,
+            handler,
+            stop.clone(),
+        ));
+        let mut stuck = Vec::new();
+        for _ in 0..2 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_recv_buffer_size(4096).expect("a small buffer");
+            let mut stream = socket.connect(addr).await.expect("connects");
+            stream.write_all(&GET.repeat(200)).await.expect("sends");
+            stuck.push(stream);
+        }
+        // Both are served until their answers fill the buffers, and are then idle: a third
+        // connection is refused while neither is, and evicts one once one is.
+        let mut third = Vec::new();
+        while counts.closed(Closed::PeerLimitEvicted) == 0 {
+            third.push(TcpStream::connect(addr).await.expect("connects"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another address gets the slot the evicted connection held.
+        let mut other = connect_from([127, 0, 0, 2], addr).await;
+        tokio::time::timeout(Duration::from_secs(3), answered(&mut other))
+            .await
+            .expect("another address answered while the evicted connection drained");
+        stop.cancel();
     }
 
     #[tokio::test]
