@@ -45,7 +45,8 @@ pub const REVIEW_CACHE_DEFAULT: Duration = Duration::from_secs(300);
 /// How long a refused token stays refused without asking again: a caller repeating a bad
 /// token costs the API one review per this interval, not one per call.
 pub const NEGATIVE_REVIEW_TTL: Duration = Duration::from_secs(10);
-/// Most reviews (Token and SubjectAccess) waiting on the API at once; callers beyond this
+/// Most TokenReviews waiting on the API at once (SubjectAccessReviews have
+/// [`ACCESS_REVIEWS_IN_FLIGHT`] of their own); callers beyond this
 /// wait their turn. A flood of made-up tokens cannot turn into a flood of API requests.
 pub const REVIEWS_IN_FLIGHT: usize = 16;
 /// Of those, the most one caller's address may have running at once. Agent calls need the
@@ -58,6 +59,15 @@ pub const REVIEWS_IN_FLIGHT_PER_ADDRESS: usize = 4;
 /// node presents at once (its agent's, and a pod token for each of its pods, at most 250),
 /// and a bound on what one address's flood keeps in memory.
 pub const REVIEWS_PENDING_PER_ADDRESS: usize = 256;
+/// The most reviews waiting or running for all addresses together: root on one node may
+/// call from many addresses (its pods', or an IPv6 prefix), and each waiting review keeps its
+/// token (up to 16 KiB) in memory. Past it, a new token is refused at once as unavailable.
+pub const REVIEWS_PENDING: usize = 2048;
+/// SubjectAccessReviews (one per operator call) waiting on the API at once, apart from the
+/// token reviews' slots: any pod's own ServiceAccount token is a valid operator token (its
+/// call is then refused by the review), so operator calls must not be able to take the slots
+/// that agents' and pods' new tokens need.
+pub const ACCESS_REVIEWS_IN_FLIGHT: usize = 4;
 /// New operator tokens (never reviewed, or no longer remembered) reviewed per second, and
 /// the burst allowed: operator calls need no client certificate, so anyone who reaches the
 /// port could otherwise turn made-up tokens into TokenReviews at will. People run a few
@@ -349,12 +359,16 @@ pub struct Identities {
     /// Shared with the reviews under way, which record their own answers.
     cache: Arc<Mutex<Cache>>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The access reviews' own slots ([`ACCESS_REVIEWS_IN_FLIGHT`]).
+    access_in_flight: tokio::sync::Semaphore,
     counters: IdentityCounters,
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
     operator_budget: Mutex<Budget>,
     /// The reviews each caller's address has waiting or running.
     addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+    /// The reviews all addresses have waiting or running (changed under `addresses`' lock).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One address's reviews: how many are waiting or running, and its running slots.
@@ -366,6 +380,7 @@ struct Queue {
 /// A review's place in its address's queue, given back when it ends.
 struct Turn {
     addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     address: IpAddr,
     running: Arc<tokio::sync::Semaphore>,
 }
@@ -373,6 +388,8 @@ struct Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         let mut addresses = lock(&self.addresses);
+        self.pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(queue) = addresses.get_mut(&self.address) {
             queue.pending -= 1;
             if queue.pending == 0 {
@@ -467,10 +484,12 @@ impl Identities {
             reviewer,
             cache: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
+            access_in_flight: tokio::sync::Semaphore::new(ACCESS_REVIEWS_IN_FLIGHT),
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
             addresses: Arc::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -526,9 +545,14 @@ impl Identities {
     }
 
     /// A place in `address`'s queue of reviews, unless it has
-    /// [`REVIEWS_PENDING_PER_ADDRESS`] already.
+    /// [`REVIEWS_PENDING_PER_ADDRESS`] already, or all have [`REVIEWS_PENDING`].
     fn turn(&self, address: IpAddr) -> Result<Turn, ReviewUnavailable> {
         let mut addresses = lock(&self.addresses);
+        if self.pending.load(std::sync::atomic::Ordering::Relaxed) >= REVIEWS_PENDING {
+            return Err(ReviewUnavailable(
+                "too many token reviews under way; retry in a few seconds".into(),
+            ));
+        }
         let queue = addresses.entry(address).or_insert_with(|| Queue {
             pending: 0,
             running: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT_PER_ADDRESS)),
@@ -539,8 +563,11 @@ impl Identities {
             ));
         }
         queue.pending += 1;
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Turn {
             addresses: Arc::clone(&self.addresses),
+            pending: Arc::clone(&self.pending),
             address,
             running: Arc::clone(&queue.running),
         })
@@ -631,7 +658,7 @@ impl Identities {
         access: &Access,
     ) -> Result<Result<(), String>, ReviewUnavailable> {
         let _permit = self
-            .in_flight
+            .access_in_flight
             .acquire()
             .await
             .map_err(|_| ReviewUnavailable("the server is shutting down".into()))?;
@@ -984,6 +1011,119 @@ mod tests {
         );
         assert!(lock(&ids.addresses).is_empty(), "a queue left behind");
         assert!(ids.cache().pending.is_empty(), "reviews left pending");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floods_from_many_addresses_wait_in_bounded_numbers() {
+        let gated = Arc::new(Gated {
+            gate: tokio::sync::Semaphore::new(0),
+            started: AtomicUsize::new(0),
+        });
+        let ids = Identities::with_clock(gated.clone(), IdentityCounters::new(), clock().1);
+        // Root on one node calling from many addresses: each address's full share.
+        let addresses = REVIEWS_PENDING / REVIEWS_PENDING_PER_ADDRESS;
+        for a in 0..addresses {
+            let from = IpAddr::from([10, 1, 0, u8::try_from(a).expect("small")]);
+            for i in 0..REVIEWS_PENDING_PER_ADDRESS {
+                let token = format!("flood-{a}-{i}");
+                let gave_up = tokio::time::timeout(
+                    Duration::from_millis(1),
+                    ids.review_from(&token, &[], Some(from)),
+                )
+                .await;
+                assert!(gave_up.is_err(), "{token} answered before the gate opened");
+            }
+        }
+        assert_eq!(
+            ids.pending.load(std::sync::atomic::Ordering::Relaxed),
+            REVIEWS_PENDING
+        );
+        // The next new token, from any address, is refused at once: memory stays bounded.
+        let fresh = IpAddr::from([10, 2, 0, 1]);
+        let refused = tokio::time::timeout(
+            Duration::from_millis(1),
+            ids.review_from("one-more", &[], Some(fresh)),
+        )
+        .await;
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        // Once the API answers, the count goes back to nothing.
+        gated.gate.add_permits(REVIEWS_PENDING + 1);
+        while ids.pending.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(lock(&ids.addresses).is_empty(), "a queue left behind");
+    }
+
+    /// A reviewer whose access reviews wait until the test opens its gate; token reviews
+    /// (refusals) are answered at once.
+    #[derive(Debug)]
+    struct SlowAccess {
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Reviewer for SlowAccess {
+        fn review_token<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
+            Box::pin(async { Ok(Review::Unauthenticated("no".into())) })
+        }
+
+        fn review_access<'a>(
+            &'a self,
+            _: &'a ReviewedUser,
+            _: &'a Access,
+        ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
+            Box::pin(async move {
+                let _open = self.gate.acquire().await;
+                Ok(Ok(()))
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn operator_calls_access_reviews_do_not_hold_up_token_reviews() {
+        let slow = Arc::new(SlowAccess {
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let ids = Arc::new(Identities::with_clock(
+            slow.clone(),
+            IdentityCounters::new(),
+            clock().1,
+        ));
+        let user = ReviewedUser {
+            username: "system:serviceaccount:team-a:default".into(),
+            uid: "u".into(),
+            groups: Vec::new(),
+            pod_name: None,
+            pod_uid: None,
+            node_name: None,
+        };
+        // Any pod's own token is an operator token: its calls flood access reviews the API
+        // is slow to answer.
+        let flood: Vec<_> = (0..100)
+            .map(|_| {
+                let (ids, user) = (Arc::clone(&ids), user.clone());
+                tokio::spawn(async move { ids.may(&user, &Access::LIST_PODS).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // A node's new token is reviewed at once all the same.
+        let node: IpAddr = "10.0.0.1".parse().expect("ip");
+        let review = tokio::time::timeout(
+            Duration::from_millis(1),
+            ids.review_from("new-agent-token", &["podiam".to_string()], Some(node)),
+        )
+        .await;
+        assert!(
+            matches!(review, Ok(Ok(Review::Unauthenticated(_)))),
+            "{review:?}"
+        );
+        slow.gate.add_permits(100);
+        for call in flood {
+            assert!(matches!(call.await, Ok(Ok(Ok(())))));
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -659,3 +659,34 @@ async fn credentials_fetched_for_a_pod_replaced_meanwhile_are_not_handed_out() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_over_64_kib_is_not_read_and_a_call_ends_after_30_s() {
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    // A pod token is at most 16 KiB: a request four times that is refused as it arrives,
+    // before anything reads its fields.
+    let refused = client
+        .get_credentials(GetCredentialsRequest {
+            pod_token: "x".repeat(70 * 1024),
+            ..credentials_of_web()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    // A call stuck (here in a TokenReview that takes an hour) ends after 30 s.
+    let began = Instant::now();
+    let mut request = tonic::Request::new(GetPodRoleRequest {
+        ip: WEB_IP.into(),
+        node_name: NODE.into(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer slow".parse().expect("ascii"));
+    let ended = client.get_pod_role(request).await.expect_err("ended");
+    assert_eq!(began.elapsed(), Duration::from_secs(30), "{ended:?}");
+    shutdown.cancel();
+}

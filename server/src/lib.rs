@@ -318,7 +318,11 @@ impl Server {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .add_service(PodiamServer::new(self.service.clone()))
+            .timeout(CALL_TIMEOUT)
+            .add_service(
+                PodiamServer::new(self.service.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, accepting.clone().cancelled_owned());
         let served = drain(grpc, &shutdown, &self.draining, &accepting, self.drain).await;
         self.draining.cancel();
@@ -462,6 +466,17 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// its node stream and a call per pod cache miss; 1000 streams opened by one caller on one
 /// connection must not be served.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// The largest request message read. The largest any caller sends is a GetCredentials with
+/// a pod's token (at most [`service::MAX_POD_TOKEN_BYTES`]); tonic's default, 4 MiB, let a
+/// caller without a client certificate (the port takes them, for operator calls) hold 4 MiB
+/// per stream, 256 streams per connection, before any check could refuse it.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The longest a call may take to be answered (a stream, to start), its request read
+/// included: a request sent slowly and never finished holds its stream no longer than this.
+/// Far above any honest call: a review has 3 s, and agents give up after a second or two.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How often credential upkeep runs when nothing in the cluster changes: often enough that a
 /// refresh due at half-life (30 minutes into a 1 h session) is never late by much.

@@ -48,6 +48,10 @@ pub const ENDPOINT_URL: &str = "http://169.254.170.23/v1/credentials";
 pub const ENDPOINT_URL_IPV6: &str = "http://[fd00:ec2::23]/v1/credentials";
 /// Largest AdmissionReview accepted: the API server's own limit on a request is 3 MiB.
 const MAX_REVIEW_BYTES: usize = 3 << 20;
+/// How long a review's body may take to arrive whole: the API server sends it at once. A
+/// body sent slowly and never finished would otherwise hold up to 3 MiB for as long as its
+/// sender liked.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the webhook puts in pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -247,14 +251,19 @@ impl Webhook {
         if request.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
         }
-        let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(_) => {
+        let read = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
+        let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => {
                 counted("error");
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, "the review is too large\n");
+            }
+            Err(_) => {
+                counted("error");
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the review did not arrive in time\n",
+                );
             }
         };
         let answer = serde_json::from_slice::<Value>(&body)
