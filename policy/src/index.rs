@@ -329,18 +329,23 @@ impl PodIndex {
         self.role_key.as_deref().unwrap_or(ROLE_ANNOTATION)
     }
 
-    /// Records a Kubernetes Pod, its role read from [`PodIndex::role_key`].
-    pub fn apply_pod(&mut self, pod: &k8s_openapi::api::core::v1::Pod) {
-        if let Some(record) = PodRecord::from_pod_keyed(pod, self.role_key()) {
-            self.apply(record);
+    /// Records a Kubernetes Pod, its role read from [`PodIndex::role_key`]; whether that
+    /// changed the index (see [`PodIndex::apply`]).
+    pub fn apply_pod(&mut self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+        match PodRecord::from_pod_keyed(pod, self.role_key()) {
+            Some(record) => self.apply(record),
+            None => false,
         }
     }
 
-    /// Records the pod's current state: indexes it if live, forgets it otherwise.
-    pub fn apply(&mut self, pod: PodRecord) {
+    /// Records the pod's current state: indexes it if live, forgets it otherwise. False
+    /// when the index already held exactly this record: most of a pod's updates (labels,
+    /// container statuses, conditions) change nothing podiam keeps, and nothing that
+    /// follows the index needs to look again.
+    pub fn apply(&mut self, pod: PodRecord) -> bool {
         let held = self.by_uid(&pod.uid);
         if held.as_deref() == Some(&pod) {
-            return;
+            return false;
         }
         let reused = self
             .previous
@@ -351,12 +356,12 @@ impl PodIndex {
         self.remove(&pod.uid);
         let live = pod.is_live();
         if !live && !pod.is_running_on_host() {
-            return;
+            return true;
         }
         let pod = reused.unwrap_or_else(|| Arc::new(self.interned(pod)));
         if !live {
             self.host.insert(ByUid(pod));
-            return;
+            return true;
         }
         for ip in pod.ips() {
             match self.by_ip.get_mut(&ip) {
@@ -372,6 +377,7 @@ impl PodIndex {
             .or_default()
             .insert(ByUid(Arc::clone(&pod)));
         self.by_uid.insert(ByUid(pod));
+        true
     }
 
     /// `pod` with its shared names replaced by the index's copies.
@@ -910,9 +916,13 @@ mod tests {
         // Names many pods share are held once.
         let (a_node, b_node) = (a.node_name.clone(), b.node_name.clone());
         assert!(Arc::ptr_eq(&a_node.expect("node"), &b_node.expect("node")));
-        // An update that changes nothing podiam reads keeps the record.
-        index.apply(pod("a", Some("10.0.0.1"), "Running"));
+        // An update that changes nothing podiam reads keeps the record, and says so (the
+        // watch then wakes nobody); one that changes it says that too.
+        assert!(!index.apply(pod("a", Some("10.0.0.1"), "Running")));
         assert!(Arc::ptr_eq(&a, &index.by_uid("a").expect("a")));
+        assert!(index.apply(pod("a", Some("10.0.0.9"), "Running")));
+        assert!(index.apply(pod("a", Some("10.0.0.1"), "Running")));
+        let a = index.by_uid("a").expect("a");
 
         let mut fresh = index.for_relist();
         fresh.apply(pod("a", Some("10.0.0.1"), "Running"));

@@ -131,7 +131,8 @@ trait Indexed:
     }
     /// A relist into `fresh` is complete.
     fn relisted(_fresh: &mut Self::Index) {}
-    fn apply(index: &mut Self::Index, object: &Self);
+    /// Records `object`; whether that may have changed what the index answers.
+    fn apply(index: &mut Self::Index, object: &Self) -> bool;
     fn remove(index: &mut Self::Index, object: &Self);
     fn slot(cluster: &Cluster) -> (&RwLock<Self::Index>, &AtomicBool);
 }
@@ -145,8 +146,8 @@ impl Indexed for Pod {
     fn relisted(fresh: &mut PodIndex) {
         fresh.relisted();
     }
-    fn apply(index: &mut PodIndex, pod: &Pod) {
-        index.apply_pod(pod);
+    fn apply(index: &mut PodIndex, pod: &Pod) -> bool {
+        index.apply_pod(pod)
     }
     fn remove(index: &mut PodIndex, pod: &Pod) {
         if let Some(uid) = &pod.metadata.uid {
@@ -167,9 +168,9 @@ impl Indexed for Namespace {
     fn relisted(fresh: &mut NamespaceIndex) {
         fresh.relisted();
     }
-    fn apply(index: &mut NamespaceIndex, ns: &Namespace) {
+    fn apply(index: &mut NamespaceIndex, ns: &Namespace) -> bool {
         let Some(name) = ns.metadata.name.as_deref() else {
-            return;
+            return false;
         };
         if index.apply(ns)
             && let Permitted::Invalid { error, .. } = &*index.rule(name)
@@ -182,6 +183,8 @@ impl Indexed for Namespace {
                 "the namespace's permitted rule is refused: nothing is permitted in it"
             );
         }
+        // Namespaces change seldom: any update is taken as a change.
+        true
     }
     fn remove(index: &mut NamespaceIndex, ns: &Namespace) {
         if let Some(name) = &ns.metadata.name {
@@ -199,8 +202,10 @@ impl Indexed for ServiceAccount {
     fn relist_from(current: &AccountIndex) -> AccountIndex {
         AccountIndex::keyed(current.role_key())
     }
-    fn apply(index: &mut AccountIndex, account: &ServiceAccount) {
+    fn apply(index: &mut AccountIndex, account: &ServiceAccount) -> bool {
         index.apply(account);
+        // ServiceAccounts change seldom: any update is taken as a change.
+        true
     }
     fn remove(index: &mut AccountIndex, account: &ServiceAccount) {
         index.remove(account);
@@ -253,8 +258,6 @@ async fn watch<K>(
             () = shutdown.cancelled() => return,
             event = stream.try_next() => event,
         };
-        let write =
-            |f: &dyn Fn(&mut K::Index)| f(&mut index.write().unwrap_or_else(|e| e.into_inner()));
         match event {
             Ok(Some(Event::Init)) => {
                 let current = index.read().unwrap_or_else(|e| e.into_inner());
@@ -266,28 +269,8 @@ async fn watch<K>(
                 }
             }
             Ok(Some(Event::InitDone)) => {
-                if let Some(mut fresh) = relist.take() {
-                    K::relisted(&mut fresh);
-                    let old = std::mem::replace(
-                        &mut *index.write().unwrap_or_else(|e| e.into_inner()),
-                        fresh,
-                    );
-                    // The old view is dropped off the lock, and what it held goes back to
-                    // the kernel at once rather than over jemalloc's decay time. That takes
-                    // this worker for some 10-20 ms at 100k pods (unchanged records are the
-                    // new view's own; purging 57 MiB took 16-24 ms on a busy machine), once
-                    // per relist. Here, not on a blocking thread: a thread of its own kept
-                    // free pages of its own (benchmark, 100k pods: RSS after each relist
-                    // 99.4-100.0 MiB that way, 98.5-99.3 here).
-                    let started = std::time::Instant::now();
-                    drop(old);
-                    let arenas = crate::heap::release_freed();
-                    tracing::debug!(
-                        resource = K::WHAT,
-                        arenas,
-                        elapsed_us = started.elapsed().as_micros() as u64,
-                        "replaced view dropped, freed pages returned"
-                    );
+                if let Some(fresh) = relist.take() {
+                    replace_view::<K>(index, fresh);
                 }
                 relists
                     .get_or_create(&ResourceLabels { resource: K::WHAT })
@@ -298,11 +281,21 @@ async fn watch<K>(
                 cluster.changed();
             }
             Ok(Some(Event::Apply(object))) => {
-                write(&|i| K::apply(i, &object));
-                cluster.changed();
+                // Node streams and the credential upkeep look again at every change; an
+                // update that changed nothing podiam keeps does not wake them.
+                let changed = K::apply(
+                    &mut index.write().unwrap_or_else(|e| e.into_inner()),
+                    &object,
+                );
+                if changed {
+                    cluster.changed();
+                }
             }
             Ok(Some(Event::Delete(object))) => {
-                write(&|i| K::remove(i, &object));
+                K::remove(
+                    &mut index.write().unwrap_or_else(|e| e.into_inner()),
+                    &object,
+                );
                 cluster.changed();
             }
             Ok(None) => {
@@ -314,6 +307,30 @@ async fn watch<K>(
             }
         }
     }
+}
+
+/// Puts a relist's `fresh` view in place of `index`'s.
+fn replace_view<K: Indexed>(index: &RwLock<K::Index>, mut fresh: K::Index) {
+    K::relisted(&mut fresh);
+    let old = std::mem::replace(
+        &mut *index.write().unwrap_or_else(|e| e.into_inner()),
+        fresh,
+    );
+    // The old view is dropped off the lock, and what it held goes back to the kernel at
+    // once rather than over jemalloc's decay time. That takes this worker for some 10-20 ms
+    // at 100k pods (unchanged records are the new view's own; purging 57 MiB took 16-24 ms
+    // on a busy machine), once per relist. Here, not on a blocking thread: a thread of its
+    // own kept free pages of its own (benchmark, 100k pods: RSS after each relist
+    // 99.4-100.0 MiB that way, 98.5-99.3 here).
+    let started = std::time::Instant::now();
+    drop(old);
+    let arenas = crate::heap::release_freed();
+    tracing::debug!(
+        resource = K::WHAT,
+        arenas,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "replaced view dropped, freed pages returned"
+    );
 }
 
 fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>>
