@@ -183,10 +183,6 @@ fn claimants_seen_from(pods: &[Arc<PodRecord>], namespace: Option<&str>) -> Stri
     format!(" ({})", parts.join(", "))
 }
 
-fn on_node(pod: &PodRecord, node: &str) -> bool {
-    pod.node_name.as_deref() == Some(node)
-}
-
 /// `namespace/name`
 fn pod_name(pod: &PodRecord) -> String {
     format!("{}/{}", pod.namespace, pod.name)
@@ -207,28 +203,26 @@ impl View<'_> {
         if !self.synced {
             return Err(Refusal::NotReady);
         }
-        match self.pods.lookup(ip) {
-            Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
-            Lookup::Found(pod) => match scope {
-                Scope::Node(node) if !on_node(&pod, node) => Err(Refusal::OtherNode {
-                    ip,
-                    node: node.to_string(),
-                }),
-                _ => self.decide_pod(pod),
-            },
-            Lookup::Ambiguous(pods) => match scope {
-                Scope::Node(node) if !pods.iter().any(|p| on_node(p, node)) => {
-                    Err(Refusal::OtherNode {
+        let found = match scope {
+            Scope::Node(node) => match self.pods.lookup_on(ip, node) {
+                Lookup::Unknown if self.pods.lookup(ip) != Lookup::Unknown => {
+                    return Err(Refusal::OtherNode {
                         ip,
                         node: node.to_string(),
-                    })
+                    });
                 }
-                _ => Err(Refusal::AmbiguousPod {
-                    ip,
-                    pods,
-                    namespace: None,
-                }),
+                found => found,
             },
+            Scope::Cluster => self.pods.lookup(ip),
+        };
+        match found {
+            Lookup::Unknown => Err(Refusal::UnknownPod(ip)),
+            Lookup::Found(pod) => self.decide_pod(pod),
+            Lookup::Ambiguous(pods) => Err(Refusal::AmbiguousPod {
+                ip,
+                pods,
+                namespace: None,
+            }),
         }
     }
 
@@ -328,7 +322,12 @@ impl View<'_> {
                 pod: pod_name(pod),
                 ip,
             };
-            match self.pods.lookup(ip) {
+            // Among its own node's pods: see `PodIndex::lookup_on`.
+            let found = match pod.node_name.as_deref() {
+                Some(node) => self.pods.lookup_on(ip, node),
+                None => self.pods.lookup(ip),
+            };
+            match found {
                 Lookup::Found(holder) if holder.uid != pod.uid => return Err(taken()),
                 Lookup::Ambiguous(pods) if pods.iter().any(|p| p.uid == pod.uid) => {
                     return Err(Refusal::AmbiguousPod {
@@ -962,6 +961,9 @@ mod tests {
             pod("x2", "team-b", "node-b", "10.0.9.9", Some("b-writer")),
             pod("y1", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
             pod("y2", "team-b", "node-b", "10.0.8.8", Some("b-writer")),
+            // 10.0.5.5 is claimed twice on node a, by pods of two namespaces.
+            pod("z1", "team-a", "node-a", "10.0.5.5", Some("app-reader")),
+            pod("z2", "team-b", "node-a", "10.0.5.5", Some("b-writer")),
             // 10.0.7.7: a terminating pod with a role, and the new pod given its address
             // (with a role of its own); 10.0.7.8 the same, the new pod without a role;
             // 10.0.6.6: a terminating pod alone.
@@ -1024,9 +1026,13 @@ mod tests {
             (b, "10.0.1.2", Err(Reason::RoleNotPermitted)),
             (b, "10.0.0.1", Err(Reason::OtherNode)),
             (a, "10.9.9.9", Err(Reason::UnknownPod)),
-            // Shared across nodes: refused for both agents as ambiguous (it is theirs too).
-            (a, "10.0.9.9", Err(Reason::AmbiguousPod)),
-            (b, "10.0.9.9", Err(Reason::AmbiguousPod)),
+            // Claimed on both nodes: each node's agent has its own node's pod there (a packet
+            // from the address reaches the agent of the node it comes from). Another node's
+            // claim, a stale status or one written with that node's kubelet credentials,
+            // cannot make this node's pod ambiguous.
+            (a, "10.0.9.9", Ok("x1")),
+            (b, "10.0.9.9", Ok("x2")),
+            (Scope::Cluster, "10.0.9.9", Err(Reason::AmbiguousPod)),
             // Shared on node b only: node a learns nothing of it.
             (a, "10.0.8.8", Err(Reason::OtherNode)),
             (b, "10.0.8.8", Err(Reason::AmbiguousPod)),
@@ -1121,16 +1127,16 @@ mod tests {
         let pods = cluster();
         let namespaces = namespaces();
         let view = synced_view(&pods, &namespaces);
-        // 10.0.9.9 is claimed by team-a/pod-x1 (node a) and team-b/pod-x2 (node b).
+        // 10.0.5.5 is claimed by team-a/pod-z1 and team-b/pod-z2, both on node a.
         let state = |uid: &str| view.pod_state(&pods.by_uid(uid).expect("pod"));
-        for (uid, own, other) in [("x1", "team-a", "team-b"), ("x2", "team-b", "team-a")] {
+        for (uid, own, other) in [("z1", "team-a", "team-b"), ("z2", "team-b", "team-a")] {
             let told = state(uid);
             assert_eq!(
                 wire(told.refusal_reason),
                 Some(Reason::AmbiguousPod),
                 "{told:?}"
             );
-            let other_pod = if uid == "x1" { "pod-x2" } else { "pod-x1" };
+            let other_pod = if uid == "z1" { "pod-z2" } else { "pod-z1" };
             for secret in [other, other_pod] {
                 assert!(
                     !told.refusal_message.contains(secret),
@@ -1148,10 +1154,10 @@ mod tests {
         }
         // Asked by address, the answer goes to whichever pod is there: it names nobody.
         for scope in [Scope::Node("node-a"), Scope::Node("node-b"), Scope::Cluster] {
-            let refusal = view.decide(ip("10.0.9.9"), scope).expect_err("refused");
+            let refusal = view.decide(ip("10.0.5.5"), scope).expect_err("refused");
             let message = refusal.to_string();
             assert!(
-                !["team-a", "team-b", "pod-x1", "pod-x2"]
+                !["team-a", "team-b", "pod-z1", "pod-z2"]
                     .iter()
                     .any(|s| message.contains(s)),
                 "{scope:?}: {message}"
@@ -1163,10 +1169,10 @@ mod tests {
         // Operators get every claimant: by address (cluster-wide `list pods`) in the message
         // and the pods…
         let by_ip = view
-            .explain(&ExplainTarget::Ip(ip("10.0.9.9")))
+            .explain(&ExplainTarget::Ip(ip("10.0.5.5")))
             .expect("synced");
         assert!(
-            by_ip.message.contains("team-b/pod-x2") && by_ip.message.contains("team-a/pod-x1"),
+            by_ip.message.contains("team-b/pod-z2") && by_ip.message.contains("team-a/pod-z1"),
             "{by_ip:?}"
         );
         assert_eq!(by_ip.pods.len(), 2);
@@ -1174,12 +1180,12 @@ mod tests {
         let by_name = view
             .explain(&ExplainTarget::Pod {
                 namespace: "team-a".into(),
-                name: "pod-x1".into(),
+                name: "pod-z1".into(),
             })
             .expect("synced");
         assert_eq!(wire(by_name.reason), Some(Reason::AmbiguousPod));
         assert!(
-            !by_name.message.contains("team-b") && !by_name.message.contains("pod-x2"),
+            !by_name.message.contains("team-b") && !by_name.message.contains("pod-z2"),
             "{by_name:?}"
         );
     }
@@ -1330,8 +1336,10 @@ mod tests {
                 "node-b",
             ),
             (by_ip("10.0.9.9"), false, Some(Reason::AmbiguousPod), 2, ""),
+            // Claimed on another node too: its own node's agent answers it all the same.
+            (by_name("team-a", "pod-x1"), true, None, 1, "node-a"),
             (
-                by_name("team-a", "pod-x1"),
+                by_name("team-a", "pod-z1"),
                 false,
                 Some(Reason::AmbiguousPod),
                 1,

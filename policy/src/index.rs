@@ -455,26 +455,48 @@ impl PodIndex {
             .collect()
     }
 
-    /// Whether `pod` still holds its IPs: it is not terminating, or no pod that is not
-    /// terminating claims any of them too.
+    /// Whether `pod` still holds its IPs: it is not terminating, or no pod of its node that
+    /// is not terminating claims any of them too.
     pub fn holds_ip(&self, pod: &PodRecord) -> bool {
-        !pod.deleting || pod.ips().all(|ip| self.claimants(ip).1.is_empty())
+        !pod.deleting
+            || pod
+                .ips()
+                .all(|ip| self.claimants(ip, pod.node_name.as_deref()).1.is_empty())
     }
 
-    /// The live pods claiming `ip`: (terminating ones, the others).
-    fn claimants(&self, ip: IpAddr) -> (Vec<&Arc<PodRecord>>, Vec<&Arc<PodRecord>>) {
+    /// The live pods claiming `ip`, those on `node` only when one is given: (terminating
+    /// ones, the others).
+    fn claimants(
+        &self,
+        ip: IpAddr,
+        node: Option<&str>,
+    ) -> (Vec<&Arc<PodRecord>>, Vec<&Arc<PodRecord>>) {
         self.by_ip
             .get(&ip)
             .map(Claimants::as_slice)
             .unwrap_or_default()
             .iter()
+            .filter(|pod| node.is_none_or(|node| pod.node_name.as_deref() == Some(node)))
             .partition(|pod| pod.deleting)
     }
 
     /// The one live pod holding this IP, if exactly one: the one pod claiming it that is not
     /// terminating, or, when every claimant is terminating, the only one.
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
-        let (terminating, others) = self.claimants(ip);
+        self.lookup_among(ip, None)
+    }
+
+    /// As [`PodIndex::lookup`], among the pods of `node` only. A packet from a pod's address
+    /// reaches its own node's agent (the DNAT rule is the node's), so another node's pod
+    /// claiming the same address (a stale status; or a status written with one node's
+    /// kubelet credentials to make a pod elsewhere ambiguous) has no say in what this node's
+    /// pod is.
+    pub fn lookup_on(&self, ip: IpAddr, node: &str) -> Lookup {
+        self.lookup_among(ip, Some(node))
+    }
+
+    fn lookup_among(&self, ip: IpAddr, node: Option<&str>) -> Lookup {
+        let (terminating, others) = self.claimants(ip, node);
         let pods = if others.is_empty() {
             terminating
         } else {

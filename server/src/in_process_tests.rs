@@ -241,6 +241,11 @@ impl Rig {
     /// Puts the running pod `name` of `team-a` at `ip` on [`NODE`], with `role`, into the
     /// server's view (as its watch would).
     fn add_pod(&self, name: &str, ip: &str, role: &str) {
+        self.add_pod_on(NODE, name, ip, role);
+    }
+
+    /// [`Rig::add_pod`] on `node`.
+    fn add_pod_on(&self, node: &str, name: &str, ip: &str, role: &str) {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": name,
@@ -248,7 +253,7 @@ impl Rig {
                 "uid": format!("uid-{name}"),
                 "annotations": { "iam.amazonaws.com/role": role },
             },
-            "spec": { "nodeName": NODE, "containers": [] },
+            "spec": { "nodeName": node, "containers": [] },
             "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
         }))
         .expect("pod");
@@ -615,6 +620,17 @@ async fn asked_while(
 #[tokio::test(start_paused = true)]
 async fn credentials_fetched_for_a_grant_that_stands_are_handed_out() {
     let answer = asked_while(|_| {}).await.expect("credentials");
+    assert!(answer.into_inner().credentials.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_nodes_claim_of_the_address_meanwhile_does_not_refuse_the_pod() {
+    // A pod on another node claims web's address (a stale record there, or one written
+    // with that node's kubelet credentials): the asking agent's node still has one pod at
+    // the address, the pod the credentials were fetched for.
+    let answer = asked_while(|rig| rig.add_pod_on("node-2", "squatter", WEB_IP, "app-reader"))
+        .await
+        .expect("credentials");
     assert!(answer.into_inner().credentials.is_some());
 }
 

@@ -665,7 +665,10 @@ impl PodiamService {
     /// node was checked before: a pod never moves to another node, so the same pod is still
     /// on it.
     fn still_granted(&self, ip: IpAddr, pod: &PodRecord, role: &Role) -> Result<(), Refusal> {
-        let now = self.with_view(|view| view.decide(ip, Scope::Cluster))?;
+        // On the pod's node, as the agent asked: another node's claim of the address
+        // (stale, or written with its kubelet's credentials) cannot refuse it here either.
+        let scope = pod.node_name.as_deref().map_or(Scope::Cluster, Scope::Node);
+        let now = self.with_view(|view| view.decide(ip, scope))?;
         if now.pod.uid != pod.uid {
             return Err(Refusal::AddressTaken {
                 pod: format!("{}/{}", pod.namespace, pod.name),
