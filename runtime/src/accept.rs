@@ -10,7 +10,12 @@
 //! One address holds at most [`MAX_CONNECTIONS_PER_ADDRESS`] connections at once, from its
 //! accept to its close ([`Held`]): the ports take connections without a client certificate
 //! (operators' calls), so without a cap one pod could open connections until a server ran
-//! out of memory. Beyond it a new connection is closed at once.
+//! out of memory. Beyond it a new connection is closed at once. Connections with no client
+//! certificate (operators' calls: agents always present one) from other addresses than
+//! loopback are fewer still: [`MAX_UNCERTIFIED_PER_ADDRESS`] per address and
+//! [`MAX_UNCERTIFIED`] in all, since each may carry up to 256 calls whose requests are read
+//! before anything can refuse them. Loopback is the server pod's own network namespace:
+//! `kubectl port-forward` arrives from there, and pods cannot.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +45,13 @@ const ACCEPTED_BUFFER: usize = 64;
 /// replica (two while its certificate rotates); operators' port-forwards arrive from the
 /// node's own address a few at a time; a hostile pod gets no further than this.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Connections without a client certificate one address other than loopback may hold: an
+/// operator's pod runs a command or two at a time.
+pub const MAX_UNCERTIFIED_PER_ADDRESS: usize = 4;
+/// Connections without a client certificate held in all: what the requests of their calls
+/// may hold in memory before anything checks them stays bounded however many addresses
+/// (pods) open them.
+pub const MAX_UNCERTIFIED: usize = 16;
 
 /// Accepts on `listener` until `stop`, handing out TLS streams; the stream of connections
 /// ends once `stop` is cancelled and the handshakes under way have finished. The accept loop
@@ -52,8 +64,40 @@ pub fn accept_tls<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
+    let uncertified = OpenConnections::new(usize::MAX, usize::MAX, false);
+    accept_tls_with(listener, tls, stop, tasks, on_refused, uncertified)
+}
+
+/// [`accept_tls`] for a port whose clients present the podiam CA's certificates, where
+/// those that do not (operators' calls) are held to [`MAX_UNCERTIFIED_PER_ADDRESS`] and
+/// [`MAX_UNCERTIFIED`] connections unless they come from loopback (port-forwards). Not for the admission webhook's port: the API server
+/// presents no certificate there.
+pub fn accept_tls_certified<L: Listener>(
+    listener: L,
+    tls: Arc<Rotating<ServerConfig>>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+    on_refused: Arc<dyn Fn() + Send + Sync>,
+) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
+    let uncertified = OpenConnections::uncertified();
+    accept_tls_with(listener, tls, stop, tasks, on_refused, uncertified)
+}
+
+fn accept_tls_with<L: Listener>(
+    listener: L,
+    tls: Arc<Rotating<ServerConfig>>,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+    on_refused: Arc<dyn Fn() + Send + Sync>,
+    uncertified: OpenConnections,
+) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BUFFER);
-    let open = Arc::new(OpenConnections::default());
+    let open = Arc::new(OpenConnections::new(
+        MAX_CONNECTIONS_PER_ADDRESS,
+        usize::MAX,
+        false,
+    ));
+    let uncertified = Arc::new(uncertified);
     tasks.spawn(async move {
         let handshakes = TaskTracker::new();
         loop {
@@ -72,12 +116,15 @@ pub fn accept_tls<L: Listener>(
             let stream = Held {
                 io: stream,
                 _slot: slot,
+                _uncertified: None,
             };
+            let uncertified = Arc::clone(&uncertified);
             handshakes.spawn(async move {
                 let handshaken = match nodelay {
                     Ok(()) => handshake(acceptor, stream, peer).await,
                     Err(error) => Err(error.to_string()),
                 };
+                let handshaken = handshaken.and_then(|stream| counted(stream, &uncertified, peer));
                 match handshaken {
                     Ok(stream) => {
                         let _ = tx.send(Ok(stream)).await;
@@ -123,17 +170,70 @@ async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
     Ok(stream)
 }
 
-/// How many connections each address holds open.
-#[derive(Debug, Default)]
-struct OpenConnections(Mutex<HashMap<IpAddr, usize>>);
+/// `stream` with a slot among the connections without a client certificate when it has
+/// none and its address is bounded; refused when there is no slot.
+fn counted<T>(
+    mut stream: TlsStream<Held<T>>,
+    uncertified: &Arc<OpenConnections>,
+    peer: SocketAddr,
+) -> Result<TlsStream<Held<T>>, String> {
+    let certified = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|certs| !certs.is_empty());
+    let address = peer.ip().to_canonical();
+    if !certified && uncertified.bounds(address) {
+        let slot = uncertified.admit(address).ok_or_else(|| {
+            format!(
+                "connections without a client certificate: {MAX_UNCERTIFIED_PER_ADDRESS} per \
+                 address and {MAX_UNCERTIFIED} in all are open"
+            )
+        })?;
+        stream.get_mut().0._uncertified = Some(slot);
+    }
+    Ok(stream)
+}
+
+/// How many connections each address holds open, at most `per_address` each and `total`
+/// in all; loopback's are not counted when `loopback_unbounded`.
+#[derive(Debug)]
+struct OpenConnections {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    per_address: usize,
+    total: usize,
+    loopback_unbounded: bool,
+}
 
 impl OpenConnections {
-    /// A slot for one more connection of `address`, if it has fewer than
-    /// [`MAX_CONNECTIONS_PER_ADDRESS`] open.
+    fn new(per_address: usize, total: usize, loopback_unbounded: bool) -> OpenConnections {
+        OpenConnections {
+            open: Mutex::default(),
+            per_address,
+            total,
+            loopback_unbounded,
+        }
+    }
+
+    /// The bounds of a certified port's connections without a certificate.
+    fn uncertified() -> OpenConnections {
+        OpenConnections::new(MAX_UNCERTIFIED_PER_ADDRESS, MAX_UNCERTIFIED, true)
+    }
+
+    /// Whether `address`'s connections are counted against the bounds.
+    fn bounds(&self, address: IpAddr) -> bool {
+        self.per_address != usize::MAX && !(self.loopback_unbounded && address.is_loopback())
+    }
+
+    /// A slot for one more connection of `address`, if it has fewer than its share open
+    /// and all have fewer than the total.
     fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if self.total != usize::MAX && open.values().sum::<usize>() >= self.total {
+            return None;
+        }
         let count = open.entry(address).or_default();
-        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
+        if *count >= self.per_address {
             return None;
         }
         *count += 1;
@@ -153,7 +253,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.open.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.open.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = open.get_mut(&self.address) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -168,6 +268,8 @@ impl Drop for Slot {
 pub struct Held<T> {
     io: T,
     _slot: Slot,
+    /// Its slot among the connections without a client certificate, if it has none.
+    _uncertified: Option<Slot>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Held<T> {
@@ -279,9 +381,112 @@ mod tests {
         tasks.close();
     }
 
+    #[tokio::test]
+    async fn connections_without_a_certificate_are_held_to_their_own_share() {
+        crate::tls::install_crypto_provider();
+        let (_dir, files) = crate::tls::test_files::written();
+        let server = crate::tls::test_files::server_files(&files);
+        let tls = Arc::new(Rotating::load(server, crate::tls::server_config).expect("server TLS"));
+        let agent = crate::tls::TlsFiles {
+            ca: files.ca_cert.clone(),
+            cert: files.agent_cert.clone(),
+            key: files.agent_key.clone(),
+        };
+        let checked = agent
+            .load_checked(std::time::SystemTime::now())
+            .expect("agent files");
+        let certified = Arc::new(crate::tls::client_config(&checked).expect("client TLS"));
+        let bare = Arc::new(crate::tls::ca_only_client_config(&files.ca_cert).expect("CA only"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("bound");
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&refused);
+        let on_refused = Arc::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        // Bounded as a certified port bounds other addresses than loopback (the test's
+        // clients can only come from loopback).
+        let bounded = OpenConnections::new(MAX_UNCERTIFIED_PER_ADDRESS, MAX_UNCERTIFIED, false);
+        let mut incoming =
+            accept_tls_with(listener, tls, stop.clone(), &tasks, on_refused, bounded);
+        let connect = |config: &Arc<rustls::ClientConfig>| {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                connector.connect(name, tcp).await
+            }
+        };
+        let has_certificate = |stream: &TlsStream<Held<tokio::net::TcpStream>>| {
+            stream.get_ref().1.peer_certificates().is_some()
+        };
+        let mut clients = Vec::new();
+        let mut served = Vec::new();
+        for i in 0..MAX_UNCERTIFIED_PER_ADDRESS {
+            clients.push(connect(&bare).await.unwrap_or_else(|e| panic!("{i}: {e}")));
+            let accepted = incoming.next().await.expect("the loop runs");
+            let stream = accepted.expect("handshaken");
+            assert!(!has_certificate(&stream));
+            served.push(stream);
+        }
+        // One more without a certificate: closed after its handshake, never served.
+        let _closed = connect(&bare).await;
+        while refused.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // An agent's connection from the same address is served all the same.
+        clients.push(connect(&certified).await.expect("certified"));
+        let accepted = incoming.next().await.expect("the loop runs");
+        assert!(has_certificate(&accepted.expect("handshaken")));
+        // One without a certificate closes: room for one more.
+        served.pop();
+        clients.push(connect(&bare).await.expect("a slot given back"));
+        let accepted = incoming.next().await.expect("the loop runs");
+        assert!(!has_certificate(&accepted.expect("handshaken")));
+        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+        stop.cancel();
+        tasks.close();
+    }
+
+    #[test]
+    fn port_forwards_from_loopback_are_not_bounded_other_addresses_are() {
+        let open = OpenConnections::uncertified();
+        for loopback in ["127.0.0.1", "127.3.0.1", "::1"] {
+            assert!(!open.bounds(loopback.parse().expect("ip")), "{loopback}");
+        }
+        for other in ["10.1.0.7", "192.168.1.1", "fd00::7", "0.0.0.0"] {
+            assert!(open.bounds(other.parse().expect("ip")), "{other}");
+        }
+        let webhook = OpenConnections::new(usize::MAX, usize::MAX, false);
+        assert!(!webhook.bounds("10.1.0.7".parse().expect("ip")));
+    }
+
+    #[test]
+    fn connections_without_a_certificate_are_bounded_in_all() {
+        let open = Arc::new(OpenConnections::uncertified());
+        let held: Vec<Slot> = (0..MAX_UNCERTIFIED)
+            .map(|i| {
+                let address = IpAddr::from([10, 1, 0, (i / MAX_UNCERTIFIED_PER_ADDRESS) as u8]);
+                open.admit(address).unwrap_or_else(|| panic!("slot {i}"))
+            })
+            .collect();
+        // Every address is under its share, but all together are at the total.
+        assert!(open.admit(IpAddr::from([10, 2, 0, 1])).is_none());
+        drop(held);
+        assert!(open.admit(IpAddr::from([10, 2, 0, 1])).is_some());
+    }
+
     #[test]
     fn an_address_holds_at_most_its_share_and_gets_slots_back_as_connections_close() {
-        let open = Arc::new(OpenConnections::default());
+        let open = Arc::new(OpenConnections::new(
+            MAX_CONNECTIONS_PER_ADDRESS,
+            usize::MAX,
+            false,
+        ));
         let pod: IpAddr = "10.1.0.7".parse().expect("ip");
         let other: IpAddr = "10.1.0.8".parse().expect("ip");
         let mut held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_ADDRESS)
@@ -296,7 +501,7 @@ mod tests {
         assert!(open.admit(pod).is_none());
         drop((held, again, theirs));
         assert!(
-            open.0.lock().expect("not poisoned").is_empty(),
+            open.open.lock().expect("not poisoned").is_empty(),
             "closed addresses are forgotten"
         );
     }

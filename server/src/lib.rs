@@ -307,7 +307,7 @@ impl Server {
                 counter.inc();
             })
         };
-        let incoming = podiam_runtime::accept::accept_tls(
+        let incoming = podiam_runtime::accept::accept_tls_certified(
             listeners.grpc,
             Arc::clone(&self.tls),
             accepting.clone(),
@@ -471,7 +471,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// a pod's token (at most [`service::MAX_POD_TOKEN_BYTES`]); tonic's default, 4 MiB, let a
 /// caller without a client certificate (the port takes them, for operator calls) hold 4 MiB
 /// per stream, 256 streams per connection, before any check could refuse it.
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_REQUEST_BYTES: usize = 32 * 1024;
 
 /// The longest a call may take to be answered (a stream, to start), its request read
 /// included: a request sent slowly and never finished holds its stream no longer than this.
