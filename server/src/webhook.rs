@@ -240,11 +240,15 @@ impl Webhook {
     }
 
     /// Answers one HTTP request: `POST /mutate-pods` with an AdmissionReview.
-    pub async fn handle(
+    pub async fn handle<B>(
         &self,
-        request: Request<hyper::body::Incoming>,
+        request: Request<B>,
         counted: impl Fn(&'static str),
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         if request.uri().path() != PATH {
             return plain(StatusCode::NOT_FOUND, "not found\n");
         }
@@ -455,6 +459,29 @@ mod tests {
         let cluster = Arc::new(Cluster::default());
         cluster.mark_synced();
         cluster
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_review_whose_body_never_ends_is_answered_408_after_10_s() {
+        use futures::StreamExt;
+        let webhook = Webhook::new(synced_cluster(), injection());
+        // The first bytes of a review, then nothing more, and the connection kept open.
+        let first = hyper::body::Frame::data(Bytes::from_static(b"{\"request\": "));
+        let body = http_body_util::StreamBody::new(
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                .chain(futures::stream::pending()),
+        );
+        let request = Request::post(PATH).body(body).expect("a request");
+        let counts = std::sync::Mutex::new(Vec::new());
+        let began = tokio::time::Instant::now();
+        let response = webhook
+            .handle(request, |result| {
+                counts.lock().expect("not poisoned").push(result);
+            })
+            .await;
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(began.elapsed(), BODY_TIMEOUT);
+        assert_eq!(*counts.lock().expect("not poisoned"), ["error"]);
     }
 
     #[test]
