@@ -61,7 +61,11 @@ pub const REVIEWS_IN_FLIGHT_PER_ADDRESS: usize = 4;
 pub const REVIEWS_PENDING_PER_ADDRESS: usize = 256;
 /// The most reviews waiting or running for all addresses together: root on one node may
 /// call from many addresses (its pods', or an IPv6 prefix), and each waiting review keeps its
-/// token (up to 16 KiB) in memory. Past it, a new token is refused at once as unavailable.
+/// token (up to 16 KiB) in memory. Past it, a new token is refused at once as unavailable to
+/// an asker that already has [`REVIEWS_IN_FLIGHT_PER_ADDRESS`] of its own under way; one with
+/// fewer (an honest node's few new tokens) is still taken, so a flood from many addresses
+/// cannot turn every other node's tokens away. Beyond it, then, at most that many per asker,
+/// each of which holds a connection of its own.
 pub const REVIEWS_PENDING: usize = 2048;
 /// SubjectAccessReviews (one per operator call) waiting on the API at once, apart from the
 /// token reviews' slots: any pod's own ServiceAccount token is a valid operator token (its
@@ -365,13 +369,23 @@ pub struct Identities {
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
     operator_budget: Mutex<Budget>,
-    /// The reviews each caller's address has waiting or running.
-    addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+    /// The reviews each asker has waiting or running.
+    addresses: Arc<Mutex<HashMap<Asker, Queue>>>,
     /// The reviews all addresses have waiting or running (changed under `addresses`' lock).
     pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// One address's reviews: how many are waiting or running, and its running slots.
+/// Whose share of the reviews a new token takes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Asker {
+    /// A caller not yet proven (an agent's own token): its address.
+    Address(IpAddr),
+    /// Pods' tokens an agent proven to run on this node passes on: the node, however many
+    /// addresses it calls from.
+    Node(Arc<str>),
+}
+
+/// One asker's reviews: how many are waiting or running, and its running slots.
 struct Queue {
     pending: usize,
     running: Arc<tokio::sync::Semaphore>,
@@ -379,9 +393,9 @@ struct Queue {
 
 /// A review's place in its address's queue, given back when it ends.
 struct Turn {
-    addresses: Arc<Mutex<HashMap<IpAddr, Queue>>>,
+    addresses: Arc<Mutex<HashMap<Asker, Queue>>>,
     pending: Arc<std::sync::atomic::AtomicUsize>,
-    address: IpAddr,
+    address: Asker,
     running: Arc<tokio::sync::Semaphore>,
 }
 
@@ -545,15 +559,18 @@ impl Identities {
     }
 
     /// A place in `address`'s queue of reviews, unless it has
-    /// [`REVIEWS_PENDING_PER_ADDRESS`] already, or all have [`REVIEWS_PENDING`].
-    fn turn(&self, address: IpAddr) -> Result<Turn, ReviewUnavailable> {
+    /// [`REVIEWS_PENDING_PER_ADDRESS`] already, or all have [`REVIEWS_PENDING`] and it has
+    /// its running share.
+    fn turn(&self, address: Asker) -> Result<Turn, ReviewUnavailable> {
         let mut addresses = lock(&self.addresses);
-        if self.pending.load(std::sync::atomic::Ordering::Relaxed) >= REVIEWS_PENDING {
+        let all = self.pending.load(std::sync::atomic::Ordering::Relaxed);
+        let own = addresses.get(&address).map_or(0, |queue| queue.pending);
+        if all >= REVIEWS_PENDING && own >= REVIEWS_IN_FLIGHT_PER_ADDRESS {
             return Err(ReviewUnavailable(
                 "too many token reviews under way; retry in a few seconds".into(),
             ));
         }
-        let queue = addresses.entry(address).or_insert_with(|| Queue {
+        let queue = addresses.entry(address.clone()).or_insert_with(|| Queue {
             pending: 0,
             running: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT_PER_ADDRESS)),
         });
@@ -573,14 +590,14 @@ impl Identities {
         })
     }
 
-    /// As [`Identities::review`], for a caller at `address` (`None`: unattributed): a token
-    /// that has to be asked about is asked within the address's share of the slots
+    /// As [`Identities::review`], for `address` (`None`: unattributed): a token that has to
+    /// be asked about is asked within the asker's share of the slots
     /// ([`REVIEWS_IN_FLIGHT_PER_ADDRESS`], [`REVIEWS_PENDING_PER_ADDRESS`]).
     pub async fn review_from(
         &self,
         token: &str,
         audiences: &[String],
-        address: Option<IpAddr>,
+        address: Option<Asker>,
     ) -> Result<Review, ReviewUnavailable> {
         let key = digest(token, audiences);
         let now = (self.now)();
@@ -977,7 +994,13 @@ mod tests {
         let started = || gated.started.load(Ordering::SeqCst);
         let ask = |token: String, from: IpAddr, within: Duration| {
             let ids = &ids;
-            async move { tokio::time::timeout(within, ids.review_from(&token, &[], Some(from))).await }
+            async move {
+                tokio::time::timeout(
+                    within,
+                    ids.review_from(&token, &[], Some(Asker::Address(from))),
+                )
+                .await
+            }
         };
         // Root on one node: as many made-up tokens as one address may have under way, each
         // caller giving up while the API has not answered.
@@ -1028,7 +1051,7 @@ mod tests {
                 let token = format!("flood-{a}-{i}");
                 let gave_up = tokio::time::timeout(
                     Duration::from_millis(1),
-                    ids.review_from(&token, &[], Some(from)),
+                    ids.review_from(&token, &[], Some(Asker::Address(from))),
                 )
                 .await;
                 assert!(gave_up.is_err(), "{token} answered before the gate opened");
@@ -1038,16 +1061,40 @@ mod tests {
             ids.pending.load(std::sync::atomic::Ordering::Relaxed),
             REVIEWS_PENDING
         );
-        // The next new token, from any address, is refused at once: memory stays bounded.
-        let fresh = IpAddr::from([10, 2, 0, 1]);
+        // The next new token from an address that has its running share is refused at
+        // once: memory stays bounded.
+        let flooding = IpAddr::from([10, 1, 0, 0]);
         let refused = tokio::time::timeout(
             Duration::from_millis(1),
-            ids.review_from("one-more", &[], Some(fresh)),
+            ids.review_from("one-more", &[], Some(Asker::Address(flooding))),
         )
         .await;
         assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        // Another node's few new tokens still wait for their turn rather than being turned
+        // away: up to its running share, then refused too.
+        let honest = Asker::Node("node-b".into());
+        for i in 0..REVIEWS_IN_FLIGHT_PER_ADDRESS {
+            let waits = tokio::time::timeout(
+                Duration::from_millis(1),
+                ids.review_from(&format!("honest-{i}"), &[], Some(honest.clone())),
+            )
+            .await;
+            assert!(waits.is_err(), "honest-{i}: {waits:?}");
+        }
+        let refused = tokio::time::timeout(
+            Duration::from_millis(1),
+            ids.review_from("honest-more", &[], Some(honest)),
+        )
+        .await;
+        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        assert_eq!(
+            ids.pending.load(std::sync::atomic::Ordering::Relaxed),
+            REVIEWS_PENDING + REVIEWS_IN_FLIGHT_PER_ADDRESS
+        );
         // Once the API answers, the count goes back to nothing.
-        gated.gate.add_permits(REVIEWS_PENDING + 1);
+        gated
+            .gate
+            .add_permits(REVIEWS_PENDING + REVIEWS_IN_FLIGHT_PER_ADDRESS);
         while ids.pending.load(std::sync::atomic::Ordering::Relaxed) != 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -1113,7 +1160,11 @@ mod tests {
         let node: IpAddr = "10.0.0.1".parse().expect("ip");
         let review = tokio::time::timeout(
             Duration::from_millis(1),
-            ids.review_from("new-agent-token", &["podiam".to_string()], Some(node)),
+            ids.review_from(
+                "new-agent-token",
+                &["podiam".to_string()],
+                Some(Asker::Address(node)),
+            ),
         )
         .await;
         assert!(

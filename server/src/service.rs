@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::events::{Events, Notice};
-use crate::identity::{Access, Identities, Review, bearer};
+use crate::identity::{Access, Asker, Identities, Review, bearer};
 use crate::session::SessionNaming;
 use crate::sts::{CacheKey, CredentialCache, KeyHealth, StsError};
 use crate::watch::Cluster;
@@ -531,7 +531,8 @@ impl PodiamService {
     ) -> Result<ProvenAgent, BindingFailure> {
         let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
         let audiences = [self.settings.binding.audience.clone()];
-        let user = match self.identities.review_from(token, &audiences, peer).await {
+        let asker = peer.map(Asker::Address);
+        let user = match self.identities.review_from(token, &audiences, asker).await {
             Ok(Review::Authenticated(user)) => user,
             Ok(Review::Unauthenticated(why)) => return Err(BindingFailure::BadToken(why)),
             Err(error) => return Err(BindingFailure::Unavailable(error.0)),
@@ -614,7 +615,11 @@ impl PodiamService {
         let identity = if request.pod_token.is_empty() {
             "address"
         } else {
-            let from = peer.map(|p| p.ip().to_canonical());
+            // A proven agent's pod tokens take its node's share, from whichever address.
+            let from = match caller {
+                Caller::Agent(agent) => Some(Asker::Node(Arc::from(agent.node.as_str()))),
+                Caller::Unproven => peer.map(|p| Asker::Address(p.ip().to_canonical())),
+            };
             self.prove_pod_token(&pod, &request.pod_token, from).await?;
             "address and token"
         };
@@ -688,13 +693,13 @@ impl PodiamService {
     /// Whether `token`, presented by the pod at the request's address, proves `pod`: the API
     /// accepts it for the pods' audience (a review remembered for the token's life), and it
     /// is bound to that very pod ([`prove_pod`]). A token of a deleted pod stops at once: the
-    /// pod is no longer the one at the address. `from`: the agent's address, whose share of
-    /// the reviews a new token takes.
+    /// pod is no longer the one at the address. `from`: whose share of the reviews a new token
+    /// takes (the proven agent's node).
     async fn prove_pod_token(
         &self,
         pod: &PodRecord,
         token: &str,
-        from: Option<IpAddr>,
+        from: Option<Asker>,
     ) -> Result<(), Failure> {
         if token.len() > MAX_POD_TOKEN_BYTES {
             return Err(Failure::BadRequest(format!(
