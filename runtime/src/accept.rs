@@ -11,11 +11,12 @@
 //! accept to its close ([`Held`]): the ports take connections without a client certificate
 //! (operators' calls), so without a cap one pod could open connections until a server ran
 //! out of memory. Beyond it a new connection is closed at once. Connections with no client
-//! certificate (operators' calls: agents always present one) from other addresses than
-//! loopback are fewer still: [`MAX_UNCERTIFIED_PER_ADDRESS`] per address and
-//! [`MAX_UNCERTIFIED`] in all, since each may carry up to 256 calls whose requests are read
-//! before anything can refuse them. Loopback is the server pod's own network namespace:
-//! `kubectl port-forward` arrives from there, and pods cannot.
+//! certificate (operators' calls: agents always present one) are fewer still:
+//! [`MAX_UNCERTIFIED_PER_ADDRESS`] per address and [`MAX_UNCERTIFIED`] in all, since each may
+//! carry up to 256 calls whose requests are read before anything can refuse them. Loopback
+//! (`kubectl port-forward` arrives there; no pod can) is one address with a share of its
+//! own, [`MAX_UNCERTIFIED_LOOPBACK`], outside the total: pods cannot take port-forwards'
+//! places, and the node's own processes cannot take more by using all of 127/8.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +49,9 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// Connections without a client certificate one address other than loopback may hold: an
 /// operator's pod runs a command or two at a time.
 pub const MAX_UNCERTIFIED_PER_ADDRESS: usize = 4;
+/// Connections without a client certificate from loopback (all of 127/8 and ::1 together):
+/// operators' port-forwards, a command each, and whatever else runs on the server's node.
+pub const MAX_UNCERTIFIED_LOOPBACK: usize = 8;
 /// Connections without a client certificate held in all: what the requests of their calls
 /// may hold in memory before anything checks them stays bounded however many addresses
 /// (pods) open them.
@@ -64,13 +68,14 @@ pub fn accept_tls<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
-    let uncertified = OpenConnections::new(usize::MAX, usize::MAX, false);
+    let uncertified = OpenConnections::new(usize::MAX, usize::MAX, None);
     accept_tls_with(listener, tls, stop, tasks, on_refused, uncertified)
 }
 
 /// [`accept_tls`] for a port whose clients present the podiam CA's certificates, where
 /// those that do not (operators' calls) are held to [`MAX_UNCERTIFIED_PER_ADDRESS`] and
-/// [`MAX_UNCERTIFIED`] connections unless they come from loopback (port-forwards). Not for the admission webhook's port: the API server
+/// [`MAX_UNCERTIFIED`] connections, from loopback (port-forwards) to
+/// [`MAX_UNCERTIFIED_LOOPBACK`]. Not for the admission webhook's port: the API server
 /// presents no certificate there.
 pub fn accept_tls_certified<L: Listener>(
     listener: L,
@@ -95,7 +100,7 @@ fn accept_tls_with<L: Listener>(
     let open = Arc::new(OpenConnections::new(
         MAX_CONNECTIONS_PER_ADDRESS,
         usize::MAX,
-        false,
+        None,
     ));
     let uncertified = Arc::new(uncertified);
     tasks.spawn(async move {
@@ -182,12 +187,12 @@ fn counted<T>(
         .1
         .peer_certificates()
         .is_some_and(|certs| !certs.is_empty());
-    let address = peer.ip().to_canonical();
-    if !certified && uncertified.bounds(address) {
-        let slot = uncertified.admit(address).ok_or_else(|| {
+    if !certified && uncertified.per_address != usize::MAX {
+        let slot = uncertified.admit(peer.ip().to_canonical()).ok_or_else(|| {
             format!(
                 "connections without a client certificate: {MAX_UNCERTIFIED_PER_ADDRESS} per \
-                 address and {MAX_UNCERTIFIED} in all are open"
+                 address and {MAX_UNCERTIFIED} in all, {MAX_UNCERTIFIED_LOOPBACK} from \
+                 loopback, are open"
             )
         })?;
         stream.get_mut().0._uncertified = Some(slot);
@@ -196,44 +201,58 @@ fn counted<T>(
 }
 
 /// How many connections each address holds open, at most `per_address` each and `total`
-/// in all; loopback's are not counted when `loopback_unbounded`.
+/// in all. With `loopback` set, every loopback address counts as one ([`LOOPBACK`]), with
+/// that share of its own, outside the total.
 #[derive(Debug)]
 struct OpenConnections {
     open: Mutex<HashMap<IpAddr, usize>>,
     per_address: usize,
     total: usize,
-    loopback_unbounded: bool,
+    loopback: Option<usize>,
 }
 
+/// The one address all of loopback counts as, when it has a share of its own.
+const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 impl OpenConnections {
-    fn new(per_address: usize, total: usize, loopback_unbounded: bool) -> OpenConnections {
+    fn new(per_address: usize, total: usize, loopback: Option<usize>) -> OpenConnections {
         OpenConnections {
             open: Mutex::default(),
             per_address,
             total,
-            loopback_unbounded,
+            loopback,
         }
     }
 
     /// The bounds of a certified port's connections without a certificate.
     fn uncertified() -> OpenConnections {
-        OpenConnections::new(MAX_UNCERTIFIED_PER_ADDRESS, MAX_UNCERTIFIED, true)
-    }
-
-    /// Whether `address`'s connections are counted against the bounds.
-    fn bounds(&self, address: IpAddr) -> bool {
-        self.per_address != usize::MAX && !(self.loopback_unbounded && address.is_loopback())
+        OpenConnections::new(
+            MAX_UNCERTIFIED_PER_ADDRESS,
+            MAX_UNCERTIFIED,
+            Some(MAX_UNCERTIFIED_LOOPBACK),
+        )
     }
 
     /// A slot for one more connection of `address`, if it has fewer than its share open
     /// and all have fewer than the total.
     fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if self.total != usize::MAX && open.values().sum::<usize>() >= self.total {
-            return None;
+        let loopback = self.loopback.filter(|_| address.is_loopback());
+        let (address, share) = match loopback {
+            Some(share) => (LOOPBACK, share),
+            None => (address, self.per_address),
+        };
+        if loopback.is_none() && self.total != usize::MAX {
+            let all: usize = (open.iter())
+                .filter(|(a, _)| self.loopback.is_none() || **a != LOOPBACK)
+                .map(|(_, n)| n)
+                .sum();
+            if all >= self.total {
+                return None;
+            }
         }
         let count = open.entry(address).or_default();
-        if *count >= self.per_address {
+        if *count >= share {
             return None;
         }
         *count += 1;
@@ -408,11 +427,7 @@ mod tests {
         let on_refused = Arc::new(move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
-        // Bounded as a certified port bounds other addresses than loopback (the test's
-        // clients can only come from loopback).
-        let bounded = OpenConnections::new(MAX_UNCERTIFIED_PER_ADDRESS, MAX_UNCERTIFIED, false);
-        let mut incoming =
-            accept_tls_with(listener, tls, stop.clone(), &tasks, on_refused, bounded);
+        let mut incoming = accept_tls_certified(listener, tls, stop.clone(), &tasks, on_refused);
         let connect = |config: &Arc<rustls::ClientConfig>| {
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
             async move {
@@ -426,7 +441,8 @@ mod tests {
         };
         let mut clients = Vec::new();
         let mut served = Vec::new();
-        for i in 0..MAX_UNCERTIFIED_PER_ADDRESS {
+        // The test's clients come from loopback, which has a share of its own.
+        for i in 0..MAX_UNCERTIFIED_LOOPBACK {
             clients.push(connect(&bare).await.unwrap_or_else(|e| panic!("{i}: {e}")));
             let accepted = incoming.next().await.expect("the loop runs");
             let stream = accepted.expect("handshaken");
@@ -453,16 +469,37 @@ mod tests {
     }
 
     #[test]
-    fn port_forwards_from_loopback_are_not_bounded_other_addresses_are() {
-        let open = OpenConnections::uncertified();
-        for loopback in ["127.0.0.1", "127.3.0.1", "::1"] {
-            assert!(!open.bounds(loopback.parse().expect("ip")), "{loopback}");
+    fn loopback_is_one_address_with_a_share_of_its_own() {
+        let open = Arc::new(OpenConnections::uncertified());
+        let ip = |a: &str| -> IpAddr { a.parse().expect("ip") };
+        // Pods take every place of the total...
+        let pods: Vec<Slot> = (0..MAX_UNCERTIFIED)
+            .map(|i| {
+                let address = IpAddr::from([10, 1, 0, (i / MAX_UNCERTIFIED_PER_ADDRESS) as u8]);
+                open.admit(address).unwrap_or_else(|| panic!("slot {i}"))
+            })
+            .collect();
+        assert!(open.admit(ip("10.2.0.1")).is_none());
+        // ...and port-forwards still get theirs, from any loopback address, all counted as
+        // one: using all of 127/8 gets no more.
+        let local: Vec<Slot> = (0..MAX_UNCERTIFIED_LOOPBACK)
+            .map(|i| {
+                let address = [ip("127.0.0.1"), ip("127.9.0.3"), ip("::1")][i % 3];
+                open.admit(address)
+                    .unwrap_or_else(|| panic!("loopback slot {i}"))
+            })
+            .collect();
+        for other in ["127.0.0.1", "127.200.1.1", "::1"] {
+            assert!(open.admit(ip(other)).is_none(), "{other}");
         }
-        for other in ["10.1.0.7", "192.168.1.1", "fd00::7", "0.0.0.0"] {
-            assert!(open.bounds(other.parse().expect("ip")), "{other}");
-        }
-        let webhook = OpenConnections::new(usize::MAX, usize::MAX, false);
-        assert!(!webhook.bounds("10.1.0.7".parse().expect("ip")));
+        drop(local);
+        assert!(open.admit(ip("127.5.5.5")).is_some());
+        drop(pods);
+        // Without a loopback share (the connections of an address on any port), loopback
+        // addresses are addresses like the others.
+        let plain = Arc::new(OpenConnections::new(1, usize::MAX, None));
+        let _one = plain.admit(ip("127.0.0.1")).expect("first");
+        assert!(plain.admit(ip("127.0.0.2")).is_some());
     }
 
     #[test]
@@ -485,7 +522,7 @@ mod tests {
         let open = Arc::new(OpenConnections::new(
             MAX_CONNECTIONS_PER_ADDRESS,
             usize::MAX,
-            false,
+            None,
         ));
         let pod: IpAddr = "10.1.0.7".parse().expect("ip");
         let other: IpAddr = "10.1.0.8".parse().expect("ip");
