@@ -1031,7 +1031,12 @@ async fn scale_one(plan: &Plan, pods: usize) -> anyhow::Result<Value> {
         let ca = ca.clone();
         let token = tokens[node].clone();
         async move {
-            let mut client = identity::client(addr, &ca, Some(&material), Some(&token)).await?;
+            // An address each, as agents on their nodes have.
+            let local =
+                std::net::IpAddr::from([127, 1, (node / 200) as u8, (1 + node % 200) as u8]);
+            let mut client =
+                identity::client_from(addr, Some(local), &ca, Some(&material), Some(&token))
+                    .await?;
             let mut stream = client
                 .watch_node(WatchNodeRequest {
                     node_name: format!("node-{node}"),

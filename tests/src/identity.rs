@@ -79,6 +79,18 @@ pub async fn client(
     agent_material: Option<&podiam_runtime::tls::TlsMaterial>,
     token: Option<&str>,
 ) -> anyhow::Result<Client> {
+    client_from(addr, None, ca, agent_material, token).await
+}
+
+/// [`client`], connecting from `local` (a loopback address of its own: a server takes at
+/// most 64 connections from one address, and many simulated agents are more).
+pub async fn client_from(
+    addr: std::net::SocketAddr,
+    local: Option<std::net::IpAddr>,
+    ca: &[u8],
+    agent_material: Option<&podiam_runtime::tls::TlsMaterial>,
+    token: Option<&str>,
+) -> anyhow::Result<Client> {
     let tls = match agent_material {
         Some(material) => material.client_config("localhost"),
         None => ClientTlsConfig::new()
@@ -87,6 +99,7 @@ pub async fn client(
     };
     let channel = Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls)?
+        .local_address(local)
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))?;
