@@ -246,12 +246,17 @@ impl Rig {
 
     /// [`Rig::add_pod`] on `node`.
     fn add_pod_on(&self, node: &str, name: &str, ip: &str, role: &str) {
+        self.put_pod(node, name, ip, json!({ "iam.amazonaws.com/role": role }));
+    }
+
+    /// [`Rig::add_pod`] on `node`, with `annotations`.
+    fn put_pod(&self, node: &str, name: &str, ip: &str, annotations: serde_json::Value) {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": name,
                 "namespace": "team-a",
                 "uid": format!("uid-{name}"),
-                "annotations": { "iam.amazonaws.com/role": role },
+                "annotations": annotations,
             },
             "spec": { "nodeName": node, "containers": [] },
             "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
@@ -632,6 +637,31 @@ async fn another_nodes_claim_of_the_address_meanwhile_does_not_refuse_the_pod() 
         .await
         .expect("credentials");
     assert!(answer.into_inner().credentials.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_for_the_session_the_pod_has_when_they_arrive() {
+    let mut rig = Rig::new(&[]);
+    *rig.sts.latency.lock().expect("not poisoned") = Duration::from_secs(10);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let asked = tokio::spawn(async move { client.get_credentials(credentials_of_web()).await });
+    count_reaches(&rig.sts.calls, 1, "the request's STS call").await;
+    // While STS answers, the pod's external ID changes: another session of the same role.
+    rig.put_pod(
+        NODE,
+        "web",
+        WEB_IP,
+        json!({ "iam.amazonaws.com/role": "app-reader", "iam.amazonaws.com/external-id": "x-1" }),
+    );
+    let answer = asked.await.expect("joins").expect("credentials");
+    let credentials = answer.into_inner().credentials.expect("credentials");
+    // The first call's credentials (ASIA1) were the old session's: not handed out.
+    assert!(*rig.sts.issued.borrow() >= 2);
+    assert_ne!(credentials.access_key_id, "ASIA1");
+    shutdown.cancel();
 }
 
 #[tokio::test(start_paused = true)]

@@ -45,7 +45,7 @@ use tonic::{Request, Response, Status};
 use crate::events::{Events, Notice};
 use crate::identity::{Access, Asker, Identities, Review, bearer};
 use crate::session::SessionNaming;
-use crate::sts::{CacheKey, CredentialCache, KeyHealth, StsError};
+use crate::sts::{CacheKey, CredentialCache, Issued, KeyHealth, StsError};
 use crate::watch::Cluster;
 
 /// What node binding does with an agent call it cannot prove.
@@ -327,6 +327,9 @@ const AGENT_POD_WAIT: std::time::Duration = std::time::Duration::from_millis(800
 
 /// Longest agent version kept for the status view; longer ones are cut.
 const MAX_AGENT_VERSION: usize = 64;
+/// How many times one request fetches credentials again because the pod's session (name,
+/// external ID, tags) changed while STS answered, before it is answered unavailable.
+const SESSION_CHANGES_FOLLOWED: usize = 2;
 
 /// An agent's version as the status view keeps it: printable characters only (operators'
 /// terminals show it), at most [`MAX_AGENT_VERSION`] of them.
@@ -623,16 +626,7 @@ impl PodiamService {
             self.prove_pod_token(&pod, &request.pod_token, from).await?;
             "address and token"
         };
-        let key = self.cache_key(&pod, &role.arn);
-        let issued = match self.cache.get(key.clone()).await {
-            Ok(issued) => issued,
-            Err(error) => {
-                self.events
-                    .report(notice(&pod, sts_reason(&error), error.to_string()));
-                return Err(Failure::Sts(error));
-            }
-        };
-        self.still_granted(ip, &pod, &role)?;
+        let (issued, key) = self.fetch_granted(ip, &pod, &role).await?;
         tracing::info!(
             target: "podiam::audit",
             pod = %pod.name,
@@ -661,6 +655,40 @@ impl PodiamService {
         })
     }
 
+    /// `pod`'s credentials for `role`, fetched (or found) for its session and handed out
+    /// only if the grant still stands when they arrive ([`PodiamService::still_granted`]). A session
+    /// that changed meanwhile (name, external ID, tags) is fetched in turn.
+    async fn fetch_granted(
+        &self,
+        ip: IpAddr,
+        pod: &PodRecord,
+        role: &Role,
+    ) -> Result<(Issued, CacheKey), Failure> {
+        let mut key = self.cache_key(pod, &role.arn);
+        let mut fetches = 0;
+        loop {
+            let issued = match self.cache.get(key.clone()).await {
+                Ok(issued) => issued,
+                Err(error) => {
+                    self.events
+                        .report(notice(pod, sts_reason(&error), error.to_string()));
+                    return Err(Failure::Sts(error));
+                }
+            };
+            let now = self.still_granted(ip, pod, role)?;
+            if now == key {
+                return Ok((issued, key));
+            }
+            fetches += 1;
+            if fetches > SESSION_CHANGES_FOLLOWED {
+                return Err(Failure::Sts(StsError::Unavailable(
+                    "the pod's session kept changing while STS answered; ask again".into(),
+                )));
+            }
+            key = now;
+        }
+    }
+
     /// Whether the grant decided for `pod` (`role`) still stands, decided again now that its
     /// credentials are here: a TokenReview or an STS call may take seconds, and meanwhile the
     /// role may have been revoked, the namespace's permission narrowed, or the pod deleted and
@@ -668,8 +696,8 @@ impl PodiamService {
     /// holds the address with the same role; otherwise the request gets what it would get if
     /// it arrived now (the refusal, or the pod's role is not the one fetched). The caller's
     /// node was checked before: a pod never moves to another node, so the same pod is still
-    /// on it.
-    fn still_granted(&self, ip: IpAddr, pod: &PodRecord, role: &Role) -> Result<(), Refusal> {
+    /// on it. The session the pod's credentials are for now.
+    fn still_granted(&self, ip: IpAddr, pod: &PodRecord, role: &Role) -> Result<CacheKey, Refusal> {
         // On the pod's node, as the agent asked: another node's claim of the address
         // (stale, or written with its kubelet's credentials) cannot refuse it here either.
         let scope = pod.node_name.as_deref().map_or(Scope::Cluster, Scope::Node);
@@ -687,7 +715,7 @@ impl PodiamService {
                 actual: now.role.name,
             });
         }
-        Ok(())
+        Ok(self.cache_key(&now.pod, &now.role.arn))
     }
 
     /// Whether `token`, presented by the pod at the request's address, proves `pod`: the API
