@@ -789,10 +789,10 @@ mod tests {
         let (addr, _stop) = serving(limits).await;
         let mut stream = TcpStream::connect(addr).await.expect("connects");
         let since = Instant::now();
-        // One byte every 50 ms: each would restart a per-read timer.
+        // One byte every 50 ms for 4 s: each would restart a per-read timer.
         let (mut reader, mut writer) = stream.split();
         let trickle = async {
-            for byte in GET.iter().take(GET.len() - 1).cycle().take(40) {
+            for byte in GET.iter().take(GET.len() - 1).cycle().take(80) {
                 if writer.write_all(&[*byte]).await.is_err() {
                     return;
                 }
@@ -813,7 +813,7 @@ mod tests {
             () = trickle => panic!("still open after the whole trickle: {:?}", since.elapsed()),
         };
         assert!(
-            took >= Duration::from_millis(350) && took < Duration::from_millis(1200),
+            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
             "closed after {took:?}"
         );
     }
@@ -901,7 +901,7 @@ mod tests {
         let mut third = connect_from([127, 0, 0, 1], addr).await;
         answered(&mut third).await;
         let took = closed(&mut oldest, Instant::now()).await;
-        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
         answered(&mut newer).await;
         assert_eq!(counts.closed(Closed::PeerLimitEvicted), 1);
         assert_eq!(counts.closed(Closed::PeerLimitRefused), 0);
@@ -924,7 +924,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut refused = connect_from([127, 0, 0, 1], addr).await;
         let took = closed(&mut refused, Instant::now()).await;
-        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
         assert_eq!(counts.closed(Closed::PeerLimitRefused), 1);
         // Another address is served all along.
         let mut other = connect_from([127, 0, 0, 2], addr).await;
@@ -944,7 +944,7 @@ mod tests {
         answered(&mut stream).await;
         let took = closed(&mut stream, Instant::now()).await;
         assert!(
-            took >= Duration::from_millis(350) && took < Duration::from_millis(1500),
+            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
             "closed after {took:?}"
         );
         assert_eq!(counts.closed(Closed::IdleTimeout), 1);
@@ -1081,7 +1081,7 @@ mod tests {
         stream.write_all(b"GET /x HT").await.expect("sends");
         let took = closed(&mut stream, Instant::now()).await;
         assert!(
-            took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
             "closed after {took:?}"
         );
         assert_eq!(counts.closed(Closed::HeaderTimeout), 1);

@@ -128,19 +128,25 @@ async fn revocation_refuses_the_pods_next_request_within_a_second() {
     set_pod_role(&world, "team-a", "web", None)
         .await
         .expect("kubectl annotate");
-    let refused = wait_for(
-        Duration::from_secs(1),
-        "the revocation to refuse pod web",
-        || async {
-            let reply = world
-                .metadata_request("web", "GET", &creds, &[])
-                .await
-                .ok()?;
-            (reply.status != 200).then_some(reply)
-        },
-    )
-    .await
-    .expect("refused within 1 s");
+    // Each request from the pod starts a process in its namespace, which a busy machine may
+    // take a while to run: what is held to a second is when a request that still got
+    // credentials was begun, not how long the refused one took to come back.
+    let revoked = std::time::Instant::now();
+    let refused = loop {
+        let begun = std::time::Instant::now();
+        let reply = world
+            .metadata_request("web", "GET", &creds, &[])
+            .await
+            .expect("answers");
+        if reply.status != 200 {
+            break reply;
+        }
+        assert!(
+            begun.duration_since(revoked) < Duration::from_secs(1),
+            "a request begun {:?} after the revocation still got credentials",
+            begun.duration_since(revoked)
+        );
+    };
     assert_eq!(refused.status, 404, "{}", refused.body);
     assert!(
         refused.body.contains("no-role") && !refused.body.contains("SecretAccessKey"),

@@ -1670,7 +1670,8 @@ async fn webhooks_slower_than_their_timeout_fail() {
         &[pod_webhook(
             "slow.podiam.test",
             slow,
-            json!({"timeoutSeconds": 1}),
+            // Time for a handshake and the review on a busy machine; the hook takes 5 s.
+            json!({"timeoutSeconds": 3}),
         )],
     )
     .await;

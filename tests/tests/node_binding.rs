@@ -857,11 +857,15 @@ async fn a_booting_node_is_untainted_by_its_own_agent_only_once_its_rules_are_in
     // Only that taint, only that node.
     assert_eq!(taint_keys(&world, NODE_NAME), ["example.com/gpu"]);
     assert_eq!(taint_keys(&world, REMOTE_NODE), [NOT_READY_TAINT]);
+    // Counted once the API has answered the removal, which may be just after it shows.
+    let removed = |m: &str| metric_value(m, "podiam_server_node_taints_removed_total");
+    wait_until(WAIT, "the removal counted", || async {
+        world.server_metrics().await.is_ok_and(|m| removed(&m) >= 1)
+    })
+    .await
+    .expect("counted");
     let metrics = world.server_metrics().await.expect("metrics");
-    assert_eq!(
-        metric_value(&metrics, "podiam_server_node_taints_removed_total"),
-        1
-    );
+    assert_eq!(removed(&metrics), 1);
     // And node-1's agent serves its pod.
     let reply = world
         .metadata_request(

@@ -561,6 +561,7 @@ async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut world = World::start(podiam_tests::fixtures::web_with_agent())
         .await
         .expect("world starts");
@@ -575,18 +576,23 @@ async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
     wait_until(
         Duration::from_secs(15),
         "the first node stream synced",
-        || async { syncs(&world).await == (1, 1) },
+        || async { syncs(&world).await.0 == 1 },
     )
     .await
     .expect("synced");
+    let before = syncs(&world).await.1;
     world.kill_server(0).await.expect("killed");
     world.restart_server(0).await.expect("restarted");
     // Synced again, by the agent's own account (the server counts a stream as soon as it
-    // is opened, before its snapshot is in): one new snapshot, no more.
+    // is opened, before its snapshot is in). (A busy machine may delay a heartbeat enough
+    // for the agent to open a stream once more: at least one new snapshot.)
     wait_until(
         Duration::from_secs(15),
         "the agent's node stream synced again on the only replica",
-        || async { syncs(&world).await == (1, 2) },
+        || async {
+            let (synced, total) = syncs(&world).await;
+            synced == 1 && total > before
+        },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", world.agent_log()));

@@ -361,10 +361,22 @@ async fn explain_says_why_for_each_kind_of_decision() {
         assert_eq!(reason, want, "{name}: {note}");
         assert!(!note.is_empty() && !note.contains('\n'), "{name}: {note:?}");
     }
+    // The server counts an event once the API has answered for it, which may be just
+    // after the API shows it.
+    let sent =
+        |metrics: &str| metric_value(metrics, r#"podiam_server_events_total{result="sent"}"#);
+    wait_until(Duration::from_secs(10), "the events counted", || async {
+        world
+            .server_metrics()
+            .await
+            .is_ok_and(|m| sent(&m) >= expected.len() as u64)
+    })
+    .await
+    .expect("counted");
     let metrics = world.server_metrics().await.expect("metrics");
     assert_eq!(metric_value(&metrics, "podiam_server_duplicate_ip_pods"), 2);
     assert_eq!(
-        metric_value(&metrics, r#"podiam_server_events_total{result="sent"}"#),
+        sent(&metrics),
         5,
         "one event per refused pod, not one per upkeep pass"
     );
