@@ -72,6 +72,13 @@ pub const REVIEWS_PENDING: usize = 2048;
 /// call is then refused by the review), so operator calls must not be able to take the slots
 /// that agents' and pods' new tokens need.
 pub const ACCESS_REVIEWS_IN_FLIGHT: usize = 4;
+/// Access reviews one user's calls may have running; the user's further calls wait behind
+/// them, not in front of other users'. A pod that floods operator calls with its own token
+/// must not make everyone else's wait behind them.
+pub const ACCESS_REVIEWS_PER_USER: usize = 2;
+/// Access reviews one user's calls may have waiting or running; the next is refused at once
+/// as unavailable. Well above a script that explains a few hundred pods at once.
+pub const ACCESS_REVIEWS_PENDING_PER_USER: usize = 256;
 /// New operator tokens (never reviewed, or no longer remembered) reviewed per second, and
 /// the burst allowed: operator calls need no client certificate, so anyone who reaches the
 /// port could otherwise turn made-up tokens into TokenReviews at will. People run a few
@@ -365,6 +372,9 @@ pub struct Identities {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The access reviews' own slots ([`ACCESS_REVIEWS_IN_FLIGHT`]).
     access_in_flight: tokio::sync::Semaphore,
+    /// Each user's access reviews waiting or running, and its running slots
+    /// ([`ACCESS_REVIEWS_PER_USER`]).
+    access_users: Mutex<HashMap<String, Queue>>,
     counters: IdentityCounters,
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
@@ -499,6 +509,7 @@ impl Identities {
             cache: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
             access_in_flight: tokio::sync::Semaphore::new(ACCESS_REVIEWS_IN_FLIGHT),
+            access_users: Mutex::default(),
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
@@ -674,6 +685,12 @@ impl Identities {
         user: &ReviewedUser,
         access: &Access,
     ) -> Result<Result<(), String>, ReviewUnavailable> {
+        let turn = UserTurn::take(&self.access_users, &user.username)?;
+        let _own = turn
+            .running
+            .acquire()
+            .await
+            .map_err(|_| ReviewUnavailable("the server is shutting down".into()))?;
         let _permit = self
             .access_in_flight
             .acquire()
@@ -685,6 +702,50 @@ impl Identities {
     /// Reviews remembered now (for tests and metrics).
     pub fn cached(&self) -> usize {
         self.cache().done.len()
+    }
+}
+
+/// A place in a user's queue of access reviews, given back when dropped.
+struct UserTurn<'a> {
+    users: &'a Mutex<HashMap<String, Queue>>,
+    user: String,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+impl<'a> UserTurn<'a> {
+    /// A place in `user`'s queue, unless it has [`ACCESS_REVIEWS_PENDING_PER_USER`].
+    fn take(
+        users: &'a Mutex<HashMap<String, Queue>>,
+        user: &str,
+    ) -> Result<UserTurn<'a>, ReviewUnavailable> {
+        let mut queues = lock(users);
+        let queue = queues.entry(user.to_string()).or_insert_with(|| Queue {
+            pending: 0,
+            running: Arc::new(tokio::sync::Semaphore::new(ACCESS_REVIEWS_PER_USER)),
+        });
+        if queue.pending >= ACCESS_REVIEWS_PENDING_PER_USER {
+            return Err(ReviewUnavailable(
+                "too many of this user's calls under way; retry in a few seconds".into(),
+            ));
+        }
+        queue.pending += 1;
+        Ok(UserTurn {
+            users,
+            user: user.to_string(),
+            running: Arc::clone(&queue.running),
+        })
+    }
+}
+
+impl Drop for UserTurn<'_> {
+    fn drop(&mut self) {
+        let mut queues = lock(self.users);
+        if let Some(queue) = queues.get_mut(&self.user) {
+            queue.pending -= 1;
+            if queue.pending == 0 {
+                queues.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -1149,13 +1210,21 @@ mod tests {
         };
         // Any pod's own token is an operator token: its calls flood access reviews the API
         // is slow to answer.
-        let flood: Vec<_> = (0..100)
+        let flood: Vec<_> = (0..ACCESS_REVIEWS_PENDING_PER_USER)
             .map(|_| {
                 let (ids, user) = (Arc::clone(&ids), user.clone());
                 tokio::spawn(async move { ids.may(&user, &Access::LIST_PODS).await })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(1)).await;
+        // Past its 256 waiting or running, the user's next call is refused at once.
+        let refused =
+            tokio::time::timeout(Duration::from_millis(1), ids.may(&user, &Access::LIST_PODS))
+                .await;
+        assert!(
+            matches!(refused, Ok(Err(ReviewUnavailable(_)))),
+            "{refused:?}"
+        );
         // A node's new token is reviewed at once all the same.
         let node: IpAddr = "10.0.0.1".parse().expect("ip");
         let review = tokio::time::timeout(
@@ -1171,10 +1240,30 @@ mod tests {
             matches!(review, Ok(Ok(Review::Unauthenticated(_)))),
             "{review:?}"
         );
-        slow.gate.add_permits(100);
+        // The pod's calls beyond its 2 running wait behind them; an operator's call takes
+        // one of the slots left rather than waiting behind the flood.
+        let alice = ReviewedUser {
+            username: "alice".into(),
+            ..user.clone()
+        };
+        let theirs = {
+            let ids = Arc::clone(&ids);
+            tokio::spawn(async move { ids.may(&alice, &Access::LIST_PODS).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            ids.access_in_flight.available_permits(),
+            ACCESS_REVIEWS_IN_FLIGHT - ACCESS_REVIEWS_PER_USER - 1
+        );
+        slow.gate.add_permits(ACCESS_REVIEWS_PENDING_PER_USER + 1);
         for call in flood {
             assert!(matches!(call.await, Ok(Ok(Ok(())))));
         }
+        assert!(matches!(theirs.await, Ok(Ok(Ok(())))));
+        assert!(
+            lock(&ids.access_users).is_empty(),
+            "a user's count left behind"
+        );
     }
 
     #[tokio::test(start_paused = true)]
