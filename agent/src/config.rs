@@ -319,6 +319,7 @@ impl ServeConfig {
             header_read_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             max_requests_per_connection: self.max_requests_per_connection,
+            evict_waiting_heads: false,
         }
     }
 

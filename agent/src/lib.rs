@@ -385,10 +385,12 @@ fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
 pub const HEALTH_CONNECTIONS_PER_PEER: usize = 4;
 
 /// The health listener's limits: the pods' (`limits`), but [`HEALTH_CONNECTIONS_PER_PEER`]
-/// per address.
+/// per address, and a connection that has sent no request yet gives its place to a new one
+/// (the kubelet's probes share the node's address with every process of the node).
 fn health_limits(limits: Limits) -> Limits {
     Limits {
         max_connections_per_peer: HEALTH_CONNECTIONS_PER_PEER.min(limits.max_connections_per_peer),
+        evict_waiting_heads: true,
         ..limits
     }
 }

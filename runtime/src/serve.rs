@@ -113,6 +113,11 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Requests answered on one connection; the last answer says `Connection: close`.
     pub max_requests_per_connection: usize,
+    /// At the per-peer limit, a connection still waiting for its request head may give its
+    /// place too (the longest-waiting one, when none is idle). For a port whose answers are
+    /// instant and whose honest clients send at once (probes): a client that opens
+    /// connections and sends nothing then cannot keep them from a probe.
+    pub evict_waiting_heads: bool,
 }
 
 impl Default for Limits {
@@ -123,6 +128,7 @@ impl Default for Limits {
             header_read_timeout: HEADER_READ_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             max_requests_per_connection: MAX_REQUESTS_PER_CONNECTION,
+            evict_waiting_heads: false,
         }
     }
 }
@@ -265,6 +271,7 @@ impl Conn {
 #[derive(Debug)]
 struct Peers {
     limit: usize,
+    evict_waiting_heads: bool,
     open: Mutex<HashMap<IpAddr, Vec<Arc<Conn>>>>,
 }
 
@@ -277,9 +284,10 @@ enum Admission {
 }
 
 impl Peers {
-    fn new(limit: usize) -> Peers {
+    fn new(limit: usize, evict_waiting_heads: bool) -> Peers {
         Peers {
             limit: limit.max(1),
+            evict_waiting_heads,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -293,11 +301,12 @@ impl Peers {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, conn)| match conn.phase() {
-                    Phase::Idle { since } => Some((i, since)),
+                    Phase::Idle { since } => Some(((0, since), i)),
+                    Phase::Head { since } if self.evict_waiting_heads => Some(((1, since), i)),
                     _ => None,
                 })
-                .min_by_key(|(_, since)| *since);
-            let Some((i, _)) = longest_idle else {
+                .min_by_key(|(order, _)| *order);
+            let Some((_, i)) = longest_idle else {
                 return Admission::Refused;
             };
             conns.swap_remove(i).evicted.cancel();
@@ -405,7 +414,10 @@ pub async fn serve_http_observed<L, H, F>(
 {
     let connections = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let peers = Arc::new(Peers::new(limits.max_connections_per_peer));
+    let peers = Arc::new(Peers::new(
+        limits.max_connections_per_peer,
+        limits.evict_waiting_heads,
+    ));
     loop {
         // At the limit, stop accepting until a connection ends; the kernel queues the rest.
         let slot = tokio::select! {
@@ -921,7 +933,9 @@ mod tests {
             stream.write_all(b"GET /").await.expect("sends");
             busy.push(stream);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while counts.open.load(Ordering::SeqCst) != 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut refused = connect_from([127, 0, 0, 1], addr).await;
         let took = closed(&mut refused, Instant::now()).await;
         assert!(took < Duration::from_secs(3), "{took:?}");
@@ -930,6 +944,32 @@ mod tests {
         let mut other = connect_from([127, 0, 0, 2], addr).await;
         answered(&mut other).await;
         assert_eq!(counts.open.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn where_waiting_heads_give_way_a_probe_gets_through_silent_connections() {
+        let limits = Limits {
+            max_connections_per_peer: 2,
+            evict_waiting_heads: true,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        // Two connections that send nothing, as a process keeping a probe out would.
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(connect_from([127, 0, 0, 1], addr).await);
+            let opened = silent.len() as i64;
+            while counts.open.load(Ordering::SeqCst) != opened {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // A probe from the same address takes the longest-waiting one's place.
+        let mut probe = connect_from([127, 0, 0, 1], addr).await;
+        answered(&mut probe).await;
+        let took = closed(&mut silent[0], Instant::now()).await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(counts.closed(Closed::PeerLimitEvicted), 1);
+        assert_eq!(counts.closed(Closed::PeerLimitRefused), 0);
     }
 
     #[tokio::test]
