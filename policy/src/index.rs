@@ -432,6 +432,17 @@ impl PodIndex {
     }
 
     /// The pod with this UID if it is live, or runs on a node's host network (an agent).
+    /// Whether a Pending or Running host-network pod of `namespace` with `service_account`
+    /// has `ip`: an agent of that account at its node's address. Looks through the
+    /// host-network pods (a few per node); for the rare caller that needs it.
+    pub fn host_pod_at(&self, ip: IpAddr, namespace: &str, service_account: &str) -> bool {
+        self.host.iter().any(|ByUid(pod)| {
+            (pod.ip == Some(ip) || pod.more_ips.contains(&ip))
+                && pod.namespace == namespace
+                && pod.service_account.as_deref() == Some(service_account)
+        })
+    }
+
     pub fn by_uid(&self, uid: &str) -> Option<Arc<PodRecord>> {
         self.by_uid
             .get(uid)
@@ -1230,6 +1241,28 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_agents_address_is_that_of_a_host_network_pod_of_its_account() {
+        let mut index = PodIndex::default();
+        let mut agent = pod("a", Some("10.0.0.9"), "Running");
+        agent.host_network = true;
+        agent.service_account = Some("podiam-agent".into());
+        index.apply(agent.clone());
+        assert!(index.host_pod_at(ip("10.0.0.9"), "ns", "podiam-agent"));
+        // Another account's, another namespace's, another address, an ordinary pod: not.
+        assert!(!index.host_pod_at(ip("10.0.0.9"), "ns", "other"));
+        assert!(!index.host_pod_at(ip("10.0.0.9"), "podiam", "podiam-agent"));
+        assert!(!index.host_pod_at(ip("10.0.0.8"), "ns", "podiam-agent"));
+        let mut ordinary = pod("o", Some("10.0.0.7"), "Running");
+        ordinary.service_account = Some("podiam-agent".into());
+        index.apply(ordinary);
+        assert!(!index.host_pod_at(ip("10.0.0.7"), "ns", "podiam-agent"));
+        // Once it has stopped, its address is no agent's.
+        agent.phase = Some("Succeeded".into());
+        index.apply(agent);
+        assert!(!index.host_pod_at(ip("10.0.0.9"), "ns", "podiam-agent"));
     }
 
     #[test]

@@ -61,11 +61,12 @@ pub const REVIEWS_IN_FLIGHT_PER_ADDRESS: usize = 4;
 pub const REVIEWS_PENDING_PER_ADDRESS: usize = 256;
 /// The most reviews waiting or running for all addresses together: root on one node may
 /// call from many addresses (its pods', or an IPv6 prefix), and each waiting review keeps its
-/// token (up to 16 KiB) in memory. Past it, a new token is refused at once as unavailable to
-/// an asker that already has [`REVIEWS_IN_FLIGHT_PER_ADDRESS`] of its own under way; one with
-/// fewer (an honest node's few new tokens) is still taken, so a flood from many addresses
-/// cannot turn every other node's tokens away. Beyond it, then, at most that many per asker,
-/// each of which holds a connection of its own.
+/// token (up to 16 KiB) in memory. Past it, a new token from an address is refused at once
+/// as unavailable, unless the address is a running agent's (a node's: see
+/// [`Identities::with_agent_addresses`]) or the asker is a proven agent's node, and it has
+/// fewer than [`REVIEWS_IN_FLIGHT_PER_ADDRESS`] under way: a flood from one node's many
+/// addresses cannot turn every other node's few new tokens away, and what it keeps stays
+/// bounded (beyond this, at most that many per node).
 pub const REVIEWS_PENDING: usize = 2048;
 /// SubjectAccessReviews (one per operator call) waiting on the API at once, apart from the
 /// token reviews' slots: any pod's own ServiceAccount token is a valid operator token (its
@@ -383,6 +384,8 @@ pub struct Identities {
     addresses: Arc<Mutex<HashMap<Asker, Queue>>>,
     /// The reviews all addresses have waiting or running (changed under `addresses`' lock).
     pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether an address is a running agent's, asked only past [`REVIEWS_PENDING`].
+    agent_addresses: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
 }
 
 /// Whose share of the reviews a new token takes.
@@ -515,7 +518,18 @@ impl Identities {
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
             addresses: Arc::default(),
             pending: Arc::default(),
+            agent_addresses: None,
         }
+    }
+
+    /// Tells apart, once [`REVIEWS_PENDING`] are waiting, the addresses of running agents
+    /// (nodes' addresses, a bounded set): their few new tokens are still taken.
+    pub fn with_agent_addresses(
+        mut self,
+        is_agent: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    ) -> Identities {
+        self.agent_addresses = Some(is_agent);
+        self
     }
 
     pub fn counters(&self) -> &IdentityCounters {
@@ -576,7 +590,11 @@ impl Identities {
         let mut addresses = lock(&self.addresses);
         let all = self.pending.load(std::sync::atomic::Ordering::Relaxed);
         let own = addresses.get(&address).map_or(0, |queue| queue.pending);
-        if all >= REVIEWS_PENDING && own >= REVIEWS_IN_FLIGHT_PER_ADDRESS {
+        let bounded_apart = || match &address {
+            Asker::Node(_) => true,
+            Asker::Address(ip) => self.agent_addresses.as_ref().is_some_and(|is| is(*ip)),
+        };
+        if all >= REVIEWS_PENDING && (own >= REVIEWS_IN_FLIGHT_PER_ADDRESS || !bounded_apart()) {
             return Err(ReviewUnavailable(
                 "too many token reviews under way; retry in a few seconds".into(),
             ));
@@ -1103,7 +1121,10 @@ mod tests {
             gate: tokio::sync::Semaphore::new(0),
             started: AtomicUsize::new(0),
         });
-        let ids = Identities::with_clock(gated.clone(), IdentityCounters::new(), clock().1);
+        // 10.9.0.1 is a running agent's address (a node's).
+        let agent_node = IpAddr::from([10, 9, 0, 1]);
+        let ids = Identities::with_clock(gated.clone(), IdentityCounters::new(), clock().1)
+            .with_agent_addresses(Arc::new(move |ip| ip == agent_node));
         // Root on one node calling from many addresses: each address's full share.
         let addresses = REVIEWS_PENDING / REVIEWS_PENDING_PER_ADDRESS;
         for a in 0..addresses {
@@ -1122,40 +1143,42 @@ mod tests {
             ids.pending.load(std::sync::atomic::Ordering::Relaxed),
             REVIEWS_PENDING
         );
-        // The next new token from an address that has its running share is refused at
-        // once: memory stays bounded.
-        let flooding = IpAddr::from([10, 1, 0, 0]);
-        let refused = tokio::time::timeout(
-            Duration::from_millis(1),
-            ids.review_from("one-more", &[], Some(Asker::Address(flooding))),
-        )
-        .await;
-        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
-        // Another node's few new tokens still wait for their turn rather than being turned
-        // away: up to its running share, then refused too.
-        let honest = Asker::Node("node-b".into());
-        for i in 0..REVIEWS_IN_FLIGHT_PER_ADDRESS {
-            let waits = tokio::time::timeout(
+        // The next new token from any other address is refused at once, a fresh one too:
+        // memory stays bounded however many addresses the flood has.
+        for from in [IpAddr::from([10, 1, 0, 0]), IpAddr::from([10, 2, 0, 1])] {
+            let refused = tokio::time::timeout(
                 Duration::from_millis(1),
-                ids.review_from(&format!("honest-{i}"), &[], Some(honest.clone())),
+                ids.review_from("one-more", &[], Some(Asker::Address(from))),
             )
             .await;
-            assert!(waits.is_err(), "honest-{i}: {waits:?}");
+            assert!(matches!(refused, Ok(Err(_))), "{from}: {refused:?}");
         }
-        let refused = tokio::time::timeout(
-            Duration::from_millis(1),
-            ids.review_from("honest-more", &[], Some(honest)),
-        )
-        .await;
-        assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+        // Another node's few new tokens, its agent's from its address and its pods' from its
+        // proven agent, still wait for their turn rather than being turned away: up to their
+        // running share, then refused too.
+        for honest in [Asker::Address(agent_node), Asker::Node("node-b".into())] {
+            for i in 0..REVIEWS_IN_FLIGHT_PER_ADDRESS {
+                let waits = tokio::time::timeout(
+                    Duration::from_millis(1),
+                    ids.review_from(&format!("{honest:?}-{i}"), &[], Some(honest.clone())),
+                )
+                .await;
+                assert!(waits.is_err(), "{honest:?}-{i}: {waits:?}");
+            }
+            let refused = tokio::time::timeout(
+                Duration::from_millis(1),
+                ids.review_from("honest-more", &[], Some(honest.clone())),
+            )
+            .await;
+            assert!(matches!(refused, Ok(Err(_))), "{honest:?}: {refused:?}");
+        }
+        let honest = 2 * REVIEWS_IN_FLIGHT_PER_ADDRESS;
         assert_eq!(
             ids.pending.load(std::sync::atomic::Ordering::Relaxed),
-            REVIEWS_PENDING + REVIEWS_IN_FLIGHT_PER_ADDRESS
+            REVIEWS_PENDING + honest
         );
         // Once the API answers, the count goes back to nothing.
-        gated
-            .gate
-            .add_permits(REVIEWS_PENDING + REVIEWS_IN_FLIGHT_PER_ADDRESS);
+        gated.gate.add_permits(REVIEWS_PENDING + honest);
         while ids.pending.load(std::sync::atomic::Ordering::Relaxed) != 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -210,7 +210,14 @@ impl Server {
             }
             None => (Events::disabled(), None),
         };
-        let identities = Arc::new(Identities::new(backends.reviewer, metrics.identity.clone()));
+        let agents = {
+            let (cluster, account) = (Arc::clone(&cluster), config.binding.account.clone());
+            move |ip| (cluster.pods()).host_pod_at(ip, &account.namespace, &account.name)
+        };
+        let identities = Arc::new(
+            Identities::new(backends.reviewer, metrics.identity.clone())
+                .with_agent_addresses(Arc::new(agents)),
+        );
         log_binding(&config.binding);
         let draining = CancellationToken::new();
         let service = PodiamService::new(
