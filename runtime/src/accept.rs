@@ -345,36 +345,65 @@ mod tests {
     use super::*;
     use tokio_stream::StreamExt;
 
+    /// A server's TLS set-up and a listener, and clients' configurations: an agent's (with
+    /// its certificate) and an operator's (the CA alone).
+    struct TlsRig {
+        _dir: tempfile::TempDir,
+        tls: Arc<Rotating<ServerConfig>>,
+        agent: Arc<rustls::ClientConfig>,
+        bare: Arc<rustls::ClientConfig>,
+        listener: tokio::net::TcpListener,
+        addr: SocketAddr,
+    }
+
+    impl TlsRig {
+        async fn new() -> TlsRig {
+            crate::tls::install_crypto_provider();
+            let (dir, files) = crate::tls::test_files::written();
+            let server = crate::tls::test_files::server_files(&files);
+            let tls =
+                Arc::new(Rotating::load(server, crate::tls::server_config).expect("server TLS"));
+            let agent = crate::tls::TlsFiles {
+                ca: files.ca_cert.clone(),
+                cert: files.agent_cert.clone(),
+                key: files.agent_key.clone(),
+            };
+            let checked = agent
+                .load_checked(std::time::SystemTime::now())
+                .expect("agent files");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("binds");
+            TlsRig {
+                tls,
+                agent: Arc::new(crate::tls::client_config(&checked).expect("client TLS")),
+                bare: Arc::new(crate::tls::ca_only_client_config(&files.ca_cert).expect("CA")),
+                addr: listener.local_addr().expect("bound"),
+                listener,
+                _dir: dir,
+            }
+        }
+    }
+
+    /// A TLS connection to `addr` with `config`.
+    async fn connect(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        connector.connect(name, tcp).await
+    }
+
     #[tokio::test]
     async fn connections_beyond_an_addresss_share_are_closed_until_one_closes() {
-        crate::tls::install_crypto_provider();
-        let (_dir, files) = crate::tls::test_files::written();
-        let server = crate::tls::test_files::server_files(&files);
-        let tls = Arc::new(Rotating::load(server, crate::tls::server_config).expect("server TLS"));
-        let agent = crate::tls::TlsFiles {
-            ca: files.ca_cert.clone(),
-            cert: files.agent_cert.clone(),
-            key: files.agent_key.clone(),
-        };
-        let checked = agent
-            .load_checked(std::time::SystemTime::now())
-            .expect("agent files");
-        let client = Arc::new(crate::tls::client_config(&checked).expect("client TLS"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binds");
-        let addr = listener.local_addr().expect("bound");
+        let rig = TlsRig::new().await;
+        let (listener, addr, tls, client) = (rig.listener, rig.addr, rig.tls, rig.agent);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut incoming = accept_tls(listener, tls, stop.clone(), &tasks, Arc::new(|| {}));
-        let connect = || {
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&client));
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-                connector.connect(name, tcp).await
-            }
-        };
+        let connect = || connect(addr, &client);
         let mut clients = Vec::new();
         let mut served = Vec::new();
         for i in 0..MAX_CONNECTIONS_PER_ADDRESS {
@@ -402,24 +431,9 @@ mod tests {
 
     #[tokio::test]
     async fn connections_without_a_certificate_are_held_to_their_own_share() {
-        crate::tls::install_crypto_provider();
-        let (_dir, files) = crate::tls::test_files::written();
-        let server = crate::tls::test_files::server_files(&files);
-        let tls = Arc::new(Rotating::load(server, crate::tls::server_config).expect("server TLS"));
-        let agent = crate::tls::TlsFiles {
-            ca: files.ca_cert.clone(),
-            cert: files.agent_cert.clone(),
-            key: files.agent_key.clone(),
-        };
-        let checked = agent
-            .load_checked(std::time::SystemTime::now())
-            .expect("agent files");
-        let certified = Arc::new(crate::tls::client_config(&checked).expect("client TLS"));
-        let bare = Arc::new(crate::tls::ca_only_client_config(&files.ca_cert).expect("CA only"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binds");
-        let addr = listener.local_addr().expect("bound");
+        let rig = TlsRig::new().await;
+        let (listener, addr, tls, certified, bare) =
+            (rig.listener, rig.addr, rig.tls, rig.agent, rig.bare);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -428,14 +442,6 @@ mod tests {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
         let mut incoming = accept_tls_certified(listener, tls, stop.clone(), &tasks, on_refused);
-        let connect = |config: &Arc<rustls::ClientConfig>| {
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-                connector.connect(name, tcp).await
-            }
-        };
         let has_certificate = |stream: &TlsStream<Held<tokio::net::TcpStream>>| {
             stream.get_ref().1.peer_certificates().is_some()
         };
@@ -443,24 +449,28 @@ mod tests {
         let mut served = Vec::new();
         // The test's clients come from loopback, which has a share of its own.
         for i in 0..MAX_UNCERTIFIED_LOOPBACK {
-            clients.push(connect(&bare).await.unwrap_or_else(|e| panic!("{i}: {e}")));
+            clients.push(
+                connect(addr, &bare)
+                    .await
+                    .unwrap_or_else(|e| panic!("{i}: {e}")),
+            );
             let accepted = incoming.next().await.expect("the loop runs");
             let stream = accepted.expect("handshaken");
             assert!(!has_certificate(&stream));
             served.push(stream);
         }
         // One more without a certificate: closed after its handshake, never served.
-        let _closed = connect(&bare).await;
+        let _closed = connect(addr, &bare).await;
         while refused.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // An agent's connection from the same address is served all the same.
-        clients.push(connect(&certified).await.expect("certified"));
+        clients.push(connect(addr, &certified).await.expect("certified"));
         let accepted = incoming.next().await.expect("the loop runs");
         assert!(has_certificate(&accepted.expect("handshaken")));
         // One without a certificate closes: room for one more.
         served.pop();
-        clients.push(connect(&bare).await.expect("a slot given back"));
+        clients.push(connect(addr, &bare).await.expect("a slot given back"));
         let accepted = incoming.next().await.expect("the loop runs");
         assert!(!has_certificate(&accepted.expect("handshaken")));
         assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);

@@ -373,17 +373,16 @@ pub struct Identities {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The access reviews' own slots ([`ACCESS_REVIEWS_IN_FLIGHT`]).
     access_in_flight: tokio::sync::Semaphore,
-    /// Each user's access reviews waiting or running, and its running slots
-    /// ([`ACCESS_REVIEWS_PER_USER`]).
-    access_users: Mutex<HashMap<String, Queue>>,
+    /// Each user's access reviews waiting or running ([`ACCESS_REVIEWS_PER_USER`],
+    /// [`ACCESS_REVIEWS_PENDING_PER_USER`]).
+    access_users: Arc<Queues<String>>,
     counters: IdentityCounters,
     now: Clock,
     /// What is left of the operators' review budget, and when it was last topped up.
     operator_budget: Mutex<Budget>,
-    /// The reviews each asker has waiting or running.
-    addresses: Arc<Mutex<HashMap<Asker, Queue>>>,
-    /// The reviews all addresses have waiting or running (changed under `addresses`' lock).
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// The token reviews each asker has waiting or running ([`REVIEWS_IN_FLIGHT_PER_ADDRESS`],
+    /// [`REVIEWS_PENDING_PER_ADDRESS`]).
+    addresses: Arc<Queues<Asker>>,
     /// Whether an address is a running agent's, asked only past [`REVIEWS_PENDING`].
     agent_addresses: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
 }
@@ -398,29 +397,93 @@ pub enum Asker {
     Node(Arc<str>),
 }
 
-/// One asker's reviews: how many are waiting or running, and its running slots.
+/// One queue of reviews per key (an asker, a user): each key has at most `running` under
+/// way and `pending` waiting or running; its further reviews wait behind its own.
+struct Queues<K> {
+    queues: Mutex<HashMap<K, Queue>>,
+    running: usize,
+    pending: usize,
+    /// All keys' reviews waiting or running (changed under `queues`' lock).
+    all: std::sync::atomic::AtomicUsize,
+    /// Whose reviews, in a refusal: "this address's", "this user's".
+    whose: &'static str,
+}
+
+/// One key's reviews: how many are waiting or running, and its running slots.
 struct Queue {
     pending: usize,
     running: Arc<tokio::sync::Semaphore>,
 }
 
-/// A review's place in its address's queue, given back when it ends.
-struct Turn {
-    addresses: Arc<Mutex<HashMap<Asker, Queue>>>,
-    pending: Arc<std::sync::atomic::AtomicUsize>,
-    address: Asker,
+impl<K: Clone + Eq + std::hash::Hash> Queues<K> {
+    fn new(running: usize, pending: usize, whose: &'static str) -> Queues<K> {
+        Queues {
+            queues: Mutex::default(),
+            running,
+            pending,
+            all: std::sync::atomic::AtomicUsize::new(0),
+            whose,
+        }
+    }
+
+    /// A place in `key`'s queue, unless it has `pending` already or `admit` (given its own
+    /// count and all keys') refuses.
+    fn take(
+        self: &Arc<Self>,
+        key: K,
+        admit: impl FnOnce(usize, usize) -> Result<(), ReviewUnavailable>,
+    ) -> Result<Place<K>, ReviewUnavailable> {
+        let mut queues = lock(&self.queues);
+        let own = queues.get(&key).map_or(0, |queue| queue.pending);
+        admit(own, self.all())?;
+        if own >= self.pending {
+            return Err(ReviewUnavailable(format!(
+                "too many of {} reviews under way; retry in a few seconds",
+                self.whose
+            )));
+        }
+        let queue = queues.entry(key.clone()).or_insert_with(|| Queue {
+            pending: 0,
+            running: Arc::new(tokio::sync::Semaphore::new(self.running)),
+        });
+        queue.pending += 1;
+        self.all.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Place {
+            queues: Arc::clone(self),
+            key,
+            running: Arc::clone(&queue.running),
+        })
+    }
+
+    /// All keys' reviews waiting or running.
+    fn all(&self) -> usize {
+        self.all.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        lock(&self.queues).is_empty()
+    }
+}
+
+/// A review's place in its key's queue, given back when it ends.
+struct Place<K: Eq + std::hash::Hash> {
+    queues: Arc<Queues<K>>,
+    key: K,
+    /// The key's running slots.
     running: Arc<tokio::sync::Semaphore>,
 }
 
-impl Drop for Turn {
+impl<K: Eq + std::hash::Hash> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut addresses = lock(&self.addresses);
-        self.pending
+        let mut queues = lock(&self.queues.queues);
+        self.queues
+            .all
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(queue) = addresses.get_mut(&self.address) {
+        if let Some(queue) = queues.get_mut(&self.key) {
             queue.pending -= 1;
             if queue.pending == 0 {
-                addresses.remove(&self.address);
+                queues.remove(&self.key);
             }
         }
     }
@@ -512,12 +575,19 @@ impl Identities {
             cache: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT)),
             access_in_flight: tokio::sync::Semaphore::new(ACCESS_REVIEWS_IN_FLIGHT),
-            access_users: Mutex::default(),
+            access_users: Arc::new(Queues::new(
+                ACCESS_REVIEWS_PER_USER,
+                ACCESS_REVIEWS_PENDING_PER_USER,
+                "this user's",
+            )),
             counters,
             now,
             operator_budget: Mutex::new((OPERATOR_REVIEWS_BURST, tokio::time::Instant::now())),
-            addresses: Arc::default(),
-            pending: Arc::default(),
+            addresses: Arc::new(Queues::new(
+                REVIEWS_IN_FLIGHT_PER_ADDRESS,
+                REVIEWS_PENDING_PER_ADDRESS,
+                "this address's",
+            )),
             agent_addresses: None,
         }
     }
@@ -585,38 +655,25 @@ impl Identities {
 
     /// A place in `address`'s queue of reviews, unless it has
     /// [`REVIEWS_PENDING_PER_ADDRESS`] already, or all have [`REVIEWS_PENDING`] and it has
-    /// its running share.
-    fn turn(&self, address: Asker) -> Result<Turn, ReviewUnavailable> {
-        let mut addresses = lock(&self.addresses);
-        let all = self.pending.load(std::sync::atomic::Ordering::Relaxed);
-        let own = addresses.get(&address).map_or(0, |queue| queue.pending);
-        let bounded_apart = || match &address {
+    /// its running share or is not a node's own.
+    fn turn(&self, address: Asker) -> Result<Place<Asker>, ReviewUnavailable> {
+        self.addresses.take(address.clone(), |own, all| {
+            let share_spent = own >= REVIEWS_IN_FLIGHT_PER_ADDRESS;
+            if all >= REVIEWS_PENDING && (share_spent || !self.nodes_own(&address)) {
+                return Err(ReviewUnavailable(
+                    "too many token reviews under way; retry in a few seconds".into(),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether `asker` is a node's own: a proven agent's node, or a running agent's address.
+    fn nodes_own(&self, asker: &Asker) -> bool {
+        match asker {
             Asker::Node(_) => true,
             Asker::Address(ip) => self.agent_addresses.as_ref().is_some_and(|is| is(*ip)),
-        };
-        if all >= REVIEWS_PENDING && (own >= REVIEWS_IN_FLIGHT_PER_ADDRESS || !bounded_apart()) {
-            return Err(ReviewUnavailable(
-                "too many token reviews under way; retry in a few seconds".into(),
-            ));
         }
-        let queue = addresses.entry(address.clone()).or_insert_with(|| Queue {
-            pending: 0,
-            running: Arc::new(tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT_PER_ADDRESS)),
-        });
-        if queue.pending >= REVIEWS_PENDING_PER_ADDRESS {
-            return Err(ReviewUnavailable(
-                "too many token reviews under way for this address; retry in a few seconds".into(),
-            ));
-        }
-        queue.pending += 1;
-        self.pending
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Turn {
-            addresses: Arc::clone(&self.addresses),
-            pending: Arc::clone(&self.pending),
-            address,
-            running: Arc::clone(&queue.running),
-        })
     }
 
     /// As [`Identities::review`], for `address` (`None`: unattributed): a token that has to
@@ -703,7 +760,7 @@ impl Identities {
         user: &ReviewedUser,
         access: &Access,
     ) -> Result<Result<(), String>, ReviewUnavailable> {
-        let turn = UserTurn::take(&self.access_users, &user.username)?;
+        let turn = (self.access_users).take(user.username.clone(), |_, _| Ok(()))?;
         let _own = turn
             .running
             .acquire()
@@ -720,50 +777,6 @@ impl Identities {
     /// Reviews remembered now (for tests and metrics).
     pub fn cached(&self) -> usize {
         self.cache().done.len()
-    }
-}
-
-/// A place in a user's queue of access reviews, given back when dropped.
-struct UserTurn<'a> {
-    users: &'a Mutex<HashMap<String, Queue>>,
-    user: String,
-    running: Arc<tokio::sync::Semaphore>,
-}
-
-impl<'a> UserTurn<'a> {
-    /// A place in `user`'s queue, unless it has [`ACCESS_REVIEWS_PENDING_PER_USER`].
-    fn take(
-        users: &'a Mutex<HashMap<String, Queue>>,
-        user: &str,
-    ) -> Result<UserTurn<'a>, ReviewUnavailable> {
-        let mut queues = lock(users);
-        let queue = queues.entry(user.to_string()).or_insert_with(|| Queue {
-            pending: 0,
-            running: Arc::new(tokio::sync::Semaphore::new(ACCESS_REVIEWS_PER_USER)),
-        });
-        if queue.pending >= ACCESS_REVIEWS_PENDING_PER_USER {
-            return Err(ReviewUnavailable(
-                "too many of this user's calls under way; retry in a few seconds".into(),
-            ));
-        }
-        queue.pending += 1;
-        Ok(UserTurn {
-            users,
-            user: user.to_string(),
-            running: Arc::clone(&queue.running),
-        })
-    }
-}
-
-impl Drop for UserTurn<'_> {
-    fn drop(&mut self) {
-        let mut queues = lock(self.users);
-        if let Some(queue) = queues.get_mut(&self.user) {
-            queue.pending -= 1;
-            if queue.pending == 0 {
-                queues.remove(&self.user);
-            }
-        }
     }
 }
 
@@ -1102,7 +1115,7 @@ mod tests {
         assert_eq!(started(), REVIEWS_IN_FLIGHT_PER_ADDRESS + 1);
         // The API answers: the flood drains, the address's queue goes, it may ask again.
         gated.gate.add_permits(REVIEWS_PENDING_PER_ADDRESS + 2);
-        while !lock(&ids.addresses).is_empty() {
+        while !ids.addresses.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(started(), REVIEWS_PENDING_PER_ADDRESS + 1);
@@ -1111,7 +1124,7 @@ mod tests {
             matches!(again, Ok(Ok(Review::Unauthenticated(_)))),
             "{again:?}"
         );
-        assert!(lock(&ids.addresses).is_empty(), "a queue left behind");
+        assert!(ids.addresses.is_empty(), "a queue left behind");
         assert!(ids.cache().pending.is_empty(), "reviews left pending");
     }
 
@@ -1139,10 +1152,7 @@ mod tests {
                 assert!(gave_up.is_err(), "{token} answered before the gate opened");
             }
         }
-        assert_eq!(
-            ids.pending.load(std::sync::atomic::Ordering::Relaxed),
-            REVIEWS_PENDING
-        );
+        assert_eq!(ids.addresses.all(), REVIEWS_PENDING);
         // The next new token from any other address is refused at once, a fresh one too:
         // memory stays bounded however many addresses the flood has.
         for from in [IpAddr::from([10, 1, 0, 0]), IpAddr::from([10, 2, 0, 1])] {
@@ -1173,16 +1183,13 @@ mod tests {
             assert!(matches!(refused, Ok(Err(_))), "{honest:?}: {refused:?}");
         }
         let honest = 2 * REVIEWS_IN_FLIGHT_PER_ADDRESS;
-        assert_eq!(
-            ids.pending.load(std::sync::atomic::Ordering::Relaxed),
-            REVIEWS_PENDING + honest
-        );
+        assert_eq!(ids.addresses.all(), REVIEWS_PENDING + honest);
         // Once the API answers, the count goes back to nothing.
         gated.gate.add_permits(REVIEWS_PENDING + honest);
-        while ids.pending.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        while ids.addresses.all() != 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert!(lock(&ids.addresses).is_empty(), "a queue left behind");
+        assert!(ids.addresses.is_empty(), "a queue left behind");
     }
 
     /// A reviewer whose access reviews wait until the test opens its gate; token reviews
@@ -1283,10 +1290,7 @@ mod tests {
             assert!(matches!(call.await, Ok(Ok(Ok(())))));
         }
         assert!(matches!(theirs.await, Ok(Ok(Ok(())))));
-        assert!(
-            lock(&ids.access_users).is_empty(),
-            "a user's count left behind"
-        );
+        assert!(ids.access_users.is_empty(), "a user's count left behind");
     }
 
     #[tokio::test(start_paused = true)]
