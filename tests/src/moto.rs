@@ -4,7 +4,10 @@
 //! picks the port and moto's server (werkzeug) says which in its start-up line
 //! ` * Running on http://127.0.0.1:PORT`, so no port is guessed and none can be taken by
 //! another process in between. It returns once moto answers its own
-//! `/moto-api/data.json` there. Facts the suites rely on (proved in `tests/harness.rs`):
+//! `/moto-api/data.json` there and has answered one `AssumeRole` of its own: moto loads a
+//! service's code on the first request for it, which takes over a second on two busy cores,
+//! and a real STS has no such first call, so no test's first credentials pay for it. Facts
+//! the suites rely on (proved in `tests/harness.rs`):
 //! - any role ARN can be assumed, the role need not exist in moto's IAM, any account id
 //!   in the ARN is accepted;
 //! - `get-caller-identity` with the returned credentials prints
@@ -90,6 +93,11 @@ impl Moto {
         })
         .await
         .map_err(|e| not_started(&guard, e.to_string()))?;
+        wait_until(START_TIMEOUT, "moto_server to answer an AssumeRole", || {
+            answers(port, WARM_UP, "<AssumeRoleResponse")
+        })
+        .await
+        .map_err(|e| not_started(&guard, e.to_string()))?;
         Ok(Self { guard, port })
     }
 
@@ -132,14 +140,25 @@ fn listening_port(log: &str) -> Option<u16> {
     line.trim_end().parse().ok().filter(|port| *port != 0)
 }
 
+/// moto's own data, as JSON.
+const DATA_JSON: &[u8] = b"GET /moto-api/data.json HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+/// An STS `AssumeRole` (moto takes any signature; the credential scope names the service).
+const WARM_UP: &[u8] = b"POST / HTTP/1.0\r\nHost: 127.0.0.1\r\n\
+Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/sts/aws4_request, SignedHeaders=host, Signature=00\r\n\
+Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 117\r\n\r\n\
+Action=AssumeRole&Version=2011-06-15&RoleArn=arn:aws:iam::123456789012:role/moto-warm-up&RoleSessionName=moto-warm-up";
+
 /// True when something on `port` answers `/moto-api/data.json` like moto (200, JSON).
 async fn answers_as_moto(port: u16) -> bool {
+    answers(port, DATA_JSON, "{").await
+}
+
+/// True when something on `port` answers `request` with 200 and a body that starts with
+/// `starts`, within [`PROBE_TIMEOUT`].
+async fn answers(port: u16, request: &[u8], starts: &str) -> bool {
     let probe = async {
         let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.ok()?;
-        stream
-            .write_all(b"GET /moto-api/data.json HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .ok()?;
+        stream.write_all(request).await.ok()?;
         let mut reply = Vec::new();
         stream.read_to_end(&mut reply).await.ok()?;
         let text = String::from_utf8_lossy(&reply);
@@ -147,7 +166,7 @@ async fn answers_as_moto(port: u16) -> bool {
         Some(
             head.starts_with("HTTP/1.")
                 && head.contains(" 200 ")
-                && body.trim_start().starts_with('{'),
+                && body.trim_start().starts_with(starts),
         )
     };
     matches!(
@@ -184,7 +203,7 @@ pub async fn aws_cli_json(
 
 #[cfg(test)]
 mod tests {
-    use super::listening_port;
+    use super::{WARM_UP, listening_port};
 
     #[test]
     fn the_port_is_read_from_werkzeugs_start_up_line() {
@@ -200,5 +219,13 @@ mod tests {
             listening_port("WARNING: This is a development server.\n"),
             None
         );
+    }
+
+    #[test]
+    fn the_warm_up_request_says_its_body_length() {
+        let text = std::str::from_utf8(WARM_UP).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let length = format!("Content-Length: {}", body.len());
+        assert!(head.split("\r\n").any(|line| line == length), "{head}");
     }
 }
