@@ -63,6 +63,33 @@ pub fn with_children(pid: u32) -> Vec<u32> {
     pids
 }
 
+/// Confines every thread of each process in `pids` to the CPUs in `cpus`, or lets them run
+/// on those this (unconfined) process may use again when `cpus` is `None`. Threads started
+/// afterwards inherit their creator's set.
+pub fn pin_threads(pids: &[u32], cpus: Option<&[usize]>) -> anyhow::Result<()> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    let set = match cpus {
+        None => sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("this process's CPUs")?,
+        Some(cpus) => {
+            let mut set = CpuSet::new();
+            for &cpu in cpus {
+                set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+            }
+            set
+        }
+    };
+    for &pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+                .with_context(|| format!("setting the CPUs of thread {tid} of process {pid}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// [`cpu_seconds`] summed over `pids`.
 pub fn cpu_seconds_of(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()

@@ -172,6 +172,24 @@ impl WrkResult {
     }
 }
 
+/// How the keep-alive GETs are run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// As fast as each server answers, wrk and the server on any core.
+    Full,
+    /// As fast as each server answers, wrk confined to [`WRK_CPU`] and the server to
+    /// [`SERVER_CPU`]: neither takes the other's core, so the latencies are the server's and
+    /// the path's, not the scheduler sharing two cores among five busy threads.
+    Pinned,
+    /// Each connection pausing [`pace_ms`] between requests.
+    Paced,
+}
+
+/// The core wrk runs on in [`Mode::Pinned`] …
+const WRK_CPU: usize = 0;
+/// … and the core of the server under load.
+const SERVER_CPU: usize = 1;
+
 /// What the load is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Load<'a> {
@@ -204,7 +222,8 @@ impl Scripts {
     }
 }
 
-/// Runs wrk in `pod` against `url` with `connections` keep-alive connections for `duration`.
+/// Runs wrk in `pod` against `url` with `connections` keep-alive connections for `duration`,
+/// on core `cpu` alone when one is given.
 async fn wrk(
     pod: &Netns,
     scripts: &Scripts,
@@ -212,11 +231,19 @@ async fn wrk(
     connections: usize,
     duration: Duration,
     load: Load<'_>,
+    cpu: Option<usize>,
 ) -> anyhow::Result<WrkResult> {
     // Two threads (the machine's cores) unless one connection: wrk needs a connection per
     // thread.
     let threads = connections.clamp(1, 2);
-    let mut command = pod.command("wrk");
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut command = pod.command("taskset");
+            command.args(["--cpu-list", &cpu.to_string(), "wrk"]);
+            command
+        }
+        None => pod.command("wrk"),
+    };
     command
         .args(["-t", &threads.to_string()])
         .args(["-c", &connections.to_string()])
@@ -343,10 +370,19 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
         warmup: plan.real_warmup,
     };
     let keep_alive = ctx
-        .keep_alive(&servers, &plan.concurrency, false, targets)
+        .keep_alive(&servers, &plan.concurrency, Mode::Full, targets)
         .await?;
+    let pinned = if two_cores() {
+        json!(
+            ctx.keep_alive(&servers, &plan.concurrency, Mode::Pinned, targets)
+                .await?
+        )
+    } else {
+        println!("(one core: no run with wrk and the server on a core each)");
+        Value::Null
+    };
     let paced = ctx
-        .keep_alive(&servers, &plan.concurrency, true, targets)
+        .keep_alive(&servers, &plan.concurrency, Mode::Paced, targets)
         .await?;
     let token_pairs = ctx
         .token_pairs(&servers, &plan.concurrency, &token.body, targets)
@@ -366,10 +402,20 @@ pub async fn real_path(plan: &Plan, targets: &mut Vec<Target>) -> anyhow::Result
         "rounds": plan.real_rounds,
         "agent_max_connections_per_pod": MAX_CONNECTIONS_PER_POD,
         "keep_alive": keep_alive,
+        "keep_alive_a_core_each": pinned,
         "paced": paced,
         "token": token_pairs,
         "agent_rss_peak_mib": proc_stats::peak_rss_mib(agent_pid)?,
     }))
+}
+
+/// True when this process may run on both [`WRK_CPU`] and [`SERVER_CPU`].
+fn two_cores() -> bool {
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).is_ok_and(|set| {
+        [WRK_CPU, SERVER_CPU]
+            .iter()
+            .all(|&cpu| set.is_set(cpu).unwrap_or(false))
+    })
 }
 
 /// The IMDSv2 token request's headers.
@@ -703,23 +749,18 @@ impl Run<'_> {
     }
 
     /// Each target's warm-up (not counted), then `rounds` rounds, each running every target
-    /// once, the order turned by one each round so that no target always runs first or last.
+    /// once, the order turned by one each round so that no target always runs first or last;
+    /// `pinned`: wrk and the server on a core each ([`Mode::Pinned`]).
     async fn rounds(
         &self,
         targets: &[(&Server, Load<'_>)],
         connections: usize,
+        pinned: bool,
     ) -> anyhow::Result<Vec<Runs>> {
         if !self.warmup.is_zero() {
             for &(server, load) in targets {
-                wrk(
-                    self.pod,
-                    self.scripts,
-                    &server.url,
-                    connections,
-                    self.warmup,
-                    load,
-                )
-                .await?;
+                self.run(server, load, connections, self.warmup, pinned)
+                    .await?;
             }
         }
         let mut runs = vec![Runs::default(); targets.len()];
@@ -727,46 +768,76 @@ impl Run<'_> {
             for i in 0..targets.len() {
                 let at = (i + round) % targets.len();
                 let (server, load) = targets[at];
-                let cpu_before = proc_stats::cpu_seconds_of(&server.pids)?;
-                let mut result = wrk(
-                    self.pod,
-                    self.scripts,
-                    &server.url,
-                    connections,
-                    self.duration,
-                    load,
-                )
-                .await?;
-                result.server_cpu_seconds = proc_stats::cpu_seconds_of(&server.pids)? - cpu_before;
-                result.server_cpu_us_per_request =
-                    result.server_cpu_seconds * 1e6 / result.requests.max(1) as f64;
+                let result = self
+                    .run(server, load, connections, self.duration, pinned)
+                    .await?;
                 runs[at].0.push(result);
             }
         }
         Ok(runs)
     }
 
-    /// Keep-alive GETs of the credentials path: agent, nginx, minimal at each count. As fast
-    /// as each server answers, or `paced`: each connection pausing [`pace_ms`] between
-    /// requests, so that every server gets the same load and the p99s compare like with like.
+    /// One wrk run against `server`, with the server's CPU time during it; `pinned`: wrk on
+    /// [`WRK_CPU`], the server's threads on [`SERVER_CPU`] for the run and on every core
+    /// again after it.
+    async fn run(
+        &self,
+        server: &Server,
+        load: Load<'_>,
+        connections: usize,
+        duration: Duration,
+        pinned: bool,
+    ) -> anyhow::Result<WrkResult> {
+        if pinned {
+            proc_stats::pin_threads(&server.pids, Some(&[SERVER_CPU]))?;
+        }
+        let cpu_before = proc_stats::cpu_seconds_of(&server.pids)?;
+        let url = &server.url;
+        let cpu = pinned.then_some(WRK_CPU);
+        let result = wrk(
+            self.pod,
+            self.scripts,
+            url,
+            connections,
+            duration,
+            load,
+            cpu,
+        )
+        .await;
+        let cpu_after = proc_stats::cpu_seconds_of(&server.pids);
+        if pinned {
+            proc_stats::pin_threads(&server.pids, None)?;
+        }
+        let mut result = result?;
+        result.server_cpu_seconds = cpu_after? - cpu_before;
+        result.server_cpu_us_per_request =
+            result.server_cpu_seconds * 1e6 / result.requests.max(1) as f64;
+        Ok(result)
+    }
+
+    /// Keep-alive GETs of the credentials path: agent, nginx, minimal at each count, run as
+    /// `mode` says.
     async fn keep_alive(
         &self,
         servers: &Targets,
         counts: &[usize],
-        paced: bool,
+        mode: Mode,
         targets: &mut Vec<Target>,
     ) -> anyhow::Result<Vec<Value>> {
-        if paced {
-            println!(
+        let paced = mode == Mode::Paced;
+        let plan = self.plan_text();
+        match mode {
+            Mode::Full => {
+                println!("keep-alive GET of the credentials path ({plan}; medians of the rounds)")
+            }
+            Mode::Pinned => println!(
+                "keep-alive GET, wrk on CPU {WRK_CPU} and the server on CPU {SERVER_CPU}: \
+                 neither takes the other's core ({plan})"
+            ),
+            Mode::Paced => println!(
                 "paced keep-alive GET: each connection waits 1 ms per 16 connections between an \
-                 answer and its next request, the same load for every server ({})",
-                self.plan_text()
-            );
-        } else {
-            println!(
-                "keep-alive GET of the credentials path ({}; medians of the rounds)",
-                self.plan_text()
-            );
+                 answer and its next request, the same load for every server ({plan})"
+            ),
         }
         println!(
             "{:>5} {:<9} {:>10} {:>8} {:>8} {:>9} {:>10}",
@@ -784,7 +855,9 @@ impl Run<'_> {
                 list.push((nginx, load));
             }
             list.push((&servers.minimal, load));
-            let mut runs = self.rounds(&list, connections).await?;
+            let mut runs = self
+                .rounds(&list, connections, mode == Mode::Pinned)
+                .await?;
             let minimal_runs = runs.pop().context("the minimal server's runs")?;
             let nginx_runs = servers.nginx.as_ref().and_then(|_| runs.pop());
             let agent_runs = runs.pop().context("the agent's runs")?;
@@ -837,10 +910,10 @@ impl Run<'_> {
                         over_minimal.p99,
                     );
                 }
-                let section = if paced {
-                    "real path, paced"
-                } else {
-                    "real path"
+                let section = match mode {
+                    Mode::Full => "real path",
+                    Mode::Pinned => "real path, a core each",
+                    Mode::Paced => "real path, paced",
                 };
                 target(
                     targets,
@@ -853,6 +926,7 @@ impl Run<'_> {
             rows.push(json!({
                 "connections": connections,
                 "pause_ms": paced.then(|| pace_ms(connections)),
+                "wrk_and_server_on_a_core_each": mode == Mode::Pinned,
                 "rounds": self.rounds,
                 "agent": agent,
                 "nginx": nginx,
@@ -884,7 +958,7 @@ impl Run<'_> {
                 (&servers.agent, Load::TokenPair(token)),
                 (&servers.minimal, Load::TokenPair(token)),
             ];
-            let runs = self.rounds(&list, connections).await?;
+            let runs = self.rounds(&list, connections, false).await?;
             let (agent_runs, minimal_runs) = (&runs[0], &runs[1]);
             let (agent, minimal) = (agent_runs.summary(), minimal_runs.summary());
             let c = Compared::new(agent_runs, minimal_runs);
