@@ -68,6 +68,9 @@ struct Args {
     /// Pod counts for the scale section.
     #[arg(long, value_delimiter = ',')]
     scale_pods: Option<Vec<usize>>,
+    /// Connection counts for the real path and the warm section (1,16,128 unless given).
+    #[arg(long, value_delimiter = ',')]
+    connections: Option<Vec<usize>>,
     /// Where the results go, as JSON.
     #[arg(long, default_value = "bench/results.json")]
     out: PathBuf,
@@ -171,6 +174,9 @@ impl Plan {
         };
         if let Some(pods) = &args.scale_pods {
             plan.scale_pods = pods.clone();
+        }
+        if let Some(counts) = &args.connections {
+            plan.concurrency = counts.clone();
         }
         plan
     }

@@ -90,6 +90,39 @@ pub fn pin_threads(pids: &[u32], cpus: Option<&[usize]>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Context switches of every thread of each process in `pids` so far: the voluntary ones
+/// (a thread waiting for work) and the involuntary ones (a thread with work put off its
+/// core), summed.
+pub fn context_switches_of(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
+    let mut sums = (0, 0);
+    for &pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue; // The thread ended meanwhile.
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            sums.0 += field("voluntary_ctxt_switches:");
+            sums.1 += field("nonvoluntary_ctxt_switches:");
+        }
+    }
+    Ok(sums)
+}
+
+/// User plus system CPU time of this process's children that have ended and been waited
+/// for, in seconds: around one child's run (nothing else ending meanwhile), that child's.
+pub fn ended_children_cpu_seconds() -> anyhow::Result<f64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).context("getrusage")?;
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
+}
+
 /// [`cpu_seconds`] summed over `pids`.
 pub fn cpu_seconds_of(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()

@@ -123,6 +123,13 @@ pub struct WrkResult {
     /// request.
     pub server_cpu_seconds: f64,
     pub server_cpu_us_per_request: f64,
+    /// Context switches of the server's threads during the run: waiting for work, and put
+    /// off the core with work to do ([`proc_stats::context_switches_of`]).
+    pub server_voluntary_switches: u64,
+    pub server_involuntary_switches: u64,
+    /// CPU time wrk itself used: near the seconds of the run times the cores it may use, wrk
+    /// is the bottleneck and its own queueing is in the latencies.
+    pub wrk_cpu_seconds: f64,
 }
 
 /// The JSON line of [`WRK_SCRIPT`], read from wrk's output.
@@ -168,6 +175,9 @@ impl WrkResult {
             max_us: w.max_us,
             server_cpu_seconds: 0.0,
             server_cpu_us_per_request: 0.0,
+            server_voluntary_switches: 0,
+            server_involuntary_switches: 0,
+            wrk_cpu_seconds: 0.0,
         })
     }
 }
@@ -183,6 +193,17 @@ enum Mode {
     Pinned,
     /// Each connection pausing [`pace_ms`] between requests.
     Paced,
+}
+
+impl Mode {
+    /// The section's name in the list of targets.
+    fn section(self) -> &'static str {
+        match self {
+            Mode::Full => "real path",
+            Mode::Pinned => "real path, a core each",
+            Mode::Paced => "real path, paced",
+        }
+    }
 }
 
 /// The core wrk runs on in [`Mode::Pinned`] …
@@ -638,13 +659,17 @@ fn ms(us: u64) -> String {
 }
 
 fn row(name: &str, r: &WrkResult) -> String {
+    let per_request = |n: u64| n as f64 / r.requests.max(1) as f64;
     format!(
-        "{name:<9} {:>10.0} {:>8} {:>8} {:>9} {:>10.1}{}",
+        "{name:<9} {:>10.0} {:>8} {:>8} {:>9} {:>10.1} {:>6.2}/{:<5.2} {:>7.2}{}",
         r.per_second,
         ms(r.p50_us),
         ms(r.p99_us),
         ms(r.p999_us),
         r.server_cpu_us_per_request,
+        per_request(r.server_voluntary_switches),
+        per_request(r.server_involuntary_switches),
+        r.wrk_cpu_seconds / r.seconds.max(1e-9),
         if r.errors > 0 {
             format!("  ({} errors)", r.errors)
         } else {
@@ -693,6 +718,9 @@ impl Runs {
             max_us: runs.iter().map(|r| r.max_us).max().unwrap_or(0),
             server_cpu_seconds: cpu,
             server_cpu_us_per_request: cpu * 1e6 / requests.max(1) as f64,
+            server_voluntary_switches: runs.iter().map(|r| r.server_voluntary_switches).sum(),
+            server_involuntary_switches: runs.iter().map(|r| r.server_involuntary_switches).sum(),
+            wrk_cpu_seconds: runs.iter().map(|r| r.wrk_cpu_seconds).sum(),
         }
     }
 }
@@ -792,6 +820,8 @@ impl Run<'_> {
             proc_stats::pin_threads(&server.pids, Some(&[SERVER_CPU]))?;
         }
         let cpu_before = proc_stats::cpu_seconds_of(&server.pids)?;
+        let switches_before = proc_stats::context_switches_of(&server.pids)?;
+        let wrk_before = proc_stats::ended_children_cpu_seconds()?;
         let url = &server.url;
         let cpu = pinned.then_some(WRK_CPU);
         let result = wrk(
@@ -805,6 +835,7 @@ impl Run<'_> {
         )
         .await;
         let cpu_after = proc_stats::cpu_seconds_of(&server.pids);
+        let switches_after = proc_stats::context_switches_of(&server.pids);
         if pinned {
             proc_stats::pin_threads(&server.pids, None)?;
         }
@@ -812,6 +843,10 @@ impl Run<'_> {
         result.server_cpu_seconds = cpu_after? - cpu_before;
         result.server_cpu_us_per_request =
             result.server_cpu_seconds * 1e6 / result.requests.max(1) as f64;
+        result.wrk_cpu_seconds = proc_stats::ended_children_cpu_seconds()? - wrk_before;
+        let switches_after = switches_after?;
+        result.server_voluntary_switches = switches_after.0.saturating_sub(switches_before.0);
+        result.server_involuntary_switches = switches_after.1.saturating_sub(switches_before.1);
         Ok(result)
     }
 
@@ -840,8 +875,16 @@ impl Run<'_> {
             ),
         }
         println!(
-            "{:>5} {:<9} {:>10} {:>8} {:>8} {:>9} {:>10}",
-            "conns", "server", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU µs/req"
+            "{:>5} {:<9} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>7}",
+            "conns",
+            "server",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "CPU µs/req",
+            "switches/req",
+            "wrk CPU"
         );
         let mut rows = Vec::new();
         for &connections in counts {
@@ -894,7 +937,7 @@ impl Run<'_> {
                     );
                     target(
                         targets,
-                        &format!("real path: agent÷nginx req/s, {connections} conns"),
+                        &format!("{}: agent÷nginx req/s, {connections} conns", mode.section()),
                         format!("{:.2}", c.throughput),
                         ">= 0.90",
                         met_t,
@@ -910,14 +953,12 @@ impl Run<'_> {
                         over_minimal.p99,
                     );
                 }
-                let section = match mode {
-                    Mode::Full => "real path",
-                    Mode::Pinned => "real path, a core each",
-                    Mode::Paced => "real path, paced",
-                };
                 target(
                     targets,
-                    &format!("{section}: agent p99 ÷ nginx p99, {connections} conns"),
+                    &format!(
+                        "{}: agent p99 ÷ nginx p99, {connections} conns",
+                        mode.section()
+                    ),
                     format!("{:.2}", c.p99),
                     "<= 1.20",
                     met_p,
