@@ -18,9 +18,12 @@
 //!
 //! As fast as it can, wrk and the servers share the machine's two cores, and a server that
 //! answers more requests a second leaves wrk less time to read its answers: its p99 then
-//! measures a heavier load than a slower server's. So the GETs run a second time paced, each
-//! connection pausing between an answer and its next request ([`pace_ms`]), which gives every
-//! server the same load, well under what any of them can answer, and compares p99s at it.
+//! measures a heavier load than a slower server's, and two busy cores' run queues. So the
+//! GETs run twice more: as fast as they can with wrk on one core and the server on the other
+//! ([`Mode::Pinned`]), so that neither waits for the other's core; and paced, each connection
+//! pausing between an answer and its next request ([`pace_ms`]), which gives every server the
+//! same load, well under what any of them can answer, and compares p99s at it. Each run also
+//! reads the server's CPU time and context switches and wrk's own CPU time.
 //!
 //! Needs root (namespaces, veths, iptables in the node's namespace); without it the section
 //! says so and is skipped. Every namespace, veth and rule goes when the `World` drops, on
