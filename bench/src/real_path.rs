@@ -192,7 +192,7 @@ enum Mode {
     Full,
     /// As fast as each server answers, wrk confined to [`WRK_CPU`] and the server to
     /// [`SERVER_CPU`]: neither takes the other's core, so the latencies are the server's and
-    /// the path's, not the scheduler sharing two cores among five busy threads.
+    /// the path's, not the scheduler sharing two cores among wrk's and the server's threads.
     Pinned,
     /// Each connection pausing [`pace_ms`] between requests.
     Paced,
@@ -808,9 +808,9 @@ impl Run<'_> {
         Ok(runs)
     }
 
-    /// One wrk run against `server`, with the server's CPU time during it; `pinned`: wrk on
-    /// [`WRK_CPU`], the server's threads on [`SERVER_CPU`] for the run and on every core
-    /// again after it.
+    /// One wrk run against `server`, with the server's CPU time and context switches and
+    /// wrk's own CPU time during it; `pinned`: wrk on [`WRK_CPU`], the server's threads on
+    /// [`SERVER_CPU`] for the run and on every core again after it.
     async fn run(
         &self,
         server: &Server,
