@@ -616,6 +616,9 @@ async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
     let world = World::start(team_a_with_agent())
         .await
         .expect("world starts");
+    // Before its table of the node's pods is in place the agent binds a token to the address
+    // alone; this test is about the binding to the pod.
+    world.wait_node_stream_synced().await.expect("synced");
     let ttl = [("X-aws-ec2-metadata-token-ttl-seconds", "300")];
     let token = world
         .metadata_request("web", "PUT", "/latest/api/token", &ttl)
@@ -663,6 +666,8 @@ async fn cached_credentials_are_served_without_asking_the_server() {
     let world = World::start(team_a_with_agent())
         .await
         .expect("world starts");
+    // The cache is the table's: before the node stream syncs every request asks a server.
+    world.wait_node_stream_synced().await.expect("synced");
     let creds = format!("{CREDS_PATH}app-reader");
     let first = world
         .metadata_request("web", "GET", &creds, &[])

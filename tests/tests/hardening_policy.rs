@@ -147,6 +147,22 @@ async fn wait_known(agent: &Client, ip: Ipv4Addr) {
     .expect("pod seen");
 }
 
+/// Waits until the server answers the pod at `ip` with the role `want`. Pods and namespaces
+/// come to the server on watches of their own, so a new pod may be known before its
+/// namespace's rule is, and refused until then.
+async fn wait_role(agent: &Client, ip: Ipv4Addr, want: &str) {
+    let granted = wait_until(WAIT, "the server to grant the pod its role", || async {
+        matches!(role_of(agent, ip).await, Ok(role) if role == want)
+    })
+    .await;
+    if granted.is_err() {
+        panic!(
+            "{ip}: want {want}, the server answers {:?}",
+            role_of(agent, ip).await
+        );
+    }
+}
+
 /// node-1's stream snapshot: every pod state it carries, by UID.
 async fn node_snapshot(agent: &Client) -> HashMap<String, PodState> {
     let mut stream = agent
@@ -210,8 +226,7 @@ async fn a_role_path_cannot_climb_out_of_the_permitted_path() {
         setup.pod("team-b", name, ip, &[("iam.amazonaws.com/role", role)]);
     }
     let agent = setup.agent().await;
-    wait_known(&agent, honest).await;
-    assert_eq!(role_of(&agent, honest).await, Ok("app".to_string()));
+    wait_role(&agent, honest, "app").await;
     for (i, (name, role)) in climbers.iter().enumerate() {
         let ip = Ipv4Addr::new(10, 61, 0, 10 + i as u8);
         wait_known(&agent, ip).await;
@@ -259,7 +274,7 @@ async fn a_pod_cannot_rename_its_session_under_a_template() {
         ],
     );
     let agent = setup.agent().await;
-    wait_known(&agent, ip).await;
+    wait_role(&agent, ip, "app").await;
     agent
         .clone()
         .get_credentials(GetCredentialsRequest {
@@ -297,8 +312,7 @@ async fn a_new_pod_at_a_terminating_pods_address_gets_its_own_role() {
         &[("iam.amazonaws.com/role", "app-writer")],
     );
     let agent = setup.agent().await;
-    wait_known(&agent, ip).await;
-    assert_eq!(role_of(&agent, ip).await, Ok("app-writer".to_string()));
+    wait_role(&agent, ip, "app-writer").await;
 
     // Deleted: terminating, still alone at its address, so it keeps its role.
     setup
@@ -506,8 +520,7 @@ async fn a_thousand_namespaces_rules_cost_the_server_little_memory() {
         &[("iam.amazonaws.com/role", "warm")],
     );
     let agent = setup.agent().await;
-    wait_known(&agent, ip(9999)).await;
-    assert_eq!(role_of(&agent, ip(9999)).await, Ok("warm".to_string()));
+    wait_role(&agent, ip(9999), "warm").await;
     let before = rss(&setup.server);
 
     for i in 0..RULE_NAMESPACES {

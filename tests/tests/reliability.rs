@@ -47,6 +47,9 @@ fn fleet(server_args: &[&str], agent_args: &[&str]) -> WorldConfig {
 /// it.
 async fn under_load(config: WorldConfig, specs: Vec<ClientSpec>) -> (World, SdkLoad) {
     let world = World::start(config).await.expect("world starts");
+    // Clients start once the agent holds the node's pods, as on a node whose agent has run
+    // a while: the faults, not the agent's first seconds, are what the tests are about.
+    world.wait_node_stream_synced().await.expect("synced");
     let load = SdkLoad::start(&world, &specs).expect("load");
     load.wait_each_ok(3, 0.0, Duration::from_secs(30))
         .await
@@ -565,6 +568,7 @@ async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
     let mut world = World::start(podiam_tests::fixtures::web_with_agent())
         .await
         .expect("world starts");
+    world.wait_node_stream_synced().await.expect("synced");
     assert_eq!(world.stream_holder().await, Some(0));
     async fn syncs(world: &World) -> (u64, u64) {
         let metrics = world.agent_metrics().await.expect("agent metrics");

@@ -60,6 +60,9 @@ fn clients() -> Vec<ClientSpec> {
 /// The cluster with every client fetching, each with 3 good fetches behind it.
 async fn under_load() -> (World, SdkLoad) {
     let world = World::start(cluster()).await.expect("world starts");
+    // Clients start once the agent holds the node's pods: the restarts, not the agent's
+    // first seconds, are what the tests are about.
+    world.wait_node_stream_synced().await.expect("synced");
     let load = SdkLoad::start(&world, &clients()).expect("clients start");
     load.wait_each_ok(3, 0.0, STEP_DEADLINE)
         .await

@@ -181,16 +181,35 @@ async fn explain_names_where_the_role_comes_from_and_how_the_pod_is_known() {
     let token = world
         .mint_pod_token("team-a", "web", POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE)
         .expect("token");
-    let reply = world
-        .container_request(
-            "web",
-            "GET",
-            "/v1/credentials",
-            &[("Authorization", &token)],
-        )
-        .await
-        .expect("answers");
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    // The role is new to the server: its first answer may wait for STS, so asked until it
+    // comes (this test is about where the role comes from, not about a first fetch's time).
+    let answered = wait_until(
+        CHANGE_DEADLINE,
+        "web's credentials by its token",
+        || async {
+            world
+                .container_request(
+                    "web",
+                    "GET",
+                    "/v1/credentials",
+                    &[("Authorization", &token)],
+                )
+                .await
+                .is_ok_and(|reply| reply.status == 200)
+        },
+    )
+    .await;
+    if answered.is_err() {
+        let reply = world
+            .container_request(
+                "web",
+                "GET",
+                "/v1/credentials",
+                &[("Authorization", &token)],
+            )
+            .await;
+        panic!("no credentials by web's token: {reply:?}");
+    }
 
     let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
     let servers = server_flags(&world);

@@ -27,6 +27,31 @@ impl World {
         Ok(reply.body)
     }
 
+    /// Waits until the agent's node stream has synced (`podiam_agent_node_stream_synced` is
+    /// 1): from then on the agent holds the node's pods, binds each new IMDSv2 token to its
+    /// pod and caches credentials; until then it asks a server for each request, and binds
+    /// tokens to the address alone. A test that counts the agent's cache or checks a token's
+    /// binding waits for this first; `/ready` only says that a server answers.
+    pub async fn wait_node_stream_synced(&self) -> anyhow::Result<()> {
+        let synced = crate::process::wait_until(
+            super::START_TIMEOUT,
+            "the agent's node stream to sync",
+            || async {
+                self.agent_metrics()
+                    .await
+                    .is_ok_and(|m| metric_value(&m, "podiam_agent_node_stream_synced") == 1)
+            },
+        )
+        .await;
+        synced.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; agent log:
+{}",
+                self.agent_log()
+            )
+        })
+    }
+
     /// The (first) server's `/metrics` text.
     pub async fn server_metrics(&self) -> anyhow::Result<String> {
         self.server_metrics_of(0).await
