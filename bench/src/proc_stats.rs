@@ -78,16 +78,24 @@ pub fn pin_threads(pids: &[u32], cpus: Option<&[usize]>) -> anyhow::Result<()> {
             set
         }
     };
-    for &pid in pids {
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-            let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
-                continue;
-            };
-            sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
-                .with_context(|| format!("setting the CPUs of thread {tid} of process {pid}"))?;
-        }
+    for (pid, tid) in threads_of(pids)? {
+        sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set)
+            .with_context(|| format!("setting the CPUs of thread {tid} of process {pid}"))?;
     }
     Ok(())
+}
+
+/// Every thread of each process in `pids` now, as (process, thread) ids.
+fn threads_of(pids: &[u32]) -> anyhow::Result<Vec<(u32, u32)>> {
+    let mut threads = Vec::new();
+    for &pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+                threads.push((pid, tid));
+            }
+        }
+    }
+    Ok(threads)
 }
 
 /// Context switches of every thread of each process in `pids` so far: the voluntary ones
@@ -95,21 +103,19 @@ pub fn pin_threads(pids: &[u32], cpus: Option<&[usize]>) -> anyhow::Result<()> {
 /// core), summed.
 pub fn context_switches_of(pids: &[u32]) -> anyhow::Result<(u64, u64)> {
     let mut sums = (0, 0);
-    for &pid in pids {
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
-                continue; // The thread ended meanwhile.
-            };
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            sums.0 += field("voluntary_ctxt_switches:");
-            sums.1 += field("nonvoluntary_ctxt_switches:");
-        }
+    for (pid, tid) in threads_of(pids)? {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            continue; // The thread ended meanwhile.
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        sums.0 += field("voluntary_ctxt_switches:");
+        sums.1 += field("nonvoluntary_ctxt_switches:");
     }
     Ok(sums)
 }

@@ -183,32 +183,20 @@ async fn explain_names_where_the_role_comes_from_and_how_the_pod_is_known() {
         .expect("token");
     // The role is new to the server: its first answer may wait for STS, so asked until it
     // comes (this test is about where the role comes from, not about a first fetch's time).
+    let authorization = [("Authorization", token.as_str())];
+    let ask = || world.container_request("web", "GET", "/v1/credentials", &authorization);
     let answered = wait_until(
         CHANGE_DEADLINE,
         "web's credentials by its token",
-        || async {
-            world
-                .container_request(
-                    "web",
-                    "GET",
-                    "/v1/credentials",
-                    &[("Authorization", &token)],
-                )
-                .await
-                .is_ok_and(|reply| reply.status == 200)
-        },
+        || async { ask().await.is_ok_and(|reply| reply.status == 200) },
     )
     .await;
     if answered.is_err() {
-        let reply = world
-            .container_request(
-                "web",
-                "GET",
-                "/v1/credentials",
-                &[("Authorization", &token)],
-            )
-            .await;
-        panic!("no credentials by web's token: {reply:?}");
+        // The last answer, never a credentials body.
+        let last = ask()
+            .await
+            .map(|r| (r.status, (r.status != 200).then_some(r.body)));
+        panic!("no credentials by web's token: {last:?}");
     }
 
     let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
