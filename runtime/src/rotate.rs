@@ -223,6 +223,24 @@ mod tests {
         );
         assert!(matches!(rotating.reload(now), Reload::Unchanged));
 
+        // A new CA caught written before the certificates it signs: refused, as the
+        // certificate in use does not chain to it; swapped in once the rest is there.
+        let current = rotating.current();
+        let new_ca = podiam_certs::generate(&podiam_certs::CertOptions::default()).expect("CA");
+        std::fs::write(&files.ca_cert, &new_ca.ca_cert).expect("write");
+        assert!(matches!(
+            rotating.reload(now),
+            Reload::Refused(TlsError::NotSignedByCa { .. })
+        ));
+        assert!(
+            Arc::ptr_eq(&current, &rotating.current()),
+            "old config kept"
+        );
+        std::fs::write(&files.server_cert, &new_ca.server_cert).expect("write");
+        std::fs::write(&files.server_key, &new_ca.server_key).expect("write");
+        assert!(matches!(rotating.reload(now), Reload::Rotated { .. }));
+        let ca_cert = new_ca.ca_cert;
+
         // The same files, checked at a time they have expired: refused, the current kept.
         let current = rotating.current();
         std::fs::write(

@@ -7,8 +7,10 @@
 //! name given with `--server-name`).
 //!
 //! - [`TlsFiles::load_checked`] reads and checks the files: PEM that parses, a key that
-//!   matches the certificate, and a certificate valid now. A problem is one clear error
-//!   naming the file and the dates, never a handshake failure later.
+//!   matches the certificate, a certificate valid now and signed (through any intermediates
+//!   in its file) by one of the CAs. A problem is one clear error naming the file and the
+//!   dates, never a handshake failure later; a rotation caught half-written (a new CA beside
+//!   the old certificate) is refused and the configuration in use kept until it is whole.
 //! - [`server_config`] / [`client_config`] build the rustls configurations both daemons
 //!   serve and dial with ([`crate::rotate`] keeps them current as the files change on disk).
 //! - [`TlsMaterial`] builds tonic's own TLS configurations, for tests and tools acting as an
@@ -74,6 +76,12 @@ pub enum TlsError {
     KeyMismatch {
         cert: PathBuf,
         key: PathBuf,
+        reason: String,
+    },
+    #[error("certificate {cert} is not signed by the CA(s) in {ca}: {reason}")]
+    NotSignedByCa {
+        cert: PathBuf,
+        ca: PathBuf,
         reason: String,
     },
     #[error("building the TLS configuration: {0}")]
@@ -190,7 +198,7 @@ impl TlsFiles {
     }
 
     /// Reads and checks all three files at `now`: every certificate parses, the key matches
-    /// the leaf certificate, and the leaf is valid now.
+    /// the leaf certificate, the leaf is valid now and chains to one of the CAs.
     pub fn load_checked(&self, now: SystemTime) -> Result<Checked, TlsError> {
         let source = [
             read_pem("CA certificate", &self.ca)?,
@@ -241,6 +249,7 @@ impl TlsFiles {
                 reason: e.to_string(),
             },
         )?;
+        self.chains_to(&cas, &chain, now, provider)?;
         Ok(Checked {
             cas,
             chain,
@@ -254,13 +263,73 @@ impl TlsFiles {
     }
 }
 
+impl TlsFiles {
+    /// Checks that the leaf of `chain` is signed by one of `cas`, through the rest of `chain`,
+    /// every certificate on the way valid at `now` (Unix seconds), for a server's use or a
+    /// client's: the agent's certificate is a client's only, the server's a server's only, and
+    /// a certificate with no extended key usage is either. Checked the way the peer will check
+    /// it, with the same verifier, so that files that load are files peers accept.
+    fn chains_to(
+        &self,
+        cas: &[CertificateDer<'static>],
+        chain: &[CertificateDer<'static>],
+        now: i64,
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Result<(), TlsError> {
+        let refused = |error: rustls::Error| TlsError::NotSignedByCa {
+            cert: self.cert.clone(),
+            ca: self.ca.clone(),
+            reason: error.to_string(),
+        };
+        let roots = Arc::new(roots_of(cas)?);
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(now).unwrap_or(0),
+        ));
+        let (leaf, intermediates) = (&chain[0], &chain[1..]);
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(refused)?;
+        let as_server = rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            at,
+            provider.signature_verification_algorithms.all,
+        );
+        let Err(server_error) = as_server else {
+            return Ok(());
+        };
+        let client = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider))
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        match client.verify_client_cert(leaf, intermediates, at) {
+            Ok(_) => Ok(()),
+            // A client's certificate fails as a server's for its purpose alone; any other
+            // failure is the same either way, and the server's wording is kept.
+            Err(client_error) if is_purpose(&server_error) => Err(refused(client_error)),
+            Err(_) => Err(refused(server_error)),
+        }
+    }
+}
+
+/// Whether `error` is a certificate's extended key usage not allowing the use asked for.
+fn is_purpose(error: &rustls::Error) -> bool {
+    use rustls::CertificateError::{InvalidPurpose, InvalidPurposeContext};
+    matches!(
+        error,
+        rustls::Error::InvalidCertificate(InvalidPurpose | InvalidPurposeContext { .. })
+    )
+}
+
 fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
 fn roots(checked: &Checked) -> Result<RootCertStore, TlsError> {
+    roots_of(&checked.cas)
+}
+
+fn roots_of(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in &checked.cas {
+    for ca in cas {
         roots
             .add(ca.clone())
             .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
@@ -462,6 +531,50 @@ mod tests {
         };
         let error = tls.load_checked(SystemTime::now()).expect_err("mismatch");
         assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_certificate_another_ca_signed_is_refused_and_a_bundle_of_both_cas_accepts_it() {
+        let (dir, files) = written();
+        let other = podiam_certs::generate(&podiam_certs::CertOptions::default()).expect("CA");
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write");
+            path
+        };
+        let server = TlsFiles {
+            cert: write("other-server.pem", &other.server_cert),
+            key: write("other-server-key.pem", &other.server_key),
+            ..server_files(&files)
+        };
+        let agent = TlsFiles {
+            cert: write("other-agent.pem", &other.agent_cert),
+            key: write("other-agent-key.pem", &other.agent_key),
+            ..server_files(&files)
+        };
+        for tls in [&server, &agent] {
+            let error = tls
+                .load_checked(SystemTime::now())
+                .expect_err("another CA's");
+            let message = error.to_string();
+            assert!(matches!(error, TlsError::NotSignedByCa { .. }), "{message}");
+            assert!(
+                message.contains("other-") && message.contains("ca.pem"),
+                "{message}"
+            );
+            // The agent's certificate is a client's: refused for its signer, not its purpose.
+            assert!(!message.to_lowercase().contains("purpose"), "{message}");
+        }
+        // During a CA rotation the CA file holds both: either CA's certificates load.
+        let ours = std::fs::read_to_string(&files.ca_cert).expect("CA");
+        let both = write("both.pem", &format!("{ours}{}", other.ca_cert));
+        for tls in [server, agent, server_files(&files)] {
+            let tls = TlsFiles {
+                ca: both.clone(),
+                ..tls
+            };
+            assert!(tls.load_checked(SystemTime::now()).is_ok(), "{tls:?}");
+        }
     }
 
     #[test]

@@ -209,9 +209,10 @@ async fn rotated_certificates_are_used_for_new_connections_without_a_restart() {
     // 2. A whole new CA: the old CA's certificates are now the foreign ones.
     let ca2 = podiam_certs::generate(&podiam_certs::CertOptions::default()).expect("new CA");
     ca2.write_to(&dir, true).expect("new CA written");
-    // The files are written one after another: a reload may see the new CA with the old
-    // certificate first, then rotate once more when the rest is there. Done once the new
-    // CA's agents are served.
+    // The files are written one after another: a reload that sees the new CA beside the old
+    // certificate refuses it (the certificate does not chain to it) and keeps the old
+    // configuration; the rotation comes once the rest is there. Done once the new CA's agents
+    // are served.
     podiam_tests::process::wait_until(
         std::time::Duration::from_secs(10),
         "the server to serve the new CA's agents",
