@@ -211,12 +211,19 @@ impl Webhook {
         Ok((answer, outcome))
     }
 
-    /// Whether a role applies to the pod being created.
+    /// Whether a role applies to the pod being created and it can reach the endpoint. A pod
+    /// on the node's own network is never given a role (it has the node's address) and its
+    /// requests to 169.254.170.23 never meet the agent's rules (they are on the pods'
+    /// interfaces): its token would go to whatever answers there, and its SDK's chain stop at
+    /// a variable that leads nowhere. It is left as it is.
     fn applies(&self, request: &Value) -> Result<bool, ReviewError> {
         if !self.cluster.synced() {
             return Err(ReviewError::NotSynced);
         }
         let pod = &request["object"];
+        if pod["spec"]["hostNetwork"].as_bool() == Some(true) {
+            return Ok(false);
+        }
         let namespace = pod["metadata"]["namespace"]
             .as_str()
             .or_else(|| request["namespace"].as_str())
@@ -506,7 +513,13 @@ mod tests {
         assert_eq!(patch, patch_for(&with_role, &injection()));
         let without = json!({"metadata": {"namespace": "team-a"},
             "spec": {"containers": [{"name": "app", "image": "a"}]}});
-        for (object, operation) in [(without, "CREATE"), (with_role, "UPDATE")] {
+        let mut host_network = with_role.clone();
+        host_network["spec"]["hostNetwork"] = json!(true);
+        for (object, operation) in [
+            (without, "CREATE"),
+            (with_role, "UPDATE"),
+            (host_network, "CREATE"),
+        ] {
             let (answer, outcome) = webhook
                 .review(&review(object, operation))
                 .expect("answered");
