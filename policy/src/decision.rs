@@ -601,8 +601,10 @@ pub fn bind_agent(
 }
 
 /// Why a pod's own token (the container-credentials endpoint's proof) does not prove the
-/// pod at the request's address. The message goes back to that pod: it names only what the
-/// token itself says and the pod's own name.
+/// pod at the request's address. The message goes back to whoever sent the request, who is
+/// not that pod when the token is another's: it names only what the token itself says, never
+/// the pod at the address nor its ServiceAccount (those are in the fields, for the server's
+/// log).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PodTokenRefusal {
     /// The API does not accept the token for podiam's audience (unknown, expired, another
@@ -612,14 +614,14 @@ pub enum PodTokenRefusal {
     #[error("the pod's token is not bound to a pod (use a projected service account token)")]
     NotBound,
     #[error(
-        "the token is bound to pod {token_pod} (uid {token_uid}), not to pod {pod} at this address"
+        "the token is bound to pod {token_pod} (uid {token_uid}), not to the pod at this address"
     )]
     OtherPod {
         token_pod: String,
         token_uid: String,
         pod: String,
     },
-    #[error("the token authenticates {user}, not pod {pod}'s service account {expected}")]
+    #[error("the token authenticates {user}, not the service account of the pod at this address")]
     OtherAccount {
         user: String,
         pod: String,

@@ -588,6 +588,8 @@ async fn a_pods_token_proves_only_the_pod_at_the_address() {
         );
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{token}");
         assert!(refused.message().contains(says), "{token}: {refused:?}");
+        // The sender of another pod's token is not told whose address it used.
+        assert!(!refused.message().contains("team-a/web"), "{refused:?}");
     }
     let oversized = client
         .get_credentials(with_token(

@@ -1149,6 +1149,10 @@ fn refuse(failure: Failure) -> Status {
         Failure::Sts(StsError::Unavailable(_) | StsError::Throttled(_)) => {
             tracing::warn!(failure = %logged, "refused")
         }
+        // The caller is told only what its token says; the log has whose address it used.
+        Failure::PodToken(
+            refusal @ (PodTokenRefusal::OtherPod { .. } | PodTokenRefusal::OtherAccount { .. }),
+        ) => tracing::info!(refusal = ?refusal, "pod token refused"),
         _ => tracing::debug!(failure = %logged, "refused"),
     }
     failure.status()
