@@ -69,6 +69,10 @@ pub struct PodDecision {
     pub pod: PodId,
     /// The role it may have, or why not.
     pub verdict: Result<Role, Refusal>,
+    /// Set when the role is the pod's with its token only (its namespace requires it): the
+    /// refusal a request that proves the pod by its address alone gets, the metadata
+    /// endpoint's.
+    pub by_address: Option<Refusal>,
 }
 
 /// Why a node stream's pod state cannot be used.
@@ -86,7 +90,8 @@ pub enum BadState {
 impl PodDecision {
     /// The one conversion of a node stream's state: its address parsed
     /// ([`podiam_proto::parse_ip`]) and its decision read. A pod may have its role only
-    /// when the state names one and no refusal; anything else refuses.
+    /// when the state names one and no refusal, or names one with
+    /// [`Reason::TokenRequired`] (then with its token only); anything else refuses.
     pub fn from_state(state: PodState) -> Result<(Vec<IpAddr>, PodDecision), BadState> {
         let pod = state.pod.ok_or(BadState::NoPod)?;
         let pod = PodId {
@@ -101,8 +106,14 @@ impl PodDecision {
                 Err(error) => return Err(BadState::BadIp { pod, error }),
             }
         }
-        let permitted = state.refusal_reason == i32::from(podiam_proto::v1::Reason::Unspecified)
+        let token_required = Reason::from_wire(state.refusal_reason) == Some(Reason::TokenRequired);
+        let permitted = (state.refusal_reason == i32::from(podiam_proto::v1::Reason::Unspecified)
+            || token_required)
             && !state.role_name.is_empty();
+        let by_address = (permitted && token_required).then(|| Refusal {
+            reason: Reason::TokenRequired,
+            message: state.refusal_message.clone(),
+        });
         let verdict = if permitted {
             Ok(Role {
                 name: state.role_name,
@@ -115,12 +126,28 @@ impl PodDecision {
                 state.refusal_message,
             ))
         };
-        Ok((ips, PodDecision { pod, verdict }))
+        Ok((
+            ips,
+            PodDecision {
+                pod,
+                verdict,
+                by_address,
+            },
+        ))
     }
 
     /// The pod's role, or the servers' refusal of it.
     pub fn role(&self) -> Result<&Role, &Refusal> {
         self.verdict.as_ref()
+    }
+
+    /// The pod's role for a request that proves the pod by its address alone (the metadata
+    /// endpoint), or the servers' refusal of it.
+    pub fn role_by_address(&self) -> Result<&Role, &Refusal> {
+        match &self.by_address {
+            Some(refusal) => Err(refusal),
+            None => self.role(),
+        }
     }
 }
 
@@ -230,6 +257,25 @@ mod tests {
             ..dual
         };
         assert!(PodDecision::from_state(bad).is_err());
+    }
+
+    #[test]
+    fn a_pod_whose_namespace_requires_its_token_has_its_role_for_its_token_only() {
+        let wire = i32::from(Reason::TokenRequired.to_wire());
+        let (_, decision) =
+            PodDecision::from_state(state("10.0.0.1", "app", wire)).expect("usable");
+        assert_eq!(decision.role().map(|r| r.name.as_str()), Ok("app"));
+        let refused = decision.role_by_address().expect_err("not by address");
+        assert_eq!(
+            (refused.reason, refused.message.as_str()),
+            (Reason::TokenRequired, "why")
+        );
+        // Without a role it is a plain refusal, both ways.
+        let (_, bare) = PodDecision::from_state(state("10.0.0.1", "", wire)).expect("usable");
+        assert!(bare.role().is_err() && bare.role_by_address().is_err());
+        // Any other pod: the same role both ways.
+        let (_, plain) = PodDecision::from_state(state("10.0.0.1", "app", 0)).expect("usable");
+        assert_eq!(plain.role_by_address(), plain.role());
     }
 
     #[test]

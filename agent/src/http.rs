@@ -150,7 +150,8 @@ fn reason_status(reason: Reason) -> StatusCode {
         Reason::AmbiguousPod
         | Reason::RoleNotPermitted
         | Reason::InvalidRole
-        | Reason::StsRefused => StatusCode::FORBIDDEN,
+        | Reason::StsRefused
+        | Reason::TokenRequired => StatusCode::FORBIDDEN,
         Reason::StsUnavailable => StatusCode::BAD_GATEWAY,
         // The container endpoint only; EKS Auth answers 400 for a token it does not accept.
         Reason::PodTokenRefused => StatusCode::BAD_REQUEST,
@@ -475,7 +476,7 @@ impl MetadataService {
         route: &Route<'_>,
         now: i64,
     ) -> Option<Result<Response<Full<Bytes>>, Refused>> {
-        let own = match decision.role() {
+        let own = match decision.role_by_address() {
             Ok(own) => own,
             Err(refusal) => return Some(Err(Refused::ByServers(refusal.clone()))),
         };
@@ -649,7 +650,7 @@ impl MetadataService {
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         let own = decision
-            .role()
+            .role_by_address()
             .map_err(|refusal| Refused::ByServers(refusal.clone()))?;
         let pod = &decision.pod;
         // Boxed: see [`MetadataService::ask`].
@@ -714,6 +715,7 @@ fn places_pod_here(reason: Reason) -> bool {
             | Reason::StsRefused
             | Reason::StsUnavailable
             | Reason::PodTokenRefused
+            | Reason::TokenRequired
     )
 }
 
@@ -914,6 +916,7 @@ mod tests {
                 "identity-unavailable",
             ),
             (refused(Reason::PodTokenRefused), 400, "pod-token-refused"),
+            (refused(Reason::TokenRequired), 403, "token-required"),
             (
                 Refused::PodToken(crate::container::TokenProblem::Missing),
                 400,

@@ -207,6 +207,7 @@ mod tests {
                 arn: format!("arn:aws:iam::123456789012:role/{role}"),
                 credential_key: 0,
             }),
+            by_address: None,
         };
         (self::ip(ip), decision)
     }

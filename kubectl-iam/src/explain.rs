@@ -57,7 +57,8 @@ pub struct Explanation {
     pub role_source: String,
     /// The pod's ServiceAccount.
     pub service_account: String,
-    /// How the pod proves itself: `address`, or `address and token`.
+    /// How the pod proves itself: `address`, `address and token`, or `address and token,
+    /// required`.
     pub identity: String,
     /// The namespace's permitted regex as written ("" when none).
     pub permitted_regex: String,
@@ -149,14 +150,7 @@ impl Explanation {
             Some(from) => format!("{role}, from {from}"),
             None => role,
         };
-        let identity = match self.identity.as_str() {
-            "address and token" => {
-                "its address and its service account token (container credentials, 169.254.170.23)"
-                    .to_string()
-            }
-            "address" => "its address (instance metadata, 169.254.169.254)".to_string(),
-            other => or_dash(other),
-        };
+        let identity = known_by(&self.identity);
         let namespace = or_dash(&self.namespace);
         let permitted = if self.permitted_regex.is_empty() {
             format!("nothing in namespace {namespace} (no {PERMITTED_ANNOTATION} annotation)")
@@ -382,6 +376,25 @@ pub async fn run(
         ),
     }
     Ok(())
+}
+
+/// How a pod proves itself, from the server's `identity` word, as a person reads it.
+fn known_by(identity: &str) -> String {
+    match identity {
+        "address and token" => {
+            "its address and its service account token (container credentials, 169.254.170.23)"
+                .to_string()
+        }
+        "address and token, required" => {
+            "its address and its service account token only (container credentials, \
+             169.254.170.23; its namespace is labelled podiam.io/pod-identity=required: \
+             instance metadata refuses it)"
+                .to_string()
+        }
+        "address" => "its address (instance metadata, 169.254.169.254)".to_string(),
+        "" => "-".to_string(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

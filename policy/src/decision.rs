@@ -130,6 +130,15 @@ pub enum Refusal {
     /// elsewhere: an agent learns only about its own node.
     #[error("no pod on node {node} has IP {ip}")]
     OtherNode { ip: IpAddr, node: String },
+    /// Asked by address alone (the metadata endpoint) for a pod whose namespace requires
+    /// its token ([`policy::TOKEN_REQUIRED`]).
+    #[error(
+        "pod {pod} gets its role only from the container-credentials endpoint, with its token: \
+         its namespace {namespace} is labelled {label}={required}",
+        label = policy::POD_IDENTITY_LABEL,
+        required = policy::TOKEN_REQUIRED
+    )]
+    TokenRequired { pod: String, namespace: String },
 }
 
 impl Refusal {
@@ -146,6 +155,7 @@ impl Refusal {
             Refusal::NotPermitted { .. } => Reason::RoleNotPermitted,
             Refusal::WrongRole { .. } => Reason::WrongRole,
             Refusal::OtherNode { .. } => Reason::OtherNode,
+            Refusal::TokenRequired { .. } => Reason::TokenRequired,
         }
     }
 
@@ -343,7 +353,21 @@ impl View<'_> {
         self.decide_pod(Arc::clone(pod))
     }
 
+    /// Whether `decision` may be given to a request that proves its pod by address alone
+    /// (the metadata endpoint): not when the pod's namespace requires its token.
+    pub fn by_address(&self, decision: Decision) -> Result<Decision, Refusal> {
+        if self.namespaces.token_required(&decision.pod.namespace) {
+            return Err(Refusal::TokenRequired {
+                pod: pod_name(&decision.pod),
+                namespace: decision.pod.namespace.clone(),
+            });
+        }
+        Ok(decision)
+    }
+
     /// The state an agent's node stream carries for `pod`: its role, or why it is refused.
+    /// A pod whose namespace requires its token has its role and, beside it, the refusal
+    /// the metadata endpoint gives it ([`Refusal::TokenRequired`]).
     pub fn pod_state(&self, pod: &Arc<PodRecord>) -> PodState {
         let mut state = PodState {
             pod: Some(pod_ref(pod)),
@@ -352,9 +376,13 @@ impl View<'_> {
             ..PodState::default()
         };
         match self.decide_live(pod) {
-            Ok(Decision { role, .. }) => {
-                state.role_name = role.name;
-                state.role_arn = role.arn;
+            Ok(decision) => {
+                if let Err(refusal) = self.by_address(decision.clone()) {
+                    state.refusal_reason = refusal.reason().to_wire().into();
+                    state.refusal_message = refusal.to_string();
+                }
+                state.role_name = decision.role.name;
+                state.role_arn = decision.role.arn;
             }
             Err(refusal) => {
                 let reason = refusal.reason();
@@ -422,7 +450,9 @@ impl View<'_> {
             .as_deref()
             .unwrap_or("default")
             .to_string();
-        answer.identity = if pod.container_endpoint {
+        answer.identity = if self.namespaces.token_required(&pod.namespace) {
+            "address and token, required"
+        } else if pod.container_endpoint {
             "address and token"
         } else {
             "address"
@@ -1387,6 +1417,75 @@ mod tests {
         #[allow(deprecated)]
         let legacy = state("b2").legacy_refusal_reason;
         assert_eq!(legacy, "role-not-permitted");
+    }
+
+    #[test]
+    fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_address_alone() {
+        let pods = cluster();
+        let mut namespaces = namespaces();
+        let labelled = |value: &str| k8s_openapi::api::core::v1::Namespace {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("team-a".into()),
+                annotations: Some(
+                    [(policy::PERMITTED_ANNOTATION.to_string(), "app-.*".into())].into(),
+                ),
+                labels: Some([(policy::POD_IDENTITY_LABEL.to_string(), value.into())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Labelled `enabled` (the webhook's opt-in): nothing changes for the decision.
+        assert!(!namespaces.apply(&labelled("enabled")));
+        assert!(!namespaces.token_required("team-a"));
+        // `required`: a change, and the role stands beside the metadata endpoint's refusal.
+        assert!(namespaces.apply(&labelled(policy::TOKEN_REQUIRED)));
+        let view = synced_view(&pods, &namespaces);
+        let a1 = view.pod_state(&pods.by_uid("a1").expect("pod"));
+        assert_eq!(a1.role_name, "app-reader");
+        assert_eq!(wire(a1.refusal_reason), Some(Reason::TokenRequired));
+        assert!(
+            a1.refusal_message
+                .contains("podiam.io/pod-identity=required"),
+            "{a1:?}"
+        );
+        let decision = view
+            .decide(ip("10.0.0.1"), Scope::Cluster)
+            .expect("permitted");
+        assert!(matches!(
+            view.by_address(decision),
+            Err(Refusal::TokenRequired { .. })
+        ));
+        let answer = view
+            .explain(&ExplainTarget::Ip(ip("10.0.0.1")))
+            .expect("synced");
+        assert!(answer.allowed);
+        assert_eq!(answer.identity, "address and token, required");
+        // Refusals stay what they were; another namespace is not concerned.
+        assert_eq!(
+            wire(
+                view.pod_state(&pods.by_uid("a2").expect("pod"))
+                    .refusal_reason
+            ),
+            Some(Reason::NoRole)
+        );
+        let b1 = view
+            .decide(ip("10.0.1.1"), Scope::Cluster)
+            .expect("permitted");
+        assert!(view.by_address(b1).is_ok());
+        // Taken back: a change, and the address alone is enough again.
+        assert!(namespaces.apply(&labelled("enabled")));
+        let view = synced_view(&pods, &namespaces);
+        let decision = view
+            .decide(ip("10.0.0.1"), Scope::Cluster)
+            .expect("permitted");
+        assert!(view.by_address(decision).is_ok());
+        assert_eq!(
+            wire(
+                view.pod_state(&pods.by_uid("a1").expect("pod"))
+                    .refusal_reason
+            ),
+            None
+        );
     }
 
     #[test]

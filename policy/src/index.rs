@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use crate::policy::{
     DEFAULT_ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION, KUBE2IAM_ALLOWED_ROLES_ANNOTATION,
-    PERMITTED_ANNOTATION, Permitted, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    PERMITTED_ANNOTATION, POD_IDENTITY_LABEL, Permitted, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
+    TOKEN_REQUIRED,
 };
 
 /// The fields of a pod that podiam's decisions use.
@@ -567,6 +568,9 @@ pub struct NamespaceIndex {
     /// Namespaces with kube2iam's `iam.amazonaws.com/allowed-roles`, which podiam does not
     /// read: named in their refusals, so that the migration step is not missed.
     kube2iam_allowed: HashSet<String>,
+    /// Namespaces labelled `podiam.io/pod-identity=required`: their pods' roles are given
+    /// with the pod's token only.
+    token_required: HashSet<String>,
     /// Compiled rules by annotation value (trimmed).
     compiled: HashMap<String, Compiled>,
     compiled_bytes: usize,
@@ -588,6 +592,7 @@ impl NamespaceIndex {
             rules: HashMap::new(),
             default_roles: HashMap::new(),
             kube2iam_allowed: HashSet::new(),
+            token_required: HashSet::new(),
             compiled: HashMap::new(),
             compiled_bytes: 0,
             budget,
@@ -624,8 +629,8 @@ impl NamespaceIndex {
         }
     }
 
-    /// Records a namespace's annotations; recompiles only when the annotation changed.
-    /// Returns whether the namespace's rule changed.
+    /// Records a namespace's annotations and its [`POD_IDENTITY_LABEL`]; recompiles only
+    /// when the annotation changed. Returns whether what its pods are decided on changed.
     pub fn apply(&mut self, ns: &k8s_openapi::api::core::v1::Namespace) -> bool {
         let Some(name) = ns.metadata.name.as_deref() else {
             return false;
@@ -652,6 +657,18 @@ impl NamespaceIndex {
         } else {
             self.kube2iam_allowed.remove(name)
         };
+        let required = ns
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(POD_IDENTITY_LABEL))
+            .is_some_and(|value| value == TOKEN_REQUIRED);
+        let required_toggled = if required {
+            self.token_required.insert(name.to_string())
+        } else {
+            self.token_required.remove(name)
+        };
+        let allowed_toggled = allowed_toggled || required_toggled;
         let value = annotation(PERMITTED_ANNOTATION);
         let unchanged = self
             .rules
@@ -673,6 +690,7 @@ impl NamespaceIndex {
     pub fn remove(&mut self, name: &str) {
         self.default_roles.remove(name);
         self.kube2iam_allowed.remove(name);
+        self.token_required.remove(name);
         if self.release(name) {
             self.retry_over_budget();
         }
@@ -815,6 +833,12 @@ impl NamespaceIndex {
     /// Whether the namespace carries kube2iam's `iam.amazonaws.com/allowed-roles`.
     pub fn has_kube2iam_allowed_roles(&self, name: &str) -> bool {
         self.kube2iam_allowed.contains(name)
+    }
+
+    /// Whether the namespace is labelled `podiam.io/pod-identity=required`: its pods' roles
+    /// are given with their tokens only.
+    pub fn token_required(&self, name: &str) -> bool {
+        self.token_required.contains(name)
     }
 }
 

@@ -37,6 +37,14 @@ pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 /// their own nor one from their ServiceAccount.
 pub const DEFAULT_ROLE_ANNOTATION: &str = "iam.amazonaws.com/default-role";
 
+/// The label on a namespace that opts it into the container-credentials endpoint: the
+/// admission webhook gives its pods their token and the SDKs' variables when it is
+/// `enabled` or [`TOKEN_REQUIRED`].
+pub const POD_IDENTITY_LABEL: &str = "podiam.io/pod-identity";
+/// The value of [`POD_IDENTITY_LABEL`] that also keeps the namespace's pods' roles off the
+/// metadata endpoint: given only with the pod's token, never by its address alone.
+pub const TOKEN_REQUIRED: &str = "required";
+
 /// kube2iam's namespace annotation (a JSON list of roles or globs). podiam does not read it;
 /// a namespace that has it and no [`PERMITTED_ANNOTATION`] is told so in its refusals.
 pub const KUBE2IAM_ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";

@@ -100,11 +100,14 @@ pub enum Reason {
     /// address: not accepted by the API for podiam's audience, bound to no pod, or bound to
     /// another pod.
     PodTokenRefused,
+    /// The pod's namespace is labelled `podiam.io/pod-identity=required`: its role is given
+    /// on the container-credentials endpoint with its token only, never by address alone.
+    TokenRequired,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::UnknownPod,
         Reason::AmbiguousPod,
         Reason::NoRole,
@@ -118,6 +121,7 @@ impl Reason {
         Reason::AgentUnauthenticated,
         Reason::IdentityUnavailable,
         Reason::PodTokenRefused,
+        Reason::TokenRequired,
     ];
 
     /// The stable name pods and operators read: in the agent's answers, Events and
@@ -137,6 +141,7 @@ impl Reason {
             Reason::AgentUnauthenticated => "agent-unauthenticated",
             Reason::IdentityUnavailable => "identity-unavailable",
             Reason::PodTokenRefused => "pod-token-refused",
+            Reason::TokenRequired => "token-required",
         }
     }
 
@@ -156,6 +161,7 @@ impl Reason {
             Reason::AgentUnauthenticated => v1::Reason::AgentUnauthenticated,
             Reason::IdentityUnavailable => v1::Reason::IdentityUnavailable,
             Reason::PodTokenRefused => v1::Reason::PodTokenRefused,
+            Reason::TokenRequired => v1::Reason::TokenRequired,
         }
     }
 
@@ -178,6 +184,7 @@ impl Reason {
             v1::Reason::AgentUnauthenticated => Reason::AgentUnauthenticated,
             v1::Reason::IdentityUnavailable => Reason::IdentityUnavailable,
             v1::Reason::PodTokenRefused => Reason::PodTokenRefused,
+            v1::Reason::TokenRequired => Reason::TokenRequired,
         })
     }
 
@@ -188,7 +195,8 @@ impl Reason {
             Reason::AmbiguousPod
             | Reason::RoleNotPermitted
             | Reason::StsRefused
-            | Reason::OtherNode => tonic::Code::PermissionDenied,
+            | Reason::OtherNode
+            | Reason::TokenRequired => tonic::Code::PermissionDenied,
             Reason::NoRole | Reason::WrongRole | Reason::InvalidRole => {
                 tonic::Code::FailedPrecondition
             }

@@ -556,6 +556,66 @@ async fn an_unproven_caller_lifts_no_taint_even_when_binding_only_warns() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_namespace_that_requires_tokens_gives_its_roles_with_the_pods_token_only() {
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let required: Namespace = serde_json::from_value(json!({
+        "metadata": {
+            "name": "team-a",
+            "annotations": { "iam.amazonaws.com/permitted": "app-.*" },
+            "labels": { "podiam.io/pod-identity": "required" },
+        },
+    }))
+    .expect("namespace");
+    rig.cluster
+        .namespaces
+        .write()
+        .expect("not poisoned")
+        .apply(&required);
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    // By address alone (the metadata endpoint): neither the role nor credentials.
+    let role = client
+        .get_pod_role(GetPodRoleRequest {
+            ip: WEB_IP.into(),
+            node_name: NODE.into(),
+        })
+        .await
+        .expect_err("refused");
+    let credentials = client
+        .get_credentials(credentials_of_web())
+        .await
+        .expect_err("refused");
+    for refused in [role, credentials] {
+        assert_eq!(
+            Reason::of(&refused),
+            Some(Reason::TokenRequired),
+            "{refused:?}"
+        );
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused
+                .message()
+                .contains("podiam.io/pod-identity=required"),
+            "{refused:?}"
+        );
+    }
+    // With the pod's own token: its credentials.
+    let issued = client
+        .get_credentials(GetCredentialsRequest {
+            pod_token: "pod-token:web".into(),
+            ..credentials_of_web()
+        })
+        .await
+        .expect("the pod's token")
+        .into_inner();
+    assert_eq!(issued.pod.expect("a pod").name, "web");
+    shutdown.cancel();
+    serving.await.expect("joined").0.expect("served");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pods_token_proves_only_the_pod_at_the_address() {
     let mut rig = Rig::new(&[]);
     rig.add_pod("web", WEB_IP, "app-reader");

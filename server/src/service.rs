@@ -606,7 +606,13 @@ impl PodiamService {
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
             ));
         }
-        let Decision { pod, role, source } = self.decide(ip, caller, peer, "GetCredentials")?;
+        let decision = self.decide(ip, caller, peer, "GetCredentials")?;
+        let decision = if request.pod_token.is_empty() {
+            self.with_view(|view| view.by_address(decision))?
+        } else {
+            decision
+        };
+        let Decision { pod, role, source } = decision;
         if !own_role && request.role_name != role.name {
             return Err(Refusal::WrongRole {
                 pod: format!("{}/{}", pod.namespace, pod.name),
@@ -1168,8 +1174,10 @@ impl Podiam for PodiamService {
         let peer = request.remote_addr();
         let request = request.into_inner();
         let ip = podiam_proto::parse_ip(&request.ip).map_err(|e| refuse(e.into()))?;
+        // Only the metadata endpoint asks for a pod's role by its address.
         let Decision { pod, role, .. } = self
             .decide(ip, &caller, peer, "GetPodRole")
+            .and_then(|decision| self.with_view(|view| view.by_address(decision)))
             .map_err(|r| refuse(r.into()))?;
         Ok(Response::new(GetPodRoleResponse {
             pod: Some(pod_ref(&pod)),

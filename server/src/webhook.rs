@@ -2,7 +2,8 @@
 //!
 //! The API server calls it (AdmissionReview v1 over HTTPS, `POST /mutate-pods`) when a pod is
 //! created in a namespace that opts in: the MutatingWebhookConfiguration's
-//! `namespaceSelector` (`podiam.io/pod-identity: enabled`) does the choosing. A pod that a
+//! `namespaceSelector` (`podiam.io/pod-identity` `enabled` or `required`) does the choosing.
+//! A pod that a
 //! role applies to — its own `iam.amazonaws.com/role`, its ServiceAccount's, its namespace's
 //! default, as the decisions read them — gets, idempotently:
 //!

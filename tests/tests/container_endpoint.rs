@@ -427,3 +427,112 @@ async fn a_proven_token_stops_with_its_pod_and_its_role() {
         "something answered with the agent stopped"
     );
 }
+
+/// A namespace labelled `podiam.io/pod-identity=required` with the real kubectl: its pods'
+/// roles come with their tokens only. The metadata path refuses them — also once the agent
+/// holds their credentials, so an address alone (a reused IP, a request the pod was tricked
+/// into sending) gets nothing — and gives them again once the label is taken back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_metadata_path() {
+    const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
+    let world = World::start(world_config()).await.expect("world starts");
+    world.wait_node_stream_synced().await.expect("synced");
+    let imds = |path: &'static str| {
+        let world = &world;
+        async move {
+            world
+                .metadata_request("web", "GET", path, &[])
+                .await
+                .expect("the metadata path answers")
+        }
+    };
+    let token = pod_token(&world, "web");
+    // Both ways in while the namespace is `enabled`; the agent then holds web's credentials.
+    wait_until(CHANGE_DEADLINE, "web's credentials both ways", || async {
+        imds(CREDS).await.status == 200 && fetch(&world, "web", Some(&token)).await.status == 200
+    })
+    .await
+    .expect("served");
+
+    let label = |value: &str| format!("podiam.io/pod-identity={value}");
+    world
+        .kubectl_ok(&[
+            "label",
+            "namespace",
+            "team-a",
+            &label("required"),
+            "--overwrite",
+        ])
+        .await
+        .expect("labelled");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the metadata path to refuse web",
+        || async { imds(CREDS).await.status == 403 },
+    )
+    .await
+    .expect("refused");
+    for path in [CREDS, "/latest/meta-data/iam/security-credentials/"] {
+        let refused = imds(path).await;
+        assert_eq!(refused.status, 403, "{path}: {}", refused.body);
+        assert!(
+            refused.body.contains("token-required")
+                && refused.body.contains("podiam.io/pod-identity=required")
+                && !refused.body.contains("AccessKeyId"),
+            "{path}: {}",
+            refused.body
+        );
+    }
+    assert!(
+        world.boto3_caller_arn("web").await.expect("runs").is_err(),
+        "boto3 on the metadata path got credentials"
+    );
+    // The token still opens the role, to the SDKs as to a plain request.
+    assert_eq!(fetch(&world, "web", Some(&token)).await.status, 200);
+    expect_role(
+        world
+            .boto3_identity_via(
+                "web",
+                podiam_tests::world::Boto3Mode::Default,
+                Via::Container,
+            )
+            .await
+            .expect("runs")
+            .map(|identity| identity.arn),
+        "app-reader",
+        "boto3 on the container endpoint",
+        &world,
+    );
+    // Explain says how the pod is known.
+    let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let mut args = vec!["explain", "web", "-n", "team-a"];
+    let servers = server_flags(&world);
+    args.extend(servers.iter().map(String::as_str));
+    let explained = iam(&kubeconfig, &args).await.ok();
+    assert!(
+        explained
+            .stdout
+            .contains("podiam.io/pod-identity=required: instance metadata refuses it"),
+        "{}",
+        explained.stdout
+    );
+
+    // Taken back to `enabled`: the address alone is enough again.
+    world
+        .kubectl_ok(&[
+            "label",
+            "namespace",
+            "team-a",
+            &label("enabled"),
+            "--overwrite",
+        ])
+        .await
+        .expect("labelled");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the metadata path to serve web again",
+        || async { imds(CREDS).await.status == 200 },
+    )
+    .await
+    .expect("served again");
+}

@@ -1694,9 +1694,14 @@ fn pod_identity_component_serves_the_webhook_and_takes_the_ca_patch() {
     assert_eq!(webhook["name"], "pods.podiam.io");
     assert_eq!(webhook["failurePolicy"], "Ignore");
     assert_eq!(webhook["sideEffects"], "None");
+    // Namespaces labelled `enabled`, or `required` (their roles then with the token only).
     assert_eq!(
-        webhook["namespaceSelector"]["matchLabels"]["podiam.io/pod-identity"],
-        "enabled"
+        webhook["namespaceSelector"],
+        serde_json::json!({"matchExpressions": [{
+            "key": "podiam.io/pod-identity",
+            "operator": "In",
+            "values": ["enabled", "required"],
+        }]})
     );
     assert_eq!(webhook["clientConfig"]["service"]["name"], "podiam-webhook");
     assert_eq!(webhook["clientConfig"]["service"]["path"], "/mutate-pods");
