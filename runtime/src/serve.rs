@@ -758,6 +758,17 @@ mod tests {
     }
 
     /// Waits for the server to close `stream`; how long that took from `since`.
+    /// Waits (5 s at most) for `condition`, which the server's tasks make true a moment
+    /// after the client has seen its connection close (a connection is counted as ended
+    /// once its task has finished, after its socket is closed).
+    async fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     async fn closed(stream: &mut TcpStream, since: Instant) -> Duration {
         let mut buf = [0u8; 1024];
         loop {
@@ -981,16 +992,21 @@ mod tests {
         };
         let (addr, counts, _stop) = observed(limits).await;
         let mut stream = TcpStream::connect(addr).await.expect("connects");
+        // Timed from before the request: the idle clock starts when the answer is done,
+        // later than this, however long the client then takes to read it.
+        let since = Instant::now();
         answered(&mut stream).await;
-        let took = closed(&mut stream, Instant::now()).await;
+        let took = closed(&mut stream, since).await;
         assert!(
-            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
             "closed after {took:?}"
         );
         assert_eq!(counts.closed(Closed::IdleTimeout), 1);
         assert_eq!(counts.closed(Closed::HeaderTimeout), 0);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(counts.open.load(Ordering::SeqCst), 0);
+        eventually("the connection counted as ended", || {
+            counts.open.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1016,8 +1032,11 @@ mod tests {
             "{last}"
         );
         closed(&mut stream, Instant::now()).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(counts.closed(Closed::RequestLimit), 1);
+        // Counted when the connection's task ends, after its socket closed.
+        eventually("the request limit counted", || {
+            counts.closed(Closed::RequestLimit) == 1
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -73,7 +73,9 @@ pub async fn iam(kubeconfig: &Path, args: &[&str]) -> Run {
 }
 
 /// The flags that reach `world`'s server replicas: the CA only, no podiam key (the user's
-/// own token comes from the kubeconfig).
+/// own token comes from the kubeconfig). 30 s for the command's calls, not the default 3:
+/// a new process's handshake and calls on a busy machine must not fall back to a local
+/// answer where a test asserts the servers' (tests of the fallback give their own).
 pub fn server_flags(world: &crate::world::World) -> Vec<String> {
     let mut flags = Vec::new();
     for replica in world.replicas() {
@@ -82,5 +84,6 @@ pub fn server_flags(world: &crate::world::World) -> Vec<String> {
     let certs = world.certs();
     flags.extend(["--tls-ca".to_string(), certs.ca_cert.display().to_string()]);
     flags.extend(["--server-name".to_string(), "localhost".to_string()]);
+    flags.extend(["--server-timeout".to_string(), "30s".to_string()]);
     flags
 }

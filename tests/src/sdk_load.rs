@@ -193,6 +193,11 @@ pub struct LoadReport {
 impl LoadReport {
     /// Every failed fetch, with its client's label (pod, and SDK unless botocore's default).
     pub fn failures(&self) -> Vec<(String, Fetch)> {
+        self.failures_from(f64::NEG_INFINITY)
+    }
+
+    /// [`LoadReport::failures`] of fetches that began at or after `from` (Unix seconds).
+    pub fn failures_from(&self, from: f64) -> Vec<(String, Fetch)> {
         self.clients
             .iter()
             .flat_map(|c| {
@@ -202,6 +207,7 @@ impl LoadReport {
                 };
                 c.failures()
                     .into_iter()
+                    .filter(move |f| f.at() >= from)
                     .map(move |f| (label.clone(), f.clone()))
             })
             .collect()
