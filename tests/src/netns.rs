@@ -206,8 +206,12 @@ pub fn sweep_stale() -> Result<Vec<String>, NetnsError> {
         };
         let alive = kill(Pid::from_raw(pid), None).is_ok();
         if !alive {
-            ip(&["netns", "del", &name])?;
-            deleted.push(name);
+            match ip(&["netns", "del", &name]) {
+                Ok(_) => deleted.push(name),
+                // Another test of this process swept it first.
+                Err(_) if !PathBuf::from(NETNS_RUN_DIR).join(&name).exists() => {}
+                Err(error) => return Err(error),
+            }
         }
     }
     Ok(deleted)

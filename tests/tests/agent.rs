@@ -634,8 +634,9 @@ async fn a_token_is_bound_to_its_pod_not_just_its_ip() {
 
     // The pod is replaced by a new one (new UID) on the same IP: the old token is dead.
     world.recreate_pod("web").await.expect("recreated");
+    // A delete, a create and a status through the API, the servers and the node stream.
     let stale = wait_for(
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         "the old token to be refused",
         || async {
             let reply = world

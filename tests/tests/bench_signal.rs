@@ -115,7 +115,20 @@ async fn a_benchmark_stopped_by_a_signal_leaves_nothing_behind() {
         "{}",
         bench.log_tail(30)
     );
+    // A process sent SIGKILL as the bench ends may take a moment to be gone.
+    let gone = wait_until(
+        Duration::from_secs(10),
+        "the bench's processes to end",
+        || {
+            let started = started.clone();
+            async move { !started.iter().any(|pid| alive(*pid)) }
+        },
+    )
+    .await;
     let left: Vec<u32> = started.into_iter().filter(|pid| alive(*pid)).collect();
-    assert!(left.is_empty(), "processes left running: {left:?}");
+    assert!(
+        gone.is_ok() && left.is_empty(),
+        "processes left running: {left:?}"
+    );
     assert_eq!(namespaces_of(pid), Vec::<String>::new(), "namespaces left");
 }

@@ -108,7 +108,7 @@ async fn killing_a_replica_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (mut world, load, warm) = under_load(fleet(&[], &[]), clients()).await;
     let victim = world
-        .stream_holder()
+        .wait_stream_holder()
         .await
         .expect("a replica holds the stream");
 
@@ -148,7 +148,7 @@ async fn a_replica_stopped_by_a_rolling_update_is_not_noticed() {
     let (mut world, load, warm) =
         under_load(fleet(&["--shutdown-delay", "2s"], &[]), clients()).await;
     let victim = world
-        .stream_holder()
+        .wait_stream_holder()
         .await
         .expect("a replica holds the stream");
 
@@ -181,7 +181,7 @@ async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (mut world, load, warm) = under_load(fleet(&[], &[]), clients()).await;
     let victim = world
-        .stream_holder()
+        .wait_stream_holder()
         .await
         .expect("a replica holds the stream");
 
@@ -230,7 +230,7 @@ async fn the_node_stream_moves_off_a_slow_replica() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (world, load, warm) = under_load(fleet(&[], &[]), clients()).await;
     let victim = world
-        .stream_holder()
+        .wait_stream_holder()
         .await
         .expect("a replica holds the stream");
 
@@ -373,7 +373,7 @@ async fn certificates_rotated_mid_load_are_not_noticed() {
     .await
     .expect("rotated");
     // New connections: a replica restarts, and the agent dials it with its new certificate.
-    let victim = world.stream_holder().await.expect("stream holder");
+    let victim = world.wait_stream_holder().await.expect("stream holder");
     world.kill_server(victim).await.expect("killed");
     world.restart_server(victim).await.expect("restarted");
     let new_serial = serial_of(&renewed.agent_cert);
@@ -607,7 +607,7 @@ async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
         .await
         .expect("world starts");
     world.wait_node_stream_synced().await.expect("synced");
-    assert_eq!(world.stream_holder().await, Some(0));
+    assert_eq!(world.wait_stream_holder().await.expect("holder"), 0);
     async fn syncs(world: &World) -> (u64, u64) {
         let metrics = world.agent_metrics().await.expect("agent metrics");
         (
@@ -638,5 +638,5 @@ async fn a_lone_replica_that_restarts_gets_the_node_stream_back() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", world.agent_log()));
-    assert_eq!(world.stream_holder().await, Some(0));
+    assert_eq!(world.wait_stream_holder().await.expect("holder"), 0);
 }

@@ -162,6 +162,18 @@ impl World {
         None
     }
 
+    /// [`World::stream_holder`], asked until a replica answers that it holds the stream
+    /// (within 20 s): a metrics read that times out on a busy machine, or an agent between
+    /// two streams, is not "nobody".
+    pub async fn wait_stream_holder(&self) -> anyhow::Result<usize> {
+        Ok(crate::process::wait_for(
+            std::time::Duration::from_secs(20),
+            "a replica to hold the node stream",
+            || self.stream_holder(),
+        )
+        .await?)
+    }
+
     /// The real `kubectl`, against the emulator.
     pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<Output> {
         let output = tokio::process::Command::new(kubectl_program())
