@@ -668,6 +668,16 @@ impl MetadataService {
             })
         };
         let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
+        // The pod's decision may have changed while this request waited (its namespace come
+        // to require its token; another request's fetch, with its token, may be what this one
+        // joined): answered only as the decision stands now.
+        if let Known::Pod(current) = self.table.known(peer)
+            && current.pod.uid == pod.uid
+        {
+            current
+                .role_by_address()
+                .map_err(|refusal| Refused::ByServers(refusal.clone()))?;
+        }
         match source {
             Source::Cache => self.metrics.cache_hits.inc(),
             Source::Server => self.metrics.cache_misses.inc(),

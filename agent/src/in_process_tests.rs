@@ -727,6 +727,60 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
     rig.stop().await;
 }
 
+/// `state` with its namespace requiring the pod's token: the role, and beside it the
+/// metadata endpoint's refusal.
+fn token_required(state: PodState) -> PodState {
+    PodState {
+        refusal_reason: Reason::TokenRequired.to_wire().into(),
+        refusal_message: "its role only from the container-credentials endpoint".into(),
+        ..state
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_whose_namespace_comes_to_require_its_token_gets_nothing_by_address() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    // A metadata request waiting for credentials when the namespace comes to require
+    // tokens: answered as the decision stands when they arrive (the fake servers, unlike
+    // the real ones, would hand them out).
+    for replica in &rig.replicas {
+        replica.set_credentials_delay(Duration::from_millis(200));
+    }
+    let flip = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for replica in &rig.replicas {
+            replica.add_pod(token_required(pod("web", WEB)));
+        }
+    };
+    let ((status, body), ()) = tokio::join!(rig.get(WEB, CREDENTIALS), flip);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("token-required"), "{body}");
+    // The pod's token still gets its role, and the agent keeps the credentials…
+    for replica in &rig.replicas {
+        replica.set_credentials_delay(Duration::ZERO);
+    }
+    let token = accepted_token(&rig, "web");
+    let (status, body) = rig.get_with(WEB, CONTAINER, PATH, Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let calls = rig.credentials_calls();
+    // …which the address alone never gets, nor the role's name or info.
+    for path in [CREDENTIALS, ROLES, "/latest/meta-data/iam/info"] {
+        let (status, body) = rig.get(WEB, path).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(
+            !body.contains("ASIATEST") && !body.contains("app-reader"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        rig.credentials_calls(),
+        calls,
+        "refused before any server call"
+    );
+    rig.stop().await;
+}
+
 /// A JWT's shape with `claims` as its payload.
 fn jwt(claims: &serde_json::Value) -> String {
     crate::container::tests::jwt(&claims.to_string())

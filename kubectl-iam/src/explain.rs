@@ -57,8 +57,8 @@ pub struct Explanation {
     pub role_source: String,
     /// The pod's ServiceAccount.
     pub service_account: String,
-    /// How the pod proves itself: `address`, `address and token`, or `address and token,
-    /// required`.
+    /// How the pod proves itself: `address`, `address and token`, `address and token,
+    /// required`, or `token required, not set up` (no way in).
     pub identity: String,
     /// The namespace's permitted regex as written ("" when none).
     pub permitted_regex: String,
@@ -389,6 +389,12 @@ fn known_by(identity: &str) -> String {
             "its address and its service account token only (container credentials, \
              169.254.170.23; its namespace is labelled podiam.io/pod-identity=required: \
              instance metadata refuses it)"
+                .to_string()
+        }
+        "token required, not set up" => {
+            "nothing: its namespace is labelled podiam.io/pod-identity=required, so instance \
+             metadata refuses it, and its containers are not set up for the container \
+             credentials endpoint (roll it so that the webhook sets it up)"
                 .to_string()
         }
         "address" => "its address (instance metadata, 169.254.169.254)".to_string(),

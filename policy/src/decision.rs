@@ -378,8 +378,15 @@ impl View<'_> {
         match self.decide_live(pod) {
             Ok(decision) => {
                 if let Err(refusal) = self.by_address(decision.clone()) {
-                    state.refusal_reason = refusal.reason().to_wire().into();
+                    let reason = refusal.reason();
+                    state.refusal_reason = reason.to_wire().into();
                     state.refusal_message = refusal.to_string();
+                    // Agents of the previous release read this name beside a role as a
+                    // refusal of both paths: fail closed.
+                    #[allow(deprecated)]
+                    {
+                        state.legacy_refusal_reason = reason.as_str().to_string();
+                    }
                 }
                 state.role_name = decision.role.name;
                 state.role_arn = decision.role.arn;
@@ -395,6 +402,18 @@ impl View<'_> {
             }
         }
         state
+    }
+
+    /// How `pod` can prove itself, as explain names it.
+    fn identity(&self, pod: &PodRecord) -> &'static str {
+        let required = self.namespaces.token_required(&pod.namespace);
+        match (required, pod.container_endpoint) {
+            (true, true) => "address and token, required",
+            // No way in at all: the metadata path refuses it, and it has no token to send.
+            (true, false) => "token required, not set up",
+            (false, true) => "address and token",
+            (false, false) => "address",
+        }
     }
 
     /// Why the pod at an address, or a named pod, gets its role or not: for operators, who
@@ -450,14 +469,7 @@ impl View<'_> {
             .as_deref()
             .unwrap_or("default")
             .to_string();
-        answer.identity = if self.namespaces.token_required(&pod.namespace) {
-            "address and token, required"
-        } else if pod.container_endpoint {
-            "address and token"
-        } else {
-            "address"
-        }
-        .to_string();
+        answer.identity = self.identity(&pod).to_string();
         answer.permitted_regex = match &*self.namespaces.rule(&pod.namespace) {
             Permitted::Nothing => String::new(),
             Permitted::Invalid { source, .. } | Permitted::Regex { source, .. } => source.clone(),
@@ -1448,6 +1460,10 @@ mod tests {
                 .contains("podiam.io/pod-identity=required"),
             "{a1:?}"
         );
+        // Agents of the previous release see a refusal too (they read the name).
+        #[allow(deprecated)]
+        let legacy = a1.legacy_refusal_reason;
+        assert_eq!(legacy, "token-required");
         let decision = view
             .decide(ip("10.0.0.1"), Scope::Cluster)
             .expect("permitted");
@@ -1459,7 +1475,8 @@ mod tests {
             .explain(&ExplainTarget::Ip(ip("10.0.0.1")))
             .expect("synced");
         assert!(answer.allowed);
-        assert_eq!(answer.identity, "address and token, required");
+        // a1's containers are not set up for the container endpoint: it has no way in.
+        assert_eq!(answer.identity, "token required, not set up");
         // Refusals stay what they were; another namespace is not concerned.
         assert_eq!(
             wire(

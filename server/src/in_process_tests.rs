@@ -244,6 +244,24 @@ impl Rig {
         self.add_pod_on(NODE, name, ip, role);
     }
 
+    /// Labels `team-a` `podiam.io/pod-identity=required` in the server's view (as its watch
+    /// would): its pods' roles with their tokens only.
+    fn require_tokens(&self) {
+        let required: Namespace = serde_json::from_value(json!({
+            "metadata": {
+                "name": "team-a",
+                "annotations": { "iam.amazonaws.com/permitted": "app-.*" },
+                "labels": { "podiam.io/pod-identity": "required" },
+            },
+        }))
+        .expect("namespace");
+        self.cluster
+            .namespaces
+            .write()
+            .expect("not poisoned")
+            .apply(&required);
+    }
+
     /// [`Rig::add_pod`] on `node`.
     fn add_pod_on(&self, node: &str, name: &str, ip: &str, role: &str) {
         self.put_pod(node, name, ip, json!({ "iam.amazonaws.com/role": role }));
@@ -559,19 +577,7 @@ async fn an_unproven_caller_lifts_no_taint_even_when_binding_only_warns() {
 async fn a_namespace_that_requires_tokens_gives_its_roles_with_the_pods_token_only() {
     let mut rig = Rig::new(&[]);
     rig.add_pod("web", WEB_IP, "app-reader");
-    let required: Namespace = serde_json::from_value(json!({
-        "metadata": {
-            "name": "team-a",
-            "annotations": { "iam.amazonaws.com/permitted": "app-.*" },
-            "labels": { "podiam.io/pod-identity": "required" },
-        },
-    }))
-    .expect("namespace");
-    rig.cluster
-        .namespaces
-        .write()
-        .expect("not poisoned")
-        .apply(&required);
+    rig.require_tokens();
     let shutdown = CancellationToken::new();
     let serving = rig.serve(&shutdown);
     let mut client = rig.connect().await.expect("connects");
@@ -735,6 +741,17 @@ async fn credentials_fetched_for_a_role_revoked_meanwhile_are_not_handed_out() {
     assert_eq!(
         Reason::of(&refused),
         Some(Reason::RoleNotPermitted),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_by_address_for_a_namespace_that_came_to_require_tokens_are_not_handed_out()
+ {
+    let refused = asked_while(Rig::require_tokens).await.expect_err("refused");
+    assert_eq!(
+        Reason::of(&refused),
+        Some(Reason::TokenRequired),
         "{refused:?}"
     );
 }

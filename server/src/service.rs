@@ -632,7 +632,8 @@ impl PodiamService {
             self.prove_pod_token(&pod, &request.pod_token, from).await?;
             "address and token"
         };
-        let (issued, key) = self.fetch_granted(ip, &pod, &role).await?;
+        let by_address = request.pod_token.is_empty();
+        let (issued, key) = self.fetch_granted(ip, &pod, &role, by_address).await?;
         tracing::info!(
             target: "podiam::audit",
             pod = %pod.name,
@@ -669,6 +670,7 @@ impl PodiamService {
         ip: IpAddr,
         pod: &PodRecord,
         role: &Role,
+        by_address: bool,
     ) -> Result<(Issued, CacheKey), Failure> {
         let mut key = self.cache_key(pod, &role.arn);
         let mut fetches = 0;
@@ -681,7 +683,7 @@ impl PodiamService {
                     return Err(Failure::Sts(error));
                 }
             };
-            let now = self.still_granted(ip, pod, role)?;
+            let now = self.still_granted(ip, pod, role, by_address)?;
             if now == key {
                 return Ok((issued, key));
             }
@@ -702,12 +704,27 @@ impl PodiamService {
     /// holds the address with the same role; otherwise the request gets what it would get if
     /// it arrived now (the refusal, or the pod's role is not the one fetched). The caller's
     /// node was checked before: a pod never moves to another node, so the same pod is still
-    /// on it. The session the pod's credentials are for now.
-    fn still_granted(&self, ip: IpAddr, pod: &PodRecord, role: &Role) -> Result<CacheKey, Refusal> {
+    /// on it. `by_address`: the request proves the pod by its address alone, which the pod's
+    /// namespace may have come to refuse meanwhile ([`View::by_address`]). The session the
+    /// pod's credentials are for now.
+    fn still_granted(
+        &self,
+        ip: IpAddr,
+        pod: &PodRecord,
+        role: &Role,
+        by_address: bool,
+    ) -> Result<CacheKey, Refusal> {
         // On the pod's node, as the agent asked: another node's claim of the address
         // (stale, or written with its kubelet's credentials) cannot refuse it here either.
         let scope = pod.node_name.as_deref().map_or(Scope::Cluster, Scope::Node);
-        let now = self.with_view(|view| view.decide(ip, scope))?;
+        let now = self.with_view(|view| {
+            let decided = view.decide(ip, scope)?;
+            if by_address {
+                view.by_address(decided)
+            } else {
+                Ok(decided)
+            }
+        })?;
         if now.pod.uid != pod.uid {
             return Err(Refusal::AddressTaken {
                 pod: format!("{}/{}", pod.namespace, pod.name),

@@ -440,8 +440,9 @@ async fn a_proven_token_stops_with_its_pod_and_its_role() {
 
 /// A namespace labelled `podiam.io/pod-identity=required` with the real kubectl: its pods'
 /// roles come with their tokens only. The metadata path refuses them — also once the agent
-/// holds their credentials, so an address alone (a reused IP, a request the pod was tricked
-/// into sending) gets nothing — and gives them again once the label is taken back.
+/// holds their credentials again from the container endpoint, so an address alone (a reused
+/// IP, a request the pod was tricked into sending) gets nothing — and gives them again once
+/// the label is taken back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_metadata_path() {
     const CREDS: &str = "/latest/meta-data/iam/security-credentials/app-reader";
@@ -497,8 +498,14 @@ async fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_metadata_path(
         world.boto3_caller_arn("web").await.expect("runs").is_err(),
         "boto3 on the metadata path got credentials"
     );
-    // The token still opens the role, to the SDKs as to a plain request.
-    assert_eq!(fetch(&world, "web", Some(&token)).await.status, 200);
+    // The token still opens the role, to the SDKs as to a plain request; the agent holds
+    // the credentials again, and the address alone still gets none of them.
+    served(&world, "web", &token).await;
+    for path in [CREDS, "/latest/meta-data/iam/info"] {
+        let refused = imds(path).await;
+        assert_eq!(refused.status, 403, "{path}: {}", refused.body);
+        assert!(!refused.body.contains("AccessKeyId"), "{}", refused.body);
+    }
     expect_role(
         world
             .boto3_identity_via(
