@@ -553,6 +553,15 @@ struct Compiled {
     users: usize,
 }
 
+/// The namespace's [`POD_IDENTITY_LABEL`] value, if it has one.
+pub fn pod_identity_label(ns: &k8s_openapi::api::core::v1::Namespace) -> Option<&str> {
+    ns.metadata
+        .labels
+        .as_ref()?
+        .get(POD_IDENTITY_LABEL)
+        .map(String::as_str)
+}
+
 /// Namespaces' permitted rules, compiled once per annotation value, all within one memory
 /// budget.
 ///
@@ -657,12 +666,7 @@ impl NamespaceIndex {
         } else {
             self.kube2iam_allowed.remove(name)
         };
-        let required = ns
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(POD_IDENTITY_LABEL))
-            .is_some_and(|value| value == TOKEN_REQUIRED);
+        let required = pod_identity_label(ns) == Some(TOKEN_REQUIRED);
         let required_toggled = if required {
             self.token_required.insert(name.to_string())
         } else {

@@ -41,6 +41,8 @@ pub const DEFAULT_ROLE_ANNOTATION: &str = "iam.amazonaws.com/default-role";
 /// admission webhook gives its pods their token and the SDKs' variables when it is
 /// `enabled` or [`TOKEN_REQUIRED`].
 pub const POD_IDENTITY_LABEL: &str = "podiam.io/pod-identity";
+/// The value of [`POD_IDENTITY_LABEL`] that opts a namespace in.
+pub const POD_IDENTITY_ENABLED: &str = "enabled";
 /// The value of [`POD_IDENTITY_LABEL`] that also keeps the namespace's pods' roles off the
 /// metadata endpoint: given only with the pod's token, never by its address alone.
 pub const TOKEN_REQUIRED: &str = "required";

@@ -281,7 +281,7 @@ impl TlsFiles {
             ca: self.ca.clone(),
             reason: error.to_string(),
         };
-        let roots = Arc::new(roots_of(cas)?);
+        let roots = Arc::new(roots(cas)?);
         let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             u64::try_from(now).unwrap_or(0),
         ));
@@ -323,11 +323,7 @@ fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
-fn roots(checked: &Checked) -> Result<RootCertStore, TlsError> {
-    roots_of(&checked.cas)
-}
-
-fn roots_of(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+fn roots(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in cas {
         roots
@@ -346,11 +342,13 @@ pub fn server_config(checked: &Checked) -> Result<ServerConfig, TlsError> {
     // A client certificate is checked when presented, but not demanded: operators' calls
     // (explain, status) authenticate with their Kubernetes token instead. Agent calls
     // without one are refused by the server's service.
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(checked)?), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(&checked.cas)?),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -381,7 +379,7 @@ pub fn client_config(checked: &Checked) -> Result<ClientConfig, TlsError> {
     let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots(checked)?)
+        .with_root_certificates(roots(&checked.cas)?)
         .with_client_auth_cert(checked.chain.clone(), checked.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

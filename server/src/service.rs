@@ -599,15 +599,17 @@ impl PodiamService {
         request: GetCredentialsRequest,
     ) -> Result<GetCredentialsResponse, Failure> {
         let ip = podiam_proto::parse_ip(&request.ip)?;
+        // No token: the pod is known by its address alone (the metadata endpoint).
+        let by_address = request.pod_token.is_empty();
         // A pod proving itself with its token asks for its own role, whatever it is.
-        let own_role = request.role_name.is_empty() && !request.pod_token.is_empty();
+        let own_role = request.role_name.is_empty() && !by_address;
         if !own_role && !valid_role_name(&request.role_name) {
             return Err(Failure::BadRequest(
                 "role_name is not an IAM role name (1 to 64 of A-Z a-z 0-9 + = , . @ _ -)".into(),
             ));
         }
         let decision = self.decide(ip, caller, peer, "GetCredentials")?;
-        let decision = if request.pod_token.is_empty() {
+        let decision = if by_address {
             self.with_view(|view| view.by_address(decision))?
         } else {
             decision
@@ -621,7 +623,7 @@ impl PodiamService {
             }
             .into());
         }
-        let identity = if request.pod_token.is_empty() {
+        let identity = if by_address {
             "address"
         } else {
             // A proven agent's pod tokens take its node's share, from whichever address.
@@ -632,7 +634,6 @@ impl PodiamService {
             self.prove_pod_token(&pod, &request.pod_token, from).await?;
             "address and token"
         };
-        let by_address = request.pod_token.is_empty();
         let (issued, key) = self.fetch_granted(ip, &pod, &role, by_address).await?;
         tracing::info!(
             target: "podiam::audit",

@@ -183,22 +183,16 @@ impl Indexed for Namespace {
                 "the namespace's permitted rule is refused: nothing is permitted in it"
             );
         }
-        let label = ns
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(podiam_policy::policy::POD_IDENTITY_LABEL));
-        if let Some(value) = label
-            && !matches!(
-                value.as_str(),
-                "enabled" | podiam_policy::policy::TOKEN_REQUIRED
-            )
+        use podiam_policy::policy::{POD_IDENTITY_ENABLED, POD_IDENTITY_LABEL, TOKEN_REQUIRED};
+        if let Some(value) = podiam_policy::index::pod_identity_label(ns)
+            && value != POD_IDENTITY_ENABLED
+            && value != TOKEN_REQUIRED
         {
             // Neither the webhook's selector nor the token requirement reads it: a typo
             // would silently leave the namespace's roles to the address alone.
             tracing::warn!(
                 namespace = %name,
-                label = podiam_policy::policy::POD_IDENTITY_LABEL,
+                label = POD_IDENTITY_LABEL,
                 value = %podiam_runtime::telemetry::Escaped(value),
                 "the namespace's pod-identity label is neither enabled nor required: ignored"
             );

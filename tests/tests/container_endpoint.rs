@@ -69,6 +69,15 @@ async fn served(world: &World, pod: &str, token: &str) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// `kubectl iam explain web -n team-a`, answered by the world's servers: its output.
+async fn explain_web(world: &World) -> String {
+    let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
+    let mut args = vec!["explain", "web", "-n", "team-a"];
+    let servers = server_flags(world);
+    args.extend(servers.iter().map(String::as_str));
+    iam(&kubeconfig, &args).await.ok().stdout
+}
+
 fn pod_token(world: &World, pod: &str) -> String {
     world
         .mint_pod_token("team-a", pod, POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE)
@@ -146,17 +155,12 @@ async fn sdks_get_the_pods_role_with_its_token() {
     }
 
     // Explain says how the pod is known now.
-    let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
-    let mut args = vec!["explain", "web", "-n", "team-a"];
-    let servers = server_flags(&world);
-    args.extend(servers.iter().map(String::as_str));
-    let explained = iam(&kubeconfig, &args).await.ok();
+    let explained = explain_web(&world).await;
     assert!(
-        explained.stdout.contains(
+        explained.contains(
             "known by:    its address and its service account token (container credentials, 169.254.170.23)"
         ),
-        "{}",
-        explained.stdout
+        "{explained}"
     );
 
     // Each SDK asked the container endpoint, none fell back to instance metadata.
@@ -465,24 +469,24 @@ async fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_metadata_path(
     .await
     .expect("served");
 
-    let label = |value: &str| format!("podiam.io/pod-identity={value}");
-    world
-        .kubectl_ok(&[
-            "label",
-            "namespace",
-            "team-a",
-            &label("required"),
-            "--overwrite",
-        ])
-        .await
-        .expect("labelled");
-    wait_until(
-        CHANGE_DEADLINE,
-        "the metadata path to refuse web",
-        || async { imds(CREDS).await.status == 403 },
-    )
-    .await
-    .expect("refused");
+    // Labels team-a `podiam.io/pod-identity=VALUE` with the real kubectl, then waits for
+    // the metadata path to answer web's credentials with `status`.
+    let relabel = |value: &'static str, status: u16, what: &'static str| {
+        let world = &world;
+        async move {
+            let label = format!("podiam.io/pod-identity={value}");
+            world
+                .kubectl_ok(&["label", "namespace", "team-a", &label, "--overwrite"])
+                .await
+                .expect("labelled");
+            wait_until(CHANGE_DEADLINE, what, || async {
+                imds(CREDS).await.status == status
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    relabel("required", 403, "the metadata path to refuse web").await;
     for path in [CREDS, "/latest/meta-data/iam/security-credentials/"] {
         let refused = imds(path).await;
         assert_eq!(refused.status, 403, "{path}: {}", refused.body);
@@ -521,35 +525,12 @@ async fn a_namespace_that_requires_tokens_keeps_its_roles_off_the_metadata_path(
         &world,
     );
     // Explain says how the pod is known.
-    let kubeconfig = world.admin_kubeconfig().expect("kubeconfig");
-    let mut args = vec!["explain", "web", "-n", "team-a"];
-    let servers = server_flags(&world);
-    args.extend(servers.iter().map(String::as_str));
-    let explained = iam(&kubeconfig, &args).await.ok();
+    let explained = explain_web(&world).await;
     assert!(
-        explained
-            .stdout
-            .contains("podiam.io/pod-identity=required: instance metadata refuses it"),
-        "{}",
-        explained.stdout
+        explained.contains("podiam.io/pod-identity=required: instance metadata refuses it"),
+        "{explained}"
     );
 
     // Taken back to `enabled`: the address alone is enough again.
-    world
-        .kubectl_ok(&[
-            "label",
-            "namespace",
-            "team-a",
-            &label("enabled"),
-            "--overwrite",
-        ])
-        .await
-        .expect("labelled");
-    wait_until(
-        CHANGE_DEADLINE,
-        "the metadata path to serve web again",
-        || async { imds(CREDS).await.status == 200 },
-    )
-    .await
-    .expect("served again");
+    relabel("enabled", 200, "the metadata path to serve web again").await;
 }
