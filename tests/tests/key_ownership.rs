@@ -144,6 +144,12 @@ async fn three_replicas_make_one_assume_role_for_two_hundred_pods_sharing_a_role
     world.register_pod("app").await.expect("pod registered");
     keys_shared(&world, &[0, 1, 2], 1).await;
     proxy_ok_calls_reach(&world, 1, "the shared session fetched").await;
+    // The 200 pods' key was needed before app existed, so the waits above say nothing of
+    // app: its first requests below are not to race its event through a busy machine.
+    world
+        .wait_pod_seen("app", &[0, 1, 2])
+        .await
+        .expect("every replica sees app");
 
     // The pod's SDKs through the agent, several times: the agent asks the owner, which
     // holds the session.

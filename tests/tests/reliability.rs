@@ -98,8 +98,17 @@ fn assert_unnoticed(
 }
 
 /// The late pod appears during the fault and must get its credentials within the fault too.
-async fn late_pod_appears(world: &World) -> SdkLoad {
+/// Its client starts once the replicas other than `victim` have its event: what is judged
+/// is that the agent gets past the replica at fault, not how fast the API's watch is.
+async fn late_pod_appears(world: &World, victim: usize) -> SdkLoad {
     world.register_pod("late").await.expect("late pod created");
+    let others: Vec<usize> = (0..world.replicas().len())
+        .filter(|&i| i != victim)
+        .collect();
+    world
+        .wait_pod_seen("late", &others)
+        .await
+        .expect("the other replicas see the late pod");
     SdkLoad::start(world, &[ClientSpec::new("late", &["app-reader"])]).expect("late client")
 }
 
@@ -114,7 +123,7 @@ async fn killing_a_replica_is_not_noticed() {
 
     let from = now();
     world.kill_server(victim).await.expect("killed");
-    let late = late_pod_appears(&world).await;
+    let late = late_pod_appears(&world, victim).await;
     wait_until(
         Duration::from_secs(10),
         "the node stream on another replica",
@@ -191,7 +200,7 @@ async fn a_replica_that_hangs_for_twenty_seconds_is_not_noticed() {
         .expect("stopped");
     // The fault: 20 s of a replica that accepts connections and answers nothing. A pod is
     // created meanwhile; the hung replica's stream cannot tell the agent about it.
-    let late = late_pod_appears(&world).await;
+    let late = late_pod_appears(&world, victim).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
     let hung_until = now();
     world

@@ -11,6 +11,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::PostParams;
 use nix::sys::signal::Signal;
+use podiam_proto::Reason;
+use podiam_proto::v1::GetPodRoleRequest;
 use serde_json::json;
 
 use super::{BASE_ROLE_ARN, NamespaceSpec, START_TIMEOUT, World, binary, metric_value, path_str};
@@ -70,6 +72,50 @@ impl World {
     /// The (first) server's gRPC address (root namespace, loopback).
     pub fn server_addr(&self) -> SocketAddr {
         self.replica(0).addr
+    }
+
+    /// Waits until each server replica in `replicas` knows `pod` at each of its addresses:
+    /// it answers this node's agent about them with the role or a refusal about the pod
+    /// (the pod's event has reached the replica's watch). For a test whose subject is not
+    /// how long a new pod's event takes to arrive, before the pod's first request.
+    pub async fn wait_pod_seen(&self, pod: &str, replicas: &[usize]) -> anyhow::Result<()> {
+        let token = std::fs::read_to_string(&self.agent_token_file)?;
+        let addresses = self.pod(pod).addresses();
+        for &i in replicas {
+            let client = self
+                .agent_client(self.replica(i).addr, Some(&token))
+                .await?;
+            for ip in &addresses {
+                let request = GetPodRoleRequest {
+                    ip: ip.to_string(),
+                    node_name: super::NODE_NAME.into(),
+                };
+                let what = format!("replica {i} to see pod {pod} at {ip}");
+                wait_until(START_TIMEOUT, &what, || {
+                    let mut client = client.clone();
+                    let request = request.clone();
+                    async move {
+                        // Its role, or a refusal only a pod it found gets.
+                        match client.get_pod_role(request).await {
+                            Ok(_) => true,
+                            Err(status) => matches!(
+                                Reason::of(&status),
+                                Some(
+                                    Reason::NoRole
+                                        | Reason::RoleNotPermitted
+                                        | Reason::InvalidRole
+                                        | Reason::OtherNode
+                                        | Reason::AmbiguousPod
+                                        | Reason::TokenRequired
+                                )
+                            ),
+                        }
+                    }
+                })
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends `signal` to server replica `i` (SIGSTOP / SIGCONT: a replica that hangs).

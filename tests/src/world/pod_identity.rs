@@ -55,8 +55,15 @@ impl World {
             ])
             .await?;
         }
-        for spec in config.pods.iter().filter(|spec| spec.registered) {
+        let registered: Vec<_> = config.pods.iter().filter(|spec| spec.registered).collect();
+        for spec in &registered {
             create_pod(&self.client, spec, &self.pod(&spec.name).addresses()).await?;
+        }
+        // Created after the servers synced, unlike the other worlds' pods: a world is handed
+        // over once every replica has them, as it is in those.
+        let replicas: Vec<usize> = (0..self.servers.len()).collect();
+        for spec in registered {
+            self.wait_pod_seen(&spec.name, &replicas).await?;
         }
         Ok(())
     }
