@@ -38,7 +38,7 @@ impl MetadataService {
         let started = std::time::Instant::now();
         let answer = tokio::time::timeout(
             self.options.request_timeout,
-            self.answer_container(peer, &request),
+            self.answer_container(peer, &request, tokio::time::Instant::now()),
         );
         let result = answer.await.unwrap_or(Err(Refused::Deadline));
         let result = result.map(|document| {
@@ -56,23 +56,36 @@ impl MetadataService {
         &self,
         peer: IpAddr,
         request: &Request<B>,
+        came: tokio::time::Instant,
     ) -> Result<Bytes, Refused> {
         allowed(request.method(), request.uri().path())?;
         crate::http::refuse_bodies(request.headers())?;
         let now = now_unix();
         let token = PodToken::from_headers(request.headers(), now).map_err(Refused::PodToken)?;
         let known = self.table.known(peer);
+        self.patient(peer, came, &known, |known| {
+            self.container_for(peer, &token, known, now)
+        })
+        .await
+    }
+
+    /// The container document for the pod at `peer` that presented `token`, as the table
+    /// knows it (`known`, waited for) or else the servers do.
+    async fn container_for(
+        &self,
+        peer: IpAddr,
+        token: &PodToken,
+        known: Known,
+        now: i64,
+    ) -> Result<Bytes, Refused> {
         match self.resolve(peer, known).await {
-            Known::Pod(decision) => self.proven_credentials(peer, &decision, &token, now).await,
+            Known::Pod(decision) => self.proven_credentials(peer, &decision, token, now).await,
             unlisted => {
                 // No pod in the table: the servers' answer, once, for the pod they see here.
-                self.admit(peer, &token, now)?;
+                self.admit(peer, token, now)?;
                 let call = self.servers.credentials(peer, "", &token.text, 0);
-                let issued = self.judged(
-                    peer,
-                    &token,
-                    Box::pin(self.ask(peer, &unlisted, call)).await,
-                )?;
+                let issued =
+                    self.judged(peer, token, Box::pin(self.ask(peer, &unlisted, call)).await)?;
                 Ok(credentials_json(&issued.credentials).into())
             }
         }

@@ -114,10 +114,14 @@ impl From<ServerError> for Refused {
 /// Why the agent refuses a pod on its own word, not the servers'.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentRefusal {
-    /// No pod of this node has the address: the table does not know it after the wait, and
-    /// the servers do not place it here. The message says what they said.
+    /// No pod of this node has the address: the table does not know it after the wait, nor
+    /// do the servers (or they did not answer). The message says what they said.
     #[error("{0}")]
     UnknownPod(String),
+    /// The table does not know the address after the wait, and the servers place it on
+    /// another node.
+    #[error("{0}")]
+    ElsewherePod(String),
     /// The pod asked for a role that is not its own (as the pod table has it).
     #[error("pod {pod} has role {actual}, not {asked}")]
     WrongRole {
@@ -134,7 +138,9 @@ impl AgentRefusal {
     /// The reason it is answered with, as the servers' refusals are.
     pub fn reason(&self) -> Reason {
         match self {
-            AgentRefusal::UnknownPod(_) | AgentRefusal::PodChanged => Reason::UnknownPod,
+            AgentRefusal::UnknownPod(_)
+            | AgentRefusal::ElsewherePod(_)
+            | AgentRefusal::PodChanged => Reason::UnknownPod,
             AgentRefusal::WrongRole { .. } => Reason::WrongRole,
         }
     }
@@ -308,11 +314,16 @@ impl MetadataService {
                 Answer::Now(self.finish(peer, route.label(), started, &request, result))
             }
             Now::Wait { known, now } => {
+                // On tokio's clock, as the waits are.
+                let came = tokio::time::Instant::now();
                 // The route may borrow the request's path; the future owns both.
                 let route = route.into_owned();
                 let service = Arc::clone(self);
                 Answer::Later(Box::pin(async move {
-                    let later = service.answer_later(peer, &route, request.headers(), known, now);
+                    let headers = request.headers();
+                    let later = service.patient(peer, came, &known, |known| {
+                        service.answer_later(peer, &route, headers, known, now)
+                    });
                     let result = tokio::time::timeout(service.options.request_timeout, later)
                         .await
                         .unwrap_or(Err(Refused::Deadline));
@@ -449,17 +460,20 @@ impl MetadataService {
                 };
                 // The node's own metadata is for the pods of this node only, not for any
                 // address that reaches the node's port.
-                self.pod_here(peer, known).await?;
+                self.pod_here(peer, known, headers, now).await?;
                 let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
             Route::ListRoles | Route::Info | Route::Credentials(_) => {
                 match self.resolve(peer, known).await {
-                    Known::Pod(decision) => match self.for_pod(&decision, route, now) {
-                        Some(result) => result,
-                        None => self.fetch_credentials(peer, &decision, now).await,
-                    },
-                    unlisted => self.ask_for(peer, route, &unlisted, now).await,
+                    Known::Pod(decision) => {
+                        self.token_fits(peer, headers, &decision.pod.uid, now)?;
+                        match self.for_pod(&decision, route, now) {
+                            Some(result) => result,
+                            None => self.fetch_credentials(peer, &decision, now).await,
+                        }
+                    }
+                    unlisted => self.ask_for(peer, route, headers, &unlisted, now).await,
                 }
             }
             Route::Denied => Err(Refused::Denied),
@@ -505,13 +519,16 @@ impl MetadataService {
         &self,
         peer: IpAddr,
         route: &Route<'_>,
+        headers: &HeaderMap,
         unlisted: &Known,
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         match route {
             Route::Credentials(role) => {
                 let call = self.servers.credentials(peer, role, "", 0);
-                let creds = self.ask(peer, unlisted, call).await?.credentials;
+                let issued = self.ask(peer, unlisted, call).await?;
+                self.token_fits(peer, headers, &issued.pod_uid, now)?;
+                let creds = issued.credentials;
                 let document = imds::credentials_document(
                     &creds.access_key_id,
                     &creds.secret_access_key,
@@ -522,9 +539,10 @@ impl MetadataService {
                 Ok(text(StatusCode::OK, document))
             }
             Route::ListRoles | Route::Info => {
-                let role = self
+                let (role, uid) = self
                     .ask(peer, unlisted, self.servers.pod_role(peer))
                     .await?;
+                self.token_fits(peer, headers, &uid, now)?;
                 Ok(match route {
                     Route::Info => text(StatusCode::OK, imds::info_document(&role.arn, now)),
                     _ => text(StatusCode::OK, role.name),
@@ -571,6 +589,29 @@ impl MetadataService {
             .map_err(Refused::BadToken)
     }
 
+    /// Checks the request's IMDSv2 token, if it has one, against the pod with `uid` (empty:
+    /// not known) that an answer is for. The token was checked against the table as it was
+    /// when the request came; one that waited may be answered for a pod the table did not
+    /// name then (an address nobody had, a pod that replaced another), or by the servers.
+    fn token_fits(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+        uid: &str,
+        now: i64,
+    ) -> Result<(), Refused> {
+        let Some(token) = headers.get(TOKEN_HEADER) else {
+            return Ok(());
+        };
+        let token = token
+            .to_str()
+            .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
+        let uid = (!uid.is_empty()).then_some(uid);
+        self.tokens
+            .validate(token, peer, uid, now)
+            .map_err(Refused::BadToken)
+    }
+
     /// What can be known of `peer` without a server call: the table's word, waited for up
     /// to [`UNKNOWN_POD_WAIT`] when the synced table does not know the address yet (the
     /// start-up race: the pod's IP not yet in the API, or a node stream a moment behind its
@@ -582,17 +623,51 @@ impl MetadataService {
         }
     }
 
+    /// `answer` for what the table knows of `peer` (`known` when the request came, at
+    /// `came`); answered again once if the address was unknown to the table and the
+    /// servers alike and its pod reaches the table within [`UNKNOWN_POD_PATIENCE`] of the
+    /// request: the servers' answer came early, and the rest of the SDKs' budget is better
+    /// spent on waiting than on a 404 the SDK would not retry.
+    pub(crate) async fn patient<T, Fut>(
+        &self,
+        peer: IpAddr,
+        came: tokio::time::Instant,
+        known: &Known,
+        answer: impl Fn(Known) -> Fut,
+    ) -> Result<T, Refused>
+    where
+        Fut: Future<Output = Result<T, Refused>>,
+    {
+        let first = answer(known.clone()).await;
+        if *known != Known::Nobody
+            || !matches!(first, Err(Refused::ByAgent(AgentRefusal::UnknownPod(_))))
+        {
+            return first;
+        }
+        let left = UNKNOWN_POD_PATIENCE.saturating_sub(came.elapsed());
+        match Box::pin(self.table.wait_known(peer, left)).await {
+            appeared @ Known::Pod(_) => answer(appeared).await,
+            _ => first,
+        }
+    }
+
     /// Whether a pod of this node has `peer`'s address: the table's word (waited for as
     /// [`MetadataService::resolve`] does), or else the servers' (a pod of theirs here, with
     /// its role or refused one). Anything else is refused: unknown-pod, or the servers out
     /// of reach — never answered as if it were a pod.
-    async fn pod_here(&self, peer: IpAddr, known: Known) -> Result<(), Refused> {
+    async fn pod_here(
+        &self,
+        peer: IpAddr,
+        known: Known,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> Result<(), Refused> {
         let unlisted = match self.resolve(peer, known).await {
-            Known::Pod(_) => return Ok(()),
+            Known::Pod(decision) => return self.token_fits(peer, headers, &decision.pod.uid, now),
             unlisted => unlisted,
         };
         match self.ask(peer, &unlisted, self.servers.pod_role(peer)).await {
-            Ok(_) => Ok(()),
+            Ok((_, uid)) => self.token_fits(peer, headers, &uid, now),
             Err(Refused::ByServers(refusal)) if places_pod_here(refusal.reason) => Ok(()),
             Err(refused) => Err(refused),
         }
@@ -626,10 +701,12 @@ impl MetadataService {
             Ok(Err(ServerError::Refused(Refusal {
                 reason: Reason::OtherNode,
                 ..
-            }))) => format!(
-                "no pod on this node ({}) has IP {peer}; the server places it on another node",
-                self.servers.node_name()
-            ),
+            }))) => {
+                return Err(Refused::ByAgent(AgentRefusal::ElsewherePod(format!(
+                    "no pod on this node ({}) has IP {peer}; the server places it on another node",
+                    self.servers.node_name()
+                ))));
+            }
             Ok(Err(ServerError::Refused(Refusal { message, .. }))) if !message.is_empty() => {
                 message
             }
@@ -703,14 +780,19 @@ fn token_ttl(headers: &HeaderMap) -> Result<u64, Refused> {
     parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok())).ok_or(Refused::BadTtl)
 }
 
-/// How long a request from an unknown address waits for its pod to appear: half of the
-/// SDKs' 1 s budget, leaving the rest for the one server call.
+/// How long a request from an unknown address waits for its pod to appear before the servers
+/// are asked: half of the SDKs' 1 s budget, leaving the rest for the one server call (and,
+/// if they know nothing either, for more of the same wait: [`UNKNOWN_POD_PATIENCE`]).
 const UNKNOWN_POD_WAIT: Duration = Duration::from_millis(500);
 
 /// How long the servers are given to answer about an address the table did not know even
 /// after [`UNKNOWN_POD_WAIT`]: room for a second replica to be asked after
 /// [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER), and the whole answer within the SDKs' 1 s.
 const ASK_WAIT: Duration = Duration::from_millis(400);
+
+/// Longest a request from an address nobody knows is held for its pod to reach the table:
+/// the first wait and the servers' time together, within the SDKs' 1 s.
+const UNKNOWN_POD_PATIENCE: Duration = Duration::from_millis(900);
 
 /// Whether a refusal is one the servers make only about a pod they found on this agent's
 /// node (so the pod is here, merely refused).
@@ -951,6 +1033,11 @@ mod tests {
             // The agent's own refusals read as the servers' would.
             (
                 Refused::ByAgent(AgentRefusal::UnknownPod("nobody here".into())),
+                404,
+                "unknown-pod",
+            ),
+            (
+                Refused::ByAgent(AgentRefusal::ElsewherePod("another node's".into())),
                 404,
                 "unknown-pod",
             ),

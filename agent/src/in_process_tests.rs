@@ -1,7 +1,8 @@
 //! The agent's timing, in process on paused time ([`tokio::time::pause`]): hedging a slow
 //! replica after [`HEDGE_AFTER`](crate::replicas::HEDGE_AFTER), leaving a node stream
-//! silent for 3 s or whose replica fails two health checks in a row, and waiting at most
-//! 500 ms for an address the node's pods do not have.
+//! silent for 3 s or whose replica fails two health checks in a row, and waiting 500 ms for
+//! an address the node's pods do not have, then at most 900 ms in all if the servers do not
+//! know it either.
 //!
 //! A whole agent ([`Agent::build_over`], [`Agent::serve`]) runs against two fake server
 //! replicas, each a tonic server over mutual TLS whose answers the test scripts; pods are
@@ -122,6 +123,21 @@ impl Replica {
         if let Some(push) = self.push.lock().expect("not poisoned").as_ref() {
             let _ = push.send(NodeEvent {
                 event: Some(node_event::Event::Upsert(state)),
+            });
+        }
+    }
+
+    /// Removes the pod at `ip`, telling the node stream open on this replica, if any.
+    fn remove_pod(&self, ip: Ipv4Addr) {
+        let removed = self
+            .pods
+            .lock()
+            .expect("not poisoned")
+            .remove(&ip.to_string());
+        let uid = removed.and_then(|state| state.pod).map(|pod| pod.uid);
+        if let (Some(uid), Some(push)) = (uid, self.push.lock().expect("not poisoned").as_ref()) {
+            let _ = push.send(NodeEvent {
+                event: Some(node_event::Event::DeleteUid(uid)),
             });
         }
     }
@@ -417,15 +433,32 @@ impl Rig {
         path: &str,
         authorization: Option<&str>,
     ) -> (u16, String) {
+        let authorization =
+            authorization.map(|token| (::http::header::AUTHORIZATION.as_str(), token));
+        self.send(from, to, "GET", path, authorization.as_slice())
+            .await
+    }
+
+    /// One request from `from` on a new connection to `to`, with `headers`: status and body.
+    async fn send(
+        &self,
+        from: Ipv4Addr,
+        to: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
         let stream = self.network.connect(from.into(), to).expect("connects");
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .expect("handshake");
-        let mut request =
-            ::http::Request::get(path).header(::http::header::HOST, "169.254.169.254");
-        if let Some(token) = authorization {
-            request = request.header(::http::header::AUTHORIZATION, token);
+        let mut request = ::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(::http::header::HOST, "169.254.169.254");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let request = request.body(Empty::<Bytes>::new()).expect("request");
         let exchange = async move {
@@ -626,19 +659,20 @@ async fn a_node_stream_that_never_sent_heartbeats_is_trusted() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
+async fn an_unknown_address_is_waited_for_then_refused_saying_why() {
     let rig = Rig::start(&[pod("web", WEB)]).await;
     let holder = rig.stream_synced(WEB).await;
 
-    // Never a pod: refused as unknown after the wait, with one server call once it is over
-    // — the call the answer needs: GetPodRole for the role's name, GetCredentials (and
-    // nothing else) for credentials.
+    // Never a pod: refused as unknown after the waits, with one server call once the first
+    // is over — the call the answer needs: GetPodRole for the role's name, GetCredentials
+    // (and nothing else) for credentials; the servers know nothing of it either, so the
+    // table is waited for until 900 ms.
     let stranger = Ipv4Addr::new(10, 1, 0, 9);
     for (path, role_calls, credentials_calls) in [(ROLES, 1, 0), (CREDENTIALS, 0, 1)] {
         let calls = (rig.pod_role_calls(), rig.credentials_calls());
         let began = Instant::now();
         let (status, body) = rig.get(stranger, path).await;
-        assert_eq!(began.elapsed(), Duration::from_millis(500), "{path}");
+        assert_eq!(began.elapsed(), Duration::from_millis(900), "{path}");
         assert_eq!(status, 404, "{path}: {body}");
         assert!(body.contains("unknown-pod"), "{path}: {body}");
         assert_eq!(
@@ -651,7 +685,7 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
         );
     }
 
-    // A pod the servers place on another node: refused after the same wait, saying so
+    // A pod the servers place on another node: refused after the first wait, saying so
     // (a wrong --node-name is found at once), and naming nothing of that pod.
     let misplaced = Ipv4Addr::new(10, 1, 0, 8);
     for replica in &rig.replicas {
@@ -684,6 +718,103 @@ async fn an_unknown_address_is_waited_for_500_ms_then_refused_saying_why() {
     });
     assert_eq!(began.elapsed(), Duration::from_millis(150));
     assert_eq!(answer, (200, "app-reader".to_string()));
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_that_arrives_after_the_servers_were_asked_is_answered_from_the_table() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+
+    // A pod whose IP reaches the node stream 700 ms into its first request, after the
+    // servers were asked and knew nothing of it either: answered from the table the moment
+    // it does — the role's name, its credentials, the container endpoint's — after one server
+    // call that found nothing (and one for the credentials once the pod is here).
+    let token = accepted_token(&rig, "system:serviceaccount:team-a:default");
+    for (what, i, calls_made) in [
+        ("role", 10, 1),
+        ("credentials", 11, 2),
+        ("container", 12, 2),
+    ] {
+        let late = Ipv4Addr::new(10, 1, 0, i);
+        let asked = async {
+            match what {
+                "role" => rig.get(late, ROLES).await,
+                "credentials" => rig.get(late, CREDENTIALS).await,
+                _ => rig.get_with(late, CONTAINER, PATH, Some(&token)).await,
+            }
+        };
+        let calls = rig.pod_role_calls() + rig.credentials_calls();
+        let began = Instant::now();
+        let ((status, body), ()) = tokio::join!(asked, async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            for replica in &rig.replicas {
+                replica.add_pod(pod(&format!("late-{i}"), late));
+            }
+        });
+        assert_eq!(began.elapsed(), Duration::from_millis(700), "{what}");
+        assert_eq!(status, 200, "{what}: {body}");
+        let made = rig.pod_role_calls() + rig.credentials_calls() - calls;
+        assert_eq!(made, calls_made, "{what}: server calls");
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_of_the_pod_that_had_the_address_opens_nothing_for_the_next_one() {
+    let old = Ipv4Addr::new(10, 1, 0, 20);
+    let rig = Rig::start(&[pod("web", WEB), pod("old", old)]).await;
+    rig.stream_synced(WEB).await;
+    let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "300")];
+    let (status, token) = rig.send(old, AGENT, "PUT", "/latest/api/token", &ttl).await;
+    assert_eq!(status, 200, "{token}");
+    let with_token = [("x-aws-ec2-metadata-token", token.as_str())];
+    let (status, _) = rig.send(old, AGENT, "GET", CREDENTIALS, &with_token).await;
+    assert_eq!(status, 200, "the old pod's own token");
+
+    // The old pod goes; a new pod gets its address while a request with the old pod's token
+    // waits for the table (which knew nobody there when the request came): once the new
+    // pod is in, the token is the old pod's, and it opens nothing — on the first wait, and
+    // on the one after the servers knew nobody either.
+    for (i, comes_after) in [(0, 200), (1, 700)] {
+        for replica in &rig.replicas {
+            replica.remove_pod(old);
+        }
+        // Once the removal is through the stream, a listing is refused (after the waits).
+        let deadline = Instant::now() + PATIENCE;
+        while rig.get(old, ROLES).await.0 != 404 {
+            assert!(
+                Instant::now() < deadline,
+                "the old pod never left the table"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = rig.send(old, AGENT, "GET", CREDENTIALS, &with_token);
+        let ((status, body), ()) = tokio::join!(asked, async {
+            tokio::time::sleep(Duration::from_millis(comes_after)).await;
+            for replica in &rig.replicas {
+                replica.add_pod(pod(&format!("new-{i}"), old));
+            }
+        });
+        assert_eq!(status, 401, "{comes_after} ms: {body}");
+        assert!(body.contains("another pod"), "{comes_after} ms: {body}");
+    }
+
+    // With no table (the node stream gone, none to be had), the servers answer for the pod
+    // at the address: the next one's credentials and role are not the old token's either.
+    for replica in &rig.replicas {
+        replica.streams_refused.store(true, Ordering::SeqCst);
+        replica.push.lock().expect("not poisoned").take();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while rig.metric("podiam_agent_node_stream_synced").await != 0 {
+        assert!(Instant::now() < deadline, "the node stream never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for path in [CREDENTIALS, ROLES] {
+        let (status, body) = rig.send(old, AGENT, "GET", path, &with_token).await;
+        assert_eq!(status, 401, "unsynced, {path}: {body}");
+    }
     rig.stop().await;
 }
 

@@ -113,8 +113,9 @@ impl Servers {
         &self.replicas
     }
 
-    /// The role of the pod at `ip`, as the servers decide it now.
-    pub async fn pod_role(&self, ip: IpAddr) -> Result<Role, ServerError> {
+    /// The role of the pod at `ip`, as the servers decide it now, and the UID of that pod
+    /// (empty if a server did not say).
+    pub async fn pod_role(&self, ip: IpAddr) -> Result<(Role, String), ServerError> {
         let request = GetPodRoleRequest {
             ip: ip.to_string(),
             node_name: self.node_name.clone(),
@@ -126,11 +127,12 @@ impl Servers {
                 async move { client.get_pod_role(request).await }
             })
             .await?;
-        Ok(Role {
+        let role = Role {
             name: answer.role_name,
             arn: answer.role_arn,
             credential_key: 0,
-        })
+        };
+        Ok((role, answer.pod.map(|p| p.uid).unwrap_or_default()))
     }
 
     /// Credentials for the pod at `ip`, if `role_name` is its role (empty with a
