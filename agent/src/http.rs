@@ -678,7 +678,9 @@ impl MetadataService {
     /// answer is the answer. For an address the synced table still does not know, the
     /// servers are given [`ASK_WAIT`], and their answer stands only if it places the pod on
     /// this node (its role or credentials, or a refusal only a pod found here gets);
-    /// anything else is unknown-pod, saying what the servers said.
+    /// anything else is unknown-pod, saying what the servers said ([`AgentRefusal::ElsewherePod`]
+    /// when they place the pod on another node, else [`AgentRefusal::UnknownPod`], which
+    /// [`MetadataService::patient`] may wait out).
     pub(crate) async fn ask<T>(
         &self,
         peer: IpAddr,
