@@ -437,7 +437,7 @@ impl MetadataService {
     ) -> Result<Response<Full<Bytes>>, Refused> {
         match route {
             // An address the synced table does not know even after the wait gets a token
-            // only if the servers place a pod there on this node; bound to the address alone.
+            // only if the servers place a pod there on this node; bound to the pod they name.
             Route::Token => {
                 let ttl = token_ttl(headers)?;
                 let uid = match self.resolve(peer, known).await {
@@ -445,9 +445,11 @@ impl MetadataService {
                     Known::Unsynced => String::new(),
                     unlisted @ Known::Nobody => {
                         match self.ask(peer, &unlisted, self.servers.pod_role(peer)).await {
-                            // The pod is here, with its role or refused one: its token is its
-                            // own business.
-                            Ok(_) | Err(Refused::ByServers(_)) => String::new(),
+                            // The pod is here, with its role (bound to the pod the servers
+                            // name) or refused one (its token is its own business; bound
+                            // to the address).
+                            Ok((_, uid)) => uid,
+                            Err(Refused::ByServers(_)) => String::new(),
                             Err(refused) => return Err(refused),
                         }
                     }

@@ -127,6 +127,13 @@ impl Replica {
         }
     }
 
+    /// Adds a pod without telling any node stream: the replica knows it, the agent's table
+    /// does not (a stream behind its replica, or from another one).
+    fn place_pod(&self, state: PodState) {
+        let mut pods = self.pods.lock().expect("not poisoned");
+        pods.insert(state.ip.clone(), state);
+    }
+
     /// Removes the pod at `ip`, telling the node stream open on this replica, if any.
     fn remove_pod(&self, ip: Ipv4Addr) {
         let removed = self
@@ -760,6 +767,22 @@ async fn a_pod_that_arrives_after_the_servers_were_asked_is_answered_from_the_ta
     rig.stop().await;
 }
 
+/// Removes the pod at `ip` from every replica, and waits until the agent's table has let it
+/// go: a listing from there is refused (after the waits).
+async fn gone_from_the_table(rig: &Rig, ip: Ipv4Addr) {
+    for replica in &rig.replicas {
+        replica.remove_pod(ip);
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while rig.get(ip, ROLES).await.0 != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the pod at {ip} never left the table"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_token_of_the_pod_that_had_the_address_opens_nothing_for_the_next_one() {
     let old = Ipv4Addr::new(10, 1, 0, 20);
@@ -777,18 +800,7 @@ async fn a_token_of_the_pod_that_had_the_address_opens_nothing_for_the_next_one(
     // pod is in, the token is the old pod's, and it opens nothing — on the first wait, and
     // on the one after the servers knew nobody either.
     for (i, comes_after) in [(0, 200), (1, 700)] {
-        for replica in &rig.replicas {
-            replica.remove_pod(old);
-        }
-        // Once the removal is through the stream, a listing is refused (after the waits).
-        let deadline = Instant::now() + PATIENCE;
-        while rig.get(old, ROLES).await.0 != 404 {
-            assert!(
-                Instant::now() < deadline,
-                "the old pod never left the table"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        gone_from_the_table(&rig, old).await;
         let asked = rig.send(old, AGENT, "GET", CREDENTIALS, &with_token);
         let ((status, body), ()) = tokio::join!(asked, async {
             tokio::time::sleep(Duration::from_millis(comes_after)).await;
@@ -799,6 +811,24 @@ async fn a_token_of_the_pod_that_had_the_address_opens_nothing_for_the_next_one(
         assert_eq!(status, 401, "{comes_after} ms: {body}");
         assert!(body.contains("another pod"), "{comes_after} ms: {body}");
     }
+
+    // The servers know the next pod before the table does: their answer is for that pod,
+    // and the old token opens nothing of it; a token asked for now is bound to the pod the
+    // servers name, and opens nothing of the one after.
+    gone_from_the_table(&rig, old).await;
+    for replica in &rig.replicas {
+        replica.place_pod(pod("next", old));
+    }
+    let (status, body) = rig.send(old, AGENT, "GET", CREDENTIALS, &with_token).await;
+    assert_eq!(status, 401, "the servers' answer: {body}");
+    let (status, next_token) = rig.send(old, AGENT, "PUT", "/latest/api/token", &ttl).await;
+    assert_eq!(status, 200, "{next_token}");
+    for replica in &rig.replicas {
+        replica.place_pod(pod("after-next", old));
+    }
+    let with_next_token = [("x-aws-ec2-metadata-token", next_token.as_str())];
+    let (status, body) = rig.send(old, AGENT, "GET", ROLES, &with_next_token).await;
+    assert_eq!(status, 401, "a token the servers bound: {body}");
 
     // With no table (the node stream gone, none to be had), the servers answer for the pod
     // at the address: the next one's credentials and role are not the old token's either.
