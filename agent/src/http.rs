@@ -579,16 +579,11 @@ impl MetadataService {
             }
             return Ok(());
         };
-        let token = token
-            .to_str()
-            .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
         let uid = match known {
             Known::Pod(decision) => Some(decision.pod.uid.as_str()),
             Known::Nobody | Known::Unsynced => None,
         };
-        self.tokens
-            .validate(token, peer, uid, now)
-            .map_err(Refused::BadToken)
+        self.validate_token(peer, token, uid, now)
     }
 
     /// Checks the request's IMDSv2 token, if it has one, against the pod with `uid` (empty:
@@ -602,13 +597,23 @@ impl MetadataService {
         uid: &str,
         now: i64,
     ) -> Result<(), Refused> {
-        let Some(token) = headers.get(TOKEN_HEADER) else {
-            return Ok(());
-        };
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => self.validate_token(peer, token, (!uid.is_empty()).then_some(uid), now),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the IMDSv2 `token` against `peer` and the pod with `uid`, if known.
+    fn validate_token(
+        &self,
+        peer: IpAddr,
+        token: &HeaderValue,
+        uid: Option<&str>,
+        now: i64,
+    ) -> Result<(), Refused> {
         let token = token
             .to_str()
             .map_err(|_| Refused::BadToken(TokenError::Malformed))?;
-        let uid = (!uid.is_empty()).then_some(uid);
         self.tokens
             .validate(token, peer, uid, now)
             .map_err(Refused::BadToken)
