@@ -176,7 +176,12 @@ impl From<tonic::Status> for ServerError {
             });
         }
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            // ResourceExhausted with no reason: a replica shed the call unread, too many
+            // calls' requests arriving at once; another replica may take it.
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::ResourceExhausted => {
                 ServerError::Unavailable(status.message().to_string())
             }
             _ => ServerError::Other(format!("{:?}: {}", status.code(), status.message())),
@@ -322,10 +327,15 @@ mod tests {
             prost::Message::encode_to_vec(&podiam_proto::v1::Refusal { reason: 9999 }).into(),
         );
         assert!(matches!(ServerError::from(newer), ServerError::Other(_)));
-        assert!(matches!(
-            ServerError::from(tonic::Status::unavailable("down")),
-            ServerError::Unavailable(_)
-        ));
+        for status in [
+            tonic::Status::unavailable("down"),
+            tonic::Status::resource_exhausted("shed unread"),
+        ] {
+            assert!(matches!(
+                ServerError::from(status),
+                ServerError::Unavailable(_)
+            ));
+        }
         assert!(matches!(
             ServerError::from(tonic::Status::internal("boom")),
             ServerError::Other(_)

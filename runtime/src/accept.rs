@@ -204,7 +204,7 @@ fn counted<T>(
 /// in all. With `loopback` set, every loopback address counts as one ([`LOOPBACK`]), with
 /// that share of its own, outside the total.
 #[derive(Debug)]
-struct OpenConnections {
+pub(crate) struct OpenConnections {
     open: Mutex<HashMap<IpAddr, usize>>,
     per_address: usize,
     total: usize,
@@ -215,7 +215,11 @@ struct OpenConnections {
 const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 impl OpenConnections {
-    fn new(per_address: usize, total: usize, loopback: Option<usize>) -> OpenConnections {
+    pub(crate) fn new(
+        per_address: usize,
+        total: usize,
+        loopback: Option<usize>,
+    ) -> OpenConnections {
         OpenConnections {
             open: Mutex::default(),
             per_address,
@@ -235,7 +239,7 @@ impl OpenConnections {
 
     /// A slot for one more connection of `address`, if it has fewer than its share open
     /// and all have fewer than the total.
-    fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+    pub(crate) fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let loopback = self.loopback.filter(|_| address.is_loopback());
         let (address, share) = match loopback {
@@ -265,7 +269,7 @@ impl OpenConnections {
 
 /// One open connection of an address, given back when dropped.
 #[derive(Debug)]
-struct Slot {
+pub(crate) struct Slot {
     open: Arc<OpenConnections>,
     address: IpAddr,
 }

@@ -7,7 +7,8 @@
 //!   configurations built from them: the server asks for a client certificate from the CA,
 //!   the agent verifies the server name.
 //! - [`rotate`]: those configurations kept current as the files change on disk.
-//! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler.
+//! - [`accept`]: the server's TLS accept loop; [`connect`]: the agent's TLS dialler;
+//!   [`reading`]: the bounds on gRPC calls whose requests are still arriving.
 //! - [`net`]: where connections come from ([`net::Listener`]) and go to ([`net::Dialer`]):
 //!   TCP for the daemons, and with the feature `test-util`, [`memory`]: an in-memory
 //!   network for in-process tests on paused time.
@@ -19,6 +20,7 @@ pub mod connect;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 pub mod net;
+pub mod reading;
 pub mod rotate;
 pub mod serve;
 pub mod telemetry;

@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use podiam_proto::Reason;
 use podiam_proto::v1::podiam_client::PodiamClient;
 use podiam_proto::v1::{
-    GetCredentialsRequest, GetPodRoleRequest, HealthRequest, WatchNodeRequest, node_event,
+    GetCredentialsRequest, GetCredentialsResponse, GetPodRoleRequest, HealthRequest,
+    WatchNodeRequest, node_event,
 };
 use podiam_runtime::connect::TlsConnector;
 use podiam_runtime::memory::MemoryNetwork;
@@ -311,13 +312,17 @@ impl Rig {
 
     /// A new connection to the server, as the agent makes it.
     async fn connect(&self) -> Result<PodiamClient<Channel>, tonic::transport::Error> {
+        Ok(PodiamClient::new(self.channel().await?))
+    }
+
+    /// A new connection to the server with the agent's certificate, from [`CALLER`].
+    async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
         let connector = TlsConnector::new(GRPC, "localhost", Arc::clone(&self.agent_tls))
             .expect("a server name")
             .over(self.network.dialer(CALLER));
-        let channel = Endpoint::from_static("http://10.0.0.1:8443")
+        Endpoint::from_static("http://10.0.0.1:8443")
             .connect_with_connector(connector)
-            .await?;
-        Ok(PodiamClient::new(channel))
+            .await
     }
 }
 
@@ -673,7 +678,7 @@ async fn a_pods_token_proves_only_the_pod_at_the_address() {
 /// cluster; what the server answers.
 async fn asked_while(
     meanwhile: impl FnOnce(&Rig),
-) -> Result<tonic::Response<podiam_proto::v1::GetCredentialsResponse>, tonic::Status> {
+) -> Result<tonic::Response<GetCredentialsResponse>, tonic::Status> {
     let mut rig = Rig::new(&[]);
     *rig.sts.latency.lock().expect("not poisoned") = Duration::from_secs(10);
     rig.add_pod("web", WEB_IP, "app-reader");
@@ -813,5 +818,61 @@ async fn a_request_over_32_kib_is_not_read_and_a_call_ends_after_30_s() {
         .insert("authorization", "Bearer slow".parse().expect("ascii"));
     let ended = client.get_pod_role(request).await.expect_err("ended");
     assert_eq!(began.elapsed(), Duration::from_secs(30), "{ended:?}");
+    shutdown.cancel();
+}
+
+/// A GetCredentials call on `channel` whose request never ends: its headers are sent, then
+/// nothing, the stream left open. What the server answers.
+async fn call_never_sent(channel: Channel) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let never = futures::stream::pending::<GetCredentialsRequest>();
+    let path = http::uri::PathAndQuery::from_static("/podiam.v1.Podiam/GetCredentials");
+    let codec = tonic_prost::ProstCodec::<GetCredentialsRequest, GetCredentialsResponse>::default();
+    grpc.client_streaming(tonic::Request::new(never), path, codec)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_whose_requests_never_end_are_bounded_per_address_and_end_after_5_s() {
+    use podiam_runtime::reading::{MAX_READING_PER_ADDRESS, READ_TIMEOUT};
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    // A holder of the agents' certificate opens a connection's worth of calls and sends
+    // none of their requests.
+    let held = rig.channel().await.expect("connects");
+    let began = Instant::now();
+    let stuck: Vec<_> = (0..MAX_READING_PER_ADDRESS)
+        .map(|_| tokio::spawn(call_never_sent(held.clone())))
+        .collect();
+    // On paused time the clock moves only once every task waits: the server has taken
+    // all their headers in.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // One more from that address, on a new connection, is refused at once, unread.
+    let another = rig.channel().await.expect("connects");
+    let refused = call_never_sent(another.clone()).await.expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(began.elapsed(), Duration::from_millis(1), "refused at once");
+    // The calls whose requests never came end when their time is up, and the address is
+    // answered again.
+    for call in stuck {
+        let ended = call.await.expect("joins").expect_err("ended");
+        assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    }
+    assert_eq!(began.elapsed(), READ_TIMEOUT);
+    let answer = PodiamClient::new(another)
+        .get_credentials(credentials_of_web())
+        .await
+        .expect("answered again");
+    assert!(answer.into_inner().credentials.is_some());
     shutdown.cancel();
 }

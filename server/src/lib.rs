@@ -321,7 +321,14 @@ impl Server {
             &tasks,
             refused,
         );
+        let shed = {
+            let counter = self.metrics.calls_shed.clone();
+            Arc::new(move || {
+                counter.inc();
+            })
+        };
         let grpc = tonic::transport::Server::builder()
+            .layer(podiam_runtime::reading::ReadingLayer::new(shed))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))

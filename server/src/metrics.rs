@@ -56,6 +56,8 @@ pub struct Metrics {
     pub relists: Family<ResourceLabels, Counter>,
     /// TLS handshakes refused (a certificate from another CA, expired…).
     pub tls_refused: Counter,
+    /// gRPC calls refused because too many calls' requests were still arriving.
+    pub calls_shed: Counter,
     /// When the server's certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
     /// TokenReviews and node-binding refusals.
@@ -121,6 +123,7 @@ impl Metrics {
             node_streams: Gauge::default(),
             relists: Family::default(),
             tls_refused: Counter::default(),
+            calls_shed: Counter::default(),
             tls_expiry: Gauge::default(),
             identity: IdentityCounters::new(),
             webhook_reviews: Family::default(),
@@ -190,6 +193,12 @@ impl Metrics {
             "TLS handshakes refused on the gRPC port (a client certificate from another \
              CA, expired or not yet valid, or no handshake in time)",
             self.tls_refused.clone(),
+        );
+        registry.register(
+            "grpc_calls_shed",
+            "gRPC calls refused unread (RESOURCE_EXHAUSTED) because too many calls' requests \
+             were still arriving: 256 from one address or 1024 in all",
+            self.calls_shed.clone(),
         );
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",
