@@ -320,6 +320,9 @@ impl ServeConfig {
             idle_timeout: self.idle_timeout,
             max_requests_per_connection: self.max_requests_per_connection,
             evict_waiting_heads: false,
+            // Pods never come from loopback (each has its own network namespace): the node's
+            // own processes do, from any of 127/8. A quarter of the pool at most.
+            loopback_share: Some((self.max_connections / 4).max(self.max_connections_per_pod)),
         }
     }
 

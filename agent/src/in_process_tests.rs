@@ -1055,7 +1055,7 @@ async fn one_pod_cannot_take_the_health_ports_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rig = Rig::start(&[pod("web", WEB)]).await;
     let mut held = Vec::new();
-    for _ in 0..=crate::HEALTH_CONNECTIONS_PER_PEER {
+    for _ in 0..=podiam_runtime::serve::HEALTH_CONNECTIONS_PER_PEER {
         let mut stream = rig
             .network
             .connect(WEB.into(), AGENT_HEALTH)

@@ -212,7 +212,7 @@ impl Agent {
         self.spawn_background(&tasks, &stop);
         tasks.spawn(podiam_runtime::serve::serve_http(
             listeners.health,
-            health_limits(self.limits),
+            self.limits.health(),
             self.health_handler(),
             stop.clone(),
         ));
@@ -376,21 +376,4 @@ fn keep_alive_header(idle: std::time::Duration) -> Option<::http::HeaderValue> {
     }
     let text: &'static str = Box::leak(format!("timeout={seconds}").into_boxed_str());
     Some(::http::HeaderValue::from_static(text))
-}
-
-/// Connections one address may hold at the health port. The port is on the node's address,
-/// where every pod of the node reaches it too: with the pods' limit (16 each) a handful of
-/// pods could take the connections the kubelet's probes need, and the kubelet would restart
-/// the agent. The kubelet opens one connection per probe and Prometheus keeps one.
-pub const HEALTH_CONNECTIONS_PER_PEER: usize = 4;
-
-/// The health listener's limits: the pods' (`limits`), but [`HEALTH_CONNECTIONS_PER_PEER`]
-/// per address, and a connection that has sent no request yet gives its place to a new one
-/// (the kubelet's probes share the node's address with every process of the node).
-fn health_limits(limits: Limits) -> Limits {
-    Limits {
-        max_connections_per_peer: HEALTH_CONNECTIONS_PER_PEER.min(limits.max_connections_per_peer),
-        evict_waiting_heads: true,
-        ..limits
-    }
 }

@@ -118,6 +118,10 @@ pub struct Limits {
     /// instant and whose honest clients send at once (probes): a client that opens
     /// connections and sends nothing then cannot keep them from a probe.
     pub evict_waiting_heads: bool,
+    /// All of loopback (127/8 and ::1) as one peer with this many connections. Without it
+    /// each loopback address is a peer of its own, and a process of the node, which may
+    /// connect from any of 127/8 with no privilege, could hold `max_connections` by itself.
+    pub loopback_share: Option<usize>,
 }
 
 impl Default for Limits {
@@ -129,6 +133,29 @@ impl Default for Limits {
             idle_timeout: IDLE_TIMEOUT,
             max_requests_per_connection: MAX_REQUESTS_PER_CONNECTION,
             evict_waiting_heads: false,
+            loopback_share: None,
+        }
+    }
+}
+
+/// Connections one address may hold at a health port. Such a port is on the node's address,
+/// where every pod and process of the node reaches it too: with a pod-sized share a handful
+/// of them could take the connections the kubelet's probes need, and the kubelet would
+/// restart the daemon. The kubelet opens one connection per probe and Prometheus keeps one.
+pub const HEALTH_CONNECTIONS_PER_PEER: usize = 4;
+
+impl Limits {
+    /// These limits for a health port: [`HEALTH_CONNECTIONS_PER_PEER`] per address and for all
+    /// of loopback together, and a connection that has sent no request yet gives its place to
+    /// a new one (the kubelet's probes share the node's address with every process of the
+    /// node).
+    pub fn health(self) -> Limits {
+        Limits {
+            max_connections_per_peer: HEALTH_CONNECTIONS_PER_PEER
+                .min(self.max_connections_per_peer),
+            evict_waiting_heads: true,
+            loopback_share: Some(HEALTH_CONNECTIONS_PER_PEER),
+            ..self
         }
     }
 }
@@ -272,6 +299,7 @@ impl Conn {
 struct Peers {
     limit: usize,
     evict_waiting_heads: bool,
+    loopback_share: Option<usize>,
     open: Mutex<HashMap<IpAddr, Vec<Arc<Conn>>>>,
 }
 
@@ -284,19 +312,34 @@ enum Admission {
 }
 
 impl Peers {
-    fn new(limit: usize, evict_waiting_heads: bool) -> Peers {
+    fn new(limits: &Limits) -> Peers {
         Peers {
-            limit: limit.max(1),
-            evict_waiting_heads,
+            limit: limits.max_connections_per_peer.max(1),
+            evict_waiting_heads: limits.evict_waiting_heads,
+            loopback_share: limits.loopback_share.map(|share| share.max(1)),
             open: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The peer `address` counts as: itself, or all of loopback as one when loopback has a
+    /// share of its own.
+    fn key(&self, address: IpAddr) -> IpAddr {
+        match self.loopback_share {
+            Some(_) if address.is_loopback() => IpAddr::from([127, 0, 0, 1]),
+            _ => address,
+        }
+    }
+
+    /// `peer` is a [`Peers::key`].
     fn admit(&self, peer: IpAddr) -> Admission {
+        let limit = match self.loopback_share {
+            Some(share) if peer.is_loopback() => share,
+            _ => self.limit,
+        };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let conns = open.entry(peer).or_default();
         let mut evicted = false;
-        if conns.len() >= self.limit {
+        if conns.len() >= limit {
             let longest_idle = conns
                 .iter()
                 .enumerate()
@@ -414,10 +457,7 @@ pub async fn serve_http_observed<L, H, F>(
 {
     let connections = TaskTracker::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let peers = Arc::new(Peers::new(
-        limits.max_connections_per_peer,
-        limits.evict_waiting_heads,
-    ));
+    let peers = Arc::new(Peers::new(&limits));
     loop {
         // At the limit, stop accepting until a connection ends; the kernel queues the rest.
         let slot = tokio::select! {
@@ -431,7 +471,7 @@ pub async fn serve_http_observed<L, H, F>(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let address = peer.ip().to_canonical();
+        let address = peers.key(peer.ip().to_canonical());
         let conn = match peers.admit(address) {
             Admission::Admitted { conn, evicted } => {
                 if evicted {
@@ -778,6 +818,48 @@ mod tests {
                 Err(_) => panic!("still open after {:?}", since.elapsed()),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn all_of_loopback_is_one_peer_at_a_health_port() {
+        // A process of the node may connect from any address of 127/8 without privilege.
+        // Counted one address at a time, 8 of them would hold every connection of a pool of
+        // 8, and a probe would wait in the accept queue; counted as one peer, they hold its
+        // share (4), and a probe's connection takes the place of their longest-waiting one.
+        let limits = Limits {
+            max_connections: 8,
+            // Far beyond the answer's wait: the held heads are not cut meanwhile.
+            header_read_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        }
+        .health();
+        let (addr, _stop) = serving(limits).await;
+        let from = |last: u8| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+            socket
+                .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+                .expect("binds in 127/8");
+            socket.connect(addr).await.expect("connects")
+        };
+        let mut held = Vec::new();
+        for last in 2..10 {
+            let mut stream = from(last).await;
+            stream
+                .write_all(b"GET / HTTP/1.1\r\n")
+                .await
+                .expect("sends");
+            held.push(stream);
+        }
+        let mut probe = from(10).await;
+        probe.write_all(GET).await.expect("sends");
+        let answer = response(&mut probe).await;
+        assert!(
+            answer
+                .as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "the probe was not answered: {answer:?}"
+        );
+        drop(held);
     }
 
     #[tokio::test]

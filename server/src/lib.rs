@@ -289,7 +289,7 @@ impl Server {
         tracing::info!(addr = %listeners.health.local_addr()?, "serving /live, /ready and /metrics");
         tasks.spawn(podiam_runtime::serve::serve_http(
             listeners.health,
-            podiam_runtime::serve::Limits::default(),
+            podiam_runtime::serve::Limits::default().health(),
             self.health_handler(),
             stop.clone(),
         ));
