@@ -40,6 +40,10 @@ const NEW_TOKENS_ADDRESSES: usize = 4096;
 /// Tokens remembered per address ([`NewTokens::admit`]): a pod has one per container that
 /// asks.
 const TOKENS_PER_ADDRESS: usize = 16;
+/// The longest a token is remembered, whatever expiry it claims: the agent reads `exp` from
+/// a token nobody has checked yet, and a made-up one may claim the year 3000. A real token
+/// that outlives this is charged once more, then remembered again.
+const REMEMBERED_AT_MOST: i64 = 3600;
 
 /// The limit on new tokens: a token bucket per peer address, charged once per token the
 /// address presents, not once per call. A token the address presented before (and the
@@ -62,9 +66,11 @@ fn holds(admitted: &Admitted, peer: IpAddr, digest: &TokenDigest, now: i64) -> b
         .is_some_and(|tokens| tokens.iter().any(|(d, until)| d == digest && *until > now))
 }
 
-/// Remembers `peer`'s token `digest`, expiring at `expires`: per address the soonest to
-/// expire gives way; with every address slot held by unexpired tokens, nothing is.
+/// Remembers `peer`'s token `digest`, expiring at `expires` ([`REMEMBERED_AT_MOST`] from
+/// `now` at the latest): per address the soonest to expire gives way; with every address
+/// slot held by unexpired tokens, nothing is.
 fn remember(admitted: &mut Admitted, peer: IpAddr, digest: TokenDigest, expires: i64, now: i64) {
+    let expires = expires.min(now.saturating_add(REMEMBERED_AT_MOST));
     if admitted.len() >= NEW_TOKENS_ADDRESSES && !admitted.contains_key(&peer) {
         admitted.retain(|_, tokens| {
             tokens.retain(|(_, until)| *until > now);
@@ -105,7 +111,8 @@ impl NewTokens {
         true
     }
 
-    /// The servers refused the token `digest` from `peer`: a call with it is new again.
+    /// The servers refused the token `digest` from `peer`, or `peer` is no pod of this node:
+    /// a call with it is new again.
     pub fn forget(&self, peer: IpAddr, digest: &TokenDigest) {
         let mut admitted = self.admitted.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tokens) = admitted.get_mut(&peer) {
@@ -347,15 +354,15 @@ pub(crate) mod tests {
         for n in 0..TOKENS_PER_ADDRESS as u8 {
             remember(&mut admitted, a, digest(n), 1000 + i64::from(n), 100);
         }
-        remember(&mut admitted, a, digest(99), 5000, 100);
+        remember(&mut admitted, a, digest(99), 2000, 100);
         assert!(
             !holds(&admitted, a, &digest(0), 100),
             "the soonest to expire went"
         );
         assert!(holds(&admitted, a, &digest(1), 100));
-        remember(&mut admitted, a, digest(99), 6000, 100);
+        remember(&mut admitted, a, digest(99), 3000, 100);
         assert_eq!(admitted[&a].len(), TOKENS_PER_ADDRESS);
-        assert!(holds(&admitted, a, &digest(99), 5500));
+        assert!(holds(&admitted, a, &digest(99), 2500));
 
         // Addresses: with every slot held by an unexpired token, a new address's is not
         // remembered; expired ones make room.
@@ -374,6 +381,38 @@ pub(crate) mod tests {
             "the expired one made room"
         );
         assert!(holds(&admitted, address(1), &digest(1), 160));
+    }
+
+    #[test]
+    fn a_token_is_remembered_an_hour_at_most_whatever_it_claims() {
+        // Made-up tokens claiming the year 3000 from every address of 127/8 would otherwise
+        // hold every address slot for good, and real pods' tokens would be charged at every
+        // call.
+        let mut admitted = Admitted::default();
+        let address = |n: usize| IpAddr::from([127, 1, (n >> 8) as u8, n as u8]);
+        let year_3000 = 32_503_680_000;
+        for n in 0..NEW_TOKENS_ADDRESSES {
+            remember(&mut admitted, address(n), [1; 32], year_3000, 100);
+        }
+        assert!(holds(
+            &admitted,
+            address(0),
+            &[1; 32],
+            100 + REMEMBERED_AT_MOST - 1
+        ));
+        assert!(!holds(
+            &admitted,
+            address(0),
+            &[1; 32],
+            100 + REMEMBERED_AT_MOST
+        ));
+        let pod: IpAddr = "10.1.0.5".parse().expect("ip");
+        let later = 100 + REMEMBERED_AT_MOST;
+        remember(&mut admitted, pod, [2; 32], later + 3600, later);
+        assert!(
+            holds(&admitted, pod, &[2; 32], later),
+            "room once they are out"
+        );
     }
 
     /// A JWT's shape with `claims` (JSON) as its payload: the agent reads `exp` and `nbf`

@@ -151,16 +151,22 @@ impl MetadataService {
     }
 
     /// `result`, the servers' answer to a call with `token` from `peer`; a token they
-    /// refused is new again (its next call is charged to the address).
+    /// refused, or one from an address that is no pod of this node (which no review can
+    /// prove), is new again: its next call is charged to the address.
     fn judged<T>(
         &self,
         peer: IpAddr,
         token: &PodToken,
         result: Result<T, Refused>,
     ) -> Result<T, Refused> {
-        if let Err(Refused::ByServers(refusal)) = &result
-            && refusal.reason == Reason::PodTokenRefused
-        {
+        let unproven = match &result {
+            Err(Refused::ByServers(refusal)) => refusal.reason == Reason::PodTokenRefused,
+            Err(Refused::ByAgent(AgentRefusal::UnknownPod(_) | AgentRefusal::ElsewherePod(_))) => {
+                true
+            }
+            _ => false,
+        };
+        if unproven {
             self.new_tokens.forget(peer, &token.digest);
         }
         result

@@ -1047,6 +1047,40 @@ async fn while_unsynced_a_token_the_servers_accepted_is_not_held_back_as_new() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_from_an_address_that_is_no_pod_is_charged_at_every_call() {
+    // A process of the node (from any of 127/8) or an address no pod has presents a
+    // made-up token: nobody can place the address, so the token is not remembered as
+    // admitted. Remembered, its later calls would reach the servers uncharged, and made-up
+    // tokens from thousands of addresses would hold every place of the agent's limiter.
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    let stranger = Ipv4Addr::new(10, 1, 0, 99);
+    let made_up = |name: &str| {
+        let exp = podiam_runtime::clock::now_unix() + 3600;
+        jwt(&serde_json::json!({"exp": exp, "jti": name}))
+    };
+    // A token the servers would accept, had the address a pod: they place the address
+    // first, as the real servers do, and find none.
+    let token = accepted_token(&rig, "stranger");
+    let (status, body) = rig.get_with(stranger, CONTAINER, PATH, Some(&token)).await;
+    assert!(status != 200 && status != 429, "{status} {body}");
+    // The address's burst, spent at once by new tokens, whose calls wait for the table;
+    // then the first token again: new again, so held back.
+    let burst: Vec<String> = (0..12).map(|i| made_up(&format!("burst-{i}"))).collect();
+    let spent = futures::future::join_all(
+        (burst.iter()).map(|t| rig.get_with(stranger, CONTAINER, PATH, Some(t))),
+    );
+    let again = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rig.get_with(stranger, CONTAINER, PATH, Some(&token)).await
+    };
+    let (spent, (status, body)) = tokio::join!(spent, again);
+    assert!(spent.iter().any(|(s, _)| *s == 429), "{spent:?}");
+    assert_eq!(status, 429, "{body}");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn one_pod_cannot_take_the_health_ports_connections() {
     // A pod of the node reaches the health port too (it is on the node's address). Holding
     // connections busy (heads begun, not finished), it gets 4 of them, not the 16 a pod may
