@@ -50,9 +50,19 @@ pub const ENDPOINT_URL_IPV6: &str = "http://[fd00:ec2::23]/v1/credentials";
 /// Largest AdmissionReview accepted: the API server's own limit on a request is 3 MiB.
 const MAX_REVIEW_BYTES: usize = 3 << 20;
 /// How long a review's body may take to arrive whole: the API server sends it at once. A
-/// body sent slowly and never finished would otherwise hold up to 3 MiB for as long as its
-/// sender liked.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// body sent slowly and never finished would otherwise hold up to 3 MiB, and a place among
+/// [`REVIEWS_AT_ONCE`], for as long as its sender liked.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Reviews read and answered at once. The port answers anyone who reaches it (the API server
+/// presents no certificate), and a review held in memory is its body (up to 3 MiB) and the
+/// parsed JSON (up to about 16 times that for a body of small numbers): without a bound, 64
+/// connections from each of a few addresses would take a server's memory. Two at once answer
+/// thousands of honest reviews a second; the rest wait their turn.
+const REVIEWS_AT_ONCE: usize = 2;
+/// How long a review waits for its turn before it is answered 503: within the API server's
+/// `timeoutSeconds` (5), whose `failurePolicy: Ignore` then admits the pod unchanged (it gets
+/// its role from the metadata path).
+const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the webhook puts in pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,11 +185,17 @@ pub enum ReviewError {
 pub struct Webhook {
     cluster: Arc<Cluster>,
     injection: Injection,
+    /// Turns to read and answer a review ([`REVIEWS_AT_ONCE`]).
+    turns: tokio::sync::Semaphore,
 }
 
 impl Webhook {
     pub fn new(cluster: Arc<Cluster>, injection: Injection) -> Webhook {
-        Webhook { cluster, injection }
+        Webhook {
+            cluster,
+            injection,
+            turns: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+        }
     }
 
     /// The answer to one AdmissionReview.
@@ -263,6 +279,13 @@ impl Webhook {
         if request.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
         }
+        let Ok(Ok(_turn)) = tokio::time::timeout(TURN_WAIT, self.turns.acquire()).await else {
+            counted("error");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many reviews under way; try again\n",
+            );
+        };
         let read = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
         let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
             Ok(Ok(body)) => body.to_bytes(),
@@ -470,16 +493,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_review_whose_body_never_ends_is_answered_408_after_10_s() {
-        use futures::StreamExt;
+    async fn a_review_whose_body_never_ends_is_answered_408_after_3_s() {
         let webhook = Webhook::new(synced_cluster(), injection());
-        // The first bytes of a review, then nothing more, and the connection kept open.
-        let first = hyper::body::Frame::data(Bytes::from_static(b"{\"request\": "));
-        let body = http_body_util::StreamBody::new(
-            futures::stream::iter([Ok::<_, std::convert::Infallible>(first)])
-                .chain(futures::stream::pending()),
-        );
-        let request = Request::post(PATH).body(body).expect("a request");
+        let request = Request::post(PATH).body(never_ending()).expect("a request");
         let counts = std::sync::Mutex::new(Vec::new());
         let began = tokio::time::Instant::now();
         let response = webhook
@@ -490,6 +506,51 @@ mod tests {
         assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(began.elapsed(), BODY_TIMEOUT);
         assert_eq!(*counts.lock().expect("not poisoned"), ["error"]);
+    }
+
+    /// The first bytes of a review, then nothing more, and the connection kept open.
+    fn never_ending() -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> {
+        use futures::StreamExt;
+        let first = hyper::body::Frame::data(Bytes::from_static(b"{\"request\": "));
+        http_body_util::StreamBody::new(
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                .chain(futures::stream::pending()),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reviews_are_read_two_at_a_time_and_one_waits_its_turn_2_s_at_most() {
+        let webhook = Arc::new(Webhook::new(synced_cluster(), injection()));
+        let began = tokio::time::Instant::now();
+        // Two reviews sent slowly hold both turns until their bodies' time is up...
+        let held: Vec<_> = (0..REVIEWS_AT_ONCE)
+            .map(|_| {
+                let webhook = Arc::clone(&webhook);
+                tokio::spawn(async move {
+                    let request = Request::post(PATH).body(never_ending()).expect("a request");
+                    webhook.handle(request, |_| {}).await.status()
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(webhook.turns.available_permits(), 0, "both turns held");
+        // ...so a third is not read: after 2 s it is answered 503 (the API server then
+        // admits the pod unchanged).
+        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
+        let request = Request::post(PATH).body(body).expect("a request");
+        let response = webhook.handle(request, |_| {}).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(began.elapsed(), TURN_WAIT);
+        for held in held {
+            assert_eq!(held.await.expect("joins"), StatusCode::REQUEST_TIMEOUT);
+        }
+        assert_eq!(began.elapsed(), BODY_TIMEOUT);
+        // Their turns given back, a review is answered at once.
+        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
+        let request = Request::post(PATH).body(body).expect("a request");
+        let response = webhook.handle(request, |_| {}).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(began.elapsed(), BODY_TIMEOUT);
     }
 
     #[test]
