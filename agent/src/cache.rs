@@ -19,7 +19,7 @@
 //! document), so neither type here derives `Debug`: theirs are written by hand and show the
 //! access key id, expiry and counts only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -102,8 +102,16 @@ pub struct CredentialCache {
     slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
     /// Pod UID → the pod tokens the servers accepted for it, with their expiry.
     proven: Mutex<HashMap<String, Vec<(TokenDigest, i64)>>>,
+    /// Pods deleted lately ([`CredentialCache::gone`]), the newest [`GONE_REMEMBERED`]: a
+    /// fetch or a proof that ends after its pod was deleted stores nothing (no UID is ever
+    /// used again), where it would otherwise stay for good, live credentials and all.
+    /// Locked under `slots`' write lock.
+    gone: Mutex<(HashSet<String>, VecDeque<String>)>,
     min_remaining: Duration,
 }
+
+/// Deleted pods remembered: far more than a node deletes while one fetch is under way.
+const GONE_REMEMBERED: usize = 4096;
 
 /// Most tokens remembered per pod: one per container that reads its own projected token,
 /// and the kubelet's rotation overlapping; an older one is proven again when used.
@@ -131,6 +139,7 @@ impl CredentialCache {
         CredentialCache {
             slots: RwLock::new(HashMap::new()),
             proven: Mutex::new(HashMap::new()),
+            gone: Mutex::default(),
             min_remaining,
         }
     }
@@ -181,11 +190,15 @@ impl CredentialCache {
             .cloned()
     }
 
-    /// The slot of (uid, role ARN), made empty if there is none.
+    /// The slot of (uid, role ARN), made empty if there is none; for a pod deleted meanwhile,
+    /// one that is not kept.
     fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {
         let existing = self.existing_slot(uid, role_arn);
         existing.unwrap_or_else(|| {
             let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            if self.is_gone(uid) {
+                return Arc::default();
+            }
             Arc::clone(
                 slots
                     .entry(uid.to_string())
@@ -194,6 +207,11 @@ impl CredentialCache {
                     .or_default(),
             )
         })
+    }
+
+    fn is_gone(&self, uid: &str) -> bool {
+        let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        gone.0.contains(uid)
     }
 
     /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
@@ -222,6 +240,9 @@ impl CredentialCache {
     /// [`CredentialCache::forget`] drops them with the pod.
     pub fn prove(&self, uid: &str, digest: TokenDigest, until: i64, now: i64) {
         let mut proven = self.proven.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_gone(uid) {
+            return;
+        }
         let tokens = proven.entry(uid.to_string()).or_default();
         tokens.retain(|(d, until)| *d != digest && *until > now);
         if tokens.len() >= PROVEN_PER_POD {
@@ -243,6 +264,26 @@ impl CredentialCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(uid);
+    }
+
+    /// The pod with `uid` was deleted: [`CredentialCache::forget`], and what a fetch or a
+    /// proof under way for it would store is not kept.
+    pub fn gone(&self, uid: &str) {
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+            let (set, order) = &mut *gone;
+            if set.insert(uid.to_string()) {
+                order.push_back(uid.to_string());
+                if order.len() > GONE_REMEMBERED
+                    && let Some(oldest) = order.pop_front()
+                {
+                    set.remove(&oldest);
+                }
+            }
+            slots.remove(uid);
+        }
+        self.forget(uid);
     }
 
     /// Number of cached keys.
@@ -340,6 +381,37 @@ mod tests {
             cache.get("a", "r", 0, || fetch("4")).await.map(|r| r.1),
             Ok(Source::Server)
         );
+    }
+
+    #[tokio::test]
+    async fn what_a_fetch_brings_after_its_pod_was_deleted_is_not_kept() {
+        let cache = CredentialCache::new(FLOOR);
+        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        // A fetch under way (its slot taken) when the pod is deleted.
+        let slot = cache.slot("a", "r");
+        cache.gone("a");
+        slot.set(Arc::new(Entry::new(creds("1", 3600))));
+        assert!(cache.is_empty(), "the slot went with the pod");
+        // Whatever comes after is answered but not kept: no entry, no proof.
+        assert_eq!(
+            cache.get("a", "r", 0, || fetch("2")).await.map(|r| r.1),
+            Ok(Source::Server)
+        );
+        cache.put("a", "r", creds("3", 3600)).await;
+        cache.prove("a", [1; 32], 100, 0);
+        assert!(cache.is_empty());
+        assert!(!cache.proven("a", &[1; 32], 0));
+        // A pod whose decision changed (forgotten, not gone) is cached again.
+        cache
+            .get("b", "r", 0, || fetch("4"))
+            .await
+            .expect("fetched");
+        cache.forget("b");
+        cache
+            .get("b", "r2", 0, || fetch("5"))
+            .await
+            .expect("fetched");
+        assert_eq!(cache.len(), 1);
     }
 
     fn secret_creds() -> Credentials {

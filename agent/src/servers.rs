@@ -439,7 +439,7 @@ impl<'a> Applier<'a> {
             }
             (node_event::Event::DeleteUid(uid), None) => {
                 self.table.remove(&uid);
-                self.cache.forget(&uid);
+                self.cache.gone(&uid);
             }
             (node_event::Event::Synced(_), Some(_)) => {
                 let pods = self.snapshot.take().unwrap_or_default();
