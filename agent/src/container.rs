@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,6 +26,7 @@ use http::{HeaderMap, header};
 use podiam_proto::v1::Credentials;
 
 use crate::imds::utc_timestamp;
+use crate::limit::PerAddress;
 
 /// New tokens one address may present to the servers, per second: each costs the servers a
 /// TokenReview at the API server (one per token: concurrent reviews of a token share one
@@ -50,10 +50,23 @@ const REMEMBERED_AT_MOST: i64 = 3600;
 /// servers did not refuse) is not new: however many of the pod's processes present it at
 /// once, at its start or while the agent's pod table is not synced (every call then goes to
 /// the servers), none is refused 429 for it — which the Rust SDK does not retry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NewTokens {
-    buckets: Mutex<HashMap<IpAddr, (f64, tokio::time::Instant)>>,
+    buckets: PerAddress,
     admitted: Mutex<Admitted>,
+}
+
+impl Default for NewTokens {
+    fn default() -> NewTokens {
+        NewTokens {
+            buckets: PerAddress::new(
+                NEW_TOKENS_PER_SECOND,
+                NEW_TOKENS_BURST,
+                NEW_TOKENS_ADDRESSES,
+            ),
+            admitted: Mutex::default(),
+        }
+    }
 }
 
 /// By address: digests of the tokens admitted, and when each expires (Unix seconds).
@@ -125,28 +138,8 @@ impl NewTokens {
 
     /// Takes one from `peer`'s bucket; false when it is empty.
     fn allow(&self, peer: IpAddr) -> bool {
-        let now = tokio::time::Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= NEW_TOKENS_ADDRESSES && !buckets.contains_key(&peer) {
-            // Full buckets are the same as none.
-            buckets.retain(|_, (tokens, at)| *tokens + at_rate(now - *at) < NEW_TOKENS_BURST);
-            if buckets.len() >= NEW_TOKENS_ADDRESSES {
-                return false;
-            }
-        }
-        let (tokens, at) = buckets.entry(peer).or_insert((NEW_TOKENS_BURST, now));
-        *tokens = (*tokens + at_rate(now - *at)).min(NEW_TOKENS_BURST);
-        *at = now;
-        if *tokens < 1.0 {
-            return false;
-        }
-        *tokens -= 1.0;
-        true
+        self.buckets.allow(peer)
     }
-}
-
-fn at_rate(elapsed: Duration) -> f64 {
-    elapsed.as_secs_f64() * NEW_TOKENS_PER_SECOND
 }
 
 /// A pod token's SHA-256: what the agent keeps of it.
@@ -294,22 +287,6 @@ fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn new_tokens_are_limited_per_address() {
-        let limiter = NewTokens::default();
-        let (a, b): (IpAddr, IpAddr) = (
-            "10.0.0.1".parse().expect("ip"),
-            "10.0.0.2".parse().expect("ip"),
-        );
-        let burst = (0..20).take_while(|_| limiter.allow(a)).count();
-        assert_eq!(burst as f64, NEW_TOKENS_BURST);
-        assert!(!limiter.allow(a), "empty");
-        assert!(limiter.allow(b), "another address has its own bucket");
-        tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(limiter.allow(a), "refilled at the rate");
-        assert!(!limiter.allow(a));
-    }
 
     #[tokio::test(start_paused = true)]
     async fn a_token_is_charged_once_per_address_until_it_expires_or_is_refused() {

@@ -83,6 +83,9 @@ pub enum Refused {
     /// Too many tokens not yet proven from one address (each costs the servers a review).
     #[error("too many new pod tokens from this address; retry in a few seconds")]
     TooManyNewTokens,
+    /// Too many requests passed to the node's metadata service, by this pod or the node's.
+    #[error("too many requests for the node's metadata; retry in a few seconds")]
+    TooManyNodeRequests,
     #[error("no answer within the request deadline")]
     Deadline,
     #[error("{0}")]
@@ -178,7 +181,9 @@ impl Refused {
             Refused::TokenRequired | Refused::BadToken(_) => StatusCode::UNAUTHORIZED,
             Refused::Body => StatusCode::PAYLOAD_TOO_LARGE,
             Refused::PodToken(_) => StatusCode::BAD_REQUEST,
-            Refused::TooManyNewTokens => StatusCode::TOO_MANY_REQUESTS,
+            Refused::TooManyNewTokens | Refused::TooManyNodeRequests => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
@@ -463,6 +468,9 @@ impl MetadataService {
                 // The node's own metadata is for the pods of this node only, not for any
                 // address that reaches the node's port.
                 self.pod_here(peer, known, headers, now).await?;
+                if !node.admit(peer) {
+                    return Err(Refused::TooManyNodeRequests);
+                }
                 let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
@@ -1029,6 +1037,11 @@ mod tests {
                 "expired",
             ),
             (Refused::TooManyNewTokens, 429, "too many new pod tokens"),
+            (
+                Refused::TooManyNodeRequests,
+                429,
+                "too many requests for the node's metadata",
+            ),
             (
                 Refused::ServersUnavailable("dial tcp 10.1.2.3:8443".into()),
                 503,

@@ -38,6 +38,7 @@ pub mod imds;
 #[cfg(test)]
 mod in_process_tests;
 pub mod iptables;
+pub mod limit;
 pub mod metrics;
 pub mod node_metadata;
 pub mod pods;

@@ -4,6 +4,7 @@
 //! nothing there) and renews it before it expires; an upstream that refuses tokens is used
 //! without one. Answers are passed through with their status, capped in size.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,12 +15,25 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Mutex;
 
+use crate::limit::PerAddress;
+
 /// The TTL of the agent's own upstream token: the most EC2 allows.
 const UPSTREAM_TOKEN_TTL: Duration = Duration::from_secs(21600);
 /// Renew the upstream token this long before it expires.
 const UPSTREAM_TOKEN_MARGIN: Duration = Duration::from_secs(300);
 /// Largest upstream answer passed on (metadata documents are a few KiB).
 const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+/// Requests one pod may pass to the node's metadata service, a second, and at once. SDKs and
+/// agents read a few documents (the region, the instance identity) at their start; a pod
+/// asking in a loop would otherwise reach EC2's limit on the node's metadata traffic (1024
+/// packets a second per network interface), which then throttles the node's own daemons.
+const POD_REQUESTS_PER_SECOND: f64 = 10.0;
+const POD_REQUESTS_BURST: f64 = 50.0;
+/// The same for all the node's pods together.
+const NODE_REQUESTS_PER_SECOND: f64 = 100.0;
+const NODE_REQUESTS_BURST: f64 = 200.0;
+/// Pods whose buckets are kept: more than a node has.
+const PODS_COUNTED: usize = 4096;
 
 /// Why the node's metadata service gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +51,9 @@ pub struct NodeMetadata {
     client: Client<HttpConnector, Empty<Bytes>>,
     base: String,
     token: Mutex<Option<(String, Instant)>>,
+    /// Requests passed on, per pod and for the node ([`NodeMetadata::admit`]).
+    pods: PerAddress,
+    node: PerAddress,
 }
 
 impl std::fmt::Debug for NodeMetadata {
@@ -62,7 +79,15 @@ impl NodeMetadata {
             client: Client::builder(TokioExecutor::new()).build_http(),
             base: base.trim_end_matches('/').to_string(),
             token: Mutex::new(None),
+            pods: PerAddress::new(POD_REQUESTS_PER_SECOND, POD_REQUESTS_BURST, PODS_COUNTED),
+            node: PerAddress::new(NODE_REQUESTS_PER_SECOND, NODE_REQUESTS_BURST, 1),
         }
+    }
+
+    /// Whether the pod at `peer` may pass one more request on now: within its own rate and
+    /// the node's.
+    pub fn admit(&self, peer: IpAddr) -> bool {
+        self.pods.allow(peer) && self.node.allow(IpAddr::from([0, 0, 0, 0]))
     }
 
     async fn send(
@@ -134,5 +159,27 @@ impl NodeMetadata {
             return self.send(Method::GET, path, header).await;
         }
         Ok((status, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_passed_on_are_limited_per_pod_and_for_the_node() {
+        let node = NodeMetadata::new("http://169.254.169.254");
+        let pod = |n: u8| IpAddr::from([10, 1, 0, n]);
+        let burst = (0..100).take_while(|_| node.admit(pod(1))).count();
+        assert_eq!(burst as f64, POD_REQUESTS_BURST, "one pod's burst");
+        assert!(node.admit(pod(2)), "another pod has its own");
+        // Pods together: the node's burst (the first pod's 50, the second's 1, then more).
+        let mut passed = burst + 1;
+        for n in 3..10 {
+            passed += (0..100).take_while(|_| node.admit(pod(n))).count();
+        }
+        assert_eq!(passed as f64, NODE_REQUESTS_BURST, "the node's burst");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(node.admit(pod(1)), "refilled");
     }
 }
