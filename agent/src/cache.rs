@@ -254,8 +254,17 @@ impl CredentialCache {
         tokens.push((digest, until));
     }
 
-    /// Drops every entry of the pod with `uid`, and the tokens it proved itself with.
+    /// Drops every entry of the pod with `uid`, and the tokens it proved itself with: its
+    /// decision changed. The table lists it, so it is no longer taken for gone.
     pub fn forget(&self, uid: &str) {
+        self.drop_entries(uid);
+        let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if gone.0.remove(uid) {
+            gone.1.retain(|g| g != uid);
+        }
+    }
+
+    fn drop_entries(&self, uid: &str) {
         self.slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -283,7 +292,7 @@ impl CredentialCache {
             }
             slots.remove(uid);
         }
-        self.forget(uid);
+        self.drop_entries(uid);
     }
 
     /// Number of cached keys.
@@ -401,6 +410,11 @@ mod tests {
         cache.prove("a", [1; 32], 100, 0);
         assert!(cache.is_empty());
         assert!(!cache.proven("a", &[1; 32], 0));
+        // Listed again (a snapshot's pod that a delete overtook), it is cached again.
+        cache.forget("a");
+        cache.put("a", "r", creds("6", 3600)).await;
+        assert_eq!(cache.len(), 1);
+        cache.gone("a");
         // A pod whose decision changed (forgotten, not gone) is cached again.
         cache
             .get("b", "r", 0, || fetch("4"))

@@ -160,7 +160,10 @@ impl MetadataService {
         result: Result<T, Refused>,
     ) -> Result<T, Refused> {
         let unproven = match &result {
-            Err(Refused::ByServers(refusal)) => refusal.reason == Reason::PodTokenRefused,
+            Err(Refused::ByServers(refusal)) => matches!(
+                refusal.reason,
+                Reason::PodTokenRefused | Reason::UnknownPod | Reason::OtherNode
+            ),
             Err(Refused::ByAgent(AgentRefusal::UnknownPod(_) | AgentRefusal::ElsewherePod(_))) => {
                 true
             }

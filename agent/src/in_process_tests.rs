@@ -1054,6 +1054,20 @@ async fn a_token_from_an_address_that_is_no_pod_is_charged_at_every_call() {
     // tokens from thousands of addresses would hold every place of the agent's limiter.
     let rig = Rig::start(&[pod("web", WEB)]).await;
     rig.stream_synced(WEB).await;
+    charged_at_every_call(rig).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_unsynced_a_token_from_an_address_that_is_no_pod_is_charged_at_every_call() {
+    // The same while the table is unsynced (an agent starting): the servers' own refusal
+    // (unknown-pod) comes back as it is, and the token is not remembered either.
+    let rig = Rig::start_with(&[pod("web", WEB)], true).await;
+    charged_at_every_call(rig).await;
+}
+
+/// A token from an address no pod has, then the address's burst spent: the token again is
+/// held back (429), not let through as one admitted before.
+async fn charged_at_every_call(rig: Rig) {
     let stranger = Ipv4Addr::new(10, 1, 0, 99);
     let made_up = |name: &str| {
         let exp = podiam_runtime::clock::now_unix() + 3600;

@@ -47,6 +47,14 @@ impl PerAddress {
         *tokens -= 1.0;
         true
     }
+
+    /// Gives back what [`PerAddress::allow`] took from `peer` for something then not done.
+    pub fn refund(&self, peer: IpAddr) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tokens, _)) = buckets.get_mut(&peer) {
+            *tokens = (*tokens + 1.0).min(self.burst);
+        }
+    }
 }
 
 #[cfg(test)]

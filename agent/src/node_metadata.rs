@@ -85,9 +85,16 @@ impl NodeMetadata {
     }
 
     /// Whether the pod at `peer` may pass one more request on now: within its own rate and
-    /// the node's.
+    /// the node's. A request the node's limit refuses is not charged to the pod.
     pub fn admit(&self, peer: IpAddr) -> bool {
-        self.pods.allow(peer) && self.node.allow(IpAddr::from([0, 0, 0, 0]))
+        if !self.pods.allow(peer) {
+            return false;
+        }
+        if !self.node.allow(IpAddr::from([0, 0, 0, 0])) {
+            self.pods.refund(peer);
+            return false;
+        }
+        true
     }
 
     async fn send(
@@ -179,7 +186,14 @@ mod tests {
             passed += (0..100).take_while(|_| node.admit(pod(n))).count();
         }
         assert_eq!(passed as f64, NODE_REQUESTS_BURST, "the node's burst");
+        // The node's limit refused pod 10's requests: they were not charged to it.
+        assert!(!node.admit(pod(10)));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(node.admit(pod(1)), "refilled");
+        let own = (0..100).take_while(|_| node.admit(pod(10))).count();
+        assert_eq!(
+            own as f64, POD_REQUESTS_BURST,
+            "pod 10 still has its whole burst"
+        );
     }
 }

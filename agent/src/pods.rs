@@ -68,6 +68,12 @@ impl PodTable {
         self.update(|e| e.replace(snapshot))
     }
 
+    /// Whether the table lists the pod with `uid`.
+    pub fn has(&self, uid: &str) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.ips_of.contains_key(uid)
+    }
+
     /// The stream broke: the table may go stale, so stop answering from it.
     pub fn unsync(&self) {
         self.update(|e| e.synced = false);

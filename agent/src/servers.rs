@@ -445,7 +445,13 @@ impl<'a> Applier<'a> {
                 let pods = self.snapshot.take().unwrap_or_default();
                 let count = pods.len();
                 for uid in self.table.replace(pods) {
-                    self.cache.forget(&uid);
+                    // Not in the new snapshot: deleted (or gone from this node) meanwhile,
+                    // and what a fetch under way brings for it is not kept.
+                    if self.table.has(&uid) {
+                        self.cache.forget(&uid);
+                    } else {
+                        self.cache.gone(&uid);
+                    }
                 }
                 tracing::info!(pods = count, "node stream synced");
                 return true;
