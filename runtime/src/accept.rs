@@ -120,6 +120,7 @@ fn accept_tls_with<L: Listener>(
             let nodelay = L::set_nodelay(&stream);
             let stream = Held {
                 io: stream,
+                peer,
                 _slot: slot,
                 _uncertified: None,
             };
@@ -200,11 +201,11 @@ fn counted<T>(
     Ok(stream)
 }
 
-/// How many connections each address holds open, at most `per_address` each and `total`
-/// in all. With `loopback` set, every loopback address counts as one ([`LOOPBACK`]), with
-/// that share of its own, outside the total.
+/// How many connections (or calls, or reads) each address holds open, at most `per_address`
+/// each and `total` in all. With `loopback` set, every loopback address counts as one
+/// ([`LOOPBACK`]), with that share of its own, outside the total.
 #[derive(Debug)]
-pub(crate) struct OpenConnections {
+pub struct OpenConnections {
     open: Mutex<HashMap<IpAddr, usize>>,
     per_address: usize,
     total: usize,
@@ -215,11 +216,7 @@ pub(crate) struct OpenConnections {
 const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 impl OpenConnections {
-    pub(crate) fn new(
-        per_address: usize,
-        total: usize,
-        loopback: Option<usize>,
-    ) -> OpenConnections {
+    pub fn new(per_address: usize, total: usize, loopback: Option<usize>) -> OpenConnections {
         OpenConnections {
             open: Mutex::default(),
             per_address,
@@ -239,7 +236,7 @@ impl OpenConnections {
 
     /// A slot for one more connection of `address`, if it has fewer than its share open
     /// and all have fewer than the total.
-    pub(crate) fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let loopback = self.loopback.filter(|_| address.is_loopback());
         let (address, share) = match loopback {
@@ -269,7 +266,7 @@ impl OpenConnections {
 
 /// One open connection of an address, given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Slot {
+pub struct Slot {
     open: Arc<OpenConnections>,
     address: IpAddr,
 }
@@ -290,9 +287,17 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct Held<T> {
     io: T,
+    peer: SocketAddr,
     _slot: Slot,
     /// Its slot among the connections without a client certificate, if it has none.
     _uncertified: Option<Slot>,
+}
+
+impl<T> Held<T> {
+    /// The address the connection came from.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Held<T> {

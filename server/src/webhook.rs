@@ -19,6 +19,7 @@
 //! then admits the pod unchanged, and it gets its credentials from the metadata path. No
 //! pod ever falls back to the node's role.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use podiam_policy::decision::View;
+use podiam_runtime::accept::{OpenConnections, Slot};
 use serde_json::{Value, json};
 
 use prometheus_client::metrics::counter::Counter;
@@ -51,17 +53,21 @@ pub const ENDPOINT_URL_IPV6: &str = "http://[fd00:ec2::23]/v1/credentials";
 const MAX_REVIEW_BYTES: usize = 3 << 20;
 /// How long a review's body may take to arrive whole: the API server sends it at once. A
 /// body sent slowly and never finished would otherwise hold up to 3 MiB, and a place among
-/// [`REVIEWS_AT_ONCE`], for as long as its sender liked.
+/// those being read, for as long as its sender liked.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-/// Reviews read and answered at once. The port answers anyone who reaches it (the API server
-/// presents no certificate), and a review held in memory is its body (up to 3 MiB) and the
-/// parsed JSON (up to about 16 times that for a body of small numbers): without a bound, 64
-/// connections from each of a few addresses would take a server's memory. Two at once answer
-/// thousands of honest reviews a second; the rest wait their turn.
+/// Reviews whose bodies are read at once, from one address and from all. The port answers
+/// anyone who reaches it (the API server presents no certificate): without a bound, 64
+/// connections from each of a few addresses, each sending 3 MiB slowly, would take a
+/// server's memory. An honest body arrives at once, so its place is held for a moment; one
+/// address (a pod) sending slowly takes 4 places at most, not the API server's.
+const READING_PER_ADDRESS: usize = 4;
+const READING: usize = 16;
+/// Reviews parsed and answered at once: a parsed review can be about 16 times its body (a
+/// body of small numbers). Two at once answer thousands of honest reviews a second.
 const REVIEWS_AT_ONCE: usize = 2;
-/// How long a review waits for its turn before it is answered 503: within the API server's
-/// `timeoutSeconds` (5), whose `failurePolicy: Ignore` then admits the pod unchanged (it gets
-/// its role from the metadata path).
+/// How long a review waits for a place to be read, and then for its turn to be answered,
+/// before it is answered 503: within the API server's `timeoutSeconds` (5). Its
+/// `failurePolicy: Ignore` then admits the pod unchanged.
 const TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the webhook puts in pods.
@@ -185,7 +191,11 @@ pub enum ReviewError {
 pub struct Webhook {
     cluster: Arc<Cluster>,
     injection: Injection,
-    /// Turns to read and answer a review ([`REVIEWS_AT_ONCE`]).
+    /// Places to read a review's body ([`READING_PER_ADDRESS`], [`READING`]), and a signal
+    /// when one is given back.
+    reading: Arc<OpenConnections>,
+    read: tokio::sync::Notify,
+    /// Turns to parse and answer a review ([`REVIEWS_AT_ONCE`]).
     turns: tokio::sync::Semaphore,
 }
 
@@ -194,7 +204,63 @@ impl Webhook {
         Webhook {
             cluster,
             injection,
+            reading: Arc::new(OpenConnections::new(READING_PER_ADDRESS, READING, None)),
+            read: tokio::sync::Notify::new(),
             turns: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+        }
+    }
+
+    /// A place to read a review's body from `peer`, waited for.
+    async fn place_to_read(&self, peer: IpAddr) -> Place<'_> {
+        loop {
+            let given_back = self.read.notified();
+            let mut given_back = std::pin::pin!(given_back);
+            given_back.as_mut().enable();
+            if let Some(slot) = self.reading.admit(peer) {
+                return Place {
+                    _slot: slot,
+                    given_back: &self.read,
+                };
+            }
+            given_back.await;
+        }
+    }
+
+    /// `body` read whole ([`MAX_REVIEW_BYTES`] at most, within [`BODY_TIMEOUT`]) in a place
+    /// among those being read; the answer to give instead when it is not.
+    async fn read_body<B>(
+        &self,
+        peer: IpAddr,
+        body: B,
+        counted: &impl Fn(&'static str),
+    ) -> Result<Bytes, Response<Full<Bytes>>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Ok(place) = tokio::time::timeout(TURN_WAIT, self.place_to_read(peer)).await else {
+            counted("error");
+            return Err(busy());
+        };
+        let read = Limited::new(body, MAX_REVIEW_BYTES).collect();
+        let read = tokio::time::timeout(BODY_TIMEOUT, read).await;
+        drop(place);
+        match read {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(_)) => {
+                counted("error");
+                Err(plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the review is too large\n",
+                ))
+            }
+            Err(_) => {
+                counted("error");
+                Err(plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the review did not arrive in time\n",
+                ))
+            }
         }
     }
 
@@ -266,6 +332,7 @@ impl Webhook {
     /// Answers one HTTP request: `POST /mutate-pods` with an AdmissionReview.
     pub async fn handle<B>(
         &self,
+        peer: IpAddr,
         request: Request<B>,
         counted: impl Fn(&'static str),
     ) -> Response<Full<Bytes>>
@@ -279,27 +346,13 @@ impl Webhook {
         if request.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
         }
+        let body = match self.read_body(peer, request.into_body(), &counted).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
+        };
         let Ok(Ok(_turn)) = tokio::time::timeout(TURN_WAIT, self.turns.acquire()).await else {
             counted("error");
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many reviews under way; try again\n",
-            );
-        };
-        let read = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
-        let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
-            Ok(Ok(body)) => body.to_bytes(),
-            Ok(Err(_)) => {
-                counted("error");
-                return plain(StatusCode::PAYLOAD_TOO_LARGE, "the review is too large\n");
-            }
-            Err(_) => {
-                counted("error");
-                return plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "the review did not arrive in time\n",
-                );
-            }
+            return busy();
         };
         let answer = serde_json::from_slice::<Value>(&body)
             .map_err(|e| ReviewError::BadRequest(e.to_string()))
@@ -349,6 +402,7 @@ pub fn serve<L: podiam_runtime::net::Listener>(
         use futures::StreamExt;
         while let Some(accepted) = incoming.next().await {
             let Ok(stream) = accepted else { continue };
+            let peer = stream.get_ref().0.peer().ip().to_canonical();
             let (webhook, reviews, stop) = (Arc::clone(&webhook), reviews.clone(), stop.clone());
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
@@ -357,7 +411,9 @@ pub fn serve<L: podiam_runtime::net::Listener>(
                         let count = |result: &'static str| {
                             reviews.get_or_create(&ResultLabels { result }).inc();
                         };
-                        Ok::<_, std::convert::Infallible>(webhook.handle(request, count).await)
+                        Ok::<_, std::convert::Infallible>(
+                            webhook.handle(peer, request, count).await,
+                        )
                     }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -375,6 +431,27 @@ pub fn serve<L: podiam_runtime::net::Listener>(
             });
         }
     });
+}
+
+/// A place among the reviews being read, given back (and those waiting told) when dropped,
+/// also when the request is dropped half-read.
+struct Place<'a> {
+    _slot: Slot,
+    given_back: &'a tokio::sync::Notify,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.given_back.notify_waiters();
+    }
+}
+
+/// 503: no place or turn in time.
+fn busy() -> Response<Full<Bytes>> {
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many reviews under way; try again\n",
+    )
 }
 
 fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -499,7 +576,7 @@ mod tests {
         let counts = std::sync::Mutex::new(Vec::new());
         let began = tokio::time::Instant::now();
         let response = webhook
-            .handle(request, |result| {
+            .handle(API_SERVER, request, |result| {
                 counts.lock().expect("not poisoned").push(result);
             })
             .await;
@@ -518,39 +595,82 @@ mod tests {
         )
     }
 
+    use std::time::Duration;
+
+    const API_SERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 10));
+
+    fn a_review() -> Request<Full<Bytes>> {
+        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
+        Request::post(PATH).body(body).expect("a request")
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn reviews_are_read_two_at_a_time_and_one_waits_its_turn_2_s_at_most() {
+    async fn one_address_sending_slowly_holds_4_places_and_the_api_servers_reviews_go_on() {
         let webhook = Arc::new(Webhook::new(synced_cluster(), injection()));
+        let pod = IpAddr::from([10, 1, 0, 9]);
         let began = tokio::time::Instant::now();
-        // Two reviews sent slowly hold both turns until their bodies' time is up...
-        let held: Vec<_> = (0..REVIEWS_AT_ONCE)
+        // A pod sends reviews slowly: 4 are read at once, until their time is up...
+        let held: Vec<_> = (0..READING_PER_ADDRESS)
             .map(|_| {
                 let webhook = Arc::clone(&webhook);
                 tokio::spawn(async move {
                     let request = Request::post(PATH).body(never_ending()).expect("a request");
-                    webhook.handle(request, |_| {}).await.status()
+                    webhook.handle(pod, request, |_| {}).await.status()
                 })
             })
             .collect();
         tokio::task::yield_now().await;
-        assert_eq!(webhook.turns.available_permits(), 0, "both turns held");
-        // ...so a third is not read: after 2 s it is answered 503 (the API server then
-        // admits the pod unchanged).
-        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
-        let request = Request::post(PATH).body(body).expect("a request");
-        let response = webhook.handle(request, |_| {}).await;
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // ...a fifth of its waits for a place, 2 s at most, then is answered 503...
+        let waiting = {
+            let webhook = Arc::clone(&webhook);
+            tokio::spawn(async move {
+                let request = Request::post(PATH).body(never_ending()).expect("a request");
+                webhook.handle(pod, request, |_| {}).await.status()
+            })
+        };
+        // ...while the API server's reviews are answered at once.
+        let response = webhook.handle(API_SERVER, a_review(), |_| {}).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(began.elapsed(), Duration::ZERO);
+        assert_eq!(
+            waiting.await.expect("joins"),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(began.elapsed(), TURN_WAIT);
         for held in held {
             assert_eq!(held.await.expect("joins"), StatusCode::REQUEST_TIMEOUT);
         }
         assert_eq!(began.elapsed(), BODY_TIMEOUT);
-        // Their turns given back, a review is answered at once.
-        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
-        let request = Request::post(PATH).body(body).expect("a request");
-        let response = webhook.handle(request, |_| {}).await;
+        // Their places given back, the pod's next review is read at once.
+        let response = webhook.handle(pod, a_review(), |_| {}).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(began.elapsed(), BODY_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_place_given_back_lets_a_waiting_review_in_at_once() {
+        let webhook = Arc::new(Webhook::new(synced_cluster(), injection()));
+        let pod = IpAddr::from([10, 1, 0, 9]);
+        let held: Vec<_> = (0..READING_PER_ADDRESS)
+            .map(|_| {
+                let webhook = Arc::clone(&webhook);
+                tokio::spawn(async move {
+                    let request = Request::post(PATH).body(never_ending()).expect("a request");
+                    webhook.handle(pod, request, |_| {}).await
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let began = tokio::time::Instant::now();
+        let waiting = {
+            let webhook = Arc::clone(&webhook);
+            tokio::spawn(async move { webhook.handle(pod, a_review(), |_| {}).await.status() })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // One of the slow ones goes away half-read (its connection closed).
+        held[0].abort();
+        assert_eq!(waiting.await.expect("joins"), StatusCode::OK);
+        assert_eq!(began.elapsed(), Duration::from_millis(500));
     }
 
     #[test]
