@@ -55,7 +55,8 @@ const MAX_REVIEW_BYTES: usize = 3 << 20;
 /// body sent slowly and never finished would otherwise hold up to 3 MiB, and a place among
 /// those being read, for as long as its sender liked.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-/// Reviews whose bodies are read at once, from one address and from all. The port answers
+/// Reviews whose bodies are held at once (being read, or read and waiting for their turn),
+/// from one address and from all. The port answers
 /// anyone who reaches it (the API server presents no certificate): without a bound, 64
 /// connections from each of a few addresses, each sending 3 MiB slowly, would take a
 /// server's memory. An honest body arrives at once, so its place is held for a moment; one
@@ -227,13 +228,15 @@ impl Webhook {
     }
 
     /// `body` read whole ([`MAX_REVIEW_BYTES`] at most, within [`BODY_TIMEOUT`]) in a place
-    /// among those being read; the answer to give instead when it is not.
+    /// among those being read, with that place: a body read waits for its turn in it, so that
+    /// bodies held in memory are never more than the places. The answer to give instead when
+    /// it is not read.
     async fn read_body<B>(
         &self,
         peer: IpAddr,
         body: B,
         counted: &impl Fn(&'static str),
-    ) -> Result<Bytes, Response<Full<Bytes>>>
+    ) -> Result<(Bytes, Place<'_>), Response<Full<Bytes>>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -244,9 +247,8 @@ impl Webhook {
         };
         let read = Limited::new(body, MAX_REVIEW_BYTES).collect();
         let read = tokio::time::timeout(BODY_TIMEOUT, read).await;
-        drop(place);
         match read {
-            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Ok(body)) => Ok((body.to_bytes(), place)),
             Ok(Err(_)) => {
                 counted("error");
                 Err(plain(
@@ -346,14 +348,15 @@ impl Webhook {
         if request.method() != Method::POST {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
         }
-        let body = match self.read_body(peer, request.into_body(), &counted).await {
-            Ok(body) => body,
+        let (body, place) = match self.read_body(peer, request.into_body(), &counted).await {
+            Ok(read) => read,
             Err(answer) => return answer,
         };
         let Ok(Ok(_turn)) = tokio::time::timeout(TURN_WAIT, self.turns.acquire()).await else {
             counted("error");
             return busy();
         };
+        drop(place);
         let answer = serde_json::from_slice::<Value>(&body)
             .map_err(|e| ReviewError::BadRequest(e.to_string()))
             .and_then(|review| self.review(&review));
