@@ -20,6 +20,7 @@
 //! it listens (`--listen-address-file`). In-process tests assemble a server from fakes
 //! ([`Server::assemble`], [`Backends`]) and serve it on an in-memory network.
 
+pub mod admission;
 pub mod budget;
 pub mod config;
 pub mod events;

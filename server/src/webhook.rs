@@ -16,8 +16,13 @@
 //! volume or mount of that name, a mount at that path. The webhook never refuses a pod: it
 //! answers allowed, with or without a patch. While the server's view has not synced it
 //! cannot know who has a role and answers 503: the configuration's `failurePolicy: Ignore`
-//! then admits the pod unchanged, and it gets its credentials from the metadata path. No
-//! pod ever falls back to the node's role.
+//! then admits the pod unchanged. It gets its credentials from the metadata path, except in a
+//! `required` namespace, where it gets none until it is created again. No pod ever falls back
+//! to the node's role.
+//!
+//! A review's body is read into [`crate::admission`]'s types, not a generic JSON tree: it
+//! costs about its size however it is made up, and a pod of more than
+//! [`admission::MAX_CONTAINERS`] containers is answered as a bad request rather than patched.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,15 +39,13 @@ use serde_json::{Value, json};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::admission;
 use crate::metrics::ResultLabels;
 use crate::watch::Cluster;
 
 /// The one path served.
 pub const PATH: &str = "/mutate-pods";
-/// The name of the token volume the webhook adds.
-pub const VOLUME: &str = "podiam-pod-token";
-/// Where containers find it.
-pub const MOUNT_PATH: &str = "/var/run/secrets/podiam.io/serviceaccount";
+pub use crate::admission::{MOUNT_PATH, VOLUME};
 /// The token's file in the volume.
 pub const TOKEN_FILE: &str = "token";
 /// The container-credentials endpoint as pods are told it: over IPv4 (the default), or
@@ -82,23 +85,36 @@ pub struct Injection {
     pub endpoint_url: String,
 }
 
-/// The JSON patch (RFC 6902) that sets `pod` up for the container endpoint: only what it
-/// lacks, so that applying it to its own result adds nothing.
-pub fn patch_for(pod: &Value, injection: &Injection) -> Vec<Value> {
+/// The JSON patch (RFC 6902) that sets a pod (its `spec`, read as [`admission::Spec`]) up
+/// for the container endpoint: only what it lacks, so that applying it to its own result adds
+/// nothing. Refused for a pod of more than [`admission::MAX_CONTAINERS`] containers.
+pub fn patch_for(spec: &admission::Spec, injection: &Injection) -> Result<Vec<Value>, ReviewError> {
+    let lists = [
+        ("initContainers", &spec.init_containers),
+        ("containers", &spec.containers),
+    ];
+    let count: usize = lists
+        .iter()
+        .map(|(_, list)| list.as_ref().map_or(0, |list| list.count))
+        .sum();
+    if count > admission::MAX_CONTAINERS {
+        return Err(ReviewError::BadRequest(format!(
+            "a pod of {count} containers (more than {}) is left unchanged",
+            admission::MAX_CONTAINERS
+        )));
+    }
     let mut patch = Vec::new();
-    let spec = &pod["spec"];
-    let volumes = spec["volumes"].as_array();
-    if volumes.is_none() {
+    if spec.volumes.is_none() {
         patch.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
     }
-    if !volumes.is_some_and(|v| v.iter().any(|volume| volume["name"] == VOLUME)) {
+    if !spec.volumes.is_some_and(|volumes| volumes.has_ours) {
         patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume(injection)}));
     }
-    for list in ["initContainers", "containers"] {
-        let Some(containers) = spec[list].as_array() else {
+    for (list, containers) in lists {
+        let Some(containers) = containers else {
             continue;
         };
-        for (i, container) in containers.iter().enumerate() {
+        for (i, container) in containers.kept.iter().enumerate() {
             patch.extend(container_patch(
                 &format!("/spec/{list}/{i}"),
                 container,
@@ -106,7 +122,7 @@ pub fn patch_for(pod: &Value, injection: &Injection) -> Vec<Value> {
             ));
         }
     }
-    patch
+    Ok(patch)
 }
 
 /// The projected token volume.
@@ -125,33 +141,22 @@ fn volume(injection: &Injection) -> Value {
 
 /// What one container at `at` lacks: the two variables (the endpoint's `url`) and the
 /// mount.
-fn container_patch(at: &str, container: &Value, url: &str) -> Vec<Value> {
+fn container_patch(at: &str, container: &admission::Container, url: &str) -> Vec<Value> {
     let mut patch = Vec::new();
-    let env = container["env"].as_array();
-    if env.is_none() {
+    if container.env.is_none() {
         patch.push(json!({"op": "add", "path": format!("{at}/env"), "value": []}));
     }
+    let has = container.env.map_or([false; 2], |env| env.has);
     let token_file = format!("{MOUNT_PATH}/{TOKEN_FILE}");
-    for (name, value) in [
-        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", url),
-        (
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-            token_file.as_str(),
-        ),
-    ] {
-        if !env.is_some_and(|vars| vars.iter().any(|var| var["name"] == name)) {
+    let values = [url, token_file.as_str()];
+    for ((name, value), has) in admission::VARIABLES.into_iter().zip(values).zip(has) {
+        if !has {
             patch.push(json!({"op": "add", "path": format!("{at}/env/-"),
                               "value": {"name": name, "value": value}}));
         }
     }
-    let mounts = container["volumeMounts"].as_array();
-    let mounted = mounts.is_some_and(|mounts| {
-        mounts
-            .iter()
-            .any(|mount| mount["name"] == VOLUME || mount["mountPath"] == MOUNT_PATH)
-    });
-    if !mounted {
-        if mounts.is_none() {
+    if !container.volume_mounts.is_some_and(|mounts| mounts.ours) {
+        if container.volume_mounts.is_none() {
             patch.push(json!({"op": "add", "path": format!("{at}/volumeMounts"), "value": []}));
         }
         patch.push(json!({"op": "add", "path": format!("{at}/volumeMounts/-"),
@@ -266,19 +271,29 @@ impl Webhook {
         }
     }
 
-    /// The answer to one AdmissionReview.
-    pub fn review(&self, review: &Value) -> Result<(Value, Outcome), ReviewError> {
-        let request = &review["request"];
-        let uid = request["uid"]
-            .as_str()
+    /// The answer to one AdmissionReview, `body` its JSON ([`admission`]: read without a
+    /// generic tree).
+    pub fn review(&self, body: &[u8]) -> Result<(Value, Outcome), ReviewError> {
+        let bad = |e: serde_json::Error| ReviewError::BadRequest(e.to_string());
+        let review: admission::Review = serde_json::from_slice(body).map_err(bad)?;
+        let request = review
+            .request
+            .ok_or_else(|| ReviewError::BadRequest("no request".into()))?;
+        let uid = admission::text(&request.uid)
             .filter(|uid| !uid.is_empty())
             .ok_or_else(|| ReviewError::BadRequest("no request.uid".into()))?;
         let mut response = json!({"uid": uid, "allowed": true});
-        let is_pod_create = request["kind"]["kind"] == "Pod"
-            && request["kind"]["group"] == ""
-            && request["operation"] == "CREATE";
-        let outcome = if is_pod_create && self.applies(request)? {
-            let patch = patch_for(&request["object"], &self.injection);
+        let text = admission::text;
+        let kind = request.kind.as_ref();
+        let is_pod_create = kind.and_then(|k| text(&k.kind)) == Some("Pod")
+            && kind.and_then(|k| text(&k.group)) == Some("")
+            && text(&request.operation) == Some("CREATE");
+        let pod: admission::Pod = match request.object.filter(|_| is_pod_create) {
+            Some(object) => serde_json::from_str(object.get()).map_err(bad)?,
+            None => admission::Pod::default(),
+        };
+        let outcome = if is_pod_create && self.applies(&pod, text(&request.namespace))? {
+            let patch = patch_for(&pod.spec.unwrap_or_default(), &self.injection)?;
             if !patch.is_empty() {
                 let patch = serde_json::to_vec(&patch).unwrap_or_default();
                 response["patchType"] = json!("JSONPatch");
@@ -296,29 +311,36 @@ impl Webhook {
         Ok((answer, outcome))
     }
 
-    /// Whether a role applies to the pod being created and it can reach the endpoint. A pod
+    /// Whether a role applies to `pod`, being created in the review's `namespace`, and it can
+    /// reach the endpoint. A pod
     /// on the node's own network is never given a role (it has the node's address) and its
     /// requests to 169.254.170.23 never meet the agent's rules (they are on the pods'
     /// interfaces): its token would go to whatever answers there, and its SDK's chain stop at
     /// a variable that leads nowhere. It is left as it is.
-    fn applies(&self, request: &Value) -> Result<bool, ReviewError> {
+    fn applies(&self, pod: &admission::Pod, namespace: Option<&str>) -> Result<bool, ReviewError> {
         if !self.cluster.synced() {
             return Err(ReviewError::NotSynced);
         }
-        let pod = &request["object"];
-        if pod["spec"]["hostNetwork"].as_bool() == Some(true) {
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|spec| spec.host_network) == Some(true) {
             return Ok(false);
         }
-        let namespace = pod["metadata"]["namespace"]
-            .as_str()
-            .or_else(|| request["namespace"].as_str())
+        let metadata = pod.metadata.as_ref();
+        let namespace = metadata
+            .and_then(|m| admission::text(&m.namespace))
+            .or(namespace)
             .unwrap_or_default();
         let pods = self.cluster.pods();
-        let own = pod["metadata"]["annotations"][pods.role_key()]
-            .as_str()
+        let own = match metadata.and_then(|m| m.annotations) {
+            Some(annotations) => admission::annotation(annotations, pods.role_key())
+                .map_err(|e| ReviewError::BadRequest(e.to_string()))?,
+            None => None,
+        };
+        let own = own
+            .as_deref()
             .map(str::trim)
             .filter(|role| !role.is_empty());
-        let account = pod["spec"]["serviceAccountName"].as_str();
+        let account = spec.and_then(|spec| spec.service_account_name.as_deref());
         let namespaces = self.cluster.namespaces();
         let accounts = self.cluster.accounts();
         let view = View {
@@ -357,9 +379,7 @@ impl Webhook {
             return busy();
         };
         drop(place);
-        let answer = serde_json::from_slice::<Value>(&body)
-            .map_err(|e| ReviewError::BadRequest(e.to_string()))
-            .and_then(|review| self.review(&review));
+        let answer = self.review(&body);
         match answer {
             Ok((answer, outcome)) => {
                 counted(outcome.label());
@@ -479,6 +499,12 @@ mod tests {
         }
     }
 
+    /// The patch for `pod`, its spec read from its JSON as a review's is.
+    fn patch_of(pod: &Value) -> Vec<Value> {
+        let spec = serde_json::from_str(&pod["spec"].to_string()).expect("a spec");
+        patch_for(&spec, &injection()).expect("a patch")
+    }
+
     /// Applies `patch` as the API server would (only `add`, which is all the webhook uses).
     fn apply(mut object: Value, patch: &[Value]) -> Value {
         for op in patch {
@@ -507,7 +533,7 @@ mod tests {
             ],
             "volumes": [{"name": "data", "emptyDir": {}}],
         }});
-        let mutated = apply(pod.clone(), &patch_for(&pod, &injection()));
+        let mutated = apply(pod.clone(), &patch_of(&pod));
         let volumes = mutated["spec"]["volumes"].as_array().expect("volumes");
         assert_eq!(volumes.len(), 2);
         let source = &volumes[1]["projected"]["sources"][0]["serviceAccountToken"];
@@ -542,7 +568,7 @@ mod tests {
         }
         assert_eq!(mutated["spec"]["containers"][0]["env"][0]["name"], "KEEP");
         // Idempotent: the mutated pod lacks nothing.
-        assert_eq!(patch_for(&mutated, &injection()), Vec::<Value>::new());
+        assert_eq!(patch_of(&mutated), Vec::<Value>::new());
     }
 
     #[test]
@@ -550,7 +576,7 @@ mod tests {
         let pod = json!({"spec": {"containers": [{"name": "app", "image": "a",
             "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9/x"}],
             "volumeMounts": [{"name": "mine", "mountPath": MOUNT_PATH}]}]}});
-        let mutated = apply(pod.clone(), &patch_for(&pod, &injection()));
+        let mutated = apply(pod.clone(), &patch_of(&pod));
         let container = &mutated["spec"]["containers"][0];
         assert_eq!(container["env"][0]["value"], "http://127.0.0.1:9/x");
         assert_eq!(container["env"].as_array().expect("env").len(), 2);
@@ -560,10 +586,12 @@ mod tests {
         );
     }
 
-    fn review(object: Value, operation: &str) -> Value {
+    fn review(object: Value, operation: &str) -> Vec<u8> {
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
             "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "operation": operation, "namespace": "team-a", "object": object}})
+        .to_string()
+        .into_bytes()
     }
 
     fn synced_cluster() -> Arc<Cluster> {
@@ -603,7 +631,7 @@ mod tests {
     const API_SERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 10));
 
     fn a_review() -> Request<Full<Bytes>> {
-        let body = Full::new(Bytes::from(review(json!({}), "CREATE").to_string()));
+        let body = Full::new(Bytes::from(review(json!({}), "CREATE")));
         Request::post(PATH).body(body).expect("a request")
     }
 
@@ -677,6 +705,25 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_of_more_containers_than_the_most_is_left_unchanged() {
+        let webhook = Webhook::new(synced_cluster(), injection());
+        let pod = |n: usize| {
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/role": "app"}},
+                   "spec": {"initContainers": [{}], "containers": vec![json!({}); n - 1]}})
+        };
+        let (answer, outcome) = webhook
+            .review(&review(pod(admission::MAX_CONTAINERS), "CREATE"))
+            .expect("answered");
+        assert_eq!(outcome, Outcome::Mutated);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let refused = webhook.review(&review(pod(admission::MAX_CONTAINERS + 1), "CREATE"));
+        assert!(
+            matches!(&refused, Err(ReviewError::BadRequest(why)) if why.contains("1025 containers")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn only_pods_a_role_applies_to_are_changed() {
         let webhook = Webhook::new(synced_cluster(), injection());
         let with_role = json!({"metadata": {"namespace": "team-a",
@@ -695,7 +742,7 @@ mod tests {
                 .expect("base64"),
         )
         .expect("JSON");
-        assert_eq!(patch, patch_for(&with_role, &injection()));
+        assert_eq!(patch, patch_of(&with_role));
         let without = json!({"metadata": {"namespace": "team-a"},
             "spec": {"containers": [{"name": "app", "image": "a"}]}});
         let mut host_network = with_role.clone();
@@ -720,7 +767,7 @@ mod tests {
             Err(ReviewError::NotSynced)
         ));
         assert!(matches!(
-            webhook.review(&json!({"request": {}})),
+            webhook.review(br#"{"request": {}}"#),
             Err(ReviewError::BadRequest(_))
         ));
     }
