@@ -274,14 +274,25 @@ fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
     let payload = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| TokenProblem::Malformed("the payload is not base64url"))?;
-    let claims: serde_json::Value = serde_json::from_slice(&payload)
+    let claims: Claims = serde_json::from_slice(&payload)
         .map_err(|_| TokenProblem::Malformed("the payload is not JSON"))?;
-    let expires = claims
-        .get("exp")
-        .and_then(serde_json::Value::as_i64)
-        .ok_or(TokenProblem::Malformed("no exp claim"))?;
-    let not_before = claims.get("nbf").and_then(serde_json::Value::as_i64);
-    Ok((expires, not_before))
+    let expires = claims.exp.ok_or(TokenProblem::Malformed("no exp claim"))?;
+    Ok((expires, claims.nbf))
+}
+
+/// The two claims [`times`] reads; the others are skipped unread, not built into a tree.
+#[derive(serde::Deserialize)]
+struct Claims {
+    #[serde(default, deserialize_with = "integer")]
+    exp: Option<i64>,
+    #[serde(default, deserialize_with = "integer")]
+    nbf: Option<i64>,
+}
+
+/// A claim's value if it is an integer (a time), else none.
+fn integer<'de, D: serde::Deserializer<'de>>(claim: D) -> Result<Option<i64>, D::Error> {
+    use serde::Deserialize;
+    Ok(serde_json::Value::deserialize(claim)?.as_i64())
 }
 
 #[cfg(test)]
@@ -452,6 +463,11 @@ pub(crate) mod tests {
                 "payload not base64url",
                 with_authorization(&["a.b*c.d"]),
                 TokenProblem::Malformed("the payload is not base64url"),
+            ),
+            (
+                "an exp that is no time",
+                with_authorization(&[&jwt(r#"{"exp":"soon","aud":["a",{"b":[1]}]}"#)]),
+                TokenProblem::Malformed("no exp claim"),
             ),
             (
                 "no exp",
