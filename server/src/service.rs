@@ -508,15 +508,23 @@ impl PodiamService {
             Ok(agent) => Ok(Caller::Agent(agent)),
             Err(failure) => {
                 self.identities.counters().refused(failure.label());
-                let warn_only = self.settings.binding.mode == BindingMode::Warn
-                    && !matches!(failure, BindingFailure::NoCertificate);
-                tracing::warn!(
-                    call,
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    why = %Escaped(&failure),
-                    answered = warn_only,
-                    "agent call not proven by node binding"
-                );
+                let no_certificate = matches!(failure, BindingFailure::NoCertificate);
+                let warn_only = self.settings.binding.mode == BindingMode::Warn && !no_certificate;
+                let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+                let why = Escaped(&failure);
+                if no_certificate {
+                    // Anyone who reaches the port can make these, as fast as they like: counted
+                    // (podiam_server_agent_calls_refused_total), not logged above debug.
+                    tracing::debug!(call, peer, %why, "agent call without a client certificate");
+                } else {
+                    tracing::warn!(
+                        call,
+                        peer,
+                        %why,
+                        answered = warn_only,
+                        "agent call not proven by node binding"
+                    );
+                }
                 if warn_only {
                     Ok(Caller::Unproven)
                 } else {
