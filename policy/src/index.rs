@@ -57,6 +57,22 @@ pub struct PodRecord {
     pub mirror: bool,
 }
 
+/// Longest annotation value kept as it is (a role, an external ID, a session name): longer
+/// than any AWS takes (a role ARN is under 700 characters, an external ID 1224 at most, a
+/// session name 64). A longer one, a tenant's up to 256 KiB, is kept as
+/// [`crate::policy::quoted`] gives it: invalid as a role or an external ID, the same session
+/// name (its first 64 characters), and small wherever it is copied for each pod.
+pub const MAX_KEPT: usize = 2048;
+
+/// An annotation's value as the index keeps it ([`MAX_KEPT`]).
+fn kept(value: &str) -> String {
+    if value.len() <= MAX_KEPT {
+        value.to_string()
+    } else {
+        crate::policy::quoted(value)
+    }
+}
+
 /// The annotation the kubelet puts on the mirror of each static pod.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
@@ -77,7 +93,7 @@ impl PodRecord {
             meta.annotations
                 .as_ref()
                 .and_then(|a| a.get(key))
-                .map(|v| v.trim().to_string())
+                .map(|v| kept(v.trim()))
                 .filter(|v| !v.is_empty())
         };
         let spec = pod.spec.as_ref();
@@ -357,7 +373,9 @@ impl PodIndex {
         self.remove(&pod.uid);
         let live = pod.is_live();
         if !live && !pod.is_running_on_host() {
-            return true;
+            // Forgotten if it was held; a pod that never was (pending, no address) changed
+            // nothing however often it is updated.
+            return held.is_some();
         }
         let pod = reused.unwrap_or_else(|| Arc::new(self.interned(pod)));
         if !live {
@@ -402,11 +420,11 @@ impl PodIndex {
         }
     }
 
-    /// Forgets a pod (deleted).
-    pub fn remove(&mut self, uid: &str) {
-        self.host.remove(uid);
+    /// Forgets a pod (deleted); whether the index held it.
+    pub fn remove(&mut self, uid: &str) -> bool {
+        let on_host = self.host.remove(uid);
         let Some(ByUid(old)) = self.by_uid.take(uid) else {
-            return;
+            return on_host;
         };
         for ip in old.ips() {
             if let Some(claimants) = self.by_ip.remove(&ip)
@@ -422,6 +440,7 @@ impl PodIndex {
                 self.by_node.remove(node);
             }
         }
+        true
     }
 
     /// The live pod `namespace/name`, if any (a scan: for operators' questions only).
@@ -869,12 +888,13 @@ impl AccountIndex {
         self.role_key.as_deref().unwrap_or(ROLE_ANNOTATION)
     }
 
-    /// Records a ServiceAccount's role annotation (or its absence).
-    pub fn apply(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) {
+    /// Records a ServiceAccount's role annotation (or its absence); whether that changed the
+    /// role it gives (its other updates change nothing podiam keeps).
+    pub fn apply(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) -> bool {
         let meta = &account.metadata;
         let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
         else {
-            return;
+            return false;
         };
         let role = meta
             .annotations
@@ -883,31 +903,37 @@ impl AccountIndex {
             .map(|v| v.trim())
             .filter(|v| !v.is_empty());
         match role {
+            Some(role) if self.role(namespace, name) == Some(kept(role).as_str()) => false,
             Some(role) => {
                 self.roles
                     .entry(namespace.to_string())
                     .or_default()
-                    .insert(name.to_string(), role.to_string());
+                    .insert(name.to_string(), kept(role));
+                true
             }
             None => self.forget(namespace, name),
         }
     }
 
     /// Forgets a ServiceAccount.
-    pub fn remove(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) {
+    pub fn remove(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) -> bool {
         let meta = &account.metadata;
-        if let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) {
-            self.forget(namespace, name);
+        match (meta.namespace.as_deref(), meta.name.as_deref()) {
+            (Some(namespace), Some(name)) => self.forget(namespace, name),
+            _ => false,
         }
     }
 
-    fn forget(&mut self, namespace: &str, name: &str) {
-        if let Some(accounts) = self.roles.get_mut(namespace) {
-            accounts.remove(name);
-            if accounts.is_empty() {
-                self.roles.remove(namespace);
-            }
+    /// Forgets a ServiceAccount's role; whether it gave one.
+    fn forget(&mut self, namespace: &str, name: &str) -> bool {
+        let Some(accounts) = self.roles.get_mut(namespace) else {
+            return false;
+        };
+        let gave = accounts.remove(name).is_some();
+        if accounts.is_empty() {
+            self.roles.remove(namespace);
         }
+        gave
     }
 
     /// The role ServiceAccount `namespace/name` gives its pods, if any.
@@ -1199,6 +1225,99 @@ mod tests {
         );
         let plain = k8s_pod(&[(ROLE_ANNOTATION, "r"), ("kubernetes.io/config.hash", "x")]);
         assert!(!PodRecord::from_pod(&plain).expect("a record").mirror);
+    }
+
+    #[test]
+    fn annotations_longer_than_aws_takes_are_kept_short_and_invalid() {
+        let huge = "\u{1}".repeat(256 << 10);
+        let k8s_pod = k8s_openapi::api::core::v1::Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some("big".into()),
+                name: Some("big".into()),
+                namespace: Some("ns".into()),
+                annotations: Some(
+                    [
+                        ROLE_ANNOTATION,
+                        EXTERNAL_ID_ANNOTATION,
+                        SESSION_NAME_ANNOTATION,
+                    ]
+                    .into_iter()
+                    .map(|key| (key.to_string(), format!("x{huge}")))
+                    .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let record = PodRecord::from_pod(&k8s_pod).expect("a record");
+        let role = record.role.as_deref().expect("a role");
+        assert!(role.len() < 200, "{} bytes kept", role.len());
+        for kept in [
+            role,
+            record.external_id.as_deref().expect("an id"),
+            record.session_name.as_deref().expect("a name"),
+        ] {
+            assert!(
+                kept.starts_with('x') && kept.ends_with(&format!("… ({} bytes)", huge.len() + 1))
+            );
+        }
+        let refused = crate::policy::resolve_role(role, None).expect_err("not a role");
+        assert!(refused.to_string().len() < 1024, "{refused}");
+        // Within the bound, kept as it is.
+        let arn = format!("arn:aws:iam::123456789012:role/{}/r", "p".repeat(400));
+        assert_eq!(kept(&arn), arn);
+
+        let mut accounts = AccountIndex::default();
+        let account = |role: &str| k8s_openapi::api::core::v1::ServiceAccount {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("ns".into()),
+                annotations: Some([(ROLE_ANNOTATION.to_string(), role.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(accounts.apply(&account(&huge)));
+        assert!(accounts.role("ns", "web").expect("a role").len() < 200);
+    }
+
+    #[test]
+    fn updates_that_change_nothing_kept_are_no_change() {
+        let mut index = PodIndex::default();
+        // A pending pod, never indexed: updated and deleted again and again, no change.
+        let pending = pod("p", None, "Pending");
+        assert!(!index.apply(pending.clone()));
+        assert!(!index.apply(pending));
+        assert!(!index.remove("p"));
+        let running = pod("r", Some("10.0.0.1"), "Running");
+        assert!(index.apply(running.clone()));
+        assert!(!index.apply(running));
+        // Gone from the index by an update (it ended) or a delete: a change, once.
+        assert!(index.apply(pod("r", Some("10.0.0.1"), "Succeeded")));
+        assert!(!index.apply(pod("r", Some("10.0.0.1"), "Succeeded")));
+        assert!(index.apply(pod("s", Some("10.0.0.2"), "Running")));
+        assert!(index.remove("s"));
+        assert!(!index.remove("s"));
+
+        let mut accounts = AccountIndex::default();
+        let account = |role: Option<&str>| k8s_openapi::api::core::v1::ServiceAccount {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("ns".into()),
+                annotations: role.map(|r| [(ROLE_ANNOTATION.to_string(), r.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(!accounts.apply(&account(None)));
+        assert!(accounts.apply(&account(Some("app"))));
+        assert!(!accounts.apply(&account(Some(" app "))));
+        assert!(accounts.apply(&account(Some("other"))));
+        assert!(accounts.apply(&account(None)));
+        assert!(!accounts.apply(&account(None)));
+        assert!(!accounts.remove(&account(None)));
+        assert!(accounts.apply(&account(Some("app"))));
+        assert!(accounts.remove(&account(None)));
     }
 
     #[test]

@@ -218,7 +218,9 @@ pub struct Role {
     pub name: String,
 }
 
-/// Why a role annotation could not be resolved.
+/// Why a role annotation could not be resolved. Each quotes the annotation, cut to its first
+/// [`QUOTED`] characters: the text is a tenant's (up to 256 KiB), and the message is kept for
+/// every pod it applies to, sent to agents and answered to the pods.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RoleError {
     #[error(
@@ -231,6 +233,18 @@ pub enum RoleError {
     MalformedName(String),
     #[error("role {0:?} is a name, but the server has no base role ARN to place it under")]
     NoBaseArn(String),
+}
+
+/// How much of a refused annotation its error quotes, in characters.
+pub const QUOTED: usize = 64;
+
+/// `text` as an error quotes it: whole up to [`QUOTED`] characters, else its beginning, `…`
+/// and its length.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTED) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    }
 }
 
 /// IAM's longest role name.
@@ -291,12 +305,16 @@ fn parse_role_arn(arn: &str) -> Option<(&str, &str)> {
     ok.then(|| arn.split_at(arn.len() - path_name.len()))
 }
 
+/// Longest partition taken: AWS's are a dozen characters at most.
+const MAX_PARTITION: usize = 32;
+
 /// AWS partitions: `aws`, and `aws-` with lowercase letters, digits and dashes (`aws-cn`,
-/// `aws-us-gov`, `aws-iso-b`…).
+/// `aws-us-gov`, `aws-iso-b`…), [`MAX_PARTITION`] characters at most.
 fn valid_partition(partition: &str) -> bool {
     partition == "aws"
         || partition.strip_prefix("aws-").is_some_and(|rest| {
             !rest.is_empty()
+                && partition.len() <= MAX_PARTITION
                 && rest
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -334,8 +352,8 @@ fn valid_path_name(path_name: &str, max_name: usize) -> bool {
 pub fn resolve_role(annotation: &str, base_arn: Option<&str>) -> Result<Role, RoleError> {
     let annotation = annotation.trim();
     if annotation.starts_with("arn:") {
-        let (_, path_name) =
-            parse_role_arn(annotation).ok_or_else(|| RoleError::MalformedArn(annotation.into()))?;
+        let (_, path_name) = parse_role_arn(annotation)
+            .ok_or_else(|| RoleError::MalformedArn(quoted(annotation)))?;
         let under_base = base_arn
             .and_then(|base| annotation.strip_prefix(base))
             .map(str::to_string);
@@ -348,9 +366,9 @@ pub fn resolve_role(annotation: &str, base_arn: Option<&str>) -> Result<Role, Ro
     // `/team/app` spells the path with IAM's leading slash; one slash, not several.
     let path_name = annotation.strip_prefix('/').unwrap_or(annotation);
     if !valid_path_name(path_name, MAX_ROLE_NAME) {
-        return Err(RoleError::MalformedName(annotation.into()));
+        return Err(RoleError::MalformedName(quoted(annotation)));
     }
-    let base = base_arn.ok_or_else(|| RoleError::NoBaseArn(annotation.into()))?;
+    let base = base_arn.ok_or_else(|| RoleError::NoBaseArn(quoted(annotation)))?;
     Ok(Role {
         arn: format!("{base}{path_name}"),
         under_base: Some(path_name.to_string()),
@@ -419,6 +437,30 @@ mod tests {
     /// A path one character over IAM's 512 (slashes included), then a name.
     static PATH_513: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("{}/{}/app", "p".repeat(255), "q".repeat(255)));
+
+    #[test]
+    fn a_refused_role_is_quoted_short() {
+        assert_eq!(quoted("short"), "short");
+        let exactly = "r".repeat(QUOTED);
+        assert_eq!(quoted(&exactly), exactly);
+        let long = "é".repeat(QUOTED + 1);
+        assert_eq!(
+            quoted(&long),
+            format!("{}… ({} bytes)", "é".repeat(QUOTED), long.len())
+        );
+        let huge = "\u{1}".repeat(256 << 10);
+        for annotation in [
+            huge.clone(),
+            format!("arn:aws:iam::123456789012:role/{huge}"),
+        ] {
+            let refused = resolve_role(&annotation, None).expect_err("not a role");
+            assert!(refused.to_string().len() < 1024, "{refused}");
+        }
+        let partition = format!("aws-{}", "a".repeat(MAX_PARTITION - 3));
+        assert!(resolve_role(&format!("arn:{partition}:iam::123456789012:role/r"), None).is_err());
+        let partition = &partition[..MAX_PARTITION];
+        assert!(resolve_role(&format!("arn:{partition}:iam::123456789012:role/r"), None).is_ok());
+    }
 
     #[test]
     fn names_and_paths_at_iams_limits_resolve() {

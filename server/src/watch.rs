@@ -133,7 +133,8 @@ trait Indexed:
     fn relisted(_fresh: &mut Self::Index) {}
     /// Records `object`; whether that may have changed what the index answers.
     fn apply(index: &mut Self::Index, object: &Self) -> bool;
-    fn remove(index: &mut Self::Index, object: &Self);
+    /// Forgets `object` (deleted); whether that changed the index.
+    fn remove(index: &mut Self::Index, object: &Self) -> bool;
     fn slot(cluster: &Cluster) -> (&RwLock<Self::Index>, &AtomicBool);
 }
 
@@ -149,10 +150,11 @@ impl Indexed for Pod {
     fn apply(index: &mut PodIndex, pod: &Pod) -> bool {
         index.apply_pod(pod)
     }
-    fn remove(index: &mut PodIndex, pod: &Pod) {
-        if let Some(uid) = &pod.metadata.uid {
-            index.remove(uid);
-        }
+    fn remove(index: &mut PodIndex, pod: &Pod) -> bool {
+        pod.metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| index.remove(uid))
     }
     fn slot(cluster: &Cluster) -> (&RwLock<PodIndex>, &AtomicBool) {
         (&cluster.pods, &cluster.pods_synced)
@@ -200,10 +202,12 @@ impl Indexed for Namespace {
         // Namespaces change seldom: any update is taken as a change.
         true
     }
-    fn remove(index: &mut NamespaceIndex, ns: &Namespace) {
+    fn remove(index: &mut NamespaceIndex, ns: &Namespace) -> bool {
         if let Some(name) = &ns.metadata.name {
             index.remove(name);
         }
+        // Namespaces are the cluster's administrators' to delete: taken as a change.
+        true
     }
     fn slot(cluster: &Cluster) -> (&RwLock<NamespaceIndex>, &AtomicBool) {
         (&cluster.namespaces, &cluster.namespaces_synced)
@@ -217,12 +221,10 @@ impl Indexed for ServiceAccount {
         AccountIndex::keyed(current.role_key())
     }
     fn apply(index: &mut AccountIndex, account: &ServiceAccount) -> bool {
-        index.apply(account);
-        // ServiceAccounts change seldom: any update is taken as a change.
-        true
+        index.apply(account)
     }
-    fn remove(index: &mut AccountIndex, account: &ServiceAccount) {
-        index.remove(account);
+    fn remove(index: &mut AccountIndex, account: &ServiceAccount) -> bool {
+        index.remove(account)
     }
     fn slot(cluster: &Cluster) -> (&RwLock<AccountIndex>, &AtomicBool) {
         (&cluster.accounts, &cluster.accounts_synced)
@@ -306,11 +308,13 @@ async fn watch<K>(
                 }
             }
             Ok(Some(Event::Delete(object))) => {
-                K::remove(
+                let changed = K::remove(
                     &mut index.write().unwrap_or_else(|e| e.into_inner()),
                     &object,
                 );
-                cluster.changed();
+                if changed {
+                    cluster.changed();
+                }
             }
             Ok(None) => {
                 tracing::warn!(resource = K::WHAT, "watch stream ended");
