@@ -34,6 +34,7 @@ use crate::cli::{ExplainArgs, Output, POD_KINDS, object_name};
 use crate::cluster::Cluster;
 use crate::error::Error;
 use crate::servers::{NoExplanation, Servers};
+use crate::table::shown;
 
 /// An explanation, whichever way it was made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -175,6 +176,8 @@ impl Explanation {
         for note in &self.notes {
             lines.push(format!("note: {note}"));
         }
+        // Each line safe for a terminal, a newline within one written as such.
+        let lines: Vec<_> = lines.iter().map(|line| shown(line)).collect();
         lines.join("\n") + "\n"
     }
 }
@@ -564,6 +567,35 @@ mod tests {
         );
         assert!(
             text.contains("decision:    refused (unknown-pod)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_tenants_annotation_cannot_write_to_the_operators_terminal() {
+        let hostile = "app\u{1b}[1A\u{1b}[2K\ndecision:    allowed";
+        let answer = decide(
+            &facts(
+                Some(pod("team-a", "web", "10.0.0.1", Some(hostile))),
+                Some(namespace("team-a", Some("app-.*"))),
+                vec![],
+            ),
+            "team-a",
+            "web",
+            BASE,
+        )
+        .expect("explained");
+        let text =
+            Explanation::new("team-a/web".into(), "local", "x".into(), answer, vec![]).render();
+        assert!(!text.chars().any(|c| c == '\u{1b}'), "{text:?}");
+        assert!(
+            text.contains("role:        app\\u{1b}[1A\\u{1b}[2K\\u{a}decision:    allowed"),
+            "{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|line| line.starts_with("decision:    allowed")),
             "{text}"
         );
     }

@@ -15,7 +15,10 @@ async fn main() -> ExitCode {
     match kubectl_iam::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("kubectl-iam: {}", error.one_line());
+            eprintln!(
+                "kubectl-iam: {}",
+                kubectl_iam::table::shown(&error.one_line())
+            );
             ExitCode::from(error.exit_code())
         }
     }

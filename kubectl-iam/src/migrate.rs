@@ -21,6 +21,7 @@ use crate::annotate::check_regex;
 use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
 use crate::cluster::{Cluster, annotation};
 use crate::error::Error;
+use crate::table::shown;
 
 /// What podiam makes of one namespace's old policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,9 +211,9 @@ pub async fn run(cluster: &Cluster, args: &MigrateArgs) -> Result<(), Error> {
                     &p.note
                 };
                 println!("{}:", p.namespace);
-                println!("  found:     {}", p.found);
+                println!("  found:     {}", shown(&p.found));
                 println!("  permitted: {:?}", p.permitted);
-                println!("  {state}");
+                println!("  {}", shown(state));
             }
         }
     }
