@@ -31,6 +31,7 @@ mod in_process_tests;
 pub mod metrics;
 pub mod nodes;
 pub mod peers;
+pub mod places;
 pub mod preflight;
 pub mod service;
 pub mod session;

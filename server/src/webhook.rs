@@ -33,7 +33,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use podiam_policy::decision::View;
-use podiam_runtime::accept::{OpenConnections, Slot};
 use serde_json::{Value, json};
 
 use prometheus_client::metrics::counter::Counter;
@@ -41,6 +40,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::admission;
 use crate::metrics::ResultLabels;
+use crate::places::{PlaceHeld, Places};
 use crate::watch::Cluster;
 
 /// The one path served.
@@ -63,7 +63,9 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// anyone who reaches it (the API server presents no certificate): without a bound, 64
 /// connections from each of a few addresses, each sending 3 MiB slowly, would take a
 /// server's memory. An honest body arrives at once, so its place is held for a moment; one
-/// address (a pod) sending slowly takes 4 places at most, not the API server's.
+/// address (a pod) sending slowly takes 4 places at most, and a body still arriving after
+/// 100 ms gives its place to a new review when none is free ([`crate::places`]), so slow
+/// senders of any number of addresses delay the API server's reviews by 100 ms at most.
 const READING_PER_ADDRESS: usize = 4;
 const READING: usize = 16;
 /// Reviews parsed and answered at once: a parsed review can be about 16 times its body (a
@@ -197,10 +199,9 @@ pub enum ReviewError {
 pub struct Webhook {
     cluster: Arc<Cluster>,
     injection: Injection,
-    /// Places to read a review's body ([`READING_PER_ADDRESS`], [`READING`]), and a signal
-    /// when one is given back.
-    reading: Arc<OpenConnections>,
-    read: tokio::sync::Notify,
+    /// Places to read a review's body ([`READING_PER_ADDRESS`], [`READING`]; a slow body's
+    /// taken by a new review, see [`crate::places`]).
+    reading: Places,
     /// Turns to parse and answer a review ([`REVIEWS_AT_ONCE`]).
     turns: tokio::sync::Semaphore,
 }
@@ -210,25 +211,8 @@ impl Webhook {
         Webhook {
             cluster,
             injection,
-            reading: Arc::new(OpenConnections::new(READING_PER_ADDRESS, READING, None)),
-            read: tokio::sync::Notify::new(),
+            reading: Places::new(READING_PER_ADDRESS, READING),
             turns: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
-        }
-    }
-
-    /// A place to read a review's body from `peer`, waited for.
-    async fn place_to_read(&self, peer: IpAddr) -> Place<'_> {
-        loop {
-            let given_back = self.read.notified();
-            let mut given_back = std::pin::pin!(given_back);
-            given_back.as_mut().enable();
-            if let Some(slot) = self.reading.admit(peer) {
-                return Place {
-                    _slot: slot,
-                    given_back: &self.read,
-                };
-            }
-            given_back.await;
         }
     }
 
@@ -241,19 +225,31 @@ impl Webhook {
         peer: IpAddr,
         body: B,
         counted: &impl Fn(&'static str),
-    ) -> Result<(Bytes, Place<'_>), Response<Full<Bytes>>>
+    ) -> Result<(Bytes, PlaceHeld<'_>), Response<Full<Bytes>>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Ok(place) = tokio::time::timeout(TURN_WAIT, self.place_to_read(peer)).await else {
+        let Ok(place) = tokio::time::timeout(TURN_WAIT, self.reading.take(peer)).await else {
             counted("error");
             return Err(busy());
         };
         let read = Limited::new(body, MAX_REVIEW_BYTES).collect();
-        let read = tokio::time::timeout(BODY_TIMEOUT, read).await;
+        let read = tokio::select! {
+            read = tokio::time::timeout(BODY_TIMEOUT, read) => read,
+            () = place.pushed_out() => {
+                counted("error");
+                return Err(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the review arrived too slowly: another took its place\n",
+                ));
+            }
+        };
         match read {
-            Ok(Ok(body)) => Ok((body.to_bytes(), place)),
+            Ok(Ok(body)) => {
+                place.arrived();
+                Ok((body.to_bytes(), place))
+            }
             Ok(Err(_)) => {
                 counted("error");
                 Err(plain(
@@ -454,19 +450,6 @@ pub fn serve<L: podiam_runtime::net::Listener>(
             });
         }
     });
-}
-
-/// A place among the reviews being read, given back (and those waiting told) when dropped,
-/// also when the request is dropped half-read.
-struct Place<'a> {
-    _slot: Slot,
-    given_back: &'a tokio::sync::Notify,
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        self.given_back.notify_waiters();
-    }
 }
 
 /// 503: no place or turn in time.
@@ -676,6 +659,44 @@ mod tests {
         let response = webhook.handle(pod, a_review(), |_| {}).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(began.elapsed(), BODY_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_senders_of_many_addresses_delay_the_api_servers_review_by_100_ms_at_most() {
+        let webhook = Arc::new(Webhook::new(synced_cluster(), injection()));
+        let began = tokio::time::Instant::now();
+        // Pods of 4 addresses send reviews slowly, 4 each: every place is taken.
+        let held: Vec<_> = (0..READING)
+            .map(|i| {
+                let webhook = Arc::clone(&webhook);
+                let pod = IpAddr::from([10, 1, 0, (i / READING_PER_ADDRESS) as u8]);
+                tokio::spawn(async move {
+                    let request = Request::post(PATH).body(never_ending()).expect("a request");
+                    webhook.handle(pod, request, |_| {}).await.status()
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // The API server's review takes the place of the slowest once it is slow.
+        let response = webhook.handle(API_SERVER, a_review(), |_| {}).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(began.elapsed(), crate::places::SLOW);
+        let mut statuses = Vec::new();
+        for held in held {
+            statuses.push(held.await.expect("joins"));
+        }
+        let pushed_out = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+            .count();
+        assert_eq!(pushed_out, 1, "{statuses:?}");
+        assert_eq!(
+            statuses.len() - pushed_out,
+            statuses
+                .iter()
+                .filter(|s| **s == StatusCode::REQUEST_TIMEOUT)
+                .count()
+        );
     }
 
     #[tokio::test(start_paused = true)]
