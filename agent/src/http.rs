@@ -196,9 +196,19 @@ impl Refused {
     /// The answer to the pod: the status and a one-line message naming the cause.
     pub fn response(&self) -> Response<Full<Bytes>> {
         let message = match self {
-            Refused::ByServers(refusal) => {
-                format!("podiam: {}: {}\n", refusal.reason, refusal.message)
-            }
+            // What the servers say of this agent's own standing with them (its identity, their
+            // readiness, the API behind them) names the node's agent pod, nodes and the API's
+            // errors: for the agent's log, not for pods.
+            Refused::ByServers(refusal) => match refusal.reason {
+                Reason::AgentUnauthenticated | Reason::IdentityUnavailable | Reason::NotReady => {
+                    format!(
+                        "podiam: {}: the podiam servers cannot answer for this node now; \
+                         retry shortly (the agent's log says why)\n",
+                        refusal.reason
+                    )
+                }
+                _ => format!("podiam: {}: {}\n", refusal.reason, refusal.message),
+            },
             Refused::ByAgent(refusal) => format!("podiam: {}: {refusal}\n", refusal.reason()),
             // Transport details (addresses, TLS errors) are for the agent's log only.
             Refused::ServersUnavailable(_) => {
@@ -367,6 +377,18 @@ impl MetadataService {
                 }
                 if let Refused::NodeMetadata(error) = &refused {
                     tracing::warn!(%peer, error = %Escaped(error), "node metadata call failed");
+                }
+                if let Refused::ByServers(refusal) = &refused
+                    && matches!(
+                        refusal.reason,
+                        Reason::AgentUnauthenticated
+                            | Reason::IdentityUnavailable
+                            | Reason::NotReady
+                    )
+                {
+                    // Every pod's request says the same while it lasts: the node stream's
+                    // failure is the warning.
+                    tracing::debug!(%peer, reason = %refusal.reason, message = %Escaped(&refusal.message), "servers cannot answer for this node");
                 }
                 refused.response()
             }
@@ -1075,6 +1097,15 @@ mod tests {
             assert_eq!(response.status().as_u16(), status, "{failure:?}");
             let body = format!("{:?}", response.body());
             assert!(body.contains(words), "{failure:?}: {body}");
+            // The servers' word on this agent's standing is for its log.
+            if let Refused::ByServers(Refusal {
+                reason:
+                    Reason::AgentUnauthenticated | Reason::IdentityUnavailable | Reason::NotReady,
+                ..
+            }) = &failure
+            {
+                assert!(!body.contains(": why"), "{failure:?}: {body}");
+            }
             // Transport and internal details stay in the agent's log.
             assert!(
                 !body.contains("10.1.2.3") && !body.contains("secret detail"),

@@ -165,7 +165,7 @@ impl Failure {
         match self {
             Failure::BadRequest(_) | Failure::BadIp(_) => Status::invalid_argument(message),
             Failure::Refused(refusal) => refusal.reason().status(message),
-            Failure::Sts(error) => sts_reason(error).status(message),
+            Failure::Sts(error) => sts_reason(error).status(error.public()),
             Failure::Binding(BindingFailure::Unavailable(_)) => {
                 Reason::IdentityUnavailable.status(message)
             }
@@ -688,7 +688,7 @@ impl PodiamService {
                 Ok(issued) => issued,
                 Err(error) => {
                     self.events
-                        .report(notice(pod, sts_reason(&error), error.to_string()));
+                        .report(notice(pod, sts_reason(&error), error.public()));
                     return Err(Failure::Sts(error));
                 }
             };
@@ -888,7 +888,7 @@ impl PodiamService {
                     keep.insert(&pod.uid);
                 }
                 KeyHealth::Failing(error) => {
-                    notices.push(notice(pod, sts_reason(error), error.to_string()));
+                    notices.push(notice(pod, sts_reason(error), error.public()));
                 }
             }
         }
@@ -1524,7 +1524,14 @@ mod tests {
             let status = failure.status();
             assert_eq!(Reason::of(&status), Some(reason), "{failure}");
             assert_eq!(status.code(), reason.code(), "{failure}");
-            assert_eq!(status.message(), failure.to_string());
+            match &failure {
+                // Pods and Events get STS's code only; the server's log gets its message.
+                Failure::Sts(error) => {
+                    assert_eq!(status.message(), error.public());
+                    assert!(!status.message().contains(": no"), "{status:?}");
+                }
+                _ => assert_eq!(status.message(), failure.to_string()),
+            }
         }
     }
 

@@ -95,6 +95,21 @@ pub enum StsError {
     Throttled(String),
 }
 
+impl StsError {
+    /// What pods and their namespaces' Events are told: the kind of failure and STS's error
+    /// code. Not STS's message, which names the server's own identity (its role and the
+    /// instance it runs on), nor a transport error's details: the server's log has those.
+    pub fn public(&self) -> String {
+        match self {
+            StsError::Refused { code, .. } => format!(
+                "STS refused AssumeRole ({code}); the podiam server's log has STS's message"
+            ),
+            StsError::Unavailable(_) => "STS unavailable; retry shortly".to_string(),
+            StsError::Throttled(_) => "STS throttled AssumeRole; retry shortly".to_string(),
+        }
+    }
+}
+
 /// One AssumeRole request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AssumeRequest {
@@ -493,6 +508,7 @@ impl CredentialCache {
         let policy = self.policy.clone();
         let calls = self.calls.clone();
         let budget = Arc::clone(&self.budget);
+        let role_arn = key.role_arn.clone();
         let request = AssumeRequest {
             key,
             duration: policy.session_duration,
@@ -512,6 +528,12 @@ impl CredentialCache {
                 }
                 Err(refusal @ StsError::Refused { .. }) => {
                     calls.refused.inc();
+                    // Once per refusal remembered: what pods are told is only its code.
+                    tracing::warn!(
+                        role = %podiam_runtime::telemetry::Escaped(&role_arn),
+                        error = %podiam_runtime::telemetry::Escaped(&refusal),
+                        "STS refused AssumeRole"
+                    );
                     // The role's trust no longer lets us in: stop serving what we had.
                     entry.current = None;
                     entry.refused = Some((
