@@ -88,11 +88,11 @@ pub enum Refusal {
     /// and whatever a request from it may get, is the new pod's.
     #[error("pod {pod} is terminating and its IP {ip} is now another pod's")]
     AddressTaken { pod: String, ip: IpAddr },
-    /// Several live pods claim the address. The message goes to a pod (its answer, its
-    /// node stream's state, the Event on it), so it names only pods of `namespace`, the
-    /// namespace of the pod it is for, whose users may see them anyway; asked by address
-    /// (`namespace` unknown, any of the pods may be asking) it names none. Operators get
-    /// every claimant from [`Refusal::detail`], through explain.
+    /// Several live pods claim the address. The Event on a pod names only pods of
+    /// `namespace`, its own, whose users may see them anyway; asked by address, or carried in
+    /// a node stream's state (`namespace` none: the agent answers whoever sends from the
+    /// address, which may be any claimant) it names none. Operators get every claimant from
+    /// [`Refusal::detail`], through explain.
     #[error(
         "IP {ip} is claimed by {} live pods{}; refusing all",
         pods.len(),
@@ -191,6 +191,20 @@ fn claimants_seen_from(pods: &[Arc<PodRecord>], namespace: Option<&str>) -> Stri
         n => parts.push(format!("{n} in other namespaces")),
     }
     format!(" ({})", parts.join(", "))
+}
+
+/// `refusal` as a node stream carries it: the agent answers it to whoever sends from the
+/// pod's address, which for an address several pods claim may be any of them, so the
+/// claimants are counted, not named.
+fn answered_by_address(refusal: Refusal) -> Refusal {
+    match refusal {
+        Refusal::AmbiguousPod { ip, pods, .. } => Refusal::AmbiguousPod {
+            ip,
+            pods,
+            namespace: None,
+        },
+        other => other,
+    }
 }
 
 /// `namespace/name`
@@ -394,7 +408,7 @@ impl View<'_> {
             Err(refusal) => {
                 let reason = refusal.reason();
                 state.refusal_reason = reason.to_wire().into();
-                state.refusal_message = refusal.to_string();
+                state.refusal_message = answered_by_address(refusal).to_string();
                 #[allow(deprecated)]
                 {
                     state.legacy_refusal_reason = reason.as_str().to_string();
@@ -1207,9 +1221,16 @@ mod tests {
                 "{scope:?}: {message}"
             );
         }
-        // Pods of the same namespace may be named to each other: their owners can see them.
+        // A node stream's state is answered to whoever sends from the address, which may be
+        // a claimant of another namespace: even pods of the same namespace are only counted
+        // there. The Event on a pod, in its own namespace, names them.
         let y1 = state("y1");
-        assert!(y1.refusal_message.contains("pod-y2"), "{y1:?}");
+        assert!(!y1.refusal_message.contains("pod-y2"), "{y1:?}");
+        let event = view
+            .decide_live(&pods.by_uid("y1").expect("pod"))
+            .expect_err("refused")
+            .to_string();
+        assert!(event.contains("pod-y2"), "{event}");
         // Operators get every claimant: by address (cluster-wide `list pods`) in the message
         // and the pods…
         let by_ip = view
