@@ -564,6 +564,9 @@ impl std::fmt::Display for AgentAccount {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReviewedUser {
     pub username: String,
+    /// Every extra the token carries, as the API named them: an authoriser may scope what
+    /// the user can do by them (a scoped token), so access is reviewed with them.
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
     pub uid: String,
     pub groups: Vec<String>,
     pub pod_name: Option<String>,
@@ -1282,6 +1285,7 @@ mod tests {
             pod_name: pod.map(|(name, _)| name.to_string()),
             pod_uid: pod.map(|(_, uid)| uid.to_string()),
             node_name: node.map(Into::into),
+            extra: Default::default(),
         }
     }
 
@@ -1543,6 +1547,7 @@ mod tests {
             pod_name: bound.map(|(name, _)| name.to_string()),
             pod_uid: bound.map(|(_, uid)| uid.to_string()),
             node_name: Some("node-a".into()),
+            extra: Default::default(),
         };
         type Want = fn(&Result<(), PodTokenRefusal>) -> bool;
         let table: Vec<(&str, &PodRecord, ReviewedUser, Want)> = vec![

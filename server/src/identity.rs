@@ -221,10 +221,33 @@ fn judged(status: TokenReviewStatus, audiences: &[String]) -> Review {
         username: user.username.clone().unwrap_or_default(),
         uid: user.uid.clone().unwrap_or_default(),
         groups: user.groups.clone().unwrap_or_default(),
+        extra: extras.cloned().unwrap_or_default(),
         pod_name: extra(extras, "authentication.kubernetes.io/pod-name"),
         pod_uid: extra(extras, "authentication.kubernetes.io/pod-uid"),
         node_name: extra(extras, "authentication.kubernetes.io/node-name"),
     })
+}
+
+/// The SubjectAccessReview of `access` by `user`: who the token said it is, extras included
+/// (without them an authoriser that scopes a token by its extras would review the whole
+/// user's rights).
+fn access_review(user: &ReviewedUser, access: &Access) -> SubjectAccessReviewSpec {
+    SubjectAccessReviewSpec {
+        user: Some(user.username.clone()),
+        uid: (!user.uid.is_empty()).then(|| user.uid.clone()),
+        groups: Some(user.groups.clone()),
+        extra: (!user.extra.is_empty()).then(|| user.extra.clone()),
+        resource_attributes: Some(ResourceAttributes {
+            verb: Some(access.verb.to_string()),
+            resource: Some(access.resource.to_string()),
+            group: Some(String::new()),
+            version: Some("v1".into()),
+            namespace: access.namespace.clone(),
+            name: access.name.clone(),
+            ..ResourceAttributes::default()
+        }),
+        ..SubjectAccessReviewSpec::default()
+    }
 }
 
 impl Reviewer for KubeReviewer {
@@ -259,21 +282,7 @@ impl Reviewer for KubeReviewer {
         Box::pin(async move {
             let api = kube::Api::<SubjectAccessReview>::all(self.client.clone());
             let request = SubjectAccessReview {
-                spec: SubjectAccessReviewSpec {
-                    user: Some(user.username.clone()),
-                    uid: (!user.uid.is_empty()).then(|| user.uid.clone()),
-                    groups: Some(user.groups.clone()),
-                    resource_attributes: Some(ResourceAttributes {
-                        verb: Some(access.verb.to_string()),
-                        resource: Some(access.resource.to_string()),
-                        group: Some(String::new()),
-                        version: Some("v1".into()),
-                        namespace: access.namespace.clone(),
-                        name: access.name.clone(),
-                        ..ResourceAttributes::default()
-                    }),
-                    ..SubjectAccessReviewSpec::default()
-                },
+                spec: access_review(user, access),
                 ..SubjectAccessReview::default()
             };
             let answer = bounded(
@@ -925,6 +934,50 @@ mod tests {
     }
 
     #[test]
+    fn access_is_reviewed_as_the_token_scopes_its_user() {
+        let extra: std::collections::BTreeMap<String, Vec<String>> = [
+            (
+                "scopes.example.io/scope".to_string(),
+                vec!["read:team-a".to_string()],
+            ),
+            (
+                "authentication.kubernetes.io/pod-name".to_string(),
+                vec!["web".to_string()],
+            ),
+        ]
+        .into();
+        let status = TokenReviewStatus {
+            authenticated: Some(true),
+            user: Some(k8s_openapi::api::authentication::v1::UserInfo {
+                username: Some("alice".into()),
+                uid: Some("a-1".into()),
+                groups: Some(vec!["devs".into()]),
+                extra: Some(extra.clone()),
+            }),
+            ..Default::default()
+        };
+        let Review::Authenticated(user) = judged(status, &[]) else {
+            panic!("authenticated");
+        };
+        assert_eq!(user.pod_name.as_deref(), Some("web"));
+        let spec = access_review(&user, &Access::LIST_PODS);
+        assert_eq!(spec.user.as_deref(), Some("alice"));
+        assert_eq!(spec.uid.as_deref(), Some("a-1"));
+        assert_eq!(spec.groups, Some(vec!["devs".to_string()]));
+        assert_eq!(spec.extra, Some(extra));
+        let attributes = spec.resource_attributes.expect("attributes");
+        assert_eq!(
+            (attributes.verb.as_deref(), attributes.resource.as_deref()),
+            (Some("list"), Some("pods"))
+        );
+        // No extras: none sent.
+        assert_eq!(
+            access_review(&ReviewedUser::default(), &Access::LIST_PODS).extra,
+            None
+        );
+    }
+
+    #[test]
     fn expiry_is_read_from_the_payload_and_capped() {
         let now = 1000;
         let good = Review::Authenticated(ReviewedUser::default());
@@ -1237,6 +1290,7 @@ mod tests {
             pod_name: None,
             pod_uid: None,
             node_name: None,
+            extra: Default::default(),
         };
         // Any pod's own token is an operator token: its calls flood access reviews the API
         // is slow to answer.

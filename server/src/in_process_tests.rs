@@ -128,6 +128,7 @@ impl Reviewer for NoReviews {
                         pod_name: Some(pod.into()),
                         pod_uid: Some(format!("uid-{pod}")),
                         node_name: Some(NODE.into()),
+                        extra: Default::default(),
                     },
                 )),
                 Some(_) => Ok(Review::Unauthenticated(
