@@ -4,8 +4,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    // Credentials carry secrets: their Debug is written by hand in src/lib.rs and redacts.
-    config.skip_debug(["podiam.v1.Credentials"]);
+    // Credentials and a credentials request (a pod's token) carry secrets: their Debug is
+    // written by hand in src/lib.rs and redacts.
+    config.skip_debug(["podiam.v1.Credentials", "podiam.v1.GetCredentialsRequest"]);
     tonic_prost_build::configure().compile_with_config(
         config,
         &["proto/podiam.proto"],

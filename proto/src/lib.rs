@@ -41,6 +41,23 @@ impl fmt::Debug for v1::Credentials {
     }
 }
 
+impl fmt::Debug for v1::GetCredentialsRequest {
+    /// Redacts the pod's token (whether there is one is shown).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token: &dyn fmt::Debug = if self.pod_token.is_empty() {
+            &""
+        } else {
+            &"<redacted>"
+        };
+        f.debug_struct("GetCredentialsRequest")
+            .field("ip", &self.ip)
+            .field("role_name", &self.role_name)
+            .field("node_name", &self.node_name)
+            .field("pod_token", token)
+            .finish()
+    }
+}
+
 /// IAM's longest role name.
 pub const MAX_ROLE_NAME: usize = 64;
 
@@ -373,6 +390,18 @@ mod tests {
         };
         let shown = format!("{creds:?}");
         assert!(shown.contains("ASIAEXAMPLE"));
+        assert!(!shown.contains("very-secret"), "{shown}");
+        let request = v1::GetCredentialsRequest {
+            ip: "10.0.0.1".into(),
+            role_name: String::new(),
+            node_name: "node-a".into(),
+            pod_token: "eyJ.very-secret-pod-token.sig".into(),
+        };
+        let shown = format!("{request:?}");
+        assert!(
+            shown.contains("10.0.0.1") && shown.contains("<redacted>"),
+            "{shown}"
+        );
         assert!(!shown.contains("very-secret"), "{shown}");
     }
 }
