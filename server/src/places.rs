@@ -133,10 +133,14 @@ impl Places {
         self.given_back.notify_waiters();
     }
 
-    fn arrived(&self, id: u64) {
+    fn arrived(&self, id: u64) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(holder) = held.places.iter_mut().find(|h| h.id == id) {
-            holder.arriving_since = None;
+        match held.places.iter_mut().find(|h| h.id == id) {
+            Some(holder) => {
+                holder.arriving_since = None;
+                true
+            }
+            None => false,
         }
     }
 }
@@ -155,9 +159,11 @@ impl PlaceHeld<'_> {
         self.pushed_out.cancelled().await;
     }
 
-    /// The body has arrived whole: the place is no longer given to anyone else.
-    pub fn arrived(&self) {
-        self.places.arrived(self.id);
+    /// The body has arrived whole: the place is no longer given to anyone else. False if it
+    /// was given to another review first (the body arrived as it was pushed out).
+    #[must_use]
+    pub fn arrived(&self) -> bool {
+        self.places.arrived(self.id)
     }
 }
 
@@ -205,7 +211,7 @@ mod tests {
         // A body that has arrived is never pushed out: with the others arrived too, a new
         // review waits for a place to be given back.
         for held in [&second, &third, &fourth] {
-            held.arrived();
+            assert!(held.arrived());
         }
         tokio::time::advance(SLOW * 10).await;
         assert!(matches!(

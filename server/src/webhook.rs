@@ -235,21 +235,23 @@ impl Webhook {
             return Err(busy());
         };
         let read = Limited::new(body, MAX_REVIEW_BYTES).collect();
+        let pushed_out = || {
+            counted("error");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the review arrived too slowly: another took its place\n",
+            )
+        };
         let read = tokio::select! {
+            // Pushed out first: a body done at that moment has lost its place already.
+            biased;
+            () = place.pushed_out() => return Err(pushed_out()),
             read = tokio::time::timeout(BODY_TIMEOUT, read) => read,
-            () = place.pushed_out() => {
-                counted("error");
-                return Err(plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the review arrived too slowly: another took its place\n",
-                ));
-            }
         };
         match read {
-            Ok(Ok(body)) => {
-                place.arrived();
-                Ok((body.to_bytes(), place))
-            }
+            // Its place kept from here on, unless it was given away as the body arrived.
+            Ok(Ok(body)) if place.arrived() => Ok((body.to_bytes(), place)),
+            Ok(Ok(_)) => Err(pushed_out()),
             Ok(Err(_)) => {
                 counted("error");
                 Err(plain(
