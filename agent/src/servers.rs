@@ -531,3 +531,72 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podiam_proto::v1::{Credentials, PodRef, PodState};
+
+    const ARN: &str = "arn:aws:iam::123456789012:role/app";
+
+    fn upsert(uid: &str, ip: &str) -> node_event::Event {
+        node_event::Event::Upsert(PodState {
+            pod: Some(PodRef {
+                namespace: "ns".into(),
+                name: format!("pod-{uid}"),
+                uid: uid.into(),
+            }),
+            ip: ip.into(),
+            role_name: "app".into(),
+            role_arn: ARN.into(),
+            ..PodState::default()
+        })
+    }
+
+    /// A stream's snapshot of `pods` (uid, address), applied.
+    fn snapshot(table: &PodTable, cache: &CredentialCache, pods: &[(&str, &str)]) {
+        let mut applier = Applier::new(table, cache);
+        for (uid, ip) in pods {
+            assert!(!applier.apply(upsert(uid, ip)));
+        }
+        assert!(applier.apply(node_event::Event::Synced(true)));
+    }
+
+    /// Whether credentials that arrive for `uid` now are kept.
+    async fn kept(cache: &CredentialCache, uid: &str) -> bool {
+        let credentials = Credentials {
+            access_key_id: format!("ASIA{uid}"),
+            expiration_unix: 4_000_000_000,
+            ..Credentials::default()
+        };
+        cache.put(uid, ARN, credentials).await;
+        cache.fresh(uid, ARN, 1_000_000_000).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_pod_missing_from_a_resync_is_gone_and_cacheable_again_once_listed() {
+        let (table, cache) = (
+            PodTable::default(),
+            CredentialCache::new(Duration::from_secs(60)),
+        );
+        snapshot(&table, &cache, &[("a", "10.0.0.1"), ("b", "10.0.0.2")]);
+        assert!(kept(&cache, "a").await && kept(&cache, "b").await);
+        // The stream breaks; b is deleted before the next stream's snapshot, which has only
+        // a: b is gone, and what a fetch under way brings for it is not kept. a keeps its
+        // credentials, its decision unchanged.
+        snapshot(&table, &cache, &[("a", "10.0.0.1")]);
+        assert!(table.has("a") && !table.has("b"));
+        assert!(cache.fresh("a", ARN, 1_000_000_000).is_some());
+        assert!(cache.fresh("b", ARN, 1_000_000_000).is_none());
+        assert!(!kept(&cache, "b").await, "a gone pod's credentials kept");
+        // Listed again (it was only away from this node's view): cacheable again.
+        snapshot(&table, &cache, &[("a", "10.0.0.1"), ("b", "10.0.0.2")]);
+        assert!(kept(&cache, "b").await);
+        // A delete once the stream is synced: gone too.
+        let mut applier = Applier::new(&table, &cache);
+        applier.snapshot = None;
+        assert!(!applier.apply(node_event::Event::DeleteUid("a".into())));
+        assert!(!table.has("a"));
+        assert!(!kept(&cache, "a").await);
+    }
+}
