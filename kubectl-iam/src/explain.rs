@@ -522,11 +522,12 @@ mod tests {
         assert_eq!(reason_name(9999), "reason 9999, unknown to this plugin");
     }
 
-    #[test]
-    fn the_rendering_says_where_the_answer_came_from() {
-        let answer = decide(
+    /// The local answer about team-a/web, its role annotation `role`, in a namespace that
+    /// permits `app-.*`.
+    fn web_with_role(role: &str) -> ExplainResponse {
+        decide(
             &facts(
-                Some(pod("team-a", "web", "10.0.0.1", Some("db-admin"))),
+                Some(pod("team-a", "web", "10.0.0.1", Some(role))),
                 Some(namespace("team-a", Some("app-.*"))),
                 vec![],
             ),
@@ -534,7 +535,12 @@ mod tests {
             "web",
             BASE,
         )
-        .expect("explained");
+        .expect("explained")
+    }
+
+    #[test]
+    fn the_rendering_says_where_the_answer_came_from() {
+        let answer = web_with_role("db-admin");
         let text = Explanation::new(
             "team-a/web".into(),
             "local",
@@ -573,18 +579,7 @@ mod tests {
 
     #[test]
     fn a_tenants_annotation_cannot_write_to_the_operators_terminal() {
-        let hostile = "app\u{1b}[1A\u{1b}[2K\ndecision:    allowed";
-        let answer = decide(
-            &facts(
-                Some(pod("team-a", "web", "10.0.0.1", Some(hostile))),
-                Some(namespace("team-a", Some("app-.*"))),
-                vec![],
-            ),
-            "team-a",
-            "web",
-            BASE,
-        )
-        .expect("explained");
+        let answer = web_with_role("app\u{1b}[1A\u{1b}[2K\ndecision:    allowed");
         let text =
             Explanation::new("team-a/web".into(), "local", "x".into(), answer, vec![]).render();
         assert!(!text.chars().any(|c| c == '\u{1b}'), "{text:?}");
