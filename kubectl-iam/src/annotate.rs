@@ -15,7 +15,7 @@ use crate::base_arn::{self, BaseArn};
 use crate::cli::{GrantArgs, NAMESPACE_KINDS, POD_KINDS, PermitArgs, RevokeArgs, object_name};
 use crate::cluster::{Cluster, annotation};
 use crate::error::Error;
-use crate::table::shown;
+use crate::table::Escaped;
 
 /// Why `verdict` refuses `role`, in the servers' words; `None` when it permits it.
 pub fn refusal(verdict: &Verdict) -> Option<String> {
@@ -111,7 +111,7 @@ pub async fn revoke(cluster: &Cluster, args: &RevokeArgs) -> Result<(), Error> {
         .annotate_pod(namespace, name, ROLE_ANNOTATION, None)
         .await?;
     // The annotation is the pod's namespace's tenants': printed safe for a terminal.
-    let role = shown(&role);
+    let role = Escaped(&role);
     println!("pod {namespace}/{name}: role {role} revoked");
     Ok(())
 }

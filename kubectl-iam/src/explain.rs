@@ -34,7 +34,7 @@ use crate::cli::{ExplainArgs, Output, POD_KINDS, object_name};
 use crate::cluster::Cluster;
 use crate::error::Error;
 use crate::servers::{NoExplanation, Servers};
-use crate::table::shown;
+use crate::table::Escaped;
 
 /// An explanation, whichever way it was made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -177,7 +177,7 @@ impl Explanation {
             lines.push(format!("note: {note}"));
         }
         // Each line safe for a terminal, a newline within one written as such.
-        let lines: Vec<_> = lines.iter().map(|line| shown(line)).collect();
+        let lines: Vec<_> = lines.iter().map(|line| Escaped(line).to_string()).collect();
         lines.join("\n") + "\n"
     }
 }
@@ -584,7 +584,7 @@ mod tests {
             Explanation::new("team-a/web".into(), "local", "x".into(), answer, vec![]).render();
         assert!(!text.chars().any(|c| c == '\u{1b}'), "{text:?}");
         assert!(
-            text.contains("role:        app\\u{1b}[1A\\u{1b}[2K\\u{a}decision:    allowed"),
+            text.contains("role:        app\\u{1b}[1A\\u{1b}[2K\\ndecision:    allowed"),
             "{text}"
         );
         assert!(

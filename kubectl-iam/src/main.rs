@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
         Err(error) => {
             eprintln!(
                 "kubectl-iam: {}",
-                kubectl_iam::table::shown(&error.one_line())
+                kubectl_iam::table::Escaped(&error.one_line())
             );
             ExitCode::from(error.exit_code())
         }

@@ -21,7 +21,7 @@ use crate::annotate::check_regex;
 use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
 use crate::cluster::{Cluster, annotation};
 use crate::error::Error;
-use crate::table::shown;
+use crate::table::Escaped;
 
 /// What podiam makes of one namespace's old policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,9 +211,9 @@ pub async fn run(cluster: &Cluster, args: &MigrateArgs) -> Result<(), Error> {
                     &p.note
                 };
                 println!("{}:", p.namespace);
-                println!("  found:     {}", shown(&p.found));
+                println!("  found:     {}", Escaped(&p.found));
                 println!("  permitted: {:?}", p.permitted);
-                println!("  {}", shown(state));
+                println!("  {}", Escaped(state));
             }
         }
     }

@@ -29,7 +29,7 @@ use crate::cli::{Output, StatusArgs};
 use crate::cluster::Cluster;
 use crate::error::Error;
 use crate::servers::{Answer, Asked, Servers};
-use crate::table::{shown, table};
+use crate::table::{Escaped, table};
 use crate::{AGENT_LABEL, SERVER_LABEL};
 
 /// One pod of podiam's, as the API shows it.
@@ -365,9 +365,9 @@ impl StatusReport {
         match &self.servers {
             None => out += "\nServer replicas: not asked (no --server given)\n",
             Some(servers) => {
-                out += &format!("\nServer replicas ({}):\n", shown(&servers.urls));
+                out += &format!("\nServer replicas ({}):\n", Escaped(&servers.urls));
                 match &servers.error {
-                    Some(error) => out += &format!("  {}\n", shown(error)),
+                    Some(error) => out += &format!("  {}\n", Escaped(error)),
                     None => {
                         let rows = servers
                             .replicas
@@ -406,7 +406,7 @@ impl StatusReport {
         }
         out += &format!("\nAgents ({AGENT_LABEL} in {ns}, and the node streams servers serve):\n");
         out += &self.agents_table(now_unix);
-        out += &format!("\n{}\n", shown(&self.summary));
+        out += &format!("\n{}\n", Escaped(&self.summary));
         out
     }
 
@@ -422,7 +422,7 @@ impl StatusReport {
         }
         let mut out = String::new();
         if let Some(error) = &self.agent_pods.error {
-            out += &format!("  cannot list the agent pods: {}\n", shown(error));
+            out += &format!("  cannot list the agent pods: {}\n", Escaped(error));
         }
         if by_node.is_empty() {
             out += &format!(

@@ -1,40 +1,20 @@
-//! Aligned text tables, as kubectl prints them, and text made safe to print on a terminal.
+//! Aligned text tables, as kubectl prints them.
+//!
+//! Much of what the plugin prints is other people's text: a pod's role annotation is its
+//! namespace's tenants', an agent's version its own. Printed as it is, an escape sequence in
+//! it could rewrite what the operator's terminal shows (hide a refusal, retitle the window)
+//! and a newline forge a line of the report. So every such text, each cell here included, is
+//! printed through [`Escaped`], as the daemons write it in their logs: control characters,
+//! line separators and bidirectional formatting characters written as `\n`, `\u{1b}`…
 
-use std::borrow::Cow;
-
-/// `text` as it may be printed on a terminal: every control character (escape sequences,
-/// carriage returns, newlines, C1 controls) and every bidirectional formatting character
-/// written as `\u{…}`. Much of what the plugin prints is other people's: a pod's role
-/// annotation is its namespace's tenants', an agent's version its own; printed as they are,
-/// an escape sequence in one could rewrite what the operator's terminal shows (hide a
-/// refusal, retitle the window) and a newline forge a line of the report.
-pub fn shown(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(unprintable) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if unprintable(c) {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// A control character, or one that changes the direction text is shown in.
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
+pub use podiam_runtime::telemetry::Escaped;
 
 /// `rows` under `headers`, each column as wide as its widest cell, two spaces apart, each
 /// line indented by two. The last column is not padded.
 pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
-        .map(|row| row.iter().map(|cell| shown(cell).into_owned()).collect())
+        .map(|row| row.iter().map(|cell| Escaped(cell).to_string()).collect())
         .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
@@ -68,10 +48,10 @@ mod tests {
 
     #[test]
     fn what_a_terminal_would_act_on_is_shown_escaped() {
-        assert!(matches!(shown("app-reader ok é"), Cow::Borrowed(_)));
+        assert_eq!(Escaped("app-reader ok é").to_string(), "app-reader ok é");
         assert_eq!(
-            shown("app\u{1b}]0;owned\u{7}\r\nrefused\u{9b}2J\u{202e}x"),
-            "app\\u{1b}]0;owned\\u{7}\\u{d}\\u{a}refused\\u{9b}2J\\u{202e}x"
+            Escaped("app\u{1b}]0;owned\u{7}\r\nrefused\u{9b}2J\u{202e}x").to_string(),
+            "app\\u{1b}]0;owned\\u{7}\\r\\nrefused\\u{9b}2J\\u{202e}x"
         );
         let text = table(&["ROLE"], vec![vec!["a\u{1b}[2Jb".into()]]);
         assert_eq!(text, "  ROLE\n  a\\u{1b}[2Jb\n");
