@@ -22,8 +22,9 @@
 //!
 //! Every section but real-path runs on loopback: pods are 127.x addresses the load generator
 //! binds its sockets to, so no root and no network namespace is needed. It prints a table and writes
-//! JSON (`--out`); it asserts nothing. `--quick` is a smoke run of every section (under a
-//! minute, figures meaningless).
+//! JSON (`--out`; a run of some sections merges them into the file there, [`results`]); it
+//! asserts nothing. `--quick` is a smoke run of every section (under a minute, figures
+//! meaningless, written to `target/bench-quick.json` unless `--out` says otherwise).
 //!
 //! Its parts: [`load`] (the HTTP load generator: keep-alive, a new connection per request,
 //! IMDSv2 token + GET, clients bound to pod source addresses on loopback), [`baseline`] (the
@@ -35,6 +36,7 @@ mod baseline;
 mod load;
 mod proc_stats;
 mod real_path;
+mod results;
 mod sts;
 
 use std::collections::HashMap;
@@ -71,9 +73,11 @@ struct Args {
     /// Connection counts for the real path and the warm section (1,16,128 unless given).
     #[arg(long, value_delimiter = ',')]
     connections: Option<Vec<usize>>,
-    /// Where the results go, as JSON.
-    #[arg(long, default_value = "bench/results.json")]
-    out: PathBuf,
+    /// Where the results go, as JSON (bench/results.json unless given; a quick run's:
+    /// target/bench-quick.json). A run of some sections (--only) replaces those sections in
+    /// the file and keeps the others.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,24 +256,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 real_path::skipped(&why)
             }
         };
+        label(&mut targets, "real_path");
     }
     if wanted(Section::Warm) || wanted(Section::Cold) || wanted(Section::Revocation) {
         let rig = Rig::start().await?;
         if wanted(Section::Warm) {
             results["warm"] = warm(&rig, &plan, &mut targets).await?;
+            label(&mut targets, "warm");
         }
         if wanted(Section::Cold) {
             results["cold"] = cold(&rig, &plan, &mut targets).await?;
+            label(&mut targets, "cold");
         }
         if wanted(Section::Revocation) {
             results["revocation"] = revocation(&rig, &plan, &mut targets).await?;
+            label(&mut targets, "revocation");
         }
     }
     if wanted(Section::Scale) {
         results["scale"] = scale(&plan, &mut targets).await?;
+        label(&mut targets, "scale");
     }
     if wanted(Section::Sts) {
         results["sts"] = sts::sts(&plan.sts, &mut targets).await?;
+        label(&mut targets, "sts");
     }
 
     println!("\n== targets");
@@ -285,24 +295,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
     results["targets"] = serde_json::to_value(
         targets
             .iter()
-            .map(|t| json!({"name": t.name, "value": t.value, "goal": t.goal, "met": t.met}))
+            .map(|t| {
+                json!({"section": t.section, "name": t.name, "value": t.value, "goal": t.goal,
+                    "met": t.met})
+            })
             .collect::<Vec<_>>(),
     )?;
     results["seconds"] = json!(began.elapsed().as_secs_f64());
-    if let Some(dir) = args.out.parent() {
+    write_results(&args, results)?;
+    println!("({:.0} s in all)", began.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Writes the run's figures to `--out` (or its default), merged into what is there when the
+/// run was of some sections only ([`results::merge`]).
+fn write_results(args: &Args, results: Value) -> anyhow::Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| match args.quick {
+        true => PathBuf::from("target/bench-quick.json"),
+        false => PathBuf::from("bench/results.json"),
+    });
+    let earlier = std::fs::read_to_string(&out).ok();
+    let (results, written) = results::merge(earlier.as_deref(), results, !args.only.is_empty());
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
-    println!(
-        "\nwrote {} ({:.0} s in all)",
-        args.out.display(),
-        began.elapsed().as_secs_f64()
-    );
+    std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
+    match written {
+        results::Written::Whole => println!("\nwrote {}", out.display()),
+        results::Written::Merged { kept } => println!(
+            "\nwrote this run's sections into {}; kept from an earlier run: {}",
+            out.display(),
+            if kept.is_empty() {
+                "none".to_string()
+            } else {
+                kept.join(", ")
+            }
+        ),
+        results::Written::Replaced { why } => {
+            println!("\nwrote {}, replacing the file there: {why}", out.display())
+        }
+    }
     Ok(())
 }
 
 /// A target the benchmark reports as met or not.
 struct Target {
+    /// The results' key of the section it belongs to ([`label`]).
+    section: &'static str,
     name: String,
     value: String,
     goal: String,
@@ -311,11 +350,19 @@ struct Target {
 
 fn target(targets: &mut Vec<Target>, name: &str, value: String, goal: &str, met: bool) {
     targets.push(Target {
+        section: "",
         name: name.into(),
         value,
         goal: goal.into(),
         met,
     });
+}
+
+/// Gives the targets a section has just added the name of that section.
+fn label(targets: &mut [Target], section: &'static str) {
+    for t in targets.iter_mut().filter(|t| t.section.is_empty()) {
+        t.section = section;
+    }
 }
 
 fn machine() -> Value {
