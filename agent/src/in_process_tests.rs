@@ -97,6 +97,8 @@ struct Replica {
     push: Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>,
     /// Its name in the replica set, given in Health answers.
     name: Mutex<String>,
+    /// Its Health answers say its view is stale while this is set.
+    stale: AtomicBool,
     /// Node streams are refused (unavailable) while this is set: the agent's table stays
     /// unsynced and every request is a server call.
     streams_refused: AtomicBool,
@@ -222,6 +224,7 @@ impl Podiam for Fake {
             synced: true,
             draining: false,
             replica: self.0.name.lock().expect("not poisoned").clone(),
+            stale: self.0.stale.load(Ordering::SeqCst),
         }))
     }
 
@@ -885,6 +888,57 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
         .collect();
     assert_eq!(calls, [1, 1]);
     assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stream_and_calls_move_off_a_replica_whose_view_is_stale() {
+    let names = ["s-0", "s-1"];
+    let key_of = |owner: &str| {
+        (1u64..)
+            .find(|k| podiam_proto::owner::owner(*k, names) == Some(owner))
+            .expect("a key")
+    };
+    let rig = Rig::start(&[
+        PodState {
+            credential_key: key_of("s-0"),
+            ..pod("web", WEB)
+        },
+        PodState {
+            credential_key: key_of("s-1"),
+            ..pod("api", API)
+        },
+    ])
+    .await;
+    for (replica, name) in rig.replicas.iter().zip(names) {
+        *replica.name.lock().expect("not poisoned") = name.to_string();
+    }
+    let holder = rig.stream_synced(WEB).await;
+    let (stale, current) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
+    tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;
+    // The node stream's replica says its view is stale (its watches of the API failing);
+    // the other's is current.
+    stale.stale.store(true, Ordering::SeqCst);
+    let since = Instant::now();
+    let deadline = since + PATIENCE;
+    while current.streams().is_empty() {
+        assert!(Instant::now() < deadline, "the stream never moved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Seen at the next health check, left at the second tick after it.
+    let moved = current.streams()[0] - since;
+    assert!(
+        moved <= Duration::from_millis(3500),
+        "moved after {moved:?}"
+    );
+    // Both pods' credentials come from the current replica, the stale one's keys too.
+    for pod in [WEB, API] {
+        let (status, body) = rig.get(pod, CREDENTIALS).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let calls = |r: &Replica| r.credentials_calls.load(Ordering::SeqCst);
+    assert_eq!((calls(stale), calls(current)), (0, 2));
+    assert_eq!(stale.streams().len(), 1);
     rig.stop().await;
 }
 

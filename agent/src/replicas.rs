@@ -7,7 +7,10 @@
 //! - **Which is healthy.** Each replica is asked `Health` every [`HEALTH_INTERVAL`] with a
 //!   short deadline; it is *ready* when it answers synced and not draining. A call that
 //!   fails on a replica's transport marks it *suspect* for [`SUSPECT_FOR`] (or until its
-//!   next good health check), so the next requests go elsewhere at once.
+//!   next good health check), so the next requests go elsewhere at once. A ready replica
+//!   whose Health says its view is *stale* (a watch of the API failing for a while: it may
+//!   miss revocations) is passed over for one whose view is current, and used when none is:
+//!   an API server outage makes every replica stale, and credentials go on.
 //! - **Spreading and failing over.** Each agent starts its turns at a random replica, so
 //!   agents' node streams spread over the replicas. [`ServerSet::call`] starts on the
 //!   replica of the agent's node stream when it is ready — its answers agree with the
@@ -108,6 +111,8 @@ pub struct Replica {
     name: Mutex<Arc<str>>,
     /// When it last answered its health check synced and not draining.
     last_good: Mutex<Option<Instant>>,
+    /// Whether its last Health answer said its view of the cluster is stale.
+    stale: AtomicBool,
 }
 
 impl Replica {
@@ -133,6 +138,7 @@ impl Replica {
             suspect_until: Mutex::new(None),
             name: Mutex::new(Arc::from("")),
             last_good: Mutex::new(None),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -176,8 +182,19 @@ impl Replica {
         last_good.is_some_and(|at| at.elapsed() < OWNER_MEMORY) && !self.name().is_empty()
     }
 
-    fn preferred(&self) -> bool {
-        self.ready() && !self.suspect()
+    /// Whether its last Health answer said its view is stale.
+    pub fn stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// How good a choice it is, best first: 0 ready, not suspect and current; 1 the same but
+    /// stale; 2 anything else.
+    fn rank(&self) -> u8 {
+        match (self.ready() && !self.suspect(), self.stale()) {
+            (true, false) => 0,
+            (true, true) => 1,
+            (false, _) => 2,
+        }
     }
 
     async fn check_health(&self) -> Result<(), String> {
@@ -191,6 +208,7 @@ impl Replica {
                     *self.name.lock().unwrap_or_else(|e| e.into_inner()) =
                         Arc::from(health.replica.as_str());
                 }
+                self.stale.store(health.stale, Ordering::Release);
                 if health.draining {
                     Err("shutting down".to_string())
                 } else if !health.synced {
@@ -307,16 +325,26 @@ impl ServerSet {
         Arc::clone(&self.replicas.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Another replica to use instead of `replica` when its last health check failed and
-    /// that one's passed; `None` while `replica` is ready, or no other one is better.
+    /// Another replica to use instead of `replica` when that one is better: ready and not
+    /// suspect while `replica`'s last health check failed, or also current while
+    /// `replica`'s view is stale; `None` while `replica` is ready and current, or no other
+    /// one is better.
     pub fn instead_of(&self, replica: &Replica) -> Option<SocketAddr> {
-        if replica.ready() {
-            return None;
-        }
-        self.replicas()
-            .iter()
-            .find(|other| other.addr != replica.addr && other.preferred())
+        let good_enough = match (replica.ready(), replica.stale()) {
+            (true, false) => return None,
+            (true, true) => 0,
+            (false, _) => 1,
+        };
+        let replicas = self.replicas();
+        let others = || replicas.iter().filter(|other| other.addr != replica.addr);
+        (0..=good_enough)
+            .find_map(|rank| others().find(|other| other.rank() == rank))
             .map(|other| other.addr)
+    }
+
+    /// Whether a replica is ready, not suspect and current.
+    fn any_current(&self) -> bool {
+        self.replicas().iter().any(|r| r.rank() == 0)
     }
 
     /// Whether any replica is ready.
@@ -419,8 +447,9 @@ impl ServerSet {
         }
     }
 
-    /// The replica to ask next: the next preferred one in turn, else the next one not
-    /// `except`.
+    /// The replica to ask next, not `except`: the next one in turn of the best
+    /// [rank](Replica::rank) there is (ready, not suspect and current; else the same but
+    /// stale; else any).
     pub fn pick(&self, except: Option<SocketAddr>) -> Option<Arc<Replica>> {
         let replicas = self.replicas();
         let n = replicas.len();
@@ -428,19 +457,17 @@ impl ServerSet {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let candidates = (0..n)
+        let mut best: Option<(u8, &Arc<Replica>)> = None;
+        for replica in (0..n)
             .map(|i| &replicas[(start + i) % n])
-            .filter(|r| Some(r.addr) != except);
-        let mut fallback = None;
-        for replica in candidates {
-            if replica.preferred() {
-                return Some(Arc::clone(replica));
-            }
-            if fallback.is_none() {
-                fallback = Some(Arc::clone(replica));
+            .filter(|r| Some(r.addr) != except)
+        {
+            let rank = replica.rank();
+            if best.is_none_or(|(b, _)| rank < b) {
+                best = Some((rank, replica));
             }
         }
-        fallback
+        best.map(|(_, replica)| Arc::clone(replica))
     }
 
     /// The replica that owns the credential key `key` (`podiam_proto::owner` over the names
@@ -462,11 +489,16 @@ impl ServerSet {
             .map(|(_, addr)| *addr)
     }
 
-    /// `prefer` when it is known and preferred itself, else [`ServerSet::pick`].
+    /// `prefer` when it is known, ready and not suspect, and current unless no replica is,
+    /// else [`ServerSet::pick`].
     fn pick_first(&self, prefer: Option<SocketAddr>) -> Option<Arc<Replica>> {
         prefer
             .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
-            .filter(|replica| replica.preferred())
+            .filter(|replica| match replica.rank() {
+                0 => true,
+                1 => !self.any_current(),
+                _ => false,
+            })
             .or_else(|| self.pick(None))
     }
 
@@ -490,7 +522,8 @@ impl ServerSet {
     /// [`ServerSet::call`], first to the owner of the credential key `key` when there is one
     /// ([`ServerSet::owner`]) — even while it is suspect after one slow answer: another
     /// replica holds nothing for the key and would call STS again; the hedge after
-    /// [`HEDGE_AFTER`] still covers an owner that does not answer.
+    /// [`HEDGE_AFTER`] still covers an owner that does not answer. Not while the owner's view
+    /// is stale and another's is current: a decision matters more than an STS call.
     pub async fn call_owner_first<T, F, Fut>(
         &self,
         key: u64,
@@ -503,7 +536,8 @@ impl ServerSet {
     {
         let owner = self
             .owner(key)
-            .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned());
+            .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
+            .filter(|owner| !owner.stale() || !self.any_current());
         self.call_from(owner.or_else(|| self.pick_first(prefer)), call)
             .await
     }
@@ -741,5 +775,54 @@ pub(crate) mod tests {
         *other.suspect_until.lock().expect("not poisoned") = None;
         other.mark_not_ready();
         assert_eq!(set.instead_of(held), None);
+    }
+
+    #[tokio::test]
+    async fn a_stale_replica_is_used_only_when_no_replica_is_current() {
+        let (_dir, set) = set(Vec::new());
+        let name = || "localhost".to_string();
+        set.set_addresses(vec![
+            (addr("10.0.0.1:8443"), name()),
+            (addr("10.0.0.2:8443"), name()),
+        ]);
+        let replicas = set.replicas();
+        for replica in replicas.iter() {
+            replica.ready.store(true, Ordering::Release);
+        }
+        let (stale, current) = (&replicas[0], &replicas[1]);
+        stale.stale.store(true, Ordering::Release);
+        for _ in 0..4 {
+            assert_eq!(set.pick(None).map(|r| r.addr), Some(current.addr));
+        }
+        // Not even for the node stream's replica, and the stream leaves it…
+        assert_eq!(
+            set.pick_first(Some(stale.addr)).map(|r| r.addr),
+            Some(current.addr)
+        );
+        assert_eq!(set.instead_of(stale), Some(current.addr));
+        assert_eq!(set.instead_of(current), None);
+        // …but a second attempt may go to it, and a stale replica is better than one that
+        // is not ready.
+        assert_eq!(
+            set.pick(Some(current.addr)).map(|r| r.addr),
+            Some(stale.addr)
+        );
+        current.mark_not_ready();
+        assert_eq!(set.pick(None).map(|r| r.addr), Some(stale.addr));
+        assert_eq!(set.instead_of(current), Some(stale.addr));
+        assert_eq!(set.instead_of(stale), None, "nothing better");
+        // Every replica stale (an API server outage): the node stream's replica first, as
+        // when all are current.
+        current.ready.store(true, Ordering::Release);
+        current.stale.store(true, Ordering::Release);
+        for prefer in [stale.addr, current.addr] {
+            assert_eq!(set.pick_first(Some(prefer)).map(|r| r.addr), Some(prefer));
+        }
+        assert_eq!(set.instead_of(stale), None);
+        let picked: std::collections::BTreeSet<SocketAddr> = (0..4)
+            .filter_map(|_| set.pick(None))
+            .map(|r| r.addr)
+            .collect();
+        assert_eq!(picked.len(), 2, "calls still spread over both");
     }
 }

@@ -535,6 +535,7 @@ mod tests {
                     synced: true,
                     draining: false,
                     replica: String::new(),
+                    stale: false,
                 }))
             }
         }

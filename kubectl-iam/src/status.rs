@@ -108,6 +108,9 @@ pub struct ReplicaReport {
     pub version: String,
     pub synced: bool,
     pub draining: bool,
+    /// Its view of the cluster is stale: a watch of the API has failed for 15 s or more.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
     pub pods: u64,
     pub namespaces: u64,
     pub agents: usize,
@@ -198,6 +201,7 @@ fn servers_report(
                     version: status.version,
                     synced: status.synced,
                     draining: status.draining,
+                    stale: status.stale,
                     pods: status.pods,
                     namespaces: status.namespaces,
                     agents: status.agents.len(),
@@ -212,6 +216,7 @@ fn servers_report(
                 version: String::new(),
                 synced: false,
                 draining: false,
+                stale: false,
                 pods: 0,
                 namespaces: 0,
                 agents: 0,
@@ -310,6 +315,9 @@ fn replica_state(replica: &ReplicaReport) -> String {
         Some(error) => error.clone(),
         None if replica.draining => "draining".into(),
         None if !replica.synced => "not synced yet".into(),
+        None if replica.stale => {
+            "ready; its view is stale (a watch of the API failing for 15 s or more)".into()
+        }
         None => "ready".into(),
     }
 }
@@ -601,6 +609,7 @@ mod tests {
             pods: 12,
             namespaces: 3,
             agents_total: agents.len() as u64,
+            stale: false,
         }
     }
 
@@ -670,6 +679,38 @@ mod tests {
             line.contains("no pod labelled app.kubernetes.io/name=podiam-server"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_replica_whose_view_is_stale_is_ready_and_says_so() {
+        let pods = listing_of(vec![summary("server-a", "cp-1", true, "10.0.0.1")]);
+        let report = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![(
+                addr("10.0.0.1:8443"),
+                Ok(StatusResponse {
+                    stale: true,
+                    ..answer(true, false, &[])
+                }),
+            )]),
+            &pods,
+        );
+        assert!(report.replicas[0].ready && report.replicas[0].stale);
+        assert_eq!(
+            replica_state(&report.replicas[0]),
+            "ready; its view is stale (a watch of the API failing for 15 s or more)"
+        );
+        assert!(verdict("podiam", &pods, Some(&report)).0);
+        let json = serde_json::to_value(&report.replicas[0]).expect("json");
+        assert_eq!(json["stale"], true);
+        let current = servers_report(
+            "https://s:8443".into(),
+            Ok(vec![(addr("10.0.0.1:8443"), Ok(answer(true, false, &[])))]),
+            &pods,
+        );
+        assert_eq!(replica_state(&current.replicas[0]), "ready");
+        let json = serde_json::to_value(&current.replicas[0]).expect("json");
+        assert!(json.get("stale").is_none(), "{json}");
     }
 
     #[test]

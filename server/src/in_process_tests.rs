@@ -420,6 +420,51 @@ async fn a_drain_ends_node_streams_at_once_then_answers_until_its_delay_is_over(
 }
 
 #[tokio::test(start_paused = true)]
+async fn health_says_the_view_is_stale_while_a_watch_keeps_failing_and_no_longer() {
+    let mut rig = Rig::new(&[]);
+    let shutdown = CancellationToken::new();
+    let serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let stale = |client: &mut PodiamClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let health = client.health(HealthRequest {}).await.expect("health");
+            assert!(health.get_ref().synced, "still synced, still answering");
+            health.get_ref().stale
+        }
+    };
+    assert!(!stale(&mut client).await);
+    // The pods watch fails every 5 s (the watches' longest backoff), with no success.
+    let began = Instant::now();
+    for _ in 0..3 {
+        rig.cluster.failures.failed("pods", Instant::now());
+        assert!(!stale(&mut client).await, "at {:?}", began.elapsed());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(stale(&mut client).await, "failing for 15 s");
+    // A success ends it at once.
+    rig.cluster.failures.succeeded("pods", Instant::now());
+    assert!(!stale(&mut client).await);
+    // Failures that stop (the watch made again, on a resource with nothing to say) end it
+    // 40 s after the last one.
+    for _ in 0..4 {
+        rig.cluster.failures.failed("namespaces", Instant::now());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(stale(&mut client).await);
+    tokio::time::sleep(Duration::from_secs(34)).await;
+    assert!(stale(&mut client).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!stale(&mut client).await);
+    // One failure alone, however long ago, is no spell of failing.
+    rig.cluster.failures.failed("pods", Instant::now());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(!stale(&mut client).await);
+    shutdown.cancel();
+    serving.await.expect("joins").0.expect("a clean stop");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_drain_gives_requests_under_way_the_timeout_and_no_more() {
     let mut rig = Rig::new(&["--shutdown-delay=1s", "--shutdown-timeout=2s"]);
     rig.add_pod("web", WEB_IP, "app-reader");

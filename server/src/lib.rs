@@ -402,6 +402,7 @@ impl Server {
         let draining = self.draining.clone();
         move |_, request: http::Request<hyper::body::Incoming>| {
             metrics.tls_expiry.set(tls.not_after());
+            metrics.view_stale.set(i64::from(cluster.stale()));
             std::future::ready(metrics::health(
                 &cluster,
                 draining.is_cancelled(),

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub calls_shed: Counter,
     /// When the server's certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
+    /// 1 while the view of the cluster is stale (set at each scrape).
+    pub view_stale: Gauge,
     /// TokenReviews and node-binding refusals.
     pub identity: IdentityCounters,
     /// Admission reviews the webhook answered, by result.
@@ -125,6 +127,7 @@ impl Metrics {
             tls_refused: Counter::default(),
             calls_shed: Counter::default(),
             tls_expiry: Gauge::default(),
+            view_stale: Gauge::default(),
             identity: IdentityCounters::new(),
             webhook_reviews: Family::default(),
             node_taints_removed: Counter::default(),
@@ -136,6 +139,7 @@ impl Metrics {
             registry: Registry::with_prefix("podiam_server"),
         };
         metrics.register_all(family, event_family);
+        metrics.register_view();
         metrics.register_upkeep();
         metrics.register_heap();
         metrics
@@ -178,17 +182,6 @@ impl Metrics {
             self.identity.binding_refusals.clone(),
         );
         registry.register(
-            "node_streams",
-            "Agents' node streams (WatchNode) open on this replica",
-            self.node_streams.clone(),
-        );
-        registry.register(
-            "watch_relists",
-            "Complete lists of a watched resource (pods, namespaces): the first sync, and every \
-             relist after a watch expired (410 Gone) or the API server was unreachable",
-            self.relists.clone(),
-        );
-        registry.register(
             "tls_handshakes_refused",
             "TLS handshakes refused on the gRPC port (a client certificate from another \
              CA, expired or not yet valid, or no handshake in time)",
@@ -213,11 +206,6 @@ impl Metrics {
             events,
         );
         registry.register(
-            "duplicate_ip_pods",
-            "Live pods whose IP another live pod also claims (all of them are refused)",
-            self.duplicate_ip_pods.clone(),
-        );
-        registry.register(
             "webhook_reviews",
             "Admission reviews of pod creations the webhook answered (--webhook-listen), by \
              result: mutated (a role applies: given what it lacked), unchanged, error (not \
@@ -234,6 +222,35 @@ impl Metrics {
             "sts_calls",
             "STS AssumeRole calls (attempts), by result (ok, refused, unavailable, throttled)",
             sts_calls,
+        );
+    }
+
+    /// Registers the metrics of the replica's view of the cluster and the node streams it
+    /// serves from it.
+    fn register_view(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "watch_relists",
+            "Complete lists of a watched resource (pods, namespaces): the first sync, and every \
+             relist after a watch expired (410 Gone) or the API server was unreachable",
+            self.relists.clone(),
+        );
+        registry.register(
+            "view_stale",
+            "1 while a watch of the Kubernetes API has failed twice or more over 15 s with no \
+             success between: the replica answers from a view that may miss revocations, and agents \
+             prefer replicas whose view is current",
+            self.view_stale.clone(),
+        );
+        registry.register(
+            "duplicate_ip_pods",
+            "Live pods whose IP another live pod also claims (all of them are refused)",
+            self.duplicate_ip_pods.clone(),
+        );
+        registry.register(
+            "node_streams",
+            "Agents' node streams (WatchNode) open on this replica",
+            self.node_streams.clone(),
         );
     }
 

@@ -1307,6 +1307,7 @@ impl Podiam for PodiamService {
             pods: self.cluster.pods().len() as u64,
             namespaces: self.cluster.namespaces().len() as u64,
             agents_total,
+            stale: self.cluster.stale(),
         }))
     }
 
@@ -1346,6 +1347,7 @@ impl Podiam for PodiamService {
             synced: self.cluster.synced(),
             draining: self.draining.is_cancelled(),
             replica: self.replica.as_deref().unwrap_or_default().to_string(),
+            stale: self.cluster.stale(),
         }))
     }
 }

@@ -7,13 +7,18 @@
 //! ever "unknown" because the server happened to be relisting. Every failed list or watch
 //! is retried with [`WatchBackoff`].
 //!
+//! A watch that keeps failing (twice or more), with no success between, for [`STALE_AFTER`]
+//! makes the view *stale* ([`WatchFailures`]): the replica still answers from it (an API server outage must
+//! not stop the cluster's credentials), and says so in its Health answers and metrics, so
+//! that agents prefer a replica whose view is current (revocations, reused addresses).
+//!
 //! A namespace relist starts from the current index's compiled rules
 //! ([`NamespaceIndex::for_relist`]), so unchanged rules are not compiled again and count
 //! once against the rules' memory budget while both indexes exist. A namespace whose rule
 //! is refused (invalid, or over the budget) is logged as a warning when its rule changes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -50,6 +55,8 @@ pub struct Cluster {
     /// Bumped after every change to any index (and at first sync); agents' node streams
     /// wait on it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The watches' spells of failing: whether the view is stale.
+    pub failures: WatchFailures,
 }
 
 impl Default for Cluster {
@@ -62,6 +69,7 @@ impl Default for Cluster {
             namespaces_synced: AtomicBool::new(false),
             accounts_synced: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(0),
+            failures: WatchFailures::default(),
         }
     }
 }
@@ -107,6 +115,12 @@ impl Cluster {
         self.pods_synced.load(Ordering::Acquire)
             && self.namespaces_synced.load(Ordering::Acquire)
             && self.accounts_synced.load(Ordering::Acquire)
+    }
+
+    /// Whether a watch has been failing for [`STALE_AFTER`] and is failing still: the
+    /// view may miss changes (revocations, addresses reused) since its last success.
+    pub fn stale(&self) -> bool {
+        self.failures.stale(tokio::time::Instant::now()).is_some()
     }
 
     /// Declares the view complete as it is: for a view filled by other means than the watches
@@ -274,6 +288,7 @@ async fn watch<K>(
             () = shutdown.cancelled() => return,
             event = stream.try_next() => event,
         };
+        note_outcome(&cluster.failures, K::WHAT, &event);
         match event {
             Ok(Some(Event::Init)) => {
                 let current = index.read().unwrap_or_else(|e| e.into_inner());
@@ -327,6 +342,39 @@ async fn watch<K>(
     }
 }
 
+/// Counts a watch's event towards (or against) the view being stale, and says when it
+/// turns stale or current again. A success is a relist complete or a change seen: Init comes
+/// before its list is asked for, and InitApply may come from a first page of a relist whose
+/// next pages fail.
+fn note_outcome<K>(
+    failures: &WatchFailures,
+    what: &'static str,
+    event: &Result<Option<Event<K>>, watcher::Error>,
+) {
+    let now = tokio::time::Instant::now();
+    match event {
+        Ok(Some(Event::Init | Event::InitApply(_))) | Ok(None) => {}
+        Ok(Some(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
+            if let Some(stale_for) = failures.succeeded(what, now) {
+                tracing::info!(
+                    resource = what,
+                    stale_for_s = stale_for.as_secs(),
+                    "watch works again; the view is current"
+                );
+            }
+        }
+        Err(_) => {
+            if failures.failed(what, now) {
+                tracing::warn!(
+                    resource = what,
+                    after_s = STALE_AFTER.as_secs(),
+                    "watch failing with no success since: the view is stale (still answering from it; agents prefer replicas whose view is current)"
+                );
+            }
+        }
+    }
+}
+
 /// Puts a relist's `fresh` view in place of `index`'s.
 fn replace_view<K: Indexed>(index: &RwLock<K::Index>, mut fresh: K::Index) {
     K::relisted(&mut fresh);
@@ -357,6 +405,94 @@ where
     K::DynamicType: Default,
 {
     watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::default())
+}
+
+/// How long a watch fails (twice at least), with no success between, before the view
+/// counts as stale. A single failure never does: a watch broken once and made again on a
+/// quiet resource has nothing to say that would prove it works.
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+/// A spell of failing whose last failure is this old is over: the watch was made again and
+/// has had nothing to say. Failing attempts come at most [`WATCH_RETRY_MAX`] apart plus the
+/// attempt's own time, up to the client's 30 s connect timeout when the API server's address
+/// does not answer at all (a network partition).
+const SPELL_OVER_AFTER: Duration = Duration::from_secs(40);
+
+/// One watch's spell of failing.
+#[derive(Clone, Copy, Debug)]
+struct Spell {
+    since: tokio::time::Instant,
+    last: tokio::time::Instant,
+    /// Failures in it.
+    failures: u32,
+    /// Whether it has been said to be stale (logged once per spell).
+    told: bool,
+}
+
+/// The watches' spells of failing, by resource: a failure starts or extends one, any
+/// success ends it.
+#[derive(Debug, Default)]
+pub struct WatchFailures {
+    spells: Mutex<Vec<(&'static str, Spell)>>,
+}
+
+impl WatchFailures {
+    /// `what`'s watch failed at `now`; true when that makes the view stale (first time in
+    /// this spell).
+    pub fn failed(&self, what: &'static str, now: tokio::time::Instant) -> bool {
+        let mut spells = self.spells.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match spells.iter().position(|(w, _)| *w == what) {
+            Some(at) if now.saturating_duration_since(spells[at].1.last) < SPELL_OVER_AFTER => at,
+            Some(at) => {
+                spells.remove(at);
+                spells.len()
+            }
+            None => spells.len(),
+        };
+        if at == spells.len() {
+            let spell = Spell {
+                since: now,
+                last: now,
+                failures: 0,
+                told: false,
+            };
+            spells.push((what, spell));
+        }
+        let spell = &mut spells[at].1;
+        spell.last = now;
+        spell.failures = spell.failures.saturating_add(1);
+        let tell = !spell.told && spell.stale(now);
+        spell.told |= tell;
+        tell
+    }
+
+    /// `what`'s watch worked at `now`: its spell (if any) is over; how long it had been
+    /// stale, if it was.
+    pub fn succeeded(&self, what: &'static str, now: tokio::time::Instant) -> Option<Duration> {
+        let mut spells = self.spells.lock().unwrap_or_else(|e| e.into_inner());
+        let at = spells.iter().position(|(w, _)| *w == what)?;
+        let (_, spell) = spells.remove(at);
+        spell
+            .told
+            .then(|| now.saturating_duration_since(spell.since))
+    }
+
+    /// The resource whose watch makes the view stale at `now`, and for how long it has been
+    /// failing: one that failed twice or more over [`STALE_AFTER`], whose spell is not over.
+    pub fn stale(&self, now: tokio::time::Instant) -> Option<(&'static str, Duration)> {
+        let spells = self.spells.lock().unwrap_or_else(|e| e.into_inner());
+        spells
+            .iter()
+            .find(|(_, spell)| spell.stale(now))
+            .map(|(what, spell)| (*what, now.saturating_duration_since(spell.since)))
+    }
+}
+
+impl Spell {
+    fn stale(&self, now: tokio::time::Instant) -> bool {
+        self.failures >= 2
+            && now.saturating_duration_since(self.since) >= STALE_AFTER
+            && now.saturating_duration_since(self.last) < SPELL_OVER_AFTER
+    }
 }
 
 /// First wait after a failed list or watch. client-go's reflectors start at 800 ms; a
@@ -419,5 +555,79 @@ mod tests {
         assert!(waits[7] >= WATCH_RETRY_MAX / 2);
         backoff.reset();
         assert!(backoff.next().expect("a wait") <= WATCH_RETRY_MIN);
+    }
+
+    #[test]
+    fn a_watch_failing_with_no_success_for_fifteen_seconds_makes_the_view_stale() {
+        let failures = WatchFailures::default();
+        let start = tokio::time::Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // Failing every 5 s (the backoff's cap): stale from the 15th second, said once.
+        let told: Vec<bool> = (0..=4)
+            .map(|i| failures.failed("pods", at(i * 5)))
+            .collect();
+        assert_eq!(told, [false, false, false, true, false]);
+        assert_eq!(failures.stale(at(14)), None);
+        assert_eq!(
+            failures.stale(at(20)),
+            Some(("pods", Duration::from_secs(20)))
+        );
+        // Still stale between failures; no longer once they have stopped for 40 s (the
+        // watch was made again and had nothing to say).
+        assert!(failures.stale(at(59)).is_some());
+        assert_eq!(failures.stale(at(60)), None);
+        // A success ends the spell: the next failure starts a new one.
+        assert_eq!(
+            failures.succeeded("pods", at(21)),
+            Some(Duration::from_secs(21))
+        );
+        assert_eq!(failures.stale(at(22)), None);
+        let told: Vec<bool> = [22, 27, 32, 37]
+            .map(|s| failures.failed("pods", at(s)))
+            .into();
+        assert_eq!(told, [false, false, false, true]);
+        assert!(failures.stale(at(37)).is_some());
+        assert_eq!(failures.succeeded("namespaces", at(37)), None);
+    }
+
+    #[test]
+    fn one_failure_is_never_stale_and_failures_a_connect_timeout_apart_are() {
+        let failures = WatchFailures::default();
+        let start = tokio::time::Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // A watch broken once and made again on a quiet resource: nothing more is heard.
+        assert!(!failures.failed("namespaces", at(0)));
+        for s in [15, 20, 39, 45] {
+            assert_eq!(failures.stale(at(s)), None, "at {s} s");
+        }
+        // A partition: each attempt fails after the client's 30 s connect timeout.
+        let told: Vec<bool> = [100, 135, 170]
+            .map(|s| failures.failed("pods", at(s)))
+            .into();
+        assert_eq!(told, [false, true, false]);
+        assert!(failures.stale(at(200)).is_some());
+        assert_eq!(failures.stale(at(210)), None, "40 s after the last failure");
+    }
+
+    #[test]
+    fn failures_far_apart_are_separate_spells_and_watches_are_apart() {
+        let failures = WatchFailures::default();
+        let start = tokio::time::Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // A failure a minute after the last one (the watch worked quietly between) starts
+        // a new spell, not one of 60 s.
+        assert!(!failures.failed("namespaces", at(0)));
+        assert!(!failures.failed("namespaces", at(60)));
+        assert_eq!(failures.stale(at(61)), None);
+        // One resource's spell is not another's: a pods success leaves namespaces failing.
+        assert!(!failures.failed("pods", at(61)));
+        for s in [65, 70, 75] {
+            failures.failed("namespaces", at(s));
+        }
+        assert_eq!(failures.succeeded("pods", at(75)), None);
+        assert_eq!(
+            failures.stale(at(76)),
+            Some(("namespaces", Duration::from_secs(16)))
+        );
     }
 }

@@ -303,6 +303,23 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
         );
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
+    // Every replica's watches have failed again and again for 30 s: each says its view is
+    // stale, and agents, with no current replica to prefer, go on with the stale ones.
+    let stale = |want: u64| {
+        let world = &world;
+        async move {
+            for i in 0..REPLICAS {
+                let metrics = world.server_metrics_of(i).await.unwrap_or_default();
+                if metric_value(&metrics, "podiam_server_view_stale") != want {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    wait_until(Duration::from_secs(10), "every replica stale", || stale(1))
+        .await
+        .expect("stale during the outage");
     let away_until = now();
     world.emulator().come_back().await.expect("back");
     wait_until(
@@ -315,6 +332,12 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     )
     .await
     .expect("the change arrived");
+    // Current again once the watches work (a quiet resource's 40 s after its last failure).
+    wait_until(Duration::from_secs(60), "every replica current", || {
+        stale(0)
+    })
+    .await
+    .expect("current after the outage");
     let to = now();
 
     let mut report = load.stop().await.expect("report");
