@@ -8,19 +8,33 @@
 //! connections alone do not bound that: 64 connections from one address at 256 streams each
 //! is 16,384 calls, near a gigabyte, open to anyone holding the agents' shared certificate.
 //!
-//! So a call takes a slot among those being read — at most [`MAX_READING_PER_ADDRESS`] for
-//! one address and [`MAX_READING`] in all — when it
-//! arrives, and gives it back once its request has ended (its handler starts) or it is
-//! dropped. A call that finds no slot is refused at once with `RESOURCE_EXHAUSTED`, its
-//! request never read; one whose request has not ended [`READ_TIMEOUT`] after it arrived
-//! fails with `DEADLINE_EXCEEDED`. An honest caller's request arrives with its headers, so
-//! its slot is held for microseconds: the caps only ever meet callers that open calls and
-//! send them slowly or not at all.
+//! So a call takes a slot among those being read when it arrives, and gives it back once
+//! its request has ended (its handler starts) or it is dropped. Whose slots it takes is
+//! decided from its headers alone ([`Identify`]):
+//! - a call whose token the server has already reviewed and bound to an agent takes its
+//!   **node's**: at most [`MAX_READING_PER_NODE`] per node, [`MAX_READING_PROVEN`] in all;
+//! - any other call (an agent's first calls with a new token, operators, anyone without a
+//!   token) takes its **address's**: at most [`MAX_READING_PER_ADDRESS`] per address,
+//!   [`MAX_READING_UNPROVEN`] in all.
+//!
+//! The two pools are apart, so that nobody who holds the agents' shared certificate, not
+//! even root on a node sending from all of its pods' addresses, can take the places of
+//! agents already proven: it holds its own node's share and the unproven pool, and other
+//! nodes' agents go on. An agent's call refused in the unproven pool (its token new to this
+//! server: a new agent, or its hourly token rotation, while someone fills the pool) has its
+//! token reviewed in the background ([`Learn`]), so that its next call is read in its node's
+//! places. A call that finds no slot is refused at once with
+//! `RESOURCE_EXHAUSTED`, its request never read; one whose request has not ended
+//! [`READ_TIMEOUT`] after it arrived fails with `DEADLINE_EXCEEDED`. An honest caller's
+//! request arrives with its headers, so its slot is held for microseconds: the caps only
+//! ever meet callers that open calls and send them slowly or not at all.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,46 +45,115 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::accept::{OpenConnections, Slot};
 
-/// Calls from one address whose requests are being read at once: one connection's worth
-/// of streams, arriving together (an agent's burst of pods starting).
+/// Calls of one proven agent's node whose requests are being read at once: one
+/// connection's worth of streams, arriving together (an agent's burst of pods starting;
+/// each is read in microseconds, but a busy server may take a while to poll them all).
+pub const MAX_READING_PER_NODE: usize = 256;
+/// Calls of proven agents whose requests are being read at once, all nodes together.
+pub const MAX_READING_PROVEN: usize = 1024;
+/// Calls from one address, not of a proven agent, whose requests are being read at once:
+/// as many as a node's (agents under `--node-binding warn` send no token, and every agent's
+/// first calls with a new token come here).
 pub const MAX_READING_PER_ADDRESS: usize = 256;
-/// Calls whose requests are being read at once, from all addresses together. With 16 KiB
-/// of headers and a 32 KiB message each, at most about 48 MiB.
-pub const MAX_READING: usize = 1024;
+/// Calls not of a proven agent whose requests are being read at once, from all addresses.
+pub const MAX_READING_UNPROVEN: usize = 1024;
+/// Calls whose requests are being read at once, both pools together. With 16 KiB of
+/// headers and a 32 KiB message each, at most about 96 MiB.
+pub const MAX_READING: usize = MAX_READING_PROVEN + MAX_READING_UNPROVEN;
 /// The longest a call's request may take to arrive in full, from its headers to its end.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The proven agent's node a call's headers show, if any, and whether it came with a client
+/// certificate (agents always present one): a synchronous look at what the server already
+/// knows (a token reviewed before, bound to a running agent pod), never a review of its own.
+pub type Identify = Arc<dyn Fn(&http::HeaderMap, bool) -> Option<Arc<str>> + Send + Sync>;
+
+/// Told of a call with a client certificate refused in the unproven pool (its headers and
+/// address): the server reviews its token in the background, within the address's share of
+/// reviews, so that an agent's next call is [identified](Identify).
+pub type Learn = Arc<dyn Fn(&http::HeaderMap, IpAddr) + Send + Sync>;
 
 /// The layer: [`Reading`] around a gRPC server's routes. Clones share one count.
 #[derive(Clone)]
 pub struct ReadingLayer {
+    /// Calls not of a proven agent, by address.
     open: Arc<OpenConnections>,
+    /// Calls of proven agents, by node.
+    nodes: Arc<Places<Arc<str>>>,
+    identify: Identify,
+    learn: Learn,
     timeout: Duration,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// How many slots each pool has, and how many of them one node or address may hold.
+#[derive(Clone, Copy, Debug)]
+struct Shares {
+    per_node: usize,
+    proven: usize,
+    per_address: usize,
+    unproven: usize,
+}
+
 impl ReadingLayer {
-    /// The port's bounds: [`MAX_READING_PER_ADDRESS`], [`MAX_READING`] and [`READ_TIMEOUT`].
+    /// The port's bounds ([`MAX_READING_PER_NODE`], [`MAX_READING_PROVEN`],
+    /// [`MAX_READING_PER_ADDRESS`], [`MAX_READING_UNPROVEN`], [`READ_TIMEOUT`]), calls' nodes
+    /// told by `identify`, and `learn` told of certified calls refused in the unproven pool.
     /// `on_refused` is called for each call refused for want of a slot (a metric).
-    pub fn new(on_refused: Arc<dyn Fn() + Send + Sync>) -> ReadingLayer {
-        ReadingLayer::with(
-            MAX_READING_PER_ADDRESS,
-            MAX_READING,
-            READ_TIMEOUT,
-            on_refused,
-        )
+    pub fn new(
+        identify: Identify,
+        learn: Learn,
+        on_refused: Arc<dyn Fn() + Send + Sync>,
+    ) -> ReadingLayer {
+        let shares = Shares {
+            per_node: MAX_READING_PER_NODE,
+            proven: MAX_READING_PROVEN,
+            per_address: MAX_READING_PER_ADDRESS,
+            unproven: MAX_READING_UNPROVEN,
+        };
+        ReadingLayer::with(shares, (identify, learn), READ_TIMEOUT, on_refused)
     }
 
     fn with(
-        per_address: usize,
-        total: usize,
+        shares: Shares,
+        (identify, learn): (Identify, Learn),
         timeout: Duration,
         on_refused: Arc<dyn Fn() + Send + Sync>,
     ) -> ReadingLayer {
+        let open = OpenConnections::new(shares.per_address, shares.unproven, None);
         ReadingLayer {
-            open: Arc::new(OpenConnections::new(per_address, total, None)),
+            open: Arc::new(open),
+            nodes: Arc::new(Places::new(shares.per_node, shares.proven)),
+            identify,
+            learn,
             timeout,
             on_refused,
         }
+    }
+
+    /// A slot for `request`'s call, from `address`, in its pool; `None`: refused (and a
+    /// certified caller's token learnt).
+    fn admit(&self, request: &http::Request<Body>, address: IpAddr) -> Option<Place> {
+        let headers = request.headers();
+        let certified = certified(request);
+        Some(match (self.identify)(headers, certified) {
+            Some(node) => Place {
+                _address: None,
+                _node: Some(self.nodes.admit(node)?),
+            },
+            None => match self.open.admit(address) {
+                Some(slot) => Place {
+                    _address: Some(slot),
+                    _node: None,
+                },
+                None => {
+                    if certified {
+                        (self.learn)(headers, address);
+                    }
+                    return None;
+                }
+            },
+        })
     }
 }
 
@@ -78,9 +161,76 @@ impl std::fmt::Debug for ReadingLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadingLayer")
             .field("open", &self.open)
+            .field("nodes", &self.nodes)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// Slots by key: at most `per_key` held for one key and `total` in all.
+#[derive(Debug)]
+struct Places<K> {
+    /// Each key's slots held, and all of them.
+    held: Mutex<(HashMap<K, usize>, usize)>,
+    per_key: usize,
+    total: usize,
+}
+
+impl<K: Hash + Eq + Clone> Places<K> {
+    fn new(per_key: usize, total: usize) -> Places<K> {
+        Places {
+            held: Mutex::new((HashMap::new(), 0)),
+            per_key,
+            total,
+        }
+    }
+
+    fn admit(self: &Arc<Self>, key: K) -> Option<KeySlot<K>> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_key, all) = &mut *held;
+        if *all >= self.total {
+            return None;
+        }
+        let count = by_key.entry(key.clone()).or_default();
+        if *count >= self.per_key {
+            return None;
+        }
+        *count += 1;
+        *all += 1;
+        Some(KeySlot {
+            places: Arc::clone(self),
+            key: Some(key),
+        })
+    }
+}
+
+/// One slot of [`Places`], given back when dropped.
+#[derive(Debug)]
+struct KeySlot<K: Hash + Eq + Clone> {
+    places: Arc<Places<K>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq + Clone> Drop for KeySlot<K> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let mut held = self.places.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_key, all) = &mut *held;
+        if let Some(count) = by_key.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            *all = all.saturating_sub(1);
+            if *count == 0 {
+                by_key.remove(&key);
+            }
+        }
+    }
+}
+
+/// A call's slot, in the pool it was admitted to (one of the two), given back when dropped.
+#[derive(Debug)]
+struct Place {
+    _address: Option<Slot>,
+    _node: Option<KeySlot<Arc<str>>>,
 }
 
 impl<S> tower_layer::Layer<S> for ReadingLayer {
@@ -120,12 +270,12 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let address = peer(&request).map_or(IpAddr::from([0, 0, 0, 0]), |ip| ip.to_canonical());
-        let Some(slot) = self.limits.open.admit(address) else {
+        let Some(slot) = self.limits.admit(&request, address) else {
             (self.limits.on_refused)();
-            let status = tonic::Status::resource_exhausted(format!(
-                "too many calls whose requests are still arriving ({MAX_READING_PER_ADDRESS} \
-                 from one address, {MAX_READING} in all): try again"
-            ));
+            let status = tonic::Status::resource_exhausted(
+                "too many calls whose requests are still arriving, from this node or address \
+                 or from all: try again",
+            );
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
         let request = request.map(|body| {
@@ -150,11 +300,18 @@ fn peer<B>(request: &http::Request<B>) -> Option<IpAddr> {
         .map(|addr| addr.ip())
 }
 
+/// Whether a request came on a connection with a client certificate.
+fn certified<B>(request: &http::Request<B>) -> bool {
+    let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+    tls.and_then(TlsConnectInfo::peer_certs)
+        .is_some_and(|certs| !certs.is_empty())
+}
+
 /// A request's body holding its call's slot until it ends, fails or is dropped, and failing
 /// once its time is up.
 struct Bounded {
     body: Body,
-    slot: Option<Slot>,
+    slot: Option<Place>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
 }
@@ -253,21 +410,102 @@ mod tests {
         tonic::Status::from_header_map(answer.headers()).map_or(0, |s| s.code() as i32)
     }
 
+    /// The test's identification: a call is of the proven agent of the node its `node`
+    /// header names.
+    fn by_node_header() -> Identify {
+        Arc::new(|headers: &http::HeaderMap, _certified: bool| {
+            let node = headers.get("node")?.to_str().ok()?;
+            Some(Arc::from(node))
+        })
+    }
+
     fn layer(
         per_address: usize,
         total: usize,
     ) -> (Reading<ReadsAll>, Arc<std::sync::atomic::AtomicUsize>) {
+        let shares = Shares {
+            per_node: 2,
+            proven: 3,
+            per_address,
+            unproven: total,
+        };
+        layer_of(shares)
+    }
+
+    fn layer_of(shares: Shares) -> (Reading<ReadsAll>, Arc<std::sync::atomic::AtomicUsize>) {
         let shed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&shed);
+        let learn: Learn = Arc::new(|_: &http::HeaderMap, _: IpAddr| {});
         let limits = ReadingLayer::with(
-            per_address,
-            total,
+            shares,
+            (by_node_header(), learn),
             Duration::from_secs(5),
             Arc::new(move || {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
         );
         (limits.layer(ReadsAll), shed)
+    }
+
+    /// [`request_from`] with a `node` header: a call of that node's proven agent.
+    fn request_of_node(ip: [u8; 4], node: &str) -> (http::Request<Body>, Sender) {
+        let (mut request, body) = request_from(ip);
+        let value = http::HeaderValue::from_str(node).expect("a header value");
+        request.headers_mut().insert("node", value);
+        (request, body)
+    }
+
+    #[tokio::test]
+    async fn proven_agents_read_by_node_apart_from_everyone_else() {
+        let (mut service, shed) = layer_of(Shares {
+            per_node: 2,
+            proven: 3,
+            per_address: 1,
+            unproven: 2,
+        });
+        let a = [10, 1, 0, 1];
+        let mut held = Vec::new();
+        // Calls that never end from address a fill the unproven pool's share of a, and
+        // from another address the pool.
+        let (call, body) = request_from(a);
+        held.push((tokio::spawn(service.call(call)), body));
+        let (call, body) = request_from([10, 1, 0, 2]);
+        held.push((tokio::spawn(service.call(call)), body));
+        let (call, _) = request_from([10, 1, 0, 3]);
+        let refused = service.call(call).await.expect("answered");
+        assert_eq!(grpc_status(&refused), tonic::Code::ResourceExhausted as i32);
+        // A proven agent's call from that same address still has its node's places…
+        for _ in 0..2 {
+            let (call, body) = request_of_node(a, "node-1");
+            held.push((tokio::spawn(service.call(call)), body));
+        }
+        // …two of them, whichever addresses it calls from…
+        let (call, _) = request_of_node([10, 1, 0, 9], "node-1");
+        let refused = service.call(call).await.expect("answered");
+        assert_eq!(grpc_status(&refused), tonic::Code::ResourceExhausted as i32);
+        // …and another node's agent has its own, up to the proven pool's total.
+        let (call, body) = request_of_node(a, "node-2");
+        held.push((tokio::spawn(service.call(call)), body));
+        let (call, _) = request_of_node(a, "node-3");
+        let refused = service.call(call).await.expect("answered");
+        assert_eq!(grpc_status(&refused), tonic::Code::ResourceExhausted as i32);
+        assert_eq!(shed.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // Every call ends: every slot is given back, in both pools.
+        for (call, body) in held {
+            drop(body);
+            let answered = call.await.expect("ran").expect("answered");
+            assert_eq!(grpc_status(&answered), 0);
+        }
+        for (call, body) in [request_of_node(a, "node-3"), request_from(a)] {
+            drop(body);
+            let answered = service.call(call).await.expect("answered");
+            assert_eq!(grpc_status(&answered), 0, "slots were given back");
+        }
+        let nodes = &service.limits.nodes;
+        assert_eq!(
+            *nodes.held.lock().expect("not poisoned"),
+            (HashMap::new(), 0)
+        );
     }
 
     #[tokio::test]

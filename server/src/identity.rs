@@ -359,6 +359,23 @@ pub const BINDING_REASONS: [&str; 6] = [
 
 type ReviewFuture = Shared<Pin<Box<dyn Future<Output = Result<Review, ReviewUnavailable>> + Send>>>;
 
+/// A review begun ([`Identities::begin_review`]).
+pub enum Begun {
+    /// Its answer, remembered.
+    Remembered(Review),
+    /// The review under way, whose answer it will be.
+    Asked(ReviewFuture),
+}
+
+impl std::fmt::Debug for Begun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Begun::Remembered(review) => f.debug_tuple("Remembered").field(review).finish(),
+            Begun::Asked(_) => f.write_str("Asked(..)"),
+        }
+    }
+}
+
 /// A remembered review.
 #[derive(Clone, Debug)]
 struct Cached {
@@ -620,11 +637,28 @@ impl Identities {
     }
 
     /// Whether `token` has a remembered, still trusted review for `audiences`.
-    fn remembered(&self, token: &str, audiences: &[String]) -> bool {
+    /// The user a token was reviewed as, if its review is remembered and authenticated it;
+    /// never a review of its own.
+    pub fn remembered_user(&self, token: &str, audiences: &[String]) -> Option<ReviewedUser> {
         let now = (self.now)();
+        let key = digest(token, audiences);
+        let cache = self.cache();
+        match cache.done.get(&key) {
+            Some(Cached {
+                review: Review::Authenticated(user),
+                until,
+            }) if *until > now => Some(user.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether a review of the token is remembered, whatever it said.
+    pub fn remembered(&self, token: &str, audiences: &[String]) -> bool {
+        let now = (self.now)();
+        let key = digest(token, audiences);
         self.cache()
             .done
-            .get(&digest(token, audiences))
+            .get(&key)
             .is_some_and(|cached| cached.until > now)
     }
 
@@ -694,13 +728,29 @@ impl Identities {
         audiences: &[String],
         address: Option<Asker>,
     ) -> Result<Review, ReviewUnavailable> {
+        match self.begin_review(token, audiences, address)? {
+            Begun::Remembered(review) => Ok(review),
+            Begun::Asked(pending) => pending.await,
+        }
+    }
+
+    /// The part of [`Identities::review_from`] that needs no waiting: the review remembered,
+    /// or the one under way for the token (joined), or a new one started (within the asker's
+    /// share). A review started goes on, and records its answer, if what is returned is
+    /// dropped.
+    pub fn begin_review(
+        &self,
+        token: &str,
+        audiences: &[String],
+        address: Option<Asker>,
+    ) -> Result<Begun, ReviewUnavailable> {
         let key = digest(token, audiences);
         let now = (self.now)();
         let pending = {
             let mut cache = self.cache();
             if let Some(cached) = cache.done.get(&key) {
                 if cached.until > now {
-                    return Ok(cached.review.clone());
+                    return Ok(Begun::Remembered(cached.review.clone()));
                 }
                 cache.done.remove(&key);
             }
@@ -759,7 +809,7 @@ impl Identities {
                 }
             }
         };
-        pending.await
+        Ok(Begun::Asked(pending))
     }
 
     /// Whether `user` may do `access`, asked of the API each time (operators' calls are
@@ -838,7 +888,12 @@ fn evict(done: &mut HashMap<[u8; 32], Cached>, now: u64) {
 
 /// The bearer token of a request's `authorization` metadata, if any.
 pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+    bearer_header(metadata.as_ref())
+}
+
+/// [`bearer`] from a request's HTTP headers.
+pub fn bearer_header(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)

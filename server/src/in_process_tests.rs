@@ -119,6 +119,9 @@ impl Reviewer for NoReviews {
             if token.starts_with("slow") {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
+            if let Some(node) = token.strip_prefix("agent-token:") {
+                return Ok(Review::Authenticated(agent_user(node)));
+            }
             match token.strip_prefix("pod-token:") {
                 Some(pod) if audiences == ["podiam".to_string()] => Ok(Review::Authenticated(
                     podiam_policy::decision::ReviewedUser {
@@ -145,6 +148,20 @@ impl Reviewer for NoReviews {
         _: &'a Access,
     ) -> BoxFuture<'a, Result<Result<(), String>, ReviewUnavailable>> {
         Box::pin(async { Ok(Err("no operator in this test".to_string())) })
+    }
+}
+
+/// What the review of `agent-token:NODE` says: the agents' ServiceAccount (the server's
+/// default), bound to the pod `agent-NODE` on NODE ([`Rig::add_agent_pod`]).
+fn agent_user(node: &str) -> podiam_policy::decision::ReviewedUser {
+    podiam_policy::decision::ReviewedUser {
+        username: "system:serviceaccount:podiam:podiam-agent".into(),
+        uid: "agent-sa-uid".into(),
+        groups: vec!["system:serviceaccounts".into()],
+        pod_name: Some(format!("agent-{node}")),
+        pod_uid: Some(format!("uid-agent-{node}")),
+        node_name: Some(node.into()),
+        extra: Default::default(),
     }
 }
 
@@ -289,6 +306,28 @@ impl Rig {
             .expect("not poisoned")
             .apply(record);
         // Tells everyone who follows the view (the credential upkeep, node streams).
+        self.cluster.mark_synced();
+    }
+
+    /// The agent pod of `node` (`agent-NODE`, running as the agents' ServiceAccount), whose
+    /// token is `agent-token:NODE`.
+    fn add_agent_pod(&self, node: &str) {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": format!("agent-{node}"),
+                "namespace": "podiam",
+                "uid": format!("uid-agent-{node}"),
+            },
+            "spec": { "nodeName": node, "serviceAccountName": "podiam-agent", "containers": [] },
+            "status": { "phase": "Running", "podIP": "10.2.0.1", "podIPs": [{ "ip": "10.2.0.1" }] },
+        }))
+        .expect("pod");
+        let record = PodRecord::from_pod(&pod).expect("a pod record");
+        self.cluster
+            .pods
+            .write()
+            .expect("not poisoned")
+            .apply(record);
         self.cluster.mark_synced();
     }
 
@@ -870,6 +909,11 @@ async fn a_request_over_32_kib_is_not_read_and_a_call_ends_after_30_s() {
 /// A GetCredentials call on `channel` whose request never ends: its headers are sent, then
 /// nothing, the stream left open. What the server answers.
 async fn call_never_sent(channel: Channel) -> Result<(), tonic::Status> {
+    call_never_sent_as(channel, None).await
+}
+
+/// [`call_never_sent`] with `token` as the call's bearer token.
+async fn call_never_sent_as(channel: Channel, token: Option<String>) -> Result<(), tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
@@ -877,9 +921,107 @@ async fn call_never_sent(channel: Channel) -> Result<(), tonic::Status> {
     let never = futures::stream::pending::<GetCredentialsRequest>();
     let path = http::uri::PathAndQuery::from_static("/podiam.v1.Podiam/GetCredentials");
     let codec = tonic_prost::ProstCodec::<GetCredentialsRequest, GetCredentialsResponse>::default();
-    grpc.client_streaming(tonic::Request::new(never), path, codec)
+    let mut request = tonic::Request::new(never);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("ascii");
+        request.metadata_mut().insert("authorization", value);
+    }
+    grpc.client_streaming(request, path, codec)
         .await
         .map(|_| ())
+}
+
+/// web's credentials, asked on `channel` by the agent of `node` (its token).
+async fn asking_as(
+    channel: Channel,
+    node: &str,
+) -> Result<tonic::Response<GetCredentialsResponse>, tonic::Status> {
+    let mut request = tonic::Request::new(credentials_of_web());
+    let value = format!("Bearer agent-token:{node}").parse().expect("ascii");
+    request.metadata_mut().insert("authorization", value);
+    PodiamClient::new(channel).get_credentials(request).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn proven_agents_calls_are_read_in_their_nodes_places_not_anyones() {
+    use podiam_runtime::reading::{MAX_READING_PER_ADDRESS, MAX_READING_PER_NODE};
+    let mut rig = Rig::new(&["--node-binding=enforce"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    rig.add_agent_pod(NODE);
+    rig.add_agent_pod("node-2");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    // Each batch of calls held unsent fills a connection's streams; the others go on this.
+    let channel = rig.channel().await.expect("connects");
+    let (held, node_held) = (rig.channel().await, rig.channel().await);
+    let (held, node_held) = (held.expect("connects"), node_held.expect("connects"));
+    // node-1's agent's token is reviewed at its first call, and remembered.
+    asking_as(channel.clone(), NODE)
+        .await
+        .expect("node-1's agent answered");
+    assert_eq!(*rig.reviews.borrow(), 1);
+    // From this address (every call here comes from one): calls without a proven token,
+    // never sent, take the address's places; one more is refused.
+    let mut stuck: Vec<_> = (0..MAX_READING_PER_ADDRESS)
+        .map(|_| tokio::spawn(call_never_sent_as(held.clone(), Some("made-up".into()))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let refused = call_never_sent(channel.clone()).await.expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // node-1's agent, from the same address, is read in its node's places and answered.
+    asking_as(channel.clone(), NODE)
+        .await
+        .expect("answered beside them");
+    // node-2's agent, whose token this server has not seen, is refused among the unproven;
+    // its token is reviewed meanwhile, and its next call is read in its node's places
+    // (and refused for asking about a pod of another node).
+    let first = asking_as(channel.clone(), "node-2")
+        .await
+        .expect_err("no place");
+    assert_eq!(first.code(), tonic::Code::ResourceExhausted, "{first:?}");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let other = loop {
+        let answer = asking_as(channel.clone(), "node-2")
+            .await
+            .expect_err("refused");
+        if answer.code() != tonic::Code::ResourceExhausted {
+            break answer;
+        }
+        // The review takes no time on this clock: a second of retries is far beyond it.
+        assert!(Instant::now() < deadline, "node-2's token never learnt");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert_eq!(*rig.reviews.borrow(), 2, "its token reviewed once");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    // Its node's places are its own: once it holds them all, its next call is refused, and
+    // node-2's agent is still read.
+    let token = format!("agent-token:{NODE}");
+    stuck.extend(
+        (0..MAX_READING_PER_NODE)
+            .map(|_| tokio::spawn(call_never_sent_as(node_held.clone(), Some(token.clone())))),
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let refused = call_never_sent_as(channel.clone(), Some(token.clone()))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    let other = asking_as(channel.clone(), "node-2")
+        .await
+        .expect_err("read, then refused");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    for call in stuck {
+        let ended = call.await.expect("joins").expect_err("ended");
+        assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    }
+    shutdown.cancel();
 }
 
 #[tokio::test(start_paused = true)]
@@ -889,8 +1031,8 @@ async fn calls_whose_requests_never_end_are_bounded_per_address_and_end_after_5_
     rig.add_pod("web", WEB_IP, "app-reader");
     let shutdown = CancellationToken::new();
     let _serving = rig.serve(&shutdown);
-    // A holder of the agents' certificate opens a connection's worth of calls and sends
-    // none of their requests.
+    // A holder of the agents' certificate, with no proven agent's token, opens its
+    // address's share of calls and sends none of their requests.
     let held = rig.channel().await.expect("connects");
     let began = Instant::now();
     let stuck: Vec<_> = (0..MAX_READING_PER_ADDRESS)

@@ -323,14 +323,8 @@ impl Server {
             &tasks,
             refused,
         );
-        let shed = {
-            let counter = self.metrics.calls_shed.clone();
-            Arc::new(move || {
-                counter.inc();
-            })
-        };
         let grpc = tonic::transport::Server::builder()
-            .layer(podiam_runtime::reading::ReadingLayer::new(shed))
+            .layer(self.reading_layer())
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
@@ -382,6 +376,24 @@ impl Server {
             stop.clone(),
         ));
         tasks.spawn(Arc::clone(&self.tls).follow(self.tls_reload_interval, stop.clone()));
+    }
+
+    /// The gRPC port's bounds on calls whose requests are still arriving: proven agents'
+    /// calls read in their nodes' places ([`PodiamService::proven_node`]), refusals counted.
+    fn reading_layer(&self) -> podiam_runtime::reading::ReadingLayer {
+        let service = self.service.clone();
+        let learning = self.service.clone();
+        let counter = self.metrics.calls_shed.clone();
+        podiam_runtime::reading::ReadingLayer::new(
+            // Agents always present the client certificate: a call without one is nobody's.
+            Arc::new(move |headers: &http::HeaderMap, certified| {
+                certified.then(|| service.proven_node(headers)).flatten()
+            }),
+            Arc::new(move |headers: &http::HeaderMap, address| learning.learn(headers, address)),
+            Arc::new(move || {
+                counter.inc();
+            }),
+        )
     }
 
     /// The health listener's handler: `/live`, `/ready` (synced and not draining),

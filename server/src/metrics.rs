@@ -190,7 +190,8 @@ impl Metrics {
         registry.register(
             "grpc_calls_shed",
             "gRPC calls refused unread (RESOURCE_EXHAUSTED) because too many calls' requests \
-             were still arriving: 256 from one address or 1024 in all",
+             were still arriving: 256 of a proven agent's node or 1024 of all proven agents; \
+             256 from one address or 1024 in all of anyone else",
             self.calls_shed.clone(),
         );
         registry.register(

@@ -566,6 +566,34 @@ impl PodiamService {
         }
     }
 
+    /// The node of the proven agent whose call has these headers, from what this server
+    /// already knows (its token's review remembered, its pod running in the view); `None`
+    /// for anyone else, and while the token is not yet reviewed. The gRPC port's reading
+    /// bounds share places by it ([`podiam_runtime::reading`]).
+    pub fn proven_node(&self, headers: &http::HeaderMap) -> Option<Arc<str>> {
+        let token = crate::identity::bearer_header(headers)?;
+        let audiences = [self.settings.binding.audience.clone()];
+        let user = self.identities.remembered_user(token, &audiences)?;
+        let agent = bind_agent(&self.cluster.pods(), &self.settings.binding.account, &user);
+        agent.ok().map(|agent| Arc::from(agent.node))
+    }
+
+    /// Reviews, in the background, the agent token of a certified call refused for want of
+    /// a place among callers not yet proven ([`podiam_runtime::reading`]), within `address`'s
+    /// share of reviews (as its call would have been): an agent whose token is new to this
+    /// server while others fill those places has its next call read in its node's. A token
+    /// already reviewed (whatever the answer) or under review is not asked about again.
+    pub fn learn(&self, headers: &http::HeaderMap, address: IpAddr) {
+        let Some(token) = crate::identity::bearer_header(headers) else {
+            return;
+        };
+        let audiences = [self.settings.binding.audience.clone()];
+        let asker = Some(Asker::Address(address.to_canonical()));
+        // Begun here, not in a task of its own: a token remembered or under review costs
+        // nothing more, however many calls bring it (the review records itself).
+        let _ = self.identities.begin_review(token, &audiences, asker);
+    }
+
     /// The decision for `ip` as `caller` may have it. A pod on another node is refused (and
     /// counted and logged with the caller's proven identity); with `--node-binding warn` it
     /// is counted and logged, then answered.
