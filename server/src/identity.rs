@@ -636,9 +636,8 @@ impl Identities {
         lock(&self.cache)
     }
 
-    /// Whether `token` has a remembered, still trusted review for `audiences`.
-    /// The user a token was reviewed as, if its review is remembered and authenticated it;
-    /// never a review of its own.
+    /// The user `token` was reviewed as for `audiences`, if its review is remembered, still
+    /// trusted, and authenticated it; never a review of its own.
     pub fn remembered_user(&self, token: &str, audiences: &[String]) -> Option<ReviewedUser> {
         let now = (self.now)();
         let key = digest(token, audiences);
@@ -652,7 +651,8 @@ impl Identities {
         }
     }
 
-    /// Whether a review of the token is remembered, whatever it said.
+    /// Whether `token` has a remembered, still trusted review for `audiences`, whatever it
+    /// said.
     pub fn remembered(&self, token: &str, audiences: &[String]) -> bool {
         let now = (self.now)();
         let key = digest(token, audiences);
