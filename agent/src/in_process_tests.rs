@@ -851,8 +851,9 @@ async fn a_token_of_the_pod_that_had_the_address_opens_nothing_for_the_next_one(
     rig.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
+/// A rig whose replicas are named `s-0` and `s-1` in their Health answers, with web's
+/// session owned by `web_owner` and api's by `api_owner`.
+async fn rig_with_sessions_owned_by(web_owner: &str, api_owner: &str) -> Rig {
     let names = ["s-0", "s-1"];
     let key_of = |owner: &str| {
         (1u64..)
@@ -861,11 +862,11 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
     };
     let rig = Rig::start(&[
         PodState {
-            credential_key: key_of("s-1"),
+            credential_key: key_of(web_owner),
             ..pod("web", WEB)
         },
         PodState {
-            credential_key: key_of("s-0"),
+            credential_key: key_of(api_owner),
             ..pod("api", API)
         },
     ])
@@ -873,6 +874,12 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
     for (replica, name) in rig.replicas.iter().zip(names) {
         *replica.name.lock().expect("not poisoned") = name.to_string();
     }
+    rig
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
+    let rig = rig_with_sessions_owned_by("s-1", "s-0").await;
     rig.stream_synced(WEB).await;
     // The agent learns the names from the next health checks.
     tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;
@@ -893,26 +900,7 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_stream_and_calls_move_off_a_replica_whose_view_is_stale() {
-    let names = ["s-0", "s-1"];
-    let key_of = |owner: &str| {
-        (1u64..)
-            .find(|k| podiam_proto::owner::owner(*k, names) == Some(owner))
-            .expect("a key")
-    };
-    let rig = Rig::start(&[
-        PodState {
-            credential_key: key_of("s-0"),
-            ..pod("web", WEB)
-        },
-        PodState {
-            credential_key: key_of("s-1"),
-            ..pod("api", API)
-        },
-    ])
-    .await;
-    for (replica, name) in rig.replicas.iter().zip(names) {
-        *replica.name.lock().expect("not poisoned") = name.to_string();
-    }
+    let rig = rig_with_sessions_owned_by("s-0", "s-1").await;
     let holder = rig.stream_synced(WEB).await;
     let (stale, current) = (&rig.replicas[holder], &rig.replicas[1 - holder]);
     tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;

@@ -711,19 +711,21 @@ pub(crate) mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn picks_go_round_ready_replicas_and_avoid_suspect_ones() {
-        let (_dir, set) = set(Vec::new());
-        let name = || "localhost".to_string();
-        set.set_addresses(vec![
-            (addr("10.0.0.1:8443"), name()),
-            (addr("10.0.0.2:8443"), name()),
-            (addr("10.0.0.3:8443"), name()),
-        ]);
+    /// `set` made of `n` replicas at 10.0.0.1:8443, 10.0.0.2:8443…, each ready.
+    fn ready_replicas(set: &ServerSet, n: u8) -> Arc<Vec<Arc<Replica>>> {
+        let addresses = (1..=n).map(|i| (addr(&format!("10.0.0.{i}:8443")), "localhost".into()));
+        set.set_addresses(addresses.collect());
         let replicas = set.replicas();
         for replica in replicas.iter() {
             replica.ready.store(true, Ordering::Release);
         }
+        replicas
+    }
+
+    #[tokio::test]
+    async fn picks_go_round_ready_replicas_and_avoid_suspect_ones() {
+        let (_dir, set) = set(Vec::new());
+        let replicas = ready_replicas(&set, 3);
         let picked: std::collections::BTreeSet<SocketAddr> = (0..6)
             .filter_map(|_| set.pick(None))
             .map(|r| r.addr)
@@ -752,15 +754,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_stream_leaves_a_replica_only_for_a_better_one() {
         let (_dir, set) = set(Vec::new());
-        let name = || "localhost".to_string();
-        set.set_addresses(vec![
-            (addr("10.0.0.1:8443"), name()),
-            (addr("10.0.0.2:8443"), name()),
-        ]);
-        let replicas = set.replicas();
-        for replica in replicas.iter() {
-            replica.ready.store(true, Ordering::Release);
-        }
+        let replicas = ready_replicas(&set, 2);
         let (held, other) = (&replicas[0], &replicas[1]);
         assert_eq!(
             set.instead_of(held),
@@ -780,15 +774,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_stale_replica_is_used_only_when_no_replica_is_current() {
         let (_dir, set) = set(Vec::new());
-        let name = || "localhost".to_string();
-        set.set_addresses(vec![
-            (addr("10.0.0.1:8443"), name()),
-            (addr("10.0.0.2:8443"), name()),
-        ]);
-        let replicas = set.replicas();
-        for replica in replicas.iter() {
-            replica.ready.store(true, Ordering::Release);
-        }
+        let replicas = ready_replicas(&set, 2);
         let (stale, current) = (&replicas[0], &replicas[1]);
         stale.stale.store(true, Ordering::Release);
         for _ in 0..4 {

@@ -299,13 +299,18 @@ impl Rig {
             "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
         }))
         .expect("pod");
-        let record = PodRecord::from_pod(&pod).expect("a pod record");
+        self.apply_pod(&pod);
+    }
+
+    /// Puts `pod` in the view, and tells everyone who follows it (the credential upkeep,
+    /// node streams).
+    fn apply_pod(&self, pod: &Pod) {
+        let record = PodRecord::from_pod(pod).expect("a pod record");
         self.cluster
             .pods
             .write()
             .expect("not poisoned")
             .apply(record);
-        // Tells everyone who follows the view (the credential upkeep, node streams).
         self.cluster.mark_synced();
     }
 
@@ -322,13 +327,7 @@ impl Rig {
             "status": { "phase": "Running", "podIP": "10.2.0.1", "podIPs": [{ "ip": "10.2.0.1" }] },
         }))
         .expect("pod");
-        let record = PodRecord::from_pod(&pod).expect("a pod record");
-        self.cluster
-            .pods
-            .write()
-            .expect("not poisoned")
-            .apply(record);
-        self.cluster.mark_synced();
+        self.apply_pod(&pod);
     }
 
     /// Serves the server on the in-memory network until `shutdown`; what `serve` returned,
