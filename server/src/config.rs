@@ -100,6 +100,12 @@ pub struct Config {
     /// chains into (AssumeRole from the pod's credentials).
     #[arg(long, env = "PODIAM_SESSION_TAGS_TRANSITIVE")]
     pub session_tags_transitive: bool,
+    /// A connection to the Kubernetes API that receives nothing for this long is taken as
+    /// dead and made again (a watch on a lost connection would otherwise wait forever, its
+    /// view going stale unseen). Watches ask the API server to end them after two thirds of
+    /// it, so a quiet watch that works never trips it. 3s to 30s.
+    #[arg(long, env = "PODIAM_API_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub api_timeout: Duration,
     /// How often the TLS files are re-read; changed files that check out are used for new
     /// connections without a restart (a Secret update reaches the pod within about a minute).
     #[arg(long, env = "PODIAM_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -214,6 +220,12 @@ pub struct Config {
     pub log_level: String,
 }
 
+/// The bounds of `--api-timeout`: below 3 s a watch would be made again every two seconds;
+/// above 30 s a watch's failing attempts could come further apart than a stale spell lasts
+/// (`watch::SPELL_OVER_AFTER`).
+const MIN_API_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_API_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Attempts per STS call while STS is unavailable (`--sts-timeout` each).
 const STS_ATTEMPTS: u32 = 3;
 
@@ -232,6 +244,8 @@ pub struct ValidConfig {
     pub tls: TlsFiles,
     pub tls_reload_interval: Duration,
     pub kubeconfig: Option<PathBuf>,
+    /// `--api-timeout`.
+    pub api_timeout: Duration,
     /// The base ARN role names are placed under; filled in by [`crate::preflight`] when
     /// detected.
     pub base_role_arn: Option<String>,
@@ -402,6 +416,7 @@ impl Config {
             },
             tls_reload_interval: self.tls_reload_interval,
             kubeconfig: self.kubeconfig,
+            api_timeout: self.api_timeout,
             base_role_arn: self.base_role_arn,
             detect_base_arn_from: self
                 .base_role_arn_autodetect
@@ -538,6 +553,12 @@ impl Config {
         {
             problems.push(format!("--sts-endpoint {endpoint:?} is not an http(s) URL"));
         }
+        if self.api_timeout < MIN_API_TIMEOUT || self.api_timeout > MAX_API_TIMEOUT {
+            problems.push(format!(
+                "--api-timeout {}ms is outside 3s to 30s",
+                self.api_timeout.as_millis()
+            ));
+        }
         if self.tls_reload_interval.is_zero() {
             problems.push("--tls-reload-interval must be more than zero".to_string());
         }
@@ -641,6 +662,32 @@ mod tests {
         let problems = problems(config);
         assert_eq!(problems.len(), 9, "{problems:#?}");
         assert!(problems.iter().all(|p| !p.contains('\n')));
+    }
+
+    #[test]
+    fn the_api_timeout_is_kept_within_its_bounds() {
+        for (value, wanted) in [("3s", 0), ("30s", 0), ("2999ms", 1), ("31s", 1), ("0s", 1)] {
+            let config = parse(&[
+                "--base-role-arn",
+                "arn:aws:iam::123456789012:role/",
+                "--api-timeout",
+                value,
+            ]);
+            let found = match config.validate() {
+                Ok(valid) => {
+                    assert_eq!(
+                        valid.api_timeout,
+                        parse_duration(value).expect("a duration")
+                    );
+                    0
+                }
+                Err(problems) => {
+                    assert!(problems[0].contains("--api-timeout"), "{problems:?}");
+                    problems.len()
+                }
+            };
+            assert_eq!(found, wanted, "{value}");
+        }
     }
 
     #[test]

@@ -64,9 +64,13 @@ use crate::service::{PodiamService, ServiceSettings};
 use crate::sts::{AssumeRole, Clock, CredentialCache, SdkAssumeRole, SystemClock};
 use crate::watch::Cluster;
 
-/// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster/default configuration.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let kube_config = match kubeconfig {
+/// Builds a Kubernetes client from `--kubeconfig`, or the in-cluster/default configuration,
+/// whose connections are dropped after `api_timeout` with nothing received (`--api-timeout`).
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    api_timeout: std::time::Duration,
+) -> anyhow::Result<kube::Client> {
+    let mut kube_config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -78,6 +82,7 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
             .await
             .context("finding a Kubernetes configuration")?,
     };
+    kube_config.read_timeout = Some(api_timeout);
     kube::Client::try_from(kube_config).context("building the Kubernetes client")
 }
 
@@ -133,6 +138,8 @@ pub struct Server {
     draining: CancellationToken,
     /// The Kubernetes API and the Events queue it delivers, when there is an API.
     kube: Option<(kube::Client, tokio::sync::mpsc::Receiver<events::Notice>)>,
+    /// The watches' settings (`--api-timeout`).
+    watch_config: kube::runtime::watcher::Config,
     /// The admission webhook and its HTTPS configuration, when it is on.
     webhook: Option<(Arc<webhook::Webhook>, Arc<Rotating<ServerConfig>>)>,
     /// The replicas this one shares credential keys with, and what keeps that view.
@@ -162,7 +169,7 @@ impl Server {
             )),
             None => None,
         };
-        let client = kube_client(config.kubeconfig.as_deref()).await?;
+        let client = kube_client(config.kubeconfig.as_deref(), config.api_timeout).await?;
         let sts = SdkAssumeRole::new(config.sts.clone()).await;
         let backends = Backends {
             kube: Some(client.clone()),
@@ -194,10 +201,15 @@ impl Server {
             metrics.sts_calls.clone(),
         ));
         let cluster = Arc::new(Cluster::with_role_key(&config.role_annotation));
+        let watch_config = watch::watch_config(config.api_timeout);
         let (peers, peer_follower) = match (&backends.kube, &config.peers) {
             (Some(client), Some(source)) => {
-                let (peers, follower) =
-                    peers::follow(client.clone(), source, metrics.replicas_ready.clone());
+                let (peers, follower) = peers::follow(
+                    client.clone(),
+                    source,
+                    watch_config.clone(),
+                    metrics.replicas_ready.clone(),
+                );
                 (peers, Some(follower))
             }
             _ => (peers::Peers::alone(), None),
@@ -250,6 +262,7 @@ impl Server {
             metrics,
             draining,
             kube,
+            watch_config,
             webhook: None,
             peers,
             peer_follower,
@@ -359,6 +372,7 @@ impl Server {
             ));
             tasks.spawn(watch::run(
                 client,
+                self.watch_config.clone(),
                 Arc::clone(&self.cluster),
                 self.metrics.relists.clone(),
                 stop.clone(),

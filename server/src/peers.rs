@@ -94,9 +94,14 @@ impl std::fmt::Debug for Follower {
     }
 }
 
-/// The [`Peers`] view of `source`'s server pods, and what keeps it current (setting `gauge`
-/// to the number of ready replicas).
-pub fn follow(client: kube::Client, source: &PeerSource, gauge: Gauge) -> (Peers, Follower) {
+/// The [`Peers`] view of `source`'s server pods, and what keeps it current (watching with
+/// `config`, setting `gauge` to the number of ready replicas).
+pub fn follow(
+    client: kube::Client,
+    source: &PeerSource,
+    config: watcher::Config,
+    gauge: Gauge,
+) -> (Peers, Follower) {
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
     let peers = Peers {
         me: source.me.as_deref().map(Arc::from),
@@ -104,7 +109,7 @@ pub fn follow(client: kube::Client, source: &PeerSource, gauge: Gauge) -> (Peers
     };
     let follower = Follower {
         api: Api::namespaced(client, &source.namespace),
-        config: watcher::Config::default().labels(&source.selector),
+        config: config.labels(&source.selector),
         tx,
         gauge,
     };

@@ -249,38 +249,54 @@ impl Indexed for ServiceAccount {
 /// complete lists in `relists`.
 pub async fn run(
     client: kube::Client,
+    config: watcher::Config,
     cluster: Arc<Cluster>,
     relists: Family<ResourceLabels, Counter>,
     shutdown: CancellationToken,
 ) {
+    let watching = Watching {
+        config,
+        cluster,
+        relists,
+        shutdown,
+    };
     tokio::join!(
-        watch::<Pod>(
-            Api::all(client.clone()),
-            Arc::clone(&cluster),
-            relists.clone(),
-            shutdown.clone()
-        ),
-        watch::<Namespace>(
-            Api::all(client.clone()),
-            Arc::clone(&cluster),
-            relists.clone(),
-            shutdown.clone()
-        ),
-        watch::<ServiceAccount>(Api::all(client), cluster, relists, shutdown),
+        watch::<Pod>(Api::all(client.clone()), &watching),
+        watch::<Namespace>(Api::all(client.clone()), &watching),
+        watch::<ServiceAccount>(Api::all(client), &watching),
     );
 }
 
-async fn watch<K>(
-    api: Api<K>,
+/// What every watch of [`run`] shares.
+struct Watching {
+    config: watcher::Config,
     cluster: Arc<Cluster>,
     relists: Family<ResourceLabels, Counter>,
     shutdown: CancellationToken,
-) where
+}
+
+/// The watches' settings for a client whose connections time out after `api_timeout` with
+/// nothing received: the API server is asked to end each watch after two thirds of that,
+/// so a quiet watch that works ends, and is made again from where it was, before the
+/// client would take its connection for lost.
+pub fn watch_config(api_timeout: Duration) -> watcher::Config {
+    let seconds = (api_timeout.as_secs() * 2 / 3).max(1);
+    watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
+}
+
+async fn watch<K>(api: Api<K>, watching: &Watching)
+where
     K: Indexed,
     K::DynamicType: Default,
 {
-    let (index, synced) = K::slot(&cluster);
-    let stream = watcher(api);
+    let Watching {
+        config,
+        cluster,
+        relists,
+        shutdown,
+    } = watching;
+    let (index, synced) = K::slot(cluster);
+    let stream = watcher(api, config.clone());
     let mut stream = std::pin::pin!(stream);
     let mut relist: Option<K::Index> = None;
     loop {
@@ -399,12 +415,15 @@ fn replace_view<K: Indexed>(index: &RwLock<K::Index>, mut fresh: K::Index) {
     );
 }
 
-fn watcher<K>(api: Api<K>) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>>
+fn watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>>
 where
     K: Indexed,
     K::DynamicType: Default,
 {
-    watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::default())
+    watcher::watcher(api, config).backoff(WatchBackoff::default())
 }
 
 /// How long a watch fails (twice at least), with no success between, before the view
@@ -413,8 +432,9 @@ where
 pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// A spell of failing whose last failure is this old is over: the watch was made again and
 /// has had nothing to say. Failing attempts come at most [`WATCH_RETRY_MAX`] apart plus the
-/// attempt's own time, up to the client's 30 s connect timeout when the API server's address
-/// does not answer at all (a network partition).
+/// attempt's own time: up to the client's 30 s connect timeout when the API server's address
+/// does not answer at all (a network partition), or `--api-timeout` (at most 30 s) when it
+/// accepts connections but answers nothing.
 const SPELL_OVER_AFTER: Duration = Duration::from_secs(40);
 
 /// One watch's spell of failing.
@@ -588,6 +608,14 @@ mod tests {
         assert_eq!(told, [false, false, false, true]);
         assert!(failures.stale(at(37)).is_some());
         assert_eq!(failures.succeeded("namespaces", at(37)), None);
+    }
+
+    #[test]
+    fn watches_end_well_before_the_client_takes_their_connection_for_lost() {
+        for (api_timeout, watch_seconds) in [(3, 2), (30, 20), (4, 2)] {
+            let config = watch_config(Duration::from_secs(api_timeout));
+            assert_eq!(config.timeout, Some(watch_seconds), "{api_timeout}");
+        }
     }
 
     #[test]

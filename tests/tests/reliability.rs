@@ -305,21 +305,11 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     // Every replica's watches have failed again and again for 30 s: each says its view is
     // stale, and agents, with no current replica to prefer, go on with the stale ones.
-    let stale = |want: u64| {
-        let world = &world;
-        async move {
-            for i in 0..REPLICAS {
-                let metrics = world.server_metrics_of(i).await.unwrap_or_default();
-                if metric_value(&metrics, "podiam_server_view_stale") != want {
-                    return false;
-                }
-            }
-            true
-        }
-    };
-    wait_until(Duration::from_secs(10), "every replica stale", || stale(1))
-        .await
-        .expect("stale during the outage");
+    wait_until(Duration::from_secs(10), "every replica stale", || {
+        every_replica_stale(&world, 1)
+    })
+    .await
+    .expect("stale during the outage");
     let away_until = now();
     world.emulator().come_back().await.expect("back");
     wait_until(
@@ -334,7 +324,7 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     .expect("the change arrived");
     // Current again once the watches work (a quiet resource's 40 s after its last failure).
     wait_until(Duration::from_secs(60), "every replica current", || {
-        stale(0)
+        every_replica_stale(&world, 0)
     })
     .await
     .expect("current after the outage");
@@ -367,6 +357,47 @@ async fn the_api_server_away_for_thirty_seconds_is_not_noticed() {
     changed.retain(|f| !at_the_change(f));
     assert_unnoticed(&report, warm, (from, away_until), 30, &world);
     assert!(report.ok_between(away_until, to) > 0);
+}
+
+/// Whether every replica's `podiam_server_view_stale` is `want`.
+async fn every_replica_stale(world: &World, want: u64) -> bool {
+    for i in 0..REPLICAS {
+        let metrics = world.server_metrics_of(i).await.unwrap_or_default();
+        if metric_value(&metrics, "podiam_server_view_stale") != want {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_server_that_answers_nothing_is_seen_and_not_noticed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (world, load, warm) = under_load(fleet(&["--api-timeout", "3s"], &[]), clients()).await;
+
+    // A partition that drops packets: the replicas' connections to the API server, their
+    // watches' among them, get no answer, no error and no end. Only the replicas' own
+    // timeout (nothing received for --api-timeout) can tell them; then their watches fail
+    // again and again, and each says its view is stale.
+    let from = now();
+    world.emulator().go_silent();
+    wait_until(Duration::from_secs(60), "every replica stale", || {
+        every_replica_stale(&world, 1)
+    })
+    .await
+    .expect("stale while the API server answers nothing");
+    let healed = now();
+    world.emulator().speak_again();
+    // Current again once the watches work (a quiet resource's 40 s after its last failure).
+    wait_until(Duration::from_secs(60), "every replica current", || {
+        every_replica_stale(&world, 0)
+    })
+    .await
+    .expect("current once the API server answers again");
+    let to = now();
+    let report = load.stop().await.expect("report");
+    assert_unnoticed(&report, warm, (from, to), 30, &world);
+    assert!(report.ok_between(from, healed) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

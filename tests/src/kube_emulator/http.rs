@@ -106,6 +106,9 @@ pub struct Shared {
     /// While true, list (not watch) requests wait until it is false again: a relist held
     /// open for as long as a test needs.
     pub list_hold: tokio::sync::watch::Sender<bool>,
+    /// While true, connections are neither read nor written: a partition
+    /// ([`KubeEmulator::go_silent`](super::KubeEmulator::go_silent)).
+    pub silent: tokio::sync::watch::Sender<bool>,
     /// The paths of the list requests waiting on [`Shared::list_hold`] now.
     pub held_lists: Mutex<Vec<String>>,
     /// Tokens, static users, the TokenReview fault and the review counters.
@@ -165,6 +168,12 @@ async fn accept_connection(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let mut silent = shared.silent.subscribe();
+    if *silent.borrow_and_update() {
+        // Accepted by the kernel, never answered; closed (dropped) when the partition heals.
+        until_heard(&mut silent, &stop).await;
+        return;
+    }
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         _ = stop.cancelled() => return,
@@ -196,21 +205,38 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (mut silent, mut heal) = (shared.silent.subscribe(), shared.silent.subscribe());
     let service = service_fn(move |request| {
         let shared = Arc::clone(&shared);
         async move { Ok::<_, Infallible>(handle(&shared, request, tls).await) }
     });
     let connection =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    // Pinned here so that a partition can stop polling it without dropping (closing) it.
+    let mut connection = std::pin::pin!(connection);
     tokio::select! {
         // An outage or shutdown ends the connection before anything more is written.
         biased;
         _ = stop.cancelled() => {}
-        result = connection => {
+        () = async { let _ = silent.wait_for(|silent| *silent).await; } => {
+            // A partition: nothing more is read or written until it heals; then the
+            // connection is closed.
+            until_heard(&mut heal, &stop).await;
+        }
+        result = &mut connection => {
             if let Err(error) = result {
                 debug!(%peer, %error, "connection ended with an error");
             }
         }
+    }
+}
+
+/// Waits until the emulator is no longer silent, or `stop`.
+async fn until_heard(silent: &mut tokio::sync::watch::Receiver<bool>, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        // An error means the sender is gone: the emulator is shutting down.
+        _ = silent.wait_for(|silent| !silent) => {}
     }
 }
 

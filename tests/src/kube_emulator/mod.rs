@@ -208,6 +208,7 @@ impl KubeEmulator {
             requests: Mutex::new(VecDeque::new()),
             list_delay: Mutex::new(Duration::ZERO),
             list_hold: tokio::sync::watch::Sender::new(false),
+            silent: tokio::sync::watch::Sender::new(false),
             held_lists: Mutex::new(Vec::new()),
             authority: auth::Authority::new(),
             tls: tls::generate()?,
@@ -258,6 +259,20 @@ impl KubeEmulator {
             serving,
         ));
         Ok(())
+    }
+
+    /// A network partition that drops packets rather than refusing them: from now until
+    /// [`KubeEmulator::speak_again`], open connections (watches too) are neither read nor
+    /// written, and new ones are accepted but never answered, so a client sees nothing: no
+    /// error, no end. Connections held this way are closed when the partition heals, as a
+    /// peer that lost its state answers a resent segment with a reset.
+    pub fn go_silent(&self) {
+        self.shared.silent.send_replace(true);
+    }
+
+    /// The end of [`KubeEmulator::go_silent`]'s partition.
+    pub fn speak_again(&self) {
+        self.shared.silent.send_replace(false);
     }
 
     /// Makes every list request wait `delay` before its answer (zero: answer at once).
