@@ -13,7 +13,7 @@ use podiam_runtime::clock::now_unix;
 use crate::cache::Source;
 use crate::container::{PATH, PodToken, credentials_json};
 use crate::decision::PodDecision;
-use crate::http::{AgentRefusal, MetadataService, Refused};
+use crate::http::{AgentRefusal, MetadataService, Refused, still_granted};
 use crate::pods::Known;
 use podiam_proto::Reason;
 
@@ -121,6 +121,9 @@ impl MetadataService {
         };
         if self.cache.proven(&pod.uid, &token.digest, now) {
             let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
+            // The pod's role may have changed while this request waited (on its own fetch,
+            // or on another request's it joined): answered only as the decision stands now.
+            still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;
             match source {
                 Source::Cache => self.metrics.cache_hits.inc(),
                 Source::Server => self.metrics.cache_misses.inc(),
@@ -132,6 +135,7 @@ impl MetadataService {
         self.admit(peer, token, now)?;
         let credentials = self.judged(peer, token, fetch().await)?;
         self.cache.prove(&pod.uid, token.digest, token.expires, now);
+        still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;
         self.metrics.cache_misses.inc();
         let entry = self.cache.put(&pod.uid, &own.arn, credentials).await;
         Ok(entry.container_document.clone())

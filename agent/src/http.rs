@@ -21,7 +21,7 @@ use podiam_proto::Reason;
 use podiam_runtime::telemetry::Escaped;
 
 use crate::cache::{CredentialCache, Source};
-use crate::decision::{PodDecision, PodId, Refusal, ServerError};
+use crate::decision::{PodDecision, PodId, Refusal, Role, ServerError};
 use crate::imds;
 use crate::metrics::{Metrics, ServerErrorLabels};
 use crate::node_metadata::{NodeMetadata, NodeMetadataError};
@@ -784,22 +784,49 @@ impl MetadataService {
             })
         };
         let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
-        // The pod's decision may have changed while this request waited (its namespace come
-        // to require its token; another request's fetch, with its token, may be what this one
-        // joined): answered only as the decision stands now.
-        if let Known::Pod(current) = self.table.known(peer)
-            && current.pod.uid == pod.uid
-        {
-            current
-                .role_by_address()
-                .map_err(|refusal| Refused::ByServers(refusal.clone()))?;
-        }
+        // The pod's decision may have changed while this request waited (its role, or its
+        // namespace come to require its token; another request's fetch, with its token, may
+        // be what this one joined): answered only as the decision stands now.
+        still_granted(
+            &self.table.known(peer),
+            pod,
+            own,
+            PodDecision::role_by_address,
+        )?;
         match source {
             Source::Cache => self.metrics.cache_hits.inc(),
             Source::Server => self.metrics.cache_misses.inc(),
         };
         Ok(text(StatusCode::OK, entry.document.clone()))
     }
+}
+
+/// Whether credentials of `own`, pod `pod`'s role before a wait, may still be answered with,
+/// now that the table knows `now` of the address: when it has the same pod, only if that
+/// pod's role (by `role_of`) is still `own`. A role changed meanwhile is refused as a
+/// request naming the old role would be (`wrong-role`); the pod gets its new role at its
+/// next fetch.
+pub(crate) fn still_granted(
+    now: &Known,
+    pod: &PodId,
+    own: &Role,
+    role_of: for<'a> fn(&'a PodDecision) -> Result<&'a Role, &'a Refusal>,
+) -> Result<(), Refused> {
+    let Known::Pod(current) = now else {
+        return Ok(());
+    };
+    if current.pod.uid != pod.uid {
+        return Ok(());
+    }
+    let role = role_of(current).map_err(|refusal| Refused::ByServers(refusal.clone()))?;
+    if role.arn != own.arn {
+        return Err(Refused::ByAgent(AgentRefusal::WrongRole {
+            pod: pod.clone(),
+            asked: own.name.clone(),
+            actual: role.name.clone(),
+        }));
+    }
+    Ok(())
 }
 
 /// What [`MetadataService::answer_now`] found.

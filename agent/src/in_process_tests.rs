@@ -984,6 +984,53 @@ async fn a_pod_whose_namespace_comes_to_require_its_token_gets_nothing_by_addres
     rig.stop().await;
 }
 
+/// `state` with another role.
+fn writer(state: PodState) -> PodState {
+    PodState {
+        role_name: "app-writer".into(),
+        role_arn: "arn:aws:iam::123456789012:role/app-writer".into(),
+        ..state
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_role_taken_away_meanwhile_are_not_answered() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    let token = accepted_token(&rig, "web");
+    // Requests waiting for app-reader's credentials when the pod's role becomes app-writer:
+    // answered as the decision stands when the credentials arrive (the fake servers, unlike
+    // the real ones, would hand out the old role's).
+    for replica in &rig.replicas {
+        replica.set_credentials_delay(Duration::from_millis(200));
+    }
+    let flip = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for replica in &rig.replicas {
+            replica.add_pod(writer(pod("web", WEB)));
+        }
+    };
+    let (by_address, by_token, ()) = tokio::join!(
+        rig.get(WEB, CREDENTIALS),
+        rig.get_with(WEB, CONTAINER, PATH, Some(&token)),
+        flip
+    );
+    for (status, body) in [by_address, by_token] {
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("wrong-role"), "{body}");
+        assert!(!body.contains("ASIATEST"), "{body}");
+    }
+    // The new role's credentials, at the next fetch.
+    for replica in &rig.replicas {
+        replica.set_credentials_delay(Duration::ZERO);
+    }
+    let (status, body) = rig
+        .get(WEB, "/latest/meta-data/iam/security-credentials/app-writer")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    rig.stop().await;
+}
+
 /// A JWT's shape with `claims` as its payload.
 fn jwt(claims: &serde_json::Value) -> String {
     crate::container::tests::jwt(&claims.to_string())
