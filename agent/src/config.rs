@@ -57,7 +57,8 @@ pub const DEFAULT_CONTAINER_PORT: u16 = 253;
 /// Connections one pod may hold by default. An SDK client uses one connection at a time and
 /// the agent answers in milliseconds, so 16 lets 16 processes of one pod ask at the same
 /// instant; idle connections beyond it make room for new ones. 64 pods at this limit fill the
-/// default `--max-connections` (1024); a node runs at most 110 pods by default (the kubelet's
+/// default `--max-connections` (1024), and then give up connections to pods holding fewer; a
+/// node runs at most 110 pods by default (the kubelet's
 /// `--max-pods`), of which only a flooding few ever reach it.
 pub const MAX_CONNECTIONS_PER_POD: usize = 16;
 
@@ -229,7 +230,9 @@ pub struct ServeConfig {
         default_value = "http://169.254.169.254"
     )]
     pub metadata_upstream: String,
-    /// Pod connections served at once, all pods together; more wait in the kernel's queue.
+    /// Pod connections served at once, all pods together. At the limit a new connection takes
+    /// the place of an idle one of the pod holding the most, if it holds more than the new
+    /// one's pod; a pod holding as many as any other is refused.
     #[arg(long, env = "PODIAM_MAX_CONNECTIONS", default_value_t = podiam_runtime::serve::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Connections one pod (one source address) may hold at once. At the limit a new

@@ -51,6 +51,8 @@ fn closed_reason(why: Closed) -> &'static str {
         Closed::HeaderTimeout => "header-timeout",
         Closed::IdleTimeout => "idle-timeout",
         Closed::RequestLimit => "request-limit",
+        Closed::PoolEvicted => "pool-evicted",
+        Closed::PoolRefused => "pool-refused",
     }
 }
 
@@ -190,7 +192,8 @@ impl Metrics {
         registry.register(
             "connections_closed",
             "Pod-facing connections the agent closed or refused on its own, by reason \
-             (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit)",
+             (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit, \
+             pool-evicted, pool-refused)",
             self.connections_closed.clone(),
         );
         registry.register(

@@ -8,6 +8,11 @@
 //!   [`Limits::max_connections_per_peer`] connections. A new connection beyond that takes the
 //!   place of the same address's longest-idle one, which is closed; if none is idle the new
 //!   one is refused (closed at once). A flood only ever competes with itself.
+//! - **All addresses together** at most [`Limits::max_connections`]. At that limit a new
+//!   connection takes the place of one (idle, else waiting for its head) of the address
+//!   holding the most, when that is more than the new one's address holds: many addresses
+//!   flooding together (any pod reaches a node's health port) cannot keep a probe or a new pod
+//!   waiting in the kernel's queue. One holding as many as any other is refused at once.
 //! - **Deadlines a trickle cannot extend.** A request head must arrive whole within
 //!   [`Limits::header_read_timeout`], counted from accept for a connection's first request and
 //!   from the first byte of each later one; bytes arriving meanwhile do not move it. Between
@@ -29,6 +34,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,7 +106,10 @@ pub const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 /// Limits on the connections one listener serves.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once. At the limit a new connection takes the place of an idle
+    /// (or head-waiting) one of the address holding the most, if that is more than the new
+    /// one's address holds; else it is refused, or, when its address holds none, waits for an
+    /// answer under way to end.
     pub max_connections: usize,
     /// Connections served at once from one peer address. At the limit a new connection
     /// replaces the address's longest-idle one, or is refused when none is idle. The default
@@ -173,15 +182,24 @@ pub enum Closed {
     IdleTimeout,
     /// It carried the most requests one connection may.
     RequestLimit,
+    /// Every connection of the listener was in use and its address held the most: as its
+    /// longest-idle (or longest-waiting) one, it was closed for an address holding fewer.
+    PoolEvicted,
+    /// Every connection of the listener was in use, and its address held as many as any
+    /// other with none to give up: refused (closed at once) rather than queued, so that it
+    /// cannot hold up the connections of addresses holding fewer.
+    PoolRefused,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 5] = [
+    pub const ALL: [Closed; 7] = [
         Closed::PeerLimitRefused,
         Closed::PeerLimitEvicted,
         Closed::HeaderTimeout,
         Closed::IdleTimeout,
         Closed::RequestLimit,
+        Closed::PoolEvicted,
+        Closed::PoolRefused,
     ];
 
     /// A short name for logs and metrics.
@@ -192,6 +210,8 @@ impl Closed {
             Closed::HeaderTimeout => "header-timeout",
             Closed::IdleTimeout => "idle-timeout",
             Closed::RequestLimit => "request-limit",
+            Closed::PoolEvicted => "pool-evicted",
+            Closed::PoolRefused => "pool-refused",
         }
     }
 }
@@ -303,6 +323,33 @@ struct Peers {
     open: Mutex<HashMap<IpAddr, Vec<Arc<Conn>>>>,
 }
 
+/// Which of `conns` gives its place to a new connection: the longest-idle, else (with
+/// `waiting_heads`) the one waiting longest for its request head; none while all answer.
+fn give_way(conns: &[Arc<Conn>], waiting_heads: bool) -> Option<usize> {
+    conns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, conn)| match conn.phase() {
+            Phase::Idle { since } => Some(((0, since), i)),
+            Phase::Head { since } if waiting_heads => Some(((1, since), i)),
+            _ => None,
+        })
+        .min_by_key(|(order, _)| *order)
+        .map(|(_, i)| i)
+}
+
+/// What [`Peers::make_room`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Crowd {
+    /// A connection of an address holding more was told to close; its place comes free.
+    Evicted,
+    /// Nobody holds more than the newcomer, which holds some, none able to give way:
+    /// refuse it.
+    Full,
+    /// The newcomer holds none, and no connection could give way now: wait for one to end.
+    Wait,
+}
+
 /// Whether a new connection may be served.
 enum Admission {
     /// Yes; `evicted`: the peer's longest-idle connection was told to close for it.
@@ -340,16 +387,7 @@ impl Peers {
         let conns = open.entry(peer).or_default();
         let mut evicted = false;
         if conns.len() >= limit {
-            let longest_idle = conns
-                .iter()
-                .enumerate()
-                .filter_map(|(i, conn)| match conn.phase() {
-                    Phase::Idle { since } => Some(((0, since), i)),
-                    Phase::Head { since } if self.evict_waiting_heads => Some(((1, since), i)),
-                    _ => None,
-                })
-                .min_by_key(|(order, _)| *order);
-            let Some((_, i)) = longest_idle else {
+            let Some(i) = give_way(conns, self.evict_waiting_heads) else {
                 return Admission::Refused;
             };
             conns.swap_remove(i).evicted.cancel();
@@ -358,6 +396,36 @@ impl Peers {
         let conn = Arc::new(Conn::new(Instant::now()));
         conns.push(Arc::clone(&conn));
         Admission::Admitted { conn, evicted }
+    }
+
+    /// Every connection is in use and `newcomer` (a [`Peers::key`]) wants one: closes the
+    /// longest-idle (else longest-waiting) connection of an address holding the most, if
+    /// that is more than `newcomer` holds; else, as at its own limit, one of `newcomer`'s
+    /// own. [`Crowd::Full`]: nobody holds more, and none of `newcomer`'s connections can
+    /// give way; [`Crowd::Wait`]: it holds none, and every connection of those holding
+    /// more is answering (an answer ends soon).
+    fn make_room(&self, newcomer: IpAddr) -> Crowd {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let holding = open.get(&newcomer).map_or(0, Vec::len);
+        let mut crowded: Vec<&mut Vec<Arc<Conn>>> =
+            open.values_mut().filter(|c| c.len() > holding).collect();
+        crowded.sort_unstable_by_key(|conns| std::cmp::Reverse(conns.len()));
+        for conns in crowded {
+            if let Some(i) = give_way(conns, true) {
+                conns.swap_remove(i).evicted.cancel();
+                return Crowd::Evicted;
+            }
+        }
+        let Some(own) = open.get_mut(&newcomer).filter(|own| !own.is_empty()) else {
+            return Crowd::Wait;
+        };
+        match give_way(own, self.evict_waiting_heads) {
+            Some(i) => {
+                own.swap_remove(i).evicted.cancel();
+                Crowd::Evicted
+            }
+            None => Crowd::Full,
+        }
     }
 
     /// `conn` of `peer` ended (nothing happens if it was evicted: it is gone already).
@@ -425,6 +493,41 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
+/// One of `slots` for a new connection of `address` (a [`Peers::key`]): at the limit, an
+/// address holding more than this one gives up a connection; one holding no more than anyone
+/// else, none of its own idle, is refused (`Continue(None)`), so that no set of addresses
+/// can keep the others' connections waiting in the kernel's queue. Only when `address` holds
+/// none and every other connection is answering does it wait. `Break`: `shutdown`.
+async fn place_for(
+    address: IpAddr,
+    slots: &Arc<tokio::sync::Semaphore>,
+    peers: &Peers,
+    observer: &dyn ConnectionObserver,
+    shutdown: &CancellationToken,
+) -> ControlFlow<(), Option<tokio::sync::OwnedSemaphorePermit>> {
+    if let Ok(slot) = Arc::clone(slots).try_acquire_owned() {
+        return ControlFlow::Continue(Some(slot));
+    }
+    match peers.make_room(address) {
+        Crowd::Evicted => {
+            tracing::debug!(%address, "every connection in use: the longest-idle connection of an address holding more closes");
+            observer.closed(Closed::PoolEvicted);
+        }
+        Crowd::Full => {
+            observer.closed(Closed::PoolRefused);
+            return ControlFlow::Continue(None);
+        }
+        Crowd::Wait => {}
+    }
+    tokio::select! {
+        () = shutdown.cancelled() => ControlFlow::Break(()),
+        slot = Arc::clone(slots).acquire_owned() => match slot {
+            Ok(slot) => ControlFlow::Continue(Some(slot)),
+            Err(_) => ControlFlow::Break(()),
+        },
+    }
+}
+
 /// Serves HTTP/1 on `listener` (TCP, or in tests an in-memory one: see
 /// [`crate::net::Listener`]) with `handler(peer, request)` until `shutdown`; then stops
 /// accepting (the listener closes), answers what still arrives on open connections for
@@ -459,19 +562,19 @@ pub async fn serve_http_observed<L, H, F>(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let peers = Arc::new(Peers::new(&limits));
     loop {
-        // At the limit, stop accepting until a connection ends; the kernel queues the rest.
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let address = peers.key(peer.ip().to_canonical());
+        let slot = match place_for(address, &slots, &peers, &*observer, &shutdown).await {
+            ControlFlow::Continue(Some(slot)) => slot,
+            ControlFlow::Continue(None) => {
+                tracing::debug!(%peer, "every connection in use, none held by an address holding more: refused");
+                continue;
+            }
+            ControlFlow::Break(()) => break,
+        };
         let conn = match peers.admit(address) {
             Admission::Admitted { conn, evicted } => {
                 if evicted {
@@ -1010,6 +1113,67 @@ mod tests {
         answered(&mut newer).await;
         assert_eq!(counts.closed(Closed::PeerLimitEvicted), 1);
         assert_eq!(counts.closed(Closed::PeerLimitRefused), 0);
+    }
+
+    /// Opens `n` connections from each of `sources` that send half a request head and stay
+    /// waiting; returns once the server counts them all open.
+    async fn waiting_heads(
+        sources: &[[u8; 4]],
+        n: usize,
+        addr: SocketAddr,
+        counts: &Counts,
+    ) -> Vec<TcpStream> {
+        let mut held = Vec::new();
+        for source in sources {
+            for _ in 0..n {
+                let mut stream = connect_from(*source, addr).await;
+                stream.write_all(b"GET /").await.expect("sends");
+                held.push(stream);
+                let opened = held.len() as i64;
+                while counts.open.load(Ordering::SeqCst) != opened {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        held
+    }
+
+    #[tokio::test]
+    async fn when_every_connection_is_in_use_an_address_holding_fewer_is_served_at_once() {
+        // Two addresses hold every connection of the pool at their own limit, as many
+        // addresses together could at a real port's. A third address's connection (a probe,
+        // a new pod) takes the place of one of theirs rather than waiting in the kernel's
+        // queue until one of theirs ends.
+        let limits = Limits {
+            max_connections: 4,
+            max_connections_per_peer: 2,
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        let _held = waiting_heads(&[[127, 0, 0, 2], [127, 0, 0, 3]], 2, addr, &counts).await;
+        // One of them, holding as many as the other and none idle (heads give way here
+        // only to addresses holding fewer), is refused at once, not queued.
+        let mut again = connect_from([127, 0, 0, 2], addr).await;
+        let took = closed(&mut again, Instant::now()).await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(counts.closed(Closed::PoolRefused), 1);
+        let mut probe = connect_from([127, 0, 0, 4], addr).await;
+        tokio::time::timeout(Duration::from_secs(3), answered(&mut probe))
+            .await
+            .expect("served at once, not after the others' header deadline");
+        assert_eq!(counts.closed(Closed::PoolEvicted), 1);
+        assert_eq!(counts.closed(Closed::PeerLimitRefused), 0);
+        // Its second takes the place of the address still holding two…
+        let mut second = connect_from([127, 0, 0, 4], addr).await;
+        answered(&mut second).await;
+        assert_eq!(counts.closed(Closed::PoolEvicted), 2);
+        // …and its third, now that it holds the most, that of its own longest-idle one.
+        let mut third = connect_from([127, 0, 0, 4], addr).await;
+        answered(&mut third).await;
+        let took = closed(&mut probe, Instant::now()).await;
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert_eq!(counts.closed(Closed::PoolEvicted), 3);
+        assert_eq!(counts.closed(Closed::PoolRefused), 1);
     }
 
     #[tokio::test]
