@@ -89,6 +89,9 @@ pub const OPERATOR_REVIEWS_BURST: f64 = 20.0;
 /// Most reviews remembered; past it, expired ones go first, then the ones expiring soonest.
 /// Far above one token per agent per node of any cluster.
 pub const REVIEW_CACHE_ENTRIES: usize = 16_384;
+/// Reviews kept per node ([`Identities::keep`]): an agent's token and the one that replaces
+/// it, with room for a restart.
+pub const KEPT_PER_NODE: usize = 4;
 /// Time limit of one review request to the API: an agent's call must fail over or answer
 /// within the SDKs' 1 s per attempt budget... after the first call; the first review of a
 /// token may take this long while the API is slow.
@@ -382,6 +385,8 @@ struct Cached {
     review: Review,
     /// Unix seconds after which it is asked again.
     until: u64,
+    /// It proved a running agent ([`Identities::keep`]): a full cache gives it up last.
+    kept: bool,
 }
 
 /// Reviews by a digest of (audiences, token), with their in-flight requests.
@@ -389,6 +394,8 @@ struct Cached {
 struct Cache {
     done: HashMap<[u8; 32], Cached>,
     pending: HashMap<[u8; 32], ReviewFuture>,
+    /// The kept reviews of each node's agent, oldest first ([`KEPT_PER_NODE`] at most).
+    kept: HashMap<Arc<str>, std::collections::VecDeque<[u8; 32]>>,
 }
 
 /// Token and access reviews, cached and bounded.
@@ -646,8 +653,45 @@ impl Identities {
             Some(Cached {
                 review: Review::Authenticated(user),
                 until,
+                ..
             }) if *until > now => Some(user.clone()),
             _ => None,
+        }
+    }
+
+    /// Remembers that `token`'s review for `audiences` proved the agent of `node`: a full
+    /// cache gives such reviews up last, so that tokens reviewed for nothing, however many,
+    /// cannot push proven agents' reviews out (and their calls back among the unproven, to
+    /// be reviewed again). A node's agent has one or two tokens live; more can only come
+    /// from that node's credentials minting them, so each node keeps its [`KEPT_PER_NODE`]
+    /// latest, and an older one loses its place.
+    pub fn keep(&self, token: &str, audiences: &[String], node: &str) {
+        let key = digest(token, audiences);
+        let mut cache = self.cache();
+        let Cache { done, kept, .. } = &mut *cache;
+        let Some(cached) = done.get_mut(&key) else {
+            return;
+        };
+        if cached.kept {
+            return;
+        }
+        cached.kept = true;
+        if kept.len() >= REVIEW_CACHE_ENTRIES {
+            // Nodes come and go: forget those whose kept reviews are all gone.
+            kept.retain(|_, keys| {
+                keys.retain(|key| done.get(key).is_some_and(|cached| cached.kept));
+                !keys.is_empty()
+            });
+        }
+        let of_node = kept.entry(Arc::from(node)).or_default();
+        // Once kept, let go (expired, reviewed again) and kept anew: the latest place only.
+        of_node.retain(|k| *k != key);
+        of_node.push_back(key);
+        if of_node.len() > KEPT_PER_NODE
+            && let Some(oldest) = of_node.pop_front()
+            && let Some(cached) = done.get_mut(&oldest)
+        {
+            cached.kept = false;
         }
     }
 
@@ -865,19 +909,21 @@ fn record(
                 Cached {
                     review: review.clone(),
                     until,
+                    kept: false,
                 },
             );
         }
     }
 }
 
-/// Makes room in a full cache: expired reviews go, then the soonest to expire.
+/// Makes room in a full cache: expired reviews go, then the soonest to expire of those not
+/// kept, then of those kept.
 fn evict(done: &mut HashMap<[u8; 32], Cached>, now: u64) {
     done.retain(|_, cached| cached.until > now);
     while done.len() >= REVIEW_CACHE_ENTRIES {
         let Some(soonest) = done
             .iter()
-            .min_by_key(|(_, cached)| cached.until)
+            .min_by_key(|(_, cached)| (cached.kept, cached.until))
             .map(|(key, _)| *key)
         else {
             return;
@@ -1083,6 +1129,34 @@ mod tests {
         time.fetch_add(601, Ordering::SeqCst);
         let _ = ids.review(&token, &[]).await;
         assert_eq!(fake.calls.load(Ordering::SeqCst), calls + 1);
+    }
+
+    #[tokio::test]
+    async fn proven_agents_reviews_outlast_a_flood_of_other_tokens() {
+        let fake = Arc::new(Fake::default());
+        let (_, now) = clock();
+        let ids = Identities::with_clock(fake.clone(), IdentityCounters::new(), now.clone());
+        let agents = ["podiam".to_string()];
+        // node-b's agent, proven with a token reviewed a while ago: the soonest to expire.
+        let honest = jwt("good-agent-b", now() + 3000);
+        ids.review(&honest, &agents).await.expect("reviewed");
+        ids.keep(&honest, &agents, "node-b");
+        // node-a's credentials mint more tokens than the cache holds, each trusted longer;
+        // a few prove node-a's agent (more than a node keeps).
+        for i in 0..REVIEW_CACHE_ENTRIES + 10 {
+            let token = jwt(&format!("good-{i}"), now() + 7200);
+            ids.review(&token, &agents).await.expect("reviewed");
+            if i < 2 * KEPT_PER_NODE {
+                ids.keep(&token, &agents, "node-a");
+            }
+        }
+        assert!(ids.cached() <= REVIEW_CACHE_ENTRIES);
+        assert!(
+            ids.remembered_user(&honest, &agents).is_some(),
+            "node-b's agent's review was pushed out"
+        );
+        let kept = ids.cache().done.values().filter(|c| c.kept).count();
+        assert_eq!(kept, 1 + KEPT_PER_NODE);
     }
 
     #[tokio::test]
@@ -1449,6 +1523,7 @@ mod tests {
                 Cached {
                     review: Review::Unauthenticated(String::new()),
                     until: 100 + i,
+                    kept: false,
                 },
             );
         }

@@ -561,7 +561,11 @@ impl PodiamService {
                     if tokio::time::timeout_at(deadline, changes.changed())
                         .await
                         .is_ok_and(|changed| changed.is_ok()) => {}
-                other => return other.map_err(BindingFailure::NotAgent),
+                Ok(agent) => {
+                    self.identities.keep(token, &audiences, &agent.node);
+                    return Ok(agent);
+                }
+                Err(refusal) => return Err(BindingFailure::NotAgent(refusal)),
             }
         }
     }
