@@ -36,12 +36,15 @@ use tonic::transport::server::Connected;
 
 use crate::net::Listener;
 use crate::rotate::Rotating;
+use crate::telemetry::LogThrottle;
 
 /// Longest a client may take to complete its TLS handshake: a healthy agent needs a few
 /// milliseconds; this only bounds stuck or hostile clients.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshaken connections waiting for the gRPC server to pick them up.
 const ACCEPTED_BUFFER: usize = 64;
+/// Refused handshakes are logged once per address and reason in this long.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 /// Connections one address may hold open at once. An agent holds one or two to each
 /// replica (two while its certificate rotates); operators' port-forwards arrive from the
 /// node's own address a few at a time; a hostile pod gets no further than this.
@@ -103,6 +106,8 @@ fn accept_tls_with<L: Listener>(
         None,
     ));
     let uncertified = Arc::new(uncertified);
+    // Anyone who reaches the port can have handshakes refused as fast as they like.
+    let refusals = Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY));
     tasks.spawn(async move {
         let handshakes = TaskTracker::new();
         loop {
@@ -125,6 +130,7 @@ fn accept_tls_with<L: Listener>(
                 _uncertified: None,
             };
             let uncertified = Arc::clone(&uncertified);
+            let refusals = Arc::clone(&refusals);
             handshakes.spawn(async move {
                 let handshaken = match nodelay {
                     Ok(()) => handshake(acceptor, stream, peer).await,
@@ -136,8 +142,13 @@ fn accept_tls_with<L: Listener>(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Err(why) => {
-                        tracing::warn!(%peer, %why, "TLS handshake refused");
                         on_refused();
+                        // Logged once per address and reason a minute; `held_back`: refusals
+                        // not logged in the minute before (all are counted).
+                        let key = (peer.ip().to_canonical(), why.clone());
+                        if let Some(held_back) = refusals.admit(key, std::time::Instant::now()) {
+                            tracing::warn!(%peer, %why, held_back, "TLS handshake refused");
+                        }
                     }
                 }
             });

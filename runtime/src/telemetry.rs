@@ -105,6 +105,70 @@ pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
     shutdown.cancel();
 }
 
+/// Lines a caller can make as fast as it likes (a refused handshake, a call not proven),
+/// logged the first time each key (an address and a reason, say) comes in a window of
+/// [`LogThrottle::every`], and only counted after that: what an attacker can push into the
+/// log is one line per key per window, at most [`LOG_THROTTLE_KEYS`] keys per window. The
+/// counters beside such lines keep the whole rate.
+#[derive(Debug)]
+pub struct LogThrottle<K> {
+    every: std::time::Duration,
+    state: std::sync::Mutex<Window<K>>,
+}
+
+/// Keys a [`LogThrottle`] tells apart in one window; others are only counted.
+pub const LOG_THROTTLE_KEYS: usize = 1024;
+
+#[derive(Debug)]
+struct Window<K> {
+    began: Option<std::time::Instant>,
+    logged: std::collections::HashSet<K>,
+    /// Lines not logged in this window.
+    held_back: u64,
+    /// Lines not logged in the window before, told with this window's first line.
+    held_back_before: u64,
+}
+
+impl<K: std::hash::Hash + Eq> LogThrottle<K> {
+    /// A throttle with windows of `every`.
+    pub fn new(every: std::time::Duration) -> LogThrottle<K> {
+        LogThrottle {
+            every,
+            state: std::sync::Mutex::new(Window {
+                began: None,
+                logged: std::collections::HashSet::new(),
+                held_back: 0,
+                held_back_before: 0,
+            }),
+        }
+    }
+
+    /// The window's length.
+    pub fn every(&self) -> std::time::Duration {
+        self.every
+    }
+
+    /// Whether a line for `key` is to be logged now: `Some(n)`, where `n` lines were held
+    /// back in the window before (the first line of a window says so, the others 0), or
+    /// `None`: counted, not logged.
+    pub fn admit(&self, key: K, now: std::time::Instant) -> Option<u64> {
+        let mut window = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if window
+            .began
+            .is_none_or(|began| now.saturating_duration_since(began) >= self.every)
+        {
+            window.began = Some(now);
+            window.logged.clear();
+            window.held_back_before = std::mem::take(&mut window.held_back);
+        }
+        if window.logged.len() >= LOG_THROTTLE_KEYS || !window.logged.insert(key) {
+            window.held_back += 1;
+            return None;
+        }
+        Some(std::mem::take(&mut window.held_back_before))
+    }
+}
+
 /// What the text log format writes for the events `log` makes, at every level: for tests
 /// that a logged field cannot forge a line.
 #[cfg(any(test, feature = "test-util"))]
@@ -138,7 +202,7 @@ pub fn logged_text(log: impl FnOnce()) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Escaped, logged_text, parse_duration};
+    use super::{Escaped, LOG_THROTTLE_KEYS, LogThrottle, logged_text, parse_duration};
     use std::time::Duration;
 
     #[test]
@@ -179,5 +243,27 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn a_throttled_line_is_logged_once_per_key_and_window() {
+        let throttle = LogThrottle::new(std::time::Duration::from_secs(60));
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + std::time::Duration::from_secs(s);
+        assert_eq!(throttle.admit("a", at(0)), Some(0));
+        assert_eq!(throttle.admit("a", at(1)), None);
+        assert_eq!(throttle.admit("b", at(2)), Some(0));
+        assert_eq!(throttle.admit("a", at(59)), None);
+        // A new window: the first line says how many the last one held back.
+        assert_eq!(throttle.admit("a", at(60)), Some(2));
+        assert_eq!(throttle.admit("b", at(61)), Some(0));
+        // However many keys come, a window logs at most LOG_THROTTLE_KEYS lines.
+        let logged = (0..LOG_THROTTLE_KEYS * 2)
+            .filter(|i| {
+                let key: &'static str = Box::leak(format!("k{i}").into_boxed_str());
+                throttle.admit(key, at(62)).is_some()
+            })
+            .count();
+        assert_eq!(logged, LOG_THROTTLE_KEYS - 2);
     }
 }

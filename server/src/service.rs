@@ -34,6 +34,7 @@ use podiam_proto::v1::{
 use podiam_proto::{InvalidIp, Reason, valid_role_name};
 use podiam_runtime::clock::now_unix;
 use podiam_runtime::telemetry::Escaped;
+use podiam_runtime::telemetry::LogThrottle;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -258,6 +259,9 @@ pub struct PodiamService {
     streams: TaskTracker,
     /// Agents' NodeReady reports: the agent-not-ready taint they lift.
     readiness: crate::nodes::NodeReadiness,
+    /// Refused agent calls, logged once per reason and address (or node and pod address)
+    /// a minute: any holder of an agent certificate can make them as fast as it likes.
+    refusals_logged: Arc<LogThrottle<(&'static str, String)>>,
     /// This replica's name in the replica set (Health tells agents), if it has one.
     replica: Option<Arc<str>>,
 }
@@ -324,6 +328,8 @@ pub const NODE_STREAM_HEARTBEAT: std::time::Duration = std::time::Duration::from
 /// watch delivers the pod within a fraction of a second. Under the agent's 900 ms call
 /// deadline (`--server-timeout`), so the agent hears the refusal rather than a time-out.
 const AGENT_POD_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
+/// Refused agent calls are logged once per reason and caller in this long.
+const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Longest agent version kept for the status view; longer ones are cut.
 const MAX_AGENT_VERSION: usize = 64;
@@ -436,6 +442,7 @@ impl PodiamService {
             agents: Arc::default(),
             slots: Arc::default(),
             streams: TaskTracker::new(),
+            refusals_logged: Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY)),
             readiness: crate::nodes::NodeReadiness {
                 taint: None,
                 nodes: None,
@@ -516,12 +523,19 @@ impl PodiamService {
                     // Anyone who reaches the port can make these, as fast as they like: counted
                     // (podiam_server_agent_calls_refused_total), not logged above debug.
                     tracing::debug!(call, peer, %why, "agent call without a client certificate");
-                } else {
+                } else if let Some(held_back) = self.log_refusal(
+                    failure.label(),
+                    request
+                        .remote_addr()
+                        .map(|p| p.ip().to_canonical().to_string())
+                        .unwrap_or_default(),
+                ) {
                     tracing::warn!(
                         call,
                         peer,
                         %why,
                         answered = warn_only,
+                        held_back,
                         "agent call not proven by node binding"
                     );
                 }
@@ -598,6 +612,14 @@ impl PodiamService {
         let _ = self.identities.begin_review(token, &audiences, asker);
     }
 
+    /// Whether a refused agent call, for `reason` from `whom`, is to be logged: the first of
+    /// each in a minute is (`Some`: lines not logged in the minute before), the rest only
+    /// counted (`podiam_server_agent_calls_refused_total`).
+    fn log_refusal(&self, reason: &'static str, whom: String) -> Option<u64> {
+        self.refusals_logged
+            .admit((reason, whom), std::time::Instant::now())
+    }
+
     /// The decision for `ip` as `caller` may have it. A pod on another node is refused (and
     /// counted and logged with the caller's proven identity); with `--node-binding warn` it
     /// is counted and logged, then answered.
@@ -613,15 +635,20 @@ impl PodiamService {
             Err(refusal @ Refusal::OtherNode { .. }) => {
                 self.identities.counters().refused("other-node");
                 let warn_only = self.settings.binding.mode == BindingMode::Warn;
-                tracing::warn!(
-                    call,
-                    %ip,
-                    agent_node = %caller.node(),
-                    agent_pod = %caller.pod(),
-                    peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-                    answered = warn_only,
-                    "agent asked about a pod on another node"
-                );
+                if let Some(held_back) =
+                    self.log_refusal("other-node", format!("{}/{ip}", caller.node()))
+                {
+                    tracing::warn!(
+                        call,
+                        %ip,
+                        agent_node = %caller.node(),
+                        agent_pod = %caller.pod(),
+                        peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                        answered = warn_only,
+                        held_back,
+                        "agent asked about a pod on another node"
+                    );
+                }
                 if warn_only {
                     self.with_view(|view| view.decide(ip, Scope::Cluster))
                 } else {

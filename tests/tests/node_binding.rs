@@ -358,6 +358,19 @@ async fn tokens_that_prove_no_agent_get_nothing() {
     for why in ["no-token", "bad-token", "not-agent", "no-certificate"] {
         assert!(refusals(&metrics, why) >= 1, "{why}: {metrics}");
     }
+    // Each refusal is counted; the log has the first of each reason from this address in
+    // the minute, not 21 lines a caller could multiply at will.
+    let counted: u64 = ["no-token", "bad-token", "not-agent"]
+        .iter()
+        .map(|why| refusals(&metrics, why))
+        .sum();
+    assert!(counted >= 21, "{metrics}");
+    let log = world.server_log_text();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("agent call not proven by node binding"))
+        .count();
+    assert!((1..=3).contains(&logged), "{logged} lines:\n{log}");
 
     // A deleted agent pod's token stops working at once, although its review is cached:
     // the server finds the pod gone from its own view.
