@@ -17,6 +17,10 @@
 //! (`kubectl port-forward` arrives there; no pod can) is one address with a share of its
 //! own, [`MAX_UNCERTIFIED_LOOPBACK`], outside the total: pods cannot take port-forwards'
 //! places, and the node's own processes cannot take more by using all of 127/8.
+//!
+//! Handshakes under way are [`MAX_HANDSHAKES`] at most, all addresses together; at that
+//! number the oldest gives its place to a new connection once it has been under way for
+//! [`HANDSHAKE_GIVES_WAY_AFTER`], and otherwise the new connection is closed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -38,11 +42,62 @@ use crate::net::Listener;
 use crate::rotate::Rotating;
 use crate::telemetry::LogThrottle;
 
+/// The handshakes under way, oldest first, each with what gives it up.
+#[derive(Debug, Default)]
+struct UnderWay {
+    next: u64,
+    order: std::collections::VecDeque<(u64, tokio::time::Instant, CancellationToken)>,
+}
+
+impl UnderWay {
+    /// A place for a new handshake begun at `now`: at [`MAX_HANDSHAKES`], the oldest's, if it
+    /// has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`] (it is told to give up); `None`:
+    /// no place.
+    fn begin(&mut self, now: tokio::time::Instant) -> Option<(u64, CancellationToken)> {
+        if self.order.len() >= MAX_HANDSHAKES {
+            let (_, since, _) = self.order.front()?;
+            if now.saturating_duration_since(*since) < HANDSHAKE_GIVES_WAY_AFTER {
+                return None;
+            }
+            if let Some((_, _, oldest)) = self.order.pop_front() {
+                oldest.cancel();
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let given_up = CancellationToken::new();
+        self.order.push_back((id, now, given_up.clone()));
+        Some((id, given_up))
+    }
+
+    /// Handshake `id` ended (nothing happens if it was given up: it is gone already).
+    fn end(&mut self, id: u64) {
+        if let Some(i) = self.order.iter().position(|(at, _, _)| *at == id) {
+            self.order.remove(i);
+        }
+    }
+}
+
+/// `mutex`'s value, also when a thread panicked holding it (every change to it is whole).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Longest a client may take to complete its TLS handshake: a healthy agent needs a few
 /// milliseconds; this only bounds stuck or hostile clients.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshaken connections waiting for the gRPC server to pick them up.
 const ACCEPTED_BUFFER: usize = 64;
+/// Handshakes under way at once, all addresses together. Each holds a socket and the TLS
+/// state until it completes or [`HANDSHAKE_TIMEOUT`] passes: without a total, clients that
+/// open connections from many addresses and never finish their handshakes (any pod can
+/// reach the port) would grow the server's memory with the number of addresses.
+pub const MAX_HANDSHAKES: usize = 1024;
+/// At [`MAX_HANDSHAKES`], a handshake under way for this long gives its place to a new
+/// connection (an agent's takes milliseconds, a silent client's all of
+/// [`HANDSHAKE_TIMEOUT`]); when even the oldest is younger (a burst of agents reconnecting
+/// at once), the new connection is closed instead, and its client connects again.
+pub const HANDSHAKE_GIVES_WAY_AFTER: Duration = Duration::from_secs(1);
 /// Refused handshakes are logged once per address and reason in this long.
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 /// Connections one address may hold open at once. An agent holds one or two to each
@@ -105,9 +160,13 @@ fn accept_tls_with<L: Listener>(
         usize::MAX,
         None,
     ));
-    let uncertified = Arc::new(uncertified);
-    // Anyone who reaches the port can have handshakes refused as fast as they like.
-    let refusals = Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY));
+    let shared = Arc::new(Handshaking {
+        tx,
+        on_refused,
+        uncertified: Arc::new(uncertified),
+        under_way: Mutex::new(UnderWay::default()),
+        refusals: LogThrottle::new(REFUSALS_LOGGED_EVERY),
+    });
     tasks.spawn(async move {
         let handshakes = TaskTracker::new();
         loop {
@@ -119,39 +178,20 @@ fn accept_tls_with<L: Listener>(
                 tracing::debug!(%peer, "connection limit of this address: closed");
                 continue;
             };
+            let Some(place) = lock(&shared.under_way).begin(tokio::time::Instant::now()) else {
+                tracing::debug!(%peer, "{MAX_HANDSHAKES} handshakes under way, none for long: closed");
+                (shared.on_refused)();
+                continue;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-            let tx = tx.clone();
-            let on_refused = on_refused.clone();
-            let nodelay = L::set_nodelay(&stream);
+            let nodelay = L::set_nodelay(&stream).map_err(|e| e.to_string());
             let stream = Held {
                 io: stream,
                 peer,
                 _slot: slot,
                 _uncertified: None,
             };
-            let uncertified = Arc::clone(&uncertified);
-            let refusals = Arc::clone(&refusals);
-            handshakes.spawn(async move {
-                let handshaken = match nodelay {
-                    Ok(()) => handshake(acceptor, stream, peer).await,
-                    Err(error) => Err(error.to_string()),
-                };
-                let handshaken = handshaken.and_then(|stream| counted(stream, &uncertified, peer));
-                match handshaken {
-                    Ok(stream) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Err(why) => {
-                        on_refused();
-                        // Logged once per address and reason a minute; `held_back`: refusals
-                        // not logged in the minute before (all are counted).
-                        let key = (peer.ip().to_canonical(), why.clone());
-                        if let Some(held_back) = refusals.admit(key, std::time::Instant::now()) {
-                            tracing::warn!(%peer, %why, held_back, "TLS handshake refused");
-                        }
-                    }
-                }
-            });
+            handshakes.spawn(Arc::clone(&shared).shake(acceptor, stream, nodelay, place));
         }
         // The listener closes here: no new connections. Handshakes under way may finish.
         drop(listener);
@@ -159,6 +199,55 @@ fn accept_tls_with<L: Listener>(
         handshakes.wait().await;
     });
     ReceiverStream::new(rx)
+}
+
+/// What an accept loop's handshakes share.
+struct Handshaking<T> {
+    /// Where handshaken streams go.
+    tx: mpsc::Sender<std::io::Result<TlsStream<T>>>,
+    on_refused: Arc<dyn Fn() + Send + Sync>,
+    uncertified: Arc<OpenConnections>,
+    under_way: Mutex<UnderWay>,
+    /// Anyone who reaches the port can have handshakes refused as fast as they like.
+    refusals: LogThrottle<(IpAddr, String)>,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Handshaking<Held<I>> {
+    /// The handshake of `stream` (`nodelay`: whether setting TCP_NODELAY worked), in its
+    /// `place` among those under way; handed out, or refused and logged.
+    async fn shake(
+        self: Arc<Self>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: Held<I>,
+        nodelay: Result<(), String>,
+        (id, given_up): (u64, CancellationToken),
+    ) {
+        let peer = stream.peer;
+        let handshaken = tokio::select! {
+            () = given_up.cancelled() => Err(format!(
+                "no handshake within {HANDSHAKE_GIVES_WAY_AFTER:?} while {MAX_HANDSHAKES} were under way: given up for a newer connection"
+            )),
+            handshaken = async {
+                nodelay?;
+                handshake(acceptor, stream, peer).await
+            } => handshaken,
+        };
+        lock(&self.under_way).end(id);
+        match handshaken.and_then(|stream| counted(stream, &self.uncertified, peer)) {
+            Ok(stream) => {
+                let _ = self.tx.send(Ok(stream)).await;
+            }
+            Err(why) => {
+                (self.on_refused)();
+                // Logged once per address and reason a minute; `held_back`: refusals not
+                // logged in the minute before (all are counted).
+                let key = (peer.ip().to_canonical(), why.clone());
+                if let Some(held_back) = self.refusals.admit(key, std::time::Instant::now()) {
+                    tracing::warn!(%peer, %why, held_back, "TLS handshake refused");
+                }
+            }
+        }
+    }
 }
 
 async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
@@ -364,6 +453,29 @@ impl<T: Connected> Connected for Held<T> {
 mod tests {
     use super::*;
     use tokio_stream::StreamExt;
+
+    #[test]
+    fn at_the_limit_a_long_handshake_gives_way_and_a_burst_is_closed() {
+        let t0 = tokio::time::Instant::now();
+        let mut under_way = UnderWay::default();
+        let begun: Vec<(u64, CancellationToken)> = (0..MAX_HANDSHAKES)
+            .map(|_| under_way.begin(t0).expect("a place"))
+            .collect();
+        // All young: a new connection is closed, none given up.
+        assert!(under_way.begin(t0 + Duration::from_millis(500)).is_none());
+        assert!(begun.iter().all(|(_, token)| !token.is_cancelled()));
+        // The oldest, under way for a second, gives its place.
+        let (_, newest) = under_way
+            .begin(t0 + HANDSHAKE_GIVES_WAY_AFTER)
+            .expect("the oldest's place");
+        assert!(begun[0].1.is_cancelled());
+        assert!(begun[1..].iter().all(|(_, token)| !token.is_cancelled()));
+        assert!(!newest.is_cancelled());
+        // One that ends frees its place.
+        under_way.end(begun[5].0);
+        assert!(under_way.begin(t0 + HANDSHAKE_GIVES_WAY_AFTER).is_some());
+        assert_eq!(under_way.order.len(), MAX_HANDSHAKES);
+    }
 
     /// A server's TLS set-up and a listener, and clients' configurations: an agent's (with
     /// its certificate) and an operator's (the CA alone).
