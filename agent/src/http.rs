@@ -274,6 +274,8 @@ pub struct MetadataService {
     pub(crate) metrics: Arc<Metrics>,
     /// Calls with tokens not yet proven, limited per address.
     pub(crate) new_tokens: crate::container::NewTokens,
+    /// Addresses the servers placed on another node a moment ago: refused without a call.
+    elsewhere: crate::elsewhere::Elsewhere,
 }
 
 impl std::fmt::Debug for MetadataService {
@@ -306,6 +308,7 @@ impl MetadataService {
             options,
             metrics,
             new_tokens: Default::default(),
+            elsewhere: Default::default(),
         }
     }
 
@@ -655,6 +658,10 @@ impl MetadataService {
     /// replica).
     pub(crate) async fn resolve(&self, peer: IpAddr, known: Known) -> Known {
         match known {
+            // Placed on another node a moment ago: asked about again only once that is old.
+            Known::Nobody if self.elsewhere.recent(peer, tokio::time::Instant::now()) => {
+                Known::Nobody
+            }
             Known::Nobody => Box::pin(self.table.wait_known(peer, UNKNOWN_POD_WAIT)).await,
             known => known,
         }
@@ -731,6 +738,9 @@ impl MetadataService {
         if *unlisted != Known::Nobody {
             return call.await.map_err(Refused::from);
         }
+        if self.elsewhere.recent(peer, tokio::time::Instant::now()) {
+            return Err(self.placed_elsewhere(peer));
+        }
         let answer = tokio::time::timeout(ASK_WAIT, call).await;
         let why = match answer {
             Ok(Ok(value)) => return Ok(value),
@@ -741,10 +751,8 @@ impl MetadataService {
                 reason: Reason::OtherNode,
                 ..
             }))) => {
-                return Err(Refused::ByAgent(AgentRefusal::ElsewherePod(format!(
-                    "no pod on this node ({}) has IP {peer}; the server places it on another node",
-                    self.servers.node_name()
-                ))));
+                self.elsewhere.remember(peer, tokio::time::Instant::now());
+                return Err(self.placed_elsewhere(peer));
             }
             Ok(Err(ServerError::Refused(Refusal { message, .. }))) if !message.is_empty() => {
                 message
@@ -755,6 +763,14 @@ impl MetadataService {
             ),
         };
         Err(Refused::ByAgent(AgentRefusal::UnknownPod(why)))
+    }
+
+    /// The refusal of `peer`, an address the servers place on another node.
+    fn placed_elsewhere(&self, peer: IpAddr) -> Refused {
+        Refused::ByAgent(AgentRefusal::ElsewherePod(format!(
+            "no pod on this node ({}) has IP {peer}; the server places it on another node",
+            self.servers.node_name()
+        )))
     }
 
     /// The credentials document of the pod `decision` is about, for its own role, from the

@@ -32,6 +32,7 @@ pub mod config;
 pub mod container;
 mod container_service;
 pub mod decision;
+pub mod elsewhere;
 pub mod http;
 pub mod identity;
 pub mod imds;
