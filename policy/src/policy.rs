@@ -655,6 +655,18 @@ mod tests {
             // A cross-account role is only matched by its full ARN, never by its name.
             (Some("x"), "arn:aws:iam::999999999999:role/x", false),
             (Some(".*"), "arn:aws:iam::999999999999:role/x", true),
+            // So does a leading wildcard (docs/security.md); `[^:]*` keeps to the base ARN.
+            (
+                Some(".*-reader"),
+                "arn:aws:iam::999999999999:role/x-reader",
+                true,
+            ),
+            (
+                Some("[^:]*-reader"),
+                "arn:aws:iam::999999999999:role/x-reader",
+                false,
+            ),
+            (Some("[^:]*-reader"), "team/x-reader", true),
             // The user's own anchors are harmless inside ^(?:…)$.
             (Some("^app-.*$"), "app-reader", true),
             (Some("^app-.*$"), "xapp-reader", false),
