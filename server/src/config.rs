@@ -102,8 +102,9 @@ pub struct Config {
     pub session_tags_transitive: bool,
     /// A connection to the Kubernetes API that receives nothing for this long is taken as
     /// dead and made again (a watch on a lost connection would otherwise wait forever, its
-    /// view going stale unseen). Watches ask the API server to end them after two thirds of
-    /// it, so a quiet watch that works never trips it. 3s to 30s.
+    /// view going stale unseen), and so is one that cannot be made in that time. Watches ask
+    /// the API server to end them a little sooner (26 s at 30 s), so a quiet watch that
+    /// works never trips it. 3s to 30s.
     #[arg(long, env = "PODIAM_API_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub api_timeout: Duration,
     /// How often the TLS files are re-read; changed files that check out are used for new

@@ -82,7 +82,13 @@ async fn kube_client(
             .await
             .context("finding a Kubernetes configuration")?,
     };
+    // Nothing received for this long: the connection is lost (a watch's too, since watches
+    // are ended sooner: `watch::watch_config`). Counted from the last write as well, so that
+    // time a connection spent idle in the pool is not held against its next request; and a
+    // connection that cannot be made in that time fails as soon.
     kube_config.read_timeout = Some(api_timeout);
+    kube_config.reset_reader_on_write = true;
+    kube_config.connect_timeout = Some(api_timeout);
     kube::Client::try_from(kube_config).context("building the Kubernetes client")
 }
 

@@ -276,13 +276,23 @@ struct Watching {
 }
 
 /// The watches' settings for a client whose connections time out after `api_timeout` with
-/// nothing received: the API server is asked to end each watch after two thirds of that,
-/// so a quiet watch that works ends, and is made again from where it was, before the
-/// client would take its connection for lost.
+/// nothing received. The API server is asked to end each watch before that, so a quiet
+/// watch that works ends, and is made again from where it was, before the client would
+/// take its connection for lost; and late enough that the watcher's own idle limit
+/// (kube-runtime: the watch's time plus [`WATCHER_IDLE_MARGIN`]) comes after the read
+/// timeout, which is what counts a lost connection as a failure (the idle limit makes the
+/// watch again without a word). Two thirds of `api_timeout`, or up to 4 s short of it.
 pub fn watch_config(api_timeout: Duration) -> watcher::Config {
-    let seconds = (api_timeout.as_secs() * 2 / 3).max(1);
+    let whole = api_timeout.as_secs();
+    let seconds = (whole * 2 / 3)
+        .max(whole.saturating_sub(WATCHER_IDLE_MARGIN.as_secs() - 1))
+        .clamp(1, whole.saturating_sub(1).max(1));
     watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
 }
+
+/// kube-runtime's watcher gives a watch its time plus this before it takes the stream for
+/// idle and makes it again.
+const WATCHER_IDLE_MARGIN: Duration = Duration::from_secs(5);
 
 async fn watch<K>(api: Api<K>, watching: &Watching)
 where
@@ -612,9 +622,13 @@ mod tests {
 
     #[test]
     fn watches_end_well_before_the_client_takes_their_connection_for_lost() {
-        for (api_timeout, watch_seconds) in [(3, 2), (30, 20), (4, 2)] {
+        for (api_timeout, watch_seconds) in [(3, 2), (4, 2), (10, 6), (15, 11), (30, 26)] {
             let config = watch_config(Duration::from_secs(api_timeout));
             assert_eq!(config.timeout, Some(watch_seconds), "{api_timeout}");
+            // Ended by the API server before the read timeout; the watcher's idle limit
+            // after it, so that a lost connection is a failure, not a quiet remake.
+            assert!(u64::from(watch_seconds) < api_timeout);
+            assert!(u64::from(watch_seconds) + WATCHER_IDLE_MARGIN.as_secs() > api_timeout);
         }
     }
 
