@@ -377,12 +377,17 @@ impl Peers {
         }
     }
 
-    /// `peer` is a [`Peers::key`].
-    fn admit(&self, peer: IpAddr) -> Admission {
-        let limit = match self.loopback_share {
+    /// The connections `peer` (a [`Peers::key`]) may hold.
+    fn limit_of(&self, peer: IpAddr) -> usize {
+        match self.loopback_share {
             Some(share) if peer.is_loopback() => share,
             _ => self.limit,
-        };
+        }
+    }
+
+    /// `peer` is a [`Peers::key`].
+    fn admit(&self, peer: IpAddr) -> Admission {
+        let limit = self.limit_of(peer);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let conns = open.entry(peer).or_default();
         let mut evicted = false;
@@ -398,20 +403,33 @@ impl Peers {
         Admission::Admitted { conn, evicted }
     }
 
-    /// Every connection is in use and `newcomer` (a [`Peers::key`]) wants one: closes the
-    /// longest-idle (else longest-waiting) connection of an address holding the most, if
-    /// that is more than `newcomer` holds; else, as at its own limit, one of `newcomer`'s
-    /// own. [`Crowd::Full`]: nobody holds more, and none of `newcomer`'s connections can
-    /// give way; [`Crowd::Wait`]: it holds none, and every connection of those holding
-    /// more is answering (an answer ends soon).
+    /// Every connection is in use and `newcomer` (a [`Peers::key`]) wants one. Below its own
+    /// limit, it takes the place of a connection of an address holding more than it does:
+    /// of those holding the most, the longest-idle, else the longest-waiting for its head.
+    /// Otherwise, as at its own limit, one of its own gives way (the longest-idle; the
+    /// longest-waiting too where heads give way). [`Crowd::Full`]: none can; [`Crowd::Wait`]:
+    /// it holds none, and every connection of those holding more is answering.
     fn make_room(&self, newcomer: IpAddr) -> Crowd {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let holding = open.get(&newcomer).map_or(0, Vec::len);
-        let mut crowded: Vec<&mut Vec<Arc<Conn>>> =
-            open.values_mut().filter(|c| c.len() > holding).collect();
-        crowded.sort_unstable_by_key(|conns| std::cmp::Reverse(conns.len()));
-        for conns in crowded {
-            if let Some(i) = give_way(conns, true) {
+        if holding < self.limit_of(newcomer) {
+            let victim = (open.iter())
+                .filter(|(_, conns)| conns.len() > holding)
+                .flat_map(|(address, conns)| {
+                    (conns.iter().enumerate()).filter_map(move |(i, conn)| {
+                        let order = match conn.phase() {
+                            Phase::Idle { since } => (0, since),
+                            Phase::Head { since } => (1, since),
+                            Phase::Answering { .. } => return None,
+                        };
+                        Some(((std::cmp::Reverse(conns.len()), order), (*address, i)))
+                    })
+                })
+                .min_by_key(|(order, _)| *order)
+                .map(|(_, at)| at);
+            if let Some((address, i)) = victim
+                && let Some(conns) = open.get_mut(&address)
+            {
                 conns.swap_remove(i).evicted.cancel();
                 return Crowd::Evicted;
             }
@@ -494,12 +512,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 }
 
 /// One of `slots` for a new connection of `address` (a [`Peers::key`]): at the limit, an
-/// address holding more than this one gives up a connection; one holding no more than anyone
-/// else, none of its own idle, is refused (`Continue(None)`), so that no set of addresses
-/// can keep the others' connections waiting in the kernel's queue. Only when `address` holds
-/// none and every other connection is answering does it wait. `Break`: `shutdown`.
+/// address holding more than this one gives up a connection ([`Peers::make_room`]); one
+/// holding no more than anyone else, none of its own able to give way, is refused
+/// (`Continue(None)`), so that no set of addresses can keep the others' connections waiting
+/// in the kernel's queue. While `address` holds none and every other connection is
+/// answering, it looks again every [`LOOK_AGAIN`], for `patience` at most. `Break`:
+/// `shutdown`.
 async fn place_for(
     address: IpAddr,
+    patience: Duration,
     slots: &Arc<tokio::sync::Semaphore>,
     peers: &Peers,
     observer: &dyn ConnectionObserver,
@@ -508,25 +529,41 @@ async fn place_for(
     if let Ok(slot) = Arc::clone(slots).try_acquire_owned() {
         return ControlFlow::Continue(Some(slot));
     }
-    match peers.make_room(address) {
-        Crowd::Evicted => {
-            tracing::debug!(%address, "every connection in use: the longest-idle connection of an address holding more closes");
-            observer.closed(Closed::PoolEvicted);
+    // While this address holds none and every other connection is answering, look again
+    // every few milliseconds (an answer ending leaves its connection idle, not closed), for
+    // at most `patience`; then refuse, so that no set of connections kept answering can hold
+    // the accept loop.
+    let give_up = tokio::time::Instant::now() + patience;
+    loop {
+        match peers.make_room(address) {
+            Crowd::Evicted => {
+                tracing::debug!(%address, "every connection in use: a connection of an address holding more closes");
+                observer.closed(Closed::PoolEvicted);
+            }
+            Crowd::Full => {
+                observer.closed(Closed::PoolRefused);
+                return ControlFlow::Continue(None);
+            }
+            Crowd::Wait if tokio::time::Instant::now() >= give_up => {
+                observer.closed(Closed::PoolRefused);
+                return ControlFlow::Continue(None);
+            }
+            Crowd::Wait => {}
         }
-        Crowd::Full => {
-            observer.closed(Closed::PoolRefused);
-            return ControlFlow::Continue(None);
+        tokio::select! {
+            () = shutdown.cancelled() => return ControlFlow::Break(()),
+            slot = Arc::clone(slots).acquire_owned() => return match slot {
+                Ok(slot) => ControlFlow::Continue(Some(slot)),
+                Err(_) => ControlFlow::Break(()),
+            },
+            () = tokio::time::sleep(LOOK_AGAIN) => {}
         }
-        Crowd::Wait => {}
-    }
-    tokio::select! {
-        () = shutdown.cancelled() => ControlFlow::Break(()),
-        slot = Arc::clone(slots).acquire_owned() => match slot {
-            Ok(slot) => ControlFlow::Continue(Some(slot)),
-            Err(_) => ControlFlow::Break(()),
-        },
     }
 }
+
+/// How often [`place_for`] looks again for a connection to give way while every one is
+/// answering.
+const LOOK_AGAIN: Duration = Duration::from_millis(10);
 
 /// Serves HTTP/1 on `listener` (TCP, or in tests an in-memory one: see
 /// [`crate::net::Listener`]) with `handler(peer, request)` until `shutdown`; then stops
@@ -567,7 +604,8 @@ pub async fn serve_http_observed<L, H, F>(
             accepted = listener.accept() => accepted,
         };
         let address = peers.key(peer.ip().to_canonical());
-        let slot = match place_for(address, &slots, &peers, &*observer, &shutdown).await {
+        let patience = limits.header_read_timeout;
+        let slot = match place_for(address, patience, &slots, &peers, &*observer, &shutdown).await {
             ControlFlow::Continue(Some(slot)) => slot,
             ControlFlow::Continue(None) => {
                 tracing::debug!(%peer, "every connection in use, none held by an address holding more: refused");
@@ -651,7 +689,7 @@ async fn serve_connection<S, H, F>(
             if !drained && shutdown_wait.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
-            if finishing.is_none() && evicted_wait.as_mut().poll(cx).is_ready() {
+            if evicted_wait.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Evicted);
             }
             // The connection's poll above is where its phase changes: look at the deadline
@@ -673,10 +711,12 @@ async fn serve_connection<S, H, F>(
                 connection.as_mut().graceful_shutdown();
                 finishing = Some(Instant::now() + DRAIN_TIMEOUT);
             }
-            // Idle when it was chosen, it has nothing under way to finish; and it no longer
-            // counts against its address, so it must not keep a slot of the listener while a
-            // client that stopped reading leaves its last answer unflushed: a flood of such
-            // connections from one pod would fill every slot. Dropped at once.
+            // Idle (or waiting for a head) when it was chosen, it has nothing under way to
+            // finish; and it no longer counts against its address, so it must not keep a slot
+            // of the listener while a client that stopped reading leaves its last answer
+            // unflushed (also when it was already finishing): a flood of such connections
+            // would fill every slot, and a new connection waiting for its slot would hold the
+            // accept loop. Dropped at once.
             Event::Evicted => return,
             Event::Deadline => match due(conn, &limits, finishing, peer, observer) {
                 Due::Drop => return,
@@ -1057,11 +1097,25 @@ mod tests {
     }
 
     async fn observed(limits: Limits) -> (SocketAddr, Arc<Counts>, CancellationToken) {
+        observed_gated(limits, tokio::sync::watch::Sender::new(true)).await
+    }
+
+    /// [`observed`], whose answers are held while `open` says false.
+    async fn observed_gated(
+        limits: Limits,
+        open: tokio::sync::watch::Sender<bool>,
+    ) -> (SocketAddr, Arc<Counts>, CancellationToken) {
         let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("binds");
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let counts = Arc::new(Counts::default());
-        let handler = |_, _| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
+        let handler = move |_, _| {
+            let mut open = open.subscribe();
+            async move {
+                let _ = open.wait_for(|open| *open).await;
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            }
+        };
         tokio::spawn(serve_http_observed(
             listener,
             limits,
@@ -1174,6 +1228,61 @@ mod tests {
         assert!(took < Duration::from_secs(3), "{took:?}");
         assert_eq!(counts.closed(Closed::PoolEvicted), 3);
         assert_eq!(counts.closed(Closed::PoolRefused), 1);
+    }
+
+    #[tokio::test]
+    async fn while_every_connection_answers_a_newcomer_waits_for_one_to_be_idle_not_closed() {
+        let limits = Limits {
+            max_connections: 2,
+            max_connections_per_peer: 1,
+            header_read_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let gate = tokio::sync::watch::Sender::new(false);
+        let (addr, counts, _stop) = observed_gated(limits, gate.clone()).await;
+        // Two addresses' connections, each answering (held), fill the pool.
+        let mut busy = Vec::new();
+        for source in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+            let mut stream = connect_from(source, addr).await;
+            stream.write_all(GET).await.expect("sends");
+            busy.push(stream);
+        }
+        // Each held answer holds a receiver of the gate.
+        eventually("both answering", || gate.receiver_count() == 2).await;
+        // A newcomer finds none to take the place of: none is closed for it, its request
+        // is not read, for as long as the answers are held…
+        let mut newcomer = connect_from([127, 0, 0, 4], addr).await;
+        newcomer.write_all(GET).await.expect("sends");
+        let watched = Instant::now();
+        while watched.elapsed() < Duration::from_millis(200) {
+            assert_eq!(counts.closed(Closed::PoolEvicted), 0);
+            assert_eq!(gate.receiver_count(), 2);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // …and once the answers are out, the connections stay open, idle, and one gives way
+        // to it at once.
+        gate.send_replace(true);
+        let took = Instant::now();
+        assert!(response(&mut newcomer).await.is_some(), "answered");
+        assert!(
+            took.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            took.elapsed()
+        );
+        assert_eq!(counts.closed(Closed::PoolEvicted), 1);
+        // Held answering for longer than the header deadline, the pool refuses a newcomer
+        // rather than hold the accept loop.
+        gate.send_replace(false);
+        for stream in &mut busy {
+            let _ = stream.write_all(GET).await;
+        }
+        newcomer.write_all(GET).await.expect("sends");
+        eventually("both answering again", || gate.receiver_count() == 2).await;
+        let mut refused = connect_from([127, 0, 0, 5], addr).await;
+        let took = closed(&mut refused, Instant::now()).await;
+        assert!(took < Duration::from_secs(4), "{took:?}");
+        assert_eq!(counts.closed(Closed::PoolRefused), 1);
+        gate.send_replace(true);
     }
 
     #[tokio::test]
