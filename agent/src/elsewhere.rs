@@ -4,11 +4,11 @@
 //! reach it. A request from a pod of another node is not in this node's table; the agent
 //! waits for the table (a new pod's address may be a moment behind) and then asks the
 //! servers, who answer `other-node`. Without a memory of that answer, one pod looping over
-//! every node's port would cost each node's agent a half-second wait and a server call per
-//! request. With it, the same address is refused at once, with no call, for
-//! [`REMEMBERED_FOR`]; a pod of this node that takes the address over is answered from the
-//! table as soon as the table has it, since only addresses the table does not know are
-//! looked up here.
+//! every node's port would cost the servers a call per request and node. With it, the same
+//! address is refused after the table's wait with no call, for [`REMEMBERED_FOR`]; a pod of
+//! this node that takes the address over is answered from the table as soon as the table
+//! has it (the wait ends then), since only addresses the table does not know are looked up
+//! here.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -274,7 +274,8 @@ pub struct MetadataService {
     pub(crate) metrics: Arc<Metrics>,
     /// Calls with tokens not yet proven, limited per address.
     pub(crate) new_tokens: crate::container::NewTokens,
-    /// Addresses the servers placed on another node a moment ago: refused without a call.
+    /// Addresses the servers placed on another node a moment ago: refused without a call
+    /// (after the table's wait, which a pod of this node taking the address over ends).
     elsewhere: crate::elsewhere::Elsewhere,
 }
 
@@ -658,10 +659,6 @@ impl MetadataService {
     /// replica).
     pub(crate) async fn resolve(&self, peer: IpAddr, known: Known) -> Known {
         match known {
-            // Placed on another node a moment ago: asked about again only once that is old.
-            Known::Nobody if self.elsewhere.recent(peer, tokio::time::Instant::now()) => {
-                Known::Nobody
-            }
             Known::Nobody => Box::pin(self.table.wait_known(peer, UNKNOWN_POD_WAIT)).await,
             known => known,
         }

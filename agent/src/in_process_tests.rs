@@ -716,16 +716,20 @@ async fn an_unknown_address_is_waited_for_then_refused_saying_why() {
             && body.contains("another node"),
         "{body}"
     );
-    // Its next requests, for a while, are refused the same at once, with no wait and no
-    // call (a pod looping over every node's port costs each agent nothing more); after
-    // that the servers are asked again.
-    for _ in 0..20 {
+    // Its next requests, for a while, are refused the same after the table's wait, with
+    // no call (a pod looping over every node's port costs each agent no server call);
+    // after that the servers are asked again.
+    for _ in 0..10 {
         let began = Instant::now();
-        let again = rig.get(misplaced, CREDENTIALS).await;
-        assert_eq!(began.elapsed(), Duration::ZERO);
+        let again = rig.get(misplaced, ROLES).await;
+        assert_eq!(began.elapsed(), Duration::from_millis(500));
         assert_eq!(again.0, 404, "{}", again.1);
         assert!(again.1.contains("another node"), "{}", again.1);
     }
+    let credentials_calls = rig.credentials_calls();
+    let (status, body) = rig.get(misplaced, CREDENTIALS).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(rig.credentials_calls(), credentials_calls);
     assert_eq!(rig.pod_role_calls() - calls, 1);
     tokio::time::sleep(crate::elsewhere::REMEMBERED_FOR).await;
     let (status, _) = rig.get(misplaced, ROLES).await;
