@@ -259,8 +259,9 @@ pub struct PodiamService {
     streams: TaskTracker,
     /// Agents' NodeReady reports: the agent-not-ready taint they lift.
     readiness: crate::nodes::NodeReadiness,
-    /// Refused agent calls, logged once per reason and address (or node and pod address)
-    /// a minute: any holder of an agent certificate can make them as fast as it likes.
+    /// Refused agent calls, logged once per reason and address (other-node: per agent node)
+    /// a minute: any holder of an agent certificate can make them as fast as it likes, and
+    /// choose the pod addresses it asks about.
     refusals_logged: Arc<LogThrottle<(&'static str, String)>>,
     /// This replica's name in the replica set (Health tells agents), if it has one.
     replica: Option<Arc<str>>,
@@ -635,9 +636,14 @@ impl PodiamService {
             Err(refusal @ Refusal::OtherNode { .. }) => {
                 self.identities.counters().refused("other-node");
                 let warn_only = self.settings.binding.mode == BindingMode::Warn;
-                if let Some(held_back) =
-                    self.log_refusal("other-node", format!("{}/{ip}", caller.node()))
-                {
+                if let Some(held_back) = self.log_refusal(
+                    "other-node",
+                    match caller.node() {
+                        "" => peer.map(|p| p.ip().to_canonical().to_string()),
+                        node => Some(node.to_string()),
+                    }
+                    .unwrap_or_default(),
+                ) {
                     tracing::warn!(
                         call,
                         %ip,
