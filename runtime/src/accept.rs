@@ -19,8 +19,9 @@
 //! places, and the node's own processes cannot take more by using all of 127/8.
 //!
 //! Handshakes under way are [`MAX_HANDSHAKES`] at most, all addresses together; at that
-//! number the oldest gives its place to a new connection once it has been under way for
-//! [`HANDSHAKE_GIVES_WAY_AFTER`], and otherwise the new connection is closed.
+//! number a new connection takes the place of the oldest handshake of the address with the
+//! most under way, if that is more than its own address has, else of the oldest handshake
+//! once it has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`]; otherwise it is closed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,37 +43,74 @@ use crate::net::Listener;
 use crate::rotate::Rotating;
 use crate::telemetry::LogThrottle;
 
-/// The handshakes under way, oldest first, each with what gives it up.
+/// What kind of refusal `why` is, for the log's throttle: its first words, without the
+/// numbers in them. rustls's text names times and counts that change every second (an
+/// expired certificate's "… seconds ago") and may quote what the client sent (the key
+/// usages of its certificate), which must not make each refusal a kind of its own.
+fn refusal_class(why: &str) -> String {
+    why.chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(REFUSAL_CLASS_CHARS)
+        .collect()
+}
+
+/// How much of a refusal's text tells its kind ([`refusal_class`]).
+const REFUSAL_CLASS_CHARS: usize = 48;
+
+/// The handshakes under way, oldest first, each with its address and what gives it up.
 #[derive(Debug, Default)]
 struct UnderWay {
     next: u64,
-    order: std::collections::VecDeque<(u64, tokio::time::Instant, CancellationToken)>,
+    order: std::collections::VecDeque<(u64, IpAddr, tokio::time::Instant, CancellationToken)>,
 }
 
 impl UnderWay {
-    /// A place for a new handshake begun at `now`: at [`MAX_HANDSHAKES`], the oldest's, if it
-    /// has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`] (it is told to give up); `None`:
-    /// no place.
-    fn begin(&mut self, now: tokio::time::Instant) -> Option<(u64, CancellationToken)> {
+    /// A place for a new handshake from `address` begun at `now`. At [`MAX_HANDSHAKES`]: the
+    /// oldest handshake of the address with the most under way, if that is more than
+    /// `address` has (so many addresses' silent connections cannot keep an agent's out);
+    /// else the oldest's, if it has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`]. The
+    /// handshake given up is told so; `None`: no place.
+    fn begin(
+        &mut self,
+        address: IpAddr,
+        now: tokio::time::Instant,
+    ) -> Option<(u64, CancellationToken)> {
         if self.order.len() >= MAX_HANDSHAKES {
-            let (_, since, _) = self.order.front()?;
-            if now.saturating_duration_since(*since) < HANDSHAKE_GIVES_WAY_AFTER {
-                return None;
+            let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+            for (_, from, _, _) in &self.order {
+                *counts.entry(*from).or_default() += 1;
             }
-            if let Some((_, _, oldest)) = self.order.pop_front() {
-                oldest.cancel();
-            }
+            let mine = counts.get(&address).copied().unwrap_or(0);
+            let crowded = (counts.into_iter())
+                .filter(|(_, n)| *n > mine)
+                .max_by_key(|(_, n)| *n)
+                .map(|(from, _)| from);
+            let victim = match crowded {
+                Some(crowded) => self
+                    .order
+                    .iter()
+                    .position(|(_, from, _, _)| *from == crowded),
+                None => self
+                    .order
+                    .front()
+                    .filter(|(_, _, since, _)| {
+                        now.saturating_duration_since(*since) >= HANDSHAKE_GIVES_WAY_AFTER
+                    })
+                    .map(|_| 0),
+            };
+            let (_, _, _, given_up) = self.order.remove(victim?)?;
+            given_up.cancel();
         }
         let id = self.next;
         self.next += 1;
         let given_up = CancellationToken::new();
-        self.order.push_back((id, now, given_up.clone()));
+        self.order.push_back((id, address, now, given_up.clone()));
         Some((id, given_up))
     }
 
     /// Handshake `id` ended (nothing happens if it was given up: it is gone already).
     fn end(&mut self, id: u64) {
-        if let Some(i) = self.order.iter().position(|(at, _, _)| *at == id) {
+        if let Some(i) = self.order.iter().position(|(at, _, _, _)| *at == id) {
             self.order.remove(i);
         }
     }
@@ -93,10 +131,11 @@ const ACCEPTED_BUFFER: usize = 64;
 /// open connections from many addresses and never finish their handshakes (any pod can
 /// reach the port) would grow the server's memory with the number of addresses.
 pub const MAX_HANDSHAKES: usize = 1024;
-/// At [`MAX_HANDSHAKES`], a handshake under way for this long gives its place to a new
-/// connection (an agent's takes milliseconds, a silent client's all of
-/// [`HANDSHAKE_TIMEOUT`]); when even the oldest is younger (a burst of agents reconnecting
-/// at once), the new connection is closed instead, and its client connects again.
+/// At [`MAX_HANDSHAKES`], when no address has more under way than the new connection's, a
+/// handshake under way for this long gives its place to it (an agent's takes milliseconds, a
+/// silent client's all of [`HANDSHAKE_TIMEOUT`]); when even the oldest is younger (a burst
+/// of agents reconnecting at once), the new connection is closed instead, and its client
+/// connects again.
 pub const HANDSHAKE_GIVES_WAY_AFTER: Duration = Duration::from_secs(1);
 /// Refused handshakes are logged once per address and reason in this long.
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
@@ -178,7 +217,8 @@ fn accept_tls_with<L: Listener>(
                 tracing::debug!(%peer, "connection limit of this address: closed");
                 continue;
             };
-            let Some(place) = lock(&shared.under_way).begin(tokio::time::Instant::now()) else {
+            let now = tokio::time::Instant::now();
+            let Some(place) = lock(&shared.under_way).begin(peer.ip().to_canonical(), now) else {
                 tracing::debug!(%peer, "{MAX_HANDSHAKES} handshakes under way, none for long: closed");
                 (shared.on_refused)();
                 continue;
@@ -241,7 +281,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Handshaking<Held<I>> {
                 (self.on_refused)();
                 // Logged once per address and reason a minute; `held_back`: refusals not
                 // logged in the minute before (all are counted).
-                let key = (peer.ip().to_canonical(), why.clone());
+                let key = (peer.ip().to_canonical(), refusal_class(&why));
                 if let Some(held_back) = self.refusals.admit(key, std::time::Instant::now()) {
                     tracing::warn!(%peer, %why, held_back, "TLS handshake refused");
                 }
@@ -455,25 +495,40 @@ mod tests {
     use tokio_stream::StreamExt;
 
     #[test]
-    fn at_the_limit_a_long_handshake_gives_way_and_a_burst_is_closed() {
+    fn at_the_limit_the_most_crowded_address_gives_way_and_a_burst_is_closed() {
         let t0 = tokio::time::Instant::now();
         let mut under_way = UnderWay::default();
+        let address = |i: usize| IpAddr::from([10, 0, 0, u8::try_from(i).expect("small")]);
+        // 16 addresses, 64 handshakes each (their most), all young.
         let begun: Vec<(u64, CancellationToken)> = (0..MAX_HANDSHAKES)
-            .map(|_| under_way.begin(t0).expect("a place"))
+            .map(|i| under_way.begin(address(i % 16), t0).expect("a place"))
             .collect();
-        // All young: a new connection is closed, none given up.
-        assert!(under_way.begin(t0 + Duration::from_millis(500)).is_none());
+        // One of them, holding as many as any other: no place while all are young…
+        assert!(under_way.begin(address(3), t0).is_none());
         assert!(begun.iter().all(|(_, token)| !token.is_cancelled()));
-        // The oldest, under way for a second, gives its place.
-        let (_, newest) = under_way
-            .begin(t0 + HANDSHAKE_GIVES_WAY_AFTER)
-            .expect("the oldest's place");
+        // …and the oldest's once it has waited a second.
+        assert!(
+            under_way
+                .begin(address(3), t0 + HANDSHAKE_GIVES_WAY_AFTER)
+                .is_some()
+        );
         assert!(begun[0].1.is_cancelled());
-        assert!(begun[1..].iter().all(|(_, token)| !token.is_cancelled()));
-        assert!(!newest.is_cancelled());
-        // One that ends frees its place.
+        // A new address (an agent's) takes the place of an address holding the most at
+        // once, however young its handshakes.
+        let given_up = |begun: &[(u64, CancellationToken)]| {
+            begun
+                .iter()
+                .filter(|(_, token)| token.is_cancelled())
+                .count()
+        };
+        let (_, agent) = under_way
+            .begin(address(200), t0)
+            .expect("the agent's place");
+        assert_eq!(given_up(&begun), 2);
+        assert!(!agent.is_cancelled());
+        // One that ends frees its place; the places stay at the most.
         under_way.end(begun[5].0);
-        assert!(under_way.begin(t0 + HANDSHAKE_GIVES_WAY_AFTER).is_some());
+        assert!(under_way.begin(address(201), t0).is_some());
         assert_eq!(under_way.order.len(), MAX_HANDSHAKES);
     }
 
