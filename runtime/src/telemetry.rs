@@ -106,10 +106,10 @@ pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
 }
 
 /// Lines a caller can make as fast as it likes (a refused handshake, a call not proven),
-/// logged the first time each key (an address and a reason, say) comes in a window of
-/// [`LogThrottle::every`], and only counted after that: what an attacker can push into the
-/// log is one line per key per window, at most [`LOG_THROTTLE_KEYS`] keys per window. The
-/// counters beside such lines keep the whole rate.
+/// logged the first time each key (an address and a reason, say) comes in a window (the
+/// length given to [`LogThrottle::new`]), and only counted after that: what an attacker can
+/// push into the log is one line per key per window, at most [`LOG_THROTTLE_KEYS`] keys per
+/// window. The counters beside such lines keep the whole rate.
 #[derive(Debug)]
 pub struct LogThrottle<K> {
     every: std::time::Duration,
@@ -141,11 +141,6 @@ impl<K: std::hash::Hash + Eq> LogThrottle<K> {
                 held_back_before: 0,
             }),
         }
-    }
-
-    /// The window's length.
-    pub fn every(&self) -> std::time::Duration {
-        self.every
     }
 
     /// Whether a line for `key` is to be logged now: `Some(n)`, where `n` lines were held
