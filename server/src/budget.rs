@@ -8,7 +8,11 @@
 //!
 //! Callers wait in [`Priority`] order: a pod's own request first (never queued behind
 //! upkeep), then refreshes of credentials in use, then prefetches for pods that have not
-//! asked yet. Upkeep may use only four fifths of the rate: the rest is kept for pods'
+//! asked yet. Within a priority, callers are served one *tenant* at a time in turn (a pod's
+//! request is its namespace's; all upkeep is one tenant), each tenant's callers first come,
+//! first served: a namespace that makes thousands of keys at once (per-pod session names,
+//! annotations changed in a loop) waits behind its own calls, and another namespace's pod
+//! asking meanwhile goes next, not after them. Upkeep may use only four fifths of the rate: the rest is kept for pods'
 //! requests, so that a pod asking in the middle of a burst of prefetches finds a place at
 //! once instead of waiting for the window to move. When STS answers "throttled" anyway (the account's rate is spent elsewhere),
 //! [`Budget::throttled`] pauses refreshes and prefetches for a jittered back-off; pods'
@@ -16,8 +20,8 @@
 //!
 //! Time is tokio's, so tests run minutes of budget in paused time.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -76,19 +80,81 @@ struct State {
     starts: VecDeque<Instant>,
     /// Callers waiting, per priority.
     waiting: [usize; 3],
+    /// Who goes next, per priority.
+    lines: [Line; 3],
+    /// The next caller's ticket.
+    next_ticket: u64,
     /// Upkeep waits until then after a throttled call.
     paused_until: Option<Instant>,
     /// Throttled calls in a row, for the pause's growth.
     throttled_in_a_row: u32,
 }
 
+/// The callers waiting at one priority: the tenants in turn, and each tenant's callers in
+/// the order they came (by ticket).
+#[derive(Debug, Default)]
+struct Line {
+    /// Tenants with callers waiting; the front one's first caller is next.
+    tenants: VecDeque<Arc<str>>,
+    callers: HashMap<Arc<str>, VecDeque<u64>>,
+}
+
+impl Line {
+    fn join(&mut self, tenant: &Arc<str>, ticket: u64) {
+        let callers = self.callers.entry(Arc::clone(tenant)).or_insert_with(|| {
+            self.tenants.push_back(Arc::clone(tenant));
+            VecDeque::new()
+        });
+        callers.push_back(ticket);
+    }
+
+    fn is_next(&self, tenant: &str, ticket: u64) -> bool {
+        self.tenants.front().is_some_and(|front| &**front == tenant)
+            && self.callers.get(tenant).and_then(|callers| callers.front()) == Some(&ticket)
+    }
+
+    /// The next caller goes: its tenant goes to the back of the turn if it has more waiting.
+    fn served(&mut self) {
+        let Some(tenant) = self.tenants.pop_front() else {
+            return;
+        };
+        let more = self.callers.get_mut(&tenant).is_some_and(|callers| {
+            callers.pop_front();
+            !callers.is_empty()
+        });
+        if more {
+            self.tenants.push_back(tenant);
+        } else {
+            self.callers.remove(&tenant);
+        }
+    }
+
+    /// A caller gave up: it is no longer in line.
+    fn leave(&mut self, tenant: &str, ticket: u64) {
+        let Some(callers) = self.callers.get_mut(tenant) else {
+            return;
+        };
+        callers.retain(|&t| t != ticket);
+        if callers.is_empty() {
+            self.callers.remove(tenant);
+            self.tenants.retain(|t| &**t != tenant);
+        }
+    }
+}
+
+/// The tenant all upkeep (refreshes, prefetches) is counted as.
+pub const UPKEEP: &str = "";
+
 /// What a waiting caller does next.
 enum Turn {
     Go,
     /// Sleep until then, or until the state changes.
     WaitUntil(Instant),
-    /// A caller of higher priority is waiting: wait for the state to change.
-    WaitForChange,
+    /// A caller of higher priority, or before this one in line, is waiting: wait for the
+    /// state to change. `full`: no place is free either.
+    WaitForChange {
+        full: bool,
+    },
 }
 
 impl Budget {
@@ -99,6 +165,8 @@ impl Budget {
             state: Mutex::new(State {
                 starts: VecDeque::with_capacity(rate.min(4096)),
                 waiting: [0; 3],
+                lines: Default::default(),
+                next_ticket: 0,
                 paused_until: None,
                 throttled_in_a_row: 0,
             }),
@@ -112,37 +180,46 @@ impl Budget {
         self.rate
     }
 
-    /// Waits until a call of `priority` may start, and counts it as started. Cancel-safe: a
-    /// caller that gives up while waiting takes nothing.
-    pub async fn acquire(&self, priority: Priority) {
+    /// Waits until a call of `priority` for `tenant` may start, and counts it as started.
+    /// Cancel-safe: a caller that gives up while waiting takes nothing.
+    pub async fn acquire(&self, priority: Priority, tenant: &Arc<str>) {
         if self.rate == 0 {
             return;
         }
-        let _waiting = Waiting::new(self, priority);
+        let mut waiting = Waiting::new(self, priority, tenant);
         let mut counted = false;
         loop {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let turn = self.turn(priority);
-            if !matches!(turn, Turn::Go) && !counted {
+            let turn = self.turn(&waiting);
+            // A wait for a place, not a moment behind callers about to take free ones.
+            let full = matches!(
+                turn,
+                Turn::WaitUntil(_) | Turn::WaitForChange { full: true }
+            );
+            if full && !counted {
                 counted = true;
                 self.counters.waits[priority as usize].inc();
             }
             match turn {
-                Turn::Go => return,
+                Turn::Go => {
+                    waiting.served = true;
+                    return;
+                }
                 Turn::WaitUntil(at) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}
                         () = changed => {}
                     }
                 }
-                Turn::WaitForChange => changed.await,
+                Turn::WaitForChange { .. } => changed.await,
             }
         }
     }
 
-    fn turn(&self, priority: Priority) -> Turn {
+    fn turn(&self, caller: &Waiting<'_>) -> Turn {
+        let priority = caller.priority;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while state
@@ -152,14 +229,18 @@ impl Budget {
         {
             state.starts.pop_front();
         }
-        if state.waiting[..priority as usize].iter().any(|&n| n > 0) {
-            return Turn::WaitForChange;
-        }
         // Upkeep leaves a fifth of the rate to pods' requests.
         let cap = match priority {
             Priority::Request => self.rate,
             Priority::Refresh | Priority::Prefetch => self.rate - self.rate / 5,
         };
+        if state.waiting[..priority as usize].iter().any(|&n| n > 0)
+            || !state.lines[priority as usize].is_next(&caller.tenant, caller.ticket)
+        {
+            return Turn::WaitForChange {
+                full: state.starts.len() >= cap,
+            };
+        }
         let mut at = now;
         if state.starts.len() >= cap {
             // The start that must age out for one place to be free.
@@ -174,6 +255,7 @@ impl Budget {
         }
         if at <= now {
             state.starts.push_back(now);
+            state.lines[priority as usize].served();
             Turn::Go
         } else {
             Turn::WaitUntil(at)
@@ -206,31 +288,45 @@ impl Budget {
     }
 }
 
-/// One caller counted as waiting at its priority until dropped.
+/// One caller counted as waiting at its priority, and in its line, until dropped.
 struct Waiting<'a> {
     budget: &'a Budget,
     priority: Priority,
+    tenant: Arc<str>,
+    ticket: u64,
+    /// It went: the line has let it go already.
+    served: bool,
 }
 
 impl<'a> Waiting<'a> {
-    fn new(budget: &'a Budget, priority: Priority) -> Waiting<'a> {
-        budget
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting[priority as usize] += 1;
-        Waiting { budget, priority }
+    fn new(budget: &'a Budget, priority: Priority, tenant: &Arc<str>) -> Waiting<'a> {
+        let mut state = budget.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.waiting[priority as usize] += 1;
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.lines[priority as usize].join(tenant, ticket);
+        Waiting {
+            budget,
+            priority,
+            tenant: Arc::clone(tenant),
+            ticket,
+            served: false,
+        }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.budget
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting[self.priority as usize] -= 1;
-        // Callers of lower priority may go now, or see the call just started.
+        {
+            let mut state = self.budget.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.waiting[self.priority as usize] -= 1;
+            // Served callers have left already; one that gave up leaves now.
+            if !self.served {
+                state.lines[self.priority as usize].leave(&self.tenant, self.ticket);
+            }
+        }
+        // The next in line, or callers of lower priority, may go now, or see the call just
+        // started.
         self.budget.changed.notify_waiters();
     }
 }
@@ -247,12 +343,28 @@ mod tests {
         n: usize,
         log: &Arc<Mutex<Vec<(Priority, Instant)>>>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
+        tenants_callers(budget, priority, UPKEEP, n, log)
+    }
+
+    fn tenant(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    /// Starts `n` callers at `priority` for `tenant` that record when they got through.
+    fn tenants_callers(
+        budget: &Arc<Budget>,
+        priority: Priority,
+        tenant: &str,
+        n: usize,
+        log: &Arc<Mutex<Vec<(Priority, Instant)>>>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..n)
             .map(|_| {
                 let budget = Arc::clone(budget);
                 let log = Arc::clone(log);
+                let tenant = self::tenant(tenant);
                 tokio::spawn(async move {
-                    budget.acquire(priority).await;
+                    budget.acquire(priority, &tenant).await;
                     log.lock()
                         .expect("not poisoned")
                         .push((priority, Instant::now()));
@@ -309,8 +421,8 @@ mod tests {
         let prefetches = callers(&budget, Priority::Prefetch, 30, &log);
         tokio::task::yield_now().await;
         // Eight prefetches went at once; two requests still go at once after them.
-        budget.acquire(Priority::Request).await;
-        budget.acquire(Priority::Request).await;
+        budget.acquire(Priority::Request, &tenant(UPKEEP)).await;
+        budget.acquire(Priority::Request, &tenant(UPKEEP)).await;
         assert_eq!(Instant::now(), started);
         for handle in prefetches {
             handle.await.expect("joins");
@@ -326,8 +438,8 @@ mod tests {
         let budget = Arc::new(Budget::new(2, BudgetCounters::default()));
         let log = Arc::new(Mutex::new(Vec::new()));
         // Spend the window, then queue prefetches, refreshes and, last, one request.
-        budget.acquire(Priority::Prefetch).await;
-        budget.acquire(Priority::Prefetch).await;
+        budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
+        budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
         let mut handles = callers(&budget, Priority::Prefetch, 4, &log);
         tokio::task::yield_now().await;
         handles.extend(callers(&budget, Priority::Refresh, 2, &log));
@@ -352,17 +464,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_namespace_with_many_calls_waiting_waits_behind_its_own_and_others_go_in_turn() {
+        let budget = Arc::new(Budget::new(2, BudgetCounters::default()));
+        let started = Instant::now();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let served = |tenant: &'static str| {
+            let budget = Arc::clone(&budget);
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                budget
+                    .acquire(Priority::Request, &self::tenant(tenant))
+                    .await;
+                log.lock().expect("not poisoned").push(tenant);
+            })
+        };
+        // The window is spent; one namespace queues forty requests, then two others ask.
+        budget.acquire(Priority::Request, &tenant("busy")).await;
+        budget.acquire(Priority::Request, &tenant("busy")).await;
+        let mut handles: Vec<_> = (0..40).map(|_| served("busy")).collect();
+        tokio::task::yield_now().await;
+        handles.push(served("quiet"));
+        tokio::task::yield_now().await;
+        handles.push(served("other"));
+        for handle in handles {
+            handle.await.expect("joins");
+        }
+        let order = log.lock().expect("not poisoned").clone();
+        assert_eq!(order.len(), 42);
+        // The busy namespace's first caller was next; then each namespace in turn.
+        assert_eq!(order[..3], ["busy", "quiet", "other"]);
+        assert!(order[3..].iter().all(|&t| t == "busy"));
+        assert_eq!(Instant::now().duration_since(started), WINDOW * 21);
+        let state = budget.state.lock().expect("not poisoned");
+        assert!(state.lines[0].tenants.is_empty() && state.lines[0].callers.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn throttling_pauses_upkeep_but_not_pods_requests() {
         let budget = Arc::new(Budget::new(100, BudgetCounters::default()));
         let started = Instant::now();
         budget.throttled();
-        budget.acquire(Priority::Request).await;
+        budget.acquire(Priority::Request, &tenant(UPKEEP)).await;
         assert_eq!(
             Instant::now(),
             started,
             "a pod's request waited for the pause"
         );
-        budget.acquire(Priority::Refresh).await;
+        budget.acquire(Priority::Refresh, &tenant(UPKEEP)).await;
         let paused = Instant::now().duration_since(started);
         assert!(
             (Duration::from_millis(500)..=Duration::from_secs(1)).contains(&paused),
@@ -371,12 +519,12 @@ mod tests {
         // A second throttle in a row pauses longer (1 to 2 s); a success resets it.
         budget.throttled();
         let again = Instant::now();
-        budget.acquire(Priority::Prefetch).await;
+        budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
         assert!(Instant::now().duration_since(again) >= Duration::from_secs(1));
         budget.succeeded();
         budget.throttled();
         let reset = Instant::now();
-        budget.acquire(Priority::Prefetch).await;
+        budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
         assert!(Instant::now().duration_since(reset) <= Duration::from_secs(1));
         assert_eq!(budget.counters.pauses.get(), 3);
     }
@@ -384,18 +532,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_gives_up_takes_nothing_and_blocks_nobody() {
         let budget = Arc::new(Budget::new(1, BudgetCounters::default()));
-        budget.acquire(Priority::Request).await;
+        budget.acquire(Priority::Request, &tenant(UPKEEP)).await;
         // A request that gives up while waiting must not keep prefetches waiting behind it.
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(10), budget.acquire(Priority::Request))
-                .await;
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(10),
+            budget.acquire(Priority::Request, &tenant(UPKEEP)),
+        )
+        .await;
         assert!(gave_up.is_err());
         let started = Instant::now();
-        budget.acquire(Priority::Prefetch).await;
+        budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
         assert!(Instant::now().duration_since(started) <= WINDOW);
-        assert_eq!(
-            budget.state.lock().expect("not poisoned").waiting,
-            [0, 0, 0]
+        let state = budget.state.lock().expect("not poisoned");
+        assert_eq!(state.waiting, [0, 0, 0]);
+        assert!(
+            state
+                .lines
+                .iter()
+                .all(|l| l.tenants.is_empty() && l.callers.is_empty())
         );
     }
 
@@ -403,7 +557,7 @@ mod tests {
     async fn no_rate_is_no_limit() {
         let budget = Budget::new(0, BudgetCounters::default());
         for _ in 0..10_000 {
-            budget.acquire(Priority::Prefetch).await;
+            budget.acquire(Priority::Prefetch, &tenant(UPKEEP)).await;
         }
         assert_eq!(budget.counters.waits[2].get(), 0);
     }

@@ -749,7 +749,7 @@ impl PodiamService {
         let mut key = self.cache_key(pod, &role.arn);
         let mut fetches = 0;
         loop {
-            let issued = match self.cache.get(key.clone()).await {
+            let issued = match self.cache.get(key.clone(), &pod.namespace).await {
                 Ok(issued) => issued,
                 Err(error) => {
                     self.events

@@ -28,7 +28,7 @@ use podiam_runtime::clock::now_unix;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::task::TaskTracker;
 
-use crate::budget::{Budget, BudgetCounters, Priority};
+use crate::budget::{Budget, BudgetCounters, Priority, UPKEEP};
 
 /// What a credential cache entry is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -466,8 +466,9 @@ impl CredentialCache {
     }
 
     /// Credentials for `key` with at least `min_remaining` left: from the cache, from STS,
-    /// or — while STS is failing — the still-valid ones we have.
-    pub async fn get(&self, key: CacheKey) -> Result<Issued, StsError> {
+    /// or — while STS is failing — the still-valid ones we have. `tenant`: whose request it
+    /// is (the pod's namespace), for the budget's turns.
+    pub async fn get(&self, key: CacheKey, tenant: &str) -> Result<Issued, StsError> {
         let entry = self.slot(&key).lock_owned().await;
         let now = self.clock.now_ms();
         if let Some(issued) = entry.servable(now, self.policy.min_remaining) {
@@ -481,7 +482,11 @@ impl CredentialCache {
         if now < entry.retry_at_ms {
             return self.fallback(&entry, now);
         }
-        self.call(key, entry, Started::No(Priority::Request)).await
+        let claim = Claim {
+            priority: Priority::Request,
+            tenant: Arc::from(tenant),
+        };
+        self.call(key, entry, claim, false).await
     }
 
     /// What a failed or backed-off key can still serve.
@@ -496,12 +501,14 @@ impl CredentialCache {
     }
 
     /// Calls STS for `key` in a detached task holding the entry's lock, once the budget lets
-    /// the call start (again for each attempt), and records the outcome.
+    /// the call start (again for each attempt; `acquired`: the first already has its place),
+    /// and records the outcome.
     async fn call(
         &self,
         key: CacheKey,
         mut entry: tokio::sync::OwnedMutexGuard<Entry>,
-        start: Started,
+        claim: Claim,
+        acquired: bool,
     ) -> Result<Issued, StsError> {
         let sts = Arc::clone(&self.sts);
         let clock = Arc::clone(&self.clock);
@@ -514,7 +521,7 @@ impl CredentialCache {
             duration: policy.session_duration,
         };
         let handle = self.tasks.spawn(async move {
-            let result = attempts(&*sts, &budget, &calls, request, start, &policy).await;
+            let result = attempts(&*sts, &budget, &calls, request, claim, acquired, &policy).await;
             let now = clock.now_ms();
             match result {
                 Ok(issued) => {
@@ -605,8 +612,10 @@ impl CredentialCache {
         let limit = Arc::new(tokio::sync::Semaphore::new(
             self.policy.maintenance_concurrency.max(1),
         ));
+        let upkeep: Arc<str> = Arc::from(UPKEEP);
         let refreshes = due.into_iter().map(|(key, slot, priority)| {
             let limit = Arc::clone(&limit);
+            let upkeep = Arc::clone(&upkeep);
             async move {
                 let Ok(_permit) = limit.acquire().await else {
                     return;
@@ -622,14 +631,18 @@ impl CredentialCache {
                 }
                 // The budget first, the entry's lock after: a pod asking for this key while
                 // upkeep waits for the budget must not wait behind it.
-                self.budget.acquire(priority).await;
+                let claim = Claim {
+                    priority,
+                    tenant: upkeep,
+                };
+                self.budget.acquire(priority, &claim.tenant).await;
                 let Ok(entry) = slot.try_lock_owned() else {
                     return; // a request is fetching it right now
                 };
                 if !due(&entry) {
                     return; // a request fetched it meanwhile
                 }
-                let _ = self.call(key, entry, Started::Yes(priority)).await;
+                let _ = self.call(key, entry, claim, true).await;
             }
         });
         futures::future::join_all(refreshes).await;
@@ -675,11 +688,12 @@ impl CredentialCache {
     }
 }
 
-/// Whether a call's first attempt already has its place in the budget.
-#[derive(Clone, Copy, Debug)]
-enum Started {
-    No(Priority),
-    Yes(Priority),
+/// Whose call it is, for the budget.
+#[derive(Clone, Debug)]
+struct Claim {
+    priority: Priority,
+    /// The namespace of the pod asking, or [`UPKEEP`].
+    tenant: Arc<str>,
 }
 
 /// One call: up to `policy.attempts` attempts while STS is unavailable, each once the budget
@@ -690,17 +704,14 @@ async fn attempts(
     budget: &Budget,
     calls: &StsCallCounters,
     request: AssumeRequest,
-    start: Started,
+    claim: Claim,
+    mut acquired: bool,
     policy: &CachePolicy,
 ) -> Result<Issued, StsError> {
-    let (priority, mut acquired) = match start {
-        Started::No(priority) => (priority, false),
-        Started::Yes(priority) => (priority, true),
-    };
     let mut attempt = 1;
     loop {
         if !acquired {
-            budget.acquire(priority).await;
+            budget.acquire(claim.priority, &claim.tenant).await;
         }
         acquired = false;
         match sts.assume_role(request.clone()).await {
@@ -858,7 +869,7 @@ mod tests {
         let waiters: Vec<_> = (0..50)
             .map(|_| {
                 let cache = Arc::clone(&r.cache);
-                tokio::spawn(async move { cache.get(key("a")).await })
+                tokio::spawn(async move { cache.get(key("a"), "ns").await })
             })
             .collect();
         r.sts.gate.add_permits(100_000);
@@ -868,9 +879,9 @@ mod tests {
                 "ASIA0"
             );
         }
-        r.cache.get(key("a")).await.expect("hit");
+        r.cache.get(key("a"), "ns").await.expect("hit");
         assert_eq!(r.calls(), 1);
-        r.cache.get(key("b")).await.expect("other key");
+        r.cache.get(key("b"), "ns").await.expect("other key");
         assert_eq!(r.calls(), 2);
         assert_eq!(r.cache.calls.ok.get(), 2);
     }
@@ -880,14 +891,14 @@ mod tests {
         let r = rig(HOUR, false);
         let first = {
             let cache = Arc::clone(&r.cache);
-            tokio::spawn(async move { cache.get(key("a")).await })
+            tokio::spawn(async move { cache.get(key("a"), "ns").await })
         };
         while r.calls() == 0 {
             tokio::task::yield_now().await;
         }
         let second = {
             let cache = Arc::clone(&r.cache);
-            tokio::spawn(async move { cache.get(key("a")).await })
+            tokio::spawn(async move { cache.get(key("a"), "ns").await })
         };
         first.abort();
         r.sts.gate.add_permits(100_000);
@@ -903,8 +914,8 @@ mod tests {
     async fn credentials_below_the_floor_are_refreshed_not_served() {
         // STS hands out credentials that already have less than the floor left.
         let r = rig(Duration::from_secs(600), true);
-        r.cache.get(key("a")).await.expect("first");
-        r.cache.get(key("a")).await.expect("second");
+        r.cache.get(key("a"), "ns").await.expect("first");
+        r.cache.get(key("a"), "ns").await.expect("second");
         assert_eq!(r.calls(), 2, "stale credentials are never reused");
     }
 
@@ -914,14 +925,14 @@ mod tests {
         let needed: HashSet<CacheKey> = [key("a"), key("b")].into();
         r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "both keys prefetched");
-        r.cache.get(key("a")).await.expect("hit");
+        r.cache.get(key("a"), "ns").await.expect("hit");
         assert_eq!(r.calls(), 2, "a prefetched key is a hit");
         r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 2, "nothing due yet");
         r.clock.advance(31 * MINUTE);
         r.cache.maintain(&needed, &|_| true).await;
         assert_eq!(r.calls(), 4, "past half-life: refreshed in the background");
-        let creds = r.cache.get(key("a")).await.expect("hit");
+        let creds = r.cache.get(key("a"), "ns").await.expect("hit");
         assert!(
             creds.expiration_unix * 1000 - r.clock.now_ms() > 55 * 60 * 1000,
             "fresh credentials served"
@@ -938,8 +949,11 @@ mod tests {
         r.cache.maintain(&needed, &mine).await;
         assert_eq!(r.calls(), 1, "only the owned key prefetched");
         // A pod asks this replica for the other key (its owner is away): fetched once…
-        r.cache.get(key("theirs")).await.expect("fetched on demand");
-        r.cache.get(key("theirs")).await.expect("then a hit");
+        r.cache
+            .get(key("theirs"), "ns")
+            .await
+            .expect("fetched on demand");
+        r.cache.get(key("theirs"), "ns").await.expect("then a hit");
         assert_eq!(r.calls(), 2);
         // …kept while needed, and left to its owner's refresh.
         r.clock.advance(31 * MINUTE);
@@ -961,7 +975,7 @@ mod tests {
         let r = rig_with(HOUR, true, policy);
         r.sts.unreachable.store(true, Ordering::SeqCst);
         let began = tokio::time::Instant::now();
-        let error = r.cache.get(key("a")).await.expect_err("STS is down");
+        let error = r.cache.get(key("a"), "ns").await.expect_err("STS is down");
         assert!(matches!(error, StsError::Unavailable(_)), "{error:?}");
         assert_eq!(r.calls(), 3, "three attempts");
         // Two attempts in the first window, the third in the next.
@@ -1014,12 +1028,12 @@ mod tests {
         // Five minutes of outage, in ten-second steps of maintenance and pod requests.
         for _ in 0..30 {
             r.cache.maintain(&needed, &|_| true).await;
-            let cached = r.cache.get(key("cached")).await;
+            let cached = r.cache.get(key("cached"), "ns").await;
             assert!(
                 cached.is_ok(),
                 "a pod with cached credentials keeps getting them: {cached:?}"
             );
-            let fresh = r.cache.get(key("new-pod-role")).await;
+            let fresh = r.cache.get(key("new-pod-role"), "ns").await;
             assert!(
                 matches!(&fresh, Err(StsError::Throttled(m)) if m.contains("Throttling")),
                 "a new role gets a clear STS-unavailable answer: {fresh:?}"
@@ -1039,12 +1053,12 @@ mod tests {
         r.cache.maintain(&needed, &|_| true).await;
         let creds = r
             .cache
-            .get(key("cached"))
+            .get(key("cached"), "ns")
             .await
             .expect("refreshed after recovery");
         assert!(creds.expiration_unix * 1000 - r.clock.now_ms() > 55 * 60 * 1000);
         r.cache
-            .get(key("new-pod-role"))
+            .get(key("new-pod-role"), "ns")
             .await
             .expect("the new role works after recovery");
     }
@@ -1055,7 +1069,7 @@ mod tests {
         r.sts.refuse.store(true, Ordering::SeqCst);
         for _ in 0..10 {
             assert!(matches!(
-                r.cache.get(key("a")).await,
+                r.cache.get(key("a"), "ns").await,
                 Err(StsError::Refused { .. })
             ));
         }
@@ -1063,7 +1077,7 @@ mod tests {
         r.sts.refuse.store(false, Ordering::SeqCst);
         r.clock.advance(Duration::from_secs(31));
         r.cache
-            .get(key("a"))
+            .get(key("a"), "ns")
             .await
             .expect("asked again after the memory");
         assert_eq!(r.calls(), 2);

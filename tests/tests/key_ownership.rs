@@ -8,6 +8,8 @@
 //!   none for the keys that stayed.
 //! - `--sts-rate N`: no second sees more than N calls, and a pod's own request goes before
 //!   the prefetches queued ahead of it.
+//! - A namespace whose pods queue many requests for the budget does not hold up another
+//!   namespace's pod: namespaces take turns.
 //!
 //! Needs root (the World's node namespace).
 
@@ -345,4 +347,165 @@ async fn a_budget_of_five_calls_a_second_is_never_exceeded_and_a_pods_request_go
             r#"podiam_server_sts_budget_waits_total{priority="prefetch"}"#
         ) > 0
     );
+}
+
+/// A pod `name` in `namespace` with the role `app-reader`, at `ip(i)`.
+async fn pod_in(world: &World, namespace: &str, name: String, i: usize) {
+    let spec = PodSpec {
+        name,
+        namespace: namespace.into(),
+        role: Some("app-reader".into()),
+        registered: true,
+        service_account: None,
+        family: Default::default(),
+    };
+    create_pod(&world.kube_client(), &spec, &[ip(i).into()])
+        .await
+        .expect("pod created");
+}
+
+fn request_for(i: usize) -> GetCredentialsRequest {
+    GetCredentialsRequest {
+        ip: ip(i).to_string(),
+        role_name: "app-reader".into(),
+        node_name: String::new(),
+        pod_token: String::new(),
+    }
+}
+
+/// AssumeRole calls the proxy has seen for sessions of `namespace` (`{namespace}.{pod}`).
+fn calls_of(world: &World, namespace: &str) -> usize {
+    let prefix = format!("{namespace}.");
+    world
+        .sts_proxy()
+        .assume_role_calls()
+        .iter()
+        .filter(|c| {
+            c.param("RoleSessionName")
+                .is_some_and(|s| s.starts_with(&prefix))
+        })
+        .count()
+}
+
+/// `podiam_server_sts_budget_waits_total{priority="request"}` of the one replica.
+async fn request_waits(world: &World) -> usize {
+    world.server_metrics().await.map_or(0, |metrics| {
+        metric_value(
+            &metrics,
+            r#"podiam_server_sts_budget_waits_total{priority="request"}"#,
+        ) as usize
+    })
+}
+
+/// Requests for `pods`' credentials, each in its own task, asked again while refused (a
+/// pod the server's view does not hold yet).
+fn ask_for(
+    world_client: &podiam_tests::identity::Client,
+    pods: std::ops::Range<usize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    pods.map(|i| {
+        let mut agent = world_client.clone();
+        tokio::spawn(async move {
+            while agent.get_credentials(request_for(i)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_queueing_many_requests_does_not_hold_up_another_namespaces_pod() {
+    // Sixty pods of one namespace ask at once, each its own session: twenty seconds of
+    // calls at three a second. Another namespace's pod asks, and while it waits sixty more
+    // of the first namespace's pods ask.
+    const WAVE: usize = 60;
+    const RATE: usize = 3;
+    let world = World::start(WorldConfig {
+        sts_proxy: true,
+        server_args: [
+            "--session-name",
+            "{namespace}.{pod}",
+            "--sts-rate",
+            &RATE.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..WorldConfig::default()
+            .namespace("team-busy", Some("app-.*"))
+            .namespace("team-quiet", Some("app-.*"))
+    })
+    .await
+    .expect("world starts");
+    futures::future::join_all(
+        (0..2 * WAVE).map(|i| pod_in(&world, "team-busy", format!("app-{i}"), i)),
+    )
+    .await;
+    let agent = world.server_client().await.expect("client");
+    let mut busy = ask_for(&agent, 0..WAVE);
+    // Every request of the first wave is in: fetched already (prefetched, or at once) or
+    // waiting for the budget (a few may wait for a prefetch in flight instead).
+    wait_until(
+        Duration::from_secs(60),
+        "the first wave to queue",
+        || async { request_waits(&world).await + calls_of(&world, "team-busy") + RATE >= WAVE },
+    )
+    .await
+    .expect("first wave queued");
+    let queued = request_waits(&world).await;
+    let before = calls_of(&world, "team-busy");
+    assert!(
+        before <= WAVE / 2,
+        "{before} of the first wave already fetched"
+    );
+
+    // The quiet pod asks; once its request waits for the budget, the second wave asks.
+    pod_in(&world, "team-quiet", "app-0".into(), 2 * WAVE).await;
+    let quiet = agent.clone();
+    let answer = tokio::spawn(async move {
+        wait_until(
+            Duration::from_secs(60),
+            "the quiet pod's credentials",
+            || {
+                let mut quiet = quiet.clone();
+                async move { quiet.get_credentials(request_for(2 * WAVE)).await.is_ok() }
+            },
+        )
+        .await
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the quiet pod's request to wait",
+        || async { request_waits(&world).await > queued },
+    )
+    .await
+    .expect("the quiet pod waits");
+    let mark = world.sts_proxy().assume_role_calls().len();
+    busy.extend(ask_for(&agent, WAVE..2 * WAVE));
+    answer
+        .await
+        .expect("joins")
+        .expect("the quiet pod is answered");
+    // In the order STS saw them: namespaces in turn, so one call of the busy namespace goes
+    // before the quiet pod's (up to three, as calls that start together may arrive in any
+    // order), not the rest of the first wave (first come, first served) or the second wave
+    // (last come, first served).
+    let calls = world.sts_proxy().assume_role_calls();
+    let session = |c: &StsCall| c.param("RoleSessionName").unwrap_or_default().to_string();
+    let quiet_at = calls
+        .iter()
+        .position(|c| session(c) == "team-quiet.app-0")
+        .expect("the quiet pod's call");
+    let busy_first = calls[mark.min(quiet_at)..quiet_at]
+        .iter()
+        .filter(|c| session(c).starts_with("team-busy."))
+        .count();
+    assert!(
+        busy_first <= 3,
+        "{busy_first} busy calls went before the quiet pod's, after it waited"
+    );
+    assert_eq!(calls_of(&world, "team-quiet"), 1);
+    for handle in busy {
+        handle.abort();
+    }
 }
