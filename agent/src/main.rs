@@ -58,6 +58,14 @@ fn main() -> ExitCode {
 
 async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     tracing::info!(worker_threads = config.worker_threads, "starting");
+    // The rules first, before anything that may fail or wait (TLS files, the servers'
+    // names, the ports): on a node just booted there are none, and until they are in place
+    // pods reach the node's own metadata service. With the rules and no agent listening yet,
+    // pods' requests are refused instead, and stay refused if the start fails.
+    let rules = match &config.iptables {
+        Some(interception) => Some((intercept(interception).await?, interception)),
+        None => None,
+    };
     let agent = Agent::build(config.clone()).await?;
     // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
     // agent binds beside the old one; the kernel spreads connections over both until the old
@@ -77,24 +85,8 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     {
         tracing::warn!("{warning}");
     }
-    let rules = match &config.iptables {
-        Some(interception) => Some((intercept(interception).await?, interception)),
-        None => None,
-    };
     if let Some(path) = &config.listen_address_file {
-        let mut addresses = vec![("listen", listeners.pods.local_addr()?)];
-        for (name, listener) in [
-            ("container-listen", &listeners.container),
-            ("listen6", &listeners.pods6),
-            ("container-listen6", &listeners.container6),
-        ] {
-            if let Some(listener) = listener {
-                addresses.push((name, listener.local_addr()?));
-            }
-        }
-        addresses.push(("health-listen", listeners.health.local_addr()?));
-        podiam_runtime::net::write_address_file(path, &addresses)
-            .with_context(|| format!("writing --listen-address-file {}", path.display()))?;
+        write_addresses(path, &listeners)?;
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
@@ -135,6 +127,23 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     served
+}
+
+/// Writes where each listener listens (`--listen-address-file`, for ports 0).
+fn write_addresses(path: &std::path::Path, listeners: &Listeners) -> anyhow::Result<()> {
+    let mut addresses = vec![("listen", listeners.pods.local_addr()?)];
+    for (name, listener) in [
+        ("container-listen", &listeners.container),
+        ("listen6", &listeners.pods6),
+        ("container-listen6", &listeners.container6),
+    ] {
+        if let Some(listener) = listener {
+            addresses.push((name, listener.local_addr()?));
+        }
+    }
+    addresses.push(("health-listen", listeners.health.local_addr()?));
+    podiam_runtime::net::write_address_file(path, &addresses)
+        .with_context(|| format!("writing --listen-address-file {}", path.display()))
 }
 
 /// Installs the DNAT rules and their jumps (and flushes conntrack entries that bypass them

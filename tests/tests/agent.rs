@@ -261,6 +261,58 @@ async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_le
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn on_a_node_without_rules_an_agent_that_cannot_start_still_closes_the_way_to_the_node() {
+    let mut config = team_a_with_agent();
+    config.fake_node_metadata = true;
+    let mut world = World::start(config).await.expect("world starts");
+    let web = world.pod("web").ip().to_string();
+    // A node just booted: no agent, no rules. A pod then reaches the node's metadata
+    // service (what the rules are for), which the fake one records.
+    world.stop_agent().await.expect("stops");
+    let rules = world.uninstall_and_read_rules().await.expect("uninstalled");
+    assert!(!rules.contains("PODIAM"), "{rules}");
+    let reply = world
+        .metadata_request("web", "GET", "/latest/meta-data/instance-id", &[])
+        .await
+        .expect("the node's metadata service answers");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(world.node().fake_node_metadata_clients().contains(&web));
+    let seen_before = world.node().fake_node_metadata_clients().len();
+
+    // The agent starts with TLS files it cannot use, and exits: by then its rules are in.
+    let cert = world.certs().agent_cert.clone();
+    let good = std::fs::read(&cert).expect("the agent's certificate");
+    std::fs::write(&cert, "not a certificate").expect("break the certificate");
+    let (status, log) = world
+        .run_failing_agent(Duration::from_secs(30))
+        .await
+        .expect("the agent exits");
+    std::fs::write(&cert, good).expect("mend the certificate");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("iptables rules in place"), "{log}");
+    let rules = world.node_nat_rules().await.expect("rules");
+    assert_eq!(
+        rules.matches("-j DNAT").count(),
+        INTERCEPTED_ADDRESSES,
+        "{rules}"
+    );
+    assert_no_metadata_service(&world).await;
+    assert_eq!(
+        world.node().fake_node_metadata_clients().len(),
+        seen_before,
+        "a pod reached the node's metadata service after the agent's start"
+    );
+
+    // Once it can start, it answers.
+    world.start_agent().await.expect("starts");
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
     let mut config = team_a_with_agent();
     config.agent_args = vec![
