@@ -176,6 +176,8 @@ struct Named<'a> {
     #[serde(borrow)]
     name: Option<Text<'a>>,
     #[serde(borrow)]
+    value: Option<Text<'a>>,
+    #[serde(borrow)]
     mount_path: Option<Text<'a>>,
 }
 
@@ -199,10 +201,37 @@ pub struct Volumes {
     pub has_ours: bool,
 }
 
-/// A container's `env`: which of the webhook's two variables it sets already.
+/// The other variables by which a container names a credentials endpoint of its own: one
+/// that sets any of them, or either of [`VARIABLES`], is set up by its owner.
+pub const OWNERS_VARIABLES: [&str; 2] = [
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+];
+
+/// The values the webhook gives [`VARIABLES`]: the endpoint's URLs (over IPv4 or IPv6),
+/// and the token file in its volume.
+pub const ENDPOINT_URLS: [&str; 2] = [
+    "http://169.254.170.23/v1/credentials",
+    "http://[fd00:ec2::23]/v1/credentials",
+];
+pub const TOKEN_PATH: &str = "/var/run/secrets/podiam.io/serviceaccount/token";
+
+/// A container's `env`: which of the webhook's two variables it sets already, whether to
+/// values of its own, and whether it sets one of [`OWNERS_VARIABLES`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Env {
     pub has: [bool; 2],
+    /// One of [`VARIABLES`] is set to something else than the webhook sets.
+    pub elsewhere: bool,
+    pub owners: bool,
+}
+
+impl Env {
+    /// Whether the container names a credentials endpoint or token of its own: given the
+    /// pod's token, its SDK would send it there.
+    pub fn names_its_own_endpoint(&self) -> bool {
+        self.owners || self.elsewhere
+    }
 }
 
 /// A container's `volumeMounts`: whether the webhook's volume is mounted, or something is
@@ -262,9 +291,19 @@ list!(Volumes, "a list of volumes", |seq| {
 list!(Env, "a list of environment variables", |seq| {
     let mut env = Env::default();
     walk(seq, |var| {
-        for (has, name) in env.has.iter_mut().zip(VARIABLES) {
-            *has |= var.is(name);
+        for ((has, name), ours) in env
+            .has
+            .iter_mut()
+            .zip(VARIABLES)
+            .zip([&ENDPOINT_URLS[..], &[TOKEN_PATH][..]])
+        {
+            if var.is(name) {
+                *has = true;
+                let value = var.value.as_ref().map_or("", |v| v.as_str());
+                env.elsewhere |= !ours.contains(&value);
+            }
         }
+        env.owners |= OWNERS_VARIABLES.iter().any(|name| var.is(name));
     })?;
     Ok(env)
 });
@@ -324,7 +363,11 @@ mod tests {
         assert_eq!(
             containers.kept,
             [Container {
-                env: Some(Env { has: [true, false] }),
+                env: Some(Env {
+                    has: [true, false],
+                    elsewhere: true,
+                    owners: false,
+                }),
                 volume_mounts: Some(Mounts { ours: true }),
             }]
         );

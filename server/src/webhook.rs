@@ -33,6 +33,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use podiam_policy::decision::View;
+use podiam_policy::index::MIRROR_ANNOTATION;
+use podiam_runtime::telemetry::LogThrottle;
 use serde_json::{Value, json};
 
 use prometheus_client::metrics::counter::Counter;
@@ -50,8 +52,8 @@ pub use crate::admission::{MOUNT_PATH, VOLUME};
 pub const TOKEN_FILE: &str = "token";
 /// The container-credentials endpoint as pods are told it: over IPv4 (the default), or
 /// over IPv6 for clusters whose pods have IPv6 only (`--webhook-endpoint-url`).
-pub const ENDPOINT_URL: &str = "http://169.254.170.23/v1/credentials";
-pub const ENDPOINT_URL_IPV6: &str = "http://[fd00:ec2::23]/v1/credentials";
+pub const ENDPOINT_URL: &str = admission::ENDPOINT_URLS[0];
+pub const ENDPOINT_URL_IPV6: &str = admission::ENDPOINT_URLS[1];
 /// Largest AdmissionReview accepted: the API server's own limit on a request is 3 MiB.
 const MAX_REVIEW_BYTES: usize = 3 << 20;
 /// How long a review's body may take to arrive whole: the API server sends it at once. A
@@ -89,7 +91,10 @@ pub struct Injection {
 
 /// The JSON patch (RFC 6902) that sets a pod (its `spec`, read as [`admission::Spec`]) up
 /// for the container endpoint: only what it lacks, so that applying it to its own result adds
-/// nothing. Refused for a pod of more than [`admission::MAX_CONTAINERS`] containers.
+/// nothing. A container that names a credentials endpoint or token of its own (the
+/// container-credential variables set to anything but what the webhook sets) is its owner's
+/// and gets nothing: given the token file, its SDK would send the pod's token to that
+/// endpoint. A pod whose containers are all such gets no volume either. Refused for a pod of more than [`admission::MAX_CONTAINERS`] containers.
 pub fn patch_for(spec: &admission::Spec, injection: &Injection) -> Result<Vec<Value>, ReviewError> {
     let lists = [
         ("initContainers", &spec.init_containers),
@@ -105,24 +110,29 @@ pub fn patch_for(spec: &admission::Spec, injection: &Injection) -> Result<Vec<Va
             admission::MAX_CONTAINERS
         )));
     }
+    let ours: Vec<(String, &admission::Container)> = lists
+        .iter()
+        .filter_map(|(list, kept)| kept.as_ref().map(|kept| (list, kept)))
+        .flat_map(|(list, kept)| {
+            kept.kept
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| (format!("/spec/{list}/{i}"), c))
+        })
+        .filter(|(_, c)| !c.env.is_some_and(|env| env.names_its_own_endpoint()))
+        .collect();
     let mut patch = Vec::new();
+    if ours.is_empty() {
+        return Ok(patch);
+    }
     if spec.volumes.is_none() {
         patch.push(json!({"op": "add", "path": "/spec/volumes", "value": []}));
     }
     if !spec.volumes.is_some_and(|volumes| volumes.has_ours) {
         patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume(injection)}));
     }
-    for (list, containers) in lists {
-        let Some(containers) = containers else {
-            continue;
-        };
-        for (i, container) in containers.kept.iter().enumerate() {
-            patch.extend(container_patch(
-                &format!("/spec/{list}/{i}"),
-                container,
-                &injection.endpoint_url,
-            ));
-        }
+    for (at, container) in ours {
+        patch.extend(container_patch(&at, container, &injection.endpoint_url));
     }
     Ok(patch)
 }
@@ -149,8 +159,7 @@ fn container_patch(at: &str, container: &admission::Container, url: &str) -> Vec
         patch.push(json!({"op": "add", "path": format!("{at}/env"), "value": []}));
     }
     let has = container.env.map_or([false; 2], |env| env.has);
-    let token_file = format!("{MOUNT_PATH}/{TOKEN_FILE}");
-    let values = [url, token_file.as_str()];
+    let values = [url, admission::TOKEN_PATH];
     for ((name, value), has) in admission::VARIABLES.into_iter().zip(values).zip(has) {
         if !has {
             patch.push(json!({"op": "add", "path": format!("{at}/env/-"),
@@ -185,6 +194,23 @@ impl Outcome {
     }
 }
 
+/// A body that is not the JSON of an AdmissionReview, said without quoting it: serde's
+/// message quotes what it found (a string of megabytes, escaped to six times its size),
+/// which would go into the log and back to the sender.
+fn bad_json(error: serde_json::Error) -> ReviewError {
+    let what = match error.classify() {
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "a field of the wrong type",
+        serde_json::error::Category::Eof => "JSON that ends early",
+        serde_json::error::Category::Io => "a body that could not be read",
+    };
+    ReviewError::BadRequest(format!(
+        "{what} at line {} column {}",
+        error.line(),
+        error.column()
+    ))
+}
+
 /// Why a review got no AdmissionReview answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
@@ -204,7 +230,13 @@ pub struct Webhook {
     reading: Places,
     /// Turns to parse and answer a review ([`REVIEWS_AT_ONCE`]).
     turns: tokio::sync::Semaphore,
+    /// Reviews not answered, logged once a minute per address and kind: anyone who reaches
+    /// the port can send them.
+    refusals_logged: LogThrottle<(IpAddr, &'static str)>,
 }
+
+/// How often a review not answered is logged per address and kind.
+const REFUSALS_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Webhook {
     pub fn new(cluster: Arc<Cluster>, injection: Injection) -> Webhook {
@@ -213,6 +245,7 @@ impl Webhook {
             injection,
             reading: Places::new(READING_PER_ADDRESS, READING),
             turns: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+            refusals_logged: LogThrottle::new(REFUSALS_LOGGED_EVERY),
         }
     }
 
@@ -272,8 +305,7 @@ impl Webhook {
     /// The answer to one AdmissionReview, `body` its JSON ([`admission`]: read without a
     /// generic tree).
     pub fn review(&self, body: &[u8]) -> Result<(Value, Outcome), ReviewError> {
-        let bad = |e: serde_json::Error| ReviewError::BadRequest(e.to_string());
-        let review: admission::Review = serde_json::from_slice(body).map_err(bad)?;
+        let review: admission::Review = serde_json::from_slice(body).map_err(bad_json)?;
         let request = review
             .request
             .ok_or_else(|| ReviewError::BadRequest("no request".into()))?;
@@ -287,7 +319,7 @@ impl Webhook {
             && kind.and_then(|k| text(&k.group)) == Some("")
             && text(&request.operation) == Some("CREATE");
         let pod: admission::Pod = match request.object.filter(|_| is_pod_create) {
-            Some(object) => serde_json::from_str(object.get()).map_err(bad)?,
+            Some(object) => serde_json::from_str(object.get()).map_err(bad_json)?,
             None => admission::Pod::default(),
         };
         let outcome = if is_pod_create && self.applies(&pod, text(&request.namespace))? {
@@ -328,17 +360,28 @@ impl Webhook {
             .and_then(|m| admission::text(&m.namespace))
             .or(namespace)
             .unwrap_or_default();
-        let pods = self.cluster.pods();
-        let own = match metadata.and_then(|m| m.annotations) {
-            Some(annotations) => admission::annotation(annotations, pods.role_key())
-                .map_err(|e| ReviewError::BadRequest(e.to_string()))?,
-            None => None,
+        // The annotations are the pod's, up to 3 MiB: read before the view is locked.
+        let role_key = self.cluster.pods().role_key().to_owned();
+        let (own, mirror) = match metadata.and_then(|m| m.annotations) {
+            Some(annotations) => (
+                admission::annotation(annotations, &role_key).map_err(bad_json)?,
+                admission::annotation(annotations, MIRROR_ANNOTATION)
+                    .map_err(bad_json)?
+                    .is_some(),
+            ),
+            None => (None, false),
         };
+        // A static pod's mirror never gets a role, and the API server refuses one with a
+        // projected token volume.
+        if mirror {
+            return Ok(false);
+        }
         let own = own
             .as_deref()
             .map(str::trim)
             .filter(|role| !role.is_empty());
         let account = spec.and_then(|spec| spec.service_account_name.as_deref());
+        let pods = self.cluster.pods();
         let namespaces = self.cluster.namespaces();
         let accounts = self.cluster.accounts();
         let view = View {
@@ -390,11 +433,19 @@ impl Webhook {
             }
             Err(error) => {
                 counted("error");
-                tracing::warn!(%error, "admission review not answered");
-                let status = match error {
-                    ReviewError::BadRequest(_) => StatusCode::BAD_REQUEST,
-                    ReviewError::NotSynced => StatusCode::SERVICE_UNAVAILABLE,
+                let (status, kind) = match error {
+                    ReviewError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+                    ReviewError::NotSynced => (StatusCode::SERVICE_UNAVAILABLE, "not-synced"),
                 };
+                let now = std::time::Instant::now();
+                if let Some(held_back) = self.refusals_logged.admit((peer, kind), now) {
+                    tracing::warn!(
+                        %peer,
+                        %error,
+                        held_back,
+                        "admission review not answered (once a minute per address and kind)"
+                    );
+                }
                 plain(status, format!("{error}\n"))
             }
         }
@@ -559,16 +610,59 @@ mod tests {
     #[test]
     fn what_the_pod_sets_itself_is_left_alone() {
         let pod = json!({"spec": {"containers": [{"name": "app", "image": "a",
-            "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9/x"}],
+            "env": [{"name": "OTHER", "value": "1"}],
             "volumeMounts": [{"name": "mine", "mountPath": MOUNT_PATH}]}]}});
         let mutated = apply(pod.clone(), &patch_of(&pod));
         let container = &mutated["spec"]["containers"][0];
-        assert_eq!(container["env"][0]["value"], "http://127.0.0.1:9/x");
-        assert_eq!(container["env"].as_array().expect("env").len(), 2);
+        assert_eq!(container["env"].as_array().expect("env").len(), 3);
         assert_eq!(
             container["volumeMounts"].as_array().expect("mounts").len(),
             1
         );
+    }
+
+    #[test]
+    fn a_container_naming_its_own_credentials_endpoint_or_token_gets_nothing() {
+        for (name, value) in [
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "https://broker.example/creds",
+            ),
+            (
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "/v2/credentials/x",
+            ),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "secret"),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                "/var/run/mine/token",
+            ),
+        ] {
+            let own = json!({"name": "own", "image": "a", "env": [{"name": name, "value": value}]});
+            // Alone in its pod: no patch at all, not even the volume.
+            let pod = json!({"spec": {"containers": [own]}});
+            assert_eq!(patch_of(&pod), Vec::<Value>::new(), "{name}");
+            // Beside a container that names none: only that one is set up.
+            let pod = json!({"spec": {"containers": [own, {"name": "app", "image": "a"}]}});
+            let mutated = apply(pod.clone(), &patch_of(&pod));
+            assert_eq!(mutated["spec"]["containers"][0], own, "{name}");
+            let app = &mutated["spec"]["containers"][1];
+            assert_eq!(app["env"].as_array().expect("env").len(), 2, "{name}");
+            assert_eq!(mutated["spec"]["volumes"][0]["name"], VOLUME, "{name}");
+        }
+        // A container copied from a pod the webhook set up (its variables, not its volume or
+        // mount) is set up again: it gets the mount and the pod the volume, once.
+        let copied = json!({"spec": {"containers": [{"name": "app", "image": "a", "env": [
+            {"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": ENDPOINT_URL},
+            {"name": "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "value": admission::TOKEN_PATH},
+        ]}]}});
+        let mutated = apply(copied.clone(), &patch_of(&copied));
+        let app = &mutated["spec"]["containers"][0];
+        assert_eq!(app["env"], copied["spec"]["containers"][0]["env"]);
+        assert_eq!(app["volumeMounts"][0]["mountPath"], MOUNT_PATH);
+        assert_eq!(mutated["spec"]["volumes"][0]["name"], VOLUME);
+        assert_eq!(patch_of(&mutated), Vec::<Value>::new());
+        assert_eq!(admission::TOKEN_PATH, format!("{MOUNT_PATH}/{TOKEN_FILE}"));
     }
 
     fn review(object: Value, operation: &str) -> Vec<u8> {
@@ -770,10 +864,13 @@ mod tests {
             "spec": {"containers": [{"name": "app", "image": "a"}]}});
         let mut host_network = with_role.clone();
         host_network["spec"]["hostNetwork"] = json!(true);
+        let mut mirror = with_role.clone();
+        mirror["metadata"]["annotations"][MIRROR_ANNOTATION] = json!("0123abcd");
         for (object, operation) in [
             (without, "CREATE"),
             (with_role, "UPDATE"),
             (host_network, "CREATE"),
+            (mirror, "CREATE"),
         ] {
             let (answer, outcome) = webhook
                 .review(&review(object, operation))
@@ -793,5 +890,53 @@ mod tests {
             webhook.review(br#"{"request": {}}"#),
             Err(ReviewError::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn a_review_that_is_no_pod_is_answered_briefly_and_logged_once_a_minute_per_address() {
+        let webhook = Webhook::new(synced_cluster(), injection());
+        let ask = |peer: IpAddr, body: Vec<u8>| {
+            let request = Request::post(PATH)
+                .body(Full::new(Bytes::from(body)))
+                .expect("a request");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(webhook.handle(peer, request, |_| {}))
+        };
+        // Strings where objects belong: serde's message would quote them, six bytes for
+        // each control character.
+        let filler = json!("\u{7f}".repeat(500_000));
+        let bodies = [
+            review(filler.clone(), "CREATE"),
+            review(json!({"metadata": {"annotations": filler}}), "CREATE"),
+        ];
+        let other: IpAddr = [10, 0, 0, 9].into();
+        let lines = podiam_runtime::telemetry::logged_text(|| {
+            for body in &bodies {
+                for _ in 0..10 {
+                    let response = ask(API_SERVER, body.clone());
+                    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .expect("a runtime");
+                    let text = runtime
+                        .block_on(response.into_body().collect())
+                        .expect("a body")
+                        .to_bytes();
+                    assert!(text.len() < 200, "{} bytes", text.len());
+                    assert!(!text.contains(&0x7f), "the answer quotes the review");
+                }
+            }
+            ask(other, bodies[0].clone());
+        });
+        // Twenty from the API server's address, one from another: a line each.
+        assert_eq!(
+            lines.matches("admission review not answered").count(),
+            2,
+            "{lines}"
+        );
+        assert!(lines.len() < 2000, "{} bytes logged", lines.len());
     }
 }
