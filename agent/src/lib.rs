@@ -43,6 +43,7 @@ pub mod limit;
 pub mod metrics;
 pub mod node_metadata;
 pub mod pods;
+pub mod reach;
 pub mod replicas;
 pub mod routes;
 pub mod servers;
@@ -185,6 +186,69 @@ impl Agent {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let upstream = Arc::clone(&self.upstream);
         async move { upstream.report_node_ready(shutdown).await }
+    }
+
+    /// Checks every `interval`, and a second after the pod table changes, that the route
+    /// to each of this node's pods leaves through an interface one of `patterns` matches
+    /// ([`reach`]); `own`: the node's addresses. Sets `podiam_agent_pods_not_intercepted`
+    /// and names each interface that misses in the log once. Until `shutdown`.
+    pub fn check_reach(
+        &self,
+        patterns: Vec<String>,
+        own: Vec<std::net::IpAddr>,
+        interval: std::time::Duration,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let table = Arc::clone(&self.table);
+        let gauge = self.metrics.pods_not_intercepted.clone();
+        let (patterns, own) = (Arc::new(patterns), Arc::new(own));
+        async move {
+            let mut changes = table.changes();
+            let mut named = reach::Named::default();
+            let mut unreadable_told = false;
+            loop {
+                let pods = table.addresses();
+                let (patterns_now, own_now) = (Arc::clone(&patterns), Arc::clone(&own));
+                // Reading and matching the tables is the kernel's and the CPU's, not I/O
+                // the runtime waits on: off its threads.
+                let found = tokio::task::spawn_blocking(move || {
+                    reach::Routes::read().map(|routes| {
+                        reach::not_intercepted(&pods, &own_now, &routes, &patterns_now)
+                    })
+                })
+                .await;
+                match found {
+                    Ok(Ok((missed, interfaces))) => {
+                        gauge.set(missed as i64);
+                        for interface in interfaces.iter().filter(|i| named.first_time(i)) {
+                            tracing::warn!(
+                                interface = %podiam_runtime::telemetry::Escaped(interface),
+                                patterns = %patterns.join(","),
+                                "pods are routed through an interface no --interface pattern \
+                                 matches: their metadata requests are not intercepted"
+                            );
+                        }
+                    }
+                    Ok(Err(error)) if !unreadable_told => {
+                        unreadable_told = true;
+                        tracing::warn!(%error, "cannot read the routing table; whether the rules reach every pod is not checked");
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                    _ = changes.changed() => {
+                        // A batch of changes (a node's pods starting) is checked once.
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        }
+                        changes.mark_unchanged();
+                    }
+                }
+            }
+        }
     }
 
     /// The counter of iptables repairs (exported as `podiam_agent_iptables_repairs_total`).

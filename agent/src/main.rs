@@ -95,24 +95,7 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     // The rules are kept until the pod-facing port has drained.
     let stop = CancellationToken::new();
     let intercepting = rules.is_some();
-    let keeping: Vec<_> = rules
-        .into_iter()
-        .flat_map(|(families, interception)| {
-            families.into_iter().map(move |(iptables, dnats)| {
-                let interfaces = interception.interfaces.clone();
-                (iptables, dnats, interfaces, interception.sync_interval)
-            })
-        })
-        .map(|(iptables, dnats, interfaces, interval)| {
-            let stop = stop.clone();
-            let repairs = agent.iptables_repairs();
-            tokio::spawn(async move {
-                iptables
-                    .keep(&dnats, &interfaces, interval, repairs, stop)
-                    .await
-            })
-        })
-        .collect();
+    let keeping = keep_intercepting(rules, &agent, &stop);
     // With the rules in place, the servers may lift this node's agent-not-ready taint.
     let reporting = intercepting.then(|| tokio::spawn(agent.report_node_ready(stop.clone())));
     let served = agent.serve(listeners, shutdown).await;
@@ -127,6 +110,44 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     served
+}
+
+/// One address family's iptables program and its DNAT rules, as installed.
+type Family = (Iptables, Vec<Dnat>);
+
+/// Keeps the installed `rules` in place, and checks that they reach this node's pods,
+/// until `stop`: the tasks that end then.
+fn keep_intercepting(
+    rules: Option<(Vec<Family>, &Interception)>,
+    agent: &Agent,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some((families, interception)) = rules else {
+        return Vec::new();
+    };
+    let mut tasks: Vec<_> = families
+        .into_iter()
+        .map(|(iptables, dnats)| {
+            let (stop, repairs) = (stop.clone(), agent.iptables_repairs());
+            let interfaces = interception.interfaces.clone();
+            let interval = interception.sync_interval;
+            tokio::spawn(async move {
+                iptables
+                    .keep(&dnats, &interfaces, interval, repairs, stop)
+                    .await
+            })
+        })
+        .collect();
+    let own = std::iter::once(interception.target.ip())
+        .chain(interception.v6.as_ref().map(|v6| v6.target.ip()))
+        .collect();
+    tasks.push(tokio::spawn(agent.check_reach(
+        interception.interfaces.clone(),
+        own,
+        interception.sync_interval,
+        stop.clone(),
+    )));
+    tasks
 }
 
 /// Writes where each listener listens (`--listen-address-file`, for ports 0).
@@ -149,7 +170,7 @@ fn write_addresses(path: &std::path::Path, listeners: &Listeners) -> anyhow::Res
 /// Installs the DNAT rules and their jumps (and flushes conntrack entries that bypass them
 /// when asked): pods' metadata (and container-credentials) traffic comes here from now on,
 /// and keeps coming here (refused while no agent listens) until `uninstall`.
-async fn intercept(interception: &Interception) -> anyhow::Result<Vec<(Iptables, Vec<Dnat>)>> {
+async fn intercept(interception: &Interception) -> anyhow::Result<Vec<Family>> {
     let mut families = vec![(Iptables::new(&interception.program), interception.dnats())];
     if let Some(v6) = &interception.v6 {
         families.push((Iptables::new(&v6.program), v6.dnats()));

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub connections_closed: Family<ClosedLabels, Counter>,
     /// Times the periodic check found the iptables rules changed and put them back.
     pub iptables_repairs: Counter,
+    /// This node's pods routed through an interface no `--interface` pattern matches.
+    pub pods_not_intercepted: Gauge,
     /// The request counter and latency histogram of each of [`ANSWERED_ROUTES`]' answered
     /// (200) requests, taken from their families once: a family hashes the labels and takes
     /// its lock on every lookup, and these are the series nearly every request adds to.
@@ -125,6 +127,7 @@ impl Metrics {
             node_stream: NodeStreamMetrics::default(),
             connections_closed: Family::default(),
             iptables_repairs: Counter::default(),
+            pods_not_intercepted: Gauge::default(),
             answered: Default::default(),
             registry: Registry::with_prefix("podiam_agent"),
         };
@@ -256,6 +259,13 @@ impl Metrics {
             "Times the periodic check found the iptables rules removed or changed by someone \
              else and put them back",
             self.iptables_repairs.clone(),
+        );
+        registry.register(
+            "pods_not_intercepted",
+            "This node's pods whose route leaves through an interface no --interface pattern \
+             matches: their traffic to the metadata address is not intercepted (0 on a \
+             healthy node, and where the agent does not intercept)",
+            self.pods_not_intercepted.clone(),
         );
     }
 

@@ -74,6 +74,17 @@ impl PodTable {
         entries.ips_of.contains_key(uid)
     }
 
+    /// Every pod's addresses.
+    pub fn addresses(&self) -> Vec<Vec<IpAddr>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.ips_of.values().cloned().collect()
+    }
+
+    /// A receiver told of every change to the table.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The stream broke: the table may go stale, so stop answering from it.
     pub fn unsync(&self) {
         self.update(|e| e.synced = false);

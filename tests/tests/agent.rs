@@ -251,6 +251,57 @@ async fn an_excluded_interface_intercepts_every_other_one() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn pods_behind_an_interface_no_pattern_matches_are_counted_and_named() {
+    let mut config = team_a_with_agent();
+    config.fake_node_metadata = true;
+    let mut world = World::start(config).await.expect("world starts");
+    let not_intercepted = |m: &str| metric_value(m, "podiam_agent_pods_not_intercepted");
+    // A pattern that matches `web`'s interface only, as a pattern missing a CNI's second
+    // kind of interface would: the other two pods are not intercepted, and the agent says so.
+    world.stop_agent().await.expect("stops");
+    world.uninstall_and_read_rules().await.expect("uninstalled");
+    let web = world.pod("web").net.host_if.clone();
+    let plain = world.pod("plain").net.host_if.clone();
+    world.set_agent_interface(&web);
+    world.start_agent().await.expect("starts");
+    wait_until(
+        Duration::from_secs(30),
+        "two pods counted as not intercepted",
+        || async {
+            world
+                .agent_metrics()
+                .await
+                .is_ok_and(|m| not_intercepted(&m) == 2)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", world.agent_log()));
+    let log = world.agent_log();
+    let named = |interface: &str| {
+        log.lines().any(|l| {
+            l.contains("no --interface pattern matches")
+                && l.contains(&format!("interface={interface} "))
+        })
+    };
+    assert!(named(&plain), "{log}");
+    assert!(!named(&web), "{log}");
+    // What it counts is so: `plain` reaches the node's metadata service, `web` the agent.
+    let reply = world
+        .metadata_request("plain", "GET", "/latest/meta-data/instance-id", &[])
+        .await
+        .expect("answers");
+    assert_eq!(reply.body, NODE_BODY);
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+
+    world.stop_agent().await.expect("stops");
+    world.uninstall_and_read_rules().await.expect("uninstalled");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn restarts_and_a_crash_keep_one_set_of_rules_and_never_expose_the_node_nft() {
     restarts_and_a_crash("iptables-nft").await;
 }

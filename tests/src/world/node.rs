@@ -183,6 +183,12 @@ impl World {
         Ok(old.terminate(Duration::from_secs(15)).await?)
     }
 
+    /// The agent's `--interface` from its next start on (rules of the one before stay
+    /// until uninstalled).
+    pub fn set_agent_interface(&mut self, pattern: &str) {
+        self.interface = pattern.to_string();
+    }
+
     /// Stops the agent with SIGTERM (a plain stop: its iptables rules stay).
     pub async fn stop_agent(&mut self) -> anyhow::Result<()> {
         let mut agent = self.agent.take().context("the agent is not running")?;
