@@ -196,6 +196,17 @@ impl Iptables {
 
     /// Installs (or repairs) the chain, its DNAT rules (`dnats`, in order), and the jumps
     /// for each interface pattern and address. Idempotent.
+    /// Whether this program's rules are in place already: our chain with its rules, and a
+    /// jump to it in PREROUTING (an agent ran here since the node booted). An error reads as
+    /// not in place.
+    pub async fn in_place(&self) -> bool {
+        let chain = matches!(self.rules(CHAIN).await, Ok(Some(rules)) if rules.len() > 1);
+        let jump = format!("-j {CHAIN}");
+        chain
+            && matches!(self.rules("PREROUTING").await,
+                        Ok(Some(rules)) if rules.iter().any(|r| r.ends_with(&jump)))
+    }
+
     pub async fn install(
         &self,
         dnats: &[Dnat],

@@ -1,5 +1,6 @@
-//! `podiam-agent`: check the flags, set up logging, then serve or uninstall. Serving: build
-//! the agent, bind its listeners, install the iptables rules, serve until SIGTERM/SIGINT.
+//! `podiam-agent`: check the flags, set up logging, then serve or uninstall. Serving: install
+//! the iptables rules if none are in place, build the agent, bind its listeners, install the
+//! rules (again: idempotent), serve until SIGTERM/SIGINT.
 
 use std::process::ExitCode;
 
@@ -58,14 +59,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     tracing::info!(worker_threads = config.worker_threads, "starting");
-    // The rules first, before anything that may fail or wait (TLS files, the servers'
-    // names, the ports): on a node just booted there are none, and until they are in place
-    // pods reach the node's own metadata service. With the rules and no agent listening yet,
-    // pods' requests are refused instead, and stay refused if the start fails.
-    let rules = match &config.iptables {
-        Some(interception) => Some((intercept(interception).await?, interception)),
-        None => None,
-    };
+    let mut rules = rules_before_start(&config).await?;
     let agent = Agent::build(config.clone()).await?;
     // Both ports with SO_REUSEPORT: during a rolling update (DaemonSet maxSurge) the new
     // agent binds beside the old one; the kernel spreads connections over both until the old
@@ -87,6 +81,9 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     }
     if let Some(path) = &config.listen_address_file {
         write_addresses(path, &listeners)?;
+    }
+    if let (None, Some(interception)) = (&rules, &config.iptables) {
+        rules = Some((intercept(interception).await?, interception));
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
@@ -110,6 +107,29 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         tracing::info!("stopped; the iptables rules stay (podiam-agent uninstall removes them)");
     }
     served
+}
+
+/// The rules installed before anything else the agent does at start, where none are in
+/// place (a node just booted, or rules uninstalled): until they are, pods reach the node's
+/// own metadata service, and a start that fails or waits (TLS files, the servers' names,
+/// the ports) would leave them so; with the rules and no agent listening yet, pods are
+/// refused instead. Where an agent's rules are in place already (a restart, a rolling
+/// update) they keep pods away meanwhile, and they are installed anew only once the agent
+/// has started: a new agent that cannot start does not point them elsewhere.
+async fn rules_before_start(
+    config: &ValidConfig,
+) -> anyhow::Result<Option<(Vec<Family>, &Interception)>> {
+    let Some(interception) = &config.iptables else {
+        return Ok(None);
+    };
+    let mut programs = vec![interception.program.as_str()];
+    programs.extend(interception.v6.as_ref().map(|v6| v6.program.as_str()));
+    for program in programs {
+        if !Iptables::new(program).in_place().await {
+            return Ok(Some((intercept(interception).await?, interception)));
+        }
+    }
+    Ok(None)
 }
 
 /// One address family's iptables program and its DNAT rules, as installed.

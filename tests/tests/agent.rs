@@ -338,7 +338,6 @@ async fn on_a_node_without_rules_an_agent_that_cannot_start_still_closes_the_way
         .run_failing_agent(Duration::from_secs(30))
         .await
         .expect("the agent exits");
-    std::fs::write(&cert, good).expect("mend the certificate");
     assert!(!status.success(), "{log}");
     assert!(log.contains("iptables rules in place"), "{log}");
     let rules = world.node_nat_rules().await.expect("rules");
@@ -347,6 +346,17 @@ async fn on_a_node_without_rules_an_agent_that_cannot_start_still_closes_the_way
         INTERCEPTED_ADDRESSES,
         "{rules}"
     );
+    // With rules in place, an agent that cannot start leaves them as they are (a rolling
+    // update to a configuration that fails must not point them elsewhere).
+    world.set_agent_interface("other+");
+    let (status, log) = world
+        .run_failing_agent(Duration::from_secs(30))
+        .await
+        .expect("the agent exits");
+    assert!(!status.success(), "{log}");
+    assert_eq!(world.node_nat_rules().await.expect("rules"), rules);
+    world.set_agent_interface(podiam_tests::netns::POD_INTERFACE_PATTERN);
+    std::fs::write(&cert, good).expect("mend the certificate");
     assert_no_metadata_service(&world).await;
     assert_eq!(
         world.node().fake_node_metadata_clients().len(),
