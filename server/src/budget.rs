@@ -12,9 +12,10 @@
 //! request is its namespace's; all upkeep is one tenant), each tenant's callers first come,
 //! first served: a namespace that makes thousands of keys at once (per-pod session names,
 //! annotations changed in a loop) waits behind its own calls, and another namespace's pod
-//! asking meanwhile goes next, not after them. Upkeep may use only four fifths of the rate: the rest is kept for pods'
-//! requests, so that a pod asking in the middle of a burst of prefetches finds a place at
-//! once instead of waiting for the window to move. When STS answers "throttled" anyway (the account's rate is spent elsewhere),
+//! asking meanwhile goes next, not after them. Upkeep may use only four fifths of the rate:
+//! the rest is kept for pods' requests, so that a pod asking in the middle of a burst of
+//! prefetches finds a place at once instead of waiting for the window to move. When STS
+//! answers "throttled" anyway (the account's rate is spent elsewhere),
 //! [`Budget::throttled`] pauses refreshes and prefetches for a jittered back-off; pods'
 //! requests still go, each key backing off on its own in the cache.
 //!
