@@ -194,8 +194,6 @@ impl Iptables {
         args
     }
 
-    /// Installs (or repairs) the chain, its DNAT rules (`dnats`, in order), and the jumps
-    /// for each interface pattern and address. Idempotent.
     /// Whether this program's rules are in place already: our chain with its rules, and a
     /// jump to it in PREROUTING (an agent ran here since the node booted). An error reads as
     /// not in place.
@@ -207,6 +205,8 @@ impl Iptables {
                         Ok(Some(rules)) if rules.iter().any(|r| r.ends_with(&jump)))
     }
 
+    /// Installs (or repairs) the chain, its DNAT rules (`dnats`, in order), and the jumps
+    /// for each interface pattern and address. Idempotent.
     pub async fn install(
         &self,
         dnats: &[Dnat],
