@@ -94,7 +94,8 @@ pub struct Injection {
 /// nothing. A container that names a credentials endpoint or token of its own (the
 /// container-credential variables set to anything but what the webhook sets) is its owner's
 /// and gets nothing: given the token file, its SDK would send the pod's token to that
-/// endpoint. A pod whose containers are all such gets no volume either. Refused for a pod of more than [`admission::MAX_CONTAINERS`] containers.
+/// endpoint. A pod whose containers are all such gets no volume either. Refused for a pod of
+/// more than [`admission::MAX_CONTAINERS`] containers.
 pub fn patch_for(spec: &admission::Spec, injection: &Injection) -> Result<Vec<Value>, ReviewError> {
     let lists = [
         ("initContainers", &spec.init_containers),
