@@ -85,6 +85,9 @@ pub struct MigrateArgs {
     /// How kube2iam read the lists (its --namespace-restriction-format).
     #[arg(long, value_enum, default_value = "glob")]
     pub kube2iam_format: Kube2iamFormat,
+    /// The base ARN kube2iam put in front of regexes (regexp format only).
+    #[command(flatten)]
+    pub base: BaseArnArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text")]
     pub output: Output,

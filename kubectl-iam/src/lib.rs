@@ -73,6 +73,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Permit(args) => annotate::permit(&cluster, args).await,
         Command::Explain(args) => explain::run(&cluster, podiam, args, servers).await,
         Command::Status(args) => status::run(&cluster, podiam, args, servers).await,
-        Command::Migrate(args) => migrate::run(&cluster, args).await,
+        Command::Migrate(args) => migrate::run(&cluster, podiam, args).await,
     }
 }

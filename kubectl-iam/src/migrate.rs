@@ -1,10 +1,17 @@
 //! `kubectl iam migrate`: what each namespace's kube2iam or kiam policy becomes under podiam.
 //!
 //! - kube2iam's `iam.amazonaws.com/allowed-roles` is a JSON list of globs (its default,
-//!   `--namespace-restriction-format=glob`: `*` matches anything) or of regexes matched
-//!   anywhere in the role (`=regexp`). podiam reads only `iam.amazonaws.com/permitted`, one
-//!   regex that must match the whole role: the list becomes an alternation of the entries,
-//!   globs with `*` as `.*` and everything else literal, regexes as `.*(?:R).*`.
+//!   `--namespace-restriction-format=glob`: `*` matches anything) or of regexes
+//!   (`=regexp`). kube2iam put its base role ARN in front of every entry that is not an ARN
+//!   before matching, globs against the whole ARN, regexes anywhere in it: an entry `app-*`
+//!   meant roles of its own account only. podiam reads only `iam.amazonaws.com/permitted`,
+//!   one regex that must match the whole role ARN or the path/name under its base ARN: the
+//!   list becomes an alternation of the entries. A glob's `*` becomes `[^:]*` in a name (a
+//!   path/name has no `:`, so such an entry never matches another account's ARN) and `.*` in
+//!   an ARN; everything else is literal. A regex `R` that is an ARN becomes `.*(?:R).*`;
+//!   one that is not becomes the servers' base ARN followed by `(?:R).*`, so the base ARN
+//!   must be known (`--base-role-arn`, or read from the server pods). Each regex is checked
+//!   on its own first, so that one cannot close the group around it.
 //! - kiam's `iam.amazonaws.com/permitted` is the same annotation, but kiam compiled it as
 //!   `^REGEX$`, so a top-level `|` split it: `a|b` matched what starts with `a` or ends with
 //!   `b`. Such a regex is reported with what it meant to kiam; nothing is written for it, as
@@ -18,6 +25,7 @@ use podiam_policy::policy::{KUBE2IAM_ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTAT
 use serde_json::json;
 
 use crate::annotate::check_regex;
+use crate::base_arn::{self, BaseArn};
 use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
 use crate::cluster::{Cluster, annotation};
 use crate::error::Error;
@@ -50,13 +58,40 @@ fn literal(text: &str) -> String {
     out
 }
 
-/// A kube2iam glob as a regex: `*` is `.*`, everything else literal.
+/// A kube2iam glob as a regex: everything literal but `*`, which is `.*` in an ARN and
+/// `[^:]*` in a name under the base ARN (never reaching into another account's ARN).
 fn glob_regex(glob: &str) -> String {
-    glob.split('*').map(literal).collect::<Vec<_>>().join(".*")
+    let star = if glob.starts_with("arn:") {
+        ".*"
+    } else {
+        "[^:]*"
+    };
+    glob.split('*').map(literal).collect::<Vec<_>>().join(star)
 }
 
-/// kube2iam's `allowed-roles` value as one podiam regex, or why it cannot be.
-pub fn from_kube2iam(value: &str, format: Kube2iamFormat) -> Result<String, String> {
+/// A kube2iam regex as a whole-role one: matched anywhere in an ARN, or after the base ARN
+/// (`base`, needed) for a name.
+fn regexp_regex(entry: &str, base: Option<&str>) -> Result<String, String> {
+    check_regex(entry)?;
+    if entry.starts_with("arn:") {
+        return Ok(format!(".*(?:{entry}).*"));
+    }
+    match base {
+        Some(base) => Ok(format!("{}(?:{entry}).*", literal(base))),
+        None => Err(format!(
+            "kube2iam matched {entry:?} after its base role ARN, which is not known here \
+             (--base-role-arn)"
+        )),
+    }
+}
+
+/// kube2iam's `allowed-roles` value as one podiam regex, or why it cannot be. `base`: the
+/// servers' base role ARN, if known (regexes that are not ARNs need it).
+pub fn from_kube2iam(
+    value: &str,
+    format: Kube2iamFormat,
+    base: Option<&str>,
+) -> Result<String, String> {
     let entries: Vec<String> = serde_json::from_str(value).map_err(|e| {
         format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} is not a JSON list of strings ({e})")
     })?;
@@ -65,10 +100,10 @@ pub fn from_kube2iam(value: &str, format: Kube2iamFormat) -> Result<String, Stri
         .map(|e| e.trim())
         .filter(|e| !e.is_empty())
         .map(|entry| match format {
-            Kube2iamFormat::Glob => glob_regex(entry),
-            Kube2iamFormat::Regexp => format!(".*(?:{entry}).*"),
+            Kube2iamFormat::Glob => Ok(glob_regex(entry)),
+            Kube2iamFormat::Regexp => regexp_regex(entry, base),
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     if entries.is_empty() {
         return Err(format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} lists no role"));
     }
@@ -119,8 +154,9 @@ pub fn kiam_meaning(regex: &str) -> Option<String> {
     Some(meaning.join("|"))
 }
 
-/// The plan for one namespace, if it has an old policy to look at.
-pub fn plan(namespace: &Namespace, format: Kube2iamFormat) -> Option<Plan> {
+/// The plan for one namespace, if it has an old policy to look at (`base`: the servers' base
+/// role ARN, if known).
+pub fn plan(namespace: &Namespace, format: Kube2iamFormat, base: Option<&str>) -> Option<Plan> {
     let name = namespace.metadata.name.clone()?;
     let permitted = annotation(&namespace.metadata, PERMITTED_ANNOTATION).map(str::trim);
     let allowed = annotation(&namespace.metadata, KUBE2IAM_ALLOWED_ROLES_ANNOTATION);
@@ -144,7 +180,7 @@ pub fn plan(namespace: &Namespace, format: Kube2iamFormat) -> Option<Plan> {
                 writable: false,
             })
         }
-        (None, Some(list)) => Some(match from_kube2iam(list, format) {
+        (None, Some(list)) => Some(match from_kube2iam(list, format, base) {
             Ok(regex) => Plan {
                 namespace: name,
                 found: format!("{KUBE2IAM_ALLOWED_ROLES_ANNOTATION} {list}"),
@@ -165,12 +201,32 @@ pub fn plan(namespace: &Namespace, format: Kube2iamFormat) -> Option<Plan> {
 }
 
 /// `migrate [--write]`.
-pub async fn run(cluster: &Cluster, args: &MigrateArgs) -> Result<(), Error> {
+pub async fn run(
+    cluster: &Cluster,
+    podiam_namespace: &str,
+    args: &MigrateArgs,
+) -> Result<(), Error> {
+    // Only regexes need it: globs keep to the base ARN's account by themselves.
+    let base = match args.kube2iam_format {
+        Kube2iamFormat::Glob => None,
+        Kube2iamFormat::Regexp => {
+            match base_arn::discover(
+                cluster,
+                podiam_namespace,
+                args.base.base_role_arn.as_deref(),
+            )
+            .await?
+            {
+                BaseArn::Known { arn, .. } => Some(arn),
+                BaseArn::Unknown(_) => None,
+            }
+        }
+    };
     let mut plans: Vec<Plan> = cluster
         .list_namespaces()
         .await?
         .iter()
-        .filter_map(|ns| plan(ns, args.kube2iam_format))
+        .filter_map(|ns| plan(ns, args.kube2iam_format, base.as_deref()))
         .collect();
     plans.sort_by(|a, b| a.namespace.cmp(&b.namespace));
     let mut written = Vec::new();
@@ -233,27 +289,65 @@ mod tests {
     #[test]
     fn kube2iam_globs_and_regexes_become_one_whole_role_regex() {
         let glob = from_kube2iam(
-            r#"["app-reader", "team-a/*", "arn:aws:iam::1:role/x.y"]"#,
+            r#"["app-reader", "team-a/*", "arn:aws:iam::1:role/x.y", "*-reader"]"#,
             Kube2iamFormat::Glob,
+            None,
         )
         .expect("converts");
-        assert_eq!(glob, r"app-reader|team-a/.*|arn:aws:iam::1:role/x\.y");
+        assert_eq!(
+            glob,
+            r"app-reader|team-a/[^:]*|arn:aws:iam::1:role/x\.y|[^:]*-reader"
+        );
         for (role, permitted) in [
             ("app-reader", true),
             ("app-reader2", false),
             ("team-a/anything/deep", true),
             ("arn:aws:iam::1:role/x.y", true),
             ("arn:aws:iam::1:role/xzy", false),
+            ("db-reader", true),
+            // kube2iam's `*-reader` meant its own account's roles, not another's.
+            ("arn:aws:iam::999999999999:role/x-reader", false),
         ] {
             assert_eq!(matches(&glob, role), permitted, "{role}");
         }
-        let regexp =
-            from_kube2iam(r#"["^app-", "reader$"]"#, Kube2iamFormat::Regexp).expect("converts");
-        assert!(matches(&regexp, "app-x") && matches(&regexp, "db-reader"));
-        assert!(!matches(&regexp, "db-writer"));
-        assert!(from_kube2iam("app-reader", Kube2iamFormat::Glob).is_err());
-        assert!(from_kube2iam("[]", Kube2iamFormat::Glob).is_err());
-        assert!(from_kube2iam(r#"["("]"#, Kube2iamFormat::Regexp).is_err());
+        // As the servers judge it: another account's role is not permitted by a name glob.
+        let rule = podiam_policy::policy::Permitted::compile(Some(&glob));
+        let base = "arn:aws:iam::123456789012:role/";
+        let role = |annotation: &str| {
+            podiam_policy::policy::resolve_role(annotation, Some(base)).expect("a role")
+        };
+        use podiam_policy::policy::{Verdict, check};
+        assert_eq!(check(&rule, &role("db-reader")), Verdict::Permitted);
+        assert_ne!(
+            check(&rule, &role("arn:aws:iam::999999999999:role/x-reader")),
+            Verdict::Permitted
+        );
+
+        let regexp = from_kube2iam(r#"["app-", "reader$"]"#, Kube2iamFormat::Regexp, Some(base))
+            .expect("converts");
+        assert_eq!(
+            regexp,
+            r"arn:aws:iam::123456789012:role/(?:app-).*|arn:aws:iam::123456789012:role/(?:reader$).*"
+        );
+        for (role, permitted) in [
+            ("arn:aws:iam::123456789012:role/app-x", true),
+            ("arn:aws:iam::123456789012:role/reader", true),
+            ("arn:aws:iam::123456789012:role/db-reader", false),
+            ("arn:aws:iam::999999999999:role/app-x", false),
+        ] {
+            assert_eq!(matches(&regexp, role), permitted, "{role}");
+        }
+        // Without the base ARN a name regex cannot be converted; an ARN one can.
+        assert!(from_kube2iam(r#"["app-"]"#, Kube2iamFormat::Regexp, None).is_err());
+        assert_eq!(
+            from_kube2iam(r#"["arn:aws:iam::1:role/a"]"#, Kube2iamFormat::Regexp, None),
+            Ok(".*(?:arn:aws:iam::1:role/a).*".to_string())
+        );
+        assert!(from_kube2iam("app-reader", Kube2iamFormat::Glob, None).is_err());
+        assert!(from_kube2iam("[]", Kube2iamFormat::Glob, None).is_err());
+        assert!(from_kube2iam(r#"["("]"#, Kube2iamFormat::Regexp, Some(base)).is_err());
+        // An entry cannot close the group around it.
+        assert!(from_kube2iam(r#"["x)|(.*"]"#, Kube2iamFormat::Regexp, Some(base)).is_err());
     }
 
     #[test]
