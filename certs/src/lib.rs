@@ -362,6 +362,12 @@ impl CertBundle {
 pub const WEBHOOK_CONFIGURATION: &str = "podiam";
 pub const WEBHOOK_NAME: &str = "pods.podiam.io";
 
+/// Writes [`webhook_ca_patch`] of `ca_cert` to `path`, replacing what is there (it is
+/// public and made again from the CA) without following a link.
+pub fn write_webhook_ca_patch(path: &Path, ca_cert: &str) -> Result<(), CertsError> {
+    write_file(path, &webhook_ca_patch(ca_cert), CERT_FILE_MODE, true)
+}
+
 /// A kustomize patch giving deploy/components/pod-identity's webhook `ca_cert` (PEM) as its
 /// `caBundle`: the API server then trusts the servers' certificate. Public: no secret in it.
 pub fn webhook_ca_patch(ca_cert: &str) -> String {
@@ -420,20 +426,24 @@ fn secret_manifest(name: &str, namespace: &str, cert: &str, key: &str, ca: &str)
     )
 }
 
-/// Writes `contents` with `mode`. With `force` an existing file is truncated and its mode
-/// reset; without it, creation fails if the file appeared meanwhile.
+/// Writes `contents` with `mode` into a file made new. With `force` what is at `path` is
+/// removed first (a symbolic link itself, not what it points to); without it, creation fails
+/// if something is there. Either way nothing at `path` is followed: a link planted in the
+/// output directory makes the write fail rather than overwrite the file it names.
 fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> Result<(), CertsError> {
     let err = |source| CertsError::Write {
         path: path.to_owned(),
         source,
     };
-    let mut options = OpenOptions::new();
-    options.write(true).mode(mode);
     if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
     }
+    let mut options = OpenOptions::new();
+    options.write(true).mode(mode).create_new(true);
     let mut file = options.open(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             CertsError::AlreadyExists(path.to_owned())

@@ -64,7 +64,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         println!("wrote Secret manifests to {}", path.display());
     }
     if let Some(path) = &args.webhook_ca_patch {
-        std::fs::write(path, podiam_certs::webhook_ca_patch(&bundle.ca_cert))
+        podiam_certs::write_webhook_ca_patch(path, &bundle.ca_cert)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote the webhook's caBundle patch to {}", path.display());
     }

@@ -280,6 +280,35 @@ fn refuses_to_overwrite_unless_forced() {
 }
 
 #[test]
+fn links_planted_in_the_output_directory_are_never_followed() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let elsewhere = tempfile::tempdir().expect("another");
+    let victim = elsewhere.path().join("victim");
+    std::fs::write(&victim, "precious").expect("written");
+    // --force over a link: the link goes, the file it named stays as it was.
+    std::os::unix::fs::symlink(&victim, dir.path().join("ca.pem")).expect("a link");
+    let bundle = bundle();
+    bundle.write_to(dir.path(), true).expect("written");
+    assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+    let ca = dir.path().join("ca.pem");
+    assert!(
+        !std::fs::symlink_metadata(&ca)
+            .expect("there")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_to_string(&ca).expect("read"), bundle.ca_cert);
+    // A renewal's staging file planted as a link: the same.
+    std::os::unix::fs::symlink(&victim, dir.path().join("server-key.pem.new")).expect("a link");
+    bundle.replace_leaves_in(dir.path()).expect("replaced");
+    assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("server-key.pem")).expect("read"),
+        bundle.server_key
+    );
+}
+
+#[test]
 fn secret_manifests_shape() {
     use base64::Engine;
     let b = bundle();
