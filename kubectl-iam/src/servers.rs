@@ -309,8 +309,10 @@ impl Servers {
         futures::future::join_all(asks).await
     }
 
-    /// The first ready replica's explanation, and which replica gave it; otherwise a
-    /// replica's refusal of the caller, or what each replica's problem was.
+    /// The first ready replica's explanation (replicas whose view is current asked before
+    /// stale ones), and which replica gave it; otherwise a replica's refusal of the caller
+    /// (named: one replica's word, asked only once none answered), or what each replica's
+    /// problem was.
     pub async fn explain(
         &self,
         request: ExplainRequest,
@@ -329,19 +331,27 @@ impl Servers {
                 Ok(health) if !health.synced => {
                     problems.push(format!("{addr}: caches not synced yet"))
                 }
-                Ok(_) => ready.push(replica),
+                Ok(health) => ready.push((health.stale, replica)),
                 Err(error) => problems.push(format!("{addr}: {error}")),
             }
         }
-        for replica in ready {
+        // A stale view may miss a revocation the others have seen.
+        ready.sort_by_key(|(stale, _)| *stale);
+        let mut refused = None;
+        for (_, replica) in ready {
             let mut client = replica.client.clone();
             match self.ask(until, client.explain(request.clone())).await {
                 Ok(answer) => return Ok((replica.addr, answer)),
-                Err(Asked::Refused(message)) => return Err(NoExplanation::Refused(message)),
+                Err(Asked::Refused(message)) => {
+                    refused.get_or_insert(format!("server {}: {message}", replica.addr));
+                }
                 Err(error) => problems.push(format!("{}: {error}", replica.addr)),
             }
         }
-        Err(NoExplanation::Unanswered(problems))
+        match refused {
+            Some(message) => Err(NoExplanation::Refused(message)),
+            None => Err(NoExplanation::Unanswered(problems)),
+        }
     }
 
     /// Every replica's `Status`, or why none could be asked.
@@ -464,7 +474,14 @@ mod tests {
         use std::net::SocketAddr;
         use tonic::{Request, Response, Status};
 
-        struct Fake;
+        /// A replica: `hostile` refuses everyone; `stale` says its view is; `allowed` is its
+        /// answer to a good token.
+        #[derive(Clone, Copy, Default)]
+        pub struct Fake {
+            pub hostile: bool,
+            pub stale: bool,
+            pub allowed: bool,
+        }
 
         type Nodes = std::pin::Pin<
             Box<dyn futures::Stream<Item = Result<NodeEvent, Status>> + Send + 'static>,
@@ -500,10 +517,12 @@ mod tests {
                 request: Request<ExplainRequest>,
             ) -> Result<Response<ExplainResponse>, Status> {
                 match request.metadata().get("authorization") {
-                    Some(value) if value == "Bearer good" => Ok(Response::new(ExplainResponse {
-                        allowed: true,
-                        ..ExplainResponse::default()
-                    })),
+                    Some(value) if value == "Bearer good" && !self.hostile => {
+                        Ok(Response::new(ExplainResponse {
+                            allowed: self.allowed,
+                            ..ExplainResponse::default()
+                        }))
+                    }
                     Some(_) => Err(Status::permission_denied(
                         "\"bob\" may not get pods in namespace team-a, which this needs \
                          (give it the podiam-operator ClusterRole)",
@@ -535,13 +554,14 @@ mod tests {
                     synced: true,
                     draining: false,
                     replica: String::new(),
-                    stale: false,
+                    stale: self.stale,
                 }))
             }
         }
 
         pub async fn serve(
             files: &podiam_certs::WrittenFiles,
+            fake: Fake,
         ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
             let tls = podiam_runtime::tls::TlsMaterial::from_pem(
                 std::fs::read(&files.ca_cert).expect("ca"),
@@ -562,7 +582,7 @@ mod tests {
             let server = tonic::transport::Server::builder()
                 .tls_config(tls)
                 .expect("tls")
-                .add_service(PodiamServer::new(Fake))
+                .add_service(PodiamServer::new(fake))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 });
@@ -580,7 +600,11 @@ mod tests {
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
-        let (addr, _stop) = fake::serve(&files).await;
+        let honest = fake::Fake {
+            allowed: true,
+            ..fake::Fake::default()
+        };
+        let (addr, _stop) = fake::serve(&files, honest).await;
         let url = format!("https://{addr}");
         let request = ExplainRequest::default();
 
@@ -618,6 +642,70 @@ mod tests {
         assert!(
             matches!(&unverified, NoExplanation::Unanswered(p) if p.len() == 1),
             "{unverified:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_replica_refusing_does_not_stop_the_others_and_current_views_go_first() {
+        podiam_runtime::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("dir");
+        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
+            .expect("certificates")
+            .write_to(dir.path(), false)
+            .expect("written");
+        let explain = |urls: Vec<String>| {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            Servers::from_args(&args(&urls, Some(&files.ca_cert)))
+                .expect("args")
+                .expect("servers")
+                .with_token(&BearerToken::for_tests("good"))
+                .expect("token")
+        };
+        // A replica that refuses everyone (asked first: its view is the current one) and an
+        // honest one whose view is stale: the honest one answers.
+        let hostile = fake::Fake {
+            hostile: true,
+            ..fake::Fake::default()
+        };
+        let stale = fake::Fake {
+            stale: true,
+            allowed: true,
+            ..fake::Fake::default()
+        };
+        let (hostile, _h) = fake::serve(&files, hostile).await;
+        let (stale_addr, _s) = fake::serve(&files, stale).await;
+        let servers = explain(vec![
+            format!("https://{hostile}"),
+            format!("https://{stale_addr}"),
+        ]);
+        let (by, answer) = servers
+            .explain(ExplainRequest::default())
+            .await
+            .expect("explained");
+        assert_eq!(by, stale_addr);
+        assert!(answer.allowed);
+        // A current replica's answer is taken before a stale one's, whatever their order.
+        let current = fake::Fake::default();
+        let (current, _c) = fake::serve(&files, current).await;
+        let servers = explain(vec![
+            format!("https://{stale_addr}"),
+            format!("https://{current}"),
+        ]);
+        let (by, answer) = servers
+            .explain(ExplainRequest::default())
+            .await
+            .expect("explained");
+        assert_eq!(by, current);
+        assert!(!answer.allowed);
+        // All refusing: the refusal, with who said it.
+        let servers = explain(vec![format!("https://{hostile}")]);
+        let refused = servers
+            .explain(ExplainRequest::default())
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&refused, NoExplanation::Refused(m) if m.starts_with(&format!("server {hostile}: "))),
+            "{refused:?}"
         );
     }
 }
