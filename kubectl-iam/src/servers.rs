@@ -653,13 +653,16 @@ mod tests {
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
-        let explain = |urls: Vec<String>| {
+        // The replicas at `addrs`, asked with a good token.
+        let explain = |addrs: &[SocketAddr]| {
+            let urls: Vec<String> = addrs.iter().map(|a| format!("https://{a}")).collect();
             let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-            Servers::from_args(&args(&urls, Some(&files.ca_cert)))
+            let servers = Servers::from_args(&args(&urls, Some(&files.ca_cert)))
                 .expect("args")
                 .expect("servers")
                 .with_token(&BearerToken::for_tests("good"))
-                .expect("token")
+                .expect("token");
+            async move { servers.explain(ExplainRequest::default()).await }
         };
         // A replica that refuses everyone (asked first: its view is the current one) and an
         // honest one whose view is stale: the honest one answers.
@@ -674,35 +677,17 @@ mod tests {
         };
         let (hostile, _h) = fake::serve(&files, hostile).await;
         let (stale_addr, _s) = fake::serve(&files, stale).await;
-        let servers = explain(vec![
-            format!("https://{hostile}"),
-            format!("https://{stale_addr}"),
-        ]);
-        let (by, answer) = servers
-            .explain(ExplainRequest::default())
-            .await
-            .expect("explained");
+        let (by, answer) = explain(&[hostile, stale_addr]).await.expect("explained");
         assert_eq!(by, stale_addr);
         assert!(answer.allowed);
         // A current replica's answer is taken before a stale one's, whatever their order.
         let current = fake::Fake::default();
         let (current, _c) = fake::serve(&files, current).await;
-        let servers = explain(vec![
-            format!("https://{stale_addr}"),
-            format!("https://{current}"),
-        ]);
-        let (by, answer) = servers
-            .explain(ExplainRequest::default())
-            .await
-            .expect("explained");
+        let (by, answer) = explain(&[stale_addr, current]).await.expect("explained");
         assert_eq!(by, current);
         assert!(!answer.allowed);
         // All refusing: the refusal, with who said it.
-        let servers = explain(vec![format!("https://{hostile}")]);
-        let refused = servers
-            .explain(ExplainRequest::default())
-            .await
-            .expect_err("refused");
+        let refused = explain(&[hostile]).await.expect_err("refused");
         assert!(
             matches!(&refused, NoExplanation::Refused(m) if m.starts_with(&format!("server {hostile}: "))),
             "{refused:?}"

@@ -128,41 +128,42 @@ pub struct Spec {
     pub containers: Option<Containers>,
 }
 
-/// The value of annotation `key` in `annotations` (a JSON object of strings), if it is
-/// there; the others are skipped unread.
-pub fn annotation<'a>(
+/// The values of annotations `keys` in `annotations` (a JSON object of strings), each if it
+/// is there, in one pass; the others are skipped unread.
+pub fn annotations<'a, const N: usize>(
     annotations: &'a RawValue,
-    key: &str,
-) -> Result<Option<Cow<'a, str>>, serde_json::Error> {
+    keys: [&str; N],
+) -> Result<[Option<Cow<'a, str>>; N], serde_json::Error> {
     let mut text = serde_json::Deserializer::from_str(annotations.get());
-    OneEntry(key).deserialize(&mut text)
+    Entries(keys).deserialize(&mut text)
 }
 
-/// Looks up one entry of a JSON object of strings.
-struct OneEntry<'k>(&'k str);
+/// Looks up entries of a JSON object of strings.
+struct Entries<'k, const N: usize>([&'k str; N]);
 
-impl<'de> DeserializeSeed<'de> for OneEntry<'_> {
-    type Value = Option<Cow<'de, str>>;
+impl<'de, const N: usize> DeserializeSeed<'de> for Entries<'_, N> {
+    type Value = [Option<Cow<'de, str>>; N];
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for OneEntry<'_> {
-    type Value = Option<Cow<'de, str>>;
+impl<'de, const N: usize> Visitor<'de> for Entries<'_, N> {
+    type Value = [Option<Cow<'de, str>>; N];
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object of strings")
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-        let mut found = None;
+        let mut found: [Option<Cow<'de, str>>; N] = std::array::from_fn(|_| None);
         while let Some(key) = map.next_key::<Text<'de>>()? {
-            if key.as_str() == self.0 {
-                found = Some(map.next_value::<Text<'de>>()?.0);
-            } else {
-                map.next_value::<IgnoredAny>()?;
+            match self.0.iter().position(|k| *k == key.as_str()) {
+                Some(i) => found[i] = Some(map.next_value::<Text<'de>>()?.0),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
         Ok(found)
@@ -352,9 +353,12 @@ mod tests {
         let metadata = pod.metadata.as_ref().expect("metadata");
         assert_eq!(text_of(&metadata.namespace), Some("team-a"));
         let annotations = metadata.annotations.expect("annotations");
-        let role = annotation(annotations, "iam.amazonaws.com/role").expect("read");
+        let [role, missing, other] =
+            super::annotations(annotations, ["iam.amazonaws.com/role", "missing", "other"])
+                .expect("read");
         assert_eq!(role.as_deref(), Some("app&x"));
-        assert_eq!(annotation(annotations, "missing").expect("read"), None);
+        assert_eq!(missing, None);
+        assert_eq!(other.as_deref(), Some("a&b"));
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.service_account_name.as_deref(), Some("web"));
         assert_eq!(spec.volumes, Some(Volumes { has_ours: true }));
@@ -433,6 +437,6 @@ mod tests {
             assert!(serde_json::from_str::<Pod>(bad).is_err(), "{bad}");
         }
         let annotations: &RawValue = serde_json::from_str(r#"{"a": 1}"#).expect("raw");
-        assert!(annotation(annotations, "a").is_err());
+        assert!(super::annotations(annotations, ["a"]).is_err());
     }
 }

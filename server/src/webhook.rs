@@ -363,18 +363,16 @@ impl Webhook {
             .unwrap_or_default();
         // The annotations are the pod's, up to 3 MiB: read before the view is locked.
         let role_key = self.cluster.pods().role_key().to_owned();
-        let (own, mirror) = match metadata.and_then(|m| m.annotations) {
-            Some(annotations) => (
-                admission::annotation(annotations, &role_key).map_err(bad_json)?,
-                admission::annotation(annotations, MIRROR_ANNOTATION)
+        let [own, mirror] = match metadata.and_then(|m| m.annotations) {
+            Some(annotations) => {
+                admission::annotations(annotations, [role_key.as_str(), MIRROR_ANNOTATION])
                     .map_err(bad_json)?
-                    .is_some(),
-            ),
-            None => (None, false),
+            }
+            None => [None, None],
         };
         // A static pod's mirror never gets a role, and the API server refuses one with a
         // projected token volume.
-        if mirror {
+        if mirror.is_some() {
             return Ok(false);
         }
         let own = own

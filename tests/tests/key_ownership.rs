@@ -253,22 +253,31 @@ async fn a_killed_replica_hands_over_its_keys_with_one_call_each_and_no_other() 
     assert_eq!(after.values().sum::<usize>(), PODS + owned_by_2.len());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_budget_of_five_calls_a_second_is_never_exceeded_and_a_pods_request_goes_first() {
-    const PODS: usize = 50;
-    const RATE: usize = 5;
-    let world = World::start(WorldConfig {
+/// `config` with the recording proxy before moto, a session per pod (`{namespace}.{pod}`)
+/// and a budget of `rate` STS calls a second.
+fn budgeted(rate: usize, config: WorldConfig) -> WorldConfig {
+    WorldConfig {
         sts_proxy: true,
         server_args: [
             "--session-name",
             "{namespace}.{pod}",
             "--sts-rate",
-            &RATE.to_string(),
+            &rate.to_string(),
         ]
         .map(String::from)
         .to_vec(),
-        ..WorldConfig::default().namespace("team-a", Some("app-.*"))
-    })
+        ..config
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_of_five_calls_a_second_is_never_exceeded_and_a_pods_request_goes_first() {
+    const PODS: usize = 50;
+    const RATE: usize = 5;
+    let world = World::start(budgeted(
+        RATE,
+        WorldConfig::default().namespace("team-a", Some("app-.*")),
+    ))
     .await
     .expect("world starts");
     create_pods(&world, PODS).await;
@@ -421,20 +430,12 @@ async fn a_namespace_queueing_many_requests_does_not_hold_up_another_namespaces_
     // of the first namespace's pods ask.
     const WAVE: usize = 60;
     const RATE: usize = 3;
-    let world = World::start(WorldConfig {
-        sts_proxy: true,
-        server_args: [
-            "--session-name",
-            "{namespace}.{pod}",
-            "--sts-rate",
-            &RATE.to_string(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..WorldConfig::default()
+    let world = World::start(budgeted(
+        RATE,
+        WorldConfig::default()
             .namespace("team-busy", Some("app-.*"))
-            .namespace("team-quiet", Some("app-.*"))
-    })
+            .namespace("team-quiet", Some("app-.*")),
+    ))
     .await
     .expect("world starts");
     futures::future::join_all(
