@@ -257,8 +257,10 @@ pub struct ServeConfig {
     /// How often the iptables rules are checked and repaired (with --iptables).
     #[arg(long, env = "PODIAM_IPTABLES_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub iptables_sync_interval: Duration,
-    /// At start, delete conntrack entries toward 169.254.169.254:80 (needs the `conntrack`
-    /// tool), so connections opened before the rule existed cannot bypass it.
+    /// Delete conntrack entries toward the intercepted addresses (needs the `conntrack`
+    /// tool): at start, all of them, so connections opened before the rules existed cannot
+    /// bypass them; after a repair of the rules, those of connections that went straight to
+    /// the node's service while the rules were gone.
     #[arg(long, env = "PODIAM_FLUSH_CONNTRACK")]
     pub flush_conntrack: bool,
     /// Threads of the agent's runtime (answering pods, talking to the servers). Default: the
@@ -609,7 +611,7 @@ pub struct Interception {
     pub program: String,
     /// How often the rules are checked and repaired.
     pub sync_interval: Duration,
-    /// Delete conntrack entries toward 169.254.169.254:80 at start.
+    /// Delete conntrack entries that bypass the rules: at start, and after a repair.
     pub flush_conntrack: bool,
 }
 

@@ -268,24 +268,34 @@ impl Iptables {
         Ok(changed)
     }
 
-    /// Checks the rules every `interval` until `shutdown`, and repairs them if someone
-    /// removed or changed them, counting each repair in `repairs`.
+    /// Checks the rules every `upkeep.interval` until `shutdown`, and repairs them if someone
+    /// removed or changed them, counting each repair. After a repair, when `upkeep` says so,
+    /// connections that reached an intercepted address directly while the rules were gone
+    /// are cut (their conntrack entries deleted), so that none outlives the repair.
     pub async fn keep(
         &self,
         dnats: &[Dnat],
         interfaces: &[String],
-        interval: Duration,
-        repairs: prometheus_client::metrics::counter::Counter,
+        upkeep: Upkeep,
         shutdown: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(upkeep.interval) => {}
             }
             match self.install(dnats, interfaces).await {
                 Ok(true) => {
-                    repairs.inc();
+                    if let Some(program) = &upkeep.conntrack {
+                        for dnat in dnats {
+                            if let Err(error) =
+                                flush_conntrack(program, dnat.address, Flush::Direct).await
+                            {
+                                tracing::error!(%error, "cutting connections that bypassed the rules failed");
+                            }
+                        }
+                    }
+                    upkeep.repairs.inc();
                     tracing::warn!(
                         program = %self.program,
                         "iptables rules were changed by someone else; repaired"
@@ -333,28 +343,38 @@ impl Iptables {
     }
 }
 
-/// Deletes conntrack entries of TCP connections toward `address`:80, so that a connection a
-/// pod opened before the rule existed cannot go on bypassing it. Finding none is not an
-/// error.
-pub async fn flush_conntrack(program: &str, address: &str) -> Result<(), IptablesError> {
-    let family = if address.contains(':') {
-        "ipv6"
-    } else {
-        "ipv4"
-    };
-    let args = [
-        "-D",
-        "-f",
-        family,
-        "-p",
-        "tcp",
-        "--orig-dst",
-        address,
-        "--dport",
-        "80",
-    ];
+/// How the rules are kept: how often they are checked, the `conntrack` program to cut
+/// connections that bypassed them with (none: not cut), and the counter of repairs.
+#[derive(Clone, Debug)]
+pub struct Upkeep {
+    pub interval: Duration,
+    pub conntrack: Option<String>,
+    pub repairs: prometheus_client::metrics::counter::Counter,
+}
+
+/// Which conntrack entries toward an intercepted address [`flush_conntrack`] deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Every one: at start, when connections to an earlier agent (or an earlier tool's DNAT
+    /// target) and to the node's own service alike must go.
+    Every,
+    /// Those whose replies come from the address itself: connections that went straight to
+    /// the node's service while the rules were gone. Connections DNATed to the agent stay
+    /// (deleting their entries could reset requests in flight).
+    Direct,
+}
+
+/// Deletes conntrack entries of TCP connections toward `address`:80 (which ones: `flush`),
+/// so that a connection a pod opened while no rule sent it to the agent cannot go on
+/// bypassing it. Finding none is not an error.
+pub async fn flush_conntrack(
+    program: &str,
+    address: &str,
+    flush: Flush,
+) -> Result<(), IptablesError> {
+    let args = conntrack_delete_args(address, flush);
     let output = Command::new(program)
-        .args(args)
+        .args(&args)
         .output()
         .await
         .map_err(|source| IptablesError::Spawn {
@@ -369,6 +389,30 @@ pub async fn flush_conntrack(program: &str, address: &str) -> Result<(), Iptable
         command: format!("{program} {}", args.join(" ")),
         stderr: stderr.trim().to_string(),
     })
+}
+
+/// The `conntrack -D` arguments that delete the entries `flush` names toward `address`:80.
+fn conntrack_delete_args(address: &str, flush: Flush) -> Vec<&str> {
+    let family = if address.contains(':') {
+        "ipv6"
+    } else {
+        "ipv4"
+    };
+    let mut args = vec![
+        "-D",
+        "-f",
+        family,
+        "-p",
+        "tcp",
+        "--orig-dst",
+        address,
+        "--dport",
+        "80",
+    ];
+    if flush == Flush::Direct {
+        args.extend(["--reply-src", address]);
+    }
+    args
 }
 
 #[cfg(test)]
@@ -396,6 +440,19 @@ mod tests {
         ] {
             assert!(!valid_interface(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_repair_deletes_only_the_entries_of_direct_connections() {
+        assert_eq!(
+            conntrack_delete_args(METADATA_IP, Flush::Every).join(" "),
+            "-D -f ipv4 -p tcp --orig-dst 169.254.169.254 --dport 80"
+        );
+        // Replies from the address itself: nothing DNATed them to the agent.
+        assert_eq!(
+            conntrack_delete_args(CONTAINER_IP6, Flush::Direct).join(" "),
+            "-D -f ipv6 -p tcp --orig-dst fd00:ec2::23 --dport 80 --reply-src fd00:ec2::23"
+        );
     }
 
     #[test]

@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use podiam_agent::config::{Cli, Command, Interception, ServeConfig, ValidConfig};
-use podiam_agent::iptables::{Dnat, Iptables};
+use podiam_agent::iptables::{Dnat, Flush, Iptables, Upkeep, flush_conntrack};
 use podiam_agent::{Agent, Listeners};
 use tokio_util::sync::CancellationToken;
+
+/// The program that deletes conntrack entries (conntrack-tools'), looked up in PATH.
+const CONNTRACK: &str = "conntrack";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -148,14 +151,14 @@ fn keep_intercepting(
     let mut tasks: Vec<_> = families
         .into_iter()
         .map(|(iptables, dnats)| {
-            let (stop, repairs) = (stop.clone(), agent.iptables_repairs());
+            let stop = stop.clone();
             let interfaces = interception.interfaces.clone();
-            let interval = interception.sync_interval;
-            tokio::spawn(async move {
-                iptables
-                    .keep(&dnats, &interfaces, interval, repairs, stop)
-                    .await
-            })
+            let upkeep = Upkeep {
+                interval: interception.sync_interval,
+                conntrack: interception.flush_conntrack.then(|| CONNTRACK.to_string()),
+                repairs: agent.iptables_repairs(),
+            };
+            tokio::spawn(async move { iptables.keep(&dnats, &interfaces, upkeep, stop).await })
         })
         .collect();
     let own = std::iter::once(interception.target.ip())
@@ -202,7 +205,7 @@ async fn intercept(interception: &Interception) -> anyhow::Result<Vec<Family>> {
             .context("installing the iptables rules")?;
         if interception.flush_conntrack {
             for dnat in dnats {
-                podiam_agent::iptables::flush_conntrack("conntrack", dnat.address)
+                flush_conntrack(CONNTRACK, dnat.address, Flush::Every)
                     .await
                     .with_context(|| {
                         format!("flushing conntrack entries toward {}", dnat.address)

@@ -427,6 +427,162 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
     assert_eq!(reply.status, 200);
 }
 
+/// Holds one connection to 169.254.169.254:80 from inside a pod: on a line `connect` it
+/// connects and prints `connected PORT` (its local port); on a line `send` it sends a GET
+/// and prints what came back, `reset`, or `closed`.
+const HOLDER: &str = r#"
+import socket, sys
+sys.stdin.readline()
+s = socket.create_connection(("169.254.169.254", 80), timeout=10)
+print("connected", s.getsockname()[1], flush=True)
+sys.stdin.readline()
+try:
+    s.sendall(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode("utf-8", "replace").replace("\r\n", " ") if data else "closed", flush=True)
+except (ConnectionResetError, BrokenPipeError):
+    print("reset", flush=True)
+"#;
+
+/// A [`HOLDER`] in a pod, driven line by line.
+struct Holder {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Holder {
+    fn start(world: &World, pod: &str) -> Holder {
+        let mut child = world
+            .pod_command(pod, "python3")
+            .args(["-c", HOLDER])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        Holder {
+            _child: child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Sends `command` and returns the line the holder prints back.
+    async fn ask(&mut self, command: &str) -> String {
+        tokio::io::AsyncWriteExt::write_all(&mut self.stdin, format!("{command}\n").as_bytes())
+            .await
+            .expect("the holder reads");
+        tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("the holder answers in time")
+            .expect("the holder's output")
+            .expect("a line from the holder")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_opened_while_the_rules_were_gone_does_not_outlive_their_repair() {
+    let mut config = team_a_with_agent();
+    config.fake_node_metadata = true;
+    config.agent_args = vec![
+        "--iptables-sync-interval".into(),
+        "300ms".into(),
+        "--flush-conntrack".into(),
+    ];
+    let world = World::start(config).await.expect("world starts");
+    let pod_ip = world.pod("web").ip();
+    let repairs = || async {
+        let metrics = world.agent_metrics().await.expect("metrics");
+        metric_value(&metrics, "podiam_agent_iptables_repairs_total")
+    };
+    let rules = world.node_nat_rules().await.expect("rules");
+    let jump = rules
+        .lines()
+        .find(|l| {
+            l.starts_with("-A PREROUTING")
+                && l.contains("169.254.169.254")
+                && l.ends_with("-j PODIAM")
+        })
+        .expect("the metadata address's jump")
+        .replacen("-A", "-D", 1);
+    let delete: Vec<&str> = ["-w", "-t", "nat"]
+        .into_iter()
+        .chain(jump.split_whitespace())
+        .collect();
+
+    // Remove the jump and connect before the agent puts it back: the connection goes to the
+    // node's own metadata service. Should the agent win the race, try again.
+    let mut attempts = 0;
+    let (mut holder, repaired_before) = loop {
+        attempts += 1;
+        assert!(
+            attempts <= 20,
+            "the agent repaired its rules before every connect"
+        );
+        let mut holder = Holder::start(&world, "web");
+        let before = repairs().await;
+        let out = world.node_iptables(&delete).await.expect("iptables runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let connected = holder.ask("connect").await;
+        let port = connected.strip_prefix("connected ").expect("connected");
+        let direct = world
+            .node()
+            .netns()
+            .command("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(format!("( sport = :80 and dst {pod_ip}:{port} )"))
+            .output()
+            .await
+            .expect("ss runs");
+        let direct = String::from_utf8_lossy(&direct.stdout).into_owned();
+        if direct.contains("169.254.169.254:80") {
+            break (holder, before);
+        }
+        // The agent put the jump back first; wait for that repair before the next try.
+        wait_until(
+            Duration::from_secs(10),
+            "the repair to be counted",
+            || async { repairs().await > before },
+        )
+        .await
+        .expect("repaired");
+    };
+
+    // The agent puts the jump back, and cuts that connection: the pod's next bytes on it
+    // reach nobody that answers with the node's metadata.
+    wait_until(
+        Duration::from_secs(10),
+        "the repair to be counted",
+        || async { repairs().await > repaired_before },
+    )
+    .await
+    .expect("repaired");
+    let seen = world.node().fake_node_metadata_clients();
+    let answer = holder.ask("send").await;
+    assert!(!answer.contains(NODE_BODY), "{answer}");
+    assert!(answer == "reset" || answer == "closed", "{answer}");
+    assert_eq!(world.node().fake_node_metadata_clients(), seen);
+
+    // A new connection goes to the agent.
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+}
+
 /// Sends raw HTTP requests from inside a pod and reports, per request, the status (or
 /// "closed"/"timeout") and the body.
 const RAW_CLIENT: &str = r#"
