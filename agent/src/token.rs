@@ -855,13 +855,14 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header value.
+/// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header value: decimal digits only (no
+/// sign, no spaces inside), within [`TTL_RANGE`].
 pub fn parse_ttl(value: Option<&str>) -> Option<u64> {
-    value?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|t| TTL_RANGE.contains(t))
+    let value = value?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<u64>().ok().filter(|t| TTL_RANGE.contains(t))
 }
 
 #[cfg(test)]
@@ -1043,6 +1044,10 @@ mod tests {
         assert_eq!(parse_ttl(Some("21601")), None);
         assert_eq!(parse_ttl(Some("-5")), None);
         assert_eq!(parse_ttl(Some("abc")), None);
+        assert_eq!(parse_ttl(Some("+60")), None);
+        assert_eq!(parse_ttl(Some("6 0")), None);
+        assert_eq!(parse_ttl(Some("")), None);
+        assert_eq!(parse_ttl(Some("99999999999999999999999")), None);
         assert_eq!(parse_ttl(None), None);
         assert_eq!(*TTL_RANGE.end() as i64, MAX_TTL_SECS);
     }
