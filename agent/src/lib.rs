@@ -69,6 +69,10 @@ use crate::replicas::ServerSet;
 use crate::servers::Servers;
 use crate::token::KeyKeeper;
 
+/// How long the agent's start waits for the servers' names to resolve before it binds its
+/// ports and serves anyway (resolving goes on in the background).
+pub const START_RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The listeners the agent is served on, bound by its caller: the pod-facing metadata port,
 /// the container-credentials port when that endpoint is on, and the health port (TCP, or in
 /// tests in-memory ones).
@@ -104,8 +108,9 @@ pub struct Agent {
 
 impl Agent {
     /// The agent `config` describes, dialling the servers over TCP: its TLS files and token
-    /// loaded, its token keys opened, the servers resolved once (a failure is only logged:
-    /// it serves anyway and retries). Nothing is bound or served yet.
+    /// loaded, its token keys opened, the servers resolved once (a failure, or no answer within
+    /// [`START_RESOLVE_TIMEOUT`], is only logged: it serves anyway and retries). Nothing is
+    /// bound or served yet.
     pub async fn build(config: ValidConfig) -> anyhow::Result<Agent> {
         Agent::build_over(config, Arc::new(Tcp)).await
     }
@@ -132,8 +137,21 @@ impl Agent {
             )
             .over(dialer),
         );
-        if let Err(error) = servers.resolve().await {
-            tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
+        // Bounded: a cluster DNS that drops queries would hold the resolver for the sum of
+        // its timeouts over every search domain (minutes), and the agent's ports unbound.
+        match tokio::time::timeout(START_RESOLVE_TIMEOUT, servers.resolve()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
+            }
+            Err(_) if servers.replicas().is_empty() => tracing::warn!(
+                timeout = ?START_RESOLVE_TIMEOUT,
+                "no server replica resolved yet (the lookup goes on); serving anyway and retrying"
+            ),
+            Err(_) => tracing::warn!(
+                timeout = ?START_RESOLVE_TIMEOUT,
+                "a server name is still being looked up; serving with the replicas resolved"
+            ),
         }
         let upstream = Arc::new(Servers::new(
             Arc::clone(&servers),

@@ -51,6 +51,9 @@ fn main() -> ExitCode {
             Err(config) => uninstall(config).await,
         }
     });
+    // Serving has ended; what may still run is a DNS lookup on a blocking thread (one that
+    // hangs for as long as an unanswering DNS server makes it), which nobody waits for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

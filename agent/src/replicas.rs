@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use podiam_proto::Reason;
 use podiam_proto::v1::HealthRequest;
 use podiam_proto::v1::podiam_client::PodiamClient;
@@ -53,6 +54,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::decision::ServerError;
 use crate::identity::{AgentToken, Authorize};
+
+/// Replicas' addresses, each with the name its certificate must carry.
+type Addresses = Vec<(SocketAddr, String)>;
 
 /// A client of one replica whose every call carries the agent's token.
 pub type Client = PodiamClient<InterceptedService<Channel, Authorize>>;
@@ -256,6 +260,8 @@ pub struct ServerSet {
     token: Arc<AgentToken>,
     call_timeout: Duration,
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    /// Each target's addresses from its last lookup (`None`: none yet, or it failed).
+    resolved: Mutex<Vec<Option<Addresses>>>,
     next: AtomicUsize,
     /// Calls sent to a second replica because the first failed or was slow.
     failovers: Counter,
@@ -302,6 +308,7 @@ impl ServerSet {
         token: Arc<AgentToken>,
     ) -> ServerSet {
         ServerSet {
+            resolved: Mutex::new(vec![None; targets.len()]),
             targets,
             tls,
             dialer: Arc::new(Tcp),
@@ -388,17 +395,49 @@ impl ServerSet {
         *self.replicas.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
     }
 
-    /// Resolves every target once. An error only when nothing resolved at all.
+    /// Resolves every target once, all at the same time, and makes the replicas what is
+    /// known each time a lookup ends: a target whose lookup hangs (a DNS server that drops
+    /// queries) holds up neither the others nor, once they are known, the replicas. A
+    /// target's addresses are replaced by its lookup's, or dropped when it fails; those of a
+    /// target still being looked up stay from its last lookup. An error only when nothing is
+    /// known at the end.
     pub async fn resolve(&self) -> Result<(), String> {
-        let mut addrs = Vec::new();
+        let mut lookups: FuturesUnordered<_> = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(at, (target, name))| async move {
+                let found = tokio::net::lookup_host((target.host.as_str(), target.port))
+                    .await
+                    .map(|found| found.map(|addr| (addr, name.clone())).collect::<Vec<_>>());
+                (at, found)
+            })
+            .collect();
         let mut errors = Vec::new();
-        for (target, name) in &self.targets {
-            match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
-                Ok(found) => addrs.extend(found.map(|addr| (addr, name.clone()))),
-                Err(error) => errors.push(format!("{}: {error}", target.host)),
+        let mut known = Vec::new();
+        while let Some((at, found)) = lookups.next().await {
+            let host = &self.targets[at].0.host;
+            let found = match found {
+                Ok(addrs) if addrs.is_empty() => {
+                    errors.push(format!("{host}: no address found"));
+                    None
+                }
+                Ok(addrs) => Some(addrs),
+                Err(error) => {
+                    errors.push(format!("{host}: {error}"));
+                    None
+                }
+            };
+            known = {
+                let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+                resolved[at] = found;
+                resolved.iter().flatten().flatten().cloned().collect()
+            };
+            if !known.is_empty() {
+                self.set_addresses(known.clone());
             }
         }
-        if addrs.is_empty() {
+        if known.is_empty() {
             return Err(if errors.is_empty() {
                 "no address found".to_string()
             } else {
@@ -408,7 +447,6 @@ impl ServerSet {
         for error in errors {
             tracing::warn!(%error, "a server name did not resolve; using the others");
         }
-        self.set_addresses(addrs);
         Ok(())
     }
 
@@ -416,7 +454,12 @@ impl ServerSet {
     /// `shutdown`.
     pub async fn follow_dns(&self, interval: Duration, shutdown: CancellationToken) {
         loop {
-            if let Err(error) = self.resolve().await {
+            // A lookup may hang for minutes; shutting down does not wait for it.
+            let resolved = tokio::select! {
+                () = shutdown.cancelled() => return,
+                resolved = self.resolve() => resolved,
+            };
+            if let Err(error) = resolved {
                 if self.replicas().is_empty() {
                     tracing::warn!(%error, "no server replica resolved yet; retrying");
                 } else {

@@ -38,6 +38,9 @@ use crate::process::{ChildGuard, ProcessError, wait_until};
 pub const NAME_PREFIX: &str = "pdm-";
 /// Where `ip netns` keeps its namespace handles.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
+/// Where `ip netns exec NAME` finds files it puts over /etc's for the programs it starts
+/// (`/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`).
+pub const NETNS_ETC_DIR: &str = "/etc/netns";
 /// Prefix of the node-side veth ends.
 pub const POD_INTERFACE_PREFIX: &str = "podv";
 /// iptables interface pattern matching every node-side pod veth (`-i podv+`).
@@ -206,6 +209,7 @@ pub fn sweep_stale() -> Result<Vec<String>, NetnsError> {
         };
         let alive = kill(Pid::from_raw(pid), None).is_ok();
         if !alive {
+            remove_etc_files(&name);
             match ip(&["netns", "del", &name]) {
                 Ok(_) => deleted.push(name),
                 // Another test of this process swept it first.
@@ -263,6 +267,18 @@ impl Netns {
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes `text` the `/etc/resolv.conf` of every program started in the namespace from
+    /// now on ([`Netns::command`]); removed with the namespace.
+    pub fn set_resolv_conf(&self, text: &str) -> Result<(), NetnsError> {
+        let dir = PathBuf::from(NETNS_ETC_DIR).join(&self.name);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("resolv.conf"), text))
+            .map_err(|source| NetnsError::Spawn {
+                command: format!("writing {}/resolv.conf", dir.display()),
+                source,
+            })
     }
 
     /// Runs `ip -n NAME ARGS…`.
@@ -357,6 +373,22 @@ impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(err) = ip(&["netns", "del", &self.name]) {
             tracing::warn!(netns = %self.name, error = %err, "deleting network namespace failed");
+        }
+        remove_etc_files(&self.name);
+    }
+}
+
+/// Removes the files [`Netns::set_resolv_conf`] wrote for namespace `name`, if any, and
+/// `/etc/netns` itself when nothing else is left in it.
+fn remove_etc_files(name: &str) {
+    let dir = PathBuf::from(NETNS_ETC_DIR).join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(NETNS_ETC_DIR);
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "removing a namespace's /etc files failed");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's surface against real clients: the SDK matrix, revocation, the iptables chain
-//! across restarts and a crash (both iptables back ends), and a table of adversarial
-//! requests. Needs root; each test builds its own [`World`].
+//! across restarts and a crash (both iptables back ends) and its repair, a server name whose
+//! lookup hangs, and a table of adversarial requests. Needs root; each test builds its own
+//! [`World`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -425,6 +426,59 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
         .await
         .expect("answers");
     assert_eq!(reply.status, 200);
+}
+
+/// An address of the node namespace's `lo` whose DNS queries are dropped on arrival: a DNS
+/// server that never answers.
+const SILENT_DNS: &str = "10.253.0.53";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_name_whose_lookup_hangs_holds_up_neither_the_start_nor_the_other_servers() {
+    // The world's server by address, and a name the node's DNS never answers for: each
+    // lookup of it waits 5 × 30 s.
+    let mut config = podiam_tests::fixtures::team_a();
+    config.agent_args = vec![
+        "--server".into(),
+        "https://podiam-server.podiam.svc:8443".into(),
+    ];
+    let mut world = World::start(config).await.expect("world starts");
+    world
+        .node()
+        .netns()
+        .ip(&["addr", "add", &format!("{SILENT_DNS}/32"), "dev", "lo"])
+        .expect("the address");
+    let drop = [
+        "-w", "-A", "INPUT", "-d", SILENT_DNS, "-p", "udp", "--dport", "53", "-j", "DROP",
+    ];
+    let out = world.node_iptables(&drop).await.expect("iptables runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = world.node().netns();
+    node.set_resolv_conf(&format!(
+        "nameserver {SILENT_DNS}\noptions timeout:30 attempts:5\n"
+    ))
+    .expect("resolv.conf");
+
+    // Ready (a server answers) and answering pods long before that lookup could end.
+    world
+        .start_agent()
+        .await
+        .expect("the agent starts with the server it resolved");
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    let log = world.agent_log();
+    assert!(
+        log.contains("a server name is still being looked up"),
+        "{log}"
+    );
+    // And it stops at once, the lookup still hanging.
+    world.stop_agent().await.expect("stops");
 }
 
 /// Holds one connection to 169.254.169.254:80 from inside a pod: on a line `connect` it
