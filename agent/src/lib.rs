@@ -38,6 +38,7 @@ pub mod identity;
 pub mod imds;
 #[cfg(test)]
 mod in_process_tests;
+pub mod intercepted;
 pub mod iptables;
 pub mod limit;
 pub mod metrics;
@@ -267,6 +268,12 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// What is told of the pod-facing connections (for listeners that close some before
+    /// serving them: [`intercepted::Intercepted`]).
+    pub fn connection_observer(&self) -> Arc<dyn podiam_runtime::serve::ConnectionObserver> {
+        Arc::clone(&self.metrics) as Arc<dyn podiam_runtime::serve::ConnectionObserver>
     }
 
     /// The counter of iptables repairs (exported as `podiam_agent_iptables_repairs_total`).

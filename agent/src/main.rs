@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use podiam_agent::config::{Cli, Command, Interception, ServeConfig, ValidConfig};
+use podiam_agent::intercepted::Intercepted;
 use podiam_agent::iptables::{Dnat, Flush, Iptables, Upkeep, flush_conntrack};
 use podiam_agent::{Agent, Listeners};
 use tokio_util::sync::CancellationToken;
@@ -91,6 +92,8 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     if let (None, Some(interception)) = (&rules, &config.iptables) {
         rules = Some((intercept(interception).await?, interception));
     }
+    // With the rules ours, pods' connections come through them and only those are served.
+    let listeners = only_intercepted(listeners, rules.is_some(), agent.connection_observer());
     let shutdown = CancellationToken::new();
     tokio::spawn(podiam_runtime::telemetry::cancel_on_signal(
         shutdown.clone(),
@@ -174,6 +177,23 @@ fn keep_intercepting(
         stop.clone(),
     )));
     tasks
+}
+
+/// The pod-facing `listeners`, taking only connections that came through the DNAT rules
+/// when `check` (see [`Intercepted`]).
+fn only_intercepted(
+    listeners: Listeners,
+    check: bool,
+    observer: std::sync::Arc<dyn podiam_runtime::serve::ConnectionObserver>,
+) -> Listeners<Intercepted> {
+    let wrap = |listener| Intercepted::new(listener, check, std::sync::Arc::clone(&observer));
+    Listeners {
+        pods: wrap(listeners.pods),
+        container: listeners.container.map(wrap),
+        pods6: listeners.pods6.map(wrap),
+        container6: listeners.container6.map(wrap),
+        health: listeners.health,
+    }
 }
 
 /// Writes where each listener listens (`--listen-address-file`, for ports 0).

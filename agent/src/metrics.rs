@@ -53,6 +53,7 @@ fn closed_reason(why: Closed) -> &'static str {
         Closed::RequestLimit => "request-limit",
         Closed::PoolEvicted => "pool-evicted",
         Closed::PoolRefused => "pool-refused",
+        Closed::NotIntercepted => "not-intercepted",
     }
 }
 

@@ -189,10 +189,13 @@ pub enum Closed {
     /// other with none to give up: refused (closed at once) rather than queued, so that it
     /// cannot hold up the connections of addresses holding fewer.
     PoolRefused,
+    /// It did not come the way the listener's connections must (for the agent's pod ports:
+    /// through its DNAT rules): closed as soon as it was accepted.
+    NotIntercepted,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 7] = [
+    pub const ALL: [Closed; 8] = [
         Closed::PeerLimitRefused,
         Closed::PeerLimitEvicted,
         Closed::HeaderTimeout,
@@ -200,6 +203,7 @@ impl Closed {
         Closed::RequestLimit,
         Closed::PoolEvicted,
         Closed::PoolRefused,
+        Closed::NotIntercepted,
     ];
 
     /// A short name for logs and metrics.
@@ -212,6 +216,7 @@ impl Closed {
             Closed::RequestLimit => "request-limit",
             Closed::PoolEvicted => "pool-evicted",
             Closed::PoolRefused => "pool-refused",
+            Closed::NotIntercepted => "not-intercepted",
         }
     }
 }

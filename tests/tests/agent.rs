@@ -428,6 +428,48 @@ async fn removed_rules_are_put_back_and_conntrack_is_flushed_at_start() {
     assert_eq!(reply.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_straight_to_the_agents_port_is_closed_unserved() {
+    let world = World::start(team_a_with_agent())
+        .await
+        .expect("world starts");
+    let not_intercepted = "podiam_agent_connections_closed_total{reason=\"not-intercepted\"}";
+    let closed = || async {
+        let metrics = world.agent_metrics().await.expect("metrics");
+        metric_value(&metrics, not_intercepted)
+    };
+    assert_eq!(closed().await, 0);
+    // What a pod of another node, where pod addresses route between nodes, can do: open a
+    // connection to the node's address and the agent's port, past the DNAT rule. (A pod of
+    // this node stands in for it: its address is one the agent knows, which would be
+    // served.)
+    let straight = format!(
+        "http://{}:{}{CREDS_PATH}",
+        world.node().ip(),
+        podiam_tests::world::AGENT_PORT
+    );
+    let reply = world
+        .pod("web")
+        .net
+        .netns
+        .http_get(&straight, Duration::from_secs(5))
+        .await;
+    assert!(reply.is_err(), "served past the DNAT rule: {reply:?}");
+    wait_until(
+        Duration::from_secs(10),
+        "the closed connection to be counted",
+        || async { closed().await >= 1 },
+    )
+    .await
+    .expect("counted");
+    // The same request through the rule is served.
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+}
+
 /// An address of the node namespace's `lo` whose DNS queries are dropped on arrival: a DNS
 /// server that never answers.
 const SILENT_DNS: &str = "10.253.0.53";
