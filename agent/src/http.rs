@@ -818,7 +818,10 @@ impl MetadataService {
 /// now that the table knows `now` of the address: when it has the same pod, only if that
 /// pod's role (by `role_of`) is still `own`. A role changed meanwhile is refused as a
 /// request naming the old role would be (`wrong-role`); the pod gets its new role at its
-/// next fetch.
+/// next fetch. When another pod has the address now, nothing fetched for `pod` is answered
+/// (`PodChanged`): the request may be the new pod's, sent before the table knew it. An
+/// address the table does not know (yet), or a table not synced, is left to what the
+/// servers said.
 pub(crate) fn still_granted(
     now: &Known,
     pod: &PodId,
@@ -829,7 +832,7 @@ pub(crate) fn still_granted(
         return Ok(());
     };
     if current.pod.uid != pod.uid {
-        return Ok(());
+        return Err(Refused::ByAgent(AgentRefusal::PodChanged));
     }
     let role = role_of(current).map_err(|refusal| Refused::ByServers(refusal.clone()))?;
     if role.arn != own.arn {

@@ -122,6 +122,12 @@ impl Replica {
             .lock()
             .expect("not poisoned")
             .insert(state.ip.clone(), state.clone());
+        self.announce(state);
+    }
+
+    /// Tells the node stream open on this replica, if any, of a pod its other calls do not
+    /// know yet (a stream from a replica whose view is ahead of the one answering them).
+    fn announce(&self, state: PodState) {
         if let Some(push) = self.push.lock().expect("not poisoned").as_ref() {
             let _ = push.send(NodeEvent {
                 event: Some(node_event::Event::Upsert(state)),
@@ -1047,6 +1053,39 @@ async fn credentials_fetched_for_a_role_taken_away_meanwhile_are_not_answered() 
         .get(WEB, "/latest/meta-data/iam/security-credentials/app-writer")
         .await;
     assert_eq!(status, 200, "{body}");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_fetched_for_a_pod_whose_address_another_pod_took_meanwhile_are_not_answered() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    // Two requests from web's address wait for its credentials (one fetch, the other joins
+    // it) when the node stream gives the address to a new pod; the servers still answer for
+    // web. The address is the new pod's now: neither request gets web's credentials.
+    for replica in &rig.replicas {
+        replica.set_credentials_delay(Duration::from_millis(200));
+    }
+    let successor = PodState {
+        pod: Some(PodRef {
+            namespace: "team-a".into(),
+            name: "web-2".into(),
+            uid: "uid-web-2".into(),
+        }),
+        ..pod("web", WEB)
+    };
+    let flip = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for replica in &rig.replicas {
+            replica.announce(successor.clone());
+        }
+    };
+    let (first, second, ()) =
+        tokio::join!(rig.get(WEB, CREDENTIALS), rig.get(WEB, CREDENTIALS), flip);
+    for (status, body) in [first, second] {
+        assert_eq!(status, 404, "{body}");
+        assert!(!body.contains("ASIATEST"), "{body}");
+    }
     rig.stop().await;
 }
 
