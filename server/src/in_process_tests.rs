@@ -657,6 +657,14 @@ async fn an_unproven_caller_lifts_no_taint_even_when_binding_only_warns() {
         .await
         .expect_err("an agent without a token proves no node");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A name no node can have is refused before anything is looked up or logged.
+    let refused = client
+        .node_ready(podiam_proto::v1::NodeReadyRequest {
+            node_name: "x".repeat(30_000),
+        })
+        .await
+        .expect_err("not a node name");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     shutdown.cancel();
     let (served, _) = serving.await.expect("joined");
     served.expect("served");

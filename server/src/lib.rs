@@ -252,11 +252,11 @@ impl Server {
             identities,
         )
         .with_lifecycle(draining.clone(), metrics.node_streams.clone())
-        .with_node_readiness(nodes::NodeReadiness {
-            taint: config.agent_not_ready_taint,
-            nodes: node_taints,
-            removed: metrics.node_taints_removed.clone(),
-        })
+        .with_node_readiness(nodes::NodeReadiness::new(
+            config.agent_not_ready_taint,
+            node_taints,
+            metrics.node_taints_removed.clone(),
+        ))
         .with_replica_name(peers.me());
         Server {
             tls,

@@ -8,16 +8,28 @@
 //! agent's token proves that node and removes the taint. Agents need no permission on Node
 //! objects: only the servers may patch them.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
+use tokio::time::Instant;
 
 /// How many times a removal is retried when the node changed between read and write.
 const CONFLICT_RETRIES: usize = 5;
+
+/// How long a node's report, once handled, answers a repeated one from memory (no API
+/// call). Short: a node registered again under the same name (its taint back) is reported
+/// by its new agent well after this.
+pub const REPORT_REMEMBERED: Duration = Duration::from_secs(10);
+
+/// How many nodes' reports are remembered before the old ones are forgotten.
+const REPORTS_KEPT: usize = 16_384;
 
 /// Removes a taint from a node.
 pub trait NodeTaints: Send + Sync + 'static {
@@ -93,6 +105,83 @@ pub struct NodeReadiness {
     pub nodes: Option<std::sync::Arc<dyn NodeTaints>>,
     /// Taints removed (exported as `podiam_server_node_taints_removed_total`).
     pub removed: Counter,
+    /// Reports under way and handled lately, by node: each node's agent costs the API at
+    /// most one read (and patch) a [`REPORT_REMEMBERED`], however often it reports.
+    pub reports: Arc<Reports>,
+}
+
+/// The reports of nodes under way or handled lately.
+#[derive(Debug, Default)]
+pub struct Reports {
+    nodes: Mutex<HashMap<String, Report>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    UnderWay,
+    Handled(Instant),
+}
+
+/// What to do with a report.
+#[derive(Debug, PartialEq, Eq)]
+enum Begin {
+    /// Handle it (the guard ends it).
+    Go,
+    /// Handled lately: nothing to do.
+    Remembered,
+    /// Another call handles it now.
+    UnderWay,
+}
+
+impl Reports {
+    fn begin(&self, node: &str, now: Instant) -> Begin {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        match nodes.get(node) {
+            Some(Report::UnderWay) => return Begin::UnderWay,
+            Some(Report::Handled(at)) if now.duration_since(*at) < REPORT_REMEMBERED => {
+                return Begin::Remembered;
+            }
+            _ => {}
+        }
+        if nodes.len() >= REPORTS_KEPT {
+            nodes.retain(|_, report| match report {
+                Report::UnderWay => true,
+                Report::Handled(at) => now.duration_since(*at) < REPORT_REMEMBERED,
+            });
+        }
+        nodes.insert(node.to_string(), Report::UnderWay);
+        Begin::Go
+    }
+
+    /// Ends `node`'s report: remembered when `handled`, else forgotten (the next one is
+    /// handled again).
+    fn end(&self, node: &str, handled: Option<Instant>) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        match handled {
+            Some(at) => nodes.insert(node.to_string(), Report::Handled(at)),
+            None => nodes.remove(node),
+        };
+    }
+}
+
+/// Ends a report begun with [`Reports::begin`]: as not handled unless [`Ending::handled`]
+/// was called, also when the call is dropped half-way (its client gone).
+struct Ending<'a> {
+    reports: &'a Reports,
+    node: &'a str,
+    handled: Option<Instant>,
+}
+
+impl Ending<'_> {
+    fn handled(&mut self, at: Instant) {
+        self.handled = Some(at);
+    }
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.reports.end(self.node, self.handled);
+    }
 }
 
 impl fmt::Debug for NodeReadiness {
@@ -105,16 +194,128 @@ impl fmt::Debug for NodeReadiness {
 }
 
 impl NodeReadiness {
+    /// A readiness with the taint `taint` (none: nothing is removed), removed through
+    /// `nodes`, counted in `removed`.
+    pub fn new(
+        taint: Option<String>,
+        nodes: Option<Arc<dyn NodeTaints>>,
+        removed: Counter,
+    ) -> NodeReadiness {
+        NodeReadiness {
+            taint,
+            nodes,
+            removed,
+            reports: Arc::default(),
+        }
+    }
+
     /// Removes the taint from `node` (already proven to be the caller's): whether it was there.
+    /// A report repeated within [`REPORT_REMEMBERED`] of one handled is answered `false` with
+    /// no API call, and one made while another is under way is refused (ask again).
     pub async fn ready(&self, node: &str) -> Result<bool, String> {
         let (Some(key), Some(nodes)) = (&self.taint, &self.nodes) else {
             return Ok(false);
         };
+        match self.reports.begin(node, Instant::now()) {
+            Begin::Go => {}
+            Begin::Remembered => return Ok(false),
+            Begin::UnderWay => {
+                return Err(format!("a report of node {node} is under way; ask again"));
+            }
+        }
+        let mut ending = Ending {
+            reports: &self.reports,
+            node,
+            handled: None,
+        };
         let removed = nodes.remove(node, key).await?;
+        ending.handled(Instant::now());
         if removed {
             self.removed.inc();
             tracing::info!(node = %node, taint = %key, "agent's rules in place: node untainted");
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Nodes whose taint is always there: each removal takes 50 ms and is counted; fails
+    /// while `failing`.
+    #[derive(Default)]
+    struct Tainted {
+        calls: AtomicUsize,
+        failing: AtomicBool,
+    }
+
+    impl NodeTaints for Tainted {
+        fn remove<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err("the API is away".into());
+                }
+                Ok(true)
+            })
+        }
+    }
+
+    fn readiness() -> (NodeReadiness, Arc<Tainted>) {
+        let nodes = Arc::new(Tainted::default());
+        let readiness = NodeReadiness::new(
+            Some("podiam.io/agent-not-ready".into()),
+            Some(Arc::clone(&nodes) as Arc<dyn NodeTaints>),
+            Counter::default(),
+        );
+        (readiness, nodes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_reporting_without_pause_costs_one_api_call_a_window() {
+        let (readiness, nodes) = readiness();
+        let calls = || nodes.calls.load(Ordering::SeqCst);
+        let results = futures::future::join_all((0..100).map(|_| readiness.ready("node-1"))).await;
+        assert_eq!(calls(), 1);
+        assert_eq!(results.iter().filter(|r| **r == Ok(true)).count(), 1);
+        assert!(
+            results
+                .iter()
+                .filter(|r| r.is_err())
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("under way"))),
+            "{results:?}"
+        );
+        // Handled: answered from memory, with no call, until the window has passed.
+        for _ in 0..100 {
+            assert_eq!(readiness.ready("node-1").await, Ok(false));
+        }
+        assert_eq!(calls(), 1);
+        // Another node is its own.
+        assert_eq!(readiness.ready("node-2").await, Ok(true));
+        assert_eq!(calls(), 2);
+        tokio::time::sleep(REPORT_REMEMBERED).await;
+        assert_eq!(readiness.ready("node-1").await, Ok(true));
+        assert_eq!(calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_that_failed_or_was_dropped_is_not_remembered() {
+        let (readiness, nodes) = readiness();
+        let calls = || nodes.calls.load(Ordering::SeqCst);
+        nodes.failing.store(true, Ordering::SeqCst);
+        assert!(readiness.ready("node-1").await.is_err());
+        nodes.failing.store(false, Ordering::SeqCst);
+        assert_eq!(readiness.ready("node-1").await, Ok(true));
+        assert_eq!(calls(), 2);
+        // A call given up half-way (its client gone) leaves nothing under way.
+        tokio::time::sleep(REPORT_REMEMBERED).await;
+        let given_up =
+            tokio::time::timeout(Duration::from_millis(10), readiness.ready("node-1")).await;
+        assert!(given_up.is_err());
+        assert_eq!(readiness.ready("node-1").await, Ok(true));
+        assert_eq!(calls(), 4);
     }
 }

@@ -444,11 +444,7 @@ impl PodiamService {
             slots: Arc::default(),
             streams: TaskTracker::new(),
             refusals_logged: Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY)),
-            readiness: crate::nodes::NodeReadiness {
-                taint: None,
-                nodes: None,
-                removed: Counter::default(),
-            },
+            readiness: crate::nodes::NodeReadiness::new(None, None, Counter::default()),
             replica: None,
         }
     }
@@ -990,7 +986,8 @@ impl PodiamService {
     }
 
     /// A proven agent asking about another node than its own (`what`: its stream, or its
-    /// readiness): counted and logged with the proven node, agent pod and peer address.
+    /// readiness): counted, and logged with the proven node, agent pod and peer address (the
+    /// first of each proven node's in a minute; `held_back`: those not logged before).
     fn other_node(
         &self,
         agent: &ProvenAgent,
@@ -1004,14 +1001,17 @@ impl PodiamService {
             asked: asked.to_string(),
         };
         self.identities.counters().refused(failure.label());
-        tracing::warn!(
-            agent_node = %agent.node,
-            agent_pod = %agent.pod,
-            asked = %Escaped(asked),
-            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
-            answered,
-            "agent asked for another node's {what}"
-        );
+        if let Some(held_back) = self.log_refusal("other-node-asked", agent.node.clone()) {
+            tracing::warn!(
+                agent_node = %agent.node,
+                agent_pod = %agent.pod,
+                asked = %Escaped(asked),
+                peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+                answered,
+                held_back,
+                "agent asked for another node's {what}"
+            );
+        }
         failure
     }
 
@@ -1383,6 +1383,11 @@ impl Podiam for PodiamService {
         let caller = self.agent(&request, "NodeReady").await?;
         let peer = request.remote_addr();
         let asked = request.into_inner().node_name;
+        if !valid_node_name(&asked) {
+            return Err(Status::invalid_argument(
+                "node_name is not a Kubernetes node name",
+            ));
+        }
         // Only a node-bound agent lifts a taint, and only its own node's, whatever
         // --node-binding says: an unproven caller opening nodes to pods would fail open.
         let node = match caller {
