@@ -325,10 +325,15 @@ impl View<'_> {
                     policy::PERMITTED_ANNOTATION
                 )
             }
-            Verdict::InvalidRegex { source, error } => {
-                format!("its permitted regex {source:?} is invalid ({error})")
+            // The namespace's text quoted short: this message goes to every refused pod, its
+            // node's stream and its Events.
+            Verdict::InvalidRegex { source, error } => format!(
+                "its permitted regex {:?} is invalid ({error})",
+                policy::quoted(&source)
+            ),
+            Verdict::NotMatched { source } => {
+                format!("it does not match {:?}", policy::quoted(&source))
             }
-            Verdict::NotMatched { source } => format!("it does not match {source:?}"),
         };
         Err(Refusal::NotPermitted {
             role: role.arn,
@@ -849,6 +854,40 @@ mod tests {
             }),
             "the hint alone changes the namespace's refusals"
         );
+    }
+
+    #[test]
+    fn a_long_permitted_regex_is_quoted_short_in_refusals() {
+        let long_invalid = format!("({}", "a".repeat(200_000));
+        let long_valid = format!("x{}", "y".repeat(4_000));
+        let mut namespaces = NamespaceIndex::default();
+        for (name, permitted) in [("bad", &long_invalid), ("narrow", &long_valid)] {
+            namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
+                metadata: meta(None, name, &[(policy::PERMITTED_ANNOTATION, permitted)]),
+                ..Default::default()
+            });
+        }
+        let mut pods = PodIndex::default();
+        pods.apply(pod("p1", "bad", "n", "10.1.0.1", Some("app-own")));
+        pods.apply(pod("p2", "narrow", "n", "10.1.0.2", Some("app-own")));
+        let accounts = AccountIndex::default();
+        let view = View {
+            pods: &pods,
+            namespaces: &namespaces,
+            accounts: &accounts,
+            synced: true,
+            base_arn: Some(BASE),
+        };
+        for address in ["10.1.0.1", "10.1.0.2"] {
+            let refusal = view
+                .decide(ip(address), Scope::Cluster)
+                .expect_err("not permitted");
+            let Refusal::NotPermitted { why, .. } = &refusal else {
+                panic!("{refusal:?}");
+            };
+            assert!(why.len() < 300, "{address}: {} bytes: {why}", why.len());
+            assert!(why.contains("bytes)"), "{why}");
+        }
     }
 
     #[test]
