@@ -1187,11 +1187,165 @@ fn base_namespace_admits_the_agent_and_everything_is_in_it() {
         ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
         "privileged"
     );
-    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ];
     for o in &r.objects {
         if !cluster_scoped.contains(&o["kind"].as_str().unwrap()) {
             assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{}", o["metadata"]);
         }
+    }
+}
+
+/// The admission policy that keeps podiam's pod annotations out of pods/status writes.
+const ANNOTATIONS_POLICY: &str = "podiam-annotations-not-through-status";
+
+/// Evaluates the CEL `expression` with cel-python (`.venv-cel`, from scripts/setup) for each
+/// `(oldObject, object)` pair: whether it holds for each.
+fn cel(expression: &str, cases: &[(Value, Value)]) -> Vec<bool> {
+    const SCRIPT: &str = r#"
+import json, sys, celpy
+env = celpy.Environment()
+program = env.program(env.compile(sys.argv[1]))
+out = []
+for old, new in json.loads(sys.stdin.read()):
+    result = program.evaluate({"oldObject": celpy.json_to_cel(old), "object": celpy.json_to_cel(new)})
+    out.append(bool(result) if isinstance(result, celpy.celtypes.BoolType) else repr(result))
+print(json.dumps(out))
+"#;
+    let python = podiam_tests::process::repo_root().join(".venv-cel/bin/python3");
+    let mut child = Command::new(&python)
+        .args(["-c", SCRIPT, expression])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}; run `bash scripts/setup`", python.display()));
+    let input = serde_json::to_vec(cases).expect("JSON");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), &input).expect("written");
+    let output = child.wait_with_output().expect("cel-python ends");
+    assert!(
+        output.status.success(),
+        "cel-python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+#[test]
+fn base_refuses_podiam_annotations_changed_through_pod_status() {
+    use podiam_policy::policy::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION};
+    let r = base();
+    let policy = r.get("ValidatingAdmissionPolicy", ANNOTATIONS_POLICY);
+    let binding = r.get("ValidatingAdmissionPolicyBinding", ANNOTATIONS_POLICY);
+    // Cluster-scoped: no namespace, or "" where kustomize gave one (cluster-scoped.yaml).
+    for object in [policy, binding] {
+        let namespace = object["metadata"].get("namespace");
+        assert!(namespace.is_none_or(|n| n == ""), "{object}");
+    }
+    assert_eq!(binding["spec"]["policyName"], ANNOTATIONS_POLICY);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"],
+        json!([{
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["UPDATE"],
+            "resources": ["pods/status"],
+        }])
+    );
+    // Whoever writes: no matchConditions, no paramKind.
+    assert!(policy["spec"].get("matchConditions").is_none());
+    let validations = policy["spec"]["validations"]
+        .as_array()
+        .expect("validations");
+    assert_eq!(validations.len(), 1);
+    let expression = str_at(&validations[0], "/expression");
+    for key in [
+        ROLE_ANNOTATION,
+        EXTERNAL_ID_ANNOTATION,
+        SESSION_NAME_ANNOTATION,
+    ] {
+        assert!(
+            expression.contains(&format!("'{key}'")),
+            "{key}: {expression}"
+        );
+    }
+
+    let pod = |annotations: Option<Value>| match annotations {
+        Some(a) => json!({"metadata": {"name": "web", "annotations": a}, "status": {}}),
+        None => json!({"metadata": {"name": "web"}, "status": {}}),
+    };
+    let role = |r: &str| json!({ROLE_ANNOTATION: r, "other": "x"});
+    // (what the write does, old, new, allowed)
+    let cases = [
+        (
+            "status only",
+            pod(Some(role("a"))),
+            pod(Some(role("a"))),
+            true,
+        ),
+        ("no annotations at all", pod(None), pod(None), true),
+        (
+            "another annotation added",
+            pod(Some(role("a"))),
+            pod(Some(
+                json!({ROLE_ANNOTATION: "a", "other": "y", "new": "z"}),
+            )),
+            true,
+        ),
+        (
+            "the role changed",
+            pod(Some(role("a"))),
+            pod(Some(role("admin"))),
+            false,
+        ),
+        ("a role added", pod(None), pod(Some(role("admin"))), false),
+        (
+            "a role added beside others",
+            pod(Some(json!({"other": "x"}))),
+            pod(Some(role("admin"))),
+            false,
+        ),
+        ("the role removed", pod(Some(role("a"))), pod(None), false),
+        (
+            "the role removed, others kept",
+            pod(Some(role("a"))),
+            pod(Some(json!({"other": "x"}))),
+            false,
+        ),
+        (
+            "an external ID changed",
+            pod(Some(
+                json!({ROLE_ANNOTATION: "a", EXTERNAL_ID_ANNOTATION: "1"}),
+            )),
+            pod(Some(
+                json!({ROLE_ANNOTATION: "a", EXTERNAL_ID_ANNOTATION: "2"}),
+            )),
+            false,
+        ),
+        (
+            "a session name added",
+            pod(Some(role("a"))),
+            pod(Some(
+                json!({ROLE_ANNOTATION: "a", "other": "x", SESSION_NAME_ANNOTATION: "s"}),
+            )),
+            false,
+        ),
+    ];
+    let pairs: Vec<(Value, Value)> = cases
+        .iter()
+        .map(|(_, old, new, _)| (old.clone(), new.clone()))
+        .collect();
+    let results = cel(expression, &pairs);
+    for ((what, _, _, allowed), result) in cases.iter().zip(&results) {
+        assert_eq!(result, allowed, "{what}");
     }
 }
 
