@@ -1349,6 +1349,130 @@ fn base_refuses_podiam_annotations_changed_through_pod_status() {
     }
 }
 
+#[test]
+fn base_lets_the_servers_only_lift_their_taint_from_nodes() {
+    const POLICY: &str = "podiam-server-only-lifts-its-taint";
+    let r = base();
+    let policy = r.get("ValidatingAdmissionPolicy", POLICY);
+    let binding = r.get("ValidatingAdmissionPolicyBinding", POLICY);
+    assert_eq!(binding["spec"]["policyName"], POLICY);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"],
+        json!([{
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["UPDATE"],
+            "resources": ["nodes"],
+        }])
+    );
+    // The servers' own ServiceAccount, as the base names it.
+    let account = r.get("ServiceAccount", "podiam-server");
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        str_at(account, "/metadata/namespace"),
+        str_at(account, "/metadata/name")
+    );
+    assert_eq!(
+        str_at(&policy["spec"]["matchConditions"][0], "/expression"),
+        format!("request.userInfo.username == '{user}'")
+    );
+    assert_eq!(
+        str_at(r.server(), "/spec/template/spec/serviceAccountName"),
+        "podiam-server"
+    );
+    let expression = str_at(&policy["spec"]["validations"][0], "/expression");
+    assert!(
+        expression.contains(&format!("'{NOT_READY_TAINT}'")),
+        "{expression}"
+    );
+
+    let taint = |key: &str| json!({"key": key, "value": "true", "effect": "NoSchedule"});
+    let node = |labels: Value, taints: Value| json!({"metadata": {"name": "node-1", "labels": labels}, "spec": {"taints": taints}});
+    let labels = json!({"kubernetes.io/hostname": "node-1"});
+    let old = node(
+        labels.clone(),
+        json!([taint(NOT_READY_TAINT), taint("dedicated")]),
+    );
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut new = node(labels.clone(), json!([taint("dedicated")]));
+        f(&mut new);
+        new
+    };
+    let lifted = || with(&|_| {});
+    // (what the write does, old, new, allowed)
+    let cases: Vec<(&str, Value, Value, bool)> = vec![
+        ("lifts the not-ready taint", old.clone(), lifted(), true),
+        ("changes nothing", old.clone(), old.clone(), true),
+        (
+            "lifts it, the last taint",
+            node(labels.clone(), json!([taint(NOT_READY_TAINT)])),
+            json!({"metadata": {"name": "node-1", "labels": labels}, "spec": {}}),
+            true,
+        ),
+        (
+            "lifts another taint",
+            old.clone(),
+            node(labels.clone(), json!([taint(NOT_READY_TAINT)])),
+            false,
+        ),
+        (
+            "adds a taint",
+            old.clone(),
+            with(&|n| n["spec"]["taints"] = json!([taint("dedicated"), taint("x")])),
+            false,
+        ),
+        (
+            "relabels",
+            old.clone(),
+            with(&|n| n["metadata"]["labels"]["role"] = json!("db")),
+            false,
+        ),
+        (
+            "annotates",
+            old.clone(),
+            with(&|n| n["metadata"]["annotations"] = json!({"a": "b"})),
+            false,
+        ),
+        (
+            "cordons",
+            old.clone(),
+            with(&|n| n["spec"]["unschedulable"] = json!(true)),
+            false,
+        ),
+        (
+            "gives it an owner",
+            old.clone(),
+            with(&|n| {
+                n["metadata"]["ownerReferences"] =
+                    json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}])
+            }),
+            false,
+        ),
+        (
+            "adds a finalizer",
+            old.clone(),
+            with(&|n| n["metadata"]["finalizers"] = json!(["x/y"])),
+            false,
+        ),
+        (
+            "sets its provider ID",
+            old.clone(),
+            with(&|n| n["spec"]["providerID"] = json!("aws:///i-1")),
+            false,
+        ),
+    ];
+    let pairs: Vec<(Value, Value)> = cases
+        .iter()
+        .map(|(_, old, new, _)| (old.clone(), new.clone()))
+        .collect();
+    let results = cel(expression, &pairs);
+    for ((what, _, _, allowed), result) in cases.iter().zip(&results) {
+        assert_eq!(result, allowed, "{what}");
+    }
+}
+
 /// The server's `--agent-not-ready-taint` default: nodes register with it until their agent
 /// has its rules in place.
 const NOT_READY_TAINT: &str = "podiam.io/agent-not-ready";
