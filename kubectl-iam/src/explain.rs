@@ -375,7 +375,7 @@ pub async fn run(
         Output::Text => print!("{}", explanation.render()),
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&explanation).map_err(Error::Json)?
+            crate::table::json_text(&explanation, true).map_err(Error::Json)?
         ),
     }
     Ok(())

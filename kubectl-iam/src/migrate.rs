@@ -29,7 +29,7 @@ use crate::base_arn::{self, BaseArn};
 use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
 use crate::cluster::{Cluster, annotation};
 use crate::error::Error;
-use crate::table::Escaped;
+use crate::table::{Escaped, json_text};
 
 /// What podiam makes of one namespace's old policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,7 +252,8 @@ pub async fn run(
                     })
                 })
                 .collect();
-            println!("{}", json!({ "namespaces": rows }));
+            let report = json!({ "namespaces": rows });
+            println!("{}", json_text(&report, false).map_err(Error::Json)?);
         }
         Output::Text => {
             if plans.is_empty() {

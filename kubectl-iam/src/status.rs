@@ -558,7 +558,7 @@ pub async fn run(
         }
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&report).map_err(Error::Json)?
+            crate::table::json_text(&report, true).map_err(Error::Json)?
         ),
     }
     if report.ready {

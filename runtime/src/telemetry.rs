@@ -47,7 +47,7 @@ pub fn init(format: LogFormat, level: &str) {
 pub struct Escaped<T>(pub T);
 
 /// Whether `c` is written escaped by [`Escaped`].
-fn breaks_lines(c: char) -> bool {
+pub fn breaks_lines(c: char) -> bool {
     // Line and paragraph separators; bidirectional marks, embeddings, overrides, isolates.
     c.is_control()
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
