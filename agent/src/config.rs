@@ -258,9 +258,10 @@ pub struct ServeConfig {
     #[arg(long, env = "PODIAM_IPTABLES_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub iptables_sync_interval: Duration,
     /// Delete conntrack entries toward the intercepted addresses (needs the `conntrack`
-    /// tool): at start, all of them, so connections opened before the rules existed cannot
-    /// bypass them; after a repair of the rules, those of connections that went straight to
-    /// the node's service while the rules were gone.
+    /// tool): at a start that finds no rules of the agent's in place, all of them, so
+    /// connections opened before the rules existed cannot bypass them; after a repair of the
+    /// rules, those of connections that went straight to the node's service meanwhile.
+    /// Connections DNATed to an agent are left alone (a restart, a rolling update).
     #[arg(long, env = "PODIAM_FLUSH_CONNTRACK")]
     pub flush_conntrack: bool,
     /// Threads of the agent's runtime (answering pods, talking to the servers). Default: the

@@ -90,7 +90,7 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
         write_addresses(path, &listeners)?;
     }
     if let (None, Some(interception)) = (&rules, &config.iptables) {
-        rules = Some((intercept(interception).await?, interception));
+        rules = Some((intercept(interception, false).await?, interception));
     }
     // With the rules ours, pods' connections come through them and only those are served.
     let listeners = only_intercepted(listeners, rules.is_some(), agent.connection_observer());
@@ -135,7 +135,7 @@ async fn rules_before_start(
     programs.extend(interception.v6.as_ref().map(|v6| v6.program.as_str()));
     for program in programs {
         if !Iptables::new(program).in_place().await {
-            return Ok(Some((intercept(interception).await?, interception)));
+            return Ok(Some((intercept(interception, true).await?, interception)));
         }
     }
     Ok(None)
@@ -213,35 +213,44 @@ fn write_addresses(path: &std::path::Path, listeners: &Listeners) -> anyhow::Res
         .with_context(|| format!("writing --listen-address-file {}", path.display()))
 }
 
-/// Installs the DNAT rules and their jumps (and flushes conntrack entries that bypass them
-/// when asked): pods' metadata (and container-credentials) traffic comes here from now on,
-/// and keeps coming here (refused while no agent listens) until `uninstall`.
-async fn intercept(interception: &Interception) -> anyhow::Result<Vec<Family>> {
+/// Installs the DNAT rules and their jumps: pods' metadata (and container-credentials)
+/// traffic comes here from now on, and keeps coming here (refused while no agent listens)
+/// until `uninstall`. With `--flush-conntrack`, connections that would bypass them are cut:
+/// where no rules of ours were in place (`fresh`: a node just booted, podiam newly
+/// installed, another tool's rules being replaced), every connection toward the addresses;
+/// otherwise (a restart, a rolling update) only those that went straight to an address, and
+/// only if the rules needed mending: the connections DNATed to the running agent, and those
+/// waiting for this one, go on.
+async fn intercept(interception: &Interception, fresh: bool) -> anyhow::Result<Vec<Family>> {
     let mut families = vec![(Iptables::new(&interception.program), interception.dnats())];
     if let Some(v6) = &interception.v6 {
         families.push((Iptables::new(&v6.program), v6.dnats()));
     }
+    let mut flushed = Vec::new();
     for (iptables, dnats) in &families {
-        iptables
+        let changed = iptables
             .install(dnats, &interception.interfaces)
             .await
             .context("installing the iptables rules")?;
-        if interception.flush_conntrack {
-            for dnat in dnats {
-                flush_conntrack(CONNTRACK, dnat.address, Flush::Every)
-                    .await
-                    .with_context(|| {
-                        format!("flushing conntrack entries toward {}", dnat.address)
-                    })?;
-            }
+        let flush = match (interception.flush_conntrack, fresh, changed) {
+            (true, true, _) => Some(Flush::Every),
+            (true, false, true) => Some(Flush::Direct),
+            _ => None,
+        };
+        let Some(flush) = flush else { continue };
+        for dnat in dnats {
+            flush_conntrack(CONNTRACK, dnat.address, flush)
+                .await
+                .with_context(|| format!("flushing conntrack entries toward {}", dnat.address))?;
         }
+        flushed.push(flush);
     }
     tracing::info!(
         target = %interception.target,
         container_target = ?interception.container_target,
         ipv6 = ?interception.v6,
         interfaces = ?interception.interfaces,
-        flushed_conntrack = interception.flush_conntrack,
+        flushed_conntrack = ?flushed.first(),
         "iptables rules in place"
     );
     Ok(families)
