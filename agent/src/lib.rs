@@ -74,6 +74,35 @@ use crate::token::KeyKeeper;
 /// ports and serves anyway (resolving goes on in the background).
 pub const START_RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Resolves the servers' names once at start, waiting [`START_RESOLVE_TIMEOUT`] at most: a
+/// cluster DNS that drops queries would hold the resolver for the sum of its timeouts over
+/// every search domain (minutes), and the agent's ports unbound. The lookup goes on on its
+/// own task and is used when it answers. A failure is only logged: the agent serves anyway
+/// and retries.
+async fn resolve_at_start(servers: &Arc<ServerSet>) {
+    let first = tokio::spawn({
+        let servers = Arc::clone(servers);
+        async move { servers.resolve().await }
+    });
+    match tokio::time::timeout(START_RESOLVE_TIMEOUT, first).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => {
+            tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "resolving the servers failed; serving anyway and retrying");
+        }
+        Err(_) if servers.replicas().is_empty() => tracing::warn!(
+            timeout = ?START_RESOLVE_TIMEOUT,
+            "no server replica resolved yet (the lookup goes on); serving anyway and retrying"
+        ),
+        Err(_) => tracing::warn!(
+            timeout = ?START_RESOLVE_TIMEOUT,
+            "a server name is still being looked up; serving with the replicas resolved"
+        ),
+    }
+}
+
 /// The listeners the agent is served on, bound by its caller: the pod-facing metadata port,
 /// the container-credentials port when that endpoint is on, and the health port (TCP, or in
 /// tests in-memory ones).
@@ -138,22 +167,7 @@ impl Agent {
             )
             .over(dialer),
         );
-        // Bounded: a cluster DNS that drops queries would hold the resolver for the sum of
-        // its timeouts over every search domain (minutes), and the agent's ports unbound.
-        match tokio::time::timeout(START_RESOLVE_TIMEOUT, servers.resolve()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "no server replica resolved yet; serving anyway and retrying");
-            }
-            Err(_) if servers.replicas().is_empty() => tracing::warn!(
-                timeout = ?START_RESOLVE_TIMEOUT,
-                "no server replica resolved yet (the lookup goes on); serving anyway and retrying"
-            ),
-            Err(_) => tracing::warn!(
-                timeout = ?START_RESOLVE_TIMEOUT,
-                "a server name is still being looked up; serving with the replicas resolved"
-            ),
-        }
+        resolve_at_start(&servers).await;
         let upstream = Arc::new(Servers::new(
             Arc::clone(&servers),
             config.node_name.clone(),

@@ -396,11 +396,12 @@ impl ServerSet {
     }
 
     /// Resolves every target once, all at the same time, and makes the replicas what is
-    /// known each time a lookup ends: a target whose lookup hangs (a DNS server that drops
+    /// known each time a lookup answers: a target whose lookup hangs (a DNS server that drops
     /// queries) holds up neither the others nor, once they are known, the replicas. A
-    /// target's addresses are replaced by its lookup's, or dropped when it fails; those of a
-    /// target still being looked up stay from its last lookup. An error only when nothing is
-    /// known at the end.
+    /// target's addresses are replaced by its lookup's; those of a target still being looked
+    /// up, or whose lookup failed, stay from its last lookup until the end, when the failed
+    /// ones' are dropped if another target answered. If none did, every replica known stays,
+    /// and it is an error.
     pub async fn resolve(&self) -> Result<(), String> {
         let mut lookups: FuturesUnordered<_> = self
             .targets
@@ -414,40 +415,53 @@ impl ServerSet {
             })
             .collect();
         let mut errors = Vec::new();
-        let mut known = Vec::new();
+        let mut failed = Vec::new();
+        let mut answered = false;
         while let Some((at, found)) = lookups.next().await {
             let host = &self.targets[at].0.host;
-            let found = match found {
-                Ok(addrs) if addrs.is_empty() => {
-                    errors.push(format!("{host}: no address found"));
-                    None
+            match found {
+                Ok(addrs) if !addrs.is_empty() => {
+                    answered = true;
+                    self.resolved_now(|resolved| resolved[at] = Some(addrs));
                 }
-                Ok(addrs) => Some(addrs),
+                Ok(_) => {
+                    errors.push(format!("{host}: no address found"));
+                    failed.push(at);
+                }
                 Err(error) => {
                     errors.push(format!("{host}: {error}"));
-                    None
+                    failed.push(at);
                 }
-            };
-            known = {
-                let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
-                resolved[at] = found;
-                resolved.iter().flatten().flatten().cloned().collect()
-            };
-            if !known.is_empty() {
-                self.set_addresses(known.clone());
             }
         }
-        if known.is_empty() {
+        if !answered {
             return Err(if errors.is_empty() {
                 "no address found".to_string()
             } else {
                 errors.join("; ")
             });
         }
+        self.resolved_now(|resolved| {
+            for at in failed {
+                resolved[at] = None;
+            }
+        });
         for error in errors {
             tracing::warn!(%error, "a server name did not resolve; using the others");
         }
         Ok(())
+    }
+
+    /// Changes the targets' addresses with `change`, and makes the replicas all of them.
+    fn resolved_now(&self, change: impl FnOnce(&mut Vec<Option<Addresses>>)) {
+        let known: Addresses = {
+            let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+            change(&mut resolved);
+            resolved.iter().flatten().flatten().cloned().collect()
+        };
+        if !known.is_empty() {
+            self.set_addresses(known);
+        }
     }
 
     /// Re-resolves the targets every `interval` (every second while nothing is known) until
