@@ -24,8 +24,8 @@ use tokio::time::Instant;
 const CONFLICT_RETRIES: usize = 5;
 
 /// How long a node's report, once handled, answers a repeated one from memory (no API
-/// call). Short: a node registered again under the same name (its taint back) is reported
-/// by its new agent well after this.
+/// call). Short, so that a taint put back on the node (by hand, or a Node object registered
+/// again under the same name) is lifted at the agent's next report after it.
 pub const REPORT_REMEMBERED: Duration = Duration::from_secs(10);
 
 /// How many nodes' reports are remembered before the old ones are forgotten.
@@ -125,7 +125,7 @@ enum Report {
 /// What to do with a report.
 #[derive(Debug, PartialEq, Eq)]
 enum Begin {
-    /// Handle it (the guard ends it).
+    /// Handle it (its task ends it).
     Go,
     /// Handled lately: nothing to do.
     Remembered,
@@ -164,26 +164,6 @@ impl Reports {
     }
 }
 
-/// Ends a report begun with [`Reports::begin`]: as not handled unless [`Ending::handled`]
-/// was called, also when the call is dropped half-way (its client gone).
-struct Ending<'a> {
-    reports: &'a Reports,
-    node: &'a str,
-    handled: Option<Instant>,
-}
-
-impl Ending<'_> {
-    fn handled(&mut self, at: Instant) {
-        self.handled = Some(at);
-    }
-}
-
-impl Drop for Ending<'_> {
-    fn drop(&mut self) {
-        self.reports.end(self.node, self.handled);
-    }
-}
-
 impl fmt::Debug for NodeReadiness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeReadiness")
@@ -211,7 +191,9 @@ impl NodeReadiness {
 
     /// Removes the taint from `node` (already proven to be the caller's): whether it was there.
     /// A report repeated within [`REPORT_REMEMBERED`] of one handled is answered `false` with
-    /// no API call, and one made while another is under way is refused (ask again).
+    /// no API call, and one made while another is under way is refused (ask again). The
+    /// removal runs on a task of its own, so that a caller who gives up half-way (and asks
+    /// again) does not cut it short and start another: it ends, and is remembered.
     pub async fn ready(&self, node: &str) -> Result<bool, String> {
         let (Some(key), Some(nodes)) = (&self.taint, &self.nodes) else {
             return Ok(false);
@@ -223,18 +205,26 @@ impl NodeReadiness {
                 return Err(format!("a report of node {node} is under way; ask again"));
             }
         }
-        let mut ending = Ending {
-            reports: &self.reports,
-            node,
-            handled: None,
+        let removal = {
+            let (nodes, reports) = (Arc::clone(nodes), Arc::clone(&self.reports));
+            let (node, key, counter) = (node.to_string(), key.clone(), self.removed.clone());
+            tokio::spawn(async move {
+                let removed = nodes.remove(&node, &key).await;
+                reports.end(&node, removed.is_ok().then(Instant::now));
+                if removed == Ok(true) {
+                    counter.inc();
+                    tracing::info!(node = %node, taint = %key, "agent's rules in place: node untainted");
+                }
+                removed
+            })
         };
-        let removed = nodes.remove(node, key).await?;
-        ending.handled(Instant::now());
-        if removed {
-            self.removed.inc();
-            tracing::info!(node = %node, taint = %key, "agent's rules in place: node untainted");
+        match removal.await {
+            Ok(removed) => removed,
+            Err(error) => {
+                self.reports.end(node, None);
+                Err(format!("removing the taint from node {node}: {error}"))
+            }
         }
-        Ok(removed)
     }
 }
 
@@ -302,7 +292,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_report_that_failed_or_was_dropped_is_not_remembered() {
+    async fn a_report_that_failed_is_not_remembered_and_one_given_up_still_counts() {
         let (readiness, nodes) = readiness();
         let calls = || nodes.calls.load(Ordering::SeqCst);
         nodes.failing.store(true, Ordering::SeqCst);
@@ -310,12 +300,18 @@ mod tests {
         nodes.failing.store(false, Ordering::SeqCst);
         assert_eq!(readiness.ready("node-1").await, Ok(true));
         assert_eq!(calls(), 2);
-        // A call given up half-way (its client gone) leaves nothing under way.
+        // Callers that give up half-way (their clients gone), again and again, do not make a
+        // removal each: the first runs to its end and is remembered.
         tokio::time::sleep(REPORT_REMEMBERED).await;
-        let given_up =
-            tokio::time::timeout(Duration::from_millis(10), readiness.ready("node-1")).await;
-        assert!(given_up.is_err());
-        assert_eq!(readiness.ready("node-1").await, Ok(true));
-        assert_eq!(calls(), 4);
+        for _ in 0..10 {
+            let given_up =
+                tokio::time::timeout(Duration::from_millis(10), readiness.ready("node-1")).await;
+            assert!(matches!(given_up, Err(_) | Ok(Err(_))), "{given_up:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(readiness.ready("node-1").await, Ok(false));
+        assert_eq!(calls(), 3);
+        // Both removals counted, the one nobody waited for too.
+        assert_eq!(readiness.removed.get(), 2);
     }
 }
