@@ -477,7 +477,18 @@ const SILENT_DNS: &str = "10.253.0.53";
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_name_whose_lookup_hangs_holds_up_neither_the_start_nor_the_other_servers() {
     // The world's server by address, and a name the node's DNS never answers for: each
-    // lookup of it waits 5 × 30 s.
+    // lookup of it waits 5 × 30 s. That needs glibc to ask the DNS servers of resolv.conf
+    // for host names (no systemd-resolved or nscd in between), as on this machine kind.
+    let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    let hosts = nsswitch
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("hosts:"))
+        .map(|sources| sources.split_whitespace().collect::<Vec<_>>());
+    assert_eq!(
+        hosts.as_deref(),
+        Some(&["files", "dns"][..]),
+        "this test needs `hosts: files dns` in /etc/nsswitch.conf to make a lookup hang"
+    );
     let mut config = podiam_tests::fixtures::team_a();
     config.agent_args = vec![
         "--server".into(),
