@@ -21,8 +21,6 @@ use podiam_runtime::net::Listener;
 use podiam_runtime::serve::{Closed, ConnectionObserver};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::iptables::{CONTAINER_IP, CONTAINER_IP6, METADATA_IP, METADATA_IP6};
-
 /// A TCP listener that, when `check` is on, closes connections that did not come through
 /// the DNAT rules.
 pub struct Intercepted {
@@ -81,13 +79,18 @@ impl Listener for Intercepted {
     }
 }
 
+/// The addresses the DNAT rules intercept ([`crate::iptables`]'s, as addresses: checked on
+/// every accepted connection, so not parsed there).
+const INTERCEPTED: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+];
+
 /// Whether `destination` is one the agent's DNAT rules take: an intercepted address, port 80.
 pub fn intercepted(destination: SocketAddr) -> bool {
-    let addresses = [METADATA_IP, CONTAINER_IP, METADATA_IP6, CONTAINER_IP6];
-    destination.port() == 80
-        && addresses
-            .iter()
-            .any(|a| a.parse::<IpAddr>().ok() == Some(destination.ip().to_canonical()))
+    destination.port() == 80 && INTERCEPTED.contains(&destination.ip().to_canonical())
 }
 
 /// Where the peer sent `stream` before any DNAT, by connection tracking; `None` when the
@@ -110,6 +113,14 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iptables::{CONTAINER_IP, CONTAINER_IP6, METADATA_IP, METADATA_IP6};
+
+    #[test]
+    fn the_addresses_are_the_rules_addresses() {
+        let rules = [METADATA_IP, CONTAINER_IP, METADATA_IP6, CONTAINER_IP6]
+            .map(|a| a.parse::<IpAddr>().expect("an address"));
+        assert_eq!(INTERCEPTED, rules);
+    }
 
     #[test]
     fn only_the_intercepted_addresses_on_port_80() {

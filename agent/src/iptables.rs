@@ -286,14 +286,10 @@ impl Iptables {
             }
             match self.install(dnats, interfaces).await {
                 Ok(true) => {
-                    if let Some(program) = &upkeep.conntrack {
-                        for dnat in dnats {
-                            if let Err(error) =
-                                flush_conntrack(program, dnat.address, Flush::Direct).await
-                            {
-                                tracing::error!(%error, "cutting connections that bypassed the rules failed");
-                            }
-                        }
+                    if let Some(program) = &upkeep.conntrack
+                        && let Err(error) = flush_conntrack(program, dnats, Flush::Direct).await
+                    {
+                        tracing::error!(%error, "cutting connections that bypassed the rules failed");
                     }
                     upkeep.repairs.inc();
                     tracing::warn!(
@@ -364,31 +360,36 @@ pub enum Flush {
     Direct,
 }
 
-/// Deletes conntrack entries of TCP connections toward `address`:80 (which ones: `flush`),
-/// so that a connection a pod opened while no rule sent it to the agent cannot go on
-/// bypassing it. Finding none is not an error.
+/// Deletes conntrack entries of TCP connections toward each of `dnats`' addresses, port 80
+/// (which ones: `flush`), so that a connection a pod opened while no rule sent it to the
+/// agent cannot go on bypassing it. Finding none is not an error; one address failing does
+/// not keep the others' from being deleted (the first failure is returned).
 pub async fn flush_conntrack(
     program: &str,
-    address: &str,
+    dnats: &[Dnat],
     flush: Flush,
 ) -> Result<(), IptablesError> {
-    let args = conntrack_delete_args(address, flush);
-    let output = Command::new(program)
-        .args(&args)
-        .output()
-        .await
-        .map_err(|source| IptablesError::Spawn {
-            program: program.to_string(),
-            source,
-        })?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.success() || stderr.contains("0 flow entries") {
-        return Ok(());
+    let mut first_failure = None;
+    for dnat in dnats {
+        let args = conntrack_delete_args(dnat.address, flush);
+        let failure = match Command::new(program).args(&args).output().await {
+            Err(source) => Some(IptablesError::Spawn {
+                program: program.to_string(),
+                source,
+            }),
+            Ok(output) => {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                (!output.status.success() && !stderr.contains("0 flow entries")).then(|| {
+                    IptablesError::Failed {
+                        command: format!("{program} {}", args.join(" ")),
+                        stderr: stderr.trim().to_string(),
+                    }
+                })
+            }
+        };
+        first_failure = first_failure.or(failure);
     }
-    Err(IptablesError::Failed {
-        command: format!("{program} {}", args.join(" ")),
-        stderr: stderr.trim().to_string(),
-    })
+    first_failure.map_or(Ok(()), Err)
 }
 
 /// The `conntrack -D` arguments that delete the entries `flush` names toward `address`:80.

@@ -238,11 +238,9 @@ async fn intercept(interception: &Interception, fresh: bool) -> anyhow::Result<V
             _ => None,
         };
         let Some(flush) = flush else { continue };
-        for dnat in dnats {
-            flush_conntrack(CONNTRACK, dnat.address, flush)
-                .await
-                .with_context(|| format!("flushing conntrack entries toward {}", dnat.address))?;
-        }
+        flush_conntrack(CONNTRACK, dnats, flush)
+            .await
+            .context("deleting conntrack entries that bypass the rules")?;
         flushed.push(flush);
     }
     tracing::info!(

@@ -592,14 +592,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn replicas_are_verified_by_the_ca_and_get_the_token() {
+    /// The TLS provider installed, and a CA with server certificates written to a directory
+    /// kept as long as its guard.
+    fn certificates() -> (tempfile::TempDir, podiam_certs::WrittenFiles) {
         podiam_runtime::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("dir");
         let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
             .expect("certificates")
             .write_to(dir.path(), false)
             .expect("written");
+        (dir, files)
+    }
+
+    #[tokio::test]
+    async fn replicas_are_verified_by_the_ca_and_get_the_token() {
+        let (_dir, files) = certificates();
         let honest = fake::Fake {
             allowed: true,
             ..fake::Fake::default()
@@ -647,12 +654,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_replica_refusing_does_not_stop_the_others_and_current_views_go_first() {
-        podiam_runtime::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().expect("dir");
-        let files = podiam_certs::generate(&podiam_certs::CertOptions::default())
-            .expect("certificates")
-            .write_to(dir.path(), false)
-            .expect("written");
+        let (_dir, files) = certificates();
         // The replicas at `addrs`, asked with a good token.
         let explain = |addrs: &[SocketAddr]| {
             let urls: Vec<String> = addrs.iter().map(|a| format!("https://{a}")).collect();

@@ -801,19 +801,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_namespace_with_only_kube2iams_allowed_roles_is_told_what_to_write() {
+    /// The namespaces `with` their annotations, and in each in turn a pod asking for
+    /// `app-a`: `p1` at 10.1.0.1, `p2` at 10.1.0.2, …
+    fn a_pod_in_each(with: &[(&str, &[(&str, &str)])]) -> (NamespaceIndex, PodIndex) {
         let mut namespaces = NamespaceIndex::default();
-        let kube2iam = [(policy::KUBE2IAM_ALLOWED_ROLES_ANNOTATION, r#"["app-*"]"#)];
-        for (name, annotations) in [("old", &kube2iam[..]), ("bare", &[][..])] {
+        let mut pods = PodIndex::default();
+        for (at, (name, annotations)) in with.iter().enumerate() {
             namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
                 metadata: meta(None, name, annotations),
                 ..Default::default()
             });
+            let n = at + 1;
+            pods.apply(pod(
+                &format!("p{n}"),
+                name,
+                "n",
+                &format!("10.1.0.{n}"),
+                Some("app-a"),
+            ));
         }
-        let mut pods = PodIndex::default();
-        pods.apply(pod("p1", "old", "n", "10.1.0.1", Some("app-a")));
-        pods.apply(pod("p2", "bare", "n", "10.1.0.2", Some("app-a")));
+        (namespaces, pods)
+    }
+
+    #[test]
+    fn a_namespace_with_only_kube2iams_allowed_roles_is_told_what_to_write() {
+        let kube2iam = [(policy::KUBE2IAM_ALLOWED_ROLES_ANNOTATION, r#"["app-*"]"#)];
+        let (mut namespaces, pods) = a_pod_in_each(&[("old", &kube2iam[..]), ("bare", &[][..])]);
         let accounts = AccountIndex::default();
         let view = View {
             pods: &pods,
@@ -860,16 +873,16 @@ mod tests {
     fn a_long_permitted_regex_is_quoted_short_in_refusals() {
         let long_invalid = format!("({}", "a".repeat(200_000));
         let long_valid = format!("x{}", "y".repeat(4_000));
-        let mut namespaces = NamespaceIndex::default();
-        for (name, permitted) in [("bad", &long_invalid), ("narrow", &long_valid)] {
-            namespaces.apply(&k8s_openapi::api::core::v1::Namespace {
-                metadata: meta(None, name, &[(policy::PERMITTED_ANNOTATION, permitted)]),
-                ..Default::default()
-            });
-        }
-        let mut pods = PodIndex::default();
-        pods.apply(pod("p1", "bad", "n", "10.1.0.1", Some("app-own")));
-        pods.apply(pod("p2", "narrow", "n", "10.1.0.2", Some("app-own")));
+        let (namespaces, pods) = a_pod_in_each(&[
+            (
+                "bad",
+                &[(policy::PERMITTED_ANNOTATION, long_invalid.as_str())][..],
+            ),
+            (
+                "narrow",
+                &[(policy::PERMITTED_ANNOTATION, long_valid.as_str())][..],
+            ),
+        ]);
         let accounts = AccountIndex::default();
         let view = View {
             pods: &pods,

@@ -1516,21 +1516,33 @@ mod tests {
         );
     }
 
+    /// Review `i`'s cache key.
+    fn key_of(i: u64) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&i.to_le_bytes());
+        key
+    }
+
+    /// A full cache: review `i` trusted until `until(i)`, kept when `kept(i)`.
+    fn full_cache(
+        until: impl Fn(u64) -> u64,
+        kept: impl Fn(u64) -> bool,
+    ) -> HashMap<[u8; 32], Cached> {
+        (0..REVIEW_CACHE_ENTRIES as u64)
+            .map(|i| {
+                let cached = Cached {
+                    review: Review::Unauthenticated(String::new()),
+                    until: until(i),
+                    kept: kept(i),
+                };
+                (key_of(i), cached)
+            })
+            .collect()
+    }
+
     #[test]
     fn a_full_cache_drops_expired_then_soonest() {
-        let mut done = HashMap::new();
-        for i in 0..REVIEW_CACHE_ENTRIES as u64 {
-            let mut key = [0u8; 32];
-            key[..8].copy_from_slice(&i.to_le_bytes());
-            done.insert(
-                key,
-                Cached {
-                    review: Review::Unauthenticated(String::new()),
-                    until: 100 + i,
-                    kept: false,
-                },
-            );
-        }
+        let mut done = full_cache(|i| 100 + i, |_| false);
         evict(&mut done, 150);
         assert_eq!(done.len(), REVIEW_CACHE_ENTRIES - 51);
         assert!(done.values().all(|c| c.until > 150));
@@ -1538,30 +1550,14 @@ mod tests {
 
     #[test]
     fn a_full_cache_of_live_reviews_makes_room_for_an_eighth_more() {
-        let mut done = HashMap::new();
-        for i in 0..REVIEW_CACHE_ENTRIES as u64 {
-            let mut key = [0u8; 32];
-            key[..8].copy_from_slice(&i.to_le_bytes());
-            done.insert(
-                key,
-                Cached {
-                    review: Review::Unauthenticated(String::new()),
-                    until: 1_000 + i,
-                    // Every other one kept: those go last, whenever they expire.
-                    kept: i % 2 == 0,
-                },
-            );
-        }
+        // Every other one kept: those go last, whenever they expire.
+        let mut done = full_cache(|i| 1_000 + i, |i| i % 2 == 0);
         evict(&mut done, 150);
         let room = REVIEW_CACHE_ENTRIES / 8;
         assert_eq!(done.len(), REVIEW_CACHE_ENTRIES - room);
         // The soonest to expire of those not kept went; every kept one stayed.
         let gone: Vec<u64> = (0..REVIEW_CACHE_ENTRIES as u64)
-            .filter(|i| {
-                let mut key = [0u8; 32];
-                key[..8].copy_from_slice(&i.to_le_bytes());
-                !done.contains_key(&key)
-            })
+            .filter(|i| !done.contains_key(&key_of(*i)))
             .collect();
         let soonest_not_kept: Vec<u64> = (0..REVIEW_CACHE_ENTRIES as u64)
             .filter(|i| i % 2 == 1)

@@ -156,6 +156,16 @@ async fn revocation_refuses_the_pods_next_request_within_a_second() {
     );
 }
 
+/// Pod `web` asks the metadata address for its role's name and gets `app-reader`: the agent
+/// answers it.
+async fn assert_web_gets_its_role(world: &World) {
+    let reply = world
+        .metadata_request("web", "GET", CREDS_PATH, &[])
+        .await
+        .expect("answers");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+}
+
 /// With the agent down, nothing at 169.254.169.254 answers the pod.
 async fn assert_no_metadata_service(world: &World) {
     for path in [
@@ -199,11 +209,7 @@ async fn restarts_and_a_crash(iptables_bin: &str) {
         INTERCEPTED_ADDRESSES,
         "{rules}"
     );
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
 
     let seen = world.node().fake_node_metadata_clients();
     assert!(
@@ -292,11 +298,7 @@ async fn pods_behind_an_interface_no_pattern_matches_are_counted_and_named() {
         .await
         .expect("answers");
     assert_eq!(reply.body, NODE_BODY);
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
 
     world.stop_agent().await.expect("stops");
     world.uninstall_and_read_rules().await.expect("uninstalled");
@@ -367,11 +369,7 @@ async fn on_a_node_without_rules_an_agent_that_cannot_start_still_closes_the_way
 
     // Once it can start, it answers.
     world.start_agent().await.expect("starts");
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -463,11 +461,7 @@ async fn a_connection_straight_to_the_agents_port_is_closed_unserved() {
     .await
     .expect("counted");
     // The same request through the rule is served.
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
 }
 
 /// An address of the node namespace's `lo` whose DNS queries are dropped on arrival: a DNS
@@ -520,11 +514,7 @@ async fn a_server_name_whose_lookup_hangs_holds_up_neither_the_start_nor_the_oth
         .start_agent()
         .await
         .expect("the agent starts with the server it resolved");
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
     let log = world.agent_log();
     assert!(
         log.contains("a server name is still being looked up"),
@@ -683,11 +673,7 @@ async fn a_connection_opened_while_the_rules_were_gone_does_not_outlive_their_re
     assert_eq!(world.node().fake_node_metadata_clients(), seen);
 
     // A new connection goes to the agent.
-    let reply = world
-        .metadata_request("web", "GET", CREDS_PATH, &[])
-        .await
-        .expect("answers");
-    assert_eq!((reply.status, reply.body.as_str()), (200, "app-reader"));
+    assert_web_gets_its_role(&world).await;
 }
 
 /// Sends raw HTTP requests from inside a pod and reports, per request, the status (or

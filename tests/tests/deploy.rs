@@ -1204,9 +1204,35 @@ fn base_namespace_admits_the_agent_and_everything_is_in_it() {
 /// The admission policy that keeps podiam's pod annotations out of pods/status writes.
 const ANNOTATIONS_POLICY: &str = "podiam-annotations-not-through-status";
 
-/// Evaluates the CEL `expression` with cel-python (`.venv-cel`, from scripts/setup) for each
-/// `(oldObject, object)` pair: whether it holds for each.
-fn cel(expression: &str, cases: &[(Value, Value)]) -> Vec<bool> {
+/// An admission policy of `r` named `name`, with its binding: cluster-scoped (no namespace,
+/// or "" where kustomize gave one: cluster-scoped.yaml), denying, failing closed, and
+/// matching updates of `resource` alone.
+fn denying_policy<'a>(r: &'a Rendering, name: &str, resource: &str) -> &'a Value {
+    let policy = r.get("ValidatingAdmissionPolicy", name);
+    let binding = r.get("ValidatingAdmissionPolicyBinding", name);
+    for object in [policy, binding] {
+        let namespace = object["metadata"].get("namespace");
+        assert!(namespace.is_none_or(|n| n == ""), "{object}");
+    }
+    assert_eq!(binding["spec"]["policyName"], name);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"],
+        json!([{
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["UPDATE"],
+            "resources": [resource],
+        }])
+    );
+    policy
+}
+
+/// Evaluates the CEL `expression` with cel-python (`.venv-cel`, from scripts/setup) for
+/// each case `(what the write does, oldObject, object, allowed)`, and asserts that it holds
+/// exactly for the allowed ones.
+fn assert_cel(expression: &str, cases: &[(&str, Value, Value, bool)]) {
     const SCRIPT: &str = r#"
 import json, sys, celpy
 env = celpy.Environment()
@@ -1225,7 +1251,8 @@ print(json.dumps(out))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e}; run `bash scripts/setup`", python.display()));
-    let input = serde_json::to_vec(cases).expect("JSON");
+    let pairs: Vec<(&Value, &Value)> = cases.iter().map(|(_, old, new, _)| (old, new)).collect();
+    let input = serde_json::to_vec(&pairs).expect("JSON");
     std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), &input).expect("written");
     let output = child.wait_with_output().expect("cel-python ends");
     assert!(
@@ -1233,33 +1260,19 @@ print(json.dumps(out))
         "cel-python failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+    let results: Vec<Value> = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(results.len(), cases.len());
+    for ((what, _, _, allowed), result) in cases.iter().zip(&results) {
+        assert_eq!(*result, json!(allowed), "{what}");
+    }
 }
 
 #[test]
 fn base_refuses_podiam_annotations_changed_through_pod_status() {
     use podiam_policy::policy::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION};
     let r = base();
-    let policy = r.get("ValidatingAdmissionPolicy", ANNOTATIONS_POLICY);
-    let binding = r.get("ValidatingAdmissionPolicyBinding", ANNOTATIONS_POLICY);
-    // Cluster-scoped: no namespace, or "" where kustomize gave one (cluster-scoped.yaml).
-    for object in [policy, binding] {
-        let namespace = object["metadata"].get("namespace");
-        assert!(namespace.is_none_or(|n| n == ""), "{object}");
-    }
-    assert_eq!(binding["spec"]["policyName"], ANNOTATIONS_POLICY);
-    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
-    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
-    assert_eq!(
-        policy["spec"]["matchConstraints"]["resourceRules"],
-        json!([{
-            "apiGroups": [""],
-            "apiVersions": ["v1"],
-            "operations": ["UPDATE"],
-            "resources": ["pods/status"],
-        }])
-    );
+    let policy = denying_policy(r, ANNOTATIONS_POLICY, "pods/status");
     // Whoever writes: no matchConditions, no paramKind.
     assert!(policy["spec"].get("matchConditions").is_none());
     let validations = policy["spec"]["validations"]
@@ -1339,34 +1352,14 @@ fn base_refuses_podiam_annotations_changed_through_pod_status() {
             false,
         ),
     ];
-    let pairs: Vec<(Value, Value)> = cases
-        .iter()
-        .map(|(_, old, new, _)| (old.clone(), new.clone()))
-        .collect();
-    let results = cel(expression, &pairs);
-    for ((what, _, _, allowed), result) in cases.iter().zip(&results) {
-        assert_eq!(result, allowed, "{what}");
-    }
+    assert_cel(expression, &cases);
 }
 
 #[test]
 fn base_lets_the_servers_only_lift_their_taint_from_nodes() {
     const POLICY: &str = "podiam-server-only-lifts-its-taint";
     let r = base();
-    let policy = r.get("ValidatingAdmissionPolicy", POLICY);
-    let binding = r.get("ValidatingAdmissionPolicyBinding", POLICY);
-    assert_eq!(binding["spec"]["policyName"], POLICY);
-    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
-    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
-    assert_eq!(
-        policy["spec"]["matchConstraints"]["resourceRules"],
-        json!([{
-            "apiGroups": [""],
-            "apiVersions": ["v1"],
-            "operations": ["UPDATE"],
-            "resources": ["nodes"],
-        }])
-    );
+    let policy = denying_policy(r, POLICY, "nodes");
     // The servers' own ServiceAccount, as the base names it.
     let account = r.get("ServiceAccount", "podiam-server");
     let user = format!(
@@ -1463,14 +1456,7 @@ fn base_lets_the_servers_only_lift_their_taint_from_nodes() {
             false,
         ),
     ];
-    let pairs: Vec<(Value, Value)> = cases
-        .iter()
-        .map(|(_, old, new, _)| (old.clone(), new.clone()))
-        .collect();
-    let results = cel(expression, &pairs);
-    for ((what, _, _, allowed), result) in cases.iter().zip(&results) {
-        assert_eq!(result, allowed, "{what}");
-    }
+    assert_cel(expression, &cases);
 }
 
 /// The server's `--agent-not-ready-taint` default: nodes register with it until their agent
