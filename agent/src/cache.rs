@@ -6,7 +6,7 @@
 //! server would refresh. Misses on one key collapse into one server call. The pod table
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
 //!
-//! An entry keeps the credentials documents as served, rendered once (EC2's, and the
+//! An entry keeps the credentials documents as served, rendered once (EC2's legacy and extended ones, and the
 //! container-credentials endpoint's): a hit is a lookup by borrowed keys under read locks and
 //! a reference-count increment, nothing copied or formatted, and no waiting: only a miss
 //! takes the key's fill lock (issue 17: every request of a busy pod used to queue on it).
@@ -30,6 +30,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::container::TokenDigest;
 use crate::imds;
+use crate::routes::Document;
 
 /// Cached credentials and the documents served for them.
 #[derive(PartialEq)]
@@ -37,25 +38,32 @@ pub struct Entry {
     pub credentials: Credentials,
     /// The EC2-format credentials document.
     pub document: Bytes,
+    /// The same with the role's account: EC2's extended document.
+    pub extended_document: Bytes,
     /// The container-credentials endpoint's document.
     pub container_document: Bytes,
 }
 
 impl Entry {
     fn new(credentials: Credentials) -> Entry {
-        let document = imds::credentials_document(
-            &credentials.access_key_id,
-            &credentials.secret_access_key,
-            &credentials.session_token,
-            credentials.issued_unix,
-            credentials.expiration_unix,
-        )
-        .into();
+        let document = imds::credentials_document(&credentials, Document::Legacy).into();
+        let extended_document = imds::credentials_document(&credentials, Document::Extended).into();
         let container_document = crate::container::credentials_json(&credentials).into();
         Entry {
             credentials,
             document,
+            extended_document,
             container_document,
+        }
+    }
+}
+
+impl Entry {
+    /// The EC2 document asked for.
+    pub fn imds_document(&self, document: Document) -> Bytes {
+        match document {
+            Document::Legacy => self.document.clone(),
+            Document::Extended => self.extended_document.clone(),
         }
     }
 }
@@ -67,6 +75,7 @@ impl std::fmt::Debug for Entry {
         f.debug_struct("Entry")
             .field("credentials", &self.credentials)
             .field("document_bytes", &self.document.len())
+            .field("extended_document_bytes", &self.extended_document.len())
             .field("container_document_bytes", &self.container_document.len())
             .finish()
     }

@@ -25,7 +25,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, header};
 use podiam_proto::v1::Credentials;
 
-use crate::imds::utc_timestamp;
+use crate::imds::{account_of, utc_timestamp};
 use crate::limit::PerAddress;
 
 /// New tokens one address may present to the servers, per second: each costs the servers a
@@ -171,12 +171,6 @@ pub fn credentials_json(credentials: &Credentials) -> String {
         string(&credentials.session_token),
         string(&utc_timestamp(credentials.expiration_unix)),
     )
-}
-
-/// The account of a role ARN (`arn:PARTITION:iam::ACCOUNT:role/NAME`): twelve digits.
-pub fn account_of(role_arn: &str) -> Option<&str> {
-    let account = role_arn.split(':').nth(4)?;
-    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
 }
 
 /// A pod token as presented, checked for what can be checked without its signature.
@@ -522,10 +516,5 @@ pub(crate) mod tests {
             ..credentials
         };
         assert!(!credentials_json(&elsewhere).contains("AccountId"));
-        assert_eq!(
-            account_of("arn:aws-us-gov:iam::000000000001:role/x/y"),
-            Some("000000000001")
-        );
-        assert_eq!(account_of("not-an-arn"), None);
     }
 }

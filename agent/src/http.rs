@@ -26,7 +26,7 @@ use crate::imds;
 use crate::metrics::{Metrics, ServerErrorLabels};
 use crate::node_metadata::{NodeMetadata, NodeMetadataError};
 use crate::pods::{Known, PodTable};
-use crate::routes::{Route, route};
+use crate::routes::{Document, Route, route};
 use crate::servers::Servers;
 use crate::token::{TokenError, TokenKey, parse_ttl};
 use podiam_runtime::clock::now_unix;
@@ -445,7 +445,7 @@ impl MetadataService {
             // The token was answered above; kept for exhaustiveness.
             (Route::Token | Route::Denied, _) => Now::Done(Err(Refused::Denied)),
             (Route::MethodNotAllowed, _) => Now::Done(Err(Refused::MethodNotAllowed)),
-            (Route::ListRoles | Route::Info | Route::Credentials(_), Known::Pod(decision)) => {
+            (Route::ListRoles | Route::Info | Route::Credentials(..), Known::Pod(decision)) => {
                 match self.for_pod(decision, route, now) {
                     Some(result) => Now::Done(result),
                     None => Now::Wait { known, now },
@@ -500,13 +500,18 @@ impl MetadataService {
                 let (status, body) = Box::pin(node.get(path)).await?;
                 Ok(text(status, body))
             }
-            Route::ListRoles | Route::Info | Route::Credentials(_) => {
+            Route::ListRoles | Route::Info | Route::Credentials(..) => {
                 match self.resolve(peer, known).await {
                     Known::Pod(decision) => {
                         self.token_fits(peer, headers, &decision.pod.uid, now)?;
-                        match self.for_pod(&decision, route, now) {
-                            Some(result) => result,
-                            None => self.fetch_credentials(peer, &decision, now).await,
+                        match (self.for_pod(&decision, route, now), route) {
+                            (Some(result), _) => result,
+                            (None, Route::Credentials(_, document)) => {
+                                self.fetch_credentials(peer, &decision, *document, now)
+                                    .await
+                            }
+                            // Only credentials can be missing from the cache.
+                            (None, _) => Err(Refused::Denied),
                         }
                     }
                     unlisted => self.ask_for(peer, route, headers, &unlisted, now).await,
@@ -533,17 +538,17 @@ impl MetadataService {
         match route {
             Route::ListRoles => Some(Ok(text(StatusCode::OK, own.name.clone()))),
             Route::Info => Some(Ok(text(StatusCode::OK, imds::info_document(&own.arn, now)))),
-            Route::Credentials(role) if *role != own.name => {
+            Route::Credentials(role, _) if *role != own.name => {
                 Some(Err(Refused::ByAgent(AgentRefusal::WrongRole {
                     pod: decision.pod.clone(),
                     asked: role.to_string(),
                     actual: own.name.clone(),
                 })))
             }
-            Route::Credentials(_) => {
+            Route::Credentials(_, document) => {
                 let entry = self.cache.fresh(&decision.pod.uid, &own.arn, now)?;
                 self.metrics.cache_hits.inc();
-                Some(Ok(text(StatusCode::OK, entry.document.clone())))
+                Some(Ok(text(StatusCode::OK, entry.imds_document(*document))))
             }
             _ => Some(Err(Refused::Denied)),
         }
@@ -560,18 +565,11 @@ impl MetadataService {
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         match route {
-            Route::Credentials(role) => {
+            Route::Credentials(role, document) => {
                 let call = self.servers.credentials(peer, role, "", 0);
                 let issued = self.ask(peer, unlisted, call).await?;
                 self.token_fits(peer, headers, &issued.pod_uid, now)?;
-                let creds = issued.credentials;
-                let document = imds::credentials_document(
-                    &creds.access_key_id,
-                    &creds.secret_access_key,
-                    &creds.session_token,
-                    creds.issued_unix,
-                    creds.expiration_unix,
-                );
+                let document = imds::credentials_document(&issued.credentials, *document);
                 Ok(text(StatusCode::OK, document))
             }
             Route::ListRoles | Route::Info => {
@@ -770,12 +768,13 @@ impl MetadataService {
         )))
     }
 
-    /// The credentials document of the pod `decision` is about, for its own role, from the
+    /// The credentials `document` of the pod `decision` is about, for its own role, from the
     /// servers (one call, shared by the requests that miss the cache together).
     async fn fetch_credentials(
         &self,
         peer: IpAddr,
         decision: &PodDecision,
+        document: Document,
         now: i64,
     ) -> Result<Response<Full<Bytes>>, Refused> {
         let own = decision
@@ -810,7 +809,7 @@ impl MetadataService {
             Source::Cache => self.metrics.cache_hits.inc(),
             Source::Server => self.metrics.cache_misses.inc(),
         };
-        Ok(text(StatusCode::OK, entry.document.clone()))
+        Ok(text(StatusCode::OK, entry.imds_document(document)))
     }
 }
 

@@ -1,6 +1,10 @@
 //! The bytes EC2's instance metadata service answers with, reproduced exactly: the
 //! credentials document's field order and layout, and its `YYYY-MM-DDTHH:MM:SSZ` times.
 
+use podiam_proto::v1::Credentials;
+
+use crate::routes::Document;
+
 /// Formats seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), EC2's layout.
 pub fn utc_timestamp(unix: i64) -> String {
     // Out-of-range times cannot come from STS; clamp rather than fail a response.
@@ -12,22 +16,30 @@ fn json_string(value: &str) -> String {
     serde_json::Value::from(value).to_string()
 }
 
-/// The credentials document, in EC2's own layout.
-pub fn credentials_document(
-    access_key_id: &str,
-    secret_access_key: &str,
-    token: &str,
-    issued_unix: i64,
-    expiration_unix: i64,
-) -> String {
+/// The credentials document, in EC2's own layout; the extended one (`…/iam/
+/// security-credentials-extended/ROLE`) ends with the role's `AccountId`, as EC2's does, when
+/// its ARN names an account.
+pub fn credentials_document(credentials: &Credentials, document: Document) -> String {
+    let account = match document {
+        Document::Legacy => None,
+        Document::Extended => account_of(&credentials.role_arn),
+    }
+    .map(|account| format!(",\n  \"AccountId\" : {}", json_string(account)))
+    .unwrap_or_default();
     format!(
-        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : {},\n  \"SecretAccessKey\" : {},\n  \"Token\" : {},\n  \"Expiration\" : \"{}\"\n}}",
-        utc_timestamp(issued_unix),
-        json_string(access_key_id),
-        json_string(secret_access_key),
-        json_string(token),
-        utc_timestamp(expiration_unix),
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : {},\n  \"SecretAccessKey\" : {},\n  \"Token\" : {},\n  \"Expiration\" : \"{}\"{account}\n}}",
+        utc_timestamp(credentials.issued_unix),
+        json_string(&credentials.access_key_id),
+        json_string(&credentials.secret_access_key),
+        json_string(&credentials.session_token),
+        utc_timestamp(credentials.expiration_unix),
     )
+}
+
+/// The account of a role ARN (`arn:PARTITION:iam::ACCOUNT:role/NAME`): twelve digits.
+pub fn account_of(role_arn: &str) -> Option<&str> {
+    let account = role_arn.split(':').nth(4)?;
+    (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit())).then_some(account)
 }
 
 /// The `iam/info` document for a role, as EC2 shows an instance profile: the profile ARN is
@@ -67,9 +79,23 @@ mod tests {
         assert_eq!(utc_timestamp(4_102_444_799), "2099-12-31T23:59:59Z");
     }
 
+    fn credentials(role_arn: &str) -> Credentials {
+        Credentials {
+            access_key_id: "ASIA1".into(),
+            secret_access_key: "sec\"ret".into(),
+            session_token: "tok".into(),
+            issued_unix: 0,
+            expiration_unix: 3600,
+            role_arn: role_arn.into(),
+        }
+    }
+
     #[test]
     fn credentials_document_is_ec2_shaped_json() {
-        let doc = credentials_document("ASIA1", "sec\"ret", "tok", 0, 3600);
+        let doc = credentials_document(
+            &credentials("arn:aws:iam::123456789012:role/app"),
+            Document::Legacy,
+        );
         let parsed: serde_json::Value = serde_json::from_str(&doc).expect("valid JSON");
         assert_eq!(parsed["Code"], "Success");
         assert_eq!(parsed["Type"], "AWS-HMAC");
@@ -89,6 +115,35 @@ mod tests {
         .map(|k| doc.find(&format!("\"{k}\"")).expect("field present"))
         .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "EC2's field order");
+        assert!(!doc.contains("AccountId"), "{doc}");
+    }
+
+    #[test]
+    fn the_extended_document_is_the_legacy_one_and_the_account() {
+        let creds = credentials("arn:aws:iam::123456789012:role/team/app");
+        let legacy = credentials_document(&creds, Document::Legacy);
+        let extended = credentials_document(&creds, Document::Extended);
+        assert_eq!(
+            extended,
+            format!(
+                "{},\n  \"AccountId\" : \"123456789012\"\n}}",
+                legacy.strip_suffix("\n}").expect("a closing brace")
+            )
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&extended).expect("valid JSON");
+        assert_eq!(parsed["AccountId"], "123456789012");
+        // An ARN naming no account the way IAM's do: the document without one.
+        let odd = credentials("arn:aws-cn:iam::12345:role/app");
+        assert_eq!(
+            credentials_document(&odd, Document::Extended),
+            credentials_document(&odd, Document::Legacy)
+        );
+        assert_eq!(
+            account_of("arn:aws-us-gov:iam::000000000001:role/x/y"),
+            Some("000000000001")
+        );
+        assert_eq!(account_of("not-an-arn"), None);
+        assert_eq!(account_of("arn:aws:iam::12345678901a:role/x"), None);
     }
 
     #[test]

@@ -1273,3 +1273,50 @@ async fn one_pod_cannot_take_the_health_ports_connections() {
     drop(held);
     rig.stop().await;
 }
+
+/// The extended document's path, as newer SDKs ask it first.
+const EXTENDED: &str = "/latest/meta-data/iam/security-credentials-extended/";
+
+#[tokio::test(start_paused = true)]
+async fn the_extended_credentials_path_answers_the_same_credentials_with_the_account() {
+    for streams_refused in [false, true] {
+        let rig = Rig::start_with(&[pod("web", WEB)], streams_refused).await;
+        if !streams_refused {
+            rig.stream_synced(WEB).await;
+        }
+        let (status, role) = rig.get(WEB, EXTENDED).await;
+        assert_eq!((status, role.as_str()), (200, "app-reader"));
+        let (status, body) = rig.get(WEB, &format!("{EXTENDED}app-reader")).await;
+        assert_eq!(status, 200, "{body}");
+        let extended: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(extended["AccountId"], "123456789012", "{body}");
+        let (status, body) = rig.get(WEB, CREDENTIALS).await;
+        assert_eq!(status, 200, "{body}");
+        let mut legacy: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert!(legacy.get("AccountId").is_none(), "{body}");
+        // The same credentials otherwise (the fake servers' are the same at every call, but
+        // for their times when the table answers from its cache).
+        legacy["AccountId"] = extended["AccountId"].clone();
+        for key in [
+            "Code",
+            "Type",
+            "AccessKeyId",
+            "SecretAccessKey",
+            "Token",
+            "AccountId",
+        ] {
+            assert_eq!(legacy[key], extended[key], "{key}");
+        }
+        // Another role's name (judged by the table: the fake servers, unlike the real ones,
+        // hand out any role asked of them), or an address no pod has: 404, as on the legacy
+        // path, which sends an SDK back to the listing (or to the legacy path), nothing else.
+        if !streams_refused {
+            let (status, body) = rig.get(WEB, &format!("{EXTENDED}app-writer")).await;
+            assert_eq!(status, 404, "{body}");
+            assert!(!body.contains("ASIATEST"), "{body}");
+        }
+        let (status, body) = rig.get(API, &format!("{EXTENDED}app-reader")).await;
+        assert_eq!(status, 404, "{body}");
+        rig.stop().await;
+    }
+}

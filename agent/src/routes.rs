@@ -31,11 +31,13 @@ use regex::Regex;
 pub enum Route<'a> {
     /// `PUT /latest/api/token`: an IMDSv2 session token.
     Token,
-    /// `GET …/meta-data/iam/security-credentials[/]`: the pod's role name.
+    /// `GET …/meta-data/iam/security-credentials[/]`: the pod's role name; also
+    /// `…/security-credentials-extended[/]`, which EC2 answers the same.
     ListRoles,
     /// `GET …/meta-data/iam/security-credentials/<role>`: that role's credentials; `role` is
-    /// a name IAM allows.
-    Credentials(Cow<'a, str>),
+    /// a name IAM allows. `…/security-credentials-extended/<role>` asks for the same
+    /// credentials with the role's account ([`Document::Extended`]).
+    Credentials(Cow<'a, str>, Document),
     /// `GET …/meta-data/iam/info`: the instance-profile view of the pod's role.
     Info,
     /// An allow-listed path, passed to the node's metadata service: the normalised path,
@@ -47,11 +49,23 @@ pub enum Route<'a> {
     MethodNotAllowed,
 }
 
+/// Which credentials document a request asks for. Newer SDKs (Java, Go, Ruby, PHP, Kotlin)
+/// ask for the extended one first and fall back to the legacy one on a 404 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Document {
+    /// `…/iam/security-credentials/ROLE`: EC2's document since the beginning.
+    Legacy,
+    /// `…/iam/security-credentials-extended/ROLE`: the same, and the role's `AccountId`.
+    Extended,
+}
+
 impl Route<'_> {
     /// The same route, owning what it names.
     pub fn into_owned(self) -> Route<'static> {
         match self {
-            Route::Credentials(role) => Route::Credentials(Cow::Owned(role.into_owned())),
+            Route::Credentials(role, document) => {
+                Route::Credentials(Cow::Owned(role.into_owned()), document)
+            }
             Route::Token => Route::Token,
             Route::ListRoles => Route::ListRoles,
             Route::Info => Route::Info,
@@ -66,7 +80,7 @@ impl Route<'_> {
         match self {
             Route::Token => "token",
             Route::ListRoles => "list-roles",
-            Route::Credentials(_) => "credentials",
+            Route::Credentials(..) => "credentials",
             Route::Info => "info",
             Route::Proxy(_) => "proxy",
             Route::Denied => "denied",
@@ -218,12 +232,25 @@ fn route_decoded<'a>(method: &http::Method, decoded: &'a str, allow: Option<&Reg
     }
     let (route, wants_put) = match rest {
         ["api", "token"] => (Route::Token, true),
-        ["meta-data", "iam", "security-credentials"] => (Route::ListRoles, false),
-        ["meta-data", "iam", "security-credentials", role] => {
+        [
+            "meta-data",
+            "iam",
+            "security-credentials" | "security-credentials-extended",
+        ] => (Route::ListRoles, false),
+        [
+            "meta-data",
+            "iam",
+            listing @ ("security-credentials" | "security-credentials-extended"),
+            role,
+        ] => {
             if !podiam_proto::valid_role_name(role) {
                 return Route::Denied;
             }
-            (Route::Credentials(Cow::Borrowed(*role)), false)
+            let document = match *listing {
+                "security-credentials" => Document::Legacy,
+                _ => Document::Extended,
+            };
+            (Route::Credentials(Cow::Borrowed(*role), document), false)
         }
         ["meta-data", "iam", "info"] => (Route::Info, false),
         _ => {
@@ -263,7 +290,11 @@ mod tests {
     use http::Method;
 
     fn creds(role: &str) -> Route<'static> {
-        Route::Credentials(Cow::Owned(role.to_string()))
+        Route::Credentials(Cow::Owned(role.to_string()), Document::Legacy)
+    }
+
+    fn extended(role: &str) -> Route<'static> {
+        Route::Credentials(Cow::Owned(role.to_string()), Document::Extended)
     }
 
     #[test]
@@ -310,6 +341,46 @@ mod tests {
                 Method::PUT,
                 "/latest/meta-data/iam/security-credentials/app",
                 Route::MethodNotAllowed,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended/",
+                Route::ListRoles,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended",
+                Route::ListRoles,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended/app",
+                extended("app"),
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended/app/",
+                extended("app"),
+            ),
+            (
+                Method::PUT,
+                "/latest/meta-data/iam/security-credentials-extended/app",
+                Route::MethodNotAllowed,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended/app%0D%0Areader",
+                Route::Denied,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/security-credentials-extended/a/b",
+                Route::Denied,
+            ),
+            (
+                Method::GET,
+                "/latest/meta-data/iam/SECURITY-CREDENTIALS-EXTENDED/app",
+                Route::Denied,
             ),
             (Method::GET, "/latest/meta-data/iam/info", Route::Info),
             (Method::GET, "//latest//meta-data/./iam/info", Route::Info),
@@ -558,13 +629,16 @@ mod tests {
             "/latest/meta-data/iam/security-credentials/app",
             None,
         );
-        assert!(matches!(plain, Route::Credentials(Cow::Borrowed("app"))));
+        assert!(matches!(
+            plain,
+            Route::Credentials(Cow::Borrowed("app"), Document::Legacy)
+        ));
         let escaped = route(
             &Method::GET,
             "/latest/meta-data/iam/security-credentials/%61pp",
             None,
         );
-        assert!(matches!(&escaped, Route::Credentials(Cow::Owned(role)) if role == "app"));
+        assert!(matches!(&escaped, Route::Credentials(Cow::Owned(role), _) if role == "app"));
         assert_eq!(plain, escaped.clone().into_owned());
     }
 

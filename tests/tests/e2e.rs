@@ -135,6 +135,7 @@ async fn boto3_with_imdsv2_and_the_rust_sdk_get_credentials() {
         (with_token.status, with_token.body.as_str()),
         (200, "app-reader")
     );
+    the_extended_document_is_the_legacy_one_with_the_account(&world, &token.body).await;
     // A token is bound to its pod.
     let stolen = world
         .metadata_request(
@@ -169,6 +170,47 @@ async fn boto3_with_imdsv2_and_the_rust_sdk_get_credentials() {
     expect_assumed(boto3, "app-reader", &world);
     let rust = world.rust_sdk_caller_arn("web").await.expect("runs");
     expect_assumed(rust, "app-reader", &world);
+}
+
+/// What newer SDKs (Java, Go, Ruby, PHP) ask first, through the DNAT rule with the pod's
+/// IMDSv2 `token`: `…/security-credentials-extended/` lists the pod's role, and its document
+/// is the legacy one's credentials and the role's account; tokenless, refused alike.
+async fn the_extended_document_is_the_legacy_one_with_the_account(world: &World, token: &str) {
+    const EXTENDED: &str = "/latest/meta-data/iam/security-credentials-extended/";
+    let with = [("X-aws-ec2-metadata-token", token)];
+    let listing = world
+        .metadata_request("web", "GET", EXTENDED, &with)
+        .await
+        .expect("answers");
+    assert_eq!((listing.status, listing.body.as_str()), (200, "app-reader"));
+    let mut documents = Vec::new();
+    for path in [EXTENDED, CREDS_PATH] {
+        let reply = world
+            .metadata_request("web", "GET", &format!("{path}app-reader"), &with)
+            .await
+            .expect("answers");
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        let document: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+        documents.push(document);
+    }
+    let (extended, legacy) = (&documents[0], &documents[1]);
+    assert_eq!(extended["AccountId"], "123456789012", "{extended}");
+    assert!(legacy.get("AccountId").is_none(), "{legacy}");
+    for key in [
+        "Code",
+        "Type",
+        "AccessKeyId",
+        "SecretAccessKey",
+        "Token",
+        "Expiration",
+    ] {
+        assert_eq!(extended[key], legacy[key], "{key}");
+    }
+    let tokenless = world
+        .metadata_request("web", "GET", &format!("{EXTENDED}app-reader"), &[])
+        .await
+        .expect("answers");
+    assert_eq!(tokenless.status, 401, "{}", tokenless.body);
 }
 
 #[tokio::test(flavor = "multi_thread")]
