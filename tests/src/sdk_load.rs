@@ -4,8 +4,8 @@
 //! namespace), each fetching credentials in a loop with an SDK's own instance-metadata code
 //! and its defaults (see [`Sdk`]): botocore (the code every boto3 and AWS CLI user runs: a
 //! 1 s timeout, a single attempt, an IMDSv2 token first), the AWS SDK for JavaScript v3
-//! (`fromInstanceMetadata`), and the Rust SDK (aws-config's IMDS client and its credentials
-//! provider). Every fetch prints one line, `ok EPOCH ROLE MS` or `fail EPOCH MS WHY`, into the
+//! (`fromInstanceMetadata`), the Rust SDK (aws-config's IMDS client and its credentials
+//! provider), and the AWS SDKs for Go v1 and v2 (their EC2 role providers). Every fetch prints one line, `ok EPOCH ROLE MS` or `fail EPOCH MS WHY`, into the
 //! client's log, so the test can read progress at any time; a fetch counts as ok only with
 //! the expected role (where the SDK names it; `-` otherwise), a session token and at least
 //! the required life left. The Rust clients also print `retry EPOCH WHY` for a fetch that
@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 
 use crate::process::{ChildGuard, scratch_dir, wait_until};
-use crate::world::{World, binary};
+use crate::world::{GoSdk, World, binary, go_client};
 
 /// The botocore client loop (python). With `fresh`, each fetch builds a new fetcher (a new
 /// connection pool), as a new process would; with `long-lived`, one fetcher serves every
@@ -269,15 +269,22 @@ pub enum Sdk {
     RustImdsClient,
     /// The Rust SDK: one `ImdsCredentialsProvider`.
     RustProvider,
+    /// The AWS SDK for Go v1: one `ec2rolecreds.EC2RoleProvider` over one `ec2metadata`
+    /// client (its token cached for its 6 hours).
+    GoV1,
+    /// The AWS SDK for Go v2: one `ec2rolecreds` provider over one `imds` client.
+    GoV2,
 }
 
 impl Sdk {
     /// Every SDK whose clients live long, as applications hold them.
-    pub const LONG_LIVED: [Sdk; 4] = [
+    pub const LONG_LIVED: [Sdk; 6] = [
         Sdk::JavaScript,
         Sdk::RustImdsClient,
         Sdk::RustProvider,
         Sdk::Botocore,
+        Sdk::GoV1,
+        Sdk::GoV2,
     ];
 }
 
@@ -289,6 +296,8 @@ impl std::fmt::Display for Sdk {
             Sdk::JavaScript => "JavaScript v3",
             Sdk::RustImdsClient => "Rust IMDS client",
             Sdk::RustProvider => "Rust credentials provider",
+            Sdk::GoV1 => "Go v1",
+            Sdk::GoV2 => "Go v2",
         })
     }
 }
@@ -328,8 +337,9 @@ pub struct SdkLoad {
     stop_file: PathBuf,
 }
 
-/// Pause between one client's fetches: 12 clients then make about 50 fetches a second in
-/// all, a steady load that leaves the 2 cores room for the daemons under test.
+/// Pause between one client's fetches: a client makes under 5 fetches a second, so the 24
+/// of the restart drill make about 100 in all, a steady load that leaves the 2 cores room
+/// for the daemons under test.
 const PAUSE: &str = "0.2";
 
 /// Unix seconds now.
@@ -388,6 +398,19 @@ impl SdkLoad {
                         .args(["load", "--api", api, "--stop-file", stop])
                         .args(["--roles", &roles, "--min-left", &min_left])
                         .args(["--pause", PAUSE]);
+                    command
+                }
+                Sdk::GoV1 | Sdk::GoV2 => {
+                    let program = go_client()?;
+                    let mut command =
+                        world.pod_command(&spec.pod, program.to_str().context("path")?);
+                    let sdk = match spec.sdk {
+                        Sdk::GoV1 => GoSdk::V1,
+                        _ => GoSdk::V2,
+                    };
+                    command
+                        .args(["load", "-sdk", sdk.as_arg(), "-stop", stop])
+                        .args(["-min-left", &min_left, "-pause", PAUSE]);
                     command
                 }
             };

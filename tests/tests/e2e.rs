@@ -1,5 +1,6 @@
 //! The credential path end to end, with real parts: the real binaries, moto as STS, the
-//! Kubernetes API emulator, the real `kubectl`, the real AWS CLI, boto3 and Rust SDK, pods
+//! Kubernetes API emulator, the real `kubectl`, the real AWS CLI, boto3, the Rust SDK and the
+//! Go SDKs (v1 and v2), pods
 //! as network namespaces and the agent's own iptables rules. Needs root.
 //!
 //! Each test builds its own [`World`] (unique namespace names), so they run in parallel, and
@@ -10,6 +11,7 @@ use std::time::Duration;
 use podiam_tests::fixtures::{CREDS_PATH, set_pod_role, team_a};
 use podiam_tests::netns::NODE_METADATA_BODY;
 use podiam_tests::process::wait_for;
+use podiam_tests::world::GoSdk;
 use podiam_tests::world::World;
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
@@ -91,7 +93,7 @@ async fn aws_cli_gets_the_pods_role_only_through_the_agents_dnat_rule() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn boto3_with_imdsv2_and_the_rust_sdk_get_credentials() {
+async fn boto3_the_rust_sdk_and_the_go_sdks_get_credentials_with_imdsv2_only() {
     // IMDSv2-only: a client that skipped the token PUT would be refused.
     let mut config = team_a();
     config.start_agent = true;
@@ -170,6 +172,10 @@ async fn boto3_with_imdsv2_and_the_rust_sdk_get_credentials() {
     expect_assumed(boto3, "app-reader", &world);
     let rust = world.rust_sdk_caller_arn("web").await.expect("runs");
     expect_assumed(rust, "app-reader", &world);
+    for sdk in [GoSdk::V1, GoSdk::V2] {
+        let go = world.go_sdk_identity("web", sdk).await.expect("runs");
+        expect_assumed(go.map(|id| id.arn), "app-reader", &world);
+    }
 }
 
 /// What newer SDKs (Java, Go, Ruby, PHP) ask first, through the DNAT rule with the pod's

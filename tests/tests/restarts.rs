@@ -1,9 +1,11 @@
 //! The agent restarted or updated under SDKs that live long, as applications hold them.
 //!
-//! Four pods each run four clients for the whole test: the AWS SDK for JavaScript v3 (one
+//! Four pods each run six clients for the whole test: the AWS SDK for JavaScript v3 (one
 //! `fromInstanceMetadata` provider, default retries), the Rust SDK (one aws-config IMDS
-//! client with its default 6-hour token, and one `ImdsCredentialsProvider`) and botocore (one
-//! `InstanceMetadataFetcher`), each fetching credentials in a loop (`podiam_tests::sdk_load`).
+//! client with its default 6-hour token, and one `ImdsCredentialsProvider`), botocore (one
+//! `InstanceMetadataFetcher`) and the AWS SDKs for Go v1 and v2 (one EC2 role provider each,
+//! over one metadata client holding its 6-hour token), each fetching credentials in a loop
+//! (`podiam_tests::sdk_load`).
 //!
 //! - Through rolling updates of the agent (a new agent beside the old one, then SIGTERM to
 //!   the old one) no fetch may fail: the tokens the SDKs hold, issued by the old agent, must
@@ -12,8 +14,8 @@
 //!   the node's own service: fail closed). Once the restarted agent is ready, the first fetch
 //!   of every client must succeed; the time the agent was down is the only gap.
 //!
-//! Needs root, the built binaries and the JavaScript SDK (`scripts/setup`). The two tests run
-//! one at a time: each is a whole cluster and sixteen SDK processes on 2 cores.
+//! Needs root, the built binaries, and the JavaScript SDK and the Go client (`scripts/setup`).
+//! The two tests run one at a time: each is a whole cluster and 24 SDK processes on 2 cores.
 
 use std::time::Duration;
 
@@ -68,7 +70,7 @@ async fn under_load() -> (World, SdkLoad, f64) {
     load.wait_each_ok(3, 0.0, STEP_DEADLINE)
         .await
         .expect("every client fetches before the fault");
-    // Before this, sixteen SDK processes start at once on two cores: a first fetch that
+    // Before this, 24 SDK processes start at once on two cores: a first fetch that
     // times out meanwhile is not about restarts.
     (world, load, now())
 }

@@ -1,5 +1,5 @@
 //! Clients as applications hold them, run inside a pod's namespace (the AWS CLI, boto3, the
-//! Rust SDK, raw metadata requests), and gRPC clients of the servers as an agent or an
+//! Rust SDK, the Go SDKs v1 and v2, raw metadata requests), and gRPC clients of the servers as an agent or an
 //! operator, and kubeconfigs for users.
 
 use std::net::SocketAddr;
@@ -31,6 +31,35 @@ impl Boto3Mode {
             Boto3Mode::V2Only => "v2",
         }
     }
+}
+
+/// Which AWS SDK for Go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GoSdk {
+    /// `github.com/aws/aws-sdk-go`: `ec2metadata` and `ec2rolecreds`.
+    V1,
+    /// `github.com/aws/aws-sdk-go-v2`: `feature/ec2/imds` and `credentials/ec2rolecreds`.
+    V2,
+}
+
+impl GoSdk {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            GoSdk::V1 => "v1",
+            GoSdk::V2 => "v2",
+        }
+    }
+}
+
+/// The Go SDKs' client (`tests/go`), which `scripts/setup` builds.
+pub fn go_client() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/go/podiam-go-client");
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: run scripts/setup, which builds it with the Go SDKs",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// Where an SDK in a pod gets its credentials from.
@@ -228,6 +257,25 @@ print(remaining)
             .output()
             .await
             .context("running the Rust SDK client")?;
+        Ok(outcome(output).and_then(|out| Identity::parse(&out)))
+    }
+
+    /// The AWS SDK for Go (`sdk`) in `pod`: its default credential chain, which must end at
+    /// the EC2 role provider, then STS: who it is and how long its credentials have left, or
+    /// the error.
+    pub async fn go_sdk_identity(
+        &self,
+        pod: &str,
+        sdk: GoSdk,
+    ) -> anyhow::Result<Result<Identity, String>> {
+        let client = go_client()?;
+        let output = self
+            .pod_command(pod, client.to_str().context("path")?)
+            .args(["identity", "-sdk", sdk.as_arg()])
+            .args(["-sts", &self.pod(pod).sts_endpoint()])
+            .output()
+            .await
+            .context("running the Go SDK client")?;
         Ok(outcome(output).and_then(|out| Identity::parse(&out)))
     }
 

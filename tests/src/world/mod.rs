@@ -35,7 +35,7 @@ use crate::netns::{self, Node};
 use crate::process::{ChildGuard, scratch_dir};
 use crate::sts_proxy::StsProxy;
 
-pub use clients::{Boto3Mode, Identity, Via};
+pub use clients::{Boto3Mode, GoSdk, Identity, Via, go_client};
 pub use fleet::{ServerReplica, agent_material, health_synced, spawn_server, start_server_within};
 use fleet::{create_namespace, kube_client, start_server_at_level};
 pub use node::{POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, WorldPod, create_pod};
