@@ -6,10 +6,11 @@
 //! server would refresh. Misses on one key collapse into one server call. The pod table
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
 //!
-//! An entry keeps the credentials documents as served, rendered once (EC2's legacy and extended ones, and the
-//! container-credentials endpoint's): a hit is a lookup by borrowed keys under read locks and
-//! a reference-count increment, nothing copied or formatted, and no waiting: only a miss
-//! takes the key's fill lock (issue 17: every request of a busy pod used to queue on it).
+//! An entry keeps the credentials documents as served, rendered once (EC2's legacy and
+//! extended ones, and the container-credentials endpoint's): a hit is a lookup by borrowed
+//! keys under read locks and a reference-count increment, nothing copied or formatted, and
+//! no waiting: only a miss takes the key's fill lock (issue 17: every request of a busy pod
+//! used to queue on it).
 //!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
 //! the container-credentials endpoint, each until the token expires, so that a pod proves
@@ -29,8 +30,7 @@ use podiam_proto::v1::Credentials;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::container::TokenDigest;
-use crate::imds;
-use crate::routes::Document;
+use crate::imds::{self, Document};
 
 /// Cached credentials and the documents served for them.
 #[derive(PartialEq)]
@@ -56,9 +56,7 @@ impl Entry {
             container_document,
         }
     }
-}
 
-impl Entry {
     /// The EC2 document asked for.
     pub fn imds_document(&self, document: Document) -> Bytes {
         match document {

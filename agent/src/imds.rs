@@ -3,7 +3,15 @@
 
 use podiam_proto::v1::Credentials;
 
-use crate::routes::Document;
+/// Which credentials document a request asks for. Recent SDKs (Java v2, Go v2, Ruby, PHP,
+/// Kotlin) ask for the extended one first and fall back to the legacy one on a 404 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Document {
+    /// `…/iam/security-credentials/ROLE`: EC2's document since the beginning.
+    Legacy,
+    /// `…/iam/security-credentials-extended/ROLE`: the same, and the role's `AccountId`.
+    Extended,
+}
 
 /// Formats seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), EC2's layout.
 pub fn utc_timestamp(unix: i64) -> String {

@@ -1307,6 +1307,10 @@ async fn the_extended_credentials_path_answers_the_same_credentials_with_the_acc
         ] {
             assert_eq!(legacy[key], extended[key], "{key}");
         }
+        // Asked again (from the cache, when the table knows the pod): still the extended one.
+        let (status, body) = rig.get(WEB, &format!("{EXTENDED}app-reader")).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"AccountId\" : \"123456789012\""), "{body}");
         // Another role's name (judged by the table: the fake servers, unlike the real ones,
         // hand out any role asked of them), or an address no pod has: 404, as on the legacy
         // path, which sends an SDK back to the listing (or to the legacy path), nothing else.

@@ -25,6 +25,8 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 use regex::Regex;
 
+pub use crate::imds::Document;
+
 /// A request the agent answers; a role name borrowed from the request's path when it needed
 /// no decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,16 +49,6 @@ pub enum Route<'a> {
     Denied,
     /// A known path with the wrong method.
     MethodNotAllowed,
-}
-
-/// Which credentials document a request asks for. Newer SDKs (Java, Go, Ruby, PHP, Kotlin)
-/// ask for the extended one first and fall back to the legacy one on a 404 only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Document {
-    /// `…/iam/security-credentials/ROLE`: EC2's document since the beginning.
-    Legacy,
-    /// `…/iam/security-credentials-extended/ROLE`: the same, and the role's `AccountId`.
-    Extended,
 }
 
 impl Route<'_> {

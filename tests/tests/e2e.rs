@@ -1,7 +1,7 @@
 //! The credential path end to end, with real parts: the real binaries, moto as STS, the
 //! Kubernetes API emulator, the real `kubectl`, the real AWS CLI, boto3, the Rust SDK and the
-//! Go SDKs (v1 and v2), pods
-//! as network namespaces and the agent's own iptables rules. Needs root.
+//! Go SDKs (v1 and v2), pods as network namespaces and the agent's own iptables rules. Needs
+//! root.
 //!
 //! Each test builds its own [`World`] (unique namespace names), so they run in parallel, and
 //! everything is removed when the world drops, whether the test passed or not.
@@ -168,19 +168,26 @@ async fn boto3_the_rust_sdk_and_the_go_sdks_get_credentials_with_imdsv2_only() {
         .expect("answers");
     assert_eq!(forwarded.status, 403);
 
+    every_sdk_gets_the_pods_role(&world).await;
+}
+
+/// boto3 (IMDSv2 only), the Rust SDK and the Go SDKs v1 and v2 in pod `web` get credentials
+/// for its role, app-reader.
+async fn every_sdk_gets_the_pods_role(world: &World) {
     let boto3 = world.boto3_caller_arn("web").await.expect("runs");
-    expect_assumed(boto3, "app-reader", &world);
+    expect_assumed(boto3, "app-reader", world);
     let rust = world.rust_sdk_caller_arn("web").await.expect("runs");
-    expect_assumed(rust, "app-reader", &world);
+    expect_assumed(rust, "app-reader", world);
     for sdk in [GoSdk::V1, GoSdk::V2] {
         let go = world.go_sdk_identity("web", sdk).await.expect("runs");
-        expect_assumed(go.map(|id| id.arn), "app-reader", &world);
+        expect_assumed(go.map(|id| id.arn), "app-reader", world);
     }
 }
 
-/// What newer SDKs (Java, Go, Ruby, PHP) ask first, through the DNAT rule with the pod's
-/// IMDSv2 `token`: `…/security-credentials-extended/` lists the pod's role, and its document
-/// is the legacy one's credentials and the role's account; tokenless, refused alike.
+/// What recent SDKs (Java v2, Go v2, Ruby, PHP; none this suite runs) ask first, through the
+/// DNAT rule with the pod's IMDSv2 `token`: `…/security-credentials-extended/` lists the
+/// pod's role, and its document is the legacy one's credentials and the role's account;
+/// tokenless, refused alike.
 async fn the_extended_document_is_the_legacy_one_with_the_account(world: &World, token: &str) {
     const EXTENDED: &str = "/latest/meta-data/iam/security-credentials-extended/";
     let with = [("X-aws-ec2-metadata-token", token)];
@@ -189,8 +196,10 @@ async fn the_extended_document_is_the_legacy_one_with_the_account(world: &World,
         .await
         .expect("answers");
     assert_eq!((listing.status, listing.body.as_str()), (200, "app-reader"));
+    // The extended document both fetched (first) and from the agent's cache (after the
+    // legacy one).
     let mut documents = Vec::new();
-    for path in [EXTENDED, CREDS_PATH] {
+    for path in [EXTENDED, CREDS_PATH, EXTENDED] {
         let reply = world
             .metadata_request("web", "GET", &format!("{path}app-reader"), &with)
             .await
@@ -199,18 +208,20 @@ async fn the_extended_document_is_the_legacy_one_with_the_account(world: &World,
         let document: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
         documents.push(document);
     }
-    let (extended, legacy) = (&documents[0], &documents[1]);
-    assert_eq!(extended["AccountId"], "123456789012", "{extended}");
+    let legacy = &documents[1];
     assert!(legacy.get("AccountId").is_none(), "{legacy}");
-    for key in [
-        "Code",
-        "Type",
-        "AccessKeyId",
-        "SecretAccessKey",
-        "Token",
-        "Expiration",
-    ] {
-        assert_eq!(extended[key], legacy[key], "{key}");
+    for extended in [&documents[0], &documents[2]] {
+        assert_eq!(extended["AccountId"], "123456789012", "{extended}");
+        for key in [
+            "Code",
+            "Type",
+            "AccessKeyId",
+            "SecretAccessKey",
+            "Token",
+            "Expiration",
+        ] {
+            assert_eq!(extended[key], legacy[key], "{key}");
+        }
     }
     let tokenless = world
         .metadata_request("web", "GET", &format!("{EXTENDED}app-reader"), &[])
