@@ -21,7 +21,6 @@ import (
 	"time"
 
 	awsv1 "github.com/aws/aws-sdk-go/aws"
-	credsv1 "github.com/aws/aws-sdk-go/aws/credentials"
 	ec2credsv1 "github.com/aws/aws-sdk-go/aws/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go/aws/ec2metadata"
 	"github.com/aws/aws-sdk-go/aws/session"
@@ -45,28 +44,22 @@ func main() {
 	if err := flags.Parse(os.Args[2:]); err != nil {
 		fail(err.Error())
 	}
-	var fetch func() (expires time.Time, err error)
-	switch *sdk {
-	case "v1":
-		fetch = v1Provider()
-	case "v2":
-		fetch = v2Provider()
-	default:
+	if *sdk != "v1" && *sdk != "v2" {
 		fail("-sdk must be v1 or v2")
 	}
 	switch os.Args[1] {
 	case "identity":
-		arn, err := identity(*sdk, *stsURL)
-		if err != nil {
-			fail(err.Error())
-		}
-		expires, err := fetch()
+		arn, expires, err := identity(*sdk, *stsURL)
 		if err != nil {
 			fail(err.Error())
 		}
 		fmt.Println(arn)
 		fmt.Println(int64(time.Until(expires).Seconds()))
 	case "load":
+		fetch := v2Provider()
+		if *sdk == "v1" {
+			fetch = v1Provider()
+		}
 		load(fetch, *stop, *minLeft, *pause)
 	default:
 		fail("unknown command " + os.Args[1])
@@ -79,53 +72,60 @@ func fail(message string) {
 }
 
 // identity: the SDK's default credential chain, which must end at the EC2 role provider,
-// then GetCallerIdentity.
-func identity(sdk, url string) (string, error) {
+// then GetCallerIdentity with what it gave; the caller's ARN and when those credentials expire
+// (v1: when the EC2 role provider's next credentials do).
+func identity(sdk, url string) (string, time.Time, error) {
 	if url == "" {
-		return "", errors.New("-sts is required")
+		return "", time.Time{}, errors.New("-sts is required")
 	}
 	if sdk == "v1" {
 		sess, err := session.NewSession(&awsv1.Config{Region: awsv1.String("us-east-1")})
 		if err != nil {
-			return "", err
+			return "", time.Time{}, err
 		}
 		value, err := sess.Config.Credentials.Get()
 		if err != nil {
-			return "", err
+			return "", time.Time{}, err
 		}
 		if value.ProviderName != ec2credsv1.ProviderName {
-			return "", fmt.Errorf("credentials came from %s, not %s", value.ProviderName, ec2credsv1.ProviderName)
+			return "", time.Time{}, fmt.Errorf("credentials came from %s, not %s", value.ProviderName, ec2credsv1.ProviderName)
+		}
+		// v1's chain does not tell when what it gave expires; one more fetch by an EC2 role
+		// provider of its own does.
+		expires, err := v1Provider()()
+		if err != nil {
+			return "", time.Time{}, err
 		}
 		out, err := stsv1.New(sess, &awsv1.Config{Endpoint: awsv1.String(url)}).GetCallerIdentity(&stsv1.GetCallerIdentityInput{})
 		if err != nil {
-			return "", err
+			return "", time.Time{}, err
 		}
-		return awsv1.StringValue(out.Arn), nil
+		return awsv1.StringValue(out.Arn), expires, nil
 	}
 	ctx := context.Background()
 	cfg, err := config.LoadDefaultConfig(ctx, config.WithRegion("us-east-1"))
 	if err != nil {
-		return "", err
+		return "", time.Time{}, err
 	}
 	creds, err := cfg.Credentials.Retrieve(ctx)
 	if err != nil {
-		return "", err
+		return "", time.Time{}, err
 	}
 	if creds.Source != ec2credsv2.ProviderName {
-		return "", fmt.Errorf("credentials came from %s, not %s", creds.Source, ec2credsv2.ProviderName)
+		return "", time.Time{}, fmt.Errorf("credentials came from %s, not %s", creds.Source, ec2credsv2.ProviderName)
 	}
 	client := stsv2.NewFromConfig(cfg, func(o *stsv2.Options) {
 		o.EndpointResolver = stsv2.EndpointResolverFromURL(url)
 	})
 	out, err := client.GetCallerIdentity(ctx, &stsv2.GetCallerIdentityInput{})
 	if err != nil {
-		return "", err
+		return "", time.Time{}, err
 	}
-	return *out.Arn, nil
+	return *out.Arn, creds.Expires, nil
 }
 
 // v1Provider: one EC2RoleProvider over one ec2metadata client (its IMDSv2 token cached for
-// the token's life), as a v1 session's credential chain holds them.
+// 6 hours), as a v1 session's credential chain holds them, each fetch asking the service.
 func v1Provider() func() (time.Time, error) {
 	sess, err := session.NewSession(&awsv1.Config{Region: awsv1.String("us-east-1")})
 	if err != nil {
@@ -144,8 +144,9 @@ func v1Provider() func() (time.Time, error) {
 	}
 }
 
-// v2Provider: one ec2rolecreds provider over one imds client (its token cached), as
-// LoadDefaultConfig builds them.
+// v2Provider: one ec2rolecreds provider over one imds client with its defaults (its token
+// cached for 5 minutes), without the credentials cache LoadDefaultConfig puts around it: every
+// fetch asks the metadata service.
 func v2Provider() func() (time.Time, error) {
 	provider := ec2credsv2.New()
 	return func() (time.Time, error) {
@@ -159,8 +160,6 @@ func v2Provider() func() (time.Time, error) {
 		return creds.Expires, nil
 	}
 }
-
-var _ credsv1.Provider = (*ec2credsv1.EC2RoleProvider)(nil)
 
 func load(fetch func() (time.Time, error), stop string, minLeft, pause float64) {
 	if stop == "" {

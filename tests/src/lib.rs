@@ -10,8 +10,8 @@
 //! - [`sts_proxy`]: a recording, fault-injecting proxy between the server and moto.
 //! - [`plugin`]: the `kubectl-iam` binary run as a user runs it.
 //! - [`process`]: child processes that die with their owner, with their logs kept.
-//! - [`sdk_load`]: steady load from long-lived SDK clients (botocore, the JS and Rust SDKs) in
-//!   pods, counting what they saw.
+//! - [`sdk_load`]: steady load from long-lived SDK clients (botocore, the JS, Rust and Go
+//!   SDKs) in pods, counting what they saw.
 //! - [`world`]: a whole podiam installation (emulator, moto, server replicas, node, pods,
 //!   agent) and the faults a test can inflict on it.
 

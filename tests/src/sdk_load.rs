@@ -5,8 +5,9 @@
 //! and its defaults (see [`Sdk`]): botocore (the code every boto3 and AWS CLI user runs: a
 //! 1 s timeout, a single attempt, an IMDSv2 token first), the AWS SDK for JavaScript v3
 //! (`fromInstanceMetadata`), the Rust SDK (aws-config's IMDS client and its credentials
-//! provider), and the AWS SDKs for Go v1 and v2 (their EC2 role providers). Every fetch prints one line, `ok EPOCH ROLE MS` or `fail EPOCH MS WHY`, into the
-//! client's log, so the test can read progress at any time; a fetch counts as ok only with
+//! provider), and the AWS SDKs for Go v1 and v2 (their EC2 role providers). Every fetch
+//! prints one line, `ok EPOCH ROLE MS` or `fail EPOCH MS WHY`, into the client's log, so the
+//! test can read progress at any time; a fetch counts as ok only with
 //! the expected role (where the SDK names it; `-` otherwise), a session token and at least
 //! the required life left. The Rust clients also print `retry EPOCH WHY` for a fetch that
 //! succeeded only after one of its HTTP attempts had failed (aws-config retries by itself).

@@ -4,8 +4,8 @@
 //! `fromInstanceMetadata` provider, default retries), the Rust SDK (one aws-config IMDS
 //! client with its default 6-hour token, and one `ImdsCredentialsProvider`), botocore (one
 //! `InstanceMetadataFetcher`) and the AWS SDKs for Go v1 and v2 (one EC2 role provider each,
-//! over one metadata client holding its 6-hour token), each fetching credentials in a loop
-//! (`podiam_tests::sdk_load`).
+//! over one metadata client holding its token: 6 hours for v1, 5 minutes for v2), each
+//! fetching credentials in a loop (`podiam_tests::sdk_load`).
 //!
 //! - Through rolling updates of the agent (a new agent beside the old one, then SIGTERM to
 //!   the old one) no fetch may fail: the tokens the SDKs hold, issued by the old agent, must
@@ -13,15 +13,18 @@
 //! - After a SIGKILL, while no agent runs, fetches fail (the metadata address is closed, never
 //!   the node's own service: fail closed). Once the restarted agent is ready, the first fetch
 //!   of every client must succeed; the time the agent was down is the only gap.
+//! - When the token keys are lost (a SIGKILL, then a corrupt key file: the new agent signs
+//!   with keys of its own), each SDK does what docs/troubleshooting.md says it does with a
+//!   refused token.
 //!
 //! Needs root, the built binaries, and the JavaScript SDK and the Go client (`scripts/setup`).
-//! The two tests run one at a time: each is a whole cluster and 24 SDK processes on 2 cores.
+//! The drills run one at a time: each is a whole cluster and 24 SDK processes on 2 cores.
 
 use std::time::Duration;
 
 use podiam_tests::fixtures::{pod_name, role_of};
 use podiam_tests::process::wait_until;
-use podiam_tests::sdk_load::{ClientReport, ClientSpec, LoadReport, Sdk, SdkLoad, now};
+use podiam_tests::sdk_load::{ClientReport, ClientSpec, Fetch, LoadReport, Sdk, SdkLoad, now};
 use podiam_tests::world::{World, WorldConfig};
 
 /// One test at a time (a tokio mutex: held across awaits, never poisoned).
@@ -351,4 +354,94 @@ async fn node_retires_an_idle_connection_before_the_agent_closes_it() {
     assert_eq!(pooled[0], "client", "{stdout}");
     let idle: u64 = pooled[1].parse().expect("ms");
     assert!(idle + 500 < closed_after, "{stdout}");
+}
+
+/// Whether `sdk` keeps its IMDSv2 token across fetches with no way to drop a refused one:
+/// the Rust SDK's IMDS client (and the credentials provider over it) retries a 401 with the
+/// same token until the token expires (6 hours), where the others get a new token at once.
+fn keeps_a_refused_token(sdk: Sdk) -> bool {
+    matches!(sdk, Sdk::RustImdsClient | Sdk::RustProvider)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_the_token_keys_are_lost_every_sdk_does_what_troubleshooting_md_says() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut world, load, _) = under_load().await;
+
+    // The keys every token the clients hold was signed with are lost: the agent crashes and
+    // its key file is found corrupt, so the new agent signs with keys of its own.
+    let killed = now();
+    world.kill_agent().await.expect("agent killed");
+    std::fs::write(world.agent_token_key_file(), b"not podiam's keys\n").expect("corrupted");
+    world.start_agent().await.expect("agent back");
+    let back = now();
+    wait_until(
+        STEP_DEADLINE,
+        "every client to fetch since the keys were lost",
+        || {
+            let report = load.report();
+            async move {
+                report.clients.iter().all(|c| {
+                    if keeps_a_refused_token(c.sdk) {
+                        c.fetches.iter().any(|f| f.at() >= back)
+                    } else {
+                        c.ok_between(back, f64::MAX) >= FETCHES_AFTER_EACH_STEP
+                    }
+                })
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", load.report().summary()));
+
+    let report = load.stop().await.expect("report");
+    assert!(
+        world
+            .agent_log_text()
+            .contains("the token key file is corrupt"),
+        "the agent says why tokens are refused:\n{}",
+        world.agent_log()
+    );
+    let mut problems = Vec::new();
+    for client in &report.clients {
+        let since: Vec<&Fetch> = client.fetches.iter().filter(|f| f.at() >= back).collect();
+        let failed = since.iter().filter(|f| !f.is_ok()).count();
+        // Fetches refused for their token (401), since the agent went down: a fetch that
+        // met the new agent may have begun a moment before it was seen ready.
+        let refused = client
+            .fetches
+            .iter()
+            .filter(|f| matches!(f, Fetch::Failed { at, why, .. } if *at >= killed && why.contains("401")))
+            .count();
+        println!(
+            "{}: {} fetches since the keys were lost, {failed} failed; {refused} refused for the token",
+            client.label(),
+            since.len()
+        );
+        let expected = match client.sdk {
+            // A new token before every fetch: the new keys from the first fetch on.
+            Sdk::Botocore | Sdk::BotocoreFresh | Sdk::JavaScript => refused == 0 && failed == 0,
+            // Its token dropped on the 401 and the request retried with a new one.
+            Sdk::GoV2 => refused == 0 && failed == 0,
+            // Its token dropped on the 401, which fails that fetch only.
+            Sdk::GoV1 => refused == 1 && failed <= 1 && since.last().is_some_and(|f| f.is_ok()),
+            // The refused token kept: nothing succeeds until it expires.
+            Sdk::RustImdsClient | Sdk::RustProvider => failed > 0 && failed == since.len(),
+        };
+        if !expected {
+            problems.push(format!(
+                "{}: {failed} of {} fetches failed since the keys were lost, {refused} refused \
+                 for the token since the agent went down, first {:?}",
+                client.label(),
+                since.len(),
+                since.iter().find(|f| !f.is_ok())
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "not as docs/troubleshooting.md says:\n{}\n{}",
+        problems.join("\n"),
+        report.summary()
+    );
 }

@@ -1,6 +1,6 @@
 //! Clients as applications hold them, run inside a pod's namespace (the AWS CLI, boto3, the
-//! Rust SDK, the Go SDKs v1 and v2, raw metadata requests), and gRPC clients of the servers as an agent or an
-//! operator, and kubeconfigs for users.
+//! Rust SDK, the Go SDKs v1 and v2, raw metadata requests), and gRPC clients of the servers as
+//! an agent or an operator, and kubeconfigs for users.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,7 @@ pub enum GoSdk {
 }
 
 impl GoSdk {
+    /// The client's `-sdk` argument.
     pub fn as_arg(self) -> &'static str {
         match self {
             GoSdk::V1 => "v1",
