@@ -472,7 +472,11 @@ impl TokenKey {
             return Err(TokenError::WrongPod);
         }
         let expiry: i64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
-        if now >= expiry {
+        // Good through its last whole second: `now` is whole seconds, rounded down, and a
+        // client counts the TTL from when it got the token, up to a second after `now` was
+        // read. Ending at `expiry` itself would refuse a token up to a second before the
+        // client expects, and some use theirs to the last moment and never retry a 401.
+        if now > expiry {
             return Err(TokenError::Expired);
         }
         Ok(())
@@ -896,9 +900,9 @@ mod tests {
         let token = key.issue(a, "uid-a", 1000, 60);
         // The clock is injected: validity is checked against the given `now`.
         assert_eq!(key.validate(&token, a, Some("uid-a"), 1000), Ok(()));
-        assert_eq!(key.validate(&token, a, Some("uid-a"), 1059), Ok(()));
+        assert_eq!(key.validate(&token, a, Some("uid-a"), 1060), Ok(()));
         assert_eq!(
-            key.validate(&token, a, Some("uid-a"), 1060),
+            key.validate(&token, a, Some("uid-a"), 1061),
             Err(TokenError::Expired)
         );
         assert_eq!(
@@ -1091,12 +1095,14 @@ mod tests {
             old_only.validate(&first_new, pod, Some("uid"), T0 + KEY_PERIOD),
             Err(TokenError::BadSignature)
         );
-        // The old key's last token lives its whole TTL.
+        // The old key's last token lives its whole TTL, through its last second.
         let end = T0 + KEY_PERIOD - 1 + 21600;
-        assert_eq!(key.validate(&last_old, pod, Some("uid"), end - 1), Ok(()));
+        assert_eq!(key.validate(&last_old, pod, Some("uid"), end), Ok(()));
+        // The next second it is refused: its key retires that very second.
+        assert_eq!(end + 1, T0 + KEY_PERIOD + KEY_GRACE);
         assert_eq!(
-            key.validate(&last_old, pod, Some("uid"), end),
-            Err(TokenError::Expired)
+            key.validate(&last_old, pod, Some("uid"), end + 1),
+            Err(TokenError::BadSignature)
         );
 
         // After the grace the old key is dropped, and anything it signed is refused even if
@@ -1141,11 +1147,11 @@ mod tests {
             tokens.push((key.issue(pod, "uid", now, 21600), now + 21600));
             for (token, expiry) in &tokens {
                 let verdict = key.validate(token, pod, Some("uid"), now);
-                if now < *expiry {
+                if now <= *expiry {
                     assert_eq!(verdict, Ok(()), "at {} a token to {expiry}", now - T0);
                 }
             }
-            tokens.retain(|(_, expiry)| *expiry > now);
+            tokens.retain(|(_, expiry)| *expiry >= now);
             now += KEY_RELOAD_INTERVAL.as_secs() as i64 * 7;
         }
         assert_eq!(most_keys, 3, "previous, current and next at most");
