@@ -96,6 +96,19 @@ pub enum Refused {
     /// The agent refuses the pod itself.
     #[error("{0}")]
     ByAgent(AgentRefusal),
+    /// A token asked for from an address no pod of this node is known to have, even after
+    /// the wait: not refused for good (EC2 never answers a token request 404, and SDKs take a
+    /// 403, 404 or 405 there for a service without IMDSv2, which several then never ask
+    /// again), but for now: 503, as for servers out of reach.
+    #[error("{0}; a token is issued once the pod at this address is known: retry shortly")]
+    TokenForUnknown(AgentRefusal),
+    /// The servers refused credentials for the reason a 404 is answered with (no such pod or
+    /// role), while this node's view of the pod, which lists its role, still grants it: the
+    /// two views differ for a moment (a change not yet streamed, a stream behind). A 404 here
+    /// would contradict the role listing, and SDKs that get a 404 for a listed role ask the
+    /// listing again at once, some without end (Ruby): 503 until the views agree.
+    #[error("{0} (this node's view still lists the role; the views differ for now: retry shortly)")]
+    ViewsDiffer(Refusal),
     /// No server answered.
     #[error("server unavailable: {0}")]
     ServersUnavailable(String),
@@ -188,7 +201,9 @@ impl Refused {
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
             Refused::ByAgent(refusal) => reason_status(refusal.reason()),
-            Refused::ServersUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refused::ServersUnavailable(_)
+            | Refused::TokenForUnknown(_)
+            | Refused::ViewsDiffer(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refused::ServerFailed(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -210,6 +225,8 @@ impl Refused {
                 _ => format!("podiam: {}: {}\n", refusal.reason, refusal.message),
             },
             Refused::ByAgent(refusal) => format!("podiam: {}: {refusal}\n", refusal.reason()),
+            Refused::TokenForUnknown(refusal) => format!("podiam: {}: {self}\n", refusal.reason()),
+            Refused::ViewsDiffer(refusal) => format!("podiam: {}: {self}\n", refusal.reason),
             // Transport details (addresses, TLS errors) are for the agent's log only.
             Refused::ServersUnavailable(_) => {
                 "podiam: server-unavailable: no podiam server answered; retry shortly\n".to_string()
@@ -481,6 +498,9 @@ impl MetadataService {
                             // to the address).
                             Ok((_, uid)) => uid,
                             Err(Refused::ByServers(_)) => String::new(),
+                            Err(Refused::ByAgent(refusal)) => {
+                                return Err(Refused::TokenForUnknown(refusal));
+                            }
                             Err(refused) => return Err(refused),
                         }
                     }
@@ -795,7 +815,16 @@ impl MetadataService {
                 Ok(issued.credentials)
             })
         };
-        let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
+        let (entry, source) = match self.cache.get(&pod.uid, &own.arn, now, fetch).await {
+            Ok(found) => found,
+            Err(Refused::ByServers(refusal))
+                if reason_status(refusal.reason) == StatusCode::NOT_FOUND
+                    && self.lists_role(peer, pod, own) =>
+            {
+                return Err(Refused::ViewsDiffer(refusal));
+            }
+            Err(refused) => return Err(refused),
+        };
         // The pod's decision may have changed while this request waited (its role, or its
         // namespace come to require its token; another request's fetch, with its token, may
         // be what this one joined): answered only as the decision stands now.
@@ -810,6 +839,20 @@ impl MetadataService {
             Source::Server => self.metrics.cache_misses.inc(),
         };
         Ok(text(StatusCode::OK, entry.imds_document(document)))
+    }
+
+    /// Whether the table has pod `pod` at `peer` now, with role `own`: what the role listing
+    /// answers it with.
+    fn lists_role(&self, peer: IpAddr, pod: &PodId, own: &Role) -> bool {
+        match self.table.known(peer) {
+            Known::Pod(current) => {
+                current.pod.uid == pod.uid
+                    && current
+                        .role_by_address()
+                        .is_ok_and(|role| role.arn == own.arn)
+            }
+            Known::Nobody | Known::Unsynced => false,
+        }
     }
 }
 

@@ -208,6 +208,9 @@ impl Podiam for Fake {
             .0
             .pod_at(&ip)
             .ok_or_else(|| Reason::UnknownPod.status("no such pod"))?;
+        if state.role_arn.is_empty() {
+            return Err(Reason::NoRole.status("the pod has no role"));
+        }
         let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
             pod: state.pod,
@@ -1323,4 +1326,64 @@ async fn the_extended_credentials_path_answers_the_same_credentials_with_the_acc
         assert_eq!(status, 404, "{body}");
         rig.stop().await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_the_servers_refuse_while_the_table_lists_the_role_are_not_a_404() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    // The servers take web's role away, and the node stream has not told the table yet: the
+    // listing still names the role, so the credentials' refusal is "not now" (503), not the
+    // "no such role" (404) that would send SDKs straight back to the listing.
+    let roleless = PodState {
+        role_name: String::new(),
+        role_arn: String::new(),
+        refusal_reason: Reason::NoRole.to_wire().into(),
+        refusal_message: "pod team-a/web has no iam.amazonaws.com/role annotation".into(),
+        ..pod("web", WEB)
+    };
+    for replica in &rig.replicas {
+        replica.place_pod(roleless.clone());
+    }
+    let (status, role) = rig.get(WEB, ROLES).await;
+    assert_eq!((status, role.as_str()), (200, "app-reader"));
+    let (status, body) = rig.get(WEB, CREDENTIALS).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("podiam: no-role: ") && body.contains("retry shortly"),
+        "{body}"
+    );
+    // Once the stream tells the table, both say 404 alike.
+    for replica in &rig.replicas {
+        replica.announce(roleless.clone());
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while rig.get(WEB, ROLES).await.0 != 404 {
+        assert!(Instant::now() < deadline, "the table never heard");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = rig.get(WEB, CREDENTIALS).await;
+    assert_eq!(status, 404, "{body}");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_for_an_address_no_pod_has_is_refused_for_now_not_for_good() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    let stranger = Ipv4Addr::new(10, 1, 0, 9);
+    // Not 404: that tells SDKs the service has no IMDSv2, and several never ask again. 503,
+    // after the table's wait and the servers' answer.
+    let began = Instant::now();
+    let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "300")];
+    let (status, body) = rig
+        .send(stranger, AGENT, "PUT", "/latest/api/token", &ttl)
+        .await;
+    assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("podiam: unknown-pod: ") && body.contains("retry shortly"),
+        "{body}"
+    );
+    rig.stop().await;
 }
