@@ -97,14 +97,16 @@ pub enum Refused {
     #[error("{0}")]
     ByAgent(AgentRefusal),
     /// A token asked for from an address no pod of this node is known to have, even after
-    /// the wait: not refused for good (EC2 never answers a token request 404, and SDKs take a
-    /// 403, 404 or 405 there for a service without IMDSv2, which several then never ask
-    /// again), but for now: 503, as for servers out of reach.
-    #[error("{0}; a token is issued once the pod at this address is known: retry shortly")]
+    /// the waits (or that the servers place on another node): not refused for good (EC2
+    /// never answers a token request 404, and SDKs take a 403, 404 or 405 there for a
+    /// service without IMDSv2, which several then never ask again), but for now: 503, as
+    /// for servers out of reach.
+    #[error("{0}; no token for this address now: retry shortly")]
     TokenForUnknown(AgentRefusal),
-    /// The servers refused credentials for the reason a 404 is answered with (no such pod or
-    /// role), while this node's view of the pod, which lists its role, still grants it: the
-    /// two views differ for a moment (a change not yet streamed, a stream behind). A 404 here
+    /// The servers refused credentials for a reason a 404 is answered with (no such pod or
+    /// role), or answered for another pod at the address, while this node's view of the pod,
+    /// which lists its role, still grants it: the two views differ for a moment (a change
+    /// not yet streamed, a stream behind). A 404 here
     /// would contradict the role listing, and SDKs that get a 404 for a listed role ask the
     /// listing again at once, some without end (Ruby): 503 until the views agree.
     #[error("{0} (this node's view still lists the role; the views differ for now: retry shortly)")]
@@ -363,6 +365,12 @@ impl MetadataService {
                     let result = tokio::time::timeout(service.options.request_timeout, later)
                         .await
                         .unwrap_or(Err(Refused::Deadline));
+                    let result = match (&route, result) {
+                        (Route::Token, Err(Refused::ByAgent(refusal))) => {
+                            Err(Refused::TokenForUnknown(refusal))
+                        }
+                        (_, result) => result,
+                    };
                     service.finish(peer, route.label(), started, &request, result)
                 }))
             }
@@ -498,9 +506,8 @@ impl MetadataService {
                             // to the address).
                             Ok((_, uid)) => uid,
                             Err(Refused::ByServers(_)) => String::new(),
-                            Err(Refused::ByAgent(refusal)) => {
-                                return Err(Refused::TokenForUnknown(refusal));
-                            }
+                            // Unknown here (waited out by `patient`, then answered 503:
+                            // see `Refused::TokenForUnknown`).
                             Err(refused) => return Err(refused),
                         }
                     }
@@ -817,13 +824,7 @@ impl MetadataService {
         };
         let (entry, source) = match self.cache.get(&pod.uid, &own.arn, now, fetch).await {
             Ok(found) => found,
-            Err(Refused::ByServers(refusal))
-                if reason_status(refusal.reason) == StatusCode::NOT_FOUND
-                    && self.lists_role(peer, pod, own) =>
-            {
-                return Err(Refused::ViewsDiffer(refusal));
-            }
-            Err(refused) => return Err(refused),
+            Err(refused) => return Err(self.as_views_stand(peer, pod, own, refused)),
         };
         // The pod's decision may have changed while this request waited (its role, or its
         // namespace come to require its token; another request's fetch, with its token, may
@@ -839,6 +840,27 @@ impl MetadataService {
             Source::Server => self.metrics.cache_misses.inc(),
         };
         Ok(text(StatusCode::OK, entry.imds_document(document)))
+    }
+
+    /// `refused`, the servers' answer to a credentials fetch for pod `pod` with role `own`,
+    /// as it is answered while the table still lists that role for the pod at `peer`: a 404
+    /// (no such pod or role at the servers, or another pod there) is the views differing.
+    fn as_views_stand(&self, peer: IpAddr, pod: &PodId, own: &Role, refused: Refused) -> Refused {
+        let not_found = match &refused {
+            Refused::ByServers(refusal) => reason_status(refusal.reason) == StatusCode::NOT_FOUND,
+            Refused::ByAgent(AgentRefusal::PodChanged) => true,
+            _ => false,
+        };
+        if !not_found || !self.lists_role(peer, pod, own) {
+            return refused;
+        }
+        match refused {
+            Refused::ByServers(refusal) => Refused::ViewsDiffer(refusal),
+            changed => Refused::ViewsDiffer(Refusal {
+                reason: Reason::UnknownPod,
+                message: format!("{changed}"),
+            }),
+        }
     }
 
     /// Whether the table has pod `pod` at `peer` now, with role `own`: what the role listing
@@ -1153,6 +1175,19 @@ mod tests {
                 Refused::ServersUnavailable("dial tcp 10.1.2.3:8443".into()),
                 503,
                 "server-unavailable",
+            ),
+            (
+                Refused::TokenForUnknown(AgentRefusal::UnknownPod("nobody here".into())),
+                503,
+                "unknown-pod: nobody here; no token for this address now: retry shortly",
+            ),
+            (
+                Refused::ViewsDiffer(Refusal {
+                    reason: Reason::NoRole,
+                    message: "why".into(),
+                }),
+                503,
+                "no-role: why (this node",
             ),
             (
                 Refused::ServerFailed("Internal: secret detail".into()),

@@ -1373,17 +1373,60 @@ async fn a_token_for_an_address_no_pod_has_is_refused_for_now_not_for_good() {
     rig.stream_synced(WEB).await;
     let stranger = Ipv4Addr::new(10, 1, 0, 9);
     // Not 404: that tells SDKs the service has no IMDSv2, and several never ask again. 503,
-    // after the table's wait and the servers' answer.
+    // after the same waits as any request from an unknown address.
     let began = Instant::now();
     let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "300")];
     let (status, body) = rig
         .send(stranger, AGENT, "PUT", "/latest/api/token", &ttl)
         .await;
-    assert_eq!(began.elapsed(), Duration::from_millis(500));
+    assert_eq!(began.elapsed(), Duration::from_millis(900));
     assert_eq!(status, 503, "{body}");
     assert!(
         body.starts_with("podiam: unknown-pod: ") && body.contains("retry shortly"),
         "{body}"
     );
+    // A pod whose IP reaches the table 700 ms into the wait (after the servers knew nothing
+    // of it) gets its token then.
+    let early = Ipv4Addr::new(10, 1, 0, 7);
+    let began = Instant::now();
+    let ((status, token), ()) = tokio::join!(
+        rig.send(early, AGENT, "PUT", "/latest/api/token", &ttl),
+        async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            for replica in &rig.replicas {
+                replica.add_pod(pod("early", early));
+            }
+        }
+    );
+    assert_eq!(began.elapsed(), Duration::from_millis(700));
+    assert_eq!(status, 200, "{token}");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_the_servers_give_another_pod_while_the_table_lists_this_one_are_not_a_404() {
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    // The servers have another pod at web's address already; the table still lists web and
+    // its role: not a 404 for the role the listing names, but 503 until the views agree.
+    for replica in &rig.replicas {
+        replica.place_pod(pod("web-2", WEB));
+    }
+    let (status, body) = rig.get(WEB, CREDENTIALS).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("podiam: unknown-pod: ") && body.contains("retry shortly"),
+        "{body}"
+    );
+    assert!(!body.contains("ASIATEST"), "{body}");
+    // Once the table has the new pod, it is answered as itself.
+    for replica in &rig.replicas {
+        replica.announce(pod("web-2", WEB));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while rig.get(WEB, CREDENTIALS).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the table never heard");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     rig.stop().await;
 }
