@@ -858,7 +858,7 @@ impl MetadataService {
             Refused::ByServers(refusal) => Refused::ViewsDiffer(refusal),
             changed => Refused::ViewsDiffer(Refusal {
                 reason: Reason::UnknownPod,
-                message: format!("{changed}"),
+                message: changed.to_string(),
             }),
         }
     }

@@ -498,6 +498,16 @@ impl Rig {
         self.get_from(pod, AGENT, path).await
     }
 
+    /// Asks `path` from `pod` every 10 ms until it is answered `status` (the table has heard
+    /// what the test told the node stream), failing after [`PATIENCE`] naming `what`.
+    async fn wait_for_status(&self, pod: Ipv4Addr, path: &str, status: u16, what: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.get(pod, path).await.0 != status {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The agent's metric `name`, 0 when absent.
     async fn metric(&self, name: &str) -> u64 {
         let (_, text) = self
@@ -804,14 +814,13 @@ async fn gone_from_the_table(rig: &Rig, ip: Ipv4Addr) {
     for replica in &rig.replicas {
         replica.remove_pod(ip);
     }
-    let deadline = Instant::now() + PATIENCE;
-    while rig.get(ip, ROLES).await.0 != 404 {
-        assert!(
-            Instant::now() < deadline,
-            "the pod at {ip} never left the table"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    rig.wait_for_status(
+        ip,
+        ROLES,
+        404,
+        &format!("the pod at {ip} never left the table"),
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -1357,11 +1366,8 @@ async fn credentials_the_servers_refuse_while_the_table_lists_the_role_are_not_a
     for replica in &rig.replicas {
         replica.announce(roleless.clone());
     }
-    let deadline = Instant::now() + PATIENCE;
-    while rig.get(WEB, ROLES).await.0 != 404 {
-        assert!(Instant::now() < deadline, "the table never heard");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    rig.wait_for_status(WEB, ROLES, 404, "the table never heard")
+        .await;
     let (status, body) = rig.get(WEB, CREDENTIALS).await;
     assert_eq!(status, 404, "{body}");
     rig.stop().await;
@@ -1423,10 +1429,7 @@ async fn credentials_the_servers_give_another_pod_while_the_table_lists_this_one
     for replica in &rig.replicas {
         replica.announce(pod("web-2", WEB));
     }
-    let deadline = Instant::now() + PATIENCE;
-    while rig.get(WEB, CREDENTIALS).await.0 != 200 {
-        assert!(Instant::now() < deadline, "the table never heard");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    rig.wait_for_status(WEB, CREDENTIALS, 200, "the table never heard")
+        .await;
     rig.stop().await;
 }
