@@ -216,6 +216,40 @@ impl Cluster {
             .await
             .map_err(|e| api_error(format!("namespace {name}"), e))
     }
+
+    /// Sets one annotation of a namespace only if the namespace is still as it was read
+    /// (`resource_version`, which the API gives every object it lists): a value worked out
+    /// from what was read is not written over a change made since. The API server checks
+    /// it, and answers Conflict if not.
+    pub async fn annotate_namespace_as_read(
+        &self,
+        name: &str,
+        resource_version: Option<&str>,
+        key: &str,
+        value: &str,
+    ) -> Result<AsRead, Error> {
+        let mut metadata = json!({ "annotations": { key: value } });
+        if let Some(version) = resource_version {
+            metadata["resourceVersion"] = json!(version);
+        }
+        let patch = Patch::Merge(json!({ "metadata": metadata }));
+        match Api::<Namespace>::all(self.client.clone())
+            .patch(name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => Ok(AsRead::Written),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(AsRead::Changed),
+            Err(e) => Err(api_error(format!("namespace {name}"), e)),
+        }
+    }
+}
+
+/// What a write conditional on the object being as it was read did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsRead {
+    Written,
+    /// The object had changed since: nothing was written.
+    Changed,
 }
 
 /// A JSON merge patch that sets or (with `null`) removes one annotation.

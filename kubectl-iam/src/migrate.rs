@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::annotate::check_regex;
 use crate::base_arn::{self, BaseArn};
 use crate::cli::{Kube2iamFormat, MigrateArgs, Output};
-use crate::cluster::{Cluster, annotation};
+use crate::cluster::{AsRead, Cluster, annotation};
 use crate::error::Error;
 use crate::table::{Escaped, json_text};
 
@@ -43,6 +43,8 @@ pub struct Plan {
     pub note: String,
     /// Whether `--write` writes `permitted` for it.
     pub writable: bool,
+    /// The namespace as it was read: `--write` writes only if it is unchanged since.
+    pub resource_version: Option<String>,
 }
 
 /// `text` as a regex matching itself: the characters that mean something outside a class
@@ -158,6 +160,7 @@ pub fn kiam_meaning(regex: &str) -> Option<String> {
 /// role ARN, if known).
 pub fn plan(namespace: &Namespace, format: Kube2iamFormat, base: Option<&str>) -> Option<Plan> {
     let name = namespace.metadata.name.clone()?;
+    let resource_version = namespace.metadata.resource_version.clone();
     let permitted = annotation(&namespace.metadata, PERMITTED_ANNOTATION).map(str::trim);
     let allowed = annotation(&namespace.metadata, KUBE2IAM_ALLOWED_ROLES_ANNOTATION);
     match (permitted, allowed) {
@@ -178,6 +181,7 @@ pub fn plan(namespace: &Namespace, format: Kube2iamFormat, base: Option<&str>) -
                 permitted: permitted.to_string(),
                 note,
                 writable: false,
+                resource_version,
             })
         }
         (None, Some(list)) => Some(match from_kube2iam(list, format, base) {
@@ -187,6 +191,7 @@ pub fn plan(namespace: &Namespace, format: Kube2iamFormat, base: Option<&str>) -
                 permitted: regex,
                 note: "write it with --write (nothing is permitted until then)".to_string(),
                 writable: true,
+                resource_version,
             },
             Err(why) => Plan {
                 namespace: name,
@@ -194,6 +199,7 @@ pub fn plan(namespace: &Namespace, format: Kube2iamFormat, base: Option<&str>) -
                 permitted: String::new(),
                 note: format!("{why}: write {PERMITTED_ANNOTATION} yourself"),
                 writable: false,
+                resource_version,
             },
         }),
         (None, None) => None,
@@ -229,15 +235,11 @@ pub async fn run(
         .filter_map(|ns| plan(ns, args.kube2iam_format, base.as_deref()))
         .collect();
     plans.sort_by(|a, b| a.namespace.cmp(&b.namespace));
-    let mut written = Vec::new();
-    if args.write {
-        for plan in plans.iter().filter(|p| p.writable) {
-            cluster
-                .annotate_namespace(&plan.namespace, PERMITTED_ANNOTATION, Some(&plan.permitted))
-                .await?;
-            written.push(plan.namespace.clone());
-        }
-    }
+    let written = if args.write {
+        write(cluster, &mut plans).await?
+    } else {
+        Vec::new()
+    };
     match args.output {
         Output::Json => {
             let rows: Vec<_> = plans
@@ -274,7 +276,48 @@ pub async fn run(
             }
         }
     }
-    Ok(())
+    none_changed(&plans)
+}
+
+/// An error naming the namespaces [`write`] found changed since they were read, if any.
+fn none_changed(plans: &[Plan]) -> Result<(), Error> {
+    let changed: Vec<&str> = plans
+        .iter()
+        .filter(|p| p.note == CHANGED)
+        .map(|p| p.namespace.as_str())
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "not written, as they changed while migrate ran: {}; run it again",
+        changed.join(", ")
+    )))
+}
+
+/// The note of a namespace that changed between the list and the write.
+pub const CHANGED: &str = "changed since it was read: not written (run migrate again)";
+
+/// Writes the writable plans' `permitted`, each only if its namespace is as it was read (a
+/// namespace that changed meanwhile, say someone wrote `permitted` or the list, is left
+/// alone and its note says so); returns the namespaces written.
+pub async fn write(cluster: &Cluster, plans: &mut [Plan]) -> Result<Vec<String>, Error> {
+    let mut written = Vec::new();
+    for plan in plans.iter_mut().filter(|p| p.writable) {
+        let done = cluster
+            .annotate_namespace_as_read(
+                &plan.namespace,
+                plan.resource_version.as_deref(),
+                PERMITTED_ANNOTATION,
+                &plan.permitted,
+            )
+            .await?;
+        match done {
+            AsRead::Written => written.push(plan.namespace.clone()),
+            AsRead::Changed => plan.note = CHANGED.to_string(),
+        }
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

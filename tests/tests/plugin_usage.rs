@@ -5,10 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use podiam_tests::kube_emulator::{EmulatorOptions, KubeEmulator, namespace};
+use kubectl_iam::cli::{Kube2iamFormat, KubeArgs};
+use kubectl_iam::cluster::Cluster;
+use kubectl_iam::migrate;
+use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, namespace};
 use podiam_tests::plugin::iam;
 use podiam_tests::process::scratch_dir;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 async fn emulator_only(label: &str) -> (KubeEmulator, PathBuf) {
     let emulator = KubeEmulator::start(
@@ -164,5 +167,68 @@ async fn migrate_converts_kube2iam_lists_and_reports_kiam_alternations() {
     assert_eq!(stored("from-kube2iam"), "app-[^:]*|db-reader");
     // kiam's regex is left as it is: its reading is for people to decide.
     assert_eq!(stored("from-kiam"), "app-a|app-b");
+    emulator.shutdown().await;
+}
+
+/// `migrate --write` writes a converted regex only over the namespace as it read it: one
+/// changed between the list and the write (here someone permits a role by hand) keeps that
+/// change, and the next run reads it. The library's own list and write, with the change made
+/// between them, as the command would meet it.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_writes_nothing_over_a_namespace_changed_since_it_was_read() {
+    let (emulator, kubeconfig) = emulator_only("plugin-migrate-changed").await;
+    for name in ["changed", "unchanged"] {
+        emulator
+            .create(namespace(
+                name,
+                &[("iam.amazonaws.com/allowed-roles", r#"["app-*"]"#)],
+            ))
+            .expect("namespace");
+    }
+    let cluster = Cluster::connect(&KubeArgs {
+        kubeconfig: Some(kubeconfig.clone()),
+        context: None,
+        namespace: None,
+        podiam_namespace: "podiam".into(),
+    })
+    .await
+    .expect("cluster");
+    let mut plans: Vec<migrate::Plan> = cluster
+        .list_namespaces()
+        .await
+        .expect("namespaces")
+        .iter()
+        .filter_map(|ns| migrate::plan(ns, Kube2iamFormat::Glob, None))
+        .collect();
+    assert_eq!(plans.len(), 2, "{plans:?}");
+    emulator
+        .merge_patch(
+            Kind::Namespace,
+            None,
+            "changed",
+            json!({"metadata": {"annotations": {"iam.amazonaws.com/permitted": "db-reader"}}}),
+        )
+        .expect("the change by hand");
+    let written = migrate::write(&cluster, &mut plans)
+        .await
+        .expect("the writes");
+    assert_eq!(written, ["unchanged"]);
+    let stored = |name: &str| {
+        emulator
+            .get(Kind::Namespace, None, name)
+            .expect("namespace")["metadata"]["annotations"]["iam.amazonaws.com/permitted"]
+            .clone()
+    };
+    assert_eq!(stored("changed"), "db-reader");
+    assert_eq!(stored("unchanged"), "app-[^:]*");
+    let changed = plans
+        .iter()
+        .find(|p| p.namespace == "changed")
+        .expect("its plan");
+    assert_eq!(changed.note, migrate::CHANGED);
+    // Run again, the command finds a regex there and leaves it.
+    let again = iam(&kubeconfig, &["migrate", "--write"]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(stored("changed"), "db-reader");
     emulator.shutdown().await;
 }
