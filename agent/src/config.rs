@@ -115,8 +115,9 @@ pub struct ServeConfig {
     pub health_listen: SocketAddr,
     /// Once the listeners are bound (and the iptables rules installed), write their
     /// addresses to this file (`listen ADDRESS`, `container-listen ADDRESS` when that
-    /// endpoint is on, and `health-listen ADDRESS`, one a line; replaced atomically): with
-    /// port 0 in a listen address, this is how a supervisor learns the ports.
+    /// endpoint is on, `listen6` and `container-listen6` on a node with an IPv6 address, and
+    /// `health-listen ADDRESS`, one a line; replaced atomically): with port 0 in a listen
+    /// address, this is how a supervisor learns the ports.
     #[arg(long, env = "PODIAM_AGENT_LISTEN_ADDRESS_FILE")]
     pub listen_address_file: Option<PathBuf>,
     /// The servers' gRPC URL: a name that resolves to every replica (a headless Service),

@@ -86,11 +86,12 @@ async fn serve(config: ValidConfig) -> anyhow::Result<()> {
     {
         tracing::warn!("{warning}");
     }
-    if let Some(path) = &config.listen_address_file {
-        write_addresses(path, &listeners)?;
-    }
     if let (None, Some(interception)) = (&rules, &config.iptables) {
         rules = Some((intercept(interception, false).await?, interception));
+    }
+    // Written last: whoever reads the file finds every listener bound and the rules in place.
+    if let Some(path) = &config.listen_address_file {
+        write_addresses(path, &listeners)?;
     }
     // With the rules ours, pods' connections come through them and only those are served.
     let listeners = only_intercepted(listeners, rules.is_some(), agent.connection_observer());
