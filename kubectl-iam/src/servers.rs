@@ -394,7 +394,8 @@ mod tests {
             server: server.iter().map(|s| s.to_string()).collect(),
             server_name: None,
             tls_ca: ca.map(|p| p.to_path_buf()),
-            server_timeout: Duration::from_secs(1),
+            // No test here waits for it: generous, for a busy machine's TLS handshakes.
+            server_timeout: Duration::from_secs(5),
         }
     }
 

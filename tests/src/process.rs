@@ -217,6 +217,10 @@ pub async fn listen_addresses(
     found.ok_or(ProcessError::Exited { name })
 }
 
+/// How long a change (a grant, a revocation, a first credential through a review) may take
+/// to reach pods in a test: they hold within a second, with slack for a loaded 2-core machine.
+pub const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Polls `condition` every [`POLL_INTERVAL`] until it is true, or fails after `within`
 /// with an error naming `what`.
 pub async fn wait_until<F, Fut>(

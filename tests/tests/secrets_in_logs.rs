@@ -418,6 +418,14 @@ async fn no_secret_reaches_any_log_line_at_trace() {
     .await
     .expect("web refused");
 
+    // Every line of every daemon, every process of the run: read before the secrets are
+    // listed, as sessions go on being issued (`--refresh-after`), so that every secret a line
+    // read could hold is searched for.
+    let mut logs = vec![("the agent".to_string(), world.agent_log_text())];
+    for i in 0..world.replicas().len() {
+        logs.push((format!("server replica {i}"), world.server_log_text_of(i)));
+    }
+
     // Everything STS issued, and the standing secrets.
     let calls = world.sts_proxy().calls();
     let issued: usize = calls.iter().map(|c| c.issued_secrets.len()).sum();
@@ -457,11 +465,6 @@ async fn no_secret_reaches_any_log_line_at_trace() {
         }
     }
 
-    // Every line of every daemon, every process of the run.
-    let mut logs = vec![("the agent".to_string(), world.agent_log_text())];
-    for i in 0..world.replicas().len() {
-        logs.push((format!("server replica {i}"), world.server_log_text_of(i)));
-    }
     for (whose, log) in &logs {
         let trace_lines = log.lines().filter(|l| l.contains(" TRACE ")).count();
         assert!(
