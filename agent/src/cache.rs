@@ -12,6 +12,14 @@
 //! no waiting: only a miss takes the key's fill lock (issue 17: every request of a busy pod
 //! used to queue on it).
 //!
+//! A fetch STS failed for (`sts-refused`, `sts-unavailable`) is remembered for
+//! [`REFUSAL_HELD`]: requests for the key meanwhile get the same refusal without a call. A
+//! pod asking again and again for a role STS will not give (a trust policy that does not
+//! name the servers, STS throttling) otherwise turned each of its requests into a call to
+//! the key's owner, which pays for it in TLS, a lookup and a refusal however quickly it
+//! answers. The servers hold such refusals too, for 30 s; the agent holds them only long
+//! enough to stop a loop, so a fix is seen within a second.
+//!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
 //! the container-credentials endpoint, each until the token expires, so that a pod proves
 //! itself once per token, not once per request. They go with the pod's entries.
@@ -30,7 +38,25 @@ use podiam_proto::v1::Credentials;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::container::TokenDigest;
+use crate::decision::Refusal;
 use crate::imds::{self, Document};
+use podiam_proto::Reason;
+
+/// How long a key's refusal by STS is answered again without asking the servers.
+pub const REFUSAL_HELD: Duration = Duration::from_secs(1);
+
+/// An error a fetch fails with, and what it says of its key: the refusal to hold for
+/// [`REFUSAL_HELD`], if it is one STS gave. Anything else (the servers out of reach, another
+/// pod at the address, a refusal that depends on the pod's decision) is not held.
+pub trait Held: From<Refusal> {
+    fn refusal(&self) -> Option<&Refusal>;
+
+    /// The refusal to hold, if this is one.
+    fn held(&self) -> Option<&Refusal> {
+        self.refusal()
+            .filter(|r| matches!(r.reason, Reason::StsRefused | Reason::StsUnavailable))
+    }
+}
 
 /// Cached credentials and the documents served for them.
 #[derive(PartialEq)]
@@ -85,6 +111,8 @@ impl std::fmt::Debug for Entry {
 struct Slot {
     current: RwLock<Option<Arc<Entry>>>,
     fill: AsyncMutex<()>,
+    /// The last fetch's refusal by STS, and until when it is answered again.
+    refused: Mutex<Option<(tokio::time::Instant, Refusal)>>,
 }
 
 impl Slot {
@@ -100,6 +128,21 @@ impl Slot {
 
     fn set(&self, entry: Arc<Entry>) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(entry);
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The refusal still held, if any.
+    fn held(&self) -> Option<Refusal> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused
+            .as_ref()
+            .filter(|(until, _)| tokio::time::Instant::now() < *until)
+            .map(|(_, refusal)| refusal.clone())
+    }
+
+    fn hold(&self, refusal: &Refusal) {
+        let until = tokio::time::Instant::now() + REFUSAL_HELD;
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some((until, refusal.clone()));
     }
 }
 
@@ -152,8 +195,9 @@ impl CredentialCache {
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at
-    /// `now`, else the result of the future `fetch` makes (stored when it succeeds); the
-    /// future is only made on a miss.
+    /// `now`, else the result of the future `fetch` makes (stored when it succeeds; held
+    /// when STS refused it, see [`Held`]); the future is only made on a miss with no refusal
+    /// held.
     pub async fn get<E, F>(
         &self,
         uid: &str,
@@ -162,6 +206,7 @@ impl CredentialCache {
         fetch: impl FnOnce() -> F,
     ) -> Result<(Arc<Entry>, Source), E>
     where
+        E: Held,
         F: Future<Output = Result<Credentials, E>>,
     {
         let slot = self.slot(uid, role_arn);
@@ -170,13 +215,34 @@ impl CredentialCache {
             return Ok((cached, Source::Cache));
         }
         let _filling = slot.fill.lock().await;
-        // Another request may have filled it while this one waited.
+        // Another request may have filled it, or been refused, while this one waited.
         if let Some(cached) = slot.fresh(now, min_remaining) {
             return Ok((cached, Source::Cache));
         }
-        let fetched = Arc::new(Entry::new(fetch().await?));
-        slot.set(Arc::clone(&fetched));
-        Ok((fetched, Source::Server))
+        if let Some(refusal) = slot.held() {
+            return Err(E::from(refusal));
+        }
+        match fetch().await {
+            Ok(credentials) => {
+                let fetched = Arc::new(Entry::new(credentials));
+                slot.set(Arc::clone(&fetched));
+                Ok((fetched, Source::Server))
+            }
+            Err(error) => {
+                if let Some(refusal) = error.held() {
+                    slot.hold(refusal);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Holds `refusal`, STS's answer to a fetch for (uid, role ARN) made outside
+    /// [`CredentialCache::get`] (a pod token's first call), as `get` would.
+    pub fn hold<E: Held>(&self, uid: &str, role_arn: &str, error: &E) {
+        if let Some(refusal) = error.held() {
+            self.slot(uid, role_arn).hold(refusal);
+        }
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at `now`:
@@ -321,6 +387,28 @@ impl CredentialCache {
 mod tests {
     use super::*;
 
+    /// A fetch's failure: the servers out of reach, or their refusal.
+    #[derive(Debug, PartialEq)]
+    enum Failed {
+        Down,
+        Refused(Refusal),
+    }
+
+    impl From<Refusal> for Failed {
+        fn from(refusal: Refusal) -> Failed {
+            Failed::Refused(refusal)
+        }
+    }
+
+    impl Held for Failed {
+        fn refusal(&self) -> Option<&Refusal> {
+            match self {
+                Failed::Refused(refusal) => Some(refusal),
+                Failed::Down => None,
+            }
+        }
+    }
+
     fn creds(id: &str, expiration_unix: i64) -> Credentials {
         Credentials {
             access_key_id: id.into(),
@@ -334,8 +422,8 @@ mod tests {
     #[tokio::test]
     async fn hits_need_no_fetch_until_the_floor() {
         let cache = CredentialCache::new(FLOOR);
-        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
-        let got = |r: Result<(Arc<Entry>, Source), ()>| {
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
+        let got = |r: Result<(Arc<Entry>, Source), Failed>| {
             r.map(|(entry, source)| (entry.credentials.access_key_id.clone(), source))
         };
         assert_eq!(
@@ -374,7 +462,7 @@ mod tests {
     #[tokio::test]
     async fn forgetting_a_pod_drops_its_entries_only() {
         let cache = CredentialCache::new(FLOOR);
-        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
         cache
             .get("a", "r", 0, || fetch("1"))
             .await
@@ -402,7 +490,7 @@ mod tests {
     #[tokio::test]
     async fn what_a_fetch_brings_after_its_pod_was_deleted_is_not_kept() {
         let cache = CredentialCache::new(FLOOR);
-        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
         // A fetch under way (its slot taken) when the pod is deleted.
         let slot = cache.slot("a", "r");
         cache.gone("a");
@@ -457,7 +545,7 @@ mod tests {
     async fn debug_output_shows_no_secret() {
         let cache = CredentialCache::new(FLOOR);
         let (entry, _) = cache
-            .get("a", "r", 0, || async { Ok::<_, ()>(secret_creds()) })
+            .get("a", "r", 0, || async { Ok::<_, Failed>(secret_creds()) })
             .await
             .expect("fetched");
         assert!(
@@ -502,7 +590,7 @@ mod tests {
     #[tokio::test]
     async fn put_replaces_the_entry() {
         let cache = CredentialCache::new(FLOOR);
-        let fetch = |id: &'static str| async move { Ok::<_, ()>(creds(id, 3600)) };
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
         cache
             .get("a", "r", 0, || fetch("1"))
             .await
@@ -531,7 +619,7 @@ mod tests {
                     if let Some(gate) = released.lock().await.take() {
                         let _ = gate.await;
                     }
-                    Ok::<_, ()>(creds("1", 3600))
+                    Ok::<_, Failed>(creds("1", 3600))
                 };
                 cache
                     .get("a", "r", 0, fetch)
@@ -558,7 +646,7 @@ mod tests {
             tokio::spawn(async move {
                 let fetch = || async move {
                     let _ = held.await;
-                    Ok::<_, ()>(creds("2", 3600))
+                    Ok::<_, Failed>(creds("2", 3600))
                 };
                 cache.get("a", "other", 0, fetch).await.map(|_| ())
             })
@@ -566,7 +654,9 @@ mod tests {
         tokio::task::yield_now().await;
         let hit = tokio::time::timeout(
             Duration::from_secs(5),
-            cache.get("a", "r", 0, || async { Err::<Credentials, ()>(()) }),
+            cache.get("a", "r", 0, || async {
+                Err::<Credentials, _>(Failed::Down)
+            }),
         )
         .await
         .expect("a hit does not wait")
@@ -580,12 +670,67 @@ mod tests {
         let cache = CredentialCache::new(FLOOR);
         assert_eq!(
             cache
-                .get("a", "r", 0, || async { Err::<Credentials, _>("down") })
-                .await,
-            Err("down")
+                .get("a", "r", 0, || async {
+                    Err::<Credentials, _>(Failed::Down)
+                })
+                .await
+                .map(|r| r.1),
+            Err(Failed::Down)
         );
         let ok = cache
-            .get("a", "r", 0, || async { Ok::<_, &str>(creds("1", 3600)) })
+            .get("a", "r", 0, || async { Ok::<_, Failed>(creds("1", 3600)) })
+            .await;
+        assert_eq!(ok.map(|r| r.1), Ok(Source::Server));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_by_sts_is_answered_again_for_a_second_without_a_fetch() {
+        let cache = CredentialCache::new(FLOOR);
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let refused = |reason| {
+            let calls = &calls;
+            move || async move {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err::<Credentials, _>(Failed::Refused(Refusal {
+                    reason,
+                    message: "AccessDenied".into(),
+                }))
+            }
+        };
+        let count = || calls.load(std::sync::atomic::Ordering::SeqCst);
+        for reason in [Reason::StsRefused, Reason::StsUnavailable] {
+            let first = cache.get("a", "r", 0, refused(reason)).await.map(|r| r.1);
+            let held = count();
+            for _ in 0..100 {
+                let again = cache.get("a", "r", 0, refused(reason)).await.map(|r| r.1);
+                assert_eq!(again, first);
+            }
+            assert_eq!(
+                count(),
+                held,
+                "{reason:?}: a held refusal was fetched again"
+            );
+            // Another key of the pod, and another pod, are asked for as ever.
+            let _ = cache.get("a", "r2", 0, refused(reason)).await;
+            let _ = cache.get("b", "r", 0, refused(reason)).await;
+            assert_eq!(count(), held + 2);
+            // A second on, the servers are asked again.
+            tokio::time::advance(REFUSAL_HELD).await;
+            let _ = cache.get("a", "r", 0, refused(reason)).await;
+            assert_eq!(count(), held + 3);
+            tokio::time::advance(REFUSAL_HELD).await;
+        }
+        // Refusals that depend on the pod's decision, not on STS, are asked again each time.
+        let before = count();
+        for _ in 0..3 {
+            let _ = cache.get("c", "r", 0, refused(Reason::NoRole)).await;
+        }
+        assert_eq!(count(), before + 3);
+        // Credentials fetched end the hold at once, and a pod's decision changing drops it.
+        let _ = cache.get("d", "r", 0, refused(Reason::StsRefused)).await;
+        cache.forget("d");
+        let ok = cache
+            .get("d", "r", 0, || async { Ok::<_, Failed>(creds("1", 3600)) })
             .await;
         assert_eq!(ok.map(|r| r.1), Ok(Source::Server));
     }

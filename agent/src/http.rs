@@ -20,7 +20,7 @@ use http_body_util::Full;
 use podiam_proto::Reason;
 use podiam_runtime::telemetry::Escaped;
 
-use crate::cache::{CredentialCache, Source};
+use crate::cache::{CredentialCache, Held, Source};
 use crate::decision::{PodDecision, PodId, Refusal, Role, ServerError};
 use crate::imds;
 use crate::metrics::{Metrics, ServerErrorLabels};
@@ -125,6 +125,21 @@ impl From<ServerError> for Refused {
             ServerError::Refused(refusal) => Refused::ByServers(refusal),
             ServerError::Unavailable(why) => Refused::ServersUnavailable(why),
             ServerError::Other(why) => Refused::ServerFailed(why),
+        }
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Refused {
+        Refused::ByServers(refusal)
+    }
+}
+
+impl Held for Refused {
+    fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Refused::ByServers(refusal) => Some(refusal),
+            _ => None,
         }
     }
 }
@@ -1069,7 +1084,7 @@ mod tests {
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
         };
         cache
-            .get("uid", "arn", 0, || async { Ok::<_, ()>(secret) })
+            .get("uid", "arn", 0, || async { Ok::<_, Refused>(secret) })
             .await
             .expect("cached");
         let node = NodeMetadata::new("http://169.254.169.254");

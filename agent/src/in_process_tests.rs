@@ -105,6 +105,9 @@ struct Replica {
     /// The pod tokens it accepts (for the pod at the request's address, whichever it is);
     /// any other is refused as the API server would.
     pod_tokens: Mutex<Vec<String>>,
+    /// STS refuses every AssumeRole while this is set (the pod and its token checked first,
+    /// as the servers do).
+    sts_refuses: AtomicBool,
 }
 
 impl Replica {
@@ -210,6 +213,9 @@ impl Podiam for Fake {
             .ok_or_else(|| Reason::UnknownPod.status("no such pod"))?;
         if state.role_arn.is_empty() {
             return Err(Reason::NoRole.status("the pod has no role"));
+        }
+        if self.0.sts_refuses.load(Ordering::SeqCst) {
+            return Err(Reason::StsRefused.status("STS refused AssumeRole: AccessDenied"));
         }
         let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
@@ -1431,5 +1437,45 @@ async fn credentials_the_servers_give_another_pod_while_the_table_lists_this_one
     }
     rig.wait_for_status(WEB, CREDENTIALS, 200, "the table never heard")
         .await;
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_role_sts_refuses_costs_the_servers_a_call_a_second_however_often_the_pod_asks() {
+    // A pod whose role STS will not give (a trust policy that does not name the servers)
+    // asking in a loop, by address and with its token: the refusal is held for a second,
+    // so each second costs the servers one call per key, not one per request.
+    let rig = Rig::start(&[pod("web", WEB), pod("api", API)]).await;
+    rig.stream_synced(WEB).await;
+    let token = accepted_token(&rig, "api");
+    for replica in &rig.replicas {
+        replica.sts_refuses.store(true, Ordering::SeqCst);
+    }
+    // web by its address, api with its token (two pods: the two paths share a pod's cache).
+    for (from, port, path, token) in [
+        (WEB, AGENT, CREDENTIALS, None),
+        (API, CONTAINER, PATH, Some(token.as_str())),
+    ] {
+        let calls = rig.credentials_calls();
+        for _ in 0..20 {
+            let (status, body) = rig.get_with(from, port, path, token).await;
+            assert_eq!(status, 403, "{path}: {body}");
+            assert!(body.contains("sts-refused"), "{path}: {body}");
+        }
+        assert_eq!(rig.credentials_calls() - calls, 1, "{path}: server calls");
+        // A second on, the servers are asked again, and answer once STS does.
+        for replica in &rig.replicas {
+            replica.sts_refuses.store(false, Ordering::SeqCst);
+        }
+        let (status, _) = rig.get_with(from, port, path, token).await;
+        assert_eq!(status, 403, "{path}: still held");
+        tokio::time::advance(crate::cache::REFUSAL_HELD).await;
+        let (status, body) = rig.get_with(from, port, path, token).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(rig.credentials_calls() - calls, 2, "{path}: server calls");
+        for replica in &rig.replicas {
+            replica.sts_refuses.store(true, Ordering::SeqCst);
+        }
+    }
     rig.stop().await;
 }
