@@ -54,6 +54,7 @@ fn closed_reason(why: Closed) -> &'static str {
         Closed::PoolEvicted => "pool-evicted",
         Closed::PoolRefused => "pool-refused",
         Closed::NotIntercepted => "not-intercepted",
+        Closed::WriteTimeout => "write-timeout",
     }
 }
 
@@ -196,8 +197,8 @@ impl Metrics {
         registry.register(
             "connections_closed",
             "Pod-facing connections the agent closed or refused on its own, by reason \
-             (pod-limit-refused, pod-limit-evicted, header-timeout, idle-timeout, request-limit, \
-             pool-evicted, pool-refused)",
+             (pod-limit-refused, pod-limit-evicted, header-timeout, write-timeout, idle-timeout, \
+             request-limit, pool-evicted, pool-refused, not-intercepted)",
             self.connections_closed.clone(),
         );
         registry.register(

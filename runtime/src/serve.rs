@@ -36,7 +36,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -65,9 +65,17 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pending connections a listener queues (the kernel caps it at net.core.somaxconn).
 const BACKLOG: u32 = 1024;
 
+/// Each accepted socket's kernel buffers, each way (the kernel doubles it for its own
+/// bookkeeping). A request head is at most [`MAX_HEAD_BYTES`] and an answer a few KiB, so this
+/// costs nothing in speed; it bounds what a client that sends and never reads can make the
+/// kernel hold for it (requests queued unread, answers unsent), charged to this process's
+/// memory: the default buffers grow to 128 KiB and more a connection.
+const SOCKET_BUFFER_BYTES: usize = 16 * 1024;
+
 /// Binds `addr` with SO_REUSEPORT, so that a new process can listen beside this one during a
 /// handover (the agent's rolling update) and the kernel spreads connections over both until
-/// the old one stops accepting.
+/// the old one stops accepting. Accepted sockets have fixed [`SOCKET_BUFFER_BYTES`] buffers:
+/// for listeners of small requests and answers only.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -76,6 +84,9 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
+    // Set on the listening socket, before it listens: accepted sockets inherit them.
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES as u32)?;
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES as u32)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
@@ -192,10 +203,12 @@ pub enum Closed {
     /// It did not come the way the listener's connections must (for the agent's pod ports:
     /// through its DNAT rules): closed as soon as it was accepted.
     NotIntercepted,
+    /// Its client took none of an answer for the head deadline: it sends and does not read.
+    WriteTimeout,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 8] = [
+    pub const ALL: [Closed; 9] = [
         Closed::PeerLimitRefused,
         Closed::PeerLimitEvicted,
         Closed::HeaderTimeout,
@@ -204,6 +217,7 @@ impl Closed {
         Closed::PoolEvicted,
         Closed::PoolRefused,
         Closed::NotIntercepted,
+        Closed::WriteTimeout,
     ];
 
     /// A short name for logs and metrics.
@@ -217,6 +231,7 @@ impl Closed {
             Closed::PoolEvicted => "pool-evicted",
             Closed::PoolRefused => "pool-refused",
             Closed::NotIntercepted => "not-intercepted",
+            Closed::WriteTimeout => "write-timeout",
         }
     }
 }
@@ -251,10 +266,15 @@ enum Phase {
     Idle { since: Instant },
 }
 
-/// One connection's state, shared by its reads, its service and its watchdog.
+/// One connection's state, shared by its reads, its writes, its service and its watchdog.
 #[derive(Debug)]
 struct Conn {
     phase: Mutex<Phase>,
+    /// Since when a write has found the socket's buffer full (the client not reading), if
+    /// one has: a deadline of its own, whatever the phase.
+    blocked: Mutex<Option<Instant>>,
+    /// Whether `blocked` is set: what a write that goes through looks at.
+    is_blocked: AtomicBool,
     /// Cancelled when a newer connection of the same peer takes this one's place.
     evicted: CancellationToken,
     requests: AtomicUsize,
@@ -264,8 +284,27 @@ impl Conn {
     fn new(now: Instant) -> Conn {
         Conn {
             phase: Mutex::new(Phase::Head { since: now }),
+            blocked: Mutex::new(None),
+            is_blocked: AtomicBool::new(false),
             evicted: CancellationToken::new(),
             requests: AtomicUsize::new(0),
+        }
+    }
+
+    /// A write found the socket's buffer full; the first such since the last that went
+    /// through starts the write's deadline.
+    fn write_blocked(&self) {
+        if !self.is_blocked.load(Ordering::Relaxed) {
+            *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            self.is_blocked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A write went through (or the socket failed: the connection ends anyway).
+    fn write_done(&self) {
+        if self.is_blocked.load(Ordering::Relaxed) {
+            *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.is_blocked.store(false, Ordering::Relaxed);
         }
     }
 
@@ -307,14 +346,28 @@ impl Conn {
         };
     }
 
-    /// When this connection must be closed if nothing happens, and why.
+    /// When this connection must be closed if nothing happens, and why: a write blocked
+    /// for the head deadline (a client that sends and does not read holds the kernel's
+    /// buffers and its place until then, not for the idle limit), else its phase's.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, Closed)> {
-        match self.phase() {
+        let blocked = if self.is_blocked.load(Ordering::Relaxed) {
+            *self.blocked.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            None
+        };
+        let phase = match self.phase() {
             Phase::Head { since } => {
                 Some((since + limits.header_read_timeout, Closed::HeaderTimeout))
             }
             Phase::Idle { since } => Some((since + limits.idle_timeout, Closed::IdleTimeout)),
             Phase::Answering { .. } => None,
+        };
+        match (blocked, phase) {
+            (Some(since), phase) => {
+                let write = (since + limits.header_read_timeout, Closed::WriteTimeout);
+                Some(phase.filter(|(at, _)| *at < write.0).unwrap_or(write))
+            }
+            (None, phase) => phase,
         }
     }
 }
@@ -486,17 +539,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
+impl<T> Watched<T> {
+    /// `polled`, a write's outcome, noted on the connection: blocked, or through.
+    fn noted<R>(&self, polled: Poll<R>) -> Poll<R> {
+        match polled {
+            Poll::Pending => self.conn.write_blocked(),
+            Poll::Ready(_) => self.conn.write_done(),
+        }
+        polled
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.noted(polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.noted(polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -508,7 +574,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.noted(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -781,6 +848,12 @@ fn due(
             // Half a head is not worth an answer: dropped.
             tracing::debug!(%peer, "request head not received in time; closing");
             observer.closed(Closed::HeaderTimeout);
+            Due::Drop
+        }
+        Some((at, Closed::WriteTimeout)) if at <= now => {
+            // A client that does not read would not read the rest either: dropped.
+            tracing::debug!(%peer, "the client took no answer in time; closing");
+            observer.closed(Closed::WriteTimeout);
             Due::Drop
         }
         Some((at, why)) if at <= now => {
@@ -1104,6 +1177,43 @@ mod tests {
 
     async fn observed(limits: Limits) -> (SocketAddr, Arc<Counts>, CancellationToken) {
         observed_gated(limits, tokio::sync::watch::Sender::new(true)).await
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_and_does_not_read_is_closed_at_the_head_deadline() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let (addr, counts, _stop) = observed(limits).await;
+        // Pipelined requests, never an answer read: the server's answers fill its send
+        // buffer and the client's receive buffer (both small), and its writes block.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("buffer");
+        let stream = socket.connect(addr).await.expect("connects");
+        let (_reader, mut writer) = stream.into_split();
+        let sending = tokio::spawn(async move {
+            for _ in 0..20_000 {
+                if writer.write_all(GET).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Closed for that, not left until the idle limit (120 s) with its buffers full.
+        eventually("closed as not reading", || {
+            counts.closed(Closed::WriteTimeout) == 1
+        })
+        .await;
+        eventually("gone", || counts.open.load(Ordering::SeqCst) == 0).await;
+        sending.abort();
+        // A client that reads its answers is never closed so.
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        for _ in 0..3 {
+            stream.write_all(GET).await.expect("sends");
+            assert!(response(&mut stream).await.is_some());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(counts.closed(Closed::WriteTimeout), 1);
     }
 
     /// [`observed`], whose answers are held while `open` says false.
