@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use podiam_proto::Reason;
-use podiam_runtime::telemetry::Escaped;
+use podiam_runtime::telemetry::{Escaped, LogThrottle};
 
 use crate::cache::{CredentialCache, Held, Source};
 use crate::decision::{PodDecision, PodId, Refusal, Role, ServerError};
@@ -311,7 +311,14 @@ pub struct MetadataService {
     /// Addresses the servers placed on another node a moment ago: refused without a call
     /// (after the table's wait, which a pod of this node taking the address over ends).
     elsewhere: crate::elsewhere::Elsewhere,
+    /// Failed server calls logged once a window per pod and kind: while the servers are out
+    /// of reach every request of every pod fails alike, and a pod asking in a loop would
+    /// otherwise write a line a request.
+    failures_logged: LogThrottle<(IpAddr, &'static str)>,
 }
+
+/// The window of [`MetadataService::failures_logged`].
+const FAILURES_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for MetadataService {
     /// Written by hand, like every `Debug` over a secret: the cache (credentials), the token
@@ -344,6 +351,7 @@ impl MetadataService {
             metrics,
             new_tokens: Default::default(),
             elsewhere: Default::default(),
+            failures_logged: LogThrottle::new(FAILURES_LOGGED_EVERY),
         }
     }
 
@@ -412,8 +420,12 @@ impl MetadataService {
                     _ => None,
                 };
                 if let Some((kind, error)) = kind {
-                    // A server's message may quote what the pod asked.
-                    tracing::warn!(%peer, error = %Escaped(error), "server call failed");
+                    // tokio's clock: the same as the system's, but for tests in paused time.
+                    let now = tokio::time::Instant::now().into_std();
+                    if let Some(held_back) = self.failures_logged.admit((peer, kind), now) {
+                        // A server's message may quote what the pod asked.
+                        tracing::warn!(%peer, error = %Escaped(error), held_back, "server call failed");
+                    }
                     self.metrics
                         .server_errors
                         .get_or_create(&ServerErrorLabels { kind })

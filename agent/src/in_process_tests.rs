@@ -108,6 +108,8 @@ struct Replica {
     /// STS refuses every AssumeRole while this is set (the pod and its token checked first,
     /// as the servers do).
     sts_refuses: AtomicBool,
+    /// GetCredentials fails with an error podiam does not define while this is set.
+    fails: AtomicBool,
 }
 
 impl Replica {
@@ -199,6 +201,9 @@ impl Podiam for Fake {
         self.0.credentials_calls.fetch_add(1, Ordering::SeqCst);
         let delay = *self.0.credentials_delay.lock().expect("not poisoned");
         tokio::time::sleep(delay).await;
+        if self.0.fails.load(Ordering::SeqCst) {
+            return Err(Status::internal("the test's replica fails"));
+        }
         let request = request.into_inner();
         let tokens = self.0.pod_tokens.lock().expect("not poisoned");
         let refused = !request.pod_token.is_empty() && !tokens.contains(&request.pod_token);
@@ -1477,5 +1482,40 @@ async fn a_role_sts_refuses_costs_the_servers_a_call_a_second_however_often_the_
             replica.sts_refuses.store(true, Ordering::SeqCst);
         }
     }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_server_calls_are_logged_once_a_window_per_pod_however_often_it_asks() {
+    // Every replica failing credentials calls: each request for credentials fails alike
+    // (as it does while the servers are out of reach). The failure is counted every time,
+    // logged once a window.
+    let (_guard, logs) = podiam_runtime::telemetry::capture_logs();
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    for replica in &rig.replicas {
+        replica.fails.store(true, Ordering::SeqCst);
+    }
+    let warnings = || {
+        logs.text()
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains("server call failed"))
+            .count()
+    };
+    for _ in 0..10 {
+        let (status, body) = rig.get(WEB, CREDENTIALS).await;
+        assert_eq!(status, 502, "{body}");
+    }
+    assert_eq!(warnings(), 1, "{}", logs.text());
+    let counted = rig
+        .metric("podiam_agent_server_errors_total{kind=\"other\"}")
+        .await;
+    assert_eq!(counted, 10);
+    // The next window, one line more, saying how many were not written.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (status, _) = rig.get(WEB, CREDENTIALS).await;
+    assert_eq!(status, 502);
+    assert_eq!(warnings(), 2, "{}", logs.text());
+    assert!(logs.text().contains("held_back=9"), "{}", logs.text());
     rig.stop().await;
 }

@@ -168,31 +168,53 @@ impl<K: std::hash::Hash + Eq> LogThrottle<K> {
 /// that a logged field cannot forge a line.
 #[cfg(any(test, feature = "test-util"))]
 pub fn logged_text(log: impl FnOnce()) -> String {
-    use std::sync::{Arc, Mutex};
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let sink = Sink::default();
+    let (guard, logs) = capture_logs();
+    log();
+    drop(guard);
+    logs.text()
+}
+
+/// What the text log format writes, at every level, for the events of this thread until the
+/// guard is dropped: for tests of async code on a current-thread runtime (its tasks run on
+/// the test's thread).
+#[cfg(any(test, feature = "test-util"))]
+pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, CapturedLogs) {
+    let sink = CapturedLogs::default();
     let writer = sink.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
         .finish();
-    tracing::subscriber::with_default(subscriber, log);
-    let bytes = sink.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    String::from_utf8(bytes).expect("utf-8")
+    (tracing::subscriber::set_default(subscriber), sink)
+}
+
+/// The lines [`capture_logs`] captured.
+#[cfg(any(test, feature = "test-util"))]
+#[derive(Clone, Debug, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(any(test, feature = "test-util"))]
+impl CapturedLogs {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

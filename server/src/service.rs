@@ -1239,12 +1239,32 @@ fn notice(pod: &PodRecord, reason: Reason, note: String) -> Notice {
     }
 }
 
+/// STS failures refused to callers, logged once a window per kind, with how many were not:
+/// during an outage or throttling every pod missing its cache is refused alike, and a pod
+/// asking in a loop would otherwise write a line a call (every call's outcome is counted in
+/// `podiam_server_sts_calls_total`).
+static STS_FAILURES_LOGGED: std::sync::LazyLock<LogThrottle<&'static str>> =
+    std::sync::LazyLock::new(|| LogThrottle::new(REFUSALS_LOGGED_EVERY));
+
 fn refuse(failure: Failure) -> Status {
+    refuse_logged(failure, &STS_FAILURES_LOGGED)
+}
+
+/// [`refuse`], STS failures logged through `sts_failures`.
+fn refuse_logged(failure: Failure, sts_failures: &LogThrottle<&'static str>) -> Status {
     // A refusal may quote what STS or the API said about a caller's input.
     let logged = Escaped(&failure);
     match &failure {
-        Failure::Sts(StsError::Unavailable(_) | StsError::Throttled(_)) => {
-            tracing::warn!(failure = %logged, "refused")
+        Failure::Sts(error @ (StsError::Unavailable(_) | StsError::Throttled(_))) => {
+            let kind = if matches!(error, StsError::Throttled(_)) {
+                "throttled"
+            } else {
+                "unavailable"
+            };
+            match sts_failures.admit(kind, std::time::Instant::now()) {
+                Some(held_back) => tracing::warn!(failure = %logged, held_back, "refused"),
+                None => tracing::debug!(failure = %logged, "refused"),
+            }
         }
         // The caller is told only what its token says; the log has whose address it used.
         Failure::PodToken(
@@ -1458,6 +1478,26 @@ mod tests {
             assert_eq!(lines.lines().count(), 1, "{text:?}:\n{lines}");
             assert!(lines.contains(r"\r\n2026-01-01"), "{lines}");
         }
+    }
+
+    #[test]
+    fn sts_failures_refused_alike_are_one_warning_a_window() {
+        let throttle = LogThrottle::new(REFUSALS_LOGGED_EVERY);
+        let lines = podiam_runtime::telemetry::logged_text(|| {
+            for _ in 0..5 {
+                let failure = Failure::Sts(StsError::Throttled("Rate exceeded".into()));
+                refuse_logged(failure, &throttle);
+            }
+            refuse_logged(
+                Failure::Sts(StsError::Unavailable("timed out".into())),
+                &throttle,
+            );
+        });
+        // Each logged, one warning per kind, the others at debug level.
+        assert_eq!(lines.lines().count(), 6, "{lines}");
+        let warnings: Vec<&str> = lines.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert_eq!(warnings.len(), 2, "{lines}");
+        assert!(warnings[0].contains("Rate exceeded") && warnings[1].contains("timed out"));
     }
 
     #[test]

@@ -453,6 +453,11 @@ impl Webhook {
 
 /// Longest a connection may take to send a request's head: the API server sends at once.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Largest request head read (hyper's floor for its buffer is 8 KiB); bodies are read in
+/// pieces of it.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in a request: the API server sends about ten.
+const MAX_HEADERS: usize = 32;
 
 /// Serves `webhook` over HTTPS (`tls`, no client certificate) on `listener` until `stop`;
 /// connections and the accept loop run on `tasks`. Reviews are counted in `reviews` by
@@ -490,6 +495,11 @@ pub fn serve<L: podiam_runtime::net::Listener>(
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
+                    // The API server's heads are small; hyper's default (about 400 KiB a
+                    // connection, for heads of up to 100 headers) let every connection of
+                    // any address that reaches the port hold that much.
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .max_headers(MAX_HEADERS)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let mut connection = std::pin::pin!(connection);
                 tokio::select! {
