@@ -13,12 +13,13 @@
 //! used to queue on it).
 //!
 //! A fetch STS failed for (`sts-refused`, `sts-unavailable`) is remembered for
-//! [`REFUSAL_HELD`]: requests for the key meanwhile get the same refusal without a call. A
-//! pod asking again and again for a role STS will not give (a trust policy that does not
-//! name the servers, STS throttling) otherwise turned each of its requests into a call to
-//! the key's owner, which pays for it in TLS, a lookup and a refusal however quickly it
-//! answers. The servers hold such refusals too, for 30 s; the agent holds them only long
-//! enough to stop a loop, so a fix is seen within a second.
+//! [`REFUSAL_HELD`]: requests for the key meanwhile get the same refusal without a call (at
+//! the container endpoint, requests with the same pod token). A pod asking again and again
+//! for a role STS will not give (a trust policy that does not name the servers, STS
+//! throttling) otherwise turned each of its requests into a call to the key's owner, which
+//! pays for it in TLS, a lookup and a refusal however quickly it answers. The servers hold
+//! such refusals too (an STS refusal for 30 s, an outage for their back-off); the agent holds
+//! them only long enough to stop a loop, so a fix is seen within a second.
 //!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
 //! the container-credentials endpoint, each until the token expires, so that a pod proves
@@ -111,9 +112,14 @@ impl std::fmt::Debug for Entry {
 struct Slot {
     current: RwLock<Option<Arc<Entry>>>,
     fill: AsyncMutex<()>,
-    /// The last fetch's refusal by STS, and until when it is answered again.
-    refused: Mutex<Option<(tokio::time::Instant, Refusal)>>,
+    /// The last fetch's refusal by STS, until when it is answered again, and the pod token
+    /// of the call it answered if that token was not proven (answered again to that token
+    /// only; `None`: to [`CredentialCache::get`]).
+    refused: Mutex<Option<Hold>>,
 }
+
+/// A refusal held: until when, what, and for which unproven token, if any.
+type Hold = (tokio::time::Instant, Refusal, Option<TokenDigest>);
 
 impl Slot {
     /// The entry, if it has at least `min_remaining_secs` left at `now`.
@@ -131,18 +137,22 @@ impl Slot {
         *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// The refusal still held, if any.
-    fn held(&self) -> Option<Refusal> {
+    /// The refusal still held for calls with the unproven token `token` (`None`: calls of
+    /// [`CredentialCache::get`]), if any.
+    fn held(&self, token: Option<&TokenDigest>) -> Option<Refusal> {
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         refused
             .as_ref()
-            .filter(|(until, _)| tokio::time::Instant::now() < *until)
-            .map(|(_, refusal)| refusal.clone())
+            .filter(|(until, _, held_for)| {
+                tokio::time::Instant::now() < *until && held_for.as_ref() == token
+            })
+            .map(|(_, refusal, _)| refusal.clone())
     }
 
-    fn hold(&self, refusal: &Refusal) {
+    fn hold(&self, refusal: &Refusal, token: Option<TokenDigest>) {
         let until = tokio::time::Instant::now() + REFUSAL_HELD;
-        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some((until, refusal.clone()));
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((until, refusal.clone(), token));
     }
 }
 
@@ -219,7 +229,7 @@ impl CredentialCache {
         if let Some(cached) = slot.fresh(now, min_remaining) {
             return Ok((cached, Source::Cache));
         }
-        if let Some(refusal) = slot.held() {
+        if let Some(refusal) = slot.held(None) {
             return Err(E::from(refusal));
         }
         match fetch().await {
@@ -230,19 +240,42 @@ impl CredentialCache {
             }
             Err(error) => {
                 if let Some(refusal) = error.held() {
-                    slot.hold(refusal);
+                    slot.hold(refusal, None);
                 }
                 Err(error)
             }
         }
     }
 
-    /// Holds `refusal`, STS's answer to a fetch for (uid, role ARN) made outside
-    /// [`CredentialCache::get`] (a pod token's first call), as `get` would.
-    pub fn hold<E: Held>(&self, uid: &str, role_arn: &str, error: &E) {
-        if let Some(refusal) = error.held() {
-            self.slot(uid, role_arn).hold(refusal);
+    /// The result of `fetch`, a call for (uid, role ARN) with a pod token the servers have
+    /// not accepted for the pod yet (`token`), which the cache does not answer; but a refusal
+    /// by STS is held, as [`CredentialCache::get`] holds one, and answered again for
+    /// [`REFUSAL_HELD`] to calls with the same token only. (A refusal proves nothing of the
+    /// token: the servers may have judged it against another pod at the address.)
+    pub async fn unproven<T, E, F>(
+        &self,
+        uid: &str,
+        role_arn: &str,
+        token: &TokenDigest,
+        fetch: impl FnOnce() -> F,
+    ) -> Result<T, E>
+    where
+        E: Held,
+        F: Future<Output = Result<T, E>>,
+    {
+        // Taken before the call: a decision changing meanwhile leaves this slot, and what it
+        // holds, behind.
+        let slot = self.slot(uid, role_arn);
+        if let Some(refusal) = slot.held(Some(token)) {
+            return Err(E::from(refusal));
         }
+        let result = fetch().await;
+        if let Err(error) = &result
+            && let Some(refusal) = error.held()
+        {
+            slot.hold(refusal, Some(*token));
+        }
+        result
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at `now`:
@@ -726,7 +759,23 @@ mod tests {
             let _ = cache.get("c", "r", 0, refused(Reason::NoRole)).await;
         }
         assert_eq!(count(), before + 3);
-        // Credentials fetched end the hold at once, and a pod's decision changing drops it.
+        // A refusal of a call with an unproven pod token is held for that token only: not for
+        // another token, nor for the cache's own fetches.
+        let (mine, other): (TokenDigest, TokenDigest) = ([1; 32], [2; 32]);
+        let before = count();
+        let unproven = |token| cache.unproven("e", "r", token, refused(Reason::StsRefused));
+        let first = unproven(&mine).await.map(|_: Credentials| ());
+        assert!(first.is_err());
+        assert!(unproven(&mine).await.is_err());
+        assert_eq!(count(), before + 1, "held for the same token");
+        let _ = unproven(&other).await;
+        let _ = cache.get("e", "r", 0, refused(Reason::StsRefused)).await;
+        assert_eq!(
+            count(),
+            before + 3,
+            "not held for another token, nor for get"
+        );
+        // A pod's decision changing drops the hold with the pod's entries.
         let _ = cache.get("d", "r", 0, refused(Reason::StsRefused)).await;
         cache.forget("d");
         let ok = cache

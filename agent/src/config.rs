@@ -243,7 +243,7 @@ pub struct ServeConfig {
     pub max_connections_per_pod: usize,
     /// A request head must arrive whole within this time, counted from the connection's
     /// accept (its first request) or from the head's first byte (later ones); bytes trickling
-    /// in do not extend it.
+    /// in do not extend it. A pod that takes none of an answer for as long is closed too.
     #[arg(long, env = "PODIAM_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_timeout: Duration,
     /// A keep-alive connection with no request under way is closed after this long. Keep it

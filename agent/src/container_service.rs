@@ -10,7 +10,7 @@ use http::{Method, Request, Response, header};
 use http_body_util::Full;
 use podiam_runtime::clock::now_unix;
 
-use crate::cache::{Held, Source};
+use crate::cache::Source;
 use crate::container::{PATH, PodToken, credentials_json};
 use crate::decision::PodDecision;
 use crate::http::{AgentRefusal, MetadataService, Refused, still_granted};
@@ -133,15 +133,10 @@ impl MetadataService {
         // A token not proven yet for this pod: the servers check it on every such call,
         // whatever the cache holds.
         self.admit(peer, token, now)?;
-        let fetched = fetch().await;
-        if let Err(refused) = &fetched
-            && refused.held().is_some()
-        {
-            // The servers check a token before they ask STS: refused by STS, it is proven,
-            // and the refusal is held as a cached fetch's is.
-            self.cache.prove(&pod.uid, token.digest, token.expires, now);
-            self.cache.hold(&pod.uid, &own.arn, refused);
-        }
+        let fetched = self
+            .cache
+            .unproven(&pod.uid, &own.arn, &token.digest, fetch)
+            .await;
         let credentials = self.judged(peer, token, fetched)?;
         self.cache.prove(&pod.uid, token.digest, token.expires, now);
         still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;

@@ -331,6 +331,26 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_changed_since_they_were_read_fail_the_command_by_name() {
+        let plan = |namespace: &str, note: &str| Plan {
+            namespace: namespace.into(),
+            found: String::new(),
+            permitted: String::new(),
+            note: note.into(),
+            writable: true,
+            resource_version: None,
+        };
+        assert!(none_changed(&[plan("a", "written"), plan("b", "the same under podiam")]).is_ok());
+        let error = none_changed(&[plan("a", CHANGED), plan("b", "x"), plan("c", CHANGED)])
+            .expect_err("changed");
+        assert_eq!(error.exit_code(), 1);
+        assert_eq!(
+            error.to_string(),
+            "not written, as they changed while migrate ran: a, c; run it again"
+        );
+    }
+
+    #[test]
     fn kube2iam_globs_and_regexes_become_one_whole_role_regex() {
         let glob = from_kube2iam(
             r#"["app-reader", "team-a/*", "arn:aws:iam::1:role/x.y", "*-reader"]"#,

@@ -66,8 +66,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const BACKLOG: u32 = 1024;
 
 /// Each accepted socket's kernel buffers, each way (the kernel doubles it for its own
-/// bookkeeping). A request head is at most [`MAX_HEAD_BYTES`] and an answer a few KiB, so this
-/// costs nothing in speed; it bounds what a client that sends and never reads can make the
+/// bookkeeping). A request head is at most [`MAX_HEAD_BYTES`] and an answer a few KiB (the
+/// agent's largest, passed on from the node's metadata service, 64 KiB), so this costs
+/// nothing in speed; it bounds what a client that sends and never reads can make the
 /// kernel hold for it (requests queued unread, answers unsent), charged to this process's
 /// memory: the default buffers grow to 128 KiB and more a connection.
 const SOCKET_BUFFER_BYTES: usize = 16 * 1024;
@@ -128,6 +129,7 @@ pub struct Limits {
     pub max_connections_per_peer: usize,
     /// A request head must arrive whole within this time: from accept for a connection's
     /// first request, from its first byte for each later one. Trickled bytes do not extend it.
+    /// A write blocked for as long (the client takes none of an answer) closes it too.
     pub header_read_timeout: Duration,
     /// A connection with no request under way is closed after this long.
     pub idle_timeout: Duration,
@@ -1179,19 +1181,28 @@ mod tests {
         observed_gated(limits, tokio::sync::watch::Sender::new(true)).await
     }
 
+    /// A connection from a client whose receive buffer is small (4 KiB), and its two halves.
+    async fn small_reader(
+        addr: SocketAddr,
+    ) -> (
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("buffer");
+        socket.connect(addr).await.expect("connects").into_split()
+    }
+
     #[tokio::test]
     async fn a_client_that_sends_and_does_not_read_is_closed_at_the_head_deadline() {
         let limits = Limits {
-            header_read_timeout: Duration::from_millis(400),
+            header_read_timeout: Duration::from_secs(2),
             ..Limits::default()
         };
         let (addr, counts, _stop) = observed(limits).await;
         // Pipelined requests, never an answer read: the server's answers fill its send
         // buffer and the client's receive buffer (both small), and its writes block.
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(4096).expect("buffer");
-        let stream = socket.connect(addr).await.expect("connects");
-        let (_reader, mut writer) = stream.into_split();
+        let (_reader, mut writer) = small_reader(addr).await;
         let sending = tokio::spawn(async move {
             for _ in 0..20_000 {
                 if writer.write_all(GET).await.is_err() {
@@ -1206,14 +1217,50 @@ mod tests {
         .await;
         eventually("gone", || counts.open.load(Ordering::SeqCst) == 0).await;
         sending.abort();
-        // A client that reads its answers is never closed so.
-        let mut stream = TcpStream::connect(addr).await.expect("connects");
-        for _ in 0..3 {
-            stream.write_all(GET).await.expect("sends");
-            assert!(response(&mut stream).await.is_some());
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        // A client that reads its answers late, but reads them, is not: its writes blocked a
+        // moment, then went through. Idle past the head deadline, it is still served.
+        let (mut reader, mut writer) = small_reader(addr).await;
+        let requests = 500; // under the 1000 a connection may carry
+        let sending = tokio::spawn(async move {
+            for _ in 0..requests {
+                writer.write_all(GET).await.expect("sends");
+            }
+            writer
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut answers = 0;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while answers < requests {
+            let n = reader.read(&mut buf).await.expect("reads");
+            assert!(n > 0, "closed after {answers} answers");
+            seen.extend_from_slice(&buf[..n]);
+            answers = String::from_utf8_lossy(&seen)
+                .matches("HTTP/1.1 200")
+                .count();
         }
+        let mut writer = sending.await.expect("joins");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        writer.write_all(GET).await.expect("sends");
+        let n = reader.read(&mut buf).await.expect("reads");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "not served after its writes went through"
+        );
         assert_eq!(counts.closed(Closed::WriteTimeout), 1);
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_have_the_listeners_small_buffers() {
+        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connects");
+        let (accepted, _) = listener.accept().await.expect("accepts");
+        let socket = tokio::net::TcpSocket::from_std_stream(accepted.into_std().expect("std"));
+        // The kernel doubles what is set, for its own bookkeeping.
+        let doubled = 2 * SOCKET_BUFFER_BYTES as u32;
+        assert_eq!(socket.recv_buffer_size().expect("size"), doubled);
+        assert_eq!(socket.send_buffer_size().expect("size"), doubled);
     }
 
     /// [`observed`], whose answers are held while `open` says false.

@@ -327,7 +327,7 @@ async fn a_budget_of_five_calls_a_second_is_never_exceeded_and_a_pods_request_go
     // over 3 s of stamps (at most 3.3 s of sends, with up to 0.3 s of such delay): at most
     // 3 × RATE. A budget that let 5.5 calls a second through would show 16 or more. The
     // first RATE calls open the server's connections to STS, which may hold them up to a
-    // whole window: no count starts at one of them (they are counted in the others').
+    // whole window: the first RATE stamps are left out (no window starts at or before them).
     let window = Duration::from_secs(3);
     let most = (RATE.min(times.len())..times.len())
         .map(|i| {
