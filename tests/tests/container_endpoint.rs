@@ -12,14 +12,12 @@ use std::time::Duration;
 use podiam_tests::fixtures::{set_pod_role, team_a_with_agent};
 use podiam_tests::kube_emulator::{self, Kind};
 use podiam_tests::plugin::{iam, server_flags};
-use podiam_tests::process::wait_until;
+use podiam_tests::process::{CHANGE_DEADLINE, wait_until};
 use podiam_tests::world::{
     POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, Via, World, WorldConfig, metric_value,
 };
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
-/// Changes hold within a second; allow polling slack on a loaded 2-core machine.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 /// What the SDK matrix requires of the credentials it gets.
 const MIN_LIFE_SECS: i64 = 30 * 60;
 

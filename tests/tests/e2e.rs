@@ -6,17 +6,13 @@
 //! Each test builds its own [`World`] (unique namespace names), so they run in parallel, and
 //! everything is removed when the world drops, whether the test passed or not.
 
-use std::time::Duration;
-
 use podiam_tests::fixtures::{CREDS_PATH, set_pod_role, team_a};
 use podiam_tests::netns::NODE_METADATA_BODY;
-use podiam_tests::process::wait_for;
+use podiam_tests::process::{CHANGE_DEADLINE, wait_for};
 use podiam_tests::world::GoSdk;
 use podiam_tests::world::World;
 
 const ROLE_ARN_PREFIX: &str = "arn:aws:sts::123456789012:assumed-role/";
-/// Revocation must hold within a second; allow polling slack on a loaded 2-core machine.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
 fn expect_assumed(result: Result<String, String>, role: &str, world: &World) {
     match result {

@@ -4,15 +4,12 @@
 //! granted and revoked one step at a time, as pods see it on both endpoints, and as
 //! `kubectl iam explain` names it. Needs root.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use podiam_tests::fixtures::CREDS_PATH;
 use podiam_tests::plugin::{iam, server_flags};
-use podiam_tests::process::wait_until;
+use podiam_tests::process::{CHANGE_DEADLINE, wait_until};
 use podiam_tests::world::{BASE_ROLE_ARN, POD_TOKEN_AUDIENCE, POD_TOKEN_LIFE, World, WorldConfig};
-
-/// Changes reach pods within a second; allow polling slack on a loaded 2-core machine.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the metadata endpoint lists for `pod`: its role's name, or the refusal's status and
 /// reason.
