@@ -7,21 +7,27 @@
 //! from another CA, expired, not yet valid) is logged once with the peer's address and
 //! rustls's reason, and the connection is closed.
 //!
-//! One address holds at most [`MAX_CONNECTIONS_PER_ADDRESS`] connections at once, from its
-//! accept to its close ([`Held`]): the ports take connections without a client certificate
-//! (operators' calls), so without a cap one pod could open connections until a server ran
-//! out of memory. Beyond it a new connection is closed at once. Connections with no client
-//! certificate (operators' calls: agents always present one) are fewer still:
-//! [`MAX_UNCERTIFIED_PER_ADDRESS`] per address and [`MAX_UNCERTIFIED`] in all, since each may
-//! carry up to 256 calls whose requests are read before anything can refuse them. Loopback
-//! (`kubectl port-forward` arrives there; no pod can) is one address with a share of its
-//! own, [`MAX_UNCERTIFIED_LOOPBACK`], outside the total: pods cannot take port-forwards'
-//! places, and the node's own processes cannot take more by using all of 127/8.
+//! One address holds at most [`MAX_CONNECTIONS_PER_ADDRESS`] handshaken connections at once,
+//! from its handshake to its close ([`Held`]): the ports take connections without a client
+//! certificate (operators' calls), so without a cap one pod could open connections until a
+//! server ran out of memory. Beyond it a new connection is closed once handshaken.
+//! Connections with no client certificate (operators' calls: agents always present one) are
+//! counted apart and are fewer: [`MAX_UNCERTIFIED_PER_ADDRESS`] per address and
+//! [`MAX_UNCERTIFIED`] in all, since each may carry up to 256 calls whose requests are read
+//! before anything can refuse them. Loopback (`kubectl port-forward` arrives there; no pod
+//! can) is one address with a share of its own, [`MAX_UNCERTIFIED_LOOPBACK`], outside the
+//! total: pods cannot take port-forwards' places, and the node's own processes cannot take
+//! more by using all of 127/8. So what an address's connections without a certificate hold
+//! never keeps out a certified one from the same address (a pod whose traffic the CNI
+//! masquerades as its node's address, beside that node's agent).
 //!
-//! Handshakes under way are [`MAX_HANDSHAKES`] at most, all addresses together; at that
-//! number a new connection takes the place of the oldest handshake of the address with the
-//! most under way, if that is more than its own address has, else of the oldest handshake
-//! once it has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`]; otherwise it is closed.
+//! Handshakes under way are [`MAX_HANDSHAKES_PER_ADDRESS`] per address: at that number a new
+//! connection from the address takes the place of its oldest handshake, so an agent's (a few
+//! milliseconds) is not kept out by silent connections from its own address. They are
+//! [`MAX_HANDSHAKES`] at most, all addresses together; at that number a new connection takes
+//! the place of the oldest handshake of the address with the most under way, if that is more
+//! than its own address has, else of the oldest handshake once it has been under way for
+//! [`HANDSHAKE_GIVES_WAY_AFTER`]; otherwise it is closed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -57,61 +63,85 @@ fn refusal_class(why: &str) -> String {
 /// How much of a refusal's text tells its kind ([`refusal_class`]).
 const REFUSAL_CLASS_CHARS: usize = 48;
 
-/// The handshakes under way, oldest first, each with its address and what gives it up.
+/// The handshakes under way, oldest first, each with its address and what gives it up, and
+/// how many each address has under way.
 #[derive(Debug, Default)]
 struct UnderWay {
     next: u64,
     order: std::collections::VecDeque<(u64, IpAddr, tokio::time::Instant, CancellationToken)>,
+    per_address: HashMap<IpAddr, usize>,
 }
 
 impl UnderWay {
-    /// A place for a new handshake from `address` begun at `now`. At [`MAX_HANDSHAKES`]: the
-    /// oldest handshake of the address with the most under way, if that is more than
-    /// `address` has (so many addresses' silent connections cannot keep an agent's out);
-    /// else the oldest's, if it has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`]. The
-    /// handshake given up is told so; `None`: no place.
+    /// A place for a new handshake from `address` begun at `now`. At
+    /// [`MAX_HANDSHAKES_PER_ADDRESS`] of its own: the oldest of them (silent connections from
+    /// an agent's address cannot keep its handshake out). At [`MAX_HANDSHAKES`]: the oldest
+    /// handshake of the address with the most under way, if that is more than `address` has
+    /// (so many addresses' silent connections cannot keep an agent's out); else the oldest's,
+    /// if it has been under way for [`HANDSHAKE_GIVES_WAY_AFTER`]. The handshake given up is
+    /// told so; `None`: no place.
     fn begin(
         &mut self,
         address: IpAddr,
         now: tokio::time::Instant,
     ) -> Option<(u64, CancellationToken)> {
-        if self.order.len() >= MAX_HANDSHAKES {
-            let mut counts: HashMap<IpAddr, usize> = HashMap::new();
-            for (_, from, _, _) in &self.order {
-                *counts.entry(*from).or_default() += 1;
+        let mine = self.per_address.get(&address).copied().unwrap_or(0);
+        if mine >= MAX_HANDSHAKES_PER_ADDRESS {
+            self.give_up(address);
+        } else if self.order.len() >= MAX_HANDSHAKES {
+            let crowded = (self.per_address.iter())
+                .filter(|(_, n)| **n > mine)
+                .max_by_key(|(_, n)| **n)
+                .map(|(from, _)| *from);
+            match crowded {
+                Some(crowded) => self.give_up(crowded),
+                None => {
+                    let (_, oldest, since, _) = self.order.front()?;
+                    if now.saturating_duration_since(*since) < HANDSHAKE_GIVES_WAY_AFTER {
+                        return None;
+                    }
+                    let oldest = *oldest;
+                    self.give_up(oldest);
+                }
             }
-            let mine = counts.get(&address).copied().unwrap_or(0);
-            let crowded = (counts.into_iter())
-                .filter(|(_, n)| *n > mine)
-                .max_by_key(|(_, n)| *n)
-                .map(|(from, _)| from);
-            let victim = match crowded {
-                Some(crowded) => self
-                    .order
-                    .iter()
-                    .position(|(_, from, _, _)| *from == crowded),
-                None => self
-                    .order
-                    .front()
-                    .filter(|(_, _, since, _)| {
-                        now.saturating_duration_since(*since) >= HANDSHAKE_GIVES_WAY_AFTER
-                    })
-                    .map(|_| 0),
-            };
-            let (_, _, _, given_up) = self.order.remove(victim?)?;
-            given_up.cancel();
         }
         let id = self.next;
         self.next += 1;
         let given_up = CancellationToken::new();
         self.order.push_back((id, address, now, given_up.clone()));
+        *self.per_address.entry(address).or_default() += 1;
         Some((id, given_up))
+    }
+
+    /// Gives up the oldest handshake of `address`, telling it so.
+    fn give_up(&mut self, address: IpAddr) {
+        if let Some(i) = self
+            .order
+            .iter()
+            .position(|(_, from, _, _)| *from == address)
+        {
+            self.remove(i).cancel();
+        }
+    }
+
+    /// Takes the `i`th handshake out of those under way, returning what gives it up.
+    fn remove(&mut self, i: usize) -> CancellationToken {
+        let Some((_, from, _, given_up)) = self.order.remove(i) else {
+            return CancellationToken::new();
+        };
+        if let Some(n) = self.per_address.get_mut(&from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_address.remove(&from);
+            }
+        }
+        given_up
     }
 
     /// Handshake `id` ended (nothing happens if it was given up: it is gone already).
     fn end(&mut self, id: u64) {
         if let Some(i) = self.order.iter().position(|(at, _, _, _)| *at == id) {
-            self.order.remove(i);
+            self.remove(i);
         }
     }
 }
@@ -131,6 +161,10 @@ const ACCEPTED_BUFFER: usize = 64;
 /// open connections from many addresses and never finish their handshakes (any pod can
 /// reach the port) would grow the server's memory with the number of addresses.
 pub const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes under way from one address; at this number its oldest gives way to a new one.
+/// An agent has one or two under way, and its take milliseconds: to keep it out, silent
+/// connections from its address would have to arrive this many at a time within them.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
 /// At [`MAX_HANDSHAKES`], when no address has more under way than the new connection's, a
 /// handshake under way for this long gives its place to it (an agent's takes milliseconds, a
 /// silent client's all of [`HANDSHAKE_TIMEOUT`]); when even the oldest is younger (a burst
@@ -139,9 +173,10 @@ pub const MAX_HANDSHAKES: usize = 1024;
 pub const HANDSHAKE_GIVES_WAY_AFTER: Duration = Duration::from_secs(1);
 /// Refused handshakes are logged once per address and reason in this long.
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
-/// Connections one address may hold open at once. An agent holds one or two to each
-/// replica (two while its certificate rotates); operators' port-forwards arrive from the
-/// node's own address a few at a time; a hostile pod gets no further than this.
+/// Handshaken connections one address may hold open at once, those without a client
+/// certificate on a port that counts them apart ([`accept_tls_certified`]) aside. An agent
+/// holds one or two to each replica (two while its certificate rotates); a holder of one
+/// node's certificate gets no further than this.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// Connections without a client certificate one address other than loopback may hold: an
 /// operator's pod runs a command or two at a time.
@@ -165,8 +200,7 @@ pub fn accept_tls<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
-    let uncertified = OpenConnections::new(usize::MAX, usize::MAX, None);
-    accept_tls_with(listener, tls, stop, tasks, on_refused, uncertified)
+    accept_tls_with(listener, tls, stop, tasks, on_refused, None)
 }
 
 /// [`accept_tls`] for a port whose clients present the podiam CA's certificates, where
@@ -181,8 +215,8 @@ pub fn accept_tls_certified<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
-    let uncertified = OpenConnections::uncertified();
-    accept_tls_with(listener, tls, stop, tasks, on_refused, uncertified)
+    let uncertified = Arc::new(OpenConnections::uncertified());
+    accept_tls_with(listener, tls, stop, tasks, on_refused, Some(uncertified))
 }
 
 fn accept_tls_with<L: Listener>(
@@ -191,18 +225,18 @@ fn accept_tls_with<L: Listener>(
     stop: CancellationToken,
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
-    uncertified: OpenConnections,
+    uncertified: Option<Arc<OpenConnections>>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BUFFER);
-    let open = Arc::new(OpenConnections::new(
-        MAX_CONNECTIONS_PER_ADDRESS,
-        usize::MAX,
-        None,
-    ));
     let shared = Arc::new(Handshaking {
         tx,
         on_refused,
-        uncertified: Arc::new(uncertified),
+        open: Arc::new(OpenConnections::new(
+            MAX_CONNECTIONS_PER_ADDRESS,
+            usize::MAX,
+            None,
+        )),
+        uncertified,
         under_way: Mutex::new(UnderWay::default()),
         refusals: LogThrottle::new(REFUSALS_LOGGED_EVERY),
     });
@@ -212,10 +246,6 @@ fn accept_tls_with<L: Listener>(
             let (stream, peer) = tokio::select! {
                 () = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
-            };
-            let Some(slot) = open.admit(peer.ip().to_canonical()) else {
-                tracing::debug!(%peer, "connection limit of this address: closed");
-                continue;
             };
             let now = tokio::time::Instant::now();
             let Some(place) = lock(&shared.under_way).begin(peer.ip().to_canonical(), now) else {
@@ -228,8 +258,7 @@ fn accept_tls_with<L: Listener>(
             let stream = Held {
                 io: stream,
                 peer,
-                _slot: slot,
-                _uncertified: None,
+                _slot: None,
             };
             handshakes.spawn(Arc::clone(&shared).shake(acceptor, stream, nodelay, place));
         }
@@ -246,7 +275,10 @@ struct Handshaking<T> {
     /// Where handshaken streams go.
     tx: mpsc::Sender<std::io::Result<TlsStream<T>>>,
     on_refused: Arc<dyn Fn() + Send + Sync>,
-    uncertified: Arc<OpenConnections>,
+    /// The handshaken connections of each address.
+    open: Arc<OpenConnections>,
+    /// Those without a client certificate, when they are counted apart.
+    uncertified: Option<Arc<OpenConnections>>,
     under_way: Mutex<UnderWay>,
     /// Anyone who reaches the port can have handshakes refused as fast as they like.
     refusals: LogThrottle<(IpAddr, String)>,
@@ -273,7 +305,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Handshaking<Held<I>> {
             } => handshaken,
         };
         lock(&self.under_way).end(id);
-        match handshaken.and_then(|stream| counted(stream, &self.uncertified, peer)) {
+        match handshaken.and_then(|stream| self.counted(stream, peer)) {
             Ok(stream) => {
                 let _ = self.tx.send(Ok(stream)).await;
             }
@@ -316,29 +348,36 @@ async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
     Ok(stream)
 }
 
-/// `stream` with a slot among the connections without a client certificate when it has
-/// none and its address is bounded; refused when there is no slot.
-fn counted<T>(
-    mut stream: TlsStream<Held<T>>,
-    uncertified: &Arc<OpenConnections>,
-    peer: SocketAddr,
-) -> Result<TlsStream<Held<T>>, String> {
-    let certified = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .is_some_and(|certs| !certs.is_empty());
-    if !certified && uncertified.per_address != usize::MAX {
-        let slot = uncertified.admit(peer.ip().to_canonical()).ok_or_else(|| {
-            format!(
-                "connections without a client certificate: {MAX_UNCERTIFIED_PER_ADDRESS} per \
-                 address and {MAX_UNCERTIFIED} in all, {MAX_UNCERTIFIED_LOOPBACK} from \
-                 loopback, are open"
-            )
-        })?;
-        stream.get_mut().0._uncertified = Some(slot);
+impl<T> Handshaking<Held<T>> {
+    /// `stream` with a slot among its address's connections: those without a client
+    /// certificate, where they are counted apart, else all of them; refused when there is
+    /// no slot.
+    fn counted(
+        &self,
+        mut stream: TlsStream<Held<T>>,
+        peer: SocketAddr,
+    ) -> Result<TlsStream<Held<T>>, String> {
+        let certified = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|certs| !certs.is_empty());
+        let address = peer.ip().to_canonical();
+        let slot = match &self.uncertified {
+            Some(uncertified) if !certified => uncertified.admit(address).ok_or_else(|| {
+                format!(
+                    "connections without a client certificate: {MAX_UNCERTIFIED_PER_ADDRESS} \
+                     per address and {MAX_UNCERTIFIED} in all, {MAX_UNCERTIFIED_LOOPBACK} \
+                     from loopback, are open"
+                )
+            })?,
+            _ => self.open.admit(address).ok_or_else(|| {
+                format!("{MAX_CONNECTIONS_PER_ADDRESS} connections of this address are open")
+            })?,
+        };
+        stream.get_mut().0._slot = Some(slot);
+        Ok(stream)
     }
-    Ok(stream)
 }
 
 /// How many connections (or calls, or reads) each address holds open, at most `per_address`
@@ -423,14 +462,15 @@ impl Drop for Slot {
     }
 }
 
-/// An accepted connection, holding its address's slot until it is dropped (closed).
+/// An accepted connection, holding its address's slot from its handshake until it is
+/// dropped (closed).
 #[derive(Debug)]
 pub struct Held<T> {
     io: T,
     peer: SocketAddr,
-    _slot: Slot,
-    /// Its slot among the connections without a client certificate, if it has none.
-    _uncertified: Option<Slot>,
+    /// Its slot among its address's connections (those without a client certificate, if it
+    /// has none and they are counted apart); none while it is handshaking.
+    _slot: Option<Slot>,
 }
 
 impl<T> Held<T> {
@@ -499,9 +539,9 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let mut under_way = UnderWay::default();
         let address = |i: usize| IpAddr::from([10, 0, 0, u8::try_from(i).expect("small")]);
-        // 16 addresses, 64 handshakes each (their most), all young.
+        // 32 addresses, 32 handshakes each, all young.
         let begun: Vec<(u64, CancellationToken)> = (0..MAX_HANDSHAKES)
-            .map(|i| under_way.begin(address(i % 16), t0).expect("a place"))
+            .map(|i| under_way.begin(address(i % 32), t0).expect("a place"))
             .collect();
         // One of them, holding as many as any other: no place while all are young…
         assert!(under_way.begin(address(3), t0).is_none());
@@ -530,6 +570,28 @@ mod tests {
         under_way.end(begun[5].0);
         assert!(under_way.begin(address(201), t0).is_some());
         assert_eq!(under_way.order.len(), MAX_HANDSHAKES);
+    }
+
+    #[test]
+    fn at_an_addresss_limit_its_oldest_handshake_gives_way_and_no_other_address_is_touched() {
+        let t0 = tokio::time::Instant::now();
+        let mut under_way = UnderWay::default();
+        let (node, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let theirs = under_way.begin(other, t0).expect("a place");
+        let silent: Vec<(u64, CancellationToken)> = (0..MAX_HANDSHAKES_PER_ADDRESS)
+            .map(|_| under_way.begin(node, t0).expect("a place"))
+            .collect();
+        // However young they are, the address's next handshake takes its oldest's place.
+        let (_, agent) = under_way.begin(node, t0).expect("the agent's place");
+        assert!(silent[0].1.is_cancelled());
+        assert!(silent[1..].iter().all(|(_, token)| !token.is_cancelled()));
+        assert!(!agent.is_cancelled() && !theirs.1.is_cancelled());
+        assert_eq!(under_way.per_address[&node], MAX_HANDSHAKES_PER_ADDRESS);
+        // Ended and given-up handshakes are forgotten, and so are addresses with none.
+        under_way.end(silent[0].0);
+        under_way.end(theirs.0);
+        assert_eq!(under_way.per_address.get(&other), None);
+        assert_eq!(under_way.order.len(), MAX_HANDSHAKES_PER_ADDRESS);
     }
 
     /// A server's TLS set-up and a listener, and clients' configurations: an agent's (with
@@ -583,13 +645,39 @@ mod tests {
         connector.connect(name, tcp).await
     }
 
+    /// A counter of refused connections, and the callback that counts them.
+    fn refusals() -> (
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&refused);
+        let on_refused = Arc::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        (refused, on_refused)
+    }
+
+    /// Until `refused` has counted `n` (a failure after 30 s).
+    async fn until_refused(refused: &std::sync::atomic::AtomicUsize, n: usize) {
+        let counted = async {
+            while refused.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), counted)
+            .await
+            .unwrap_or_else(|_| panic!("{n} refusals: {refused:?} in 30 s"));
+    }
+
     #[tokio::test]
     async fn connections_beyond_an_addresss_share_are_closed_until_one_closes() {
         let rig = TlsRig::new().await;
         let (listener, addr, tls, client) = (rig.listener, rig.addr, rig.tls, rig.agent);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let mut incoming = accept_tls(listener, tls, stop.clone(), &tasks, Arc::new(|| {}));
+        let (refused, on_refused) = refusals();
+        let mut incoming = accept_tls(listener, tls, stop.clone(), &tasks, on_refused);
         let connect = || connect(addr, &client);
         let mut clients = Vec::new();
         let mut served = Vec::new();
@@ -602,16 +690,63 @@ mod tests {
             let accepted = incoming.next().await.expect("the loop runs");
             served.push(accepted.expect("handshaken"));
         }
-        // One more from the same address: closed before its handshake.
-        assert!(
-            connect().await.is_err(),
-            "a connection beyond the cap was served"
-        );
+        // One more from the same address: closed once handshaken, never served.
+        let _closed = connect().await;
+        until_refused(&refused, 1).await;
         // One of them closes (the server drops a finished connection): room for one more.
         served.pop();
         clients.push(connect().await.expect("a slot given back"));
         let accepted = incoming.next().await.expect("the loop runs");
         served.push(accepted.expect("handshaken"));
+        assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+        stop.cancel();
+        tasks.close();
+    }
+
+    #[tokio::test]
+    async fn silent_connections_from_an_agents_address_do_not_keep_its_connection_out() {
+        // A pod whose traffic the CNI masquerades as its node's address opens connections to
+        // the port and sends nothing, more than an address may handshake at once, and with
+        // connections without a certificate taking all of the address's share of those.
+        let rig = TlsRig::new().await;
+        let (listener, addr, tls) = (rig.listener, rig.addr, rig.tls);
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (refused, on_refused) = refusals();
+        let mut incoming = accept_tls_certified(listener, tls, stop.clone(), &tasks, on_refused);
+        let (mut bare, mut served) = (Vec::new(), Vec::new());
+        for i in 0..MAX_UNCERTIFIED_LOOPBACK {
+            bare.push(
+                connect(addr, &rig.bare)
+                    .await
+                    .unwrap_or_else(|e| panic!("{i}: {e}")),
+            );
+            let accepted = incoming.next().await.expect("the loop runs");
+            served.push(accepted.expect("handshaken"));
+        }
+        let mut silent = Vec::new();
+        for _ in 0..2 * MAX_HANDSHAKES_PER_ADDRESS {
+            silent.push(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("connects"),
+            );
+        }
+        // The agent's connection from the same address is handshaken and served, and the
+        // silent ones it displaced were closed.
+        let _agent = connect(addr, &rig.agent)
+            .await
+            .expect("the agent's handshake");
+        let accepted = incoming.next().await.expect("the loop runs");
+        assert!(
+            accepted
+                .expect("handshaken")
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some()
+        );
+        until_refused(&refused, MAX_HANDSHAKES_PER_ADDRESS + 1).await;
         stop.cancel();
         tasks.close();
     }
@@ -623,11 +758,7 @@ mod tests {
             (rig.listener, rig.addr, rig.tls, rig.agent, rig.bare);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = Arc::clone(&refused);
-        let on_refused = Arc::new(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        });
+        let (refused, on_refused) = refusals();
         let mut incoming = accept_tls_certified(listener, tls, stop.clone(), &tasks, on_refused);
         let has_certificate = |stream: &TlsStream<Held<tokio::net::TcpStream>>| {
             stream.get_ref().1.peer_certificates().is_some()
@@ -648,9 +779,7 @@ mod tests {
         }
         // One more without a certificate: closed after its handshake, never served.
         let _closed = connect(addr, &bare).await;
-        while refused.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_refused(&refused, 1).await;
         // An agent's connection from the same address is served all the same.
         clients.push(connect(addr, &certified).await.expect("certified"));
         let accepted = incoming.next().await.expect("the loop runs");
