@@ -178,6 +178,13 @@ const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 /// holds one or two to each replica (two while its certificate rotates); a holder of one
 /// node's certificate gets no further than this.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Handshaken connections held in all on a port without client certificates (the admission
+/// webhook's, which any pod can reach): at this number a new connection takes the place of
+/// the oldest of the address holding the most, if that is more than its own address holds,
+/// else it is closed. The API server holds a few, so pods of any number of addresses can
+/// neither grow a server's memory with connections kept busy nor keep the API server out
+/// while any of them holds more than it.
+pub const MAX_CONNECTIONS: usize = 1024;
 /// Connections without a client certificate one address other than loopback may hold: an
 /// operator's pod runs a command or two at a time.
 pub const MAX_UNCERTIFIED_PER_ADDRESS: usize = 4;
@@ -200,7 +207,8 @@ pub fn accept_tls<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
-    accept_tls_with(listener, tls, stop, tasks, on_refused, None)
+    let open = OpenConnections::plain();
+    accept_tls_with(listener, tls, stop, tasks, on_refused, (open, None))
 }
 
 /// [`accept_tls`] for a port whose clients present the podiam CA's certificates, where
@@ -215,8 +223,16 @@ pub fn accept_tls_certified<L: Listener>(
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
+    let certified = OpenConnections::new(MAX_CONNECTIONS_PER_ADDRESS, usize::MAX, None);
     let uncertified = Arc::new(OpenConnections::uncertified());
-    accept_tls_with(listener, tls, stop, tasks, on_refused, Some(uncertified))
+    accept_tls_with(
+        listener,
+        tls,
+        stop,
+        tasks,
+        on_refused,
+        (certified, Some(uncertified)),
+    )
 }
 
 fn accept_tls_with<L: Listener>(
@@ -225,17 +241,13 @@ fn accept_tls_with<L: Listener>(
     stop: CancellationToken,
     tasks: &TaskTracker,
     on_refused: Arc<dyn Fn() + Send + Sync>,
-    uncertified: Option<Arc<OpenConnections>>,
+    (open, uncertified): (OpenConnections, Option<Arc<OpenConnections>>),
 ) -> ReceiverStream<std::io::Result<TlsStream<Held<L::Io>>>> {
     let (tx, rx) = mpsc::channel(ACCEPTED_BUFFER);
     let shared = Arc::new(Handshaking {
         tx,
         on_refused,
-        open: Arc::new(OpenConnections::new(
-            MAX_CONNECTIONS_PER_ADDRESS,
-            usize::MAX,
-            None,
-        )),
+        open: Arc::new(open),
         uncertified,
         under_way: Mutex::new(UnderWay::default()),
         refusals: LogThrottle::new(REFUSALS_LOGGED_EVERY),
@@ -258,7 +270,7 @@ fn accept_tls_with<L: Listener>(
             let stream = Held {
                 io: stream,
                 peer,
-                _slot: None,
+                slot: None,
             };
             handshakes.spawn(Arc::clone(&shared).shake(acceptor, stream, nodelay, place));
         }
@@ -372,23 +384,49 @@ impl<T> Handshaking<Held<T>> {
                 )
             })?,
             _ => self.open.admit(address).ok_or_else(|| {
-                format!("{MAX_CONNECTIONS_PER_ADDRESS} connections of this address are open")
+                format!(
+                    "{MAX_CONNECTIONS_PER_ADDRESS} connections of this address are open, or \
+                     {MAX_CONNECTIONS} in all on a port without client certificates"
+                )
             })?,
         };
-        stream.get_mut().0._slot = Some(slot);
+        stream.get_mut().0.slot = Some(slot);
         Ok(stream)
     }
 }
 
 /// How many connections (or calls, or reads) each address holds open, at most `per_address`
 /// each and `total` in all. With `loopback` set, every loopback address counts as one
-/// ([`LOOPBACK`]), with that share of its own, outside the total.
+/// ([`LOOPBACK`]), with that share of its own, outside the total. With `give_way` set, at the
+/// total a new connection takes the place of the oldest of the address holding the most, if
+/// that is more than its own address holds: that one is told to close ([`Slot::given_up`]).
 #[derive(Debug)]
 pub struct OpenConnections {
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<Open>,
     per_address: usize,
     total: usize,
     loopback: Option<usize>,
+    give_way: bool,
+}
+
+/// What [`OpenConnections`] holds: each address's connections, oldest first, each with what
+/// tells it to give way.
+#[derive(Debug, Default)]
+struct Open {
+    next: u64,
+    by_address: HashMap<IpAddr, std::collections::VecDeque<(u64, CancellationToken)>>,
+}
+
+impl Open {
+    /// Forgets connection `id` of `address`, and the address once it holds none.
+    fn remove(&mut self, address: IpAddr, id: u64) {
+        if let Some(held) = self.by_address.get_mut(&address) {
+            held.retain(|(at, _)| *at != id);
+            if held.is_empty() {
+                self.by_address.remove(&address);
+            }
+        }
+    }
 }
 
 /// The one address all of loopback counts as, when it has a share of its own.
@@ -401,6 +439,7 @@ impl OpenConnections {
             per_address,
             total,
             loopback,
+            give_way: false,
         }
     }
 
@@ -413,8 +452,18 @@ impl OpenConnections {
         )
     }
 
+    /// The bounds of a port without client certificates: [`MAX_CONNECTIONS_PER_ADDRESS`]
+    /// each, [`MAX_CONNECTIONS`] in all, the most crowded address giving way.
+    fn plain() -> OpenConnections {
+        OpenConnections {
+            give_way: true,
+            ..OpenConnections::new(MAX_CONNECTIONS_PER_ADDRESS, MAX_CONNECTIONS, None)
+        }
+    }
+
     /// A slot for one more connection of `address`, if it has fewer than its share open
-    /// and all have fewer than the total.
+    /// and all have fewer than the total (or, with `give_way`, another address holding more
+    /// gives up its oldest).
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let loopback = self.loopback.filter(|_| address.is_loopback());
@@ -422,23 +471,40 @@ impl OpenConnections {
             Some(share) => (LOOPBACK, share),
             None => (address, self.per_address),
         };
-        if loopback.is_none() && self.total != usize::MAX {
-            let all: usize = (open.iter())
-                .filter(|(a, _)| self.loopback.is_none() || **a != LOOPBACK)
-                .map(|(_, n)| n)
-                .sum();
-            if all >= self.total {
-                return None;
-            }
-        }
-        let count = open.entry(address).or_default();
-        if *count >= share {
+        let mine = open.by_address.get(&address).map_or(0, |held| held.len());
+        if mine >= share {
             return None;
         }
-        *count += 1;
+        if loopback.is_none() && self.total != usize::MAX {
+            let counted = |a: &IpAddr| self.loopback.is_none() || *a != LOOPBACK;
+            let all: usize = (open.by_address.iter())
+                .filter(|(a, _)| counted(a))
+                .map(|(_, held)| held.len())
+                .sum();
+            if all >= self.total {
+                if !self.give_way {
+                    return None;
+                }
+                let crowded = (open.by_address.iter())
+                    .filter(|(a, held)| counted(a) && held.len() > mine)
+                    .max_by_key(|(_, held)| held.len())
+                    .map(|(a, _)| *a)?;
+                let (oldest, given_up) = (open.by_address.get(&crowded))
+                    .and_then(|held| held.front())
+                    .map(|(id, given_up)| (*id, given_up.clone()))?;
+                given_up.cancel();
+                open.remove(crowded, oldest);
+            }
+        }
+        let id = open.next;
+        open.next += 1;
+        let given_up = CancellationToken::new();
+        (open.by_address.entry(address).or_default()).push_back((id, given_up.clone()));
         Some(Slot {
             open: Arc::clone(self),
             address,
+            id,
+            given_up,
         })
     }
 }
@@ -448,17 +514,21 @@ impl OpenConnections {
 pub struct Slot {
     open: Arc<OpenConnections>,
     address: IpAddr,
+    id: u64,
+    given_up: CancellationToken,
+}
+
+impl Slot {
+    /// Cancelled when the connection is to close to make room for another address's.
+    pub fn given_up(&self) -> &CancellationToken {
+        &self.given_up
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.open.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = open.get_mut(&self.address) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.address);
-            }
-        }
+        open.remove(self.address, self.id);
     }
 }
 
@@ -470,13 +540,20 @@ pub struct Held<T> {
     peer: SocketAddr,
     /// Its slot among its address's connections (those without a client certificate, if it
     /// has none and they are counted apart); none while it is handshaking.
-    _slot: Option<Slot>,
+    slot: Option<Slot>,
 }
 
 impl<T> Held<T> {
     /// The address the connection came from.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Cancelled when the connection is to close to make room for another address's (on a
+    /// port without client certificates, at [`MAX_CONNECTIONS`]); its server should end it
+    /// gracefully.
+    pub fn given_up(&self) -> CancellationToken {
+        (self.slot.as_ref()).map_or_else(CancellationToken::new, |slot| slot.given_up.clone())
     }
 }
 
@@ -829,6 +906,89 @@ mod tests {
     }
 
     #[test]
+    fn at_the_total_the_most_crowded_address_gives_up_its_oldest_connection() {
+        let open = Arc::new(OpenConnections::plain());
+        let pod = |i: usize| IpAddr::from([10, 1, 0, u8::try_from(i).expect("small")]);
+        // 16 pods take every place, 64 each.
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|i| {
+                open.admit(pod(i / MAX_CONNECTIONS_PER_ADDRESS))
+                    .expect("a place")
+            })
+            .collect();
+        assert!(held.iter().all(|slot| !slot.given_up().is_cancelled()));
+        // The API server's connection takes the place of the oldest of one of them...
+        let api_server: IpAddr = "10.0.0.1".parse().expect("ip");
+        let first = open.admit(api_server).expect("the API server's place");
+        let given_up: Vec<usize> = (0..held.len())
+            .filter(|i| held[*i].given_up().is_cancelled())
+            .collect();
+        assert_eq!(given_up.len(), 1);
+        assert_eq!(given_up[0] % MAX_CONNECTIONS_PER_ADDRESS, 0, "its oldest");
+        // ...and so does its next, from another of them (each holds more than it).
+        let _second = open.admit(api_server).expect("another place");
+        let given_up = held.iter().filter(|s| s.given_up().is_cancelled()).count();
+        assert_eq!(given_up, 2);
+        assert!(!first.given_up().is_cancelled());
+        // A pod holding as many as any other gets no place, and takes none.
+        assert!(open.admit(pod(3)).is_none());
+        assert_eq!(
+            held.iter().filter(|s| s.given_up().is_cancelled()).count(),
+            2
+        );
+        // Without giving way (a certified port's connections without a certificate), the
+        // total simply refuses.
+        let strict = Arc::new(OpenConnections::new(2, 2, None));
+        let _both = (strict.admit(pod(1)), strict.admit(pod(1)));
+        assert!(strict.admit(pod(2)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_up_for_another_addresss_is_told_so() {
+        let rig = TlsRig::new().await;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        // Two places, both of one address's at most.
+        let open = OpenConnections {
+            give_way: true,
+            ..OpenConnections::new(2, 2, None)
+        };
+        let mut incoming = accept_tls_with(
+            rig.listener,
+            rig.tls,
+            stop.clone(),
+            &tasks,
+            Arc::new(|| {}),
+            (open, None),
+        );
+        let (addr, bare) = (rig.addr, rig.bare);
+        let from = |local: [u8; 4]| {
+            let bare = Arc::clone(&bare);
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+                socket.bind(SocketAddr::from((local, 0))).expect("binds");
+                let tcp = socket.connect(addr).await.expect("connects");
+                let connector = tokio_rustls::TlsConnector::from(bare);
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                connector.connect(name, tcp).await.expect("handshaken")
+            }
+        };
+        let _a = (from([127, 0, 0, 2]).await, from([127, 0, 0, 2]).await);
+        let first = incoming.next().await.expect("runs").expect("served");
+        let second = incoming.next().await.expect("runs").expect("served");
+        let _b = from([127, 0, 0, 3]).await;
+        let third = incoming.next().await.expect("runs").expect("served");
+        assert!(
+            first.get_ref().0.given_up().is_cancelled(),
+            "the oldest gives way"
+        );
+        assert!(!second.get_ref().0.given_up().is_cancelled());
+        assert!(!third.get_ref().0.given_up().is_cancelled());
+        stop.cancel();
+        tasks.close();
+    }
+
+    #[test]
     fn connections_without_a_certificate_are_bounded_in_all() {
         let open = Arc::new(OpenConnections::uncertified());
         let held: Vec<Slot> = (0..MAX_UNCERTIFIED)
@@ -864,7 +1024,11 @@ mod tests {
         assert!(open.admit(pod).is_none());
         drop((held, again, theirs));
         assert!(
-            open.open.lock().expect("not poisoned").is_empty(),
+            open.open
+                .lock()
+                .expect("not poisoned")
+                .by_address
+                .is_empty(),
             "closed addresses are forgotten"
         );
     }

@@ -479,6 +479,9 @@ pub fn serve<L: podiam_runtime::net::Listener>(
         while let Some(accepted) = incoming.next().await {
             let Ok(stream) = accepted else { continue };
             let peer = stream.get_ref().0.peer().ip().to_canonical();
+            // Told to end when the server stops, or when its place goes to another address's
+            // connection (see `podiam_runtime::accept::MAX_CONNECTIONS`).
+            let given_up = stream.get_ref().0.given_up();
             let (webhook, reviews, stop) = (Arc::clone(&webhook), reviews.clone(), stop.clone());
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
@@ -502,9 +505,15 @@ pub fn serve<L: podiam_runtime::net::Listener>(
                     .max_headers(MAX_HEADERS)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let mut connection = std::pin::pin!(connection);
+                let ending = async {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = given_up.cancelled() => {}
+                    }
+                };
                 tokio::select! {
                     _ = connection.as_mut() => {}
-                    () = stop.cancelled() => {
+                    () = ending => {
                         connection.as_mut().graceful_shutdown();
                         let _ = connection.await;
                     }
