@@ -183,9 +183,10 @@ pub struct Config {
         default_value = "iam.amazonaws.com/role"
     )]
     pub role_annotation: String,
-    /// The NoSchedule taint nodes register with until their agent's iptables rules are in
-    /// place (kubelet --register-with-taints=KEY=true:NoSchedule): removed from a node once
-    /// its agent, proven by its token, reports its rules. Empty: no taint is removed.
+    /// The taint nodes register with until their agent's iptables rules are in place
+    /// (kubelet --register-with-taints=KEY=true:NoExecute): removed from a node, whatever its
+    /// effect, once its agent, proven by its token, reports its rules. Empty: no taint is
+    /// removed.
     #[arg(
         long,
         env = "PODIAM_AGENT_NOT_READY_TAINT",

@@ -1,9 +1,11 @@
 //! The agent-not-ready taint: fail closed from a node's first boot.
 //!
 //! Until a node's agent has installed its iptables rules, a pod on the node reaches the
-//! node's own metadata service. Nodes therefore register with a `NoSchedule` taint
+//! node's own metadata service. Nodes therefore register with a `NoExecute` taint
 //! (`podiam.io/agent-not-ready` by default, set by the node's own configuration: kubelet
-//! `--register-with-taints`), which the agent tolerates and other pods do not. Once an
+//! `--register-with-taints`), which the agent tolerates and other pods do not: the kubelet
+//! refuses a pod that does not tolerate it even when the pod names the node itself. Every
+//! taint with the key is removed, whatever its effect (nodes registered with `NoSchedule`). Once an
 //! agent has its rules in place it says so (`NodeReady`); the server checks that the
 //! agent's token proves that node and removes the taint. Agents need no permission on Node
 //! objects: only the servers may patch them.

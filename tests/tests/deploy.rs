@@ -1381,7 +1381,7 @@ fn base_lets_the_servers_only_lift_their_taint_from_nodes() {
         "{expression}"
     );
 
-    let taint = |key: &str| json!({"key": key, "value": "true", "effect": "NoSchedule"});
+    let taint = |key: &str| json!({"key": key, "value": "true", "effect": "NoExecute"});
     let node = |labels: Value, taints: Value| json!({"metadata": {"name": "node-1", "labels": labels}, "spec": {"taints": taints}});
     let labels = json!({"kubernetes.io/hostname": "node-1"});
     let old = node(
@@ -1464,7 +1464,7 @@ fn base_lets_the_servers_only_lift_their_taint_from_nodes() {
 const NOT_READY_TAINT: &str = "podiam.io/agent-not-ready";
 
 fn not_ready_toleration() -> Value {
-    json!({"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"})
+    json!({"key": NOT_READY_TAINT, "operator": "Exists"})
 }
 
 /// Whether a pod with `tolerations` may be scheduled onto a node with `taint`, by the
@@ -1485,7 +1485,16 @@ fn tolerates(tolerations: &Value, taint: &Value) -> bool {
 
 #[test]
 fn a_node_tainted_at_boot_takes_agents_and_servers_and_nothing_else() {
-    let taint = json!({"key": NOT_READY_TAINT, "value": "true", "effect": "NoSchedule"});
+    // NoExecute, as the docs say to register nodes (the kubelet also refuses a pod that
+    // names the node itself); NoSchedule, as clusters set up before that do.
+    for effect in ["NoExecute", "NoSchedule"] {
+        tainted_at_boot(&json!({"key": NOT_READY_TAINT, "value": "true", "effect": effect}));
+    }
+}
+
+/// Agents and servers run on a node with `taint`, and ordinary pods do not.
+fn tainted_at_boot(taint: &Value) {
+    let taint = taint.clone();
     let help = run(
         Command::new(binary("podiam-server").unwrap()).arg("--help"),
         "podiam-server --help",

@@ -759,7 +759,7 @@ const NOT_READY_TAINT: &str = "podiam.io/agent-not-ready";
 fn node_object(name: &str, taints: &[&str]) -> serde_json::Value {
     let taints: Vec<serde_json::Value> = taints
         .iter()
-        .map(|key| json!({"key": key, "value": "true", "effect": "NoSchedule"}))
+        .map(|key| json!({"key": key, "value": "true", "effect": "NoExecute"}))
         .collect();
     json!({
         "apiVersion": "v1",
