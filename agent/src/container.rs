@@ -20,8 +20,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, header};
 use podiam_proto::v1::Credentials;
 
@@ -259,15 +257,9 @@ impl PodToken {
 /// A JWT's `exp` (required) and `nbf` (optional), read without checking its signature: the
 /// API server checks that.
 fn times(token: &str) -> Result<(i64, Option<i64>), TokenProblem> {
-    let mut parts = token.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenProblem::Malformed("not three dot-separated parts"));
-    };
-    let payload = URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| TokenProblem::Malformed("the payload is not base64url"))?;
+    // Only the spelling the API server issues: each other spelling of the same token would
+    // be reviewed, and remembered, as a token of its own.
+    let payload = podiam_runtime::jwt::payload(token).map_err(TokenProblem::Malformed)?;
     let claims: Claims = serde_json::from_slice(&payload)
         .map_err(|_| TokenProblem::Malformed("the payload is not JSON"))?;
     let expires = claims.exp.ok_or(TokenProblem::Malformed("no exp claim"))?;
@@ -292,6 +284,8 @@ fn integer<'de, D: serde::Deserializer<'de>>(claim: D) -> Result<Option<i64>, D:
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     #[tokio::test(start_paused = true)]
     async fn a_token_is_charged_once_per_address_until_it_expires_or_is_refused() {
@@ -455,7 +449,7 @@ pub(crate) mod tests {
             ),
             (
                 "payload not base64url",
-                with_authorization(&["a.b*c.d"]),
+                with_authorization(&["eyJhbGciOiJSUzI1NiJ9.b*c.c2lnbmF0dXJl"]),
                 TokenProblem::Malformed("the payload is not base64url"),
             ),
             (
@@ -486,6 +480,25 @@ pub(crate) mod tests {
         // Within the clock leeway.
         let soon = jwt(r#"{"exp":5000,"nbf":1060}"#);
         assert!(PodToken::from_headers(&with_authorization(&[&soon]), 1000).is_ok());
+    }
+
+    #[test]
+    fn a_token_is_taken_in_its_one_spelling_only() {
+        // The API server would take these as `good` (it strips `=`, and ignores a part's
+        // unused bits), but the agent would charge, ask and remember each as a token of its
+        // own. "signatures" is `c2lnbmF0dXJlcw`: its `w` carries four unused bits, and `x`
+        // sets one of them.
+        let good = jwt(r#"{"exp":2000}"#).replace("c2lnbmF0dXJl", "c2lnbmF0dXJlcw");
+        let read = |token: &str| PodToken::from_headers(&with_authorization(&[token]), 1000);
+        assert!(read(&good).is_ok());
+        let unused_bit = good.replace("c2lnbmF0dXJlcw", "c2lnbmF0dXJlcx");
+        for other in [format!("{good}="), format!("{good}=="), unused_bit] {
+            assert_eq!(
+                read(&other).map(|t| t.expires),
+                Err(TokenProblem::Malformed("the signature is not base64url")),
+                "{other}"
+            );
+        }
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //!   TCP for the daemons, and with the feature `test-util`, [`memory`]: an in-memory
 //!   network for in-process tests on paused time.
 //! - [`clock`]: the wall clock's one reading, [`clock::now_unix`].
+//! - [`jwt`]: the one spelling of a JWT that agents and servers take from a pod or an agent.
 
 pub mod accept;
 pub mod clock;
 pub mod connect;
+pub mod jwt;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 pub mod net;

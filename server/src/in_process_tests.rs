@@ -99,10 +99,31 @@ impl AssumeRole for FakeSts {
     }
 }
 
-/// A Kubernetes API that accepts no token but pods' own: `pod-token:NAME`, for the audience
-/// `podiam`, is a projected token of `team-a`'s default ServiceAccount bound to pod NAME
-/// (uid `uid-NAME`). Reviewing a token starting with "slow" takes an hour (a call stuck in
-/// the API). Counts its reviews.
+/// A token spelt as the API server issues them (a JWT; the server refuses any other
+/// spelling unreviewed), standing for `name` to [`NoReviews`].
+fn token(name: &str) -> String {
+    use base64::Engine;
+    let part = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let payload = serde_json::json!({ "name": name }).to_string();
+    format!(
+        "{}.{}.{}",
+        part(br#"{"alg":"RS256"}"#),
+        part(payload.as_bytes()),
+        part(b"signature")
+    )
+}
+
+/// The name a [`token`] stands for.
+fn token_name(token: &str) -> Option<String> {
+    let payload = podiam_runtime::jwt::payload(token).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    Some(claims["name"].as_str()?.to_string())
+}
+
+/// A Kubernetes API that accepts no token but pods' own: `token("pod-token:NAME")`, for the
+/// audience `podiam`, is a projected token of `team-a`'s default ServiceAccount bound to pod
+/// NAME (uid `uid-NAME`). Reviewing a token of a name starting with "slow" takes an hour (a
+/// call stuck in the API). Counts its reviews.
 #[derive(Debug)]
 struct NoReviews {
     reviews: watch::Sender<usize>,
@@ -116,6 +137,9 @@ impl Reviewer for NoReviews {
     ) -> BoxFuture<'a, Result<Review, ReviewUnavailable>> {
         Box::pin(async move {
             self.reviews.send_modify(|n| *n += 1);
+            let Some(token) = token_name(token) else {
+                return Ok(Review::Unauthenticated("not a token of this test".into()));
+            };
             if token.starts_with("slow") {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
@@ -151,7 +175,7 @@ impl Reviewer for NoReviews {
     }
 }
 
-/// What the review of `agent-token:NODE` says: the agents' ServiceAccount (the server's
+/// What the review of `token("agent-token:NODE")` says: the agents' ServiceAccount (the server's
 /// default), bound to the pod `agent-NODE` on NODE ([`Rig::add_agent_pod`]).
 fn agent_user(node: &str) -> podiam_policy::decision::ReviewedUser {
     podiam_policy::decision::ReviewedUser {
@@ -315,7 +339,7 @@ impl Rig {
     }
 
     /// The agent pod of `node` (`agent-NODE`, running as the agents' ServiceAccount), whose
-    /// token is `agent-token:NODE`.
+    /// token is `token("agent-token:NODE")`.
     fn add_agent_pod(&self, node: &str) {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {
@@ -517,9 +541,10 @@ async fn a_drain_gives_requests_under_way_the_timeout_and_no_more() {
                 ip: WEB_IP.into(),
                 node_name: NODE.into(),
             });
-            request
-                .metadata_mut()
-                .insert("authorization", "Bearer slow".parse().expect("ascii"));
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", token("slow")).parse().expect("ascii"),
+            );
             client.get_pod_role(request).await
         })
     };
@@ -707,7 +732,7 @@ async fn a_namespace_that_requires_tokens_gives_its_roles_with_the_pods_token_on
     // With the pod's own token: its credentials.
     let issued = client
         .get_credentials(GetCredentialsRequest {
-            pod_token: "pod-token:web".into(),
+            pod_token: token("pod-token:web"),
             ..credentials_of_web()
         })
         .await
@@ -731,17 +756,18 @@ async fn a_pods_token_proves_only_the_pod_at_the_address() {
         ..credentials_of_web()
     };
     let issued = client
-        .get_credentials(with_token("pod-token:web"))
+        .get_credentials(with_token(&token("pod-token:web")))
         .await
         .expect("web's own token, from web's address")
         .into_inner();
     assert_eq!(issued.pod.expect("a pod").name, "web");
-    for (token, says) in [
+    for (name, says) in [
         ("pod-token:other", "bound to pod team-a/other"),
         ("a-stolen-jwt", "not accepted"),
     ] {
+        let token = token(name);
         let refused = client
-            .get_credentials(with_token(token))
+            .get_credentials(with_token(&token))
             .await
             .expect_err("refused");
         assert_eq!(
@@ -761,6 +787,17 @@ async fn a_pods_token_proves_only_the_pod_at_the_address() {
         .await
         .expect_err("refused");
     assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
+    // Another spelling of web's own token (the API server would take it: it strips the
+    // `=`) is refused unreviewed, so that no spelling costs a review of its own.
+    let reviewed = *rig.reviews.borrow();
+    let padded = format!("{}=", token("pod-token:web"));
+    let refused = client
+        .get_credentials(with_token(&padded))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("not base64url"), "{refused:?}");
+    assert_eq!(*rig.reviews.borrow(), reviewed, "no review");
     shutdown.cancel();
     serving.await.expect("joined").0.expect("served");
 }
@@ -905,9 +942,10 @@ async fn a_request_over_32_kib_is_not_read_and_a_call_ends_after_30_s() {
         ip: WEB_IP.into(),
         node_name: NODE.into(),
     });
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer slow".parse().expect("ascii"));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token("slow")).parse().expect("ascii"),
+    );
     let ended = client.get_pod_role(request).await.expect_err("ended");
     assert_eq!(began.elapsed(), Duration::from_secs(30), "{ended:?}");
     shutdown.cancel();
@@ -943,10 +981,46 @@ async fn asking_as(
     channel: Channel,
     node: &str,
 ) -> Result<tonic::Response<GetCredentialsResponse>, tonic::Status> {
+    asking_with(channel, &token(&format!("agent-token:{node}"))).await
+}
+
+/// web's credentials, asked on `channel` with `token` as the agent's.
+async fn asking_with(
+    channel: Channel,
+    token: &str,
+) -> Result<tonic::Response<GetCredentialsResponse>, tonic::Status> {
     let mut request = tonic::Request::new(credentials_of_web());
-    let value = format!("Bearer agent-token:{node}").parse().expect("ascii");
+    let value = format!("Bearer {token}").parse().expect("ascii");
     request.metadata_mut().insert("authorization", value);
     PodiamClient::new(channel).get_credentials(request).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_spelling_of_an_agents_token_is_refused_unreviewed() {
+    let mut rig = Rig::new(&["--node-binding=enforce"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    rig.add_agent_pod(NODE);
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let channel = rig.channel().await.expect("connects");
+    // The API server would take these as the agent's token (it strips the `=`), but each
+    // would be reviewed, and remembered, as a token of its own.
+    let own = token(&format!("agent-token:{NODE}"));
+    for other in [format!("{own}="), format!("{own}==")] {
+        let refused = asking_with(channel.clone(), &other)
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            Reason::of(&refused),
+            Some(Reason::AgentUnauthenticated),
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("not base64url"), "{refused:?}");
+    }
+    assert_eq!(*rig.reviews.borrow(), 0, "nothing reviewed");
+    asking_with(channel, &own).await.expect("the token itself");
+    assert_eq!(*rig.reviews.borrow(), 1);
+    shutdown.cancel();
 }
 
 #[tokio::test(start_paused = true)]
@@ -970,7 +1044,7 @@ async fn proven_agents_calls_are_read_in_their_nodes_places_not_anyones() {
     // From this address (every call here comes from one): calls without a proven token,
     // never sent, take the address's places; one more is refused.
     let mut stuck: Vec<_> = (0..MAX_READING_PER_ADDRESS)
-        .map(|_| tokio::spawn(call_never_sent_as(held.clone(), Some("made-up".into()))))
+        .map(|_| tokio::spawn(call_never_sent_as(held.clone(), Some(token("made-up")))))
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     let refused = call_never_sent(channel.clone()).await.expect_err("refused");
@@ -1006,7 +1080,7 @@ async fn proven_agents_calls_are_read_in_their_nodes_places_not_anyones() {
     assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
     // Its node's places are its own: once it holds them all, its next call is refused, and
     // node-2's agent is still read.
-    let token = format!("agent-token:{NODE}");
+    let token = token(&format!("agent-token:{NODE}"));
     stuck.extend(
         (0..MAX_READING_PER_NODE)
             .map(|_| tokio::spawn(call_never_sent_as(node_held.clone(), Some(token.clone())))),

@@ -552,6 +552,9 @@ impl PodiamService {
         peer: Option<IpAddr>,
     ) -> Result<ProvenAgent, BindingFailure> {
         let token = bearer(metadata).ok_or(BindingFailure::NoToken)?;
+        // Only the spelling the API server issues: each other spelling of one token would be
+        // reviewed, and remembered, as a token of its own.
+        podiam_runtime::jwt::payload(token).map_err(|why| BindingFailure::BadToken(why.into()))?;
         let audiences = [self.settings.binding.audience.clone()];
         let asker = peer.map(Asker::Address);
         let user = match self.identities.review_from(token, &audiences, asker).await {
@@ -602,6 +605,9 @@ impl PodiamService {
         let Some(token) = crate::identity::bearer_header(headers) else {
             return;
         };
+        if podiam_runtime::jwt::payload(token).is_err() {
+            return;
+        }
         let audiences = [self.settings.binding.audience.clone()];
         let asker = Some(Asker::Address(address.to_canonical()));
         // Begun here, not in a task of its own: a token remembered or under review costs
@@ -826,6 +832,9 @@ impl PodiamService {
             return Err(Failure::BadRequest(format!(
                 "pod_token is over {MAX_POD_TOKEN_BYTES} bytes"
             )));
+        }
+        if let Err(why) = podiam_runtime::jwt::payload(token) {
+            return Err(Failure::BadRequest(format!("pod_token: {why}")));
         }
         let audiences = [self.settings.binding.pod_audience.clone()];
         let user = match self.identities.review_from(token, &audiences, from).await {
