@@ -482,6 +482,55 @@ async fn a_drain_ends_node_streams_at_once_then_answers_until_its_delay_is_over(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_stream_beats_every_second_while_other_nodes_change() {
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let mut stream = client
+        .watch_node(WatchNodeRequest {
+            node_name: NODE.into(),
+            agent_version: "test".into(),
+        })
+        .await
+        .expect("a node stream")
+        .into_inner();
+    loop {
+        let event = stream.message().await.expect("an event").expect("open");
+        if matches!(event.event, Some(node_event::Event::Synced(_))) {
+            break;
+        }
+    }
+    // Pods come to another node every 400 ms: nothing for this stream to send, but each
+    // change wakes it. Its agent must still hear from it every second.
+    let began = Instant::now();
+    let mut changes = 0;
+    let mut beats = Vec::new();
+    while beats.len() < 3 {
+        tokio::select! {
+            event = stream.message() => {
+                let event = event.expect("an event").expect("open");
+                assert!(
+                    matches!(event.event, Some(node_event::Event::Heartbeat(_))),
+                    "only heartbeats: {event:?}"
+                );
+                beats.push(began.elapsed());
+            }
+            () = tokio::time::sleep(Duration::from_millis(400)) => {
+                changes += 1;
+                assert!(changes < 20, "no heartbeat in 8 s of changes elsewhere: {beats:?}");
+                let ip = format!("10.2.0.{changes}");
+                rig.add_pod_on("node-2", &format!("busy-{changes}"), &ip, "app-reader");
+            }
+        }
+    }
+    let second = Duration::from_secs(1);
+    assert_eq!(beats, [second, 2 * second, 3 * second]);
+    shutdown.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn health_says_the_view_is_stale_while_a_watch_keeps_failing_and_no_longer() {
     let mut rig = Rig::new(&[]);
     let shutdown = CancellationToken::new();

@@ -320,8 +320,9 @@ impl StreamSlots {
 /// Numbers the node streams (for the agents' registry).
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
 
-/// How often a node stream with no change carries a heartbeat. Agents treat three missed
-/// heartbeats as a hung replica, so a stopped or frozen replica is left within a few seconds.
+/// How often a node stream carries a heartbeat, whatever else it carries. Agents treat three
+/// missed heartbeats as a hung replica, so a stopped or frozen replica is left within a few
+/// seconds.
 pub const NODE_STREAM_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long an agent call whose token names a pod this server has not seen yet waits for
@@ -1087,7 +1088,7 @@ impl PodiamService {
     }
 
     /// Streams `node`'s pod states into `tx`: a snapshot once the caches have synced, then
-    /// every change, with a heartbeat when nothing changes. A proven agent's stream ends
+    /// every change, and a heartbeat every second. A proven agent's stream ends
     /// once its pod is gone from the view.
     async fn follow_node(
         &self,
@@ -1109,6 +1110,13 @@ impl PodiamService {
         let heartbeat = NodeEvent {
             event: Some(node_event::Event::Heartbeat(true)),
         };
+        // Every second whatever else happens: changes elsewhere in the cluster wake this
+        // stream often without sending it anything, and must not put its heartbeat off.
+        let mut beat = tokio::time::interval_at(
+            tokio::time::Instant::now() + NODE_STREAM_HEARTBEAT,
+            NODE_STREAM_HEARTBEAT,
+        );
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             changes.mark_unchanged();
             if agent.is_some_and(|agent| !self.still_there(agent)) {
@@ -1136,7 +1144,7 @@ impl PodiamService {
                         if changed.is_err() { return StreamEnd::AgentGone }
                         break;
                     }
-                    () = tokio::time::sleep(NODE_STREAM_HEARTBEAT) => {
+                    _ = beat.tick() => {
                         // A full buffer means the agent is behind: it will hear soon enough.
                         if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(heartbeat.clone())) {
                             return StreamEnd::AgentGone;
