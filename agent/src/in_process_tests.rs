@@ -110,6 +110,9 @@ struct Replica {
     sts_refuses: AtomicBool,
     /// GetCredentials fails with an error podiam does not define while this is set.
     fails: AtomicBool,
+    /// STS cannot be reached from this replica while this is set (its answer says so once
+    /// the pod is checked, as the servers' does).
+    sts_unavailable: AtomicBool,
 }
 
 impl Replica {
@@ -221,6 +224,9 @@ impl Podiam for Fake {
         }
         if self.0.sts_refuses.load(Ordering::SeqCst) {
             return Err(Reason::StsRefused.status("STS refused AssumeRole: AccessDenied"));
+        }
+        if self.0.sts_unavailable.load(Ordering::SeqCst) {
+            return Err(Reason::StsUnavailable.status("STS could not be reached"));
         }
         let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
@@ -943,6 +949,34 @@ async fn credentials_are_asked_of_the_replica_that_owns_the_pods_session() {
         .collect();
     assert_eq!(calls, [1, 1]);
     assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_cannot_reach_sts_does_not_cut_its_pods_off() {
+    // web's key belongs to s-1, whose own way to STS is broken (its node's NAT, say) while
+    // its pod stays Ready: s-0 is asked once s-1 says so, and fetches the credentials.
+    let rig = rig_with_sessions_owned_by("s-1", "s-0").await;
+    rig.stream_synced(WEB).await;
+    tokio::time::sleep(crate::replicas::HEALTH_INTERVAL * 2).await;
+    rig.replicas[1]
+        .sts_unavailable
+        .store(true, Ordering::SeqCst);
+    let began = Instant::now();
+    let (status, body) = rig.get(WEB, CREDENTIALS).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(began.elapsed(), Duration::ZERO, "no wait for a hedge");
+    let calls = |r: &Replica| r.credentials_calls.load(Ordering::SeqCst);
+    assert_eq!((calls(&rig.replicas[0]), calls(&rig.replicas[1])), (1, 1));
+    assert_eq!(rig.metric("podiam_agent_server_failovers_total").await, 1);
+    // With STS out of reach from both, the pod is told so (502), each asked once.
+    rig.replicas[0]
+        .sts_unavailable
+        .store(true, Ordering::SeqCst);
+    let (status, body) = rig.get(API, CREDENTIALS).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("sts-unavailable"), "{body}");
+    assert_eq!((calls(&rig.replicas[0]), calls(&rig.replicas[1])), (2, 2));
     rig.stop().await;
 }
 

@@ -19,7 +19,9 @@
 //!   fails on transport, or has not answered after [`HEDGE_AFTER`], the same call is made on
 //!   another replica and the first good answer wins — one retry, inside the SDKs' 1-second
 //!   budget. A replica that answers with a refusal (a decision about the pod) is believed,
-//!   except "not ready", which another replica may not share.
+//!   except "not ready" and "STS unavailable", which another replica may not share (its own
+//!   way to STS, its own budget of STS calls): a replica that cannot reach STS must not cut
+//!   off the pods whose keys it owns.
 //! - **Owners.** A pod's GetCredentials goes first to the replica that owns its credential
 //!   key ([`ServerSet::owner`]: `podiam_proto::owner` over the names replicas give in their
 //!   Health answers), which holds those credentials: one STS call per session for the whole
@@ -282,6 +284,8 @@ fn classify<T>(result: Result<T, tonic::Status>, replica: &Replica) -> Attempt<T
                 replica.mark_not_ready();
                 Attempt::Retry(ServerError::from(status))
             }
+            // The replica is otherwise sound: not passed over for other calls.
+            Some(Reason::StsUnavailable) => Attempt::Retry(ServerError::from(status)),
             Some(_) => Attempt::Done(Err(ServerError::from(status))),
             None => {
                 let error = ServerError::from(status);
