@@ -232,7 +232,7 @@ impl Refused {
             // readiness, the API behind them) names the node's agent pod, nodes and the API's
             // errors: for the agent's log, not for pods.
             Refused::ByServers(refusal) => match refusal.reason {
-                Reason::AgentUnauthenticated | Reason::IdentityUnavailable | Reason::NotReady => {
+                reason if about_this_agent(reason) => {
                     format!(
                         "podiam: {}: the podiam servers cannot answer for this node now; \
                          retry shortly (the agent's log says why)\n",
@@ -422,7 +422,14 @@ impl MetadataService {
                 if let Some((kind, error)) = kind {
                     // tokio's clock: the same as the system's, but for tests in paused time.
                     let now = tokio::time::Instant::now().into_std();
-                    if let Some(held_back) = self.failures_logged.admit((peer, kind), now) {
+                    // All of loopback is one sender (the node's own processes): using every
+                    // address of 127/8 must not take the log's places from pods.
+                    let sender = if peer.is_loopback() {
+                        IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        peer
+                    };
+                    if let Some(held_back) = self.failures_logged.admit((sender, kind), now) {
                         // A server's message may quote what the pod asked.
                         tracing::warn!(%peer, error = %Escaped(error), held_back, "server call failed");
                     }
@@ -435,12 +442,7 @@ impl MetadataService {
                     tracing::warn!(%peer, error = %Escaped(error), "node metadata call failed");
                 }
                 if let Refused::ByServers(refusal) = &refused
-                    && matches!(
-                        refusal.reason,
-                        Reason::AgentUnauthenticated
-                            | Reason::IdentityUnavailable
-                            | Reason::NotReady
-                    )
+                    && about_this_agent(refusal.reason)
                 {
                     // Every pod's request says the same while it lasts: the node stream's
                     // failure is the warning.
@@ -532,7 +534,9 @@ impl MetadataService {
                             // name) or refused one (its token is its own business; bound
                             // to the address).
                             Ok((_, uid)) => uid,
-                            Err(Refused::ByServers(_)) => String::new(),
+                            Err(Refused::ByServers(refusal)) if places_pod_here(refusal.reason) => {
+                                String::new()
+                            }
                             // Unknown here (waited out by `patient`, then answered 503:
                             // see `Refused::TokenForUnknown`).
                             Err(refused) => return Err(refused),
@@ -732,9 +736,13 @@ impl MetadataService {
         Fut: Future<Output = Result<T, Refused>>,
     {
         let first = answer(known.clone()).await;
-        if *known != Known::Nobody
-            || !matches!(first, Err(Refused::ByAgent(AgentRefusal::UnknownPod(_))))
-        {
+        let unanswered = match &first {
+            Err(Refused::ByAgent(AgentRefusal::UnknownPod(_))) => true,
+            // The servers cannot answer for this agent now: the table may still learn the pod.
+            Err(Refused::ByServers(refusal)) => about_this_agent(refusal.reason),
+            _ => false,
+        };
+        if *known != Known::Nobody || !unanswered {
             return first;
         }
         let left = UNKNOWN_POD_PATIENCE.saturating_sub(came.elapsed());
@@ -793,7 +801,9 @@ impl MetadataService {
         let answer = tokio::time::timeout(ASK_WAIT, call).await;
         let why = match answer {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(ServerError::Refused(refusal))) if places_pod_here(refusal.reason) => {
+            Ok(Err(ServerError::Refused(refusal)))
+                if places_pod_here(refusal.reason) || about_this_agent(refusal.reason) =>
+            {
                 return Err(Refused::ByServers(refusal));
             }
             Ok(Err(ServerError::Refused(Refusal {
@@ -969,6 +979,16 @@ const UNKNOWN_POD_PATIENCE: Duration = Duration::from_millis(900);
 
 /// Whether a refusal is one the servers make only about a pod they found on this agent's
 /// node (so the pod is here, merely refused).
+/// Whether a server's refusal is about this agent's own standing with it (its identity, the
+/// API behind it, its readiness), not about the pod asked for: its message names the agent's
+/// pod, nodes and the API's errors, for the agent's log only (see [`Refused::response`]).
+fn about_this_agent(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::AgentUnauthenticated | Reason::IdentityUnavailable | Reason::NotReady
+    )
+}
+
 fn places_pod_here(reason: Reason) -> bool {
     matches!(
         reason,

@@ -113,6 +113,21 @@ struct Replica {
     /// STS cannot be reached from this replica while this is set (its answer says so once
     /// the pod is checked, as the servers' does).
     sts_unavailable: AtomicBool,
+    /// Calls about pods are refused as from an agent it cannot prove while this is set (its
+    /// token's pod not in its view yet), the refusal naming the agent's pod; node streams
+    /// go on.
+    agent_unproven: AtomicBool,
+}
+
+impl Replica {
+    /// The refusal of an agent call while [`Replica::agent_unproven`] is set.
+    fn unproven(&self) -> Result<(), Status> {
+        if self.agent_unproven.load(Ordering::SeqCst) {
+            return Err(Reason::AgentUnauthenticated
+                .status("the token's pod podiam/podiam-agent-x7 (uid 9f3c) is not a running pod"));
+        }
+        Ok(())
+    }
 }
 
 impl Replica {
@@ -183,6 +198,7 @@ impl Podiam for Fake {
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<GetPodRoleResponse>, Status> {
         self.0.pod_role_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.unproven()?;
         let ip = request.into_inner().ip;
         if self.0.elsewhere.lock().expect("not poisoned").contains(&ip) {
             return Err(Reason::OtherNode.status(format!("{ip} is no pod of node {NODE}")));
@@ -207,6 +223,7 @@ impl Podiam for Fake {
         if self.0.fails.load(Ordering::SeqCst) {
             return Err(Status::internal("the test's replica fails"));
         }
+        self.0.unproven()?;
         let request = request.into_inner();
         let tokens = self.0.pod_tokens.lock().expect("not poisoned");
         let refused = !request.pod_token.is_empty() && !tokens.contains(&request.pod_token);
@@ -1455,6 +1472,40 @@ async fn a_token_for_an_address_no_pod_has_is_refused_for_now_not_for_good() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn what_the_servers_say_of_the_agents_own_standing_is_not_told_to_pods() {
+    // The table synced, but the replicas refuse this agent's calls about pods (its token's
+    // pod not yet in their view, say). A new pod the table does not list yet is told to
+    // retry (503), not that it is unknown (a 404 SDKs do not retry), and nothing of the
+    // agent's pod; it gets no token bound to its address alone either.
+    let rig = Rig::start(&[pod("web", WEB)]).await;
+    rig.stream_synced(WEB).await;
+    for replica in &rig.replicas {
+        replica.agent_unproven.store(true, Ordering::SeqCst);
+    }
+    let new = Ipv4Addr::new(10, 1, 0, 9);
+    let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "300")];
+    let token = rig.send(new, AGENT, "PUT", "/latest/api/token", &ttl).await;
+    for (what, (status, body)) in [
+        ("roles", rig.get(new, ROLES).await),
+        ("credentials", rig.get(new, CREDENTIALS).await),
+        ("token", token),
+    ] {
+        assert_eq!(status, 503, "{what}: {body}");
+        assert!(body.contains("retry shortly"), "{what}: {body}");
+        assert!(!body.contains("podiam-agent-x7"), "{what}: {body}");
+    }
+    // A pod that reaches the table meanwhile is answered from it.
+    let ((status, body), ()) = tokio::join!(rig.get(new, ROLES), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for replica in &rig.replicas {
+            replica.announce(pod("new", new));
+        }
+    });
+    assert_eq!(status, 200, "{body}");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn credentials_the_servers_give_another_pod_while_the_table_lists_this_one_are_not_a_404() {
     let rig = Rig::start(&[pod("web", WEB)]).await;
     rig.stream_synced(WEB).await;
@@ -1551,5 +1602,28 @@ async fn failed_server_calls_are_logged_once_a_window_per_pod_however_often_it_a
     assert_eq!(status, 502);
     assert_eq!(warnings(), 2, "{}", logs.text());
     assert!(logs.text().contains("held_back=9"), "{}", logs.text());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_nodes_own_processes_are_one_sender_to_the_failure_log() {
+    // No node stream (the table unsynced: every request is a server call) and the servers
+    // failing: a process of the node asking from many loopback addresses is logged as one
+    // sender, so it cannot take the log's places from pods.
+    let (_guard, logs) = podiam_runtime::telemetry::capture_logs();
+    let rig = Rig::start_with(&[pod("web", WEB)], true).await;
+    for replica in &rig.replicas {
+        replica.fails.store(true, Ordering::SeqCst);
+    }
+    for last in 2..12 {
+        let (status, body) = rig.get(Ipv4Addr::new(127, 0, 0, last), CREDENTIALS).await;
+        assert_eq!(status, 502, "{body}");
+    }
+    let warnings = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("server call failed"))
+        .count();
+    assert_eq!(warnings, 1, "{}", logs.text());
     rig.stop().await;
 }
