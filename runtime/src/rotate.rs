@@ -39,7 +39,10 @@ pub struct Rotating<C> {
 #[derive(Default)]
 struct Seen {
     loaded: [Vec<u8>; 3],
-    refused: Option<[Vec<u8>; 3]>,
+    /// The last refused bytes, and whether the refusal may pass with time (a certificate not
+    /// valid yet: an issuer's clock a little ahead of this node's), so they are checked again
+    /// at every reload, though not logged again.
+    refused: Option<([Vec<u8>; 3], bool)>,
 }
 
 impl<C> std::fmt::Debug for Rotating<C> {
@@ -120,9 +123,15 @@ impl<C> Rotating<C> {
             seen.refused = None;
             return Reload::Unchanged;
         }
-        if seen.refused.as_ref() == Some(&bytes) {
-            return Reload::StillRefused;
-        }
+        let refused_before = match &seen.refused {
+            Some((refused, may_pass)) if *refused == bytes => {
+                if !may_pass {
+                    return Reload::StillRefused;
+                }
+                true
+            }
+            _ => false,
+        };
         let built = self
             .files
             .check(bytes.clone(), now)
@@ -141,8 +150,13 @@ impl<C> Rotating<C> {
                 }
             }
             Err(error) => {
-                seen.refused = Some(bytes);
-                Reload::Refused(error)
+                let may_pass = matches!(error, TlsError::NotYetValid { .. });
+                seen.refused = Some((bytes, may_pass));
+                if refused_before {
+                    Reload::StillRefused
+                } else {
+                    Reload::Refused(error)
+                }
             }
         }
     }
@@ -191,6 +205,37 @@ mod tests {
     use crate::tls::server_config;
 
     use crate::tls::test_files::{server_files, written};
+
+    #[test]
+    fn a_certificate_not_valid_yet_is_swapped_in_once_it_is() {
+        let (dir, files) = written();
+        let rotating = Rotating::load(server_files(&files), server_config).expect("loads at start");
+        let before = rotating.current();
+        let ca_cert = std::fs::read_to_string(&files.ca_cert).expect("ca");
+        let ca_key = std::fs::read_to_string(&files.ca_key).expect("ca key");
+        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
+            .expect("renewed")
+            .replace_leaves_in(dir.path())
+            .expect("replaced");
+        let renewed = server_files(&files)
+            .load_checked(SystemTime::now())
+            .expect("valid now");
+        // Read a second before it is valid (its issuer's clock ahead of this node's): refused
+        // once, logged once, and checked again at each reload until it is valid.
+        let at = |unix: i64| std::time::UNIX_EPOCH + Duration::from_secs(unix as u64);
+        let early = at(renewed.not_before - 1);
+        assert!(matches!(
+            rotating.reload(early),
+            Reload::Refused(TlsError::NotYetValid { .. })
+        ));
+        assert!(matches!(rotating.reload(early), Reload::StillRefused));
+        assert!(Arc::ptr_eq(&before, &rotating.current()), "old config kept");
+        assert!(matches!(
+            rotating.reload(at(renewed.not_before)),
+            Reload::Rotated { .. }
+        ));
+        assert!(!Arc::ptr_eq(&before, &rotating.current()), "swapped in");
+    }
 
     #[test]
     fn rotation_swaps_in_good_files_and_keeps_the_old_on_bad_ones() {
