@@ -10,7 +10,11 @@
 //! A watch that keeps failing (twice or more), with no success between, for [`STALE_AFTER`]
 //! makes the view *stale* ([`WatchFailures`]): the replica still answers from it (an API server outage must
 //! not stop the cluster's credentials), and says so in its Health answers and metrics, so
-//! that agents prefer a replica whose view is current (revocations, reused addresses).
+//! that agents prefer a replica whose view is current (revocations, reused addresses). So
+//! does a relist after the first sync that has run for [`RELIST_STALE_AFTER`]: its watch's
+//! changes wait until it is complete (a 410 Gone in a cluster of 100k pods: many seconds),
+//! and a pod deleted meanwhile, its address given to another, would be answered as the
+//! first.
 //!
 //! A namespace relist starts from the current index's compiled rules
 //! ([`NamespaceIndex::for_relist`]), so unchanged rules are not compiled again and count
@@ -314,7 +318,8 @@ where
             () = shutdown.cancelled() => return,
             event = stream.try_next() => event,
         };
-        note_outcome(&cluster.failures, K::WHAT, &event);
+        let relisting = synced.load(Ordering::Acquire);
+        note_outcome(&cluster.failures, K::WHAT, &event, relisting);
         match event {
             Ok(Some(Event::Init)) => {
                 let current = index.read().unwrap_or_else(|e| e.into_inner());
@@ -372,15 +377,37 @@ where
 /// turns stale or current again. A success is a relist complete or a change seen: Init comes
 /// before its list is asked for, and InitApply may come from a first page of a relist whose
 /// next pages fail.
+/// `synced`: whether the resource had synced before (a list is then a relist, which makes
+/// the view stale while it runs long: see [`RELIST_STALE_AFTER`]).
 fn note_outcome<K>(
     failures: &WatchFailures,
     what: &'static str,
     event: &Result<Option<Event<K>>, watcher::Error>,
+    synced: bool,
 ) {
     let now = tokio::time::Instant::now();
     match event {
+        Ok(Some(Event::Init)) if synced => failures.relist_began(what, now),
         Ok(Some(Event::Init | Event::InitApply(_))) | Ok(None) => {}
-        Ok(Some(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
+        Ok(Some(Event::InitDone)) => {
+            if let Some(took) = failures.relist_done(what, now)
+                && took >= RELIST_STALE_AFTER
+            {
+                tracing::info!(
+                    resource = what,
+                    took_s = took.as_secs(),
+                    "relist complete; the view counted as stale while it ran"
+                );
+            }
+            if let Some(stale_for) = failures.succeeded(what, now) {
+                tracing::info!(
+                    resource = what,
+                    stale_for_s = stale_for.as_secs(),
+                    "watch works again; the view is current"
+                );
+            }
+        }
+        Ok(Some(Event::Apply(_) | Event::Delete(_))) => {
             if let Some(stale_for) = failures.succeeded(what, now) {
                 tracing::info!(
                     resource = what,
@@ -440,6 +467,9 @@ where
 /// counts as stale. A single failure never does: a watch broken once and made again on a
 /// quiet resource has nothing to say that would prove it works.
 pub const STALE_AFTER: Duration = Duration::from_secs(15);
+/// How long a relist after the first sync runs before the view counts as stale until it is
+/// complete. A relist of 10k pods takes a second or two.
+pub const RELIST_STALE_AFTER: Duration = Duration::from_secs(5);
 /// A spell of failing whose last failure is this old is over: the watch was made again and
 /// has had nothing to say. Failing attempts come at most [`WATCH_RETRY_MAX`] apart plus the
 /// attempt's own time: up to the client's 30 s connect timeout when the API server's address
@@ -463,6 +493,9 @@ struct Spell {
 #[derive(Debug, Default)]
 pub struct WatchFailures {
     spells: Mutex<Vec<(&'static str, Spell)>>,
+    /// The relists under way after the first sync, by resource, and since when (a relist
+    /// begun again after a failure half-way keeps its start).
+    relists: Mutex<Vec<(&'static str, tokio::time::Instant)>>,
 }
 
 impl WatchFailures {
@@ -507,13 +540,38 @@ impl WatchFailures {
     }
 
     /// The resource whose watch makes the view stale at `now`, and for how long it has been
-    /// failing: one that failed twice or more over [`STALE_AFTER`], whose spell is not over.
+    /// failing (or relisting): one that failed twice or more over [`STALE_AFTER`], whose spell
+    /// is not over, or whose relist has run for [`RELIST_STALE_AFTER`].
     pub fn stale(&self, now: tokio::time::Instant) -> Option<(&'static str, Duration)> {
         let spells = self.spells.lock().unwrap_or_else(|e| e.into_inner());
-        spells
+        let failing = spells
             .iter()
             .find(|(_, spell)| spell.stale(now))
-            .map(|(what, spell)| (*what, now.saturating_duration_since(spell.since)))
+            .map(|(what, spell)| (*what, now.saturating_duration_since(spell.since)));
+        drop(spells);
+        failing.or_else(|| {
+            let relists = self.relists.lock().unwrap_or_else(|e| e.into_inner());
+            relists
+                .iter()
+                .map(|(what, since)| (*what, now.saturating_duration_since(*since)))
+                .find(|(_, running)| *running >= RELIST_STALE_AFTER)
+        })
+    }
+
+    /// A relist of `what` began at `now` (or began again, after failing half-way).
+    pub fn relist_began(&self, what: &'static str, now: tokio::time::Instant) {
+        let mut relists = self.relists.lock().unwrap_or_else(|e| e.into_inner());
+        if !relists.iter().any(|(w, _)| *w == what) {
+            relists.push((what, now));
+        }
+    }
+
+    /// The relist of `what` is complete at `now`; how long it ran, if one was under way.
+    pub fn relist_done(&self, what: &'static str, now: tokio::time::Instant) -> Option<Duration> {
+        let mut relists = self.relists.lock().unwrap_or_else(|e| e.into_inner());
+        let at = relists.iter().position(|(w, _)| *w == what)?;
+        let (_, since) = relists.remove(at);
+        Some(now.saturating_duration_since(since))
     }
 }
 
@@ -585,6 +643,42 @@ mod tests {
         assert!(waits[7] >= WATCH_RETRY_MAX / 2);
         backoff.reset();
         assert!(backoff.next().expect("a wait") <= WATCH_RETRY_MIN);
+    }
+
+    #[test]
+    fn a_relist_after_the_first_sync_makes_the_view_stale_while_it_runs_long() {
+        let failures = WatchFailures::default();
+        let start = tokio::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let later = at(3_600_000);
+        let init = Ok(Some(Event::<Pod>::Init));
+        let done = Ok(Some(Event::<Pod>::InitDone));
+        // The first list is no relist: not stale however long it runs (the server is not
+        // ready meanwhile anyway).
+        note_outcome(&failures, "pods", &init, false);
+        assert_eq!(failures.stale(later), None);
+        note_outcome(&failures, "pods", &done, false);
+        // A relist (a 410 Gone) is: once it has run long, until it is complete.
+        note_outcome(&failures, "pods", &init, true);
+        assert!(failures.stale(later).is_some());
+        note_outcome(&failures, "pods", &done, true);
+        assert_eq!(failures.stale(later), None);
+        // Current for its first seconds, then stale, also across a failure half-way and the
+        // list begun again.
+        failures.relist_began("namespaces", at(0));
+        assert_eq!(failures.stale(at(4_999)), None);
+        assert_eq!(
+            failures.stale(at(5_000)),
+            Some(("namespaces", RELIST_STALE_AFTER))
+        );
+        failures.relist_began("namespaces", at(6_000));
+        assert_eq!(
+            failures.stale(at(7_000)),
+            Some(("namespaces", Duration::from_secs(7)))
+        );
+        let took = failures.relist_done("namespaces", at(8_000));
+        assert_eq!(took, Some(Duration::from_secs(8)));
+        assert_eq!(failures.stale(at(9_000)), None);
     }
 
     #[test]
