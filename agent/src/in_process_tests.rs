@@ -113,6 +113,9 @@ struct Replica {
     /// STS cannot be reached from this replica while this is set (its answer says so once
     /// the pod is checked, as the servers' does).
     sts_unavailable: AtomicBool,
+    /// STS throttles this replica's AssumeRole calls while this is set (the account's rate
+    /// spent), its refusal marked so.
+    sts_throttled: AtomicBool,
     /// Calls about pods are refused as from an agent it cannot prove while this is set (its
     /// token's pod not in its view yet), the refusal naming the agent's pod; node streams
     /// go on.
@@ -244,6 +247,14 @@ impl Podiam for Fake {
         }
         if self.0.sts_unavailable.load(Ordering::SeqCst) {
             return Err(Reason::StsUnavailable.status("STS could not be reached"));
+        }
+        if self.0.sts_throttled.load(Ordering::SeqCst) {
+            let mut status = Reason::StsUnavailable.status("STS throttled AssumeRole");
+            status.metadata_mut().insert(
+                podiam_proto::STS_THROTTLED_METADATA_KEY,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            return Err(status);
         }
         let now = podiam_runtime::clock::now_unix();
         Ok(Response::new(GetCredentialsResponse {
@@ -994,6 +1005,19 @@ async fn an_owner_that_cannot_reach_sts_does_not_cut_its_pods_off() {
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("sts-unavailable"), "{body}");
     assert_eq!((calls(&rig.replicas[0]), calls(&rig.replicas[1])), (2, 2));
+    // STS throttling the owner (the account's rate spent): no other replica is asked, as
+    // it would only add to it.
+    rig.replicas[0]
+        .sts_unavailable
+        .store(false, Ordering::SeqCst);
+    rig.replicas[1]
+        .sts_unavailable
+        .store(false, Ordering::SeqCst);
+    rig.replicas[0].sts_throttled.store(true, Ordering::SeqCst);
+    tokio::time::advance(crate::cache::REFUSAL_HELD).await;
+    let (status, body) = rig.get(API, CREDENTIALS).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!((calls(&rig.replicas[0]), calls(&rig.replicas[1])), (3, 2));
     rig.stop().await;
 }
 

@@ -20,8 +20,10 @@
 //!   another replica and the first good answer wins — one retry, inside the SDKs' 1-second
 //!   budget. A replica that answers with a refusal (a decision about the pod) is believed,
 //!   except "not ready" and "STS unavailable", which another replica may not share (its own
-//!   way to STS, its own budget of STS calls): a replica that cannot reach STS must not cut
-//!   off the pods whose keys it owns.
+//!   way to STS): a replica that cannot reach STS must not cut off the pods whose keys it
+//!   owns. That second replica is the key's runner-up ([`ServerSet::owners`]: the owner were
+//!   the first gone), so a key failing everywhere is tried by two replicas, not all; and
+//!   none is asked when the first says STS throttles (the account's rate is spent).
 //! - **Owners.** A pod's GetCredentials goes first to the replica that owns its credential
 //!   key ([`ServerSet::owner`]: `podiam_proto::owner` over the names replicas give in their
 //!   Health answers), which holds those credentials: one STS call per session for the whole
@@ -284,8 +286,11 @@ fn classify<T>(result: Result<T, tonic::Status>, replica: &Replica) -> Attempt<T
                 replica.mark_not_ready();
                 Attempt::Retry(ServerError::from(status))
             }
-            // The replica is otherwise sound: not passed over for other calls.
-            Some(Reason::StsUnavailable) => Attempt::Retry(ServerError::from(status)),
+            // The replica is otherwise sound: not passed over for other calls. Not when STS
+            // throttles: the account's rate is spent, and another replica would add to it.
+            Some(Reason::StsUnavailable) if !podiam_proto::sts_throttled(&status) => {
+                Attempt::Retry(ServerError::from(status))
+            }
             Some(_) => Attempt::Done(Err(ServerError::from(status))),
             None => {
                 let error = ServerError::from(status);
@@ -534,8 +539,14 @@ impl ServerSet {
     /// The replica that owns the credential key `key` (`podiam_proto::owner` over the names
     /// of the replicas that count as owners: see the module's docs), if any.
     pub fn owner(&self, key: u64) -> Option<SocketAddr> {
+        self.owners(key).0
+    }
+
+    /// The owner of `key` ([`ServerSet::owner`]) and its runner-up: the owner over the other
+    /// names, which would own the key were the owner gone.
+    pub fn owners(&self, key: u64) -> (Option<SocketAddr>, Option<SocketAddr>) {
         if key == 0 {
-            return None;
+            return (None, None);
         }
         let replicas = self.replicas();
         let named: Vec<(Arc<str>, SocketAddr)> = replicas
@@ -543,24 +554,34 @@ impl ServerSet {
             .filter(|r| r.owns_keys())
             .map(|r| (r.name(), r.addr))
             .collect();
-        let owner = podiam_proto::owner::owner(key, named.iter().map(|(name, _)| &**name))?;
-        named
-            .iter()
-            .find(|(name, _)| &**name == owner)
-            .map(|(_, addr)| *addr)
+        let names = || named.iter().map(|(name, _)| &**name);
+        let address = |name: &str| {
+            (named.iter())
+                .find(|(n, _)| &**n == name)
+                .map(|(_, addr)| *addr)
+        };
+        let Some(owner) = podiam_proto::owner::owner(key, names()) else {
+            return (None, None);
+        };
+        let runner_up = podiam_proto::owner::owner(key, names().filter(|n| *n != owner));
+        (address(owner), runner_up.and_then(address))
     }
 
     /// `prefer` when it is known, ready and not suspect, and current unless no replica is,
     /// else [`ServerSet::pick`].
     fn pick_first(&self, prefer: Option<SocketAddr>) -> Option<Arc<Replica>> {
-        prefer
-            .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
+        self.usable(prefer).or_else(|| self.pick(None))
+    }
+
+    /// The replica at `addr` when it is known, ready and not suspect, and current unless no
+    /// replica is.
+    fn usable(&self, addr: Option<SocketAddr>) -> Option<Arc<Replica>> {
+        addr.and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
             .filter(|replica| match replica.rank() {
                 0 => true,
                 1 => !self.any_current(),
                 _ => false,
             })
-            .or_else(|| self.pick(None))
     }
 
     /// Makes one call, failing over to a second replica as described in the module docs.
@@ -577,7 +598,7 @@ impl ServerSet {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.call_from(self.pick_first(prefer), call).await
+        self.call_from(self.pick_first(prefer), None, call).await
     }
 
     /// [`ServerSet::call`], first to the owner of the credential key `key` when there is one
@@ -595,17 +616,21 @@ impl ServerSet {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let owner = self
-            .owner(key)
+        let (owner, runner_up) = self.owners(key);
+        let owner = owner
             .and_then(|addr| self.replicas().iter().find(|r| r.addr == addr).cloned())
             .filter(|owner| !owner.stale() || !self.any_current());
-        self.call_from(owner.or_else(|| self.pick_first(prefer)), call)
+        let then = runner_up.filter(|_| owner.is_some());
+        self.call_from(owner.or_else(|| self.pick_first(prefer)), then, call)
             .await
     }
 
+    /// The call on `first`, then (failing over) on `then` when it is ready and not suspect,
+    /// else on [`ServerSet::pick`]'s.
     async fn call_from<T, F, Fut>(
         &self,
         first: Option<Arc<Replica>>,
+        then: Option<SocketAddr>,
         call: F,
     ) -> Result<T, ServerError>
     where
@@ -630,7 +655,8 @@ impl ServerSet {
             },
             () = tokio::time::sleep(HEDGE_AFTER) => None,
         };
-        let Some(second) = self.pick(Some(first.addr)) else {
+        let then = self.usable(then.filter(|addr| *addr != first.addr));
+        let Some(second) = then.or_else(|| self.pick(Some(first.addr))) else {
             // Nobody else to ask: the first answer is all there is.
             return match first_failed {
                 Some(error) => Err(error),
@@ -781,6 +807,28 @@ pub(crate) mod tests {
             replica.ready.store(true, Ordering::Release);
         }
         replicas
+    }
+
+    #[tokio::test]
+    async fn a_keys_runner_up_owns_it_once_its_owner_is_gone() {
+        let (_dir, set) = set(Vec::new());
+        let replicas = ready_replicas(&set, 3);
+        for (i, replica) in replicas.iter().enumerate() {
+            *replica.name.lock().expect("not poisoned") = Arc::from(format!("s-{i}").as_str());
+            *replica.last_good.lock().expect("not poisoned") = Some(Instant::now());
+        }
+        for key in 1..50 {
+            let (Some(owner), Some(runner_up)) = set.owners(key) else {
+                panic!("key {key}: an owner and a runner-up among three");
+            };
+            assert_ne!(owner, runner_up);
+            assert_eq!(set.owner(key), Some(owner));
+            let gone = replicas.iter().find(|r| r.addr == owner).expect("known");
+            let was = gone.last_good.lock().expect("not poisoned").take();
+            assert_eq!(set.owner(key), Some(runner_up), "key {key}");
+            *gone.last_good.lock().expect("not poisoned") = was;
+        }
+        assert_eq!(set.owners(0), (None, None), "no key");
     }
 
     #[tokio::test]

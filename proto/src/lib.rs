@@ -81,6 +81,16 @@ pub fn valid_role_name(name: &str) -> bool {
 /// the release after this one.
 pub const LEGACY_REASON_METADATA_KEY: &str = "podiam-reason";
 
+/// The metadata key under which a server marks an [`Reason::StsUnavailable`] refusal as STS
+/// throttling (the account's AssumeRole rate spent): another replica would only add to it,
+/// so agents do not ask one, as they do when a replica cannot reach STS.
+pub const STS_THROTTLED_METADATA_KEY: &str = "podiam-sts-throttled";
+
+/// Whether `status` carries [`STS_THROTTLED_METADATA_KEY`].
+pub fn sts_throttled(status: &tonic::Status) -> bool {
+    status.metadata().contains_key(STS_THROTTLED_METADATA_KEY)
+}
+
 /// Why the server refused to name a pod's role or hand out its credentials.
 ///
 /// Each reason becomes its own HTTP status and message at the agent, so an operator reading a

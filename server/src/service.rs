@@ -166,7 +166,16 @@ impl Failure {
         match self {
             Failure::BadRequest(_) | Failure::BadIp(_) => Status::invalid_argument(message),
             Failure::Refused(refusal) => refusal.reason().status(message),
-            Failure::Sts(error) => sts_reason(error).status(error.public()),
+            Failure::Sts(error) => {
+                let mut status = sts_reason(error).status(error.public());
+                if matches!(error, StsError::Throttled(_)) {
+                    status.metadata_mut().insert(
+                        podiam_proto::STS_THROTTLED_METADATA_KEY,
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                }
+                status
+            }
             Failure::Binding(BindingFailure::Unavailable(_)) => {
                 Reason::IdentityUnavailable.status(message)
             }
@@ -1495,6 +1504,18 @@ mod tests {
             assert_eq!(lines.lines().count(), 1, "{text:?}:\n{lines}");
             assert!(lines.contains(r"\r\n2026-01-01"), "{lines}");
         }
+    }
+
+    #[test]
+    fn sts_throttling_is_marked_for_agents_and_nothing_else_is() {
+        // Agents ask a second replica when the first cannot reach STS, not when STS
+        // throttles: the account's rate is spent.
+        let throttled = Failure::Sts(StsError::Throttled("Rate exceeded".into())).status();
+        assert_eq!(Reason::of(&throttled), Some(Reason::StsUnavailable));
+        assert!(podiam_proto::sts_throttled(&throttled));
+        let unavailable = Failure::Sts(StsError::Unavailable("timed out".into())).status();
+        assert_eq!(Reason::of(&unavailable), Some(Reason::StsUnavailable));
+        assert!(!podiam_proto::sts_throttled(&unavailable));
     }
 
     #[test]
