@@ -977,8 +977,6 @@ const ASK_WAIT: Duration = Duration::from_millis(400);
 /// the first wait and the servers' time together, within the SDKs' 1 s.
 const UNKNOWN_POD_PATIENCE: Duration = Duration::from_millis(900);
 
-/// Whether a refusal is one the servers make only about a pod they found on this agent's
-/// node (so the pod is here, merely refused).
 /// Whether a server's refusal is about this agent's own standing with it (its identity, the
 /// API behind it, its readiness), not about the pod asked for: its message names the agent's
 /// pod, nodes and the API's errors, for the agent's log only (see [`Refused::response`]).
@@ -989,6 +987,8 @@ fn about_this_agent(reason: Reason) -> bool {
     )
 }
 
+/// Whether a refusal is one the servers make only about a pod they found on this agent's
+/// node (so the pod is here, merely refused).
 fn places_pod_here(reason: Reason) -> bool {
     matches!(
         reason,

@@ -1518,14 +1518,21 @@ async fn what_the_servers_say_of_the_agents_own_standing_is_not_told_to_pods() {
         assert!(body.contains("retry shortly"), "{what}: {body}");
         assert!(!body.contains("podiam-agent-x7"), "{what}: {body}");
     }
-    // A pod that reaches the table meanwhile is answered from it.
+    // A pod that reaches the table after the servers' refusal, within the patience, is
+    // answered from it.
+    let asked = rig.pod_role_calls();
     let ((status, body), ()) = tokio::join!(rig.get(new, ROLES), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         for replica in &rig.replicas {
             replica.announce(pod("new", new));
         }
     });
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        rig.pod_role_calls() - asked,
+        1,
+        "the servers were asked first"
+    );
     rig.stop().await;
 }
 

@@ -309,7 +309,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Handshaking<Held<I>> {
         let peer = stream.peer;
         let handshaken = tokio::select! {
             () = given_up.cancelled() => Err(format!(
-                "no handshake within {HANDSHAKE_GIVES_WAY_AFTER:?} while {MAX_HANDSHAKES} were under way: given up for a newer connection"
+                "given up for a newer connection: {MAX_HANDSHAKES_PER_ADDRESS} handshakes of this \
+                 address, or {MAX_HANDSHAKES} of all, were under way"
             )),
             handshaken = async {
                 nodelay?;
@@ -930,8 +931,16 @@ mod tests {
         let given_up = held.iter().filter(|s| s.given_up().is_cancelled()).count();
         assert_eq!(given_up, 2);
         assert!(!first.given_up().is_cancelled());
-        // A pod holding as many as any other gets no place, and takes none.
-        assert!(open.admit(pod(3)).is_none());
+        // A pod holding as many as any other (one none of whose connections gave way) gets
+        // no place, and takes none.
+        let full = (0..16)
+            .find(|p| {
+                held[p * MAX_CONNECTIONS_PER_ADDRESS..][..MAX_CONNECTIONS_PER_ADDRESS]
+                    .iter()
+                    .all(|s| !s.given_up().is_cancelled())
+            })
+            .expect("a pod with all its connections");
+        assert!(open.admit(pod(full)).is_none());
         assert_eq!(
             held.iter().filter(|s| s.given_up().is_cancelled()).count(),
             2

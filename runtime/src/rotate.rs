@@ -152,7 +152,9 @@ impl<C> Rotating<C> {
             Err(error) => {
                 let may_pass = matches!(error, TlsError::NotYetValid { .. });
                 seen.refused = Some((bytes, may_pass));
-                if refused_before {
+                // Files not valid yet are checked again each time, logged once; once valid
+                // they may be refused for another reason, which is logged.
+                if refused_before && may_pass {
                     Reload::StillRefused
                 } else {
                     Reload::Refused(error)
@@ -235,6 +237,35 @@ mod tests {
             Reload::Rotated { .. }
         ));
         assert!(!Arc::ptr_eq(&before, &rotating.current()), "swapped in");
+
+        // Renewed again, with the key of the certificate in use beside it: not valid yet at
+        // first; once it is, refused for its key, and that is said too.
+        let old_key = std::fs::read(&files.server_key).expect("key");
+        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
+            .expect("renewed")
+            .replace_leaves_in(dir.path())
+            .expect("replaced");
+        std::fs::write(&files.server_key, old_key).expect("write");
+        let cert = std::fs::read(&files.server_cert).expect("cert");
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(&cert).expect("PEM");
+        let not_before = parsed
+            .parse_x509()
+            .expect("a certificate")
+            .validity()
+            .not_before
+            .timestamp();
+        assert!(matches!(
+            rotating.reload(at(not_before - 1)),
+            Reload::Refused(TlsError::NotYetValid { .. })
+        ));
+        assert!(matches!(
+            rotating.reload(at(not_before)),
+            Reload::Refused(TlsError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            rotating.reload(at(not_before)),
+            Reload::StillRefused
+        ));
     }
 
     #[test]

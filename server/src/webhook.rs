@@ -458,6 +458,9 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most headers in a request: the API server sends about ten.
 const MAX_HEADERS: usize = 32;
+/// How long a connection that gave its place to another address's may still answer the
+/// request under way: the connections no longer counted stay this few.
+const GIVEN_UP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves `webhook` over HTTPS (`tls`, no client certificate) on `listener` until `stop`;
 /// connections and the accept loop run on `tasks`. Reviews are counted in `reviews` by
@@ -515,7 +518,13 @@ pub fn serve<L: podiam_runtime::net::Listener>(
                     _ = connection.as_mut() => {}
                     () = ending => {
                         connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+                        if given_up.is_cancelled() {
+                            // Its place is another's already: a request under way has a
+                            // moment to be answered, and the connection no longer.
+                            let _ = tokio::time::timeout(GIVEN_UP_GRACE, connection).await;
+                        } else {
+                            let _ = connection.await;
+                        }
                     }
                 }
             });
