@@ -482,6 +482,28 @@ async fn a_drain_ends_node_streams_at_once_then_answers_until_its_delay_is_over(
 }
 
 #[tokio::test(start_paused = true)]
+async fn no_stream_follows_a_node_without_a_name() {
+    // Under --node-binding warn an unproven caller is answered; a stream of the node ""
+    // would carry every pod of the cluster.
+    let mut rig = Rig::new(&["--node-binding=warn"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    for node_name in ["", "Not_A_Node"] {
+        let refused = client
+            .watch_node(WatchNodeRequest {
+                node_name: node_name.into(),
+                agent_version: "test".into(),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{node_name:?}");
+    }
+    shutdown.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_node_stream_beats_every_second_while_other_nodes_change() {
     let mut rig = Rig::new(&[]);
     rig.add_pod("web", WEB_IP, "app-reader");

@@ -1347,6 +1347,7 @@ impl Podiam for PodiamService {
         let caller = self.agent(&request, "WatchNode").await?;
         let peer = request.remote_addr();
         let request = request.into_inner();
+        // A name no node can have is refused before anything is looked up or logged.
         if !request.node_name.is_empty() && !valid_node_name(&request.node_name) {
             return Err(Status::invalid_argument(
                 "node_name is not a Kubernetes node name",
@@ -1354,6 +1355,14 @@ impl Podiam for PodiamService {
         }
         let agent_version = agent_version(&request.agent_version);
         let (node, agent) = self.stream_node(caller, &request.node_name, peer)?;
+        // Never the node "": its pods would be the cluster's, streamed to one caller under
+        // --node-binding warn. (A proven agent asking for it has been refused, or audited
+        // as asking about another node, already.)
+        if node.is_empty() {
+            return Err(Status::invalid_argument(
+                "node_name is not a Kubernetes node name",
+            ));
+        }
         let caller = match &agent {
             Some(agent) => agent.pod_uid.clone(),
             None => format!(
