@@ -10,8 +10,8 @@
 //!   SubjectAccessReview.
 //!
 //! Reviews are cached by a digest of the token (never the token itself) until the token
-//! expires ([`REVIEW_CACHE_MAX`] at most), so an agent's calls cost no API request after the
-//! first; refused tokens are remembered for [`NEGATIVE_REVIEW_TTL`]. Concurrent reviews of
+//! expires ([`REVIEW_CACHE_MAX`] at most, [`OPERATOR_REVIEW_CACHE_MAX`] for operators'), so
+//! an agent's calls cost no API request after the first; refused tokens are remembered for [`NEGATIVE_REVIEW_TTL`]. Concurrent reviews of
 //! one token share one request, and at most [`REVIEWS_IN_FLIGHT`] run at once. While the
 //! API cannot answer, cached reviews keep working and new tokens are refused as
 //! unavailable: fail closed, recover by themselves.
@@ -40,6 +40,11 @@ use podiam_policy::decision::ReviewedUser;
 /// kubelet rotates projected tokens at 80% of their life (48 min for the 1 h the DaemonSet
 /// asks), so an agent costs about one review per rotation.
 pub const REVIEW_CACHE_MAX: Duration = Duration::from_secs(3600);
+/// Longest an operator's review (a token for the API's own audience: explain, status) is
+/// trusted: deleting its ServiceAccount, or the pod its token is bound to, ends it at the API
+/// at once, and nothing else here looks again, as agents' and pods' tokens are looked at
+/// against live pods at every call.
+pub const OPERATOR_REVIEW_CACHE_MAX: Duration = Duration::from_secs(60);
 /// How long a review is trusted when the token's expiry cannot be read from it.
 pub const REVIEW_CACHE_DEFAULT: Duration = Duration::from_secs(300);
 /// How long a refused token stays refused without asking again: a caller repeating a bad
@@ -562,14 +567,20 @@ pub fn token_expiry(token: &str) -> Option<u64> {
 }
 
 /// Until when (Unix seconds) a review made at `now` may be trusted.
-pub fn trust_until(review: &Review, token: &str, now: u64) -> u64 {
+/// `audiences`: those the review was for (none: the API's own, an operator's token).
+pub fn trust_until(review: &Review, token: &str, audiences: &[String], now: u64) -> u64 {
     match review {
         Review::Unauthenticated(_) => now + NEGATIVE_REVIEW_TTL.as_secs(),
         Review::Authenticated(_) => {
-            let cap = now + REVIEW_CACHE_MAX.as_secs();
+            let most = if audiences.is_empty() {
+                OPERATOR_REVIEW_CACHE_MAX
+            } else {
+                REVIEW_CACHE_MAX
+            };
+            let cap = now + most.as_secs();
             match token_expiry(token) {
                 Some(exp) => exp.min(cap),
-                None => now + REVIEW_CACHE_DEFAULT.as_secs(),
+                None => cap.min(now + REVIEW_CACHE_DEFAULT.as_secs()),
             }
         }
     }
@@ -838,7 +849,14 @@ impl Identities {
                             .token_reviews
                             .get_or_create(&ReviewLabels { result })
                             .inc();
-                        record(&mut lock(&shared_cache), key, &token, &answer, clock());
+                        let now = clock();
+                        record(
+                            &mut lock(&shared_cache),
+                            key,
+                            (&token, &audiences),
+                            &answer,
+                            now,
+                        );
                         answer
                     });
                     let future: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
@@ -893,13 +911,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn record(
     cache: &mut Cache,
     key: [u8; 32],
-    token: &str,
+    (token, audiences): (&str, &[String]),
     answer: &Result<Review, ReviewUnavailable>,
     now: u64,
 ) {
     cache.pending.remove(&key);
     if let Ok(review) = answer {
-        let until = trust_until(review, token, now);
+        let until = trust_until(review, token, audiences, now);
         if until > now {
             if cache.done.len() >= REVIEW_CACHE_ENTRIES {
                 evict(&mut cache.done, now);
@@ -1089,21 +1107,32 @@ mod tests {
         assert_eq!(token_expiry(&jwt("h", 1600)), Some(1600));
         assert_eq!(token_expiry("not-a-jwt"), None);
         assert_eq!(token_expiry("a.!!!.c"), None);
-        assert_eq!(trust_until(&good, &jwt("h", 1600), now), 1600);
+        let agents = ["podiam".to_string()];
+        let until = |token: &str| trust_until(&good, token, &agents, now);
+        assert_eq!(until(&jwt("h", 1600)), 1600);
         assert_eq!(
-            trust_until(&good, &jwt("h", now + 999_999), now),
+            until(&jwt("h", now + 999_999)),
             now + REVIEW_CACHE_MAX.as_secs()
         );
+        assert_eq!(until("opaque"), now + REVIEW_CACHE_DEFAULT.as_secs());
         assert_eq!(
-            trust_until(&good, "opaque", now),
-            now + REVIEW_CACHE_DEFAULT.as_secs()
-        );
-        assert_eq!(
-            trust_until(&Review::Unauthenticated("x".into()), &jwt("h", 1600), now),
+            trust_until(
+                &Review::Unauthenticated("x".into()),
+                &jwt("h", 1600),
+                &agents,
+                now
+            ),
             now + NEGATIVE_REVIEW_TTL.as_secs()
         );
         // An expired token is not remembered at all.
-        assert!(trust_until(&good, &jwt("h", 10), now) <= now);
+        assert!(until(&jwt("h", 10)) <= now);
+        // An operator's (the API's own audience): a minute at most, whatever its expiry.
+        for token in [jwt("h", now + 3600), "opaque".to_string()] {
+            assert_eq!(
+                trust_until(&good, &token, &[], now),
+                now + OPERATOR_REVIEW_CACHE_MAX.as_secs()
+            );
+        }
     }
 
     #[tokio::test]

@@ -498,7 +498,11 @@ async fn no_stream_follows_a_node_without_a_name() {
             })
             .await
             .expect_err("refused");
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{node_name:?}");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{node_name:?}"
+        );
     }
     shutdown.cancel();
 }
