@@ -632,6 +632,25 @@ mod tests {
         assert_eq!(mutated["spec"]["containers"][0]["env"][0]["name"], "KEEP");
         // Idempotent: the mutated pod lacks nothing.
         assert_eq!(patch_of(&mutated), Vec::<Value>::new());
+        // Called again after another webhook added a sidecar (reinvocationPolicy:
+        // IfNeeded): the sidecar alone gets what it lacks, the volume is not added twice.
+        let mut with_sidecar = mutated.clone();
+        (with_sidecar["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers"))
+        .push(json!({"name": "proxy", "image": "p"}));
+        let again = apply(with_sidecar.clone(), &patch_of(&with_sidecar));
+        assert_eq!(again["spec"]["volumes"], mutated["spec"]["volumes"]);
+        assert_eq!(
+            again["spec"]["containers"][0],
+            mutated["spec"]["containers"][0]
+        );
+        let proxy = &again["spec"]["containers"][2];
+        assert_eq!(proxy["env"], mutated["spec"]["initContainers"][0]["env"]);
+        assert_eq!(
+            proxy["volumeMounts"],
+            mutated["spec"]["initContainers"][0]["volumeMounts"]
+        );
     }
 
     #[test]
