@@ -208,17 +208,22 @@ mod tests {
 
     use crate::tls::test_files::{server_files, written};
 
+    /// New leaf certificates and keys in `dir`, signed by the CA of `files`.
+    fn renew_leaves(dir: &std::path::Path, files: &podiam_certs::WrittenFiles) {
+        let ca_cert = std::fs::read_to_string(&files.ca_cert).expect("ca");
+        let ca_key = std::fs::read_to_string(&files.ca_key).expect("ca key");
+        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
+            .expect("renewed")
+            .replace_leaves_in(dir)
+            .expect("replaced");
+    }
+
     #[test]
     fn a_certificate_not_valid_yet_is_swapped_in_once_it_is() {
         let (dir, files) = written();
         let rotating = Rotating::load(server_files(&files), server_config).expect("loads at start");
         let before = rotating.current();
-        let ca_cert = std::fs::read_to_string(&files.ca_cert).expect("ca");
-        let ca_key = std::fs::read_to_string(&files.ca_key).expect("ca key");
-        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
-            .expect("renewed")
-            .replace_leaves_in(dir.path())
-            .expect("replaced");
+        renew_leaves(dir.path(), &files);
         let renewed = server_files(&files)
             .load_checked(SystemTime::now())
             .expect("valid now");
@@ -241,10 +246,7 @@ mod tests {
         // Renewed again, with the key of the certificate in use beside it: not valid yet at
         // first; once it is, refused for its key, and that is said too.
         let old_key = std::fs::read(&files.server_key).expect("key");
-        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
-            .expect("renewed")
-            .replace_leaves_in(dir.path())
-            .expect("replaced");
+        renew_leaves(dir.path(), &files);
         std::fs::write(&files.server_key, old_key).expect("write");
         let cert = std::fs::read(&files.server_cert).expect("cert");
         let (_, parsed) = x509_parser::pem::parse_x509_pem(&cert).expect("PEM");
@@ -283,12 +285,7 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &rotating.current()), "old config kept");
 
         // Renewed leaves from the same CA: swapped in.
-        let ca_cert = std::fs::read_to_string(&files.ca_cert).expect("ca");
-        let ca_key = std::fs::read_to_string(&files.ca_key).expect("ca key");
-        podiam_certs::renew(&ca_cert, &ca_key, &podiam_certs::CertOptions::default())
-            .expect("renewed")
-            .replace_leaves_in(dir.path())
-            .expect("replaced");
+        renew_leaves(dir.path(), &files);
         match rotating.reload(now) {
             Reload::Rotated { subject, .. } => assert!(subject.contains("podiam-server")),
             other => panic!("expected a rotation, got {other:?}"),

@@ -434,20 +434,7 @@ async fn a_drain_ends_node_streams_at_once_then_answers_until_its_delay_is_over(
     let mut client = rig.connect().await.expect("connects");
     let health = client.health(HealthRequest {}).await.expect("health");
     assert!(health.get_ref().synced && !health.get_ref().draining);
-    let mut stream = client
-        .watch_node(WatchNodeRequest {
-            node_name: NODE.into(),
-            agent_version: "test".into(),
-        })
-        .await
-        .expect("a node stream")
-        .into_inner();
-    loop {
-        let event = stream.message().await.expect("an event").expect("open");
-        if matches!(event.event, Some(node_event::Event::Synced(_))) {
-            break;
-        }
-    }
+    let mut stream = synced_stream(&mut client).await;
     // A call under way when the drain begins, whose STS call takes 5 s: within the delay
     // and the timeout together.
     *rig.sts.latency.lock().expect("not poisoned") = Duration::from_secs(5);
@@ -514,20 +501,7 @@ async fn a_node_stream_beats_every_second_while_other_nodes_change() {
     let shutdown = CancellationToken::new();
     let _serving = rig.serve(&shutdown);
     let mut client = rig.connect().await.expect("connects");
-    let mut stream = client
-        .watch_node(WatchNodeRequest {
-            node_name: NODE.into(),
-            agent_version: "test".into(),
-        })
-        .await
-        .expect("a node stream")
-        .into_inner();
-    loop {
-        let event = stream.message().await.expect("an event").expect("open");
-        if matches!(event.event, Some(node_event::Event::Synced(_))) {
-            break;
-        }
-    }
+    let mut stream = synced_stream(&mut client).await;
     // Pods come to another node every 400 ms: nothing for this stream to send, but each
     // change wakes it. Its agent must still hear from it every second.
     let began = Instant::now();
@@ -1049,6 +1023,26 @@ async fn call_never_sent_as(channel: Channel, token: Option<String>) -> Result<(
     grpc.client_streaming(request, path, codec)
         .await
         .map(|_| ())
+}
+
+/// NODE's node stream on `client`, read up to its snapshot's end (Synced).
+async fn synced_stream(
+    client: &mut PodiamClient<Channel>,
+) -> tonic::codec::Streaming<podiam_proto::v1::NodeEvent> {
+    let mut stream = client
+        .watch_node(WatchNodeRequest {
+            node_name: NODE.into(),
+            agent_version: "test".into(),
+        })
+        .await
+        .expect("a node stream")
+        .into_inner();
+    loop {
+        let event = stream.message().await.expect("an event").expect("open");
+        if matches!(event.event, Some(node_event::Event::Synced(_))) {
+            return stream;
+        }
+    }
 }
 
 /// web's credentials, asked on `channel` by the agent of `node` (its token).
