@@ -7,7 +7,10 @@
 //!   misses on one key collapse into one STS call, and that call runs in a task of its own:
 //!   a caller that gives up (its pod hung up) never cancels the call the other callers are
 //!   waiting for (kiam failed them all). Credentials are served while they have at least
-//!   `min_remaining` left; [`CredentialCache::maintain`] refreshes them in the background at
+//!   `min_remaining` left, also while a call for their key is in flight (a refresh waits for
+//!   STS without holding up the pods; a request that needs the call waits for it
+//!   [`IN_FLIGHT_PATIENCE`], then is served what is left above the outage floor, if
+//!   anything); [`CredentialCache::maintain`] refreshes them in the background at
 //!   half-life, prefetches keys that live pods need, and drops keys no pod needs — of the
 //!   keys this replica owns (`podiam_proto::owner`); another replica's key is fetched only
 //!   when a pod asks for it here.
@@ -398,7 +401,35 @@ impl Entry {
     }
 }
 
-type Slot = Arc<AsyncMutex<Entry>>;
+/// How long a request waits for a call already in flight for its key before it is served
+/// what the key holds above the outage floor: far under the agents' deadline for a server's
+/// answer (900 ms), far over what STS takes when it is well.
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_millis(300);
+
+/// One key: its entry, locked by the call in flight, and a copy of the entry's credentials
+/// that requests read without waiting for that call (a refresh, or a slow STS).
+#[derive(Debug, Default)]
+struct KeySlot {
+    entry: Arc<AsyncMutex<Entry>>,
+    served: Arc<Mutex<Option<Issued>>>,
+}
+
+impl KeySlot {
+    /// The credentials held, if they have at least `floor` left at `now_ms`, read without
+    /// the entry's lock.
+    fn servable(&self, now_ms: i64, floor: Duration) -> Option<Issued> {
+        let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served
+            .as_ref()
+            .filter(|c| c.expiration_unix * 1000 - now_ms >= floor.as_millis() as i64)
+            .cloned()
+    }
+}
+
+type Slot = Arc<KeySlot>;
+
+/// A slot's copy of its entry's credentials, written when a call ends.
+type ServedCopy = Arc<Mutex<Option<Issued>>>;
 
 /// How a key's STS calls are going.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -469,7 +500,25 @@ impl CredentialCache {
     /// or — while STS is failing — the still-valid ones we have. `tenant`: whose request it
     /// is (the pod's namespace), for the budget's turns.
     pub async fn get(&self, key: CacheKey, tenant: &str) -> Result<Issued, StsError> {
-        let entry = self.slot(&key).lock_owned().await;
+        let slot = self.slot(&key);
+        // Served while a call for the key is in flight too: a refresh holds the entry's lock
+        // for as long as STS takes, and pods must not wait for it.
+        if let Some(issued) = slot.servable(self.clock.now_ms(), self.policy.min_remaining) {
+            return Ok(issued);
+        }
+        let served = Arc::clone(&slot.served);
+        let lock = Arc::clone(&slot.entry).lock_owned();
+        tokio::pin!(lock);
+        // A call in flight for the key (a refresh, another pod's miss) is waited for a moment
+        // only: if STS is slow, what the key still holds above the outage floor is served,
+        // rather than the pod's request outliving its agent's deadline.
+        let entry = match tokio::time::timeout(IN_FLIGHT_PATIENCE, &mut lock).await {
+            Ok(entry) => entry,
+            Err(_) => match slot.servable(self.clock.now_ms(), self.policy.outage_floor) {
+                Some(issued) => return Ok(issued),
+                None => lock.await,
+            },
+        };
         let now = self.clock.now_ms();
         if let Some(issued) = entry.servable(now, self.policy.min_remaining) {
             return Ok(issued.clone());
@@ -486,7 +535,7 @@ impl CredentialCache {
             priority: Priority::Request,
             tenant: Arc::from(tenant),
         };
-        self.call(key, entry, claim, false).await
+        self.call(key, (entry, served), claim, false).await
     }
 
     /// What a failed or backed-off key can still serve.
@@ -502,11 +551,11 @@ impl CredentialCache {
 
     /// Calls STS for `key` in a detached task holding the entry's lock, once the budget lets
     /// the call start (again for each attempt; `acquired`: the first already has its place),
-    /// and records the outcome.
+    /// and records the outcome, in the entry and in the slot's copy of its credentials.
     async fn call(
         &self,
         key: CacheKey,
-        mut entry: tokio::sync::OwnedMutexGuard<Entry>,
+        (mut entry, served): (tokio::sync::OwnedMutexGuard<Entry>, ServedCopy),
         claim: Claim,
         acquired: bool,
     ) -> Result<Issued, StsError> {
@@ -523,7 +572,7 @@ impl CredentialCache {
         let handle = self.tasks.spawn(async move {
             let result = attempts(&*sts, &budget, &calls, request, claim, acquired, &policy).await;
             let now = clock.now_ms();
-            match result {
+            let outcome = match result {
                 Ok(issued) => {
                     calls.ok.inc();
                     budget.succeeded();
@@ -564,7 +613,9 @@ impl CredentialCache {
                         None => Err(error),
                     }
                 }
-            }
+            };
+            *served.lock().unwrap_or_else(|e| e.into_inner()) = entry.current.clone();
+            outcome
         });
         handle
             .await
@@ -589,7 +640,11 @@ impl CredentialCache {
             // Keep what a request is using, and failure memory until it runs out: dropping it
             // would let the next request call STS at once.
             slots.retain(|key, slot| {
-                needed.contains(key) || slot.try_lock().map_or(true, |entry| entry.blocked(now))
+                needed.contains(key)
+                    || slot
+                        .entry
+                        .try_lock()
+                        .map_or(true, |entry| entry.blocked(now))
             });
             for key in needed {
                 slots.entry(key.clone()).or_default();
@@ -598,7 +653,7 @@ impl CredentialCache {
                 .iter()
                 .filter(|(key, _)| owns(key))
                 .filter_map(|(key, slot)| {
-                    let priority = match slot.try_lock() {
+                    let priority = match slot.entry.try_lock() {
                         Ok(entry) if entry.current.is_some() => Priority::Refresh,
                         Ok(_) => Priority::Prefetch,
                         Err(_) => return None, // a request is fetching it right now
@@ -626,7 +681,7 @@ impl CredentialCache {
                 };
                 // Asked again now: the replica set may have changed while this pass waited (a
                 // cluster start, where each replica owns everything until it sees the others).
-                if !owns(&key) || !slot.try_lock().is_ok_and(|entry| due(&entry)) {
+                if !owns(&key) || !slot.entry.try_lock().is_ok_and(|entry| due(&entry)) {
                     return;
                 }
                 // The budget first, the entry's lock after: a pod asking for this key while
@@ -636,13 +691,14 @@ impl CredentialCache {
                     tenant: upkeep,
                 };
                 self.budget.acquire(priority, &claim.tenant).await;
-                let Ok(entry) = slot.try_lock_owned() else {
+                let Ok(entry) = Arc::clone(&slot.entry).try_lock_owned() else {
                     return; // a request is fetching it right now
                 };
                 if !due(&entry) {
                     return; // a request fetched it meanwhile
                 }
-                let _ = self.call(key, entry, claim, true).await;
+                let served = Arc::clone(&slot.served);
+                let _ = self.call(key, (entry, served), claim, true).await;
             }
         });
         futures::future::join_all(refreshes).await;
@@ -657,7 +713,7 @@ impl CredentialCache {
                 None => return KeyHealth::Fine,
             }
         };
-        let Ok(entry) = slot.try_lock() else {
+        let Ok(entry) = slot.entry.try_lock() else {
             return KeyHealth::Busy;
         };
         let now = self.clock.now_ms();
@@ -745,6 +801,7 @@ fn backoff(policy: &CachePolicy, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
     use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
     /// A clock the test moves by hand.
@@ -908,6 +965,73 @@ mod tests {
             .expect("the second caller gets credentials");
         assert_eq!(creds.access_key_id, "ASIA0");
         assert_eq!(r.calls(), 1);
+    }
+
+    /// Key `a` fetched, then STS hung (the returned permit held) and a refresh of `a` started
+    /// `after` later: the refresh is in flight and holds the key when this returns.
+    async fn refresh_hanging(r: &Rig, after: Duration) -> tokio::task::JoinHandle<()> {
+        r.sts.gate.add_permits(1);
+        r.cache.get(key("a"), "ns").await.expect("first fetch");
+        r.sts.gate.forget_permits(1);
+        r.clock.advance(after);
+        let upkeep = {
+            let cache = Arc::clone(&r.cache);
+            tokio::spawn(async move { cache.maintain(&[key("a")].into(), &|_| true).await })
+        };
+        while r.calls() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(r.cache.health(&key("a")), KeyHealth::Busy);
+        upkeep
+    }
+
+    #[tokio::test]
+    async fn a_refresh_in_flight_does_not_hold_up_requests_for_fresh_credentials() {
+        let policy = CachePolicy {
+            refresh_after: Some(20 * MINUTE),
+            ..CachePolicy::new(HOUR, HALF)
+        };
+        let r = rig_with(HOUR, false, policy);
+        let upkeep = refresh_hanging(&r, 21 * MINUTE).await;
+        let creds = r
+            .cache
+            .get(key("a"), "ns")
+            .now_or_never()
+            .expect("answered without waiting for the refresh")
+            .expect("the held credentials");
+        assert_eq!(creds.access_key_id, "ASIA0");
+        r.sts.gate.add_permits(1);
+        upkeep.await.expect("upkeep ends");
+        let creds = r.cache.get(key("a"), "ns").await.expect("refreshed");
+        assert_eq!((creds.access_key_id.as_str(), r.calls()), ("ASIA1", 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_call_in_flight_serves_what_is_left_above_the_outage_floor() {
+        let r = rig(HOUR, false);
+        let upkeep = refresh_hanging(&r, 31 * MINUTE).await;
+        // Below the floor, so the request waits for the refresh: a moment only.
+        let asked = tokio::time::Instant::now();
+        let creds = r
+            .cache
+            .get(key("a"), "ns")
+            .await
+            .expect("still-valid credentials");
+        assert_eq!(creds.access_key_id, "ASIA0");
+        assert_eq!(asked.elapsed(), IN_FLIGHT_PATIENCE);
+        assert_eq!(r.calls(), 2, "no call of its own");
+        // Nothing left above the outage floor: it waits for the call, however long.
+        r.clock.advance(25 * MINUTE);
+        let waiting = {
+            let cache = Arc::clone(&r.cache);
+            tokio::spawn(async move { cache.get(key("a"), "ns").await })
+        };
+        tokio::time::sleep(10 * IN_FLIGHT_PATIENCE).await;
+        assert!(!waiting.is_finished(), "waits for the call in flight");
+        r.sts.gate.add_permits(1);
+        upkeep.await.expect("upkeep ends");
+        let creds = waiting.await.expect("joins").expect("the refreshed ones");
+        assert_eq!((creds.access_key_id.as_str(), r.calls()), ("ASIA1", 2));
     }
 
     #[tokio::test]
