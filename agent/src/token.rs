@@ -49,10 +49,12 @@
 //! used never stops the agent, which would cut every pod of the node off its credentials:
 //!
 //! - missing: created (the first start on a node);
-//! - corrupt: replaced with new keys, logged as an error (tokens issued before are refused
-//!   once, and SDKs ask again);
+//! - corrupt: replaced with the keys this agent holds, logged as an error (tokens signed by
+//!   keys only the corrupt file held are refused);
 //! - unreadable, or not writable: the agent signs with keys of its own process, logs an
-//!   error, and tries the file again at every read.
+//!   error, and tries the file again at every read. When the file is usable again its keys
+//!   replace the process's, which still verify the tokens they signed for the longest TTL
+//!   (aws-config sends a refused token again until its TTL ends).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -377,7 +379,15 @@ impl KeyRing {
 #[derive(Clone)]
 pub struct TokenKey {
     ring: Arc<RwLock<Arc<KeyRing>>>,
+    /// Keys that left the ring while tokens they signed could still be live (this process's
+    /// own keys, when the file is usable again and its keys replace them), each with the time
+    /// it stops verifying: the longest TTL after it left. Checked only for tokens no key of
+    /// the ring verifies.
+    departed: Arc<RwLock<Vec<(Key, i64)>>>,
 }
+
+/// Most departed keys kept: the file can come and go at most once per read.
+const MAX_DEPARTED: usize = 8;
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -396,6 +406,7 @@ impl TokenKey {
     pub fn from_ring(ring: KeyRing) -> TokenKey {
         TokenKey {
             ring: Arc::new(RwLock::new(Arc::new(ring))),
+            departed: Arc::default(),
         }
     }
 
@@ -409,8 +420,35 @@ impl TokenKey {
         self.ring.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn replace(&self, ring: KeyRing) {
-        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+    /// Puts `ring` in use at `now`. Keys of the old ring that still verify and are not in
+    /// `ring` keep verifying for the longest TTL: their tokens stay good, as SDKs expect
+    /// (aws-config sends a refused token again until its TTL ends).
+    fn replace(&self, ring: KeyRing, now: i64) {
+        let old = std::mem::replace(
+            &mut *self.ring.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(ring.clone()),
+        );
+        let mut departed = self.departed.write().unwrap_or_else(|e| e.into_inner());
+        departed.retain(|(key, until)| {
+            *until > now && !ring.keys().any(|kept| kept.secret == key.secret)
+        });
+        for key in old.verifying(now) {
+            let known = |k: &Key| k.secret == key.secret;
+            if !ring.keys().any(known) && !departed.iter().any(|(k, _)| known(k)) {
+                departed.push((key.clone(), now.saturating_add(MAX_TTL_SECS)));
+            }
+        }
+        let excess = departed.len().saturating_sub(MAX_DEPARTED);
+        departed.drain(..excess);
+    }
+
+    /// Whether a departed key that still verifies at `now` signed `claim` with `tag`.
+    fn departed_signed(&self, claim: &[u8], tag: &[u8], now: i64) -> bool {
+        self.departed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(key, until)| *until > now && key.verifies(claim, tag))
     }
 
     /// A token for the pod `uid` at `ip`, valid until `now + ttl_secs`, signed with the
@@ -451,6 +489,7 @@ impl TokenKey {
             .current()
             .verifying(now)
             .any(|key| key.verifies(&claim, &tag))
+            && !self.departed_signed(&claim, &tag, now)
         {
             return Err(TokenError::BadSignature);
         }
@@ -750,7 +789,7 @@ impl KeyKeeper {
                         }
                     },
                 };
-                self.adopt(ring, Source::File, &path);
+                self.adopt(ring, Source::File, &path, now);
             }
             Err(KeyFileError::Missing { .. }) => {
                 let ring = self.maintained(now);
@@ -760,27 +799,27 @@ impl KeyKeeper {
                             path,
                             "token keys written to the node: tokens outlive this agent"
                         );
-                        self.adopt(ring, Source::File, &path);
+                        self.adopt(ring, Source::File, &path, now);
                     }
                     // Another agent was first: its keys are the node's.
                     Ok(Created::Exists) => match self.file.read() {
-                        Ok(ring) => self.adopt(ring, Source::File, &path),
-                        Err(error) => self.keep_own(ring, &error, &path),
+                        Ok(ring) => self.adopt(ring, Source::File, &path, now),
+                        Err(error) => self.keep_own(ring, &error, &path, now),
                     },
-                    Err(error) => self.keep_own(ring, &error, &path),
+                    Err(error) => self.keep_own(ring, &error, &path, now),
                 }
             }
             Err(error @ KeyFileError::Corrupt { .. }) => {
                 let ring = self.maintained(now);
-                tracing::error!(path, error = %error_chain(&error), "the token key file is corrupt; replacing it with this agent's keys (tokens issued with the lost keys are refused once, and SDKs ask for new ones)");
+                tracing::error!(path, error = %error_chain(&error), "the token key file is corrupt; replacing it with this agent's keys (tokens signed by keys only that file held are refused)");
                 match self.file.replace(&ring) {
-                    Ok(()) => self.adopt(ring, Source::File, &path),
-                    Err(error) => self.keep_own(ring, &error, &path),
+                    Ok(()) => self.adopt(ring, Source::File, &path, now),
+                    Err(error) => self.keep_own(ring, &error, &path, now),
                 }
             }
             Err(error) => {
                 let ring = self.maintained(now);
-                self.keep_own(ring, &error, &path);
+                self.keep_own(ring, &error, &path, now);
             }
         }
     }
@@ -792,28 +831,28 @@ impl KeyKeeper {
             .unwrap_or_else(|| (*ring).clone())
     }
 
-    fn adopt(&mut self, ring: KeyRing, source: Source, path: &str) {
+    fn adopt(&mut self, ring: KeyRing, source: Source, path: &str, now: i64) {
         if self.source == Source::Process {
             tracing::warn!(
                 path,
-                "the token key file is usable again; its keys replace this process's"
+                "the token key file is usable again; its keys replace this process's, which still verify the tokens they signed"
             );
         } else if self.source == Source::Nothing {
             tracing::info!(path, schedule = ?ring.schedule(), "token keys in use (signs from, retires at)");
         }
         if !self.key.ring().same_as(&ring) {
-            self.key.replace(ring);
+            self.key.replace(ring, now);
         }
         self.source = source;
     }
 
     /// The file cannot be used: sign with this process's keys (logged once per outage).
-    fn keep_own(&mut self, ring: KeyRing, error: &KeyFileError, path: &str) {
+    fn keep_own(&mut self, ring: KeyRing, error: &KeyFileError, path: &str, now: i64) {
         if self.source != Source::Process {
             tracing::error!(path, error = %error_chain(error), "cannot use the token key file; signing IMDSv2 tokens with keys of this process alone (tokens will not survive its restart); the file is tried again every {}s", KEY_RELOAD_INTERVAL.as_secs());
         }
         if !self.key.ring().same_as(&ring) {
-            self.key.replace(ring);
+            self.key.replace(ring, now);
         }
         self.source = Source::Process;
     }
@@ -1347,6 +1386,48 @@ mod tests {
             KeyKeeper::open_with(&path, T0, none),
             Err(KeyFileError::Random)
         ));
+    }
+
+    #[test]
+    fn tokens_of_the_process_keys_stay_good_once_the_file_is_usable_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let parent = dir.path().join("keys.d");
+        std::fs::write(&parent, "x").expect("write");
+        let path = parent.join("keys");
+        let (key, mut keeper) = KeyKeeper::open_with(&path, T0, counter(0)).expect("opens");
+        assert!(!keeper.uses_file());
+        let pod = ip("10.0.0.1");
+        let token = key.issue(pod, "u", T0, 21600);
+        // The directory appears, and another agent of the node writes the file first.
+        std::fs::remove_file(&parent).expect("rm");
+        std::fs::create_dir(&parent).expect("mkdir");
+        let (other, _) = KeyKeeper::open_with(&path, T0 + 10, counter(100)).expect("other");
+        keeper.refresh(T0 + 30);
+        assert!(keeper.uses_file());
+        let theirs = other.issue(pod, "u", T0 + 30, 60);
+        assert_eq!(key.validate(&theirs, pod, Some("u"), T0 + 30), Ok(()));
+        assert_eq!(
+            key.issue(pod, "u", T0 + 30, 60),
+            theirs,
+            "the file's key signs"
+        );
+        // A token of this process's key is good for its whole TTL (aws-config would send it
+        // again and again until then).
+        assert_eq!(key.validate(&token, pod, Some("u"), T0 + 21600), Ok(()));
+        assert_eq!(
+            other.validate(&token, pod, Some("u"), T0 + 30),
+            Err(TokenError::BadSignature),
+            "only where it was issued"
+        );
+        keeper.refresh(T0 + 30 + 2 * KEY_RELOAD_INTERVAL.as_secs() as i64);
+        assert_eq!(key.validate(&token, pod, Some("u"), T0 + 21600), Ok(()));
+        // The process's keys go once the longest TTL has passed; the file's key, just
+        // replaced, takes their place.
+        let later = T0 + 30 + MAX_TTL_SECS;
+        key.replace(KeyRing::fresh(later, [9; KEY_BYTES]), later);
+        let departed = key.departed.read().expect("lock");
+        assert_eq!(departed.len(), 1);
+        assert_eq!(departed[0].1, later + MAX_TTL_SECS);
     }
 
     #[test]
