@@ -482,7 +482,10 @@ impl Config {
         }
         if self.min_remaining >= self.session_duration {
             problems.push(format!(
-                "--min-remaining {}s must be shorter than --session-duration {}s, or no credentials could ever be served (short sessions, as kiam's and kube2iam's 15 minutes: lower both, e.g. --session-duration 15m --min-remaining 10m; docs/migrating.md)",
+                "--min-remaining {}s must be shorter than --session-duration {}s, or no \
+                 credentials could ever be served (short sessions, as kiam's and kube2iam's \
+                 15 minutes: lower both, e.g. --session-duration 15m --min-remaining 10m, and \
+                 the agents' --min-remaining to match; docs/migrating.md)",
                 self.min_remaining.as_secs(),
                 self.session_duration.as_secs()
             ));
