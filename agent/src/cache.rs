@@ -173,6 +173,12 @@ pub struct CredentialCache {
 /// Deleted pods remembered: far more than a node deletes while one fetch is under way.
 const GONE_REMEMBERED: usize = 4096;
 
+/// Longest a token the servers accepted is taken without asking them again (seconds): as long
+/// as the servers trust a TokenReview (an hour), so that a token the API server stops taking
+/// (its ServiceAccount deleted) stops working here as it does there, not at the token's own
+/// expiry, which may be a day off.
+pub const PROOF_KEPT_SECS: i64 = 3600;
+
 /// Most tokens remembered per pod: one per container that reads its own projected token,
 /// and the kubelet's rotation overlapping; an older one is proven again when used.
 const PROVEN_PER_POD: usize = 8;
@@ -342,9 +348,11 @@ impl CredentialCache {
     }
 
     /// Remembers that the servers accepted the token with `digest` for the pod with `uid`,
-    /// until `until` (the token's expiry). Only pods in the pod table are remembered, and
-    /// [`CredentialCache::forget`] drops them with the pod.
+    /// until `until` (the token's expiry), or [`PROOF_KEPT_SECS`] from `now` if sooner. Only
+    /// pods in the pod table are remembered, and [`CredentialCache::forget`] drops them with
+    /// the pod.
     pub fn prove(&self, uid: &str, digest: TokenDigest, until: i64, now: i64) {
+        let until = until.min(now.saturating_add(PROOF_KEPT_SECS));
         let mut proven = self.proven.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_gone(uid) {
             return;
@@ -610,6 +618,12 @@ mod tests {
             "another pod's proof is not b's"
         );
         assert!(!cache.proven("a", &[9; 32], 0));
+        cache.prove("c", [2; 32], 86_400, 0);
+        assert!(cache.proven("c", &[2; 32], PROOF_KEPT_SECS - 1));
+        assert!(
+            !cache.proven("c", &[2; 32], PROOF_KEPT_SECS),
+            "an hour at most, whatever the token's expiry"
+        );
         for i in 0..20u8 {
             cache.prove("a", [i + 10; 32], 1000 + i64::from(i), 0);
         }
