@@ -21,6 +21,9 @@
 //! such refusals too (an STS refusal for 30 s, an outage for their back-off); the agent holds
 //! them only long enough to stop a loop, so a fix is seen within a second.
 //!
+//! Credentials the servers gave with less than that floor left (they serve such ones while
+//! STS fails) are served again for [`BELOW_FLOOR_REUSE`] only.
+//!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
 //! the container-credentials endpoint, each until the token expires, so that a pod proves
 //! itself once per token, not once per request. They go with the pod's entries.
@@ -46,6 +49,14 @@ use podiam_proto::Reason;
 /// How long a key's refusal by STS is answered again without asking the servers.
 pub const REFUSAL_HELD: Duration = Duration::from_secs(1);
 
+/// Credentials the servers gave with less than the floor left (while STS fails they serve
+/// theirs down to 5 minutes; SDKs then ask again at every AWS call) are served again for this
+/// long without asking them: every pod's every call would otherwise be a call to the servers
+/// while they are degraded. Short, so that fresh ones are picked up soon after STS recovers.
+pub const BELOW_FLOOR_REUSE: Duration = Duration::from_secs(10);
+/// … and only while they have this much left (seconds).
+const BELOW_FLOOR_LEAST_SECS: i64 = 60;
+
 /// An error a fetch fails with, and what it says of its key: the refusal to hold for
 /// [`REFUSAL_HELD`], if it is one STS gave. Anything else (the servers out of reach, another
 /// pod at the address, a refusal that depends on the pod's decision) is not held.
@@ -69,6 +80,8 @@ pub struct Entry {
     pub extended_document: Bytes,
     /// The container-credentials endpoint's document.
     pub container_document: Bytes,
+    /// When the servers gave it.
+    fetched: tokio::time::Instant,
 }
 
 impl Entry {
@@ -81,6 +94,7 @@ impl Entry {
             document,
             extended_document,
             container_document,
+            fetched: tokio::time::Instant::now(),
         }
     }
 
@@ -122,13 +136,19 @@ struct Slot {
 type Hold = (tokio::time::Instant, Refusal, Option<TokenDigest>);
 
 impl Slot {
-    /// The entry, if it has at least `min_remaining_secs` left at `now`.
+    /// The entry, if it has at least `min_remaining_secs` left at `now`, or was fetched with
+    /// less under [`BELOW_FLOOR_REUSE`] ago and has [`BELOW_FLOOR_LEAST_SECS`] left.
     fn fresh(&self, now: i64, min_remaining_secs: i64) -> Option<Arc<Entry>> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .filter(|cached| cached.credentials.expiration_unix - now >= min_remaining_secs)
+            .filter(|cached| {
+                let left = cached.credentials.expiration_unix - now;
+                left >= min_remaining_secs
+                    || (left >= BELOW_FLOOR_LEAST_SECS
+                        && cached.fetched.elapsed() < BELOW_FLOOR_REUSE)
+            })
             .cloned()
     }
 
@@ -460,7 +480,7 @@ mod tests {
 
     const FLOOR: Duration = Duration::from_secs(1800);
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn hits_need_no_fetch_until_the_floor() {
         let cache = CredentialCache::new(FLOOR);
         let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
@@ -483,7 +503,8 @@ mod tests {
             String::from_utf8_lossy(&hit.document).contains("\"AccessKeyId\" : \"1\""),
             "the served document is rendered once, with the entry"
         );
-        // Below the floor: fetched again.
+        // Below the floor (and past the moment a below-floor entry is reused): fetched again.
+        tokio::time::advance(BELOW_FLOOR_REUSE).await;
         assert_eq!(
             got(cache.get("a", "r", 1801, || fetch("3")).await),
             Ok(("3".to_string(), Source::Server))
@@ -632,6 +653,36 @@ mod tests {
             .count();
         assert_eq!(kept, PROVEN_PER_POD);
         assert!(cache.proven("a", &[29; 32], 0), "the latest is kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_below_the_floor_are_served_again_for_a_moment_only() {
+        let cache = CredentialCache::new(FLOOR);
+        let left = FLOOR.as_secs() as i64 - 600;
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, left)) };
+        let (_, source) = cache
+            .get("a", "r", 0, || fetch("1"))
+            .await
+            .expect("fetched");
+        assert_eq!(source, Source::Server);
+        tokio::time::advance(BELOW_FLOOR_REUSE - Duration::from_millis(1)).await;
+        let (hit, source) = cache.get("a", "r", 9, || fetch("2")).await.expect("again");
+        assert_eq!(
+            (hit.credentials.access_key_id.as_str(), source),
+            ("1", Source::Cache)
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let (hit, source) = cache.get("a", "r", 10, || fetch("3")).await.expect("asked");
+        assert_eq!(
+            (hit.credentials.access_key_id.as_str(), source),
+            ("3", Source::Server)
+        );
+        // Never with under a minute left, however new.
+        let (_, source) = cache
+            .get("a", "r", left - 59, || fetch("4"))
+            .await
+            .expect("asked");
+        assert_eq!(source, Source::Server);
     }
 
     #[tokio::test]
