@@ -671,15 +671,14 @@ impl NamespaceIndex {
                 .map(|v| v.trim())
                 .filter(|v| !v.is_empty())
         };
-        match annotation(DEFAULT_ROLE_ANNOTATION) {
+        let default_role_changed = match annotation(DEFAULT_ROLE_ANNOTATION).map(kept) {
+            Some(role) if self.default_roles.get(name) == Some(&role) => false,
             Some(role) => {
-                self.default_roles
-                    .insert(name.to_string(), role.to_string());
+                self.default_roles.insert(name.to_string(), role);
+                true
             }
-            None => {
-                self.default_roles.remove(name);
-            }
-        }
+            None => self.default_roles.remove(name).is_some(),
+        };
         let allowed_toggled = if annotation(KUBE2IAM_ALLOWED_ROLES_ANNOTATION).is_some() {
             self.kube2iam_allowed.insert(name.to_string())
         } else {
@@ -691,14 +690,14 @@ impl NamespaceIndex {
         } else {
             self.token_required.remove(name)
         };
-        let allowed_toggled = allowed_toggled || required_toggled;
+        let others_changed = allowed_toggled || required_toggled || default_role_changed;
         let value = annotation(PERMITTED_ANNOTATION);
         let unchanged = self
             .rules
             .get(name)
             .is_some_and(|rule| source_of(rule) == value);
         if unchanged {
-            return allowed_toggled;
+            return others_changed;
         }
         let freed = self.release(name);
         let rule = self.acquire(name, value);
@@ -1535,5 +1534,40 @@ mod tests {
         assert!(matches!(*index.rule("team"), Permitted::Invalid { .. }));
         index.remove("team");
         assert!(matches!(*index.rule("team"), Permitted::Nothing));
+    }
+
+    #[test]
+    fn a_namespace_update_is_a_change_only_when_decisions_can_change() {
+        let mut index = NamespaceIndex::default();
+        let ns = |annotations: &[(&str, &str)], labels: &[(&str, &str)]| {
+            let mut ns = named_ns("team", None);
+            let pairs = |kv: &[(&str, &str)]| {
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            };
+            ns.metadata.annotations = Some(pairs(annotations));
+            ns.metadata.labels = Some(pairs(labels));
+            ns
+        };
+        let permitted = (PERMITTED_ANNOTATION, "app-.*");
+        assert!(index.apply(&ns(&[permitted], &[])), "first seen");
+        assert!(!index.apply(&ns(&[permitted, ("owner", "a")], &[("env", "x")])));
+        assert!(index.apply(&ns(&[permitted, (DEFAULT_ROLE_ANNOTATION, "app")], &[])));
+        assert!(!index.apply(&ns(&[permitted, (DEFAULT_ROLE_ANNOTATION, " app ")], &[])));
+        assert!(index.apply(&ns(&[permitted, (DEFAULT_ROLE_ANNOTATION, "app-2")], &[])));
+        assert!(index.apply(&ns(&[permitted], &[])), "default role gone");
+        assert!(index.apply(&ns(&[(PERMITTED_ANNOTATION, "b-.*")], &[])));
+        let required = (POD_IDENTITY_LABEL, TOKEN_REQUIRED);
+        assert!(index.apply(&ns(&[(PERMITTED_ANNOTATION, "b-.*")], &[required])));
+        assert!(!index.apply(&ns(&[(PERMITTED_ANNOTATION, "b-.*")], &[required])));
+        // A default role of 256 KiB is kept as the index keeps any long value.
+        let huge = "r".repeat(256 * 1024);
+        index.apply(&ns(&[(DEFAULT_ROLE_ANNOTATION, &huge)], &[]));
+        assert!(
+            index
+                .default_role("team")
+                .is_some_and(|r| r.len() <= MAX_KEPT + 16)
+        );
     }
 }

@@ -192,9 +192,8 @@ impl Indexed for Namespace {
         let Some(name) = ns.metadata.name.as_deref() else {
             return false;
         };
-        if index.apply(ns)
-            && let Permitted::Invalid { error, .. } = &*index.rule(name)
-        {
+        let changed = index.apply(ns);
+        if changed && let Permitted::Invalid { error, .. } = &*index.rule(name) {
             tracing::warn!(
                 namespace = %name,
                 %error,
@@ -217,8 +216,10 @@ impl Indexed for Namespace {
                 "the namespace's pod-identity label is neither enabled nor required: ignored"
             );
         }
-        // Namespaces change seldom: any update is taken as a change.
-        true
+        // Only a change of what pods are decided on wakes the node streams and upkeep: each
+        // wake costs every replica a pass over all pods, and labels and other annotations
+        // of a namespace may change often.
+        changed
     }
     fn remove(index: &mut NamespaceIndex, ns: &Namespace) -> bool {
         if let Some(name) = &ns.metadata.name {
