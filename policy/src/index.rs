@@ -25,6 +25,7 @@ use crate::policy::{
     PERMITTED_ANNOTATION, POD_IDENTITY_LABEL, Permitted, ROLE_ANNOTATION, SESSION_NAME_ANNOTATION,
     TOKEN_REQUIRED,
 };
+use crate::slim::{SlimPod, SlimPodSpec};
 
 /// The fields of a pod that podiam's decisions use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,15 +80,12 @@ pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 impl PodRecord {
     /// Slims a Kubernetes Pod to the fields podiam uses; `None` if it has no UID or name.
     pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodRecord> {
-        PodRecord::from_pod_keyed(pod, ROLE_ANNOTATION)
+        PodRecord::from_slim(&SlimPod::from(pod), ROLE_ANNOTATION)
     }
 
-    /// [`PodRecord::from_pod`], the role read from the annotation `role_key` (podiam-server
-    /// --role-annotation: kube2iam's --iam-role-key).
-    pub fn from_pod_keyed(
-        pod: &k8s_openapi::api::core::v1::Pod,
-        role_key: &str,
-    ) -> Option<PodRecord> {
+    /// [`PodRecord::from_pod`] of a pod decoded slim, the role read from the annotation
+    /// `role_key` (podiam-server --role-annotation: kube2iam's --iam-role-key).
+    pub fn from_slim(pod: &SlimPod, role_key: &str) -> Option<PodRecord> {
         let meta = &pod.metadata;
         let annotation = |key: &str| {
             meta.annotations
@@ -133,7 +131,7 @@ impl PodRecord {
             external_id: annotation(EXTERNAL_ID_ANNOTATION),
             session_name: annotation(SESSION_NAME_ANNOTATION),
             deleting: meta.deletion_timestamp.is_some(),
-            container_endpoint: spec.is_some_and(uses_container_endpoint),
+            container_endpoint: spec.is_some_and(SlimPodSpec::uses_container_endpoint),
             // Present at all (its value is a hash of the static pod's file).
             mirror: meta
                 .annotations
@@ -161,20 +159,6 @@ impl PodRecord {
             && !self.host_network
             && matches!(self.phase.as_deref(), Some("Pending") | Some("Running"))
     }
-}
-
-/// Whether any container of `spec` names the container-credentials endpoint in
-/// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
-fn uses_container_endpoint(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
-    let init = spec.init_containers.iter().flatten();
-    init.chain(&spec.containers)
-        .flat_map(|container| container.env.iter().flatten())
-        .any(|var| {
-            var.name == "AWS_CONTAINER_CREDENTIALS_FULL_URI"
-                && var.value.as_deref().is_some_and(|url| {
-                    url.contains("169.254.170.23") || url.contains("[fd00:ec2::23]")
-                })
-        })
 }
 
 /// What an IP lookup found.
@@ -348,8 +332,8 @@ impl PodIndex {
 
     /// Records a Kubernetes Pod, its role read from [`PodIndex::role_key`]; whether that
     /// changed the index (see [`PodIndex::apply`]).
-    pub fn apply_pod(&mut self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-        match PodRecord::from_pod_keyed(pod, self.role_key()) {
+    pub fn apply_pod(&mut self, pod: &SlimPod) -> bool {
+        match PodRecord::from_slim(pod, self.role_key()) {
             Some(record) => self.apply(record),
             None => false,
         }
@@ -890,7 +874,14 @@ impl AccountIndex {
     /// Records a ServiceAccount's role annotation (or its absence); whether that changed the
     /// role it gives (its other updates change nothing podiam keeps).
     pub fn apply(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) -> bool {
-        let meta = &account.metadata;
+        self.apply_meta(&account.metadata)
+    }
+
+    /// [`AccountIndex::apply`], given the ServiceAccount's metadata.
+    pub fn apply_meta(
+        &mut self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> bool {
         let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
         else {
             return false;
@@ -916,7 +907,14 @@ impl AccountIndex {
 
     /// Forgets a ServiceAccount.
     pub fn remove(&mut self, account: &k8s_openapi::api::core::v1::ServiceAccount) -> bool {
-        let meta = &account.metadata;
+        self.remove_meta(&account.metadata)
+    }
+
+    /// [`AccountIndex::remove`], given the ServiceAccount's metadata.
+    pub fn remove_meta(
+        &mut self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> bool {
         match (meta.namespace.as_deref(), meta.name.as_deref()) {
             (Some(namespace), Some(name)) => self.forget(namespace, name),
             _ => false,

@@ -13,3 +13,4 @@
 pub mod decision;
 pub mod index;
 pub mod policy;
+pub mod slim;

@@ -26,11 +26,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
+use podiam_policy::slim::{SlimPod, SlimServiceAccount};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -156,7 +157,7 @@ trait Indexed:
     fn slot(cluster: &Cluster) -> (&RwLock<Self::Index>, &AtomicBool);
 }
 
-impl Indexed for Pod {
+impl Indexed for SlimPod {
     type Index = PodIndex;
     const WHAT: &'static str = "pods";
     fn relist_from(current: &PodIndex) -> PodIndex {
@@ -165,10 +166,10 @@ impl Indexed for Pod {
     fn relisted(fresh: &mut PodIndex) {
         fresh.relisted();
     }
-    fn apply(index: &mut PodIndex, pod: &Pod) -> bool {
+    fn apply(index: &mut PodIndex, pod: &SlimPod) -> bool {
         index.apply_pod(pod)
     }
-    fn remove(index: &mut PodIndex, pod: &Pod) -> bool {
+    fn remove(index: &mut PodIndex, pod: &SlimPod) -> bool {
         pod.metadata
             .uid
             .as_ref()
@@ -233,17 +234,17 @@ impl Indexed for Namespace {
     }
 }
 
-impl Indexed for ServiceAccount {
+impl Indexed for SlimServiceAccount {
     type Index = AccountIndex;
     const WHAT: &'static str = "serviceaccounts";
     fn relist_from(current: &AccountIndex) -> AccountIndex {
         AccountIndex::keyed(current.role_key())
     }
-    fn apply(index: &mut AccountIndex, account: &ServiceAccount) -> bool {
-        index.apply(account)
+    fn apply(index: &mut AccountIndex, account: &SlimServiceAccount) -> bool {
+        index.apply_meta(&account.metadata)
     }
-    fn remove(index: &mut AccountIndex, account: &ServiceAccount) -> bool {
-        index.remove(account)
+    fn remove(index: &mut AccountIndex, account: &SlimServiceAccount) -> bool {
+        index.remove_meta(&account.metadata)
     }
     fn slot(cluster: &Cluster) -> (&RwLock<AccountIndex>, &AtomicBool) {
         (&cluster.accounts, &cluster.accounts_synced)
@@ -266,9 +267,9 @@ pub async fn run(
         shutdown,
     };
     tokio::join!(
-        watch::<Pod>(Api::all(client.clone()), &watching),
+        watch::<SlimPod>(Api::all(client.clone()), &watching),
         watch::<Namespace>(Api::all(client.clone()), &watching),
-        watch::<ServiceAccount>(Api::all(client), &watching),
+        watch::<SlimServiceAccount>(Api::all(client), &watching),
     );
 }
 
@@ -292,8 +293,17 @@ pub fn watch_config(api_timeout: Duration) -> watcher::Config {
     let seconds = (whole * 2 / 3)
         .max(whole.saturating_sub(WATCHER_IDLE_MARGIN.as_secs() - 1))
         .clamp(1, whole.saturating_sub(1).max(1));
-    watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
+    watcher::Config::default()
+        .timeout(u32::try_from(seconds).unwrap_or(u32::MAX))
+        .page_size(LIST_PAGE_SIZE)
 }
+
+/// Objects per page of a list. The client holds a page's whole text while it decodes it (in
+/// two or three copies), and any tenant may write objects of up to 1.5 MiB (etcd's limit): a
+/// page of this many is at most 75 MiB of text, decoded slim ([`podiam_policy::slim`]) into
+/// little more than what the index keeps. (kube-runtime's default, 500, let such a page take
+/// 750 MiB of text alone.) 100k pods are two thousand pages.
+pub const LIST_PAGE_SIZE: u32 = 50;
 
 /// kube-runtime's watcher gives a watch its time plus this before it takes the stream for
 /// idle and makes it again.
@@ -652,8 +662,8 @@ mod tests {
         let start = tokio::time::Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let later = at(3_600_000);
-        let init = Ok(Some(Event::<Pod>::Init));
-        let done = Ok(Some(Event::<Pod>::InitDone));
+        let init = Ok(Some(Event::<SlimPod>::Init));
+        let done = Ok(Some(Event::<SlimPod>::InitDone));
         // The first list is no relist: not stale however long it runs (the server is not
         // ready meanwhile anyway).
         note_outcome(&failures, "pods", &init, false);

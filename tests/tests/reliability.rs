@@ -552,6 +552,74 @@ async fn sts_down_for_a_minute_is_not_noticed() {
     );
 }
 
+/// The most memory a process has held (`VmHWM`, KiB).
+fn peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relist_of_pods_bloated_by_a_tenant_takes_what_the_index_keeps() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let world = World::start(WorldConfig::default().namespace("team-a", Some("app-.*")))
+        .await
+        .expect("world starts");
+    // Pods any tenant may create: 40 of 60,000 environment variables each, about 1 MiB of
+    // JSON apiece (etcd takes 1.5). Decoded whole, each variable took some 280 bytes: 670
+    // MiB for the list. Decoded slim, the list's text and little else.
+    const PODS: usize = 40;
+    let env: Vec<serde_json::Value> = (0..60_000)
+        .map(|i| json!({"name": format!("V{i}")}))
+        .collect();
+    for i in 0..PODS {
+        let mut pod = podiam_tests::kube_emulator::pod(
+            "team-a",
+            &format!("bloated-{i}"),
+            &format!("10.91.0.{}", i + 1),
+            &[("iam.amazonaws.com/role", "app-reader")],
+        );
+        pod["spec"]["containers"][0]["env"] = json!(env);
+        world.emulator().create(pod).expect("pod created");
+    }
+    let relists = async || {
+        let metrics = world.server_metrics().await.expect("metrics");
+        metric_value(
+            &metrics,
+            r#"podiam_server_watch_relists_total{resource="pods"}"#,
+        )
+    };
+    let before = relists().await;
+    world.emulator().compact();
+    world.emulator().close_watches();
+    wait_until(
+        Duration::from_secs(60),
+        "the server to relist pods",
+        || async { relists().await > before },
+    )
+    .await
+    .expect("relisted");
+    let pid = world.server_pid(0).expect("the server runs");
+    let peak_mib = peak_kib(pid) / 1024;
+    assert!(
+        peak_mib < 250,
+        "the server's memory peaked at {peak_mib} MiB for a list of {PODS} pods"
+    );
+    // And it decided on them as usual.
+    let mut client = world.server_client().await.expect("client");
+    let role = client
+        .get_pod_role(GetPodRoleRequest {
+            ip: "10.91.0.1".into(),
+            node_name: String::new(),
+        })
+        .await
+        .expect("the pod's role");
+    assert_eq!(role.into_inner().role_name, "app-reader");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_pod_is_unknown_during_a_slow_forced_relist_of_two_thousand_pods() {
     let _one = ONE_AT_A_TIME.lock().await;

@@ -69,6 +69,11 @@ impl World {
         }
     }
 
+    /// The process ID of server replica `i`, while it runs.
+    pub fn server_pid(&self, i: usize) -> Option<u32> {
+        self.replica(i).process.as_ref().map(ChildGuard::pid)
+    }
+
     /// The (first) server's gRPC address (root namespace, loopback).
     pub fn server_addr(&self) -> SocketAddr {
         self.replica(0).addr
