@@ -495,6 +495,41 @@ async fn no_stream_follows_a_node_without_a_name() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn node_streams_opened_and_refused_in_a_loop_are_logged_once_a_minute() {
+    let (_guard, logs) = podiam_runtime::telemetry::capture_logs();
+    let mut rig = Rig::new(&[]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let mut client = rig.connect().await.expect("connects");
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for _ in 0..20 {
+        let asked = client
+            .watch_node(WatchNodeRequest {
+                node_name: NODE.into(),
+                agent_version: "test".into(),
+            })
+            .await;
+        match asked {
+            Ok(stream) => open.push(stream),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (4, 16), "four places per caller");
+    let text = logs.text();
+    let lines = |level: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
+    };
+    assert_eq!(lines(" INFO ", "node stream opened"), 1, "{text}");
+    assert_eq!(lines(" DEBUG ", "node stream opened"), 3, "{text}");
+    assert_eq!(lines(" WARN ", "node stream refused"), 1, "{text}");
+    shutdown.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_node_stream_beats_every_second_while_other_nodes_change() {
     let mut rig = Rig::new(&[]);
     rig.add_pod("web", WEB_IP, "app-reader");

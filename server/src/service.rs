@@ -272,6 +272,10 @@ pub struct PodiamService {
     /// a minute: any holder of an agent certificate can make them as fast as it likes, and
     /// choose the pod addresses it asks about.
     refusals_logged: Arc<LogThrottle<(&'static str, String)>>,
+    /// Node streams opened and closed, logged at info once per agent and event a minute (at
+    /// debug after that): an agent's certificate and token can open and close streams in a
+    /// loop.
+    streams_logged: Arc<LogThrottle<(&'static str, String)>>,
     /// This replica's name in the replica set (Health tells agents), if it has one.
     replica: Option<Arc<str>>,
 }
@@ -454,6 +458,7 @@ impl PodiamService {
             slots: Arc::default(),
             streams: TaskTracker::new(),
             refusals_logged: Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY)),
+            streams_logged: Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY)),
             readiness: crate::nodes::NodeReadiness::new(None, None, Counter::default()),
             replica: None,
         }
@@ -1060,7 +1065,14 @@ impl PodiamService {
                 agent_pod: agent_pod.clone(),
             },
         );
-        tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
+        match self.stream_logged("opened", &caller) {
+            Some(held_back) => {
+                tracing::info!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, held_back, "agent's node stream opened");
+            }
+            None => {
+                tracing::debug!(node = %node, agent_pod = %agent_pod, agent_version = ?agent_version, "agent's node stream opened");
+            }
+        }
         let ended = self.follow_node(&node, agent.as_ref(), &tx).await;
         self.agents().remove(&id);
         self.slots
@@ -1080,7 +1092,19 @@ impl PodiamService {
             }
             StreamEnd::AgentGone => {}
         }
-        tracing::info!(node = %node, why = ?ended, "agent's node stream closed");
+        match self.stream_logged("closed", &caller) {
+            Some(held_back) => {
+                tracing::info!(node = %node, why = ?ended, held_back, "agent's node stream closed");
+            }
+            None => tracing::debug!(node = %node, why = ?ended, "agent's node stream closed"),
+        }
+    }
+
+    /// Whether a node stream's `event` for `caller` is logged at info now (`Some`: lines not
+    /// logged at info in the minute before), or at debug only.
+    fn stream_logged(&self, event: &'static str, caller: &str) -> Option<u64> {
+        self.streams_logged
+            .admit((event, caller.to_string()), std::time::Instant::now())
     }
 
     /// The agents' registry (a poisoned lock still holds a usable map).
@@ -1376,7 +1400,9 @@ impl Podiam for PodiamService {
             .unwrap_or_else(|e| e.into_inner())
             .take(&caller);
         if let Err(why) = taken {
-            tracing::warn!(node = %node, caller = %caller, why, "node stream refused");
+            if let Some(held_back) = self.log_refusal("node-stream-places", caller.clone()) {
+                tracing::warn!(node = %node, caller = %caller, why, held_back, "node stream refused");
+            }
             return Err(Status::resource_exhausted(why));
         }
         let (tx, rx) = mpsc::channel(NODE_STREAM_BUFFER);
@@ -1460,7 +1486,10 @@ impl Podiam for PodiamService {
         match self.readiness.ready(&node).await {
             Ok(taint_removed) => Ok(Response::new(NodeReadyResponse { taint_removed })),
             Err(why) => {
-                tracing::warn!(node = %node, error = %why, "could not lift the agent-not-ready taint");
+                // Also when another report for the node is under way: logged once a minute.
+                if let Some(held_back) = self.log_refusal("node-ready", node.clone()) {
+                    tracing::warn!(node = %node, error = %why, held_back, "could not lift the agent-not-ready taint");
+                }
                 Err(Status::unavailable(why))
             }
         }
