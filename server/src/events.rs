@@ -2,8 +2,9 @@
 //! give, so `kubectl describe pod` shows why.
 //!
 //! Producers ([`Events::report`]) never wait: a notice passes the [`Throttle`] (at most one
-//! event per pod and reason per `repeat_after`, and a token bucket over all pods so a
-//! namespace-wide mistake cannot flood the API server), then goes into a bounded queue that
+//! event per pod and reason per `repeat_after`, a token bucket over all pods so a
+//! namespace-wide mistake cannot flood the API server, and one per namespace so that one
+//! namespace's thousands of refused pods leave room for the others'), then goes into a bounded queue that
 //! one task ([`deliver`]) empties into the events.k8s.io/v1 API through kube-rs's recorder
 //! (which folds repeats into the event's series). A full queue drops the notice and counts
 //! it; an API failure is logged and counted. Events are best effort: the audit log and the
@@ -67,6 +68,10 @@ pub struct EventLimits {
     pub burst: u32,
     /// Sustained events per second, over all pods.
     pub per_second: f64,
+    /// Events allowed in a burst, and sustained per second, for the pods of one namespace:
+    /// a namespace with thousands of refused pods takes its own share, not the cluster's.
+    pub namespace_burst: u32,
+    pub namespace_per_second: f64,
     /// Notices waiting for the API at most.
     pub queue: usize,
 }
@@ -81,6 +86,8 @@ impl Default for EventLimits {
             // of one per 5 minutes per object; over all pods a modest global rate is enough.
             burst: 50,
             per_second: 10.0,
+            namespace_burst: 10,
+            namespace_per_second: 1.0,
             queue: 1024,
         }
     }
@@ -103,36 +110,78 @@ pub struct Throttle {
     limits: EventLimits,
     /// Per pod UID: the last reason told and when (ms).
     told: HashMap<String, (Reason, i64)>,
+    /// The bucket over all pods, and one per namespace.
+    all: Bucket,
+    namespaces: HashMap<String, Bucket>,
+}
+
+/// A token bucket: tokens, and when they were last refilled (ms).
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
     tokens: f64,
     refilled_ms: i64,
 }
 
-impl Throttle {
-    pub fn new(limits: EventLimits) -> Throttle {
-        Throttle {
-            tokens: f64::from(limits.burst),
-            limits,
-            told: HashMap::new(),
+impl Bucket {
+    fn full(burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
             refilled_ms: 0,
         }
     }
 
-    /// Whether to tell `reason` about pod `uid` now, recording it if so.
-    pub fn admit(&mut self, now_ms: i64, uid: &str, reason: Reason) -> Admission {
+    /// Refilled at `per_second` up to `burst` by `now_ms`: whether a token is there.
+    fn refill(&mut self, now_ms: i64, burst: u32, per_second: f64) -> bool {
+        let elapsed_s = (now_ms - self.refilled_ms).max(0) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed_s * per_second).min(f64::from(burst));
+        self.refilled_ms = now_ms;
+        self.tokens >= 1.0
+    }
+}
+
+/// Namespaces whose buckets are kept; beyond, those that are full again are forgotten.
+const NAMESPACE_BUCKETS: usize = 4096;
+
+impl Throttle {
+    pub fn new(limits: EventLimits) -> Throttle {
+        Throttle {
+            all: Bucket::full(limits.burst),
+            limits,
+            told: HashMap::new(),
+            namespaces: HashMap::new(),
+        }
+    }
+
+    /// Whether to tell `reason` about pod `uid` of `namespace` now, recording it if so.
+    pub fn admit(&mut self, now_ms: i64, namespace: &str, uid: &str, reason: Reason) -> Admission {
         if let Some((last, at)) = self.told.get(uid)
             && *last == reason
             && now_ms - at < self.limits.repeat_after.as_millis() as i64
         {
             return Admission::AlreadyTold;
         }
-        let elapsed_s = (now_ms - self.refilled_ms).max(0) as f64 / 1000.0;
-        self.tokens =
-            (self.tokens + elapsed_s * self.limits.per_second).min(f64::from(self.limits.burst));
-        self.refilled_ms = now_ms;
-        if self.tokens < 1.0 {
+        let limits = &self.limits;
+        if self.namespaces.len() >= NAMESPACE_BUCKETS && !self.namespaces.contains_key(namespace) {
+            self.namespaces.retain(|_, bucket| {
+                bucket.refill(now_ms, limits.namespace_burst, limits.namespace_per_second);
+                bucket.tokens < f64::from(limits.namespace_burst)
+            });
+        }
+        let mut own = self
+            .namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or_else(|| Bucket::full(limits.namespace_burst));
+        let own_has = own.refill(now_ms, limits.namespace_burst, limits.namespace_per_second);
+        let all_has = self.all.refill(now_ms, limits.burst, limits.per_second);
+        if !own_has || !all_has {
             return Admission::RateLimited;
         }
-        self.tokens -= 1.0;
+        own.tokens -= 1.0;
+        self.all.tokens -= 1.0;
+        if self.namespaces.len() < NAMESPACE_BUCKETS || self.namespaces.contains_key(namespace) {
+            self.namespaces.insert(namespace.to_string(), own);
+        }
         self.told.insert(uid.to_string(), (reason, now_ms));
         Admission::Tell
     }
@@ -177,7 +226,12 @@ impl Events {
         let Some(queue) = &self.queue else { return };
         let admitted = {
             let mut throttle = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
-            throttle.admit(SystemClock.now_ms(), &notice.uid, notice.reason)
+            throttle.admit(
+                SystemClock.now_ms(),
+                &notice.namespace,
+                &notice.uid,
+                notice.reason,
+            )
         };
         match admitted {
             Admission::Tell => {
@@ -283,39 +337,75 @@ mod tests {
             repeat_after: Duration::from_secs(300),
             burst: 3,
             per_second: 1.0,
+            namespace_burst: 3,
+            namespace_per_second: 1.0,
             queue: 8,
         }
+    }
+
+    #[test]
+    fn one_namespace_takes_its_own_share_and_leaves_the_rest_to_others() {
+        let mut throttle = Throttle::new(EventLimits::default());
+        let mut told = |now_ms: i64, namespace: &str, pods: std::ops::Range<usize>| {
+            pods.filter(|i| {
+                throttle.admit(
+                    now_ms,
+                    namespace,
+                    &format!("{namespace}-{i}"),
+                    Reason::StsRefused,
+                ) == Admission::Tell
+            })
+            .count()
+        };
+        // A namespace of 3000 refused pods: its burst, then one a second.
+        assert_eq!(told(0, "noisy", 0..3000), 10);
+        assert_eq!(told(1_000, "noisy", 3000..6000), 1);
+        // Another namespace's pods are told meanwhile, up to its own burst.
+        assert_eq!(told(1_000, "quiet", 0..20), 10);
+        // The buckets kept are bounded, however many namespaces are told.
+        let mut throttle = Throttle::new(EventLimits {
+            burst: u32::MAX,
+            ..EventLimits::default()
+        });
+        for i in 0..NAMESPACE_BUCKETS + 100 {
+            let namespace = format!("ns-{i}");
+            throttle.admit(0, &namespace, &namespace, Reason::StsRefused);
+        }
+        assert_eq!(throttle.namespaces.len(), NAMESPACE_BUCKETS);
+        // Those full again are forgotten for newcomers.
+        throttle.admit(60_000, "late", "late", Reason::StsRefused);
+        assert_eq!(throttle.namespaces.len(), 1);
     }
 
     #[test]
     fn a_pod_is_told_once_per_reason_until_the_repeat_interval() {
         let mut throttle = Throttle::new(limits());
         assert_eq!(
-            throttle.admit(0, "a", Reason::RoleNotPermitted),
+            throttle.admit(0, "ns", "a", Reason::RoleNotPermitted),
             Admission::Tell
         );
         assert_eq!(
-            throttle.admit(1_000, "a", Reason::RoleNotPermitted),
+            throttle.admit(1_000, "ns", "a", Reason::RoleNotPermitted),
             Admission::AlreadyTold
         );
         // A different reason is news.
         assert_eq!(
-            throttle.admit(2_000, "a", Reason::StsUnavailable),
+            throttle.admit(2_000, "ns", "a", Reason::StsUnavailable),
             Admission::Tell
         );
         assert_eq!(
-            throttle.admit(3_000, "a", Reason::StsUnavailable),
+            throttle.admit(3_000, "ns", "a", Reason::StsUnavailable),
             Admission::AlreadyTold
         );
         // Told again after the interval.
         assert_eq!(
-            throttle.admit(303_000, "a", Reason::StsUnavailable),
+            throttle.admit(303_000, "ns", "a", Reason::StsUnavailable),
             Admission::Tell
         );
         // A pod no longer refused is forgotten and told at once next time.
         throttle.retain(&HashSet::new());
         assert_eq!(
-            throttle.admit(304_000, "a", Reason::StsUnavailable),
+            throttle.admit(304_000, "ns", "a", Reason::StsUnavailable),
             Admission::Tell
         );
     }
@@ -324,7 +414,14 @@ mod tests {
     fn the_global_bucket_bounds_a_burst_and_refills() {
         let mut throttle = Throttle::new(limits());
         let admitted: Vec<_> = (0..5)
-            .map(|i| throttle.admit(0, &format!("p{i}"), Reason::RoleNotPermitted))
+            .map(|i| {
+                throttle.admit(
+                    0,
+                    &format!("ns{i}"),
+                    &format!("p{i}"),
+                    Reason::RoleNotPermitted,
+                )
+            })
             .collect();
         assert_eq!(
             admitted,
@@ -338,11 +435,11 @@ mod tests {
         );
         // One token per second.
         assert_eq!(
-            throttle.admit(1_000, "p3", Reason::RoleNotPermitted),
+            throttle.admit(1_000, "ns3", "p3", Reason::RoleNotPermitted),
             Admission::Tell
         );
         assert_eq!(
-            throttle.admit(1_000, "p4", Reason::RoleNotPermitted),
+            throttle.admit(1_000, "ns4", "p4", Reason::RoleNotPermitted),
             Admission::RateLimited
         );
     }
