@@ -49,6 +49,10 @@ pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Default validity of the CA: ten times the leaves', so leaves can be re-issued for years
 /// under the same trust anchor.
 pub const DEFAULT_CA_VALIDITY_DAYS: u32 = 3650;
+
+/// Longest validity given, in days (a century): dates far beyond it do not fit in the
+/// certificates' time format, and the tool would fail computing them.
+pub const MAX_VALIDITY_DAYS: u32 = 36_500;
 /// Certificates start this long in the past, so a node whose clock lags a little still
 /// accepts a freshly generated certificate.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::minutes(5);
@@ -190,6 +194,11 @@ impl CertOptions {
             return Err(CertsError::InvalidOptions(
                 "validity days must be at least 1".into(),
             ));
+        }
+        if self.ca_validity_days > MAX_VALIDITY_DAYS {
+            return Err(CertsError::InvalidOptions(format!(
+                "validity days must be at most {MAX_VALIDITY_DAYS}"
+            )));
         }
         if self.ca_validity_days < self.validity_days {
             return Err(CertsError::InvalidOptions(format!(
@@ -501,7 +510,28 @@ pub fn renew(ca_cert: &str, ca_key: &str, opts: &CertOptions) -> Result<CertBund
     opts.validate()?;
     let key = KeyPair::from_pem(ca_key).map_err(CertsError::ReadCa)?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert, key).map_err(CertsError::ReadCa)?;
+    // Leaves that outlive their CA stop working when it does, with no warning before.
+    let ca_ends = ca_not_after(ca_cert)?;
+    let leaves_end = OffsetDateTime::now_utc() + Duration::days(i64::from(opts.validity_days));
+    if leaves_end > ca_ends {
+        return Err(CertsError::InvalidOptions(format!(
+            "the CA expires on {}, before certificates of {} days would: give --days {} at \
+             most, or make a new CA (and roll it out before it is used)",
+            ca_ends.date(),
+            opts.validity_days,
+            (ca_ends - OffsetDateTime::now_utc()).whole_days().max(0)
+        )));
+    }
     issue(ca_cert.to_string(), ca_key.to_string(), &issuer, opts)
+}
+
+/// When the CA certificate `pem` expires.
+fn ca_not_after(pem: &str) -> Result<OffsetDateTime, CertsError> {
+    let unreadable = || CertsError::ReadCa(rcgen::Error::CouldNotParseCertificate);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| unreadable())?;
+    let cert = pem.parse_x509().map_err(|_| unreadable())?;
+    OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+        .map_err(|_| unreadable())
 }
 
 /// The server and agent certificates `issuer` signs, in a bundle with the CA's PEM.

@@ -401,6 +401,42 @@ fn renewal_keeps_the_ca_and_issues_new_leaves_from_it() {
 }
 
 #[test]
+fn leaves_never_outlive_their_ca_and_validity_is_bounded() {
+    let short = generate(&CertOptions {
+        validity_days: 30,
+        ca_validity_days: 60,
+        ..CertOptions::default()
+    })
+    .unwrap();
+    let longer = CertOptions {
+        validity_days: 90,
+        ca_validity_days: 90,
+        ..CertOptions::default()
+    };
+    let refused = podiam_certs::renew(&short.ca_cert, &short.ca_key, &longer).unwrap_err();
+    assert!(
+        matches!(refused, CertsError::InvalidOptions(_)),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("--days 59"), "{refused}");
+    let within = CertOptions {
+        validity_days: 59,
+        ca_validity_days: 59,
+        ..CertOptions::default()
+    };
+    assert!(podiam_certs::renew(&short.ca_cert, &short.ca_key, &within).is_ok());
+    for (days, ca_days) in [(365, u32::MAX), (u32::MAX, u32::MAX)] {
+        let err = generate(&CertOptions {
+            validity_days: days,
+            ca_validity_days: ca_days,
+            ..CertOptions::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, CertsError::InvalidOptions(_)), "{err}");
+    }
+}
+
+#[test]
 fn binary_renews_the_leaves_and_keeps_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
