@@ -406,7 +406,13 @@ pub fn check(rule: &Permitted, role: &Role) -> Verdict {
     match rule {
         Permitted::Nothing => Verdict::NothingPermitted,
         Permitted::Invalid { source, error } => Verdict::InvalidRegex {
-            source: source.clone(),
+            // A tenant's annotation may be 256 KiB, and a verdict is made for every pod of
+            // the namespace at every pass: one longer than any rule is quoted, not copied.
+            source: if source.len() > MAX_REGEX_LEN {
+                quoted(source)
+            } else {
+                source.clone()
+            },
             error: error.clone(),
         },
         Permitted::Regex { source, regex } => {
@@ -721,6 +727,12 @@ mod tests {
                 assert_eq!(source, "app-(");
                 assert!(!error.is_empty() && !error.contains('\n'), "{error}");
             }
+            other => panic!("{other:?}"),
+        }
+        // A tenant's 256 KiB annotation is quoted in each verdict, not copied whole.
+        let huge = format!("app-({}", "x".repeat(256 * 1024));
+        match check(&Permitted::compile(Some(&huge)), &role) {
+            Verdict::InvalidRegex { source, .. } => assert!(source.len() < 200, "{source}"),
             other => panic!("{other:?}"),
         }
     }
