@@ -25,8 +25,9 @@
 //! STS fails) are served again for [`BELOW_FLOOR_REUSE`] only.
 //!
 //! The cache also remembers which pod tokens (by digest) the servers accepted for each pod at
-//! the container-credentials endpoint, each until the token expires, so that a pod proves
-//! itself once per token, not once per request. They go with the pod's entries.
+//! the container-credentials endpoint, each until the token expires or for
+//! [`PROOF_KEPT_SECS`] at most, so that a pod proves itself once per token and quarter of an
+//! hour, not once per request. They go with the pod's entries.
 //!
 //! Entries hold secrets (the secret key and session token, twice: as fields and in the
 //! document), so neither type here derives `Debug`: theirs are written by hand and show the
@@ -193,11 +194,12 @@ pub struct CredentialCache {
 /// Deleted pods remembered: far more than a node deletes while one fetch is under way.
 const GONE_REMEMBERED: usize = 4096;
 
-/// Longest a token the servers accepted is taken without asking them again (seconds): as long
-/// as the servers trust a TokenReview (an hour), so that a token the API server stops taking
-/// (its ServiceAccount deleted) stops working here as it does there, not at the token's own
-/// expiry, which may be a day off.
-pub const PROOF_KEPT_SECS: i64 = 3600;
+/// Longest a token the servers accepted is taken without asking them again (seconds), so that
+/// a token the API server stops taking (its ServiceAccount deleted) stops working here soon
+/// after the servers stop trusting their TokenReview of it (an hour at most), not at the
+/// token's own expiry, which may be a day off: within an hour and a quarter in all. Asking
+/// again costs one call to the servers, which answer from their review.
+pub const PROOF_KEPT_SECS: i64 = 900;
 
 /// Most tokens remembered per pod: one per container that reads its own projected token,
 /// and the kubelet's rotation overlapping; an older one is proven again when used.
@@ -643,7 +645,7 @@ mod tests {
         assert!(cache.proven("c", &[2; 32], PROOF_KEPT_SECS - 1));
         assert!(
             !cache.proven("c", &[2; 32], PROOF_KEPT_SECS),
-            "an hour at most, whatever the token's expiry"
+            "a quarter of an hour at most, whatever the token's expiry"
         );
         for i in 0..20u8 {
             cache.prove("a", [i + 10; 32], 1000 + i64::from(i), 0);

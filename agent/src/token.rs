@@ -424,13 +424,12 @@ impl TokenKey {
     /// `ring` keep verifying for the longest TTL: their tokens stay good, as SDKs expect
     /// (aws-config sends a refused token again until its TTL ends).
     fn replace(&self, ring: KeyRing, now: i64) {
-        let old = std::mem::replace(
-            &mut *self.ring.write().unwrap_or_else(|e| e.into_inner()),
-            Arc::new(ring.clone()),
-        );
+        // The departing keys are added before the ring is swapped: a token checked between
+        // the two finds its key in one place or the other.
+        let old = self.ring();
         let mut departed = self.departed.write().unwrap_or_else(|e| e.into_inner());
         departed.retain(|(key, until)| {
-            *until > now && !ring.keys().any(|kept| kept.secret == key.secret)
+            *until >= now && !ring.keys().any(|kept| kept.secret == key.secret)
         });
         for key in old.verifying(now) {
             let known = |k: &Key| k.secret == key.secret;
@@ -440,6 +439,8 @@ impl TokenKey {
         }
         let excess = departed.len().saturating_sub(MAX_DEPARTED);
         departed.drain(..excess);
+        drop(departed);
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
     }
 
     /// Whether a departed key that still verifies at `now` signed `claim` with `tag`.
@@ -448,7 +449,8 @@ impl TokenKey {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|(key, until)| *until > now && key.verifies(claim, tag))
+            // Through `until` itself, as a token is good through its expiry's second.
+            .any(|(key, until)| *until >= now && key.verifies(claim, tag))
     }
 
     /// A token for the pod `uid` at `ip`, valid until `now + ttl_secs`, signed with the
@@ -1423,7 +1425,7 @@ mod tests {
         assert_eq!(key.validate(&token, pod, Some("u"), T0 + 21600), Ok(()));
         // The process's keys go once the longest TTL has passed; the file's key, just
         // replaced, takes their place.
-        let later = T0 + 30 + MAX_TTL_SECS;
+        let later = T0 + 30 + MAX_TTL_SECS + 1;
         key.replace(KeyRing::fresh(later, [9; KEY_BYTES]), later);
         let departed = key.departed.read().expect("lock");
         assert_eq!(departed.len(), 1);

@@ -512,14 +512,21 @@ pub fn renew(ca_cert: &str, ca_key: &str, opts: &CertOptions) -> Result<CertBund
     let issuer = Issuer::from_ca_cert_pem(ca_cert, key).map_err(CertsError::ReadCa)?;
     // Leaves that outlive their CA stop working when it does, with no warning before.
     let ca_ends = ca_not_after(ca_cert)?;
-    let leaves_end = OffsetDateTime::now_utc() + Duration::days(i64::from(opts.validity_days));
-    if leaves_end > ca_ends {
+    let now = OffsetDateTime::now_utc();
+    let days_left = (ca_ends - now).whole_days();
+    if days_left < 1 {
         return Err(CertsError::InvalidOptions(format!(
-            "the CA expires on {}, before certificates of {} days would: give --days {} at \
-             most, or make a new CA (and roll it out before it is used)",
+            "the CA expires on {} (in under a day, or it has): make a new CA, and roll it out \
+             before it is used",
+            ca_ends.date()
+        )));
+    }
+    if now + Duration::days(i64::from(opts.validity_days)) > ca_ends {
+        return Err(CertsError::InvalidOptions(format!(
+            "the CA expires on {}, before certificates of {} days would: give --days \
+             {days_left} at most, or make a new CA (and roll it out before it is used)",
             ca_ends.date(),
             opts.validity_days,
-            (ca_ends - OffsetDateTime::now_utc()).whole_days().max(0)
         )));
     }
     issue(ca_cert.to_string(), ca_key.to_string(), &issuer, opts)

@@ -30,7 +30,7 @@ pub fn points_at_container_endpoint(name: &str, value: Option<&str>) -> bool {
 /// A Pod, slimmed as it is decoded.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct SlimPod {
-    #[serde(deserialize_with = "slim_meta")]
+    #[serde(default, deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Option<SlimPodSpec>,
@@ -89,7 +89,7 @@ pub struct SlimPodIp {
 /// `imagePullSecrets` are skipped unread).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct SlimServiceAccount {
-    #[serde(deserialize_with = "slim_meta")]
+    #[serde(default, deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
 }
 
@@ -177,7 +177,8 @@ fn slimmed(meta: &ObjectMeta) -> ObjectMeta {
 }
 
 /// Metadata decoded into [`slimmed`]'s fields only; labels, `managedFields`, owner
-/// references and the rest are skipped unread.
+/// references and the rest are skipped unread. Missing or `null`: empty, as k8s-openapi
+/// reads it.
 fn slim_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -195,7 +196,9 @@ fn slim_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D
         #[serde(default)]
         annotations: Option<BTreeMap<String, String>>,
     }
-    let meta = Meta::deserialize(deserializer)?;
+    let Some(meta) = Option::<Meta>::deserialize(deserializer)? else {
+        return Ok(ObjectMeta::default());
+    };
     Ok(ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
@@ -360,5 +363,9 @@ mod tests {
         }))
         .expect("nulls decode");
         assert!(!pod.spec.expect("spec").uses_container_endpoint());
+        for metadata in [serde_json::json!({}), serde_json::json!({"metadata": null})] {
+            let pod: SlimPod = serde_json::from_value(metadata).expect("no metadata decodes");
+            assert_eq!(pod.metadata, ObjectMeta::default());
+        }
     }
 }

@@ -978,9 +978,13 @@ mod tests {
             let cache = Arc::clone(&r.cache);
             tokio::spawn(async move { cache.maintain(&[key("a")].into(), &|_| true).await })
         };
-        while r.calls() < 2 {
+        for _ in 0..10_000 {
+            if r.calls() >= 2 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert_eq!(r.calls(), 2, "the refresh is under way");
         assert_eq!(r.cache.health(&key("a")), KeyHealth::Busy);
         upkeep
     }
