@@ -93,43 +93,32 @@ pub struct SlimServiceAccount {
     pub metadata: ObjectMeta,
 }
 
-impl k8s_openapi::Resource for SlimPod {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = k8s_openapi::NamespaceResourceScope;
+/// Makes a slim type a namespaced core/v1 resource with `ObjectMeta`, as kube-rs needs.
+macro_rules! core_v1_resource {
+    ($slim:ty, $kind:literal, $plural:literal) => {
+        impl k8s_openapi::Resource for $slim {
+            const API_VERSION: &'static str = "v1";
+            const GROUP: &'static str = "";
+            const KIND: &'static str = $kind;
+            const VERSION: &'static str = "v1";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $slim {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
-impl k8s_openapi::Metadata for SlimPod {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl k8s_openapi::Resource for SlimServiceAccount {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "ServiceAccount";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "serviceaccounts";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for SlimServiceAccount {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+core_v1_resource!(SlimPod, "Pod", "pods");
+core_v1_resource!(SlimServiceAccount, "ServiceAccount", "serviceaccounts");
 
 impl From<&k8s_openapi::api::core::v1::Pod> for SlimPod {
     /// The same slimming for a pod already decoded whole (`kubectl iam explain`, tests).

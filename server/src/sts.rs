@@ -411,7 +411,7 @@ const IN_FLIGHT_PATIENCE: Duration = Duration::from_millis(300);
 #[derive(Debug, Default)]
 struct KeySlot {
     entry: Arc<AsyncMutex<Entry>>,
-    served: Arc<Mutex<Option<Issued>>>,
+    served: ServedCopy,
 }
 
 impl KeySlot {
