@@ -47,6 +47,10 @@ use crate::decision::Refusal;
 use crate::imds::{self, Document};
 use podiam_proto::Reason;
 
+/// STS's longest session (AssumeRole's `DurationSeconds` up to 12 hours), in ms: a server's
+/// `valid_for_ms` beyond it is not taken.
+const LONGEST_SESSION_MS: u64 = 12 * 3600 * 1000;
+
 /// How long a key's refusal by STS is answered again without asking the servers.
 pub const REFUSAL_HELD: Duration = Duration::from_secs(1);
 
@@ -83,10 +87,18 @@ pub struct Entry {
     pub container_document: Bytes,
     /// When the servers gave it.
     fetched: tokio::time::Instant,
+    /// When it expires by this agent's monotonic clock, from the server's `valid_for_ms`
+    /// (none from servers without it: then the node's wall clock reads `expiration_unix`).
+    valid_until: Option<tokio::time::Instant>,
 }
 
 impl Entry {
     fn new(credentials: Credentials) -> Entry {
+        let fetched = tokio::time::Instant::now();
+        let valid_until = u64::try_from(credentials.valid_for_ms)
+            .ok()
+            .filter(|&ms| ms > 0 && ms <= LONGEST_SESSION_MS)
+            .and_then(|ms| fetched.checked_add(Duration::from_millis(ms)));
         let document = imds::credentials_document(&credentials, Document::Legacy).into();
         let extended_document = imds::credentials_document(&credentials, Document::Extended).into();
         let container_document = crate::container::credentials_json(&credentials).into();
@@ -95,7 +107,25 @@ impl Entry {
             document,
             extended_document,
             container_document,
-            fetched: tokio::time::Instant::now(),
+            fetched,
+            valid_until,
+        }
+    }
+
+    /// Seconds left at `now` (the node's wall clock, seconds since the Unix epoch), counted
+    /// on the monotonic clock when the server said how long they last: a node whose clock is
+    /// off neither asks the servers on every request nor serves credentials past their end.
+    fn left_secs(&self, now: i64) -> i64 {
+        match self.valid_until {
+            Some(until) => {
+                let now = tokio::time::Instant::now();
+                if until >= now {
+                    (until - now).as_secs() as i64
+                } else {
+                    -((now - until).as_secs() as i64) - 1
+                }
+            }
+            None => self.credentials.expiration_unix - now,
         }
     }
 
@@ -145,7 +175,7 @@ impl Slot {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .filter(|cached| {
-                let left = cached.credentials.expiration_unix - now;
+                let left = cached.left_secs(now);
                 left >= min_remaining_secs
                     || (left >= BELOW_FLOOR_LEAST_SECS
                         && cached.fetched.elapsed() < BELOW_FLOOR_REUSE)
@@ -523,6 +553,50 @@ mod tests {
         assert_eq!(cache.len(), 3);
     }
 
+    /// The node's clock an hour ahead of the servers': credentials said to last an hour
+    /// (`valid_for_ms`) are served from the cache for that hour by the monotonic clock, though
+    /// their `Expiration` is already past on the node's; and not a moment past the hour.
+    #[tokio::test(start_paused = true)]
+    async fn how_long_credentials_last_is_counted_on_the_monotonic_clock() {
+        let cache = CredentialCache::new(FLOOR);
+        let node_now = 10_000;
+        let fetch = |id: &'static str| async move {
+            Ok::<_, Failed>(Credentials {
+                valid_for_ms: 3_600_000,
+                // An hour from the servers' now, which is the node's now less an hour.
+                ..creds(id, node_now)
+            })
+        };
+        let source = |r: Result<(Arc<Entry>, Source), Failed>| r.map(|(_, source)| source);
+        assert_eq!(
+            source(cache.get("a", "r", node_now, || fetch("1")).await),
+            Ok(Source::Server)
+        );
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        assert_eq!(
+            source(cache.get("a", "r", node_now + 1800, || fetch("2")).await),
+            Ok(Source::Cache),
+            "half an hour in, half an hour is left: at the floor, still served"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            source(cache.get("a", "r", node_now + 1801, || fetch("3")).await),
+            Ok(Source::Server),
+            "under the floor by the monotonic clock: fetched again"
+        );
+        // A server without the field: the node's wall clock decides, as before.
+        let cache = CredentialCache::new(FLOOR);
+        let old = |id: &'static str| async move { Ok::<_, Failed>(creds(id, node_now + 3600)) };
+        assert_eq!(
+            source(cache.get("a", "r", node_now, || old("1")).await),
+            Ok(Source::Server)
+        );
+        assert_eq!(
+            source(cache.get("a", "r", node_now + 1800, || old("2")).await),
+            Ok(Source::Cache)
+        );
+    }
+
     #[tokio::test]
     async fn forgetting_a_pod_drops_its_entries_only() {
         let cache = CredentialCache::new(FLOOR);
@@ -595,6 +669,7 @@ mod tests {
             expiration_unix: 3600,
             issued_unix: 0,
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            valid_for_ms: 0,
         }
     }
 

@@ -519,6 +519,7 @@ pub(crate) mod tests {
             expiration_unix: 1_700_000_000,
             issued_unix: 1_699_996_400,
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            valid_for_ms: 0,
         };
         assert_eq!(
             credentials_json(&credentials),

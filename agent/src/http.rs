@@ -1114,6 +1114,7 @@ mod tests {
             expiration_unix: 3600,
             issued_unix: 0,
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            valid_for_ms: 0,
         };
         cache
             .get("uid", "arn", 0, || async { Ok::<_, Refused>(secret) })

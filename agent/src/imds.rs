@@ -95,6 +95,7 @@ mod tests {
             issued_unix: 0,
             expiration_unix: 3600,
             role_arn: role_arn.into(),
+            valid_for_ms: 0,
         }
     }
 

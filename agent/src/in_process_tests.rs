@@ -266,6 +266,7 @@ impl Podiam for Fake {
                 expiration_unix: now + 3600,
                 issued_unix: now,
                 role_arn: state.role_arn,
+                valid_for_ms: 0,
             }),
         }))
     }

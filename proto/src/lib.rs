@@ -37,6 +37,7 @@ impl fmt::Debug for v1::Credentials {
             .field("expiration_unix", &self.expiration_unix)
             .field("issued_unix", &self.issued_unix)
             .field("role_arn", &self.role_arn)
+            .field("valid_for_ms", &self.valid_for_ms)
             .finish()
     }
 }
@@ -397,6 +398,7 @@ mod tests {
             expiration_unix: 1,
             issued_unix: 0,
             role_arn: "arn:aws:iam::123456789012:role/x".into(),
+            valid_for_ms: 0,
         };
         let shown = format!("{creds:?}");
         assert!(shown.contains("ASIAEXAMPLE"));

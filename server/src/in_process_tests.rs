@@ -94,6 +94,7 @@ impl AssumeRole for FakeSts {
                 session_token: "token".into(),
                 expiration_unix: now + 3600,
                 issued_unix: now,
+                clock_offset_ms: 0,
             })
         })
     }

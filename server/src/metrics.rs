@@ -115,6 +115,7 @@ impl Metrics {
                 unavailable,
                 throttled,
                 budget: crate::budget::BudgetCounters::default(),
+                clock_offset: Gauge::default(),
             },
             events: EventCounters {
                 sent,
@@ -223,6 +224,12 @@ impl Metrics {
             "sts_calls",
             "STS AssumeRole calls (attempts), by result (ok, refused, unavailable, throttled)",
             sts_calls,
+        );
+        registry.register(
+            "sts_clock_offset_seconds",
+            "This server's clock minus STS's at the last successful AssumeRole, from the answer's \
+             Date (0 when under 5 s apart); credentials' expiry is judged on STS's time",
+            self.sts_calls.clock_offset.clone(),
         );
     }
 

@@ -740,6 +740,7 @@ impl PodiamService {
             identity,
             "credentials issued"
         );
+        let valid_for_ms = issued.valid_for_ms(self.cache.now_ms());
         Ok(GetCredentialsResponse {
             pod: Some(pod_ref(&pod)),
             credentials: Some(Credentials {
@@ -749,6 +750,7 @@ impl PodiamService {
                 expiration_unix: issued.expiration_unix,
                 issued_unix: issued.issued_unix,
                 role_arn: role.arn,
+                valid_for_ms,
             }),
         })
     }

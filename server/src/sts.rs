@@ -65,11 +65,34 @@ pub struct Issued {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: String,
-    /// Seconds since the Unix epoch.
+    /// STS's `Expiration`, seconds since the Unix epoch by STS's clock: what pods are told.
     pub expiration_unix: i64,
-    /// Seconds since the Unix epoch.
+    /// When the server had them, seconds since the Unix epoch by its own clock.
     pub issued_unix: i64,
+    /// How far the server's clock was ahead of STS's when they came (ms, negative if behind;
+    /// from the answer's `Date`, 0 without one or when under [`CLOCK_OFFSET_IGNORED`]): the
+    /// cache judges their expiry on its own clock, so that a server minutes off neither calls
+    /// STS on every request (ahead) nor serves credentials past their end (behind).
+    pub clock_offset_ms: i64,
 }
+
+impl Issued {
+    /// When they expire, in ms since the Unix epoch by the server's clock.
+    pub fn expires_ms(&self) -> i64 {
+        self.expiration_unix
+            .saturating_mul(1000)
+            .saturating_add(self.clock_offset_ms)
+    }
+
+    /// How long they stay valid from `now_ms` (the server's clock), none if they have expired.
+    pub fn valid_for_ms(&self, now_ms: i64) -> i64 {
+        self.expires_ms().saturating_sub(now_ms).max(0)
+    }
+}
+
+/// Offsets between the server's clock and STS's under this are not applied: the `Date` of an
+/// answer is to the second, and the call itself takes time.
+pub const CLOCK_OFFSET_IGNORED: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for Issued {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -79,6 +102,7 @@ impl fmt::Debug for Issued {
             .field("session_token", &"<redacted>")
             .field("expiration_unix", &self.expiration_unix)
             .field("issued_unix", &self.issued_unix)
+            .field("clock_offset_ms", &self.clock_offset_ms)
             .finish()
     }
 }
@@ -186,6 +210,57 @@ impl SdkAssumeRole {
     }
 }
 
+/// Reads the `Date` of STS's answer as it arrives: how far the server's clock is from STS's.
+#[derive(Clone, Debug, Default)]
+struct StsClockReading(Arc<Mutex<Option<i64>>>);
+
+impl StsClockReading {
+    /// The server's clock minus STS's (ms), 0 if no answer had a readable `Date` or the two
+    /// are under [`CLOCK_OFFSET_IGNORED`] apart.
+    fn offset_ms(&self) -> i64 {
+        let offset = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(0);
+        if offset.unsigned_abs() < CLOCK_OFFSET_IGNORED.as_millis() as u64 {
+            0
+        } else {
+            offset
+        }
+    }
+}
+
+impl aws_sdk_sts::config::Intercept for StsClockReading {
+    fn name(&self) -> &'static str {
+        "StsClockReading"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &aws_sdk_sts::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &aws_sdk_sts::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_sts::config::ConfigBag,
+    ) -> Result<(), aws_sdk_sts::error::BoxError> {
+        let sts_ms = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(|date| {
+                aws_sdk_sts::primitives::DateTime::from_str(
+                    date,
+                    aws_sdk_sts::primitives::DateTimeFormat::HttpDate,
+                )
+                .ok()
+            })
+            .and_then(|date| date.to_millis().ok());
+        if let Some(sts_ms) = sts_ms {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemClock.now_ms() - sts_ms);
+        }
+        Ok(())
+    }
+}
+
 /// What an error code STS answered with means for the caller.
 fn classify(code: String, message: String) -> StsError {
     if REFUSAL_CODES.contains(&code.as_str()) {
@@ -194,6 +269,21 @@ fn classify(code: String, message: String) -> StsError {
         StsError::Throttled(format!("{code}: {message}"))
     } else {
         StsError::Unavailable(format!("{code}: {message}"))
+    }
+}
+
+/// Exports the offset between the server's clock and STS's, and says so in the log when it
+/// is first seen or changes by [`CLOCK_OFFSET_IGNORED`] or more: the session ends pods are
+/// told are STS's, which their SDKs read on their nodes' clocks.
+fn note_clock_offset(gauge: &prometheus_client::metrics::gauge::Gauge, offset_ms: i64) {
+    let offset_s = offset_ms / 1000;
+    let before = gauge.set(offset_s);
+    if offset_s != 0 && (offset_s - before).unsigned_abs() >= CLOCK_OFFSET_IGNORED.as_secs() {
+        tracing::warn!(
+            offset_seconds = offset_s,
+            "this server's clock is off from STS's (positive: ahead); credentials are judged \
+             by STS's time, but check the node's time synchronisation"
+        );
     }
 }
 
@@ -227,6 +317,7 @@ impl AssumeRole for SdkAssumeRole {
         Box::pin(async move {
             use aws_sdk_sts::error::ProvideErrorMetadata;
             let duration = i32::try_from(request.duration.as_secs()).unwrap_or(i32::MAX);
+            let reading = StsClockReading::default();
             let tags = request
                 .key
                 .tags
@@ -256,6 +347,8 @@ impl AssumeRole for SdkAssumeRole {
                 ))
                 .set_tags((!tags.is_empty()).then_some(tags))
                 .duration_seconds(duration)
+                .customize()
+                .interceptor(reading.clone())
                 .send()
                 .await;
             let output = match result {
@@ -281,6 +374,7 @@ impl AssumeRole for SdkAssumeRole {
                 session_token: creds.session_token().to_string(),
                 expiration_unix: creds.expiration().secs(),
                 issued_unix: now_unix(),
+                clock_offset_ms: reading.offset_ms(),
             })
         })
     }
@@ -373,7 +467,7 @@ impl Entry {
     fn servable(&self, now_ms: i64, floor: Duration) -> Option<&Issued> {
         self.current
             .as_ref()
-            .filter(|c| c.expiration_unix * 1000 - now_ms >= floor.as_millis() as i64)
+            .filter(|c| c.expires_ms() - now_ms >= floor.as_millis() as i64)
     }
 
     /// Whether the credentials are due for refresh (or there are none): past the refresh
@@ -382,13 +476,14 @@ impl Entry {
         match &self.current {
             None => true,
             Some(c) => {
-                let after_s = match policy.refresh_after {
-                    Some(after) => after.as_secs() as i64,
-                    None => (c.expiration_unix - c.issued_unix) / 2,
+                let issued_ms = c.issued_unix.saturating_mul(1000);
+                let after_ms = match policy.refresh_after {
+                    Some(after) => after.as_millis() as i64,
+                    None => (c.expires_ms() - issued_ms) / 2,
                 };
-                let due_s = (c.issued_unix + after_s)
-                    .min(c.expiration_unix - policy.min_remaining.as_secs() as i64);
-                now_ms >= due_s * 1000
+                let due_ms = (issued_ms + after_ms)
+                    .min(c.expires_ms() - policy.min_remaining.as_millis() as i64);
+                now_ms >= due_ms
             }
         }
     }
@@ -421,7 +516,7 @@ impl KeySlot {
         let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
         served
             .as_ref()
-            .filter(|c| c.expiration_unix * 1000 - now_ms >= floor.as_millis() as i64)
+            .filter(|c| c.expires_ms() - now_ms >= floor.as_millis() as i64)
             .cloned()
     }
 }
@@ -462,6 +557,9 @@ pub struct StsCallCounters {
     pub throttled: prometheus_client::metrics::counter::Counter,
     /// Calls that waited for the budget, and upkeep's pauses after throttling.
     pub budget: BudgetCounters,
+    /// The server's clock minus STS's at the last successful call (seconds; 0 under
+    /// [`CLOCK_OFFSET_IGNORED`]), exported as `podiam_server_sts_clock_offset_seconds`.
+    pub clock_offset: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl fmt::Debug for CredentialCache {
@@ -489,6 +587,11 @@ impl CredentialCache {
             calls,
             budget,
         }
+    }
+
+    /// The time by the cache's clock (ms since the Unix epoch).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     fn slot(&self, key: &CacheKey) -> Slot {
@@ -576,6 +679,7 @@ impl CredentialCache {
                 Ok(issued) => {
                     calls.ok.inc();
                     budget.succeeded();
+                    note_clock_offset(&calls.clock_offset, issued.clock_offset_ms);
                     *entry = Entry {
                         current: Some(issued.clone()),
                         ..Entry::default()
@@ -831,6 +935,9 @@ mod tests {
         /// Fails as an STS that cannot be reached.
         unreachable: AtomicBool,
         refuse: AtomicBool,
+        /// How far STS's clock is behind the manual clock (ms; negative: ahead), as the
+        /// `Date` of its answers tells the real client.
+        behind_ms: AtomicI64,
     }
 
     impl AssumeRole for Arc<FakeSts> {
@@ -859,12 +966,14 @@ mod tests {
                     });
                 }
                 let now = me.clock.now_ms() / 1000;
+                let behind_ms = me.behind_ms.load(Ordering::SeqCst);
                 Ok(Issued {
                     access_key_id: format!("ASIA{n}"),
                     secret_access_key: "secret".into(),
                     session_token: "token".into(),
-                    expiration_unix: now + me.lifetime.as_secs() as i64,
+                    expiration_unix: now - behind_ms / 1000 + me.lifetime.as_secs() as i64,
                     issued_unix: now,
+                    clock_offset_ms: behind_ms,
                 })
             })
         }
@@ -894,6 +1003,7 @@ mod tests {
             down: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            behind_ms: AtomicI64::new(0),
         });
         let cache = Arc::new(CredentialCache::new(
             Arc::new(Arc::clone(&sts)),
@@ -941,6 +1051,57 @@ mod tests {
         r.cache.get(key("b"), "ns").await.expect("other key");
         assert_eq!(r.calls(), 2);
         assert_eq!(r.cache.calls.ok.get(), 2);
+    }
+
+    /// A server 45 minutes ahead of STS: STS's `Expiration`, read on the server's clock, is
+    /// 15 minutes off, under the 30-minute floor, and every request would call STS. Judged on
+    /// STS's time (the offset its answer's `Date` gave), one call serves the session until
+    /// its refresh point, half the session later.
+    #[tokio::test]
+    async fn a_server_clock_ahead_of_sts_still_makes_one_call_per_session() {
+        let r = rig(HOUR, true);
+        r.sts.behind_ms.store(45 * 60 * 1000, Ordering::SeqCst);
+        let needed: HashSet<CacheKey> = [key("a")].into();
+        for minute in 0..29 {
+            let issued = r.cache.get(key("a"), "ns").await.expect("creds");
+            assert_eq!(issued.access_key_id, "ASIA0");
+            assert_eq!(
+                issued.valid_for_ms(r.clock.now_ms()),
+                (60 - minute) * 60 * 1000,
+                "what agents are told: the session's time left by STS's clock"
+            );
+            r.cache.maintain(&needed, &|_| true).await;
+            r.clock.advance(MINUTE);
+        }
+        assert_eq!(r.calls(), 1, "one call for the first 29 minutes");
+        r.clock.advance(2 * MINUTE);
+        r.cache.maintain(&needed, &|_| true).await;
+        assert_eq!(r.calls(), 2, "refreshed past half the session");
+    }
+
+    /// A server 45 minutes behind STS: STS's `Expiration`, read on the server's clock, is an
+    /// hour and 45 minutes off. Judged on STS's time, the credentials are served an hour and
+    /// no longer, even while STS is failing (not down to what would be 45 minutes past their
+    /// end).
+    #[tokio::test]
+    async fn a_server_clock_behind_sts_serves_nothing_past_its_end() {
+        let r = rig(HOUR, true);
+        r.sts.behind_ms.store(-45 * 60 * 1000, Ordering::SeqCst);
+        let issued = r.cache.get(key("a"), "ns").await.expect("creds");
+        assert_eq!(issued.valid_for_ms(r.clock.now_ms()), 60 * 60 * 1000);
+        r.sts.unreachable.store(true, Ordering::SeqCst);
+        r.clock.advance(54 * MINUTE);
+        let held = r
+            .cache
+            .get(key("a"), "ns")
+            .await
+            .expect("6 minutes left: served");
+        assert_eq!(held.access_key_id, "ASIA0");
+        r.clock.advance(2 * MINUTE);
+        assert!(
+            r.cache.get(key("a"), "ns").await.is_err(),
+            "4 minutes left by STS's time: under the outage floor"
+        );
     }
 
     #[tokio::test]
@@ -1235,6 +1396,7 @@ mod tests {
             session_token: "t0k3n".into(),
             expiration_unix: 0,
             issued_unix: 0,
+            clock_offset_ms: 0,
         };
         let shown = format!("{issued:?}");
         assert!(

@@ -5,7 +5,7 @@
 //! (503, as an overloaded STS answers) without stopping moto.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -74,6 +74,8 @@ pub struct StsProxy {
     addr: SocketAddr,
     calls: Arc<Mutex<Vec<StsCall>>>,
     failing: Arc<AtomicBool>,
+    /// How far STS's clock reads from this host's (seconds; negative: behind).
+    clock_offset: Arc<AtomicI64>,
     stop: CancellationToken,
 }
 
@@ -90,6 +92,7 @@ impl StsProxy {
         let addr = listener.local_addr()?;
         let calls = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicBool::new(false));
+        let clock_offset = Arc::new(AtomicI64::new(0));
         let stop = CancellationToken::new();
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -97,12 +100,17 @@ impl StsProxy {
         let handler = {
             let calls = Arc::clone(&calls);
             let failing = Arc::clone(&failing);
+            let clock_offset = Arc::clone(&clock_offset);
             move |_, request: http::Request<hyper::body::Incoming>| {
                 let calls = Arc::clone(&calls);
                 let failing = failing.load(Ordering::SeqCst);
+                let offset = clock_offset.load(Ordering::SeqCst);
                 let client = client.clone();
                 async move {
-                    let (call, response) = forward(client, upstream, request, failing).await;
+                    let (call, mut response) = forward(client, upstream, request, failing).await;
+                    if offset != 0 {
+                        shift_clock(&mut response, offset).await;
+                    }
                     calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
                     response
                 }
@@ -118,6 +126,7 @@ impl StsProxy {
             addr,
             calls,
             failing,
+            clock_offset,
             stop,
         })
     }
@@ -144,6 +153,48 @@ impl StsProxy {
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
     }
+
+    /// Makes STS's clock read `seconds` from this host's (negative: behind) in what it
+    /// answers: the `Date` header and the credentials' `Expiration`, as a real STS's would
+    /// to a server whose clock is off.
+    pub fn set_sts_clock_offset(&self, seconds: i64) {
+        self.clock_offset.store(seconds, Ordering::SeqCst);
+    }
+}
+
+/// `response` as STS would answer with its clock `offset` seconds from this host's: a `Date`
+/// of its time, and `Expiration`s moved by `offset`.
+async fn shift_clock(response: &mut http::Response<Full<Bytes>>, offset: i64) {
+    let shift = jiff::SignedDuration::from_secs(offset);
+    let sts_now = jiff::Timestamp::now() + shift;
+    let date = jiff::fmt::rfc2822::DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&sts_now)
+        .unwrap_or_default();
+    if let Ok(date) = http::HeaderValue::from_str(&date) {
+        response.headers_mut().insert(http::header::DATE, date);
+    }
+    let body = std::mem::replace(response.body_mut(), Full::new(Bytes::new()));
+    let text = body
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    let mut shifted = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("<Expiration>") {
+        let start = start + "<Expiration>".len();
+        let Some(end) = rest[start..].find("</Expiration>") else {
+            break;
+        };
+        shifted.push_str(&rest[..start]);
+        match rest[start..start + end].parse::<jiff::Timestamp>() {
+            Ok(at) => shifted.push_str(&(at + shift).to_string()),
+            Err(_) => shifted.push_str(&rest[start..start + end]),
+        }
+        rest = &rest[start + end..];
+    }
+    shifted.push_str(rest);
+    *response.body_mut() = Full::new(Bytes::from(shifted));
 }
 
 async fn forward(

@@ -1,7 +1,8 @@
 //! Issue 13's policy holes, against the real server: a role path climbing out of the
 //! permitted path (d), a pod renaming its STS session under a template (e), the memory one
 //! namespace's permitted regex may cost (g), a terminating pod's address given to a new pod
-//! (j), and refusals that named another namespace's pods (l).
+//! (j), and refusals that named another namespace's pods (l). Also: a server whose clock is
+//! off from STS's.
 //!
 //! Each test runs its own Kubernetes API emulator, moto and one `podiam-server` process (no
 //! network namespaces, so no root), and acts as the agent of `node-1` with the agent's
@@ -22,7 +23,9 @@ use podiam_tests::kube_emulator::{EmulatorOptions, Kind, KubeEmulator, PodDeleti
 use podiam_tests::moto::Moto;
 use podiam_tests::process::{ChildGuard, scratch_dir, wait_for, wait_until};
 use podiam_tests::sts_proxy::StsProxy;
-use podiam_tests::world::{NODE_NAME, agent_material, start_server_within};
+use podiam_tests::world::{
+    NODE_NAME, agent_material, http_get_text, metric_value, start_server_within,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,6 +36,7 @@ struct Setup {
     /// list has it).
     agent_token: String,
     addr: std::net::SocketAddr,
+    health: std::net::SocketAddr,
     certs: podiam_certs::WrittenFiles,
     proxy: StsProxy,
     emulator: KubeEmulator,
@@ -70,7 +74,7 @@ impl Setup {
         let moto = Moto::start().await.expect("moto");
         let proxy = StsProxy::start(moto.addr()).await.expect("STS proxy");
         let args: Vec<String> = server_args.iter().map(|a| a.to_string()).collect();
-        let (server, addr, _health) =
+        let (server, addr, health) =
             start_server_within(&certs, &kubeconfig, &proxy.endpoint(), &args, WAIT)
                 .await
                 .expect("server starts");
@@ -78,6 +82,7 @@ impl Setup {
             server,
             agent_token,
             addr,
+            health,
             certs,
             proxy,
             emulator,
@@ -573,4 +578,58 @@ async fn a_thousand_namespaces_rules_cost_the_server_little_memory() {
         growth >> 20,
         RSS_GROWTH_BOUND >> 20
     );
+}
+
+/// A server whose clock is 45 minutes ahead of STS's (the proxy moves the `Date` and the
+/// `Expiration`s of STS's answers back): STS's `Expiration` read on the server's clock is 15
+/// minutes off, under the 30-minute floor, so that every request would call STS again. The
+/// server reads STS's time from the answer's `Date`: one AssumeRole serves every request, the
+/// agent is told the session has its hour, the pod is told STS's `Expiration`, and the offset
+/// is exported.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_clock_ahead_of_sts_calls_sts_once_for_the_session() {
+    let setup = Setup::start(PodDeletion::Immediate, &[]).await;
+    setup.proxy.set_sts_clock_offset(-45 * 60);
+    setup.namespace("team-b", "team-b/.*");
+    let ip = Ipv4Addr::new(10, 66, 0, 1);
+    setup.pod(
+        "team-b",
+        "pod-a",
+        ip,
+        &[("iam.amazonaws.com/role", "team-b/app")],
+    );
+    let agent = setup.agent().await;
+    wait_role(&agent, ip, "app").await;
+    for _ in 0..5 {
+        let credentials = agent
+            .clone()
+            .get_credentials(GetCredentialsRequest {
+                ip: ip.to_string(),
+                role_name: "app".into(),
+                node_name: NODE_NAME.into(),
+                pod_token: String::new(),
+            })
+            .await
+            .expect("credentials")
+            .into_inner()
+            .credentials
+            .expect("credentials");
+        let told = credentials.expiration_unix - podiam_runtime::clock::now_unix();
+        assert!(
+            (14 * 60..=15 * 60).contains(&told),
+            "the pod is told STS's Expiration, 15 minutes from now by this host: {told} s"
+        );
+        assert!(
+            credentials.valid_for_ms > 59 * 60 * 1000,
+            "the agent is told the session's hour: {} ms",
+            credentials.valid_for_ms
+        );
+    }
+    let calls = setup.proxy.assume_role_calls();
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    let metrics = http_get_text(&format!("http://{}/metrics", setup.health))
+        .await
+        .expect("metrics");
+    let offset = metric_value(&metrics, "podiam_server_sts_clock_offset_seconds");
+    assert!((2700..=2702).contains(&offset), "offset {offset}");
 }
