@@ -43,7 +43,7 @@ use podiam_proto::v1::Credentials;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::container::TokenDigest;
-use crate::decision::Refusal;
+use crate::decision::{Refusal, Role};
 use crate::imds::{self, Document};
 use podiam_proto::Reason;
 
@@ -155,6 +155,9 @@ impl std::fmt::Debug for Entry {
 /// on one key collapse into one server call, and looks again once it has it.
 #[derive(Default)]
 struct Slot {
+    /// The STS session its credentials are of (`Role::credential_key`; 0: unknown): a slot
+    /// of another session than a request's is not used, and is replaced when one is made.
+    session: u64,
     current: RwLock<Option<Arc<Entry>>>,
     fill: AsyncMutex<()>,
     /// The last fetch's refusal by STS, until when it is answered again, and the pod token
@@ -207,7 +210,33 @@ impl Slot {
     }
 }
 
-/// Credentials per (pod UID, role ARN).
+/// Which of a pod's credentials: its role's ARN and the STS session they are of (the
+/// decision's `credential_key`; 0: unknown). A pod has one session per role at a time; its
+/// annotations changing the session (its name, external ID, tags) make credentials of the
+/// old one useless to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoleKey<'a> {
+    pub arn: &'a str,
+    pub session: u64,
+}
+
+impl<'a> From<&'a Role> for RoleKey<'a> {
+    fn from(role: &'a Role) -> RoleKey<'a> {
+        RoleKey {
+            arn: &role.arn,
+            session: role.credential_key,
+        }
+    }
+}
+
+impl<'a> From<&'a str> for RoleKey<'a> {
+    /// A role of an unknown session.
+    fn from(arn: &'a str) -> RoleKey<'a> {
+        RoleKey { arn, session: 0 }
+    }
+}
+
+/// Credentials per (pod UID, role ARN), of one session each.
 pub struct CredentialCache {
     /// Pod UID → role ARN → slot.
     slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
@@ -266,10 +295,10 @@ impl CredentialCache {
     /// `now`, else the result of the future `fetch` makes (stored when it succeeds; held
     /// when STS refused it, see [`Held`]); the future is only made on a miss with no refusal
     /// held.
-    pub async fn get<E, F>(
+    pub async fn get<'a, E, F>(
         &self,
         uid: &str,
-        role_arn: &str,
+        role: impl Into<RoleKey<'a>>,
         now: i64,
         fetch: impl FnOnce() -> F,
     ) -> Result<(Arc<Entry>, Source), E>
@@ -277,7 +306,7 @@ impl CredentialCache {
         E: Held,
         F: Future<Output = Result<Credentials, E>>,
     {
-        let slot = self.slot(uid, role_arn);
+        let slot = self.slot(uid, role.into());
         let min_remaining = self.min_remaining.as_secs() as i64;
         if let Some(cached) = slot.fresh(now, min_remaining) {
             return Ok((cached, Source::Cache));
@@ -310,10 +339,10 @@ impl CredentialCache {
     /// by STS is held, as [`CredentialCache::get`] holds one, and answered again for
     /// [`REFUSAL_HELD`] to calls with the same token only. (A refusal proves nothing of the
     /// token: the servers may have judged it against another pod at the address.)
-    pub async fn unproven<T, E, F>(
+    pub async fn unproven<'a, T, E, F>(
         &self,
         uid: &str,
-        role_arn: &str,
+        role: impl Into<RoleKey<'a>>,
         token: &TokenDigest,
         fetch: impl FnOnce() -> F,
     ) -> Result<T, E>
@@ -323,7 +352,7 @@ impl CredentialCache {
     {
         // Taken before the call: a decision changing meanwhile leaves this slot, and what it
         // holds, behind.
-        let slot = self.slot(uid, role_arn);
+        let slot = self.slot(uid, role.into());
         if let Some(refusal) = slot.held(Some(token)) {
             return Err(E::from(refusal));
         }
@@ -338,38 +367,52 @@ impl CredentialCache {
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at `now`:
     /// what [`CredentialCache::get`] answers without waiting. Makes no slot on a miss.
-    pub fn fresh(&self, uid: &str, role_arn: &str, now: i64) -> Option<Arc<Entry>> {
-        self.existing_slot(uid, role_arn)?
+    pub fn fresh<'a>(
+        &self,
+        uid: &str,
+        role: impl Into<RoleKey<'a>>,
+        now: i64,
+    ) -> Option<Arc<Entry>> {
+        self.existing_slot(uid, role.into())?
             .fresh(now, self.min_remaining.as_secs() as i64)
     }
 
-    /// The slot of (uid, role ARN), if there is one: found under the read lock, which is all
-    /// a hit takes.
-    fn existing_slot(&self, uid: &str, role_arn: &str) -> Option<Arc<Slot>> {
+    /// The slot of (uid, role), if there is one of the role's session: found under the read
+    /// lock, which is all a hit takes.
+    fn existing_slot(&self, uid: &str, role: RoleKey<'_>) -> Option<Arc<Slot>> {
         self.slots
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(uid)
-            .and_then(|roles| roles.get(role_arn))
+            .and_then(|roles| roles.get(role.arn))
+            .filter(|slot| slot.session == role.session)
             .cloned()
     }
 
-    /// The slot of (uid, role ARN), made empty if there is none; for a pod deleted meanwhile,
-    /// one that is not kept.
-    fn slot(&self, uid: &str, role_arn: &str) -> Arc<Slot> {
-        let existing = self.existing_slot(uid, role_arn);
+    /// The slot of (uid, role), made empty if there is none of the role's session (one of
+    /// another session is replaced); for a pod deleted meanwhile, one that is not kept.
+    fn slot(&self, uid: &str, role: RoleKey<'_>) -> Arc<Slot> {
+        let existing = self.existing_slot(uid, role);
         existing.unwrap_or_else(|| {
             let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            let made = || {
+                Arc::new(Slot {
+                    session: role.session,
+                    ..Slot::default()
+                })
+            };
             if self.is_gone(uid) {
-                return Arc::default();
+                return made();
             }
-            Arc::clone(
-                slots
-                    .entry(uid.to_string())
-                    .or_default()
-                    .entry(role_arn.to_string())
-                    .or_default(),
-            )
+            let slot = slots
+                .entry(uid.to_string())
+                .or_default()
+                .entry(role.arn.to_string())
+                .or_insert_with(made);
+            if slot.session != role.session {
+                *slot = made();
+            }
+            Arc::clone(slot)
         })
     }
 
@@ -380,8 +423,13 @@ impl CredentialCache {
 
     /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
     /// there, and returns the new entry.
-    pub async fn put(&self, uid: &str, role_arn: &str, credentials: Credentials) -> Arc<Entry> {
-        let slot = self.slot(uid, role_arn);
+    pub async fn put<'a>(
+        &self,
+        uid: &str,
+        role: impl Into<RoleKey<'a>>,
+        credentials: Credentials,
+    ) -> Arc<Entry> {
+        let slot = self.slot(uid, role.into());
         let entry = Arc::new(Entry::new(credentials));
         // After any fill under way, as before: what the servers just gave is the newest.
         let _filling = slot.fill.lock().await;
@@ -597,6 +645,42 @@ mod tests {
         );
     }
 
+    /// A pod's role with its session changed (a session-name or external-ID annotation): the
+    /// old session's credentials are not served for the new one, and are replaced by its
+    /// own; a request still of the old session does not get the new one's either.
+    #[tokio::test]
+    async fn credentials_are_kept_per_session_of_a_role() {
+        let cache = CredentialCache::new(FLOOR);
+        let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
+        let old = RoleKey {
+            arn: "r",
+            session: 1,
+        };
+        let new = RoleKey { session: 2, ..old };
+        let id = |r: Result<(Arc<Entry>, Source), Failed>| {
+            r.map(|(entry, source)| (entry.credentials.access_key_id.clone(), source))
+        };
+        assert_eq!(
+            id(cache.get("a", old, 0, || fetch("1")).await),
+            Ok(("1".to_string(), Source::Server))
+        );
+        assert!(cache.fresh("a", new, 0).is_none());
+        assert_eq!(
+            id(cache.get("a", new, 0, || fetch("2")).await),
+            Ok(("2".to_string(), Source::Server))
+        );
+        assert_eq!(
+            id(cache.get("a", new, 0, || fetch("3")).await),
+            Ok(("2".to_string(), Source::Cache))
+        );
+        assert!(cache.fresh("a", old, 0).is_none());
+        assert_eq!(
+            cache.len(),
+            1,
+            "one slot per role: the old session's is replaced"
+        );
+    }
+
     #[tokio::test]
     async fn forgetting_a_pod_drops_its_entries_only() {
         let cache = CredentialCache::new(FLOOR);
@@ -630,7 +714,7 @@ mod tests {
         let cache = CredentialCache::new(FLOOR);
         let fetch = |id: &'static str| async move { Ok::<_, Failed>(creds(id, 3600)) };
         // A fetch under way (its slot taken) when the pod is deleted.
-        let slot = cache.slot("a", "r");
+        let slot = cache.slot("a", "r".into());
         cache.gone("a");
         slot.set(Arc::new(Entry::new(creds("1", 3600))));
         assert!(cache.is_empty(), "the slot went with the pod");

@@ -112,15 +112,11 @@ impl MetadataService {
                     .servers
                     .credentials(peer, &own.name, &token.text, own.credential_key)
                     .await?;
-                // The server decided on what it sees now; keep it only if it is the same pod.
-                if issued.pod_uid != pod.uid {
-                    return Err(Refused::ByAgent(AgentRefusal::PodChanged));
-                }
-                Ok(issued.credentials)
+                crate::http::kept_for(issued, pod, own)
             })
         };
         if self.cache.proven(&pod.uid, &token.digest, now) {
-            let (entry, source) = self.cache.get(&pod.uid, &own.arn, now, fetch).await?;
+            let (entry, source) = self.cache.get(&pod.uid, own, now, fetch).await?;
             // The pod's role may have changed while this request waited (on its own fetch,
             // or on another request's it joined): answered only as the decision stands now.
             still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;
@@ -135,13 +131,15 @@ impl MetadataService {
         self.admit(peer, token, now)?;
         let fetched = self
             .cache
-            .unproven(&pod.uid, &own.arn, &token.digest, fetch)
+            .unproven(&pod.uid, own, &token.digest, fetch)
             .await;
         let credentials = self.judged(peer, token, fetched)?;
         self.cache.prove(&pod.uid, token.digest, token.expires, now);
+        let entry = self.cache.put(&pod.uid, own, credentials).await;
+        // After the wait for the slot (behind another request's fetch): answered only as the
+        // decision stands now.
         still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;
         self.metrics.cache_misses.inc();
-        let entry = self.cache.put(&pod.uid, &own.arn, credentials).await;
         Ok(entry.container_document.clone())
     }
 

@@ -165,6 +165,11 @@ pub enum AgentRefusal {
     /// The servers answered for another pod than the table's at this address.
     #[error("the pod at this address changed; retry")]
     PodChanged,
+    /// The servers answered with credentials of another STS session of the pod's role than
+    /// the table's (its session name, external ID or tags changed, and a replica has not seen
+    /// it yet, or this node has not).
+    #[error("the pod's role session changed; retry")]
+    SessionChanged,
 }
 
 impl AgentRefusal {
@@ -173,7 +178,8 @@ impl AgentRefusal {
         match self {
             AgentRefusal::UnknownPod(_)
             | AgentRefusal::ElsewherePod(_)
-            | AgentRefusal::PodChanged => Reason::UnknownPod,
+            | AgentRefusal::PodChanged
+            | AgentRefusal::SessionChanged => Reason::UnknownPod,
             AgentRefusal::WrongRole { .. } => Reason::WrongRole,
         }
     }
@@ -217,6 +223,8 @@ impl Refused {
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
+            // A moment's difference between views: nothing is refused for good.
+            Refused::ByAgent(AgentRefusal::SessionChanged) => StatusCode::SERVICE_UNAVAILABLE,
             Refused::ByAgent(refusal) => reason_status(refusal.reason()),
             Refused::ServersUnavailable(_)
             | Refused::TokenForUnknown(_)
@@ -604,7 +612,7 @@ impl MetadataService {
                 })))
             }
             Route::Credentials(_, document) => {
-                let entry = self.cache.fresh(&decision.pod.uid, &own.arn, now)?;
+                let entry = self.cache.fresh(&decision.pod.uid, own, now)?;
                 self.metrics.cache_hits.inc();
                 Some(Ok(text(StatusCode::OK, entry.imds_document(*document))))
             }
@@ -852,14 +860,10 @@ impl MetadataService {
                     .servers
                     .credentials(peer, &own.name, "", own.credential_key)
                     .await?;
-                // The server decided on what it sees now; cache only if it is the same pod.
-                if issued.pod_uid != pod.uid {
-                    return Err(Refused::ByAgent(AgentRefusal::PodChanged));
-                }
-                Ok(issued.credentials)
+                kept_for(issued, pod, own)
             })
         };
-        let (entry, source) = match self.cache.get(&pod.uid, &own.arn, now, fetch).await {
+        let (entry, source) = match self.cache.get(&pod.uid, own, now, fetch).await {
             Ok(found) => found,
             Err(refused) => return Err(self.as_views_stand(peer, pod, own, refused)),
         };
@@ -885,7 +889,7 @@ impl MetadataService {
     fn as_views_stand(&self, peer: IpAddr, pod: &PodId, own: &Role, refused: Refused) -> Refused {
         let not_found = match &refused {
             Refused::ByServers(refusal) => reason_status(refusal.reason) == StatusCode::NOT_FOUND,
-            Refused::ByAgent(AgentRefusal::PodChanged) => true,
+            Refused::ByAgent(AgentRefusal::PodChanged | AgentRefusal::SessionChanged) => true,
             _ => false,
         };
         if !not_found || !self.lists_role(peer, pod, own) {
@@ -913,6 +917,27 @@ impl MetadataService {
             Known::Nobody | Known::Unsynced => false,
         }
     }
+}
+
+/// The credentials of `issued`, a server's answer for the pod `pod` with role `own` as this
+/// node's table had it, if they are for that pod and of that role's session: the server
+/// decided on what it saw, which may differ for a moment (an address given to another pod,
+/// a session annotation changed), and what is cached is served for half an hour.
+pub(crate) fn kept_for(
+    issued: crate::servers::Issued,
+    pod: &PodId,
+    own: &Role,
+) -> Result<podiam_proto::v1::Credentials, Refused> {
+    if issued.pod_uid != pod.uid {
+        return Err(Refused::ByAgent(AgentRefusal::PodChanged));
+    }
+    if issued.credential_key != 0
+        && own.credential_key != 0
+        && issued.credential_key != own.credential_key
+    {
+        return Err(Refused::ByAgent(AgentRefusal::SessionChanged));
+    }
+    Ok(issued.credentials)
 }
 
 /// Whether credentials of `own`, pod `pod`'s role before a wait, may still be answered with,
@@ -1258,6 +1283,11 @@ mod tests {
                 404,
                 "unknown-pod",
             ),
+            (
+                Refused::ByAgent(AgentRefusal::SessionChanged),
+                503,
+                "session changed; retry",
+            ),
             (wrong_role(), 404, "wrong-role"),
         ];
         for (failure, status, words) in cases {
@@ -1306,5 +1336,43 @@ mod tests {
             body.contains("podiam: wrong-role: pod ns/web has role app, not admin"),
             "{body}"
         );
+    }
+
+    /// A server's answer is kept for the table's pod and session only: another pod at the
+    /// address, or another session of the role (a replica behind a session annotation's
+    /// change), is not cached for the pod; a server or table that does not name the session
+    /// (0) is taken at its word.
+    #[test]
+    fn answers_are_kept_for_the_tables_pod_and_session_only() {
+        let pod = PodId {
+            namespace: "ns".into(),
+            name: "web".into(),
+            uid: "uid-1".into(),
+        };
+        let own = Role {
+            name: "app".into(),
+            arn: "arn:aws:iam::123456789012:role/app".into(),
+            credential_key: 7,
+        };
+        let answer = |uid: &str, credential_key: u64| crate::servers::Issued {
+            pod_uid: uid.into(),
+            credentials: podiam_proto::v1::Credentials::default(),
+            credential_key,
+        };
+        assert!(kept_for(answer("uid-1", 7), &pod, &own).is_ok());
+        assert!(kept_for(answer("uid-1", 0), &pod, &own).is_ok());
+        let unknown = Role {
+            credential_key: 0,
+            ..own.clone()
+        };
+        assert!(kept_for(answer("uid-1", 8), &pod, &unknown).is_ok());
+        assert!(matches!(
+            kept_for(answer("uid-1", 8), &pod, &own),
+            Err(Refused::ByAgent(AgentRefusal::SessionChanged))
+        ));
+        assert!(matches!(
+            kept_for(answer("uid-2", 7), &pod, &own),
+            Err(Refused::ByAgent(AgentRefusal::PodChanged))
+        ));
     }
 }

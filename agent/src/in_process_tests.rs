@@ -268,6 +268,7 @@ impl Podiam for Fake {
                 role_arn: state.role_arn,
                 valid_for_ms: 0,
             }),
+            credential_key: state.credential_key,
         }))
     }
 

@@ -43,6 +43,8 @@ pub struct Issued {
     /// The UID of the pod the servers found at the address.
     pub pod_uid: String,
     pub credentials: Credentials,
+    /// The STS session they are of (0: a server that did not say).
+    pub credential_key: u64,
 }
 
 impl std::fmt::Debug for Issued {
@@ -166,6 +168,7 @@ impl Servers {
         Ok(Issued {
             pod_uid: answer.pod.map(|p| p.uid).unwrap_or_default(),
             credentials,
+            credential_key: answer.credential_key,
         })
     }
 

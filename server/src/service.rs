@@ -743,6 +743,7 @@ impl PodiamService {
         let valid_for_ms = issued.valid_for_ms(self.cache.now_ms());
         Ok(GetCredentialsResponse {
             pod: Some(pod_ref(&pod)),
+            credential_key: key.digest(),
             credentials: Some(Credentials {
                 access_key_id: issued.access_key_id,
                 secret_access_key: issued.secret_access_key,
