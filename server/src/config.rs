@@ -68,7 +68,7 @@ pub struct Config {
     /// moto in tests). It must be reachable when the server starts.
     #[arg(long, env = "PODIAM_STS_ENDPOINT")]
     pub sts_endpoint: Option<String>,
-    /// Time limit of one STS call attempt (connect and answer); a call makes up to three.
+    /// Time limit of one STS call attempt (connect and answer); a pod's call makes up to three.
     #[arg(long, env = "PODIAM_STS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub sts_timeout: Duration,
     /// Length of the role sessions requested from STS.

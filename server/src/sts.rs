@@ -741,10 +741,13 @@ impl CredentialCache {
         let mut due: Vec<(CacheKey, Slot, Priority)> = {
             let now = self.clock.now_ms();
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            // Keep what a request is using, and failure memory until it runs out: dropping it
-            // would let the next request call STS at once.
+            // Keep what a request is using (holding the slot, locked or about to lock it:
+            // dropped, its call's outcome would be lost to the next request), and failure
+            // memory until it runs out: dropping it would let the next request call STS at
+            // once.
             slots.retain(|key, slot| {
                 needed.contains(key)
+                    || Arc::strong_count(slot) > 1
                     || slot
                         .entry
                         .try_lock()
@@ -858,7 +861,10 @@ struct Claim {
 
 /// One call: up to `policy.attempts` attempts while STS is unavailable, each once the budget
 /// lets it start, a short jittered pause between them. Failed attempts before the last are
-/// counted here; the call's outcome is counted by the caller.
+/// counted here; the call's outcome is counted by the caller. Upkeep's calls (prefetches,
+/// refreshes) make one attempt: the key's lock is held for the whole call, and a pod's
+/// request for the key must not wait behind an upkeep attempt queued for the budget after
+/// every pod's (the next upkeep pass after the backoff tries again).
 async fn attempts(
     sts: &dyn AssumeRole,
     budget: &Budget,
@@ -868,6 +874,10 @@ async fn attempts(
     mut acquired: bool,
     policy: &CachePolicy,
 ) -> Result<Issued, StsError> {
+    let most = match claim.priority {
+        Priority::Request => policy.attempts,
+        Priority::Refresh | Priority::Prefetch => 1,
+    };
     let mut attempt = 1;
     loop {
         if !acquired {
@@ -875,7 +885,7 @@ async fn attempts(
         }
         acquired = false;
         match sts.assume_role(request.clone()).await {
-            Err(StsError::Unavailable(why)) if attempt < policy.attempts => {
+            Err(StsError::Unavailable(why)) if attempt < most => {
                 calls.unavailable.inc();
                 tracing::debug!(attempt, %why, "STS unavailable; trying again");
                 let pause = RETRY_PAUSE.saturating_mul(1 << (attempt - 1).min(4));
@@ -1275,6 +1285,38 @@ mod tests {
         );
         assert_eq!(r.cache.calls.unavailable.get(), 3);
         assert_eq!(r.cache.calls.budget.waits[0].get(), 1);
+    }
+
+    /// A prefetch that finds STS unavailable makes one attempt and lets go of the key: a pod
+    /// asking for it meanwhile is answered at once, not after the prefetch's further attempts
+    /// have each waited for the budget behind every pod's call.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_prefetch_does_not_hold_the_key_for_further_attempts() {
+        let policy = CachePolicy {
+            sts_rate: 1,
+            attempts: 3,
+            ..CachePolicy::new(HOUR, HALF)
+        };
+        let r = rig_with(HOUR, true, policy);
+        r.sts.unreachable.store(true, Ordering::SeqCst);
+        let needed: HashSet<CacheKey> = [key("a")].into();
+        let upkeep = {
+            let cache = Arc::clone(&r.cache);
+            tokio::spawn(async move { cache.maintain(&needed, &|_| true).await })
+        };
+        while r.calls() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let began = tokio::time::Instant::now();
+        let error = r.cache.get(key("a"), "ns").await.expect_err("STS is down");
+        assert!(matches!(error, StsError::Unavailable(_)), "{error:?}");
+        assert!(
+            began.elapsed() < IN_FLIGHT_PATIENCE + Duration::from_millis(1),
+            "the pod waited {:?}",
+            began.elapsed()
+        );
+        upkeep.await.expect("upkeep ends");
+        assert_eq!(r.calls(), 1, "one attempt for the prefetch");
     }
 
     #[tokio::test]
