@@ -185,7 +185,10 @@ async fn sdks_get_the_pods_role_with_its_token() {
     assert_eq!(counted("credentials", 200), 0, "{metrics}");
 
     // The document itself: the EKS Pod Identity Agent's keys, JSON, UTC times ending in Z.
-    let reply = fetch(&world, "web", Some(&pod_token(&world, "web"))).await;
+    // A new token, proven first (its first use may meet a busy machine's deadline).
+    let token = pod_token(&world, "web");
+    served(&world, "web", &token).await;
+    let reply = fetch(&world, "web", Some(&token)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let content_type = reply
         .headers
@@ -217,7 +220,6 @@ async fn sdks_get_the_pods_role_with_its_token() {
     );
 
     // Anything but GET or HEAD of the one path is not served.
-    let token = pod_token(&world, "web");
     let auth = [("Authorization", token.as_str())];
     let head = world
         .container_request("web", "HEAD", "/v1/credentials", &auth)

@@ -107,6 +107,30 @@ fn sessions(calls: &[StsCall]) -> BTreeMap<String, usize> {
     by_session
 }
 
+/// Each of `replicas`' count of successful STS calls, once their sum is the proxy's count of
+/// successful AssumeRole calls: the proxy records a call before its answer reaches the
+/// replica, which counts it after (within 30 s; what they are then, if not).
+async fn ok_calls_counted(world: &World, replicas: &[usize]) -> Vec<u64> {
+    let counts = || async {
+        futures::future::join_all(replicas.iter().map(|&i| async move {
+            gauge(world, i, r#"podiam_server_sts_calls_total{result="ok"}"#).await
+        }))
+        .await
+    };
+    let proxy_ok = || {
+        sessions(&world.sts_proxy().assume_role_calls())
+            .values()
+            .sum::<usize>()
+    };
+    let _ = wait_until(
+        Duration::from_secs(30),
+        "replicas to count their calls",
+        || async { counts().await.iter().sum::<u64>() as usize == proxy_ok() },
+    )
+    .await;
+    counts().await
+}
+
 async fn proxy_ok_calls_reach(world: &World, n: usize, what: &str) {
     let proxy = world.sts_proxy();
     wait_until(Duration::from_secs(60), what, || async {
@@ -176,12 +200,8 @@ async fn three_replicas_make_one_assume_role_for_two_hundred_pods_sharing_a_role
         &world.agent_metrics().await.expect("agent metrics"),
         "podiam_agent_server_failovers_total",
     ) as usize;
+    let per_replica = ok_calls_counted(&world, &[0, 1, 2]).await;
     let calls = world.sts_proxy().assume_role_calls();
-    let per_replica: Vec<u64> = futures::future::join_all((0..3).map(|i| {
-        let world = &world;
-        async move { gauge(world, i, r#"podiam_server_sts_calls_total{result="ok"}"#).await }
-    }))
-    .await;
     assert!(
         !calls.is_empty() && calls.len() <= 1 + failovers,
         "{} calls, {failovers} failovers, per replica {per_replica:?}: {calls:#?}\nagent log:\n{}",
@@ -231,7 +251,7 @@ async fn a_killed_replica_hands_over_its_keys_with_one_call_each_and_no_other() 
         })
         .cloned()
         .collect();
-    let killed_fetched = gauge(&world, 2, r#"podiam_server_sts_calls_total{result="ok"}"#).await;
+    let killed_fetched = ok_calls_counted(&world, &[0, 1, 2]).await[2];
     assert_eq!(killed_fetched as usize, owned_by_2.len(), "{owned_by_2:?}");
     assert!(!owned_by_2.is_empty(), "replica 2 owned no key of {PODS}");
 

@@ -1212,7 +1212,7 @@ struct HookLog {
 /// A tiny HTTPS admission webhook, its certificate for `localhost`, `127.0.0.1` and
 /// `hook.ns.svc`. Paths: `/label` adds the label `podiam.test/labelled: "true"`; `/mutate`
 /// adds the env var `INJECTED=yes` to the first container and the volume `injected`;
-/// `/deny` denies with 403; `/slow` holds its answer until the caller goes or 5 s pass.
+/// `/deny` denies with 403; `/slow` holds its answer until the caller goes or 20 s pass.
 struct TestWebhook {
     addr: SocketAddr,
     /// `caBundle`: base64 of the CA's PEM.
@@ -1321,7 +1321,7 @@ async fn answer_review(
             "code": 403, "reason": "Forbidden", "message": "pods in team-a need an owner"}}),
         "/slow" => {
             let mut holding = Holding(Arc::clone(&log), false);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
             holding.1 = true;
             json!({"uid": uid, "allowed": true})
         }
@@ -1670,15 +1670,15 @@ async fn webhooks_slower_than_their_timeout_fail() {
         &[pod_webhook(
             "slow.podiam.test",
             slow,
-            // Time for a handshake and the review on a busy machine; the hook takes 5 s.
-            json!({"timeoutSeconds": 3}),
+            // Time for a handshake and the review on a busy machine; the hook takes 20 s.
+            json!({"timeoutSeconds": 8}),
         )],
     )
     .await;
     creation_fails(&fx, "late", "slow.podiam.test", "context deadline exceeded").await;
     assert_eq!(hook.reviews().len(), 1);
     assert!(hook.reviews()[0].1["request"]["uid"].is_string());
-    // The emulator hung up: the webhook sees its caller go long before its 5 s are up.
+    // The emulator hung up: the webhook sees its caller go long before its 20 s are up.
     wait_until(
         DEADLINE,
         "the slow webhook to see its caller go",
