@@ -198,6 +198,13 @@ pub struct Config {
     /// second in a region, shared with everything else in it. 0: no limit.
     #[arg(long, env = "PODIAM_STS_RATE", default_value_t = 50)]
     pub sts_rate: usize,
+    /// At most this many calls a second from one node's agent to this replica, after a burst
+    /// of five seconds' worth (GetCredentials, GetPodRole, NodeReady); past it a call is shed
+    /// (RESOURCE_EXHAUSTED) and the agent asks another replica. An agent asks only on its
+    /// cache's misses, far under this; it bounds what root on one node can take of the
+    /// replicas from the other nodes' agents. 0: no limit.
+    #[arg(long, env = "PODIAM_AGENT_CALL_RATE", default_value_t = 2000)]
+    pub agent_call_rate: u32,
     /// This replica's name: its pod's (the Deployment sets POD_NAME from metadata.name).
     /// With --replica-namespace, each credential key is prefetched and refreshed by one
     /// ready replica only, its owner; unset, this replica upkeeps every key.
@@ -237,6 +244,8 @@ const STS_ATTEMPTS: u32 = 3;
 pub struct ValidConfig {
     /// Where the gRPC service listens (bound by `main`).
     pub listen: SocketAddr,
+    /// Calls a second from one node's agent (`--agent-call-rate`; 0: no limit).
+    pub agent_call_rate: u32,
     /// Where /live, /ready and /metrics are served (bound by `main`).
     pub health_listen: SocketAddr,
     /// Where `main` writes the bound addresses once both are bound.
@@ -401,6 +410,7 @@ impl Config {
     fn into_valid(self, account: AgentAccount, sessions: SessionNaming) -> ValidConfig {
         ValidConfig {
             listen: self.listen,
+            agent_call_rate: self.agent_call_rate,
             health_listen: self.health_listen,
             listen_address_file: self.listen_address_file,
             webhook: self.webhook_listen.map(|listen| WebhookConfig {

@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::buckets::{Bucket, KeyedBuckets};
 use crate::sts::{Clock, SystemClock};
 
 /// Something to tell about a pod.
@@ -112,31 +113,7 @@ pub struct Throttle {
     told: HashMap<String, (Reason, i64)>,
     /// The bucket over all pods, and one per namespace.
     all: Bucket,
-    namespaces: HashMap<String, Bucket>,
-}
-
-/// A token bucket: tokens, and when they were last refilled (ms).
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    refilled_ms: i64,
-}
-
-impl Bucket {
-    fn full(burst: u32) -> Bucket {
-        Bucket {
-            tokens: f64::from(burst),
-            refilled_ms: 0,
-        }
-    }
-
-    /// Refilled at `per_second` up to `burst` by `now_ms`: whether a token is there.
-    fn refill(&mut self, now_ms: i64, burst: u32, per_second: f64) -> bool {
-        let elapsed_s = (now_ms - self.refilled_ms).max(0) as f64 / 1000.0;
-        self.tokens = (self.tokens + elapsed_s * per_second).min(f64::from(burst));
-        self.refilled_ms = now_ms;
-        self.tokens >= 1.0
-    }
+    namespaces: KeyedBuckets,
 }
 
 /// Namespaces whose buckets are kept; beyond, those that are full again are forgotten.
@@ -146,9 +123,13 @@ impl Throttle {
     pub fn new(limits: EventLimits) -> Throttle {
         Throttle {
             all: Bucket::full(limits.burst),
+            namespaces: KeyedBuckets::new(
+                limits.namespace_burst,
+                limits.namespace_per_second,
+                NAMESPACE_BUCKETS,
+            ),
             limits,
             told: HashMap::new(),
-            namespaces: HashMap::new(),
         }
     }
 
@@ -160,28 +141,15 @@ impl Throttle {
         {
             return Admission::AlreadyTold;
         }
-        let limits = &self.limits;
-        if self.namespaces.len() >= NAMESPACE_BUCKETS && !self.namespaces.contains_key(namespace) {
-            self.namespaces.retain(|_, bucket| {
-                bucket.refill(now_ms, limits.namespace_burst, limits.namespace_per_second);
-                bucket.tokens < f64::from(limits.namespace_burst)
-            });
-        }
-        let mut own = self
-            .namespaces
-            .get(namespace)
-            .copied()
-            .unwrap_or_else(|| Bucket::full(limits.namespace_burst));
-        let own_has = own.refill(now_ms, limits.namespace_burst, limits.namespace_per_second);
-        let all_has = self.all.refill(now_ms, limits.burst, limits.per_second);
+        let own_has = self.namespaces.has(now_ms, namespace);
+        let all_has = self
+            .all
+            .refill(now_ms, self.limits.burst, self.limits.per_second);
         if !own_has || !all_has {
             return Admission::RateLimited;
         }
-        own.tokens -= 1.0;
+        self.namespaces.take(namespace);
         self.all.tokens -= 1.0;
-        if self.namespaces.len() < NAMESPACE_BUCKETS || self.namespaces.contains_key(namespace) {
-            self.namespaces.insert(namespace.to_string(), own);
-        }
         self.told.insert(uid.to_string(), (reason, now_ms));
         Admission::Tell
     }

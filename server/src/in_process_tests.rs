@@ -1210,6 +1210,55 @@ async fn proven_agents_calls_are_read_in_their_nodes_places_not_anyones() {
     shutdown.cancel();
 }
 
+/// Whoever holds one node's agent certificate and token, calling in a loop, has its node's
+/// share of the replica and no more: its calls past the burst (and the rate since) are shed
+/// without a reason, so that an honest agent asks another replica; another node's agent is
+/// answered meanwhile; the share comes back with time.
+#[tokio::test(start_paused = true)]
+async fn one_nodes_agent_calling_in_a_loop_has_its_nodes_share_only() {
+    use crate::service::NODE_CALL_BURST_SECONDS;
+    const NODE_CALLS_PER_SECOND: f64 = 100.0;
+    const NODE_CALL_BURST: u32 = 100 * NODE_CALL_BURST_SECONDS;
+    let mut rig = Rig::new(&["--node-binding=enforce", "--agent-call-rate=100"]);
+    rig.add_pod("web", WEB_IP, "app-reader");
+    rig.add_agent_pod(NODE);
+    rig.add_agent_pod("node-2");
+    let shutdown = CancellationToken::new();
+    let _serving = rig.serve(&shutdown);
+    let channel = rig.channel().await.expect("connects");
+    let began = Instant::now();
+    // What may have been answered by the time `at`: the burst and the rate since.
+    let share = |at: Instant| {
+        NODE_CALL_BURST as usize
+            + (at.duration_since(began).as_secs_f64() * NODE_CALLS_PER_SECOND) as usize
+            + 1
+    };
+    let mut answered = 0;
+    let shed = loop {
+        match asking_as(channel.clone(), NODE).await {
+            Ok(_) => answered += 1,
+            Err(status) => break status,
+        }
+        assert!(answered <= share(Instant::now()), "{answered} answered");
+    };
+    assert!(answered >= NODE_CALL_BURST as usize, "{answered} answered");
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert_eq!(Reason::of(&shed), None, "shed, not refused: {shed:?}");
+    // node-2's agent is read and answered (refused, as ever, for another node's pod).
+    let other = asking_as(channel.clone(), "node-2")
+        .await
+        .expect_err("another node's pod");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    // A second later node-1's agent has its rate again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..NODE_CALLS_PER_SECOND as usize {
+        asking_as(channel.clone(), NODE)
+            .await
+            .expect("answered again");
+    }
+    shutdown.cancel();
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_whose_requests_never_end_are_bounded_per_address_and_end_after_5_s() {
     use podiam_runtime::reading::{MAX_READING_PER_ADDRESS, READ_TIMEOUT};

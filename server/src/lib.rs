@@ -21,6 +21,7 @@
 //! ([`Server::assemble`], [`Backends`]) and serve it on an in-memory network.
 
 pub mod admission;
+pub mod buckets;
 pub mod budget;
 pub mod config;
 pub mod events;
@@ -230,13 +231,11 @@ impl Server {
             }
             None => (Events::disabled(), None),
         };
-        let agents = {
-            let (cluster, account) = (Arc::clone(&cluster), config.binding.account.clone());
-            move |ip| (cluster.pods()).host_pod_at(ip, &account.namespace, &account.name)
-        };
-        let identities = Arc::new(
-            Identities::new(backends.reviewer, metrics.identity.clone())
-                .with_agent_addresses(Arc::new(agents)),
+        let identities = identities(
+            &cluster,
+            &config.binding,
+            backends.reviewer,
+            metrics.identity.clone(),
         );
         log_binding(&config.binding);
         let draining = CancellationToken::new();
@@ -252,6 +251,7 @@ impl Server {
             identities,
         )
         .with_lifecycle(draining.clone(), metrics.node_streams.clone())
+        .with_node_call_limit(config.agent_call_rate, metrics.agent_calls_limited.clone())
         .with_node_readiness(nodes::NodeReadiness::new(
             config.agent_not_ready_taint,
             node_taints,
@@ -443,6 +443,21 @@ impl Server {
             ))
         }
     }
+}
+
+/// Token reviews, which know running agents' addresses from `cluster` (the pods of
+/// `binding`'s agent account on the host network).
+fn identities(
+    cluster: &Arc<Cluster>,
+    binding: &service::Binding,
+    reviewer: Arc<dyn Reviewer>,
+    counters: identity::IdentityCounters,
+) -> Arc<Identities> {
+    let agents = {
+        let (cluster, account) = (Arc::clone(cluster), binding.account.clone());
+        move |ip| (cluster.pods()).host_pod_at(ip, &account.namespace, &account.name)
+    };
+    Arc::new(Identities::new(reviewer, counters).with_agent_addresses(Arc::new(agents)))
 }
 
 /// Says at start how node binding treats agents.

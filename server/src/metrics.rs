@@ -58,6 +58,8 @@ pub struct Metrics {
     pub tls_refused: Counter,
     /// gRPC calls refused because too many calls' requests were still arriving.
     pub calls_shed: Counter,
+    /// Agents' calls shed for being over their node's share of the replica.
+    pub agent_calls_limited: Counter,
     /// When the server's certificate in use expires (Unix seconds).
     pub tls_expiry: Gauge,
     /// 1 while the view of the cluster is stale (set at each scrape).
@@ -127,6 +129,7 @@ impl Metrics {
             relists: Family::default(),
             tls_refused: Counter::default(),
             calls_shed: Counter::default(),
+            agent_calls_limited: Counter::default(),
             tls_expiry: Gauge::default(),
             view_stale: Gauge::default(),
             identity: IdentityCounters::new(),
@@ -194,6 +197,12 @@ impl Metrics {
              were still arriving: 256 of a proven agent's node or 1024 of all proven agents; \
              256 from one address or 1024 in all of anyone else",
             self.calls_shed.clone(),
+        );
+        registry.register(
+            "agent_calls_limited",
+            "Proven agents' calls refused (RESOURCE_EXHAUSTED) for being over their node's share \
+             of this replica (--agent-call-rate a second, after a burst of five seconds' worth)",
+            self.agent_calls_limited.clone(),
         );
         registry.register(
             "tls_certificate_expiry_timestamp_seconds",

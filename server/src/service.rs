@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::buckets::KeyedBuckets;
 use crate::events::{Events, Notice};
 use crate::identity::{Access, Asker, Identities, Review, bearer};
 use crate::session::SessionNaming;
@@ -278,7 +279,22 @@ pub struct PodiamService {
     streams_logged: Arc<LogThrottle<(&'static str, String)>>,
     /// This replica's name in the replica set (Health tells agents), if it has one.
     replica: Option<Arc<str>>,
+    /// Calls per proven agent's node ([`NODE_CALL_BURST_SECONDS`]; none: no limit), and
+    /// those refused for it.
+    node_calls: Option<Arc<Mutex<KeyedBuckets>>>,
+    node_calls_limited: Counter,
 }
+
+/// The calls one node's agent may make to a replica at once are this many seconds' worth of
+/// its rate (`--agent-call-rate`, calls a second; GetCredentials, GetPodRole, NodeReady): an
+/// agent asks only on its cache's misses, a node's pods' first requests and refreshes, far
+/// under this even when every pod of a full node starts at once; the holder of one node's
+/// certificate and token, which already opens that node's pods' roles, cannot take every
+/// replica's time from the other nodes' agents. Over it, calls are shed
+/// (`ResourceExhausted` without a reason: the agent asks another replica, then answers 503).
+pub const NODE_CALL_BURST_SECONDS: u32 = 5;
+/// Nodes whose call buckets are kept (a cluster has at most 5000 nodes).
+const NODE_CALL_BUCKETS: usize = 16_384;
 
 /// Longest pod token accepted: projected tokens are about 1 KiB; this bounds what one call
 /// can make the server hash and send to the API.
@@ -461,7 +477,23 @@ impl PodiamService {
             streams_logged: Arc::new(LogThrottle::new(REFUSALS_LOGGED_EVERY)),
             readiness: crate::nodes::NodeReadiness::new(None, None, Counter::default()),
             replica: None,
+            node_calls: None,
+            node_calls_limited: Counter::default(),
         }
+    }
+
+    /// Limits each node's agent to `per_second` calls a second to this replica (0: no
+    /// limit), counting the calls shed in `limited`.
+    pub fn with_node_call_limit(mut self, per_second: u32, limited: Counter) -> Self {
+        self.node_calls = (per_second > 0).then(|| {
+            Arc::new(Mutex::new(KeyedBuckets::new(
+                per_second.saturating_mul(NODE_CALL_BURST_SECONDS),
+                f64::from(per_second),
+                NODE_CALL_BUCKETS,
+            )))
+        });
+        self.node_calls_limited = limited;
+        self
     }
 
     /// Names the replica in Health answers: agents send each pod's calls first to the
@@ -524,7 +556,10 @@ impl PodiamService {
             Err(BindingFailure::NoCertificate)
         };
         match proven {
-            Ok(agent) => Ok(Caller::Agent(agent)),
+            Ok(agent) => {
+                self.within_node_rate(&agent.node, call)?;
+                Ok(Caller::Agent(agent))
+            }
             Err(failure) => {
                 self.identities.counters().refused(failure.label());
                 let no_certificate = matches!(failure, BindingFailure::NoCertificate);
@@ -633,6 +668,34 @@ impl PodiamService {
     /// Whether a refused agent call, for `reason` from `whom`, is to be logged: the first of
     /// each in a minute is (`Some`: lines not logged in the minute before), the rest only
     /// counted (`podiam_server_agent_calls_refused_total`).
+    /// Refuses a call of `node`'s agent over the node's share of this replica
+    /// (`--agent-call-rate`): counted, logged once a minute per node.
+    fn within_node_rate(&self, node: &str, call: &'static str) -> Result<(), Status> {
+        let Some(node_calls) = &self.node_calls else {
+            return Ok(());
+        };
+        let now = self.cache.now_ms();
+        let admitted = node_calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(now, node);
+        if admitted {
+            return Ok(());
+        }
+        self.node_calls_limited.inc();
+        if let Some(held_back) = self.log_refusal("node-rate", node.to_string()) {
+            tracing::warn!(
+                call,
+                node,
+                held_back,
+                "an agent's calls over its node's share of this replica; shed"
+            );
+        }
+        Err(Status::resource_exhausted(
+            "this node's agent is over its share of this replica's calls; ask another",
+        ))
+    }
+
     fn log_refusal(&self, reason: &'static str, whom: String) -> Option<u64> {
         self.refusals_logged
             .admit((reason, whom), std::time::Instant::now())
