@@ -1,7 +1,8 @@
 //! Each pod's credentials, kept on the node so that a hit needs no call to the server.
 //!
-//! Keyed by (pod UID, role ARN): a pod never receives another pod's entry, and a new pod on
-//! a reused IP starts empty. Entries are served while they have at least `min_remaining`
+//! Keyed by (pod UID, role ARN), an entry of one STS session of the role (the decision's
+//! `credential_key`: a session annotation changed makes another): a pod never receives
+//! another pod's entry, nor another session's, and a new pod on a reused IP starts empty. Entries are served while they have at least `min_remaining`
 //! left — the same floor the server serves with — so the agent asks again exactly when the
 //! server would refresh. Misses on one key collapse into one server call. The pod table
 //! drops a pod's entries ([`CredentialCache::forget`]) the moment its decision changes.
@@ -210,6 +211,34 @@ impl Slot {
     }
 }
 
+/// What a fetch brings: credentials, and whether they are kept for the key asked (not when
+/// the servers answered for another session of the role than the pod's decision names: a
+/// replica's view behind a session annotation's change, or replicas naming sessions
+/// differently while a rollout changes how; answered once, asked again next time).
+pub struct Fetched {
+    pub credentials: Credentials,
+    pub keep: bool,
+}
+
+impl From<Credentials> for Fetched {
+    fn from(credentials: Credentials) -> Fetched {
+        Fetched {
+            credentials,
+            keep: true,
+        }
+    }
+}
+
+impl std::fmt::Debug for Fetched {
+    /// The credentials' own `Debug` redacts their secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("credentials", &self.credentials)
+            .field("keep", &self.keep)
+            .finish()
+    }
+}
+
 /// Which of a pod's credentials: its role's ARN and the STS session they are of (the
 /// decision's `credential_key`; 0: unknown). A pod has one session per role at a time; its
 /// annotations changing the session (its name, external ID, tags) make credentials of the
@@ -295,7 +324,7 @@ impl CredentialCache {
     /// `now`, else the result of the future `fetch` makes (stored when it succeeds; held
     /// when STS refused it, see [`Held`]); the future is only made on a miss with no refusal
     /// held.
-    pub async fn get<'a, E, F>(
+    pub async fn get<'a, C, E, F>(
         &self,
         uid: &str,
         role: impl Into<RoleKey<'a>>,
@@ -303,8 +332,9 @@ impl CredentialCache {
         fetch: impl FnOnce() -> F,
     ) -> Result<(Arc<Entry>, Source), E>
     where
+        C: Into<Fetched>,
         E: Held,
-        F: Future<Output = Result<Credentials, E>>,
+        F: Future<Output = Result<C, E>>,
     {
         let slot = self.slot(uid, role.into());
         let min_remaining = self.min_remaining.as_secs() as i64;
@@ -320,9 +350,12 @@ impl CredentialCache {
             return Err(E::from(refusal));
         }
         match fetch().await {
-            Ok(credentials) => {
+            Ok(fetched) => {
+                let Fetched { credentials, keep } = fetched.into();
                 let fetched = Arc::new(Entry::new(credentials));
-                slot.set(Arc::clone(&fetched));
+                if keep {
+                    slot.set(Arc::clone(&fetched));
+                }
                 Ok((fetched, Source::Server))
             }
             Err(error) => {
@@ -429,12 +462,37 @@ impl CredentialCache {
         role: impl Into<RoleKey<'a>>,
         credentials: Credentials,
     ) -> Arc<Entry> {
-        let slot = self.slot(uid, role.into());
+        let put = self.put_if(uid, role, credentials, || {
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match put.await {
+            Ok(entry) => entry,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`CredentialCache::put`], if `still` says they may still be answered once any fill
+    /// under way is done (a decision may change meanwhile); what `fetched` says is not kept
+    /// is answered, and not stored.
+    pub async fn put_if<'a, E>(
+        &self,
+        uid: &str,
+        role: impl Into<RoleKey<'a>>,
+        fetched: impl Into<Fetched>,
+        still: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Arc<Entry>, E> {
+        let Fetched { credentials, keep } = fetched.into();
         let entry = Arc::new(Entry::new(credentials));
+        if !keep {
+            still()?;
+            return Ok(entry);
+        }
+        let slot = self.slot(uid, role.into());
         // After any fill under way, as before: what the servers just gave is the newest.
         let _filling = slot.fill.lock().await;
+        still()?;
         slot.set(Arc::clone(&entry));
-        entry
+        Ok(entry)
     }
 
     /// Whether the servers accepted the token with `digest` for the pod with `uid`, and it
@@ -679,6 +737,36 @@ mod tests {
             1,
             "one slot per role: the old session's is replaced"
         );
+        // An answer not to keep (the servers named another session) is answered, not kept.
+        let other = || async {
+            Ok::<_, Failed>(Fetched {
+                credentials: creds("4", 3600),
+                keep: false,
+            })
+        };
+        let third = RoleKey { session: 3, ..old };
+        assert_eq!(
+            id(cache.get("a", third, 0, other).await),
+            Ok(("4".to_string(), Source::Server))
+        );
+        assert!(cache.fresh("a", third, 0).is_none());
+    }
+
+    /// Credentials put under a condition (the decision standing once the fill under way is
+    /// done) are stored only if it holds then.
+    #[tokio::test]
+    async fn a_put_whose_grant_no_longer_stands_stores_nothing() {
+        let cache = CredentialCache::new(FLOOR);
+        let refused = cache
+            .put_if("a", "r", creds("1", 3600), || Err("revoked meanwhile"))
+            .await;
+        assert_eq!(refused.err(), Some("revoked meanwhile"));
+        assert!(cache.fresh("a", "r", 0).is_none());
+        let stored = cache
+            .put_if("a", "r", creds("2", 3600), || Ok::<(), &str>(()))
+            .await;
+        assert!(stored.is_ok());
+        assert!(cache.fresh("a", "r", 0).is_some());
     }
 
     #[tokio::test]

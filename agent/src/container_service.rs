@@ -135,10 +135,14 @@ impl MetadataService {
             .await;
         let credentials = self.judged(peer, token, fetched)?;
         self.cache.prove(&pod.uid, token.digest, token.expires, now);
-        let entry = self.cache.put(&pod.uid, own, credentials).await;
-        // After the wait for the slot (behind another request's fetch): answered only as the
-        // decision stands now.
-        still_granted(&self.table.known(peer), pod, own, PodDecision::role)?;
+        // Kept, and answered, only as the decision stands once any fill under way for the
+        // key is done (this request may have waited behind it).
+        let entry = self
+            .cache
+            .put_if(&pod.uid, own, credentials, || {
+                still_granted(&self.table.known(peer), pod, own, PodDecision::role)
+            })
+            .await?;
         self.metrics.cache_misses.inc();
         Ok(entry.container_document.clone())
     }

@@ -20,7 +20,7 @@ use http_body_util::Full;
 use podiam_proto::Reason;
 use podiam_runtime::telemetry::{Escaped, LogThrottle};
 
-use crate::cache::{CredentialCache, Held, Source};
+use crate::cache::{CredentialCache, Fetched, Held, Source};
 use crate::decision::{PodDecision, PodId, Refusal, Role, ServerError};
 use crate::imds;
 use crate::metrics::{Metrics, ServerErrorLabels};
@@ -165,11 +165,6 @@ pub enum AgentRefusal {
     /// The servers answered for another pod than the table's at this address.
     #[error("the pod at this address changed; retry")]
     PodChanged,
-    /// The servers answered with credentials of another STS session of the pod's role than
-    /// the table's (its session name, external ID or tags changed, and a replica has not seen
-    /// it yet, or this node has not).
-    #[error("the pod's role session changed; retry")]
-    SessionChanged,
 }
 
 impl AgentRefusal {
@@ -178,8 +173,7 @@ impl AgentRefusal {
         match self {
             AgentRefusal::UnknownPod(_)
             | AgentRefusal::ElsewherePod(_)
-            | AgentRefusal::PodChanged
-            | AgentRefusal::SessionChanged => Reason::UnknownPod,
+            | AgentRefusal::PodChanged => Reason::UnknownPod,
             AgentRefusal::WrongRole { .. } => Reason::WrongRole,
         }
     }
@@ -223,8 +217,6 @@ impl Refused {
             Refused::Deadline => StatusCode::GATEWAY_TIMEOUT,
             Refused::NodeMetadata(_) => StatusCode::BAD_GATEWAY,
             Refused::ByServers(refusal) => reason_status(refusal.reason),
-            // A moment's difference between views: nothing is refused for good.
-            Refused::ByAgent(AgentRefusal::SessionChanged) => StatusCode::SERVICE_UNAVAILABLE,
             Refused::ByAgent(refusal) => reason_status(refusal.reason()),
             Refused::ServersUnavailable(_)
             | Refused::TokenForUnknown(_)
@@ -889,7 +881,7 @@ impl MetadataService {
     fn as_views_stand(&self, peer: IpAddr, pod: &PodId, own: &Role, refused: Refused) -> Refused {
         let not_found = match &refused {
             Refused::ByServers(refusal) => reason_status(refusal.reason) == StatusCode::NOT_FOUND,
-            Refused::ByAgent(AgentRefusal::PodChanged | AgentRefusal::SessionChanged) => true,
+            Refused::ByAgent(AgentRefusal::PodChanged) => true,
             _ => false,
         };
         if !not_found || !self.lists_role(peer, pod, own) {
@@ -920,24 +912,31 @@ impl MetadataService {
 }
 
 /// The credentials of `issued`, a server's answer for the pod `pod` with role `own` as this
-/// node's table had it, if they are for that pod and of that role's session: the server
-/// decided on what it saw, which may differ for a moment (an address given to another pod,
-/// a session annotation changed), and what is cached is served for half an hour.
+/// node's table had it, if they are for that pod; kept in the cache only if they are of the
+/// session of the role the table names. The server decided on what it saw, which may differ
+/// for a moment (an address given to another pod, a session annotation changed, a rollout
+/// changing how replicas name sessions), and what is cached is served for half an hour.
 pub(crate) fn kept_for(
     issued: crate::servers::Issued,
     pod: &PodId,
     own: &Role,
-) -> Result<podiam_proto::v1::Credentials, Refused> {
+) -> Result<Fetched, Refused> {
     if issued.pod_uid != pod.uid {
         return Err(Refused::ByAgent(AgentRefusal::PodChanged));
     }
-    if issued.credential_key != 0
-        && own.credential_key != 0
-        && issued.credential_key != own.credential_key
-    {
-        return Err(Refused::ByAgent(AgentRefusal::SessionChanged));
+    let keep = issued.credential_key == 0
+        || own.credential_key == 0
+        || issued.credential_key == own.credential_key;
+    if !keep {
+        tracing::debug!(
+            pod = %pod,
+            "credentials of another session than this node's view names: answered, not kept"
+        );
     }
-    Ok(issued.credentials)
+    Ok(Fetched {
+        credentials: issued.credentials,
+        keep,
+    })
 }
 
 /// Whether credentials of `own`, pod `pod`'s role before a wait, may still be answered with,
@@ -1283,11 +1282,6 @@ mod tests {
                 404,
                 "unknown-pod",
             ),
-            (
-                Refused::ByAgent(AgentRefusal::SessionChanged),
-                503,
-                "session changed; retry",
-            ),
             (wrong_role(), 404, "wrong-role"),
         ];
         for (failure, status, words) in cases {
@@ -1338,10 +1332,10 @@ mod tests {
         );
     }
 
-    /// A server's answer is kept for the table's pod and session only: another pod at the
-    /// address, or another session of the role (a replica behind a session annotation's
-    /// change), is not cached for the pod; a server or table that does not name the session
-    /// (0) is taken at its word.
+    /// A server's answer is for the table's pod, and kept for the table's session only:
+    /// another pod at the address is refused; another session of the role (a replica behind
+    /// a session annotation's change) is answered and not cached; a server or table that
+    /// does not name the session (0) is taken at its word.
     #[test]
     fn answers_are_kept_for_the_tables_pod_and_session_only() {
         let pod = PodId {
@@ -1359,17 +1353,15 @@ mod tests {
             credentials: podiam_proto::v1::Credentials::default(),
             credential_key,
         };
-        assert!(kept_for(answer("uid-1", 7), &pod, &own).is_ok());
-        assert!(kept_for(answer("uid-1", 0), &pod, &own).is_ok());
+        let kept = |issued, own: &Role| kept_for(issued, &pod, own).map(|fetched| fetched.keep);
+        assert!(matches!(kept(answer("uid-1", 7), &own), Ok(true)));
+        assert!(matches!(kept(answer("uid-1", 0), &own), Ok(true)));
         let unknown = Role {
             credential_key: 0,
             ..own.clone()
         };
-        assert!(kept_for(answer("uid-1", 8), &pod, &unknown).is_ok());
-        assert!(matches!(
-            kept_for(answer("uid-1", 8), &pod, &own),
-            Err(Refused::ByAgent(AgentRefusal::SessionChanged))
-        ));
+        assert!(matches!(kept(answer("uid-1", 8), &unknown), Ok(true)));
+        assert!(matches!(kept(answer("uid-1", 8), &own), Ok(false)));
         assert!(matches!(
             kept_for(answer("uid-2", 7), &pod, &own),
             Err(Refused::ByAgent(AgentRefusal::PodChanged))

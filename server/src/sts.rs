@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use podiam_runtime::clock::now_unix;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::task::TaskTracker;
 
@@ -273,12 +272,16 @@ fn classify(code: String, message: String) -> StsError {
 }
 
 /// Exports the offset between the server's clock and STS's, and says so in the log when it
-/// is first seen or changes by [`CLOCK_OFFSET_IGNORED`] or more: the session ends pods are
-/// told are STS's, which their SDKs read on their nodes' clocks.
+/// is first seen or is [`CLOCK_OFFSET_IGNORED`] or more from the offset last logged (not
+/// again as readings at the threshold come and go): the session ends pods are told are
+/// STS's, which their SDKs read on their nodes' clocks.
 fn note_clock_offset(gauge: &prometheus_client::metrics::gauge::Gauge, offset_ms: i64) {
+    static LAST_LOGGED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     let offset_s = offset_ms / 1000;
-    let before = gauge.set(offset_s);
-    if offset_s != 0 && (offset_s - before).unsigned_abs() >= CLOCK_OFFSET_IGNORED.as_secs() {
+    gauge.set(offset_s);
+    let logged = LAST_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
+    if offset_s != 0 && (offset_s - logged).unsigned_abs() >= CLOCK_OFFSET_IGNORED.as_secs() {
+        LAST_LOGGED.store(offset_s, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             offset_seconds = offset_s,
             "this server's clock is off from STS's (positive: ahead); credentials are judged \
@@ -373,7 +376,7 @@ impl AssumeRole for SdkAssumeRole {
                 secret_access_key: creds.secret_access_key().to_string(),
                 session_token: creds.session_token().to_string(),
                 expiration_unix: creds.expiration().secs(),
-                issued_unix: now_unix(),
+                issued_unix: SystemClock.now_ms() / 1000,
                 clock_offset_ms: reading.offset_ms(),
             })
         })
@@ -385,16 +388,24 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
 }
 
-/// The system's clock.
+/// The system's clock: its wall time when first read, then its monotonic clock. A step of
+/// the wall clock meanwhile (time synchronisation correcting it) moves nothing the cache
+/// judged on it: credentials' expiry, refusals remembered, back-offs. How far STS's clock
+/// is from it is read from each of STS's answers ([`Issued::clock_offset_ms`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default()
+        static ANCHOR: std::sync::OnceLock<(std::time::Instant, i64)> = std::sync::OnceLock::new();
+        let (at, wall_ms) = ANCHOR.get_or_init(|| {
+            let wall_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            (std::time::Instant::now(), wall_ms)
+        });
+        wall_ms.saturating_add(at.elapsed().as_millis() as i64)
     }
 }
 
@@ -758,7 +769,7 @@ impl CredentialCache {
             }
             slots
                 .iter()
-                .filter(|(key, _)| owns(key))
+                .filter(|(key, _)| needed.contains(*key) && owns(key))
                 .filter_map(|(key, slot)| {
                     let priority = match slot.entry.try_lock() {
                         Ok(entry) if entry.current.is_some() => Priority::Refresh,
