@@ -88,18 +88,20 @@ pub struct Entry {
     pub container_document: Bytes,
     /// When the servers gave it.
     fetched: tokio::time::Instant,
-    /// When it expires by this agent's monotonic clock, from the server's `valid_for_ms`
-    /// (none from servers without it: then the node's wall clock reads `expiration_unix`).
-    valid_until: Option<tokio::time::Instant>,
+    /// When it expires on this node's wall clock (ms since the Unix epoch): when it was asked
+    /// for, plus how long the server said it lasts (`valid_for_ms`, on STS's time). None from
+    /// servers without it: then the node's clock reads `expiration_unix`, STS's time.
+    valid_until_ms: Option<i64>,
 }
 
 impl Entry {
-    fn new(credentials: Credentials) -> Entry {
-        let fetched = tokio::time::Instant::now();
-        let valid_until = u64::try_from(credentials.valid_for_ms)
+    /// An entry of `credentials` asked for at `asked` (the node's wall clock, seconds since
+    /// the Unix epoch).
+    fn new(credentials: Credentials, asked: i64) -> Entry {
+        let valid_until_ms = u64::try_from(credentials.valid_for_ms)
             .ok()
             .filter(|&ms| ms > 0 && ms <= LONGEST_SESSION_MS)
-            .and_then(|ms| fetched.checked_add(Duration::from_millis(ms)));
+            .map(|ms| asked.saturating_mul(1000).saturating_add(ms as i64));
         let document = imds::credentials_document(&credentials, Document::Legacy).into();
         let extended_document = imds::credentials_document(&credentials, Document::Extended).into();
         let container_document = crate::container::credentials_json(&credentials).into();
@@ -108,24 +110,19 @@ impl Entry {
             document,
             extended_document,
             container_document,
-            fetched,
-            valid_until,
+            fetched: tokio::time::Instant::now(),
+            valid_until_ms,
         }
     }
 
-    /// Seconds left at `now` (the node's wall clock, seconds since the Unix epoch), counted
-    /// on the monotonic clock when the server said how long they last: a node whose clock is
-    /// off neither asks the servers on every request nor serves credentials past their end.
+    /// Seconds left at `now` (the node's wall clock, seconds since the Unix epoch). Counted
+    /// from when they were asked for, on the node's clock, for as long as the server said:
+    /// a node whose clock is off from STS's neither asks the servers on every request (ahead)
+    /// nor serves credentials past their end (behind), and time the node spent suspended
+    /// counts.
     fn left_secs(&self, now: i64) -> i64 {
-        match self.valid_until {
-            Some(until) => {
-                let now = tokio::time::Instant::now();
-                if until >= now {
-                    (until - now).as_secs() as i64
-                } else {
-                    -((now - until).as_secs() as i64) - 1
-                }
-            }
+        match self.valid_until_ms {
+            Some(until_ms) => (until_ms - now.saturating_mul(1000)).div_euclid(1000),
             None => self.credentials.expiration_unix - now,
         }
     }
@@ -352,7 +349,7 @@ impl CredentialCache {
         match fetch().await {
             Ok(fetched) => {
                 let Fetched { credentials, keep } = fetched.into();
-                let fetched = Arc::new(Entry::new(credentials));
+                let fetched = Arc::new(Entry::new(credentials, now));
                 if keep {
                     slot.set(Arc::clone(&fetched));
                 }
@@ -482,7 +479,7 @@ impl CredentialCache {
         still: impl FnOnce() -> Result<(), E>,
     ) -> Result<Arc<Entry>, E> {
         let Fetched { credentials, keep } = fetched.into();
-        let entry = Arc::new(Entry::new(credentials));
+        let entry = Arc::new(Entry::new(credentials, podiam_runtime::clock::now_unix()));
         if !keep {
             still()?;
             return Ok(entry);
@@ -660,10 +657,11 @@ mod tests {
     }
 
     /// The node's clock an hour ahead of the servers': credentials said to last an hour
-    /// (`valid_for_ms`) are served from the cache for that hour by the monotonic clock, though
-    /// their `Expiration` is already past on the node's; and not a moment past the hour.
+    /// (`valid_for_ms`) are served from the cache for that hour, counted on the node's clock
+    /// from when they were asked for, though their `Expiration` is already past on it; and
+    /// not a moment past the hour.
     #[tokio::test(start_paused = true)]
-    async fn how_long_credentials_last_is_counted_on_the_monotonic_clock() {
+    async fn how_long_credentials_last_is_counted_from_when_they_were_asked_for() {
         let cache = CredentialCache::new(FLOOR);
         let node_now = 10_000;
         let fetch = |id: &'static str| async move {
@@ -688,7 +686,7 @@ mod tests {
         assert_eq!(
             source(cache.get("a", "r", node_now + 1801, || fetch("3")).await),
             Ok(Source::Server),
-            "under the floor by the monotonic clock: fetched again"
+            "under the floor, counted from when they were asked for: fetched again"
         );
         // A server without the field: the node's wall clock decides, as before.
         let cache = CredentialCache::new(FLOOR);
@@ -804,7 +802,7 @@ mod tests {
         // A fetch under way (its slot taken) when the pod is deleted.
         let slot = cache.slot("a", "r".into());
         cache.gone("a");
-        slot.set(Arc::new(Entry::new(creds("1", 3600))));
+        slot.set(Arc::new(Entry::new(creds("1", 3600), 0)));
         assert!(cache.is_empty(), "the slot went with the pod");
         // Whatever comes after is answered but not kept: no entry, no proof.
         assert_eq!(

@@ -200,10 +200,11 @@ pub struct Config {
     pub sts_rate: usize,
     /// At most this many calls a second from one node's agent to this replica, after a burst
     /// of five seconds' worth (GetCredentials, GetPodRole, NodeReady); past it a call is shed
-    /// (RESOURCE_EXHAUSTED) and the agent asks another replica. An agent asks only on its
-    /// cache's misses, far under this; it bounds what root on one node can take of the
-    /// replicas from the other nodes' agents. 0: no limit.
-    #[arg(long, env = "PODIAM_AGENT_CALL_RATE", default_value_t = 2000)]
+    /// (RESOURCE_EXHAUSTED) and the agent asks another replica. It bounds what root on one
+    /// node can take of the replicas from the other nodes' agents. An agent synced with its
+    /// node stream asks only on its cache's misses; one that is not (starting, or its stream
+    /// moving) asks for every request of its pods: set it well above that. 0: no limit.
+    #[arg(long, env = "PODIAM_AGENT_CALL_RATE", default_value_t = 0)]
     pub agent_call_rate: u32,
     /// This replica's name: its pod's (the Deployment sets POD_NAME from metadata.name).
     /// With --replica-namespace, each credential key is prefetched and refreshed by one

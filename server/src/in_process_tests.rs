@@ -1244,6 +1244,30 @@ async fn one_nodes_agent_calling_in_a_loop_has_its_nodes_share_only() {
     assert!(answered >= NODE_CALL_BURST as usize, "{answered} answered");
     assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
     assert_eq!(Reason::of(&shed), None, "shed, not refused: {shed:?}");
+    // Its node stream is not counted: the agent still follows its node, and answers its
+    // pods from its cache.
+    let mut request = tonic::Request::new(WatchNodeRequest {
+        node_name: NODE.into(),
+        agent_version: "test".into(),
+    });
+    let bearer = format!("Bearer {}", token(&format!("agent-token:{NODE}")));
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().expect("ascii"));
+    let mut stream = PodiamClient::new(channel.clone())
+        .watch_node(request)
+        .await
+        .expect("a node stream")
+        .into_inner();
+    while !matches!(
+        stream
+            .message()
+            .await
+            .expect("an event")
+            .expect("open")
+            .event,
+        Some(node_event::Event::Synced(_))
+    ) {}
     // node-2's agent is read and answered (refused, as ever, for another node's pod).
     let other = asking_as(channel.clone(), "node-2")
         .await

@@ -201,7 +201,7 @@ impl Metrics {
         registry.register(
             "agent_calls_limited",
             "Proven agents' calls refused (RESOURCE_EXHAUSTED) for being over their node's share \
-             of this replica (--agent-call-rate a second, after a burst of five seconds' worth)",
+             of this replica (--agent-call-rate, when set, a second after a burst of five seconds' worth)",
             self.agent_calls_limited.clone(),
         );
         registry.register(

@@ -286,12 +286,11 @@ pub struct PodiamService {
 }
 
 /// The calls one node's agent may make to a replica at once are this many seconds' worth of
-/// its rate (`--agent-call-rate`, calls a second; GetCredentials, GetPodRole, NodeReady): an
-/// agent asks only on its cache's misses, a node's pods' first requests and refreshes, far
-/// under this even when every pod of a full node starts at once; the holder of one node's
-/// certificate and token, which already opens that node's pods' roles, cannot take every
-/// replica's time from the other nodes' agents. Over it, calls are shed
-/// (`ResourceExhausted` without a reason: the agent asks another replica, then answers 503).
+/// its rate (`--agent-call-rate`, calls a second; GetCredentials, GetPodRole, NodeReady), when
+/// one is set: the holder of one node's certificate and token, which already opens that
+/// node's pods' roles, then cannot take every replica's time from the other nodes' agents.
+/// Over it, calls are shed (`ResourceExhausted` without a reason: the agent asks another
+/// replica, then answers 503).
 pub const NODE_CALL_BURST_SECONDS: u32 = 5;
 /// Nodes whose call buckets are kept (a cluster has at most 5000 nodes).
 const NODE_CALL_BUCKETS: usize = 16_384;
@@ -665,15 +664,17 @@ impl PodiamService {
         let _ = self.identities.begin_review(token, &audiences, asker);
     }
 
-    /// Whether a refused agent call, for `reason` from `whom`, is to be logged: the first of
-    /// each in a minute is (`Some`: lines not logged in the minute before), the rest only
-    /// counted (`podiam_server_agent_calls_refused_total`).
     /// Refuses a call of `node`'s agent over the node's share of this replica
-    /// (`--agent-call-rate`): counted, logged once a minute per node.
+    /// (`--agent-call-rate`): counted, logged once a minute per node. A node stream is not
+    /// counted (the streams an agent may hold are capped), so that a node's agent over its
+    /// share still follows its node and answers from its cache.
     fn within_node_rate(&self, node: &str, call: &'static str) -> Result<(), Status> {
         let Some(node_calls) = &self.node_calls else {
             return Ok(());
         };
+        if call == "WatchNode" {
+            return Ok(());
+        }
         let now = self.cache.now_ms();
         let admitted = node_calls
             .lock()
@@ -696,6 +697,9 @@ impl PodiamService {
         ))
     }
 
+    /// Whether a refused agent call, for `reason` from `whom`, is to be logged: the first of
+    /// each in a minute is (`Some`: lines not logged in the minute before), the rest only
+    /// counted (`podiam_server_agent_calls_refused_total`).
     fn log_refusal(&self, reason: &'static str, whom: String) -> Option<u64> {
         self.refusals_logged
             .admit((reason, whom), std::time::Instant::now())

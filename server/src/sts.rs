@@ -388,24 +388,36 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> i64;
 }
 
-/// The system's clock: its wall time when first read, then its monotonic clock. A step of
-/// the wall clock meanwhile (time synchronisation correcting it) moves nothing the cache
-/// judged on it: credentials' expiry, refusals remembered, back-offs. How far STS's clock
-/// is from it is read from each of STS's answers ([`Issued::clock_offset_ms`]).
+/// The system's clock: its wall time when first read, then the time since by the clock that
+/// counts from boot (suspended time included). A step of the wall clock meanwhile (time
+/// synchronisation correcting it) moves nothing the cache judged on it: credentials' expiry,
+/// refusals remembered, back-offs. How far STS's clock is from it is read from each of STS's
+/// answers ([`Issued::clock_offset_ms`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
+/// Milliseconds since boot, suspended time included (the monotonic clock's, where there is
+/// no such clock).
+fn since_boot_ms() -> i64 {
+    use nix::time::{ClockId, clock_gettime};
+    let ms = |t: nix::sys::time::TimeSpec| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000;
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(t) => ms(t),
+        Err(_) => clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, ms),
+    }
+}
+
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        static ANCHOR: std::sync::OnceLock<(std::time::Instant, i64)> = std::sync::OnceLock::new();
-        let (at, wall_ms) = ANCHOR.get_or_init(|| {
+        static ANCHOR: std::sync::OnceLock<(i64, i64)> = std::sync::OnceLock::new();
+        let (boot_ms, wall_ms) = ANCHOR.get_or_init(|| {
             let wall_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or_default();
-            (std::time::Instant::now(), wall_ms)
+            (since_boot_ms(), wall_ms)
         });
-        wall_ms.saturating_add(at.elapsed().as_millis() as i64)
+        wall_ms.saturating_add(since_boot_ms() - boot_ms)
     }
 }
 
@@ -1438,6 +1450,26 @@ mod tests {
                 wait >= cap / 2 && wait <= cap,
                 "{failures}: {wait:?} vs {cap:?}"
             );
+        }
+    }
+
+    /// The server's clock starts at the wall time and then only moves on.
+    #[test]
+    fn the_system_clock_starts_at_the_wall_time_and_never_goes_back() {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let first = SystemClock.now_ms();
+        assert!(
+            (first - wall_ms).abs() < 60_000,
+            "{first} against {wall_ms}"
+        );
+        let mut last = first;
+        for _ in 0..1000 {
+            let now = SystemClock.now_ms();
+            assert!(now >= last, "{now} after {last}");
+            last = now;
         }
     }
 
