@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use podiam_proto::v1::Credentials;
+use podiam_runtime::clock::since_boot_ms;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::container::TokenDigest;
@@ -88,20 +89,20 @@ pub struct Entry {
     pub container_document: Bytes,
     /// When the servers gave it.
     fetched: tokio::time::Instant,
-    /// When it expires on this node's wall clock (ms since the Unix epoch): when it was asked
-    /// for, plus how long the server said it lasts (`valid_for_ms`, on STS's time). None from
-    /// servers without it: then the node's clock reads `expiration_unix`, STS's time.
-    valid_until_ms: Option<i64>,
+    /// When it expires on the clock that counts from boot ([`since_boot_ms`]): when it was
+    /// asked for, plus how long the server said it lasts (`valid_for_ms`, on STS's time).
+    /// None from servers without it: then the node's wall clock reads `expiration_unix`,
+    /// STS's time.
+    valid_until_boot_ms: Option<i64>,
 }
 
 impl Entry {
-    /// An entry of `credentials` asked for at `asked` (the node's wall clock, seconds since
-    /// the Unix epoch).
+    /// An entry of `credentials` asked for at `asked` ([`since_boot_ms`]).
     fn new(credentials: Credentials, asked: i64) -> Entry {
-        let valid_until_ms = u64::try_from(credentials.valid_for_ms)
+        let valid_until_boot_ms = u64::try_from(credentials.valid_for_ms)
             .ok()
             .filter(|&ms| ms > 0 && ms <= LONGEST_SESSION_MS)
-            .map(|ms| asked.saturating_mul(1000).saturating_add(ms as i64));
+            .map(|ms| asked.saturating_add(ms as i64));
         let document = imds::credentials_document(&credentials, Document::Legacy).into();
         let extended_document = imds::credentials_document(&credentials, Document::Extended).into();
         let container_document = crate::container::credentials_json(&credentials).into();
@@ -111,18 +112,19 @@ impl Entry {
             extended_document,
             container_document,
             fetched: tokio::time::Instant::now(),
-            valid_until_ms,
+            valid_until_boot_ms,
         }
     }
 
     /// Seconds left at `now` (the node's wall clock, seconds since the Unix epoch). Counted
-    /// from when they were asked for, on the node's clock, for as long as the server said:
-    /// a node whose clock is off from STS's neither asks the servers on every request (ahead)
-    /// nor serves credentials past their end (behind), and time the node spent suspended
-    /// counts.
+    /// from when they were asked for, for as long as the server said, on the clock that
+    /// counts from boot: a node whose clock is off from STS's neither asks the servers on
+    /// every request (ahead) nor serves credentials past their end (behind), a step of its
+    /// clock (time synchronisation correcting it) changes nothing, and time the node spent
+    /// suspended counts.
     fn left_secs(&self, now: i64) -> i64 {
-        match self.valid_until_ms {
-            Some(until_ms) => (until_ms - now.saturating_mul(1000)).div_euclid(1000),
+        match self.valid_until_boot_ms {
+            Some(until) => (until - since_boot_ms()).div_euclid(1000),
             None => self.credentials.expiration_unix - now,
         }
     }
@@ -318,9 +320,9 @@ impl CredentialCache {
     }
 
     /// The cached credentials for (uid, role ARN) if they have enough life left at
-    /// `now`, else the result of the future `fetch` makes (stored when it succeeds; held
-    /// when STS refused it, see [`Held`]); the future is only made on a miss with no refusal
-    /// held.
+    /// `now`, else the result of the future `fetch` makes (stored when it succeeds with
+    /// credentials to keep, see [`Fetched`]; held when STS refused it, see [`Held`]); the
+    /// future is only made on a miss with no refusal held.
     pub async fn get<'a, C, E, F>(
         &self,
         uid: &str,
@@ -346,10 +348,11 @@ impl CredentialCache {
         if let Some(refusal) = slot.held(None) {
             return Err(E::from(refusal));
         }
+        let asked = since_boot_ms();
         match fetch().await {
             Ok(fetched) => {
                 let Fetched { credentials, keep } = fetched.into();
-                let fetched = Arc::new(Entry::new(credentials, now));
+                let fetched = Arc::new(Entry::new(credentials, asked));
                 if keep {
                     slot.set(Arc::clone(&fetched));
                 }
@@ -459,7 +462,7 @@ impl CredentialCache {
         role: impl Into<RoleKey<'a>>,
         credentials: Credentials,
     ) -> Arc<Entry> {
-        let put = self.put_if(uid, role, credentials, || {
+        let put = self.put_if(uid, role, credentials, since_boot_ms(), || {
             Ok::<(), std::convert::Infallible>(())
         });
         match put.await {
@@ -468,18 +471,19 @@ impl CredentialCache {
         }
     }
 
-    /// [`CredentialCache::put`], if `still` says they may still be answered once any fill
-    /// under way is done (a decision may change meanwhile); what `fetched` says is not kept
-    /// is answered, and not stored.
+    /// [`CredentialCache::put`] of credentials asked for at `asked` ([`since_boot_ms`]), if
+    /// `still` says they may still be answered once any fill under way is done (a decision
+    /// may change meanwhile); what `fetched` says is not kept is answered, and not stored.
     pub async fn put_if<'a, E>(
         &self,
         uid: &str,
         role: impl Into<RoleKey<'a>>,
         fetched: impl Into<Fetched>,
+        asked: i64,
         still: impl FnOnce() -> Result<(), E>,
     ) -> Result<Arc<Entry>, E> {
         let Fetched { credentials, keep } = fetched.into();
-        let entry = Arc::new(Entry::new(credentials, podiam_runtime::clock::now_unix()));
+        let entry = Arc::new(Entry::new(credentials, asked));
         if !keep {
             still()?;
             return Ok(entry);
@@ -656,19 +660,20 @@ mod tests {
         assert_eq!(cache.len(), 3);
     }
 
-    /// The node's clock an hour ahead of the servers': credentials said to last an hour
-    /// (`valid_for_ms`) are served from the cache for that hour, counted on the node's clock
-    /// from when they were asked for, though their `Expiration` is already past on it; and
-    /// not a moment past the hour.
+    /// The node's clock an hour ahead of the servers': credentials the server says last just
+    /// over the floor (`valid_for_ms`) are served from the cache, counted from when they were
+    /// asked for, though their `Expiration` is already past on the node's clock; and fetched
+    /// again once that time has passed on the clock that counts from boot, whatever the
+    /// node's wall clock says.
     #[tokio::test(start_paused = true)]
     async fn how_long_credentials_last_is_counted_from_when_they_were_asked_for() {
         let cache = CredentialCache::new(FLOOR);
         let node_now = 10_000;
         let fetch = |id: &'static str| async move {
             Ok::<_, Failed>(Credentials {
-                valid_for_ms: 3_600_000,
-                // An hour from the servers' now, which is the node's now less an hour.
-                ..creds(id, node_now)
+                valid_for_ms: FLOOR.as_millis() as i64 + 200,
+                // The servers' now and STS's, which is the node's now less an hour.
+                ..creds(id, node_now - 3600 + FLOOR.as_secs() as i64)
             })
         };
         let source = |r: Result<(Arc<Entry>, Source), Failed>| r.map(|(_, source)| source);
@@ -676,15 +681,19 @@ mod tests {
             source(cache.get("a", "r", node_now, || fetch("1")).await),
             Ok(Source::Server)
         );
-        tokio::time::advance(Duration::from_secs(1800)).await;
         assert_eq!(
-            source(cache.get("a", "r", node_now + 1800, || fetch("2")).await),
+            source(cache.get("a", "r", node_now, || fetch("2")).await),
             Ok(Source::Cache),
-            "half an hour in, half an hour is left: at the floor, still served"
+            "over the floor by what the server said, though past its end by the node's clock"
         );
-        tokio::time::advance(Duration::from_secs(1)).await;
+        // 200 ms on: under the floor (and past the moment a below-floor entry is reused).
+        let asked = since_boot_ms();
+        while since_boot_ms() - asked <= 200 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tokio::time::advance(BELOW_FLOOR_REUSE).await;
         assert_eq!(
-            source(cache.get("a", "r", node_now + 1801, || fetch("3")).await),
+            source(cache.get("a", "r", node_now, || fetch("3")).await),
             Ok(Source::Server),
             "under the floor, counted from when they were asked for: fetched again"
         );
@@ -756,12 +765,12 @@ mod tests {
     async fn a_put_whose_grant_no_longer_stands_stores_nothing() {
         let cache = CredentialCache::new(FLOOR);
         let refused = cache
-            .put_if("a", "r", creds("1", 3600), || Err("revoked meanwhile"))
+            .put_if("a", "r", creds("1", 3600), 0, || Err("revoked meanwhile"))
             .await;
         assert_eq!(refused.err(), Some("revoked meanwhile"));
         assert!(cache.fresh("a", "r", 0).is_none());
         let stored = cache
-            .put_if("a", "r", creds("2", 3600), || Ok::<(), &str>(()))
+            .put_if("a", "r", creds("2", 3600), 0, || Ok::<(), &str>(()))
             .await;
         assert!(stored.is_ok());
         assert!(cache.fresh("a", "r", 0).is_some());

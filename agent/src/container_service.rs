@@ -129,6 +129,7 @@ impl MetadataService {
         // A token not proven yet for this pod: the servers check it on every such call,
         // whatever the cache holds.
         self.admit(peer, token, now)?;
+        let asked = podiam_runtime::clock::since_boot_ms();
         let fetched = self
             .cache
             .unproven(&pod.uid, own, &token.digest, fetch)
@@ -139,7 +140,7 @@ impl MetadataService {
         // key is done (this request may have waited behind it).
         let entry = self
             .cache
-            .put_if(&pod.uid, own, credentials, || {
+            .put_if(&pod.uid, own, credentials, asked, || {
                 still_granted(&self.table.known(peer), pod, own, PodDecision::role)
             })
             .await?;

@@ -176,8 +176,9 @@ impl From<tonic::Status> for ServerError {
             });
         }
         match status.code() {
-            // ResourceExhausted with no reason: a replica shed the call unread, too many
-            // calls' requests arriving at once; another replica may take it.
+            // ResourceExhausted with no reason: a replica shed the call, too many calls'
+            // requests arriving at once or this node over its share of the replica
+            // (`--agent-call-rate`); another replica may take it.
             tonic::Code::Unavailable
             | tonic::Code::DeadlineExceeded
             | tonic::Code::Cancelled

@@ -48,8 +48,8 @@ pub struct Issued {
 }
 
 impl std::fmt::Debug for Issued {
-    /// Written by hand: the generated `Debug` of [`Credentials`] prints the secret key and
-    /// the session token. Only the key id and the expiry are shown.
+    /// Written by hand, with the key id and the expiry only (the credentials' own `Debug`
+    /// redacts their secrets too; this one does not depend on it).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Issued")
             .field("pod_uid", &self.pod_uid)

@@ -210,19 +210,23 @@ impl SdkAssumeRole {
 }
 
 /// Reads the `Date` of STS's answer as it arrives: how far the server's clock is from STS's.
+/// Holds (STS's `Date` in ms, the server's clock minus it), of the last answer with one.
 #[derive(Clone, Debug, Default)]
-struct StsClockReading(Arc<Mutex<Option<i64>>>);
+struct StsClockReading(Arc<Mutex<Option<(i64, i64)>>>);
 
 impl StsClockReading {
-    /// The server's clock minus STS's (ms), 0 if no answer had a readable `Date` or the two
-    /// are under [`CLOCK_OFFSET_IGNORED`] apart.
-    fn offset_ms(&self) -> i64 {
-        let offset = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or(0);
-        if offset.unsigned_abs() < CLOCK_OFFSET_IGNORED.as_millis() as u64 {
+    /// The server's clock minus STS's (ms) for credentials ending at `expiration_ms` (STS's
+    /// time) after a session of `duration`: 0 if no answer had a readable `Date`, if the two
+    /// clocks are under [`CLOCK_OFFSET_IGNORED`] apart, or if the `Date` does not fit the
+    /// session (its end not `duration` after it, give or take a minute: not STS's own time,
+    /// but something's between, which is not taken).
+    fn offset_ms(&self, expiration_ms: i64, duration: Duration) -> i64 {
+        let Some((date_ms, offset)) = *self.0.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return 0;
+        };
+        let session_ms = duration.as_millis() as i64;
+        let fits = (expiration_ms - date_ms - session_ms).abs() <= 60_000;
+        if !fits || offset.unsigned_abs() < CLOCK_OFFSET_IGNORED.as_millis() as u64 {
             0
         } else {
             offset
@@ -254,7 +258,8 @@ impl aws_sdk_sts::config::Intercept for StsClockReading {
             })
             .and_then(|date| date.to_millis().ok());
         if let Some(sts_ms) = sts_ms {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemClock.now_ms() - sts_ms);
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((sts_ms, SystemClock.now_ms() - sts_ms));
         }
         Ok(())
     }
@@ -377,7 +382,10 @@ impl AssumeRole for SdkAssumeRole {
                 session_token: creds.session_token().to_string(),
                 expiration_unix: creds.expiration().secs(),
                 issued_unix: SystemClock.now_ms() / 1000,
-                clock_offset_ms: reading.offset_ms(),
+                clock_offset_ms: reading.offset_ms(
+                    creds.expiration().to_millis().unwrap_or_default(),
+                    request.duration,
+                ),
             })
         })
     }
@@ -396,17 +404,6 @@ pub trait Clock: Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
-/// Milliseconds since boot, suspended time included (the monotonic clock's, where there is
-/// no such clock).
-fn since_boot_ms() -> i64 {
-    use nix::time::{ClockId, clock_gettime};
-    let ms = |t: nix::sys::time::TimeSpec| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000;
-    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
-        Ok(t) => ms(t),
-        Err(_) => clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, ms),
-    }
-}
-
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
         static ANCHOR: std::sync::OnceLock<(i64, i64)> = std::sync::OnceLock::new();
@@ -415,9 +412,9 @@ impl Clock for SystemClock {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or_default();
-            (since_boot_ms(), wall_ms)
+            (podiam_runtime::clock::since_boot_ms(), wall_ms)
         });
-        wall_ms.saturating_add(since_boot_ms() - boot_ms)
+        wall_ms.saturating_add(podiam_runtime::clock::since_boot_ms() - boot_ms)
     }
 }
 
@@ -1451,6 +1448,38 @@ mod tests {
                 "{failures}: {wait:?} vs {cap:?}"
             );
         }
+    }
+
+    /// An offset is taken from a `Date` that fits the session it came with (its end the
+    /// session's length after it), not from one that does not, nor when under 5 s.
+    #[test]
+    fn a_date_is_taken_only_when_it_fits_its_session() {
+        let reading = |date_ms: i64, offset_ms: i64| {
+            StsClockReading(Arc::new(Mutex::new(Some((date_ms, offset_ms)))))
+        };
+        let date = 1_800_000_000_000;
+        let end = date + HOUR.as_millis() as i64;
+        assert_eq!(reading(date, 2_700_000).offset_ms(end, HOUR), 2_700_000);
+        assert_eq!(
+            reading(date, -2_700_000).offset_ms(end + 1_000, HOUR),
+            -2_700_000
+        );
+        assert_eq!(reading(date, 4_999).offset_ms(end, HOUR), 0, "under 5 s");
+        assert_eq!(
+            reading(date - 86_400_000, 86_400_000).offset_ms(end, HOUR),
+            0,
+            "a Date a day before its session"
+        );
+        assert_eq!(
+            reading(date + 3_000_000, -3_000_000).offset_ms(end, HOUR),
+            0,
+            "a Date near its session's end"
+        );
+        assert_eq!(
+            StsClockReading::default().offset_ms(end, HOUR),
+            0,
+            "no Date"
+        );
     }
 
     /// The server's clock starts at the wall time and then only moves on.

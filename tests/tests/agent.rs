@@ -133,8 +133,8 @@ async fn revocation_refuses_the_pods_next_requests() {
         .await
         .expect("kubectl annotate");
     // Each request from the pod starts a process in its namespace, which a busy machine may
-    // take a while to run: what is held to a second is when a request that still got
-    // credentials was begun, not how long the refused one took to come back.
+    // take a while to run: what is measured is when a request that still got credentials
+    // was begun, not how long the refused one took to come back.
     let revoked = std::time::Instant::now();
     let mut last_served = Duration::ZERO;
     let refused = loop {
