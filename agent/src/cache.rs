@@ -455,7 +455,9 @@ impl CredentialCache {
     }
 
     /// Stores `credentials` the servers just gave for (uid, role ARN), replacing what was
-    /// there, and returns the new entry.
+    /// there, and returns the new entry (tests: the daemon stores with
+    /// [`CredentialCache::put_if`]).
+    #[cfg(test)]
     pub async fn put<'a>(
         &self,
         uid: &str,
@@ -471,9 +473,10 @@ impl CredentialCache {
         }
     }
 
-    /// [`CredentialCache::put`] of credentials asked for at `asked` ([`since_boot_ms`]), if
-    /// `still` says they may still be answered once any fill under way is done (a decision
-    /// may change meanwhile); what `fetched` says is not kept is answered, and not stored.
+    /// Stores credentials the servers just gave for (uid, role), asked for at `asked`
+    /// ([`since_boot_ms`]), replacing what was there, if `still` says they may still be
+    /// answered once any fill under way is done (a decision may change meanwhile); what
+    /// `fetched` says is not kept is answered, and not stored.
     pub async fn put_if<'a, E>(
         &self,
         uid: &str,

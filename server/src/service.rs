@@ -555,10 +555,7 @@ impl PodiamService {
             Err(BindingFailure::NoCertificate)
         };
         match proven {
-            Ok(agent) => {
-                self.within_node_rate(&agent.node, call)?;
-                Ok(Caller::Agent(agent))
-            }
+            Ok(agent) => Ok(Caller::Agent(agent)),
             Err(failure) => {
                 self.identities.counters().refused(failure.label());
                 let no_certificate = matches!(failure, BindingFailure::NoCertificate);
@@ -664,17 +661,28 @@ impl PodiamService {
         let _ = self.identities.begin_review(token, &audiences, asker);
     }
 
-    /// Refuses a call of `node`'s agent over the node's share of this replica
-    /// (`--agent-call-rate`): counted, logged once a minute per node. A node stream is not
+    /// [`PodiamService::agent`] for a call counted against the node's share of this replica
+    /// (`--agent-call-rate`): GetCredentials, GetPodRole, NodeReady. A node stream is not
     /// counted (the streams an agent may hold are capped), so that a node's agent over its
     /// share still follows its node and answers from its cache.
+    async fn counted_agent<T>(
+        &self,
+        request: &Request<T>,
+        call: &'static str,
+    ) -> Result<Caller, Status> {
+        let caller = self.agent(request, call).await?;
+        if let Caller::Agent(agent) = &caller {
+            self.within_node_rate(&agent.node, call)?;
+        }
+        Ok(caller)
+    }
+
+    /// Refuses a call of `node`'s agent over the node's share of this replica
+    /// (`--agent-call-rate`): counted, logged once a minute per node.
     fn within_node_rate(&self, node: &str, call: &'static str) -> Result<(), Status> {
         let Some(node_calls) = &self.node_calls else {
             return Ok(());
         };
-        if call == "WatchNode" {
-            return Ok(());
-        }
         let now = self.cache.now_ms();
         let admitted = node_calls
             .lock()
@@ -1401,7 +1409,7 @@ impl Podiam for PodiamService {
         &self,
         request: Request<GetPodRoleRequest>,
     ) -> Result<Response<GetPodRoleResponse>, Status> {
-        let caller = self.agent(&request, "GetPodRole").await?;
+        let caller = self.counted_agent(&request, "GetPodRole").await?;
         let peer = request.remote_addr();
         let request = request.into_inner();
         let ip = podiam_proto::parse_ip(&request.ip).map_err(|e| refuse(e.into()))?;
@@ -1421,7 +1429,7 @@ impl Podiam for PodiamService {
         &self,
         request: Request<GetCredentialsRequest>,
     ) -> Result<Response<GetCredentialsResponse>, Status> {
-        let caller = self.agent(&request, "GetCredentials").await?;
+        let caller = self.counted_agent(&request, "GetCredentials").await?;
         let peer = request.remote_addr();
         self.credentials(&caller, peer, request.into_inner())
             .await
@@ -1531,7 +1539,7 @@ impl Podiam for PodiamService {
         &self,
         request: Request<NodeReadyRequest>,
     ) -> Result<Response<NodeReadyResponse>, Status> {
-        let caller = self.agent(&request, "NodeReady").await?;
+        let caller = self.counted_agent(&request, "NodeReady").await?;
         let peer = request.remote_addr();
         let asked = request.into_inner().node_name;
         if !valid_node_name(&asked) {
